@@ -1,0 +1,362 @@
+"""The table of contents: one model for eStargz and zstd:chunked layers.
+
+Two wire schemas (``EStargzTOC`` / ``ZstdChunkedTOC``) are decoded with msgspec at the edge and
+normalised into :class:`TOC`, whose :class:`Entry` objects carry their content as a tuple of
+:class:`Chunk` that tiles the file exactly.  Everything past :func:`decode_toc` can rely on the
+invariants :func:`validate` checks, so no other module re-checks names, sizes or offsets.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import datetime as _dt
+import posixpath
+from collections.abc import Iterable
+from typing import Literal
+
+import msgspec
+
+from lazyfs.errors import FormatError
+
+# Entry kinds shared by both formats ("chunk" only exists on the wire).
+EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo"]
+ENTRY_TYPES: frozenset[str] = frozenset(EntryType.__args__)  # type: ignore[attr-defined]
+
+# A TOC larger than this is refused before decoding: it bounds memory for hostile layers.
+MAX_TOC_BYTES = 256 * 1024 * 1024
+
+Compression = Literal["zstd", "gzip"]
+
+
+class Chunk(msgspec.Struct, frozen=True, array_like=True):
+    """One independently fetchable, verifiable piece of a regular file.
+
+    ``offset:end`` is the compressed byte range in the blob (whole zstd frames or gzip members);
+    decompressing it and skipping ``inner`` bytes yields ``size`` bytes of file content that
+    belong at ``file_offset`` and hash to ``digest``.  ``zeros`` chunks hold a hole: nothing is
+    fetched for them.
+    """
+
+    file_offset: int
+    size: int
+    offset: int
+    end: int
+    digest: str
+    inner: int = 0
+    zeros: bool = False
+
+
+class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A filesystem entry of one layer.  ``name`` is normalised: relative, no ``..``, no ``/``
+    at either end; the root directory is ``""``."""
+
+    name: str
+    type: EntryType
+    mode: int = 0o644  # permission and suid/sgid/sticky bits only; type comes from ``type``
+    uid: int = 0
+    gid: int = 0
+    uname: str = ""
+    gname: str = ""
+    size: int = 0
+    mtime_ns: int = 0
+    link_name: str = ""
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = {}
+    digest: str = ""  # sha256 of the whole content, for regular files
+    chunks: tuple[Chunk, ...] = ()
+
+
+class TOC(msgspec.Struct, kw_only=True):
+    compression: Compression
+    entries: list[Entry]
+    # End of the file-content region: no chunk may reach past it (the TOC itself starts here).
+    data_end: int
+
+    def by_name(self) -> dict[str, Entry]:
+        return {e.name: e for e in self.entries}
+
+
+# --------------------------------------------------------------------------------------------
+# Wire schemas.  Field names follow the peers' JSON exactly; unknown fields are ignored so a
+# newer writer's extra keys do not break us.
+
+
+class _WireEntry(msgspec.Struct, kw_only=True):
+    type: str
+    name: str
+    size: int = 0
+    modtime: str | None = None
+    linkName: str = ""
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    userName: str = ""
+    groupName: str = ""
+    devMajor: int = 0
+    devMinor: int = 0
+    xattrs: dict[str, str] | None = None
+    digest: str = ""
+    offset: int = 0
+    endOffset: int = 0
+    innerOffset: int = 0
+    chunkOffset: int = 0
+    chunkSize: int = 0
+    chunkDigest: str = ""
+    chunkType: str = ""
+
+
+class _WireTOC(msgspec.Struct):
+    version: int
+    entries: list[_WireEntry]
+
+
+_wire_decoder = msgspec.json.Decoder(_WireTOC)
+
+
+def _parse_time(s: str | None) -> int:
+    if not s:
+        return 0
+    try:
+        # Go writes RFC 3339 with up to nanoseconds; Python parses microseconds, so split.
+        base, frac, tz = s, "", ""
+        if "." in s:
+            base, rest = s.split(".", 1)
+            i = 0
+            while i < len(rest) and rest[i].isdigit():
+                i += 1
+            frac, tz = rest[:i], rest[i:]
+        else:
+            for sep in ("Z", "+", "-"):
+                pos = s.rfind(sep)
+                if pos > 10:
+                    base, tz = s[:pos], s[pos:]
+                    break
+        if tz in ("Z", "z", ""):
+            tz = "+00:00"
+        t = _dt.datetime.fromisoformat(base + tz)
+        ns = int((frac + "000000000")[:9]) if frac else 0
+        return int(t.timestamp()) * 1_000_000_000 + ns
+    except ValueError as e:
+        raise FormatError(f"bad modtime {s!r}") from e
+
+
+def format_time(ns: int) -> str:
+    secs, frac = divmod(ns, 1_000_000_000)
+    t = _dt.datetime.fromtimestamp(secs, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return t + (f".{frac:09d}".rstrip("0") if frac else "") + "Z"
+
+
+def normalize_name(name: str) -> str:
+    """Normalise a layer path; refuse anything that could escape the root."""
+    if "\x00" in name:
+        raise FormatError(f"entry name contains NUL: {name!r}")
+    if name.startswith("/"):
+        raise FormatError(f"entry name is absolute: {name!r}")
+    norm = posixpath.normpath(name) if name else "."
+    if norm == ".":
+        return ""
+    if norm == ".." or norm.startswith("../"):
+        raise FormatError(f"entry name escapes the root: {name!r}")
+    return norm
+
+
+def decode_toc(
+    data: bytes, *, compression: Compression, blob_size: int, data_end: int | None = None
+) -> TOC:
+    """Decode and validate a TOC JSON document from either format."""
+    if len(data) > MAX_TOC_BYTES:
+        raise FormatError(f"TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
+    try:
+        wire = _wire_decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise FormatError(f"TOC does not match the schema: {e}") from e
+    except msgspec.DecodeError as e:
+        raise FormatError(f"TOC is not valid JSON: {e}") from e
+    end = blob_size if data_end is None else data_end
+    toc = TOC(compression=compression, entries=_normalise(wire.entries, end), data_end=end)
+    validate(toc)
+    return toc
+
+
+def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
+    entries: list[Entry] = []
+    # Compressed ends are implicit in eStargz: a chunk ends where the next distinct offset
+    # begins (or where the TOC begins).  Collect all content offsets once to find them.
+    starts = sorted(
+        {w.offset for w in wire if (w.type == "reg" and w.size) or w.type == "chunk"} | {data_end}
+    )
+    pending: list[tuple[_WireEntry, Entry]] = []
+    current: tuple[_WireEntry, list[_WireEntry]] | None = None
+
+    def finish() -> None:
+        nonlocal current
+        if current is None:
+            return
+        head, parts = current
+        entry = _to_entry(head)
+        entry.chunks = tuple(_to_chunk(head, p, starts) for p in parts)
+        pending.append((head, entry))
+        current = None
+
+    for w in wire:
+        if w.type == "chunk":
+            if current is None:
+                raise FormatError(f"chunk entry for {w.name!r} does not follow its file")
+            current[1].append(w)
+            continue
+        finish()
+        if w.type not in ENTRY_TYPES:
+            raise FormatError(f"unknown entry type {w.type!r} for {w.name!r}")
+        if w.type == "reg" and w.size > 0:
+            current = (w, [w])
+        else:
+            pending.append((w, _to_entry(w)))
+    finish()
+    entries.extend(e for _, e in pending)
+    return entries
+
+
+def _to_entry(w: _WireEntry) -> Entry:
+    if w.size < 0 or w.mode < 0 or w.uid < 0 or w.gid < 0:
+        raise FormatError(f"negative size, mode or owner for {w.name!r}")
+    xattrs: dict[str, bytes] = {}
+    for k, v in (w.xattrs or {}).items():
+        try:
+            xattrs[k] = base64.b64decode(v, validate=True)
+        except ValueError as e:
+            raise FormatError(f"xattr {k!r} of {w.name!r} is not base64") from e
+    link = w.linkName
+    if w.type == "hardlink":
+        link = normalize_name(link)
+    return Entry(
+        name=normalize_name(w.name),
+        type=w.type,  # type: ignore[arg-type]
+        mode=w.mode & 0o7777,
+        uid=w.uid,
+        gid=w.gid,
+        uname=w.userName,
+        gname=w.groupName,
+        size=w.size if w.type == "reg" else 0,
+        mtime_ns=_parse_time(w.modtime),
+        link_name=link,
+        dev_major=w.devMajor,
+        dev_minor=w.devMinor,
+        xattrs=xattrs,
+        digest=w.digest,
+    )
+
+
+def _to_chunk(head: _WireEntry, w: _WireEntry, starts: list[int]) -> Chunk:
+    size = w.chunkSize or (head.size - w.chunkOffset)
+    zeros = w.chunkType == "zeros"
+    digest = w.chunkDigest or (head.digest if size == head.size else "")
+    if not digest and not zeros:
+        raise FormatError(f"chunk at {w.chunkOffset} of {head.name!r} has no digest")
+    end = w.endOffset
+    if not end and not zeros:
+        i = bisect.bisect_right(starts, w.offset)
+        end = starts[i] if i < len(starts) else 0
+    return Chunk(
+        file_offset=w.chunkOffset,
+        size=size,
+        offset=w.offset,
+        end=end,
+        digest=digest,
+        inner=w.innerOffset,
+        zeros=zeros,
+    )
+
+
+def validate(toc: TOC) -> None:
+    """Check the invariants the rest of lazyfs relies on; raise FormatError naming the entry."""
+    seen: dict[str, Entry] = {}
+    for e in toc.entries:
+        if e.type not in ENTRY_TYPES:
+            raise FormatError(f"unknown entry type {e.type!r} for {e.name!r}")
+        if e.size < 0:
+            raise FormatError(f"negative size for {e.name!r}")
+        if e.name == "" and e.type != "dir":
+            raise FormatError("the root entry must be a directory")
+        if e.type == "reg":
+            pos = 0
+            for c in e.chunks:
+                if c.file_offset != pos or c.size <= 0:
+                    raise FormatError(f"chunks of {e.name!r} do not tile the file at {pos}")
+                if not c.zeros and not (0 <= c.offset < c.end <= toc.data_end):
+                    raise FormatError(
+                        f"chunk at {c.file_offset} of {e.name!r} lies outside the blob "
+                        f"({c.offset}..{c.end}, data ends at {toc.data_end})"
+                    )
+                if c.inner < 0:
+                    raise FormatError(f"negative inner offset in {e.name!r}")
+                pos += c.size
+            if pos != e.size:
+                raise FormatError(f"chunks of {e.name!r} cover {pos} of {e.size} bytes")
+        elif e.chunks:
+            raise FormatError(f"{e.type} entry {e.name!r} has content chunks")
+        if e.type == "hardlink":
+            target = seen.get(e.link_name)
+            if target is None:
+                raise FormatError(f"hardlink {e.name!r} targets missing {e.link_name!r}")
+            if target.type in ("dir", "hardlink"):
+                raise FormatError(f"hardlink {e.name!r} targets a {target.type}")
+        seen[e.name] = e
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding back to the wire.
+
+
+def encode_toc(entries: Iterable[Entry], *, flavour: Literal["estargz", "zstd:chunked"]) -> bytes:
+    """Encode entries as the given format's TOC JSON (deterministic key order)."""
+    out: list[dict[str, object]] = []
+    zstd = flavour == "zstd:chunked"
+    for e in entries:
+        d: dict[str, object] = {"type": e.type, "name": e.name or "./"}
+        if e.type == "dir" and e.name:
+            d["name"] = e.name + "/"
+        if e.type == "reg":
+            d["size"] = e.size
+        if e.mtime_ns:
+            d["modtime"] = format_time(e.mtime_ns)
+        if e.link_name:
+            d["linkName"] = e.link_name
+        d["mode"] = e.mode
+        if e.uid:
+            d["uid"] = e.uid
+        if e.gid:
+            d["gid"] = e.gid
+        if e.uname:
+            d["userName"] = e.uname
+        if e.gname:
+            d["groupName"] = e.gname
+        if e.type in ("char", "block"):
+            d["devMajor"] = e.dev_major
+            d["devMinor"] = e.dev_minor
+        if e.xattrs:
+            d["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(e.xattrs.items())}
+        if e.digest:
+            d["digest"] = e.digest
+        for i, c in enumerate(e.chunks):
+            cd = d if i == 0 else {"type": "chunk", "name": d["name"]}
+            cd["offset"] = c.offset
+            if zstd:
+                cd["endOffset"] = c.end
+                if c.zeros:
+                    cd["chunkType"] = "zeros"
+            elif c.inner:
+                cd["innerOffset"] = c.inner
+            if i:
+                cd["chunkOffset"] = c.file_offset
+            if len(e.chunks) > 1:
+                cd["chunkSize"] = c.size
+            cd["chunkDigest"] = c.digest
+            if i:
+                out.append(cd)
+            else:
+                out.append(d)
+        if not e.chunks:
+            out.append(d)
+    return msgspec.json.encode({"version": 1, "entries": out})

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian machine (run as root): system packages,
+# a virtualenv at .venv, and lazyfs installed into it editable with test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  fuse3 libfuse3-dev pkg-config          # FUSE runtime and headers for pyfuse3
+  docker-registry                        # reference OCI distribution server (tests, demo)
+  containerd runc                        # snapshotter tests
+  stargz-snapshotter                     # ctr-remote: peer-made eStargz/zstdchunked layers
+  skopeo umoci                           # check converted images with non-lazy tools
+  fuse-overlayfs                         # benchmark baseline
+  zstd curl apache2-utils attr iproute2 python3-venv
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.lazyfs-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi

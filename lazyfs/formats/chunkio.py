@@ -1,0 +1,91 @@
+"""Map file reads to compressed ranges, and turn fetched ranges into verified chunk bytes.
+
+Pure and synchronous: the store calls :func:`decode_chunk` through ``trio.to_thread`` because
+decompression and hashing are CPU work (zstandard and hashlib release the GIL).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import zlib
+from collections.abc import Sequence
+
+import zstandard
+
+from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.formats.toc import Chunk, Compression, Entry
+
+
+def chunks_for_range(entry: Entry, offset: int, length: int) -> Sequence[Chunk]:
+    """The chunks of ``entry`` that overlap ``[offset, offset + length)``, in file order."""
+    if length <= 0 or offset >= entry.size:
+        return ()
+    chunks = entry.chunks
+    starts = [c.file_offset for c in chunks] if len(chunks) > 8 else None
+    if starts is None:
+        end = offset + length
+        return tuple(c for c in chunks if c.file_offset < end and c.file_offset + c.size > offset)
+    first = max(0, bisect.bisect_right(starts, offset) - 1)
+    last = bisect.bisect_left(starts, offset + length)
+    return chunks[first:last]
+
+
+def _zstd_decompress(raw: bytes, limit: int) -> bytes:
+    # Several frames may make up one range (headers and content); read across them, but never
+    # inflate past what the chunk needs (a hostile blob cannot make us allocate more).
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    out = bytearray()
+    try:
+        while len(out) < limit:
+            piece = reader.read(min(limit - len(out), 1 << 20))
+            if not piece:
+                break
+            out += piece
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"corrupt zstd data: {e}") from e
+    return bytes(out)
+
+
+def _gzip_decompress(raw: bytes, limit: int) -> bytes:
+    out = bytearray()
+    data = raw
+    try:
+        while data and len(out) < limit:
+            d = zlib.decompressobj(wbits=31)
+            out += d.decompress(data, limit - len(out))
+            if not d.eof and d.unconsumed_tail:
+                break  # reached the limit inside this member
+            data = d.unused_data
+    except zlib.error as e:
+        raise IntegrityError(f"corrupt gzip data: {e}") from e
+    return bytes(out)
+
+
+def decode_chunk(compression: Compression, raw: bytes, chunk: Chunk) -> bytes:
+    """Decompress the compressed range of ``chunk`` and verify it.  Raises IntegrityError for
+    anything that does not hash to ``chunk.digest``: unverified bytes never leave here."""
+    if chunk.zeros:
+        return bytes(chunk.size)
+    need = chunk.inner + chunk.size
+    if compression == "zstd":
+        plain = _zstd_decompress(raw, need)
+    elif compression == "gzip":
+        plain = _gzip_decompress(raw, need)
+    else:  # pragma: no cover - the TOC model only admits the two
+        raise FormatError(f"unknown compression {compression!r}")
+    data = plain[chunk.inner : need]
+    if len(data) != chunk.size:
+        raise IntegrityError(
+            f"chunk {chunk.digest} decompressed to {len(data)} of {chunk.size} bytes"
+        )
+    check_chunk(data, chunk.digest)
+    return data
+
+
+def check_chunk(data: bytes, digest: str) -> None:
+    algo, _, want = digest.partition(":")
+    if algo != "sha256":
+        raise IntegrityError(f"unsupported chunk digest {digest!r}")
+    if hashlib.sha256(data).hexdigest() != want:
+        raise IntegrityError(f"chunk {digest} failed verification")

@@ -1,0 +1,190 @@
+"""eStargz (and legacy stargz): a gzip stream of many members, each file chunk its own member.
+
+Layout of a blob::
+
+    [gzip member: tar headers (+ padding of the previous member)]
+    [gzip member: chunk 0 of file A] ...
+    [gzip member: tar header of ``stargz.index.json`` + TOC JSON + end-of-archive]
+    [51-byte footer: an empty gzip member whose header's extra field holds the TOC offset]
+
+The footer's extra field is the subfield ``SG`` carrying ``%016xSTARGZ`` (the TOC offset in
+hex); the legacy 47-byte stargz footer has the same 22 bytes as a bare extra field.  The layer
+annotation ``containerd.io/snapshot/stargz/toc.digest`` is the sha256 of the TOC JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import tarfile
+import zlib
+from typing import BinaryIO
+
+from lazyfs import oci
+from lazyfs.errors import FormatError
+from lazyfs.formats.tarstream import BLOCK, TarReader
+from lazyfs.formats.toc import Chunk, Entry, encode_toc
+from lazyfs.formats.zstdchunked import DEFAULT_CHUNK_SIZE, LayerResult
+
+FOOTER_SIZE = 51
+FOOTER_SIZE_LEGACY = 47
+TOC_NAME = "stargz.index.json"
+# Files the eStargz writer may add at the root; they are not part of the image's tree.
+RESERVED_NAMES = frozenset({TOC_NAME, ".prefetch.landmark", ".no.prefetch.landmark"})
+LEVEL = 6
+
+
+def _gzip_member(data: bytes, level: int = LEVEL, extra: bytes | None = None) -> bytes:
+    # Hand-built header: fixed mtime 0 and OS 255 so output is byte-for-byte deterministic.
+    flags = 0x04 if extra is not None else 0
+    header = b"\x1f\x8b\x08" + bytes([flags]) + b"\0\0\0\0\0\xff"
+    if extra is not None:
+        header += struct.pack("<H", len(extra)) + extra
+    comp = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
+    body = comp.compress(data) + comp.flush()
+    trailer = struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
+    return header + body + trailer
+
+
+def encode_footer(toc_offset: int) -> bytes:
+    payload = b"%016xSTARGZ" % toc_offset
+    return _gzip_member(b"", level=0, extra=b"SG" + struct.pack("<H", len(payload)) + payload)
+
+
+def parse_footer(tail: bytes) -> tuple[int, int] | None:
+    """``(toc_offset, footer_size)`` from the last bytes of a blob, or None."""
+    for size, extra_len, skip in ((FOOTER_SIZE, 26, 4), (FOOTER_SIZE_LEGACY, 22, 0)):
+        if len(tail) < size:
+            continue
+        f = tail[-size:]
+        if f[:4] != b"\x1f\x8b\x08\x04" or struct.unpack("<H", f[10:12])[0] != extra_len:
+            continue
+        extra = f[12 : 12 + extra_len]
+        if skip and (extra[:2] != b"SG" or struct.unpack("<H", extra[2:4])[0] != 22):
+            continue
+        payload = extra[skip:]
+        if payload[16:] != b"STARGZ":
+            continue
+        try:
+            return int(payload[:16], 16), size
+        except ValueError:
+            continue
+    return None
+
+
+def extract_toc_json(member: bytes) -> bytes:
+    """The TOC JSON from the gzip-compressed tar that holds ``stargz.index.json``."""
+    try:
+        d = zlib.decompressobj(wbits=31)
+        plain = d.decompress(member)
+    except zlib.error as e:
+        raise FormatError(f"eStargz TOC is not valid gzip: {e}") from e
+    try:
+        with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as tf:
+            for info in tf:
+                if info.name == TOC_NAME and info.isfile():
+                    f = tf.extractfile(info)
+                    if f is not None:
+                        return f.read()
+    except tarfile.TarError as e:
+        raise FormatError(f"eStargz TOC tar is malformed: {e}") from e
+    raise FormatError(f"eStargz TOC has no {TOC_NAME}")
+
+
+class _Out:
+    def __init__(self, dst: BinaryIO) -> None:
+        self.dst = dst
+        self.pos = 0
+        self.sha = hashlib.sha256()
+        self.diff = hashlib.sha256()
+        self.plain = 0
+
+    def member(self, plain: bytes) -> None:
+        self.diff.update(plain)
+        self.plain += len(plain)
+        data = _gzip_member(plain)
+        self.dst.write(data)
+        self.sha.update(data)
+        self.pos += len(data)
+
+
+def write_layer(
+    src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK_SIZE, where: str = "layer"
+) -> LayerResult:
+    """Recompress the uncompressed tar stream ``src`` into eStargz on ``dst``.
+
+    The tar stream changes (the TOC becomes its last member), so the diff_id is recomputed.
+    """
+    if chunk_size <= 0:
+        raise FormatError("chunk size must be positive")
+    out = _Out(dst)
+    reader = TarReader(src, where=where)
+    entries: list[Entry] = []
+    meta = bytearray()
+
+    def flush_meta() -> None:
+        if meta:
+            out.member(bytes(meta))
+            meta.clear()
+
+    for member in reader:
+        if member.entry.name in RESERVED_NAMES:
+            raise FormatError(f"{where}: source layer already contains {member.entry.name!r}")
+        meta += member.header
+        entry = member.entry
+        if member.size and entry.type == "reg":
+            flush_meta()
+            chunks: list[Chunk] = []
+            file_sha = hashlib.sha256()
+            pos = 0
+            while pos < member.size:
+                data = reader.read(min(chunk_size, member.size - pos))
+                file_sha.update(data)
+                start = out.pos
+                out.member(data)
+                chunks.append(
+                    Chunk(
+                        pos, len(data), start, out.pos, "sha256:" + hashlib.sha256(data).hexdigest()
+                    )
+                )
+                pos += len(data)
+            entry.digest = "sha256:" + file_sha.hexdigest()
+            entry.chunks = tuple(chunks)
+        elif member.size:
+            while data := reader.read(1 << 20):
+                meta += data
+        meta += reader.take_padding()
+        entries.append(entry)
+    flush_meta()
+
+    toc_json = encode_toc(entries, flavour="estargz")
+    info = tarfile.TarInfo(TOC_NAME)
+    info.size = len(toc_json)
+    info.mode = 0o644
+    info.type = tarfile.REGTYPE
+    toc_tar = (
+        info.tobuf(format=tarfile.USTAR_FORMAT)
+        + toc_json
+        + bytes(-len(toc_json) % BLOCK)
+        + bytes(2 * BLOCK)
+    )
+    toc_offset = out.pos
+    out.member(toc_tar)
+    footer = encode_footer(toc_offset)
+    out.dst.write(footer)
+    out.sha.update(footer)
+    out.pos += len(footer)
+    toc_digest = oci.sha256_digest(toc_json)
+    return LayerResult(
+        digest="sha256:" + out.sha.hexdigest(),
+        size=out.pos,
+        diff_id="sha256:" + out.diff.hexdigest(),
+        media_type=oci.MT_LAYER_GZIP,
+        annotations={
+            oci.ANN_ESTARGZ_TOC_DIGEST: toc_digest,
+            oci.ANN_ESTARGZ_UNCOMPRESSED_SIZE: str(out.plain),
+        },
+        toc_digest=toc_digest,
+        entries=len(entries),
+    )

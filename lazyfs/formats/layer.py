@@ -1,0 +1,118 @@
+"""Recognise a lazy layer and decode its TOC: the two-step protocol every reader follows.
+
+1. :func:`locate_toc` looks at the blob's last :data:`TAIL_SIZE` bytes (and the descriptor's
+   annotations) and says which format it is and which byte range holds the TOC.
+2. :func:`decode_layer_toc` turns those bytes into a validated :class:`~lazyfs.formats.toc.TOC`
+   after checking them against the digest the manifest promised, when it promised one.
+
+No I/O here: the caller fetches the two ranges through whatever source it has.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import zstandard
+
+from lazyfs import oci
+from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.formats import estargz, zstdchunked
+from lazyfs.formats.toc import MAX_TOC_BYTES, TOC, decode_toc
+
+TAIL_SIZE = 64  # the largest footer of any supported format
+
+LayerFormat = Literal["estargz", "zstd:chunked"]
+
+
+class TocLocation(msgspec.Struct, frozen=True):
+    format: LayerFormat
+    start: int  # TOC bytes are blob[start:end]
+    end: int
+    data_end: int  # file content never reaches past this
+    expected_digest: str | None  # from the manifest annotations, if any
+    uncompressed_size: int = 0  # zstd:chunked only
+
+
+def locate_toc(tail: bytes, blob_size: int, annotations: dict[str, str] | None) -> TocLocation:
+    """Identify the format from the footer; raise FormatError if the blob is not lazy."""
+    ann = annotations or {}
+    zf = zstdchunked.parse_footer(tail)
+    if zf is not None:
+        checksum = ann.get(oci.ANN_ZSTD_CHECKSUM) or ann.get(oci.ANN_ZSTD_CHECKSUM_OLD)
+        if zf.manifest_type != zstdchunked.MANIFEST_TYPE_TOC:
+            raise FormatError(f"zstd:chunked manifest type {zf.manifest_type} is not a TOC")
+        return _checked(
+            TocLocation(
+                "zstd:chunked",
+                zf.offset,
+                zf.offset + zf.length,
+                zf.offset - 8,
+                checksum,
+                zf.length_uncompressed,
+            ),
+            blob_size,
+        )
+    ef = estargz.parse_footer(tail)
+    if ef is not None:
+        offset, footer_size = ef
+        return _checked(
+            TocLocation(
+                "estargz",
+                offset,
+                blob_size - footer_size,
+                offset,
+                ann.get(oci.ANN_ESTARGZ_TOC_DIGEST),
+            ),
+            blob_size,
+        )
+    raise FormatError("not a lazy layer: no eStargz or zstd:chunked footer")
+
+
+def _checked(loc: TocLocation, blob_size: int) -> TocLocation:
+    if not (0 <= loc.data_end <= loc.start < loc.end <= blob_size):
+        raise FormatError(
+            f"TOC range {loc.start}..{loc.end} lies outside the {blob_size}-byte blob"
+        )
+    if loc.end - loc.start > MAX_TOC_BYTES or loc.uncompressed_size > MAX_TOC_BYTES:
+        raise FormatError(f"TOC of {loc.end - loc.start} bytes is over the size cap")
+    return loc
+
+
+def toc_json(loc: TocLocation, raw: bytes) -> bytes:
+    """Check ``raw`` (the TOC range) against the promised digest; return the TOC JSON."""
+    if loc.format == "zstd:chunked":
+        if loc.expected_digest:
+            _verify(raw, loc.expected_digest)
+        try:
+            return zstandard.ZstdDecompressor().decompress(
+                raw, max_output_size=loc.uncompressed_size or MAX_TOC_BYTES
+            )
+        except zstandard.ZstdError as e:
+            raise FormatError(f"zstd:chunked TOC does not decompress: {e}") from e
+    data = estargz.extract_toc_json(raw)
+    if loc.expected_digest:
+        _verify(data, loc.expected_digest)
+    return data
+
+
+def decode_layer_toc(loc: TocLocation, raw: bytes) -> TOC:
+    toc = decode_toc(
+        toc_json(loc, raw),
+        compression="zstd" if loc.format == "zstd:chunked" else "gzip",
+        blob_size=loc.end,
+        data_end=loc.data_end,
+    )
+    if loc.format == "estargz":
+        # The writer's own files are not part of the image's tree.
+        toc.entries = [e for e in toc.entries if e.name not in estargz.RESERVED_NAMES]
+    return toc
+
+
+def _verify(data: bytes, digest: str) -> None:
+    try:
+        oci.verify(data, digest, "TOC")
+    except IntegrityError:
+        raise
+    except FormatError as e:
+        raise IntegrityError(str(e)) from e

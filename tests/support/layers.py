@@ -1,0 +1,182 @@
+"""Deterministic sample layers and OCI layouts for tests: every entry type, real bytes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import random
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zstandard
+
+MTIME = 1_700_000_000
+
+
+@dataclass
+class Item:
+    name: str
+    type: str = "reg"  # reg dir symlink hardlink char block fifo
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    link: str = ""
+    major: int = 0
+    minor: int = 0
+    xattrs: dict[str, str] = field(default_factory=dict)
+    mtime: float = MTIME
+
+
+_TAR_TYPES = {
+    "reg": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "char": tarfile.CHRTYPE,
+    "block": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
+
+
+def seeded_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def make_tar(items: list[Item], *, fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for it in items:
+            info = tarfile.TarInfo(it.name)
+            info.type = _TAR_TYPES[it.type]
+            info.mode = it.mode
+            info.uid, info.gid = it.uid, it.gid
+            info.uname, info.gname = ("root" if it.uid == 0 else f"u{it.uid}"), "root"
+            info.mtime = it.mtime
+            info.linkname = it.link
+            info.devmajor, info.devminor = it.major, it.minor
+            if it.xattrs:
+                info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in it.xattrs.items()}
+            if it.type == "reg":
+                info.size = len(it.data)
+                tf.addfile(info, io.BytesIO(it.data))
+            else:
+                tf.addfile(info)
+    return buf.getvalue()
+
+
+def sample_items(big: int = 300_000) -> list[Item]:
+    """One of each entry type, odd sizes, a long name, xattrs, a multi-chunk file."""
+    long_dir = "deep/" + "/".join(["d" * 60] * 3)
+    return [
+        Item("etc", "dir", mode=0o755),
+        Item("etc/hostname", data=b"lazyfs\n"),
+        Item("etc/empty", data=b""),
+        Item("etc/secret", data=b"s3cret\n", mode=0o600, uid=1000, gid=1000),
+        Item("bin", "dir", mode=0o755),
+        Item("bin/tool", data=seeded_bytes(10_000, 1), mode=0o4755),
+        Item("bin/link-to-tool", "symlink", link="tool", mode=0o777),
+        Item("bin/hard-tool", "hardlink", link="bin/tool", mode=0o4755),
+        Item("data", "dir", mode=0o1777),
+        Item("data/big.bin", data=seeded_bytes(big, 2)),
+        Item("data/zeros.bin", data=bytes(200_000)),
+        Item("data/attrs", data=b"with xattrs\n", xattrs={"user.color": "blue", "user.n": "1"}),
+        Item("dev", "dir", mode=0o755),
+        Item("dev/null", "char", mode=0o666, major=1, minor=3),
+        Item("dev/sda", "block", mode=0o660, major=8, minor=0),
+        Item("dev/pipe", "fifo", mode=0o644),
+        Item("deep", "dir", mode=0o755),
+        Item(long_dir, "dir", mode=0o755),
+        Item(long_dir + "/" + "f" * 200, data=b"long name\n"),
+        Item("utf8-ünïcode ✓.txt", data=b"unicode\n", mtime=MTIME + 0.5),
+    ]
+
+
+def compress(tar: bytes, kind: str) -> bytes:
+    if kind == "gzip":
+        return gzip.compress(tar, mtime=0)
+    if kind == "zstd":
+        return zstandard.ZstdCompressor().compress(tar)
+    return tar
+
+
+_MT = {
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "tar": "application/vnd.oci.image.layer.v1.tar",
+}
+
+
+def _put(layout: Path, data: bytes) -> tuple[str, int]:
+    digest = hashlib.sha256(data).hexdigest()
+    p = layout / "blobs" / "sha256" / digest
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return "sha256:" + digest, len(data)
+
+
+def _manifest(layout: Path, tars: list[bytes], kind: str, arch: str) -> dict[str, object]:
+    layers = []
+    diff_ids = []
+    for t in tars:
+        blob = compress(t, kind)
+        d, n = _put(layout, blob)
+        layers.append({"mediaType": _MT[kind], "digest": d, "size": n})
+        diff_ids.append("sha256:" + hashlib.sha256(t).hexdigest())
+    config = {
+        "architecture": arch,
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
+    cd, cn = _put(layout, json.dumps(config, sort_keys=True).encode())
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": cd,
+            "size": cn,
+        },
+        "layers": layers,
+    }
+    md, mn = _put(layout, json.dumps(manifest, sort_keys=True).encode())
+    return {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": md,
+        "size": mn,
+        "platform": {"architecture": arch, "os": "linux"},
+    }
+
+
+def make_layout(
+    layout: Path,
+    tars: list[bytes],
+    *,
+    kind: str = "gzip",
+    tag: str = "latest",
+    platforms: tuple[str, ...] = ("amd64",),
+) -> Path:
+    """Write an OCI layout holding one image (or an index of several platforms) of ``tars``."""
+    layout.mkdir(parents=True, exist_ok=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    descs = [_manifest(layout, tars, kind, arch) for arch in platforms]
+    if len(descs) == 1:
+        top = descs[0]
+    else:
+        index = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": descs,
+        }
+        d, n = _put(layout, json.dumps(index, sort_keys=True).encode())
+        top = {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": n}
+    top = {**top, "annotations": {"org.opencontainers.image.ref.name": tag}}
+    top.pop("platform", None)
+    (layout / "index.json").write_text(
+        json.dumps({"schemaVersion": 2, "manifests": [top]}, sort_keys=True)
+    )
+    return layout

@@ -1,0 +1,251 @@
+"""Lazy layer writers and readers: round trips, range mapping, footers, bad input."""
+
+from __future__ import annotations
+
+import io
+import random
+import subprocess
+import tarfile
+
+import pytest
+
+from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.formats import estargz, zstdchunked
+from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
+from lazyfs.formats.layer import TAIL_SIZE, decode_layer_toc, locate_toc
+from lazyfs.formats.toc import TOC, Chunk, Entry, decode_toc, encode_toc, validate
+from tests.support.layers import Item, make_tar, sample_items, seeded_bytes
+
+WRITERS = {"zstd:chunked": zstdchunked.write_layer, "estargz": estargz.write_layer}
+
+
+def convert(tar: bytes, fmt: str, chunk_size: int = 64 * 1024):
+    out = io.BytesIO()
+    res = WRITERS[fmt](io.BytesIO(tar), out, chunk_size=chunk_size)
+    return out.getvalue(), res
+
+
+def load(blob: bytes, annotations: dict[str, str]) -> TOC:
+    loc = locate_toc(blob[-TAIL_SIZE:], len(blob), annotations)
+    return decode_layer_toc(loc, blob[loc.start : loc.end])
+
+
+def members(tar: bytes) -> dict[str, tuple[object, ...]]:
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as tf:
+        for m in tf:
+            data = tf.extractfile(m).read() if m.isfile() else b""
+            out[m.name] = (
+                m.type,
+                m.mode,
+                m.uid,
+                m.gid,
+                m.uname,
+                m.gname,
+                m.mtime,
+                m.linkname,
+                m.devmajor,
+                m.devminor,
+                dict(m.pax_headers),
+                data,
+            )
+    return out
+
+
+def read_file(blob: bytes, toc: TOC, e: Entry, off: int, n: int) -> bytes:
+    out = bytearray()
+    for c in chunks_for_range(e, off, n):
+        out += decode_chunk(toc.compression, blob[c.offset : c.end], c)
+    first = chunks_for_range(e, off, n)
+    base = first[0].file_offset if first else off
+    return bytes(out[off - base : off - base + n])
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_round_trip_keeps_every_byte_and_entry(fmt: str, tmp_path) -> None:
+    tar = make_tar(sample_items())
+    blob, res = convert(tar, fmt)
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    plain = subprocess.run(
+        ["zstd", "-dc", str(path)] if fmt == "zstd:chunked" else ["gzip", "-dc", str(path)],
+        check=True,
+        capture_output=True,
+    ).stdout
+    if fmt == "zstd:chunked":
+        assert plain == tar  # byte-identical: the diff_id does not change
+    src, got = members(tar), members(plain)
+    got.pop(estargz.TOC_NAME, None)
+    assert got == src
+    listed = subprocess.run(
+        ["tar", "-t", "-f", "-"], input=tar, check=True, capture_output=True
+    ).stdout
+    listed_lazy = subprocess.run(
+        ["tar", "-t", "-f", "-"], input=plain, check=True, capture_output=True
+    ).stdout
+    assert listed_lazy.replace(estargz.TOC_NAME.encode() + b"\n", b"") == listed
+    assert res.diff_id == "sha256:" + __import__("hashlib").sha256(plain).hexdigest()
+
+    toc = load(blob, res.annotations)
+    by = toc.by_name()
+    for it in sample_items():
+        e = by[it.name.rstrip("/")]
+        assert e.type == it.type
+        assert e.mode == it.mode
+        if it.type == "reg":
+            assert read_file(blob, toc, e, 0, e.size) == it.data
+        if it.xattrs:
+            assert {k: v.decode() for k, v in e.xattrs.items()} == it.xattrs
+    big = by["data/big.bin"]
+    assert len(big.chunks) == 5
+    assert all(c.zeros for c in by["data/zeros.bin"].chunks) == (fmt == "zstd:chunked")
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_random_ranges_need_only_overlapping_chunks(fmt: str) -> None:
+    data = seeded_bytes(1_000_003, 7)
+    blob, res = convert(make_tar([Item("f", data=data)]), fmt, chunk_size=50_000)
+    toc = load(blob, res.annotations)
+    e = toc.by_name()["f"]
+    rnd = random.Random(1)
+    for _ in range(200):
+        off = rnd.randrange(0, len(data))
+        n = rnd.randrange(1, 150_000)
+        cs = chunks_for_range(e, off, n)
+        assert len(cs) <= n // 50_000 + 2
+        assert read_file(blob, toc, e, off, n) == data[off : off + n]
+
+
+def test_output_is_deterministic() -> None:
+    tar = make_tar(sample_items())
+    for fmt in WRITERS:
+        assert convert(tar, fmt)[0] == convert(tar, fmt)[0]
+
+
+def test_corrupt_chunk_is_an_integrity_error() -> None:
+    blob, res = convert(make_tar([Item("f", data=seeded_bytes(5000, 3))]), "zstd:chunked")
+    toc = load(blob, res.annotations)
+    c = toc.by_name()["f"].chunks[0]
+    raw = bytearray(blob[c.offset : c.end])
+    raw[len(raw) // 2] ^= 0x40
+    with pytest.raises(IntegrityError):
+        decode_chunk("zstd", bytes(raw), c)
+    bad = Chunk(c.file_offset, c.size, c.offset, c.end, "sha256:" + "0" * 64)
+    with pytest.raises(IntegrityError):
+        decode_chunk("zstd", blob[c.offset : c.end], bad)
+
+
+def test_toc_digest_mismatch_is_refused() -> None:
+    blob, res = convert(make_tar([Item("f", data=b"x")]), "estargz")
+    ann = {k: "sha256:" + "1" * 64 for k in res.annotations}
+    with pytest.raises(IntegrityError):
+        load(blob, ann)
+    blob, res = convert(make_tar([Item("f", data=b"x")]), "zstd:chunked")
+    with pytest.raises(IntegrityError):
+        load(blob, {k: "sha256:" + "1" * 64 for k in res.annotations})
+
+
+def test_not_a_lazy_layer() -> None:
+    with pytest.raises(FormatError, match="not a lazy layer"):
+        locate_toc(b"\0" * 64, 64, None)
+
+
+def test_old_footers_are_read() -> None:
+    blob, res = convert(make_tar([Item("f", data=b"hello")]), "zstd:chunked")
+    f = zstdchunked.parse_footer(blob[-64:])
+    old = (
+        bytes(blob[:-72])
+        + b"".join(v.to_bytes(8, "little") for v in (f.offset, f.length, f.length_uncompressed, 1))
+        + zstdchunked.MAGIC_OLD
+    )
+    toc = load(old, {})
+    assert toc.by_name()["f"].size == 5
+    # Legacy stargz: a 47-byte footer with the bare 22-byte extra field.
+    blob, res = convert(make_tar([Item("f", data=b"hello")]), "estargz")
+    off, _ = estargz.parse_footer(blob[-64:])
+    payload = b"%016xSTARGZ" % off
+    import struct
+    import zlib
+
+    c = zlib.compressobj(0, zlib.DEFLATED, -15)
+    legacy = (
+        b"\x1f\x8b\x08\x04\0\0\0\0\0\xff"
+        + struct.pack("<H", 22)
+        + payload
+        + c.compress(b"")
+        + c.flush()
+        + b"\0" * 8
+    )
+    assert len(legacy) == 47
+    toc = load(blob[:-51] + legacy, {})
+    assert toc.by_name()["f"].size == 5
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([{"type": "reg", "name": "../x", "size": 0}], "escapes"),
+        ([{"type": "reg", "name": "/abs", "size": 0}], "absolute"),
+        ([{"type": "reg", "name": "a\u0000b", "size": 0}], "NUL"),
+        ([{"type": "weird", "name": "x"}], "unknown entry type"),
+        ([{"type": "reg", "name": "x", "size": -1}], "negative"),
+        ([{"type": "hardlink", "name": "x", "linkName": "nope"}], "missing"),
+        (
+            [
+                {
+                    "type": "reg",
+                    "name": "x",
+                    "size": 10,
+                    "offset": 0,
+                    "endOffset": 5,
+                    "chunkSize": 4,
+                    "chunkDigest": "sha256:" + "0" * 64,
+                }
+            ],
+            "cover",
+        ),
+        (
+            [
+                {
+                    "type": "reg",
+                    "name": "x",
+                    "size": 4,
+                    "offset": 10,
+                    "endOffset": 99999,
+                    "chunkDigest": "sha256:" + "0" * 64,
+                }
+            ],
+            "outside",
+        ),
+        ([{"type": "chunk", "name": "x", "offset": 1}], "does not follow"),
+    ],
+)
+def test_toc_validation(entries: list[dict[str, object]], message: str) -> None:
+    import json
+
+    doc = json.dumps({"version": 1, "entries": entries}).encode()
+    with pytest.raises(FormatError, match=message):
+        decode_toc(doc, compression="zstd", blob_size=1000)
+
+
+def test_toc_size_cap_and_garbage() -> None:
+    with pytest.raises(FormatError, match="not valid JSON"):
+        decode_toc(b"{nope", compression="zstd", blob_size=10)
+    with pytest.raises(FormatError, match="schema"):
+        decode_toc(b'{"version":1,"entries":[{"name":1}]}', compression="zstd", blob_size=10)
+
+
+def test_encode_decode_round_trip() -> None:
+    blob, res = convert(make_tar(sample_items()), "zstd:chunked")
+    toc = load(blob, res.annotations)
+    again = decode_toc(
+        encode_toc(toc.entries, flavour="zstd:chunked"), compression="zstd", blob_size=toc.data_end
+    )
+    assert again.entries == toc.entries
+    validate(again)
+
+
+def test_truncated_tar_is_refused() -> None:
+    tar = make_tar([Item("f", data=seeded_bytes(5000, 1))])
+    with pytest.raises(FormatError, match="truncated"):
+        convert(tar[:1500], "zstd:chunked")

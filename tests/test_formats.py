@@ -151,7 +151,7 @@ def test_not_a_lazy_layer() -> None:
 
 
 def test_old_footers_are_read() -> None:
-    blob, res = convert(make_tar([Item("f", data=b"hello")]), "zstd:chunked")
+    blob, _res = convert(make_tar([Item("f", data=b"hello")]), "zstd:chunked")
     f = zstdchunked.parse_footer(blob[-64:])
     old = (
         bytes(blob[:-72])
@@ -161,7 +161,7 @@ def test_old_footers_are_read() -> None:
     toc = load(old, {})
     assert toc.by_name()["f"].size == 5
     # Legacy stargz: a 47-byte footer with the bare 22-byte extra field.
-    blob, res = convert(make_tar([Item("f", data=b"hello")]), "estargz")
+    blob, _ = convert(make_tar([Item("f", data=b"hello")]), "estargz")
     off, _ = estargz.parse_footer(blob[-64:])
     payload = b"%016xSTARGZ" % off
     import struct

@@ -1,0 +1,1 @@
+"""Shared helpers for lazyfs tests (daemons, fixtures, test data)."""

@@ -1,0 +1,330 @@
+"""A private, throw-away containerd for tests and test-data scripts.
+
+``ContainerdInstance`` starts Debian's ``containerd`` with its own config file,
+root, state directory and GRPC socket, all under one temporary directory, so it
+never touches (or even looks at) a system containerd under /run/containerd or
+/var/lib/containerd.  The CRI plugin and every plugin that could reach the
+network or needs special kernel/storage support are disabled.  The daemon is
+stopped by PID (SIGTERM, wait, SIGKILL) whatever happens inside the ``with``.
+
+Usage::
+
+    with ContainerdInstance() as ctrd:
+        ctrd.ctr("images", "import", "--no-unpack", "img.tar")
+        ctrd.ctr("images", "ls", capture=True)
+
+As a pytest fixture (module ``tests.support.containerd_fixtures``)::
+
+    def test_x(containerd: ContainerdInstance) -> None: ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+DEFAULT_NAMESPACE = "lazyfs-test"
+
+# Plugins we never want in a test daemon: CRI (pulls images, opens ports, wants
+# CNI), snapshotters needing special filesystems, the default /opt installer and
+# the OTLP exporter (network).
+_DISABLED_PLUGINS: tuple[str, ...] = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.internal.v1.opt",
+    "io.containerd.tracing.processor.v1.otlp",
+)
+
+# Unix socket paths are limited to 108 bytes; keep temp dirs short.
+_MAX_SOCKET_PATH = 100
+
+
+def containerd_binary() -> str | None:
+    """Path of the containerd binary, or None when it is not installed."""
+    return shutil.which("containerd")
+
+
+def ctr_binary() -> str | None:
+    return shutil.which("ctr")
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(base: Path) -> str:
+    """containerd (config version 2) TOML keeping every path under *base*."""
+    disabled = ", ".join(_toml_str(p) for p in _DISABLED_PLUGINS)
+    return "\n".join(
+        [
+            "version = 2",
+            f"root = {_toml_str(str(base / 'root'))}",
+            f"state = {_toml_str(str(base / 'state'))}",
+            f"plugin_dir = {_toml_str(str(base / 'plugins'))}",
+            f"disabled_plugins = [{disabled}]",
+            "",
+            "[grpc]",
+            f"  address = {_toml_str(str(base / 'containerd.sock'))}",
+            "  tcp_address = ''",
+            "",
+            "[ttrpc]",
+            f"  address = {_toml_str(str(base / 'containerd.sock.ttrpc'))}",
+            "",
+            "[debug]",
+            "  address = ''",
+            "  level = 'info'",
+            "",
+            "[metrics]",
+            "  address = ''",
+            "",
+        ]
+    )
+
+
+class ContainerdError(RuntimeError):
+    pass
+
+
+class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]):
+    """One private containerd daemon; use as a context manager.
+
+    *base_dir*: where config/root/state/socket go.  When None a fresh temp dir
+    is created (and removed on exit unless *keep* is true).
+    """
+
+    def __init__(
+        self,
+        base_dir: str | os.PathLike[str] | None = None,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        start_timeout: float = 20.0,
+        stop_timeout: float = 10.0,
+        keep: bool = False,
+        binary: str | None = None,
+    ) -> None:
+        self._given_base = Path(base_dir) if base_dir is not None else None
+        self.namespace = namespace
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.keep = keep
+        self.binary = binary or containerd_binary()
+        self.base: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._made_base = False
+        self._log_file: Path | None = None
+
+    # -- paths ---------------------------------------------------------------
+    def _need_base(self) -> Path:
+        if self.base is None:
+            raise ContainerdError("containerd instance not started")
+        return self.base
+
+    @property
+    def address(self) -> str:
+        """The GRPC socket path (what ``ctr --address`` takes)."""
+        return str(self._need_base() / "containerd.sock")
+
+    @property
+    def config_path(self) -> Path:
+        return self._need_base() / "config.toml"
+
+    @property
+    def root(self) -> Path:
+        return self._need_base() / "root"
+
+    @property
+    def state(self) -> Path:
+        return self._need_base() / "state"
+
+    @property
+    def log_path(self) -> Path:
+        return self._need_base() / "containerd.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> ContainerdInstance:
+        if self.proc is not None:
+            raise ContainerdError("already started")
+        if self.binary is None:
+            raise ContainerdError("containerd binary not found on PATH")
+        if self._given_base is not None:
+            self.base = self._given_base.resolve()
+            self.base.mkdir(parents=True, exist_ok=True)
+        else:
+            self.base = Path(tempfile.mkdtemp(prefix="lazyfs-ctrd-"))
+            self._made_base = True
+        if len(self.address) > _MAX_SOCKET_PATH:
+            raise ContainerdError(f"socket path too long for AF_UNIX: {self.address}")
+        for sub in ("root", "state", "plugins"):
+            (self.base / sub).mkdir(exist_ok=True)
+        self.config_path.write_text(render_config(self.base))
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    "--config",
+                    str(self.config_path),
+                    "--address",
+                    self.address,
+                    "--root",
+                    str(self.root),
+                    "--state",
+                    str(self.state),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Own session: a Ctrl-C to the test runner is not delivered to
+                # the daemon behind our back; we stop it ourselves by PID.
+                start_new_session=True,
+                env=self._env(),
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Never let a caller's environment point us at another daemon/namespace.
+        for var in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER"):
+            env.pop(var, None)
+        return env
+
+    def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise ContainerdError(
+                    f"containerd exited early with status {rc}; log:\n{self.log_text()}"
+                )
+            if self._socket_accepts():
+                # The socket is listening; make sure the API answers.
+                res = self.ctr("version", check=False, capture=True, timeout=10)
+                if res.returncode == 0:
+                    return
+            time.sleep(0.1)
+        raise ContainerdError(
+            f"containerd did not come up within {self.start_timeout}s; log:\n{self.log_text()}"
+        )
+
+    def _socket_accepts(self) -> bool:
+        if not os.path.exists(self.address):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(self.address)
+            except OSError:
+                return False
+        return True
+
+    def stop(self) -> None:
+        """Stop the daemon by PID: SIGTERM, wait, then SIGKILL.  Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(timeout=self.stop_timeout)
+        if self.base is not None and self._made_base and not self.keep:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> ContainerdInstance:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- ctr -------------------------------------------------------------------
+    def ctr_argv(self, *args: str, binary: str = "ctr") -> list[str]:
+        """argv for *binary* (``ctr`` or ``ctr-remote``) aimed at this daemon."""
+        return [binary, "--address", self.address, "--namespace", self.namespace, *args]
+
+    def ctr(
+        self,
+        *args: str,
+        binary: str = "ctr",
+        check: bool = True,
+        capture: bool = False,
+        timeout: float | None = 300,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr`` (or ``ctr-remote`` via *binary*) against this daemon."""
+        return run_ctr(
+            self.ctr_argv(*args, binary=binary),
+            check=check,
+            capture=capture,
+            timeout=timeout,
+            input=input,
+        )
+
+
+def run_ctr(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    capture: bool = False,
+    timeout: float | None = 300,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    for var in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE"):
+        env.pop(var, None)
+    res = subprocess.run(
+        list(argv),
+        input=input.decode() if input is not None else None,
+        capture_output=bool(capture or check),
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if check and res.returncode != 0:
+        raise ContainerdError(
+            f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+        )
+    return res
+
+
+@contextlib.contextmanager
+def containerd(
+    base_dir: str | os.PathLike[str] | None = None, **kwargs: object
+) -> Iterator[ContainerdInstance]:
+    """Functional spelling of ``with ContainerdInstance(...) as c``."""
+    inst = ContainerdInstance(base_dir, **kwargs)  # type: ignore[arg-type]
+    with inst:
+        yield inst

@@ -1,0 +1,51 @@
+"""pytest fixtures around :mod:`tests.support.containerd`.
+
+Use from a test module or conftest.py::
+
+    pytest_plugins = ["tests.support.containerd_fixtures"]
+
+or import the fixture names directly.  Tests are skipped (not failed) when
+containerd/ctr are missing or we are not root.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.containerd import ContainerdInstance, containerd_binary, ctr_binary
+
+
+def containerd_skip_reason() -> str | None:
+    if containerd_binary() is None or ctr_binary() is None:
+        return "containerd/ctr not installed"
+    if os.geteuid() != 0:
+        return "containerd test daemon needs root"
+    return None
+
+
+@pytest.fixture
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerdInstance]:
+    """A fresh private containerd per test (own root/state/socket)."""
+    reason = containerd_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # tmp_path can exceed the AF_UNIX path limit; let the instance mkdtemp in
+    # /tmp (short) and remove it on exit.
+    with ContainerdInstance() as inst:
+        yield inst
+
+
+@pytest.fixture(scope="session")
+def containerd_session() -> Iterator[ContainerdInstance]:
+    """One private containerd shared by a whole session (cheaper, shared state)."""
+    reason = containerd_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with ContainerdInstance() as inst:
+        yield inst
+
+
+__all__ = ["containerd", "containerd_session", "containerd_skip_reason"]

@@ -8,6 +8,7 @@ import io
 import json
 import random
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,13 +119,20 @@ def _put(layout: Path, data: bytes) -> tuple[str, int]:
     return "sha256:" + digest, len(data)
 
 
-def _manifest(layout: Path, tars: list[bytes], kind: str, arch: str) -> dict[str, object]:
+def _manifest(
+    layout: Path,
+    tars: list[bytes],
+    kind: str,
+    arch: str,
+    mutate: Callable[[bytes], bytes],
+    media_type: str | None,
+) -> dict[str, object]:
     layers = []
     diff_ids = []
     for t in tars:
-        blob = compress(t, kind)
+        blob = mutate(compress(t, kind))
         d, n = _put(layout, blob)
-        layers.append({"mediaType": _MT[kind], "digest": d, "size": n})
+        layers.append({"mediaType": media_type or _MT[kind], "digest": d, "size": n})
         diff_ids.append("sha256:" + hashlib.sha256(t).hexdigest())
     config = {
         "architecture": arch,
@@ -159,11 +167,13 @@ def make_layout(
     kind: str = "gzip",
     tag: str = "latest",
     platforms: tuple[str, ...] = ("amd64",),
+    mutate: Callable[[bytes], bytes] = lambda b: b,
+    media_type: str | None = None,
 ) -> Path:
     """Write an OCI layout holding one image (or an index of several platforms) of ``tars``."""
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    descs = [_manifest(layout, tars, kind, arch) for arch in platforms]
+    descs = [_manifest(layout, tars, kind, arch, mutate, media_type) for arch in platforms]
     if len(descs) == 1:
         top = descs[0]
     else:

@@ -1,0 +1,52 @@
+"""The ``lazyfs`` command: argument parsing and output only.
+
+Each subcommand lives in a small module that registers its parser and a handler returning an
+exit code; the logic it calls is importable and tested without a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from lazyfs.errors import LazyfsError
+
+from . import image
+
+MODULES = (image,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lazyfs", description="Mount OCI images lazily: run containers before they download."
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="lazyfs: %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except LazyfsError as e:
+        print(f"lazyfs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lazyfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

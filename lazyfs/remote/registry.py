@@ -1,0 +1,384 @@
+"""A :class:`Source` over the OCI distribution API (``/v2/``), with httpx under trio.
+
+Every request goes through :meth:`RegistrySource._fetch`: endpoints from hosts.toml in order,
+auth (Basic / Bearer), manual redirects (Authorization never leaves the registry host), retries
+with capped exponential backoff and jitter on 429 / 5xx / resets / short bodies, and a
+per-host :class:`trio.CapacityLimiter`.  Callers see exact bytes or one :class:`RemoteError`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+import msgspec
+import trio
+
+from lazyfs import oci
+from lazyfs.errors import IntegrityError, NotFoundError, RemoteError
+from lazyfs.remote.auth import Authenticator, Credentials, load_docker_credentials
+from lazyfs.remote.base import Source
+from lazyfs.remote.hosts import Endpoint, load_endpoints
+
+T = TypeVar("T")
+
+MANIFEST_ACCEPT = ", ".join(
+    (oci.MT_OCI_INDEX, oci.MT_OCI_MANIFEST, oci.MT_DOCKER_LIST, oci.MT_DOCKER_MANIFEST)
+)
+MAX_MANIFEST_SIZE = 4 << 20
+MAX_REDIRECTS = 5
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class RetryPolicy(msgspec.Struct, frozen=True):
+    """How hard to try.  Tests shrink the delays; the CLI keeps the defaults."""
+
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    #: a registry asking us to wait longer than this is waited on only this long
+    max_retry_after: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        backoff = min(self.max_delay, self.base_delay * (2**attempt))
+        # "Equal jitter": never zero, never in lock-step with other clients.
+        backoff = backoff / 2 + random.uniform(0, backoff / 2)
+        if retry_after is not None:
+            backoff = max(backoff, min(retry_after, self.max_retry_after))
+        return backoff
+
+
+class Stats(msgspec.Struct):
+    #: HTTP requests sent to registry endpoints (including redirects, excluding token requests)
+    requests: int = 0
+    bytes_received: int = 0
+    retries: int = 0
+    token_requests: int = 0
+
+
+class _Transient(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _NotFound(Exception):
+    pass
+
+
+class _Unauthorized(Exception):
+    def __init__(self, challenge: str) -> None:
+        super().__init__("unauthorized")
+        self.challenge = challenge
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class RegistrySource(Source):
+    def __init__(
+        self,
+        host: str,
+        repository: str,
+        *,
+        plain_http: bool = False,
+        insecure: bool = False,
+        hosts_dir: str | os.PathLike[str] | None = None,
+        docker_config: str | os.PathLike[str] | None = None,
+        credentials: Credentials | None = None,
+        retry: RetryPolicy | None = None,
+        max_concurrency: int = 8,
+        timeout: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.repository = repository
+        self.name = f"{host}/{repository}"
+        self.endpoints: list[Endpoint] = load_endpoints(
+            host, hosts_dir, plain_http=plain_http, insecure=insecure
+        )
+        self.retry = retry or RetryPolicy()
+        self.stats = Stats()
+        #: endpoint netlocs seen answering a Range request with 200 and the whole blob
+        self.range_ignored: set[str] = set()
+        self._credentials = credentials
+        self._docker_config = docker_config
+        self._max_concurrency = max_concurrency
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._clients: dict[tuple[bool, tuple[str, ...]], httpx.AsyncClient] = {}
+        self._auth: dict[str, Authenticator] = {}
+        self._limiters: dict[str, trio.CapacityLimiter] = {}
+        self._scope = f"repository:{repository}:pull"
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _client(self, ep: Endpoint) -> httpx.AsyncClient:
+        key = (ep.skip_verify, ep.ca)
+        client = self._clients.get(key)
+        if client is None:
+            verify: bool | ssl.SSLContext = not ep.skip_verify
+            if ep.ca and not ep.skip_verify:
+                verify = ssl.create_default_context()
+                for ca in ep.ca:
+                    verify.load_verify_locations(cafile=ca)
+            client = httpx.AsyncClient(
+                verify=verify, timeout=self._timeout, follow_redirects=False, trust_env=False
+            )
+            self._clients[key] = client
+        return client
+
+    def _authenticator(self, ep: Endpoint) -> Authenticator:
+        auth = self._auth.get(ep.netloc)
+        if auth is None:
+            creds = self._credentials
+            if creds is None:
+                creds = load_docker_credentials(ep.netloc, self._docker_config)
+            if creds is None and ep.netloc != self.host:
+                creds = load_docker_credentials(self.host, self._docker_config)
+            auth = self._auth[ep.netloc] = Authenticator(creds)
+        return auth
+
+    def _limiter(self, netloc: str) -> trio.CapacityLimiter:
+        lim = self._limiters.get(netloc)
+        if lim is None:
+            lim = self._limiters[netloc] = trio.CapacityLimiter(self._max_concurrency)
+        return lim
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    # -- the request loop -------------------------------------------------------------------
+
+    async def _fetch(
+        self,
+        path: str,
+        headers: dict[str, str],
+        consume: Callable[[httpx.Response, str], Awaitable[T]],
+        *,
+        capability: str,
+        what: str,
+    ) -> T:
+        endpoints = [e for e in self.endpoints if capability in e.capabilities]
+        if not endpoints:
+            raise RemoteError(f"{self.name}: no endpoint with capability {capability!r}")
+        last = ""
+        for attempt in range(self.retry.attempts):
+            retry_after: float | None = None
+            missing = 0
+            for ep in endpoints:
+                try:
+                    return await self._fetch_one(ep, path, headers, consume)
+                except _NotFound as e:
+                    missing += 1
+                    last = f"{ep.netloc}: {e}"
+                except _Transient as e:
+                    # Fall through to the next endpoint at once: a dead mirror costs no sleep.
+                    last = f"{ep.netloc}: {e}"
+                    if e.retry_after is not None:
+                        retry_after = max(retry_after or 0.0, e.retry_after)
+            if missing == len(endpoints):
+                raise NotFoundError(f"{what} not found in {self.name} ({last})")
+            if attempt + 1 < self.retry.attempts:
+                self.stats.retries += 1
+                await trio.sleep(self.retry.delay(attempt, retry_after))
+        tries = self.retry.attempts
+        raise RemoteError(f"{what} from {self.name}: gave up after {tries} tries: {last}")
+
+    async def _fetch_one(
+        self,
+        ep: Endpoint,
+        path: str,
+        headers: dict[str, str],
+        consume: Callable[[httpx.Response, str], Awaitable[T]],
+    ) -> T:
+        client = self._client(ep)
+        auth = self._authenticator(ep)
+        url = f"{ep.url}/{self.repository}/{path}"
+        async with self._limiter(ep.netloc):
+            for round_ in range(2):
+                try:
+                    if auth.needs_token(self._scope):
+                        self.stats.token_requests += 1
+                        await auth.fetch_token(client, self._scope)
+                    h = dict(headers)
+                    value = auth.header(self._scope)
+                    if value:
+                        h["Authorization"] = value
+                    return await self._send(client, url, ep.netloc, h, consume)
+                except _Unauthorized as e:
+                    if round_ == 1:
+                        raise RemoteError(
+                            f"{ep.netloc}: access to {self.repository} denied "
+                            "(credentials rejected)"
+                        ) from None
+                    self.stats.token_requests += 1
+                    if not await auth.on_unauthorized(client, e.challenge, self._scope):
+                        raise RemoteError(
+                            f"{ep.netloc}: authentication required for "
+                            f"{self.repository} (no usable credentials)"
+                        ) from None
+        raise AssertionError("unreachable")
+
+    async def _send(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        netloc: str,
+        headers: dict[str, str],
+        consume: Callable[[httpx.Response, str], Awaitable[T]],
+    ) -> T:
+        for _ in range(MAX_REDIRECTS + 1):
+            target = httpx.URL(url)
+            h = headers
+            if target.netloc.decode() != netloc:
+                # Storage backends get presigned URLs; our registry credentials stay home.
+                h = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            try:
+                async with client.stream("GET", target, headers=h) as resp:
+                    self.stats.requests += 1
+                    status = resp.status_code
+                    if status in (301, 302, 303, 307, 308):
+                        loc = resp.headers.get("location")
+                        if not loc:
+                            raise _Transient(f"redirect {status} without Location")
+                        url = str(resp.url.join(loc))
+                        continue
+                    if status == 401 and target.netloc.decode() == netloc:
+                        raise _Unauthorized(resp.headers.get("www-authenticate", ""))
+                    if status == 404:
+                        raise _NotFound("404 Not Found")
+                    if status == 429:
+                        raise _Transient(
+                            "429 Too Many Requests", _retry_after(resp.headers.get("retry-after"))
+                        )
+                    if status in (408,) or status >= 500:
+                        raise _Transient(f"HTTP {status}")
+                    if status in (200, 206):
+                        return await consume(resp, netloc)
+                    raise RemoteError(f"{netloc}: {url} answered HTTP {status}")
+            except httpx.TransportError as e:
+                raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from e
+        raise RemoteError(f"{netloc}: too many redirects for {url}")
+
+    async def _read_all(self, resp: httpx.Response, limit: int) -> bytes:
+        declared = resp.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RemoteError(f"{resp.url}: document of {declared} bytes is too large")
+        buf = bytearray()
+        async for chunk in resp.aiter_bytes():
+            self.stats.bytes_received += len(chunk)
+            buf += chunk
+            if len(buf) > limit:
+                raise RemoteError(f"{resp.url}: document larger than {limit} bytes")
+        if declared is not None and declared.isdigit() and len(buf) != int(declared):
+            raise _Transient(f"body of {len(buf)} bytes, Content-Length {declared}")
+        return bytes(buf)
+
+    # -- Source -----------------------------------------------------------------------------
+
+    async def get_manifest(self, ref: str) -> tuple[bytes, str, str]:
+        by_digest = ref.startswith("sha256:")
+        if by_digest:
+            oci.check_digest(ref)
+
+        async def consume(resp: httpx.Response, netloc: str) -> tuple[bytes, str, str]:
+            data = await self._read_all(resp, MAX_MANIFEST_SIZE)
+            header = resp.headers.get("docker-content-digest", "")
+            want = ref if by_digest else (header if header.startswith("sha256:") else "")
+            if want:
+                try:
+                    oci.verify(data, want, "manifest")
+                except IntegrityError as e:
+                    raise _Transient(str(e)) from None
+            mt = oci.sniff_media_type(data, resp.headers.get("content-type", "").split(";")[0])
+            return data, mt, want or oci.sha256_digest(data)
+
+        return await self._fetch(
+            f"manifests/{ref}",
+            {"Accept": MANIFEST_ACCEPT},
+            consume,
+            capability="pull" if by_digest else "resolve",
+            what=f"manifest {ref}",
+        )
+
+    async def get_blob(self, digest: str) -> bytes:
+        oci.check_digest(digest)
+
+        async def consume(resp: httpx.Response, netloc: str) -> bytes:
+            data = await self._read_all(resp, 1 << 40)
+            try:
+                return oci.verify(data, digest)
+            except IntegrityError as e:
+                raise _Transient(str(e)) from None
+
+        return await self._fetch(
+            f"blobs/{digest}",
+            {"Accept-Encoding": "identity"},
+            consume,
+            capability="pull",
+            what=f"blob {digest}",
+        )
+
+    async def read_range(self, digest: str, start: int, end: int) -> bytes:
+        oci.check_digest(digest)
+        if start < 0 or end < start:
+            raise ValueError(f"bad range [{start}, {end})")
+        if end == start:
+            return b""
+        want = end - start
+
+        async def consume(resp: httpx.Response, netloc: str) -> bytes:
+            skip = start
+            if resp.status_code == 206:
+                m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+                first = int(m.group(1)) if m else start
+                if first > start:
+                    raise _Transient(f"server sent range from {first}, wanted {start}")
+                skip = start - first
+            else:
+                # The whole blob came back: remember, and take only what we need from it.
+                self.range_ignored.add(netloc)
+            buf = bytearray()
+            async for chunk in resp.aiter_bytes():
+                self.stats.bytes_received += len(chunk)
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                buf += chunk[skip:] if skip else chunk
+                skip = 0
+                if len(buf) >= want:
+                    break  # leaving the stream closes it: no reading the rest of a big blob
+            if len(buf) < want:
+                raise _Transient(f"short body: {len(buf)} of {want} bytes")
+            return bytes(buf[:want])
+
+        return await self._fetch(
+            f"blobs/{digest}",
+            {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
+            consume,
+            capability="pull",
+            what=f"bytes {start}-{end} of blob {digest}",
+        )
+
+    def ranges_supported(self) -> bool:
+        """False once an endpoint was seen ignoring Range; a caller may then fetch bigger spans."""
+        return not self.range_ignored

@@ -1,0 +1,353 @@
+"""The persistent, content-addressed chunk cache.
+
+Chunks are stored decompressed under ``DIR/chunks/ab/<hex>`` keyed by their sha256, so a chunk
+shared by layers or images is stored once.  Files are written atomically and only after
+verification; an LRU index (rebuilt at start from one directory scan, in mtime order) keeps
+the total under ``max_bytes`` without ever evicting a pinned chunk.
+
+The class is synchronous and thread-safe (one lock around the index, file I/O outside it): the
+store calls it through ``trio.to_thread`` and the CLI (``lazyfs cache du/prune``) calls it
+directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import msgspec
+
+from lazyfs.errors import IntegrityError
+from lazyfs.formats.chunkio import check_chunk
+from lazyfs.store.atomic import TMP_PREFIX, atomic_write, remove_temp_files
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 10 * 1024**3
+# On-disk mtimes are the LRU order after a restart.  Refreshing them on every hit would cost a
+# syscall per read, so a hit only touches the file when its mtime is older than this.
+TOUCH_INTERVAL_NS = 600 * 1_000_000_000
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def default_cache_dir() -> Path:
+    """``/var/lib/lazyfs/cache`` for root, else ``$XDG_CACHE_HOME/lazyfs`` (``~/.cache``)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/lazyfs/cache")
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says relative values are invalid and must be ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "lazyfs"
+
+
+def _hex_of(digest: str) -> str | None:
+    algo, _, hx = digest.partition(":")
+    if algo != "sha256" or len(hx) != 64 or not _HEX.issuperset(hx):
+        return None
+    return hx
+
+
+class CacheUsage(msgspec.Struct, kw_only=True):
+    dir: str
+    chunks: int
+    bytes: int
+    max_bytes: int
+    pinned: int
+    layer_maps: int
+
+
+class PruneResult(msgspec.Struct, kw_only=True):
+    removed: int
+    freed_bytes: int
+    bytes: int  # what remains
+
+
+class _Item:
+    __slots__ = ("mtime_ns", "size", "verified")
+
+    def __init__(self, size: int, mtime_ns: int, verified: bool) -> None:
+        self.size = size
+        self.mtime_ns = mtime_ns
+        # False for files found by the start-up scan: they are hashed once on first read.
+        self.verified = verified
+
+
+class ChunkCache:
+    """A size-bounded directory of verified, decompressed chunks.
+
+    ``verify_first_read`` (default on): a chunk found on disk at start-up is re-hashed the
+    first time it is read in this process, and after that only its size is checked.  That is
+    one sha256 per chunk per mount (about 1 ms per MiB, in a worker thread) and it catches
+    what the size check cannot: bit rot, tampering with a root-owned cache, or a filesystem
+    that lost data despite fsync.  Unverified bytes are then never served, as for the network.
+    """
+
+    def __init__(
+        self,
+        dir: str | os.PathLike[str] | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        *,
+        verify_first_read: bool = True,
+        fsync: bool = True,
+    ) -> None:
+        self.dir = Path(dir) if dir is not None else default_cache_dir()
+        self.chunks_dir = self.dir / "chunks"
+        self.layers_dir = self.dir / "layers"
+        self.max_bytes = max_bytes
+        self.verify_first_read = verify_first_read
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, _Item] = OrderedDict()  # hex -> item, oldest first
+        self._bytes = 0
+        self._pins: dict[str, int] = {}
+        self.chunks_dir.mkdir(parents=True, exist_ok=True)
+        self.layers_dir.mkdir(parents=True, exist_ok=True)
+        self.temp_files_removed = self._scan()
+        with self._lock:
+            self._evict_locked(self.max_bytes)
+
+    # ----------------------------------------------------------------------------- start-up
+
+    def _scan(self) -> int:
+        """Rebuild the index from the directory: one scandir per fan-out directory and one
+        stat per file, no reads.  Returns how many crash leftovers were deleted."""
+        found: list[tuple[int, str, int]] = []
+        removed = remove_temp_files(self.chunks_dir) + remove_temp_files(self.layers_dir)
+        with os.scandir(self.chunks_dir) as top:
+            subdirs = [d for d in top if d.is_dir(follow_symlinks=False)]
+        for d in subdirs:
+            with os.scandir(d.path) as it:
+                files = list(it)
+            for f in files:
+                if f.name.startswith(TMP_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f.path)
+                        removed += 1
+                    continue
+                if len(f.name) != 64 or not _HEX.issuperset(f.name) or f.name[:2] != d.name:
+                    continue  # not ours: leave it alone, and do not count it
+                st = f.stat(follow_symlinks=False)
+                if st.st_size == 0:
+                    # No chunk is empty: this is a file whose data never reached the disk.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f.path)
+                        removed += 1
+                    continue
+                found.append((st.st_mtime_ns, f.name, st.st_size))
+        found.sort()
+        for mtime, hx, size in found:
+            self._index[hx] = _Item(size, mtime, verified=False)
+            self._bytes += size
+        if removed:
+            log.info("removed %d partial files from %s", removed, self.dir)
+        return removed
+
+    # ----------------------------------------------------------------------------- lookups
+
+    def path_of(self, digest: str) -> Path:
+        hx = _hex_of(digest)
+        if hx is None:
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.chunks_dir / hx[:2] / hx
+
+    def layer_map_path(self, blob_digest: str) -> Path:
+        return self.layers_dir / f"{blob_digest.partition(':')[2] or blob_digest}.map"
+
+    def __contains__(self, digest: str) -> bool:
+        hx = _hex_of(digest)
+        return hx is not None and hx in self._index
+
+    def probe(self, digest: str) -> bool:
+        """Whether the chunk is on disk, adopting a file the index does not know (written by
+        another process sharing the directory).  One stat at most."""
+        hx = _hex_of(digest)
+        if hx is None:
+            return False
+        if hx in self._index:
+            return True
+        try:
+            st = os.stat(self.chunks_dir / hx[:2] / hx)
+        except FileNotFoundError:
+            return False
+        if st.st_size == 0:
+            return False
+        with self._lock:
+            if hx not in self._index:
+                self._index[hx] = _Item(st.st_size, st.st_mtime_ns, verified=False)
+                self._bytes += st.st_size
+        return True
+
+    def read(self, digest: str, size: int, lo: int = 0, hi: int | None = None) -> bytes | None:
+        """Bytes ``[lo, hi)`` of a cached chunk of ``size`` bytes, or None if it is not (or no
+        longer validly) cached; a wrong-sized or corrupt file is deleted."""
+        hx = _hex_of(digest)
+        if hx is None:
+            return None
+        hi = size if hi is None else hi
+        with self._lock:
+            item = self._index.get(hx)
+            verify = self.verify_first_read and (item is None or not item.verified)
+        path = self.chunks_dir / hx[:2] / hx
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            self._drop(hx, unlink=False)
+            return None
+        with f:
+            st = os.fstat(f.fileno())
+            if st.st_size != size:
+                log.warning("cached chunk %s has %d bytes, not %d: dropped", hx, st.st_size, size)
+                self._drop(hx, unlink=True)
+                return None
+            if verify:
+                data = f.read()
+                if len(data) != size or hashlib.sha256(data).hexdigest() != hx:
+                    log.warning("cached chunk %s failed verification: dropped", hx)
+                    self._drop(hx, unlink=True)
+                    return None
+                out = data if (lo, hi) == (0, size) else data[lo:hi]
+            else:
+                out = os.pread(f.fileno(), hi - lo, lo)
+                if len(out) != hi - lo:
+                    self._drop(hx, unlink=True)
+                    return None
+        now = time.time_ns()
+        touch = False
+        with self._lock:
+            item = self._index.get(hx)
+            if item is None:  # adopted from another process, or raced with an eviction
+                item = self._index[hx] = _Item(size, st.st_mtime_ns, verified=False)
+                self._bytes += size
+            else:
+                self._index.move_to_end(hx)
+            item.verified = item.verified or verify
+            if now - item.mtime_ns > TOUCH_INTERVAL_NS:
+                item.mtime_ns = now
+                touch = True
+        if touch:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        return out
+
+    # ----------------------------------------------------------------------------- writes
+
+    def put(self, digest: str, data: bytes, *, verified: bool = False) -> list[str]:
+        """Store a chunk (hashing it first unless the caller just did, e.g. ``decode_chunk``)
+        and evict to stay under ``max_bytes``.  Returns the evicted digests.  Raises
+        IntegrityError for data that does not match: it is never stored."""
+        hx = _hex_of(digest)
+        if hx is None:
+            raise IntegrityError(f"unsupported chunk digest {digest!r}")
+        if not verified:
+            check_chunk(data, digest)
+        with self._lock:
+            if hx in self._index:
+                self._index.move_to_end(hx)
+                return []
+        path = self.chunks_dir / hx[:2] / hx
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, data, fsync=self.fsync)
+        with self._lock:
+            if hx not in self._index:
+                self._index[hx] = _Item(len(data), time.time_ns(), verified=True)
+                self._bytes += len(data)
+            return self._evict_locked(self.max_bytes)
+
+    def _drop(self, hx: str, *, unlink: bool) -> None:
+        with self._lock:
+            item = self._index.pop(hx, None)
+            if item is not None:
+                self._bytes -= item.size
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.chunks_dir / hx[:2] / hx)
+
+    def _evict_locked(self, target: int) -> list[str]:
+        """Drop least recently used unpinned chunks until at most ``target`` bytes remain."""
+        if self._bytes <= target:
+            return []
+        victims: list[str] = []
+        excess = self._bytes - target
+        for hx, item in self._index.items():
+            if excess <= 0:
+                break
+            if hx in self._pins:
+                continue
+            victims.append(hx)
+            excess -= item.size
+        for hx in victims:
+            self._bytes -= self._index.pop(hx).size
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.chunks_dir / hx[:2] / hx)
+        return ["sha256:" + hx for hx in victims]
+
+    # ----------------------------------------------------------------------------- pins
+
+    def pin(self, digests: Iterable[str]) -> None:
+        """Protect chunks from eviction (also ones not cached yet: a reader pins before the
+        fetch so the chunk it is about to get cannot be evicted by a concurrent put)."""
+        with self._lock:
+            for d in digests:
+                hx = _hex_of(d)
+                if hx is not None:
+                    self._pins[hx] = self._pins.get(hx, 0) + 1
+
+    def unpin(self, digests: Iterable[str]) -> list[str]:
+        """Release pins; evicts what had to stay over budget.  Returns evicted digests."""
+        with self._lock:
+            for d in digests:
+                hx = _hex_of(d)
+                if hx is None:
+                    continue
+                n = self._pins.get(hx, 0) - 1
+                if n > 0:
+                    self._pins[hx] = n
+                else:
+                    self._pins.pop(hx, None)
+            return self._evict_locked(self.max_bytes)
+
+    @contextlib.contextmanager
+    def pinned(self, digests: Iterable[str]) -> Iterator[None]:
+        ds = list(digests)
+        self.pin(ds)
+        try:
+            yield
+        finally:
+            self.unpin(ds)
+
+    # ----------------------------------------------------------------------------- CLI
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def du(self) -> CacheUsage:
+        with self._lock:
+            chunks, used, pinned = len(self._index), self._bytes, len(self._pins)
+        maps = sum(1 for p in self.layers_dir.glob("*.map"))
+        return CacheUsage(
+            dir=str(self.dir),
+            chunks=chunks,
+            bytes=used,
+            max_bytes=self.max_bytes,
+            pinned=pinned,
+            layer_maps=maps,
+        )
+
+    def prune(self, target_bytes: int = 0) -> PruneResult:
+        """Evict least recently used chunks until at most ``target_bytes`` remain (pinned ones
+        stay).  Layer maps are left: they are hints and heal on the next read."""
+        with self._lock:
+            before, n = self._bytes, len(self._index)
+            self._evict_locked(max(target_bytes, 0))
+            return PruneResult(
+                removed=n - len(self._index), freed_bytes=before - self._bytes, bytes=self._bytes
+            )

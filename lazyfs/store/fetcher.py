@@ -1,0 +1,629 @@
+"""The layer store: on-demand reads, prefetch and pulls, on top of the chunk cache.
+
+Every chunk a task needs is first looked for locally (cache index or readiness map), then
+joined if some task is already fetching it (single flight: one ``_Flight`` per digest, shared
+by all layers), and otherwise planned into range requests: the missing chunks sorted by blob
+offset, merged while the gap is at most ``merge_gap`` and the request at most ``max_request``,
+plus any chunk lying wholly inside a request's range (those bytes come anyway).
+
+Requests take a slot from :class:`PrioritySlots`; decoding and hashing run in worker threads;
+verified chunks are handed to waiters first and written to the cache after, so only the task
+that started a fetch pays for the write.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import NoReturn
+
+import trio
+
+from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
+from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
+from lazyfs.formats.toc import TOC, Chunk, Entry
+from lazyfs.remote.base import Source
+from lazyfs.store.atomic import atomic_write
+from lazyfs.store.cache import ChunkCache
+from lazyfs.store.chunkmap import ChunkMap, layer_chunks
+from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH, PrioritySlots, Ticket
+from lazyfs.store.stats import LayerStats
+
+log = logging.getLogger(__name__)
+
+# Readiness maps are written after this many changed bits or this many seconds, whichever
+# comes first, and on close: a crash loses at most a few hints, never data.
+MAP_FLUSH_CHANGES = 256
+MAP_FLUSH_SECONDS = 2.0
+# The background fill only issues a request after on-demand reads were quiet this long.
+BACKGROUND_IDLE_SECONDS = 0.25
+
+WaitHook = Callable[["Layer", Entry, int], None]
+ProgressCallback = Callable[[LayerStats], None]
+
+
+class _Abandoned(Exception):
+    """The task fetching a chunk was cancelled first: its waiters fetch the chunk themselves."""
+
+
+class _Flight:
+    """One chunk being fetched; every task that needs it waits on the same event."""
+
+    __slots__ = ("data", "error", "event", "ticket")
+
+    def __init__(self, ticket: Ticket) -> None:
+        self.data = b""
+        self.error: BaseException | None = None
+        self.event = trio.Event()
+        self.ticket = ticket  # boosted when an on-demand reader starts waiting
+
+    def succeed(self, data: bytes) -> None:
+        self.data = data
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+
+class _Group:
+    """One planned range request and the chunks it brings."""
+
+    __slots__ = ("chunks", "end", "flights", "start", "ticket")
+
+    def __init__(self, start: int, end: int, chunks: list[Chunk]) -> None:
+        self.start = start
+        self.end = end
+        self.chunks = chunks
+        self.flights: dict[str, _Flight] = {}
+        self.ticket = Ticket(BACKGROUND)
+
+
+class Layer:
+    """A layer blob known to the store: its TOC, source, readiness map and stats."""
+
+    def __init__(self, blob_digest: str, source: Source, toc: TOC, cmap: ChunkMap) -> None:
+        self.blob_digest = blob_digest
+        self.source = source
+        self.toc = toc
+        self.map = cmap
+        self.chunks = layer_chunks(toc)  # the map's bit order
+        self.index = {c.digest: i for i, c in enumerate(self.chunks)}
+        self.by_offset = sorted(self.chunks, key=lambda c: (c.offset, c.end))
+        self.offsets = [c.offset for c in self.by_offset]
+        self.stats = LayerStats(
+            blob=blob_digest,
+            source=getattr(source, "name", ""),
+            chunks_total=len(self.chunks),
+            chunks_ready=cmap.ready,
+            bytes_total=sum(c.size for c in self.chunks),
+            bytes_ready=sum(c.size for i, c in enumerate(self.chunks) if cmap[i]),
+        )
+        # Entry name -> where its last read ended: a read starting there is sequential.
+        self.read_pos: dict[str, int] = {}
+
+    def set_ready(self, i: int) -> bool:
+        if not self.map.set(i):
+            return False
+        self.stats.chunks_ready += 1
+        self.stats.bytes_ready += self.chunks[i].size
+        return True
+
+    def clear_ready(self, i: int) -> bool:
+        if not self.map.clear(i):
+            return False
+        self.stats.chunks_ready -= 1
+        self.stats.bytes_ready -= self.chunks[i].size
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Layer {self.blob_digest[:19]} {self.stats.chunks_ready}/{len(self.chunks)}>"
+
+
+def _reraise(error: BaseException) -> NoReturn:
+    # Each waiter raises its own copy: one shared exception object would pile up the
+    # tracebacks of every task that raised it.
+    if isinstance(error, LazyfsError):
+        try:
+            copy = type(error)(*error.args)
+        except TypeError:
+            raise error from None
+        raise copy from error
+    raise error
+
+
+class LayerStore:
+    """Reads layer content through the chunk cache, fetching what is missing.
+
+    ``readahead`` (compressed bytes): the first read of a file whose chunks total at most this
+    much fetches the whole file in the same request; a read that continues where the previous
+    read of the file ended also takes the file's next chunks up to this much.  Readahead only
+    rides along in a request that is made anyway; it never causes a request of its own.
+    """
+
+    def __init__(
+        self,
+        cache: ChunkCache,
+        *,
+        merge_gap: int = 64 * 1024,
+        max_request: int = 8 * 1024 * 1024,
+        concurrency: int = 8,
+        readahead: int = 512 * 1024,
+    ) -> None:
+        self.cache = cache
+        self.merge_gap = merge_gap
+        self.max_request = max_request
+        self.readahead = readahead
+        # A quarter of the slots (at least one, when there are two) only serve on-demand reads.
+        reserved = 0 if concurrency <= 1 else max(1, concurrency // 4)
+        self._slots = PrioritySlots(concurrency, reserved)
+        self._layers: dict[str, Layer] = {}
+        self._where: dict[str, list[tuple[Layer, int]]] = {}  # digest -> bits in every layer
+        self._inflight: dict[str, _Flight] = {}
+        self._dirty: set[Layer] = set()
+        self._last_ondemand = -math.inf
+        self._bg_scope: trio.CancelScope | None = None
+        self._layer_added = trio.Event()
+        #: Called as ``on_wait(layer, entry, ns)`` after a read that waited for the network.
+        self.on_wait: WaitHook | None = None
+
+    @property
+    def layers(self) -> list[Layer]:
+        return list(self._layers.values())
+
+    # ------------------------------------------------------------------------------- layers
+
+    def add_layer(self, blob_digest: str, source: Source, toc: TOC) -> Layer:
+        """Register a layer (idempotent per blob digest) and reconcile its readiness map with
+        the cache: bits for chunks present (also via another layer) are set, bits for chunks
+        gone are cleared, so readiness and stats are right from the start."""
+        layer = self._layers.get(blob_digest)
+        if layer is not None:
+            return layer
+        chunks = layer_chunks(toc)
+        path = self.cache.layer_map_path(blob_digest)
+        cmap = ChunkMap.load(path, blob_digest, [c.digest for c in chunks])
+        layer = Layer(blob_digest, source, toc, cmap)
+        for i, c in enumerate(layer.chunks):
+            self._where.setdefault(c.digest, []).append((layer, i))
+            # A set bit the index does not know costs one stat (another process may have
+            # written the chunk); unset bits cost only a dict lookup.
+            if c.digest in self.cache or (cmap[i] and self.cache.probe(c.digest)):
+                layer.set_ready(i)
+            else:
+                layer.clear_ready(i)
+        if cmap.changes:
+            self._dirty.add(layer)
+        self._layers[blob_digest] = layer
+        self._layer_added.set()
+        return layer
+
+    # ------------------------------------------------------------------------------- reads
+
+    async def read(self, layer: Layer, entry: Entry, offset: int, size: int) -> bytes:
+        """The bytes ``[offset, offset + size)`` of ``entry``; short only at end of file.
+        Raises IntegrityError when a chunk fails verification twice, and whatever the source
+        raises (RemoteError, NotFoundError) when it cannot deliver."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"bad read: offset={offset}, size={size}")
+        end = min(offset + size, entry.size)
+        if offset >= end:
+            await trio.lowlevel.checkpoint()
+            return b""
+        t0 = time.perf_counter_ns()
+        self._last_ondemand = trio.current_time()
+        chunks = chunks_for_range(entry, offset, end - offset)
+        needs = [
+            (
+                c,
+                max(offset, c.file_offset) - c.file_offset,
+                min(end, c.file_offset + c.size) - c.file_offset,
+            )
+            for c in chunks
+        ]
+        extra = self._readahead(layer, entry, chunks, offset, end)
+        parts, waited = await self._obtain(layer, needs, extra)
+        ns = time.perf_counter_ns() - t0
+        layer.stats.record_read(ns, waited=waited)
+        if waited and self.on_wait is not None:
+            self.on_wait(layer, entry, ns)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _readahead(
+        self, layer: Layer, entry: Entry, chunks: Iterable[Chunk], offset: int, end: int
+    ) -> list[Chunk]:
+        if self.readahead <= 0:
+            return []
+        prev = layer.read_pos.get(entry.name)
+        layer.read_pos[entry.name] = end
+        if prev is None:
+            if sum(c.end - c.offset for c in entry.chunks if not c.zeros) <= self.readahead:
+                return [c for c in entry.chunks if not c.zeros]  # a small file: all of it
+        elif prev != offset:
+            return []  # random access: fetch only what was asked for
+        last = list(chunks)[-1]
+        i = bisect.bisect_right(entry.chunks, last.file_offset, key=lambda c: c.file_offset)
+        out: list[Chunk] = []
+        budget = self.readahead
+        for c in entry.chunks[i:]:
+            if c.zeros:
+                continue
+            budget -= c.end - c.offset
+            if budget < 0:
+                break
+            out.append(c)
+        return out
+
+    def _maybe_cached(self, layer: Layer, c: Chunk) -> bool:
+        if c.digest in self.cache:
+            return True
+        i = layer.index.get(c.digest)
+        return i is not None and layer.map[i]
+
+    def _read_local(self, needs: list[tuple[Chunk, int, int]]) -> list[bytes | None]:
+        return [self.cache.read(c.digest, c.size, lo, hi) for c, lo, hi in needs]
+
+    async def _obtain(
+        self, layer: Layer, needs: list[tuple[Chunk, int, int]], extra: list[Chunk]
+    ) -> tuple[list[bytes], bool]:
+        """The ``[lo, hi)`` slices of the needed chunks, and whether the network was waited
+        for.  Pins the chunks meanwhile so a concurrent put cannot evict them."""
+        parts: list[bytes | None] = [None] * len(needs)
+        for i, (c, lo, hi) in enumerate(needs):
+            if c.zeros:
+                parts[i] = bytes(hi - lo)
+        digests = [c.digest for c, _, _ in needs if not c.zeros]
+        if not digests:
+            await trio.lowlevel.checkpoint()
+            return parts, False  # type: ignore[return-value]
+        waited = False
+        missed: set[int] = set()
+        self.cache.pin(digests)
+        try:
+            while True:
+                pending = [i for i, p in enumerate(parts) if p is None]
+                local = [
+                    i
+                    for i in pending
+                    if needs[i][0].digest not in self._inflight
+                    and self._maybe_cached(layer, needs[i][0])
+                ]
+                if local:
+                    got = await trio.to_thread.run_sync(self._read_local, [needs[i] for i in local])
+                    for i, data in zip(local, got, strict=True):
+                        digest = needs[i][0].digest
+                        if data is None:
+                            self._forget(digest)  # the map was wrong, or the file was bad
+                        else:
+                            parts[i] = data
+                            layer.stats.cache_hits += 1
+                            self._mark_ready(digest)
+                    pending = [i for i in pending if parts[i] is None]
+                if not pending:
+                    break
+                layer.stats.cache_misses += len(set(pending) - missed)
+                missed.update(pending)
+                waited = True
+                groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
+                extra = []  # readahead is attempted once
+                flights: dict[str, _Flight] = {}
+                for i in pending:
+                    d = needs[i][0].digest
+                    f = self._inflight.get(d)
+                    if f is not None:
+                        flights[d] = f
+                        self._slots.boost(f.ticket, ONDEMAND)  # never wait behind prefetch
+                if groups:
+                    async with trio.open_nursery() as nursery:
+                        for g in groups:
+                            nursery.start_soon(self._run_group, layer, g, None)
+                for f in flights.values():
+                    await f.event.wait()
+                for i in pending:
+                    c, lo, hi = needs[i]
+                    f = flights.get(c.digest)
+                    if f is None or isinstance(f.error, _Abandoned):
+                        continue  # cached meanwhile, or its fetcher was cancelled: go again
+                    if f.error is not None:
+                        _reraise(f.error)
+                    parts[i] = f.data if (lo, hi) == (0, c.size) else f.data[lo:hi]
+        finally:
+            self._evicted(self.cache.unpin(digests))
+        return parts, waited  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------- planning
+
+    def _start(
+        self, layer: Layer, chunks: list[Chunk], extra: list[Chunk], priority: int
+    ) -> list[_Group]:
+        """Plan requests for the chunks nobody is fetching yet and register their flights.
+        Runs without a checkpoint, so no other task can register the same chunk meanwhile."""
+        seen: set[str] = set()
+        want: list[Chunk] = []
+        for c in (*chunks, *extra):
+            d = c.digest
+            if c.zeros or d in seen or d in self._inflight or d in self.cache:
+                continue
+            seen.add(d)
+            want.append(c)
+        needed = {c.digest for c in chunks}
+        out: list[_Group] = []
+        for g in self._plan(layer, want):
+            g.chunks = [c for c in g.chunks if c.digest not in self._inflight]
+            if not any(c.digest in needed for c in g.chunks):
+                continue  # readahead alone never costs a request
+            g.ticket = Ticket(priority)
+            for c in g.chunks:
+                f = _Flight(g.ticket)
+                g.flights[c.digest] = f
+                self._inflight[c.digest] = f
+            out.append(g)
+        return out
+
+    def _plan(self, layer: Layer, want: list[Chunk]) -> list[_Group]:
+        """Merge chunks into range requests in blob order."""
+        want.sort(key=lambda c: (c.offset, c.end))
+        groups: list[_Group] = []
+        for c in want:
+            g = groups[-1] if groups else None
+            if (
+                g is not None
+                and c.offset - g.end <= self.merge_gap
+                and max(g.end, c.end) - g.start <= self.max_request
+            ):
+                g.chunks.append(c)
+                g.end = max(g.end, c.end)
+            else:
+                groups.append(_Group(c.offset, c.end, [c]))
+        # Chunks wholly inside a request's range come for free: decode and keep them too.
+        for g in groups:
+            have = {c.digest for c in g.chunks}
+            i = bisect.bisect_left(layer.offsets, g.start)
+            while i < len(layer.by_offset) and layer.by_offset[i].offset < g.end:
+                c = layer.by_offset[i]
+                i += 1
+                d = c.digest
+                if (
+                    c.end <= g.end
+                    and d not in have
+                    and d not in self._inflight
+                    and d not in self.cache
+                ):
+                    have.add(d)
+                    g.chunks.append(c)
+        return groups
+
+    # ------------------------------------------------------------------------------- fetching
+
+    async def _fetch(self, layer: Layer, start: int, end: int, ticket: Ticket) -> bytes:
+        async with self._slots.hold(ticket):
+            raw = await layer.source.read_range(layer.blob_digest, start, end)
+        layer.stats.requests += 1
+        layer.stats.bytes_fetched += len(raw)
+        if len(raw) != end - start:
+            raise RemoteError(
+                f"{getattr(layer.source, 'name', 'source')}: asked for {end - start} bytes "
+                f"at {start} of {layer.blob_digest}, got {len(raw)}"
+            )
+        return raw
+
+    async def _run_group(
+        self, layer: Layer, g: _Group, done: Callable[[], None] | None = None
+    ) -> None:
+        """Fetch one request, resolve its flights, then cache what verified.  Never raises
+        (except Cancelled): errors go to the flights, whose waiters raise them."""
+        stored: list[tuple[str, bytes]] = []
+        try:
+            try:
+                raw = await self._fetch(layer, g.start, g.end, g.ticket)
+            except Exception as e:
+                for f in g.flights.values():
+                    f.fail(e)
+                return
+            async with trio.open_nursery() as nursery:
+                for c in g.chunks:
+                    piece = raw[c.offset - g.start : c.end - g.start]
+                    nursery.start_soon(self._decode, layer, c, piece, g.flights[c.digest], stored)
+            del raw
+            if stored:
+                try:
+                    evicted = await trio.to_thread.run_sync(self._put_many, stored)
+                except OSError as e:
+                    log.warning("could not cache chunks of %s: %s", layer.blob_digest, e)
+                else:
+                    for d, _ in stored:
+                        self._mark_ready(d)
+                    self._evicted(evicted)
+        finally:
+            for d, f in g.flights.items():
+                f.fail(_Abandoned())  # no-op for resolved flights
+                if self._inflight.get(d) is f:
+                    del self._inflight[d]
+        if done is not None:
+            done()
+        await self._flush_due()
+
+    async def _decode(
+        self, layer: Layer, c: Chunk, raw: bytes, f: _Flight, stored: list[tuple[str, bytes]]
+    ) -> None:
+        comp = layer.toc.compression
+        try:
+            data = await trio.to_thread.run_sync(decode_chunk, comp, raw, c)
+        except IntegrityError as e:
+            # Most likely damage in transit: fetch the chunk alone once more before failing.
+            layer.stats.integrity_errors += 1
+            layer.stats.retries += 1
+            log.warning("chunk %s of %s: %s; retrying", c.digest, layer.blob_digest, e)
+            f.ticket = Ticket(f.ticket.priority)
+            try:
+                raw = await self._fetch(layer, c.offset, c.end, f.ticket)
+                data = await trio.to_thread.run_sync(decode_chunk, comp, raw, c)
+            except IntegrityError as e2:
+                layer.stats.integrity_errors += 1
+                f.fail(e2)
+                return
+            except Exception as e2:
+                f.fail(e2)
+                return
+        except Exception as e:
+            f.fail(e)
+            return
+        f.succeed(data)
+        stored.append((c.digest, data))
+
+    def _put_many(self, stored: list[tuple[str, bytes]]) -> list[str]:
+        evicted: list[str] = []
+        for digest, data in stored:
+            # decode_chunk just verified the bytes: no second hash.
+            evicted += self.cache.put(digest, data, verified=True)
+        return evicted
+
+    # ------------------------------------------------------------------------------- readiness
+
+    def _mark_ready(self, digest: str) -> None:
+        for layer, i in self._where.get(digest, ()):
+            if layer.set_ready(i):
+                self._dirty.add(layer)
+
+    def _forget(self, digest: str) -> None:
+        for layer, i in self._where.get(digest, ()):
+            if layer.clear_ready(i):
+                self._dirty.add(layer)
+
+    def _evicted(self, digests: Iterable[str]) -> None:
+        for d in digests:
+            self._forget(d)
+
+    async def _flush_due(self) -> None:
+        due = [
+            layer
+            for layer in self._dirty
+            if layer.map.due(max_changes=MAP_FLUSH_CHANGES, max_age=MAP_FLUSH_SECONDS)
+        ]
+        for layer in due:
+            await self._flush(layer)
+
+    async def _flush(self, layer: Layer) -> None:
+        m = layer.map
+        while m.flushing:  # let a running write finish, then write what changed since
+            await trio.sleep(0.005)
+        if not m.changes:
+            return
+        data = m.snapshot()
+        self._dirty.discard(layer)
+        m.flushing = True
+        try:
+            await trio.to_thread.run_sync(atomic_write, m.path, data)
+        except OSError as e:
+            log.warning("could not save the chunk map of %s: %s", layer.blob_digest, e)
+            m.changes += 1
+            self._dirty.add(layer)
+        finally:
+            m.flushing = False
+
+    # ------------------------------------------------------------------------------- bulk
+
+    async def prefetch(
+        self, layer: Layer, entries_or_chunks: Iterable[Entry | Chunk], priority: int = PREFETCH
+    ) -> None:
+        """Bring the given files' or chunks' content into the cache at ``priority``.  Raises
+        the first error after trying everything."""
+        chunks: list[Chunk] = []
+        for item in entries_or_chunks:
+            if isinstance(item, Entry):
+                chunks.extend(item.chunks)
+            else:
+                chunks.append(item)
+        await self._ensure(layer, chunks, priority)
+
+    async def fetch_all(self, layer: Layer, progress_cb: ProgressCallback | None = None) -> None:
+        """``lazyfs pull``: every chunk of the layer into the cache; ``progress_cb(stats)`` is
+        called after each request completes."""
+        done = (lambda: progress_cb(layer.stats)) if progress_cb is not None else None
+        await self._ensure(layer, layer.by_offset, PREFETCH, done)
+        await self._flush(layer)
+
+    async def _ensure(
+        self,
+        layer: Layer,
+        chunks: Iterable[Chunk],
+        priority: int,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        todo = [c for c in chunks if not c.zeros]
+        error: BaseException | None = None
+        await trio.lowlevel.checkpoint()
+        while todo:
+            todo = [c for c in todo if c.digest not in self.cache]
+            groups = self._start(layer, todo, [], priority)
+            flights: dict[str, _Flight] = {}
+            for c in todo:
+                f = self._inflight.get(c.digest)
+                if f is not None:
+                    flights[c.digest] = f
+                    self._slots.boost(f.ticket, priority)
+            if groups:
+                async with trio.open_nursery() as nursery:
+                    for g in groups:
+                        nursery.start_soon(self._run_group, layer, g, done)
+            for f in flights.values():
+                await f.event.wait()
+            again: list[Chunk] = []
+            for c in todo:
+                f = flights.get(c.digest)
+                if f is None:
+                    continue  # cached by the time we looked
+                if isinstance(f.error, _Abandoned):
+                    again.append(c)
+                elif f.error is not None and error is None:
+                    error = f.error
+            todo = again
+        if error is not None:
+            _reraise(error)
+
+    def background(self, nursery: trio.Nursery) -> None:
+        """Fill the cache with every layer's remaining chunks at the lowest priority, one
+        request at a time and only while on-demand reads are quiet.  Stops at ``aclose``."""
+        nursery.start_soon(self._background)
+
+    async def _background(self) -> None:
+        with trio.CancelScope() as scope:
+            self._bg_scope = scope
+            while True:
+                self._layer_added = trio.Event()
+                for layer in list(self._layers.values()):
+                    await self._fill(layer)
+                await self._layer_added.wait()
+
+    async def _fill(self, layer: Layer) -> None:
+        batch: list[Chunk] = []
+        span = 0
+        for c in layer.by_offset:
+            if c.digest in self.cache:
+                continue
+            batch.append(c)
+            span += c.end - c.offset
+            if span >= self.max_request:
+                await self._fill_batch(layer, batch)
+                batch, span = [], 0
+        if batch:
+            await self._fill_batch(layer, batch)
+
+    async def _fill_batch(self, layer: Layer, batch: list[Chunk]) -> None:
+        while trio.current_time() - self._last_ondemand < BACKGROUND_IDLE_SECONDS:
+            await trio.sleep(BACKGROUND_IDLE_SECONDS)
+        try:
+            await self._ensure(layer, batch, BACKGROUND)
+        except (LazyfsError, OSError) as e:
+            log.warning("background fetch for %s: %s", layer.blob_digest, e)
+
+    async def aclose(self) -> None:
+        """Stop the background fill and write every changed readiness map."""
+        if self._bg_scope is not None:
+            self._bg_scope.cancel()
+        for layer in list(self._layers.values()):
+            await self._flush(layer)

@@ -1,0 +1,46 @@
+"""Per-layer counters for ``lazyfs stats``: plain msgspec data, cheap to update in place."""
+
+from __future__ import annotations
+
+import msgspec
+
+# Read latency buckets: bucket 0 is < 1 us, bucket i (i >= 1) holds [2**(i-1), 2**i) us, and
+# the last bucket also takes everything slower (2**22 us is about 4 s).
+LATENCY_BUCKETS = 24
+
+
+def latency_bucket(ns: int) -> int:
+    return min((max(ns, 0) // 1000).bit_length(), LATENCY_BUCKETS - 1)
+
+
+def _empty_histogram() -> list[int]:
+    return [0] * LATENCY_BUCKETS
+
+
+class LayerStats(msgspec.Struct, kw_only=True):
+    """Live counters of one layer.  ``msgspec.to_builtins(stats)`` gives the JSON form."""
+
+    blob: str
+    source: str = ""
+    # Readiness, from the layer's chunk map (unique non-hole chunks).
+    chunks_total: int = 0
+    chunks_ready: int = 0
+    bytes_total: int = 0  # uncompressed bytes of those chunks
+    bytes_ready: int = 0
+    # On-demand reads.
+    reads: int = 0
+    cache_hits: int = 0  # chunks served from the local cache
+    cache_misses: int = 0  # chunks a read had to wait for the network for
+    wait_ns: int = 0  # total time reads spent waiting for the network
+    latency_log2_us: list[int] = msgspec.field(default_factory=_empty_histogram)
+    # Network, for every priority.
+    requests: int = 0
+    bytes_fetched: int = 0  # compressed bytes received, merge gaps included
+    retries: int = 0  # chunk re-fetches after a failed verification
+    integrity_errors: int = 0  # chunks that failed verification (before and after retry)
+
+    def record_read(self, ns: int, *, waited: bool) -> None:
+        self.reads += 1
+        self.latency_log2_us[latency_bucket(ns)] += 1
+        if waited:
+            self.wait_ns += ns

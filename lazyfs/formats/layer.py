@@ -103,9 +103,9 @@ def decode_layer_toc(loc: TocLocation, raw: bytes) -> TOC:
         blob_size=loc.end,
         data_end=loc.data_end,
     )
-    if loc.format == "estargz":
-        # The writer's own files are not part of the image's tree.
-        toc.entries = [e for e in toc.entries if e.name not in estargz.RESERVED_NAMES]
+    # The writers' own files (eStargz's TOC entry, the prefetch landmarks that ctr-remote adds
+    # to both formats) are not part of the image's tree.
+    toc.entries = [e for e in toc.entries if e.name not in estargz.RESERVED_NAMES]
     return toc
 
 

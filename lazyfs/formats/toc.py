@@ -196,7 +196,9 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
             return
         head, parts = current
         entry = _to_entry(head)
-        entry.chunks = tuple(_to_chunk(head, p, starts) for p in parts)
+        entry.chunks = tuple(
+            _to_chunk(head, p, starts, last=i == len(parts) - 1) for i, p in enumerate(parts)
+        )
         pending.append((head, entry))
         current = None
 
@@ -248,13 +250,15 @@ def _to_entry(w: _WireEntry) -> Entry:
     )
 
 
-def _to_chunk(head: _WireEntry, w: _WireEntry, starts: list[int]) -> Chunk:
+def _to_chunk(head: _WireEntry, w: _WireEntry, starts: list[int], *, last: bool) -> Chunk:
     size = w.chunkSize or (head.size - w.chunkOffset)
     zeros = w.chunkType == "zeros"
     digest = w.chunkDigest or (head.digest if size == head.size else "")
     if not digest and not zeros:
         raise FormatError(f"chunk at {w.chunkOffset} of {head.name!r} has no digest")
-    end = w.endOffset
+    # zstd:chunked gives ``endOffset`` once, on the file entry: the end of its last chunk.
+    # Every other end is the next distinct content offset (eStargz never gives one).
+    end = head.endOffset if last else 0
     if not end and not zeros:
         i = bisect.bisect_right(starts, w.offset)
         end = starts[i] if i < len(starts) else 0
@@ -343,7 +347,8 @@ def encode_toc(entries: Iterable[Entry], *, flavour: Literal["estargz", "zstd:ch
             cd = d if i == 0 else {"type": "chunk", "name": d["name"]}
             cd["offset"] = c.offset
             if zstd:
-                cd["endOffset"] = c.end
+                if i == 0:
+                    cd["endOffset"] = e.chunks[-1].end
                 if c.zeros:
                     cd["chunkType"] = "zeros"
             elif c.inner:

@@ -1,0 +1,171 @@
+"""An HTTP proxy on 127.0.0.1 that forwards to a registry and misbehaves on request.
+
+Faults apply to requests whose path contains ``match`` (default ``/blobs/``), so pings, token
+and manifest requests stay healthy unless asked for.  Counted faults fire for the next N
+matching requests; flags stay on until reset.  Threads, not trio: it is test-only and must run
+across many ``trio.run`` calls::
+
+    with FaultProxy(registry.url) as proxy:
+        proxy.fail_next(2, status=503)
+        ...  # point a RegistrySource at proxy.host
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from urllib.parse import urlsplit
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, match: str = "/blobs/") -> None:
+        self.upstream = urlsplit(upstream).netloc
+        self.match = match
+        self.lock = threading.Lock()
+        self.reset()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests = 0  # all requests seen
+            self.paths: list[str] = []
+            self.authorization: list[str | None] = []
+            self._fail: list[tuple[int, str | None]] = []  # (status, Retry-After) per request
+            self._drop = 0
+            self._truncate = 0
+            self._flip = 0
+            self.ignore_range = False
+            self.no_content_length = False
+            #: answer matching requests with 307 to this base URL instead of proxying
+            self.redirect_to: str | None = None
+            #: add this Authorization upstream (a "presigned" storage stand-in)
+            self.upstream_auth: str | None = None
+
+    def fail_next(self, n: int, status: int = 503, retry_after: str | None = None) -> None:
+        with self.lock:
+            self._fail += [(status, retry_after)] * n
+
+    def drop_next(self, n: int) -> None:
+        """Send headers and half the body, then reset the connection."""
+        with self.lock:
+            self._drop += n
+
+    def truncate_next(self, n: int) -> None:
+        """Send a short body with a matching (lying) Content-Length."""
+        with self.lock:
+            self._truncate += n
+
+    def flip_next(self, n: int) -> None:
+        with self.lock:
+            self._flip += n
+
+    def _take(self, attr: str) -> bool:
+        with self.lock:
+            if getattr(self, attr) > 0:
+                setattr(self, attr, getattr(self, attr) - 1)
+                return True
+            return False
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if proxy.no_content_length and status < 300:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_HEAD(self) -> None:
+                self.do_GET()
+
+            def do_GET(self) -> None:
+                matched = proxy.match in self.path
+                with proxy.lock:
+                    proxy.requests += 1
+                    proxy.paths.append(self.path)
+                    proxy.authorization.append(self.headers.get("Authorization"))
+                    fail = proxy._fail.pop(0) if matched and proxy._fail else None
+                if fail is not None:
+                    status, retry_after = fail
+                    extra = {"Retry-After": retry_after} if retry_after else {}
+                    self._reply(status, extra, b"injected failure\n")
+                    return
+                if matched and proxy.redirect_to:
+                    self._reply(307, {"Location": proxy.redirect_to + self.path}, b"")
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                if matched and proxy.ignore_range:
+                    headers.pop("Range", None)
+                if proxy.upstream_auth:
+                    headers["Authorization"] = proxy.upstream_auth
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                try:
+                    conn.request(self.command, self.path, headers=headers)
+                    resp = conn.getresponse()
+                    body = resp.read()
+                    out = {k: v for k, v in resp.getheaders() if k.lower() not in _HOP}
+                    status = resp.status
+                finally:
+                    conn.close()
+                if matched and status < 300 and body:
+                    if proxy._take("_drop"):
+                        self.send_response(status)
+                        for k, v in out.items():
+                            self.send_header(k, v)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body[: len(body) // 2])
+                        self.wfile.flush()
+                        # RST rather than FIN: the client sees a reset mid-body.
+                        self.connection.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                        )
+                        self.close_connection = True
+                        return
+                    if proxy._take("_truncate"):
+                        body = body[: len(body) // 2]
+                    if proxy._take("_flip"):
+                        body = bytes([body[0] ^ 0x01]) + body[1:]
+                self._reply(status, out, body)
+
+        return Handler
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,181 @@
+"""A private Docker distribution registry (Debian's ``docker-registry``) on 127.0.0.1.
+
+Each :class:`RegistryInstance` gets a free port, its own YAML config and storage directory
+under ``workdir``, optional htpasswd or token auth, and is stopped by PID (SIGTERM, wait,
+SIGKILL) whatever happens inside the ``with``::
+
+    with RegistryInstance(tmp_path) as reg:
+        push_oci_layout(layout_dir, f"{reg.host}/app:v1")
+
+Fixtures wrapping it live in :mod:`tests.support.fixtures`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+REGISTRY_BIN = "/usr/bin/docker-registry"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    """The registry side of ``auth: token:``; see :mod:`tests.support.tokenserver`."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Terminate one process we started, by its PID; kill it if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+class RegistryInstance:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        htpasswd: tuple[str, str] | None = None,
+        token: TokenAuth | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.htpasswd = htpasswd
+        self.token = token
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "registry.log"
+
+    def _config(self) -> str:
+        storage = self.workdir / "storage"
+        storage.mkdir(parents=True, exist_ok=True)
+        auth = ""
+        if self.htpasswd:
+            user, password = self.htpasswd
+            line = subprocess.run(
+                ["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True
+            ).stdout.strip()
+            pw_file = self.workdir / "htpasswd"
+            pw_file.write_text(line + "\n")
+            auth = f"auth:\n  htpasswd:\n    realm: lazyfs-test\n    path: {pw_file}\n"
+        elif self.token:
+            t = self.token
+            auth = (
+                "auth:\n  token:\n"
+                f"    realm: {t.realm}\n    service: {t.service}\n"
+                f"    issuer: {t.issuer}\n    rootcertbundle: {t.rootcertbundle}\n"
+            )
+        return (
+            "version: 0.1\n"
+            "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
+            "  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+            f"{auth}"
+        )
+
+    def start(self) -> RegistryInstance:
+        if not Path(REGISTRY_BIN).exists():
+            raise RuntimeError(f"{REGISTRY_BIN} is not installed (apt-get install docker-registry)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "config.yml"
+        cfg.write_text(self._config())
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [REGISTRY_BIN, "serve", str(cfg)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                    return
+            except urllib.error.HTTPError:
+                return  # 401 with auth enabled: it is up
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"docker-registry on {self.host} did not answer within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def __enter__(self) -> RegistryInstance:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def push_oci_layout(
+    layout_dir: Path | str,
+    dest_ref: str,
+    *,
+    tag: str = "latest",
+    creds: tuple[str, str] | None = None,
+    all_images: bool = False,
+) -> None:
+    """``skopeo copy oci:DIR:TAG docker://DEST`` over plain HTTP, keeping digests byte-exact."""
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        raise RuntimeError("skopeo is not installed")
+    cmd = [
+        skopeo,
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+    ]
+    if all_images:
+        cmd.append("--all")
+    if creds:
+        cmd += ["--dest-creds", f"{creds[0]}:{creds[1]}"]
+    else:
+        cmd.append("--dest-no-creds")
+    cmd += [f"oci:{layout_dir}:{tag}", f"docker://{dest_ref}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise RuntimeError(f"skopeo copy failed: {res.stderr.strip()}")

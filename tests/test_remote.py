@@ -432,6 +432,10 @@ def test_fault_recovery(
         assert await src.get_blob(layer.digest) == reference  # whole blobs are verified
         if fault == "ignore_range":
             assert not src.ranges_supported()
+            # The whole blob came back, but only what was needed was read before closing.
+            before = src.stats.bytes_received
+            assert await src.read_range(layer.digest, 0, 100) == reference[:100]
+            assert src.stats.bytes_received - before < layer.size // 2
         await src.aclose()
 
     run(main)
@@ -527,3 +531,49 @@ def test_oci_layout_source(layout: tuple[Path, oci.Descriptor], tmp_path: Path) 
             await bsrc.get_manifest("latest")
 
     run(main)
+
+
+def test_concurrent_reads_bounded(pushed: tuple[RegistryInstance, oci.Descriptor]) -> None:
+    reg, _ = pushed
+
+    async def main() -> None:
+        src = RegistrySource(reg.host, "app", plain_http=True, retry=FAST, max_concurrency=2)
+        img = await resolve_image(src, "v1")
+        layer = img.layers[0]
+        blob = await src.get_blob(layer.digest)
+        results: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await src.read_range(layer.digest, i * 1000, i * 1000 + 4096)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(one, i)
+        assert all(results[i] == blob[i * 1000 : i * 1000 + 4096] for i in range(30))
+        assert src._limiter(reg.host).total_tokens == 2
+        await src.aclose()
+
+    run(main)
+
+
+def test_hosts_toml_parsing(tmp_path: Path) -> None:
+    from lazyfs.remote.hosts import load_endpoints
+
+    d = tmp_path / "reg.example"
+    d.mkdir()
+    (d / "hosts.toml").write_text(
+        'server = "https://reg.example"\n'
+        '[host."https://mirror.example"]\n  capabilities = ["pull"]\n  ca = "mirror.crt"\n'
+        '[host."http://10.0.0.1:5000/custom"]\n  override_path = true\n  skip_verify = true\n'
+    )
+    eps = load_endpoints("reg.example", tmp_path)
+    assert [e.url for e in eps] == [
+        "https://mirror.example/v2",
+        "http://10.0.0.1:5000/custom",
+        "https://reg.example/v2",
+    ]
+    assert eps[0].capabilities == {"pull"} and eps[0].ca == (str(d / "mirror.crt"),)
+    assert eps[1].skip_verify and not eps[2].skip_verify
+    assert [e.url for e in load_endpoints("other", tmp_path, plain_http=True)] == [
+        "http://other/v2"
+    ]

@@ -36,7 +36,7 @@ class Credentials(msgspec.Struct, frozen=True):
 class TokenResponse(msgspec.Struct):
     token: str = ""
     access_token: str = ""
-    expires_in: int | None = None
+    expires_in: float | None = None
     issued_at: str | None = None
 
 

@@ -48,14 +48,13 @@ def _caps(value: object, where: str) -> frozenset[str]:
     return frozenset(value)
 
 
-def _ca(value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
+def _ca(value: object, base: Path) -> tuple[str, ...]:
+    # Relative CA paths are relative to the hosts.toml's directory, as in containerd.
     if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list):
-        return tuple(str(v) for v in value)
-    return ()
+        value = [value]
+    if not isinstance(value, list):
+        return ()
+    return tuple(str(base / str(v)) for v in value)
 
 
 def default_server(host: str) -> str:
@@ -96,7 +95,7 @@ def load_endpoints(
                 _base_url(url, scheme, bool(table.get("override_path", False))),
                 _caps(table.get("capabilities"), f"{path} host {url!r}"),
                 bool(table.get("skip_verify", insecure)),
-                _ca(table.get("ca")),
+                _ca(table.get("ca"), path.parent),
             )
         )
     if "server" in doc:
@@ -105,7 +104,7 @@ def load_endpoints(
                 _base_url(str(doc["server"]), scheme, False),
                 _caps(doc.get("capabilities"), str(path)),
                 bool(doc.get("skip_verify", insecure)),
-                _ca(doc.get("ca")),
+                _ca(doc.get("ca"), path.parent),
             )
         )
     else:

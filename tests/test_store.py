@@ -1,0 +1,586 @@
+"""Unit tests of lazyfs.store: cache, readiness maps and the prioritised fetcher.
+
+Layers are built in memory by a tiny zstd chunk writer (one frame per chunk) and served by an
+in-memory Source that records requests and can delay, gate or corrupt them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+import zstandard
+
+from lazyfs.errors import IntegrityError
+from lazyfs.formats.toc import TOC, Chunk, Entry, validate
+from lazyfs.remote.base import Source
+from lazyfs.store import (
+    PREFETCH,
+    ChunkCache,
+    Layer,
+    LayerStats,
+    LayerStore,
+    default_cache_dir,
+)
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def build_layer(
+    files: dict[str, bytes | list[bytes | int]], chunk_size: int = 1000, gap: int = 0
+) -> tuple[bytes, TOC]:
+    """A zstd:chunked-like blob: each chunk its own zstd frame, ``gap`` junk bytes between
+    chunks.  A file given as a list has explicit pieces; an int piece is a hole of that size."""
+    cctx = zstandard.ZstdCompressor()
+    blob = bytearray()
+    entries = [Entry(name="", type="dir", mode=0o755)]
+    for name, content in files.items():
+        pieces: list[bytes | int]
+        if isinstance(content, bytes):
+            pieces = [content[i : i + chunk_size] for i in range(0, len(content), chunk_size)]
+        else:
+            pieces = content
+        chunks: list[Chunk] = []
+        pos = 0
+        for piece in pieces:
+            if isinstance(piece, int):
+                chunks.append(Chunk(pos, piece, 0, 0, "", zeros=True))
+                pos += piece
+                continue
+            start = len(blob)
+            blob += cctx.compress(piece)
+            chunks.append(Chunk(pos, len(piece), start, len(blob), digest_of(piece)))
+            blob += b"\xee" * gap
+            pos += len(piece)
+        entries.append(Entry(name=name, type="reg", size=pos, chunks=tuple(chunks)))
+    toc = TOC(compression="zstd", entries=entries, data_end=len(blob))
+    validate(toc)
+    return bytes(blob), toc
+
+
+def content_of(toc: TOC, blob: bytes, name: str) -> bytes:
+    out = bytearray()
+    dctx = zstandard.ZstdDecompressor()
+    for c in toc.by_name()[name].chunks:
+        out += bytes(c.size) if c.zeros else dctx.decompress(blob[c.offset : c.end])
+    return bytes(out)
+
+
+class MemSource(Source):
+    """Serves blobs from memory; records every range request."""
+
+    def __init__(self, blobs: dict[str, bytes], name: str = "mem") -> None:
+        self.name = name
+        self.blobs = blobs
+        self.requests: list[tuple[str, int, int]] = []
+        self.gates: dict[int, trio.Event] = {}  # request start offset -> wait for this first
+        self.gate_all: trio.Event | None = None
+        self.flips = 0  # corrupt this many of the next responses
+        self.corrupt_all = False
+
+    async def get_manifest(self, ref: str) -> tuple[bytes, str, str]:
+        raise NotImplementedError
+
+    async def get_blob(self, digest: str) -> bytes:
+        return self.blobs[digest]
+
+    async def read_range(self, digest: str, start: int, end: int) -> bytes:
+        self.requests.append((digest, start, end))
+        if self.gate_all is not None:
+            await self.gate_all.wait()
+        gate = self.gates.get(start)
+        if gate is not None:
+            await gate.wait()
+        await trio.lowlevel.checkpoint()
+        data = bytearray(self.blobs[digest][start:end])
+        if self.corrupt_all or self.flips > 0:
+            self.flips -= 1
+            data[len(data) // 2] ^= 0x10
+        return bytes(data)
+
+
+def rand(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+BLOB = "sha256:" + "b1" * 32
+BLOB2 = "sha256:" + "b2" * 32
+
+
+def make(
+    tmp_path: Path,
+    files: dict[str, bytes | list[bytes | int]],
+    *,
+    blob_digest: str = BLOB,
+    max_bytes: int = 1 << 30,
+    chunk_size: int = 1000,
+    gap: int = 0,
+    **store_kw: int,
+) -> tuple[LayerStore, Layer, MemSource, TOC, bytes]:
+    blob, toc = build_layer(files, chunk_size, gap)
+    src = MemSource({blob_digest: blob})
+    store = LayerStore(ChunkCache(tmp_path / "cache", max_bytes), **store_kw)
+    layer = store.add_layer(blob_digest, src, toc)
+    return store, layer, src, toc, blob
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    trio.run(fn)
+
+
+def chunk_files(cache_dir: Path) -> list[Path]:
+    return [p for p in (cache_dir / "chunks").rglob("*") if p.is_file()]
+
+
+# ------------------------------------------------------------------------------------ reads
+
+
+def test_random_ranges_return_exact_bytes(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {
+        "a": rand(10_500, 1),
+        "b": rand(999, 2),
+        "empty": b"",
+        "sparse": [rand(700, 3), 5000, rand(300, 4)],
+        "c": rand(4000, 5),
+    }
+    store, layer, _src, toc, blob = make(tmp_path, files, chunk_size=1000)
+    by_name = toc.by_name()
+    want = {n: content_of(toc, blob, n) for n in files}
+    rng = random.Random(7)
+    nonempty = 0
+
+    async def main() -> None:
+        nonlocal nonempty
+        for _ in range(300):
+            name = rng.choice(list(files))
+            e = by_name[name]
+            off = rng.randrange(0, e.size + 50) if e.size else rng.randrange(0, 10)
+            size = rng.randrange(0, 3000)
+            got = await store.read(layer, e, off, size)
+            assert got == want[name][off : off + size], (name, off, size)
+            nonempty += bool(got)
+        await store.aclose()
+
+    run(main)
+    assert want["sparse"][700:5700] == bytes(5000)
+    assert layer.stats.chunks_ready == layer.stats.chunks_total
+    # Reads that are empty (at or past EOF) are not counted.
+    assert layer.stats.reads == nonempty == sum(layer.stats.latency_log2_us)
+
+
+def test_single_flight(tmp_path: Path) -> None:
+    store, layer, src, toc, blob = make(tmp_path, {"f": rand(3000, 1)})
+    e = toc.by_name()["f"]
+    results: list[bytes] = []
+
+    async def main() -> None:
+        src.gate_all = trio.Event()
+        async with trio.open_nursery() as n:
+            for _ in range(10):
+
+                async def reader() -> None:
+                    results.append(await store.read(layer, e, 1500, 100))
+
+                n.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(src.requests) == 1
+            src.gate_all.set()
+
+    run(main)
+    assert len(src.requests) == 1
+    assert results == [content_of(toc, blob, "f")[1500:1600]] * 10
+
+
+def test_merging_counts_requests(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {"f": rand(10_000, 1)}
+
+    def requests_for(tmp: Path, **kw: int) -> tuple[int, int]:
+        store, layer, src, toc, blob = make(tmp, files, gap=100, readahead=0, **kw)
+        e = toc.by_name()["f"]
+
+        async def main() -> None:
+            assert await store.read(layer, e, 0, e.size) == content_of(toc, blob, "f")
+
+        run(main)
+        return len(src.requests), layer.stats.bytes_fetched
+
+    merged, merged_bytes = requests_for(tmp_path / "m")
+    separate, separate_bytes = requests_for(tmp_path / "s", merge_gap=50)
+    capped, _ = requests_for(tmp_path / "c", max_request=1)
+    assert (merged, separate, capped) == (1, 10, 10)
+    # Merged requests also carry the gaps between chunks (9 gaps of 100 bytes).
+    assert merged_bytes == separate_bytes + 900
+
+
+def test_readahead_small_file_whole_and_random_access_none(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {"small": rand(5000, 1), "big": rand(50_000, 2)}
+    store, layer, src, toc, _blob = make(
+        tmp_path, files, gap=100_000, merge_gap=200_000, readahead=10_000
+    )
+    small, big = toc.by_name()["small"], toc.by_name()["big"]
+
+    async def main() -> None:
+        await store.read(layer, small, 0, 10)  # first touch of a small file: all 5 chunks
+        assert len(src.requests) == 1
+        assert layer.stats.chunks_ready == 5
+        await store.read(layer, small, 4000, 1000)
+        assert len(src.requests) == 1
+        await store.read(layer, big, 0, 10)  # big file: the next ~10 kB of chunks
+        ready = layer.stats.chunks_ready
+        assert 5 + 1 < ready < 5 + 50
+        await store.read(layer, big, 40_000, 10)  # random access: only that chunk
+        assert layer.stats.chunks_ready == ready + 1
+
+    run(main)
+
+
+def test_restart_fetches_nothing(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {"a": rand(7000, 1), "b": rand(3000, 2)}
+    store, layer, _src, toc, blob = make(tmp_path, files)
+    progress: list[int] = []
+
+    async def first() -> None:
+        await store.fetch_all(layer, progress_cb=lambda s: progress.append(s.chunks_ready))
+        await store.aclose()
+
+    run(first)
+    assert progress and progress[-1] == 10
+    assert (tmp_path / "cache" / "layers" / (BLOB.split(":")[1] + ".map")).exists()
+
+    src2 = MemSource({BLOB: blob})
+    store2 = LayerStore(ChunkCache(tmp_path / "cache", 1 << 30))
+    layer2 = store2.add_layer(BLOB, src2, toc)
+    assert layer2.stats.chunks_ready == layer2.stats.chunks_total == 10
+
+    async def second() -> None:
+        for name in files:
+            e = toc.by_name()[name]
+            assert await store2.read(layer2, e, 0, e.size) == files[name]
+        await store2.fetch_all(layer2)
+        await store2.aclose()
+
+    run(second)
+    assert src2.requests == []
+    assert layer2.stats.cache_hits == 10 and layer2.stats.cache_misses == 0
+
+
+def test_map_bit_for_missing_chunk_is_refetched(tmp_path: Path) -> None:
+    store, layer, _src, toc, blob = make(tmp_path, {"a": rand(3000, 1)}, readahead=0)
+    e = toc.by_name()["a"]
+    want = content_of(toc, blob, "a")
+
+    async def first() -> None:
+        await store.fetch_all(layer)
+        await store.aclose()
+
+    run(first)
+    probe = ChunkCache(tmp_path / "cache")
+    probe.path_of(e.chunks[0].digest).unlink()  # pruned while nothing was mounted
+    cache = ChunkCache(tmp_path / "cache")
+    store2 = LayerStore(cache)
+    src2 = MemSource({BLOB: blob})
+    layer2 = store2.add_layer(BLOB, src2, toc)
+    assert layer2.stats.chunks_ready == 2  # the map said 3; the directory wins
+    cache.path_of(e.chunks[1].digest).unlink()  # pruned by another process while mounted
+    assert layer2.stats.chunks_ready == 2
+
+    async def second() -> None:
+        assert await store2.read(layer2, e, 0, e.size) == want
+        await store2.aclose()
+
+    run(second)
+    # Both missing chunks are adjacent: one merged request; chunk 2 came from the cache.
+    assert [r[1:] for r in src2.requests] == [(e.chunks[0].offset, e.chunks[1].end)]
+    assert layer2.stats.chunks_ready == 3
+
+
+def test_dedup_across_layers(tmp_path: Path) -> None:
+    shared = rand(2500, 9)
+    blob1, toc1 = build_layer({"x": rand(1000, 1), "shared": shared})
+    blob2, toc2 = build_layer({"shared": shared, "y": rand(500, 2)})
+    src = MemSource({BLOB: blob1, BLOB2: blob2})
+    store = LayerStore(ChunkCache(tmp_path / "cache", 1 << 30))
+    l1 = store.add_layer(BLOB, src, toc1)
+    l2 = store.add_layer(BLOB2, src, toc2)
+
+    async def main() -> None:
+        e1 = toc1.by_name()["shared"]
+        assert await store.read(l1, e1, 0, e1.size) == shared
+        n = len(src.requests)
+        assert l2.stats.chunks_ready == 3  # marked through the other layer
+        e2 = toc2.by_name()["shared"]
+        assert await store.read(l2, e2, 0, e2.size) == shared
+        assert len(src.requests) == n
+
+    run(main)
+    assert len(chunk_files(tmp_path / "cache")) == 3
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+def test_eviction_bound_and_pins(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c", max_bytes=3000)
+    pieces = [rand(1000, i) for i in range(6)]
+    cache.pin([digest_of(pieces[0])])
+    for p in pieces:
+        cache.put(digest_of(p), p)
+        assert cache.bytes <= 3000
+    assert digest_of(pieces[0]) in cache  # pinned: survived although oldest
+    assert digest_of(pieces[1]) not in cache
+    assert digest_of(pieces[5]) in cache
+    assert cache.read(digest_of(pieces[0]), 1000) == pieces[0]
+    evicted = cache.unpin([digest_of(pieces[0])])
+    assert evicted == []  # within budget already
+    usage = cache.du()
+    assert (usage.chunks, usage.bytes) == (3, 3000)
+    assert len(chunk_files(tmp_path / "c")) == 3
+    # Over budget while pinned: pins hold until released, then eviction catches up.
+    d4, d5 = digest_of(pieces[4]), digest_of(pieces[5])
+    cache.pin([d4, d5])
+    cache.max_bytes = 1000
+    cache.put(digest_of(pieces[1]), pieces[1])
+    assert d4 in cache and d5 in cache and cache.bytes == 2000
+    assert digest_of(pieces[1]) not in cache
+    assert cache.unpin([d4, d5]) == [d4]  # least recently used first
+    assert cache.bytes == 1000 and d5 in cache
+
+
+def test_put_refuses_bad_data_and_prune(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c")
+    good = rand(100, 1)
+    with pytest.raises(IntegrityError):
+        cache.put(digest_of(good), good + b"x")
+    assert cache.du().chunks == 0
+    for i in range(4):
+        p = rand(100, i)
+        cache.put(digest_of(p), p)
+    r = cache.prune(150)
+    assert (r.removed, r.freed_bytes, r.bytes) == (3, 300, 100)
+    assert cache.prune(0).bytes == 0
+    assert chunk_files(tmp_path / "c") == []
+
+
+def test_lru_order_survives_restart(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c")
+    pieces = [rand(100, i) for i in range(3)]
+    for i, p in enumerate(pieces):
+        cache.put(digest_of(p), p)
+        os.utime(cache.path_of(digest_of(p)), ns=(10**18 + i, 10**18 + i))
+    os.utime(cache.path_of(digest_of(pieces[0])), ns=(10**18 + 5, 10**18 + 5))
+    again = ChunkCache(tmp_path / "c", max_bytes=200)  # evicts the oldest by mtime at start
+    assert digest_of(pieces[1]) not in again
+    assert digest_of(pieces[0]) in again and digest_of(pieces[2]) in again
+
+
+def test_temp_files_cleaned_on_start(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c")
+    p = rand(100, 1)
+    cache.put(digest_of(p), p)
+    sub = cache.path_of(digest_of(p)).parent
+    (sub / ".tmp-abc123").write_bytes(b"partial")
+    (tmp_path / "c" / "layers" / ".tmp-x").write_bytes(b"partial map")
+    empty = digest_of(b"never written")
+    cache.path_of(empty).parent.mkdir(exist_ok=True)
+    cache.path_of(empty).write_bytes(b"")  # renamed before its data reached the disk
+    again = ChunkCache(tmp_path / "c")
+    assert again.temp_files_removed == 3
+    assert [f.name for f in chunk_files(tmp_path / "c")] == [digest_of(p)[7:]]
+    assert list((tmp_path / "c" / "layers").iterdir()) == []
+    assert again.read(digest_of(p), 100) == p
+
+
+def test_corrupt_cache_file_is_verified_on_first_read(tmp_path: Path) -> None:
+    store, layer, _src, toc, blob = make(tmp_path, {"a": rand(1000, 1)})
+    e = toc.by_name()["a"]
+
+    async def first() -> None:
+        await store.fetch_all(layer)
+        await store.aclose()
+
+    run(first)
+    path = ChunkCache(tmp_path / "cache").path_of(e.chunks[0].digest)
+    data = bytearray(path.read_bytes())
+    data[10] ^= 1
+    path.write_bytes(bytes(data))  # same size: only the hash can tell
+    src2 = MemSource({BLOB: blob})
+    store2 = LayerStore(ChunkCache(tmp_path / "cache"))
+    layer2 = store2.add_layer(BLOB, src2, toc)
+
+    async def second() -> None:
+        assert await store2.read(layer2, e, 0, 1000) == content_of(toc, blob, "a")
+
+    run(second)
+    assert len(src2.requests) == 1
+    assert path.read_bytes() == content_of(toc, blob, "a")
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_cache_dir() == Path("/var/lib/lazyfs/cache")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/x/cache")
+    assert default_cache_dir() == Path("/x/cache/lazyfs")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    assert default_cache_dir() == Path.home() / ".cache" / "lazyfs"
+
+
+# ------------------------------------------------------------------------------------ integrity
+
+
+def test_corrupt_source_raises_and_caches_nothing(tmp_path: Path) -> None:
+    store, layer, src, toc, _blob = make(tmp_path, {"a": rand(1000, 1)})
+    src.corrupt_all = True
+    e = toc.by_name()["a"]
+
+    async def main() -> None:
+        with pytest.raises(IntegrityError):
+            await store.read(layer, e, 0, 10)
+        with pytest.raises(IntegrityError):
+            await store.prefetch(layer, [e])
+
+    run(main)
+    assert len(src.requests) == 4  # each attempt retried once
+    assert layer.stats.integrity_errors == 4 and layer.stats.retries == 2
+    assert store.cache.du().chunks == 0 and chunk_files(tmp_path / "cache") == []
+    assert layer.stats.chunks_ready == 0
+
+
+def test_bit_flip_once_heals(tmp_path: Path) -> None:
+    store, layer, src, toc, blob = make(tmp_path, {"a": rand(1000, 1)})
+    src.flips = 1
+    e = toc.by_name()["a"]
+
+    async def main() -> None:
+        assert await store.read(layer, e, 0, 1000) == content_of(toc, blob, "a")
+
+    run(main)
+    assert len(src.requests) == 2
+    assert layer.stats.retries == 1 and layer.stats.chunks_ready == 1
+
+
+# ------------------------------------------------------------------------------------ priorities
+
+
+def _three_files(tmp_path: Path, concurrency: int) -> tuple[LayerStore, Layer, MemSource, TOC]:
+    files: dict[str, bytes | list[bytes | int]] = {n: rand(1000, i) for i, n in enumerate("abcd")}
+    store, layer, src, toc, _ = make(
+        tmp_path, files, gap=10_000, merge_gap=0, concurrency=concurrency
+    )
+    return store, layer, src, toc
+
+
+def test_ondemand_overtakes_queued_prefetch(tmp_path: Path) -> None:
+    store, layer, src, toc = _three_files(tmp_path, concurrency=1)
+    by = toc.by_name()
+    starts = {n: by[n].chunks[0].offset for n in "abcd"}
+    order: list[str] = []
+
+    async def main() -> None:
+        gate = src.gates[starts["a"]] = trio.Event()
+        async with trio.open_nursery() as n:
+            n.start_soon(store.prefetch, layer, [by["a"]])  # holds the only slot
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(store.prefetch, layer, [by["b"]])  # queued
+            n.start_soon(store.prefetch, layer, [by["c"]])  # queued
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(store.read, layer, by["d"], 0, 10)  # new on-demand read
+            n.start_soon(store.read, layer, by["c"], 0, 10)  # joins queued prefetch: boosted
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+
+    run(main)
+    order = [next(n for n, s in starts.items() if s == r[1]) for r in src.requests]
+    assert order[0] == "a"
+    assert set(order[1:3]) == {"c", "d"}
+    assert order[3] == "b"
+
+
+def test_reserved_slot_for_ondemand(tmp_path: Path) -> None:
+    store, layer, src, toc = _three_files(tmp_path, concurrency=4)  # 3 slots for prefetch
+    by = toc.by_name()
+    gate = trio.Event()
+
+    async def main() -> None:
+        for n in "abc":
+            src.gates[by[n].chunks[0].offset] = gate
+        async with trio.open_nursery() as nursery:
+            for n in "abc":
+                nursery.start_soon(store.prefetch, layer, [by[n]], PREFETCH)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(src.requests) == 3
+            with trio.fail_after(2):
+                assert len(await store.read(layer, by["d"], 0, 100)) == 100
+            gate.set()
+
+    run(main)
+
+
+def test_cancelled_fetcher_hands_over_to_waiter(tmp_path: Path) -> None:
+    store, layer, src, toc, blob = make(tmp_path, {"a": rand(1000, 1)})
+    e = toc.by_name()["a"]
+    got: list[bytes] = []
+
+    async def main() -> None:
+        gate = src.gates[0] = trio.Event()
+        async with trio.open_nursery() as n:
+            scope = trio.CancelScope()
+
+            async def first() -> None:
+                with scope:
+                    await store.read(layer, e, 0, 10)
+
+            async def second() -> None:
+                got.append(await store.read(layer, e, 0, 10))
+
+            n.start_soon(first)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+
+    run(main)
+    assert got == [content_of(toc, blob, "a")[:10]]
+    assert len(src.requests) == 2
+
+
+# ------------------------------------------------------------------------------------ misc
+
+
+def test_background_fill_and_stats(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {"a": rand(20_000, 1), "b": rand(3000, 2)}
+    store, layer, _src, toc, _blob = make(tmp_path, files, max_request=4000)
+    waits: list[tuple[Layer, str, int]] = []
+    store.on_wait = lambda lay, e, ns: waits.append((lay, e.name, ns))
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            e = toc.by_name()["b"]
+            await store.read(layer, e, 0, 10)
+            await store.read(layer, e, 0, 10)  # a hit: no wait event
+            store.background(n)
+            with trio.fail_after(5):
+                while layer.stats.chunks_ready < layer.stats.chunks_total:
+                    await trio.sleep(0.01)
+            await store.aclose()
+
+    run(main)
+    assert [(w[0], w[1]) for w in waits] == [(layer, "b")]
+    s = msgspec.to_builtins(layer.stats)
+    assert s["chunks_ready"] == s["chunks_total"] == 23
+    assert s["bytes_ready"] == s["bytes_total"] == 23_000
+    assert s["reads"] == 2 and s["cache_hits"] >= 1 and s["wait_ns"] > 0
+    assert msgspec.convert(s, LayerStats) == layer.stats

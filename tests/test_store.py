@@ -24,6 +24,7 @@ from lazyfs.remote.base import Source
 from lazyfs.store import (
     PREFETCH,
     ChunkCache,
+    ChunkMap,
     Layer,
     LayerStats,
     LayerStore,
@@ -584,3 +585,42 @@ def test_background_fill_and_stats(tmp_path: Path) -> None:
     assert s["bytes_ready"] == s["bytes_total"] == 23_000
     assert s["reads"] == 2 and s["cache_hits"] >= 1 and s["wait_ns"] > 0
     assert msgspec.convert(s, LayerStats) == layer.stats
+
+
+def test_chunk_map_roundtrip_and_bad_files(tmp_path: Path) -> None:
+    digests = [digest_of(bytes([i])) for i in range(11)]
+    path = tmp_path / "m.map"
+    m = ChunkMap.load(path, BLOB, digests)  # missing file: empty
+    assert m.ready == 0 and len(m.bits) == 2
+    for i in (0, 3, 10):
+        assert m.set(i)
+    assert not m.set(3)
+    assert m.clear(0) and not m.clear(0)
+    assert m.due(max_changes=4, max_age=3600) and not m.due(max_changes=5, max_age=3600)
+    path.write_bytes(m.snapshot())
+    assert m.changes == 0
+    again = ChunkMap.load(path, BLOB, digests)
+    assert [i for i in range(11) if again[i]] == [3, 10] and again.ready == 2
+    # Another chunk order, another blob, or garbage: start empty (the map is only a hint).
+    assert ChunkMap.load(path, BLOB, digests[::-1]).ready == 0
+    assert ChunkMap.load(path, BLOB2, digests).ready == 0
+    path.write_bytes(b"\x93garbage")
+    assert ChunkMap.load(path, BLOB, digests).ready == 0
+
+
+def test_store_read_larger_than_cache(tmp_path: Path) -> None:
+    store, layer, src, toc, blob = make(
+        tmp_path, {"f": rand(10_000, 1)}, max_bytes=2500, readahead=0
+    )
+    e = toc.by_name()["f"]
+
+    async def main() -> None:
+        # All ten chunks are pinned during the read, so it succeeds although they do not fit;
+        # eviction catches up when the read lets go of them.
+        assert await store.read(layer, e, 0, e.size) == content_of(toc, blob, "f")
+        await store.aclose()
+
+    run(main)
+    assert store.cache.bytes <= 2500
+    assert layer.stats.chunks_ready == store.cache.du().chunks == 2
+    assert len(src.requests) == 1

@@ -19,3 +19,15 @@ class RemoteError(LazyfsError):
 
 class NotFoundError(LazyfsError):
     """A blob, manifest, tag or path does not exist."""
+
+
+def first_error(e: BaseException) -> BaseException:
+    """The first leaf of an exception group, preferring a LazyfsError (trio nurseries wrap
+    errors in groups; users want the one-line cause)."""
+    if isinstance(e, BaseExceptionGroup):
+        leaves = [first_error(x) for x in e.exceptions]
+        for leaf in leaves:
+            if isinstance(leaf, LazyfsError):
+                return leaf
+        return leaves[0] if leaves else e
+    return e

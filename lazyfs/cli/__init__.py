@@ -11,11 +11,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, first_error
 
-from . import image
+from . import image, mount
 
-MODULES = (image,)
+MODULES = (image, mount)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="lazyfs: %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.handler(args) or 0)
+        try:
+            return int(args.handler(args) or 0)
+        except BaseExceptionGroup as group:  # from trio nurseries: report the first cause
+            raise first_error(group) from None
     except LazyfsError as e:
         print(f"lazyfs: {e}", file=sys.stderr)
         return 1

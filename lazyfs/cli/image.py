@@ -10,7 +10,7 @@ import msgspec
 from lazyfs.formats.zstdchunked import DEFAULT_CHUNK_SIZE
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
@@ -28,13 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--format", choices=("zstd:chunked", "estargz"), default="zstd:chunked")
     p.add_argument(
         "--chunk-size",
-        type=_size,
+        type=parse_size,
         default=DEFAULT_CHUNK_SIZE,
         metavar="N",
         help="split files larger than N bytes (default 4MiB; k/m suffixes)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=convert_cmd)
+    register_inspect(sub)
 
 
 def convert_cmd(args: argparse.Namespace) -> int:
@@ -50,3 +51,86 @@ def convert_cmd(args: argparse.Namespace) -> int:
             f"{report.bytes_in} bytes of tar -> {report.bytes_out} bytes, {ratio:.1%})"
         )
     return 0
+
+
+def register_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("inspect", help="print the TOC of an image or a layer blob")
+    p.add_argument(
+        "target",
+        metavar="IMAGE|LAYER",
+        help="registry reference, oci:DIR[:TAG], or a lazy layer blob file",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plain-http", action="store_true")
+    p.add_argument("--platform", default="linux/amd64")
+    p.set_defaults(handler=inspect_cmd)
+
+
+def inspect_cmd(args: argparse.Namespace) -> int:
+    import hashlib
+    import os
+
+    import trio
+
+    from lazyfs import oci
+    from lazyfs.image import LayerInfo, load_layer, open_image
+    from lazyfs.remote.image import open_source
+    from lazyfs.remote.layout import BlobFileSource
+
+    async def load() -> list[LayerInfo]:
+        if os.path.isfile(args.target):
+            size = os.path.getsize(args.target)
+            with open(args.target, "rb") as f:
+                digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            src = BlobFileSource(args.target, digest)
+            desc = oci.Descriptor(mediaType="", digest=digest, size=size)
+            return [await load_layer(src, desc, None)]
+        source, ref = open_source(args.target, plain_http=args.plain_http)
+        try:
+            return (await open_image(source, ref, platform=args.platform)).layers
+        finally:
+            await source.aclose()
+
+    layers = trio.run(load)
+    if args.json:
+        doc = [
+            {
+                "digest": li.descriptor.digest,
+                "format": li.location.format,
+                "entries": li.toc.entries,
+            }
+            for li in layers
+        ]
+        sys.stdout.write(msgspec.json.encode(doc).decode() + "\n")
+        return 0
+    for li in layers:
+        print(
+            f"# layer {li.descriptor.digest} ({li.location.format}, {len(li.toc.entries)} entries)"
+        )
+        for e in li.toc.entries:
+            print(_row(e))
+    return 0
+
+
+def _row(e) -> str:  # type: ignore[no-untyped-def]
+    import stat
+    import time
+
+    kind = {
+        "dir": "d",
+        "symlink": "l",
+        "char": "c",
+        "block": "b",
+        "fifo": "p",
+        "hardlink": "h",
+    }.get(e.type, "-")
+    mode = kind + stat.filemode(e.mode)[1:]
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
+    size = f"{e.dev_major},{e.dev_minor}" if e.type in ("char", "block") else str(e.size)
+    name = e.name or "."
+    if e.type == "symlink":
+        name += f" -> {e.link_name}"
+    elif e.type == "hardlink":
+        name += f" link to {e.link_name}"
+    chunks = f"{len(e.chunks)}c" if e.chunks else ""
+    return f"{mode} {e.uid:>5}/{e.gid:<5} {size:>10} {chunks:>5} {when} {name}"

@@ -1,0 +1,90 @@
+"""Open an image for mounting: resolve it, then read every layer's footer and TOC.
+
+This is the only start-up I/O a mount does; file content is fetched later, on demand.  TOCs
+are kept beside the chunk cache (``DIR/tocs``), keyed by layer digest, so a remount reads no
+TOC from the network.  A cached TOC is checked against the manifest's digest annotation again
+on every load, exactly as a fetched one is.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import msgspec
+import trio
+
+from lazyfs import oci
+from lazyfs.errors import FormatError, LazyfsError
+from lazyfs.formats.layer import TAIL_SIZE, TocLocation, decode_layer_toc, locate_toc
+from lazyfs.formats.toc import TOC
+from lazyfs.remote.base import Source
+from lazyfs.remote.image import ResolvedImage, resolve_image
+from lazyfs.store.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+class LayerInfo(msgspec.Struct):
+    descriptor: oci.Descriptor
+    location: TocLocation
+    toc: TOC
+
+
+class Image(msgspec.Struct):
+    reference: str
+    resolved: ResolvedImage
+    layers: list[LayerInfo]
+
+
+class _CachedTOC(msgspec.Struct):
+    location: TocLocation
+    raw: bytes
+
+
+async def load_layer(source: Source, desc: oci.Descriptor, toc_dir: Path | None) -> LayerInfo:
+    hexpart = oci.check_digest(desc.digest)
+    cached = toc_dir / hexpart if toc_dir is not None else None
+    if cached is not None and cached.exists():
+        try:
+            entry = msgspec.msgpack.decode(cached.read_bytes(), type=_CachedTOC)
+            toc = await trio.to_thread.run_sync(decode_layer_toc, entry.location, entry.raw)
+            return LayerInfo(desc, entry.location, toc)
+        except (msgspec.DecodeError, msgspec.ValidationError, LazyfsError) as e:
+            log.warning("discarding cached TOC of %s: %s", desc.digest, e)
+            cached.unlink(missing_ok=True)
+    where = f"layer {desc.digest}"
+    if desc.size < TAIL_SIZE:
+        raise FormatError(f"{where}: {desc.size} bytes is too small to be a lazy layer")
+    tail = await source.read_range(desc.digest, desc.size - TAIL_SIZE, desc.size)
+    try:
+        loc = locate_toc(tail, desc.size, desc.annotations)
+    except FormatError as e:
+        raise FormatError(
+            f"{where} ({desc.mediaType}) is not lazy: {e}; convert the image with `lazyfs convert`"
+        ) from None
+    raw = await source.read_range(desc.digest, loc.start, loc.end)
+    try:
+        toc = await trio.to_thread.run_sync(decode_layer_toc, loc, raw)
+    except LazyfsError as e:
+        raise type(e)(f"{where}: {e}") from None
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, msgspec.msgpack.encode(_CachedTOC(loc, raw)))
+    return LayerInfo(desc, loc, toc)
+
+
+async def open_image(
+    source: Source, ref: str, *, platform: str = "linux/amd64", toc_dir: Path | None = None
+) -> Image:
+    """Resolve ``ref`` and load all layer TOCs concurrently."""
+    resolved = await resolve_image(source, ref, platform)
+    layers: list[LayerInfo | None] = [None] * len(resolved.layers)
+
+    async def one(i: int, desc: oci.Descriptor) -> None:
+        layers[i] = await load_layer(source, desc, toc_dir)
+
+    async with trio.open_nursery() as nursery:
+        for i, desc in enumerate(resolved.layers):
+            nursery.start_soon(one, i, desc)
+    return Image(ref, resolved, [li for li in layers if li is not None])

@@ -1,0 +1,207 @@
+"""``lazyfs mount``, ``umount`` and ``stats``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import msgspec
+
+from lazyfs.errors import LazyfsError
+from lazyfs.store.cache import DEFAULT_MAX_BYTES
+
+from .image import parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("mount", help="mount an image lazily")
+    p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--upper", metavar="DIR", help="writable upper directory (a layer diff)")
+    p.add_argument("--cache", metavar="DIR", help="chunk cache directory")
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help="bound the chunk cache (default 10GiB)",
+    )
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
+    p.add_argument("--insecure", action="store_true", help="skip TLS verification")
+    p.add_argument("--platform", default="linux/amd64", help="os/arch[/variant] of an index")
+    p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    p.add_argument("--read-only", action="store_true", help="no upper layer; EROFS on writes")
+    p.add_argument(
+        "--background-fetch", action="store_true", help="fetch the rest of every layer when idle"
+    )
+    p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
+    p.add_argument("--log", metavar="FILE", help="daemon log file (default: beside the cache)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=mount_cmd)
+
+    p = sub.add_parser("umount", help="unmount (also cleans a mount whose daemon died)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--lazy", action="store_true", help="detach even if busy")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon")
+    p.set_defaults(handler=umount_cmd)
+
+    p = sub.add_parser("stats", help="per-layer fetch statistics of a mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=stats_cmd)
+
+
+def _options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from lazyfs.fs.mount import MountOptions
+
+    return MountOptions(
+        image=args.image,
+        mountpoint=args.mountpoint,
+        upper=args.upper,
+        cache=args.cache,
+        cache_max_bytes=args.cache_size,
+        plain_http=args.plain_http,
+        insecure=args.insecure,
+        platform=args.platform,
+        allow_other=args.allow_other,
+        read_only=args.read_only,
+        background_fetch=args.background_fetch,
+    )
+
+
+def mount_cmd(args: argparse.Namespace) -> int:
+    if args.foreground or args.ready_fd is not None:
+        return _serve(args)
+    # Daemonize by re-running ourselves detached; the child reports readiness or its one-line
+    # error through a pipe, so errors before the mount is ready come from this command.
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "lazyfs.cli", *_passthrough(args), "--ready-fd", str(write_fd)]
+    log_path = args.log or os.devnull
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message == "ready":
+        print(f"{args.mountpoint}: mounted {args.image} (pid {child.pid})")
+        return 0
+    child.wait()
+    raise LazyfsError(message.removeprefix("error: ") or f"daemon exited ({child.returncode})")
+
+
+def _passthrough(args: argparse.Namespace) -> list[str]:
+    out = ["-v"] * args.verbose + ["mount", args.image, args.mountpoint]
+    for flag in ("upper", "cache", "platform", "log"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += [f"--{flag}", str(value)]
+    out += ["--cache-size", str(args.cache_size)]
+    for flag in ("plain_http", "insecure", "allow_other", "read_only", "background_fetch"):
+        if getattr(args, flag):
+            out.append("--" + flag.replace("_", "-"))
+    return out
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from lazyfs.errors import first_error
+    from lazyfs.fs.mount import serve
+
+    ready_fd = args.ready_fd
+
+    def ready() -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        trio.run(serve, _options(args), ready)
+    except BaseException as e:
+        err = first_error(e)
+        if ready_fd is not None:
+            text = str(err) if isinstance(err, LazyfsError) else f"{type(err).__name__}: {err}"
+            os.write(ready_fd, f"error: {text}\n".encode())
+            os.close(ready_fd)
+        if err is not e and isinstance(err, LazyfsError):
+            raise err from None
+        raise
+    return 0
+
+
+def umount_cmd(args: argparse.Namespace) -> int:
+    from lazyfs.fs.mount import control_path, unmount
+
+    sock = control_path(args.mountpoint)
+    unmount(args.mountpoint, lazy=args.lazy)
+    # Wait for the daemon to let go (its control socket disappears when it exits).
+    deadline = time.monotonic() + args.timeout
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 0
+
+
+def control_request(mountpoint: str, request: dict[str, object]) -> object:
+    from lazyfs.fs.mount import control_path
+
+    path = control_path(mountpoint)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(os.fspath(path))
+            s.sendall(msgspec.json.encode(request) + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                data = s.recv(65536)
+                if not data:
+                    break
+                buf += data
+    except OSError as e:
+        raise LazyfsError(f"{mountpoint}: no lazyfs daemon answers ({e.strerror})") from None
+    reply = msgspec.json.decode(buf)
+    if not reply.get("ok"):
+        raise LazyfsError(f"{mountpoint}: {reply.get('error')}")
+    return reply.get("result")
+
+
+def stats_cmd(args: argparse.Namespace) -> int:
+    report = control_request(args.mountpoint, {"cmd": "stats"})
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+        return 0
+    assert isinstance(report, dict)
+    print(f"{report['image']} ({report['manifest'][:19]}) on {report['mountpoint']}")
+    print(
+        f"{'LAYER':<20} {'FETCHED':>12} {'READY':>17} {'REQS':>6} {'HITS':>7} {'MISSES':>7} "
+        f"{'WAIT':>8}"
+    )
+    for layer in report["layers"]:
+        s = layer["stats"]
+        print(
+            f"{layer['digest'][7:19]:<20} {_human(s['bytes_fetched']):>12} "
+            f"{_human(s['bytes_ready']) + '/' + _human(s['bytes_total']):>17} "
+            f"{s['requests']:>6} {s['cache_hits']:>7} {s['cache_misses']:>7} "
+            f"{s['wait_ns'] / 1e9:>7.2f}s"
+        )
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

@@ -346,7 +346,7 @@ class Upper:
             else:
                 ts.tv_sec, ts.tv_nsec = divmod(ns, 1_000_000_000)
         if not _components(path):
-            _check(_libc.utimensat(self.root_fd, None, times, 0), "futimens")
+            _check(_libc.futimens(self.root_fd, times), "futimens")
             return
         with self._at(path) as (dfd, name):
             if atime_ns is None and mtime_ns is None:

@@ -130,6 +130,7 @@ def test_marker_names_reserved_for_user_operations(up: Upper) -> None:
     assert errno_of(up.rename, ("f",), (".wh.f",)) == errno.EPERM
     assert errno_of(up.link, ("f",), (".wh.f",)) == errno.EPERM
     assert errno_of(up.whiteout, (".wh.f",)) == errno.EPERM
+    assert errno_of(up.whiteout, (".wh.d", "f")) == errno.EPERM
     assert Upper.is_marker(".wh.f") and Upper.is_marker(Upper.OPAQUE)
     assert not Upper.is_marker("f.wh.") and not Upper.is_marker(Upper.TEMP_PREFIX + "1")
 

@@ -397,7 +397,7 @@ class Upper:
         comps = _components(path)
         if not comps:
             raise OSError(errno.EBUSY, "the upper root cannot be whited out")
-        if self.is_marker(comps[-1]):
+        if any(self.is_marker(c) for c in comps):
             raise OSError(errno.EPERM, "a marker cannot be whited out", comps[-1])
         return comps[:-1], self.WHITEOUT_PREFIX + comps[-1]
 

@@ -1,0 +1,741 @@
+"""The FUSE operations: the merged tree served read-only from the layer store, plus the upper
+layer for everything that changes.
+
+An entry is promoted (copied up) on its first write or metadata change: parents first, then
+the content, fetched lazily through the store and written under a temporary name that is
+renamed into place, so a crash never leaves a half-copied file visible.  Deleting a lower entry
+leaves an OCI whiteout in the upper directory.  The in-memory :class:`~lazyfs.fs.tree.Tree` is
+the truth for names; the upper directory mirrors it so a remount shows the same tree.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyfuse3
+import trio
+
+from lazyfs.errors import LazyfsError
+from lazyfs.formats.toc import Entry
+from lazyfs.fs.tree import ROOT_INO, Node, Tree
+from lazyfs.fs.upper import Upper
+from lazyfs.store.fetcher import Layer, LayerStore
+
+log = logging.getLogger(__name__)
+
+# Lower entries never change behind our back and every change goes through this process, so the
+# kernel may cache names and attributes for long.
+LOWER_TIMEOUT = 3600.0
+UPPER_TIMEOUT = 1.0
+COPYUP_PREFIX = Upper.TEMP_PREFIX  # crash leftovers are removed at the next mount
+COPY_PIECE = 4 * 1024 * 1024
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+class AccessListener(Protocol):
+    """What the trace recorder hears from the read path.  Only called when one is attached."""
+
+    def opened(self, node: Node, entry: Entry, layer: int) -> None: ...
+
+    def read(self, node: Node, offset: int, size: int, wait_ns: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Handle:
+    node: Node
+    fd: int | None  # an upper fd, or None while the node is served from a lower layer
+
+
+def _name(raw: bytes) -> str:
+    name = os.fsdecode(raw)
+    if name in ("", ".", "..") or "/" in name:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    return name
+
+
+def _errno(e: OSError) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(e.errno or errno.EIO)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        tree: Tree,
+        store: LayerStore,
+        layers: Sequence[Layer],
+        upper: Upper | None,
+        *,
+        listener: AccessListener | None = None,
+    ) -> None:
+        super().__init__()
+        self.tree = tree
+        self.store = store
+        self.layers = list(layers)
+        self.upper = upper
+        self.listener = listener
+        self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        self._next_fh = 1
+        self._promoting: dict[int, trio.Event] = {}
+
+    # ------------------------------------------------------------------ helpers: nodes, attrs
+
+    def _node(self, ino: int) -> Node:
+        node = self.tree.nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _child(self, parent: Node, name: str) -> Node:
+        if parent.children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        node = parent.children.get(name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        if node.upper:
+            assert self.upper is not None
+            st = self.upper.lstat(node.path())
+            if st is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            a.st_mode = st.st_mode
+            a.st_nlink = st.st_nlink
+            a.st_uid, a.st_gid = st.st_uid, st.st_gid
+            a.st_rdev = st.st_rdev
+            a.st_size = st.st_size
+            a.st_blocks = st.st_blocks
+            a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = (
+                st.st_atime_ns,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+            )
+            a.entry_timeout = a.attr_timeout = UPPER_TIMEOUT
+        else:
+            e = node.entry
+            assert e is not None
+            a.st_mode = node.mode()
+            a.st_nlink = node.nlink
+            a.st_uid, a.st_gid = e.uid, e.gid
+            a.st_rdev = os.makedev(e.dev_major, e.dev_minor)
+            if e.type == "symlink":
+                a.st_size = len(os.fsencode(e.link_name))
+            elif e.type == "dir":
+                a.st_size = 4096
+            else:
+                a.st_size = e.size
+            a.st_blocks = (a.st_size + 511) // 512
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+            a.entry_timeout = a.attr_timeout = LOWER_TIMEOUT
+        if node.children is not None:
+            # Directory link count: ".", the name in the parent, and each subdirectory's "..".
+            a.st_nlink = 2 + sum(1 for c in node.children.values() if c.children is not None)
+            if node.upper:
+                a.st_size = 4096
+        a.st_blksize = 4096
+        return a
+
+    def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = self._attrs(node)
+        node.lookups += 1
+        return attrs
+
+    def _need_upper(self) -> Upper:
+        if self.upper is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self.upper
+
+    # ------------------------------------------------------------------ promote (copy-up)
+
+    async def _promote(self, node: Node) -> None:
+        """Make ``node`` (and its parents) exist in the upper directory with lower metadata."""
+        if node.upper:
+            return
+        upper = self._need_upper()
+        busy = self._promoting.get(node.ino)
+        if busy is not None:
+            await busy.wait()
+            return
+        done = self._promoting[node.ino] = trio.Event()
+        try:
+            names = list(self.tree.names(node))
+            for parent, _ in names:
+                await self._promote(parent)
+            e = node.entry
+            assert e is not None
+            first, *others = [(*p.path(), n) for p, n in names] or [()]
+            if node is self.tree.root:
+                upper.ensure_dir(
+                    (), mode=e.mode, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns, xattrs=e.xattrs
+                )
+            elif e.type == "dir":
+                upper.ensure_dir(
+                    first, mode=e.mode, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns, xattrs=e.xattrs
+                )
+            elif e.type == "reg":
+                await self._copy_up(node, e, first)
+                for path in others:  # hardlinks stay one inode
+                    upper.link(first, path)
+            else:
+                self._make_special(first, e)
+            node.upper = True
+            node.entry = None
+        except OSError as err:
+            raise _errno(err) from err
+        finally:
+            del self._promoting[node.ino]
+            done.set()
+
+    async def _copy_up(self, node: Node, e: Entry, path: tuple[str, ...], size: int = -1) -> None:
+        upper = self._need_upper()
+        tmp = (*path[:-1], f"{COPYUP_PREFIX}{node.ino}")
+        fd = upper.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            length = e.size if size < 0 else min(size, e.size)
+            layer = self.layers[node.layer]
+            pos = 0
+            while pos < length:
+                data = await self.store.read(layer, e, pos, min(COPY_PIECE, length - pos))
+                if not data:
+                    break
+                os.pwrite(fd, data, pos)
+                pos += len(data)
+            os.ftruncate(fd, length)
+            os.fchown(fd, e.uid, e.gid)
+            os.fchmod(fd, e.mode)  # after chown, which clears set-id bits
+            for k, v in e.xattrs.items():
+                os.setxattr(fd, k, v)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            await trio.to_thread.run_sync(os.fsync, fd)
+        except BaseException:
+            os.close(fd)
+            upper.unlink(tmp)
+            raise
+        os.close(fd)
+        upper.rename(tmp, path)
+
+    def _make_special(self, path: tuple[str, ...], e: Entry) -> None:
+        upper = self._need_upper()
+        if e.type == "symlink":
+            upper.symlink(path, e.link_name)
+        else:
+            kind = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[e.type]
+            upper.mknod(path, kind | e.mode, os.makedev(e.dev_major, e.dev_minor))
+            upper.chmod(path, e.mode)
+        upper.chown(path, e.uid, e.gid)
+        for k, v in e.xattrs.items():
+            if e.type != "symlink":
+                upper.setxattr(path, k, v)
+        upper.utimens(path, e.mtime_ns, e.mtime_ns)
+
+    # ------------------------------------------------------------------ lookups and reading
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._looked_up(parent)
+        if name == b"..":
+            return self._looked_up(parent.parent or parent)
+        return self._looked_up(self._child(parent, os.fsdecode(name)))
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.upper:
+            try:
+                return os.fsencode(self._need_upper().readlink(node.path()))
+            except OSError as e:
+                raise _errno(e) from e
+        if node.entry is None or node.entry.type != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.entry.link_name)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if node.children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        # A snapshot: entries added or removed while listing do not shift the offsets.
+        self._dirs[fh] = [(os.fsencode(n), c) for n, c in node.children.items()]
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self._dirs.get(fh, [])
+        for i in range(start_id, len(listing)):
+            name, node = listing[i]
+            if node.ino not in self.tree.nodes:
+                continue
+            try:
+                attrs = self._attrs(node)
+            except pyfuse3.FUSEError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                return
+            node.lookups += 1  # readdirplus hands the kernel a reference
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.children is not None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        writing = bool(flags & _WRITE_FLAGS)
+        if writing and not node.upper:
+            self._need_upper()
+            if flags & os.O_TRUNC:
+                await self._promote_truncated(node)
+            else:
+                await self._promote(node)
+        fd = None
+        if node.upper:
+            try:
+                fd = self._need_upper().open(
+                    node.path(), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+                )
+            except OSError as e:
+                raise _errno(e) from e
+        elif self.listener is not None and node.entry is not None:
+            self.listener.opened(node, node.entry, node.layer)
+        return self._new_handle(node, fd, keep_cache=not node.upper)
+
+    async def _promote_truncated(self, node: Node) -> None:
+        """O_TRUNC on a lower file: copy up metadata only; the content is about to go."""
+        e = node.entry
+        if e is None or e.type != "reg" or node.links:
+            await self._promote(node)
+            return
+        for parent, _ in self.tree.names(node):
+            await self._promote(parent)
+        try:
+            await self._copy_up(node, e, node.path(), size=0)
+        except OSError as err:
+            raise _errno(err) from err
+        node.upper = True
+        node.entry = None
+
+    def _new_handle(self, node: Node, fd: int | None, *, keep_cache: bool) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(node, fd)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handles[fh]
+        node = h.node
+        if h.fd is None and node.upper:
+            # Promoted since this handle was opened: read the upper copy from now on.
+            try:
+                h.fd = self._need_upper().open(node.path(), os.O_RDONLY)
+            except OSError as e:
+                raise _errno(e) from e
+        if h.fd is not None:
+            return os.pread(h.fd, size, off)
+        e = node.entry
+        assert e is not None
+        t0 = time.perf_counter_ns() if self.listener is not None else 0
+        try:
+            data = await self.store.read(self.layers[node.layer], e, off, size)
+        except (LazyfsError, OSError) as err:
+            # Never serve unverified or partial data: the reader sees EIO.
+            log.error("read of %s at %d failed: %s", "/".join(node.path()), off, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if self.listener is not None:
+            self.listener.read(node, off, len(data), time.perf_counter_ns() - t0)
+        return data
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handles[fh]
+        if h.fd is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            return os.pwrite(h.fd, buf, off)
+        except OSError as e:
+            raise _errno(e) from e
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handles.get(fh)
+        if h is not None and h.fd is not None:
+            sync = os.fdatasync if datasync else os.fsync
+            await trio.to_thread.run_sync(sync, h.fd)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if self.upper is not None:
+            await trio.to_thread.run_sync(self.upper.syncfs)
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None and h.fd is not None:
+            os.close(h.fd)
+
+    # ------------------------------------------------------------------ xattrs
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        key = os.fsdecode(name)
+        if node.upper:
+            try:
+                return self._need_upper().getxattr(node.path(), key)
+            except OSError as e:
+                raise _errno(e) from e
+        assert node.entry is not None
+        value = node.entry.xattrs.get(key)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self._node(inode)
+        if node.upper:
+            try:
+                return [os.fsencode(n) for n in self._need_upper().listxattr(node.path())]
+            except OSError as e:
+                raise _errno(e) from e
+        assert node.entry is not None
+        return [os.fsencode(k) for k in node.entry.xattrs]
+
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        node = self._node(inode)
+        await self._promote(node)
+        self._upper_call(self._need_upper().setxattr, node.path(), os.fsdecode(name), value)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._node(inode)
+        key = os.fsdecode(name)
+        if not node.upper and node.entry is not None and key not in node.entry.xattrs:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        await self._promote(node)
+        self._upper_call(self._need_upper().removexattr, node.path(), key)
+
+    def _upper_call(self, fn: Callable[..., object], *args: object) -> None:
+        try:
+            fn(*args)
+        except OSError as e:
+            raise _errno(e) from e
+
+    # ------------------------------------------------------------------ metadata changes
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_size and not node.upper and attr.st_size == 0:
+            await self._promote_truncated(node)
+        else:
+            await self._promote(node)
+        upper = self._need_upper()
+        path = node.path()
+        h = self._handles.get(fh) if fh is not None else None
+        try:
+            if fields.update_size:
+                if h is not None and h.fd is not None:
+                    os.ftruncate(h.fd, attr.st_size)
+                else:
+                    upper.truncate(path, attr.st_size)
+            if fields.update_uid or fields.update_gid:
+                st = upper.lstat(path)
+                assert st is not None
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                upper.chown(path, uid, gid)
+            if fields.update_mode:
+                upper.chmod(path, stat.S_IMODE(attr.st_mode))
+            if fields.update_atime or fields.update_mtime:
+                upper.utimens(
+                    path,
+                    attr.st_atime_ns if fields.update_atime else None,
+                    attr.st_mtime_ns if fields.update_mtime else None,
+                )
+        except OSError as e:
+            raise _errno(e) from e
+        return self._attrs(node)
+
+    # ------------------------------------------------------------------ creating names
+
+    async def _prepare_new(self, parent_inode: int, raw: bytes) -> tuple[Node, str, bool]:
+        """Promote the parent and clear a whiteout at ``name``; report whether the name hides
+        something in a lower layer (then removing it again must leave a whiteout)."""
+        upper = self._need_upper()
+        parent = self._node(parent_inode)
+        name = _name(raw)
+        if Upper.is_marker(name) or name.startswith(COPYUP_PREFIX):
+            raise pyfuse3.FUSEError(errno.EPERM)  # reserved for the layer format
+        if parent.children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in parent.children:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        await self._promote(parent)
+        path = (*parent.path(), name)
+        hidden = upper.has_whiteout(path)
+        if hidden:
+            upper.remove_whiteout(path)
+        return parent, name, hidden
+
+    def _attach(self, parent: Node, name: str, hidden: bool, *, is_dir: bool = False) -> Node:
+        node = self.tree.new_node(parent, name, None, -1)
+        if not is_dir:
+            node.children = None
+        node.upper = True
+        node.in_lower = hidden
+        assert parent.children is not None
+        parent.children[name] = node
+        return node
+
+    def _own(self, path: tuple[str, ...], ctx: pyfuse3.RequestContext) -> None:
+        self._need_upper().chown(path, ctx.uid, ctx.gid)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent, sname, hidden = await self._prepare_new(parent_inode, name)
+        path = (*parent.path(), sname)
+        try:
+            fd = self._need_upper().open(path, flags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
+            self._own(path, ctx)
+        except OSError as e:
+            if hidden:
+                self._need_upper().whiteout(path)
+            raise _errno(e) from e
+        node = self._attach(parent, sname, hidden)
+        return self._new_handle(node, fd, keep_cache=False), self._looked_up(node)
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent, sname, hidden = await self._prepare_new(parent_inode, name)
+        path = (*parent.path(), sname)
+        upper = self._need_upper()
+        try:
+            upper.mkdir(path, stat.S_IMODE(mode))
+            if hidden:
+                upper.set_opaque(path)  # the lower directory's contents stay deleted
+            self._own(path, ctx)
+        except OSError as e:
+            raise _errno(e) from e
+        return self._looked_up(self._attach(parent, sname, hidden, is_dir=True))
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent, sname, hidden = await self._prepare_new(parent_inode, name)
+        path = (*parent.path(), sname)
+        try:
+            self._need_upper().mknod(path, mode, rdev)
+            self._own(path, ctx)
+        except OSError as e:
+            raise _errno(e) from e
+        return self._looked_up(self._attach(parent, sname, hidden))
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent, sname, hidden = await self._prepare_new(parent_inode, name)
+        path = (*parent.path(), sname)
+        try:
+            self._need_upper().symlink(path, os.fsdecode(target))
+            self._own(path, ctx)
+        except OSError as e:
+            raise _errno(e) from e
+        return self._looked_up(self._attach(parent, sname, hidden))
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.children is not None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self._promote(node)
+        parent, sname, hidden = await self._prepare_new(new_parent_inode, new_name)
+        path = (*parent.path(), sname)
+        try:
+            self._need_upper().link(node.path(), path)
+        except OSError as e:
+            raise _errno(e) from e
+        self.tree.add_link(node, parent, sname)
+        if hidden:
+            node.in_lower = True
+        return self._looked_up(node)
+
+    # ------------------------------------------------------------------ removing and renaming
+
+    def _remove_name(self, parent: Node, name: str, node: Node) -> None:
+        """Drop ``name`` from the upper directory and the tree; whiteout what a lower layer has."""
+        upper = self._need_upper()
+        path = (*parent.path(), name)
+        if node.upper:
+            if node.children is not None:
+                upper.rmtree(path)
+            else:
+                upper.unlink(path)
+        if self._lower_has(parent, name, node):
+            upper.whiteout(path)
+        assert parent.children is not None
+        del parent.children[name]
+        self.tree.unlink_name(node, parent, name)
+
+    def _lower_has(self, parent: Node, name: str, node: Node) -> bool:
+        # A hardlinked lower file knows it came from below for every name it has.
+        return node.in_lower
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        node = self._child(parent, _name(name))
+        if node.children is not None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        await self._promote(parent)
+        try:
+            self._remove_name(parent, _name(name), node)
+        except OSError as e:
+            raise _errno(e) from e
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        node = self._child(parent, _name(name))
+        if node.children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if node.children:
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        await self._promote(parent)
+        try:
+            self._remove_name(parent, _name(name), node)
+        except OSError as e:
+            raise _errno(e) from e
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        upper = self._need_upper()
+        old_parent = self._node(parent_inode_old)
+        new_parent = self._node(parent_inode_new)
+        old, new = _name(name_old), _name(name_new)
+        node = self._child(old_parent, old)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # not needed by containers; kept simple
+        if Upper.is_marker(new) or new.startswith(COPYUP_PREFIX):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if new_parent.children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        target = new_parent.children.get(new)
+        if target is node:
+            return
+        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if node.children is not None:
+            # As overlayfs without redirect_dir: a directory with lower content cannot move
+            # in one step, so `mv` falls back to copy and delete.
+            if not node.upper or (node.in_lower and not upper.is_opaque(node.path())):
+                raise pyfuse3.FUSEError(errno.EXDEV)
+            if self._has_lower_descendant(node):
+                raise pyfuse3.FUSEError(errno.EXDEV)
+        if target is not None:
+            if (target.children is None) != (node.children is None):
+                raise pyfuse3.FUSEError(
+                    errno.EISDIR if target.children is not None else errno.ENOTDIR
+                )
+            if target.children:
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        await self._promote(node)
+        await self._promote(old_parent)
+        await self._promote(new_parent)
+        old_path = (*old_parent.path(), old)
+        new_path = (*new_parent.path(), new)
+        try:
+            hidden = target.in_lower if target is not None else upper.has_whiteout(new_path)
+            if target is not None:
+                # Replace: drop the target's upper copy but no whiteout (the new entry covers
+                # the name); the rename below then lands on a free name.
+                if target.upper:
+                    if target.children is not None:
+                        upper.rmtree(new_path)
+                    else:
+                        upper.unlink(new_path)
+                del new_parent.children[new]
+                self.tree.unlink_name(target, new_parent, new)
+            elif hidden:
+                upper.remove_whiteout(new_path)
+            upper.rename(old_path, new_path)
+            if node.in_lower:
+                upper.whiteout(old_path)
+        except OSError as e:
+            raise _errno(e) from e
+        assert old_parent.children is not None
+        del old_parent.children[old]
+        new_parent.children[new] = node
+        if node.parent is old_parent and node.name == old:
+            node.parent, node.name = new_parent, new
+        elif node.links:
+            node.links = [
+                (new_parent, new) if (p is old_parent and n == old) else (p, n)
+                for p, n in node.links
+            ]
+        node.in_lower = hidden
+
+    def _has_lower_descendant(self, node: Node) -> bool:
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if (not n.upper or n.in_lower) and n is not node:
+                return True
+            if n.children:
+                stack.extend(n.children.values())
+        return False
+
+    # ------------------------------------------------------------------ the rest
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        if self.upper is not None:
+            v = self.upper.statvfs()
+            s.f_bsize, s.f_frsize = v.f_bsize, v.f_frsize
+            s.f_blocks, s.f_bfree, s.f_bavail = v.f_blocks, v.f_bfree, v.f_bavail
+            s.f_files, s.f_ffree, s.f_favail = v.f_files, v.f_ffree, v.f_favail
+        else:
+            s.f_bsize = s.f_frsize = 4096
+            s.f_files = len(self.tree.nodes)
+        s.f_namemax = 255
+        return s
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            node = self.tree.nodes.get(ino)
+            if node is not None and ino != ROOT_INO:
+                self.tree.forget(node, n)
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return True  # default_permissions: the kernel checks mode bits itself

@@ -49,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon")
     p.set_defaults(handler=umount_cmd)
 
+    p = sub.add_parser("commit", help="write a mount's upper layer as an OCI layer tar")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("out", metavar="OUT.tar")
+    p.set_defaults(handler=commit_cmd)
+
     p = sub.add_parser("stats", help="per-layer fetch statistics of a mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true")
@@ -175,6 +180,21 @@ def control_request(mountpoint: str, request: dict[str, object]) -> object:
     if not reply.get("ok"):
         raise LazyfsError(f"{mountpoint}: {reply.get('error')}")
     return reply.get("result")
+
+
+def commit_cmd(args: argparse.Namespace) -> int:
+    from lazyfs.fs.upper import commit_layer
+
+    info = control_request(args.mountpoint, {"cmd": "info"})
+    assert isinstance(info, dict)
+    if not info.get("upper"):
+        raise LazyfsError(f"{args.mountpoint} is mounted read-only: there is no upper layer")
+    try:
+        commit_layer(info["upper"], args.out)
+    except (OSError, ValueError) as e:
+        raise LazyfsError(f"cannot write {args.out}: {e}") from None
+    print(f"{args.out}: layer written from {info['upper']}")
+    return 0
 
 
 def stats_cmd(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from lazyfs.fs.upper import Upper
 from lazyfs.image import open_image
 from lazyfs.remote.image import open_source
 from lazyfs.store import ChunkCache, LayerStore
+from lazyfs.store.blobs import CachingSource
 from lazyfs.store.cache import DEFAULT_MAX_BYTES
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class MountInfo(msgspec.Struct):
     image: str
     mountpoint: str
     manifest: str
+    upper: str | None
 
 
 class LayerReport(msgspec.Struct):
@@ -266,6 +268,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
     source, ref = open_source(opts.image, plain_http=opts.plain_http, insecure=opts.insecure)
     try:
         cache = ChunkCache(opts.cache, opts.cache_max_bytes)
+        source = CachingSource(source, cache.dir / "documents")
         image = await open_image(source, ref, platform=opts.platform, toc_dir=cache.dir / "tocs")
         store = LayerStore(cache)
         layers = [store.add_layer(li.descriptor.digest, source, li.toc) for li in image.layers]
@@ -279,6 +282,14 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         ops = Operations(tree, store, layers, upper)
 
         def handle(request: dict[str, object]) -> object:
+            if request.get("cmd") == "info":
+                return MountInfo(
+                    pid=os.getpid(),
+                    image=opts.image,
+                    mountpoint=mountpoint,
+                    manifest=image.resolved.manifest_digest,
+                    upper=os.path.abspath(opts.upper) if upper is not None and opts.upper else None,
+                )
             if request.get("cmd") == "stats":
                 return StatsReport(
                     image=opts.image,

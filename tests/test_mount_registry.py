@@ -1,0 +1,157 @@
+"""Lazy mounts from the real docker-registry on loopback, through a counting fault proxy."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from lazyfs_tools.convert import convert
+
+from tests.support.faultproxy import FaultProxy
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+from tests.support.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from tests.support.mounts import lazyfs_cmd, mounted, run
+from tests.support.registry import RegistryInstance, push_oci_layout
+
+SHARED = seeded_bytes(400_000, 42)
+
+
+def _image(d: Path, name: str, extra: list[Item]) -> Path:
+    base = make_tar(
+        [*sample_items(), Item("shared", "dir", mode=0o755), Item("shared/lib.so", data=SHARED)]
+    )
+    make_layout(d / f"{name}-src", [base, make_tar(extra)], tag="v1")
+    convert(f"oci:{d / f'{name}-src'}:v1", f"oci:{d / name}:v1", chunk_size=64 * 1024)
+    return d / name
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("images")
+    a = _image(d, "a", [Item("app", "dir", mode=0o755), Item("app/a.txt", data=b"image a\n")])
+    # Image b shares the base files but has its own base layer blob (another top layer and a
+    # different file order in its base), so only chunk-level dedup can save the fetch.
+    other_base = make_tar(
+        [
+            Item("shared", "dir", mode=0o755),
+            Item("shared/lib.so", data=SHARED),
+            Item("only-b", data=seeded_bytes(1000, 5)),
+        ]
+    )
+    make_layout(d / "b-src", [other_base], tag="v1")
+    convert(f"oci:{d / 'b-src'}:v1", f"oci:{d / 'b'}:v1", chunk_size=64 * 1024)
+    push_oci_layout(a, f"{registry.host}/lazy/a:v1", tag="v1")
+    push_oci_layout(d / "b", f"{registry.host}/lazy/b:v1", tag="v1")
+    return {"a": "lazy/a:v1", "b": "lazy/b:v1"}
+
+
+def _blob_requests(proxy: FaultProxy) -> int:
+    return sum("/blobs/sha256:" in p for p in proxy.paths)
+
+
+def _stats(mnt: Path) -> dict:
+    return json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+
+
+def test_remount_fetches_nothing(pushed: dict, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    ref = f"{fault_proxy.host}/{pushed['a']}"
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--cache", str(cache))
+    with mounted(ref, mnt, *args):
+        assert (mnt / "shared" / "lib.so").read_bytes() == SHARED
+        assert (mnt / "data" / "big.bin").read_bytes() == seeded_bytes(300_000, 2)
+        assert _stats(mnt)["layers"][0]["stats"]["requests"] > 0
+    first = _blob_requests(fault_proxy)
+    assert first > 0
+    fault_proxy.reset()
+    with mounted(ref, mnt, *args):
+        assert (mnt / "shared" / "lib.so").read_bytes() == SHARED
+        assert (mnt / "data" / "big.bin").read_bytes() == seeded_bytes(300_000, 2)
+        assert all(layer["stats"]["requests"] == 0 for layer in _stats(mnt)["layers"])
+    # The tag is resolved again (a manifest request), but no blob: TOCs and chunks are local.
+    assert _blob_requests(fault_proxy) == 0, fault_proxy.paths
+
+
+def test_shared_chunks_are_fetched_once_across_images(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    with mounted(
+        f"{fault_proxy.host}/{pushed['a']}",
+        tmp_path / "ma",
+        "--plain-http",
+        "--read-only",
+        "--cache",
+        str(cache),
+    ):
+        assert (tmp_path / "ma" / "shared" / "lib.so").read_bytes() == SHARED
+    with mounted(
+        f"{fault_proxy.host}/{pushed['b']}",
+        tmp_path / "mb",
+        "--plain-http",
+        "--read-only",
+        "--cache",
+        str(cache),
+    ) as m:
+        assert (m.mountpoint / "shared" / "lib.so").read_bytes() == SHARED
+        layer = _stats(m.mountpoint)["layers"][0]["stats"]
+        assert layer["requests"] == 0  # every chunk of lib.so came from image a's fetch
+        assert layer["cache_hits"] > 0
+
+
+def test_faults_give_right_bytes_or_eio(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    ref = f"{fault_proxy.host}/{pushed['a']}"
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--plain-http", "--read-only", "--cache", str(tmp_path / "c")):
+        # transient faults are retried away
+        fault_proxy.fail_next(2, 503)
+        fault_proxy.drop_next(1)
+        fault_proxy.truncate_next(1)
+        assert (mnt / "etc" / "hostname").read_bytes() == b"lazyfs\n"
+        fault_proxy.flip_next(1)  # one bit flip heals by refetching the chunk
+        assert (mnt / "bin" / "tool").read_bytes() == seeded_bytes(10_000, 1)
+        fault_proxy.ignore_range = True  # a registry that answers 200 with the whole blob
+        with open(mnt / "data" / "big.bin", "rb") as f:
+            f.seek(250_000)
+            assert f.read(1000) == seeded_bytes(300_000, 2)[250_000:251_000]
+        fault_proxy.ignore_range = False
+        # persistent corruption: the reader sees EIO, never wrong bytes
+        fault_proxy.flip_next(1000)
+        fd = os.open(mnt / "shared" / "lib.so", os.O_RDONLY)
+        try:
+            with pytest.raises(OSError) as exc:
+                os.pread(fd, 4096, 0)
+            assert exc.value.errno == 5
+        finally:
+            os.close(fd)
+        fault_proxy.reset()
+        assert (mnt / "shared" / "lib.so").read_bytes() == SHARED
+
+
+def test_commit_writes_the_upper_layer(
+    pushed: dict, registry: RegistryInstance, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(
+        f"{registry.host}/{pushed['a']}",
+        mnt,
+        "--plain-http",
+        "--upper",
+        str(tmp_path / "up"),
+        "--cache",
+        str(tmp_path / "c"),
+    ):
+        (mnt / "app" / "new.txt").write_text("committed\n")
+        os.unlink(mnt / "etc" / "hostname")
+        res = run(*lazyfs_cmd("commit", str(mnt), str(tmp_path / "diff.tar")))
+        assert res.returncode == 0, res.stderr
+    names = subprocess.run(
+        ["tar", "-tf", str(tmp_path / "diff.tar")], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "app/new.txt" in names and "etc/.wh.hostname" in names

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
 
-from . import image, mount
+from . import cache, image, mount, pull
 
-MODULES = (image, mount)
+MODULES = (image, mount, pull, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -298,16 +298,24 @@ def test_sigkill_then_remount_keeps_fsynced_data(image: dict[str, Path], tmp_pat
         assert is_stale(str(mnt))
     finally:
         m.stop()
+    # The cache is intact: whatever made it to disk is whole and hashes to its name (chunks
+    # still being written at the kill are simply absent and fetched again).
+    for p in (cache / "chunks").rglob("*"):
+        if p.is_file() and not p.name.startswith("."):
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name
     # a new mount on the same point cleans the stale one
     m = start_mount(f"oci:{image['lazy']}:v1", tmp_path / "mnt", *args)
     try:
         assert (mnt / "etc" / "kept").read_bytes() == b"durable"
         assert (mnt / "data" / "big.bin").read_bytes() == seeded_bytes(300_000, 2)
-        stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
-        assert sum(layer["stats"]["bytes_fetched"] for layer in stats["layers"]) == 0
     finally:
         m.stop()
     assert not is_mounted(str(mnt))
+    # after a clean unmount everything read is cached: a third mount fetches nothing
+    with mounted(f"oci:{image['lazy']}:v1", mnt, *args):
+        assert (mnt / "data" / "big.bin").read_bytes() == seeded_bytes(300_000, 2)
+        stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+        assert sum(layer["stats"]["bytes_fetched"] for layer in stats["layers"]) == 0
 
 
 def test_daemon_mode_and_umount(image: dict[str, Path], tmp_path: Path) -> None:

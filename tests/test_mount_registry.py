@@ -121,7 +121,9 @@ def test_faults_give_right_bytes_or_eio(
             f.seek(250_000)
             assert f.read(1000) == seeded_bytes(300_000, 2)[250_000:251_000]
         fault_proxy.ignore_range = False
-        # persistent corruption: the reader sees EIO, never wrong bytes
+    # persistent corruption (a fresh cache, so the bytes must come over the wire): the reader
+    # sees EIO, never wrong bytes
+    with mounted(ref, mnt, "--plain-http", "--read-only", "--cache", str(tmp_path / "c2")):
         fault_proxy.flip_next(1000)
         fd = os.open(mnt / "shared" / "lib.so", os.O_RDONLY)
         try:

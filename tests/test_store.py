@@ -227,7 +227,7 @@ def test_merging_counts_requests(tmp_path: Path) -> None:
 def test_readahead_small_file_whole_and_random_access_none(tmp_path: Path) -> None:
     files: dict[str, bytes | list[bytes | int]] = {"small": rand(5000, 1), "big": rand(50_000, 2)}
     store, layer, src, toc, _blob = make(
-        tmp_path, files, gap=100_000, merge_gap=200_000, readahead=10_000
+        tmp_path, files, gap=100_000, merge_gap=200_000, readahead=10_000, amplify=0
     )
     small, big = toc.by_name()["small"], toc.by_name()["big"]
 
@@ -624,3 +624,25 @@ def test_store_read_larger_than_cache(tmp_path: Path) -> None:
     assert store.cache.bytes <= 2500
     assert layer.stats.chunks_ready == store.cache.du().chunks == 2
     assert len(src.requests) == 1
+
+
+def test_amplify_takes_following_files_in_blob_order(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {f"f{i}": rand(3000, 100 + i) for i in range(40)}
+    store, layer, src, toc, _blob = make(tmp_path, files, readahead=0, amplify=20_000)
+    by = toc.by_name()
+
+    async def main() -> None:
+        await store.read(layer, by["f0"], 0, 10)
+        assert len(src.requests) == 1
+        _, _start, end = src.requests[0]
+        # the request grew past f0 by at most the budget (plus the chunk that crosses it)
+        assert 20_000 - 4000 < end - by["f0"].chunks[-1].end <= 20_000
+        got_ready = layer.stats.chunks_ready
+        for i in range(1, 40):  # neighbours are local now; the next miss amplifies again
+            await store.read(layer, by[f"f{i}"], 0, 3000)
+        assert got_ready > 3
+        assert len(src.requests) <= 40 * 3000 // 20_000 + 1
+        # a random (non-sequential) read of a file takes no neighbours
+        await store.read(layer, by["f5"], 1000, 10)
+
+    run(main)

@@ -29,6 +29,7 @@ from lazyfs.remote.base import Source
 from lazyfs.store.atomic import atomic_write
 from lazyfs.store.cache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
+from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
 from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH, PrioritySlots, Ticket
 from lazyfs.store.stats import LayerStats
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 # Readiness maps are written after this many changed bits or this many seconds, whichever
 # comes first, and on close: a crash loses at most a few hints, never data.
+# Cache reads up to this size run on the trio thread: from the page cache they take
+# microseconds, less than handing them to a worker thread.
+INLINE_READ_BYTES = 256 * 1024
 MAP_FLUSH_CHANGES = 256
 MAP_FLUSH_SECONDS = 2.0
 # The background fill only issues a request after on-demand reads were quiet this long.
@@ -141,8 +145,10 @@ class LayerStore:
 
     ``readahead`` (compressed bytes): the first read of a file whose chunks total at most this
     much fetches the whole file in the same request; a read that continues where the previous
-    read of the file ended also takes the file's next chunks up to this much.  Readahead only
-    rides along in a request that is made anyway; it never causes a request of its own.
+    read of the file ended also takes the file's next chunks up to this much.  ``amplify``
+    (compressed bytes, 0 to disable): such a first or sequential read also takes the chunks
+    that follow in the blob, as Nydus' amplify_io does.  Readahead only rides along in a request
+    that is made anyway; it never causes a request of its own.
     """
 
     def __init__(
@@ -153,11 +159,16 @@ class LayerStore:
         max_request: int = 8 * 1024 * 1024,
         concurrency: int = 8,
         readahead: int = 512 * 1024,
+        amplify: int = 512 * 1024,
+        hot_bytes: int = DEFAULT_HOT_BYTES,
     ) -> None:
         self.cache = cache
         self.merge_gap = merge_gap
         self.max_request = max_request
         self.readahead = readahead
+        self.amplify = amplify
+        self._hot = HotChunks(hot_bytes)
+        self._nursery: trio.Nursery | None = None
         # A quarter of the slots (at least one, when there are two) only serve on-demand reads.
         reserved = 0 if concurrency <= 1 else max(1, concurrency // 4)
         self._slots = PrioritySlots(concurrency, reserved)
@@ -236,24 +247,50 @@ class LayerStore:
     def _readahead(
         self, layer: Layer, entry: Entry, chunks: Iterable[Chunk], offset: int, end: int
     ) -> list[Chunk]:
-        if self.readahead <= 0:
-            return []
         prev = layer.read_pos.get(entry.name)
         layer.read_pos[entry.name] = end
-        if prev is None:
-            if sum(c.end - c.offset for c in entry.chunks if not c.zeros) <= self.readahead:
-                return [c for c in entry.chunks if not c.zeros]  # a small file: all of it
-        elif prev != offset:
+        if prev is not None and prev != offset:
             return []  # random access: fetch only what was asked for
-        last = list(chunks)[-1]
-        i = bisect.bisect_right(entry.chunks, last.file_offset, key=lambda c: c.file_offset)
+        chunks = list(chunks)
         out: list[Chunk] = []
-        budget = self.readahead
-        for c in entry.chunks[i:]:
+        if self.readahead > 0:
+            if prev is None and (
+                sum(c.end - c.offset for c in entry.chunks if not c.zeros) <= self.readahead
+            ):
+                out = [c for c in entry.chunks if not c.zeros]  # a small file: all of it
+            else:
+                last = chunks[-1]
+                i = bisect.bisect_right(entry.chunks, last.file_offset, key=lambda c: c.file_offset)
+                budget = self.readahead
+                for c in entry.chunks[i:]:
+                    if c.zeros:
+                        continue
+                    budget -= c.end - c.offset
+                    if budget < 0:
+                        break
+                    out.append(c)
+        return out + self._amplify(layer, [*chunks, *out])
+
+    def _amplify(self, layer: Layer, chunks: list[Chunk]) -> list[Chunk]:
+        """The chunks that follow in blob order, up to ``amplify`` compressed bytes, stopping
+        at the first one already here.  A layer is laid out by path (or by prefetch rank), so
+        the files a start-up reads next are mostly the neighbours of the one it reads now:
+        one larger request saves many round trips, which dominate on a real network."""
+        stored = [c for c in chunks if not c.zeros]
+        if self.amplify <= 0 or not stored:
+            return []
+        anchor = max(c.end for c in stored)
+        i = bisect.bisect_left(layer.offsets, anchor)
+        out: list[Chunk] = []
+        while i < len(layer.by_offset):
+            c = layer.by_offset[i]
+            i += 1
             if c.zeros:
                 continue
-            budget -= c.end - c.offset
-            if budget < 0:
+            # The budget is what the request grows by, gaps included.
+            if c.end - anchor > self.amplify:
+                break
+            if c.digest in self._inflight or self._maybe_cached(layer, c):
                 break
             out.append(c)
         return out
@@ -286,6 +323,13 @@ class LayerStore:
         try:
             while True:
                 pending = [i for i, p in enumerate(parts) if p is None]
+                for i in pending:
+                    c, lo, hi = needs[i]
+                    hot = self._hot.get(c.digest)
+                    if hot is not None:
+                        parts[i] = hot if (lo, hi) == (0, c.size) else hot[lo:hi]
+                        layer.stats.cache_hits += 1
+                pending = [i for i in pending if parts[i] is None]
                 local = [
                     i
                     for i in pending
@@ -293,7 +337,13 @@ class LayerStore:
                     and self._maybe_cached(layer, needs[i][0])
                 ]
                 if local:
-                    got = await trio.to_thread.run_sync(self._read_local, [needs[i] for i in local])
+                    todo = [needs[i] for i in local]
+                    if sum(hi - lo for _, lo, hi in todo) <= INLINE_READ_BYTES:
+                        # Small reads of page-cached files are quicker than a thread hop.
+                        await trio.lowlevel.checkpoint()
+                        got = self._read_local(todo)
+                    else:
+                        got = await trio.to_thread.run_sync(self._read_local, todo)
                     for i, data in zip(local, got, strict=True):
                         digest = needs[i][0].digest
                         if data is None:
@@ -317,7 +367,12 @@ class LayerStore:
                     if f is not None:
                         flights[d] = f
                         self._slots.boost(f.ticket, ONDEMAND)  # never wait behind prefetch
-                if groups:
+                if groups and self._nursery is not None:
+                    # Readers wait for their chunks' flights, which resolve when the chunks
+                    # are decoded; writing them to the cache happens behind their backs.
+                    for g in groups:
+                        self._nursery.start_soon(self._run_group, layer, g, None)
+                elif groups:
                     async with trio.open_nursery() as nursery:
                         for g in groups:
                             nursery.start_soon(self._run_group, layer, g, None)
@@ -424,10 +479,13 @@ class LayerStore:
                 for f in g.flights.values():
                     f.fail(e)
                 return
+            # Decode in at most two batches (one per core): a thread hop per chunk costs more
+            # than decoding a small chunk does.
+            half = (len(g.chunks) + 1) // 2
+            batches = [b for b in (g.chunks[:half], g.chunks[half:]) if b]
             async with trio.open_nursery() as nursery:
-                for c in g.chunks:
-                    piece = raw[c.offset - g.start : c.end - g.start]
-                    nursery.start_soon(self._decode, layer, c, piece, g.flights[c.digest], stored)
+                for batch in batches:
+                    nursery.start_soon(self._decode_batch, layer, g, batch, raw, stored)
             del raw
             if stored:
                 try:
@@ -447,33 +505,64 @@ class LayerStore:
             done()
         await self._flush_due()
 
-    async def _decode(
-        self, layer: Layer, c: Chunk, raw: bytes, f: _Flight, stored: list[tuple[str, bytes]]
+    async def _decode_batch(
+        self,
+        layer: Layer,
+        g: _Group,
+        batch: list[Chunk],
+        raw: bytes,
+        stored: list[tuple[str, bytes]],
     ) -> None:
         comp = layer.toc.compression
-        try:
-            data = await trio.to_thread.run_sync(decode_chunk, comp, raw, c)
-        except IntegrityError as e:
-            # Most likely damage in transit: fetch the chunk alone once more before failing.
-            layer.stats.integrity_errors += 1
-            layer.stats.retries += 1
-            log.warning("chunk %s of %s: %s; retrying", c.digest, layer.blob_digest, e)
-            f.ticket = Ticket(f.ticket.priority)
-            try:
-                raw = await self._fetch(layer, c.offset, c.end, f.ticket)
-                data = await trio.to_thread.run_sync(decode_chunk, comp, raw, c)
-            except IntegrityError as e2:
-                layer.stats.integrity_errors += 1
-                f.fail(e2)
-                return
-            except Exception as e2:
-                f.fail(e2)
-                return
-        except Exception as e:
-            f.fail(e)
-            return
+
+        def decode_all() -> list[bytes | Exception]:
+            out: list[bytes | Exception] = []
+            for c in batch:
+                try:
+                    out.append(decode_chunk(comp, raw[c.offset - g.start : c.end - g.start], c))
+                except Exception as e:  # handed to the chunk's waiters below
+                    out.append(e)
+            return out
+
+        results = await trio.to_thread.run_sync(decode_all)
+        for c, result in zip(batch, results, strict=True):
+            f = g.flights[c.digest]
+            if isinstance(result, IntegrityError):
+                await self._retry_chunk(layer, c, f, stored, result)
+            elif isinstance(result, Exception):
+                f.fail(result)
+            else:
+                self._succeed(c, f, result, stored)
+
+    def _succeed(self, c: Chunk, f: _Flight, data: bytes, stored: list[tuple[str, bytes]]) -> None:
         f.succeed(data)
         stored.append((c.digest, data))
+        self._hot.put(c.digest, data)
+
+    async def _retry_chunk(
+        self,
+        layer: Layer,
+        c: Chunk,
+        f: _Flight,
+        stored: list[tuple[str, bytes]],
+        error: IntegrityError,
+    ) -> None:
+        # Most likely damage in transit: fetch the chunk alone once more before failing.
+        layer.stats.integrity_errors += 1
+        layer.stats.retries += 1
+        log.warning("chunk %s of %s: %s; retrying", c.digest, layer.blob_digest, error)
+        f.ticket = Ticket(f.ticket.priority)
+        try:
+            raw = await self._fetch(layer, c.offset, c.end, f.ticket)
+            data = await trio.to_thread.run_sync(decode_chunk, layer.toc.compression, raw, c)
+        except IntegrityError as e2:
+            layer.stats.integrity_errors += 1
+            f.fail(e2)
+            return
+        except Exception as e2:
+            f.fail(e2)
+            return
+        self._succeed(c, f, data, stored)
 
     def _put_many(self, stored: list[tuple[str, bytes]]) -> list[str]:
         evicted: list[str] = []
@@ -584,6 +673,11 @@ class LayerStore:
             todo = again
         if error is not None:
             _reraise(error)
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run on-demand fetches in ``nursery`` (the mount's), so a reader returns as soon as
+        its chunks are verified instead of also waiting for them to be written to disk."""
+        self._nursery = nursery
 
     def background(self, nursery: trio.Nursery) -> None:
         """Fill the cache with every layer's remaining chunks at the lowest priority, one

@@ -157,3 +157,31 @@ def test_commit_writes_the_upper_layer(
         ["tar", "-tf", str(tmp_path / "diff.tar")], capture_output=True, text=True, check=True
     ).stdout.split()
     assert "app/new.txt" in names and "etc/.wh.hostname" in names
+
+
+def test_registry_ignoring_range_is_downloaded_once(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    fault_proxy.ignore_range = True  # every blob request answers 200 with the whole blob
+    mnt = tmp_path / "mnt"
+    with mounted(
+        f"{fault_proxy.host}/{pushed['a']}",
+        mnt,
+        "--plain-http",
+        "--read-only",
+        "--cache",
+        str(tmp_path / "c"),
+    ):
+        before = _blob_requests(fault_proxy)  # the footers and TOCs, read at mount
+        for path, want in [
+            ("data/big.bin", seeded_bytes(300_000, 2)),
+            ("shared/lib.so", SHARED),
+            ("bin/tool", seeded_bytes(10_000, 1)),
+            ("etc/hostname", b"lazyfs\n"),
+        ]:
+            assert (mnt / path).read_bytes() == want
+        layers = _stats(mnt)["layers"]
+    # The first read learns that Range is ignored; after that one whole download serves all.
+    assert _blob_requests(fault_proxy) - before <= 3
+    assert not list((tmp_path / "c" / "blobs").glob("*"))  # the spare copy is gone at unmount
+    assert sum(layer["stats"]["requests"] for layer in layers) <= 3

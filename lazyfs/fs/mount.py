@@ -271,7 +271,10 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         source = CachingSource(source, cache.dir / "documents")
         image = await open_image(source, ref, platform=opts.platform, toc_dir=cache.dir / "tocs")
         store = LayerStore(cache)
-        layers = [store.add_layer(li.descriptor.digest, source, li.toc) for li in image.layers]
+        layers = [
+            store.add_layer(li.descriptor.digest, source, li.toc, li.descriptor.size)
+            for li in image.layers
+        ]
         tree = Tree.from_layers([li.toc for li in image.layers])
         upper: Upper | None = None
         if not opts.read_only:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import abc
+import hashlib
+from typing import BinaryIO
+
+from lazyfs.errors import IntegrityError
+
+DOWNLOAD_PIECE = 8 * 1024 * 1024
 
 
 class Source(abc.ABC):
@@ -25,6 +31,22 @@ class Source(abc.ABC):
     @abc.abstractmethod
     async def read_range(self, digest: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a blob.  Not verified here: the caller verifies chunks."""
+
+    def ranges_supported(self) -> bool:
+        """False once the source was seen ignoring range requests (a registry answering 200
+        with the whole blob): callers then fetch the whole blob once instead of once per
+        range, which would cost the blob's size for every read."""
+        return True
+
+    async def download(self, digest: str, size: int, dst: BinaryIO) -> None:
+        """Write the whole blob to ``dst`` and verify it against ``digest``."""
+        sha = hashlib.sha256()
+        for start in range(0, size, DOWNLOAD_PIECE):
+            data = await self.read_range(digest, start, min(size, start + DOWNLOAD_PIECE))
+            sha.update(data)
+            dst.write(data)
+        if "sha256:" + sha.hexdigest() != digest:
+            raise IntegrityError(f"{self.name}: blob {digest} has digest sha256:{sha.hexdigest()}")
 
     async def aclose(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""

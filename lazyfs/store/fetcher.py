@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import NoReturn
 
 import trio
@@ -87,6 +88,24 @@ class _Group:
         self.ticket = Ticket(BACKGROUND)
 
 
+class _WholeBlob:
+    """A layer blob downloaded whole, for a source that ignores Range."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+def _read_span(path: Path, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise RemoteError(f"{path}: short local copy ({len(data)} of {end - start} bytes)")
+    return data
+
+
 class Layer:
     """A layer blob known to the store: its TOC, source, readiness map and stats."""
 
@@ -109,6 +128,8 @@ class Layer:
         )
         # Entry name -> where its last read ended: a read starting there is sequential.
         self.read_pos: dict[str, int] = {}
+        self.size = 0  # compressed blob size, when known
+        self.whole: _WholeBlob | None = None  # a local copy, for sources that ignore Range
 
     def set_ready(self, i: int) -> bool:
         if not self.map.set(i):
@@ -188,7 +209,7 @@ class LayerStore:
 
     # ------------------------------------------------------------------------------- layers
 
-    def add_layer(self, blob_digest: str, source: Source, toc: TOC) -> Layer:
+    def add_layer(self, blob_digest: str, source: Source, toc: TOC, size: int = 0) -> Layer:
         """Register a layer (idempotent per blob digest) and reconcile its readiness map with
         the cache: bits for chunks present (also via another layer) are set, bits for chunks
         gone are cleared, so readiness and stats are right from the start."""
@@ -199,6 +220,7 @@ class LayerStore:
         path = self.cache.layer_map_path(blob_digest)
         cmap = ChunkMap.load(path, blob_digest, [c.digest for c in chunks])
         layer = Layer(blob_digest, source, toc, cmap)
+        layer.size = size  # known from the manifest; lets a Range-less registry be handled
         for i, c in enumerate(layer.chunks):
             self._where.setdefault(c.digest, []).append((layer, i))
             # A set bit the index does not know costs one stat (another process may have
@@ -455,6 +477,8 @@ class LayerStore:
     # ------------------------------------------------------------------------------- fetching
 
     async def _fetch(self, layer: Layer, start: int, end: int, ticket: Ticket) -> bytes:
+        if layer.size and not layer.source.ranges_supported():
+            return await self._from_whole_blob(layer, start, end, ticket)
         async with self._slots.hold(ticket):
             raw = await layer.source.read_range(layer.blob_digest, start, end)
         layer.stats.requests += 1
@@ -465,6 +489,34 @@ class LayerStore:
                 f"at {start} of {layer.blob_digest}, got {len(raw)}"
             )
         return raw
+
+    async def _from_whole_blob(self, layer: Layer, start: int, end: int, ticket: Ticket) -> bytes:
+        """A registry that ignores Range sends the whole blob for every read: fetch it once
+        (single flight), verified against the layer digest, and serve ranges from the copy."""
+        whole = layer.whole
+        if whole is None:
+            whole = layer.whole = _WholeBlob(self.cache.dir / "blobs" / layer.blob_digest[7:])
+            tmp = whole.path.with_name(whole.path.name + ".partial")
+            try:
+                whole.path.parent.mkdir(parents=True, exist_ok=True)
+                async with self._slots.hold(ticket):
+                    with open(tmp, "wb") as f:
+                        await layer.source.download(layer.blob_digest, layer.size, f)
+                tmp.replace(whole.path)
+                layer.stats.requests += 1
+                layer.stats.bytes_fetched += layer.size
+            except BaseException as e:
+                whole.error = e
+                layer.whole = None  # a later read tries again
+                tmp.unlink(missing_ok=True)
+                raise
+            finally:
+                whole.done.set()
+        else:
+            await whole.done.wait()
+            if whole.error is not None:
+                raise RemoteError(f"{layer.blob_digest}: download failed: {whole.error}")
+        return await trio.to_thread.run_sync(_read_span, whole.path, start, end)
 
     async def _run_group(
         self, layer: Layer, g: _Group, done: Callable[[], None] | None = None
@@ -719,5 +771,8 @@ class LayerStore:
         """Stop the background fill and write every changed readiness map."""
         if self._bg_scope is not None:
             self._bg_scope.cancel()
+        for layer in self._layers.values():
+            if layer.whole is not None:  # its chunks are cached by now; the copy is spare
+                layer.whole.path.unlink(missing_ok=True)
         for layer in list(self._layers.values()):
             await self._flush(layer)

@@ -8,6 +8,7 @@ have their own cache.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 from lazyfs import oci
 from lazyfs.errors import IntegrityError
@@ -54,6 +55,12 @@ class CachingSource(Source):
 
     async def read_range(self, digest: str, start: int, end: int) -> bytes:
         return await self.inner.read_range(digest, start, end)
+
+    def ranges_supported(self) -> bool:
+        return self.inner.ranges_supported()
+
+    async def download(self, digest: str, size: int, dst: BinaryIO) -> None:
+        await self.inner.download(digest, size, dst)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

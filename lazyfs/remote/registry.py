@@ -127,6 +127,7 @@ class RegistrySource(Source):
         self._auth: dict[str, Authenticator] = {}
         self._limiters: dict[str, trio.CapacityLimiter] = {}
         self._scope = f"repository:{repository}:pull"
+        self._push_scope = f"repository:{repository}:pull,push"
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -177,6 +178,8 @@ class RegistrySource(Source):
         *,
         capability: str,
         what: str,
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> T:
         endpoints = [e for e in self.endpoints if capability in e.capabilities]
         if not endpoints:
@@ -187,7 +190,7 @@ class RegistrySource(Source):
             missing = 0
             for ep in endpoints:
                 try:
-                    return await self._fetch_one(ep, path, headers, consume)
+                    return await self._fetch_one(ep, path, headers, consume, method, body)
                 except _NotFound as e:
                     missing += 1
                     last = f"{ep.netloc}: {e}"
@@ -210,21 +213,25 @@ class RegistrySource(Source):
         path: str,
         headers: dict[str, str],
         consume: Callable[[httpx.Response, str], Awaitable[T]],
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> T:
         client = self._client(ep)
         auth = self._authenticator(ep)
-        url = f"{ep.url}/{self.repository}/{path}"
+        # An absolute URL is an upload session's Location, which belongs to one endpoint.
+        url = path if "://" in path else f"{ep.url}/{self.repository}/{path}"
+        scope = self._scope if method in ("GET", "HEAD") else self._push_scope
         async with self._limiter(ep.netloc):
             for round_ in range(2):
                 try:
-                    if auth.needs_token(self._scope):
+                    if auth.needs_token(scope):
                         self.stats.token_requests += 1
-                        await auth.fetch_token(client, self._scope)
+                        await auth.fetch_token(client, scope)
                     h = dict(headers)
-                    value = auth.header(self._scope)
+                    value = auth.header(scope)
                     if value:
                         h["Authorization"] = value
-                    return await self._send(client, url, ep.netloc, h, consume)
+                    return await self._send(client, url, ep.netloc, h, consume, method, body)
                 except _Unauthorized as e:
                     if round_ == 1:
                         raise RemoteError(
@@ -232,7 +239,7 @@ class RegistrySource(Source):
                             "(credentials rejected)"
                         ) from None
                     self.stats.token_requests += 1
-                    if not await auth.on_unauthorized(client, e.challenge, self._scope):
+                    if not await auth.on_unauthorized(client, e.challenge, scope):
                         raise RemoteError(
                             f"{ep.netloc}: authentication required for "
                             f"{self.repository} (no usable credentials)"
@@ -246,6 +253,8 @@ class RegistrySource(Source):
         netloc: str,
         headers: dict[str, str],
         consume: Callable[[httpx.Response, str], Awaitable[T]],
+        method: str = "GET",
+        body: bytes | None = None,
     ) -> T:
         for _ in range(MAX_REDIRECTS + 1):
             target = httpx.URL(url)
@@ -254,7 +263,7 @@ class RegistrySource(Source):
                 # Storage backends get presigned URLs; our registry credentials stay home.
                 h = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             try:
-                async with client.stream("GET", target, headers=h) as resp:
+                async with client.stream(method, target, headers=h, content=body) as resp:
                     self.stats.requests += 1
                     status = resp.status_code
                     if status in (301, 302, 303, 307, 308):
@@ -273,7 +282,7 @@ class RegistrySource(Source):
                         )
                     if status in (408,) or status >= 500:
                         raise _Transient(f"HTTP {status}")
-                    if status in (200, 206):
+                    if status in (200, 206) or (method != "GET" and status in (201, 202, 204)):
                         return await consume(resp, netloc)
                     raise RemoteError(f"{netloc}: {url} answered HTTP {status}")
             except httpx.TransportError as e:
@@ -407,4 +416,32 @@ class RegistrySource(Source):
             consume,
             capability="pull",
             what=f"blob {digest}",
+        )
+
+    # -- writes (lazyfs.remote.push) ---------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        capability: str = "push",
+        what: str,
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """One request through the auth / retry / mirror machinery: ``(status, headers, body)``
+        of a 2xx answer (body bounded like a manifest; ``Location`` made absolute).  404 raises
+        NotFoundError."""
+
+        async def consume(resp: httpx.Response, netloc: str) -> tuple[int, httpx.Headers, bytes]:
+            data = b"" if method == "HEAD" else await self._read_all(resp, MAX_MANIFEST_SIZE)
+            headers = httpx.Headers(resp.headers)
+            if "location" in headers:
+                # Absolute, so an upload session continues on the endpoint that opened it.
+                headers["location"] = str(resp.url.join(headers["location"]))
+            return resp.status_code, headers, data
+
+        return await self._fetch(
+            path, headers or {}, consume, capability=capability, what=what, method=method, body=body
         )

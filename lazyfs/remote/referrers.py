@@ -1,0 +1,180 @@
+"""Prefetch groups stored beside their image as an OCI artifact, found through referrers.
+
+The artifact is an image manifest (image-spec's artifact guidance): ``artifactType``
+:data:`GROUPS_ARTIFACT_TYPE`, the empty config (``application/vnd.oci.empty.v1+json``, ``{}``),
+one layer holding the groups JSON, and ``subject`` = the image manifest it describes.
+
+Finding it (distribution-spec): ``GET /v2/<name>/referrers/<digest>``; a registry without that
+API answers 404, and then the *referrers tag schema* applies: tag ``sha256-<hex>`` holds an OCI
+index listing the subject's referrers, which the pusher updates read-modify-write.  Debian's
+docker-registry 2.8 has no referrers API, so it exercises the fallback.
+
+Re-pushing identical groups is a no-op.  New groups for the same image replace earlier lazyfs
+groups in the fallback index (other referrers, e.g. signatures, are kept); with the referrers
+API the newest (``org.opencontainers.image.created``) wins.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from lazyfs import oci
+from lazyfs.errors import FormatError, IntegrityError, NotFoundError
+from lazyfs.remote.base import Source
+from lazyfs.remote.push import push_blob, push_manifest
+from lazyfs.remote.registry import RegistrySource
+from lazyfs.trace.schema import GROUPS_ARTIFACT_TYPE, decode_groups
+
+log = logging.getLogger(__name__)
+
+MT_EMPTY = "application/vnd.oci.empty.v1+json"
+EMPTY = b"{}"
+ANN_CREATED = "org.opencontainers.image.created"
+#: sha256 of the groups JSON, so a re-push of the same groups is recognised without fetching
+ANN_GROUPS_DIGEST = "dev.lazyfs.prefetch-groups.digest"
+
+
+def referrers_tag(digest: str) -> str:
+    """The fallback tag for ``digest``'s referrers: ``sha256-<hex>``."""
+    return "sha256-" + oci.check_digest(digest)
+
+
+async def subject_descriptor(source: Source, manifest_digest: str) -> oci.Descriptor:
+    """The descriptor of an image manifest already in ``source``'s repository."""
+    data, media_type, digest = await source.get_manifest(manifest_digest)
+    return oci.Descriptor(mediaType=media_type, digest=digest, size=len(data))
+
+
+def artifact_manifest(subject: oci.Descriptor, groups: bytes, created: str) -> bytes:
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": oci.MT_OCI_MANIFEST,
+        "artifactType": GROUPS_ARTIFACT_TYPE,
+        "config": {"mediaType": MT_EMPTY, "digest": oci.sha256_digest(EMPTY), "size": 2},
+        "layers": [
+            {
+                "mediaType": GROUPS_ARTIFACT_TYPE,
+                "digest": oci.sha256_digest(groups),
+                "size": len(groups),
+            }
+        ],
+        "subject": {"mediaType": subject.mediaType, "digest": subject.digest, "size": subject.size},
+        "annotations": {ANN_CREATED: created, ANN_GROUPS_DIGEST: oci.sha256_digest(groups)},
+    }
+    return msgspec.json.encode(doc)
+
+
+async def list_referrers(source: Source, digest: str) -> tuple[list[oci.Descriptor], bool]:
+    """``(descriptors, True)`` from the referrers API, else ``(descriptors, False)`` from the
+    tag schema (empty when the tag does not exist)."""
+    oci.check_digest(digest)
+    if isinstance(source, RegistrySource):
+        try:
+            _, _, body = await source.request(
+                "GET",
+                f"referrers/{digest}",
+                headers={"Accept": oci.MT_OCI_INDEX},
+                capability="pull",
+                what=f"referrers of {digest}",
+            )
+        except NotFoundError:
+            pass  # no referrers API: the spec's signal to use the tag schema
+        else:
+            return oci.decode_index(body).manifests, True
+    try:
+        data, media_type, _ = await source.get_manifest(referrers_tag(digest))
+    except NotFoundError:
+        return [], False
+    if media_type != oci.MT_OCI_INDEX:
+        raise FormatError(f"{source.name}: tag {referrers_tag(digest)} is not an OCI index")
+    return oci.decode_index(data).manifests, False
+
+
+async def _fallback_index(source: Source, digest: str) -> dict[str, Any]:
+    """The raw tag-schema index (unknown fields kept), or a new empty one."""
+    try:
+        data, _, _ = await source.get_manifest(referrers_tag(digest))
+    except NotFoundError:
+        return {"schemaVersion": 2, "mediaType": oci.MT_OCI_INDEX, "manifests": []}
+    oci.decode_index(data)
+    doc: dict[str, Any] = msgspec.json.decode(data)
+    return doc
+
+
+async def push_groups(
+    source: RegistrySource,
+    image_manifest_desc: oci.Descriptor,
+    groups_bytes: bytes,
+    *,
+    created: str | None = None,
+) -> str:
+    """Store ``groups_bytes`` as an artifact referring to ``image_manifest_desc``; returns the
+    artifact manifest's digest.  Idempotent for identical groups."""
+    subject = image_manifest_desc
+    groups_digest = oci.sha256_digest(groups_bytes)
+    existing, api = await list_referrers(source, subject.digest)
+    for d in existing:
+        if (
+            d.artifactType == GROUPS_ARTIFACT_TYPE
+            and (d.annotations or {}).get(ANN_GROUPS_DIGEST) == groups_digest
+        ):
+            return d.digest
+    await push_blob(source, EMPTY, MT_EMPTY)
+    await push_blob(source, groups_bytes, GROUPS_ARTIFACT_TYPE)
+    created = created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest = artifact_manifest(subject, groups_bytes, created)
+    # By digest: the artifact needs no tag of its own.
+    digest, headers = await push_manifest(
+        source, oci.sha256_digest(manifest), manifest, oci.MT_OCI_MANIFEST
+    )
+    if api or headers.get("oci-subject") == subject.digest:
+        return digest  # the registry indexes referrers itself
+    index = await _fallback_index(source, subject.digest)
+    kept = [
+        m
+        for m in index.get("manifests", [])
+        if m.get("digest") != digest and m.get("artifactType") != GROUPS_ARTIFACT_TYPE
+    ]
+    kept.append(
+        {
+            "mediaType": oci.MT_OCI_MANIFEST,
+            "digest": digest,
+            "size": len(manifest),
+            "artifactType": GROUPS_ARTIFACT_TYPE,
+            "annotations": {ANN_CREATED: created, ANN_GROUPS_DIGEST: groups_digest},
+        }
+    )
+    index["manifests"] = kept
+    index.setdefault("mediaType", oci.MT_OCI_INDEX)
+    await push_manifest(
+        source, referrers_tag(subject.digest), msgspec.json.encode(index), oci.MT_OCI_INDEX
+    )
+    return digest
+
+
+async def find_groups(source: Source, manifest_digest: str) -> bytes | None:
+    """The newest prefetch groups stored for ``manifest_digest``, or None.  Tries the
+    referrers API, then the tag schema; skips artifacts that do not check out."""
+    refs, _ = await list_referrers(source, manifest_digest)
+    candidates = sorted(
+        (d for d in refs if d.artifactType == GROUPS_ARTIFACT_TYPE),
+        key=lambda d: ((d.annotations or {}).get(ANN_CREATED, ""), d.digest),
+        reverse=True,
+    )
+    for d in candidates:
+        try:
+            data, _, _ = await source.get_manifest(d.digest)
+            m = oci.decode_manifest(data)
+            if m.subject is None or m.subject.digest != manifest_digest or not m.layers:
+                raise FormatError("not a prefetch-groups artifact of this image")
+            blob = await source.get_blob(m.layers[0].digest)
+            if decode_groups(blob, "stored prefetch groups").manifest != manifest_digest:
+                raise FormatError("groups are for another manifest")
+            return blob
+        except (FormatError, IntegrityError, NotFoundError) as e:
+            log.warning("%s: skipping prefetch groups %s: %s", source.name, d.digest, e)
+    return None

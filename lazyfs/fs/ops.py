@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,11 +39,14 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
 class AccessListener(Protocol):
-    """What the trace recorder hears from the read path.  Only called when one is attached."""
+    """What the trace recorder hears from the read path.  Only called when one is attached,
+    and synchronously: an implementation must do O(1) in-memory work and no I/O.  Both calls
+    carry the entry and layer index so a listener never has to look anything up; time spent
+    waiting for the network is reported by ``LayerStore.on_wait`` instead, which knows it."""
 
     def opened(self, node: Node, entry: Entry, layer: int) -> None: ...
 
-    def read(self, node: Node, offset: int, size: int, wait_ns: int) -> None: ...
+    def read(self, node: Node, entry: Entry, layer: int, offset: int, size: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -353,7 +355,6 @@ class Operations(pyfuse3.Operations):
             return os.pread(h.fd, size, off)
         e = node.entry
         assert e is not None
-        t0 = time.perf_counter_ns() if self.listener is not None else 0
         try:
             data = await self.store.read(self.layers[node.layer], e, off, size)
         except (LazyfsError, OSError) as err:
@@ -361,7 +362,7 @@ class Operations(pyfuse3.Operations):
             log.error("read of %s at %d failed: %s", "/".join(node.path()), off, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if self.listener is not None:
-            self.listener.read(node, off, len(data), time.perf_counter_ns() - t0)
+            self.listener.read(node, e, node.layer, off, len(data))
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:

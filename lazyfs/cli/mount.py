@@ -38,6 +38,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--background-fetch", action="store_true", help="fetch the rest of every layer when idle"
     )
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="record every file read; write the trace (JSON) to FILE when the mount ends",
+    )
+    p.add_argument(
+        "--group",
+        metavar="NAME",
+        help="workload label of the trace, and the group --prefetch fetches (default: first)",
+    )
+    p.add_argument(
+        "--prefetch",
+        metavar="GROUPS.json",
+        help="fetch a prefetch group's files in rank order, in the background, once mounted",
+    )
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     p.add_argument("--log", metavar="FILE", help="daemon log file (default: beside the cache)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -75,6 +90,9 @@ def _options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         allow_other=args.allow_other,
         read_only=args.read_only,
         background_fetch=args.background_fetch,
+        trace=os.path.abspath(args.trace) if args.trace else None,
+        group=args.group,
+        prefetch=args.prefetch,
     )
 
 
@@ -107,7 +125,7 @@ def mount_cmd(args: argparse.Namespace) -> int:
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
     out = ["-v"] * args.verbose + ["mount", args.image, args.mountpoint]
-    for flag in ("upper", "cache", "platform", "log"):
+    for flag in ("upper", "cache", "platform", "log", "trace", "group", "prefetch"):
         value = getattr(args, flag)
         if value is not None:
             out += [f"--{flag}", str(value)]

@@ -1,9 +1,11 @@
 """Mount lifecycle: open the image, build the tree, serve FUSE, answer the control socket.
 
 The daemon is ready (and says so through ``ready``) once manifests and TOCs are read; no file
-content is fetched before a reader asks.  A small control socket per mount answers ``stats``
-(and later commands) as one JSON line each way, so ``lazyfs stats`` needs no file inside the
-container's rootfs.
+content is fetched before a reader asks, unless ``--prefetch`` names a group to fetch in the
+background from then on.  A small control socket per mount answers ``stats``, ``info`` and
+``trace`` as one JSON line each way, so ``lazyfs stats`` needs no file inside the container's
+rootfs.  With ``--trace FILE`` a recorder listens to opens and reads, and the trace is written
+atomically when the mount ends.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.ops import Operations
+from lazyfs.fs.prefetch import Prefetcher, PrefetchStats, load_group
 from lazyfs.fs.tree import OPAQUE, WHITEOUT, Node, Tree
 from lazyfs.fs.upper import Upper
 from lazyfs.image import open_image
 from lazyfs.remote.image import open_source
 from lazyfs.store import ChunkCache, LayerStore
+from lazyfs.store.atomic import atomic_write
 from lazyfs.store.blobs import CachingSource
 from lazyfs.store.cache import DEFAULT_MAX_BYTES
+from lazyfs.trace.recorder import Recorder
+from lazyfs.trace.schema import encode
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,9 @@ class MountOptions(msgspec.Struct, kw_only=True):
     allow_other: bool = False
     read_only: bool = False
     background_fetch: bool = False
+    trace: str | None = None  # record accesses; write the trace here when the mount ends
+    group: str | None = None  # workload label of the trace; the group --prefetch fetches
+    prefetch: str | None = None  # a prefetch-groups document
 
 
 class MountInfo(msgspec.Struct):
@@ -73,6 +82,7 @@ class StatsReport(msgspec.Struct):
     mountpoint: str
     files: int
     layers: list[LayerReport]
+    prefetch: PrefetchStats | None = None
 
 
 # ---------------------------------------------------------------------------- runtime paths
@@ -265,6 +275,11 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         raise LazyfsError(f"mount point {mountpoint} is not a directory")
     if is_mounted(mountpoint):
         raise LazyfsError(f"{mountpoint} is already mounted")
+    # Bad prefetch or trace arguments fail before anything is fetched or mounted.
+    groups = load_group(opts.prefetch, opts.group) if opts.prefetch else None
+    trace_path = Path(opts.trace).absolute() if opts.trace else None
+    if trace_path is not None and not trace_path.parent.is_dir():
+        raise LazyfsError(f"cannot write the trace to {opts.trace}: no such directory")
     source, ref = open_source(opts.image, plain_http=opts.plain_http, insecure=opts.insecure)
     try:
         cache = ChunkCache(opts.cache, opts.cache_max_bytes)
@@ -282,7 +297,18 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                 raise LazyfsError("a writable mount needs --upper DIR (or use --read-only)")
             upper = Upper(opts.upper)
             apply_upper(tree, upper)
-        ops = Operations(tree, store, layers, upper)
+        manifest = image.resolved.manifest_digest
+        recorder: Recorder | None = None
+        if trace_path is not None:
+            recorder = Recorder(opts.image, manifest, layers, opts.group or "default")
+            store.on_wait = recorder.waited
+        prefetcher: Prefetcher | None = None
+        if groups is not None:
+            doc, group = groups
+            if doc.manifest and doc.manifest != manifest:
+                log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
+            prefetcher = Prefetcher(store, layers, group)
+        ops = Operations(tree, store, layers, upper, listener=recorder)
 
         def handle(request: dict[str, object]) -> object:
             if request.get("cmd") == "info":
@@ -307,7 +333,12 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                         )
                         for li, layer in zip(image.layers, layers, strict=True)
                     ],
+                    prefetch=prefetcher.stats if prefetcher is not None else None,
                 )
+            if request.get("cmd") == "trace":
+                if recorder is None:
+                    raise LazyfsError("this mount is not recording (mount it with --trace FILE)")
+                return recorder.summary() if request.get("summary") else recorder.trace()
             raise LazyfsError(f"unknown command {request.get('cmd')!r}")
 
         fuse_options = set(pyfuse3.default_options)
@@ -335,12 +366,18 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                     if opts.background_fetch:
                         store.background(nursery)
                     nursery.start_soon(_on_signals, nursery.cancel_scope)
+                    if recorder is not None:
+                        recorder.start()
+                    if prefetcher is not None:
+                        nursery.start_soon(prefetcher.run)
                     if ready is not None:
                         ready()
                     await pyfuse3.main(min_tasks=4, max_tasks=64)
                     nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
+            if recorder is not None and trace_path is not None:
+                _write_trace(recorder, trace_path)
             with trio.CancelScope(shield=True):
                 await store.aclose()
             if upper is not None:
@@ -348,6 +385,16 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
     finally:
         with trio.CancelScope(shield=True):
             await source.aclose()
+
+
+def _write_trace(recorder: Recorder, path: Path) -> None:
+    # At the end of the mount, so blocking here delays nothing a reader waits for.
+    try:
+        atomic_write(path, encode(recorder.trace()))
+    except OSError as e:
+        log.error("could not write the trace to %s: %s", path, e)
+    else:
+        log.info("trace of %d files written to %s", recorder.files, path)
 
 
 async def _on_signals(scope: trio.CancelScope) -> None:

@@ -1,0 +1,147 @@
+"""Prefetch a workload group's files into the cache, in rank order, behind on-demand reads.
+
+The driver runs in the mount's nursery once the mount is ready (it never delays readiness).
+Entries of a :class:`~lazyfs.trace.schema.Group` are matched to the mounted layers by layer
+digest and path; each tier is cut, in rank order, into batches of about ``batch_bytes``
+compressed bytes, and each batch becomes one ``LayerStore.prefetch`` call per layer so the
+store can merge neighbouring chunks into large range requests.  Prefetch requests take
+PREFETCH slots: on-demand reads have reserved slots and boost any chunk they wait for, so
+they always overtake.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import trio
+
+from lazyfs.errors import LazyfsError
+from lazyfs.formats.chunkio import chunks_for_range
+from lazyfs.formats.toc import Chunk, Entry
+from lazyfs.store.fetcher import Layer, LayerStore
+from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, decode_groups
+
+log = logging.getLogger(__name__)
+
+# One batch: big enough that the store merges it into a few large requests, small enough that
+# the highest-ranked files land first (the store orders a batch by blob offset, not by rank).
+BATCH_BYTES = 16 * 1024 * 1024
+
+
+class PrefetchStats(msgspec.Struct, kw_only=True):
+    """Progress for ``lazyfs stats --json`` (the ``prefetch`` field)."""
+
+    group: str
+    entries: int = 0  # matched entries to prefetch
+    skipped: int = 0  # entries whose layer or path this image does not have
+    prefetch_total: int = 0  # content bytes of the chunks to prefetch (unique)
+    prefetch_bytes: int = 0  # of those, bytes handled so far (fetched, or already cached)
+    prefetch_done: bool = False
+    elapsed_ns: int = 0  # from start to done
+    error: str = ""  # the first fetch error, if any (prefetch is best effort)
+
+
+def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:
+    """Read and validate a groups document; raises LazyfsError with a one-line message."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise LazyfsError(f"cannot read prefetch groups {path}: {e.strerror}") from None
+    doc = decode_groups(data, what=f"prefetch groups {path}")
+    return doc, doc.group(name)
+
+
+def _entry_chunks(entry: Entry, ranked: RankedEntry) -> list[Chunk]:
+    if not ranked.ranges:
+        return [c for c in entry.chunks if not c.zeros]
+    out: list[Chunk] = []
+    for start, end in ranked.ranges:
+        out.extend(c for c in chunks_for_range(entry, start, end - start) if not c.zeros)
+    return out
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        store: LayerStore,
+        layers: Sequence[Layer],
+        group: Group,
+        *,
+        batch_bytes: int = BATCH_BYTES,
+    ) -> None:
+        self.store = store
+        self.batch_bytes = batch_bytes
+        self.stats = PrefetchStats(group=group.name)
+        # Resolve every entry now (cheap, in memory) so stats show the plan from the start.
+        by_digest = {layer.blob_digest: layer for layer in layers}
+        names: dict[str, dict[str, Entry]] = {}
+        seen: set[str] = set()
+        # tiers -> ordered (layer, chunks of one entry)
+        self._plan: list[list[tuple[Layer, list[Chunk]]]] = []
+        for tier in group.tiers:
+            items: list[tuple[Layer, list[Chunk]]] = []
+            for ranked in tier.entries:
+                layer = by_digest.get(ranked.layer)
+                if layer is None:
+                    log.debug("prefetch: layer %s is not in this image", ranked.layer)
+                    self.stats.skipped += 1
+                    continue
+                if layer.blob_digest not in names:
+                    names[layer.blob_digest] = layer.toc.by_name()
+                entry = names[layer.blob_digest].get(ranked.path.strip("/"))
+                if entry is None or entry.type != "reg":
+                    log.debug("prefetch: %s is not a file of %s", ranked.path, ranked.layer)
+                    self.stats.skipped += 1
+                    continue
+                chunks = [c for c in _entry_chunks(entry, ranked) if c.digest not in seen]
+                seen.update(c.digest for c in chunks)
+                self.stats.entries += 1
+                self.stats.prefetch_total += sum(c.size for c in chunks)
+                if chunks:
+                    items.append((layer, chunks))
+            self._plan.append(items)
+
+    def _batches(self) -> list[dict[Layer, list[Chunk]]]:
+        """Cut each tier, in rank order, into batches; tiers never share a batch."""
+        out: list[dict[Layer, list[Chunk]]] = []
+        for items in self._plan:
+            batch: dict[Layer, list[Chunk]] = {}
+            span = 0
+            for layer, chunks in items:
+                batch.setdefault(layer, []).extend(chunks)
+                span += sum(c.end - c.offset for c in chunks)
+                if span >= self.batch_bytes:
+                    out.append(batch)
+                    batch, span = {}, 0
+            if batch:
+                out.append(batch)
+        return out
+
+    async def run(self) -> None:
+        """Fetch everything planned; errors are logged and counted, never raised."""
+        t0 = trio.current_time()
+        for batch in self._batches():
+            async with trio.open_nursery() as nursery:
+                for layer, chunks in batch.items():
+                    nursery.start_soon(self._one, layer, chunks)
+        self.stats.prefetch_done = True
+        self.stats.elapsed_ns = int((trio.current_time() - t0) * 1e9)
+        log.info(
+            "prefetch of group %s done: %d entries, %d bytes in %.2fs",
+            self.stats.group,
+            self.stats.entries,
+            self.stats.prefetch_bytes,
+            self.stats.elapsed_ns / 1e9,
+        )
+
+    async def _one(self, layer: Layer, chunks: list[Chunk]) -> None:
+        try:
+            await self.store.prefetch(layer, chunks)
+        except (LazyfsError, OSError) as e:
+            log.warning("prefetch from %s: %s", layer.blob_digest, e)
+            if not self.stats.error:
+                self.stats.error = str(e)
+        self.stats.prefetch_bytes += sum(c.size for c in chunks)

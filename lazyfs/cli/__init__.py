@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
 
-from . import cache, image, mount, pull
+from . import cache, image, mount, pull, trace
 
-MODULES = (image, mount, pull, cache)
+MODULES = (image, mount, pull, cache, trace)
 
 
 def build_parser() -> argparse.ArgumentParser:

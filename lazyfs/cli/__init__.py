@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
 
-from . import cache, image, mount, pull, trace
+from . import cache, image, mount, optimize, pull, trace
 
-MODULES = (image, mount, pull, cache, trace)
+MODULES = (image, mount, pull, cache, trace, optimize)
 
 
 def build_parser() -> argparse.ArgumentParser:

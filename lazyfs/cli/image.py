@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="N",
         help="split files larger than N bytes (default 4MiB; k/m suffixes)",
     )
+    p.add_argument(
+        "--prefetch",
+        metavar="GROUPS.json",
+        help="put each layer's files of a prefetch group first (lazyfs optimize output)",
+    )
+    p.add_argument("--group", metavar="NAME", help="which group of --prefetch (default: first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=convert_cmd)
     register_inspect(sub)
@@ -41,7 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def convert_cmd(args: argparse.Namespace) -> int:
     from lazyfs_tools.convert import convert
 
-    report = convert(args.src, args.dst, fmt=args.format, chunk_size=args.chunk_size)
+    from lazyfs.errors import LazyfsError
+
+    if args.group is not None and args.prefetch is None:
+        raise LazyfsError("--group needs --prefetch GROUPS.json")
+    report = convert(
+        args.src,
+        args.dst,
+        fmt=args.format,
+        chunk_size=args.chunk_size,
+        prefetch=args.prefetch,
+        group=args.group,
+    )
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     else:
@@ -49,6 +66,7 @@ def convert_cmd(args: argparse.Namespace) -> int:
         print(
             f"{args.dst}: {report.digest} ({report.layers} layers, "
             f"{report.bytes_in} bytes of tar -> {report.bytes_out} bytes, {ratio:.1%})"
+            + (f", {report.prefetch_entries} files moved first" if args.prefetch else "")
         )
     return 0
 

@@ -31,7 +31,11 @@ FOOTER_SIZE = 51
 FOOTER_SIZE_LEGACY = 47
 TOC_NAME = "stargz.index.json"
 # Files the eStargz writer may add at the root; they are not part of the image's tree.
-RESERVED_NAMES = frozenset({TOC_NAME, ".prefetch.landmark", ".no.prefetch.landmark"})
+PREFETCH_LANDMARK = ".prefetch.landmark"  # ends the prefetch region of a layer
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"  # first in a layer with nothing to prefetch
+LANDMARKS = frozenset({PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+LANDMARK_CONTENT = b"\x0f"  # one byte, as ctr-remote writes it
+RESERVED_NAMES = frozenset({TOC_NAME, *LANDMARKS})
 LEVEL = 6
 
 
@@ -110,11 +114,17 @@ class _Out:
 
 
 def write_layer(
-    src: BinaryIO, dst: BinaryIO, *, chunk_size: int = DEFAULT_CHUNK_SIZE, where: str = "layer"
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    where: str = "layer",
+    landmarks: bool = False,
 ) -> LayerResult:
     """Recompress the uncompressed tar stream ``src`` into eStargz on ``dst``.
 
     The tar stream changes (the TOC becomes its last member), so the diff_id is recomputed.
+    ``landmarks``: ``src`` was reordered for prefetch and carries a (no-)prefetch landmark.
     """
     if chunk_size <= 0:
         raise FormatError("chunk size must be positive")
@@ -129,7 +139,9 @@ def write_layer(
             meta.clear()
 
     for member in reader:
-        if member.entry.name in RESERVED_NAMES:
+        if member.entry.name in RESERVED_NAMES and not (
+            landmarks and member.entry.name in LANDMARKS
+        ):
             raise FormatError(f"{where}: source layer already contains {member.entry.name!r}")
         meta += member.header
         entry = member.entry

@@ -8,11 +8,16 @@ are edited as JSON documents (unknown fields kept), re-encoded deterministically
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
+import tarfile
+import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import msgspec
@@ -21,7 +26,9 @@ import zstandard
 from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats import estargz, zstdchunked
+from lazyfs.formats.tarstream import BLOCK, TarReader
 from lazyfs.formats.zstdchunked import DEFAULT_CHUNK_SIZE, LayerResult
+from lazyfs.trace.schema import PrefetchGroups, decode_groups
 from lazyfs_tools.layout import HashingReader, Layout, parse_oci_ref
 
 LazyFormat = Literal["zstd:chunked", "estargz"]
@@ -40,11 +47,161 @@ _STALE = {
 }
 
 
+# Manifest annotations of an image converted with --prefetch: which groups shaped its layers.
+ANN_PREFETCH_GROUPS = "dev.lazyfs.prefetch-groups.digest"
+ANN_PREFETCH_GROUP = "dev.lazyfs.prefetch-group"
+COPY_PIECE = 1 << 20
+
+
 class ConvertReport(msgspec.Struct):
     digest: str  # of the top-level manifest or index
     layers: int = 0
     bytes_in: int = 0  # uncompressed tar bytes
     bytes_out: int = 0
+    prefetch_entries: int = 0  # files moved to the front of their layer (--prefetch)
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """The group that orders the layers, and where it came from (for the annotations)."""
+
+    groups: PrefetchGroups
+    name: str
+    digest: str  # sha256 of the groups file
+
+    def by_layer(self) -> dict[str, list[tuple[str, int]]]:
+        """Layer digest → (path, size) in rank order, every tier in turn."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for tier in self.groups.group(self.name).tiers:
+            for e in tier.entries:
+                out.setdefault(e.layer, []).append((e.path, e.size))
+        return out
+
+
+@dataclass
+class _Member:
+    name: str
+    type: str
+    link: str
+    size: int
+    start: int  # in the spool: header, content and padding
+    end: int
+
+
+def _spool(plain: BinaryIO, spool: BinaryIO, where: str) -> tuple[list[_Member], bytes, str]:
+    """Copy an uncompressed tar to ``spool`` indexing its members; returns the members, the
+    end-of-archive bytes and the source tar's sha256 (its diff_id)."""
+    sha = hashlib.sha256()
+    members: list[_Member] = []
+    reader = TarReader(plain, where=where)
+
+    def put(data: bytes) -> None:
+        sha.update(data)
+        spool.write(data)
+
+    for m in reader:
+        start = spool.tell()
+        put(m.header)
+        while data := reader.read(COPY_PIECE):
+            put(data)
+        put(reader.take_padding())
+        e = m.entry
+        members.append(_Member(e.name, e.type, e.link_name, m.size, start, spool.tell()))
+    put(reader.trailer)
+    return members, reader.trailer, "sha256:" + sha.hexdigest()
+
+
+def landmark(name: str) -> bytes:
+    """A one-byte regular file marking the end of (or the absence of) a prefetch region."""
+    info = tarfile.TarInfo(name)
+    info.size = len(estargz.LANDMARK_CONTENT)
+    info.mode = 0o644
+    data = estargz.LANDMARK_CONTENT
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + bytes(-len(data) % BLOCK)
+
+
+def reorder(
+    spool: BinaryIO, members: list[_Member], trailer: bytes, wanted: list[tuple[str, int]]
+) -> tuple[Iterator[bytes], int]:
+    """The spooled tar with ``wanted`` files first (rank order), then ``.prefetch.landmark``
+    (or ``.no.prefetch.landmark`` first when none of them is here), then everything else in
+    source order.  A file's parent directories move with it (once); a wanted hardlink moves
+    its target, so links still follow their targets.  Old landmarks are dropped."""
+    last: dict[str, int] = {}
+    dup: set[str] = set()
+    for i, m in enumerate(members):
+        if m.name in last:
+            dup.add(m.name)  # moving one copy ahead of another would change which one wins
+        last[m.name] = i
+    order: list[int] = []
+    taken: set[int] = set()
+    for path, size in wanted:
+        i = last.get(path)
+        if i is not None and members[i].type == "hardlink":
+            i = last.get(members[i].link)
+        # Only regular files with the traced size: a stale group must not reshuffle others.
+        if (
+            i is None
+            or i in taken
+            or members[i].type != "reg"
+            or members[i].size != size
+            or members[i].name in dup
+        ):
+            continue
+        parts = members[i].name.split("/")
+        for k in range(1, len(parts)):
+            d = last.get("/".join(parts[:k]))
+            if d is not None and d < i and d not in taken and members[d].type == "dir":
+                taken.add(d)
+                order.append(d)
+        taken.add(i)
+        order.append(i)
+    prefetched = sum(1 for i in order if members[i].type == "reg")
+
+    def pieces() -> Iterator[bytes]:
+        if not prefetched:
+            yield landmark(estargz.NO_PREFETCH_LANDMARK)
+        for i in order:
+            yield from _copy(spool, members[i])
+        if prefetched:
+            yield landmark(estargz.PREFETCH_LANDMARK)
+        for i, m in enumerate(members):
+            if i not in taken and m.name not in estargz.LANDMARKS:
+                yield from _copy(spool, m)
+        yield trailer
+
+    return pieces(), prefetched
+
+
+def _copy(spool: BinaryIO, m: _Member) -> Iterator[bytes]:
+    spool.seek(m.start)
+    left = m.end - m.start
+    while left:
+        data = spool.read(min(left, COPY_PIECE))
+        if not data:
+            raise FormatError(f"spooled tar ends early at {m.name!r}")
+        left -= len(data)
+        yield data
+
+
+class _PieceReader:
+    """A read()-able stream over an iterator of byte strings (what the writers consume)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            nxt = next(self._pieces, None)
+            if nxt is None:
+                break
+            self._buf += nxt
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
 
 
 def _decompressing(f: BinaryIO, media_type: str) -> BinaryIO:
@@ -70,17 +227,89 @@ class _Counting:
 
 
 class Converter:
-    def __init__(self, src: Layout, dst: Layout, fmt: LazyFormat, chunk_size: int) -> None:
+    def __init__(
+        self,
+        src: Layout,
+        dst: Layout,
+        fmt: LazyFormat,
+        chunk_size: int,
+        prefetch: Prefetch | None = None,
+    ) -> None:
         if fmt not in WRITERS:
             raise FormatError(f"unknown format {fmt!r} (zstd:chunked or estargz)")
         self.src, self.dst, self.fmt, self.chunk_size = src, dst, fmt, chunk_size
         self.report = ConvertReport(digest="")
         self._layers: dict[str, tuple[LayerResult, str]] = {}
+        self.prefetch = prefetch
+        self._wanted = prefetch.by_layer() if prefetch else {}
+        #: source layer digest → files to put first, for layers of a manifest the groups match
+        self._plan: dict[str, list[tuple[str, int]]] = {}
+        self.matched = False  # some manifest matched the groups' image
+
+    def _plan_manifest(self, layers: list[oci.Descriptor]) -> None:
+        """Match the groups' layers to this manifest's: by digest (SRC is the traced image),
+        else by position when the counts agree (SRC is the image before its lazy conversion)."""
+        if self.prefetch is None:
+            return
+        digests = [d.digest for d in layers]
+        traced = self.prefetch.groups.layers
+        if set(digests) & (set(self._wanted) | set(traced)):
+            pairs = [(d, d) for d in digests]
+        elif len(traced) == len(digests):
+            pairs = list(zip(digests, traced, strict=True))
+        else:
+            return
+        self.matched = True
+        for mine, theirs in pairs:
+            self._plan.setdefault(mine, self._wanted.get(theirs, []))
+
+    def _write(self, plain: BinaryIO, out: Any, where: str, landmarks: bool) -> LayerResult:
+        if self.fmt == "estargz":
+            return estargz.write_layer(
+                plain, out, chunk_size=self.chunk_size, where=where, landmarks=landmarks
+            )
+        return WRITERS[self.fmt](plain, out, chunk_size=self.chunk_size, where=where)
+
+    def _reordered_layer(
+        self, desc: oci.Descriptor, wanted: list[tuple[str, int]]
+    ) -> tuple[LayerResult, str, int]:
+        """Two passes: spool the decompressed tar to disk (indexing members), then feed the
+        writer the prioritized members followed by the rest: memory stays bounded."""
+        where = f"layer {desc.digest}"
+        with (
+            tempfile.TemporaryFile(dir=self.dst.root) as spool,
+            self.src.open_blob(desc.digest) as raw,
+            self.dst.blob_writer() as out,
+        ):
+            hashed = HashingReader(raw)
+            try:
+                plain = _decompressing(hashed, desc.mediaType)  # type: ignore[arg-type]
+                members, trailer, source_diff = _spool(plain, spool, where)  # type: ignore[arg-type]
+                hashed.drain()
+            except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
+                raise FormatError(f"{where}: corrupt or truncated: {e}") from e
+            if hashed.digest != desc.digest:
+                raise IntegrityError(f"{where}: blob content has digest {hashed.digest}")
+            self.report.bytes_in += spool.tell()
+            pieces, moved = reorder(spool, members, trailer, wanted)  # type: ignore[arg-type]
+            res = self._write(_PieceReader(pieces), out, where, landmarks=True)  # type: ignore[arg-type]
+            out.commit(res.digest)
+        return res, source_diff, moved
 
     def layer(self, desc: oci.Descriptor) -> tuple[LayerResult, str]:
         """Convert one layer; returns the result and the source's uncompressed digest."""
         if desc.digest in self._layers:
             return self._layers[desc.digest]
+        wanted = self._plan.get(desc.digest)
+        # A zstd:chunked layer with nothing to prefetch stays byte-identical to a plain
+        # conversion (a shared base layer keeps its digest); eStargz marks it, as ctr-remote.
+        if wanted is not None and (wanted or self.fmt == "estargz"):
+            res, source_diff, moved = self._reordered_layer(desc, wanted)
+            self.report.layers += 1
+            self.report.bytes_out += res.size
+            self.report.prefetch_entries += moved
+            self._layers[desc.digest] = (res, source_diff)
+            return res, source_diff
         where = f"layer {desc.digest}"
         with self.src.open_blob(desc.digest) as raw, self.dst.blob_writer() as out:
             hashed = HashingReader(raw)
@@ -111,6 +340,7 @@ class Converter:
                 f"manifest {desc.digest}: {len(manifest.layers)} layers but "
                 f"{len(config.rootfs.diff_ids)} diff_ids"
             )
+        self._plan_manifest(manifest.layers)
         # Layers convert in parallel: zlib, zstd and sha256 release the GIL, so two threads
         # keep both cores busy on a multi-layer image.  (A batch tool, not the trio runtime.)
         with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
@@ -151,6 +381,12 @@ class Converter:
             # zstd layers are not expressible in Docker schema2; the result is an OCI manifest.
             doc["mediaType"] = oci.MT_OCI_MANIFEST
             doc["config"]["mediaType"] = oci.MT_OCI_CONFIG
+        if self.prefetch is not None and any(d.digest in self._plan for d in manifest.layers):
+            doc["annotations"] = {
+                **(doc.get("annotations") or {}),
+                ANN_PREFETCH_GROUPS: self.prefetch.digest,
+                ANN_PREFETCH_GROUP: self.prefetch.name,
+            }
         mdesc = self.dst.write_blob(msgspec.json.encode(doc))
         return oci.Descriptor(
             mediaType=doc.get("mediaType") or oci.MT_OCI_MANIFEST,
@@ -198,7 +434,12 @@ def convert(
     *,
     fmt: LazyFormat = "zstd:chunked",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    prefetch: str | os.PathLike[str] | None = None,
+    group: str | None = None,
 ) -> ConvertReport:
+    """Convert ``src_ref`` into ``dst_ref``.  ``prefetch``: a prefetch-groups file; each layer's
+    entries of ``group`` (default: the first) go first, in rank order, then a landmark."""
+    plan = _load_prefetch(Path(prefetch), group) if prefetch is not None else None
     src_dir, src_tag = parse_oci_ref(src_ref)
     dst_dir, dst_tag = parse_oci_ref(dst_ref)
     if chunk_size < 4096:
@@ -212,8 +453,13 @@ def convert(
     dst = Layout(staging)
     try:
         dst.init()
-        conv = Converter(src, dst, fmt, chunk_size)
+        conv = Converter(src, dst, fmt, chunk_size, plan)
         new = conv.any(top)
+        if plan is not None and not conv.matched:
+            raise FormatError(
+                f"prefetch groups are for manifest {plan.groups.manifest}, whose layers are "
+                f"not those of {src_ref}"
+            )
         tag = dst_tag or src_tag or (top.annotations or {}).get(oci.ANN_REF_NAME) or "latest"
         ann = {**(new.annotations or {}), oci.ANN_REF_NAME: tag}
         dst.write_index(
@@ -235,6 +481,16 @@ def convert(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return conv.report
+
+
+def _load_prefetch(path: Path, group: str | None) -> Prefetch:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LazyfsError(f"{path}: {e.strerror or e}") from None
+    groups = decode_groups(data, what=str(path))
+    name = groups.group(group).name  # a missing group is an error before any work
+    return Prefetch(groups=groups, name=name, digest=oci.sha256_digest(data))
 
 
 __all__ = ["ConvertReport", "LazyfsError", "convert"]

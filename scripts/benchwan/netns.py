@@ -1,0 +1,115 @@
+"""The "registry host": a network namespace joined to the root namespace by a veth pair.
+
+Addresses come from a private /30 that exists only on these two interfaces; before creating
+anything we check that no interface or route on the machine already uses that range.  The
+link rate is shaped with a tbf qdisc on *both* veth ends; latency is added by the relay
+(:mod:`.relay`) because this kernel has no netem.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchlib import log
+
+from .state import State, link_exists, netns_exists
+
+NETNS = "lazyfs-bench"
+VETH_HOST = "lzb-h0"
+VETH_NS = "lzb-n0"
+SUBNET = ipaddress.ip_network("10.123.45.0/30")
+HOST_ADDR = "10.123.45.1"
+NS_ADDR = "10.123.45.2"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    rate_mbit: float
+    rtt_ms: float
+
+    def tbf_args(self) -> list[str]:
+        """tbf: burst of ~2 ms at line rate (at least 64 KiB so a GSO segment fits), and
+        a queue bounded by 50 ms of data."""
+        rate_bps = self.rate_mbit * 1e6 / 8
+        burst = max(int(rate_bps * 0.002), 64 * 1024)
+        return ["rate", f"{self.rate_mbit}mbit", "burst", str(burst), "latency", "50ms"]
+
+
+PROFILES = {
+    "lan": Profile("lan", 1000, 0.5),
+    "wan": Profile("wan", 100, 40),
+    "edge": Profile("edge", 20, 100),
+}
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(argv), capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
+    return res
+
+
+def range_in_use() -> list[str]:
+    """Addresses or routes on this machine (root namespace) overlapping our /30."""
+    hits = []
+    for line in sh("ip", "-o", "-4", "addr", "show").stdout.splitlines():
+        cidr = line.split()[3]
+        if ipaddress.ip_interface(cidr).network.overlaps(SUBNET):
+            hits.append(line.strip())
+    for line in sh("ip", "-4", "route", "show", "table", "all").stdout.splitlines():
+        dest = line.split()[0]
+        if dest in ("default", "broadcast", "local", "unreachable", "multicast"):
+            dest = line.split()[1] if len(line.split()) > 1 else ""
+        try:
+            net = ipaddress.ip_network(dest, strict=False)
+        except ValueError:
+            continue
+        if net.prefixlen > 0 and net.overlaps(SUBNET):
+            hits.append(line.strip())
+    return hits
+
+
+def create(state: State) -> None:
+    if netns_exists(NETNS) or link_exists(VETH_HOST):
+        raise RuntimeError(
+            f"netns {NETNS} or veth {VETH_HOST} already exists: run scripts/bench.sh --cleanup"
+        )
+    if used := range_in_use():
+        raise RuntimeError(f"{SUBNET} is already in use here: {used}")
+    state.netns = NETNS
+    state.save()
+    sh("ip", "netns", "add", NETNS)
+    state.veth = VETH_HOST
+    state.save()
+    sh("ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_NS, "netns", NETNS)
+    sh("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", VETH_HOST)
+    sh("ip", "link", "set", VETH_HOST, "up")
+    sh("ip", "-n", NETNS, "addr", "add", f"{NS_ADDR}/30", "dev", VETH_NS)
+    sh("ip", "-n", NETNS, "link", "set", VETH_NS, "up")
+    sh("ip", "-n", NETNS, "link", "set", "lo", "up")
+    log(f"netns {NETNS}: {VETH_HOST} {HOST_ADDR}/30 <-> {VETH_NS} {NS_ADDR}/30")
+
+
+def shape(profile: Profile | None) -> None:
+    """tbf on both ends (egress of each side), or remove shaping with ``None``."""
+    for prefix, dev in (([], VETH_HOST), (["-n", NETNS], VETH_NS)):
+        if profile is None:
+            sh("tc", *prefix, "qdisc", "del", "dev", dev, "root", check=False)
+        else:
+            sh("tc", *prefix, "qdisc", "replace", "dev", dev, "root", "tbf", *profile.tbf_args())
+    if profile:
+        log(f"shaped {VETH_HOST}/{VETH_NS}: {' '.join(profile.tbf_args())}")
+
+
+def veth_bytes() -> int:
+    """rx + tx bytes of the host-side veth: everything that crossed the emulated link."""
+    base = Path("/sys/class/net") / VETH_HOST / "statistics"
+    return int((base / "rx_bytes").read_text()) + int((base / "tx_bytes").read_text())
+
+
+def in_netns(*argv: str) -> list[str]:
+    return ["ip", "netns", "exec", NETNS, *argv]

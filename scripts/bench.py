@@ -115,7 +115,7 @@ def locked_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"new connection + GET {link['new_connection_get_ms']:.1f} ms, "
             f"curl {link['curl_blob_bytes'] / 2**20:.1f} MiB at {link['curl_mbit_s']:.1f} Mbit/s"
         )
-        ctx = scenarios.Ctx(services.host, imgs, reps, RUN_DIR)
+        ctx = scenarios.Ctx(services.host, imgs, reps, RUN_DIR, services.push)
         for sc in chosen:
             log(f"scenario {sc}")
             if sc == "startup":

@@ -51,7 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--prefetch",
         metavar="GROUPS.json",
-        help="fetch a prefetch group's files in rank order, in the background, once mounted",
+        help="fetch a prefetch group's files in rank order, in the background, once mounted "
+        "(default: the groups stored beside the image in its registry, else the layers' "
+        "prefetch landmarks)",
+    )
+    p.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="fetch nothing before it is read (no stored groups, no landmarks)",
     )
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     p.add_argument("--log", metavar="FILE", help="daemon log file (default: beside the cache)")
@@ -90,6 +97,7 @@ def _options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         allow_other=args.allow_other,
         read_only=args.read_only,
         background_fetch=args.background_fetch,
+        auto_prefetch=not args.no_prefetch,
         trace=os.path.abspath(args.trace) if args.trace else None,
         group=args.group,
         prefetch=args.prefetch,
@@ -130,7 +138,14 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out += [f"--{flag}", str(value)]
     out += ["--cache-size", str(args.cache_size)]
-    for flag in ("plain_http", "insecure", "allow_other", "read_only", "background_fetch"):
+    for flag in (
+        "plain_http",
+        "insecure",
+        "allow_other",
+        "read_only",
+        "background_fetch",
+        "no_prefetch",
+    ):
         if getattr(args, flag):
             out.append("--" + flag.replace("_", "-"))
     return out

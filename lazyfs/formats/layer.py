@@ -104,7 +104,10 @@ def decode_layer_toc(loc: TocLocation, raw: bytes) -> TOC:
         data_end=loc.data_end,
     )
     # The writers' own files (eStargz's TOC entry, the prefetch landmarks that ctr-remote adds
-    # to both formats) are not part of the image's tree.
+    # to both formats) are not part of the image's tree; a landmark's position is kept.
+    for e in toc.entries:
+        if e.name == estargz.PREFETCH_LANDMARK and e.chunks:
+            toc.prefetch_end = e.chunks[0].offset
     toc.entries = [e for e in toc.entries if e.name not in estargz.RESERVED_NAMES]
     return toc
 

@@ -73,6 +73,9 @@ class TOC(msgspec.Struct, kw_only=True):
     entries: list[Entry]
     # End of the file-content region: no chunk may reach past it (the TOC itself starts here).
     data_end: int
+    # Where a prefetch landmark starts, or 0: the chunks before it are the layer's prefetch
+    # set, laid out first in rank order by ``lazyfs convert --prefetch`` (or ctr-remote).
+    prefetch_end: int = 0
 
     def by_name(self) -> dict[str, Entry]:
         return {e.name: e for e in self.entries}

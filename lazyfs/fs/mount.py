@@ -28,21 +28,24 @@ import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.ops import Operations
-from lazyfs.fs.prefetch import Prefetcher, PrefetchStats, load_group
+from lazyfs.fs.prefetch import Prefetcher, PrefetchStats, landmark_group, load_group
 from lazyfs.fs.tree import OPAQUE, WHITEOUT, Node, Tree
 from lazyfs.fs.upper import Upper
 from lazyfs.image import open_image
+from lazyfs.remote.base import Source
 from lazyfs.remote.image import open_source
+from lazyfs.remote.referrers import find_groups
 from lazyfs.store import ChunkCache, LayerStore
 from lazyfs.store.atomic import atomic_write
 from lazyfs.store.blobs import CachingSource
 from lazyfs.store.cache import DEFAULT_MAX_BYTES
 from lazyfs.trace.recorder import Recorder
-from lazyfs.trace.schema import encode
+from lazyfs.trace.schema import Group, decode_groups, encode
 
 log = logging.getLogger(__name__)
 
 MNT_DETACH = 2
+STORED_GROUPS_TIMEOUT = 10.0
 
 
 class MountOptions(msgspec.Struct, kw_only=True):
@@ -60,6 +63,9 @@ class MountOptions(msgspec.Struct, kw_only=True):
     trace: str | None = None  # record accesses; write the trace here when the mount ends
     group: str | None = None  # workload label of the trace; the group --prefetch fetches
     prefetch: str | None = None  # a prefetch-groups document
+    # Without a document: look for groups stored beside the image in the registry, then for
+    # landmarks in re-laid-out layers.  False fetches nothing before it is read.
+    auto_prefetch: bool = True
 
 
 class MountInfo(msgspec.Struct):
@@ -308,6 +314,15 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
             if doc.manifest and doc.manifest != manifest:
                 log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
             prefetcher = Prefetcher(store, layers, group)
+
+        async def auto_prefetch() -> None:
+            # After readiness: looking in the registry costs a round trip or two.
+            nonlocal prefetcher
+            group = await _stored_group(source, manifest, opts.group) or landmark_group(layers)
+            if group is not None:
+                prefetcher = Prefetcher(store, layers, group)
+                await prefetcher.run()
+
         ops = Operations(tree, store, layers, upper, listener=recorder)
 
         def handle(request: dict[str, object]) -> object:
@@ -370,6 +385,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                         recorder.start()
                     if prefetcher is not None:
                         nursery.start_soon(prefetcher.run)
+                    elif opts.auto_prefetch:
+                        nursery.start_soon(auto_prefetch)
                     if ready is not None:
                         ready()
                     await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -395,6 +412,20 @@ def _write_trace(recorder: Recorder, path: Path) -> None:
         log.error("could not write the trace to %s: %s", path, e)
     else:
         log.info("trace of %d files written to %s", recorder.files, path)
+
+
+async def _stored_group(source: Source, manifest: str, name: str | None) -> Group | None:
+    """The prefetch group stored beside the image in its registry, if there is one."""
+    try:
+        with trio.move_on_after(STORED_GROUPS_TIMEOUT):
+            data = await find_groups(source, manifest)
+            if data is not None:
+                doc = decode_groups(data, "prefetch groups stored with the image")
+                log.info("prefetching with the groups stored beside %s", manifest)
+                return doc.group(name)
+    except LazyfsError as e:
+        log.info("no usable prefetch groups in the registry: %s", e)
+    return None
 
 
 async def _on_signals(scope: trio.CancelScope) -> None:

@@ -22,7 +22,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.store.fetcher import Layer, LayerStore
-from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, decode_groups
+from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier, decode_groups
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,26 @@ def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:
         raise LazyfsError(f"cannot read prefetch groups {path}: {e.strerror}") from None
     doc = decode_groups(data, what=f"prefetch groups {path}")
     return doc, doc.group(name)
+
+
+def landmark_group(layers: Sequence[Layer]) -> Group | None:
+    """The prefetch set that re-laid-out layers carry in themselves: every file before a
+    ``.prefetch.landmark``, in blob order (which is rank order).  None if no layer has one."""
+    entries: list[RankedEntry] = []
+    for layer in layers:
+        end = layer.toc.prefetch_end
+        if not end:
+            continue
+        files = [e for e in layer.toc.entries if e.type == "reg" and e.chunks]
+        files = [e for e in files if e.chunks[0].offset < end]
+        files.sort(key=lambda e: e.chunks[0].offset)
+        entries += [
+            RankedEntry(layer=layer.blob_digest, path=e.name, digest=e.digest, size=e.size)
+            for e in files
+        ]
+    if not entries:
+        return None
+    return Group(name="landmark", runs=0, tiers=[Tier(name="always", entries=entries)])
 
 
 def _entry_chunks(entry: Entry, ranked: RankedEntry) -> list[Chunk]:

@@ -1,0 +1,128 @@
+"""The whole loop on the real registry: trace a workload, optimize, then mounts prefetch by
+themselves, from groups stored beside the image or from a re-laid-out image's landmarks."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from lazyfs_tools.convert import convert
+
+from tests.support.fixtures import registry  # noqa: F401
+from tests.support.layers import Item, make_layout, make_tar, seeded_bytes
+from tests.support.mounts import lazyfs_cmd, mounted, run
+from tests.support.registry import RegistryInstance, push_oci_layout
+from tests.support.rootfs import host_rootfs_items
+
+FILES = {f"app/m{i:02d}.bin": seeded_bytes(200_000, 300 + i) for i in range(24)}
+WORKLOAD = ["/bin/sh", "-c", "cat /app/m17.bin /app/m03.bin /app/m11.bin > /dev/null"]
+USED = ["app/m17.bin", "app/m03.bin", "app/m11.bin"]
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("pipeline")
+    items = [*host_rootfs_items(), Item("app", "dir", mode=0o755)]
+    items += [Item(name, data=data) for name, data in FILES.items()]
+    make_layout(d / "src", [make_tar(items)], tag="v1")
+    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    push_oci_layout(d / "lazy", f"{registry.host}/pipe/app:v1", tag="v1")
+    return {"dir": d, "ref": f"{registry.host}/pipe/app:v1"}
+
+
+def _stats(mnt: Path) -> dict:
+    return json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+
+
+def _wait_prefetch(mnt: Path, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pf = _stats(mnt).get("prefetch")
+        if pf and pf["prefetch_done"]:
+            return pf
+        time.sleep(0.05)
+    raise AssertionError(f"prefetch did not finish: {_stats(mnt)}")
+
+
+def _read_used(mnt: Path) -> dict:
+    for name in USED:
+        assert (mnt / name).read_bytes() == FILES[name]
+    return _stats(mnt)["layers"][0]["stats"]
+
+
+def test_trace_optimize_push_then_mounts_prefetch(pushed: dict, tmp_path: Path) -> None:
+    ref = pushed["ref"]
+    res = run(
+        *lazyfs_cmd(
+            "trace",
+            "run",
+            ref,
+            "--plain-http",
+            "--group",
+            "app",
+            "--out",
+            str(tmp_path / "t.json"),
+            "--",
+            *WORKLOAD,
+        )
+    )
+    assert res.returncode == 0, res.stderr
+    trace = json.loads((tmp_path / "t.json").read_text())
+    paths = [f["path"] for f in trace["files"]]
+    assert [p for p in paths if p.startswith("app/")] == USED
+    res = run(
+        *lazyfs_cmd(
+            "optimize",
+            str(tmp_path / "t.json"),
+            "--out",
+            str(tmp_path / "groups.json"),
+            "--push",
+            ref,
+            "--plain-http",
+        )
+    )
+    assert res.returncode == 0, res.stderr
+
+    # A plain mount finds the groups beside the image and fetches them before they are read.
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, "--plain-http", "--read-only", "--cache", str(tmp_path / "c1")):
+        pf = _wait_prefetch(mnt)
+        assert pf["group"] == "app" and pf["entries"] >= len(USED) and not pf["error"]
+        stats = _read_used(mnt)
+        assert stats["cache_misses"] == 0 and stats["wait_ns"] == 0
+    # --no-prefetch: the same reads wait for the network.
+    with mounted(
+        ref, mnt, "--plain-http", "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c2")
+    ):
+        assert _stats(mnt).get("prefetch") is None
+        stats = _read_used(mnt)
+        assert stats["cache_misses"] > 0
+
+    # Re-laid out: the group comes first in the layer, and a mount of the new image prefetches
+    # up to the landmark with no groups document at all.
+    d = pushed["dir"]
+    convert(
+        f"oci:{d / 'src'}:v1",
+        f"oci:{tmp_path / 'relaid'}:v2",
+        chunk_size=64 * 1024,
+        prefetch=str(tmp_path / "groups.json"),
+    )
+    host = ref.split("/")[0]
+    push_oci_layout(tmp_path / "relaid", f"{host}/pipe/relaid:v2", tag="v2")
+    with mounted(
+        f"{host}/pipe/relaid:v2",
+        mnt,
+        "--plain-http",
+        "--read-only",
+        "--cache",
+        str(tmp_path / "c3"),
+    ):
+        pf = _wait_prefetch(mnt)
+        assert pf["group"] == "landmark" and pf["entries"] >= len(USED)
+        layer = _stats(mnt)["layers"][0]["stats"]
+        assert layer["requests"] <= 2  # one contiguous range per layer
+        stats = _read_used(mnt)
+        assert stats["cache_misses"] == 0 and stats["wait_ns"] == 0

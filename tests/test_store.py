@@ -89,6 +89,7 @@ class MemSource(Source):
         self.gate_all: trio.Event | None = None
         self.flips = 0  # corrupt this many of the next responses
         self.corrupt_all = False
+        self.corrupt_at: set[int] = set()  # blob offsets damaged in every response
 
     async def get_manifest(self, ref: str) -> tuple[bytes, str, str]:
         raise NotImplementedError
@@ -105,6 +106,9 @@ class MemSource(Source):
             await gate.wait()
         await trio.lowlevel.checkpoint()
         data = bytearray(self.blobs[digest][start:end])
+        for at in self.corrupt_at:
+            if start <= at < end:
+                data[at - start] ^= 0x01
         if self.corrupt_all or self.flips > 0:
             self.flips -= 1
             data[len(data) // 2] ^= 0x10
@@ -644,5 +648,24 @@ def test_amplify_takes_following_files_in_blob_order(tmp_path: Path) -> None:
         assert len(src.requests) <= 40 * 3000 // 20_000 + 1
         # a random (non-sequential) read of a file takes no neighbours
         await store.read(layer, by["f5"], 1000, 10)
+
+    run(main)
+
+
+def test_a_failed_chunk_is_fetched_afresh_by_the_next_reader(tmp_path: Path) -> None:
+    # With fetches in the mount's nursery, a failed flight may still be registered while the
+    # rest of its request is stored; a later reader must not inherit that failure.
+    files: dict[str, bytes | list[bytes | int]] = {"a": rand(1000, 1), "b": rand(30_000, 2)}
+    store, layer, src, toc, blob = make(tmp_path, files)
+    e = toc.by_name()["a"]
+    src.corrupt_at = {e.chunks[0].offset + 5}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            store.attach(nursery)
+            with pytest.raises(IntegrityError):
+                await store.read(layer, e, 0, 1000)  # the request also brings b's chunks
+            src.corrupt_at = set()
+            assert await store.read(layer, e, 0, 1000) == content_of(toc, blob, "a")
 
     run(main)

@@ -528,8 +528,8 @@ class LayerStore:
             try:
                 raw = await self._fetch(layer, g.start, g.end, g.ticket)
             except Exception as e:
-                for f in g.flights.values():
-                    f.fail(e)
+                for d, f in g.flights.items():
+                    self._fail(d, f, e)
                 return
             # Decode in at most two batches (one per core): a thread hop per chunk costs more
             # than decoding a small chunk does.
@@ -582,9 +582,16 @@ class LayerStore:
             if isinstance(result, IntegrityError):
                 await self._retry_chunk(layer, c, f, stored, result)
             elif isinstance(result, Exception):
-                f.fail(result)
+                self._fail(c.digest, f, result)
             else:
                 self._succeed(c, f, result, stored)
+
+    def _fail(self, digest: str, f: _Flight, error: BaseException) -> None:
+        """Fail a flight and forget it at once: a reader that comes later must try afresh,
+        not inherit this failure while the rest of its request is still being handled."""
+        f.fail(error)
+        if self._inflight.get(digest) is f:
+            del self._inflight[digest]
 
     def _succeed(self, c: Chunk, f: _Flight, data: bytes, stored: list[tuple[str, bytes]]) -> None:
         f.succeed(data)
@@ -609,10 +616,10 @@ class LayerStore:
             data = await trio.to_thread.run_sync(decode_chunk, layer.toc.compression, raw, c)
         except IntegrityError as e2:
             layer.stats.integrity_errors += 1
-            f.fail(e2)
+            self._fail(c.digest, f, e2)
             return
         except Exception as e2:
-            f.fail(e2)
+            self._fail(c.digest, f, e2)
             return
         self._succeed(c, f, data, stored)
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import base64
 import bisect
 import datetime as _dt
+import functools
 import posixpath
+import re
+import sys
 from collections.abc import Iterable
 from typing import Literal
 
@@ -23,13 +26,20 @@ from lazyfs.errors import FormatError
 EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo"]
 ENTRY_TYPES: frozenset[str] = frozenset(EntryType.__args__)  # type: ignore[attr-defined]
 
+# A name with no empty, "." or ".." component and no leading or trailing slash is normal.
+_PLAIN_NAME = re.compile(r"(?!\.\.?(?:/|$))[^/\x00]+(?:/(?!\.\.?(?:/|$))[^/\x00]+)*")
+
 # A TOC larger than this is refused before decoding: it bounds memory for hostile layers.
 MAX_TOC_BYTES = 256 * 1024 * 1024
 
 Compression = Literal["zstd", "gzip"]
 
 
-class Chunk(msgspec.Struct, frozen=True, array_like=True):
+# Shared by every entry without xattrs (most of them); entries are never mutated in place.
+_NO_XATTRS: dict[str, bytes] = {}
+
+
+class Chunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One independently fetchable, verifiable piece of a regular file.
 
     ``offset:end`` is the compressed byte range in the blob (whole zstd frames or gzip members);
@@ -47,7 +57,7 @@ class Chunk(msgspec.Struct, frozen=True, array_like=True):
     zeros: bool = False
 
 
-class Entry(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Entry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """A filesystem entry of one layer.  ``name`` is normalised: relative, no ``..``, no ``/``
     at either end; the root directory is ``""``."""
 
@@ -86,7 +96,7 @@ class TOC(msgspec.Struct, kw_only=True):
 # newer writer's extra keys do not break us.
 
 
-class _WireEntry(msgspec.Struct, kw_only=True):
+class _WireEntry(msgspec.Struct, kw_only=True, gc=False):
     type: str
     name: str
     size: int = 0
@@ -118,7 +128,9 @@ class _WireTOC(msgspec.Struct):
 _wire_decoder = msgspec.json.Decoder(_WireTOC)
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse_time(s: str | None) -> int:
+    # Cached: a layer's files mostly share a handful of timestamps.
     if not s:
         return 0
     try:
@@ -153,6 +165,8 @@ def format_time(ns: int) -> str:
 
 def normalize_name(name: str) -> str:
     """Normalise a layer path; refuse anything that could escape the root."""
+    if name and _PLAIN_NAME.fullmatch(name):
+        return name  # the common case, already normal: no normpath per entry
     if "\x00" in name:
         raise FormatError(f"entry name contains NUL: {name!r}")
     if name.startswith("/"):
@@ -226,7 +240,9 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
 def _to_entry(w: _WireEntry) -> Entry:
     if w.size < 0 or w.mode < 0 or w.uid < 0 or w.gid < 0:
         raise FormatError(f"negative size, mode or owner for {w.name!r}")
-    xattrs: dict[str, bytes] = {}
+    xattrs: dict[str, bytes] = _NO_XATTRS
+    if w.xattrs:
+        xattrs = {}
     for k, v in (w.xattrs or {}).items():
         try:
             xattrs[k] = base64.b64decode(v, validate=True)
@@ -241,8 +257,8 @@ def _to_entry(w: _WireEntry) -> Entry:
         mode=w.mode & 0o7777,
         uid=w.uid,
         gid=w.gid,
-        uname=w.userName,
-        gname=w.groupName,
+        uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
+        gname=sys.intern(w.groupName),
         size=w.size if w.type == "reg" else 0,
         mtime_ns=_parse_time(w.modtime),
         link_name=link,
@@ -257,6 +273,8 @@ def _to_chunk(head: _WireEntry, w: _WireEntry, starts: list[int], *, last: bool)
     size = w.chunkSize or (head.size - w.chunkOffset)
     zeros = w.chunkType == "zeros"
     digest = w.chunkDigest or (head.digest if size == head.size else "")
+    if digest == head.digest:
+        digest = head.digest  # one string object for a one-chunk file, not two
     if not digest and not zeros:
         raise FormatError(f"chunk at {w.chunkOffset} of {head.name!r} has no digest")
     # zstd:chunked gives ``endOffset`` once, on the file entry: the end of its last chunk.

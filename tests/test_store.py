@@ -661,11 +661,34 @@ def test_a_failed_chunk_is_fetched_afresh_by_the_next_reader(tmp_path: Path) -> 
     src.corrupt_at = {e.chunks[0].offset + 5}
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            store.attach(nursery)
+        async with store.running():
             with pytest.raises(IntegrityError):
                 await store.read(layer, e, 0, 1000)  # the request also brings b's chunks
             src.corrupt_at = set()
             assert await store.read(layer, e, 0, 1000) == content_of(toc, blob, "a")
+
+    run(main)
+
+
+def test_sequential_reader_has_the_next_chunks_fetched_ahead(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {"big": rand(20_000, 7)}
+    store, layer, src, toc, blob = make(
+        tmp_path, files, chunk_size=1000, readahead=0, amplify=0, merge_gap=-1, pipeline=3000
+    )
+    e = toc.by_name()["big"]
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, e, 0, 1000) == content_of(toc, blob, "big")[:1000]
+            await trio.testing.wait_all_tasks_blocked()
+            # chunk 0 on demand, chunks 1-3 ahead of the reader (a 3000-byte window)
+            assert len(src.requests) >= 3
+            n = len(src.requests)
+            assert await store.read(layer, e, 1000, 1000) == content_of(toc, blob, "big")[1000:2000]
+            assert len(src.requests) >= n  # chunk 1 was already there or on its way
+        # a random read elsewhere does not pipeline
+        before = len(src.requests)
+        await store.read(layer, e, 15_500, 10)
+        assert len(src.requests) == before + 1
 
     run(main)

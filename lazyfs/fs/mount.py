@@ -374,23 +374,21 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
             # Fetches started by readers live in their own nursery: at unmount the control
             # socket and background fill are cancelled, but chunks already on their way are
             # still verified and written to the cache.
-            async with trio.open_nursery() as fetches:
-                store.attach(fetches)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(_control_server, control, handle)
-                    if opts.background_fetch:
-                        store.background(nursery)
-                    nursery.start_soon(_on_signals, nursery.cancel_scope)
-                    if recorder is not None:
-                        recorder.start()
-                    if prefetcher is not None:
-                        nursery.start_soon(prefetcher.run)
-                    elif opts.auto_prefetch:
-                        nursery.start_soon(auto_prefetch)
-                    if ready is not None:
-                        ready()
-                    await pyfuse3.main(min_tasks=4, max_tasks=64)
-                    nursery.cancel_scope.cancel()
+            async with store.running(), trio.open_nursery() as nursery:
+                await nursery.start(_control_server, control, handle)
+                if opts.background_fetch:
+                    store.background(nursery)
+                nursery.start_soon(_on_signals, nursery.cancel_scope)
+                if recorder is not None:
+                    recorder.start()
+                if prefetcher is not None:
+                    nursery.start_soon(prefetcher.run)
+                elif opts.auto_prefetch:
+                    nursery.start_soon(auto_prefetch)
+                if ready is not None:
+                    ready()
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
             if recorder is not None and trace_path is not None:

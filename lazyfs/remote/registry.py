@@ -367,19 +367,26 @@ class RegistrySource(Source):
             else:
                 # The whole blob came back: remember, and take only what we need from it.
                 self.range_ignored.add(netloc)
-            buf = bytearray()
+            # Pieces joined once at the end: appending to a bytearray and slicing it copied
+            # every range twice more (a third of the time of a large read).
+            pieces: list[bytes] = []
+            got = 0
             async for chunk in resp.aiter_bytes():
                 self.stats.bytes_received += len(chunk)
                 if skip >= len(chunk):
                     skip -= len(chunk)
                     continue
-                buf += chunk[skip:] if skip else chunk
+                piece = chunk[skip:] if skip else chunk
                 skip = 0
-                if len(buf) >= want:
+                if got + len(piece) > want:
+                    piece = piece[: want - got]
+                pieces.append(piece)
+                got += len(piece)
+                if got >= want:
                     break  # leaving the stream closes it: no reading the rest of a big blob
-            if len(buf) < want:
-                raise _Transient(f"short body: {len(buf)} of {want} bytes")
-            return bytes(buf[:want])
+            if got < want:
+                raise _Transient(f"short body: {got} of {want} bytes")
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
         return await self._fetch(
             f"blobs/{digest}",

@@ -189,6 +189,13 @@ class ChunkCache:
                 self._bytes += st.st_size
         return True
 
+    def is_verified(self, digest: str) -> bool:
+        """True when a read of ``digest`` needs no hashing (it was checked in this process)."""
+        hx = _hex_of(digest)
+        with self._lock:
+            item = self._index.get(hx) if hx is not None else None
+            return item is not None and (item.verified or not self.verify_first_read)
+
     def read(self, digest: str, size: int, lo: int = 0, hi: int | None = None) -> bytes | None:
         """Bytes ``[lo, hi)`` of a cached chunk of ``size`` bytes, or None if it is not (or no
         longer validly) cached; a wrong-sized or corrupt file is deleted."""

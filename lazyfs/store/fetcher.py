@@ -14,10 +14,11 @@ that started a fetch pays for the write.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import NoReturn
 
@@ -181,6 +182,7 @@ class LayerStore:
         concurrency: int = 8,
         readahead: int = 512 * 1024,
         amplify: int = 512 * 1024,
+        pipeline: int = 8 * 1024 * 1024,
         hot_bytes: int = DEFAULT_HOT_BYTES,
     ) -> None:
         self.cache = cache
@@ -188,6 +190,7 @@ class LayerStore:
         self.max_request = max_request
         self.readahead = readahead
         self.amplify = amplify
+        self.pipeline = pipeline
         self._hot = HotChunks(hot_bytes)
         self._nursery: trio.Nursery | None = None
         # A quarter of the slots (at least one, when there are two) only serve on-demand reads.
@@ -258,7 +261,10 @@ class LayerStore:
             )
             for c in chunks
         ]
+        prev = layer.read_pos.get(entry.name)
         extra = self._readahead(layer, entry, chunks, offset, end)
+        if prev == offset or (prev is None and offset == 0):
+            self._pipeline(layer, entry, [*chunks, *extra])
         parts, waited = await self._obtain(layer, needs, extra)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
@@ -292,6 +298,33 @@ class LayerStore:
                         break
                     out.append(c)
         return out + self._amplify(layer, [*chunks, *out])
+
+    def _pipeline(self, layer: Layer, entry: Entry, asked: list[Chunk]) -> None:
+        """A sequential reader of a big file will want the next chunks soon: start fetching
+        them now, in the background, so a ``cat`` overlaps its network with its reads instead
+        of waiting for one chunk after another.  The reader joins (and boosts) these flights
+        when it gets there."""
+        if self._nursery is None or self.pipeline <= 0 or not asked:
+            return
+        last = max(c.file_offset for c in asked)
+        i = bisect.bisect_right(entry.chunks, last, key=lambda c: c.file_offset)
+        nxt: list[Chunk] = []
+        budget = self.pipeline
+        for c in entry.chunks[i:]:
+            if c.zeros or c.digest in self._inflight or self._maybe_cached(layer, c):
+                continue
+            budget -= c.end - c.offset
+            if budget < 0 and nxt:
+                break
+            nxt.append(c)
+        if nxt:
+            self._nursery.start_soon(self._quiet_prefetch, layer, nxt)
+
+    async def _quiet_prefetch(self, layer: Layer, chunks: list[Chunk]) -> None:
+        try:
+            await self.prefetch(layer, chunks)
+        except (LazyfsError, OSError) as e:
+            log.debug("read-ahead of %s failed: %s", layer.blob_digest, e)  # the reader retries
 
     def _amplify(self, layer: Layer, chunks: list[Chunk]) -> list[Chunk]:
         """The chunks that follow in blob order, up to ``amplify`` compressed bytes, stopping
@@ -360,8 +393,12 @@ class LayerStore:
                 ]
                 if local:
                     todo = [needs[i] for i in local]
-                    if sum(hi - lo for _, lo, hi in todo) <= INLINE_READ_BYTES:
-                        # Small reads of page-cached files are quicker than a thread hop.
+                    if sum(hi - lo for _, lo, hi in todo) <= INLINE_READ_BYTES and all(
+                        self.cache.is_verified(c.digest) for c, _, _ in todo
+                    ):
+                        # Small reads of page-cached, already verified files are quicker
+                        # than a thread hop (a first read after a restart hashes the whole
+                        # chunk: that goes to a worker thread).
                         await trio.lowlevel.checkpoint()
                         got = self._read_local(todo)
                     else:
@@ -733,10 +770,18 @@ class LayerStore:
         if error is not None:
             _reraise(error)
 
-    def attach(self, nursery: trio.Nursery) -> None:
-        """Run on-demand fetches in ``nursery`` (the mount's), so a reader returns as soon as
-        its chunks are verified instead of also waiting for them to be written to disk."""
-        self._nursery = nursery
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Within this block, fetches started by readers (and their read-ahead) run in a
+        nursery of the store's own, so a reader returns as soon as its chunks are verified
+        instead of also waiting for them to be written to disk.  Leaving the block waits for
+        those fetches to finish, so a clean unmount keeps everything it fetched."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield
+            finally:
+                self._nursery = None
 
     def background(self, nursery: trio.Nursery) -> None:
         """Fill the cache with every layer's remaining chunks at the lowest priority, one

@@ -7,7 +7,7 @@ import sys
 
 import msgspec
 
-from lazyfs.formats.zstdchunked import DEFAULT_CHUNK_SIZE
+from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE
 
 
 def parse_size(text: str) -> int:

@@ -14,7 +14,6 @@ annotation ``containerd.io/snapshot/stargz/toc.digest`` is the sha256 of the TOC
 
 from __future__ import annotations
 
-import hashlib
 import io
 import struct
 import tarfile
@@ -23,9 +22,9 @@ from typing import BinaryIO
 
 from lazyfs import oci
 from lazyfs.errors import FormatError
-from lazyfs.formats.tarstream import BLOCK, TarReader
-from lazyfs.formats.toc import Chunk, Entry, encode_toc
-from lazyfs.formats.zstdchunked import DEFAULT_CHUNK_SIZE, LayerResult
+from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, FrameWriter, LayerResult, frame_tar
+from lazyfs.formats.tarstream import BLOCK, Member, TarReader
+from lazyfs.formats.toc import encode_toc
 
 FOOTER_SIZE = 51
 FOOTER_SIZE_LEGACY = 47
@@ -96,23 +95,6 @@ def extract_toc_json(member: bytes) -> bytes:
     raise FormatError(f"eStargz TOC has no {TOC_NAME}")
 
 
-class _Out:
-    def __init__(self, dst: BinaryIO) -> None:
-        self.dst = dst
-        self.pos = 0
-        self.sha = hashlib.sha256()
-        self.diff = hashlib.sha256()
-        self.plain = 0
-
-    def member(self, plain: bytes) -> None:
-        self.diff.update(plain)
-        self.plain += len(plain)
-        data = _gzip_member(plain)
-        self.dst.write(data)
-        self.sha.update(data)
-        self.pos += len(data)
-
-
 def write_layer(
     src: BinaryIO,
     dst: BinaryIO,
@@ -126,49 +108,15 @@ def write_layer(
     The tar stream changes (the TOC becomes its last member), so the diff_id is recomputed.
     ``landmarks``: ``src`` was reordered for prefetch and carries a (no-)prefetch landmark.
     """
-    if chunk_size <= 0:
-        raise FormatError("chunk size must be positive")
-    out = _Out(dst)
+
+    def check(member: Member) -> None:
+        name = member.entry.name
+        if name in RESERVED_NAMES and not (landmarks and name in LANDMARKS):
+            raise FormatError(f"{where}: source layer already contains {name!r}")
+
+    out = FrameWriter(dst, _gzip_member)
     reader = TarReader(src, where=where)
-    entries: list[Entry] = []
-    meta = bytearray()
-
-    def flush_meta() -> None:
-        if meta:
-            out.member(bytes(meta))
-            meta.clear()
-
-    for member in reader:
-        if member.entry.name in RESERVED_NAMES and not (
-            landmarks and member.entry.name in LANDMARKS
-        ):
-            raise FormatError(f"{where}: source layer already contains {member.entry.name!r}")
-        meta += member.header
-        entry = member.entry
-        if member.size and entry.type == "reg":
-            flush_meta()
-            chunks: list[Chunk] = []
-            file_sha = hashlib.sha256()
-            pos = 0
-            while pos < member.size:
-                data = reader.read(min(chunk_size, member.size - pos))
-                file_sha.update(data)
-                start = out.pos
-                out.member(data)
-                chunks.append(
-                    Chunk(
-                        pos, len(data), start, out.pos, "sha256:" + hashlib.sha256(data).hexdigest()
-                    )
-                )
-                pos += len(data)
-            entry.digest = "sha256:" + file_sha.hexdigest()
-            entry.chunks = tuple(chunks)
-        elif member.size:
-            while data := reader.read(1 << 20):
-                meta += data
-        meta += reader.take_padding()
-        entries.append(entry)
-    flush_meta()
+    entries = frame_tar(reader, out, chunk_size, keep_trailer=False, check=check)
 
     toc_json = encode_toc(entries, flavour="estargz")
     info = tarfile.TarInfo(TOC_NAME)
@@ -182,16 +130,13 @@ def write_layer(
         + bytes(2 * BLOCK)
     )
     toc_offset = out.pos
-    out.member(toc_tar)
-    footer = encode_footer(toc_offset)
-    out.dst.write(footer)
-    out.sha.update(footer)
-    out.pos += len(footer)
+    out.frame(toc_tar)
+    out.raw(encode_footer(toc_offset))
     toc_digest = oci.sha256_digest(toc_json)
     return LayerResult(
-        digest="sha256:" + out.sha.hexdigest(),
+        digest=out.digest,
         size=out.pos,
-        diff_id="sha256:" + out.diff.hexdigest(),
+        diff_id=out.diff_id,
         media_type=oci.MT_LAYER_GZIP,
         annotations={
             oci.ANN_ESTARGZ_TOC_DIGEST: toc_digest,

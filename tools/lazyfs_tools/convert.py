@@ -26,8 +26,8 @@ import zstandard
 from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats import estargz, zstdchunked
+from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, LayerResult
 from lazyfs.formats.tarstream import BLOCK, TarReader
-from lazyfs.formats.zstdchunked import DEFAULT_CHUNK_SIZE, LayerResult
 from lazyfs.trace.schema import PrefetchGroups, decode_groups
 from lazyfs_tools.layout import HashingReader, Layout, parse_oci_ref
 

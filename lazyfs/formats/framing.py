@@ -1,0 +1,129 @@
+"""What both lazy writers share: cutting a tar stream into independently compressed frames.
+
+Tar headers (and the padding before them) gather into one metadata frame; each regular file's
+content is cut into ``chunk_size`` pieces, each its own frame, recorded as a :class:`Chunk`
+with its compressed range and sha256.  The formats differ only in how a frame is compressed
+(zstd frames or gzip members) and in what follows the last member, so each supplies a
+:class:`FrameWriter` and finishes the blob itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import BinaryIO
+
+import msgspec
+
+from lazyfs.errors import FormatError
+from lazyfs.formats.tarstream import Member, TarReader
+from lazyfs.formats.toc import Chunk, Entry
+
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+
+
+class LayerResult(msgspec.Struct):
+    """What a writer produced: enough to write the OCI descriptor and the config diff_id."""
+
+    digest: str
+    size: int
+    diff_id: str
+    media_type: str
+    annotations: dict[str, str]
+    toc_digest: str
+    entries: int
+
+
+class FrameWriter:
+    """Writes frames to ``dst``, hashing the compressed output (the blob digest) and the
+    uncompressed input (the diff_id) as it goes.  ``compress`` turns plain bytes into one
+    self-contained frame."""
+
+    def __init__(self, dst: BinaryIO, compress: Callable[[bytes], bytes]) -> None:
+        self.dst = dst
+        self.compress = compress
+        self.pos = 0
+        self.plain = 0
+        self.sha = hashlib.sha256()
+        self.diff = hashlib.sha256()
+
+    def frame(self, plain: bytes) -> None:
+        self.diff.update(plain)
+        self.plain += len(plain)
+        self.raw(self.compress(plain))
+
+    def raw(self, data: bytes) -> None:
+        """Bytes that are not part of the tar stream (skippable frames, footers)."""
+        self.dst.write(data)
+        self.sha.update(data)
+        self.pos += len(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+    @property
+    def diff_id(self) -> str:
+        return "sha256:" + self.diff.hexdigest()
+
+
+def frame_tar(
+    reader: TarReader,
+    out: FrameWriter,
+    chunk_size: int,
+    *,
+    keep_trailer: bool,
+    check: Callable[[Member], None] | None = None,
+) -> list[Entry]:
+    """Frame every member of ``reader`` onto ``out``; return the TOC entries (content chunks
+    filled in).  ``keep_trailer``: also emit the end-of-archive blocks (zstd:chunked keeps the
+    exact source tar; eStargz appends its TOC member and its own end instead)."""
+    if chunk_size <= 0:
+        raise FormatError("chunk size must be positive")
+    entries: list[Entry] = []
+    meta = bytearray()  # headers and padding waiting for the next metadata frame
+
+    def flush_meta() -> None:
+        if meta:
+            out.frame(bytes(meta))
+            meta.clear()
+
+    for member in reader:
+        if check is not None:
+            check(member)
+        meta += member.header
+        entry = member.entry
+        if member.size and entry.type == "reg":
+            flush_meta()
+            chunks: list[Chunk] = []
+            file_sha = hashlib.sha256()
+            pos = 0
+            while pos < member.size:
+                data = reader.read(min(chunk_size, member.size - pos))
+                file_sha.update(data)
+                start = out.pos
+                out.frame(data)
+                chunks.append(
+                    Chunk(
+                        file_offset=pos,
+                        size=len(data),
+                        offset=start,
+                        end=out.pos,
+                        digest="sha256:" + hashlib.sha256(data).hexdigest(),
+                        # A hole: readers make it up instead of fetching it.
+                        zeros=data == bytes(len(data)),
+                    )
+                )
+                pos += len(data)
+            entry.digest = "sha256:" + file_sha.hexdigest()
+            entry.chunks = tuple(chunks)
+        elif member.size:
+            # Content on a non-regular member (rare): keep it in the stream, not in the TOC.
+            while data := reader.read(1 << 20):
+                meta += data
+        meta += reader.take_padding()
+        entries.append(entry)
+    if keep_trailer:
+        meta += reader.trailer
+    flush_meta()
+    return entries

@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 
 from lazyfs.progress import human_bytes
-from lazyfs.store.cache import DEFAULT_MAX_BYTES, CacheUsage, PruneResult
+from lazyfs.store.cache import CacheUsage, PruneResult
 
-from .image import parse_size
+from .common import add_cache_args, parse_size
 
 # Opening a ChunkCache evicts down to its bound; these commands must not evict by accident
 # (a mount may run with a larger --cache-size than the default), so they open it unbounded.
@@ -23,14 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     cmds = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
 
     du = cmds.add_parser("du", help="how much the cache holds")
-    du.add_argument("--cache", metavar="DIR", help="chunk cache directory")
-    du.add_argument(
-        "--cache-size",
-        type=parse_size,
-        default=DEFAULT_MAX_BYTES,
-        metavar="N",
-        help="the bound to report as max (the cache does not record it; default 10GiB)",
-    )
+    add_cache_args(du, size_help="the bound to report as max (not recorded; default 10GiB)")
     du.add_argument("--json", action="store_true", help="machine-readable output")
     du.set_defaults(handler=du_cmd)
 

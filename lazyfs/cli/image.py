@@ -9,16 +9,7 @@ import msgspec
 
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE
 
-
-def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+from .common import add_registry_args, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -79,8 +70,7 @@ def register_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="registry reference, oci:DIR[:TAG], or a lazy layer blob file",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plain-http", action="store_true")
-    p.add_argument("--platform", default="linux/amd64")
+    add_registry_args(p)
     p.set_defaults(handler=inspect_cmd)
 
 

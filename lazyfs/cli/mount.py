@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -12,9 +13,8 @@ import time
 import msgspec
 
 from lazyfs.errors import LazyfsError
-from lazyfs.store.cache import DEFAULT_MAX_BYTES
 
-from .image import parse_size
+from .common import add_cache_args, add_registry_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,17 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--upper", metavar="DIR", help="writable upper directory (a layer diff)")
-    p.add_argument("--cache", metavar="DIR", help="chunk cache directory")
-    p.add_argument(
-        "--cache-size",
-        type=parse_size,
-        default=DEFAULT_MAX_BYTES,
-        metavar="N",
-        help="bound the chunk cache (default 10GiB)",
-    )
-    p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
-    p.add_argument("--insecure", action="store_true", help="skip TLS verification")
-    p.add_argument("--platform", default="linux/amd64", help="os/arch[/variant] of an index")
+    add_cache_args(p)
+    add_registry_args(p)
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     p.add_argument("--read-only", action="store_true", help="no upper layer; EROFS on writes")
     p.add_argument(
@@ -109,26 +100,58 @@ def mount_cmd(args: argparse.Namespace) -> int:
         return _serve(args)
     # Daemonize by re-running ourselves detached; the child reports readiness or its one-line
     # error through a pipe, so errors before the mount is ready come from this command.
-    read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "lazyfs.cli", *_passthrough(args), "--ready-fd", str(write_fd)]
-    log_path = args.log or os.devnull
-    with open(log_path, "ab") as log:
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
+    child, message = spawn_daemon(_passthrough(args), args.log or os.devnull)
     if message == "ready":
         print(f"{args.mountpoint}: mounted {args.image} (pid {child.pid})")
         return 0
     child.wait()
     raise LazyfsError(message.removeprefix("error: ") or f"daemon exited ({child.returncode})")
+
+
+def spawn_daemon(
+    mount_args: list[str], log_path: str | os.PathLike[str], timeout: float | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``lazyfs MOUNT_ARGS --ready-fd N`` in a new session, its output to ``log_path``;
+    return the process and the first line it reports: ``ready`` or ``error: …`` (empty if it
+    exited without a word).  Raises LazyfsError after ``timeout`` seconds without one."""
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "lazyfs.cli", *mount_args, "--ready-fd", str(write_fd)]
+    try:
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+            )
+    finally:
+        os.close(write_fd)
+    try:
+        return child, _read_line(read_fd, timeout)
+    except BaseException:
+        child.kill()  # by PID: it never became ready, nothing of it is worth keeping
+        child.wait()
+        raise
+    finally:
+        os.close(read_fd)
+
+
+def _read_line(fd: int, timeout: float | None) -> str:
+    buf = b""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise LazyfsError(f"the mount was not ready after {timeout:.0f}s")
+        readable, _, _ = select.select([fd], [], [], 1.0 if left is None else min(left, 1.0))
+        if readable:
+            data = os.read(fd, 4096)
+            if not data:
+                break  # the daemon exited without a word
+            buf += data
+    return buf.decode(errors="replace").strip()
 
 
 def _passthrough(args: argparse.Namespace) -> list[str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from lazyfs.errors import LazyfsError
 
+from .common import add_registry_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("optimize", help="rank traced files into prefetch groups")
@@ -27,8 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="IMAGE",
         help="also store the groups in IMAGE's repository as an OCI artifact referring to it",
     )
-    p.add_argument("--plain-http", action="store_true")
-    p.add_argument("--insecure", action="store_true")
+    add_registry_args(p, platform=False)
     p.set_defaults(handler=optimize_cmd)
 
 

@@ -14,7 +14,7 @@ from lazyfs.errors import LazyfsError, first_error
 from lazyfs.progress import MODES, PulledEvent, Renderer, choose_mode
 from lazyfs.store.cache import DEFAULT_MAX_BYTES
 
-from .image import parse_size
+from .common import add_cache_args, add_registry_args
 
 if TYPE_CHECKING:
     from lazyfs.store import Layer
@@ -23,17 +23,8 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("pull", help="fetch a whole image into the chunk cache")
     p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
-    p.add_argument("--cache", metavar="DIR", help="chunk cache directory")
-    p.add_argument(
-        "--cache-size",
-        type=parse_size,
-        default=DEFAULT_MAX_BYTES,
-        metavar="N",
-        help="bound the chunk cache (default 10GiB)",
-    )
-    p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
-    p.add_argument("--insecure", action="store_true", help="skip TLS verification")
-    p.add_argument("--platform", default="linux/amd64", help="os/arch[/variant] of an index")
+    add_cache_args(p)
+    add_registry_args(p)
     p.add_argument(
         "--progress",
         choices=MODES,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,8 @@ from lazyfs.errors import LazyfsError
 from lazyfs.store.atomic import atomic_write
 from lazyfs.trace.schema import Trace, encode
 
-from .mount import control_request
+from .common import add_registry_args
+from .mount import control_request, spawn_daemon
 
 READY_TIMEOUT = 300.0  # manifests and TOCs of a large image over a slow link
 POLL_SECONDS = 0.1
@@ -82,9 +82,7 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--idle", type=float, default=0.0, metavar="S", help="stop after S seconds with no new file"
     )
-    r.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
-    r.add_argument("--insecure", action="store_true", help="skip TLS verification")
-    r.add_argument("--platform", default="linux/amd64", help="os/arch[/variant] of an index")
+    add_registry_args(r)
 
 
 def _parse_run(args: argparse.Namespace) -> list[str]:
@@ -227,11 +225,7 @@ def _one_run(args: argparse.Namespace, cmd: list[str]) -> tuple[Trace, int | Non
 
 
 def _start_daemon(args: argparse.Namespace, tmp: Path, mnt: Path) -> subprocess.Popen[bytes]:
-    read_fd, write_fd = os.pipe()
-    argv = [
-        sys.executable,
-        "-m",
-        "lazyfs.cli",
+    mount_args = [
         *(["-v"] * args.verbose),
         "mount",
         args.image,
@@ -246,47 +240,18 @@ def _start_daemon(args: argparse.Namespace, tmp: Path, mnt: Path) -> subprocess.
         str(tmp / "trace.json"),
         "--group",
         args.group,
-        "--ready-fd",
-        str(write_fd),
+        "--no-prefetch",  # a trace records what the workload needs, not what was prefetched
     ]
-    argv += ["--plain-http"] * args.plain_http + ["--insecure"] * args.insecure
-    with open(tmp / "mount.log", "ab") as log:
-        daemon = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
-    os.close(write_fd)
+    mount_args += ["--plain-http"] * args.plain_http + ["--insecure"] * args.insecure
     try:
-        message = _read_ready(read_fd, daemon)
+        daemon, message = spawn_daemon(mount_args, tmp / "mount.log", READY_TIMEOUT)
     except BaseException:
-        _stop_daemon(daemon, mnt)
+        _clear_mountpoint(mnt)  # a daemon killed before it was ready may leave its mount
         raise
-    finally:
-        os.close(read_fd)
     if message != "ready":
         _stop_daemon(daemon, mnt)
         raise LazyfsError(message.removeprefix("error: ") or "the mount daemon exited")
     return daemon
-
-
-def _read_ready(fd: int, daemon: subprocess.Popen[bytes]) -> str:
-    buf = b""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise LazyfsError(f"the mount was not ready after {READY_TIMEOUT:.0f}s")
-        readable, _, _ = select.select([fd], [], [], min(left, 1.0))
-        if readable:
-            data = os.read(fd, 4096)
-            if not data:
-                break  # the daemon exited without a word
-            buf += data
-    return buf.decode(errors="replace").strip()
 
 
 def _watch(
@@ -324,8 +289,16 @@ def _stop_workload(workload: subprocess.Popen[bytes]) -> None:
         workload.wait()
 
 
-def _stop_daemon(daemon: subprocess.Popen[bytes], mnt: Path) -> None:
+def _clear_mountpoint(mnt: Path) -> None:
     from lazyfs.fs.mount import is_mounted, is_stale, unmount
+
+    if is_stale(str(mnt)) or is_mounted(str(mnt)):
+        with contextlib.suppress(LazyfsError):
+            unmount(str(mnt), lazy=True)
+
+
+def _stop_daemon(daemon: subprocess.Popen[bytes], mnt: Path) -> None:
+    from lazyfs.fs.mount import is_mounted, unmount
 
     if daemon.poll() is None and is_mounted(str(mnt)):
         try:
@@ -342,6 +315,4 @@ def _stop_daemon(daemon: subprocess.Popen[bytes], mnt: Path) -> None:
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
-    if is_stale(str(mnt)) or is_mounted(str(mnt)):
-        with contextlib.suppress(LazyfsError):
-            unmount(str(mnt), lazy=True)
+    _clear_mountpoint(mnt)

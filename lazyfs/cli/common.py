@@ -1,0 +1,37 @@
+"""Options several subcommands share, spelled and documented once."""
+
+from __future__ import annotations
+
+import argparse
+
+from lazyfs.store.cache import DEFAULT_MAX_BYTES
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64k``, ``4MiB``, ``10G`` → bytes (for argparse ``type=``)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def add_registry_args(p: argparse.ArgumentParser, *, platform: bool = True) -> None:
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
+    p.add_argument("--insecure", action="store_true", help="skip TLS verification")
+    if platform:
+        p.add_argument("--platform", default="linux/amd64", help="os/arch[/variant] of an index")
+
+
+def add_cache_args(p: argparse.ArgumentParser, *, size_help: str | None = None) -> None:
+    p.add_argument("--cache", metavar="DIR", help="chunk cache directory")
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="N",
+        help=size_help or "bound the chunk cache (default 10GiB)",
+    )

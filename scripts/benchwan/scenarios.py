@@ -95,6 +95,13 @@ def lazy_stats(mnt: Path) -> dict[str, float]:
     }
 
 
+def no_prefetch_args() -> tuple[str, ...]:
+    """``--no-prefetch`` when this lazyfs has it: a plain lazy mount then fetches only what is
+    read (newer lazyfs looks for stored groups and landmarks by default)."""
+    _, mount_help = lazyfs_help()
+    return ("--no-prefetch",) if "--no-prefetch" in mount_help else ()
+
+
 def lazyfs_help(sub: str = "mount") -> tuple[str, str]:
     """``lazyfs --help`` and ``lazyfs SUB --help``."""
 
@@ -218,9 +225,13 @@ def prefetch_contenders(ctx: Ctx, img: Image) -> list[Contender]:
 def startup(ctx: Ctx, image: str) -> dict[str, Any]:
     img = ctx.images[image]
     contenders: list[Contender] = [("pull+extract", lambda: _pull_extract(ctx, img))]
+    pure = no_prefetch_args()
     for label, fmt_dir in FORMATS.items():
         contenders.append(
-            (label, lambda label=label, f=fmt_dir: _lazy_start(ctx, img, f"lazyfs {label}", f))
+            (
+                label,
+                lambda label=label, f=fmt_dir: _lazy_start(ctx, img, f"lazyfs {label}", f, *pure),
+            )
         )
     contenders += prefetch_contenders(ctx, img)
     raw = alternate(contenders, ctx.reps)
@@ -370,10 +381,11 @@ def walk(ctx: Ctx, image: str = "syn10k") -> dict[str, Any]:
 
 
 def mount(ctx: Ctx, images: list[str]) -> dict[str, Any]:
-    def one(img: Image, label: str, fmt_dir: str) -> Rows:
+    def one(img: Image, label: str, fmt_dir: str, *extra: str) -> Rows:
         cache = ctx.fresh("cache")
         b0 = netns.veth_bytes()
-        with lazyfs_mount(ctx.ref(img, fmt_dir), ctx.work / "mnt", cache, "--plain-http") as d:
+        mnt = ctx.work / "mnt"
+        with lazyfs_mount(ctx.ref(img, fmt_dir), mnt, cache, "--plain-http", *extra) as d:
             nbytes = netns.veth_bytes() - b0
             rss_mounted = d.rss_kib().get("VmRSS", 0)
             walk_lstat(ctx.work / "mnt")
@@ -387,11 +399,22 @@ def mount(ctx: Ctx, images: list[str]) -> dict[str, Any]:
             }
         }
 
+    variants: list[tuple[str, str, tuple[str, ...]]] = [
+        (label, fmt_dir, ()) for label, fmt_dir in FORMATS.items()
+    ]
+    if pure := no_prefetch_args():
+        variants.insert(1, ("zstd:chunked --no-prefetch", "zstd", pure))
+        ctx.notes.append(
+            "mount: a default mount also looks for prefetch groups stored in the registry "
+            "(referrers) and for landmarks; `--no-prefetch` skips that"
+        )
     contenders: list[Contender] = []
     for name in images:
-        for label, fmt_dir in FORMATS.items():
-            img = ctx.images[name]
-            contenders.append((f"{label} {name}", lambda i=img, la=label, f=fmt_dir: one(i, la, f)))
+        img = ctx.images[name]
+        for label, fmt_dir, extra in variants:
+            contenders.append(
+                (f"{label} {name}", lambda i=img, la=label, f=fmt_dir, x=extra: one(i, la, f, *x))
+            )
     raw = alternate(contenders, ctx.reps)
     first = ctx.images[images[0]]
     return {

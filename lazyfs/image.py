@@ -16,7 +16,13 @@ import trio
 
 from lazyfs import oci
 from lazyfs.errors import FormatError, LazyfsError
-from lazyfs.formats.layer import TAIL_SIZE, TocLocation, decode_layer_toc, locate_toc
+from lazyfs.formats.layer import (
+    TAIL_SIZE,
+    TocLocation,
+    decode_layer_toc,
+    expected_toc_digest,
+    locate_toc,
+)
 from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
 from lazyfs.remote.image import ResolvedImage, resolve_image
@@ -42,16 +48,25 @@ class _CachedTOC(msgspec.Struct):
     raw: bytes
 
 
-async def load_layer(source: Source, desc: oci.Descriptor, toc_dir: Path | None) -> LayerInfo:
+async def load_layer(
+    source: Source, desc: oci.Descriptor, toc_dir: Path | None, *, verify: bool = True
+) -> LayerInfo:
+    """Read (or take from ``toc_dir``) a layer's TOC.  ``verify``: refuse a TOC the manifest
+    gives no digest for, since every chunk digest comes from it (only ``lazyfs inspect`` of a
+    bare blob file passes False)."""
     hexpart = oci.check_digest(desc.digest)
     cached = toc_dir / hexpart if toc_dir is not None else None
     if cached is not None and cached.exists():
         try:
             entry = msgspec.msgpack.decode(cached.read_bytes(), type=_CachedTOC)
+            # Checked against what this manifest promises, not what was promised then.
+            want = expected_toc_digest(desc.annotations, entry.location.format)
+            if want is None or want != entry.location.expected_digest:
+                raise FormatError("the manifest promises another TOC digest")
             toc = await trio.to_thread.run_sync(decode_layer_toc, entry.location, entry.raw)
             return LayerInfo(desc, entry.location, toc)
         except (msgspec.DecodeError, msgspec.ValidationError, LazyfsError) as e:
-            log.warning("discarding cached TOC of %s: %s", desc.digest, e)
+            log.info("not using the cached TOC of %s: %s", desc.digest, e)
             cached.unlink(missing_ok=True)
     where = f"layer {desc.digest}"
     if desc.size < TAIL_SIZE:
@@ -63,6 +78,11 @@ async def load_layer(source: Source, desc: oci.Descriptor, toc_dir: Path | None)
         raise FormatError(
             f"{where} ({desc.mediaType}) is not lazy: {e}; convert the image with `lazyfs convert`"
         ) from None
+    if verify and loc.expected_digest is None:
+        raise FormatError(
+            f"{where}: the manifest gives no TOC digest annotation, so its content cannot be "
+            "verified; refusing it"
+        )
     raw = await source.read_range(desc.digest, loc.start, loc.end)
     try:
         toc = await trio.to_thread.run_sync(decode_layer_toc, loc, raw)

@@ -252,3 +252,17 @@ def test_truncated_tar_is_refused() -> None:
     tar = make_tar([Item("f", data=seeded_bytes(5000, 1))])
     with pytest.raises(FormatError, match="truncated"):
         convert(tar[:1500], "zstd:chunked")
+
+
+def test_a_chunk_cannot_inflate_past_its_size() -> None:
+    import resource
+
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(bytes(256 << 20))  # declares 256 MiB
+    chunk = Chunk(0, 10, 0, len(bomb), "sha256:" + "0" * 64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(IntegrityError):
+        decode_chunk("zstd", bomb, chunk)  # 10 zero bytes do not hash to that digest
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 * 1024

@@ -12,6 +12,7 @@ import random
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -427,3 +428,62 @@ def test_concurrent_readers_and_writers(image: dict[str, Path], tmp_path: Path) 
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_open_files_survive_promotion_unlink_and_races(
+    image: dict[str, Path], tmp_path: Path
+) -> None:
+    mnt, upper = tmp_path / "mnt", tmp_path / "upper"
+    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"))
+    with mounted(f"oci:{image['lazy']}:v1", mnt, *args):
+        # A reader of a lower file keeps its file across a promotion, an unlink and a new
+        # file of the same name.
+        reader = open(mnt / "etc" / "hostname", "rb")
+        with open(mnt / "etc" / "hostname", "r+b"):
+            pass  # promoted
+        os.unlink(mnt / "etc" / "hostname")
+        (mnt / "etc" / "hostname").write_bytes(b"A DIFFERENT FILE")
+        assert reader.read() == b"mid layer\n"
+        reader.close()
+        # An unlinked but open file keeps working (tempfile.TemporaryFile does this).
+        fd = os.open(mnt / "tmp" / "scratch", os.O_CREAT | os.O_RDWR, 0o600)
+        os.write(fd, b"scratch data")
+        os.unlink(mnt / "tmp" / "scratch")
+        time.sleep(1.2)  # past the attribute timeout: the kernel asks again
+        assert os.fstat(fd).st_size == 12
+        os.ftruncate(fd, 4)
+        assert os.pread(fd, 100, 0) == b"scra"
+        os.close(fd)
+
+        # A truncating open racing a copy-up of the same file: the truncation wins.
+        def promote() -> None:
+            with open(mnt / "data" / "big.bin", "r+b"):
+                pass
+
+        t = threading.Thread(target=promote)
+        t.start()
+        with open(mnt / "data" / "big.bin", "wb") as f:
+            f.write(b"B")
+        t.join()
+        assert (mnt / "data" / "big.bin").read_bytes() == b"B"
+        assert (mnt / "data" / "second-link").read_bytes() == b"B"
+        # An unlink racing a copy-up: the file stays gone.
+        t = threading.Thread(target=lambda: (mnt / "bin" / "tool").open("r+b").close())
+        t.start()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(mnt / "bin" / "tool")
+        t.join()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(mnt / "bin" / "tool")
+        assert not (mnt / "bin" / "tool").exists()
+        # A directory moved onto an emptied lower directory hides what was below.
+        os.unlink(mnt / "usr" / "share" / "doc.txt")
+        (mnt / "n").mkdir()
+        os.rename(mnt / "n", mnt / "usr" / "share")
+        assert os.listdir(mnt / "usr" / "share") == []
+        snap = snapshot(mnt)
+    assert not [p.name for p in upper.rglob(".lazyfs-copyup.*")]
+    with mounted(f"oci:{image['lazy']}:v1", mnt, *args):
+        assert snapshot(mnt) == snap
+        assert not (mnt / "bin" / "tool").exists()
+        assert os.listdir(mnt / "usr" / "share") == []

@@ -44,11 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LazyfsError as e:
         print(f"lazyfs: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return 141
+    except OSError as e:  # a path the user gave that cannot be used: one line, not a trace
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lazyfs: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lazyfs: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 141
 
 
 if __name__ == "__main__":

@@ -194,10 +194,15 @@ def _serve(args: argparse.Namespace) -> int:
     except BaseException as e:
         err = first_error(e)
         if ready_fd is not None:
-            text = str(err) if isinstance(err, LazyfsError) else f"{type(err).__name__}: {err}"
+            if isinstance(err, LazyfsError):
+                text = str(err)
+            elif isinstance(err, OSError):
+                text = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+            else:
+                text = f"{type(err).__name__}: {err}"
             os.write(ready_fd, f"error: {text}\n".encode())
             os.close(ready_fd)
-        if err is not e and isinstance(err, LazyfsError):
+        if err is not e and isinstance(err, LazyfsError | OSError):
             raise err from None
         raise
     return 0

@@ -47,10 +47,14 @@ def _zstd_decompress(raw: bytes, limit: int) -> bytes:
     dctx = _dctx()
     try:
         # The common case, and the fast one: the range is exactly one frame (lazyfs and
-        # containers/storage write each chunk as its own frame).
-        out = dctx.decompress(raw, max_output_size=limit, allow_extra_data=False)
-        if len(out) >= limit:
-            return out
+        # containers/storage write each chunk as its own frame) that declares its size.
+        # decompress() trusts a declared size over max_output_size, so check it first: a
+        # hostile frame must not make us allocate more than the chunk needs.
+        declared = zstandard.frame_content_size(raw)
+        if 0 <= declared <= limit:
+            out = dctx.decompress(raw, max_output_size=limit, allow_extra_data=False)
+            if len(out) >= limit:
+                return out
     except zstandard.ZstdError:
         pass  # several frames, or no content size: take the general path
     # Several frames may make up one range (headers and content); read across them, but never

@@ -34,12 +34,20 @@ class TocLocation(msgspec.Struct, frozen=True):
     uncompressed_size: int = 0  # zstd:chunked only
 
 
+def expected_toc_digest(annotations: dict[str, str] | None, fmt: LayerFormat) -> str | None:
+    """The TOC digest the manifest promises for a layer of format ``fmt``, if any."""
+    ann = annotations or {}
+    if fmt == "zstd:chunked":
+        return ann.get(oci.ANN_ZSTD_CHECKSUM) or ann.get(oci.ANN_ZSTD_CHECKSUM_OLD)
+    return ann.get(oci.ANN_ESTARGZ_TOC_DIGEST)
+
+
 def locate_toc(tail: bytes, blob_size: int, annotations: dict[str, str] | None) -> TocLocation:
     """Identify the format from the footer; raise FormatError if the blob is not lazy."""
     ann = annotations or {}
     zf = zstdchunked.parse_footer(tail)
     if zf is not None:
-        checksum = ann.get(oci.ANN_ZSTD_CHECKSUM) or ann.get(oci.ANN_ZSTD_CHECKSUM_OLD)
+        checksum = expected_toc_digest(ann, "zstd:chunked")
         if zf.manifest_type != zstdchunked.MANIFEST_TYPE_TOC:
             raise FormatError(f"zstd:chunked manifest type {zf.manifest_type} is not a TOC")
         return _checked(
@@ -62,7 +70,7 @@ def locate_toc(tail: bytes, blob_size: int, annotations: dict[str, str] | None) 
                 offset,
                 blob_size - footer_size,
                 offset,
-                ann.get(oci.ANN_ESTARGZ_TOC_DIGEST),
+                expected_toc_digest(ann, "estargz"),
             ),
             blob_size,
         )

@@ -178,8 +178,9 @@ def apply_upper(tree: Tree, upper: Upper) -> None:
     opaque markers hide lower entries, everything else is an upper entry."""
     inodes: dict[tuple[int, int], Node] = {}
     stack: list[Node] = [tree.root]
-    st = upper.lstat(())
-    if st is not None:
+    # An empty upper directory (a fresh one) has nothing to say about the root: it keeps the
+    # image's metadata until something promotes it.
+    if upper.listdir(()):
         tree.root.upper = True
         tree.root.entry = None
     while stack:
@@ -193,7 +194,7 @@ def apply_upper(tree: Tree, upper: Upper) -> None:
                     del dir_node.children[name]
                     tree.unlink_name(child, dir_node, name)
         for name in names:
-            if name.startswith(Upper.TEMP_PREFIX):
+            if Upper.is_temp(name):
                 upper.unlink((*path, name))  # an interrupted copy-up: the lower entry stands
             elif name.startswith(WHITEOUT) and name != OPAQUE:
                 hidden = name[len(WHITEOUT) :]
@@ -201,7 +202,7 @@ def apply_upper(tree: Tree, upper: Upper) -> None:
                 if child is not None:
                     tree.unlink_name(child, dir_node, hidden)
         for name in names:
-            if Upper.is_marker(name) or name.startswith(Upper.TEMP_PREFIX):
+            if Upper.is_marker(name) or Upper.is_temp(name):
                 continue
             cst = upper.lstat((*path, name))
             if cst is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ class Operations(pyfuse3.Operations):
         self.upper = upper
         self.listener = listener
         self._handles: dict[int, Handle] = {}
+        self._open: dict[int, set[int]] = {}  # inode -> its open file handles
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_fh = 1
         self._promoting: dict[int, trio.Event] = {}
@@ -107,15 +109,37 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
+    def _path(self, node: Node) -> tuple[str, ...]:
+        """Where ``node`` lives in the upper directory.  An unlinked node has no path: its
+        old one may name another file by now."""
+        if node.nlink <= 0 and node is not self.tree.root:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node.path()
+
+    def _open_fd(self, node: Node) -> int | None:
+        """An upper fd some handle holds on ``node`` (the only way to an unlinked file)."""
+        for fh in self._open.get(node.ino, ()):
+            fd = self._handles[fh].fd
+            if fd is not None:
+                return fd
+        return None
+
+    def _upper_stat(self, node: Node) -> os.stat_result:
+        fd = self._open_fd(node) if node.nlink <= 0 else None
+        if fd is not None:
+            return os.fstat(fd)
+        assert self.upper is not None
+        st = self.upper.lstat(self._path(node))
+        if st is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return st
+
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
         if node.upper:
-            assert self.upper is not None
-            st = self.upper.lstat(node.path())
-            if st is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+            st = self._upper_stat(node)
             a.st_mode = st.st_mode
             a.st_nlink = st.st_nlink
             a.st_uid, a.st_gid = st.st_uid, st.st_gid
@@ -164,15 +188,20 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ promote (copy-up)
 
-    async def _promote(self, node: Node) -> None:
-        """Make ``node`` (and its parents) exist in the upper directory with lower metadata."""
+    async def _promote(self, node: Node, *, content: bool = True) -> None:
+        """Make ``node`` (and its parents) exist in the upper directory with lower metadata.
+        ``content=False``: the caller is about to truncate, so copy none of it.  One promotion
+        per inode at a time; a waiter sees the first one's failure as EIO."""
+        while not node.upper:
+            busy = self._promoting.get(node.ino)
+            if busy is None:
+                break
+            await busy.wait()
+            if not node.upper:
+                raise pyfuse3.FUSEError(errno.EIO)
         if node.upper:
             return
         upper = self._need_upper()
-        busy = self._promoting.get(node.ino)
-        if busy is not None:
-            await busy.wait()
-            return
         done = self._promoting[node.ino] = trio.Event()
         try:
             names = list(self.tree.names(node))
@@ -180,21 +209,23 @@ class Operations(pyfuse3.Operations):
                 await self._promote(parent)
             e = node.entry
             assert e is not None
-            first, *others = [(*p.path(), n) for p, n in names] or [()]
             if node is self.tree.root:
                 upper.ensure_dir(
                     (), mode=e.mode, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns, xattrs=e.xattrs
                 )
             elif e.type == "dir":
                 upper.ensure_dir(
-                    first, mode=e.mode, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns, xattrs=e.xattrs
+                    self._path(node),
+                    mode=e.mode,
+                    uid=e.uid,
+                    gid=e.gid,
+                    mtime_ns=e.mtime_ns,
+                    xattrs=e.xattrs,
                 )
             elif e.type == "reg":
-                await self._copy_up(node, e, first)
-                for path in others:  # hardlinks stay one inode
-                    upper.link(first, path)
+                await self._copy_up(node, e, e.size if content else 0)
             else:
-                self._make_special(first, e)
+                self._make_special(self._path(node), e)
             node.upper = True
             node.entry = None
         except OSError as err:
@@ -203,19 +234,22 @@ class Operations(pyfuse3.Operations):
             del self._promoting[node.ino]
             done.set()
 
-    async def _copy_up(self, node: Node, e: Entry, path: tuple[str, ...], size: int = -1) -> None:
+    async def _copy_up(self, node: Node, e: Entry, length: int) -> None:
+        """Copy ``length`` bytes of a lower file into the upper directory under a temporary
+        name, then rename it into place (and link its other names), so a crash never leaves
+        a half-copied file visible."""
         upper = self._need_upper()
-        tmp = (*path[:-1], f"{COPYUP_PREFIX}{node.ino}")
-        fd = upper.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        path = self._path(node)
+        tmp = (*path[:-1], f"{COPYUP_PREFIX}{node.ino}.{secrets.token_hex(4)}")
+        fd = upper.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            length = e.size if size < 0 else min(size, e.size)
             layer = self.layers[node.layer]
             pos = 0
             while pos < length:
                 data = await self.store.read(layer, e, pos, min(COPY_PIECE, length - pos))
                 if not data:
                     break
-                os.pwrite(fd, data, pos)
+                await trio.to_thread.run_sync(os.pwrite, fd, data, pos)
                 pos += len(data)
             os.ftruncate(fd, length)
             os.fchown(fd, e.uid, e.gid)
@@ -224,12 +258,20 @@ class Operations(pyfuse3.Operations):
                 os.setxattr(fd, k, v)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
             await trio.to_thread.run_sync(os.fsync, fd)
+            # The awaits above let other operations run: the file may have been unlinked or
+            # renamed meanwhile.  Land the copy only where the file still is.
+            names = [(*p.path(), n) for p, n in self.tree.names(node)]
+            if node.nlink <= 0 or not names:
+                raise FileNotFoundError(errno.ENOENT, "removed during copy-up")
         except BaseException:
             os.close(fd)
             upper.unlink(tmp)
             raise
         os.close(fd)
-        upper.rename(tmp, path)
+        first, *others = names
+        upper.rename(tmp, first)
+        for other in others:  # hardlinks stay one inode
+            upper.link(first, other)
 
     def _make_special(self, path: tuple[str, ...], e: Entry) -> None:
         upper = self._need_upper()
@@ -264,7 +306,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.upper:
             try:
-                return os.fsencode(self._need_upper().readlink(node.path()))
+                return os.fsencode(self._need_upper().readlink(self._path(node)))
             except OSError as e:
                 raise _errno(e) from e
         if node.entry is None or node.entry.type != "symlink":
@@ -305,15 +347,12 @@ class Operations(pyfuse3.Operations):
         writing = bool(flags & _WRITE_FLAGS)
         if writing and not node.upper:
             self._need_upper()
-            if flags & os.O_TRUNC:
-                await self._promote_truncated(node)
-            else:
-                await self._promote(node)
+            await self._promote(node, content=not flags & os.O_TRUNC)
         fd = None
         if node.upper:
             try:
                 fd = self._need_upper().open(
-                    node.path(), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+                    self._path(node), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
                 )
             except OSError as e:
                 raise _errno(e) from e
@@ -321,25 +360,11 @@ class Operations(pyfuse3.Operations):
             self.listener.opened(node, node.entry, node.layer)
         return self._new_handle(node, fd, keep_cache=not node.upper)
 
-    async def _promote_truncated(self, node: Node) -> None:
-        """O_TRUNC on a lower file: copy up metadata only; the content is about to go."""
-        e = node.entry
-        if e is None or e.type != "reg" or node.links:
-            await self._promote(node)
-            return
-        for parent, _ in self.tree.names(node):
-            await self._promote(parent)
-        try:
-            await self._copy_up(node, e, node.path(), size=0)
-        except OSError as err:
-            raise _errno(err) from err
-        node.upper = True
-        node.entry = None
-
     def _new_handle(self, node: Node, fd: int | None, *, keep_cache: bool) -> pyfuse3.FileInfo:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = Handle(node, fd)
+        self._open.setdefault(node.ino, set()).add(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -348,7 +373,7 @@ class Operations(pyfuse3.Operations):
         if h.fd is None and node.upper:
             # Promoted since this handle was opened: read the upper copy from now on.
             try:
-                h.fd = self._need_upper().open(node.path(), os.O_RDONLY)
+                h.fd = self._need_upper().open(self._path(node), os.O_RDONLY)
             except OSError as e:
                 raise _errno(e) from e
         if h.fd is not None:
@@ -389,7 +414,14 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
-        if h is not None and h.fd is not None:
+        if h is None:
+            return
+        fhs = self._open.get(h.node.ino)
+        if fhs is not None:
+            fhs.discard(fh)
+            if not fhs:
+                del self._open[h.node.ino]
+        if h.fd is not None:
             os.close(h.fd)
 
     # ------------------------------------------------------------------ xattrs
@@ -399,7 +431,7 @@ class Operations(pyfuse3.Operations):
         key = os.fsdecode(name)
         if node.upper:
             try:
-                return self._need_upper().getxattr(node.path(), key)
+                return self._need_upper().getxattr(self._path(node), key)
             except OSError as e:
                 raise _errno(e) from e
         assert node.entry is not None
@@ -412,7 +444,7 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.upper:
             try:
-                return [os.fsencode(n) for n in self._need_upper().listxattr(node.path())]
+                return [os.fsencode(n) for n in self._need_upper().listxattr(self._path(node))]
             except OSError as e:
                 raise _errno(e) from e
         assert node.entry is not None
@@ -423,7 +455,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         node = self._node(inode)
         await self._promote(node)
-        self._upper_call(self._need_upper().setxattr, node.path(), os.fsdecode(name), value)
+        self._upper_call(self._need_upper().setxattr, self._path(node), os.fsdecode(name), value)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
@@ -431,7 +463,7 @@ class Operations(pyfuse3.Operations):
         if not node.upper and node.entry is not None and key not in node.entry.xattrs:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         await self._promote(node)
-        self._upper_call(self._need_upper().removexattr, node.path(), key)
+        self._upper_call(self._need_upper().removexattr, self._path(node), key)
 
     def _upper_call(self, fn: Callable[..., object], *args: object) -> None:
         try:
@@ -450,33 +482,37 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if fields.update_size and not node.upper and attr.st_size == 0:
-            await self._promote_truncated(node)
-        else:
-            await self._promote(node)
+        await self._promote(node, content=not (fields.update_size and attr.st_size == 0))
         upper = self._need_upper()
-        path = node.path()
         h = self._handles.get(fh) if fh is not None else None
+        fd = h.fd if h is not None and h.fd is not None else None
+        if fd is None and node.nlink <= 0:
+            fd = self._open_fd(node)  # an unlinked file is only reachable by descriptor
+        uid = attr.st_uid if fields.update_uid else -1
+        gid = attr.st_gid if fields.update_gid else -1
+        atime = attr.st_atime_ns if fields.update_atime else None
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
         try:
-            if fields.update_size:
-                if h is not None and h.fd is not None:
-                    os.ftruncate(h.fd, attr.st_size)
-                else:
+            if fd is not None:
+                if fields.update_size:
+                    os.ftruncate(fd, attr.st_size)
+                if fields.update_uid or fields.update_gid:
+                    os.fchown(fd, uid, gid)
+                if fields.update_mode:
+                    os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+                if atime is not None or mtime is not None:
+                    st = os.fstat(fd)
+                    os.utime(fd, ns=(atime or st.st_atime_ns, mtime or st.st_mtime_ns))
+            else:
+                path = self._path(node)
+                if fields.update_size:
                     upper.truncate(path, attr.st_size)
-            if fields.update_uid or fields.update_gid:
-                st = upper.lstat(path)
-                assert st is not None
-                uid = attr.st_uid if fields.update_uid else -1
-                gid = attr.st_gid if fields.update_gid else -1
-                upper.chown(path, uid, gid)
-            if fields.update_mode:
-                upper.chmod(path, stat.S_IMODE(attr.st_mode))
-            if fields.update_atime or fields.update_mtime:
-                upper.utimens(
-                    path,
-                    attr.st_atime_ns if fields.update_atime else None,
-                    attr.st_mtime_ns if fields.update_mtime else None,
-                )
+                if fields.update_uid or fields.update_gid:
+                    upper.chown(path, uid, gid)
+                if fields.update_mode:
+                    upper.chmod(path, stat.S_IMODE(attr.st_mode))
+                if atime is not None or mtime is not None:
+                    upper.utimens(path, atime, mtime)
         except OSError as e:
             raise _errno(e) from e
         return self._attrs(node)
@@ -489,7 +525,7 @@ class Operations(pyfuse3.Operations):
         upper = self._need_upper()
         parent = self._node(parent_inode)
         name = _name(raw)
-        if Upper.is_marker(name) or name.startswith(COPYUP_PREFIX):
+        if Upper.is_marker(name) or Upper.is_temp(name):
             raise pyfuse3.FUSEError(errno.EPERM)  # reserved for the layer format
         if parent.children is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -520,12 +556,17 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent, sname, hidden = await self._prepare_new(parent_inode, name)
         path = (*parent.path(), sname)
+        upper = self._need_upper()
+        fd = None
         try:
-            fd = self._need_upper().open(path, flags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
+            fd = upper.open(path, flags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
             self._own(path, ctx)
         except OSError as e:
+            if fd is not None:  # created but not ours: take it back
+                os.close(fd)
+                upper.unlink(path)
             if hidden:
-                self._need_upper().whiteout(path)
+                upper.whiteout(path)
             raise _errno(e) from e
         node = self._attach(parent, sname, hidden)
         return self._new_handle(node, fd, keep_cache=False), self._looked_up(node)
@@ -579,7 +620,7 @@ class Operations(pyfuse3.Operations):
         parent, sname, hidden = await self._prepare_new(new_parent_inode, new_name)
         path = (*parent.path(), sname)
         try:
-            self._need_upper().link(node.path(), path)
+            self._need_upper().link(self._path(node), path)
         except OSError as e:
             raise _errno(e) from e
         self.tree.add_link(node, parent, sname)
@@ -597,38 +638,45 @@ class Operations(pyfuse3.Operations):
             if node.children is not None:
                 upper.rmtree(path)
             else:
+                if node.nlink <= 1:
+                    self._pin_open_handles(node, path)
                 upper.unlink(path)
-        if self._lower_has(parent, name, node):
+        if node.in_lower:  # a lower layer has this name: hide it
             upper.whiteout(path)
         assert parent.children is not None
         del parent.children[name]
         self.tree.unlink_name(node, parent, name)
 
-    def _lower_has(self, parent: Node, name: str, node: Node) -> bool:
-        # A hardlinked lower file knows it came from below for every name it has.
-        return node.in_lower
+    def _pin_open_handles(self, node: Node, path: tuple[str, ...]) -> None:
+        """Before the last name of an upper file goes, give every handle still reading it
+        through the lower layer a descriptor of its own: POSIX keeps an unlinked open file
+        readable, and afterwards the path leads nowhere (or to a new file)."""
+        upper = self._need_upper()
+        for fh in self._open.get(node.ino, ()):
+            h = self._handles[fh]
+            if h.fd is None:
+                h.fd = upper.open(path, os.O_RDONLY)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._node(parent_inode)
-        node = self._child(parent, _name(name))
-        if node.children is not None:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        await self._promote(parent)
-        try:
-            self._remove_name(parent, _name(name), node)
-        except OSError as e:
-            raise _errno(e) from e
+        await self._remove(parent_inode, name, directory=False)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, directory=True)
+
+    async def _remove(self, parent_inode: int, raw: bytes, *, directory: bool) -> None:
         parent = self._node(parent_inode)
-        node = self._child(parent, _name(name))
-        if node.children is None:
+        name = _name(raw)
+        self._child(parent, name)  # ENOENT before any copy-up
+        await self._promote(parent)
+        node = self._child(parent, name)  # again: the promotion awaited
+        if directory and node.children is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if not directory and node.children is not None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
         if node.children:
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-        await self._promote(parent)
         try:
-            self._remove_name(parent, _name(name), node)
+            self._remove_name(parent, name, node)
         except OSError as e:
             raise _errno(e) from e
 
@@ -645,35 +693,21 @@ class Operations(pyfuse3.Operations):
         old_parent = self._node(parent_inode_old)
         new_parent = self._node(parent_inode_new)
         old, new = _name(name_old), _name(name_new)
-        node = self._child(old_parent, old)
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)  # not needed by containers; kept simple
-        if Upper.is_marker(new) or new.startswith(COPYUP_PREFIX):
+        if Upper.is_marker(new) or Upper.is_temp(new):
             raise pyfuse3.FUSEError(errno.EPERM)
-        if new_parent.children is None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        target = new_parent.children.get(new)
-        if target is node:
-            return
-        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        if node.children is not None:
-            # As overlayfs without redirect_dir: a directory with lower content cannot move
-            # in one step, so `mv` falls back to copy and delete.
-            if not node.upper or (node.in_lower and not upper.is_opaque(node.path())):
-                raise pyfuse3.FUSEError(errno.EXDEV)
-            if self._has_lower_descendant(node):
-                raise pyfuse3.FUSEError(errno.EXDEV)
-        if target is not None:
-            if (target.children is None) != (node.children is None):
-                raise pyfuse3.FUSEError(
-                    errno.EISDIR if target.children is not None else errno.ENOTDIR
-                )
-            if target.children:
-                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-        await self._promote(node)
-        await self._promote(old_parent)
-        await self._promote(new_parent)
+        # Copy-ups await, and other operations run meanwhile: check, promote, and check again
+        # until nothing moved, so the rename acts on what is there now.
+        while True:
+            node, target = self._rename_check(old_parent, old, new_parent, new, flags)
+            if target is node:
+                return
+            if node.upper and old_parent.upper and new_parent.upper:
+                break
+            await self._promote(old_parent)
+            await self._promote(new_parent)
+            await self._promote(node)
         old_path = (*old_parent.path(), old)
         new_path = (*new_parent.path(), new)
         try:
@@ -685,6 +719,8 @@ class Operations(pyfuse3.Operations):
                     if target.children is not None:
                         upper.rmtree(new_path)
                     else:
+                        if target.nlink <= 1:
+                            self._pin_open_handles(target, new_path)
                         upper.unlink(new_path)
                 del new_parent.children[new]
                 self.tree.unlink_name(target, new_parent, new)
@@ -693,6 +729,8 @@ class Operations(pyfuse3.Operations):
             upper.rename(old_path, new_path)
             if node.in_lower:
                 upper.whiteout(old_path)
+            if hidden and node.children is not None:
+                upper.set_opaque(new_path)  # what a lower layer has there stays hidden
         except OSError as e:
             raise _errno(e) from e
         assert old_parent.children is not None
@@ -706,6 +744,34 @@ class Operations(pyfuse3.Operations):
                 for p, n in node.links
             ]
         node.in_lower = hidden
+
+    def _rename_check(
+        self, old_parent: Node, old: str, new_parent: Node, new: str, flags: int
+    ) -> tuple[Node, Node | None]:
+        node = self._child(old_parent, old)
+        if new_parent.children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        target = new_parent.children.get(new)
+        if target is node:
+            return node, target
+        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        if node.children is not None:
+            # As overlayfs without redirect_dir: a directory with lower content cannot move
+            # in one step, so `mv` falls back to copy and delete.
+            upper = self._need_upper()
+            if not node.upper or (node.in_lower and not upper.is_opaque(self._path(node))):
+                raise pyfuse3.FUSEError(errno.EXDEV)
+            if self._has_lower_descendant(node):
+                raise pyfuse3.FUSEError(errno.EXDEV)
+        if target is not None:
+            if (target.children is None) != (node.children is None):
+                raise pyfuse3.FUSEError(
+                    errno.EISDIR if target.children is not None else errno.ENOTDIR
+                )
+            if target.children:
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        return node, target
 
     def _has_lower_descendant(self, node: Node) -> bool:
         stack = [node]

@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import secrets
 import stat
 import tarfile
@@ -111,6 +112,13 @@ class Upper:
     # Temporary names used while promoting; the mount scan deletes leftovers and commit_layer
     # skips them.  Not a marker, so ordinary open/unlink/rename accept them.
     TEMP_PREFIX = ".lazyfs-copyup."
+    # Exactly the names lazyfs gives its temporary files: an image may hold any other name
+    # with that prefix, and it must survive clean-ups and commits.
+    _TEMP_NAME = re.compile(r"\.lazyfs-copyup\.(?:\d+\.|tmp-)[0-9a-f]+")
+
+    @classmethod
+    def is_temp(cls, name: str) -> bool:
+        return cls._TEMP_NAME.fullmatch(name) is not None
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.created = False
@@ -506,15 +514,13 @@ class Upper:
     ) -> bool:
         """Create directory ``path`` with this metadata if missing; True if created.
 
-        Parents must already exist (each has its own lower metadata).  The root counts as
-        missing when this Upper created it, so its first ensure_dir(()) applies the metadata.
-        An existing non-directory is EEXIST.
+        Parents must already exist (each has its own lower metadata).  For the root,
+        ensure_dir(()) applies the metadata to the existing directory.  An existing
+        non-directory is EEXIST.
         """
         comps = _components(path)
         if not comps:
-            if not self.created:
-                return False
-            self.created = False
+            # The root always exists; promoting it means giving it the image's metadata.
             self._set_meta(self.root_fd, uid, gid, mode, xattrs, mtime_ns)
             os.fsync(self.root_fd)
             return True
@@ -621,7 +627,7 @@ def _tar_order(name: str) -> tuple[int, bytes]:
 
 def _ordered(names: list[str]) -> list[str]:
     """Names to emit, reversed so list.pop() yields them in order."""
-    keep = [n for n in names if not n.startswith(Upper.TEMP_PREFIX)]
+    keep = [n for n in names if not Upper.is_temp(n)]
     return sorted(keep, key=_tar_order, reverse=True)
 
 

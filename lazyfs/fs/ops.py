@@ -11,6 +11,7 @@ the truth for names; the upper directory mirrors it so a remount shows the same 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -209,18 +210,19 @@ class Operations(pyfuse3.Operations):
                 await self._promote(parent)
             e = node.entry
             assert e is not None
-            if node is self.tree.root:
-                upper.ensure_dir(
-                    (), mode=e.mode, uid=e.uid, gid=e.gid, mtime_ns=e.mtime_ns, xattrs=e.xattrs
-                )
-            elif e.type == "dir":
-                upper.ensure_dir(
-                    self._path(node),
-                    mode=e.mode,
-                    uid=e.uid,
-                    gid=e.gid,
-                    mtime_ns=e.mtime_ns,
-                    xattrs=e.xattrs,
+            if e.type == "dir":
+                # ensure_dir fsyncs the directory and its parent: off the trio thread.
+                path = () if node is self.tree.root else self._path(node)
+                await trio.to_thread.run_sync(
+                    functools.partial(
+                        upper.ensure_dir,
+                        path,
+                        mode=e.mode,
+                        uid=e.uid,
+                        gid=e.gid,
+                        mtime_ns=e.mtime_ns,
+                        xattrs=e.xattrs,
+                    )
                 )
             elif e.type == "reg":
                 await self._copy_up(node, e, e.size if content else 0)

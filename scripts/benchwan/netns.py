@@ -113,3 +113,11 @@ def veth_bytes() -> int:
 
 def in_netns(*argv: str) -> list[str]:
     return ["ip", "netns", "exec", NETNS, *argv]
+
+
+def connections_opened() -> int:
+    """TCP connections accepted inside the namespace so far, halved: each client connection
+    to the relay is one passive open at the relay and one at the registry behind it."""
+    snmp = sh(*in_netns("cat", "/proc/net/snmp")).stdout.splitlines()
+    names, values = [line.split() for line in snmp if line.startswith("Tcp:")][:2]
+    return int(values[names.index("PassiveOpens")]) // 2

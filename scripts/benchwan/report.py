@@ -52,6 +52,9 @@ def scenario_table(sc: dict[str, Any]) -> str:
         ),
         None,
     )
+    has_conns = any("connections" in r for r in rows.values())
+    if has_conns:
+        header.append("connections")
     if "rss_mounted_kib" in next(iter(rows.values())):
         header.append("RSS mounted MiB")
     if rss_key:
@@ -71,6 +74,8 @@ def scenario_table(sc: dict[str, Any]) -> str:
             line.append(_fmt(vb, 1 / MiB, "{:.1f}") if vb else "0")
             bb = base.get("veth_bytes", {}).get("median", 0)
             line.append(_ratio(vb["median"], bb) if vb and bb else "–")
+        if has_conns:
+            line.append(f"{r['connections']['median']:.0f}" if "connections" in r else "–")
         if "rss_mounted_kib" in next(iter(rows.values())):
             line.append(f"{r['rss_mounted_kib']['median'] / 1024:.0f}")
         if rss_key:

@@ -118,6 +118,7 @@ def lazyfs_help(sub: str = "mount") -> tuple[str, str]:
 def _pull_extract(ctx: Ctx, img: Image) -> Rows:
     d = ctx.fresh("pull")
     d.mkdir(parents=True)
+    c0 = netns.connections_opened()
     b0, t0 = netns.veth_bytes(), time.perf_counter()
     subprocess.run(
         ["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
@@ -131,20 +132,29 @@ def _pull_extract(ctx: Ctx, img: Image) -> Rows:
     run_workload(img.workload(d / "bundle" / "rootfs"))
     secs, nbytes = time.perf_counter() - t0, netns.veth_bytes() - b0
     shutil.rmtree(d)
-    return {"pull+extract (gzip)": {"seconds": secs, "veth_bytes": nbytes}}
+    conns = netns.connections_opened() - c0
+    return {"pull+extract (gzip)": {"seconds": secs, "veth_bytes": nbytes, "connections": conns}}
 
 
 def _lazy_start(ctx: Ctx, img: Image, label: str, fmt_dir: str, *extra: str) -> Rows:
     cache, mnt = ctx.fresh("cache"), ctx.work / "mnt"
+    c0 = netns.connections_opened()
     b0, t0 = netns.veth_bytes(), time.perf_counter()
     with lazyfs_mount(ctx.ref(img, fmt_dir), mnt, cache, "--plain-http", *extra) as d:
         mounted = time.perf_counter() - t0
         run_workload(img.workload(mnt))
         secs, nbytes = time.perf_counter() - t0, netns.veth_bytes() - b0
+        conns = netns.connections_opened() - c0
         st = lazy_stats(mnt)
         rss = d.rss_kib().get("VmHWM", 0)
     shutil.rmtree(cache, ignore_errors=True)
-    row = {"seconds": secs, "veth_bytes": nbytes, "mount_seconds": mounted, "rss_peak_kib": rss}
+    row = {
+        "seconds": secs,
+        "veth_bytes": nbytes,
+        "mount_seconds": mounted,
+        "rss_peak_kib": rss,
+        "connections": conns,
+    }
     return {label: {**row, **st}}
 
 

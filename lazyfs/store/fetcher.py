@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # Cache reads up to this size run on the trio thread: from the page cache they take
 # microseconds, less than handing them to a worker thread.
 INLINE_READ_BYTES = 256 * 1024
+PREFETCH_REQUEST = 1024 * 1024
 MAP_FLUSH_CHANGES = 256
 MAP_FLUSH_SECONDS = 2.0
 # The background fill only issues a request after on-demand reads were quiet this long.
@@ -466,7 +467,11 @@ class LayerStore:
             want.append(c)
         needed = {c.digest for c in chunks}
         out: list[_Group] = []
-        for g in self._plan(layer, want):
+        # Prefetch in moderate requests: several run at once and fill the link just as well,
+        # while the first files of a rank-ordered range land without waiting for all of it
+        # (an on-demand reader of a chunk in flight waits for that chunk's whole request).
+        cap = self.max_request if priority == ONDEMAND else min(self.max_request, PREFETCH_REQUEST)
+        for g in self._plan(layer, want, cap):
             g.chunks = [c for c in g.chunks if c.digest not in self._inflight]
             if not any(c.digest in needed for c in g.chunks):
                 continue  # readahead alone never costs a request
@@ -478,8 +483,8 @@ class LayerStore:
             out.append(g)
         return out
 
-    def _plan(self, layer: Layer, want: list[Chunk]) -> list[_Group]:
-        """Merge chunks into range requests in blob order."""
+    def _plan(self, layer: Layer, want: list[Chunk], max_request: int) -> list[_Group]:
+        """Merge chunks into range requests in blob order, each at most ``max_request``."""
         want.sort(key=lambda c: (c.offset, c.end))
         groups: list[_Group] = []
         for c in want:
@@ -487,7 +492,7 @@ class LayerStore:
             if (
                 g is not None
                 and c.offset - g.end <= self.merge_gap
-                and max(g.end, c.end) - g.start <= self.max_request
+                and max(g.end, c.end) - g.start <= max_request
             ):
                 g.chunks.append(c)
                 g.end = max(g.end, c.end)

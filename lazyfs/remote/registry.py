@@ -382,8 +382,11 @@ class RegistrySource(Source):
                     piece = piece[: want - got]
                 pieces.append(piece)
                 got += len(piece)
-                if got >= want:
-                    break  # leaving the stream closes it: no reading the rest of a big blob
+                if got >= want and resp.status_code != 206:
+                    # The whole blob is coming: stop here (closing this connection) rather
+                    # than read the rest.  A 206 is read to its end, so httpx can reuse the
+                    # connection: a new one costs a round trip (and a TLS handshake).
+                    break
             if got < want:
                 raise _Transient(f"short body: {got} of {want} bytes")
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)

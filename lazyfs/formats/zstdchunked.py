@@ -17,7 +17,6 @@ manifest type (1 = TOC), tar-split offset, compressed and uncompressed length, t
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import BinaryIO
 
@@ -26,8 +25,9 @@ import zstandard
 
 from lazyfs import oci
 from lazyfs.errors import FormatError
+from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, FrameWriter, LayerResult, frame_tar
 from lazyfs.formats.tarstream import TarReader
-from lazyfs.formats.toc import Chunk, Entry, encode_toc
+from lazyfs.formats.toc import encode_toc
 
 MAGIC = b"GNUlInUx"
 MAGIC_OLD = b"GnUlInUx"
@@ -35,7 +35,6 @@ FOOTER_SIZE = 64
 FOOTER_SIZE_OLD = 40
 MANIFEST_TYPE_TOC = 1
 SKIPPABLE_MAGIC = 0x184D2A50
-DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 LEVEL = 3
 
 
@@ -89,32 +88,6 @@ def parse_position(value: str) -> Footer:
     return Footer(*parts)
 
 
-class LayerResult(msgspec.Struct):
-    """What a writer produced: enough to write the OCI descriptor and the config diff_id."""
-
-    digest: str
-    size: int
-    diff_id: str
-    media_type: str
-    annotations: dict[str, str]
-    toc_digest: str
-    entries: int
-
-
-class _Out:
-    """Counts, hashes and writes output bytes."""
-
-    def __init__(self, dst: BinaryIO) -> None:
-        self.dst = dst
-        self.pos = 0
-        self.sha = hashlib.sha256()
-
-    def write(self, data: bytes) -> None:
-        self.dst.write(data)
-        self.sha.update(data)
-        self.pos += len(data)
-
-
 def write_layer(
     src: BinaryIO,
     dst: BinaryIO,
@@ -126,78 +99,30 @@ def write_layer(
 
     Memory is bounded by ``chunk_size`` plus the TOC: file content is streamed chunk by chunk.
     """
-    if chunk_size <= 0:
-        raise FormatError("chunk size must be positive")
-    out = _Out(dst)
-    # One multi-threaded compressor for big chunks (both cores) and a plain one for headers;
+    # One multi-threaded compressor for big chunks (both cores) and a plain one for the rest;
     # zstd's multi-threaded output does not depend on the worker count, so digests are stable.
     big = zstandard.ZstdCompressor(level=LEVEL, threads=2, write_content_size=True)
     small = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True)
-    diff = hashlib.sha256()
-    reader = TarReader(src, where=where)
-    entries: list[Entry] = []
-    meta = bytearray()  # headers and padding waiting for the next metadata frame
 
-    def flush_meta() -> None:
-        if meta:
-            out.write(small.compress(bytes(meta)))
-            meta.clear()
+    def compress(plain: bytes) -> bytes:
+        return (big if len(plain) >= (1 << 20) else small).compress(plain)
 
-    for member in reader:
-        diff.update(member.header)
-        meta += member.header
-        entry = member.entry
-        if member.size and entry.type == "reg":
-            flush_meta()
-            chunks: list[Chunk] = []
-            file_sha = hashlib.sha256()
-            pos = 0
-            while pos < member.size:
-                data = reader.read(min(chunk_size, member.size - pos))
-                diff.update(data)
-                file_sha.update(data)
-                start = out.pos
-                comp = big if len(data) >= (1 << 20) else small
-                out.write(comp.compress(data))
-                chunks.append(
-                    Chunk(
-                        file_offset=pos,
-                        size=len(data),
-                        offset=start,
-                        end=out.pos,
-                        digest="sha256:" + hashlib.sha256(data).hexdigest(),
-                        zeros=data == bytes(len(data)),
-                    )
-                )
-                pos += len(data)
-            entry.digest = "sha256:" + file_sha.hexdigest()
-            entry.chunks = tuple(chunks)
-        elif member.size:
-            # Content on a non-regular member (rare): keep it in the stream, not in the TOC.
-            while data := reader.read(1 << 20):
-                diff.update(data)
-                meta += data
-        pad = reader.take_padding()
-        diff.update(pad)
-        meta += pad
-        entries.append(entry)
-    diff.update(reader.trailer)
-    meta += reader.trailer
-    flush_meta()
+    out = FrameWriter(dst, compress)
+    entries = frame_tar(TarReader(src, where=where), out, chunk_size, keep_trailer=True)
 
     toc_json = encode_toc(entries, flavour="zstd:chunked")
     toc_comp = small.compress(toc_json)
-    out.write(struct.pack("<II", SKIPPABLE_MAGIC, len(toc_comp)))
+    out.raw(struct.pack("<II", SKIPPABLE_MAGIC, len(toc_comp)))
     toc_offset = out.pos
-    out.write(toc_comp)
+    out.raw(toc_comp)
     footer = Footer(toc_offset, len(toc_comp), len(toc_json), MANIFEST_TYPE_TOC)
-    out.write(skippable_frame(encode_footer(footer)))
+    out.raw(skippable_frame(encode_footer(footer)))
     toc_digest = oci.sha256_digest(toc_comp)
     position = f"{toc_offset}:{len(toc_comp)}:{len(toc_json)}:{MANIFEST_TYPE_TOC}"
     return LayerResult(
-        digest="sha256:" + out.sha.hexdigest(),
+        digest=out.digest,
         size=out.pos,
-        diff_id="sha256:" + diff.hexdigest(),
+        diff_id=out.diff_id,
         media_type=oci.MT_LAYER_ZSTD,
         annotations={oci.ANN_ZSTD_CHECKSUM: toc_digest, oci.ANN_ZSTD_POSITION: position},
         toc_digest=toc_digest,

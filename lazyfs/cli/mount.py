@@ -237,7 +237,10 @@ def control_request(mountpoint: str, request: dict[str, object]) -> object:
                 buf += data
     except OSError as e:
         raise LazyfsError(f"{mountpoint}: no lazyfs daemon answers ({e.strerror})") from None
-    reply = msgspec.json.decode(buf)
+    try:
+        reply = msgspec.json.decode(buf)
+    except msgspec.DecodeError:
+        raise LazyfsError(f"{mountpoint}: the lazyfs daemon gave no answer") from None
     if not reply.get("ok"):
         raise LazyfsError(f"{mountpoint}: {reply.get('error')}")
     return reply.get("result")

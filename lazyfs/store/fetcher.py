@@ -17,6 +17,7 @@ import bisect
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -537,7 +538,10 @@ class LayerStore:
         (single flight), verified against the layer digest, and serve ranges from the copy."""
         whole = layer.whole
         if whole is None:
-            whole = layer.whole = _WholeBlob(self.cache.dir / "blobs" / layer.blob_digest[7:])
+            # Private to this process (another mount may download the same blob), removed
+            # at aclose once its chunks are cached.
+            name = f"{layer.blob_digest[7:]}.{os.getpid()}"
+            whole = layer.whole = _WholeBlob(self.cache.dir / "blobs" / name)
             tmp = whole.path.with_name(whole.path.name + ".partial")
             try:
                 whole.path.parent.mkdir(parents=True, exist_ok=True)

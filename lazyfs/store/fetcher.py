@@ -13,14 +13,12 @@ that started a fetch pays for the write.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import logging
 import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from pathlib import Path
 from typing import NoReturn
 
 import trio
@@ -29,10 +27,12 @@ from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
 from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.remote.base import Source
+from lazyfs.store import plan
 from lazyfs.store.atomic import atomic_write
 from lazyfs.store.cache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
 from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
+from lazyfs.store.layer import Layer, WholeBlob, read_span
 from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH, PrioritySlots, Ticket
 from lazyfs.store.stats import LayerStats
 
@@ -89,67 +89,6 @@ class _Group:
         self.chunks = chunks
         self.flights: dict[str, _Flight] = {}
         self.ticket = Ticket(BACKGROUND)
-
-
-class _WholeBlob:
-    """A layer blob downloaded whole, for a source that ignores Range."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-
-
-def _read_span(path: Path, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    if len(data) != end - start:
-        raise RemoteError(f"{path}: short local copy ({len(data)} of {end - start} bytes)")
-    return data
-
-
-class Layer:
-    """A layer blob known to the store: its TOC, source, readiness map and stats."""
-
-    def __init__(self, blob_digest: str, source: Source, toc: TOC, cmap: ChunkMap) -> None:
-        self.blob_digest = blob_digest
-        self.source = source
-        self.toc = toc
-        self.map = cmap
-        self.chunks = layer_chunks(toc)  # the map's bit order
-        self.index = {c.digest: i for i, c in enumerate(self.chunks)}
-        self.by_offset = sorted(self.chunks, key=lambda c: (c.offset, c.end))
-        self.offsets = [c.offset for c in self.by_offset]
-        self.stats = LayerStats(
-            blob=blob_digest,
-            source=getattr(source, "name", ""),
-            chunks_total=len(self.chunks),
-            chunks_ready=cmap.ready,
-            bytes_total=sum(c.size for c in self.chunks),
-            bytes_ready=sum(c.size for i, c in enumerate(self.chunks) if cmap[i]),
-        )
-        # Entry name -> where its last read ended: a read starting there is sequential.
-        self.read_pos: dict[str, int] = {}
-        self.size = 0  # compressed blob size, when known
-        self.whole: _WholeBlob | None = None  # a local copy, for sources that ignore Range
-
-    def set_ready(self, i: int) -> bool:
-        if not self.map.set(i):
-            return False
-        self.stats.chunks_ready += 1
-        self.stats.bytes_ready += self.chunks[i].size
-        return True
-
-    def clear_ready(self, i: int) -> bool:
-        if not self.map.clear(i):
-            return False
-        self.stats.chunks_ready -= 1
-        self.stats.bytes_ready -= self.chunks[i].size
-        return True
-
-    def __repr__(self) -> str:
-        return f"<Layer {self.blob_digest[:19]} {self.stats.chunks_ready}/{len(self.chunks)}>"
 
 
 def _reraise(error: BaseException) -> NoReturn:
@@ -264,9 +203,13 @@ class LayerStore:
             for c in chunks
         ]
         prev = layer.read_pos.get(entry.name)
-        extra = self._readahead(layer, entry, chunks, offset, end)
-        if prev == offset or (prev is None and offset == 0):
-            self._pipeline(layer, entry, [*chunks, *extra])
+        layer.read_pos[entry.name] = end
+        extra: list[Chunk] = []
+        if prev is None or prev == offset:  # a first or sequential read, not random access
+            extra = plan.readahead(entry, chunks, prev is None, self.readahead)
+            extra += plan.amplify(layer, [*chunks, *extra], self.amplify, self._is_local(layer))
+            if prev == offset or offset == 0:
+                self._read_ahead_of(layer, entry, [*chunks, *extra])
         parts, waited = await self._obtain(layer, needs, extra)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
@@ -274,51 +217,17 @@ class LayerStore:
             self.on_wait(layer, entry, ns)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _readahead(
-        self, layer: Layer, entry: Entry, chunks: Iterable[Chunk], offset: int, end: int
-    ) -> list[Chunk]:
-        prev = layer.read_pos.get(entry.name)
-        layer.read_pos[entry.name] = end
-        if prev is not None and prev != offset:
-            return []  # random access: fetch only what was asked for
-        chunks = list(chunks)
-        out: list[Chunk] = []
-        if self.readahead > 0:
-            if prev is None and (
-                sum(c.end - c.offset for c in entry.chunks if not c.zeros) <= self.readahead
-            ):
-                out = [c for c in entry.chunks if not c.zeros]  # a small file: all of it
-            else:
-                last = chunks[-1]
-                i = bisect.bisect_right(entry.chunks, last.file_offset, key=lambda c: c.file_offset)
-                budget = self.readahead
-                for c in entry.chunks[i:]:
-                    if c.zeros:
-                        continue
-                    budget -= c.end - c.offset
-                    if budget < 0:
-                        break
-                    out.append(c)
-        return out + self._amplify(layer, [*chunks, *out])
+    def _is_local(self, layer: Layer) -> plan.IsLocal:
+        return lambda c: c.digest in self._inflight or self._maybe_cached(layer, c)
 
-    def _pipeline(self, layer: Layer, entry: Entry, asked: list[Chunk]) -> None:
+    def _read_ahead_of(self, layer: Layer, entry: Entry, asked: list[Chunk]) -> None:
         """A sequential reader of a big file will want the next chunks soon: start fetching
         them now, in the background, so a ``cat`` overlaps its network with its reads instead
         of waiting for one chunk after another.  The reader joins (and boosts) these flights
         when it gets there."""
-        if self._nursery is None or self.pipeline <= 0 or not asked:
+        if self._nursery is None:
             return
-        last = max(c.file_offset for c in asked)
-        i = bisect.bisect_right(entry.chunks, last, key=lambda c: c.file_offset)
-        nxt: list[Chunk] = []
-        budget = self.pipeline
-        for c in entry.chunks[i:]:
-            if c.zeros or c.digest in self._inflight or self._maybe_cached(layer, c):
-                continue
-            budget -= c.end - c.offset
-            if budget < 0 and nxt:
-                break
-            nxt.append(c)
+        nxt = plan.ahead_in_file(entry, asked, self.pipeline, self._is_local(layer))
         if nxt:
             self._nursery.start_soon(self._quiet_prefetch, layer, nxt)
 
@@ -327,30 +236,6 @@ class LayerStore:
             await self.prefetch(layer, chunks)
         except (LazyfsError, OSError) as e:
             log.debug("read-ahead of %s failed: %s", layer.blob_digest, e)  # the reader retries
-
-    def _amplify(self, layer: Layer, chunks: list[Chunk]) -> list[Chunk]:
-        """The chunks that follow in blob order, up to ``amplify`` compressed bytes, stopping
-        at the first one already here.  A layer is laid out by path (or by prefetch rank), so
-        the files a start-up reads next are mostly the neighbours of the one it reads now:
-        one larger request saves many round trips, which dominate on a real network."""
-        stored = [c for c in chunks if not c.zeros]
-        if self.amplify <= 0 or not stored:
-            return []
-        anchor = max(c.end for c in stored)
-        i = bisect.bisect_left(layer.offsets, anchor)
-        out: list[Chunk] = []
-        while i < len(layer.by_offset):
-            c = layer.by_offset[i]
-            i += 1
-            if c.zeros:
-                continue
-            # The budget is what the request grows by, gaps included.
-            if c.end - anchor > self.amplify:
-                break
-            if c.digest in self._inflight or self._maybe_cached(layer, c):
-                break
-            out.append(c)
-        return out
 
     def _maybe_cached(self, layer: Layer, c: Chunk) -> bool:
         if c.digest in self.cache:
@@ -472,7 +357,14 @@ class LayerStore:
         # while the first files of a rank-ordered range land without waiting for all of it
         # (an on-demand reader of a chunk in flight waits for that chunk's whole request).
         cap = self.max_request if priority == ONDEMAND else min(self.max_request, PREFETCH_REQUEST)
-        for g in self._plan(layer, want, cap):
+        planned = plan.plan_requests(
+            layer,
+            want,
+            self.merge_gap,
+            cap,
+            lambda c: c.digest in self._inflight or c.digest in self.cache,
+        )
+        for g in (_Group(start, end, chunks) for start, end, chunks in planned):
             g.chunks = [c for c in g.chunks if c.digest not in self._inflight]
             if not any(c.digest in needed for c in g.chunks):
                 continue  # readahead alone never costs a request
@@ -483,39 +375,6 @@ class LayerStore:
                 self._inflight[c.digest] = f
             out.append(g)
         return out
-
-    def _plan(self, layer: Layer, want: list[Chunk], max_request: int) -> list[_Group]:
-        """Merge chunks into range requests in blob order, each at most ``max_request``."""
-        want.sort(key=lambda c: (c.offset, c.end))
-        groups: list[_Group] = []
-        for c in want:
-            g = groups[-1] if groups else None
-            if (
-                g is not None
-                and c.offset - g.end <= self.merge_gap
-                and max(g.end, c.end) - g.start <= max_request
-            ):
-                g.chunks.append(c)
-                g.end = max(g.end, c.end)
-            else:
-                groups.append(_Group(c.offset, c.end, [c]))
-        # Chunks wholly inside a request's range come for free: decode and keep them too.
-        for g in groups:
-            have = {c.digest for c in g.chunks}
-            i = bisect.bisect_left(layer.offsets, g.start)
-            while i < len(layer.by_offset) and layer.by_offset[i].offset < g.end:
-                c = layer.by_offset[i]
-                i += 1
-                d = c.digest
-                if (
-                    c.end <= g.end
-                    and d not in have
-                    and d not in self._inflight
-                    and d not in self.cache
-                ):
-                    have.add(d)
-                    g.chunks.append(c)
-        return groups
 
     # ------------------------------------------------------------------------------- fetching
 
@@ -541,7 +400,7 @@ class LayerStore:
             # Private to this process (another mount may download the same blob), removed
             # at aclose once its chunks are cached.
             name = f"{layer.blob_digest[7:]}.{os.getpid()}"
-            whole = layer.whole = _WholeBlob(self.cache.dir / "blobs" / name)
+            whole = layer.whole = WholeBlob(self.cache.dir / "blobs" / name)
             tmp = whole.path.with_name(whole.path.name + ".partial")
             try:
                 whole.path.parent.mkdir(parents=True, exist_ok=True)
@@ -562,7 +421,7 @@ class LayerStore:
             await whole.done.wait()
             if whole.error is not None:
                 raise RemoteError(f"{layer.blob_digest}: download failed: {whole.error}")
-        return await trio.to_thread.run_sync(_read_span, whole.path, start, end)
+        return await trio.to_thread.run_sync(read_span, whole.path, start, end)
 
     async def _run_group(
         self, layer: Layer, g: _Group, done: Callable[[], None] | None = None

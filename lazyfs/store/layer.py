@@ -1,0 +1,75 @@
+"""A layer as the store knows it: its TOC's chunks in the orders the store needs, its
+readiness map and counters, and (for a registry that ignores Range) a whole local copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from lazyfs.errors import RemoteError
+from lazyfs.formats.toc import TOC
+from lazyfs.remote.base import Source
+from lazyfs.store.chunkmap import ChunkMap, layer_chunks
+from lazyfs.store.stats import LayerStats
+
+
+class WholeBlob:
+    """A layer blob downloaded whole, for a source that ignores Range."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
+def read_span(path: Path, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise RemoteError(f"{path}: short local copy ({len(data)} of {end - start} bytes)")
+    return data
+
+
+class Layer:
+    """A layer blob known to the store: its TOC, source, readiness map and stats."""
+
+    def __init__(self, blob_digest: str, source: Source, toc: TOC, cmap: ChunkMap) -> None:
+        self.blob_digest = blob_digest
+        self.source = source
+        self.toc = toc
+        self.map = cmap
+        self.chunks = layer_chunks(toc)  # the map's bit order
+        self.index = {c.digest: i for i, c in enumerate(self.chunks)}
+        self.by_offset = sorted(self.chunks, key=lambda c: (c.offset, c.end))
+        self.offsets = [c.offset for c in self.by_offset]
+        self.stats = LayerStats(
+            blob=blob_digest,
+            source=getattr(source, "name", ""),
+            chunks_total=len(self.chunks),
+            chunks_ready=cmap.ready,
+            bytes_total=sum(c.size for c in self.chunks),
+            bytes_ready=sum(c.size for i, c in enumerate(self.chunks) if cmap[i]),
+        )
+        # Entry name -> where its last read ended: a read starting there is sequential.
+        self.read_pos: dict[str, int] = {}
+        self.size = 0  # compressed blob size, when known
+        self.whole: WholeBlob | None = None  # a local copy, for sources that ignore Range
+
+    def set_ready(self, i: int) -> bool:
+        if not self.map.set(i):
+            return False
+        self.stats.chunks_ready += 1
+        self.stats.bytes_ready += self.chunks[i].size
+        return True
+
+    def clear_ready(self, i: int) -> bool:
+        if not self.map.clear(i):
+            return False
+        self.stats.chunks_ready -= 1
+        self.stats.bytes_ready -= self.chunks[i].size
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Layer {self.blob_digest[:19]} {self.stats.chunks_ready}/{len(self.chunks)}>"

@@ -487,3 +487,17 @@ def test_open_files_survive_promotion_unlink_and_races(
         assert snapshot(mnt) == snap
         assert not (mnt / "bin" / "tool").exists()
         assert os.listdir(mnt / "usr" / "share") == []
+
+
+def test_whiteouts_follow_names_not_inodes(image: dict[str, Path], tmp_path: Path) -> None:
+    # bin/tool and bin/hard-tool are one lower inode under two names.
+    mnt, upper = tmp_path / "mnt", tmp_path / "upper"
+    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"))
+    with mounted(f"oci:{image['lazy']}:v1", mnt, *args):
+        os.rename(mnt / "bin" / "tool", mnt / "bin" / "tool2")
+        os.unlink(mnt / "bin" / "hard-tool")
+        listing = sorted(os.listdir(mnt / "bin"))
+        assert "hard-tool" not in listing and "tool" not in listing and "tool2" in listing
+    with mounted(f"oci:{image['lazy']}:v1", mnt, *args):
+        assert sorted(os.listdir(mnt / "bin")) == listing
+        assert (mnt / "bin" / "tool2").read_bytes() == seeded_bytes(10_000, 1)

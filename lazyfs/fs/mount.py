@@ -214,7 +214,6 @@ def apply_upper(tree: Tree, upper: Upper) -> None:
                 old.entry = None
                 stack.append(old)
                 continue
-            in_lower = old is not None or upper.has_whiteout((*path, name))
             if old is not None:
                 del dir_node.children[name]
                 tree.unlink_name(old, dir_node, name)
@@ -226,7 +225,6 @@ def apply_upper(tree: Tree, upper: Upper) -> None:
             if not is_dir:
                 node.children = None
             node.upper = True
-            node.in_lower = in_lower
             dir_node.children[name] = node
             inodes[key] = node
             if is_dir:

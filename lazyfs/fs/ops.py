@@ -522,8 +522,8 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ creating names
 
     async def _prepare_new(self, parent_inode: int, raw: bytes) -> tuple[Node, str, bool]:
-        """Promote the parent and clear a whiteout at ``name``; report whether the name hides
-        something in a lower layer (then removing it again must leave a whiteout)."""
+        """Promote the parent and clear a whiteout at ``name``; report whether there was one (a
+        new directory there must then be opaque, so the deleted one's contents stay gone)."""
         upper = self._need_upper()
         parent = self._node(parent_inode)
         name = _name(raw)
@@ -540,12 +540,11 @@ class Operations(pyfuse3.Operations):
             upper.remove_whiteout(path)
         return parent, name, hidden
 
-    def _attach(self, parent: Node, name: str, hidden: bool, *, is_dir: bool = False) -> Node:
+    def _attach(self, parent: Node, name: str, *, is_dir: bool = False) -> Node:
         node = self.tree.new_node(parent, name, None, -1)
         if not is_dir:
             node.children = None
         node.upper = True
-        node.in_lower = hidden
         assert parent.children is not None
         parent.children[name] = node
         return node
@@ -570,7 +569,7 @@ class Operations(pyfuse3.Operations):
             if hidden:
                 upper.whiteout(path)
             raise _errno(e) from e
-        node = self._attach(parent, sname, hidden)
+        node = self._attach(parent, sname)
         return self._new_handle(node, fd, keep_cache=False), self._looked_up(node)
 
     async def mkdir(
@@ -586,31 +585,31 @@ class Operations(pyfuse3.Operations):
             self._own(path, ctx)
         except OSError as e:
             raise _errno(e) from e
-        return self._looked_up(self._attach(parent, sname, hidden, is_dir=True))
+        return self._looked_up(self._attach(parent, sname, is_dir=True))
 
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent, sname, hidden = await self._prepare_new(parent_inode, name)
+        parent, sname, _ = await self._prepare_new(parent_inode, name)
         path = (*parent.path(), sname)
         try:
             self._need_upper().mknod(path, mode, rdev)
             self._own(path, ctx)
         except OSError as e:
             raise _errno(e) from e
-        return self._looked_up(self._attach(parent, sname, hidden))
+        return self._looked_up(self._attach(parent, sname))
 
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent, sname, hidden = await self._prepare_new(parent_inode, name)
+        parent, sname, _ = await self._prepare_new(parent_inode, name)
         path = (*parent.path(), sname)
         try:
             self._need_upper().symlink(path, os.fsdecode(target))
             self._own(path, ctx)
         except OSError as e:
             raise _errno(e) from e
-        return self._looked_up(self._attach(parent, sname, hidden))
+        return self._looked_up(self._attach(parent, sname))
 
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
@@ -619,15 +618,13 @@ class Operations(pyfuse3.Operations):
         if node.children is not None:
             raise pyfuse3.FUSEError(errno.EPERM)
         await self._promote(node)
-        parent, sname, hidden = await self._prepare_new(new_parent_inode, new_name)
+        parent, sname, _ = await self._prepare_new(new_parent_inode, new_name)
         path = (*parent.path(), sname)
         try:
             self._need_upper().link(self._path(node), path)
         except OSError as e:
             raise _errno(e) from e
         self.tree.add_link(node, parent, sname)
-        if hidden:
-            node.in_lower = True
         return self._looked_up(node)
 
     # ------------------------------------------------------------------ removing and renaming
@@ -643,7 +640,7 @@ class Operations(pyfuse3.Operations):
                 if node.nlink <= 1:
                     self._pin_open_handles(node, path)
                 upper.unlink(path)
-        if node.in_lower:  # a lower layer has this name: hide it
+        if self.tree.lower_has(path):  # a lower layer has this name: hide it
             upper.whiteout(path)
         assert parent.children is not None
         del parent.children[name]
@@ -713,7 +710,7 @@ class Operations(pyfuse3.Operations):
         old_path = (*old_parent.path(), old)
         new_path = (*new_parent.path(), new)
         try:
-            hidden = target.in_lower if target is not None else upper.has_whiteout(new_path)
+            hidden = self.tree.lower_has(new_path)
             if target is not None:
                 # Replace: drop the target's upper copy but no whiteout (the new entry covers
                 # the name); the rename below then lands on a free name.
@@ -726,10 +723,10 @@ class Operations(pyfuse3.Operations):
                         upper.unlink(new_path)
                 del new_parent.children[new]
                 self.tree.unlink_name(target, new_parent, new)
-            elif hidden:
+            elif upper.has_whiteout(new_path):
                 upper.remove_whiteout(new_path)
             upper.rename(old_path, new_path)
-            if node.in_lower:
+            if self.tree.lower_has(old_path):
                 upper.whiteout(old_path)
             if hidden and node.children is not None:
                 upper.set_opaque(new_path)  # what a lower layer has there stays hidden
@@ -745,7 +742,6 @@ class Operations(pyfuse3.Operations):
                 (new_parent, new) if (p is old_parent and n == old) else (p, n)
                 for p, n in node.links
             ]
-        node.in_lower = hidden
 
     def _rename_check(
         self, old_parent: Node, old: str, new_parent: Node, new: str, flags: int
@@ -762,7 +758,8 @@ class Operations(pyfuse3.Operations):
             # As overlayfs without redirect_dir: a directory with lower content cannot move
             # in one step, so `mv` falls back to copy and delete.
             upper = self._need_upper()
-            if not node.upper or (node.in_lower and not upper.is_opaque(self._path(node))):
+            path = self._path(node)
+            if not node.upper or (self.tree.lower_has(path) and not upper.is_opaque(path)):
                 raise pyfuse3.FUSEError(errno.EXDEV)
             if self._has_lower_descendant(node):
                 raise pyfuse3.FUSEError(errno.EXDEV)
@@ -779,7 +776,7 @@ class Operations(pyfuse3.Operations):
         stack = [node]
         while stack:
             n = stack.pop()
-            if (not n.upper or n.in_lower) and n is not node:
+            if n is not node and (not n.upper or self.tree.lower_has(n.path())):
                 return True
             if n.children:
                 stack.extend(n.children.values())

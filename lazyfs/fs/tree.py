@@ -32,13 +32,11 @@ _FMT = {
 class Node:
     """One inode.  ``entry``/``layer`` describe the lower content it shows until promoted;
     ``upper`` is True once it exists in the upper directory (then the upper copy is the
-    truth).  ``in_lower`` records that a lower layer has this path, so removing it must leave
-    a whiteout.  ``__slots__`` keeps a 100k-file image small."""
+    truth).  ``__slots__`` keeps a 100k-file image small."""
 
     __slots__ = (
         "children",
         "entry",
-        "in_lower",
         "ino",
         "layer",
         "links",
@@ -63,7 +61,6 @@ class Node:
         self.entry = entry
         self.layer = layer
         self.upper = False
-        self.in_lower = entry is not None
         self.nlink = 1
         self.lookups = 0
         self.links: list[tuple[Node, str]] | None = None  # extra names of a hardlinked file
@@ -103,7 +100,10 @@ class Tree:
 
     def __init__(self) -> None:
         self.root = Node(ROOT_INO, None, "", _implicit_dir(), -1)
-        self.root.in_lower = False
+        # Every path the lower layers have, after their own whiteouts: removing such a path
+        # from the mount must leave a whiteout.  A property of the path, not of the inode that
+        # holds it now (renames and hardlinks move inodes between names).
+        self.lower_paths: frozenset[str] = frozenset()
         self.nodes: dict[int, Node] = {ROOT_INO: self.root}
         self._next_ino = ROOT_INO + 1
 
@@ -114,7 +114,7 @@ class Tree:
         tree = cls()
         for index, toc in enumerate(tocs):
             tree._apply_layer(index, toc.entries)
-        tree.root.in_lower = False
+        tree.lower_paths = frozenset(path for path, _ in tree.walk() if path)
         return tree
 
     def new_node(self, parent: Node, name: str, entry: Entry | None, layer: int) -> Node:
@@ -191,6 +191,9 @@ class Tree:
         self.unlink_name(node, parent, name)
 
     # -- queries and edits used by the FUSE operations --------------------------------------
+
+    def lower_has(self, path: tuple[str, ...]) -> bool:
+        return "/".join(path) in self.lower_paths
 
     def find(self, path: str) -> Node | None:
         node = self.root

@@ -22,11 +22,10 @@ import ctypes.util
 import errno
 import os
 import re
-import secrets
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 UpperPath = Sequence[str]  # a tuple of components; "()" is the upper root itself
@@ -114,19 +113,15 @@ class Upper:
     TEMP_PREFIX = ".lazyfs-copyup."
     # Exactly the names lazyfs gives its temporary files: an image may hold any other name
     # with that prefix, and it must survive clean-ups and commits.
-    _TEMP_NAME = re.compile(r"\.lazyfs-copyup\.(?:\d+\.|tmp-)[0-9a-f]+")
+    _TEMP_NAME = re.compile(r"\.lazyfs-copyup\.\d+\.[0-9a-f]+")
 
     @classmethod
     def is_temp(cls, name: str) -> bool:
         return cls._TEMP_NAME.fullmatch(name) is not None
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.created = False
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(root, 0o755)
-            self.created = True
-        except FileExistsError:
-            pass
         # O_NOFOLLOW: the root itself must not be a symlink someone swapped in either.
         self.root_fd: int = os.open(root, _RDIR)
 
@@ -460,47 +455,6 @@ class Upper:
         return self.lstat((*_components(dir_path), self.OPAQUE)) is not None
 
     # ------------------------------------------------------------------ copy-up
-
-    def write_file_atomic(
-        self,
-        path: UpperPath,
-        chunks: Iterable[bytes],
-        *,
-        mode: int,
-        uid: int,
-        gid: int,
-        mtime_ns: int,
-        xattrs: dict[str, bytes],
-    ) -> None:
-        """Write a complete file with its metadata, then rename it into place.
-
-        The content goes to ``TEMP_PREFIX``-named file in the same directory and is fsynced
-        before the rename, so a crash never leaves a half-promoted file under the real name.
-        Order matters: chown clears set-id bits and security.capability, so it comes first.
-        """
-        with self._at(path) as (dfd, name):
-            tmp = f"{self.TEMP_PREFIX}tmp-{secrets.token_hex(8)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _PIN_CREATE, 0o600, dir_fd=dfd)
-            try:
-                try:
-                    for chunk in chunks:
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                    os.fchown(fd, uid, gid)
-                    os.fchmod(fd, stat.S_IMODE(mode))
-                    for k, v in xattrs.items():
-                        os.setxattr(fd, k, v)
-                    os.utime(fd, ns=(mtime_ns, mtime_ns))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dfd)
-                raise
-            _fsync_dir(dfd)
 
     def ensure_dir(
         self,

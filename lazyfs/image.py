@@ -22,6 +22,7 @@ from lazyfs.formats.layer import (
     decode_layer_toc,
     expected_toc_digest,
     locate_toc,
+    tail_start_hint,
 )
 from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
@@ -30,7 +31,7 @@ from lazyfs.store.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
-TAIL_GUESS = 512 * 1024
+TAIL_GUESS = 64 * 1024
 
 
 class LayerInfo(msgspec.Struct):
@@ -74,8 +75,10 @@ async def load_layer(
     if desc.size < TAIL_SIZE:
         raise FormatError(f"{where}: {desc.size} bytes is too small to be a lazy layer")
     # One request for the footer and, usually, the TOC before it: a round trip saved per
-    # layer on a slow link (most TOCs are well under TAIL_GUESS).
-    tail_start = max(0, desc.size - TAIL_GUESS)
+    # layer on a slow link.
+    tail_start = min(
+        tail_start_hint(desc.annotations, desc.size, TAIL_GUESS), desc.size - TAIL_SIZE
+    )
     tail = await source.read_range(desc.digest, tail_start, desc.size)
     try:
         loc = locate_toc(tail[-TAIL_SIZE:], desc.size, desc.annotations)

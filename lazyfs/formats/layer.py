@@ -42,6 +42,22 @@ def expected_toc_digest(annotations: dict[str, str] | None, fmt: LayerFormat) ->
     return ann.get(oci.ANN_ESTARGZ_TOC_DIGEST)
 
 
+def tail_start_hint(annotations: dict[str, str] | None, blob_size: int, guess: int) -> int:
+    """Where to start reading so that one request brings the footer and the TOC: exactly the
+    TOC's start when the manifest gives zstd:chunked's position, else ``guess`` bytes from the
+    end (most TOCs are smaller)."""
+    ann = annotations or {}
+    position = ann.get(oci.ANN_ZSTD_POSITION) or ann.get(oci.ANN_ZSTD_POSITION_OLD)
+    if position:
+        try:
+            start = zstdchunked.parse_position(position).offset
+        except FormatError:
+            start = -1
+        if 0 <= start < blob_size and blob_size - start <= MAX_TOC_BYTES:  # bounded read
+            return start
+    return max(0, blob_size - guess)
+
+
 def locate_toc(tail: bytes, blob_size: int, annotations: dict[str, str] | None) -> TocLocation:
     """Identify the format from the footer; raise FormatError if the blob is not lazy."""
     ann = annotations or {}

@@ -564,12 +564,12 @@ def test_hosts_toml_parsing(tmp_path: Path) -> None:
     (d / "hosts.toml").write_text(
         'server = "https://reg.example"\n'
         '[host."https://mirror.example"]\n  capabilities = ["pull"]\n  ca = "mirror.crt"\n'
-        '[host."http://10.0.0.1:5000/custom"]\n  override_path = true\n  skip_verify = true\n'
+        '[host."http://127.0.0.1:5999/custom"]\n  override_path = true\n  skip_verify = true\n'
     )
     eps = load_endpoints("reg.example", tmp_path)
     assert [e.url for e in eps] == [
         "https://mirror.example/v2",
-        "http://10.0.0.1:5000/custom",
+        "http://127.0.0.1:5999/custom",
         "https://reg.example/v2",
     ]
     assert eps[0].capabilities == {"pull"} and eps[0].ca == (str(d / "mirror.crt"),)

@@ -14,7 +14,6 @@ import errno
 import functools
 import logging
 import os
-import secrets
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 # kernel may cache names and attributes for long.
 LOWER_TIMEOUT = 3600.0
 UPPER_TIMEOUT = 1.0
-COPYUP_PREFIX = Upper.TEMP_PREFIX  # crash leftovers are removed at the next mount
 COPY_PIECE = 4 * 1024 * 1024
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
@@ -242,7 +240,7 @@ class Operations(pyfuse3.Operations):
         a half-copied file visible."""
         upper = self._need_upper()
         path = self._path(node)
-        tmp = (*path[:-1], f"{COPYUP_PREFIX}{node.ino}.{secrets.token_hex(4)}")
+        tmp = (*path[:-1], Upper.temp_name(node.ino))
         fd = upper.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             layer = self.layers[node.layer]

@@ -22,6 +22,7 @@ import ctypes.util
 import errno
 import os
 import re
+import secrets
 import stat
 import tarfile
 import tempfile
@@ -118,6 +119,12 @@ class Upper:
     @classmethod
     def is_temp(cls, name: str) -> bool:
         return cls._TEMP_NAME.fullmatch(name) is not None
+
+    @classmethod
+    def temp_name(cls, ino: int) -> str:
+        """A fresh temporary name for copying up inode ``ino`` (crash leftovers are removed by
+        the next mount and never committed)."""
+        return f"{cls.TEMP_PREFIX}{ino}.{secrets.token_hex(4)}"
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         with contextlib.suppress(FileExistsError):

@@ -103,7 +103,9 @@ class Tree:
         # Every path the lower layers have, after their own whiteouts: removing such a path
         # from the mount must leave a whiteout.  A property of the path, not of the inode that
         # holds it now (renames and hardlinks move inodes between names).
-        self.lower_paths: frozenset[str] = frozenset()
+        # Kept as hashes, a third of the memory of the paths: a collision could only add a
+        # whiteout for a path no lower layer has, which is harmless (it hides nothing).
+        self.lower_paths: frozenset[int] = frozenset()
         self.nodes: dict[int, Node] = {ROOT_INO: self.root}
         self._next_ino = ROOT_INO + 1
 
@@ -114,7 +116,7 @@ class Tree:
         tree = cls()
         for index, toc in enumerate(tocs):
             tree._apply_layer(index, toc.entries)
-        tree.lower_paths = frozenset(path for path, _ in tree.walk() if path)
+        tree.lower_paths = frozenset(hash(path) for path, _ in tree.walk() if path)
         return tree
 
     def new_node(self, parent: Node, name: str, entry: Entry | None, layer: int) -> Node:
@@ -193,7 +195,7 @@ class Tree:
     # -- queries and edits used by the FUSE operations --------------------------------------
 
     def lower_has(self, path: tuple[str, ...]) -> bool:
-        return "/".join(path) in self.lower_paths
+        return hash("/".join(path)) in self.lower_paths
 
     def find(self, path: str) -> Node | None:
         node = self.root

@@ -168,17 +168,8 @@ class Renderer:
         line.stats = stats
         line.finished = self.clock()
         if self.mode == "json":
-            self._emit(
-                DoneEvent(
-                    layer=stats.blob,
-                    done=stats.bytes_ready,
-                    total=stats.bytes_total,
-                    chunks_done=stats.chunks_ready,
-                    chunks_total=stats.chunks_total,
-                    bytes_fetched=stats.bytes_fetched,
-                    seconds=round(line.finished - line.started, 3),
-                )
-            )
+            seconds = round(line.finished - line.started, 3)
+            self._emit(DoneEvent(**_counts(stats), seconds=seconds))
         elif self.mode != "none":
             self._finals.append(self._format(line))
             self._draw()
@@ -210,16 +201,7 @@ class Renderer:
             key = (stats.bytes_ready, stats.bytes_fetched)
             if key != line.sent:  # an unchanged state says nothing new
                 line.sent = key
-                self._emit(
-                    ProgressEvent(
-                        layer=stats.blob,
-                        done=stats.bytes_ready,
-                        total=stats.bytes_total,
-                        chunks_done=stats.chunks_ready,
-                        chunks_total=stats.chunks_total,
-                        bytes_fetched=stats.bytes_fetched,
-                    )
-                )
+                self._emit(ProgressEvent(**_counts(stats)))
             return
         if not self.live:
             return
@@ -276,3 +258,15 @@ class Renderer:
         filled = int(room * min(pct, 100.0) / 100.0)
         bar = "#" * filled + "." * (room - filled)
         return f"{name} [{bar}]{tail}"
+
+
+def _counts(stats: LayerStats) -> dict[str, int | str]:
+    """The fields progress and done events share."""
+    return {
+        "layer": stats.blob,
+        "done": stats.bytes_ready,
+        "total": stats.bytes_total,
+        "chunks_done": stats.chunks_ready,
+        "chunks_total": stats.chunks_total,
+        "bytes_fetched": stats.bytes_fetched,
+    }

@@ -573,41 +573,48 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent, sname, hidden = await self._prepare_new(parent_inode, name)
-        path = (*parent.path(), sname)
-        upper = self._need_upper()
-        try:
+        def make(upper: Upper, path: tuple[str, ...], hidden: bool) -> None:
             upper.mkdir(path, stat.S_IMODE(mode))
             if hidden:
                 upper.set_opaque(path)  # the lower directory's contents stay deleted
-            self._own(path, ctx)
-        except OSError as e:
-            raise _errno(e) from e
-        return self._looked_up(self._attach(parent, sname, is_dir=True))
+
+        return await self._new_entry(parent_inode, name, ctx, make, is_dir=True)
 
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent, sname, _ = await self._prepare_new(parent_inode, name)
-        path = (*parent.path(), sname)
-        try:
-            self._need_upper().mknod(path, mode, rdev)
-            self._own(path, ctx)
-        except OSError as e:
-            raise _errno(e) from e
-        return self._looked_up(self._attach(parent, sname))
+        return await self._new_entry(
+            parent_inode, name, ctx, lambda upper, path, _: upper.mknod(path, mode, rdev)
+        )
 
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent, sname, _ = await self._prepare_new(parent_inode, name)
+        return await self._new_entry(
+            parent_inode,
+            name,
+            ctx,
+            lambda upper, path, _: upper.symlink(path, os.fsdecode(target)),
+        )
+
+    async def _new_entry(
+        self,
+        parent_inode: int,
+        name: bytes,
+        ctx: pyfuse3.RequestContext,
+        make: Callable[[Upper, tuple[str, ...], bool], None],
+        *,
+        is_dir: bool = False,
+    ) -> pyfuse3.EntryAttributes:
+        """mkdir, mknod and symlink: make the entry in the upper layer, owned by the caller."""
+        parent, sname, hidden = await self._prepare_new(parent_inode, name)
         path = (*parent.path(), sname)
         try:
-            self._need_upper().symlink(path, os.fsdecode(target))
+            make(self._need_upper(), path, hidden)
             self._own(path, ctx)
         except OSError as e:
             raise _errno(e) from e
-        return self._looked_up(self._attach(parent, sname))
+        return self._looked_up(self._attach(parent, sname, is_dir=is_dir))
 
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -31,6 +30,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+
+from .registry import stop_process
 
 DEFAULT_NAMESPACE = "lazyfs-test"
 
@@ -247,15 +248,8 @@ class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]
     def stop(self) -> None:
         """Stop the daemon by PID: SIGTERM, wait, then SIGKILL.  Idempotent."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=self.stop_timeout)
+        if proc is not None:
+            stop_process(proc, self.stop_timeout)
         if self.base is not None and self._made_base and not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
 

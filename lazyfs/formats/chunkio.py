@@ -48,7 +48,7 @@ def _dctx() -> zstandard.ZstdDecompressor:
 _PIECE = 1 << 20
 
 
-def _zstd_decompress(raw: bytes, limit: int) -> bytes:
+def _zstd_decompress(raw: bytes, limit: int) -> list[bytes]:
     dctx = _dctx()
     try:
         # The common case, and the fast one: the range is exactly one frame (lazyfs and
@@ -58,7 +58,7 @@ def _zstd_decompress(raw: bytes, limit: int) -> bytes:
         declared = zstandard.frame_content_size(raw)
         if 0 <= declared <= limit:
             # allow_extra_data=False: success means this one frame is all there is.
-            return dctx.decompress(raw, max_output_size=limit, allow_extra_data=False)
+            return [dctx.decompress(raw, max_output_size=limit, allow_extra_data=False)]
     except zstandard.ZstdError:
         pass  # several frames, or no content size: take the general path
     # Several frames may make up one range (headers and content); read across them, but never
@@ -75,10 +75,10 @@ def _zstd_decompress(raw: bytes, limit: int) -> bytes:
             got += len(piece)
     except zstandard.ZstdError as e:
         raise IntegrityError(f"corrupt zstd data: {e}") from e
-    return b"".join(pieces)
+    return pieces
 
 
-def _gzip_decompress(raw: bytes, limit: int) -> bytes:
+def _gzip_decompress(raw: bytes, limit: int) -> list[bytes]:
     pieces: list[bytes] = []
     got = 0
     data = raw
@@ -97,18 +97,35 @@ def _gzip_decompress(raw: bytes, limit: int) -> bytes:
             data = d.unused_data
     except zlib.error as e:
         raise IntegrityError(f"corrupt gzip data: {e}") from e
-    return b"".join(pieces)
+    return pieces
+
+
+def _pieces(compression: Compression, raw: bytes, limit: int) -> list[bytes]:
+    if compression == "zstd":
+        return _zstd_decompress(raw, limit)
+    if compression == "gzip":
+        return _gzip_decompress(raw, limit)
+    raise FormatError(f"unknown compression {compression!r}")
 
 
 def inflate(compression: Compression, raw: bytes, limit: int) -> bytes:
     """At most ``limit`` bytes of the decompressed stream ``raw`` (frames or members read
     across), however large the stream claims or turns out to be.  The one way lazyfs
     decompresses data it fetched: chunks and TOCs alike."""
-    if compression == "zstd":
-        return _zstd_decompress(raw, limit)
-    if compression == "gzip":
-        return _gzip_decompress(raw, limit)
-    raise FormatError(f"unknown compression {compression!r}")
+    pieces = _pieces(compression, raw, limit)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def inflate_whole(compression: Compression, raw: bytes, limit: int, what: str) -> bytes:
+    """All of the decompressed stream ``raw``, or FormatError naming ``what`` if it holds more
+    than ``limit`` bytes: refused at ``limit`` plus one piece, before anything is joined."""
+    try:
+        pieces = _pieces(compression, raw, limit + 1)
+    except IntegrityError as e:
+        raise FormatError(f"{what} does not decompress: {e}") from e
+    if sum(map(len, pieces)) > limit:
+        raise FormatError(f"{what} inflates past {limit} bytes")
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def decode_chunk(compression: Compression, raw: bytes, chunk: Chunk) -> bytes:

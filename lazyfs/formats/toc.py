@@ -323,17 +323,18 @@ def _short(name: str) -> str:
     return repr(name) if len(name) <= 80 else repr(name[:60]) + f"… ({len(name)} characters)"
 
 
-def check_path(name: str, what: str = "entry name") -> None:
-    """Refuse a path no kernel can show: a component over NAME_MAX bytes, a path over
-    PATH_MAX, or characters that do not encode."""
+def check_path(name: str, what: str = "entry name", *, components: bool = True) -> None:
+    """Refuse a path no kernel can show: a component over NAME_MAX bytes (unless
+    ``components`` is False: a symlink's target is only a string), a path over PATH_MAX, or
+    characters that do not encode."""
     try:
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
         raise FormatError(f"{what} {_short(name)} is not encodable") from None
+    if components and len(raw) > NAME_MAX and any(len(p) > NAME_MAX for p in raw.split(b"/")):
+        raise FormatError(f"{what} {_short(name)} has a component over {NAME_MAX} bytes")
     if len(raw) >= PATH_MAX:
         raise FormatError(f"{what} {_short(name)} is {len(raw)} bytes, over PATH_MAX")
-    if len(raw) > NAME_MAX and any(len(p) > NAME_MAX for p in raw.split(b"/")):
-        raise FormatError(f"{what} {_short(name)} has a component over {NAME_MAX} bytes")
 
 
 def _to_entry(w: _WireEntry) -> Entry:
@@ -354,7 +355,7 @@ def _to_entry(w: _WireEntry) -> Entry:
     if w.type == "hardlink":
         link = normalize_name(link)
     if link:
-        check_path(link, "link target")
+        check_path(link, "link target", components=w.type == "hardlink")
     name = normalize_name(w.name)
     check_path(name)
     return Entry(

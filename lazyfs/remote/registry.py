@@ -46,6 +46,12 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     max_delay: float = 5.0
     #: a registry asking us to wait longer than this is waited on only this long
     max_retry_after: float = 30.0
+    #: an attempt that receives no byte for this long is abandoned (and the next host tried):
+    #: stalls are found by lack of progress, so a slow but moving transfer is never cut
+    stall_timeout: float = 10.0
+    #: no attempt starts this long after the first one: a request that gets no bytes ends
+    #: within deadline + stall_timeout (30 s by default), whatever the registry does
+    deadline: float = 20.0
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         backoff = min(self.max_delay, self.base_delay * (2**attempt))
@@ -107,7 +113,6 @@ class RegistrySource(Source):
         credentials: Credentials | None = None,
         retry: RetryPolicy | None = None,
         max_concurrency: int = 8,
-        timeout: float = 30.0,
     ) -> None:
         self.host = host
         self.repository = repository
@@ -122,7 +127,9 @@ class RegistrySource(Source):
         self._credentials = credentials
         self._docker_config = docker_config
         self._max_concurrency = max_concurrency
-        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        stall = self.retry.stall_timeout
+        # httpx's read timeout is per socket read: it fires on silence, not on total time.
+        self._timeout = httpx.Timeout(stall, connect=min(stall, 10.0))
         self._clients: dict[tuple[bool, tuple[str, ...]], httpx.AsyncClient] = {}
         self._auth: dict[str, Authenticator] = {}
         self._limiters: dict[str, trio.CapacityLimiter] = {}
@@ -185,10 +192,13 @@ class RegistrySource(Source):
         if not endpoints:
             raise RemoteError(f"{self.name}: no endpoint with capability {capability!r}")
         last = ""
+        give_up = trio.current_time() + self.retry.deadline
         for attempt in range(self.retry.attempts):
             retry_after: float | None = None
             missing = 0
-            for ep in endpoints:
+            for n, ep in enumerate(endpoints):
+                if (attempt or n) and trio.current_time() >= give_up:
+                    break
                 try:
                     return await self._fetch_one(ep, path, headers, consume, method, body)
                 except _NotFound as e:
@@ -201,10 +211,13 @@ class RegistrySource(Source):
                         retry_after = max(retry_after or 0.0, e.retry_after)
             if missing == len(endpoints):
                 raise NotFoundError(f"{what} not found in {self.name} ({last})")
-            if attempt + 1 < self.retry.attempts:
+            left = give_up - trio.current_time()
+            if attempt + 1 < self.retry.attempts and left > 0:
                 self.stats.retries += 1
-                await trio.sleep(self.retry.delay(attempt, retry_after))
-        tries = self.retry.attempts
+                await trio.sleep(min(left, self.retry.delay(attempt, retry_after)))
+            elif left <= 0:
+                break
+        tries = attempt + 1
         raise RemoteError(f"{what} from {self.name}: gave up after {tries} tries: {last}")
 
     async def _fetch_one(

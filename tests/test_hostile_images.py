@@ -5,7 +5,6 @@ whose header lies about their size) and decoded in a child process under ``RLIMI
 the decoding the code used to do, to show the limit is one the old code would blow.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported by name are redefined as parameters)
 from __future__ import annotations
 
 import hashlib

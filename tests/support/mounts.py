@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lazyfs.fs.mount import is_mounted, is_stale, unmount
@@ -68,8 +68,14 @@ def lazyfs_cmd(*args: str) -> list[str]:
 
 
 def start_mount(
-    image: str, mountpoint: Path, *args: str, log: Path | None = None, timeout: float = 30.0
+    image: str,
+    mountpoint: Path,
+    *args: str,
+    log: Path | None = None,
+    timeout: float = 30.0,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Mount:
+    """``preexec_fn`` runs in the daemon before it starts (e.g. to set a resource limit)."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     log = log or mountpoint.parent / f"{mountpoint.name}.log"
     with open(log, "ab") as out:
@@ -78,6 +84,7 @@ def start_mount(
             stdout=out,
             stderr=out,
             stdin=subprocess.DEVNULL,
+            preexec_fn=preexec_fn,
         )
     m = Mount(proc, mountpoint, log)
     deadline = time.monotonic() + timeout

@@ -105,7 +105,8 @@ def test_limits_themselves_are_accepted() -> None:
 
 
 def test_image_budget_spans_layers() -> None:
-    layer = _toc(*({"type": "reg", "name": f"f{i}"} for i in range(40)))
+    files: list[dict[str, object]] = [{"type": "reg", "name": f"f{i}"} for i in range(40)]
+    layer = _toc(*files)
     budget = TocBudget(max_entries=100)
     _decode(layer, budget)
     _decode(layer, budget)  # 82 entries so far

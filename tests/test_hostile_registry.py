@@ -115,7 +115,7 @@ def _add_long_name(doc: dict[str, object]) -> None:
 
 
 @pytest.fixture(scope="module")
-def images(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def images(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("hostile")
     push_oci_layout(_image(d, "ok"), f"{registry.host}/hostile/ok:v1", tag="v1")
     longname = _image(d, "longname")
@@ -134,7 +134,9 @@ def _source(host: str, repo: str, policy: RetryPolicy = STALL, **kw: object) -> 
 # -- the TOC fetch heals a bit flip ------------------------------------------------------------
 
 
-def test_toc_fetch_is_retried_on_a_bad_digest(images: dict, fault_proxy: FaultProxy) -> None:
+def test_toc_fetch_is_retried_on_a_bad_digest(
+    images: dict[str, str], fault_proxy: FaultProxy
+) -> None:
     async def main() -> None:
         src = _source(fault_proxy.host, images["ok"])
         try:
@@ -153,7 +155,9 @@ def test_toc_fetch_is_retried_on_a_bad_digest(images: dict, fault_proxy: FaultPr
 # -- stalls ------------------------------------------------------------------------------------
 
 
-def test_stalled_registry_fails_within_the_deadline(images: dict, fault_proxy: FaultProxy) -> None:
+def test_stalled_registry_fails_within_the_deadline(
+    images: dict[str, str], fault_proxy: FaultProxy
+) -> None:
     async def main() -> None:
         src = _source(fault_proxy.host, images["ok"])
         try:
@@ -175,7 +179,7 @@ def test_stalled_registry_fails_within_the_deadline(images: dict, fault_proxy: F
 
 
 def test_stalled_mirror_hands_over_to_the_next_host(
-    images: dict, registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+    images: dict[str, str], registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     (tmp_path / registry.host).mkdir()
     (tmp_path / registry.host / "hosts.toml").write_text(
@@ -199,7 +203,7 @@ def test_stalled_mirror_hands_over_to_the_next_host(
 
 
 def test_reader_joining_a_failed_read_ahead_retries(
-    images: dict, fault_proxy: FaultProxy, tmp_path: Path
+    images: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     # One attempt per request (no deadline left for a second), so the read-ahead fails.
     once = RetryPolicy(attempts=1, stall_timeout=0.5, deadline=0.0)
@@ -264,7 +268,7 @@ def test_entries_are_bounded_per_image_not_per_layer(
 
 
 def test_mount_refuses_a_name_no_kernel_can_show(
-    images: dict, registry: RegistryInstance, tmp_path: Path
+    images: dict[str, str], registry: RegistryInstance, tmp_path: Path
 ) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -292,7 +296,10 @@ def _limit_memory() -> None:
 
 
 def test_large_image_mounts_and_reads_under_a_memory_limit(
-    images: dict, registry: RegistryInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    images: dict[str, str],
+    registry: RegistryInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Fewer malloc arenas: address space, not memory, is what RLIMIT_AS counts.
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")

@@ -358,6 +358,9 @@ def _to_entry(w: _WireEntry) -> Entry:
         check_path(link, "link target", components=w.type == "hardlink")
     name = normalize_name(w.name)
     check_path(name)
+    mtime_ns = _parse_time(w.modtime)
+    if not -(2**63) <= mtime_ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
+        raise FormatError(f"modtime {w.modtime!r} of {_short(name)} is out of range")
     return Entry(
         name=name,
         type=w.type,  # type: ignore[arg-type]
@@ -367,7 +370,7 @@ def _to_entry(w: _WireEntry) -> Entry:
         uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
         gname=sys.intern(w.groupName),
         size=w.size if w.type == "reg" else 0,
-        mtime_ns=_parse_time(w.modtime),
+        mtime_ns=mtime_ns,
         link_name=link,
         dev_major=w.devMajor,
         dev_minor=w.devMinor,

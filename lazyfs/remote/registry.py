@@ -211,12 +211,11 @@ class RegistrySource(Source):
                         retry_after = max(retry_after or 0.0, e.retry_after)
             if missing == len(endpoints):
                 raise NotFoundError(f"{what} not found in {self.name} ({last})")
-            left = give_up - trio.current_time()
-            if attempt + 1 < self.retry.attempts and left > 0:
-                self.stats.retries += 1
-                await trio.sleep(min(left, self.retry.delay(attempt, retry_after)))
-            elif left <= 0:
-                break
+            delay = self.retry.delay(attempt, retry_after)
+            if attempt + 1 >= self.retry.attempts or delay >= give_up - trio.current_time():
+                break  # sleeping past the deadline would only postpone the error
+            self.stats.retries += 1
+            await trio.sleep(delay)
         tries = attempt + 1
         raise RemoteError(f"{what} from {self.name}: gave up after {tries} tries: {last}")
 

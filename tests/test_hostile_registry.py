@@ -4,6 +4,7 @@ loopback, the fault proxy in front of it, crafted zstd:chunked images, real moun
 # ruff: noqa: F811  (pytest fixtures imported by name are redefined as parameters)
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -321,3 +322,29 @@ def test_large_image_mounts_and_reads_under_a_memory_limit(
         status = Path(f"/proc/{m.pid}/status").read_text()
         rss = next(line for line in status.splitlines() if line.startswith("VmHWM"))
         print("daemon peak RSS:", rss)
+
+
+def test_stalled_registry_gives_a_reader_eio_within_read_timeout(
+    images: dict[str, str], fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    ref = f"{fault_proxy.host}/{images['ok']}:v1"
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-prefetch", "--cache", str(tmp_path / "cache"))
+    with mounted(ref, mnt, *args, "--read-timeout", "1.5") as m:
+        fault_proxy.stall_next(1000)
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            (mnt / "small.bin").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - t0 < 1.5 + 1.0
+        fault_proxy.reset()  # the registry recovers: the same read now succeeds
+        assert (mnt / "small.bin").read_bytes() == SMALL
+        assert m.proc.poll() is None, m.log_text()
+
+
+def test_read_timeout_must_be_positive(tmp_path: Path) -> None:
+    res = run(*lazyfs_cmd("mount", "oci:/nonexistent", str(tmp_path), "--read-timeout", "0"))
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines() == [
+        "lazyfs: --read-timeout takes a number of seconds > 0"
+    ], res.stderr

@@ -35,6 +35,7 @@ from lazyfs.image import open_image
 from lazyfs.remote.base import Source
 from lazyfs.remote.image import open_source
 from lazyfs.remote.referrers import find_groups
+from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store import ChunkCache, LayerStore
 from lazyfs.store.atomic import atomic_write
 from lazyfs.store.blobs import CachingSource
@@ -66,6 +67,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
+    read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
 
 
 class MountInfo(msgspec.Struct):
@@ -285,7 +287,12 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
     trace_path = Path(opts.trace).absolute() if opts.trace else None
     if trace_path is not None and not trace_path.parent.is_dir():
         raise LazyfsError(f"cannot write the trace to {opts.trace}: no such directory")
-    source, ref = open_source(opts.image, plain_http=opts.plain_http, insecure=opts.insecure)
+    source, ref = open_source(
+        opts.image,
+        plain_http=opts.plain_http,
+        insecure=opts.insecure,
+        retry=RetryPolicy.within(opts.read_timeout),
+    )
     try:
         cache = ChunkCache(opts.cache, opts.cache_max_bytes)
         source = CachingSource(source, cache.dir / "documents")

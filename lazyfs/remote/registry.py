@@ -53,6 +53,11 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     #: within deadline + stall_timeout (30 s by default), whatever the registry does
     deadline: float = 20.0
 
+    @classmethod
+    def within(cls, seconds: float) -> RetryPolicy:
+        """A policy under which a fetch that gets no bytes ends within ``seconds``."""
+        return cls(stall_timeout=seconds / 3, deadline=seconds * 2 / 3)
+
     def delay(self, attempt: int, retry_after: float | None) -> float:
         backoff = min(self.max_delay, self.base_delay * (2**attempt))
         # "Equal jitter": never zero, never in lock-step with other clients.

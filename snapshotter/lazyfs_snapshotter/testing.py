@@ -39,6 +39,7 @@ class SnapshotterProcess(contextlib.AbstractContextManager["SnapshotterProcess"]
         self.args = args
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     def argv(self) -> list[str]:
         return [
@@ -58,6 +59,8 @@ class SnapshotterProcess(contextlib.AbstractContextManager["SnapshotterProcess"]
             raise RuntimeError("snapshotter already started")
         self.base.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.extra_env}
+        # The log is appended to across restarts: readiness is judged on this run's part.
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -77,7 +80,7 @@ class SnapshotterProcess(contextlib.AbstractContextManager["SnapshotterProcess"]
             if self.proc.poll() is not None:
                 raise RuntimeError(f"snapshotter exited ({self.proc.returncode}):\n"
                                    f"{self.log_text()}")
-            if "listening on" in self.log_text():
+            if "listening on" in self.log_text()[self._log_start :]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"snapshotter not ready in {self.start_timeout}s:\n{self.log_text()}")

@@ -5,6 +5,10 @@ runs inside :meth:`MetadataStore.transaction` (``BEGIN IMMEDIATE`` … ``COMMIT`
 at any point leaves either the old or the new state.  The ``daemons`` table is reserved for
 the lazy-layer part: which FUSE daemon (pid, mountpoint, control socket) serves which image
 chain; snapshots point at it through ``daemon_id``.
+
+Namespaces: containerd 1.6 sends no ``containerd-namespace`` to proxy snapshotters (its keys
+are already ``NS/ID/KEY``), and its garbage collector may call without one.  A call without a
+namespace therefore sees every namespace; a call with one sees only its own.
 """
 
 from __future__ import annotations
@@ -110,7 +114,12 @@ class Tx:
         self.conn = conn
 
     def get(self, namespace: str, key: str) -> SnapshotRow | None:
-        cur = self.conn.execute(f"{_SELECT} WHERE s.namespace = ? AND s.key = ?", (namespace, key))
+        """The snapshot *key* in *namespace*; with no namespace, in any (own one first)."""
+        cur = self.conn.execute(
+            f"{_SELECT} WHERE s.key = ? AND (s.namespace = ? OR ? = '')"
+            " ORDER BY s.namespace = ? DESC LIMIT 1",
+            (key, namespace, namespace, namespace),
+        )
         r = cur.fetchone()
         return None if r is None else _row(r)
 
@@ -131,7 +140,9 @@ class Tx:
         return out
 
     def all(self, namespace: str) -> list[SnapshotRow]:
-        cur = self.conn.execute(f"{_SELECT} WHERE s.namespace = ? ORDER BY s.id", (namespace,))
+        cur = self.conn.execute(
+            f"{_SELECT} WHERE s.namespace = ? OR ? = '' ORDER BY s.id", (namespace, namespace)
+        )
         return [_row(r) for r in cur.fetchall()]
 
     def ids(self) -> set[int]:

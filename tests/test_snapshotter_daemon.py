@@ -80,3 +80,12 @@ def test_an_unexpected_error_is_internal_and_the_daemon_keeps_serving(base_dir: 
         c.close()
         assert "Traceback" in sp.log_text() and sp.proc is not None
         assert sp.proc.poll() is None
+
+
+def test_systemd_unit() -> None:
+    unit = (Path(__file__).parent.parent / "snapshotter" / "lazyfs-snapshotter.service")
+    lines = {line.strip() for line in unit.read_text().splitlines()}
+    for needed in ("Type=notify", "Before=containerd.service", "KillMode=process"):
+        assert needed in lines
+    exec_start = next(x for x in lines if x.startswith("ExecStart="))
+    assert exec_start.split("=", 1)[1].split()[0].endswith("/lazyfs-snapshotter")

@@ -82,9 +82,9 @@ def run_cat(ctrd: ContainerdInstance, ref: str, name: str, path: str = "/etc/hel
     return res.stdout
 
 
-def db_rows(root: Path) -> list[tuple[str, int]]:
+def db_rows(root: Path) -> list[tuple[str, int, str]]:
     with sqlite3.connect(root / "metadata.db") as conn:
-        return list(conn.execute("SELECT key, kind FROM snapshots ORDER BY id"))
+        return list(conn.execute("SELECT key, kind, labels FROM snapshots ORDER BY id"))
 
 
 def snapshot_dirs(root: Path) -> list[str]:
@@ -119,6 +119,18 @@ def test_pull_run_inspect_and_gc_through_containerd(image: str, base_dir: Path) 
         assert "overlay" in mounts and "upperdir=" in mounts
         ctrd.ctr("snapshots", "--snapshotter", SN, "rm", "by-hand", capture=True)
         assert "by-hand" not in snapshots(ctrd)
+        ctrd.ctr("snapshots", "--snapshotter", SN, "view", "a-view", top, capture=True)
+        assert snapshots(ctrd)["a-view"] == "View"
+        ctrd.ctr("snapshots", "--snapshotter", SN, "rm", "a-view", capture=True)
+        # Labels go through Update.
+        # Labels go through Update; containerd keeps most itself and passes on only those
+        # under containerd.io/snapshot/.
+        label = "containerd.io/snapshot/lazyfs.test"
+        ctrd.ctr("snapshots", "--snapshotter", SN, "label", top, f"{label}=yes", capture=True)
+        info = json.loads(ctrd.ctr("snapshots", "--snapshotter", SN, "info", top,
+                                   capture=True).stdout)
+        assert info["Labels"][label] == "yes"
+        assert any(label in labels for _, _, labels in db_rows(sp.root))
         rm_parent = ctrd.ctr("snapshots", "--snapshotter", SN, "rm", info["Parent"],
                              check=False, capture=True)
         assert rm_parent.returncode != 0  # it has a child: FAILED_PRECONDITION

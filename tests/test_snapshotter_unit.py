@@ -326,3 +326,24 @@ def test_remote_seam_commits_the_target_and_answers_already_exists(tmp_path: Pat
     assert sn.prepare("ns", "extract-2", "", labels)[0].type == "bind"
     assert len(layers.prepared) == 1
     sn.close()
+
+
+def test_proto_generation_names_a_missing_package(tmp_path: Path) -> None:
+    script = Path(__file__).parent.parent / "scripts" / "gen_snapshotter_proto.py"
+    res = subprocess.run([sys.executable, str(script), "--proto-root", str(tmp_path),
+                          "--out-root", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "golang-github-containerd-containerd-dev" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+def test_generated_service_has_containerds_wire_names() -> None:
+    from lazyfs_snapshotter.api import mount_pb2, snapshots_pb2
+
+    service = snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"]
+    assert service.full_name == "containerd.services.snapshots.v1.Snapshots"
+    assert {m.name for m in service.methods} == {
+        "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage",
+        "Cleanup"}
+    assert mount_pb2.Mount.DESCRIPTOR.full_name == "containerd.types.Mount"

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 from tests.support.containerd import ContainerdInstance
 from tests.support.fixtures import registry  # noqa: F401 - fixture
 from tests.support.layers import Item, make_layout, make_tar
-from tests.support.registry import RegistryInstance, push_oci_layout
+from tests.support.registry import RegistryInstance, push_oci_layout, stop_process
 from tests.support.rootfs import host_rootfs_items
 
 SN = "lazyfs"
@@ -65,8 +66,12 @@ def wait_reconnected(ctrd: ContainerdInstance, timeout: float = 30.0) -> dict[st
     """
     deadline = time.monotonic() + timeout
     while True:
-        res = ctrd.ctr("snapshots", "--snapshotter", SN, "ls", check=False, capture=True)
+        # Prepare always reaches the snapshotter (ls may be answered from containerd's own
+        # metadata alone).
+        res = ctrd.ctr("snapshots", "--snapshotter", SN, "prepare", "reconnect-probe",
+                       check=False, capture=True)
         if res.returncode == 0 or time.monotonic() > deadline:
+            ctrd.ctr("snapshots", "--snapshotter", SN, "rm", "reconnect-probe", capture=True)
             return snapshots(ctrd)
         assert "unavailable" in res.stderr, res.stderr
         time.sleep(0.2)
@@ -168,6 +173,45 @@ def test_snapshotter_killed_between_steps_and_restarted(image: str, base_dir: Pa
         assert wait_reconnected(ctrd) == before
         assert run_cat(ctrd, image, "after-restart") == HELLO.decode()
         assert snapshots(ctrd) == before  # the container's active snapshot went with --rm
+
+
+def test_snapshotter_killed_inside_a_commit_during_a_pull(image: str, base_dir: Path) -> None:
+    """kill -9 while containerd's unpack is inside our Commit transaction: the pull fails,
+    the next one succeeds and runs, and GC leaves nothing behind."""
+    with ExitStack() as stack:
+        paused = SnapshotterProcess(base_dir / "sn", env={PAUSE_ENV: "commit"})
+        plain = SnapshotterProcess(base_dir / "sn")
+        stack.callback(paused.stop)
+        stack.callback(plain.stop)
+        paused.start()
+        ctrd = stack.enter_context(
+            ContainerdInstance(base_dir / "ctrd", proxy_snapshotters={SN: paused.address})
+        )
+        pulling = subprocess.Popen(
+            ctrd.ctr_argv("images", "pull", "--plain-http", "--snapshotter", SN, image),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        stack.callback(stop_process, pulling)
+        marker = paused.root / "paused-commit"
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), paused.log_text()
+        paused.kill()
+        assert pulling.wait(60) != 0
+        marker.unlink()
+
+        plain.start()
+        wait_reconnected(ctrd)
+        pull(ctrd, image)
+        assert run_cat(ctrd, image, "after-crash") == HELLO.decode()
+        ctrd.ctr("images", "rm", "--sync", image, capture=True)
+        deadline = time.monotonic() + 30
+        while (snapshots(ctrd) or db_rows(plain.root)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert snapshots(ctrd) == {}
+        assert db_rows(plain.root) == []
+        assert snapshot_dirs(plain.root) == []
 
 
 @pytest.mark.parametrize("step", ["prepare", "commit", "remove"])

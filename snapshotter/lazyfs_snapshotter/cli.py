@@ -95,7 +95,7 @@ def lock_root(root: Path) -> TextIO:
     return f
 
 
-def serve(address: str, root: Path, config: Config) -> None:
+def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
     try:
         import grpc
 
@@ -122,7 +122,8 @@ def serve(address: str, root: Path, config: Config) -> None:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     os.chmod(address, 0o600)
-    log.info("listening on %s, root %s, cache %s", address, root, config.cache_path(root))
+    log.info("listening on %s, root %s, cache %s, hosts %s", address, root,
+             config.cache_path(root), hosts_dir)
     sd_notify("READY=1")
     try:
         while not stop.wait(3600):
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_config(args.config)
-        serve(os.path.abspath(args.address), Path(os.path.abspath(args.root)), config)
+        serve(os.path.abspath(args.address), Path(os.path.abspath(args.root)), config,
+              Path(args.hosts_dir))
     except (ConfigError, StartError) as e:
         print(f"lazyfs-snapshotter: {e}", file=sys.stderr)
         return 2

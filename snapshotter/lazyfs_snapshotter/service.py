@@ -74,6 +74,7 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         self.sn = snapshotter
 
     def _run(self, context: grpc.ServicerContext, what: str, fn: Callable[[], T]) -> T:
+        log.debug("%s", what)
         try:
             return fn()
         except Exception as e:  # every error becomes a status; the daemon keeps serving

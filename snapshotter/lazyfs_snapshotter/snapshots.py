@@ -246,16 +246,25 @@ class Snapshotter:
         if not name:
             raise InvalidArgument("commit name must not be empty")
         with self.store.transaction() as tx:
-            row = self._need(tx, ns, key)
-            if row.kind != Kind.ACTIVE:
-                raise FailedPrecondition(f"snapshot {key!r} is not active")
-            if tx.get(ns, name) is not None:
-                raise AlreadyExists(f"snapshot {name!r} already exists")
-            size, inodes = disk_usage(self._path(row.id) / "fs")
+            row = self._check_commit(tx, ns, name, key)
+        # Measured outside the transaction: a big layer's du must not stall other calls.
+        # Nobody writes to a snapshot containerd is committing.
+        size, inodes = disk_usage(self._path(row.id) / "fs")
+        with self.store.transaction() as tx:
+            if self._check_commit(tx, ns, name, key).id != row.id:
+                raise FailedPrecondition(f"snapshot {key!r} changed during commit")
             tx.commit_active(row.id, name, labels, size, inodes)
             self._hook("commit")
         # The work dir is only overlay's scratch space; a committed layer needs none.
         shutil.rmtree(self._path(row.id) / "work", ignore_errors=True)
+
+    def _check_commit(self, tx: Tx, ns: str, name: str, key: str) -> SnapshotRow:
+        row = self._need(tx, ns, key)
+        if row.kind != Kind.ACTIVE:
+            raise FailedPrecondition(f"snapshot {key!r} is not active")
+        if tx.get(ns, name) is not None:
+            raise AlreadyExists(f"snapshot {name!r} already exists")
+        return row
 
     def remove(self, ns: str, key: str) -> None:
         with self.store.transaction() as tx:

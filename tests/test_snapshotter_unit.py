@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,8 @@ def test_broken_labels_are_a_source_error(labels: dict[str, str]) -> None:
 
 
 # -- filters ----------------------------------------------------------------------------
-def _fields(**values: str) -> object:
-    def get(path: tuple[str, ...] | list[str]) -> str | None:
+def _fields(**values: str) -> Callable[[Sequence[str]], str | None]:
+    def get(path: Sequence[str]) -> str | None:
         return values.get(".".join(path))
     return get
 
@@ -111,13 +112,13 @@ def _fields(**values: str) -> object:
 def test_filters(text: str, expected: bool) -> None:
     get = _fields(**{"kind": "committed", "name": "sha256:abc",
                      "labels.containerd.io/gc.root": "yes"})
-    assert match_any(parse_filters([text]), get) is expected  # type: ignore[arg-type]
+    assert match_any(parse_filters([text]), get) is expected
 
 
 def test_filters_are_any_of() -> None:
     get = _fields(kind="active")
-    assert match_any(parse_filters(["kind==view", "kind==active"]), get)  # type: ignore[arg-type]
-    assert match_any(parse_filters([]), get)  # type: ignore[arg-type]
+    assert match_any(parse_filters(["kind==view", "kind==active"]), get)
+    assert match_any(parse_filters([]), get)
 
 
 @pytest.mark.parametrize("bad", ["kind==", '"unterminated', "kind==a b", "name~=(", "==x"])
@@ -184,9 +185,9 @@ def test_cli_rejects_bad_config_and_flags(tmp_path: Path) -> None:
 
 # -- snapshot semantics -----------------------------------------------------------------
 @pytest.fixture
-def sn(tmp_path: Path) -> Snapshotter:
+def sn(tmp_path: Path) -> Iterator[Snapshotter]:
     s = Snapshotter(tmp_path / "root")
-    yield s  # type: ignore[misc]
+    yield s
     s.close()
 
 
@@ -197,8 +198,9 @@ def _layer(sn: Snapshotter, key: str, parent: str = "") -> None:
 
 def test_mounts_follow_containerds_overlay_snapshotter(sn: Snapshotter) -> None:
     root = sn.dir
-    m = sn.prepare("ns", "a", "", {})
-    assert [(x.type, x.source, x.options) for x in m] == [("bind", f"{root}/1/fs", ("rw", "rbind"))]
+    first = sn.prepare("ns", "a", "", {})
+    assert [(x.type, x.source, x.options) for x in first] == [
+        ("bind", f"{root}/1/fs", ("rw", "rbind"))]
     sn.commit("ns", "A", "a", {})
     assert not (root / "1" / "work").exists()
     _layer(sn, "B", "A")

@@ -89,3 +89,15 @@ def test_systemd_unit() -> None:
         assert needed in lines
     exec_start = next(x for x in lines if x.startswith("ExecStart="))
     assert exec_start.split("=", 1)[1].split()[0].endswith("/lazyfs-snapshotter")
+
+
+def test_a_corrupt_metadata_store_is_a_one_line_error(base_dir: Path) -> None:
+    root = base_dir / "root"
+    root.mkdir()
+    (root / "metadata.db").write_bytes(b"this is not sqlite" * 100)
+    res = subprocess.run(
+        [sys.executable, "-m", "lazyfs_snapshotter.cli", "--address", str(base_dir / "s.sock"),
+         "--root", str(root)], capture_output=True, text=True, timeout=30,
+    )
+    assert res.returncode == 2 and "metadata.db" in res.stderr
+    assert res.stderr.count("\n") == 1

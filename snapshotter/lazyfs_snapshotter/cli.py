@@ -99,6 +99,7 @@ def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
     try:
         import grpc
 
+        from .metadata import MetadataError
         from .service import SnapshotsService, add_to_server
         from .snapshots import Snapshotter
     except ImportError as e:
@@ -108,7 +109,10 @@ def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
 
     lock = lock_root(root)
     prepare_socket(address)
-    snapshotter = Snapshotter(root)
+    try:
+        snapshotter = Snapshotter(root)
+    except MetadataError as e:
+        raise StartError(str(e)) from None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS))
     add_to_server(SnapshotsService(snapshotter), server)
     if server.add_insecure_port(f"unix:{address}") == 0:

@@ -54,6 +54,10 @@ CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 """
 
 
+class MetadataError(Exception):
+    """The metadata store cannot be used; str() is the one-line reason."""
+
+
 class Kind(enum.IntEnum):
     """Same numbers as the proto's Kind enum."""
 
@@ -204,18 +208,22 @@ class MetadataStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per operation.
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit acknowledged to containerd survives a power cut, not just a crash.
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.executescript(_SCHEMA)
-        version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
-        if version == 0:
-            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif version != SCHEMA_VERSION:
-            raise RuntimeError(f"{path}: metadata schema {version}, expected {SCHEMA_VERSION}")
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per operation.
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit acknowledged to containerd survives a power cut, not just a crash.
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._conn.executescript(_SCHEMA)
+            version = int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+            if version == 0:
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise MetadataError(f"{path}: {e}") from None
+        if version not in (0, SCHEMA_VERSION):
+            self._conn.close()
+            raise MetadataError(f"{path}: metadata schema {version}, expected {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Tx]:

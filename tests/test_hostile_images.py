@@ -8,11 +8,14 @@ the decoding the code used to do, to show the limit is one the old code would bl
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
 import subprocess
 import sys
+import tarfile
+import tempfile
 import textwrap
 import zlib
 from pathlib import Path
@@ -24,7 +27,7 @@ import zstandard
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.chunkio import decode_chunk
-from lazyfs.formats.layer import TocLocation, toc_json
+from lazyfs.formats.layer import TAIL_SIZE, TocLocation, locate_toc, toc_json
 from lazyfs.formats.toc import MAX_CHUNK_SIZE, Chunk, TocBudget, decode_toc
 
 DIGEST = "sha256:" + "ab" * 32
@@ -129,8 +132,6 @@ LIMIT = 768 << 20  # address space for the child: ample for the new code, not fo
 def _limited(code: str, *files: bytes) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a child limited to LIMIT bytes of address space; ``files`` are handed
     over as paths in ``sys.argv``."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         paths = []
         for i, data in enumerate(files):
@@ -259,9 +260,6 @@ def test_estargz_toc_bomb_is_inflated_with_a_limit() -> None:
 def test_estargz_toc_digest_is_of_the_json() -> None:
     """The eStargz annotation covers the uncompressed JSON (so it is checked after the bounded
     inflate); zstd:chunked's covers the compressed frame (checked before inflating)."""
-    import io
-    import tarfile
-
     src = io.BytesIO()
     with tarfile.open(fileobj=src, mode="w") as tf:
         info = tarfile.TarInfo("a")
@@ -271,8 +269,6 @@ def test_estargz_toc_digest_is_of_the_json() -> None:
         out = io.BytesIO()
         res = mod.write_layer(io.BytesIO(src.getvalue()), out)
         blob = out.getvalue()
-        from lazyfs.formats.layer import TAIL_SIZE, locate_toc
-
         loc = locate_toc(blob[-TAIL_SIZE:], len(blob), res.annotations)
         raw = blob[loc.start : loc.end]
         json_bytes = toc_json(loc, raw)

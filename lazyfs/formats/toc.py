@@ -266,11 +266,16 @@ def decode_toc(
             raise FormatError(f"TOC is not valid JSON: {e}") from e
         finally:
             budget.refund(guess)
-        budget.charge(0, len(wire.entries))
-        end = blob_size if data_end is None else data_end
-        toc = TOC(compression=compression, entries=_normalise(wire.entries, end), data_end=end)
-        del wire
-        validate(toc)
+        rows = len(wire.entries)
+        budget.charge(0, rows)
+        try:
+            end = blob_size if data_end is None else data_end
+            toc = TOC(compression=compression, entries=_normalise(wire.entries, end), data_end=end)
+            del wire
+            validate(toc)
+        except FormatError:
+            budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
+            raise
     return toc
 
 

@@ -37,6 +37,7 @@ from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 from tests.support.layers import Item, make_layout, make_tar, seeded_bytes
 from tests.support.mounts import lazyfs_cmd, mounted, run
 from tests.support.registry import RegistryInstance, push_oci_layout
+from tests.test_hostile_images import _declaring, _zstd_frame
 
 BIG = seeded_bytes(MAX_CHUNK_SIZE, 7)  # one chunk of the largest size the cap allows
 SMALL = seeded_bytes(300_000, 8)
@@ -57,10 +58,14 @@ def _write_blob(layout: Path, data: bytes) -> tuple[str, int]:
 
 
 def _rewrite_toc(
-    layout: Path, mutate: Callable[[dict[str, object]], None], layer: int = -1
+    layout: Path,
+    mutate: Callable[[dict[str, object], int], None],
+    layer: int = -1,
+    extra: bytes = b"",
 ) -> None:
     """Give the image's ``layer`` a TOC changed by ``mutate`` (as an attacker who controls
-    the manifest would): a new TOC frame and footer, new digest and position annotations."""
+    the manifest would): a new TOC frame and footer, new digest and position annotations.
+    ``extra`` is added to the content region; ``mutate(doc, at)`` learns its blob offset."""
     index = json.loads((layout / "index.json").read_text())
     mdesc = index["manifests"][0]
     manifest = json.loads(_read_blob(layout, mdesc["digest"]))
@@ -68,10 +73,10 @@ def _rewrite_toc(
     blob = _read_blob(layout, ldesc["digest"])
     loc = locate_toc(blob[-TAIL_SIZE:], len(blob), ldesc["annotations"])
     doc = json.loads(toc_json(loc, blob[loc.start : loc.end]))
-    mutate(doc)
+    mutate(doc, loc.data_end)
     plain = json.dumps(doc).encode()
     comp = zstandard.ZstdCompressor().compress(plain)
-    head = blob[: loc.data_end]
+    head = blob[: loc.data_end] + extra
     start = len(head) + 8
     footer = zstdchunked.Footer(start, len(comp), len(plain), zstdchunked.MANIFEST_TYPE_TOC)
     new = (
@@ -109,7 +114,7 @@ def _add_many(doc: dict[str, object], n: int = MANY) -> None:
     entries.extend({"type": "dir", "name": f"many/d{i:07d}/", "mode": 0o755} for i in range(n))
 
 
-def _add_long_name(doc: dict[str, object]) -> None:
+def _add_long_name(doc: dict[str, object], at: int) -> None:
     entries = doc["entries"]
     assert isinstance(entries, list)
     entries.append({"type": "dir", "name": "n" * 300 + "/", "mode": 0o755})
@@ -123,7 +128,25 @@ def images(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     _rewrite_toc(longname, _add_long_name)
     push_oci_layout(longname, f"{registry.host}/hostile/longname:v1", tag="v1")
     large = _image(d, "large", chunk_size=MAX_CHUNK_SIZE)
-    _rewrite_toc(large, _add_many)
+    bomb = _declaring(_zstd_frame(os.urandom(2 << 20)), 64 << 30)
+
+    def many_and_a_bomb(doc: dict[str, object], at: int) -> None:
+        _add_many(doc)
+        entries = doc["entries"]
+        assert isinstance(entries, list)
+        entries.append(
+            {
+                "type": "reg",
+                "name": "bomb.bin",
+                "size": 4096,
+                "offset": at,
+                "endOffset": at + len(bomb),
+                "digest": "sha256:" + "ab" * 32,
+                "chunkDigest": "sha256:" + "ab" * 32,
+            }
+        )
+
+    _rewrite_toc(large, many_and_a_bomb, extra=bomb)
     push_oci_layout(large, f"{registry.host}/hostile/large:v1", tag="v1")
     return {"ok": "hostile/ok", "longname": "hostile/longname:v1", "large": "hostile/large:v1"}
 
@@ -250,7 +273,7 @@ def test_entries_are_bounded_per_image_not_per_layer(
     monkeypatch.setattr(toc_module, "MAX_IMAGE_ENTRIES", cap)
     layout = _image(tmp_path, "split", layers=2)
     for i in (0, 1):
-        _rewrite_toc(layout, lambda doc: _add_many(doc, cap // 2 + 10), layer=i)
+        _rewrite_toc(layout, lambda doc, at: _add_many(doc, cap // 2 + 10), layer=i)
 
     async def main() -> None:
         try:
@@ -308,6 +331,10 @@ def test_large_image_mounts_and_reads_under_a_memory_limit(
     mnt = tmp_path / "mnt"
     args = ("--plain-http", "--read-only", "--no-prefetch", "--cache", str(tmp_path / "cache"))
     with mounted(ref, mnt, *args, preexec_fn=_limit_memory) as m:
+        # A 2 MiB zstd frame declaring 64 GiB: EIO for its reader, nothing allocated.
+        with pytest.raises(OSError) as e:
+            (mnt / "bomb.bin").read_bytes()
+        assert e.value.errno == errno.EIO
         names = os.listdir(mnt / "many")
         assert len(names) == MANY
         for off in (0, 5_000_000, MAX_CHUNK_SIZE - 4096):

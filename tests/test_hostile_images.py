@@ -7,6 +7,7 @@ the decoding the code used to do, to show the limit is one the old code would bl
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -19,16 +20,21 @@ import tempfile
 import textwrap
 import zlib
 from pathlib import Path
+from types import ModuleType
 
 import msgspec
 import pytest
+import trio
 import zstandard
 
+from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.chunkio import decode_chunk
 from lazyfs.formats.layer import TAIL_SIZE, TocLocation, locate_toc, toc_json
 from lazyfs.formats.toc import MAX_CHUNK_SIZE, Chunk, TocBudget, decode_toc
+from lazyfs.image import load_layer
+from tests.test_store import MemSource
 
 DIGEST = "sha256:" + "ab" * 32
 GiB = 1 << 30
@@ -186,24 +192,24 @@ def test_zstd_chunk_declaring_64_gib_allocates_nothing() -> None:
     assert out.stdout.splitlines() == ["refused", "old: MemoryError"], out
 
 
-def _zstd_location(raw: bytes, uncompressed: int) -> TocLocation:
-    return TocLocation("zstd:chunked", 8, 8 + len(raw), 0, None, uncompressed)
+def _zstd_location(raw: bytes, uncompressed: int, digest: str | None = None) -> TocLocation:
+    return TocLocation("zstd:chunked", 8, 8 + len(raw), 0, digest, uncompressed)
 
 
 def test_zstd_toc_declaring_3_gib_fails_before_allocating() -> None:
     raw = _declaring(_zstd_frame(b'{"version":1,"entries":[]}' + b" " * 100_000), 3 * GiB)
-    with pytest.raises(FormatError) as e:
-        toc_json(_zstd_location(raw, 0), raw)
+    with pytest.raises(FormatError) as e:  # with the digest right, the image is bad
+        toc_json(_zstd_location(raw, 0, "sha256:" + hashlib.sha256(raw).hexdigest()), raw)
     _one_line(e)
     code = """
         import zstandard
-        from lazyfs.errors import FormatError
+        from lazyfs.errors import LazyfsError
         from lazyfs.formats.layer import TocLocation, toc_json
         from lazyfs.formats.toc import MAX_TOC_BYTES
         raw = open(sys.argv[1], "rb").read()
         try:
             toc_json(TocLocation("zstd:chunked", 8, 8 + len(raw), 0, None, 0), raw)
-        except FormatError:
+        except LazyfsError:
             print("refused")
         try:
             zstandard.ZstdDecompressor().decompress(raw, max_output_size=MAX_TOC_BYTES)
@@ -275,3 +281,53 @@ def test_estargz_toc_digest_is_of_the_json() -> None:
         covered = raw if mod is zstdchunked else json_bytes
         assert res.toc_digest == "sha256:" + hashlib.sha256(covered).hexdigest()
         msgspec.json.decode(json_bytes)
+
+
+def test_corrupt_estargz_toc_is_an_integrity_error() -> None:
+    """A bit flip inside the gzip member is damage, not a malformed image: the TOC fetch
+    retries on IntegrityError (lazyfs.image), so the error must say so."""
+    member = bytearray(gzip.compress(b"x" * 100_000, mtime=0))
+    member[len(member) // 2] ^= 0xFF
+    with pytest.raises(IntegrityError) as e:
+        estargz.extract_toc_json(bytes(member))
+    assert "eStargz TOC does not decompress" in _one_line(e)
+
+
+class _FlipOnce(MemSource):
+    """Damages one byte of the blob in the first response that carries it."""
+
+    def __init__(self, blobs: dict[str, bytes], at: int) -> None:
+        super().__init__(blobs)
+        self.at = at
+        self.pending = True
+
+    async def read_range(self, digest: str, start: int, end: int) -> bytes:
+        data = await super().read_range(digest, start, end)
+        if self.pending and start <= self.at < end:
+            self.pending = False
+            i = self.at - start
+            data = data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+        return data
+
+
+@pytest.mark.parametrize("fmt", [estargz, zstdchunked])
+def test_toc_damaged_in_transit_is_fetched_again(fmt: ModuleType) -> None:
+    src = io.BytesIO()
+    with tarfile.open(fileobj=src, mode="w") as tf:
+        for i in range(200):
+            info = tarfile.TarInfo(f"dir/file-{i}")
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+    out = io.BytesIO()
+    res = fmt.write_layer(io.BytesIO(src.getvalue()), out)
+    blob = out.getvalue()
+    loc = locate_toc(blob[-TAIL_SIZE:], len(blob), res.annotations)
+    desc = oci.Descriptor(res.media_type, res.digest, len(blob), res.annotations)
+    source = _FlipOnce({res.digest: blob}, (loc.start + loc.end) // 2)
+
+    async def main() -> None:
+        info = await load_layer(source, desc, None)
+        assert len(info.toc.entries) == 200
+
+    trio.run(main)
+    assert not source.pending and len(source.requests) == 2, source.requests

@@ -118,11 +118,12 @@ def inflate(compression: Compression, raw: bytes, limit: int) -> bytes:
 
 def inflate_whole(compression: Compression, raw: bytes, limit: int, what: str) -> bytes:
     """All of the decompressed stream ``raw``, or FormatError naming ``what`` if it holds more
-    than ``limit`` bytes: refused at ``limit`` plus one piece, before anything is joined."""
+    than ``limit`` bytes: refused at ``limit`` plus one piece, before anything is joined.
+    Corrupt data stays an IntegrityError: most likely damage in transit, worth a refetch."""
     try:
         pieces = _pieces(compression, raw, limit + 1)
     except IntegrityError as e:
-        raise FormatError(f"{what} does not decompress: {e}") from e
+        raise IntegrityError(f"{what} does not decompress: {e}") from e
     if sum(map(len, pieces)) > limit:
         raise FormatError(f"{what} inflates past {limit} bytes")
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)

@@ -111,7 +111,12 @@ def toc_json(loc: TocLocation, raw: bytes) -> bytes:
             _verify(raw, loc.expected_digest)
         # Bounded whatever size the frame declares (a 3 GiB claim allocates nothing).
         limit = loc.uncompressed_size or MAX_TOC_BYTES
-        return inflate_whole("zstd", raw, limit, "zstd:chunked TOC")
+        try:
+            return inflate_whole("zstd", raw, limit, "zstd:chunked TOC")
+        except IntegrityError as e:
+            if loc.expected_digest:  # the bytes are the promised ones: the image is bad
+                raise FormatError(str(e)) from None
+            raise
     # eStargz's digest covers the TOC JSON, so it can only be checked after inflating, which
     # extract_toc_json bounds.
     data = estargz.extract_toc_json(raw)

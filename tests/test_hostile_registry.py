@@ -27,6 +27,7 @@ from lazyfs.formats.layer import TAIL_SIZE, locate_toc, toc_json
 from lazyfs.formats.toc import MAX_CHUNK_SIZE
 from lazyfs.fs.mount import is_mounted, unmount
 from lazyfs.image import load_layer, open_image
+from lazyfs.remote import registry as registry_module
 from lazyfs.remote.image import resolve_image
 from lazyfs.remote.layout import OCILayoutSource
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
@@ -375,3 +376,22 @@ def test_read_timeout_must_be_positive(tmp_path: Path) -> None:
     assert res.stderr.strip().splitlines() == [
         "lazyfs: --read-timeout takes a number of seconds > 0"
     ], res.stderr
+
+
+def test_oversized_document_is_refused(
+    images: dict[str, str], registry: RegistryInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # get_blob holds what it reads in memory: a registry sending more than a document's cap
+    # (here shrunk below the image config's size) gets a one-line error, not our memory.
+    monkeypatch.setattr(registry_module, "MAX_DOCUMENT_SIZE", 50)
+
+    async def main() -> None:
+        src = _source(registry.host, images["ok"])
+        try:
+            with pytest.raises(RemoteError) as e:
+                await resolve_image(src, "v1")
+            assert "too large" in str(e.value) and "\n" not in str(e.value)
+        finally:
+            await src.aclose()
+
+    trio.run(main)

@@ -34,6 +34,9 @@ MANIFEST_ACCEPT = ", ".join(
     (oci.MT_OCI_INDEX, oci.MT_OCI_MANIFEST, oci.MT_DOCKER_LIST, oci.MT_DOCKER_MANIFEST)
 )
 MAX_MANIFEST_SIZE = 4 << 20
+# get_blob holds a whole blob in memory: it serves documents (image configs, prefetch groups),
+# never layers, so a registry that sends more is refused rather than believed.
+MAX_DOCUMENT_SIZE = 64 << 20
 MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -351,7 +354,7 @@ class RegistrySource(Source):
         oci.check_digest(digest)
 
         async def consume(resp: httpx.Response, netloc: str) -> bytes:
-            data = await self._read_all(resp, 1 << 40)
+            data = await self._read_all(resp, MAX_DOCUMENT_SIZE)
             try:
                 return oci.verify(data, digest)
             except IntegrityError as e:

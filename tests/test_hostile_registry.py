@@ -190,12 +190,12 @@ def test_stalled_registry_fails_within_the_deadline(
             fault_proxy.stall_next(1)  # one stall: the next attempt gets the bytes
             t0 = time.monotonic()
             assert len(await src.read_range(digest, 0, 1000)) == 1000
-            assert 0.4 < time.monotonic() - t0 < 1.5
+            assert 0.4 < time.monotonic() - t0 < 2.0
             fault_proxy.stall_next(100)  # stalled for good: an error within deadline + stall
             t0 = time.monotonic()
             with pytest.raises(RemoteError):
                 await src.read_range(digest, 0, 1000)
-            assert time.monotonic() - t0 < STALL.deadline + STALL.stall_timeout + 0.5
+            assert time.monotonic() - t0 < STALL.deadline + STALL.stall_timeout + 1.0
         finally:
             fault_proxy.reset()
             await src.aclose()
@@ -219,7 +219,7 @@ def test_stalled_mirror_hands_over_to_the_next_host(
             fault_proxy.stall_next(100)
             t0 = time.monotonic()
             assert len(await src.read_range(digest, 0, 1000)) == 1000
-            assert time.monotonic() - t0 < STALL.stall_timeout + 0.5
+            assert time.monotonic() - t0 < STALL.stall_timeout + 1.0
         finally:
             fault_proxy.reset()
             await src.aclose()

@@ -32,8 +32,11 @@ from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.chunkio import decode_chunk
 from lazyfs.formats.layer import TAIL_SIZE, TocLocation, locate_toc, toc_json
-from lazyfs.formats.toc import MAX_CHUNK_SIZE, Chunk, TocBudget, decode_toc
+from lazyfs.formats.toc import MAX_CHUNK_SIZE, TOC, Chunk, Entry, TocBudget, decode_toc
 from lazyfs.image import load_layer
+from lazyfs.store import plan
+from lazyfs.store.cache import ChunkCache
+from lazyfs.store.fetcher import LayerStore
 from tests.test_store import MemSource
 
 DIGEST = "sha256:" + "ab" * 32
@@ -331,3 +334,24 @@ def test_toc_damaged_in_transit_is_fetched_again(fmt: ModuleType) -> None:
 
     trio.run(main)
     assert not source.pending and len(source.requests) == 2, source.requests
+
+
+def test_a_request_decodes_at_most_its_plain_cap(tmp_path: Path) -> None:
+    """Well-compressed chunks are merged by compressed span, but a request's decoded total is
+    capped too: eight 16 MiB chunks of 100 compressed bytes each are not one request."""
+    n, size = 8, MAX_CHUNK_SIZE
+    chunks = tuple(
+        Chunk(i * size, size, 100 * i, 100 * (i + 1), f"sha256:{i:064x}") for i in range(n)
+    )
+    toc = TOC(
+        compression="zstd",
+        entries=[
+            Entry(name="", type="dir"),
+            Entry(name="f", type="reg", size=n * size, chunks=chunks),
+        ],
+        data_end=100 * n,
+    )
+    layer = LayerStore(ChunkCache(tmp_path)).add_layer("sha256:" + "0" * 64, MemSource({}), toc)
+    requests = plan.plan_requests(layer, list(chunks), 64 * 1024, 8 << 20, lambda c: False)
+    assert [len(cs) for _, _, cs in requests] == [2] * (n // 2)
+    assert all(sum(c.size for c in cs) <= plan.MAX_REQUEST_PLAIN for _, _, cs in requests)

@@ -45,9 +45,9 @@ def fresh(path: Path) -> Path:
 
 
 async def _open(host: str, repo: str, cache_dir: Path, **store_kw: Any) -> tuple[Any, ...]:
-    from lazyfs.image import open_image
     from lazyfs.remote.registry import RegistrySource
     from lazyfs.store import ChunkCache, LayerStore
+    from lazyfs.store.tocs import open_image
 
     fsync = store_kw.pop("fsync", True)
     source = RegistrySource(host, repo, plain_http=True)
@@ -122,7 +122,7 @@ def mount_stats(mnt: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    from tests.support.registry import RegistryInstance, push_oci_layout
+    from lazyfs.testing.registry import RegistryInstance, push_oci_layout
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")

@@ -366,13 +366,13 @@ def stop_pid(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 
 def is_mounted(path: Path) -> bool:
-    from lazyfs.fs.mount import is_mounted as _is
+    from lazyfs.fs.serve import is_mounted as _is
 
     return _is(str(path))
 
 
 def _fuse_unmount(path: Path) -> None:
-    from lazyfs.fs.mount import unmount
+    from lazyfs.fs.serve import unmount
 
     with contextlib.suppress(Exception):
         unmount(str(path))

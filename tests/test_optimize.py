@@ -29,6 +29,8 @@ from lazyfs.remote.referrers import (
     subject_descriptor,
 )
 from lazyfs.remote.registry import RegistrySource
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.registry import RegistryInstance, push_oci_layout
 from lazyfs.trace.optimize import optimize
 from lazyfs.trace.schema import (
     FileAccess,
@@ -41,8 +43,6 @@ from lazyfs.trace.schema import (
     encode,
 )
 from tests.support.fixtures import registry  # noqa: F401
-from tests.support.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
-from tests.support.registry import RegistryInstance, push_oci_layout
 
 MANIFEST = "sha256:" + "a" * 64
 L0, L1 = "sha256:" + "0" * 64, "sha256:" + "1" * 64

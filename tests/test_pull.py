@@ -16,7 +16,6 @@ import trio
 from lazyfs_tools.convert import convert
 
 from lazyfs.cli import pull as pull_cli
-from lazyfs.image import open_image
 from lazyfs.progress import (
     DoneEvent,
     ProgressEvent,
@@ -25,13 +24,14 @@ from lazyfs.progress import (
     choose_mode,
     decode_events,
 )
-from lazyfs.remote import image as remote_image
+from lazyfs.remote import resolve as remote_image
 from lazyfs.remote.base import Source
-from lazyfs.remote.layout import OCILayoutSource
+from lazyfs.remote.local import OCILayoutSource
 from lazyfs.store import ChunkCache, LayerStats, layer_chunks
+from lazyfs.store.tocs import open_image
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.registry import RegistryInstance, push_oci_layout
 from tests.support.fixtures import registry  # noqa: F401
-from tests.support.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
-from tests.support.registry import RegistryInstance, push_oci_layout
 
 REPO = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9]*[A-Za-z]")

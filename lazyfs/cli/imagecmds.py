@@ -81,9 +81,9 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     import trio
 
     from lazyfs import oci
-    from lazyfs.image import LayerInfo, load_layer, open_image
-    from lazyfs.remote.image import open_source
-    from lazyfs.remote.layout import BlobFileSource
+    from lazyfs.remote.local import BlobFileSource
+    from lazyfs.remote.resolve import open_source
+    from lazyfs.store.tocs import LayerInfo, load_layer, open_image
 
     async def load() -> list[LayerInfo]:
         if os.path.isfile(args.target):

@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from lazyfs.fs.mount import MountOptions
+    from lazyfs.fs.serve import MountOptions
 
     return MountOptions(
         image=args.image,
@@ -178,7 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from lazyfs.errors import first_error
-    from lazyfs.fs.mount import serve
+    from lazyfs.fs.serve import serve
 
     ready_fd = args.ready_fd
 
@@ -209,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def umount_cmd(args: argparse.Namespace) -> int:
-    from lazyfs.fs.mount import control_path, unmount
+    from lazyfs.fs.serve import control_path, unmount
 
     sock = control_path(args.mountpoint)
     unmount(args.mountpoint, lazy=args.lazy)
@@ -221,7 +221,7 @@ def umount_cmd(args: argparse.Namespace) -> int:
 
 
 def control_request(mountpoint: str, request: dict[str, object]) -> object:
-    from lazyfs.fs.mount import control_path
+    from lazyfs.fs.serve import control_path
 
     path = control_path(mountpoint)
     try:

@@ -78,9 +78,9 @@ def optimize_cmd(args: argparse.Namespace) -> int:
 def push_to(image: str, manifest_digest: str, data: bytes, plain_http: bool, insecure: bool) -> str:
     import trio
 
-    from lazyfs.remote.image import open_source
     from lazyfs.remote.referrers import push_groups, subject_descriptor
     from lazyfs.remote.registry import RegistrySource
+    from lazyfs.remote.resolve import open_source
 
     if image.startswith("oci:"):
         raise LazyfsError(f"--push needs a registry reference, not {image!r}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from lazyfs.errors import LazyfsError, first_error
 from lazyfs.progress import MODES, PulledEvent, Renderer, choose_mode
-from lazyfs.store.cache import DEFAULT_MAX_BYTES
+from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 
 from .common import add_cache_args, add_registry_args
 
@@ -47,9 +47,9 @@ async def pull(
     """Fetch every layer of ``image`` concurrently; chunks already cached cost nothing."""
     import trio
 
-    from lazyfs.image import open_image
-    from lazyfs.remote.image import open_source
+    from lazyfs.remote.resolve import open_source
     from lazyfs.store import ChunkCache, LayerStore
+    from lazyfs.store.tocs import open_image
 
     t0 = time.monotonic()
     source, ref = open_source(image, plain_http=plain_http, insecure=insecure)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import msgspec
 
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
-from lazyfs.store.atomic import atomic_write
 from lazyfs.trace.schema import Trace, encode
 
 from .common import add_registry_args
@@ -215,7 +215,7 @@ def _one_run(args: argparse.Namespace, cmd: list[str]) -> tuple[Trace, int | Non
             _stop_workload(workload)
         if daemon is not None:
             _stop_daemon(daemon, mnt)
-        from lazyfs.fs.mount import is_mounted
+        from lazyfs.fs.serve import is_mounted
 
         # Never remove a tree that still has a mount in it: rmtree would descend into it.
         if is_mounted(str(mnt)):
@@ -290,7 +290,7 @@ def _stop_workload(workload: subprocess.Popen[bytes]) -> None:
 
 
 def _clear_mountpoint(mnt: Path) -> None:
-    from lazyfs.fs.mount import is_mounted, is_stale, unmount
+    from lazyfs.fs.serve import is_mounted, is_stale, unmount
 
     if is_stale(str(mnt)) or is_mounted(str(mnt)):
         with contextlib.suppress(LazyfsError):
@@ -298,7 +298,7 @@ def _clear_mountpoint(mnt: Path) -> None:
 
 
 def _stop_daemon(daemon: subprocess.Popen[bytes], mnt: Path) -> None:
-    from lazyfs.fs.mount import is_mounted, unmount
+    from lazyfs.fs.serve import is_mounted, unmount
 
     if daemon.poll() is None and is_mounted(str(mnt)):
         try:

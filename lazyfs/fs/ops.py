@@ -26,7 +26,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.formats.toc import Entry
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
 from lazyfs.fs.upper import Upper
-from lazyfs.store.fetcher import Layer, LayerStore
+from lazyfs.store.layerstore import Layer, LayerStore
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import trio
 from lazyfs.errors import LazyfsError
 from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import Chunk, Entry
-from lazyfs.store.fetcher import Layer, LayerStore
+from lazyfs.store.layerstore import Layer, LayerStore
 from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier, decode_groups
 
 log = logging.getLogger(__name__)

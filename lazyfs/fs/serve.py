@@ -26,19 +26,19 @@ import msgspec
 import pyfuse3
 import trio
 
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.ops import Operations
 from lazyfs.fs.prefetch import Prefetcher, PrefetchStats, landmark_group, load_group
 from lazyfs.fs.tree import OPAQUE, WHITEOUT, Node, Tree
 from lazyfs.fs.upper import Upper
-from lazyfs.image import open_image
 from lazyfs.remote.base import Source
-from lazyfs.remote.image import open_source
 from lazyfs.remote.referrers import find_groups
+from lazyfs.remote.resolve import open_source
 from lazyfs.store import ChunkCache, LayerStore
-from lazyfs.store.atomic import atomic_write
-from lazyfs.store.blobs import CachingSource
-from lazyfs.store.cache import DEFAULT_MAX_BYTES
+from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
+from lazyfs.store.documents import CachingSource
+from lazyfs.store.tocs import open_image
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import Group, decode_groups, encode
 

@@ -10,7 +10,7 @@ import msgspec
 from lazyfs import oci
 from lazyfs.errors import FormatError, NotFoundError
 from lazyfs.remote.base import Source
-from lazyfs.remote.layout import OCILayoutSource
+from lazyfs.remote.local import OCILayoutSource
 from lazyfs.remote.reference import parse_reference
 from lazyfs.remote.registry import RegistrySource
 

@@ -1,6 +1,6 @@
 """The layer store: verified chunk cache, per-layer readiness maps, prioritised fetcher."""
 
-from lazyfs.store.cache import (
+from lazyfs.store.chunkcache import (
     DEFAULT_MAX_BYTES,
     CacheUsage,
     ChunkCache,
@@ -8,7 +8,7 @@ from lazyfs.store.cache import (
     default_cache_dir,
 )
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
-from lazyfs.store.fetcher import Layer, LayerStore, ProgressCallback, WaitHook
+from lazyfs.store.layerstore import Layer, LayerStore, ProgressCallback, WaitHook
 from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH
 from lazyfs.store.stats import LATENCY_BUCKETS, LayerStats
 

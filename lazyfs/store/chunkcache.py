@@ -24,9 +24,9 @@ from pathlib import Path
 
 import msgspec
 
+from lazyfs.atomic import TMP_PREFIX, atomic_write, remove_temp_files
 from lazyfs.errors import IntegrityError
 from lazyfs.formats.chunkio import check_chunk
-from lazyfs.store.atomic import TMP_PREFIX, atomic_write, remove_temp_files
 
 log = logging.getLogger(__name__)
 

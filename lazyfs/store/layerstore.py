@@ -23,16 +23,16 @@ from typing import NoReturn
 
 import trio
 
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
 from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.remote.base import Source
 from lazyfs.store import plan
-from lazyfs.store.atomic import atomic_write
-from lazyfs.store.cache import ChunkCache
+from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
 from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
-from lazyfs.store.layer import Layer, WholeBlob, read_span
+from lazyfs.store.layerstate import Layer, WholeBlob, read_span
 from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH, PrioritySlots, Ticket
 from lazyfs.store.stats import LayerStats
 

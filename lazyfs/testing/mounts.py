@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lazyfs.fs.mount import is_mounted, is_stale, unmount
+from lazyfs.fs.serve import is_mounted, is_stale, unmount
 
 
 class Mount:

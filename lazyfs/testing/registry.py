@@ -33,7 +33,7 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class TokenAuth:
-    """The registry side of ``auth: token:``; see :mod:`tests.support.tokenserver`."""
+    """The registry side of ``auth: token:``; see :mod:`lazyfs.testing.tokenserver`."""
 
     realm: str
     service: str

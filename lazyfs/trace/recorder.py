@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from lazyfs.formats.toc import Entry
 from lazyfs.fs.tree import Node
-from lazyfs.store.fetcher import Layer
+from lazyfs.store.layerstore import Layer
 from lazyfs.trace.schema import FileAccess, Range, Trace
 
 # Ranges kept per file.  Past this, the two closest neighbours are merged: a trace says which

@@ -193,7 +193,7 @@ class _Containerd:
 
     def get(self) -> Any:
         if self.inst is None:
-            from tests.support.containerd import ContainerdInstance
+            from lazyfs.testing.containerd import ContainerdInstance
 
             self.inst = self.stack.enter_context(ContainerdInstance())
             if self.inst.pid:
@@ -298,7 +298,7 @@ def _debian_tar(root: Path, tar: Path) -> None:
 
 
 def _sample_tar(tmp: Path, tar: Path) -> None:
-    from lazyfs_tools.sample import build_sample_image
+    from lazyfs.testing.sample import build_sample_image
 
     layout = build_sample_image(tmp / "sample")
     (layer,) = layer_blobs(layout)

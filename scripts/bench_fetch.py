@@ -47,11 +47,11 @@ def fresh(path: Path) -> Path:
 async def _open(host: str, repo: str, cache_dir: Path, **store_kw: Any) -> tuple[Any, ...]:
     from lazyfs.remote.registry import RegistrySource
     from lazyfs.store import ChunkCache, LayerStore
-    from lazyfs.store.tocs import open_image
+    from lazyfs.store.tocs import load_tocs
 
     fsync = store_kw.pop("fsync", True)
     source = RegistrySource(host, repo, plain_http=True)
-    image = await open_image(source, "latest")
+    image = await load_tocs(source, "latest")
     store = LayerStore(ChunkCache(cache_dir, fsync=fsync), **store_kw)
     li = image.layers[0]
     layer = store.add_layer(li.descriptor.digest, source, li.toc)

@@ -83,7 +83,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     from lazyfs import oci
     from lazyfs.remote.local import BlobFileSource
     from lazyfs.remote.resolve import open_source
-    from lazyfs.store.tocs import LayerInfo, load_layer, open_image
+    from lazyfs.store.tocs import LayerInfo, load_layer, load_tocs
 
     async def load() -> list[LayerInfo]:
         if os.path.isfile(args.target):
@@ -96,7 +96,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             return [await load_layer(src, desc, None, verify=False)]
         source, ref = open_source(args.target, plain_http=args.plain_http)
         try:
-            return (await open_image(source, ref, platform=args.platform)).layers
+            return (await load_tocs(source, ref, platform=args.platform)).layers
         finally:
             await source.aclose()
 

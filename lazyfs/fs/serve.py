@@ -32,13 +32,10 @@ from lazyfs.fs.ops import Operations
 from lazyfs.fs.prefetch import Prefetcher, PrefetchStats, landmark_group, load_group
 from lazyfs.fs.tree import OPAQUE, WHITEOUT, Node, Tree
 from lazyfs.fs.upper import Upper
+from lazyfs.opener import open_image
 from lazyfs.remote.base import Source
 from lazyfs.remote.referrers import find_groups
-from lazyfs.remote.resolve import open_source
-from lazyfs.store import ChunkCache, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
-from lazyfs.store.documents import CachingSource
-from lazyfs.store.tocs import open_image
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import Group, decode_groups, encode
 
@@ -285,17 +282,17 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
     trace_path = Path(opts.trace).absolute() if opts.trace else None
     if trace_path is not None and not trace_path.parent.is_dir():
         raise LazyfsError(f"cannot write the trace to {opts.trace}: no such directory")
-    source, ref = open_source(opts.image, plain_http=opts.plain_http, insecure=opts.insecure)
-    try:
-        cache = ChunkCache(opts.cache, opts.cache_max_bytes)
-        source = CachingSource(source, cache.dir / "documents")
-        image = await open_image(source, ref, platform=opts.platform, toc_dir=cache.dir / "tocs")
-        store = LayerStore(cache)
-        layers = [
-            store.add_layer(li.descriptor.digest, source, li.toc, li.descriptor.size)
-            for li in image.layers
-        ]
-        tree = Tree.from_layers([li.toc for li in image.layers])
+    async with open_image(
+        opts.image,
+        cache_dir=opts.cache,
+        cache_size=opts.cache_max_bytes,
+        plain_http=opts.plain_http,
+        insecure=opts.insecure,
+        platform=opts.platform,
+    ) as image:
+        source, store = image.source, image.store
+        layers = image.store_layers()
+        tree = Tree.from_layers([ol.toc for ol in image.layers])
         upper: Upper | None = None
         if not opts.read_only:
             if opts.upper is None:
@@ -341,11 +338,11 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                     files=len(tree.nodes),
                     layers=[
                         LayerReport(
-                            li.descriptor.digest,
-                            len(li.toc.entries),
-                            msgspec.to_builtins(layer.stats),
+                            ol.descriptor.digest,
+                            len(ol.toc.entries),
+                            msgspec.to_builtins(ol.layer.stats),
                         )
-                        for li, layer in zip(image.layers, layers, strict=True)
+                        for ol in image.layers
                     ],
                     prefetch=prefetcher.stats if prefetcher is not None else None,
                 )
@@ -392,13 +389,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
             pyfuse3.close(unmount=True)
             if recorder is not None and trace_path is not None:
                 _write_trace(recorder, trace_path)
-            with trio.CancelScope(shield=True):
-                await store.aclose()
             if upper is not None:
                 upper.close()
-    finally:
-        with trio.CancelScope(shield=True):
-            await source.aclose()
 
 
 def _write_trace(recorder: Recorder, path: Path) -> None:

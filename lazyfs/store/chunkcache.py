@@ -105,6 +105,10 @@ class ChunkCache:
         self.dir = Path(dir) if dir is not None else default_cache_dir()
         self.chunks_dir = self.dir / "chunks"
         self.layers_dir = self.dir / "layers"
+        # Beside the chunks, owned by their users: TOCs by layer digest (store.tocs) and
+        # manifests/configs by digest (store.documents).
+        self.tocs_dir = self.dir / "tocs"
+        self.documents_dir = self.dir / "documents"
         self.max_bytes = max_bytes
         self.verify_first_read = verify_first_read
         self.fsync = fsync

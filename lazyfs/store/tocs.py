@@ -105,7 +105,7 @@ async def load_layer(
     return LayerInfo(desc, loc, toc)
 
 
-async def open_image(
+async def load_tocs(
     source: Source, ref: str, *, platform: str = "linux/amd64", toc_dir: Path | None = None
 ) -> Image:
     """Resolve ``ref`` and load all layer TOCs concurrently."""

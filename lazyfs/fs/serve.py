@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import signal
-import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +27,10 @@ import trio
 
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
+from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.ops import Operations
 from lazyfs.fs.prefetch import Prefetcher, PrefetchStats, landmark_group, load_group
-from lazyfs.fs.tree import OPAQUE, WHITEOUT, Node, Tree
+from lazyfs.fs.tree import Tree
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import open_image
 from lazyfs.remote.base import Source
@@ -165,67 +165,6 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> None:
         if e.errno == errno.EBUSY:
             raise LazyfsError(f"{mountpoint} is busy (use --lazy to detach)") from None
         raise LazyfsError(f"cannot unmount {mountpoint}: {e.strerror}") from None
-
-
-# ---------------------------------------------------------------------------- upper merge
-
-
-def apply_upper(tree: Tree, upper: Upper) -> None:
-    """Merge an existing upper directory (from an earlier mount) into the tree: whiteouts and
-    opaque markers hide lower entries, everything else is an upper entry."""
-    inodes: dict[tuple[int, int], Node] = {}
-    stack: list[Node] = [tree.root]
-    # An empty upper directory (a fresh one) has nothing to say about the root: it keeps the
-    # image's metadata until something promotes it.
-    if upper.listdir(()):
-        tree.root.upper = True
-        tree.root.entry = None
-    while stack:
-        dir_node = stack.pop()
-        path = dir_node.path()
-        assert dir_node.children is not None
-        names = upper.listdir(path)
-        if OPAQUE in names:
-            for name, child in list(dir_node.children.items()):
-                if not child.upper:
-                    del dir_node.children[name]
-                    tree.unlink_name(child, dir_node, name)
-        for name in names:
-            if Upper.is_temp(name):
-                upper.unlink((*path, name))  # an interrupted copy-up: the lower entry stands
-            elif name.startswith(WHITEOUT) and name != OPAQUE:
-                hidden = name[len(WHITEOUT) :]
-                child = dir_node.children.pop(hidden, None)
-                if child is not None:
-                    tree.unlink_name(child, dir_node, hidden)
-        for name in names:
-            if Upper.is_marker(name) or Upper.is_temp(name):
-                continue
-            cst = upper.lstat((*path, name))
-            if cst is None:
-                continue
-            old = dir_node.children.get(name)
-            is_dir = stat.S_ISDIR(cst.st_mode)
-            if old is not None and old.is_dir and is_dir:
-                old.upper = True
-                old.entry = None
-                stack.append(old)
-                continue
-            if old is not None:
-                del dir_node.children[name]
-                tree.unlink_name(old, dir_node, name)
-            key = (cst.st_dev, cst.st_ino)
-            if not is_dir and cst.st_nlink > 1 and key in inodes:
-                tree.add_link(inodes[key], dir_node, name)
-                continue
-            node = tree.new_node(dir_node, name, None, -1)
-            if not is_dir:
-                node.children = None
-            node.upper = True
-            dir_node.children[name] = node
-            inodes[key] = node
-            if is_dir:
-                stack.append(node)
 
 
 # ---------------------------------------------------------------------------- serving

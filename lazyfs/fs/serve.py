@@ -10,11 +10,6 @@ atomically when the mount ends.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import errno
-import hashlib
 import logging
 import os
 import signal
@@ -27,21 +22,23 @@ import trio
 
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
+from lazyfs.fs.control import LayerReport, MountInfo, StatsReport, control_server
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.ops import Operations
-from lazyfs.fs.prefetch import Prefetcher, PrefetchStats, landmark_group, load_group
+from lazyfs.fs.prefetch import Prefetcher, landmark_group, load_group
+from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import Tree
+from lazyfs.fs.unmount import is_mounted, is_stale, unmount
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import open_image
 from lazyfs.remote.base import Source
-from lazyfs.remote.referrers import find_groups
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import Group, decode_groups, encode
+from lazyfs.trace.stored import find_groups
 
 log = logging.getLogger(__name__)
 
-MNT_DETACH = 2
 STORED_GROUPS_TIMEOUT = 10.0
 
 
@@ -65,145 +62,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     auto_prefetch: bool = True
 
 
-class MountInfo(msgspec.Struct):
-    pid: int
-    image: str
-    mountpoint: str
-    manifest: str
-    upper: str | None
-
-
-class LayerReport(msgspec.Struct):
-    digest: str
-    entries: int
-    stats: dict[str, object]
-
-
-class StatsReport(msgspec.Struct):
-    image: str
-    manifest: str
-    mountpoint: str
-    files: int
-    layers: list[LayerReport]
-    prefetch: PrefetchStats | None = None
-
-
-# ---------------------------------------------------------------------------- runtime paths
-
-
-def runtime_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/lazyfs")
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lazyfs-{os.getuid()}"
-    return Path(base) / "lazyfs"
-
-
-def canonical(mountpoint: str | os.PathLike[str]) -> str:
-    """The absolute path with the parents' symlinks resolved but the mount point itself not
-    touched: a stat of a mount whose daemon hangs would hang the caller too."""
-    path = os.path.abspath(mountpoint)
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
-def control_path(mountpoint: str | os.PathLike[str]) -> Path:
-    key = hashlib.sha256(os.fsencode(canonical(mountpoint))).hexdigest()[:16]
-    return runtime_dir() / f"{key}.sock"
-
-
-# ---------------------------------------------------------------------------- stale mounts
-
-
-def _umount2(target: str, flags: int) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.umount2(os.fsencode(target), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
-
-def is_stale(mountpoint: str) -> bool:
-    """True when a FUSE daemon died and left its mount behind (every access says ENOTCONN)."""
-    try:
-        os.statvfs(mountpoint)  # never answered from the kernel's attribute cache, unlike stat
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
-
-
-def is_mounted(mountpoint: str) -> bool:
-    real = canonical(mountpoint)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == real:
-                return True
-    return False
-
-
-def _unescape(s: str) -> str:
-    return (
-        s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-    )
-
-
-def unmount(mountpoint: str, *, lazy: bool = False) -> None:
-    """Unmount; a stale mount is always detached (its daemon is gone)."""
-    stale = is_stale(mountpoint)
-    try:
-        _umount2(mountpoint, MNT_DETACH if (lazy or stale) else 0)
-    except OSError as e:
-        if e.errno == errno.EPERM:
-            # Not root: fusermount3 is setuid and unmounts our own FUSE mounts.
-            import subprocess
-
-            flag = "-uz" if (lazy or stale) else "-u"
-            res = subprocess.run(["fusermount3", flag, mountpoint], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise LazyfsError(f"cannot unmount {mountpoint}: {res.stderr.strip()}") from None
-            return
-        if e.errno == errno.EINVAL:
-            raise LazyfsError(f"{mountpoint} is not mounted") from None
-        if e.errno == errno.EBUSY:
-            raise LazyfsError(f"{mountpoint} is busy (use --lazy to detach)") from None
-        raise LazyfsError(f"cannot unmount {mountpoint}: {e.strerror}") from None
-
-
 # ---------------------------------------------------------------------------- serving
-
-
-async def _control_server(
-    path: Path, handler: Callable[[dict[str, object]], object], task_status: trio.TaskStatus
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(os.fspath(path))
-    os.chmod(path, 0o600)
-    sock.listen(16)
-    listener = trio.SocketListener(sock)
-
-    async def serve_one(stream: trio.SocketStream) -> None:
-        async with stream:
-            buf = b""
-            with trio.move_on_after(10):
-                while b"\n" not in buf and len(buf) < 65536:
-                    data = await stream.receive_some(4096)
-                    if not data:
-                        break
-                    buf += data
-                try:
-                    request = msgspec.json.decode(buf.strip() or b"{}")
-                    reply: object = {"ok": True, "result": handler(request)}
-                except (msgspec.DecodeError, LazyfsError, KeyError) as e:
-                    reply = {"ok": False, "error": str(e)}
-                await stream.send_all(msgspec.json.encode(reply) + b"\n")
-
-    try:
-        task_status.started()
-        await trio.serve_listeners(serve_one, [listener])
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
 
 
 async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> None:
@@ -310,7 +169,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
             # socket and background fill are cancelled, but chunks already on their way are
             # still verified and written to the cache.
             async with store.running(), trio.open_nursery() as nursery:
-                await nursery.start(_control_server, control, handle)
+                await nursery.start(control_server, control, handle)
                 if opts.background_fetch:
                     store.background(nursery)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)

@@ -100,8 +100,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         manifest = image.resolved.manifest_digest
         recorder: Recorder | None = None
         if trace_path is not None:
-            recorder = Recorder(opts.image, manifest, layers, opts.group or "default")
-            store.on_wait = recorder.waited
+            digests = [ol.descriptor.digest for ol in image.layers]
+            recorder = Recorder(opts.image, manifest, digests, opts.group or "default")
         prefetcher: Prefetcher | None = None
         if groups is not None:
             doc, group = groups

@@ -49,7 +49,6 @@ MAP_FLUSH_SECONDS = 2.0
 # The background fill only issues a request after on-demand reads were quiet this long.
 BACKGROUND_IDLE_SECONDS = 0.25
 
-WaitHook = Callable[["Layer", Entry, int], None]
 ProgressCallback = Callable[[LayerStats], None]
 
 
@@ -144,8 +143,6 @@ class LayerStore:
         self._last_ondemand = -math.inf
         self._bg_scope: trio.CancelScope | None = None
         self._layer_added = trio.Event()
-        #: Called as ``on_wait(layer, entry, ns)`` after a read that waited for the network.
-        self.on_wait: WaitHook | None = None
 
     @property
     def layers(self) -> list[Layer]:
@@ -185,12 +182,20 @@ class LayerStore:
         """The bytes ``[offset, offset + size)`` of ``entry``; short only at end of file.
         Raises IntegrityError when a chunk fails verification twice, and whatever the source
         raises (RemoteError, NotFoundError) when it cannot deliver."""
+        data, _ = await self.read_waited(layer, entry, offset, size)
+        return data
+
+    async def read_waited(
+        self, layer: Layer, entry: Entry, offset: int, size: int
+    ) -> tuple[bytes, int]:
+        """:meth:`read`, and the nanoseconds it waited for the network (0 when served from
+        the cache), for a listener that records waits with the read itself."""
         if offset < 0 or size < 0:
             raise ValueError(f"bad read: offset={offset}, size={size}")
         end = min(offset + size, entry.size)
         if offset >= end:
             await trio.lowlevel.checkpoint()
-            return b""
+            return b"", 0
         t0 = time.perf_counter_ns()
         self._last_ondemand = trio.current_time()
         chunks = chunks_for_range(entry, offset, end - offset)
@@ -213,9 +218,7 @@ class LayerStore:
         parts, waited = await self._obtain(layer, needs, extra)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
-        if waited and self.on_wait is not None:
-            self.on_wait(layer, entry, ns)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), ns if waited else 0
 
     def _is_local(self, layer: Layer) -> plan.IsLocal:
         return lambda c: c.digest in self._inflight or self._maybe_cached(layer, c)

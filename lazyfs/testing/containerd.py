@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from .registry import stop_process
+from lazyfs.process import stop_process
 
 DEFAULT_NAMESPACE = "lazyfs-test"
 

@@ -11,14 +11,14 @@ clear error instead of guessing.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
 from lazyfs.errors import FormatError
 
-TRACE_KIND = "lazyfs.trace"
-GROUPS_KIND = "lazyfs.prefetch-groups"
+TRACE_KIND: Final = "lazyfs.trace"
+GROUPS_KIND: Final = "lazyfs.prefetch-groups"
 VERSION = 1
 # The OCI artifact type under which prefetch groups are stored beside their image.
 GROUPS_ARTIFACT_TYPE = "application/vnd.lazyfs.prefetch-groups.v1+json"

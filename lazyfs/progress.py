@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from typing import Literal, TextIO, TypedDict
+from typing import Literal, TextIO, TypedDict, cast
 
 import msgspec
 
@@ -88,7 +88,7 @@ def human_bytes(n: float) -> str:
 def choose_mode(requested: str, stream: TextIO, width: int | None = None) -> Mode:
     """Resolve ``auto``: JSON lines unless ``stream`` is a terminal, then by its width."""
     if requested != "auto":
-        return requested  # type: ignore[return-value]
+        return cast(Mode, requested)  # argparse checked it against MODES
     isatty = getattr(stream, "isatty", None)
     if isatty is None or not isatty():
         return "json"

@@ -18,7 +18,7 @@ from .common import add_cache_args, parse_size
 _UNBOUNDED = 1 << 62
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cache", help="chunk cache usage and cleanup")
     cmds = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from lazyfs.errors import LazyfsError
 
+if TYPE_CHECKING:
+    from lazyfs.fs.serve import MountOptions
+
 from .common import add_cache_args, add_registry_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mount", help="mount an image lazily")
     p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -69,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=stats_cmd)
 
 
-def _options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _options(args: argparse.Namespace) -> MountOptions:
     from lazyfs.fs.serve import MountOptions
 
     return MountOptions(

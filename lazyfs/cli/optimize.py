@@ -12,7 +12,7 @@ from lazyfs.errors import LazyfsError
 from .common import add_registry_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("optimize", help="rank traced files into prefetch groups")
     p.add_argument("traces", metavar="TRACE", nargs="+", help="trace files (lazyfs trace output)")
     p.add_argument("--out", required=True, metavar="GROUPS.json", help="where to write the groups")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from lazyfs.store import Layer
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("pull", help="fetch a whole image into the chunk cache")
     p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
     add_cache_args(p)

@@ -54,7 +54,7 @@ exits, after --timeout seconds, or when no new file was accessed for --idle seco
 each, ready for `lazyfs optimize`.  Needs root."""
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("trace", help="record and dump access traces")
     tsub = p.add_subparsers(dest="trace_command", required=True, metavar="SUBCOMMAND")
 

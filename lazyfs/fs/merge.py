@@ -33,9 +33,9 @@ def apply_upper(tree: Tree, upper: Upper) -> None:
                 upper.unlink((*path, name))  # an interrupted copy-up: the lower entry stands
             elif name.startswith(WHITEOUT) and name != OPAQUE:
                 hidden = name[len(WHITEOUT) :]
-                child = dir_node.children.pop(hidden, None)
-                if child is not None:
-                    tree.unlink_name(child, dir_node, hidden)
+                gone = dir_node.children.pop(hidden, None)
+                if gone is not None:
+                    tree.unlink_name(gone, dir_node, hidden)
         for name in names:
             if Upper.is_marker(name) or Upper.is_temp(name):
                 continue

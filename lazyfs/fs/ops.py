@@ -26,7 +26,8 @@ from lazyfs.errors import LazyfsError
 from lazyfs.formats.toc import Entry
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
 from lazyfs.fs.upper import Upper
-from lazyfs.store.layerstore import Layer, LayerStore
+from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -390,16 +391,16 @@ class Operations(pyfuse3.Operations):
                 raise _errno(e) from e
         if h.fd is not None:
             return os.pread(h.fd, size, off)
-        e = node.entry
-        assert e is not None
+        entry = node.entry
+        assert entry is not None
         try:
-            data, wait_ns = await self.store.read_waited(self.layers[node.layer], e, off, size)
+            data, wait_ns = await self.store.read_waited(self.layers[node.layer], entry, off, size)
         except (LazyfsError, OSError) as err:
             # Never serve unverified or partial data: the reader sees EIO.
             log.error("read of %s at %d failed: %s", "/".join(node.path()), off, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if self.listener is not None:
-            self.listener.read(node.ino, e, node.layer, node.path, off, len(data), wait_ns)
+            self.listener.read(node.ino, entry, node.layer, node.path, off, len(data), wait_ns)
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -726,6 +727,7 @@ class Operations(pyfuse3.Operations):
             await self._promote(node)
         old_path = (*old_parent.path(), old)
         new_path = (*new_parent.path(), new)
+        assert new_parent.children is not None  # _rename_check found it a directory
         try:
             hidden = self.tree.lower_has(new_path)
             if target is not None:
@@ -749,7 +751,7 @@ class Operations(pyfuse3.Operations):
                 upper.set_opaque(new_path)  # what a lower layer has there stays hidden
         except OSError as e:
             raise _errno(e) from e
-        assert old_parent.children is not None
+        assert old_parent.children is not None and new_parent.children is not None
         del old_parent.children[old]
         new_parent.children[new] = node
         if node.parent is old_parent and node.name == old:

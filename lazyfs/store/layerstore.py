@@ -261,7 +261,7 @@ class LayerStore:
         digests = [c.digest for c, _, _ in needs if not c.zeros]
         if not digests:
             await trio.lowlevel.checkpoint()
-            return parts, False  # type: ignore[return-value]
+            return parts, False  # type: ignore[return-value]  # every part is filled here
         waited = False
         missed: set[int] = set()
         self.cache.pin(digests)
@@ -337,7 +337,7 @@ class LayerStore:
                     parts[i] = f.data if (lo, hi) == (0, c.size) else f.data[lo:hi]
         finally:
             self._evicted(self.cache.unpin(digests))
-        return parts, waited  # type: ignore[return-value]
+        return parts, waited  # type: ignore[return-value]  # every part is filled by now
 
     # ------------------------------------------------------------------------------- planning
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from lazyfs.process import stop_process
 
@@ -316,9 +317,9 @@ def run_ctr(
 
 @contextlib.contextmanager
 def containerd(
-    base_dir: str | os.PathLike[str] | None = None, **kwargs: object
+    base_dir: str | os.PathLike[str] | None = None, **kwargs: Any
 ) -> Iterator[ContainerdInstance]:
     """Functional spelling of ``with ContainerdInstance(...) as c``."""
-    inst = ContainerdInstance(base_dir, **kwargs)  # type: ignore[arg-type]
+    inst = ContainerdInstance(base_dir, **kwargs)
     with inst:
         yield inst

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fetch nothing before it is read (no stored groups, no landmarks)",
     )
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
-    p.add_argument("--log", metavar="FILE", help="daemon log file (default: beside the cache)")
+    p.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=mount_cmd)
 

@@ -403,7 +403,7 @@ class LayerStore:
             # Private to this process (another mount may download the same blob), removed
             # at aclose once its chunks are cached.
             name = f"{layer.blob_digest[7:]}.{os.getpid()}"
-            whole = layer.whole = WholeBlob(self.cache.dir / "blobs" / name)
+            whole = layer.whole = WholeBlob(self.cache.blobs_dir / name)
             tmp = whole.path.with_name(whole.path.name + ".partial")
             try:
                 whole.path.parent.mkdir(parents=True, exist_ok=True)

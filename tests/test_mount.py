@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
-from lazyfs.fs.serve import is_mounted, is_stale
+from lazyfs.fs.unmount import is_mounted, is_stale
 from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run, start_mount
 from lazyfs.testing.rootfs import host_rootfs_items

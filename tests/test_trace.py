@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
-from lazyfs.fs.serve import is_mounted
+from lazyfs.fs.unmount import is_mounted
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run, start_mount
 from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items

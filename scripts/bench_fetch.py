@@ -122,7 +122,7 @@ def mount_stats(mnt: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    from lazyfs.testing.registry import RegistryInstance, push_oci_layout
+    from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
-from lazyfs.testing.registry import RegistryInstance, push_oci_layout
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 SHARED = seeded_bytes(400_000, 42)

@@ -23,8 +23,8 @@ from lazyfs.formats.layer import locate_toc, toc_json
 from lazyfs.remote.push import push_manifest
 from lazyfs.remote.referrers import list_referrers, referrers_tag, subject_descriptor
 from lazyfs.remote.registry import RegistrySource
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
-from lazyfs.testing.registry import RegistryInstance, push_oci_layout
 from lazyfs.trace.optimize import optimize
 from lazyfs.trace.schema import (
     FileAccess,

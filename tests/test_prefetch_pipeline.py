@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
-from lazyfs.testing.registry import RegistryInstance, push_oci_layout
 from lazyfs.testing.rootfs import host_rootfs_items
 from tests.support.fixtures import registry  # noqa: F401
 

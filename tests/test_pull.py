@@ -29,9 +29,9 @@ from lazyfs.remote.base import Source
 from lazyfs.remote.local import OCILayoutSource
 from lazyfs.store import ChunkCache, LayerStats, layer_chunks
 from lazyfs.store.tocs import load_tocs
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
-from lazyfs.testing.registry import RegistryInstance, push_oci_layout
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent

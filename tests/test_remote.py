@@ -1,5 +1,5 @@
 # ruff: noqa: F811  (pytest fixtures imported by name are redefined as parameters)
-"""lazyfs.remote against a real docker-registry on 127.0.0.1 (see lazyfs/testing/registry.py).
+"""lazyfs.remote against a real docker-registry on 127.0.0.1 (see lazyfs/testing/dockerregistry.py).
 
 Images are tiny OCI layouts built here and pushed with skopeo; faults come from
 lazyfs/testing/faultproxy.py.  Retries use millisecond delays so the file stays fast.
@@ -27,8 +27,8 @@ from lazyfs.remote.local import BlobFileSource, OCILayoutSource
 from lazyfs.remote.reference import Reference, parse_reference
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import open_source, resolve_image
+from lazyfs.testing.dockerregistry import RegistryInstance, free_port, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.registry import RegistryInstance, free_port, push_oci_layout
 from lazyfs.testing.tokenserver import TokenServer
 from tests.support.fixtures import (  # noqa: F401
     HTPASSWD_USER,

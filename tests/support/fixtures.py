@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from lazyfs.testing.dockerregistry import RegistryInstance
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.registry import RegistryInstance
 from lazyfs.testing.tokenserver import TokenServer
 
 HTPASSWD_USER = ("alice", "s3cret-pw")

@@ -32,7 +32,9 @@ def test_spawn_attach_stop_without_the_popen(image: str, tmp_path: Path) -> None
                     log=tmp_path / "log", timeout=60)  # fmt: skip
     try:
         assert (mnt / "f").read_bytes() == DATA
-        d = attach(mnt)  # what a restarted process has: the mount point
+        d = attach(mnt, expect_pid=started.pid)  # what a restarted process has recorded
+        with pytest.raises(LazyfsError, match="served by pid"):
+            attach(mnt, expect_pid=started.pid + 1)
         assert d.pid == started.pid and d.proc is None and d.alive()
         assert d.info()["mountpoint"] == os.fspath(mnt)
         assert d.stats()["layers"][0]["stats"]["bytes_fetched"] > 0

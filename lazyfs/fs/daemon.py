@@ -162,11 +162,15 @@ def spawn(
     return Daemon(child.pid, mountpoint, proc=child, log=Path(log))
 
 
-def attach(mountpoint: StrPath) -> Daemon:
-    """The daemon serving ``mountpoint``, found through its control socket."""
+def attach(mountpoint: StrPath, *, expect_pid: int | None = None) -> Daemon:
+    """The daemon serving ``mountpoint``, found through its control socket.  ``expect_pid``:
+    the PID recorded when it was started; another daemon answering there is an error (the
+    recorded one is gone), so a caller never stops a process it did not start."""
     info = control_request(os.fspath(mountpoint), {"cmd": "info"})
     if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
         raise LazyfsError(f"{mountpoint}: the lazyfs daemon did not say its PID")
+    if expect_pid is not None and info["pid"] != expect_pid:
+        raise LazyfsError(f"{mountpoint} is served by pid {info['pid']}, not {expect_pid}")
     return Daemon(info["pid"], mountpoint)
 
 

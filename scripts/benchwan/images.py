@@ -160,10 +160,13 @@ def gzip_layout(tar: Path, layout: Path) -> None:
 
 
 def manifest_of(layout: Path) -> dict[str, Any]:
-    blobs = layout / "blobs" / "sha256"
-    doc = json.loads((layout / "index.json").read_text())
+    """The first image manifest of ``layout`` (through nested indexes), as JSON."""
+    from lazyfs.ocilayout import Layout
+
+    lay = Layout(layout)
+    doc: dict[str, Any] = json.loads(lay.read_blob(lay.index().manifests[0].digest))
     while "manifests" in doc:
-        doc = json.loads((blobs / doc["manifests"][0]["digest"][7:]).read_text())
+        doc = json.loads(lay.read_blob(doc["manifests"][0]["digest"]))
     return doc
 
 
@@ -228,10 +231,10 @@ def _estargz_ctr_remote(ctrd: _Containerd, name: str, src: Path, dst: Path, tmp:
     with tarfile.open(exported) as tf:
         tf.extractall(out, filter="data")
     exported.unlink()
-    index = json.loads((out / "index.json").read_text())
-    index["manifests"] = index["manifests"][:1]
-    index["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": TAG}
-    (out / "index.json").write_text(json.dumps(index, sort_keys=True))
+    from lazyfs.ocilayout import Layout
+
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    Layout(out).write_top([{**top, "annotations": {"org.opencontainers.image.ref.name": TAG}}])
     (out / "manifest.json").unlink(missing_ok=True)
     out.replace(dst)
 

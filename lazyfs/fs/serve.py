@@ -30,17 +30,13 @@ from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
 from lazyfs.fs.upper import Upper
-from lazyfs.opener import open_image
-from lazyfs.remote.base import Source
+from lazyfs.opener import OpenedImage, open_image
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.trace.recorder import Recorder
-from lazyfs.trace.schema import Group, decode_groups, encode
-from lazyfs.trace.stored import find_groups
+from lazyfs.trace.schema import encode
+from lazyfs.trace.stored import find_group
 
 log = logging.getLogger(__name__)
-
-STORED_GROUPS_TIMEOUT = 10.0
-
 
 class MountOptions(msgspec.Struct, kw_only=True):
     image: str
@@ -65,6 +61,97 @@ class MountOptions(msgspec.Struct, kw_only=True):
 # ---------------------------------------------------------------------------- serving
 
 
+class _Mount:
+    """What one mount holds while it serves, and the control requests it answers."""
+
+    def __init__(
+        self,
+        opts: MountOptions,
+        mountpoint: str,
+        image: OpenedImage,
+        upper: Upper | None,
+        recorder: Recorder | None,
+        prefetcher: Prefetcher | None,
+    ) -> None:
+        self.opts = opts
+        self.mountpoint = mountpoint
+        self.image = image
+        self.tree = Tree.from_layers([ol.toc for ol in image.layers])
+        self.upper = upper
+        if upper is not None:
+            apply_upper(self.tree, upper)
+        self.recorder = recorder
+        self.prefetcher = prefetcher
+        layers = image.store_layers()
+        self.ops = Operations(self.tree, image.store, layers, upper, listener=recorder)
+
+    async def auto_prefetch(self) -> None:
+        """Without a groups document: the group stored beside the image, else the layers'
+        landmarks.  Runs after readiness: looking in the registry costs a round trip or two."""
+        image, layers = self.image, self.image.store_layers()
+        group = await find_group(image.source, image.manifest, self.opts.group)
+        group = group or landmark_group(layers)
+        if group is not None:
+            self.prefetcher = Prefetcher(image.store, layers, group)
+            await self.prefetcher.run()
+
+    def handle(self, request: dict[str, object]) -> object:
+        """One control request (see :mod:`lazyfs.fs.control`)."""
+        opts, image = self.opts, self.image
+        if request.get("cmd") == "info":
+            upper = os.path.abspath(opts.upper) if self.upper is not None and opts.upper else None
+            return MountInfo(
+                pid=os.getpid(),
+                image=opts.image,
+                mountpoint=self.mountpoint,
+                manifest=image.manifest,
+                upper=upper,
+            )
+        if request.get("cmd") == "stats":
+            return StatsReport(
+                image=opts.image,
+                manifest=image.manifest,
+                mountpoint=self.mountpoint,
+                files=len(self.tree.nodes),
+                layers=[
+                    LayerReport(
+                        ol.descriptor.digest,
+                        len(ol.toc.entries),
+                        msgspec.to_builtins(ol.layer.stats),
+                    )
+                    for ol in image.layers
+                ],
+                prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
+            )
+        if request.get("cmd") == "trace":
+            if self.recorder is None:
+                raise LazyfsError("this mount is not recording (mount it with --trace FILE)")
+            return self.recorder.summary() if request.get("summary") else self.recorder.trace()
+        raise LazyfsError(f"unknown command {request.get('cmd')!r}")
+
+    def write_trace(self, path: Path) -> None:
+        # At the end of the mount, so blocking here delays nothing a reader waits for.
+        assert self.recorder is not None
+        try:
+            atomic_write(path, encode(self.recorder.trace()))
+        except OSError as e:
+            log.error("could not write the trace to %s: %s", path, e)
+        else:
+            log.info("trace of %d files written to %s", self.recorder.files, path)
+
+
+def _fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=lazyfs", "subtype=lazyfs"}
+    if opts.allow_other:
+        options.add("allow_other")
+    if opts.read_only:
+        options.add("ro")
+    if os.geteuid() == 0:
+        options.add("dev")  # device nodes in a container rootfs must work
+        options.add("suid")
+    return options
+
+
 async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled.  Raises LazyfsError before ``ready``."""
     mountpoint = os.path.abspath(opts.mountpoint)
@@ -80,6 +167,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
     trace_path = Path(opts.trace).absolute() if opts.trace else None
     if trace_path is not None and not trace_path.parent.is_dir():
         raise LazyfsError(f"cannot write the trace to {opts.trace}: no such directory")
+    if not opts.read_only and opts.upper is None:
+        raise LazyfsError("a writable mount needs --upper DIR (or use --read-only)")
     async with open_image(
         opts.image,
         cache_dir=opts.cache,
@@ -88,131 +177,48 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         insecure=opts.insecure,
         platform=opts.platform,
     ) as image:
-        source, store = image.source, image.store
-        layers = image.store_layers()
-        tree = Tree.from_layers([ol.toc for ol in image.layers])
-        upper: Upper | None = None
-        if not opts.read_only:
-            if opts.upper is None:
-                raise LazyfsError("a writable mount needs --upper DIR (or use --read-only)")
-            upper = Upper(opts.upper)
-            apply_upper(tree, upper)
-        manifest = image.resolved.manifest_digest
+        upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         recorder: Recorder | None = None
         if trace_path is not None:
             digests = [ol.descriptor.digest for ol in image.layers]
-            recorder = Recorder(opts.image, manifest, digests, opts.group or "default")
+            recorder = Recorder(opts.image, image.manifest, digests, opts.group or "default")
         prefetcher: Prefetcher | None = None
         if groups is not None:
             doc, group = groups
-            if doc.manifest and doc.manifest != manifest:
+            if doc.manifest and doc.manifest != image.manifest:
                 log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
-            prefetcher = Prefetcher(store, layers, group)
-
-        async def auto_prefetch() -> None:
-            # After readiness: looking in the registry costs a round trip or two.
-            nonlocal prefetcher
-            group = await _stored_group(source, manifest, opts.group) or landmark_group(layers)
-            if group is not None:
-                prefetcher = Prefetcher(store, layers, group)
-                await prefetcher.run()
-
-        ops = Operations(tree, store, layers, upper, listener=recorder)
-
-        def handle(request: dict[str, object]) -> object:
-            if request.get("cmd") == "info":
-                return MountInfo(
-                    pid=os.getpid(),
-                    image=opts.image,
-                    mountpoint=mountpoint,
-                    manifest=image.resolved.manifest_digest,
-                    upper=os.path.abspath(opts.upper) if upper is not None and opts.upper else None,
-                )
-            if request.get("cmd") == "stats":
-                return StatsReport(
-                    image=opts.image,
-                    manifest=image.resolved.manifest_digest,
-                    mountpoint=mountpoint,
-                    files=len(tree.nodes),
-                    layers=[
-                        LayerReport(
-                            ol.descriptor.digest,
-                            len(ol.toc.entries),
-                            msgspec.to_builtins(ol.layer.stats),
-                        )
-                        for ol in image.layers
-                    ],
-                    prefetch=prefetcher.stats if prefetcher is not None else None,
-                )
-            if request.get("cmd") == "trace":
-                if recorder is None:
-                    raise LazyfsError("this mount is not recording (mount it with --trace FILE)")
-                return recorder.summary() if request.get("summary") else recorder.trace()
-            raise LazyfsError(f"unknown command {request.get('cmd')!r}")
-
-        fuse_options = set(pyfuse3.default_options)
-        fuse_options |= {"fsname=lazyfs", "subtype=lazyfs"}
-        if opts.allow_other:
-            fuse_options.add("allow_other")
-        if opts.read_only:
-            fuse_options.add("ro")
-        if os.geteuid() == 0:
-            fuse_options.add("dev")  # device nodes in a container rootfs must work
-            fuse_options.add("suid")
+            prefetcher = Prefetcher(image.store, image.store_layers(), group)
+        mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher)
         # Resolve the control socket path now: after init, touching the mount point from this
         # process would wait for a FUSE reply only this process can give (canonical() does
         # not touch it either, but the order keeps that property obvious).
         control = control_path(mountpoint)
-        pyfuse3.init(ops, mountpoint, fuse_options)
+        pyfuse3.init(mount.ops, mountpoint, _fuse_options(opts))
         try:
             # Fetches started by readers live in their own nursery: at unmount the control
             # socket and background fill are cancelled, but chunks already on their way are
             # still verified and written to the cache.
-            async with store.running(), trio.open_nursery() as nursery:
-                await nursery.start(control_server, control, handle)
+            async with image.store.running(), trio.open_nursery() as nursery:
+                await nursery.start(control_server, control, mount.handle)
                 if opts.background_fetch:
-                    store.background(nursery)
+                    image.store.background(nursery)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
                 if recorder is not None:
                     recorder.start()
                 if prefetcher is not None:
                     nursery.start_soon(prefetcher.run)
                 elif opts.auto_prefetch:
-                    nursery.start_soon(auto_prefetch)
+                    nursery.start_soon(mount.auto_prefetch)
                 if ready is not None:
                     ready()
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
-            if recorder is not None and trace_path is not None:
-                _write_trace(recorder, trace_path)
+            if trace_path is not None:
+                mount.write_trace(trace_path)
             if upper is not None:
                 upper.close()
-
-
-def _write_trace(recorder: Recorder, path: Path) -> None:
-    # At the end of the mount, so blocking here delays nothing a reader waits for.
-    try:
-        atomic_write(path, encode(recorder.trace()))
-    except OSError as e:
-        log.error("could not write the trace to %s: %s", path, e)
-    else:
-        log.info("trace of %d files written to %s", recorder.files, path)
-
-
-async def _stored_group(source: Source, manifest: str, name: str | None) -> Group | None:
-    """The prefetch group stored beside the image in its registry, if there is one."""
-    try:
-        with trio.move_on_after(STORED_GROUPS_TIMEOUT):
-            data = await find_groups(source, manifest)
-            if data is not None:
-                doc = decode_groups(data, "prefetch groups stored with the image")
-                log.info("prefetching with the groups stored beside %s", manifest)
-                return doc.group(name)
-    except LazyfsError as e:
-        log.info("no usable prefetch groups in the registry: %s", e)
-    return None
 
 
 async def _on_signals(scope: trio.CancelScope) -> None:

@@ -8,6 +8,7 @@ APT_PACKAGES=(
   fuse3 libfuse3-dev pkg-config          # FUSE runtime and headers for pyfuse3
   docker-registry                        # reference OCI distribution server (tests, demo)
   containerd runc                        # snapshotter tests
+  golang-github-containerd-containerd-dev  # snapshots.proto + mount.proto for the snapshotter
   stargz-snapshotter                     # ctr-remote: peer-made eStargz/zstdchunked layers
   skopeo umoci                           # check converted images with non-lazy tools
   fuse-overlayfs                         # benchmark baseline
@@ -34,11 +35,17 @@ fi
 stamp=.venv/.lazyfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log=.venv/install.log
-  if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test]'; } \
+  if ! { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[test,codegen]'; } \
       >"$log" 2>&1; then
     cat "$log" >&2
     echo "setup: pip install failed (log above)" >&2
     exit 1
   fi
   touch "$stamp"
+fi
+
+# The snapshotter's gRPC modules are generated (gitignored) from the protos Debian ships.
+if [ ! -f snapshotter/lazyfs_snapshotter/api/snapshots_pb2.py ] \
+    || [ scripts/gen_snapshotter_proto.py -nt snapshotter/lazyfs_snapshotter/api/snapshots_pb2.py ]; then
+  .venv/bin/python scripts/gen_snapshotter_proto.py
 fi

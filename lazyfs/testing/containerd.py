@@ -27,7 +27,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -66,9 +66,16 @@ def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_config(base: Path) -> str:
-    """containerd (config version 2) TOML keeping every path under *base*."""
+def render_config(base: Path, proxy_snapshotters: Mapping[str, str] | None = None) -> str:
+    """containerd (config version 2) TOML keeping every path under *base*.
+
+    *proxy_snapshotters* maps a snapshotter name to its gRPC socket (``[proxy_plugins]``).
+    """
     disabled = ", ".join(_toml_str(p) for p in _DISABLED_PLUGINS)
+    proxies = [
+        f'[proxy_plugins.{_toml_str(name)}]\n  type = "snapshot"\n  address = {_toml_str(addr)}\n'
+        for name, addr in (proxy_snapshotters or {}).items()
+    ]
     return "\n".join(
         [
             "version = 2",
@@ -91,6 +98,7 @@ def render_config(base: Path) -> str:
             "[metrics]",
             "  address = ''",
             "",
+            *proxies,
         ]
     )
 
@@ -115,6 +123,7 @@ class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]
         stop_timeout: float = 10.0,
         keep: bool = False,
         binary: str | None = None,
+        proxy_snapshotters: Mapping[str, str] | None = None,
     ) -> None:
         self._given_base = Path(base_dir) if base_dir is not None else None
         self.namespace = namespace
@@ -122,6 +131,7 @@ class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]
         self.stop_timeout = stop_timeout
         self.keep = keep
         self.binary = binary or containerd_binary()
+        self.proxy_snapshotters = dict(proxy_snapshotters or {})
         self.base: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self._made_base = False
@@ -180,7 +190,7 @@ class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]
             raise ContainerdError(f"socket path too long for AF_UNIX: {self.address}")
         for sub in ("root", "state", "plugins"):
             (self.base / sub).mkdir(exist_ok=True)
-        self.config_path.write_text(render_config(self.base))
+        self.config_path.write_text(render_config(self.base, self.proxy_snapshotters))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [

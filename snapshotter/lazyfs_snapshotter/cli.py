@@ -1,0 +1,167 @@
+"""``lazyfs-snapshotter``: the containerd proxy snapshotter daemon."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from .config import (
+    DEFAULT_ADDRESS,
+    DEFAULT_HOSTS_DIR,
+    DEFAULT_ROOT,
+    Config,
+    ConfigError,
+    load_config,
+)
+
+log = logging.getLogger("lazyfs_snapshotter")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Workers bound how many containerd calls run at once; sqlite serialises writes anyway.
+WORKERS = 16
+
+
+class StartError(Exception):
+    """The daemon cannot start; str() is the one-line reason."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="lazyfs-snapshotter", description="containerd proxy snapshotter for lazyfs"
+    )
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="unix socket to listen on")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="state directory")
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR, help="containerd hosts.toml dir")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    return p.parse_args(argv)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+def _socket_in_use(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def prepare_socket(address: str) -> None:
+    """Make the socket's directory (0700) and remove a stale socket left by a crash."""
+    if len(address.encode()) > 107:
+        raise StartError(f"socket path too long for a unix socket: {address}")
+    sock_dir = Path(address).parent
+    sock_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(sock_dir, 0o700)
+    if os.path.lexists(address):
+        if _socket_in_use(address):
+            raise StartError(f"{address}: another process is already listening")
+        os.unlink(address)
+
+
+def lock_root(root: Path) -> TextIO:
+    """Hold ROOT/lock for our lifetime: two daemons on one metadata store would corrupt it."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    f = open(root / "lock", "w")  # noqa: SIM115 - held open until exit
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise StartError(f"{root}: another lazyfs-snapshotter uses this root") from None
+    return f
+
+
+def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
+    try:
+        import grpc
+
+        from .metadata import MetadataError
+        from .service import SnapshotsService, add_to_server
+        from .snapshots import Snapshotter
+    except ImportError as e:
+        raise StartError(
+            f"gRPC modules missing ({e}); run scripts/setup.sh to generate them"
+        ) from None
+
+    lock = lock_root(root)
+    prepare_socket(address)
+    try:
+        snapshotter = Snapshotter(root)
+    except MetadataError as e:
+        raise StartError(str(e)) from None
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS))
+    add_to_server(SnapshotsService(snapshotter), server)
+    if server.add_insecure_port(f"unix:{address}") == 0:
+        raise StartError(f"cannot listen on {address}")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    os.chmod(address, 0o600)
+    log.info("listening on %s, root %s, cache %s, hosts %s", address, root,
+             config.cache_path(root), hosts_dir)
+    sd_notify("READY=1")
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        sd_notify("STOPPING=1")
+        log.info("stopping")
+        # In-flight calls get a moment; each is one transaction, so cutting one is safe.
+        server.stop(5).wait()
+        snapshotter.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)
+        lock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+        serve(os.path.abspath(args.address), Path(os.path.abspath(args.root)), config,
+              Path(args.hosts_dir))
+    except (ConfigError, StartError) as e:
+        print(f"lazyfs-snapshotter: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"lazyfs-snapshotter: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

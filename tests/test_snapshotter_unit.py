@@ -1,0 +1,351 @@
+"""Snapshotter logic without containerd: label parsing, filters, config, and the snapshot
+semantics over a real sqlite store and real directories."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+from lazyfs_snapshotter.config import ConfigError, load_config, parse_config
+from lazyfs_snapshotter.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from lazyfs_snapshotter.filters import match_any, parse_filters
+from lazyfs_snapshotter.metadata import Kind
+from lazyfs_snapshotter.remote import (
+    CRI_IMAGE_LAYERS,
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    REMOTE_LABEL,
+    STARGZ_DIGEST,
+    STARGZ_LAYERS,
+    STARGZ_REF,
+    TARGET_LABEL,
+    Readiness,
+    RemoteSource,
+    SourceError,
+    parse_source,
+)
+from lazyfs_snapshotter.snapshots import Snapshotter
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+D3 = "sha256:" + "3" * 64
+
+
+# -- labels ---------------------------------------------------------------------------
+def test_stargz_labels_parse() -> None:
+    src = parse_source({
+        TARGET_LABEL: "chain-1",
+        STARGZ_REF: "127.0.0.1:5000/app:v1",
+        STARGZ_DIGEST: D1,
+        STARGZ_LAYERS: f"{D1},{D2}",
+    })
+    assert src == RemoteSource("chain-1", "127.0.0.1:5000/app:v1", D1, (D1, D2), None, "stargz")
+
+
+def test_cri_labels_parse_and_drop_a_truncated_last_layer() -> None:
+    src = parse_source({
+        TARGET_LABEL: "chain-2",
+        CRI_IMAGE_REF: "reg.invalid/app:v1",
+        CRI_LAYER_DIGEST: D2,
+        CRI_IMAGE_LAYERS: f"{D1},{D2},sha256:33",  # CRI cut the list at its size limit
+        CRI_MANIFEST_DIGEST: D3,
+    })
+    assert src is not None
+    assert (src.label_set, src.layer_digest, src.manifest_digest) == ("cri", D2, D3)
+    assert src.image_layers == (D1, D2)
+
+
+def test_stargz_labels_win_over_cri() -> None:
+    src = parse_source({
+        TARGET_LABEL: "t", STARGZ_REF: "a/b:c", STARGZ_DIGEST: D1,
+        CRI_IMAGE_REF: "x/y:z", CRI_LAYER_DIGEST: D2,
+    })
+    assert src is not None and src.label_set == "stargz" and src.layer_digest == D1
+
+
+@pytest.mark.parametrize("labels", [
+    {},
+    {STARGZ_REF: "a/b:c", STARGZ_DIGEST: D1},  # no target: not an unpack
+    {TARGET_LABEL: "t"},  # an unpack without remote labels
+    {TARGET_LABEL: "t", "containerd.io/gc.root": "x"},
+])
+def test_no_source(labels: dict[str, str]) -> None:
+    assert parse_source(labels) is None
+
+
+@pytest.mark.parametrize("labels", [
+    {TARGET_LABEL: "t", STARGZ_REF: "a/b:c", STARGZ_DIGEST: "nope"},
+    {TARGET_LABEL: "t", STARGZ_DIGEST: D1},
+    {TARGET_LABEL: "t", CRI_IMAGE_REF: "a/b:c", CRI_LAYER_DIGEST: D1, CRI_MANIFEST_DIGEST: "x"},
+])
+def test_broken_labels_are_a_source_error(labels: dict[str, str]) -> None:
+    with pytest.raises(SourceError):
+        parse_source(labels)
+
+
+# -- filters ----------------------------------------------------------------------------
+def _fields(**values: str) -> Callable[[Sequence[str]], str | None]:
+    def get(path: Sequence[str]) -> str | None:
+        return values.get(".".join(path))
+    return get
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("kind==committed", True),
+    ("kind!=committed", False),
+    ('labels."containerd.io/gc.root"', True),
+    ("labels.missing", False),
+    ("name~=^sha256:", True),
+    ("name~=/^SHA/", False),
+    ('kind==committed,labels."containerd.io/gc.root"=="yes"', True),
+    ('kind==committed,labels."containerd.io/gc.root"=="no"', False),
+])
+def test_filters(text: str, expected: bool) -> None:
+    get = _fields(**{"kind": "committed", "name": "sha256:abc",
+                     "labels.containerd.io/gc.root": "yes"})
+    assert match_any(parse_filters([text]), get) is expected
+
+
+def test_filters_are_any_of() -> None:
+    get = _fields(kind="active")
+    assert match_any(parse_filters(["kind==view", "kind==active"]), get)
+    assert match_any(parse_filters([]), get)
+
+
+@pytest.mark.parametrize("bad", ["kind==", '"unterminated', "kind==a b", "name~=(", "==x"])
+def test_bad_filters(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_filters([bad])
+
+
+# -- config -----------------------------------------------------------------------------
+def test_config_parses() -> None:
+    cfg = parse_config({
+        "cache": {"dir": "/srv/cache", "size": "2GiB"},
+        "prefetch": {"policy": "landmark"},
+        "metrics": {"address": "127.0.0.1:9101"},
+        "registry": {"plain_http": ["127.0.0.1:5000"]},
+    })
+    assert cfg.cache_size == 2 * 1024**3 and cfg.prefetch == "landmark"
+    assert cfg.registry.plain_http == ("127.0.0.1:5000",)
+    assert cfg.cache_path(Path("/r")) == Path("/srv/cache")
+    assert parse_config({}).cache_path(Path("/r")) == Path("/r/cache")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"cache": {"size": "lots"}}, "not a size"),
+    ({"cache": {"size": -1}}, "must be positive"),
+    ({"prefetch": {"policy": "always"}}, "is not one of"),
+    ({"metrics": {"address": "nowhere"}}, "HOST:PORT"),
+    ({"registry": {"plain_http": "x"}}, "list of non-empty strings"),
+    ({"cahce": {}}, "unknown key 'cahce'"),
+    ({"cache": {"sise": 1}}, "unknown key 'sise'"),
+])
+def test_bad_config(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_bad_toml_is_one_line(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[cache\n")
+    with pytest.raises(ConfigError, match="bad TOML") as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+def _daemon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lazyfs_snapshotter.cli", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_cli_rejects_bad_config_and_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[prefetch]\npolicy = "sometimes"\n')
+    res = _daemon("--address", str(tmp_path / "s.sock"), "--root", str(tmp_path / "r"),
+                  "--config", str(cfg))
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "policy" in res.stderr
+    res = _daemon("--log-level", "loud")
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+    res = _daemon("--address", "/tmp/" + "x" * 120, "--root", str(tmp_path / "r"))
+    assert res.returncode == 2 and "too long" in res.stderr
+
+
+# -- snapshot semantics -----------------------------------------------------------------
+@pytest.fixture
+def sn(tmp_path: Path) -> Iterator[Snapshotter]:
+    s = Snapshotter(tmp_path / "root")
+    yield s
+    s.close()
+
+
+def _layer(sn: Snapshotter, key: str, parent: str = "") -> None:
+    sn.prepare("ns", key + "-active", parent, {})
+    sn.commit("ns", key, key + "-active", {})
+
+
+def test_mounts_follow_containerds_overlay_snapshotter(sn: Snapshotter) -> None:
+    root = sn.dir
+    first = sn.prepare("ns", "a", "", {})
+    assert [(x.type, x.source, x.options) for x in first] == [
+        ("bind", f"{root}/1/fs", ("rw", "rbind"))]
+    sn.commit("ns", "A", "a", {})
+    assert not (root / "1" / "work").exists()
+    _layer(sn, "B", "A")
+    (m,) = sn.prepare("ns", "c", "B", {})
+    assert m.type == "overlay"
+    assert f"lowerdir={root}/2/fs:{root}/1/fs" in m.options
+    assert f"upperdir={root}/3/fs" in m.options and f"workdir={root}/3/work" in m.options
+    (v1,) = sn.view("ns", "v1", "A", {})
+    assert (v1.type, v1.source, v1.options) == ("bind", f"{root}/1/fs", ("ro", "rbind"))
+    (v2,) = sn.view("ns", "v2", "B", {})
+    assert (v2.type, v2.options) == ("overlay", (f"lowerdir={root}/2/fs:{root}/1/fs",))
+    assert sn.mounts("ns", "c") == [m]
+    with pytest.raises(FailedPrecondition):
+        sn.mounts("ns", "A")
+
+
+def test_errors_map_to_containerds_kinds(sn: Snapshotter) -> None:
+    sn.prepare("ns", "a", "", {})
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns", "a", "", {})
+    with pytest.raises(NotFound):
+        sn.prepare("ns", "b", "nope", {})
+    with pytest.raises(InvalidArgument):
+        sn.prepare("ns", "b", "a", {})  # parent not committed
+    with pytest.raises(InvalidArgument):
+        sn.prepare("ns", "", "", {})
+    with pytest.raises(NotFound):
+        sn.commit("ns", "X", "nope", {})
+    sn.commit("ns", "A", "a", {})
+    with pytest.raises(FailedPrecondition):
+        sn.commit("ns", "A2", "A", {})  # committed, not active
+    sn.prepare("ns", "c", "A", {})
+    with pytest.raises(AlreadyExists):
+        sn.commit("ns", "A", "c", {})
+    with pytest.raises(FailedPrecondition):
+        sn.remove("ns", "A")  # has a child
+    with pytest.raises(NotFound):
+        sn.stat("other-ns", "A")  # namespaces are apart…
+    assert sn.stat("", "A").name == "A"  # …but a call without one sees them all
+    # Failed Prepares leave no directory behind.
+    assert sorted(p.name for p in sn.dir.iterdir()) == ["1", "2"]
+
+
+def test_commit_usage_update_list_remove(sn: Snapshotter) -> None:
+    sn.prepare("ns", "a", "", {"keep": "1"})
+    (sn.dir / "1" / "fs" / "f").write_bytes(b"x" * 10000)
+    (sn.dir / "1" / "fs" / "hl").hardlink_to(sn.dir / "1" / "fs" / "f")
+    size, inodes = sn.usage("ns", "a")
+    assert inodes == 2 and size >= 10000  # fs dir + one file (the hard link counts once)
+    sn.commit("ns", "A", "a", {"containerd.io/gc.root": "x"})
+    assert sn.usage("ns", "A") == (size, inodes)
+    info = sn.stat("ns", "A")
+    assert info.kind == Kind.COMMITTED and info.labels == {"containerd.io/gc.root": "x"}
+    info = sn.update("ns", "A", {"a": "1", "b": "2"}, ["labels.a"])
+    assert info.labels == {"containerd.io/gc.root": "x", "a": "1"}
+    info = sn.update("ns", "A", {}, ["labels.a"])
+    assert info.labels == {"containerd.io/gc.root": "x"}
+    assert sn.update("ns", "A", {"z": "9"}, []).labels == {"z": "9"}
+    with pytest.raises(InvalidArgument):
+        sn.update("ns", "A", {}, ["parent"])
+    sn.view("ns", "v", "A", {})
+    assert [i.name for i in sn.list("ns", [])] == ["A", "v"]
+    assert [i.name for i in sn.list("ns", ["kind==view"])] == ["v"]
+    assert [i.name for i in sn.list("ns", ["labels.z==9"])] == ["A"]
+    assert [i.parent for i in sn.list("ns", ["name==v"])] == ["A"]
+    sn.remove("ns", "v")
+    sn.remove("ns", "A")
+    assert sn.list("ns", []) == [] and list(sn.dir.iterdir()) == []
+
+
+def test_cleanup_removes_orphans_and_restart_removes_temporaries(tmp_path: Path) -> None:
+    sn = Snapshotter(tmp_path / "r")
+    sn.prepare("ns", "a", "", {})
+    (sn.dir / "7" / "fs").mkdir(parents=True)  # e.g. left by a crash after a Remove
+    (sn.dir / "new-xyz").mkdir()  # a Prepare that died half-way
+    sn.cleanup()
+    assert sorted(p.name for p in sn.dir.iterdir()) == ["1", "new-xyz"]
+    sn.close()
+    sn = Snapshotter(tmp_path / "r")
+    assert sorted(p.name for p in sn.dir.iterdir()) == ["1"]
+    sn.close()
+
+
+class _LazyEverything:
+    """A LayerFS that serves every layer: how part 2 plugs in, exercised without FUSE."""
+
+    name = "test"
+
+    def __init__(self) -> None:
+        self.prepared: list[RemoteSource] = []
+        self.unmounted: list[Path] = []
+
+    def prepare(self, source: RemoteSource, layer_dir: Path) -> Readiness:
+        self.prepared.append(source)
+        return Readiness(True)
+
+    def mount(self, layer_dir: Path) -> Path:
+        return layer_dir / "lazy"
+
+    def check(self, layer_dir: Path) -> bool:
+        return True
+
+    def unmount(self, layer_dir: Path) -> None:
+        self.unmounted.append(layer_dir)
+
+
+def test_remote_seam_commits_the_target_and_answers_already_exists(tmp_path: Path) -> None:
+    layers = _LazyEverything()
+    sn = Snapshotter(tmp_path / "r", layers)
+    labels = {TARGET_LABEL: "chain-A", STARGZ_REF: "a/b:c", STARGZ_DIGEST: D1}
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns", "extract-1", "", labels)
+    info = sn.stat("ns", "chain-A")
+    assert info.kind == Kind.COMMITTED and info.labels[REMOTE_LABEL] == "test"
+    with pytest.raises(NotFound):
+        sn.stat("ns", "extract-1")
+    (m,) = sn.prepare("ns", "ctr", "chain-A", {})
+    assert f"lowerdir={sn.dir}/1/lazy" in m.options
+    assert sn.update("ns", "chain-A", {}, []).labels == {REMOTE_LABEL: "test"}
+    sn.remove("ns", "ctr")
+    sn.remove("ns", "chain-A")
+    assert layers.unmounted == [sn.dir / "1"]
+    # Broken labels: a normal pull, not an error.
+    labels = {TARGET_LABEL: "chain-B", STARGZ_REF: "a/b:c", STARGZ_DIGEST: "bad"}
+    assert sn.prepare("ns", "extract-2", "", labels)[0].type == "bind"
+    assert len(layers.prepared) == 1
+    sn.close()
+
+
+def test_proto_generation_names_a_missing_package(tmp_path: Path) -> None:
+    script = Path(__file__).parent.parent / "scripts" / "gen_snapshotter_proto.py"
+    res = subprocess.run([sys.executable, str(script), "--proto-root", str(tmp_path),
+                          "--out-root", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "golang-github-containerd-containerd-dev" in res.stderr
+    assert res.stderr.count("\n") == 1
+
+
+def test_generated_service_has_containerds_wire_names() -> None:
+    from lazyfs_snapshotter.api import mount_pb2, snapshots_pb2
+
+    service = snapshots_pb2.DESCRIPTOR.services_by_name["Snapshots"]
+    assert service.full_name == "containerd.services.snapshots.v1.Snapshots"
+    assert {m.name for m in service.methods} == {
+        "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage",
+        "Cleanup"}
+    assert mount_pb2.Mount.DESCRIPTOR.full_name == "containerd.types.Mount"

@@ -71,10 +71,19 @@ async def open_image(
     plain_http: bool = False,
     insecure: bool = False,
     platform: str = "linux/amd64",
+    hosts_dir: str | os.PathLike[str] | None = None,
+    docker_config: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
-    TOC; on exit write the readiness maps and close the source."""
-    source, ref = open_source(image, plain_http=plain_http, insecure=insecure)
+    TOC; on exit write the readiness maps and close the source.  ``hosts_dir`` and
+    ``docker_config`` reach the registry source (mirrors, credentials)."""
+    source, ref = open_source(
+        image,
+        plain_http=plain_http,
+        insecure=insecure,
+        hosts_dir=hosts_dir,
+        docker_config=docker_config,
+    )
     try:
         # The start-up scan stats every cached chunk: keep it off the event loop.
         cache = await trio.to_thread.run_sync(ChunkCache, cache_dir, cache_size)

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +125,13 @@ def spawn(
     timeout: float | None = None,
     verbose: int = 0,
     cwd: StrPath | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Daemon:
     """Start ``lazyfs mount IMAGE MOUNTPOINT OPTIONS…`` in a new session, its output appended
     to ``log``, and return once it reports the mount ready.  The daemon's own one-line error
     (or its exit without a word, or no word within ``timeout`` seconds) raises LazyfsError,
-    and then no process is left behind."""
+    and then no process is left behind.  ``preexec_fn`` runs in the child before lazyfs does
+    (a resource limit, say)."""
     read_fd, write_fd = os.pipe()
     argv = lazyfs_argv(
         *(["-v"] * verbose), "mount", image, os.fspath(mountpoint), *options,
@@ -145,6 +147,7 @@ def spawn(
                 pass_fds=(write_fd,),
                 start_new_session=True,
                 cwd=cwd,
+                preexec_fn=preexec_fn,
             )
     finally:
         os.close(write_fd)

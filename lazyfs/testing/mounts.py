@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,21 @@ def lazyfs_cmd(*args: str) -> list[str]:
 
 
 def start_mount(
-    image: str, mountpoint: Path, *args: str, log: Path | None = None, timeout: float = 30.0
+    image: str,
+    mountpoint: Path,
+    *args: str,
+    log: Path | None = None,
+    timeout: float = 30.0,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Mount:
     """Mount and return once the daemon reports ready; a mount that fails raises
-    RuntimeError with the daemon's log."""
+    RuntimeError with the daemon's log.  ``preexec_fn`` runs in the daemon before it starts."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     log = log or mountpoint.parent / f"{mountpoint.name}.log"
     try:
-        d = spawn(image, mountpoint, args, log=log, timeout=timeout, verbose=1)
+        d = spawn(
+            image, mountpoint, args, log=log, timeout=timeout, verbose=1, preexec_fn=preexec_fn
+        )
     except LazyfsError as e:
         text = log.read_text(errors="replace") if log.exists() else ""
         raise RuntimeError(f"mount did not come up: {e}\n{text}") from None

@@ -52,9 +52,9 @@ def _zstd_decompress(raw: bytes, limit: int) -> bytes:
         # hostile frame must not make us allocate more than the chunk needs.
         declared = zstandard.frame_content_size(raw)
         if 0 <= declared <= limit:
-            out = dctx.decompress(raw, max_output_size=limit, allow_extra_data=False)
-            if len(out) >= limit:
-                return out
+            whole = dctx.decompress(raw, max_output_size=limit, allow_extra_data=False)
+            if len(whole) >= limit:
+                return whole
     except zstandard.ZstdError:
         pass  # several frames, or no content size: take the general path
     # Several frames may make up one range (headers and content); read across them, but never

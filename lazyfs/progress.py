@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from typing import Literal, TextIO
+from typing import Literal, TextIO, TypedDict, cast
 
 import msgspec
 
@@ -88,7 +88,7 @@ def human_bytes(n: float) -> str:
 def choose_mode(requested: str, stream: TextIO, width: int | None = None) -> Mode:
     """Resolve ``auto``: JSON lines unless ``stream`` is a terminal, then by its width."""
     if requested != "auto":
-        return requested  # type: ignore[return-value]
+        return cast(Mode, requested)  # argparse checked it against MODES
     isatty = getattr(stream, "isatty", None)
     if isatty is None or not isatty():
         return "json"
@@ -260,7 +260,16 @@ class Renderer:
         return f"{name} [{bar}]{tail}"
 
 
-def _counts(stats: LayerStats) -> dict[str, int | str]:
+class _Counts(TypedDict):
+    layer: str
+    done: int
+    total: int
+    chunks_done: int
+    chunks_total: int
+    bytes_fetched: int
+
+
+def _counts(stats: LayerStats) -> _Counts:
     """The fields progress and done events share."""
     return {
         "layer": stats.blob,

@@ -35,6 +35,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--profile", choices=sorted(netns.PROFILES), default="wan")
     ap.add_argument("--reps", type=int, help="repetitions per contender (default 5, quick 1)")
     ap.add_argument("--startup-image", default="debian", choices=images.ALL_IMAGES)
+    ap.add_argument("--debian-mirror", metavar="URL",
+                    help="debootstrap from this mirror (default: the one in apt's sources)")
     ap.add_argument("--mount-images", help="comma-separated (default syn1k,syn10k,syn100k)")
     ap.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     ap.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
@@ -44,6 +46,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    images.MIRROR = args.debian_mirror
     sigterm_as_interrupt()
     with run_lock():
         return locked_main(args, argv)

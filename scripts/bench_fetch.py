@@ -45,13 +45,13 @@ def fresh(path: Path) -> Path:
 
 
 async def _open(host: str, repo: str, cache_dir: Path, **store_kw: Any) -> tuple[Any, ...]:
-    from lazyfs.image import open_image
     from lazyfs.remote.registry import RegistrySource
     from lazyfs.store import ChunkCache, LayerStore
+    from lazyfs.store.tocs import load_tocs
 
     fsync = store_kw.pop("fsync", True)
     source = RegistrySource(host, repo, plain_http=True)
-    image = await open_image(source, "latest")
+    image = await load_tocs(source, "latest")
     store = LayerStore(ChunkCache(cache_dir, fsync=fsync), **store_kw)
     li = image.layers[0]
     layer = store.add_layer(li.descriptor.digest, source, li.toc)
@@ -122,7 +122,7 @@ def mount_stats(mnt: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    from tests.support.registry import RegistryInstance, push_oci_layout
+    from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")

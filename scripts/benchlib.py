@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import io
 import json
 import os
@@ -33,7 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / ".bench"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # for tests.support and lazyfs_tools when run as a script
+    sys.path.insert(0, str(ROOT))  # the checkout, not an installed copy, when run as a script
+
+from lazyfs.fs.daemon import clear_mountpoint  # noqa: E402
+from lazyfs.process import stop_process  # noqa: E402
 
 MTIME = 1_700_000_000
 MiB = 1 << 20
@@ -246,39 +248,20 @@ def write_tar(path: Path, files: Sequence[FileSpec]) -> int:
     return path.stat().st_size
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while data := f.read(4 * MiB):
-            h.update(data)
-    return "sha256:" + h.hexdigest()
-
-
 def write_tar_layout(layout: Path, tar: Path, tag: str = "latest") -> Path:
     """An OCI layout of one image whose only layer is the uncompressed ``tar``."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    from lazyfs.ocilayout import Layout
 
-    def put(data: bytes) -> tuple[str, int]:
-        d = "sha256:" + hashlib.sha256(data).hexdigest()
-        (blobs / d[7:]).write_bytes(data)
-        return d, len(data)
-
-    digest = _sha256_file(tar)
-    target = blobs / digest[7:]
-    if not target.exists():
-        try:
-            os.link(tar, target)
-        except OSError:
-            shutil.copyfile(tar, target)
+    out = Layout(layout)
+    out.init()
+    digest, size = out.put_file(tar)
     config = {
         "architecture": "amd64",
         "os": "linux",
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": [digest]},
     }
-    cd, cn = put(json.dumps(config, sort_keys=True).encode())
+    cd, cn = out.put_json(config)
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -288,26 +271,20 @@ def write_tar_layout(layout: Path, tar: Path, tag: str = "latest") -> Path:
             "size": cn,
         },
         "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": digest,
-                "size": tar.stat().st_size,
-            }
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size}
         ],
     }
-    md, mn = put(json.dumps(manifest, sort_keys=True).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
+    md, mn = out.put_json(manifest)
+    out.write_top(
+        [
             {
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "digest": md,
                 "size": mn,
                 "annotations": {"org.opencontainers.image.ref.name": tag},
             }
-        ],
-    }
-    (layout / "index.json").write_text(json.dumps(index, sort_keys=True))
+        ]
+    )
     return layout
 
 
@@ -335,11 +312,10 @@ def lazy_image(
 
 def layer_blob(layout: Path) -> tuple[str, int]:
     """(digest, size) of the only layer of the only image in ``layout``."""
-    index = json.loads((layout / "index.json").read_text())
-    mdig = index["manifests"][0]["digest"]
-    manifest = json.loads((layout / "blobs" / "sha256" / mdig[7:]).read_text())
-    layer = manifest["layers"][0]
-    return layer["digest"], layer["size"]
+    from lazyfs.ocilayout import Layout
+
+    layer = Layout(layout).manifest().layers[0]
+    return layer.digest, layer.size
 
 
 def extract_tar(tar: Path, dest: Path) -> Path:
@@ -355,30 +331,10 @@ def extract_tar(tar: Path, dest: Path) -> Path:
 # ----------------------------------------------------------------------------- processes
 
 
-def stop_pid(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
-
 def is_mounted(path: Path) -> bool:
-    from lazyfs.fs.mount import is_mounted as _is
+    from lazyfs.fs.unmount import is_mounted as _is
 
     return _is(str(path))
-
-
-def _fuse_unmount(path: Path) -> None:
-    from lazyfs.fs.mount import unmount
-
-    with contextlib.suppress(Exception):
-        unmount(str(path))
-    if is_mounted(path):
-        with contextlib.suppress(Exception):
-            unmount(str(path), lazy=True)
 
 
 @dataclass
@@ -401,58 +357,47 @@ class Daemon:
                     out[key] = int(val.split()[0])
         return out
 
-    def stop(self) -> None:
-        if is_mounted(self.mountpoint):
-            _fuse_unmount(self.mountpoint)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            stop_pid(self.proc)
-        if is_mounted(self.mountpoint):
-            _fuse_unmount(self.mountpoint)
+
+@contextlib.contextmanager
+def lazyfs_mount(
+    image: str, mnt: Path, cache: Path, *extra: str, timeout: float = 120.0
+) -> Iterator[Daemon]:
+    """``lazyfs mount IMAGE MNT --read-only --cache DIR``, spawned through the project's one
+    daemon module and ready when it says so; unmounted and stopped by PID on exit."""
+    from lazyfs.errors import LazyfsError
+    from lazyfs.fs.daemon import spawn
+
+    mnt.mkdir(parents=True, exist_ok=True)
+    log_path = mnt.parent / f"{mnt.name}.log"
+    t0 = time.perf_counter()
+    try:
+        lazy = spawn(
+            image,
+            mnt,
+            ["--read-only", "--cache", str(cache), *extra],
+            log=log_path,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+    except LazyfsError as e:
+        text = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+        raise RuntimeError(f"mount at {mnt} did not come up: {e}\n{text}") from None
+    assert lazy.proc is not None
+    d = Daemon(lazy.proc, mnt, t0, time.perf_counter() - t0)
+    try:
+        yield d
+    finally:
+        lazy.stop()
 
 
 def _wait_mounted(proc: subprocess.Popen[bytes], mnt: Path, log_path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not is_mounted(mnt):
         if proc.poll() is not None or time.monotonic() > deadline:
-            stop_pid(proc)
+            stop_process(proc)
             text = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
             raise RuntimeError(f"mount at {mnt} did not come up:\n{text}")
         time.sleep(0.005)
-
-
-@contextlib.contextmanager
-def lazyfs_mount(
-    image: str, mnt: Path, cache: Path, *extra: str, timeout: float = 120.0
-) -> Iterator[Daemon]:
-    """``lazyfs mount IMAGE MNT --foreground --read-only --cache DIR``; unmounted and stopped
-    by PID on exit, whatever happens."""
-    mnt.mkdir(parents=True, exist_ok=True)
-    log_path = mnt.parent / f"{mnt.name}.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "lazyfs.cli",
-        "mount",
-        image,
-        str(mnt),
-        "--foreground",
-        "--read-only",
-        "--cache",
-        str(cache),
-        *extra,
-    ]
-    with open(log_path, "ab") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=ROOT)
-    d = Daemon(proc, mnt, t0, 0.0)
-    try:
-        _wait_mounted(proc, mnt, log_path, timeout)
-        d.ready_s = time.perf_counter() - t0
-        yield d
-    finally:
-        d.stop()
 
 
 @contextlib.contextmanager
@@ -483,9 +428,8 @@ def overlay_mount(lower: Path, work: Path, mnt: Path) -> Iterator[Daemon]:
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            stop_pid(proc)
-        if is_mounted(mnt):
-            _fuse_unmount(mnt)
+            stop_process(proc)
+        clear_mountpoint(mnt)
 
 
 def read_file(path: Path, bufsize: int = MiB) -> int:

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lazyfs_tools.convert import convert  # noqa: E402
-from lazyfs_tools.sample import PYTHON, WORKLOAD, build_sample_image  # noqa: E402
 
-from tests.support.mounts import lazyfs_cmd, run, start_mount  # noqa: E402
-from tests.support.registry import RegistryInstance, push_oci_layout  # noqa: E402
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout  # noqa: E402
+from lazyfs.testing.mounts import lazyfs_cmd, run, start_mount  # noqa: E402
+from lazyfs.testing.sample import PYTHON, WORKLOAD, build_sample_image  # noqa: E402
 
 
 def step(text: str) -> None:

@@ -2,7 +2,7 @@
 # Regenerate tests/data/peer/: eStargz and zstd:chunked layers made by a peer
 # implementation (ctr-remote from Debian's stargz-snapshotter) from a seeded,
 # deterministic source layer.  Uses a private containerd under a temp dir (see
-# tests/support/containerd.py); never touches a system containerd.
+# lazyfs/testing/containerd.py); never touches a system containerd.
 # Needs root, containerd, ctr, ctr-remote.  See tests/data/peer/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -3,7 +3,7 @@
 Run via scripts/make-peer-testdata.sh (needs root, containerd, ctr, ctr-remote).
 
 Steps: build a deterministic source layer tar and a one-layer OCI image archive
-around it; import it into a private containerd (tests.support.containerd); run
+around it; import it into a private containerd (lazyfs.testing.containerd); run
 ``ctr-remote image convert --oci`` with ``--estargz`` and ``--zstdchunked``;
 export each result and write the converted layer blob plus a JSON sidecar with
 its descriptor into the output directory.
@@ -27,7 +27,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.support.containerd import ContainerdInstance  # noqa: E402
+from lazyfs.testing.containerd import ContainerdInstance  # noqa: E402
 
 SEED = 20261123
 MTIME = 1_700_000_000  # fixed timestamp for every tar entry

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check lazyfs snapshotter tools tests scripts
+.venv/bin/lint-imports  # layers point one way (contracts in pyproject.toml)
+.venv/bin/mypy  # strict on lazyfs/ (pyproject.toml)
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
 # pytest's "no tests collected" (5) must not pass for success.

@@ -11,7 +11,7 @@ from lazyfs_tools.convert import convert
 
 from lazyfs.cli import main
 from lazyfs.errors import FormatError, IntegrityError, NotFoundError
-from tests.support.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
 
 
 def layers_of(tmp: Path) -> list[bytes]:

@@ -14,7 +14,7 @@ from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
 from lazyfs.formats.layer import TAIL_SIZE, decode_layer_toc, locate_toc
 from lazyfs.formats.toc import TOC, Chunk, Entry, decode_toc, encode_toc, validate
-from tests.support.layers import Item, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.layers import Item, make_tar, sample_items, seeded_bytes
 
 WRITERS = {"zstd:chunked": zstdchunked.write_layer, "estargz": estargz.write_layer}
 

@@ -33,10 +33,10 @@ from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.chunkio import decode_chunk
 from lazyfs.formats.layer import TAIL_SIZE, TocLocation, locate_toc, toc_json
 from lazyfs.formats.toc import MAX_CHUNK_SIZE, TOC, Chunk, Entry, TocBudget, decode_toc
-from lazyfs.image import load_layer
 from lazyfs.store import plan
-from lazyfs.store.cache import ChunkCache
-from lazyfs.store.fetcher import LayerStore
+from lazyfs.store.chunkcache import ChunkCache
+from lazyfs.store.layerstore import LayerStore
+from lazyfs.store.tocs import load_layer
 from tests.test_store import MemSource
 
 DIGEST = "sha256:" + "ab" * 32

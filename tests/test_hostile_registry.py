@@ -25,19 +25,19 @@ from lazyfs.formats import toc as toc_module
 from lazyfs.formats import zstdchunked
 from lazyfs.formats.layer import TAIL_SIZE, locate_toc, toc_json
 from lazyfs.formats.toc import MAX_CHUNK_SIZE
-from lazyfs.fs.mount import is_mounted, unmount
-from lazyfs.image import load_layer, open_image
+from lazyfs.fs.unmount import is_mounted, unmount
 from lazyfs.remote import registry as registry_module
-from lazyfs.remote.image import resolve_image
-from lazyfs.remote.layout import OCILayoutSource
+from lazyfs.remote.local import OCILayoutSource
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
-from lazyfs.store.cache import ChunkCache
-from lazyfs.store.fetcher import LayerStore
-from tests.support.faultproxy import FaultProxy
+from lazyfs.remote.resolve import resolve_image
+from lazyfs.store.chunkcache import ChunkCache
+from lazyfs.store.layerstore import LayerStore
+from lazyfs.store.tocs import load_layer, load_tocs
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
-from tests.support.layers import Item, make_layout, make_tar, seeded_bytes
-from tests.support.mounts import lazyfs_cmd, mounted, run
-from tests.support.registry import RegistryInstance, push_oci_layout
 from tests.test_hostile_images import _declaring, _zstd_frame
 
 BIG = seeded_bytes(MAX_CHUNK_SIZE, 7)  # one chunk of the largest size the cap allows
@@ -278,7 +278,7 @@ def test_entries_are_bounded_per_image_not_per_layer(
 
     async def main() -> None:
         try:
-            await open_image(OCILayoutSource(str(layout)), "v1")
+            await load_tocs(OCILayoutSource(str(layout)), "v1")
         except BaseException as e:
             error = first_error(e)
         else:
@@ -346,7 +346,7 @@ def test_large_image_mounts_and_reads_under_a_memory_limit(
         assert (mnt / "small.bin").read_bytes() == SMALL
         for name in names[:: MANY // 100]:
             assert (mnt / "many" / name).is_dir()
-        assert m.proc.poll() is None, m.log_text()
+        assert m.alive(), m.log_text()
         status = Path(f"/proc/{m.pid}/status").read_text()
         rss = next(line for line in status.splitlines() if line.startswith("VmHWM"))
         print("daemon peak RSS:", rss)
@@ -367,7 +367,7 @@ def test_stalled_registry_gives_a_reader_eio_within_read_timeout(
         assert time.monotonic() - t0 < 1.5 + 1.0
         fault_proxy.reset()  # the registry recovers: the same read now succeeds
         assert (mnt / "small.bin").read_bytes() == SMALL
-        assert m.proc.poll() is None, m.log_text()
+        assert m.alive(), m.log_text()
 
 
 def test_read_timeout_must_be_positive(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from lazyfs.formats import zstdchunked
 from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
 from lazyfs.formats.layer import TAIL_SIZE, decode_layer_toc, locate_toc
-from tests.support.mounts import mounted
+from lazyfs.testing.mounts import mounted
 
 SIZE = 4 * 1024**3 + 3 * 1024**2 + 17  # past 4 GiB, not chunk-aligned
 MARKS = {0: b"start", 4 * 1024**3 + 100: b"past-4GiB", SIZE - 3: b"end"}

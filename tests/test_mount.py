@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
-from lazyfs.fs.mount import is_mounted, is_stale
-from tests.support.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
-from tests.support.mounts import lazyfs_cmd, mounted, run, start_mount
-from tests.support.rootfs import host_rootfs_items
+from lazyfs.fs.unmount import is_mounted, is_stale
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run, start_mount
+from lazyfs.testing.rootfs import host_rootfs_items
 
 XATTR_SKIP = ("security.", "system.", "trusted.")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
-from tests.support.faultproxy import FaultProxy
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
-from tests.support.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
-from tests.support.mounts import lazyfs_cmd, mounted, run
-from tests.support.registry import RegistryInstance, push_oci_layout
 
 SHARED = seeded_bytes(400_000, 42)
 

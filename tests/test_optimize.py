@@ -21,14 +21,10 @@ from lazyfs.cli import main
 from lazyfs.errors import FormatError
 from lazyfs.formats.layer import locate_toc, toc_json
 from lazyfs.remote.push import push_manifest
-from lazyfs.remote.referrers import (
-    find_groups,
-    list_referrers,
-    push_groups,
-    referrers_tag,
-    subject_descriptor,
-)
+from lazyfs.remote.referrers import list_referrers, referrers_tag, subject_descriptor
 from lazyfs.remote.registry import RegistrySource
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
 from lazyfs.trace.optimize import optimize
 from lazyfs.trace.schema import (
     FileAccess,
@@ -40,9 +36,8 @@ from lazyfs.trace.schema import (
     decode_groups,
     encode,
 )
+from lazyfs.trace.stored import find_groups, push_groups
 from tests.support.fixtures import registry  # noqa: F401
-from tests.support.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
-from tests.support.registry import RegistryInstance, push_oci_layout
 
 MANIFEST = "sha256:" + "a" * 64
 L0, L1 = "sha256:" + "0" * 64, "sha256:" + "1" * 64

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.testing.rootfs import host_rootfs_items
 from tests.support.fixtures import registry  # noqa: F401
-from tests.support.layers import Item, make_layout, make_tar, seeded_bytes
-from tests.support.mounts import lazyfs_cmd, mounted, run
-from tests.support.registry import RegistryInstance, push_oci_layout
-from tests.support.rootfs import host_rootfs_items
 
 FILES = {f"app/m{i:02d}.bin": seeded_bytes(200_000, 300 + i) for i in range(24)}
 WORKLOAD = ["/bin/sh", "-c", "cat /app/m17.bin /app/m03.bin /app/m11.bin > /dev/null"]

@@ -15,8 +15,8 @@ import pytest
 import trio
 from lazyfs_tools.convert import convert
 
+from lazyfs import opener
 from lazyfs.cli import pull as pull_cli
-from lazyfs.image import open_image
 from lazyfs.progress import (
     DoneEvent,
     ProgressEvent,
@@ -25,13 +25,14 @@ from lazyfs.progress import (
     choose_mode,
     decode_events,
 )
-from lazyfs.remote import image as remote_image
 from lazyfs.remote.base import Source
-from lazyfs.remote.layout import OCILayoutSource
+from lazyfs.remote.local import OCILayoutSource
 from lazyfs.store import ChunkCache, LayerStats, layer_chunks
-from tests.support.fixtures import registry  # noqa: F401
-from tests.support.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
-from tests.support.registry import RegistryInstance, push_oci_layout
+from lazyfs.store.tocs import load_tocs
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9]*[A-Za-z]")
@@ -286,7 +287,7 @@ def chunk_digests(layout: Path) -> dict[str, set[str]]:
     async def load() -> dict[str, set[str]]:
         src = OCILayoutSource(str(layout))
         try:
-            img = await open_image(src, "v1")
+            img = await load_tocs(src, "v1")
         finally:
             await src.aclose()
         return {li.descriptor.digest: {c.digest for c in layer_chunks(li.toc)} for li in img.layers}
@@ -429,7 +430,7 @@ def test_layers_are_fetched_concurrently(
     lazy_layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sources: list[SlowSource] = []
-    real = remote_image.open_source
+    real = opener.open_source
 
     def slow_open(image: str, **kw: object) -> tuple[Source, str]:
         src, ref = real(image, **kw)  # type: ignore[arg-type]
@@ -441,7 +442,7 @@ def test_layers_are_fetched_concurrently(
             sources[0].counting = True
             super().start(stats)
 
-    monkeypatch.setattr(remote_image, "open_source", slow_open)
+    monkeypatch.setattr(opener, "open_source", slow_open)
     renderer = Counting(io.StringIO(), "json")
     event = trio.run(
         lambda: pull_cli.pull(f"oci:{lazy_layout}:v1", renderer, cache_dir=tmp_path / "c")
@@ -462,3 +463,54 @@ def test_errors_are_one_line(pushed: str, registry: RegistryInstance, tmp_path: 
     res = lazyfs("pull", pushed, "--plain-http", "--cache", cache, "--cache-size", "64k")
     assert res.returncode == 1 and "--cache-size" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def _blob_paths(proxy: FaultProxy) -> list[str]:
+    return [p for p in proxy.paths if "/blobs/" in p]
+
+
+def test_pull_from_a_registry_ignoring_range(
+    registry: RegistryInstance,  # noqa: F811
+    fault_proxy: FaultProxy,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Every layer is registered with its blob size, so once Range is found ignored the
+    blob is downloaded once into a local copy; without the size every request took the
+    blob's prefix again."""
+    make_layout(
+        tmp_path / "src",
+        [make_tar([Item("big.bin", data=seeded_bytes(5 * 1024 * 1024, 3))])],
+        kind="gzip",
+        tag="v1",
+    )
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'lazy'}:v1")
+    push_oci_layout(tmp_path / "lazy", f"{registry.host}/pull/big:v1", tag="v1")
+    (layer,) = chunk_digests(tmp_path / "lazy")
+    fault_proxy.ignore_range = True
+    ref = f"{fault_proxy.host}/pull/big:v1"
+    res = lazyfs("pull", ref, "--plain-http", "--cache", str(tmp_path / "c"), "--progress", "json")
+    assert res.returncode == 0, res.stderr
+    gets = [p for p in _blob_paths(fault_proxy) if p.endswith(layer)]
+    # The footer and TOC at open (answered whole), then one whole copy for the chunks; the
+    # pull without the size made a third request (the whole prefix up to its last chunk).
+    assert len(gets) <= 2, gets
+
+
+def test_warm_pull_asks_only_for_the_tag(
+    pushed: str,
+    registry: RegistryInstance,  # noqa: F811
+    fault_proxy: FaultProxy,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ref = pushed.replace(registry.host, fault_proxy.host)
+    cache = str(tmp_path / "c")
+    res = lazyfs("pull", ref, "--plain-http", "--cache", cache, "--progress", "json")
+    assert res.returncode == 0, res.stderr
+    fault_proxy.reset()
+    res = lazyfs("pull", ref, "--plain-http", "--cache", cache, "--progress", "json")
+    assert res.returncode == 0, res.stderr
+    # Manifest by digest, config and TOCs come from the cache; chunks are all there.
+    assert _blob_paths(fault_proxy) == []
+    assert [p for p in fault_proxy.paths if "/manifests/" in p] == [
+        p for p in fault_proxy.paths if p.endswith("/manifests/v1")
+    ]

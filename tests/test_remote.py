@@ -1,8 +1,8 @@
 # ruff: noqa: F811  (pytest fixtures imported by name are redefined as parameters)
-"""lazyfs.remote against a real docker-registry on 127.0.0.1 (see tests/support/registry.py).
+"""lazyfs.remote against a real docker-registry on 127.0.0.1 (see lazyfs/testing/dockerregistry.py).
 
 Images are tiny OCI layouts built here and pushed with skopeo; faults come from
-tests/support/faultproxy.py.  Retries use millisecond delays so the file stays fast.
+lazyfs/testing/faultproxy.py.  Retries use millisecond delays so the file stays fast.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import trio
 from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError, NotFoundError, RemoteError
 from lazyfs.remote.auth import Credentials, load_docker_credentials, parse_challenge
-from lazyfs.remote.image import open_source, resolve_image
-from lazyfs.remote.layout import BlobFileSource, OCILayoutSource
+from lazyfs.remote.local import BlobFileSource, OCILayoutSource
 from lazyfs.remote.reference import Reference, parse_reference
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
-from tests.support.faultproxy import FaultProxy
+from lazyfs.remote.resolve import open_source, resolve_image
+from lazyfs.testing.dockerregistry import RegistryInstance, free_port, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.tokenserver import TokenServer
 from tests.support.fixtures import (  # noqa: F401
     HTPASSWD_USER,
     TOKEN_USER,
@@ -37,8 +39,6 @@ from tests.support.fixtures import (  # noqa: F401
     token_registry,
     token_server,
 )
-from tests.support.registry import RegistryInstance, free_port, push_oci_layout
-from tests.support.tokenserver import TokenServer
 
 T = TypeVar("T")
 FAST = RetryPolicy(attempts=4, base_delay=0.005, max_delay=0.02, max_retry_after=0.05)

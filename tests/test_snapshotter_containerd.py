@@ -22,11 +22,12 @@ from lazyfs_snapshotter.api import snapshots_pb2
 from lazyfs_snapshotter.snapshots import PAUSE_ENV
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 
-from tests.support.containerd import ContainerdInstance
+from lazyfs.process import stop_process
+from lazyfs.testing.containerd import ContainerdInstance
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.layers import Item, make_layout, make_tar
+from lazyfs.testing.rootfs import host_rootfs_items
 from tests.support.fixtures import registry  # noqa: F401 - fixture
-from tests.support.layers import Item, make_layout, make_tar
-from tests.support.registry import RegistryInstance, push_oci_layout, stop_process
-from tests.support.rootfs import host_rootfs_items
 
 SN = "lazyfs"
 HELLO = b"hello through the lazyfs snapshotter\n"

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
-from lazyfs.fs.mount import is_mounted
+from lazyfs.fs.unmount import is_mounted
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run, start_mount
+from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items
 from lazyfs.trace.recorder import MAX_RANGES, _File
 from lazyfs.trace.schema import (
     GROUPS_KIND,
@@ -26,9 +29,6 @@ from lazyfs.trace.schema import (
     decode_trace,
     encode,
 )
-from tests.support.layers import Item, make_layout, make_tar, seeded_bytes
-from tests.support.mounts import lazyfs_cmd, mounted, run, start_mount
-from tests.support.rootfs import PROGRAMS, host_rootfs_items
 
 A = seeded_bytes(3000, 1)
 C = seeded_bytes(50_000, 2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from lazyfs.progress import human_bytes
-from lazyfs.store.cache import CacheUsage, PruneResult
+from lazyfs.store.chunkcache import CacheUsage, PruneResult
 
 from .common import add_cache_args, parse_size
 
@@ -18,7 +18,7 @@ from .common import add_cache_args, parse_size
 _UNBOUNDED = 1 << 62
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("cache", help="chunk cache usage and cleanup")
     cmds = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
 
@@ -41,13 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _cache_dir(arg: str | None) -> Path:
-    from lazyfs.store.cache import default_cache_dir
+    from lazyfs.store.chunkcache import default_cache_dir
 
     return Path(arg) if arg is not None else default_cache_dir()
 
 
 def du_cmd(args: argparse.Namespace) -> int:
-    from lazyfs.store.cache import ChunkCache
+    from lazyfs.store.chunkcache import ChunkCache
 
     d = _cache_dir(args.cache)
     if d.is_dir():
@@ -70,7 +70,7 @@ def du_cmd(args: argparse.Namespace) -> int:
 
 
 def prune_cmd(args: argparse.Namespace) -> int:
-    from lazyfs.store.cache import ChunkCache
+    from lazyfs.store.chunkcache import ChunkCache
 
     d = _cache_dir(args.cache)
     if d.is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lazyfs.store.cache import DEFAULT_MAX_BYTES
+from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 
 
 def parse_size(text: str) -> int:

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
-import socket
-import subprocess
 import sys
-import time
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from lazyfs.errors import LazyfsError
 
+if TYPE_CHECKING:
+    from lazyfs.fs.serve import MountOptions
+
 from .common import add_cache_args, add_registry_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mount", help="mount an image lazily")
     p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="a read whose registry sends nothing gets EIO within S seconds (default 30)",
     )
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
-    p.add_argument("--log", metavar="FILE", help="daemon log file (default: beside the cache)")
+    p.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=mount_cmd)
 
@@ -80,8 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(handler=stats_cmd)
 
 
-def _options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from lazyfs.fs.mount import MountOptions
+def _options(args: argparse.Namespace) -> MountOptions:
+    from lazyfs.fs.serve import MountOptions
 
     return MountOptions(
         image=args.image,
@@ -110,62 +110,21 @@ def mount_cmd(args: argparse.Namespace) -> int:
         return _serve(args)
     # Daemonize by re-running ourselves detached; the child reports readiness or its one-line
     # error through a pipe, so errors before the mount is ready come from this command.
-    child, message = spawn_daemon(_passthrough(args), args.log or os.devnull)
-    if message == "ready":
-        print(f"{args.mountpoint}: mounted {args.image} (pid {child.pid})")
-        return 0
-    child.wait()
-    raise LazyfsError(message.removeprefix("error: ") or f"daemon exited ({child.returncode})")
+    from lazyfs.fs.daemon import spawn
 
-
-def spawn_daemon(
-    mount_args: list[str], log_path: str | os.PathLike[str], timeout: float | None = None
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``lazyfs MOUNT_ARGS --ready-fd N`` in a new session, its output to ``log_path``;
-    return the process and the first line it reports: ``ready`` or ``error: …`` (empty if it
-    exited without a word).  Raises LazyfsError after ``timeout`` seconds without one."""
-    read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "lazyfs.cli", *mount_args, "--ready-fd", str(write_fd)]
-    try:
-        with open(log_path, "ab") as log:
-            child = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                pass_fds=(write_fd,),
-                start_new_session=True,
-            )
-    finally:
-        os.close(write_fd)
-    try:
-        return child, _read_line(read_fd, timeout)
-    except BaseException:
-        child.kill()  # by PID: it never became ready, nothing of it is worth keeping
-        child.wait()
-        raise
-    finally:
-        os.close(read_fd)
-
-
-def _read_line(fd: int, timeout: float | None) -> str:
-    buf = b""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            raise LazyfsError(f"the mount was not ready after {timeout:.0f}s")
-        readable, _, _ = select.select([fd], [], [], 1.0 if left is None else min(left, 1.0))
-        if readable:
-            data = os.read(fd, 4096)
-            if not data:
-                break  # the daemon exited without a word
-            buf += data
-    return buf.decode(errors="replace").strip()
+    daemon = spawn(
+        args.image,
+        args.mountpoint,
+        _passthrough(args),
+        log=args.log or os.devnull,
+        verbose=args.verbose,
+    )
+    print(f"{args.mountpoint}: mounted {args.image} (pid {daemon.pid})")
+    return 0
 
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
-    out = ["-v"] * args.verbose + ["mount", args.image, args.mountpoint]
+    out: list[str] = []
     for flag in ("upper", "cache", "platform", "log", "trace", "group", "prefetch"):
         value = getattr(args, flag)
         if value is not None:
@@ -188,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
     import trio
 
     from lazyfs.errors import first_error
-    from lazyfs.fs.mount import serve
+    from lazyfs.fs.serve import serve
 
     ready_fd = args.ready_fd
 
@@ -219,44 +178,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def umount_cmd(args: argparse.Namespace) -> int:
-    from lazyfs.fs.mount import control_path, unmount
+    from lazyfs.fs.daemon import unmount_and_wait
 
-    sock = control_path(args.mountpoint)
-    unmount(args.mountpoint, lazy=args.lazy)
-    # Wait for the daemon to let go (its control socket disappears when it exits).
-    deadline = time.monotonic() + args.timeout
-    while sock.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    unmount_and_wait(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     return 0
 
 
-def control_request(mountpoint: str, request: dict[str, object]) -> object:
-    from lazyfs.fs.mount import control_path
-
-    path = control_path(mountpoint)
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
-            s.connect(os.fspath(path))
-            s.sendall(msgspec.json.encode(request) + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                data = s.recv(65536)
-                if not data:
-                    break
-                buf += data
-    except OSError as e:
-        raise LazyfsError(f"{mountpoint}: no lazyfs daemon answers ({e.strerror})") from None
-    try:
-        reply = msgspec.json.decode(buf)
-    except msgspec.DecodeError:
-        raise LazyfsError(f"{mountpoint}: the lazyfs daemon gave no answer") from None
-    if not reply.get("ok"):
-        raise LazyfsError(f"{mountpoint}: {reply.get('error')}")
-    return reply.get("result")
-
-
 def commit_cmd(args: argparse.Namespace) -> int:
+    from lazyfs.fs.control import control_request
     from lazyfs.fs.upper import commit_layer
 
     info = control_request(args.mountpoint, {"cmd": "info"})
@@ -272,6 +201,9 @@ def commit_cmd(args: argparse.Namespace) -> int:
 
 
 def stats_cmd(args: argparse.Namespace) -> int:
+    from lazyfs.fs.control import control_request
+    from lazyfs.progress import human_bytes
+
     report = control_request(args.mountpoint, {"cmd": "stats"})
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
@@ -279,23 +211,15 @@ def stats_cmd(args: argparse.Namespace) -> int:
     assert isinstance(report, dict)
     print(f"{report['image']} ({report['manifest'][:19]}) on {report['mountpoint']}")
     print(
-        f"{'LAYER':<20} {'FETCHED':>12} {'READY':>17} {'REQS':>6} {'HITS':>7} {'MISSES':>7} "
+        f"{'LAYER':<20} {'FETCHED':>12} {'READY':>21} {'REQS':>6} {'HITS':>7} {'MISSES':>7} "
         f"{'WAIT':>8}"
     )
     for layer in report["layers"]:
         s = layer["stats"]
         print(
-            f"{layer['digest'][7:19]:<20} {_human(s['bytes_fetched']):>12} "
-            f"{_human(s['bytes_ready']) + '/' + _human(s['bytes_total']):>17} "
+            f"{layer['digest'][7:19]:<20} {human_bytes(s['bytes_fetched']):>12} "
+            f"{human_bytes(s['bytes_ready']) + '/' + human_bytes(s['bytes_total']):>21} "
             f"{s['requests']:>6} {s['cache_hits']:>7} {s['cache_misses']:>7} "
             f"{s['wait_ns'] / 1e9:>7.2f}s"
         )
     return 0
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024 or unit == "G":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
 
 from .common import add_registry_args
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("optimize", help="rank traced files into prefetch groups")
     p.add_argument("traces", metavar="TRACE", nargs="+", help="trace files (lazyfs trace output)")
     p.add_argument("--out", required=True, metavar="GROUPS.json", help="where to write the groups")
@@ -40,17 +39,6 @@ def _read(path: str) -> bytes:
         raise LazyfsError(f"{path}: {e.strerror or e}") from None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
 def optimize_cmd(args: argparse.Namespace) -> int:
     from lazyfs.trace.optimize import optimize
     from lazyfs.trace.schema import decode_trace, encode
@@ -62,7 +50,7 @@ def optimize_cmd(args: argparse.Namespace) -> int:
     data = encode(groups)
     out = Path(args.out)
     try:
-        _write_atomic(out, data)
+        atomic_write(out.absolute(), data)
     except OSError as e:
         raise LazyfsError(f"{out}: {e.strerror or e}") from None
     counts = ", ".join(
@@ -78,9 +66,10 @@ def optimize_cmd(args: argparse.Namespace) -> int:
 def push_to(image: str, manifest_digest: str, data: bytes, plain_http: bool, insecure: bool) -> str:
     import trio
 
-    from lazyfs.remote.image import open_source
-    from lazyfs.remote.referrers import push_groups, subject_descriptor
+    from lazyfs.remote.referrers import subject_descriptor
     from lazyfs.remote.registry import RegistrySource
+    from lazyfs.remote.resolve import open_source
+    from lazyfs.trace.stored import push_groups
 
     if image.startswith("oci:"):
         raise LazyfsError(f"--push needs a registry reference, not {image!r}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from lazyfs.errors import LazyfsError, first_error
 from lazyfs.progress import MODES, PulledEvent, Renderer, choose_mode
-from lazyfs.store.cache import DEFAULT_MAX_BYTES
+from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 
 from .common import add_cache_args, add_registry_args
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from lazyfs.store import Layer
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("pull", help="fetch a whole image into the chunk cache")
     p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
     add_cache_args(p)
@@ -47,22 +47,19 @@ async def pull(
     """Fetch every layer of ``image`` concurrently; chunks already cached cost nothing."""
     import trio
 
-    from lazyfs.image import open_image
-    from lazyfs.remote.image import open_source
-    from lazyfs.store import ChunkCache, LayerStore
+    from lazyfs.opener import open_image
 
     t0 = time.monotonic()
-    source, ref = open_source(image, plain_http=plain_http, insecure=insecure)
-    try:
-        # The start-up scan stats every cached chunk: keep it off the event loop.
-        cache = await trio.to_thread.run_sync(ChunkCache, cache_dir, cache_size)
-        img = await open_image(source, ref, platform=platform, toc_dir=cache.dir / "tocs")
-        store = LayerStore(cache)
-        layers = []
-        for li in img.layers:
-            layer = store.add_layer(li.descriptor.digest, source, li.toc)
-            if layer not in layers:  # a manifest may list one blob twice
-                layers.append(layer)
+    async with open_image(
+        image,
+        cache_dir=cache_dir,
+        cache_size=cache_size,
+        plain_http=plain_http,
+        insecure=insecure,
+        platform=platform,
+    ) as img:
+        cache, store = img.cache, img.store
+        layers = img.unique_layers()  # a manifest may list one blob twice
         sizes = {c.digest: c.size for layer in layers for c in layer.chunks}
         needed = sum(sizes.values())
         if needed > cache.max_bytes:
@@ -91,19 +88,14 @@ async def pull(
                         nursery.start_soon(one, layer)
             finally:
                 renderer.close()
-                with trio.CancelScope(shield=True):
-                    await store.aclose()  # readiness maps: the next mount starts warm
         return PulledEvent(
             image=image,
-            manifest=img.resolved.manifest_digest,
+            manifest=img.manifest,
             layers=len(layers),
             bytes_total=needed,
             bytes_fetched=sum(layer.stats.bytes_fetched for layer in layers),
             seconds=round(time.monotonic() - t0, 3),
         )
-    finally:
-        with trio.CancelScope(shield=True):
-            await source.aclose()
 
 
 def pull_cmd(args: argparse.Namespace) -> int:

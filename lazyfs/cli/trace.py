@@ -23,12 +23,14 @@ from pathlib import Path
 
 import msgspec
 
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
-from lazyfs.store.atomic import atomic_write
+from lazyfs.fs.control import control_request
+from lazyfs.fs.daemon import Daemon, clear_mountpoint, spawn
+from lazyfs.fs.unmount import is_mounted
 from lazyfs.trace.schema import Trace, encode
 
 from .common import add_registry_args
-from .mount import control_request, spawn_daemon
 
 READY_TIMEOUT = 300.0  # manifests and TOCs of a large image over a slow link
 POLL_SECONDS = 0.1
@@ -52,7 +54,7 @@ exits, after --timeout seconds, or when no new file was accessed for --idle seco
 each, ready for `lazyfs optimize`.  Needs root."""
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("trace", help="record and dump access traces")
     tsub = p.add_subparsers(dest="trace_command", required=True, metavar="SUBCOMMAND")
 
@@ -174,7 +176,7 @@ def _one_run(args: argparse.Namespace, cmd: list[str]) -> tuple[Trace, int | Non
     tmp = Path(tempfile.mkdtemp(prefix="lazyfs-trace-"))
     mnt = tmp / "rootfs"
     mnt.mkdir()
-    daemon: subprocess.Popen[bytes] | None = None
+    daemon: Daemon | None = None
     workload: subprocess.Popen[bytes] | None = None
     try:
         daemon = _start_daemon(args, tmp, mnt)
@@ -214,9 +216,7 @@ def _one_run(args: argparse.Namespace, cmd: list[str]) -> tuple[Trace, int | Non
         if workload is not None and workload.poll() is None:
             _stop_workload(workload)
         if daemon is not None:
-            _stop_daemon(daemon, mnt)
-        from lazyfs.fs.mount import is_mounted
-
+            daemon.stop()
         # Never remove a tree that still has a mount in it: rmtree would descend into it.
         if is_mounted(str(mnt)):
             print(f"lazyfs: {mnt} is still mounted; leaving {tmp}", file=sys.stderr)
@@ -224,12 +224,8 @@ def _one_run(args: argparse.Namespace, cmd: list[str]) -> tuple[Trace, int | Non
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _start_daemon(args: argparse.Namespace, tmp: Path, mnt: Path) -> subprocess.Popen[bytes]:
-    mount_args = [
-        *(["-v"] * args.verbose),
-        "mount",
-        args.image,
-        str(mnt),
+def _start_daemon(args: argparse.Namespace, tmp: Path, mnt: Path) -> Daemon:
+    options = [
         "--upper",
         str(tmp / "upper"),
         "--cache",
@@ -242,16 +238,19 @@ def _start_daemon(args: argparse.Namespace, tmp: Path, mnt: Path) -> subprocess.
         args.group,
         "--no-prefetch",  # a trace records what the workload needs, not what was prefetched
     ]
-    mount_args += ["--plain-http"] * args.plain_http + ["--insecure"] * args.insecure
+    options += ["--plain-http"] * args.plain_http + ["--insecure"] * args.insecure
     try:
-        daemon, message = spawn_daemon(mount_args, tmp / "mount.log", READY_TIMEOUT)
+        return spawn(
+            args.image,
+            mnt,
+            options,
+            log=tmp / "mount.log",
+            timeout=READY_TIMEOUT,
+            verbose=args.verbose,
+        )
     except BaseException:
-        _clear_mountpoint(mnt)  # a daemon killed before it was ready may leave its mount
+        clear_mountpoint(mnt)  # a daemon killed before it was ready may leave its mount
         raise
-    if message != "ready":
-        _stop_daemon(daemon, mnt)
-        raise LazyfsError(message.removeprefix("error: ") or "the mount daemon exited")
-    return daemon
 
 
 def _watch(
@@ -287,32 +286,3 @@ def _stop_workload(workload: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(workload.pid, signal.SIGKILL)
         workload.wait()
-
-
-def _clear_mountpoint(mnt: Path) -> None:
-    from lazyfs.fs.mount import is_mounted, is_stale, unmount
-
-    if is_stale(str(mnt)) or is_mounted(str(mnt)):
-        with contextlib.suppress(LazyfsError):
-            unmount(str(mnt), lazy=True)
-
-
-def _stop_daemon(daemon: subprocess.Popen[bytes], mnt: Path) -> None:
-    from lazyfs.fs.mount import is_mounted, unmount
-
-    if daemon.poll() is None and is_mounted(str(mnt)):
-        try:
-            unmount(str(mnt))
-        except LazyfsError:
-            with contextlib.suppress(LazyfsError):
-                unmount(str(mnt), lazy=True)
-    try:
-        daemon.wait(15)
-    except subprocess.TimeoutExpired:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(5)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-    _clear_mountpoint(mnt)

@@ -25,7 +25,7 @@ from lazyfs.errors import FormatError
 
 # Entry kinds shared by both formats ("chunk" only exists on the wire).
 EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo"]
-ENTRY_TYPES: frozenset[str] = frozenset(EntryType.__args__)  # type: ignore[attr-defined]
+ENTRY_TYPES: frozenset[str] = frozenset(EntryType.__args__)  # type: ignore[attr-defined]  # a Literal's members
 
 # A name with no empty, "." or ".." component and no leading or trailing slash is normal.
 _PLAIN_NAME = re.compile(r"(?!\.\.?(?:/|$))[^/\x00]+(?:/(?!\.\.?(?:/|$))[^/\x00]+)*")
@@ -363,7 +363,7 @@ def _to_entry(w: _WireEntry) -> Entry:
         raise FormatError(f"modtime {w.modtime!r} of {_short(name)} is out of range")
     return Entry(
         name=name,
-        type=w.type,  # type: ignore[arg-type]
+        type=w.type,  # type: ignore[arg-type]  # checked against ENTRY_TYPES
         mode=w.mode & 0o7777,
         uid=w.uid,
         gid=w.gid,

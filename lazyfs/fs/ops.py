@@ -26,7 +26,8 @@ from lazyfs.errors import LazyfsError
 from lazyfs.formats.toc import Entry
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
 from lazyfs.fs.upper import Upper
-from lazyfs.store.fetcher import Layer, LayerStore
+from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,26 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
 class AccessListener(Protocol):
-    """What the trace recorder hears from the read path.  Only called when one is attached,
-    and synchronously: an implementation must do O(1) in-memory work and no I/O.  Both calls
-    carry the entry and layer index so a listener never has to look anything up; time spent
-    waiting for the network is reported by ``LayerStore.on_wait`` instead, which knows it."""
+    """What the trace recorder hears from the read path, in plain values: the inode, the
+    entry, the layer's index in the image, and ``path()`` for the path's components, to call
+    only when the listener needs them (it costs the tree's depth), and the time the read
+    waited for the network.  Only called when one is attached, and synchronously: an
+    implementation must do O(1) in-memory work and no I/O."""
 
-    def opened(self, node: Node, entry: Entry, layer: int) -> None: ...
+    def opened(
+        self, ino: int, entry: Entry, layer: int, path: Callable[[], Sequence[str]]
+    ) -> None: ...
 
-    def read(self, node: Node, entry: Entry, layer: int, offset: int, size: int) -> None: ...
+    def read(
+        self,
+        ino: int,
+        entry: Entry,
+        layer: int,
+        path: Callable[[], Sequence[str]],
+        offset: int,
+        size: int,
+        wait_ns: int,
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -357,7 +370,7 @@ class Operations(pyfuse3.Operations):
             except OSError as e:
                 raise _errno(e) from e
         elif self.listener is not None and node.entry is not None:
-            self.listener.opened(node, node.entry, node.layer)
+            self.listener.opened(node.ino, node.entry, node.layer, node.path)
         return self._new_handle(node, fd, keep_cache=not node.upper)
 
     def _new_handle(self, node: Node, fd: int | None, *, keep_cache: bool) -> pyfuse3.FileInfo:
@@ -378,16 +391,16 @@ class Operations(pyfuse3.Operations):
                 raise _errno(e) from e
         if h.fd is not None:
             return os.pread(h.fd, size, off)
-        e = node.entry
-        assert e is not None
+        entry = node.entry
+        assert entry is not None
         try:
-            data = await self.store.read(self.layers[node.layer], e, off, size)
+            data, wait_ns = await self.store.read_waited(self.layers[node.layer], entry, off, size)
         except (LazyfsError, OSError) as err:
             # Never serve unverified or partial data: the reader sees EIO.
             log.error("read of %s at %d failed: %s", "/".join(node.path()), off, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if self.listener is not None:
-            self.listener.read(node, e, node.layer, off, len(data))
+            self.listener.read(node.ino, entry, node.layer, node.path, off, len(data), wait_ns)
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -714,6 +727,7 @@ class Operations(pyfuse3.Operations):
             await self._promote(node)
         old_path = (*old_parent.path(), old)
         new_path = (*new_parent.path(), new)
+        assert new_parent.children is not None  # _rename_check found it a directory
         try:
             hidden = self.tree.lower_has(new_path)
             if target is not None:
@@ -737,7 +751,7 @@ class Operations(pyfuse3.Operations):
                 upper.set_opaque(new_path)  # what a lower layer has there stays hidden
         except OSError as e:
             raise _errno(e) from e
-        assert old_parent.children is not None
+        assert old_parent.children is not None and new_parent.children is not None
         del old_parent.children[old]
         new_parent.children[new] = node
         if node.parent is old_parent and node.name == old:

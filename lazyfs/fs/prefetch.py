@@ -21,7 +21,8 @@ import trio
 from lazyfs.errors import LazyfsError
 from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import Chunk, Entry
-from lazyfs.store.fetcher import Layer, LayerStore
+from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore
 from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier, decode_groups
 
 log = logging.getLogger(__name__)

@@ -635,8 +635,9 @@ class _LayerTarInfo(tarfile.TarInfo):
             "size": len(records),
             "magic": tarfile.POSIX_MAGIC,
         }
-        header: bytes = cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace")  # type: ignore[attr-defined]
-        return header + cls._create_payload(bytes(records))  # type: ignore[attr-defined]
+        header: bytes = cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace")  # type: ignore[attr-defined]  # private tarfile API
+        payload: bytes = cls._create_payload(bytes(records))  # type: ignore[attr-defined]  # private tarfile API
+        return header + payload
 
 
 def _tarinfo(name: str, st: os.stat_result) -> tarfile.TarInfo:
@@ -646,7 +647,7 @@ def _tarinfo(name: str, st: os.stat_result) -> tarfile.TarInfo:
     sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
     ti.mtime = sec
     if nsec and sec >= 0:
-        ti.pax_headers["mtime"] = f"{sec}.{nsec:09d}"  # exact: str(float) would round
+        ti.pax_headers = {"mtime": f"{sec}.{nsec:09d}"}  # exact: str(float) would round
     return ti
 
 
@@ -677,7 +678,7 @@ def _write_tree(tar: tarfile.TarFile, root_fd: int) -> None:
                         tar.addfile(ti)
                         continue
                     seen[key] = arcname
-                ti.pax_headers.update(_xattr_headers(pin))
+                ti.pax_headers = {**ti.pax_headers, **_xattr_headers(pin)}
                 if kind == stat.S_IFREG:
                     ti.type = tarfile.REGTYPE
                     with open(_proc_fd(pin), "rb") as f:

@@ -1,9 +1,11 @@
-"""Image references: ``[HOST/]REPO[:TAG][@sha256:…]`` with Docker Hub defaults."""
+"""Image references: ``[HOST/]REPO[:TAG][@sha256:…]`` with Docker Hub defaults, and
+``oci:DIR[:TAG]`` for an OCI layout on disk."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from lazyfs.errors import FormatError
 from lazyfs.oci import check_digest
@@ -69,3 +71,19 @@ def parse_reference(text: str) -> Reference:
     if tag is None and digest is None:
         tag = DEFAULT_TAG
     return Reference(host=host, repository=rest, tag=tag, digest=digest)
+
+
+def parse_oci_ref(ref: str) -> tuple[Path, str | None]:
+    """``oci:DIR[:TAG]`` → (DIR, TAG or None).  A DIR that exists as given wins over a ``:``
+    split, since paths may hold one."""
+    if not ref.startswith("oci:"):
+        raise FormatError(f"{ref!r} is not an OCI layout reference (oci:DIR[:TAG])")
+    spec = ref[4:]
+    if not spec:
+        raise FormatError(f"{ref!r} names no directory (oci:DIR[:TAG])")
+    if Path(spec).is_dir():
+        return Path(spec), None
+    head, sep, tag = spec.rpartition(":")
+    if sep and "/" not in tag and head:
+        return Path(head), tag
+    return Path(spec), None

@@ -1,23 +1,25 @@
-"""Prefetch groups stored beside their image as an OCI artifact, found through referrers.
+"""Documents stored beside their image as OCI artifacts, found through referrers.
 
-The artifact is an image manifest (image-spec's artifact guidance): ``artifactType``
-:data:`GROUPS_ARTIFACT_TYPE`, the empty config (``application/vnd.oci.empty.v1+json``, ``{}``),
-one layer holding the groups JSON, and ``subject`` = the image manifest it describes.
+An artifact is an image manifest (image-spec's artifact guidance): an ``artifactType``, the
+empty config (``application/vnd.oci.empty.v1+json``, ``{}``), one layer holding the document
+(of that same media type), and ``subject`` = the image manifest it describes.  What the
+document means is the caller's business (prefetch groups: :mod:`lazyfs.trace.stored`).
 
 Finding it (distribution-spec): ``GET /v2/<name>/referrers/<digest>``; a registry without that
 API answers 404, and then the *referrers tag schema* applies: tag ``sha256-<hex>`` holds an OCI
 index listing the subject's referrers, which the pusher updates read-modify-write.  Debian's
 docker-registry 2.8 has no referrers API, so it exercises the fallback.
 
-Re-pushing identical groups is a no-op.  New groups for the same image replace earlier lazyfs
-groups in the fallback index (other referrers, e.g. signatures, are kept); with the referrers
-API the newest (``org.opencontainers.image.created``) wins.
+Re-pushing an identical document is a no-op.  A new one of the same type for the same image
+replaces earlier ones in the fallback index (other referrers, e.g. signatures, are kept); with
+the referrers API the newest (``org.opencontainers.image.created``) wins.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -27,15 +29,15 @@ from lazyfs.errors import FormatError, IntegrityError, NotFoundError
 from lazyfs.remote.base import Source
 from lazyfs.remote.push import push_blob, push_manifest
 from lazyfs.remote.registry import RegistrySource
-from lazyfs.trace.schema import GROUPS_ARTIFACT_TYPE, decode_groups
 
 log = logging.getLogger(__name__)
 
 MT_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY = b"{}"
 ANN_CREATED = "org.opencontainers.image.created"
-#: sha256 of the groups JSON, so a re-push of the same groups is recognised without fetching
-ANN_GROUPS_DIGEST = "dev.lazyfs.prefetch-groups.digest"
+#: sha256 of the document, so a re-push of the same one is recognised without fetching it.
+#: (The key predates other artifact types; artifacts already pushed carry it.)
+ANN_CONTENT_DIGEST = "dev.lazyfs.prefetch-groups.digest"
 
 
 def referrers_tag(digest: str) -> str:
@@ -49,21 +51,23 @@ async def subject_descriptor(source: Source, manifest_digest: str) -> oci.Descri
     return oci.Descriptor(mediaType=media_type, digest=digest, size=len(data))
 
 
-def artifact_manifest(subject: oci.Descriptor, groups: bytes, created: str) -> bytes:
+def artifact_manifest(
+    subject: oci.Descriptor, data: bytes, artifact_type: str, created: str
+) -> bytes:
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": oci.MT_OCI_MANIFEST,
-        "artifactType": GROUPS_ARTIFACT_TYPE,
+        "artifactType": artifact_type,
         "config": {"mediaType": MT_EMPTY, "digest": oci.sha256_digest(EMPTY), "size": 2},
         "layers": [
             {
-                "mediaType": GROUPS_ARTIFACT_TYPE,
-                "digest": oci.sha256_digest(groups),
-                "size": len(groups),
+                "mediaType": artifact_type,
+                "digest": oci.sha256_digest(data),
+                "size": len(data),
             }
         ],
         "subject": {"mediaType": subject.mediaType, "digest": subject.digest, "size": subject.size},
-        "annotations": {ANN_CREATED: created, ANN_GROUPS_DIGEST: oci.sha256_digest(groups)},
+        "annotations": {ANN_CREATED: created, ANN_CONTENT_DIGEST: oci.sha256_digest(data)},
     }
     return msgspec.json.encode(doc)
 
@@ -105,28 +109,29 @@ async def _fallback_index(source: Source, digest: str) -> dict[str, Any]:
     return doc
 
 
-async def push_groups(
+async def push_artifact(
     source: RegistrySource,
     image_manifest_desc: oci.Descriptor,
-    groups_bytes: bytes,
+    data: bytes,
+    artifact_type: str,
     *,
     created: str | None = None,
 ) -> str:
-    """Store ``groups_bytes`` as an artifact referring to ``image_manifest_desc``; returns the
-    artifact manifest's digest.  Idempotent for identical groups."""
+    """Store ``data`` as an ``artifact_type`` artifact referring to ``image_manifest_desc``;
+    returns the artifact manifest's digest.  Idempotent for identical data."""
     subject = image_manifest_desc
-    groups_digest = oci.sha256_digest(groups_bytes)
+    content_digest = oci.sha256_digest(data)
     existing, api = await list_referrers(source, subject.digest)
     for d in existing:
         if (
-            d.artifactType == GROUPS_ARTIFACT_TYPE
-            and (d.annotations or {}).get(ANN_GROUPS_DIGEST) == groups_digest
+            d.artifactType == artifact_type
+            and (d.annotations or {}).get(ANN_CONTENT_DIGEST) == content_digest
         ):
             return d.digest
     await push_blob(source, EMPTY, MT_EMPTY)
-    await push_blob(source, groups_bytes, GROUPS_ARTIFACT_TYPE)
+    await push_blob(source, data, artifact_type)
     created = created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    manifest = artifact_manifest(subject, groups_bytes, created)
+    manifest = artifact_manifest(subject, data, artifact_type, created)
     # By digest: the artifact needs no tag of its own.
     digest, headers = await push_manifest(
         source, oci.sha256_digest(manifest), manifest, oci.MT_OCI_MANIFEST
@@ -137,15 +142,15 @@ async def push_groups(
     kept = [
         m
         for m in index.get("manifests", [])
-        if m.get("digest") != digest and m.get("artifactType") != GROUPS_ARTIFACT_TYPE
+        if m.get("digest") != digest and m.get("artifactType") != artifact_type
     ]
     kept.append(
         {
             "mediaType": oci.MT_OCI_MANIFEST,
             "digest": digest,
             "size": len(manifest),
-            "artifactType": GROUPS_ARTIFACT_TYPE,
-            "annotations": {ANN_CREATED: created, ANN_GROUPS_DIGEST: groups_digest},
+            "artifactType": artifact_type,
+            "annotations": {ANN_CREATED: created, ANN_CONTENT_DIGEST: content_digest},
         }
     )
     index["manifests"] = kept
@@ -156,12 +161,18 @@ async def push_groups(
     return digest
 
 
-async def find_groups(source: Source, manifest_digest: str) -> bytes | None:
-    """The newest prefetch groups stored for ``manifest_digest``, or None.  Tries the
-    referrers API, then the tag schema; skips artifacts that do not check out."""
+async def find_artifact(
+    source: Source,
+    manifest_digest: str,
+    artifact_type: str,
+    check: Callable[[bytes], None] | None = None,
+) -> bytes | None:
+    """The newest ``artifact_type`` document stored for ``manifest_digest``, or None.  Tries
+    the referrers API, then the tag schema; skips artifacts that do not check out (``check``
+    raises FormatError for a document the caller cannot use)."""
     refs, _ = await list_referrers(source, manifest_digest)
     candidates = sorted(
-        (d for d in refs if d.artifactType == GROUPS_ARTIFACT_TYPE),
+        (d for d in refs if d.artifactType == artifact_type),
         key=lambda d: ((d.annotations or {}).get(ANN_CREATED, ""), d.digest),
         reverse=True,
     )
@@ -170,11 +181,11 @@ async def find_groups(source: Source, manifest_digest: str) -> bytes | None:
             data, _, _ = await source.get_manifest(d.digest)
             m = oci.decode_manifest(data)
             if m.subject is None or m.subject.digest != manifest_digest or not m.layers:
-                raise FormatError("not a prefetch-groups artifact of this image")
+                raise FormatError(f"not an {artifact_type} artifact of this image")
             blob = await source.get_blob(m.layers[0].digest)
-            if decode_groups(blob, "stored prefetch groups").manifest != manifest_digest:
-                raise FormatError("groups are for another manifest")
+            if check is not None:
+                check(blob)
             return blob
         except (FormatError, IntegrityError, NotFoundError) as e:
-            log.warning("%s: skipping prefetch groups %s: %s", source.name, d.digest, e)
+            log.warning("%s: skipping artifact %s: %s", source.name, d.digest, e)
     return None

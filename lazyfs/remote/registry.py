@@ -62,7 +62,7 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         return cls(stall_timeout=seconds / 3, deadline=seconds * 2 / 3)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
-        backoff = min(self.max_delay, self.base_delay * (2**attempt))
+        backoff = min(self.max_delay, self.base_delay * 2.0**attempt)
         # "Equal jitter": never zero, never in lock-step with other clients.
         backoff = backoff / 2 + random.uniform(0, backoff / 2)
         if retry_after is not None:

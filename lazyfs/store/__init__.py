@@ -1,6 +1,6 @@
 """The layer store: verified chunk cache, per-layer readiness maps, prioritised fetcher."""
 
-from lazyfs.store.cache import (
+from lazyfs.store.chunkcache import (
     DEFAULT_MAX_BYTES,
     CacheUsage,
     ChunkCache,
@@ -8,7 +8,8 @@ from lazyfs.store.cache import (
     default_cache_dir,
 )
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
-from lazyfs.store.fetcher import Layer, LayerStore, ProgressCallback, WaitHook
+from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore, ProgressCallback
 from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH
 from lazyfs.store.stats import LATENCY_BUCKETS, LayerStats
 
@@ -26,7 +27,6 @@ __all__ = [
     "LayerStore",
     "ProgressCallback",
     "PruneResult",
-    "WaitHook",
     "default_cache_dir",
     "layer_chunks",
 ]

@@ -12,7 +12,7 @@ import bisect
 from collections.abc import Callable, Sequence
 
 from lazyfs.formats.toc import Chunk, Entry
-from lazyfs.store.layer import Layer
+from lazyfs.store.layerstate import Layer
 
 IsLocal = Callable[[Chunk], bool]
 

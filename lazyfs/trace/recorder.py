@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from lazyfs.formats.toc import Entry
-from lazyfs.fs.tree import Node
-from lazyfs.store.fetcher import Layer
 from lazyfs.trace.schema import FileAccess, Range, Trace
 
 # Ranges kept per file.  Past this, the two closest neighbours are merged: a trace says which
@@ -91,17 +89,17 @@ class _File:
 
 
 class Recorder:
-    """Collects accesses while attached as ``Operations.listener`` and ``store.on_wait``."""
+    """Collects accesses while attached as ``Operations.listener``.  ``layer_digests``: the
+    image's layer blob digests in manifest order (what the listener's layer index points at)."""
 
     def __init__(
-        self, image: str, manifest: str, layers: Sequence[Layer], group: str = "default"
+        self, image: str, manifest: str, layer_digests: Sequence[str], group: str = "default"
     ) -> None:
         self.image = image
         self.manifest = manifest
-        self.layer_digests = [layer.blob_digest for layer in layers]
+        self.layer_digests = list(layer_digests)
         self.group = group
         self._files: dict[int, _File] = {}  # inode -> record, in first-access order
-        self._by_entry: dict[int, _File] = {}  # id(entry) -> record, for store.on_wait
         self._t0 = time.monotonic_ns()
         self._started = datetime.now(UTC)
         self.last_new_ns = 0  # when the latest file was first accessed (idle detection)
@@ -113,39 +111,46 @@ class Recorder:
 
     # ------------------------------------------------------------------ listener (hot path)
 
-    def _record(self, node: Node, entry: Entry, layer: int, now: int) -> _File:
-        f = self._files.get(node.ino)
+    def _record(
+        self, ino: int, entry: Entry, layer: int, path: Callable[[], Sequence[str]], now: int
+    ) -> _File:
+        f = self._files.get(ino)
         if f is None or f.entry is not entry:
             # First access (or the inode now shows other content): the path is taken now,
             # once, since walking to the root costs the tree's depth.
-            f = _File("/".join(node.path()), entry, self.layer_digests[layer])
-            self._files.pop(node.ino, None)
-            self._files[node.ino] = f
-            self._by_entry[id(entry)] = f
+            f = _File("/".join(path()), entry, self.layer_digests[layer])
+            self._files.pop(ino, None)
+            self._files[ino] = f
             self.last_new_ns = now
         return f
 
-    def opened(self, node: Node, entry: Entry, layer: int) -> None:
+    def opened(
+        self, ino: int, entry: Entry, layer: int, path: Callable[[], Sequence[str]]
+    ) -> None:
         now = time.monotonic_ns() - self._t0
-        f = self._record(node, entry, layer, now)
+        f = self._record(ino, entry, layer, path, now)
         if f.first_open_ns < 0:
             f.first_open_ns = now
 
-    def read(self, node: Node, entry: Entry, layer: int, offset: int, size: int) -> None:
+    def read(
+        self,
+        ino: int,
+        entry: Entry,
+        layer: int,
+        path: Callable[[], Sequence[str]],
+        offset: int,
+        size: int,
+        wait_ns: int,
+    ) -> None:
         now = time.monotonic_ns() - self._t0
-        f = self._record(node, entry, layer, now)
+        f = self._record(ino, entry, layer, path, now)
         if f.first_read_ns < 0:
             f.first_read_ns = now
         f.reads += 1
+        f.wait_ns += wait_ns
         if size > 0:
             f.bytes_read += size
             f.add_range(offset, offset + size)
-
-    def waited(self, layer: Layer, entry: Entry, ns: int) -> None:
-        """``LayerStore.on_wait``: a read of ``entry`` waited ``ns`` for the network."""
-        f = self._by_entry.get(id(entry))
-        if f is not None:
-            f.wait_ns += ns
 
     # ------------------------------------------------------------------ results
 

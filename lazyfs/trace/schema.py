@@ -11,14 +11,14 @@ clear error instead of guessing.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal, TypeVar
 
 import msgspec
 
 from lazyfs.errors import FormatError
 
-TRACE_KIND = "lazyfs.trace"
-GROUPS_KIND = "lazyfs.prefetch-groups"
+TRACE_KIND: Final = "lazyfs.trace"
+GROUPS_KIND: Final = "lazyfs.prefetch-groups"
 VERSION = 1
 # The OCI artifact type under which prefetch groups are stored beside their image.
 GROUPS_ARTIFACT_TYPE = "application/vnd.lazyfs.prefetch-groups.v1+json"
@@ -91,7 +91,10 @@ class PrefetchGroups(msgspec.Struct, kw_only=True):
         raise FormatError(f"no prefetch group {name!r} (have: {have})")
 
 
-def _decode(data: bytes, kind: str, typ: type[msgspec.Struct], what: str) -> msgspec.Struct:
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _decode(data: bytes, kind: str, typ: type[_S], what: str) -> _S:
     try:
         head = msgspec.json.decode(data, type=dict[str, object])
     except msgspec.DecodeError as e:
@@ -108,11 +111,11 @@ def _decode(data: bytes, kind: str, typ: type[msgspec.Struct], what: str) -> msg
 
 
 def decode_trace(data: bytes, what: str = "trace") -> Trace:
-    return _decode(data, TRACE_KIND, Trace, what)  # type: ignore[return-value]
+    return _decode(data, TRACE_KIND, Trace, what)
 
 
 def decode_groups(data: bytes, what: str = "prefetch groups") -> PrefetchGroups:
-    return _decode(data, GROUPS_KIND, PrefetchGroups, what)  # type: ignore[return-value]
+    return _decode(data, GROUPS_KIND, PrefetchGroups, what)
 
 
 def encode(doc: Trace | PrefetchGroups) -> bytes:

@@ -11,7 +11,7 @@ baselines).  ``meta.json`` is written last and marks the image complete.
 - ``bigfile``: one 64 MiB incompressible file (the ``read`` scenario).
 - ``debian``: ``debootstrap --variant=minbase --include=python3 bookworm`` with the machine's
   apt mirror (apt lists and .deb cache dropped, /dev empty, as in Debian's own images); if
-  debootstrap cannot work here, the host-Python sample image (tools/lazyfs_tools/sample.py).
+  debootstrap cannot work here, the host-Python sample image (lazyfs/testing/sample.py).
 """
 
 from __future__ import annotations
@@ -121,23 +121,16 @@ def _sha256_file(path: Path) -> str:
 
 def gzip_layout(tar: Path, layout: Path) -> None:
     """A one-layer gzip OCI image (``gzip -n -6``: deterministic) tagged ``bench``."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    from lazyfs.ocilayout import Layout
+
+    out = Layout(layout)
+    out.init()
     gz = layout / "layer.gz.tmp"
-    with gz.open("wb") as out:
-        subprocess.run(["gzip", "-n", "-6", "-c", str(tar)], stdout=out, check=True)
-    ldig = _sha256_file(gz)
-    lsize = gz.stat().st_size
-    gz.replace(blobs / ldig[7:])
-
-    def put(doc: dict[str, Any]) -> tuple[str, int]:
-        data = json.dumps(doc, sort_keys=True).encode()
-        d = "sha256:" + hashlib.sha256(data).hexdigest()
-        (blobs / d[7:]).write_bytes(data)
-        return d, len(data)
-
-    cdig, csize = put(
+    with gz.open("wb") as f:
+        subprocess.run(["gzip", "-n", "-6", "-c", str(tar)], stdout=f, check=True)
+    ldig, lsize = out.put_file(gz)
+    gz.unlink()
+    cdig, csize = out.put_json(
         {
             "architecture": "amd64",
             "os": "linux",
@@ -145,7 +138,7 @@ def gzip_layout(tar: Path, layout: Path) -> None:
             "rootfs": {"type": "layers", "diff_ids": [_sha256_file(tar)]},
         }
     )
-    mdig, msize = put(
+    mdig, msize = out.put_json(
         {
             "schemaVersion": 2,
             "mediaType": MT_MANIFEST,
@@ -153,9 +146,8 @@ def gzip_layout(tar: Path, layout: Path) -> None:
             "layers": [{"mediaType": MT_GZIP, "digest": ldig, "size": lsize}],
         }
     )
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
+    out.write_top(
+        [
             {
                 "mediaType": MT_MANIFEST,
                 "digest": mdig,
@@ -163,16 +155,18 @@ def gzip_layout(tar: Path, layout: Path) -> None:
                 "platform": {"architecture": "amd64", "os": "linux"},
                 "annotations": {"org.opencontainers.image.ref.name": TAG},
             }
-        ],
-    }
-    (layout / "index.json").write_text(json.dumps(index, sort_keys=True))
+        ]
+    )
 
 
 def manifest_of(layout: Path) -> dict[str, Any]:
-    blobs = layout / "blobs" / "sha256"
-    doc = json.loads((layout / "index.json").read_text())
+    """The first image manifest of ``layout`` (through nested indexes), as JSON."""
+    from lazyfs.ocilayout import Layout
+
+    lay = Layout(layout)
+    doc: dict[str, Any] = json.loads(lay.read_blob(lay.index().manifests[0].digest))
     while "manifests" in doc:
-        doc = json.loads((blobs / doc["manifests"][0]["digest"][7:]).read_text())
+        doc = json.loads(lay.read_blob(doc["manifests"][0]["digest"]))
     return doc
 
 
@@ -193,7 +187,7 @@ class _Containerd:
 
     def get(self) -> Any:
         if self.inst is None:
-            from tests.support.containerd import ContainerdInstance
+            from lazyfs.testing.containerd import ContainerdInstance
 
             self.inst = self.stack.enter_context(ContainerdInstance())
             if self.inst.pid:
@@ -237,10 +231,10 @@ def _estargz_ctr_remote(ctrd: _Containerd, name: str, src: Path, dst: Path, tmp:
     with tarfile.open(exported) as tf:
         tf.extractall(out, filter="data")
     exported.unlink()
-    index = json.loads((out / "index.json").read_text())
-    index["manifests"] = index["manifests"][:1]
-    index["manifests"][0]["annotations"] = {"org.opencontainers.image.ref.name": TAG}
-    (out / "index.json").write_text(json.dumps(index, sort_keys=True))
+    from lazyfs.ocilayout import Layout
+
+    top = json.loads((out / "index.json").read_text())["manifests"][0]
+    Layout(out).write_top([{**top, "annotations": {"org.opencontainers.image.ref.name": TAG}}])
     (out / "manifest.json").unlink(missing_ok=True)
     out.replace(dst)
 
@@ -261,7 +255,7 @@ def _debian_rootfs() -> Path | None:
     mirror = apt_mirror()
     tmp = root.with_name("debian-rootfs.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"debootstrap bookworm from {mirror} (a few minutes, once)")
+    log("debootstrap bookworm from the apt mirror (a few minutes, once)")
     res = subprocess.run(
         ["debootstrap", "--variant=minbase", "--include=python3", "bookworm", str(tmp), mirror],
         capture_output=True,
@@ -274,8 +268,16 @@ def _debian_rootfs() -> Path | None:
     return root
 
 
+#: An explicit Debian mirror (``scripts/bench.py --debian-mirror URL``); else apt's own.
+MIRROR: str | None = None
+
+
 def apt_mirror() -> str:
-    """The Debian mirror of this machine's apt sources (deb822 or one-line style)."""
+    """The Debian mirror to debootstrap from: ``MIRROR`` if given, else the first non-security
+    mirror of this machine's apt sources (deb822 or one-line style).  No built-in default:
+    results must not depend on (or name) a host nobody chose."""
+    if MIRROR:
+        return MIRROR
     texts = []
     for p in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
         with contextlib.suppress(OSError):
@@ -284,7 +286,9 @@ def apt_mirror() -> str:
         for m in re.finditer(r"^(?:URIs:\s*|deb\s+(?:\[[^]]*\]\s+)?)(\S+)", text, re.M):
             if "security" not in m.group(1):
                 return m.group(1)
-    return "http://deb.debian.org/debian"
+    raise SystemExit(
+        "no Debian mirror: this machine's apt sources name none; pass --debian-mirror URL"
+    )
 
 
 def _debian_tar(root: Path, tar: Path) -> None:
@@ -298,7 +302,7 @@ def _debian_tar(root: Path, tar: Path) -> None:
 
 
 def _sample_tar(tmp: Path, tar: Path) -> None:
-    from lazyfs_tools.sample import build_sample_image
+    from lazyfs.testing.sample import build_sample_image
 
     layout = build_sample_image(tmp / "sample")
     (layer,) = layer_blobs(layout)
@@ -340,11 +344,11 @@ def build(name: str, state: Any, ctrd: _Containerd) -> Image:
         if root is not None:
             _debian_tar(root, tar)
             meta["source"] = (
-                f"debootstrap --variant=minbase --include=python3 bookworm ({apt_mirror()})"
+                "debootstrap --variant=minbase --include=python3 bookworm (the apt mirror)"
             )
         else:
             _sample_tar(tmp, tar)
-            meta["source"] = "FALLBACK: host-Python sample image (tools/lazyfs_tools/sample.py)"
+            meta["source"] = "FALLBACK: host-Python sample image (lazyfs/testing/sample.py)"
         meta["workload"] = "python3"
     else:
         raise SystemExit(f"unknown image {name}; known: {', '.join(ALL_IMAGES)}")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import log, stop_pid
+from benchlib import log, stop_process
 
 from . import netns
 from .state import State
@@ -80,14 +80,14 @@ class NsServices:
 
     def stop_relay(self) -> None:
         if self.relay is not None:
-            stop_pid(self.relay)
+            stop_process(self.relay)
             self.state.drop_pid(self.relay.pid)
             self.relay = None
 
     def stop(self) -> None:
         self.stop_relay()
         if self.registry is not None:
-            stop_pid(self.registry)
+            stop_process(self.registry)
             self.state.drop_pid(self.registry.pid)
             self.registry = None
 

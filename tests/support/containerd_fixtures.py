@@ -1,4 +1,4 @@
-"""pytest fixtures around :mod:`tests.support.containerd`.
+"""pytest fixtures around :mod:`lazyfs.testing.containerd`.
 
 Use from a test module or conftest.py::
 
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.containerd import ContainerdInstance, containerd_binary, ctr_binary
+from lazyfs.testing.containerd import ContainerdInstance, containerd_binary, ctr_binary
 
 
 def containerd_skip_reason() -> str | None:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from .faultproxy import FaultProxy
-from .registry import RegistryInstance
-from .tokenserver import TokenServer
+from lazyfs.testing.dockerregistry import RegistryInstance
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.tokenserver import TokenServer
 
 HTPASSWD_USER = ("alice", "s3cret-pw")
 TOKEN_USER = ("bob", "t0ken-pw")

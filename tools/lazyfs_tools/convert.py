@@ -28,8 +28,9 @@ from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, LayerResult
 from lazyfs.formats.tarstream import BLOCK, TarReader
+from lazyfs.ocilayout import HashingReader, Layout
+from lazyfs.remote.reference import parse_oci_ref
 from lazyfs.trace.schema import PrefetchGroups, decode_groups
-from lazyfs_tools.layout import HashingReader, Layout, parse_oci_ref
 
 LazyFormat = Literal["zstd:chunked", "estargz"]
 WRITERS: dict[str, Callable[..., LayerResult]] = {

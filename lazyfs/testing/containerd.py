@@ -30,8 +30,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from .registry import stop_process
+from lazyfs.process import stop_process
 
 DEFAULT_NAMESPACE = "lazyfs-test"
 
@@ -326,9 +327,9 @@ def run_ctr(
 
 @contextlib.contextmanager
 def containerd(
-    base_dir: str | os.PathLike[str] | None = None, **kwargs: object
+    base_dir: str | os.PathLike[str] | None = None, **kwargs: Any
 ) -> Iterator[ContainerdInstance]:
     """Functional spelling of ``with ContainerdInstance(...) as c``."""
-    inst = ContainerdInstance(base_dir, **kwargs)  # type: ignore[arg-type]
+    inst = ContainerdInstance(base_dir, **kwargs)
     with inst:
         yield inst

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import zstandard
 
+from lazyfs.ocilayout import Layout
+
 MTIME = 1_700_000_000
 
 
@@ -112,11 +114,8 @@ _MT = {
 
 
 def _put(layout: Path, data: bytes) -> tuple[str, int]:
-    digest = hashlib.sha256(data).hexdigest()
-    p = layout / "blobs" / "sha256" / digest
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(data)
-    return "sha256:" + digest, len(data)
+    d = Layout(layout).write_blob(data)
+    return d.digest, d.size
 
 
 def _manifest(
@@ -171,8 +170,7 @@ def make_layout(
     media_type: str | None = None,
 ) -> Path:
     """Write an OCI layout holding one image (or an index of several platforms) of ``tars``."""
-    layout.mkdir(parents=True, exist_ok=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    Layout(layout).init()
     descs = [_manifest(layout, tars, kind, arch, mutate, media_type) for arch in platforms]
     if len(descs) == 1:
         top = descs[0]
@@ -186,7 +184,5 @@ def make_layout(
         top = {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": n}
     top = {**top, "annotations": {"org.opencontainers.image.ref.name": tag}}
     top.pop("platform", None)
-    (layout / "index.json").write_text(
-        json.dumps({"schemaVersion": 2, "manifests": [top]}, sort_keys=True)
-    )
+    Layout(layout).write_top([top])
     return layout

@@ -6,7 +6,7 @@ import os
 import re
 import subprocess
 
-from tests.support.layers import Item
+from lazyfs.testing.layers import Item
 
 PROGRAMS = ("/bin/sh", "/bin/cat", "/bin/ls", "/usr/bin/sha256sum", "/usr/bin/env")
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import msgspec
 
+from lazyfs.atomic import TMP_PREFIX, atomic_write, remove_temp_files
 from lazyfs.errors import IntegrityError
 from lazyfs.formats.chunkio import check_chunk
-from lazyfs.store.atomic import TMP_PREFIX, atomic_write, remove_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,12 @@ class ChunkCache:
         self.dir = Path(dir) if dir is not None else default_cache_dir()
         self.chunks_dir = self.dir / "chunks"
         self.layers_dir = self.dir / "layers"
+        # Beside the chunks, owned by their users: TOCs by layer digest (store.tocs),
+        # manifests/configs by digest (store.documents), and whole blobs of a registry that
+        # ignores Range, kept while a mount runs (store.layerstore).
+        self.tocs_dir = self.dir / "tocs"
+        self.documents_dir = self.dir / "documents"
+        self.blobs_dir = self.dir / "blobs"
         self.max_bytes = max_bytes
         self.verify_first_read = verify_first_read
         self.fsync = fsync

@@ -23,16 +23,16 @@ from typing import NoReturn
 
 import trio
 
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
 from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.remote.base import Source
 from lazyfs.store import plan
-from lazyfs.store.atomic import atomic_write
-from lazyfs.store.cache import ChunkCache
+from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
 from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
-from lazyfs.store.layer import Layer, WholeBlob, read_span
+from lazyfs.store.layerstate import Layer, WholeBlob, read_span
 from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH, PrioritySlots, Ticket
 from lazyfs.store.stats import LayerStats
 
@@ -49,7 +49,6 @@ MAP_FLUSH_SECONDS = 2.0
 # The background fill only issues a request after on-demand reads were quiet this long.
 BACKGROUND_IDLE_SECONDS = 0.25
 
-WaitHook = Callable[["Layer", Entry, int], None]
 ProgressCallback = Callable[[LayerStats], None]
 
 
@@ -144,8 +143,6 @@ class LayerStore:
         self._last_ondemand = -math.inf
         self._bg_scope: trio.CancelScope | None = None
         self._layer_added = trio.Event()
-        #: Called as ``on_wait(layer, entry, ns)`` after a read that waited for the network.
-        self.on_wait: WaitHook | None = None
 
     @property
     def layers(self) -> list[Layer]:
@@ -185,12 +182,20 @@ class LayerStore:
         """The bytes ``[offset, offset + size)`` of ``entry``; short only at end of file.
         Raises IntegrityError when a chunk fails verification twice, and whatever the source
         raises (RemoteError, NotFoundError) when it cannot deliver."""
+        data, _ = await self.read_waited(layer, entry, offset, size)
+        return data
+
+    async def read_waited(
+        self, layer: Layer, entry: Entry, offset: int, size: int
+    ) -> tuple[bytes, int]:
+        """:meth:`read`, and the nanoseconds it waited for the network (0 when served from
+        the cache), for a listener that records waits with the read itself."""
         if offset < 0 or size < 0:
             raise ValueError(f"bad read: offset={offset}, size={size}")
         end = min(offset + size, entry.size)
         if offset >= end:
             await trio.lowlevel.checkpoint()
-            return b""
+            return b"", 0
         t0 = time.perf_counter_ns()
         self._last_ondemand = trio.current_time()
         chunks = chunks_for_range(entry, offset, end - offset)
@@ -213,9 +218,7 @@ class LayerStore:
         parts, waited = await self._obtain(layer, needs, extra)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
-        if waited and self.on_wait is not None:
-            self.on_wait(layer, entry, ns)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return (parts[0] if len(parts) == 1 else b"".join(parts)), ns if waited else 0
 
     def _is_local(self, layer: Layer) -> plan.IsLocal:
         return lambda c: c.digest in self._inflight or self._maybe_cached(layer, c)
@@ -258,7 +261,7 @@ class LayerStore:
         digests = [c.digest for c, _, _ in needs if not c.zeros]
         if not digests:
             await trio.lowlevel.checkpoint()
-            return parts, False  # type: ignore[return-value]
+            return parts, False  # type: ignore[return-value]  # every part is filled here
         waited = False
         missed: set[int] = set()
         rejoined: set[int] = set()
@@ -341,7 +344,7 @@ class LayerStore:
                     parts[i] = f.data if (lo, hi) == (0, c.size) else f.data[lo:hi]
         finally:
             self._evicted(self.cache.unpin(digests))
-        return parts, waited  # type: ignore[return-value]
+        return parts, waited  # type: ignore[return-value]  # every part is filled by now
 
     # ------------------------------------------------------------------------------- planning
 
@@ -407,7 +410,7 @@ class LayerStore:
             # Private to this process (another mount may download the same blob), removed
             # at aclose once its chunks are cached.
             name = f"{layer.blob_digest[7:]}.{os.getpid()}"
-            whole = layer.whole = WholeBlob(self.cache.dir / "blobs" / name)
+            whole = layer.whole = WholeBlob(self.cache.blobs_dir / name)
             tmp = whole.path.with_name(whole.path.name + ".partial")
             try:
                 whole.path.parent.mkdir(parents=True, exist_ok=True)

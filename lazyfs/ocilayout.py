@@ -1,33 +1,29 @@
-"""OCI image layouts on disk, for the offline tools: read blobs, write blobs atomically."""
+"""OCI image layouts on disk: read blobs and manifests, write blobs and indexes atomically.
+
+The one layout reader/writer of the project: ``lazyfs convert`` and the test, demo and
+benchmark image builders all write layouts through :class:`Layout`.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import msgspec
 
 from lazyfs import oci
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import FormatError, NotFoundError
 
 LAYOUT_FILE = '{"imageLayoutVersion":"1.0.0"}'
-
-
-def parse_oci_ref(ref: str) -> tuple[Path, str | None]:
-    """``oci:DIR[:TAG]`` → (DIR, TAG or None)."""
-    if not ref.startswith("oci:"):
-        raise FormatError(f"{ref!r} is not an OCI layout reference (oci:DIR[:TAG])")
-    rest = ref[4:]
-    path, sep, tag = rest.rpartition(":")
-    if not sep or "/" in tag or not path:
-        return Path(rest), None
-    return Path(path), tag
 
 
 class Layout:
@@ -79,7 +75,7 @@ class Layout:
         digest = oci.sha256_digest(data)
         path = self.blob_path(digest)
         if not path.exists():
-            _atomic_write(path, data)
+            atomic_write(path, data)
         return oci.Descriptor(mediaType="", digest=digest, size=len(data))
 
     @contextmanager
@@ -93,21 +89,37 @@ class Layout:
             pending.file.close()
             pending.path.unlink(missing_ok=True)
 
+    def put_json(self, doc: Mapping[str, Any]) -> tuple[str, int]:
+        """Store a JSON document (keys sorted: the same document, the same digest)."""
+        d = self.write_blob(json.dumps(doc, sort_keys=True).encode())
+        return d.digest, d.size
+
+    def put_file(self, path: Path) -> tuple[str, int]:
+        """Store a file as a blob, hard-linked when the filesystem allows (big layers)."""
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while data := f.read(4 << 20):
+                h.update(data)
+        digest = "sha256:" + h.hexdigest()
+        target = self.blob_path(digest)
+        if not target.exists():
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+        return digest, path.stat().st_size
+
+    def write_top(self, descriptors: Sequence[Mapping[str, Any]]) -> None:
+        """Write ``index.json`` listing ``descriptors`` (JSON as given, keys sorted)."""
+        doc = {"schemaVersion": 2, "manifests": list(descriptors)}
+        atomic_write(self.root / "index.json", json.dumps(doc, sort_keys=True).encode())
+
+    def manifest(self, tag: str | None = None) -> oci.Manifest:
+        """The image manifest ``tag`` names (or the only one)."""
+        return oci.decode_manifest(self.read_blob(self.find(tag).digest))
+
     def write_index(self, index: oci.Index) -> None:
-        _atomic_write(self.root / "index.json", msgspec.json.encode(index))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+        atomic_write(self.root / "index.json", msgspec.json.encode(index))
 
 
 @dataclass

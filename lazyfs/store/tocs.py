@@ -15,6 +15,7 @@ import msgspec
 import trio
 
 from lazyfs import oci
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats.layer import (
     TAIL_SIZE,
@@ -26,8 +27,7 @@ from lazyfs.formats.layer import (
 )
 from lazyfs.formats.toc import TOC, TocBudget
 from lazyfs.remote.base import Source
-from lazyfs.remote.image import ResolvedImage, resolve_image
-from lazyfs.store.atomic import atomic_write
+from lazyfs.remote.resolve import ResolvedImage, resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ async def _fetch_toc(
     raise AssertionError("unreachable")
 
 
-async def open_image(
+async def load_tocs(
     source: Source, ref: str, *, platform: str = "linux/amd64", toc_dir: Path | None = None
 ) -> Image:
     """Resolve ``ref`` and load all layer TOCs concurrently."""

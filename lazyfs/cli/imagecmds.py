@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE
 
+if TYPE_CHECKING:
+    from lazyfs.formats.toc import Entry
+
 from .common import add_registry_args, parse_size
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("convert", help="rewrite an image's layers into a lazy format")
     p.add_argument("src", metavar="SRC", help="source image: oci:DIR[:TAG]")
     p.add_argument("dst", metavar="DST", help="destination image: oci:DIR[:TAG] (must not exist)")
@@ -62,7 +66,7 @@ def convert_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_inspect(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("inspect", help="print the TOC of an image or a layer blob")
     p.add_argument(
         "target",
@@ -81,9 +85,9 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     import trio
 
     from lazyfs import oci
-    from lazyfs.image import LayerInfo, load_layer, open_image
-    from lazyfs.remote.image import open_source
-    from lazyfs.remote.layout import BlobFileSource
+    from lazyfs.remote.local import BlobFileSource
+    from lazyfs.remote.resolve import open_source
+    from lazyfs.store.tocs import LayerInfo, load_layer, load_tocs
 
     async def load() -> list[LayerInfo]:
         if os.path.isfile(args.target):
@@ -96,7 +100,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             return [await load_layer(src, desc, None, verify=False)]
         source, ref = open_source(args.target, plain_http=args.plain_http)
         try:
-            return (await open_image(source, ref, platform=args.platform)).layers
+            return (await load_tocs(source, ref, platform=args.platform)).layers
         finally:
             await source.aclose()
 
@@ -121,7 +125,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _row(e) -> str:  # type: ignore[no-untyped-def]
+def _row(e: Entry) -> str:
     import stat
     import time
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from lazyfs.process import stop_process
+
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
 
@@ -33,23 +35,12 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class TokenAuth:
-    """The registry side of ``auth: token:``; see :mod:`tests.support.tokenserver`."""
+    """The registry side of ``auth: token:``; see :mod:`lazyfs.testing.tokenserver`."""
 
     realm: str
     service: str
     issuer: str
     rootcertbundle: Path
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    """Terminate one process we started, by its PID; kill it if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
 
 
 class RegistryInstance:

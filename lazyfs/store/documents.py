@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lazyfs import oci
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError
 from lazyfs.remote.base import Source
-from lazyfs.store.atomic import atomic_write
 
 
 class CachingSource(Source):

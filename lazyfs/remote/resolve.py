@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import msgspec
 
 from lazyfs import oci
 from lazyfs.errors import FormatError, NotFoundError
 from lazyfs.remote.base import Source
-from lazyfs.remote.layout import OCILayoutSource
-from lazyfs.remote.reference import parse_reference
+from lazyfs.remote.local import OCILayoutSource
+from lazyfs.remote.reference import parse_oci_ref, parse_reference
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
 
 
@@ -62,16 +61,6 @@ async def resolve_image(source: Source, ref: str, platform: str = "linux/amd64")
     )
 
 
-def _split_oci(spec: str) -> tuple[str, str | None]:
-    """``DIR[:TAG]``; a DIR that exists as given wins over a ``:`` split (paths may hold one)."""
-    if Path(spec).is_dir():
-        return spec, None
-    head, sep, tag = spec.rpartition(":")
-    if sep and "/" not in tag and head:
-        return head, tag
-    return spec, None
-
-
 def open_source(
     image: str,
     *,
@@ -83,7 +72,7 @@ def open_source(
 ) -> tuple[Source, str]:
     """``oci:DIR[:TAG]`` or a registry reference → ``(source, ref to resolve)``."""
     if image.startswith("oci:"):
-        directory, tag = _split_oci(image[4:])
+        directory, tag = parse_oci_ref(image)
         return OCILayoutSource(directory), tag or "latest"
     ref = parse_reference(image)
     source = RegistrySource(

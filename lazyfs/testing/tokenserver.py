@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
-from .registry import TokenAuth
+from lazyfs.testing.dockerregistry import TokenAuth
 
 SERVICE = "lazyfs-test-registry"
 ISSUER = "lazyfs-test-issuer"

@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 
 from lazyfs import oci
-from lazyfs_tools.layout import Layout
+from lazyfs.ocilayout import Layout
 
 PYTHON = "/usr/bin/python3"
 STDLIB = "/usr/lib/python3.11"

@@ -1,0 +1,209 @@
+"""The lifecycle of a mount daemon, seen from outside it: spawn, ready, attach, ask, stop.
+
+Every caller that runs ``lazyfs mount`` as a process goes through here: the CLI (``mount``,
+``umount``, ``trace run``), the tests, the benchmarks and the snapshotter.  A :class:`Daemon`
+needs only a PID and a mount point, so a process that restarts (the snapshotter) can
+:func:`attach` to daemons it started earlier, ask them for ``info``/``stats`` and stop them,
+without the ``Popen`` it once had.  No pyfuse3 here: this side never serves FUSE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lazyfs.errors import LazyfsError
+from lazyfs.fs.control import control_request
+from lazyfs.fs.runtime import control_path
+from lazyfs.fs.unmount import abort_connection, is_mounted, is_stale, unmount
+from lazyfs.process import stop_process, wait_pid
+
+StrPath = str | os.PathLike[str]
+
+
+def lazyfs_argv(*args: str) -> list[str]:
+    """The command line running this lazyfs (the installed one, whatever the PATH says)."""
+    return [sys.executable, "-m", "lazyfs.cli", *args]
+
+
+class Daemon:
+    """A mount daemon by PID and mount point; ``proc`` only when this process started it."""
+
+    def __init__(
+        self,
+        pid: int,
+        mountpoint: StrPath,
+        *,
+        proc: subprocess.Popen[bytes] | None = None,
+        log: Path | None = None,
+    ) -> None:
+        self.pid = pid
+        self.mountpoint = Path(os.path.abspath(mountpoint))
+        self.proc = proc
+        self.log = log
+
+    def __repr__(self) -> str:
+        return f"<Daemon pid {self.pid} on {self.mountpoint}>"
+
+    @property
+    def control(self) -> Path:
+        return control_path(self.mountpoint)
+
+    def request(self, request: dict[str, object]) -> Any:
+        """One control request; raises LazyfsError with the daemon's message."""
+        return control_request(os.fspath(self.mountpoint), request)
+
+    def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request({"cmd": "info"})
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request({"cmd": "stats"})
+        return result
+
+    def trace(self, *, summary: bool = False) -> Any:
+        return self.request({"cmd": "trace", "summary": summary})
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return not wait_pid(self.pid, 0)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait for the daemon to exit; False if it still runs after ``timeout``."""
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        return wait_pid(self.pid, timeout)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Unmount and wait for the daemon to exit; a daemon that does not go has its FUSE
+        connection aborted and is stopped by PID.  Leaves no mount behind, stale or not."""
+        mnt = os.fspath(self.mountpoint)
+        if self.alive() and is_mounted(mnt):
+            try:
+                unmount(mnt)
+            except (LazyfsError, OSError):
+                with contextlib.suppress(LazyfsError, OSError):
+                    unmount(mnt, lazy=True)  # busy: detach; the daemon then exits
+        if not self.wait(timeout):
+            abort_connection(mnt)  # a hung daemon: cut only its own connection
+            stop_process(self.proc if self.proc is not None else self.pid)
+        clear_mountpoint(self.mountpoint)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (as a crash would), leaving its mount behind, stale."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            wait_pid(self.pid, None)
+
+
+def spawn(
+    image: str,
+    mountpoint: StrPath,
+    options: Sequence[str] = (),
+    *,
+    log: StrPath = os.devnull,
+    timeout: float | None = None,
+    verbose: int = 0,
+    cwd: StrPath | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Daemon:
+    """Start ``lazyfs mount IMAGE MOUNTPOINT OPTIONS…`` in a new session, its output appended
+    to ``log``, and return once it reports the mount ready.  The daemon's own one-line error
+    (or its exit without a word, or no word within ``timeout`` seconds) raises LazyfsError,
+    and then no process is left behind.  ``preexec_fn`` runs in the child before lazyfs does
+    (a resource limit, say)."""
+    read_fd, write_fd = os.pipe()
+    argv = lazyfs_argv(
+        *(["-v"] * verbose), "mount", image, os.fspath(mountpoint), *options,
+        "--ready-fd", str(write_fd),
+    )  # fmt: skip
+    try:
+        with open(log, "ab") as out:
+            child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                cwd=cwd,
+                preexec_fn=preexec_fn,
+            )
+    finally:
+        os.close(write_fd)
+    try:
+        message = _read_line(read_fd, timeout)
+    except BaseException:
+        child.kill()  # by PID: it never became ready, nothing of it is worth keeping
+        child.wait()
+        raise
+    finally:
+        os.close(read_fd)
+    if message != "ready":
+        child.wait()
+        raise LazyfsError(message.removeprefix("error: ") or f"daemon exited ({child.returncode})")
+    return Daemon(child.pid, mountpoint, proc=child, log=Path(log))
+
+
+def attach(mountpoint: StrPath, *, expect_pid: int | None = None) -> Daemon:
+    """The daemon serving ``mountpoint``, found through its control socket.  ``expect_pid``:
+    the PID recorded when it was started; another daemon answering there is an error (the
+    recorded one is gone), so a caller never stops a process it did not start."""
+    info = control_request(os.fspath(mountpoint), {"cmd": "info"})
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
+        raise LazyfsError(f"{mountpoint}: the lazyfs daemon did not say its PID")
+    if expect_pid is not None and info["pid"] != expect_pid:
+        raise LazyfsError(f"{mountpoint} is served by pid {info['pid']}, not {expect_pid}")
+    return Daemon(info["pid"], mountpoint)
+
+
+def clear_mountpoint(mountpoint: StrPath) -> None:
+    """Detach whatever is left on ``mountpoint`` (a stale mount of a killed daemon)."""
+    if is_stale(os.fspath(mountpoint)) or is_mounted(os.fspath(mountpoint)):
+        with contextlib.suppress(LazyfsError):
+            unmount(os.fspath(mountpoint), lazy=True)
+
+
+def unmount_and_wait(mountpoint: StrPath, *, lazy: bool = False, timeout: float = 10.0) -> None:
+    """Unmount, then wait for the daemon to let go (its control socket goes when it exits)."""
+    sock = control_path(mountpoint)
+    unmount(os.fspath(mountpoint), lazy=lazy)
+    deadline = time.monotonic() + timeout
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _read_line(fd: int, timeout: float | None) -> str:
+    buf = b""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise LazyfsError(f"the mount was not ready after {timeout:.0f}s")
+        readable, _, _ = select.select([fd], [], [], 1.0 if left is None else min(left, 1.0))
+        if readable:
+            data = os.read(fd, 4096)
+            if not data:
+                break  # the daemon exited without a word
+            buf += data
+    return buf.decode(errors="replace").strip()

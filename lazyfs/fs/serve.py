@@ -1,0 +1,231 @@
+"""Mount lifecycle: open the image, build the tree, serve FUSE, answer the control socket.
+
+The daemon is ready (and says so through ``ready``) once manifests and TOCs are read; no file
+content is fetched before a reader asks, unless ``--prefetch`` names a group to fetch in the
+background from then on.  A small control socket per mount answers ``stats``, ``info`` and
+``trace`` as one JSON line each way, so ``lazyfs stats`` needs no file inside the container's
+rootfs.  With ``--trace FILE`` a recorder listens to opens and reads, and the trace is written
+atomically when the mount ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pyfuse3
+import trio
+
+from lazyfs.atomic import atomic_write
+from lazyfs.errors import LazyfsError
+from lazyfs.fs.control import LayerReport, MountInfo, StatsReport, control_server
+from lazyfs.fs.merge import apply_upper
+from lazyfs.fs.ops import Operations
+from lazyfs.fs.prefetch import Prefetcher, landmark_group, load_group
+from lazyfs.fs.runtime import control_path
+from lazyfs.fs.tree import Tree
+from lazyfs.fs.unmount import is_mounted, is_stale, unmount
+from lazyfs.fs.upper import Upper
+from lazyfs.opener import OpenedImage, open_image
+from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
+from lazyfs.trace.recorder import Recorder
+from lazyfs.trace.schema import encode
+from lazyfs.trace.stored import find_group
+
+log = logging.getLogger(__name__)
+
+class MountOptions(msgspec.Struct, kw_only=True):
+    image: str
+    mountpoint: str
+    upper: str | None = None
+    cache: str | None = None
+    cache_max_bytes: int = DEFAULT_MAX_BYTES
+    plain_http: bool = False
+    insecure: bool = False
+    platform: str = "linux/amd64"
+    allow_other: bool = False
+    read_only: bool = False
+    background_fetch: bool = False
+    trace: str | None = None  # record accesses; write the trace here when the mount ends
+    group: str | None = None  # workload label of the trace; the group --prefetch fetches
+    prefetch: str | None = None  # a prefetch-groups document
+    # Without a document: look for groups stored beside the image in the registry, then for
+    # landmarks in re-laid-out layers.  False fetches nothing before it is read.
+    auto_prefetch: bool = True
+    read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+class _Mount:
+    """What one mount holds while it serves, and the control requests it answers."""
+
+    def __init__(
+        self,
+        opts: MountOptions,
+        mountpoint: str,
+        image: OpenedImage,
+        upper: Upper | None,
+        recorder: Recorder | None,
+        prefetcher: Prefetcher | None,
+    ) -> None:
+        self.opts = opts
+        self.mountpoint = mountpoint
+        self.image = image
+        self.tree = Tree.from_layers([ol.toc for ol in image.layers])
+        self.upper = upper
+        if upper is not None:
+            apply_upper(self.tree, upper)
+        self.recorder = recorder
+        self.prefetcher = prefetcher
+        layers = image.store_layers()
+        self.ops = Operations(self.tree, image.store, layers, upper, listener=recorder)
+
+    async def auto_prefetch(self) -> None:
+        """Without a groups document: the group stored beside the image, else the layers'
+        landmarks.  Runs after readiness: looking in the registry costs a round trip or two."""
+        image, layers = self.image, self.image.store_layers()
+        group = await find_group(image.source, image.manifest, self.opts.group)
+        group = group or landmark_group(layers)
+        if group is not None:
+            self.prefetcher = Prefetcher(image.store, layers, group)
+            await self.prefetcher.run()
+
+    def handle(self, request: dict[str, object]) -> object:
+        """One control request (see :mod:`lazyfs.fs.control`)."""
+        opts, image = self.opts, self.image
+        if request.get("cmd") == "info":
+            upper = os.path.abspath(opts.upper) if self.upper is not None and opts.upper else None
+            return MountInfo(
+                pid=os.getpid(),
+                image=opts.image,
+                mountpoint=self.mountpoint,
+                manifest=image.manifest,
+                upper=upper,
+            )
+        if request.get("cmd") == "stats":
+            return StatsReport(
+                image=opts.image,
+                manifest=image.manifest,
+                mountpoint=self.mountpoint,
+                files=len(self.tree.nodes),
+                layers=[
+                    LayerReport(
+                        ol.descriptor.digest,
+                        len(ol.toc.entries),
+                        msgspec.to_builtins(ol.layer.stats),
+                    )
+                    for ol in image.layers
+                ],
+                prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
+            )
+        if request.get("cmd") == "trace":
+            if self.recorder is None:
+                raise LazyfsError("this mount is not recording (mount it with --trace FILE)")
+            return self.recorder.summary() if request.get("summary") else self.recorder.trace()
+        raise LazyfsError(f"unknown command {request.get('cmd')!r}")
+
+    def write_trace(self, path: Path) -> None:
+        # At the end of the mount, so blocking here delays nothing a reader waits for.
+        assert self.recorder is not None
+        try:
+            atomic_write(path, encode(self.recorder.trace()))
+        except OSError as e:
+            log.error("could not write the trace to %s: %s", path, e)
+        else:
+            log.info("trace of %d files written to %s", self.recorder.files, path)
+
+
+def _fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=lazyfs", "subtype=lazyfs"}
+    if opts.allow_other:
+        options.add("allow_other")
+    if opts.read_only:
+        options.add("ro")
+    if os.geteuid() == 0:
+        options.add("dev")  # device nodes in a container rootfs must work
+        options.add("suid")
+    return options
+
+
+async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> None:
+    """Mount and serve until unmounted or signalled.  Raises LazyfsError before ``ready``."""
+    mountpoint = os.path.abspath(opts.mountpoint)
+    if is_stale(mountpoint):
+        log.warning("cleaning a stale mount at %s", mountpoint)
+        unmount(mountpoint, lazy=True)
+    if not os.path.isdir(mountpoint):
+        raise LazyfsError(f"mount point {mountpoint} is not a directory")
+    if is_mounted(mountpoint):
+        raise LazyfsError(f"{mountpoint} is already mounted")
+    # Bad prefetch or trace arguments fail before anything is fetched or mounted.
+    groups = load_group(opts.prefetch, opts.group) if opts.prefetch else None
+    trace_path = Path(opts.trace).absolute() if opts.trace else None
+    if trace_path is not None and not trace_path.parent.is_dir():
+        raise LazyfsError(f"cannot write the trace to {opts.trace}: no such directory")
+    if not opts.read_only and opts.upper is None:
+        raise LazyfsError("a writable mount needs --upper DIR (or use --read-only)")
+    async with open_image(
+        opts.image,
+        cache_dir=opts.cache,
+        cache_size=opts.cache_max_bytes,
+        plain_http=opts.plain_http,
+        insecure=opts.insecure,
+        platform=opts.platform,
+        retry=RetryPolicy.within(opts.read_timeout),
+    ) as image:
+        upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
+        recorder: Recorder | None = None
+        if trace_path is not None:
+            digests = [ol.descriptor.digest for ol in image.layers]
+            recorder = Recorder(opts.image, image.manifest, digests, opts.group or "default")
+        prefetcher: Prefetcher | None = None
+        if groups is not None:
+            doc, group = groups
+            if doc.manifest and doc.manifest != image.manifest:
+                log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
+            prefetcher = Prefetcher(image.store, image.store_layers(), group)
+        mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher)
+        # Resolve the control socket path now: after init, touching the mount point from this
+        # process would wait for a FUSE reply only this process can give (canonical() does
+        # not touch it either, but the order keeps that property obvious).
+        control = control_path(mountpoint)
+        pyfuse3.init(mount.ops, mountpoint, _fuse_options(opts))
+        try:
+            # Fetches started by readers live in their own nursery: at unmount the control
+            # socket and background fill are cancelled, but chunks already on their way are
+            # still verified and written to the cache.
+            async with image.store.running(), trio.open_nursery() as nursery:
+                await nursery.start(control_server, control, mount.handle)
+                if opts.background_fetch:
+                    image.store.background(nursery)
+                nursery.start_soon(_on_signals, nursery.cancel_scope)
+                if recorder is not None:
+                    recorder.start()
+                if prefetcher is not None:
+                    nursery.start_soon(prefetcher.run)
+                elif opts.auto_prefetch:
+                    nursery.start_soon(mount.auto_prefetch)
+                if ready is not None:
+                    ready()
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            if trace_path is not None:
+                mount.write_trace(trace_path)
+            if upper is not None:
+                upper.close()
+
+
+async def _on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("signal received: unmounting")
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,84 @@
+"""Mount table queries and unmounting (umount2 through ctypes; fusermount3 when not root)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from lazyfs.errors import LazyfsError
+from lazyfs.fs.runtime import canonical
+
+MNT_DETACH = 2
+
+
+def _umount2(target: str, flags: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.umount2(os.fsencode(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def is_stale(mountpoint: str) -> bool:
+    """True when a FUSE daemon died and left its mount behind (every access says ENOTCONN)."""
+    try:
+        os.statvfs(mountpoint)  # never answered from the kernel's attribute cache, unlike stat
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def is_mounted(mountpoint: str) -> bool:
+    real = canonical(mountpoint)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == real:
+                return True
+    return False
+
+
+def _unescape(s: str) -> str:
+    return (
+        s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    )
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount; a stale mount is always detached (its daemon is gone)."""
+    stale = is_stale(mountpoint)
+    try:
+        _umount2(mountpoint, MNT_DETACH if (lazy or stale) else 0)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            # Not root: fusermount3 is setuid and unmounts our own FUSE mounts.
+            import subprocess
+
+            flag = "-uz" if (lazy or stale) else "-u"
+            res = subprocess.run(["fusermount3", flag, mountpoint], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise LazyfsError(f"cannot unmount {mountpoint}: {res.stderr.strip()}") from None
+            return
+        if e.errno == errno.EINVAL:
+            raise LazyfsError(f"{mountpoint} is not mounted") from None
+        if e.errno == errno.EBUSY:
+            raise LazyfsError(f"{mountpoint} is busy (use --lazy to detach)") from None
+        raise LazyfsError(f"cannot unmount {mountpoint}: {e.strerror}") from None
+
+
+def abort_connection(mountpoint: str) -> None:
+    """Abort the FUSE connection behind ``mountpoint`` (found by its device number), so a
+    hung daemon's readers get ENOTCONN instead of waiting forever."""
+    real = canonical(mountpoint)  # not realpath(): a stat of a hung mount would hang too
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == real:
+                minor = fields[2].split(":")[1]
+                with (
+                    contextlib.suppress(OSError),
+                    open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as a,
+                ):
+                    a.write("1")

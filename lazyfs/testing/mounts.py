@@ -1,0 +1,62 @@
+"""Run a real lazyfs mount for a test and always take it down: unmount, then stop by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lazyfs.errors import LazyfsError
+from lazyfs.fs.daemon import Daemon, lazyfs_argv, spawn
+
+
+class Mount(Daemon):
+    """A daemon this process started (``proc`` is always set)."""
+
+    proc: subprocess.Popen[bytes]
+
+
+def lazyfs_cmd(*args: str) -> list[str]:
+    return lazyfs_argv(*args)
+
+
+def start_mount(
+    image: str,
+    mountpoint: Path,
+    *args: str,
+    log: Path | None = None,
+    timeout: float = 30.0,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Mount:
+    """Mount and return once the daemon reports ready; a mount that fails raises
+    RuntimeError with the daemon's log.  ``preexec_fn`` runs in the daemon before it starts."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    log = log or mountpoint.parent / f"{mountpoint.name}.log"
+    try:
+        d = spawn(
+            image, mountpoint, args, log=log, timeout=timeout, verbose=1, preexec_fn=preexec_fn
+        )
+    except LazyfsError as e:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        raise RuntimeError(f"mount did not come up: {e}\n{text}") from None
+    assert d.proc is not None
+    m = Mount(d.pid, mountpoint, proc=d.proc, log=log)
+    return m
+
+
+@contextlib.contextmanager
+def mounted(image: str, mountpoint: Path, *args: str, **kw: Any) -> Iterator[Mount]:
+    m = start_mount(image, mountpoint, *args, **kw)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, **kw)
+
+
+__all__ = ["Mount", "lazyfs_cmd", "mounted", "run", "start_mount"]

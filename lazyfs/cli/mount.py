@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="fetch nothing before it is read (no stored groups, no landmarks)",
     )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a read whose registry sends nothing gets EIO within S seconds (default 30)",
+    )
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     p.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -92,10 +99,13 @@ def _options(args: argparse.Namespace) -> MountOptions:
         trace=os.path.abspath(args.trace) if args.trace else None,
         group=args.group,
         prefetch=args.prefetch,
+        read_timeout=args.read_timeout,
     )
 
 
 def mount_cmd(args: argparse.Namespace) -> int:
+    if not args.read_timeout > 0:
+        raise LazyfsError("--read-timeout takes a number of seconds > 0")
     if args.foreground or args.ready_fd is not None:
         return _serve(args)
     # Daemonize by re-running ourselves detached; the child reports readiness or its one-line
@@ -119,7 +129,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             out += [f"--{flag}", str(value)]
-    out += ["--cache-size", str(args.cache_size)]
+    out += ["--cache-size", str(args.cache_size), "--read-timeout", str(args.read_timeout)]
     for flag in (
         "plain_http",
         "insecure",

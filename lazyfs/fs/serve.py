@@ -56,6 +56,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
+    read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
 
 
 # ---------------------------------------------------------------------------- serving
@@ -176,6 +177,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         plain_http=opts.plain_http,
         insecure=opts.insecure,
         platform=opts.platform,
+        retry=RetryPolicy.within(opts.read_timeout),
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         recorder: Recorder | None = None

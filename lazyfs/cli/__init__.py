@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
 
-from . import cache, imagecmds, mount, optimize, pull, trace
+from . import cache, delta, imagecmds, mount, optimize, pull, trace
 
-MODULES = (imagecmds, mount, pull, cache, trace, optimize)
+MODULES = (imagecmds, mount, pull, cache, trace, optimize, delta)
 
 
 def build_parser() -> argparse.ArgumentParser:

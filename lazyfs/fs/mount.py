@@ -59,6 +59,10 @@ class MountOptions(msgspec.Struct, kw_only=True):
     platform: str = "linux/amd64"
     allow_other: bool = False
     read_only: bool = False
+    # Set-id bits and device nodes of the image take effect only when asked (root only).
+    suid: bool = False
+    dev: bool = False
+    copy_up_max: int | None = None  # bytes one copy-up may write; None: free space decides
     background_fetch: bool = False
     trace: str | None = None  # record accesses; write the trace here when the mount ends
     group: str | None = None  # workload label of the trace; the group --prefetch fetches
@@ -89,6 +93,7 @@ class StatsReport(msgspec.Struct):
     files: int
     layers: list[LayerReport]
     prefetch: PrefetchStats | None = None
+    handler_errors: int = 0  # FUSE requests that failed unexpectedly (logged; answered EIO)
 
 
 # ---------------------------------------------------------------------------- runtime paths
@@ -208,6 +213,11 @@ def apply_upper(tree: Tree, upper: Upper) -> None:
             if cst is None:
                 continue
             old = dir_node.children.get(name)
+            if upper.is_whiteout((*path, name)):  # hides the lower entry of its own name
+                if old is not None:
+                    del dir_node.children[name]
+                    tree.unlink_name(old, dir_node, name)
+                continue
             is_dir = stat.S_ISDIR(cst.st_mode)
             if old is not None and old.is_dir and is_dir:
                 old.upper = True
@@ -322,7 +332,9 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                 prefetcher = Prefetcher(store, layers, group)
                 await prefetcher.run()
 
-        ops = Operations(tree, store, layers, upper, listener=recorder)
+        ops = Operations(
+            tree, store, layers, upper, listener=recorder, copy_up_max=opts.copy_up_max
+        )
 
         def handle(request: dict[str, object]) -> object:
             if request.get("cmd") == "info":
@@ -348,6 +360,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                         for li, layer in zip(image.layers, layers, strict=True)
                     ],
                     prefetch=prefetcher.stats if prefetcher is not None else None,
+                    handler_errors=ops.handler_errors,
                 )
             if request.get("cmd") == "trace":
                 if recorder is None:
@@ -361,9 +374,10 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
             fuse_options.add("allow_other")
         if opts.read_only:
             fuse_options.add("ro")
-        if os.geteuid() == 0:
-            fuse_options.add("dev")  # device nodes in a container rootfs must work
-            fuse_options.add("suid")
+        # An image's set-id binaries and device nodes would serve any host user who can
+        # reach the mount: off unless asked for (a container runtime asks).
+        fuse_options.add("suid" if opts.suid else "nosuid")
+        fuse_options.add("dev" if opts.dev else "nodev")
         # Resolve the control socket path now: after init, touching the mount point from this
         # process would wait for a FUSE reply only this process can give (canonical() does
         # not touch it either, but the order keeps that property obvious).

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # Chunks brought in and written per step: bounds the memory one copy-up holds.
 COPY_BATCH = 8 * 1024 * 1024
-# Free space left to everything else on the upper file system after a copy-up.
+# Free space left to everything else on the upper file system after a copy-up: this much, or
+# a twentieth of a smaller file system.
 SPACE_MARGIN = 64 * 1024 * 1024
 
 Names = Callable[[], list[tuple[str, ...]]]
@@ -102,7 +103,8 @@ class CopyUp:
         upper = self.upper
         fd = upper.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            await self._copy_data(self.layers[layer], chunks, fd, length)
+            if chunks:
+                await self._copy_data(self.layers[layer], chunks, fd, length)
             os.ftruncate(fd, length)  # the holes and the zeros at the end
             os.fchown(fd, e.uid, e.gid)
             os.fchmod(fd, e.mode)  # after chown, which clears set-id bits
@@ -130,7 +132,8 @@ class CopyUp:
             raise OSError(errno.EFBIG, f"copy-up of {needed} bytes exceeds the limit")
         if needed:
             v = self.upper.statvfs()
-            if v.f_bavail * v.f_frsize < needed + SPACE_MARGIN:
+            margin = min(SPACE_MARGIN, v.f_blocks * v.f_frsize // 20)
+            if v.f_bavail * v.f_frsize < needed + margin:
                 raise OSError(errno.ENOSPC, f"no room for a copy-up of {needed} bytes")
 
     async def _copy_data(self, layer: Layer, chunks: list[Chunk], fd: int, length: int) -> None:

@@ -20,7 +20,8 @@ import trio
 
 from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.fs.upper import Upper, UpperPath, host_xattr
-from lazyfs.store.fetcher import Layer, LayerStore
+from lazyfs.store.fetcher import LayerStore
+from lazyfs.store.layer import Layer
 from lazyfs.store.slots import ONDEMAND
 
 log = logging.getLogger(__name__)

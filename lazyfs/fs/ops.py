@@ -30,7 +30,8 @@ from lazyfs.formats.toc import Entry
 from lazyfs.fs.copyup import CopyUp
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
 from lazyfs.fs.upper import NAME_MAX, Upper, reserved_xattr
-from lazyfs.store.fetcher import Layer, LayerStore
+from lazyfs.store.fetcher import LayerStore
+from lazyfs.store.layer import Layer
 
 log = logging.getLogger(__name__)
 
@@ -392,16 +393,16 @@ class Operations(_Guarded):
                 raise _errno(e) from e
         if h.fd is not None:
             return os.pread(h.fd, size, off)
-        e = node.entry
-        assert e is not None
+        entry = node.entry
+        assert entry is not None
         try:
-            data = await self.store.read(self.layers[node.layer], e, off, size)
+            data = await self.store.read(self.layers[node.layer], entry, off, size)
         except (LazyfsError, OSError) as err:
             # Never serve unverified or partial data: the reader sees EIO.
             log.error("read of %s at %d failed: %s", "/".join(node.path()), off, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
         if self.listener is not None:
-            self.listener.read(node, e, node.layer, off, len(data))
+            self.listener.read(node, entry, node.layer, off, len(data))
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -749,6 +750,7 @@ class Operations(_Guarded):
                         if target.nlink <= 1:
                             self._pin_open_handles(target, new_path)
                         upper.unlink(new_path)
+                assert new_parent.children is not None
                 del new_parent.children[new]
                 self.tree.unlink_name(target, new_parent, new)
             elif upper.has_whiteout(new_path):
@@ -760,7 +762,7 @@ class Operations(_Guarded):
                 upper.set_opaque(new_path)  # what a lower layer has there stays hidden
         except OSError as e:
             raise _errno(e) from e
-        assert old_parent.children is not None
+        assert old_parent.children is not None and new_parent.children is not None
         del old_parent.children[old]
         new_parent.children[new] = node
         if node.parent is old_parent and node.name == old:

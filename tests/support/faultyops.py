@@ -37,5 +37,5 @@ def _faulty(name: str) -> Any:
 FaultyOperations = type("FaultyOperations", (Operations,), {n: _faulty(n) for n in HANDLERS})
 
 if __name__ == "__main__":
-    lazyfs.fs.mount.Operations = FaultyOperations  # type: ignore[misc]
+    vars(lazyfs.fs.mount)["Operations"] = FaultyOperations  # what serve() instantiates
     sys.exit(main(sys.argv[2:]))

@@ -225,10 +225,14 @@ def test_write_a_thousand_directories_deep(tmp_path: Path) -> None:
         with open(path, "ab") as f:
             f.write(b"+write")
         assert path.read_bytes() == b"deep+write"
-    with mounted(image, mnt, *rw_args(tmp_path)):
-        assert path.read_bytes() == b"deep+write"
-        os.unlink(path)
-        assert os.listdir(path.parent) == []
+    try:
+        with mounted(image, mnt, *rw_args(tmp_path)):
+            assert path.read_bytes() == b"deep+write"
+            os.unlink(path)
+            assert os.listdir(path.parent) == []
+    finally:
+        # pytest's clean-up of old temp dirs recurses once per level: leave no deep tree.
+        subprocess.run(["rm", "-rf", str(tmp_path / "upper")], check=True)
 
 
 def test_self_hardlink_across_layers_leaves_no_ghost(tmp_path: Path) -> None:
@@ -265,6 +269,19 @@ def test_copy_up_keeps_host_xattrs_off_the_host(tmp_path: Path) -> None:
     assert host == ["user.keep"]
     with mounted(image, mnt, *rw_args(tmp_path)):
         assert os.listdir(mnt) == ["f"]  # an image's marker xattr does not make a whiteout
+
+
+def test_xattr_names_with_nul_are_never_passed_on(tmp_path: Path) -> None:
+    """A TOC can carry a name no kernel can: not listed, not copied up, no ValueError."""
+    image = build(tmp_path, [[Item("f", data=b"x", xattrs={"user.a\0b": "1", "user.ok": "2"})]])
+    mnt = tmp_path / "mnt"
+    with mounted(image, mnt, *rw_args(tmp_path)) as m:
+        assert os.listxattr(mnt / "f") == ["user.ok"]
+        os.chmod(mnt / "f", 0o600)  # copy-up
+        assert os.listxattr(mnt / "f") == ["user.ok"]
+        assert (mnt / "f").read_bytes() == b"x"
+        assert stats(mnt)["handler_errors"] == 0
+    assert "ValueError" not in m.log_text()
 
 
 def sparse_layers() -> list[list[Item]]:

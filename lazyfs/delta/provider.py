@@ -165,22 +165,64 @@ async def find_deltas(source: Source, manifest: str, cache: ChunkCache) -> Delta
     return None if data is None else decode_index(data, "stored delta index")
 
 
-async def attach_deltas(img: OpenedImage) -> DeltaProvider | None:
-    """Look for deltas beside ``img`` and make its store use them.  Only when some chunk is
-    missing (a warm node asks the registry nothing); bounded in time; never raises for a
-    registry that has none or answers badly."""
-    layers = img.unique_layers()
-    if all(layer.stats.chunks_ready == layer.stats.chunks_total for layer in layers):
+class PendingDeltas:
+    """The store's provider while the registry is asked whether the image has deltas: a
+    reader that misses the cache waits for the answer (bounded), then uses the patches or
+    the network.  Mounts install it before they are ready and look after, so readiness and
+    cache hits never wait for the lookup."""
+
+    def __init__(self, img: OpenedImage) -> None:
+        self.img = img
+        self.done = trio.Event()
+        self.provider: DeltaProvider | None = None
+
+    async def look(self) -> DeltaProvider | None:
+        try:
+            self.provider = await _find_provider(self.img)
+        finally:
+            self.done.set()
+            if self.img.store.provider is self:
+                self.img.store.provider = self.provider
+        return self.provider
+
+    async def provide(
+        self,
+        layer: Layer,
+        chunks: Sequence[Chunk],
+        slot: Callable[[], AbstractAsyncContextManager[None]],
+    ) -> dict[str, bytes]:
+        await self.done.wait()
+        if self.provider is None:
+            return {}
+        return await self.provider.provide(layer, chunks, slot)
+
+
+def pending_deltas(img: OpenedImage) -> PendingDeltas | None:
+    """Install a :class:`PendingDeltas` in ``img``'s store when some chunk is missing (a warm
+    node asks the registry nothing); the caller runs its ``look()``."""
+    if all(layer.stats.chunks_ready == layer.stats.chunks_total for layer in img.unique_layers()):
         return None
+    pending = PendingDeltas(img)
+    img.store.provider = pending
+    return pending
+
+
+async def attach_deltas(img: OpenedImage) -> DeltaProvider | None:
+    """Look for deltas beside ``img`` now and make its store use them (``lazyfs pull``)."""
+    pending = pending_deltas(img)
+    return None if pending is None else await pending.look()
+
+
+async def _find_provider(img: OpenedImage) -> DeltaProvider | None:
+    """Bounded in time; never raises for a registry that has no deltas or answers badly."""
     try:
         with trio.move_on_after(FIND_DELTAS_TIMEOUT):
             index = await find_deltas(img.source, img.manifest, img.cache)
             if index is None:
                 return None
             provider = DeltaProvider(index, img.source, img.cache)
-            for layer in layers:
+            for layer in img.unique_layers():
                 provider.add_layer(layer)
-            img.store.provider = provider
             log.info(
                 "using %d patches against %s for %s",
                 len(index.files),

@@ -46,6 +46,8 @@ class FaultProxy:
             self.requests = 0  # all requests seen
             self.paths: list[str] = []
             self.authorization: list[str | None] = []
+            #: (path, body bytes sent) of every answered matching request
+            self.served: list[tuple[str, int]] = []
             self._fail: list[tuple[int, str | None]] = []  # (status, Retry-After) per request
             self._drop = 0
             self._truncate = 0
@@ -56,6 +58,11 @@ class FaultProxy:
             self.redirect_to: str | None = None
             #: add this Authorization upstream (a "presigned" storage stand-in)
             self.upstream_auth: str | None = None
+
+    def bytes_served(self) -> int:
+        """Body bytes of the matching requests answered in full since the last reset."""
+        with self.lock:
+            return sum(n for _, n in self.served)
 
     def fail_next(self, n: int, status: int = 503, retry_after: str | None = None) -> None:
         with self.lock:
@@ -172,6 +179,9 @@ class FaultProxy:
                         body = body[: len(body) // 2]
                     if proxy._take("_flip"):
                         body = bytes([body[0] ^ 0x01]) + body[1:]
+                if matched and self.command != "HEAD":
+                    with proxy.lock:
+                        proxy.served.append((self.path, len(body)))
                 self._reply(status, out, body)
 
         return Handler

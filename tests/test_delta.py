@@ -129,14 +129,20 @@ def new_layers() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def images(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:  # noqa: F811
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("delta-images")
-    refs = []
     for tag, tars in (("v1", old_layers()), ("v2", new_layers())):
         make_layout(d / f"src-{tag}", tars, kind="gzip", tag=tag)
         convert(f"oci:{d / f'src-{tag}'}:{tag}", f"oci:{d / tag}:{tag}", chunk_size=CHUNK)
+    return d / "v1", d / "v2"
+
+
+@pytest.fixture(scope="module")
+def images(registry: RegistryInstance, layouts: tuple[Path, Path]) -> tuple[str, str]:  # noqa: F811
+    refs = []
+    for layout, tag in zip(layouts, ("v1", "v2"), strict=True):
         ref = f"{registry.host}/upd/app:{tag}"
-        push_oci_layout(d / tag, ref, tag=tag)
+        push_oci_layout(layout, ref, tag=tag)
         refs.append(ref)
     return refs[0], refs[1]
 
@@ -470,3 +476,39 @@ def test_bad_patches_fall_back_to_chunks(
     layers = [s["stats"] for s in stats["layers"]]
     assert sum(s["patch_fallbacks"] for s in layers) == 3
     assert sum(s["provided_chunks"] for s in layers) == 0
+
+
+def test_deltas_written_into_a_layout(layouts: tuple[Path, Path], tmp_path: Path) -> None:
+    old_dir, new_dir = layouts
+    mine = tmp_path / "v2"
+    shutil.copytree(new_dir, mine)
+    old, new = f"oci:{old_dir}:v1", f"oci:{mine}:v2"
+    res = lazyfs(
+        "delta", old, new, "--out", f"oci:{mine}", "--json", "--cache", str(tmp_path / "b")
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["files"] == 3
+    node = tmp_path / "node"
+    assert lazyfs("pull", old, "--cache", str(node), "--progress", "none").returncode == 0
+    pulled = pull(new, node)
+    assert pulled.patch_bytes > 0
+    # The image itself is untouched: its tag still names the same manifest.
+    again = lazyfs("diff", old, new, "--json", "--cache", str(tmp_path / "other"))
+    assert again.returncode == 0, again.stderr
+
+
+def test_delta_errors_are_one_line(images: tuple[str, str], tmp_path: Path) -> None:
+    old, new = images
+    for args, message in (
+        (("delta", old, f"oci:{tmp_path}", "--push"), "--push needs a registry reference"),
+        (("delta", old, new, "--out", str(tmp_path)), "--out takes oci:DIR"),
+        (("delta", old, new, "--push", "--level", "0"), "--level must be 1..22"),
+        (("diff", old, f"oci:{tmp_path / 'nothing'}", "--plain-http"), "not an OCI image layout"),
+    ):
+        res = lazyfs(*args, "--cache", str(tmp_path / "c"))
+        assert res.returncode != 0
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], res.stderr
+    # OLD == NEW: nothing to patch.
+    res = lazyfs("delta", old, old, "--push", "--plain-http", "--cache", str(tmp_path / "c"))
+    assert res.returncode == 1 and "cheaper to send as a patch" in res.stderr

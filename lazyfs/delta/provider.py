@@ -39,29 +39,52 @@ log = logging.getLogger(__name__)
 
 #: How long opening an image waits for the registry to say whether it has deltas.
 FIND_DELTAS_TIMEOUT = 10.0
+#: Read-ahead of patches after an asked-for one, and the gap merged between two (bytes).
+PATCH_AMPLIFY = 512 * 1024
+PATCH_MERGE_GAP = 64 * 1024
 
 
 class _File:
     """One file's patch being applied: readers of any of its chunks wait on the same one."""
 
-    def __init__(self) -> None:
+    def __init__(self, fp: FilePatch, entry: Entry) -> None:
+        self.fp = fp
+        self.entry = entry
         self.done = trio.Event()
         self.chunks: dict[str, bytes] = {}
 
 
 class DeltaProvider:
-    def __init__(self, index: DeltaIndex, source: Source, cache: ChunkCache) -> None:
+    """Patches are fetched as chunks are: the ones asked for plus, as read-ahead, the patches
+    that follow them in the blob (NEW's layer order, so the files a start-up reads next) up to
+    ``amplify`` bytes, in as few range requests as neighbours allow."""
+
+    def __init__(
+        self,
+        index: DeltaIndex,
+        source: Source,
+        cache: ChunkCache,
+        *,
+        amplify: int = PATCH_AMPLIFY,
+        merge_gap: int = PATCH_MERGE_GAP,
+    ) -> None:
         self.index = index
         self.source = source
         self.cache = cache
+        self.amplify = amplify
+        self.merge_gap = merge_gap
         self._patches = index.by_digest()
+        self._order = sorted(index.files, key=lambda f: f.offset)
+        self._position = {f.digest: i for i, f in enumerate(self._order)}
         self._entries: dict[str, Entry] = {}  # new chunk digest -> a file patched to make it
+        self._file_entries: dict[str, Entry] = {}  # new content digest -> its entry
         self._files: dict[str, _File] = {}
         self._failed: set[str] = set()  # file digests that fell back: chunks from now on
 
     def add_layer(self, layer: Layer) -> None:
         for e in layer.toc.entries:
             if e.type == "reg" and e.digest in self._patches and e.size <= MAX_PATCH_FILE:
+                self._file_entries.setdefault(e.digest, e)
                 for c in e.chunks:
                     if not c.zeros:
                         self._entries.setdefault(c.digest, e)
@@ -72,57 +95,136 @@ class DeltaProvider:
         chunks: Sequence[Chunk],
         slot: Callable[[], AbstractAsyncContextManager[None]],
     ) -> dict[str, bytes]:
-        files: dict[str, Entry] = {}
+        wanted: dict[str, Entry] = {}
         for c in chunks:
             e = self._entries.get(c.digest)
             if e is not None and e.digest not in self._failed:
-                files.setdefault(e.digest, e)
+                wanted.setdefault(e.digest, e)
+        waits: list[_File] = []
+        mine: list[_File] = []
+        for digest, e in wanted.items():
+            f = self._files.get(digest)
+            if f is not None:
+                waits.append(f)
+            elif self._usable(layer, self._patches[digest], e):
+                mine.append(self._start(self._patches[digest], e))
+        mine += self._neighbours(layer, mine)
+        try:
+            for group in self._plan(mine):
+                await self._fetch(layer, group, slot)
+        finally:  # cancelled: whoever waits on the rest fetches chunks instead
+            for f in mine:
+                if not f.done.is_set():
+                    f.done.set()
+                    self._files.pop(f.fp.digest, None)
         out: dict[str, bytes] = {}
-        for e in files.values():
-            out.update(await self._file(layer, e, slot))
+        for f in waits:
+            await f.done.wait()
+        for f in (*mine, *waits):
+            out.update(f.chunks)
         return out
 
-    async def _file(
-        self,
-        layer: Layer,
-        entry: Entry,
-        slot: Callable[[], AbstractAsyncContextManager[None]],
-    ) -> dict[str, bytes]:
-        f = self._files.get(entry.digest)
-        if f is not None:
-            await f.done.wait()
-            return f.chunks
-        f = self._files[entry.digest] = _File()
-        try:
-            f.chunks = await self._make(layer, entry, self._patches[entry.digest], slot)
-        except (LazyfsError, OSError) as e:
-            log.info("patch for %s (%s) not used: %s", entry.name, entry.digest, e)
-            self._failed.add(entry.digest)
-            layer.stats.patch_fallbacks += 1
-        finally:
-            f.done.set()
-            del self._files[entry.digest]  # made chunks are cached; a failure is remembered
-        return f.chunks
+    def _usable(self, layer: Layer, fp: FilePatch, entry: Entry) -> bool:
+        """Whether the patch can be tried: sizes agree and the base is wholly cached."""
+        if fp.size == entry.size and all(
+            not c.digest or c.digest in self.cache for c in fp.base_chunks
+        ):
+            return True
+        log.info("patch for %s not used: its base %s is not held", entry.name, fp.base_digest)
+        self._fallback(layer, fp.digest)
+        return False
 
-    async def _make(
+    def _start(self, fp: FilePatch, entry: Entry) -> _File:
+        f = self._files[fp.digest] = _File(fp, entry)
+        return f
+
+    def _fallback(self, layer: Layer, digest: str) -> None:
+        self._failed.add(digest)
+        layer.stats.patch_fallbacks += 1
+
+    def _neighbours(self, layer: Layer, mine: list[_File]) -> list[_File]:
+        """Read-ahead: the patches after each asked-for one, up to ``amplify`` bytes, of
+        files not cached yet whose base is held."""
+        out: list[_File] = []
+        for f in list(mine):
+            budget = self.amplify
+            i = self._position[f.fp.digest] + 1
+            while i < len(self._order) and budget > 0:
+                fp = self._order[i]
+                i += 1
+                e = self._file_entries.get(fp.digest)
+                if (
+                    e is None
+                    or fp.digest in self._files
+                    or fp.digest in self._failed
+                    or fp.length > budget
+                    or fp.size != e.size
+                    or all(c.zeros or c.digest in self.cache for c in e.chunks)
+                    or not all(not c.digest or c.digest in self.cache for c in fp.base_chunks)
+                ):
+                    continue
+                budget -= fp.length
+                out.append(self._start(fp, e))
+        return out
+
+    def _plan(self, files: list[_File]) -> list[list[_File]]:
+        """Patches merged into range requests: neighbours at most ``merge_gap`` apart."""
+        groups: list[list[_File]] = []
+        end = -1
+        for f in sorted(files, key=lambda f: f.fp.offset):
+            f_end = f.fp.offset + f.fp.length
+            if groups and f.fp.offset - end <= self.merge_gap:
+                groups[-1].append(f)
+                end = max(end, f_end)
+            else:
+                groups.append([f])
+                end = f_end
+        return groups
+
+    async def _fetch(
         self,
         layer: Layer,
-        entry: Entry,
-        fp: FilePatch,
+        group: list[_File],
         slot: Callable[[], AbstractAsyncContextManager[None]],
-    ) -> dict[str, bytes]:
-        if fp.size != entry.size:
-            raise FormatError(f"the index says {fp.size} bytes, the TOC {entry.size}")
-        if not all(not c.digest or c.digest in self.cache for c in fp.base_chunks):
-            raise FormatError(f"base {fp.base_digest} is not held")
-        async with slot():
-            patch = await self.source.read_range(
-                self.index.patches.digest, fp.offset, fp.offset + fp.length
-            )
-        layer.stats.patch_bytes += len(patch)
-        if len(patch) != fp.length:
-            raise IntegrityError(f"patch: got {len(patch)} of {fp.length} bytes")
-        return await trio.to_thread.run_sync(self._apply, entry, fp, patch)
+    ) -> None:
+        """One range request for the group's patches, then each applied; every file ends
+        done, made or fallen back."""
+        start = group[0].fp.offset
+        end = max(f.fp.offset + f.fp.length for f in group)
+        results: list[dict[str, bytes] | Exception] = []
+        try:
+            try:
+                async with slot():
+                    raw = await self.source.read_range(self.index.patches.digest, start, end)
+                layer.stats.patch_bytes += len(raw)
+                if len(raw) != end - start:
+                    raise IntegrityError(f"patches: got {len(raw)} of {end - start} bytes")
+            except (LazyfsError, OSError) as e:
+                results = [e] * len(group)
+            else:
+                results = await trio.to_thread.run_sync(self._apply_all, group, raw, start)
+        finally:
+            for i, f in enumerate(group):
+                result = results[i] if i < len(results) else None
+                if isinstance(result, dict):
+                    f.chunks = result
+                elif result is not None:  # None: cancelled, so neither made nor refused
+                    log.info("patch for %s not used: %s", f.entry.name, result)
+                    self._fallback(layer, f.fp.digest)
+                f.done.set()
+                self._files.pop(f.fp.digest, None)  # made chunks are cached; failures remembered
+
+    def _apply_all(
+        self, group: list[_File], raw: bytes, start: int
+    ) -> list[dict[str, bytes] | Exception]:
+        out: list[dict[str, bytes] | Exception] = []
+        for f in group:
+            lo = f.fp.offset - start
+            try:
+                out.append(self._apply(f.entry, f.fp, raw[lo : lo + f.fp.length]))
+            except (LazyfsError, OSError) as e:
+                out.append(e)
+        return out
 
     def _apply(self, entry: Entry, fp: FilePatch, patch: bytes) -> dict[str, bytes]:
         parts: list[bytes] = []

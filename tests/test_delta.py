@@ -512,3 +512,65 @@ def test_delta_errors_are_one_line(images: tuple[str, str], tmp_path: Path) -> N
     # OLD == NEW: nothing to patch.
     res = lazyfs("delta", old, old, "--push", "--plain-http", "--cache", str(tmp_path / "c"))
     assert res.returncode == 1 and "cheaper to send as a patch" in res.stderr
+
+
+class _CountingSource:
+    """Only ``read_range`` of one blob: enough for the provider, and counts requests."""
+
+    name = "counting"
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self.ranges: list[tuple[int, int]] = []
+
+    async def read_range(self, digest: str, start: int, end: int) -> bytes:
+        self.ranges.append((start, end))
+        return self.blob[start:end]
+
+
+def test_provider_fetches_neighbouring_patches_in_one_request(tmp_path: Path) -> None:
+    from contextlib import asynccontextmanager
+
+    from lazyfs.formats.toc import Chunk
+    from lazyfs.store.chunkmap import ChunkMap
+    from lazyfs.store.layerstate import Layer
+
+    cache = ChunkCache(tmp_path / "cache")
+    files, entries, blob = [], [], bytearray()
+    for i in range(3):
+        base = seeded_bytes(50_000, 20 + i)
+        new = edited(base, 30 + i)
+        bd = "sha256:" + hashlib.sha256(base).hexdigest()
+        nd = "sha256:" + hashlib.sha256(new).hexdigest()
+        cache.put(bd, base)
+        patch = make_patch(base, new, 3)
+        files.append(
+            FilePatch(
+                digest=nd, size=len(new), base_digest=bd, base_size=len(base),
+                base_chunks=[BaseChunk(bd, len(base))], offset=len(blob), length=len(patch),
+            )
+        )  # fmt: skip
+        blob += patch
+        chunk = Chunk(file_offset=0, size=len(new), offset=0, end=1, digest=nd)
+        entries.append(Entry(name=f"f{i}", type="reg", size=len(new), digest=nd, chunks=(chunk,)))
+    index = DeltaIndex(
+        manifest="sha256:" + "a" * 64,
+        base_manifest="sha256:" + "b" * 64,
+        patches=Blob("sha256:" + hashlib.sha256(blob).hexdigest(), len(blob)),
+        files=files,
+    )
+    source = _CountingSource(bytes(blob))
+    provider = DeltaProvider(index, source, cache)  # type: ignore[arg-type]  # read_range only
+    toc = TOC(compression="zstd", entries=entries, data_end=1)
+    digests = [e.digest for e in entries]
+    layer = Layer("sha256:" + "c" * 64, source, toc, ChunkMap(tmp_path / "m", "x", digests))  # type: ignore[arg-type]
+    provider.add_layer(layer)
+
+    @asynccontextmanager
+    async def slot():  # type: ignore[no-untyped-def]
+        yield
+
+    got = trio.run(provider.provide, layer, [entries[0].chunks[0]], slot)
+    assert set(got) == set(digests)  # the asked-for file and its two neighbours
+    assert source.ranges == [(0, len(blob))]
+    assert layer.stats.patch_bytes == len(blob)

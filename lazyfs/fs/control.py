@@ -19,6 +19,7 @@ import trio
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.prefetch import PrefetchStats
 from lazyfs.fs.runtime import control_path
+from lazyfs.store.chunkcache import CacheUsage
 
 
 class MountInfo(msgspec.Struct):
@@ -42,6 +43,11 @@ class StatsReport(msgspec.Struct):
     files: int
     layers: list[LayerReport]
     prefetch: PrefetchStats | None = None
+    # For metrics: the daemon's own PID and resident memory, and its view of the chunk cache
+    # (its start-up scan plus its own writes: daemons sharing a cache do not see each other's).
+    pid: int = 0
+    rss_bytes: int = 0
+    cache: CacheUsage | None = None
 
 
 async def control_server(

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import pytest
 from lazyfs_tools.convert import convert
 from prometheus_client.parser import text_string_to_metric_families
 
+from lazyfs.errors import LazyfsError
 from lazyfs.fs.control import LayerReport, StatsReport
 from lazyfs.fs.metrics import DaemonStats, daemon_families, exposition, latency_buckets
 from lazyfs.fs.prefetch import PrefetchStats
@@ -186,3 +190,28 @@ def test_stats_prometheus_without_a_daemon_is_one_line(tmp_path: Path) -> None:
     res = run(*lazyfs_cmd("stats", str(tmp_path), "--prometheus"))
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "no lazyfs daemon answers" in res.stderr
+
+
+def test_a_client_that_gives_up_or_talks_nonsense_never_ends_the_mount(
+    image: str, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(image, mnt, "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c")) as m:
+        os.kill(m.pid, signal.SIGSTOP)  # the request waits in the socket's backlog
+        try:
+            with pytest.raises(LazyfsError, match="timed out"):
+                m.stats(timeout=0.5)
+        finally:
+            os.kill(m.pid, signal.SIGCONT)  # then the reply meets a closed socket
+        for line in (b"[1, 2]\n", b'"stats"\n', b"\xff\n"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(str(m.control))
+                s.sendall(line)
+                reply = json.loads(s.makefile("rb").readline())
+            assert reply["ok"] is False and reply["error"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(m.control))
+            s.sendall(b'{"cmd": "stats"}\n')  # and hang up before the answer
+        assert m.stats()["pid"] == m.pid and m.alive()
+        assert (mnt / "a").read_bytes() == DATA

@@ -4,10 +4,13 @@ own counters over plain snapshots, then the series of a real mount daemon record
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lazyfs.testing.dockerregistry import free_port
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import mounted
+from lazyfs.testing.mounts import Mount, mounted
 from tests.test_metrics import Samples, samples, value
 
 DATA = seeded_bytes(200_000, 33)
@@ -48,6 +51,16 @@ def scrape(port: int) -> tuple[str, Samples]:
         assert r.status == 200
         text = r.read().decode()
     return text, samples(text)
+
+
+def record(sp: SnapshotterProcess, m: Mount, image: str, chain: str = CHAIN) -> None:
+    """Put a daemon in the snapshotter's daemons table, as its lazy layers do."""
+    store = MetadataStore(sp.root / "metadata.db")
+    try:
+        with store.transaction() as tx:
+            tx.add_daemon(m.pid, str(m.mountpoint), str(m.control), image, chain)
+    finally:
+        store.close()
 
 
 def test_endpoint_from_config_counts_calls_snapshots_and_daemons(
@@ -84,10 +97,10 @@ def test_endpoint_from_config_counts_calls_snapshots_and_daemons(
         with mounted(image, mnt, "--read-only", "--no-prefetch",
                      "--cache", str(base_dir / "cache")) as m:  # fmt: skip
             assert (mnt / "f").read_bytes() == DATA
+            record(sp, m, image)
             store = MetadataStore(sp.root / "metadata.db")
             try:
                 with store.transaction() as tx:
-                    tx.add_daemon(m.pid, str(mnt), str(m.control), image, CHAIN)
                     # Recorded, then gone: its mount point has no daemon any more.
                     tx.add_daemon(m.pid + 100_000, str(base_dir / "gone"),
                                   str(base_dir / "gone.sock"), image, "sha256:" + "d" * 64)
@@ -118,6 +131,28 @@ def test_endpoint_from_config_counts_calls_snapshots_and_daemons(
         assert value(ss, "lazyfs_snapshotter_daemons_unreachable") == 2
         assert not [n for n, _ in ss if n.startswith("lazyfs_layer_")]
         assert sp.proc is not None and sp.proc.poll() is None
+
+
+def test_a_hung_daemon_costs_the_scrape_seconds_not_the_scrape(
+    base_dir: Path, image: str
+) -> None:
+    port = free_port()
+    flag = ("--metrics-address", f"127.0.0.1:{port}")
+    with SnapshotterProcess(base_dir / "sn", args=flag) as sp, \
+            mounted(image, base_dir / "mnt", "--read-only", "--no-prefetch",
+                    "--cache", str(base_dir / "cache")) as m:  # fmt: skip
+        record(sp, m, image)
+        os.kill(m.pid, signal.SIGSTOP)  # its control socket accepts, nothing answers
+        try:
+            t0 = time.monotonic()
+            _, ss = scrape(port)
+            assert time.monotonic() - t0 < 8
+        finally:
+            os.kill(m.pid, signal.SIGCONT)
+        assert value(ss, "lazyfs_snapshotter_daemons_unreachable") == 1
+        _, ss = scrape(port)  # running again: its series are back
+        assert value(ss, "lazyfs_snapshotter_daemons_unreachable") == 0
+        assert value(ss, "lazyfs_daemon_files", daemon=str(m.pid), chain=CHAIN) > 0
 
 
 def test_metrics_address_flag_and_its_errors(base_dir: Path) -> None:

@@ -30,8 +30,10 @@ from .metadata import DaemonRow, Kind, MetadataStore
 log = logging.getLogger(__name__)
 
 DAEMON_LABELS = ("daemon", "chain")
-# Daemons asked at once: one that hangs costs its control timeout, not the whole scrape's.
-_ASK_WORKERS = 8
+# Daemons asked at once, and how long each request may take: a hung daemon (two requests)
+# costs one worker a few seconds, well inside Prometheus' default 10 s scrape timeout.
+_ASK_WORKERS = 16
+ASK_TIMEOUT = 2.0
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")
@@ -120,7 +122,8 @@ class DaemonsCollector(Collector):
         labels = {"daemon": str(row.pid), "chain": row.chain_id}
         try:
             # expect_pid: the recorded daemon, not whatever now answers on its mount point.
-            report = attach(row.mountpoint, expect_pid=row.pid).stats()
+            daemon = attach(row.mountpoint, expect_pid=row.pid, timeout=ASK_TIMEOUT)
+            report = daemon.stats(timeout=ASK_TIMEOUT)
         except Exception as e:  # a daemon's trouble is a skipped series, never a failed scrape
             log.info("metrics: daemon %s on %s skipped: %s", row.pid, row.mountpoint, e)
             return None

@@ -45,7 +45,7 @@ def value(ss: Samples, name: str, **labels: str) -> float:
 
 
 def layer_stats(blob: str, reads: list[tuple[int, bool]], **counters: int) -> LayerStats:
-    s = LayerStats(blob=blob, **counters)
+    s = msgspec.structs.replace(LayerStats(blob=blob), **counters)
     for ns, waited in reads:
         s.record_read(ns, waited=waited)
     return s

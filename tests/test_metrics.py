@@ -83,8 +83,8 @@ def test_families_from_stats_values() -> None:
     cache = CacheUsage(dir="/c", chunks=3, bytes=300, max_bytes=1000, pinned=0, layer_maps=1)
     prefetch = PrefetchStats(group="web", entries=9, skipped=1, prefetch_total=400,
                              prefetch_bytes=100, error="boom")  # fmt: skip
-    r1 = report(11, "/m1", [a, b, a], rss_bytes=4096, cache=cache, prefetch=prefetch)
-    r1["handler_errors"] = 2  # what the hardened daemon adds to its stats
+    r1 = report(11, "/m1", [a, b, a], rss_bytes=4096, cache=cache, prefetch=prefetch,
+                handler_errors=2)  # fmt: skip
     smaller = msgspec.structs.replace(cache, bytes=10)
     r2 = report(12, "/m2", [b], cache=smaller)
     names = ["daemon", "chain"]
@@ -163,6 +163,7 @@ def test_stats_prometheus_equals_the_json_stats(image: str, tmp_path: Path) -> N
         daemon = {"daemon": str(m.pid), "mountpoint": str(mnt)}
         assert value(ss, "lazyfs_daemon_info", image=image, **daemon) == 1
         assert value(ss, "lazyfs_daemon_files", **daemon) == js["files"]
+        assert value(ss, "lazyfs_daemon_handler_errors_total", **daemon) == js["handler_errors"]
         assert 0 < value(ss, "lazyfs_daemon_resident_bytes", **daemon) < 1 << 32
         assert len(js["layers"]) == 2
         for layer in js["layers"]:

@@ -46,6 +46,7 @@ class StatsReport(msgspec.Struct):
     files: int
     layers: list[LayerReport]
     prefetch: PrefetchStats | None = None
+    handler_errors: int = 0  # FUSE requests that failed unexpectedly (logged; answered EIO)
     # For metrics: the daemon's own PID and resident memory, and its view of the chunk cache
     # (its start-up scan plus its own writes: daemons sharing a cache do not see each other's).
     pid: int = 0

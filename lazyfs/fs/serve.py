@@ -32,6 +32,7 @@ from lazyfs.fs.unmount import is_mounted, is_stale, unmount
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
+from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import encode
@@ -50,6 +51,10 @@ class MountOptions(msgspec.Struct, kw_only=True):
     platform: str = "linux/amd64"
     allow_other: bool = False
     read_only: bool = False
+    # Set-id bits and device nodes of the image take effect only when asked (root only).
+    suid: bool = False
+    dev: bool = False
+    copy_up_max: int | None = None  # bytes one copy-up may write; None: free space decides
     background_fetch: bool = False
     trace: str | None = None  # record accesses; write the trace here when the mount ends
     group: str | None = None  # workload label of the trace; the group --prefetch fetches
@@ -57,6 +62,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
+    read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
 
 
 # ---------------------------------------------------------------------------- serving
@@ -84,7 +90,9 @@ class _Mount:
         self.recorder = recorder
         self.prefetcher = prefetcher
         layers = image.store_layers()
-        self.ops = Operations(self.tree, image.store, layers, upper, listener=recorder)
+        self.ops = Operations(
+            self.tree, image.store, layers, upper, listener=recorder, copy_up_max=opts.copy_up_max
+        )
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
@@ -123,6 +131,7 @@ class _Mount:
                     for ol in image.layers
                 ],
                 prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
+                handler_errors=self.ops.handler_errors,
                 pid=os.getpid(),
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
@@ -150,9 +159,10 @@ def _fuse_options(opts: MountOptions) -> set[str]:
         options.add("allow_other")
     if opts.read_only:
         options.add("ro")
-    if os.geteuid() == 0:
-        options.add("dev")  # device nodes in a container rootfs must work
-        options.add("suid")
+    # An image's set-id binaries and device nodes would serve any host user who can
+    # reach the mount: off unless asked for (a container runtime asks).
+    options.add("suid" if opts.suid else "nosuid")
+    options.add("dev" if opts.dev else "nodev")
     return options
 
 
@@ -180,6 +190,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         plain_http=opts.plain_http,
         insecure=opts.insecure,
         platform=opts.platform,
+        retry=RetryPolicy.within(opts.read_timeout),
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         recorder: Recorder | None = None

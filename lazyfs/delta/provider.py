@@ -334,4 +334,6 @@ async def _find_provider(img: OpenedImage) -> DeltaProvider | None:
             return provider
     except LazyfsError as e:
         log.info("no usable deltas in the registry: %s", e)
+    except Exception as e:  # deltas only save bytes: nothing here may take a mount down
+        log.warning("looking for deltas failed: %s", e)
     return None

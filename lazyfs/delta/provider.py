@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: How long opening an image waits for the registry to say whether it has deltas.
 FIND_DELTAS_TIMEOUT = 10.0
+#: How long a reader that misses the cache waits for that answer before fetching chunks.
+READER_WAIT = 2.0
 #: Read-ahead of patches after an asked-for one, and the gap merged between two (bytes).
 PATCH_AMPLIFY = 512 * 1024
 PATCH_MERGE_GAP = 64 * 1024
@@ -269,9 +271,9 @@ async def find_deltas(source: Source, manifest: str, cache: ChunkCache) -> Delta
 
 class PendingDeltas:
     """The store's provider while the registry is asked whether the image has deltas: a
-    reader that misses the cache waits for the answer (bounded), then uses the patches or
-    the network.  Mounts install it before they are ready and look after, so readiness and
-    cache hits never wait for the lookup."""
+    reader that misses the cache waits for the answer (at most ``READER_WAIT``), then uses
+    the patches or the network.  Mounts install it before they are ready and look after, so
+    readiness and cache hits never wait for the lookup."""
 
     def __init__(self, img: OpenedImage) -> None:
         self.img = img
@@ -293,8 +295,9 @@ class PendingDeltas:
         chunks: Sequence[Chunk],
         slot: Callable[[], AbstractAsyncContextManager[None]],
     ) -> dict[str, bytes]:
-        await self.done.wait()
-        if self.provider is None:
+        with trio.move_on_after(READER_WAIT):
+            await self.done.wait()
+        if self.provider is None:  # none, or the registry is slow to say: chunks
             return {}
         return await self.provider.provide(layer, chunks, slot)
 

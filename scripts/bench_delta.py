@@ -466,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app-new", default="HEAD")
     ap.add_argument("--no-markdown", action="store_true")
     args = ap.parse_args(argv)
+    if shutil.which("rdiff") is None:
+        raise SystemExit(
+            "bench_delta needs rdiff (librsync) to compare against: apt-get install rdiff"
+        )
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lazyfs-bench-delta-"))
     work.mkdir(parents=True, exist_ok=True)
     old_debs, new_debs, upgraded = pick_debs(args.debs, args.budget_mib * MiB)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import resource
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,38 @@ def test_corrupt_big_chunk_is_eio_and_nothing_is_cached(
         tmp_path
     )
     assert not [p for p in _cache_files(tmp_path) if p.name.startswith(".tmp-")]
+
+
+def test_big_chunk_over_the_cache_bound_is_eio_with_the_reason(
+    images: dict[str, str], tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    with mounted(images["zstd"], mnt, *_args(tmp_path), "--cache-size", "32M") as m:
+        with pytest.raises(OSError) as e, open(mnt / "big.bin", "rb") as f:
+            f.read(4096)
+        assert e.value.errno == errno.EIO
+        assert (mnt / "small.bin").read_bytes() == SMALL
+        assert m.alive(), m.log_text()
+        assert "larger than the cache" in m.log_text()
+    assert not [p for p in _cache_files(tmp_path) if p.stat().st_size > 1_000_000]
+
+
+def test_big_chunk_over_the_free_disk_is_eio_with_the_reason(
+    images: dict[str, str], tmp_path: Path
+) -> None:
+    small_fs = tmp_path / "smallfs"  # a 40 MiB file system for the cache: the chunk is 64 MiB
+    small_fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(small_fs)], check=True)
+    try:
+        mnt = tmp_path / "mnt"
+        args = ("--plain-http", "--read-only", "--no-prefetch", "--cache", str(small_fs / "c"))
+        with mounted(images["zstd"], mnt, *args) as m:
+            with pytest.raises(OSError) as e, open(mnt / "big.bin", "rb") as f:
+                f.read(4096)
+            assert e.value.errno == errno.EIO
+            assert (mnt / "small.bin").read_bytes() == SMALL
+            assert m.alive(), m.log_text()
+            assert "does not fit" in m.log_text()
+        assert not [p for p in (small_fs / "c" / "chunks").rglob(".tmp-*")]
+    finally:
+        subprocess.run(["umount", str(small_fs)], check=True)

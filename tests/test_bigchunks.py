@@ -190,3 +190,25 @@ def test_cached_big_chunk_is_verified_in_pieces_after_a_restart(tmp_path: Path) 
     third = ChunkCache(tmp_path / "cache")
     assert third.read(e.chunks[0].digest, len(data), 0, 10) is None
     assert not path.exists()
+
+
+def test_a_reader_cancelled_mid_decode_leaves_no_temp_file_and_the_next_read_works(
+    tmp_path: Path,
+) -> None:
+    data = rand(400_000, 11)
+    store, layer, src, toc, _ = make(tmp_path, {"big": data}, chunk_size=400_000)
+    e = toc.by_name()["big"]
+    c = e.chunks[0]
+
+    async def main() -> None:
+        src.gates[c.offset + 3 * WINDOW] = trio.Event()  # the fourth window never comes
+        with trio.move_on_after(1) as scope:
+            await store.read(layer, e, 0, 4096)
+        assert scope.cancelled_caught
+        assert [p for p in chunk_files(tmp_path / "cache") if p.name.startswith(".tmp-")] == []
+        src.gates.clear()
+        assert await store.read(layer, e, 300_000, 4096) == data[300_000:304_096]
+        assert layer.stats.cache_misses == 2 and layer.stats.cache_hits == 0
+        await store.aclose()
+
+    trio.run(main)

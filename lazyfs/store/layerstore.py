@@ -302,7 +302,8 @@ class LayerStore:
                             self._forget(digest)  # the map was wrong, or the file was bad
                         else:
                             parts[i] = data
-                            layer.stats.cache_hits += 1
+                            # A big chunk's waiter reads it here too: a miss, not a hit.
+                            layer.stats.cache_hits += i not in missed
                             self._mark_ready(digest)
                     pending = [i for i in pending if parts[i] is None]
                 if not pending:

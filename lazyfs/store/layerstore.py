@@ -8,7 +8,8 @@ plus any chunk lying wholly inside a request's range (those bytes come anyway).
 
 Requests take a slot from :class:`PrioritySlots`; decoding and hashing run in worker threads;
 verified chunks are handed to waiters first and written to the cache after, so only the task
-that started a fetch pays for the write.
+that started a fetch pays for the write.  A chunk too big for memory is the exception: it goes
+alone, decoded straight into the cache (``store.bigchunk``), and its waiters read it there.
 """
 
 from __future__ import annotations

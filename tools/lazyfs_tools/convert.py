@@ -45,6 +45,8 @@ _STALE = {
     oci.ANN_ZSTD_POSITION,
     oci.ANN_ZSTD_CHECKSUM_OLD,
     oci.ANN_ZSTD_POSITION_OLD,
+    oci.ANN_ZSTD_TARSPLIT_POSITION,
+    "io.github.containers.zstd-chunked.tarsplit-checksum",  # older containers/storage
 }
 
 

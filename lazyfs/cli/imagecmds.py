@@ -19,8 +19,17 @@ from .common import add_registry_args, parse_size
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("convert", help="rewrite an image's layers into a lazy format")
     p.add_argument("src", metavar="SRC", help="source image: oci:DIR[:TAG]")
-    p.add_argument("dst", metavar="DST", help="destination image: oci:DIR[:TAG] (must not exist)")
-    p.add_argument("--format", choices=("zstd:chunked", "estargz"), default="zstd:chunked")
+    p.add_argument(
+        "dst",
+        metavar="DST",
+        help="destination image: oci:DIR[:TAG] (a new layout, or a tag added to an existing one)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("zstd:chunked", "estargz"),
+        default="zstd:chunked",
+        help="lazy layer format (default zstd:chunked: podman partial-pulls it)",
+    )
     p.add_argument(
         "--chunk-size",
         type=parse_size,

@@ -447,13 +447,16 @@ def convert(
     dst_dir, dst_tag = parse_oci_ref(dst_ref)
     if chunk_size < 4096:
         raise FormatError(f"chunk size {chunk_size} is below the 4096-byte minimum")
-    if dst_dir.exists() and any(dst_dir.iterdir()):
-        raise FormatError(f"{dst_dir}: destination exists and is not empty")
     src = Layout(src_dir)
     top = src.find(src_tag)
+    existing = _existing_layout(dst_dir)
+    # A new layout is built beside its place and renamed in, so a failure leaves nothing; an
+    # existing one gets the blobs (content-addressed, each written atomically) and then the
+    # tag, as skopeo and umoci add a tag: a failure leaves unreferenced blobs at worst.
     staging = dst_dir.parent / f".{dst_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    dst = Layout(staging)
+    dst = Layout(dst_dir if existing else staging)
+    if not existing:
+        shutil.rmtree(staging, ignore_errors=True)
     try:
         dst.init()
         conv = Converter(src, dst, fmt, chunk_size, plan)
@@ -465,25 +468,37 @@ def convert(
             )
         tag = dst_tag or src_tag or (top.annotations or {}).get(oci.ANN_REF_NAME) or "latest"
         ann = {**(new.annotations or {}), oci.ANN_REF_NAME: tag}
+        tagged = oci.Descriptor(
+            mediaType=new.mediaType, digest=new.digest, size=new.size, annotations=ann
+        )
+        others = [
+            d
+            for d in (dst.index().manifests if existing else [])
+            if (d.annotations or {}).get(oci.ANN_REF_NAME) != tag
+        ]
         dst.write_index(
-            oci.Index(
-                schemaVersion=2,
-                mediaType=oci.MT_OCI_INDEX,
-                manifests=[
-                    oci.Descriptor(
-                        mediaType=new.mediaType, digest=new.digest, size=new.size, annotations=ann
-                    )
-                ],
-            )
+            oci.Index(schemaVersion=2, mediaType=oci.MT_OCI_INDEX, manifests=[*others, tagged])
         )
         conv.report.digest = new.digest
-        if dst_dir.exists():
-            dst_dir.rmdir()  # empty, checked above
-        os.replace(staging, dst_dir)
+        if not existing:
+            if dst_dir.exists():
+                dst_dir.rmdir()  # empty, checked by _existing_layout
+            os.replace(staging, dst_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not existing:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return conv.report
+
+
+def _existing_layout(path: Path) -> bool:
+    """True for an OCI layout (a tag is added to it), False for a missing or empty directory
+    (a new layout is made); anything else is refused rather than mixed into."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return False
+    if (path / "oci-layout").is_file() and (path / "index.json").is_file():
+        return True
+    raise FormatError(f"{path}: exists and is not an OCI layout")
 
 
 def _load_prefetch(path: Path, group: str | None) -> Prefetch:

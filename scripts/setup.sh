@@ -14,6 +14,7 @@ APT_PACKAGES=(
   fuse-overlayfs                         # benchmark baseline
   podman                                 # partial pulls of our zstd:chunked (issue 12)
   zstd curl apache2-utils attr iproute2 python3-venv
+  autoconf automake gcc make             # build pjdfstest (from ../shared/third_party) in tests
 )
 
 missing=()

@@ -31,6 +31,7 @@ from lazyfs.fs.tree import Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import OpenedImage, open_image
+from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import encode
@@ -49,6 +50,10 @@ class MountOptions(msgspec.Struct, kw_only=True):
     platform: str = "linux/amd64"
     allow_other: bool = False
     read_only: bool = False
+    # Set-id bits and device nodes of the image take effect only when asked (root only).
+    suid: bool = False
+    dev: bool = False
+    copy_up_max: int | None = None  # bytes one copy-up may write; None: free space decides
     background_fetch: bool = False
     trace: str | None = None  # record accesses; write the trace here when the mount ends
     group: str | None = None  # workload label of the trace; the group --prefetch fetches
@@ -84,7 +89,9 @@ class _Mount:
         self.recorder = recorder
         self.prefetcher = prefetcher
         layers = image.store_layers()
-        self.ops = Operations(self.tree, image.store, layers, upper, listener=recorder)
+        self.ops = Operations(
+            self.tree, image.store, layers, upper, listener=recorder, copy_up_max=opts.copy_up_max
+        )
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
@@ -123,6 +130,7 @@ class _Mount:
                     for ol in image.layers
                 ],
                 prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
+                handler_errors=self.ops.handler_errors,
             )
         if request.get("cmd") == "trace":
             if self.recorder is None:
@@ -147,9 +155,10 @@ def _fuse_options(opts: MountOptions) -> set[str]:
         options.add("allow_other")
     if opts.read_only:
         options.add("ro")
-    if os.geteuid() == 0:
-        options.add("dev")  # device nodes in a container rootfs must work
-        options.add("suid")
+    # An image's set-id binaries and device nodes would serve any host user who can
+    # reach the mount: off unless asked for (a container runtime asks).
+    options.add("suid" if opts.suid else "nosuid")
+    options.add("dev" if opts.dev else "nodev")
     return options
 
 

@@ -18,11 +18,14 @@ from .common import add_registry_args, parse_size
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("convert", help="rewrite an image's layers into a lazy format")
-    p.add_argument("src", metavar="SRC", help="source image: oci:DIR[:TAG]")
+    p.add_argument(
+        "src", metavar="SRC", help="source image: oci:DIR[:TAG] or [docker://]REGISTRY/REPO:TAG"
+    )
     p.add_argument(
         "dst",
         metavar="DST",
-        help="destination image: oci:DIR[:TAG] (a new layout, or a tag added to an existing one)",
+        help="destination: oci:DIR[:TAG] (a new layout, or a tag added to an existing one) or "
+        "[docker://]REGISTRY/REPO:TAG (pushed: exactly the blobs written)",
     )
     p.add_argument(
         "--format",
@@ -44,6 +47,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--group", metavar="NAME", help="which group of --prefetch (default: first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_registry_args(p, platform=False)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]", help="convert only this image of an index"
+    )
+    which.add_argument(
+        "--all-platforms",
+        action="store_true",
+        help="convert every image of an index (the default; skopeo's --all)",
+    )
     p.set_defaults(handler=convert_cmd)
     register_inspect(sub)
 
@@ -62,6 +75,9 @@ def convert_cmd(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         prefetch=args.prefetch,
         group=args.group,
+        plain_http=args.plain_http,
+        insecure=args.insecure,
+        platform=args.platform,
     )
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")

@@ -29,8 +29,9 @@ from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, LayerResult
 from lazyfs.formats.tarstream import BLOCK, TarReader
 from lazyfs.ocilayout import HashingReader, Layout
-from lazyfs.remote.reference import parse_oci_ref
+from lazyfs.remote.reference import parse_oci_ref, parse_reference
 from lazyfs.trace.schema import PrefetchGroups, decode_groups
+from lazyfs_tools.transfer import fetch, is_registry_ref, push, registry_name, select_platform
 
 LazyFormat = Literal["zstd:chunked", "estargz"]
 WRITERS: dict[str, Callable[..., LayerResult]] = {
@@ -439,16 +440,57 @@ def convert(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     prefetch: str | os.PathLike[str] | None = None,
     group: str | None = None,
+    plain_http: bool = False,
+    insecure: bool = False,
+    platform: str | None = None,
 ) -> ConvertReport:
-    """Convert ``src_ref`` into ``dst_ref``.  ``prefetch``: a prefetch-groups file; each layer's
-    entries of ``group`` (default: the first) go first, in rank order, then a landmark."""
+    """Convert ``src_ref`` into ``dst_ref``: each ``oci:DIR[:TAG]`` or a registry reference
+    (``docker://`` prefix optional, as skopeo users type it).  ``prefetch``: a prefetch-groups
+    file; each layer's entries of ``group`` (default: the first) go first, in rank order, then a
+    landmark.  ``platform``: convert only that image of a multi-platform index (default: all)."""
+    if chunk_size < 4096:
+        raise FormatError(f"chunk size {chunk_size} is below the 4096-byte minimum")
+    src_remote, dst_remote = is_registry_ref(src_ref), is_registry_ref(dst_ref)
+    if not (src_remote or dst_remote):
+        return _convert_layouts(src_ref, dst_ref, fmt, chunk_size, prefetch, group, platform)
+    with tempfile.TemporaryDirectory(prefix="lazyfs-convert-") as tmp:
+        src_local, dst_local = src_ref, dst_ref
+        if src_remote:
+            net = {"plain_http": plain_http, "insecure": insecure}
+            fetch(src_ref, Layout(Path(tmp, "src")), platform=platform, **net)
+            src_local, platform = f"oci:{Path(tmp, 'src')}", None
+            tag = parse_reference(registry_name(src_ref)).tag
+            if not dst_remote and tag and parse_oci_ref(dst_ref)[1] is None:
+                dst_local = f"{dst_ref}:{tag}"  # the tag the image had, as skopeo keeps it
+        if dst_remote:
+            dst_local = f"oci:{Path(tmp, 'dst')}"
+        report = _convert_layouts(src_local, dst_local, fmt, chunk_size, prefetch, group, platform)
+        if dst_remote:
+            out = Layout(Path(tmp, "dst"))
+            top = out.find(None)
+            report.digest = push(out, top, dst_ref, plain_http=plain_http, insecure=insecure)
+        return report
+
+
+def _convert_layouts(
+    src_ref: str,
+    dst_ref: str,
+    fmt: LazyFormat,
+    chunk_size: int,
+    prefetch: str | os.PathLike[str] | None,
+    group: str | None,
+    platform: str | None,
+) -> ConvertReport:
     plan = _load_prefetch(Path(prefetch), group) if prefetch is not None else None
     src_dir, src_tag = parse_oci_ref(src_ref)
     dst_dir, dst_tag = parse_oci_ref(dst_ref)
-    if chunk_size < 4096:
-        raise FormatError(f"chunk size {chunk_size} is below the 4096-byte minimum")
     src = Layout(src_dir)
     top = src.find(src_tag)
+    if platform is not None and top.mediaType in oci.INDEX_TYPES:
+        index = oci.decode_index(src.read_blob(top.digest))
+        top = msgspec.structs.replace(
+            select_platform(index, platform, src_ref), annotations=top.annotations
+        )
     existing = _existing_layout(dst_dir)
     # A new layout is built beside its place and renamed in, so a failure leaves nothing; an
     # existing one gets the blobs (content-addressed, each written atomically) and then the

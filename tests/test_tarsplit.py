@@ -116,3 +116,46 @@ def test_a_layer_without_tar_split_still_reads() -> None:
     }
     loc = locate_toc(cut[-TAIL_SIZE:], len(cut), ann)
     assert [e.name for e in decode_layer_toc(loc, cut[loc.start : loc.end]).entries] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [Item(".", "dir"), Item("./etc", "dir"), Item("./etc/a", data=b"a" * 100)],  # tar -C d .
+        [Item("etc", "dir"), Item("etc/h", "hardlink", link="./etc/a")],
+    ],
+)
+def test_no_tar_split_when_headers_say_more_than_the_toc(items: list[Item]) -> None:
+    """Newer containers/storage refuses a layer whose tar-split and TOC disagree (names spelt
+    differently, say), but pulls one without a tar-split whole: so none is written."""
+    tar = make_tar(items)
+    blob, res = write(tar)
+    footer = zstdchunked.parse_footer(blob[-TAIL_SIZE:])
+    assert footer is not None and footer.tarsplit_offset == footer.tarsplit_length == 0
+    assert oci.ANN_ZSTD_TARSPLIT_POSITION not in res.annotations
+    assert oci.ANN_ZSTD_POSITION_OLD in res.annotations
+    assert footer.offset + footer.length + 8 + zstdchunked.FOOTER_SIZE == len(blob)
+    toc_comp = blob[footer.offset : footer.offset + footer.length]
+    assert "tarSplitDigest" not in msgspec.json.decode(
+        zstandard.ZstdDecompressor().decompress(toc_comp)
+    )
+    assert res.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    loc = locate_toc(blob[-TAIL_SIZE:], len(blob), res.annotations)
+    assert decode_layer_toc(loc, blob[loc.start : loc.end]).entries
+
+
+def test_mode_type_bits_and_atime_mean_no_tar_split() -> None:
+    tar = bytearray(make_tar([Item("a", data=b"x")], fmt=tarfile.USTAR_FORMAT))
+    tar[100:108] = b"0100644\0"  # S_IFREG in the mode field, as some writers put it
+    tar[148:156] = b"        "
+    tar[148:155] = b"%06o\0" % sum(tar[:512])
+    _, res = write(bytes(tar))
+    assert oci.ANN_ZSTD_TARSPLIT_POSITION not in res.annotations
+
+    info = tarfile.TarInfo("b")
+    info.pax_headers = {"atime": "1700000000.5"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(info, io.BytesIO(b""))
+    _, res = write(buf.getvalue())
+    assert oci.ANN_ZSTD_TARSPLIT_POSITION not in res.annotations

@@ -134,6 +134,12 @@ def frame_tar(
         meta += padding
         if split is not None:
             split.end_member(_split_name(entry), member.size, padding)
+            if (
+                member.extra
+                or member.raw_name != _split_name(entry)
+                or (entry.type in ("hardlink", "symlink") and member.raw_link != entry.link_name)
+            ):
+                split.consistent = False
         entries.append(entry)
     if keep_trailer:
         meta += reader.trailer

@@ -56,6 +56,10 @@ class TarSplitWriter:
         self._pos = 0
         self._pending = b""  # padding of the previous member: it leads the next segment
         self._crc = _crc64.new()
+        #: False once a header says more than the TOC will (a name spelt ``./etc``, a mode
+        #: with type bits, atime/ctime): newer containers/storage compares the two and refuses
+        #: the layer when they differ, where without a tar-split it simply pulls it whole.
+        self.consistent = True
 
     def _line(self, fields: str) -> None:
         line = ("{" + fields + f',"position":{self._pos}}}\n').encode()

@@ -118,42 +118,44 @@ def write_layer(
     split = TarSplitWriter(LEVEL)
     reader = TarReader(src, where=where)
     entries = frame_tar(reader, out, chunk_size, keep_trailer=True, split=split)
-    tar_split = split.finish(reader.trailer)
+    tar_split = split.finish(reader.trailer) if split.consistent else None
 
-    toc_json = encode_toc(entries, flavour="zstd:chunked", tar_split_digest=tar_split.digest)
+    toc_json = encode_toc(
+        entries, flavour="zstd:chunked", tar_split_digest=tar_split.digest if tar_split else ""
+    )
     toc_comp = small.compress(toc_json)
     out.raw(struct.pack("<II", SKIPPABLE_MAGIC, len(toc_comp)))
     toc_offset = out.pos
     out.raw(toc_comp)
-    out.raw(struct.pack("<II", SKIPPABLE_MAGIC, len(tar_split.data)))
-    split_offset = out.pos
-    out.raw(tar_split.data)
-    footer = Footer(
-        toc_offset,
-        len(toc_comp),
-        len(toc_json),
-        MANIFEST_TYPE_TOC,
-        split_offset,
-        len(tar_split.data),
-        tar_split.uncompressed_size,
-    )
-    out.raw(skippable_frame(encode_footer(footer)))
     toc_digest = oci.sha256_digest(toc_comp)
     position = f"{toc_offset}:{len(toc_comp)}:{len(toc_json)}:{MANIFEST_TYPE_TOC}"
+    annotations = {
+        oci.ANN_ZSTD_CHECKSUM: toc_digest,
+        oci.ANN_ZSTD_POSITION: position,
+        oci.ANN_ZSTD_CHECKSUM_OLD: toc_digest,
+        oci.ANN_ZSTD_POSITION_OLD: position,
+    }
+    footer = Footer(toc_offset, len(toc_comp), len(toc_json), MANIFEST_TYPE_TOC)
+    if tar_split is not None:
+        out.raw(struct.pack("<II", SKIPPABLE_MAGIC, len(tar_split.data)))
+        split_offset = out.pos
+        out.raw(tar_split.data)
+        footer = msgspec.structs.replace(
+            footer,
+            tarsplit_offset=split_offset,
+            tarsplit_length=len(tar_split.data),
+            tarsplit_length_uncompressed=tar_split.uncompressed_size,
+        )
+        annotations[oci.ANN_ZSTD_TARSPLIT_POSITION] = (
+            f"{split_offset}:{len(tar_split.data)}:{tar_split.uncompressed_size}"
+        )
+    out.raw(skippable_frame(encode_footer(footer)))
     return LayerResult(
         digest=out.digest,
         size=out.pos,
         diff_id=out.diff_id,
         media_type=oci.MT_LAYER_ZSTD,
-        annotations={
-            oci.ANN_ZSTD_CHECKSUM: toc_digest,
-            oci.ANN_ZSTD_POSITION: position,
-            oci.ANN_ZSTD_CHECKSUM_OLD: toc_digest,
-            oci.ANN_ZSTD_POSITION_OLD: position,
-            oci.ANN_ZSTD_TARSPLIT_POSITION: (
-                f"{split_offset}:{len(tar_split.data)}:{tar_split.uncompressed_size}"
-            ),
-        },
+        annotations=annotations,
         toc_digest=toc_digest,
         entries=len(entries),
     )

@@ -52,6 +52,8 @@ class Podman:
             'cgroup_manager = "cgroupfs"\n'
             'events_logger = "file"\n'
             'runtime = "runc"\n'
+            "[network]\n"
+            f'network_config_dir = "{base}/networks"\n'
             "[containers]\n"
             # podman raises NOFILE and NPROC by default, which this sandbox refuses.
             'default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'

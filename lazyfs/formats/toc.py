@@ -451,8 +451,14 @@ def validate(toc: TOC) -> None:
 # Encoding back to the wire.
 
 
-def encode_toc(entries: Iterable[Entry], *, flavour: Literal["estargz", "zstd:chunked"]) -> bytes:
-    """Encode entries as the given format's TOC JSON (deterministic key order)."""
+def encode_toc(
+    entries: Iterable[Entry],
+    *,
+    flavour: Literal["estargz", "zstd:chunked"],
+    tar_split_digest: str = "",
+) -> bytes:
+    """Encode entries as the given format's TOC JSON (deterministic key order);
+    ``tar_split_digest``: zstd:chunked's ``tarSplitDigest`` (the compressed tar-split's)."""
     out: list[dict[str, object]] = []
     zstd = flavour == "zstd:chunked"
     for e in entries:
@@ -502,4 +508,7 @@ def encode_toc(entries: Iterable[Entry], *, flavour: Literal["estargz", "zstd:ch
                 out.append(d)
         if not e.chunks:
             out.append(d)
-    return msgspec.json.encode({"version": 1, "entries": out})
+    doc: dict[str, object] = {"version": 1, "entries": out}
+    if tar_split_digest:
+        doc["tarSplitDigest"] = tar_split_digest
+    return msgspec.json.encode(doc)

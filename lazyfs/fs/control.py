@@ -12,13 +12,28 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import trio
 
 from lazyfs.errors import LazyfsError
-from lazyfs.fs.prefetch import PrefetchStats
 from lazyfs.fs.runtime import control_path
+
+if TYPE_CHECKING:
+    import trio
+
+
+class PrefetchStats(msgspec.Struct, kw_only=True):
+    """A prefetch's progress for ``lazyfs stats --json`` (the ``prefetch`` field)."""
+
+    group: str
+    entries: int = 0  # matched entries to prefetch
+    skipped: int = 0  # entries whose layer or path this image does not have
+    prefetch_total: int = 0  # content bytes of the chunks to prefetch (unique)
+    prefetch_bytes: int = 0  # of those, bytes handled so far (fetched, or already cached)
+    prefetch_done: bool = False
+    elapsed_ns: int = 0  # from start to done
+    error: str = ""  # the first fetch error, if any (prefetch is best effort)
 
 
 class MountInfo(msgspec.Struct):
@@ -48,6 +63,8 @@ class StatsReport(msgspec.Struct):
 async def control_server(
     path: Path, handler: Callable[[dict[str, object]], object], task_status: trio.TaskStatus
 ) -> None:
+    import trio  # here: the client side (every CLI command) should not pay for it
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

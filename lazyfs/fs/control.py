@@ -58,6 +58,7 @@ class StatsReport(msgspec.Struct):
     layers: list[LayerReport]
     prefetch: PrefetchStats | None = None
     handler_errors: int = 0  # FUSE requests that failed unexpectedly (logged; answered EIO)
+    readdir_requests: int = 0  # listings the kernel asked for (not served from its cache)
 
 
 async def control_server(

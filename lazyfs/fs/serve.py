@@ -39,6 +39,7 @@ from lazyfs.trace.stored import find_group
 
 log = logging.getLogger(__name__)
 
+
 class MountOptions(msgspec.Struct, kw_only=True):
     image: str
     mountpoint: str
@@ -131,6 +132,7 @@ class _Mount:
                 ],
                 prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
                 handler_errors=self.ops.handler_errors,
+                readdir_requests=self.ops.readdir_requests,
             )
         if request.get("cmd") == "trace":
             if self.recorder is None:

@@ -337,7 +337,15 @@ class Operations(_Guarded):
             return self._looked_up(parent)
         if name == b"..":
             return self._looked_up(parent.parent or parent)
-        return self._looked_up(self._child(parent, _name(name)))
+        sname = _name(name)
+        if parent.children is not None and sname not in parent.children:
+            # A negative entry the kernel may keep (a program start probes many paths that do
+            # not exist): every name created later goes through the kernel, which replaces it.
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = UPPER_TIMEOUT if parent.upper else LOWER_TIMEOUT
+            return a
+        return self._looked_up(self._child(parent, sname))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))

@@ -157,6 +157,10 @@ def _child(args: argparse.Namespace, ready_fd: int) -> int:
         os.dup2(out, 2)
         os.close(null)
         os.close(out)
+        # Nothing else the caller handed us stays open for the daemon's lifetime (a pipe
+        # held open here would keep a caller reading it waiting), as a new process's would not.
+        os.closerange(3, ready_fd)
+        os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
         args.ready_fd = ready_fd
         return _serve(args)
     except BaseException as e:  # the parent has the one line through the pipe; log the rest

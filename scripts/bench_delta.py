@@ -191,7 +191,7 @@ def counting(proxy: FaultProxy) -> Iterator[dict[str, float]]:
     t0 = time.monotonic()
     yield out
     out["seconds"] = time.monotonic() - t0
-    out["bytes"] = proxy.bytes_served()
+    out["bytes"] = proxy.blob_bytes
     out["requests"] = len(proxy.served)
 
 

@@ -370,7 +370,7 @@ def test_diff_report_equals_the_bytes_the_registry_serves(
 
     fault_proxy.reset()
     pulled = pull(via(fault_proxy, new, registry), node)
-    served = fault_proxy.bytes_served()
+    served = fault_proxy.blob_bytes
     assert served == report["fetch_bytes"], fault_proxy.served
     assert pulled.bytes_fetched == served
     assert pulled.bytes_held == report["held_bytes"]
@@ -403,7 +403,7 @@ def test_pull_and_mount_use_patches(
     fault_proxy.reset()
     pulled = pull(via(fault_proxy, new, registry), node)
     assert pulled.patch_bytes > 0
-    served = fault_proxy.bytes_served()
+    served = fault_proxy.blob_bytes
     assert served < plain["fetch_bytes"] // 4  # type: ignore[operator]
     index_blob = [n for p, n in fault_proxy.served if p.endswith(tuple(_artifact_blobs(new)))]
     assert served == pulled.bytes_fetched + pulled.patch_bytes + sum(index_blob)

@@ -147,6 +147,7 @@ class _Mount:
                 pid=os.getpid(),
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
+                readdir_requests=self.ops.readdir_requests,
             )
         if request.get("cmd") == "trace":
             if self.recorder is None:

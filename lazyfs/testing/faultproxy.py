@@ -44,6 +44,7 @@ class FaultProxy:
             self._stall = 0
             self._release = threading.Event()
             self.requests = 0  # all requests seen
+            self.blob_bytes = 0  # body bytes of the matching GETs answered (bytes pulled)
             self.paths: list[str] = []
             self.authorization: list[str | None] = []
             #: (path, body bytes sent) of every answered matching request
@@ -58,11 +59,6 @@ class FaultProxy:
             self.redirect_to: str | None = None
             #: add this Authorization upstream (a "presigned" storage stand-in)
             self.upstream_auth: str | None = None
-
-    def bytes_served(self) -> int:
-        """Body bytes of the matching requests answered in full since the last reset."""
-        with self.lock:
-            return sum(n for _, n in self.served)
 
     def fail_next(self, n: int, status: int = 503, retry_after: str | None = None) -> None:
         with self.lock:
@@ -134,7 +130,11 @@ class FaultProxy:
                 if matched and proxy.redirect_to:
                     self._reply(307, {"Location": proxy.redirect_to + self.path}, b"")
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers: dict[str, str] = {}
+                for k, v in self.headers.items():
+                    if k.lower() not in _HOP:
+                        # Repeated headers (podman sends one Accept per manifest type) join.
+                        headers[k] = f"{headers[k]}, {v}" if k in headers else v
                 if matched and proxy.ignore_range:
                     headers.pop("Range", None)
                 if proxy.upstream_auth:
@@ -179,8 +179,9 @@ class FaultProxy:
                         body = body[: len(body) // 2]
                     if proxy._take("_flip"):
                         body = bytes([body[0] ^ 0x01]) + body[1:]
-                if matched and self.command != "HEAD":
+                if matched and self.command == "GET":
                     with proxy.lock:
+                        proxy.blob_bytes += len(body)
                         proxy.served.append((self.path, len(body)))
                 self._reply(status, out, body)
 

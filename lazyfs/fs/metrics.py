@@ -49,8 +49,7 @@ _LAYER_GAUGES = (
     ("lazyfs_layer_ready_bytes", "bytes_ready", "Of those, bytes in the local cache"),
     ("lazyfs_layer_chunks", "chunks_total", "Chunks of the layer"),
     ("lazyfs_layer_ready_chunks", "chunks_ready", "Of those, chunks in the local cache"),
-    ("lazyfs_layer_held_bytes", "bytes_held",
-     "Compressed bytes of chunks already cached when the image was opened"),
+    ("lazyfs_layer_held_bytes", "bytes_held", "Compressed bytes cached when the image opened"),
 )
 # Prefetch progress (lazyfs.fs.prefetch.PrefetchStats), labelled by group.
 _PREFETCH_GAUGES = (

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shlex
@@ -55,6 +56,9 @@ RESIDENT = (
 )  # fmt: skip
 # After a restart: modules the start-up never imported, so their bytes come from the network.
 LATE_READ = (PYTHON, "-c", "import pydoc, ftplib, tarfile, smtplib; print('late ok')")
+
+
+_stacks = itertools.count()
 
 
 def rss_kib(pid: int) -> int:
@@ -99,7 +103,13 @@ class CtrStack(contextlib.AbstractContextManager["CtrStack"]):
         self._stack.callback(self.sp.stop)
         self.sp.start()
         self.ctrd = self._stack.enter_context(
-            ContainerdInstance(self.base / "ctrd", proxy_snapshotters={SN: self.sp.address})
+            ContainerdInstance(
+                self.base / "ctrd",
+                proxy_snapshotters={SN: self.sp.address},
+                # runc keeps container state per namespace in one place for every containerd
+                # on the machine: a namespace of our own keeps our names out of others' way.
+                namespace=f"lazyfs-ctr-{os.getpid()}-{next(_stacks)}",
+            )
         )
         self._stack.callback(self.remove_containers)
 

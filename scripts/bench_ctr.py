@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,8 @@ class Wire:
     push_host: str  # unshaped, for set-up
     count: Callable[[], int]  # bytes over the wire so far
     describe: str
-    link: dict[str, Any] = field(default_factory=dict)
+    # After set-up: shape the link and start the relay (profiles other than loopback).
+    start_link: Callable[[], None] = lambda: None
 
 
 @contextlib.contextmanager
@@ -241,29 +242,22 @@ def wire(profile_name: str, work: Path) -> Iterator[Wire]:
         try:
             netns.create(state)
             services.start_registry()
+
+            def start_link() -> None:
+                netns.shape(profile)
+                services.start_relay(profile.rtt_ms)
+
             yield Wire(
                 services.host,
                 services.registry_host,
                 netns.veth_bytes,
                 f"the WAN harness's link: tbf {profile.rate_mbit} Mbit/s both ways, relay RTT "
                 f"{profile.rtt_ms} ms (scripts/benchwan); bytes = rx+tx on the host veth",
+                start_link,
             )
         finally:
             services.stop()
             teardown(state)
-
-
-def shape_wire(profile_name: str, work: Path, w: Wire) -> None:
-    """After set-up: shape the link and start the relay (profiles other than loopback)."""
-    if profile_name == "loopback":
-        return
-    from benchwan import netns, registry
-    from benchwan.state import State
-
-    profile = netns.PROFILES[profile_name]
-    netns.shape(profile)
-    services = registry.NsServices(State.load(), work)
-    services.start_relay(profile.rtt_ms)
 
 
 # -- images -----------------------------------------------------------------------------------
@@ -425,7 +419,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"## containerd: `ctr` pull + run, lazyfs snapshotter vs overlayfs — {res['profile']}",
         "",
         f"`{res['command']}` ({res['machine']['date']}, {res['machine']['nproc']} CPUs, "
-        f"commit {res['machine']['commit']}, {res['seconds_total']:.0f} s in all).  "
+        f"commit {res['machine']['commit']}, load average at start "
+        f"{res['machine']['loadavg_start']}, {res['seconds_total']:.0f} s in all).  "
         f"Registry: {res['wire']}.  Image: the demo's sample (this machine's python3 and its "
         f"standard library, one layer: gzip {res['layer_bytes']['gzip'] / 2**20:.1f} MiB, "
         f"zstd:chunked {res['layer_bytes']['zstd:chunked'] / 2**20:.1f} MiB), not the WAN "
@@ -436,19 +431,21 @@ def markdown(res: dict[str, Any]) -> str:
         "from the pull command to the `ctr run --rm` exiting after printing.  Medians of "
         f"{res['reps']} alternating repetitions.",
         "",
-        "| contender | pull | `ctr run` | time to started | bytes over the wire |",
+        "| contender | pull | `ctr run` | time to started (min-max, ratio) | bytes over the wire |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     base = med([s["pull"] + s["run"] for s in res["startup"]["overlayfs"]])
     for c, samples in res["startup"].items():
         pull = med([s["pull"] for s in samples])
         run_s = med([s["run"] for s in samples])
-        total = med([s["pull"] + s["run"] for s in samples])
+        totals = [s["pull"] + s["run"] for s in samples]
+        total = med(totals)
         mib = med([s["bytes"] for s in samples]) / 2**20
         cmd = ("`ctr images pull` (overlayfs)" if c == "overlayfs"
                else f"`ctr-remote images rpull --snapshotter lazyfs` ({c})")  # fmt: skip
-        lines.append(f"| {cmd} | {pull:.2f} s | {run_s:.2f} s | {total:.2f} s "
-                     f"({total / base:.2f}x) | {mib:.1f} MiB |")  # fmt: skip
+        spread = f"{min(totals):.2f}-{max(totals):.2f}"
+        lines.append(f"| {cmd} | {pull:.2f} s | {run_s:.2f} s | {total:.2f} s ({spread}, "
+                     f"{total / base:.2f}x) | {mib:.1f} MiB |")  # fmt: skip
     lines += [
         "",
         "lazyfs + groups: the image's repository holds a `lazyfs.prefetch-groups` artifact "
@@ -525,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_s)
         with wire(args.profile, tmp) as w:
             imgs = prepare_images(w, tmp, log)
-            shape_wire(args.profile, tmp, w)
+            w.start_link()
             res["wire"] = w.describe
             res["layer_bytes"] = imgs.layer_bytes
             samples = startup(imgs, w, args.reps, tmp)

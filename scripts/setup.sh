@@ -12,6 +12,7 @@ APT_PACKAGES=(
   stargz-snapshotter                     # ctr-remote: peer-made eStargz/zstdchunked layers
   skopeo umoci                           # check converted images with non-lazy tools
   fuse-overlayfs                         # benchmark baseline
+  podman                                 # partial pulls of our zstd:chunked (issue 12)
   zstd curl apache2-utils attr iproute2 python3-venv
   autoconf automake gcc make             # build pjdfstest (from ../shared/third_party) in tests
 )

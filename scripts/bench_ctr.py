@@ -228,7 +228,7 @@ def wire(profile_name: str, work: Path) -> Iterator[Wire]:
             yield Wire(
                 proxy.host,
                 reg.host,
-                lambda: proxy.matched_bytes,
+                lambda: proxy.blob_bytes,
                 "docker-registry on 127.0.0.1 behind a counting HTTP proxy (blob bytes)",
             )
         return

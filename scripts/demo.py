@@ -175,8 +175,8 @@ def through_containerd(reg: RegistryInstance, base: Path) -> list[tuple[str, flo
             t1 = time.perf_counter()
             started(st.run(gzip, "demo", *STARTUP, snapshotter="overlayfs"))
             t2 = time.perf_counter()
-        print(f"pull+unpack {t1 - t0:.2f}s, run {t2 - t1:.2f}s, {mib(proxy.matched_bytes)}")
-        rows.append(("containerd pull + run (overlayfs)", t2 - t0, proxy.matched_bytes))
+        print(f"pull+unpack {t1 - t0:.2f}s, run {t2 - t1:.2f}s, {mib(proxy.blob_bytes)}")
+        rows.append(("containerd pull + run (overlayfs)", t2 - t0, proxy.blob_bytes))
 
         step("containerd: `ctr-remote images rpull --snapshotter lazyfs`, then `ctr run`")
         with CtrStack(base / "lazyfs", proxy.host) as st:
@@ -184,15 +184,15 @@ def through_containerd(reg: RegistryInstance, base: Path) -> list[tuple[str, flo
             t0 = time.perf_counter()
             st.rpull(lazy)
             t1 = time.perf_counter()
-            toc_bytes = proxy.matched_bytes
+            toc_bytes = proxy.blob_bytes
             started(st.run(lazy, "demo", *STARTUP))
             t2 = time.perf_counter()
             print(st.ctr("snapshots", "--snapshotter", "lazyfs", "ls").rstrip())
         print(
             f"rpull {t1 - t0:.2f}s ({mib(toc_bytes)}: footers, TOCs, config), "
-            f"run {t2 - t1:.2f}s, {mib(proxy.matched_bytes)} in all"
+            f"run {t2 - t1:.2f}s, {mib(proxy.blob_bytes)} in all"
         )
-        rows.append(("containerd + lazyfs snapshotter", t2 - t0, proxy.matched_bytes))
+        rows.append(("containerd + lazyfs snapshotter", t2 - t0, proxy.blob_bytes))
     return rows
 
 

@@ -318,28 +318,35 @@ class Sample:
     pull: float
     run: float
     bytes: int
+    pull_bytes: int
 
-    @property
-    def total(self) -> float:
-        return self.pull + self.run
+
+def pull_and_run(st: CtrStack, ref: str, snapshotter: str, count: Callable[[], int]) -> Sample:
+    """One cold start through *st*: the pull (containerd's own for overlayfs, ``rpull`` for
+    lazyfs), then ``ctr run --rm`` of the start-up; times and bytes over the wire."""
+    b0 = count()
+    t0 = time.perf_counter()
+    if snapshotter == SN:
+        st.rpull(ref)
+    else:
+        st.pull_overlayfs(ref)
+    t1 = time.perf_counter()
+    pull_bytes = count() - b0
+    started(st.run(ref, "c", *STARTUP, snapshotter=snapshotter))
+    t2 = time.perf_counter()
+    return Sample(t1 - t0, t2 - t1, count() - b0, pull_bytes)
 
 
 def contender(label: str, images: Images, w: Wire) -> Callable[[Path], Sample]:
+    ref, snapshotter = {
+        "overlayfs": (images.gzip, "overlayfs"),
+        "lazyfs cold": (images.lazy, SN),
+        "lazyfs + groups": (images.groups, SN),
+    }[label]
+
     def once(base: Path) -> Sample:
         with CtrStack(base, w.host) as st:
-            b0 = w.count()
-            t0 = time.perf_counter()
-            if label == "overlayfs":
-                st.pull_overlayfs(images.gzip)
-                t1 = time.perf_counter()
-                started(st.run(images.gzip, "c", *STARTUP, snapshotter="overlayfs"))
-            else:
-                ref = images.lazy if label == "lazyfs cold" else images.groups
-                st.rpull(ref)
-                t1 = time.perf_counter()
-                started(st.run(ref, "c", *STARTUP))
-            t2 = time.perf_counter()
-            return Sample(t1 - t0, t2 - t1, w.count() - b0)
+            return pull_and_run(st, ref, snapshotter, w.count)
 
     return once
 

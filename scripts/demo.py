@@ -21,12 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_ctr import STARTUP, CtrStack, started  # noqa: E402
+from bench_ctr import SN, CtrStack, pull_and_run  # noqa: E402
 from benchlib import sigterm_as_interrupt  # noqa: E402
 from lazyfs_tools.convert import convert  # noqa: E402
 
@@ -35,12 +37,15 @@ from lazyfs.testing.faultproxy import FaultProxy  # noqa: E402
 from lazyfs.testing.mounts import lazyfs_cmd, run, start_mount  # noqa: E402
 from lazyfs.testing.sample import PYTHON, WORKLOAD, build_sample_image  # noqa: E402
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def timed(fn, *args, **kw):  # type: ignore[no-untyped-def]
+def timed(fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> tuple[T, float]:
     t0 = time.perf_counter()
     result = fn(*args, **kw)
     return result, time.perf_counter() - t0
@@ -166,33 +171,22 @@ def through_containerd(reg: RegistryInstance, base: Path) -> list[tuple[str, flo
     measures the blob bytes each way; all of it is stopped by PID on the way out."""
     rows = []
     with FaultProxy(reg.url) as proxy:
-        gzip, lazy = f"{proxy.host}/demo/python:gzip", f"{proxy.host}/demo/python:lazy"
         step("containerd: `ctr images pull` (overlayfs snapshotter), then `ctr run`")
         with CtrStack(base / "overlayfs", proxy.host) as st:
-            proxy.reset()
-            t0 = time.perf_counter()
-            st.pull_overlayfs(gzip)
-            t1 = time.perf_counter()
-            started(st.run(gzip, "demo", *STARTUP, snapshotter="overlayfs"))
-            t2 = time.perf_counter()
-        print(f"pull+unpack {t1 - t0:.2f}s, run {t2 - t1:.2f}s, {mib(proxy.blob_bytes)}")
-        rows.append(("containerd pull + run (overlayfs)", t2 - t0, proxy.blob_bytes))
+            s = pull_and_run(st, f"{proxy.host}/demo/python:gzip", "overlayfs",
+                             lambda: proxy.blob_bytes)  # fmt: skip
+        print(f"pull+unpack {s.pull:.2f}s, run {s.run:.2f}s, {mib(s.bytes)}")
+        rows.append(("containerd pull + run (overlayfs)", s.pull + s.run, s.bytes))
 
         step("containerd: `ctr-remote images rpull --snapshotter lazyfs`, then `ctr run`")
         with CtrStack(base / "lazyfs", proxy.host) as st:
-            proxy.reset()
-            t0 = time.perf_counter()
-            st.rpull(lazy)
-            t1 = time.perf_counter()
-            toc_bytes = proxy.blob_bytes
-            started(st.run(lazy, "demo", *STARTUP))
-            t2 = time.perf_counter()
-            print(st.ctr("snapshots", "--snapshotter", "lazyfs", "ls").rstrip())
+            s = pull_and_run(st, f"{proxy.host}/demo/python:lazy", SN, lambda: proxy.blob_bytes)
+            print(st.ctr("snapshots", "--snapshotter", SN, "ls").rstrip())
         print(
-            f"rpull {t1 - t0:.2f}s ({mib(toc_bytes)}: footers, TOCs, config), "
-            f"run {t2 - t1:.2f}s, {mib(proxy.blob_bytes)} in all"
+            f"rpull {s.pull:.2f}s ({mib(s.pull_bytes)}: footers, TOCs, config), "
+            f"run {s.run:.2f}s, {mib(s.bytes)} in all"
         )
-        rows.append(("containerd + lazyfs snapshotter", t2 - t0, proxy.blob_bytes))
+        rows.append(("containerd + lazyfs snapshotter", s.pull + s.run, s.bytes))
     return rows
 
 

@@ -51,6 +51,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="fetch nothing before it is read (no stored groups, no landmarks)",
     )
+    p.add_argument(
+        "--layers",
+        type=int,
+        metavar="N",
+        help="mount only the image's lowest N layers (IMAGE best given by digest)",
+    )
+    p.add_argument("--hosts-dir", metavar="DIR", help="containerd hosts.toml directory (mirrors)")
+    p.add_argument("--docker-config", metavar="FILE", help="registry credentials (config.json)")
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     p.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -92,6 +100,9 @@ def _options(args: argparse.Namespace) -> MountOptions:
         trace=os.path.abspath(args.trace) if args.trace else None,
         group=args.group,
         prefetch=args.prefetch,
+        layer_count=args.layers,
+        hosts_dir=args.hosts_dir,
+        docker_config=args.docker_config,
     )
 
 
@@ -115,10 +126,11 @@ def mount_cmd(args: argparse.Namespace) -> int:
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
-    for flag in ("upper", "cache", "platform", "log", "trace", "group", "prefetch"):
+    for flag in ("upper", "cache", "platform", "log", "trace", "group", "prefetch", "layers",
+                 "hosts_dir", "docker_config"):
         value = getattr(args, flag)
         if value is not None:
-            out += [f"--{flag}", str(value)]
+            out += [f"--{flag.replace('_', '-')}", str(value)]
     out += ["--cache-size", str(args.cache_size)]
     for flag in (
         "plain_http",

@@ -39,6 +39,7 @@ class FaultProxy:
     def reset(self) -> None:
         with self.lock:
             self.requests = 0  # all requests seen
+            self.matched_bytes = 0  # body bytes sent for matching (blob) requests
             self.paths: list[str] = []
             self.authorization: list[str | None] = []
             self._fail: list[tuple[int, str | None]] = []  # (status, Retry-After) per request
@@ -129,6 +130,8 @@ class FaultProxy:
                     body = resp.read()
                     out = {k: v for k, v in resp.getheaders() if k.lower() not in _HOP}
                     status = resp.status
+                    if self.command == "HEAD":  # no body: pass on the size it announces
+                        body = b"\0" * int(resp.getheader("Content-Length") or 0)
                 finally:
                     conn.close()
                 if matched and status < 300 and body:
@@ -150,6 +153,9 @@ class FaultProxy:
                         body = body[: len(body) // 2]
                     if proxy._take("_flip"):
                         body = bytes([body[0] ^ 0x01]) + body[1:]
+                if matched and self.command == "GET":
+                    with proxy.lock:
+                        proxy.matched_bytes += len(body)
                 self._reply(status, out, body)
 
         return Handler

@@ -29,7 +29,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, first_error
 from lazyfs.fs.daemon import Daemon, attach, clear_mountpoint, spawn
 from lazyfs.fs.runtime import control_path
 from lazyfs.remote.reference import parse_reference
@@ -52,8 +52,11 @@ STOP_TIMEOUT = 10.0
 
 
 def _one_line(e: BaseException) -> str:
+    e = first_error(e)  # the cause, not trio's nursery group around it
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".removeprefix("LazyfsError: ")
+    if isinstance(e, LazyfsError):
+        return text[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 class LazyLayers:

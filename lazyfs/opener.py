@@ -19,6 +19,7 @@ from lazyfs import oci
 from lazyfs.formats.layer import TocLocation
 from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
+from lazyfs.remote.registry import RetryPolicy
 from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
@@ -73,19 +74,22 @@ async def open_image(
     platform: str = "linux/amd64",
     hosts_dir: str | os.PathLike[str] | None = None,
     docker_config: str | os.PathLike[str] | None = None,
+    retry: RetryPolicy | None = None,
     layer_count: int | None = None,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
-    TOC; on exit write the readiness maps and close the source.  ``hosts_dir`` and
-    ``docker_config`` reach the registry source (mirrors, credentials).  ``layer_count``:
-    open only the lowest N layers (``layers`` then holds N; ``resolved`` is still the whole
-    image), which is how the snapshotter mounts a chain of lazy layers."""
+    TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
+    ``docker_config`` and ``retry`` reach the registry source (mirrors, credentials, how long
+    a fetch may take).  ``layer_count``: open only the lowest N layers (``layers`` then holds
+    N; ``resolved`` is still the whole image), which is how the snapshotter mounts a chain of
+    lazy layers."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
         insecure=insecure,
         hosts_dir=hosts_dir,
         docker_config=docker_config,
+        retry=retry,
     )
     try:
         # The start-up scan stats every cached chunk: keep it off the event loop.

@@ -188,7 +188,7 @@ def test_old_footers_are_read() -> None:
         ([{"type": "reg", "name": "/abs", "size": 0}], "absolute"),
         ([{"type": "reg", "name": "a\u0000b", "size": 0}], "NUL"),
         ([{"type": "weird", "name": "x"}], "unknown entry type"),
-        ([{"type": "reg", "name": "x", "size": -1}], "negative"),
+        ([{"type": "reg", "name": "x", "size": -1}], ">= 0 .*size"),
         (
             [{"type": "dir", "name": "d"}, {"type": "hardlink", "name": "x", "linkName": "d"}],
             "directory",

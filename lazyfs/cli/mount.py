@@ -52,6 +52,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fetch nothing before it is read (no stored groups, no landmarks)",
     )
     p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a read whose registry sends nothing gets EIO within S seconds (default 30)",
+    )
+    p.add_argument(
         "--layers",
         type=int,
         metavar="N",
@@ -103,10 +110,13 @@ def _options(args: argparse.Namespace) -> MountOptions:
         layer_count=args.layers,
         hosts_dir=args.hosts_dir,
         docker_config=args.docker_config,
+        read_timeout=args.read_timeout,
     )
 
 
 def mount_cmd(args: argparse.Namespace) -> int:
+    if not args.read_timeout > 0:
+        raise LazyfsError("--read-timeout takes a number of seconds > 0")
     if args.foreground or args.ready_fd is not None:
         return _serve(args)
     # Daemonize by re-running ourselves detached; the child reports readiness or its one-line
@@ -131,7 +141,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             out += [f"--{flag.replace('_', '-')}", str(value)]
-    out += ["--cache-size", str(args.cache_size)]
+    out += ["--cache-size", str(args.cache_size), "--read-timeout", str(args.read_timeout)]
     for flag in (
         "plain_http",
         "insecure",

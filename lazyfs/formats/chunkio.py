@@ -43,7 +43,12 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def _zstd_decompress(raw: bytes, limit: int) -> bytes:
+# Decompressed output is gathered in pieces of at most this size, so a stream that inflates
+# past its limit costs at most the limit plus one piece before it is stopped.
+_PIECE = 1 << 20
+
+
+def _zstd_decompress(raw: bytes, limit: int) -> list[bytes]:
     dctx = _dctx()
     try:
         # The common case, and the fast one: the range is exactly one frame (lazyfs and
@@ -52,39 +57,76 @@ def _zstd_decompress(raw: bytes, limit: int) -> bytes:
         # hostile frame must not make us allocate more than the chunk needs.
         declared = zstandard.frame_content_size(raw)
         if 0 <= declared <= limit:
-            whole = dctx.decompress(raw, max_output_size=limit, allow_extra_data=False)
-            if len(whole) >= limit:
-                return whole
+            # allow_extra_data=False: success means this one frame is all there is.
+            return [dctx.decompress(raw, max_output_size=limit, allow_extra_data=False)]
     except zstandard.ZstdError:
         pass  # several frames, or no content size: take the general path
     # Several frames may make up one range (headers and content); read across them, but never
     # inflate past what the chunk needs (a hostile blob cannot make us allocate more).
     reader = dctx.stream_reader(raw, read_across_frames=True)
-    out = bytearray()
+    pieces: list[bytes] = []
+    got = 0
     try:
-        while len(out) < limit:
-            piece = reader.read(min(limit - len(out), 1 << 20))
+        while got < limit:
+            piece = reader.read(min(limit - got, _PIECE))
             if not piece:
                 break
-            out += piece
+            pieces.append(piece)
+            got += len(piece)
     except zstandard.ZstdError as e:
         raise IntegrityError(f"corrupt zstd data: {e}") from e
-    return bytes(out)
+    return pieces
 
 
-def _gzip_decompress(raw: bytes, limit: int) -> bytes:
-    out = bytearray()
+def _gzip_decompress(raw: bytes, limit: int) -> list[bytes]:
+    pieces: list[bytes] = []
+    got = 0
     data = raw
     try:
-        while data and len(out) < limit:
+        while data and got < limit:
             d = zlib.decompressobj(wbits=31)
-            out += d.decompress(data, limit - len(out))
-            if not d.eof and d.unconsumed_tail:
-                break  # reached the limit inside this member
+            while got < limit:
+                piece = d.decompress(data, min(limit - got, _PIECE))
+                pieces.append(piece)
+                got += len(piece)
+                data = d.unconsumed_tail
+                if d.eof or not (piece or data):
+                    break
+            if not d.eof:
+                break  # at the limit inside this member, or the member is truncated
             data = d.unused_data
     except zlib.error as e:
         raise IntegrityError(f"corrupt gzip data: {e}") from e
-    return bytes(out)
+    return pieces
+
+
+def _pieces(compression: Compression, raw: bytes, limit: int) -> list[bytes]:
+    if compression == "zstd":
+        return _zstd_decompress(raw, limit)
+    if compression == "gzip":
+        return _gzip_decompress(raw, limit)
+    raise FormatError(f"unknown compression {compression!r}")
+
+
+def inflate(compression: Compression, raw: bytes, limit: int) -> bytes:
+    """At most ``limit`` bytes of the decompressed stream ``raw`` (frames or members read
+    across), however large the stream claims or turns out to be.  The one way lazyfs
+    decompresses data it fetched: chunks and TOCs alike."""
+    pieces = _pieces(compression, raw, limit)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def inflate_whole(compression: Compression, raw: bytes, limit: int, what: str) -> bytes:
+    """All of the decompressed stream ``raw``, or FormatError naming ``what`` if it holds more
+    than ``limit`` bytes: refused at ``limit`` plus one piece, before anything is joined.
+    Corrupt data stays an IntegrityError: most likely damage in transit, worth a refetch."""
+    try:
+        pieces = _pieces(compression, raw, limit + 1)
+    except IntegrityError as e:
+        raise IntegrityError(f"{what} does not decompress: {e}") from e
+    if sum(map(len, pieces)) > limit:
+        raise FormatError(f"{what} inflates past {limit} bytes")
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def decode_chunk(compression: Compression, raw: bytes, chunk: Chunk) -> bytes:
@@ -93,13 +135,8 @@ def decode_chunk(compression: Compression, raw: bytes, chunk: Chunk) -> bytes:
     if chunk.zeros:
         return bytes(chunk.size)
     need = chunk.inner + chunk.size
-    if compression == "zstd":
-        plain = _zstd_decompress(raw, need)
-    elif compression == "gzip":
-        plain = _gzip_decompress(raw, need)
-    else:  # pragma: no cover - the TOC model only admits the two
-        raise FormatError(f"unknown compression {compression!r}")
-    data = plain[chunk.inner : need]
+    plain = inflate(compression, raw, need)
+    data = plain[chunk.inner : need] if chunk.inner else plain
     if len(data) != chunk.size:
         raise IntegrityError(
             f"chunk {chunk.digest} decompressed to {len(data)} of {chunk.size} bytes"

@@ -22,9 +22,10 @@ from typing import BinaryIO
 
 from lazyfs import oci
 from lazyfs.errors import FormatError
+from lazyfs.formats.chunkio import inflate_whole
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, FrameWriter, LayerResult, frame_tar
 from lazyfs.formats.tarstream import BLOCK, Member, TarReader
-from lazyfs.formats.toc import encode_toc
+from lazyfs.formats.toc import MAX_TOC_BYTES, encode_toc
 
 FOOTER_SIZE = 51
 FOOTER_SIZE_LEGACY = 47
@@ -78,11 +79,8 @@ def parse_footer(tail: bytes) -> tuple[int, int] | None:
 
 def extract_toc_json(member: bytes) -> bytes:
     """The TOC JSON from the gzip-compressed tar that holds ``stargz.index.json``."""
-    try:
-        d = zlib.decompressobj(wbits=31)
-        plain = d.decompress(member)
-    except zlib.error as e:
-        raise FormatError(f"eStargz TOC is not valid gzip: {e}") from e
+    # The tar around the JSON adds a header, padding and the end-of-archive blocks.
+    plain = inflate_whole("gzip", member, MAX_TOC_BYTES + 4 * BLOCK, "eStargz TOC")
     try:
         with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as tf:
             for info in tf:

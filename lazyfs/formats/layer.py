@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Literal
 
 import msgspec
-import zstandard
 
 from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.formats import estargz, zstdchunked
-from lazyfs.formats.toc import MAX_TOC_BYTES, TOC, decode_toc
+from lazyfs.formats.chunkio import inflate_whole
+from lazyfs.formats.toc import MAX_TOC_BYTES, TOC, TocBudget, decode_toc
 
 TAIL_SIZE = 64  # the largest footer of any supported format
 
@@ -106,26 +106,32 @@ def _checked(loc: TocLocation, blob_size: int) -> TocLocation:
 def toc_json(loc: TocLocation, raw: bytes) -> bytes:
     """Check ``raw`` (the TOC range) against the promised digest; return the TOC JSON."""
     if loc.format == "zstd:chunked":
+        # zstd:chunked's digest covers the compressed frame: checked before inflating it.
         if loc.expected_digest:
             _verify(raw, loc.expected_digest)
+        # Bounded whatever size the frame declares (a 3 GiB claim allocates nothing).
+        limit = loc.uncompressed_size or MAX_TOC_BYTES
         try:
-            return zstandard.ZstdDecompressor().decompress(
-                raw, max_output_size=loc.uncompressed_size or MAX_TOC_BYTES
-            )
-        except zstandard.ZstdError as e:
-            raise FormatError(f"zstd:chunked TOC does not decompress: {e}") from e
+            return inflate_whole("zstd", raw, limit, "zstd:chunked TOC")
+        except IntegrityError as e:
+            if loc.expected_digest:  # the bytes are the promised ones: the image is bad
+                raise FormatError(str(e)) from None
+            raise
+    # eStargz's digest covers the TOC JSON, so it can only be checked after inflating, which
+    # extract_toc_json bounds.
     data = estargz.extract_toc_json(raw)
     if loc.expected_digest:
         _verify(data, loc.expected_digest)
     return data
 
 
-def decode_layer_toc(loc: TocLocation, raw: bytes) -> TOC:
+def decode_layer_toc(loc: TocLocation, raw: bytes, budget: TocBudget | None = None) -> TOC:
     toc = decode_toc(
         toc_json(loc, raw),
         compression="zstd" if loc.format == "zstd:chunked" else "gzip",
         blob_size=loc.end,
         data_end=loc.data_end,
+        budget=budget,
     )
     # The writers' own files (eStargz's TOC entry, the prefetch landmarks that ctr-remote adds
     # to both formats) are not part of the image's tree; a landmark's position is kept.

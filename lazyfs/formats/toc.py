@@ -15,8 +15,9 @@ import functools
 import posixpath
 import re
 import sys
+import threading
 from collections.abc import Iterable
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -31,6 +32,24 @@ _PLAIN_NAME = re.compile(r"(?!\.\.?(?:/|$))[^/\x00]+(?:/(?!\.\.?(?:/|$))[^/\x00]
 
 # A TOC larger than this is refused before decoding: it bounds memory for hostile layers.
 MAX_TOC_BYTES = 256 * 1024 * 1024
+# What all the TOCs of one image may hold together (README "Memory"): a mount keeps about
+# 1 KiB per entry, and decoding costs at most ~17 bytes per JSON byte while it runs.
+MAX_IMAGE_ENTRIES = 1_000_000
+MAX_IMAGE_TOC_BYTES = 512 * 1024 * 1024
+
+# A chunk's content is decompressed whole into memory to be verified, so its size is capped.
+# Our writers cut 4 MiB chunks, as eStargz does by default; containers/storage's rolling-hash
+# chunks are smaller still.  Hole ("zeros") chunks hold no data and are not capped.
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+# Linux limits: what stat, readdir and mknod can show (anything larger would overflow later).
+NAME_MAX = 255  # bytes per path component
+PATH_MAX = 4096  # bytes per path, including the NUL
+MAX_ID = 2**32 - 2  # uid/gid; 2**32 - 1 means "no change" to chown
+MAX_DEV_MAJOR = 2**12 - 1
+MAX_DEV_MINOR = 2**20 - 1
+MAX_OFFSET = 2**62  # file sizes and blob offsets: far beyond any real file, inside off_t
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
 
 Compression = Literal["zstd", "gzip"]
 
@@ -96,26 +115,35 @@ class TOC(msgspec.Struct, kw_only=True):
 # newer writer's extra keys do not break us.
 
 
+# Range checks run in msgspec's decoder (C), not per entry in Python: a number out of range is
+# refused with the field and entry index named.
+_Id = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+_Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_OFFSET)]
+_Mode = Annotated[int, msgspec.Meta(ge=0)]
+_Major = Annotated[int, msgspec.Meta(ge=0, le=MAX_DEV_MAJOR)]
+_Minor = Annotated[int, msgspec.Meta(ge=0, le=MAX_DEV_MINOR)]
+
+
 class _WireEntry(msgspec.Struct, kw_only=True, gc=False):
     type: str
     name: str
-    size: int = 0
+    size: _Offset = 0
     modtime: str | None = None
     linkName: str = ""
-    mode: int = 0
-    uid: int = 0
-    gid: int = 0
+    mode: _Mode = 0
+    uid: _Id = 0
+    gid: _Id = 0
     userName: str = ""
     groupName: str = ""
-    devMajor: int = 0
-    devMinor: int = 0
+    devMajor: _Major = 0
+    devMinor: _Minor = 0
     xattrs: dict[str, str] | None = None
     digest: str = ""
-    offset: int = 0
-    endOffset: int = 0
-    innerOffset: int = 0
-    chunkOffset: int = 0
-    chunkSize: int = 0
+    offset: _Offset = 0
+    endOffset: _Offset = 0
+    innerOffset: _Offset = 0
+    chunkOffset: _Offset = 0
+    chunkSize: _Offset = 0
     chunkDigest: str = ""
     chunkType: str = ""
 
@@ -179,21 +207,75 @@ def normalize_name(name: str) -> str:
     return norm
 
 
+class TocBudget:
+    """What the TOCs of one image may hold together, charged layer by layer (layers decode
+    in worker threads, hence the lock).  Bounds a mount's memory for any image, however its
+    entries are spread over layers."""
+
+    def __init__(self, max_entries: int | None = None, max_bytes: int | None = None) -> None:
+        self.max_entries = MAX_IMAGE_ENTRIES if max_entries is None else max_entries
+        self.max_bytes = MAX_IMAGE_TOC_BYTES if max_bytes is None else max_bytes
+        self.entries = 0
+        self.bytes = 0
+        self._lock = threading.Lock()
+        # One layer decodes at a time: its transient cost (JSON + wire structs) is not
+        # multiplied by the layer count.  msgspec holds the GIL anyway.
+        self.decoding = threading.Lock()
+
+    def charge(self, json_bytes: int, entries: int) -> None:
+        with self._lock:
+            if self.bytes + json_bytes > self.max_bytes:
+                raise FormatError(
+                    f"the image's TOCs exceed {self.max_bytes} bytes together; refusing it"
+                )
+            if self.entries + entries > self.max_entries:
+                raise FormatError(
+                    f"the image's TOCs exceed {self.max_entries} entries together; refusing it"
+                )
+            self.bytes += json_bytes
+            self.entries += entries
+
+    def refund(self, entries: int) -> None:
+        with self._lock:
+            self.entries -= entries
+
+
 def decode_toc(
-    data: bytes, *, compression: Compression, blob_size: int, data_end: int | None = None
+    data: bytes,
+    *,
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None = None,
+    budget: TocBudget | None = None,
 ) -> TOC:
-    """Decode and validate a TOC JSON document from either format."""
+    """Decode and validate a TOC JSON document from either format, charging ``budget``."""
     if len(data) > MAX_TOC_BYTES:
         raise FormatError(f"TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
-    try:
-        wire = _wire_decoder.decode(data)
-    except msgspec.ValidationError as e:
-        raise FormatError(f"TOC does not match the schema: {e}") from e
-    except msgspec.DecodeError as e:
-        raise FormatError(f"TOC is not valid JSON: {e}") from e
-    end = blob_size if data_end is None else data_end
-    toc = TOC(compression=compression, entries=_normalise(wire.entries, end), data_end=end)
-    validate(toc)
+    # Every entry is a JSON object, so the count of "{" bounds the entries from above before
+    # decoding spends memory on them; the exact count replaces it afterwards.
+    guess = data.count(b"{")
+    if budget is None:
+        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
+    budget.charge(len(data), guess)
+    with budget.decoding:
+        try:
+            wire = _wire_decoder.decode(data)
+        except msgspec.ValidationError as e:
+            raise FormatError(f"TOC does not match the schema: {e}") from e
+        except msgspec.DecodeError as e:
+            raise FormatError(f"TOC is not valid JSON: {e}") from e
+        finally:
+            budget.refund(guess)
+        rows = len(wire.entries)
+        budget.charge(0, rows)
+        try:
+            end = blob_size if data_end is None else data_end
+            toc = TOC(compression=compression, entries=_normalise(wire.entries, end), data_end=end)
+            del wire
+            validate(toc)
+        except FormatError:
+            budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
+            raise
     return toc
 
 
@@ -237,22 +319,50 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
     return entries
 
 
+def _short(name: str) -> str:
+    # Hostile names can be megabytes long: error messages stay one short line.
+    return repr(name) if len(name) <= 80 else repr(name[:60]) + f"… ({len(name)} characters)"
+
+
+def check_path(name: str, what: str = "entry name", *, components: bool = True) -> None:
+    """Refuse a path no kernel can show: a component over NAME_MAX bytes (unless
+    ``components`` is False: a symlink's target is only a string), a path over PATH_MAX, or
+    characters that do not encode."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise FormatError(f"{what} {_short(name)} is not encodable") from None
+    if components and len(raw) > NAME_MAX and any(len(p) > NAME_MAX for p in raw.split(b"/")):
+        raise FormatError(f"{what} {_short(name)} has a component over {NAME_MAX} bytes")
+    if len(raw) >= PATH_MAX:
+        raise FormatError(f"{what} {_short(name)} is {len(raw)} bytes, over PATH_MAX")
+
+
 def _to_entry(w: _WireEntry) -> Entry:
-    if w.size < 0 or w.mode < 0 or w.uid < 0 or w.gid < 0:
-        raise FormatError(f"negative size, mode or owner for {w.name!r}")
     xattrs: dict[str, bytes] = _NO_XATTRS
     if w.xattrs:
         xattrs = {}
     for k, v in (w.xattrs or {}).items():
+        if not k or "\x00" in k or len(k.encode("utf-8", "surrogateescape")) > XATTR_NAME_MAX:
+            raise FormatError(f"bad xattr name {_short(k)} on {_short(w.name)}")
         try:
             xattrs[k] = base64.b64decode(v, validate=True)
         except ValueError as e:
-            raise FormatError(f"xattr {k!r} of {w.name!r} is not base64") from e
+            raise FormatError(f"xattr {_short(k)} of {_short(w.name)} is not base64") from e
+        if len(xattrs[k]) > XATTR_SIZE_MAX:
+            raise FormatError(f"xattr {_short(k)} of {_short(w.name)} is over {XATTR_SIZE_MAX}")
     link = w.linkName
     if w.type == "hardlink":
         link = normalize_name(link)
+    if link:
+        check_path(link, "link target", components=w.type == "hardlink")
+    name = normalize_name(w.name)
+    check_path(name)
+    mtime_ns = _parse_time(w.modtime)
+    if not -(2**63) <= mtime_ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
+        raise FormatError(f"modtime {w.modtime!r} of {_short(name)} is out of range")
     return Entry(
-        name=normalize_name(w.name),
+        name=name,
         type=w.type,  # type: ignore[arg-type]  # checked against ENTRY_TYPES
         mode=w.mode & 0o7777,
         uid=w.uid,
@@ -260,7 +370,7 @@ def _to_entry(w: _WireEntry) -> Entry:
         uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
         gname=sys.intern(w.groupName),
         size=w.size if w.type == "reg" else 0,
-        mtime_ns=_parse_time(w.modtime),
+        mtime_ns=mtime_ns,
         link_name=link,
         dev_major=w.devMajor,
         dev_minor=w.devMinor,
@@ -316,6 +426,12 @@ def validate(toc: TOC) -> None:
                     )
                 if c.inner < 0:
                     raise FormatError(f"negative inner offset in {e.name!r}")
+                if not c.zeros and c.inner + c.size > MAX_CHUNK_SIZE:
+                    # inner + size is what decompression must produce to verify the chunk.
+                    raise FormatError(
+                        f"chunk at {c.file_offset} of {_short(e.name)} needs "
+                        f"{c.inner + c.size} bytes, over the {MAX_CHUNK_SIZE}-byte chunk cap"
+                    )
                 pos += c.size
             if pos != e.size:
                 raise FormatError(f"chunks of {e.name!r} cover {pos} of {e.size} bytes")

@@ -31,6 +31,7 @@ from lazyfs.fs.tree import Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import OpenedImage, open_image
+from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import encode
@@ -59,6 +60,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     layer_count: int | None = None  # mount only the lowest N layers (a snapshotter chain)
     hosts_dir: str | None = None  # containerd-style hosts.toml mirrors
     docker_config: str | None = None  # credentials file; None = the user's default
+    read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
 
 
 # ---------------------------------------------------------------------------- serving
@@ -182,6 +184,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         hosts_dir=opts.hosts_dir,
         docker_config=opts.docker_config,
         layer_count=opts.layer_count,
+        retry=RetryPolicy.within(opts.read_timeout),
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         recorder: Recorder | None = None

@@ -34,6 +34,9 @@ MANIFEST_ACCEPT = ", ".join(
     (oci.MT_OCI_INDEX, oci.MT_OCI_MANIFEST, oci.MT_DOCKER_LIST, oci.MT_DOCKER_MANIFEST)
 )
 MAX_MANIFEST_SIZE = 4 << 20
+# get_blob holds a whole blob in memory: it serves documents (image configs, prefetch groups),
+# never layers, so a registry that sends more is refused rather than believed.
+MAX_DOCUMENT_SIZE = 64 << 20
 MAX_REDIRECTS = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -46,6 +49,17 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     max_delay: float = 5.0
     #: a registry asking us to wait longer than this is waited on only this long
     max_retry_after: float = 30.0
+    #: an attempt that receives no byte for this long is abandoned (and the next host tried):
+    #: stalls are found by lack of progress, so a slow but moving transfer is never cut
+    stall_timeout: float = 10.0
+    #: no attempt starts this long after the first one: a request that gets no bytes ends
+    #: within deadline + stall_timeout (30 s by default), whatever the registry does
+    deadline: float = 20.0
+
+    @classmethod
+    def within(cls, seconds: float) -> RetryPolicy:
+        """A policy under which a fetch that gets no bytes ends within ``seconds``."""
+        return cls(stall_timeout=seconds / 3, deadline=seconds * 2 / 3)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         backoff = min(self.max_delay, self.base_delay * 2.0**attempt)
@@ -107,7 +121,6 @@ class RegistrySource(Source):
         credentials: Credentials | None = None,
         retry: RetryPolicy | None = None,
         max_concurrency: int = 8,
-        timeout: float = 30.0,
     ) -> None:
         self.host = host
         self.repository = repository
@@ -122,7 +135,9 @@ class RegistrySource(Source):
         self._credentials = credentials
         self._docker_config = docker_config
         self._max_concurrency = max_concurrency
-        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        stall = self.retry.stall_timeout
+        # httpx's read timeout is per socket read: it fires on silence, not on total time.
+        self._timeout = httpx.Timeout(stall, connect=min(stall, 10.0))
         self._clients: dict[tuple[bool, tuple[str, ...]], httpx.AsyncClient] = {}
         self._auth: dict[str, Authenticator] = {}
         self._limiters: dict[str, trio.CapacityLimiter] = {}
@@ -185,10 +200,13 @@ class RegistrySource(Source):
         if not endpoints:
             raise RemoteError(f"{self.name}: no endpoint with capability {capability!r}")
         last = ""
+        give_up = trio.current_time() + self.retry.deadline
         for attempt in range(self.retry.attempts):
             retry_after: float | None = None
             missing = 0
-            for ep in endpoints:
+            for n, ep in enumerate(endpoints):
+                if (attempt or n) and trio.current_time() >= give_up:
+                    break
                 try:
                     return await self._fetch_one(ep, path, headers, consume, method, body)
                 except _NotFound as e:
@@ -201,10 +219,12 @@ class RegistrySource(Source):
                         retry_after = max(retry_after or 0.0, e.retry_after)
             if missing == len(endpoints):
                 raise NotFoundError(f"{what} not found in {self.name} ({last})")
-            if attempt + 1 < self.retry.attempts:
-                self.stats.retries += 1
-                await trio.sleep(self.retry.delay(attempt, retry_after))
-        tries = self.retry.attempts
+            delay = self.retry.delay(attempt, retry_after)
+            if attempt + 1 >= self.retry.attempts or delay >= give_up - trio.current_time():
+                break  # sleeping past the deadline would only postpone the error
+            self.stats.retries += 1
+            await trio.sleep(delay)
+        tries = attempt + 1
         raise RemoteError(f"{what} from {self.name}: gave up after {tries} tries: {last}")
 
     async def _fetch_one(
@@ -334,7 +354,7 @@ class RegistrySource(Source):
         oci.check_digest(digest)
 
         async def consume(resp: httpx.Response, netloc: str) -> bytes:
-            data = await self._read_all(resp, 1 << 40)
+            data = await self._read_all(resp, MAX_DOCUMENT_SIZE)
             try:
                 return oci.verify(data, digest)
             except IntegrityError as e:

@@ -11,7 +11,7 @@ from lazyfs.errors import FormatError, NotFoundError
 from lazyfs.remote.base import Source
 from lazyfs.remote.local import OCILayoutSource
 from lazyfs.remote.reference import parse_oci_ref, parse_reference
-from lazyfs.remote.registry import RegistrySource
+from lazyfs.remote.registry import RegistrySource, RetryPolicy
 
 
 class ResolvedImage(msgspec.Struct):
@@ -68,6 +68,7 @@ def open_source(
     insecure: bool = False,
     hosts_dir: str | os.PathLike[str] | None = None,
     docker_config: str | os.PathLike[str] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> tuple[Source, str]:
     """``oci:DIR[:TAG]`` or a registry reference → ``(source, ref to resolve)``."""
     if image.startswith("oci:"):
@@ -81,5 +82,6 @@ def open_source(
         insecure=insecure,
         hosts_dir=hosts_dir,
         docker_config=docker_config,
+        retry=retry,
     )
     return source, ref.ref

@@ -264,6 +264,7 @@ class LayerStore:
             return parts, False  # type: ignore[return-value]  # every part is filled here
         waited = False
         missed: set[int] = set()
+        rejoined: set[int] = set()
         self.cache.pin(digests)
         try:
             while True:
@@ -308,6 +309,7 @@ class LayerStore:
                 missed.update(pending)
                 waited = True
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
+                mine = {d for g in groups for d in g.flights}
                 extra = []  # readahead is attempted once
                 flights: dict[str, _Flight] = {}
                 for i in pending:
@@ -332,6 +334,11 @@ class LayerStore:
                     f = flights.get(c.digest)
                     if f is None or isinstance(f.error, _Abandoned):
                         continue  # cached meanwhile, or its fetcher was cancelled: go again
+                    if f.error is not None and c.digest not in mine and i not in rejoined:
+                        # A read-ahead or prefetch this reader joined failed: the reader
+                        # still gets an attempt of its own before an error.
+                        rejoined.add(i)
+                        continue
                     if f.error is not None:
                         _reraise(f.error)
                     parts[i] = f.data if (lo, hi) == (0, c.size) else f.data[lo:hi]

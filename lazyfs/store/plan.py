@@ -83,29 +83,45 @@ def ahead_in_file(
     return out
 
 
+# A request's chunks are decoded in memory together: their decompressed total is capped too,
+# or a well-compressed 8 MiB range could stand for gigabytes (README "Memory").
+MAX_REQUEST_PLAIN = 32 * 1024 * 1024
+
+
 def plan_requests(
     layer: Layer, want: list[Chunk], merge_gap: int, max_request: int, is_local: IsLocal
 ) -> list[tuple[int, int, list[Chunk]]]:
     """Merge chunks into ``(start, end, chunks)`` range requests in blob order: neighbours at
-    most ``merge_gap`` apart, each request at most ``max_request`` (a single chunk may be
-    larger).  Chunks lying wholly inside a request's range come for free and are added."""
+    most ``merge_gap`` apart, each request at most ``max_request`` compressed and
+    ``MAX_REQUEST_PLAIN`` decompressed bytes (a single chunk may be larger).  Chunks lying
+    wholly inside a request's range come for free and are added while the cap allows."""
     want = sorted(want, key=lambda c: (c.offset, c.end))
     plans: list[tuple[int, int, list[Chunk]]] = []
+    plain: list[int] = []
     for c in want:
         if plans:
             start, end, chunks = plans[-1]
-            if c.offset - end <= merge_gap and max(end, c.end) - start <= max_request:
+            if (
+                c.offset - end <= merge_gap
+                and max(end, c.end) - start <= max_request
+                and plain[-1] + c.size <= MAX_REQUEST_PLAIN
+            ):
                 chunks.append(c)
                 plans[-1] = (start, max(end, c.end), chunks)
+                plain[-1] += c.size
                 continue
         plans.append((c.offset, c.end, [c]))
-    for start, end, chunks in plans:
+        plain.append(c.size)
+    for (start, end, chunks), total in zip(plans, plain, strict=True):
         have = {c.digest for c in chunks}
         i = bisect.bisect_left(layer.offsets, start)
         while i < len(layer.by_offset) and layer.by_offset[i].offset < end:
             c = layer.by_offset[i]
             i += 1
             if c.end <= end and c.digest not in have and not is_local(c):
+                if total + c.size > MAX_REQUEST_PLAIN:
+                    break
+                total += c.size
                 have.add(c.digest)
                 chunks.append(c)
     return plans

@@ -16,7 +16,7 @@ import trio
 
 from lazyfs import oci
 from lazyfs.atomic import atomic_write
-from lazyfs.errors import FormatError, LazyfsError
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats.layer import (
     TAIL_SIZE,
     TocLocation,
@@ -25,13 +25,14 @@ from lazyfs.formats.layer import (
     locate_toc,
     tail_start_hint,
 )
-from lazyfs.formats.toc import TOC
+from lazyfs.formats.toc import TOC, TocBudget
 from lazyfs.remote.base import Source
 from lazyfs.remote.resolve import ResolvedImage, resolve_image
 
 log = logging.getLogger(__name__)
 
 TAIL_GUESS = 64 * 1024
+TOC_FETCH_TRIES = 3
 
 
 class LayerInfo(msgspec.Struct):
@@ -52,11 +53,16 @@ class _CachedTOC(msgspec.Struct):
 
 
 async def load_layer(
-    source: Source, desc: oci.Descriptor, toc_dir: Path | None, *, verify: bool = True
+    source: Source,
+    desc: oci.Descriptor,
+    toc_dir: Path | None,
+    *,
+    verify: bool = True,
+    budget: TocBudget | None = None,
 ) -> LayerInfo:
-    """Read (or take from ``toc_dir``) a layer's TOC.  ``verify``: refuse a TOC the manifest
-    gives no digest for, since every chunk digest comes from it (only ``lazyfs inspect`` of a
-    bare blob file passes False)."""
+    """Read (or take from ``toc_dir``) a layer's TOC, charging ``budget`` (the image's).
+    ``verify``: refuse a TOC the manifest gives no digest for, since every chunk digest comes
+    from it (only ``lazyfs inspect`` of a bare blob file passes False)."""
     hexpart = oci.check_digest(desc.digest)
     cached = toc_dir / hexpart if toc_dir is not None else None
     if cached is not None and cached.exists():
@@ -66,7 +72,7 @@ async def load_layer(
             want = expected_toc_digest(desc.annotations, entry.location.format)
             if want is None or want != entry.location.expected_digest:
                 raise FormatError("the manifest promises another TOC digest")
-            toc = await trio.to_thread.run_sync(decode_layer_toc, entry.location, entry.raw)
+            toc = await trio.to_thread.run_sync(decode_layer_toc, entry.location, entry.raw, budget)
             return LayerInfo(desc, entry.location, toc)
         except (msgspec.DecodeError, msgspec.ValidationError, LazyfsError) as e:
             log.info("not using the cached TOC of %s: %s", desc.digest, e)
@@ -91,18 +97,32 @@ async def load_layer(
             f"{where}: the manifest gives no TOC digest annotation, so its content cannot be "
             "verified; refusing it"
         )
-    if loc.start >= tail_start:
-        raw = tail[loc.start - tail_start : loc.end - tail_start]
-    else:
-        raw = await source.read_range(desc.digest, loc.start, loc.end)
+    first = tail[loc.start - tail_start : loc.end - tail_start] if loc.start >= tail_start else None
     try:
-        toc = await trio.to_thread.run_sync(decode_layer_toc, loc, raw)
+        raw, toc = await _fetch_toc(source, desc.digest, loc, first, budget)
     except LazyfsError as e:
         raise type(e)(f"{where}: {e}") from None
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cached, msgspec.msgpack.encode(_CachedTOC(loc, raw)))
     return LayerInfo(desc, loc, toc)
+
+
+async def _fetch_toc(
+    source: Source, digest: str, loc: TocLocation, first: bytes | None, budget: TocBudget | None
+) -> tuple[bytes, TOC]:
+    """The TOC's bytes (``first`` if already read) and the decoded TOC.  Bytes that fail
+    their digest are most likely damaged in transit: fetched again, as chunks are."""
+    for attempt in range(TOC_FETCH_TRIES):
+        raw = first if first is not None else await source.read_range(digest, loc.start, loc.end)
+        first = None
+        try:
+            return raw, await trio.to_thread.run_sync(decode_layer_toc, loc, raw, budget)
+        except IntegrityError as e:
+            if attempt + 1 == TOC_FETCH_TRIES:
+                raise
+            log.warning("TOC of %s: %s; fetching it again", digest, e)
+    raise AssertionError("unreachable")
 
 
 async def load_tocs(
@@ -124,9 +144,10 @@ async def load_tocs(
             )
         descriptors = descriptors[:layer_count]
     layers: list[LayerInfo | None] = [None] * len(descriptors)
+    budget = TocBudget()  # bounds the whole image, not each layer
 
     async def one(i: int, desc: oci.Descriptor) -> None:
-        layers[i] = await load_layer(source, desc, toc_dir)
+        layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
 
     async with trio.open_nursery() as nursery:
         for i, desc in enumerate(descriptors):

@@ -37,7 +37,12 @@ class FaultProxy:
         self._thread.start()
 
     def reset(self) -> None:
+        old = getattr(self, "_release", None)
+        if old is not None:
+            old.set()  # stalled responses end now
         with self.lock:
+            self._stall = 0
+            self._release = threading.Event()
             self.requests = 0  # all requests seen
             self.matched_bytes = 0  # body bytes sent for matching (blob) requests
             self.paths: list[str] = []
@@ -66,6 +71,11 @@ class FaultProxy:
         """Send a short body with a matching (lying) Content-Length."""
         with self.lock:
             self._truncate += n
+
+    def stall_next(self, n: int) -> None:
+        """Send headers and half the body, then nothing until reset or close (at most 60 s)."""
+        with self.lock:
+            self._stall += n
 
     def flip_next(self, n: int) -> None:
         with self.lock:
@@ -149,6 +159,18 @@ class FaultProxy:
                         )
                         self.close_connection = True
                         return
+                    if proxy._take("_stall"):
+                        release = proxy._release
+                        self.send_response(status)
+                        for k, v in out.items():
+                            self.send_header(k, v)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body[: len(body) // 2])
+                        self.wfile.flush()
+                        release.wait(60)
+                        self.close_connection = True
+                        return
                     if proxy._take("_truncate"):
                         body = body[: len(body) // 2]
                     if proxy._take("_flip"):
@@ -161,6 +183,7 @@ class FaultProxy:
         return Handler
 
     def close(self) -> None:
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

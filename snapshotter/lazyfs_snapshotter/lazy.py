@@ -19,6 +19,7 @@ user gets a new daemon on the same mount point.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -30,6 +31,7 @@ import msgspec
 import trio
 
 from lazyfs.errors import LazyfsError, first_error
+from lazyfs.formats.toc import TocBudget
 from lazyfs.fs.daemon import Daemon, attach, clear_mountpoint, spawn
 from lazyfs.fs.runtime import control_path
 from lazyfs.remote.reference import parse_reference
@@ -144,9 +146,12 @@ class LazyLayers:
                                       "its snapshot chain")
                 # The chain's mount opens the lowest `depth` layers of this manifest, so every
                 # one of them must be lazy here (those below were read before: from cache).
+                budget = TocBudget()  # bounds the chain's TOCs together, as a mount does
                 async with trio.open_nursery() as nursery:
                     for desc in resolved.layers[:depth]:
-                        nursery.start_soon(load_layer, src, desc, cache.tocs_dir)
+                        nursery.start_soon(
+                            functools.partial(load_layer, budget=budget), src, desc,
+                            cache.tocs_dir)
         except trio.TooSlowError:
             raise LazyfsError(f"TOCs not read in {PREPARE_TIMEOUT:.0f}s") from None
         finally:

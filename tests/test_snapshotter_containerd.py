@@ -125,10 +125,17 @@ def test_pull_run_inspect_and_gc_through_containerd(image: str, base_dir: Path) 
         assert "overlay" in mounts and "upperdir=" in mounts
         ctrd.ctr("snapshots", "--snapshotter", SN, "rm", "by-hand", capture=True)
         assert "by-hand" not in snapshots(ctrd)
+        # `ctr snapshots view` (unlike prepare) gives its snapshot no gc.root label and no
+        # lease, so containerd's GC removes it at its next collection, and every deletion
+        # (c1's, by-hand's) schedules one.  Wait until the collection that removes by-hand
+        # from this snapshotter has run: with no deletion pending, none runs under the view.
+        deadline = time.monotonic() + 30
+        while any(key.endswith("/by-hand") for key, _, _ in db_rows(sp.root)):
+            assert time.monotonic() < deadline, "containerd never collected by-hand"
+            time.sleep(0.1)
         ctrd.ctr("snapshots", "--snapshotter", SN, "view", "a-view", top, capture=True)
         assert snapshots(ctrd)["a-view"] == "View"
         ctrd.ctr("snapshots", "--snapshotter", SN, "rm", "a-view", capture=True)
-        # Labels go through Update.
         # Labels go through Update; containerd keeps most itself and passes on only those
         # under containerd.io/snapshot/.
         label = "containerd.io/snapshot/lazyfs.test"

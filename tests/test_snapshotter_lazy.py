@@ -5,6 +5,7 @@ through the gRPC API directly (the test containerd runs without the CRI plugin).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -42,7 +43,8 @@ from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items
-from tests.support.fixtures import registry  # noqa: F401 - fixture
+from lazyfs.testing.tokenserver import TokenServer
+from tests.support.fixtures import TOKEN_USER, registry  # noqa: F401 - fixture
 from tests.test_snapshotter_containerd import db_rows, snapshots, wait_reconnected
 
 SN = "lazyfs"
@@ -300,3 +302,84 @@ def test_cri_labels_through_the_grpc_api(env: Env, base_dir: Path) -> None:
         assert c.prepare("extract-plain", "", labels).mounts[0].type == "bind"
         assert "pulling normally" in sp.log_text()
         assert "Traceback" not in sp.log_text()
+
+
+def _prepare_chain(c: Client, ref: str, manifest: str, layers: list[str]) -> str:
+    """Prepare every layer with CRI's labels (each answered ALREADY_EXISTS); the top key."""
+    parent = ""
+    for i, digest in enumerate(layers):
+        labels = {TARGET_LABEL: f"chain-{i}", CRI_IMAGE_REF: ref, CRI_LAYER_DIGEST: digest,
+                  CRI_MANIFEST_DIGEST: manifest}
+        with pytest.raises(grpc.RpcError) as err:
+            c.prepare(f"extract-{i}", parent, labels)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+        parent = f"chain-{i}"
+    return parent
+
+
+def test_sigterm_leaves_daemons_and_unmount_on_exit_stops_them(env: Env, base_dir: Path
+                                                                ) -> None:
+    with ExitStack() as stack:
+        sp = SnapshotterProcess(base_dir / "sn", args=("--hosts-dir", str(env.hosts)))
+        stack.callback(stop_daemons, sp.root)
+        stack.callback(sp.stop)
+        sp.start()
+        c = Client(sp.address, namespace="k8s.io")
+        stack.callback(c.close)
+        top = _prepare_chain(c, env.lazy, env.manifest, env.layers)
+        c.prepare("container", top)
+        ((pid, mnt, _),) = daemons(sp.root)
+        sp.stop()  # SIGTERM: the mount stays for the running containers
+        assert not wait_pid(pid, 0.5) and is_mounted(mnt)
+        restarted = SnapshotterProcess(base_dir / "sn", args=(
+            "--hosts-dir", str(env.hosts), "--unmount-on-exit"))
+        stack.callback(restarted.stop)
+        restarted.start()
+        assert f"re-attached daemon pid {pid}" in restarted.log_text()
+        assert restarted.stop() == 0
+        assert wait_pid(pid, 10) and lazy_mounts(sp.root) == []
+        assert "Traceback" not in restarted.log_text()
+
+
+def test_credentials_from_docker_config_and_expiring_tokens(
+    tmp_path_factory: pytest.TempPathFactory, base_dir: Path
+) -> None:
+    """A registry behind a token service: the snapshotter and its daemons log in with
+    config.json's credentials, and a token that expires while a container runs is renewed."""
+    work = tmp_path_factory.mktemp("auth")
+    with ExitStack() as stack:
+        tokens = stack.enter_context(TokenServer(work / "tokens", credentials=TOKEN_USER,
+                                                 expires_in=7))
+        reg = stack.enter_context(RegistryInstance(work / "registry",
+                                                   token=tokens.registry_auth))
+        make_layout(work / "src", [make_tar(host_rootfs_items()), make_tar([
+            Item("etc", "dir", mode=0o755), Item("etc/hello", data=HELLO),
+            Item("data", "dir", mode=0o755), Item("data/late.bin", data=LATE)])], tag="v1")
+        convert(f"oci:{work / 'src'}:v1", f"oci:{work / 'lazy'}:v1", chunk_size=64 * 1024)
+        push_oci_layout(work / "lazy", f"{reg.host}/auth/app:v1", tag="v1", creds=TOKEN_USER)
+        lazy = Layout(work / "lazy")
+        auth = base64.b64encode(":".join(TOKEN_USER).encode()).decode()
+        (work / "config.json").write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        (work / "sn.toml").write_text(
+            f'[registry]\nplain_http = ["{reg.host}"]\ndocker_config = "{work / "config.json"}"\n')
+        sp = SnapshotterProcess(base_dir / "sn", args=("--config", str(work / "sn.toml")))
+        stack.callback(stop_daemons, sp.root)
+        stack.enter_context(sp)
+        c = Client(sp.address, namespace="k8s.io")
+        stack.callback(c.close)
+        top = _prepare_chain(c, f"{reg.host}/auth/app:v1", lazy.find("v1").digest,
+                             [layer.digest for layer in lazy.manifest("v1").layers])
+        (m,) = c.prepare("container", top).mounts
+        target = base_dir / "rootfs"
+        target.mkdir()
+        subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)],
+                       check=True)
+        stack.callback(subprocess.run, ["umount", str(target)], check=False)
+        assert (target / "etc/hello").read_bytes() == HELLO
+        issued = len(tokens.requests)
+        # Tokens are renewed 5 s before they expire: this one is due after 2 s.
+        time.sleep(3)
+        # The base layer: nothing of it was fetched yet (the top layer's read-ahead took
+        # late.bin with hello).
+        assert (target / "bin/sh").read_bytes() == Path("/bin/sh").read_bytes()
+        assert len(tokens.requests) > issued and all(basic for _, basic in tokens.requests)

@@ -192,6 +192,9 @@ def test_rpull_fetches_only_tocs_runs_and_gc_cleans(env: Env, base_dir: Path) ->
                           capture=True).stdout
         ((pid, mnt, _),) = daemons(sp.root)
         assert f"lowerdir={mnt}" in mounts and lazy_mounts(sp.root) == [mnt]
+        with open("/proc/self/mountinfo") as f:  # host users get no set-id bits or devices
+            (line,) = [line for line in f if f" {mnt} " in line]
+        assert {"ro", "nosuid", "nodev"} <= set(line.split()[5].split(","))
         assert oct(os.stat(sp.root).st_mode & 0o777) == "0o700"
         ctrd.ctr("snapshots", "--snapshotter", SN, "rm", "by-hand", capture=True)
         wait_for(lambda: daemons(sp.root) == [])

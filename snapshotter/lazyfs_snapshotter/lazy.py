@@ -41,6 +41,7 @@ from lazyfs.store.documents import CachingSource
 from lazyfs.store.tocs import load_layer
 
 from .config import Config
+from .errors import FailedPrecondition
 from .metadata import DaemonRow, MetadataStore, RemoteLayerRow
 from .remote import Chain, Readiness, RemoteSource
 
@@ -214,8 +215,12 @@ class LazyLayers:
         clear_mountpoint(mnt)  # a dead daemon's stale mount: its users see ENOTCONN anyway
         mnt.mkdir(mode=0o755, exist_ok=True)
         t0 = time.monotonic()
-        daemon = spawn(chain.top.image_ref, mnt, self._options(chain),
-                       log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT)
+        try:
+            daemon = spawn(chain.top.image_ref, mnt, self._options(chain),
+                           log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT)
+        except LazyfsError as e:  # the daemon's own one line, for containerd's caller
+            raise FailedPrecondition(
+                f"cannot mount the lazy layers of {chain.top.image_ref}: {e}") from None
         try:
             with self.store.transaction() as tx:
                 daemon_id = tx.put_daemon(daemon.pid, str(mnt), str(control_path(mnt)),

@@ -214,6 +214,7 @@ def test_rpull_fetches_only_tocs_runs_and_gc_cleans(env: Env, base_dir: Path) ->
             time.sleep(0.2)
         assert snapshots(ctrd) == {} and db_rows(sp.root) == []
         assert daemons(sp.root) == [] and lazy_mounts(sp.root) == []
+        assert list((sp.root / "mnt").iterdir()) == []
         assert "Traceback" not in sp.log_text()
 
 

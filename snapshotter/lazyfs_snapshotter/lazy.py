@@ -256,6 +256,8 @@ class LazyLayers:
         clear_mountpoint(row.mountpoint)
         with contextlib.suppress(OSError):
             os.rmdir(row.mountpoint)
+        # A daemon stopped on purpose leaves no log; a dead one's log stays until then.
+        Path(row.mountpoint).with_suffix(".log").unlink(missing_ok=True)
 
     def _forget(self, row: DaemonRow) -> None:
         """A daemon that died: detach its stale mount; its row waits for the next user."""

@@ -78,6 +78,7 @@ class LazyLayers:
         # One start or stop at a time: two containers of one image must share one daemon.
         self._lock = threading.RLock()
         self._cache: ChunkCache | None = None
+        self._cache_lock = threading.Lock()  # not _lock: a Prepare never waits for a spawn
 
     # -- set-up ----------------------------------------------------------------------
     @property
@@ -106,7 +107,7 @@ class LazyLayers:
                 log.info("re-attached daemon pid %d on %s", row.pid, row.mountpoint)
 
     def _chunk_cache(self) -> ChunkCache:
-        with self._lock:
+        with self._cache_lock:
             if self._cache is None:
                 self._cache = ChunkCache(self.cache_dir, self.config.cache_size)
             return self._cache

@@ -92,6 +92,8 @@ class RemoteLayerRow:
 
 @dataclass(frozen=True)
 class DaemonRow:
+    """A FUSE daemon the snapshotter started: found again after a restart by its mount point."""
+
     id: int
     pid: int  # 0: dead and cleaned; started again when next needed
     mountpoint: str
@@ -301,6 +303,22 @@ class Tx:
         self.conn.execute("UPDATE snapshots SET daemon_id = NULL WHERE daemon_id = ?",
                           (daemon_id,))
         self.conn.execute("DELETE FROM daemons WHERE id = ?", (daemon_id,))
+
+    def count_kinds(self) -> dict[Kind, int]:
+        """Snapshots of each kind, every namespace."""
+        cur = self.conn.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind")
+        return {Kind(k): int(n) for k, n in cur.fetchall()}
+
+    def add_daemon(
+        self, pid: int, mountpoint: str, control_socket: str, image_ref: str, chain_id: str
+    ) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO daemons (pid, mountpoint, control_socket, image_ref, chain_id,"
+            " started_ns) VALUES (?, ?, ?, ?, ?, ?)",
+            (pid, mountpoint, control_socket, image_ref, chain_id, now_ns()),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
 
 
 class MetadataStore:

@@ -118,12 +118,12 @@ def stop_daemons(root: Path) -> None:
             subprocess.run(["umount", "-l", mnt], check=False)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
+def wait_for(cond: Callable[[], bool], sp: SnapshotterProcess, timeout: float = 30.0) -> None:
     """containerd removes a deleted container's snapshot in its garbage collection, soon
     after, not in the deleting call."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out; snapshotter log:\n{sp.log_text()[-4000:]}"
         time.sleep(0.1)
 
 
@@ -178,7 +178,7 @@ def test_rpull_fetches_only_tocs_runs_and_gc_cleans(env: Env, base_dir: Path) ->
         assert run(ctrd, env.lazy, "c1", "/bin/cat", "/etc/hello") == HELLO.decode()
         out = run(ctrd, env.lazy, "c2", "/usr/bin/sha256sum", "/data/late.bin")
         assert out.split()[0] == hashlib.sha256(LATE).hexdigest()
-        wait_for(lambda: daemons(sp.root) == [])  # GC removed the last user: daemon stopped
+        wait_for(lambda: daemons(sp.root) == [], sp)  # GC removed the last user: daemon stopped
         assert lazy_mounts(sp.root) == []
 
         top = next(k for k in snaps if k.endswith(_chain_top(ctrd, snaps)))
@@ -197,7 +197,7 @@ def test_rpull_fetches_only_tocs_runs_and_gc_cleans(env: Env, base_dir: Path) ->
         assert {"ro", "nosuid", "nodev"} <= set(line.split()[5].split(","))
         assert oct(os.stat(sp.root).st_mode & 0o777) == "0o700"
         ctrd.ctr("snapshots", "--snapshotter", SN, "rm", "by-hand", capture=True)
-        wait_for(lambda: daemons(sp.root) == [])
+        wait_for(lambda: daemons(sp.root) == [], sp)
         assert wait_pid(pid, 10) and lazy_mounts(sp.root) == []
 
         # A gzip image through the same labels: pulled normally, the reason logged.
@@ -262,7 +262,7 @@ def test_container_survives_kill_9_of_the_snapshotter_and_dead_daemons_are_repla
         assert "died" in sp.log_text()
 
         remove_container(ctrd, "long")
-        wait_for(lambda: daemons(sp.root) == [])
+        wait_for(lambda: daemons(sp.root) == [], sp)
         assert wait_pid(new_pid, 10) and lazy_mounts(sp.root) == []
         assert "Traceback" not in sp.log_text()
 

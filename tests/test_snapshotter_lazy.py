@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,12 @@ from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items
 from lazyfs.testing.tokenserver import TokenServer
 from tests.support.fixtures import TOKEN_USER, registry  # noqa: F401 - fixture
-from tests.test_snapshotter_containerd import db_rows, snapshots, wait_reconnected
+from tests.test_snapshotter_containerd import (
+    collect_garbage,
+    db_rows,
+    snapshots,
+    wait_reconnected,
+)
 
 SN = "lazyfs"
 HELLO = b"hello from a lazy layer\n"
@@ -118,15 +123,6 @@ def stop_daemons(root: Path) -> None:
             subprocess.run(["umount", "-l", mnt], check=False)
 
 
-def wait_for(cond: Callable[[], bool], sp: SnapshotterProcess, timeout: float = 30.0) -> None:
-    """containerd removes a deleted container's snapshot in its garbage collection, soon
-    after, not in the deleting call."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out; snapshotter log:\n{sp.log_text()[-4000:]}"
-        time.sleep(0.1)
-
-
 def lazy_mounts(root: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if f" {root}/mnt/" in line]
@@ -178,8 +174,9 @@ def test_rpull_fetches_only_tocs_runs_and_gc_cleans(env: Env, base_dir: Path) ->
         assert run(ctrd, env.lazy, "c1", "/bin/cat", "/etc/hello") == HELLO.decode()
         out = run(ctrd, env.lazy, "c2", "/usr/bin/sha256sum", "/data/late.bin")
         assert out.split()[0] == hashlib.sha256(LATE).hexdigest()
-        wait_for(lambda: daemons(sp.root) == [], sp)  # GC removed the last user: daemon stopped
-        assert lazy_mounts(sp.root) == []
+        # containerd removes a deleted container's snapshot in its GC, not in the delete.
+        collect_garbage(ctrd)
+        assert daemons(sp.root) == [] and lazy_mounts(sp.root) == []  # last user gone
 
         top = next(k for k in snaps if k.endswith(_chain_top(ctrd, snaps)))
         info = json.loads(ctrd.ctr("snapshots", "--snapshotter", SN, "info", top,
@@ -197,8 +194,8 @@ def test_rpull_fetches_only_tocs_runs_and_gc_cleans(env: Env, base_dir: Path) ->
         assert {"ro", "nosuid", "nodev"} <= set(line.split()[5].split(","))
         assert oct(os.stat(sp.root).st_mode & 0o777) == "0o700"
         ctrd.ctr("snapshots", "--snapshotter", SN, "rm", "by-hand", capture=True)
-        wait_for(lambda: daemons(sp.root) == [], sp)
-        assert wait_pid(pid, 10) and lazy_mounts(sp.root) == []
+        collect_garbage(ctrd)
+        assert daemons(sp.root) == [] and wait_pid(pid, 10) and lazy_mounts(sp.root) == []
 
         # A gzip image through the same labels: pulled normally, the reason logged.
         rpull(ctrd, env.plain)
@@ -262,8 +259,8 @@ def test_container_survives_kill_9_of_the_snapshotter_and_dead_daemons_are_repla
         assert "died" in sp.log_text()
 
         remove_container(ctrd, "long")
-        wait_for(lambda: daemons(sp.root) == [], sp)
-        assert wait_pid(new_pid, 10) and lazy_mounts(sp.root) == []
+        collect_garbage(ctrd)
+        assert daemons(sp.root) == [] and wait_pid(new_pid, 10) and lazy_mounts(sp.root) == []
         assert "Traceback" not in sp.log_text()
 
 

@@ -41,6 +41,7 @@ ANN_ZSTD_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
 ANN_ZSTD_POSITION = "io.github.containers.zstd-chunked.manifest-position"
 ANN_ZSTD_CHECKSUM_OLD = "io.containers.zstd-chunked.manifest-checksum"
 ANN_ZSTD_POSITION_OLD = "io.containers.zstd-chunked.manifest-position"
+ANN_ZSTD_TARSPLIT_POSITION = "io.github.containers.zstd-chunked.tarsplit-position"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 # lazyfs' own: sha256 of the uncompressed tar stream, so a reader can check diff_ids cheaply.
 ANN_LAZYFS_FORMAT = "dev.lazyfs.layer.format"

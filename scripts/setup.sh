@@ -12,6 +12,7 @@ APT_PACKAGES=(
   stargz-snapshotter                     # ctr-remote: peer-made eStargz/zstdchunked layers
   skopeo umoci                           # check converted images with non-lazy tools
   fuse-overlayfs                         # benchmark baseline
+  podman                                 # partial pulls of our zstd:chunked (issue 12)
   zstd curl apache2-utils attr iproute2 python3-venv
   autoconf automake gcc make             # build pjdfstest (from ../shared/third_party) in tests
 )
@@ -44,6 +45,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+
+# pyfuse3 cannot ask the kernel to cache directory listings; this rebuilds it so it can (once,
+# about a minute; idempotent: nothing happens while the installed build is the patched one).
+.venv/bin/python scripts/pyfuse3_cache_dir.py
 
 # The snapshotter's gRPC modules are generated (gitignored) from the protos Debian ships.
 if [ ! -f snapshotter/lazyfs_snapshotter/api/snapshots_pb2.py ] \

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs import oci
 from lazyfs.cli import main
 from lazyfs.errors import FormatError, IntegrityError, NotFoundError
 from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
@@ -161,5 +162,29 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert err.count("\n") == 1 and err.startswith("lazyfs: ")
     make_layout(tmp_path / "src", [make_tar([Item("a", data=b"a")])])
     assert main(["convert", f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"]) == 0
-    assert main(["convert", f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"]) == 1
-    assert "not empty" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    assert main(["convert", f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'junk'}"]) == 1
+    assert "is not an OCI layout" in capsys.readouterr().err
+
+
+def test_convert_adds_a_tag_to_an_existing_layout(tmp_path: Path) -> None:
+    """As skopeo and umoci do: other tags stay, the same tag moves, blobs are shared."""
+    make_layout(tmp_path / "src", [make_tar([Item("a", data=b"one" * 3000)])], tag="v1")
+    make_layout(tmp_path / "src2", [make_tar([Item("a", data=b"two" * 3000)])], tag="v2")
+    dst = tmp_path / "dst"
+    first = convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{dst}:v1")
+    second = convert(f"oci:{tmp_path / 'src2'}:v2", f"oci:{dst}:v2")
+    index = json.loads((dst / "index.json").read_text())
+    tags = {d["annotations"][oci.ANN_REF_NAME]: d["digest"] for d in index["manifests"]}
+    assert tags == {"v1": first.digest, "v2": second.digest}
+    again = convert(f"oci:{tmp_path / 'src2'}:v2", f"oci:{dst}:v1")  # v1 now points at v2's
+    index = json.loads((dst / "index.json").read_text())
+    tags = {d["annotations"][oci.ANN_REF_NAME]: d["digest"] for d in index["manifests"]}
+    assert tags == {"v1": again.digest, "v2": second.digest} and again.digest == second.digest
+    for tag in ("v1", "v2"):  # skopeo reads both tags of the layout it would push
+        res = subprocess.run(
+            ["skopeo", "inspect", "--raw", f"oci:{dst}:{tag}"], capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+    assert not list(dst.parent.glob(".dst.partial-*"))

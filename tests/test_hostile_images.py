@@ -339,7 +339,7 @@ def test_toc_damaged_in_transit_is_fetched_again(fmt: ModuleType) -> None:
 def test_a_request_decodes_at_most_its_plain_cap(tmp_path: Path) -> None:
     """Well-compressed chunks are merged by compressed span, but a request's decoded total is
     capped too: eight 16 MiB chunks of 100 compressed bytes each are not one request."""
-    n, size = 8, MAX_CHUNK_SIZE
+    n, size = 8, 16 * 1024 * 1024
     chunks = tuple(
         Chunk(i * size, size, 100 * i, 100 * (i + 1), f"sha256:{i:064x}") for i in range(n)
     )

@@ -24,7 +24,6 @@ from lazyfs.errors import FormatError, RemoteError, first_error
 from lazyfs.formats import toc as toc_module
 from lazyfs.formats import zstdchunked
 from lazyfs.formats.layer import TAIL_SIZE, locate_toc, toc_json
-from lazyfs.formats.toc import MAX_CHUNK_SIZE
 from lazyfs.fs.unmount import is_mounted, unmount
 from lazyfs.remote import registry as registry_module
 from lazyfs.remote.local import OCILayoutSource
@@ -40,7 +39,8 @@ from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 from tests.test_hostile_images import _declaring, _zstd_frame
 
-BIG = seeded_bytes(MAX_CHUNK_SIZE, 7)  # one chunk of the largest size the cap allows
+BIG_CHUNK = 16 * 1024 * 1024
+BIG = seeded_bytes(BIG_CHUNK, 7)  # one chunk, decoded to disk (store.bigchunk)
 SMALL = seeded_bytes(300_000, 8)
 MANY = 150_000  # directory entries added to the memory test's TOC
 
@@ -128,7 +128,7 @@ def images(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     longname = _image(d, "longname")
     _rewrite_toc(longname, _add_long_name)
     push_oci_layout(longname, f"{registry.host}/hostile/longname:v1", tag="v1")
-    large = _image(d, "large", chunk_size=MAX_CHUNK_SIZE)
+    large = _image(d, "large", chunk_size=BIG_CHUNK)
     bomb = _declaring(_zstd_frame(os.urandom(2 << 20)), 64 << 30)
 
     def many_and_a_bomb(doc: dict[str, object], at: int) -> None:
@@ -338,7 +338,7 @@ def test_large_image_mounts_and_reads_under_a_memory_limit(
         assert e.value.errno == errno.EIO
         names = os.listdir(mnt / "many")
         assert len(names) == MANY
-        for off in (0, 5_000_000, MAX_CHUNK_SIZE - 4096):
+        for off in (0, 5_000_000, BIG_CHUNK - 4096):
             with open(mnt / "big.bin", "rb") as f:
                 f.seek(off)
                 assert f.read(4096) == BIG[off : off + 4096]

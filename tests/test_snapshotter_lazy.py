@@ -162,7 +162,7 @@ def test_rpull_fetches_only_tocs_runs_and_gc_cleans(env: Env, base_dir: Path) ->
         sp, ctrd = start(stack, base_dir, env)
         env.proxy.reset()
         rpull(ctrd, env.lazy)
-        fetched = env.proxy.matched_bytes
+        fetched = env.proxy.blob_bytes
         # Footers and TOCs (and the small config blob): a few percent of the layers.
         assert 0 < fetched < env.layer_bytes // 10, (fetched, env.layer_bytes)
         snaps = snapshots(ctrd)

@@ -18,9 +18,21 @@ from .common import add_registry_args, parse_size
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("convert", help="rewrite an image's layers into a lazy format")
-    p.add_argument("src", metavar="SRC", help="source image: oci:DIR[:TAG]")
-    p.add_argument("dst", metavar="DST", help="destination image: oci:DIR[:TAG] (must not exist)")
-    p.add_argument("--format", choices=("zstd:chunked", "estargz"), default="zstd:chunked")
+    p.add_argument(
+        "src", metavar="SRC", help="source image: oci:DIR[:TAG] or [docker://]REGISTRY/REPO:TAG"
+    )
+    p.add_argument(
+        "dst",
+        metavar="DST",
+        help="destination: oci:DIR[:TAG] (a new layout, or a tag added to an existing one) or "
+        "[docker://]REGISTRY/REPO:TAG (pushed: exactly the blobs written)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("zstd:chunked", "estargz"),
+        default="zstd:chunked",
+        help="lazy layer format (default zstd:chunked: podman partial-pulls it)",
+    )
     p.add_argument(
         "--chunk-size",
         type=parse_size,
@@ -35,6 +47,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--group", metavar="NAME", help="which group of --prefetch (default: first)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_registry_args(p, platform=False)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--platform", metavar="OS/ARCH[/VARIANT]", help="convert only this image of an index"
+    )
+    which.add_argument(
+        "--all-platforms",
+        action="store_true",
+        help="convert every image of an index (the default; skopeo's --all)",
+    )
     p.set_defaults(handler=convert_cmd)
     register_inspect(sub)
 
@@ -53,6 +75,9 @@ def convert_cmd(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         prefetch=args.prefetch,
         group=args.group,
+        plain_http=args.plain_http,
+        insecure=args.insecure,
+        platform=args.platform,
     )
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
@@ -85,11 +110,14 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     import trio
 
     from lazyfs import oci
+    from lazyfs.errors import FormatError
+    from lazyfs.formats.layer import expected_toc_digest
+    from lazyfs.formats.toc import TocBudget
     from lazyfs.remote.local import BlobFileSource
-    from lazyfs.remote.resolve import open_source
-    from lazyfs.store.tocs import LayerInfo, load_layer, load_tocs
+    from lazyfs.remote.resolve import open_source, resolve_image
+    from lazyfs.store.tocs import LayerInfo, load_layer
 
-    async def load() -> list[LayerInfo]:
+    async def load() -> list[LayerInfo | oci.Descriptor]:
         if os.path.isfile(args.target):
             size = os.path.getsize(args.target)
             with open(args.target, "rb") as f:
@@ -100,29 +128,67 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             return [await load_layer(src, desc, None, verify=False)]
         source, ref = open_source(args.target, plain_http=args.plain_http)
         try:
-            return (await load_tocs(source, ref, platform=args.platform)).layers
+            resolved = await resolve_image(source, ref, args.platform)
+            budget = TocBudget()
+            out: list[LayerInfo | oci.Descriptor] = []
+            for desc in resolved.layers:
+                try:
+                    out.append(await load_layer(source, desc, None, budget=budget))
+                except FormatError:
+                    lazy = any(
+                        expected_toc_digest(desc.annotations, f)
+                        for f in ("zstd:chunked", "estargz")
+                    )
+                    if lazy:  # it says it is lazy and is not: a broken image, not a plain one
+                        raise
+                    out.append(desc)  # a plain layer: shown as such, not an error
+            return out
         finally:
             await source.aclose()
 
     layers = trio.run(load)
     if args.json:
         doc = [
-            {
-                "digest": li.descriptor.digest,
-                "format": li.location.format,
-                "entries": li.toc.entries,
-            }
+            {"digest": li.descriptor.digest, "format": li.location.format, "lazy": True}
+            | {"entries": li.toc.entries}
+            if isinstance(li, LayerInfo)
+            else {"digest": li.digest, "format": _plain_kind(li), "lazy": False, "entries": []}
             for li in layers
         ]
         sys.stdout.write(msgspec.json.encode(doc).decode() + "\n")
         return 0
+    plain = 0
     for li in layers:
+        if not isinstance(li, LayerInfo):
+            plain += 1
+            print(f"# layer {li.digest} ({_plain_kind(li)}, NOT LAZY: no TOC)")
+            continue
         print(
             f"# layer {li.descriptor.digest} ({li.location.format}, {len(li.toc.entries)} entries)"
         )
         for e in li.toc.entries:
             print(_row(e))
+    if plain:
+        # Said plainly, on stderr so the table stays parseable: the usual cause is a push that
+        # let the registry's gzip blob stand in for the lazy one (see the README).
+        kinds = sorted({_plain_kind(d) for d in layers if not isinstance(d, LayerInfo)})
+        print(
+            f"lazyfs: {plain} of {len(layers)} layers of {args.target} are plain "
+            f"({', '.join(kinds)}), not lazy: nothing can be read from them before they are "
+            "fetched whole; `lazyfs convert` makes them lazy, and "
+            "`skopeo copy --preserve-digests` keeps them lazy when pushed",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _plain_kind(desc: object) -> str:
+    from lazyfs import oci
+
+    assert isinstance(desc, oci.Descriptor)
+    return {"gzip": "tar+gzip", "zstd": "tar+zstd", "tar": "tar"}.get(
+        oci.LAYER_TYPES.get(desc.mediaType, ""), desc.mediaType or "unknown"
+    )
 
 
 def _row(e: Entry) -> str:

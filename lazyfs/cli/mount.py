@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from lazyfs.errors import LazyfsError
+from lazyfs.errors import LazyfsError, first_error
 
 if TYPE_CHECKING:
     from lazyfs.fs.serve import MountOptions
@@ -135,50 +136,58 @@ def mount_cmd(args: argparse.Namespace) -> int:
         raise LazyfsError("--read-timeout takes a number of seconds > 0")
     if args.foreground or args.ready_fd is not None:
         return _serve(args)
-    # Daemonize by re-running ourselves detached; the child reports readiness or its one-line
-    # error through a pipe, so errors before the mount is ready come from this command.
-    from lazyfs.fs.daemon import spawn
+    # Daemonize by forking, before trio or any thread exists: the child serves in a new
+    # session and reports readiness or its one-line error through a pipe, so errors before
+    # the mount is ready come from this command.  A fork, not a second interpreter: starting
+    # Python and importing lazyfs again was half of a mount's time.
+    from lazyfs.fs.daemon import _read_line
 
-    daemon = spawn(
-        args.image,
-        args.mountpoint,
-        _passthrough(args),
-        log=args.log or os.devnull,
-        verbose=args.verbose,
-    )
-    print(f"{args.mountpoint}: mounted {args.image} (pid {daemon.pid})")
+    sys.stdout.flush()
+    sys.stderr.flush()  # or the child writes the parent's pending output again
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os._exit(_child(args, write_fd))
+    os.close(write_fd)
+    try:
+        message = _read_line(read_fd, None)
+    finally:
+        os.close(read_fd)
+    if message != "ready":
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        raise LazyfsError(message.removeprefix("error: ") or f"daemon exited ({code})")
+    print(f"{args.mountpoint}: mounted {args.image} (pid {pid})")
     return 0
 
 
-def _passthrough(args: argparse.Namespace) -> list[str]:
-    out: list[str] = []
-    for flag in ("upper", "cache", "platform", "log", "trace", "group", "prefetch", "layers",
-                 "hosts_dir", "docker_config"):
-        value = getattr(args, flag)
-        if value is not None:
-            out += [f"--{flag.replace('_', '-')}", str(value)]
-    out += ["--cache-size", str(args.cache_size), "--read-timeout", str(args.read_timeout)]
-    if args.copy_up_limit is not None:
-        out += ["--copy-up-limit", str(args.copy_up_limit)]
-    for flag in (
-        "plain_http",
-        "insecure",
-        "allow_other",
-        "read_only",
-        "suid",
-        "dev",
-        "background_fetch",
-        "no_prefetch",
-    ):
-        if getattr(args, flag):
-            out.append("--" + flag.replace("_", "-"))
-    return out
+def _child(args: argparse.Namespace, ready_fd: int) -> int:
+    """The forked daemon: its own session, stdin from /dev/null, output to the log."""
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(args.log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(null)
+        os.close(out)
+        # Nothing else the caller handed us stays open for the daemon's lifetime (a pipe
+        # held open here would keep a caller reading it waiting), as a new process's would not.
+        os.closerange(3, ready_fd)
+        os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        args.ready_fd = ready_fd
+        return _serve(args)
+    except BaseException as e:  # the parent has the one line through the pipe; log the rest
+        with contextlib.suppress(OSError):
+            print(f"lazyfs: {first_error(e)}", file=sys.stderr, flush=True)
+        return 1
 
 
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
-    from lazyfs.errors import first_error
     from lazyfs.fs.serve import serve
 
     ready_fd = args.ready_fd

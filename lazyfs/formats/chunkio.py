@@ -10,7 +10,8 @@ import bisect
 import hashlib
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO, Protocol
 
 import zstandard
 
@@ -143,6 +144,78 @@ def decode_chunk(compression: Compression, raw: bytes, chunk: Chunk) -> bytes:
         )
     check_chunk(data, chunk.digest)
     return data
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def _zstd_stream(src: Readable, limit: int) -> Iterator[bytes]:
+    # Any object with read() will do as the source, though the stubs say IO[bytes].
+    reader = _dctx().stream_reader(src, read_size=_PIECE, read_across_frames=True)  # type: ignore[arg-type]
+    got = 0
+    try:
+        while got < limit:
+            piece = reader.read(min(limit - got, _PIECE))
+            if not piece:
+                return
+            got += len(piece)
+            yield piece
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"corrupt zstd data: {e}") from e
+
+
+def _gzip_stream(src: Readable, limit: int) -> Iterator[bytes]:
+    d = zlib.decompressobj(wbits=31)
+    data = b""
+    got = 0
+    try:
+        while got < limit:
+            if not data:
+                data = src.read(_PIECE)
+                if not data:
+                    return
+            piece = d.decompress(data, min(limit - got, _PIECE))
+            data = d.unconsumed_tail
+            if d.eof:  # the next member, if any, starts in what is left
+                data = d.unused_data
+                d = zlib.decompressobj(wbits=31)
+            if piece:
+                got += len(piece)
+                yield piece
+    except zlib.error as e:
+        raise IntegrityError(f"corrupt gzip data: {e}") from e
+
+
+def decode_chunk_into(compression: Compression, src: Readable, chunk: Chunk, out: BinaryIO) -> None:
+    """:func:`decode_chunk` for a chunk too big to hold in memory: the compressed range is
+    pulled from ``src`` and the content written to ``out`` in pieces of at most 1 MiB, hashed
+    on the way.  Decompression stops at the size the TOC declares, whatever the stream says.
+    Raises IntegrityError unless ``out`` received exactly the chunk's verified bytes."""
+    if compression == "zstd":
+        pieces = _zstd_stream(src, chunk.inner + chunk.size)
+    elif compression == "gzip":
+        pieces = _gzip_stream(src, chunk.inner + chunk.size)
+    else:
+        raise FormatError(f"unknown compression {compression!r}")
+    sha = hashlib.sha256()
+    skip, got = chunk.inner, 0
+    for piece in pieces:
+        if skip:
+            cut = min(skip, len(piece))
+            skip -= cut
+            piece = piece[cut:]
+        if piece:
+            sha.update(piece)
+            out.write(piece)
+            got += len(piece)
+    if got != chunk.size:
+        raise IntegrityError(f"chunk {chunk.digest} decompressed to {got} of {chunk.size} bytes")
+    algo, _, want = chunk.digest.partition(":")
+    if algo != "sha256":
+        raise IntegrityError(f"unsupported chunk digest {chunk.digest!r}")
+    if sha.hexdigest() != want:
+        raise IntegrityError(f"chunk {chunk.digest} failed verification")
 
 
 def check_chunk(data: bytes, digest: str) -> None:

@@ -16,6 +16,7 @@ from typing import BinaryIO
 import msgspec
 
 from lazyfs.errors import FormatError
+from lazyfs.formats.tarsplit import TarSplitWriter
 from lazyfs.formats.tarstream import Member, TarReader
 from lazyfs.formats.toc import Chunk, Entry
 
@@ -74,10 +75,12 @@ def frame_tar(
     *,
     keep_trailer: bool,
     check: Callable[[Member], None] | None = None,
+    split: TarSplitWriter | None = None,
 ) -> list[Entry]:
     """Frame every member of ``reader`` onto ``out``; return the TOC entries (content chunks
     filled in).  ``keep_trailer``: also emit the end-of-archive blocks (zstd:chunked keeps the
-    exact source tar; eStargz appends its TOC member and its own end instead)."""
+    exact source tar; eStargz appends its TOC member and its own end instead).  ``split``
+    records the tar-split entries of the stream as it goes (zstd:chunked)."""
     if chunk_size <= 0:
         raise FormatError("chunk size must be positive")
     entries: list[Entry] = []
@@ -92,6 +95,8 @@ def frame_tar(
         if check is not None:
             check(member)
         meta += member.header
+        if split is not None:
+            split.header(member.header)
         entry = member.entry
         if member.size and entry.type == "reg":
             flush_meta()
@@ -101,6 +106,8 @@ def frame_tar(
             while pos < member.size:
                 data = reader.read(min(chunk_size, member.size - pos))
                 file_sha.update(data)
+                if split is not None:
+                    split.content(data)
                 start = out.pos
                 out.frame(data)
                 chunks.append(
@@ -121,9 +128,27 @@ def frame_tar(
             # Content on a non-regular member (rare): keep it in the stream, not in the TOC.
             while data := reader.read(1 << 20):
                 meta += data
-        meta += reader.take_padding()
+                if split is not None:
+                    split.content(data)
+        padding = reader.take_padding()
+        meta += padding
+        if split is not None:
+            split.end_member(_split_name(entry), member.size, padding)
+            if (
+                member.extra
+                or member.raw_name != _split_name(entry)
+                or (entry.type in ("hardlink", "symlink") and member.raw_link != entry.link_name)
+            ):
+                split.consistent = False
         entries.append(entry)
     if keep_trailer:
         meta += reader.trailer
     flush_meta()
     return entries
+
+
+def _split_name(entry: Entry) -> str:
+    """The name tar-split records: the one the TOC gives (directories end in a slash)."""
+    if entry.type == "dir":
+        return entry.name + "/" if entry.name else "./"
+    return entry.name

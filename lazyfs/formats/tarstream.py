@@ -33,6 +33,9 @@ _TYPES: dict[bytes, EntryType] = {
 }
 
 
+GNU_MAGIC = b"ustar  \0"  # old GNU headers, whose atime/ctime fields Go reads
+
+
 @dataclass(slots=True)
 class Member:
     """One tar member: its raw header blocks, its parsed entry, and its content size."""
@@ -40,6 +43,12 @@ class Member:
     header: bytes
     entry: Entry
     size: int  # bytes of content that follow the header
+    # As the header spells them (Go's archive/tar reads these), before normalisation.
+    raw_name: str = ""
+    raw_link: str = ""
+    # The header carries what a TOC entry does not: type bits in the mode, access or change
+    # times, libarchive-style xattrs.
+    extra: bool = False
     padding: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -165,8 +174,20 @@ class TarReader:
                 raise FormatError(
                     f"{self._where}: unsupported tar member type {t!r} for {info.name!r}"
                 )
+            raw_name = pax.get("path") or long_name or info.name
+            if info.isdir() and not ("path" in pax or long_name) and _name_field(first)[-1:] == "/":
+                raw_name += "/"  # TarInfo drops a directory's trailing slash; the header has it
             return Member(
-                bytes(raw), _entry(info, kind, pax, long_name, long_link), _size(info, pax, kind)
+                bytes(raw),
+                _entry(info, kind, pax, long_name, long_link),
+                _size(info, pax, kind),
+                raw_name=raw_name,
+                raw_link=pax.get("linkpath") or long_link or info.linkname,
+                extra=bool(info.mode & ~0o7777)
+                or "atime" in pax
+                or "ctime" in pax
+                or any(k.startswith("LIBARCHIVE.xattr.") for k in pax)
+                or (first[257:265] == GNU_MAGIC and any(first[345:369])),
             )
 
     def _read_exact_more(self, n: int) -> bytes:
@@ -177,6 +198,10 @@ class TarReader:
                 raise FormatError(f"{self._where}: truncated tar header at byte {self.position}")
             data += piece
         return data
+
+
+def _name_field(block: bytes) -> str:
+    return block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 def _parse_pax(payload: bytes, where: str, at: int) -> dict[str, str]:

@@ -37,10 +37,11 @@ MAX_TOC_BYTES = 256 * 1024 * 1024
 MAX_IMAGE_ENTRIES = 1_000_000
 MAX_IMAGE_TOC_BYTES = 512 * 1024 * 1024
 
-# A chunk's content is decompressed whole into memory to be verified, so its size is capped.
-# Our writers cut 4 MiB chunks, as eStargz does by default; containers/storage's rolling-hash
-# chunks are smaller still.  Hole ("zeros") chunks hold no data and are not capped.
-MAX_CHUNK_SIZE = 16 * 1024 * 1024
+# What one chunk may decode to (inner offset included).  Big chunks are decoded to disk, not
+# memory (store.bigchunk), so this only refuses the absurd: containers/storage's rolling hash
+# has no upper bound and cuts real chunks of hundreds of MiB; a store whose cache cannot hold
+# a chunk answers its readers EIO.  Hole ("zeros") chunks hold no data and are not capped.
+MAX_CHUNK_SIZE = 4 * 1024**3
 # Linux limits: what stat, readdir and mknod can show (anything larger would overflow later).
 NAME_MAX = 255  # bytes per path component
 PATH_MAX = 4096  # bytes per path, including the NUL
@@ -450,8 +451,14 @@ def validate(toc: TOC) -> None:
 # Encoding back to the wire.
 
 
-def encode_toc(entries: Iterable[Entry], *, flavour: Literal["estargz", "zstd:chunked"]) -> bytes:
-    """Encode entries as the given format's TOC JSON (deterministic key order)."""
+def encode_toc(
+    entries: Iterable[Entry],
+    *,
+    flavour: Literal["estargz", "zstd:chunked"],
+    tar_split_digest: str = "",
+) -> bytes:
+    """Encode entries as the given format's TOC JSON (deterministic key order);
+    ``tar_split_digest``: zstd:chunked's ``tarSplitDigest`` (the compressed tar-split's)."""
     out: list[dict[str, object]] = []
     zstd = flavour == "zstd:chunked"
     for e in entries:
@@ -501,4 +508,7 @@ def encode_toc(entries: Iterable[Entry], *, flavour: Literal["estargz", "zstd:ch
                 out.append(d)
         if not e.chunks:
             out.append(d)
-    return msgspec.json.encode({"version": 1, "entries": out})
+    doc: dict[str, object] = {"version": 1, "entries": out}
+    if tar_split_digest:
+        doc["tarSplitDigest"] = tar_split_digest
+    return msgspec.json.encode(doc)

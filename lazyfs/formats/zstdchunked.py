@@ -7,12 +7,18 @@ Layout of a blob::
     [zstd frame: padding + next headers] ...
     [zstd frame: end-of-archive blocks]
     [skippable frame: zstd-compressed TOC JSON]
+    [skippable frame: zstd-compressed tar-split JSON lines (see tarsplit.py)]
     [skippable frame: 64-byte footer]
 
 Skippable frames are ignored by every zstd decoder, so ``zstd -dc blob`` gives back the exact
 source tar.  Footer (little-endian u64s): TOC offset, compressed length, uncompressed length,
 manifest type (1 = TOC), tar-split offset, compressed and uncompressed length, then the magic
 ``GNUlInUx``.  The older 40-byte footer stops after the manifest type and ends in ``GnUlInUx``.
+
+The descriptor carries the TOC's digest and position under two annotation families: the
+``io.github.containers.`` keys of containers/storage >= 1.45 and the ``io.containers.`` keys
+that older ones (podman 4.3) look for; without the keys it knows, containers/storage pulls the
+layer whole.  The tar-split's position is annotated too (newer versions only read that).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import zstandard
 from lazyfs import oci
 from lazyfs.errors import FormatError
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, FrameWriter, LayerResult, frame_tar
+from lazyfs.formats.tarsplit import TarSplitWriter
 from lazyfs.formats.tarstream import TarReader
 from lazyfs.formats.toc import encode_toc
 
@@ -108,23 +115,47 @@ def write_layer(
         return (big if len(plain) >= (1 << 20) else small).compress(plain)
 
     out = FrameWriter(dst, compress)
-    entries = frame_tar(TarReader(src, where=where), out, chunk_size, keep_trailer=True)
+    split = TarSplitWriter(LEVEL)
+    reader = TarReader(src, where=where)
+    entries = frame_tar(reader, out, chunk_size, keep_trailer=True, split=split)
+    tar_split = split.finish(reader.trailer) if split.consistent else None
 
-    toc_json = encode_toc(entries, flavour="zstd:chunked")
+    toc_json = encode_toc(
+        entries, flavour="zstd:chunked", tar_split_digest=tar_split.digest if tar_split else ""
+    )
     toc_comp = small.compress(toc_json)
     out.raw(struct.pack("<II", SKIPPABLE_MAGIC, len(toc_comp)))
     toc_offset = out.pos
     out.raw(toc_comp)
-    footer = Footer(toc_offset, len(toc_comp), len(toc_json), MANIFEST_TYPE_TOC)
-    out.raw(skippable_frame(encode_footer(footer)))
     toc_digest = oci.sha256_digest(toc_comp)
     position = f"{toc_offset}:{len(toc_comp)}:{len(toc_json)}:{MANIFEST_TYPE_TOC}"
+    annotations = {
+        oci.ANN_ZSTD_CHECKSUM: toc_digest,
+        oci.ANN_ZSTD_POSITION: position,
+        oci.ANN_ZSTD_CHECKSUM_OLD: toc_digest,
+        oci.ANN_ZSTD_POSITION_OLD: position,
+    }
+    footer = Footer(toc_offset, len(toc_comp), len(toc_json), MANIFEST_TYPE_TOC)
+    if tar_split is not None:
+        out.raw(struct.pack("<II", SKIPPABLE_MAGIC, len(tar_split.data)))
+        split_offset = out.pos
+        out.raw(tar_split.data)
+        footer = msgspec.structs.replace(
+            footer,
+            tarsplit_offset=split_offset,
+            tarsplit_length=len(tar_split.data),
+            tarsplit_length_uncompressed=tar_split.uncompressed_size,
+        )
+        annotations[oci.ANN_ZSTD_TARSPLIT_POSITION] = (
+            f"{split_offset}:{len(tar_split.data)}:{tar_split.uncompressed_size}"
+        )
+    out.raw(skippable_frame(encode_footer(footer)))
     return LayerResult(
         digest=out.digest,
         size=out.pos,
         diff_id=out.diff_id,
         media_type=oci.MT_LAYER_ZSTD,
-        annotations={oci.ANN_ZSTD_CHECKSUM: toc_digest, oci.ANN_ZSTD_POSITION: position},
+        annotations=annotations,
         toc_digest=toc_digest,
         entries=len(entries),
     )

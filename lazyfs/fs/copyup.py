@@ -146,12 +146,15 @@ class CopyUp:
 
     def _write_batch(self, batch: list[Chunk], fd: int, length: int) -> None:
         for c in batch:
-            data = self.store.cache.read(c.digest, c.size)
-            if data is None:
-                raise OSError(errno.EIO, f"chunk {c.digest} vanished from the cache")
-            data = data[: length - c.file_offset]
-            if data.count(0) != len(data):  # all zeros stays a hole
-                os.pwrite(fd, data, c.file_offset)
+            # In pieces: a big chunk (store.bigchunk) is never read into memory whole.
+            end = min(c.size, length - c.file_offset)
+            for lo in range(0, end, COPY_BATCH):
+                hi = min(end, lo + COPY_BATCH)
+                data = self.store.cache.read(c.digest, c.size, lo, hi)
+                if data is None:
+                    raise OSError(errno.EIO, f"chunk {c.digest} vanished from the cache")
+                if data.count(0) != len(data):  # all zeros stays a hole
+                    os.pwrite(fd, data, c.file_offset + lo)
 
 
 def _batches(chunks: list[Chunk]) -> Iterator[list[Chunk]]:

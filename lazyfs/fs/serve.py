@@ -40,6 +40,7 @@ from lazyfs.trace.stored import find_group
 
 log = logging.getLogger(__name__)
 
+
 class MountOptions(msgspec.Struct, kw_only=True):
     image: str
     mountpoint: str
@@ -138,6 +139,7 @@ class _Mount:
                 pid=os.getpid(),
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
+                readdir_requests=self.ops.readdir_requests,
             )
         if request.get("cmd") == "trace":
             if self.recorder is None:

@@ -16,16 +16,18 @@ import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
 from lazyfs.atomic import TMP_PREFIX, atomic_write, remove_temp_files
-from lazyfs.errors import IntegrityError
+from lazyfs.errors import IntegrityError, LazyfsError
 from lazyfs.formats.chunkio import check_chunk
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,20 @@ def default_cache_dir() -> Path:
     # The XDG spec says relative values are invalid and must be ignored.
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "lazyfs"
+
+
+# A cached chunk over this size is hashed in pieces on its first read, not read whole.
+VERIFY_WHOLE_BYTES = 4 * 1024 * 1024
+_HASH_PIECE = 1024 * 1024
+
+
+def _hashes_to(fd: int, hx: str) -> bool:
+    sha = hashlib.sha256()
+    pos = 0
+    while piece := os.pread(fd, _HASH_PIECE, pos):
+        sha.update(piece)
+        pos += len(piece)
+    return sha.hexdigest() == hx
 
 
 def _hex_of(digest: str) -> str | None:
@@ -212,6 +228,7 @@ class ChunkCache:
         with self._lock:
             item = self._index.get(hx)
             verify = self.verify_first_read and (item is None or not item.verified)
+        verified_now = verify
         path = self.chunks_dir / hx[:2] / hx
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
@@ -224,6 +241,13 @@ class ChunkCache:
                 log.warning("cached chunk %s has %d bytes, not %d: dropped", hx, st.st_size, size)
                 self._drop(hx, unlink=True)
                 return None
+            if verify and size > VERIFY_WHOLE_BYTES:
+                # A big chunk is hashed in pieces: a 4 KiB read must not cost its size in RAM.
+                if not _hashes_to(f.fileno(), hx):
+                    log.warning("cached chunk %s failed verification: dropped", hx)
+                    self._drop(hx, unlink=True)
+                    return None
+                verify = False
             if verify:
                 data = f.read()
                 if len(data) != size or hashlib.sha256(data).hexdigest() != hx:
@@ -245,7 +269,7 @@ class ChunkCache:
                 self._bytes += size
             else:
                 self._index.move_to_end(hx)
-            item.verified = item.verified or verify
+            item.verified = item.verified or verified_now
             if now - item.mtime_ns > TOUCH_INTERVAL_NS:
                 item.mtime_ns = now
                 touch = True
@@ -276,6 +300,51 @@ class ChunkCache:
             if hx not in self._index:
                 self._index[hx] = _Item(len(data), time.time_ns(), verified=True)
                 self._bytes += len(data)
+            return self._evict_locked(self.max_bytes)
+
+    def reserve(self, size: int) -> list[str]:
+        """Make room for a chunk of ``size`` bytes about to be written as a file (a big chunk,
+        decoded straight to disk): evict down to ``max_bytes - size`` and check the disk has
+        the space.  Returns the evicted digests; raises LazyfsError naming the reason when the
+        chunk cannot fit, so its readers get EIO instead of a full disk."""
+        if size > self.max_bytes:
+            raise LazyfsError(
+                f"a chunk of {size} bytes is larger than the cache ({self.max_bytes} bytes)"
+            )
+        with self._lock:
+            evicted = self._evict_locked(self.max_bytes - size)
+        st = os.statvfs(self.chunks_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < size:
+            raise LazyfsError(
+                f"a chunk of {size} bytes does not fit in the {free} bytes free under {self.dir}"
+            )
+        return evicted
+
+    def temp_file(self, digest: str) -> tuple[BinaryIO, Path]:
+        """A new temporary file beside the chunk's final place (same filesystem, so
+        :meth:`adopt` is a rename; a crash leaves a ``TMP_PREFIX`` file the next scan removes)."""
+        path = self.path_of(digest)
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+        return os.fdopen(fd, "wb"), Path(tmp)
+
+    def adopt(self, digest: str, tmp: Path, size: int) -> list[str]:
+        """Move a verified chunk file written by the caller into place (atomically) and index
+        it.  Returns the evicted digests."""
+        hx = _hex_of(digest)
+        if hx is None:
+            raise IntegrityError(f"unsupported chunk digest {digest!r}")
+        if self.fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, self.chunks_dir / hx[:2] / hx)
+        with self._lock:
+            if hx not in self._index:
+                self._index[hx] = _Item(size, time.time_ns(), verified=True)
+                self._bytes += size
+            else:
+                self._index.move_to_end(hx)
             return self._evict_locked(self.max_bytes)
 
     def _drop(self, hx: str, *, unlink: bool) -> None:

@@ -8,7 +8,8 @@ plus any chunk lying wholly inside a request's range (those bytes come anyway).
 
 Requests take a slot from :class:`PrioritySlots`; decoding and hashing run in worker threads;
 verified chunks are handed to waiters first and written to the cache after, so only the task
-that started a fetch pays for the write.
+that started a fetch pays for the write.  A chunk too big for memory is the exception: it goes
+alone, decoded straight into the cache (``store.bigchunk``), and its waiters read it there.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.remote.base import Source
 from lazyfs.store import plan
+from lazyfs.store.bigchunk import decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
 from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
@@ -59,11 +61,12 @@ class _Abandoned(Exception):
 class _Flight:
     """One chunk being fetched; every task that needs it waits on the same event."""
 
-    __slots__ = ("data", "error", "event", "ticket")
+    __slots__ = ("data", "error", "event", "in_cache", "ticket")
 
     def __init__(self, ticket: Ticket) -> None:
         self.data = b""
         self.error: BaseException | None = None
+        self.in_cache = False  # a big chunk: its waiters read it from the cache file
         self.event = trio.Event()
         self.ticket = ticket  # boosted when an on-demand reader starts waiting
 
@@ -300,7 +303,8 @@ class LayerStore:
                             self._forget(digest)  # the map was wrong, or the file was bad
                         else:
                             parts[i] = data
-                            layer.stats.cache_hits += 1
+                            # A big chunk's waiter reads it here too: a miss, not a hit.
+                            layer.stats.cache_hits += i not in missed
                             self._mark_ready(digest)
                     pending = [i for i in pending if parts[i] is None]
                 if not pending:
@@ -341,6 +345,8 @@ class LayerStore:
                         continue
                     if f.error is not None:
                         _reraise(f.error)
+                    if f.in_cache:
+                        continue  # decoded to disk, too big to hand over: read it there
                     parts[i] = f.data if (lo, hi) == (0, c.size) else f.data[lo:hi]
         finally:
             self._evicted(self.cache.unpin(digests))
@@ -355,14 +361,17 @@ class LayerStore:
         Runs without a checkpoint, so no other task can register the same chunk meanwhile."""
         seen: set[str] = set()
         want: list[Chunk] = []
+        needed = {c.digest for c in chunks}
+        out: list[_Group] = []
         for c in (*chunks, *extra):
             d = c.digest
             if c.zeros or d in seen or d in self._inflight or d in self.cache:
                 continue
             seen.add(d)
-            want.append(c)
-        needed = {c.digest for c in chunks}
-        out: list[_Group] = []
+            if not is_big(c):
+                want.append(c)
+            elif d in needed:  # alone, streamed to disk (store.bigchunk); never read-ahead
+                out.append(self._register(_Group(c.offset, c.end, [c]), priority))
         # Prefetch in moderate requests: several run at once and fill the link just as well,
         # while the first files of a rank-ordered range land without waiting for all of it
         # (an on-demand reader of a chunk in flight waits for that chunk's whole request).
@@ -372,19 +381,22 @@ class LayerStore:
             want,
             self.merge_gap,
             cap,
-            lambda c: c.digest in self._inflight or c.digest in self.cache,
+            lambda c: is_big(c) or c.digest in self._inflight or c.digest in self.cache,
         )
         for g in (_Group(start, end, chunks) for start, end, chunks in planned):
             g.chunks = [c for c in g.chunks if c.digest not in self._inflight]
             if not any(c.digest in needed for c in g.chunks):
                 continue  # readahead alone never costs a request
-            g.ticket = Ticket(priority)
-            for c in g.chunks:
-                f = _Flight(g.ticket)
-                g.flights[c.digest] = f
-                self._inflight[c.digest] = f
-            out.append(g)
+            out.append(self._register(g, priority))
         return out
+
+    def _register(self, g: _Group, priority: int) -> _Group:
+        g.ticket = Ticket(priority)
+        for c in g.chunks:
+            f = _Flight(g.ticket)
+            g.flights[c.digest] = f
+            self._inflight[c.digest] = f
+        return g
 
     # ------------------------------------------------------------------------------- fetching
 
@@ -438,6 +450,9 @@ class LayerStore:
     ) -> None:
         """Fetch one request, resolve its flights, then cache what verified.  Never raises
         (except Cancelled): errors go to the flights, whose waiters raise them."""
+        if len(g.chunks) == 1 and is_big(g.chunks[0]):
+            await self._run_big(layer, g, done)
+            return
         stored: list[tuple[str, bytes]] = []
         try:
             try:
@@ -468,6 +483,47 @@ class LayerStore:
                 f.fail(_Abandoned())  # no-op for resolved flights
                 if self._inflight.get(d) is f:
                     del self._inflight[d]
+        if done is not None:
+            done()
+        await self._flush_due()
+
+    async def _run_big(self, layer: Layer, g: _Group, done: Callable[[], None] | None) -> None:
+        """:meth:`_run_group` for a big chunk: decoded into the cache (store.bigchunk), then
+        its waiters read the ranges they need from there."""
+        c = g.chunks[0]
+        f = g.flights[c.digest]
+
+        async def fetch(start: int, end: int) -> bytes:
+            f.ticket = Ticket(f.ticket.priority)  # one per request; keeps a reader's boost
+            return await self._fetch(layer, start, end, f.ticket)
+
+        try:
+            for attempt in (1, 2):
+                try:
+                    evicted = await decode_to_cache(self.cache, layer.toc.compression, c, fetch)
+                except IntegrityError as e:
+                    layer.stats.integrity_errors += 1
+                    if attempt == 2:
+                        raise
+                    layer.stats.retries += 1
+                    log.warning("chunk %s of %s: %s; retrying", c.digest, layer.blob_digest, e)
+                else:
+                    break
+        except Exception as e:
+            log.warning("big chunk %s of %s: %s", c.digest, layer.blob_digest, e)
+            self._fail(c.digest, f, e)
+        else:
+            self._evicted(evicted)
+            if c.digest in self.cache:
+                self._mark_ready(c.digest)
+            if self._inflight.get(c.digest) is f:
+                del self._inflight[c.digest]  # before waking waiters: they read the cache
+            f.in_cache = True
+            f.succeed(b"")
+        finally:
+            f.fail(_Abandoned())  # no-op once resolved
+            if self._inflight.get(c.digest) is f:
+                del self._inflight[c.digest]
         if done is not None:
             done()
         await self._flush_due()

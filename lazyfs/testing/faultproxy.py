@@ -44,7 +44,7 @@ class FaultProxy:
             self._stall = 0
             self._release = threading.Event()
             self.requests = 0  # all requests seen
-            self.matched_bytes = 0  # body bytes sent for matching (blob) requests
+            self.blob_bytes = 0  # body bytes of the matching GETs answered (bytes pulled)
             self.paths: list[str] = []
             self.authorization: list[str | None] = []
             self._fail: list[tuple[int, str | None]] = []  # (status, Retry-After) per request
@@ -128,7 +128,11 @@ class FaultProxy:
                 if matched and proxy.redirect_to:
                     self._reply(307, {"Location": proxy.redirect_to + self.path}, b"")
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers: dict[str, str] = {}
+                for k, v in self.headers.items():
+                    if k.lower() not in _HOP:
+                        # Repeated headers (podman sends one Accept per manifest type) join.
+                        headers[k] = f"{headers[k]}, {v}" if k in headers else v
                 if matched and proxy.ignore_range:
                     headers.pop("Range", None)
                 if proxy.upstream_auth:
@@ -177,7 +181,7 @@ class FaultProxy:
                         body = bytes([body[0] ^ 0x01]) + body[1:]
                 if matched and self.command == "GET":
                     with proxy.lock:
-                        proxy.matched_bytes += len(body)
+                        proxy.blob_bytes += len(body)
                 self._reply(status, out, body)
 
         return Handler

@@ -29,8 +29,9 @@ from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, LayerResult
 from lazyfs.formats.tarstream import BLOCK, TarReader
 from lazyfs.ocilayout import HashingReader, Layout
-from lazyfs.remote.reference import parse_oci_ref
+from lazyfs.remote.reference import parse_oci_ref, parse_reference
 from lazyfs.trace.schema import PrefetchGroups, decode_groups
+from lazyfs_tools.transfer import fetch, is_registry_ref, push, registry_name, select_platform
 
 LazyFormat = Literal["zstd:chunked", "estargz"]
 WRITERS: dict[str, Callable[..., LayerResult]] = {
@@ -45,6 +46,8 @@ _STALE = {
     oci.ANN_ZSTD_POSITION,
     oci.ANN_ZSTD_CHECKSUM_OLD,
     oci.ANN_ZSTD_POSITION_OLD,
+    oci.ANN_ZSTD_TARSPLIT_POSITION,
+    "io.github.containers.zstd-chunked.tarsplit-checksum",  # older containers/storage
 }
 
 
@@ -437,21 +440,65 @@ def convert(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     prefetch: str | os.PathLike[str] | None = None,
     group: str | None = None,
+    plain_http: bool = False,
+    insecure: bool = False,
+    platform: str | None = None,
 ) -> ConvertReport:
-    """Convert ``src_ref`` into ``dst_ref``.  ``prefetch``: a prefetch-groups file; each layer's
-    entries of ``group`` (default: the first) go first, in rank order, then a landmark."""
+    """Convert ``src_ref`` into ``dst_ref``: each ``oci:DIR[:TAG]`` or a registry reference
+    (``docker://`` prefix optional, as skopeo users type it).  ``prefetch``: a prefetch-groups
+    file; each layer's entries of ``group`` (default: the first) go first, in rank order, then a
+    landmark.  ``platform``: convert only that image of a multi-platform index (default: all)."""
+    if chunk_size < 4096:
+        raise FormatError(f"chunk size {chunk_size} is below the 4096-byte minimum")
+    src_remote, dst_remote = is_registry_ref(src_ref), is_registry_ref(dst_ref)
+    if not (src_remote or dst_remote):
+        return _convert_layouts(src_ref, dst_ref, fmt, chunk_size, prefetch, group, platform)
+    with tempfile.TemporaryDirectory(prefix="lazyfs-convert-") as tmp:
+        src_local, dst_local = src_ref, dst_ref
+        if src_remote:
+            net = {"plain_http": plain_http, "insecure": insecure}
+            fetch(src_ref, Layout(Path(tmp, "src")), platform=platform, **net)
+            src_local, platform = f"oci:{Path(tmp, 'src')}", None
+            tag = parse_reference(registry_name(src_ref)).tag
+            if not dst_remote and tag and parse_oci_ref(dst_ref)[1] is None:
+                dst_local = f"{dst_ref}:{tag}"  # the tag the image had, as skopeo keeps it
+        if dst_remote:
+            dst_local = f"oci:{Path(tmp, 'dst')}"
+        report = _convert_layouts(src_local, dst_local, fmt, chunk_size, prefetch, group, platform)
+        if dst_remote:
+            out = Layout(Path(tmp, "dst"))
+            top = out.find(None)
+            report.digest = push(out, top, dst_ref, plain_http=plain_http, insecure=insecure)
+        return report
+
+
+def _convert_layouts(
+    src_ref: str,
+    dst_ref: str,
+    fmt: LazyFormat,
+    chunk_size: int,
+    prefetch: str | os.PathLike[str] | None,
+    group: str | None,
+    platform: str | None,
+) -> ConvertReport:
     plan = _load_prefetch(Path(prefetch), group) if prefetch is not None else None
     src_dir, src_tag = parse_oci_ref(src_ref)
     dst_dir, dst_tag = parse_oci_ref(dst_ref)
-    if chunk_size < 4096:
-        raise FormatError(f"chunk size {chunk_size} is below the 4096-byte minimum")
-    if dst_dir.exists() and any(dst_dir.iterdir()):
-        raise FormatError(f"{dst_dir}: destination exists and is not empty")
     src = Layout(src_dir)
     top = src.find(src_tag)
+    if platform is not None and top.mediaType in oci.INDEX_TYPES:
+        index = oci.decode_index(src.read_blob(top.digest))
+        top = msgspec.structs.replace(
+            select_platform(index, platform, src_ref), annotations=top.annotations
+        )
+    existing = _existing_layout(dst_dir)
+    # A new layout is built beside its place and renamed in, so a failure leaves nothing; an
+    # existing one gets the blobs (content-addressed, each written atomically) and then the
+    # tag, as skopeo and umoci add a tag: a failure leaves unreferenced blobs at worst.
     staging = dst_dir.parent / f".{dst_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    dst = Layout(staging)
+    dst = Layout(dst_dir if existing else staging)
+    if not existing:
+        shutil.rmtree(staging, ignore_errors=True)
     try:
         dst.init()
         conv = Converter(src, dst, fmt, chunk_size, plan)
@@ -463,25 +510,37 @@ def convert(
             )
         tag = dst_tag or src_tag or (top.annotations or {}).get(oci.ANN_REF_NAME) or "latest"
         ann = {**(new.annotations or {}), oci.ANN_REF_NAME: tag}
+        tagged = oci.Descriptor(
+            mediaType=new.mediaType, digest=new.digest, size=new.size, annotations=ann
+        )
+        others = [
+            d
+            for d in (dst.index().manifests if existing else [])
+            if (d.annotations or {}).get(oci.ANN_REF_NAME) != tag
+        ]
         dst.write_index(
-            oci.Index(
-                schemaVersion=2,
-                mediaType=oci.MT_OCI_INDEX,
-                manifests=[
-                    oci.Descriptor(
-                        mediaType=new.mediaType, digest=new.digest, size=new.size, annotations=ann
-                    )
-                ],
-            )
+            oci.Index(schemaVersion=2, mediaType=oci.MT_OCI_INDEX, manifests=[*others, tagged])
         )
         conv.report.digest = new.digest
-        if dst_dir.exists():
-            dst_dir.rmdir()  # empty, checked above
-        os.replace(staging, dst_dir)
+        if not existing:
+            if dst_dir.exists():
+                dst_dir.rmdir()  # empty, checked by _existing_layout
+            os.replace(staging, dst_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not existing:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return conv.report
+
+
+def _existing_layout(path: Path) -> bool:
+    """True for an OCI layout (a tag is added to it), False for a missing or empty directory
+    (a new layout is made); anything else is refused rather than mixed into."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return False
+    if (path / "oci-layout").is_file() and (path / "index.json").is_file():
+        return True
+    raise FormatError(f"{path}: exists and is not an OCI layout")
 
 
 def _load_prefetch(path: Path, group: str | None) -> Prefetch:

@@ -75,11 +75,14 @@ async def open_image(
     hosts_dir: str | os.PathLike[str] | None = None,
     docker_config: str | os.PathLike[str] | None = None,
     retry: RetryPolicy | None = None,
+    layer_count: int | None = None,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
     ``docker_config`` and ``retry`` reach the registry source (mirrors, credentials, how long
-    a fetch may take)."""
+    a fetch may take).  ``layer_count``: open only the lowest N layers (``layers`` then holds
+    N; ``resolved`` is still the whole image), which is how the snapshotter mounts a chain of
+    lazy layers."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -92,7 +95,9 @@ async def open_image(
         # The start-up scan stats every cached chunk: keep it off the event loop.
         cache = await trio.to_thread.run_sync(ChunkCache, cache_dir, cache_size)
         source = CachingSource(source, cache.documents_dir)
-        tocs = await load_tocs(source, ref, platform=platform, toc_dir=cache.tocs_dir)
+        tocs = await load_tocs(
+            source, ref, platform=platform, toc_dir=cache.tocs_dir, layer_count=layer_count
+        )
         store = LayerStore(cache)
         try:
             layers = [

@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="a read whose registry sends nothing gets EIO within S seconds (default 30)",
     )
+    p.add_argument(
+        "--layers",
+        type=int,
+        metavar="N",
+        help="mount only the image's lowest N layers (IMAGE best given by digest)",
+    )
+    p.add_argument("--hosts-dir", metavar="DIR", help="containerd hosts.toml directory (mirrors)")
+    p.add_argument("--docker-config", metavar="FILE", help="registry credentials (config.json)")
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
     p.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -116,6 +124,9 @@ def _options(args: argparse.Namespace) -> MountOptions:
         trace=os.path.abspath(args.trace) if args.trace else None,
         group=args.group,
         prefetch=args.prefetch,
+        layer_count=args.layers,
+        hosts_dir=args.hosts_dir,
+        docker_config=args.docker_config,
         read_timeout=args.read_timeout,
     )
 

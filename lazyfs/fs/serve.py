@@ -63,6 +63,9 @@ class MountOptions(msgspec.Struct, kw_only=True):
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
+    layer_count: int | None = None  # mount only the lowest N layers (a snapshotter chain)
+    hosts_dir: str | None = None  # containerd-style hosts.toml mirrors
+    docker_config: str | None = None  # credentials file; None = the user's default
     read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
 
 
@@ -192,6 +195,9 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         plain_http=opts.plain_http,
         insecure=opts.insecure,
         platform=opts.platform,
+        hosts_dir=opts.hosts_dir,
+        docker_config=opts.docker_config,
+        layer_count=opts.layer_count,
         retry=RetryPolicy.within(opts.read_timeout),
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None

@@ -126,17 +126,30 @@ async def _fetch_toc(
 
 
 async def load_tocs(
-    source: Source, ref: str, *, platform: str = "linux/amd64", toc_dir: Path | None = None
+    source: Source,
+    ref: str,
+    *,
+    platform: str = "linux/amd64",
+    toc_dir: Path | None = None,
+    layer_count: int | None = None,
 ) -> Image:
-    """Resolve ``ref`` and load all layer TOCs concurrently."""
+    """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
+    ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain)."""
     resolved = await resolve_image(source, ref, platform)
-    layers: list[LayerInfo | None] = [None] * len(resolved.layers)
+    descriptors = resolved.layers
+    if layer_count is not None:
+        if not 0 < layer_count <= len(descriptors):
+            raise FormatError(
+                f"{ref}: cannot take {layer_count} layers of an image with {len(descriptors)}"
+            )
+        descriptors = descriptors[:layer_count]
+    layers: list[LayerInfo | None] = [None] * len(descriptors)
     budget = TocBudget()  # bounds the whole image, not each layer
 
     async def one(i: int, desc: oci.Descriptor) -> None:
         layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
 
     async with trio.open_nursery() as nursery:
-        for i, desc in enumerate(resolved.layers):
+        for i, desc in enumerate(descriptors):
             nursery.start_soon(one, i, desc)
     return Image(ref, resolved, [li for li in layers if li is not None])

@@ -144,6 +144,8 @@ class FaultProxy:
                     body = resp.read()
                     out = {k: v for k, v in resp.getheaders() if k.lower() not in _HOP}
                     status = resp.status
+                    if self.command == "HEAD":  # no body: pass on the size it announces
+                        body = b"\0" * int(resp.getheader("Content-Length") or 0)
                 finally:
                     conn.close()
                 if matched and status < 300 and body:

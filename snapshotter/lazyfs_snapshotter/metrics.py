@@ -132,7 +132,8 @@ class DaemonsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self.store.transaction() as tx:
             kinds = tx.count_kinds()
-            rows = tx.daemons()
+            # pid 0: a daemon that died and was cleaned up; nothing to ask until restarted.
+            rows = [row for row in tx.daemons() if row.pid != 0]
         # Outside the transaction: a daemon may take seconds to answer.
         answers = list(self.pool.map(self._ask, rows))
         alive = [a for a in answers if a is not None]

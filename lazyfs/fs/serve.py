@@ -31,12 +31,14 @@ from lazyfs.fs.tree import Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import OpenedImage, open_image
+from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import encode
 from lazyfs.trace.stored import find_group
 
 log = logging.getLogger(__name__)
+
 
 class MountOptions(msgspec.Struct, kw_only=True):
     image: str

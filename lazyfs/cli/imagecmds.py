@@ -13,14 +13,19 @@ from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE
 if TYPE_CHECKING:
     from lazyfs.formats.toc import Entry
 
-from .common import add_registry_args, parse_size
+from .common import add_registry_args, parse_size, registry_options
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("convert", help="rewrite an image's layers into a lazy format")
     p.add_argument("src", metavar="SRC", help="source image: oci:DIR[:TAG]")
     p.add_argument("dst", metavar="DST", help="destination image: oci:DIR[:TAG] (must not exist)")
-    p.add_argument("--format", choices=("zstd:chunked", "estargz"), default="zstd:chunked")
+    p.add_argument(
+        "--format",
+        choices=("zstd:chunked", "estargz"),
+        default="zstd:chunked",
+        help="lazy layer format to write (default zstd:chunked)",
+    )
     p.add_argument(
         "--chunk-size",
         type=parse_size,
@@ -98,7 +103,7 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             desc = oci.Descriptor(mediaType="", digest=digest, size=size)
             # A bare blob has no manifest to promise a TOC digest: show it unverified.
             return [await load_layer(src, desc, None, verify=False)]
-        source, ref = open_source(args.target, plain_http=args.plain_http)
+        source, ref = open_source(args.target, **registry_options(args))
         try:
             return (await load_tocs(source, ref, platform=args.platform)).layers
         finally:

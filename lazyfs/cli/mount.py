@@ -20,7 +20,7 @@ from .common import add_cache_args, add_registry_args
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mount", help="mount an image lazily")
     p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     p.add_argument("--upper", metavar="DIR", help="writable upper directory (a layer diff)")
     add_cache_args(p)
     add_registry_args(p)
@@ -64,19 +64,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=mount_cmd)
 
     p = sub.add_parser("umount", help="unmount (also cleans a mount whose daemon died)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a lazyfs mount point")
     p.add_argument("--lazy", action="store_true", help="detach even if busy")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon")
     p.set_defaults(handler=umount_cmd)
 
     p = sub.add_parser("commit", help="write a mount's upper layer as an OCI layer tar")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("out", metavar="OUT.tar")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a lazyfs mount with --upper")
+    p.add_argument("out", metavar="OUT.tar", help="the layer tar to write (atomically)")
     p.set_defaults(handler=commit_cmd)
 
     p = sub.add_parser("stats", help="per-layer fetch statistics of a mount")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a lazyfs mount point")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=stats_cmd)
 
 
@@ -91,6 +91,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
         cache_max_bytes=args.cache_size,
         plain_http=args.plain_http,
         insecure=args.insecure,
+        hosts_dir=args.hosts_dir,
         platform=args.platform,
         allow_other=args.allow_other,
         read_only=args.read_only,
@@ -125,10 +126,10 @@ def mount_cmd(args: argparse.Namespace) -> int:
 
 def _passthrough(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
-    for flag in ("upper", "cache", "platform", "log", "trace", "group", "prefetch"):
+    for flag in ("upper", "cache", "platform", "hosts_dir", "log", "trace", "group", "prefetch"):
         value = getattr(args, flag)
         if value is not None:
-            out += [f"--{flag}", str(value)]
+            out += ["--" + flag.replace("_", "-"), str(value)]
     out += ["--cache-size", str(args.cache_size), "--read-timeout", str(args.read_timeout)]
     for flag in (
         "plain_http",

@@ -48,6 +48,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     cache_max_bytes: int = DEFAULT_MAX_BYTES
     plain_http: bool = False
     insecure: bool = False
+    hosts_dir: str | None = None  # containerd-style hosts.toml directory: mirrors
     platform: str = "linux/amd64"
     allow_other: bool = False
     read_only: bool = False
@@ -178,6 +179,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         cache_size=opts.cache_max_bytes,
         plain_http=opts.plain_http,
         insecure=opts.insecure,
+        hosts_dir=opts.hosts_dir,
         platform=opts.platform,
         retry=RetryPolicy.within(opts.read_timeout),
     ) as image:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import re
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -86,6 +87,49 @@ class _Transient(Exception):
 
 class _NotFound(Exception):
     pass
+
+
+class _Permanent(Exception):
+    """This endpoint cannot serve us however often we ask (it speaks plain HTTP to our TLS,
+    its name does not resolve, it refuses access): try the next endpoint, never again."""
+
+
+def transport_cause(error: BaseException) -> tuple[str, bool]:
+    """A connection failure in words a user can act on, and whether retrying is pointless.
+    httpx wraps the cause several layers deep (and a failed connect in an exception group)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            if e.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
+                return (
+                    "server gave HTTP response to HTTPS client (use --plain-http, or "
+                    'server = "http://…" in its hosts.toml)',
+                    True,
+                )
+            if isinstance(e, ssl.SSLCertVerificationError):
+                return (
+                    f"TLS certificate not trusted: {e.verify_message} (use --insecure, or a "
+                    "ca in its hosts.toml)",
+                    True,
+                )
+            return f"TLS error: {e.reason or e}", False
+        if isinstance(e, socket.gaierror):
+            if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+                return "cannot resolve the host name (DNS: no such host)", True
+            return f"DNS lookup failed: {e.strerror or e}", False
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused (is the registry running on that port?)", False
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        for nxt in (e.__cause__, e.__context__):
+            if nxt is not None:
+                todo.append(nxt)
+    return (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__), False
 
 
 class _Unauthorized(Exception):
@@ -201,10 +245,13 @@ class RegistrySource(Source):
             raise RemoteError(f"{self.name}: no endpoint with capability {capability!r}")
         last = ""
         give_up = trio.current_time() + self.retry.deadline
+        broken: set[str] = set()  # endpoints that failed for good: asked no more
         for attempt in range(self.retry.attempts):
             retry_after: float | None = None
             missing = 0
             for n, ep in enumerate(endpoints):
+                if ep.url in broken:
+                    continue
                 if (attempt or n) and trio.current_time() >= give_up:
                     break
                 try:
@@ -212,13 +259,18 @@ class RegistrySource(Source):
                 except _NotFound as e:
                     missing += 1
                     last = f"{ep.netloc}: {e}"
+                except _Permanent as e:
+                    broken.add(ep.url)
+                    last = f"{ep.netloc}: {e}"
                 except _Transient as e:
                     # Fall through to the next endpoint at once: a dead mirror costs no sleep.
                     last = f"{ep.netloc}: {e}"
                     if e.retry_after is not None:
                         retry_after = max(retry_after or 0.0, e.retry_after)
-            if missing == len(endpoints):
+            if missing and missing + len(broken) == len(endpoints):
                 raise NotFoundError(f"{what} not found in {self.name} ({last})")
+            if len(broken) == len(endpoints):
+                raise RemoteError(f"{what} from {self.name}: {last}")
             delay = self.retry.delay(attempt, retry_after)
             if attempt + 1 >= self.retry.attempts or delay >= give_up - trio.current_time():
                 break  # sleeping past the deadline would only postpone the error
@@ -295,7 +347,10 @@ class RegistrySource(Source):
                     if status == 401 and target.netloc.decode() == netloc:
                         raise _Unauthorized(resp.headers.get("www-authenticate", ""))
                     if status == 404:
-                        raise _NotFound("404 Not Found")
+                        raise _NotFound(await self._error_text(resp, "404 Not Found"))
+                    if status == 403 and target.netloc.decode() == netloc:
+                        why = await self._error_text(resp, "HTTP 403 Forbidden")
+                        raise _Permanent(f"access to {self.repository} denied ({why})")
                     if status == 429:
                         raise _Transient(
                             "429 Too Many Requests", _retry_after(resp.headers.get("retry-after"))
@@ -306,8 +361,20 @@ class RegistrySource(Source):
                         return await consume(resp, netloc)
                     raise RemoteError(f"{netloc}: {url} answered HTTP {status}")
             except httpx.TransportError as e:
-                raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from e
+                text, permanent = transport_cause(e)
+                raise (_Permanent if permanent else _Transient)(text) from e
         raise RemoteError(f"{netloc}: too many redirects for {url}")
+
+    async def _error_text(self, resp: httpx.Response, default: str) -> str:
+        """``default`` and the registry's own error code (``MANIFEST_UNKNOWN``,
+        ``NAME_UNKNOWN``, ``DENIED``…) when its body says one."""
+        try:
+            body = await self._read_all(resp, 64 * 1024)
+            errors = msgspec.json.decode(body).get("errors") or []
+            code = errors[0].get("code") if errors and isinstance(errors[0], dict) else None
+        except (RemoteError, _Transient, httpx.HTTPError, msgspec.DecodeError, AttributeError):
+            return default
+        return f"{default}: {code}" if isinstance(code, str) and code else default
 
     async def _read_all(self, resp: httpx.Response, limit: int) -> bytes:
         declared = resp.headers.get("content-length")
@@ -347,7 +414,7 @@ class RegistrySource(Source):
             {"Accept": MANIFEST_ACCEPT},
             consume,
             capability="pull" if by_digest else "resolve",
-            what=f"manifest {ref}",
+            what=f"manifest {ref}" if by_digest else f"tag {ref}",
         )
 
     async def get_blob(self, digest: str) -> bytes:

@@ -5,6 +5,7 @@ command, errors that name their cause, and mount flags that cannot contradict ea
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -15,10 +16,13 @@ import pytest
 from lazyfs_tools.convert import convert
 
 from lazyfs.cli import build_parser
+from lazyfs.fs.daemon import Daemon
+from lazyfs.fs.runtime import log_path
+from lazyfs.fs.unmount import is_mounted
 from lazyfs.remote.registry import transport_cause
 from lazyfs.testing.dockerregistry import RegistryInstance, free_port, push_oci_layout
 from lazyfs.testing.layers import make_layout, make_tar, sample_items
-from lazyfs.testing.mounts import lazyfs_cmd, run
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import htpasswd_registry, registry  # noqa: F401
 
 
@@ -118,3 +122,79 @@ def test_dns_failure_is_named_and_not_retried() -> None:
     again = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
     outer.__cause__ = again
     assert transport_cause(outer)[1] is False
+
+
+# -- mounts: flags, upper lock, log, mount table ---------------------------------------------
+
+
+def test_contradicting_mount_flags_are_refused(pushed: str, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    base = ("mount", pushed, str(mnt), "--plain-http", "--cache", str(tmp_path / "c"))
+    line = _fails(*base, "--upper", str(tmp_path / "u"), "--read-only")
+    assert "--upper and --read-only" in line
+    line = _fails(*base, "--read-only", "--prefetch", str(tmp_path / "g.json"), "--no-prefetch")
+    assert "--prefetch and --no-prefetch" in line
+    assert not is_mounted(str(mnt))
+
+
+def test_an_upper_directory_serves_one_mount(pushed: str, tmp_path: Path) -> None:
+    upper, cache = tmp_path / "upper", str(tmp_path / "c")
+    with mounted(pushed, tmp_path / "m1", "--plain-http", "--upper", str(upper), "--cache", cache):
+        (tmp_path / "m2").mkdir()
+        line = _fails(
+            "mount", pushed, str(tmp_path / "m2"), "--plain-http", "--upper", str(upper),
+            "--cache", cache,
+        )  # fmt: skip
+        assert f"upper directory {upper} is in use by another mount" in line
+        assert not is_mounted(str(tmp_path / "m2"))
+    # Released with its mount: the next one may take it.
+    with mounted(pushed, tmp_path / "m3", "--plain-http", "--upper", str(upper), "--cache", cache):
+        pass
+
+
+def test_daemon_logs_by_default_and_the_table_names_the_image(pushed: str, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = run(
+        *lazyfs_cmd("-v", "mount", pushed, str(mnt), "--plain-http", "--read-only"),
+        "--cache", str(tmp_path / "c"), timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    daemon = Daemon(int(r.stdout.rsplit("(pid ", 1)[1].rstrip(")\n")), mnt)
+    try:
+        stats = run(*lazyfs_cmd("stats", str(mnt)), check=True).stdout
+        log = Path(stats.split("log: ", 1)[1].splitlines()[0])
+        assert log == log_path(mnt)
+        assert "lazyfs: INFO" in log.read_text()
+        rows = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+        row = next(r for r in rows if r[4] == str(mnt))
+        fstype, source = row[row.index("-") + 1 : row.index("-") + 3]
+        assert (fstype, source) == ("fuse.lazyfs", pushed)
+    finally:
+        daemon.stop()
+    assert not is_mounted(str(mnt))
+
+
+def test_log_rotation_keeps_it_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lazyfs.cli import mount as mount_cli
+
+    monkeypatch.setattr(mount_cli, "LOG_MAX_BYTES", 2000)
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        mount_cli._log_to(str(tmp_path / "d.log"), daemon=False)
+        root.setLevel(logging.INFO)
+        for i in range(200):
+            logging.getLogger("t").info("line %d of the log", i)
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+            h.close()
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(level)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["d.log", "d.log.1"]
+    assert all((tmp_path / f).stat().st_size <= 2100 for f in files)
+    assert "line 199 of the log" in (tmp_path / "d.log").read_text()

@@ -59,7 +59,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a read whose registry sends nothing gets EIO within S seconds (default 30)",
     )
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
-    p.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
+    p.add_argument(
+        "--log",
+        metavar="FILE",
+        help="daemon log file, kept under 2 x 4 MiB by rotation (default: beside the mount's "
+        "control socket; `lazyfs stats` shows where)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=mount_cmd)
 
@@ -101,24 +106,31 @@ def _options(args: argparse.Namespace) -> MountOptions:
         group=args.group,
         prefetch=args.prefetch,
         read_timeout=args.read_timeout,
+        log=os.path.abspath(args.log) if args.log else None,
     )
 
 
 def mount_cmd(args: argparse.Namespace) -> int:
     if not args.read_timeout > 0:
         raise LazyfsError("--read-timeout takes a number of seconds > 0")
+    if args.prefetch and args.no_prefetch:
+        raise LazyfsError("--prefetch and --no-prefetch contradict each other: give one of them")
+    if args.upper and args.read_only:  # the daemon refuses it too; say so before spawning
+        raise LazyfsError("--upper and --read-only contradict each other: give one of them")
     if args.foreground or args.ready_fd is not None:
         return _serve(args)
+    if args.log is None:
+        from lazyfs.fs.runtime import log_path
+
+        log = log_path(args.mountpoint)
+        log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        args.log = str(log)
     # Daemonize by re-running ourselves detached; the child reports readiness or its one-line
     # error through a pipe, so errors before the mount is ready come from this command.
     from lazyfs.fs.daemon import spawn
 
     daemon = spawn(
-        args.image,
-        args.mountpoint,
-        _passthrough(args),
-        log=args.log or os.devnull,
-        verbose=args.verbose,
+        args.image, args.mountpoint, _passthrough(args), log=args.log, verbose=args.verbose
     )
     print(f"{args.mountpoint}: mounted {args.image} (pid {daemon.pid})")
     return 0
@@ -151,6 +163,8 @@ def _serve(args: argparse.Namespace) -> int:
     from lazyfs.fs.serve import serve
 
     ready_fd = args.ready_fd
+    if args.log:
+        _log_to(args.log, daemon=args.ready_fd is not None)
 
     def ready() -> None:
         nonlocal ready_fd
@@ -176,6 +190,36 @@ def _serve(args: argparse.Namespace) -> int:
             raise err from None
         raise
     return 0
+
+
+# The daemon's log is bounded: it runs for as long as its container does.
+LOG_MAX_BYTES = 4 << 20
+
+
+def _log_to(path: str, *, daemon: bool) -> None:
+    """Send logging to ``path``, rotated at LOG_MAX_BYTES with one old file kept.  A daemon's
+    stdout and stderr (where a crash's traceback goes) follow the current file."""
+    import logging.handlers
+
+    class Handler(logging.handlers.RotatingFileHandler):
+        def doRollover(self) -> None:
+            super().doRollover()
+            self._redirect()
+
+        def _redirect(self) -> None:
+            if daemon and self.stream is not None:
+                for fd in (1, 2):
+                    os.dup2(self.stream.fileno(), fd)
+
+    handler = Handler(path, maxBytes=LOG_MAX_BYTES, backupCount=1)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s lazyfs: %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    handler._redirect()
 
 
 def umount_cmd(args: argparse.Namespace) -> int:
@@ -211,6 +255,8 @@ def stats_cmd(args: argparse.Namespace) -> int:
         return 0
     assert isinstance(report, dict)
     print(f"{report['image']} ({report['manifest'][:19]}) on {report['mountpoint']}")
+    if report.get("log"):
+        print(f"log: {report['log']}")
     print(
         f"{'LAYER':<20} {'FETCHED':>12} {'READY':>21} {'REQS':>6} {'HITS':>7} {'MISSES':>7} "
         f"{'WAIT':>8}"

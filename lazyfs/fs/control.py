@@ -42,6 +42,7 @@ class StatsReport(msgspec.Struct):
     files: int
     layers: list[LayerReport]
     prefetch: PrefetchStats | None = None
+    log: str | None = None  # the daemon's log file
 
 
 async def control_server(

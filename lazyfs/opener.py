@@ -19,7 +19,7 @@ from lazyfs import oci
 from lazyfs.formats.layer import TocLocation
 from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
-from lazyfs.remote.registry import RetryPolicy
+from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
@@ -91,6 +91,8 @@ async def open_image(
     try:
         # The start-up scan stats every cached chunk: keep it off the event loop.
         cache = await trio.to_thread.run_sync(ChunkCache, cache_dir, cache_size)
+        if isinstance(source, RegistrySource):
+            source.spool_dir = cache.blobs_dir  # blobs a mirror sends whole, downloaded once
         source = CachingSource(source, cache.documents_dir)
         tocs = await load_tocs(source, ref, platform=platform, toc_dir=cache.tocs_dir)
         store = LayerStore(cache)

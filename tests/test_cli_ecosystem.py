@@ -13,15 +13,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from lazyfs_tools.convert import convert
 
+from lazyfs import oci
 from lazyfs.cli import build_parser
 from lazyfs.fs.daemon import Daemon
 from lazyfs.fs.runtime import log_path
 from lazyfs.fs.unmount import is_mounted
-from lazyfs.remote.registry import transport_cause
+from lazyfs.ocilayout import Layout
+from lazyfs.remote.registry import RegistrySource, transport_cause
 from lazyfs.testing.dockerregistry import RegistryInstance, free_port, push_oci_layout
-from lazyfs.testing.layers import make_layout, make_tar, sample_items
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import htpasswd_registry, registry  # noqa: F401
 
@@ -198,3 +202,104 @@ def test_log_rotation_keeps_it_bounded(tmp_path: Path, monkeypatch: pytest.Monke
     assert files == ["d.log", "d.log.1"]
     assert all((tmp_path / f).stat().st_size <= 2100 for f in files)
     assert "line 199 of the log" in (tmp_path / "d.log").read_text()
+
+
+# -- mirrors: a pull-through cache in front of the upstream --------------------------------
+
+BIG = seeded_bytes(6 * 1024 * 1024, 77)
+
+
+def _push_big(registry: RegistryInstance, d: Path, repo: str) -> tuple[str, oci.Descriptor]:
+    """A lazy image with one 6 MiB file in many chunks; (reference, its layer)."""
+    make_layout(d / "src", [make_tar([Item("big.bin", data=BIG)])], tag="v1")
+    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=256 * 1024)
+    push_oci_layout(d / "lazy", f"{registry.host}/{repo}:v1", tag="v1")
+    (layer,) = Layout(d / "lazy").manifest("v1").layers
+    return f"{registry.host}/{repo}:v1", layer
+
+
+def _hosts(d: Path, upstream: str, server: str, mirror: str) -> Path:
+    (d / upstream).mkdir(parents=True)
+    (d / upstream / "hosts.toml").write_text(
+        f'server = "{server}"\n\n[host."{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    return d
+
+
+@pytest.fixture
+def mirror(registry: RegistryInstance, tmp_path: Path) -> Iterator[FaultProxy]:
+    """Debian's docker-registry as a pull-through cache of ``registry``, behind a counting
+    proxy."""
+    with (
+        RegistryInstance(tmp_path / "mirror", proxy=registry.url) as cache,
+        FaultProxy(cache.url) as proxy,
+    ):
+        yield proxy
+
+
+def _whole_gets(proxy: FaultProxy, digest: str) -> int:
+    return sum(
+        p.endswith(digest) and r is None for p, r in zip(proxy.paths, proxy.ranges, strict=True)
+    )
+
+
+def test_mirror_sending_whole_blobs_is_downloaded_once(
+    registry: RegistryInstance, mirror: FaultProxy, tmp_path: Path
+) -> None:
+    ref, desc = _push_big(registry, tmp_path / "img", "eco/big")
+    layer = desc.digest
+    repo = ref.split("/", 1)[1].rsplit(":", 1)[0]
+    hosts = _hosts(tmp_path / "hosts", registry.host, registry.url, mirror.url)
+    pieces = [(i * 700_001 % (4 << 20), i * 700_001 % (4 << 20) + 300_000) for i in range(12)]
+
+    async def main() -> tuple[list[bytes], bytes, int]:
+        src = RegistrySource(registry.host, repo, hosts_dir=hosts)
+        src.spool_dir = tmp_path / "spool"
+        whole = b""
+        try:
+            got: list[bytes] = [b""] * len(pieces)
+
+            async def one(i: int) -> None:
+                got[i] = await src.read_range(layer, *pieces[i])
+
+            async with trio.open_nursery() as nursery:  # concurrent readers of a cold blob
+                for i in range(len(pieces)):
+                    nursery.start_soon(one, i)
+            # Readers of the first megabytes may well be answered before the download ends.
+            whole = await src.read_range(layer, 0, desc.size)
+        finally:
+            await src.aclose()
+        return got, whole, src.stats.bytes_received
+
+    got, whole, received = trio.run(main)
+    assert mirror.ranges, "nothing went to the mirror"
+    assert whole and oci.sha256_digest(whole) == layer
+    for (start, end), data in zip(pieces, got, strict=True):
+        assert data == whole[start:end]
+    assert _whole_gets(mirror, layer) == 1, list(zip(mirror.paths, mirror.ranges, strict=True))
+    # The blob once, not once per reader; readers whose request reached the mirror after it
+    # had cached the blob got their own range (206), no more.
+    assert received <= len(whole) + sum(end - start for start, end in pieces)
+    assert not list((tmp_path / "spool").iterdir())  # unlinked: nothing left behind
+
+
+def test_mount_goes_to_the_mirror_and_falls_back_when_it_is_down(
+    registry: RegistryInstance, mirror: FaultProxy, tmp_path: Path
+) -> None:
+    ref, desc = _push_big(registry, tmp_path / "img", "eco/mirrored")
+    layer = desc.digest
+    with FaultProxy(registry.url) as upstream:
+        hosts = _hosts(tmp_path / "hosts", registry.host, upstream.url, mirror.url)
+        args = ("--read-only", "--hosts-dir", str(hosts), "--no-prefetch")
+        with mounted(ref, tmp_path / "m1", *args, "--cache", str(tmp_path / "c1")) as m:
+            assert (m.mountpoint / "big.bin").read_bytes() == BIG
+        assert upstream.requests == 0, upstream.paths  # everything came through the mirror
+        assert _whole_gets(mirror, layer) <= 1
+        assert any(p.endswith(layer) for p in mirror.paths)
+        # The mirror down (nothing listens there): the upstream serves, no error.
+        dead = f"http://127.0.0.1:{free_port()}"
+        hosts = _hosts(tmp_path / "hosts2", registry.host, upstream.url, dead)
+        args = ("--read-only", "--hosts-dir", str(hosts), "--no-prefetch")
+        with mounted(ref, tmp_path / "m2", *args, "--cache", str(tmp_path / "c2")) as m:
+            assert (m.mountpoint / "big.bin").read_bytes() == BIG
+        assert any(p.endswith(layer) for p in upstream.paths)

@@ -15,8 +15,10 @@ import random
 import re
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import httpx
@@ -24,7 +26,7 @@ import msgspec
 import trio
 
 from lazyfs import oci
-from lazyfs.errors import IntegrityError, NotFoundError, RemoteError
+from lazyfs.errors import IntegrityError, LazyfsError, NotFoundError, RemoteError
 from lazyfs.remote.auth import Authenticator, Credentials, load_docker_credentials
 from lazyfs.remote.base import Source
 from lazyfs.remote.hosts import Endpoint, load_endpoints
@@ -87,6 +89,39 @@ class _Transient(Exception):
 
 class _NotFound(Exception):
     pass
+
+
+class _Spooled(Exception):
+    """The endpoint sent the whole blob for a Range request: read it from the spool."""
+
+
+class _Spool:
+    """A blob an endpoint sends whole (a 200 to a Range request, as a pull-through cache does
+    for blobs it has not cached yet), written to an unlinked file as it arrives.  Every read
+    of that blob is served from here, each as soon as its bytes are in, so the blob crosses
+    the wire once however many readers want parts of it."""
+
+    def __init__(self, directory: Path | None) -> None:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed at aclose)
+        self.have = 0  # bytes [0, have) are in the file
+        self.done = False
+        self.error: str | None = None
+        self.changed = trio.Event()
+        self.scope = trio.CancelScope()
+
+    def wrote(self, n: int) -> None:
+        self.have += n
+        self._wake()
+
+    def finish(self, error: str | None) -> None:
+        self.done, self.error = True, error
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
 
 
 class _Permanent(Exception):
@@ -176,6 +211,9 @@ class RegistrySource(Source):
         self.stats = Stats()
         #: endpoint netlocs seen answering a Range request with 200 and the whole blob
         self.range_ignored: set[str] = set()
+        #: where blobs sent whole are spooled (the opener puts them beside the cache)
+        self.spool_dir: Path | None = None
+        self._spools: dict[str, _Spool] = {}
         self._credentials = credentials
         self._docker_config = docker_config
         self._max_concurrency = max_concurrency
@@ -223,6 +261,10 @@ class RegistrySource(Source):
         return lim
 
     async def aclose(self) -> None:
+        for spool in self._spools.values():
+            spool.scope.cancel()
+            spool.file.close()
+        self._spools.clear()
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
@@ -441,6 +483,9 @@ class RegistrySource(Source):
             raise ValueError(f"bad range [{start}, {end})")
         if end == start:
             return b""
+        spool = self._spools.get(digest)
+        if spool is not None and spool.error is None:
+            return await self._from_spool(digest, spool, start, end)
         want = end - start
 
         async def consume(resp: httpx.Response, netloc: str) -> bytes:
@@ -451,6 +496,12 @@ class RegistrySource(Source):
                 if first > start:
                     raise _Transient(f"server sent range from {first}, wanted {start}")
                 skip = start - first
+            elif self.spool_dir is not None:
+                # The whole blob is coming: drop this answer after its headers and have one
+                # download of the blob serve this read and every other one.
+                self.range_ignored.add(netloc)
+                self._start_spool(digest)
+                raise _Spooled
             else:
                 # The whole blob came back: remember, and take only what we need from it.
                 self.range_ignored.add(netloc)
@@ -478,17 +529,73 @@ class RegistrySource(Source):
                 raise _Transient(f"short body: {got} of {want} bytes")
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-        return await self._fetch(
-            f"blobs/{digest}",
-            {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
-            consume,
-            capability="pull",
-            what=f"bytes {start}-{end} of blob {digest}",
-        )
+        try:
+            return await self._fetch(
+                f"blobs/{digest}",
+                {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
+                consume,
+                capability="pull",
+                what=f"bytes {start}-{end} of blob {digest}",
+            )
+        except _Spooled:
+            return await self._from_spool(digest, self._spools[digest], start, end)
 
     def ranges_supported(self) -> bool:
-        """False once an endpoint was seen ignoring Range; a caller may then fetch bigger spans."""
-        return not self.range_ignored
+        """With a spool directory, a blob sent whole is downloaded once and every range read
+        from that copy; without one, False once an endpoint was seen ignoring Range."""
+        return self.spool_dir is not None or not self.range_ignored
+
+    def _start_spool(self, digest: str) -> None:
+        spool = self._spools.get(digest)
+        if spool is None or spool.error is not None:
+            spool = self._spools[digest] = _Spool(self.spool_dir)
+            # A system task: the download outlives the reader that found the blob sent whole
+            # (which returns as soon as its own bytes are in), and ends at aclose.
+            trio.lowlevel.spawn_system_task(self._spool_blob, digest, spool)
+
+    async def _spool_blob(self, digest: str, spool: _Spool) -> None:
+        async def consume(resp: httpx.Response, netloc: str) -> None:
+            spool.have = 0  # a retry starts over (the bytes are the same, or chunks fail)
+            sha = hashlib.sha256()
+            fd = spool.file.fileno()
+            async for chunk in resp.aiter_bytes():
+                self.stats.bytes_received += len(chunk)
+                sha.update(chunk)
+                os.pwrite(fd, chunk, spool.have)  # page cache: quicker than a thread hop
+                spool.wrote(len(chunk))
+            if "sha256:" + sha.hexdigest() != digest:
+                raise _Transient(f"blob {digest} sent whole has another digest")
+
+        error: str | None = None
+        with spool.scope:
+            try:
+                await self._fetch(
+                    f"blobs/{digest}",
+                    {"Accept-Encoding": "identity"},
+                    consume,
+                    capability="pull",
+                    what=f"blob {digest}",
+                )
+            except (LazyfsError, OSError) as e:
+                error = str(e)
+            except Exception as e:  # a system task must not raise: readers get the error
+                error = f"{type(e).__name__}: {e}"
+        spool.finish(error or ("download stopped" if spool.scope.cancel_called else None))
+
+    async def _from_spool(self, digest: str, spool: _Spool, start: int, end: int) -> bytes:
+        while spool.have < end and not spool.done:
+            await spool.changed.wait()
+        if spool.have < end:
+            if spool.error is not None and self._spools.get(digest) is spool:
+                del self._spools[digest]  # the next read asks again
+            raise RemoteError(
+                f"bytes {start}-{end} of blob {digest} from {self.name}: "
+                + (spool.error or f"the blob has only {spool.have} bytes")
+            )
+        if end - start <= 1 << 20:  # from the page cache: quicker than a thread hop
+            await trio.lowlevel.checkpoint()
+            return os.pread(spool.file.fileno(), end - start, start)
+        return await trio.to_thread.run_sync(os.pread, spool.file.fileno(), end - start, start)
 
     async def download(self, digest: str, size: int, dst: BinaryIO) -> None:
         oci.check_digest(digest)

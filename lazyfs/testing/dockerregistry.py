@@ -88,8 +88,7 @@ class RegistryInstance:
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
             "  delete:\n    enabled: true\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
-            f"{auth}"
-            + (f"proxy:\n  remoteurl: {self.proxy}\n" if self.proxy else "")
+            f"{auth}" + (f"proxy:\n  remoteurl: {self.proxy}\n" if self.proxy else "")
         )
 
     def start(self) -> RegistryInstance:

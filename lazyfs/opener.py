@@ -25,6 +25,7 @@ from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
 from lazyfs.store.tocs import load_tocs
+from lazyfs.store.wholelayer import WholeLayers
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,22 +95,36 @@ async def open_image(
         if isinstance(source, RegistrySource):
             source.spool_dir = cache.blobs_dir  # blobs a mirror sends whole, downloaded once
         source = CachingSource(source, cache.documents_dir)
-        tocs = await load_tocs(source, ref, platform=platform, toc_dir=cache.tocs_dir)
-        store = LayerStore(cache)
+        # Layers without a TOC are fetched whole and indexed once; their chunks are read
+        # through a source of their own (the local tar).
+        whole = WholeLayers(source, cache)
         try:
-            layers = [
-                OpenedLayer(
-                    li.descriptor,
-                    li.location,
-                    li.toc,
-                    store.add_layer(li.descriptor.digest, source, li.toc, li.descriptor.size),
-                )
-                for li in tocs.layers
-            ]
-            yield OpenedImage(image, tocs.resolved, layers, source, cache, store)
+            tocs = await load_tocs(
+                source, ref, platform=platform, toc_dir=cache.tocs_dir, whole=whole
+            )
+            store = LayerStore(cache)
+            try:
+                layers = [
+                    OpenedLayer(
+                        li.descriptor,
+                        li.location,
+                        li.toc,
+                        store.add_layer(
+                            li.descriptor.digest,
+                            whole.sources.get(li.descriptor.digest, source),
+                            li.toc,
+                            li.descriptor.size,
+                        ),
+                    )
+                    for li in tocs.layers
+                ]
+                yield OpenedImage(image, tocs.resolved, layers, source, cache, store)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await store.aclose()  # readiness maps: the next open starts warm
         finally:
             with trio.CancelScope(shield=True):
-                await store.aclose()  # readiness maps: the next open starts warm
+                await whole.aclose()  # the local tars; their chunks stay in the cache
     finally:
         with trio.CancelScope(shield=True):
             await source.aclose()

@@ -90,11 +90,12 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     import trio
 
     from lazyfs import oci
+    from lazyfs.formats.toc import TocBudget
     from lazyfs.remote.local import BlobFileSource
-    from lazyfs.remote.resolve import open_source
-    from lazyfs.store.tocs import LayerInfo, load_layer, load_tocs
+    from lazyfs.remote.resolve import open_source, resolve_image
+    from lazyfs.store.tocs import LayerInfo, NotLazyError, load_layer
 
-    async def load() -> list[LayerInfo]:
+    async def load() -> list[LayerInfo | oci.Descriptor]:
         if os.path.isfile(args.target):
             size = os.path.getsize(args.target)
             with open(args.target, "rb") as f:
@@ -105,16 +106,27 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             return [await load_layer(src, desc, None, verify=False)]
         source, ref = open_source(args.target, **registry_options(args))
         try:
-            return (await load_tocs(source, ref, platform=args.platform)).layers
+            resolved = await resolve_image(source, ref, args.platform)
+            out: list[LayerInfo | oci.Descriptor] = []
+            budget = TocBudget()  # bounds the whole image, as a mount does
+            for desc in resolved.layers:
+                try:
+                    out.append(await load_layer(source, desc, None, budget=budget))
+                except NotLazyError:
+                    out.append(desc)  # no TOC: a mount fetches it whole
+            return out
         finally:
             await source.aclose()
 
     layers = trio.run(load)
     if args.json:
         doc = [
-            {
+            {"digest": li.digest, "format": li.mediaType, "lazy": False, "entries": []}
+            if isinstance(li, oci.Descriptor)
+            else {
                 "digest": li.descriptor.digest,
                 "format": li.location.format,
+                "lazy": True,
                 "entries": li.toc.entries,
             }
             for li in layers
@@ -122,9 +134,11 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         sys.stdout.write(msgspec.json.encode(doc).decode() + "\n")
         return 0
     for li in layers:
-        print(
-            f"# layer {li.descriptor.digest} ({li.location.format}, {len(li.toc.entries)} entries)"
-        )
+        if isinstance(li, oci.Descriptor):
+            print(f"# layer {li.digest} ({li.mediaType}, not lazy: a mount fetches it whole)")
+            continue
+        n = len(li.toc.entries)
+        print(f"# layer {li.descriptor.digest} ({li.location.format}, lazy, {n} entries)")
         for e in li.toc.entries:
             print(_row(e))
     return 0

@@ -13,6 +13,7 @@ APT_PACKAGES=(
   skopeo umoci                           # check converted images with non-lazy tools
   fuse-overlayfs                         # benchmark baseline
   zstd curl apache2-utils attr iproute2 python3-venv
+  autoconf automake gcc make             # build pjdfstest (from ../shared/third_party) in tests
 )
 
 missing=()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.fs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, Upper, commit_layer
+from lazyfs.fs.layertar import commit_layer
+from lazyfs.fs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, Upper
 
 
 @pytest.fixture
@@ -49,6 +50,10 @@ def up(tmp_path: Path) -> Iterator[Upper]:
 
 def root_of(tmp_path: Path) -> Path:
     return tmp_path / "upper"
+
+
+def up_root(up: Upper) -> Path:
+    return Path(f"/proc/self/fd/{up.root_fd}")
 
 
 def errno_of(fn: Callable[..., object], *args: object, **kw: object) -> int:
@@ -193,7 +198,7 @@ def test_lstat_and_listdir(up: Upper) -> None:
     assert st is not None and stat.S_ISLNK(st.st_mode)
     up.whiteout(("gone",))
     up.set_opaque(())
-    assert up.listdir(()) == sorted([".wh..wh..opq", ".wh.gone", "f", "l"])
+    assert up.listdir(()) == sorted([".wh..wh..opq", "gone", "f", "l"])
     assert errno_of(up.listdir, ("f",)) == errno.ENOTDIR
     assert errno_of(up.listdir, ("l",)) == errno.ENOTDIR
 
@@ -378,23 +383,60 @@ def test_whiteout_and_opaque(up: Upper, tmp_path: Path) -> None:
     assert not up.has_whiteout(("d", "x"))
     up.whiteout(("d", "x"))
     up.whiteout(("d", "x"))  # idempotent
-    wh = root_of(tmp_path) / "d" / ".wh.x"
-    assert wh.is_file() and wh.stat().st_size == 0
-    assert up.has_whiteout(("d", "x"))
+    wh = root_of(tmp_path) / "d" / "x"  # under the name it hides, as overlayfs
+    st = wh.lstat()
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 0 and stat.S_IMODE(st.st_mode) == 0
+    assert os.getxattr(wh, "user.lazyfs.whiteout") == b""
+    assert up.has_whiteout(("d", "x")) and up.is_whiteout(("d", "x"))
     assert not up.has_whiteout(("nodir", "x"))
     up.remove_whiteout(("d", "x"))
     up.remove_whiteout(("d", "x"))  # absent is fine
-    assert not up.has_whiteout(("d", "x"))
+    assert not up.has_whiteout(("d", "x")) and not wh.exists()
     assert errno_of(up.whiteout, ("nodir", "x")) == errno.ENOENT
+    # An ordinary empty file is no whiteout, and remove_whiteout leaves it alone.
+    write(up, ("d", "empty"), b"", 0o000)
+    assert not up.has_whiteout(("d", "empty"))
+    up.remove_whiteout(("d", "empty"))
+    assert (root_of(tmp_path) / "d" / "empty").exists()
     assert not up.is_opaque(("d",))
     up.set_opaque(("d",))
     up.set_opaque(("d",))
     assert up.is_opaque(("d",)) and (root_of(tmp_path) / "d" / Upper.OPAQUE).is_file()
     assert not up.is_opaque(("missing",))
     assert errno_of(up.set_opaque, (".wh.d",)) == errno.EPERM
-    # A symlink planted under a marker name is not a whiteout we may "reuse".
-    (root_of(tmp_path) / ".wh.y").symlink_to("/etc/passwd")
-    assert errno_of(up.whiteout, ("y",)) == errno.EEXIST
+
+
+def test_whiteout_every_legal_name(up: Upper, tmp_path: Path) -> None:
+    longest = "n" * 255  # ".wh." + this would not fit in a name
+    up.whiteout((longest,))
+    assert up.has_whiteout((longest,))
+    up.remove_whiteout((longest,))
+    assert not up.has_whiteout((longest,))
+
+
+def test_whiteout_replaces_a_file_in_one_step(up: Upper, tmp_path: Path) -> None:
+    write(up, ("f",), b"promoted copy")
+    up.whiteout(("f",))  # no moment with neither the copy nor the whiteout
+    assert up.is_whiteout(("f",))
+    assert [n for n in up.listdir(()) if not Upper.is_temp(n)] == ["f"]
+    up.mkdir(("d",), 0o755)
+    assert errno_of(up.whiteout, ("d",)) == errno.EISDIR  # a directory is removed first
+    # A symlink planted under the name is replaced, never followed.
+    (root_of(tmp_path) / "l").symlink_to("/etc/passwd")
+    up.whiteout(("l",))
+    assert up.is_whiteout(("l",))
+
+
+def test_legacy_whiteouts_are_honoured(up: Upper, tmp_path: Path) -> None:
+    """Upper directories of earlier versions hold ``.wh.NAME`` files."""
+    up.mkdir(("d",), 0o755)
+    (root_of(tmp_path) / "d" / ".wh.x").write_bytes(b"")
+    assert up.has_whiteout(("d", "x"))
+    up.remove_whiteout(("d", "x"))
+    assert not (root_of(tmp_path) / "d" / ".wh.x").exists()
+    (root_of(tmp_path) / "d" / ".wh.y").write_bytes(b"")
+    up.whiteout(("d", "y"))  # rewritten in the new form
+    assert up.is_whiteout(("d", "y")) and not (root_of(tmp_path) / "d" / ".wh.y").exists()
 
 
 # ---------------------------------------------------------------------- symlink escapes
@@ -552,8 +594,10 @@ def build_sample(up: Upper) -> None:
     up.setxattr(("etc", "hosts"), "trusted.bin", b"\x00\xff\xfe")
     up.utimens(("etc", "hosts"), 0, 1_600_000_000_500_000_000)
     up.whiteout(("etc", "passwd"))
-    up.whiteout(("-dash",))
-    write(up, ("-dash",), b"recreated")  # a same-layer entry sorting before its whiteout
+    up.whiteout(("etc", "p" * 255))  # its tar name is longer than any file name
+    # An earlier version's whiteout with a same-layer entry sorting before it.
+    (up_root(up) / ".wh.-dash").write_bytes(b"")
+    write(up, ("-dash",), b"recreated")
     up.mkdir(("var",), 0o700)
     up.set_opaque(("var",))
     up.mknod(("var", "null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
@@ -578,6 +622,7 @@ def test_commit_layer_contents(up: Upper, tmp_path: Path) -> None:
             "-dash",
             "etc",
             "etc/.wh.passwd",
+            "etc/.wh." + "p" * 255,
             "etc/hosts",
             "etc/hosts.bak",
             "root-link",
@@ -601,6 +646,7 @@ def test_commit_layer_contents(up: Upper, tmp_path: Path) -> None:
         for name in ("etc/hosts.bak", "z-hardlink"):
             assert by[name].islnk() and by[name].linkname == "etc/hosts"
         assert by["etc/.wh.passwd"].isreg() and by["etc/.wh.passwd"].size == 0
+        assert not by["etc/.wh.passwd"].pax_headers.get("SCHILY.xattr.user.lazyfs.whiteout")
         assert by["var/.wh..wh..opq"].isreg()
         assert by["var"].isdir() and by["var"].mode == 0o700 and by["var"].uid == 1000
         null, loop = by["var/null"], by["var/loop"]
@@ -621,7 +667,17 @@ def test_commit_layer_contents(up: Upper, tmp_path: Path) -> None:
     ex = tmp_path / "x"
     ex.mkdir()
     subprocess.run(
-        ["tar", "--xattrs", "--xattrs-include=*", "-xf", str(out), "-C", str(ex)],
+        # (a whiteout's OCI name can be longer than a file system allows)
+        [
+            "tar",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--exclude=.wh.ppp*",
+            "-xf",
+            str(out),
+            "-C",
+            str(ex),
+        ],
         capture_output=True,
         check=True,
     )

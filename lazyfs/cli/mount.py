@@ -14,7 +14,7 @@ from lazyfs.errors import LazyfsError
 if TYPE_CHECKING:
     from lazyfs.fs.serve import MountOptions
 
-from .common import add_cache_args, add_registry_args
+from .common import add_cache_args, add_registry_args, parse_size
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,6 +26,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_registry_args(p)
     p.add_argument("--allow-other", action="store_true", help="let other users see the mount")
     p.add_argument("--read-only", action="store_true", help="no upper layer; EROFS on writes")
+    p.add_argument("--suid", action="store_true", help="honour the image's set-id bits")
+    p.add_argument("--dev", action="store_true", help="let the image's device nodes work")
+    p.add_argument(
+        "--copy-up-limit",
+        type=parse_size,
+        metavar="SIZE",
+        help="refuse (EFBIG) to copy up a file with more data than this (default: free space)",
+    )
     p.add_argument(
         "--background-fetch", action="store_true", help="fetch the rest of every layer when idle"
     )
@@ -100,6 +108,9 @@ def _options(args: argparse.Namespace) -> MountOptions:
         platform=args.platform,
         allow_other=args.allow_other,
         read_only=args.read_only,
+        suid=args.suid,
+        dev=args.dev,
+        copy_up_max=args.copy_up_limit,
         background_fetch=args.background_fetch,
         auto_prefetch=not args.no_prefetch,
         trace=os.path.abspath(args.trace) if args.trace else None,
@@ -143,11 +154,15 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out += ["--" + flag.replace("_", "-"), str(value)]
     out += ["--cache-size", str(args.cache_size), "--read-timeout", str(args.read_timeout)]
+    if args.copy_up_limit is not None:
+        out += ["--copy-up-limit", str(args.copy_up_limit)]
     for flag in (
         "plain_http",
         "insecure",
         "allow_other",
         "read_only",
+        "suid",
+        "dev",
         "background_fetch",
         "no_prefetch",
     ):
@@ -231,7 +246,7 @@ def umount_cmd(args: argparse.Namespace) -> int:
 
 def commit_cmd(args: argparse.Namespace) -> int:
     from lazyfs.fs.control import control_request
-    from lazyfs.fs.upper import commit_layer
+    from lazyfs.fs.layertar import commit_layer
 
     info = control_request(args.mountpoint, {"cmd": "info"})
     assert isinstance(info, dict)

@@ -42,6 +42,7 @@ class StatsReport(msgspec.Struct):
     files: int
     layers: list[LayerReport]
     prefetch: PrefetchStats | None = None
+    handler_errors: int = 0  # FUSE requests that failed unexpectedly (logged; answered EIO)
     log: str | None = None  # the daemon's log file
 
 

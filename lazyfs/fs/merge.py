@@ -43,6 +43,11 @@ def apply_upper(tree: Tree, upper: Upper) -> None:
             if cst is None:
                 continue
             old = dir_node.children.get(name)
+            if upper.is_whiteout((*path, name)):  # hides the lower entry of its own name
+                if old is not None:
+                    del dir_node.children[name]
+                    tree.unlink_name(old, dir_node, name)
+                continue
             is_dir = stat.S_ISDIR(cst.st_mode)
             if old is not None and old.is_dir and is_dir:
                 old.upper = True

@@ -1,11 +1,14 @@
 """The FUSE operations: the merged tree served read-only from the layer store, plus the upper
 layer for everything that changes.
 
-An entry is promoted (copied up) on its first write or metadata change: parents first, then
-the content, fetched lazily through the store and written under a temporary name that is
-renamed into place, so a crash never leaves a half-copied file visible.  Deleting a lower entry
-leaves an OCI whiteout in the upper directory.  The in-memory :class:`~lazyfs.fs.tree.Tree` is
-the truth for names; the upper directory mirrors it so a remount shows the same tree.
+An entry is promoted (copied up, :mod:`lazyfs.fs.copyup`) on its first write or metadata
+change, parents first.  Deleting a lower entry leaves a whiteout in the upper directory.  The
+in-memory :class:`~lazyfs.fs.tree.Tree` is the truth for names; the upper directory mirrors it
+so a remount shows the same tree.
+
+No exception leaves a handler: pyfuse3 would end the mount for every process using it.  Each
+handler is wrapped once (:class:`_Guarded`): an OSError answers its errno, anything else is
+logged with its traceback, counted in ``handler_errors`` and answers EIO.
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyfuse3
 import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.formats.toc import Entry
+from lazyfs.fs.copyup import CopyUp
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
-from lazyfs.fs.upper import Upper
+from lazyfs.fs.upper import NAME_MAX, Upper, reserved_xattr
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 
@@ -35,7 +39,6 @@ log = logging.getLogger(__name__)
 # kernel may cache names and attributes for long.
 LOWER_TIMEOUT = 3600.0
 UPPER_TIMEOUT = 1.0
-COPY_PIECE = 4 * 1024 * 1024
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -69,6 +72,8 @@ class Handle:
 
 
 def _name(raw: bytes) -> str:
+    if len(raw) > NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
     name = os.fsdecode(raw)
     if name in ("", ".", "..") or "/" in name:
         raise pyfuse3.FUSEError(errno.EINVAL)
@@ -79,7 +84,54 @@ def _errno(e: OSError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(e.errno or errno.EIO)
 
 
-class Operations(pyfuse3.Operations):
+# Every request handler pyfuse3 may call.
+HANDLERS = frozenset(
+    {
+        "access", "create", "flush", "forget", "fsync", "fsyncdir", "getattr", "getxattr",
+        "link", "listxattr", "lookup", "mkdir", "mknod", "open", "opendir", "read", "readdir",
+        "readlink", "release", "releasedir", "removexattr", "rename", "rmdir", "setattr",
+        "setxattr", "statfs", "symlink", "unlink", "write",
+    }
+)  # fmt: skip
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def _guard(name: str, fn: Handler) -> Handler:
+    @functools.wraps(fn)
+    async def guarded(self: _Guarded, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            log.debug("%s: %s", name, e)
+            raise _errno(e) from None
+        except Exception:
+            self.handler_errors += 1
+            log.exception("FUSE %s failed", name)
+            if name == "forget":
+                return None  # forget has no reply to carry an error
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    guarded.__lazyfs_guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+class _Guarded(pyfuse3.Operations):
+    """Wraps every handler a subclass defines in :func:`_guard`."""
+
+    handler_errors = 0
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        for name in HANDLERS:
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "__lazyfs_guarded__", False):
+                setattr(cls, name, _guard(name, fn))
+
+
+class Operations(_Guarded):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
@@ -92,6 +144,7 @@ class Operations(pyfuse3.Operations):
         upper: Upper | None,
         *,
         listener: AccessListener | None = None,
+        copy_up_max: int | None = None,
     ) -> None:
         super().__init__()
         self.tree = tree
@@ -99,6 +152,9 @@ class Operations(pyfuse3.Operations):
         self.layers = list(layers)
         self.upper = upper
         self.listener = listener
+        self.copy = (
+            CopyUp(store, layers, upper, max_bytes=copy_up_max) if upper is not None else None
+        )
         self._handles: dict[int, Handle] = {}
         self._open: dict[int, set[int]] = {}  # inode -> its open file handles
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
@@ -201,9 +257,24 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ promote (copy-up)
 
     async def _promote(self, node: Node, *, content: bool = True) -> None:
-        """Make ``node`` (and its parents) exist in the upper directory with lower metadata.
-        ``content=False``: the caller is about to truncate, so copy none of it.  One promotion
-        per inode at a time; a waiter sees the first one's failure as EIO."""
+        """Make ``node`` and its parents exist in the upper directory with lower metadata,
+        parents first.  A loop, not recursion: a tree may be deeper than Python's stack.
+        ``content=False``: the caller is about to truncate, so copy none of it."""
+        chain: list[Node] = []
+        for parent, _ in list(self.tree.names(node)):
+            up: list[Node] = []
+            cur: Node | None = parent
+            while cur is not None and not cur.upper and cur not in chain:
+                up.append(cur)
+                cur = cur.parent
+            chain.extend(reversed(up))
+        for n in chain:
+            await self._promote_one(n, content=True)
+        await self._promote_one(node, content=content)
+
+    async def _promote_one(self, node: Node, *, content: bool) -> None:
+        """Copy ``node`` up, its parents being upper already.  One promotion per inode at a
+        time; a waiter sees the first one's failure as EIO."""
         while not node.upper:
             busy = self._promoting.get(node.ino)
             if busy is None:
@@ -213,32 +284,28 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO)
         if node.upper:
             return
-        upper = self._need_upper()
+        self._need_upper()
+        assert self.copy is not None
         done = self._promoting[node.ino] = trio.Event()
         try:
-            names = list(self.tree.names(node))
-            for parent, _ in names:
-                await self._promote(parent)
             e = node.entry
             assert e is not None
             if e.type == "dir":
-                # ensure_dir fsyncs the directory and its parent: off the trio thread.
-                path = () if node is self.tree.root else self._path(node)
-                await trio.to_thread.run_sync(
-                    functools.partial(
-                        upper.ensure_dir,
-                        path,
-                        mode=e.mode,
-                        uid=e.uid,
-                        gid=e.gid,
-                        mtime_ns=e.mtime_ns,
-                        xattrs=e.xattrs,
-                    )
-                )
+                await self.copy.directory(() if node is self.tree.root else self._path(node), e)
             elif e.type == "reg":
-                await self._copy_up(node, e, e.size if content else 0)
+                path = self._path(node)
+                await self.copy.regular(
+                    (*path[:-1], Upper.temp_name(node.ino)),
+                    node.layer,
+                    e,
+                    e.size if content else 0,
+                    # The awaits let other operations run: land the copy where it is now.
+                    lambda: (
+                        [(*p.path(), n) for p, n in self.tree.names(node)] if node.nlink > 0 else []
+                    ),
+                )
             else:
-                self._make_special(self._path(node), e)
+                self.copy.special(self._path(node), e)
             node.upper = True
             node.entry = None
         except OSError as err:
@@ -246,59 +313,6 @@ class Operations(pyfuse3.Operations):
         finally:
             del self._promoting[node.ino]
             done.set()
-
-    async def _copy_up(self, node: Node, e: Entry, length: int) -> None:
-        """Copy ``length`` bytes of a lower file into the upper directory under a temporary
-        name, then rename it into place (and link its other names), so a crash never leaves
-        a half-copied file visible."""
-        upper = self._need_upper()
-        path = self._path(node)
-        tmp = (*path[:-1], Upper.temp_name(node.ino))
-        fd = upper.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            layer = self.layers[node.layer]
-            pos = 0
-            while pos < length:
-                data = await self.store.read(layer, e, pos, min(COPY_PIECE, length - pos))
-                if not data:
-                    break
-                await trio.to_thread.run_sync(os.pwrite, fd, data, pos)
-                pos += len(data)
-            os.ftruncate(fd, length)
-            os.fchown(fd, e.uid, e.gid)
-            os.fchmod(fd, e.mode)  # after chown, which clears set-id bits
-            for k, v in e.xattrs.items():
-                os.setxattr(fd, k, v)
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-            await trio.to_thread.run_sync(os.fsync, fd)
-            # The awaits above let other operations run: the file may have been unlinked or
-            # renamed meanwhile.  Land the copy only where the file still is.
-            names = [(*p.path(), n) for p, n in self.tree.names(node)]
-            if node.nlink <= 0 or not names:
-                raise FileNotFoundError(errno.ENOENT, "removed during copy-up")
-        except BaseException:
-            os.close(fd)
-            upper.unlink(tmp)
-            raise
-        os.close(fd)
-        first, *others = names
-        upper.rename(tmp, first)
-        for other in others:  # hardlinks stay one inode
-            upper.link(first, other)
-
-    def _make_special(self, path: tuple[str, ...], e: Entry) -> None:
-        upper = self._need_upper()
-        if e.type == "symlink":
-            upper.symlink(path, e.link_name)
-        else:
-            kind = {"char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO}[e.type]
-            upper.mknod(path, kind | e.mode, os.makedev(e.dev_major, e.dev_minor))
-            upper.chmod(path, e.mode)
-        upper.chown(path, e.uid, e.gid)
-        for k, v in e.xattrs.items():
-            if e.type != "symlink":
-                upper.setxattr(path, k, v)
-        upper.utimens(path, e.mtime_ns, e.mtime_ns)
 
     # ------------------------------------------------------------------ lookups and reading
 
@@ -310,7 +324,7 @@ class Operations(pyfuse3.Operations):
             return self._looked_up(parent)
         if name == b"..":
             return self._looked_up(parent.parent or parent)
-        return self._looked_up(self._child(parent, os.fsdecode(name)))
+        return self._looked_up(self._child(parent, _name(name)))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
@@ -461,14 +475,19 @@ class Operations(pyfuse3.Operations):
             except OSError as e:
                 raise _errno(e) from e
         assert node.entry is not None
-        return [os.fsencode(k) for k in node.entry.xattrs]
+        # A name with a NUL cannot be listed (the list is NUL-separated): an image can hold
+        # one, no kernel can.
+        return [os.fsencode(k) for k in node.entry.xattrs if k and "\0" not in k]
 
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         node = self._node(inode)
+        key = os.fsdecode(name)
+        if reserved_xattr(key):
+            raise pyfuse3.FUSEError(errno.EPERM)  # marks whiteouts in the upper directory
         await self._promote(node)
-        self._upper_call(self._need_upper().setxattr, self._path(node), os.fsdecode(name), value)
+        self._upper_call(self._need_upper().setxattr, self._path(node), key, value)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._node(inode)
@@ -651,14 +670,18 @@ class Operations(pyfuse3.Operations):
         """Drop ``name`` from the upper directory and the tree; whiteout what a lower layer has."""
         upper = self._need_upper()
         path = (*parent.path(), name)
+        lower = self.tree.lower_has(path)  # a lower layer has this name: hide it
         if node.upper:
             if node.children is not None:
                 upper.rmtree(path)
             else:
                 if node.nlink <= 1:
                     self._pin_open_handles(node, path)
-                upper.unlink(path)
-        if self.tree.lower_has(path):  # a lower layer has this name: hide it
+                if not lower:
+                    upper.unlink(path)
+        if lower:
+            # Replaces a file's upper copy in one rename: a crash leaves either the copy or
+            # the whiteout, never the lower content back.
             upper.whiteout(path)
         assert parent.children is not None
         del parent.children[name]
@@ -740,6 +763,7 @@ class Operations(pyfuse3.Operations):
                         if target.nlink <= 1:
                             self._pin_open_handles(target, new_path)
                         upper.unlink(new_path)
+                assert new_parent.children is not None
                 del new_parent.children[new]
                 self.tree.unlink_name(target, new_parent, new)
             elif upper.has_whiteout(new_path):

@@ -53,6 +53,10 @@ class MountOptions(msgspec.Struct, kw_only=True):
     platform: str = "linux/amd64"
     allow_other: bool = False
     read_only: bool = False
+    # Set-id bits and device nodes of the image take effect only when asked (root only).
+    suid: bool = False
+    dev: bool = False
+    copy_up_max: int | None = None  # bytes one copy-up may write; None: free space decides
     background_fetch: bool = False
     trace: str | None = None  # record accesses; write the trace here when the mount ends
     group: str | None = None  # workload label of the trace; the group --prefetch fetches
@@ -89,7 +93,9 @@ class _Mount:
         self.recorder = recorder
         self.prefetcher = prefetcher
         layers = image.store_layers()
-        self.ops = Operations(self.tree, image.store, layers, upper, listener=recorder)
+        self.ops = Operations(
+            self.tree, image.store, layers, upper, listener=recorder, copy_up_max=opts.copy_up_max
+        )
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
@@ -128,6 +134,7 @@ class _Mount:
                     for ol in image.layers
                 ],
                 prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
+                handler_errors=self.ops.handler_errors,
                 log=opts.log,
             )
         if request.get("cmd") == "trace":
@@ -155,9 +162,10 @@ def _fuse_options(opts: MountOptions) -> set[str]:
         options.add("allow_other")
     if opts.read_only:
         options.add("ro")
-    if os.geteuid() == 0:
-        options.add("dev")  # device nodes in a container rootfs must work
-        options.add("suid")
+    # An image's set-id binaries and device nodes would serve any host user who can
+    # reach the mount: off unless asked for (a container runtime asks).
+    options.add("suid" if opts.suid else "nosuid")
+    options.add("dev" if opts.dev else "nodev")
     return options
 
 

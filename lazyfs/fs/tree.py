@@ -154,6 +154,8 @@ class Tree:
                     raise FormatError(
                         f"layer {layer}: hardlink {e.name!r} to missing {e.link_name!r}"
                     )
+                if old is target:
+                    continue  # a link to itself (or to another of its names) changes nothing
                 if old is not None:
                     self._drop(parent, name)
                 self.add_link(target, parent, name)
@@ -217,24 +219,27 @@ class Tree:
         parent.children[name] = target
 
     def unlink_name(self, node: Node, parent: Node, name: str) -> None:
-        """Forget one name of ``node`` (already removed from ``parent.children``)."""
-        node.nlink -= 1
-        if node.links:
-            if node.parent is parent and node.name == name:
-                node.parent, node.name = node.links.pop(0)
-            else:
-                node.links = [(p, n) for p, n in node.links if not (p is parent and n == name)]
-        if node.nlink <= 0:
-            self._release(node)
-
-    def _release(self, node: Node) -> None:
-        if node.children:
-            for child_name, child in list(node.children.items()):
-                del node.children[child_name]
-                self.unlink_name(child, node, child_name)
-        node.nlink = 0
-        if node.lookups == 0:
-            self.nodes.pop(node.ino, None)
+        """Forget one name of ``node`` (already removed from ``parent.children``); a node left
+        without names releases its children too.  A loop: a tree can be deeper than Python's
+        stack."""
+        todo = [(node, parent, name)]
+        while todo:
+            node, parent, name = todo.pop()
+            node.nlink -= 1
+            if node.links:
+                if node.parent is parent and node.name == name:
+                    node.parent, node.name = node.links.pop(0)
+                else:
+                    node.links = [(p, n) for p, n in node.links if not (p is parent and n == name)]
+            if node.nlink > 0:
+                continue
+            if node.children:
+                for child_name, child in list(node.children.items()):
+                    del node.children[child_name]
+                    todo.append((child, node, child_name))
+            node.nlink = 0
+            if node.lookups == 0:
+                self.nodes.pop(node.ino, None)
 
     def forget(self, node: Node, n: int) -> None:
         node.lookups -= n

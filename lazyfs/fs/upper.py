@@ -6,9 +6,10 @@ the last component relative to its parent's fd (``*at`` calls, ``follow_symlinks
 symlink planted in the upper directory - by the image or by a user of the mount - can never
 make lazyfs read or write outside it.  Components are validated before any syscall.
 
-The directory is kept as a valid OCI layer diff: a deleted lower entry leaves ``.wh.NAME`` and a
-directory hiding its lower contents holds ``.wh..wh..opq``.  :func:`commit_layer` writes it out
-as a layer tar.
+A deleted lower entry leaves a whiteout of the same name (an empty mode-0 file marked with
+``user.lazyfs.whiteout``: as overlayfs does, so that every legal name has one; the ``.wh.NAME``
+files of earlier versions are still honoured), and a directory hiding its lower contents holds
+``.wh..wh..opq``.  :mod:`lazyfs.fs.layertar` writes the directory out as an OCI layer tar.
 
 Errors are :class:`OSError` with the errno the kernel (or the check) produced, so the FUSE layer
 can turn them into ``FUSEError(e.errno)``.
@@ -24,10 +25,7 @@ import os
 import re
 import secrets
 import stat
-import tarfile
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 UpperPath = Sequence[str]  # a tuple of components; "()" is the upper root itself
 
@@ -49,8 +47,51 @@ _RDIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Newly created temp and marker files: never follow a symlink that raced into the name.
 _PIN_CREATE = os.O_NOFOLLOW | os.O_CLOEXEC
 
-# xattrs that describe the host, not the image: SELinux labels are reassigned on unpack.
-_HOST_XATTRS = frozenset({"security.selinux"})
+NAME_MAX = 255
+# Marks a whiteout in the upper directory.  In the user namespace so that an unprivileged
+# daemon can write it too; users of the mount may not set it (see reserved_xattr).
+WHITEOUT_XATTR = "user.lazyfs.whiteout"
+_OWN_XATTRS = "user.lazyfs."
+
+
+def reserved_xattr(name: str) -> bool:
+    """xattrs that only lazyfs itself may set in the upper directory."""
+    return name.startswith(_OWN_XATTRS)
+
+
+def host_xattr(name: str) -> bool:
+    """xattrs of an image that copy-up must not write into the host's upper directory, where
+    the daemon runs as root: ``trusted.*`` (overlayfs and other host services keep their state
+    there), ``security.*`` other than file capabilities (SELinux, IMA and EVM labels belong to
+    the host's policy) and lazyfs's own.  They are still shown while the file is lower."""
+    if name.startswith("trusted."):
+        return True
+    if name.startswith("security."):
+        return name != "security.capability"
+    return reserved_xattr(name)
+
+
+def is_whiteout_at(pin: int) -> bool:
+    """True if the entry ``pin`` (an O_PATH handle) is a whiteout: an empty mode-0 regular
+    file carrying WHITEOUT_XATTR.  As overlayfs, the whiteout has the name it hides, so every
+    legal name has one."""
+    st = os.fstat(pin)
+    if not (stat.S_ISREG(st.st_mode) and st.st_size == 0 and stat.S_IMODE(st.st_mode) == 0):
+        return False
+    try:
+        os.getxattr(_proc_fd(pin), WHITEOUT_XATTR)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
+
+
+def _xattr_name(name: str) -> str:
+    if not name or "\0" in name:
+        raise OSError(errno.EINVAL, "invalid xattr name", name)
+    return name
+
 
 _SYSCALL_RENAMEAT2 = {"x86_64": 316, "aarch64": 276, "riscv64": 276, "i686": 353, "armv7l": 382}
 
@@ -379,7 +420,7 @@ class Upper:
 
     def getxattr(self, path: UpperPath, name: str) -> bytes:
         with self._pinned(path) as fd:
-            return os.getxattr(_proc_fd(fd), name)
+            return os.getxattr(_proc_fd(fd), _xattr_name(name))
 
     def listxattr(self, path: UpperPath) -> list[str]:
         with self._pinned(path) as fd:
@@ -387,29 +428,94 @@ class Upper:
 
     def setxattr(self, path: UpperPath, name: str, value: bytes, flags: int = 0) -> None:
         with self._pinned(path) as fd:
-            os.setxattr(_proc_fd(fd), name, value, flags)
+            os.setxattr(_proc_fd(fd), _xattr_name(name), value, flags)
 
     def removexattr(self, path: UpperPath, name: str) -> None:
         with self._pinned(path) as fd:
-            os.removexattr(_proc_fd(fd), name)
+            os.removexattr(_proc_fd(fd), _xattr_name(name))
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root_fd)
 
-    # ------------------------------------------------------------------ OCI whiteouts
+    # ------------------------------------------------------------------ whiteouts
 
     @staticmethod
     def is_marker(name: str) -> bool:
-        """True for whiteouts and the opaque marker: names never shown to users."""
+        """True for names in the ``.wh.`` namespace: OCI gives them a meaning in a layer tar
+        (and upper directories of earlier versions hold ``.wh.NAME`` whiteouts), so users may
+        not create them."""
         return name.startswith(Upper.WHITEOUT_PREFIX)
 
-    def _marker_at(self, path: UpperPath) -> tuple[tuple[str, ...], str]:
+    def is_whiteout(self, path: UpperPath) -> bool:
+        """True if ``path`` is a whiteout (see :func:`is_whiteout_at`)."""
+        if not _components(path):
+            return False
+        try:
+            with self._at(path, user=False) as (dfd, name):
+                pin = os.open(name, _PIN, dir_fd=dfd)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            return is_whiteout_at(pin)
+        finally:
+            os.close(pin)
+
+    def _legacy_marker(self, path: UpperPath) -> tuple[str, ...] | None:
+        """Where an upper dir of an earlier version keeps the ``.wh.NAME`` whiteout of
+        ``path`` (None when such a name cannot exist)."""
         comps = _components(path)
         if not comps:
             raise OSError(errno.EBUSY, "the upper root cannot be whited out")
         if any(self.is_marker(c) for c in comps):
             raise OSError(errno.EPERM, "a marker cannot be whited out", comps[-1])
-        return comps[:-1], self.WHITEOUT_PREFIX + comps[-1]
+        marker = self.WHITEOUT_PREFIX + comps[-1]
+        if len(os.fsencode(marker)) > NAME_MAX:
+            return None
+        return (*comps[:-1], marker)
+
+    def whiteout(self, path: UpperPath) -> None:
+        """Hide the lower entry at ``path`` (idempotent).  The parent must exist in the upper
+        directory.  A non-directory already at ``path`` is replaced in one rename, so a copy
+        that is being deleted never disappears before its whiteout exists (a directory must
+        be removed first: EISDIR otherwise)."""
+        legacy = self._legacy_marker(path)
+        comps = _components(path)
+        with self._at(comps, user=False) as (dfd, name):
+            tmp = self.temp_name(0)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _PIN_CREATE, 0, dir_fd=dfd)
+            try:
+                os.fchmod(fd, 0)
+                os.setxattr(fd, WHITEOUT_XATTR, b"")
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
+            finally:
+                os.close(fd)
+        if legacy is not None:
+            self._unlink_legacy(legacy)
+
+    def _unlink_legacy(self, marker: tuple[str, ...]) -> None:
+        with self._at(marker, user=False) as (dfd, name), contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dfd)
+
+    def remove_whiteout(self, path: UpperPath) -> None:
+        """Drop the whiteout of ``path`` (absent is fine; any other entry there stays).
+        Re-creating a *directory* over a whiteout: set_opaque on the new directory first, or
+        lower contents reappear."""
+        legacy = self._legacy_marker(path)
+        if legacy is not None:
+            self._unlink_legacy(legacy)
+        if self.is_whiteout(path):
+            with self._at(path, user=False) as (dfd, name):
+                os.unlink(name, dir_fd=dfd)
+
+    def has_whiteout(self, path: UpperPath) -> bool:
+        legacy = self._legacy_marker(path)
+        if legacy is not None and self.lstat(legacy) is not None:
+            return True
+        return self.is_whiteout(path)
 
     def _touch(self, dir_comps: tuple[str, ...], marker: str) -> None:
         fd = self._walk(dir_comps)
@@ -426,30 +532,6 @@ class Upper:
                     raise
         finally:
             os.close(fd)
-
-    def whiteout(self, path: UpperPath) -> None:
-        """Hide the lower entry at ``path``: create ``parent/.wh.NAME`` (idempotent).
-
-        The parent must exist in the upper directory.  Any upper entry of the same name is left
-        alone (the caller removes it first); OCI lets a whiteout and a same-layer entry coexist.
-        """
-        parent, marker = self._marker_at(path)
-        self._touch(parent, marker)
-
-    def remove_whiteout(self, path: UpperPath) -> None:
-        """Drop ``parent/.wh.NAME`` (absent is fine).  Re-creating a *directory* over a
-        whiteout: set_opaque on the new directory first, or lower contents reappear."""
-        parent, marker = self._marker_at(path)
-        fd = self._walk(parent)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(marker, dir_fd=fd)
-        finally:
-            os.close(fd)
-
-    def has_whiteout(self, path: UpperPath) -> bool:
-        parent, marker = self._marker_at(path)
-        return self.lstat((*parent, marker)) is not None
 
     def set_opaque(self, dir_path: UpperPath) -> None:
         """Mark ``dir_path`` so no lower layer's contents show through it (idempotent)."""
@@ -574,177 +656,3 @@ def _rmtree_at(dfd: int, name: str) -> None:
     finally:
         for fd, *_ in stack:
             os.close(fd)
-
-
-# ---------------------------------------------------------------------- committing a layer
-
-
-def _tar_order(name: str) -> tuple[int, bytes]:
-    # Markers first: an applier that processes ".wh.x" after a same-layer "x" would delete the
-    # new "x" (containerd removes the path a whiteout names).  Bytes order is locale-proof.
-    rank = 0 if name == Upper.OPAQUE else 1 if Upper.is_marker(name) else 2
-    return rank, os.fsencode(name)
-
-
-def _ordered(names: list[str]) -> list[str]:
-    """Names to emit, reversed so list.pop() yields them in order."""
-    keep = [n for n in names if not Upper.is_temp(n)]
-    return sorted(keep, key=_tar_order, reverse=True)
-
-
-def _xattr_headers(pin: int) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    proc = _proc_fd(pin)  # see _proc_fd: the pinned inode itself, never a path re-walk
-    for key in sorted(os.listxattr(proc)):
-        if key in _HOST_XATTRS:
-            continue
-        try:
-            value = os.getxattr(proc, key)
-        except OSError as e:
-            if e.errno == errno.ENODATA:  # removed meanwhile
-                continue
-            raise
-        # tarfile writes surrogate-escaped text back as the original bytes (hdrcharset=BINARY).
-        headers[f"SCHILY.xattr.{key}"] = value.decode("utf-8", "surrogateescape")
-    return headers
-
-
-class _LayerTarInfo(tarfile.TarInfo):
-    """Writes PAX records as raw bytes, as Go's archive/tar (containerd) does.
-
-    tarfile marks a header holding any non-UTF-8 value (binary xattrs such as
-    security.capability) with ``hdrcharset=BINARY``, which GNU tar warns about for every such
-    entry.  Values arrive surrogate-escaped and go out as their original bytes.
-    """
-
-    @classmethod
-    def _create_pax_generic_header(
-        cls, pax_headers: dict[str, str], type: bytes, encoding: str
-    ) -> bytes:
-        records = bytearray()
-        for keyword, value in pax_headers.items():
-            body = b" " + keyword.encode("utf-8") + b"=" + value.encode("utf-8", "surrogateescape")
-            body += b"\n"
-            size = len(body) + 1  # the length prefix counts its own digits: find the fixpoint
-            while len(str(size)) + len(body) != size:
-                size = len(str(size)) + len(body)
-            records += str(size).encode("ascii") + body
-        info = {
-            "name": "././@PaxHeader",
-            "type": type,
-            "size": len(records),
-            "magic": tarfile.POSIX_MAGIC,
-        }
-        header: bytes = cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace")  # type: ignore[attr-defined]  # private tarfile API
-        payload: bytes = cls._create_payload(bytes(records))  # type: ignore[attr-defined]  # private tarfile API
-        return header + payload
-
-
-def _tarinfo(name: str, st: os.stat_result) -> tarfile.TarInfo:
-    ti = _LayerTarInfo(name)
-    ti.mode = stat.S_IMODE(st.st_mode)
-    ti.uid, ti.gid = st.st_uid, st.st_gid
-    sec, nsec = divmod(st.st_mtime_ns, 1_000_000_000)
-    ti.mtime = sec
-    if nsec and sec >= 0:
-        ti.pax_headers = {"mtime": f"{sec}.{nsec:09d}"}  # exact: str(float) would round
-    return ti
-
-
-def _write_tree(tar: tarfile.TarFile, root_fd: int) -> None:
-    seen: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) -> first archived name
-    # Frames: (directory fd, archive prefix, names left, reversed).  Depth-first, pre-order.
-    stack: list[tuple[int, str, list[str]]] = [(os.dup(root_fd), "", _ordered(os.listdir(root_fd)))]
-    try:
-        while stack:
-            dfd, prefix, names = stack[-1]
-            if not names:
-                stack.pop()
-                os.close(dfd)
-                continue
-            name = names.pop()
-            arcname = prefix + name
-            pin = os.open(name, _PIN, dir_fd=dfd)
-            try:
-                st = os.fstat(pin)
-                kind = stat.S_IFMT(st.st_mode)
-                if kind == stat.S_IFSOCK:
-                    continue  # tar has no socket type; GNU tar skips them too
-                ti = _tarinfo(arcname, st)
-                key = (st.st_dev, st.st_ino)
-                if kind != stat.S_IFDIR and st.st_nlink > 1:
-                    if key in seen:
-                        ti.type, ti.linkname = tarfile.LNKTYPE, seen[key]
-                        tar.addfile(ti)
-                        continue
-                    seen[key] = arcname
-                ti.pax_headers = {**ti.pax_headers, **_xattr_headers(pin)}
-                if kind == stat.S_IFREG:
-                    ti.type = tarfile.REGTYPE
-                    with open(_proc_fd(pin), "rb") as f:
-                        ti.size = os.fstat(f.fileno()).st_size
-                        tar.addfile(ti, f)
-                elif kind == stat.S_IFDIR:
-                    ti.type = tarfile.DIRTYPE
-                    tar.addfile(ti)
-                    sub = os.open(name, _RDIR, dir_fd=dfd)
-                    try:
-                        if not os.path.samestat(os.fstat(sub), st):
-                            raise OSError(errno.EAGAIN, "upper changed during commit", arcname)
-                        frame = (sub, arcname + "/", _ordered(os.listdir(sub)))
-                    except BaseException:
-                        os.close(sub)
-                        raise
-                    stack.append(frame)
-                elif kind == stat.S_IFLNK:
-                    ti.type = tarfile.SYMTYPE
-                    ti.linkname = os.readlink(name, dir_fd=dfd)
-                    tar.addfile(ti)
-                elif kind in (stat.S_IFCHR, stat.S_IFBLK):
-                    ti.type = tarfile.CHRTYPE if kind == stat.S_IFCHR else tarfile.BLKTYPE
-                    ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-                    tar.addfile(ti)
-                elif kind == stat.S_IFIFO:
-                    ti.type = tarfile.FIFOTYPE
-                    tar.addfile(ti)
-            finally:
-                os.close(pin)
-    finally:
-        for dfd, *_ in stack:
-            os.close(dfd)
-
-
-def commit_layer(upper_root: str | os.PathLike[str], out_tar: str | os.PathLike[str]) -> None:
-    """Write the upper directory as an uncompressed OCI layer tar (PAX).
-
-    Deterministic: entries depth-first, markers then names in byte order within a directory,
-    no user/group names, no atime/ctime.  The upper root itself is not an entry.  Hardlinks are
-    found by (st_dev, st_ino); xattrs become SCHILY.xattr.* (minus host-only ones); whiteout
-    and opaque markers are kept as the empty files OCI defines; temp names and sockets are
-    skipped.  Symlinks are archived, never followed.  The tar is written to a temp file next to
-    ``out_tar`` and renamed, so a failure leaves no partial output.  Quiesce the mount first.
-    """
-    out = Path(out_tar)
-    real_root = os.path.realpath(upper_root)
-    real_dir = os.path.realpath(out.parent)
-    if real_dir == real_root or real_dir.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise ValueError("the layer tar cannot be written inside the upper directory")
-    root_fd = os.open(upper_root, _RDIR)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=out.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                with tarfile.open(
-                    fileobj=f, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8"
-                ) as tar:
-                    _write_tree(tar, root_fd)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    finally:
-        os.close(root_fd)

@@ -52,3 +52,15 @@ def stop_process(proc: subprocess.Popen[bytes] | int, timeout: float = 5.0) -> N
             os.kill(proc, sig)
         if wait_pid(proc, timeout):
             return
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of ``pid`` (VmRSS in /proc/PID/status); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024  # the kernel counts in kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None  # a zombie has no VmRSS line

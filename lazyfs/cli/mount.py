@@ -89,7 +89,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("stats", help="per-layer fetch statistics of a mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a lazyfs mount point")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument(
+        "--prometheus", action="store_true", help="Prometheus text format (what the snapshotter "
+        "serves for each of its daemons)",
+    )  # fmt: skip
     p.set_defaults(handler=stats_cmd)
 
 
@@ -269,6 +274,13 @@ def stats_cmd(args: argparse.Namespace) -> int:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
         return 0
     assert isinstance(report, dict)
+    if args.prometheus:
+        from lazyfs.fs.metrics import DaemonStats, daemon_families, exposition
+
+        labels = {"daemon": str(report.get("pid", "")), "mountpoint": report["mountpoint"]}
+        families = daemon_families([DaemonStats(labels, report)], list(labels))
+        sys.stdout.write(exposition(families).decode())
+        return 0
     print(f"{report['image']} ({report['manifest'][:19]}) on {report['mountpoint']}")
     if report.get("log"):
         print(f"log: {report['log']}")

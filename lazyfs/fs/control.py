@@ -8,6 +8,7 @@ socket code, usable from the CLI, tests and the snapshotter without an event loo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -19,6 +20,9 @@ import trio
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.prefetch import PrefetchStats
 from lazyfs.fs.runtime import control_path
+from lazyfs.store.chunkcache import CacheUsage
+
+log = logging.getLogger(__name__)
 
 
 class MountInfo(msgspec.Struct):
@@ -43,7 +47,26 @@ class StatsReport(msgspec.Struct):
     layers: list[LayerReport]
     prefetch: PrefetchStats | None = None
     handler_errors: int = 0  # FUSE requests that failed unexpectedly (logged; answered EIO)
+    # For metrics: the daemon's own PID and resident memory, and its view of the chunk cache
+    # (its start-up scan plus its own writes: daemons sharing a cache do not see each other's).
+    pid: int = 0
+    rss_bytes: int = 0
+    cache: CacheUsage | None = None
     log: str | None = None  # the daemon's log file
+
+
+def _answer(handler: Callable[[dict[str, object]], object], line: bytes) -> bytes:
+    try:
+        request = msgspec.json.decode(line.strip() or b"{}")
+        if not isinstance(request, dict):
+            raise LazyfsError("a control request is one JSON object")
+        return msgspec.json.encode({"ok": True, "result": handler(request)}) + b"\n"
+    except (msgspec.DecodeError, LazyfsError, KeyError) as e:
+        error = str(e)
+    except Exception as e:  # a bug answering one request must not end the mount
+        log.exception("control request %r failed", line[:200])
+        error = f"internal error: {e}"
+    return msgspec.json.encode({"ok": False, "error": error}) + b"\n"
 
 
 async def control_server(
@@ -59,20 +82,20 @@ async def control_server(
     listener = trio.SocketListener(sock)
 
     async def serve_one(stream: trio.SocketStream) -> None:
-        async with stream:
-            buf = b""
-            with trio.move_on_after(10):
-                while b"\n" not in buf and len(buf) < 65536:
-                    data = await stream.receive_some(4096)
-                    if not data:
-                        break
-                    buf += data
-                try:
-                    request = msgspec.json.decode(buf.strip() or b"{}")
-                    reply: object = {"ok": True, "result": handler(request)}
-                except (msgspec.DecodeError, LazyfsError, KeyError) as e:
-                    reply = {"ok": False, "error": str(e)}
-                await stream.send_all(msgspec.json.encode(reply) + b"\n")
+        # Whatever a client sends, or however early it hangs up (a scraper's timeout), the
+        # mount stays up: this task's exception would end the daemon's nursery.
+        try:
+            async with stream:
+                buf = b""
+                with trio.move_on_after(10):
+                    while b"\n" not in buf and len(buf) < 65536:
+                        data = await stream.receive_some(4096)
+                        if not data:
+                            break
+                        buf += data
+                    await stream.send_all(_answer(handler, buf))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: nobody is left to answer
 
     try:
         task_status.started()
@@ -82,11 +105,13 @@ async def control_server(
             path.unlink()
 
 
-def control_request(mountpoint: str, request: dict[str, object]) -> object:
+def control_request(
+    mountpoint: str, request: dict[str, object], *, timeout: float = 10.0
+) -> object:
     path = control_path(mountpoint)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(10)
+            s.settimeout(timeout)
             s.connect(os.fspath(path))
             s.sendall(msgspec.json.encode(request) + b"\n")
             buf = b""
@@ -96,7 +121,7 @@ def control_request(mountpoint: str, request: dict[str, object]) -> object:
                     break
                 buf += data
     except OSError as e:
-        raise LazyfsError(f"{mountpoint}: no lazyfs daemon answers ({e.strerror})") from None
+        raise LazyfsError(f"{mountpoint}: no lazyfs daemon answers ({e.strerror or e})") from None
     try:
         reply = msgspec.json.decode(buf)
     except msgspec.DecodeError:

@@ -57,16 +57,17 @@ class Daemon:
     def control(self) -> Path:
         return control_path(self.mountpoint)
 
-    def request(self, request: dict[str, object]) -> Any:
-        """One control request; raises LazyfsError with the daemon's message."""
-        return control_request(os.fspath(self.mountpoint), request)
+    def request(self, request: dict[str, object], *, timeout: float = 10.0) -> Any:
+        """One control request; raises LazyfsError with the daemon's message, or when no
+        answer comes within ``timeout`` seconds."""
+        return control_request(os.fspath(self.mountpoint), request, timeout=timeout)
 
     def info(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request({"cmd": "info"})
         return result
 
-    def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request({"cmd": "stats"})
+    def stats(self, *, timeout: float = 10.0) -> dict[str, Any]:
+        result: dict[str, Any] = self.request({"cmd": "stats"}, timeout=timeout)
         return result
 
     def trace(self, *, summary: bool = False) -> Any:
@@ -165,11 +166,13 @@ def spawn(
     return Daemon(child.pid, mountpoint, proc=child, log=Path(log))
 
 
-def attach(mountpoint: StrPath, *, expect_pid: int | None = None) -> Daemon:
+def attach(
+    mountpoint: StrPath, *, expect_pid: int | None = None, timeout: float = 10.0
+) -> Daemon:
     """The daemon serving ``mountpoint``, found through its control socket.  ``expect_pid``:
     the PID recorded when it was started; another daemon answering there is an error (the
     recorded one is gone), so a caller never stops a process it did not start."""
-    info = control_request(os.fspath(mountpoint), {"cmd": "info"})
+    info = control_request(os.fspath(mountpoint), {"cmd": "info"}, timeout=timeout)
     if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
         raise LazyfsError(f"{mountpoint}: the lazyfs daemon did not say its PID")
     if expect_pid is not None and info["pid"] != expect_pid:

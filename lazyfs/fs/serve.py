@@ -32,6 +32,7 @@ from lazyfs.fs.tree import Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import OpenedImage, open_image
+from lazyfs.process import rss_bytes
 from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.trace.recorder import Recorder
@@ -135,6 +136,9 @@ class _Mount:
                 ],
                 prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
                 handler_errors=self.ops.handler_errors,
+                pid=os.getpid(),
+                rss_bytes=rss_bytes(os.getpid()) or 0,
+                cache=image.cache.du(),
                 log=opts.log,
             )
         if request.get("cmd") == "trace":

@@ -32,6 +32,7 @@ class LayerStats(msgspec.Struct, kw_only=True):
     cache_hits: int = 0  # chunks served from the local cache
     cache_misses: int = 0  # chunks a read had to wait for the network for
     wait_ns: int = 0  # total time reads spent waiting for the network
+    read_ns: int = 0  # total time of all reads (the latency histogram's sum)
     latency_log2_us: list[int] = msgspec.field(default_factory=_empty_histogram)
     # Network, for every priority.
     requests: int = 0
@@ -41,6 +42,7 @@ class LayerStats(msgspec.Struct, kw_only=True):
 
     def record_read(self, ns: int, *, waited: bool) -> None:
         self.reads += 1
+        self.read_ns += max(ns, 0)
         self.latency_log2_us[latency_bucket(ns)] += 1
         if waited:
             self.wait_ns += ns

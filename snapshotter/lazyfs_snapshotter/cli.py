@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -22,6 +23,7 @@ from .config import (
     DEFAULT_ROOT,
     Config,
     ConfigError,
+    host_port,
     load_config,
 )
 
@@ -45,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--hosts-dir", default=DEFAULT_HOSTS_DIR, help="containerd hosts.toml dir")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (overrides [metrics].address)")
     return p.parse_args(argv)
 
 
@@ -100,6 +104,7 @@ def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
         import grpc
 
         from .metadata import MetadataError
+        from .metrics import Metrics
         from .service import SnapshotsService, add_to_server
         from .snapshots import Snapshotter
     except ImportError as e:
@@ -113,7 +118,16 @@ def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
         snapshotter = Snapshotter(root)
     except MetadataError as e:
         raise StartError(str(e)) from None
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS))
+    metrics = Metrics(snapshotter.store)
+    if config.metrics_address:
+        host, port = host_port(config.metrics_address, "metrics address")
+        try:
+            metrics.serve(host, port)
+        except OSError as e:
+            raise StartError(f"metrics address {config.metrics_address}: {e.strerror}") from None
+        log.info("metrics on http://%s/metrics", config.metrics_address)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS),
+                         interceptors=[metrics.interceptor])
     add_to_server(SnapshotsService(snapshotter), server)
     if server.add_insecure_port(f"unix:{address}") == 0:
         raise StartError(f"cannot listen on {address}")
@@ -137,6 +151,7 @@ def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
         log.info("stopping")
         # In-flight calls get a moment; each is one transaction, so cutting one is safe.
         server.stop(5).wait()
+        metrics.close()
         snapshotter.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)
@@ -152,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_config(args.config)
+        if args.metrics_address:
+            host_port(args.metrics_address, "--metrics-address")
+            config = dataclasses.replace(config, metrics_address=args.metrics_address)
         serve(os.path.abspath(args.address), Path(os.path.abspath(args.root)), config,
               Path(args.hosts_dir))
     except (ConfigError, StartError) as e:

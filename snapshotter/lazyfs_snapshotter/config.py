@@ -60,6 +60,14 @@ def parse_size(value: object, what: str) -> int:
     return n
 
 
+def host_port(address: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) split and checked."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def _str_list(value: object, what: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{what}: expected a list of non-empty strings")
@@ -101,9 +109,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         )
     metrics_address = _opt_str(metrics, "address", "[metrics]")
     if metrics_address is not None:
-        host, sep, port = metrics_address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"[metrics].address: expected HOST:PORT, got {metrics_address!r}")
+        host_port(metrics_address, "[metrics].address")
     return Config(
         cache_dir=_opt_str(cache, "dir", "[cache]"),
         cache_size=parse_size(cache.get("size", DEFAULT_CACHE_SIZE), "[cache].size"),

@@ -82,6 +82,19 @@ class SnapshotRow:
     parent_key: str = field(default="")
 
 
+@dataclass
+class DaemonRow:
+    """A FUSE daemon the snapshotter started: found again after a restart by its mount point."""
+
+    id: int
+    pid: int
+    mountpoint: str
+    control_socket: str
+    image_ref: str
+    chain_id: str
+    started_ns: int
+
+
 _COLUMNS = (
     "s.id, s.namespace, s.key, s.parent_id, s.kind, s.labels, s.created_ns, s.updated_ns, "
     "s.size, s.inodes, s.daemon_id, COALESCE(p.key, '')"
@@ -200,6 +213,29 @@ class Tx:
 
     def delete(self, snap_id: int) -> None:
         self.conn.execute("DELETE FROM snapshots WHERE id = ?", (snap_id,))
+
+    def count_kinds(self) -> dict[Kind, int]:
+        """Snapshots of each kind, every namespace."""
+        cur = self.conn.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind")
+        return {Kind(k): int(n) for k, n in cur.fetchall()}
+
+    def add_daemon(
+        self, pid: int, mountpoint: str, control_socket: str, image_ref: str, chain_id: str
+    ) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO daemons (pid, mountpoint, control_socket, image_ref, chain_id,"
+            " started_ns) VALUES (?, ?, ?, ?, ?, ?)",
+            (pid, mountpoint, control_socket, image_ref, chain_id, now_ns()),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def daemons(self) -> list[DaemonRow]:
+        cur = self.conn.execute(
+            "SELECT id, pid, mountpoint, control_socket, image_ref, chain_id, started_ns"
+            " FROM daemons ORDER BY id"
+        )
+        return [DaemonRow(*r) for r in cur.fetchall()]
 
 
 class MetadataStore:

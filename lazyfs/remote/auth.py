@@ -217,7 +217,5 @@ class Authenticator:
 def decode_jwt_claims(token: str) -> dict[str, object]:
     """Claims of a JWT without verifying it (tests and debugging only)."""
     part = token.split(".")[1]
-    claims: dict[str, object] = json.loads(
-        base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    )
+    claims: dict[str, object] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     return claims

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
 
-from . import cache, imagecmds, mount, optimize, pull, trace
+from . import cache, imagecmds, mount, optimizecmd, pull, trace
 
-MODULES = (imagecmds, mount, pull, cache, trace, optimize)
+MODULES = (imagecmds, mount, pull, cache, trace, optimizecmd)
 
 
 class _VersionAction(argparse.Action):

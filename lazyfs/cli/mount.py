@@ -298,7 +298,7 @@ def stats_cmd(args: argparse.Namespace) -> int:
         return 0
     assert isinstance(report, dict)
     if args.prometheus:
-        from lazyfs.fs.metrics import DaemonStats, daemon_families, exposition
+        from lazyfs.fs.prometheus import DaemonStats, daemon_families, exposition
 
         labels = {"daemon": str(report.get("pid", "")), "mountpoint": report["mountpoint"]}
         families = daemon_families([DaemonStats(labels, report)], list(labels))

@@ -3,7 +3,7 @@
 Its own series: gRPC calls by method and status code (counted by a server interceptor, so the
 handlers stay as they are), snapshots by kind, and the FUSE daemons it records.  On each
 scrape it asks every daemon in the metadata ``daemons`` table for its stats over the daemon's
-control socket and renders them with :mod:`lazyfs.fs.metrics`, labelled by daemon PID and
+control socket and renders them with :mod:`lazyfs.fs.prometheus`, labelled by daemon PID and
 chain ID.  A daemon that does not answer (dead, or another process on its mount point) is
 left out and counted; it never fails the scrape.
 """
@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from lazyfs.fs.daemon import attach
-from lazyfs.fs.metrics import DaemonStats, daemon_families
+from lazyfs.fs.prometheus import DaemonStats, daemon_families
 
 from .metadata import DaemonRow, Kind, MetadataStore
 

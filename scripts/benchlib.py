@@ -360,10 +360,16 @@ class Daemon:
 
 @contextlib.contextmanager
 def lazyfs_mount(
-    image: str, mnt: Path, cache: Path, *extra: str, timeout: float = 120.0
+    image: str,
+    mnt: Path,
+    cache: Path,
+    *extra: str,
+    timeout: float = 120.0,
+    upper: Path | None = None,
 ) -> Iterator[Daemon]:
-    """``lazyfs mount IMAGE MNT --read-only --cache DIR``, spawned through the project's one
-    daemon module and ready when it says so; unmounted and stopped by PID on exit."""
+    """``lazyfs mount IMAGE MNT --read-only --cache DIR`` (``--upper DIR`` instead of
+    ``--read-only`` when given), spawned through the project's one daemon module and ready when
+    it says so; unmounted and stopped by PID on exit."""
     from lazyfs.errors import LazyfsError
     from lazyfs.fs.daemon import spawn
 
@@ -374,7 +380,12 @@ def lazyfs_mount(
         lazy = spawn(
             image,
             mnt,
-            ["--read-only", "--cache", str(cache), *extra],
+            [
+                *(["--upper", str(upper)] if upper else ["--read-only"]),
+                "--cache",
+                str(cache),
+                *extra,
+            ],
             log=log_path,
             timeout=timeout,
             cwd=ROOT,

@@ -46,6 +46,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# pyfuse3 cannot ask the kernel to cache directory listings; this rebuilds it so it can (once,
+# about a minute; idempotent: nothing happens while the installed build is the patched one).
+.venv/bin/python scripts/pyfuse3_cache_dir.py
+
 # The snapshotter's gRPC modules are generated (gitignored) from the protos Debian ships.
 if [ ! -f snapshotter/lazyfs_snapshotter/api/snapshots_pb2.py ] \
     || [ scripts/gen_snapshotter_proto.py -nt snapshotter/lazyfs_snapshotter/api/snapshots_pb2.py ]; then

@@ -22,7 +22,8 @@ from lazyfs.formats.toc import MAX_TOC_BYTES, TOC, TocBudget, decode_toc
 
 TAIL_SIZE = 64  # the largest footer of any supported format
 
-LayerFormat = Literal["estargz", "zstd:chunked"]
+# "tar": a layer without a TOC, fetched whole and indexed locally (lazyfs.store.wholelayer).
+LayerFormat = Literal["estargz", "zstd:chunked", "tar"]
 
 
 class TocLocation(msgspec.Struct, frozen=True):

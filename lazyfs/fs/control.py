@@ -13,16 +13,31 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
-import trio
 
 from lazyfs.errors import LazyfsError
-from lazyfs.fs.prefetch import PrefetchStats
 from lazyfs.fs.runtime import control_path
 from lazyfs.store.chunkcache import CacheUsage
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import trio
+
+
+class PrefetchStats(msgspec.Struct, kw_only=True):
+    """A prefetch's progress for ``lazyfs stats --json`` (the ``prefetch`` field)."""
+
+    group: str
+    entries: int = 0  # matched entries to prefetch
+    skipped: int = 0  # entries whose layer or path this image does not have
+    prefetch_total: int = 0  # content bytes of the chunks to prefetch (unique)
+    prefetch_bytes: int = 0  # of those, bytes handled so far (fetched, or already cached)
+    prefetch_done: bool = False
+    elapsed_ns: int = 0  # from start to done
+    error: str = ""  # the first fetch error, if any (prefetch is best effort)
 
 
 class MountInfo(msgspec.Struct):
@@ -52,6 +67,8 @@ class StatsReport(msgspec.Struct):
     pid: int = 0
     rss_bytes: int = 0
     cache: CacheUsage | None = None
+    readdir_requests: int = 0  # listings the kernel asked for (not served from its cache)
+    log: str | None = None  # the daemon's log file
 
 
 def _answer(handler: Callable[[dict[str, object]], object], line: bytes) -> bytes:
@@ -71,6 +88,8 @@ def _answer(handler: Callable[[dict[str, object]], object], line: bytes) -> byte
 async def control_server(
     path: Path, handler: Callable[[dict[str, object]], object], task_status: trio.TaskStatus
 ) -> None:
+    import trio  # here: the client side (every CLI command) should not pay for it
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

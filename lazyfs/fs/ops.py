@@ -13,6 +13,7 @@ logged with its traceback, counted in ``handler_errors`` and answers EIO.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 # kernel may cache names and attributes for long.
 LOWER_TIMEOUT = 3600.0
 UPPER_TIMEOUT = 1.0
+# Set in opendir's file handle, this bit asks the kernel to cache the directory's listing
+# (FOPEN_CACHE_DIR; scripts/pyfuse3_cache_dir.py teaches pyfuse3 to pass it on).  Only for
+# directories no upper change has touched: every later change to one goes through the kernel
+# (create, unlink, rename), which drops its cached listing itself, and promotes it first.
+CACHE_DIR_FH = 1 << 63
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -122,6 +128,7 @@ class _Guarded(pyfuse3.Operations):
     """Wraps every handler a subclass defines in :func:`_guard`."""
 
     handler_errors = 0
+    readdir_requests = 0
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -157,7 +164,8 @@ class Operations(_Guarded):
         )
         self._handles: dict[int, Handle] = {}
         self._open: dict[int, set[int]] = {}  # inode -> its open file handles
-        self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        # opendir's node until the first readdir, then that listing's snapshot
+        self._dirs: dict[int, Node | list[tuple[bytes, Node]]] = {}
         self._next_fh = 1
         self._promoting: dict[int, trio.Event] = {}
 
@@ -308,6 +316,11 @@ class Operations(_Guarded):
                 self.copy.special(self._path(node), e)
             node.upper = True
             node.entry = None
+            # The kernel may hold the lower attributes for LOWER_TIMEOUT; the upper copy's
+            # differ (ctime, blocks; a directory's times once a copy-up wrote in it).
+            # Attributes only: no page lock is taken, so this is safe inside a handler.
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
         except OSError as err:
             raise _errno(err) from err
         finally:
@@ -324,7 +337,15 @@ class Operations(_Guarded):
             return self._looked_up(parent)
         if name == b"..":
             return self._looked_up(parent.parent or parent)
-        return self._looked_up(self._child(parent, _name(name)))
+        sname = _name(name)
+        if parent.children is not None and sname not in parent.children:
+            # A negative entry the kernel may keep (a program start probes many paths that do
+            # not exist): every name created later goes through the kernel, which replaces it.
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = UPPER_TIMEOUT if parent.upper else LOWER_TIMEOUT
+            return a
+        return self._looked_up(self._child(parent, sname))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
@@ -346,12 +367,21 @@ class Operations(_Guarded):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
-        # A snapshot: entries added or removed while listing do not shift the offsets.
-        self._dirs[fh] = [(os.fsencode(n), c) for n, c in node.children.items()]
-        return fh
+        # The listing is taken at the first readdir, not here: a directory the kernel has
+        # cached is opened without ever being read.
+        self._dirs[fh] = node
+        return fh if node.upper else fh | CACHE_DIR_FH
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self._dirs.get(fh, [])
+        self.readdir_requests += 1
+        listing = self._dirs.get(fh & ~CACHE_DIR_FH)  # an unpatched pyfuse3 hands the bit back
+        if listing is None:
+            return
+        if isinstance(listing, Node):
+            # A snapshot: entries added or removed while listing do not shift the offsets.
+            children = listing.children or {}
+            listing = [(os.fsencode(n), c) for n, c in children.items()]
+            self._dirs[fh & ~CACHE_DIR_FH] = listing
         for i in range(start_id, len(listing)):
             name, node = listing[i]
             if node.ino not in self.tree.nodes:
@@ -365,7 +395,7 @@ class Operations(_Guarded):
             node.lookups += 1  # readdirplus hands the kernel a reference
 
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        self._dirs.pop(fh & ~CACHE_DIR_FH, None)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)

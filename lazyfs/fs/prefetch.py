@@ -15,12 +15,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import msgspec
 import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import Chunk, Entry
+from lazyfs.fs.control import PrefetchStats
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier, decode_groups
@@ -30,19 +30,6 @@ log = logging.getLogger(__name__)
 # One batch: big enough that the store merges it into a few large requests, small enough that
 # the highest-ranked files land first (the store orders a batch by blob offset, not by rank).
 BATCH_BYTES = 16 * 1024 * 1024
-
-
-class PrefetchStats(msgspec.Struct, kw_only=True):
-    """Progress for ``lazyfs stats --json`` (the ``prefetch`` field)."""
-
-    group: str
-    entries: int = 0  # matched entries to prefetch
-    skipped: int = 0  # entries whose layer or path this image does not have
-    prefetch_total: int = 0  # content bytes of the chunks to prefetch (unique)
-    prefetch_bytes: int = 0  # of those, bytes handled so far (fetched, or already cached)
-    prefetch_done: bool = False
-    elapsed_ns: int = 0  # from start to done
-    error: str = ""  # the first fetch error, if any (prefetch is best effort)
 
 
 def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:

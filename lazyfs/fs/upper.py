@@ -250,6 +250,44 @@ class Upper:
         finally:
             os.close(fd)
 
+    def open_dir(self, path: UpperPath, *, at: int | None = None) -> int:
+        """A new O_PATH handle on directory ``path``: walked from the root, or, with ``at``
+        (a handle on a directory), ``path`` is one name in it.  The caller closes it."""
+        if at is None:
+            return self._walk(_components(path))
+        (name,) = _components(path)
+        return os.open(name, _WALK, dir_fd=at)
+
+    def scan_dir(self, dfd: int) -> list[tuple[str, os.stat_result | None, bool]]:
+        """Every entry of the directory handle ``dfd``, sorted by name, with its lstat (None
+        if it vanished meanwhile) and whether it is a whiteout: one open for the directory
+        instead of a walk from the root per entry."""
+        fd = os.open(".", _RDIR, dir_fd=dfd)
+        try:
+            names = sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+        out: list[tuple[str, os.stat_result | None, bool]] = []
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                out.append((name, None, False))
+                continue
+            whiteout = False
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0 and stat.S_IMODE(st.st_mode) == 0:
+                try:
+                    pin = os.open(name, _PIN, dir_fd=dfd)
+                except FileNotFoundError:
+                    out.append((name, None, False))
+                    continue
+                try:
+                    whiteout = is_whiteout_at(pin)
+                finally:
+                    os.close(pin)
+            out.append((name, st, whiteout))
+        return out
+
     def readlink(self, path: UpperPath) -> str:
         with self._at(path) as (dfd, name):
             return os.readlink(name, dir_fd=dfd)

@@ -186,7 +186,9 @@ class Authenticator:
                 start = min(start, issued)
             except ValueError:
                 pass
-        self._tokens[self._key(scope)] = _Token(value, start + lifetime - EXPIRY_MARGIN)
+        # A short-lived token must still be used: renew a quarter of its life early at most.
+        margin = min(EXPIRY_MARGIN, lifetime / 4)
+        self._tokens[self._key(scope)] = _Token(value, start + lifetime - margin)
         self.tokens_fetched += 1
 
     async def on_unauthorized(self, client: httpx.AsyncClient, challenge: str, scope: str) -> bool:
@@ -215,7 +217,5 @@ class Authenticator:
 def decode_jwt_claims(token: str) -> dict[str, object]:
     """Claims of a JWT without verifying it (tests and debugging only)."""
     part = token.split(".")[1]
-    claims: dict[str, object] = json.loads(
-        base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    )
+    claims: dict[str, object] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
     return claims

@@ -124,9 +124,7 @@ class Recorder:
             self.last_new_ns = now
         return f
 
-    def opened(
-        self, ino: int, entry: Entry, layer: int, path: Callable[[], Sequence[str]]
-    ) -> None:
+    def opened(self, ino: int, entry: Entry, layer: int, path: Callable[[], Sequence[str]]) -> None:
         now = time.monotonic_ns() - self._t0
         f = self._record(ino, entry, layer, path, now)
         if f.first_open_ns < 0:

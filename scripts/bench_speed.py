@@ -1,0 +1,284 @@
+# ruff: noqa: RUF001, RUF003  (×, – and µ in Markdown output are intended)
+"""Issue 13's local rows, each against its yardstick in the same run.
+
+(1) ``find`` + ``du -s`` over a whole rootfs, warm: lazyfs vs native disk vs fuse-overlayfs over
+    the extracted tree (the embedded sample image: this machine's Python 3 and its stdlib, plus
+    a synthetic tree of ``--files`` small files so the walk has a Debian-sized entry count);
+(2) the sample's Python start-up chrooted into each, warm;
+(3) ``lazyfs mount`` until ready (spawn → ready), TOC cached and not, vs the interpreter's own
+    start-up and ``lazyfs --help``;
+(4) daemon RSS after a walk of a ``--rss-files``-file image.
+
+Every run uses fresh directories (on ext4 a large ``rm -rf`` slows file creation for seconds
+afterwards) and deletes them at the end.  Run from the repo root:
+``.venv/bin/python scripts/bench_speed.py [--reps N] [--only walk|python|mount|rss]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import benchlib as bl
+from benchlib import FileSpec
+
+from lazyfs.testing.sample import PYTHON, build_sample_image
+
+IMPORTS = "import json, sqlite3, asyncio, email, http.client"
+
+
+def _sample_with_tree(n: int) -> Path:
+    """The sample image's layer plus ``n`` small files under /srv, as one lazy layer (cached)."""
+    name = f"sample-tree-{n}"
+    base = bl.BENCH_DIR / "data" / name
+    lazy = base / "lazy"
+    if (lazy / "index.json").exists():
+        return lazy
+    from lazyfs_tools.convert import convert
+
+    from lazyfs.ocilayout import Layout
+
+    src = build_sample_image(bl.BENCH_DIR / "data" / "sample")
+    layer = Layout(src).manifest().layers[0].digest.split(":")[1]
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    tar = base / "layer.tar"
+    bl.log(f"building {name}")
+    with (
+        tarfile.open(src / "blobs/sha256" / layer, "r:gz") as old,
+        tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as out,
+    ):
+        for member in old:
+            out.addfile(member, old.extractfile(member) if member.isfile() else None)
+        for d in range(n // 100 + 1):
+            info = tarfile.TarInfo(f"srv/d{d:04d}" if d else "srv")
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            out.addfile(info)
+        for i in range(n):
+            spec = FileSpec(f"srv/d{i // 100 + 1:04d}/f{i:06d}", i % 1024, seed=i)
+            info = tarfile.TarInfo(spec.name)
+            info.size, info.mode = spec.size, 0o644
+            out.addfile(info, io.BytesIO(spec.data()))
+    bl.write_tar_layout(base / "plain", tar)
+    convert(f"oci:{base / 'plain'}", f"oci:{lazy}")
+    return lazy
+
+
+def _med(fn: Callable[[], Any], reps: int) -> bl.Summary:
+    vals = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        try:
+            fn()
+            vals.append(time.perf_counter() - t0)
+        finally:
+            while _UNDO:  # clean-up a timed step left (not timed)
+                _UNDO.pop()()
+    return bl.summarize(vals)
+
+
+def _find_du(root: Path) -> None:
+    subprocess.run(["find", str(root)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["du", "-s", str(root)], check=True, stdout=subprocess.DEVNULL)
+
+
+def _python(root: Path) -> None:
+    subprocess.run(["chroot", str(root), PYTHON, "-c", IMPORTS], check=True)
+
+
+def bench_tree(lazy: Path, native: Path, reps: int, work: Path, what: str) -> dict[str, bl.Summary]:
+    fn = _find_du if what == "walk" else _python
+    out: dict[str, bl.Summary] = {}
+    fn(native)  # warm; and the sample's byte code is rewritten for its fixed tar mtimes
+    out["native disk"] = _med(lambda: fn(native), reps)
+    mnt = work / "mnt"
+    cache = work / f"cache-{what}"
+    cache.mkdir()
+    # Writable, as a container's root is (and as fuse-overlayfs is here): Python writes the
+    # byte code it compiles on the first run, and reads it on the next.
+    with bl.lazyfs_mount(f"oci:{lazy}", mnt, cache, upper=work / f"upper-{what}") as m:
+        fn(m.mountpoint)
+        out["lazyfs"] = _med(lambda: fn(m.mountpoint), reps)
+    with bl.overlay_mount(native, work / f"ovl-{what}", mnt) as m:
+        fn(m.mountpoint)
+        out["fuse-overlayfs"] = _med(lambda: fn(m.mountpoint), reps)
+    return out
+
+
+def bench_mount(lazy: Path, reps: int, work: Path) -> dict[str, bl.Summary]:
+    out: dict[str, bl.Summary] = {}
+    out["python3 -c pass"] = _med(lambda: subprocess.run([sys.executable, "-c", "pass"]), reps)
+    out["lazyfs --help"] = _med(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "lazyfs.cli", "--help"], capture_output=True, check=True
+        ),
+        reps,
+    )
+    mnt = work / "mnt"
+    cold, warm = [], []
+    for i in range(reps):
+        cache = work / f"cache-mount-{i}"
+        cache.mkdir()
+        with bl.lazyfs_mount(f"oci:{lazy}", mnt, cache) as m:
+            cold.append(m.ready_s)
+        with bl.lazyfs_mount(f"oci:{lazy}", mnt, cache) as m:
+            warm.append(m.ready_s)
+    out["lazyfs mount, TOC not cached"] = bl.summarize(cold)
+    out["lazyfs mount, TOC cached"] = bl.summarize(warm)
+    out["`lazyfs mount` command (daemonizes), TOC cached"] = _med(
+        lambda: _cli_mount(f"oci:{lazy}", mnt, work / "cache-mount-0"), reps
+    )
+    return out
+
+
+def _cli_mount(image: str, mnt: Path, cache: Path) -> None:
+    """``lazyfs mount`` as a user runs it: timed until it returns (the mount is ready then),
+    then unmounted and its daemon stopped by PID (outside the time: see ``_med``)."""
+    from lazyfs.fs.daemon import unmount_and_wait
+    from lazyfs.process import stop_process
+
+    argv = [sys.executable, "-m", "lazyfs.cli", "mount", image, str(mnt), "--read-only"]
+    res = subprocess.run([*argv, "--cache", str(cache)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"lazyfs mount failed: {res.stderr}")
+    pid = int(res.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+    _UNDO.append(lambda: (unmount_and_wait(mnt), stop_process(pid, 10.0)))
+
+
+_UNDO: list[Callable[[], object]] = []
+
+
+def bench_rss(n: int, reps: int, work: Path) -> dict[str, bl.Summary]:
+    lazy = bl.lazy_image(
+        f"tree-{n}",
+        lambda: [FileSpec(f"d{i // 100:04d}/f{i:06d}", i % 1024, seed=i) for i in range(n)],
+    )
+    rss, hwm, ready = [], [], []
+    cache = work / "cache-rss"
+    cache.mkdir()
+    for _ in range(reps):
+        with bl.lazyfs_mount(f"oci:{lazy}", work / "mnt", cache) as m:
+            ready.append(m.ready_s)
+            bl.walk_lstat(m.mountpoint)
+            r = m.rss_kib()
+            rss.append(r.get("VmRSS", 0) / 1024)
+            hwm.append(r.get("VmHWM", 0) / 1024)
+    return {
+        "mount s (TOC cached after the first)": bl.summarize(ready),
+        "RSS after walk MiB": bl.summarize(rss),
+        "peak RSS MiB": bl.summarize(hwm),
+    }
+
+
+def _row(name: str, s: bl.Summary, base: float | None, unit: str = "s") -> list[object]:
+    if unit == "MiB":
+        return [name, bl.fmt_range(s, "{:.0f}"), ""]
+    return [
+        name,
+        f"{s.median:.3f} ({s.min:.3f}–{s.max:.3f})",
+        bl.ratio(s.median, base) if base else "",
+    ]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--files", type=int, default=6000, help="synthetic files added to the sample")
+    p.add_argument("--rss-files", type=int, default=100_000)
+    p.add_argument("--only", choices=("walk", "python", "mount", "rss"), action="append")
+    p.add_argument("--label", default="", help="a word for the section title (before/after)")
+    p.add_argument("--no-markdown", action="store_true")
+    args = p.parse_args()
+    only = set(args.only or ("walk", "python", "mount", "rss"))
+    bl.sigterm_as_interrupt()
+    # Byte-compiled as an installed lazyfs is: with PYTHONDONTWRITEBYTECODE set (as in some CI
+    # shells) every process compiles lazyfs's ~50 modules again, 0.1-0.3 s of each start.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(bl.ROOT / "lazyfs")], check=True)
+    machine = bl.machine_info()
+    load0 = os.getloadavg()[0]
+    work = bl.BENCH_DIR / f"work-speed-{os.getpid()}"  # fresh every run: see the docstring
+    work.mkdir(parents=True)
+    lazy = _sample_with_tree(args.files)
+    native = bl.extract_tar(lazy.parent / "layer.tar", lazy.parent / "rootfs")
+    entries = sum(1 + len(d) + len(f) for _, d, f in os.walk(native)) - 0
+    bodies = []
+    result: dict[str, Any] = {"machine": machine, "command": bl.command_line()}
+    try:
+        if "walk" in only:
+            bl.log("walk")
+            s = bench_tree(lazy, native, args.reps, work, "walk")
+            result["walk"] = {k: v.as_dict() for k, v in s.items()}
+            base = s["native disk"].median
+            rows = [_row(k, v, base) for k, v in s.items()]
+            rows.append(
+                [
+                    "lazyfs vs fuse-overlayfs",
+                    "",
+                    bl.ratio(s["lazyfs"].median, s["fuse-overlayfs"].median),
+                ]
+            )
+            bodies.append(
+                f"### `find` + `du -s`, warm, {entries:,} entries ({args.reps} runs)\n\n"
+                + bl.md_table(["tree", "seconds", "vs native"], rows)
+            )
+        if "python" in only:
+            bl.log("python")
+            s = bench_tree(lazy, native, args.reps, work, "python")
+            result["python"] = {k: v.as_dict() for k, v in s.items()}
+            base = s["native disk"].median
+            bodies.append(
+                f"### `chroot ROOT python3 -c '{IMPORTS}'`, warm ({args.reps} runs)\n\n"
+                + bl.md_table(
+                    ["tree", "seconds", "vs native"], [_row(k, v, base) for k, v in s.items()]
+                )
+            )
+        if "mount" in only:
+            bl.log("mount")
+            s = bench_mount(lazy, args.reps, work)
+            result["mount"] = {k: v.as_dict() for k, v in s.items()}
+            base = s["python3 -c pass"].median
+            bodies.append(
+                f"### `lazyfs mount` until ready, {entries:,} entries ({args.reps} runs)"
+                "\n\n"
+                + bl.md_table(
+                    ["what", "seconds", "vs python3 -c pass"],
+                    [_row(k, v, base) for k, v in s.items()],
+                )
+            )
+        if "rss" in only:
+            bl.log("rss")
+            s = bench_rss(args.rss_files, max(2, args.reps // 2), work)
+            result["rss"] = {k: v.as_dict() for k, v in s.items()}
+            bodies.append(
+                f"### Daemon at {args.rss_files:,} files (after an lstat walk)\n\n"
+                + bl.md_table(
+                    ["what", "value", ""],
+                    [_row(k, v, None, "MiB" if "MiB" in k else "s") for k, v in s.items()],
+                )
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load1 = os.getloadavg()[0]
+    body = "\n\n".join(bodies) + (
+        f"\n\n1-min load average {load0:.1f} at start, {load1:.1f} at end (2 CPUs, shared).\n"
+    )
+    print(body)
+    bl.write_json("speed", result)
+    if not args.no_markdown:
+        title = "Issue 13 rows" + (f" ({args.label})" if args.label else "")
+        bl.append_markdown(title, machine, bl.command_line(), body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

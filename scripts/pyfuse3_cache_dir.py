@@ -1,0 +1,109 @@
+"""Let pyfuse3's opendir ask the kernel to cache a directory's listing (FOPEN_CACHE_DIR).
+
+pyfuse3 (3.5) copies only ``fh`` from ``Operations.opendir``'s answer into libfuse's
+``fuse_file_info``, so a filesystem cannot set ``cache_readdir``, and every ``ls``, ``find`` or
+``du`` of an unchanged directory costs a round of READDIRPLUS requests.  The kernel's other way
+to cache listings (answering ENOSYS to OPENDIR) is out of reach too: pyfuse3 then hands readdir
+``fh=0`` and no inode, so it could not tell directories apart.
+
+This patches the C that Cython generated for the installed pyfuse3 (its wheel ships it): an
+``fh`` with bit 63 set turns on ``cache_readdir`` and ``keep_cache`` (without it, every
+opendir drops the cached listing with the directory's pages) and is passed on without that bit
+(``lazyfs.fs.ops.CACHE_DIR_FH``).  It then rebuilds the extension with the flags recorded in
+that C file and replaces the installed one atomically.  Idempotent; run by scripts/setup.sh.
+An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached.
+
+Usage: ``.venv/bin/python scripts/pyfuse3_cache_dir.py [--check]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+MARK = "/* lazyfs: cache_readdir, keep_cache */"
+ASSIGN = re.compile(r"^(\s*)(__pyx_cur_scope->__pyx_v_c->fi\.fh = (__pyx_t_\d+);)$", re.M)
+OPENDIR = "c.fi.fh = await operations.opendir(c.ino, ctx)"
+
+
+def package_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyfuse3")
+    if spec is None or spec.origin is None:
+        raise SystemExit("pyfuse3_cache_dir: pyfuse3 is not installed")
+    return Path(spec.origin).parent
+
+
+def patch_source(text: str) -> str:
+    """The generated C with the opendir assignment patched (unchanged if already patched)."""
+    if MARK in text:
+        return text
+    at = text.find(OPENDIR)
+    if at < 0:
+        raise SystemExit("pyfuse3_cache_dir: this pyfuse3's opendir is not the expected one")
+    m = ASSIGN.search(text, at)
+    if m is None or m.start() - at > 20_000:
+        raise SystemExit("pyfuse3_cache_dir: could not find opendir's fh assignment")
+    indent, stmt, var = m.group(1), m.group(2), m.group(3)
+    patched = (
+        f"{indent}{MARK}\n"
+        f"{indent}if ({var} >> 63) {{\n"
+        f"{indent}  __pyx_cur_scope->__pyx_v_c->fi.cache_readdir = 1;\n"
+        f"{indent}  __pyx_cur_scope->__pyx_v_c->fi.keep_cache = 1;\n"
+        f"{indent}  {var} &= ~(((uint64_t)1) << 63);\n"
+        f"{indent}}}\n"
+        f"{indent}{stmt}"
+    )
+    return text[: m.start()] + patched + text[m.end() :]
+
+
+def build(src: Path, out: Path) -> None:
+    meta = src.read_text().split("/* BEGIN: Cython Metadata", 1)[1].split("END: Cython", 1)[0]
+    dist = json.loads(meta)["distutils"]
+    cc = os.environ.get("CC", "cc")
+    cmd = [
+        cc, "-shared", "-fPIC", "-O2",
+        f"-I{sysconfig.get_paths()['include']}", f"-I{src.parent}",
+        *[a for a in dist["extra_compile_args"] if not a.startswith("-W")],
+        "-w", str(src), "-o", str(out), *dist["extra_link_args"],
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 unless the patch is installed")
+    args = p.parse_args()
+    pkg = package_dir()
+    src = pkg / "__init__.c"
+    if not src.exists():
+        raise SystemExit(f"pyfuse3_cache_dir: {src.name} missing from the installed pyfuse3")
+    (so,) = [f for f in pkg.glob("__init__.*.so")]
+    stamp = pkg / "lazyfs-cache-dir.built"
+    text = src.read_text()
+    current = MARK in text and stamp.exists() and stamp.read_text() == str(so.stat().st_mtime_ns)
+    if args.check:
+        print("patched" if current else "not patched")
+        return 0 if current else 1
+    if current:
+        return 0
+    src.write_text(patch_source(text))
+    with tempfile.TemporaryDirectory(dir=pkg) as tmp:
+        built = Path(tmp) / so.name
+        build(src, built)
+        os.replace(built, so)
+    stamp.write_text(str(so.stat().st_mtime_ns))
+    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir from opendir")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

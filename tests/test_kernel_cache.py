@@ -1,0 +1,125 @@
+"""The kernel caches lower directories' listings (FOPEN_CACHE_DIR) and lower attributes for an
+hour: what it shows must still follow every change the upper layer makes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lazyfs_tools.convert import convert
+
+from lazyfs.testing.layers import Item, make_layout, make_tar
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def image(tmp: Path) -> str:
+    lower = [
+        Item("d", "dir", mode=0o755),
+        *(Item(f"d/f{i}", data=b"x" * i) for i in range(40)),
+        Item("d/sub", "dir", mode=0o755),
+        Item("d/sub/deep", "dir", mode=0o755),
+        Item("d/sub/deep/file", data=b"lower"),
+        Item("e", "dir", mode=0o755),
+        Item("e/gone", "dir", mode=0o755),
+        Item("e/gone/inner", data=b"i"),
+        Item("e/kept", data=b"k"),
+    ]
+    make_layout(tmp / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp / 'src'}:v1", f"oci:{tmp / 'img'}:v1")
+    return f"oci:{tmp / 'img'}:v1"
+
+
+def readdirs(mnt: Path) -> int:
+    res = run(*lazyfs_cmd("stats", str(mnt), "--json"))
+    assert res.returncode == 0, res.stderr
+    n: int = json.loads(res.stdout)["readdir_requests"]
+    return n
+
+
+def test_the_patched_pyfuse3_is_installed() -> None:
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "pyfuse3_cache_dir.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, "run scripts/setup.sh: pyfuse3 lacks the cache_readdir patch"
+
+
+def test_lower_listings_are_cached_and_follow_every_change(tmp_path: Path) -> None:
+    args = ("--upper", str(tmp_path / "upper"), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(image(tmp_path), tmp_path / "mnt", *args) as m:
+        mnt = m.mountpoint
+        want = sorted([*(f"f{i}" for i in range(40)), "sub"])
+        assert sorted(os.listdir(mnt / "d")) == want
+        before = readdirs(mnt)
+        for _ in range(3):
+            assert sorted(os.listdir(mnt / "d")) == want
+        assert readdirs(mnt) == before, "a lower directory's listing was not cached"
+
+        # every kind of change the upper layer makes shows in the next listing
+        (mnt / "d" / "new").write_bytes(b"n")
+        want.append("new")
+        assert sorted(os.listdir(mnt / "d")) == sorted(want)
+        os.unlink(mnt / "d" / "f0")  # a whiteout
+        want.remove("f0")
+        assert sorted(os.listdir(mnt / "d")) == sorted(want)
+        os.rename(mnt / "d" / "f1", mnt / "d" / "f1-renamed")
+        want[want.index("f1")] = "f1-renamed"
+        assert sorted(os.listdir(mnt / "d")) == sorted(want)
+        os.rename(mnt / "d" / "f2", mnt / "e" / "moved")  # across directories
+        want.remove("f2")
+        assert sorted(os.listdir(mnt / "d")) == sorted(want)
+        assert sorted(os.listdir(mnt / "e")) == ["gone", "kept", "moved"]
+        os.unlink(mnt / "e" / "gone" / "inner")
+        os.rmdir(mnt / "e" / "gone")  # a directory's whiteout
+        assert sorted(os.listdir(mnt / "e")) == ["kept", "moved"]
+        os.mkdir(mnt / "e" / "gone")  # back, opaque: the old contents stay gone
+        assert os.listdir(mnt / "e" / "gone") == []
+        os.link(mnt / "e" / "kept", mnt / "d" / "hardlink")
+        want.append("hardlink")
+        assert sorted(os.listdir(mnt / "d")) == sorted(want)
+        # a name looked up in vain (a negative entry the kernel keeps) appears once created
+        unused = iter(range(5, 40))
+        for make in (
+            lambda p: p.write_bytes(b"late"),
+            lambda p: p.mkdir(),
+            lambda p: p.symlink_to("f3"),
+            lambda p: os.link(mnt / "e" / "kept", p),
+            lambda p: os.rename(mnt / "d" / f"f{next(unused)}", p),
+        ):
+            for where in (mnt / "d" / "sub" / "deep", mnt / "d", mnt / "e"):
+                path = where / f"late{make.__code__.co_firstlineno}"
+                assert not path.exists() and not path.exists()
+                make(path)
+                assert os.path.lexists(path), path
+                assert path.name in os.listdir(where)
+        listed = {rel: sorted(os.listdir(mnt / rel)) for rel in ("d", "e", "d/sub/deep")}
+    # and a remount over the same upper directory agrees
+    with mounted(image(tmp_path / "again"), tmp_path / "mnt", *args) as m:
+        for rel, names in listed.items():
+            assert sorted(os.listdir(m.mountpoint / rel)) == names
+
+
+def test_attributes_follow_a_promotion(tmp_path: Path) -> None:
+    """A lower entry's attributes are cached for an hour; a copy-up changes some (ctime,
+    blocks, and the times of the directories the copy landed in): the mount shows what its
+    upper directory has, not the hour-old lower values."""
+    upper = tmp_path / "upper"
+    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(image(tmp_path), tmp_path / "mnt", *args) as m:
+        mnt = m.mountpoint
+        for rel in ("d", "d/sub", "d/sub/deep", "d/sub/deep/file", "e/kept"):
+            os.stat(mnt / rel)  # into the kernel's attribute cache
+        with open(mnt / "d" / "sub" / "deep" / "file", "r+b") as f:  # promotes its parents
+            f.write(b"U")
+        os.chmod(mnt / "e" / "kept", 0o600)  # a metadata-only promotion
+        for rel in ("d", "d/sub", "d/sub/deep", "d/sub/deep/file", "e", "e/kept"):
+            got, truth = os.stat(mnt / rel), os.stat(upper / rel)
+            for field in ("st_mode", "st_uid", "st_gid", "st_size", "st_mtime_ns", "st_ctime_ns"):
+                assert getattr(got, field) == getattr(truth, field), (rel, field)
+        assert (mnt / "d" / "sub" / "deep" / "file").read_bytes() == b"Uower"

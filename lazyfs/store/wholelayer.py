@@ -12,7 +12,6 @@ should a chunk be missing (evicted) in a later mount.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
 import os
@@ -28,7 +27,7 @@ import zstandard
 from lazyfs import oci
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
-from lazyfs.formats.layer import TocLocation
+from lazyfs.formats.layer import TocLocation, decompressing
 from lazyfs.formats.tarstream import TarReader
 from lazyfs.formats.toc import TOC, Chunk, Entry, validate
 from lazyfs.remote.base import Source
@@ -40,19 +39,6 @@ log = logging.getLogger(__name__)
 # Chunks cut from a whole layer's files: the size our writers use.
 INDEX_CHUNK = 4 * 1024 * 1024
 _PIECE = 1024 * 1024
-
-
-def decompressing(f: BinaryIO, media_type: str) -> BinaryIO:
-    """A reader of the tar inside a layer blob of ``media_type``."""
-    kind = oci.LAYER_TYPES.get(media_type)
-    if kind is None:
-        raise FormatError(f"unknown layer media type {media_type!r}")
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
-    if kind == "zstd":
-        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-        return reader
-    return f
 
 
 def index_tar(f: BinaryIO, where: str) -> TOC:

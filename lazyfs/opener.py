@@ -19,12 +19,13 @@ from lazyfs import oci
 from lazyfs.formats.layer import TocLocation
 from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
-from lazyfs.remote.registry import RetryPolicy
+from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
 from lazyfs.store.tocs import load_tocs
+from lazyfs.store.wholelayer import WholeLayers
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +76,14 @@ async def open_image(
     hosts_dir: str | os.PathLike[str] | None = None,
     docker_config: str | os.PathLike[str] | None = None,
     retry: RetryPolicy | None = None,
+    layer_count: int | None = None,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
     ``docker_config`` and ``retry`` reach the registry source (mirrors, credentials, how long
-    a fetch may take)."""
+    a fetch may take).  ``layer_count``: open only the lowest N layers (``layers`` then holds
+    N; ``resolved`` is still the whole image), which is how the snapshotter mounts a chain of
+    lazy layers."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -91,23 +95,44 @@ async def open_image(
     try:
         # The start-up scan stats every cached chunk: keep it off the event loop.
         cache = await trio.to_thread.run_sync(ChunkCache, cache_dir, cache_size)
+        if isinstance(source, RegistrySource):
+            source.spool_dir = cache.blobs_dir  # blobs a mirror sends whole, downloaded once
         source = CachingSource(source, cache.documents_dir)
-        tocs = await load_tocs(source, ref, platform=platform, toc_dir=cache.tocs_dir)
-        store = LayerStore(cache)
+        # Layers without a TOC are fetched whole and indexed once; their chunks are read
+        # through a source of their own (the local tar).
+        whole = WholeLayers(source, cache)
         try:
-            layers = [
-                OpenedLayer(
-                    li.descriptor,
-                    li.location,
-                    li.toc,
-                    store.add_layer(li.descriptor.digest, source, li.toc, li.descriptor.size),
-                )
-                for li in tocs.layers
-            ]
-            yield OpenedImage(image, tocs.resolved, layers, source, cache, store)
+            tocs = await load_tocs(
+                source,
+                ref,
+                platform=platform,
+                toc_dir=cache.tocs_dir,
+                whole=whole,
+                layer_count=layer_count,
+            )
+            store = LayerStore(cache)
+            try:
+                layers = [
+                    OpenedLayer(
+                        li.descriptor,
+                        li.location,
+                        li.toc,
+                        store.add_layer(
+                            li.descriptor.digest,
+                            whole.sources.get(li.descriptor.digest, source),
+                            li.toc,
+                            li.descriptor.size,
+                        ),
+                    )
+                    for li in tocs.layers
+                ]
+                yield OpenedImage(image, tocs.resolved, layers, source, cache, store)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await store.aclose()  # readiness maps: the next open starts warm
         finally:
             with trio.CancelScope(shield=True):
-                await store.aclose()  # readiness maps: the next open starts warm
+                await whole.aclose()  # the local tars; their chunks stay in the cache
     finally:
         with trio.CancelScope(shield=True):
             await source.aclose()

@@ -6,6 +6,9 @@
 4. Baseline: full pull and extract (skopeo + umoci), then run the start-up in a chroot.
 5. lazyfs: mount lazily from the registry, run the same start-up, show what was fetched.
 6. Remount with the warm cache: nothing is fetched.
+7. Through containerd (its own daemon, root, state and sockets under the demo's directory):
+   `ctr images pull` + `ctr run` with its overlayfs snapshotter, then `ctr-remote images
+   rpull` + `ctr run` with the lazyfs snapshotter (scripts/bench_ctr.py's CtrStack).
 
 Every daemon and mount started here is stopped (by PID) and unmounted, even on Ctrl-C.
 """
@@ -18,23 +21,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_ctr import SN, CtrStack, pull_and_run  # noqa: E402
+from benchlib import sigterm_as_interrupt  # noqa: E402
 from lazyfs_tools.convert import convert  # noqa: E402
 
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout  # noqa: E402
+from lazyfs.testing.faultproxy import FaultProxy  # noqa: E402
 from lazyfs.testing.mounts import lazyfs_cmd, run, start_mount  # noqa: E402
 from lazyfs.testing.sample import PYTHON, WORKLOAD, build_sample_image  # noqa: E402
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def timed(fn, *args, **kw):  # type: ignore[no-untyped-def]
+def timed(fn: Callable[P, T], *args: P.args, **kw: P.kwargs) -> tuple[T, float]:
     t0 = time.perf_counter()
     result = fn(*args, **kw)
     return result, time.perf_counter() - t0
@@ -52,6 +63,7 @@ def mib(n: float) -> str:
 
 
 def main() -> int:
+    sigterm_as_interrupt()  # a SIGTERM unwinds like Ctrl-C: every daemon stopped by PID
     work = ROOT / ".demo"
     work.mkdir(exist_ok=True)
     step("sample image: this machine's Python 3 and its standard library")
@@ -132,18 +144,50 @@ def main() -> int:
                 f"{warm['layers'][0]['stats']['requests']} requests"
             )
 
+            ctr_rows = through_containerd(reg, tmp / "ctr")
+
     step("summary (one run on loopback; see BENCHMARKS.md for medians and slow links)")
     base = pull_secs + run_secs
     cold = mount_secs + lazy_run
-    print(f"{'':28}{'time to started':>16}{'bytes over the wire':>22}")
-    print(f"{'pull + extract + start':28}{base:>15.2f}s{mib(pulled):>22}")
-    print(f"{'lazyfs mount + start':28}{cold:>15.2f}s{mib(fetched):>22}")
-    print(f"{'lazyfs, warm cache':28}{warm_mount + warm_run:>15.2f}s{'0.0 MiB':>22}")
+    rows = [
+        ("pull + extract + start", base, pulled),
+        ("lazyfs mount + start", cold, fetched),
+        ("lazyfs, warm cache", warm_mount + warm_run, 0),
+        *ctr_rows,
+    ]
+    print(f"{'':34}{'time to started':>16}{'bytes over the wire':>22}")
+    for label, secs, nbytes in rows:
+        print(f"{label:34}{secs:>15.2f}s{mib(nbytes):>22}")
     print(
         f"lazy start needs {fetched / pulled:.0%} of the bytes; "
         f"time ratio {cold / base:.2f}x the full pull"
     )
     return 0
+
+
+def through_containerd(reg: RegistryInstance, base: Path) -> list[tuple[str, float, int]]:
+    """The same start-up as a container: containerd's own pull and its overlayfs snapshotter,
+    then the lazyfs snapshotter's lazy pull.  A counting proxy in front of the registry
+    measures the blob bytes each way; all of it is stopped by PID on the way out."""
+    rows = []
+    with FaultProxy(reg.url) as proxy:
+        step("containerd: `ctr images pull` (overlayfs snapshotter), then `ctr run`")
+        with CtrStack(base / "overlayfs", proxy.host) as st:
+            s = pull_and_run(st, f"{proxy.host}/demo/python:gzip", "overlayfs",
+                             lambda: proxy.blob_bytes)  # fmt: skip
+        print(f"pull+unpack {s.pull:.2f}s, run {s.run:.2f}s, {mib(s.bytes)}")
+        rows.append(("containerd pull + run (overlayfs)", s.pull + s.run, s.bytes))
+
+        step("containerd: `ctr-remote images rpull --snapshotter lazyfs`, then `ctr run`")
+        with CtrStack(base / "lazyfs", proxy.host) as st:
+            s = pull_and_run(st, f"{proxy.host}/demo/python:lazy", SN, lambda: proxy.blob_bytes)
+            print(st.ctr("snapshots", "--snapshotter", SN, "ls").rstrip())
+        print(
+            f"rpull {s.pull:.2f}s ({mib(s.pull_bytes)}: footers, TOCs, config), "
+            f"run {s.run:.2f}s, {mib(s.bytes)} in all"
+        )
+        rows.append(("containerd + lazyfs snapshotter", s.pull + s.run, s.bytes))
+    return rows
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ def test_inspect_names_plain_gzip_layers(
 
     assert main(["inspect", "--plain-http", f"{registry.host}/insp:lazy"]) == 0
     out = capsys.readouterr()
-    assert "(zstd:chunked, 2 entries)" in out.out and "etc/a" in out.out and out.err == ""
+    assert "(zstd:chunked, lazy, 2 entries)" in out.out and "etc/a" in out.out and out.err == ""
 
     assert main(["inspect", "--plain-http", f"{registry.host}/insp:gzip"]) == 0
     out = capsys.readouterr()
-    assert "(tar+gzip, NOT LAZY: no TOC)" in out.out
+    assert "(tar+gzip, NOT LAZY: no TOC; a mount fetches it whole)" in out.out
     assert out.err.count("\n") == 1 and "1 of 1 layers" in out.err and "not lazy" in out.err
 
     assert main(["inspect", "--json", "--plain-http", f"{registry.host}/insp:gzip"]) == 0

@@ -1,4 +1,4 @@
-"""Prometheus metrics from mount daemons' stats: the pure builder (lazyfs.fs.metrics), and
+"""Prometheus metrics from mount daemons' stats: the pure builder (lazyfs.fs.prometheus), and
 ``lazyfs stats --prometheus`` on a real mount, parsed back and checked against ``--json``."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.control import LayerReport, StatsReport
-from lazyfs.fs.metrics import DaemonStats, daemon_families, exposition, latency_buckets
 from lazyfs.fs.prefetch import PrefetchStats
+from lazyfs.fs.prometheus import DaemonStats, daemon_families, exposition, latency_buckets
 from lazyfs.store.chunkcache import CacheUsage
 from lazyfs.store.stats import LATENCY_BUCKETS, LayerStats
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes

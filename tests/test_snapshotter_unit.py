@@ -17,7 +17,7 @@ from lazyfs_snapshotter.errors import (
     NotFound,
 )
 from lazyfs_snapshotter.filters import match_any, parse_filters
-from lazyfs_snapshotter.metadata import Kind
+from lazyfs_snapshotter.metadata import Kind, MetadataStore, RemoteLayerRow
 from lazyfs_snapshotter.remote import (
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
@@ -28,6 +28,7 @@ from lazyfs_snapshotter.remote import (
     STARGZ_LAYERS,
     STARGZ_REF,
     TARGET_LABEL,
+    Chain,
     Readiness,
     RemoteSource,
     SourceError,
@@ -285,48 +286,99 @@ def test_cleanup_removes_orphans_and_restart_removes_temporaries(tmp_path: Path)
 
 
 class _LazyEverything:
-    """A LayerFS that serves every layer: how part 2 plugs in, exercised without FUSE."""
+    """A LayerFS that serves every layer: the chain logic, exercised without FUSE."""
 
     name = "test"
 
-    def __init__(self) -> None:
-        self.prepared: list[RemoteSource] = []
-        self.unmounted: list[Path] = []
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.prepared: list[tuple[RemoteSource, int]] = []
+        self.released: list[int] = []
+        self.plain: set[str] = set()  # layer digests that are "not lazy"
 
-    def prepare(self, source: RemoteSource, layer_dir: Path) -> Readiness:
-        self.prepared.append(source)
-        return Readiness(True)
+    def start(self, store: MetadataStore) -> None:
+        self.store = store
 
-    def mount(self, layer_dir: Path) -> Path:
-        return layer_dir / "lazy"
+    def prepare(self, source: RemoteSource, depth: int) -> Readiness:
+        self.prepared.append((source, depth))
+        if source.layer_digest in self.plain:
+            return Readiness(False, "gzip")
+        return Readiness(True, record=RemoteLayerRow("r/x@" + D1, D1, depth - 1, "{}"))
 
-    def check(self, layer_dir: Path) -> bool:
-        return True
+    def mount(self, chain: Chain) -> tuple[int, Path]:
+        mnt = self.root / "mnt" / chain.chain_id
+        with self.store.transaction() as tx:
+            row = tx.daemon(chain.chain_id)
+            if row is not None:
+                return row.id, mnt
+            return tx.put_daemon(4242, str(mnt), "sock", chain.top.image_ref, chain.chain_id), mnt
 
-    def unmount(self, layer_dir: Path) -> None:
-        self.unmounted.append(layer_dir)
+    def release(self, daemon_id: int) -> None:
+        with self.store.transaction() as tx:
+            if tx.daemon_users(daemon_id) == 0 and tx.daemon_by_id(daemon_id) is not None:
+                tx.delete_daemon(daemon_id)
+                self.released.append(daemon_id)
+
+    def check(self) -> None:
+        return None
+
+    def close(self, unmount: bool) -> None:
+        return None
+
+
+def _layer_labels(target: str, digest: str) -> dict[str, str]:
+    return {TARGET_LABEL: target, STARGZ_REF: "a/b:c", STARGZ_DIGEST: digest}
 
 
 def test_remote_seam_commits_the_target_and_answers_already_exists(tmp_path: Path) -> None:
-    layers = _LazyEverything()
+    layers = _LazyEverything(tmp_path)
     sn = Snapshotter(tmp_path / "r", layers)
-    labels = {TARGET_LABEL: "chain-A", STARGZ_REF: "a/b:c", STARGZ_DIGEST: D1}
     with pytest.raises(AlreadyExists):
-        sn.prepare("ns", "extract-1", "", labels)
+        sn.prepare("ns", "extract-1", "", _layer_labels("chain-A", D1))
     info = sn.stat("ns", "chain-A")
     assert info.kind == Kind.COMMITTED and info.labels[REMOTE_LABEL] == "test"
     with pytest.raises(NotFound):
         sn.stat("ns", "extract-1")
-    (m,) = sn.prepare("ns", "ctr", "chain-A", {})
-    assert f"lowerdir={sn.dir}/1/lazy" in m.options
+    with pytest.raises(AlreadyExists):  # the second lazy layer: depth 2, one chain mount
+        sn.prepare("ns", "extract-2", "chain-A", _layer_labels("chain-AB", D2))
+    assert [d for _, d in layers.prepared] == [1, 2]
+    (m,) = sn.prepare("ns", "ctr", "chain-AB", {})
+    assert f"lowerdir={tmp_path}/mnt/chain-AB" in m.options
+    assert sn.prepare("ns", "ctr2", "chain-AB", {})[0].options[-1] == m.options[-1]
     assert sn.update("ns", "chain-A", {}, []).labels == {REMOTE_LABEL: "test"}
     sn.remove("ns", "ctr")
+    assert layers.released == []  # ctr2 still uses the chain's daemon
+    sn.remove("ns", "ctr2")
+    assert layers.released == [1]
+    sn.remove("ns", "chain-AB")
     sn.remove("ns", "chain-A")
-    assert layers.unmounted == [sn.dir / "1"]
     # Broken labels: a normal pull, not an error.
-    labels = {TARGET_LABEL: "chain-B", STARGZ_REF: "a/b:c", STARGZ_DIGEST: "bad"}
-    assert sn.prepare("ns", "extract-2", "", labels)[0].type == "bind"
-    assert len(layers.prepared) == 1
+    labels = _layer_labels("chain-B", "bad")
+    assert sn.prepare("ns", "extract-3", "", labels)[0].type == "bind"
+    assert len(layers.prepared) == 2
+    sn.close()
+
+
+def test_plain_layers_above_a_lazy_prefix_and_never_below(tmp_path: Path) -> None:
+    """Mixed chains: plain layers stack on the lazy prefix's one mount; a lazy layer above a
+    plain one is pulled normally (its whiteouts could not hide the plain layer's files)."""
+    layers = _LazyEverything(tmp_path)
+    layers.plain.add(D2)
+    sn = Snapshotter(tmp_path / "r", layers)
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns", "x1", "", _layer_labels("L1", D1))
+    (m,) = sn.prepare("ns", "x2", "L1", _layer_labels("L1P", D2))  # not lazy: unpacked
+    assert m.options[-1] == f"lowerdir={tmp_path}/mnt/L1"
+    sn.commit("ns", "L1P", "x2", {})
+    assert layers.released == [1]  # the unpack's snapshot was the only user
+    (m,) = sn.prepare("ns", "x3", "L1P", _layer_labels("L1PL", D3))
+    assert m.type == "overlay" and len(layers.prepared) == 2  # above plain: pulled normally
+    sn.commit("ns", "L1PL", "x3", {})
+    (m,) = sn.prepare("ns", "ctr", "L1PL", {})
+    lower = next(o for o in m.options if o.startswith("lowerdir="))
+    p = sn.dir
+    assert lower == f"lowerdir={p}/3/fs:{p}/2/fs:{tmp_path}/mnt/L1"
+    assert sn.mounts("ns", "ctr") == [m]
     sn.close()
 
 

@@ -13,9 +13,26 @@ from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
 
-from . import cache, delta, imagecmds, mount, optimize, pull, trace
+from . import cache, delta, imagecmds, mount, optimizecmd, pull, trace
 
-MODULES = (imagecmds, mount, pull, cache, trace, optimize, delta)
+MODULES = (imagecmds, mount, pull, cache, trace, optimizecmd, delta)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``; the package metadata is read only when asked (it costs import time)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("lazyfs")
+        except PackageNotFoundError:  # a source tree that was never installed
+            text = "unknown"
+        print(f"lazyfs {text}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lazyfs", description="Mount OCI images lazily: run containers before they download."
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in MODULES:
         module.register(sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 
@@ -19,11 +20,35 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+# Where containerd and ctr-remote read registry mirrors from: one hosts.toml per registry.
+DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
+
+
 def add_registry_args(p: argparse.ArgumentParser, *, platform: bool = True) -> None:
     p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry")
     p.add_argument("--insecure", action="store_true", help="skip TLS verification")
+    p.add_argument(
+        "--hosts-dir",
+        metavar="DIR",
+        default=DEFAULT_HOSTS_DIR,
+        help="mirrors and per-host TLS from DIR/HOST/hosts.toml, as containerd reads them "
+        f"(default {DEFAULT_HOSTS_DIR}; a missing file means the registry itself)",
+    )
     if platform:
         p.add_argument("--platform", default="linux/amd64", help="os/arch[/variant] of an index")
+
+
+def registry_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The registry options of :func:`add_registry_args` as keyword arguments of
+    ``open_image`` / ``open_source``."""
+    return {"plain_http": args.plain_http, "insecure": args.insecure, "hosts_dir": args.hosts_dir}
+
+
+def registry_argv(args: argparse.Namespace) -> list[str]:
+    """The registry options again as command-line flags, for a daemon this command spawns."""
+    out = ["--hosts-dir", args.hosts_dir]
+    out += ["--plain-http"] * args.plain_http + ["--insecure"] * args.insecure
+    return out
 
 
 def add_cache_args(p: argparse.ArgumentParser, *, size_help: str | None = None) -> None:

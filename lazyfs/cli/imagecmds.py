@@ -13,7 +13,7 @@ from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE
 if TYPE_CHECKING:
     from lazyfs.formats.toc import Entry
 
-from .common import add_registry_args, parse_size
+from .common import add_registry_args, parse_size, registry_options
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -110,12 +110,11 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     import trio
 
     from lazyfs import oci
-    from lazyfs.errors import FormatError
     from lazyfs.formats.layer import expected_toc_digest
     from lazyfs.formats.toc import TocBudget
     from lazyfs.remote.local import BlobFileSource
     from lazyfs.remote.resolve import open_source, resolve_image
-    from lazyfs.store.tocs import LayerInfo, load_layer
+    from lazyfs.store.tocs import LayerInfo, NotLazyError, load_layer
 
     async def load() -> list[LayerInfo | oci.Descriptor]:
         if os.path.isfile(args.target):
@@ -126,15 +125,15 @@ def inspect_cmd(args: argparse.Namespace) -> int:
             desc = oci.Descriptor(mediaType="", digest=digest, size=size)
             # A bare blob has no manifest to promise a TOC digest: show it unverified.
             return [await load_layer(src, desc, None, verify=False)]
-        source, ref = open_source(args.target, plain_http=args.plain_http)
+        source, ref = open_source(args.target, **registry_options(args))
         try:
             resolved = await resolve_image(source, ref, args.platform)
-            budget = TocBudget()
+            budget = TocBudget()  # bounds the whole image, as a mount does
             out: list[LayerInfo | oci.Descriptor] = []
             for desc in resolved.layers:
                 try:
                     out.append(await load_layer(source, desc, None, budget=budget))
-                except FormatError:
+                except NotLazyError:
                     lazy = any(
                         expected_toc_digest(desc.annotations, f)
                         for f in ("zstd:chunked", "estargz")
@@ -161,11 +160,11 @@ def inspect_cmd(args: argparse.Namespace) -> int:
     for li in layers:
         if not isinstance(li, LayerInfo):
             plain += 1
-            print(f"# layer {li.digest} ({_plain_kind(li)}, NOT LAZY: no TOC)")
+            kind = _plain_kind(li)
+            print(f"# layer {li.digest} ({kind}, NOT LAZY: no TOC; a mount fetches it whole)")
             continue
-        print(
-            f"# layer {li.descriptor.digest} ({li.location.format}, {len(li.toc.entries)} entries)"
-        )
+        n = len(li.toc.entries)
+        print(f"# layer {li.descriptor.digest} ({li.location.format}, lazy, {n} entries)")
         for e in li.toc.entries:
             print(_row(e))
     if plain:

@@ -21,7 +21,7 @@ from .common import add_cache_args, add_registry_args, parse_size
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mount", help="mount an image lazily")
     p.add_argument("image", metavar="IMAGE", help="registry reference or oci:DIR[:TAG]")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     p.add_argument("--upper", metavar="DIR", help="writable upper directory (a layer diff)")
     add_cache_args(p)
     add_registry_args(p)
@@ -67,26 +67,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="a read whose registry sends nothing gets EIO within S seconds (default 30)",
     )
+    p.add_argument(
+        "--layers",
+        type=int,
+        metavar="N",
+        help="mount only the image's lowest N layers (IMAGE best given by digest)",
+    )
+    p.add_argument("--docker-config", metavar="FILE", help="registry credentials (config.json)")
     p.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
-    p.add_argument("--log", metavar="FILE", help="daemon log file (default: none)")
+    p.add_argument(
+        "--log",
+        metavar="FILE",
+        help="daemon log file, kept under 2 x 4 MiB by rotation (default: beside the mount's "
+        "control socket; `lazyfs stats` shows where)",
+    )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=mount_cmd)
 
     p = sub.add_parser("umount", help="unmount (also cleans a mount whose daemon died)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a lazyfs mount point")
     p.add_argument("--lazy", action="store_true", help="detach even if busy")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the daemon")
     p.set_defaults(handler=umount_cmd)
 
     p = sub.add_parser("commit", help="write a mount's upper layer as an OCI layer tar")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("out", metavar="OUT.tar")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a lazyfs mount with --upper")
+    p.add_argument("out", metavar="OUT.tar", help="the layer tar to write (atomically)")
     p.set_defaults(handler=commit_cmd)
 
     p = sub.add_parser("stats", help="per-layer fetch statistics of a mount")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="a lazyfs mount point")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument(
         "--prometheus", action="store_true", help="Prometheus text format (what the snapshotter "
         "serves for each of its daemons)",
@@ -105,6 +117,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
         cache_max_bytes=args.cache_size,
         plain_http=args.plain_http,
         insecure=args.insecure,
+        hosts_dir=args.hosts_dir,
         platform=args.platform,
         allow_other=args.allow_other,
         read_only=args.read_only,
@@ -116,15 +129,28 @@ def _options(args: argparse.Namespace) -> MountOptions:
         trace=os.path.abspath(args.trace) if args.trace else None,
         group=args.group,
         prefetch=args.prefetch,
+        layer_count=args.layers,
+        docker_config=args.docker_config,
         read_timeout=args.read_timeout,
+        log=os.path.abspath(args.log) if args.log else None,
     )
 
 
 def mount_cmd(args: argparse.Namespace) -> int:
     if not args.read_timeout > 0:
         raise LazyfsError("--read-timeout takes a number of seconds > 0")
+    if args.prefetch and args.no_prefetch:
+        raise LazyfsError("--prefetch and --no-prefetch contradict each other: give one of them")
+    if args.upper and args.read_only:  # the daemon refuses it too; say so before spawning
+        raise LazyfsError("--upper and --read-only contradict each other: give one of them")
     if args.foreground or args.ready_fd is not None:
         return _serve(args)
+    if args.log is None:
+        from lazyfs.fs.runtime import log_path
+
+        log = log_path(args.mountpoint)
+        log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        args.log = str(log)
     # Daemonize by forking, before trio or any thread exists: the child serves in a new
     # session and reports readiness or its one-line error through a pipe, so errors before
     # the mount is ready come from this command.  A fork, not a second interpreter: starting
@@ -180,6 +206,8 @@ def _serve(args: argparse.Namespace) -> int:
     from lazyfs.fs.serve import serve
 
     ready_fd = args.ready_fd
+    if args.log:
+        _log_to(args.log, daemon=args.ready_fd is not None)
 
     def ready() -> None:
         nonlocal ready_fd
@@ -205,6 +233,36 @@ def _serve(args: argparse.Namespace) -> int:
             raise err from None
         raise
     return 0
+
+
+# The daemon's log is bounded: it runs for as long as its container does.
+LOG_MAX_BYTES = 4 << 20
+
+
+def _log_to(path: str, *, daemon: bool) -> None:
+    """Send logging to ``path``, rotated at LOG_MAX_BYTES with one old file kept.  A daemon's
+    stdout and stderr (where a crash's traceback goes) follow the current file."""
+    import logging.handlers
+
+    class Handler(logging.handlers.RotatingFileHandler):
+        def doRollover(self) -> None:
+            super().doRollover()
+            self._redirect()
+
+        def _redirect(self) -> None:
+            if daemon and self.stream is not None:
+                for fd in (1, 2):
+                    os.dup2(self.stream.fileno(), fd)
+
+    handler = Handler(path, maxBytes=LOG_MAX_BYTES, backupCount=1)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s lazyfs: %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    handler._redirect()
 
 
 def umount_cmd(args: argparse.Namespace) -> int:
@@ -240,13 +298,15 @@ def stats_cmd(args: argparse.Namespace) -> int:
         return 0
     assert isinstance(report, dict)
     if args.prometheus:
-        from lazyfs.fs.metrics import DaemonStats, daemon_families, exposition
+        from lazyfs.fs.prometheus import DaemonStats, daemon_families, exposition
 
         labels = {"daemon": str(report.get("pid", "")), "mountpoint": report["mountpoint"]}
         families = daemon_families([DaemonStats(labels, report)], list(labels))
         sys.stdout.write(exposition(families).decode())
         return 0
     print(f"{report['image']} ({report['manifest'][:19]}) on {report['mountpoint']}")
+    if report.get("log"):
+        print(f"log: {report['log']}")
     print(
         f"{'LAYER':<20} {'FETCHED':>12} {'READY':>21} {'REQS':>6} {'HITS':>7} {'MISSES':>7} "
         f"{'WAIT':>8}"

@@ -14,7 +14,7 @@ from lazyfs.errors import LazyfsError, first_error
 from lazyfs.progress import MODES, PulledEvent, Renderer, choose_mode
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 
-from .common import add_cache_args, add_registry_args
+from .common import add_cache_args, add_registry_args, registry_options
 
 if TYPE_CHECKING:
     from lazyfs.store import Layer
@@ -42,6 +42,7 @@ async def pull(
     cache_size: int = DEFAULT_MAX_BYTES,
     plain_http: bool = False,
     insecure: bool = False,
+    hosts_dir: str | None = None,
     platform: str = "linux/amd64",
 ) -> PulledEvent:
     """Fetch every layer of ``image`` concurrently; chunks already cached cost nothing."""
@@ -57,6 +58,7 @@ async def pull(
         cache_size=cache_size,
         plain_http=plain_http,
         insecure=insecure,
+        hosts_dir=hosts_dir,
         platform=platform,
     ) as img:
         cache, store = img.cache, img.store
@@ -112,8 +114,7 @@ def pull_cmd(args: argparse.Namespace) -> int:
     opts = {
         "cache_dir": args.cache,
         "cache_size": args.cache_size,
-        "plain_http": args.plain_http,
-        "insecure": args.insecure,
+        **registry_options(args),
         "platform": args.platform,
     }
     try:

@@ -30,7 +30,7 @@ from lazyfs.fs.daemon import Daemon, clear_mountpoint, spawn
 from lazyfs.fs.unmount import is_mounted
 from lazyfs.trace.schema import Trace, encode
 
-from .common import add_registry_args
+from .common import add_registry_args, registry_argv
 
 READY_TIMEOUT = 300.0  # manifests and TOCs of a large image over a slow link
 POLL_SECONDS = 0.1
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tsub = p.add_subparsers(dest="trace_command", required=True, metavar="SUBCOMMAND")
 
     d = tsub.add_parser("dump", help="print the trace a mount (--trace) has recorded so far")
-    d.add_argument("mountpoint", metavar="MOUNTPOINT")
+    d.add_argument("mountpoint", metavar="MOUNTPOINT", help="a lazyfs mount made with --trace")
     d.add_argument("--out", metavar="FILE", help="write it atomically to FILE, not stdout")
     d.set_defaults(handler=dump_cmd)
 
@@ -72,7 +72,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _run_options(r)
     # Options may also follow IMAGE; argparse cannot mix that with a trailing command, so
     # everything from IMAGE on is taken whole and parsed again in run_cmd.
-    r.add_argument("rest", nargs=argparse.REMAINDER, metavar="IMAGE [OPTION...] -- CMD [ARG...]")
+    r.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="IMAGE [OPTION...] -- CMD [ARG...]",
+        help="the image to mount, more options, and the command to run in it",
+    )
     r.set_defaults(handler=run_cmd)
 
 
@@ -238,7 +243,7 @@ def _start_daemon(args: argparse.Namespace, tmp: Path, mnt: Path) -> Daemon:
         args.group,
         "--no-prefetch",  # a trace records what the workload needs, not what was prefetched
     ]
-    options += ["--plain-http"] * args.plain_http + ["--insecure"] * args.insecure
+    options += registry_argv(args)
     try:
         return spawn(
             args.image,

@@ -106,6 +106,8 @@ def _pieces(compression: Compression, raw: bytes, limit: int) -> list[bytes]:
         return _zstd_decompress(raw, limit)
     if compression == "gzip":
         return _gzip_decompress(raw, limit)
+    if compression == "none":
+        return [raw[:limit]]
     raise FormatError(f"unknown compression {compression!r}")
 
 

@@ -10,9 +10,11 @@ No I/O here: the caller fetches the two ranges through whatever source it has.
 
 from __future__ import annotations
 
-from typing import Literal
+import gzip
+from typing import BinaryIO, Literal
 
 import msgspec
+import zstandard
 
 from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError
@@ -22,7 +24,8 @@ from lazyfs.formats.toc import MAX_TOC_BYTES, TOC, TocBudget, decode_toc
 
 TAIL_SIZE = 64  # the largest footer of any supported format
 
-LayerFormat = Literal["estargz", "zstd:chunked"]
+# "tar": a layer without a TOC, fetched whole and indexed locally (lazyfs.store.wholelayer).
+LayerFormat = Literal["estargz", "zstd:chunked", "tar"]
 
 
 class TocLocation(msgspec.Struct, frozen=True):
@@ -149,3 +152,16 @@ def _verify(data: bytes, digest: str) -> None:
         raise
     except FormatError as e:
         raise IntegrityError(str(e)) from e
+
+
+def decompressing(f: BinaryIO, media_type: str) -> BinaryIO:
+    """A reader of the tar inside a layer blob of ``media_type``."""
+    kind = oci.LAYER_TYPES.get(media_type)
+    if kind is None:
+        raise FormatError(f"unknown layer media type {media_type!r}")
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]  # a GzipFile reads as a BinaryIO
+    if kind == "zstd":
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        return reader
+    return f

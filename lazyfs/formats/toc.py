@@ -52,7 +52,8 @@ MAX_OFFSET = 2**62  # file sizes and blob offsets: far beyond any real file, ins
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 
-Compression = Literal["zstd", "gzip"]
+# "none": chunks are plain ranges of an uncompressed tar (a layer without a TOC, indexed locally).
+Compression = Literal["zstd", "gzip", "none"]
 
 
 # Shared by every entry without xattrs (most of them); entries are never mutated in place.

@@ -68,6 +68,7 @@ class StatsReport(msgspec.Struct):
     rss_bytes: int = 0
     cache: CacheUsage | None = None
     readdir_requests: int = 0  # listings the kernel asked for (not served from its cache)
+    log: str | None = None  # the daemon's log file
 
 
 def _answer(handler: Callable[[dict[str, object]], object], line: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""Where a mount's runtime files live: its control socket, keyed by the mount point."""
+"""Where a mount's runtime files live: its control socket and log, keyed by the mount point."""
 
 from __future__ import annotations
 
@@ -24,3 +24,9 @@ def canonical(mountpoint: str | os.PathLike[str]) -> str:
 def control_path(mountpoint: str | os.PathLike[str]) -> Path:
     key = hashlib.sha256(os.fsencode(canonical(mountpoint))).hexdigest()[:16]
     return runtime_dir() / f"{key}.sock"
+
+
+def log_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The daemon's log when ``--log`` is not given: beside its control socket, so it outlives
+    a crashed daemon (until reboot) and ``lazyfs stats`` can point to it."""
+    return control_path(mountpoint).with_suffix(".log")

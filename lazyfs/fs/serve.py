@@ -10,6 +10,7 @@ atomically when the mount ends.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -50,6 +51,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     cache_max_bytes: int = DEFAULT_MAX_BYTES
     plain_http: bool = False
     insecure: bool = False
+    hosts_dir: str | None = None  # containerd-style hosts.toml directory: mirrors
     platform: str = "linux/amd64"
     allow_other: bool = False
     read_only: bool = False
@@ -64,7 +66,10 @@ class MountOptions(msgspec.Struct, kw_only=True):
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
+    layer_count: int | None = None  # mount only the lowest N layers (a snapshotter chain)
+    docker_config: str | None = None  # credentials file; None = the user's default
     read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
+    log: str | None = None  # where the daemon logs (reported by stats)
 
 
 # ---------------------------------------------------------------------------- serving
@@ -148,6 +153,7 @@ class _Mount:
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
                 readdir_requests=self.ops.readdir_requests,
+                log=opts.log,
             )
         if request.get("cmd") == "trace":
             if self.recorder is None:
@@ -167,7 +173,9 @@ class _Mount:
 
 
 def _fuse_options(opts: MountOptions) -> set[str]:
-    options = set(pyfuse3.default_options) | {"fsname=lazyfs", "subtype=lazyfs"}
+    # The mount table shows fsname as the source: the image (commas would split the option).
+    fsname = "".join("_" if c in ", \t\n\\" else c for c in opts.image)
+    options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=lazyfs"}
     if opts.allow_other:
         options.add("allow_other")
     if opts.read_only:
@@ -196,16 +204,23 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         raise LazyfsError(f"cannot write the trace to {opts.trace}: no such directory")
     if not opts.read_only and opts.upper is None:
         raise LazyfsError("a writable mount needs --upper DIR (or use --read-only)")
+    if opts.read_only and opts.upper is not None:
+        raise LazyfsError("--upper and --read-only contradict each other: give one of them")
     async with open_image(
         opts.image,
         cache_dir=opts.cache,
         cache_size=opts.cache_max_bytes,
         plain_http=opts.plain_http,
         insecure=opts.insecure,
+        hosts_dir=opts.hosts_dir,
         platform=opts.platform,
+        docker_config=opts.docker_config,
+        layer_count=opts.layer_count,
         retry=RetryPolicy.within(opts.read_timeout),
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
+        if upper is not None:
+            _lock_upper(upper, opts.upper)
         recorder: Recorder | None = None
         if trace_path is not None:
             digests = [ol.descriptor.digest for ol in image.layers]
@@ -244,6 +259,17 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                 mount.write_trace(trace_path)
             if upper is not None:
                 upper.close()
+
+
+def _lock_upper(upper: Upper, path: str | None) -> None:
+    """One mount per upper directory: two would disagree about what exists.  The lock is on
+    the directory itself (no file in the layer diff) and goes with the daemon, even a killed
+    one."""
+    try:
+        fcntl.flock(upper.root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        upper.close()
+        raise LazyfsError(f"upper directory {path} is in use by another mount") from None
 
 
 async def _on_signals(scope: trio.CancelScope) -> None:

@@ -186,7 +186,9 @@ class Authenticator:
                 start = min(start, issued)
             except ValueError:
                 pass
-        self._tokens[self._key(scope)] = _Token(value, start + lifetime - EXPIRY_MARGIN)
+        # A short-lived token must still be used: renew a quarter of its life early at most.
+        margin = min(EXPIRY_MARGIN, lifetime / 4)
+        self._tokens[self._key(scope)] = _Token(value, start + lifetime - margin)
         self.tokens_fetched += 1
 
     async def on_unauthorized(self, client: httpx.AsyncClient, challenge: str, scope: str) -> bool:

@@ -13,9 +13,12 @@ import hashlib
 import os
 import random
 import re
+import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 import httpx
@@ -23,7 +26,7 @@ import msgspec
 import trio
 
 from lazyfs import oci
-from lazyfs.errors import IntegrityError, NotFoundError, RemoteError
+from lazyfs.errors import IntegrityError, LazyfsError, NotFoundError, RemoteError
 from lazyfs.remote.auth import Authenticator, Credentials, load_docker_credentials
 from lazyfs.remote.base import Source
 from lazyfs.remote.hosts import Endpoint, load_endpoints
@@ -88,6 +91,82 @@ class _NotFound(Exception):
     pass
 
 
+class _Spooled(Exception):
+    """The endpoint sent the whole blob for a Range request: read it from the spool."""
+
+
+class _Spool:
+    """A blob an endpoint sends whole (a 200 to a Range request, as a pull-through cache does
+    for blobs it has not cached yet), written to an unlinked file as it arrives.  Every read
+    of that blob is served from here, each as soon as its bytes are in, so the blob crosses
+    the wire once however many readers want parts of it."""
+
+    def __init__(self, directory: Path | None) -> None:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        self.file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed at aclose)
+        self.have = 0  # bytes [0, have) are in the file
+        self.done = False
+        self.error: str | None = None
+        self.changed = trio.Event()
+        self.scope = trio.CancelScope()
+
+    def wrote(self, n: int) -> None:
+        self.have += n
+        self._wake()
+
+    def finish(self, error: str | None) -> None:
+        self.done, self.error = True, error
+        self._wake()
+
+    def _wake(self) -> None:
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
+
+
+class _Permanent(Exception):
+    """This endpoint cannot serve us however often we ask (it speaks plain HTTP to our TLS,
+    its name does not resolve, it refuses access): try the next endpoint, never again."""
+
+
+def transport_cause(error: BaseException) -> tuple[str, bool]:
+    """A connection failure in words a user can act on, and whether retrying is pointless.
+    httpx wraps the cause several layers deep (and a failed connect in an exception group)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [error]
+    while todo:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            if e.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"):
+                return (
+                    "server gave HTTP response to HTTPS client (use --plain-http, or "
+                    'server = "http://…" in its hosts.toml)',
+                    True,
+                )
+            if isinstance(e, ssl.SSLCertVerificationError):
+                return (
+                    f"TLS certificate not trusted: {e.verify_message} (use --insecure, or a "
+                    "ca in its hosts.toml)",
+                    True,
+                )
+            return f"TLS error: {e.reason or e}", False
+        if isinstance(e, socket.gaierror):
+            if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+                return "cannot resolve the host name (DNS: no such host)", True
+            return f"DNS lookup failed: {e.strerror or e}", False
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused (is the registry running on that port?)", False
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        for nxt in (e.__cause__, e.__context__):
+            if nxt is not None:
+                todo.append(nxt)
+    return (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__), False
+
+
 class _Unauthorized(Exception):
     def __init__(self, challenge: str) -> None:
         super().__init__("unauthorized")
@@ -132,6 +211,9 @@ class RegistrySource(Source):
         self.stats = Stats()
         #: endpoint netlocs seen answering a Range request with 200 and the whole blob
         self.range_ignored: set[str] = set()
+        #: where blobs sent whole are spooled (the opener puts them beside the cache)
+        self.spool_dir: Path | None = None
+        self._spools: dict[str, _Spool] = {}
         self._credentials = credentials
         self._docker_config = docker_config
         self._max_concurrency = max_concurrency
@@ -179,6 +261,10 @@ class RegistrySource(Source):
         return lim
 
     async def aclose(self) -> None:
+        for spool in self._spools.values():
+            spool.scope.cancel()
+            spool.file.close()
+        self._spools.clear()
         for client in self._clients.values():
             await client.aclose()
         self._clients.clear()
@@ -201,10 +287,13 @@ class RegistrySource(Source):
             raise RemoteError(f"{self.name}: no endpoint with capability {capability!r}")
         last = ""
         give_up = trio.current_time() + self.retry.deadline
+        broken: set[str] = set()  # endpoints that failed for good: asked no more
         for attempt in range(self.retry.attempts):
             retry_after: float | None = None
             missing = 0
             for n, ep in enumerate(endpoints):
+                if ep.url in broken:
+                    continue
                 if (attempt or n) and trio.current_time() >= give_up:
                     break
                 try:
@@ -212,13 +301,18 @@ class RegistrySource(Source):
                 except _NotFound as e:
                     missing += 1
                     last = f"{ep.netloc}: {e}"
+                except _Permanent as e:
+                    broken.add(ep.url)
+                    last = f"{ep.netloc}: {e}"
                 except _Transient as e:
                     # Fall through to the next endpoint at once: a dead mirror costs no sleep.
                     last = f"{ep.netloc}: {e}"
                     if e.retry_after is not None:
                         retry_after = max(retry_after or 0.0, e.retry_after)
-            if missing == len(endpoints):
+            if missing and missing + len(broken) == len(endpoints):
                 raise NotFoundError(f"{what} not found in {self.name} ({last})")
+            if len(broken) == len(endpoints):
+                raise RemoteError(f"{what} from {self.name}: {last}")
             delay = self.retry.delay(attempt, retry_after)
             if attempt + 1 >= self.retry.attempts or delay >= give_up - trio.current_time():
                 break  # sleeping past the deadline would only postpone the error
@@ -295,7 +389,10 @@ class RegistrySource(Source):
                     if status == 401 and target.netloc.decode() == netloc:
                         raise _Unauthorized(resp.headers.get("www-authenticate", ""))
                     if status == 404:
-                        raise _NotFound("404 Not Found")
+                        raise _NotFound(await self._error_text(resp, "404 Not Found"))
+                    if status == 403 and target.netloc.decode() == netloc:
+                        why = await self._error_text(resp, "HTTP 403 Forbidden")
+                        raise _Permanent(f"access to {self.repository} denied ({why})")
                     if status == 429:
                         raise _Transient(
                             "429 Too Many Requests", _retry_after(resp.headers.get("retry-after"))
@@ -306,8 +403,20 @@ class RegistrySource(Source):
                         return await consume(resp, netloc)
                     raise RemoteError(f"{netloc}: {url} answered HTTP {status}")
             except httpx.TransportError as e:
-                raise _Transient(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from e
+                text, permanent = transport_cause(e)
+                raise (_Permanent if permanent else _Transient)(text) from e
         raise RemoteError(f"{netloc}: too many redirects for {url}")
+
+    async def _error_text(self, resp: httpx.Response, default: str) -> str:
+        """``default`` and the registry's own error code (``MANIFEST_UNKNOWN``,
+        ``NAME_UNKNOWN``, ``DENIED``…) when its body says one."""
+        try:
+            body = await self._read_all(resp, 64 * 1024)
+            errors = msgspec.json.decode(body).get("errors") or []
+            code = errors[0].get("code") if errors and isinstance(errors[0], dict) else None
+        except (RemoteError, _Transient, httpx.HTTPError, msgspec.DecodeError, AttributeError):
+            return default
+        return f"{default}: {code}" if isinstance(code, str) and code else default
 
     async def _read_all(self, resp: httpx.Response, limit: int) -> bytes:
         declared = resp.headers.get("content-length")
@@ -347,7 +456,7 @@ class RegistrySource(Source):
             {"Accept": MANIFEST_ACCEPT},
             consume,
             capability="pull" if by_digest else "resolve",
-            what=f"manifest {ref}",
+            what=f"manifest {ref}" if by_digest else f"tag {ref}",
         )
 
     async def get_blob(self, digest: str) -> bytes:
@@ -374,6 +483,9 @@ class RegistrySource(Source):
             raise ValueError(f"bad range [{start}, {end})")
         if end == start:
             return b""
+        spool = self._spools.get(digest)
+        if spool is not None and spool.error is None:
+            return await self._from_spool(digest, spool, start, end)
         want = end - start
 
         async def consume(resp: httpx.Response, netloc: str) -> bytes:
@@ -384,6 +496,12 @@ class RegistrySource(Source):
                 if first > start:
                     raise _Transient(f"server sent range from {first}, wanted {start}")
                 skip = start - first
+            elif self.spool_dir is not None:
+                # The whole blob is coming: drop this answer after its headers and have one
+                # download of the blob serve this read and every other one.
+                self.range_ignored.add(netloc)
+                self._start_spool(digest)
+                raise _Spooled
             else:
                 # The whole blob came back: remember, and take only what we need from it.
                 self.range_ignored.add(netloc)
@@ -411,17 +529,73 @@ class RegistrySource(Source):
                 raise _Transient(f"short body: {got} of {want} bytes")
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-        return await self._fetch(
-            f"blobs/{digest}",
-            {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
-            consume,
-            capability="pull",
-            what=f"bytes {start}-{end} of blob {digest}",
-        )
+        try:
+            return await self._fetch(
+                f"blobs/{digest}",
+                {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
+                consume,
+                capability="pull",
+                what=f"bytes {start}-{end} of blob {digest}",
+            )
+        except _Spooled:
+            return await self._from_spool(digest, self._spools[digest], start, end)
 
     def ranges_supported(self) -> bool:
-        """False once an endpoint was seen ignoring Range; a caller may then fetch bigger spans."""
-        return not self.range_ignored
+        """With a spool directory, a blob sent whole is downloaded once and every range read
+        from that copy; without one, False once an endpoint was seen ignoring Range."""
+        return self.spool_dir is not None or not self.range_ignored
+
+    def _start_spool(self, digest: str) -> None:
+        spool = self._spools.get(digest)
+        if spool is None or spool.error is not None:
+            spool = self._spools[digest] = _Spool(self.spool_dir)
+            # A system task: the download outlives the reader that found the blob sent whole
+            # (which returns as soon as its own bytes are in), and ends at aclose.
+            trio.lowlevel.spawn_system_task(self._spool_blob, digest, spool)
+
+    async def _spool_blob(self, digest: str, spool: _Spool) -> None:
+        async def consume(resp: httpx.Response, netloc: str) -> None:
+            spool.have = 0  # a retry starts over (the bytes are the same, or chunks fail)
+            sha = hashlib.sha256()
+            fd = spool.file.fileno()
+            async for chunk in resp.aiter_bytes():
+                self.stats.bytes_received += len(chunk)
+                sha.update(chunk)
+                os.pwrite(fd, chunk, spool.have)  # page cache: quicker than a thread hop
+                spool.wrote(len(chunk))
+            if "sha256:" + sha.hexdigest() != digest:
+                raise _Transient(f"blob {digest} sent whole has another digest")
+
+        error: str | None = None
+        with spool.scope:
+            try:
+                await self._fetch(
+                    f"blobs/{digest}",
+                    {"Accept-Encoding": "identity"},
+                    consume,
+                    capability="pull",
+                    what=f"blob {digest}",
+                )
+            except (LazyfsError, OSError) as e:
+                error = str(e)
+            except Exception as e:  # a system task must not raise: readers get the error
+                error = f"{type(e).__name__}: {e}"
+        spool.finish(error or ("download stopped" if spool.scope.cancel_called else None))
+
+    async def _from_spool(self, digest: str, spool: _Spool, start: int, end: int) -> bytes:
+        while spool.have < end and not spool.done:
+            await spool.changed.wait()
+        if spool.have < end:
+            if spool.error is not None and self._spools.get(digest) is spool:
+                del self._spools[digest]  # the next read asks again
+            raise RemoteError(
+                f"bytes {start}-{end} of blob {digest} from {self.name}: "
+                + (spool.error or f"the blob has only {spool.have} bytes")
+            )
+        if end - start <= 1 << 20:  # from the page cache: quicker than a thread hop
+            await trio.lowlevel.checkpoint()
+            return os.pread(spool.file.fileno(), end - start, start)
+        return await trio.to_thread.run_sync(os.pread, spool.file.fileno(), end - start, start)
 
     async def download(self, digest: str, size: int, dst: BinaryIO) -> None:
         oci.check_digest(digest)

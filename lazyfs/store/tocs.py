@@ -28,11 +28,16 @@ from lazyfs.formats.layer import (
 from lazyfs.formats.toc import TOC, TocBudget
 from lazyfs.remote.base import Source
 from lazyfs.remote.resolve import ResolvedImage, resolve_image
+from lazyfs.store.wholelayer import WholeLayers
 
 log = logging.getLogger(__name__)
 
 TAIL_GUESS = 64 * 1024
 TOC_FETCH_TRIES = 3
+
+
+class NotLazyError(FormatError):
+    """The layer has no TOC (a plain gzip, zstd or tar layer)."""
 
 
 class LayerInfo(msgspec.Struct):
@@ -78,8 +83,8 @@ async def load_layer(
             log.info("not using the cached TOC of %s: %s", desc.digest, e)
             cached.unlink(missing_ok=True)
     where = f"layer {desc.digest}"
-    if desc.size < TAIL_SIZE:
-        raise FormatError(f"{where}: {desc.size} bytes is too small to be a lazy layer")
+    if desc.size < TAIL_SIZE or oci.LAYER_TYPES.get(desc.mediaType) == "tar":
+        raise NotLazyError(f"{where} ({desc.mediaType}) is not lazy: it has no TOC")
     # One request for the footer and, usually, the TOC before it: a round trip saved per
     # layer on a slow link.
     tail_start = min(
@@ -89,7 +94,7 @@ async def load_layer(
     try:
         loc = locate_toc(tail[-TAIL_SIZE:], desc.size, desc.annotations)
     except FormatError as e:
-        raise FormatError(
+        raise NotLazyError(
             f"{where} ({desc.mediaType}) is not lazy: {e}; convert the image with `lazyfs convert`"
         ) from None
     if verify and loc.expected_digest is None:
@@ -126,17 +131,49 @@ async def _fetch_toc(
 
 
 async def load_tocs(
-    source: Source, ref: str, *, platform: str = "linux/amd64", toc_dir: Path | None = None
+    source: Source,
+    ref: str,
+    *,
+    platform: str = "linux/amd64",
+    toc_dir: Path | None = None,
+    layer_count: int | None = None,
+    whole: WholeLayers | None = None,
 ) -> Image:
-    """Resolve ``ref`` and load all layer TOCs concurrently."""
+    """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
+    ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
+    layer without a TOC is an error (NotLazyError), unless ``whole`` is given: then it is
+    fetched whole and indexed."""
     resolved = await resolve_image(source, ref, platform)
-    layers: list[LayerInfo | None] = [None] * len(resolved.layers)
+    descriptors = resolved.layers
+    if layer_count is not None:
+        if not 0 < layer_count <= len(descriptors):
+            raise FormatError(
+                f"{ref}: cannot take {layer_count} layers of an image with {len(descriptors)}"
+            )
+        descriptors = descriptors[:layer_count]
+    layers: list[LayerInfo | None] = [None] * len(descriptors)
     budget = TocBudget()  # bounds the whole image, not each layer
+    diff_ids = resolved.config.rootfs.diff_ids
+    if whole is not None and len(diff_ids) != len(resolved.layers):
+        raise FormatError(
+            f"{ref}: the config lists {len(diff_ids)} diff_ids for {len(resolved.layers)} layers"
+        )
 
     async def one(i: int, desc: oci.Descriptor) -> None:
-        layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
+        if whole is None:
+            layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
+            return
+        found = whole.cached(desc, diff_ids[i])
+        if found is None:
+            try:
+                layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
+                return
+            except NotLazyError as e:
+                log.info("%s", e)
+            found = await whole.index(desc, diff_ids[i])
+        layers[i] = LayerInfo(desc, *found)
 
     async with trio.open_nursery() as nursery:
-        for i, desc in enumerate(resolved.layers):
+        for i, desc in enumerate(descriptors):
             nursery.start_soon(one, i, desc)
     return Image(ref, resolved, [li for li in layers if li is not None])

@@ -50,8 +50,11 @@ class RegistryInstance:
         *,
         htpasswd: tuple[str, str] | None = None,
         token: TokenAuth | None = None,
+        proxy: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        #: upstream URL: this registry is a pull-through cache of it (a mirror)
+        self.proxy = proxy
         self.htpasswd = htpasswd
         self.token = token
         self.port = free_port()
@@ -85,7 +88,7 @@ class RegistryInstance:
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
             "  delete:\n    enabled: true\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
-            f"{auth}"
+            f"{auth}" + (f"proxy:\n  remoteurl: {self.proxy}\n" if self.proxy else "")
         )
 
     def start(self) -> RegistryInstance:

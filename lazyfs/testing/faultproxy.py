@@ -46,6 +46,7 @@ class FaultProxy:
             self.requests = 0  # all requests seen
             self.blob_bytes = 0  # body bytes of the matching GETs answered (bytes pulled)
             self.paths: list[str] = []
+            self.ranges: list[str | None] = []  # each request's Range header
             self.authorization: list[str | None] = []
             #: (path, body bytes sent) of every answered matching request
             self.served: list[tuple[str, int]] = []
@@ -110,7 +111,12 @@ class FaultProxy:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(body)
+                    try:
+                        self.wfile.write(body)
+                    except (BrokenPipeError, ConnectionResetError):
+                        # A client that stops reading a whole blob after its headers (it
+                        # asked for a range) closes the connection: expected, not news.
+                        self.close_connection = True
 
             def do_HEAD(self) -> None:
                 self.do_GET()
@@ -120,6 +126,7 @@ class FaultProxy:
                 with proxy.lock:
                     proxy.requests += 1
                     proxy.paths.append(self.path)
+                    proxy.ranges.append(self.headers.get("Range"))
                     proxy.authorization.append(self.headers.get("Authorization"))
                     fail = proxy._fail.pop(0) if matched and proxy._fail else None
                 if fail is not None:
@@ -146,6 +153,8 @@ class FaultProxy:
                     body = resp.read()
                     out = {k: v for k, v in resp.getheaders() if k.lower() not in _HOP}
                     status = resp.status
+                    if self.command == "HEAD":  # no body: pass on the size it announces
+                        body = b"\0" * int(resp.getheader("Content-Length") or 0)
                 finally:
                     conn.close()
                 if matched and status < 300 and body:

@@ -32,6 +32,8 @@ log = logging.getLogger("lazyfs_snapshotter")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Workers bound how many containerd calls run at once; sqlite serialises writes anyway.
 WORKERS = 16
+# How often chain daemons are checked for having died (besides on every Mounts/Prepare).
+CHECK_INTERVAL = 5.0
 
 
 class StartError(Exception):
@@ -49,6 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics here (overrides [metrics].address)")
+    p.add_argument(
+        "--unmount-on-exit", action="store_true",
+        help="on SIGTERM, stop the lazy-layer daemons too (default: leave them serving the "
+        "running containers)",
+    )
+    p.add_argument("--plain-layers", action="store_true",
+                   help="serve no layer lazily: containerd pulls every layer")
     return p.parse_args(argv)
 
 
@@ -99,10 +108,19 @@ def lock_root(root: Path) -> TextIO:
     return f
 
 
-def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
+def serve(
+    address: str,
+    root: Path,
+    config: Config,
+    hosts_dir: Path,
+    *,
+    unmount_on_exit: bool = False,
+    lazy: bool = True,
+) -> None:
     try:
         import grpc
 
+        from .lazy import LazyLayers
         from .metadata import MetadataError
         from .metrics import Metrics
         from .service import SnapshotsService, add_to_server
@@ -115,7 +133,8 @@ def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
     lock = lock_root(root)
     prepare_socket(address)
     try:
-        snapshotter = Snapshotter(root)
+        layers = LazyLayers(root, config, hosts_dir) if lazy else None
+        snapshotter = Snapshotter(root, layers)
     except MetadataError as e:
         raise StartError(str(e)) from None
     metrics = Metrics(snapshotter.store)
@@ -144,15 +163,18 @@ def serve(address: str, root: Path, config: Config, hosts_dir: Path) -> None:
              config.cache_path(root), hosts_dir)
     sd_notify("READY=1")
     try:
-        while not stop.wait(3600):
-            pass
+        while not stop.wait(CHECK_INTERVAL):
+            try:
+                snapshotter.check()
+            except Exception:  # a check that fails is retried; serving goes on
+                log.exception("checking the lazy-layer daemons failed")
     finally:
         sd_notify("STOPPING=1")
-        log.info("stopping")
+        log.info("stopping%s", " and unmounting lazy layers" if unmount_on_exit else "")
         # In-flight calls get a moment; each is one transaction, so cutting one is safe.
         server.stop(5).wait()
         metrics.close()
-        snapshotter.close()
+        snapshotter.close(unmount=unmount_on_exit)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)
         lock.close()
@@ -171,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             host_port(args.metrics_address, "--metrics-address")
             config = dataclasses.replace(config, metrics_address=args.metrics_address)
         serve(os.path.abspath(args.address), Path(os.path.abspath(args.root)), config,
-              Path(args.hosts_dir))
+              Path(args.hosts_dir), unmount_on_exit=args.unmount_on_exit,
+              lazy=not args.plain_layers)
     except (ConfigError, StartError) as e:
         print(f"lazyfs-snapshotter: {e}", file=sys.stderr)
         return 2

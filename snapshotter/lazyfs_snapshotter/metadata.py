@@ -3,8 +3,13 @@
 Rows are the truth; directories under ``ROOT/snapshots/ID`` follow them.  Every operation
 runs inside :meth:`MetadataStore.transaction` (``BEGIN IMMEDIATE`` … ``COMMIT``), so a crash
 at any point leaves either the old or the new state.  The ``daemons`` table is reserved for
-the lazy-layer part: which FUSE daemon (pid, mountpoint, control socket) serves which image
-chain; snapshots point at it through ``daemon_id``.
+lazy layers: which FUSE daemon (pid, mountpoint, control socket) serves which chain of lazy
+layers (``chain_id``: the key of the chain's top remote snapshot); snapshots whose mounts use
+it point at it through ``daemon_id``.  ``pid = 0`` means its daemon died and was cleaned up;
+the next Prepare/Mounts that needs the chain starts a new one in the same row.  The shape of
+``daemons`` is stable (the metrics read it).  ``remote_layers`` records, per remote snapshot,
+what mounting it needs later without any tag lookup: the image by digest, the layer's index in
+that manifest and its descriptor.
 
 Namespaces: containerd 1.6 sends no ``containerd-namespace`` to proxy snapshotters (its keys
 are already ``NS/ID/KEY``), and its garbage collector may call without one.  A call without a
@@ -51,6 +56,14 @@ CREATE TABLE IF NOT EXISTS snapshots (
     UNIQUE (namespace, key)
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE INDEX IF NOT EXISTS snapshots_daemon ON snapshots(daemon_id);
+CREATE TABLE IF NOT EXISTS remote_layers (
+    snapshot_id INTEGER PRIMARY KEY REFERENCES snapshots(id) ON DELETE CASCADE,
+    image_ref TEXT NOT NULL,
+    manifest_digest TEXT NOT NULL,
+    layer_index INTEGER NOT NULL,
+    descriptor TEXT NOT NULL
+);
 """
 
 
@@ -64,6 +77,38 @@ class Kind(enum.IntEnum):
     VIEW = 1
     ACTIVE = 2
     COMMITTED = 3
+
+
+@dataclass(frozen=True)
+class RemoteLayerRow:
+    """What a remote snapshot needs to be mounted again: ``image_ref`` is
+    ``HOST/REPOSITORY@MANIFEST-DIGEST``; the layer is ``layer_index`` (0-based) of it."""
+
+    image_ref: str
+    manifest_digest: str
+    layer_index: int
+    descriptor: str  # the OCI descriptor as JSON (digest, size, mediaType, annotations)
+
+
+@dataclass(frozen=True)
+class DaemonRow:
+    """A FUSE daemon the snapshotter started: found again after a restart by its mount point."""
+
+    id: int
+    pid: int  # 0: dead and cleaned; started again when next needed
+    mountpoint: str
+    control_socket: str
+    image_ref: str
+    chain_id: str
+    started_ns: int
+
+
+_DAEMON_COLUMNS = "id, pid, mountpoint, control_socket, image_ref, chain_id, started_ns"
+
+
+def _daemon(r: tuple[Any, ...]) -> DaemonRow:
+    return DaemonRow(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]),
+                     int(r[6]))
 
 
 @dataclass
@@ -80,19 +125,6 @@ class SnapshotRow:
     inodes: int = 0
     daemon_id: int | None = None
     parent_key: str = field(default="")
-
-
-@dataclass
-class DaemonRow:
-    """A FUSE daemon the snapshotter started: found again after a restart by its mount point."""
-
-    id: int
-    pid: int
-    mountpoint: str
-    control_socket: str
-    image_ref: str
-    chain_id: str
-    started_ns: int
 
 
 _COLUMNS = (
@@ -189,10 +221,11 @@ class Tx:
     def commit_active(
         self, snap_id: int, name: str, labels: dict[str, str], size: int, inodes: int
     ) -> None:
-        """Turn an active snapshot into a committed one named *name* (same id, same dirs)."""
+        """Turn an active snapshot into a committed one named *name* (same id, same dirs);
+        a committed snapshot has no mounts, so it uses no daemon."""
         self.conn.execute(
             "UPDATE snapshots SET key = ?, kind = ?, labels = ?, size = ?, inodes = ?,"
-            " updated_ns = ?, created_ns = ? WHERE id = ?",
+            " updated_ns = ?, created_ns = ?, daemon_id = NULL WHERE id = ?",
             (
                 name,
                 int(Kind.COMMITTED),
@@ -214,6 +247,63 @@ class Tx:
     def delete(self, snap_id: int) -> None:
         self.conn.execute("DELETE FROM snapshots WHERE id = ?", (snap_id,))
 
+    # -- lazy layers -------------------------------------------------------------------
+    def set_remote(self, snap_id: int, rl: RemoteLayerRow) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO remote_layers (snapshot_id, image_ref, manifest_digest,"
+            " layer_index, descriptor) VALUES (?, ?, ?, ?, ?)",
+            (snap_id, rl.image_ref, rl.manifest_digest, rl.layer_index, rl.descriptor),
+        )
+
+    def remote(self, snap_id: int) -> RemoteLayerRow | None:
+        r = self.conn.execute(
+            "SELECT image_ref, manifest_digest, layer_index, descriptor FROM remote_layers"
+            " WHERE snapshot_id = ?", (snap_id,)).fetchone()
+        return None if r is None else RemoteLayerRow(str(r[0]), str(r[1]), int(r[2]), str(r[3]))
+
+    def set_daemon_id(self, snap_id: int, daemon_id: int | None) -> None:
+        self.conn.execute("UPDATE snapshots SET daemon_id = ? WHERE id = ?", (daemon_id, snap_id))
+
+    def daemon_users(self, daemon_id: int) -> int:
+        r = self.conn.execute("SELECT COUNT(*) FROM snapshots WHERE daemon_id = ?", (daemon_id,))
+        return int(r.fetchone()[0])
+
+    def daemons(self) -> list[DaemonRow]:
+        cur = self.conn.execute(f"SELECT {_DAEMON_COLUMNS} FROM daemons ORDER BY id")
+        return [_daemon(r) for r in cur.fetchall()]
+
+    def daemon(self, chain_id: str) -> DaemonRow | None:
+        r = self.conn.execute(
+            f"SELECT {_DAEMON_COLUMNS} FROM daemons WHERE chain_id = ?", (chain_id,)).fetchone()
+        return None if r is None else _daemon(r)
+
+    def daemon_by_id(self, daemon_id: int) -> DaemonRow | None:
+        r = self.conn.execute(
+            f"SELECT {_DAEMON_COLUMNS} FROM daemons WHERE id = ?", (daemon_id,)).fetchone()
+        return None if r is None else _daemon(r)
+
+    def put_daemon(self, pid: int, mountpoint: str, control_socket: str, image_ref: str,
+                   chain_id: str) -> int:
+        """Record the daemon serving *chain_id* (replacing a dead one in its row)."""
+        self.conn.execute(
+            "INSERT INTO daemons (pid, mountpoint, control_socket, image_ref, chain_id,"
+            " started_ns) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (mountpoint) DO UPDATE SET"
+            " pid = excluded.pid, control_socket = excluded.control_socket,"
+            " image_ref = excluded.image_ref, chain_id = excluded.chain_id,"
+            " started_ns = excluded.started_ns",
+            (pid, mountpoint, control_socket, image_ref, chain_id, now_ns()),
+        )
+        r = self.conn.execute("SELECT id FROM daemons WHERE mountpoint = ?", (mountpoint,))
+        return int(r.fetchone()[0])
+
+    def set_daemon_pid(self, daemon_id: int, pid: int) -> None:
+        self.conn.execute("UPDATE daemons SET pid = ? WHERE id = ?", (pid, daemon_id))
+
+    def delete_daemon(self, daemon_id: int) -> None:
+        self.conn.execute("UPDATE snapshots SET daemon_id = NULL WHERE daemon_id = ?",
+                          (daemon_id,))
+        self.conn.execute("DELETE FROM daemons WHERE id = ?", (daemon_id,))
+
     def count_kinds(self) -> dict[Kind, int]:
         """Snapshots of each kind, every namespace."""
         cur = self.conn.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind")
@@ -229,13 +319,6 @@ class Tx:
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
-
-    def daemons(self) -> list[DaemonRow]:
-        cur = self.conn.execute(
-            "SELECT id, pid, mountpoint, control_socket, image_ref, chain_id, started_ns"
-            " FROM daemons ORDER BY id"
-        )
-        return [DaemonRow(*r) for r in cur.fetchall()]
 
 
 class MetadataStore:

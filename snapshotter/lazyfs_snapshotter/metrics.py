@@ -3,7 +3,7 @@
 Its own series: gRPC calls by method and status code (counted by a server interceptor, so the
 handlers stay as they are), snapshots by kind, and the FUSE daemons it records.  On each
 scrape it asks every daemon in the metadata ``daemons`` table for its stats over the daemon's
-control socket and renders them with :mod:`lazyfs.fs.metrics`, labelled by daemon PID and
+control socket and renders them with :mod:`lazyfs.fs.prometheus`, labelled by daemon PID and
 chain ID.  A daemon that does not answer (dead, or another process on its mount point) is
 left out and counted; it never fails the scrape.
 """
@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from lazyfs.fs.daemon import attach
-from lazyfs.fs.metrics import DaemonStats, daemon_families
+from lazyfs.fs.prometheus import DaemonStats, daemon_families
 
 from .metadata import DaemonRow, Kind, MetadataStore
 
@@ -132,7 +132,8 @@ class DaemonsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         with self.store.transaction() as tx:
             kinds = tx.count_kinds()
-            rows = tx.daemons()
+            # pid 0: a daemon that died and was cleaned up; nothing to ask until restarted.
+            rows = [row for row in tx.daemons() if row.pid != 0]
         # Outside the transaction: a daemon may take seconds to answer.
         answers = list(self.pool.map(self._ask, rows))
         alive = [a for a in answers if a is not None]

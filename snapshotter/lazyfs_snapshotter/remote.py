@@ -4,8 +4,9 @@ containerd's unpacker calls Prepare with ``containerd.io/snapshot.ref`` (the cha
 layer will be committed as) plus the labels its client added.  :func:`parse_source` reads
 either label set clients send — stargz's (``ctr-remote image rpull``) or the CRI plugin's —
 into one typed :class:`RemoteSource`.  :class:`LayerFS` is what the snapshotter asks about
-that layer; :class:`PlainLayers` (every layer "not lazy": containerd downloads and unpacks
-it through Prepare/Commit) is the only implementation until lazyfs plugs in.
+that layer and, later, about the chain of lazy layers under a container; lazyfs's is
+:class:`lazyfs_snapshotter.lazy.LazyLayers`, and :class:`PlainLayers` (every layer "not
+lazy": containerd downloads and unpacks it through Prepare/Commit) is the one without.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from .metadata import MetadataStore, RemoteLayerRow
 
 TARGET_LABEL = "containerd.io/snapshot.ref"
 # Set on a snapshot committed by a LayerFS instead of unpacked; its value names the LayerFS.
@@ -98,36 +101,56 @@ def parse_source(labels: dict[str, str]) -> RemoteSource | None:
 
 @dataclass(frozen=True)
 class Readiness:
-    """A LayerFS's answer to prepare(): lazy (ready to mount) or not, and why not."""
+    """A LayerFS's answer to prepare(): lazy (TOCs read, ready to mount) or not, and why not;
+    ``record`` is what mounting it needs later, stored with the snapshot."""
 
     lazy: bool
     reason: str = ""
+    record: RemoteLayerRow | None = None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The lazy layers under a snapshot: the remote snapshots from the bottom up to the one
+    keyed ``chain_id`` (whose ``top`` record names the image and its depth)."""
+
+    chain_id: str
+    top: RemoteLayerRow
 
 
 class LayerFS(Protocol):
     """What the snapshotter needs from a lazy-layer implementation.
 
-    *layer_dir* is the snapshot's directory (``ROOT/snapshots/ID``), which the LayerFS may
-    use for its own state.  Calls come from gRPC worker threads; an implementation on trio
-    bridges with ``trio.from_thread.run`` to its own trio thread.
+    Lazy layers form a prefix of a snapshot's chain (a lazy layer is never put above a plain
+    one); the whole prefix is ONE read-only mount, the lowerdir under each container's
+    overlay upper.  Calls come from gRPC worker threads.
     """
 
     name: str
 
-    def prepare(self, source: RemoteSource, layer_dir: Path) -> Readiness:
-        """Decide whether the layer is served lazily; if so, get it ready (TOC read)."""
+    def start(self, store: MetadataStore) -> None:
+        """Find the daemons an earlier process left running (called once, at start)."""
         ...
 
-    def mount(self, layer_dir: Path) -> Path:
-        """The directory to use as this layer's lowerdir (mounting it if needed)."""
+    def prepare(self, source: RemoteSource, depth: int) -> Readiness:
+        """Whether the layer (the ``depth``-th of its chain, 1 = bottom) is served lazily;
+        if so its TOC, and those of the layers below it, are read and cached."""
         ...
 
-    def check(self, layer_dir: Path) -> bool:
-        """Whether the layer's mount is alive."""
+    def mount(self, chain: Chain) -> tuple[int, Path]:
+        """The chain's mount (starting its daemon if none is alive): (daemon id, directory)."""
         ...
 
-    def unmount(self, layer_dir: Path) -> None:
-        """Release the layer (its snapshot is being removed)."""
+    def release(self, daemon_id: int) -> None:
+        """No snapshot uses the daemon any more: stop it and forget it."""
+        ...
+
+    def check(self) -> None:
+        """Notice daemons that died and clean their mounts (new users get a new daemon)."""
+        ...
+
+    def close(self, unmount: bool) -> None:
+        """The snapshotter stops: leave the daemons running, or stop them all."""
         ...
 
 
@@ -136,14 +159,20 @@ class PlainLayers:
 
     name = "plain"
 
-    def prepare(self, source: RemoteSource, layer_dir: Path) -> Readiness:
+    def start(self, store: MetadataStore) -> None:
+        return None
+
+    def prepare(self, source: RemoteSource, depth: int) -> Readiness:
         return Readiness(False, "lazy layers are not enabled")
 
-    def mount(self, layer_dir: Path) -> Path:
-        return layer_dir / "fs"
+    def mount(self, chain: Chain) -> tuple[int, Path]:
+        raise RuntimeError("plain layers have no remote snapshots to mount")
 
-    def check(self, layer_dir: Path) -> bool:
-        return True
+    def release(self, daemon_id: int) -> None:
+        return None
 
-    def unmount(self, layer_dir: Path) -> None:
+    def check(self) -> None:
+        return None
+
+    def close(self, unmount: bool) -> None:
         return None

@@ -5,6 +5,12 @@ ordered around the metadata transaction so that a crash anywhere leaves nothing 
 metadata does not explain, except directories :meth:`Snapshotter.cleanup` removes:
 Prepare builds its directory under a temporary name and renames it to the new ID inside the
 transaction; Remove deletes the directory only after the transaction commits.
+
+Lazy layers (a :class:`LayerFS`) are committed as remote snapshots at Prepare and always form
+the bottom of a chain: a layer above a plain one is pulled normally.  So an active snapshot's
+lowerdirs are its plain parents' ``fs`` directories, then ONE directory for all its lazy
+parents, the chain mount the LayerFS serves.  Snapshots whose mounts use a chain mount point
+at its daemon (``daemon_id``); when the last one goes, the daemon is stopped.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +29,15 @@ from pathlib import Path
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import match_any, parse_filters
 from .metadata import Kind, MetadataStore, SnapshotRow, Tx
-from .remote import REMOTE_LABEL, TARGET_LABEL, LayerFS, PlainLayers, SourceError, parse_source
+from .remote import (
+    REMOTE_LABEL,
+    TARGET_LABEL,
+    Chain,
+    LayerFS,
+    PlainLayers,
+    SourceError,
+    parse_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +104,27 @@ class Snapshotter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = MetadataStore(root / "metadata.db")
         self.layers: LayerFS = layers if layers is not None else PlainLayers()
+        # Held from starting a chain's daemon to recording its user, and from removing a user
+        # to stopping the daemon, so a daemon is never stopped under a new container.
+        self._chains = threading.RLock()
         self._pause = os.environ.get(PAUSE_ENV, "")
         self._index_off = _overlay_index_off()
         # Temporary directories belong to Prepare calls that died with the last process.
         for entry in self.dir.iterdir():
             if entry.name.startswith(_TMP_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
+        self.layers.start(self.store)
 
-    def close(self) -> None:
+    def close(self, *, unmount: bool = False) -> None:
+        """Stop serving; chain mounts stay for running containers unless ``unmount``."""
+        with self._chains:
+            self.layers.close(unmount)
         self.store.close()
+
+    def check(self) -> None:
+        """Notice chain daemons that died (called periodically)."""
+        with self._chains:
+            self.layers.check()
 
     def _hook(self, step: str) -> None:
         if self._pause == step:
@@ -109,18 +136,37 @@ class Snapshotter:
         return self.dir / str(snap_id)
 
     # -- mounts ----------------------------------------------------------------------
-    def _lower(self, row: SnapshotRow) -> str:
-        if REMOTE_LABEL in row.labels:
-            return str(self.layers.mount(self._path(row.id)))
-        return str(self._path(row.id) / "fs")
+    def _lazy_chain(self, tx: Tx, chain: list[SnapshotRow]) -> Chain | None:
+        """The lazy layers in *chain* (nearest first): the first remote one is their top."""
+        for p in chain:
+            if REMOTE_LABEL in p.labels:
+                record = tx.remote(p.id)
+                if record is None:
+                    raise FailedPrecondition(f"remote snapshot {p.key!r} has no layer record")
+                return Chain(p.key, record)
+        return None
 
-    def _mounts(self, tx: Tx, row: SnapshotRow) -> list[Mount]:
+    def _mount_chain(self, ns: str, parent: str) -> tuple[int, Path] | None:
+        """The chain mount under a new snapshot on *parent* (None: no lazy layers)."""
+        if not parent:
+            return None
+        with self.store.transaction() as tx:
+            prow = tx.get(ns, parent)
+            if prow is None:
+                return None  # the create's own transaction says NOT_FOUND
+            lazy = self._lazy_chain(tx, [prow, *tx.chain(prow)])
+        return None if lazy is None else self.layers.mount(lazy)
+
+    def _mounts(self, tx: Tx, row: SnapshotRow, lazy: Path | None) -> list[Mount]:
         chain = tx.chain(row)
         here = self._path(row.id)
         if not chain:
             ro = "ro" if row.kind == Kind.VIEW else "rw"
             return [Mount("bind", str(here / "fs"), (ro, "rbind"))]
-        lowers = [self._lower(p) for p in chain]
+        # Remote parents are the bottom of the chain; their one mount is the lowest lowerdir.
+        lowers = [str(self._path(p.id) / "fs") for p in chain if REMOTE_LABEL not in p.labels]
+        if lazy is not None:
+            lowers.append(str(lazy))
         if row.kind == Kind.ACTIVE:
             options = ["index=off"] if self._index_off else []
             options += [f"workdir={here / 'work'}", f"upperdir={here / 'fs'}"]
@@ -162,21 +208,32 @@ class Snapshotter:
         with self.store.transaction() as tx:
             if tx.get(ns, source.target) is not None:
                 raise AlreadyExists(f"target snapshot {source.target!r} already exists")
+            prow = tx.get(ns, parent) if parent else None
+            below = [prow, *tx.chain(prow)] if prow is not None else []
+        plain = next((p.key for p in below if REMOTE_LABEL not in p.labels), None)
+        if plain is not None:
+            # One mount holds a chain's lazy layers, below every plain one (whiteouts in a
+            # lazy layer could not hide files of a plain layer under it).
+            log.info("prepare %s: %s: pulling normally: above plain layer %s", key,
+                     source.layer_digest, plain)
+            return
+        ready = self.layers.prepare(source, len(below) + 1)
+        if not ready.lazy or ready.record is None:
+            log.info("prepare %s: %s: pulling normally: %s", key, source.layer_digest,
+                     ready.reason)
+            return
+        log.info("prepare %s: %s is lazy (%s labels): committed as %s", key,
+                 source.layer_digest, source.label_set, source.target)
         tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.dir))
         try:
             (tmp / "fs").mkdir()
-            ready = self.layers.prepare(source, tmp)
-            if not ready.lazy:
-                log.info("prepare %s: %s: pulling normally: %s", key, source.layer_digest,
-                         ready.reason)
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
             remote_labels = {**labels, REMOTE_LABEL: self.layers.name}
             with self.store.transaction() as tx:
                 parent_id = self._parent_id(tx, ns, parent)
                 if tx.get(ns, source.target) is not None:
                     raise AlreadyExists(f"target snapshot {source.target!r} already exists")
                 snap_id = tx.insert(ns, source.target, parent_id, Kind.COMMITTED, remote_labels)
+                tx.set_remote(snap_id, ready.record)
                 self._place(tmp, snap_id)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -205,6 +262,24 @@ class Snapshotter:
     ) -> list[Mount]:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
+        with self._chains:
+            mounted = self._mount_chain(ns, parent)
+            try:
+                return self._create_row(ns, key, parent, labels, kind, mounted)
+            except BaseException:
+                if mounted is not None:
+                    self.layers.release(mounted[0])  # started for nothing: let it go
+                raise
+
+    def _create_row(
+        self,
+        ns: str,
+        key: str,
+        parent: str,
+        labels: dict[str, str],
+        kind: Kind,
+        mounted: tuple[int, Path] | None,
+    ) -> list[Mount]:
         placed: Path | None = None
         tmp: Path | None = None
         try:
@@ -222,11 +297,13 @@ class Snapshotter:
                     st = os.stat(self._path(parent_id) / "fs")
                     os.chown(tmp / "fs", st.st_uid, st.st_gid)
                 snap_id = tx.insert(ns, key, parent_id, kind, labels)
+                if mounted is not None:
+                    tx.set_daemon_id(snap_id, mounted[0])
                 self._place(tmp, snap_id)
                 placed, tmp = self._path(snap_id), None
                 row = tx.get_id(snap_id)
                 assert row is not None
-                mounts = self._mounts(tx, row)
+                mounts = self._mounts(tx, row, mounted[1] if mounted is not None else None)
                 self._hook("prepare")
         except BaseException:
             for leftover in (tmp, placed):
@@ -236,11 +313,19 @@ class Snapshotter:
         return mounts
 
     def mounts(self, ns: str, key: str) -> list[Mount]:
-        with self.store.transaction() as tx:
-            row = self._need(tx, ns, key)
-            if row.kind == Kind.COMMITTED:
-                raise FailedPrecondition(f"snapshot {key!r} is committed and has no mounts")
-            return self._mounts(tx, row)
+        with self._chains:
+            with self.store.transaction() as tx:
+                row = self._need(tx, ns, key)
+                if row.kind == Kind.COMMITTED:
+                    raise FailedPrecondition(f"snapshot {key!r} is committed and has no mounts")
+                lazy = self._lazy_chain(tx, tx.chain(row))
+            # A dead daemon is noticed here and replaced: a (re)started container gets a mount.
+            mounted = self.layers.mount(lazy) if lazy is not None else None
+            with self.store.transaction() as tx:
+                row = self._need(tx, ns, key)
+                if mounted is not None and row.daemon_id != mounted[0]:
+                    tx.set_daemon_id(row.id, mounted[0])
+                return self._mounts(tx, row, mounted[1] if mounted is not None else None)
 
     def commit(self, ns: str, name: str, key: str, labels: dict[str, str]) -> None:
         if not name:
@@ -255,6 +340,9 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key!r} changed during commit")
             tx.commit_active(row.id, name, labels, size, inodes)
             self._hook("commit")
+        if row.daemon_id is not None:
+            with self._chains:
+                self.layers.release(row.daemon_id)
         # The work dir is only overlay's scratch space; a committed layer needs none.
         shutil.rmtree(self._path(row.id) / "work", ignore_errors=True)
 
@@ -273,13 +361,23 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key!r} has children")
             tx.delete(row.id)
             self._hook("remove")
-        path = self._path(row.id)
-        if REMOTE_LABEL in row.labels:
-            try:
-                self.layers.unmount(path)
-            except Exception:
-                log.exception("remove %s: unmount failed; cleanup will retry the directory", key)
-        shutil.rmtree(path, ignore_errors=True)
+        self._release(row)
+        shutil.rmtree(self._path(row.id), ignore_errors=True)
+
+    def _release(self, row: SnapshotRow) -> None:
+        """Stop the chain daemon *row* used or was the top of, if nothing else uses it."""
+        with self._chains:
+            daemon_ids = [row.daemon_id] if row.daemon_id is not None else []
+            if REMOTE_LABEL in row.labels:
+                with self.store.transaction() as tx:
+                    d = tx.daemon(row.key)
+                daemon_ids += [d.id] if d is not None else []
+            for daemon_id in daemon_ids:
+                try:
+                    self.layers.release(daemon_id)
+                except Exception:
+                    log.exception("remove %s: stopping its daemon failed; cleanup retries",
+                                  row.key)
 
     def stat(self, ns: str, key: str) -> Info:
         with self.store.transaction() as tx:
@@ -356,3 +454,8 @@ class Snapshotter:
             for orphan in orphans:
                 log.info("cleanup: removing orphaned snapshot directory %s", orphan.name)
                 shutil.rmtree(orphan, ignore_errors=True)
+            unused = [d.id for d in tx.daemons() if tx.daemon_users(d.id) == 0]
+        # Daemons nothing uses (a Remove that failed half-way, or their chain is gone).
+        with self._chains:
+            for daemon_id in unused:
+                self.layers.release(daemon_id)

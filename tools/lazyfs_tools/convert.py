@@ -7,7 +7,6 @@ are edited as JSON documents (unknown fields kept), re-encoded deterministically
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import shutil
@@ -27,6 +26,7 @@ from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, LayerResult
+from lazyfs.formats.layer import decompressing
 from lazyfs.formats.tarstream import BLOCK, TarReader
 from lazyfs.ocilayout import HashingReader, Layout
 from lazyfs.remote.reference import parse_oci_ref, parse_reference
@@ -208,17 +208,6 @@ class _PieceReader:
         return out
 
 
-def _decompressing(f: BinaryIO, media_type: str) -> BinaryIO:
-    kind = oci.LAYER_TYPES.get(media_type)
-    if kind is None:
-        raise FormatError(f"unknown layer media type {media_type!r}")
-    if kind == "gzip":
-        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
-    if kind == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)  # type: ignore[return-value]
-    return f
-
-
 class _Counting:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
@@ -287,7 +276,7 @@ class Converter:
         ):
             hashed = HashingReader(raw)
             try:
-                plain = _decompressing(hashed, desc.mediaType)  # type: ignore[arg-type]
+                plain = decompressing(hashed, desc.mediaType)  # type: ignore[arg-type]
                 members, trailer, source_diff = _spool(plain, spool, where)  # type: ignore[arg-type]
                 hashed.drain()
             except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
@@ -317,7 +306,7 @@ class Converter:
         where = f"layer {desc.digest}"
         with self.src.open_blob(desc.digest) as raw, self.dst.blob_writer() as out:
             hashed = HashingReader(raw)
-            plain = _Counting(_decompressing(hashed, desc.mediaType))  # type: ignore[arg-type]
+            plain = _Counting(decompressing(hashed, desc.mediaType))  # type: ignore[arg-type]
             try:
                 res = WRITERS[self.fmt](plain, out, chunk_size=self.chunk_size, where=where)
                 hashed.drain()  # a blob with trailing garbage still has to match its digest

@@ -9,7 +9,7 @@ from pathlib import Path
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
 
-from .common import add_registry_args
+from .common import add_registry_args, registry_options
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,12 +58,20 @@ def optimize_cmd(args: argparse.Namespace) -> int:
     )
     print(f"{out}: {len(groups.groups)} groups from {len(traces)} traces ({counts})")
     if args.push:
-        digest = push_to(args.push, groups.manifest, data, args.plain_http, args.insecure)
+        digest = push_to(args.push, groups.manifest, data, **registry_options(args))
         print(f"{args.push}: prefetch groups stored as {digest} (subject {groups.manifest})")
     return 0
 
 
-def push_to(image: str, manifest_digest: str, data: bytes, plain_http: bool, insecure: bool) -> str:
+def push_to(
+    image: str,
+    manifest_digest: str,
+    data: bytes,
+    *,
+    plain_http: bool = False,
+    insecure: bool = False,
+    hosts_dir: str | None = None,
+) -> str:
     import trio
 
     from lazyfs.remote.referrers import subject_descriptor
@@ -75,7 +83,9 @@ def push_to(image: str, manifest_digest: str, data: bytes, plain_http: bool, ins
         raise LazyfsError(f"--push needs a registry reference, not {image!r}")
 
     async def run() -> str:
-        source, _ = open_source(image, plain_http=plain_http, insecure=insecure)
+        source, _ = open_source(
+            image, plain_http=plain_http, insecure=insecure, hosts_dir=hosts_dir
+        )
         assert isinstance(source, RegistrySource)
         try:
             # The subject is the manifest the traces were recorded on, fetched by digest from

@@ -1,0 +1,220 @@
+"""Layers without a TOC (plain gzip, zstd or uncompressed tar): fetched whole, indexed once.
+
+Such a layer cannot be read piece by piece from the registry, so the first mount downloads it
+whole (verified against its blob digest by the source), unpacks it to a local tar while
+hashing it (verified against the config's diff_id) and indexes that tar: a TOC whose chunks
+are ranges of the local tar (compression ``none``), each hashed like any other chunk.  Every
+chunk then goes into the chunk cache and the TOC into the TOC cache, so a later mount of the
+same layer fetches nothing.  From then on the layer is served like a lazy one, through a
+:class:`WholeLayerSource` that reads the local tar, and downloads and unpacks the layer again
+should a chunk be missing (evicted) in a later mount.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+import trio
+import zstandard
+
+from lazyfs import oci
+from lazyfs.atomic import atomic_write
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError
+from lazyfs.formats.layer import TocLocation, decompressing
+from lazyfs.formats.tarstream import TarReader
+from lazyfs.formats.toc import TOC, Chunk, Entry, validate
+from lazyfs.remote.base import Source
+from lazyfs.store.chunkcache import ChunkCache
+from lazyfs.store.layerstate import read_span
+
+log = logging.getLogger(__name__)
+
+# Chunks cut from a whole layer's files: the size our writers use.
+INDEX_CHUNK = 4 * 1024 * 1024
+_PIECE = 1024 * 1024
+
+
+def index_tar(f: BinaryIO, where: str) -> TOC:
+    """The TOC of an uncompressed tar: every member, regular files cut into chunks that are
+    byte ranges of the tar itself."""
+    reader = TarReader(f, where=where)
+    entries: list[Entry] = []
+    for member in reader:
+        e = member.entry
+        if e.type == "reg" and e.size:
+            chunks: list[Chunk] = []
+            whole = hashlib.sha256()
+            pos = 0
+            while pos < e.size:
+                start = reader.position
+                data = reader.read(min(INDEX_CHUNK, e.size - pos))
+                whole.update(data)
+                digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                chunks.append(Chunk(pos, len(data), start, start + len(data), digest))
+                pos += len(data)
+            e = msgspec.structs.replace(
+                e, chunks=tuple(chunks), digest="sha256:" + whole.hexdigest()
+            )
+        entries.append(e)
+    toc = TOC(compression="none", entries=entries, data_end=reader.position)
+    validate(toc)
+    return toc
+
+
+class _Indexed(msgspec.Struct):
+    diff_id: str
+    toc: TOC
+
+
+class WholeLayerSource(Source):
+    """The bytes of one whole layer's local tar, for the store; everything else (and other
+    blobs) from ``inner``."""
+
+    def __init__(self, owner: WholeLayers, desc: oci.Descriptor, diff_id: str) -> None:
+        self.owner = owner
+        self.desc = desc
+        self.diff_id = diff_id
+        self.name = f"{owner.source.name} (whole layer)"
+        self.tar: Path | None = None
+        self._lock = trio.Lock()
+
+    async def get_manifest(self, ref: str) -> tuple[bytes, str, str]:
+        return await self.owner.source.get_manifest(ref)
+
+    async def get_blob(self, digest: str) -> bytes:
+        return await self.owner.source.get_blob(digest)
+
+    async def read_range(self, digest: str, start: int, end: int) -> bytes:
+        if digest != self.desc.digest:
+            return await self.owner.source.read_range(digest, start, end)
+        tar = await self.unpack()
+        return await trio.to_thread.run_sync(read_span, tar, start, end)
+
+    async def unpack(self) -> Path:
+        """The local tar, downloading and unpacking the layer first if need be (once)."""
+        async with self._lock:
+            if self.tar is None or not self.tar.exists():
+                self.tar = await self.owner.fetch(self.desc, self.diff_id)
+            return self.tar
+
+    async def aclose(self) -> None:
+        if self.tar is not None:
+            self.tar.unlink(missing_ok=True)
+            self.tar = None
+
+
+class WholeLayers:
+    """The whole-layer fallback of one opened image: where its tars and TOCs live."""
+
+    def __init__(self, source: Source, cache: ChunkCache) -> None:
+        self.source = source
+        self.cache = cache
+        self.sources: dict[str, WholeLayerSource] = {}
+
+    def _toc_path(self, digest: str) -> Path:
+        return self.cache.tocs_dir / f"{oci.check_digest(digest)}.whole"
+
+    def _source(self, desc: oci.Descriptor, diff_id: str) -> WholeLayerSource:
+        src = self.sources.get(desc.digest)
+        if src is None:
+            src = self.sources[desc.digest] = WholeLayerSource(self, desc, diff_id)
+        return src
+
+    def cached(self, desc: oci.Descriptor, diff_id: str) -> tuple[TocLocation, TOC] | None:
+        """The index made by an earlier mount, if it is there and intact."""
+        path = self._toc_path(desc.digest)
+        try:
+            got = msgspec.msgpack.decode(path.read_bytes(), type=_Indexed)
+            if got.diff_id != diff_id:
+                raise FormatError("indexed for another diff_id")
+            validate(got.toc)
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError, LazyfsError) as e:
+            log.info("not using the index of whole layer %s: %s", desc.digest, e)
+            path.unlink(missing_ok=True)
+            return None
+        self._source(desc, diff_id)
+        return _location(got.toc), got.toc
+
+    async def index(self, desc: oci.Descriptor, diff_id: str) -> tuple[TocLocation, TOC]:
+        """Download, verify and index a layer that has no TOC; cache its chunks and TOC."""
+        src = self._source(desc, diff_id)
+        tar = await src.unpack()
+        where = f"layer {desc.digest}"
+        toc = await trio.to_thread.run_sync(_index_and_cache, tar, where, self.cache)
+        path = self._toc_path(desc.digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = msgspec.msgpack.encode(_Indexed(diff_id, toc))
+        await trio.to_thread.run_sync(atomic_write, path, data)
+        return _location(toc), toc
+
+    async def fetch(self, desc: oci.Descriptor, diff_id: str) -> Path:
+        """Download ``desc`` whole and unpack it to a private tar, checked against
+        ``diff_id``."""
+        d = self.cache.blobs_dir
+        d.mkdir(parents=True, exist_ok=True)
+        hexpart = oci.check_digest(desc.digest)
+        tar = d / f"{hexpart}.{os.getpid()}.tar"
+        t0 = time.monotonic()
+        log.warning(
+            "layer %s (%s, %d bytes) has no TOC: fetching it whole",
+            desc.digest,
+            desc.mediaType,
+            desc.size,
+        )
+        with tempfile.TemporaryFile(dir=d) as blob:
+            await self.source.download(desc.digest, desc.size, blob)  # verifies the digest
+            blob.seek(0)
+            await trio.to_thread.run_sync(_unpack, blob, desc, diff_id, tar)
+        log.warning(
+            "layer %s fetched whole and verified in %.1fs", desc.digest, time.monotonic() - t0
+        )
+        return tar
+
+    async def aclose(self) -> None:
+        for src in self.sources.values():
+            await src.aclose()
+
+
+def _location(toc: TOC) -> TocLocation:
+    return TocLocation("tar", 0, 0, toc.data_end, None, toc.data_end)
+
+
+def _unpack(blob: BinaryIO, desc: oci.Descriptor, diff_id: str, tar: Path) -> None:
+    sha = hashlib.sha256()
+    tmp = tar.with_name(tar.name + ".partial")
+    try:
+        with open(tmp, "wb") as out:
+            src = decompressing(blob, desc.mediaType)
+            try:
+                while piece := src.read(_PIECE):
+                    sha.update(piece)
+                    out.write(piece)
+            except (OSError, EOFError, zstandard.ZstdError) as e:
+                raise IntegrityError(f"layer {desc.digest} does not decompress: {e}") from None
+        if "sha256:" + sha.hexdigest() != diff_id:
+            raise IntegrityError(
+                f"layer {desc.digest} unpacks to sha256:{sha.hexdigest()}, "
+                f"but the image config says {diff_id}"
+            )
+        tmp.replace(tar)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _index_and_cache(tar: Path, where: str, cache: ChunkCache) -> TOC:
+    with open(tar, "rb") as f:
+        toc = index_tar(f, where)
+    for e in toc.entries:
+        for c in e.chunks:
+            if c.digest not in cache:
+                cache.put(c.digest, read_span(tar, c.offset, c.end), verified=False)
+    return toc

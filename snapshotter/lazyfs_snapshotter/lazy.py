@@ -1,0 +1,293 @@
+"""Lazy layers: TOCs at Prepare, one lazyfs mount daemon per chain of lazy layers.
+
+Prepare of a layer whose labels name its image: the image's manifest is resolved (by digest
+when the labels give one), the layer found in it, and the TOCs of every layer up to it read
+through the opener's machinery (footer + TOC, cached beside the chunk cache); then the
+snapshot is committed as remote.  What mounting it needs later (the image by manifest digest,
+the layer's index, its descriptor) goes into the metadata, so no tag is ever looked up again.
+
+A container's lazy layers are one read-only ``lazyfs mount HOST/REPO@DIGEST --layers N``
+(the lowest N layers of that manifest, merged), the lowerdir under the container's own kernel
+overlay upper.  Every container over the same chain shares that mount and its daemon.
+Daemons are separate processes in their own session, started with :func:`lazyfs.fs.daemon.spawn`
+and recorded in the ``daemons`` table; after a snapshotter restart they are found again with
+:func:`lazyfs.fs.daemon.attach` (``expect_pid``: never another process).  A daemon that dies
+is noticed (on use and by :meth:`LazyLayers.check`), its stale mount detached, and the next
+user gets a new daemon on the same mount point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import trio
+
+from lazyfs.errors import LazyfsError, first_error
+from lazyfs.formats.toc import TocBudget
+from lazyfs.fs.daemon import Daemon, attach, clear_mountpoint, spawn
+from lazyfs.fs.runtime import control_path
+from lazyfs.remote.reference import parse_reference
+from lazyfs.remote.resolve import open_source, resolve_image
+from lazyfs.store.chunkcache import ChunkCache
+from lazyfs.store.documents import CachingSource
+from lazyfs.store.tocs import load_layer
+
+from .config import Config
+from .errors import FailedPrecondition
+from .metadata import DaemonRow, MetadataStore, RemoteLayerRow
+from .remote import Chain, Readiness, RemoteSource
+
+log = logging.getLogger(__name__)
+
+# Reading a layer's TOC (and those below it) must not hold containerd's unpack forever.
+PREPARE_TIMEOUT = 60.0
+# A daemon is ready once it has read its (cached) TOCs; this bounds a hung start.
+SPAWN_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+def _one_line(e: BaseException) -> str:
+    e = first_error(e)  # the cause, not trio's nursery group around it
+    text = str(e).strip().splitlines()
+    if isinstance(e, LazyfsError):
+        return text[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+class LazyLayers:
+    """The :class:`~lazyfs_snapshotter.remote.LayerFS` that serves lazy layers with lazyfs."""
+
+    name = "lazyfs"
+
+    def __init__(self, root: Path, config: Config, hosts_dir: Path | None) -> None:
+        self.root = root
+        self.mnt_dir = root / "mnt"
+        self.config = config
+        self.hosts_dir = hosts_dir
+        self.cache_dir = config.cache_path(root)
+        self._store: MetadataStore | None = None
+        self._live: dict[int, Daemon] = {}  # daemon row id → its live daemon
+        # One start or stop at a time: two containers of one image must share one daemon.
+        self._lock = threading.RLock()
+        self._cache: ChunkCache | None = None
+        self._cache_lock = threading.Lock()  # not _lock: a Prepare never waits for a spawn
+
+    # -- set-up ----------------------------------------------------------------------
+    @property
+    def store(self) -> MetadataStore:
+        if self._store is None:
+            raise RuntimeError("LazyLayers.start() was not called")
+        return self._store
+
+    def start(self, store: MetadataStore) -> None:
+        self._store = store
+        # Mount points are reachable by root only: ROOT is 0700, and so is this.
+        self.mnt_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.mnt_dir, 0o700)
+        with store.transaction() as tx:
+            rows = tx.daemons()
+        for row in rows:
+            if row.pid == 0:
+                continue
+            try:
+                self._live[row.id] = attach(row.mountpoint, expect_pid=row.pid)
+            except (LazyfsError, OSError) as e:
+                log.warning("daemon of chain %s (pid %d) is gone: %s", row.chain_id, row.pid,
+                            _one_line(e))
+                self._forget(row)
+            else:
+                log.info("re-attached daemon pid %d on %s", row.pid, row.mountpoint)
+
+    def _chunk_cache(self) -> ChunkCache:
+        with self._cache_lock:
+            if self._cache is None:
+                self._cache = ChunkCache(self.cache_dir, self.config.cache_size)
+            return self._cache
+
+    def _registry_flags(self, image_ref: str) -> tuple[bool, bool]:
+        host = parse_reference(image_ref).host
+        reg = self.config.registry
+        return host in reg.plain_http, host in reg.insecure
+
+    # -- Prepare ---------------------------------------------------------------------
+    def prepare(self, source: RemoteSource, depth: int) -> Readiness:
+        try:
+            record = trio.run(self._prepare, source, depth)
+        except Exception as e:  # any failure means a normal pull, never a failed one
+            return Readiness(False, _one_line(e))
+        return Readiness(True, record=record)
+
+    async def _prepare(self, source: RemoteSource, depth: int) -> RemoteLayerRow:
+        ref = parse_reference(source.image_ref)
+        plain_http, insecure = self._registry_flags(source.image_ref)
+        cache = await trio.to_thread.run_sync(self._chunk_cache)
+        raw, tag = open_source(
+            source.image_ref, plain_http=plain_http, insecure=insecure,
+            hosts_dir=self.hosts_dir, docker_config=self.config.registry.docker_config,
+        )
+        src = CachingSource(raw, cache.documents_dir)
+        try:
+            with trio.fail_after(PREPARE_TIMEOUT):
+                # By digest when CRI gives it: the manifest then comes from the document cache.
+                resolved = await resolve_image(src, source.manifest_digest or tag)
+                digests = [d.digest for d in resolved.layers]
+                if source.layer_digest not in digests:
+                    raise LazyfsError(f"layer {source.layer_digest} is not in "
+                                      f"{source.image_ref} ({resolved.manifest_digest})")
+                index = digests.index(source.layer_digest)
+                if index + 1 != depth:
+                    raise LazyfsError(f"layer {index + 1} of the image is layer {depth} of "
+                                      "its snapshot chain")
+                # The chain's mount opens the lowest `depth` layers of this manifest, so every
+                # one of them must be lazy here (those below were read before: from cache).
+                budget = TocBudget()  # bounds the chain's TOCs together, as a mount does
+                async with trio.open_nursery() as nursery:
+                    for desc in resolved.layers[:depth]:
+                        nursery.start_soon(
+                            functools.partial(load_layer, budget=budget), src, desc,
+                            cache.tocs_dir)
+        except trio.TooSlowError:
+            raise LazyfsError(f"TOCs not read in {PREPARE_TIMEOUT:.0f}s") from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await src.aclose()
+        desc = resolved.layers[index]
+        return RemoteLayerRow(
+            image_ref=f"{ref.host}/{ref.repository}@{resolved.manifest_digest}",
+            manifest_digest=resolved.manifest_digest,
+            layer_index=index,
+            descriptor=msgspec.json.encode(desc).decode(),
+        )
+
+    # -- mounts ----------------------------------------------------------------------
+    def _mountpoint(self, chain_id: str) -> Path:
+        return self.mnt_dir / hashlib.sha256(chain_id.encode()).hexdigest()[:16]
+
+    def _alive(self, row: DaemonRow) -> bool:
+        daemon = self._live.get(row.id)
+        if row.pid == 0 or daemon is None or daemon.pid != row.pid:
+            return False
+        return daemon.alive()
+
+    def mount(self, chain: Chain) -> tuple[int, Path]:
+        with self._lock:
+            with self.store.transaction() as tx:
+                row = tx.daemon(chain.chain_id)
+            if row is not None and self._alive(row):
+                return row.id, Path(row.mountpoint)
+            if row is not None and row.pid != 0:
+                log.warning("daemon of chain %s (pid %d) died; starting a new one",
+                            chain.chain_id, row.pid)
+            return self._start(chain)
+
+    def _options(self, chain: Chain) -> list[str]:
+        plain_http, insecure = self._registry_flags(chain.top.image_ref)
+        opts = [
+            "--read-only",
+            # The kernel overlay above reads it with the mounter's and the container's
+            # credentials; host users cannot reach it (ROOT/mnt is 0700).
+            "--allow-other",
+            "--layers", str(chain.top.layer_index + 1),
+            "--cache", str(self.cache_dir),
+            "--cache-size", str(self.config.cache_size),
+        ]
+        if self.hosts_dir is not None:
+            opts += ["--hosts-dir", str(self.hosts_dir)]
+        if self.config.registry.docker_config:
+            opts += ["--docker-config", self.config.registry.docker_config]
+        if plain_http:
+            opts.append("--plain-http")
+        if insecure:
+            opts.append("--insecure")
+        if self.config.prefetch == "none":
+            opts.append("--no-prefetch")
+        return opts
+
+    def _start(self, chain: Chain) -> tuple[int, Path]:
+        mnt = self._mountpoint(chain.chain_id)
+        clear_mountpoint(mnt)  # a dead daemon's stale mount: its users see ENOTCONN anyway
+        mnt.mkdir(mode=0o755, exist_ok=True)
+        t0 = time.monotonic()
+        try:
+            daemon = spawn(chain.top.image_ref, mnt, self._options(chain),
+                           log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT)
+        except LazyfsError as e:  # the daemon's own one line, for containerd's caller
+            raise FailedPrecondition(
+                f"cannot mount the lazy layers of {chain.top.image_ref}: {e}") from None
+        try:
+            with self.store.transaction() as tx:
+                daemon_id = tx.put_daemon(daemon.pid, str(mnt), str(control_path(mnt)),
+                                          chain.top.image_ref, chain.chain_id)
+        except BaseException:
+            daemon.stop(STOP_TIMEOUT)
+            raise
+        self._live[daemon_id] = daemon
+        log.info("daemon pid %d mounted %s (%d layers) on %s in %.2fs", daemon.pid,
+                 chain.top.image_ref, chain.top.layer_index + 1, mnt, time.monotonic() - t0)
+        return daemon_id, mnt
+
+    def release(self, daemon_id: int) -> None:
+        with self._lock:
+            with self.store.transaction() as tx:
+                row = tx.daemon_by_id(daemon_id)
+                if row is None or tx.daemon_users(daemon_id) > 0:
+                    return
+            self._stop(row)
+            with self.store.transaction() as tx:
+                if tx.daemon_users(daemon_id) == 0:
+                    tx.delete_daemon(daemon_id)
+
+    def _stop(self, row: DaemonRow) -> None:
+        daemon = self._live.pop(row.id, None)
+        if daemon is None and row.pid != 0:
+            # Not attached (it died or never answered): stop only the PID the mount names.
+            with contextlib.suppress(LazyfsError, OSError):
+                daemon = attach(row.mountpoint, expect_pid=row.pid)
+        if daemon is not None:
+            log.info("stopping daemon pid %d of chain %s", daemon.pid, row.chain_id)
+            daemon.stop(STOP_TIMEOUT)
+        clear_mountpoint(row.mountpoint)
+        with contextlib.suppress(OSError):
+            os.rmdir(row.mountpoint)
+        # A daemon stopped on purpose leaves no log; a dead one's log stays until then.
+        Path(row.mountpoint).with_suffix(".log").unlink(missing_ok=True)
+
+    def _forget(self, row: DaemonRow) -> None:
+        """A daemon that died: detach its stale mount; its row waits for the next user."""
+        self._live.pop(row.id, None)
+        clear_mountpoint(row.mountpoint)
+        with self.store.transaction() as tx:
+            tx.set_daemon_pid(row.id, 0)
+
+    def check(self) -> None:
+        with self._lock:
+            with self.store.transaction() as tx:
+                rows = tx.daemons()
+            for row in rows:
+                if row.pid != 0 and not self._alive(row):
+                    log.warning("daemon of chain %s (pid %d) died; its mount is cleaned and "
+                                "new containers get a new daemon", row.chain_id, row.pid)
+                    self._forget(row)
+                elif row.pid == 0:
+                    with self.store.transaction() as tx:
+                        unused = tx.daemon_users(row.id) == 0
+                    if unused:
+                        self.release(row.id)
+
+    def close(self, unmount: bool) -> None:
+        if not unmount:
+            return  # running containers keep reading through them
+        with self._lock, self.store.transaction() as tx:
+            rows = tx.daemons()
+        for row in rows:
+            self._stop(row)
+            with self.store.transaction() as tx:
+                tx.set_daemon_pid(row.id, 0)

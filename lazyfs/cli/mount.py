@@ -319,4 +319,8 @@ def stats_cmd(args: argparse.Namespace) -> int:
             f"{s['requests']:>6} {s['cache_hits']:>7} {s['cache_misses']:>7} "
             f"{s['wait_ns'] / 1e9:>7.2f}s"
         )
+    held = sum(layer["stats"].get("bytes_held", 0) for layer in report["layers"])
+    patches = sum(layer["stats"].get("patch_bytes", 0) for layer in report["layers"])
+    if held or patches:
+        print(f"held when opened: {human_bytes(held)}; patches fetched: {human_bytes(patches)}")
     return 0

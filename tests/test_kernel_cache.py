@@ -55,11 +55,22 @@ def test_lower_listings_are_cached_and_follow_every_change(tmp_path: Path) -> No
     with mounted(image(tmp_path), tmp_path / "mnt", *args) as m:
         mnt = m.mountpoint
         want = sorted([*(f"f{i}" for i in range(40)), "sub"])
-        assert sorted(os.listdir(mnt / "d")) == want
-        before = readdirs(mnt)
-        for _ in range(3):
+        # The cached listing lives in the directory inode's pages, which the kernel may
+        # still drop: the whole inode once unused (dentry reclaim; drop_caches "2", as
+        # tests/test_fs_hardening.py writes, from any test on the machine) or just the pages
+        # (memory pressure).  The open descriptor pins the inode; over many listings, page
+        # reclaim may cost a refill or two, where no caching costs a request per listing.
+        pin = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+        try:
             assert sorted(os.listdir(mnt / "d")) == want
-        assert readdirs(mnt) == before, "a lower directory's listing was not cached"
+            before = readdirs(mnt)
+            listings = 20
+            for _ in range(listings):
+                assert sorted(os.listdir(mnt / "d")) == want
+            asked = readdirs(mnt) - before
+        finally:
+            os.close(pin)
+        assert asked < listings // 4, f"a lower directory's listing was not cached: {asked}"
 
         # every kind of change the upper layer makes shows in the next listing
         (mnt / "d" / "new").write_bytes(b"n")

@@ -4,8 +4,8 @@ Use from a test module or conftest.py::
 
     pytest_plugins = ["tests.support.containerd_fixtures"]
 
-or import the fixture names directly.  Tests are skipped (not failed) when
-containerd/ctr are missing or we are not root.
+or import the fixture names directly.  A missing containerd/ctr, or not being root, fails the
+test (CI has root and scripts/setup.sh installs containerd): nothing is skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from lazyfs.testing.containerd import ContainerdInstance, containerd_binary, ctr_binary
 
 
-def containerd_skip_reason() -> str | None:
+def containerd_missing() -> str | None:
     if containerd_binary() is None or ctr_binary() is None:
         return "containerd/ctr not installed"
     if os.geteuid() != 0:
@@ -29,7 +29,7 @@ def containerd_skip_reason() -> str | None:
 @pytest.fixture
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerdInstance]:
     """A fresh private containerd per test (own root/state/socket)."""
-    reason = containerd_skip_reason()
+    reason = containerd_missing()
     if reason:
         pytest.fail(reason)  # CI has root and installs containerd: a missing one is a failure
     # tmp_path can exceed the AF_UNIX path limit; let the instance mkdtemp in
@@ -41,7 +41,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerdI
 @pytest.fixture(scope="session")
 def containerd_session() -> Iterator[ContainerdInstance]:
     """One private containerd shared by a whole session (cheaper, shared state)."""
-    reason = containerd_skip_reason()
+    reason = containerd_missing()
     if reason:
         pytest.fail(reason)  # CI has root and installs containerd: a missing one is a failure
     with ContainerdInstance() as inst:

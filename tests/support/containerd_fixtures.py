@@ -48,4 +48,4 @@ def containerd_session() -> Iterator[ContainerdInstance]:
         yield inst
 
 
-__all__ = ["containerd", "containerd_session", "containerd_skip_reason"]
+__all__ = ["containerd", "containerd_missing", "containerd_session"]

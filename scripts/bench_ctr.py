@@ -295,7 +295,7 @@ class Source:
     describe: str
 
 
-SAMPLE_DESCRIBE = "the demo's sample (this machine's python3 and its standard library, one layer)"
+SAMPLE_DESCRIBE = "the demo's sample (this machine's python3 and its standard library)"
 
 
 def image_source(name: str, work: Path) -> Source:
@@ -312,7 +312,7 @@ def image_source(name: str, work: Path) -> Source:
                 img.layout("gzip"),
                 img.layout("zstd"),
                 images.TAG,
-                f"the WAN harness's Debian image (`{img.meta['source']}`, one layer)",
+                f"the WAN harness's Debian, {img.meta['source']}",
             )
         log("the Debian image could not be built here: using the demo's sample")
     from lazyfs_tools.convert import convert
@@ -482,9 +482,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"`{res['command']}` ({res['machine']['date']}, {res['machine']['nproc']} CPUs, "
         f"commit {res['machine']['commit']}, load average at start "
         f"{res['machine']['loadavg_start']}, {res['seconds_total']:.0f} s in all).  "
-        f"Registry: {res['wire']}.  Image: {res.get('image', SAMPLE_DESCRIBE)} (gzip "
+        f"Registry: {res['wire']}.  Image: {res.get('image', SAMPLE_DESCRIBE)}; one layer: gzip "
         f"{res['layer_bytes']['gzip'] / 2**20:.1f} MiB, "
-        f"zstd:chunked {res['layer_bytes']['zstd:chunked'] / 2**20:.1f} MiB); start-up "
+        f"zstd:chunked {res['layer_bytes']['zstd:chunked'] / 2**20:.1f} MiB; start-up "
         "`python3 -c 'import json, email.parser, http.client, sqlite3, decimal, asyncio, "
         "xml.etree.ElementTree, argparse, logging, unittest, csv, zipfile'`.  Each repetition: "
         "a fresh containerd + snapshotter (own root, state, sockets, cache), untimed; timed "

@@ -2,11 +2,17 @@
 the lazyfs snapshotter (cold, and with prefetch groups stored in the registry), memory per
 running container, and the snapshotter's restart time under N running containers.  Root.
 
-    .venv/bin/python scripts/bench_ctr.py [--profile loopback|lan|wan|edge] [--reps N]
+    .venv/bin/python scripts/bench_ctr.py [--image debian|sample]
+                                          [--profile loopback|lan|wan|edge] [--reps N]
                                           [--counts 1,5,10] [--restarts N] [--no-markdown]
 
-The image is the demo's sample (this machine's python3 and standard library, one layer) and
-the start-up the demo's: ``python3 -c 'import json, email.parser, …; print("started")'``.
+``--image debian`` (default): the WAN harness's Debian bookworm minbase + python3 image
+(scripts/benchwan/images.py: debootstrap from the machine's apt mirror, gzip and lazyfs
+zstd:chunked layouts, cached in ``.bench/images/``); if debootstrap cannot work here the
+harness falls back to the sample, and so does this (the report says which).  ``--image
+sample``: the demo's sample (this machine's python3 and standard library, one layer).  Either
+way the start-up is the demo's: ``python3 -c 'import json, email.parser, …; print("started")'``
+(the harness's imports).
 ``loopback``: Debian's docker-registry on 127.0.0.1 behind a counting proxy (lazyfs.testing's
 FaultProxy, which also sits in every contender's path); the other profiles: the WAN harness's
 registry in a network namespace behind a shaped veth and the delaying relay (scripts/bench.sh),
@@ -272,18 +278,45 @@ def wire(profile_name: str, work: Path) -> Iterator[Wire]:
 # -- images -----------------------------------------------------------------------------------
 @dataclass
 class Images:
-    gzip: str  # the sample image as built (gzip layer)
+    gzip: str  # the image as built (gzip layer)
     lazy: str  # zstd:chunked, no stored groups
     groups: str  # the same zstd:chunked image in another repository, with stored groups
     layer_bytes: dict[str, int]
 
 
-def prepare_images(w: Wire, work: Path, log_fn: Callable[[str], None]) -> Images:
+@dataclass
+class Source:
+    """The image's OCI layouts on disk: gzip and zstd:chunked, both tagged *tag*."""
+
+    name: str  # "debian" or "sample"
+    gzip: Path
+    zstd: Path
+    tag: str
+    describe: str
+
+
+SAMPLE_DESCRIBE = "the demo's sample (this machine's python3 and its standard library)"
+
+
+def image_source(name: str, work: Path) -> Source:
+    """Build (or take from the cache) the image's layouts: the WAN harness's builder for
+    ``debian``, the demo's for ``sample``; a Debian build that fell back is the sample."""
+    if name == "debian":
+        from benchwan import images
+        from benchwan.state import State
+
+        img = images.build_all(["debian"], State())["debian"]
+        if not str(img.meta["source"]).startswith("FALLBACK"):
+            return Source(
+                "debian",
+                img.layout("gzip"),
+                img.layout("zstd"),
+                images.TAG,
+                f"the WAN harness's Debian, {img.meta['source']}",
+            )
+        log("the Debian image could not be built here: using the demo's sample")
     from lazyfs_tools.convert import convert
 
-    from lazyfs.ocilayout import Layout
-    from lazyfs.testing.dockerregistry import push_oci_layout
-    from lazyfs.testing.mounts import lazyfs_cmd, run
     from lazyfs.testing.sample import build_sample_image
 
     cache = ROOT / ".demo"
@@ -291,13 +324,25 @@ def prepare_images(w: Wire, work: Path, log_fn: Callable[[str], None]) -> Images
     src = build_sample_image(cache / "sample")
     lazy = work / "sample-lazy"
     convert(f"oci:{src}:sample", f"oci:{lazy}:sample")
+    return Source("sample", src, lazy, "sample", SAMPLE_DESCRIBE)
+
+
+def prepare_images(
+    w: Wire, work: Path, log_fn: Callable[[str], None], source: Source | None = None
+) -> Images:
+    from lazyfs.ocilayout import Layout
+    from lazyfs.testing.dockerregistry import push_oci_layout
+    from lazyfs.testing.mounts import lazyfs_cmd, run
+
+    src_img = source or image_source("sample", work)
+    src, lazy, tag = src_img.gzip, src_img.zstd, src_img.tag
     for layout, repo in ((src, "gzip"), (lazy, "lazy"), (lazy, "groups")):
-        push_oci_layout(layout, f"{w.push_host}/bench/{repo}:sample", tag="sample")
+        push_oci_layout(layout, f"{w.push_host}/bench/{repo}:{src_img.name}", tag=tag)
     # Groups: one traced cold start in a chroot on a lazy mount, optimized and stored in the
     # registry as an artifact referring to the image (what a plain mount and the snapshotter
     # look for).  Untimed set-up, on the unshaped registry.
     trace, groups = work / "trace.json", work / "groups.json"
-    ref = f"{w.push_host}/bench/groups:sample"
+    ref = f"{w.push_host}/bench/groups:{src_img.name}"
     for argv in (
         lazyfs_cmd("trace", "run", ref, "--group", "startup", "--out", str(trace),
                    "--plain-http", "--", *STARTUP),
@@ -310,13 +355,13 @@ def prepare_images(w: Wire, work: Path, log_fn: Callable[[str], None]) -> Images
     entries = sum(len(t["entries"]) for t in doc["groups"][0]["tiers"])
     log_fn(f"prefetch groups: {entries} entries from one traced start-up, pushed to {ref}")
     sizes = {
-        "gzip": sum(x.size for x in Layout(src).manifest("sample").layers),
-        "zstd:chunked": sum(x.size for x in Layout(lazy).manifest("sample").layers),
+        "gzip": sum(x.size for x in Layout(src).manifest(tag).layers),
+        "zstd:chunked": sum(x.size for x in Layout(lazy).manifest(tag).layers),
     }
     return Images(
-        f"{w.host}/bench/gzip:sample",
-        f"{w.host}/bench/lazy:sample",
-        f"{w.host}/bench/groups:sample",
+        f"{w.host}/bench/gzip:{src_img.name}",
+        f"{w.host}/bench/lazy:{src_img.name}",
+        f"{w.host}/bench/groups:{src_img.name}",
         sizes,
     )
 
@@ -437,10 +482,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"`{res['command']}` ({res['machine']['date']}, {res['machine']['nproc']} CPUs, "
         f"commit {res['machine']['commit']}, load average at start "
         f"{res['machine']['loadavg_start']}, {res['seconds_total']:.0f} s in all).  "
-        f"Registry: {res['wire']}.  Image: the demo's sample (this machine's python3 and its "
-        f"standard library, one layer: gzip {res['layer_bytes']['gzip'] / 2**20:.1f} MiB, "
-        f"zstd:chunked {res['layer_bytes']['zstd:chunked'] / 2**20:.1f} MiB), not the WAN "
-        "harness's debootstrapped Debian (no Debian mirror reachable from here); start-up "
+        f"Registry: {res['wire']}.  Image: {res.get('image', SAMPLE_DESCRIBE)}; one layer: gzip "
+        f"{res['layer_bytes']['gzip'] / 2**20:.1f} MiB, "
+        f"zstd:chunked {res['layer_bytes']['zstd:chunked'] / 2**20:.1f} MiB; start-up "
         "`python3 -c 'import json, email.parser, http.client, sqlite3, decimal, asyncio, "
         "xml.etree.ElementTree, argparse, logging, unittest, csv, zipfile'`.  Each repetition: "
         "a fresh containerd + snapshotter (own root, state, sockets, cache), untimed; timed "
@@ -519,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchwan.netns import PROFILES
 
     ap = argparse.ArgumentParser(prog="scripts/bench_ctr.py", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--image",
+        choices=["debian", "sample"],
+        default="debian",
+        help="debian (the WAN harness's; the sample if it cannot be built here)",
+    )
     ap.add_argument("--profile", choices=["loopback", *sorted(PROFILES)], default="loopback")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--counts", default="1,5,10", help="containers for memory (and restarts)")
@@ -536,8 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="lzb-") as tmp_s:
         tmp = Path(tmp_s)
+        # Built before the link exists, as scripts/bench.py does (debootstrap is minutes, once).
+        source = image_source(args.image, tmp)
+        res["image_name"], res["image"] = source.name, source.describe
         with wire(args.profile, tmp) as w:
-            imgs = prepare_images(w, tmp, log)
+            imgs = prepare_images(w, tmp, log, source)
             w.start_link()
             res["wire"] = w.describe
             res["layer_bytes"] = imgs.layer_bytes
@@ -549,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     res["seconds_total"] = time.monotonic() - t_start
     out_dir = BENCH_DIR / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"ctr-{args.profile}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"ctr-{res['image_name']}-{args.profile}-{stamp}.json"
     path.write_text(json.dumps(res, indent=1))
     log(f"results: {path}")
     md = markdown(res)

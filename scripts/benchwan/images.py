@@ -248,9 +248,9 @@ def _debian_rootfs() -> Path | None:
     if (root / "usr" / "bin" / "python3").exists():
         return root
     if shutil.which("debootstrap") is None:
-        res = subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"],
+        apt = subprocess.run(["apt-get", "install", "-y", "-qq", "debootstrap"],
                              capture_output=True)  # fmt: skip
-        if res.returncode != 0:
+        if apt.returncode != 0:
             return None
     mirror = apt_mirror()
     tmp = root.with_name("debian-rootfs.tmp")

@@ -75,9 +75,8 @@ def convert_cmd(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         prefetch=args.prefetch,
         group=args.group,
-        plain_http=args.plain_http,
-        insecure=args.insecure,
         platform=args.platform,
+        **registry_options(args),
     )
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")

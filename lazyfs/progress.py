@@ -59,6 +59,10 @@ class PulledEvent(msgspec.Struct, kw_only=True, tag_field="event", tag="pulled")
     bytes_total: int
     bytes_fetched: int
     seconds: float
+    # Compressed bytes of chunks already cached (held from other images or layers), and of
+    # binary patches fetched instead of chunks.
+    bytes_held: int = 0
+    patch_bytes: int = 0
 
 
 Event = ProgressEvent | DoneEvent | PulledEvent
@@ -183,7 +187,10 @@ class Renderer:
             self.out.write(
                 f"pulled {event.image} ({event.manifest[:19]}): {event.layers} layers, "
                 f"{human_bytes(event.bytes_total)}, fetched {human_bytes(event.bytes_fetched)} "
-                f"in {event.seconds:.1f}s\n"
+                f"in {event.seconds:.1f}s"
+                + (f", {human_bytes(event.bytes_held)} already held" if event.bytes_held else "")
+                + (f", {human_bytes(event.patch_bytes)} of patches" if event.patch_bytes else "")
+                + "\n"
             )
             self.out.flush()
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
 
-from . import cache, imagecmds, mount, optimizecmd, pull, trace
+from . import cache, delta, imagecmds, mount, optimizecmd, pull, trace
 
-MODULES = (imagecmds, mount, pull, cache, trace, optimizecmd)
+MODULES = (imagecmds, mount, pull, cache, trace, optimizecmd, delta)
 
 
 class _VersionAction(argparse.Action):

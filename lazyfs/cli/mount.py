@@ -347,4 +347,8 @@ def stats_cmd(args: argparse.Namespace) -> int:
         if whole := layer.get("whole"):  # no TOC: this mount downloaded it whole first
             took = "downloading" if whole["seconds"] is None else f"in {whole['seconds']:.1f}s"
             print(f"  {'':<18} fetched whole: {human_bytes(whole['size'])} {took}")
+    held = sum(layer["stats"].get("bytes_held", 0) for layer in report["layers"])
+    patches = sum(layer["stats"].get("patch_bytes", 0) for layer in report["layers"])
+    if held or patches:
+        print(f"held when opened: {human_bytes(held)}; patches fetched: {human_bytes(patches)}")
     return 0

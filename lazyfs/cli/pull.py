@@ -48,6 +48,7 @@ async def pull(
     """Fetch every layer of ``image`` concurrently; chunks already cached cost nothing."""
     import trio
 
+    from lazyfs.delta.provider import attach_deltas
     from lazyfs.opener import open_image
 
     t0 = time.monotonic()
@@ -69,6 +70,7 @@ async def pull(
             raise LazyfsError(
                 f"{image} needs {needed} bytes of cache, more than --cache-size {cache.max_bytes}"
             )
+        await attach_deltas(img)  # patches against chunks held, when NEW has some
         for layer in layers:
             renderer.start(layer.stats)
 
@@ -97,6 +99,8 @@ async def pull(
             bytes_total=needed,
             bytes_fetched=sum(layer.stats.bytes_fetched for layer in layers),
             seconds=round(time.monotonic() - t0, 3),
+            bytes_held=sum(layer.stats.bytes_held for layer in layers),
+            patch_bytes=sum(layer.stats.patch_bytes for layer in layers),
         )
 
 

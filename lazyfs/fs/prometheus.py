@@ -37,6 +37,11 @@ _LAYER_COUNTERS = (
     ("lazyfs_layer_retries", "retries", "Chunk re-fetches after a failed verification", 1.0),
     ("lazyfs_layer_integrity_errors", "integrity_errors", "Chunks that failed verification",
      1.0),
+    ("lazyfs_layer_patch_bytes", "patch_bytes", "Binary patch bytes fetched instead of chunks",
+     1.0),
+    ("lazyfs_layer_patched_chunks", "provided_chunks", "Chunks made from binary patches", 1.0),
+    ("lazyfs_layer_patch_fallbacks", "patch_fallbacks",
+     "Files whose patch could not be used (fetched as chunks instead)", 1.0),
 )  # fmt: skip
 # Readiness of one layer (unique chunks that are not holes).
 _LAYER_GAUGES = (
@@ -44,6 +49,7 @@ _LAYER_GAUGES = (
     ("lazyfs_layer_ready_bytes", "bytes_ready", "Of those, bytes in the local cache"),
     ("lazyfs_layer_chunks", "chunks_total", "Chunks of the layer"),
     ("lazyfs_layer_ready_chunks", "chunks_ready", "Of those, chunks in the local cache"),
+    ("lazyfs_layer_held_bytes", "bytes_held", "Compressed bytes cached when the image opened"),
 )
 # Prefetch progress (lazyfs.fs.prefetch.PrefetchStats), labelled by group.
 _PREFETCH_GAUGES = (

@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from lazyfs.atomic import atomic_write
+from lazyfs.delta.provider import PendingDeltas, pending_deltas
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.control import (
     LayerReport,
@@ -106,6 +107,16 @@ class _Mount:
         self.ops = Operations(
             self.tree, image.store, layers, upper, listener=recorder, copy_up_max=opts.copy_up_max
         )
+
+    async def fetch_ahead(self, deltas: PendingDeltas | None) -> None:
+        """After readiness: look for binary deltas beside the image (readers that miss the
+        cache meanwhile wait for the answer), then prefetch, which uses them."""
+        if deltas is not None:
+            await deltas.look()
+        if self.prefetcher is not None:
+            await self.prefetcher.run()
+        elif self.opts.auto_prefetch:
+            await self.auto_prefetch()
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
@@ -251,10 +262,7 @@ async def serve(
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
                 if recorder is not None:
                     recorder.start()
-                if prefetcher is not None:
-                    nursery.start_soon(prefetcher.run)
-                elif opts.auto_prefetch:
-                    nursery.start_soon(mount.auto_prefetch)
+                nursery.start_soon(mount.fetch_ahead, pending_deltas(image))
                 if ready is not None:
                     plain = [ol.descriptor.mediaType for ol in image.plain_layers()]
                     ready(ReadyReport(len(image.layers), plain))

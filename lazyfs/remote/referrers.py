@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -52,8 +52,15 @@ async def subject_descriptor(source: Source, manifest_digest: str) -> oci.Descri
 
 
 def artifact_manifest(
-    subject: oci.Descriptor, data: bytes, artifact_type: str, created: str
+    subject: oci.Descriptor,
+    data: bytes,
+    artifact_type: str,
+    created: str,
+    blobs: Sequence[tuple[bytes, str]] = (),
+    annotations: Mapping[str, str] | None = None,
 ) -> bytes:
+    """``blobs``: more layers after the document, as ``(data, media type)``; ``annotations``
+    are added to the manifest's."""
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": oci.MT_OCI_MANIFEST,
@@ -64,10 +71,15 @@ def artifact_manifest(
                 "mediaType": artifact_type,
                 "digest": oci.sha256_digest(data),
                 "size": len(data),
-            }
+            },
+            *({"mediaType": mt, "digest": oci.sha256_digest(b), "size": len(b)} for b, mt in blobs),
         ],
         "subject": {"mediaType": subject.mediaType, "digest": subject.digest, "size": subject.size},
-        "annotations": {ANN_CREATED: created, ANN_CONTENT_DIGEST: oci.sha256_digest(data)},
+        "annotations": {
+            **(annotations or {}),
+            ANN_CREATED: created,
+            ANN_CONTENT_DIGEST: oci.sha256_digest(data),
+        },
     }
     return msgspec.json.encode(doc)
 
@@ -116,9 +128,12 @@ async def push_artifact(
     artifact_type: str,
     *,
     created: str | None = None,
+    blobs: Sequence[tuple[bytes, str]] = (),
+    annotations: Mapping[str, str] | None = None,
 ) -> str:
     """Store ``data`` as an ``artifact_type`` artifact referring to ``image_manifest_desc``;
-    returns the artifact manifest's digest.  Idempotent for identical data."""
+    returns the artifact manifest's digest.  Idempotent for identical data (which should then
+    name any ``blobs`` by digest).  ``blobs`` and ``annotations``: see artifact_manifest."""
     subject = image_manifest_desc
     content_digest = oci.sha256_digest(data)
     existing, api = await list_referrers(source, subject.digest)
@@ -130,8 +145,10 @@ async def push_artifact(
             return d.digest
     await push_blob(source, EMPTY, MT_EMPTY)
     await push_blob(source, data, artifact_type)
+    for blob, media_type in blobs:
+        await push_blob(source, blob, media_type)
     created = created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    manifest = artifact_manifest(subject, data, artifact_type, created)
+    manifest = artifact_manifest(subject, data, artifact_type, created, blobs, annotations)
     # By digest: the artifact needs no tag of its own.
     digest, headers = await push_manifest(
         source, oci.sha256_digest(manifest), manifest, oci.MT_OCI_MANIFEST
@@ -150,7 +167,11 @@ async def push_artifact(
             "digest": digest,
             "size": len(manifest),
             "artifactType": artifact_type,
-            "annotations": {ANN_CREATED: created, ANN_CONTENT_DIGEST: content_digest},
+            "annotations": {
+                **(annotations or {}),
+                ANN_CREATED: created,
+                ANN_CONTENT_DIGEST: content_digest,
+            },
         }
     )
     index["manifests"] = kept

@@ -26,7 +26,7 @@ import trio
 
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
-from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
+from lazyfs.formats.chunkio import check_chunk, chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.remote.base import Source
 from lazyfs.store import plan
@@ -35,6 +35,7 @@ from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
 from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
 from lazyfs.store.layerstate import Layer, WholeBlob, read_span
+from lazyfs.store.provider import ChunkProvider
 from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH, PrioritySlots, Ticket
 from lazyfs.store.stats import LayerStats
 
@@ -146,6 +147,8 @@ class LayerStore:
         self._last_ondemand = -math.inf
         self._bg_scope: trio.CancelScope | None = None
         self._layer_added = trio.Event()
+        #: tried before the network for missing chunks (see lazyfs.store.provider)
+        self.provider: ChunkProvider | None = None
 
     @property
     def layers(self) -> list[Layer]:
@@ -175,6 +178,9 @@ class LayerStore:
                 layer.clear_ready(i)
         if cmap.changes:
             self._dirty.add(layer)
+        layer.stats.bytes_held = sum(
+            c.end - c.offset for i, c in enumerate(layer.chunks) if cmap[i]
+        )
         self._layers[blob_digest] = layer
         self._layer_added.set()
         return layer
@@ -309,6 +315,17 @@ class LayerStore:
                     pending = [i for i in pending if parts[i] is None]
                 if not pending:
                     break
+                if self.provider is not None and not missed:
+                    made = await self._provided(layer, [needs[i][0] for i in pending], ONDEMAND)
+                    for i in pending:
+                        c, lo, hi = needs[i]
+                        data = made.get(c.digest)
+                        if data is not None:
+                            parts[i] = data if (lo, hi) == (0, c.size) else data[lo:hi]
+                            waited = True
+                    pending = [i for i in pending if parts[i] is None]
+                    if not pending:
+                        break
                 layer.stats.cache_misses += len(set(pending) - missed)
                 missed.update(pending)
                 waited = True
@@ -397,6 +414,48 @@ class LayerStore:
             g.flights[c.digest] = f
             self._inflight[c.digest] = f
         return g
+
+    # ------------------------------------------------------------------------------- provider
+
+    async def _provided(self, layer: Layer, chunks: list[Chunk], priority: int) -> dict[str, bytes]:
+        """Ask the provider for chunks nobody is fetching; keep only what verifies, cache it,
+        and return it.  A provider's failure only means the network is used instead."""
+        want = [c for c in chunks if not c.zeros and c.digest not in self._inflight]
+        if self.provider is None or not want:
+            return {}
+        try:
+            got = await self.provider.provide(
+                layer, want, lambda: self._slots.hold(Ticket(priority))
+            )
+        except Exception as e:  # a provider's bug must cost a fetch, never a read
+            log.warning("chunk provider failed for %s: %s", layer.blob_digest, e)
+            return {}
+        known = {d: data for d, data in got.items() if d in self._where}
+        if not known:
+            return {}
+
+        def verify_and_store() -> tuple[dict[str, bytes], list[str]]:
+            ok: dict[str, bytes] = {}
+            for d, data in known.items():
+                try:
+                    check_chunk(data, d)
+                except IntegrityError:
+                    continue
+                ok[d] = data
+            return ok, self._put_many(list(ok.items()))
+
+        try:
+            ok, evicted = await trio.to_thread.run_sync(verify_and_store)
+        except OSError as e:
+            log.warning("could not cache provided chunks of %s: %s", layer.blob_digest, e)
+            return {}
+        layer.stats.provider_rejected += len(known) - len(ok)
+        layer.stats.provided_chunks += len(ok)
+        for d, data in ok.items():
+            self._hot.put(d, data)
+            self._mark_ready(d)
+        self._evicted(evicted)
+        return ok
 
     # ------------------------------------------------------------------------------- fetching
 
@@ -676,6 +735,11 @@ class LayerStore:
         todo = [c for c in chunks if not c.zeros]
         error: BaseException | None = None
         await trio.lowlevel.checkpoint()
+        if self.provider is not None and todo:
+            made = await self._provided(
+                layer, [c for c in todo if c.digest not in self.cache], priority
+            )
+            todo = [c for c in todo if c.digest not in made]
         while todo:
             todo = [c for c in todo if c.digest not in self.cache]
             groups = self._start(layer, todo, [], priority)

@@ -39,6 +39,15 @@ class LayerStats(msgspec.Struct, kw_only=True):
     bytes_fetched: int = 0  # compressed bytes received, merge gaps included
     retries: int = 0  # chunk re-fetches after a failed verification
     integrity_errors: int = 0  # chunks that failed verification (before and after retry)
+    # Chunks already cached when the layer was opened (held from other images or layers):
+    # the compressed bytes this mount or pull did not have to fetch.
+    bytes_held: int = 0
+    # The chunk provider (binary deltas): chunks it made, chunks it made wrong (refused and
+    # fetched instead), compressed patch bytes it fetched, files it fell back to chunks for.
+    provided_chunks: int = 0
+    provider_rejected: int = 0
+    patch_bytes: int = 0
+    patch_fallbacks: int = 0
 
     def record_read(self, ns: int, *, waited: bool) -> None:
         self.reads += 1

@@ -48,6 +48,8 @@ class FaultProxy:
             self.paths: list[str] = []
             self.ranges: list[str | None] = []  # each request's Range header
             self.authorization: list[str | None] = []
+            #: (path, body bytes sent) of every answered matching request
+            self.served: list[tuple[str, int]] = []
             self._fail: list[tuple[int, str | None]] = []  # (status, Retry-After) per request
             self._drop = 0
             self._truncate = 0
@@ -189,6 +191,7 @@ class FaultProxy:
                 if matched and self.command == "GET":
                     with proxy.lock:
                         proxy.blob_bytes += len(body)
+                        proxy.served.append((self.path, len(body)))
                 self._reply(status, out, body)
 
         return Handler

@@ -9,7 +9,7 @@ size (which a registry that ignores Range needs, or each read downloads the pref
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -25,7 +25,7 @@ from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
 from lazyfs.store.tocs import load_tocs
-from lazyfs.store.wholelayer import WholeLayers
+from lazyfs.store.wholelayer import WholeFetch, WholeLayers
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +47,15 @@ class OpenedImage:
     source: Source
     cache: ChunkCache
     store: LayerStore
+    whole: WholeLayers  # the layers without a TOC, and their downloads
 
     @property
     def manifest(self) -> str:
         return self.resolved.manifest_digest
+
+    def plain_layers(self) -> list[OpenedLayer]:
+        """The layers without a TOC (fetched whole), in manifest order."""
+        return [ol for ol in self.layers if ol.descriptor.digest in self.whole.sources]
 
     def store_layers(self) -> list[Layer]:
         """The store's layers in manifest order (a blob listed twice appears twice)."""
@@ -77,13 +82,14 @@ async def open_image(
     docker_config: str | os.PathLike[str] | None = None,
     retry: RetryPolicy | None = None,
     layer_count: int | None = None,
+    progress: Callable[[WholeFetch], None] | None = None,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
     ``docker_config`` and ``retry`` reach the registry source (mirrors, credentials, how long
     a fetch may take).  ``layer_count``: open only the lowest N layers (``layers`` then holds
     N; ``resolved`` is still the whole image), which is how the snapshotter mounts a chain of
-    lazy layers."""
+    lazy layers.  ``progress`` hears of each whole-layer download as it starts and ends."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -100,7 +106,7 @@ async def open_image(
         source = CachingSource(source, cache.documents_dir)
         # Layers without a TOC are fetched whole and indexed once; their chunks are read
         # through a source of their own (the local tar).
-        whole = WholeLayers(source, cache)
+        whole = WholeLayers(source, cache, progress)
         try:
             tocs = await load_tocs(
                 source,
@@ -126,7 +132,7 @@ async def open_image(
                     )
                     for li in tocs.layers
                 ]
-                yield OpenedImage(image, tocs.resolved, layers, source, cache, store)
+                yield OpenedImage(image, tocs.resolved, layers, source, cache, store, whole)
             finally:
                 with trio.CancelScope(shield=True):
                     await store.aclose()  # readiness maps: the next open starts warm

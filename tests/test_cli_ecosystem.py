@@ -303,3 +303,28 @@ def test_mount_goes_to_the_mirror_and_falls_back_when_it_is_down(
         with mounted(ref, tmp_path / "m2", *args, "--cache", str(tmp_path / "c2")) as m:
             assert (m.mountpoint / "big.bin").read_bytes() == BIG
         assert any(p.endswith(layer) for p in upstream.paths)
+
+
+def test_convert_reads_mirrors_from_hosts_dir(
+    registry: RegistryInstance, mirror: FaultProxy, tmp_path: Path
+) -> None:
+    make_layout(tmp_path / "src", [make_tar([Item("big.bin", data=BIG)])], tag="v1")
+    push_oci_layout(tmp_path / "src", f"{registry.host}/eco/conv:v1", tag="v1")
+    layer = Layout(tmp_path / "src").manifest("v1").layers[0].digest
+    with FaultProxy(registry.url) as upstream:
+        hosts = _hosts(tmp_path / "hosts", registry.host, upstream.url, mirror.url)
+        # Pulled through the mirror (127.0.0.1, a pull-through cache): the upstream sees nothing.
+        r = run(*lazyfs_cmd("convert", "--hosts-dir", str(hosts), f"docker://{registry.host}/"
+                            f"eco/conv:v1", f"oci:{tmp_path / 'lazy'}"), timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert upstream.requests == 0, upstream.paths
+        assert any(p.endswith(layer) for p in mirror.paths), mirror.paths
+        assert Layout(tmp_path / "lazy").manifest("v1").layers[0].mediaType == oci.MT_LAYER_ZSTD
+    # A push goes to the endpoint that may push (the server), not to the pull-only mirror,
+    # which answers only GET and HEAD: the push going through says the writes went upstream.
+    hosts = _hosts(tmp_path / "hosts2", registry.host, registry.url, mirror.url)
+    r = run(*lazyfs_cmd("convert", "--hosts-dir", str(hosts), f"oci:{tmp_path / 'lazy'}:v1",
+                        f"docker://{registry.host}/eco/conv:lazy"), timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = run(*lazyfs_cmd("inspect", "--plain-http", f"{registry.host}/eco/conv:lazy"))
+    assert r.returncode == 0 and "not lazy" not in r.stderr, r.stderr

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.fs.daemon import Daemon
+from lazyfs.fs.unmount import is_mounted
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
@@ -109,12 +111,63 @@ def test_lazy_and_plain_layers_mix(registry: RegistryInstance, tmp_path: Path) -
     with mounted(ref, tmp_path / "m", "--plain-http", "--read-only", "--cache",
                  str(tmp_path / "c")) as m:  # fmt: skip
         _check(m.mountpoint)
+        assert (m.ready.layers, m.ready.plain) == (2, [top.mediaType])  # told with "ready"
     r = run(*lazyfs_cmd("inspect", ref, "--plain-http"))
     assert r.returncode == 0, r.stderr
     heads = [line for line in r.stdout.splitlines() if line.startswith("# layer")]
     assert len(heads) == 2
     assert "zstd:chunked" in heads[0] and "lazy" in heads[0]
     assert "NOT LAZY" in heads[1]
+
+
+def _mount_cmd(ref: str, mnt: Path, cache: Path) -> tuple[Daemon, str]:
+    """``lazyfs mount`` as a user runs it (it forks its daemon): the daemon and the stderr."""
+    mnt.mkdir()
+    r = run(*lazyfs_cmd("mount", ref, str(mnt), "--plain-http", "--read-only", "--cache",
+                        str(cache), "--no-prefetch"), timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return Daemon(int(r.stdout.rsplit("(pid ", 1)[1].rstrip(")\n")), mnt), r.stderr
+
+
+def test_mount_says_which_layers_are_not_lazy_and_shows_their_download(
+    registry: RegistryInstance, tmp_path: Path
+) -> None:
+    make_layout(tmp_path / "img", [_base(), _top()], kind="gzip", tag="v1")
+    push_oci_layout(tmp_path / "img", f"{registry.host}/whole/told:v1", tag="v1")
+    ref = f"{registry.host}/whole/told:v1"
+    from lazyfs.ocilayout import Layout
+
+    sizes = {d.digest: d.size for d in Layout(tmp_path / "img").manifest("v1").layers}
+    daemon, err = _mount_cmd(ref, tmp_path / "m1", tmp_path / "c")
+    try:
+        _check(daemon.mountpoint)
+        lines = err.splitlines()
+        # One line at the start and one at the end of each download, before the mount is ready.
+        assert sum("has" not in x and x.endswith(": fetching it whole") for x in lines) == 2, err
+        assert sum(": fetched whole and verified in " in x for x in lines) == 2, err
+        told = [x for x in lines if "not lazy" in x]
+        assert told == [
+            f"lazyfs: 2 of 2 layers of {ref} are plain (tar+gzip), not lazy: fetched whole "
+            "before the mount is ready (once: the cache keeps them); `lazyfs convert` makes "
+            "them lazy, and `skopeo copy --preserve-digests` keeps them lazy when pushed"
+        ], err
+        stats = json.loads(run(*lazyfs_cmd("stats", str(daemon.mountpoint), "--json")).stdout)
+        whole = {layer["digest"]: layer["whole"] for layer in stats["layers"]}
+        assert {d: w["size"] for d, w in whole.items()} == sizes
+        assert all(w["seconds"] >= 0 for w in whole.values())
+        table = run(*lazyfs_cmd("stats", str(daemon.mountpoint))).stdout
+        assert table.count("fetched whole: ") == 2, table
+    finally:
+        daemon.stop()
+    assert not is_mounted(str(tmp_path / "m1"))
+    # Indexed in the cache: the next mount downloads nothing, but still says they are plain.
+    daemon, err = _mount_cmd(ref, tmp_path / "m2", tmp_path / "c")
+    try:
+        _check(daemon.mountpoint)
+        assert "fetching it whole" not in err and "2 of 2 layers" in err, err
+    finally:
+        daemon.stop()
+    assert not is_mounted(str(tmp_path / "m2"))
 
 
 def test_a_layer_that_does_not_match_its_diff_id_is_refused(
@@ -139,5 +192,7 @@ def test_a_layer_that_does_not_match_its_diff_id_is_refused(
     r = run(*lazyfs_cmd("mount", f"{registry.host}/whole/bad:v1", str(mnt), "--plain-http",
                         "--read-only", "--cache", str(tmp_path / "c")), timeout=60)  # fmt: skip
     assert r.returncode != 0
-    assert "but the image config says sha256:000" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    # The error is one line, after the download's progress line.
+    *progress, error = r.stderr.strip().splitlines()
+    assert "but the image config says sha256:000" in error
+    assert all(line.endswith(": fetching it whole") for line in progress), r.stderr

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
+
+if TYPE_CHECKING:
+    from lazyfs.store.wholelayer import WholeFetch
 
 
 def parse_size(text: str) -> int:
@@ -59,4 +62,38 @@ def add_cache_args(p: argparse.ArgumentParser, *, size_help: str | None = None) 
         default=DEFAULT_MAX_BYTES,
         metavar="N",
         help=size_help or "bound the chunk cache (default 10GiB)",
+    )
+
+
+def plain_kind(media_type: str) -> str:
+    """A layer media type without a TOC as users know it: tar+gzip, tar+zstd, tar."""
+    from lazyfs import oci
+
+    return {"gzip": "tar+gzip", "zstd": "tar+zstd", "tar": "tar"}.get(
+        oci.LAYER_TYPES.get(media_type, ""), media_type or "unknown"
+    )
+
+
+def not_lazy_line(image: str, total: int, media_types: list[str], consequence: str) -> str:
+    """The one line ``inspect`` and ``mount`` print when layers of an image are not lazy: the
+    usual cause is a push that let the registry's gzip blob stand in for the lazy one."""
+    kinds = ", ".join(sorted({plain_kind(t) for t in media_types}))
+    return (
+        f"lazyfs: {len(media_types)} of {total} layers of {image} are plain ({kinds}), "
+        f"not lazy: {consequence}; `lazyfs convert` makes them lazy, and "
+        "`skopeo copy --preserve-digests` keeps them lazy when pushed"
+    )
+
+
+def whole_fetch_line(fetch: WholeFetch) -> str:
+    """A progress line of a whole-layer download, at its start and at its end."""
+    from lazyfs.progress import human_bytes
+
+    what = f"layer {fetch.digest[:19]} ({plain_kind(fetch.media_type)}, {human_bytes(fetch.size)})"
+    if fetch.seconds is None:
+        return f"lazyfs: {what}: fetching it whole"
+    rate = fetch.size / fetch.seconds if fetch.seconds > 0 else 0
+    return (
+        f"lazyfs: {what}: fetched whole and verified in {fetch.seconds:.1f}s "
+        f"({human_bytes(int(rate))}/s)"
     )

@@ -13,7 +13,7 @@ from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE
 if TYPE_CHECKING:
     from lazyfs.formats.toc import Entry
 
-from .common import add_registry_args, parse_size, registry_options
+from .common import add_registry_args, not_lazy_line, parse_size, plain_kind, registry_options
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,9 +75,8 @@ def convert_cmd(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         prefetch=args.prefetch,
         group=args.group,
-        plain_http=args.plain_http,
-        insecure=args.insecure,
         platform=args.platform,
+        **registry_options(args),
     )
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
@@ -167,17 +166,10 @@ def inspect_cmd(args: argparse.Namespace) -> int:
         print(f"# layer {li.descriptor.digest} ({li.location.format}, lazy, {n} entries)")
         for e in li.toc.entries:
             print(_row(e))
-    if plain:
-        # Said plainly, on stderr so the table stays parseable: the usual cause is a push that
-        # let the registry's gzip blob stand in for the lazy one (see the README).
-        kinds = sorted({_plain_kind(d) for d in layers if not isinstance(d, LayerInfo)})
-        print(
-            f"lazyfs: {plain} of {len(layers)} layers of {args.target} are plain "
-            f"({', '.join(kinds)}), not lazy: nothing can be read from them before they are "
-            "fetched whole; `lazyfs convert` makes them lazy, and "
-            "`skopeo copy --preserve-digests` keeps them lazy when pushed",
-            file=sys.stderr,
-        )
+    if plain:  # on stderr, so the table stays parseable
+        types = [d.mediaType for d in layers if not isinstance(d, LayerInfo)]
+        consequence = "nothing can be read from them before they are fetched whole"
+        print(not_lazy_line(args.target, len(layers), types, consequence), file=sys.stderr)
     return 0
 
 
@@ -185,9 +177,7 @@ def _plain_kind(desc: object) -> str:
     from lazyfs import oci
 
     assert isinstance(desc, oci.Descriptor)
-    return {"gzip": "tar+gzip", "zstd": "tar+zstd", "tar": "tar"}.get(
-        oci.LAYER_TYPES.get(desc.mediaType, ""), desc.mediaType or "unknown"
-    )
+    return plain_kind(desc.mediaType)
 
 
 def _row(e: Entry) -> str:

@@ -14,8 +14,15 @@ from lazyfs.errors import LazyfsError, first_error
 
 if TYPE_CHECKING:
     from lazyfs.fs.serve import MountOptions
+    from lazyfs.store.wholelayer import WholeFetch
 
-from .common import add_cache_args, add_registry_args, parse_size
+from .common import (
+    add_cache_args,
+    add_registry_args,
+    not_lazy_line,
+    parse_size,
+    whole_fetch_line,
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -155,7 +162,7 @@ def mount_cmd(args: argparse.Namespace) -> int:
     # session and reports readiness or its one-line error through a pipe, so errors before
     # the mount is ready come from this command.  A fork, not a second interpreter: starting
     # Python and importing lazyfs again was half of a mount's time.
-    from lazyfs.fs.daemon import _read_line
+    from lazyfs.fs.daemon import DaemonFailed, read_ready
 
     sys.stdout.flush()
     sys.stderr.flush()  # or the child writes the parent's pending output again
@@ -166,15 +173,22 @@ def mount_cmd(args: argparse.Namespace) -> int:
         os._exit(_child(args, write_fd))
     os.close(write_fd)
     try:
-        message = _read_line(read_fd, None)
-    finally:
-        os.close(read_fd)
-    if message != "ready":
+        report = read_ready(read_fd, None, _print_progress)
+    except DaemonFailed as e:
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        raise LazyfsError(message.removeprefix("error: ") or f"daemon exited ({code})")
+        raise LazyfsError(str(e) or f"daemon exited ({code})") from None
+    finally:
+        os.close(read_fd)
+    if report.plain:
+        consequence = "fetched whole before the mount is ready (once: the cache keeps them)"
+        print(not_lazy_line(args.image, report.layers, report.plain, consequence), file=sys.stderr)
     print(f"{args.mountpoint}: mounted {args.image} (pid {pid})")
     return 0
+
+
+def _print_progress(fetch: WholeFetch) -> None:
+    print(whole_fetch_line(fetch), file=sys.stderr, flush=True)
 
 
 def _child(args: argparse.Namespace, ready_fd: int) -> int:
@@ -203,21 +217,32 @@ def _child(args: argparse.Namespace, ready_fd: int) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
+    from lazyfs.fs.control import ReadyReport, progress_line, ready_line
     from lazyfs.fs.serve import serve
 
     ready_fd = args.ready_fd
     if args.log:
         _log_to(args.log, daemon=args.ready_fd is not None)
 
-    def ready() -> None:
+    def ready(report: ReadyReport) -> None:
         nonlocal ready_fd
         if ready_fd is not None:
-            os.write(ready_fd, b"ready\n")
+            os.write(ready_fd, ready_line(report))
             os.close(ready_fd)
             ready_fd = None
+        elif report.plain:  # --foreground: the terminal is ours
+            consequence = "fetched whole before the mount was ready"
+            print(not_lazy_line(args.image, report.layers, report.plain, consequence),
+                  file=sys.stderr)  # fmt: skip
+
+    def progress(fetch: WholeFetch) -> None:
+        if ready_fd is not None:  # only until ready: the fd is closed (and its number reused)
+            os.write(ready_fd, progress_line(fetch))
+        elif args.foreground:
+            _print_progress(fetch)
 
     try:
-        trio.run(serve, _options(args), ready)
+        trio.run(serve, _options(args), ready, progress)
     except BaseException as e:
         err = first_error(e)
         if ready_fd is not None:
@@ -319,6 +344,9 @@ def stats_cmd(args: argparse.Namespace) -> int:
             f"{s['requests']:>6} {s['cache_hits']:>7} {s['cache_misses']:>7} "
             f"{s['wait_ns'] / 1e9:>7.2f}s"
         )
+        if whole := layer.get("whole"):  # no TOC: this mount downloaded it whole first
+            took = "downloading" if whole["seconds"] is None else f"in {whole['seconds']:.1f}s"
+            print(f"  {'':<18} fetched whole: {human_bytes(whole['size'])} {took}")
     held = sum(layer["stats"].get("bytes_held", 0) for layer in report["layers"])
     patches = sum(layer["stats"].get("patch_bytes", 0) for layer in report["layers"])
     if held or patches:

@@ -20,6 +20,7 @@ import msgspec
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.runtime import control_path
 from lazyfs.store.chunkcache import CacheUsage
+from lazyfs.store.wholelayer import WholeFetch
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,25 @@ class LayerReport(msgspec.Struct):
     digest: str
     entries: int
     stats: dict[str, object]
+    whole: WholeFetch | None = None  # a layer without a TOC this mount downloaded whole
+
+
+class ReadyReport(msgspec.Struct):
+    """What the daemon tells the command that started it, on its readiness pipe, with the
+    word "ready": the command says plainly when layers are not lazy."""
+
+    layers: int = 0
+    plain: list[str] = []  # media types of the layers without a TOC, manifest order
+
+
+# The readiness pipe, one line each: "progress {WholeFetch}"* then "ready {ReadyReport}" or
+# "error: TEXT".  A bare "ready" (an older daemon) reads as an empty report.
+def progress_line(fetch: WholeFetch) -> bytes:
+    return b"progress " + msgspec.json.encode(fetch) + b"\n"
+
+
+def ready_line(report: ReadyReport) -> bytes:
+    return b"ready " + msgspec.json.encode(report) + b"\n"
 
 
 class StatsReport(msgspec.Struct):

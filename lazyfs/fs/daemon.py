@@ -20,11 +20,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from lazyfs.errors import LazyfsError
-from lazyfs.fs.control import control_request
+from lazyfs.fs.control import ReadyReport, control_request
 from lazyfs.fs.runtime import control_path
 from lazyfs.fs.unmount import abort_connection, is_mounted, is_stale, unmount
 from lazyfs.process import stop_process, wait_pid
+from lazyfs.store.wholelayer import WholeFetch
 
 StrPath = str | os.PathLike[str]
 
@@ -44,11 +47,13 @@ class Daemon:
         *,
         proc: subprocess.Popen[bytes] | None = None,
         log: Path | None = None,
+        ready: ReadyReport | None = None,
     ) -> None:
         self.pid = pid
         self.mountpoint = Path(os.path.abspath(mountpoint))
         self.proc = proc
         self.log = log
+        self.ready = ready or ReadyReport()  # what it said when ready (spawned ones only)
 
     def __repr__(self) -> str:
         return f"<Daemon pid {self.pid} on {self.mountpoint}>"
@@ -127,12 +132,14 @@ def spawn(
     verbose: int = 0,
     cwd: StrPath | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    progress: Callable[[WholeFetch], None] | None = None,
 ) -> Daemon:
     """Start ``lazyfs mount IMAGE MOUNTPOINT OPTIONS…`` in a new session, its output appended
     to ``log``, and return once it reports the mount ready.  The daemon's own one-line error
     (or its exit without a word, or no word within ``timeout`` seconds) raises LazyfsError,
     and then no process is left behind.  ``preexec_fn`` runs in the child before lazyfs does
-    (a resource limit, say)."""
+    (a resource limit, say); ``progress`` hears of whole-layer downloads before the mount is
+    ready."""
     read_fd, write_fd = os.pipe()
     argv = lazyfs_argv(
         *(["-v"] * verbose), "mount", image, os.fspath(mountpoint), *options,
@@ -153,22 +160,20 @@ def spawn(
     finally:
         os.close(write_fd)
     try:
-        message = _read_line(read_fd, timeout)
+        report = read_ready(read_fd, timeout, progress)
+    except DaemonFailed as e:
+        child.wait()
+        raise LazyfsError(str(e) or f"daemon exited ({child.returncode})") from None
     except BaseException:
         child.kill()  # by PID: it never became ready, nothing of it is worth keeping
         child.wait()
         raise
     finally:
         os.close(read_fd)
-    if message != "ready":
-        child.wait()
-        raise LazyfsError(message.removeprefix("error: ") or f"daemon exited ({child.returncode})")
-    return Daemon(child.pid, mountpoint, proc=child, log=Path(log))
+    return Daemon(child.pid, mountpoint, proc=child, log=Path(log), ready=report)
 
 
-def attach(
-    mountpoint: StrPath, *, expect_pid: int | None = None, timeout: float = 10.0
-) -> Daemon:
+def attach(mountpoint: StrPath, *, expect_pid: int | None = None, timeout: float = 10.0) -> Daemon:
     """The daemon serving ``mountpoint``, found through its control socket.  ``expect_pid``:
     the PID recorded when it was started; another daemon answering there is an error (the
     recorded one is gone), so a caller never stops a process it did not start."""
@@ -196,10 +201,36 @@ def unmount_and_wait(mountpoint: StrPath, *, lazy: bool = False, timeout: float 
         time.sleep(0.05)
 
 
-def _read_line(fd: int, timeout: float | None) -> str:
+class DaemonFailed(LazyfsError):
+    """A daemon's own one-line error before it was ready ("": it exited without a word)."""
+
+
+def read_ready(
+    fd: int,
+    timeout: float | None,
+    progress: Callable[[WholeFetch], None] | None = None,
+) -> ReadyReport:
+    """Read a daemon's readiness pipe (see :mod:`lazyfs.fs.control`) to its "ready" line.
+    Its "error: TEXT" raises DaemonFailed(TEXT); the pipe's end without a word raises
+    DaemonFailed(""), for the caller to say how the daemon exited."""
     buf = b""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while b"\n" not in buf:
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            text = line.decode(errors="replace").strip()
+            word, _, rest = text.partition(" ")
+            if word == "progress":
+                if progress is not None:
+                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                        progress(msgspec.json.decode(rest, type=WholeFetch))
+                continue
+            if word == "ready":
+                try:
+                    return msgspec.json.decode(rest, type=ReadyReport) if rest else ReadyReport()
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    return ReadyReport()
+            raise DaemonFailed(text.removeprefix("error: "))
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise LazyfsError(f"the mount was not ready after {timeout:.0f}s")
@@ -207,6 +238,8 @@ def _read_line(fd: int, timeout: float | None) -> str:
         if readable:
             data = os.read(fd, 4096)
             if not data:
-                break  # the daemon exited without a word
+                if buf.strip():
+                    buf += b"\n"  # a last line without its newline
+                    continue
+                raise DaemonFailed("")  # the daemon exited without a word
             buf += data
-    return buf.decode(errors="replace").strip()

@@ -24,7 +24,13 @@ import trio
 from lazyfs.atomic import atomic_write
 from lazyfs.delta.provider import PendingDeltas, pending_deltas
 from lazyfs.errors import LazyfsError
-from lazyfs.fs.control import LayerReport, MountInfo, StatsReport, control_server
+from lazyfs.fs.control import (
+    LayerReport,
+    MountInfo,
+    ReadyReport,
+    StatsReport,
+    control_server,
+)
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.ops import Operations
 from lazyfs.fs.prefetch import Prefetcher, landmark_group, load_group
@@ -36,6 +42,7 @@ from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
 from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
+from lazyfs.store.wholelayer import WholeFetch
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import encode
 from lazyfs.trace.stored import find_group
@@ -144,6 +151,7 @@ class _Mount:
                         ol.descriptor.digest,
                         len(ol.toc.entries),
                         msgspec.to_builtins(ol.layer.stats),
+                        image.whole.fetches.get(ol.descriptor.digest),
                     )
                     for ol in image.layers
                 ],
@@ -187,8 +195,13 @@ def _fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
-async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> None:
-    """Mount and serve until unmounted or signalled.  Raises LazyfsError before ``ready``."""
+async def serve(
+    opts: MountOptions,
+    ready: Callable[[ReadyReport], None] | None = None,
+    progress: Callable[[WholeFetch], None] | None = None,
+) -> None:
+    """Mount and serve until unmounted or signalled.  Raises LazyfsError before ``ready``.
+    ``progress`` hears of the whole-layer downloads made before it."""
     mountpoint = os.path.abspath(opts.mountpoint)
     if is_stale(mountpoint):
         log.warning("cleaning a stale mount at %s", mountpoint)
@@ -217,6 +230,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
         docker_config=opts.docker_config,
         layer_count=opts.layer_count,
         retry=RetryPolicy.within(opts.read_timeout),
+        progress=progress,
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:
@@ -250,7 +264,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None] | None = None) -> 
                     recorder.start()
                 nursery.start_soon(mount.fetch_ahead, pending_deltas(image))
                 if ready is not None:
-                    ready()
+                    plain = [ol.descriptor.mediaType for ol in image.plain_layers()]
+                    ready(ReadyReport(len(image.layers), plain))
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
                 nursery.cancel_scope.cancel()
         finally:

@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -68,6 +69,15 @@ def index_tar(f: BinaryIO, where: str) -> TOC:
     return toc
 
 
+class WholeFetch(msgspec.Struct):
+    """One whole-layer download, for the mount command's progress lines and ``lazyfs stats``."""
+
+    digest: str
+    media_type: str
+    size: int  # blob bytes
+    seconds: float | None = None  # None while it downloads
+
+
 class _Indexed(msgspec.Struct):
     diff_id: str
     toc: TOC
@@ -113,10 +123,17 @@ class WholeLayerSource(Source):
 class WholeLayers:
     """The whole-layer fallback of one opened image: where its tars and TOCs live."""
 
-    def __init__(self, source: Source, cache: ChunkCache) -> None:
+    def __init__(
+        self,
+        source: Source,
+        cache: ChunkCache,
+        progress: Callable[[WholeFetch], None] | None = None,
+    ) -> None:
         self.source = source
         self.cache = cache
         self.sources: dict[str, WholeLayerSource] = {}
+        self.fetches: dict[str, WholeFetch] = {}  # downloads of this open, last one per blob
+        self.progress = progress  # told at the start and end of each download
 
     def _toc_path(self, digest: str) -> Path:
         return self.cache.tocs_dir / f"{oci.check_digest(digest)}.whole"
@@ -170,14 +187,24 @@ class WholeLayers:
             desc.mediaType,
             desc.size,
         )
+        self._tell(WholeFetch(desc.digest, desc.mediaType, desc.size))
         with tempfile.TemporaryFile(dir=d) as blob:
             await self.source.download(desc.digest, desc.size, blob)  # verifies the digest
             blob.seek(0)
             await trio.to_thread.run_sync(_unpack, blob, desc, diff_id, tar)
-        log.warning(
-            "layer %s fetched whole and verified in %.1fs", desc.digest, time.monotonic() - t0
-        )
+        seconds = time.monotonic() - t0
+        log.warning("layer %s fetched whole and verified in %.1fs", desc.digest, seconds)
+        self._tell(WholeFetch(desc.digest, desc.mediaType, desc.size, seconds))
         return tar
+
+    def _tell(self, fetch: WholeFetch) -> None:
+        self.fetches[fetch.digest] = fetch
+        if self.progress is not None:
+            try:
+                self.progress(fetch)
+            except OSError as e:  # the command went away: the download goes on
+                log.info("cannot report whole-layer progress: %s", e)
+                self.progress = None
 
     async def aclose(self) -> None:
         for src in self.sources.values():

@@ -42,7 +42,7 @@ def start_mount(
         text = log.read_text(errors="replace") if log.exists() else ""
         raise RuntimeError(f"mount did not come up: {e}\n{text}") from None
     assert d.proc is not None
-    m = Mount(d.pid, mountpoint, proc=d.proc, log=log)
+    m = Mount(d.pid, mountpoint, proc=d.proc, log=log, ready=d.ready)
     return m
 
 

@@ -431,21 +431,24 @@ def convert(
     group: str | None = None,
     plain_http: bool = False,
     insecure: bool = False,
+    hosts_dir: str | os.PathLike[str] | None = None,
     platform: str | None = None,
 ) -> ConvertReport:
     """Convert ``src_ref`` into ``dst_ref``: each ``oci:DIR[:TAG]`` or a registry reference
     (``docker://`` prefix optional, as skopeo users type it).  ``prefetch``: a prefetch-groups
     file; each layer's entries of ``group`` (default: the first) go first, in rank order, then a
-    landmark.  ``platform``: convert only that image of a multi-platform index (default: all)."""
+    landmark.  ``platform``: convert only that image of a multi-platform index (default: all).
+    ``hosts_dir``: registry mirrors (containerd's hosts.toml directory), as every command reads
+    them."""
     if chunk_size < 4096:
         raise FormatError(f"chunk size {chunk_size} is below the 4096-byte minimum")
     src_remote, dst_remote = is_registry_ref(src_ref), is_registry_ref(dst_ref)
     if not (src_remote or dst_remote):
         return _convert_layouts(src_ref, dst_ref, fmt, chunk_size, prefetch, group, platform)
+    net = {"plain_http": plain_http, "insecure": insecure, "hosts_dir": hosts_dir}
     with tempfile.TemporaryDirectory(prefix="lazyfs-convert-") as tmp:
         src_local, dst_local = src_ref, dst_ref
         if src_remote:
-            net = {"plain_http": plain_http, "insecure": insecure}
             fetch(src_ref, Layout(Path(tmp, "src")), platform=platform, **net)
             src_local, platform = f"oci:{Path(tmp, 'src')}", None
             tag = parse_reference(registry_name(src_ref)).tag
@@ -457,7 +460,7 @@ def convert(
         if dst_remote:
             out = Layout(Path(tmp, "dst"))
             top = out.find(None)
-            report.digest = push(out, top, dst_ref, plain_http=plain_http, insecure=insecure)
+            report.digest = push(out, top, dst_ref, **net)
         return report
 
 

@@ -9,6 +9,8 @@ without ``--preserve-digests``).
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import trio
 
@@ -32,10 +34,21 @@ def registry_name(ref: str) -> str:
     return ref[len(DOCKER_PREFIX) :] if ref.startswith(DOCKER_PREFIX) else ref
 
 
-def _source(ref: str, plain_http: bool, insecure: bool) -> tuple[RegistrySource, str]:
+HostsDir = str | os.PathLike[str] | None
+
+
+def _source(
+    ref: str, plain_http: bool, insecure: bool, hosts_dir: HostsDir
+) -> tuple[RegistrySource, str]:
+    """The registry of ``ref``, with its mirrors from ``hosts_dir`` as every command reads
+    them (pulls try the mirrors first; a push goes to the endpoints that may push)."""
     parsed = parse_reference(registry_name(ref))
     source = RegistrySource(
-        parsed.host, parsed.repository, plain_http=plain_http, insecure=insecure
+        parsed.host,
+        parsed.repository,
+        plain_http=plain_http,
+        insecure=insecure,
+        hosts_dir=hosts_dir,
     )
     return source, parsed.ref
 
@@ -49,17 +62,28 @@ def select_platform(index: oci.Index, platform: str, where: str) -> oci.Descript
 
 
 def fetch(
-    ref: str, layout: Layout, *, plain_http: bool, insecure: bool, platform: str | None
+    ref: str,
+    layout: Layout,
+    *,
+    plain_http: bool,
+    insecure: bool,
+    platform: str | None,
+    hosts_dir: HostsDir = None,
 ) -> oci.Descriptor:
     """Copy ``ref`` (one platform when ``platform`` is given) into ``layout``; returns the
     top-level descriptor (also written to the layout's index.json)."""
-    return trio.run(_fetch, ref, layout, plain_http, insecure, platform)
+    return trio.run(_fetch, ref, layout, plain_http, insecure, platform, hosts_dir)
 
 
 async def _fetch(
-    ref: str, layout: Layout, plain_http: bool, insecure: bool, platform: str | None
+    ref: str,
+    layout: Layout,
+    plain_http: bool,
+    insecure: bool,
+    platform: str | None,
+    hosts_dir: HostsDir,
 ) -> oci.Descriptor:
-    source, tag = _source(ref, plain_http, insecure)
+    source, tag = _source(ref, plain_http, insecure, hosts_dir)
     layout.init()
     try:
         data, media_type, digest = await source.get_manifest(tag)
@@ -97,16 +121,29 @@ async def _fetch_tree(source: RegistrySource, layout: Layout, data: bytes, media
             out.commit(layer.digest)
 
 
-def push(layout: Layout, top: oci.Descriptor, ref: str, *, plain_http: bool, insecure: bool) -> str:
+def push(
+    layout: Layout,
+    top: oci.Descriptor,
+    ref: str,
+    *,
+    plain_http: bool,
+    insecure: bool,
+    hosts_dir: HostsDir = None,
+) -> str:
     """Push ``top`` (and everything it references) from ``layout`` to ``ref``; returns the
     pushed digest."""
-    return trio.run(_push, layout, top, ref, plain_http, insecure)
+    return trio.run(_push, layout, top, ref, plain_http, insecure, hosts_dir)
 
 
 async def _push(
-    layout: Layout, top: oci.Descriptor, ref: str, plain_http: bool, insecure: bool
+    layout: Layout,
+    top: oci.Descriptor,
+    ref: str,
+    plain_http: bool,
+    insecure: bool,
+    hosts_dir: HostsDir,
 ) -> str:
-    source, tag = _source(ref, plain_http, insecure)
+    source, tag = _source(ref, plain_http, insecure, hosts_dir)
     try:
         await _push_tree(source, layout, top)
         digest, _ = await push_manifest(

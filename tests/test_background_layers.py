@@ -19,7 +19,7 @@ from lazyfs.ocilayout import Layout
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import make_layout
-from lazyfs.testing.mounts import mounted
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import registry  # noqa: F401
 from tests.test_whole_layers import _base, _check, _top
 
@@ -72,6 +72,8 @@ def test_ready_before_the_layer_and_a_reader_waits_for_it(
             reader.join(1.0)
             assert reader.is_alive() and not got  # it waits for the layer
             assert _whole(m.stats(), base)["seconds"] is None
+            table = run(*lazyfs_cmd("stats", str(m.mountpoint))).stdout
+            assert "downloading in the background" in table, table
             proxy.reset()  # the stalled answer ends short: the download starts again
             reader.join(30)
             assert got == [b"whole\n"]
@@ -96,6 +98,8 @@ def test_a_failed_layer_answers_eio_and_the_next_access_fetches_it_again(
             whole = _whole(m.stats(), base)
             assert "not found" in str(whole["error"]) and whole["seconds"] is None, whole
             assert not _indexed(cache, base)
+            table = run(*lazyfs_cmd("stats", str(m.mountpoint))).stdout
+            assert "failed (" in table and "the next access tries again" in table, table
             proxy.reset()
             assert "top.txt" in os.listdir(m.mountpoint)  # this access tried again
             _check(m.mountpoint)

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pyfuse3
-import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.ops import HANDLERS, Operations
@@ -41,24 +40,18 @@ class PendingOperations(pyfuse3.Operations):
         super().__init__()
         self._build = build
         self.ops: Operations | None = None
-        self.waiting = 0  # requests waiting for the layers now (for stats and tests)
 
     async def _operations(self) -> Operations:
         if self.ops is not None:
             return self.ops
-        self.waiting += 1
         try:
             ops = await self._build()
-        except LazyfsError as e:
-            log.warning("a request waited for a layer that failed: %s", e)
+        except LazyfsError as e:  # logged once by the layer's download; here per request
+            log.debug("a request waited for a layer that failed: %s", e)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except (trio.Cancelled, KeyboardInterrupt):
-            raise
         except Exception:  # no exception may leave a handler
             log.exception("building the tree failed")
             raise pyfuse3.FUSEError(errno.EIO) from None
-        finally:
-            self.waiting -= 1
         if self.ops is None:
             self.ops = ops
             for name in HANDLERS:  # from now on pyfuse3 calls the real handlers

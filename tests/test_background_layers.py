@@ -35,6 +35,11 @@ def _push(tmp_path: Path, registry: RegistryInstance, name: str) -> tuple[str, s
     return f"bg/{name}:v1", Layout(tmp_path / "img").manifest("v1").layers[0].digest
 
 
+def _size(tmp_path: Path, digest: str) -> int:
+    layers = Layout(tmp_path / "img").manifest("v1").layers
+    return next(d.size for d in layers if d.digest == digest)
+
+
 def _whole(stats: dict[str, object], digest: str) -> dict[str, object]:
     layers = stats["layers"]
     assert isinstance(layers, list)
@@ -69,11 +74,14 @@ def test_ready_before_the_layer_and_a_reader_waits_for_it(
                 target=lambda: got.append((m.mountpoint / "etc" / "hostname").read_bytes())
             )
             reader.start()
-            reader.join(1.0)
+            half = _size(tmp_path, base) // 2
+            deadline = time.monotonic() + 10
+            while _whole(m.stats(), base)["received"] != half and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _whole(m.stats(), base)["received"] == half  # the stalled answer's half
             assert reader.is_alive() and not got  # it waits for the layer
-            assert _whole(m.stats(), base)["seconds"] is None
             table = run(*lazyfs_cmd("stats", str(m.mountpoint))).stdout
-            assert "downloading in the background" in table, table
+            assert "downloading in the background, 4.5MiB so far" in table, table
             proxy.reset()  # the stalled answer ends short: the download starts again
             reader.join(30)
             assert got == [b"whole\n"]
@@ -91,7 +99,7 @@ def test_a_failed_layer_answers_eio_and_the_next_access_fetches_it_again(
         proxy.fail_next(100, status=404)
         ref = f"{proxy.host}/{repo}"
         with mounted(ref, tmp_path / "m", *_ARGS, "--upper", str(upper), "--cache",
-                     str(cache)) as m:  # fmt: skip
+                     str(cache), "--read-timeout", "1.5") as m:  # fmt: skip
             with pytest.raises(OSError) as e:
                 os.listdir(m.mountpoint)
             assert e.value.errno == errno.EIO
@@ -100,6 +108,14 @@ def test_a_failed_layer_answers_eio_and_the_next_access_fetches_it_again(
             assert not _indexed(cache, base)
             table = run(*lazyfs_cmd("stats", str(m.mountpoint))).stdout
             assert "failed (" in table and "the next access tries again" in table, table
+            # Tried again, and stalled: EIO once the read timeout has passed.
+            proxy.reset()
+            proxy.stall_next(100)
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                (m.mountpoint / "top.txt").read_bytes()
+            assert e.value.errno == errno.EIO and time.monotonic() - t0 < 10
+            assert _whole(m.stats(), base)["error"], m.stats()
             proxy.reset()
             assert "top.txt" in os.listdir(m.mountpoint)  # this access tried again
             _check(m.mountpoint)

@@ -352,6 +352,8 @@ def stats_cmd(args: argparse.Namespace) -> int:
                 took = f"failed ({whole['error']}); the next access tries again"
             elif whole["seconds"] is None:
                 took = "downloading in the background"
+                if whole.get("received") is not None:
+                    took += f", {human_bytes(whole['received'])} so far"
             else:
                 took = f"in {whole['seconds']:.1f}s"
             print(f"  {'':<18} fetched whole: {human_bytes(whole['size'])} {took}")

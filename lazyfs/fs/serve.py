@@ -190,7 +190,7 @@ class _Mount:
                         msgspec.to_builtins(
                             ol.layer.stats if ol is not None else LayerStats(blob=desc.digest)
                         ),
-                        image.whole.fetches.get(desc.digest),
+                        image.whole.report(desc.digest),
                     )
                 )
             return StatsReport(

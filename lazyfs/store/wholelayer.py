@@ -81,6 +81,7 @@ class WholeFetch(msgspec.Struct):
     size: int  # blob bytes
     seconds: float | None = None  # None while it downloads (or when it failed)
     error: str | None = None  # why the download or its check failed; the next access retries
+    received: int | None = None  # blob bytes received so far, while it downloads (see report)
 
 
 class _Indexed(msgspec.Struct):
@@ -143,6 +144,7 @@ class WholeLayers:
         self.progress = progress  # told at the start and end of each download
         self.background = background  # index() defers: see PendingIndex
         self.pending: dict[str, PendingIndex] = {}  # by blob digest, while background
+        self._receiving: dict[str, BinaryIO] = {}  # the blob files of downloads under way
 
     def _toc_path(self, digest: str) -> Path:
         return self.cache.tocs_dir / f"{oci.check_digest(digest)}.whole"
@@ -211,7 +213,11 @@ class WholeLayers:
             self._tell(start)
         try:
             with tempfile.TemporaryFile(dir=d) as blob:
-                await self.source.download(desc.digest, desc.size, blob)  # verifies the digest
+                self._receiving[desc.digest] = blob
+                try:
+                    await self.source.download(desc.digest, desc.size, blob)  # checks the digest
+                finally:
+                    del self._receiving[desc.digest]
                 blob.seek(0)
                 await trio.to_thread.run_sync(_unpack, blob, desc, diff_id, tar)
         except (LazyfsError, OSError) as e:
@@ -221,6 +227,18 @@ class WholeLayers:
         log.warning("layer %s fetched whole and verified in %.1fs", desc.digest, seconds)
         self._tell(WholeFetch(desc.digest, desc.mediaType, desc.size, seconds))
         return tar
+
+    def report(self, digest: str) -> WholeFetch | None:
+        """The last word on ``digest``'s download, with the bytes received so far."""
+        fetch = self.fetches.get(digest)
+        blob = self._receiving.get(digest)
+        if fetch is None or blob is None:
+            return fetch
+        try:
+            received = os.fstat(blob.fileno()).st_size
+        except (OSError, ValueError):  # closed meanwhile: the next report says how it ended
+            return fetch
+        return msgspec.structs.replace(fetch, received=received)
 
     def announce(self, desc: oci.Descriptor) -> None:
         """Tell of a download about to start in the background (before the mount is ready,

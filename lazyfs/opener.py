@@ -144,10 +144,6 @@ class OpenedImage:
         """The layers without a TOC (fetched whole), in manifest order."""
         return [d for d in self.descriptors if d.digest in self.whole.sources]
 
-    def plain_layers(self) -> list[OpenedLayer]:
-        """The layers without a TOC (fetched whole), in manifest order."""
-        return [ol for ol in self.layers if ol.descriptor.digest in self.whole.sources]
-
     def store_layers(self) -> list[Layer]:
         """The store's layers in manifest order (a blob listed twice appears twice)."""
         return [ol.layer for ol in self.layers]

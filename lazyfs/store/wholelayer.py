@@ -210,22 +210,18 @@ class WholeLayers:
         )
         start = WholeFetch(desc.digest, desc.mediaType, desc.size)
         if self.fetches.get(desc.digest) != start:  # not told already by announce()
-            self._tell(start)
-        try:
-            with tempfile.TemporaryFile(dir=d) as blob:
-                self._receiving[desc.digest] = blob
-                try:
-                    await self.source.download(desc.digest, desc.size, blob)  # checks the digest
-                finally:
-                    del self._receiving[desc.digest]
-                blob.seek(0)
-                await trio.to_thread.run_sync(_unpack, blob, desc, diff_id, tar)
-        except (LazyfsError, OSError) as e:
-            self._tell(WholeFetch(desc.digest, desc.mediaType, desc.size, error=str(e)))
-            raise
+            self.tell(start)
+        with tempfile.TemporaryFile(dir=d) as blob:
+            self._receiving[desc.digest] = blob
+            try:
+                await self.source.download(desc.digest, desc.size, blob)  # checks the digest
+            finally:
+                del self._receiving[desc.digest]
+            blob.seek(0)
+            await trio.to_thread.run_sync(_unpack, blob, desc, diff_id, tar)
         seconds = time.monotonic() - t0
         log.warning("layer %s fetched whole and verified in %.1fs", desc.digest, seconds)
-        self._tell(WholeFetch(desc.digest, desc.mediaType, desc.size, seconds))
+        self.tell(WholeFetch(desc.digest, desc.mediaType, desc.size, seconds))
         return tar
 
     def report(self, digest: str) -> WholeFetch | None:
@@ -243,9 +239,10 @@ class WholeLayers:
     def announce(self, desc: oci.Descriptor) -> None:
         """Tell of a download about to start in the background (before the mount is ready,
         so the command that mounts hears of it)."""
-        self._tell(WholeFetch(desc.digest, desc.mediaType, desc.size))
+        self.tell(WholeFetch(desc.digest, desc.mediaType, desc.size))
 
-    def _tell(self, fetch: WholeFetch) -> None:
+    def tell(self, fetch: WholeFetch) -> None:
+        """Record ``fetch`` as the last word on its blob and pass it to ``progress``."""
         self.fetches[fetch.digest] = fetch
         if self.progress is not None:
             try:
@@ -290,6 +287,8 @@ class PendingIndex:
                 log.exception("indexing layer %s failed", self.desc.digest)
             log.warning("layer %s: %s", self.desc.digest, e)
             self.error = e if isinstance(e, LazyfsError) else LazyfsError(str(e))
+            d = self.desc
+            self.owner.tell(WholeFetch(d.digest, d.mediaType, d.size, error=str(self.error)))
         finally:
             done.set()
 

@@ -1,5 +1,6 @@
 """What every test server shares: start in ``with``, wait until it answers, stop by PID.
 
+:class:`Server` is the context manager (``start()`` on entry, ``stop()`` on exit).
 :class:`ServerProcess` is a child process whose output goes to a log file; a subclass says how
 to start it (:meth:`ServerProcess.start` calls :meth:`ServerProcess.spawn`) and when it is up
 (:meth:`ServerProcess.ready`).  :class:`ThreadedHTTPServer` is an in-process HTTP server on
@@ -35,7 +36,28 @@ def unix_socket_accepts(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-class ServerProcess:
+class Server:
+    """Started on entering ``with`` (if not already), stopped on leaving it, whatever happens."""
+
+    def start(self) -> Self:
+        return self
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ServerProcess(Server):
     """One child process, stopped by PID (SIGTERM, wait, SIGKILL) whatever happens in ``with``."""
 
     #: what the error messages call it
@@ -49,9 +71,6 @@ class ServerProcess:
     proc: subprocess.Popen[bytes] | None = None
     _log: Path | None = None
     _log_start = 0
-
-    def start(self) -> Self:
-        raise NotImplementedError
 
     def ready(self) -> bool:
         """Whether the process serves yet; called while it runs until true or the timeout."""
@@ -129,19 +148,8 @@ class ServerProcess:
         stop_process(proc, self.stop_timeout)
         return proc.returncode
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class ThreadedHTTPServer:
+class ThreadedHTTPServer(Server):
     """An HTTP server on a free 127.0.0.1 port, serving from a daemon thread until close()."""
 
     def serve(self, handler: type[BaseHTTPRequestHandler]) -> int:
@@ -157,13 +165,5 @@ class ThreadedHTTPServer:
         self._server.server_close()
         self._thread.join(5)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.close()

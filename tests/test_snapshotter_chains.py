@@ -110,7 +110,10 @@ def test_images_sharing_a_base_mount_right_and_cleanup_sweeps_strays(
     chains_a, chains_b = _chain_ids([base, top_a]), _chain_ids([base, top_b])
     (tmp_path / "sn.toml").write_text(f'[registry]\nplain_http = ["{registry.host}"]\n')
     with ExitStack() as stack:
-        sp = SnapshotterProcess(base_dir / "sn", args=("--config", str(tmp_path / "sn.toml")))
+        # ROOT through a symlink: mountinfo shows the resolved path, the rows ROOT as given.
+        (base_dir / "real").mkdir()
+        (base_dir / "link").symlink_to(base_dir / "real")
+        sp = SnapshotterProcess(base_dir / "link", args=("--config", str(tmp_path / "sn.toml")))
         stack.callback(stop_daemons, sp.root)
         stack.enter_context(sp)
         c = Client(sp.address, namespace="k8s.io")
@@ -144,8 +147,10 @@ def test_images_sharing_a_base_mount_right_and_cleanup_sweeps_strays(
         strays[1].kill()
         (mnt_dir / "0000empty").mkdir()
         (mnt_dir / "0000empty.log").write_text("a daemon's last words\n")
-        owned = {mnt for _, mnt, _ in rows.values()}
-        assert set(mounts_under(str(mnt_dir))) == owned | {str(m.mountpoint) for m in strays}
+        real = base_dir / "real" / "root" / "mnt"
+        owned = {str(real / Path(mnt).name) for _, mnt, _ in rows.values()}
+        assert set(mounts_under(str(mnt_dir))) == owned | {str(real / m.mountpoint.name)
+                                                          for m in strays}  # fmt: skip
 
         c.call("Cleanup", snapshots_pb2.CleanupRequest())
         assert wait_pid(strays[0].pid, 10)

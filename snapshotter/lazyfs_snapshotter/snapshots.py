@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.daemon import attach, clear_mountpoint
+from lazyfs.fs.runtime import canonical
 from lazyfs.fs.unmount import mounts_under
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -479,8 +480,10 @@ class Snapshotter:
             return
         with self.store.transaction() as tx:
             owned = {Path(d.mountpoint) for d in tx.daemons()}
+        # mountinfo has the parents' symlinks resolved; the rows have ROOT as given.
+        owned_real = {Path(canonical(o)) for o in owned}
         for mp in map(Path, mounts_under(str(mnt_dir))):
-            if mp in owned or any(o in mp.parents for o in owned):
+            if mp in owned_real or any(o in mp.parents for o in owned_real):
                 continue
             try:
                 daemon = attach(mp, timeout=2.0)

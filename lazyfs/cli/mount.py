@@ -192,7 +192,10 @@ def mount_cmd(args: argparse.Namespace) -> int:
     finally:
         os.close(read_fd)
     if report.plain:
-        consequence = "fetched whole before the mount is ready (once: the cache keeps them)"
+        consequence = (
+            "fetched whole in the background, what needs them waits (once: the cache keeps "
+            "them; `lazyfs stats` shows the download)"
+        )
         print(not_lazy_line(args.image, report.layers, report.plain, consequence), file=sys.stderr)
     print(f"{args.mountpoint}: mounted {args.image} (pid {pid})")
     return 0
@@ -242,7 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
             os.close(ready_fd)
             ready_fd = None
         elif report.plain:  # --foreground: the terminal is ours
-            consequence = "fetched whole before the mount was ready"
+            consequence = "fetched whole in the background, what needs them waits"
             print(not_lazy_line(args.image, report.layers, report.plain, consequence),
                   file=sys.stderr)  # fmt: skip
 
@@ -355,8 +358,15 @@ def stats_cmd(args: argparse.Namespace) -> int:
             f"{s['requests']:>6} {s['cache_hits']:>7} {s['cache_misses']:>7} "
             f"{s['wait_ns'] / 1e9:>7.2f}s"
         )
-        if whole := layer.get("whole"):  # no TOC: this mount downloaded it whole first
-            took = "downloading" if whole["seconds"] is None else f"in {whole['seconds']:.1f}s"
+        if whole := layer.get("whole"):  # no TOC: this mount downloads it whole
+            if whole.get("error"):
+                took = f"failed ({whole['error']}); the next access tries again"
+            elif whole["seconds"] is None:
+                took = "downloading in the background"
+                if whole.get("received") is not None:
+                    took += f", {human_bytes(whole['received'])} so far"
+            else:
+                took = f"in {whole['seconds']:.1f}s"
             print(f"  {'':<18} fetched whole: {human_bytes(whole['size'])} {took}")
     held = sum(layer["stats"].get("bytes_held", 0) for layer in report["layers"])
     patches = sum(layer["stats"].get("patch_bytes", 0) for layer in report["layers"])

@@ -24,6 +24,9 @@ from .common import (
     whole_fetch_line,
 )
 
+# Where a mount without --prefetch looks for what to prefetch (the snapshotter's policies too).
+PREFETCH_SOURCES = ("auto", "groups", "landmark")
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mount", help="mount an image lazily")
@@ -61,6 +64,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fetch a prefetch group's files in rank order, in the background, once mounted "
         "(default: the groups stored beside the image in its registry, else the layers' "
         "prefetch landmarks)",
+    )
+    p.add_argument(
+        "--prefetch-from",
+        choices=PREFETCH_SOURCES,
+        default="auto",
+        help="without --prefetch: fetch the group stored beside the image (groups), up to the "
+        "layers' landmarks (landmark), or the first of these there is (auto, the default)",
     )
     p.add_argument(
         "--no-prefetch",
@@ -136,6 +146,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
         trace=os.path.abspath(args.trace) if args.trace else None,
         group=args.group,
         prefetch=args.prefetch,
+        prefetch_from=args.prefetch_from,
         layer_count=args.layers,
         docker_config=args.docker_config,
         read_timeout=args.read_timeout,

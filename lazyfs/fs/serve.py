@@ -74,6 +74,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     trace: str | None = None  # record accesses; write the trace here when the mount ends
     group: str | None = None  # workload label of the trace; the group --prefetch fetches
     prefetch: str | None = None  # a prefetch-groups document
+    prefetch_from: str = "auto"  # auto prefetch's source: auto, groups or landmark
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
@@ -158,10 +159,14 @@ class _Mount:
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
-        landmarks.  Runs after readiness: looking in the registry costs a round trip or two."""
-        image, layers = self.image, self.image.store_layers()
-        group = await find_group(image.source, image.manifest, self.opts.group)
-        group = group or landmark_group(layers)
+        landmarks (``prefetch_from`` "auto"; "groups" or "landmark": only that one).  Runs
+        after readiness: looking in the registry costs a round trip or two."""
+        image, layers, source = self.image, self.image.store_layers(), self.opts.prefetch_from
+        group = None
+        if source in ("auto", "groups"):
+            group = await find_group(image.source, image.manifest, self.opts.group)
+        if group is None and source in ("auto", "landmark"):
+            group = landmark_group(layers)
         if group is not None:
             self.prefetcher = Prefetcher(image.store, layers, group)
             await self.prefetcher.run()

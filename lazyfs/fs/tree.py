@@ -9,6 +9,8 @@ counts its names.  The FUSE operations then mutate this same tree as the upper l
 from __future__ import annotations
 
 import stat
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from lazyfs.errors import FormatError
@@ -102,9 +104,10 @@ class Tree:
         # Every path the lower layers have, after their own whiteouts: removing such a path
         # from the mount must leave a whiteout.  A property of the path, not of the inode that
         # holds it now (renames and hardlinks move inodes between names).
-        # Kept as hashes, a third of the memory of the paths: a collision could only add a
-        # whiteout for a path no lower layer has, which is harmless (it hides nothing).
-        self.lower_paths: frozenset[int] = frozenset()
+        # Kept as a sorted array of their hashes, 8 bytes a path (a set of the paths cost ~200):
+        # a collision could only add a whiteout for a path no lower layer has, which is
+        # harmless (it hides nothing).
+        self.lower_paths = array("q")
         self.nodes: dict[int, Node] = {ROOT_INO: self.root}
         self._next_ino = ROOT_INO + 1
 
@@ -115,7 +118,7 @@ class Tree:
         tree = cls()
         for index, toc in enumerate(tocs):
             tree._apply_layer(index, toc.entries)
-        tree.lower_paths = frozenset(hash(path) for path, _ in tree.walk() if path)
+        tree.lower_paths = array("q", sorted(hash(path) for path, _ in tree.walk() if path))
         return tree
 
     def new_node(self, parent: Node, name: str, entry: Entry | None, layer: int) -> Node:
@@ -204,7 +207,9 @@ class Tree:
     # -- queries and edits used by the FUSE operations --------------------------------------
 
     def lower_has(self, path: tuple[str, ...]) -> bool:
-        return hash("/".join(path)) in self.lower_paths
+        h, paths = hash("/".join(path)), self.lower_paths
+        i = bisect_left(paths, h)
+        return i < len(paths) and paths[i] == h
 
     def find(self, path: str) -> Node | None:
         node = self.root

@@ -92,12 +92,45 @@ class Node:
         return f"Node({self.ino}, {'/'.join(self.path())!r})"
 
 
+class Inodes:
+    """Inode number -> node, as a list indexed by number: 8 bytes an inode where a dict costs
+    ~50.  Numbers are handed out in order and never reused, so the list only has holes where
+    nodes were forgotten (8 bytes each)."""
+
+    __slots__ = ("_count", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: list[Node | None] = [None]  # no inode 0
+        self._count = 0
+
+    def add(self, node: Node) -> None:
+        slots = self._slots
+        if node.ino != len(slots):
+            raise AssertionError(f"inode {node.ino} out of order ({len(slots)} expected)")
+        slots.append(node)
+        self._count += 1
+
+    def get(self, ino: int) -> Node | None:
+        return self._slots[ino] if 0 < ino < len(self._slots) else None
+
+    def __contains__(self, ino: int) -> bool:
+        return self.get(ino) is not None
+
+    def pop(self, ino: int) -> None:
+        if self.get(ino) is not None:
+            self._slots[ino] = None
+            self._count -= 1
+
+    def __len__(self) -> int:
+        return self._count
+
+
 def _implicit_dir() -> Entry:
     return Entry(name="", type="dir", mode=0o755)
 
 
 class Tree:
-    """The inode table.  ``nodes`` maps inode numbers to nodes."""
+    """The inode table.  ``nodes`` maps inode numbers to nodes (:class:`Inodes`)."""
 
     def __init__(self) -> None:
         self.root = Node(ROOT_INO, None, "", _implicit_dir(), -1)
@@ -108,7 +141,8 @@ class Tree:
         # a collision could only add a whiteout for a path no lower layer has, which is
         # harmless (it hides nothing).
         self.lower_paths = array("q")
-        self.nodes: dict[int, Node] = {ROOT_INO: self.root}
+        self.nodes = Inodes()
+        self.nodes.add(self.root)
         self._next_ino = ROOT_INO + 1
 
     # -- building ---------------------------------------------------------------------------
@@ -124,7 +158,7 @@ class Tree:
     def new_node(self, parent: Node, name: str, entry: Entry | None, layer: int) -> Node:
         node = Node(self._next_ino, parent, name, entry, layer)
         self._next_ino += 1
-        self.nodes[node.ino] = node
+        self.nodes.add(node)
         return node
 
     def _apply_layer(self, layer: int, entries: list[Entry]) -> None:
@@ -251,12 +285,12 @@ class Tree:
                     todo.append((child, node, child_name))
             node.nlink = 0
             if node.lookups == 0:
-                self.nodes.pop(node.ino, None)
+                self.nodes.pop(node.ino)
 
     def forget(self, node: Node, n: int) -> None:
         node.lookups -= n
         if node.lookups <= 0 and node.nlink <= 0:
-            self.nodes.pop(node.ino, None)
+            self.nodes.pop(node.ino)
 
     def names(self, node: Node) -> Iterator[tuple[Node, str]]:
         """Every (parent, name) under which ``node`` is linked."""

@@ -312,8 +312,7 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
         head, parts = current
         entry = _to_entry(head)
         entry.chunks = tuple(
-            _to_chunk(head, entry, p, starts, last=i == len(parts) - 1)
-            for i, p in enumerate(parts)
+            _to_chunk(head, entry, p, starts, last=i == len(parts) - 1) for i, p in enumerate(parts)
         )
         pending.append((head, entry))
         current = None

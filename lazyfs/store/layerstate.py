@@ -13,6 +13,8 @@ from lazyfs.remote.base import Source
 from lazyfs.store.chunkmap import ChunkMap, layer_chunks
 from lazyfs.store.stats import LayerStats
 
+READ_POS_MAX = 4096  # files whose read position a layer remembers
+
 
 class WholeBlob:
     """A layer blob downloaded whole, for a source that ignores Range."""
@@ -52,10 +54,20 @@ class Layer:
             bytes_total=sum(c.size for c in self.chunks),
             bytes_ready=sum(c.size for i, c in enumerate(self.chunks) if cmap[i]),
         )
-        # Entry name -> where its last read ended: a read starting there is sequential.
+        # Entry name -> where its last read ended: a read starting there is sequential.  The
+        # most recent READ_POS_MAX files only, so a soak that reads every file stays bounded.
         self.read_pos: dict[str, int] = {}
         self.size = 0  # compressed blob size, when known
         self.whole: WholeBlob | None = None  # a local copy, for sources that ignore Range
+
+    def note_read(self, name: str, end: int) -> int | None:
+        """Record that a read of ``name`` ended at ``end``; return where the previous one
+        ended (None: no read of it is remembered)."""
+        prev = self.read_pos.pop(name, None)
+        self.read_pos[name] = end  # re-inserted: the dict's order is recency
+        if len(self.read_pos) > READ_POS_MAX:
+            del self.read_pos[next(iter(self.read_pos))]
+        return prev
 
     def set_ready(self, i: int) -> bool:
         if not self.map.set(i):

@@ -214,8 +214,7 @@ class LayerStore:
             )
             for c in chunks
         ]
-        prev = layer.read_pos.get(entry.name)
-        layer.read_pos[entry.name] = end
+        prev = layer.note_read(entry.name, end)
         extra: list[Chunk] = []
         if prev is None or prev == offset:  # a first or sequential read, not random access
             extra = plan.readahead(entry, chunks, prev is None, self.readahead)

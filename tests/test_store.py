@@ -30,6 +30,7 @@ from lazyfs.store import (
     LayerStore,
     default_cache_dir,
 )
+from lazyfs.store.chunkmap import DigestIndex
 from lazyfs.store.layerstate import READ_POS_MAX
 
 # ------------------------------------------------------------------------------------ helpers
@@ -610,6 +611,18 @@ def test_chunk_map_roundtrip_and_bad_files(tmp_path: Path) -> None:
     assert ChunkMap.load(path, BLOB2, digests).ready == 0
     path.write_bytes(b"\x93garbage")
     assert ChunkMap.load(path, BLOB, digests).ready == 0
+
+
+def test_digest_index_answers_as_a_dict() -> None:
+    chunks = [Chunk(0, 1, i, i + 1, digest_of(str(i).encode())) for i in range(500)]
+    index = DigestIndex(chunks)
+    assert len(index) == 500
+    assert all(index[c.digest] == i and c.digest in index for i, c in enumerate(chunks))
+    missing = digest_of(b"missing")
+    assert index.get(missing) is None and missing not in index
+    with pytest.raises(KeyError):
+        index[missing]
+    assert DigestIndex([]).get(missing) is None
 
 
 def test_read_positions_are_bounded(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import trio
 from lazyfs.errors import RemoteError
 from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
-from lazyfs.store.chunkmap import ChunkMap, layer_chunks
+from lazyfs.store.chunkmap import ChunkMap, DigestIndex, layer_chunks
 from lazyfs.store.stats import LayerStats
 
 READ_POS_MAX = 4096  # files whose read position a layer remembers
@@ -43,7 +43,7 @@ class Layer:
         self.toc = toc
         self.map = cmap
         self.chunks = layer_chunks(toc)  # the map's bit order
-        self.index = {c.digest: i for i, c in enumerate(self.chunks)}
+        self.index = DigestIndex(self.chunks)
         self.by_offset = sorted(self.chunks, key=lambda c: (c.offset, c.end))
         self.offsets = [c.offset for c in self.by_offset]
         self.stats = LayerStats(

@@ -662,7 +662,8 @@ class LayerStore:
     def _bits(self, digest: str) -> list[tuple[Layer, int]]:
         """The readiness bits of ``digest`` in every layer.  Asked of each layer's index, not
         kept in a table of its own: that table cost ~200 B per chunk (20 MiB at 100k files)."""
-        return [(la, la.index[digest]) for la in self._layers.values() if digest in la.index]
+        found = ((la, la.index.get(digest)) for la in self._layers.values())
+        return [(la, i) for la, i in found if i is not None]
 
     def _mark_ready(self, digest: str) -> None:
         for layer, i in self._bits(digest):

@@ -302,7 +302,6 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
     starts = sorted(
         {w.offset for w in wire if (w.type == "reg" and w.size) or w.type == "chunk"} | {data_end}
     )
-    pending: list[tuple[_WireEntry, Entry]] = []
     current: tuple[_WireEntry, list[_WireEntry]] | None = None
 
     def finish() -> None:
@@ -314,7 +313,7 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
         entry.chunks = tuple(
             _to_chunk(head, entry, p, starts, last=i == len(parts) - 1) for i, p in enumerate(parts)
         )
-        pending.append((head, entry))
+        entries.append(entry)
         current = None
 
     for w in wire:
@@ -329,9 +328,8 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
         if w.type == "reg" and w.size > 0:
             current = (w, [w])
         else:
-            pending.append((w, _to_entry(w)))
+            entries.append(_to_entry(w))
     finish()
-    entries.extend(e for _, e in pending)
     return entries
 
 

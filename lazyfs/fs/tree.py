@@ -180,11 +180,14 @@ class Tree:
         # siblings, not once per entry (a mount of 100k files spends its start-up here).
         last_dir: str | None = None
         parent = self.root
+        # One string per distinct base name (__init__.py, README...), not one per node.
+        names: dict[str, str] = {}
         for e in content:
             if e.name == "":
                 self._set_entry(self.root, e, layer)
                 continue
             dirname, _, name = e.name.rpartition("/")
+            name = names.setdefault(name, name)
             if dirname != last_dir or parent.children is None or parent.nlink <= 0:
                 parent = self._dir(dirname, layer)
                 last_dir = dirname

@@ -73,6 +73,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
+    deltas: bool = True  # use binary patches stored beside the image against chunks held
     layer_count: int | None = None  # mount only the lowest N layers (a snapshotter chain)
     docker_config: str | None = None  # credentials file; None = the user's default
     read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
@@ -262,7 +263,9 @@ async def serve(
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
                 if recorder is not None:
                     recorder.start()
-                nursery.start_soon(mount.fetch_ahead, pending_deltas(image))
+                nursery.start_soon(
+                    mount.fetch_ahead, pending_deltas(image) if opts.deltas else None
+                )
                 if ready is not None:
                     plain = [ol.descriptor.mediaType for ol in image.plain_layers()]
                     ready(ReadyReport(len(image.layers), plain))

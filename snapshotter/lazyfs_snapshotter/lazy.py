@@ -209,6 +209,8 @@ class LazyLayers:
             opts.append("--insecure")
         if self.config.prefetch == "none":
             opts.append("--no-prefetch")
+        if not self.config.deltas:
+            opts.append("--no-deltas")
         return opts
 
     def _start(self, chain: Chain) -> tuple[int, Path]:

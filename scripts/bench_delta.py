@@ -375,11 +375,14 @@ CONTENDERS = (
 def measure(label: str, sc: Scenario, p: Prepared, w: Any, d: Path) -> Sample:
     """One repetition of one contender: a fresh copy of the node, then timed from the first
     request until NEW's start-up has finished."""
-    host_of = lambda ref: ref.replace(w.push_host, w.host)  # noqa: E731 - the measured host
+
+    def host_of(ref: str) -> str:  # the measured host
+        return str(ref.replace(w.push_host, w.host))
+
     node = d / "rep-node"
     shutil.rmtree(node, ignore_errors=True)
     root = d / "rep-root"
-    if is_mounted(root):
+    if is_mounted(str(root)):
         subprocess.run(["umount", "-l", str(root)], check=False)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()

@@ -2,39 +2,45 @@
 """What an image update costs a node that holds the old image: a full pull of the changed
 layers, zstd:chunked-style file dedup, lazyfs chunk dedup and lazyfs binary deltas.
 
-Two updates, both real, built reproducibly from what is on disk:
+Two updates, both real, built reproducibly by this script:
 
-* **debian**: a root filesystem unpacked from Debian packages (``dpkg-deb -x``, a fixed set
-  taken from apt's package cache, by name), and the same set after upgrading every package
-  the cache holds two versions of (an ``apt-get upgrade`` of those packages), with
-  ``var/lib/dpkg/status`` listing the versions.  One layer, as a Debian base image is.
-* **app**: that Debian layer (unchanged) plus an application layer: this repository's source
-  at two git revisions (``--app-old``, ``--app-new``).
+* **debian**: the WAN harness's Debian (``debootstrap --variant=minbase --include=python3
+  bookworm`` from this machine's apt mirror: a point release) and the same tree after
+  ``apt-get upgrade`` with bookworm-updates and bookworm-security added (the next state of
+  that package set).  One layer, as a Debian base image is.  Start-up: the harness's
+  ``python3 -c 'import json, email.parser, …'`` in a chroot.
+* **app**: the upgraded Debian layer (unchanged) plus an application layer: this repository's
+  Python source at two git revisions (``--app-old``, ``--app-new``).  Start-up: read every
+  file the update changed.
 
-Each is converted to zstd:chunked and pushed to a local docker-registry behind a byte-counting
-proxy.  Bytes are counted at the proxy (blob requests: TOCs are excluded as every contender
-needs them; the delta index is included); times are wall-clock on loopback, where the network
-costs nothing, so bytes are the main figure.  Also measured: zstd patch-from at two levels
-against an rsync-style delta (``rdiff``, librsync) over the same changed files.
+Each is converted to zstd:chunked and pushed, with its gzip original, to docker-registry: on
+loopback behind a byte-counting proxy (blob bytes), or behind the WAN harness's shaped link
+and delaying relay (``--profile wan``, the default: every byte on the veth).  For each
+contender, a fresh copy of a node that holds OLD (and NEW's TOCs, which every lazy contender
+reads first) is timed from the first request until NEW's start-up has run: a full pull of the
+changed gzip layers (``curl | tar -xz``), a zstd:chunked-style partial pull (files whose
+digest OLD lacks, whole: the node's cache less those files' chunks, then ``lazyfs pull``),
+``lazyfs pull`` with chunk dedup, the same with deltas, and both lazily (mount and start, no
+pull).  Also measured: zstd patch-from at two levels against an rsync-style delta (``rdiff``,
+librsync) over the same changed files.
 
-    .venv/bin/python scripts/bench_delta.py [--workdir DIR] [--debs DIR] [--budget-mib N]
+    .venv/bin/python scripts/bench_delta.py [--profile wan|loopback|…] [--reps N] [--only NAME]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import re
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +56,12 @@ from benchlib import (
     write_json,
 )
 
-from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
-from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.fs.unmount import is_mounted
+from lazyfs.testing.dockerregistry import push_oci_layout
 from lazyfs.testing.layers import make_layout
+from lazyfs.testing.mounts import mounted
 
 MiB = 1 << 20
-ARCH = {"amd64", "all"}
 
 
 def lazyfs(*args: str, timeout: float = 1800) -> str:
@@ -74,84 +80,69 @@ def lazyfs(*args: str, timeout: float = 1800) -> str:
 # ------------------------------------------------------------------------------- images
 
 
-def _deb_name(path: Path) -> tuple[str, str, str]:
-    name, version, arch = path.stem.split("_")
-    return name, version, arch
+def debian_roots() -> tuple[Path, Path, list[list[str]]]:
+    """OLD: the WAN harness's Debian (debootstrap of bookworm, its point release, from this
+    machine's apt mirror; cached).  NEW: the same tree after ``apt-get upgrade`` with
+    bookworm-updates and bookworm-security added (cached beside it): the next state of the
+    package set, as a rebuilt base image has.  Returns both and the upgraded packages
+    ``[name, old version, new version]``."""
+    from benchwan.images import IMAGES_DIR, _debian_rootfs, apt_mirror
 
-
-def pick_debs(debs: Path, budget: int) -> tuple[list[Path], list[Path], list[str]]:
-    """(old set, new set, upgraded package names): every package with two versions in the
-    cache (old: the lower version as dpkg orders them), then others by name until ``budget``
-    bytes of .deb."""
-    by_name: dict[str, list[Path]] = {}
-    for p in sorted(debs.glob("*.deb")):
-        name, _, arch = _deb_name(p)
-        if arch in ARCH:
-            by_name.setdefault(name, []).append(p)
-    upgraded = sorted(n for n, ps in by_name.items() if len(ps) > 1)
-    old: list[Path] = []
-    new: list[Path] = []
-    for n in upgraded:
-        ps = sorted(by_name[n], key=lambda p: _Version(_deb_name(p)[1]))
-        old.append(ps[0])
-        new.append(ps[-1])
-    total = sum(p.stat().st_size for p in old)
-    for n, ps in sorted(by_name.items()):
-        if n in upgraded or total >= budget:
-            continue
-        old.append(ps[0])
-        new.append(ps[0])
-        total += ps[0].stat().st_size
+    old = _debian_rootfs()
+    if old is None:
+        raise SystemExit("bench_delta needs debootstrap of bookworm from the apt mirror")
+    new = IMAGES_DIR / "debian-upgraded-rootfs"
+    meta = IMAGES_DIR / "debian-upgraded.json"
+    if meta.exists() and new.is_dir():
+        return old, new, json.loads(meta.read_text())["upgraded"]
+    log("debian: apt-get upgrade of a copy with bookworm-updates and -security (once)")
+    tmp = new.with_name(new.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(["cp", "-a", str(old), str(tmp)], check=True)
+    sources, resolv = tmp / "etc/apt/sources.list", tmp / "etc/resolv.conf"
+    kept = sources.read_bytes(), resolv.read_bytes()
+    main, security = apt_mirror(), apt_mirror(security=True)
+    sources.write_text(
+        f"deb {main} bookworm main\ndeb {main} bookworm-updates main\n"
+        f"deb {security} bookworm-security main\n"
+    )
+    shutil.copyfile("/etc/resolv.conf", resolv)  # the chroot resolves the mirror as we do
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "-y", "-qq", "-o", "Dpkg::Options::=--force-confold", "upgrade"],
+        ["apt-get", "clean"],
+    ):
+        res = subprocess.run(["chroot", str(tmp), *argv], env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} in the Debian copy: {res.stderr.strip()[-300:]}")
+    sources.write_bytes(kept[0])
+    resolv.write_bytes(kept[1])
+    before, after = _versions(old), _versions(tmp)
+    upgraded = [[n, before[n], v] for n, v in sorted(after.items()) if before.get(n) != v]
+    tmp.replace(new)
+    meta.write_text(json.dumps({"upgraded": upgraded}, indent=1))
     return old, new, upgraded
 
 
-class _Version:
-    """dpkg's version order, asked of dpkg itself (no reimplementation)."""
-
-    def __init__(self, v: str) -> None:
-        self.v = v.replace("%3a", ":")
-
-    def __lt__(self, other: _Version) -> bool:
-        r = subprocess.run(["dpkg", "--compare-versions", self.v, "lt", other.v], check=False)
-        return r.returncode == 0
+def _versions(root: Path) -> dict[str, str]:
+    res = subprocess.run(
+        ["dpkg-query", "--admindir", str(root / "var/lib/dpkg"), "-W", "-f",
+         "${Package} ${Version}\n"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return dict(line.split(" ", 1) for line in res.stdout.splitlines() if line)
 
 
-def rootfs_tar(debs: list[Path], work: Path) -> bytes:
-    """The packages unpacked into one tree, as a deterministic tar (sorted, root-owned)."""
-    root = work / "root"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    status = []
-    for p in debs:
-        subprocess.run(["dpkg-deb", "-x", str(p), str(root)], check=True)
-        name, version, arch = _deb_name(p)
-        status.append(
-            f"Package: {name}\nStatus: install ok installed\nArchitecture: {arch}\n"
-            f"Version: {version.replace('%3a', ':')}\n"
-        )
-    (root / "var/lib/dpkg").mkdir(parents=True, exist_ok=True)
-    (root / "var/lib/dpkg/status").write_text("\n".join(status))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for path in _walk(root):
-            info = tf.gettarinfo(str(path), arcname=str(path.relative_to(root)))
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            if info.isreg():
-                with path.open("rb") as f:
-                    tf.addfile(info, f)
-            else:
-                tf.addfile(info)
-    shutil.rmtree(root)
-    return buf.getvalue()
+def rootfs_tar(root: Path, work: Path) -> bytes:
+    """The tree as the WAN harness tars it (sorted names, numeric owners, no /dev contents)."""
+    from benchwan.images import _debian_tar
 
-
-def _walk(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        d = Path(dirpath)
-        for name in sorted(dirnames + filenames):
-            yield d / name
+    tar = work / "rootfs.tar"
+    _debian_tar(root, tar)
+    data = tar.read_bytes()
+    tar.unlink()
+    return data
 
 
 def app_tar(rev: str) -> bytes:
@@ -184,15 +175,10 @@ def lazy_image(tars: list[bytes], work: Path, tag: str) -> tuple[Path, list[int]
 # ------------------------------------------------------------------------------- measures
 
 
-@contextmanager
-def counting(proxy: FaultProxy) -> Iterator[dict[str, float]]:
-    proxy.reset()
-    out: dict[str, float] = {}
-    t0 = time.monotonic()
-    yield out
-    out["seconds"] = time.monotonic() - t0
-    out["bytes"] = proxy.blob_bytes
-    out["requests"] = len(proxy.served)
+@dataclass
+class Sample:
+    seconds: float
+    bytes: int
 
 
 def pulled(stdout: str) -> dict[str, Any]:
@@ -203,13 +189,15 @@ def pulled(stdout: str) -> dict[str, Any]:
     raise RuntimeError("no pulled event")
 
 
-def file_dedup_bytes(old: str, new: str, cache: Path) -> int:
-    """zstd:chunked-style partial pull: every NEW file whose digest OLD lacks, whole."""
+def file_dedup(old: str, new: str, cache: Path) -> tuple[int, set[str]]:
+    """zstd:chunked-style partial pull: every NEW file whose digest OLD lacks is fetched
+    whole.  Returns those bytes and the chunk digests of those files (which a node doing
+    file dedup cannot take from its cache)."""
     import trio
 
     from lazyfs.opener import open_image
 
-    async def run() -> int:
+    async def run() -> tuple[int, set[str]]:
         async with (
             open_image(old, cache_dir=cache, plain_http=True) as o,
             open_image(new, cache_dir=cache, plain_http=True) as n,
@@ -217,6 +205,7 @@ def file_dedup_bytes(old: str, new: str, cache: Path) -> int:
             have = {e.digest for li in o.layers for e in li.toc.entries if e.digest}
             shared = {li.descriptor.digest for li in o.layers}
             seen: set[str] = set()
+            chunks: set[str] = set()
             total = 0
             for li in n.layers:
                 if li.descriptor.digest in shared:
@@ -226,7 +215,8 @@ def file_dedup_bytes(old: str, new: str, cache: Path) -> int:
                         continue
                     seen.add(e.digest)
                     total += sum(c.end - c.offset for c in e.chunks if not c.zeros)
-            return total
+                    chunks.update(c.digest for c in e.chunks if c.digest and not c.zeros)
+            return total, chunks
 
     return trio.run(run)
 
@@ -282,49 +272,64 @@ def patch_methods(old: str, new: str, cache: Path, work: Path) -> dict[str, dict
     return result
 
 
-def scenario(
-    name: str,
-    old_tars: list[bytes],
-    new_tars: list[bytes],
-    reg: RegistryInstance,
-    proxy: FaultProxy,
-    work: Path,
-    read: list[str],
-) -> dict[str, Any]:
-    log(f"{name}: converting and pushing")
-    d = work / name
-    d.mkdir(parents=True, exist_ok=True)
-    old_lay, _ = lazy_image(old_tars, d, "v1")
-    new_lay, new_gz = lazy_image(new_tars, d, "v2")
-    old = f"{reg.host}/{name}/img:v1"
-    new = f"{reg.host}/{name}/img:v2"
-    push_oci_layout(old_lay, old, tag="v1")
-    push_oci_layout(new_lay, new, tag="v2")
-    via = new.replace(reg.host, proxy.host)
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    old_tars: list[bytes]
+    new_tars: list[bytes]
+    start: Callable[[Path], None]  # the start-up of NEW in a root filesystem
+    start_text: str
+
+
+@dataclass
+class Prepared:
+    old: str  # registry references, on the unshaped push host
+    new: str  # NEW without deltas (chunk and file dedup)
+    new_deltas: str  # the same NEW in a repository that also holds its deltas
+    gzip: str  # NEW with gzip layers (the full pull)
+    changed_gzip: list[str]  # blob digests of NEW's changed gzip layers
+    pristine: Path  # a node cache holding OLD and NEW's TOCs
+    file_node: Path  # the same, less the chunks of files file dedup fetches
+    results: dict[str, Any]
+
+
+def prepare(sc: Scenario, w: Any, work: Path) -> Prepared:
     from lazyfs.ocilayout import Layout
 
+    log(f"{sc.name}: converting and pushing")
+    d = work / sc.name
+    d.mkdir(parents=True, exist_ok=True)
+    old_lay, _ = lazy_image(sc.old_tars, d, "v1")
+    new_lay, new_gz = lazy_image(sc.new_tars, d, "v2")
+    base = f"{w.push_host}/{sc.name}"
+    old, new, new_deltas, gzip = (f"{base}/{r}" for r in ("img:v1", "img:v2", "deltas:v2",
+                                                           "gzip:v2"))  # fmt: skip
+    push_oci_layout(old_lay, old, tag="v1")
+    push_oci_layout(new_lay, new, tag="v2")
+    push_oci_layout(new_lay, new_deltas, tag="v2")
+    push_oci_layout(d / "v2-gzip", gzip, tag="v2")
     old_layers = Layout(old_lay).manifest("v1").layers
     new_layers = Layout(new_lay).manifest("v2").layers
-    changed = [
-        i for i, desc in enumerate(new_layers) if desc.digest not in {o.digest for o in old_layers}
-    ]
+    gz_layers = Layout(d / "v2-gzip").manifest("v2").layers
+    held = {o.digest for o in old_layers}
+    changed = [i for i, desc in enumerate(new_layers) if desc.digest not in held]
     res: dict[str, Any] = {
+        "description": sc.description,
+        "start": sc.start_text,
         "image_gzip_bytes": sum(new_gz),
         "full_pull_gzip": sum(new_gz[i] for i in changed),
         "full_pull_lazy": sum(new_layers[i].size for i in changed),
-        "old_layers": [o.size for o in old_layers],
     }
-
-    def node() -> Path:
-        cache = d / "node"
-        shutil.rmtree(cache, ignore_errors=True)
-        lazyfs("pull", old, "--plain-http", "--cache", str(cache), "--progress", "none")
-        # TOCs of NEW: every contender reads them first; keep them out of the comparison.
-        lazyfs("diff", old, new, "--plain-http", "--cache", str(cache), "--json")
-        return cache
-
-    cache = node()
-    report = json.loads(lazyfs("diff", old, new, "--plain-http", "--cache", str(cache), "--json"))
+    pristine = d / "node"
+    shutil.rmtree(pristine, ignore_errors=True)
+    lazyfs("pull", old, "--plain-http", "--cache", str(pristine), "--progress", "none")
+    # NEW's TOCs: every contender reads them first (a lazy pull's first step); a node that
+    # holds OLD has them, so they stay out of the comparison.
+    report = json.loads(
+        lazyfs("diff", old, new, "--plain-http", "--cache", str(pristine), "--json")
+    )
+    lazyfs("diff", old, new_deltas, "--plain-http", "--cache", str(pristine), "--json")
     res["report"] = {
         k: report[k] for k in ("fetch_bytes", "held_bytes", "full_pull_bytes", "files_removed")
     }
@@ -332,63 +337,102 @@ def scenario(
         k: sum(ld[k] for ld in report["layers"])
         for k in ("files_changed", "files_new", "files_unchanged", "changed_bytes", "new_bytes")
     }
-    res["file_dedup"] = file_dedup_bytes(old, new, cache)
+    res["file_dedup_bytes"], drop = file_dedup(old, new, pristine)
+    file_node = d / "file-node"
+    shutil.rmtree(file_node, ignore_errors=True)
+    shutil.copytree(pristine, file_node)
+    from lazyfs.store.chunkcache import ChunkCache
 
-    log(f"{name}: chunk dedup pull")
-    with counting(proxy) as m:
-        ev = pulled(
-            lazyfs("pull", via, "--plain-http", "--cache", str(cache), "--progress", "json")
-        )
-    res["chunk_pull"] = {**m, "bytes_held": ev["bytes_held"]}
-    res["chunk_read"] = mount_read(via, node(), read, proxy, d)
+    cache = ChunkCache(file_node)
+    for digest in drop:
+        cache.path_of(digest).unlink(missing_ok=True)
 
-    log(f"{name}: making deltas")
+    log(f"{sc.name}: making deltas")
     t0 = time.monotonic()
     summary = json.loads(
-        lazyfs("delta", old, new, "--push", "--plain-http", "--json", "--cache", str(d / "builder"))
-    )
+        lazyfs("delta", old, new_deltas, "--push", "--plain-http", "--json", "--cache",
+               str(d / "builder"))
+    )  # fmt: skip
     res["delta_build"] = {**summary, "seconds": time.monotonic() - t0}
-    cache = node()
-    with counting(proxy) as m:
-        ev = pulled(
-            lazyfs("pull", via, "--plain-http", "--cache", str(cache), "--progress", "json")
-        )
-    res["delta_pull"] = {**m, "patch_bytes": ev["patch_bytes"], "chunk_bytes": ev["bytes_fetched"]}
-    res["delta_read"] = mount_read(via, node(), read, proxy, d)
-    log(f"{name}: patch methods")
+    log(f"{sc.name}: patch methods")
     res["methods"] = patch_methods(old, new, d / "builder", d)
-    return res
+    return Prepared(
+        old, new, new_deltas, gzip, [gz_layers[i].digest for i in changed], pristine,
+        file_node, res,
+    )  # fmt: skip
 
 
-def mount_read(
-    image: str, cache: Path, paths: list[str], proxy: FaultProxy, d: Path
-) -> dict[str, float]:
-    """Mount NEW on a node holding OLD and read ``paths`` (the update's files): the bytes and
-    time until they are all read."""
-    from lazyfs.testing.mounts import mounted
+CONTENDERS = (
+    "full pull of the changed layers (gzip) + extract",
+    "zstd:chunked-style file dedup (`lazyfs pull`, file-level cache)",
+    "lazyfs chunk dedup (`lazyfs pull`)",
+    "lazyfs deltas (`lazyfs pull`)",
+    "lazyfs chunk dedup, lazily (mount, no pull)",
+    "lazyfs deltas, lazily (mount, no pull)",
+)
 
-    mnt = d / "mnt"
-    with (
-        counting(proxy) as m,
-        mounted(image, mnt, "--read-only", "--plain-http", "--cache", str(cache), "--no-prefetch"),
-    ):
-        for p in paths:
-            path = mnt / p
+
+def measure(label: str, sc: Scenario, p: Prepared, w: Any, d: Path) -> Sample:
+    """One repetition of one contender: a fresh copy of the node, then timed from the first
+    request until NEW's start-up has finished."""
+
+    def host_of(ref: str) -> str:  # the measured host
+        return str(ref.replace(w.push_host, w.host))
+
+    node = d / "rep-node"
+    shutil.rmtree(node, ignore_errors=True)
+    root = d / "rep-root"
+    if is_mounted(str(root)):
+        subprocess.run(["umount", "-l", str(root)], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    if not label.startswith("full pull"):
+        shutil.copytree(p.file_node if "file dedup" in label else p.pristine, node)
+    new = host_of(p.new_deltas if "deltas" in label else p.new)
+    n0 = w.count()
+    t0 = time.monotonic()
+    if label.startswith("full pull"):
+        if len(sc.new_tars) > 1:  # the unchanged layers are on the node already
+            for tar in sc.new_tars[:-1]:
+                subprocess.run(["tar", "-xf", "-", "-C", str(root)], input=tar, check=True)
+            n0, t0 = w.count(), time.monotonic()
+        repo = host_of(p.gzip).rsplit(":", 1)[0].split("/", 1)
+        for digest in p.changed_gzip:
+            url = f"http://{repo[0]}/v2/{repo[1]}/blobs/{digest}"
+            subprocess.run(
+                f"curl -sfL {shlex.quote(url)} | tar -xzf - -C {shlex.quote(str(root))}",
+                shell=True, check=True,
+            )  # fmt: skip
+        sc.start(root)
+    else:
+        if "pull" in label:
+            lazyfs("pull", new, "--plain-http", "--cache", str(node), "--progress", "none")
+        with mounted(new, root, "--read-only", "--plain-http", "--cache", str(node),
+                     "--no-prefetch"):  # fmt: skip
+            sc.start(root)
+    sample = Sample(time.monotonic() - t0, w.count() - n0)
+    if not label.startswith("full pull"):
+        shutil.rmtree(node, ignore_errors=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return sample
+
+
+def python_start(root: Path) -> None:
+    from benchwan.images import WORKLOAD
+
+    subprocess.run(["chroot", str(root), "/usr/bin/python3", "-c", WORKLOAD], check=True,
+                   capture_output=True)  # fmt: skip
+
+
+def reader(paths: list[str]) -> Callable[[Path], None]:
+    def start(root: Path) -> None:
+        for rel in paths:
+            path = root / rel
             if path.is_file() and not path.is_symlink():
                 path.read_bytes()
-    return m
 
-
-def package_files(debs: list[Path]) -> list[str]:
-    out: list[str] = []
-    for p in debs:
-        listing = subprocess.run(
-            ["dpkg-deb", "-c", str(p)], capture_output=True, text=True, check=True
-        )
-        for line in listing.stdout.splitlines():
-            if line.startswith("-"):
-                out.append(re.sub(r"^\./", "", line.split(None, 5)[5]))
-    return out
+    return start
 
 
 def changed_app_files(old: str, new: str) -> list[str]:
@@ -406,42 +450,39 @@ def mib(n: float) -> str:
     return f"{n / MiB:.2f} MiB" if n >= 0.1 * MiB else f"{n / 1024:.1f} KiB"
 
 
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
 def markdown(results: dict[str, Any]) -> str:
-    parts = []
+    parts = [f"Link: {results['link']}; medians of {results['reps']} repetitions."]
     for name, r in results["scenarios"].items():
         full = r["full_pull_gzip"]
-
-        def row(
-            label: str, n: int, m: dict[str, float] | None = None, full: int = full
-        ) -> list[str]:
-            secs = f"{m['seconds']:.2f} s" if m is not None else "–"
-            return [label, mib(n), f"{full / max(1, n):.1f}×", secs]
-
-        rows = [
-            row("full pull of the changed layers (gzip)", full),
-            row("full pull of the changed layers (zstd:chunked)", r["full_pull_lazy"]),
-            row("zstd:chunked-style file dedup (computed)", r["file_dedup"]),
-            row("lazyfs chunk dedup (`lazyfs pull`)", r["chunk_pull"]["bytes"], r["chunk_pull"]),
-            row("lazyfs deltas (`lazyfs pull`)", r["delta_pull"]["bytes"], r["delta_pull"]),
-            row("lazyfs chunk dedup: mount, read the update's files", r["chunk_read"]["bytes"],
-                r["chunk_read"]),
-            row("lazyfs deltas: mount, read the update's files", r["delta_read"]["bytes"],
-                r["delta_read"]),
-        ]  # fmt: skip
+        samples = r["samples"]
+        base_t = med([s["seconds"] for s in samples[CONTENDERS[0]]])
+        rows = []
+        for label in CONTENDERS:
+            ss = samples[label]
+            t = [s["seconds"] for s in ss]
+            n = med([s["bytes"] for s in ss])
+            rows.append([
+                label, mib(n), f"{full / max(1, n):.1f}×",
+                f"{med(t):.2f} s ({min(t):.2f}–{max(t):.2f})", f"{med(t) / base_t:.2f}×",
+            ])  # fmt: skip
         f = r["files"]
         parts.append(
             f"**{name}** ({r['description']}): {f['files_changed']} files changed, "
             f"{f['files_new']} new, {r['report']['files_removed']} removed, "
-            f"{f['files_unchanged']} unchanged; `lazyfs diff` predicted "
-            f"{mib(r['report']['fetch_bytes'])} for the chunk-dedup pull and the registry "
-            f"served {mib(r['chunk_pull']['bytes'])}. `lazyfs delta`: {r['delta_build']['files']} "
-            f"patches, {mib(r['delta_build']['patch_bytes'])} instead of "
-            f"{mib(r['delta_build']['chunk_bytes'])} of chunks, made in "
-            f"{r['delta_build']['seconds']:.1f} s.\n\n"
-            + md_table(
-                ["NEW given OLD cached", "bytes served", "vs full pull", "time (loopback)"], rows
-            )
-        )
+            f"{f['files_unchanged']} unchanged. A full pull of the changed layers is "
+            f"{mib(full)} (gzip; {mib(r['full_pull_lazy'])} as zstd:chunked); `lazyfs diff` "
+            f"predicts {mib(r['report']['fetch_bytes'])} of chunks for the chunk-dedup pull; "
+            f"file dedup needs {mib(r['file_dedup_bytes'])}. `lazyfs delta`: "
+            f"{r['delta_build']['files']} patches, {mib(r['delta_build']['patch_bytes'])} "
+            f"instead of {mib(r['delta_build']['chunk_bytes'])} of chunks, made in "
+            f"{r['delta_build']['seconds']:.1f} s. Start-up: {r['start']}.\n\n"
+            + md_table(["NEW given OLD cached, until started", "bytes over the wire",
+                        "fewer than full pull", "time (min–max)", "time vs full pull"], rows)
+        )  # fmt: skip
         m = r["methods"]
         mrows = [
             [k, mib(v["bytes"]), f"{v['seconds']:.2f} s" if "seconds" in v else "–"]
@@ -457,13 +498,16 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench_ctr import wire
+    from benchwan.netns import PROFILES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, help="scratch space (default: a temporary dir)")
-    ap.add_argument("--debs", type=Path, default=Path("/var/cache/apt/archives"),
-                    help="where the Debian packages come from (apt's package cache)")  # fmt: skip
-    ap.add_argument("--budget-mib", type=int, default=80, help=".deb bytes in the image")
+    ap.add_argument("--profile", choices=["loopback", *sorted(PROFILES)], default="wan")
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--app-old", default="HEAD~40")
     ap.add_argument("--app-new", default="HEAD")
+    ap.add_argument("--only", choices=["debian", "app"], help="one scenario")
     ap.add_argument("--no-markdown", action="store_true")
     args = ap.parse_args(argv)
     if shutil.which("rdiff") is None:
@@ -472,31 +516,46 @@ def main(argv: list[str] | None = None) -> int:
         )
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lazyfs-bench-delta-"))
     work.mkdir(parents=True, exist_ok=True)
-    old_debs, new_debs, upgraded = pick_debs(args.debs, args.budget_mib * MiB)
-    if not upgraded:
-        raise SystemExit(f"{args.debs}: no package with two versions: nothing to upgrade")
-    log(f"debian: {len(old_debs)} packages, upgrading {', '.join(upgraded)}")
-    old_root = rootfs_tar(old_debs, work)
-    new_root = rootfs_tar(new_debs, work)
-    deb_read = package_files([p for p in new_debs if _deb_name(p)[0] in upgraded])
-    app_read = changed_app_files(args.app_old, args.app_new)
-    results: dict[str, Any] = {"machine": machine_info(), "scenarios": {}}
-    with RegistryInstance(work / "registry") as reg, FaultProxy(reg.url) as proxy:
-        r = scenario("debian", [old_root], [new_root], reg, proxy, work, deb_read)
-        r["description"] = (
-            f"{len(old_debs)} Debian packages unpacked into one layer, "
-            f"{len(upgraded)} upgraded: " + ", ".join(
-                f"{_deb_name(o)[0]} {_deb_name(o)[1]} → {_deb_name(n)[1]}"
-                for o, n in zip(old_debs, new_debs, strict=True) if o != n
-            )
-        )  # fmt: skip
-        results["scenarios"]["debian"] = r
-        a_old, a_new = app_tar(args.app_old), app_tar(args.app_new)
-        r = scenario("app", [old_root, a_old], [old_root, a_new], reg, proxy, work, app_read)
-        r["description"] = (
-            f"the Debian layer plus this repository's source, {args.app_old} → {args.app_new}"
-        )
-        results["scenarios"]["app"] = r
+    old_root, new_root, upgraded = debian_roots()
+    log(f"debian: {len(upgraded)} packages upgraded: {' '.join(u[0] for u in upgraded)}")
+    old_tar, new_tar = rootfs_tar(old_root, work), rootfs_tar(new_root, work)
+    scenarios = []
+    if args.only in (None, "debian"):
+        scenarios.append(Scenario(
+            "debian",
+            f"`debootstrap --variant=minbase --include=python3 bookworm` (Debian "
+            f"{(old_root / 'etc/debian_version').read_text().strip()}, one layer) and the same "
+            f"tree after `apt-get upgrade` from bookworm-updates and bookworm-security, "
+            f"{len(upgraded)} packages upgraded: "
+            + ", ".join(f"{n} {a} → {b}" for n, a, b in upgraded),
+            [old_tar], [new_tar], python_start,
+            "`chroot ROOT python3 -c 'import json, email.parser, http.client, sqlite3, …'` "
+            "(the WAN harness's)",
+        ))  # fmt: skip
+    if args.only in (None, "app"):
+        scenarios.append(Scenario(
+            "app",
+            f"the upgraded Debian layer plus an application layer: this repository's Python "
+            f"source, {args.app_old} → {args.app_new}",
+            [new_tar, app_tar(args.app_old)], [new_tar, app_tar(args.app_new)],
+            reader(changed_app_files(args.app_old, args.app_new)),
+            "read every file the update changed",
+        ))  # fmt: skip
+    results: dict[str, Any] = {"machine": machine_info(), "scenarios": {}, "reps": args.reps,
+                               "load_start": os.getloadavg()[0]}  # fmt: skip
+    with wire(args.profile, work) as w:
+        prepared = [prepare(sc, w, work) for sc in scenarios]
+        w.start_link()
+        results["link"] = w.describe
+        for sc, p in zip(scenarios, prepared, strict=True):
+            samples: dict[str, list[dict[str, float]]] = {c: [] for c in CONTENDERS}
+            for rep in range(args.reps):
+                for label in CONTENDERS:
+                    s = measure(label, sc, p, w, work / sc.name)
+                    log(f"{sc.name} rep {rep + 1}: {label}: {s.seconds:.2f} s, {mib(s.bytes)}")
+                    samples[label].append({"seconds": s.seconds, "bytes": s.bytes})
+            results["scenarios"][sc.name] = {**p.results, "samples": samples}
+    results["load_end"] = os.getloadavg()[0]
     path = write_json("delta", results)
     body = markdown(results)
     print(body)

@@ -400,6 +400,7 @@ def test_pull_and_mount_use_patches(
     plain = diff_report(old, new, node)
     spare = tmp_path / "spare"
     shutil.copytree(node, spare)
+    shutil.copytree(node, tmp_path / "spare2")
     fault_proxy.reset()
     pulled = pull(via(fault_proxy, new, registry), node)
     assert pulled.patch_bytes > 0
@@ -425,6 +426,17 @@ def test_pull_and_mount_use_patches(
     assert sum(s["provided_chunks"] for s in layers.values()) > 0
     assert sum(s["patch_bytes"] for s in layers.values()) > 0
     assert sum(s["patch_fallbacks"] for s in layers.values()) == 0
+
+    # --no-deltas: the same reads, from chunks only.
+    with mounted(
+        via(fault_proxy, new, registry), tmp_path / "mnt", "--read-only", "--plain-http",
+        "--cache", str(tmp_path / "spare2"), "--no-prefetch", "--no-deltas",
+    ) as m:  # fmt: skip
+        for path, data in NEW_FILES.items():
+            assert (m.mountpoint / path).read_bytes() == data, path
+        stats = m.stats()
+    assert all(s["stats"]["patch_bytes"] == 0 for s in stats["layers"])
+    assert all(s["stats"]["provided_chunks"] == 0 for s in stats["layers"])
 
 
 def _artifact_blobs(ref: str) -> list[str]:

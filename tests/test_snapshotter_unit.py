@@ -133,10 +133,12 @@ def test_config_parses() -> None:
     cfg = parse_config({
         "cache": {"dir": "/srv/cache", "size": "2GiB"},
         "prefetch": {"policy": "landmark"},
+        "deltas": {"enabled": False},
         "metrics": {"address": "127.0.0.1:9101"},
         "registry": {"plain_http": ["127.0.0.1:5000"]},
     })
     assert cfg.cache_size == 2 * 1024**3 and cfg.prefetch == "landmark"
+    assert not cfg.deltas and parse_config({}).deltas
     assert cfg.registry.plain_http == ("127.0.0.1:5000",)
     assert cfg.cache_path(Path("/r")) == Path("/srv/cache")
     assert parse_config({}).cache_path(Path("/r")) == Path("/r/cache")
@@ -146,6 +148,8 @@ def test_config_parses() -> None:
     ({"cache": {"size": "lots"}}, "not a size"),
     ({"cache": {"size": -1}}, "must be positive"),
     ({"prefetch": {"policy": "always"}}, "is not one of"),
+    ({"deltas": {"enabled": "no"}}, "expected true or false"),
+    ({"deltas": True}, r"\[deltas\] must be a table"),
     ({"metrics": {"address": "nowhere"}}, "HOST:PORT"),
     ({"registry": {"plain_http": "x"}}, "list of non-empty strings"),
     ({"cahce": {}}, "unknown key 'cahce'"),

@@ -78,6 +78,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fetch nothing before it is read (no stored groups, no landmarks)",
     )
     p.add_argument(
+        "--no-deltas",
+        action="store_true",
+        help="do not look for binary patches stored beside the image (fetch chunks only)",
+    )
+    p.add_argument(
         "--read-timeout",
         type=float,
         default=30.0,
@@ -143,6 +148,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
         copy_up_max=args.copy_up_limit,
         background_fetch=args.background_fetch,
         auto_prefetch=not args.no_prefetch,
+        deltas=not args.no_deltas,
         trace=os.path.abspath(args.trace) if args.trace else None,
         group=args.group,
         prefetch=args.prefetch,

@@ -78,6 +78,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
+    deltas: bool = True  # use binary patches stored beside the image against chunks held
     layer_count: int | None = None  # mount only the lowest N layers (a snapshotter chain)
     docker_config: str | None = None  # credentials file; None = the user's default
     read_timeout: float = 30.0  # a fetch that gets no bytes ends (EIO) within this
@@ -316,7 +317,9 @@ async def serve(
                 image.start_background(nursery)  # layers without a TOC: fetched from now on
                 if recorder is not None:
                     recorder.start()
-                nursery.start_soon(mount.fetch_ahead, pending_deltas(image))
+                nursery.start_soon(
+                    mount.fetch_ahead, pending_deltas(image) if opts.deltas else None
+                )
                 if ready is not None:
                     plain = [d.mediaType for d in image.plain_descriptors()]
                     ready(ReadyReport(len(image.descriptors), plain))

@@ -272,11 +272,12 @@ def _debian_rootfs() -> Path | None:
 MIRROR: str | None = None
 
 
-def apt_mirror() -> str:
+def apt_mirror(security: bool = False) -> str:
     """The Debian mirror to debootstrap from: ``MIRROR`` if given, else the first non-security
-    mirror of this machine's apt sources (deb822 or one-line style).  No built-in default:
-    results must not depend on (or name) a host nobody chose."""
-    if MIRROR:
+    mirror of this machine's apt sources (deb822 or one-line style); ``security``: the first
+    security mirror instead.  No built-in default: results must not depend on (or name) a host
+    nobody chose."""
+    if MIRROR and not security:
         return MIRROR
     texts = []
     for p in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
@@ -284,7 +285,7 @@ def apt_mirror() -> str:
             texts.append(p.read_text())
     for text in texts:
         for m in re.finditer(r"^(?:URIs:\s*|deb\s+(?:\[[^]]*\]\s+)?)(\S+)", text, re.M):
-            if "security" not in m.group(1):
+            if ("security" in m.group(1)) == security:
                 return m.group(1)
     raise SystemExit(
         "no Debian mirror: this machine's apt sources name none; pass --debian-mirror URL"

@@ -30,6 +30,7 @@ class Config:
     cache_dir: str | None = None  # None = <root>/cache
     cache_size: int = DEFAULT_CACHE_SIZE
     prefetch: str = "auto"
+    deltas: bool = True  # chain daemons use binary patches stored beside an image
     metrics_address: str | None = None
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 
@@ -89,17 +90,19 @@ def _check_keys(table: dict[str, Any], allowed: set[str], what: str) -> None:
 
 def parse_config(data: dict[str, Any]) -> Config:
     """A Config from a decoded TOML document."""
-    _check_keys(data, {"cache", "prefetch", "metrics", "registry"}, "config")
+    _check_keys(data, {"cache", "prefetch", "deltas", "metrics", "registry"}, "config")
     cache = data.get("cache", {})
     prefetch = data.get("prefetch", {})
+    deltas = data.get("deltas", {})
     metrics = data.get("metrics", {})
     registry = data.get("registry", {})
-    for name, table in (("cache", cache), ("prefetch", prefetch), ("metrics", metrics),
-                        ("registry", registry)):
+    for name, table in (("cache", cache), ("prefetch", prefetch), ("deltas", deltas),
+                        ("metrics", metrics), ("registry", registry)):
         if not isinstance(table, dict):
             raise ConfigError(f"config: [{name}] must be a table")
     _check_keys(cache, {"dir", "size"}, "[cache]")
     _check_keys(prefetch, {"policy"}, "[prefetch]")
+    _check_keys(deltas, {"enabled"}, "[deltas]")
     _check_keys(metrics, {"address"}, "[metrics]")
     _check_keys(registry, {"plain_http", "insecure", "docker_config"}, "[registry]")
     policy = prefetch.get("policy", "auto")
@@ -107,6 +110,9 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError(
             f"[prefetch].policy: {policy!r} is not one of {', '.join(PREFETCH_POLICIES)}"
         )
+    use_deltas = deltas.get("enabled", True)
+    if not isinstance(use_deltas, bool):
+        raise ConfigError(f"[deltas].enabled: expected true or false, got {use_deltas!r}")
     metrics_address = _opt_str(metrics, "address", "[metrics]")
     if metrics_address is not None:
         host_port(metrics_address, "[metrics].address")
@@ -114,6 +120,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         cache_dir=_opt_str(cache, "dir", "[cache]"),
         cache_size=parse_size(cache.get("size", DEFAULT_CACHE_SIZE), "[cache].size"),
         prefetch=policy,
+        deltas=use_deltas,
         metrics_address=metrics_address,
         registry=RegistryConfig(
             plain_http=_str_list(registry.get("plain_http", []), "[registry].plain_http"),

@@ -211,6 +211,8 @@ class LazyLayers:
             opts += ["--prefetch-from", self.config.prefetch]
         if self.config.prefetch == "none":
             opts.append("--no-prefetch")
+        if not self.config.deltas:
+            opts.append("--no-deltas")
         return opts
 
     def _start(self, chain: Chain) -> tuple[int, Path]:

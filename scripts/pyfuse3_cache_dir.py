@@ -1,4 +1,4 @@
-"""Let pyfuse3's opendir ask the kernel to cache a directory's listing (FOPEN_CACHE_DIR).
+"""Let pyfuse3 ask the kernel to cache listings (FOPEN_CACHE_DIR) and skip FLUSH (FOPEN_NOFLUSH).
 
 pyfuse3 (3.5) copies only ``fh`` from ``Operations.opendir``'s answer into libfuse's
 ``fuse_file_info``, so a filesystem cannot set ``cache_readdir``, and every ``ls``, ``find`` or
@@ -11,7 +11,13 @@ This patches the C that Cython generated for the installed pyfuse3 (its wheel sh
 opendir drops the cached listing with the directory's pages) and is passed on without that bit
 (``lazyfs.fs.ops.CACHE_DIR_FH``).  It then rebuilds the extension with the flags recorded in
 that C file and replaces the installed one atomically.  Idempotent; run by scripts/setup.sh.
-An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached.
+
+A second patch sets ``noflush`` on every answer to open and create: lazyfs's flush does
+nothing (no writeback cache, no locks), yet the kernel waits for a FLUSH round trip on every
+close(2), a third of the requests of a warm program start.
+
+An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached
+and every close costs a FLUSH.
 
 Usage: ``.venv/bin/python scripts/pyfuse3_cache_dir.py [--check]``.
 """
@@ -31,6 +37,9 @@ from pathlib import Path
 MARK = "/* lazyfs: cache_readdir, keep_cache */"
 ASSIGN = re.compile(r"^(\s*)(__pyx_cur_scope->__pyx_v_c->fi\.fh = (__pyx_t_\d+);)$", re.M)
 OPENDIR = "c.fi.fh = await operations.opendir(c.ino, ctx)"
+NOFLUSH_MARK = "/* lazyfs: noflush */"
+# FileInfo._copy_to_fuse, which open and create answer through.
+FILEINFO_FH = re.compile(r"^(\s*)__pyx_v_out->fh = __pyx_t_\d+;$", re.M)
 
 
 def package_dir() -> Path:
@@ -43,7 +52,22 @@ def package_dir() -> Path:
 
 
 def patch_source(text: str) -> str:
-    """The generated C with the opendir assignment patched (unchanged if already patched)."""
+    """The generated C with both patches (each applied once)."""
+    return _patch_noflush(_patch_opendir(text))
+
+
+def _patch_noflush(text: str) -> str:
+    if NOFLUSH_MARK in text:
+        return text
+    matches = list(FILEINFO_FH.finditer(text))
+    if len(matches) != 1:
+        raise SystemExit("pyfuse3_cache_dir: could not find FileInfo's fh assignment")
+    m = matches[0]
+    patch = f"{m.group(0)}\n{m.group(1)}{NOFLUSH_MARK} __pyx_v_out->noflush = 1;"
+    return text[: m.start()] + patch + text[m.end() :]
+
+
+def _patch_opendir(text: str) -> str:
     if MARK in text:
         return text
     at = text.find(OPENDIR)
@@ -89,7 +113,8 @@ def main() -> int:
     (so,) = [f for f in pkg.glob("__init__.*.so")]
     stamp = pkg / "lazyfs-cache-dir.built"
     text = src.read_text()
-    current = MARK in text and stamp.exists() and stamp.read_text() == str(so.stat().st_mtime_ns)
+    patched = MARK in text and NOFLUSH_MARK in text
+    current = patched and stamp.exists() and stamp.read_text() == str(so.stat().st_mtime_ns)
     if args.check:
         print("patched" if current else "not patched")
         return 0 if current else 1
@@ -101,7 +126,7 @@ def main() -> int:
         build(src, built)
         os.replace(built, so)
     stamp.write_text(str(so.stat().st_mtime_ns))
-    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir from opendir")
+    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir and noflush")
     return 0
 
 

@@ -457,6 +457,9 @@ class Operations(_Guarded):
             raise _errno(e) from e
 
     async def flush(self, fh: int) -> None:
+        # Nothing to do: writes go straight to the upper file and there are no locks.  The
+        # patched pyfuse3 (scripts/pyfuse3_cache_dir.py) answers every open with
+        # FOPEN_NOFLUSH, so the kernel does not even ask on close; keep it that way.
         pass
 
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -16,8 +16,14 @@ A second patch sets ``noflush`` on every answer to open and create: lazyfs's flu
 nothing (no writeback cache, no locks), yet the kernel waits for a FLUSH round trip on every
 close(2), a third of the requests of a warm program start.
 
-An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached
-and every close costs a FLUSH.
+A third lets lazyfs answer OPENDIR and RELEASEDIR of unchanged lower directories in C, without
+a round trip through Python and trio (two of them per directory per ``find``): the extension
+exports ``lazyfs_cached_dirs`` (a byte per inode, 1 = answer in C) and its length, which
+lazyfs sets through ctypes (``lazyfs.fs.ops.CDirs``).  Such an opendir's ``fh`` is the inode with
+bit 62 set (``C_DIR_FH``), with cache_readdir and keep_cache; its releasedir is answered in C.
+
+An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached,
+every close costs a FLUSH and every opendir a round trip.
 
 Usage: ``.venv/bin/python scripts/pyfuse3_cache_dir.py [--check]``.
 """
@@ -39,6 +45,13 @@ ASSIGN = re.compile(r"^(\s*)(__pyx_cur_scope->__pyx_v_c->fi\.fh = (__pyx_t_\d+);
 OPENDIR = "c.fi.fh = await operations.opendir(c.ino, ctx)"
 NOFLUSH_MARK = "/* lazyfs: noflush */"
 # FileInfo._copy_to_fuse, which open and create answer through.
+C_DIRS_MARK = "/* lazyfs: opendir in C */"
+C_DIR_FH = "(((uint64_t)1) << 62)"
+OPENDIR_FN = "static void __pyx_f_7pyfuse3_fuse_opendir(fuse_req_t __pyx_v_req, fuse_ino_t __pyx_v_ino, struct fuse_file_info *__pyx_v_fi) {\n"  # noqa: E501
+RELEASEDIR_FN = re.compile(
+    r"static void __pyx_f_7pyfuse3_fuse_releasedir\(fuse_req_t __pyx_v_req, (CYTHON_UNUSED )?"
+    r"fuse_ino_t __pyx_v_ino, struct fuse_file_info \*__pyx_v_fi\) \{\n"
+)
 FILEINFO_FH = re.compile(r"^(\s*)__pyx_v_out->fh = __pyx_t_\d+;$", re.M)
 
 
@@ -53,7 +66,36 @@ def package_dir() -> Path:
 
 def patch_source(text: str) -> str:
     """The generated C with both patches (each applied once)."""
-    return _patch_noflush(_patch_opendir(text))
+    return _patch_c_dirs(_patch_noflush(_patch_opendir(text)))
+
+
+def _patch_c_dirs(text: str) -> str:
+    if C_DIRS_MARK in text:
+        return text
+    if text.count(OPENDIR_FN) != 1 or len(RELEASEDIR_FN.findall(text)) != 1:
+        raise SystemExit("pyfuse3_cache_dir: opendir/releasedir are not the expected ones")
+    # Exported (not static) so that ctypes finds them; the GIL-holding thread that runs the
+    # callbacks is the one that sets them, so no locking.
+    globals_ = (
+        f"{C_DIRS_MARK}\nunsigned char *lazyfs_cached_dirs = 0;\n"
+        "unsigned long lazyfs_cached_dirs_len = 0;\n\n"
+    )
+    opendir = (
+        f"  {C_DIRS_MARK}\n"
+        "  if (__pyx_v_ino < lazyfs_cached_dirs_len && lazyfs_cached_dirs[__pyx_v_ino]) {\n"
+        f"    __pyx_v_fi->fh = {C_DIR_FH} | __pyx_v_ino;\n"
+        "    __pyx_v_fi->cache_readdir = 1;\n"
+        "    __pyx_v_fi->keep_cache = 1;\n"
+        "    fuse_reply_open(__pyx_v_req, __pyx_v_fi);\n"
+        "    return;\n"
+        "  }\n"
+    )
+    releasedir = (
+        f"  {C_DIRS_MARK}\n"
+        f"  if (__pyx_v_fi->fh & {C_DIR_FH}) {{ fuse_reply_err(__pyx_v_req, 0); return; }}\n"
+    )
+    text = text.replace(OPENDIR_FN, globals_ + OPENDIR_FN + opendir)
+    return RELEASEDIR_FN.sub(lambda m: m.group(0) + releasedir, text)
 
 
 def _patch_noflush(text: str) -> str:
@@ -113,7 +155,7 @@ def main() -> int:
     (so,) = [f for f in pkg.glob("__init__.*.so")]
     stamp = pkg / "lazyfs-cache-dir.built"
     text = src.read_text()
-    patched = MARK in text and NOFLUSH_MARK in text
+    patched = all(mark in text for mark in (MARK, NOFLUSH_MARK, C_DIRS_MARK))
     current = patched and stamp.exists() and stamp.read_text() == str(so.stat().st_mtime_ns)
     if args.check:
         print("patched" if current else "not patched")
@@ -126,7 +168,7 @@ def main() -> int:
         build(src, built)
         os.replace(built, so)
     stamp.write_text(str(so.stat().st_mtime_ns))
-    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir and noflush")
+    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir, noflush, opendir in C")
     return 0
 
 

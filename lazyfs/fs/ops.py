@@ -220,9 +220,17 @@ class Operations(_Guarded):
     def init(self) -> None:
         """Called by pyfuse3 before the first request: unchanged lower directories are
         opened in C from now on."""
-        nodes = self.tree.nodes
-        dirs = [i for i, n in nodes.items() if n.children is not None and not n.upper]
-        self._cdirs.publish(dirs, max(nodes, default=0) + 1)
+        try:
+            dirs: list[int] = []
+            stack = [self.tree.root]
+            while stack:  # every directory; an upper one may hold unchanged lower ones
+                node = stack.pop()
+                if not node.upper:
+                    dirs.append(node.ino)
+                stack.extend(c for c in (node.children or {}).values() if c.children is not None)
+            self._cdirs.publish(dirs, max(dirs, default=0) + 1)
+        except Exception:  # pyfuse3 would end the mount: opendir in Python is slower, not wrong
+            log.exception("could not hand lower directories to the C opendir")
 
     def _withdraw(self, node: Node) -> None:
         """Before ``node``'s first change: new opendirs of it go to Python."""

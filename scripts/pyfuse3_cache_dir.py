@@ -1,4 +1,4 @@
-"""Let pyfuse3's opendir ask the kernel to cache a directory's listing (FOPEN_CACHE_DIR).
+"""Let pyfuse3 ask the kernel to cache listings (FOPEN_CACHE_DIR) and skip FLUSH (FOPEN_NOFLUSH).
 
 pyfuse3 (3.5) copies only ``fh`` from ``Operations.opendir``'s answer into libfuse's
 ``fuse_file_info``, so a filesystem cannot set ``cache_readdir``, and every ``ls``, ``find`` or
@@ -11,7 +11,19 @@ This patches the C that Cython generated for the installed pyfuse3 (its wheel sh
 opendir drops the cached listing with the directory's pages) and is passed on without that bit
 (``lazyfs.fs.ops.CACHE_DIR_FH``).  It then rebuilds the extension with the flags recorded in
 that C file and replaces the installed one atomically.  Idempotent; run by scripts/setup.sh.
-An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached.
+
+A second patch sets ``noflush`` on every answer to open and create: lazyfs's flush does
+nothing (no writeback cache, no locks), yet the kernel waits for a FLUSH round trip on every
+close(2), a third of the requests of a warm program start.
+
+A third lets lazyfs answer OPENDIR and RELEASEDIR of unchanged lower directories in C, without
+a round trip through Python and trio (two of them per directory per ``find``): the extension
+exports ``lazyfs_cached_dirs`` (a byte per inode, 1 = answer in C) and its length, which
+lazyfs sets through ctypes (``lazyfs.fs.ops.CDirs``).  Such an opendir's ``fh`` is the inode with
+bit 62 set (``C_DIR_FH``), with cache_readdir and keep_cache; its releasedir is answered in C.
+
+An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached,
+every close costs a FLUSH and every opendir a round trip.
 
 Usage: ``.venv/bin/python scripts/pyfuse3_cache_dir.py [--check]``.
 """
@@ -31,6 +43,16 @@ from pathlib import Path
 MARK = "/* lazyfs: cache_readdir, keep_cache */"
 ASSIGN = re.compile(r"^(\s*)(__pyx_cur_scope->__pyx_v_c->fi\.fh = (__pyx_t_\d+);)$", re.M)
 OPENDIR = "c.fi.fh = await operations.opendir(c.ino, ctx)"
+NOFLUSH_MARK = "/* lazyfs: noflush */"
+# FileInfo._copy_to_fuse, which open and create answer through.
+C_DIRS_MARK = "/* lazyfs: opendir in C */"
+C_DIR_FH = "(((uint64_t)1) << 62)"
+OPENDIR_FN = "static void __pyx_f_7pyfuse3_fuse_opendir(fuse_req_t __pyx_v_req, fuse_ino_t __pyx_v_ino, struct fuse_file_info *__pyx_v_fi) {\n"  # noqa: E501
+RELEASEDIR_FN = re.compile(
+    r"static void __pyx_f_7pyfuse3_fuse_releasedir\(fuse_req_t __pyx_v_req, (CYTHON_UNUSED )?"
+    r"fuse_ino_t __pyx_v_ino, struct fuse_file_info \*__pyx_v_fi\) \{\n"
+)
+FILEINFO_FH = re.compile(r"^(\s*)__pyx_v_out->fh = __pyx_t_\d+;$", re.M)
 
 
 def package_dir() -> Path:
@@ -43,7 +65,51 @@ def package_dir() -> Path:
 
 
 def patch_source(text: str) -> str:
-    """The generated C with the opendir assignment patched (unchanged if already patched)."""
+    """The generated C with both patches (each applied once)."""
+    return _patch_c_dirs(_patch_noflush(_patch_opendir(text)))
+
+
+def _patch_c_dirs(text: str) -> str:
+    if C_DIRS_MARK in text:
+        return text
+    if text.count(OPENDIR_FN) != 1 or len(RELEASEDIR_FN.findall(text)) != 1:
+        raise SystemExit("pyfuse3_cache_dir: opendir/releasedir are not the expected ones")
+    # Exported (not static) so that ctypes finds them; the GIL-holding thread that runs the
+    # callbacks is the one that sets them, so no locking.
+    globals_ = (
+        f"{C_DIRS_MARK}\nunsigned char *lazyfs_cached_dirs = 0;\n"
+        "unsigned long lazyfs_cached_dirs_len = 0;\n\n"
+    )
+    opendir = (
+        f"  {C_DIRS_MARK}\n"
+        "  if (__pyx_v_ino < lazyfs_cached_dirs_len && lazyfs_cached_dirs[__pyx_v_ino]) {\n"
+        f"    __pyx_v_fi->fh = {C_DIR_FH} | __pyx_v_ino;\n"
+        "    __pyx_v_fi->cache_readdir = 1;\n"
+        "    __pyx_v_fi->keep_cache = 1;\n"
+        "    fuse_reply_open(__pyx_v_req, __pyx_v_fi);\n"
+        "    return;\n"
+        "  }\n"
+    )
+    releasedir = (
+        f"  {C_DIRS_MARK}\n"
+        f"  if (__pyx_v_fi->fh & {C_DIR_FH}) {{ fuse_reply_err(__pyx_v_req, 0); return; }}\n"
+    )
+    text = text.replace(OPENDIR_FN, globals_ + OPENDIR_FN + opendir)
+    return RELEASEDIR_FN.sub(lambda m: m.group(0) + releasedir, text)
+
+
+def _patch_noflush(text: str) -> str:
+    if NOFLUSH_MARK in text:
+        return text
+    matches = list(FILEINFO_FH.finditer(text))
+    if len(matches) != 1:
+        raise SystemExit("pyfuse3_cache_dir: could not find FileInfo's fh assignment")
+    m = matches[0]
+    patch = f"{m.group(0)}\n{m.group(1)}{NOFLUSH_MARK} __pyx_v_out->noflush = 1;"
+    return text[: m.start()] + patch + text[m.end() :]
+
+
+def _patch_opendir(text: str) -> str:
     if MARK in text:
         return text
     at = text.find(OPENDIR)
@@ -89,7 +155,8 @@ def main() -> int:
     (so,) = [f for f in pkg.glob("__init__.*.so")]
     stamp = pkg / "lazyfs-cache-dir.built"
     text = src.read_text()
-    current = MARK in text and stamp.exists() and stamp.read_text() == str(so.stat().st_mtime_ns)
+    patched = all(mark in text for mark in (MARK, NOFLUSH_MARK, C_DIRS_MARK))
+    current = patched and stamp.exists() and stamp.read_text() == str(so.stat().st_mtime_ns)
     if args.check:
         print("patched" if current else "not patched")
         return 0 if current else 1
@@ -101,7 +168,7 @@ def main() -> int:
         build(src, built)
         os.replace(built, so)
     stamp.write_text(str(so.stat().st_mtime_ns))
-    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir from opendir")
+    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir, noflush, opendir in C")
     return 0
 
 

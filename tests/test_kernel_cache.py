@@ -134,3 +134,38 @@ def test_attributes_follow_a_promotion(tmp_path: Path) -> None:
             for field in ("st_mode", "st_uid", "st_gid", "st_size", "st_mtime_ns", "st_ctime_ns"):
                 assert getattr(got, field) == getattr(truth, field), (rel, field)
         assert (mnt / "d" / "sub" / "deep" / "file").read_bytes() == b"Uower"
+
+
+def test_a_listing_in_progress_survives_the_first_change(tmp_path: Path) -> None:
+    """A lower directory is opened without a snapshot of its own (its OPENDIR is answered in
+    C); removing entries while listing it, as ``rm -rf`` does, must neither skip nor repeat
+    one, however many requests the listing takes.  Also a lower directory opened before an
+    upper change that is read only afterwards."""
+    names = [
+        f"entry-with-a-long-name-so-a-listing-takes-many-requests-{i:05d}" for i in range(3000)
+    ]
+    lower = [Item("big", "dir", mode=0o755), *(Item(f"big/{n}", data=b"x") for n in names)]
+    lower += [Item("small", "dir", mode=0o755), *(Item(f"small/{n}", data=b"y") for n in names[:5])]
+    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    args = ("--upper", str(tmp_path / "upper"), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+        mnt = m.mountpoint
+        seen = []
+        with os.scandir(mnt / "big") as it:
+            for entry in it:
+                seen.append(entry.name)
+                os.unlink(entry.path)
+        assert sorted(seen) == names
+        assert os.listdir(mnt / "big") == []
+
+        fd = os.open(mnt / "small", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            (mnt / "small" / "new").write_bytes(b"n")  # the first change, after the open
+            os.unlink(mnt / "small" / names[0])
+            listed = os.listdir(fd)
+        finally:
+            os.close(fd)
+        # The names it had when opened (POSIX leaves entries changed since unspecified).
+        assert set(names[1:5]) <= set(listed) <= {*names[:5], "new"}
+        assert sorted(os.listdir(mnt / "small")) == sorted([*names[1:5], "new"])

@@ -20,15 +20,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
-from lazyfs.fs.control import control_request
-from lazyfs.fs.daemon import Daemon, clear_mountpoint, spawn
 from lazyfs.fs.unmount import is_mounted
 from lazyfs.trace.schema import Trace, encode
+
+if TYPE_CHECKING:
+    from lazyfs.fs.daemon import Daemon
 
 from .common import add_registry_args, registry_argv
 
@@ -115,6 +117,8 @@ def _parse_run(args: argparse.Namespace) -> list[str]:
 
 
 def dump_cmd(args: argparse.Namespace) -> int:
+    from lazyfs.fs.control import control_request
+
     result = control_request(args.mountpoint, {"cmd": "trace"})
     try:
         trace = msgspec.convert(result, Trace)
@@ -178,6 +182,8 @@ def run_cmd(args: argparse.Namespace) -> int:
 
 
 def _one_run(args: argparse.Namespace, cmd: list[str]) -> tuple[Trace, int | None, str]:
+    from lazyfs.fs.control import control_request
+
     tmp = Path(tempfile.mkdtemp(prefix="lazyfs-trace-"))
     mnt = tmp / "rootfs"
     mnt.mkdir()
@@ -230,6 +236,8 @@ def _one_run(args: argparse.Namespace, cmd: list[str]) -> tuple[Trace, int | Non
 
 
 def _start_daemon(args: argparse.Namespace, tmp: Path, mnt: Path) -> Daemon:
+    from lazyfs.fs.daemon import clear_mountpoint, spawn
+
     options = [
         "--upper",
         str(tmp / "upper"),
@@ -262,6 +270,8 @@ def _watch(
     workload: subprocess.Popen[bytes], mnt: Path, timeout: float, idle: float
 ) -> tuple[int | None, str]:
     """Wait for the workload to exit, time out, or go idle; returns (exit status, why)."""
+    from lazyfs.fs.control import control_request
+
     start = last_change = time.monotonic()
     files = -1
     while True:

@@ -14,13 +14,15 @@ logged with its traceback, counted in ``handler_errors`` and answers EIO.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Protocol
 
 import pyfuse3
@@ -45,6 +47,10 @@ UPPER_TIMEOUT = 1.0
 # directories no upper change has touched: every later change to one goes through the kernel
 # (create, unlink, rename), which drops its cached listing itself, and promotes it first.
 CACHE_DIR_FH = 1 << 63
+# The patched pyfuse3 answers OPENDIR of the directories in its table itself (no round trip
+# through trio), with this bit and the inode as ``fh`` and the listing cached, and their
+# RELEASEDIR too; readdir then gets that ``fh`` (see CDirs).
+C_DIR_FH = 1 << 62
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -69,6 +75,43 @@ class AccessListener(Protocol):
         size: int,
         wait_ns: int,
     ) -> None: ...
+
+
+class CDirs:
+    """The patched pyfuse3's table of directories whose OPENDIR and RELEASEDIR it answers in C:
+    a byte per inode.  An unpatched pyfuse3 has none, and then this does nothing."""
+
+    # The table the C side points at: kept alive here for as long as the process may serve.
+    _published: ctypes.Array[ctypes.c_ubyte] | None = None
+
+    def __init__(self) -> None:
+        self._table: ctypes.Array[ctypes.c_ubyte] | None = None
+        try:
+            lib = ctypes.CDLL(pyfuse3.__file__)
+            self._ptr: ctypes.c_void_p | None = ctypes.c_void_p.in_dll(lib, "lazyfs_cached_dirs")
+            self._len = ctypes.c_ulong.in_dll(lib, "lazyfs_cached_dirs_len")
+        except (OSError, ValueError):  # not the patched extension
+            self._ptr = None
+
+    def publish(self, inodes: Sequence[int], size: int) -> None:
+        """Answer OPENDIR of ``inodes`` (all below ``size``) in C from now on."""
+        if self._ptr is None:
+            return
+        table = (ctypes.c_ubyte * size)()
+        for ino in inodes:
+            table[ino] = 1
+        self._len.value = 0  # never a length longer than the table it goes with
+        self._ptr.value = ctypes.addressof(table)
+        self._len.value = size
+        self._table = CDirs._published = table
+
+    def withdraw(self, ino: int) -> bool:
+        """OPENDIR of ``ino`` goes to Python from now on; whether it was answered in C."""
+        table = self._table
+        if table is None or ino >= len(table) or not table[ino]:
+            return False
+        table[ino] = 0
+        return True
 
 
 @dataclass(slots=True)
@@ -168,6 +211,31 @@ class Operations(_Guarded):
         self._dirs: dict[int, Node | list[tuple[bytes, Node]]] = {}
         self._next_fh = 1
         self._promoting: dict[int, trio.Event] = {}
+        self._cdirs = CDirs()
+        # A directory opened in C has no snapshot of its own: the listing it had when it was
+        # withdrawn from the C table (before its first change) stands in, so that the offsets
+        # of a listing in progress stay valid.  Dropped when the kernel forgets the inode.
+        self._withdrawn: dict[int, list[tuple[bytes, Node]]] = {}
+
+    def init(self) -> None:
+        """Called by pyfuse3 before the first request: unchanged lower directories are
+        opened in C from now on."""
+        try:
+            dirs: list[int] = []
+            stack = [self.tree.root]
+            while stack:  # every directory; an upper one may hold unchanged lower ones
+                node = stack.pop()
+                if not node.upper:
+                    dirs.append(node.ino)
+                stack.extend(c for c in (node.children or {}).values() if c.children is not None)
+            self._cdirs.publish(dirs, max(dirs, default=0) + 1)
+        except Exception:  # pyfuse3 would end the mount: opendir in Python is slower, not wrong
+            log.exception("could not hand lower directories to the C opendir")
+
+    def _withdraw(self, node: Node) -> None:
+        """Before ``node``'s first change: new opendirs of it go to Python."""
+        if node.children is not None and self._cdirs.withdraw(node.ino):
+            self._withdrawn[node.ino] = [(os.fsencode(n), c) for n, c in node.children.items()]
 
     # ------------------------------------------------------------------ helpers: nodes, attrs
 
@@ -295,6 +363,7 @@ class Operations(_Guarded):
         self._need_upper()
         assert self.copy is not None
         done = self._promoting[node.ino] = trio.Event()
+        self._withdraw(node)
         try:
             e = node.entry
             assert e is not None
@@ -374,16 +443,7 @@ class Operations(_Guarded):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.readdir_requests += 1
-        listing = self._dirs.get(fh & ~CACHE_DIR_FH)  # an unpatched pyfuse3 hands the bit back
-        if listing is None:
-            return
-        if isinstance(listing, Node):
-            # A snapshot: entries added or removed while listing do not shift the offsets.
-            children = listing.children or {}
-            listing = [(os.fsencode(n), c) for n, c in children.items()]
-            self._dirs[fh & ~CACHE_DIR_FH] = listing
-        for i in range(start_id, len(listing)):
-            name, node = listing[i]
+        for i, (name, node) in enumerate(islice(self._listing(fh), start_id, None), start_id):
             if node.ino not in self.tree.nodes:
                 continue
             try:
@@ -393,6 +453,25 @@ class Operations(_Guarded):
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
                 return
             node.lookups += 1  # readdirplus hands the kernel a reference
+
+    def _listing(self, fh: int) -> Iterable[tuple[bytes, Node]]:
+        if fh & C_DIR_FH:  # opened in C: unchanged since, or the listing it had then
+            ino = fh & ~C_DIR_FH
+            withdrawn = self._withdrawn.get(ino)
+            if withdrawn is not None:
+                return withdrawn
+            node = self.tree.nodes.get(ino)
+            children = node.children if node is not None else None
+            return ((os.fsencode(n), c) for n, c in (children or {}).items())
+        listing = self._dirs.get(fh & ~CACHE_DIR_FH)  # an unpatched pyfuse3 hands the bit back
+        if listing is None:
+            return ()
+        if isinstance(listing, Node):
+            # A snapshot: entries added or removed while listing do not shift the offsets.
+            children = listing.children or {}
+            listing = [(os.fsencode(n), c) for n, c in children.items()]
+            self._dirs[fh & ~CACHE_DIR_FH] = listing
+        return listing
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh & ~CACHE_DIR_FH, None)
@@ -457,6 +536,9 @@ class Operations(_Guarded):
             raise _errno(e) from e
 
     async def flush(self, fh: int) -> None:
+        # Nothing to do: writes go straight to the upper file and there are no locks.  The
+        # patched pyfuse3 (scripts/pyfuse3_cache_dir.py) answers every open with
+        # FOPEN_NOFLUSH, so the kernel does not even ask on close; keep it that way.
         pass
 
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -875,6 +957,8 @@ class Operations(_Guarded):
             node = self.tree.nodes.get(ino)
             if node is not None and ino != ROOT_INO:
                 self.tree.forget(node, n)
+                if node.lookups <= 0:  # no descriptor can be open on it: no listing either
+                    self._withdrawn.pop(ino, None)
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True  # default_permissions: the kernel checks mode bits itself

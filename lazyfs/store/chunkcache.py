@@ -188,8 +188,9 @@ class ChunkCache:
         return self.layers_dir / f"{blob_digest.partition(':')[2] or blob_digest}.map"
 
     def __contains__(self, digest: str) -> bool:
-        hx = _hex_of(digest)
-        return hx is not None and hx in self._index
+        # The index holds valid hex only, so a hit needs no validation (a mount asks this for
+        # every chunk of every layer before it is ready).
+        return digest.startswith("sha256:") and digest[7:] in self._index
 
     def probe(self, digest: str) -> bool:
         """Whether the chunk is on disk, adopting a file the index does not know (written by

@@ -546,25 +546,18 @@ class RegistrySource(Source):
             if got < want:
                 raise _Transient(f"short body: {got} of {want} bytes")
 
-        while True:
-            before = got
-            try:
-                await self._fetch(
-                    f"blobs/{digest}",
-                    headers,
-                    consume,
-                    capability="pull",
-                    what=f"bytes {start + got}-{end} of blob {digest}",
-                )
-                return
-            except _Spooled:
-                await self._stream_spool(digest, self._spools[digest], start + got, end, sink)
-                return
-            except RemoteError:
-                if got == before:
-                    raise
-                # Bytes kept coming: a long transfer cut late gets a fresh retry budget
-                # (stalls are still found by lack of progress, within each attempt).
+        # One deadline for the whole transfer, as for any fetch: a registry that stalls
+        # again and again fails within it even though each attempt resumes.
+        try:
+            await self._fetch(
+                f"blobs/{digest}",
+                headers,
+                consume,
+                capability="pull",
+                what=f"bytes {start}-{end} of blob {digest}",
+            )
+        except _Spooled:
+            await self._stream_spool(digest, self._spools[digest], start + got, end, sink)
 
     async def _stream_spool(
         self, digest: str, spool: _Spool, start: int, end: int, sink: Sink

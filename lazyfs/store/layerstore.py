@@ -60,6 +60,9 @@ DECODE_TASKS = 2
 # A reader waiting on a chunk this far ahead in a stream that has no measured speed yet
 # fetches it itself (the old prefetch request size: what a reader used to wait behind).
 OVERTAKE_BYTES = 1024 * 1024
+# ... and one with a measured speed, when it would wait longer than twice the round trip a
+# request of its own costs, and at least this long (a request costs the daemon CPU too).
+OVERTAKE_MIN_WAIT = 0.02
 MAP_FLUSH_CHANGES = 256
 MAP_FLUSH_SECONDS = 2.0
 # The background fill only issues a request after on-demand reads were quiet this long.
@@ -114,14 +117,14 @@ class _Group:
         self.first_at: float | None = None
 
     def far(self, c: Chunk, now: float) -> bool:
-        """Whether a reader of ``c`` should ask for it alone rather than wait for this
-        stream: when the stream's measured speed puts ``c`` further away than twice the
-        round trip its own request would cost."""
+        """Whether a reader of ``c`` should ask for it alone rather than wait for the bytes
+        before it in this stream (its own bytes it waits for either way)."""
+        ahead = c.offset - self.pos
         if self.first_at is None or self.sent_at is None or now <= self.first_at:
-            return c.end - self.pos > OVERTAKE_BYTES
+            return ahead > OVERTAKE_BYTES
         rate = (self.pos - self.start) / (now - self.first_at)
         latency = self.first_at - self.sent_at
-        return rate > 0 and (c.end - self.pos) / rate > 2 * latency
+        return rate > 0 and ahead / rate > max(2 * latency, OVERTAKE_MIN_WAIT)
 
 
 def _reraise(error: BaseException) -> NoReturn:

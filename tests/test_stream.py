@@ -30,8 +30,10 @@ from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
-# 40 incompressible files of 100 kB (two 64 KiB chunks each): 4 MB in one layer.
+# 40 incompressible files of 100 kB (two 64 KiB chunks each): 4 MB in one layer; then five
+# of 20 kB (one chunk each: closer together than a request merges across).
 FILES = {f"app/f{i:02d}": seeded_bytes(100_000, 900 + i) for i in range(40)}
+SMALL = {f"app/s{i}": seeded_bytes(20_000, 950 + i) for i in range(5)}
 REPO = "stream/app"
 QUICK = RetryPolicy(base_delay=0.01, max_delay=0.05, stall_timeout=0.3, deadline=0.6)
 
@@ -39,7 +41,8 @@ QUICK = RetryPolicy(base_delay=0.01, max_delay=0.05, stall_timeout=0.3, deadline
 @pytest.fixture(scope="module")
 def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("stream")
-    items = [Item("app", "dir", mode=0o755), *(Item(n, data=b) for n, b in FILES.items())]
+    items = [Item("app", "dir", mode=0o755)]
+    items += [Item(n, data=b) for n, b in (FILES | SMALL).items()]
     make_layout(d / "src", [make_tar(items)], tag="v1")
     convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
     push_oci_layout(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
@@ -140,7 +143,7 @@ def test_a_reader_overtakes_a_prefetch_stream(
             assert layer.stats.cache_misses == 2  # both chunks of the last file
             # The stream and the overtaking request; the stream skipped what was overtaken.
             assert len(fault_proxy.served) == 2, fault_proxy.ranges
-            assert layer.stats.chunks_ready == len(layer.chunks)
+            assert layer.stats.chunks_ready == sum(len(f.chunks) for f in files)
 
     trio.run(main)
 
@@ -148,9 +151,9 @@ def test_a_reader_overtakes_a_prefetch_stream(
 def test_a_grouped_cold_start_takes_a_few_requests(
     pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    # Every third file: 1.4 MB of group in 14 pieces, 200 kB apart.  Prefetch in 1 MiB
-    # requests merged across 64 KiB gaps asked 14 times; a stream asks once.
-    used = list(FILES)[::3]
+    # 30 files laid out together, 3 MB, ranked in another order than the blob's: prefetch in
+    # 1 MiB requests asked 3 times; a stream asks once.
+    used = list(FILES)[:30][::-1]
     group = Group(
         name="startup",
         runs=1,
@@ -212,18 +215,18 @@ class _Patches:
 def test_planned_ranges_skip_chunks_cached_or_provided(
     pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    # Prefetch merges across gaps of up to 256 KiB, so a..e would be one range: b (cached)
-    # and d (made by the provider, as an update's patch makes a changed file) cut it.
+    # Five small files 20 kB apart would be one range: b (cached) and d (made by the
+    # provider, as an update's patch makes a changed file) cut it.
     async def main() -> None:
         ref = f"{fault_proxy.host}/{REPO}:v1"
         async with open_image(ref, cache_dir=tmp_path / "c", plain_http=True) as img:
             store, layer = img.store, img.layers[0].layer
             names = layer.toc.by_name()
-            a, b, c, d, e = (names[f"app/f{i:02d}"] for i in range(5))
+            a, b, c, d, e = (names[n] for n in SMALL)
             await store.prefetch(layer, [b])
             store.provider = _Patches(
                 {
-                    ch.digest: FILES[d.name][ch.file_offset : ch.file_offset + ch.size]
+                    ch.digest: SMALL[d.name][ch.file_offset : ch.file_offset + ch.size]
                     for ch in d.chunks
                 }
             )
@@ -231,7 +234,7 @@ def test_planned_ranges_skip_chunks_cached_or_provided(
             await store.prefetch(layer, [a, b, c, d, e])
             assert layer.stats.provided_chunks == len(d.chunks)
             for x in (a, b, c, d, e):
-                assert await store.read(layer, x, 0, x.size) == FILES[x.name]
+                assert await store.read(layer, x, 0, x.size) == SMALL[x.name]
             assert len(fault_proxy.served) == 3, fault_proxy.ranges  # a, c and e
             fetched = sum(x.chunks[-1].end - x.chunks[0].offset for x in (a, c, e))
             assert fault_proxy.blob_bytes == fetched

@@ -49,9 +49,10 @@ INLINE_READ_BYTES = 256 * 1024
 # Prefetch (and the background fill) ask for large ranges and stream them: each chunk is
 # verified, handed to its waiters and cached as soon as its bytes are in, so a reader waiting
 # on a chunk early in a request does not wait for the rest of it, and memory holds only the
-# chunks being decoded.  (Merging across wider gaps than a reader's request does was measured
-# on a group of an image laid out by path: 256 KiB took 19 requests instead of 31 but 24 %
-# more bytes; streams run side by side, so a request saved is worth less than its bytes.)
+# chunks being decoded.  Gaps are merged across as for readers: on a traced group of an image
+# laid out by path (BENCHMARKS.md, issue 13), 64 KiB took 42 requests and 11.4 MiB, 256 KiB
+# 19 and 14.1 MiB, 1 MiB 10 and 18.5 MiB; the extra bytes are decoded and cached too, while
+# streams run side by side.  Few requests come from a re-laid-out image: 5, 10.0 MiB.
 PREFETCH_REQUEST = 64 * 1024 * 1024
 # Decoded in batches of about this many compressed bytes (a thread hop per chunk costs more
 # than decoding a small one), at most DECODE_TASKS batches at once: the stream waits beyond.

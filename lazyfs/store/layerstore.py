@@ -430,7 +430,7 @@ class LayerStore:
                 want.append(c)
             elif d in needed:  # alone, streamed to disk (store.bigchunk); never read-ahead
                 out.append(self._register(_Group(c.offset, c.end, [c]), priority))
-        here = lambda c: is_big(c) or c.digest in self._inflight or c.digest in self.cache  # noqa: E731
+        here = self._here
         if priority == ONDEMAND:
             planned = plan.plan_requests(
                 layer, want, self.merge_gap, self.max_request, here, blocked=here
@@ -451,6 +451,11 @@ class LayerStore:
                 continue  # readahead alone never costs a request
             out.append(self._register(g, priority))
         return out
+
+    def _here(self, c: Chunk) -> bool:
+        """Whether a planned request must neither add ``c`` nor cross it: cached, on its way,
+        or big (fetched alone)."""
+        return is_big(c) or c.digest in self._inflight or c.digest in self.cache
 
     def _register(self, g: _Group, priority: int) -> _Group:
         g.ticket = Ticket(priority)
@@ -749,7 +754,7 @@ class LayerStore:
         keeps waiting for the stream."""
         stored: list[tuple[str, bytes]] = []
         for start, end, cs in plan.plan_requests(
-            layer, chunks, self.merge_gap, self.max_request, lambda c: True
+            layer, chunks, self.merge_gap, self.max_request, lambda c: True, blocked=self._here
         ):
             try:
                 raw = await self._fetch(layer, start, end, Ticket(ONDEMAND))

@@ -4,6 +4,11 @@ The mount daemon, ``lazyfs pull``, ``lazyfs trace`` and the snapshotter all open
 so every caller gets the same rules: manifests and configs come from the document cache when
 their digest is known, TOCs from the TOC cache, and every layer is registered with its blob
 size (which a registry that ignores Range needs, or each read downloads the prefix again).
+
+A layer without a TOC is fetched whole and indexed (:mod:`lazyfs.store.wholelayer`): before
+``open_image`` returns, or, with ``background`` (the mount daemon), after: the image is then
+returned at once with ``layers`` empty, the caller starts the downloads in a nursery of its
+own (``start_background``), and ``complete()`` waits for them and fills ``layers``.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
-from lazyfs.store.tocs import load_tocs
-from lazyfs.store.wholelayer import WholeFetch, WholeLayers
+from lazyfs.store.tocs import LayerInfo, load_tocs
+from lazyfs.store.wholelayer import PendingIndex, WholeFetch, WholeLayers
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,23 +44,105 @@ class OpenedLayer:
     layer: Layer
 
 
+class LayerIndexing:
+    """The layers of an image some of which are still being fetched whole and indexed in the
+    background: ``layers`` is filled, all at once, when the last of them is indexed."""
+
+    def __init__(
+        self,
+        infos: list[LayerInfo],
+        whole: WholeLayers,
+        store: LayerStore,
+        source: Source,
+    ) -> None:
+        self.layers: list[OpenedLayer] = []
+        self.descriptors = [li.descriptor for li in infos]
+        self._infos = infos
+        self._whole = whole
+        self._store = store
+        self._source = source
+        self._pending: list[PendingIndex] = list(whole.pending.values())
+        self.complete = not self._pending
+        if self.complete:
+            self._fill()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start the downloads in ``nursery`` (the caller's: they end with it)."""
+        for p in self._pending:
+            p.start(nursery)
+
+    async def wait(self) -> None:
+        """Return once every layer is indexed; raise (LazyfsError) if one of them failed.
+        A failed layer is fetched again first: each access retries it."""
+        if self.complete:
+            return
+        for p in self._pending:
+            p.retry()
+        results = {p.desc.digest: await p.wait() for p in self._pending}
+        if not self.complete:  # another waiter may have filled it meanwhile
+            self._infos = [
+                LayerInfo(li.descriptor, *results[li.descriptor.digest])
+                if li.descriptor.digest in results
+                else li
+                for li in self._infos
+            ]
+            self._fill()
+            self.complete = True
+
+    def _fill(self) -> None:
+        whole, store = self._whole, self._store
+        self.layers[:] = [
+            OpenedLayer(
+                li.descriptor,
+                li.location,
+                li.toc,
+                store.add_layer(
+                    li.descriptor.digest,
+                    whole.sources.get(li.descriptor.digest, self._source),
+                    li.toc,
+                    li.descriptor.size,
+                ),
+            )
+            for li in self._infos
+        ]
+
+
 @dataclass(frozen=True, slots=True)
 class OpenedImage:
     image: str  # as the caller named it
     resolved: ResolvedImage
-    layers: list[OpenedLayer]  # manifest order
+    layers: list[OpenedLayer]  # manifest order; empty until complete() when opened in background
     source: Source
     cache: ChunkCache
     store: LayerStore
     whole: WholeLayers  # the layers without a TOC, and their downloads
+    indexing: LayerIndexing
 
     @property
     def manifest(self) -> str:
         return self.resolved.manifest_digest
 
-    def plain_layers(self) -> list[OpenedLayer]:
+    @property
+    def descriptors(self) -> list[oci.Descriptor]:
+        """The opened layers' descriptors, in manifest order (known before ``complete``)."""
+        return self.indexing.descriptors
+
+    @property
+    def is_complete(self) -> bool:
+        return self.indexing.complete
+
+    def start_background(self, nursery: trio.Nursery) -> None:
+        """Start fetching the layers still pending, in ``nursery``."""
+        self.indexing.start(nursery)
+
+    async def complete(self) -> None:
+        """Wait until every layer is indexed and ``layers`` filled; raises LazyfsError when a
+        layer fetched in the background failed (the next call tries it again)."""
+        await self.indexing.wait()
+
+    def plain_descriptors(self) -> list[oci.Descriptor]:
         """The layers without a TOC (fetched whole), in manifest order."""
-        return [ol for ol in self.layers if ol.descriptor.digest in self.whole.sources]
+        return [d for d in self.descriptors if d.digest in self.whole.sources]
 
     def store_layers(self) -> list[Layer]:
         """The store's layers in manifest order (a blob listed twice appears twice)."""
@@ -83,13 +170,15 @@ async def open_image(
     retry: RetryPolicy | None = None,
     layer_count: int | None = None,
     progress: Callable[[WholeFetch], None] | None = None,
+    background: bool = False,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
     ``docker_config`` and ``retry`` reach the registry source (mirrors, credentials, how long
     a fetch may take).  ``layer_count``: open only the lowest N layers (``layers`` then holds
     N; ``resolved`` is still the whole image), which is how the snapshotter mounts a chain of
-    lazy layers.  ``progress`` hears of each whole-layer download as it starts and ends."""
+    lazy layers.  ``progress`` hears of each whole-layer download as it starts and ends.
+    ``background``: do not wait for those downloads (see :class:`LayerIndexing`)."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -106,7 +195,7 @@ async def open_image(
         source = CachingSource(source, cache.documents_dir)
         # Layers without a TOC are fetched whole and indexed once; their chunks are read
         # through a source of their own (the local tar).
-        whole = WholeLayers(source, cache, progress)
+        whole = WholeLayers(source, cache, progress, background=background)
         try:
             tocs = await load_tocs(
                 source,
@@ -118,21 +207,10 @@ async def open_image(
             )
             store = LayerStore(cache)
             try:
-                layers = [
-                    OpenedLayer(
-                        li.descriptor,
-                        li.location,
-                        li.toc,
-                        store.add_layer(
-                            li.descriptor.digest,
-                            whole.sources.get(li.descriptor.digest, source),
-                            li.toc,
-                            li.descriptor.size,
-                        ),
-                    )
-                    for li in tocs.layers
-                ]
-                yield OpenedImage(image, tocs.resolved, layers, source, cache, store, whole)
+                indexing = LayerIndexing(tocs.layers, whole, store, source)
+                yield OpenedImage(
+                    image, tocs.resolved, indexing.layers, source, cache, store, whole, indexing
+                )
             finally:
                 with trio.CancelScope(shield=True):
                     await store.aclose()  # readiness maps: the next open starts warm

@@ -1,10 +1,13 @@
 """The benchmark harness end to end, smallest case: ``scripts/bench.sh --quick --profile lan
 startup`` on the 1k-file synthetic image, one repetition.  It must produce a result JSON with
-every contender and leave no namespace, veth, mount or process behind."""
+every contender and leave no namespace, veth, mount or process behind.  The run gets its own
+namespace and veth names (``LAZYFS_BENCH_RUN``), so a concurrent run elsewhere never clashes,
+and whatever it leaves on failure is torn down from its state record and by those names."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +17,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchwan import netns  # noqa: E402
-from benchwan.state import RUN_DIR, STATE_FILE, mounts_under  # noqa: E402
+from benchwan.netns import run_names  # noqa: E402
+from benchwan.state import (  # noqa: E402
+    RUN_DIR,
+    STATE_FILE,
+    link_exists,
+    mounts_under,
+    netns_exists,
+)
 
 # Needs root (network namespaces, FUSE), as CI has: without it the test fails, it never skips.
 
@@ -34,12 +43,52 @@ def _pids_running(cmd_fragment: str) -> list[int]:
     return found
 
 
+def _run_bench(argv: list[str], run: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``scripts/bench.sh ARGV`` as run ``run``; on timeout SIGTERM (bench.py tears down on it)."""
+    proc = subprocess.Popen(
+        [str(ROOT / "scripts" / "bench.sh"), *argv],
+        cwd=ROOT,
+        env={**os.environ, "LAZYFS_BENCH_RUN": run},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _leftovers(ns_name: str, veth: str) -> list[str]:
+    return [f"netns {ns_name}"] * netns_exists(ns_name) + [f"veth {veth}"] * link_exists(veth)
+
+
 @pytest.mark.timeout(240)
 def test_quick_startup_lan_end_to_end(tmp_path: Path) -> None:
+    run = f"t{os.getpid():x}"
+    ns_name, veth, _ = run_names(run)
+    try:
+        _check_quick_startup(tmp_path, run)
+        assert not _leftovers(ns_name, veth)
+    finally:
+        if STATE_FILE.exists() or _leftovers(ns_name, veth):
+            _run_bench(["--cleanup"], run, 60)
+        # The last resort, by this run's own names only.
+        subprocess.run(["ip", "link", "del", "dev", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns_name], capture_output=True)
+
+
+def _check_quick_startup(tmp_path: Path, run: str) -> None:
     results = tmp_path / "results"
-    res = subprocess.run(
+    res = _run_bench(
         [
-            str(ROOT / "scripts" / "bench.sh"),
             "--quick",
             "--profile",
             "lan",
@@ -52,10 +101,8 @@ def test_quick_startup_lan_end_to_end(tmp_path: Path) -> None:
             "--no-markdown",
             "startup",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=230,
+        run,
+        200,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
@@ -72,10 +119,7 @@ def test_quick_startup_lan_end_to_end(tmp_path: Path) -> None:
         assert rows[contender]["veth_bytes"]["median"] > 0
     assert list(results.glob("*-lan-startup.png"))
 
-    # nothing left behind
-    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert netns.NETNS not in ns
-    assert subprocess.run(["ip", "link", "show", netns.VETH_HOST], capture_output=True).returncode
+    # nothing left behind (the namespace and veth are checked by the caller)
     assert not STATE_FILE.exists()
     assert not mounts_under(RUN_DIR)
     assert not _pids_running(str(ROOT / "scripts" / "benchwan" / "relay.py"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.ocilayout import Layout
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
@@ -126,3 +127,29 @@ def test_trace_optimize_push_then_mounts_prefetch(pushed: dict, tmp_path: Path) 
         assert layer["requests"] <= 2  # one contiguous range per layer
         stats = _read_used(mnt)
         assert stats["cache_misses"] == 0 and stats["wait_ns"] == 0
+
+    # --prefetch-from picks one source.  Stored groups only: the relaid image has none yet.
+    relaid = f"{host}/pipe/relaid:v2"
+    _check_source(relaid, "groups", None, mnt, tmp_path)
+    # Now groups stored beside it too (the same trace, as if recorded on it).
+    relaid_layout = Layout(tmp_path / "relaid")
+    trace["manifest"] = relaid_layout.find("v2").digest
+    trace["layers"] = [layer.digest for layer in relaid_layout.manifest("v2").layers]
+    (tmp_path / "t2.json").write_text(json.dumps(trace))
+    res = run(*lazyfs_cmd("optimize", str(tmp_path / "t2.json"), "--out",
+                          str(tmp_path / "g2.json"), "--push", relaid, "--plain-http"))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    _check_source(relaid, "auto", "app", mnt, tmp_path)  # stored groups first
+    _check_source(relaid, "landmark", "landmark", mnt, tmp_path)  # groups there, not asked for
+
+
+def _check_source(image: str, source: str, group: str | None, mnt: Path, tmp: Path) -> None:
+    """A mount with ``--prefetch-from source`` prefetches ``group`` (None: nothing)."""
+    cache = tmp / f"cache-{source}"
+    with mounted(image, mnt, "--plain-http", "--read-only", "--prefetch-from", source,
+                 "--cache", str(cache)):  # fmt: skip
+        if group is None:
+            time.sleep(0.5)  # time enough to have started one
+            assert _stats(mnt).get("prefetch") is None
+        else:
+            assert _wait_prefetch(mnt)["group"] == group, (image, source)

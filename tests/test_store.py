@@ -30,6 +30,8 @@ from lazyfs.store import (
     LayerStore,
     default_cache_dir,
 )
+from lazyfs.store.chunkmap import DigestIndex
+from lazyfs.store.layerstate import READ_POS_MAX
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -609,6 +611,30 @@ def test_chunk_map_roundtrip_and_bad_files(tmp_path: Path) -> None:
     assert ChunkMap.load(path, BLOB2, digests).ready == 0
     path.write_bytes(b"\x93garbage")
     assert ChunkMap.load(path, BLOB, digests).ready == 0
+
+
+def test_digest_index_answers_as_a_dict() -> None:
+    chunks = [Chunk(0, 1, i, i + 1, digest_of(str(i).encode())) for i in range(500)]
+    index = DigestIndex(chunks)
+    assert len(index) == 500
+    assert all(index[c.digest] == i and c.digest in index for i, c in enumerate(chunks))
+    missing = digest_of(b"missing")
+    assert index.get(missing) is None and missing not in index
+    with pytest.raises(KeyError):
+        index[missing]
+    assert DigestIndex([]).get(missing) is None
+
+
+def test_read_positions_are_bounded(tmp_path: Path) -> None:
+    """A soak that reads every file of a big layer keeps only the latest read positions."""
+    toc = TOC(compression="zstd", entries=[], data_end=0)
+    layer = Layer(BLOB, MemSource({}), toc, ChunkMap(tmp_path / "m.map", BLOB, []))
+    assert layer.note_read("a", 10) is None and layer.note_read("a", 20) == 10
+    for i in range(READ_POS_MAX):
+        layer.note_read(f"f{i}", i)
+    assert len(layer.read_pos) == READ_POS_MAX
+    assert layer.note_read("a", 0) is None  # the oldest was forgotten: a first read again
+    assert layer.note_read(f"f{READ_POS_MAX - 1}", 0) == READ_POS_MAX - 1
 
 
 def test_store_read_larger_than_cache(tmp_path: Path) -> None:

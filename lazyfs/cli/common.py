@@ -86,10 +86,12 @@ def not_lazy_line(image: str, total: int, media_types: list[str], consequence: s
 
 
 def whole_fetch_line(fetch: WholeFetch) -> str:
-    """A progress line of a whole-layer download, at its start and at its end."""
+    """A progress line of a whole-layer download, at its start and at its end (or failure)."""
     from lazyfs.progress import human_bytes
 
     what = f"layer {fetch.digest[:19]} ({plain_kind(fetch.media_type)}, {human_bytes(fetch.size)})"
+    if fetch.error is not None:
+        return f"lazyfs: {what}: not fetched: {fetch.error}"
     if fetch.seconds is None:
         return f"lazyfs: {what}: fetching it whole"
     rate = fetch.size / fetch.seconds if fetch.seconds > 0 else 0

@@ -24,6 +24,9 @@ from .common import (
     whole_fetch_line,
 )
 
+# Where a mount without --prefetch looks for what to prefetch (the snapshotter's policies too).
+PREFETCH_SOURCES = ("auto", "groups", "landmark")
+
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mount", help="mount an image lazily")
@@ -61,6 +64,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fetch a prefetch group's files in rank order, in the background, once mounted "
         "(default: the groups stored beside the image in its registry, else the layers' "
         "prefetch landmarks)",
+    )
+    p.add_argument(
+        "--prefetch-from",
+        choices=PREFETCH_SOURCES,
+        default="auto",
+        help="without --prefetch: fetch the group stored beside the image (groups), up to the "
+        "layers' landmarks (landmark), or the first of these there is (auto, the default)",
     )
     p.add_argument(
         "--no-prefetch",
@@ -136,6 +146,7 @@ def _options(args: argparse.Namespace) -> MountOptions:
         trace=os.path.abspath(args.trace) if args.trace else None,
         group=args.group,
         prefetch=args.prefetch,
+        prefetch_from=args.prefetch_from,
         layer_count=args.layers,
         docker_config=args.docker_config,
         read_timeout=args.read_timeout,
@@ -181,7 +192,10 @@ def mount_cmd(args: argparse.Namespace) -> int:
     finally:
         os.close(read_fd)
     if report.plain:
-        consequence = "fetched whole before the mount is ready (once: the cache keeps them)"
+        consequence = (
+            "fetched whole in the background, what needs them waits (once: the cache keeps "
+            "them; `lazyfs stats` shows the download)"
+        )
         print(not_lazy_line(args.image, report.layers, report.plain, consequence), file=sys.stderr)
     print(f"{args.mountpoint}: mounted {args.image} (pid {pid})")
     return 0
@@ -231,7 +245,7 @@ def _serve(args: argparse.Namespace) -> int:
             os.close(ready_fd)
             ready_fd = None
         elif report.plain:  # --foreground: the terminal is ours
-            consequence = "fetched whole before the mount was ready"
+            consequence = "fetched whole in the background, what needs them waits"
             print(not_lazy_line(args.image, report.layers, report.plain, consequence),
                   file=sys.stderr)  # fmt: skip
 
@@ -344,8 +358,15 @@ def stats_cmd(args: argparse.Namespace) -> int:
             f"{s['requests']:>6} {s['cache_hits']:>7} {s['cache_misses']:>7} "
             f"{s['wait_ns'] / 1e9:>7.2f}s"
         )
-        if whole := layer.get("whole"):  # no TOC: this mount downloaded it whole first
-            took = "downloading" if whole["seconds"] is None else f"in {whole['seconds']:.1f}s"
+        if whole := layer.get("whole"):  # no TOC: this mount downloads it whole
+            if whole.get("error"):
+                took = f"failed ({whole['error']}); the next access tries again"
+            elif whole["seconds"] is None:
+                took = "downloading in the background"
+                if whole.get("received") is not None:
+                    took += f", {human_bytes(whole['received'])} so far"
+            else:
+                took = f"in {whole['seconds']:.1f}s"
             print(f"  {'':<18} fetched whole: {human_bytes(whole['size'])} {took}")
     held = sum(layer["stats"].get("bytes_held", 0) for layer in report["layers"])
     patches = sum(layer["stats"].get("patch_bytes", 0) for layer in report["layers"])

@@ -26,6 +26,7 @@ from lazyfs.errors import FormatError
 # Entry kinds shared by both formats ("chunk" only exists on the wire).
 EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo"]
 ENTRY_TYPES: frozenset[str] = frozenset(EntryType.__args__)  # type: ignore[attr-defined]  # a Literal's members
+_TYPES: dict[str, EntryType] = {t: t for t in EntryType.__args__}  # type: ignore[attr-defined]
 
 # A name with no empty, "." or ".." component and no leading or trailing slash is normal.
 _PLAIN_NAME = re.compile(r"(?!\.\.?(?:/|$))[^/\x00]+(?:/(?!\.\.?(?:/|$))[^/\x00]+)*")
@@ -58,6 +59,19 @@ Compression = Literal["zstd", "gzip", "none"]
 
 # Shared by every entry without xattrs (most of them); entries are never mutated in place.
 _NO_XATTRS: dict[str, bytes] = {}
+# Modes are a handful of values over 256 (CPython's small-int cache): one object per value.
+_MODES: dict[int, int] = {}
+
+
+def _own_str(s: str) -> str:
+    """A copy of ``s`` made now.  Values that outlive the wire structs are copied after the
+    decode, so the interpreter's memory pools the decode filled hold only dead objects and are
+    released whole, instead of each staying resident for a few surviving names."""
+    return s.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass") if s else ""
+
+
+def _own_int(n: int) -> int:
+    return n + 0 if n > 256 else n  # a new object above the small-int cache (see _own_str)
 
 
 class Chunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -288,7 +302,6 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
     starts = sorted(
         {w.offset for w in wire if (w.type == "reg" and w.size) or w.type == "chunk"} | {data_end}
     )
-    pending: list[tuple[_WireEntry, Entry]] = []
     current: tuple[_WireEntry, list[_WireEntry]] | None = None
 
     def finish() -> None:
@@ -298,9 +311,9 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
         head, parts = current
         entry = _to_entry(head)
         entry.chunks = tuple(
-            _to_chunk(head, p, starts, last=i == len(parts) - 1) for i, p in enumerate(parts)
+            _to_chunk(head, entry, p, starts, last=i == len(parts) - 1) for i, p in enumerate(parts)
         )
-        pending.append((head, entry))
+        entries.append(entry)
         current = None
 
     for w in wire:
@@ -315,9 +328,8 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
         if w.type == "reg" and w.size > 0:
             current = (w, [w])
         else:
-            pending.append((w, _to_entry(w)))
+            entries.append(_to_entry(w))
     finish()
-    entries.extend(e for _, e in pending)
     return entries
 
 
@@ -363,30 +375,34 @@ def _to_entry(w: _WireEntry) -> Entry:
     mtime_ns = _parse_time(w.modtime)
     if not -(2**63) <= mtime_ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
         raise FormatError(f"modtime {w.modtime!r} of {_short(name)} is out of range")
+    mode = w.mode & 0o7777
     return Entry(
-        name=name,
-        type=w.type,  # type: ignore[arg-type]  # checked against ENTRY_TYPES
-        mode=w.mode & 0o7777,
-        uid=w.uid,
-        gid=w.gid,
+        name=_own_str(name),
+        type=_TYPES[w.type],  # one string per kind, not the wire's per entry
+        mode=_MODES.setdefault(mode, mode),
+        uid=_own_int(w.uid),
+        gid=_own_int(w.gid),
         uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
         gname=sys.intern(w.groupName),
-        size=w.size if w.type == "reg" else 0,
+        size=_own_int(w.size) if w.type == "reg" else 0,
         mtime_ns=mtime_ns,
-        link_name=link,
+        link_name=_own_str(link),
         dev_major=w.devMajor,
         dev_minor=w.devMinor,
         xattrs=xattrs,
-        digest=w.digest,
+        digest=_own_str(w.digest),
     )
 
 
-def _to_chunk(head: _WireEntry, w: _WireEntry, starts: list[int], *, last: bool) -> Chunk:
+def _to_chunk(
+    head: _WireEntry, entry: Entry, w: _WireEntry, starts: list[int], *, last: bool
+) -> Chunk:
     size = w.chunkSize or (head.size - w.chunkOffset)
+    size = entry.size if size == entry.size else _own_int(size)  # a one-chunk file's: shared
     zeros = w.chunkType == "zeros"
     digest = w.chunkDigest or (head.digest if size == head.size else "")
-    if digest == head.digest:
-        digest = head.digest  # one string object for a one-chunk file, not two
+    # One string object for a one-chunk file, not two (and not the wire's: see _own_str).
+    digest = entry.digest if digest == head.digest else _own_str(digest)
     if not digest and not zeros:
         raise FormatError(f"chunk at {w.chunkOffset} of {head.name!r} has no digest")
     # zstd:chunked gives ``endOffset`` once, on the file entry: the end of its last chunk.
@@ -396,12 +412,12 @@ def _to_chunk(head: _WireEntry, w: _WireEntry, starts: list[int], *, last: bool)
         i = bisect.bisect_right(starts, w.offset)
         end = starts[i] if i < len(starts) else 0
     return Chunk(
-        file_offset=w.chunkOffset,
+        file_offset=_own_int(w.chunkOffset),
         size=size,
-        offset=w.offset,
-        end=end,
+        offset=_own_int(w.offset),
+        end=_own_int(end),
         digest=digest,
-        inner=w.innerOffset,
+        inner=_own_int(w.innerOffset),
         zeros=zeros,
     )
 

@@ -2,7 +2,9 @@
 
 The daemon is ready (and says so through ``ready``) once manifests and TOCs are read; no file
 content is fetched before a reader asks, unless ``--prefetch`` names a group to fetch in the
-background from then on.  A small control socket per mount answers ``stats``, ``info`` and
+background from then on.  Layers without a TOC are fetched whole in the background from then
+on too: the tree is built when the last of them is indexed, and requests wait for it
+(:mod:`lazyfs.fs.pending`).  A small control socket per mount answers ``stats``, ``info`` and
 ``trace`` as one JSON line each way, so ``lazyfs stats`` needs no file inside the container's
 rootfs.  With ``--trace FILE`` a recorder listens to opens and reads, and the trace is written
 atomically when the mount ends.
@@ -33,6 +35,7 @@ from lazyfs.fs.control import (
 )
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.ops import Operations
+from lazyfs.fs.pending import PendingOperations
 from lazyfs.fs.prefetch import Prefetcher, landmark_group, load_group
 from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import Tree
@@ -42,9 +45,10 @@ from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
 from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
+from lazyfs.store.stats import LayerStats
 from lazyfs.store.wholelayer import WholeFetch
 from lazyfs.trace.recorder import Recorder
-from lazyfs.trace.schema import encode
+from lazyfs.trace.schema import Group, encode
 from lazyfs.trace.stored import find_group
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,7 @@ class MountOptions(msgspec.Struct, kw_only=True):
     trace: str | None = None  # record accesses; write the trace here when the mount ends
     group: str | None = None  # workload label of the trace; the group --prefetch fetches
     prefetch: str | None = None  # a prefetch-groups document
+    prefetch_from: str = "auto"  # auto prefetch's source: auto, groups or landmark
     # Without a document: look for groups stored beside the image in the registry, then for
     # landmarks in re-laid-out layers.  False fetches nothing before it is read.
     auto_prefetch: bool = True
@@ -97,20 +102,54 @@ class _Mount:
         self.opts = opts
         self.mountpoint = mountpoint
         self.image = image
-        self.tree = Tree.from_layers([ol.toc for ol in image.layers])
         self.upper = upper
-        if upper is not None:
-            apply_upper(self.tree, upper)
         self.recorder = recorder
         self.prefetcher = prefetcher
-        layers = image.store_layers()
-        self.ops = Operations(
-            self.tree, image.store, layers, upper, listener=recorder, copy_up_max=opts.copy_up_max
-        )
+        self.group: Group | None = None  # the prefetch group, while layers are pending
+        self.tree: Tree | None = None
+        self.ops: Operations | None = None
+        if image.is_complete:
+            self._build()
+
+    def _build(self) -> Operations:
+        """The tree and its operations, once every layer is indexed."""
+        if self.ops is None:
+            image, opts = self.image, self.opts
+            self.tree = Tree.from_layers([ol.toc for ol in image.layers])
+            if self.upper is not None:
+                apply_upper(self.tree, self.upper)
+            self.ops = Operations(
+                self.tree,
+                image.store,
+                image.store_layers(),
+                self.upper,
+                listener=self.recorder,
+                copy_up_max=opts.copy_up_max,
+            )
+        return self.ops
+
+    async def operations(self) -> Operations:
+        """:meth:`_build` after waiting for the layers fetched in the background."""
+        await self.image.complete()
+        return self._build()
+
+    def fuse_operations(self) -> Operations | PendingOperations:
+        """What pyfuse3 serves: the operations, or their stand-in while layers are pending."""
+        return self.ops if self.ops is not None else PendingOperations(self.operations)
 
     async def fetch_ahead(self, deltas: PendingDeltas | None) -> None:
         """After readiness: look for binary deltas beside the image (readers that miss the
         cache meanwhile wait for the answer), then prefetch, which uses them."""
+        if not self.image.is_complete:
+            # Layers fetched in the background: deltas and prefetch need their TOCs.
+            try:
+                await self.operations()
+            except LazyfsError:
+                return  # the layer is fetched again on the next access; prefetch is a bonus
+            deltas = pending_deltas(self.image)
+            if self.group is not None:
+                layers = self.image.store_layers()
+                self.prefetcher = Prefetcher(self.image.store, layers, self.group)
         if deltas is not None:
             await deltas.look()
         if self.prefetcher is not None:
@@ -120,10 +159,14 @@ class _Mount:
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
-        landmarks.  Runs after readiness: looking in the registry costs a round trip or two."""
-        image, layers = self.image, self.image.store_layers()
-        group = await find_group(image.source, image.manifest, self.opts.group)
-        group = group or landmark_group(layers)
+        landmarks (``prefetch_from`` "auto"; "groups" or "landmark": only that one).  Runs
+        after readiness: looking in the registry costs a round trip or two."""
+        image, layers, source = self.image, self.image.store_layers(), self.opts.prefetch_from
+        group = None
+        if source in ("auto", "groups"):
+            group = await find_group(image.source, image.manifest, self.opts.group)
+        if group is None and source in ("auto", "landmark"):
+            group = landmark_group(layers)
         if group is not None:
             self.prefetcher = Prefetcher(image.store, layers, group)
             await self.prefetcher.run()
@@ -141,26 +184,32 @@ class _Mount:
                 upper=upper,
             )
         if request.get("cmd") == "stats":
+            by_digest = {ol.descriptor.digest: ol for ol in image.layers}
+            reports = []
+            for desc in image.descriptors:
+                ol = by_digest.get(desc.digest)  # None: still fetched in the background
+                reports.append(
+                    LayerReport(
+                        desc.digest,
+                        len(ol.toc.entries) if ol is not None else 0,
+                        msgspec.to_builtins(
+                            ol.layer.stats if ol is not None else LayerStats(blob=desc.digest)
+                        ),
+                        image.whole.report(desc.digest),
+                    )
+                )
             return StatsReport(
                 image=opts.image,
                 manifest=image.manifest,
                 mountpoint=self.mountpoint,
-                files=len(self.tree.nodes),
-                layers=[
-                    LayerReport(
-                        ol.descriptor.digest,
-                        len(ol.toc.entries),
-                        msgspec.to_builtins(ol.layer.stats),
-                        image.whole.fetches.get(ol.descriptor.digest),
-                    )
-                    for ol in image.layers
-                ],
+                files=len(self.tree.nodes) if self.tree is not None else 0,
+                layers=reports,
                 prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
-                handler_errors=self.ops.handler_errors,
+                handler_errors=self.ops.handler_errors if self.ops is not None else 0,
                 pid=os.getpid(),
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
-                readdir_requests=self.ops.readdir_requests,
+                readdir_requests=self.ops.readdir_requests if self.ops is not None else 0,
                 log=opts.log,
             )
         if request.get("cmd") == "trace":
@@ -231,26 +280,30 @@ async def serve(
         layer_count=opts.layer_count,
         retry=RetryPolicy.within(opts.read_timeout),
         progress=progress,
+        background=True,
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:
             _lock_upper(upper, opts.upper)
         recorder: Recorder | None = None
         if trace_path is not None:
-            digests = [ol.descriptor.digest for ol in image.layers]
+            digests = [d.digest for d in image.descriptors]
             recorder = Recorder(opts.image, image.manifest, digests, opts.group or "default")
         prefetcher: Prefetcher | None = None
+        group: Group | None = None
         if groups is not None:
             doc, group = groups
             if doc.manifest and doc.manifest != image.manifest:
                 log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
-            prefetcher = Prefetcher(image.store, image.store_layers(), group)
+            if image.is_complete:
+                prefetcher = Prefetcher(image.store, image.store_layers(), group)
         mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher)
+        mount.group = group if prefetcher is None else None
         # Resolve the control socket path now: after init, touching the mount point from this
         # process would wait for a FUSE reply only this process can give (canonical() does
         # not touch it either, but the order keeps that property obvious).
         control = control_path(mountpoint)
-        pyfuse3.init(mount.ops, mountpoint, _fuse_options(opts))
+        pyfuse3.init(mount.fuse_operations(), mountpoint, _fuse_options(opts))
         try:
             # Fetches started by readers live in their own nursery: at unmount the control
             # socket and background fill are cancelled, but chunks already on their way are
@@ -260,12 +313,13 @@ async def serve(
                 if opts.background_fetch:
                     image.store.background(nursery)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)
+                image.start_background(nursery)  # layers without a TOC: fetched from now on
                 if recorder is not None:
                     recorder.start()
                 nursery.start_soon(mount.fetch_ahead, pending_deltas(image))
                 if ready is not None:
-                    plain = [ol.descriptor.mediaType for ol in image.plain_layers()]
-                    ready(ReadyReport(len(image.layers), plain))
+                    plain = [d.mediaType for d in image.plain_descriptors()]
+                    ready(ReadyReport(len(image.descriptors), plain))
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
                 nursery.cancel_scope.cancel()
         finally:

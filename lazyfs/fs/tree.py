@@ -9,6 +9,8 @@ counts its names.  The FUSE operations then mutate this same tree as the upper l
 from __future__ import annotations
 
 import stat
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from lazyfs.errors import FormatError
@@ -90,22 +92,57 @@ class Node:
         return f"Node({self.ino}, {'/'.join(self.path())!r})"
 
 
+class Inodes:
+    """Inode number -> node, as a list indexed by number: 8 bytes an inode where a dict costs
+    ~50.  Numbers are handed out in order and never reused, so the list only has holes where
+    nodes were forgotten (8 bytes each)."""
+
+    __slots__ = ("_count", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: list[Node | None] = [None]  # no inode 0
+        self._count = 0
+
+    def add(self, node: Node) -> None:
+        slots = self._slots
+        if node.ino != len(slots):
+            raise AssertionError(f"inode {node.ino} out of order ({len(slots)} expected)")
+        slots.append(node)
+        self._count += 1
+
+    def get(self, ino: int) -> Node | None:
+        return self._slots[ino] if 0 < ino < len(self._slots) else None
+
+    def __contains__(self, ino: int) -> bool:
+        return self.get(ino) is not None
+
+    def pop(self, ino: int) -> None:
+        if self.get(ino) is not None:
+            self._slots[ino] = None
+            self._count -= 1
+
+    def __len__(self) -> int:
+        return self._count
+
+
 def _implicit_dir() -> Entry:
     return Entry(name="", type="dir", mode=0o755)
 
 
 class Tree:
-    """The inode table.  ``nodes`` maps inode numbers to nodes."""
+    """The inode table.  ``nodes`` maps inode numbers to nodes (:class:`Inodes`)."""
 
     def __init__(self) -> None:
         self.root = Node(ROOT_INO, None, "", _implicit_dir(), -1)
         # Every path the lower layers have, after their own whiteouts: removing such a path
         # from the mount must leave a whiteout.  A property of the path, not of the inode that
         # holds it now (renames and hardlinks move inodes between names).
-        # Kept as hashes, a third of the memory of the paths: a collision could only add a
-        # whiteout for a path no lower layer has, which is harmless (it hides nothing).
-        self.lower_paths: frozenset[int] = frozenset()
-        self.nodes: dict[int, Node] = {ROOT_INO: self.root}
+        # Kept as a sorted array of their hashes, 8 bytes a path (a set of the paths cost ~200):
+        # a collision could only add a whiteout for a path no lower layer has, which is
+        # harmless (it hides nothing).
+        self.lower_paths = array("q")
+        self.nodes = Inodes()
+        self.nodes.add(self.root)
         self._next_ino = ROOT_INO + 1
 
     # -- building ---------------------------------------------------------------------------
@@ -115,13 +152,13 @@ class Tree:
         tree = cls()
         for index, toc in enumerate(tocs):
             tree._apply_layer(index, toc.entries)
-        tree.lower_paths = frozenset(hash(path) for path, _ in tree.walk() if path)
+        tree.lower_paths = array("q", sorted(hash(path) for path, _ in tree.walk() if path))
         return tree
 
     def new_node(self, parent: Node, name: str, entry: Entry | None, layer: int) -> Node:
         node = Node(self._next_ino, parent, name, entry, layer)
         self._next_ino += 1
-        self.nodes[node.ino] = node
+        self.nodes.add(node)
         return node
 
     def _apply_layer(self, layer: int, entries: list[Entry]) -> None:
@@ -143,11 +180,14 @@ class Tree:
         # siblings, not once per entry (a mount of 100k files spends its start-up here).
         last_dir: str | None = None
         parent = self.root
+        # One string per distinct base name (__init__.py, README...), not one per node.
+        names: dict[str, str] = {}
         for e in content:
             if e.name == "":
                 self._set_entry(self.root, e, layer)
                 continue
             dirname, _, name = e.name.rpartition("/")
+            name = names.setdefault(name, name)
             if dirname != last_dir or parent.children is None or parent.nlink <= 0:
                 parent = self._dir(dirname, layer)
                 last_dir = dirname
@@ -204,7 +244,9 @@ class Tree:
     # -- queries and edits used by the FUSE operations --------------------------------------
 
     def lower_has(self, path: tuple[str, ...]) -> bool:
-        return hash("/".join(path)) in self.lower_paths
+        h, paths = hash("/".join(path)), self.lower_paths
+        i = bisect_left(paths, h)
+        return i < len(paths) and paths[i] == h
 
     def find(self, path: str) -> Node | None:
         node = self.root
@@ -246,12 +288,12 @@ class Tree:
                     todo.append((child, node, child_name))
             node.nlink = 0
             if node.lookups == 0:
-                self.nodes.pop(node.ino, None)
+                self.nodes.pop(node.ino)
 
     def forget(self, node: Node, n: int) -> None:
         node.lookups -= n
         if node.lookups <= 0 and node.nlink <= 0:
-            self.nodes.pop(node.ino, None)
+            self.nodes.pop(node.ino)
 
     def names(self, node: Node) -> Iterator[tuple[Node, str]]:
         """Every (parent, name) under which ``node`` is linked."""

@@ -40,6 +40,18 @@ def is_mounted(mountpoint: str) -> bool:
     return False
 
 
+def mounts_under(directory: str) -> list[str]:
+    """Mount points strictly below ``directory``, deepest first (from /proc/self/mountinfo)."""
+    prefix = canonical(directory).rstrip("/") + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        found = {
+            mp
+            for line in f
+            if len(fields := line.split()) > 4 and (mp := _unescape(fields[4])).startswith(prefix)
+        }
+    return sorted(found, key=len, reverse=True)
+
+
 def _unescape(s: str) -> str:
     return (
         s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")

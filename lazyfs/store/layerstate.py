@@ -10,8 +10,10 @@ import trio
 from lazyfs.errors import RemoteError
 from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
-from lazyfs.store.chunkmap import ChunkMap, layer_chunks
+from lazyfs.store.chunkmap import ChunkMap, DigestIndex, layer_chunks
 from lazyfs.store.stats import LayerStats
+
+READ_POS_MAX = 4096  # files whose read position a layer remembers
 
 
 class WholeBlob:
@@ -41,7 +43,7 @@ class Layer:
         self.toc = toc
         self.map = cmap
         self.chunks = layer_chunks(toc)  # the map's bit order
-        self.index = {c.digest: i for i, c in enumerate(self.chunks)}
+        self.index = DigestIndex(self.chunks)
         self.by_offset = sorted(self.chunks, key=lambda c: (c.offset, c.end))
         self.offsets = [c.offset for c in self.by_offset]
         self.stats = LayerStats(
@@ -52,10 +54,20 @@ class Layer:
             bytes_total=sum(c.size for c in self.chunks),
             bytes_ready=sum(c.size for i, c in enumerate(self.chunks) if cmap[i]),
         )
-        # Entry name -> where its last read ended: a read starting there is sequential.
+        # Entry name -> where its last read ended: a read starting there is sequential.  The
+        # most recent READ_POS_MAX files only, so a soak that reads every file stays bounded.
         self.read_pos: dict[str, int] = {}
         self.size = 0  # compressed blob size, when known
         self.whole: WholeBlob | None = None  # a local copy, for sources that ignore Range
+
+    def note_read(self, name: str, end: int) -> int | None:
+        """Record that a read of ``name`` ended at ``end``; return where the previous one
+        ended (None: no read of it is remembered)."""
+        prev = self.read_pos.pop(name, None)
+        self.read_pos[name] = end  # re-inserted: the dict's order is recency
+        if len(self.read_pos) > READ_POS_MAX:
+            del self.read_pos[next(iter(self.read_pos))]
+        return prev
 
     def set_ready(self, i: int) -> bool:
         if not self.map.set(i):

@@ -175,7 +175,6 @@ class LayerStore:
         reserved = 0 if concurrency <= 1 else max(1, concurrency // 4)
         self._slots = PrioritySlots(concurrency, reserved)
         self._layers: dict[str, Layer] = {}
-        self._where: dict[str, list[tuple[Layer, int]]] = {}  # digest -> bits in every layer
         self._inflight: dict[str, _Flight] = {}
         self._dirty: set[Layer] = set()
         self._last_ondemand = -math.inf
@@ -203,7 +202,6 @@ class LayerStore:
         layer = Layer(blob_digest, source, toc, cmap)
         layer.size = size  # known from the manifest; lets a Range-less registry be handled
         for i, c in enumerate(layer.chunks):
-            self._where.setdefault(c.digest, []).append((layer, i))
             # A set bit the index does not know costs one stat (another process may have
             # written the chunk); unset bits cost only a dict lookup.
             if c.digest in self.cache or (cmap[i] and self.cache.probe(c.digest)):
@@ -250,8 +248,7 @@ class LayerStore:
             )
             for c in chunks
         ]
-        prev = layer.read_pos.get(entry.name)
-        layer.read_pos[entry.name] = end
+        prev = layer.note_read(entry.name, end)
         extra: list[Chunk] = []
         if prev is None or prev == offset:  # a first or sequential read, not random access
             extra = plan.readahead(entry, chunks, prev is None, self.readahead)
@@ -481,7 +478,7 @@ class LayerStore:
         except Exception as e:  # a provider's bug must cost a fetch, never a read
             log.warning("chunk provider failed for %s: %s", layer.blob_digest, e)
             return {}
-        known = {d: data for d, data in got.items() if d in self._where}
+        known = {d: data for d, data in got.items() if self._bits(d)}
         if not known:
             return {}
 
@@ -821,13 +818,19 @@ class LayerStore:
 
     # ------------------------------------------------------------------------------- readiness
 
+    def _bits(self, digest: str) -> list[tuple[Layer, int]]:
+        """The readiness bits of ``digest`` in every layer.  Asked of each layer's index, not
+        kept in a table of its own: that table cost ~200 B per chunk (20 MiB at 100k files)."""
+        found = ((la, la.index.get(digest)) for la in self._layers.values())
+        return [(la, i) for la, i in found if i is not None]
+
     def _mark_ready(self, digest: str) -> None:
-        for layer, i in self._where.get(digest, ()):
+        for layer, i in self._bits(digest):
             if layer.set_ready(i):
                 self._dirty.add(layer)
 
     def _forget(self, digest: str) -> None:
-        for layer, i in self._where.get(digest, ()):
+        for layer, i in self._bits(digest):
             if layer.clear_ready(i):
                 self._dirty.add(layer)
 

@@ -8,6 +8,10 @@ chunk then goes into the chunk cache and the TOC into the TOC cache, so a later 
 same layer fetches nothing.  From then on the layer is served like a lazy one, through a
 :class:`WholeLayerSource` that reads the local tar, and downloads and unpacks the layer again
 should a chunk be missing (evicted) in a later mount.
+
+A mount does not wait for that: with ``background`` set, :meth:`WholeLayers.index` only
+registers the layer (a :class:`PendingIndex`) and the opener starts its download once the
+mount is ready; what depends on the layer waits for it there.
 """
 
 from __future__ import annotations
@@ -75,7 +79,9 @@ class WholeFetch(msgspec.Struct):
     digest: str
     media_type: str
     size: int  # blob bytes
-    seconds: float | None = None  # None while it downloads
+    seconds: float | None = None  # None while it downloads (or when it failed)
+    error: str | None = None  # why the download or its check failed; the next access retries
+    received: int | None = None  # blob bytes received so far, while it downloads (see report)
 
 
 class _Indexed(msgspec.Struct):
@@ -128,12 +134,17 @@ class WholeLayers:
         source: Source,
         cache: ChunkCache,
         progress: Callable[[WholeFetch], None] | None = None,
+        *,
+        background: bool = False,
     ) -> None:
         self.source = source
         self.cache = cache
         self.sources: dict[str, WholeLayerSource] = {}
         self.fetches: dict[str, WholeFetch] = {}  # downloads of this open, last one per blob
         self.progress = progress  # told at the start and end of each download
+        self.background = background  # index() defers: see PendingIndex
+        self.pending: dict[str, PendingIndex] = {}  # by blob digest, while background
+        self._receiving: dict[str, BinaryIO] = {}  # the blob files of downloads under way
 
     def _toc_path(self, digest: str) -> Path:
         return self.cache.tocs_dir / f"{oci.check_digest(digest)}.whole"
@@ -162,7 +173,17 @@ class WholeLayers:
         return _location(got.toc), got.toc
 
     async def index(self, desc: oci.Descriptor, diff_id: str) -> tuple[TocLocation, TOC]:
-        """Download, verify and index a layer that has no TOC; cache its chunks and TOC."""
+        """Download, verify and index a layer that has no TOC; cache its chunks and TOC.
+        With ``background``: register it in ``pending`` instead and answer an empty TOC (a
+        placeholder the opener replaces once the layer is indexed)."""
+        if self.background:
+            self._source(desc, diff_id)
+            self.pending.setdefault(desc.digest, PendingIndex(self, desc, diff_id))
+            empty = TOC(compression="none", entries=[], data_end=0)
+            return _location(empty), empty
+        return await self.index_now(desc, diff_id)
+
+    async def index_now(self, desc: oci.Descriptor, diff_id: str) -> tuple[TocLocation, TOC]:
         src = self._source(desc, diff_id)
         tar = await src.unpack()
         where = f"layer {desc.digest}"
@@ -187,17 +208,41 @@ class WholeLayers:
             desc.mediaType,
             desc.size,
         )
-        self._tell(WholeFetch(desc.digest, desc.mediaType, desc.size))
+        start = WholeFetch(desc.digest, desc.mediaType, desc.size)
+        if self.fetches.get(desc.digest) != start:  # not told already by announce()
+            self.tell(start)
         with tempfile.TemporaryFile(dir=d) as blob:
-            await self.source.download(desc.digest, desc.size, blob)  # verifies the digest
+            self._receiving[desc.digest] = blob
+            try:
+                await self.source.download(desc.digest, desc.size, blob)  # checks the digest
+            finally:
+                del self._receiving[desc.digest]
             blob.seek(0)
             await trio.to_thread.run_sync(_unpack, blob, desc, diff_id, tar)
         seconds = time.monotonic() - t0
         log.warning("layer %s fetched whole and verified in %.1fs", desc.digest, seconds)
-        self._tell(WholeFetch(desc.digest, desc.mediaType, desc.size, seconds))
+        self.tell(WholeFetch(desc.digest, desc.mediaType, desc.size, seconds))
         return tar
 
-    def _tell(self, fetch: WholeFetch) -> None:
+    def report(self, digest: str) -> WholeFetch | None:
+        """The last word on ``digest``'s download, with the bytes received so far."""
+        fetch = self.fetches.get(digest)
+        blob = self._receiving.get(digest)
+        if fetch is None or blob is None:
+            return fetch
+        try:
+            received = os.fstat(blob.fileno()).st_size
+        except (OSError, ValueError):  # closed meanwhile: the next report says how it ended
+            return fetch
+        return msgspec.structs.replace(fetch, received=received)
+
+    def announce(self, desc: oci.Descriptor) -> None:
+        """Tell of a download about to start in the background (before the mount is ready,
+        so the command that mounts hears of it)."""
+        self.tell(WholeFetch(desc.digest, desc.mediaType, desc.size))
+
+    def tell(self, fetch: WholeFetch) -> None:
+        """Record ``fetch`` as the last word on its blob and pass it to ``progress``."""
         self.fetches[fetch.digest] = fetch
         if self.progress is not None:
             try:
@@ -209,6 +254,59 @@ class WholeLayers:
     async def aclose(self) -> None:
         for src in self.sources.values():
             await src.aclose()
+
+
+class PendingIndex:
+    """A layer without a TOC, downloaded and indexed in the background.  Every waiter shares
+    one attempt; a failed attempt is remembered (its waiters get the error, never a partial
+    index) and the next :meth:`wait` starts another."""
+
+    def __init__(self, owner: WholeLayers, desc: oci.Descriptor, diff_id: str) -> None:
+        self.owner = owner
+        self.desc = desc
+        self.diff_id = diff_id
+        self.result: tuple[TocLocation, TOC] | None = None
+        self.error: LazyfsError | None = None
+        self._done: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Begin (or, after a failure, begin again) the download in ``nursery``."""
+        self._nursery = nursery
+        if self.result is None and (self._done is None or self.error is not None):
+            self.owner.announce(self.desc)
+            self.error = None
+            self._done = trio.Event()
+            nursery.start_soon(self._run, self._done)
+
+    async def _run(self, done: trio.Event) -> None:
+        try:
+            self.result = await self.owner.index_now(self.desc, self.diff_id)
+        except Exception as e:  # a background task: nothing may escape into the mount
+            if not isinstance(e, LazyfsError | OSError):
+                log.exception("indexing layer %s failed", self.desc.digest)
+            log.warning("layer %s: %s", self.desc.digest, e)
+            self.error = e if isinstance(e, LazyfsError) else LazyfsError(str(e))
+            d = self.desc
+            self.owner.tell(WholeFetch(d.digest, d.mediaType, d.size, error=str(self.error)))
+        finally:
+            done.set()
+
+    def retry(self) -> None:
+        """Start another attempt if the last one failed (the next access retries)."""
+        if self.error is not None and self._nursery is not None:
+            self.start(self._nursery)
+
+    async def wait(self) -> tuple[TocLocation, TOC]:
+        """The layer's location and TOC once indexed; raises why the attempt failed."""
+        if self.result is not None:
+            return self.result
+        assert self._done is not None, "wait() before start()"
+        await self._done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 def _location(toc: TOC) -> TocLocation:

@@ -23,16 +23,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from lazyfs.process import stop_process
+from lazyfs.testing.server import ServerProcess, unix_socket_accepts
 
 DEFAULT_NAMESPACE = "lazyfs-test"
 
@@ -107,12 +104,16 @@ class ContainerdError(RuntimeError):
     pass
 
 
-class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]):
+class ContainerdInstance(ServerProcess):
     """One private containerd daemon; use as a context manager.
 
     *base_dir*: where config/root/state/socket go.  When None a fresh temp dir
     is created (and removed on exit unless *keep* is true).
     """
+
+    name = "containerd"
+    error = ContainerdError
+    poll_interval = 0.1
 
     def __init__(
         self,
@@ -133,9 +134,7 @@ class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]
         self.binary = binary or containerd_binary()
         self.proxy_snapshotters = dict(proxy_snapshotters or {})
         self.base: Path | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
         self._made_base = False
-        self._log_file: Path | None = None
 
     # -- paths ---------------------------------------------------------------
     def _need_base(self) -> Path:
@@ -164,16 +163,6 @@ class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]
     def log_path(self) -> Path:
         return self._need_base() / "containerd.log"
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> ContainerdInstance:
         if self.proc is not None:
@@ -191,32 +180,9 @@ class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]
         for sub in ("root", "state", "plugins"):
             (self.base / sub).mkdir(exist_ok=True)
         self.config_path.write_text(render_config(self.base, self.proxy_snapshotters))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    self.binary,
-                    "--config",
-                    str(self.config_path),
-                    "--address",
-                    self.address,
-                    "--root",
-                    str(self.root),
-                    "--state",
-                    str(self.state),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C to the test runner is not delivered to
-                # the daemon behind our back; we stop it ourselves by PID.
-                start_new_session=True,
-                env=self._env(),
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        argv = [self.binary, "--config", str(self.config_path), "--address", self.address,
+                "--root", str(self.root), "--state", str(self.state)]  # fmt: skip
+        self.spawn(argv, self.log_path, env=self._env(), new_session=True)
         return self
 
     def _env(self) -> dict[str, str]:
@@ -226,54 +192,19 @@ class ContainerdInstance(contextlib.AbstractContextManager["ContainerdInstance"]
             env.pop(var, None)
         return env
 
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            rc = self.proc.poll()
-            if rc is not None:
-                raise ContainerdError(
-                    f"containerd exited early with status {rc}; log:\n{self.log_text()}"
-                )
-            if self._socket_accepts():
-                # The socket is listening; make sure the API answers.
-                res = self.ctr("version", check=False, capture=True, timeout=10)
-                if res.returncode == 0:
-                    return
-            time.sleep(0.1)
-        raise ContainerdError(
-            f"containerd did not come up within {self.start_timeout}s; log:\n{self.log_text()}"
+    def ready(self) -> bool:
+        # The socket listening is not enough: the API must answer.
+        return (
+            unix_socket_accepts(self.address)
+            and self.ctr("version", check=False, capture=True, timeout=10).returncode == 0
         )
 
-    def _socket_accepts(self) -> bool:
-        if not os.path.exists(self.address):
-            return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            try:
-                s.connect(self.address)
-            except OSError:
-                return False
-        return True
-
-    def stop(self) -> None:
-        """Stop the daemon by PID: SIGTERM, wait, then SIGKILL.  Idempotent."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            stop_process(proc, self.stop_timeout)
+    def stop(self) -> int | None:
+        """Stop the daemon by PID (SIGTERM, wait, SIGKILL), drop a base we made; idempotent."""
+        rc = super().stop()
         if self.base is not None and self._made_base and not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
-
-    def __enter__(self) -> ContainerdInstance:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return rc
 
     # -- ctr -------------------------------------------------------------------
     def ctr_argv(self, *args: str, binary: str = "ctr") -> list[str]:

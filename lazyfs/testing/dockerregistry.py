@@ -15,14 +15,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
-from lazyfs.process import stop_process
+from lazyfs.testing.server import ServerProcess
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -43,7 +41,9 @@ class TokenAuth:
     rootcertbundle: Path
 
 
-class RegistryInstance:
+class RegistryInstance(ServerProcess):
+    name = "docker-registry"
+
     def __init__(
         self,
         workdir: Path,
@@ -60,7 +60,6 @@ class RegistryInstance:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
-        self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "registry.log"
 
     def _config(self) -> str:
@@ -97,50 +96,17 @@ class RegistryInstance:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "config.yml"
         cfg.write_text(self._config())
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [REGISTRY_BIN, "serve", str(cfg)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self.spawn([REGISTRY_BIN, "serve", str(cfg)], self.log_path)
         return self
 
-    def _wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
-                    return
-            except urllib.error.HTTPError:
-                return  # 401 with auth enabled: it is up
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"docker-registry on {self.host} did not answer within {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
-
-    def __enter__(self) -> RegistryInstance:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True  # 401 with auth enabled: it is up
+        except OSError:
+            return False
 
 
 def push_oci_layout(

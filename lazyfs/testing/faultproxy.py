@@ -16,26 +16,23 @@ import http.client
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
+
+from lazyfs.testing.server import ThreadedHTTPServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
 
-class FaultProxy:
+class FaultProxy(ThreadedHTTPServer):
     def __init__(self, upstream: str, *, match: str = "/blobs/") -> None:
         self.upstream = urlsplit(upstream).netloc
         self.match = match
         self.lock = threading.Lock()
         self.reset()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
+        self.port = self.serve(self._handler())
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
 
     def reset(self) -> None:
         old = getattr(self, "_release", None)
@@ -212,17 +209,4 @@ class FaultProxy:
 
     def close(self) -> None:
         self._release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> FaultProxy:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        super().close()

@@ -15,12 +15,12 @@ import secrets
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
 from lazyfs.testing.dockerregistry import TokenAuth
+from lazyfs.testing.server import ThreadedHTTPServer
 
 SERVICE = "lazyfs-test-registry"
 ISSUER = "lazyfs-test-issuer"
@@ -30,7 +30,7 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
+class TokenServer(ThreadedHTTPServer):
     def __init__(
         self,
         workdir: Path,
@@ -57,12 +57,8 @@ class TokenServer:
         #: every request seen: (scope list, whether Basic credentials were sent)
         self.requests: list[tuple[list[str], bool]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
+        self.port = self.serve(self._handler())
         self.realm = f"http://127.0.0.1:{self.port}/token"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
 
     @property
     def registry_auth(self) -> TokenAuth:
@@ -128,19 +124,3 @@ class TokenServer:
                 self.wfile.write(body)
 
         return Handler
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> TokenServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -1,7 +1,9 @@
 """The "registry host": a network namespace joined to the root namespace by a veth pair.
 
 Addresses come from a private /30 that exists only on these two interfaces; before creating
-anything we check that no interface or route on the machine already uses that range.  The
+anything we check that no interface or route on the machine already uses that range.  Names
+and the /30 are per run (``LAZYFS_BENCH_RUN``, default the PID), so runs from two checkouts at
+once never share a namespace, an interface or a range.  The
 link rate is shaped with a tbf qdisc on *both* veth ends; latency is added by the relay
 (:mod:`.relay`) because this kernel has no netem.
 """
@@ -9,7 +11,10 @@ link rate is shaped with a tbf qdisc on *both* veth ends; latency is added by th
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 import subprocess
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +22,21 @@ from benchlib import log
 
 from .state import State, link_exists, netns_exists
 
-NETNS = "lazyfs-bench"
-VETH_HOST = "lzb-h0"
-VETH_NS = "lzb-n0"
-SUBNET = ipaddress.ip_network("10.123.45.0/30")
-HOST_ADDR = "10.123.45.1"
-NS_ADDR = "10.123.45.2"
+
+def run_names(run: str) -> tuple[str, str, str]:
+    """(namespace, host-side veth, namespace-side veth) of run ``run``."""
+    if not re.fullmatch(r"[0-9a-z]{1,10}", run):  # interface names are at most 15 bytes
+        raise ValueError(f"LAZYFS_BENCH_RUN must be 1-10 of [0-9a-z], not {run!r}")
+    return f"lazyfs-bench-{run}", f"lzb{run}h", f"lzb{run}n"
+
+
+RUN = os.environ.get("LAZYFS_BENCH_RUN") or f"{os.getpid():x}"
+NETNS, VETH_HOST, VETH_NS = run_names(RUN)
+_POOL = list(ipaddress.ip_network("10.123.0.0/16").subnets(new_prefix=30))
+# Where this run's /30 search starts: spread runs over the pool so they rarely meet.
+_FIRST = zlib.crc32(RUN.encode()) % len(_POOL)
+SUBNET = _POOL[_FIRST]
+HOST_ADDR, NS_ADDR = (str(a) for a in SUBNET.hosts())
 
 
 @dataclass(frozen=True)
@@ -53,12 +67,12 @@ def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return res
 
 
-def range_in_use() -> list[str]:
-    """Addresses or routes on this machine (root namespace) overlapping our /30."""
+def range_in_use(subnet: ipaddress.IPv4Network) -> list[str]:
+    """Addresses or routes on this machine (root namespace) overlapping ``subnet``."""
     hits = []
     for line in sh("ip", "-o", "-4", "addr", "show").stdout.splitlines():
         cidr = line.split()[3]
-        if ipaddress.ip_interface(cidr).network.overlaps(SUBNET):
+        if ipaddress.ip_interface(cidr).network.overlaps(subnet):
             hits.append(line.strip())
     for line in sh("ip", "-4", "route", "show", "table", "all").stdout.splitlines():
         dest = line.split()[0]
@@ -68,18 +82,28 @@ def range_in_use() -> list[str]:
             net = ipaddress.ip_network(dest, strict=False)
         except ValueError:
             continue
-        if net.prefixlen > 0 and net.overlaps(SUBNET):
+        if net.prefixlen > 0 and net.overlaps(subnet):
             hits.append(line.strip())
     return hits
 
 
+def _free_subnet() -> ipaddress.IPv4Network:
+    """This run's /30: the first from ``_FIRST`` on that nothing here uses yet."""
+    for i in range(64):
+        subnet = _POOL[(_FIRST + i) % len(_POOL)]
+        if not range_in_use(subnet):
+            return subnet
+    raise RuntimeError(f"no free /30 in {_POOL[0].supernet(new_prefix=16)} near {_POOL[_FIRST]}")
+
+
 def create(state: State) -> None:
+    global SUBNET, HOST_ADDR, NS_ADDR
     if netns_exists(NETNS) or link_exists(VETH_HOST):
         raise RuntimeError(
             f"netns {NETNS} or veth {VETH_HOST} already exists: run scripts/bench.sh --cleanup"
         )
-    if used := range_in_use():
-        raise RuntimeError(f"{SUBNET} is already in use here: {used}")
+    SUBNET = _free_subnet()
+    HOST_ADDR, NS_ADDR = (str(a) for a in SUBNET.hosts())
     state.netns = NETNS
     state.save()
     sh("ip", "netns", "add", NETNS)

@@ -207,6 +207,8 @@ class LazyLayers:
             opts.append("--plain-http")
         if insecure:
             opts.append("--insecure")
+        if self.config.prefetch in ("groups", "landmark"):  # "auto" is the daemon's default
+            opts += ["--prefetch-from", self.config.prefetch]
         if self.config.prefetch == "none":
             opts.append("--no-prefetch")
         return opts

@@ -15,6 +15,7 @@ at its daemon (``daemon_id``); when the last one goes, the daemon is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -25,6 +26,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from lazyfs.errors import LazyfsError
+from lazyfs.fs.daemon import attach, clear_mountpoint
+from lazyfs.fs.runtime import canonical
+from lazyfs.fs.unmount import mounts_under
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import match_any, parse_filters
@@ -45,6 +51,9 @@ log = logging.getLogger(__name__)
 # inside its transaction, so tests can SIGKILL the daemon at the worst moment.
 PAUSE_ENV = "LAZYFS_SNAPSHOTTER_TEST_PAUSE"
 _TMP_PREFIX = "new-"
+# Where a LayerFS mounts its chains (ROOT/mnt/HASH, its log HASH.log): what cleanup sweeps.
+MOUNTS_DIR = "mnt"
+STRAY_STOP_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -459,3 +468,37 @@ class Snapshotter:
         with self._chains:
             for daemon_id in unused:
                 self.layers.release(daemon_id)
+            # Under the chains lock: no daemon is being started (mounted, not yet recorded).
+            self._sweep_mounts()
+
+    def _sweep_mounts(self) -> None:
+        """Stop daemons, unmount and remove what is under ROOT/mnt that no daemon row owns:
+        left by a crash between a daemon's start and its record (or before its directory
+        went).  A mount's daemon is found by its control socket and stopped by that PID."""
+        mnt_dir = self.root / MOUNTS_DIR
+        if not mnt_dir.is_dir():
+            return
+        with self.store.transaction() as tx:
+            owned = {Path(d.mountpoint) for d in tx.daemons()}
+        # mountinfo has the parents' symlinks resolved; the rows have ROOT as given.
+        owned_real = {Path(canonical(o)) for o in owned}
+        for mp in map(Path, mounts_under(str(mnt_dir))):
+            if mp in owned_real or any(o in mp.parents for o in owned_real):
+                continue
+            try:
+                daemon = attach(mp, timeout=2.0)
+            except (LazyfsError, OSError):
+                log.info("cleanup: detaching stray mount %s (no daemon answers)", mp)
+                clear_mountpoint(mp)
+                continue
+            log.info("cleanup: stopping stray daemon pid %d on %s", daemon.pid, mp)
+            daemon.stop(STRAY_STOP_TIMEOUT)
+        for entry in mnt_dir.iterdir():
+            if entry.with_suffix("") in owned or entry in owned:
+                continue
+            log.info("cleanup: removing stray %s", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                with contextlib.suppress(OSError):  # never rmtree: it might be mounted again
+                    os.rmdir(entry)
+            else:
+                entry.unlink(missing_ok=True)

@@ -6,23 +6,23 @@ SIGKILL) whatever happens inside the ``with``; :meth:`SnapshotterProcess.kill` i
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 import grpc
+
+from lazyfs.testing.server import ServerProcess
 
 from .api import snapshots_pb2, snapshots_pb2_grpc
 from .service import NAMESPACE_KEY
 
 
-class SnapshotterProcess(contextlib.AbstractContextManager["SnapshotterProcess"]):
+class SnapshotterProcess(ServerProcess):
+    name = "snapshotter"
+    stop_timeout = 10.0
+
     def __init__(
         self,
         base: Path,
@@ -38,8 +38,6 @@ class SnapshotterProcess(contextlib.AbstractContextManager["SnapshotterProcess"]
         self.extra_env = env or {}
         self.args = args
         self.start_timeout = start_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_start = 0
 
     def argv(self) -> list[str]:
         return [
@@ -48,56 +46,15 @@ class SnapshotterProcess(contextlib.AbstractContextManager["SnapshotterProcess"]
             *self.args,
         ]
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
     def start(self) -> SnapshotterProcess:
-        if self.proc is not None:
-            raise RuntimeError("snapshotter already started")
         self.base.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.extra_env}
-        # The log is appended to across restarts: readiness is judged on this run's part.
-        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env=env,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self.spawn(self.argv(), self.log_path, env={**os.environ, **self.extra_env},
+                   new_session=True)
         return self
 
-    def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"snapshotter exited ({self.proc.returncode}):\n"
-                                   f"{self.log_text()}")
-            if "listening on" in self.log_text()[self._log_start :]:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"snapshotter not ready in {self.start_timeout}s:\n{self.log_text()}")
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM by PID, then SIGKILL if it lingers; returns the exit status."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        return proc.returncode
+    def ready(self) -> bool:
+        # The log is appended to across restarts: readiness is judged on this run's part.
+        return "listening on" in self.this_run_log()
 
     def kill(self) -> None:
         """SIGKILL by PID: the crash the metadata store must survive."""
@@ -105,17 +62,6 @@ class SnapshotterProcess(contextlib.AbstractContextManager["SnapshotterProcess"]
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(10)
-
-    def __enter__(self) -> SnapshotterProcess:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class Client:

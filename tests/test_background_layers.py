@@ -1,0 +1,161 @@
+"""Layers without a TOC are fetched in the background: the mount is ready before they arrive,
+what needs them waits (and then answers exactly what a mount made after them would), a failed
+layer answers EIO, is never cached, and is fetched again on the next access.  Against the real
+registry, through the fault proxy (faults aimed at one layer's blob only)."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.ocilayout import Layout
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import make_layout
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from tests.support.fixtures import registry  # noqa: F401
+from tests.test_whole_layers import _base, _check, _top
+
+# Plain tar layers: a mount asks nothing of them before their download (no footer to read),
+# so a fault aimed at a blob hits that download.
+_ARGS = ("--plain-http", "--no-prefetch")
+
+
+def _push(tmp_path: Path, registry: RegistryInstance, name: str) -> tuple[str, str]:
+    """Push the two-layer test image; its repository and its base layer's digest."""
+    make_layout(tmp_path / "img", [_base(), _top()], kind="tar", tag="v1")
+    push_oci_layout(tmp_path / "img", f"{registry.host}/bg/{name}:v1", tag="v1")
+    return f"bg/{name}:v1", Layout(tmp_path / "img").manifest("v1").layers[0].digest
+
+
+def _size(tmp_path: Path, digest: str) -> int:
+    layers = Layout(tmp_path / "img").manifest("v1").layers
+    return next(d.size for d in layers if d.digest == digest)
+
+
+def _whole(stats: dict[str, object], digest: str) -> dict[str, object]:
+    layers = stats["layers"]
+    assert isinstance(layers, list)
+    return next(layer["whole"] for layer in layers if layer["digest"] == digest)
+
+
+def _indexed(cache: Path, digest: str) -> bool:
+    return (cache / "tocs" / f"{digest.removeprefix('sha256:')}.whole").exists()
+
+
+def test_ready_before_the_layer_and_a_reader_waits_for_it(
+    registry: RegistryInstance, tmp_path: Path
+) -> None:
+    repo, base = _push(tmp_path, registry, "slow")
+    cache = tmp_path / "cache"
+    with FaultProxy(registry.url, match=f"/blobs/{base}") as proxy:
+        ref = f"{proxy.host}/{repo}"
+        # Unmounted while the layer is half way: nothing of it is kept.
+        proxy.stall_next(1)
+        with mounted(ref, tmp_path / "m1", *_ARGS, "--read-only", "--cache", str(cache)) as m:
+            assert _whole(m.stats(), base)["seconds"] is None  # ready, the layer still coming
+            t0 = time.monotonic()
+        assert time.monotonic() - t0 < 10
+        assert not _indexed(cache, base)
+        assert not list((cache / "blobs").glob(f"{base.removeprefix('sha256:')}*"))
+
+        proxy.stall_next(1)
+        with mounted(ref, tmp_path / "m2", *_ARGS, "--read-only", "--cache", str(cache)) as m:
+            os.statvfs(m.mountpoint)  # answered without the layer
+            got: list[bytes] = []
+            reader = threading.Thread(
+                target=lambda: got.append((m.mountpoint / "etc" / "hostname").read_bytes())
+            )
+            reader.start()
+            half = _size(tmp_path, base) // 2
+            deadline = time.monotonic() + 10
+            while _whole(m.stats(), base)["received"] != half and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _whole(m.stats(), base)["received"] == half  # the stalled answer's half
+            assert reader.is_alive() and not got  # it waits for the layer
+            table = run(*lazyfs_cmd("stats", str(m.mountpoint))).stdout
+            assert "downloading in the background, 4.5MiB so far" in table, table
+            proxy.reset()  # the stalled answer ends short: the download starts again
+            reader.join(30)
+            assert got == [b"whole\n"]
+            _check(m.mountpoint)
+            assert _whole(m.stats(), base)["seconds"] is not None
+        assert _indexed(cache, base)
+
+
+def test_a_failed_layer_answers_eio_and_the_next_access_fetches_it_again(
+    registry: RegistryInstance, tmp_path: Path
+) -> None:
+    repo, base = _push(tmp_path, registry, "missing")
+    cache, upper = tmp_path / "cache", tmp_path / "upper"
+    with FaultProxy(registry.url, match=f"/blobs/{base}") as proxy:
+        proxy.fail_next(100, status=404)
+        ref = f"{proxy.host}/{repo}"
+        with mounted(ref, tmp_path / "m", *_ARGS, "--upper", str(upper), "--cache",
+                     str(cache), "--read-timeout", "1.5") as m:  # fmt: skip
+            with pytest.raises(OSError) as e:
+                os.listdir(m.mountpoint)
+            assert e.value.errno == errno.EIO
+            whole = _whole(m.stats(), base)
+            assert "not found" in str(whole["error"]) and whole["seconds"] is None, whole
+            assert not _indexed(cache, base)
+            table = run(*lazyfs_cmd("stats", str(m.mountpoint))).stdout
+            assert "failed (" in table and "the next access tries again" in table, table
+            # Tried again, and stalled: EIO once the read timeout has passed.
+            proxy.reset()
+            proxy.stall_next(100)
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                (m.mountpoint / "top.txt").read_bytes()
+            assert e.value.errno == errno.EIO and time.monotonic() - t0 < 10
+            assert _whole(m.stats(), base)["error"], m.stats()
+            proxy.reset()
+            assert "top.txt" in os.listdir(m.mountpoint)  # this access tried again
+            _check(m.mountpoint)
+            (m.mountpoint / "etc" / "new").write_bytes(b"upper\n")  # the upper works as ever
+            assert (m.mountpoint / "etc" / "new").read_bytes() == b"upper\n"
+            assert m.stats()["handler_errors"] == 0
+        assert _indexed(cache, base)
+
+
+def test_a_layer_that_does_not_match_its_diff_id_answers_eio_and_is_not_cached(
+    registry: RegistryInstance, tmp_path: Path
+) -> None:
+    make_layout(tmp_path / "img", [_base()], kind="gzip", tag="v1")
+    lay = Layout(tmp_path / "img")
+    manifest = lay.manifest("v1")
+    config = json.loads(lay.read_blob(manifest.config.digest))
+    config["rootfs"]["diff_ids"] = ["sha256:" + "0" * 64]
+    cdesc = lay.write_blob(json.dumps(config).encode())
+    doc = json.loads(lay.read_blob(lay.find("v1").digest))
+    doc["config"] = {**doc["config"], "digest": cdesc.digest, "size": cdesc.size}
+    digest, size = lay.put_json(doc)
+    lay.write_top([{"mediaType": doc["mediaType"], "digest": digest, "size": size,
+                    "annotations": {"org.opencontainers.image.ref.name": "v1"}}])  # fmt: skip
+    push_oci_layout(tmp_path / "img", f"{registry.host}/bg/bad:v1", tag="v1")
+    layer = manifest.layers[0].digest
+    cache = tmp_path / "cache"
+    with FaultProxy(registry.url, match=f"/blobs/{layer}") as proxy:
+        ref = f"{proxy.host}/bg/bad:v1"
+        with mounted(ref, tmp_path / "m", *_ARGS, "--read-only", "--cache", str(cache)) as m:
+            for _ in range(2):
+                with pytest.raises(OSError) as e:
+                    (m.mountpoint / "etc" / "hostname").read_bytes()
+                assert e.value.errno == errno.EIO
+            whole = _whole(m.stats(), layer)
+            assert "but the image config says sha256:000" in str(whole["error"]), whole
+            assert m.stats()["handler_errors"] == 0
+        # The footer, then one whole download per access: the failure was not remembered
+        # as an answer.
+        gets = [p for p, r in zip(proxy.paths, proxy.ranges, strict=True) if layer in p and not r]
+        assert len(gets) == 2, proxy.ranges
+    assert not _indexed(cache, layer)
+    chunks = cache / "chunks"
+    assert not chunks.exists() or not [p for p in chunks.rglob("*") if p.is_file()]

@@ -1,0 +1,56 @@
+"""What a mount daemon holds per file of its image (issue 13: RSS at 100k files).
+
+The 100k-file case is in scripts/bench_speed.py (``--only rss``); here a 10k-file image is
+mounted beside a one-file image and the difference in daemon RSS after an lstat walk of each,
+per file, is held under a bound with margin: a regression to the per-file cost of before
+(1.44 KiB a file at 20k files) fails it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lazyfs_tools.convert import convert
+
+from lazyfs.testing.layers import Item, make_layout, make_tar
+from lazyfs.testing.mounts import mounted
+
+FILES = 10_000
+MAX_KIB_PER_FILE = 1.1  # measured: 0.83 at 20k files; 1.44 before (issue 13)
+
+
+def _image(tmp: Path, name: str, n: int) -> str:
+    items = [Item(f"d{i // 100:04d}/f{i:06d}", data=b"x" * (i % 64 + 1)) for i in range(n)]
+    make_layout(tmp / f"{name}-src", [make_tar(items)], kind="gzip")
+    convert(f"oci:{tmp / f'{name}-src'}", f"oci:{tmp / name}", fmt="zstd:chunked")
+    return f"oci:{tmp / name}"
+
+
+def _walk(root: Path) -> int:
+    n = 0
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.lstat(os.path.join(top, name))
+            n += 1
+    return n
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_daemon_rss_per_file_is_bounded(tmp_path: Path) -> None:
+    rss: dict[int, int] = {}
+    for n in (1, FILES):
+        image = _image(tmp_path, f"img{n}", n)
+        with mounted(
+            image, tmp_path / f"mnt{n}", "--read-only", "--cache", str(tmp_path / "c")
+        ) as m:
+            assert _walk(m.mountpoint) == n + (n + 99) // 100
+            rss[n] = _rss_kib(m.pid)
+    per_file = (rss[FILES] - rss[1]) / FILES
+    assert per_file <= MAX_KIB_PER_FILE, f"{per_file:.2f} KiB a file ({rss})"

@@ -1,0 +1,162 @@
+"""Chains of lazy layers that images share, and Cleanup of what no snapshot owns.
+
+Two images share a base layer: the base's snapshot (keyed by its chain ID, which only the
+layers' diff IDs make) is committed once, from the first image's labels.  The second image's
+chains must still mount right: its own top over the shared base, and the base alone under a
+container of either image.  Cleanup then stops daemons on mounts under ROOT/mnt that no daemon
+row owns (a crash between a daemon's start and its record), by the PID their control socket
+gives, detaches stale ones and removes stray directories and logs, leaving owned mounts be.
+All through the gRPC API with CRI's labels (cheap: no containerd)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+import pytest
+from lazyfs_snapshotter.api import snapshots_pb2
+from lazyfs_snapshotter.remote import (
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    TARGET_LABEL,
+)
+from lazyfs_snapshotter.testing import Client, SnapshotterProcess
+from lazyfs_tools.convert import convert
+
+from lazyfs.fs.unmount import mounts_under
+from lazyfs.ocilayout import Layout
+from lazyfs.process import wait_pid
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.layers import Item, make_layout, make_tar
+from lazyfs.testing.mounts import Mount, start_mount
+from tests.support.fixtures import registry  # noqa: F401 - fixture
+from tests.test_snapshotter_lazy import base_dir, stop_daemons  # noqa: F401 - fixture
+
+BASE = [Item("etc", "dir", mode=0o755), Item("etc/base", data=b"shared base\n"),
+        Item("etc/gone-in-b", data=b"whited out by b\n")]  # fmt: skip
+TOP_A = [Item("etc", "dir", mode=0o755), Item("etc/a", data=b"image a\n")]
+TOP_B = [Item("etc", "dir", mode=0o755), Item("etc/b", data=b"image b\n"),
+         Item("etc/.wh.gone-in-b", data=b"")]  # fmt: skip
+
+
+def _chain_ids(tars: list[bytes]) -> list[str]:
+    """containerd's chain IDs: ``sha256(parent-chain-id + " " + diff-id)`` from the bottom."""
+    ids: list[str] = []
+    for tar in tars:
+        diff = "sha256:" + hashlib.sha256(tar).hexdigest()
+        ids.append(diff if not ids else "sha256:" + hashlib.sha256(
+            f"{ids[-1]} {diff}".encode()).hexdigest())  # fmt: skip
+    return ids
+
+
+def _push(work: Path, reg: RegistryInstance, name: str, tars: list[bytes]) -> tuple[str, str,
+                                                                                   list[str]]:
+    make_layout(work / f"{name}-src", tars, tag="v1")
+    convert(f"oci:{work / f'{name}-src'}:v1", f"oci:{work / name}:v1", chunk_size=64 * 1024)
+    ref = f"{reg.host}/{name}/app:v1"
+    push_oci_layout(work / name, ref, tag="v1")
+    lay = Layout(work / name)
+    return ref, lay.find("v1").digest, [layer.digest for layer in lay.manifest("v1").layers]
+
+
+def _prepare_layers(c: Client, ref: str, manifest: str, layers: list[str],
+                    chains: list[str]) -> None:
+    """Prepare each layer as containerd's unpacker does; every one is answered
+    ALREADY_EXISTS (committed as remote now, or before by another image)."""
+    parent = ""
+    for i, (digest, chain) in enumerate(zip(layers, chains, strict=True)):
+        labels = {TARGET_LABEL: chain, CRI_IMAGE_REF: ref, CRI_LAYER_DIGEST: digest,
+                  CRI_MANIFEST_DIGEST: manifest}  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            c.prepare(f"extract-{ref}-{i}", parent, labels)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+        parent = chain
+
+
+def _daemon_rows(root: Path) -> dict[str, tuple[int, str, str]]:
+    """chain id -> (pid, mountpoint, image_ref) of the ``daemons`` table."""
+    with sqlite3.connect(root / "metadata.db") as conn:
+        rows = conn.execute("SELECT chain_id, pid, mountpoint, image_ref FROM daemons")
+        return {chain: (pid, mnt, ref) for chain, pid, mnt, ref in rows}
+
+
+def _mount_container(stack: ExitStack, c: Client, key: str, parent: str, target: Path
+                     ) -> Path:
+    """A container's rootfs as containerd would mount it; unmounted before the daemons
+    stop (an overlay over a FUSE mount would keep its daemon from exiting)."""
+    (m,) = c.prepare(key, parent).mounts
+    target.mkdir()
+    subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)],
+                   check=True)  # fmt: skip
+    stack.callback(subprocess.run, ["umount", "-l", str(target)], check=False)
+    return target
+
+
+def test_images_sharing_a_base_mount_right_and_cleanup_sweeps_strays(
+    registry: RegistryInstance,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    base, top_a, top_b = make_tar(BASE), make_tar(TOP_A), make_tar(TOP_B)
+    ref_a, manifest_a, layers_a = _push(tmp_path, registry, "a", [base, top_a])
+    ref_b, manifest_b, layers_b = _push(tmp_path, registry, "b", [base, top_b])
+    assert layers_a[0] == layers_b[0]  # the same base blob (conversion is deterministic)
+    chains_a, chains_b = _chain_ids([base, top_a]), _chain_ids([base, top_b])
+    (tmp_path / "sn.toml").write_text(f'[registry]\nplain_http = ["{registry.host}"]\n')
+    with ExitStack() as stack:
+        # ROOT through a symlink: mountinfo shows the resolved path, the rows ROOT as given.
+        (base_dir / "real").mkdir()
+        (base_dir / "link").symlink_to(base_dir / "real")
+        sp = SnapshotterProcess(base_dir / "link", args=("--config", str(tmp_path / "sn.toml")))
+        stack.callback(stop_daemons, sp.root)
+        stack.enter_context(sp)
+        c = Client(sp.address, namespace="k8s.io")
+        stack.callback(c.close)
+        _prepare_layers(c, ref_a, manifest_a, layers_a, chains_a)
+        _prepare_layers(c, ref_b, manifest_b, layers_b, chains_b)
+
+        root_b = _mount_container(stack, c, "ctr-b", chains_b[1], base_dir / "b")
+        assert sorted(os.listdir(root_b / "etc")) == ["b", "base"]  # b's whiteout applied
+        assert (root_b / "etc/base").read_bytes() == b"shared base\n"
+        root_a = _mount_container(stack, c, "ctr-a", chains_a[1], base_dir / "a")
+        assert sorted(os.listdir(root_a / "etc")) == ["a", "base", "gone-in-b"]
+        # A container of b right on the shared base (say, b's upper layers were pulled
+        # normally): the base's one mount, made from a's manifest, holds the base only.
+        root_base = _mount_container(stack, c, "ctr-base", chains_b[0], base_dir / "base")
+        assert sorted(os.listdir(root_base / "etc")) == ["base", "gone-in-b"]
+        rows = _daemon_rows(sp.root)
+        assert rows[chains_b[1]][2] == f"{registry.host}/b/app@{manifest_b}"
+        assert rows[chains_a[1]][2] == f"{registry.host}/a/app@{manifest_a}"
+        assert rows[chains_a[0]][2] == f"{registry.host}/a/app@{manifest_a}"
+
+        # Strays under ROOT/mnt: a live daemon nobody recorded, a stale mount of a killed
+        # one, an empty directory and a log.
+        mnt_dir = sp.root / "mnt"
+        strays: list[Mount] = []
+        stack.callback(lambda: [m.stop() for m in strays])
+        image = f"oci:{tmp_path / 'a'}:v1"
+        for name in ("0000live", "0000dead"):
+            strays.append(start_mount(image, mnt_dir / name, "--read-only", "--no-prefetch",
+                                      "--cache", str(tmp_path / f"cache-{name}")))
+        strays[1].kill()
+        (mnt_dir / "0000empty").mkdir()
+        (mnt_dir / "0000empty.log").write_text("a daemon's last words\n")
+        real = base_dir / "real" / "root" / "mnt"
+        owned = {str(real / Path(mnt).name) for _, mnt, _ in rows.values()}
+        assert set(mounts_under(str(mnt_dir))) == owned | {str(real / m.mountpoint.name)
+                                                          for m in strays}  # fmt: skip
+
+        c.call("Cleanup", snapshots_pb2.CleanupRequest())
+        assert wait_pid(strays[0].pid, 10)
+        assert set(mounts_under(str(mnt_dir))) == owned
+        assert sorted(p.name for p in mnt_dir.iterdir() if p.name.startswith("0000")) == []
+        assert all(pid != 0 and not wait_pid(pid, 0) for pid, _, _ in rows.values())
+        assert (root_b / "etc/b").read_bytes() == b"image b\n"  # owned mounts still serve
+        assert "cleanup: stopping stray daemon pid" in sp.log_text()
+        assert "Traceback" not in sp.log_text()

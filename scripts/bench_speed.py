@@ -7,17 +7,24 @@
 (2) the sample's Python start-up chrooted into each, warm;
 (3) ``lazyfs mount`` until ready (spawn → ready), TOC cached and not, vs the interpreter's own
     start-up and ``lazyfs --help``;
-(4) daemon RSS after a walk of a ``--rss-files``-file image.
+(4) daemon RSS after a walk of a ``--rss-files``-file image;
+(5) ``cold``: a cold start (mount + the sample's Python start-up, chrooted) from Debian's
+    docker-registry on 127.0.0.1 behind a counting proxy: lazyfs with no groups, lazyfs with
+    groups traced from that start-up and stored beside the image, lazyfs on the image re-laid
+    out by those groups (``convert --prefetch``: prefetch up to the landmark), and the
+    yardstick, a full pull of the gzip layer + extract + the same start-up: seconds, blob
+    requests and bytes.
 
 Every run uses fresh directories (on ext4 a large ``rm -rf`` slows file creation for seconds
 afterwards) and deletes them at the end.  Run from the repo root:
-``.venv/bin/python scripts/bench_speed.py [--reps N] [--only walk|python|mount|rss]``.
+``.venv/bin/python scripts/bench_speed.py [--reps N] [--only walk|python|mount|rss|cold]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -31,7 +38,7 @@ from typing import Any
 import benchlib as bl
 from benchlib import FileSpec
 
-from lazyfs.testing.sample import PYTHON, build_sample_image
+from lazyfs.testing.sample import PYTHON, WORKLOAD, build_sample_image
 
 IMPORTS = "import json, sqlite3, asyncio, email, http.client"
 
@@ -179,6 +186,116 @@ def bench_rss(n: int, reps: int, work: Path) -> dict[str, bl.Summary]:
     }
 
 
+def bench_cold(
+    reps: int, work: Path, before: Path | None
+) -> tuple[dict[str, dict[str, bl.Summary]], int]:
+    """Cold starts from a loopback registry: per contender, seconds, blob requests and bytes
+    (counted at the proxy from the start until the start-up has printed), alternating
+    contenders, each repetition with a fresh cache or directory.  ``before``: a checkout of
+    an older lazyfs whose daemon runs the lazyfs contenders again, in the same run."""
+    import httpx
+    from lazyfs_tools.convert import convert
+
+    from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+    from lazyfs.testing.faultproxy import FaultProxy
+    from lazyfs.testing.mounts import lazyfs_cmd
+
+    src = build_sample_image(bl.BENCH_DIR / "data" / "sample")
+    lazy = work / "cold-lazy"
+    convert(f"oci:{src}:sample", f"oci:{lazy}:sample")
+    from lazyfs.ocilayout import Layout
+
+    gz = Layout(src).manifest("sample").layers[0]
+    with RegistryInstance(work / "registry") as reg, FaultProxy(reg.url) as proxy:
+        for layout, repo in ((src, "gzip"), (lazy, "lazy"), (lazy, "groups")):
+            push_oci_layout(layout, f"{reg.host}/cold/{repo}:sample", tag="sample")
+        ref = f"{reg.host}/cold/groups:sample"
+        trace, groups = work / "trace.json", work / "groups.json"
+        for argv in (
+            lazyfs_cmd("trace", "run", ref, "--group", "startup", "--out", str(trace),
+                       "--plain-http", "--", PYTHON, "-c", WORKLOAD),
+            lazyfs_cmd("optimize", str(trace), "--out", str(groups), "--push", ref,
+                       "--plain-http"),
+        ):  # fmt: skip
+            subprocess.run(argv, check=True, capture_output=True)
+        # Re-laid out: the group first in the layer, up to a landmark a mount prefetches.
+        relaid = work / "cold-relaid"
+        convert(f"oci:{src}:sample", f"oci:{relaid}:sample", prefetch=str(groups))
+        push_oci_layout(relaid, f"{reg.host}/cold/relaid:sample", tag="sample")
+
+        def pull_extract(i: int) -> None:
+            root = work / f"cold-root-{i}"
+            root.mkdir()
+            blob = work / f"cold-blob-{i}"
+            url = f"{proxy.url}/v2/cold/gzip/blobs/{gz.digest}"
+            with httpx.stream("GET", url) as resp, open(blob, "wb") as f:
+                for piece in resp.iter_bytes():
+                    f.write(piece)
+            subprocess.run(["tar", "-xzf", str(blob), "-C", str(root)], check=True)
+            _start(root)
+
+        def lazyfs_start(repo: str, root: Path = bl.ROOT) -> Callable[[int], None]:
+            def once(i: int) -> None:
+                from lazyfs.fs.daemon import spawn
+
+                image = f"{proxy.host}/cold/{repo}:sample"
+                cache = work / f"cold-cache-{repo}-{root.name}-{i}"
+                cache.mkdir()
+                mnt = work / "mnt"
+                mnt.mkdir(exist_ok=True)
+                # ``python -m lazyfs.cli`` run in ``root`` imports that checkout's lazyfs.
+                args = ["--read-only", "--plain-http", "--cache", str(cache)]
+                d = spawn(image, mnt, args, log=work / "mnt.log", timeout=120, cwd=root)
+                try:
+                    _start(mnt)
+                    counts.append((len(proxy.served), proxy.blob_bytes))
+                finally:
+                    d.stop()
+
+            return once
+
+        contenders: dict[str, Callable[[int], None]] = {
+            "full pull + extract + start-up": pull_extract,
+            "lazyfs, no groups": lazyfs_start("lazy"),
+            "lazyfs + groups": lazyfs_start("groups"),
+            "lazyfs, re-laid out (landmark)": lazyfs_start("relaid"),
+        }
+        if before is not None:
+            for repo, name in (("lazy", "no groups"), ("groups", "+ groups")):
+                contenders[f"before: lazyfs {name}"] = lazyfs_start(repo, before)
+            contenders["before: lazyfs, re-laid out"] = lazyfs_start("relaid", before)
+        times: dict[str, list[float]] = {k: [] for k in contenders}
+        reqs: dict[str, list[float]] = {k: [] for k in contenders}
+        mib: dict[str, list[float]] = {k: [] for k in contenders}
+        for i in range(reps):
+            for name, fn in contenders.items():
+                proxy.reset()
+                counts: list[tuple[int, int]] = []
+                t0 = time.perf_counter()
+                fn(i)
+                times[name].append(time.perf_counter() - t0)
+                n, b = counts[0] if counts else (len(proxy.served), proxy.blob_bytes)
+                reqs[name].append(n)
+                mib[name].append(b / 2**20)
+    entries = len(json.loads(groups.read_text())["groups"][0]["tiers"][0]["entries"])
+    return {
+        k: {
+            "seconds": bl.summarize(times[k]),
+            "requests": bl.summarize(reqs[k]),
+            "MiB": bl.summarize(mib[k]),
+        }
+        for k in contenders
+    }, entries
+
+
+def _start(root: Path) -> None:
+    out = subprocess.run(
+        ["chroot", str(root), PYTHON, "-c", WORKLOAD], check=True, capture_output=True, text=True
+    )
+    if "started" not in out.stdout:
+        raise RuntimeError(f"the start-up did not start: {out.stdout} {out.stderr}")
+
+
 def _row(name: str, s: bl.Summary, base: float | None, unit: str = "s") -> list[object]:
     if unit == "MiB":
         return [name, bl.fmt_range(s, "{:.0f}"), ""]
@@ -194,11 +311,17 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--files", type=int, default=6000, help="synthetic files added to the sample")
     p.add_argument("--rss-files", type=int, default=100_000)
-    p.add_argument("--only", choices=("walk", "python", "mount", "rss"), action="append")
+    p.add_argument("--only", choices=("walk", "python", "mount", "rss", "cold"), action="append")
+    p.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="cold: also run the lazyfs of this checkout (e.g. a worktree of main)",
+    )
     p.add_argument("--label", default="", help="a word for the section title (before/after)")
     p.add_argument("--no-markdown", action="store_true")
     args = p.parse_args()
-    only = set(args.only or ("walk", "python", "mount", "rss"))
+    only = set(args.only or ("walk", "python", "mount", "rss", "cold"))
     bl.sigterm_as_interrupt()
     # Byte-compiled as an installed lazyfs is: with PYTHONDONTWRITEBYTECODE set (as in some CI
     # shells) every process compiles lazyfs's ~50 modules again, 0.1-0.3 s of each start.
@@ -264,6 +387,28 @@ def main() -> int:
                 + bl.md_table(
                     ["what", "value", ""],
                     [_row(k, v, None, "MiB" if "MiB" in k else "s") for k, v in s.items()],
+                )
+            )
+        if "cold" in only:
+            bl.log("cold")
+            cold, n_group = bench_cold(args.reps, work, args.before)
+            result["cold"] = {k: {m: v.as_dict() for m, v in d.items()} for k, d in cold.items()}
+            base = cold["full pull + extract + start-up"]["seconds"].median
+            rows = [
+                [
+                    k,
+                    f"{d['seconds'].median:.3f} ({d['seconds'].min:.3f}–{d['seconds'].max:.3f})",
+                    bl.ratio(d["seconds"].median, base),
+                    f"{d['requests'].median:.0f} ({d['requests'].min:.0f}–{d['requests'].max:.0f})",
+                    f"{d['MiB'].median:.1f}",
+                ]
+                for k, d in cold.items()
+            ]
+            bodies.append(
+                f"### Cold start from a loopback registry ({args.reps} runs; groups: "
+                f"{n_group} files traced from the start-up)\n\n"
+                + bl.md_table(
+                    ["contender", "seconds", "vs full pull", "blob requests", "MiB"], rows
                 )
             )
     finally:

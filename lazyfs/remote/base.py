@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 
 from lazyfs.errors import IntegrityError
 
 DOWNLOAD_PIECE = 8 * 1024 * 1024
+# Streamed ranges are handed over in pieces of at most this size (a source without a
+# transfer of its own reads whole ranges up to DOWNLOAD_PIECE: one read_range each).
+STREAM_PIECE = 256 * 1024
+
+#: receives a streamed range's bytes in order; the transfer waits while it runs
+Sink = Callable[[bytes], Awaitable[None]]
 
 
 class Source(abc.ABC):
@@ -31,6 +38,15 @@ class Source(abc.ABC):
     @abc.abstractmethod
     async def read_range(self, digest: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a blob.  Not verified here: the caller verifies chunks."""
+
+    async def stream_range(self, digest: str, start: int, end: int, sink: Sink) -> None:
+        """Bytes ``[start, end)`` of a blob handed to ``sink`` in order, piece by piece, as
+        they arrive, so a large range never sits in memory whole and its first bytes are
+        used before its last arrive.  The transfer waits while ``sink`` runs.  A transfer cut
+        mid-way resumes after the last byte handed over: ``sink`` sees every byte exactly
+        once, ``end - start`` in all, or the call raises.  Not verified here."""
+        for pos in range(start, end, DOWNLOAD_PIECE):
+            await sink(await self.read_range(digest, pos, min(end, pos + DOWNLOAD_PIECE)))
 
     def ranges_supported(self) -> bool:
         """False once the source was seen ignoring range requests (a registry answering 200

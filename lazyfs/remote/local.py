@@ -12,7 +12,7 @@ import trio
 
 from lazyfs import oci
 from lazyfs.errors import NotFoundError, RemoteError
-from lazyfs.remote.base import Source
+from lazyfs.remote.base import STREAM_PIECE, Sink, Source
 
 
 def _read_span(path: Path, start: int, end: int | None) -> bytes:
@@ -27,6 +27,15 @@ def _read_span(path: Path, start: int, end: int | None) -> bytes:
     if end is not None and len(data) != end - start:
         raise RemoteError(f"{path}: bytes {start}-{end} past the end ({start + len(data)})")
     return data
+
+
+async def _stream_file(path: Path, start: int, end: int, sink: Sink) -> None:
+    if start < 0 or end < start:
+        raise ValueError(f"bad range [{start}, {end})")
+    for pos in range(start, end, STREAM_PIECE):
+        await sink(
+            await trio.to_thread.run_sync(_read_span, path, pos, min(end, pos + STREAM_PIECE))
+        )
 
 
 class OCILayoutSource(Source):
@@ -73,6 +82,9 @@ class OCILayoutSource(Source):
             raise ValueError(f"bad range [{start}, {end})")
         return await trio.to_thread.run_sync(_read_span, self._blob_path(digest), start, end)
 
+    async def stream_range(self, digest: str, start: int, end: int, sink: Sink) -> None:
+        await _stream_file(self._blob_path(digest), start, end, sink)
+
 
 class BlobFileSource(Source):
     """One layer blob in a plain file, e.g. ``lazyfs inspect layer.tar.gz``.  Any digest asks
@@ -102,3 +114,7 @@ class BlobFileSource(Source):
         if start < 0 or end < start:
             raise ValueError(f"bad range [{start}, {end})")
         return await trio.to_thread.run_sync(_read_span, self.path, start, end)
+
+    async def stream_range(self, digest: str, start: int, end: int, sink: Sink) -> None:
+        self._check(digest)
+        await _stream_file(self.path, start, end, sink)

@@ -28,7 +28,7 @@ import trio
 from lazyfs import oci
 from lazyfs.errors import IntegrityError, LazyfsError, NotFoundError, RemoteError
 from lazyfs.remote.auth import Authenticator, Credentials, load_docker_credentials
-from lazyfs.remote.base import Source
+from lazyfs.remote.base import STREAM_PIECE, Sink, Source
 from lazyfs.remote.hosts import Endpoint, load_endpoints
 
 T = TypeVar("T")
@@ -478,24 +478,42 @@ class RegistrySource(Source):
         )
 
     async def read_range(self, digest: str, start: int, end: int) -> bytes:
+        # Pieces joined once at the end: appending to a bytearray and slicing it copied
+        # every range twice more (a third of the time of a large read).
+        pieces: list[bytes] = []
+
+        async def keep(piece: bytes) -> None:
+            pieces.append(piece)
+
+        await self.stream_range(digest, start, end, keep)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def stream_range(self, digest: str, start: int, end: int, sink: Sink) -> None:
         oci.check_digest(digest)
         if start < 0 or end < start:
             raise ValueError(f"bad range [{start}, {end})")
         if end == start:
-            return b""
+            await sink(b"")
+            return
         spool = self._spools.get(digest)
         if spool is not None and spool.error is None:
-            return await self._from_spool(digest, spool, start, end)
+            await self._stream_spool(digest, spool, start, end, sink)
+            return
         want = end - start
+        got = 0  # bytes handed to the sink, over all attempts
+        # Each attempt asks for what is still missing: the loop in _fetch sends these
+        # headers again on a retry, so a cut transfer resumes after its last byte.
+        headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"}
 
-        async def consume(resp: httpx.Response, netloc: str) -> bytes:
-            skip = start
+        async def consume(resp: httpx.Response, netloc: str) -> None:
+            nonlocal got
+            skip = start + got
             if resp.status_code == 206:
                 m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
-                first = int(m.group(1)) if m else start
-                if first > start:
-                    raise _Transient(f"server sent range from {first}, wanted {start}")
-                skip = start - first
+                first = int(m.group(1)) if m else start + got
+                if first > start + got:
+                    raise _Transient(f"server sent range from {first}, wanted {start + got}")
+                skip = start + got - first
             elif self.spool_dir is not None:
                 # The whole blob is coming: drop this answer after its headers and have one
                 # download of the blob serve this read and every other one.
@@ -505,10 +523,6 @@ class RegistrySource(Source):
             else:
                 # The whole blob came back: remember, and take only what we need from it.
                 self.range_ignored.add(netloc)
-            # Pieces joined once at the end: appending to a bytearray and slicing it copied
-            # every range twice more (a third of the time of a large read).
-            pieces: list[bytes] = []
-            got = 0
             async for chunk in resp.aiter_bytes():
                 self.stats.bytes_received += len(chunk)
                 if skip >= len(chunk):
@@ -518,27 +532,38 @@ class RegistrySource(Source):
                 skip = 0
                 if got + len(piece) > want:
                     piece = piece[: want - got]
-                pieces.append(piece)
-                got += len(piece)
-                if got >= want and resp.status_code != 206:
-                    # The whole blob is coming: stop here (closing this connection) rather
-                    # than read the rest.  A 206 is read to its end, so httpx can reuse the
-                    # connection: a new one costs a round trip (and a TLS handshake).
-                    break
+                if piece:
+                    await sink(piece)
+                    got += len(piece)
+                if got >= want:
+                    if resp.status_code != 206:
+                        # The whole blob is coming: stop here (closing this connection)
+                        # rather than read the rest.  A 206 is read to its end, so httpx can
+                        # reuse the connection: a new one costs a round trip (and TLS).
+                        break
+                else:
+                    headers["Range"] = f"bytes={start + got}-{end - 1}"
             if got < want:
                 raise _Transient(f"short body: {got} of {want} bytes")
-            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+        # One deadline for the whole transfer, as for any fetch: a registry that stalls
+        # again and again fails within it even though each attempt resumes.
         try:
-            return await self._fetch(
+            await self._fetch(
                 f"blobs/{digest}",
-                {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
+                headers,
                 consume,
                 capability="pull",
                 what=f"bytes {start}-{end} of blob {digest}",
             )
         except _Spooled:
-            return await self._from_spool(digest, self._spools[digest], start, end)
+            await self._stream_spool(digest, self._spools[digest], start + got, end, sink)
+
+    async def _stream_spool(
+        self, digest: str, spool: _Spool, start: int, end: int, sink: Sink
+    ) -> None:
+        for pos in range(start, end, STREAM_PIECE):
+            await sink(await self._from_spool(digest, spool, pos, min(end, pos + STREAM_PIECE)))
 
     def ranges_supported(self) -> bool:
         """With a spool directory, a blob sent whole is downloaded once and every range read

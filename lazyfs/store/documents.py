@@ -13,7 +13,7 @@ from typing import BinaryIO
 from lazyfs import oci
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError
-from lazyfs.remote.base import Source
+from lazyfs.remote.base import Sink, Source
 
 
 class CachingSource(Source):
@@ -55,6 +55,9 @@ class CachingSource(Source):
 
     async def read_range(self, digest: str, start: int, end: int) -> bytes:
         return await self.inner.read_range(digest, start, end)
+
+    async def stream_range(self, digest: str, start: int, end: int, sink: Sink) -> None:
+        await self.inner.stream_range(digest, start, end, sink)
 
     def ranges_supported(self) -> bool:
         return self.inner.ranges_supported()

@@ -28,7 +28,7 @@ from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
 from lazyfs.formats.chunkio import check_chunk, chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
-from lazyfs.remote.base import Source
+from lazyfs.remote.base import Sink, Source
 from lazyfs.store import plan
 from lazyfs.store.bigchunk import decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
@@ -46,7 +46,24 @@ log = logging.getLogger(__name__)
 # Cache reads up to this size run on the trio thread: from the page cache they take
 # microseconds, less than handing them to a worker thread.
 INLINE_READ_BYTES = 256 * 1024
-PREFETCH_REQUEST = 1024 * 1024
+# Prefetch (and the background fill) ask for large ranges and stream them: each chunk is
+# verified, handed to its waiters and cached as soon as its bytes are in, so a reader waiting
+# on a chunk early in a request does not wait for the rest of it, and memory holds only the
+# chunks being decoded.  Gaps are merged across as for readers: on a traced group of an image
+# laid out by path (BENCHMARKS.md, issue 13), 64 KiB took 42 requests and 11.4 MiB, 256 KiB
+# 19 and 14.1 MiB, 1 MiB 10 and 18.5 MiB; the extra bytes are decoded and cached too, while
+# streams run side by side.  Few requests come from a re-laid-out image: 5, 10.0 MiB.
+PREFETCH_REQUEST = 64 * 1024 * 1024
+# Decoded in batches of about this many compressed bytes (a thread hop per chunk costs more
+# than decoding a small one), at most DECODE_TASKS batches at once: the stream waits beyond.
+STREAM_BATCH = 256 * 1024
+DECODE_TASKS = 2
+# A reader waiting on a chunk this far ahead in a stream that has no measured speed yet
+# fetches it itself (the old prefetch request size: what a reader used to wait behind).
+OVERTAKE_BYTES = 1024 * 1024
+# ... and one with a measured speed, when it would wait longer than twice the round trip a
+# request of its own costs, and at least this long (a request costs the daemon CPU too).
+OVERTAKE_MIN_WAIT = 0.02
 MAP_FLUSH_CHANGES = 256
 MAP_FLUSH_SECONDS = 2.0
 # The background fill only issues a request after on-demand reads were quiet this long.
@@ -62,14 +79,16 @@ class _Abandoned(Exception):
 class _Flight:
     """One chunk being fetched; every task that needs it waits on the same event."""
 
-    __slots__ = ("data", "error", "event", "in_cache", "ticket")
+    __slots__ = ("data", "error", "event", "group", "in_cache", "ticket", "waiting")
 
-    def __init__(self, ticket: Ticket) -> None:
+    def __init__(self, ticket: Ticket, group: _Group) -> None:
         self.data = b""
         self.error: BaseException | None = None
         self.in_cache = False  # a big chunk: its waiters read it from the cache file
         self.event = trio.Event()
         self.ticket = ticket  # boosted when an on-demand reader starts waiting
+        self.group = group  # the request bringing it: where its stream is
+        self.waiting = False  # an on-demand reader waits: decode it without delay
 
     def succeed(self, data: bytes) -> None:
         self.data = data
@@ -84,7 +103,7 @@ class _Flight:
 class _Group:
     """One planned range request and the chunks it brings."""
 
-    __slots__ = ("chunks", "end", "flights", "start", "ticket")
+    __slots__ = ("chunks", "end", "first_at", "flights", "pos", "sent_at", "start", "ticket")
 
     def __init__(self, start: int, end: int, chunks: list[Chunk]) -> None:
         self.start = start
@@ -92,6 +111,21 @@ class _Group:
         self.chunks = chunks
         self.flights: dict[str, _Flight] = {}
         self.ticket = Ticket(BACKGROUND)
+        # The stream's progress: bytes [start, pos) are in; sent_at / first_at (trio time)
+        # when the request got its slot and when its first byte came, None until then.
+        self.pos = start
+        self.sent_at: float | None = None
+        self.first_at: float | None = None
+
+    def far(self, c: Chunk, now: float) -> bool:
+        """Whether a reader of ``c`` should ask for it alone rather than wait for the bytes
+        before it in this stream (its own bytes it waits for either way)."""
+        ahead = c.offset - self.pos
+        if self.first_at is None or self.sent_at is None or now <= self.first_at:
+            return ahead > OVERTAKE_BYTES
+        rate = (self.pos - self.start) / (now - self.first_at)
+        latency = self.first_at - self.sent_at
+        return rate > 0 and ahead / rate > max(2 * latency, OVERTAKE_MIN_WAIT)
 
 
 def _reraise(error: BaseException) -> NoReturn:
@@ -330,12 +364,19 @@ class LayerStore:
                 mine = {d for g in groups for d in g.flights}
                 extra = []  # readahead is attempted once
                 flights: dict[str, _Flight] = {}
+                far: list[Chunk] = []
+                now = trio.current_time()
                 for i in pending:
-                    d = needs[i][0].digest
-                    f = self._inflight.get(d)
+                    c = needs[i][0]
+                    f = self._inflight.get(c.digest)
                     if f is not None:
-                        flights[d] = f
+                        flights[c.digest] = f
+                        f.waiting = True
                         self._slots.boost(f.ticket, ONDEMAND)  # never wait behind prefetch
+                        if c.digest not in mine and not is_big(c) and f.group.far(c, now):
+                            far.append(c)
+                if far:
+                    await self._overtake(layer, far)
                 if groups and self._nursery is not None:
                     # Readers wait for their chunks' flights, which resolve when the chunks
                     # are decoded; writing them to the cache happens behind their backs.
@@ -386,17 +427,21 @@ class LayerStore:
                 want.append(c)
             elif d in needed:  # alone, streamed to disk (store.bigchunk); never read-ahead
                 out.append(self._register(_Group(c.offset, c.end, [c]), priority))
-        # Prefetch in moderate requests: several run at once and fill the link just as well,
-        # while the first files of a rank-ordered range land without waiting for all of it
-        # (an on-demand reader of a chunk in flight waits for that chunk's whole request).
-        cap = self.max_request if priority == ONDEMAND else min(self.max_request, PREFETCH_REQUEST)
-        planned = plan.plan_requests(
-            layer,
-            want,
-            self.merge_gap,
-            cap,
-            lambda c: is_big(c) or c.digest in self._inflight or c.digest in self.cache,
-        )
+        here = self._here
+        if priority == ONDEMAND:
+            planned = plan.plan_requests(
+                layer, want, self.merge_gap, self.max_request, here, blocked=here
+            )
+        else:  # streamed: memory holds the chunks being decoded, not the request
+            planned = plan.plan_requests(
+                layer,
+                want,
+                self.merge_gap,
+                max(self.max_request, PREFETCH_REQUEST),
+                here,
+                max_plain=PREFETCH_REQUEST << 8,  # each chunk's own size is checked
+                blocked=here,
+            )
         for g in (_Group(start, end, chunks) for start, end, chunks in planned):
             g.chunks = [c for c in g.chunks if c.digest not in self._inflight]
             if not any(c.digest in needed for c in g.chunks):
@@ -404,10 +449,16 @@ class LayerStore:
             out.append(self._register(g, priority))
         return out
 
+    def _here(self, c: Chunk) -> bool:
+        """Whether a planned request must neither add ``c`` nor cross it: cached, on its way,
+        or big (fetched alone)."""
+        return is_big(c) or c.digest in self._inflight or c.digest in self.cache
+
     def _register(self, g: _Group, priority: int) -> _Group:
         g.ticket = Ticket(priority)
+        g.chunks.sort(key=lambda c: (c.offset, c.end))  # the stream's order
         for c in g.chunks:
-            f = _Flight(g.ticket)
+            f = _Flight(g.ticket, g)
             g.flights[c.digest] = f
             self._inflight[c.digest] = f
         return g
@@ -501,39 +552,89 @@ class LayerStore:
                 raise RemoteError(f"{layer.blob_digest}: download failed: {whole.error}")
         return await trio.to_thread.run_sync(read_span, whole.path, start, end)
 
+    async def _stream(self, layer: Layer, g: _Group, sink: Sink) -> None:
+        """Stream the group's range into ``sink``, noting the stream's progress in ``g``."""
+        if layer.size and not layer.source.ranges_supported():
+            await sink(await self._from_whole_blob(layer, g.start, g.end, g.ticket))
+            return
+        got = 0
+
+        async def counted(piece: bytes) -> None:
+            nonlocal got
+            if g.first_at is None:
+                g.first_at = trio.current_time()
+            got += len(piece)
+            layer.stats.bytes_fetched += len(piece)
+            await sink(piece)
+
+        async with self._slots.hold(g.ticket):
+            g.sent_at = trio.current_time()
+            layer.stats.requests += 1
+            await layer.source.stream_range(layer.blob_digest, g.start, g.end, counted)
+        if got != g.end - g.start:
+            raise RemoteError(
+                f"{getattr(layer.source, 'name', 'source')}: asked for {g.end - g.start} bytes "
+                f"at {g.start} of {layer.blob_digest}, got {got}"
+            )
+
     async def _run_group(
         self, layer: Layer, g: _Group, done: Callable[[], None] | None = None
     ) -> None:
-        """Fetch one request, resolve its flights, then cache what verified.  Never raises
-        (except Cancelled): errors go to the flights, whose waiters raise them."""
+        """Stream one request; as each chunk's bytes are in, decode and verify it (in
+        batches, in worker threads), resolve its flight and cache it.  Never raises (except
+        Cancelled): errors go to the flights, whose waiters raise them."""
         if len(g.chunks) == 1 and is_big(g.chunks[0]):
             await self._run_big(layer, g, done)
             return
-        stored: list[tuple[str, bytes]] = []
+        chunks = g.chunks  # in blob order (_register)
+        buf = bytearray()  # the bytes from buf_start up to g.pos
+        buf_start = g.start
+        nxt = 0  # the first chunk not yet complete
+        ready: list[tuple[Chunk, bytes]] = []
+        ready_bytes = 0
+        decoders = trio.Semaphore(DECODE_TASKS)
+        error: Exception | None = None
         try:
-            try:
-                raw = await self._fetch(layer, g.start, g.end, g.ticket)
-            except Exception as e:
-                for d, f in g.flights.items():
-                    self._fail(d, f, e)
-                return
-            # Decode in at most two batches (one per core): a thread hop per chunk costs more
-            # than decoding a small chunk does.
-            half = (len(g.chunks) + 1) // 2
-            batches = [b for b in (g.chunks[:half], g.chunks[half:]) if b]
             async with trio.open_nursery() as nursery:
-                for batch in batches:
-                    nursery.start_soon(self._decode_batch, layer, g, batch, raw, stored)
-            del raw
-            if stored:
+
+                async def flush() -> None:
+                    nonlocal ready, ready_bytes
+                    if ready:
+                        batch, ready, ready_bytes = ready, [], 0
+                        await decoders.acquire()
+                        nursery.start_soon(self._decode_batch, layer, g, batch, decoders, done)
+
+                async def sink(piece: bytes) -> None:
+                    nonlocal buf_start, nxt, ready_bytes
+                    buf.extend(piece)
+                    g.pos += len(piece)
+                    urgent = False
+                    while nxt < len(chunks) and chunks[nxt].end <= g.pos:
+                        c = chunks[nxt]
+                        nxt += 1
+                        f = g.flights.get(c.digest)
+                        if f is not None and not f.event.is_set():  # else overtaken
+                            ready.append((c, bytes(buf[c.offset - buf_start : c.end - buf_start])))
+                            ready_bytes += c.end - c.offset
+                            urgent = urgent or f.waiting
+                    keep = chunks[nxt].offset if nxt < len(chunks) else g.pos
+                    if keep > buf_start:
+                        del buf[: min(keep, g.pos) - buf_start]
+                        buf_start = min(keep, g.pos)
+                    if urgent or ready_bytes >= STREAM_BATCH:
+                        await flush()
+
                 try:
-                    evicted = await trio.to_thread.run_sync(self._put_many, stored)
-                except OSError as e:
-                    log.warning("could not cache chunks of %s: %s", layer.blob_digest, e)
-                else:
-                    for d, _ in stored:
-                        self._mark_ready(d)
-                    self._evicted(evicted)
+                    await self._stream(layer, g, sink)
+                except Exception as e:
+                    error = e
+                await flush()  # complete chunks are used even when the rest failed
+            if error is None and nxt < len(chunks):
+                error = RemoteError(f"{layer.blob_digest}: stream ended at {g.pos} of {g.end}")
+            if error is not None:
+                for d, f in list(g.flights.items()):
+                    if not f.event.is_set():
+                        self._fail(d, f, error)
         finally:
             for d, f in g.flights.items():
                 f.fail(_Abandoned())  # no-op for resolved flights
@@ -588,30 +689,88 @@ class LayerStore:
         self,
         layer: Layer,
         g: _Group,
-        batch: list[Chunk],
-        raw: bytes,
-        stored: list[tuple[str, bytes]],
+        batch: list[tuple[Chunk, bytes]],
+        decoders: trio.Semaphore,
+        done: Callable[[], None] | None,
     ) -> None:
+        """Decode and verify complete chunks of a stream, resolve their flights and cache
+        them, then let go of them (their waiters hold the data they need).  ``done`` hears
+        of each batch: a pull's progress moves while a large request streams."""
         comp = layer.toc.compression
+        chunks = [c for c, _ in batch]
 
         def decode_all() -> list[bytes | Exception]:
             out: list[bytes | Exception] = []
-            for c in batch:
+            for c, raw in batch:
                 try:
-                    out.append(decode_chunk(comp, raw[c.offset - g.start : c.end - g.start], c))
+                    out.append(decode_chunk(comp, raw, c))
                 except Exception as e:  # handed to the chunk's waiters below
                     out.append(e)
             return out
 
-        results = await trio.to_thread.run_sync(decode_all)
-        for c, result in zip(batch, results, strict=True):
-            f = g.flights[c.digest]
-            if isinstance(result, IntegrityError):
-                await self._retry_chunk(layer, c, f, stored, result)
-            elif isinstance(result, Exception):
-                self._fail(c.digest, f, result)
-            else:
-                self._succeed(c, f, result, stored)
+        stored: list[tuple[str, bytes]] = []
+        try:
+            results = await trio.to_thread.run_sync(decode_all)
+            batch.clear()  # the compressed bytes are spent
+            for c, result in zip(chunks, results, strict=True):
+                f = g.flights[c.digest]
+                if f.event.is_set():
+                    continue  # a reader overtook the stream for it
+                if isinstance(result, IntegrityError):
+                    await self._retry_chunk(layer, c, f, stored, result)
+                elif isinstance(result, Exception):
+                    self._fail(c.digest, f, result)
+                else:
+                    self._succeed(c, f, result, stored)
+            del results
+        finally:
+            decoders.release()
+        await self._cache_stored(layer, stored)
+        for d, _ in stored:
+            f = g.flights.pop(d)
+            if self._inflight.get(d) is f:
+                del self._inflight[d]  # cached: later readers find it there
+        if done is not None:
+            done()
+
+    async def _cache_stored(self, layer: Layer, stored: list[tuple[str, bytes]]) -> None:
+        if not stored:
+            return
+        try:
+            evicted = await trio.to_thread.run_sync(self._put_many, stored)
+        except OSError as e:
+            log.warning("could not cache chunks of %s: %s", layer.blob_digest, e)
+        else:
+            for d, _ in stored:
+                self._mark_ready(d)
+            self._evicted(evicted)
+
+    async def _overtake(self, layer: Layer, chunks: list[Chunk]) -> None:
+        """A reader fetches chunks a stream would bring too late, on its own and alone, and
+        resolves their flights (the stream then skips them).  Failure is quiet: the reader
+        keeps waiting for the stream."""
+        stored: list[tuple[str, bytes]] = []
+        for start, end, cs in plan.plan_requests(
+            layer, chunks, self.merge_gap, self.max_request, lambda c: True, blocked=self._here
+        ):
+            try:
+                raw = await self._fetch(layer, start, end, Ticket(ONDEMAND))
+                for c in cs:
+                    f = self._inflight.get(c.digest)
+                    if f is None or f.event.is_set():
+                        continue
+                    piece = raw[c.offset - start : c.end - start]
+                    comp = layer.toc.compression
+                    data = await trio.to_thread.run_sync(decode_chunk, comp, piece, c)
+                    if not f.event.is_set():
+                        self._succeed(c, f, data, stored)
+            except (LazyfsError, OSError) as e:
+                log.debug("overtaking a stream of %s: %s", layer.blob_digest, e)
+        await self._cache_stored(layer, stored)
+        for d, _ in stored:
+            f = self._inflight.get(d)
+            if f is not None and f.event.is_set():
+                del self._inflight[d]  # cached: the stream skips it
 
     def _fail(self, digest: str, f: _Flight, error: BaseException) -> None:
         """Fail a flight and forget it at once: a reader that comes later must try afresh,

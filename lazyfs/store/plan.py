@@ -88,13 +88,34 @@ def ahead_in_file(
 MAX_REQUEST_PLAIN = 32 * 1024 * 1024
 
 
+def _gap_blocked(layer: Layer, start: int, end: int, blocked: IsLocal) -> bool:
+    """Whether a chunk in the blob's bytes ``[start, end)`` must not be fetched again."""
+    i = bisect.bisect_left(layer.offsets, start)
+    while i < len(layer.by_offset) and layer.by_offset[i].offset < end:
+        c = layer.by_offset[i]
+        if not c.zeros and blocked(c):
+            return True
+        i += 1
+    return False
+
+
 def plan_requests(
-    layer: Layer, want: list[Chunk], merge_gap: int, max_request: int, is_local: IsLocal
+    layer: Layer,
+    want: list[Chunk],
+    merge_gap: int,
+    max_request: int,
+    is_local: IsLocal,
+    *,
+    max_plain: int = MAX_REQUEST_PLAIN,
+    blocked: IsLocal | None = None,
 ) -> list[tuple[int, int, list[Chunk]]]:
     """Merge chunks into ``(start, end, chunks)`` range requests in blob order: neighbours at
     most ``merge_gap`` apart, each request at most ``max_request`` compressed and
-    ``MAX_REQUEST_PLAIN`` decompressed bytes (a single chunk may be larger).  Chunks lying
-    wholly inside a request's range come for free and are added while the cap allows."""
+    ``max_plain`` decompressed bytes (a single chunk may be larger).  Chunks lying wholly
+    inside a request's range come for free and are added while the cap allows.  A gap that
+    holds a chunk ``blocked`` says is here already (cached, on its way, or made by a chunk
+    provider) is never merged across: those bytes would cross the network again for nothing,
+    which is what an update pays least for (a patched file amid unchanged ones)."""
     want = sorted(want, key=lambda c: (c.offset, c.end))
     plans: list[tuple[int, int, list[Chunk]]] = []
     plain: list[int] = []
@@ -104,7 +125,8 @@ def plan_requests(
             if (
                 c.offset - end <= merge_gap
                 and max(end, c.end) - start <= max_request
-                and plain[-1] + c.size <= MAX_REQUEST_PLAIN
+                and plain[-1] + c.size <= max_plain
+                and not (blocked is not None and _gap_blocked(layer, end, c.offset, blocked))
             ):
                 chunks.append(c)
                 plans[-1] = (start, max(end, c.end), chunks)
@@ -119,7 +141,7 @@ def plan_requests(
             c = layer.by_offset[i]
             i += 1
             if c.end <= end and c.digest not in have and not is_local(c):
-                if total + c.size > MAX_REQUEST_PLAIN:
+                if total + c.size > max_plain:
                     break
                 total += c.size
                 have.add(c.digest)

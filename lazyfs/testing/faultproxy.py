@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
@@ -53,6 +54,8 @@ class FaultProxy(ThreadedHTTPServer):
             self._flip = 0
             self.ignore_range = False
             self.no_content_length = False
+            #: send matching bodies at this many bytes per second (a slow link), None: at once
+            self.rate: float | None = None
             #: answer matching requests with 307 to this base URL instead of proxying
             self.redirect_to: str | None = None
             #: add this Authorization upstream (a "presigned" storage stand-in)
@@ -109,11 +112,22 @@ class FaultProxy(ThreadedHTTPServer):
                 self.end_headers()
                 if self.command != "HEAD":
                     try:
-                        self.wfile.write(body)
+                        self._body(body)
                     except (BrokenPipeError, ConnectionResetError):
                         # A client that stops reading a whole blob after its headers (it
                         # asked for a range) closes the connection: expected, not news.
                         self.close_connection = True
+
+            def _body(self, body: bytes) -> None:
+                rate = proxy.rate if proxy.match in self.path else None
+                if rate is None:
+                    self.wfile.write(body)
+                    return
+                for i in range(0, len(body), 32 * 1024):
+                    piece = body[i : i + 32 * 1024]
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(len(piece) / rate)
 
             def do_HEAD(self) -> None:
                 self.do_GET()
@@ -161,7 +175,7 @@ class FaultProxy(ThreadedHTTPServer):
                             self.send_header(k, v)
                         self.send_header("Content-Length", str(len(body)))
                         self.end_headers()
-                        self.wfile.write(body[: len(body) // 2])
+                        self._body(body[: len(body) // 2])
                         self.wfile.flush()
                         # RST rather than FIN: the client sees a reset mid-body.
                         self.connection.setsockopt(
@@ -176,7 +190,7 @@ class FaultProxy(ThreadedHTTPServer):
                             self.send_header(k, v)
                         self.send_header("Content-Length", str(len(body)))
                         self.end_headers()
-                        self.wfile.write(body[: len(body) // 2])
+                        self._body(body[: len(body) // 2])
                         self.wfile.flush()
                         release.wait(60)
                         self.close_connection = True

@@ -1,0 +1,242 @@
+"""Streamed range reads on the real registry, through the fault proxy: a cold start with a
+prefetch group in a few large requests, a reader overtaking a stream, a cut stream resuming, a
+stall timing out, and planned ranges that never fetch again what is already here."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+from lazyfs_tools.convert import convert
+
+from lazyfs.errors import RemoteError
+from lazyfs.formats.toc import Chunk
+from lazyfs.opener import open_image
+from lazyfs.remote.registry import RegistrySource, RetryPolicy
+from lazyfs.remote.resolve import resolve_image
+from lazyfs.store.layerstate import Layer
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+
+# 40 incompressible files of 100 kB (two 64 KiB chunks each): 4 MB in one layer; then five
+# of 20 kB (one chunk each: closer together than a request merges across).
+FILES = {f"app/f{i:02d}": seeded_bytes(100_000, 900 + i) for i in range(40)}
+SMALL = {f"app/s{i}": seeded_bytes(20_000, 950 + i) for i in range(5)}
+REPO = "stream/app"
+QUICK = RetryPolicy(base_delay=0.01, max_delay=0.05, stall_timeout=0.3, deadline=0.6)
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("stream")
+    items = [Item("app", "dir", mode=0o755)]
+    items += [Item(n, data=b) for n, b in (FILES | SMALL).items()]
+    make_layout(d / "src", [make_tar(items)], tag="v1")
+    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    push_oci_layout(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
+
+    async def layer() -> tuple[str, str]:
+        src = RegistrySource(registry.host, REPO, plain_http=True)
+        try:
+            img = await resolve_image(src, "v1")
+            return img.manifest_digest, img.layers[0].digest
+        finally:
+            await src.aclose()
+
+    manifest, digest = trio.run(layer)
+    blob = (d / "lazy" / "blobs" / "sha256" / digest[7:]).read_bytes()
+    return {"dir": d, "manifest": manifest, "digest": digest, "blob": blob}
+
+
+def _source(proxy: FaultProxy) -> RegistrySource:
+    return RegistrySource(proxy.host, REPO, plain_http=True, retry=QUICK)
+
+
+async def _stream(src: RegistrySource, digest: str, start: int, end: int) -> bytes:
+    pieces: list[bytes] = []
+
+    async def keep(piece: bytes) -> None:
+        pieces.append(piece)
+
+    await src.stream_range(digest, start, end, keep)
+    return b"".join(pieces)
+
+
+def test_a_cut_stream_resumes_after_its_last_byte(pushed: dict, fault_proxy: FaultProxy) -> None:
+    blob, digest = pushed["blob"], pushed["digest"]
+    end = 2_000_000
+
+    async def main() -> None:
+        src = _source(fault_proxy)
+        try:
+            fault_proxy.rate = 50e6  # paced, so the client has read the half sent before the cut
+            fault_proxy.drop_next(1)
+            assert await _stream(src, digest, 1000, end) == blob[1000:end]
+        finally:
+            await src.aclose()
+
+    trio.run(main)
+    first, second = fault_proxy.ranges
+    assert first == f"bytes=1000-{end - 1}"
+    resumed = int(second.removeprefix("bytes=").split("-")[0])  # type: ignore[union-attr]
+    assert 1000 < resumed <= 1000 + (end - 1000) // 2  # after what came, not from the start
+
+
+def test_a_stall_resumes_and_a_stall_for_good_times_out(
+    pushed: dict, fault_proxy: FaultProxy
+) -> None:
+    blob, digest = pushed["blob"], pushed["digest"]
+
+    async def main() -> None:
+        src = _source(fault_proxy)
+        try:
+            fault_proxy.stall_next(1)  # found by lack of progress, then the rest is asked for
+            t0 = time.monotonic()
+            assert await _stream(src, digest, 0, 1_000_000) == blob[:1_000_000]
+            assert QUICK.stall_timeout <= time.monotonic() - t0 < 3.0
+            assert fault_proxy.ranges[1] == "bytes=500000-999999"
+            fault_proxy.stall_next(100)  # every answer stalls: an error within the deadline
+            t0 = time.monotonic()
+            with pytest.raises(RemoteError):
+                await _stream(src, digest, 0, 100_000)
+            assert time.monotonic() - t0 < QUICK.deadline + QUICK.stall_timeout + 1.0
+        finally:
+            fault_proxy.reset()
+            await src.aclose()
+
+    trio.run(main)
+
+
+def test_a_reader_overtakes_a_prefetch_stream(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        ref = f"{fault_proxy.host}/{REPO}:v1"
+        async with open_image(ref, cache_dir=tmp_path / "c", plain_http=True) as img:
+            store, layer = img.store, img.layers[0].layer
+            names = layer.toc.by_name()
+            files = [names[n] for n in FILES]
+            fault_proxy.reset()
+            fault_proxy.rate = 4e6  # the 4 MB stream takes about a second
+            async with store.running(), trio.open_nursery() as nursery:
+                nursery.start_soon(store.prefetch, layer, files)
+                await trio.sleep(0.25)  # the stream is under way
+                t0 = trio.current_time()
+                first = files[0]  # behind the stream: it is here already
+                assert await store.read(layer, first, 0, first.size) == FILES[first.name]
+                last = files[-1]  # far ahead: asked for on its own
+                assert await store.read(layer, last, 0, last.size) == FILES[last.name]
+                took = trio.current_time() - t0
+            assert took < 0.5, took
+            assert layer.stats.cache_misses == 2  # both chunks of the last file
+            # The stream and the overtaking request; the stream skipped what was overtaken.
+            assert len(fault_proxy.served) == 2, fault_proxy.ranges
+            assert layer.stats.chunks_ready == sum(len(f.chunks) for f in files)
+
+    trio.run(main)
+
+
+def test_a_grouped_cold_start_takes_a_few_requests(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # 30 files laid out together, 3 MB, ranked in another order than the blob's: prefetch in
+    # 1 MiB requests asked 3 times; a stream asks once.
+    used = list(FILES)[:30][::-1]
+    group = Group(
+        name="startup",
+        runs=1,
+        tiers=[
+            Tier(
+                name="always",
+                entries=[
+                    RankedEntry(
+                        layer=pushed["digest"],
+                        path=n,
+                        digest="sha256:" + hashlib.sha256(FILES[n]).hexdigest(),
+                        size=len(FILES[n]),
+                    )
+                    for n in used
+                ],
+            )
+        ],
+    )
+    doc = PrefetchGroups(
+        image=REPO, manifest=pushed["manifest"], layers=[pushed["digest"]], groups=[group]
+    )
+    groups = tmp_path / "groups.json"
+    groups.write_bytes(msgspec.json.encode(doc))
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--prefetch", str(groups))
+    with mounted(f"{fault_proxy.host}/{REPO}:v1", mnt, *args, "--cache", str(tmp_path / "c")):
+        deadline = time.monotonic() + 20
+        while True:
+            stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+            if stats["prefetch"]["prefetch_done"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert stats["prefetch"]["prefetch_done"] and not stats["prefetch"]["error"]
+        for n in used:
+            assert (mnt / n).read_bytes() == FILES[n]
+        stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+    layer = stats["layers"][0]["stats"]
+    assert layer["cache_misses"] == 0
+    # Every blob request of the image: config, TOC, and the group's stream.
+    assert len(fault_proxy.served) <= 6, fault_proxy.ranges
+    assert layer["requests"] == 1
+
+
+class _Patches:
+    """A chunk provider that makes one file's chunks (as a delta would from an old file)."""
+
+    def __init__(self, made: dict[str, bytes]) -> None:
+        self.made = made
+
+    async def provide(
+        self,
+        layer: Layer,
+        chunks: Sequence[Chunk],
+        slot: Callable[[], AbstractAsyncContextManager[None]],
+    ) -> dict[str, bytes]:
+        return {c.digest: self.made[c.digest] for c in chunks if c.digest in self.made}
+
+
+def test_planned_ranges_skip_chunks_cached_or_provided(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # Five small files 20 kB apart would be one range: b (cached) and d (made by the
+    # provider, as an update's patch makes a changed file) cut it.
+    async def main() -> None:
+        ref = f"{fault_proxy.host}/{REPO}:v1"
+        async with open_image(ref, cache_dir=tmp_path / "c", plain_http=True) as img:
+            store, layer = img.store, img.layers[0].layer
+            names = layer.toc.by_name()
+            a, b, c, d, e = (names[n] for n in SMALL)
+            await store.prefetch(layer, [b])
+            store.provider = _Patches(
+                {
+                    ch.digest: SMALL[d.name][ch.file_offset : ch.file_offset + ch.size]
+                    for ch in d.chunks
+                }
+            )
+            fault_proxy.reset()
+            await store.prefetch(layer, [a, b, c, d, e])
+            assert layer.stats.provided_chunks == len(d.chunks)
+            for x in (a, b, c, d, e):
+                assert await store.read(layer, x, 0, x.size) == SMALL[x.name]
+            assert len(fault_proxy.served) == 3, fault_proxy.ranges  # a, c and e
+            fetched = sum(x.chunks[-1].end - x.chunks[0].offset for x in (a, c, e))
+            assert fault_proxy.blob_bytes == fetched
+
+    trio.run(main)

@@ -66,6 +66,9 @@ DATA = seeded_bytes(500_000, 13)
 VENDOR = seeded_bytes(200_000, 14)
 CONF = b"".join(b"option%d = value%d\n" % (i, i) for i in range(3000))
 MAIN = b"".join(b"def f%d(x):\n    return x + %d\n" % (i, i) for i in range(2000))
+# Unchanged and smaller than the merge gap, between a changed and a new file in NEW's blob: a
+# request must not fetch its held chunk again to join them.
+LINK = seeded_bytes(8_000, 17)
 
 
 def old_layers() -> list[bytes]:
@@ -75,6 +78,7 @@ def old_layers() -> list[bytes]:
                 Item("usr", "dir", mode=0o755),
                 Item("usr/lib", "dir", mode=0o755),
                 Item("usr/lib/libfoo.so.1.2.3", data=LIB),
+                Item("usr/lib/link.ld", data=LINK),
                 Item("usr/bin", "dir", mode=0o755),
                 Item("usr/bin/tool", data=TOOL, mode=0o755),
                 Item("etc", "dir", mode=0o755),
@@ -97,6 +101,7 @@ def old_layers() -> list[bytes]:
 NEW_FILES = {
     "usr/lib/libfoo.so.1.2.4": edited(LIB, 1),  # a versioned library: a similar name
     "usr/bin/tool": TOOL,  # unchanged, in a changed layer
+    "usr/lib/link.ld": LINK,
     "etc/conf": CONF.replace(b"value17\n", b"value17-changed\n"),
     "usr/share/new.txt": seeded_bytes(20_000, 16),
     "app/data.bin": DATA,  # moved here from OLD's app layer
@@ -117,6 +122,7 @@ def new_layers() -> list[bytes]:
                 Item("usr/bin/tool", data=TOOL, mode=0o755),
                 Item("etc", "dir", mode=0o755),
                 Item("etc/conf", data=f["etc/conf"]),
+                Item("usr/lib/link.ld", data=LINK),
                 Item("usr/share", "dir", mode=0o755),
                 Item("usr/share/new.txt", data=f["usr/share/new.txt"]),
                 Item("app", "dir", mode=0o755),
@@ -355,7 +361,7 @@ def test_diff_report_equals_the_bytes_the_registry_serves(
     base, app, vendor = layers
     assert vendor["shared"] and vendor["fetch_bytes"] == 0
     assert report["full_pull_bytes"] == base["size"] + app["size"]
-    assert (base["files_changed"], base["files_new"], base["files_unchanged"]) == (1, 2, 2)
+    assert (base["files_changed"], base["files_new"], base["files_unchanged"]) == (1, 2, 3)
     assert (app["files_changed"], app["files_new"]) == (1, 0)
     assert report["files_removed"] == 2  # old.txt and libfoo.so.1.2.3
     # The moved file's chunks came from OLD's app layer, the tool's from OLD's base layer.

@@ -223,8 +223,9 @@ class LazyLayers:
                             chain.chain_id, row.pid)
             return self._start(chain)
 
-    def _options(self, chain: Chain, image_ref: str) -> list[str]:
-        plain_http, insecure = self._registry_flags(image_ref)
+    def _options(self, chain: Chain, image_ref: str = "") -> list[str]:
+        """The daemon's flags to mount ``image_ref`` (``chain.top``'s by default)."""
+        plain_http, insecure = self._registry_flags(image_ref or chain.top.image_ref)
         opts = [
             "--read-only",
             # The kernel overlay above reads it with the mounter's and the container's

@@ -30,19 +30,22 @@ from lazyfs.delta.patch import (
 )
 from lazyfs.delta.provider import DeltaProvider
 from lazyfs.delta.publish import build_deltas, push_deltas
-from lazyfs.delta.report import merged_files
+from lazyfs.delta.report import ImageLayers, LayerDiff, diff, merged_files
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.formats.toc import TOC, Entry
+from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.opener import open_image
 from lazyfs.progress import PulledEvent, decode_events
 from lazyfs.remote.registry import RegistrySource
 from lazyfs.remote.resolve import open_source
 from lazyfs.store import ChunkCache
+from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mounted
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+from tests.test_store import MemSource
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 64 * 1024
@@ -66,6 +69,9 @@ DATA = seeded_bytes(500_000, 13)
 VENDOR = seeded_bytes(200_000, 14)
 CONF = b"".join(b"option%d = value%d\n" % (i, i) for i in range(3000))
 MAIN = b"".join(b"def f%d(x):\n    return x + %d\n" % (i, i) for i in range(2000))
+# Unchanged and smaller than the merge gap, between a changed and a new file in NEW's blob: a
+# request must not fetch its held chunk again to join them.
+LINK = seeded_bytes(8_000, 17)
 
 
 def old_layers() -> list[bytes]:
@@ -75,6 +81,7 @@ def old_layers() -> list[bytes]:
                 Item("usr", "dir", mode=0o755),
                 Item("usr/lib", "dir", mode=0o755),
                 Item("usr/lib/libfoo.so.1.2.3", data=LIB),
+                Item("usr/lib/link.ld", data=LINK),
                 Item("usr/bin", "dir", mode=0o755),
                 Item("usr/bin/tool", data=TOOL, mode=0o755),
                 Item("etc", "dir", mode=0o755),
@@ -97,6 +104,7 @@ def old_layers() -> list[bytes]:
 NEW_FILES = {
     "usr/lib/libfoo.so.1.2.4": edited(LIB, 1),  # a versioned library: a similar name
     "usr/bin/tool": TOOL,  # unchanged, in a changed layer
+    "usr/lib/link.ld": LINK,
     "etc/conf": CONF.replace(b"value17\n", b"value17-changed\n"),
     "usr/share/new.txt": seeded_bytes(20_000, 16),
     "app/data.bin": DATA,  # moved here from OLD's app layer
@@ -117,6 +125,7 @@ def new_layers() -> list[bytes]:
                 Item("usr/bin/tool", data=TOOL, mode=0o755),
                 Item("etc", "dir", mode=0o755),
                 Item("etc/conf", data=f["etc/conf"]),
+                Item("usr/lib/link.ld", data=LINK),
                 Item("usr/share", "dir", mode=0o755),
                 Item("usr/share/new.txt", data=f["usr/share/new.txt"]),
                 Item("app", "dir", mode=0o755),
@@ -307,6 +316,40 @@ def test_merged_files_apply_whiteouts() -> None:
     assert sorted(files) == ["a/y", "b/w", "c", "d"]
 
 
+def test_diff_plans_as_a_pull_streams(tmp_path: Path) -> None:
+    """Pure planning: NEW's chunks to fetch are one streamed request past the reader's 8 MiB
+    cap, split only where a chunk OLD holds sits in the gap."""
+    n, span = 200, 64 * 1024
+
+    def layer(digest: str, chunks: list[Chunk]) -> Layer:
+        end = chunks[-1].end
+        toc = TOC(
+            compression="zstd",
+            entries=[Entry(name="f", type="reg", size=len(chunks) * span, chunks=tuple(chunks))],
+            data_end=end,
+        )
+        return store.add_layer(digest, MemSource({}), toc)
+
+    def planned(held: Chunk) -> LayerDiff:
+        report = diff(
+            ImageLayers("old", "sha256:" + "a" * 64, [(span, layer(held.digest, [held]))]),
+            ImageLayers("new", "sha256:" + "b" * 64, [(n * span, new)]),
+            merge_gap=64 * 1024,
+            max_request=8 << 20,
+        )
+        (ld,) = report.layers
+        return ld
+
+    store = LayerStore(ChunkCache(tmp_path))
+    chunks = [Chunk(i * span, span, i * span, (i + 1) * span, f"sha256:{i:064x}") for i in range(n)]
+    new = layer("sha256:" + "2" * 64, chunks)
+    other = planned(Chunk(0, span, 0, span, "sha256:" + "f" * 64))
+    assert (other.requests, other.fetch_bytes) == (1, n * span)  # 12.5 MiB in one request
+    ld = planned(chunks[150])
+    assert (ld.requests, ld.held_chunks, ld.fetch_chunks) == (2, 1, n - 1)
+    assert ld.fetch_bytes == (n - 1) * span  # not the held chunk again
+
+
 def test_provider_refuses_a_patch_made_against_another_base(tmp_path: Path) -> None:
     cache = ChunkCache(tmp_path / "cache")
     base = seeded_bytes(100_000, 5)
@@ -355,7 +398,7 @@ def test_diff_report_equals_the_bytes_the_registry_serves(
     base, app, vendor = layers
     assert vendor["shared"] and vendor["fetch_bytes"] == 0
     assert report["full_pull_bytes"] == base["size"] + app["size"]
-    assert (base["files_changed"], base["files_new"], base["files_unchanged"]) == (1, 2, 2)
+    assert (base["files_changed"], base["files_new"], base["files_unchanged"]) == (1, 2, 3)
     assert (app["files_changed"], app["files_new"]) == (1, 0)
     assert report["files_removed"] == 2  # old.txt and libfoo.so.1.2.3
     # The moved file's chunks came from OLD's app layer, the tool's from OLD's base layer.

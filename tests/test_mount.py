@@ -13,6 +13,7 @@ import stat
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -454,24 +455,28 @@ def test_open_files_survive_promotion_unlink_and_races(
         assert os.pread(fd, 100, 0) == b"scra"
         os.close(fd)
 
-        # A truncating open racing a copy-up of the same file: the truncation wins.
-        def promote() -> None:
-            with open(mnt / "data" / "big.bin", "r+b"):
+        # Each race's other side runs in a thread whose failure ``result()`` raises here.
+        def promote(path: Path) -> None:
+            with open(path, "r+b"):
                 pass
 
-        t = threading.Thread(target=promote)
-        t.start()
-        with open(mnt / "data" / "big.bin", "wb") as f:
-            f.write(b"B")
-        t.join()
-        assert (mnt / "data" / "big.bin").read_bytes() == b"B"
-        assert (mnt / "data" / "second-link").read_bytes() == b"B"
-        # An unlink racing a copy-up: the file stays gone.
-        t = threading.Thread(target=lambda: (mnt / "bin" / "tool").open("r+b").close())
-        t.start()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(mnt / "bin" / "tool")
-        t.join()
+        def promote_unless_gone(path: Path) -> None:
+            with contextlib.suppress(FileNotFoundError):  # the unlink came first
+                promote(path)
+
+        with ThreadPoolExecutor(max_workers=1) as racer:
+            # A truncating open racing a copy-up of the same file: the truncation wins.
+            race = racer.submit(promote, mnt / "data" / "big.bin")
+            with open(mnt / "data" / "big.bin", "wb") as f:
+                f.write(b"B")
+            race.result(timeout=60)
+            assert (mnt / "data" / "big.bin").read_bytes() == b"B"
+            assert (mnt / "data" / "second-link").read_bytes() == b"B"
+            # An unlink racing a copy-up: the file stays gone.
+            race = racer.submit(promote_unless_gone, mnt / "bin" / "tool")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(mnt / "bin" / "tool")
+            race.result(timeout=60)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(mnt / "bin" / "tool")
         assert not (mnt / "bin" / "tool").exists()

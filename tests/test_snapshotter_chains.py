@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from lazyfs_snapshotter.api import snapshots_pb2
 from lazyfs_snapshotter.remote import (
@@ -159,4 +160,36 @@ def test_images_sharing_a_base_mount_right_and_cleanup_sweeps_strays(
         assert all(pid != 0 and not wait_pid(pid, 0) for pid, _, _ in rows.values())
         assert (root_b / "etc/b").read_bytes() == b"image b\n"  # owned mounts still serve
         assert "cleanup: stopping stray daemon pid" in sp.log_text()
+        assert "Traceback" not in sp.log_text()
+
+
+def test_a_shared_chain_mounts_from_another_image_when_the_first_is_deleted(
+    registry: RegistryInstance,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    base, top_a, top_b = make_tar(BASE), make_tar(TOP_A), make_tar(TOP_B)
+    ref_a, manifest_a, layers_a = _push(tmp_path, registry, "a", [base, top_a])
+    ref_b, manifest_b, layers_b = _push(tmp_path, registry, "b", [base, top_b])
+    chains_a, chains_b = _chain_ids([base, top_a]), _chain_ids([base, top_b])
+    (tmp_path / "sn.toml").write_text(f'[registry]\nplain_http = ["{registry.host}"]\n')
+    with ExitStack() as stack:
+        sp = SnapshotterProcess(base_dir / "sn", args=("--config", str(tmp_path / "sn.toml")))
+        stack.callback(stop_daemons, sp.root)
+        stack.enter_context(sp)
+        c = Client(sp.address, namespace="k8s.io")
+        stack.callback(c.close)
+        _prepare_layers(c, ref_a, manifest_a, layers_a, chains_a)  # commits the shared base
+        _prepare_layers(c, ref_b, manifest_b, layers_b, chains_b)
+        # a is deleted from its registry, and the node no longer holds its manifest.
+        res = httpx.delete(f"http://{registry.host}/v2/a/app/manifests/{manifest_a}")
+        assert res.status_code == 202, res.text
+        (cached,) = (sp.root / "cache" / "documents").glob(f"*{manifest_a.split(':')[1]}*")
+        cached.unlink()
+        # A container of b right on the shared base: its chain mounts from b's manifest.
+        root = _mount_container(stack, c, "ctr-base", chains_b[0], base_dir / "base")
+        assert sorted(os.listdir(root / "etc")) == ["base", "gone-in-b"]
+        assert (root / "etc/base").read_bytes() == b"shared base\n"
+        assert _daemon_rows(sp.root)[chains_b[0]][2] == f"{registry.host}/b/app@{manifest_b}"
+        assert f"cannot mount chain {chains_b[0]} from {registry.host}/a/app@" in sp.log_text()
         assert "Traceback" not in sp.log_text()

@@ -3,6 +3,7 @@ semantics over a real sqlite store and real directories."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -309,7 +310,12 @@ class _LazyEverything:
             return Readiness(False, "gzip")
         return Readiness(True, record=RemoteLayerRow("r/x@" + D1, D1, depth - 1, "{}"))
 
+    def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
+        with self.store.transaction() as tx:
+            tx.add_remote_ref(snap_id, f"{source.image_ref}@depth{depth}")
+
     def mount(self, chain: Chain) -> tuple[int, Path]:
+        self.mounted = chain
         mnt = self.root / "mnt" / chain.chain_id
         with self.store.transaction() as tx:
             row = tx.daemon(chain.chain_id)
@@ -361,6 +367,33 @@ def test_remote_seam_commits_the_target_and_answers_already_exists(tmp_path: Pat
     assert sn.prepare("ns", "extract-3", "", labels)[0].type == "bind"
     assert len(layers.prepared) == 2
     sn.close()
+
+
+def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -> None:
+    layers = _LazyEverything(tmp_path)
+    sn = Snapshotter(tmp_path / "r", layers)
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns", "x1", "", _layer_labels("L1", D1))
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns", "x2", "L1", _layer_labels("L12", D2))
+    for image in ("b/c:d", "e/f:g", "b/c:d"):  # two more images share the chain
+        labels = {TARGET_LABEL: "L12", STARGZ_REF: image, STARGZ_DIGEST: D2}
+        with pytest.raises(AlreadyExists):
+            sn.prepare("ns", "x3", "L1", labels)
+    sn.prepare("ns", "ctr", "L12", {})
+    assert layers.mounted.refs == ("r/x@" + D1, "b/c:d@depth2", "e/f:g@depth2")
+    sn.close()
+    # A metadata file of a snapshotter without ``remote_refs`` gains it on open.
+    db = tmp_path / "r" / "metadata.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TABLE remote_refs")
+    store = MetadataStore(db)
+    with store.transaction() as tx:
+        (row,) = [r for r in tx.all("ns") if r.key == "L12"]
+        assert tx.remote_refs(row.id) == ["r/x@" + D1]
+        tx.add_remote_ref(row.id, "h/r@" + D2)
+        assert tx.remote_refs(row.id) == ["r/x@" + D1, "h/r@" + D2]
+    store.close()
 
 
 def test_plain_layers_above_a_lazy_prefix_and_never_below(tmp_path: Path) -> None:

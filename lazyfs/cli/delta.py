@@ -71,7 +71,6 @@ def _opened(
 async def diff_images(old: OpenedImage, new: OpenedImage) -> DiffReport:
     """The update report for ``lazyfs pull NEW`` on a node that holds OLD."""
     from lazyfs.delta.report import ImageLayers, diff
-    from lazyfs.store.layerstore import PREFETCH_REQUEST
 
     def side(img: OpenedImage) -> ImageLayers:
         return ImageLayers(
@@ -79,7 +78,7 @@ async def diff_images(old: OpenedImage, new: OpenedImage) -> DiffReport:
         )
 
     store = new.store
-    return diff(side(old), side(new), store.merge_gap, min(store.max_request, PREFETCH_REQUEST))
+    return diff(side(old), side(new), store.merge_gap, store.max_request)
 
 
 def _size(n: int) -> str:

@@ -2,9 +2,9 @@
 
 Pure over TOCs and the store's layer view: chunks are deduplicated by digest across layers
 and images, so a file that moved between layers or images costs nothing, and the report says
-which layer of which image saved how much.  The bytes to fetch are planned exactly as
-``lazyfs pull`` plans its range requests (same merge gap and request cap), so they are what
-the registry will serve, merge gaps included.
+which layer of which image saved how much.  The bytes to fetch are planned by the store's own
+planning for ``lazyfs pull`` (``plan.plan_fetch``: its merge gap, request cap, and no range
+across a chunk held), so they are what the registry will serve, merge gaps included.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import msgspec
 
 from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.store import plan
+from lazyfs.store.bigchunk import is_big
 from lazyfs.store.layerstate import Layer
 
 WHITEOUT = ".wh."
@@ -95,7 +96,7 @@ def merged_files(tocs: Iterable[TOC]) -> dict[str, Entry]:
 
 
 def diff(old: ImageLayers, new: ImageLayers, merge_gap: int, max_request: int) -> DiffReport:
-    """``merge_gap`` and ``max_request``: the store's request planning (``lazyfs pull``)."""
+    """``merge_gap`` and ``max_request``: the store's (``LayerStore``) settings."""
     source_of: dict[str, str] = {}  # chunk digest -> the first layer that holds it
     for _, layer in old.layers:
         for c in layer.chunks:
@@ -130,8 +131,16 @@ def diff(old: ImageLayers, new: ImageLayers, merge_gap: int, max_request: int) -
             ld.held_chunks += 1
             ld.held_bytes += _span(c)
             saved[src] = saved.get(src, 0) + _span(c)
-        wanted = {c.digest for c in want}
-        requests = plan.plan_requests(layer, want, merge_gap, max_request, _not_in(wanted))
+        # As the store's pull: a big chunk alone, the rest planned around what is held then.
+        big = [c for c in want if is_big(c)]
+        requests = [(c.offset, c.end, [c]) for c in big] + plan.plan_fetch(
+            layer,
+            [c for c in want if not is_big(c)],
+            merge_gap,
+            max_request,
+            lambda c: is_big(c) or c.digest in source_of,
+            streamed=True,
+        )
         ld.requests = len(requests)
         ld.fetch_bytes = sum(end - start for start, end, _ in requests)
         ld.fetch_chunks = len(want)
@@ -169,10 +178,6 @@ def diff(old: ImageLayers, new: ImageLayers, merge_gap: int, max_request: int) -
         held_bytes=sum(ld.held_bytes for ld in out),
         saved_by=total_saved,
     )
-
-
-def _not_in(wanted: set[str]) -> plan.IsLocal:
-    return lambda c: c.digest not in wanted
 
 
 def _span(c: Chunk) -> int:

@@ -46,14 +46,6 @@ log = logging.getLogger(__name__)
 # Cache reads up to this size run on the trio thread: from the page cache they take
 # microseconds, less than handing them to a worker thread.
 INLINE_READ_BYTES = 256 * 1024
-# Prefetch (and the background fill) ask for large ranges and stream them: each chunk is
-# verified, handed to its waiters and cached as soon as its bytes are in, so a reader waiting
-# on a chunk early in a request does not wait for the rest of it, and memory holds only the
-# chunks being decoded.  Gaps are merged across as for readers: on a traced group of an image
-# laid out by path (BENCHMARKS.md, issue 13), 64 KiB took 42 requests and 11.4 MiB, 256 KiB
-# 19 and 14.1 MiB, 1 MiB 10 and 18.5 MiB; the extra bytes are decoded and cached too, while
-# streams run side by side.  Few requests come from a re-laid-out image: 5, 10.0 MiB.
-PREFETCH_REQUEST = 64 * 1024 * 1024
 # Decoded in batches of about this many compressed bytes (a thread hop per chunk costs more
 # than decoding a small one), at most DECODE_TASKS batches at once: the stream waits beyond.
 STREAM_BATCH = 256 * 1024
@@ -427,21 +419,9 @@ class LayerStore:
                 want.append(c)
             elif d in needed:  # alone, streamed to disk (store.bigchunk); never read-ahead
                 out.append(self._register(_Group(c.offset, c.end, [c]), priority))
-        here = self._here
-        if priority == ONDEMAND:
-            planned = plan.plan_requests(
-                layer, want, self.merge_gap, self.max_request, here, blocked=here
-            )
-        else:  # streamed: memory holds the chunks being decoded, not the request
-            planned = plan.plan_requests(
-                layer,
-                want,
-                self.merge_gap,
-                max(self.max_request, PREFETCH_REQUEST),
-                here,
-                max_plain=PREFETCH_REQUEST << 8,  # each chunk's own size is checked
-                blocked=here,
-            )
+        planned = plan.plan_fetch(
+            layer, want, self.merge_gap, self.max_request, self._here, streamed=priority != ONDEMAND
+        )
         for g in (_Group(start, end, chunks) for start, end, chunks in planned):
             g.chunks = [c for c in g.chunks if c.digest not in self._inflight]
             if not any(c.digest in needed for c in g.chunks):

@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -35,7 +36,7 @@ from lazyfs.formats.toc import TocBudget
 from lazyfs.fs.daemon import Daemon, attach, clear_mountpoint, spawn
 from lazyfs.fs.runtime import control_path
 from lazyfs.remote.reference import parse_reference
-from lazyfs.remote.resolve import open_source, resolve_image
+from lazyfs.remote.resolve import ResolvedImage, open_source, resolve_image
 from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.documents import CachingSource
 from lazyfs.store.tocs import load_layer
@@ -125,8 +126,9 @@ class LazyLayers:
             return Readiness(False, _one_line(e))
         return Readiness(True, record=record)
 
-    async def _prepare(self, source: RemoteSource, depth: int) -> RemoteLayerRow:
-        ref = parse_reference(source.image_ref)
+    @contextlib.asynccontextmanager
+    async def _source(self, source: RemoteSource) -> AsyncIterator[tuple[CachingSource, str]]:
+        """The image's registry (documents through the cache) and the tag its reference names."""
         plain_http, insecure = self._registry_flags(source.image_ref)
         cache = await trio.to_thread.run_sync(self._chunk_cache)
         raw, tag = open_source(
@@ -135,37 +137,70 @@ class LazyLayers:
         )
         src = CachingSource(raw, cache.documents_dir)
         try:
-            with trio.fail_after(PREPARE_TIMEOUT):
-                # By digest when CRI gives it: the manifest then comes from the document cache.
-                resolved = await resolve_image(src, source.manifest_digest or tag)
-                digests = [d.digest for d in resolved.layers]
-                if source.layer_digest not in digests:
-                    raise LazyfsError(f"layer {source.layer_digest} is not in "
-                                      f"{source.image_ref} ({resolved.manifest_digest})")
-                index = digests.index(source.layer_digest)
-                if index + 1 != depth:
-                    raise LazyfsError(f"layer {index + 1} of the image is layer {depth} of "
-                                      "its snapshot chain")
-                # The chain's mount opens the lowest `depth` layers of this manifest, so every
-                # one of them must be lazy here (those below were read before: from cache).
-                budget = TocBudget()  # bounds the chain's TOCs together, as a mount does
-                async with trio.open_nursery() as nursery:
-                    for desc in resolved.layers[:depth]:
-                        nursery.start_soon(
-                            functools.partial(load_layer, budget=budget), src, desc,
-                            cache.tocs_dir)
-        except trio.TooSlowError:
-            raise LazyfsError(f"TOCs not read in {PREPARE_TIMEOUT:.0f}s") from None
+            yield src, tag
         finally:
             with trio.CancelScope(shield=True):
                 await src.aclose()
+
+    async def _resolve(
+        self, src: CachingSource, tag: str, source: RemoteSource, depth: int
+    ) -> tuple[ResolvedImage, int]:
+        """The image's manifest and the layer's index in it, which must be ``depth - 1``."""
+        # By digest when CRI gives it: the manifest then comes from the document cache.
+        resolved = await resolve_image(src, source.manifest_digest or tag)
+        digests = [d.digest for d in resolved.layers]
+        if source.layer_digest not in digests:
+            raise LazyfsError(f"layer {source.layer_digest} is not in "
+                              f"{source.image_ref} ({resolved.manifest_digest})")
+        index = digests.index(source.layer_digest)
+        if index + 1 != depth:
+            raise LazyfsError(f"layer {index + 1} of the image is layer {depth} of "
+                              "its snapshot chain")
+        return resolved, index
+
+    def _by_digest(self, source: RemoteSource, resolved: ResolvedImage) -> str:
+        ref = parse_reference(source.image_ref)
+        return f"{ref.host}/{ref.repository}@{resolved.manifest_digest}"
+
+    async def _prepare(self, source: RemoteSource, depth: int) -> RemoteLayerRow:
+        cache = await trio.to_thread.run_sync(self._chunk_cache)
+        try:
+            with trio.fail_after(PREPARE_TIMEOUT):
+                async with self._source(source) as (src, tag):
+                    resolved, index = await self._resolve(src, tag, source, depth)
+                    # The chain's mount opens the lowest `depth` layers of this manifest, so
+                    # every one of them must be lazy here (those below were read before: from
+                    # cache).
+                    budget = TocBudget()  # bounds the chain's TOCs together, as a mount does
+                    async with trio.open_nursery() as nursery:
+                        for desc in resolved.layers[:depth]:
+                            nursery.start_soon(
+                                functools.partial(load_layer, budget=budget), src, desc,
+                                cache.tocs_dir)
+        except trio.TooSlowError:
+            raise LazyfsError(f"TOCs not read in {PREPARE_TIMEOUT:.0f}s") from None
         desc = resolved.layers[index]
         return RemoteLayerRow(
-            image_ref=f"{ref.host}/{ref.repository}@{resolved.manifest_digest}",
+            image_ref=self._by_digest(source, resolved),
             manifest_digest=resolved.manifest_digest,
             layer_index=index,
             descriptor=msgspec.json.encode(desc).decode(),
         )
+
+    def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
+        async def by_digest() -> str:
+            with trio.fail_after(PREPARE_TIMEOUT):
+                async with self._source(source) as (src, tag):
+                    resolved, _ = await self._resolve(src, tag, source, depth)
+            return self._by_digest(source, resolved)
+
+        try:
+            ref = trio.run(by_digest)
+            with self.store.transaction() as tx:
+                tx.add_remote_ref(snap_id, ref)
+        except Exception as e:  # it only loses a way to mount the chain, never the pull
+            log.info("layer %s of %s: not kept as a way to mount its chain: %s",
+                     source.layer_digest, source.image_ref, _one_line(e))
 
     # -- mounts ----------------------------------------------------------------------
     def _mountpoint(self, chain_id: str) -> Path:
@@ -188,8 +223,9 @@ class LazyLayers:
                             chain.chain_id, row.pid)
             return self._start(chain)
 
-    def _options(self, chain: Chain) -> list[str]:
-        plain_http, insecure = self._registry_flags(chain.top.image_ref)
+    def _options(self, chain: Chain, image_ref: str = "") -> list[str]:
+        """The daemon's flags to mount ``image_ref`` (``chain.top``'s by default)."""
+        plain_http, insecure = self._registry_flags(image_ref or chain.top.image_ref)
         opts = [
             "--read-only",
             # The kernel overlay above reads it with the mounter's and the container's
@@ -220,22 +256,32 @@ class LazyLayers:
         clear_mountpoint(mnt)  # a dead daemon's stale mount: its users see ENOTCONN anyway
         mnt.mkdir(mode=0o755, exist_ok=True)
         t0 = time.monotonic()
-        try:
-            daemon = spawn(chain.top.image_ref, mnt, self._options(chain),
-                           log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT)
-        except LazyfsError as e:  # the daemon's own one line, for containerd's caller
+        # The image that committed the chain first; another that shares it when that one
+        # cannot be mounted (deleted from its registry, say).
+        refs = chain.refs or (chain.top.image_ref,)
+        first: LazyfsError | None = None
+        for image_ref in refs:
+            try:
+                daemon = spawn(image_ref, mnt, self._options(chain, image_ref),
+                               log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT)
+                break
+            except LazyfsError as e:  # the daemon's own one line
+                log.warning("cannot mount chain %s from %s: %s", chain.chain_id, image_ref, e)
+                first = first or e
+                clear_mountpoint(mnt)
+        else:
             raise FailedPrecondition(
-                f"cannot mount the lazy layers of {chain.top.image_ref}: {e}") from None
+                f"cannot mount the lazy layers of {refs[0]}: {first}") from None
         try:
             with self.store.transaction() as tx:
                 daemon_id = tx.put_daemon(daemon.pid, str(mnt), str(control_path(mnt)),
-                                          chain.top.image_ref, chain.chain_id)
+                                          image_ref, chain.chain_id)
         except BaseException:
             daemon.stop(STOP_TIMEOUT)
             raise
         self._live[daemon_id] = daemon
         log.info("daemon pid %d mounted %s (%d layers) on %s in %.2fs", daemon.pid,
-                 chain.top.image_ref, chain.top.layer_index + 1, mnt, time.monotonic() - t0)
+                 image_ref, chain.top.layer_index + 1, mnt, time.monotonic() - t0)
         return daemon_id, mnt
 
     def release(self, daemon_id: int) -> None:

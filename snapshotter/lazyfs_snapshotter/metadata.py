@@ -9,7 +9,10 @@ it point at it through ``daemon_id``.  ``pid = 0`` means its daemon died and was
 the next Prepare/Mounts that needs the chain starts a new one in the same row.  The shape of
 ``daemons`` is stable (the metrics read it).  ``remote_layers`` records, per remote snapshot,
 what mounting it needs later without any tag lookup: the image by digest, the layer's index in
-that manifest and its descriptor.
+that manifest and its descriptor.  ``remote_refs`` adds the other images (``HOST/REPO@DIGEST``)
+whose layers named the same snapshot since, in the order they came: a chain shared by two
+images can still be mounted when the first image is deleted from its registry.  It is created
+where missing, so a metadata file of an older snapshotter just gains it (same schema version).
 
 Namespaces: containerd 1.6 sends no ``containerd-namespace`` to proxy snapshotters (its keys
 are already ``NS/ID/KEY``), and its garbage collector may call without one.  A call without a
@@ -63,6 +66,11 @@ CREATE TABLE IF NOT EXISTS remote_layers (
     manifest_digest TEXT NOT NULL,
     layer_index INTEGER NOT NULL,
     descriptor TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS remote_refs (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    image_ref TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, image_ref)
 );
 """
 
@@ -260,6 +268,23 @@ class Tx:
             "SELECT image_ref, manifest_digest, layer_index, descriptor FROM remote_layers"
             " WHERE snapshot_id = ?", (snap_id,)).fetchone()
         return None if r is None else RemoteLayerRow(str(r[0]), str(r[1]), int(r[2]), str(r[3]))
+
+    def add_remote_ref(self, snap_id: int, image_ref: str) -> None:
+        """Another image (``HOST/REPO@DIGEST``) names the remote snapshot at the same depth."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO remote_refs (snapshot_id, image_ref) VALUES (?, ?)",
+            (snap_id, image_ref),
+        )
+
+    def remote_refs(self, snap_id: int) -> list[str]:
+        """Every image that named the remote snapshot: its record's first, then the rest in
+        the order they came."""
+        rl = self.remote(snap_id)
+        cur = self.conn.execute(
+            "SELECT image_ref FROM remote_refs WHERE snapshot_id = ? ORDER BY rowid", (snap_id,))
+        rest = [str(r[0]) for r in cur.fetchall()]
+        first = [] if rl is None else [rl.image_ref]
+        return first + [r for r in rest if r not in first]
 
     def set_daemon_id(self, snap_id: int, daemon_id: int | None) -> None:
         self.conn.execute("UPDATE snapshots SET daemon_id = ? WHERE id = ?", (daemon_id, snap_id))

@@ -112,10 +112,13 @@ class Readiness:
 @dataclass(frozen=True)
 class Chain:
     """The lazy layers under a snapshot: the remote snapshots from the bottom up to the one
-    keyed ``chain_id`` (whose ``top`` record names the image and its depth)."""
+    keyed ``chain_id`` (whose ``top`` record names the image and its depth).  ``refs``: every
+    image (``HOST/REPO@DIGEST``) that named that snapshot, ``top``'s first; each has the chain
+    as its lowest ``top.layer_index + 1`` layers, so any of them can mount it."""
 
     chain_id: str
     top: RemoteLayerRow
+    refs: tuple[str, ...] = ()
 
 
 class LayerFS(Protocol):
@@ -139,6 +142,11 @@ class LayerFS(Protocol):
 
     def mount(self, chain: Chain) -> tuple[int, Path]:
         """The chain's mount (starting its daemon if none is alive): (daemon id, directory)."""
+        ...
+
+    def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
+        """Another image's layer names the remote snapshot ``snap_id`` (the ``depth``-th of
+        its chain): remember that image as a way to mount the chain.  Never raises."""
         ...
 
     def release(self, daemon_id: int) -> None:
@@ -167,6 +175,9 @@ class PlainLayers:
 
     def mount(self, chain: Chain) -> tuple[int, Path]:
         raise RuntimeError("plain layers have no remote snapshots to mount")
+
+    def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
+        return None
 
     def release(self, daemon_id: int) -> None:
         return None

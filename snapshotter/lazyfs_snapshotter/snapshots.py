@@ -152,7 +152,7 @@ class Snapshotter:
                 record = tx.remote(p.id)
                 if record is None:
                     raise FailedPrecondition(f"remote snapshot {p.key!r} has no layer record")
-                return Chain(p.key, record)
+                return Chain(p.key, record, tuple(tx.remote_refs(p.id)))
         return None
 
     def _mount_chain(self, ns: str, parent: str) -> tuple[int, Path] | None:
@@ -215,10 +215,16 @@ class Snapshotter:
         if source is None:
             return
         with self.store.transaction() as tx:
-            if tx.get(ns, source.target) is not None:
-                raise AlreadyExists(f"target snapshot {source.target!r} already exists")
-            prow = tx.get(ns, parent) if parent else None
-            below = [prow, *tx.chain(prow)] if prow is not None else []
+            existing = tx.get(ns, source.target)
+            if existing is None:
+                prow = tx.get(ns, parent) if parent else None
+                below = [prow, *tx.chain(prow)] if prow is not None else []
+            elif REMOTE_LABEL in existing.labels:
+                depth = len(tx.chain(existing)) + 1
+        if existing is not None:
+            if REMOTE_LABEL in existing.labels:  # this image can mount its chain too
+                self.layers.also_named(source, existing.id, depth)
+            raise AlreadyExists(f"target snapshot {source.target!r} already exists")
         plain = next((p.key for p in below if REMOTE_LABEL not in p.labels), None)
         if plain is not None:
             # One mount holds a chain's lazy layers, below every plain one (whiteouts in a

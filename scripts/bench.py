@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import log, machine_info, sigterm_as_interrupt
+from benchlib import byte_compiled, log, machine_info, sigterm_as_interrupt
 from benchwan import images, netns, registry, report, scenarios
 from benchwan.state import RUN_DIR, STATE_FILE, State, run_lock, teardown
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     images.MIRROR = args.debian_mirror
     sigterm_as_interrupt()
+    byte_compiled()
     with run_lock():
         return locked_main(args, argv)
 

@@ -43,7 +43,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import BENCH_DIR, ROOT, command_line, log, machine_info, sigterm_as_interrupt
+from benchlib import (
+    BENCH_DIR,
+    ROOT,
+    byte_compiled,
+    command_line,
+    log,
+    machine_info,
+    sigterm_as_interrupt,
+)
 from benchwan.state import unmount_all_under
 from lazyfs_snapshotter.testing import SnapshotterProcess
 
@@ -577,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     counts = sorted({int(n) for n in args.counts.split(",") if n})
     sigterm_as_interrupt()
+    byte_compiled()
     t_start = time.monotonic()
     res: dict[str, Any] = {
         "command": command_line() if argv is None else shlex.join(argv),

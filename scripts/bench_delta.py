@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (
     ROOT,
     append_markdown,
+    byte_compiled,
     command_line,
     log,
     machine_info,
@@ -514,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             "bench_delta needs rdiff (librsync) to compare against: apt-get install rdiff"
         )
+    byte_compiled()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lazyfs-bench-delta-"))
     work.mkdir(parents=True, exist_ok=True)
     old_root, new_root, upgraded = debian_roots()

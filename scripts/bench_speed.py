@@ -323,10 +323,7 @@ def main() -> int:
     args = p.parse_args()
     only = set(args.only or ("walk", "python", "mount", "rss", "cold"))
     bl.sigterm_as_interrupt()
-    # Byte-compiled as an installed lazyfs is: with PYTHONDONTWRITEBYTECODE set (as in some CI
-    # shells) every process compiles lazyfs's ~50 modules again, 0.1-0.3 s of each start.
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(bl.ROOT / "lazyfs")], check=True)
+    bl.byte_compiled()
     machine = bl.machine_info()
     load0 = os.getloadavg()[0]
     work = bl.BENCH_DIR / f"work-speed-{os.getpid()}"  # fresh every run: see the docstring

@@ -54,6 +54,16 @@ def sigterm_as_interrupt() -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
+def byte_compiled() -> None:
+    """Byte-compile this checkout as an installed lazyfs is, and let later processes keep
+    what they compile: with PYTHONDONTWRITEBYTECODE set (as in some CI shells) every lazyfs
+    process compiles its ~50 modules again, 0.1-0.6 s of each mount's start."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    dirs = [str(ROOT / d) for d in ("lazyfs", "snapshotter", "tools") if (ROOT / d).is_dir()]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *dirs], check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

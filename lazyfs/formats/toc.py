@@ -296,6 +296,9 @@ def decode_toc(
             raise FormatError(f"TOC is not valid JSON: {e}") from e
         finally:
             budget.refund(guess)
+        # The JSON is freed before the entries are built (callers pass it without keeping
+        # it): not alive beside them at the mount's peak.
+        del data
         rows = len(wire.entries)
         budget.charge(0, rows)
         try:

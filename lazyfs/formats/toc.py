@@ -74,6 +74,20 @@ def _own_int(n: int) -> int:
     return n + 0 if n > 256 else n  # a new object above the small-int cache (see _own_str)
 
 
+# Values below this (sizes of small files, ids) repeat across a layer's entries: one object
+# per distinct value per TOC, from a table that lives while the TOC decodes.
+SHARED_INT_BELOW = 1 << 16
+
+
+def _shared_int(n: int, ints: dict[int, int]) -> int:
+    if n <= 256 or n >= SHARED_INT_BELOW:
+        return _own_int(n)
+    own = ints.get(n)
+    if own is None:
+        own = ints[n] = n + 0
+    return own
+
+
 class Chunk(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """One independently fetchable, verifiable piece of a regular file.
 
@@ -282,6 +296,9 @@ def decode_toc(
             raise FormatError(f"TOC is not valid JSON: {e}") from e
         finally:
             budget.refund(guess)
+        # The JSON is freed before the entries are built (callers pass it without keeping
+        # it): not alive beside them at the mount's peak.
+        del data
         rows = len(wire.entries)
         budget.charge(0, rows)
         try:
@@ -303,15 +320,17 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
         {w.offset for w in wire if (w.type == "reg" and w.size) or w.type == "chunk"} | {data_end}
     )
     current: tuple[_WireEntry, list[_WireEntry]] | None = None
+    ints: dict[int, int] = {}
 
     def finish() -> None:
         nonlocal current
         if current is None:
             return
         head, parts = current
-        entry = _to_entry(head)
+        entry = _to_entry(head, ints)
         entry.chunks = tuple(
-            _to_chunk(head, entry, p, starts, last=i == len(parts) - 1) for i, p in enumerate(parts)
+            _to_chunk(head, entry, p, starts, ints, last=i == len(parts) - 1)
+            for i, p in enumerate(parts)
         )
         entries.append(entry)
         current = None
@@ -328,7 +347,7 @@ def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
         if w.type == "reg" and w.size > 0:
             current = (w, [w])
         else:
-            entries.append(_to_entry(w))
+            entries.append(_to_entry(w, ints))
     finish()
     return entries
 
@@ -352,7 +371,7 @@ def check_path(name: str, what: str = "entry name", *, components: bool = True) 
         raise FormatError(f"{what} {_short(name)} is {len(raw)} bytes, over PATH_MAX")
 
 
-def _to_entry(w: _WireEntry) -> Entry:
+def _to_entry(w: _WireEntry, ints: dict[int, int]) -> Entry:
     xattrs: dict[str, bytes] = _NO_XATTRS
     if w.xattrs:
         xattrs = {}
@@ -380,11 +399,11 @@ def _to_entry(w: _WireEntry) -> Entry:
         name=_own_str(name),
         type=_TYPES[w.type],  # one string per kind, not the wire's per entry
         mode=_MODES.setdefault(mode, mode),
-        uid=_own_int(w.uid),
-        gid=_own_int(w.gid),
+        uid=_shared_int(w.uid, ints),
+        gid=_shared_int(w.gid, ints),
         uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
         gname=sys.intern(w.groupName),
-        size=_own_int(w.size) if w.type == "reg" else 0,
+        size=_shared_int(w.size, ints) if w.type == "reg" else 0,
         mtime_ns=mtime_ns,
         link_name=_own_str(link),
         dev_major=w.devMajor,
@@ -395,10 +414,16 @@ def _to_entry(w: _WireEntry) -> Entry:
 
 
 def _to_chunk(
-    head: _WireEntry, entry: Entry, w: _WireEntry, starts: list[int], *, last: bool
+    head: _WireEntry,
+    entry: Entry,
+    w: _WireEntry,
+    starts: list[int],
+    ints: dict[int, int],
+    *,
+    last: bool,
 ) -> Chunk:
     size = w.chunkSize or (head.size - w.chunkOffset)
-    size = entry.size if size == entry.size else _own_int(size)  # a one-chunk file's: shared
+    size = entry.size if size == entry.size else _shared_int(size, ints)
     zeros = w.chunkType == "zeros"
     digest = w.chunkDigest or (head.digest if size == head.size else "")
     # One string object for a one-chunk file, not two (and not the wire's: see _own_str).
@@ -408,16 +433,20 @@ def _to_chunk(
     # zstd:chunked gives ``endOffset`` once, on the file entry: the end of its last chunk.
     # Every other end is the next distinct content offset (eStargz never gives one).
     end = head.endOffset if last else 0
-    if not end and not zeros:
+    if end:
+        end = _own_int(end)
+    elif not zeros:
         i = bisect.bisect_right(starts, w.offset)
-        end = starts[i] if i < len(starts) else 0
+        if i < len(starts):
+            # The next chunk's offset: the two share one object through ``ints``.
+            end = ints.get(starts[i]) or ints.setdefault(starts[i], _own_int(starts[i]))
     return Chunk(
         file_offset=_own_int(w.chunkOffset),
         size=size,
-        offset=_own_int(w.offset),
-        end=_own_int(end),
+        offset=ints.get(w.offset) or _own_int(w.offset),
+        end=end,
         digest=digest,
-        inner=_own_int(w.innerOffset),
+        inner=_shared_int(w.innerOffset, ints),
         zeros=zeros,
     )
 

@@ -125,6 +125,21 @@ class Inodes:
         return self._count
 
 
+# A tree this large was built from TOCs whose decode freed several times its size.
+TRIM_AFTER_NODES = 10_000
+
+
+def _trim_heap() -> None:
+    """Hand the free memory the TOC decode and the build left in the C heap back to the
+    system: glibc keeps freed blocks mapped (~7 MiB of RSS at 100k files) until asked.
+    Without glibc (no ``malloc_trim``) nothing is done."""
+    import ctypes  # only for large trees: a mount's start-up pays the import once
+
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def _implicit_dir() -> Entry:
     return Entry(name="", type="dir", mode=0o755)
 
@@ -153,6 +168,8 @@ class Tree:
         for index, toc in enumerate(tocs):
             tree._apply_layer(index, toc.entries)
         tree.lower_paths = array("q", sorted(hash(path) for path, _ in tree.walk() if path))
+        if len(tree.nodes) >= TRIM_AFTER_NODES:
+            _trim_heap()
         return tree
 
     def new_node(self, parent: Node, name: str, entry: Entry | None, layer: int) -> Node:

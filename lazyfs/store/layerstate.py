@@ -3,12 +3,14 @@ readiness map and counters, and (for a registry that ignores Range) a whole loca
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
 from lazyfs.errors import RemoteError
-from lazyfs.formats.toc import TOC
+from lazyfs.formats.toc import TOC, Chunk
 from lazyfs.remote.base import Source
 from lazyfs.store.chunkmap import ChunkMap, DigestIndex, layer_chunks
 from lazyfs.store.stats import LayerStats
@@ -34,6 +36,22 @@ def read_span(path: Path, start: int, end: int) -> bytes:
     return data
 
 
+class ChunkOffsets:
+    """The offsets of chunks sorted by offset, for bisect, read from the chunks themselves
+    rather than kept in a list of their own (8 bytes a chunk)."""
+
+    __slots__ = ("_chunks",)
+
+    def __init__(self, chunks: Sequence[Chunk]) -> None:
+        self._chunks = chunks
+
+    def __getitem__(self, i: int) -> int:
+        return self._chunks[i].offset
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+
 class Layer:
     """A layer blob known to the store: its TOC, source, readiness map and stats."""
 
@@ -44,8 +62,14 @@ class Layer:
         self.map = cmap
         self.chunks = layer_chunks(toc)  # the map's bit order
         self.index = DigestIndex(self.chunks)
-        self.by_offset = sorted(self.chunks, key=lambda c: (c.offset, c.end))
-        self.offsets = [c.offset for c in self.by_offset]
+        # A TOC lists its chunks in blob order as a rule: then one list serves both orders.
+        in_order = all(
+            (a.offset, a.end) <= (b.offset, b.end) for a, b in itertools.pairwise(self.chunks)
+        )
+        self.by_offset = (
+            self.chunks if in_order else sorted(self.chunks, key=lambda c: (c.offset, c.end))
+        )
+        self.offsets = ChunkOffsets(self.by_offset)
         self.stats = LayerStats(
             blob=blob_digest,
             source=getattr(source, "name", ""),

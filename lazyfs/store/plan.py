@@ -12,6 +12,7 @@ import bisect
 from collections.abc import Callable, Sequence
 
 from lazyfs.formats.toc import Chunk, Entry
+from lazyfs.remote.multipart import split_ranges
 from lazyfs.store.layerstate import Layer
 
 IsLocal = Callable[[Chunk], bool]
@@ -91,6 +92,13 @@ def ahead_in_file(
 # 19 and 14.1 MiB, 1 MiB 10 and 18.5 MiB; the extra bytes are decoded and cached too, while
 # streams run side by side.  Few requests come from a re-laid-out image: 5, 10.0 MiB.
 PREFETCH_REQUEST = 64 * 1024 * 1024
+
+# A source that asks for several ranges in one request (HTTP multi-range) pays about a part
+# header (~150 bytes) per range instead of a round trip, so a stream's ranges merge only
+# across gaps about that small: a prefetch group on an image laid out by path then costs the
+# bytes of its chunks in a request or two instead of 42 requests (or 10 requests and 60 %
+# more bytes merging across 1 MiB gaps; BENCHMARKS.md, issue 13).
+MULTI_MERGE_GAP = 2048
 
 # A request's chunks are decoded in memory together: their decompressed total is capped too,
 # or a well-compressed 8 MiB range could stand for gigabytes (README "Memory").
@@ -183,3 +191,24 @@ def plan_fetch(
         max_plain=PREFETCH_REQUEST << 8,  # each chunk's own size is checked
         blocked=here,
     )
+
+
+Plan = tuple[int, int, list[Chunk]]
+
+
+def bundle(plans: list[Plan], max_bytes: int = PREFETCH_REQUEST) -> list[list[Plan]]:
+    """Planned ranges (in blob order) gathered into multi-range requests: consecutive ranges
+    while the request's bytes stay within ``max_bytes`` and its ``Range`` header within
+    what a source sends in one request (``split_ranges``)."""
+    out: list[list[Plan]] = []
+    i = 0
+    for part in split_ranges([(start, end) for start, end, _ in plans]):
+        taken, i = plans[i : i + len(part)], i + len(part)
+        size = max_bytes  # a new header part starts a new request
+        for p in taken:
+            if size + p[1] - p[0] > max_bytes:
+                out.append([])
+                size = 0
+            out[-1].append(p)
+            size += p[1] - p[0]
+    return out

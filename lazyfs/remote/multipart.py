@@ -72,6 +72,12 @@ class ByteRanges:
         self._left = 0  # body bytes of the current part still to come
         self.done = False
 
+    @property
+    def started(self) -> bool:
+        """Whether the first boundary was found (an answer that ends before it is garbage,
+        not a cut transfer)."""
+        return self._state != "preamble"
+
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         buf = self._buf + data if self._buf else data
@@ -148,3 +154,17 @@ class ByteRanges:
             raise Malformed("a part longer than its Content-Range")
         self._state = "after_delim"
         return buf[len(want) :]
+
+
+def encode(parts: Sequence[tuple[int, bytes]], size: int, boundary: bytes) -> bytes:
+    """A ``multipart/byteranges`` body of ``(offset, bytes)`` parts of a blob of ``size``
+    bytes, as Go's ServeContent writes it (a test server's answers)."""
+    out = []
+    for at, data in parts:
+        out.append(
+            b"\r\n--%s\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Range: bytes %d-%d/%d\r\n\r\n%s"
+            % (boundary, at, at + len(data) - 1, size, data)
+        )
+    out.append(b"\r\n--%s--\r\n" % boundary)
+    return b"".join(out)[2:]

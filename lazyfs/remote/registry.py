@@ -670,6 +670,8 @@ class RegistrySource(Source):
                             await deliver(at, piece)
                         if parts.done or extra > _MAX_EPILOGUE:
                             break
+                    if not parts.started:
+                        raise Malformed("a multipart answer without a part")
                 if idx < len(ranges):
                     raise _Transient(f"short multipart body: {len(ranges) - idx} ranges missing")
             except Malformed:

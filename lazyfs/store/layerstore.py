@@ -445,8 +445,15 @@ class LayerStore:
         # A stream from a source that sends several ranges in one request leaves gaps out; a
         # reader's request is one range, decoded whole (capped by max_request).
         multi = streamed and layer.source.multirange(layer.blob_digest)
-        gap = min(self.merge_gap, plan.MULTI_MERGE_GAP) if multi else self.merge_gap
-        planned = plan.plan_fetch(layer, want, gap, self.max_request, self._here, streamed=streamed)
+        planned = plan.plan_fetch(
+            layer,
+            want,
+            self.merge_gap,
+            self.max_request,
+            self._here,
+            streamed=streamed,
+            multirange=multi,
+        )
         for bundle in plan.bundle(planned) if multi else [[p] for p in planned]:
             runs = [
                 (s, e, [c for c in cs if c.digest not in self._inflight]) for s, e, cs in bundle

@@ -174,18 +174,21 @@ def plan_fetch(
     here: IsLocal,
     *,
     streamed: bool,
+    multirange: bool = False,
 ) -> list[tuple[int, int, list[Chunk]]]:
-    """The range requests the store makes for ``want`` (chunks nobody fetches yet; a big
-    chunk is fetched alone, not planned here), never adding nor crossing a chunk ``here``.  A
-    reader's request is decoded in memory whole, so it is capped; a stream (prefetch, pull,
-    background fill) holds only the chunks being decoded, so it may be far larger.
-    ``lazyfs diff`` plans with this too: its numbers are the requests a pull makes."""
+    """The ranges the store asks for ``want`` (chunks nobody fetches yet; a big chunk is
+    fetched alone, not planned here), never adding nor crossing a chunk ``here``.  A reader's
+    request is decoded in memory whole, so it is capped; a stream (prefetch, pull, background
+    fill) holds only the chunks being decoded, so it may be far larger, and from a source that
+    sends several ranges in one request (``multirange``) it merges only tiny gaps: its ranges
+    then go out in the requests :func:`bundle` makes.  ``lazyfs diff`` plans with this too:
+    its numbers are the bytes and requests a pull makes."""
     if not streamed:
         return plan_requests(layer, want, merge_gap, max_request, here, blocked=here)
     return plan_requests(
         layer,
         want,
-        merge_gap,
+        min(merge_gap, MULTI_MERGE_GAP) if multirange else merge_gap,
         max(max_request, PREFETCH_REQUEST),
         here,
         max_plain=PREFETCH_REQUEST << 8,  # each chunk's own size is checked

@@ -72,11 +72,11 @@ class ByteRanges:
         self._left = 0  # body bytes of the current part still to come
         self.done = False
 
-    @property
-    def started(self) -> bool:
-        """Whether the first boundary was found (an answer that ends before it is garbage,
-        not a cut transfer)."""
-        return self._state != "preamble"
+    def finish(self) -> None:
+        """The body ended: raises Malformed if it held no part at all (garbage, not a cut
+        transfer, which the caller sees as a short answer)."""
+        if self._state == "preamble":
+            raise Malformed("a multipart answer without a part")
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []

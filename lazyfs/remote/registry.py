@@ -140,7 +140,11 @@ class _NoMultirange(Exception):
 
 
 class _Unsatisfiable(RemoteError):
-    """HTTP 416: the server refuses the ranges asked for."""
+    """HTTP 416: the server (``host``) refuses the ranges asked for."""
+
+    def __init__(self, message: str, host: str) -> None:
+        super().__init__(message)
+        self.host = host
 
 
 class _Permanent(Exception):
@@ -423,7 +427,9 @@ class RegistrySource(Source):
                     if status in (408,) or status >= 500:
                         raise _Transient(f"HTTP {status}")
                     if status == 416:
-                        raise _Unsatisfiable(f"{netloc}: {url} answered HTTP 416")
+                        raise _Unsatisfiable(
+                            f"{netloc}: {url} answered HTTP 416", target.netloc.decode()
+                        )
                     if status in (200, 206) or (method != "GET" and status in (201, 202, 204)):
                         return await consume(resp, netloc)
                     raise RemoteError(f"{netloc}: {url} answered HTTP {status}")
@@ -670,8 +676,7 @@ class RegistrySource(Source):
                             await deliver(at, piece)
                         if parts.done or extra > _MAX_EPILOGUE:
                             break
-                    if not parts.started:
-                        raise Malformed("a multipart answer without a part")
+                    parts.finish()
                 if idx < len(ranges):
                     raise _Transient(f"short multipart body: {len(ranges) - idx} ranges missing")
             except Malformed:
@@ -692,7 +697,8 @@ class RegistrySource(Source):
             )
         except (_NoMultirange, _Unsatisfiable) as e:
             if isinstance(e, _Unsatisfiable):
-                self._refused(self._blob_host.get(digest, ""))
+                self._blob_host[digest] = e.host
+                self._refused(e.host)
             if idx < len(ranges):
                 rest = [(pos, ranges[idx][1]), *ranges[idx + 1 :]]
                 await super().stream_ranges(digest, rest, sink)

@@ -31,6 +31,7 @@ from lazyfs.remote.multipart import (
 )
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import resolve_image
+from lazyfs.store import plan
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
@@ -314,3 +315,13 @@ async def _overlapping() -> None:
         raise AssertionError("checked before any request") from None
     finally:
         await src.aclose()
+
+
+def test_bundles_keep_to_the_header_and_byte_caps() -> None:
+    plans: list[plan.Plan] = [(i * 1_000_000, i * 1_000_000 + 1000, []) for i in range(600)]
+    bundles = plan.bundle(plans)
+    assert [p for b in bundles for p in b] == plans
+    assert all(len(range_spec([(s, e) for s, e, _ in b])) <= MAX_RANGE_HEADER for b in bundles)
+    assert len(bundles) == 3  # ~19 bytes a range
+    big = plan.bundle(plans[:10], max_bytes=3000)
+    assert [len(b) for b in big] == [3, 3, 3, 1]

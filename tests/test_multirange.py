@@ -325,3 +325,28 @@ def test_bundles_keep_to_the_header_and_byte_caps() -> None:
     assert len(bundles) == 3  # ~19 bytes a range
     big = plan.bundle(plans[:10], max_bytes=3000)
     assert [len(b) for b in big] == [3, 3, 3, 1]
+
+
+def test_groups_of_another_image_of_the_same_files_still_match(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # Groups traced on an image apply to its re-laid-out copy (other layer digests): by path,
+    # when the top-most layer holding the path has the traced content.
+    from lazyfs.fs.prefetch import Prefetcher
+
+    def ranked(name: str, data: bytes) -> RankedEntry:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        return RankedEntry(layer="sha256:" + "e" * 64, path=name, digest=digest, size=len(data))
+
+    entries = [ranked(n, FILES[n]) for n in SCATTERED]
+    entries.append(ranked(SCATTERED[0].replace("f", "g"), b"no such file"))
+    entries.append(ranked(list(FILES)[1], b"other content at that path"))
+    group = Group(name="startup", runs=1, tiers=[Tier(name="always", entries=entries)])
+
+    async def main() -> None:
+        ref = f"{fault_proxy.host}/{REPO}:v1"
+        async with open_image(ref, cache_dir=tmp_path, plain_http=True) as img:
+            p = Prefetcher(img.store, img.store_layers(), group)
+            assert (p.stats.entries, p.stats.skipped) == (len(SCATTERED), 2)
+
+    trio.run(main)

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
 
-from . import cache, delta, imagecmds, mount, optimizecmd, pull, trace
+from . import cache, delta, forks, imagecmds, mount, optimizecmd, pull, trace
 
-MODULES = (imagecmds, mount, pull, cache, trace, optimizecmd, delta)
+MODULES = (imagecmds, mount, pull, cache, trace, optimizecmd, delta, forks)
 
 
 class _VersionAction(argparse.Action):
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # What was asked, as given: `lazyfs mount` hands it on to a fork server's child.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="lazyfs: %(levelname)s %(name)s: %(message)s",

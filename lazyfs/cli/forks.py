@@ -1,0 +1,227 @@
+"""``lazyfs serve-forks``: the fork server's side (the client is :mod:`lazyfs.fs.forkserver`).
+
+It binds its socket, imports everything a mount daemon imports, then only accepts, forks and
+reaps: no trio loop, no thread, so each child is a clean single-threaded copy that goes on
+exactly as a new ``lazyfs mount … --ready-fd N`` process would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+from types import FrameType
+
+import msgspec
+
+from lazyfs.errors import LazyfsError
+from lazyfs.fs.forkserver import (
+    LOST,
+    MAX_MESSAGE,
+    REQUEST_TIMEOUT,
+    ForkReply,
+    ForkRequest,
+    default_socket,
+    origin,
+)
+
+log = logging.getLogger(__name__)
+
+# How often the server looks whether its parent is gone (--exit-with-parent).
+PARENT_POLL = 1.0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve-forks",
+        help="serve mount daemons by fork from one process that has imported lazyfs "
+        "(`lazyfs mount` uses it when it listens at the default socket)",
+    )
+    p.add_argument("--socket", metavar="PATH", help="where to listen (default: %(default)s)",
+                   default=None)  # fmt: skip
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=serve_forks_cmd)
+
+
+def serve_forks_cmd(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.socket) if args.socket else os.fspath(default_socket())
+    parent = os.getppid() if args.exit_with_parent else None
+    listener = _listen(path)
+    identity = _identity(path)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGCHLD, _reap)
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
+    else:
+        print(f"lazyfs: serving forks on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    try:
+        _preload()
+        _loop(listener, parent)
+    finally:
+        if _identity(path) == identity:  # not if a newer server has taken the path since
+            os.unlink(path)
+        listener.close()
+    return 0
+
+
+def _listen(path: str) -> socket.socket:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a dead server's; a live one's clients move to this one
+    old = os.umask(0o177)  # only its owner may ask it for daemons
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(16)
+    return listener
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _preload() -> None:
+    """Import what a daemon imports before it is ready, then freeze those objects out of the
+    collector so the children's collections do not write to (and copy) the shared pages."""
+    import lazyfs.fs.serve  # noqa: F401  (trio, pyfuse3, httpx, msgspec, store, opener)
+
+    gc.collect()
+    gc.freeze()
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)  # through the finally that removes the socket
+
+
+def _loop(listener: socket.socket, parent: int | None) -> None:
+    while True:
+        readable, _, _ = select.select([listener], [], [], PARENT_POLL)
+        if parent is not None and os.getppid() != parent:
+            log.info("the process that started this fork server is gone: exiting")
+            return
+        if not readable:
+            continue
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            continue
+        with conn:
+            try:
+                _handle(conn, listener)
+            except Exception as e:  # one bad request never ends the server
+                log.warning("fork request failed: %s", e)
+
+
+def _reap(signum: int, frame: FrameType | None) -> None:
+    """Collect exited daemons, so none stays a zombie while this server runs."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _handle(conn: socket.socket, listener: socket.socket) -> None:
+    conn.settimeout(REQUEST_TIMEOUT)
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    fds = array.array("i")
+    data, ancdata, _, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize))
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    try:
+        if uid != os.geteuid():
+            raise LazyfsError(f"uid {uid} may not ask this server for daemons")
+        if len(fds) != 1:
+            raise LazyfsError("a fork request carries exactly one descriptor (the ready pipe)")
+        try:
+            request = msgspec.json.decode(data, type=ForkRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise LazyfsError(f"bad fork request: {e}") from None
+        if request.origin != origin():
+            raise LazyfsError(f"this fork server runs {origin()}, not {request.origin}")
+        _fork(conn, listener, request, fds[0])
+    except LazyfsError as e:
+        conn.send(msgspec.json.encode(ForkReply(error=str(e))))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _fork(
+    conn: socket.socket, listener: socket.socket, request: ForkRequest, ready_fd: int
+) -> None:
+    go_read, go_write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()  # or the child writes the server's pending output again
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(go_write)
+            conn.close()
+            listener.close()
+            code = _child(request, ready_fd, go_read)
+        except BaseException as e:  # before the CLI took over: the caller gets the one line
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"error: {e}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(go_read)
+    try:
+        conn.send(msgspec.json.encode(ForkReply(pid=pid)))
+        os.write(go_write, b"g")  # the client has the PID: the child may start
+    finally:
+        os.close(go_write)  # without the byte: the child reports LOST and exits
+
+
+def _child(request: ForkRequest, ready_fd: int, go_read: int) -> int:
+    """The daemon, from the fork to the CLI's entry point.  Mirrors what the exec path gets
+    from subprocess: default signals, a new session, stdio on the log, cwd, environment."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.read(go_read, 1) != b"g":
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, f"error: {LOST}\n".encode())
+        return 1
+    os.close(go_read)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(request.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+    os.closerange(3, ready_fd)
+    os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    # The server's logging set-up is not the daemon's: main() sets it from the daemon's -v.
+    for handler in logging.root.handlers[:]:
+        logging.root.removeHandler(handler)
+    from lazyfs.cli import main
+
+    return main([*request.argv, "--ready-fd", str(ready_fd)])

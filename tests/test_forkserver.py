@@ -173,3 +173,23 @@ def test_the_server_exits_with_its_parent_and_leaves_the_daemons(
         for pid in reversed(pids):
             stop_process(pid)
         clear_mountpoint(tmp_path / "mnt")
+
+
+def test_the_snapshotters_fork_server_follows_its_config(tmp_path: Path) -> None:
+    from lazyfs_snapshotter.config import Config
+    from lazyfs_snapshotter.lazy import LazyLayers
+
+    off = LazyLayers(tmp_path / "off", Config(fork_server=False), None)
+    off._start_fork_server()
+    assert off._forks is None
+    on = LazyLayers(tmp_path / "on", Config(), None)
+    on.root.mkdir()
+    on._start_fork_server()
+    forks = on._forks
+    try:
+        assert forks is not None and forks.alive() and forks.socket.exists()
+        on.close(unmount=False)  # stops the fork server even when mounts stay
+        assert on._forks is None and not forks.alive()
+    finally:
+        if forks is not None:
+            forks.stop()

@@ -15,7 +15,7 @@ from lazyfs_tools.convert import convert
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.daemon import Daemon, attach, clear_mountpoint, lazyfs_argv, spawn
-from lazyfs.fs.forkserver import ForkServer, request_fork
+from lazyfs.fs.forkserver import SOCKET_ENV, ForkServer, request_fork
 from lazyfs.fs.unmount import is_mounted
 from lazyfs.process import stop_process
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
@@ -193,3 +193,39 @@ def test_the_snapshotters_fork_server_follows_its_config(tmp_path: Path) -> None
     finally:
         if forks is not None:
             forks.stop()
+
+
+def test_lazyfs_mount_uses_a_fork_server_it_finds(image: str, tmp_path: Path) -> None:
+    """``lazyfs mount`` from a shell: the daemon comes from the server named by the
+    environment (the default socket otherwise); errors still come back as one line."""
+    server = ForkServer.start(tmp_path / "forks.sock")
+    env = {**os.environ, SOCKET_ENV: os.fspath(server.socket)}
+    mnt = _mnt(tmp_path)
+    try:
+        out = subprocess.run(
+            lazyfs_argv("mount", image, os.fspath(mnt), "--read-only", "--cache",
+                        os.fspath(tmp_path / "c"), "--log", os.fspath(tmp_path / "log")),
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        d = attach(mnt)
+        assert f"(pid {d.pid})" in out.stdout
+        assert parent_pid(d.pid) == server.pid and os.getsid(d.pid) == d.pid
+        assert (mnt / "f").read_bytes() == DATA
+        d.stop()
+        bad = subprocess.run(
+            lazyfs_argv("mount", f"oci:{tmp_path / 'nothing'}", os.fspath(mnt), "--read-only"),
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        assert bad.returncode == 1 and "not an OCI image layout" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+    finally:
+        with contextlib.suppress(LazyfsError):
+            attach(mnt).stop()
+        server.stop()
+        clear_mountpoint(mnt)
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])

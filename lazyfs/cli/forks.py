@@ -58,14 +58,15 @@ def serve_forks_cmd(args: argparse.Namespace) -> int:
     parent = os.getppid() if args.exit_with_parent else None
     listener = _listen(path)
     identity = _identity(path)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGCHLD, _reap)
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, b"ready\n")
-        os.close(args.ready_fd)
-    else:
-        print(f"lazyfs: serving forks on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGCHLD, _reap)
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+        else:
+            print(f"lazyfs: serving forks on {path} (pid {os.getpid()})", file=sys.stderr,
+                  flush=True)  # fmt: skip
         _preload()
         _loop(listener, parent)
     finally:

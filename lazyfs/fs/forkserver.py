@@ -66,9 +66,14 @@ def origin() -> str:
     return f"{sys.executable} {os.path.dirname(os.path.abspath(lazyfs.__file__))}"
 
 
+# Names the socket ``lazyfs mount`` and ``serve-forks`` use instead of the default (the
+# snapshotter's server, say, or a test's own).
+SOCKET_ENV = "LAZYFS_FORK_SERVER"
+
+
 def default_socket() -> Path:
     """Where ``lazyfs serve-forks`` listens unless told otherwise, and ``lazyfs mount`` looks."""
-    return runtime_dir() / "forks.sock"
+    return Path(os.environ.get(SOCKET_ENV) or runtime_dir() / "forks.sock")
 
 
 def request_fork(

@@ -147,16 +147,83 @@ def bench_mount(lazy: Path, reps: int, work: Path) -> dict[str, bl.Summary]:
     return out
 
 
-def _cli_mount(image: str, mnt: Path, cache: Path) -> None:
-    """``lazyfs mount`` as a user runs it: timed until it returns (the mount is ready then),
-    then unmounted and its daemon stopped by PID (outside the time: see ``_med``)."""
+def bench_ready(lazy: Path, reps: int, work: Path) -> dict[str, bl.Summary]:
+    """Process start → mount point usable (a stat of it answered by the mount), TOC cached,
+    contenders alternating within each repetition: the interpreter floors; ``lazyfs mount`` as
+    a shell runs it, forking its own daemon or asking a ``lazyfs serve-forks``; and
+    ``spawn``, what the snapshotter calls, as a new process or forked by a fork server."""
+    from lazyfs.fs.daemon import spawn
+    from lazyfs.fs.forkserver import SOCKET_ENV, ForkServer
+
+    image = f"oci:{lazy}"
+    mnt = work / "mnt-ready"
+    mnt.mkdir()
+    cache = work / "cache-ready"
+    cache.mkdir()
+    args = ["--read-only", "--cache", str(cache)]
+    with bl.lazyfs_mount(image, mnt, cache):
+        pass  # the TOC is cached from here on
+    server = ForkServer.start(work / "forks.sock", log=work / "forks.log")
+    try:
+        env_server = {**os.environ, SOCKET_ENV: str(server.socket)}
+        env_none = {**os.environ, SOCKET_ENV: str(work / "no-server.sock")}
+
+        def cli(env: dict[str, str]) -> Callable[[], None]:
+            return lambda: _cli_mount(image, mnt, cache, env=env, usable=True)
+
+        def spawned(forkserver: Path | None) -> Callable[[], None]:
+            def once() -> None:
+                d = spawn(image, mnt, args, timeout=60, cwd=bl.ROOT, forkserver=forkserver)
+                _usable(mnt)
+                _UNDO.append(d.stop)
+
+            return once
+
+        contenders: dict[str, Callable[[], object]] = {
+            "python3 -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"]),
+            "python3 -c 'import trio, pyfuse3'": lambda: subprocess.run(
+                [sys.executable, "-c", "import trio, pyfuse3"]
+            ),
+            "`lazyfs mount` (forks its daemon)": cli(env_none),
+            "`lazyfs mount` with `lazyfs serve-forks` running": cli(env_server),
+            "spawn(): a new process (the snapshotter before)": spawned(None),
+            "spawn(forkserver=) (the snapshotter now)": spawned(server.socket),
+        }
+        runs: dict[str, list[float]] = {k: [] for k in contenders}
+        for _ in range(reps):
+            for name, fn in contenders.items():
+                runs[name].append(_med(fn, 1).median)
+    finally:
+        server.stop()
+    return {k: bl.summarize(v) for k, v in runs.items()}
+
+
+def _usable(mnt: Path) -> None:
+    """Until a stat of the mount point is answered by the mount (not the directory under)."""
+    if os.stat(mnt).st_dev == os.stat(mnt.parent).st_dev:
+        raise RuntimeError(f"{mnt} is not mounted")
+
+
+def _cli_mount(
+    image: str,
+    mnt: Path,
+    cache: Path,
+    *,
+    env: dict[str, str] | None = None,
+    usable: bool = False,
+) -> None:
+    """``lazyfs mount`` as a user runs it: timed until it returns (the mount is ready then;
+    ``usable``: and a stat of it answered), then unmounted and its daemon stopped by PID
+    (outside the time: see ``_med``)."""
     from lazyfs.fs.daemon import unmount_and_wait
     from lazyfs.process import stop_process
 
     argv = [sys.executable, "-m", "lazyfs.cli", "mount", image, str(mnt), "--read-only"]
-    res = subprocess.run([*argv, "--cache", str(cache)], capture_output=True, text=True)
+    res = subprocess.run([*argv, "--cache", str(cache)], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"lazyfs mount failed: {res.stderr}")
+    if usable:
+        _usable(mnt)
     pid = int(res.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
     _UNDO.append(lambda: (unmount_and_wait(mnt), stop_process(pid, 10.0)))
 
@@ -311,7 +378,9 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--files", type=int, default=6000, help="synthetic files added to the sample")
     p.add_argument("--rss-files", type=int, default=100_000)
-    p.add_argument("--only", choices=("walk", "python", "mount", "rss", "cold"), action="append")
+    p.add_argument(
+        "--only", choices=("walk", "python", "mount", "ready", "rss", "cold"), action="append"
+    )
     p.add_argument(
         "--before",
         type=Path,
@@ -321,7 +390,7 @@ def main() -> int:
     p.add_argument("--label", default="", help="a word for the section title (before/after)")
     p.add_argument("--no-markdown", action="store_true")
     args = p.parse_args()
-    only = set(args.only or ("walk", "python", "mount", "rss", "cold"))
+    only = set(args.only or ("walk", "python", "mount", "ready", "rss", "cold"))
     bl.sigterm_as_interrupt()
     bl.byte_compiled()
     machine = bl.machine_info()
@@ -370,6 +439,19 @@ def main() -> int:
             bodies.append(
                 f"### `lazyfs mount` until ready, {entries:,} entries ({args.reps} runs)"
                 "\n\n"
+                + bl.md_table(
+                    ["what", "seconds", "vs python3 -c pass"],
+                    [_row(k, v, base) for k, v in s.items()],
+                )
+            )
+        if "ready" in only:
+            bl.log("ready")
+            s = bench_ready(lazy, args.reps, work)
+            result["ready"] = {k: v.as_dict() for k, v in s.items()}
+            base = s["python3 -c pass"].median
+            bodies.append(
+                f"### Process start → mount point usable, TOC cached, {entries:,} entries "
+                f"({args.reps} runs, contenders alternating)\n\n"
                 + bl.md_table(
                     ["what", "seconds", "vs python3 -c pass"],
                     [_row(k, v, base) for k, v in s.items()],

@@ -196,8 +196,9 @@ def test_the_snapshotters_fork_server_follows_its_config(tmp_path: Path) -> None
 
 
 def test_lazyfs_mount_uses_a_fork_server_it_finds(image: str, tmp_path: Path) -> None:
-    """``lazyfs mount`` from a shell: the daemon comes from the server named by the
-    environment (the default socket otherwise); errors still come back as one line."""
+    """``lazyfs mount`` from a shell: the whole command runs in a fork of the server named by
+    the environment (the default socket otherwise), on the caller's stdout and stderr, and
+    exits with the command's code; errors still come back as one line."""
     server = ForkServer.start(tmp_path / "forks.sock")
     env = {**os.environ, SOCKET_ENV: os.fspath(server.socket)}
     mnt = _mnt(tmp_path)
@@ -209,8 +210,9 @@ def test_lazyfs_mount_uses_a_fork_server_it_finds(image: str, tmp_path: Path) ->
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         d = attach(mnt)
-        assert f"(pid {d.pid})" in out.stdout
-        assert parent_pid(d.pid) == server.pid and os.getsid(d.pid) == d.pid
+        assert out.stdout == f"{mnt}: mounted {image} (pid {d.pid})\n"
+        assert b"serve-forks" in Path(f"/proc/{d.pid}/cmdline").read_bytes()  # a fork of it
+        assert os.getsid(d.pid) == d.pid
         assert (mnt / "f").read_bytes() == DATA
         d.stop()
         bad = subprocess.run(
@@ -219,6 +221,7 @@ def test_lazyfs_mount_uses_a_fork_server_it_finds(image: str, tmp_path: Path) ->
         )  # fmt: skip
         assert bad.returncode == 1 and "not an OCI image layout" in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+        assert server.alive()
     finally:
         with contextlib.suppress(LazyfsError):
             attach(mnt).stop()
@@ -226,6 +229,13 @@ def test_lazyfs_mount_uses_a_fork_server_it_finds(image: str, tmp_path: Path) ->
         clear_mountpoint(mnt)
 
 
-def parent_pid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rpartition(")")[2].split()[1])
+def test_the_command_fast_path_leaves_daemons_and_help_alone(tmp_path: Path) -> None:
+    from lazyfs.fs.forkserver import run_in_server
+
+    sock = tmp_path / "nobody.sock"
+    sock.touch()  # not even a socket: it must not be tried for these
+    for argv in (["mount", "x", "m", "--ready-fd", "5"], ["mount", "--help"],
+                 ["-v", "mount", "x", "m", "--foreground"], ["pull", "x"], []):  # fmt: skip
+        assert run_in_server(argv, sock) is None
+    assert run_in_server(["mount", "x", "m"], sock) is None  # not a server there: run here
+

@@ -24,17 +24,28 @@ from types import FrameType
 import msgspec
 
 from lazyfs.errors import LazyfsError
-from lazyfs.fs.forkserver import (
-    LOST,
-    MAX_MESSAGE,
-    REQUEST_TIMEOUT,
-    ForkReply,
-    ForkRequest,
-    default_socket,
-    origin,
-)
+from lazyfs.fs.forkserver import LOST, MAX_MESSAGE, REQUEST_TIMEOUT, default_socket, origin
 
 log = logging.getLogger(__name__)
+
+class ForkRequest(msgspec.Struct, frozen=True):
+    """What a client asks (see :mod:`lazyfs.fs.forkserver`, which builds it)."""
+
+    kind: str  # "daemon": ARGV --ready-fd N on the one descriptor; "command": ARGV on 0, 1, 2
+    argv: list[str]  # lazyfs's arguments (after ``lazyfs``)
+    log: str  # a daemon's stdout and stderr, appended
+    cwd: str
+    env: dict[str, str]
+    origin: str  # a server running another lazyfs refuses
+
+
+class ForkReply(msgspec.Struct, frozen=True, omit_defaults=True):
+    pid: int = 0
+    error: str = ""
+
+
+# Descriptors each kind of request carries.
+DESCRIPTORS = {"daemon": 1, "command": 3}
 
 # How often the server looks whether its parent is gone (--exit-with-parent).
 PARENT_POLL = 1.0
@@ -147,22 +158,22 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", creds)
     fds = array.array("i")
-    data, ancdata, _, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * fds.itemsize))
+    data, ancdata, _, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(8 * fds.itemsize))
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     try:
         if uid != os.geteuid():
             raise LazyfsError(f"uid {uid} may not ask this server for daemons")
-        if len(fds) != 1:
-            raise LazyfsError("a fork request carries exactly one descriptor (the ready pipe)")
         try:
             request = msgspec.json.decode(data, type=ForkRequest)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise LazyfsError(f"bad fork request: {e}") from None
+        if len(fds) != DESCRIPTORS.get(request.kind, -1):
+            raise LazyfsError(f"a {request.kind!r} request with {len(fds)} descriptors")
         if request.origin != origin():
             raise LazyfsError(f"this fork server runs {origin()}, not {request.origin}")
-        _fork(conn, listener, request, fds[0])
+        _fork(conn, listener, request, list(fds))
     except LazyfsError as e:
         conn.send(msgspec.json.encode(ForkReply(error=str(e))))
     finally:
@@ -171,7 +182,7 @@ def _handle(conn: socket.socket, listener: socket.socket) -> None:
 
 
 def _fork(
-    conn: socket.socket, listener: socket.socket, request: ForkRequest, ready_fd: int
+    conn: socket.socket, listener: socket.socket, request: ForkRequest, fds: list[int]
 ) -> None:
     go_read, go_write = os.pipe()
     sys.stdout.flush()
@@ -181,12 +192,16 @@ def _fork(
         code = 1
         try:
             os.close(go_write)
-            conn.close()
             listener.close()
-            code = _child(request, ready_fd, go_read)
+            if request.kind == "command":
+                code = _command(request, fds, go_read, conn)
+            else:
+                conn.close()
+                code = _daemon(request, fds[0], go_read)
         except BaseException as e:  # before the CLI took over: the caller gets the one line
             with contextlib.suppress(OSError):
-                os.write(ready_fd, f"error: {e}\n".encode())
+                os.write(fds[-1], f"{'' if request.kind == 'command' else 'error: '}"
+                         f"lazyfs: {e}\n".encode())  # fmt: skip
         finally:
             os._exit(code)
     os.close(go_read)
@@ -197,16 +212,30 @@ def _fork(
         os.close(go_write)  # without the byte: the child reports LOST and exits
 
 
-def _child(request: ForkRequest, ready_fd: int, go_read: int) -> int:
-    """The daemon, from the fork to the CLI's entry point.  Mirrors what the exec path gets
-    from subprocess: default signals, a new session, stdio on the log, cwd, environment."""
+def _start(request: ForkRequest, go_read: int) -> bool:
+    """Common to both kinds: default signals, wait for the go-ahead (False: the server went
+    away before its client had the PID), then the caller's directory and environment."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if os.read(go_read, 1) != b"g":
+        return False
+    os.close(go_read)
+    os.chdir(request.cwd)
+    os.environ.clear()
+    os.environ.update(request.env)
+    # The server's logging set-up is not the child's: main() sets it from the child's -v.
+    for handler in logging.root.handlers[:]:
+        logging.root.removeHandler(handler)
+    return True
+
+
+def _daemon(request: ForkRequest, ready_fd: int, go_read: int) -> int:
+    """The daemon, from the fork to the CLI's entry point.  Mirrors what the exec path gets
+    from subprocess: a new session, stdio on the log, the caller's cwd and environment."""
+    if not _start(request, go_read):
         with contextlib.suppress(OSError):
             os.write(ready_fd, f"error: {LOST}\n".encode())
         return 1
-    os.close(go_read)
     os.setsid()
     null = os.open(os.devnull, os.O_RDONLY)
     out = os.open(request.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -217,12 +246,27 @@ def _child(request: ForkRequest, ready_fd: int, go_read: int) -> int:
     os.close(out)
     os.closerange(3, ready_fd)
     os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
-    os.chdir(request.cwd)
-    os.environ.clear()
-    os.environ.update(request.env)
-    # The server's logging set-up is not the daemon's: main() sets it from the daemon's -v.
-    for handler in logging.root.handlers[:]:
-        logging.root.removeHandler(handler)
-    from lazyfs.cli import main
+    from lazyfs.cli import run
 
-    return main([*request.argv, "--ready-fd", str(ready_fd)])
+    return run([*request.argv, "--ready-fd", str(ready_fd)])
+
+
+def _command(request: ForkRequest, fds: list[int], go_read: int, conn: socket.socket) -> int:
+    """A whole ``lazyfs`` command on the client's stdin, stdout and stderr; its exit code
+    goes back on the connection (the client exits with it)."""
+    if not _start(request, go_read):
+        return 1  # the client saw no PID: it runs the command itself
+    for i, fd in enumerate(fds):
+        os.dup2(fd, i)
+        os.close(fd)
+    from lazyfs.cli import run
+
+    code = 1
+    try:
+        code = run(request.argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            conn.send(msgspec.json.encode({"exit": code}))
+    return code

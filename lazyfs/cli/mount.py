@@ -180,35 +180,23 @@ def mount_cmd(args: argparse.Namespace) -> int:
     # the mount is ready come from this command.  A fork, not a second interpreter: starting
     # Python and importing lazyfs again was half of a mount's time.
     from lazyfs.fs.daemon import DaemonFailed, read_ready
-    from lazyfs.fs.forkserver import LOST
 
-    by_server = True
-    while True:
-        read_fd, write_fd = os.pipe()
-        pid = _forked_by_server(args, write_fd) if by_server else None
-        by_server = pid is not None
-        if pid is None:
-            sys.stdout.flush()
-            sys.stderr.flush()  # or the child writes the parent's pending output again
-            pid = os.fork()
-            if pid == 0:
-                os.close(read_fd)
-                os._exit(_child(args, write_fd))
-        os.close(write_fd)
-        try:
-            report = read_ready(read_fd, None, _print_progress)
-            break
-        except DaemonFailed as e:
-            if by_server and str(e) == LOST:
-                by_server = False  # nothing of it ran: fork the daemon here instead
-                continue
-            if by_server:  # the server's child: the server reaps it
-                raise LazyfsError(str(e) or "daemon exited") from None
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            raise LazyfsError(str(e) or f"daemon exited ({code})") from None
-        finally:
-            os.close(read_fd)
+    sys.stdout.flush()
+    sys.stderr.flush()  # or the child writes the parent's pending output again
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os._exit(_child(args, write_fd))
+    os.close(write_fd)
+    try:
+        report = read_ready(read_fd, None, _print_progress)
+    except DaemonFailed as e:
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        raise LazyfsError(str(e) or f"daemon exited ({code})") from None
+    finally:
+        os.close(read_fd)
     if report.plain:
         consequence = (
             "fetched whole in the background, what needs them waits (once: the cache keeps "
@@ -217,23 +205,6 @@ def mount_cmd(args: argparse.Namespace) -> int:
         print(not_lazy_line(args.image, report.layers, report.plain, consequence), file=sys.stderr)
     print(f"{args.mountpoint}: mounted {args.image} (pid {pid})")
     return 0
-
-
-def _forked_by_server(args: argparse.Namespace, ready_fd: int) -> int | None:
-    """The daemon's PID when a ``lazyfs serve-forks`` at the default socket forked it (no
-    import of trio, pyfuse3 or httpx here or there); None: nothing started, fork it here."""
-    from lazyfs.fs.forkserver import ForkServerError, default_socket, request_fork
-
-    sock = default_socket()
-    given = getattr(args, "argv", None)  # as main() received it
-    if given is None or not sock.exists():
-        return None
-    # The log this command chose (the user's or the default), as _child gets it: last wins.
-    argv = [*given, "--log", args.log]
-    try:
-        return request_fork(sock, argv, log=args.log, ready_fd=ready_fd)
-    except (ForkServerError, OSError):
-        return None  # gone or another lazyfs: the fork below does the same, slower
 
 
 def _print_progress(fetch: WholeFetch) -> None:

@@ -9,27 +9,39 @@ log, the caller's working directory and environment, the same command line throu
 entry point (:func:`lazyfs.cli.main`).  The server side is ``lazyfs serve-forks``
 (:mod:`lazyfs.cli.forks`).
 
-One SOCK_SEQPACKET connection per daemon: the client sends a :class:`ForkRequest` with the
-write end of its readiness pipe attached (SCM_RIGHTS) and gets a :class:`ForkReply` with the
-child's PID.  The child starts only after that reply went out, so a client that got no PID
-knows nothing was started and can start the daemon itself.  Daemons are not tied to the server:
-they outlive it, and whoever started the server stops it by PID.
+One SOCK_SEQPACKET connection per request, JSON messages (the server's schema is
+``lazyfs.cli.forks.ForkRequest``), descriptors attached with SCM_RIGHTS:
+
+- ``daemon`` (:func:`request_fork`, what :func:`lazyfs.fs.daemon.spawn` uses): the write end
+  of the caller's readiness pipe goes along; the answer is the child's PID.
+- ``command`` (:func:`run_in_server`, what the ``lazyfs`` command does first for ``mount``):
+  the caller's stdin, stdout and stderr go along; the child runs the whole command (which
+  forks the daemon as it always does) and sends its exit code when done.
+
+A child starts only after the answer with its PID went out, so a client that got no PID knows
+nothing was started and does the work itself.  Daemons are not tied to the server: they
+outlive it, and whoever started the server stops it by PID.  This module imports only the
+standard library: the command's fast path must cost next to nothing.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
+import json
 import os
+import signal
 import socket
-import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-
-import msgspec
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.runtime import runtime_dir
-from lazyfs.process import stop_process
+
+if TYPE_CHECKING:
+    import subprocess
 
 StrPath = str | os.PathLike[str]
 
@@ -43,19 +55,6 @@ MAX_MESSAGE = 1 << 20
 
 class ForkServerError(LazyfsError):
     """The fork server could not be used (gone, refused, another lazyfs): nothing started."""
-
-
-class ForkRequest(msgspec.Struct, frozen=True):
-    argv: list[str]  # lazyfs's arguments (after ``lazyfs``), without --ready-fd
-    log: str  # the child's stdout and stderr, appended
-    cwd: str
-    env: dict[str, str]
-    origin: str  # see origin(): a server running another lazyfs refuses
-
-
-class ForkReply(msgspec.Struct, frozen=True):
-    pid: int = 0
-    error: str = ""
 
 
 def origin() -> str:
@@ -88,28 +87,95 @@ def request_fork(
     """Ask the server at ``sock_path`` for a daemon running ``lazyfs ARGV --ready-fd N``, N
     being its copy of ``ready_fd``; return the daemon's PID.  Raises ForkServerError (or
     OSError) when no daemon was started."""
-    request = ForkRequest(
-        argv=list(argv),
-        log=os.path.abspath(log),
-        cwd=os.path.abspath(cwd if cwd is not None else os.getcwd()),
-        env=dict(os.environ),
-        origin=origin(),
-    )
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+    with _send(sock_path, "daemon", argv, [ready_fd], cwd, timeout, log=log) as s:
+        return _pid(s)
+
+
+# Commands the server runs for the ``lazyfs`` command: those whose time is mostly imports.
+SERVED_COMMANDS = ("mount",)
+
+
+def run_in_server(argv: Sequence[str], sock_path: StrPath | None = None) -> int | None:
+    """Run ``lazyfs ARGV`` in a fork of the server (at ``sock_path``, default_socket() by
+    default) on this process's stdin, stdout and stderr; its exit code.  None when it is not
+    a served command or no server started it: the caller runs the command itself."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words or words[0] not in SERVED_COMMANDS:
+        return None
+    # The daemon itself (--ready-fd: started by spawn, its pipe is here), --foreground (this
+    # process serves) and --help stay here; argparse takes unique prefixes of option names.
+    if any(a in ("-h", "--help") or a.startswith(("--ready", "--fo")) for a in argv):
+        return None
+    path = sock_path if sock_path is not None else default_socket()
+    if not os.path.exists(path):
+        return None
+    try:
+        s = _send(path, "command", list(argv), [0, 1, 2], None, REQUEST_TIMEOUT)
+    except (OSError, ForkServerError):
+        return None
+    with s:
+        try:
+            pid = _pid(s)
+        except (OSError, ForkServerError):
+            return None
+        # The command is ours now: ^C and SIGTERM go to it; its answer is its exit code.
+        def forward(signum: int, frame: object) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, forward)
+        s.settimeout(None)
+        data = s.recv(MAX_MESSAGE)
+    try:
+        return int(json.loads(data)["exit"])
+    except (ValueError, KeyError, TypeError):
+        print("lazyfs: the command ended without an exit status", file=sys.stderr)
+        return 1
+
+
+def _send(
+    sock_path: StrPath,
+    kind: str,
+    argv: list[str],
+    fds: list[int],
+    cwd: StrPath | None,
+    timeout: float,
+    *,
+    log: StrPath = os.devnull,
+) -> socket.socket:
+    request = {
+        "kind": kind,
+        "argv": argv,
+        "log": os.path.abspath(log),
+        "cwd": os.path.abspath(cwd if cwd is not None else os.getcwd()),
+        "env": dict(os.environ),
+        "origin": origin(),
+    }
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
         s.settimeout(timeout)
         s.connect(os.fspath(sock_path))
-        fds = array.array("i", [ready_fd])
-        s.sendmsg([msgspec.json.encode(request)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        data = s.recv(MAX_MESSAGE)
+        rights = array.array("i", fds)
+        s.sendmsg([json.dumps(request).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _pid(s: socket.socket) -> int:
+    data = s.recv(MAX_MESSAGE)
     if not data:
         raise ForkServerError("the fork server closed the connection without an answer")
     try:
-        reply = msgspec.json.decode(data, type=ForkReply)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        reply: Any = json.loads(data)
+        pid, error = reply.get("pid", 0), reply.get("error", "")
+    except (ValueError, AttributeError):
         raise ForkServerError("the fork server's answer is not understood") from None
-    if reply.error or reply.pid <= 0:
-        raise ForkServerError(reply.error or "the fork server started nothing")
-    return reply.pid
+    if error or not isinstance(pid, int) or pid <= 0:
+        raise ForkServerError(str(error) or "the fork server started nothing")
+    return pid
 
 
 class ForkServer:
@@ -134,7 +200,10 @@ class ForkServer:
         daemon's modules after that, so a request sent meanwhile waits for them, not for a
         timeout.  ``exit_with_parent``: it exits once this process is gone (a snapshotter
         killed outright leaves no server behind; its daemons stay)."""
+        import subprocess
+
         from lazyfs.fs.daemon import lazyfs_argv
+        from lazyfs.process import stop_process
 
         path = Path(os.path.abspath(socket_path))
         argv = lazyfs_argv("serve-forks", "--socket", str(path))
@@ -169,4 +238,6 @@ class ForkServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (it removes its socket), SIGKILL if it lingers.  Its daemons keep running."""
+        from lazyfs.process import stop_process
+
         stop_process(self.proc, timeout)

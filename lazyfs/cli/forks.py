@@ -114,6 +114,9 @@ def _preload() -> None:
     """Import what a daemon imports before it is ready, then freeze those objects out of the
     collector so the children's collections do not write to (and copy) the shared pages."""
     import lazyfs.fs.serve  # noqa: F401  (trio, pyfuse3, httpx, msgspec, store, opener)
+    from lazyfs.cli import build_parser
+
+    build_parser()  # imports every subcommand's module, as each child's parsing would
 
     gc.collect()
     gc.freeze()

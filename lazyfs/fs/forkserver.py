@@ -236,6 +236,12 @@ class ForkServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def __enter__(self) -> ForkServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (it removes its socket), SIGKILL if it lingers.  Its daemons keep running."""
         from lazyfs.process import stop_process

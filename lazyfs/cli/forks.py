@@ -113,8 +113,17 @@ def _identity(path: str) -> tuple[int, int] | None:
 def _preload() -> None:
     """Import what a daemon imports before it is ready, then freeze those objects out of the
     collector so the children's collections do not write to (and copy) the shared pages."""
-    import lazyfs.fs.serve  # noqa: F401  (trio, pyfuse3, httpx, msgspec, store, opener)
+    # lazyfs.fs.serve: trio, pyfuse3, httpx, msgspec, store, opener.  httpx imports its
+    # transport (httpcore) only when the first client is made, and httpcore its trio backend
+    # at the first connection: every daemon would import them after the fork.
+    import certifi
+    import httpcore._backends.auto
+    import httpcore._backends.trio  # noqa: F401
+
+    import lazyfs.fs.serve  # noqa: F401
     from lazyfs.cli import build_parser
+
+    certifi.where()  # imports importlib.resources' readers (the CA bundle's path)
 
     build_parser()  # imports every subcommand's module, as each child's parsing would
 

@@ -123,7 +123,7 @@ class LazyLayers:
         except (LazyfsError, OSError) as e:
             log.warning("no fork server (daemons start as new processes): %s", _one_line(e))
         else:
-            log.info("fork server pid %d on %s", self._forks.pid, self._forks.socket)
+            log.debug("fork server pid %d on %s", self._forks.pid, self._forks.socket)
 
     def _chunk_cache(self) -> ChunkCache:
         with self._cache_lock:

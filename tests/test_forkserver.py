@@ -182,17 +182,26 @@ def test_the_snapshotters_fork_server_follows_its_config(tmp_path: Path) -> None
     off = LazyLayers(tmp_path / "off", Config(fork_server=False), None)
     off._start_fork_server()
     assert off._forks is None
+    from lazyfs_snapshotter.metadata import MetadataStore
+
     on = LazyLayers(tmp_path / "on", Config(), None)
     on.root.mkdir()
-    on._start_fork_server()
-    forks = on._forks
+    on.start(MetadataStore(on.root / "metadata.db"))
+    servers = [on._forks]
     try:
-        assert forks is not None and forks.alive() and forks.socket.exists()
+        first = servers[0]
+        assert first is not None and first.alive() and first.socket.exists()
+        first.stop()  # it died: the periodic check starts another
+        on.check()
+        servers.append(on._forks)
+        assert on._forks is not None and on._forks is not first and on._forks.alive()
         on.close(unmount=False)  # stops the fork server even when mounts stay
-        assert on._forks is None and not forks.alive()
+        assert on._forks is None and not any(s.alive() for s in servers if s is not None)
     finally:
-        if forks is not None:
-            forks.stop()
+        for s in servers:
+            if s is not None:
+                s.stop()
+        on.store.close()
 
 
 def test_lazyfs_mount_uses_a_fork_server_it_finds(image: str, tmp_path: Path) -> None:

@@ -248,3 +248,9 @@ def test_the_command_fast_path_leaves_daemons_and_help_alone(tmp_path: Path) -> 
         assert run_in_server(argv, sock) is None
     assert run_in_server(["mount", "x", "m"], sock) is None  # not a server there: run here
 
+
+
+def test_a_server_that_cannot_listen_says_why(tmp_path: Path) -> None:
+    too_long = tmp_path / ("x" * 120) / "forks.sock"  # beyond a unix socket's path limit
+    with pytest.raises(LazyfsError, match="fork server did not start: cannot listen on"):
+        ForkServer.start(too_long)

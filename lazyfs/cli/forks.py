@@ -67,7 +67,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def serve_forks_cmd(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.socket) if args.socket else os.fspath(default_socket())
     parent = os.getppid() if args.exit_with_parent else None
-    listener = _listen(path)
+    try:
+        listener = _listen(path)
+    except OSError as e:  # the starter waits on the ready pipe: the one line goes there
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"error: cannot listen on {path}: {e.strerror or e}\n".encode())
+        raise LazyfsError(f"cannot listen on {path}: {e.strerror or e}") from None
     identity = _identity(path)
     try:
         signal.signal(signal.SIGTERM, _stop)

@@ -178,6 +178,10 @@ def _pid(s: socket.socket) -> int:
     return pid
 
 
+# A server not listening after this long (an interpreter start and lazyfs's CLI) is not used.
+START_TIMEOUT = 30.0
+
+
 class ForkServer:
     """A ``lazyfs serve-forks`` process this process started; :meth:`stop` ends it by PID."""
 
@@ -202,7 +206,7 @@ class ForkServer:
         killed outright leaves no server behind; its daemons stay)."""
         import subprocess
 
-        from lazyfs.fs.daemon import lazyfs_argv
+        from lazyfs.fs.daemon import DaemonFailed, lazyfs_argv, read_ready
         from lazyfs.process import stop_process
 
         path = Path(os.path.abspath(socket_path))
@@ -223,14 +227,15 @@ class ForkServer:
         finally:
             os.close(write_fd)
         try:
-            with os.fdopen(read_fd, "rb") as ready:
-                line = ready.readline().decode(errors="replace").strip()
+            read_ready(read_fd, START_TIMEOUT)  # the daemon's protocol: "ready" or its error
+        except DaemonFailed as e:
+            stop_process(proc)
+            raise LazyfsError(f"the fork server did not start: {e or 'it exited'}") from None
         except BaseException:
             stop_process(proc)
             raise
-        if line != "ready":
-            stop_process(proc)
-            raise LazyfsError(f"the fork server did not start: {line or 'it exited'}")
+        finally:
+            os.close(read_fd)
         return cls(proc, path)
 
     def alive(self) -> bool:

@@ -11,17 +11,19 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from lazyfs_tools.convert import convert
 
 from lazyfs.ocilayout import Layout
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import make_layout
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import registry  # noqa: F401
-from tests.test_whole_layers import _base, _check, _top
+from tests.test_whole_layers import BIG, _base, _check, _top
 
 # Plain tar layers: a mount asks nothing of them before their download (no footer to read),
 # so a fault aimed at a blob hits that download.
@@ -159,3 +161,160 @@ def test_a_layer_that_does_not_match_its_diff_id_answers_eio_and_is_not_cached(
     assert not _indexed(cache, layer)
     chunks = cache / "chunks"
     assert not chunks.exists() or not [p for p in chunks.rglob("*") if p.is_file()]
+
+
+# ---------------------------------------------------------------- early answers (issue 12)
+# A plain base layer under a lazy top layer: while the base downloads, whatever the top layer
+# settles is answered at once, the rest waits for the base.
+
+APP = seeded_bytes(300_000, 5)
+
+
+def _early_top() -> bytes:
+    return make_tar(
+        [
+            Item("./", "dir", mode=0o755),  # the root's attributes: settled above
+            Item("app", "dir", mode=0o755),
+            Item("app/main.py", data=APP),
+            Item("etc", "dir", mode=0o755),
+            Item("etc/.wh.gone"),
+            Item("etc/top.conf", data=b"top\n"),
+            Item("opq", "dir", mode=0o755),
+            Item("opq/.wh..wh..opq"),
+            Item("opq/only", data=b"only\n"),
+        ]
+    )
+
+
+def _early_base() -> bytes:
+    return make_tar(
+        [
+            Item("etc", "dir", mode=0o755),
+            Item("etc/hostname", data=b"base\n"),
+            Item("etc/gone", data=b"deleted above\n"),
+            Item("etc/sub", "dir", mode=0o755),
+            Item("opq", "dir", mode=0o755),
+            Item("opq/hidden", data=b"hidden\n"),
+            Item("app", "dir", mode=0o700),
+            Item("app/old.py", data=b"old\n"),
+            Item("data/big.bin", data=BIG),  # keeps the stalled half short of the end
+        ]
+    )
+
+
+def _push_mixed(tmp_path: Path, registry: RegistryInstance, name: str) -> tuple[str, str]:
+    """Push [plain tar base, zstd:chunked top]; its repository and the base's digest."""
+    src, lazy = tmp_path / "src", tmp_path / "lazy"
+    make_layout(src, [_early_base(), _early_top()], kind="tar", tag="v1")
+    convert(f"oci:{src}:v1", f"oci:{lazy}:v1")
+    # The converted base keeps its diff_id: the plain original takes its place.
+    plain = Layout(src).manifest("v1").layers[0]
+    out = Layout(lazy)
+    out.write_blob(Layout(src).read_blob(plain.digest))
+    doc = json.loads(out.read_blob(out.find("v1").digest))
+    doc["layers"][0] = {"mediaType": plain.mediaType, "digest": plain.digest, "size": plain.size}
+    digest, size = out.put_json(doc)
+    out.write_top([{"mediaType": doc["mediaType"], "digest": digest, "size": size,
+                    "annotations": {"org.opencontainers.image.ref.name": "v1"}}])  # fmt: skip
+    push_oci_layout(lazy, f"{registry.host}/bg/{name}:v1", tag="v1")
+    return f"bg/{name}:v1", plain.digest
+
+
+def _errno(fn: Callable[[], object]) -> int:
+    try:
+        fn()
+    except OSError as e:
+        return e.errno or 0
+    return 0
+
+
+def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    got: list[object] = []
+
+    def run() -> None:
+        try:
+            got.append(fn())
+        except OSError as e:
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, got
+
+
+def test_what_the_layers_above_settle_is_answered_while_the_base_downloads(
+    registry: RegistryInstance, tmp_path: Path
+) -> None:
+    repo, base = _push_mixed(tmp_path, registry, "early")
+    with FaultProxy(registry.url, match=f"/blobs/{base}") as proxy:
+        proxy.stall_next(1)
+        ref = f"{proxy.host}/{repo}"
+        with mounted(ref, tmp_path / "m", *_ARGS, "--read-only", "--cache",
+                     str(tmp_path / "cache")) as m:  # fmt: skip
+            mnt = m.mountpoint
+            deadline = time.monotonic() + 10
+            while not _whole(m.stats(), base).get("received") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            # A file only the top layer has: its attributes and bytes, at once.
+            t0 = time.monotonic()
+            st = (mnt / "app" / "main.py").stat()
+            assert (st.st_size, (mnt / "app" / "main.py").read_bytes()) == (len(APP), APP)
+            fd = os.open(mnt / "app" / "main.py", os.O_RDONLY)
+            try:
+                etc = (mnt / "etc").stat()
+                app_ino, etc_ino = st.st_ino, etc.st_ino
+                assert etc.st_nlink == 2  # the subdirectories known so far
+                assert (mnt / "app").stat().st_mode & 0o777 == 0o755  # the top's entry wins
+                assert (mnt / "etc" / "top.conf").read_bytes() == b"top\n"
+                # Whited out above, or absent under an opaque directory: ENOENT at once.
+                assert _errno(lambda: (mnt / "etc" / "gone").stat()) == errno.ENOENT
+                assert _errno(lambda: (mnt / "opq" / "hidden").stat()) == errno.ENOENT
+                assert os.listdir(mnt / "opq") == ["only"]  # an opaque listing is final
+                assert time.monotonic() - t0 < 5
+                # A listing the base may add to, and a name only the base may have: they wait.
+                listing, listed = _in_thread(lambda: sorted(os.listdir(mnt / "etc")))
+                lookup, looked = _in_thread(lambda: (mnt / "etc" / "hostname").read_bytes())
+                time.sleep(1)
+                assert listing.is_alive() and lookup.is_alive() and not listed and not looked
+                assert _whole(m.stats(), base)["seconds"] is None  # still downloading
+                stats = m.stats()
+                assert stats["answered_early"] > 0 and stats["waited_for_layers"] >= 1, stats
+                proxy.reset()  # the stalled download ends short and starts again
+                listing.join(30)
+                lookup.join(30)
+                assert listed == [["hostname", "sub", "top.conf"]]
+                assert looked == [b"base\n"]  # a name only the pending layer has
+                # Inode numbers handed out early stay; an early descriptor reads on.
+                assert (mnt / "app" / "main.py").stat().st_ino == app_ino
+                assert (mnt / "etc").stat().st_ino == etc_ino
+                assert os.pread(fd, 100, 1000) == APP[1000:1100]
+            finally:
+                os.close(fd)
+            assert sorted(os.listdir(mnt / "app")) == ["main.py", "old.py"]
+            assert (mnt / "data" / "big.bin").read_bytes() == BIG
+            assert (mnt / "etc").stat().st_nlink == 3  # the kernel's cached count was dropped
+            assert m.stats()["handler_errors"] == 0
+
+
+def test_a_failed_base_answers_eio_only_for_what_it_could_change(
+    registry: RegistryInstance, tmp_path: Path
+) -> None:
+    repo, base = _push_mixed(tmp_path, registry, "early-fail")
+    with FaultProxy(registry.url, match=f"/blobs/{base}") as proxy:
+        proxy.fail_next(100, status=404)
+        ref = f"{proxy.host}/{repo}"
+        with mounted(ref, tmp_path / "m", *_ARGS, "--upper", str(tmp_path / "upper"),
+                     "--cache", str(tmp_path / "cache")) as m:  # fmt: skip
+            mnt = m.mountpoint
+            assert _errno(lambda: os.listdir(mnt / "etc")) == errno.EIO
+            assert _errno(lambda: (mnt / "etc" / "hostname").stat()) == errno.EIO
+            # A change waits for the whole tree, and fails with it.
+            assert _errno(lambda: (mnt / "app" / "new").write_bytes(b"x")) == errno.EIO
+            assert (mnt / "app" / "main.py").read_bytes() == APP  # settled: still served
+            assert _errno(lambda: (mnt / "etc" / "gone").stat()) == errno.ENOENT
+            assert os.listdir(mnt / "opq") == ["only"]
+            proxy.reset()  # the next access fetches the base again
+            assert sorted(os.listdir(mnt / "etc")) == ["hostname", "sub", "top.conf"]
+            (mnt / "app" / "new").write_bytes(b"upper\n")
+            assert (mnt / "app" / "new").read_bytes() == b"upper\n"
+            assert m.stats()["handler_errors"] == 0

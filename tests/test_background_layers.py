@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.formats.toc import TOC, Entry
+from lazyfs.fs.tree import Tree
 from lazyfs.ocilayout import Layout
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
@@ -318,3 +320,62 @@ def test_a_failed_base_answers_eio_only_for_what_it_could_change(
             (mnt / "app" / "new").write_bytes(b"upper\n")
             assert (mnt / "app" / "new").read_bytes() == b"upper\n"
             assert m.stats()["handler_errors"] == 0
+
+
+# ---------------------------------------------------------------- the tree, top-down (pure logic)
+
+
+def _toc(*entries: tuple[str, ...]) -> TOC:
+    """Entries as (name, type[, link target])."""
+    made = [Entry(name=e[0], type=e[1], link_name=e[2] if len(e) > 2 else "") for e in entries]  # type: ignore[arg-type]
+    return TOC(compression="none", entries=made, data_end=0)
+
+
+_LAYERS = [
+    _toc(("etc", "dir"), ("etc/a", "reg"), ("etc/b", "reg"), ("lib", "symlink", "usr/lib"),
+         ("usr/lib/x", "reg"), ("usr/lib/y", "hardlink", "usr/lib/x"), ("opq/old", "reg")),
+    _toc(("etc/.wh.a", "reg"), ("etc/c", "reg"), ("lib", "dir"), ("lib/z", "reg"),
+         ("opq/.wh..wh..opq", "reg"), ("opq/new", "reg"), ("bin", "reg")),
+    _toc(("", "dir"), ("etc", "dir"), ("etc/d", "reg"), ("usr/lib/w", "hardlink", "usr/lib/x"),
+         (".wh.bin", "reg"), ("bin", "dir"), ("bin/sh", "reg")),
+]  # fmt: skip
+
+
+def _shape(tree: Tree) -> dict[str, tuple[object, ...]]:
+    groups: dict[int, str] = {}
+    out = {}
+    for path, node in tree.walk():
+        groups.setdefault(node.ino, path)
+        e = node.entry
+        out[path] = (node.is_dir, e.type if e else None, node.nlink, groups[node.ino], node.ino)
+    return out
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_a_tree_built_above_then_beneath_is_the_tree_built_at_once(split: int) -> None:
+    whole = Tree.from_layers(_LAYERS)
+    tree = Tree()
+    tree.add_beneath(_LAYERS[split:], split)  # the layers above a pending one
+    early = {p: v for p, v in _shape(tree).items() if tree.known(tree.find(p) or tree.root)}
+    tree.add_beneath(_LAYERS[:split], 0)
+    tree.finish()
+    assert _shape(tree) == _shape(whole)  # inode numbers included: both built top-down
+    after = _shape(tree)
+    assert all(after[p] == v for p, v in early.items())  # early answers stay true
+    assert sorted(p for p in after if p.startswith("etc/")) == ["etc/b", "etc/c", "etc/d"]
+    assert "opq/old" not in after and after["usr/lib/w"][3] == after["usr/lib/y"][3]
+    assert after["bin"][0] and "lib/z" in after and "lib/x" not in after
+
+
+def test_what_a_tree_missing_lower_layers_knows() -> None:
+    tree = Tree()
+    tree.add_beneath(_LAYERS[1:], 1)
+    etc, opq, usr = (tree.find(p) for p in ("etc", "opq", "usr/lib"))
+    assert etc is not None and opq is not None and usr is not None
+    assert tree.known(tree.root) and tree.known(etc)
+    assert not tree.known(usr)  # implied by a path only: a lower layer may have its entry
+    w = tree.find("usr/lib/w")
+    assert w is not None and not tree.known(w)  # a hardlink to a lower layer's file
+    assert tree.absent_known(etc, "a") and not tree.absent_known(etc, "b")
+    assert tree.listing_known(opq) and not tree.listing_known(etc)
+    assert tree.absent_known(opq, "old") and not tree.absent_known(tree.root, "var")

@@ -170,12 +170,12 @@ def test_a_layer_that_does_not_match_its_diff_id_answers_eio_and_is_not_cached(
 # settles is answered at once, the rest waits for the base.
 
 APP = seeded_bytes(300_000, 5)
+ROOT_MTIME = 1_234_567_890
 
 
 def _early_top() -> bytes:
     return make_tar(
         [
-            Item("./", "dir", mode=0o755),  # the root's attributes: settled above
             Item("app", "dir", mode=0o755),
             Item("app/main.py", data=APP),
             Item("etc", "dir", mode=0o755),
@@ -191,6 +191,7 @@ def _early_top() -> bytes:
 def _early_base() -> bytes:
     return make_tar(
         [
+            Item("./", "dir", mode=0o755, mtime=ROOT_MTIME),  # as debuerreotype's tars have
             Item("etc", "dir", mode=0o755),
             Item("etc/hostname", data=b"base\n"),
             Item("etc/gone", data=b"deleted above\n"),
@@ -295,6 +296,7 @@ def test_what_the_layers_above_settle_is_answered_while_the_base_downloads(
             assert sorted(os.listdir(mnt / "app")) == ["main.py", "old.py"]
             assert (mnt / "data" / "big.bin").read_bytes() == BIG
             assert (mnt / "etc").stat().st_nlink == 3  # the kernel's cached count was dropped
+            assert mnt.stat().st_mtime == ROOT_MTIME  # the provisional root was not cached
             assert m.stats()["handler_errors"] == 0
 
 

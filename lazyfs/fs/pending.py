@@ -14,9 +14,10 @@ the lookup of a name the layers above do not have (a pending layer may add it), 
 they may add to, a directory implied only by a path (a pending layer may have its entry), a
 hardlink whose target is beneath.  Inode numbers handed out early stay: the lower layers only
 add nodes.  The kernel learns inode numbers only from answers, so every inode it asks about
-was answered early (or is the root, whose attributes wait unless a layer above has its
-entry).  Changes wait too, all of them: an upper layer's whiteouts and copy-ups need the whole
-tree, and an upper directory left by an earlier mount turns early answers off altogether.
+was answered early, or is the root (see ``_provisional_root``).  Changes wait too, all of
+them (simplest, and rare before a container has started): an upper layer's whiteouts and
+copy-ups need the whole tree, and an upper directory left by an earlier mount turns early
+answers off altogether.
 
 ``statfs`` answers at once.  Once the tree is whole the real handlers are installed on this
 object itself, so pyfuse3 calls them directly from then on.  A failed layer answers EIO to its
@@ -35,7 +36,7 @@ import pyfuse3
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.ops import HANDLERS, Operations
-from lazyfs.fs.tree import Node
+from lazyfs.fs.tree import ROOT_INO, Node
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,16 @@ class PendingOperations(pyfuse3.Operations):
         if name in _HANDLE_ONLY:
             return True
         tree = ops.tree
+        if name == "getattr" and args[0] == ROOT_INO:
+            return True  # provisionally if need be: see _provisional_root
         if name in ("getattr", "readlink", "getxattr", "listxattr", "opendir", "open"):
             node = tree.nodes.get(args[0])
             if name == "open" and args[1] & _WRITE_FLAGS:
                 return False  # a copy-up: changes wait
             return node is not None and tree.known(node)
         if name == "lookup":
-            parent = tree.nodes.get(args[0])
-            if parent is None or not tree.known(parent):
+            parent = tree.nodes.get(args[0])  # its own attributes do not matter here
+            if parent is None:
                 return False
             raw: bytes = args[1]
             if raw in (b".", b".."):
@@ -142,6 +145,19 @@ class PendingOperations(pyfuse3.Operations):
         return False  # changes wait (and whatever is not listed here)
 
 
+def _provisional_root(
+    name: str, args: tuple[Any, ...], answer: pyfuse3.EntryAttributes
+) -> pyfuse3.EntryAttributes:
+    """The kernel asks for the root's attributes before it walks any path (its permission
+    check): while no layer above has the root's own entry (buildkit and docker layers seldom
+    do) they are answered provisionally, as the tree holds them now, and never cached, so
+    that the pending layer's entry (its mtime, say) shows as soon as it lands.  The one
+    early answer that may change; without it every path would wait."""
+    if name == "getattr" and args[0] == ROOT_INO:
+        answer.attr_timeout = 0
+    return answer
+
+
 def _listing_settled(ops: Operations, node: Node) -> bool:
     """Readdirplus hands out every child's attributes with its name."""
     tree = ops.tree
@@ -155,7 +171,10 @@ def _waiting(name: str) -> Callable[..., Awaitable[Any]]:
         if self.ops is None and self._settled(name, args):
             assert self.early is not None
             self.answered_early += 1
-            return await getattr(self.early, name)(*args)
+            answer = await getattr(self.early, name)(*args)
+            if name == "getattr" and not self.early.tree.known(self.early.tree.root):
+                return _provisional_root(name, args, answer)
+            return answer
         ops = await self._operations()
         return await getattr(ops, name)(*args)
 

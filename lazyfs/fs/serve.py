@@ -150,7 +150,7 @@ class _Mount:
         """The tree and its operations, once every layer is indexed: the layers not in the
         tree yet are added beneath it, so inode numbers handed out early stay."""
         if self._broken is not None:
-            raise self._broken  # the tree is half built: it stays as it is, for early answers
+            raise self._broken
         if not self._built:
             image = self.image
             early = self.tree.next_ino if self.ops is not None else 0
@@ -158,7 +158,11 @@ class _Mount:
                 self.tree.add_beneath([ol.toc for ol in image.layers[: self._first]], 0)
                 self.tree.finish()
             except LazyfsError as e:
+                # A lower layer's TOC is bad (a hardlink to nowhere): the tree is half built,
+                # so nothing is answered from it any more, early or not.
                 self._broken = e
+                if self.pending is not None:
+                    self.pending.early = None
                 raise
             if self.upper is not None:
                 apply_upper(self.tree, self.upper)

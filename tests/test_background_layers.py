@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.errors import FormatError
 from lazyfs.formats.toc import TOC, Entry
 from lazyfs.fs.tree import Tree
 from lazyfs.ocilayout import Layout
@@ -381,3 +383,67 @@ def test_what_a_tree_missing_lower_layers_knows() -> None:
     assert tree.absent_known(etc, "a") and not tree.absent_known(etc, "b")
     assert tree.listing_known(opq) and not tree.listing_known(etc)
     assert tree.absent_known(opq, "old") and not tree.absent_known(tree.root, "var")
+
+
+def _random_stack(r: random.Random) -> list[TOC]:
+    """Small layers over few names, so that layers collide: dirs, files, whiteouts, opaque
+    markers, hardlinks (within and across layers), root entries, duplicates."""
+    tocs, files = [], []
+    for _ in range(r.randint(1, 5)):
+        entries = []
+        for _ in range(r.randint(0, 8)):
+            path = "/".join(r.choice("abc") for _ in range(r.randint(1, 3)))
+            where = path.rpartition("/")[0]
+            where = f"{where}/" if where else ""
+            kind = r.choice(["dir", "reg", "reg", "wh", "opq", "link", "root", "symlink"])
+            if kind == "wh":
+                entries.append(Entry(name=f"{where}.wh.{r.choice('abc')}", type="reg"))
+            elif kind == "opq":
+                entries.append(Entry(name=f"{where}.wh..wh..opq", type="reg"))
+            elif kind == "link" and files:
+                entries.append(Entry(name=path, type="hardlink", link_name=r.choice(files)))
+            elif kind == "root":
+                entries.append(Entry(name="", type="dir", mode=0o700))
+            elif kind in ("dir", "symlink"):
+                entries.append(Entry(name=path, type=kind, mode=r.choice([0o755, 0o711])))
+            else:
+                entries.append(Entry(name=path, type="reg"))
+                files.append(path)
+        tocs.append(TOC(compression="none", entries=entries, data_end=0))
+    return tocs
+
+
+def test_early_answers_of_random_stacks_stay_true() -> None:
+    r = random.Random(12)
+    checked = 0
+    for _ in range(400):
+        tocs = _random_stack(r)
+        try:
+            whole = _shape(Tree.from_layers(tocs))
+        except FormatError:
+            continue  # a hardlink to nowhere: refused either way
+        for split in range(1, len(tocs)):
+            tree = Tree()
+            tree.add_beneath(tocs[split:], split)
+            known, absent, listed = {}, [], {}
+            for path, node in list(tree.walk()):
+                if tree.known(node) and node is not tree.root:
+                    known[path] = _shape(tree)[path]
+                if node.children is not None:
+                    gone = [n for n in "abc" if n not in node.children]
+                    absent += [
+                        f"{path}/{n}".lstrip("/") for n in gone if tree.absent_known(node, n)
+                    ]
+                    if tree.listing_known(node):
+                        listed[path] = sorted(node.children)
+            tree.add_beneath(tocs[:split], 0)
+            tree.finish()
+            after = _shape(tree)
+            assert after == whole
+            assert all(after[p] == v for p, v in known.items())
+            assert not [p for p in absent if p in after]
+            for path, names in listed.items():
+                node = tree.find(path)
+                assert node is not None and sorted(node.children or ()) == names
+            checked += 1
+    assert checked > 300

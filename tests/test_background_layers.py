@@ -351,7 +351,8 @@ def _shape(tree: Tree) -> dict[str, tuple[object, ...]]:
     for path, node in tree.walk():
         groups.setdefault(node.ino, path)
         e = node.entry
-        out[path] = (node.is_dir, e.type if e else None, node.nlink, groups[node.ino], node.ino)
+        # The entry itself (both builds share the TOCs), so attributes are compared too.
+        out[path] = (node.is_dir, id(e), node.nlink, groups[node.ino], node.ino)
     return out
 
 

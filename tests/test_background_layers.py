@@ -284,6 +284,8 @@ def test_what_the_layers_above_settle_is_answered_while_the_base_downloads(
                 assert _whole(m.stats(), base)["seconds"] is None  # still downloading
                 stats = m.stats()
                 assert stats["answered_early"] > 0 and stats["waited_for_layers"] >= 1, stats
+                table = run(*lazyfs_cmd("stats", str(mnt))).stdout
+                assert "answered at once: " in table, table
                 proxy.reset()  # the stalled download ends short and starts again
                 listing.join(30)
                 lookup.join(30)

@@ -364,6 +364,11 @@ def _members(tar: bytes) -> bytes:
     return tar
 
 
+def concat(*tars: bytes) -> bytes:
+    """One tar holding the members of ``tars`` in order."""
+    return b"".join(_members(t) for t in tars) + bytes(2 * BLOCK)
+
+
 def _pax(items: list[tuple[str, dict[str, str], bytes]], **kw: object) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, **kw) as tf:  # type: ignore[call-overload]

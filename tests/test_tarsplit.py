@@ -6,10 +6,12 @@ import hashlib
 import io
 import struct
 import tarfile
+from pathlib import Path
 
 import msgspec
 import pytest
 import zstandard
+from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.errors import FormatError
@@ -26,7 +28,7 @@ from lazyfs.testing.cstorage import (
     rebuild_tar,
     unrepresentable_tars,
 )
-from lazyfs.testing.layers import Item, make_tar, sample_items
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items
 
 
 def write(tar: bytes) -> tuple[bytes, zstdchunked.LayerResult]:
@@ -155,7 +157,7 @@ def test_awkward_headers_get_a_tar_split_that_containers_storage_accepts(case: s
     tar = awkward_tars()[case]
     blob, res = write(tar)
     assert res.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
-    assert oci.ANN_ZSTD_TARSPLIT_POSITION in res.annotations
+    assert oci.ANN_ZSTD_TARSPLIT_POSITION in res.annotations and not res.no_tar_split
     layer = open_layer(blob, res.annotations)
     members = list(TarReader(io.BytesIO(tar)))
     assert check_tar_split(layer) == len(members) == res.entries == EXPECTED_MEMBERS[case]
@@ -191,6 +193,9 @@ def test_the_check_refuses_what_containers_storage_refuses() -> None:
             check_tar_split(layer)
 
 
+REASONS = {"global-pax": "global PAX header", "duplicate": "twice", "contiguous": "type 7"}
+
+
 @pytest.mark.parametrize("case", sorted(unrepresentable_tars()))
 def test_no_tar_split_for_what_containers_storage_cannot_represent(case: str) -> None:
     """A global PAX header (Go returns it as a member of no TOC type), a repeated name (both
@@ -201,6 +206,7 @@ def test_no_tar_split_for_what_containers_storage_cannot_represent(case: str) ->
     footer = zstdchunked.parse_footer(blob[-TAIL_SIZE:])
     assert footer is not None and footer.tarsplit_offset == footer.tarsplit_length == 0
     assert oci.ANN_ZSTD_TARSPLIT_POSITION not in res.annotations
+    assert REASONS[case] in res.no_tar_split
     assert oci.ANN_ZSTD_POSITION_OLD in res.annotations
     assert footer.offset + footer.length + 8 + zstdchunked.FOOTER_SIZE == len(blob)
     assert "tarSplitDigest" not in open_layer(blob, res.annotations).toc
@@ -222,3 +228,11 @@ def test_a_name_that_is_not_utf8_is_refused_in_one_line() -> None:
         write(buf.getvalue())
     assert "not UTF-8" in str(exc.value) and "\n" not in str(exc.value)
     assert "caf\\xe9" in str(exc.value)
+
+
+def test_convert_reports_layers_without_tar_split(tmp_path: Path) -> None:
+    tars = [awkward_tars()["dot-slash"], unrepresentable_tars()["duplicate"]]
+    make_layout(tmp_path / "src", tars)
+    report = convert(f"oci:{tmp_path / 'src'}:latest", f"oci:{tmp_path / 'lazy'}:latest")
+    assert len(report.no_tar_split) == 1
+    assert report.no_tar_split[0].endswith("'a' appears twice")

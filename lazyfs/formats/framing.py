@@ -33,6 +33,9 @@ class LayerResult(msgspec.Struct):
     annotations: dict[str, str]
     toc_digest: str
     entries: int
+    #: zstd:chunked: why the layer has no tar-split (containers/storage could not accept one
+    #: for it, and pulls it whole); empty when it has one.
+    no_tar_split: str = ""
 
 
 class FrameWriter:

@@ -161,4 +161,5 @@ def write_layer(
         annotations=annotations,
         toc_digest=toc_digest,
         entries=len(entries),
+        no_tar_split=split.refused,
     )

@@ -260,37 +260,46 @@ def _tar_header(
             # following.
             atime = ctime = 0
             problem = "GNU access/change time fields that do not parse"
-    name = long_name or pax.get("path") or name
-    link = long_link or pax.get("linkpath") or _cstr(block[157:257])
-    mtime = pax.get("mtime")
-    times = {}
-    for key, value in (("atime", atime), ("ctime", ctime)):
-        ns = _pax_time(pax[key]) if pax.get(key) else value
-        if not _MIN_TIME_NS <= ns <= _MAX_TIME_NS:
-            ns, problem = 0, f"an {key} out of the range a TOC can carry"
-        times[key] = ns
-    mode = info.mode
-    if mode < 0:
-        mode, problem = mode & 0o7777, "a negative mode"
-    return TarHeader(
-        name=name,
-        link_name=link,
-        mode=mode,
-        size=int(pax.get("size") or info.size),
-        uid=int(pax.get("uid") or info.uid),
-        gid=int(pax.get("gid") or info.gid),
-        mtime_ns=_pax_time(mtime) if mtime else int(info.mtime) * 1_000_000_000,
-        atime_ns=times["atime"],
-        ctime_ns=times["ctime"],
+    link = _cstr(block[157:257])
+    h = TarHeader(
+        name=long_name or name,
+        link_name=long_link or link,
+        mode=info.mode,
+        size=info.size,
+        uid=info.uid,
+        gid=info.gid,
+        mtime_ns=int(info.mtime) * 1_000_000_000,
+        atime_ns=atime,
+        ctime_ns=ctime,
         dev_major=dev_major,
         dev_minor=dev_minor,
-        xattrs={
+    )
+    if pax:  # most members have no PAX records
+        h.name = long_name or pax.get("path") or name
+        h.link_name = long_link or pax.get("linkpath") or link
+        h.size = int(pax.get("size") or h.size)
+        h.uid = int(pax.get("uid") or h.uid)
+        h.gid = int(pax.get("gid") or h.gid)
+        if pax.get("mtime"):
+            h.mtime_ns = _pax_time(pax["mtime"])
+        if pax.get("atime"):
+            h.atime_ns = _pax_time(pax["atime"])
+        if pax.get("ctime"):
+            h.ctime_ns = _pax_time(pax["ctime"])
+        h.xattrs = {
             k[len(SCHILY) :]: v.encode("utf-8", "surrogateescape")
             for k, v in pax.items()
             if k.startswith(SCHILY)
-        },
-        unrepresentable=problem,
-    )
+        }
+    if not (
+        _MIN_TIME_NS <= h.atime_ns <= _MAX_TIME_NS and _MIN_TIME_NS <= h.ctime_ns <= _MAX_TIME_NS
+    ):
+        h.atime_ns = h.ctime_ns = 0
+        problem = "an access or change time out of the range a TOC can carry"
+    if h.mode < 0:
+        h.mode, problem = h.mode & 0o7777, "a negative mode"
+    h.unrepresentable = problem
+    return h
 
 
 def _header_time(field: bytes) -> int:

@@ -97,6 +97,7 @@ def parse_header(segment: bytes) -> tuple[Fields, int] | None:
     pos = 0
     pax: dict[bytes, bytes] = {}
     long_name = long_link = b""
+    flag = b""
     while True:
         blk = segment[pos : pos + BLOCK]
         if len(blk) < BLOCK or blk == ZERO_BLOCK:

@@ -1,6 +1,6 @@
 """containers/storage's view of a zstd:chunked layer, re-stated for tests.
 
-Before it partial-pulls a layer whose TOC names a tar-split, containers/storage (1.54 and
+Before it partial-pulls a layer whose TOC names a tar-split, containers/storage (1.55 and
 later, pkg/chunked) checks that the two describe the same members: it parses each tar-split
 header segment with Go's archive/tar, derives the TOC entry it would write for that header,
 and compares it field by field with the TOC entry of the same *raw* name; any difference, a

@@ -193,7 +193,12 @@ def test_the_check_refuses_what_containers_storage_refuses() -> None:
             check_tar_split(layer)
 
 
-REASONS = {"global-pax": "global PAX header", "duplicate": "twice", "contiguous": "type 7"}
+REASONS = {
+    "global-pax": "global PAX header",
+    "duplicate": "twice",
+    "contiguous": "type 7",
+    "device-on-file": "device numbers out of range",
+}
 
 
 @pytest.mark.parametrize("case", sorted(unrepresentable_tars()))

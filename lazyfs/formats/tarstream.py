@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from lazyfs.errors import FormatError
-from lazyfs.formats.toc import Entry, EntryType, TarHeader, normalize_name
+from lazyfs.formats.toc import (
+    MAX_DEV_MAJOR,
+    MAX_DEV_MINOR,
+    Entry,
+    EntryType,
+    TarHeader,
+    normalize_name,
+)
 
 BLOCK = 512
 SCHILY = "SCHILY.xattr."
@@ -194,6 +201,12 @@ class TarReader:
                 problem = "a contiguous-file member (type 7)"
             elif header.size and kind != "reg":
                 problem = f"content on a {kind} member (Go's reader skips none)"
+            elif kind not in ("char", "block") and not (
+                0 <= header.dev_major <= MAX_DEV_MAJOR and 0 <= header.dev_minor <= MAX_DEV_MINOR
+            ):
+                # Kept out of the TOC, whose reader refuses them (they mean nothing here).
+                header.dev_major = header.dev_minor = 0
+                problem = f"device numbers out of range on a {kind}"
             if problem:
                 header.unrepresentable = problem
             return Member(bytes(raw), _entry(header, kind, info, pax), header.size, header)

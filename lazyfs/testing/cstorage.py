@@ -468,11 +468,13 @@ def awkward_tars() -> dict[str, bytes]:
 
 
 def unrepresentable_tars() -> dict[str, bytes]:
-    """Sources containers/storage could not write as a layer that passes its own check: a
+    """Sources containers/storage could not write as a layer that passes its own check (or,
+    for device numbers on a file beyond Linux's, that lazyfs's TOC reader would refuse): a
     tar-split is left out of these (it then pulls the layer whole)."""
     end = bytes(2 * BLOCK)
     return {
         "global-pax": _pax([("a", {}, b"a")], pax_headers={"comment": "git archive"}),
         "duplicate": make_tar([Item("a", data=b"1"), Item("a", data=b"2")]),
         "contiguous": _block(b"c", b"7", size=1) + _data(b"c") + end,
+        "device-on-file": _block(b"f", b"0", tail={329: b"%07o\0" % 0o7777777}) + end,
     }

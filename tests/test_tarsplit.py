@@ -14,6 +14,7 @@ import zstandard
 from lazyfs_tools.convert import convert
 
 from lazyfs import oci
+from lazyfs.cli import main
 from lazyfs.errors import FormatError
 from lazyfs.formats import zstdchunked
 from lazyfs.formats.layer import TAIL_SIZE, decode_layer_toc, locate_toc
@@ -241,3 +242,14 @@ def test_convert_reports_layers_without_tar_split(tmp_path: Path) -> None:
     report = convert(f"oci:{tmp_path / 'src'}:latest", f"oci:{tmp_path / 'lazy'}:latest")
     assert len(report.no_tar_split) == 1
     assert report.no_tar_split[0].endswith("'a' appears twice")
+
+
+def test_convert_command_warns_of_layers_without_tar_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_layout(tmp_path / "src", [unrepresentable_tars()["duplicate"]])
+    src, dst = f"oci:{tmp_path / 'src'}:latest", f"oci:{tmp_path / 'lazy'}:latest"
+    assert main(["convert", src, dst]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: no tar-split for ")
+    assert "appears twice" in err[0]

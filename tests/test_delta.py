@@ -191,6 +191,29 @@ def diff_report(old: str, new: str, cache: Path) -> dict[str, object]:
     return report
 
 
+def nodes_holding_old(
+    old: str, new: str, tmp_path: Path, spares: int
+) -> tuple[Path, dict[str, object], list[Path]]:
+    """A node that pulled OLD, the chunks-only diff from it to NEW, and ``spares`` copies of
+    it (for mounts: the node's own cache is changed by a pull of NEW)."""
+    node = node_holding(old, tmp_path)
+    plain = diff_report(old, new, node)
+    copies = [tmp_path / f"spare{i}" for i in range(spares)]
+    for copy in copies:
+        shutil.copytree(node, copy)
+    return node, plain, copies
+
+
+def mount_serves_new(ref: str, cache: Path, mnt: Path, *args: str) -> list[dict[str, int]]:
+    """Mount NEW over ``cache``: every file reads as NEW's; the stats of each layer."""
+    with mounted(ref, mnt, "--read-only", "--plain-http", "--cache", str(cache), "--no-prefetch",
+                 *args) as m:  # fmt: skip
+        for path, data in NEW_FILES.items():
+            assert (m.mountpoint / path).read_bytes() == data, path
+        stats = m.stats()
+    return [layer["stats"] for layer in stats["layers"]]
+
+
 async def _push_deltas(old: str, new: str, cache: Path, tamper: str = "") -> int:
     async with (
         open_image(old, cache_dir=cache, plain_http=True) as o,
@@ -439,11 +462,7 @@ def test_pull_and_mount_use_patches(
     assert summary["files"] == 3
     assert summary["patch_bytes"] * 10 < summary["chunk_bytes"]
 
-    node = node_holding(old, tmp_path)
-    plain = diff_report(old, new, node)
-    spare = tmp_path / "spare"
-    shutil.copytree(node, spare)
-    shutil.copytree(node, tmp_path / "spare2")
+    node, plain, (spare, spare2) = nodes_holding_old(old, new, tmp_path, 2)
     fault_proxy.reset()
     pulled = pull(via(fault_proxy, new, registry), node)
     assert pulled.patch_bytes > 0
@@ -453,33 +472,16 @@ def test_pull_and_mount_use_patches(
     assert served == pulled.bytes_fetched + pulled.patch_bytes + sum(index_blob)
 
     # A mount of NEW on a node holding OLD serves NEW exactly, made from patches.
-    with mounted(
-        via(fault_proxy, new, registry),
-        tmp_path / "mnt",
-        "--read-only",
-        "--plain-http",
-        "--cache",
-        str(spare),
-        "--no-prefetch",
-    ) as m:
-        for path, data in NEW_FILES.items():
-            assert (m.mountpoint / path).read_bytes() == data, path
-        stats = m.stats()
-    layers = {s["digest"]: s["stats"] for s in stats["layers"]}
-    assert sum(s["provided_chunks"] for s in layers.values()) > 0
-    assert sum(s["patch_bytes"] for s in layers.values()) > 0
-    assert sum(s["patch_fallbacks"] for s in layers.values()) == 0
-
+    layers = mount_serves_new(via(fault_proxy, new, registry), spare, tmp_path / "mnt")
+    assert sum(s["provided_chunks"] for s in layers) > 0
+    assert sum(s["patch_bytes"] for s in layers) > 0
+    assert sum(s["patch_fallbacks"] for s in layers) == 0
     # --no-deltas: the same reads, from chunks only.
-    with mounted(
-        via(fault_proxy, new, registry), tmp_path / "mnt", "--read-only", "--plain-http",
-        "--cache", str(tmp_path / "spare2"), "--no-prefetch", "--no-deltas",
-    ) as m:  # fmt: skip
-        for path, data in NEW_FILES.items():
-            assert (m.mountpoint / path).read_bytes() == data, path
-        stats = m.stats()
-    assert all(s["stats"]["patch_bytes"] == 0 for s in stats["layers"])
-    assert all(s["stats"]["provided_chunks"] == 0 for s in stats["layers"])
+    layers = mount_serves_new(
+        via(fault_proxy, new, registry), spare2, tmp_path / "mnt", "--no-deltas"
+    )
+    assert all(s["patch_bytes"] == 0 for s in layers)
+    assert all(s["provided_chunks"] == 0 for s in layers)
 
 
 def _artifact_blobs(ref: str) -> list[str]:
@@ -515,20 +517,11 @@ def test_bad_patches_fall_back_to_chunks(
     old, new = images
     n = trio.run(_push_deltas, old, new, tmp_path / "builder", tamper)
     assert n == 3
-    node = node_holding(old, tmp_path)
-    plain = diff_report(old, new, node)
-    spare = tmp_path / "spare"
-    shutil.copytree(node, spare)
+    node, plain, (spare,) = nodes_holding_old(old, new, tmp_path, 1)
     pulled = pull(new, node)
     assert pulled.patch_bytes > 0
     assert pulled.bytes_fetched == plain["fetch_bytes"]  # every chunk came after all
-    with mounted(
-        new, tmp_path / "mnt", "--read-only", "--plain-http", "--cache", str(spare), "--no-prefetch"
-    ) as m:
-        for path, data in NEW_FILES.items():
-            assert (m.mountpoint / path).read_bytes() == data, path
-        stats = m.stats()
-    layers = [s["stats"] for s in stats["layers"]]
+    layers = mount_serves_new(new, spare, tmp_path / "mnt")
     assert sum(s["patch_fallbacks"] for s in layers) == 3
     assert sum(s["provided_chunks"] for s in layers) == 0
 

@@ -10,7 +10,6 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,11 +42,10 @@ from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import mounted
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 from tests.test_store import MemSource
 
-REPO = Path(__file__).resolve().parent.parent
 CHUNK = 64 * 1024
 
 
@@ -157,13 +155,7 @@ def images(registry: RegistryInstance, layouts: tuple[Path, Path]) -> tuple[str,
 
 
 def lazyfs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lazyfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    return run(*lazyfs_cmd(*args), timeout=120)
 
 
 def pull(ref: str, cache: Path) -> PulledEvent:
@@ -487,7 +479,7 @@ def test_pull_and_mount_use_patches(
 def _artifact_blobs(ref: str) -> list[str]:
     """The digests of the delta index blobs stored for ``ref`` (found by the pull)."""
 
-    async def run() -> list[str]:
+    async def find() -> list[str]:
         from lazyfs.delta.patch import DELTAS_ARTIFACT_TYPE
         from lazyfs.remote.referrers import list_referrers
 
@@ -504,7 +496,7 @@ def _artifact_blobs(ref: str) -> list[str]:
         finally:
             await source.aclose()
 
-    return trio.run(run)
+    return trio.run(find)
 
 
 @pytest.mark.parametrize("tamper", ["flip", "truncate", "wrong-base"])

@@ -7,7 +7,6 @@ import io
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import msgspec
@@ -32,9 +31,9 @@ from lazyfs.store.tocs import load_tocs
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
-REPO = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9]*[A-Za-z]")
 MiB = 1 << 20
 
@@ -296,13 +295,7 @@ def chunk_digests(layout: Path) -> dict[str, set[str]]:
 
 
 def lazyfs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lazyfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    return run(*lazyfs_cmd(*args), timeout=60)
 
 
 def by_layer(events: list[object]) -> dict[str, list[ProgressEvent | DoneEvent]]:

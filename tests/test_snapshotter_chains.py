@@ -13,24 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import httpx
-import pytest
 from lazyfs_snapshotter.api import snapshots_pb2
-from lazyfs_snapshotter.remote import (
-    CRI_IMAGE_REF,
-    CRI_LAYER_DIGEST,
-    CRI_MANIFEST_DIGEST,
-    STARGZ_DIGEST,
-    STARGZ_REF,
-    TARGET_LABEL,
-)
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 from lazyfs_tools.convert import convert
 
@@ -42,7 +31,12 @@ from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar
 from lazyfs.testing.mounts import Mount, start_mount
 from tests.support.fixtures import registry  # noqa: F401 - fixture
-from tests.test_snapshotter_lazy import base_dir, stop_daemons  # noqa: F401 - fixture
+from tests.test_snapshotter_lazy import (  # noqa: F401 - fixture
+    base_dir,
+    mount_container,
+    prepare_layers,
+    stop_daemons,
+)
 
 BASE = [Item("etc", "dir", mode=0o755), Item("etc/base", data=b"shared base\n"),
         Item("etc/gone-in-b", data=b"whited out by b\n")]  # fmt: skip
@@ -67,6 +61,9 @@ class _Image:
     manifest: str
     layers: list[str]
     chains: list[str]
+
+    def prepare(self, c: Client, stargz: bool = False) -> None:
+        prepare_layers(c, self.ref, self.manifest, self.layers, self.chains, stargz)
 
 
 def _push(work: Path, reg: RegistryInstance, host: str, name: str, tars: list[bytes]) -> _Image:
@@ -99,37 +96,11 @@ def _two_images(
         yield stack, sp, c, a, b
 
 
-def _prepare_layers(c: Client, img: _Image, stargz: bool = False) -> None:
-    """Prepare each layer as containerd's unpacker does (with CRI's labels, or stargz's);
-    every one is answered ALREADY_EXISTS (committed as remote now, or before)."""
-    parent = ""
-    for i, (digest, chain) in enumerate(zip(img.layers, img.chains, strict=True)):
-        labels = ({TARGET_LABEL: chain, STARGZ_REF: img.ref, STARGZ_DIGEST: digest} if stargz
-                  else {TARGET_LABEL: chain, CRI_IMAGE_REF: img.ref, CRI_LAYER_DIGEST: digest,
-                        CRI_MANIFEST_DIGEST: img.manifest})  # fmt: skip
-        with pytest.raises(grpc.RpcError) as err:
-            c.prepare(f"extract-{img.ref}-{i}", parent, labels)
-        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
-        parent = chain
-
-
 def _daemon_rows(root: Path) -> dict[str, tuple[int, str, str]]:
     """chain id -> (pid, mountpoint, image_ref) of the ``daemons`` table."""
     with sqlite3.connect(root / "metadata.db") as conn:
         rows = conn.execute("SELECT chain_id, pid, mountpoint, image_ref FROM daemons")
         return {chain: (pid, mnt, ref) for chain, pid, mnt, ref in rows}
-
-
-def _mount_container(stack: ExitStack, c: Client, key: str, parent: str, target: Path
-                     ) -> Path:
-    """A container's rootfs as containerd would mount it; unmounted before the daemons
-    stop (an overlay over a FUSE mount would keep its daemon from exiting)."""
-    (m,) = c.prepare(key, parent).mounts
-    target.mkdir()
-    subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)],
-                   check=True)  # fmt: skip
-    stack.callback(subprocess.run, ["umount", "-l", str(target)], check=False)
-    return target
 
 
 def test_images_sharing_a_base_mount_right_and_cleanup_sweeps_strays(
@@ -142,17 +113,17 @@ def test_images_sharing_a_base_mount_right_and_cleanup_sweeps_strays(
     (base_dir / "link").symlink_to(base_dir / "real")
     with _two_images(registry, tmp_path, base_dir / "link") as (stack, sp, c, a, b):
         assert a.layers[0] == b.layers[0]  # the same base blob (conversion is deterministic)
-        _prepare_layers(c, a)
-        _prepare_layers(c, b)
+        a.prepare(c)
+        b.prepare(c)
 
-        root_b = _mount_container(stack, c, "ctr-b", b.chains[1], base_dir / "b")
+        root_b = mount_container(stack, c, "ctr-b", b.chains[1], base_dir / "b")
         assert sorted(os.listdir(root_b / "etc")) == ["b", "base"]  # b's whiteout applied
         assert (root_b / "etc/base").read_bytes() == b"shared base\n"
-        root_a = _mount_container(stack, c, "ctr-a", a.chains[1], base_dir / "a")
+        root_a = mount_container(stack, c, "ctr-a", a.chains[1], base_dir / "a")
         assert sorted(os.listdir(root_a / "etc")) == ["a", "base", "gone-in-b"]
         # A container of b right on the shared base (say, b's upper layers were pulled
         # normally): the base's one mount, made from a's manifest, holds the base only.
-        root_base = _mount_container(stack, c, "ctr-base", b.chains[0], base_dir / "base")
+        root_base = mount_container(stack, c, "ctr-base", b.chains[0], base_dir / "base")
         assert sorted(os.listdir(root_base / "etc")) == ["base", "gone-in-b"]
         rows = _daemon_rows(sp.root)
         assert rows[b.chains[1]][2] == f"{registry.host}/b/app@{b.manifest}"
@@ -192,15 +163,15 @@ def test_a_shared_chain_mounts_from_another_image_when_the_first_is_deleted(
     tmp_path: Path,
 ) -> None:
     with _two_images(registry, tmp_path, base_dir / "sn") as (stack, sp, c, a, b):
-        _prepare_layers(c, a)  # commits the shared base
-        _prepare_layers(c, b)
+        a.prepare(c)  # commits the shared base
+        b.prepare(c)
         # a is deleted from its registry, and the node no longer holds its manifest.
         res = httpx.delete(f"http://{registry.host}/v2/a/app/manifests/{a.manifest}")
         assert res.status_code == 202, res.text
         (cached,) = (sp.root / "cache" / "documents").glob(f"*{a.manifest.split(':')[1]}*")
         cached.unlink()
         # A container of b right on the shared base: its chain mounts from b's manifest.
-        root = _mount_container(stack, c, "ctr-base", b.chains[0], base_dir / "base")
+        root = mount_container(stack, c, "ctr-base", b.chains[0], base_dir / "base")
         assert sorted(os.listdir(root / "etc")) == ["base", "gone-in-b"]
         assert (root / "etc/base").read_bytes() == b"shared base\n"
         assert _daemon_rows(sp.root)[b.chains[0]][2] == f"{registry.host}/b/app@{b.manifest}"
@@ -219,13 +190,13 @@ def test_preparing_layers_found_there_asks_the_registry_nothing_again(
         FaultProxy(registry.url) as proxy,
         _two_images(registry, tmp_path, base_dir / "sn", proxy.host) as (_, sp, c, a, b),
     ):
-        _prepare_layers(c, a)
-        _prepare_layers(c, b)  # b names the base: b's manifest is asked for once
-        _prepare_layers(c, b, stargz=True)  # b's tag, looked up once
+        a.prepare(c)
+        b.prepare(c)  # b names the base: b's manifest is asked for once
+        b.prepare(c, stargz=True)  # b's tag, looked up once
         proxy.reset()
         for img in (a, b, a, b):
-            _prepare_layers(c, img)
-            _prepare_layers(c, img, stargz=True)
+            img.prepare(c)
+            img.prepare(c, stargz=True)
         assert proxy.requests == 0, proxy.paths
         with sqlite3.connect(sp.root / "metadata.db") as conn:
             refs = conn.execute("SELECT image_ref FROM remote_refs ORDER BY rowid").fetchall()

@@ -29,6 +29,8 @@ from lazyfs_snapshotter.remote import (
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
     REMOTE_LABEL,
+    STARGZ_DIGEST,
+    STARGZ_REF,
     TARGET_LABEL,
 )
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
@@ -272,22 +274,8 @@ def test_cri_labels_through_the_grpc_api(env: Env, base_dir: Path) -> None:
         stack.enter_context(sp)
         c = Client(sp.address, namespace="k8s.io")
         stack.callback(c.close)
-        parent = ""
-        for i, digest in enumerate(env.layers):
-            labels = {
-                TARGET_LABEL: f"chain-{i}", CRI_IMAGE_REF: env.lazy, CRI_LAYER_DIGEST: digest,
-                CRI_IMAGE_LAYERS: ",".join(env.layers[i:]), CRI_MANIFEST_DIGEST: env.manifest,
-            }
-            with pytest.raises(grpc.RpcError) as err:
-                c.prepare(f"extract-{i}", parent, labels)
-            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-            parent = f"chain-{i}"
-        (m,) = c.prepare("container", parent).mounts
-        target = base_dir / "rootfs"
-        target.mkdir()
-        subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)],
-                       check=True)
-        stack.callback(subprocess.run, ["umount", str(target)], check=False)
+        parent = prepare_layers(c, env.lazy, env.manifest, env.layers)
+        target = mount_container(stack, c, "container", parent, base_dir / "rootfs")
         assert (target / "etc/hello").read_bytes() == HELLO
         (target / "etc/hello").write_bytes(b"changed\n")  # writes go to the container's upper
         assert (target / "data/late.bin").read_bytes() == LATE
@@ -305,17 +293,33 @@ def test_cri_labels_through_the_grpc_api(env: Env, base_dir: Path) -> None:
         assert "Traceback" not in sp.log_text()
 
 
-def _prepare_chain(c: Client, ref: str, manifest: str, layers: list[str]) -> str:
-    """Prepare every layer with CRI's labels (each answered ALREADY_EXISTS); the top key."""
+def prepare_layers(c: Client, ref: str, manifest: str, layers: list[str],
+                   chains: list[str] | None = None, stargz: bool = False) -> str:
+    """Prepare each layer as containerd's unpacker does, with CRI's labels or stargz's, as
+    ``chains`` (containerd's chain IDs; chain-I by default); every one is answered
+    ALREADY_EXISTS (committed as remote now, or before by another image).  The top key."""
+    keys = chains or [f"chain-{i}" for i in range(len(layers))]
     parent = ""
-    for i, digest in enumerate(layers):
-        labels = {TARGET_LABEL: f"chain-{i}", CRI_IMAGE_REF: ref, CRI_LAYER_DIGEST: digest,
-                  CRI_MANIFEST_DIGEST: manifest}
+    for i, (digest, chain) in enumerate(zip(layers, keys, strict=True)):
+        labels = ({TARGET_LABEL: chain, STARGZ_REF: ref, STARGZ_DIGEST: digest} if stargz
+                  else {TARGET_LABEL: chain, CRI_IMAGE_REF: ref, CRI_LAYER_DIGEST: digest,
+                        CRI_IMAGE_LAYERS: ",".join(layers[i:]), CRI_MANIFEST_DIGEST: manifest})
         with pytest.raises(grpc.RpcError) as err:
-            c.prepare(f"extract-{i}", parent, labels)
+            c.prepare(f"extract-{ref}-{i}", parent, labels)
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
-        parent = f"chain-{i}"
+        parent = chain
     return parent
+
+
+def mount_container(stack: ExitStack, c: Client, key: str, parent: str, target: Path) -> Path:
+    """A container's rootfs as containerd would mount it; unmounted before the daemons
+    stop (an overlay over a FUSE mount would keep its daemon from exiting)."""
+    (m,) = c.prepare(key, parent).mounts
+    target.mkdir()
+    subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)],
+                   check=True)
+    stack.callback(subprocess.run, ["umount", "-l", str(target)], check=False)
+    return target
 
 
 def test_sigterm_leaves_daemons_and_unmount_on_exit_stops_them(env: Env, base_dir: Path
@@ -327,7 +331,7 @@ def test_sigterm_leaves_daemons_and_unmount_on_exit_stops_them(env: Env, base_di
         sp.start()
         c = Client(sp.address, namespace="k8s.io")
         stack.callback(c.close)
-        top = _prepare_chain(c, env.lazy, env.manifest, env.layers)
+        top = prepare_layers(c, env.lazy, env.manifest, env.layers)
         c.prepare("container", top)
         ((pid, mnt, _),) = daemons(sp.root)
         sp.stop()  # SIGTERM: the mount stays for the running containers
@@ -368,14 +372,9 @@ def test_credentials_from_docker_config_and_expiring_tokens(
         stack.enter_context(sp)
         c = Client(sp.address, namespace="k8s.io")
         stack.callback(c.close)
-        top = _prepare_chain(c, f"{reg.host}/auth/app:v1", lazy.find("v1").digest,
+        top = prepare_layers(c, f"{reg.host}/auth/app:v1", lazy.find("v1").digest,
                              [layer.digest for layer in lazy.manifest("v1").layers])
-        (m,) = c.prepare("container", top).mounts
-        target = base_dir / "rootfs"
-        target.mkdir()
-        subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)],
-                       check=True)
-        stack.callback(subprocess.run, ["umount", str(target)], check=False)
+        target = mount_container(stack, c, "container", top, base_dir / "rootfs")
         assert (target / "etc/hello").read_bytes() == HELLO
         issued = len(tokens.requests)
         # A 7 s token is renewed 1.75 s (a quarter of its life) before it expires.

@@ -256,13 +256,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     result = {"machine": machine, "command": bl.command_line(), "convert": conv, "toc": toc}
     result["elapsed_s"] = time.perf_counter() - t0
-    path = bl.write_json("convert-quick" if args.quick else "convert", result)
-    bl.log(f"wrote {path}")
-    body = conv_md + "\n" + toc_md
-    print(body)
-    if not args.no_markdown:
-        title = "Conversion and TOC" + (" (quick)" if args.quick else "")
-        bl.append_markdown(title, machine, bl.command_line(), body)
+    bl.publish("convert", "Conversion and TOC", result, conv_md + "\n" + toc_md, machine,
+               quick=args.quick, markdown=not args.no_markdown)
     return 0
 
 

@@ -304,12 +304,8 @@ def main() -> int:
         }
     )
     result = {"machine": machine, "command": bl.command_line(), **res}
-    path = bl.write_json("fetch-quick" if args.quick else "fetch", result)
-    bl.log(f"wrote {path}")
-    print(body)
-    if not args.no_markdown:
-        title = "Cold fetch" + (" (quick)" if args.quick else "")
-        bl.append_markdown(title, machine, bl.command_line(), body)
+    bl.publish("fetch", "Cold fetch", result, body, machine, quick=args.quick,
+               markdown=not args.no_markdown)
     return 0
 
 

@@ -312,13 +312,9 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["elapsed_s"] = time.perf_counter() - t0
-    path = bl.write_json("mount-quick" if args.quick else "mount", result)
-    bl.log(f"wrote {path} ({result['elapsed_s']:.0f} s)")
-    body = "\n".join(bodies)
-    print(body)
-    if not args.no_markdown:
-        title = "Mounted filesystem" + (" (quick)" if args.quick else "")
-        bl.append_markdown(title, machine, bl.command_line(), body)
+    bl.log(f"took {result['elapsed_s']:.0f} s")
+    bl.publish("mount", "Mounted filesystem", result, "\n".join(bodies), machine,
+               quick=args.quick, markdown=not args.no_markdown)
     return 0
 
 

@@ -104,12 +104,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(machine=machine, command=bl.command_line())
-    path = bl.write_json("trace-quick" if args.quick else "trace", result)
-    bl.log(f"wrote {path}")
-    print(body)
-    if not args.no_markdown:
-        title = "Tracing overhead" + (" (quick)" if args.quick else "")
-        bl.append_markdown(title, machine, bl.command_line(), body)
+    bl.publish("trace", "Tracing overhead", result, body, machine, quick=args.quick,
+               markdown=not args.no_markdown)
     return 0
 
 

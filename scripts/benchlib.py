@@ -158,6 +158,18 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def publish(name: str, title: str, result: dict[str, Any], body: str, machine: dict[str, Any], *,
+            quick: bool = False, markdown: bool = True) -> Path:
+    """A benchmark's end: its JSON (NAME-quick.json for a quick run), its markdown printed and,
+    unless ``markdown`` is off, appended to BENCHMARKS.md under TITLE."""
+    path = write_json(f"{name}-quick" if quick else name, result)
+    log(f"wrote {path}")
+    print(body)
+    if markdown:
+        append_markdown(title + (" (quick)" if quick else ""), machine, command_line(), body)
+    return path
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

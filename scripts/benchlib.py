@@ -273,40 +273,16 @@ def write_tar(path: Path, files: Sequence[FileSpec]) -> int:
 def write_tar_layout(layout: Path, tar: Path, tag: str = "latest") -> Path:
     """An OCI layout of one image whose only layer is the uncompressed ``tar``."""
     from lazyfs.ocilayout import Layout
+    from lazyfs.testing.layers import put_image
 
     out = Layout(layout)
     out.init()
     digest, size = out.put_file(tar)
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [digest]},
+    layer: dict[str, object] = {
+        "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size
     }
-    cd, cn = out.put_json(config)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": cd,
-            "size": cn,
-        },
-        "layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size}
-        ],
-    }
-    md, mn = out.put_json(manifest)
-    out.write_top(
-        [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": md,
-                "size": mn,
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ]
-    )
+    desc = put_image(out, [layer], [digest])
+    out.write_top([{**desc, "annotations": {"org.opencontainers.image.ref.name": tag}}])
     return layout
 
 

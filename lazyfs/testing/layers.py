@@ -118,6 +118,34 @@ def _put(layout: Path, data: bytes) -> tuple[str, int]:
     return d.digest, d.size
 
 
+def put_image(
+    layout: Layout, layers: list[dict[str, object]], diff_ids: list[str], arch: str = "amd64"
+) -> dict[str, object]:
+    """Store the config and manifest of an image whose layer blobs (``layers``: their
+    descriptors) are in ``layout`` already; the manifest's descriptor."""
+    cd, cn = layout.put_json(
+        {
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    )
+    md, mn = layout.put_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": cd,
+                "size": cn,
+            },
+            "layers": layers,
+        }
+    )
+    return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": mn}
+
+
 def _manifest(
     layout: Path,
     tars: list[bytes],
@@ -126,37 +154,15 @@ def _manifest(
     mutate: Callable[[bytes], bytes],
     media_type: str | None,
 ) -> dict[str, object]:
-    layers = []
+    layers: list[dict[str, object]] = []
     diff_ids = []
     for t in tars:
         blob = mutate(compress(t, kind))
         d, n = _put(layout, blob)
         layers.append({"mediaType": media_type or _MT[kind], "digest": d, "size": n})
         diff_ids.append("sha256:" + hashlib.sha256(t).hexdigest())
-    config = {
-        "architecture": arch,
-        "os": "linux",
-        "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }
-    cd, cn = _put(layout, json.dumps(config, sort_keys=True).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": cd,
-            "size": cn,
-        },
-        "layers": layers,
-    }
-    md, mn = _put(layout, json.dumps(manifest, sort_keys=True).encode())
-    return {
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": md,
-        "size": mn,
-        "platform": {"architecture": arch, "os": "linux"},
-    }
+    desc = put_image(Layout(layout), layers, diff_ids, arch)
+    return {**desc, "platform": {"architecture": arch, "os": "linux"}}
 
 
 def make_layout(

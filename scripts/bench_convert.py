@@ -239,10 +239,7 @@ def bench_toc(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--no-markdown", action="store_true", help="only write .bench/ JSON")
+    p = bl.bench_parser(__doc__)
     args = p.parse_args()
     args.reps = args.reps or (2 if args.quick else 3)
     bl.sigterm_as_interrupt()

@@ -8,6 +8,7 @@ go to ``.bench/<name>.json`` (gitignored) and a Markdown section appended to BEN
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import io
@@ -149,6 +150,24 @@ def command_line() -> str:
 
 
 # ----------------------------------------------------------------------------- output
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every benchmark takes: --quick, --reps (a default per script) and
+    --no-markdown; a script adds its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-markdown", action="store_true", help="only write .bench/ JSON")
+    return p
+
+
+def work_dir(name: str) -> Path:
+    """An empty .bench/work-NAME (what a killed run left there is removed)."""
+    work = BENCH_DIR / f"work-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
 
 
 def write_json(name: str, data: dict[str, Any]) -> Path:

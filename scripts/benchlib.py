@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 from lazyfs.fs.daemon import clear_mountpoint  # noqa: E402
 from lazyfs.process import stop_process  # noqa: E402
+from lazyfs.testing.mounts import walk_lstat  # noqa: E402, F401 - the benchmarks' walk
 
 MTIME = 1_700_000_000
 MiB = 1 << 20
@@ -469,11 +470,3 @@ def read_file(path: Path, bufsize: int = MiB) -> int:
     return n
 
 
-def walk_lstat(root: Path) -> int:
-    """os.walk + lstat of every entry; returns the number of entries."""
-    n = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.lstat(os.path.join(dirpath, name))
-            n += 1
-    return n

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import trio
 import zstandard
-from lazyfs_tools.convert import convert
 
 from lazyfs.delta.patch import (
     BaseChunk,
@@ -41,7 +40,7 @@ from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 from tests.test_store import MemSource
@@ -139,8 +138,7 @@ def new_layers() -> list[bytes]:
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("delta-images")
     for tag, tars in (("v1", old_layers()), ("v2", new_layers())):
-        make_layout(d / f"src-{tag}", tars, kind="gzip", tag=tag)
-        convert(f"oci:{d / f'src-{tag}'}:{tag}", f"oci:{d / tag}:{tag}", chunk_size=CHUNK)
+        make_lazy_layout(d / tag, tars, tag=tag, chunk_size=CHUNK)
     return d / "v1", d / "v2"
 
 

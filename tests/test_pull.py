@@ -30,7 +30,14 @@ from lazyfs.store import ChunkCache, LayerStats, layer_chunks
 from lazyfs.store.tocs import load_tocs
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.layers import (
+    Item,
+    make_layout,
+    make_lazy_layout,
+    make_tar,
+    sample_items,
+    seeded_bytes,
+)
 from lazyfs.testing.mounts import lazyfs_cmd, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
@@ -268,9 +275,7 @@ def image_layers() -> list[bytes]:
 @pytest.fixture(scope="module")
 def lazy_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pull-image")
-    make_layout(d / "src", image_layers(), kind="gzip", tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
-    return d / "lazy"
+    return make_lazy_layout(d / "lazy", image_layers())
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,13 @@ from pathlib import Path
 import httpx
 from lazyfs_snapshotter.api import snapshots_pb2
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
-from lazyfs_tools.convert import convert
 
 from lazyfs.fs.unmount import mounts_under
 from lazyfs.ocilayout import Layout
 from lazyfs.process import wait_pid
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar
 from lazyfs.testing.mounts import Mount, start_mount
 from tests.support.fixtures import registry  # noqa: F401 - fixture
 from tests.test_snapshotter_lazy import (  # noqa: F401 - fixture
@@ -67,8 +66,7 @@ class _Image:
 
 
 def _push(work: Path, reg: RegistryInstance, host: str, name: str, tars: list[bytes]) -> _Image:
-    make_layout(work / f"{name}-src", tars, tag="v1")
-    convert(f"oci:{work / f'{name}-src'}:v1", f"oci:{work / name}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(work / name, tars)
     push_oci_layout(work / name, f"{reg.host}/{name}/app:v1", tag="v1")
     lay = Layout(work / name)
     layers = [layer.digest for layer in lay.manifest("v1").layers]

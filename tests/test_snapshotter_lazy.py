@@ -43,7 +43,7 @@ from lazyfs.process import wait_pid
 from lazyfs.testing.containerd import ContainerdInstance
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_layout, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items
 from lazyfs.testing.tokenserver import TokenServer
 from tests.support.fixtures import TOKEN_USER, registry  # noqa: F401 - fixture
@@ -80,8 +80,7 @@ def env(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory  # 
         Item("etc", "dir", mode=0o755), Item("etc/hello", data=HELLO),
         Item("data", "dir", mode=0o755), Item("data/late.bin", data=LATE),
     ])
-    make_layout(d / "src", [base, top], tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(d / "lazy", [base, top])
     push_oci_layout(d / "lazy", f"{registry.host}/lazy/app:v1", tag="v1")
     # Other layers than the lazy image's: a conversion keeps diff_ids, so the same layers in
     # gzip would find their chain already there and never reach Prepare.

@@ -15,7 +15,6 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
-from lazyfs_tools.convert import convert
 
 from lazyfs.errors import RemoteError
 from lazyfs.formats.toc import Chunk, Entry
@@ -26,7 +25,7 @@ from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
@@ -44,8 +43,7 @@ def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     d = tmp_path_factory.mktemp("stream")
     items = [Item("app", "dir", mode=0o755)]
     items += [Item(n, data=b) for n, b in (FILES | SMALL).items()]
-    make_layout(d / "src", [make_tar(items)], tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(d / "lazy", [make_tar(items)])
     push_oci_layout(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
 
     async def layer() -> tuple[str, str]:

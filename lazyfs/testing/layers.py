@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zstandard
+from lazyfs_tools.convert import convert
 
 from lazyfs.ocilayout import Layout
 
@@ -192,3 +193,17 @@ def make_layout(
     top.pop("platform", None)
     Layout(layout).write_top([top])
     return layout
+
+
+CHUNK = 64 * 1024  # make_lazy_layout's chunks: small, so that a test's few files span several
+
+
+def make_lazy_layout(
+    dst: Path, tars: list[bytes], *, tag: str = "v1", kind: str = "gzip", chunk_size: int = CHUNK
+) -> Path:
+    """An image of ``tars`` converted for lazy pulling (zstd:chunked) into the OCI layout
+    ``dst``, tagged ``tag``; the source layout (``kind`` layers) stays beside it as DST-src."""
+    src = dst.with_name(f"{dst.name}-src")
+    make_layout(src, tars, kind=kind, tag=tag)
+    convert(f"oci:{src}:{tag}", f"oci:{dst}:{tag}", chunk_size=chunk_size)
+    return dst

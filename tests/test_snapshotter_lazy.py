@@ -34,7 +34,6 @@ from lazyfs_snapshotter.remote import (
     TARGET_LABEL,
 )
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
-from lazyfs_tools.convert import convert
 
 from lazyfs.fs.daemon import Daemon
 from lazyfs.fs.unmount import is_mounted
@@ -356,10 +355,9 @@ def test_credentials_from_docker_config_and_expiring_tokens(
                                                  expires_in=7))
         reg = stack.enter_context(RegistryInstance(work / "registry",
                                                    token=tokens.registry_auth))
-        make_layout(work / "src", [make_tar(host_rootfs_items()), make_tar([
+        make_lazy_layout(work / "lazy", [make_tar(host_rootfs_items()), make_tar([
             Item("etc", "dir", mode=0o755), Item("etc/hello", data=HELLO),
-            Item("data", "dir", mode=0o755), Item("data/late.bin", data=LATE)])], tag="v1")
-        convert(f"oci:{work / 'src'}:v1", f"oci:{work / 'lazy'}:v1", chunk_size=64 * 1024)
+            Item("data", "dir", mode=0o755), Item("data/late.bin", data=LATE)])])
         push_oci_layout(work / "lazy", f"{reg.host}/auth/app:v1", tag="v1", creds=TOKEN_USER)
         lazy = Layout(work / "lazy")
         auth = base64.b64encode(":".join(TOKEN_USER).encode()).decode()

@@ -49,6 +49,7 @@ from tests.support.fixtures import TOKEN_USER, registry  # noqa: F401 - fixture
 from tests.test_snapshotter_containerd import (
     collect_garbage,
     db_rows,
+    remove_images,
     snapshots,
     wait_reconnected,
 )
@@ -204,12 +205,7 @@ def test_rpull_fetches_only_tocs_runs_and_gc_cleans(env: Env, base_dir: Path) ->
         assert "pulling normally" in log and "is not lazy" in log, "\n".join(
             line for line in log.splitlines() if "prepare" in line)
 
-        for ref in (env.lazy, env.plain):
-            ctrd.ctr("images", "rm", "--sync", ref, capture=True)
-        deadline = time.monotonic() + 30
-        while (snapshots(ctrd) or db_rows(sp.root)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert snapshots(ctrd) == {} and db_rows(sp.root) == []
+        remove_images(ctrd, sp.root, env.lazy, env.plain)
         assert daemons(sp.root) == [] and lazy_mounts(sp.root) == []
         assert list((sp.root / "mnt").iterdir()) == []
         assert "Traceback" not in sp.log_text()

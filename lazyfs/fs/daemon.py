@@ -204,7 +204,8 @@ def _forked(
         except DaemonFailed as e:
             if str(e) == LOST:
                 raise ForkServerError(LOST) from None
-            wait_pid(pid, None)  # it is on its way out (its server reaps it)
+            if not wait_pid(pid, 10.0):  # it said its error and is on its way out
+                stop_process(pid)
             raise LazyfsError(str(e) or "daemon exited") from None
         except BaseException:
             with contextlib.suppress(ProcessLookupError):

@@ -88,6 +88,10 @@ class StatsReport(msgspec.Struct):
     rss_bytes: int = 0
     cache: CacheUsage | None = None
     readdir_requests: int = 0  # listings the kernel asked for (not served from its cache)
+    # While layers without a TOC were pending: requests answered from the layers above them,
+    # and requests that waited for them.
+    answered_early: int = 0
+    waited_for_layers: int = 0
     log: str | None = None  # the daemon's log file
 
 

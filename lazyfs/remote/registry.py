@@ -210,7 +210,7 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class _DefaultTLS(ssl.SSLContext):
+class DefaultTLS(ssl.SSLContext):
     """httpx's default verification (certifi's CAs) with the CA bundle loaded at the first
     TLS handshake rather than when a client is made: a plain-HTTP registry never loads it
     (0.07-0.1 s), and a fork server loads it once for all its daemons (:func:`default_tls`)."""
@@ -231,15 +231,15 @@ class _DefaultTLS(ssl.SSLContext):
         return super().wrap_socket(*args, **kwargs)
 
 
-_default_tls: _DefaultTLS | None = None
+_default_tls: DefaultTLS | None = None
 
 
-def default_tls() -> ssl.SSLContext:
+def default_tls() -> DefaultTLS:
     """The one context every verifying client without its own CAs shares (what httpx would
     build per client: ``ssl.create_default_context(cafile=certifi.where())``)."""
     global _default_tls
     if _default_tls is None:
-        _default_tls = _DefaultTLS(ssl.PROTOCOL_TLS_CLIENT)  # verifies host and chain
+        _default_tls = DefaultTLS(ssl.PROTOCOL_TLS_CLIENT)  # verifies host and chain
     return _default_tls
 
 

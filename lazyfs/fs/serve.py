@@ -211,6 +211,7 @@ class _Mount:
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
                 readdir_requests=self.ops.readdir_requests if self.ops is not None else 0,
+                requests=dict(self.ops.requests) if self.ops is not None else {},
                 log=opts.log,
             )
         if request.get("cmd") == "trace":

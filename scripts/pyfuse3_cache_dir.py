@@ -100,7 +100,9 @@ def _patch_ino_fh(text: str) -> str:
             f"  {INO_FH_MARK}\n"
             f"  if (__pyx_v_fi->fh == 0) __pyx_v_fi->fh = {INO_FH} | __pyx_v_ino;\n"
         )
-        text = head.sub(lambda m: m.group(0) + fix, text)
+        m = head.search(text)
+        assert m is not None
+        text = text[: m.end()] + fix + text[m.end() :]
     if text.count(ATOMIC_O_TRUNC) != 1:
         raise SystemExit("pyfuse3_cache_dir: fuse_init is not the expected one")
     no_trunc = f"  {INO_FH_MARK}\n  __pyx_v_conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;\n"
@@ -213,7 +215,8 @@ def main() -> int:
         build(src, built)
         os.replace(built, so)
     stamp.write_text(str(so.stat().st_mtime_ns))
-    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir, noflush, opendir in C, no_open")
+    done = "cache_readdir, noflush, opendir in C, no_open"
+    print(f"pyfuse3_cache_dir: rebuilt {so.name} with {done}")
     return 0
 
 

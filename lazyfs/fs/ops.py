@@ -315,7 +315,9 @@ class Operations(_Guarded):
         keeps an unlinked open file readable and writable, so keep a descriptor until the
         kernel forgets the inode (afterwards the path leads nowhere, or to another file)."""
         if node.lookups > 0 and node.ino not in self._fds:
-            self._fds[node.ino] = self._open_upper(path)
+            st = self._need_upper().lstat(path)
+            if st is not None and stat.S_ISREG(st.st_mode):  # the kernel serves the others
+                self._fds[node.ino] = self._open_upper(path)
 
     def _upper_stat(self, node: Node) -> os.stat_result:
         fd = self._fds.get(node.ino) if node.nlink <= 0 else None

@@ -4,9 +4,10 @@ layer for everything that changes.
 An entry is promoted (copied up, :mod:`lazyfs.fs.copyup`) on its first write or metadata
 change, parents first.  Files have no per-open state: the daemon answers ENOSYS to the first
 OPEN (the kernel's no_open; a ``--trace`` mount keeps OPEN so that the trace sees opens), so
-the kernel opens and closes files without asking, and reads and writes arrive by inode.  Deleting a lower entry leaves a whiteout in the upper directory.  The
-in-memory :class:`~lazyfs.fs.tree.Tree` is the truth for names; the upper directory mirrors it
-so a remount shows the same tree.
+the kernel opens and closes files without asking, and reads and writes arrive by inode.
+Deleting a lower entry leaves a whiteout in the upper directory.  The in-memory
+:class:`~lazyfs.fs.tree.Tree` is the truth for names; the upper directory mirrors it so a
+remount shows the same tree.
 
 No exception leaves a handler: pyfuse3 would end the mount for every process using it.  Each
 handler is wrapped once (:class:`_Guarded`): an OSError answers its errno, anything else is

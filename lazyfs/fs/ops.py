@@ -320,7 +320,10 @@ class Operations(_Guarded):
         if node.lookups > 0 and node.ino not in self._fds:
             st = self._need_upper().lstat(path)
             if st is not None and stat.S_ISREG(st.st_mode):  # the kernel serves the others
-                self._fds[node.ino] = self._open_upper(path)
+                try:
+                    self._fds[node.ino] = self._open_upper(path)
+                except OSError as e:  # the unlink still happens; a reader left may see EIO
+                    log.warning("%s: no descriptor kept at unlink: %s", "/".join(path), e)
 
     def _upper_stat(self, node: Node) -> os.stat_result:
         fd = self._fds.get(node.ino) if node.nlink <= 0 else None

@@ -283,3 +283,22 @@ def test_files_are_read_and_written_without_open_requests(tmp_path: Path) -> Non
         assert after.get("open", 0) == 1 and after.get("flush", 0) <= 1, after
         assert after.get("release", 0) <= after.get("create", 0), after
         assert m.stats()["handler_errors"] == 0
+
+
+def test_a_trace_still_sees_every_open(tmp_path: Path) -> None:
+    """A ``--trace`` mount keeps OPEN (the trace records opens), with files still served by
+    inode."""
+    files = [Item("a", data=b"A"), Item("b", data=b"B")]
+    make_layout(tmp_path / "src", [make_tar(files)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    args = ("--upper", str(tmp_path / "upper"), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    trace = ("--trace", str(tmp_path / "trace.json"))
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args, *trace) as m:
+        for _ in range(3):
+            assert (m.mountpoint / "a").read_bytes() == b"A"
+            assert (m.mountpoint / "b").read_bytes() == b"B"
+        (m.mountpoint / "a").write_bytes(b"AA")  # O_TRUNC, then a copy-up at the write
+        assert (m.mountpoint / "a").read_bytes() == b"AA"
+        got = requests(m.mountpoint)
+        assert got.get("open", 0) >= 7 and got.get("flush", 0) == 0, got
+        assert m.stats()["handler_errors"] == 0

@@ -322,7 +322,7 @@ class Operations(_Guarded):
             if st is not None and stat.S_ISREG(st.st_mode):  # the kernel serves the others
                 try:
                     self._fds[node.ino] = self._open_upper(path)
-                except OSError as e:  # the unlink still happens; a reader left may see EIO
+                except OSError as e:  # the unlink still happens; a reader left sees ENOENT
                     log.warning("%s: no descriptor kept at unlink: %s", "/".join(path), e)
 
     def _upper_stat(self, node: Node) -> os.stat_result:

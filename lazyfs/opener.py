@@ -8,7 +8,9 @@ size (which a registry that ignores Range needs, or each read downloads the pref
 A layer without a TOC is fetched whole and indexed (:mod:`lazyfs.store.wholelayer`): before
 ``open_image`` returns, or, with ``background`` (the mount daemon), after: the image is then
 returned at once with ``layers`` empty, the caller starts the downloads in a nursery of its
-own (``start_background``), and ``complete()`` waits for them and fills ``layers``.
+own (``start_background``), and ``complete()`` waits for them and fills ``layers``.  The
+layers above the topmost pending one are known meanwhile (``layers_above_pending``): the
+mount answers from them what no pending layer can change.
 """
 
 from __future__ import annotations
@@ -89,22 +91,23 @@ class LayerIndexing:
             self._fill()
             self.complete = True
 
+    def above_pending(self) -> list[OpenedLayer]:
+        """The layers above the topmost one still pending, in manifest order: their TOCs are
+        final already (empty when complete, or when the top layer is pending)."""
+        if self.complete:
+            return []
+        pending = {p.desc.digest for p in self._pending}
+        top = max(i for i, li in enumerate(self._infos) if li.descriptor.digest in pending)
+        return [self._open(li) for li in self._infos[top + 1 :]]
+
     def _fill(self) -> None:
-        whole, store = self._whole, self._store
-        self.layers[:] = [
-            OpenedLayer(
-                li.descriptor,
-                li.location,
-                li.toc,
-                store.add_layer(
-                    li.descriptor.digest,
-                    whole.sources.get(li.descriptor.digest, self._source),
-                    li.toc,
-                    li.descriptor.size,
-                ),
-            )
-            for li in self._infos
-        ]
+        self.layers[:] = [self._open(li) for li in self._infos]
+
+    def _open(self, li: LayerInfo) -> OpenedLayer:
+        digest = li.descriptor.digest
+        source = self._whole.sources.get(digest, self._source)
+        layer = self._store.add_layer(digest, source, li.toc, li.descriptor.size)
+        return OpenedLayer(li.descriptor, li.location, li.toc, layer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,10 @@ class OpenedImage:
         """Wait until every layer is indexed and ``layers`` filled; raises LazyfsError when a
         layer fetched in the background failed (the next call tries it again)."""
         await self.indexing.wait()
+
+    def layers_above_pending(self) -> list[OpenedLayer]:
+        """While layers are pending: those above the topmost of them (see LayerIndexing)."""
+        return self.indexing.above_pending()
 
     def plain_descriptors(self) -> list[oci.Descriptor]:
         """The layers without a TOC (fetched whole), in manifest order."""

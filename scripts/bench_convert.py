@@ -239,10 +239,7 @@ def bench_toc(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--no-markdown", action="store_true", help="only write .bench/ JSON")
+    p = bl.bench_parser(__doc__)
     args = p.parse_args()
     args.reps = args.reps or (2 if args.quick else 3)
     bl.sigterm_as_interrupt()
@@ -256,13 +253,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     result = {"machine": machine, "command": bl.command_line(), "convert": conv, "toc": toc}
     result["elapsed_s"] = time.perf_counter() - t0
-    path = bl.write_json("convert-quick" if args.quick else "convert", result)
-    bl.log(f"wrote {path}")
-    body = conv_md + "\n" + toc_md
-    print(body)
-    if not args.no_markdown:
-        title = "Conversion and TOC" + (" (quick)" if args.quick else "")
-        bl.append_markdown(title, machine, bl.command_line(), body)
+    bl.publish("convert", "Conversion and TOC", result, conv_md + "\n" + toc_md, machine,
+               quick=args.quick, markdown=not args.no_markdown)
     return 0
 
 

@@ -12,7 +12,6 @@ Run from the repo root: ``.venv/bin/python scripts/bench_fetch.py [--quick] [--r
 
 from __future__ import annotations
 
-import argparse
 import random
 import shutil
 import subprocess
@@ -124,10 +123,7 @@ def mount_stats(mnt: Path) -> dict[str, Any]:
 def main() -> int:
     from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--no-markdown", action="store_true")
+    p = bl.bench_parser(__doc__)
     args = p.parse_args()
     reps = args.reps or (2 if args.quick else 5)
     big_size = (20 if args.quick else 200) * MiB
@@ -140,9 +136,7 @@ def main() -> int:
     small = bl.lazy_image(f"fetch-small-{n_small}", lambda: small_files(n_small))
     big_digest, big_blob = bl.layer_blob(big)
     small_blob = bl.layer_blob(small)[1]
-    work = bl.BENCH_DIR / "work-fetch"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = bl.work_dir("fetch")
     res: dict[str, Any] = {"big_file_bytes": big_size, "big_blob_bytes": big_blob}
     try:
         with RegistryInstance(work / "registry") as reg:
@@ -304,12 +298,8 @@ def main() -> int:
         }
     )
     result = {"machine": machine, "command": bl.command_line(), **res}
-    path = bl.write_json("fetch-quick" if args.quick else "fetch", result)
-    bl.log(f"wrote {path}")
-    print(body)
-    if not args.no_markdown:
-        title = "Cold fetch" + (" (quick)" if args.quick else "")
-        bl.append_markdown(title, machine, bl.command_line(), body)
+    bl.publish("fetch", "Cold fetch", result, body, machine, quick=args.quick,
+               markdown=not args.no_markdown)
     return 0
 
 

@@ -13,7 +13,6 @@ Run from the repo root: ``.venv/bin/python scripts/bench_mount.py [--quick] [--r
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -279,19 +278,14 @@ def fmt_s(s: bl.Summary) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--no-markdown", action="store_true")
+    p = bl.bench_parser(__doc__)
     p.add_argument("--only", choices=("reads", "walk", "startup"), action="append")
     args = p.parse_args()
     reps = args.reps or (2 if args.quick else 5)
     only = set(args.only or ("reads", "walk", "startup"))
     bl.sigterm_as_interrupt()
     machine = bl.machine_info()
-    work = bl.BENCH_DIR / "work-mount"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = bl.work_dir("mount")
     t0 = time.perf_counter()
     result: dict[str, Any] = {"machine": machine, "command": bl.command_line()}
     bodies = []
@@ -312,13 +306,9 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["elapsed_s"] = time.perf_counter() - t0
-    path = bl.write_json("mount-quick" if args.quick else "mount", result)
-    bl.log(f"wrote {path} ({result['elapsed_s']:.0f} s)")
-    body = "\n".join(bodies)
-    print(body)
-    if not args.no_markdown:
-        title = "Mounted filesystem" + (" (quick)" if args.quick else "")
-        bl.append_markdown(title, machine, bl.command_line(), body)
+    bl.log(f"took {result['elapsed_s']:.0f} s")
+    bl.publish("mount", "Mounted filesystem", result, "\n".join(bodies), machine,
+               quick=args.quick, markdown=not args.no_markdown)
     return 0
 
 

@@ -11,7 +11,6 @@ Run from the repo root: ``.venv/bin/python scripts/bench_trace.py [--quick] [--r
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from pathlib import Path
@@ -86,17 +85,12 @@ def bench(reps: int, big: int, nfiles: int, work: Path) -> tuple[dict[str, Any],
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--no-markdown", action="store_true")
+    p = bl.bench_parser(__doc__)
     args = p.parse_args()
     reps = args.reps or (2 if args.quick else 5)
     bl.sigterm_as_interrupt()
     machine = bl.machine_info()
-    work = bl.BENCH_DIR / "work-trace"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = bl.work_dir("trace")
     try:
         result, body = bench(
             reps, (32 if args.quick else 256) * MiB, 1_000 if args.quick else 10_000, work
@@ -104,12 +98,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(machine=machine, command=bl.command_line())
-    path = bl.write_json("trace-quick" if args.quick else "trace", result)
-    bl.log(f"wrote {path}")
-    print(body)
-    if not args.no_markdown:
-        title = "Tracing overhead" + (" (quick)" if args.quick else "")
-        bl.append_markdown(title, machine, bl.command_line(), body)
+    bl.publish("trace", "Tracing overhead", result, body, machine, quick=args.quick,
+               markdown=not args.no_markdown)
     return 0
 
 

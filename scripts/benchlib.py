@@ -8,6 +8,7 @@ go to ``.bench/<name>.json`` (gitignored) and a Markdown section appended to BEN
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import io
@@ -36,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 from lazyfs.fs.daemon import clear_mountpoint  # noqa: E402
 from lazyfs.process import stop_process  # noqa: E402
+from lazyfs.testing.mounts import walk_lstat  # noqa: E402, F401 - the benchmarks' walk
 
 MTIME = 1_700_000_000
 MiB = 1 << 20
@@ -151,10 +153,40 @@ def command_line() -> str:
 # ----------------------------------------------------------------------------- output
 
 
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every benchmark takes: --quick, --reps (a default per script) and
+    --no-markdown; a script adds its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--no-markdown", action="store_true", help="only write .bench/ JSON")
+    return p
+
+
+def work_dir(name: str) -> Path:
+    """An empty .bench/work-NAME (what a killed run left there is removed)."""
+    work = BENCH_DIR / f"work-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
 def write_json(name: str, data: dict[str, Any]) -> Path:
     BENCH_DIR.mkdir(exist_ok=True)
     path = BENCH_DIR / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def publish(name: str, title: str, result: dict[str, Any], body: str, machine: dict[str, Any], *,
+            quick: bool = False, markdown: bool = True) -> Path:
+    """A benchmark's end: its JSON (NAME-quick.json for a quick run), its markdown printed and,
+    unless ``markdown`` is off, appended to BENCHMARKS.md under TITLE."""
+    path = write_json(f"{name}-quick" if quick else name, result)
+    log(f"wrote {path}")
+    print(body)
+    if markdown:
+        append_markdown(title + (" (quick)" if quick else ""), machine, command_line(), body)
     return path
 
 
@@ -261,40 +293,16 @@ def write_tar(path: Path, files: Sequence[FileSpec]) -> int:
 def write_tar_layout(layout: Path, tar: Path, tag: str = "latest") -> Path:
     """An OCI layout of one image whose only layer is the uncompressed ``tar``."""
     from lazyfs.ocilayout import Layout
+    from lazyfs.testing.layers import put_image
 
     out = Layout(layout)
     out.init()
     digest, size = out.put_file(tar)
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [digest]},
+    layer: dict[str, object] = {
+        "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size
     }
-    cd, cn = out.put_json(config)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": cd,
-            "size": cn,
-        },
-        "layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": size}
-        ],
-    }
-    md, mn = out.put_json(manifest)
-    out.write_top(
-        [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": md,
-                "size": mn,
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ]
-    )
+    desc = put_image(out, [layer], [digest])
+    out.write_top([{**desc, "annotations": {"org.opencontainers.image.ref.name": tag}}])
     return layout
 
 
@@ -462,11 +470,3 @@ def read_file(path: Path, bufsize: int = MiB) -> int:
     return n
 
 
-def walk_lstat(root: Path) -> int:
-    """os.walk + lstat of every entry; returns the number of entries."""
-    n = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            os.lstat(os.path.join(dirpath, name))
-            n += 1
-    return n

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.cli import build_parser
@@ -25,7 +24,14 @@ from lazyfs.ocilayout import Layout
 from lazyfs.remote.registry import RegistrySource, transport_cause
 from lazyfs.testing.dockerregistry import RegistryInstance, free_port, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.layers import (
+    Item,
+    make_layout,
+    make_lazy_layout,
+    make_tar,
+    sample_items,
+    seeded_bytes,
+)
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import htpasswd_registry, registry  # noqa: F401
 
@@ -72,8 +78,7 @@ def test_version() -> None:
 @pytest.fixture(scope="module")
 def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> str:
     d = tmp_path_factory.mktemp("images")
-    make_layout(d / "src", [make_tar(sample_items())], tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(d / "lazy", [make_tar(sample_items())])
     push_oci_layout(d / "lazy", f"{registry.host}/eco/app:v1", tag="v1")
     return f"{registry.host}/eco/app:v1"
 
@@ -211,8 +216,7 @@ BIG = seeded_bytes(6 * 1024 * 1024, 77)
 
 def _push_big(registry: RegistryInstance, d: Path, repo: str) -> tuple[str, oci.Descriptor]:
     """A lazy image with one 6 MiB file in many chunks; (reference, its layer)."""
-    make_layout(d / "src", [make_tar([Item("big.bin", data=BIG)])], tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=256 * 1024)
+    make_lazy_layout(d / "lazy", [make_tar([Item("big.bin", data=BIG)])], chunk_size=256 * 1024)
     push_oci_layout(d / "lazy", f"{registry.host}/{repo}:v1", tag="v1")
     (layer,) = Layout(d / "lazy").manifest("v1").layers
     return f"{registry.host}/{repo}:v1", layer

@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-from lazyfs_tools.convert import convert
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.daemon import attach, spawn
 from lazyfs.fs.unmount import is_mounted, is_stale
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 
 DATA = seeded_bytes(200_000, 5)
 
@@ -20,9 +19,7 @@ DATA = seeded_bytes(200_000, 5)
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     d = tmp_path_factory.mktemp("daemon-image")
-    make_layout(d / "src", [make_tar([Item("f", data=DATA)])], tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
-    return f"oci:{d / 'lazy'}:v1"
+    return f"oci:{make_lazy_layout(d / 'lazy', [make_tar([Item('f', data=DATA)])])}:v1"
 
 
 def test_spawn_attach_stop_without_the_popen(image: str, tmp_path: Path) -> None:

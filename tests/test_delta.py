@@ -10,13 +10,11 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
 import zstandard
-from lazyfs_tools.convert import convert
 
 from lazyfs.delta.patch import (
     BaseChunk,
@@ -42,12 +40,11 @@ from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import mounted
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 from tests.test_store import MemSource
 
-REPO = Path(__file__).resolve().parent.parent
 CHUNK = 64 * 1024
 
 
@@ -141,8 +138,7 @@ def new_layers() -> list[bytes]:
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("delta-images")
     for tag, tars in (("v1", old_layers()), ("v2", new_layers())):
-        make_layout(d / f"src-{tag}", tars, kind="gzip", tag=tag)
-        convert(f"oci:{d / f'src-{tag}'}:{tag}", f"oci:{d / tag}:{tag}", chunk_size=CHUNK)
+        make_lazy_layout(d / tag, tars, tag=tag, chunk_size=CHUNK)
     return d / "v1", d / "v2"
 
 
@@ -157,13 +153,7 @@ def images(registry: RegistryInstance, layouts: tuple[Path, Path]) -> tuple[str,
 
 
 def lazyfs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lazyfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    return run(*lazyfs_cmd(*args), timeout=120)
 
 
 def pull(ref: str, cache: Path) -> PulledEvent:
@@ -189,6 +179,29 @@ def diff_report(old: str, new: str, cache: Path) -> dict[str, object]:
     assert res.returncode == 0, res.stderr
     report: dict[str, object] = json.loads(res.stdout)
     return report
+
+
+def nodes_holding_old(
+    old: str, new: str, tmp_path: Path, spares: int
+) -> tuple[Path, dict[str, object], list[Path]]:
+    """A node that pulled OLD, the chunks-only diff from it to NEW, and ``spares`` copies of
+    it (for mounts: the node's own cache is changed by a pull of NEW)."""
+    node = node_holding(old, tmp_path)
+    plain = diff_report(old, new, node)
+    copies = [tmp_path / f"spare{i}" for i in range(spares)]
+    for copy in copies:
+        shutil.copytree(node, copy)
+    return node, plain, copies
+
+
+def mount_serves_new(ref: str, cache: Path, mnt: Path, *args: str) -> list[dict[str, int]]:
+    """Mount NEW over ``cache``: every file reads as NEW's; the stats of each layer."""
+    with mounted(ref, mnt, "--read-only", "--plain-http", "--cache", str(cache), "--no-prefetch",
+                 *args) as m:  # fmt: skip
+        for path, data in NEW_FILES.items():
+            assert (m.mountpoint / path).read_bytes() == data, path
+        stats = m.stats()
+    return [layer["stats"] for layer in stats["layers"]]
 
 
 async def _push_deltas(old: str, new: str, cache: Path, tamper: str = "") -> int:
@@ -439,11 +452,7 @@ def test_pull_and_mount_use_patches(
     assert summary["files"] == 3
     assert summary["patch_bytes"] * 10 < summary["chunk_bytes"]
 
-    node = node_holding(old, tmp_path)
-    plain = diff_report(old, new, node)
-    spare = tmp_path / "spare"
-    shutil.copytree(node, spare)
-    shutil.copytree(node, tmp_path / "spare2")
+    node, plain, (spare, spare2) = nodes_holding_old(old, new, tmp_path, 2)
     fault_proxy.reset()
     pulled = pull(via(fault_proxy, new, registry), node)
     assert pulled.patch_bytes > 0
@@ -453,39 +462,22 @@ def test_pull_and_mount_use_patches(
     assert served == pulled.bytes_fetched + pulled.patch_bytes + sum(index_blob)
 
     # A mount of NEW on a node holding OLD serves NEW exactly, made from patches.
-    with mounted(
-        via(fault_proxy, new, registry),
-        tmp_path / "mnt",
-        "--read-only",
-        "--plain-http",
-        "--cache",
-        str(spare),
-        "--no-prefetch",
-    ) as m:
-        for path, data in NEW_FILES.items():
-            assert (m.mountpoint / path).read_bytes() == data, path
-        stats = m.stats()
-    layers = {s["digest"]: s["stats"] for s in stats["layers"]}
-    assert sum(s["provided_chunks"] for s in layers.values()) > 0
-    assert sum(s["patch_bytes"] for s in layers.values()) > 0
-    assert sum(s["patch_fallbacks"] for s in layers.values()) == 0
-
+    layers = mount_serves_new(via(fault_proxy, new, registry), spare, tmp_path / "mnt")
+    assert sum(s["provided_chunks"] for s in layers) > 0
+    assert sum(s["patch_bytes"] for s in layers) > 0
+    assert sum(s["patch_fallbacks"] for s in layers) == 0
     # --no-deltas: the same reads, from chunks only.
-    with mounted(
-        via(fault_proxy, new, registry), tmp_path / "mnt", "--read-only", "--plain-http",
-        "--cache", str(tmp_path / "spare2"), "--no-prefetch", "--no-deltas",
-    ) as m:  # fmt: skip
-        for path, data in NEW_FILES.items():
-            assert (m.mountpoint / path).read_bytes() == data, path
-        stats = m.stats()
-    assert all(s["stats"]["patch_bytes"] == 0 for s in stats["layers"])
-    assert all(s["stats"]["provided_chunks"] == 0 for s in stats["layers"])
+    layers = mount_serves_new(
+        via(fault_proxy, new, registry), spare2, tmp_path / "mnt", "--no-deltas"
+    )
+    assert all(s["patch_bytes"] == 0 for s in layers)
+    assert all(s["provided_chunks"] == 0 for s in layers)
 
 
 def _artifact_blobs(ref: str) -> list[str]:
     """The digests of the delta index blobs stored for ``ref`` (found by the pull)."""
 
-    async def run() -> list[str]:
+    async def find() -> list[str]:
         from lazyfs.delta.patch import DELTAS_ARTIFACT_TYPE
         from lazyfs.remote.referrers import list_referrers
 
@@ -502,7 +494,7 @@ def _artifact_blobs(ref: str) -> list[str]:
         finally:
             await source.aclose()
 
-    return trio.run(run)
+    return trio.run(find)
 
 
 @pytest.mark.parametrize("tamper", ["flip", "truncate", "wrong-base"])
@@ -515,20 +507,11 @@ def test_bad_patches_fall_back_to_chunks(
     old, new = images
     n = trio.run(_push_deltas, old, new, tmp_path / "builder", tamper)
     assert n == 3
-    node = node_holding(old, tmp_path)
-    plain = diff_report(old, new, node)
-    spare = tmp_path / "spare"
-    shutil.copytree(node, spare)
+    node, plain, (spare,) = nodes_holding_old(old, new, tmp_path, 1)
     pulled = pull(new, node)
     assert pulled.patch_bytes > 0
     assert pulled.bytes_fetched == plain["fetch_bytes"]  # every chunk came after all
-    with mounted(
-        new, tmp_path / "mnt", "--read-only", "--plain-http", "--cache", str(spare), "--no-prefetch"
-    ) as m:
-        for path, data in NEW_FILES.items():
-            assert (m.mountpoint / path).read_bytes() == data, path
-        stats = m.stats()
-    layers = [s["stats"] for s in stats["layers"]]
+    layers = mount_serves_new(new, spare, tmp_path / "mnt")
     assert sum(s["patch_fallbacks"] for s in layers) == 3
     assert sum(s["provided_chunks"] for s in layers) == 0
 

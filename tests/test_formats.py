@@ -7,6 +7,7 @@ import random
 import subprocess
 import tarfile
 
+import msgspec
 import pytest
 
 from lazyfs.errors import FormatError, IntegrityError
@@ -266,3 +267,30 @@ def test_a_chunk_cannot_inflate_past_its_size() -> None:
         decode_chunk("zstd", bomb, chunk)  # 10 zero bytes do not hash to that digest
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 64 * 1024
+
+
+def test_a_toc_with_header_spellings_decodes_to_normal_entries() -> None:
+    """What containers/storage writes (and lazyfs now too): names and hardlink targets as
+    spelt, type bits in modes, device numbers on a file, xattrs split between ``xattrs`` and
+    lazyfs's ``lazyfsXattrs``; lazyfs sees the normalised entries."""
+    doc = {
+        "version": 1,
+        "entries": [
+            {"type": "dir", "name": "./", "mode": 0o40755},
+            {"type": "dir", "name": "./etc", "mode": 0o40755, "accesstime": "2023-01-01T00:00:00Z"},
+            {"type": "reg", "name": "./etc/f", "mode": 0o100644, "devMajor": 7, "devMinor": 9,
+             "xattrs": {"user.a": "MQ=="}, "lazyfsXattrs": {"user.b": "Mg=="}},
+            {"type": "hardlink", "name": "./etc/h", "linkName": "./etc/f", "mode": 0o644},
+            {"type": "char", "name": "./null", "mode": 0o20666, "devMajor": 1, "devMinor": 3},
+        ],
+    }  # fmt: skip
+    toc = decode_toc(msgspec.json.encode(doc), compression="zstd", blob_size=100)
+    view = [(e.name, e.type, e.mode, e.link_name, e.dev_major, e.dev_minor, e.xattrs)
+            for e in toc.entries]  # fmt: skip
+    assert view == [
+        ("", "dir", 0o755, "", 0, 0, {}),
+        ("etc", "dir", 0o755, "", 0, 0, {}),
+        ("etc/f", "reg", 0o644, "", 0, 0, {"user.a": b"1", "user.b": b"2"}),
+        ("etc/h", "hardlink", 0o644, "etc/f", 0, 0, {}),
+        ("null", "char", 0o666, "", 1, 3, {}),
+    ]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from lazyfs_tools.convert import convert
 
 from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.fs.copyup import CopyUp
@@ -27,7 +26,7 @@ from lazyfs.fs.ops import HANDLERS
 from lazyfs.fs.unmount import is_mounted
 from lazyfs.fs.upper import Upper
 from lazyfs.store import ChunkCache, LayerStore
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import Mount, lazyfs_cmd, mounted, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,8 +35,7 @@ LONG2 = "m" * 255
 
 
 def build(tmp: Path, layers: list[list[Item]], name: str = "img") -> str:
-    make_layout(tmp / f"{name}-src", [make_tar(items) for items in layers], tag="v1")
-    convert(f"oci:{tmp / f'{name}-src'}:v1", f"oci:{tmp / name}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(tmp / name, [make_tar(items) for items in layers])
     return f"oci:{tmp / name}:v1"
 
 

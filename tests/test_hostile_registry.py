@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import trio
 import zstandard
-from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.errors import FormatError, RemoteError, first_error
@@ -34,7 +33,7 @@ from lazyfs.store.layerstore import LayerStore
 from lazyfs.store.tocs import load_layer, load_tocs
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 from tests.test_hostile_images import _declaring, _zstd_frame
@@ -103,8 +102,7 @@ def _image(d: Path, name: str, chunk_size: int = 64 * 1024, layers: int = 1) -> 
         Item("big.bin", data=BIG),
     ]
     tars = [make_tar(items)] + [make_tar([Item(f"l{i}", data=b"x")]) for i in range(1, layers)]
-    make_layout(d / f"{name}-src", tars, tag="v1")
-    convert(f"oci:{d / f'{name}-src'}:v1", f"oci:{d / name}:v1", chunk_size=chunk_size)
+    make_lazy_layout(d / name, tars, chunk_size=chunk_size)
     return d / name
 
 

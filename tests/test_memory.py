@@ -8,13 +8,13 @@ per file, is held under a bound with margin: a regression to the per-file cost o
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from lazyfs_tools.convert import convert
 
+from lazyfs.process import rss_bytes
 from lazyfs.testing.layers import Item, make_layout, make_tar
-from lazyfs.testing.mounts import mounted
+from lazyfs.testing.mounts import mounted, walk_lstat
 
 FILES = 10_000
 MAX_KIB_PER_FILE = 1.0  # measured: 0.81 at 10k files; 0.83 at 20k, 1.44 before (issue 13)
@@ -27,22 +27,6 @@ def _image(tmp: Path, name: str, n: int) -> str:
     return f"oci:{tmp / name}"
 
 
-def _walk(root: Path) -> int:
-    n = 0
-    for top, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.lstat(os.path.join(top, name))
-            n += 1
-    return n
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def test_daemon_rss_per_file_is_bounded(tmp_path: Path) -> None:
     rss: dict[int, int] = {}
     for n in (1, FILES):
@@ -50,7 +34,9 @@ def test_daemon_rss_per_file_is_bounded(tmp_path: Path) -> None:
         with mounted(
             image, tmp_path / f"mnt{n}", "--read-only", "--cache", str(tmp_path / "c")
         ) as m:
-            assert _walk(m.mountpoint) == n + (n + 99) // 100
-            rss[n] = _rss_kib(m.pid)
+            assert walk_lstat(m.mountpoint) == n + (n + 99) // 100
+            resident = rss_bytes(m.pid)
+            assert resident is not None, f"no VmRSS for {m.pid}"
+            rss[n] = resident // 1024
     per_file = (rss[FILES] - rss[1]) / FILES
     assert per_file <= MAX_KIB_PER_FILE, f"{per_file:.2f} KiB a file ({rss})"

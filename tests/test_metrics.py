@@ -12,7 +12,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from lazyfs_tools.convert import convert
 from prometheus_client.parser import text_string_to_metric_families
 
 from lazyfs.errors import LazyfsError
@@ -21,7 +20,7 @@ from lazyfs.fs.prefetch import PrefetchStats
 from lazyfs.fs.prometheus import DaemonStats, daemon_families, exposition, latency_buckets
 from lazyfs.store.chunkcache import CacheUsage
 from lazyfs.store.stats import LATENCY_BUCKETS, LayerStats
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -143,8 +142,7 @@ DATA = seeded_bytes(300_000, 21)
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     d = tmp_path_factory.mktemp("metrics-image")
     layers = [make_tar([Item("a", data=DATA)]), make_tar([Item("b", data=DATA[::-1])])]
-    make_layout(d / "src", layers, tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(d / "lazy", layers)
     return f"oci:{d / 'lazy'}:v1"
 
 

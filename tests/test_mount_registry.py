@@ -9,11 +9,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from lazyfs_tools.convert import convert
 
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.layers import (
+    Item,
+    make_lazy_layout,
+    make_tar,
+    sample_items,
+    seeded_bytes,
+)
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
@@ -24,8 +29,7 @@ def _image(d: Path, name: str, extra: list[Item]) -> Path:
     base = make_tar(
         [*sample_items(), Item("shared", "dir", mode=0o755), Item("shared/lib.so", data=SHARED)]
     )
-    make_layout(d / f"{name}-src", [base, make_tar(extra)], tag="v1")
-    convert(f"oci:{d / f'{name}-src'}:v1", f"oci:{d / name}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(d / name, [base, make_tar(extra)])
     return d / name
 
 
@@ -42,8 +46,7 @@ def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
             Item("only-b", data=seeded_bytes(1000, 5)),
         ]
     )
-    make_layout(d / "b-src", [other_base], tag="v1")
-    convert(f"oci:{d / 'b-src'}:v1", f"oci:{d / 'b'}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(d / "b", [other_base])
     push_oci_layout(a, f"{registry.host}/lazy/a:v1", tag="v1")
     push_oci_layout(d / "b", f"{registry.host}/lazy/b:v1", tag="v1")
     return {"a": "lazy/a:v1", "b": "lazy/b:v1"}

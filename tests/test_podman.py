@@ -8,9 +8,11 @@ the registry; podman's debug log says when it took the partial path.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +20,11 @@ from pathlib import Path
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.testing.cstorage import awkward_tars, concat
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.rootfs import host_rootfs_items
+from lazyfs.testing.layers import MTIME, Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items
 from tests.support.fixtures import registry  # noqa: F401
 
 PARTIAL = "Retrieved partial blob"
@@ -152,3 +155,51 @@ def test_podman_partial_pull_runs_and_updates_fetch_only_changed_files(
     lines = res.stdout.splitlines()
     assert lines[0] == "changed in v2"
     assert lines[1].split()[0] == hashlib.sha256(seeded_bytes(200_000, 4)).hexdigest()
+
+
+def test_podman_partial_pulls_layers_from_awkward_tars(
+    tmp_path: Path,
+    registry: RegistryInstance,  # noqa: F811
+    podman: tuple[Podman, FaultProxy],
+) -> None:
+    """A layer whose headers say more than a normalised TOC would (``./`` names, type bits in
+    modes, a V7 directory, GNU and PAX access/change times, a hardlink spelt ``./``) carries
+    a tar-split matching its TOC, and podman 4.3.1 still partial-pulls and runs it."""
+    pm, proxy = podman
+    tars = awkward_tars()
+    times = io.BytesIO()
+    with tarfile.open(fileobj=times, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("./t")
+        info.size, info.mtime = 3, MTIME
+        info.pax_headers = {"atime": "1700000001.5", "ctime": "1700000002"}
+        tf.addfile(info, io.BytesIO(b"tt\n"))
+    awkward = concat(
+        tars["dot-slash"], tars["mode-type-bits"], tars["gnu-atime-ctime"], times.getvalue()
+    )
+    base = make_tar(host_rootfs_items((*PROGRAMS, "/usr/bin/stat")))
+    make_layout(tmp_path / "src", [base, awkward])
+    convert(f"oci:{tmp_path / 'src'}:latest", f"oci:{tmp_path / 'lazy'}:latest")
+    push_oci_layout(tmp_path / "lazy", f"{registry.host}/awkward:v1")
+    sizes = sum(p.stat().st_size for p in (tmp_path / "lazy" / "blobs" / "sha256").iterdir())
+
+    proxy.reset()
+    log = pm.pull(f"{proxy.host}/awkward:v1")
+    assert log.count(PARTIAL) == 2, "podman did not partial-pull both layers"
+    assert proxy.blob_bytes < sizes * 1.05
+    res = pm.run(
+        "run", "--rm", "--network", "none", f"{proxy.host}/awkward:v1",
+        "/bin/sh", "-c",
+        "cat /etc/a /etc/h /usr/f /old/f /g /t && cat /etc/s && echo"
+        " && stat -c '%a %n' /usr /usr/f /old /old/f && stat -c '%h %n' /etc/a",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == [
+        "a" * 100 + "a" * 100 + "hello" + "abc" + "gg" + "tt",
+        # podman 4.3.1 spells the target "a" after a partial pull (it cleans it): the same file.
+        "a" * 100,
+        "755 /usr",
+        "644 /usr/f",
+        "755 /old",
+        "644 /old/f",
+        "2 /etc/a",  # /etc/h, spelt ./etc/a in its header, is a hardlink to it
+    ]

@@ -7,7 +7,6 @@ import io
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import msgspec
@@ -31,10 +30,17 @@ from lazyfs.store import ChunkCache, LayerStats, layer_chunks
 from lazyfs.store.tocs import load_tocs
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items, seeded_bytes
+from lazyfs.testing.layers import (
+    Item,
+    make_layout,
+    make_lazy_layout,
+    make_tar,
+    sample_items,
+    seeded_bytes,
+)
+from lazyfs.testing.mounts import lazyfs_cmd, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
-REPO = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9]*[A-Za-z]")
 MiB = 1 << 20
 
@@ -269,9 +275,7 @@ def image_layers() -> list[bytes]:
 @pytest.fixture(scope="module")
 def lazy_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pull-image")
-    make_layout(d / "src", image_layers(), kind="gzip", tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
-    return d / "lazy"
+    return make_lazy_layout(d / "lazy", image_layers())
 
 
 @pytest.fixture(scope="module")
@@ -296,13 +300,7 @@ def chunk_digests(layout: Path) -> dict[str, set[str]]:
 
 
 def lazyfs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "lazyfs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-    )
+    return run(*lazyfs_cmd(*args), timeout=60)
 
 
 def by_layer(events: list[object]) -> dict[str, list[ProgressEvent | DoneEvent]]:

@@ -158,6 +158,22 @@ def pushed(
     return registry, layout[1]
 
 
+@pytest.fixture(scope="module")
+def htpasswd_pushed(
+    htpasswd_registry: RegistryInstance, layout: tuple[Path, oci.Descriptor]
+) -> RegistryInstance:
+    push_oci_layout(layout[0], f"{htpasswd_registry.host}/app:v1", tag="v1", creds=HTPASSWD_USER)
+    return htpasswd_registry
+
+
+@pytest.fixture(scope="module")
+def token_pushed(
+    token_registry: RegistryInstance, layout: tuple[Path, oci.Descriptor]
+) -> RegistryInstance:
+    push_oci_layout(layout[0], f"{token_registry.host}/app:v1", tag="v1", creds=TOKEN_USER)
+    return token_registry
+
+
 def source(host: str, **kw: object) -> RegistrySource:
     return RegistrySource(host, "app", plain_http=True, retry=FAST, **kw)  # type: ignore[arg-type]
 
@@ -288,12 +304,10 @@ def test_platform_selection(registry: RegistryInstance, tmp_path: Path) -> None:
 
 
 def test_htpasswd_basic_auth(
-    htpasswd_registry: RegistryInstance,
-    layout: tuple[Path, oci.Descriptor],
+    htpasswd_pushed: RegistryInstance,
     tmp_path: Path,
 ) -> None:
-    push_oci_layout(layout[0], f"{htpasswd_registry.host}/app:v1", tag="v1", creds=HTPASSWD_USER)
-    host = htpasswd_registry.host
+    host = htpasswd_pushed.host
 
     async def main() -> None:
         src = source(host, credentials=Credentials(*HTPASSWD_USER))
@@ -318,14 +332,12 @@ def test_htpasswd_basic_auth(
 
 
 def test_bearer_token_auth(
-    token_registry: RegistryInstance,
+    token_pushed: RegistryInstance,
     token_server: TokenServer,
-    layout: tuple[Path, oci.Descriptor],
 ) -> None:
-    push_oci_layout(layout[0], f"{token_registry.host}/app:v1", tag="v1", creds=TOKEN_USER)
 
     async def main() -> None:
-        src = source(token_registry.host, credentials=Credentials(*TOKEN_USER))
+        src = source(token_pushed.host, credentials=Credentials(*TOKEN_USER))
         await _layer_checks(src)
         # One challenge, one token for the repository scope, then cache hits.
         assert src._authenticator(src.endpoints[0]).tokens_fetched == 1
@@ -333,7 +345,7 @@ def test_bearer_token_auth(
         await src.read_range(src_layer := (await resolve_image(src, "v1")).layers[0].digest, 0, 9)
         assert src_layer and len(token_server.requests) == before
         await src.aclose()
-        bad = source(token_registry.host, credentials=Credentials("bob", "nope"))
+        bad = source(token_pushed.host, credentials=Credentials("bob", "nope"))
         with pytest.raises(RemoteError, match="refused"):
             await bad.get_manifest("v1")
         await bad.aclose()
@@ -342,14 +354,12 @@ def test_bearer_token_auth(
 
 
 def test_token_expiry_refetches(
-    token_registry: RegistryInstance,
+    token_pushed: RegistryInstance,
     token_server: TokenServer,
-    layout: tuple[Path, oci.Descriptor],
 ) -> None:
-    push_oci_layout(layout[0], f"{token_registry.host}/app:v1", tag="v1", creds=TOKEN_USER)
 
     async def main() -> None:
-        src = source(token_registry.host, credentials=Credentials(*TOKEN_USER))
+        src = source(token_pushed.host, credentials=Credentials(*TOKEN_USER))
         await src.get_manifest("v1")
         auth = src._authenticator(src.endpoints[0])
         for tok in auth._tokens.values():
@@ -363,16 +373,14 @@ def test_token_expiry_refetches(
 
 
 def test_short_lived_tokens_are_used_and_renewed(
-    token_registry: RegistryInstance,
+    token_pushed: RegistryInstance,
     token_server: TokenServer,
-    layout: tuple[Path, oci.Descriptor],
 ) -> None:
     """A token living less than the renewal margin (here 2 s) is still sent, then renewed."""
-    push_oci_layout(layout[0], f"{token_registry.host}/app:v1", tag="v1", creds=TOKEN_USER)
     lifetime, token_server.expires_in = token_server.expires_in, 2
 
     async def main() -> None:
-        src = source(token_registry.host, credentials=Credentials(*TOKEN_USER))
+        src = source(token_pushed.host, credentials=Credentials(*TOKEN_USER))
         await src.get_manifest("v1")
         auth = src._authenticator(src.endpoints[0])
         assert auth.tokens_fetched == 1
@@ -504,11 +512,9 @@ def test_corrupt_blob_never_returned(
 
 
 def test_redirect_drops_authorization(
-    htpasswd_registry: RegistryInstance,
-    layout: tuple[Path, oci.Descriptor],
+    htpasswd_pushed: RegistryInstance,
 ) -> None:
-    push_oci_layout(layout[0], f"{htpasswd_registry.host}/app:v1", tag="v1", creds=HTPASSWD_USER)
-    with FaultProxy(htpasswd_registry.url) as front, FaultProxy(htpasswd_registry.url) as storage:
+    with FaultProxy(htpasswd_pushed.url) as front, FaultProxy(htpasswd_pushed.url) as storage:
         # The "storage backend" authorises by URL, like a presigned S3 link.
         storage.upstream_auth = (
             "Basic " + base64.b64encode(":".join(HTPASSWD_USER).encode()).decode()

@@ -13,31 +13,29 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-import subprocess
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import httpx
-import pytest
 from lazyfs_snapshotter.api import snapshots_pb2
-from lazyfs_snapshotter.remote import (
-    CRI_IMAGE_REF,
-    CRI_LAYER_DIGEST,
-    CRI_MANIFEST_DIGEST,
-    TARGET_LABEL,
-)
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
-from lazyfs_tools.convert import convert
 
 from lazyfs.fs.unmount import mounts_under
 from lazyfs.ocilayout import Layout
 from lazyfs.process import wait_pid
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
-from lazyfs.testing.layers import Item, make_layout, make_tar
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar
 from lazyfs.testing.mounts import Mount, start_mount
 from tests.support.fixtures import registry  # noqa: F401 - fixture
-from tests.test_snapshotter_lazy import base_dir, stop_daemons  # noqa: F401 - fixture
+from tests.test_snapshotter_lazy import (  # noqa: F401 - fixture
+    base_dir,
+    mount_container,
+    prepare_layers,
+    stop_daemons,
+)
 
 BASE = [Item("etc", "dir", mode=0o755), Item("etc/base", data=b"shared base\n"),
         Item("etc/gone-in-b", data=b"whited out by b\n")]  # fmt: skip
@@ -56,28 +54,44 @@ def _chain_ids(tars: list[bytes]) -> list[str]:
     return ids
 
 
-def _push(work: Path, reg: RegistryInstance, name: str, tars: list[bytes]) -> tuple[str, str,
-                                                                                   list[str]]:
-    make_layout(work / f"{name}-src", tars, tag="v1")
-    convert(f"oci:{work / f'{name}-src'}:v1", f"oci:{work / name}:v1", chunk_size=64 * 1024)
-    ref = f"{reg.host}/{name}/app:v1"
-    push_oci_layout(work / name, ref, tag="v1")
+@dataclass(frozen=True)
+class _Image:
+    ref: str  # by tag, at the host the snapshotter reaches the registry at
+    manifest: str
+    layers: list[str]
+    chains: list[str]
+
+    def prepare(self, c: Client, stargz: bool = False) -> None:
+        prepare_layers(c, self.ref, self.manifest, self.layers, self.chains, stargz)
+
+
+def _push(work: Path, reg: RegistryInstance, host: str, name: str, tars: list[bytes]) -> _Image:
+    make_lazy_layout(work / name, tars)
+    push_oci_layout(work / name, f"{reg.host}/{name}/app:v1", tag="v1")
     lay = Layout(work / name)
-    return ref, lay.find("v1").digest, [layer.digest for layer in lay.manifest("v1").layers]
+    layers = [layer.digest for layer in lay.manifest("v1").layers]
+    return _Image(f"{host}/{name}/app:v1", lay.find("v1").digest, layers, _chain_ids(tars))
 
 
-def _prepare_layers(c: Client, ref: str, manifest: str, layers: list[str],
-                    chains: list[str]) -> None:
-    """Prepare each layer as containerd's unpacker does; every one is answered
-    ALREADY_EXISTS (committed as remote now, or before by another image)."""
-    parent = ""
-    for i, (digest, chain) in enumerate(zip(layers, chains, strict=True)):
-        labels = {TARGET_LABEL: chain, CRI_IMAGE_REF: ref, CRI_LAYER_DIGEST: digest,
-                  CRI_MANIFEST_DIGEST: manifest}  # fmt: skip
-        with pytest.raises(grpc.RpcError) as err:
-            c.prepare(f"extract-{ref}-{i}", parent, labels)
-        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
-        parent = chain
+@contextmanager
+def _two_images(
+    reg: RegistryInstance, work: Path, base: Path, host: str = ""
+) -> Iterator[tuple[ExitStack, SnapshotterProcess, Client, _Image, _Image]]:
+    """Images a (BASE under TOP_A) and b (BASE under TOP_B) in ``reg``, and a snapshotter in
+    ``base`` that reaches them at ``host`` (the registry's own by default) over plain HTTP.
+    The stack stops it, and then every daemon it recorded, by PID."""
+    host = host or reg.host
+    shared = make_tar(BASE)
+    a = _push(work, reg, host, "a", [shared, make_tar(TOP_A)])
+    b = _push(work, reg, host, "b", [shared, make_tar(TOP_B)])
+    (work / "sn.toml").write_text(f'[registry]\nplain_http = ["{host}"]\n')
+    with ExitStack() as stack:
+        sp = SnapshotterProcess(base, args=("--config", str(work / "sn.toml")))
+        stack.callback(stop_daemons, sp.root)
+        stack.enter_context(sp)
+        c = Client(sp.address, namespace="k8s.io")
+        stack.callback(c.close)
+        yield stack, sp, c, a, b
 
 
 def _daemon_rows(root: Path) -> dict[str, tuple[int, str, str]]:
@@ -87,54 +101,32 @@ def _daemon_rows(root: Path) -> dict[str, tuple[int, str, str]]:
         return {chain: (pid, mnt, ref) for chain, pid, mnt, ref in rows}
 
 
-def _mount_container(stack: ExitStack, c: Client, key: str, parent: str, target: Path
-                     ) -> Path:
-    """A container's rootfs as containerd would mount it; unmounted before the daemons
-    stop (an overlay over a FUSE mount would keep its daemon from exiting)."""
-    (m,) = c.prepare(key, parent).mounts
-    target.mkdir()
-    subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)],
-                   check=True)  # fmt: skip
-    stack.callback(subprocess.run, ["umount", "-l", str(target)], check=False)
-    return target
-
-
 def test_images_sharing_a_base_mount_right_and_cleanup_sweeps_strays(
     registry: RegistryInstance,  # noqa: F811
     base_dir: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    base, top_a, top_b = make_tar(BASE), make_tar(TOP_A), make_tar(TOP_B)
-    ref_a, manifest_a, layers_a = _push(tmp_path, registry, "a", [base, top_a])
-    ref_b, manifest_b, layers_b = _push(tmp_path, registry, "b", [base, top_b])
-    assert layers_a[0] == layers_b[0]  # the same base blob (conversion is deterministic)
-    chains_a, chains_b = _chain_ids([base, top_a]), _chain_ids([base, top_b])
-    (tmp_path / "sn.toml").write_text(f'[registry]\nplain_http = ["{registry.host}"]\n')
-    with ExitStack() as stack:
-        # ROOT through a symlink: mountinfo shows the resolved path, the rows ROOT as given.
-        (base_dir / "real").mkdir()
-        (base_dir / "link").symlink_to(base_dir / "real")
-        sp = SnapshotterProcess(base_dir / "link", args=("--config", str(tmp_path / "sn.toml")))
-        stack.callback(stop_daemons, sp.root)
-        stack.enter_context(sp)
-        c = Client(sp.address, namespace="k8s.io")
-        stack.callback(c.close)
-        _prepare_layers(c, ref_a, manifest_a, layers_a, chains_a)
-        _prepare_layers(c, ref_b, manifest_b, layers_b, chains_b)
+    # ROOT through a symlink: mountinfo shows the resolved path, the rows ROOT as given.
+    (base_dir / "real").mkdir()
+    (base_dir / "link").symlink_to(base_dir / "real")
+    with _two_images(registry, tmp_path, base_dir / "link") as (stack, sp, c, a, b):
+        assert a.layers[0] == b.layers[0]  # the same base blob (conversion is deterministic)
+        a.prepare(c)
+        b.prepare(c)
 
-        root_b = _mount_container(stack, c, "ctr-b", chains_b[1], base_dir / "b")
+        root_b = mount_container(stack, c, "ctr-b", b.chains[1], base_dir / "b")
         assert sorted(os.listdir(root_b / "etc")) == ["b", "base"]  # b's whiteout applied
         assert (root_b / "etc/base").read_bytes() == b"shared base\n"
-        root_a = _mount_container(stack, c, "ctr-a", chains_a[1], base_dir / "a")
+        root_a = mount_container(stack, c, "ctr-a", a.chains[1], base_dir / "a")
         assert sorted(os.listdir(root_a / "etc")) == ["a", "base", "gone-in-b"]
         # A container of b right on the shared base (say, b's upper layers were pulled
         # normally): the base's one mount, made from a's manifest, holds the base only.
-        root_base = _mount_container(stack, c, "ctr-base", chains_b[0], base_dir / "base")
+        root_base = mount_container(stack, c, "ctr-base", b.chains[0], base_dir / "base")
         assert sorted(os.listdir(root_base / "etc")) == ["base", "gone-in-b"]
         rows = _daemon_rows(sp.root)
-        assert rows[chains_b[1]][2] == f"{registry.host}/b/app@{manifest_b}"
-        assert rows[chains_a[1]][2] == f"{registry.host}/a/app@{manifest_a}"
-        assert rows[chains_a[0]][2] == f"{registry.host}/a/app@{manifest_a}"
+        assert rows[b.chains[1]][2] == f"{registry.host}/b/app@{b.manifest}"
+        assert rows[a.chains[1]][2] == f"{registry.host}/a/app@{a.manifest}"
+        assert rows[a.chains[0]][2] == f"{registry.host}/a/app@{a.manifest}"
 
         # Strays under ROOT/mnt: a live daemon nobody recorded, a stale mount of a killed
         # one, an empty directory and a log.
@@ -168,28 +160,42 @@ def test_a_shared_chain_mounts_from_another_image_when_the_first_is_deleted(
     base_dir: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    base, top_a, top_b = make_tar(BASE), make_tar(TOP_A), make_tar(TOP_B)
-    ref_a, manifest_a, layers_a = _push(tmp_path, registry, "a", [base, top_a])
-    ref_b, manifest_b, layers_b = _push(tmp_path, registry, "b", [base, top_b])
-    chains_a, chains_b = _chain_ids([base, top_a]), _chain_ids([base, top_b])
-    (tmp_path / "sn.toml").write_text(f'[registry]\nplain_http = ["{registry.host}"]\n')
-    with ExitStack() as stack:
-        sp = SnapshotterProcess(base_dir / "sn", args=("--config", str(tmp_path / "sn.toml")))
-        stack.callback(stop_daemons, sp.root)
-        stack.enter_context(sp)
-        c = Client(sp.address, namespace="k8s.io")
-        stack.callback(c.close)
-        _prepare_layers(c, ref_a, manifest_a, layers_a, chains_a)  # commits the shared base
-        _prepare_layers(c, ref_b, manifest_b, layers_b, chains_b)
+    with _two_images(registry, tmp_path, base_dir / "sn") as (stack, sp, c, a, b):
+        a.prepare(c)  # commits the shared base
+        b.prepare(c)
         # a is deleted from its registry, and the node no longer holds its manifest.
-        res = httpx.delete(f"http://{registry.host}/v2/a/app/manifests/{manifest_a}")
+        res = httpx.delete(f"http://{registry.host}/v2/a/app/manifests/{a.manifest}")
         assert res.status_code == 202, res.text
-        (cached,) = (sp.root / "cache" / "documents").glob(f"*{manifest_a.split(':')[1]}*")
+        (cached,) = (sp.root / "cache" / "documents").glob(f"*{a.manifest.split(':')[1]}*")
         cached.unlink()
         # A container of b right on the shared base: its chain mounts from b's manifest.
-        root = _mount_container(stack, c, "ctr-base", chains_b[0], base_dir / "base")
+        root = mount_container(stack, c, "ctr-base", b.chains[0], base_dir / "base")
         assert sorted(os.listdir(root / "etc")) == ["base", "gone-in-b"]
         assert (root / "etc/base").read_bytes() == b"shared base\n"
-        assert _daemon_rows(sp.root)[chains_b[0]][2] == f"{registry.host}/b/app@{manifest_b}"
-        assert f"cannot mount chain {chains_b[0]} from {registry.host}/a/app@" in sp.log_text()
+        assert _daemon_rows(sp.root)[b.chains[0]][2] == f"{registry.host}/b/app@{b.manifest}"
+        assert f"cannot mount chain {b.chains[0]} from {registry.host}/a/app@" in sp.log_text()
         assert "Traceback" not in sp.log_text()
+
+
+def test_preparing_layers_found_there_asks_the_registry_nothing_again(
+    registry: RegistryInstance,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # Every layer of a re-pull, and the base of every image sharing it, is found there: its
+    # Prepare only names one more image for the chain, and one already held needs no lookup.
+    with (
+        FaultProxy(registry.url) as proxy,
+        _two_images(registry, tmp_path, base_dir / "sn", proxy.host) as (_, sp, c, a, b),
+    ):
+        a.prepare(c)
+        b.prepare(c)  # b names the base: b's manifest is asked for once
+        b.prepare(c, stargz=True)  # b's tag, looked up once
+        proxy.reset()
+        for img in (a, b, a, b):
+            img.prepare(c)
+            img.prepare(c, stargz=True)
+        assert proxy.requests == 0, proxy.paths
+        with sqlite3.connect(sp.root / "metadata.db") as conn:
+            refs = conn.execute("SELECT image_ref FROM remote_refs ORDER BY rowid").fetchall()
+        assert refs == [(f"{proxy.host}/b/app@{b.manifest}",)]

@@ -106,6 +106,17 @@ def snapshot_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "snapshots").iterdir())
 
 
+def remove_images(ctrd: ContainerdInstance, root: Path, *refs: str) -> None:
+    """Remove the images; containerd's GC then Removes their snapshots (waited for, at most
+    30 s): none is left, in containerd or in the metadata under ``root``."""
+    for ref in refs:
+        ctrd.ctr("images", "rm", "--sync", ref, capture=True)
+    deadline = time.monotonic() + 30
+    while (snapshots(ctrd) or db_rows(root)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert snapshots(ctrd) == {} and db_rows(root) == []
+
+
 def test_pull_run_inspect_and_gc_through_containerd(image: str, base_dir: Path) -> None:
     with ExitStack() as stack:
         sp = stack.enter_context(SnapshotterProcess(base_dir / "sn"))
@@ -157,12 +168,7 @@ def test_pull_run_inspect_and_gc_through_containerd(image: str, base_dir: Path) 
         assert "failed precondition" in rm_parent.stderr
 
         # Image removal: containerd's GC removes the snapshots through Remove, then Cleanup.
-        ctrd.ctr("images", "rm", "--sync", image, capture=True)
-        deadline = time.monotonic() + 30
-        while (snapshots(ctrd) or db_rows(sp.root)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert snapshots(ctrd) == {}
-        assert db_rows(sp.root) == []
+        remove_images(ctrd, sp.root, image)
         assert snapshot_dirs(sp.root) == []
         assert "Traceback" not in sp.log_text()
 
@@ -220,12 +226,7 @@ def test_snapshotter_killed_inside_a_commit_during_a_pull(image: str, base_dir: 
         wait_reconnected(ctrd)
         pull(ctrd, image)
         assert run_cat(ctrd, image, "after-crash") == HELLO.decode()
-        ctrd.ctr("images", "rm", "--sync", image, capture=True)
-        deadline = time.monotonic() + 30
-        while (snapshots(ctrd) or db_rows(plain.root)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert snapshots(ctrd) == {}
-        assert db_rows(plain.root) == []
+        remove_images(ctrd, plain.root, image)
         assert snapshot_dirs(plain.root) == []
 
 

@@ -20,12 +20,11 @@ from lazyfs_snapshotter.lazy import LazyLayers
 from lazyfs_snapshotter.metadata import RemoteLayerRow
 from lazyfs_snapshotter.remote import Chain
 from lazyfs_snapshotter.testing import SnapshotterProcess
-from lazyfs_tools.convert import convert
 
 from lazyfs.testing.containerd import ContainerdInstance
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items
 from tests.support.fixtures import registry  # noqa: F401 - fixture
 from tests.test_delta import edited
@@ -51,9 +50,7 @@ def test_a_node_holding_v1_runs_v2_from_patches(
     refs = {}
     for tag, data in (("v1", OLD), ("v2", NEW)):
         top = make_tar([Item("data", "dir", mode=0o755), Item("data/app.bin", data=data)])
-        make_layout(base_dir / f"src-{tag}", [base, top], tag=tag)
-        lazy = base_dir / f"lazy-{tag}"
-        convert(f"oci:{base_dir / f'src-{tag}'}:{tag}", f"oci:{lazy}:{tag}", chunk_size=64 * 1024)
+        lazy = make_lazy_layout(base_dir / f"lazy-{tag}", [base, top], tag=tag)
         refs[tag] = f"{registry.host}/deltas/app:{tag}"
         push_oci_layout(lazy, refs[tag], tag=tag)
     made = subprocess.run(

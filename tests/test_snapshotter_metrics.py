@@ -19,11 +19,10 @@ import grpc
 import pytest
 from lazyfs_snapshotter.metadata import MetadataStore
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
-from lazyfs_tools.convert import convert
 from prometheus_client.parser import text_string_to_metric_families
 
 from lazyfs.testing.dockerregistry import free_port
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import Mount, mounted
 from tests.test_metrics import Samples, samples, value
 
@@ -41,9 +40,7 @@ def base_dir() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     d = tmp_path_factory.mktemp("snap-metrics-image")
-    make_layout(d / "src", [make_tar([Item("f", data=DATA)])], tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
-    return f"oci:{d / 'lazy'}:v1"
+    return f"oci:{make_lazy_layout(d / 'lazy', [make_tar([Item('f', data=DATA)])])}:v1"
 
 
 def scrape(port: int) -> tuple[str, Samples]:

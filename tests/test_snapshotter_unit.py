@@ -300,6 +300,7 @@ class _LazyEverything:
         self.prepared: list[tuple[RemoteSource, int]] = []
         self.released: list[int] = []
         self.plain: set[str] = set()  # layer digests that are "not lazy"
+        self.named: list[str] = []  # image refs also_named was asked about (a registry lookup)
 
     def start(self, store: MetadataStore) -> None:
         self.store = store
@@ -311,8 +312,10 @@ class _LazyEverything:
         return Readiness(True, record=RemoteLayerRow("r/x@" + D1, D1, depth - 1, "{}"))
 
     def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
+        self.named.append(source.image_ref)
+        ref = source.known_ref() or f"{source.image_ref}@depth{depth}"  # a tag "resolved"
         with self.store.transaction() as tx:
-            tx.add_remote_ref(snap_id, f"{source.image_ref}@depth{depth}")
+            tx.add_remote_ref(snap_id, ref)
 
     def mount(self, chain: Chain) -> tuple[int, Path]:
         self.mounted = chain
@@ -380,6 +383,7 @@ def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -
         labels = {TARGET_LABEL: "L12", STARGZ_REF: image, STARGZ_DIGEST: D2}
         with pytest.raises(AlreadyExists):
             sn.prepare("ns", "x3", "L1", labels)
+    assert layers.named == ["b/c:d", "e/f:g"]  # a tag is looked up once
     sn.prepare("ns", "ctr", "L12", {})
     assert layers.mounted.refs == ("r/x@" + D1, "b/c:d@depth2", "e/f:g@depth2")
     sn.close()
@@ -394,6 +398,35 @@ def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -
         tx.add_remote_ref(row.id, "h/r@" + D2)
         assert tx.remote_refs(row.id) == ["r/x@" + D1, "h/r@" + D2]
     store.close()
+
+
+def test_a_layer_found_there_asks_the_registry_only_about_a_new_image(tmp_path: Path) -> None:
+    """Naming a chain by another image costs a lookup: none for an image held by digest, nor
+    for a tag this process looked up (or committed the snapshot from) before."""
+    layers = _LazyEverything(tmp_path)
+    sn = Snapshotter(tmp_path / "r", layers)
+
+    def cri(manifest: str) -> dict[str, str]:
+        return {TARGET_LABEL: "L1", CRI_IMAGE_REF: "h.io/e/f:g", CRI_LAYER_DIGEST: D1,
+                CRI_MANIFEST_DIGEST: manifest}  # fmt: skip
+
+    pinned = {TARGET_LABEL: "L1", STARGZ_REF: "h.io/e/f@" + D2, STARGZ_DIGEST: D1}
+    prepares = [_layer_labels("L1", D1), _layer_labels("L1", D1), cri(D2), cri(D2), pinned,
+                cri(D3)]  # fmt: skip
+    for labels in prepares:  # the first commits L1 from tag a/b:c; the others find it
+        with pytest.raises(AlreadyExists):
+            sn.prepare("ns", "x", "", labels)
+    assert layers.named == ["h.io/e/f:g", "h.io/e/f:g"]  # manifests D2 and D3
+    sn.close()
+    sn = Snapshotter(tmp_path / "r", layers)  # a new process looks a tag up again
+    for labels in (_layer_labels("L1", D1), cri(D2)):
+        with pytest.raises(AlreadyExists):
+            sn.prepare("ns", "x", "", labels)
+    assert layers.named[2:] == ["a/b:c"]
+    sn.prepare("ns", "ctr", "L1", {})
+    assert layers.mounted.refs == ("r/x@" + D1, "h.io/e/f@" + D2, "h.io/e/f@" + D3,
+                                   "a/b:c@depth1")  # fmt: skip
+    sn.close()
 
 
 def test_plain_layers_above_a_lazy_prefix_and_never_below(tmp_path: Path) -> None:

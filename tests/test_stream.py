@@ -8,24 +8,24 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import msgspec
 import pytest
 import trio
-from lazyfs_tools.convert import convert
 
 from lazyfs.errors import RemoteError
-from lazyfs.formats.toc import Chunk
+from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.opener import open_image
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import resolve_image
 from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
@@ -43,8 +43,7 @@ def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     d = tmp_path_factory.mktemp("stream")
     items = [Item("app", "dir", mode=0o755)]
     items += [Item(n, data=b) for n, b in (FILES | SMALL).items()]
-    make_layout(d / "src", [make_tar(items)], tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(d / "lazy", [make_tar(items)])
     push_oci_layout(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
 
     async def layer() -> tuple[str, str]:
@@ -60,8 +59,24 @@ def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     return {"dir": d, "manifest": manifest, "digest": digest, "blob": blob}
 
 
-def _source(proxy: FaultProxy) -> RegistrySource:
-    return RegistrySource(proxy.host, REPO, plain_http=True, retry=QUICK)
+@asynccontextmanager
+async def _source(proxy: FaultProxy) -> AsyncIterator[RegistrySource]:
+    src = RegistrySource(proxy.host, REPO, plain_http=True, retry=QUICK)
+    try:
+        yield src
+    finally:
+        await src.aclose()
+
+
+@asynccontextmanager
+async def _opened(
+    proxy: FaultProxy, cache: Path
+) -> AsyncIterator[tuple[LayerStore, Layer, dict[str, Entry]]]:
+    """The image opened through ``proxy``: its store, its one layer, and that layer's entries
+    by name."""
+    async with open_image(f"{proxy.host}/{REPO}:v1", cache_dir=cache, plain_http=True) as img:
+        layer = img.layers[0].layer
+        yield img.store, layer, layer.toc.by_name()
 
 
 async def _stream(src: RegistrySource, digest: str, start: int, end: int) -> bytes:
@@ -79,13 +94,10 @@ def test_a_cut_stream_resumes_after_its_last_byte(pushed: dict, fault_proxy: Fau
     end = 2_000_000
 
     async def main() -> None:
-        src = _source(fault_proxy)
-        try:
+        async with _source(fault_proxy) as src:
             fault_proxy.rate = 50e6  # paced, so the client has read the half sent before the cut
             fault_proxy.drop_next(1)
             assert await _stream(src, digest, 1000, end) == blob[1000:end]
-        finally:
-            await src.aclose()
 
     trio.run(main)
     first, second = fault_proxy.ranges
@@ -100,8 +112,7 @@ def test_a_stall_resumes_and_a_stall_for_good_times_out(
     blob, digest = pushed["blob"], pushed["digest"]
 
     async def main() -> None:
-        src = _source(fault_proxy)
-        try:
+        async with _source(fault_proxy) as src:
             fault_proxy.stall_next(1)  # found by lack of progress, then the rest is asked for
             t0 = time.monotonic()
             assert await _stream(src, digest, 0, 1_000_000) == blob[:1_000_000]
@@ -112,9 +123,6 @@ def test_a_stall_resumes_and_a_stall_for_good_times_out(
             with pytest.raises(RemoteError):
                 await _stream(src, digest, 0, 100_000)
             assert time.monotonic() - t0 < QUICK.deadline + QUICK.stall_timeout + 1.0
-        finally:
-            fault_proxy.reset()
-            await src.aclose()
 
     trio.run(main)
 
@@ -123,10 +131,7 @@ def test_a_reader_overtakes_a_prefetch_stream(
     pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     async def main() -> None:
-        ref = f"{fault_proxy.host}/{REPO}:v1"
-        async with open_image(ref, cache_dir=tmp_path / "c", plain_http=True) as img:
-            store, layer = img.store, img.layers[0].layer
-            names = layer.toc.by_name()
+        async with _opened(fault_proxy, tmp_path / "c") as (store, layer, names):
             files = [names[n] for n in FILES]
             fault_proxy.reset()
             fault_proxy.rate = 4e6  # the 4 MB stream takes about a second
@@ -218,10 +223,7 @@ def test_planned_ranges_skip_chunks_cached_or_provided(
     # Five small files 20 kB apart would be one range: b (cached) and d (made by the
     # provider, as an update's patch makes a changed file) cut it.
     async def main() -> None:
-        ref = f"{fault_proxy.host}/{REPO}:v1"
-        async with open_image(ref, cache_dir=tmp_path / "c", plain_http=True) as img:
-            store, layer = img.store, img.layers[0].layer
-            names = layer.toc.by_name()
+        async with _opened(fault_proxy, tmp_path / "c") as (store, layer, names):
             a, b, c, d, e = (names[n] for n in SMALL)
             await store.prefetch(layer, [b])
             store.provider = _Patches(

@@ -6,16 +6,30 @@ import hashlib
 import io
 import struct
 import tarfile
+from pathlib import Path
 
 import msgspec
 import pytest
 import zstandard
+from lazyfs_tools.convert import convert
 
 from lazyfs import oci
+from lazyfs.cli import main
+from lazyfs.errors import FormatError
 from lazyfs.formats import zstdchunked
 from lazyfs.formats.layer import TAIL_SIZE, decode_layer_toc, locate_toc
 from lazyfs.formats.tarsplit import FILE, SEGMENT, crc64, read_tar_split
-from lazyfs.testing.layers import Item, make_tar, sample_items
+from lazyfs.formats.tarstream import TarReader
+from lazyfs.formats.toc import Entry
+from lazyfs.testing.cstorage import (
+    Mismatch,
+    awkward_tars,
+    check_tar_split,
+    open_layer,
+    rebuild_tar,
+    unrepresentable_tars,
+)
+from lazyfs.testing.layers import Item, make_layout, make_tar, sample_items
 
 
 def write(tar: bytes) -> tuple[bytes, zstdchunked.LayerResult]:
@@ -118,44 +132,124 @@ def test_a_layer_without_tar_split_still_reads() -> None:
     assert [e.name for e in decode_layer_toc(loc, cut[loc.start : loc.end]).entries] == ["a"]
 
 
-@pytest.mark.parametrize(
-    "items",
-    [
-        [Item(".", "dir"), Item("./etc", "dir"), Item("./etc/a", data=b"a" * 100)],  # tar -C d .
-        [Item("etc", "dir"), Item("etc/h", "hardlink", link="./etc/a")],
-    ],
-)
-def test_no_tar_split_when_headers_say_more_than_the_toc(items: list[Item]) -> None:
-    """Newer containers/storage refuses a layer whose tar-split and TOC disagree (names spelt
-    differently, say), but pulls one without a tar-split whole: so none is written."""
-    tar = make_tar(items)
+def _view(e: Entry) -> tuple[object, ...]:
+    return (e.name, e.type, e.mode, e.uid, e.gid, e.uname, e.gname, e.size, e.mtime_ns,
+            e.link_name, e.dev_major, e.dev_minor, e.xattrs)  # fmt: skip
+
+
+EXPECTED_MEMBERS = {
+    "dot-slash": 5,
+    "mode-type-bits": 4,
+    "pax-times-xattrs": 3,
+    "gnu-long-names": 4,
+    "gnu-atime-ctime": 1,
+    "ustar-prefix": 2,
+    "devices": 5,
+    "zeros": 3,
+    "utf8": 2,
+}
+
+
+@pytest.mark.parametrize("case", sorted(awkward_tars()))
+def test_awkward_headers_get_a_tar_split_that_containers_storage_accepts(case: str) -> None:
+    """Every header shape that once made lazyfs leave the tar-split out: the TOC now says what
+    containers/storage derives from each header, so its check passes; the tar-split still
+    rebuilds the exact source; lazyfs itself sees the same normalised entries as before."""
+    tar = awkward_tars()[case]
+    blob, res = write(tar)
+    assert res.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert oci.ANN_ZSTD_TARSPLIT_POSITION in res.annotations and not res.no_tar_split
+    layer = open_layer(blob, res.annotations)
+    members = list(TarReader(io.BytesIO(tar)))
+    assert check_tar_split(layer) == len(members) == res.entries == EXPECTED_MEMBERS[case]
+    assert rebuild_tar(layer) == tar
+
+    loc = locate_toc(blob[-TAIL_SIZE:], len(blob), res.annotations)
+    toc = decode_layer_toc(loc, blob[loc.start : loc.end])
+    assert [_view(e) for e in toc.entries] == [_view(m.entry) for m in members]
+
+
+def test_the_check_refuses_what_containers_storage_refuses() -> None:
+    """The re-stated check is not a formality: the TOC lazyfs wrote before (normalised names,
+    masked modes, no access times) fails it, as it failed in containers/storage."""
+    cases = awkward_tars()
+    for case, field, value in [
+        ("dot-slash", "name", "etc/"),
+        ("dot-slash", "linkName", "etc/a"),
+        ("mode-type-bits", "mode", 0o644),
+        ("pax-times-xattrs", "accesstime", None),
+        ("pax-times-xattrs", "xattrs", None),
+        ("devices", "devMajor", None),
+    ]:
+        blob, res = write(cases[case])
+        layer = open_layer(blob, res.annotations)
+        entries = layer.toc["entries"]
+        assert isinstance(entries, list)
+        victim = next(d for d in entries if field in d and d["type"] != "chunk")
+        if value is None:
+            del victim[field]
+        else:
+            victim[field] = value
+        with pytest.raises(Mismatch):
+            check_tar_split(layer)
+
+
+REASONS = {
+    "global-pax": "global PAX header",
+    "duplicate": "twice",
+    "contiguous": "type 7",
+    "device-on-file": "device numbers out of range",
+}
+
+
+@pytest.mark.parametrize("case", sorted(unrepresentable_tars()))
+def test_no_tar_split_for_what_containers_storage_cannot_represent(case: str) -> None:
+    """A global PAX header (Go returns it as a member of no TOC type), a repeated name (both
+    sides are keyed by name), type 7: containers/storage's own writer could not produce a
+    layer passing its check either, so no tar-split is written and it pulls the layer whole."""
+    tar = unrepresentable_tars()[case]
     blob, res = write(tar)
     footer = zstdchunked.parse_footer(blob[-TAIL_SIZE:])
     assert footer is not None and footer.tarsplit_offset == footer.tarsplit_length == 0
     assert oci.ANN_ZSTD_TARSPLIT_POSITION not in res.annotations
+    assert REASONS[case] in res.no_tar_split
     assert oci.ANN_ZSTD_POSITION_OLD in res.annotations
     assert footer.offset + footer.length + 8 + zstdchunked.FOOTER_SIZE == len(blob)
-    toc_comp = blob[footer.offset : footer.offset + footer.length]
-    assert "tarSplitDigest" not in msgspec.json.decode(
-        zstandard.ZstdDecompressor().decompress(toc_comp)
-    )
+    assert "tarSplitDigest" not in open_layer(blob, res.annotations).toc
     assert res.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     loc = locate_toc(blob[-TAIL_SIZE:], len(blob), res.annotations)
-    assert decode_layer_toc(loc, blob[loc.start : loc.end]).entries
+    toc = decode_layer_toc(loc, blob[loc.start : loc.end])
+    assert [_view(e) for e in toc.entries] == [_view(m.entry) for m in TarReader(io.BytesIO(tar))]
 
 
-def test_mode_type_bits_and_atime_mean_no_tar_split() -> None:
-    tar = bytearray(make_tar([Item("a", data=b"x")], fmt=tarfile.USTAR_FORMAT))
-    tar[100:108] = b"0100644\0"  # S_IFREG in the mode field, as some writers put it
-    tar[148:156] = b"        "
-    tar[148:155] = b"%06o\0" % sum(tar[:512])
-    _, res = write(bytes(tar))
-    assert oci.ANN_ZSTD_TARSPLIT_POSITION not in res.annotations
-
-    info = tarfile.TarInfo("b")
-    info.pax_headers = {"atime": "1700000000.5"}
+def test_a_name_that_is_not_utf8_is_refused_in_one_line() -> None:
+    """JSON cannot carry it (Go would write U+FFFD, and then refuse its own layer)."""
+    info = tarfile.TarInfo("caf\udce9")  # "café" in Latin-1, as tarfile keeps it
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tf:
         tf.addfile(info, io.BytesIO(b""))
-    _, res = write(buf.getvalue())
-    assert oci.ANN_ZSTD_TARSPLIT_POSITION not in res.annotations
+    with pytest.raises(FormatError) as exc:
+        write(buf.getvalue())
+    assert "not UTF-8" in str(exc.value) and "\n" not in str(exc.value)
+    assert "caf\\xe9" in str(exc.value)
+
+
+def test_convert_reports_layers_without_tar_split(tmp_path: Path) -> None:
+    tars = [awkward_tars()["dot-slash"], unrepresentable_tars()["duplicate"]]
+    make_layout(tmp_path / "src", tars)
+    report = convert(f"oci:{tmp_path / 'src'}:latest", f"oci:{tmp_path / 'lazy'}:latest")
+    assert len(report.no_tar_split) == 1
+    assert report.no_tar_split[0].endswith("'a' appears twice")
+
+
+def test_convert_command_warns_of_layers_without_tar_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_layout(tmp_path / "src", [unrepresentable_tars()["duplicate"]])
+    src, dst = f"oci:{tmp_path / 'src'}:latest", f"oci:{tmp_path / 'lazy'}:latest"
+    assert main(["convert", src, dst]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: no tar-split for ")
+    assert "appears twice" in err[0]

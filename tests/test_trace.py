@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from lazyfs_tools.convert import convert
 
 from lazyfs.fs.unmount import is_mounted
-from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run, start_mount
 from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items
 from lazyfs.trace.recorder import MAX_RANGES, _File
@@ -48,8 +47,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         Item("unread", data=b"never read\n"),
     ]
     extra = [Item("pf", "dir", mode=0o755), *(Item(n, data=v) for n, v in PF.items())]
-    make_layout(d / "src", [make_tar(base), make_tar(extra)], kind="gzip", tag="v1")
-    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    make_lazy_layout(d / "lazy", [make_tar(base), make_tar(extra)])
     lazy = d / "lazy"
     index = json.loads((lazy / "index.json").read_text())
     mdigest = index["manifests"][0]["digest"]

@@ -378,4 +378,6 @@ def stats_cmd(args: argparse.Namespace) -> int:
     patches = sum(layer["stats"].get("patch_bytes", 0) for layer in report["layers"])
     if held or patches:
         print(f"held when opened: {human_bytes(held)}; patches fetched: {human_bytes(patches)}")
+    if early := report.get("answered_early", 0):  # what no layer being downloaded could change
+        print(f"answered at once: {early}; waited for layers: {report['waited_for_layers']}")
     return 0

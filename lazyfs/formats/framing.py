@@ -33,6 +33,9 @@ class LayerResult(msgspec.Struct):
     annotations: dict[str, str]
     toc_digest: str
     entries: int
+    #: zstd:chunked: why the layer has no tar-split (containers/storage could not accept one
+    #: for it, and pulls it whole); empty when it has one.
+    no_tar_split: str = ""
 
 
 class FrameWriter:
@@ -133,22 +136,9 @@ def frame_tar(
         padding = reader.take_padding()
         meta += padding
         if split is not None:
-            split.end_member(_split_name(entry), member.size, padding)
-            if (
-                member.extra
-                or member.raw_name != _split_name(entry)
-                or (entry.type in ("hardlink", "symlink") and member.raw_link != entry.link_name)
-            ):
-                split.consistent = False
+            split.end_member(member.tar, member.size, padding)
         entries.append(entry)
     if keep_trailer:
         meta += reader.trailer
     flush_meta()
     return entries
-
-
-def _split_name(entry: Entry) -> str:
-    """The name tar-split records: the one the TOC gives (directories end in a slash)."""
-    if entry.type == "dir":
-        return entry.name + "/" if entry.name else "./"
-    return entry.name

@@ -23,6 +23,8 @@ import crcmod
 import msgspec
 import zstandard
 
+from lazyfs.formats.toc import TarHeader
+
 SEGMENT = 2
 FILE = 1
 
@@ -47,7 +49,8 @@ def crc64(data: bytes) -> bytes:
 class TarSplitWriter:
     """Collects the entries while a tar stream is framed: call :meth:`header` with each
     member's raw header blocks, :meth:`content` with its bytes, :meth:`end_member` with its
-    name, size and the padding after it, and :meth:`finish` with the end-of-archive bytes."""
+    parsed header, size and the padding after it, and :meth:`finish` with the end-of-archive
+    bytes."""
 
     def __init__(self, level: int = 3) -> None:
         self._buf = io.BytesIO()
@@ -56,10 +59,13 @@ class TarSplitWriter:
         self._pos = 0
         self._pending = b""  # padding of the previous member: it leads the next segment
         self._crc = _crc64.new()
-        #: False once a header says more than the TOC will (a name spelt ``./etc``, a mode
-        #: with type bits, atime/ctime): newer containers/storage compares the two and refuses
-        #: the layer when they differ, where without a tar-split it simply pulls it whole.
-        self.consistent = True
+        #: Every member's header, in order: the TOC entries are written from them, so that
+        #: they match the tar-split as containers/storage checks.
+        self.headers: list[TarHeader] = []
+        self._names: set[str] = set()
+        #: Why containers/storage could not accept a tar-split for this layer, if it could
+        #: not (then none is written, and it pulls the layer whole rather than refusing it).
+        self.refused = ""
 
     def _line(self, fields: str) -> None:
         line = ("{" + fields + f',"position":{self._pos}}}\n').encode()
@@ -77,7 +83,16 @@ class TarSplitWriter:
     def content(self, data: bytes) -> None:
         self._crc.update(data)
 
-    def end_member(self, name: str, size: int, padding: bytes) -> None:
+    def end_member(self, header: TarHeader, size: int, padding: bytes) -> None:
+        name = header.name
+        self.headers.append(header)
+        if not self.refused:
+            if header.unrepresentable:
+                self.refused = f"{name!r} has {header.unrepresentable}"
+            elif name in self._names:
+                # containers/storage keys both sides by name and refuses a repeated one.
+                self.refused = f"{name!r} appears twice"
+            self._names.add(name)
         try:
             name.encode("utf-8")
             named = '"name":' + json.dumps(name, ensure_ascii=False).translate(_GO_ESCAPES)

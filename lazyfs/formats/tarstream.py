@@ -16,9 +16,18 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from lazyfs.errors import FormatError
-from lazyfs.formats.toc import Entry, EntryType, normalize_name
+from lazyfs.formats.toc import (
+    MAX_DEV_MAJOR,
+    MAX_DEV_MINOR,
+    Entry,
+    EntryType,
+    TarHeader,
+    normalize_name,
+)
 
 BLOCK = 512
+SCHILY = "SCHILY.xattr."
+LIBARCHIVE = "LIBARCHIVE.xattr."
 
 _TYPES: dict[bytes, EntryType] = {
     tarfile.REGTYPE: "reg",
@@ -33,7 +42,13 @@ _TYPES: dict[bytes, EntryType] = {
 }
 
 
-GNU_MAGIC = b"ustar  \0"  # old GNU headers, whose atime/ctime fields Go reads
+# Formats as Go's archive/tar tells them apart (containers/storage reads headers with it).
+USTAR_MAGIC = b"ustar\0"  # POSIX ustar and PAX; with STAR_TRAILER at 508, star
+GNU_MAGIC = b"ustar  \0"  # old GNU (magic and version): atime/ctime where ustar has a prefix
+STAR_TRAILER = b"tar\0"
+# Earliest and latest times RFC 3339 (and so a TOC) can spell: years 1 to 9999.
+_MIN_TIME_NS = -62135596800 * 1_000_000_000
+_MAX_TIME_NS = 253402300799 * 1_000_000_000
 
 
 @dataclass(slots=True)
@@ -43,12 +58,7 @@ class Member:
     header: bytes
     entry: Entry
     size: int  # bytes of content that follow the header
-    # As the header spells them (Go's archive/tar reads these), before normalisation.
-    raw_name: str = ""
-    raw_link: str = ""
-    # The header carries what a TOC entry does not: type bits in the mode, access or change
-    # times, libarchive-style xattrs.
-    extra: bool = False
+    tar: TarHeader  # the header as spelt (the entry is its normalised form)
     padding: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +133,7 @@ class TarReader:
         pax: dict[str, str] = {}
         long_name: str | None = None
         long_link: str | None = None
+        global_pax = False
         while True:
             start = self.position
             first = self._f.read(BLOCK)
@@ -159,36 +170,46 @@ class TarReader:
                 if t == tarfile.XHDTYPE:
                     pax.update(_parse_pax(payload, self._where, start))
                 elif t == tarfile.GNUTYPE_LONGNAME:
-                    long_name = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                    long_name = _cstr(payload)
                 elif t == tarfile.GNUTYPE_LONGLINK:
-                    long_link = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
-                # Global PAX headers only carry defaults we do not use; their bytes are kept.
+                    long_link = _cstr(payload)
+                else:
+                    # Global PAX headers only carry defaults we do not use; their bytes are
+                    # kept with the next member's.
+                    global_pax = True
                 continue
             if t in (tarfile.GNUTYPE_SPARSE,) or any(k.startswith("GNU.sparse") for k in pax):
                 raise FormatError(
                     f"{self._where}: sparse tar members are not supported "
                     f"({info.name!r} at byte {start})"
                 )
-            kind = _TYPES.get(t)
+            try:
+                header = _tar_header(first, info, pax, long_name, long_link)
+            except ValueError as e:
+                raise FormatError(f"{self._where}: bad tar header at byte {start}: {e}") from e
+            kind = _kind(first[156:157], header.name)
             if kind is None:
                 raise FormatError(
                     f"{self._where}: unsupported tar member type {t!r} for {info.name!r}"
                 )
-            raw_name = pax.get("path") or long_name or info.name
-            if info.isdir() and not ("path" in pax or long_name) and _name_field(first)[-1:] == "/":
-                raw_name += "/"  # TarInfo drops a directory's trailing slash; the header has it
-            return Member(
-                bytes(raw),
-                _entry(info, kind, pax, long_name, long_link),
-                _size(info, pax, kind),
-                raw_name=raw_name,
-                raw_link=pax.get("linkpath") or long_link or info.linkname,
-                extra=bool(info.mode & ~0o7777)
-                or "atime" in pax
-                or "ctime" in pax
-                or any(k.startswith("LIBARCHIVE.xattr.") for k in pax)
-                or (first[257:265] == GNU_MAGIC and any(first[345:369])),
-            )
+            if header.size < 0:
+                raise FormatError(f"{self._where}: negative size for {info.name!r}")
+            problem = header.unrepresentable
+            if global_pax:
+                problem = "a global PAX header (Go's reader returns it as a member)"
+            elif t == tarfile.CONTTYPE:
+                problem = "a contiguous-file member (type 7)"
+            elif header.size and kind != "reg":
+                problem = f"content on a {kind} member (Go's reader skips none)"
+            elif kind not in ("char", "block") and not (
+                0 <= header.dev_major <= MAX_DEV_MAJOR and 0 <= header.dev_minor <= MAX_DEV_MINOR
+            ):
+                # Kept out of the TOC, whose reader refuses them (they mean nothing here).
+                header.dev_major = header.dev_minor = 0
+                problem = f"device numbers out of range on a {kind}"
+            if problem:
+                header.unrepresentable = problem
+            return Member(bytes(raw), _entry(header, kind, info, pax), header.size, header)
 
     def _read_exact_more(self, n: int) -> bytes:
         data = self._f.read(n)
@@ -200,8 +221,103 @@ class TarReader:
         return data
 
 
-def _name_field(block: bytes) -> str:
-    return block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+def _cstr(field: bytes) -> str:
+    """A string field as Go reads it: up to the first NUL."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+_KINDS: dict[bytes, EntryType] = {**_TYPES, tarfile.AREGTYPE: "reg"}
+
+
+def _kind(typeflag: bytes, name: str) -> EntryType | None:
+    # Old V7 archives mark a directory by the trailing slash of its (final) name only.
+    if typeflag == tarfile.AREGTYPE and name.endswith("/"):
+        return "dir"
+    return _KINDS.get(typeflag)
+
+
+def _tar_header(
+    block: bytes,
+    info: tarfile.TarInfo,
+    pax: dict[str, str],
+    long_name: str | None,
+    long_link: str | None,
+) -> TarHeader:
+    """What Go's archive/tar makes of a member's header block and its extensions.
+
+    ``tarfile`` parses the numbers alike but not the rest: it strips a directory's trailing
+    slash, joins a GNU header's atime field onto the name as if it were a ustar prefix and
+    reads no atime/ctime.  Empty PAX values leave the block's value, as in Go; a GNU long
+    name wins over a PAX path."""
+    problem = ""
+    name = _cstr(block[:100])
+    atime = ctime = 0
+    dev_major = dev_minor = 0
+    magic = block[257:263]
+    if magic == USTAR_MAGIC or block[257:265] == GNU_MAGIC:
+        dev_major, dev_minor = info.devmajor, info.devminor  # V7 headers have no such fields
+    if magic == USTAR_MAGIC:
+        star = block[508:512] == STAR_TRAILER
+        prefix = _cstr(block[345:476] if star else block[345:500])
+        if prefix:
+            name = prefix + "/" + name
+        if star:
+            atime = _header_time(block[476:488])
+            ctime = _header_time(block[488:500])
+    elif block[257:265] == GNU_MAGIC:
+        try:
+            atime = _header_time(block[345:357]) if block[345] else 0
+            ctime = _header_time(block[357:369]) if block[357] else 0
+        except tarfile.HeaderError:
+            # Go then guesses the fields are a ustar prefix written by old Go: not worth
+            # following.
+            atime = ctime = 0
+            problem = "GNU access/change time fields that do not parse"
+    link = _cstr(block[157:257])
+    h = TarHeader(
+        name=long_name or name,
+        link_name=long_link or link,
+        mode=info.mode,
+        size=info.size,
+        uid=info.uid,
+        gid=info.gid,
+        mtime_ns=int(info.mtime) * 1_000_000_000,
+        atime_ns=atime,
+        ctime_ns=ctime,
+        dev_major=dev_major,
+        dev_minor=dev_minor,
+    )
+    if pax:  # most members have no PAX records
+        h.name = long_name or pax.get("path") or name
+        h.link_name = long_link or pax.get("linkpath") or link
+        h.size = int(pax.get("size") or h.size)
+        h.uid = int(pax.get("uid") or h.uid)
+        h.gid = int(pax.get("gid") or h.gid)
+        if pax.get("mtime"):
+            h.mtime_ns = _pax_time(pax["mtime"])
+        if pax.get("atime"):
+            h.atime_ns = _pax_time(pax["atime"])
+        if pax.get("ctime"):
+            h.ctime_ns = _pax_time(pax["ctime"])
+        h.xattrs = {
+            k[len(SCHILY) :]: v.encode("utf-8", "surrogateescape")
+            for k, v in pax.items()
+            if k.startswith(SCHILY)
+        }
+    if not (
+        _MIN_TIME_NS <= h.atime_ns <= _MAX_TIME_NS and _MIN_TIME_NS <= h.ctime_ns <= _MAX_TIME_NS
+    ):
+        h.atime_ns = h.ctime_ns = 0
+        problem = "an access or change time out of the range a TOC can carry"
+    if h.mode < 0:
+        h.mode, problem = h.mode & 0o7777, "a negative mode"
+    h.unrepresentable = problem
+    return h
+
+
+def _header_time(field: bytes) -> int:
+    seconds: int = tarfile.nti(field)  # type: ignore[attr-defined]  # public, undocumented
+    return seconds * 1_000_000_000
 
 
 def _parse_pax(payload: bytes, where: str, at: int) -> dict[str, str]:
@@ -225,47 +341,26 @@ def _parse_pax(payload: bytes, where: str, at: int) -> dict[str, str]:
     return out
 
 
-def _size(info: tarfile.TarInfo, pax: dict[str, str], kind: str) -> int:
-    size = int(pax["size"]) if "size" in pax else info.size
-    if size < 0:
-        raise FormatError(f"negative size for {info.name!r}")
-    # Only regular files carry content; a hardlink with a size would be unusual but its
-    # bytes still have to be consumed to stay in frame.
-    return size if kind in ("reg", "hardlink") or size else 0
-
-
-def _entry(
-    info: tarfile.TarInfo,
-    kind: EntryType,
-    pax: dict[str, str],
-    long_name: str | None,
-    long_link: str | None,
-) -> Entry:
-    name = pax.get("path") or long_name or info.name
-    link = pax.get("linkpath") or long_link or info.linkname
-    mtime = pax.get("mtime")
-    mtime_ns = _pax_time(mtime) if mtime else int(info.mtime) * 1_000_000_000
+def _entry(h: TarHeader, kind: EntryType, info: tarfile.TarInfo, pax: dict[str, str]) -> Entry:
     xattrs: dict[str, bytes] = {}
-    for k, v in pax.items():
-        if k.startswith("SCHILY.xattr."):
-            xattrs[k[len("SCHILY.xattr.") :]] = v.encode("utf-8", "surrogateescape")
-        elif k.startswith("LIBARCHIVE.xattr."):
-            xattrs[k[len("LIBARCHIVE.xattr.") :]] = base64.b64decode(v + "==")
-    if kind == "reg" and info.type == tarfile.AREGTYPE and name.endswith("/"):
-        kind = "dir"  # old V7 archives mark directories with a trailing slash only
+    for k, v in pax.items():  # in record order: a later record for the same xattr wins
+        if k.startswith(SCHILY):
+            xattrs[k[len(SCHILY) :]] = v.encode("utf-8", "surrogateescape")
+        elif k.startswith(LIBARCHIVE):
+            xattrs[k[len(LIBARCHIVE) :]] = base64.b64decode(v + "==")
     return Entry(
-        name=normalize_name(name),
+        name=normalize_name(h.name),
         type=kind,
-        mode=info.mode & 0o7777,
-        uid=int(pax["uid"]) if "uid" in pax else info.uid,
-        gid=int(pax["gid"]) if "gid" in pax else info.gid,
-        uname=pax.get("uname", info.uname),
-        gname=pax.get("gname", info.gname),
-        size=_size(info, pax, kind) if kind == "reg" else 0,
-        mtime_ns=mtime_ns,
-        link_name=normalize_name(link) if kind == "hardlink" else link,
-        dev_major=info.devmajor if kind in ("char", "block") else 0,
-        dev_minor=info.devminor if kind in ("char", "block") else 0,
+        mode=h.mode & 0o7777,
+        uid=h.uid,
+        gid=h.gid,
+        uname=pax.get("uname") or info.uname,
+        gname=pax.get("gname") or info.gname,
+        size=h.size if kind == "reg" else 0,
+        mtime_ns=h.mtime_ns,
+        link_name=normalize_name(h.link_name) if kind == "hardlink" else h.link_name,
+        dev_major=h.dev_major if kind in ("char", "block") else 0,
+        dev_minor=h.dev_minor if kind in ("char", "block") else 0,
         xattrs=xattrs,
     )
 

@@ -16,7 +16,7 @@ import posixpath
 import re
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -27,6 +27,7 @@ from lazyfs.errors import FormatError
 EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo"]
 ENTRY_TYPES: frozenset[str] = frozenset(EntryType.__args__)  # type: ignore[attr-defined]  # a Literal's members
 _TYPES: dict[str, EntryType] = {t: t for t in EntryType.__args__}  # type: ignore[attr-defined]
+_DEVICES = ("char", "block")
 
 # A name with no empty, "." or ".." component and no leading or trailing slash is normal.
 _PLAIN_NAME = re.compile(r"(?!\.\.?(?:/|$))[^/\x00]+(?:/(?!\.\.?(?:/|$))[^/\x00]+)*")
@@ -140,6 +141,30 @@ class TOC(msgspec.Struct, kw_only=True):
         return {e.name: e for e in self.entries}
 
 
+class TarHeader(msgspec.Struct, kw_only=True, gc=False):
+    """A member's header as Go's archive/tar reads it, unnormalised: what containers/storage
+    derives a zstd:chunked TOC entry from, and compares the TOC with (through the tar-split)
+    before it partial-pulls a layer.  Names and links as spelt (``./etc/``), the mode with any
+    type bits, access and change times, device numbers on any type, ``SCHILY.xattr.`` records
+    only.  Times are nanoseconds, 0 for none."""
+
+    name: str
+    link_name: str = ""
+    mode: int = 0
+    size: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    atime_ns: int = 0
+    ctime_ns: int = 0
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = {}
+    #: Why containers/storage could not accept a tar-split for a layer holding this header
+    #: (its own reader would type or frame it differently); empty when it can.
+    unrepresentable: str = ""
+
+
 # --------------------------------------------------------------------------------------------
 # Wire schemas.  Field names follow the peers' JSON exactly; unknown fields are ignored so a
 # newer writer's extra keys do not break us.
@@ -168,6 +193,9 @@ class _WireEntry(msgspec.Struct, kw_only=True, gc=False):
     devMajor: _Major = 0
     devMinor: _Minor = 0
     xattrs: dict[str, str] | None = None
+    # lazyfs's own key: xattrs a header gives besides SCHILY.xattr records (LIBARCHIVE.xattr),
+    # kept out of ``xattrs`` where containers/storage expects exactly the SCHILY ones.
+    lazyfsXattrs: dict[str, str] | None = None
     digest: str = ""
     offset: _Offset = 0
     endOffset: _Offset = 0
@@ -373,9 +401,12 @@ def check_path(name: str, what: str = "entry name", *, components: bool = True) 
 
 def _to_entry(w: _WireEntry, ints: dict[int, int]) -> Entry:
     xattrs: dict[str, bytes] = _NO_XATTRS
-    if w.xattrs:
+    wire_xattrs = w.xattrs or {}
+    if w.lazyfsXattrs:
+        wire_xattrs = wire_xattrs | w.lazyfsXattrs
+    if wire_xattrs:
         xattrs = {}
-    for k, v in (w.xattrs or {}).items():
+    for k, v in wire_xattrs.items():
         if not k or "\x00" in k or len(k.encode("utf-8", "surrogateescape")) > XATTR_NAME_MAX:
             raise FormatError(f"bad xattr name {_short(k)} on {_short(w.name)}")
         try:
@@ -406,8 +437,9 @@ def _to_entry(w: _WireEntry, ints: dict[int, int]) -> Entry:
         size=_shared_int(w.size, ints) if w.type == "reg" else 0,
         mtime_ns=mtime_ns,
         link_name=_own_str(link),
-        dev_major=w.devMajor,
-        dev_minor=w.devMinor,
+        # A header may carry device numbers on any type (the TOC keeps them as spelt).
+        dev_major=w.devMajor if w.type in _DEVICES else 0,
+        dev_minor=w.devMinor if w.type in _DEVICES else 0,
         xattrs=xattrs,
         digest=_own_str(w.digest),
     )
@@ -498,39 +530,26 @@ def validate(toc: TOC) -> None:
 
 
 def encode_toc(
-    entries: Iterable[Entry],
+    entries: Sequence[Entry],
     *,
     flavour: Literal["estargz", "zstd:chunked"],
     tar_split_digest: str = "",
+    headers: Sequence[TarHeader] | None = None,
 ) -> bytes:
     """Encode entries as the given format's TOC JSON (deterministic key order);
-    ``tar_split_digest``: zstd:chunked's ``tarSplitDigest`` (the compressed tar-split's)."""
+    ``tar_split_digest``: zstd:chunked's ``tarSplitDigest`` (the compressed tar-split's).
+
+    ``headers`` (zstd:chunked, one per entry): the members' headers as spelt; each entry then
+    carries what containers/storage derives from its header (raw name and link, raw mode,
+    times, device numbers, SCHILY xattrs) so that it matches the tar-split, and the xattrs
+    lazyfs sees beyond those under ``lazyfsXattrs``.  :func:`decode_toc` normalises them back
+    into the same entries."""
     out: list[dict[str, object]] = []
     zstd = flavour == "zstd:chunked"
-    for e in entries:
-        d: dict[str, object] = {"type": e.type, "name": e.name or "./"}
-        if e.type == "dir" and e.name:
-            d["name"] = e.name + "/"
-        if e.type == "reg":
-            d["size"] = e.size
-        if e.mtime_ns:
-            d["modtime"] = format_time(e.mtime_ns)
-        if e.link_name:
-            d["linkName"] = e.link_name
-        d["mode"] = e.mode
-        if e.uid:
-            d["uid"] = e.uid
-        if e.gid:
-            d["gid"] = e.gid
-        if e.uname:
-            d["userName"] = e.uname
-        if e.gname:
-            d["groupName"] = e.gname
-        if e.type in ("char", "block"):
-            d["devMajor"] = e.dev_major
-            d["devMinor"] = e.dev_minor
-        if e.xattrs:
-            d["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(e.xattrs.items())}
+    if headers is not None and len(headers) != len(entries):
+        raise ValueError("one header per entry")
+    for n, e in enumerate(entries):
+        d = _normal_fields(e) if headers is None else _header_fields(e, headers[n])
         if e.digest:
             d["digest"] = e.digest
         for i, c in enumerate(e.chunks):
@@ -557,4 +576,85 @@ def encode_toc(
     doc: dict[str, object] = {"version": 1, "entries": out}
     if tar_split_digest:
         doc["tarSplitDigest"] = tar_split_digest
-    return msgspec.json.encode(doc)
+    try:
+        return msgspec.json.encode(doc)
+    except UnicodeEncodeError:
+        raise _not_utf8(out) from None
+
+
+def _b64(xattrs: dict[str, bytes]) -> dict[str, str]:
+    return {k: base64.b64encode(v).decode() for k, v in sorted(xattrs.items())}
+
+
+def _normal_fields(e: Entry) -> dict[str, object]:
+    d: dict[str, object] = {"type": e.type, "name": e.name or "./"}
+    if e.type == "dir" and e.name:
+        d["name"] = e.name + "/"
+    if e.type == "reg":
+        d["size"] = e.size
+    if e.mtime_ns:
+        d["modtime"] = format_time(e.mtime_ns)
+    if e.link_name:
+        d["linkName"] = e.link_name
+    d["mode"] = e.mode
+    if e.uid:
+        d["uid"] = e.uid
+    if e.gid:
+        d["gid"] = e.gid
+    if e.uname:
+        d["userName"] = e.uname
+    if e.gname:
+        d["groupName"] = e.gname
+    if e.type in _DEVICES:
+        d["devMajor"] = e.dev_major
+        d["devMinor"] = e.dev_minor
+    if e.xattrs:
+        d["xattrs"] = _b64(e.xattrs)
+    return d
+
+
+def _header_fields(e: Entry, h: TarHeader) -> dict[str, object]:
+    d: dict[str, object] = {"type": e.type, "name": h.name}
+    if e.type == "reg" or h.size:
+        d["size"] = h.size
+    if h.mtime_ns:
+        d["modtime"] = format_time(h.mtime_ns)
+    if h.atime_ns:
+        d["accesstime"] = format_time(h.atime_ns)
+    if h.ctime_ns:
+        d["changetime"] = format_time(h.ctime_ns)
+    if h.link_name:
+        d["linkName"] = h.link_name
+    d["mode"] = h.mode
+    if h.uid:
+        d["uid"] = h.uid
+    if h.gid:
+        d["gid"] = h.gid
+    if e.uname:
+        d["userName"] = e.uname
+    if e.gname:
+        d["groupName"] = e.gname
+    if e.type in _DEVICES or h.dev_major or h.dev_minor:
+        d["devMajor"] = h.dev_major
+        d["devMinor"] = h.dev_minor
+    if h.xattrs:
+        d["xattrs"] = _b64(h.xattrs)
+    if e.xattrs and e.xattrs != h.xattrs:
+        more = {k: v for k, v in e.xattrs.items() if h.xattrs.get(k) != v}
+        if more:
+            d["lazyfsXattrs"] = _b64(more)
+    return d
+
+
+def _not_utf8(out: list[dict[str, object]]) -> FormatError:
+    """Name the first entry JSON cannot carry (surrogates stand for bytes that are not UTF-8)."""
+    for d in out:
+        try:
+            msgspec.json.encode(d)
+        except UnicodeEncodeError:
+            name = str(d.get("name", "")).encode("utf-8", "surrogateescape")
+            return FormatError(
+                f"entry {name!r}: its name, link, owner or an xattr name is not UTF-8, "
+                "which a TOC (JSON) cannot carry"
+            )
+    return FormatError("the TOC holds text that is not UTF-8")

@@ -118,10 +118,13 @@ def write_layer(
     split = TarSplitWriter(LEVEL)
     reader = TarReader(src, where=where)
     entries = frame_tar(reader, out, chunk_size, keep_trailer=True, split=split)
-    tar_split = split.finish(reader.trailer) if split.consistent else None
+    tar_split = None if split.refused else split.finish(reader.trailer)
 
     toc_json = encode_toc(
-        entries, flavour="zstd:chunked", tar_split_digest=tar_split.digest if tar_split else ""
+        entries,
+        flavour="zstd:chunked",
+        tar_split_digest=tar_split.digest if tar_split else "",
+        headers=split.headers,
     )
     toc_comp = small.compress(toc_json)
     out.raw(struct.pack("<II", SKIPPABLE_MAGIC, len(toc_comp)))
@@ -158,4 +161,5 @@ def write_layer(
         annotations=annotations,
         toc_digest=toc_digest,
         entries=len(entries),
+        no_tar_split=split.refused,
     )

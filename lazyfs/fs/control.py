@@ -89,6 +89,10 @@ class StatsReport(msgspec.Struct):
     cache: CacheUsage | None = None
     readdir_requests: int = 0  # listings the kernel asked for (not served from its cache)
     requests: dict[str, int] = {}  # per handler, the FUSE requests that reached Python
+    # While layers without a TOC were pending: requests answered from the layers above them,
+    # and requests that waited for them.
+    answered_early: int = 0
+    waited_for_layers: int = 0
     log: str | None = None  # the daemon's log file
 
 

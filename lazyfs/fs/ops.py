@@ -535,6 +535,13 @@ class Operations(_Guarded):
             self._dirs[fh & ~CACHE_DIR_FH] = listing
         return listing
 
+    def listed_dir(self, fh: int) -> Node | None:
+        """The directory ``fh`` lists, until its first readdir takes the listing."""
+        if fh & C_DIR_FH:
+            return self.tree.nodes.get(fh & ~C_DIR_FH)
+        listing = self._dirs.get(fh & ~CACHE_DIR_FH)
+        return listing if isinstance(listing, Node) else None
+
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh & ~CACHE_DIR_FH, None)
 

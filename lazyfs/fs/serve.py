@@ -12,6 +12,7 @@ atomically when the mount ends.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -38,13 +39,14 @@ from lazyfs.fs.ops import Operations
 from lazyfs.fs.pending import PendingOperations
 from lazyfs.fs.prefetch import Prefetcher, landmark_group, load_group
 from lazyfs.fs.runtime import control_path
-from lazyfs.fs.tree import Tree
+from lazyfs.fs.tree import ROOT_INO, Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
 from lazyfs.remote.registry import RetryPolicy
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
+from lazyfs.store.layerstate import Layer
 from lazyfs.store.stats import LayerStats
 from lazyfs.store.wholelayer import WholeFetch
 from lazyfs.trace.recorder import Recorder
@@ -107,26 +109,75 @@ class _Mount:
         self.recorder = recorder
         self.prefetcher = prefetcher
         self.group: Group | None = None  # the prefetch group, while layers are pending
-        self.tree: Tree | None = None
-        self.ops: Operations | None = None
+        self.tree = Tree()
+        self.ops: Operations | None = None  # early ones (over part of the tree) until built
+        self.pending: PendingOperations | None = None
+        self._built = False
+        self._broken: LazyfsError | None = None
+        # The layers the tree holds are those from this index up (the rest come beneath).
+        self._first = len(image.descriptors)
         if image.is_complete:
             self._build()
+        else:
+            self._build_early()
+
+    def _operations(self, layers: list[Layer]) -> Operations:
+        return Operations(
+            self.tree,
+            self.image.store,
+            layers,
+            self.upper,
+            listener=self.recorder,
+            copy_up_max=self.opts.copy_up_max,
+        )
+
+    def _build_early(self) -> None:
+        """The tree of the layers above the topmost pending one, and operations over it
+        that answer what those layers settle (:mod:`lazyfs.fs.pending`)."""
+        if self.upper is not None and self.upper.listdir(()):
+            return  # an earlier mount's upper directory: its whiteouts need the whole tree
+        above = self.image.layers_above_pending()
+        if not above:
+            return
+        self._first = len(self.image.descriptors) - len(above)
+        self.tree.add_beneath([ol.toc for ol in above], self._first)
+        # No node of a layer below ``_first`` exists before they are added (and these slots
+        # replaced): the top one stands in for them meanwhile.
+        layers = [above[-1].layer] * self._first + [ol.layer for ol in above]
+        self.ops = self._operations(layers)
 
     def _build(self) -> Operations:
-        """The tree and its operations, once every layer is indexed."""
-        if self.ops is None:
-            image, opts = self.image, self.opts
-            self.tree = Tree.from_layers([ol.toc for ol in image.layers])
+        """The tree and its operations, once every layer is indexed: the layers not in the
+        tree yet are added beneath it, so inode numbers handed out early stay."""
+        if self._broken is not None:
+            raise self._broken
+        if not self._built:
+            image = self.image
+            early = self.tree.next_ino if self.ops is not None else 0
+            try:
+                self.tree.add_beneath([ol.toc for ol in image.layers[: self._first]], 0)
+                self.tree.finish()
+            except LazyfsError as e:
+                # A lower layer's TOC is bad (a hardlink to nowhere): the tree is half built,
+                # so nothing is answered from it any more, early or not.
+                self._broken = e
+                if self.pending is not None:
+                    self.pending.early = None
+                raise
             if self.upper is not None:
                 apply_upper(self.tree, self.upper)
-            self.ops = Operations(
-                self.tree,
-                image.store,
-                image.store_layers(),
-                self.upper,
-                listener=self.recorder,
-                copy_up_max=opts.copy_up_max,
-            )
+            layers = image.store_layers()
+            if self.ops is None:
+                self.ops = self._operations(layers)
+            else:
+                self.ops.layers[:] = layers
+                if self.ops.copy is not None:
+                    self.ops.copy.layers[:] = layers
+                _forget_dir_attrs(self.tree, early)
+            if self.pending is not None:  # serving already: pyfuse3 called the stand-in's init
+                self.ops.init()
+            self._built = True
+        assert self.ops is not None
         return self.ops
 
     async def operations(self) -> Operations:
@@ -136,7 +187,11 @@ class _Mount:
 
     def fuse_operations(self) -> Operations | PendingOperations:
         """What pyfuse3 serves: the operations, or their stand-in while layers are pending."""
-        return self.ops if self.ops is not None else PendingOperations(self.operations)
+        if self._built:
+            assert self.ops is not None
+            return self.ops
+        self.pending = PendingOperations(self.operations, self.ops)
+        return self.pending
 
     async def fetch_ahead(self, deltas: PendingDeltas | None) -> None:
         """After readiness: look for binary deltas beside the image (readers that miss the
@@ -203,7 +258,7 @@ class _Mount:
                 image=opts.image,
                 manifest=image.manifest,
                 mountpoint=self.mountpoint,
-                files=len(self.tree.nodes) if self.tree is not None else 0,
+                files=len(self.tree.nodes),
                 layers=reports,
                 prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
                 handler_errors=self.ops.handler_errors if self.ops is not None else 0,
@@ -212,6 +267,8 @@ class _Mount:
                 cache=image.cache.du(),
                 readdir_requests=self.ops.readdir_requests if self.ops is not None else 0,
                 requests=dict(self.ops.requests) if self.ops is not None else {},
+                answered_early=self.pending.answered_early if self.pending is not None else 0,
+                waited_for_layers=self.pending.waited if self.pending is not None else 0,
                 log=opts.log,
             )
         if request.get("cmd") == "trace":
@@ -229,6 +286,16 @@ class _Mount:
             log.error("could not write the trace to %s: %s", path, e)
         else:
             log.info("trace of %d files written to %s", self.recorder.files, path)
+
+
+def _forget_dir_attrs(tree: Tree, below: int) -> None:
+    """Drop the kernel's attributes of the directories answered before the lower layers were
+    added (inode numbers below ``below``): their link counts count subdirectories."""
+    for ino in range(ROOT_INO, below):
+        node = tree.nodes.get(ino)
+        if node is not None and node.is_dir and (node.lookups > 0 or ino == ROOT_INO):
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(ino, attr_only=True)
 
 
 def _fuse_options(opts: MountOptions) -> set[str]:

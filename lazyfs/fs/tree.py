@@ -140,15 +140,51 @@ def _trim_heap() -> None:
         trim(0)
 
 
-def _implicit_dir() -> Entry:
-    return Entry(name="", type="dir", mode=0o755)
+# The entry of a directory no layer has an entry for (yet): one shared object, so that "is it
+# implicit" is an identity test (a lower layer's entry for it then gives its attributes).
+IMPLICIT_DIR = Entry(name="", type="dir", mode=0o755)
+
+
+def _hidden_below(path: str, whiteouts: set[str], opaque: set[str]) -> bool:
+    """Whether these markers (whiteouts, opaque directories) of layers above hide from the
+    layers beneath them everything below the directory ``path``."""
+    if "" in opaque:
+        return True
+    prefix = ""
+    for part in path.split("/") if path else ():
+        prefix = f"{prefix}/{part}" if prefix else part
+        if prefix in whiteouts or prefix in opaque:
+            return True
+    return False
+
+
+def _hides(path: str, whiteouts: set[str], opaque: set[str]) -> bool:
+    """Whether these markers hide ``path`` from the layers beneath them."""
+    return path in whiteouts or _hidden_below(path.rpartition("/")[0], whiteouts, opaque)
+
+
+def _link_beneath(target: str) -> Entry:
+    """The entry of a placeholder node: a hardlink to ``target`` in a layer not added yet."""
+    return Entry(name="", type="hardlink", link_name=target)
+
+
+def _missing(placeholder: Node, target: str) -> FormatError:
+    name = "/".join(placeholder.path())
+    return FormatError(f"layer {placeholder.layer}: hardlink {name!r} to missing {target!r}")
 
 
 class Tree:
-    """The inode table.  ``nodes`` maps inode numbers to nodes (:class:`Inodes`)."""
+    """The inode table.  ``nodes`` maps inode numbers to nodes (:class:`Inodes`).
+
+    Built top-down (:meth:`add_beneath`): the top layer first, then each lower layer beneath
+    what the tree holds, filling in only what the layers above leave open.  So a node, once
+    made, keeps its inode number as lower layers arrive, and a tree built from the layers
+    above one not indexed yet (a layer fetched whole in the background) already answers
+    everything those layers settle (:meth:`known`, :meth:`listing_known`,
+    :meth:`absent_known`); the rest is added beneath it later."""
 
     def __init__(self) -> None:
-        self.root = Node(ROOT_INO, None, "", _implicit_dir(), -1)
+        self.root = Node(ROOT_INO, None, "", IMPLICIT_DIR, -1)
         # Every path the lower layers have, after their own whiteouts: removing such a path
         # from the mount must leave a whiteout.  A property of the path, not of the inode that
         # holds it now (renames and hardlinks move inodes between names).
@@ -159,18 +195,44 @@ class Tree:
         self.nodes = Inodes()
         self.nodes.add(self.root)
         self._next_ino = ROOT_INO + 1
+        # While building: what the layers added so far hide from the layers beneath them
+        # (whiteouts, and non-directories a directory above replaces, by path; opaque
+        # directories by path), and hardlinks whose target is in a layer beneath (by target
+        # path: their placeholder nodes).
+        self._whiteouts: set[str] = set()
+        self._opaque: set[str] = set()
+        self._wanted: dict[str, list[Node]] = {}
+        self.final = False  # every layer added (finish)
 
     # -- building ---------------------------------------------------------------------------
 
     @classmethod
     def from_layers(cls, tocs: Sequence[TOC]) -> Tree:
         tree = cls()
-        for index, toc in enumerate(tocs):
-            tree._apply_layer(index, toc.entries)
-        tree.lower_paths = array("q", sorted(hash(path) for path, _ in tree.walk() if path))
-        if len(tree.nodes) >= TRIM_AFTER_NODES:
-            _trim_heap()
+        tree.add_beneath(tocs, 0)
+        tree.finish()
         return tree
+
+    def add_beneath(self, tocs: Sequence[TOC], first: int) -> None:
+        """Add the layers ``first``, ``first + 1``, ... (``tocs``, bottom first) beneath the
+        layers the tree holds, which must all be above them."""
+        for index in range(len(tocs) - 1, -1, -1):
+            self._add_layer(first + index, tocs[index].entries)
+
+    def finish(self) -> None:
+        """After the last (lowest) layer: every hardlink must have found its target."""
+        for target, waiting in self._wanted.items():
+            raise _missing(waiting[0], target)
+        self._whiteouts, self._opaque = set(), set()
+        self.final = True
+        self.lower_paths = array("q", sorted(hash(path) for path, _ in self.walk() if path))
+        if len(self.nodes) >= TRIM_AFTER_NODES:
+            _trim_heap()
+
+    @property
+    def next_ino(self) -> int:
+        """The number the next node gets (every node so far has a smaller one)."""
+        return self._next_ino
 
     def new_node(self, parent: Node, name: str, entry: Entry | None, layer: int) -> Node:
         node = Node(self._next_ino, parent, name, entry, layer)
@@ -178,77 +240,256 @@ class Tree:
         self.nodes.add(node)
         return node
 
-    def _apply_layer(self, layer: int, entries: list[Entry]) -> None:
-        # Whiteouts first: they hide what lower layers had, never this layer's own entries.
+    def _add_layer(self, layer: int, entries: list[Entry]) -> None:
+        """One layer beneath the tree.  The nodes numbered from ``start`` on are this layer's
+        own: a later entry of the layer replaces them, as a tar extractor would; everything
+        older belongs to a layer above and wins."""
+        start = self._next_ino
+        hidden: set[str] = set()  # what this layer hides from the layers beneath it
+        opaque: set[str] = set()
         content: list[Entry] = []
         for e in entries:
             dirname, _, base = e.name.rpartition("/")
             if not base.startswith(WHITEOUT):
                 content.append(e)
                 continue
-            parent = self._dir(dirname, layer)
-            assert parent.children is not None
+            where = self._place_dir(dirname, layer, start, hidden)
+            if where is None:
+                continue  # hidden by a layer above: it has nothing to hide
+            assert where.children is not None
+            # Whiteouts act before the layer's content: only directories an earlier
+            # whiteout of this layer implied are this layer's to remove.
             if base == OPAQUE:
-                for child in list(parent.children.values()):
-                    self._drop(parent, child.name)
+                opaque.add(dirname)
+                gone = list(where.children)
             else:
-                self._drop(parent, base[len(WHITEOUT) :])
+                name = base[len(WHITEOUT) :]
+                hidden.add(f"{dirname}/{name}" if dirname else name)
+                gone = [name] if name in where.children else []
+            for name in gone:
+                child = where.children[name]
+                if child.ino >= start:
+                    self._drop(where, name)
+                elif child.is_dir:
+                    self._drop_own(child, layer, start)
+        # Entries a layer above hides (by path), for this layer's hardlinks to them; hardlinks
+        # of this layer whose target is beneath it (by target path); shadowed targets made
+        # into nodes for the links that need them.
+        skipped: dict[str, Node | Entry] = {}
+        links: dict[str, list[Node]] = {}
+        orphans: dict[int, Node] = {}
+        marked = bool(self._whiteouts)
         # A TOC lists a directory's entries together: look each parent up once per run of
         # siblings, not once per entry (a mount of 100k files spends its start-up here).
         last_dir: str | None = None
-        parent = self.root
+        parent: Node | None = self.root
         # One string per distinct base name (__init__.py, README...), not one per node.
         names: dict[str, str] = {}
         for e in content:
             if e.name == "":
-                self._set_entry(self.root, e, layer)
+                root = self.root
+                if root.entry is IMPLICIT_DIR or root.layer == layer:
+                    self._set_entry(root, e, layer)
                 continue
             dirname, _, name = e.name.rpartition("/")
             name = names.setdefault(name, name)
-            if dirname != last_dir or parent.children is None or parent.nlink <= 0:
-                parent = self._dir(dirname, layer)
+            if dirname != last_dir or (
+                parent is not None and (parent.children is None or parent.nlink <= 0)
+            ):
+                parent = self._place_dir(dirname, layer, start, hidden)
                 last_dir = dirname
+            if parent is None or (marked and e.name in self._whiteouts):
+                if e.type != "dir":  # hidden from above: only a hardlink may still need it
+                    skipped[e.name] = self._shadowed(e, start, skipped)
+                continue
             assert parent.children is not None
             old = parent.children.get(name)
             if old is not None and old.is_dir:
                 last_dir = None  # it may be dropped below, and the cached parent with it
+            if old is not None and old.ino < start:  # a layer above has this name
+                if e.type == "dir":
+                    if old.is_dir and (old.entry is IMPLICIT_DIR or old.layer == layer):
+                        self._set_entry(old, e, layer)  # the directory above merges
+                    continue
+                if old.is_dir:
+                    # This non-directory replaced what this layer and those beneath had
+                    # there so far; a directory above replaced it in turn.
+                    hidden.add(e.name)
+                    self._drop_own(old, layer, start)
+                skipped[e.name] = self._shadowed(e, start, skipped)
+                continue
             if e.type == "hardlink":
-                target = self.find(e.link_name)
-                if target is None or target.is_dir:
-                    raise FormatError(
-                        f"layer {layer}: hardlink {e.name!r} to missing {e.link_name!r}"
-                    )
-                if old is target:
-                    continue  # a link to itself (or to another of its names) changes nothing
-                if old is not None:
-                    self._drop(parent, name)
-                self.add_link(target, parent, name)
+                self._add_link(e, parent, name, old, layer, start, skipped, links, orphans)
                 continue
             if old is not None and old.is_dir and e.type == "dir":
-                self._set_entry(old, e, layer)  # a directory in an upper layer merges
+                self._set_entry(old, e, layer)  # the same directory again: the last one wins
                 continue
             if old is not None:
+                if e.type == "dir":
+                    hidden.add(e.name)  # this layer's own non-directory hid what is beneath
                 self._drop(parent, name)
             parent.children[name] = self.new_node(parent, name, e, layer)
+        # Hardlinks of the layers above whose target is beneath them: this layer's word on
+        # the target, if it has one.
+        for target in list(self._wanted):
+            got = self._link_target(target, start, skipped)
+            if got is None:
+                if _hides(target, hidden, opaque):
+                    raise _missing(self._wanted[target][0], target)
+                continue
+            self._resolve(self._wanted.pop(target), target, got, layer, links, orphans)
+        self._whiteouts |= hidden
+        self._opaque |= opaque
+        for target, waiting in links.items():
+            self._wanted.setdefault(target, []).extend(waiting)
+
+    def _drop_own(self, node: Node, layer: int, start: int) -> None:
+        """Forget what this layer (nodes from ``start`` on) gave the directory ``node`` of a
+        layer above, its entry included."""
+        if node.layer == layer:
+            node.entry = IMPLICIT_DIR
+        stack = [node]
+        while stack:
+            d = stack.pop()
+            assert d.children is not None
+            for name, child in list(d.children.items()):
+                if child.ino >= start:
+                    self._drop(d, name)
+                elif child.is_dir:
+                    if child.layer == layer:
+                        child.entry = IMPLICIT_DIR
+                    stack.append(child)
+
+    def _shadowed(self, e: Entry, start: int, skipped: dict[str, Node | Entry]) -> Node | Entry:
+        """What a hardlink of this layer to ``e``, which a layer above hides, links to."""
+        if e.type != "hardlink":
+            return e
+        got = self._link_target(e.link_name, start, skipped)
+        return got if got is not None else _link_beneath(e.link_name)
+
+    def _link_target(
+        self, path: str, start: int, skipped: dict[str, Node | Entry]
+    ) -> Node | Entry | None:
+        """What this layer (its nodes numbered from ``start``) has at ``path`` for a hardlink:
+        its node, the entry a layer above hides, a hardlink entry when its own target is in a
+        layer beneath, or None when this layer has nothing there."""
+        node = self.find(path)
+        if node is not None and node.ino >= start:
+            e = node.entry
+            return e if e is not None and e.type == "hardlink" else node  # a placeholder
+        return skipped.get(path)
+
+    def _add_link(
+        self,
+        e: Entry,
+        parent: Node,
+        name: str,
+        old: Node | None,
+        layer: int,
+        start: int,
+        skipped: dict[str, Node | Entry],
+        links: dict[str, list[Node]],
+        orphans: dict[int, Node],
+    ) -> None:
+        assert parent.children is not None
+        target = self._link_target(e.link_name, start, skipped)
+        if target is None:  # in a layer beneath: a placeholder until that layer is added
+            target = _link_beneath(e.link_name)
+        if isinstance(target, Node):
+            if target.is_dir:
+                raise FormatError(f"layer {layer}: hardlink {e.name!r} to missing {e.link_name!r}")
+            if old is target:
+                return  # a link to itself (or to another of its names) changes nothing
+            if old is not None:
+                self._drop(parent, name)
+            self.add_link(target, parent, name)
+            return
+        if old is not None and old is orphans.get(id(target)):
+            return
+        if old is not None:
+            self._drop(parent, name)
+        if target.type == "hardlink":
+            ph = self.new_node(parent, name, target, layer)
+            parent.children[name] = ph
+            links.setdefault(target.link_name, []).append(ph)
+            return
+        self._link_orphan(target, parent, name, layer, orphans)
+
+    def _link_orphan(
+        self, entry: Entry, parent: Node, name: str, layer: int, orphans: dict[int, Node]
+    ) -> None:
+        """Link ``name`` to the node of ``entry``, an entry a layer above hides at its own
+        name (made on the first link)."""
+        assert parent.children is not None
+        node = orphans.get(id(entry))
+        if node is None or node.nlink <= 0:
+            node = orphans[id(entry)] = self.new_node(parent, name, entry, layer)
+            parent.children[name] = node
+        else:
+            self.add_link(node, parent, name)
+
+    def _resolve(
+        self,
+        waiting: list[Node],
+        target: str,
+        got: Node | Entry,
+        layer: int,
+        links: dict[str, list[Node]],
+        orphans: dict[int, Node],
+    ) -> None:
+        """Replace the placeholders of hardlinks from above by what this layer has at their
+        target."""
+        if isinstance(got, Entry) and got.type == "hardlink":
+            for ph in waiting:
+                ph.entry = got
+            links.setdefault(got.link_name, []).extend(waiting)  # beneath this layer too
+            return
+        for ph in waiting:
+            parent, name = ph.parent, ph.name
+            if ph.nlink <= 0 or parent is None:
+                continue  # replaced meanwhile by a later entry of its own layer
+            if isinstance(got, Node) and got.is_dir:
+                raise _missing(ph, target)
+            assert parent.children is not None
+            self._drop(parent, name)
+            if isinstance(got, Node):
+                self.add_link(got, parent, name)
+            else:
+                self._link_orphan(got, parent, name, layer, orphans)
 
     def _set_entry(self, node: Node, e: Entry, layer: int) -> None:
         node.entry = e
         node.layer = layer
 
-    def _dir(self, path: str, layer: int) -> Node:
-        """The directory at ``path``, creating implicit parents as tar extractors do."""
+    def _place_dir(self, path: str, layer: int, start: int, hidden: set[str]) -> Node | None:
+        """The directory at ``path`` for an entry of ``layer``, creating implicit parents as
+        tar extractors do; None when a layer above hides ``path``."""
         node = self.root
+        marked = bool(self._whiteouts or self._opaque)
+        if marked and "" in self._opaque:
+            return None
         if not path:
             return node
+        prefix = ""
         for part in path.split("/"):
             assert node.children is not None
+            if marked:
+                prefix = f"{prefix}/{part}" if prefix else part
+                if prefix in self._whiteouts:
+                    return None
             child = node.children.get(part)
             if child is None or not child.is_dir:
                 if child is not None:
+                    if child.ino < start:
+                        return None  # a non-directory of a layer above
+                    # This layer's own non-directory: replaced, and what it hid stays hidden.
+                    hidden.add("/".join((*node.path(), part)))
                     self._drop(node, part)
-                child = self.new_node(node, part, _implicit_dir(), layer)
+                child = self.new_node(node, part, IMPLICIT_DIR, layer)
                 node.children[part] = child
             node = child
+            if marked and prefix in self._opaque:
+                return None
         return node
 
     def _drop(self, parent: Node, name: str) -> None:
@@ -257,6 +498,23 @@ class Tree:
         if node is None:
             return
         self.unlink_name(node, parent, name)
+
+    # -- what a tree still missing lower layers can answer ----------------------------------
+
+    def known(self, node: Node) -> bool:
+        """Whether ``node``'s name and attributes are final: no layer beneath can change
+        them.  Not an implicit directory (a lower layer may have its entry) nor a hardlink
+        whose target is beneath."""
+        e = node.entry
+        return self.final or e is None or (e is not IMPLICIT_DIR and e.type != "hardlink")
+
+    def listing_known(self, node: Node) -> bool:
+        """Whether no layer beneath can add names to the directory ``node``."""
+        return self.final or _hidden_below("/".join(node.path()), self._whiteouts, self._opaque)
+
+    def absent_known(self, parent: Node, name: str) -> bool:
+        """Whether no layer beneath can add ``name`` to the directory ``parent``."""
+        return self.final or _hides("/".join((*parent.path(), name)), self._whiteouts, self._opaque)
 
     # -- queries and edits used by the FUSE operations --------------------------------------
 

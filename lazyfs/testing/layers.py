@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zstandard
+from lazyfs_tools.convert import convert
 
 from lazyfs.ocilayout import Layout
 
@@ -118,6 +119,34 @@ def _put(layout: Path, data: bytes) -> tuple[str, int]:
     return d.digest, d.size
 
 
+def put_image(
+    layout: Layout, layers: list[dict[str, object]], diff_ids: list[str], arch: str = "amd64"
+) -> dict[str, object]:
+    """Store the config and manifest of an image whose layer blobs (``layers``: their
+    descriptors) are in ``layout`` already; the manifest's descriptor."""
+    cd, cn = layout.put_json(
+        {
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    )
+    md, mn = layout.put_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": cd,
+                "size": cn,
+            },
+            "layers": layers,
+        }
+    )
+    return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": mn}
+
+
 def _manifest(
     layout: Path,
     tars: list[bytes],
@@ -126,37 +155,15 @@ def _manifest(
     mutate: Callable[[bytes], bytes],
     media_type: str | None,
 ) -> dict[str, object]:
-    layers = []
+    layers: list[dict[str, object]] = []
     diff_ids = []
     for t in tars:
         blob = mutate(compress(t, kind))
         d, n = _put(layout, blob)
         layers.append({"mediaType": media_type or _MT[kind], "digest": d, "size": n})
         diff_ids.append("sha256:" + hashlib.sha256(t).hexdigest())
-    config = {
-        "architecture": arch,
-        "os": "linux",
-        "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }
-    cd, cn = _put(layout, json.dumps(config, sort_keys=True).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": cd,
-            "size": cn,
-        },
-        "layers": layers,
-    }
-    md, mn = _put(layout, json.dumps(manifest, sort_keys=True).encode())
-    return {
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": md,
-        "size": mn,
-        "platform": {"architecture": arch, "os": "linux"},
-    }
+    desc = put_image(Layout(layout), layers, diff_ids, arch)
+    return {**desc, "platform": {"architecture": arch, "os": "linux"}}
 
 
 def make_layout(
@@ -186,3 +193,17 @@ def make_layout(
     top.pop("platform", None)
     Layout(layout).write_top([top])
     return layout
+
+
+CHUNK = 64 * 1024  # make_lazy_layout's chunks: small, so that a test's few files span several
+
+
+def make_lazy_layout(
+    dst: Path, tars: list[bytes], *, tag: str = "v1", kind: str = "gzip", chunk_size: int = CHUNK
+) -> Path:
+    """An image of ``tars`` converted for lazy pulling (zstd:chunked) into the OCI layout
+    ``dst``, tagged ``tag``; the source layout (``kind`` layers) stays beside it as DST-src."""
+    src = dst.with_name(f"{dst.name}-src")
+    make_layout(src, tars, kind=kind, tag=tag)
+    convert(f"oci:{src}:{tag}", f"oci:{dst}:{tag}", chunk_size=chunk_size)
+    return dst

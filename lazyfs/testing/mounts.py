@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,4 +60,15 @@ def run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, **kw)
 
 
-__all__ = ["Mount", "lazyfs_cmd", "mounted", "run", "start_mount"]
+def walk_lstat(root: Path) -> int:
+    """os.walk + lstat of every entry (what ``find`` or an image scan asks of a mount); the
+    number of entries."""
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lstat(os.path.join(dirpath, name))
+            n += 1
+    return n
+
+
+__all__ = ["Mount", "lazyfs_cmd", "mounted", "run", "start_mount", "walk_lstat"]

@@ -44,7 +44,7 @@ from lazyfs.store.tocs import load_layer
 from .config import Config
 from .errors import FailedPrecondition
 from .metadata import DaemonRow, MetadataStore, RemoteLayerRow
-from .remote import Chain, Readiness, RemoteSource
+from .remote import Chain, Readiness, RemoteSource, by_digest
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,7 @@ class LazyLayers:
         return resolved, index
 
     def _by_digest(self, source: RemoteSource, resolved: ResolvedImage) -> str:
-        ref = parse_reference(source.image_ref)
-        return f"{ref.host}/{ref.repository}@{resolved.manifest_digest}"
+        return by_digest(source.image_ref, resolved.manifest_digest)
 
     async def _prepare(self, source: RemoteSource, depth: int) -> RemoteLayerRow:
         cache = await trio.to_thread.run_sync(self._chunk_cache)

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from lazyfs.errors import LazyfsError
+from lazyfs.remote.reference import parse_reference
+
 from .metadata import MetadataStore, RemoteLayerRow
 
 TARGET_LABEL = "containerd.io/snapshot.ref"
@@ -49,6 +52,23 @@ class RemoteSource:
     image_layers: tuple[str, ...]
     manifest_digest: str | None
     label_set: str  # "stargz" or "cri"
+
+    def known_ref(self) -> str | None:
+        """The image as ``HOST/REPO@DIGEST`` when the labels or the reference pin its
+        manifest; None when only a tag names it (only the registry can tell which manifest)."""
+        try:
+            ref = parse_reference(self.image_ref)
+        except LazyfsError:
+            return None
+        digest = self.manifest_digest or ref.digest
+        return None if digest is None else by_digest(self.image_ref, digest)
+
+
+def by_digest(image_ref: str, manifest_digest: str) -> str:
+    """``image_ref``'s repository pinned to ``manifest_digest``: how remote snapshots record
+    their images, so that no tag is looked up again.  Raises FormatError on a bad reference."""
+    ref = parse_reference(image_ref)
+    return f"{ref.host}/{ref.repository}@{manifest_digest}"
 
 
 def _digest(value: str, label: str) -> str:

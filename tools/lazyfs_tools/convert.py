@@ -63,6 +63,9 @@ class ConvertReport(msgspec.Struct):
     bytes_in: int = 0  # uncompressed tar bytes
     bytes_out: int = 0
     prefetch_entries: int = 0  # files moved to the front of their layer (--prefetch)
+    # "DIFF_ID: why" for zstd:chunked layers left without a tar-split (newer podman pulls them
+    # whole): inputs containers/storage could not represent either.
+    no_tar_split: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,10 @@ class Converter:
             out.commit(res.digest)
         return res, source_diff, moved
 
+    def _note(self, res: LayerResult, source: str) -> None:
+        if res.no_tar_split:
+            self.report.no_tar_split.append(f"{source}: {res.no_tar_split}")
+
     def layer(self, desc: oci.Descriptor) -> tuple[LayerResult, str]:
         """Convert one layer; returns the result and the source's uncompressed digest."""
         if desc.digest in self._layers:
@@ -298,6 +305,7 @@ class Converter:
         # conversion (a shared base layer keeps its digest); eStargz marks it, as ctr-remote.
         if wanted is not None and (wanted or self.fmt == "estargz"):
             res, source_diff, moved = self._reordered_layer(desc, wanted)
+            self._note(res, desc.digest)
             self.report.layers += 1
             self.report.bytes_out += res.size
             self.report.prefetch_entries += moved
@@ -315,6 +323,7 @@ class Converter:
             if hashed.digest != desc.digest:
                 raise IntegrityError(f"{where}: blob content has digest {hashed.digest}")
             out.commit(res.digest)
+        self._note(res, desc.digest)
         self.report.layers += 1
         self.report.bytes_in += plain.count
         self.report.bytes_out += res.size

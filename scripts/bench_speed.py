@@ -6,18 +6,20 @@
     a synthetic tree of ``--files`` small files so the walk has a Debian-sized entry count);
 (2) the sample's Python start-up chrooted into each, warm;
 (3) ``lazyfs mount`` until ready (spawn → ready), TOC cached and not, vs the interpreter's own
-    start-up and ``lazyfs --help``;
+    start-up and ``lazyfs --help``; ``ready``: process start → mount point usable, the command
+    and ``spawn`` each with and without a fork server (``lazyfs serve-forks``);
 (4) daemon RSS after a walk of a ``--rss-files``-file image;
 (5) ``cold``: a cold start (mount + the sample's Python start-up, chrooted) from Debian's
     docker-registry on 127.0.0.1 behind a counting proxy: lazyfs with no groups, lazyfs with
     groups traced from that start-up and stored beside the image, lazyfs on the image re-laid
     out by those groups (``convert --prefetch``: prefetch up to the landmark), and the
     yardstick, a full pull of the gzip layer + extract + the same start-up: seconds, blob
-    requests and bytes.
+    requests and bytes; ``--image debian``: the same on the WAN harness's Debian image.
 
 Every run uses fresh directories (on ext4 a large ``rm -rf`` slows file creation for seconds
 afterwards) and deletes them at the end.  Run from the repo root:
-``.venv/bin/python scripts/bench_speed.py [--reps N] [--only walk|python|mount|rss|cold]``.
+``.venv/bin/python scripts/bench_speed.py [--reps N] [--only walk|python|mount|ready|rss|cold]
+[--image sample|debian]``.
 """
 
 from __future__ import annotations
@@ -173,16 +175,83 @@ def bench_mount(lazy: Path, reps: int, work: Path) -> dict[str, bl.Summary]:
     return out
 
 
-def _cli_mount(image: str, mnt: Path, cache: Path) -> None:
-    """``lazyfs mount`` as a user runs it: timed until it returns (the mount is ready then),
-    then unmounted and its daemon stopped by PID (outside the time: see ``_med``)."""
+def bench_ready(lazy: Path, reps: int, work: Path) -> dict[str, bl.Summary]:
+    """Process start → mount point usable (a stat of it answered by the mount), TOC cached,
+    contenders alternating within each repetition: the interpreter floors; ``lazyfs mount`` as
+    a shell runs it, forking its own daemon or asking a ``lazyfs serve-forks``; and
+    ``spawn``, what the snapshotter calls, as a new process or forked by a fork server."""
+    from lazyfs.fs.daemon import spawn
+    from lazyfs.fs.forkserver import SOCKET_ENV, ForkServer
+
+    image = f"oci:{lazy}"
+    mnt = work / "mnt-ready"
+    mnt.mkdir()
+    cache = work / "cache-ready"
+    cache.mkdir()
+    args = ["--read-only", "--cache", str(cache)]
+    with bl.lazyfs_mount(image, mnt, cache):
+        pass  # the TOC is cached from here on
+    server = ForkServer.start(work / "forks.sock", log=work / "forks.log")
+    try:
+        env_server = {**os.environ, SOCKET_ENV: str(server.socket)}
+        env_none = {**os.environ, SOCKET_ENV: str(work / "no-server.sock")}
+
+        def cli(env: dict[str, str]) -> Callable[[], None]:
+            return lambda: _cli_mount(image, mnt, cache, env=env, usable=True)
+
+        def spawned(forkserver: Path | None) -> Callable[[], None]:
+            def once() -> None:
+                d = spawn(image, mnt, args, timeout=60, cwd=bl.ROOT, forkserver=forkserver)
+                _usable(mnt)
+                _UNDO.append(d.stop)
+
+            return once
+
+        contenders: dict[str, Callable[[], object]] = {
+            "python3 -c pass": lambda: subprocess.run([sys.executable, "-c", "pass"]),
+            "python3 -c 'import trio, pyfuse3'": lambda: subprocess.run(
+                [sys.executable, "-c", "import trio, pyfuse3"]
+            ),
+            "`lazyfs mount` (forks its daemon)": cli(env_none),
+            "`lazyfs mount` with `lazyfs serve-forks` running": cli(env_server),
+            "spawn(): a new process (the snapshotter before)": spawned(None),
+            "spawn(forkserver=) (the snapshotter now)": spawned(server.socket),
+        }
+        runs: dict[str, list[float]] = {k: [] for k in contenders}
+        for _ in range(reps):
+            for name, fn in contenders.items():
+                runs[name].append(_med(fn, 1).median)
+    finally:
+        server.stop()
+    return {k: bl.summarize(v) for k, v in runs.items()}
+
+
+def _usable(mnt: Path) -> None:
+    """Until a stat of the mount point is answered by the mount (not the directory under)."""
+    if os.stat(mnt).st_dev == os.stat(mnt.parent).st_dev:
+        raise RuntimeError(f"{mnt} is not mounted")
+
+
+def _cli_mount(
+    image: str,
+    mnt: Path,
+    cache: Path,
+    *,
+    env: dict[str, str] | None = None,
+    usable: bool = False,
+) -> None:
+    """``lazyfs mount`` as a user runs it: timed until it returns (the mount is ready then;
+    ``usable``: and a stat of it answered), then unmounted and its daemon stopped by PID
+    (outside the time: see ``_med``)."""
     from lazyfs.fs.daemon import unmount_and_wait
     from lazyfs.process import stop_process
 
     argv = [sys.executable, "-m", "lazyfs.cli", "mount", image, str(mnt), "--read-only"]
-    res = subprocess.run([*argv, "--cache", str(cache)], capture_output=True, text=True)
+    res = subprocess.run([*argv, "--cache", str(cache)], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"lazyfs mount failed: {res.stderr}")
+    if usable:
+        _usable(mnt)
     pid = int(res.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
     _UNDO.append(lambda: (unmount_and_wait(mnt), stop_process(pid, 10.0)))
 
@@ -212,42 +281,72 @@ def bench_rss(n: int, reps: int, work: Path) -> dict[str, bl.Summary]:
     }
 
 
+def cold_image(name: str, work: Path) -> tuple[Path, Path, str, tuple[str, ...], str]:
+    """The cold rows' image: gzip layout, zstd:chunked layout, their tag, the start-up run
+    chrooted in it and what it prints.  ``sample``: the demo's (this machine's python3);
+    ``debian``: the WAN harness's Debian bookworm minbase + python3 and its start-up
+    (scripts/benchwan/images.py builds it from the apt mirror, once, cached in .bench/images)."""
+    from lazyfs_tools.convert import convert
+
+    if name == "debian":
+        from benchwan import images
+        from benchwan.state import State
+
+        img = images.build_all(["debian"], State())["debian"]
+        if str(img.meta["source"]).startswith("FALLBACK"):
+            raise SystemExit("the Debian image could not be built here (see the log)")
+        startup = ("/usr/bin/python3", "-c", images.WORKLOAD)
+        return img.layout("gzip"), img.layout("zstd"), images.TAG, startup, "1"
+    src = build_sample_image(bl.BENCH_DIR / "data" / "sample")
+    lazy = work / "cold-lazy"
+    convert(f"oci:{src}:sample", f"oci:{lazy}:sample")
+    return src, lazy, "sample", (PYTHON, "-c", WORKLOAD), "started"
+
+
 def bench_cold(
-    reps: int, work: Path, before: Path | None
+    reps: int, work: Path, before: Path | None, image: str = "sample"
 ) -> tuple[dict[str, dict[str, bl.Summary]], int]:
     """Cold starts from a loopback registry: per contender, seconds, blob requests and bytes
     (counted at the proxy from the start until the start-up has printed), alternating
     contenders, each repetition with a fresh cache or directory.  ``before``: a checkout of
-    an older lazyfs whose daemon runs the lazyfs contenders again, in the same run."""
+    an older lazyfs whose daemon runs the lazyfs contenders again, in the same run.  The
+    lazyfs contenders start their daemon as the snapshotter does (``spawn``), forked by a
+    fork server (``lazyfs serve-forks``) and, for groups, also as a new process."""
     import httpx
     from lazyfs_tools.convert import convert
 
+    from lazyfs.fs.forkserver import ForkServer
+    from lazyfs.ocilayout import Layout
     from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
     from lazyfs.testing.faultproxy import FaultProxy
     from lazyfs.testing.mounts import lazyfs_cmd
 
-    src = build_sample_image(bl.BENCH_DIR / "data" / "sample")
-    lazy = work / "cold-lazy"
-    convert(f"oci:{src}:sample", f"oci:{lazy}:sample")
-    from lazyfs.ocilayout import Layout
+    src, lazy, tag, startup, says = cold_image(image, work)
 
-    gz = Layout(src).manifest("sample").layers[0]
-    with RegistryInstance(work / "registry") as reg, FaultProxy(reg.url) as proxy:
+    def run_startup(root: Path) -> None:
+        out = subprocess.run(["chroot", str(root), *startup], check=True, capture_output=True,
+                             text=True)  # fmt: skip
+        if says not in out.stdout:
+            raise RuntimeError(f"the start-up did not start: {out.stdout} {out.stderr}")
+
+    gz = Layout(src).manifest(tag).layers[0]
+    with ForkServer.start(work / "forks.sock", log=work / "forks.log") as forks, \
+            RegistryInstance(work / "registry") as reg, FaultProxy(reg.url) as proxy:
         for layout, repo in ((src, "gzip"), (lazy, "lazy"), (lazy, "groups")):
-            push_oci_layout(layout, f"{reg.host}/cold/{repo}:sample", tag="sample")
-        ref = f"{reg.host}/cold/groups:sample"
+            push_oci_layout(layout, f"{reg.host}/cold/{repo}:{tag}", tag=tag)
+        ref = f"{reg.host}/cold/groups:{tag}"
         trace, groups = work / "trace.json", work / "groups.json"
         for argv in (
             lazyfs_cmd("trace", "run", ref, "--group", "startup", "--out", str(trace),
-                       "--plain-http", "--", PYTHON, "-c", WORKLOAD),
+                       "--plain-http", "--", *startup),
             lazyfs_cmd("optimize", str(trace), "--out", str(groups), "--push", ref,
                        "--plain-http"),
         ):  # fmt: skip
             subprocess.run(argv, check=True, capture_output=True)
         # Re-laid out: the group first in the layer, up to a landmark a mount prefetches.
         relaid = work / "cold-relaid"
-        convert(f"oci:{src}:sample", f"oci:{relaid}:sample", prefetch=str(groups))
-        push_oci_layout(relaid, f"{reg.host}/cold/relaid:sample", tag="sample")
+        convert(f"oci:{src}:{tag}", f"oci:{relaid}:{tag}", prefetch=str(groups))
+        push_oci_layout(relaid, f"{reg.host}/cold/relaid:{tag}", tag=tag)
 
         def pull_extract(i: int) -> None:
             root = work / f"cold-root-{i}"
@@ -258,22 +357,26 @@ def bench_cold(
                 for piece in resp.iter_bytes():
                     f.write(piece)
             subprocess.run(["tar", "-xzf", str(blob), "-C", str(root)], check=True)
-            _start(root)
+            run_startup(root)
 
-        def lazyfs_start(repo: str, root: Path = bl.ROOT) -> Callable[[int], None]:
+        def lazyfs_start(
+            repo: str, root: Path = bl.ROOT, *, forked: bool = True
+        ) -> Callable[[int], None]:
             def once(i: int) -> None:
                 from lazyfs.fs.daemon import spawn
 
-                image = f"{proxy.host}/cold/{repo}:sample"
-                cache = work / f"cold-cache-{repo}-{root.name}-{i}"
+                image = f"{proxy.host}/cold/{repo}:{tag}"
+                cache = work / f"cold-cache-{repo}-{root.name}-{forked}-{i}"
                 cache.mkdir()
                 mnt = work / "mnt"
                 mnt.mkdir(exist_ok=True)
                 # ``python -m lazyfs.cli`` run in ``root`` imports that checkout's lazyfs.
                 args = ["--read-only", "--plain-http", "--cache", str(cache)]
-                d = spawn(image, mnt, args, log=work / "mnt.log", timeout=120, cwd=root)
+                d = spawn(image, mnt, args, log=work / "mnt.log", timeout=120, cwd=root,
+                          forkserver=forks.socket if forked and root == bl.ROOT else None)
+                ready_s.append(time.perf_counter() - t0)
                 try:
-                    _start(mnt)
+                    run_startup(mnt)
                     counts.append((len(proxy.served), proxy.blob_bytes))
                 finally:
                     d.stop()
@@ -285,21 +388,25 @@ def bench_cold(
             "lazyfs, no groups": lazyfs_start("lazy"),
             "lazyfs + groups": lazyfs_start("groups"),
             "lazyfs, re-laid out (landmark)": lazyfs_start("relaid"),
+            "lazyfs + groups, daemon a new process": lazyfs_start("groups", forked=False),
         }
         if before is not None:
             for repo, name in (("lazy", "no groups"), ("groups", "+ groups")):
                 contenders[f"before: lazyfs {name}"] = lazyfs_start(repo, before)
             contenders["before: lazyfs, re-laid out"] = lazyfs_start("relaid", before)
         times: dict[str, list[float]] = {k: [] for k in contenders}
+        ready: dict[str, list[float]] = {k: [] for k in contenders}
         reqs: dict[str, list[float]] = {k: [] for k in contenders}
         mib: dict[str, list[float]] = {k: [] for k in contenders}
         for i in range(reps):
             for name, fn in contenders.items():
                 proxy.reset()
                 counts: list[tuple[int, int]] = []
+                ready_s: list[float] = []
                 t0 = time.perf_counter()
                 fn(i)
                 times[name].append(time.perf_counter() - t0)
+                ready[name].extend(ready_s)
                 n, b = counts[0] if counts else (len(proxy.served), proxy.blob_bytes)
                 reqs[name].append(n)
                 mib[name].append(b / 2**20)
@@ -309,17 +416,10 @@ def bench_cold(
             "seconds": bl.summarize(times[k]),
             "requests": bl.summarize(reqs[k]),
             "MiB": bl.summarize(mib[k]),
+            **({"mount ready": bl.summarize(ready[k])} if ready[k] else {}),
         }
         for k in contenders
     }, entries
-
-
-def _start(root: Path) -> None:
-    out = subprocess.run(
-        ["chroot", str(root), PYTHON, "-c", WORKLOAD], check=True, capture_output=True, text=True
-    )
-    if "started" not in out.stdout:
-        raise RuntimeError(f"the start-up did not start: {out.stdout} {out.stderr}")
 
 
 def _row(name: str, s: bl.Summary, base: float | None, unit: str = "s") -> list[object]:
@@ -337,17 +437,26 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--files", type=int, default=6000, help="synthetic files added to the sample")
     p.add_argument("--rss-files", type=int, default=100_000)
-    p.add_argument("--only", choices=("walk", "python", "mount", "rss", "cold"), action="append")
+    p.add_argument(
+        "--only", choices=("walk", "python", "mount", "ready", "rss", "cold"), action="append"
+    )
     p.add_argument(
         "--before",
         type=Path,
         metavar="DIR",
         help="walk, python, cold: also run the lazyfs of this checkout (e.g. a worktree of main)",
     )
+    p.add_argument(
+        "--image",
+        choices=("sample", "debian"),
+        default="sample",
+        help="cold: the demo's sample, or the WAN harness's Debian image (built once from the "
+        "apt mirror by scripts/benchwan/images.py)",
+    )
     p.add_argument("--label", default="", help="a word for the section title (before/after)")
     p.add_argument("--no-markdown", action="store_true")
     args = p.parse_args()
-    only = set(args.only or ("walk", "python", "mount", "rss", "cold"))
+    only = set(args.only or ("walk", "python", "mount", "ready", "rss", "cold"))
     bl.sigterm_as_interrupt()
     bl.byte_compiled()
     machine = bl.machine_info()
@@ -401,6 +510,19 @@ def main() -> int:
                     [_row(k, v, base) for k, v in s.items()],
                 )
             )
+        if "ready" in only:
+            bl.log("ready")
+            s = bench_ready(lazy, args.reps, work)
+            result["ready"] = {k: v.as_dict() for k, v in s.items()}
+            base = s["python3 -c pass"].median
+            bodies.append(
+                f"### Process start → mount point usable, TOC cached, {entries:,} entries "
+                f"({args.reps} runs, contenders alternating)\n\n"
+                + bl.md_table(
+                    ["what", "seconds", "vs python3 -c pass"],
+                    [_row(k, v, base) for k, v in s.items()],
+                )
+            )
         if "rss" in only:
             bl.log("rss")
             s = bench_rss(args.rss_files, max(2, args.reps // 2), work)
@@ -414,7 +536,7 @@ def main() -> int:
             )
         if "cold" in only:
             bl.log("cold")
-            cold, n_group = bench_cold(args.reps, work, args.before)
+            cold, n_group = bench_cold(args.reps, work, args.before, args.image)
             result["cold"] = {k: {m: v.as_dict() for m, v in d.items()} for k, d in cold.items()}
             base = cold["full pull + extract + start-up"]["seconds"].median
             rows = [
@@ -424,14 +546,17 @@ def main() -> int:
                     bl.ratio(d["seconds"].median, base),
                     f"{d['requests'].median:.0f} ({d['requests'].min:.0f}–{d['requests'].max:.0f})",
                     f"{d['MiB'].median:.1f}",
+                    f"{d['mount ready'].median:.3f} ({d['mount ready'].min:.3f}–"
+                    f"{d['mount ready'].max:.3f})" if "mount ready" in d else "",
                 ]
                 for k, d in cold.items()
             ]
             bodies.append(
-                f"### Cold start from a loopback registry ({args.reps} runs; groups: "
-                f"{n_group} files traced from the start-up)\n\n"
+                f"### Cold start from a loopback registry, {args.image} image ({args.reps} "
+                f"runs; groups: {n_group} files traced from the start-up)\n\n"
                 + bl.md_table(
-                    ["contender", "seconds", "vs full pull", "blob requests", "MiB"], rows
+                    ["contender", "seconds", "vs full pull", "blob requests", "MiB", "mount ready"],
+                    rows,
                 )
             )
     finally:

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -124,6 +125,18 @@ def stop_daemons(root: Path) -> None:
             subprocess.run(["umount", "-l", mnt], check=False)
 
 
+def fork_server_pid(log_text: str) -> int:
+    """The PID of the snapshotter's fork server, from its log (the last one it started)."""
+    found = re.findall(r"fork server pid (\d+)", log_text)
+    assert found, "the snapshotter started no fork server"
+    return int(found[-1])
+
+
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
 def lazy_mounts(root: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if f" {root}/mnt/" in line]
@@ -229,9 +242,12 @@ def test_container_survives_kill_9_of_the_snapshotter_and_dead_daemons_are_repla
         ctrd.ctr("run", "-d", "--snapshotter", SN, env.lazy, "long", "/bin/sleep", "600",
                  capture=True, timeout=120)
         ((pid, mnt, _),) = daemons(sp.root)
+        forks = fork_server_pid(sp.log_text())
+        assert parent_pid(pid) == forks  # forked by the snapshotter's fork server
 
         sp.kill()
-        assert not wait_pid(pid, 0.5)  # the FUSE daemon lives on without the snapshotter
+        assert wait_pid(forks, 10)  # the fork server goes with the snapshotter
+        assert not wait_pid(pid, 0.5)  # the FUSE daemon lives on without either
         sp.start()
         wait_reconnected(ctrd)
         assert f"re-attached daemon pid {pid}" in sp.log_text()

@@ -137,7 +137,9 @@ def test_config_parses() -> None:
         "deltas": {"enabled": False},
         "metrics": {"address": "127.0.0.1:9101"},
         "registry": {"plain_http": ["127.0.0.1:5000"]},
+        "daemons": {"fork_server": False},
     })
+    assert not cfg.fork_server and parse_config({}).fork_server
     assert cfg.cache_size == 2 * 1024**3 and cfg.prefetch == "landmark"
     assert not cfg.deltas and parse_config({}).deltas
     assert cfg.registry.plain_http == ("127.0.0.1:5000",)
@@ -151,6 +153,7 @@ def test_config_parses() -> None:
     ({"prefetch": {"policy": "always"}}, "is not one of"),
     ({"deltas": {"enabled": "no"}}, "expected true or false"),
     ({"deltas": True}, r"\[deltas\] must be a table"),
+    ({"daemons": {"fork_server": 1}}, "expected true or false"),
     ({"metrics": {"address": "nowhere"}}, "HOST:PORT"),
     ({"registry": {"plain_http": "x"}}, "list of non-empty strings"),
     ({"cahce": {}}, "unknown key 'cahce'"),

@@ -1,21 +1,18 @@
 """The ``lazyfs`` command: argument parsing and output only.
 
 Each subcommand lives in a small module that registers its parser and a handler returning an
-exit code; the logic it calls is importable and tested without a terminal.
+exit code; the logic it calls is importable and tested without a terminal.  Importing this
+package imports none of them: ``lazyfs mount`` first asks a running fork server to do the
+whole command (see :func:`main`), and that costs only the interpreter's start.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from lazyfs.errors import LazyfsError, first_error
-
-from . import cache, delta, imagecmds, mount, optimizecmd, pull, trace
-
-MODULES = (imagecmds, mount, pull, cache, trace, optimizecmd, delta)
 
 
 class _VersionAction(argparse.Action):
@@ -42,12 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in MODULES:
+    from . import cache, delta, forks, imagecmds, mount, optimizecmd, pull, trace
+
+    for module in (imagecmds, mount, pull, cache, trace, optimizecmd, delta, forks):
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``lazyfs`` command.  Run as a program (``argv`` None), ``lazyfs mount`` is done by
+    a fork of a running ``lazyfs serve-forks`` when one listens at the default socket: the
+    same command, without importing trio, pyfuse3, httpx and lazyfs here first."""
+    if argv is None:
+        from lazyfs.fs.forkserver import run_in_server
+
+        code = run_in_server(sys.argv[1:])
+        if code is not None:
+            return code
+    return run(argv)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """The ``lazyfs`` command in this process."""
+    import logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -133,16 +133,18 @@ def diff(old: ImageLayers, new: ImageLayers, merge_gap: int, max_request: int) -
             saved[src] = saved.get(src, 0) + _span(c)
         # As the store's pull: a big chunk alone, the rest planned around what is held then.
         big = [c for c in want if is_big(c)]
-        requests = [(c.offset, c.end, [c]) for c in big] + plan.plan_fetch(
+        # A registry's pull asks for several ranges per request (multi-range).
+        ranges = plan.plan_fetch(
             layer,
             [c for c in want if not is_big(c)],
             merge_gap,
             max_request,
             lambda c: is_big(c) or c.digest in source_of,
             streamed=True,
+            multirange=True,
         )
-        ld.requests = len(requests)
-        ld.fetch_bytes = sum(end - start for start, end, _ in requests)
+        ld.requests = len(big) + len(plan.bundle(ranges))
+        ld.fetch_bytes = sum(c.end - c.offset for c in big) + sum(e - s for s, e, _ in ranges)
         ld.fetch_chunks = len(want)
         ld.fetch_chunk_bytes = sum(_span(c) for c in want)
         ld.saved_by = saved

@@ -10,6 +10,7 @@ without the ``Popen`` it once had.  No pyfuse3 here: this side never serves FUSE
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -24,12 +25,14 @@ import msgspec
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.control import ReadyReport, control_request
+from lazyfs.fs.forkserver import LOST, ForkServerError, request_fork
 from lazyfs.fs.runtime import control_path
 from lazyfs.fs.unmount import abort_connection, is_mounted, is_stale, unmount
 from lazyfs.process import stop_process, wait_pid
 from lazyfs.store.wholelayer import WholeFetch
 
 StrPath = str | os.PathLike[str]
+logger = logging.getLogger(__name__)
 
 
 def lazyfs_argv(*args: str) -> list[str]:
@@ -133,22 +136,27 @@ def spawn(
     cwd: StrPath | None = None,
     preexec_fn: Callable[[], None] | None = None,
     progress: Callable[[WholeFetch], None] | None = None,
+    forkserver: StrPath | None = None,
 ) -> Daemon:
     """Start ``lazyfs mount IMAGE MOUNTPOINT OPTIONS…`` in a new session, its output appended
     to ``log``, and return once it reports the mount ready.  The daemon's own one-line error
     (or its exit without a word, or no word within ``timeout`` seconds) raises LazyfsError,
     and then no process is left behind.  ``preexec_fn`` runs in the child before lazyfs does
     (a resource limit, say); ``progress`` hears of whole-layer downloads before the mount is
-    ready."""
+    ready.  ``forkserver``: the socket of a ``lazyfs serve-forks`` to fork the daemon from
+    (no interpreter start, no imports); when it cannot, the daemon starts as a new process."""
+    args = [*(["-v"] * verbose), "mount", image, os.fspath(mountpoint), *options]
+    if forkserver is not None and preexec_fn is None:  # a preexec_fn runs only in a new process
+        try:
+            return _forked(args, mountpoint, forkserver, log, cwd, timeout, progress)
+        except ForkServerError as e:
+            logger.warning("fork server %s: %s; starting the daemon as a new process",
+                           os.fspath(forkserver), e)  # fmt: skip
     read_fd, write_fd = os.pipe()
-    argv = lazyfs_argv(
-        *(["-v"] * verbose), "mount", image, os.fspath(mountpoint), *options,
-        "--ready-fd", str(write_fd),
-    )  # fmt: skip
     try:
         with open(log, "ab") as out:
             child = subprocess.Popen(
-                argv,
+                lazyfs_argv(*args, "--ready-fd", str(write_fd)),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -171,6 +179,42 @@ def spawn(
     finally:
         os.close(read_fd)
     return Daemon(child.pid, mountpoint, proc=child, log=Path(log), ready=report)
+
+
+def _forked(
+    args: list[str],
+    mountpoint: StrPath,
+    forkserver: StrPath,
+    log: StrPath,
+    cwd: StrPath | None,
+    timeout: float | None,
+    progress: Callable[[WholeFetch], None] | None,
+) -> Daemon:
+    """:func:`spawn` through a fork server; ForkServerError when it started nothing."""
+    read_fd, write_fd = os.pipe()
+    try:
+        try:
+            pid = request_fork(forkserver, args, log=log, ready_fd=write_fd, cwd=cwd)
+        except OSError as e:  # no server there (any more), or it hung up
+            raise ForkServerError(e.strerror or str(e)) from None
+        finally:
+            os.close(write_fd)
+        try:
+            report = read_ready(read_fd, timeout, progress)
+        except DaemonFailed as e:
+            if str(e) == LOST:
+                raise ForkServerError(LOST) from None
+            if not wait_pid(pid, 10.0):  # it said its error and is on its way out
+                stop_process(pid)
+            raise LazyfsError(str(e) or "daemon exited") from None
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # by PID, as above: it never became ready
+            wait_pid(pid, 10.0)
+            raise
+    finally:
+        os.close(read_fd)
+    return Daemon(pid, mountpoint, log=Path(log), ready=report)
 
 
 def attach(mountpoint: StrPath, *, expect_pid: int | None = None, timeout: float = 10.0) -> Daemon:

@@ -12,7 +12,7 @@ they always overtake.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -71,6 +71,21 @@ def _entry_chunks(entry: Entry, ranked: RankedEntry) -> list[Chunk]:
     return out
 
 
+def _same_file(
+    layers: Sequence[Layer],
+    files: Callable[[Layer], dict[str, Entry]],
+    path: str,
+    digest: str,
+) -> tuple[Layer | None, Entry | None]:
+    for layer in reversed(layers):
+        entry = files(layer).get(path)
+        if entry is not None:
+            if entry.type == "reg" and digest and entry.digest == digest:
+                return layer, entry
+            return None, None  # the top-most one is what the mount shows: another file
+    return None, None
+
+
 class Prefetcher:
     def __init__(
         self,
@@ -89,21 +104,27 @@ class Prefetcher:
         seen: set[str] = set()
         # tiers -> ordered (layer, chunks of one entry)
         self._plan: list[list[tuple[Layer, list[Chunk]]]] = []
+        def files(layer: Layer) -> dict[str, Entry]:
+            if layer.blob_digest not in names:
+                names[layer.blob_digest] = layer.toc.by_name()
+            return names[layer.blob_digest]
+
         for tier in group.tiers:
             items: list[tuple[Layer, list[Chunk]]] = []
             for ranked in tier.entries:
-                layer = by_digest.get(ranked.layer)
-                if layer is None:
-                    log.debug("prefetch: layer %s is not in this image", ranked.layer)
-                    self.stats.skipped += 1
-                    continue
-                if layer.blob_digest not in names:
-                    names[layer.blob_digest] = layer.toc.by_name()
-                entry = names[layer.blob_digest].get(ranked.path.strip("/"))
-                if entry is None or entry.type != "reg":
+                path = ranked.path.strip("/")
+                found = by_digest.get(ranked.layer)
+                entry = files(found).get(path) if found is not None else None
+                if found is None:
+                    # Another image of the same files (re-laid out by these very groups, or
+                    # converted again): the file at that path in the top-most layer holding
+                    # it, if its content is the one traced.
+                    found, entry = _same_file(layers, files, path, ranked.digest)
+                if found is None or entry is None or entry.type != "reg":
                     log.debug("prefetch: %s is not a file of %s", ranked.path, ranked.layer)
                     self.stats.skipped += 1
                     continue
+                layer = found
                 chunks = [c for c in _entry_chunks(entry, ranked) if c.digest not in seen]
                 seen.update(c.digest for c in chunks)
                 self.stats.entries += 1

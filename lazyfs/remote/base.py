@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import BinaryIO
 
 from lazyfs.errors import IntegrityError
@@ -16,6 +16,19 @@ STREAM_PIECE = 256 * 1024
 
 #: receives a streamed range's bytes in order; the transfer waits while it runs
 Sink = Callable[[bytes], Awaitable[None]]
+#: receives several ranges' bytes in blob order: ``(blob offset of the piece, the piece)``
+RangesSink = Callable[[int, bytes], Awaitable[None]]
+
+
+def check_ranges(ranges: Sequence[tuple[int, int]]) -> None:
+    """Several ranges of one blob must be non-empty, ascending and disjoint: a server may
+    answer overlapping ranges with the whole blob (Go's ServeContent does when their sizes
+    add up to more than the blob), and an ordered answer is what a sink can use at once."""
+    prev = 0
+    for start, end in ranges:
+        if start < prev or end <= start:
+            raise ValueError(f"ranges must be ascending, disjoint and non-empty: {ranges[:8]}")
+        prev = end
 
 
 class Source(abc.ABC):
@@ -48,6 +61,22 @@ class Source(abc.ABC):
         for pos in range(start, end, DOWNLOAD_PIECE):
             await sink(await self.read_range(digest, pos, min(end, pos + DOWNLOAD_PIECE)))
 
+    async def stream_ranges(
+        self, digest: str, ranges: Sequence[tuple[int, int]], sink: RangesSink
+    ) -> None:
+        """Several ranges of a blob (ascending, disjoint: :func:`check_ranges`), handed to
+        ``sink`` in blob order with each piece's blob offset, every byte exactly once, or the
+        call raises.  A registry asks for them in as few requests as it can (multi-range);
+        this default streams one range after the other."""
+        check_ranges(ranges)
+        for start, end in ranges:
+            await self.stream_range(digest, start, end, _at(start, sink))
+
+    def multirange(self, digest: str) -> bool:
+        """Whether :meth:`stream_ranges` costs about one request whatever the number of
+        ranges, so a planner should leave gaps out rather than merge across them."""
+        return False
+
     def ranges_supported(self) -> bool:
         """False once the source was seen ignoring range requests (a registry answering 200
         with the whole blob): callers then fetch the whole blob once instead of once per
@@ -66,3 +95,15 @@ class Source(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 (optional hook)
         """Release connections."""
+
+
+def _at(start: int, sink: RangesSink) -> Sink:
+    """A :data:`Sink` for one range that tells ``sink`` where each piece lies."""
+    pos = start
+
+    async def piece(data: bytes) -> None:
+        nonlocal pos
+        at, pos = pos, pos + len(data)
+        await sink(at, data)
+
+    return piece

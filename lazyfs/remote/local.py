@@ -85,6 +85,9 @@ class OCILayoutSource(Source):
     async def stream_range(self, digest: str, start: int, end: int, sink: Sink) -> None:
         await _stream_file(self._blob_path(digest), start, end, sink)
 
+    def multirange(self, digest: str) -> bool:
+        return True  # scattered reads of a local file cost no round trips
+
 
 class BlobFileSource(Source):
     """One layer blob in a plain file, e.g. ``lazyfs inspect layer.tar.gz``.  Any digest asks
@@ -118,3 +121,6 @@ class BlobFileSource(Source):
     async def stream_range(self, digest: str, start: int, end: int, sink: Sink) -> None:
         self._check(digest)
         await _stream_file(self.path, start, end, sink)
+
+    def multirange(self, digest: str) -> bool:
+        return True  # scattered reads of a local file cost no round trips

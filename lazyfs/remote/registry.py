@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import logging
 import os
 import random
 import re
@@ -17,7 +18,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -28,10 +29,12 @@ import trio
 from lazyfs import oci
 from lazyfs.errors import IntegrityError, LazyfsError, NotFoundError, RemoteError
 from lazyfs.remote.auth import Authenticator, Credentials, load_docker_credentials
-from lazyfs.remote.base import STREAM_PIECE, Sink, Source
+from lazyfs.remote.base import STREAM_PIECE, RangesSink, Sink, Source, check_ranges
 from lazyfs.remote.hosts import Endpoint, load_endpoints
+from lazyfs.remote.multipart import ByteRanges, Malformed, boundary_of, range_spec, split_ranges
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MANIFEST_ACCEPT = ", ".join(
     (oci.MT_OCI_INDEX, oci.MT_OCI_MANIFEST, oci.MT_DOCKER_LIST, oci.MT_DOCKER_MANIFEST)
@@ -41,6 +44,9 @@ MAX_MANIFEST_SIZE = 4 << 20
 # never layers, so a registry that sends more is refused rather than believed.
 MAX_DOCUMENT_SIZE = 64 << 20
 MAX_REDIRECTS = 5
+# After the last range of a multipart answer, at most this much more is read (its closing
+# boundary) so the connection can be reused; a server that sends more is cut off.
+_MAX_EPILOGUE = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -79,6 +85,10 @@ class Stats(msgspec.Struct):
     bytes_received: int = 0
     retries: int = 0
     token_requests: int = 0
+    #: requests for several ranges at once, and those answered otherwise than with all of
+    #: them in one multipart body (after which that location is asked for single ranges)
+    multirange_requests: int = 0
+    multirange_refused: int = 0
 
 
 class _Transient(Exception):
@@ -122,6 +132,19 @@ class _Spool:
     def _wake(self) -> None:
         changed, self.changed = self.changed, trio.Event()
         changed.set()
+
+
+class _NoMultirange(Exception):
+    """The answer to a multi-range request was not a usable multipart body (a 200 with the
+    whole blob, a single range, 416, a malformed body): ask for the rest one range at a time."""
+
+
+class _Unsatisfiable(RemoteError):
+    """HTTP 416: the server (``host``) refuses the ranges asked for."""
+
+    def __init__(self, message: str, host: str) -> None:
+        super().__init__(message)
+        self.host = host
 
 
 class _Permanent(Exception):
@@ -211,6 +234,10 @@ class RegistrySource(Source):
         self.stats = Stats()
         #: endpoint netlocs seen answering a Range request with 200 and the whole blob
         self.range_ignored: set[str] = set()
+        #: hosts (where blob bytes finally came from, after redirects) seen answering a
+        #: multi-range request otherwise than with a multipart body of every range
+        self.multirange_refused: set[str] = set()
+        self._blob_host: dict[str, str] = {}  # blob digest -> the host its bytes came from
         #: where blobs sent whole are spooled (the opener puts them beside the cache)
         self.spool_dir: Path | None = None
         self._spools: dict[str, _Spool] = {}
@@ -399,6 +426,10 @@ class RegistrySource(Source):
                         )
                     if status in (408,) or status >= 500:
                         raise _Transient(f"HTTP {status}")
+                    if status == 416:
+                        raise _Unsatisfiable(
+                            f"{netloc}: {url} answered HTTP 416", target.netloc.decode()
+                        )
                     if status in (200, 206) or (method != "GET" and status in (201, 202, 204)):
                         return await consume(resp, netloc)
                     raise RemoteError(f"{netloc}: {url} answered HTTP {status}")
@@ -558,6 +589,127 @@ class RegistrySource(Source):
             )
         except _Spooled:
             await self._stream_spool(digest, self._spools[digest], start + got, end, sink)
+
+    def multirange(self, digest: str) -> bool:
+        """Whether a multi-range request is worth sending for this blob: not once the host
+        its bytes come from refused one, nor while the blob is spooled whole."""
+        if digest in self._spools:
+            return False
+        host = self._blob_host.get(digest)
+        if host is not None:
+            return host not in self.multirange_refused
+        return not any(ep.netloc in self.multirange_refused for ep in self.endpoints)
+
+    async def stream_ranges(
+        self, digest: str, ranges: Sequence[tuple[int, int]], sink: RangesSink
+    ) -> None:
+        oci.check_digest(digest)
+        check_ranges(ranges)
+        for part in split_ranges(ranges):
+            if len(part) == 1 or not self.multirange(digest):
+                await super().stream_ranges(digest, part, sink)  # one range at a time
+            else:
+                await self._stream_multi(digest, part, sink)
+
+    async def _stream_multi(
+        self, digest: str, ranges: list[tuple[int, int]], sink: RangesSink
+    ) -> None:
+        """One request for several ranges, each part handed over as it arrives.  A cut
+        answer resumes with the ranges still missing; an answer that is not a multipart body
+        of them (the host ignores or refuses multi-range) is used for what it holds in
+        order, the host is remembered, and the rest is asked for one range at a time."""
+        idx = 0  # ranges[idx:] are missing; of ranges[idx], bytes from pos
+        pos = ranges[0][0]
+        headers = {"Range": range_spec(ranges), "Accept-Encoding": "identity"}
+
+        async def deliver(at: int, data: bytes) -> None:
+            # Bytes [at, at + len(data)) of the blob: hand over those that were asked for and
+            # not handed over yet.  Bytes before pos (an overlapping or repeated part) are
+            # dropped; a part that starts past pos left a hole: parts must come in order.
+            nonlocal idx, pos
+            stop = at + len(data)
+            while idx < len(ranges) and pos < stop:
+                if at > pos:
+                    raise Malformed(f"a part from {at} skips bytes from {pos}")
+                end = min(ranges[idx][1], stop)
+                await sink(pos, data if (pos, end) == (at, stop) else data[pos - at : end - at])
+                pos = end
+                if pos == ranges[idx][1]:
+                    idx += 1
+                    if idx < len(ranges):
+                        pos = ranges[idx][0]
+
+        async def consume(resp: httpx.Response, netloc: str) -> None:
+            host = resp.url.netloc.decode()
+            self._blob_host[digest] = host
+            several = "," in headers["Range"]
+            self.stats.multirange_requests += several
+            try:
+                boundary = boundary_of(resp.headers.get("content-type", ""))
+                if resp.status_code != 206 or (several and boundary is None):
+                    if several:
+                        self._refused(host)
+                    if resp.status_code != 206:
+                        raise _NoMultirange  # a whole blob: not read here (see stream_range)
+                if boundary is None:
+                    m = _CONTENT_RANGE.match(resp.headers.get("content-range", ""))
+                    if m is None:
+                        raise Malformed("a 206 answer without Content-Range")
+                    at = int(m.group(1))
+                    async for chunk in resp.aiter_bytes():
+                        self.stats.bytes_received += len(chunk)
+                        await deliver(at, chunk)
+                        at += len(chunk)
+                        # Only what lies near: a 206 of the whole blob is not read through.
+                        if idx == len(ranges) or (several and pos - at > _MAX_EPILOGUE):
+                            break
+                    if several and idx < len(ranges):
+                        raise _NoMultirange
+                else:
+                    parts = ByteRanges(boundary)
+                    extra = 0  # bytes read after the last range was complete
+                    async for chunk in resp.aiter_bytes():
+                        self.stats.bytes_received += len(chunk)
+                        if idx == len(ranges):
+                            extra += len(chunk)
+                        for at, piece in parts.feed(chunk):
+                            await deliver(at, piece)
+                        if parts.done or extra > _MAX_EPILOGUE:
+                            break
+                    parts.finish()
+                if idx < len(ranges):
+                    raise _Transient(f"short multipart body: {len(ranges) - idx} ranges missing")
+            except Malformed:
+                self._refused(host)
+                raise _NoMultirange from None
+            finally:
+                # A retry (a cut or stalled answer) asks only for what is still missing.
+                if idx < len(ranges):
+                    headers["Range"] = range_spec([(pos, ranges[idx][1]), *ranges[idx + 1 :]])
+
+        try:
+            await self._fetch(
+                f"blobs/{digest}",
+                headers,
+                consume,
+                capability="pull",
+                what=f"{len(ranges)} ranges of blob {digest}",
+            )
+        except (_NoMultirange, _Unsatisfiable) as e:
+            if isinstance(e, _Unsatisfiable):
+                self._blob_host[digest] = e.host
+                self._refused(e.host)
+            if idx < len(ranges):
+                rest = [(pos, ranges[idx][1]), *ranges[idx + 1 :]]
+                await super().stream_ranges(digest, rest, sink)
+
+    def _refused(self, host: str) -> None:
+        if host and host not in self.multirange_refused:
+            log.info(
+                "%s: no multi-range answers from %s; asking for single ranges", self.name, host
+            )
+        self.multirange_refused.add(host)
+        self.stats.multirange_refused += 1
 
     async def _stream_spool(
         self, digest: str, spool: _Spool, start: int, end: int, sink: Sink

@@ -7,13 +7,14 @@ have their own cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from lazyfs import oci
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError
-from lazyfs.remote.base import Sink, Source
+from lazyfs.remote.base import RangesSink, Sink, Source
 
 
 class CachingSource(Source):
@@ -58,6 +59,14 @@ class CachingSource(Source):
 
     async def stream_range(self, digest: str, start: int, end: int, sink: Sink) -> None:
         await self.inner.stream_range(digest, start, end, sink)
+
+    async def stream_ranges(
+        self, digest: str, ranges: Sequence[tuple[int, int]], sink: RangesSink
+    ) -> None:
+        await self.inner.stream_ranges(digest, ranges, sink)
+
+    def multirange(self, digest: str) -> bool:
+        return self.inner.multirange(digest)
 
     def ranges_supported(self) -> bool:
         return self.inner.ranges_supported()

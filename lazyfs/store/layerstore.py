@@ -28,7 +28,7 @@ from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
 from lazyfs.formats.chunkio import check_chunk, chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
-from lazyfs.remote.base import Sink, Source
+from lazyfs.remote.base import RangesSink, Source
 from lazyfs.store import plan
 from lazyfs.store.bigchunk import decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
@@ -37,7 +37,7 @@ from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
 from lazyfs.store.layerstate import Layer, WholeBlob, read_span
 from lazyfs.store.provider import ChunkProvider
 from lazyfs.store.slots import BACKGROUND, ONDEMAND, PREFETCH, PrioritySlots, Ticket
-from lazyfs.store.stats import LayerStats
+from lazyfs.store.stats import LayerStats, StreamStats
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,29 @@ class _Flight:
 
 
 class _Group:
-    """One planned range request and the chunks it brings."""
+    """One planned request (one range, or several in a multi-range request) and the chunks it
+    brings."""
 
-    __slots__ = ("chunks", "end", "first_at", "flights", "pos", "sent_at", "start", "ticket")
+    __slots__ = (
+        "chunks",
+        "end",
+        "first_at",
+        "flights",
+        "got",
+        "pos",
+        "runs",
+        "sent_at",
+        "start",
+        "ticket",
+    )
 
-    def __init__(self, start: int, end: int, chunks: list[Chunk]) -> None:
+    def __init__(
+        self, start: int, end: int, chunks: list[Chunk], runs: list[tuple[int, int]] | None = None
+    ) -> None:
         self.start = start
         self.end = end
+        self.runs = runs or [(start, end)]  # the ranges asked for, in blob order
+        self.got = 0  # bytes received
         self.chunks = chunks
         self.flights: dict[str, _Flight] = {}
         self.ticket = Ticket(BACKGROUND)
@@ -112,12 +128,18 @@ class _Group:
     def far(self, c: Chunk, now: float) -> bool:
         """Whether a reader of ``c`` should ask for it alone rather than wait for the bytes
         before it in this stream (its own bytes it waits for either way)."""
-        ahead = c.offset - self.pos
+        ahead = self._ahead(c.offset)
         if self.first_at is None or self.sent_at is None or now <= self.first_at:
             return ahead > OVERTAKE_BYTES
-        rate = (self.pos - self.start) / (now - self.first_at)
+        rate = self.got / (now - self.first_at)
         latency = self.first_at - self.sent_at
         return rate > 0 and ahead / rate > max(2 * latency, OVERTAKE_MIN_WAIT)
+
+    def _ahead(self, offset: int) -> int:
+        """The bytes this stream sends before blob ``offset``: its gaps never come."""
+        if len(self.runs) == 1:
+            return offset - self.pos
+        return sum(max(0, min(end, offset) - max(start, self.pos)) for start, end in self.runs)
 
 
 def _reraise(error: BaseException) -> NoReturn:
@@ -419,13 +441,28 @@ class LayerStore:
                 want.append(c)
             elif d in needed:  # alone, streamed to disk (store.bigchunk); never read-ahead
                 out.append(self._register(_Group(c.offset, c.end, [c]), priority))
+        streamed = priority != ONDEMAND
+        # A stream from a source that sends several ranges in one request leaves gaps out; a
+        # reader's request is one range, decoded whole (capped by max_request).
+        multi = streamed and layer.source.multirange(layer.blob_digest)
         planned = plan.plan_fetch(
-            layer, want, self.merge_gap, self.max_request, self._here, streamed=priority != ONDEMAND
+            layer,
+            want,
+            self.merge_gap,
+            self.max_request,
+            self._here,
+            streamed=streamed,
+            multirange=multi,
         )
-        for g in (_Group(start, end, chunks) for start, end, chunks in planned):
-            g.chunks = [c for c in g.chunks if c.digest not in self._inflight]
-            if not any(c.digest in needed for c in g.chunks):
+        for bundle in plan.bundle(planned) if multi else [[p] for p in planned]:
+            runs = [
+                (s, e, [c for c in cs if c.digest not in self._inflight]) for s, e, cs in bundle
+            ]
+            runs = [r for r in runs if r[2]]
+            chunks = [c for _, _, cs in runs for c in cs]
+            if not any(c.digest in needed for c in chunks):
                 continue  # readahead alone never costs a request
+            g = _Group(runs[0][0], runs[-1][1], chunks, [(s, e) for s, e, _ in runs])
             out.append(self._register(g, priority))
         return out
 
@@ -532,29 +569,41 @@ class LayerStore:
                 raise RemoteError(f"{layer.blob_digest}: download failed: {whole.error}")
         return await trio.to_thread.run_sync(read_span, whole.path, start, end)
 
-    async def _stream(self, layer: Layer, g: _Group, sink: Sink) -> None:
-        """Stream the group's range into ``sink``, noting the stream's progress in ``g``."""
+    async def _stream(self, layer: Layer, g: _Group, sink: RangesSink) -> None:
+        """Stream the group's ranges into ``sink``, noting the stream's progress in ``g``."""
         if layer.size and not layer.source.ranges_supported():
-            await sink(await self._from_whole_blob(layer, g.start, g.end, g.ticket))
+            for start, end in g.runs:
+                await sink(start, await self._from_whole_blob(layer, start, end, g.ticket))
             return
-        got = 0
+        want = sum(end - start for start, end in g.runs)
+        report = StreamStats(
+            priority=g.ticket.priority, start=g.start, end=g.end, ranges=len(g.runs), bytes=want
+        )
 
-        async def counted(piece: bytes) -> None:
-            nonlocal got
+        async def counted(at: int, piece: bytes) -> None:
+            now = trio.current_time()
             if g.first_at is None:
-                g.first_at = trio.current_time()
-            got += len(piece)
+                g.first_at = now
+            g.got += len(piece)
+            report.received = g.got
+            if now > g.first_at:
+                report.bytes_per_s = int(g.got / (now - g.first_at))
             layer.stats.bytes_fetched += len(piece)
-            await sink(piece)
+            await sink(at, piece)
 
         async with self._slots.hold(g.ticket):
             g.sent_at = trio.current_time()
             layer.stats.requests += 1
-            await layer.source.stream_range(layer.blob_digest, g.start, g.end, counted)
-        if got != g.end - g.start:
+            layer.stats.multirange_requests += len(g.runs) > 1
+            layer.stats.streams.append(report)
+            try:
+                await layer.source.stream_ranges(layer.blob_digest, g.runs, counted)
+            finally:
+                layer.stats.streams.remove(report)
+        if g.got != want:
             raise RemoteError(
-                f"{getattr(layer.source, 'name', 'source')}: asked for {g.end - g.start} bytes "
-                f"at {g.start} of {layer.blob_digest}, got {got}"
+                f"{getattr(layer.source, 'name', 'source')}: asked for {want} bytes in "
+                f"{len(g.runs)} ranges from {g.start} of {layer.blob_digest}, got {g.got}"
             )
 
     async def _run_group(
@@ -584,8 +633,17 @@ class LayerStore:
                         await decoders.acquire()
                         nursery.start_soon(self._decode_batch, layer, g, batch, decoders, done)
 
-                async def sink(piece: bytes) -> None:
+                async def sink(at: int, piece: bytes) -> None:
                     nonlocal buf_start, nxt, ready_bytes
+                    if at != g.pos:
+                        # The next range of a multi-range request: the gap never comes, and
+                        # every chunk before it must be complete by now.
+                        if at < g.pos or (nxt < len(chunks) and chunks[nxt].offset < at):
+                            raise RemoteError(
+                                f"{layer.blob_digest}: stream jumped from {g.pos} to {at}"
+                            )
+                        buf.clear()
+                        g.pos = buf_start = at
                     buf.extend(piece)
                     g.pos += len(piece)
                     urgent = False
@@ -734,6 +792,7 @@ class LayerStore:
             layer, chunks, self.merge_gap, self.max_request, lambda c: True, blocked=self._here
         ):
             try:
+                layer.stats.overtakes += 1
                 raw = await self._fetch(layer, start, end, Ticket(ONDEMAND))
                 for c in cs:
                     f = self._inflight.get(c.digest)

@@ -12,6 +12,7 @@ import bisect
 from collections.abc import Callable, Sequence
 
 from lazyfs.formats.toc import Chunk, Entry
+from lazyfs.remote.multipart import split_ranges
 from lazyfs.store.layerstate import Layer
 
 IsLocal = Callable[[Chunk], bool]
@@ -92,6 +93,13 @@ def ahead_in_file(
 # streams run side by side.  Few requests come from a re-laid-out image: 5, 10.0 MiB.
 PREFETCH_REQUEST = 64 * 1024 * 1024
 
+# A source that asks for several ranges in one request (HTTP multi-range) pays about a part
+# header (~150 bytes) per range instead of a round trip, so a stream's ranges merge only
+# across gaps about that small: a prefetch group on an image laid out by path then costs the
+# bytes of its chunks in a request or two instead of 42 requests (or 10 requests and 60 %
+# more bytes merging across 1 MiB gaps; BENCHMARKS.md, issue 13).
+MULTI_MERGE_GAP = 2048
+
 # A request's chunks are decoded in memory together: their decompressed total is capped too,
 # or a well-compressed 8 MiB range could stand for gigabytes (README "Memory").
 MAX_REQUEST_PLAIN = 32 * 1024 * 1024
@@ -166,20 +174,44 @@ def plan_fetch(
     here: IsLocal,
     *,
     streamed: bool,
+    multirange: bool = False,
 ) -> list[tuple[int, int, list[Chunk]]]:
-    """The range requests the store makes for ``want`` (chunks nobody fetches yet; a big
-    chunk is fetched alone, not planned here), never adding nor crossing a chunk ``here``.  A
-    reader's request is decoded in memory whole, so it is capped; a stream (prefetch, pull,
-    background fill) holds only the chunks being decoded, so it may be far larger.
-    ``lazyfs diff`` plans with this too: its numbers are the requests a pull makes."""
+    """The ranges the store asks for ``want`` (chunks nobody fetches yet; a big chunk is
+    fetched alone, not planned here), never adding nor crossing a chunk ``here``.  A reader's
+    request is decoded in memory whole, so it is capped; a stream (prefetch, pull, background
+    fill) holds only the chunks being decoded, so it may be far larger, and from a source that
+    sends several ranges in one request (``multirange``) it merges only tiny gaps: its ranges
+    then go out in the requests :func:`bundle` makes.  ``lazyfs diff`` plans with this too:
+    its numbers are the bytes and requests a pull makes."""
     if not streamed:
         return plan_requests(layer, want, merge_gap, max_request, here, blocked=here)
     return plan_requests(
         layer,
         want,
-        merge_gap,
+        min(merge_gap, MULTI_MERGE_GAP) if multirange else merge_gap,
         max(max_request, PREFETCH_REQUEST),
         here,
         max_plain=PREFETCH_REQUEST << 8,  # each chunk's own size is checked
         blocked=here,
     )
+
+
+Plan = tuple[int, int, list[Chunk]]
+
+
+def bundle(plans: list[Plan], max_bytes: int = PREFETCH_REQUEST) -> list[list[Plan]]:
+    """Planned ranges (in blob order) gathered into multi-range requests: consecutive ranges
+    while the request's bytes stay within ``max_bytes`` and its ``Range`` header within
+    what a source sends in one request (``split_ranges``)."""
+    out: list[list[Plan]] = []
+    i = 0
+    for part in split_ranges([(start, end) for start, end, _ in plans]):
+        taken, i = plans[i : i + len(part)], i + len(part)
+        size = max_bytes  # a new header part starts a new request
+        for p in taken:
+            if size + p[1] - p[0] > max_bytes:
+                out.append([])
+                size = 0
+            out[-1].append(p)
+            size += p[1] - p[0]
+    return out

@@ -17,6 +17,18 @@ def _empty_histogram() -> list[int]:
     return [0] * LATENCY_BUCKETS
 
 
+class StreamStats(msgspec.Struct, kw_only=True):
+    """One request streaming now (``lazyfs stats --json``: a layer's ``streams``)."""
+
+    priority: int  # lazyfs.store.slots: 0 on demand, 1 prefetch, 2 background
+    start: int  # blob offsets of its first and last byte + 1
+    end: int
+    ranges: int  # > 1: a multi-range request
+    bytes: int  # to receive, gaps between ranges left out
+    received: int = 0
+    bytes_per_s: int = 0  # since its first byte
+
+
 class LayerStats(msgspec.Struct, kw_only=True):
     """Live counters of one layer.  ``msgspec.to_builtins(stats)`` gives the JSON form."""
 
@@ -36,6 +48,8 @@ class LayerStats(msgspec.Struct, kw_only=True):
     latency_log2_us: list[int] = msgspec.field(default_factory=_empty_histogram)
     # Network, for every priority.
     requests: int = 0
+    multirange_requests: int = 0  # of those, requests for several ranges at once
+    overtakes: int = 0  # requests of readers that would wait too long behind a stream
     bytes_fetched: int = 0  # compressed bytes received, merge gaps included
     retries: int = 0  # chunk re-fetches after a failed verification
     integrity_errors: int = 0  # chunks that failed verification (before and after retry)
@@ -48,6 +62,7 @@ class LayerStats(msgspec.Struct, kw_only=True):
     provider_rejected: int = 0
     patch_bytes: int = 0
     patch_fallbacks: int = 0
+    streams: list[StreamStats] = msgspec.field(default_factory=list)  # requests under way
 
     def record_read(self, ns: int, *, waited: bool) -> None:
         self.reads += 1

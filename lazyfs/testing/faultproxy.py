@@ -13,15 +13,48 @@ across many ``trio.run`` calls::
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
 
+from lazyfs.remote.multipart import ByteRanges, boundary_of, encode
 from lazyfs.testing.server import ThreadedHTTPServer
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+#: how the proxy answers a request for several ranges (``FaultProxy.multirange``): as the
+#: registry does (None), as servers that do not do multi-range do ("whole": 200 and the whole
+#: blob, "first": only the first range, "416"), or with a hostile multipart body ("reorder":
+#: parts last first, "lie": each part's bytes shifted by one under the right Content-Range,
+#: "overlap": the first part twice, each later one followed by its predecessor again, "long":
+#: a part longer than its Content-Range, "garbage": a boundary the body does not use)
+MULTIRANGE_MODES = (None, "whole", "first", "416", "reorder", "lie", "overlap", "long", "garbage")
+
+
+def _rewrite(mode: str, body: bytes, content_type: str) -> tuple[bytes, str]:
+    """A registry's multipart answer made hostile as ``mode`` says."""
+    boundary = boundary_of(content_type)
+    assert boundary is not None
+    parser = ByteRanges(boundary)
+    parts = parser.feed(body)  # the whole body at once: one piece per part
+    m = re.search(rb"/(\d+)\r\n", body)
+    size = int(m.group(1)) if m else 0
+    if mode == "reorder":
+        parts = parts[::-1]
+    elif mode == "lie":
+        parts = [(at, data[1:] + data[:1]) for at, data in parts]
+    elif mode == "overlap":
+        parts = [q for i, p in enumerate(parts) for q in ([p, parts[i - 1]] if i else [p, p])]
+    elif mode == "long":
+        out = encode(parts, size, boundary)
+        head = out.index(b"\r\n\r\n") + 4 + len(parts[0][1])
+        return out[:head] + b"0123456789" + out[head:], content_type
+    elif mode == "garbage":
+        return body, content_type.replace(boundary.decode(), "not-the-boundary")
+    return encode(parts, size, boundary), content_type
 
 
 class FaultProxy(ThreadedHTTPServer):
@@ -43,6 +76,8 @@ class FaultProxy(ThreadedHTTPServer):
             self._release = threading.Event()
             self.requests = 0  # all requests seen
             self.blob_bytes = 0  # body bytes of the matching GETs answered (bytes pulled)
+            #: of those, blob bytes: the parts of multipart answers without their headers
+            self.payload_bytes = 0
             self.paths: list[str] = []
             self.ranges: list[str | None] = []  # each request's Range header
             self.authorization: list[str | None] = []
@@ -53,6 +88,8 @@ class FaultProxy(ThreadedHTTPServer):
             self._truncate = 0
             self._flip = 0
             self.ignore_range = False
+            #: answers to multi-range requests: one of MULTIRANGE_MODES
+            self.multirange: str | None = None
             self.no_content_length = False
             #: send matching bodies at this many bytes per second (a slow link), None: at once
             self.rate: float | None = None
@@ -155,6 +192,15 @@ class FaultProxy(ThreadedHTTPServer):
                         headers[k] = f"{headers[k]}, {v}" if k in headers else v
                 if matched and proxy.ignore_range:
                     headers.pop("Range", None)
+                several = matched and "," in headers.get("Range", "")
+                mode = proxy.multirange if several else None
+                if mode == "416":
+                    self._reply(416, {}, b"")
+                    return
+                if mode == "whole":
+                    headers.pop("Range")
+                elif mode == "first":
+                    headers["Range"] = headers["Range"].split(",")[0]
                 if proxy.upstream_auth:
                     headers["Authorization"] = proxy.upstream_auth
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
@@ -168,6 +214,9 @@ class FaultProxy(ThreadedHTTPServer):
                         body = b"\0" * int(resp.getheader("Content-Length") or 0)
                 finally:
                     conn.close()
+                kind = resp.getheader("Content-Type") or ""
+                if mode is not None and status == 206 and kind.startswith("multipart/"):
+                    body, out["Content-Type"] = _rewrite(mode, body, kind)
                 if matched and status < 300 and body:
                     if proxy._take("_drop"):
                         self.send_response(status)
@@ -200,8 +249,15 @@ class FaultProxy(ThreadedHTTPServer):
                     if proxy._take("_flip"):
                         body = bytes([body[0] ^ 0x01]) + body[1:]
                 if matched and self.command == "GET":
+                    payload = len(body)
+                    kind = out.get("Content-Type", "")
+                    if status == 206 and kind.startswith("multipart/byteranges") and not mode:
+                        payload = sum(
+                            len(d) for _, d in ByteRanges(boundary_of(kind) or b"").feed(body)
+                        )
                     with proxy.lock:
                         proxy.blob_bytes += len(body)
+                        proxy.payload_bytes += payload
                         proxy.served.append((self.path, len(body)))
                 self._reply(status, out, body)
 

@@ -34,7 +34,8 @@ import trio
 from lazyfs.errors import LazyfsError, first_error
 from lazyfs.formats.toc import TocBudget
 from lazyfs.fs.daemon import Daemon, attach, clear_mountpoint, spawn
-from lazyfs.fs.runtime import control_path
+from lazyfs.fs.forkserver import ForkServer
+from lazyfs.fs.runtime import control_path, runtime_dir
 from lazyfs.remote.reference import parse_reference
 from lazyfs.remote.resolve import ResolvedImage, open_source, resolve_image
 from lazyfs.store.chunkcache import ChunkCache
@@ -80,6 +81,7 @@ class LazyLayers:
         self._lock = threading.RLock()
         self._cache: ChunkCache | None = None
         self._cache_lock = threading.Lock()  # not _lock: a Prepare never waits for a spawn
+        self._forks: ForkServer | None = None  # daemons are forked from it when it runs
 
     # -- set-up ----------------------------------------------------------------------
     @property
@@ -93,6 +95,7 @@ class LazyLayers:
         # Mount points are reachable by root only: ROOT is 0700, and so is this.
         self.mnt_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.mnt_dir, 0o700)
+        self._start_fork_server()
         with store.transaction() as tx:
             rows = tx.daemons()
         for row in rows:
@@ -106,6 +109,21 @@ class LazyLayers:
                 self._forget(row)
             else:
                 log.info("re-attached daemon pid %d on %s", row.pid, row.mountpoint)
+
+    def _start_fork_server(self) -> None:
+        """Start the daemons' fork server (no grpc, no threads: not this process forked).
+        Without one, each daemon starts a new interpreter; nothing else changes."""
+        if not self.config.fork_server:
+            return
+        # Under the runtime directory: a socket path must be short, ROOT may not be.
+        key = hashlib.sha256(os.fsencode(os.path.abspath(self.root))).hexdigest()[:16]
+        try:
+            self._forks = ForkServer.start(runtime_dir() / f"forks-{key}.sock",
+                                           log=self.root / "forks.log")  # fmt: skip
+        except (LazyfsError, OSError) as e:
+            log.warning("no fork server (daemons start as new processes): %s", _one_line(e))
+        else:
+            log.debug("fork server pid %d on %s", self._forks.pid, self._forks.socket)
 
     def _chunk_cache(self) -> ChunkCache:
         with self._cache_lock:
@@ -262,7 +280,8 @@ class LazyLayers:
         for image_ref in refs:
             try:
                 daemon = spawn(image_ref, mnt, self._options(chain, image_ref),
-                               log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT)
+                               log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT,
+                               forkserver=self._forks.socket if self._forks else None)
                 break
             except LazyfsError as e:  # the daemon's own one line
                 log.warning("cannot mount chain %s from %s: %s", chain.chain_id, image_ref, e)
@@ -317,6 +336,10 @@ class LazyLayers:
             tx.set_daemon_pid(row.id, 0)
 
     def check(self) -> None:
+        if self._forks is not None and not self._forks.alive():
+            log.warning("the fork server (pid %d) exited; starting another", self._forks.pid)
+            self._forks = None
+            self._start_fork_server()
         with self._lock:
             with self.store.transaction() as tx:
                 rows = tx.daemons()
@@ -332,6 +355,9 @@ class LazyLayers:
                         self.release(row.id)
 
     def close(self, unmount: bool) -> None:
+        if self._forks is not None:
+            self._forks.stop()  # by PID; the daemons it forked are not its to stop
+            self._forks = None
         if not unmount:
             return  # running containers keep reading through them
         with self._lock, self.store.transaction() as tx:

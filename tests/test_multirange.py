@@ -1,0 +1,352 @@
+"""Multi-range requests on the real registry, through the fault proxy: scattered chunks in one
+request, the fallbacks to single ranges (200 whole, one range, 416), a cut multipart answer
+resuming, a redirect to a host that refuses multi-range, and hostile multipart answers that
+never serve a wrong byte; the multipart parser itself without a network."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+from lazyfs_tools.convert import convert
+
+from lazyfs.errors import LazyfsError
+from lazyfs.formats.toc import Entry
+from lazyfs.opener import open_image
+from lazyfs.remote.multipart import (
+    MAX_RANGE_HEADER,
+    ByteRanges,
+    Malformed,
+    encode,
+    range_spec,
+    split_ranges,
+)
+from lazyfs.remote.registry import RegistrySource, RetryPolicy
+from lazyfs.remote.resolve import resolve_image
+from lazyfs.store import plan
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+
+# 40 incompressible files of 100 kB (two 64 KiB chunks each) in one layer, laid out by path;
+# a start-up that wants every third one finds them 200 kB apart.
+FILES = {f"app/f{i:02d}": seeded_bytes(100_000, 700 + i) for i in range(40)}
+SCATTERED = list(FILES)[::3]
+REPO = "multirange/app"
+QUICK = RetryPolicy(base_delay=0.01, max_delay=0.05, stall_timeout=0.3, deadline=0.6)
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("multirange")
+    items = [Item("app", "dir", mode=0o755)] + [Item(n, data=b) for n, b in FILES.items()]
+    make_layout(d / "src", [make_tar(items)], tag="v1")
+    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    push_oci_layout(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
+
+    async def layer() -> tuple[str, str]:
+        src = RegistrySource(registry.host, REPO, plain_http=True)
+        try:
+            img = await resolve_image(src, "v1")
+            return img.manifest_digest, img.layers[0].digest
+        finally:
+            await src.aclose()
+
+    manifest, digest = trio.run(layer)
+    blob = (d / "lazy" / "blobs" / "sha256" / digest[7:]).read_bytes()
+    return {"manifest": manifest, "digest": digest, "blob": blob}
+
+
+def _layer_requests(proxy: FaultProxy, digest: str, since: int = 0) -> list[str | None]:
+    """The Range header of every request for the layer blob (after the first ``since``)."""
+    seen = zip(proxy.paths[since:], proxy.ranges[since:], strict=True)
+    return [r for p, r in seen if p.endswith(digest)]
+
+
+async def _prefetch_and_read(
+    proxy: FaultProxy, tmp: Path, names: list[str], opened: Callable[[], None] = lambda: None
+) -> tuple[list[str | None], dict[str, object]]:
+    """Prefetch ``names`` cold through ``proxy``, check every byte read back, and return the
+    layer's Range headers during the prefetch and the source's multi-range state.
+    ``opened`` runs once the image is open (its config and TOC are fetched)."""
+    ref = f"{proxy.host}/{REPO}:v1"
+    async with open_image(ref, cache_dir=tmp, plain_http=True) as img:
+        src = img.source.inner  # type: ignore[attr-defined]  # CachingSource over the registry
+        assert isinstance(src, RegistrySource)
+        src.retry = QUICK
+        store, layer = img.store, img.layers[0].layer
+        byname = layer.toc.by_name()
+        entries: list[Entry] = [byname[n] for n in names]
+        before = len(proxy.ranges)
+        opened()
+        await store.prefetch(layer, entries)
+        asked = _layer_requests(proxy, layer.blob_digest, before)
+        for e in entries:
+            assert await store.read(layer, e, 0, e.size) == FILES[e.name]
+        state = {
+            "refused": set(src.multirange_refused),
+            "multi": src.multirange(layer.blob_digest),
+            "stats": msgspec.to_builtins(layer.stats),
+        }
+        return asked, state
+
+
+def test_scattered_chunks_come_in_one_request(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    asked, state = trio.run(_prefetch_and_read, fault_proxy, tmp_path, SCATTERED)
+    assert len(asked) == 1 and asked[0] is not None
+    assert asked[0].count(",") == len(SCATTERED) - 1  # a range per file: 200 kB gaps left out
+    stats = state["stats"]
+    assert isinstance(stats, dict)
+    assert (stats["requests"], stats["multirange_requests"]) == (1, 1)
+    assert stats["streams"] == []  # none under way any more
+    assert state["multi"] and not state["refused"]
+
+
+@pytest.mark.parametrize("mode", ["whole", "first", "416"])
+def test_a_host_without_multirange_gets_single_ranges(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path, mode: str
+) -> None:
+    fault_proxy.multirange = mode
+    try:
+        asked, state = trio.run(_prefetch_and_read, fault_proxy, tmp_path, SCATTERED)
+    finally:
+        fault_proxy.reset()
+    first, rest = asked[0], asked[1:]
+    assert first is not None and "," in first  # tried once...
+    assert rest and all(r is not None and "," not in r for r in rest)  # ...then one at a time
+    if mode == "first":  # the first range was used as it came
+        assert len(rest) == len(SCATTERED) - 1
+    assert state["refused"] == {fault_proxy.host} and not state["multi"]
+
+
+def test_a_cut_multipart_answer_resumes_with_what_is_missing(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    def cut() -> None:
+        fault_proxy.rate = 20e6  # paced, so the client has read the half sent before the cut
+        fault_proxy.drop_next(1)
+
+    try:
+        asked, state = trio.run(_prefetch_and_read, fault_proxy, tmp_path, SCATTERED, cut)
+    finally:
+        fault_proxy.reset()
+    assert len(asked) == 2, asked
+    first, second = (r.removeprefix("bytes=").split(",") for r in asked if r is not None)
+    assert len(first) == len(SCATTERED)
+    # The resumed request starts inside the range that was cut and asks for nothing before.
+    assert 1 < len(second) < len(first)
+    cut = len(first) - len(second)
+    assert second[1:] == first[cut + 1 :]
+    lo, hi = (int(x) for x in second[0].split("-"))
+    start, end = (int(x) for x in first[cut].split("-"))
+    assert start <= lo <= hi == end
+    assert state["multi"]  # a cut is not a refusal
+
+
+def test_a_redirect_to_a_host_without_multirange(
+    pushed: dict, registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # The registry sends blobs to a storage host (307), and that host answers only the first
+    # range: the storage host is remembered, not the registry.
+    with FaultProxy(registry.url) as storage:
+        storage.multirange = "first"
+        fault_proxy.redirect_to = storage.url
+        try:
+            asked, state = trio.run(_prefetch_and_read, fault_proxy, tmp_path, SCATTERED)
+        finally:
+            fault_proxy.reset()
+        stored = _layer_requests(storage, pushed["digest"])
+    assert "," in (asked[0] or "") and all("," not in (r or "") for r in asked[1:])
+    assert stored[-len(asked) :] == asked
+    assert state["refused"] == {storage.host} and not state["multi"]
+
+
+@pytest.mark.parametrize("mode", ["reorder", "lie", "overlap", "long", "garbage"])
+def test_a_hostile_multipart_answer_never_serves_a_wrong_byte(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path, mode: str
+) -> None:
+    # Every byte read back is checked in _prefetch_and_read; what differs is how it got there.
+    fault_proxy.multirange = mode
+    try:
+        asked, state = trio.run(_prefetch_and_read, fault_proxy, tmp_path, SCATTERED)
+    finally:
+        fault_proxy.reset()
+    stats = state["stats"]
+    assert isinstance(stats, dict)
+    if mode == "lie":  # well formed but wrong bytes: each chunk fails and is fetched again
+        assert stats["integrity_errors"] == 2 * len(SCATTERED)
+        assert len(asked) == 1 + 2 * len(SCATTERED)
+    elif mode == "overlap":  # repeated bytes are dropped: nothing to fall back from
+        assert len(asked) == 1 and state["multi"]
+    else:  # parts out of order, a part too long, no boundary: single ranges from then on
+        assert state["refused"] == {fault_proxy.host}
+        assert all("," not in (r or "") for r in asked[1:])
+
+
+def test_a_grouped_cold_start_over_scattered_files_is_one_request(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    used = SCATTERED[::-1]  # ranked in another order than the blob's
+    group = Group(
+        name="startup",
+        runs=1,
+        tiers=[
+            Tier(
+                name="always",
+                entries=[
+                    RankedEntry(
+                        layer=pushed["digest"],
+                        path=n,
+                        digest="sha256:" + hashlib.sha256(FILES[n]).hexdigest(),
+                        size=len(FILES[n]),
+                    )
+                    for n in used
+                ],
+            )
+        ],
+    )
+    doc = PrefetchGroups(
+        image=REPO, manifest=pushed["manifest"], layers=[pushed["digest"]], groups=[group]
+    )
+    groups = tmp_path / "groups.json"
+    groups.write_bytes(msgspec.json.encode(doc))
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--prefetch", str(groups))
+    with mounted(f"{fault_proxy.host}/{REPO}:v1", mnt, *args, "--cache", str(tmp_path / "c")):
+        deadline = time.monotonic() + 20
+        while True:
+            stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+            if stats["prefetch"]["prefetch_done"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert stats["prefetch"]["prefetch_done"] and not stats["prefetch"]["error"]
+        for n in used:
+            assert (mnt / n).read_bytes() == FILES[n]
+        stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+    layer = stats["layers"][0]["stats"]
+    assert layer["cache_misses"] == 0
+    assert (layer["requests"], layer["multirange_requests"], layer["overtakes"]) == (1, 1, 0)
+    # Every blob request of the image: config, TOC, and the group's one request.
+    assert len(_layer_requests(fault_proxy, pushed["digest"])) <= 3, fault_proxy.ranges
+
+
+# ------------------------------------------------------------------------------- no network
+
+
+def _body(parts: list[tuple[int, bytes]]) -> tuple[bytes, bytes]:
+    return encode(parts, 1_000_000, b"b0und4ry"), b"b0und4ry"
+
+
+def _parse(body: bytes, boundary: bytes, step: int) -> tuple[list[tuple[int, bytes]], bool]:
+    p = ByteRanges(boundary)
+    got: list[tuple[int, bytes]] = []
+    for i in range(0, len(body), step):
+        got += p.feed(body[i : i + step])
+    p.finish()
+    joined: dict[int, bytearray] = {}
+    for at, data in got:  # pieces of one part, joined
+        for start, buf in joined.items():
+            if start + len(buf) == at:
+                buf += data
+                break
+        else:
+            joined[at] = bytearray(data)
+    return [(at, bytes(b)) for at, b in joined.items()], p.done
+
+
+@pytest.mark.parametrize("step", [1, 7, 100, 1 << 20])
+def test_byteranges_parse_in_any_pieces(step: int) -> None:
+    rng = random.Random(step)
+    parts = [(at, rng.randbytes(n)) for at, n in ((0, 10), (500, 1), (9000, 3000))]
+    body, boundary = _body(parts)
+    assert _parse(body, boundary, step) == (parts, True)
+    # A preamble, quoted boundaries and padding after a boundary are allowed.
+    assert _parse(b"junk\r\n" + body, boundary, step) == (parts, True)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b.replace(b"Content-Range", b"Content-Rang"),
+        lambda b: b.replace(b"bytes 500-500", b"bytes 500-499"),
+        lambda b: b.replace(b"bytes 500-500", b"bytes x-500"),
+        lambda b: b.replace(b"--b0und4ry", b"--b0und4rY"),
+        lambda b: b[:60] + b"X" + b[60:],  # one byte more in a part
+        lambda b: b"x" * 2000 + b,  # a preamble that never ends
+    ],
+)
+def test_byteranges_refuse_what_they_cannot_read_exactly(damage: object) -> None:
+    body, boundary = _body([(0, b"0123456789"), (500, b"x"), (9000, b"abc")])
+    with pytest.raises(Malformed):
+        _parse(damage(body), boundary, 13)  # type: ignore[operator]
+
+
+def test_range_headers_stay_bounded() -> None:
+    ranges = [(i * 100_000_000, i * 100_000_000 + 5) for i in range(1000)]
+    parts = split_ranges(ranges)
+    assert [r for p in parts for r in p] == ranges
+    assert all(len(range_spec(p)) <= MAX_RANGE_HEADER for p in parts)
+    assert len(parts) == 6  # about 22 bytes a range
+    with pytest.raises(ValueError):
+        trio.run(_overlapping)
+
+
+async def _overlapping() -> None:
+    async def sink(at: int, data: bytes) -> None:
+        raise AssertionError("nothing to hand over")
+
+    src = RegistrySource("127.0.0.1:1", REPO, plain_http=True)
+    try:
+        await src.stream_ranges("sha256:" + "0" * 64, [(0, 10), (5, 20)], sink)
+    except LazyfsError:
+        raise AssertionError("checked before any request") from None
+    finally:
+        await src.aclose()
+
+
+def test_bundles_keep_to_the_header_and_byte_caps() -> None:
+    plans: list[plan.Plan] = [(i * 1_000_000, i * 1_000_000 + 1000, []) for i in range(600)]
+    bundles = plan.bundle(plans)
+    assert [p for b in bundles for p in b] == plans
+    assert all(len(range_spec([(s, e) for s, e, _ in b])) <= MAX_RANGE_HEADER for b in bundles)
+    assert len(bundles) == 3  # ~19 bytes a range
+    big = plan.bundle(plans[:10], max_bytes=3000)
+    assert [len(b) for b in big] == [3, 3, 3, 1]
+
+
+def test_groups_of_another_image_of_the_same_files_still_match(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # Groups traced on an image apply to its re-laid-out copy (other layer digests): by path,
+    # when the top-most layer holding the path has the traced content.
+    from lazyfs.fs.prefetch import Prefetcher
+
+    def ranked(name: str, data: bytes) -> RankedEntry:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        return RankedEntry(layer="sha256:" + "e" * 64, path=name, digest=digest, size=len(data))
+
+    entries = [ranked(n, FILES[n]) for n in SCATTERED]
+    entries.append(ranked(SCATTERED[0].replace("f", "g"), b"no such file"))
+    entries.append(ranked(list(FILES)[1], b"other content at that path"))
+    group = Group(name="startup", runs=1, tiers=[Tier(name="always", entries=entries)])
+
+    async def main() -> None:
+        ref = f"{fault_proxy.host}/{REPO}:v1"
+        async with open_image(ref, cache_dir=tmp_path, plain_http=True) as img:
+            p = Prefetcher(img.store, img.store_layers(), group)
+            assert (p.stats.entries, p.stats.skipped) == (len(SCATTERED), 2)
+
+    trio.run(main)

@@ -104,23 +104,49 @@ def _python(root: Path) -> None:
     subprocess.run(["chroot", str(root), PYTHON, "-c", IMPORTS], check=True)
 
 
-def bench_tree(lazy: Path, native: Path, reps: int, work: Path, what: str) -> dict[str, bl.Summary]:
+def bench_tree(
+    lazy: Path, native: Path, reps: int, work: Path, what: str, before: Path | None = None
+) -> dict[str, bl.Summary]:
+    """Every contender mounted side by side and timed in turn, round after round (the load
+    moves more between minutes than between contenders); medians.  ``before``: the lazyfs of
+    that checkout too, in its own mount."""
+    from contextlib import ExitStack
+
+    from lazyfs.fs.daemon import spawn
+
     fn = _find_du if what == "walk" else _python
-    out: dict[str, bl.Summary] = {}
-    fn(native)  # warm; and the sample's byte code is rewritten for its fixed tar mtimes
-    out["native disk"] = _med(lambda: fn(native), reps)
-    mnt = work / "mnt"
-    cache = work / f"cache-{what}"
-    cache.mkdir()
-    # Writable, as a container's root is (and as fuse-overlayfs is here): Python writes the
-    # byte code it compiles on the first run, and reads it on the next.
-    with bl.lazyfs_mount(f"oci:{lazy}", mnt, cache, upper=work / f"upper-{what}") as m:
-        fn(m.mountpoint)
-        out["lazyfs"] = _med(lambda: fn(m.mountpoint), reps)
-    with bl.overlay_mount(native, work / f"ovl-{what}", mnt) as m:
-        fn(m.mountpoint)
-        out["fuse-overlayfs"] = _med(lambda: fn(m.mountpoint), reps)
-    return out
+    roots: dict[str, Path] = {"native disk": native}
+    with ExitStack() as stack:
+        # Writable, as a container's root is (and as fuse-overlayfs is here): Python writes
+        # the byte code it compiles on the first run, and reads it on the next.
+        m = stack.enter_context(
+            bl.lazyfs_mount(
+                f"oci:{lazy}", work / f"mnt-{what}", work / f"cache-{what}",
+                upper=work / f"upper-{what}",
+            )
+        )  # fmt: skip
+        roots["lazyfs"] = m.mountpoint
+        if before is not None:
+            mnt = work / f"mnt-before-{what}"
+            mnt.mkdir()
+            (work / f"cache-before-{what}").mkdir()
+            args = ["--upper", str(work / f"upper-before-{what}")]
+            args += ["--cache", str(work / f"cache-before-{what}")]
+            # ``python -m lazyfs.cli`` run in ``before`` imports that checkout's lazyfs.
+            d = spawn(f"oci:{lazy}", mnt, args, log=work / "before.log", timeout=120, cwd=before)
+            stack.callback(d.stop)
+            roots["before: lazyfs"] = mnt
+        o = stack.enter_context(bl.overlay_mount(native, work / f"ovl-{what}", work / f"o-{what}"))
+        roots["fuse-overlayfs"] = o.mountpoint
+        for root in roots.values():
+            fn(root)  # warm; and the sample's byte code is rewritten for its fixed tar mtimes
+        times: dict[str, list[float]] = {k: [] for k in roots}
+        for _ in range(reps):
+            for name, root in roots.items():
+                t0 = time.perf_counter()
+                fn(root)
+                times[name].append(time.perf_counter() - t0)
+    return {k: bl.summarize(v) for k, v in times.items()}
 
 
 def bench_mount(lazy: Path, reps: int, work: Path) -> dict[str, bl.Summary]:
@@ -418,7 +444,7 @@ def main() -> int:
         "--before",
         type=Path,
         metavar="DIR",
-        help="cold: also run the lazyfs of this checkout (e.g. a worktree of main)",
+        help="walk, python, cold: also run the lazyfs of this checkout (e.g. a worktree of main)",
     )
     p.add_argument(
         "--image",
@@ -445,7 +471,7 @@ def main() -> int:
     try:
         if "walk" in only:
             bl.log("walk")
-            s = bench_tree(lazy, native, args.reps, work, "walk")
+            s = bench_tree(lazy, native, args.reps, work, "walk", args.before)
             result["walk"] = {k: v.as_dict() for k, v in s.items()}
             base = s["native disk"].median
             rows = [_row(k, v, base) for k, v in s.items()]
@@ -462,7 +488,7 @@ def main() -> int:
             )
         if "python" in only:
             bl.log("python")
-            s = bench_tree(lazy, native, args.reps, work, "python")
+            s = bench_tree(lazy, native, args.reps, work, "python", args.before)
             result["python"] = {k: v.as_dict() for k, v in s.items()}
             base = s["native disk"].median
             bodies.append(

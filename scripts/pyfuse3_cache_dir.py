@@ -22,8 +22,16 @@ exports ``lazyfs_cached_dirs`` (a byte per inode, 1 = answer in C) and its lengt
 lazyfs sets through ctypes (``lazyfs.fs.ops.CDirs``).  Such an opendir's ``fh`` is the inode with
 bit 62 set (``C_DIR_FH``), with cache_readdir and keep_cache; its releasedir is answered in C.
 
+A fourth lets lazyfs answer ENOSYS to OPEN (the kernel's ``no_open``: from then on it sends
+no OPEN and no RELEASE for files and hands every READ, WRITE, FLUSH and FSYNC ``fh`` 0).
+pyfuse3's read, write, flush, fsync and release get no inode, so the patched callbacks turn
+``fh`` 0 into the inode with bit 61 set (``lazyfs.fs.ops.INO_FH``); the extension exports
+``lazyfs_ino_fh`` so that lazyfs can tell.  It also stops asking for atomic O_TRUNC: without
+an OPEN the kernel would otherwise drop the truncation of ``open(O_TRUNC)``, which now always
+arrives as a SETATTR of size 0.
+
 An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached,
-every close costs a FLUSH and every opendir a round trip.
+every close costs a FLUSH, every opendir and every open a round trip.
 
 Usage: ``.venv/bin/python scripts/pyfuse3_cache_dir.py [--check]``.
 """
@@ -53,6 +61,13 @@ RELEASEDIR_FN = re.compile(
     r"fuse_ino_t __pyx_v_ino, struct fuse_file_info \*__pyx_v_fi\) \{\n"
 )
 FILEINFO_FH = re.compile(r"^(\s*)__pyx_v_out->fh = __pyx_t_\d+;$", re.M)
+INO_FH_MARK = "/* lazyfs: fh 0 -> inode */"
+INO_FH = "(((uint64_t)1) << 61)"
+# The callbacks whose Python handler gets an fh and no inode.
+FH_CALLBACKS = ("read", "write", "write_buf", "flush", "release", "fsync")
+ATOMIC_O_TRUNC = (
+    "  __pyx_v_conn->want = (__pyx_v_conn->want & (~((unsigned int)FUSE_CAP_READDIRPLUS_AUTO)));\n"
+)
 
 
 def package_dir() -> Path:
@@ -66,7 +81,39 @@ def package_dir() -> Path:
 
 def patch_source(text: str) -> str:
     """The generated C with both patches (each applied once)."""
-    return _patch_c_dirs(_patch_noflush(_patch_opendir(text)))
+    return _patch_ino_fh(_patch_c_dirs(_patch_noflush(_patch_opendir(text))))
+
+
+def _patch_ino_fh(text: str) -> str:
+    if INO_FH_MARK in text:
+        return text
+    for name in FH_CALLBACKS:
+        head = re.compile(
+            rf"^static void __pyx_f_7pyfuse3_fuse_{name}\(fuse_req_t __pyx_v_req, "
+            r"(CYTHON_UNUSED )?fuse_ino_t __pyx_v_ino, [^)]*struct fuse_file_info \*__pyx_v_fi"
+            r"[^)]*\) \{\n",
+            re.M,
+        )
+        if len(head.findall(text)) != 1:
+            raise SystemExit(f"pyfuse3_cache_dir: fuse_{name} is not the expected one")
+        fix = (
+            f"  {INO_FH_MARK}\n"
+            f"  if (__pyx_v_fi->fh == 0) __pyx_v_fi->fh = {INO_FH} | __pyx_v_ino;\n"
+        )
+        m = head.search(text)
+        assert m is not None
+        text = text[: m.end()] + fix + text[m.end() :]
+    if text.count(ATOMIC_O_TRUNC) != 1:
+        raise SystemExit("pyfuse3_cache_dir: fuse_init is not the expected one")
+    no_trunc = f"  {INO_FH_MARK}\n  __pyx_v_conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;\n"
+    text = text.replace(ATOMIC_O_TRUNC, ATOMIC_O_TRUNC + no_trunc)
+    # Exported for ctypes: its presence says fh 0 arrives as the inode.
+    return text.replace(
+        f"{C_DIRS_MARK}\nunsigned char *lazyfs_cached_dirs = 0;\n",
+        f"{C_DIRS_MARK}\nunsigned char *lazyfs_cached_dirs = 0;\n"
+        f"{INO_FH_MARK}\nint lazyfs_ino_fh = 1;\n",
+        1,
+    )
 
 
 def _patch_c_dirs(text: str) -> str:
@@ -155,7 +202,7 @@ def main() -> int:
     (so,) = [f for f in pkg.glob("__init__.*.so")]
     stamp = pkg / "lazyfs-cache-dir.built"
     text = src.read_text()
-    patched = all(mark in text for mark in (MARK, NOFLUSH_MARK, C_DIRS_MARK))
+    patched = all(mark in text for mark in (MARK, NOFLUSH_MARK, C_DIRS_MARK, INO_FH_MARK))
     current = patched and stamp.exists() and stamp.read_text() == str(so.stat().st_mtime_ns)
     if args.check:
         print("patched" if current else "not patched")
@@ -168,7 +215,8 @@ def main() -> int:
         build(src, built)
         os.replace(built, so)
     stamp.write_text(str(so.stat().st_mtime_ns))
-    print(f"pyfuse3_cache_dir: rebuilt {so.name} with cache_readdir, noflush, opendir in C")
+    done = "cache_readdir, noflush, opendir in C, no_open"
+    print(f"pyfuse3_cache_dir: rebuilt {so.name} with {done}")
     return 0
 
 

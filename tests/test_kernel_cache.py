@@ -4,6 +4,7 @@ hour: what it shows must still follow every change the upper layer makes."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from lazyfs_tools.convert import convert
 
-from lazyfs.testing.layers import Item, make_layout, make_tar
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +40,19 @@ def readdirs(mnt: Path) -> int:
     assert res.returncode == 0, res.stderr
     n: int = json.loads(res.stdout)["readdir_requests"]
     return n
+
+
+def requests(mnt: Path) -> dict[str, int]:
+    res = run(*lazyfs_cmd("stats", str(mnt), "--json"))
+    assert res.returncode == 0, res.stderr
+    got: dict[str, int] = json.loads(res.stdout)["requests"]
+    return got
+
+
+def uncached(fd: int) -> int:
+    """``fd``, its pages dropped: the next read asks the daemon."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return fd
 
 
 def test_the_patched_pyfuse3_is_installed() -> None:
@@ -169,3 +183,122 @@ def test_a_listing_in_progress_survives_the_first_change(tmp_path: Path) -> None
         # The names it had when opened (POSIX leaves entries changed since unspecified).
         assert set(names[1:5]) <= set(listed) <= {*names[:5], "new"}
         assert sorted(os.listdir(mnt / "small")) == sorted([*names[1:5], "new"])
+
+
+BIG = seeded_bytes(300_000, 7)
+
+
+def test_files_are_read_and_written_without_open_requests(tmp_path: Path) -> None:
+    """The daemon answers ENOSYS to the first OPEN (the kernel's no_open): no file's open or
+    close reaches it again, reads and writes come by inode, and a copy-up happens at the
+    first write or truncation.  What a descriptor shows must not depend on the open it no
+    longer sees."""
+    names = ("promoted", "written", "unlinked", "renamed", "truncated", "emptied", "warm")
+    lower = [
+        Item("f", "dir", mode=0o755),
+        *(Item(f"f/{n}", data=f"lower {n}".encode()) for n in names),
+        Item("f/big", data=BIG),
+    ]
+    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    upper = tmp_path / "upper"
+    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+        f = m.mountpoint / "f"
+
+        # a reader keeps its descriptor while another one writes (and so copies up)
+        with open(f / "promoted", "rb") as r:
+            assert r.read(5) == b"lower"
+            with open(f / "promoted", "r+b") as w:
+                w.write(b"UPPER")
+            assert os.pread(uncached(r.fileno()), 64, 0) == b"UPPER promoted"
+        assert (upper / "f" / "promoted").read_bytes() == b"UPPER promoted"
+
+        # written through one descriptor, read through another
+        with open(f / "written", "r+b") as w:
+            w.seek(0, os.SEEK_END)
+            w.write(b" and more")
+            w.flush()
+            with open(f / "written", "rb") as r:
+                assert os.pread(uncached(r.fileno()), 64, 0) == b"lower written and more"
+
+        # unlinked while open: still readable and writable through the descriptor, lower
+        # (copied up then, to no name) and upper alike
+        (f / "new").write_bytes(b"upper new")
+        for name, was in (("unlinked", b"lower unlinked"), ("new", b"upper new")):
+            fd = os.open(f / name, os.O_RDWR)
+            try:
+                os.unlink(f / name)
+                assert os.pread(uncached(fd), 64, 0) == was
+                os.pwrite(fd, b"GONE", 0)
+                assert os.pread(uncached(fd), 64, 0) == b"GONE" + was[4:]
+                os.ftruncate(fd, 4)
+                assert os.fstat(fd).st_size == 4
+                assert os.pread(uncached(fd), 64, 0) == b"GONE"
+            finally:
+                os.close(fd)
+            assert not (f / name).exists()
+            left = upper / "f" / name  # a lower name leaves a whiteout (empty)
+            assert not left.exists() or left.stat().st_size == 0
+
+        # renamed while open: the descriptor follows the file
+        with open(f / "renamed", "r+b") as w:
+            os.rename(f / "renamed", f / "moved")
+            w.write(b"MOVED")
+            w.flush()
+            assert os.pread(uncached(w.fileno()), 64, 0) == b"MOVED renamed"
+        assert (f / "moved").read_bytes() == b"MOVED renamed"
+        assert (upper / "f" / "moved").read_bytes() == b"MOVED renamed"
+
+        # O_TRUNC of a lower file: its content is gone, written over or not
+        (f / "truncated").write_bytes(b"new")
+        assert (f / "truncated").read_bytes() == b"new"
+        os.close(os.open(f / "emptied", os.O_WRONLY | os.O_TRUNC))
+        assert os.stat(f / "emptied").st_size == 0 and (f / "emptied").read_bytes() == b""
+        assert (upper / "f" / "emptied").read_bytes() == b""
+
+        # mmap of a lower file
+        with open(f / "big", "rb") as r, mmap.mmap(r.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            assert mm[:] == BIG
+
+        # created, written, closed, read back
+        (f / "created").write_bytes(b"created")
+        with open(f / "created", "ab") as a:
+            a.write(b" and appended")
+        assert (f / "created").read_bytes() == b"created and appended"
+        assert (upper / "f" / "created").read_bytes() == b"created and appended"
+
+        # a warm start: opens and closes send nothing at all
+        for _ in range(2):
+            (f / "warm").read_bytes()
+        before = requests(m.mountpoint)
+        for _ in range(20):
+            assert (f / "warm").read_bytes() == b"lower warm"
+            assert (f / "big").read_bytes() == BIG
+        after = requests(m.mountpoint)
+        for op in ("open", "release", "flush", "read"):
+            assert after.get(op, 0) == before.get(op, 0), (op, before, after)
+        # one OPEN (answered ENOSYS) and one FLUSH (ENOSYS) in the whole run; RELEASE only
+        # for the files created here (the kernel releases a CREATE's handle)
+        assert after.get("open", 0) == 1 and after.get("flush", 0) <= 1, after
+        assert after.get("release", 0) <= after.get("create", 0), after
+        assert m.stats()["handler_errors"] == 0
+
+
+def test_a_trace_still_sees_every_open(tmp_path: Path) -> None:
+    """A ``--trace`` mount keeps OPEN (the trace records opens), with files still served by
+    inode."""
+    files = [Item("a", data=b"A"), Item("b", data=b"B")]
+    make_layout(tmp_path / "src", [make_tar(files)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    args = ("--upper", str(tmp_path / "upper"), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    trace = ("--trace", str(tmp_path / "trace.json"))
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args, *trace) as m:
+        for _ in range(3):
+            assert (m.mountpoint / "a").read_bytes() == b"A"
+            assert (m.mountpoint / "b").read_bytes() == b"B"
+        (m.mountpoint / "a").write_bytes(b"AA")  # O_TRUNC, then a copy-up at the write
+        assert (m.mountpoint / "a").read_bytes() == b"AA"
+        got = requests(m.mountpoint)
+        assert got.get("open", 0) >= 7 and got.get("flush", 0) == 0, got
+        assert m.stats()["handler_errors"] == 0

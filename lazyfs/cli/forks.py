@@ -256,17 +256,10 @@ def _daemon(request: ForkRequest, ready_fd: int, go_read: int) -> int:
         with contextlib.suppress(OSError):
             os.write(ready_fd, f"error: {LOST}\n".encode())
         return 1
-    os.setsid()
-    null = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(request.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(null)
-    os.close(out)
-    os.closerange(3, ready_fd)
-    os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
     from lazyfs.cli import run
+    from lazyfs.cli.mount import detach
+
+    detach(request.log, ready_fd)
 
     return run([*request.argv, "--ready-fd", str(ready_fd)])
 

@@ -211,21 +211,27 @@ def _print_progress(fetch: WholeFetch) -> None:
     print(whole_fetch_line(fetch), file=sys.stderr, flush=True)
 
 
+def detach(log: str, keep_fd: int) -> None:
+    """Make a forked process a daemon: its own session, stdin from /dev/null, output
+    appended to ``log``, and no descriptor but ``keep_fd`` (the readiness pipe) left open."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)
+    # Nothing else the caller handed us stays open for the daemon's lifetime (a pipe held
+    # open here would keep a caller reading it waiting), as a new process's would not.
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, os.sysconf("SC_OPEN_MAX"))
+
+
 def _child(args: argparse.Namespace, ready_fd: int) -> int:
-    """The forked daemon: its own session, stdin from /dev/null, output to the log."""
+    """The forked daemon: detached, then serving."""
     try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(args.log or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(null)
-        os.close(out)
-        # Nothing else the caller handed us stays open for the daemon's lifetime (a pipe
-        # held open here would keep a caller reading it waiting), as a new process's would not.
-        os.closerange(3, ready_fd)
-        os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        detach(args.log or os.devnull, ready_fd)
         args.ready_fd = ready_fd
         return _serve(args)
     except BaseException as e:  # the parent has the one line through the pipe; log the rest

@@ -99,19 +99,10 @@ class CopyUp:
         first of ``names()`` and link the others, so a crash never leaves a half-copied file
         visible.  ``names`` is asked after the copy: the file may have moved meanwhile; no
         names means it was removed, and the copy is dropped (ENOENT)."""
-        chunks = data_chunks(e, length)
-        self.check_space(sum(min(c.size, length - c.file_offset) for c in chunks))
         upper = self.upper
         fd = upper.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            if chunks:
-                await self._copy_data(self.layers[layer], chunks, fd, length)
-            os.ftruncate(fd, length)  # the holes and the zeros at the end
-            os.fchown(fd, e.uid, e.gid)
-            os.fchmod(fd, e.mode)  # after chown, which clears set-id bits
-            for k, v in image_xattrs(e).items():
-                os.setxattr(fd, k, v)
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            await self._fill(fd, layer, e, length)
             await trio.to_thread.run_sync(os.fsync, fd)
             where = names()
             if not where:
@@ -125,6 +116,32 @@ class CopyUp:
         upper.rename(tmp, first)
         for other in others:  # hardlinks stay one inode
             upper.link(first, other)
+
+    async def unlinked(self, tmp: UpperPath, layer: int, e: Entry, length: int) -> int:
+        """A copy of ``e`` that no name leads to (its file was unlinked while open): a
+        read-write descriptor of it, through ``tmp``, which is gone when this returns."""
+        upper = self.upper
+        fd = upper.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            upper.unlink(tmp)
+            await self._fill(fd, layer, e, length)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def _fill(self, fd: int, layer: int, e: Entry, length: int) -> None:
+        """``length`` bytes of ``e`` and its metadata into ``fd``."""
+        chunks = data_chunks(e, length)
+        self.check_space(sum(min(c.size, length - c.file_offset) for c in chunks))
+        if chunks:
+            await self._copy_data(self.layers[layer], chunks, fd, length)
+        os.ftruncate(fd, length)  # the holes and the zeros at the end
+        os.fchown(fd, e.uid, e.gid)
+        os.fchmod(fd, e.mode)  # after chown, which clears set-id bits
+        for k, v in image_xattrs(e).items():
+            os.setxattr(fd, k, v)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
     # ------------------------------------------------------------------ limits and data
 

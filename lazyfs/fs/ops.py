@@ -2,9 +2,12 @@
 layer for everything that changes.
 
 An entry is promoted (copied up, :mod:`lazyfs.fs.copyup`) on its first write or metadata
-change, parents first.  Deleting a lower entry leaves a whiteout in the upper directory.  The
-in-memory :class:`~lazyfs.fs.tree.Tree` is the truth for names; the upper directory mirrors it
-so a remount shows the same tree.
+change, parents first.  Files have no per-open state: the daemon answers ENOSYS to the first
+OPEN (the kernel's no_open; a ``--trace`` mount keeps OPEN so that the trace sees opens), so
+the kernel opens and closes files without asking, and reads and writes arrive by inode.
+Deleting a lower entry leaves a whiteout in the upper directory.  The in-memory
+:class:`~lazyfs.fs.tree.Tree` is the truth for names; the upper directory mirrors it so a
+remount shows the same tree.
 
 No exception leaves a handler: pyfuse3 would end the mount for every process using it.  Each
 handler is wrapped once (:class:`_Guarded`): an OSError answers its errno, anything else is
@@ -20,8 +23,8 @@ import functools
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Protocol
 
@@ -51,7 +54,25 @@ CACHE_DIR_FH = 1 << 63
 # through trio), with this bit and the inode as ``fh`` and the listing cached, and their
 # RELEASEDIR too; readdir then gets that ``fh`` (see CDirs).
 C_DIR_FH = 1 << 62
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# Files have no handles of their own: what a read, write or fsync needs is the inode.  Every
+# open and create answers this bit with the inode as ``fh``; once open() has answered ENOSYS
+# (the kernel's no_open: no OPEN and no RELEASE from then on), the kernel sends ``fh`` 0,
+# which the patched pyfuse3 turns into the same.
+INO_FH = 1 << 61
+# Upper files' descriptors kept open (by inode) for reads and writes; an unlinked file's
+# descriptor is kept beyond this until the kernel forgets the inode (no RELEASE comes).
+MAX_UPPER_FDS = 256
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+
+
+def _ino_fh_patched() -> bool:
+    """Whether this pyfuse3 hands ``fh`` 0 on as ``INO_FH | inode``
+    (scripts/pyfuse3_cache_dir.py)."""
+    try:
+        ctypes.c_int.in_dll(ctypes.CDLL(pyfuse3.__file__), "lazyfs_ino_fh")
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class AccessListener(Protocol):
@@ -114,12 +135,6 @@ class CDirs:
         return True
 
 
-@dataclass(slots=True)
-class Handle:
-    node: Node
-    fd: int | None  # an upper fd, or None while the node is served from a lower layer
-
-
 def _name(raw: bytes) -> str:
     if len(raw) > NAME_MAX:
         raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
@@ -149,6 +164,7 @@ Handler = Callable[..., Awaitable[Any]]
 def _guard(name: str, fn: Handler) -> Handler:
     @functools.wraps(fn)
     async def guarded(self: _Guarded, *args: Any) -> Any:
+        self.requests[name] += 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -172,6 +188,7 @@ class _Guarded(pyfuse3.Operations):
 
     handler_errors = 0
     readdir_requests = 0
+    requests: Counter[str]  # per handler, the requests that reached Python
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -197,6 +214,7 @@ class Operations(_Guarded):
         copy_up_max: int | None = None,
     ) -> None:
         super().__init__()
+        self.requests = Counter()
         self.tree = tree
         self.store = store
         self.layers = list(layers)
@@ -205,8 +223,10 @@ class Operations(_Guarded):
         self.copy = (
             CopyUp(store, layers, upper, max_bytes=copy_up_max) if upper is not None else None
         )
-        self._handles: dict[int, Handle] = {}
-        self._open: dict[int, set[int]] = {}  # inode -> its open file handles
+        # inode -> an upper fd, least recently used first (see MAX_UPPER_FDS)
+        self._fds: dict[int, int] = {}
+        # A trace must see every open: then open() answers, else ENOSYS (the kernel's no_open).
+        self.no_open = listener is None and _ino_fh_patched()
         # opendir's node until the first readdir, then that listing's snapshot
         self._dirs: dict[int, Node | list[tuple[bytes, Node]]] = {}
         self._next_fh = 1
@@ -260,16 +280,53 @@ class Operations(_Guarded):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node.path()
 
-    def _open_fd(self, node: Node) -> int | None:
-        """An upper fd some handle holds on ``node`` (the only way to an unlinked file)."""
-        for fh in self._open.get(node.ino, ()):
-            fd = self._handles[fh].fd
-            if fd is not None:
-                return fd
-        return None
+    def _upper_fd(self, node: Node) -> int:
+        """A read-write (else read-only) descriptor of ``node``'s upper file, kept for the
+        next request; an unlinked file's is the one kept when its last name went."""
+        fd = self._fds.pop(node.ino, None)
+        if fd is None:
+            fd = self._open_upper(self._path(node))
+            self._trim_fds()
+        self._fds[node.ino] = fd  # most recently used last
+        return fd
+
+    def _open_upper(self, path: tuple[str, ...]) -> int:
+        upper = self._need_upper()
+        try:
+            return upper.open(path, os.O_RDWR)
+        except PermissionError:  # a daemon without CAP_DAC_OVERRIDE, a read-only file
+            return upper.open(path, os.O_RDONLY)
+
+    def _trim_fds(self) -> None:
+        if len(self._fds) < MAX_UPPER_FDS:
+            return
+        for ino, fd in list(self._fds.items()):
+            node = self.tree.nodes.get(ino)
+            if node is None or node.nlink > 0:  # an unlinked file's is its only way back
+                del self._fds[ino]
+                os.close(fd)
+                if len(self._fds) < MAX_UPPER_FDS:
+                    return
+
+    def _drop_fd(self, ino: int) -> None:
+        fd = self._fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _pin(self, node: Node, path: tuple[str, ...]) -> None:
+        """Before the last name of an upper file goes: the kernel may hold it open, and POSIX
+        keeps an unlinked open file readable and writable, so keep a descriptor until the
+        kernel forgets the inode (afterwards the path leads nowhere, or to another file)."""
+        if node.lookups > 0 and node.ino not in self._fds:
+            st = self._need_upper().lstat(path)
+            if st is not None and stat.S_ISREG(st.st_mode):  # the kernel serves the others
+                try:
+                    self._fds[node.ino] = self._open_upper(path)
+                except OSError as e:  # the unlink still happens; a reader left sees ENOENT
+                    log.warning("%s: no descriptor kept at unlink: %s", "/".join(path), e)
 
     def _upper_stat(self, node: Node) -> os.stat_result:
-        fd = self._open_fd(node) if node.nlink <= 0 else None
+        fd = self._fds.get(node.ino) if node.nlink <= 0 else None
         if fd is not None:
             return os.fstat(fd)
         assert self.upper is not None
@@ -337,7 +394,7 @@ class Operations(_Guarded):
         parents first.  A loop, not recursion: a tree may be deeper than Python's stack.
         ``content=False``: the caller is about to truncate, so copy none of it."""
         chain: list[Node] = []
-        for parent, _ in list(self.tree.names(node)):
+        for parent, _ in list(self.tree.names(node)) if node.nlink > 0 else ():
             up: list[Node] = []
             cur: Node | None = parent
             while cur is not None and not cur.upper and cur not in chain:
@@ -369,6 +426,11 @@ class Operations(_Guarded):
             assert e is not None
             if e.type == "dir":
                 await self.copy.directory(() if node is self.tree.root else self._path(node), e)
+            elif e.type == "reg" and node.nlink <= 0:
+                # Unlinked while open: a copy no name leads to, kept by descriptor.
+                length = e.size if content else 0
+                tmp = (Upper.temp_name(node.ino),)
+                self._fds[node.ino] = await self.copy.unlinked(tmp, node.layer, e, length)
             elif e.type == "reg":
                 path = self._path(node)
                 await self.copy.regular(
@@ -484,43 +546,40 @@ class Operations(_Guarded):
         self._dirs.pop(fh & ~CACHE_DIR_FH, None)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.no_open:
+            # Once: the kernel then opens every file itself (with keep_cache) and sends
+            # neither OPEN nor RELEASE, a round trip less per open(2).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._node(inode)
         if node.children is not None:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        writing = bool(flags & _WRITE_FLAGS)
-        if writing and not node.upper:
-            self._need_upper()
-            await self._promote(node, content=not flags & os.O_TRUNC)
-        fd = None
-        if node.upper:
-            try:
-                fd = self._need_upper().open(
-                    self._path(node), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
-                )
-            except OSError as e:
-                raise _errno(e) from e
-        elif self.listener is not None and node.entry is not None:
+        if flags & os.O_TRUNC and flags & _WRITE_FLAGS:
+            # Only from an unpatched pyfuse3 (atomic O_TRUNC): else a SETATTR follows.
+            await self._truncate(node)
+        if not node.upper and self.listener is not None and node.entry is not None:
             self.listener.opened(node.ino, node.entry, node.layer, node.path)
-        return self._new_handle(node, fd, keep_cache=not node.upper)
+        # Writes copy up at the first write or metadata change, not here: with no_open
+        # there is no open to do it at.  Pages stay cached: every change goes through
+        # the kernel, which updates them (a copy-up keeps the bytes).
+        return pyfuse3.FileInfo(fh=INO_FH | node.ino, keep_cache=True)
 
-    def _new_handle(self, node: Node, fd: int | None, *, keep_cache: bool) -> pyfuse3.FileInfo:
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = Handle(node, fd)
-        self._open.setdefault(node.ino, set()).add(fh)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+    async def _truncate(self, node: Node) -> None:
+        await self._promote(node, content=False)
+        if node.nlink > 0:
+            self._need_upper().truncate(self._path(node), 0)
+        else:
+            os.ftruncate(self._upper_fd(node), 0)
+
+    def _file(self, fh: int) -> Node:
+        node = self.tree.nodes.get(fh & ~INO_FH) if fh & INO_FH else None
+        if node is None or node.children is not None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return node
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        h = self._handles[fh]
-        node = h.node
-        if h.fd is None and node.upper:
-            # Promoted since this handle was opened: read the upper copy from now on.
-            try:
-                h.fd = self._need_upper().open(self._path(node), os.O_RDONLY)
-            except OSError as e:
-                raise _errno(e) from e
-        if h.fd is not None:
-            return os.pread(h.fd, size, off)
+        node = self._file(fh)
+        if node.upper:
+            return os.pread(self._upper_fd(node), size, off)
         entry = node.entry
         assert entry is not None
         try:
@@ -534,41 +593,32 @@ class Operations(_Guarded):
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        h = self._handles[fh]
-        if h.fd is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        try:
-            return os.pwrite(h.fd, buf, off)
-        except OSError as e:
-            raise _errno(e) from e
+        node = self._file(fh)
+        await self._promote(node)  # the first write copies up
+        return os.pwrite(self._upper_fd(node), buf, off)
 
     async def flush(self, fh: int) -> None:
-        # Nothing to do: writes go straight to the upper file and there are no locks.  The
-        # patched pyfuse3 (scripts/pyfuse3_cache_dir.py) answers every open with
-        # FOPEN_NOFLUSH, so the kernel does not even ask on close; keep it that way.
-        pass
+        # Nothing to do: writes go straight to the upper file and there are no locks.
+        # ENOSYS tells the kernel so (no_flush): it asks no more.  The patched pyfuse3 also
+        # answers every open with FOPEN_NOFLUSH; with no_open the kernel's default lacks it.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        h = self._handles.get(fh)
-        if h is not None and h.fd is not None:
-            sync = os.fdatasync if datasync else os.fsync
-            await trio.to_thread.run_sync(sync, h.fd)
+        node = self._file(fh)
+        if node.upper:
+            # A copy: the kept one may be closed (trimmed) while the thread syncs.
+            fd = os.dup(self._upper_fd(node))
+            try:
+                await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+            finally:
+                os.close(fd)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         if self.upper is not None:
             await trio.to_thread.run_sync(self.upper.syncfs)
 
     async def release(self, fh: int) -> None:
-        h = self._handles.pop(fh, None)
-        if h is None:
-            return
-        fhs = self._open.get(h.node.ino)
-        if fhs is not None:
-            fhs.discard(fh)
-            if not fhs:
-                del self._open[h.node.ino]
-        if h.fd is not None:
-            os.close(h.fd)
+        pass  # descriptors are kept by inode, not per open
 
     # ------------------------------------------------------------------ xattrs
 
@@ -635,10 +685,8 @@ class Operations(_Guarded):
         node = self._node(inode)
         await self._promote(node, content=not (fields.update_size and attr.st_size == 0))
         upper = self._need_upper()
-        h = self._handles.get(fh) if fh is not None else None
-        fd = h.fd if h is not None and h.fd is not None else None
-        if fd is None and node.nlink <= 0:
-            fd = self._open_fd(node)  # an unlinked file is only reachable by descriptor
+        # An unlinked file is only reachable by descriptor; fh does not matter (see INO_FH).
+        fd = self._fds.get(node.ino) if node.nlink <= 0 else None
         uid = attr.st_uid if fields.update_uid else -1
         gid = attr.st_gid if fields.update_gid else -1
         atime = attr.st_atime_ns if fields.update_atime else None
@@ -709,7 +757,9 @@ class Operations(_Guarded):
         upper = self._need_upper()
         fd = None
         try:
-            fd = upper.open(path, flags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
+            # Read-write whatever the caller asked: the kernel enforces its access mode,
+            # and this descriptor serves every later open of the file.
+            fd = upper.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
             self._own(path, ctx)
         except OSError as e:
             if fd is not None:  # created but not ours: take it back
@@ -719,7 +769,11 @@ class Operations(_Guarded):
                 upper.whiteout(path)
             raise _errno(e) from e
         node = self._attach(parent, sname)
-        return self._new_handle(node, fd, keep_cache=False), self._looked_up(node)
+        self._fds[node.ino] = fd
+        self._trim_fds()
+        # The kernel RELEASEs a created file's handle even under no_open; release ignores it.
+        info = pyfuse3.FileInfo(fh=INO_FH | node.ino, keep_cache=True)
+        return info, self._looked_up(node)
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
@@ -795,7 +849,7 @@ class Operations(_Guarded):
                 upper.rmtree(path)
             else:
                 if node.nlink <= 1:
-                    self._pin_open_handles(node, path)
+                    self._pin(node, path)
                 if not lower:
                     upper.unlink(path)
         if lower:
@@ -805,16 +859,6 @@ class Operations(_Guarded):
         assert parent.children is not None
         del parent.children[name]
         self.tree.unlink_name(node, parent, name)
-
-    def _pin_open_handles(self, node: Node, path: tuple[str, ...]) -> None:
-        """Before the last name of an upper file goes, give every handle still reading it
-        through the lower layer a descriptor of its own: POSIX keeps an unlinked open file
-        readable, and afterwards the path leads nowhere (or to a new file)."""
-        upper = self._need_upper()
-        for fh in self._open.get(node.ino, ()):
-            h = self._handles[fh]
-            if h.fd is None:
-                h.fd = upper.open(path, os.O_RDONLY)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self._remove(parent_inode, name, directory=False)
@@ -880,7 +924,7 @@ class Operations(_Guarded):
                         upper.rmtree(new_path)
                     else:
                         if target.nlink <= 1:
-                            self._pin_open_handles(target, new_path)
+                            self._pin(target, new_path)
                         upper.unlink(new_path)
                 assert new_parent.children is not None
                 del new_parent.children[new]
@@ -966,6 +1010,7 @@ class Operations(_Guarded):
                 self.tree.forget(node, n)
                 if node.lookups <= 0:  # no descriptor can be open on it: no listing either
                     self._withdrawn.pop(ino, None)
+                    self._drop_fd(ino)
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return True  # default_permissions: the kernel checks mode bits itself

@@ -610,3 +610,30 @@ def test_hosts_toml_parsing(tmp_path: Path) -> None:
     assert [e.url for e in load_endpoints("other", tmp_path, plain_http=True)] == [
         "http://other/v2"
     ]
+
+
+def test_default_tls_is_shared_and_loads_its_cas_only_for_a_handshake() -> None:
+    """Clients share one verifying context whose CA bundle is parsed at the first TLS
+    handshake: a plain-HTTP registry never pays for it, a fork server pays once."""
+    import ssl
+    import subprocess
+    import sys
+
+    import certifi
+
+    from lazyfs.remote.registry import default_tls
+
+    # A fresh interpreter: making a plain-HTTP source's client must not load the bundle.
+    probe = (
+        "from lazyfs.remote.registry import RegistrySource, default_tls\n"
+        "s = RegistrySource('127.0.0.1:9', 'x', plain_http=True)\n"
+        "c = s._client(s.endpoints[0])\n"
+        "assert not default_tls().get_ca_certs(), 'CA bundle loaded for plain HTTP'\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
+    ctx = default_tls()
+    assert default_tls() is ctx
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="registry.invalid")
+    want = ssl.create_default_context(cafile=certifi.where())  # what httpx builds per client
+    assert ctx.get_ca_certs() == want.get_ca_certs()

@@ -611,6 +611,12 @@ def test_chunk_map_roundtrip_and_bad_files(tmp_path: Path) -> None:
     assert ChunkMap.load(path, BLOB2, digests).ready == 0
     path.write_bytes(b"\x93garbage")
     assert ChunkMap.load(path, BLOB, digests).ready == 0
+    # Flags, one byte per chunk, answer as the bits do; setting them counts each change.
+    assert again.flags() == bytes(1 if i in (3, 10) else 0 for i in range(11))
+    again.set_flags(bytes(1 if i in (0, 3, 9) else 0 for i in range(11)))
+    assert [i for i in range(11) if again[i]] == [0, 3, 9]
+    assert again.ready == 3 and again.changes == 3  # 0 and 9 set, 10 cleared
+    assert ChunkMap(path, BLOB, []).flags() == b""
 
 
 def test_digest_index_answers_as_a_dict() -> None:

@@ -129,6 +129,9 @@ def _preload() -> None:
     from lazyfs.cli import build_parser
 
     certifi.where()  # imports importlib.resources' readers (the CA bundle's path)
+    from lazyfs.remote.registry import default_tls
+
+    default_tls().load()  # the CA bundle parsed once here, not in every https daemon
 
     build_parser()  # imports every subcommand's module, as each child's parsing would
 

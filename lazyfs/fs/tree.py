@@ -225,7 +225,7 @@ class Tree:
             raise _missing(waiting[0], target)
         self._whiteouts, self._opaque = set(), set()
         self.final = True
-        self.lower_paths = array("q", sorted(hash(path) for path, _ in self.walk() if path))
+        self.lower_paths = array("q", sorted(self._path_hashes()))
         if len(self.nodes) >= TRIM_AFTER_NODES:
             _trim_heap()
 
@@ -575,6 +575,20 @@ class Tree:
         if node.parent is not None:
             yield node.parent, node.name
         yield from node.links or ()
+
+    def _path_hashes(self) -> list[int]:
+        """hash() of every path but the root's, in no order (walk's sorting is not needed)."""
+        out: list[int] = []
+        stack: list[tuple[str, Node]] = [("", self.root)]
+        while stack:
+            path, node = stack.pop()
+            assert node.children is not None
+            for name, child in node.children.items():
+                sub = f"{path}/{name}" if path else name
+                out.append(hash(sub))
+                if child.children:
+                    stack.append((sub, child))
+        return out
 
     def walk(self) -> Iterator[tuple[str, Node]]:
         stack: list[tuple[str, Node]] = [("", self.root)]

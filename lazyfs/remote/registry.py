@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 import msgspec
@@ -210,6 +210,39 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class DefaultTLS(ssl.SSLContext):
+    """httpx's default verification (certifi's CAs) with the CA bundle loaded at the first
+    TLS handshake rather than when a client is made: a plain-HTTP registry never loads it
+    (0.07-0.1 s), and a fork server loads it once for all its daemons (:func:`default_tls`)."""
+
+    def load(self) -> None:
+        if not getattr(self, "_loaded", False):
+            import certifi  # imported by httpx already; here only where a handshake needs it
+
+            self.load_verify_locations(cafile=certifi.where())
+            self._loaded = True
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        self.load()
+        return super().wrap_bio(*args, **kwargs)
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        self.load()
+        return super().wrap_socket(*args, **kwargs)
+
+
+_default_tls: DefaultTLS | None = None
+
+
+def default_tls() -> DefaultTLS:
+    """The one context every verifying client without its own CAs shares (what httpx would
+    build per client: ``ssl.create_default_context(cafile=certifi.where())``)."""
+    global _default_tls
+    if _default_tls is None:
+        _default_tls = DefaultTLS(ssl.PROTOCOL_TLS_CLIENT)  # verifies host and chain
+    return _default_tls
+
+
 class RegistrySource(Source):
     def __init__(
         self,
@@ -259,7 +292,7 @@ class RegistrySource(Source):
         key = (ep.skip_verify, ep.ca)
         client = self._clients.get(key)
         if client is None:
-            verify: bool | ssl.SSLContext = not ep.skip_verify
+            verify: bool | ssl.SSLContext = False if ep.skip_verify else default_tls()
             if ep.ca and not ep.skip_verify:
                 verify = ssl.create_default_context()
                 for ca in ep.ca:

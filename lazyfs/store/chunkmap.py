@@ -34,6 +34,9 @@ class MapFile(msgspec.Struct, frozen=True):
     bits: bytes
 
 
+_FROM_DIGITS = bytes.maketrans(b"01", b"\x00\x01")
+_TO_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(MapFile)
 
@@ -59,9 +62,10 @@ class DigestIndex:
     __slots__ = ("_chunks", "_hashes", "_pos")
 
     def __init__(self, chunks: Sequence[Chunk]) -> None:
-        order = sorted(range(len(chunks)), key=lambda i: hash(chunks[i].digest))
+        hashes = [hash(c.digest) for c in chunks]  # each digest hashed once, not per compare
+        order = sorted(range(len(chunks)), key=hashes.__getitem__)
         self._chunks = chunks
-        self._hashes = array("q", (hash(chunks[i].digest) for i in order))
+        self._hashes = array("q", [hashes[i] for i in order])
         self._pos = array("I", order)
 
     def get(self, digest: str) -> int | None:
@@ -88,11 +92,9 @@ class DigestIndex:
 
 
 def fingerprint(digests: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for d in digests:
-        h.update(d.encode())
-        h.update(b"\n")
-    return h.hexdigest()[:32]
+    """sha256 over the digests, each followed by a newline (one hash call, not two each)."""
+    text = "\n".join(digests) + "\n" if digests else ""
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class ChunkMap:
@@ -127,6 +129,25 @@ class ChunkMap:
                 m._clear_padding()
                 m.ready = int.from_bytes(m.bits, "little").bit_count()
         return m
+
+    def flags(self) -> bytes:
+        """One byte per chunk, 1 where its bit is set: for ``itertools.compress`` and index
+        tests without a method call per chunk (a mount's set-up asks for every chunk)."""
+        if not self.count:
+            return b""
+        word = int.from_bytes(self.bits, "little") & ((1 << self.count) - 1)
+        return format(word, f"0{self.count}b")[::-1].encode().translate(_FROM_DIGITS)
+
+    def set_flags(self, flags: bytes | bytearray) -> None:
+        """Replace every bit with ``flags`` (as :meth:`flags` gives them), counting each bit
+        that changed as :meth:`set` and :meth:`clear` would."""
+        if len(flags) != self.count:
+            raise ValueError(f"{len(flags)} flags for {self.count} chunks")
+        old = int.from_bytes(self.bits, "little")
+        new = int(bytes(flags).translate(_TO_DIGITS)[::-1], 2) if flags else 0
+        self.bits[:] = new.to_bytes(len(self.bits), "little")
+        self.ready = new.bit_count()
+        self.changes += (old ^ new).bit_count()
 
     def _clear_padding(self) -> None:
         if self.count % 8:

@@ -4,6 +4,7 @@ readiness map and counters, and (for a registry that ignores Range) a whole loca
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,17 +56,24 @@ class ChunkOffsets:
 class Layer:
     """A layer blob known to the store: its TOC, source, readiness map and stats."""
 
-    def __init__(self, blob_digest: str, source: Source, toc: TOC, cmap: ChunkMap) -> None:
+    def __init__(
+        self,
+        blob_digest: str,
+        source: Source,
+        toc: TOC,
+        cmap: ChunkMap,
+        chunks: list[Chunk] | None = None,
+    ) -> None:
+        """``chunks``: ``layer_chunks(toc)`` when the caller has them already."""
         self.blob_digest = blob_digest
         self.source = source
         self.toc = toc
         self.map = cmap
-        self.chunks = layer_chunks(toc)  # the map's bit order
+        self.chunks = layer_chunks(toc) if chunks is None else chunks  # the map's bit order
         self.index = DigestIndex(self.chunks)
         # A TOC lists its chunks in blob order as a rule: then one list serves both orders.
-        in_order = all(
-            (a.offset, a.end) <= (b.offset, b.end) for a, b in itertools.pairwise(self.chunks)
-        )
+        keys = [(c.offset, c.end) for c in self.chunks]
+        in_order = all(map(operator.le, keys, itertools.islice(keys, 1, None)))
         self.by_offset = (
             self.chunks if in_order else sorted(self.chunks, key=lambda c: (c.offset, c.end))
         )
@@ -76,7 +84,7 @@ class Layer:
             chunks_total=len(self.chunks),
             chunks_ready=cmap.ready,
             bytes_total=sum(c.size for c in self.chunks),
-            bytes_ready=sum(c.size for i, c in enumerate(self.chunks) if cmap[i]),
+            bytes_ready=sum(c.size for c in itertools.compress(self.chunks, cmap.flags())),
         )
         # Entry name -> where its last read ended: a read starting there is sequential.  The
         # most recent READ_POS_MAX files only, so a soak that reads every file stays bounded.

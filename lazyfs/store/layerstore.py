@@ -15,6 +15,7 @@ alone, decoded straight into the cache (``store.bigchunk``), and its waiters rea
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -213,20 +214,21 @@ class LayerStore:
         chunks = layer_chunks(toc)
         path = self.cache.layer_map_path(blob_digest)
         cmap = ChunkMap.load(path, blob_digest, [c.digest for c in chunks])
-        layer = Layer(blob_digest, source, toc, cmap)
-        layer.size = size  # known from the manifest; lets a Range-less registry be handled
-        for i, c in enumerate(layer.chunks):
+        # Reconciled before the layer exists, so its stats start right; one pass over flags
+        # rather than a set/clear call per chunk (a mount waits for this).
+        cache, was = self.cache, cmap.flags()
+        now = bytearray(len(chunks))
+        for i, c in enumerate(chunks):
             # A set bit the index does not know costs one stat (another process may have
             # written the chunk); unset bits cost only a dict lookup.
-            if c.digest in self.cache or (cmap[i] and self.cache.probe(c.digest)):
-                layer.set_ready(i)
-            else:
-                layer.clear_ready(i)
+            if c.digest in cache or (was[i] and cache.probe(c.digest)):
+                now[i] = 1
+        cmap.set_flags(now)
+        layer = Layer(blob_digest, source, toc, cmap, chunks)
+        layer.size = size  # known from the manifest; lets a Range-less registry be handled
         if cmap.changes:
             self._dirty.add(layer)
-        layer.stats.bytes_held = sum(
-            c.end - c.offset for i, c in enumerate(layer.chunks) if cmap[i]
-        )
+        layer.stats.bytes_held = sum(c.end - c.offset for c in itertools.compress(chunks, now))
         self._layers[blob_digest] = layer
         self._layer_added.set()
         return layer

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from pathlib import Path
 
 import trio
@@ -23,6 +25,7 @@ from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.fs.control import PrefetchStats
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
+from lazyfs.store.provider import ChunkProvider
 from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier, decode_groups
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,46 @@ log = logging.getLogger(__name__)
 # One batch: big enough that the store merges it into a few large requests, small enough that
 # the highest-ranked files land first (the store orders a batch by blob offset, not by rank).
 BATCH_BYTES = 16 * 1024 * 1024
+
+
+# How long a reader that misses the cache waits for the prefetch's first requests to be sent
+# (the groups may still be looked up in the registry) before it asks for its chunks itself.
+GATE_WAIT = 1.0
+
+# Set in the prefetch's task (its children inherit it): the gate lets its calls through.
+_PREFETCHING: ContextVar[bool] = ContextVar("lazyfs_prefetching", default=False)
+
+
+class PrefetchGate:
+    """The store's chunk provider from readiness until the prefetch's first requests are
+    under way: an on-demand miss waits (at most ``wait`` seconds) so that, when the group
+    covers its chunks, it joins the group's request instead of sending one of its own.
+    ``inner`` (binary deltas, or None) is asked as before."""
+
+    def __init__(self, inner: ChunkProvider | None, wait: float = GATE_WAIT) -> None:
+        self.inner = inner
+        self.wait = wait
+        self.opened = trio.Event()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    async def provide(
+        self,
+        layer: Layer,
+        chunks: Sequence[Chunk],
+        slot: Callable[[], AbstractAsyncContextManager[None]],
+    ) -> dict[str, bytes]:
+        prefetching = _PREFETCHING.get()
+        if not prefetching and not self.opened.is_set():
+            with trio.move_on_after(self.wait):
+                await self.opened.wait()
+        got = await self.inner.provide(layer, chunks, slot) if self.inner is not None else {}
+        if prefetching and not got:
+            # The store registers this batch's chunks as in flight before its next
+            # checkpoint, so the readers woken here find them and wait for them.
+            self.open()
+        return got
 
 
 def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:
@@ -151,11 +194,15 @@ class Prefetcher:
 
     async def run(self) -> None:
         """Fetch everything planned; errors are logged and counted, never raised."""
+        token = _PREFETCHING.set(True)  # the tasks started below inherit it
         t0 = trio.current_time()
-        for batch in self._batches():
-            async with trio.open_nursery() as nursery:
-                for layer, chunks in batch.items():
-                    nursery.start_soon(self._one, layer, chunks)
+        try:
+            for batch in self._batches():
+                async with trio.open_nursery() as nursery:
+                    for layer, chunks in batch.items():
+                        nursery.start_soon(self._one, layer, chunks)
+        finally:
+            _PREFETCHING.reset(token)
         self.stats.prefetch_done = True
         self.stats.elapsed_ns = int((trio.current_time() - t0) * 1e9)
         log.info(

@@ -391,3 +391,22 @@ def test_groups_of_another_image_of_the_same_files_still_match(
             assert (p.stats.entries, p.stats.skipped) == (len(SCATTERED), 2)
 
     trio.run(main)
+
+
+def test_a_big_batch_goes_as_requests_cut_by_rank() -> None:
+    from lazyfs.formats.toc import Chunk
+    from lazyfs.fs.prefetch import by_rank
+
+    a, b = object(), object()  # two layers: only their identity matters here
+    mib = 1024 * 1024
+
+    def item(layer: object, i: int) -> tuple:
+        # Ranked files 1 MiB each, placed in the blob against rank order.
+        return layer, [Chunk(0, mib, (20 - i) * mib, (21 - i) * mib, f"d{i}")]
+
+    items = [item(a if i % 2 else b, i) for i in range(14)]
+    parts = by_rank(items)
+    ranks = [sorted(int(c.digest[1:]) for cs in p.values() for c in cs) for p in parts]
+    assert ranks == [[0, 1], [2, 3, 4, 5], list(range(6, 14))]  # 1:2:4 of the bytes
+    assert set(parts[0]) == {a, b}
+    assert by_rank(items[:1]) == [{b: items[0][1]}]  # a small batch stays one request

@@ -75,6 +75,38 @@ class PrefetchGate:
         return got
 
 
+# A batch of at least RANK_SPLIT_BYTES goes as one request per layer for each share here, cut
+# in rank order and sent at once: a stream sends its ranges in blob order, so a reader of the
+# first-ranked files would otherwise wait behind the bytes of every later-ranked file before
+# them in the blob (or overtake the stream with a request of its own).
+RANK_SHARES = (1, 2, 4)
+RANK_SPLIT_BYTES = 2 * 1024 * 1024
+
+
+def by_rank(
+    items: Sequence[tuple[Layer, list[Chunk]]], min_bytes: int = RANK_SPLIT_BYTES
+) -> list[dict[Layer, list[Chunk]]]:
+    """``items`` (rank order) cut into consecutive parts of about ``RANK_SHARES`` of their
+    compressed bytes, each part's chunks by layer; one part below ``min_bytes``."""
+    spans = [sum(c.end - c.offset for c in chunks) for _, chunks in items]
+    total = sum(spans)
+    cuts: list[float] = []
+    if total >= min_bytes:
+        acc = 0
+        for share in RANK_SHARES[:-1]:
+            acc += share
+            cuts.append(total * acc / sum(RANK_SHARES))
+    out: list[dict[Layer, list[Chunk]]] = [{}]
+    done = 0
+    for (layer, chunks), span in zip(items, spans, strict=True):
+        if cuts and done >= cuts[0]:
+            cuts.pop(0)
+            out.append({})
+        out[-1].setdefault(layer, []).extend(chunks)
+        done += span
+    return out
+
+
 def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:
     """Read and validate a groups document; raises LazyfsError with a one-line message."""
     try:
@@ -176,20 +208,21 @@ class Prefetcher:
                     items.append((layer, chunks))
             self._plan.append(items)
 
-    def _batches(self) -> list[dict[Layer, list[Chunk]]]:
-        """Cut each tier, in rank order, into batches; tiers never share a batch."""
-        out: list[dict[Layer, list[Chunk]]] = []
+    def _batches(self) -> list[list[dict[Layer, list[Chunk]]]]:
+        """Cut each tier, in rank order, into batches (tiers never share one); each batch is
+        a few requests per layer, sent at once (see :func:`by_rank`)."""
+        out: list[list[dict[Layer, list[Chunk]]]] = []
         for items in self._plan:
-            batch: dict[Layer, list[Chunk]] = {}
+            batch: list[tuple[Layer, list[Chunk]]] = []
             span = 0
             for layer, chunks in items:
-                batch.setdefault(layer, []).extend(chunks)
+                batch.append((layer, chunks))
                 span += sum(c.end - c.offset for c in chunks)
                 if span >= self.batch_bytes:
-                    out.append(batch)
-                    batch, span = {}, 0
+                    out.append(by_rank(batch))
+                    batch, span = [], 0
             if batch:
-                out.append(batch)
+                out.append(by_rank(batch))
         return out
 
     async def run(self) -> None:
@@ -197,10 +230,11 @@ class Prefetcher:
         token = _PREFETCHING.set(True)  # the tasks started below inherit it
         t0 = trio.current_time()
         try:
-            for batch in self._batches():
+            for requests in self._batches():
                 async with trio.open_nursery() as nursery:
-                    for layer, chunks in batch.items():
-                        nursery.start_soon(self._one, layer, chunks)
+                    for request in requests:
+                        for layer, chunks in request.items():
+                            nursery.start_soon(self._one, layer, chunks)
         finally:
             _PREFETCHING.reset(token)
         self.stats.prefetch_done = True

@@ -51,7 +51,7 @@ from lazyfs.store.stats import LayerStats
 from lazyfs.store.wholelayer import WholeFetch
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import Group, encode
-from lazyfs.trace.stored import find_group
+from lazyfs.trace.stored import cached_group, find_group
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,9 @@ class _Mount:
         image, layers, source = self.image, self.image.store_layers(), self.opts.prefetch_from
         group = None
         if source in ("auto", "groups"):
-            group = await find_group(image.source, image.manifest, self.opts.group)
+            group = await find_group(
+                image.source, image.manifest, self.opts.group, image.cache.documents_dir
+            )
         if group is None and source in ("auto", "landmark"):
             group = landmark_group(layers)
         if group is None:
@@ -393,8 +395,12 @@ async def serve(
             doc, group = groups
             if doc.manifest and doc.manifest != image.manifest:
                 log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
-            if image.is_complete:
-                prefetcher = Prefetcher(image.store, image.store_layers(), group)
+        elif opts.auto_prefetch and opts.prefetch_from in ("auto", "groups"):
+            # Groups an earlier mount found beside the image: the prefetch starts with the
+            # mount instead of after a lookup in the registry.
+            group = cached_group(image.cache.documents_dir, image.manifest, opts.group)
+        if group is not None and image.is_complete:
+            prefetcher = Prefetcher(image.store, image.store_layers(), group)
         mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher)
         mount.group = group if prefetcher is None else None
         # Resolve the control socket path now: after init, touching the mount point from this

@@ -410,3 +410,5 @@ def test_a_big_batch_goes_as_requests_cut_by_rank() -> None:
     assert ranks == [[0, 1], [2, 3, 4, 5], list(range(6, 14))]  # 1:2:4 of the bytes
     assert set(parts[0]) == {a, b}
     assert by_rank(items[:1]) == [{b: items[0][1]}]  # a small batch stays one request
+    in_order = items[::-1]  # ranked as the blob lies (re-laid out): one request
+    assert len(by_rank(in_order)) == 1

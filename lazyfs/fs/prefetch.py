@@ -87,11 +87,18 @@ def by_rank(
     items: Sequence[tuple[Layer, list[Chunk]]], min_bytes: int = RANK_SPLIT_BYTES
 ) -> list[dict[Layer, list[Chunk]]]:
     """``items`` (rank order) cut into consecutive parts of about ``RANK_SHARES`` of their
-    compressed bytes, each part's chunks by layer; one part below ``min_bytes``."""
+    compressed bytes, each part's chunks by layer; one part below ``min_bytes`` or when each
+    layer's chunks already lie in rank order (a re-laid-out layer: its stream is in order)."""
     spans = [sum(c.end - c.offset for c in chunks) for _, chunks in items]
     total = sum(spans)
+    last: dict[Layer, int] = {}
+    in_order = True
+    for layer, chunks in items:
+        for c in chunks:
+            in_order = in_order and c.offset >= last.get(layer, 0)
+            last[layer] = c.offset
     cuts: list[float] = []
-    if total >= min_bytes:
+    if total >= min_bytes and not in_order:
         acc = 0
         for share in RANK_SHARES[:-1]:
             acc += share

@@ -80,7 +80,7 @@ class PrefetchGate:
 # first-ranked files would otherwise wait behind the bytes of every later-ranked file before
 # them in the blob (or overtake the stream with a request of its own).
 RANK_SHARES = (1, 2, 4)
-RANK_SPLIT_BYTES = 2 * 1024 * 1024
+RANK_SPLIT_BYTES = 4 * 1024 * 1024
 
 
 def by_rank(

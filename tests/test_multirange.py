@@ -243,6 +243,47 @@ def test_a_grouped_cold_start_over_scattered_files_is_one_request(
     assert len(_layer_requests(fault_proxy, pushed["digest"])) <= 3, fault_proxy.ranges
 
 
+def _groups_file(pushed: dict, names: list[str], path: Path) -> Path:
+    entries = [
+        RankedEntry(
+            layer=pushed["digest"],
+            path=n,
+            digest="sha256:" + hashlib.sha256(FILES[n]).hexdigest(),
+            size=len(FILES[n]),
+        )
+        for n in names
+    ]
+    group = Group(name="startup", runs=1, tiers=[Tier(name="always", entries=entries)])
+    doc = PrefetchGroups(
+        image=REPO, manifest=pushed["manifest"], layers=[pushed["digest"]], groups=[group]
+    )
+    path.write_bytes(msgspec.json.encode(doc))
+    return path
+
+
+def test_a_reader_at_once_after_ready_joins_the_groups_request(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # The start-up reads its first file the moment the mount is ready, before the prefetch
+    # has sent anything: it waits for the group's request and reads from it, sending none.
+    groups = _groups_file(pushed, SCATTERED, tmp_path / "groups.json")
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--prefetch", str(groups))
+    with mounted(f"{fault_proxy.host}/{REPO}:v1", mnt, *args, "--cache", str(tmp_path / "c")):
+        assert (mnt / SCATTERED[0]).read_bytes() == FILES[SCATTERED[0]]
+        deadline = time.monotonic() + 20
+        while True:
+            stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+            if stats["prefetch"]["prefetch_done"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        text = run(*lazyfs_cmd("stats", str(mnt)), check=True).stdout
+    layer = stats["layers"][0]["stats"]
+    assert (layer["requests"], layer["multirange_requests"], layer["overtakes"]) == (1, 1, 0)
+    assert len(_layer_requests(fault_proxy, pushed["digest"])) <= 3, fault_proxy.ranges
+    assert "requests: 1 multi-range, 0 overtakes; 0 streaming now" in text, text
+
+
 # ------------------------------------------------------------------------------- no network
 
 
@@ -350,3 +391,24 @@ def test_groups_of_another_image_of_the_same_files_still_match(
             assert (p.stats.entries, p.stats.skipped) == (len(SCATTERED), 2)
 
     trio.run(main)
+
+
+def test_a_big_batch_goes_as_requests_cut_by_rank() -> None:
+    from lazyfs.formats.toc import Chunk
+    from lazyfs.fs.prefetch import by_rank
+
+    a, b = object(), object()  # two layers: only their identity matters here
+    mib = 1024 * 1024
+
+    def item(layer: object, i: int) -> tuple:
+        # Ranked files 1 MiB each, placed in the blob against rank order.
+        return layer, [Chunk(0, mib, (20 - i) * mib, (21 - i) * mib, f"d{i}")]
+
+    items = [item(a if i % 2 else b, i) for i in range(14)]
+    parts = by_rank(items)
+    ranks = [sorted(int(c.digest[1:]) for cs in p.values() for c in cs) for p in parts]
+    assert ranks == [[0, 1], [2, 3, 4, 5], list(range(6, 14))]  # 1:2:4 of the bytes
+    assert set(parts[0]) == {a, b}
+    assert by_rank(items[:1]) == [{b: items[0][1]}]  # a small batch stays one request
+    in_order = items[::-1]  # ranked as the blob lies (re-laid out): one request
+    assert len(by_rank(in_order)) == 1

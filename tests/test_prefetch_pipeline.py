@@ -13,10 +13,11 @@ from lazyfs_tools.convert import convert
 
 from lazyfs.ocilayout import Layout
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
 from lazyfs.testing.rootfs import host_rootfs_items
-from tests.support.fixtures import registry  # noqa: F401
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 FILES = {f"app/m{i:02d}.bin": seeded_bytes(200_000, 300 + i) for i in range(24)}
 WORKLOAD = ["/bin/sh", "-c", "cat /app/m17.bin /app/m03.bin /app/m11.bin > /dev/null"]
@@ -54,7 +55,9 @@ def _read_used(mnt: Path) -> dict:
     return _stats(mnt)["layers"][0]["stats"]
 
 
-def test_trace_optimize_push_then_mounts_prefetch(pushed: dict, tmp_path: Path) -> None:
+def test_trace_optimize_push_then_mounts_prefetch(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
     ref = pushed["ref"]
     res = run(
         *lazyfs_cmd(
@@ -94,6 +97,21 @@ def test_trace_optimize_push_then_mounts_prefetch(pushed: dict, tmp_path: Path) 
         assert pf["group"] == "app" and pf["entries"] >= len(USED) and not pf["error"]
         stats = _read_used(mnt)
         assert stats["cache_misses"] == 0 and stats["wait_ns"] == 0
+    # The groups found are kept with the documents: a mount of the image with that cache
+    # (chunks evicted: a fresh cache holding only them here) starts its prefetch at once,
+    # asking the registry for no referrers (--no-deltas: deltas are looked up there too).
+    kept = list((tmp_path / "c1" / "documents").glob("groups-of-*"))
+    assert len(kept) == 1
+    (tmp_path / "c4" / "documents").mkdir(parents=True)
+    (tmp_path / "c4" / "documents" / kept[0].name).write_bytes(kept[0].read_bytes())
+    proxied = ref.replace(ref.split("/")[0], fault_proxy.host, 1)
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c4"))
+    with mounted(proxied, mnt, *args):
+        pf = _wait_prefetch(mnt)
+        assert pf["group"] == "app" and pf["entries"] >= len(USED) and not pf["error"]
+        stats = _read_used(mnt)
+        assert stats["cache_misses"] == 0
+    assert not [p for p in fault_proxy.paths if "referrers" in p or "sha256-" in p]
     # --no-prefetch: the same reads wait for the network.
     with mounted(
         ref, mnt, "--plain-http", "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c2")

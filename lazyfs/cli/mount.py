@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -380,6 +380,7 @@ def stats_cmd(args: argparse.Namespace) -> int:
             else:
                 took = f"in {whole['seconds']:.1f}s"
             print(f"  {'':<18} fetched whole: {human_bytes(whole['size'])} {took}")
+    print(_requests_line([layer["stats"] for layer in report["layers"]]))
     held = sum(layer["stats"].get("bytes_held", 0) for layer in report["layers"])
     patches = sum(layer["stats"].get("patch_bytes", 0) for layer in report["layers"])
     if held or patches:
@@ -387,3 +388,20 @@ def stats_cmd(args: argparse.Namespace) -> int:
     if early := report.get("answered_early", 0):  # what no layer being downloaded could change
         print(f"answered at once: {early}; waited for layers: {report['waited_for_layers']}")
     return 0
+
+
+def _requests_line(stats: list[dict[str, Any]]) -> str:
+    """What the requests were, over all layers: multi-range ones (a prefetch batch each),
+    readers' overtakes of a stream, and the streams under way now."""
+    from lazyfs.progress import human_bytes
+
+    multi = sum(s.get("multirange_requests", 0) for s in stats)
+    overtakes = sum(s.get("overtakes", 0) for s in stats)
+    streams = [st for s in stats for st in s.get("streams", [])]
+    line = f"requests: {multi} multi-range, {overtakes} overtakes; {len(streams)} streaming now"
+    if streams:
+        got = sum(st["received"] for st in streams)
+        want = sum(st["bytes"] for st in streams)
+        line += f" ({human_bytes(got)} of {human_bytes(want)})"
+    return line
+

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from pathlib import Path
 
 import trio
@@ -23,6 +25,7 @@ from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.fs.control import PrefetchStats
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
+from lazyfs.store.provider import ChunkProvider
 from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier, decode_groups
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,85 @@ log = logging.getLogger(__name__)
 # One batch: big enough that the store merges it into a few large requests, small enough that
 # the highest-ranked files land first (the store orders a batch by blob offset, not by rank).
 BATCH_BYTES = 16 * 1024 * 1024
+
+
+# How long a reader that misses the cache waits for the prefetch's first requests to be sent
+# (the groups may still be looked up in the registry) before it asks for its chunks itself.
+GATE_WAIT = 1.0
+
+# Set in the prefetch's task (its children inherit it): the gate lets its calls through.
+_PREFETCHING: ContextVar[bool] = ContextVar("lazyfs_prefetching", default=False)
+
+
+class PrefetchGate:
+    """The store's chunk provider from readiness until the prefetch's first requests are
+    under way: an on-demand miss waits (at most ``wait`` seconds) so that, when the group
+    covers its chunks, it joins the group's request instead of sending one of its own.
+    ``inner`` (binary deltas, or None) is asked as before."""
+
+    def __init__(self, inner: ChunkProvider | None, wait: float = GATE_WAIT) -> None:
+        self.inner = inner
+        self.wait = wait
+        self.opened = trio.Event()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    async def provide(
+        self,
+        layer: Layer,
+        chunks: Sequence[Chunk],
+        slot: Callable[[], AbstractAsyncContextManager[None]],
+    ) -> dict[str, bytes]:
+        prefetching = _PREFETCHING.get()
+        if not prefetching and not self.opened.is_set():
+            with trio.move_on_after(self.wait):
+                await self.opened.wait()
+        got = await self.inner.provide(layer, chunks, slot) if self.inner is not None else {}
+        if prefetching and not got:
+            # The store registers this batch's chunks as in flight before its next
+            # checkpoint, so the readers woken here find them and wait for them.
+            self.open()
+        return got
+
+
+# A batch of at least RANK_SPLIT_BYTES goes as one request per layer for each share here, cut
+# in rank order and sent at once: a stream sends its ranges in blob order, so a reader of the
+# first-ranked files would otherwise wait behind the bytes of every later-ranked file before
+# them in the blob (or overtake the stream with a request of its own).
+RANK_SHARES = (1, 2, 4)
+RANK_SPLIT_BYTES = 4 * 1024 * 1024
+
+
+def by_rank(
+    items: Sequence[tuple[Layer, list[Chunk]]], min_bytes: int = RANK_SPLIT_BYTES
+) -> list[dict[Layer, list[Chunk]]]:
+    """``items`` (rank order) cut into consecutive parts of about ``RANK_SHARES`` of their
+    compressed bytes, each part's chunks by layer; one part below ``min_bytes`` or when each
+    layer's chunks already lie in rank order (a re-laid-out layer: its stream is in order)."""
+    spans = [sum(c.end - c.offset for c in chunks) for _, chunks in items]
+    total = sum(spans)
+    last: dict[Layer, int] = {}
+    in_order = True
+    for layer, chunks in items:
+        for c in chunks:
+            in_order = in_order and c.offset >= last.get(layer, 0)
+            last[layer] = c.offset
+    cuts: list[float] = []
+    if total >= min_bytes and not in_order:
+        acc = 0
+        for share in RANK_SHARES[:-1]:
+            acc += share
+            cuts.append(total * acc / sum(RANK_SHARES))
+    out: list[dict[Layer, list[Chunk]]] = [{}]
+    done = 0
+    for (layer, chunks), span in zip(items, spans, strict=True):
+        if cuts and done >= cuts[0]:
+            cuts.pop(0)
+            out.append({})
+        out[-1].setdefault(layer, []).extend(chunks)
+        done += span
+    return out
 
 
 def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:
@@ -133,29 +215,35 @@ class Prefetcher:
                     items.append((layer, chunks))
             self._plan.append(items)
 
-    def _batches(self) -> list[dict[Layer, list[Chunk]]]:
-        """Cut each tier, in rank order, into batches; tiers never share a batch."""
-        out: list[dict[Layer, list[Chunk]]] = []
+    def _batches(self) -> list[list[dict[Layer, list[Chunk]]]]:
+        """Cut each tier, in rank order, into batches (tiers never share one); each batch is
+        a few requests per layer, sent at once (see :func:`by_rank`)."""
+        out: list[list[dict[Layer, list[Chunk]]]] = []
         for items in self._plan:
-            batch: dict[Layer, list[Chunk]] = {}
+            batch: list[tuple[Layer, list[Chunk]]] = []
             span = 0
             for layer, chunks in items:
-                batch.setdefault(layer, []).extend(chunks)
+                batch.append((layer, chunks))
                 span += sum(c.end - c.offset for c in chunks)
                 if span >= self.batch_bytes:
-                    out.append(batch)
-                    batch, span = {}, 0
+                    out.append(by_rank(batch))
+                    batch, span = [], 0
             if batch:
-                out.append(batch)
+                out.append(by_rank(batch))
         return out
 
     async def run(self) -> None:
         """Fetch everything planned; errors are logged and counted, never raised."""
+        token = _PREFETCHING.set(True)  # the tasks started below inherit it
         t0 = trio.current_time()
-        for batch in self._batches():
-            async with trio.open_nursery() as nursery:
-                for layer, chunks in batch.items():
-                    nursery.start_soon(self._one, layer, chunks)
+        try:
+            for requests in self._batches():
+                async with trio.open_nursery() as nursery:
+                    for request in requests:
+                        for layer, chunks in request.items():
+                            nursery.start_soon(self._one, layer, chunks)
+        finally:
+            _PREFETCHING.reset(token)
         self.stats.prefetch_done = True
         self.stats.elapsed_ns = int((trio.current_time() - t0) * 1e9)
         log.info(

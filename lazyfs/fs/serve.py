@@ -37,7 +37,7 @@ from lazyfs.fs.control import (
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.ops import Operations
 from lazyfs.fs.pending import PendingOperations
-from lazyfs.fs.prefetch import Prefetcher, landmark_group, load_group
+from lazyfs.fs.prefetch import Prefetcher, PrefetchGate, landmark_group, load_group
 from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import ROOT_INO, Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
@@ -51,7 +51,7 @@ from lazyfs.store.stats import LayerStats
 from lazyfs.store.wholelayer import WholeFetch
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import Group, encode
-from lazyfs.trace.stored import find_group
+from lazyfs.trace.stored import cached_group, find_group
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class _Mount:
         self.recorder = recorder
         self.prefetcher = prefetcher
         self.group: Group | None = None  # the prefetch group, while layers are pending
+        self.gate: PrefetchGate | None = None  # holds readers until the prefetch is sent
         self.tree = Tree()
         self.ops: Operations | None = None  # early ones (over part of the tree) until built
         self.pending: PendingOperations | None = None
@@ -193,9 +194,31 @@ class _Mount:
         self.pending = PendingOperations(self.operations, self.ops)
         return self.pending
 
+    def hold_readers(self, deltas: PendingDeltas | None) -> None:
+        """Before readiness: when something may be prefetched, readers that miss the cache
+        wait (briefly) for its first requests, whose chunks they then join."""
+        if self.prefetcher is None and self.group is None and not self.opts.auto_prefetch:
+            return
+        self.gate = PrefetchGate(deltas)
+        self.image.store.provider = self.gate
+
     async def fetch_ahead(self, deltas: PendingDeltas | None) -> None:
         """After readiness: look for binary deltas beside the image (readers that miss the
-        cache meanwhile wait for the answer), then prefetch, which uses them."""
+        cache meanwhile wait for the answer) and, at the same time, for what to prefetch;
+        prefetch, using the deltas.  Readers wait for the prefetch's first requests (at most
+        :data:`~lazyfs.fs.prefetch.GATE_WAIT`)."""
+        try:
+            await self._fetch_ahead(deltas)
+        finally:
+            gate = self.gate
+            if gate is not None:
+                gate.open()
+                if self.image.store.provider is gate:
+                    self.image.store.provider = gate.inner
+                    if deltas is not None and deltas.done.is_set():
+                        self.image.store.provider = deltas.provider
+
+    async def _fetch_ahead(self, deltas: PendingDeltas | None) -> None:
         if not self.image.is_complete:
             # Layers fetched in the background: deltas and prefetch need their TOCs.
             try:
@@ -203,15 +226,19 @@ class _Mount:
             except LazyfsError:
                 return  # the layer is fetched again on the next access; prefetch is a bonus
             deltas = pending_deltas(self.image)
+            if self.gate is not None:
+                self.gate.inner = deltas
+                self.image.store.provider = self.gate
             if self.group is not None:
                 layers = self.image.store_layers()
                 self.prefetcher = Prefetcher(self.image.store, layers, self.group)
-        if deltas is not None:
-            await deltas.look()
-        if self.prefetcher is not None:
-            await self.prefetcher.run()
-        elif self.opts.auto_prefetch:
-            await self.auto_prefetch()
+        async with trio.open_nursery() as nursery:
+            if deltas is not None:
+                nursery.start_soon(deltas.look)
+            if self.prefetcher is not None:
+                nursery.start_soon(self.prefetcher.run)
+            elif self.opts.auto_prefetch:
+                nursery.start_soon(self.auto_prefetch)
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
@@ -220,12 +247,17 @@ class _Mount:
         image, layers, source = self.image, self.image.store_layers(), self.opts.prefetch_from
         group = None
         if source in ("auto", "groups"):
-            group = await find_group(image.source, image.manifest, self.opts.group)
+            group = await find_group(
+                image.source, image.manifest, self.opts.group, image.cache.documents_dir
+            )
         if group is None and source in ("auto", "landmark"):
             group = landmark_group(layers)
-        if group is not None:
-            self.prefetcher = Prefetcher(image.store, layers, group)
-            await self.prefetcher.run()
+        if group is None:
+            if self.gate is not None:
+                self.gate.open()  # nothing to wait for
+            return
+        self.prefetcher = Prefetcher(image.store, layers, group)
+        await self.prefetcher.run()
 
     def handle(self, request: dict[str, object]) -> object:
         """One control request (see :mod:`lazyfs.fs.control`)."""
@@ -364,8 +396,12 @@ async def serve(
             doc, group = groups
             if doc.manifest and doc.manifest != image.manifest:
                 log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
-            if image.is_complete:
-                prefetcher = Prefetcher(image.store, image.store_layers(), group)
+        elif opts.auto_prefetch and opts.prefetch_from in ("auto", "groups"):
+            # Groups an earlier mount found beside the image: the prefetch starts with the
+            # mount instead of after a lookup in the registry.
+            group = cached_group(image.cache.documents_dir, image.manifest, opts.group)
+        if group is not None and image.is_complete:
+            prefetcher = Prefetcher(image.store, image.store_layers(), group)
         mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher)
         mount.group = group if prefetcher is None else None
         # Resolve the control socket path now: after init, touching the mount point from this
@@ -385,9 +421,9 @@ async def serve(
                 image.start_background(nursery)  # layers without a TOC: fetched from now on
                 if recorder is not None:
                     recorder.start()
-                nursery.start_soon(
-                    mount.fetch_ahead, pending_deltas(image) if opts.deltas else None
-                )
+                deltas = pending_deltas(image) if opts.deltas else None
+                mount.hold_readers(deltas)
+                nursery.start_soon(mount.fetch_ahead, deltas)
                 if ready is not None:
                     plain = [d.mediaType for d in image.plain_descriptors()]
                     ready(ReadyReport(len(image.descriptors), plain))

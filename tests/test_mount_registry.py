@@ -3,7 +3,6 @@
 # ruff: noqa: F811
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -19,7 +18,7 @@ from lazyfs.testing.layers import (
     sample_items,
     seeded_bytes,
 )
-from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.testing.mounts import lazyfs_cmd, mount_stats, mounted, run
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 SHARED = seeded_bytes(400_000, 42)
@@ -56,10 +55,6 @@ def _blob_requests(proxy: FaultProxy) -> int:
     return sum("/blobs/sha256:" in p for p in proxy.paths)
 
 
-def _stats(mnt: Path) -> dict:
-    return json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
-
-
 def test_remount_fetches_nothing(pushed: dict, fault_proxy: FaultProxy, tmp_path: Path) -> None:
     ref = f"{fault_proxy.host}/{pushed['a']}"
     cache, mnt = tmp_path / "cache", tmp_path / "mnt"
@@ -67,14 +62,14 @@ def test_remount_fetches_nothing(pushed: dict, fault_proxy: FaultProxy, tmp_path
     with mounted(ref, mnt, *args):
         assert (mnt / "shared" / "lib.so").read_bytes() == SHARED
         assert (mnt / "data" / "big.bin").read_bytes() == seeded_bytes(300_000, 2)
-        assert _stats(mnt)["layers"][0]["stats"]["requests"] > 0
+        assert mount_stats(mnt)["layers"][0]["stats"]["requests"] > 0
     first = _blob_requests(fault_proxy)
     assert first > 0
     fault_proxy.reset()
     with mounted(ref, mnt, *args):
         assert (mnt / "shared" / "lib.so").read_bytes() == SHARED
         assert (mnt / "data" / "big.bin").read_bytes() == seeded_bytes(300_000, 2)
-        assert all(layer["stats"]["requests"] == 0 for layer in _stats(mnt)["layers"])
+        assert all(layer["stats"]["requests"] == 0 for layer in mount_stats(mnt)["layers"])
     # The tag is resolved again (a manifest request), but no blob: TOCs and chunks are local.
     assert _blob_requests(fault_proxy) == 0, fault_proxy.paths
 
@@ -101,7 +96,7 @@ def test_shared_chunks_are_fetched_once_across_images(
         str(cache),
     ) as m:
         assert (m.mountpoint / "shared" / "lib.so").read_bytes() == SHARED
-        layer = _stats(m.mountpoint)["layers"][0]["stats"]
+        layer = mount_stats(m.mountpoint)["layers"][0]["stats"]
         assert layer["requests"] == 0  # every chunk of lib.so came from image a's fetch
         assert layer["cache_hits"] > 0
 
@@ -186,7 +181,7 @@ def test_registry_ignoring_range_is_downloaded_once(
         for p in sorted(mnt.rglob("*")):  # and every other file, in path order
             if p.is_file() and not p.is_symlink():
                 p.read_bytes()
-        layers = _stats(mnt)["layers"]
+        layers = mount_stats(mnt)["layers"]
     # Reading the footers at mount found each blob sent whole: one download of each, begun
     # then, serves every later read, so the reads ask the registry for nothing more.
     assert _blob_requests(fault_proxy) == before, fault_proxy.paths

@@ -7,9 +7,7 @@ never serve a wrong byte; the multipart parser itself without a network."""
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +33,15 @@ from lazyfs.store import plan
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
-from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier
+from lazyfs.testing.mounts import (
+    lazyfs_cmd,
+    mount_stats,
+    mounted,
+    run,
+    startup_groups,
+    wait_prefetched,
+)
+from lazyfs.trace.schema import Group, RankedEntry, Tier
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 # 40 incompressible files of 100 kB (two 64 KiB chunks each) in one layer, laid out by path;
@@ -200,42 +205,14 @@ def test_a_grouped_cold_start_over_scattered_files_is_one_request(
     pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     used = SCATTERED[::-1]  # ranked in another order than the blob's
-    group = Group(
-        name="startup",
-        runs=1,
-        tiers=[
-            Tier(
-                name="always",
-                entries=[
-                    RankedEntry(
-                        layer=pushed["digest"],
-                        path=n,
-                        digest="sha256:" + hashlib.sha256(FILES[n]).hexdigest(),
-                        size=len(FILES[n]),
-                    )
-                    for n in used
-                ],
-            )
-        ],
-    )
-    doc = PrefetchGroups(
-        image=REPO, manifest=pushed["manifest"], layers=[pushed["digest"]], groups=[group]
-    )
-    groups = tmp_path / "groups.json"
-    groups.write_bytes(msgspec.json.encode(doc))
+    groups = _groups_file(pushed, used, tmp_path / "groups.json")
     mnt = tmp_path / "mnt"
     args = ("--plain-http", "--read-only", "--prefetch", str(groups))
     with mounted(f"{fault_proxy.host}/{REPO}:v1", mnt, *args, "--cache", str(tmp_path / "c")):
-        deadline = time.monotonic() + 20
-        while True:
-            stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
-            if stats["prefetch"]["prefetch_done"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert stats["prefetch"]["prefetch_done"] and not stats["prefetch"]["error"]
+        assert not wait_prefetched(mnt)["prefetch"]["error"]
         for n in used:
             assert (mnt / n).read_bytes() == FILES[n]
-        stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+        stats = mount_stats(mnt)
     layer = stats["layers"][0]["stats"]
     assert layer["cache_misses"] == 0
     assert (layer["requests"], layer["multirange_requests"], layer["overtakes"]) == (1, 1, 0)
@@ -244,20 +221,7 @@ def test_a_grouped_cold_start_over_scattered_files_is_one_request(
 
 
 def _groups_file(pushed: dict, names: list[str], path: Path) -> Path:
-    entries = [
-        RankedEntry(
-            layer=pushed["digest"],
-            path=n,
-            digest="sha256:" + hashlib.sha256(FILES[n]).hexdigest(),
-            size=len(FILES[n]),
-        )
-        for n in names
-    ]
-    group = Group(name="startup", runs=1, tiers=[Tier(name="always", entries=entries)])
-    doc = PrefetchGroups(
-        image=REPO, manifest=pushed["manifest"], layers=[pushed["digest"]], groups=[group]
-    )
-    path.write_bytes(msgspec.json.encode(doc))
+    path.write_bytes(startup_groups(REPO, pushed["manifest"], pushed["digest"], FILES, names))
     return path
 
 
@@ -271,12 +235,7 @@ def test_a_reader_at_once_after_ready_joins_the_groups_request(
     args = ("--plain-http", "--read-only", "--prefetch", str(groups))
     with mounted(f"{fault_proxy.host}/{REPO}:v1", mnt, *args, "--cache", str(tmp_path / "c")):
         assert (mnt / SCATTERED[0]).read_bytes() == FILES[SCATTERED[0]]
-        deadline = time.monotonic() + 20
-        while True:
-            stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
-            if stats["prefetch"]["prefetch_done"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        stats = wait_prefetched(mnt)
         text = run(*lazyfs_cmd("stats", str(mnt)), check=True).stdout
     layer = stats["layers"][0]["stats"]
     assert (layer["requests"], layer["multirange_requests"], layer["overtakes"]) == (1, 1, 0)

@@ -15,7 +15,7 @@ from lazyfs.ocilayout import Layout
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.testing.mounts import lazyfs_cmd, mount_stats, mounted, run, wait_prefetched
 from lazyfs.testing.rootfs import host_rootfs_items
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
@@ -35,24 +35,10 @@ def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     return {"dir": d, "ref": f"{registry.host}/pipe/app:v1"}
 
 
-def _stats(mnt: Path) -> dict:
-    return json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
-
-
-def _wait_prefetch(mnt: Path, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pf = _stats(mnt).get("prefetch")
-        if pf and pf["prefetch_done"]:
-            return pf
-        time.sleep(0.05)
-    raise AssertionError(f"prefetch did not finish: {_stats(mnt)}")
-
-
 def _read_used(mnt: Path) -> dict:
     for name in USED:
         assert (mnt / name).read_bytes() == FILES[name]
-    return _stats(mnt)["layers"][0]["stats"]
+    return mount_stats(mnt)["layers"][0]["stats"]
 
 
 def test_trace_optimize_push_then_mounts_prefetch(
@@ -93,7 +79,7 @@ def test_trace_optimize_push_then_mounts_prefetch(
     # A plain mount finds the groups beside the image and fetches them before they are read.
     mnt = tmp_path / "mnt"
     with mounted(ref, mnt, "--plain-http", "--read-only", "--cache", str(tmp_path / "c1")):
-        pf = _wait_prefetch(mnt)
+        pf = wait_prefetched(mnt)["prefetch"]
         assert pf["group"] == "app" and pf["entries"] >= len(USED) and not pf["error"]
         stats = _read_used(mnt)
         assert stats["cache_misses"] == 0 and stats["wait_ns"] == 0
@@ -107,7 +93,7 @@ def test_trace_optimize_push_then_mounts_prefetch(
     proxied = ref.replace(ref.split("/")[0], fault_proxy.host, 1)
     args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c4"))
     with mounted(proxied, mnt, *args):
-        pf = _wait_prefetch(mnt)
+        pf = wait_prefetched(mnt)["prefetch"]
         assert pf["group"] == "app" and pf["entries"] >= len(USED) and not pf["error"]
         stats = _read_used(mnt)
         assert stats["cache_misses"] == 0
@@ -116,7 +102,7 @@ def test_trace_optimize_push_then_mounts_prefetch(
     with mounted(
         ref, mnt, "--plain-http", "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c2")
     ):
-        assert _stats(mnt).get("prefetch") is None
+        assert mount_stats(mnt).get("prefetch") is None
         stats = _read_used(mnt)
         assert stats["cache_misses"] > 0
 
@@ -139,9 +125,9 @@ def test_trace_optimize_push_then_mounts_prefetch(
         "--cache",
         str(tmp_path / "c3"),
     ):
-        pf = _wait_prefetch(mnt)
+        pf = wait_prefetched(mnt)["prefetch"]
         assert pf["group"] == "landmark" and pf["entries"] >= len(USED)
-        layer = _stats(mnt)["layers"][0]["stats"]
+        layer = mount_stats(mnt)["layers"][0]["stats"]
         assert layer["requests"] <= 2  # one contiguous range per layer
         stats = _read_used(mnt)
         assert stats["cache_misses"] == 0 and stats["wait_ns"] == 0
@@ -168,6 +154,6 @@ def _check_source(image: str, source: str, group: str | None, mnt: Path, tmp: Pa
                  "--cache", str(cache)):  # fmt: skip
         if group is None:
             time.sleep(0.5)  # time enough to have started one
-            assert _stats(mnt).get("prefetch") is None
+            assert mount_stats(mnt).get("prefetch") is None
         else:
-            assert _wait_prefetch(mnt)["group"] == group, (image, source)
+            assert wait_prefetched(mnt)["prefetch"]["group"] == group, (image, source)

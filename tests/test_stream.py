@@ -5,14 +5,11 @@ stall timing out, and planned ranges that never fetch again what is already here
 # ruff: noqa: F811
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
-import msgspec
 import pytest
 import trio
 
@@ -26,8 +23,7 @@ from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
-from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier
+from lazyfs.testing.mounts import mount_stats, mounted, startup_groups, wait_prefetched
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 # 40 incompressible files of 100 kB (two 64 KiB chunks each): 4 MB in one layer; then five
@@ -159,42 +155,15 @@ def test_a_grouped_cold_start_takes_a_few_requests(
     # 30 files laid out together, 3 MB, ranked in another order than the blob's: prefetch in
     # 1 MiB requests asked 3 times; a stream asks once.
     used = list(FILES)[:30][::-1]
-    group = Group(
-        name="startup",
-        runs=1,
-        tiers=[
-            Tier(
-                name="always",
-                entries=[
-                    RankedEntry(
-                        layer=pushed["digest"],
-                        path=n,
-                        digest="sha256:" + hashlib.sha256(FILES[n]).hexdigest(),
-                        size=len(FILES[n]),
-                    )
-                    for n in used
-                ],
-            )
-        ],
-    )
-    doc = PrefetchGroups(
-        image=REPO, manifest=pushed["manifest"], layers=[pushed["digest"]], groups=[group]
-    )
     groups = tmp_path / "groups.json"
-    groups.write_bytes(msgspec.json.encode(doc))
+    groups.write_bytes(startup_groups(REPO, pushed["manifest"], pushed["digest"], FILES, used))
     mnt = tmp_path / "mnt"
     args = ("--plain-http", "--read-only", "--prefetch", str(groups))
     with mounted(f"{fault_proxy.host}/{REPO}:v1", mnt, *args, "--cache", str(tmp_path / "c")):
-        deadline = time.monotonic() + 20
-        while True:
-            stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
-            if stats["prefetch"]["prefetch_done"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert stats["prefetch"]["prefetch_done"] and not stats["prefetch"]["error"]
+        assert not wait_prefetched(mnt)["prefetch"]["error"]
         for n in used:
             assert (mnt / n).read_bytes() == FILES[n]
-        stats = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)
+        stats = mount_stats(mnt)
     layer = stats["layers"][0]["stats"]
     assert layer["cache_misses"] == 0
     # Every blob request of the image: config, TOC, and the group's stream.

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.daemon import Daemon, lazyfs_argv, spawn
@@ -72,3 +77,43 @@ def walk_lstat(root: Path) -> int:
 
 
 __all__ = ["Mount", "lazyfs_cmd", "mounted", "run", "start_mount", "walk_lstat"]
+
+
+def mount_stats(mnt: Path) -> dict[str, Any]:
+    """``lazyfs stats MNT --json``, parsed."""
+    out = run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def wait_prefetched(mnt: Path, timeout: float = 20.0) -> dict[str, Any]:
+    """The mount's stats once its prefetch is done; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = mount_stats(mnt)
+        pf = stats.get("prefetch")
+        if pf and pf["prefetch_done"]:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"prefetch did not finish: {stats}")
+        time.sleep(0.05)
+
+
+def startup_groups(
+    image: str, manifest: str, layer: str, files: Mapping[str, bytes], names: Sequence[str]
+) -> bytes:
+    """A prefetch groups document (JSON) with one group ranking ``names`` of one layer."""
+    from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier
+
+    entries = [
+        RankedEntry(
+            layer=layer,
+            path=n,
+            digest="sha256:" + hashlib.sha256(files[n]).hexdigest(),
+            size=len(files[n]),
+        )
+        for n in names
+    ]
+    group = Group(name="startup", runs=1, tiers=[Tier(name="always", entries=entries)])
+    doc = PrefetchGroups(image=image, manifest=manifest, layers=[layer], groups=[group])
+    return msgspec.json.encode(doc)

@@ -28,9 +28,8 @@ from lazyfs.remote.multipart import (
     split_ranges,
 )
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
-from lazyfs.remote.resolve import resolve_image
 from lazyfs.store import plan
-from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.dockerregistry import RegistryInstance, push_one_layer
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import (
@@ -58,25 +57,25 @@ def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     items = [Item("app", "dir", mode=0o755)] + [Item(n, data=b) for n, b in FILES.items()]
     make_layout(d / "src", [make_tar(items)], tag="v1")
     convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
-    push_oci_layout(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
-
-    async def layer() -> tuple[str, str]:
-        src = RegistrySource(registry.host, REPO, plain_http=True)
-        try:
-            img = await resolve_image(src, "v1")
-            return img.manifest_digest, img.layers[0].digest
-        finally:
-            await src.aclose()
-
-    manifest, digest = trio.run(layer)
-    blob = (d / "lazy" / "blobs" / "sha256" / digest[7:]).read_bytes()
-    return {"manifest": manifest, "digest": digest, "blob": blob}
+    return push_one_layer(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
 
 
 def _layer_requests(proxy: FaultProxy, digest: str, since: int = 0) -> list[str | None]:
     """The Range header of every request for the layer blob (after the first ``since``)."""
     seen = zip(proxy.paths[since:], proxy.ranges[since:], strict=True)
     return [r for p, r in seen if p.endswith(digest)]
+
+
+def _prefetch_and_read_with(
+    proxy: FaultProxy, mode: str, tmp: Path
+) -> tuple[list[str | None], dict[str, object]]:
+    """:func:`_prefetch_and_read` of the scattered files, the proxy answering multi-range
+    requests as ``mode`` says."""
+    proxy.multirange = mode
+    try:
+        return trio.run(_prefetch_and_read, proxy, tmp, SCATTERED)
+    finally:
+        proxy.reset()
 
 
 async def _prefetch_and_read(
@@ -124,11 +123,7 @@ def test_scattered_chunks_come_in_one_request(
 def test_a_host_without_multirange_gets_single_ranges(
     pushed: dict, fault_proxy: FaultProxy, tmp_path: Path, mode: str
 ) -> None:
-    fault_proxy.multirange = mode
-    try:
-        asked, state = trio.run(_prefetch_and_read, fault_proxy, tmp_path, SCATTERED)
-    finally:
-        fault_proxy.reset()
+    asked, state = _prefetch_and_read_with(fault_proxy, mode, tmp_path)
     first, rest = asked[0], asked[1:]
     assert first is not None and "," in first  # tried once...
     assert rest and all(r is not None and "," not in r for r in rest)  # ...then one at a time
@@ -184,11 +179,7 @@ def test_a_hostile_multipart_answer_never_serves_a_wrong_byte(
     pushed: dict, fault_proxy: FaultProxy, tmp_path: Path, mode: str
 ) -> None:
     # Every byte read back is checked in _prefetch_and_read; what differs is how it got there.
-    fault_proxy.multirange = mode
-    try:
-        asked, state = trio.run(_prefetch_and_read, fault_proxy, tmp_path, SCATTERED)
-    finally:
-        fault_proxy.reset()
+    asked, state = _prefetch_and_read_with(fault_proxy, mode, tmp_path)
     stats = state["stats"]
     assert isinstance(stats, dict)
     if mode == "lie":  # well formed but wrong bytes: each chunk fails and is fetched again

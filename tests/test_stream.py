@@ -17,10 +17,9 @@ from lazyfs.errors import RemoteError
 from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.opener import open_image
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
-from lazyfs.remote.resolve import resolve_image
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
-from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.dockerregistry import RegistryInstance, push_one_layer
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mount_stats, mounted, startup_groups, wait_prefetched
@@ -40,19 +39,7 @@ def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     items = [Item("app", "dir", mode=0o755)]
     items += [Item(n, data=b) for n, b in (FILES | SMALL).items()]
     make_lazy_layout(d / "lazy", [make_tar(items)])
-    push_oci_layout(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
-
-    async def layer() -> tuple[str, str]:
-        src = RegistrySource(registry.host, REPO, plain_http=True)
-        try:
-            img = await resolve_image(src, "v1")
-            return img.manifest_digest, img.layers[0].digest
-        finally:
-            await src.aclose()
-
-    manifest, digest = trio.run(layer)
-    blob = (d / "lazy" / "blobs" / "sha256" / digest[7:]).read_bytes()
-    return {"dir": d, "manifest": manifest, "digest": digest, "blob": blob}
+    return {"dir": d, **push_one_layer(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")}
 
 
 @asynccontextmanager

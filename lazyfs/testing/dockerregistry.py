@@ -19,7 +19,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from lazyfs.ocilayout import Layout
 from lazyfs.testing.server import ServerProcess
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -139,3 +141,13 @@ def push_oci_layout(
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if res.returncode != 0:
         raise RuntimeError(f"skopeo copy failed: {res.stderr.strip()}")
+
+
+def push_one_layer(layout_dir: Path, dest_ref: str, *, tag: str = "latest") -> dict[str, Any]:
+    """Push a one-layer image (digests kept) and say what the registry now holds:
+    ``manifest`` (its digest), ``digest`` (the layer's) and ``blob`` (the layer's bytes)."""
+    push_oci_layout(layout_dir, dest_ref, tag=tag)
+    layout = Layout(Path(layout_dir))
+    manifest = layout.find(tag).digest
+    digest = layout.manifest(tag).layers[0].digest
+    return {"manifest": manifest, "digest": digest, "blob": layout.read_blob(digest)}

@@ -260,6 +260,7 @@ def test_what_the_layers_above_settle_is_answered_while_the_base_downloads(
             deadline = time.monotonic() + 10
             while not _whole(m.stats(), base).get("received") and time.monotonic() < deadline:
                 time.sleep(0.05)
+            assert _whole(m.stats(), base).get("received"), "the base never started"
             # A file only the top layer has: its attributes and bytes, at once.
             t0 = time.monotonic()
             st = (mnt / "app" / "main.py").stat()
@@ -364,6 +365,7 @@ def test_a_tree_built_above_then_beneath_is_the_tree_built_at_once(split: int) -
     tree = Tree()
     tree.add_beneath(_LAYERS[split:], split)  # the layers above a pending one
     early = {p: v for p, v in _shape(tree).items() if tree.known(tree.find(p) or tree.root)}
+    assert early or split == len(_LAYERS)  # only a tree with nothing above knows nothing
     tree.add_beneath(_LAYERS[:split], 0)
     tree.finish()
     assert _shape(tree) == _shape(whole)  # inode numbers included: both built top-down

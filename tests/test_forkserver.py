@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,12 +242,19 @@ def test_lazyfs_mount_uses_a_fork_server_it_finds(image: str, tmp_path: Path) ->
 def test_the_command_fast_path_leaves_daemons_and_help_alone(tmp_path: Path) -> None:
     from lazyfs.fs.forkserver import run_in_server
 
-    sock = tmp_path / "nobody.sock"
-    sock.touch()  # not even a socket: it must not be tried for these
-    for argv in (["mount", "x", "m", "--ready-fd", "5"], ["mount", "--help"],
-                 ["-v", "mount", "x", "m", "--foreground"], ["pull", "x"], []):  # fmt: skip
-        assert run_in_server(argv, sock) is None
-    assert run_in_server(["mount", "x", "m"], sock) is None  # not a server there: run here
+    sock = tmp_path / "listening.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(os.fspath(sock))
+        listener.listen(8)
+        listener.setblocking(False)
+        for argv in (["mount", "x", "m", "--ready-fd", "5"], ["mount", "--help"],
+                     ["-v", "mount", "x", "m", "--foreground"], ["pull", "x"], []):  # fmt: skip
+            assert run_in_server(argv, sock) is None
+        with pytest.raises(BlockingIOError):  # none of them even connected
+            listener.accept()
+    nobody = tmp_path / "nobody.sock"
+    nobody.touch()  # not a server there: run here
+    assert run_in_server(["mount", "x", "m"], nobody) is None
 
 
 

@@ -169,7 +169,8 @@ def test_a_redirect_to_a_host_without_multirange(
         finally:
             fault_proxy.reset()
         stored = _layer_requests(storage, pushed["digest"])
-    assert "," in (asked[0] or "") and all("," not in (r or "") for r in asked[1:])
+    assert "," in (asked[0] or "") and len(asked) > 1
+    assert all("," not in (r or "") for r in asked[1:])
     assert stored[-len(asked) :] == asked
     assert state["refused"] == {storage.host} and not state["multi"]
 
@@ -188,7 +189,7 @@ def test_a_hostile_multipart_answer_never_serves_a_wrong_byte(
     elif mode == "overlap":  # repeated bytes are dropped: nothing to fall back from
         assert len(asked) == 1 and state["multi"]
     else:  # parts out of order, a part too long, no boundary: single ranges from then on
-        assert state["refused"] == {fault_proxy.host}
+        assert state["refused"] == {fault_proxy.host} and len(asked) > 1
         assert all("," not in (r or "") for r in asked[1:])
 
 
@@ -207,7 +208,7 @@ def test_a_grouped_cold_start_over_scattered_files_is_one_request(
     layer = stats["layers"][0]["stats"]
     assert layer["cache_misses"] == 0
     assert (layer["requests"], layer["multirange_requests"], layer["overtakes"]) == (1, 1, 0)
-    # Every blob request of the image: config, TOC, and the group's one request.
+    # Every request for the layer's blob: its footer and TOC (one or two), the group's one.
     assert len(_layer_requests(fault_proxy, pushed["digest"])) <= 3, fault_proxy.ranges
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import io
+import json
 import struct
 import tarfile
 from dataclasses import dataclass, field
@@ -27,8 +28,32 @@ import zstandard
 from lazyfs import oci
 from lazyfs.formats import zstdchunked
 from lazyfs.formats.layer import TAIL_SIZE
-from lazyfs.formats.tarsplit import FILE, SEGMENT, read_tar_split
 from lazyfs.testing.layers import MTIME, Item, make_tar, seeded_bytes
+
+# tar-split's storage format, read here with the standard library rather than lazyfs's own
+# reader, so that the check does not share lazyfs's idea of the format: one JSON object per
+# line, ``type`` 1 a file (``name``, ``size``), 2 a segment (raw bytes, base64 ``payload``).
+FILE, SEGMENT = 1, 2
+
+
+@dataclass(frozen=True)
+class SplitEntry:
+    type: int
+    name: str
+    size: int
+    payload: bytes
+
+
+def split_entries(lines: bytes) -> list[SplitEntry]:
+    out = []
+    for line in lines.splitlines():
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        raw = d.get("payload")
+        payload = base64.b64decode(raw) if d["type"] == SEGMENT and raw else b""
+        out.append(SplitEntry(d["type"], d.get("name", ""), d.get("size", 0), payload))
+    return out
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -279,10 +304,10 @@ def check_tar_split(layer: Layer) -> int:
         pending[d["name"]] = toc_fields(d)
     checked = 0
     padding = 0
-    for e in read_tar_split(layer.tar_split):
+    for e in split_entries(layer.tar_split):
         if e.type != SEGMENT:
             continue
-        payload = e.payload or b""
+        payload = e.payload
         if len(payload) < padding:
             raise Mismatch("a segment shorter than the previous member's padding")
         parsed = parse_header(payload[padding:])
@@ -306,9 +331,9 @@ def rebuild_tar(layer: Layer) -> bytes:
     """Segments, and each file's content read through the TOC entry of its raw name."""
     by_name = {d["name"]: d for d in layer.toc["entries"] if d["type"] == "reg"}  # type: ignore[attr-defined]
     out = bytearray()
-    for e in read_tar_split(layer.tar_split):
+    for e in split_entries(layer.tar_split):
         if e.type == SEGMENT:
-            out += e.payload or b""
+            out += e.payload
         elif e.type == FILE and e.size:
             d = by_name[e.name]
             frames = layer.blob[d["offset"] : d["endOffset"]]

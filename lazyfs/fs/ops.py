@@ -505,7 +505,7 @@ class Operations(_Guarded):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.readdir_requests += 1
-        for i, (name, node) in enumerate(islice(self._listing(fh), start_id, None), start_id):
+        for i, (name, node) in enumerate(self._listing(fh, start_id), start_id):
             if node.ino not in self.tree.nodes:
                 continue
             try:
@@ -516,15 +516,17 @@ class Operations(_Guarded):
                 return
             node.lookups += 1  # readdirplus hands the kernel a reference
 
-    def _listing(self, fh: int) -> Iterable[tuple[bytes, Node]]:
+    def _listing(self, fh: int, start: int) -> Iterable[tuple[bytes, Node]]:
+        """The listing from offset ``start`` on (skipped in C: a big directory is read in
+        hundreds of readdir calls, each starting further in)."""
         if fh & C_DIR_FH:  # opened in C: unchanged since, or the listing it had then
             ino = fh & ~C_DIR_FH
             withdrawn = self._withdrawn.get(ino)
             if withdrawn is not None:
-                return withdrawn
+                return islice(withdrawn, start, None)
             node = self.tree.nodes.get(ino)
             children = node.children if node is not None else None
-            return ((os.fsencode(n), c) for n, c in (children or {}).items())
+            return ((os.fsencode(n), c) for n, c in islice((children or {}).items(), start, None))
         listing = self._dirs.get(fh & ~CACHE_DIR_FH)  # an unpatched pyfuse3 hands the bit back
         if listing is None:
             return ()
@@ -533,7 +535,7 @@ class Operations(_Guarded):
             children = listing.children or {}
             listing = [(os.fsencode(n), c) for n, c in children.items()]
             self._dirs[fh & ~CACHE_DIR_FH] = listing
-        return listing
+        return islice(listing, start, None)
 
     def listed_dir(self, fh: int) -> Node | None:
         """The directory ``fh`` lists, until its first readdir takes the listing."""
@@ -594,7 +596,8 @@ class Operations(_Guarded):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._file(fh)
-        await self._promote(node)  # the first write copies up
+        if not node.upper:
+            await self._promote(node)  # the first write copies up
         return os.pwrite(self._upper_fd(node), buf, off)
 
     async def flush(self, fh: int) -> None:

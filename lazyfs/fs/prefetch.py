@@ -45,14 +45,15 @@ _PREFETCHING: ContextVar[bool] = ContextVar("lazyfs_prefetching", default=False)
 
 class PrefetchGate:
     """The store's chunk provider from readiness until the prefetch's first requests are
-    under way: an on-demand miss waits (at most ``wait`` seconds) so that, when the group
-    covers its chunks, it joins the group's request instead of sending one of its own.
+    under way: an on-demand miss waits (until ``wait`` seconds after the first miss) so that,
+    when the group covers its chunks, it joins the group's request instead of sending its own.
     ``inner`` (binary deltas, or None) is asked as before."""
 
     def __init__(self, inner: ChunkProvider | None, wait: float = GATE_WAIT) -> None:
         self.inner = inner
         self.wait = wait
         self.opened = trio.Event()
+        self._deadline: float | None = None  # one wait for all readers, not one each
 
     def open(self) -> None:
         self.opened.set()
@@ -65,7 +66,9 @@ class PrefetchGate:
     ) -> dict[str, bytes]:
         prefetching = _PREFETCHING.get()
         if not prefetching and not self.opened.is_set():
-            with trio.move_on_after(self.wait):
+            if self._deadline is None:
+                self._deadline = trio.current_time() + self.wait
+            with trio.move_on_at(self._deadline):
                 await self.opened.wait()
         got = await self.inner.provide(layer, chunks, slot) if self.inner is not None else {}
         if prefetching and not got:

@@ -110,6 +110,7 @@ class _Mount:
         self.prefetcher = prefetcher
         self.group: Group | None = None  # the prefetch group, while layers are pending
         self.gate: PrefetchGate | None = None  # holds readers until the prefetch is sent
+        self.deltas: PendingDeltas | None = None  # binary deltas being looked up, if any
         self.tree = Tree()
         self.ops: Operations | None = None  # early ones (over part of the tree) until built
         self.pending: PendingOperations | None = None
@@ -207,9 +208,11 @@ class _Mount:
         cache meanwhile wait for the answer) and, at the same time, for what to prefetch;
         prefetch, using the deltas.  Readers wait for the prefetch's first requests (at most
         :data:`~lazyfs.fs.prefetch.GATE_WAIT`)."""
+        self.deltas = deltas
         try:
-            await self._fetch_ahead(deltas)
+            await self._fetch_ahead()
         finally:
+            deltas = self.deltas  # made by _fetch_ahead when the layers came in the background
             gate = self.gate
             if gate is not None:
                 gate.open()
@@ -218,14 +221,15 @@ class _Mount:
                     if deltas is not None and deltas.done.is_set():
                         self.image.store.provider = deltas.provider
 
-    async def _fetch_ahead(self, deltas: PendingDeltas | None) -> None:
+    async def _fetch_ahead(self) -> None:
+        deltas = self.deltas
         if not self.image.is_complete:
             # Layers fetched in the background: deltas and prefetch need their TOCs.
             try:
                 await self.operations()
             except LazyfsError:
                 return  # the layer is fetched again on the next access; prefetch is a bonus
-            deltas = pending_deltas(self.image)
+            deltas = self.deltas = pending_deltas(self.image) if self.opts.deltas else None
             if self.gate is not None:
                 self.gate.inner = deltas
                 self.image.store.provider = self.gate

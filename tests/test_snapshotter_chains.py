@@ -13,13 +13,18 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 from lazyfs_snapshotter.api import snapshots_pb2
+from lazyfs_snapshotter.errors import AlreadyExists
+from lazyfs_snapshotter.snapshots import Snapshotter
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 
 from lazyfs.fs.unmount import mounts_under
@@ -36,6 +41,7 @@ from tests.test_snapshotter_lazy import (  # noqa: F401 - fixture
     prepare_layers,
     stop_daemons,
 )
+from tests.test_snapshotter_unit import D1, _layer_labels, _LazyEverything
 
 BASE = [Item("etc", "dir", mode=0o755), Item("etc/base", data=b"shared base\n"),
         Item("etc/gone-in-b", data=b"whited out by b\n")]  # fmt: skip
@@ -199,3 +205,40 @@ def test_preparing_layers_found_there_asks_the_registry_nothing_again(
         with sqlite3.connect(sp.root / "metadata.db") as conn:
             refs = conn.execute("SELECT image_ref FROM remote_refs ORDER BY rowid").fetchall()
         assert refs == [(f"{proxy.host}/b/app@{b.manifest}",)]
+
+
+def test_a_slow_stray_daemon_holds_no_other_call(base_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    # A stray daemon with a file open in its mount exits only once that file closes.  The
+    # sweep waits for it outside the chains lock: a Mounts (which takes that lock) answers
+    # meanwhile, and the sweep still ends the daemon.  In-process, no registry: cheap.
+    layers = _LazyEverything(tmp_path)
+    sn = Snapshotter(base_dir / "root", layers)
+    stray: Mount | None = None
+    try:
+        with pytest.raises(AlreadyExists):
+            sn.prepare("ns", "x1", "", _layer_labels("L1", D1))
+        sn.prepare("ns", "ctr", "L1", {})
+        make_lazy_layout(tmp_path / "img", [make_tar([Item("f", data=b"stray\n")])])
+        stray = start_mount(f"oci:{tmp_path / 'img'}:v1", sn.root / "mnt" / "0000slow",
+                            "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c"))
+        with open(stray.mountpoint / "f", "rb") as held:
+            sweep = threading.Thread(target=sn.cleanup)
+            sweep.start()
+            try:
+                while mounts_under(str(sn.root / "mnt")):  # detached: now it waits for the PID
+                    assert sweep.is_alive()
+                    time.sleep(0.02)
+                (m,) = sn.mounts("ns", "ctr")  # takes the chains lock
+                assert f"lowerdir={tmp_path}/mnt/L1" in m.options
+                assert sweep.is_alive()  # answered while the sweep still waits
+                assert held.read() == b"stray\n"  # the detached daemon still serves its file
+            finally:
+                held.close()
+                sweep.join(60)
+        assert not sweep.is_alive()
+        assert wait_pid(stray.pid, 0)
+        assert not (sn.root / "mnt" / "0000slow").exists()
+    finally:
+        if stray is not None:
+            stray.stop()
+        sn.close()

@@ -19,7 +19,9 @@ import contextlib
 import functools
 import logging
 import os
+import select
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -500,37 +502,78 @@ class Snapshotter:
         with self._chains:
             for daemon_id in unused:
                 self.layers.release(daemon_id)
-            # Under the chains lock: no daemon is being started (mounted, not yet recorded).
-            self._sweep_mounts()
+        self._sweep_mounts()
+
+    def _owned(self) -> tuple[set[Path], set[Path]]:
+        """The mount points the daemon rows own, as given and with symlinks resolved (as
+        mountinfo has them)."""
+        with self.store.transaction() as tx:
+            owned = {Path(d.mountpoint) for d in tx.daemons()}
+        return owned, {Path(canonical(o)) for o in owned}
 
     def _sweep_mounts(self) -> None:
         """Stop daemons, unmount and remove what is under ROOT/mnt that no daemon row owns:
         left by a crash between a daemon's start and its record (or before its directory
-        went).  A mount's daemon is found by its control socket and stopped by that PID."""
+        went).  A mount's daemon is found by its control socket and stopped by that PID.
+
+        Only the quick steps hold the chains lock (no daemon is being started then, mounted
+        but not yet recorded): detaching a stray mount and removing stray entries.  Asking a
+        daemon its PID and waiting for it to exit (seconds, when it has files open or hangs)
+        happen outside, through a pidfd: every other call goes on meanwhile, and a PID that
+        is reused meanwhile is never signalled."""
         mnt_dir = self.root / MOUNTS_DIR
         if not mnt_dir.is_dir():
             return
-        with self.store.transaction() as tx:
-            owned = {Path(d.mountpoint) for d in tx.daemons()}
-        # mountinfo has the parents' symlinks resolved; the rows have ROOT as given.
-        owned_real = {Path(canonical(o)) for o in owned}
+        _, owned_real = self._owned()
+        found: dict[Path, tuple[int, int] | None] = {}  # stray mount -> (pid, pidfd)
         for mp in map(Path, mounts_under(str(mnt_dir))):
             if mp in owned_real or any(o in mp.parents for o in owned_real):
                 continue
             try:
-                daemon = attach(mp, timeout=2.0)
+                pid = attach(mp, timeout=2.0).pid
+                found[mp] = (pid, os.pidfd_open(pid))
             except (LazyfsError, OSError):
-                log.info("cleanup: detaching stray mount %s (no daemon answers)", mp)
-                clear_mountpoint(mp)
-                continue
-            log.info("cleanup: stopping stray daemon pid %d on %s", daemon.pid, mp)
-            daemon.stop(STRAY_STOP_TIMEOUT)
-        for entry in mnt_dir.iterdir():
-            if entry.with_suffix("") in owned or entry in owned:
-                continue
-            log.info("cleanup: removing stray %s", entry)
-            if entry.is_dir() and not entry.is_symlink():
-                with contextlib.suppress(OSError):  # never rmtree: it might be mounted again
-                    os.rmdir(entry)
-            else:
-                entry.unlink(missing_ok=True)
+                found[mp] = None  # no daemon answers (or it just went): detached below
+        stopping: list[tuple[Path, int, int]] = []
+        try:
+            with self._chains:
+                _, owned_real = self._owned()  # again: a Prepare may have started it since
+                for mp, daemon in found.items():
+                    if mp in owned_real:
+                        continue  # a new daemon's; the stray it replaced was detached then
+                    if daemon is None:
+                        log.info("cleanup: detaching stray mount %s (no daemon answers)", mp)
+                    else:
+                        log.info("cleanup: stopping stray daemon pid %d on %s", daemon[0], mp)
+                        stopping.append((mp, *daemon))
+                    clear_mountpoint(mp)  # a detached daemon exits once its files close
+            for mp, pid, pidfd in stopping:
+                _end_detached(mp, pid, pidfd)
+        finally:
+            for daemon in found.values():
+                if daemon is not None:
+                    os.close(daemon[1])
+        with self._chains:
+            owned, _ = self._owned()
+            for entry in mnt_dir.iterdir():
+                if entry.with_suffix("") in owned or entry in owned:
+                    continue
+                log.info("cleanup: removing stray %s", entry)
+                if entry.is_dir() and not entry.is_symlink():
+                    with contextlib.suppress(OSError):  # never rmtree: it might be mounted again
+                        os.rmdir(entry)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+def _end_detached(mp: Path, pid: int, pidfd: int) -> None:
+    """Wait for a daemon whose mount was detached to exit; SIGTERM, then SIGKILL it if it
+    lingers (a file still open in it, or a hang).  Signals go through its pidfd."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            log.info("cleanup: stray daemon pid %d of %s still runs: %s", pid, mp, sig.name)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+        if select.select([pidfd], [], [], STRAY_STOP_TIMEOUT)[0]:
+            return
+    log.warning("cleanup: stray daemon pid %d of %s did not exit", pid, mp)

@@ -189,22 +189,34 @@ def test_preparing_layers_found_there_asks_the_registry_nothing_again(
     tmp_path: Path,
 ) -> None:
     # Every layer of a re-pull, and the base of every image sharing it, is found there: its
-    # Prepare only names one more image for the chain, and one already held needs no lookup.
+    # Prepare only names one more image for the chain, kept to be looked up if ever needed.
     with (
         FaultProxy(registry.url) as proxy,
         _two_images(registry, tmp_path, base_dir / "sn", proxy.host) as (_, sp, c, a, b),
     ):
         a.prepare(c)
-        b.prepare(c)  # b names the base: b's manifest is asked for once
-        b.prepare(c, stargz=True)  # b's tag, looked up once
+        proxy.reset()
+        for stargz in (False, True):  # b's base: a's, held
+            prepare_layers(c, b.ref, b.manifest, b.layers[:1], b.chains[:1], stargz)
+        assert proxy.requests == 0, proxy.paths
+        b.prepare(c)  # b's own top layer: b's manifest and its TOC
+        assert proxy.requests > 0
         proxy.reset()
         for img in (a, b, a, b):
             img.prepare(c)
             img.prepare(c, stargz=True)
         assert proxy.requests == 0, proxy.paths
         with sqlite3.connect(sp.root / "metadata.db") as conn:
-            refs = conn.execute("SELECT image_ref FROM remote_refs ORDER BY rowid").fetchall()
-        assert refs == [(f"{proxy.host}/b/app@{b.manifest}",)]
+            refs = conn.execute("SELECT image_ref FROM remote_refs").fetchall()
+            pending = conn.execute(
+                "SELECT s.key, p.image_ref, p.manifest_digest FROM pending_refs p"
+                " JOIN snapshots s ON s.id = p.snapshot_id ORDER BY p.rowid").fetchall()
+        assert refs == []
+        # The base: b by manifest (CRI's labels), then by tag (stargz's); then the image's
+        # own tag (stargz's labels give no digest) for each top.
+        assert pending == [(a.chains[0], b.ref, b.manifest), (a.chains[0], b.ref, ""),
+                           (a.chains[0], a.ref, ""), (a.chains[1], a.ref, ""),
+                           (b.chains[1], b.ref, "")]  # fmt: skip
 
 
 def test_a_slow_stray_daemon_holds_no_other_call(base_dir: Path, tmp_path: Path) -> None:  # noqa: F811

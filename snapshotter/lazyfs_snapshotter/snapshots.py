@@ -43,7 +43,6 @@ from .remote import (
     Chain,
     LayerFS,
     PlainLayers,
-    RemoteSource,
     SourceError,
     parse_source,
 )
@@ -121,10 +120,6 @@ class Snapshotter:
         self._chains = threading.RLock()
         self._pause = os.environ.get(PAUSE_ENV, "")
         self._index_off = _overlay_index_off()
-        # (remote snapshot id, image reference as the labels give it) of this process's
-        # Prepares that found or made that snapshot: a tag is looked up once, not every pull.
-        self._named: set[tuple[int, str]] = set()
-        self._named_lock = threading.Lock()
         # Temporary directories belong to Prepare calls that died with the last process.
         for entry in self.dir.iterdir():
             if entry.name.startswith(_TMP_PREFIX):
@@ -159,7 +154,8 @@ class Snapshotter:
                 record = tx.remote(p.id)
                 if record is None:
                     raise FailedPrecondition(f"remote snapshot {p.key!r} has no layer record")
-                return Chain(p.key, record, tuple(tx.remote_refs(p.id)))
+                return Chain(p.key, record, tuple(tx.remote_refs(p.id)),
+                             tuple(tx.pending_refs(p.id)), p.id)
         return None
 
     def _mount_chain(self, ns: str, parent: str) -> tuple[int, Path] | None:
@@ -226,13 +222,13 @@ class Snapshotter:
             if existing is None:
                 prow = tx.get(ns, parent) if parent else None
                 below = [prow, *tx.chain(prow)] if prow is not None else []
-            elif REMOTE_LABEL in existing.labels:
-                depth = len(tx.chain(existing)) + 1
-                refs = tx.remote_refs(existing.id)
+            elif (REMOTE_LABEL in existing.labels
+                  and source.known_ref() not in tx.remote_refs(existing.id)):  # fmt: skip
+                # This image can mount the chain too.  Checking that costs a registry round
+                # trip, which a Prepare of a layer held already (every layer of a re-pull,
+                # every shared base) must not wait on: it is done if the chain ever needs it.
+                tx.add_pending_ref(existing.id, source.pending())
         if existing is not None:
-            # This image can mount the chain too: remember it, unless that is known already.
-            if REMOTE_LABEL in existing.labels and self._new_name(source, existing.id, refs):
-                self.layers.also_named(source, existing.id, depth)
             raise AlreadyExists(f"target snapshot {source.target!r} already exists")
         plain = next((p.key for p in below if REMOTE_LABEL not in p.labels), None)
         if plain is not None:
@@ -262,26 +258,7 @@ class Snapshotter:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._named_before(source, snap_id)  # the record holds this image now
         raise AlreadyExists(f"target snapshot {source.target!r} already exists (remote)")
-
-    def _new_name(self, source: RemoteSource, snap_id: int, refs: Sequence[str]) -> bool:
-        """Whether ``source``'s image may be a way to mount remote snapshot ``snap_id`` that
-        ``refs`` lack: asking means a registry lookup, which a Prepare that finds its layer
-        already there (every layer of a re-pull, every shared base) must not wait on.  A tag
-        is looked up once a process: if it moves later, the image it named is still held."""
-        known = source.known_ref()
-        if known is not None:
-            return known not in refs
-        return not self._named_before(source, snap_id)
-
-    def _named_before(self, source: RemoteSource, snap_id: int) -> bool:
-        """Whether a Prepare of this process named ``snap_id`` by ``source``'s reference
-        before (it has now)."""
-        with self._named_lock:
-            seen = (snap_id, source.image_ref) in self._named
-            self._named.add((snap_id, source.image_ref))
-        return seen
 
     def _parent_id(self, tx: Tx, ns: str, parent: str) -> int | None:
         if not parent:

@@ -25,7 +25,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -481,12 +481,13 @@ class Snapshotter:
                 self.layers.release(daemon_id)
         self._sweep_mounts()
 
-    def _owned(self) -> tuple[set[Path], set[Path]]:
-        """The mount points the daemon rows own, as given and with symlinks resolved (as
-        mountinfo has them)."""
+    def _owned(self) -> tuple[set[Path], Callable[[Path], bool]]:
+        """The mount points the daemon rows own, as given; and whether a mount (as mountinfo
+        has it: symlinks resolved) is one of them or under one."""
         with self.store.transaction() as tx:
             owned = {Path(d.mountpoint) for d in tx.daemons()}
-        return owned, {Path(canonical(o)) for o in owned}
+        real = {Path(canonical(o)) for o in owned}
+        return owned, lambda mp: mp in real or any(o in mp.parents for o in real)
 
     def _sweep_mounts(self) -> None:
         """Stop daemons, unmount and remove what is under ROOT/mnt that no daemon row owns:
@@ -501,10 +502,10 @@ class Snapshotter:
         mnt_dir = self.root / MOUNTS_DIR
         if not mnt_dir.is_dir():
             return
-        _, owned_real = self._owned()
+        _, is_owned = self._owned()
         found: dict[Path, tuple[int, int] | None] = {}  # stray mount -> (pid, pidfd)
         for mp in map(Path, mounts_under(str(mnt_dir))):
-            if mp in owned_real or any(o in mp.parents for o in owned_real):
+            if is_owned(mp):
                 continue
             try:
                 pid = attach(mp, timeout=2.0).pid
@@ -514,9 +515,9 @@ class Snapshotter:
         stopping: list[tuple[Path, int, int]] = []
         try:
             with self._chains:
-                _, owned_real = self._owned()  # again: a Prepare may have started it since
+                _, is_owned = self._owned()  # again: a Prepare may have started it since
                 for mp, daemon in found.items():
-                    if mp in owned_real:
+                    if is_owned(mp):
                         continue  # a new daemon's; the stray it replaced was detached then
                     if daemon is None:
                         log.info("cleanup: detaching stray mount %s (no daemon answers)", mp)

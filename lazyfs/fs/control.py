@@ -87,7 +87,6 @@ class StatsReport(msgspec.Struct):
     pid: int = 0
     rss_bytes: int = 0
     cache: CacheUsage | None = None
-    readdir_requests: int = 0  # listings the kernel asked for (not served from its cache)
     requests: dict[str, int] = {}  # per handler, the FUSE requests that reached Python
     # While layers without a TOC were pending: requests answered from the layers above them,
     # and requests that waited for them.

@@ -301,7 +301,6 @@ class _Mount:
                 pid=os.getpid(),
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
-                readdir_requests=self.ops.readdir_requests if self.ops is not None else 0,
                 requests=dict(self.ops.requests) if self.ops is not None else {},
                 answered_early=self.pending.answered_early if self.pending is not None else 0,
                 waited_for_layers=self.pending.waited if self.pending is not None else 0,

@@ -333,6 +333,12 @@ class Upper:
         return fd
 
     @staticmethod
+    def reopen(fd: int, flags: int) -> int:
+        """A new descriptor of the file ``fd`` holds, an unlinked one too, opened with
+        ``flags`` and checked against the file's mode as open(2) checks it."""
+        return Upper._reopen(fd, "", flags | os.O_CLOEXEC)
+
+    @staticmethod
     def _reopen(pin: int, name: str, flags: int) -> int:
         st = os.fstat(pin)
         if stat.S_ISLNK(st.st_mode):
@@ -520,10 +526,12 @@ class Upper:
         comps = _components(path)
         with self._at(comps, user=False) as (dfd, name):
             tmp = self.temp_name(0)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _PIN_CREATE, 0, dir_fd=dfd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _PIN_CREATE, 0o600, dir_fd=dfd)
             try:
-                os.fchmod(fd, 0)
+                # The xattr before mode 0: setting a user.* xattr needs write permission, which
+                # mode 0 denies a daemon without CAP_DAC_OVERRIDE.
                 os.setxattr(fd, WHITEOUT_XATTR, b"")
+                os.fchmod(fd, 0)
                 os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             except BaseException:
                 with contextlib.suppress(OSError):

@@ -8,12 +8,13 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lazyfs_tools.convert import convert
 
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.testing.mounts import Mount, lazyfs_cmd, mounted, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,6 +182,61 @@ def test_a_listing_in_progress_survives_the_first_change(tmp_path: Path) -> None
         # The names it had when opened (POSIX leaves entries changed since unspecified).
         assert set(names[1:5]) <= set(listed) <= {*names[:5], "new"}
         assert sorted(os.listdir(mnt / "small")) == sorted([*names[1:5], "new"])
+
+
+def withdrawn(m: Mount) -> int:
+    """Changed directories' listings the daemon keeps for listings opened before the change."""
+    n: int = m.stats()["withdrawn_listings"]
+    return n
+
+
+def test_a_changed_listing_is_kept_only_while_a_listing_may_need_it(tmp_path: Path) -> None:
+    """A lower directory opened in C before its first change lists what it had then, and
+    the daemon keeps that listing only until the kernel forgets the directory.  The root is
+    never forgotten, so it keeps none: a root changing while listed (``rm -rf /*``) neither
+    skips nor repeats an entry all the same."""
+    names = [f"root-entry-with-a-long-name-{i:05d}" for i in range(600)]
+    lower = [
+        *(Item(n, data=b"x") for n in names),
+        Item("d", "dir", mode=0o755),
+        Item("d/a", data=b"a"),
+        Item("d/b", data=b"b"),
+    ]
+    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    args = ("--upper", str(tmp_path / "upper"), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+        mnt = m.mountpoint
+        seen = []
+        with os.scandir(mnt) as it:
+            for entry in it:
+                seen.append(entry.name)
+                if entry.name != "d":
+                    os.unlink(entry.path)
+        assert sorted(seen) == sorted([*names, "d"])
+        assert os.listdir(mnt) == ["d"]
+        (mnt / "new").write_bytes(b"n")
+        assert sorted(os.listdir(mnt)) == ["d", "new"]
+        assert withdrawn(m) == 0
+
+        fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)  # opened in C
+        try:
+            os.unlink(mnt / "d" / "a")  # its first change
+            (mnt / "d" / "c").write_bytes(b"c")
+            assert withdrawn(m) == 1
+            listed = os.listdir(fd)
+        finally:
+            os.close(fd)
+        assert "b" in listed and set(listed) <= {"a", "b", "c"}
+        assert sorted(os.listdir(mnt / "d")) == ["b", "c"]
+        os.unlink(mnt / "d" / "b")
+        os.unlink(mnt / "d" / "c")
+        os.rmdir(mnt / "d")  # the kernel forgets it once nothing holds it
+        deadline = time.monotonic() + 10
+        while withdrawn(m) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert withdrawn(m) == 0
+        assert m.stats()["handler_errors"] == 0
 
 
 BIG = seeded_bytes(300_000, 7)

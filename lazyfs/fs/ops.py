@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Protocol
 
@@ -248,8 +248,11 @@ class Operations(_Guarded):
         self._cdirs = CDirs()
         # A directory opened in C has no snapshot of its own: the listing it had when it was
         # withdrawn from the C table (before its first change) stands in, so that the offsets
-        # of a listing in progress stay valid.  Dropped when the kernel forgets the inode.
-        self._withdrawn: dict[int, list[tuple[bytes, Node]]] = {}
+        # of a listing in progress stay valid.  Names and inode numbers (never reused), not
+        # nodes: a removed subtree is not kept alive by it.  Dropped when the kernel forgets the
+        # inode: no descriptor, so no listing, is open on it then.  The root is never
+        # forgotten, so it is not opened in C (see init).
+        self._withdrawn: dict[int, list[tuple[bytes, int]]] = {}
 
     def init(self) -> None:
         """Called by pyfuse3 before the first request: unchanged lower directories are
@@ -259,17 +262,23 @@ class Operations(_Guarded):
             stack = [self.tree.root]
             while stack:  # every directory; an upper one may hold unchanged lower ones
                 node = stack.pop()
-                if not node.upper:
+                # Not the root: its withdrawn listing would last as long as the mount (see
+                # _withdrawn), and its opendirs are few.
+                if not node.upper and node is not self.tree.root:
                     dirs.append(node.ino)
                 stack.extend(c for c in (node.children or {}).values() if c.children is not None)
             self._cdirs.publish(dirs, max(dirs, default=0) + 1)
         except Exception:  # pyfuse3 would end the mount: opendir in Python is slower, not wrong
             log.exception("could not hand lower directories to the C opendir")
 
+    @property
+    def withdrawn_listings(self) -> int:
+        return len(self._withdrawn)
+
     def _withdraw(self, node: Node) -> None:
         """Before ``node``'s first change: new opendirs of it go to Python."""
         if node.children is not None and self._cdirs.withdraw(node.ino):
-            self._withdrawn[node.ino] = [(os.fsencode(n), c) for n, c in node.children.items()]
+            self._withdrawn[node.ino] = [(os.fsencode(n), c.ino) for n, c in node.children.items()]
 
     # ------------------------------------------------------------------ helpers: nodes, attrs
 
@@ -567,7 +576,7 @@ class Operations(_Guarded):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for i, (name, node) in enumerate(self._listing(fh, start_id), start_id):
-            if node.ino not in self.tree.nodes:
+            if node is None or node.ino not in self.tree.nodes:
                 continue
             try:
                 attrs = self._attrs(node)
@@ -577,16 +586,17 @@ class Operations(_Guarded):
                 return
             node.lookups += 1  # readdirplus hands the kernel a reference
 
-    def _listing(self, fh: int, start: int) -> Iterable[tuple[bytes, Node]]:
+    def _listing(self, fh: int, start: int) -> Iterable[tuple[bytes, Node | None]]:
         """The listing from offset ``start`` on (skipped in C: a big directory is read in
-        hundreds of readdir calls, each starting further in)."""
+        hundreds of readdir calls, each starting further in); None for an entry gone since,
+        in its place so that the offsets stay."""
         if fh & C_DIR_FH:  # opened in C: unchanged since, or the listing it had then
             ino = fh & ~C_DIR_FH
-            withdrawn = self._withdrawn.get(ino)
-            if withdrawn is not None:
-                return islice(withdrawn, start, None)
             node = self.tree.nodes.get(ino)
             children = node.children if node is not None else None
+            withdrawn = self._withdrawn.get(ino)
+            if withdrawn is not None:
+                return self._still_listed(children or {}, islice(withdrawn, start, None))
             return ((os.fsencode(n), c) for n, c in islice((children or {}).items(), start, None))
         listing = self._dirs.get(fh & ~CACHE_DIR_FH)  # an unpatched pyfuse3 hands the bit back
         if listing is None:
@@ -597,6 +607,16 @@ class Operations(_Guarded):
             listing = [(os.fsencode(n), c) for n, c in children.items()]
             self._dirs[fh & ~CACHE_DIR_FH] = listing
         return islice(listing, start, None)
+
+    @staticmethod
+    def _still_listed(
+        children: dict[str, Node], listing: Iterable[tuple[bytes, int]]
+    ) -> Iterator[tuple[bytes, Node | None]]:
+        """A withdrawn listing's entries as the directory has them now: a name removed since
+        (POSIX lets a listing in progress skip it) or now another file's is None."""
+        for name, ino in listing:
+            child = children.get(os.fsdecode(name))
+            yield name, child if child is not None and child.ino == ino else None
 
     def listed_dir(self, fh: int) -> Node | None:
         """The directory ``fh`` lists, until its first readdir takes the listing."""

@@ -302,6 +302,7 @@ class _Mount:
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
                 requests=dict(self.ops.requests) if self.ops is not None else {},
+                withdrawn_listings=self.ops.withdrawn_listings if self.ops is not None else 0,
                 answered_early=self.pending.answered_early if self.pending is not None else 0,
                 waited_for_layers=self.pending.waited if self.pending is not None else 0,
                 log=opts.log,

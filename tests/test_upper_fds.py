@@ -137,9 +137,31 @@ def open_fds(pid: int) -> int:
 
 def test_descriptors_at_the_lru_and_the_descriptor_limit(tmp_path: Path) -> None:
     many = MAX_UPPER_FDS + 40
+    # Left by an earlier mount: upper files with no descriptor kept yet.
+    (tmp_path / "upper" / "d").mkdir(parents=True)
+    for name in ("pinned", "other"):
+        (tmp_path / "upper" / "d" / name).write_bytes(name.encode())
     with mounted(image(tmp_path, [Item("d", "dir", mode=0o755)]), tmp_path / "mnt",
                  *rw_args(tmp_path)) as m:  # fmt: skip
         d = m.mountpoint / "d"
+        limit = resource.prlimit(m.pid, resource.RLIMIT_NOFILE)
+
+        # At the limit with nothing to shed (the one kept descriptor is an unlinked file's):
+        # the open's own errno, and the mount goes on.
+        pinned = os.open(d / "pinned", os.O_RDWR)
+        try:
+            os.unlink(d / "pinned")
+            os.stat(d / "other")  # looked up before the limit
+            resource.prlimit(m.pid, resource.RLIMIT_NOFILE, (open_fds(m.pid), limit[1]))
+            try:
+                assert errno_of((d / "other").read_bytes) == errno.EMFILE
+                assert os.pread(uncached(pinned), 64, 0) == b"pinned"
+            finally:
+                resource.prlimit(m.pid, resource.RLIMIT_NOFILE, limit)
+            assert (d / "other").read_bytes() == b"other"
+        finally:
+            os.close(pinned)
+
         (d / "held").write_bytes(b"held")
         held = os.open(d / "held", os.O_RDWR)
         (d / "unlinked").write_bytes(b"unlinked")
@@ -159,9 +181,7 @@ def test_descriptors_at_the_lru_and_the_descriptor_limit(tmp_path: Path) -> None
             assert os.pread(uncached(gone), 64, 0) == b"Unlinked"
 
             # At the descriptor limit: opening sheds kept descriptors and tries again.
-            n = open_fds(m.pid)
-            soft, hard = resource.prlimit(m.pid, resource.RLIMIT_NOFILE)
-            resource.prlimit(m.pid, resource.RLIMIT_NOFILE, (n + 1, hard))
+            resource.prlimit(m.pid, resource.RLIMIT_NOFILE, (open_fds(m.pid) + 1, limit[1]))
             try:
                 for i in range(40):  # long closed by the LRU: each read opens one
                     with open(d / f"n{i}", "rb") as r:
@@ -173,7 +193,7 @@ def test_descriptors_at_the_lru_and_the_descriptor_limit(tmp_path: Path) -> None
                     (d / f"late{i}").write_bytes(b"late")  # create keeps one too
                 assert os.pread(uncached(gone), 64, 0) == b"Unlinked"
             finally:
-                resource.prlimit(m.pid, resource.RLIMIT_NOFILE, (soft, hard))
+                resource.prlimit(m.pid, resource.RLIMIT_NOFILE, limit)
             assert (d / "n45").read_bytes()[:1] == b"w"
             assert (d / "late9").read_bytes() == b"late"
         finally:

@@ -365,6 +365,8 @@ class Operations(_Guarded):
     def _trim_fds(self, *, shed: bool = False) -> bool:
         """Close kept descriptors, least recently used first, until fewer than MAX_UPPER_FDS
         are kept (``shed``: half of those that can be closed); whether any was closed."""
+        if not shed and len(self._fds) < MAX_UPPER_FDS:
+            return False
         closable = [
             ino
             for ino in self._fds

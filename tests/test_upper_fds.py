@@ -128,6 +128,16 @@ def test_descriptors_follow_the_mode_for_a_daemon_the_mode_binds(tmp_path: Path)
             assert os.pread(uncached(fd), 64, 0) == b"Cower"
         finally:
             os.close(fd)
+
+        # whiteouts (mode 0) are made and recognised by a daemon the mode binds
+        (f / "gone").write_bytes(b"again")  # over its whiteout
+        assert (f / "gone").read_bytes() == b"again"
+        os.unlink(f / "gone")
+        no_errors(m)
+    with mounted(
+        image(tmp_path, lower), tmp_path / "mnt", *rw_args(tmp_path), preexec_fn=drop_dac_override
+    ) as m:
+        assert sorted(os.listdir(m.mountpoint / "f")) == ["ro", "wo"]
         no_errors(m)
 
 

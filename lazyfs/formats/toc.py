@@ -341,42 +341,44 @@ def decode_toc(
 
 
 def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
+    """The wire entries as :class:`Entry` objects, each file's chunk entries folded into it.
+    Every mount decodes its cached TOCs again, so start-up waits on this loop: the common
+    entry (plain name, no xattrs, no link, one chunk) takes the shortest path."""
     entries: list[Entry] = []
-    # Compressed ends are implicit in eStargz: a chunk ends where the next distinct offset
-    # begins (or where the TOC begins).  Collect all content offsets once to find them.
-    starts = sorted(
-        {w.offset for w in wire if (w.type == "reg" and w.size) or w.type == "chunk"} | {data_end}
-    )
-    current: tuple[_WireEntry, list[_WireEntry]] | None = None
+    # Values shared across the layer (see _shared_int); a chunk's end and the offset of the
+    # chunk after it share one object through it too.
     ints: dict[int, int] = {}
-
-    def finish() -> None:
-        nonlocal current
-        if current is None:
-            return
-        head, parts = current
-        entry = _to_entry(head, ints)
-        entry.chunks = tuple(
-            _to_chunk(head, entry, p, starts, ints, last=i == len(parts) - 1)
-            for i, p in enumerate(parts)
-        )
-        entries.append(entry)
-        current = None
-
-    for w in wire:
-        if w.type == "chunk":
-            if current is None:
+    # Compressed ends are implicit in eStargz, and in zstd:chunked for all but a file's last
+    # chunk: a chunk ends where the next distinct content offset begins (or where the TOC
+    # begins).  Collected once, when a chunk first needs one.
+    starts: list[int] = []
+    count = len(wire)
+    i = 0
+    while i < count:
+        w = wire[i]
+        i += 1
+        kind = _TYPES.get(w.type)
+        if kind is None:
+            if w.type == "chunk":
                 raise FormatError(f"chunk entry for {w.name!r} does not follow its file")
-            current[1].append(w)
-            continue
-        finish()
-        if w.type not in ENTRY_TYPES:
             raise FormatError(f"unknown entry type {w.type!r} for {w.name!r}")
-        if w.type == "reg" and w.size > 0:
-            current = (w, [w])
-        else:
-            entries.append(_to_entry(w, ints))
-    finish()
+        entry = _to_entry(w, kind, ints)
+        if kind == "reg" and w.size:
+            j = i
+            while j < count and wire[j].type == "chunk":
+                j += 1
+            parts = [w, *wire[i:j]]
+            i = j
+            if not starts and (len(parts) > 1 or not w.endOffset):
+                starts = sorted(
+                    {c.offset for c in wire if (c.type == "reg" and c.size) or c.type == "chunk"}
+                    | {data_end}
+                )
+            last = len(parts) - 1
+            entry.chunks = tuple(
+                [_to_chunk(w, entry, p, starts, ints, last=n == last) for n, p in enumerate(parts)]
+            )
+        entries.append(entry)
     return entries
 
 
@@ -399,13 +401,50 @@ def check_path(name: str, what: str = "entry name", *, components: bool = True) 
         raise FormatError(f"{what} {_short(name)} is {len(raw)} bytes, over PATH_MAX")
 
 
-def _to_entry(w: _WireEntry, ints: dict[int, int]) -> Entry:
+def _to_entry(w: _WireEntry, kind: EntryType, ints: dict[int, int]) -> Entry:
     xattrs: dict[str, bytes] = _NO_XATTRS
+    if w.xattrs or w.lazyfsXattrs:
+        xattrs = _xattrs(w)
+    link = w.linkName
+    if link:
+        if kind == "hardlink":
+            link = normalize_name(link)
+        check_path(link, "link target", components=kind == "hardlink")
+    name = w.name
+    if not (name and _PLAIN_NAME.fullmatch(name)):
+        name = normalize_name(name)
+    if len(name) > NAME_MAX or not name.isascii():
+        check_path(name)  # a shorter ASCII name fits in NAME_MAX and PATH_MAX as it is
+    mtime_ns = _parse_time(w.modtime)
+    if not -(2**63) <= mtime_ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
+        raise FormatError(f"modtime {w.modtime!r} of {_short(name)} is out of range")
+    mode = w.mode & 0o7777
+    uid, gid = w.uid, w.gid
+    device = kind in _DEVICES
+    return Entry(
+        name=_own_str(name),
+        type=kind,  # one string per kind, not the wire's per entry
+        mode=_MODES.setdefault(mode, mode),
+        uid=uid if uid <= 256 else _shared_int(uid, ints),
+        gid=gid if gid <= 256 else _shared_int(gid, ints),
+        uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
+        gname=sys.intern(w.groupName),
+        size=_shared_int(w.size, ints) if kind == "reg" else 0,
+        mtime_ns=mtime_ns,
+        link_name=_own_str(link),
+        # A header may carry device numbers on any type (the TOC keeps them as spelt).
+        dev_major=w.devMajor if device else 0,
+        dev_minor=w.devMinor if device else 0,
+        xattrs=xattrs,
+        digest=_own_str(w.digest),
+    )
+
+
+def _xattrs(w: _WireEntry) -> dict[str, bytes]:
     wire_xattrs = w.xattrs or {}
     if w.lazyfsXattrs:
         wire_xattrs = wire_xattrs | w.lazyfsXattrs
-    if wire_xattrs:
-        xattrs = {}
+    xattrs: dict[str, bytes] = {}
     for k, v in wire_xattrs.items():
         if not k or "\x00" in k or len(k.encode("utf-8", "surrogateescape")) > XATTR_NAME_MAX:
             raise FormatError(f"bad xattr name {_short(k)} on {_short(w.name)}")
@@ -415,34 +454,7 @@ def _to_entry(w: _WireEntry, ints: dict[int, int]) -> Entry:
             raise FormatError(f"xattr {_short(k)} of {_short(w.name)} is not base64") from e
         if len(xattrs[k]) > XATTR_SIZE_MAX:
             raise FormatError(f"xattr {_short(k)} of {_short(w.name)} is over {XATTR_SIZE_MAX}")
-    link = w.linkName
-    if w.type == "hardlink":
-        link = normalize_name(link)
-    if link:
-        check_path(link, "link target", components=w.type == "hardlink")
-    name = normalize_name(w.name)
-    check_path(name)
-    mtime_ns = _parse_time(w.modtime)
-    if not -(2**63) <= mtime_ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
-        raise FormatError(f"modtime {w.modtime!r} of {_short(name)} is out of range")
-    mode = w.mode & 0o7777
-    return Entry(
-        name=_own_str(name),
-        type=_TYPES[w.type],  # one string per kind, not the wire's per entry
-        mode=_MODES.setdefault(mode, mode),
-        uid=_shared_int(w.uid, ints),
-        gid=_shared_int(w.gid, ints),
-        uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
-        gname=sys.intern(w.groupName),
-        size=_shared_int(w.size, ints) if w.type == "reg" else 0,
-        mtime_ns=mtime_ns,
-        link_name=_own_str(link),
-        # A header may carry device numbers on any type (the TOC keeps them as spelt).
-        dev_major=w.devMajor if w.type in _DEVICES else 0,
-        dev_minor=w.devMinor if w.type in _DEVICES else 0,
-        xattrs=xattrs,
-        digest=_own_str(w.digest),
-    )
+    return xattrs
 
 
 def _to_chunk(
@@ -466,7 +478,8 @@ def _to_chunk(
     # Every other end is the next distinct content offset (eStargz never gives one).
     end = head.endOffset if last else 0
     if end:
-        end = _own_int(end)
+        # Shared with the next chunk's offset (see below) when that is where this one ends.
+        end = ints.get(end) or ints.setdefault(end, _own_int(end))
     elif not zeros:
         i = bisect.bisect_right(starts, w.offset)
         if i < len(starts):

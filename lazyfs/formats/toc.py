@@ -600,30 +600,23 @@ def _b64(xattrs: dict[str, bytes]) -> dict[str, str]:
 
 
 def _normal_fields(e: Entry) -> dict[str, object]:
-    d: dict[str, object] = {"type": e.type, "name": e.name or "./"}
-    if e.type == "dir" and e.name:
-        d["name"] = e.name + "/"
-    if e.type == "reg":
-        d["size"] = e.size
-    if e.mtime_ns:
-        d["modtime"] = format_time(e.mtime_ns)
-    if e.link_name:
-        d["linkName"] = e.link_name
-    d["mode"] = e.mode
-    if e.uid:
-        d["uid"] = e.uid
-    if e.gid:
-        d["gid"] = e.gid
-    if e.uname:
-        d["userName"] = e.uname
-    if e.gname:
-        d["groupName"] = e.gname
-    if e.type in _DEVICES:
-        d["devMajor"] = e.dev_major
-        d["devMinor"] = e.dev_minor
-    if e.xattrs:
-        d["xattrs"] = _b64(e.xattrs)
-    return d
+    """The entry as lazyfs spells it when no header is given: normal names (a directory's
+    with a trailing slash), permission bits only, device numbers on devices only."""
+    name = e.name + "/" if e.type == "dir" and e.name else e.name or "./"
+    device = e.type in _DEVICES
+    header = TarHeader(
+        name=name,
+        link_name=e.link_name,
+        mode=e.mode,
+        size=e.size if e.type == "reg" else 0,
+        uid=e.uid,
+        gid=e.gid,
+        mtime_ns=e.mtime_ns,
+        dev_major=e.dev_major if device else 0,
+        dev_minor=e.dev_minor if device else 0,
+        xattrs=e.xattrs,
+    )
+    return _header_fields(e, header)
 
 
 def _header_fields(e: Entry, h: TarHeader) -> dict[str, object]:

@@ -4,12 +4,24 @@ file, one int for a chunk's end and the next chunk's offset) shared."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
 from typing import Literal
 
 import pytest
 
-from lazyfs.formats.toc import Chunk, Compression, Entry, decode_toc, encode_toc
+from lazyfs.errors import FormatError
+from lazyfs.formats.toc import (
+    Chunk,
+    Compression,
+    Entry,
+    TocBudget,
+    decode_toc,
+    encode_toc,
+    pack_toc,
+    unpack_toc,
+)
 
 Flavour = Literal["estargz", "zstd:chunked"]
 
@@ -110,3 +122,39 @@ def test_random_tocs_decode_to_what_was_encoded(flavour: Flavour, seed: int) -> 
         for c in e.chunks:
             if not c.zeros and c.end in by_offset:
                 assert c.end is by_offset[c.end]  # the end is the next chunk's offset object
+
+
+@pytest.mark.parametrize("flavour", ["estargz", "zstd:chunked"])
+@pytest.mark.parametrize("seed", range(6))
+def test_packed_tocs_unpack_to_the_decoded_entries(flavour: Flavour, seed: int) -> None:
+    """The TOC cache's columns give back what decoding the JSON gave, sharing alike."""
+    entries, data_end = random_entries(seed, 300, flavour)
+    compression: Compression = "zstd" if flavour == "zstd:chunked" else "gzip"
+    raw = encode_toc(entries, flavour=flavour)
+    toc = decode_toc(raw, compression=compression, blob_size=data_end + 10, data_end=data_end)
+    toc.prefetch_end = data_end // 2
+    budget = TocBudget()
+    again = unpack_toc(pack_toc(toc), budget=budget)
+    assert again == toc
+    assert budget.entries == len(toc.entries)
+    for e in again.entries:
+        if len(e.chunks) == 1:
+            assert e.chunks[0].digest is e.digest
+        assert e.uname is sys.intern(e.uname)
+
+
+def test_a_damaged_packed_toc_is_a_format_error() -> None:
+    entries, data_end = random_entries(1, 50, "zstd:chunked")
+    raw = encode_toc(entries, flavour="zstd:chunked")
+    packed = pack_toc(decode_toc(raw, compression="zstd", blob_size=data_end))
+    rnd = random.Random(2)
+    budget = TocBudget()
+    for _ in range(200):
+        bad = bytearray(packed)
+        for _ in range(rnd.randint(1, 4)):
+            bad[rnd.randrange(len(bad))] = rnd.randrange(256)
+        with contextlib.suppress(FormatError):
+            unpack_toc(bytes(bad), budget=budget)
+    for cut in (0, 1, len(packed) // 2, len(packed) - 1):
+        with pytest.raises(FormatError, match="damaged"):
+            unpack_toc(packed[:cut], budget=budget)

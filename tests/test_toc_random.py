@@ -158,3 +158,13 @@ def test_a_damaged_packed_toc_is_a_format_error() -> None:
     for cut in (0, 1, len(packed) // 2, len(packed) - 1):
         with pytest.raises(FormatError, match="damaged"):
             unpack_toc(packed[:cut], budget=budget)
+
+
+def test_entries_without_xattrs_share_one_empty_dict() -> None:
+    entries, data_end = random_entries(3, 200, "zstd:chunked")
+    toc = decode_toc(
+        encode_toc(entries, flavour="zstd:chunked"), compression="zstd", blob_size=data_end
+    )
+    for t in (toc, unpack_toc(pack_toc(toc))):
+        empty = {id(e.xattrs) for e in t.entries if not e.xattrs}
+        assert len(empty) == 1

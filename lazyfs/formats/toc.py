@@ -504,7 +504,7 @@ def _to_chunk(
 
 _KINDS: tuple[EntryType, ...] = EntryType.__args__  # type: ignore[attr-defined]  # index = kind code
 _KIND_CODES = {k: i for i, k in enumerate(_KINDS)}
-_PACK_VERSION = 1
+_PACK_VERSION = 2
 
 
 class _Packed(msgspec.Struct, array_like=True):
@@ -514,47 +514,57 @@ class _Packed(msgspec.Struct, array_like=True):
     prefetch_end: int
     names: list[str]
     kinds: bytes  # _KINDS index per entry
-    numbers: bytes  # array("q"): mode, uid, gid, size, mtime index per entry
+    numbers: bytes  # array("q"): every entry's mode, then uid, gid, size, mtime index
     owners: list[str]  # distinct user and group names
-    owner_of: bytes  # array("I"): uname, gname index per entry
+    owner_of: bytes  # array("I"): every entry's uname index, then gname index
     times: list[int]  # distinct mtimes
     digests: list[str]
     links: dict[int, str]  # by entry index: the few entries with a link
     devices: dict[int, tuple[int, int]]
     xattrs: dict[int, dict[str, bytes]]
     chunk_counts: bytes  # array("I") per entry
-    chunks: bytes  # array("q"): file_offset, size, offset, end, inner, zeros per chunk
+    chunks: bytes  # array("q"): every chunk's file_offset, then size, offset, end, inner, zeros
     chunk_digests: list[str | None]  # per chunk; None: its file's digest (a file's only chunk)
 
 
 def pack_toc(toc: TOC) -> bytes:
-    """``toc`` as columns (msgpack), for :func:`unpack_toc`."""
+    """``toc`` as columns (msgpack), for :func:`unpack_toc`.  Column by column, so that the
+    only temporaries are a few large lists (a mount packs a fetched TOC before its tree)."""
     entries = toc.entries
-    numbers, owner_of, counts, chunks = array("q"), array("I"), array("I"), array("q")
     owners: dict[str, int] = {}
     times: dict[int, int] = {}
-    digests: list[str] = []
-    chunk_digests: list[str | None] = []
-    links: dict[int, str] = {}
-    devices: dict[int, tuple[int, int]] = {}
-    xattrs: dict[int, dict[str, bytes]] = {}
-    for i, e in enumerate(entries):
-        t = times.setdefault(e.mtime_ns, len(times))
-        numbers.extend((e.mode, e.uid, e.gid, e.size, t))
-        owner_of.append(owners.setdefault(e.uname, len(owners)))
-        owner_of.append(owners.setdefault(e.gname, len(owners)))
-        digests.append(e.digest)
-        if e.link_name:
-            links[i] = e.link_name
-        if e.dev_major or e.dev_minor:
-            devices[i] = (e.dev_major, e.dev_minor)
-        if e.xattrs:
-            xattrs[i] = e.xattrs
-        counts.append(len(e.chunks))
-        one = len(e.chunks) == 1
-        for c in e.chunks:
-            chunks.extend((c.file_offset, c.size, c.offset, c.end, c.inner, c.zeros))
-            chunk_digests.append(None if one and c.digest == e.digest else c.digest)
+    links = {i: e.link_name for i, e in enumerate(entries) if e.link_name}
+    devices = {
+        i: (e.dev_major, e.dev_minor) for i, e in enumerate(entries) if e.dev_major or e.dev_minor
+    }
+    xattrs = {i: e.xattrs for i, e in enumerate(entries) if e.xattrs}
+    numbers = array("q")
+    for column in (
+        [e.mode for e in entries],
+        [e.uid for e in entries],
+        [e.gid for e in entries],
+        [e.size for e in entries],
+        [times.setdefault(e.mtime_ns, len(times)) for e in entries],
+    ):
+        numbers.extend(column)
+    owner_of = array("I", [owners.setdefault(e.uname, len(owners)) for e in entries])
+    owner_of.extend([owners.setdefault(e.gname, len(owners)) for e in entries])
+    every = [c for e in entries for c in e.chunks]
+    chunks = array("q")
+    for chunk_column in (
+        [c.file_offset for c in every],
+        [c.size for c in every],
+        [c.offset for c in every],
+        [c.end for c in every],
+        [c.inner for c in every],
+        [c.zeros for c in every],
+    ):
+        chunks.extend(chunk_column)
+    chunk_digests: list[str | None] = [
+        None if len(e.chunks) == 1 and c.digest == e.digest else c.digest
+        for e in entries
+        for c in e.chunks
+    ]
     return msgspec.msgpack.encode(
         _Packed(
             version=_PACK_VERSION,
@@ -562,16 +572,16 @@ def pack_toc(toc: TOC) -> bytes:
             data_end=toc.data_end,
             prefetch_end=toc.prefetch_end,
             names=[e.name for e in entries],
-            kinds=bytes(_KIND_CODES[e.type] for e in entries),
+            kinds=bytes([_KIND_CODES[e.type] for e in entries]),
             numbers=numbers.tobytes(),
             owners=list(owners),
             owner_of=owner_of.tobytes(),
             times=list(times),
-            digests=digests,
+            digests=[e.digest for e in entries],
             links=links,
             devices=devices,
             xattrs=xattrs,
-            chunk_counts=counts.tobytes(),
+            chunk_counts=array("I", [len(e.chunks) for e in entries]).tobytes(),
             chunks=chunks.tobytes(),
             chunk_digests=chunk_digests,
         )
@@ -640,22 +650,26 @@ def _unpack_entries(
     times, links, devices, xattrs = p.times, p.links, p.devices, p.xattrs
     rare = set(links) | set(devices) | set(xattrs)
     # Column by column (C), then one zip: no index arithmetic per entry.
+    count, total = len(p.names), len(p.chunk_digests)
+    modes, uids, gids, sizes, mtimes = (
+        numbers[k * count : (k + 1) * count].tolist() for k in range(5)
+    )
     rows = zip(
         p.names,
         p.kinds,
-        numbers[0::5].tolist(),
-        numbers[1::5].tolist(),
-        numbers[2::5].tolist(),
-        numbers[3::5].tolist(),
-        numbers[4::5].tolist(),
-        owner_of[0::2].tolist(),
-        owner_of[1::2].tolist(),
+        modes,
+        uids,
+        gids,
+        sizes,
+        mtimes,
+        owner_of[:count].tolist(),
+        owner_of[count:].tolist(),
         p.digests,
         counts.tolist(),
         strict=True,
     )
     c_file_offset, c_size, c_offset, c_end, c_inner, c_zeros = (
-        flat[k::6].tolist() for k in range(6)
+        flat[k * total : (k + 1) * total].tolist() for k in range(6)
     )
     chunk_digests = p.chunk_digests
     n = 0  # chunks so far
@@ -670,6 +684,7 @@ def _unpack_entries(
             gname=owners[gn],
             size=_shared_int(size, ints),
             mtime_ns=times[t],
+            xattrs=_NO_XATTRS,  # not left to the default: msgspec would copy it per entry
             digest=digest,
         )
         if i in rare:

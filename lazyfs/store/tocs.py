@@ -102,8 +102,11 @@ async def load_layer(
             if want is None or want != entry.location.expected_digest:
                 raise FormatError("the manifest promises another TOC digest")
             toc = await trio.to_thread.run_sync(_unpack_cached, entry, budget)
-            if not entry.packed:
-                await _store(cached, entry.location, toc)
+            if not entry.packed:  # an older cache: rewritten in the form loaded faster
+                try:
+                    await _store(cached, entry.location, toc)
+                except OSError as e:
+                    log.info("could not rewrite the cached TOC of %s: %s", desc.digest, e)
             return LayerInfo(desc, entry.location, toc)
         except (msgspec.DecodeError, msgspec.ValidationError, LazyfsError) as e:
             log.info("not using the cached TOC of %s: %s", desc.digest, e)

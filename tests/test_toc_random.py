@@ -1,0 +1,170 @@
+"""TOC decode on random TOCs: what ``encode_toc`` writes, ``decode_toc`` reads back as the
+same entries, in both formats, with the values it shares (one digest object for a one-chunk
+file, one int for a chunk's end and the next chunk's offset) shared."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from typing import Literal
+
+import pytest
+
+from lazyfs.errors import FormatError
+from lazyfs.formats.toc import (
+    Chunk,
+    Compression,
+    Entry,
+    TocBudget,
+    decode_toc,
+    encode_toc,
+    pack_toc,
+    unpack_toc,
+)
+
+Flavour = Literal["estargz", "zstd:chunked"]
+
+
+def _digest(rnd: random.Random) -> str:
+    return "sha256:" + rnd.randbytes(32).hex()
+
+
+def _chunks(
+    rnd: random.Random, size: int, cursor: int, flavour: Flavour
+) -> tuple[list[Chunk], int]:
+    """Chunks tiling ``size`` bytes, laid out from ``cursor`` on in blob order (eStargz and
+    zstd:chunked leave most ends implicit: the next chunk's offset)."""
+    if size == 0:
+        return [], cursor
+    if rnd.random() < 0.6:
+        return [Chunk(0, size, cursor, cursor + rnd.randint(1, 500), "")], 0
+    cuts = sorted(rnd.sample(range(1, size), min(size - 1, rnd.randint(1, 4))))
+    out: list[Chunk] = []
+    for n, (start, end) in enumerate(zip([0, *cuts], [*cuts, size], strict=True)):
+        if flavour == "zstd:chunked" and n and rnd.random() < 0.2:
+            out.append(Chunk(start, end - start, 0, 0, "", zeros=True))  # a hole: nothing stored
+            continue
+        inner = rnd.randint(0, 100) if flavour == "estargz" and rnd.random() < 0.3 else 0
+        stored = rnd.randint(1, 500)
+        out.append(Chunk(start, end - start, cursor, cursor + stored, _digest(rnd), inner=inner))
+        cursor += stored
+    return out, cursor
+
+
+def random_entries(seed: int, count: int, flavour: Flavour) -> tuple[list[Entry], int]:
+    """``count`` random entries of every kind and the end of their data."""
+    rnd = random.Random(seed)
+    entries = [Entry(name="", type="dir", mode=0o755)]
+    files: list[str] = []
+    cursor = 0
+    names = ["a", "b", "é", "lib", "x y", "日本"]
+    for i in range(count):
+        name = f"{rnd.choice(names)}{i}/{rnd.choice(names)}{i}"
+        kind = rnd.choice(["dir", "reg", "reg", "reg", "symlink", "hardlink", "char", "fifo"])
+        if kind == "hardlink" and not files:
+            kind = "reg"
+        common = {
+            "mode": rnd.choice([0o644, 0o755, 0o4755, 0o1777, rnd.randint(0, 0o7777)]),
+            "uid": rnd.choice([0, 0, 1000, 70_000, 2**32 - 2]),
+            "gid": rnd.choice([0, 0, 1000, 65_534]),
+            "uname": rnd.choice(["", "root", "user"]),
+            "gname": rnd.choice(["", "root", "staff"]),
+            "mtime_ns": rnd.choice([0, 1_700_000_000_000_000_000, rnd.randint(0, 2**62)]),
+            "xattrs": {"user.k": rnd.randbytes(rnd.randint(0, 40))} if rnd.random() < 0.1 else {},
+        }
+        if kind == "reg":
+            size = rnd.choice([0, rnd.randint(1, 100), rnd.randint(1, 10**7)])
+            chunks, end = _chunks(rnd, size, cursor, flavour)
+            if len(chunks) == 1 and not chunks[0].zeros:  # one chunk: the file's own digest
+                digest = _digest(rnd)
+                chunks = [Chunk(0, size, cursor, chunks[0].end, digest)]
+                end = chunks[0].end
+            else:
+                digest = _digest(rnd) if size else ""
+            cursor = max(cursor, end)
+            reg = {"size": size, "digest": digest, "chunks": tuple(chunks)}
+            entries.append(Entry(name=name, type="reg", **reg, **common))  # type: ignore[arg-type]
+            files.append(name)
+        elif kind == "symlink":
+            link = rnd.choice(["../up", "/abs/target", "rel", "日本/x"])
+            entries.append(Entry(name=name, type="symlink", link_name=link, **common))  # type: ignore[arg-type]
+        elif kind == "hardlink":
+            entries.append(Entry(name=name, type="hardlink", link_name=rnd.choice(files), **common))  # type: ignore[arg-type]
+        elif kind == "char":
+            dev = {"dev_major": rnd.randint(0, 4095), "dev_minor": rnd.randint(0, 2**20 - 1)}
+            entries.append(Entry(name=name, type="char", **dev, **common))  # type: ignore[arg-type]
+        else:
+            entries.append(Entry(name=name, type=kind, **common))  # type: ignore[arg-type]
+    return entries, cursor
+
+
+@pytest.mark.parametrize("flavour", ["estargz", "zstd:chunked"])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_tocs_decode_to_what_was_encoded(flavour: Flavour, seed: int) -> None:
+    entries, data_end = random_entries(seed, 300, flavour)
+    raw = encode_toc(entries, flavour=flavour)
+    compression: Compression = "zstd" if flavour == "zstd:chunked" else "gzip"
+    toc = decode_toc(raw, compression=compression, blob_size=data_end + 10, data_end=data_end)
+    assert toc.entries == entries
+    # Decoding twice gives equal entries again (the shared tables are per decode).
+    again = decode_toc(raw, compression=compression, blob_size=data_end + 10, data_end=data_end)
+    assert again.entries == entries
+    by_offset = {}
+    for e in toc.entries:
+        if len(e.chunks) == 1:
+            assert e.chunks[0].digest is e.digest  # one string for a one-chunk file
+            assert e.chunks[0].size is e.size or e.size <= 256
+        for c in e.chunks:
+            if not c.zeros:
+                by_offset[c.offset] = c.offset
+    for e in toc.entries:
+        for c in e.chunks:
+            if not c.zeros and c.end in by_offset:
+                assert c.end is by_offset[c.end]  # the end is the next chunk's offset object
+
+
+@pytest.mark.parametrize("flavour", ["estargz", "zstd:chunked"])
+@pytest.mark.parametrize("seed", range(6))
+def test_packed_tocs_unpack_to_the_decoded_entries(flavour: Flavour, seed: int) -> None:
+    """The TOC cache's columns give back what decoding the JSON gave, sharing alike."""
+    entries, data_end = random_entries(seed, 300, flavour)
+    compression: Compression = "zstd" if flavour == "zstd:chunked" else "gzip"
+    raw = encode_toc(entries, flavour=flavour)
+    toc = decode_toc(raw, compression=compression, blob_size=data_end + 10, data_end=data_end)
+    toc.prefetch_end = data_end // 2
+    budget = TocBudget()
+    again = unpack_toc(pack_toc(toc), budget=budget)
+    assert again == toc
+    assert budget.entries == len(toc.entries)
+    for e in again.entries:
+        if len(e.chunks) == 1:
+            assert e.chunks[0].digest is e.digest
+        assert e.uname is sys.intern(e.uname)
+
+
+def test_a_damaged_packed_toc_is_a_format_error() -> None:
+    entries, data_end = random_entries(1, 50, "zstd:chunked")
+    raw = encode_toc(entries, flavour="zstd:chunked")
+    packed = pack_toc(decode_toc(raw, compression="zstd", blob_size=data_end))
+    rnd = random.Random(2)
+    budget = TocBudget()
+    for _ in range(200):
+        bad = bytearray(packed)
+        for _ in range(rnd.randint(1, 4)):
+            bad[rnd.randrange(len(bad))] = rnd.randrange(256)
+        with contextlib.suppress(FormatError):
+            unpack_toc(bytes(bad), budget=budget)
+    for cut in (0, 1, len(packed) // 2, len(packed) - 1):
+        with pytest.raises(FormatError, match="damaged"):
+            unpack_toc(packed[:cut], budget=budget)
+
+
+def test_entries_without_xattrs_share_one_empty_dict() -> None:
+    entries, data_end = random_entries(3, 200, "zstd:chunked")
+    toc = decode_toc(
+        encode_toc(entries, flavour="zstd:chunked"), compression="zstd", blob_size=data_end
+    )
+    for t in (toc, unpack_toc(pack_toc(toc))):
+        empty = {id(e.xattrs) for e in t.entries if not e.xattrs}
+        assert len(empty) == 1

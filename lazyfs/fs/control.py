@@ -89,6 +89,8 @@ class StatsReport(msgspec.Struct):
     cache: CacheUsage | None = None
     readdir_requests: int = 0  # listings the kernel asked for (not served from its cache)
     requests: dict[str, int] = {}  # per handler, the FUSE requests that reached Python
+    # The patched pyfuse3's reader thread: requests it answered in C, and handed to Python.
+    c_requests: dict[str, int] = {}
     # While layers without a TOC were pending: requests answered from the layers above them,
     # and requests that waited for them.
     answered_early: int = 0

@@ -1,4 +1,4 @@
-# ruff: noqa: RUF001  (× and µ in Markdown output are intended)
+# ruff: noqa: RUF001, RUF003  (× and µ in Markdown output are intended)
 """What one warm FUSE round trip costs: ``isatty()`` (a FUSE_IOCTL the kernel always sends) and
 ``open(dir)`` + ``close`` (OPENDIR + RELEASEDIR) on a file and directory of the sample, in
 µs per call: native disk, lazyfs, fuse-overlayfs and (``--before DIR``) the lazyfs of another
@@ -39,6 +39,10 @@ def opendir_us(root: Path, calls: int) -> float:
     for _ in range(calls):
         os.close(os.open(root / DIR, os.O_RDONLY | os.O_DIRECTORY))
     return (time.perf_counter() - t0) / calls * 1e6
+
+
+def _fmt(us: list[float]) -> str:
+    return f"{statistics.median(us):.1f} ({min(us):.1f}–{max(us):.1f})"
 
 
 def main() -> int:
@@ -86,8 +90,7 @@ def main() -> int:
                 times[name][1].append(opendir_us(root, args.calls))
     rows = []
     for name, (tty, dirs) in times.items():
-        rows.append([name, f"{statistics.median(tty):.1f} ({min(tty):.1f}–{max(tty):.1f})",
-                     f"{statistics.median(dirs):.1f} ({min(dirs):.1f}–{max(dirs):.1f})"])  # fmt: skip
+        rows.append([name, _fmt(tty), _fmt(dirs)])
     body = (
         f"### One warm request, µs per call ({reps} rounds of {args.calls} calls)\n\n"
         + bl.md_table(["tree", "isatty() (IOCTL)", "open+close dir (OPENDIR+RELEASEDIR)"], rows)

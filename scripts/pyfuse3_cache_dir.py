@@ -166,8 +166,9 @@ def _patch_c_dirs(text: str) -> str:
         return text
     if text.count(OPENDIR_FN) != 1 or len(RELEASEDIR_FN.findall(text)) != 1:
         raise SystemExit("pyfuse3_cache_dir: opendir/releasedir are not the expected ones")
-    # Exported (not static) so that ctypes finds them; the GIL-holding thread that runs the
-    # callbacks is the one that sets them, so no locking.
+    # Exported (not static) so that ctypes finds them.  Set while INIT is answered (before any
+    # OPENDIR can come), then only cleared byte by byte; the C reader thread reads them without
+    # a lock: a read racing a clear answers as if the OPENDIR had come just before it.
     globals_ = (
         f"{C_DIRS_MARK}\nunsigned char *lazyfs_cached_dirs = 0;\n"
         "unsigned long lazyfs_cached_dirs_len = 0;\n\n"

@@ -127,8 +127,9 @@ class AccessListener(Protocol):
 
 
 class CDirs:
-    """The patched pyfuse3's table of directories whose OPENDIR and RELEASEDIR it answers in C:
-    a byte per inode.  An unpatched pyfuse3 has none, and then this does nothing."""
+    """The patched pyfuse3's table of directories whose OPENDIR and RELEASEDIR it answers in C
+    (in its reader thread, see start_c_reader): a byte per inode.  An unpatched pyfuse3 has
+    none, and then this does nothing."""
 
     # Every table the C side pointed at, kept alive for as long as the process may serve: the
     # reader thread may still look at a former one while a new one is published.

@@ -30,6 +30,15 @@ pyfuse3's read, write, flush, fsync and release get no inode, so the patched cal
 an OPEN the kernel would otherwise drop the truncation of ``open(O_TRUNC)``, which now always
 arrives as a SETATTR of size 0.
 
+A fifth adds a reader thread in C (``lazyfs_reader_start``, called by lazyfs after
+``pyfuse3.init``): it waits on /dev/fuse without the GIL and answers there what needs no Python
+(IOCTL, which has no handler: ENOSYS, ENOTTY to the caller, one per isatty() of every open file;
+OPENDIR of a directory in the C table and RELEASEDIR of its handles), and queues every other
+request for pyfuse3's workers, which then wait on an eventfd instead of /dev/fuse.  Without it
+each of those requests woke the trio loop (about 0.1 ms each).  ``close()`` stops and joins the
+thread before it unmounts; an unmount or abort (ENODEV) ends it and, through the queue, the
+workers; the exported counters say how many requests each side took.
+
 An unpatched pyfuse3 still works (lazyfs masks the bit itself); listings are just not cached,
 every close costs a FLUSH, every opendir and every open a round trip.
 
@@ -65,6 +74,15 @@ INO_FH_MARK = "/* lazyfs: fh 0 -> inode */"
 INO_FH = "(((uint64_t)1) << 61)"
 # The callbacks whose Python handler gets an fh and no inode.
 FH_CALLBACKS = ("read", "write", "write_buf", "flush", "release", "fsync")
+READER_MARK = "/* lazyfs: reader thread */"
+C_OPENDIR_TEST = (
+    "  if (__pyx_v_ino < lazyfs_cached_dirs_len && lazyfs_cached_dirs[__pyx_v_ino]) {\n"
+)
+RECEIVE = "fuse_session_receive_buf(__pyx_v_7pyfuse3_session, "
+UNMOUNT = "    fuse_session_unmount(__pyx_v_7pyfuse3_session);\n"
+DESTROY = "  fuse_session_destroy(__pyx_v_7pyfuse3_session);\n"
+# The reader thread's C, inserted before the C table's globals (it starts with READER_MARK).
+READER_C = Path(__file__).with_name("pyfuse3_reader.c")
 ATOMIC_O_TRUNC = (
     "  __pyx_v_conn->want = (__pyx_v_conn->want & (~((unsigned int)FUSE_CAP_READDIRPLUS_AUTO)));\n"
 )
@@ -80,8 +98,35 @@ def package_dir() -> Path:
 
 
 def patch_source(text: str) -> str:
-    """The generated C with both patches (each applied once)."""
-    return _patch_ino_fh(_patch_c_dirs(_patch_noflush(_patch_opendir(text))))
+    """The generated C with every patch (each applied once)."""
+    return _patch_reader(_patch_ino_fh(_patch_c_dirs(_patch_noflush(_patch_opendir(text)))))
+
+
+def _patch_reader(text: str) -> str:
+    if READER_MARK in text:
+        return text
+    anchor = f"{C_DIRS_MARK}\nunsigned char *lazyfs_cached_dirs = 0;\n"
+    checks = (
+        (anchor, 1),
+        (C_OPENDIR_TEST, 1),
+        (RECEIVE, 1),
+        (UNMOUNT, 1),
+        (DESTROY, 1),
+    )
+    for s, n in checks:
+        if text.count(s) != n:
+            raise SystemExit(f"pyfuse3_cache_dir: {s.strip()[:40]!r} is not the expected one")
+    text = text.replace(anchor, READER_C.read_text() + anchor)
+    # What the reader decided to answer in C is answered in C even if the table changed since.
+    text = text.replace(
+        C_OPENDIR_TEST,
+        C_OPENDIR_TEST.replace("if (", "if (lazyfs_in_reader || (").replace(") {", ")) {"),
+    )
+    text = text.replace(RECEIVE, "lazyfs_receive_buf(__pyx_v_7pyfuse3_session, ")
+    # Joined before the unmount closes the fd it polls, and before the session goes (the
+    # second call does nothing).
+    stop = f"  lazyfs_reader_stop(); {READER_MARK}\n"
+    return text.replace(UNMOUNT, stop + UNMOUNT).replace(DESTROY, stop + DESTROY)
 
 
 def _patch_ino_fh(text: str) -> str:
@@ -121,8 +166,9 @@ def _patch_c_dirs(text: str) -> str:
         return text
     if text.count(OPENDIR_FN) != 1 or len(RELEASEDIR_FN.findall(text)) != 1:
         raise SystemExit("pyfuse3_cache_dir: opendir/releasedir are not the expected ones")
-    # Exported (not static) so that ctypes finds them; the GIL-holding thread that runs the
-    # callbacks is the one that sets them, so no locking.
+    # Exported (not static) so that ctypes finds them.  Set while INIT is answered (before any
+    # OPENDIR can come), then only cleared byte by byte; the C reader thread reads them without
+    # a lock: a read racing a clear answers as if the OPENDIR had come just before it.
     globals_ = (
         f"{C_DIRS_MARK}\nunsigned char *lazyfs_cached_dirs = 0;\n"
         "unsigned long lazyfs_cached_dirs_len = 0;\n\n"
@@ -202,7 +248,8 @@ def main() -> int:
     (so,) = [f for f in pkg.glob("__init__.*.so")]
     stamp = pkg / "lazyfs-cache-dir.built"
     text = src.read_text()
-    patched = all(mark in text for mark in (MARK, NOFLUSH_MARK, C_DIRS_MARK, INO_FH_MARK))
+    marks = (MARK, NOFLUSH_MARK, C_DIRS_MARK, INO_FH_MARK, READER_MARK)
+    patched = all(mark in text for mark in marks)
     current = patched and stamp.exists() and stamp.read_text() == str(so.stat().st_mtime_ns)
     if args.check:
         print("patched" if current else "not patched")
@@ -215,7 +262,7 @@ def main() -> int:
         build(src, built)
         os.replace(built, so)
     stamp.write_text(str(so.stat().st_mtime_ns))
-    done = "cache_readdir, noflush, opendir in C, no_open"
+    done = "cache_readdir, noflush, opendir in C, no_open, reader thread"
     print(f"pyfuse3_cache_dir: rebuilt {so.name} with {done}")
     return 0
 

@@ -90,6 +90,8 @@ class StatsReport(msgspec.Struct):
     requests: dict[str, int] = {}  # per handler, the FUSE requests that reached Python
     # Changed directories' listings kept for listings opened before the change (ops._withdrawn)
     withdrawn_listings: int = 0
+    # The patched pyfuse3's reader thread: requests it answered in C, and handed to Python.
+    c_requests: dict[str, int] = {}
     # While layers without a TOC were pending: requests answered from the layers above them,
     # and requests that waited for them.
     answered_early: int = 0

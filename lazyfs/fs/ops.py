@@ -79,14 +79,42 @@ _OPENINGS = (
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 
 
-def _ino_fh_patched() -> bool:
-    """Whether this pyfuse3 hands ``fh`` 0 on as ``INO_FH | inode``
-    (scripts/pyfuse3_cache_dir.py)."""
+@functools.cache
+def patched_pyfuse3() -> ctypes.CDLL | None:
+    """The installed pyfuse3's extension if scripts/pyfuse3_cache_dir.py patched it (every
+    patch of it, checked by one symbol of the last), else None: lazyfs then does without."""
     try:
-        ctypes.c_int.in_dll(ctypes.CDLL(pyfuse3.__file__), "lazyfs_ino_fh")
-    except (OSError, ValueError):
+        lib = ctypes.CDLL(pyfuse3.__file__)
+        lib.lazyfs_reader_start  # noqa: B018 (the lookup is the check)
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+def start_c_reader() -> bool:
+    """After ``pyfuse3.init``, before ``pyfuse3.main``: requests that need no Python are
+    answered by the patched pyfuse3's reader thread from now on (``pyfuse3.close`` stops it).
+    Whether it runs."""
+    lib = patched_pyfuse3()
+    if lib is None:
         return False
-    return True
+    err = lib.lazyfs_reader_start()
+    if err:
+        log.warning(
+            "C reader thread not started (%s): every request goes through Python", os.strerror(-err)
+        )
+    return not err
+
+
+def c_reader_counts() -> dict[str, int]:
+    """Requests the reader thread answered in C and handed to Python (empty without it)."""
+    lib = patched_pyfuse3()
+    if lib is None:
+        return {}
+    return {
+        name: ctypes.c_ulong.in_dll(lib, f"lazyfs_reader_{name}").value
+        for name in ("answered", "handed")
+    }
 
 
 class AccessListener(Protocol):
@@ -113,20 +141,21 @@ class AccessListener(Protocol):
 
 
 class CDirs:
-    """The patched pyfuse3's table of directories whose OPENDIR and RELEASEDIR it answers in C:
-    a byte per inode.  An unpatched pyfuse3 has none, and then this does nothing."""
+    """The patched pyfuse3's table of directories whose OPENDIR and RELEASEDIR it answers in C
+    (in its reader thread, see start_c_reader): a byte per inode.  An unpatched pyfuse3 has
+    none, and then this does nothing."""
 
-    # The table the C side points at: kept alive here for as long as the process may serve.
-    _published: ctypes.Array[ctypes.c_ubyte] | None = None
+    # Every table the C side pointed at, kept alive for as long as the process may serve: the
+    # reader thread may still look at a former one while a new one is published.
+    _published: list[ctypes.Array[ctypes.c_ubyte]] = []
 
     def __init__(self) -> None:
         self._table: ctypes.Array[ctypes.c_ubyte] | None = None
-        try:
-            lib = ctypes.CDLL(pyfuse3.__file__)
-            self._ptr: ctypes.c_void_p | None = ctypes.c_void_p.in_dll(lib, "lazyfs_cached_dirs")
+        lib = patched_pyfuse3()
+        self._ptr: ctypes.c_void_p | None = None
+        if lib is not None:
+            self._ptr = ctypes.c_void_p.in_dll(lib, "lazyfs_cached_dirs")
             self._len = ctypes.c_ulong.in_dll(lib, "lazyfs_cached_dirs_len")
-        except (OSError, ValueError):  # not the patched extension
-            self._ptr = None
 
     def publish(self, inodes: Sequence[int], size: int) -> None:
         """Answer OPENDIR of ``inodes`` (all below ``size``) in C from now on."""
@@ -138,7 +167,8 @@ class CDirs:
         self._len.value = 0  # never a length longer than the table it goes with
         self._ptr.value = ctypes.addressof(table)
         self._len.value = size
-        self._table = CDirs._published = table
+        self._table = table
+        CDirs._published.append(table)
 
     def withdraw(self, ino: int) -> bool:
         """OPENDIR of ``ino`` goes to Python from now on; whether it was answered in C."""
@@ -240,7 +270,7 @@ class Operations(_Guarded):
         # MAX_UPPER_FDS)
         self._fds: dict[int, tuple[int, int]] = {}
         # A trace must see every open: then open() answers, else ENOSYS (the kernel's no_open).
-        self.no_open = listener is None and _ino_fh_patched()
+        self.no_open = listener is None and patched_pyfuse3() is not None
         # opendir's node until the first readdir, then that listing's snapshot
         self._dirs: dict[int, Node | list[tuple[bytes, Node]]] = {}
         self._next_fh = 1

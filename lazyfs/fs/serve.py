@@ -35,7 +35,7 @@ from lazyfs.fs.control import (
     control_server,
 )
 from lazyfs.fs.merge import apply_upper
-from lazyfs.fs.ops import Operations
+from lazyfs.fs.ops import Operations, c_reader_counts, start_c_reader
 from lazyfs.fs.pending import PendingOperations
 from lazyfs.fs.prefetch import Prefetcher, PrefetchGate, landmark_group, load_group
 from lazyfs.fs.runtime import control_path
@@ -303,6 +303,7 @@ class _Mount:
                 cache=image.cache.du(),
                 requests=dict(self.ops.requests) if self.ops is not None else {},
                 withdrawn_listings=self.ops.withdrawn_listings if self.ops is not None else 0,
+                c_requests=c_reader_counts(),
                 answered_early=self.pending.answered_early if self.pending is not None else 0,
                 waited_for_layers=self.pending.waited if self.pending is not None else 0,
                 log=opts.log,
@@ -414,6 +415,7 @@ async def serve(
         control = control_path(mountpoint)
         pyfuse3.init(mount.fuse_operations(), mountpoint, _fuse_options(opts))
         try:
+            start_c_reader()
             # Fetches started by readers live in their own nursery: at unmount the control
             # socket and background fill are cancelled, but chunks already on their way are
             # still verified and written to the cache.

@@ -1,0 +1,228 @@
+/* lazyfs: reader thread */
+/* Inserted into pyfuse3's generated C by scripts/pyfuse3_cache_dir.py (see its docstring).
+   One thread reads /dev/fuse without the GIL; what needs no Python it hands straight to
+   libfuse (whose low-level session is made for several threads), the rest it queues for
+   pyfuse3's trio workers, woken through an eventfd that stands in for the session fd. */
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+
+extern unsigned char *lazyfs_cached_dirs;
+extern unsigned long lazyfs_cached_dirs_len;
+
+/* The kernel's request header (linux/fuse.h), spelled out: that header clashes with libfuse's. */
+struct lazyfs_in_header {
+  uint32_t len, opcode;
+  uint64_t unique, nodeid;
+  uint32_t uid, gid, pid;
+  uint16_t total_extlen, padding;
+};
+enum { LAZYFS_OPENDIR = 27, LAZYFS_RELEASEDIR = 29, LAZYFS_IOCTL = 39 };
+
+struct lazyfs_queued {
+  struct lazyfs_queued *next;
+  char *mem;
+  size_t size;
+};
+
+/* Set in the reader: its OPENDIR was found in the C table and is answered in C. */
+static __thread int lazyfs_in_reader;
+static pthread_t lazyfs_reader;
+static int lazyfs_reader_running;  /* started, not yet joined */
+static int lazyfs_reader_used;     /* the workers take requests from the queue */
+static int lazyfs_queue_fd = -1;   /* readable while requests wait or once the reader ended */
+static int lazyfs_stop_fd = -1;
+static pthread_mutex_t lazyfs_queue_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct lazyfs_queued *lazyfs_head, *lazyfs_tail;
+static int lazyfs_reader_ended;
+static int lazyfs_reader_result;   /* what receive answers once ended: 0 or -errno */
+/* Requests answered in the reader and handed to Python (read through ctypes, for stats). */
+unsigned long lazyfs_reader_answered = 0;
+unsigned long lazyfs_reader_handed = 0;
+
+static void lazyfs_wake(void) {
+  uint64_t one = 1;
+  ssize_t ignored = write(lazyfs_queue_fd, &one, sizeof one);
+  (void)ignored;
+}
+
+static void lazyfs_finish(int result) {
+  pthread_mutex_lock(&lazyfs_queue_lock);
+  lazyfs_reader_ended = 1;
+  lazyfs_reader_result = result;
+  lazyfs_wake();
+  pthread_mutex_unlock(&lazyfs_queue_lock);
+}
+
+static int lazyfs_answer_in_c(const char *mem, size_t size) {
+  const struct lazyfs_in_header *h = (const struct lazyfs_in_header *)mem;
+  uint64_t fh;
+  switch (h->opcode) {
+  case LAZYFS_IOCTL:  /* pyfuse3 has no ioctl handler: libfuse answers ENOSYS */
+    return 1;
+  case LAZYFS_OPENDIR:
+    return h->nodeid < lazyfs_cached_dirs_len && lazyfs_cached_dirs[h->nodeid];
+  case LAZYFS_RELEASEDIR:  /* fuse_release_in starts with fh */
+    if (size < sizeof *h + sizeof fh) return 0;
+    memcpy(&fh, mem + sizeof *h, sizeof fh);
+    return (fh >> 62) & 1;
+  }
+  return 0;
+}
+
+static void *lazyfs_reader_main(void *arg) {
+  struct fuse_session *se = (struct fuse_session *)arg;
+  int fd = fuse_session_fd(se);
+  /* Big enough for any request: libfuse's own buffer is 256 pages and a header page. */
+  size_t bufsize = 257 * (size_t)sysconf(_SC_PAGESIZE);
+  char *buf = (char *)malloc(bufsize);
+  struct pollfd fds[2] = {{fd, POLLIN, 0}, {lazyfs_stop_fd, POLLIN, 0}};
+  if (!buf) { lazyfs_finish(-ENOMEM); return NULL; }
+  for (;;) {
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      lazyfs_finish(-errno);
+      break;
+    }
+    if (fds[1].revents) { lazyfs_finish(0); break; }  /* close(): stop */
+    ssize_t n = read(fd, buf, bufsize);
+    if (n < 0) {
+      int e = errno;
+      if (e == EINTR || e == EAGAIN || e == ENOENT) continue;  /* ENOENT: interrupted */
+      if (e == ENODEV) {  /* unmounted or aborted */
+        fuse_session_exit(se);
+        lazyfs_finish(0);
+      } else {
+        lazyfs_finish(-e);
+      }
+      break;
+    }
+    if ((size_t)n < sizeof(struct lazyfs_in_header)) { lazyfs_finish(-EIO); break; }
+    if (lazyfs_answer_in_c(buf, (size_t)n)) {
+      struct fuse_buf fb = {0};
+      fb.size = (size_t)n;
+      fb.mem = buf;
+      fb.fd = -1;
+      lazyfs_in_reader = 1;
+      fuse_session_process_buf(se, &fb);
+      lazyfs_in_reader = 0;
+      __atomic_add_fetch(&lazyfs_reader_answered, 1, __ATOMIC_RELAXED);
+      continue;
+    }
+    /* Copied: a request is small but for writes, and the big buffer is reused at once. */
+    struct lazyfs_queued *q = (struct lazyfs_queued *)malloc(sizeof *q);
+    char *mem = (char *)malloc((size_t)n);
+    if (!q || !mem) { free(q); free(mem); lazyfs_finish(-ENOMEM); break; }
+    memcpy(mem, buf, (size_t)n);
+    q->next = NULL;
+    q->mem = mem;
+    q->size = (size_t)n;
+    pthread_mutex_lock(&lazyfs_queue_lock);
+    if (lazyfs_tail) lazyfs_tail->next = q; else lazyfs_head = q;
+    lazyfs_tail = q;
+    lazyfs_wake();
+    pthread_mutex_unlock(&lazyfs_queue_lock);
+    __atomic_add_fetch(&lazyfs_reader_handed, 1, __ATOMIC_RELAXED);
+  }
+  free(buf);
+  return NULL;
+}
+
+/* In place of fuse_session_receive_buf for pyfuse3's workers: the next queued request (its
+   buffer replaces the worker's, which frees it as it frees its own), -EINTR when another
+   worker took it first (the worker waits again), or the reader's end. */
+static int lazyfs_receive_buf(struct fuse_session *se, struct fuse_buf *buf) {
+  struct lazyfs_queued *q;
+  int res;
+  uint64_t count;
+  if (!lazyfs_reader_used) return fuse_session_receive_buf(se, buf);
+  pthread_mutex_lock(&lazyfs_queue_lock);
+  q = lazyfs_head;
+  if (q) {
+    lazyfs_head = q->next;
+    if (!lazyfs_head) lazyfs_tail = NULL;
+  }
+  /* Empty: not readable until the next request (the reader writes under this lock too). */
+  if (!lazyfs_head && !lazyfs_reader_ended) {
+    ssize_t ignored = read(lazyfs_queue_fd, &count, sizeof count);
+    (void)ignored;
+  }
+  res = q ? 0 : lazyfs_reader_ended ? lazyfs_reader_result : -EINTR;
+  pthread_mutex_unlock(&lazyfs_queue_lock);
+  if (q) {
+    free(buf->mem);
+    buf->mem = q->mem;
+    buf->size = q->size;
+    buf->flags = (enum fuse_buf_flags)0;
+    buf->pos = 0;
+    res = (int)q->size;
+    free(q);
+  }
+  return res;
+}
+
+/* Joins the reader (if running) and drops what it queued; the workers' fd stays the eventfd,
+   readable, so that a worker still waiting sees the end. */
+void lazyfs_reader_stop(void) {
+  uint64_t one = 1;
+  struct lazyfs_queued *q;
+  if (!lazyfs_reader_running) return;
+  ssize_t ignored = write(lazyfs_stop_fd, &one, sizeof one);
+  (void)ignored;
+  pthread_join(lazyfs_reader, NULL);
+  lazyfs_reader_running = 0;
+  close(lazyfs_stop_fd);
+  lazyfs_stop_fd = -1;
+  pthread_mutex_lock(&lazyfs_queue_lock);
+  while ((q = lazyfs_head) != NULL) {
+    lazyfs_head = q->next;
+    free(q->mem);
+    free(q);
+  }
+  lazyfs_tail = NULL;
+  pthread_mutex_unlock(&lazyfs_queue_lock);
+  lazyfs_reader_used = 0;  /* a later session reads its fd itself unless started again */
+}
+
+/* After pyfuse3.init(), before main(): 0, or -errno (then nothing changed). */
+int lazyfs_reader_start(void) {
+  struct fuse_session *se = __pyx_v_7pyfuse3_session;
+  sigset_t all, old;
+  int fd, flags, err;
+  if (!se) return -EINVAL;
+  if (lazyfs_reader_running) return -EBUSY;
+  fd = fuse_session_fd(se);
+  if (lazyfs_queue_fd >= 0) close(lazyfs_queue_fd);  /* a former session's */
+  lazyfs_queue_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  lazyfs_stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  flags = fcntl(fd, F_GETFL);
+  if (lazyfs_queue_fd < 0 || lazyfs_stop_fd < 0 || flags < 0
+      || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    err = -errno;
+    goto fail;
+  }
+  lazyfs_head = lazyfs_tail = NULL;
+  lazyfs_reader_ended = 0;
+  lazyfs_reader_result = 0;
+  /* Signals stay with Python's main thread (and never interrupt the reader). */
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  err = -pthread_create(&lazyfs_reader, NULL, lazyfs_reader_main, se);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (err) {
+    fcntl(fd, F_SETFL, flags);
+    goto fail;
+  }
+  lazyfs_reader_running = 1;
+  lazyfs_reader_used = 1;
+  __pyx_v_7pyfuse3_session_fd = lazyfs_queue_fd;
+  return 0;
+fail:
+  if (lazyfs_queue_fd >= 0) close(lazyfs_queue_fd);
+  if (lazyfs_stop_fd >= 0) close(lazyfs_stop_fd);
+  lazyfs_queue_fd = lazyfs_stop_fd = -1;
+  return err;
+}
+

@@ -24,6 +24,7 @@ from lazyfs.formats.layer import (
     expected_toc_digest,
     locate_toc,
     tail_start_hint,
+    toc_by_annotations,
 )
 from lazyfs.formats.toc import TOC, TocBudget
 from lazyfs.remote.base import Source
@@ -85,6 +86,16 @@ async def load_layer(
     where = f"layer {desc.digest}"
     if desc.size < TAIL_SIZE or oci.LAYER_TYPES.get(desc.mediaType) == "tar":
         raise NotLazyError(f"{where} ({desc.mediaType}) is not lazy: it has no TOC")
+    loc = toc_by_annotations(desc.annotations, desc.size)
+    if loc is not None:
+        # Just the TOC: the tar-split after it (as large as the TOC) is no use to a mount.
+        try:
+            raw, toc = await _fetch_toc(source, desc.digest, loc, None, budget, tries=1)
+        except (FormatError, IntegrityError) as e:
+            log.info("%s: no TOC where the manifest says (%s); reading the footer", where, e)
+        else:
+            _keep(cached, loc, raw)
+            return LayerInfo(desc, loc, toc)
     # One request for the footer and, usually, the TOC before it: a round trip saved per
     # layer on a slow link.
     tail_start = min(
@@ -107,24 +118,33 @@ async def load_layer(
         raw, toc = await _fetch_toc(source, desc.digest, loc, first, budget)
     except LazyfsError as e:
         raise type(e)(f"{where}: {e}") from None
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cached, msgspec.msgpack.encode(_CachedTOC(loc, raw)))
+    _keep(cached, loc, raw)
     return LayerInfo(desc, loc, toc)
 
 
+def _keep(cached: Path | None, loc: TocLocation, raw: bytes) -> None:
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, msgspec.msgpack.encode(_CachedTOC(loc, raw)))
+
+
 async def _fetch_toc(
-    source: Source, digest: str, loc: TocLocation, first: bytes | None, budget: TocBudget | None
+    source: Source,
+    digest: str,
+    loc: TocLocation,
+    first: bytes | None,
+    budget: TocBudget | None,
+    tries: int = TOC_FETCH_TRIES,
 ) -> tuple[bytes, TOC]:
     """The TOC's bytes (``first`` if already read) and the decoded TOC.  Bytes that fail
     their digest are most likely damaged in transit: fetched again, as chunks are."""
-    for attempt in range(TOC_FETCH_TRIES):
+    for attempt in range(tries):
         raw = first if first is not None else await source.read_range(digest, loc.start, loc.end)
         first = None
         try:
             return raw, await trio.to_thread.run_sync(decode_layer_toc, loc, raw, budget)
         except IntegrityError as e:
-            if attempt + 1 == TOC_FETCH_TRIES:
+            if attempt + 1 == tries:
                 raise
             log.warning("TOC of %s: %s; fetching it again", digest, e)
     raise AssertionError("unreachable")

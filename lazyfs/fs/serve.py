@@ -51,7 +51,6 @@ from lazyfs.store.stats import LayerStats
 from lazyfs.store.wholelayer import WholeFetch
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import Group, encode
-from lazyfs.trace.stored import cached_group, find_group
 
 log = logging.getLogger(__name__)
 
@@ -240,20 +239,23 @@ class _Mount:
             if deltas is not None:
                 nursery.start_soon(deltas.look)
             if self.prefetcher is not None:
-                nursery.start_soon(self.prefetcher.run)
+                nursery.start_soon(self._prefetch, self.prefetcher)
             elif self.opts.auto_prefetch:
                 nursery.start_soon(self.auto_prefetch)
+
+    async def _prefetch(self, prefetcher: Prefetcher) -> None:
+        await prefetcher.run()
+        if self.image.groups is not None:
+            await self.image.groups.refresh()  # the kept groups, once old: off the start-up
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
         landmarks (``prefetch_from`` "auto"; "groups" or "landmark": only that one).  Runs
-        after readiness: looking in the registry costs a round trip or two."""
+        after readiness; the stored groups were looked up beside the TOC fetch."""
         image, layers, source = self.image, self.image.store_layers(), self.opts.prefetch_from
         group = None
-        if source in ("auto", "groups"):
-            group = await find_group(
-                image.source, image.manifest, self.opts.group, image.cache.documents_dir
-            )
+        if source in ("auto", "groups") and image.groups is not None:
+            group = await image.groups.wait()  # looked up since the manifest came
         if group is None and source in ("auto", "landmark"):
             group = landmark_group(layers)
         if group is None:
@@ -386,6 +388,10 @@ async def serve(
         retry=RetryPolicy.within(opts.read_timeout),
         progress=progress,
         background=True,
+        stored_groups=groups is None
+        and opts.auto_prefetch
+        and opts.prefetch_from in ("auto", "groups"),
+        group=opts.group,
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:
@@ -400,10 +406,10 @@ async def serve(
             doc, group = groups
             if doc.manifest and doc.manifest != image.manifest:
                 log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
-        elif opts.auto_prefetch and opts.prefetch_from in ("auto", "groups"):
+        elif image.groups is not None and image.groups.kept:
             # Groups an earlier mount found beside the image: the prefetch starts with the
             # mount instead of after a lookup in the registry.
-            group = cached_group(image.cache.documents_dir, image.manifest, opts.group)
+            group = image.groups.group
         if group is not None and image.is_complete:
             prefetcher = Prefetcher(image.store, image.store_layers(), group)
         mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher)

@@ -9,6 +9,7 @@ on every load, exactly as a fetched one is.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -158,12 +159,16 @@ async def load_tocs(
     toc_dir: Path | None = None,
     layer_count: int | None = None,
     whole: WholeLayers | None = None,
+    on_resolved: Callable[[ResolvedImage], None] | None = None,
 ) -> Image:
     """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
     ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
     layer without a TOC is an error (NotLazyError), unless ``whole`` is given: then it is
-    fetched whole and indexed."""
+    fetched whole and indexed.  ``on_resolved`` hears of the image before its TOCs are read
+    (what else needs the manifest digest can start beside them)."""
     resolved = await resolve_image(source, ref, platform)
+    if on_resolved is not None:
+        on_resolved(resolved)
     descriptors = resolved.layers
     if layer_count is not None:
         if not 0 < layer_count <= len(descriptors):

@@ -219,9 +219,7 @@ async def open_image(
                     toc_dir=cache.tocs_dir,
                     whole=whole,
                     layer_count=layer_count,
-                    on_resolved=(
-                        (lambda r: groups.begin(side, r.manifest_digest)) if groups else None
-                    ),
+                    on_resolved=((lambda digest: groups.begin(side, digest)) if groups else None),
                 )
                 store = LayerStore(cache)
                 try:

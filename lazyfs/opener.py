@@ -212,6 +212,7 @@ async def open_image(
         groups = StoredGroups(source, cache.documents_dir, group) if stored_groups else None
         try:
             async with _side_tasks() as side:
+                t0 = trio.current_time()
                 tocs = await load_tocs(
                     source,
                     ref,
@@ -219,7 +220,7 @@ async def open_image(
                     toc_dir=cache.tocs_dir,
                     whole=whole,
                     layer_count=layer_count,
-                    on_resolved=((lambda digest: groups.begin(side, digest)) if groups else None),
+                    on_resolved=_begin(groups, side, t0),
                 )
                 store = LayerStore(cache)
                 try:
@@ -244,6 +245,16 @@ async def open_image(
     finally:
         with trio.CancelScope(shield=True):
             await source.aclose()
+
+
+def _begin(
+    groups: StoredGroups | None, nursery: trio.Nursery, t0: float
+) -> Callable[[str], None] | None:
+    """``load_tocs``'s hook: the groups lookup starts with the manifest (whose fetch, since
+    ``t0``, tells what a request costs)."""
+    if groups is None:
+        return None
+    return lambda digest: groups.begin(nursery, digest, trio.current_time() - t0)
 
 
 @asynccontextmanager

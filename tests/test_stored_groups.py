@@ -94,6 +94,26 @@ def test_groups_lookup_beside_the_toc_fetch(
     assert at[document] < out_of(artifact)
 
 
+def test_a_slow_lookup_does_not_hold_readers(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    img = _push(registry, tmp_path, "stored/slow")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay, fault_proxy.delay_match = 0.9, "/manifests/sha256-"  # < GATE_WAIT
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(f"{fault_proxy.host}/{img['repo']}:v1", tmp_path / "mnt", *args) as m:
+        name = USED[0]
+        assert (m.mountpoint / name).read_bytes() == FILES[name]
+        read_done = len(fault_proxy.events)
+        # The lookup still goes on, and its group is prefetched when it comes.
+        assert wait_prefetched(m.mountpoint)["prefetch"]["group"] == "startup"
+    events, paths = fault_proxy.events, fault_proxy.paths
+    lookup = next(n for n, p in enumerate(paths) if "/manifests/sha256-" in p)
+    answered = next(i for i, ev in enumerate(events) if ev[0] == "out" and ev[1] == paths[lookup])
+    assert answered >= read_done  # the reader had its bytes before the lookup's answer
+
+
 def _kept(cache: Path) -> Path:
     (kept,) = (cache / "documents").glob("groups-of-*")
     return kept

@@ -37,7 +37,13 @@ from lazyfs.fs.control import (
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.ops import Operations
 from lazyfs.fs.pending import PendingOperations
-from lazyfs.fs.prefetch import Prefetcher, PrefetchGate, landmark_group, load_group
+from lazyfs.fs.prefetch import (
+    LOOKUP_WAIT_MIN,
+    Prefetcher,
+    PrefetchGate,
+    landmark_group,
+    load_group,
+)
 from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import ROOT_INO, Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
@@ -199,7 +205,13 @@ class _Mount:
         wait (briefly) for its first requests, whose chunks they then join."""
         if self.prefetcher is None and self.group is None and not self.opts.auto_prefetch:
             return
-        self.gate = PrefetchGate(deltas)
+        groups = self.image.groups
+        if groups is not None and self.prefetcher is None and self.group is None:
+            # Still looking for stored groups: a reader waits for that about one request.
+            wait = max(groups.request_time, LOOKUP_WAIT_MIN)
+            self.gate = PrefetchGate(deltas, known=groups.done, lookup_wait=wait)
+        else:
+            self.gate = PrefetchGate(deltas)
         self.image.store.provider = self.gate
 
     async def fetch_ahead(self, deltas: PendingDeltas | None) -> None:

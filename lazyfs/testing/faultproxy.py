@@ -99,6 +99,8 @@ class FaultProxy(ThreadedHTTPServer):
             self.upstream_auth: str | None = None
             #: seconds every request waits before it is forwarded (a round trip), None: none
             self.delay: float | None = None
+            #: only requests whose path holds this are delayed (None: all)
+            self.delay_match: str | None = None
             #: ("in" | "out", path, time.monotonic()) of every request as it arrives and as its
             #: answer is sent: which requests were in flight together (tests assert on the
             #: order, benchmarks read the times)
@@ -187,6 +189,8 @@ class FaultProxy(ThreadedHTTPServer):
                     proxy.events.append(("in", self.path, time.monotonic()))
                     fail = proxy._fail.pop(0) if matched and proxy._fail else None
                     delay = proxy.delay
+                    if proxy.delay_match is not None and proxy.delay_match not in self.path:
+                        delay = None
                 if delay:
                     time.sleep(delay)
                 if fail is not None:

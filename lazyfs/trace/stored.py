@@ -117,9 +117,13 @@ class StoredGroups:
         self.kept = False  # the group came from the kept copy
         self.group: Group | None = None
         self.done = trio.Event()
+        #: what one request to the registry took (the manifest's): how long a reader may
+        #: wait for the lookup rather than ask for its own bytes
+        self.request_time = 0.0
 
-    def begin(self, nursery: trio.Nursery, manifest_digest: str) -> None:
+    def begin(self, nursery: trio.Nursery, manifest_digest: str, request_time: float) -> None:
         self.manifest = manifest_digest
+        self.request_time = request_time
         self.group = cached_group(self.cache_dir, manifest_digest, self.name)
         if self.group is not None:
             self.kept = True

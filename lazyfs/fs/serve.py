@@ -418,9 +418,9 @@ async def serve(
             doc, group = groups
             if doc.manifest and doc.manifest != image.manifest:
                 log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
-        elif image.groups is not None and image.groups.kept:
-            # Groups an earlier mount found beside the image: the prefetch starts with the
-            # mount instead of after a lookup in the registry.
+        elif image.groups is not None and image.groups.done.is_set():
+            # Groups an earlier mount found beside the image, or the lookup begun with the
+            # manifest already answered: the prefetch starts with the mount.
             group = image.groups.group
         if group is not None and image.is_complete:
             prefetcher = Prefetcher(image.store, image.store_layers(), group)

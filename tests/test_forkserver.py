@@ -65,6 +65,14 @@ def test_the_fork_server_spawns_a_working_mount(
                   log=tmp_path / "log", timeout=60, forkserver=server.socket)  # fmt: skip
         daemons.append(d)
         assert d.proc is None  # forked by the server, not a child of this process
+        # ps shows what it is, as for a daemon started anew, not the server's command line.
+        assert Path(f"/proc/{d.pid}/comm").read_text() == "lazyfs-mount\n"
+        shown = Path(f"/proc/{d.pid}/cmdline").read_bytes().rstrip(b"\0").decode()
+        argv = lazyfs_argv("-v", "mount", image, os.fspath(mnt), "--read-only", "--cache",
+                           str(tmp_path / "c"), "--ready-fd")  # fmt: skip
+        full = " ".join(argv)  # as much of it as the server's own command line had room for
+        assert shown.startswith(" ".join(argv[:5])), shown
+        assert shown[: len(full)] == full[: len(shown)], shown
         assert (mnt / "f").read_bytes() == DATA
         info = attach(mnt, expect_pid=d.pid).info()
         assert info["pid"] == d.pid
@@ -221,7 +229,9 @@ def test_lazyfs_mount_uses_a_fork_server_it_finds(image: str, tmp_path: Path) ->
         assert out.returncode == 0, out.stderr
         d = attach(mnt)
         assert out.stdout == f"{mnt}: mounted {image} (pid {d.pid})\n"
-        assert b"serve-forks" in Path(f"/proc/{d.pid}/cmdline").read_bytes()  # a fork of it
+        # A fork of the server (a daemon started anew is "python3"), named for what it runs.
+        assert Path(f"/proc/{d.pid}/comm").read_text() == "lazyfs-mount\n"
+        assert b"serve-forks" not in Path(f"/proc/{d.pid}/cmdline").read_bytes()
         assert os.getsid(d.pid) == d.pid
         assert (mnt / "f").read_bytes() == DATA
         d.stop()

@@ -8,12 +8,13 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lazyfs_tools.convert import convert
 
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.testing.mounts import Mount, lazyfs_cmd, mounted, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,10 +37,8 @@ def image(tmp: Path) -> str:
 
 
 def readdirs(mnt: Path) -> int:
-    res = run(*lazyfs_cmd("stats", str(mnt), "--json"))
-    assert res.returncode == 0, res.stderr
-    n: int = json.loads(res.stdout)["readdir_requests"]
-    return n
+    """Listings the kernel asked for (not served from its cache)."""
+    return requests(mnt).get("readdir", 0)
 
 
 def requests(mnt: Path) -> dict[str, int]:
@@ -185,6 +184,61 @@ def test_a_listing_in_progress_survives_the_first_change(tmp_path: Path) -> None
         assert sorted(os.listdir(mnt / "small")) == sorted([*names[1:5], "new"])
 
 
+def withdrawn(m: Mount) -> int:
+    """Changed directories' listings the daemon keeps for listings opened before the change."""
+    n: int = m.stats()["withdrawn_listings"]
+    return n
+
+
+def test_a_changed_listing_is_kept_only_while_a_listing_may_need_it(tmp_path: Path) -> None:
+    """A lower directory opened in C before its first change lists what it had then, and
+    the daemon keeps that listing only until the kernel forgets the directory.  The root is
+    never forgotten, so it keeps none: a root changing while listed (``rm -rf /*``) neither
+    skips nor repeats an entry all the same."""
+    names = [f"root-entry-with-a-long-name-{i:05d}" for i in range(600)]
+    lower = [
+        *(Item(n, data=b"x") for n in names),
+        Item("d", "dir", mode=0o755),
+        Item("d/a", data=b"a"),
+        Item("d/b", data=b"b"),
+    ]
+    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    args = ("--upper", str(tmp_path / "upper"), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+        mnt = m.mountpoint
+        seen = []
+        with os.scandir(mnt) as it:
+            for entry in it:
+                seen.append(entry.name)
+                if entry.name != "d":
+                    os.unlink(entry.path)
+        assert sorted(seen) == sorted([*names, "d"])
+        assert os.listdir(mnt) == ["d"]
+        (mnt / "new").write_bytes(b"n")
+        assert sorted(os.listdir(mnt)) == ["d", "new"]
+        assert withdrawn(m) == 0
+
+        fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)  # opened in C
+        try:
+            os.unlink(mnt / "d" / "a")  # its first change
+            (mnt / "d" / "c").write_bytes(b"c")
+            assert withdrawn(m) == 1
+            listed = os.listdir(fd)
+        finally:
+            os.close(fd)
+        assert "b" in listed and set(listed) <= {"a", "b", "c"}
+        assert sorted(os.listdir(mnt / "d")) == ["b", "c"]
+        os.unlink(mnt / "d" / "b")
+        os.unlink(mnt / "d" / "c")
+        os.rmdir(mnt / "d")  # the kernel forgets it once nothing holds it
+        deadline = time.monotonic() + 10
+        while withdrawn(m) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert withdrawn(m) == 0
+        assert m.stats()["handler_errors"] == 0
+
+
 BIG = seeded_bytes(300_000, 7)
 
 
@@ -285,6 +339,111 @@ def test_files_are_read_and_written_without_open_requests(tmp_path: Path) -> Non
         # for the files created here (the kernel releases a CREATE's handle)
         assert after.get("open", 0) == 1 and after.get("flush", 0) <= 1, after
         assert after.get("release", 0) <= after.get("create", 0), after
+        assert m.stats()["handler_errors"] == 0
+
+
+def test_cached_pages_and_sizes_follow_writes_without_open_requests(tmp_path: Path) -> None:
+    """With no OPEN the kernel keeps a file's pages across opens: they must follow a copy-up
+    and every write and truncation made through another descriptor or by path, read through
+    pages never dropped (``uncached`` elsewhere hides exactly this)."""
+    lower = [
+        Item("f", "dir", mode=0o755),
+        Item("f/big", data=BIG),
+        Item("f/config", data=b"old config"),
+        Item("f/shrunk", data=BIG),
+    ]
+    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    upper = tmp_path / "upper"
+    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+        f = m.mountpoint / "f"
+        want = bytearray(BIG)
+        r = os.open(f / "big", os.O_RDONLY)
+        try:
+            assert os.pread(r, len(BIG) + 1, 0) == BIG  # every page cached
+            with mmap.mmap(r, 0, prot=mmap.PROT_READ) as mm:
+                w = os.open(f / "big", os.O_RDWR)  # another descriptor: copies up, writes
+                try:
+                    os.pwrite(w, b"XYZ", 100_000)
+                    want[100_000:100_003] = b"XYZ"
+                    assert os.pread(r, len(BIG) + 1, 0) == want
+                    assert mm[99_999:100_004] == want[99_999:100_004]
+                    os.ftruncate(w, 150_000)
+                    del want[150_000:]
+                    assert os.fstat(r).st_size == os.stat(f / "big").st_size == 150_000
+                    os.pwrite(w, b"end", 160_000)  # beyond the old end: zeros between
+                    want += bytes(10_000) + b"end"
+                finally:
+                    os.close(w)
+            assert os.pread(r, len(BIG) + 1, 0) == want
+            os.truncate(f / "big", 200_000)  # by path, larger: zeros again
+            want += bytes(200_000 - len(want))
+            assert os.fstat(r).st_size == 200_000
+            assert os.pread(r, len(BIG) + 1, 0) == want
+            with open(f / "big", "rb") as again:  # a new open keeps the same pages
+                assert again.read() == want
+        finally:
+            os.close(r)
+        assert (upper / "f" / "big").read_bytes() == want
+
+        # rewritten by rename (a config file's usual update): the name leads to the new file
+        assert (f / "config").read_bytes() == b"old config"
+        (f / "config.tmp").write_bytes(b"new")
+        os.rename(f / "config.tmp", f / "config")
+        assert (f / "config").read_bytes() == b"new"
+        assert os.stat(f / "config").st_size == 3
+
+        # truncated by O_TRUNC while another descriptor holds the cached pages
+        with open(f / "shrunk", "rb") as held:
+            assert held.read() == BIG
+            (f / "shrunk").write_bytes(b"short")
+            assert os.fstat(held.fileno()).st_size == 5
+            assert os.pread(held.fileno(), len(BIG), 0) == b"short"
+        assert m.stats()["handler_errors"] == 0
+
+
+def test_cached_lower_attributes_follow_every_change(tmp_path: Path) -> None:
+    """Lower attributes are cached for an hour: after a rename, an unlink of one of two hard
+    links, a directory's removal (a whiteout) and its return (opaque), each entry's
+    attributes are the upper directory's (or follow from the tree), never the cached ones."""
+    lower = [
+        Item("d", "dir", mode=0o755),
+        Item("d/moved", data=b"m", mode=0o640),
+        Item("d/sub", "dir", mode=0o755),
+        Item("d/sub/x", data=b"x"),
+        Item("d/one", data=b"linked"),
+        Item("d/two", "hardlink", link="d/one"),
+    ]
+    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    upper = tmp_path / "upper"
+    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"), "--no-prefetch")
+    fields = ("st_mode", "st_nlink", "st_size", "st_mtime_ns", "st_ctime_ns")
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+        d = m.mountpoint / "d"
+        before = {n: os.stat(d / n) for n in ("", "moved", "sub", "one", "two")}
+        assert before["one"].st_nlink == 2 and before[""].st_nlink == 3
+
+        os.rename(d / "moved", d / "renamed")
+        got, truth = os.stat(d / "renamed"), os.stat(upper / "d" / "renamed")
+        assert [getattr(got, k) for k in fields] == [getattr(truth, k) for k in fields]
+        assert not os.path.lexists(d / "moved")
+
+        os.unlink(d / "one")  # a whiteout; the other name's link count follows
+        assert os.stat(d / "two").st_nlink == 1
+        assert (d / "two").read_bytes() == b"linked"
+        assert not os.path.lexists(d / "one")
+
+        os.unlink(d / "sub" / "x")
+        os.rmdir(d / "sub")  # a directory's whiteout: the parent's link count follows
+        assert not os.path.lexists(d / "sub")
+        assert os.stat(d).st_nlink == 2
+        os.mkdir(d / "sub")  # back, opaque
+        assert os.stat(d).st_nlink == 3 and os.listdir(d / "sub") == []
+        got, truth = os.stat(d), os.stat(upper / "d")
+        assert (got.st_mtime_ns, got.st_ctime_ns) == (truth.st_mtime_ns, truth.st_ctime_ns)
+        assert sorted(os.listdir(d)) == ["renamed", "sub", "two"]
         assert m.stats()["handler_errors"] == 0
 
 

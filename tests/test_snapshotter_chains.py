@@ -13,13 +13,18 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 from lazyfs_snapshotter.api import snapshots_pb2
+from lazyfs_snapshotter.errors import AlreadyExists
+from lazyfs_snapshotter.snapshots import Snapshotter
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 
 from lazyfs.fs.unmount import mounts_under
@@ -36,6 +41,7 @@ from tests.test_snapshotter_lazy import (  # noqa: F401 - fixture
     prepare_layers,
     stop_daemons,
 )
+from tests.test_snapshotter_unit import D1, _layer_labels, _LazyEverything
 
 BASE = [Item("etc", "dir", mode=0o755), Item("etc/base", data=b"shared base\n"),
         Item("etc/gone-in-b", data=b"whited out by b\n")]  # fmt: skip
@@ -183,19 +189,68 @@ def test_preparing_layers_found_there_asks_the_registry_nothing_again(
     tmp_path: Path,
 ) -> None:
     # Every layer of a re-pull, and the base of every image sharing it, is found there: its
-    # Prepare only names one more image for the chain, and one already held needs no lookup.
+    # Prepare only names one more image for the chain, kept to be looked up if ever needed.
     with (
         FaultProxy(registry.url) as proxy,
         _two_images(registry, tmp_path, base_dir / "sn", proxy.host) as (_, sp, c, a, b),
     ):
         a.prepare(c)
-        b.prepare(c)  # b names the base: b's manifest is asked for once
-        b.prepare(c, stargz=True)  # b's tag, looked up once
+        proxy.reset()
+        for stargz in (False, True):  # b's base: a's, held
+            prepare_layers(c, b.ref, b.manifest, b.layers[:1], b.chains[:1], stargz)
+        assert proxy.requests == 0, proxy.paths
+        b.prepare(c)  # b's own top layer: b's manifest and its TOC
+        assert proxy.requests > 0
         proxy.reset()
         for img in (a, b, a, b):
             img.prepare(c)
             img.prepare(c, stargz=True)
         assert proxy.requests == 0, proxy.paths
         with sqlite3.connect(sp.root / "metadata.db") as conn:
-            refs = conn.execute("SELECT image_ref FROM remote_refs ORDER BY rowid").fetchall()
-        assert refs == [(f"{proxy.host}/b/app@{b.manifest}",)]
+            refs = conn.execute("SELECT image_ref FROM remote_refs").fetchall()
+            pending = conn.execute(
+                "SELECT s.key, p.image_ref, p.manifest_digest FROM pending_refs p"
+                " JOIN snapshots s ON s.id = p.snapshot_id ORDER BY p.rowid").fetchall()
+        assert refs == []
+        # The base: b by manifest (CRI's labels), then by tag (stargz's); then the image's
+        # own tag (stargz's labels give no digest) for each top.
+        assert pending == [(a.chains[0], b.ref, b.manifest), (a.chains[0], b.ref, ""),
+                           (a.chains[0], a.ref, ""), (a.chains[1], a.ref, ""),
+                           (b.chains[1], b.ref, "")]  # fmt: skip
+
+
+def test_a_slow_stray_daemon_holds_no_other_call(base_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    # A stray daemon with a file open in its mount exits only once that file closes.  The
+    # sweep waits for it outside the chains lock: a Mounts (which takes that lock) answers
+    # meanwhile, and the sweep still ends the daemon.  In-process, no registry: cheap.
+    layers = _LazyEverything(tmp_path)
+    sn = Snapshotter(base_dir / "root", layers)
+    stray: Mount | None = None
+    try:
+        with pytest.raises(AlreadyExists):
+            sn.prepare("ns", "x1", "", _layer_labels("L1", D1))
+        sn.prepare("ns", "ctr", "L1", {})
+        make_lazy_layout(tmp_path / "img", [make_tar([Item("f", data=b"stray\n")])])
+        stray = start_mount(f"oci:{tmp_path / 'img'}:v1", sn.root / "mnt" / "0000slow",
+                            "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c"))
+        with open(stray.mountpoint / "f", "rb") as held:
+            sweep = threading.Thread(target=sn.cleanup)
+            sweep.start()
+            try:
+                while mounts_under(str(sn.root / "mnt")):  # detached: now it waits for the PID
+                    assert sweep.is_alive()
+                    time.sleep(0.02)
+                (m,) = sn.mounts("ns", "ctr")  # takes the chains lock
+                assert f"lowerdir={tmp_path}/mnt/L1" in m.options
+                assert sweep.is_alive()  # answered while the sweep still waits
+                assert held.read() == b"stray\n"  # the detached daemon still serves its file
+            finally:
+                held.close()
+                sweep.join(60)
+        assert not sweep.is_alive()
+        assert wait_pid(stray.pid, 0)
+        assert not (sn.root / "mnt" / "0000slow").exists()
+    finally:
+        if stray is not None:
+            stray.stop()
+        sn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import stat
@@ -101,3 +102,23 @@ def test_a_corrupt_metadata_store_is_a_one_line_error(base_dir: Path) -> None:
     )
     assert res.returncode == 2 and "metadata.db" in res.stderr
     assert res.stderr.count("\n") == 1
+
+
+def test_a_start_that_fails_after_the_fork_server_stops_it_at_once(base_dir: Path) -> None:
+    with socket.socket() as taken:  # held: the metrics address cannot be bound
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = subprocess.run(
+            [sys.executable, "-m", "lazyfs_snapshotter.cli", "--address", str(base_dir / "s.sock"),
+             "--root", str(base_dir / "root"), "--log-level", "debug",
+             "--metrics-address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines()[-1].startswith("lazyfs-snapshotter: metrics address")
+    m = re.search(r"fork server pid (\d+) on (\S+)", res.stderr)
+    assert m is not None, res.stderr
+    # Stopped (and reaped) by the snapshotter before it exited, not a second later by itself.
+    assert not os.path.exists(f"/proc/{m.group(1)}")
+    assert not os.path.exists(m.group(2))

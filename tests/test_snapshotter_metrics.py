@@ -5,6 +5,7 @@ own counters over plain snapshots, then the series of a real mount daemon record
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,6 @@ from lazyfs_snapshotter.metadata import MetadataStore
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 from prometheus_client.parser import text_string_to_metric_families
 
-from lazyfs.testing.dockerregistry import free_port
 from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import Mount, mounted
 from tests.test_metrics import Samples, samples, value
@@ -41,6 +41,14 @@ def base_dir() -> Iterator[Path]:
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     d = tmp_path_factory.mktemp("snap-metrics-image")
     return f"oci:{make_lazy_layout(d / 'lazy', [make_tar([Item('f', data=DATA)])])}:v1"
+
+
+def metrics_port(sp: SnapshotterProcess) -> int:
+    """The port the snapshotter was given for ``127.0.0.1:0``: chosen by its own bind, so no
+    other process can take it between a choice and the bind."""
+    m = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", sp.this_run_log())
+    assert m is not None, sp.this_run_log()
+    return int(m.group(1))
 
 
 def scrape(port: int) -> tuple[str, Samples]:
@@ -63,10 +71,10 @@ def record(sp: SnapshotterProcess, m: Mount, image: str, chain: str = CHAIN) -> 
 def test_endpoint_from_config_counts_calls_snapshots_and_daemons(
     base_dir: Path, image: str
 ) -> None:
-    port = free_port()
     config = base_dir / "config.toml"
-    config.write_text(f'[metrics]\naddress = "127.0.0.1:{port}"\n')
+    config.write_text('[metrics]\naddress = "127.0.0.1:0"\n')
     with SnapshotterProcess(base_dir / "sn", args=("--config", str(config))) as sp:
+        port = metrics_port(sp)
         c = Client(sp.address)
         c.prepare("k1")
         c.commit("c1", "k1")
@@ -133,11 +141,11 @@ def test_endpoint_from_config_counts_calls_snapshots_and_daemons(
 def test_a_hung_daemon_costs_the_scrape_seconds_not_the_scrape(
     base_dir: Path, image: str
 ) -> None:
-    port = free_port()
-    flag = ("--metrics-address", f"127.0.0.1:{port}")
+    flag = ("--metrics-address", "127.0.0.1:0")
     with SnapshotterProcess(base_dir / "sn", args=flag) as sp, \
             mounted(image, base_dir / "mnt", "--read-only", "--no-prefetch",
                     "--cache", str(base_dir / "cache")) as m:  # fmt: skip
+        port = metrics_port(sp)
         record(sp, m, image)
         os.kill(m.pid, signal.SIGSTOP)  # its control socket accepts, nothing answers
         try:
@@ -153,8 +161,8 @@ def test_a_hung_daemon_costs_the_scrape_seconds_not_the_scrape(
 
 
 def test_metrics_address_flag_and_its_errors(base_dir: Path) -> None:
-    port = free_port()
-    with SnapshotterProcess(base_dir / "a", args=("--metrics-address", f"127.0.0.1:{port}")):
+    with SnapshotterProcess(base_dir / "a", args=("--metrics-address", "127.0.0.1:0")) as sp:
+        port = metrics_port(sp)
         text, _ = scrape(port)
         assert "lazyfs_snapshotter_snapshots" in text
         argv = [sys.executable, "-m", "lazyfs_snapshotter.cli", "--root", str(base_dir / "b"),
@@ -170,9 +178,8 @@ def test_metrics_address_flag_and_its_errors(base_dir: Path) -> None:
 
 
 def test_families_parse_with_the_prometheus_parser(base_dir: Path) -> None:
-    port = free_port()
-    with SnapshotterProcess(base_dir, args=("--metrics-address", f"127.0.0.1:{port}")):
-        text, _ = scrape(port)
+    with SnapshotterProcess(base_dir, args=("--metrics-address", "127.0.0.1:0")) as sp:
+        text, _ = scrape(metrics_port(sp))
     kinds = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert kinds["lazyfs_snapshotter_grpc_calls"] == "counter"
     assert kinds["lazyfs_layer_read_latency_seconds"] == "histogram"

@@ -18,7 +18,7 @@ from lazyfs_snapshotter.errors import (
     NotFound,
 )
 from lazyfs_snapshotter.filters import match_any, parse_filters
-from lazyfs_snapshotter.metadata import Kind, MetadataStore, RemoteLayerRow
+from lazyfs_snapshotter.metadata import Kind, MetadataStore, PendingRef, RemoteLayerRow
 from lazyfs_snapshotter.remote import (
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
@@ -303,7 +303,6 @@ class _LazyEverything:
         self.prepared: list[tuple[RemoteSource, int]] = []
         self.released: list[int] = []
         self.plain: set[str] = set()  # layer digests that are "not lazy"
-        self.named: list[str] = []  # image refs also_named was asked about (a registry lookup)
 
     def start(self, store: MetadataStore) -> None:
         self.store = store
@@ -312,13 +311,7 @@ class _LazyEverything:
         self.prepared.append((source, depth))
         if source.layer_digest in self.plain:
             return Readiness(False, "gzip")
-        return Readiness(True, record=RemoteLayerRow("r/x@" + D1, D1, depth - 1, "{}"))
-
-    def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
-        self.named.append(source.image_ref)
-        ref = source.known_ref() or f"{source.image_ref}@depth{depth}"  # a tag "resolved"
-        with self.store.transaction() as tx:
-            tx.add_remote_ref(snap_id, ref)
+        return Readiness(True, record=RemoteLayerRow("h.io/r/x@" + D1, D1, depth - 1, "{}"))
 
     def mount(self, chain: Chain) -> tuple[int, Path]:
         self.mounted = chain
@@ -386,9 +379,16 @@ def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -
         labels = {TARGET_LABEL: "L12", STARGZ_REF: image, STARGZ_DIGEST: D2}
         with pytest.raises(AlreadyExists):
             sn.prepare("ns", "x3", "L1", labels)
-    assert layers.named == ["b/c:d", "e/f:g"]  # a tag is looked up once
+    # The record's own image again (CRI's labels name its manifest): nothing new.
+    cri = {TARGET_LABEL: "L12", CRI_IMAGE_REF: "h.io/r/x:v1", CRI_LAYER_DIGEST: D2,
+           CRI_MANIFEST_DIGEST: D1}  # fmt: skip
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns", "x3", "L1", cri)
+    assert [d for _, d in layers.prepared] == [1, 2]  # the LayerFS was asked nothing more
     sn.prepare("ns", "ctr", "L12", {})
-    assert layers.mounted.refs == ("r/x@" + D1, "b/c:d@depth2", "e/f:g@depth2")
+    assert layers.mounted.refs == ("h.io/r/x@" + D1,)
+    # Kept as the labels gave them, in order, each once; looked up only to mount from them.
+    assert layers.mounted.pending == (PendingRef("b/c:d", "", D2), PendingRef("e/f:g", "", D2))
     sn.close()
     # A metadata file of a snapshotter without ``remote_refs`` gains it on open.
     db = tmp_path / "r" / "metadata.db"
@@ -397,15 +397,18 @@ def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -
     store = MetadataStore(db)
     with store.transaction() as tx:
         (row,) = [r for r in tx.all("ns") if r.key == "L12"]
-        assert tx.remote_refs(row.id) == ["r/x@" + D1]
+        assert tx.remote_refs(row.id) == ["h.io/r/x@" + D1]
         tx.add_remote_ref(row.id, "h/r@" + D2)
-        assert tx.remote_refs(row.id) == ["r/x@" + D1, "h/r@" + D2]
+        assert tx.remote_refs(row.id) == ["h.io/r/x@" + D1, "h/r@" + D2]
     store.close()
 
 
-def test_a_layer_found_there_asks_the_registry_only_about_a_new_image(tmp_path: Path) -> None:
-    """Naming a chain by another image costs a lookup: none for an image held by digest, nor
-    for a tag this process looked up (or committed the snapshot from) before."""
+def test_a_layer_found_there_asks_nothing_and_keeps_each_new_image_once(
+    tmp_path: Path,
+) -> None:
+    """A Prepare of a layer held already asks the LayerFS (the registry) nothing: another image
+    naming it is kept as its labels give it, once, to be looked up only if the chain must be
+    mounted from it; one held by digest already is not kept again."""
     layers = _LazyEverything(tmp_path)
     sn = Snapshotter(tmp_path / "r", layers)
 
@@ -414,21 +417,23 @@ def test_a_layer_found_there_asks_the_registry_only_about_a_new_image(tmp_path: 
                 CRI_MANIFEST_DIGEST: manifest}  # fmt: skip
 
     pinned = {TARGET_LABEL: "L1", STARGZ_REF: "h.io/e/f@" + D2, STARGZ_DIGEST: D1}
-    prepares = [_layer_labels("L1", D1), _layer_labels("L1", D1), cri(D2), cri(D2), pinned,
-                cri(D3)]  # fmt: skip
+    record = {TARGET_LABEL: "L1", STARGZ_REF: "h.io/r/x@" + D1, STARGZ_DIGEST: D1}
+    prepares = [_layer_labels("L1", D1), cri(D2), cri(D2), pinned, record, cri(D3),
+                _layer_labels("L1", D1)]  # fmt: skip
     for labels in prepares:  # the first commits L1 from tag a/b:c; the others find it
         with pytest.raises(AlreadyExists):
             sn.prepare("ns", "x", "", labels)
-    assert layers.named == ["h.io/e/f:g", "h.io/e/f:g"]  # manifests D2 and D3
+    assert len(layers.prepared) == 1
     sn.close()
-    sn = Snapshotter(tmp_path / "r", layers)  # a new process looks a tag up again
-    for labels in (_layer_labels("L1", D1), cri(D2)):
-        with pytest.raises(AlreadyExists):
-            sn.prepare("ns", "x", "", labels)
-    assert layers.named[2:] == ["a/b:c"]
+    sn = Snapshotter(tmp_path / "r", layers)  # kept across a restart, never asked again
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns", "x", "", cri(D2))
+    assert len(layers.prepared) == 1
     sn.prepare("ns", "ctr", "L1", {})
-    assert layers.mounted.refs == ("r/x@" + D1, "h.io/e/f@" + D2, "h.io/e/f@" + D3,
-                                   "a/b:c@depth1")  # fmt: skip
+    assert layers.mounted.refs == ("h.io/r/x@" + D1,)
+    assert layers.mounted.pending == (
+        PendingRef("h.io/e/f:g", D2, D1), PendingRef("h.io/e/f@" + D2, "", D1),
+        PendingRef("h.io/e/f:g", D3, D1), PendingRef("a/b:c", "", D1))  # fmt: skip
     sn.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -19,6 +20,7 @@ import socket
 import stat
 import struct
 import sys
+from collections.abc import Sequence
 from types import FrameType
 
 import msgspec
@@ -49,6 +51,37 @@ DESCRIPTORS = {"daemon": 1, "command": 3}
 
 # How often the server looks whether its parent is gone (--exit-with-parent).
 PARENT_POLL = 1.0
+
+
+PR_SET_NAME = 15  # prctl(2): the calling thread's name (comm, 15 bytes)
+# The fields of /proc/PID/stat (1-based, as proc(5) numbers them) that bound the command line.
+_STAT_ARG_START, _STAT_ARG_END = 48, 49
+
+
+def name_process(comm: str, argv: Sequence[str]) -> None:
+    """Show this process as what it runs, not as the server it was forked from: ``comm``
+    (what ``ps -o comm``, ``top`` and ``pkill`` see) and ``argv``, space-separated, over the
+    command line the server was started with, as far as that room goes (/proc/PID/cmdline,
+    ``ps -f``).  Only those bytes are written: the environment after them stays untouched,
+    and Python keeps its own copies of both.  For people only: lazyfs finds its daemons by
+    control socket and PID, never by name."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]  # fmt: skip
+    libc.prctl(PR_SET_NAME, os.fsencode(comm)[:15], 0, 0, 0)
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # fields[0] is field 3
+        start, end = (int(fields[n - 3]) for n in (_STAT_ARG_START, _STAT_ARG_END))
+    except (OSError, ValueError, IndexError):
+        return
+    room = end - start
+    if room < 2:
+        return
+    text = b" ".join(os.fsencode(a) for a in argv)[: room - 1] + b"\0"
+    # The kernel shows up to the first NUL when the area's last byte is not one (what
+    # setproctitle(3) does), the whole area when it is: either way, the text alone.
+    ctypes.memmove(start, text + b" " * (room - len(text)), room)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -249,6 +282,12 @@ def _start(request: ForkRequest, go_read: int) -> bool:
     return True
 
 
+def _comm(argv: Sequence[str]) -> str:
+    """``lazyfs-COMMAND``: the first word of a lazyfs command line that is not an option."""
+    words = [a for a in argv if not a.startswith("-")]
+    return f"lazyfs-{words[0]}" if words else "lazyfs"
+
+
 def _daemon(request: ForkRequest, ready_fd: int, go_read: int) -> int:
     """The daemon, from the fork to the CLI's entry point.  Mirrors what the exec path gets
     from subprocess: a new session, stdio on the log, the caller's cwd and environment."""
@@ -258,10 +297,13 @@ def _daemon(request: ForkRequest, ready_fd: int, go_read: int) -> int:
         return 1
     from lazyfs.cli import run
     from lazyfs.cli.mount import detach
+    from lazyfs.fs.daemon import lazyfs_argv
 
+    argv = [*request.argv, "--ready-fd", str(ready_fd)]
+    name_process(_comm(argv), lazyfs_argv(*argv))  # what a daemon started anew would show
     detach(request.log, ready_fd)
 
-    return run([*request.argv, "--ready-fd", str(ready_fd)])
+    return run(argv)
 
 
 def _command(request: ForkRequest, fds: list[int], go_read: int, conn: socket.socket) -> int:
@@ -273,6 +315,9 @@ def _command(request: ForkRequest, fds: list[int], go_read: int, conn: socket.so
         os.dup2(fd, i)
         os.close(fd)
     from lazyfs.cli import run
+    from lazyfs.fs.daemon import lazyfs_argv
+
+    name_process(_comm(request.argv), lazyfs_argv(*request.argv))  # its daemon inherits it
 
     code = 1
     try:

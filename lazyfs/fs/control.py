@@ -87,8 +87,9 @@ class StatsReport(msgspec.Struct):
     pid: int = 0
     rss_bytes: int = 0
     cache: CacheUsage | None = None
-    readdir_requests: int = 0  # listings the kernel asked for (not served from its cache)
     requests: dict[str, int] = {}  # per handler, the FUSE requests that reached Python
+    # Changed directories' listings kept for listings opened before the change (ops._withdrawn)
+    withdrawn_listings: int = 0
     # While layers without a TOC were pending: requests answered from the layers above them,
     # and requests that waited for them.
     answered_early: int = 0

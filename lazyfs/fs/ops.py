@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.formats.toc import Entry
 from lazyfs.fs.copyup import CopyUp
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
-from lazyfs.fs.upper import NAME_MAX, Upper, reserved_xattr
+from lazyfs.fs.upper import NAME_MAX, Upper, _proc_fd, reserved_xattr
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 
@@ -62,7 +62,21 @@ INO_FH = 1 << 61
 # Upper files' descriptors kept open (by inode) for reads and writes; an unlinked file's
 # descriptor is kept beyond this until the kernel forgets the inode (no RELEASE comes).
 MAX_UPPER_FDS = 256
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+# What a request needs of a kept descriptor (a set of bits): to read, to write, or any open
+# file (fsync, fchmod); an O_PATH handle (kept at unlink when nothing else opens) has none.
+_READ, _WRITE, _OPENED = 1, 2, 4
+# How a descriptor is opened, most useful first, and what it then serves: a daemon without
+# CAP_DAC_OVERRIDE may open a 0444 file only for reading and a 0200 one only for writing.
+_OPENINGS = (
+    (os.O_RDWR, _READ | _WRITE | _OPENED),
+    (os.O_RDONLY, _READ | _OPENED),
+    (os.O_WRONLY, _WRITE | _OPENED),
+    (os.O_PATH, 0),
+)
+# An open that may change the file: write access, or O_TRUNC, which Linux honours even with
+# O_RDONLY (open(2) then needs write permission and truncates).  O_APPEND alone changes
+# nothing: without write access nothing can be appended.
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 
 
 def _ino_fh_patched() -> bool:
@@ -187,7 +201,6 @@ class _Guarded(pyfuse3.Operations):
     """Wraps every handler a subclass defines in :func:`_guard`."""
 
     handler_errors = 0
-    readdir_requests = 0
     requests: Counter[str]  # per handler, the requests that reached Python
 
     def __init_subclass__(cls, **kw: Any) -> None:
@@ -223,8 +236,9 @@ class Operations(_Guarded):
         self.copy = (
             CopyUp(store, layers, upper, max_bytes=copy_up_max) if upper is not None else None
         )
-        # inode -> an upper fd, least recently used first (see MAX_UPPER_FDS)
-        self._fds: dict[int, int] = {}
+        # inode -> an upper fd and what it serves (_READ...), least recently used first (see
+        # MAX_UPPER_FDS)
+        self._fds: dict[int, tuple[int, int]] = {}
         # A trace must see every open: then open() answers, else ENOSYS (the kernel's no_open).
         self.no_open = listener is None and _ino_fh_patched()
         # opendir's node until the first readdir, then that listing's snapshot
@@ -234,8 +248,11 @@ class Operations(_Guarded):
         self._cdirs = CDirs()
         # A directory opened in C has no snapshot of its own: the listing it had when it was
         # withdrawn from the C table (before its first change) stands in, so that the offsets
-        # of a listing in progress stay valid.  Dropped when the kernel forgets the inode.
-        self._withdrawn: dict[int, list[tuple[bytes, Node]]] = {}
+        # of a listing in progress stay valid.  Names and inode numbers (never reused), not
+        # nodes: a removed subtree is not kept alive by it.  Dropped when the kernel forgets the
+        # inode: no descriptor, so no listing, is open on it then.  The root is never
+        # forgotten, so it is not opened in C (see init).
+        self._withdrawn: dict[int, list[tuple[bytes, int]]] = {}
 
     def init(self) -> None:
         """Called by pyfuse3 before the first request: unchanged lower directories are
@@ -245,17 +262,23 @@ class Operations(_Guarded):
             stack = [self.tree.root]
             while stack:  # every directory; an upper one may hold unchanged lower ones
                 node = stack.pop()
-                if not node.upper:
+                # Not the root: its withdrawn listing would last as long as the mount (see
+                # _withdrawn), and its opendirs are few.
+                if not node.upper and node is not self.tree.root:
                     dirs.append(node.ino)
                 stack.extend(c for c in (node.children or {}).values() if c.children is not None)
             self._cdirs.publish(dirs, max(dirs, default=0) + 1)
         except Exception:  # pyfuse3 would end the mount: opendir in Python is slower, not wrong
             log.exception("could not hand lower directories to the C opendir")
 
+    @property
+    def withdrawn_listings(self) -> int:
+        return len(self._withdrawn)
+
     def _withdraw(self, node: Node) -> None:
         """Before ``node``'s first change: new opendirs of it go to Python."""
         if node.children is not None and self._cdirs.withdraw(node.ino):
-            self._withdrawn[node.ino] = [(os.fsencode(n), c) for n, c in node.children.items()]
+            self._withdrawn[node.ino] = [(os.fsencode(n), c.ino) for n, c in node.children.items()]
 
     # ------------------------------------------------------------------ helpers: nodes, attrs
 
@@ -280,55 +303,104 @@ class Operations(_Guarded):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node.path()
 
-    def _upper_fd(self, node: Node) -> int:
-        """A read-write (else read-only) descriptor of ``node``'s upper file, kept for the
-        next request; an unlinked file's is the one kept when its last name went."""
-        fd = self._fds.pop(node.ino, None)
-        if fd is None:
-            fd = self._open_upper(self._path(node))
+    def _upper_fd(self, node: Node, need: int) -> int:
+        """A descriptor of ``node``'s upper file that serves ``need``, kept for the next
+        request.  One that does not (opened before a chmod allowed more) is replaced by one
+        opened through it: an unlinked file's kept descriptor is its only way back."""
+        kept = self._fds.pop(node.ino, None)
+        if kept is not None and kept[1] & need == need:
+            self._fds[node.ino] = kept  # most recently used last
+            return kept[0]
+        try:
+            if kept is None:
+                fd, serves = self._open_upper(need, path=self._path(node))
+            else:
+                fd, serves = self._open_upper(need, held=kept[0])
+        except BaseException:
+            if kept is not None:
+                self._fds[node.ino] = kept
+            raise
+        if kept is not None:
+            os.close(kept[0])
+        else:
             self._trim_fds()
-        self._fds[node.ino] = fd  # most recently used last
+        self._fds[node.ino] = (fd, serves)
         return fd
 
-    def _open_upper(self, path: tuple[str, ...]) -> int:
+    def _open_upper(
+        self, need: int, *, path: tuple[str, ...] | None = None, held: int | None = None
+    ) -> tuple[int, int]:
+        """A new descriptor of the upper file at ``path``, or of the one ``held`` (the very
+        inode, by /proc), serving ``need`` and as much more as the file's mode lets the daemon
+        have; EACCES if the mode does not allow ``need``."""
         upper = self._need_upper()
-        try:
-            return upper.open(path, os.O_RDWR)
-        except PermissionError:  # a daemon without CAP_DAC_OVERRIDE, a read-only file
-            return upper.open(path, os.O_RDONLY)
 
-    def _trim_fds(self) -> None:
-        if len(self._fds) < MAX_UPPER_FDS:
-            return
-        for ino, fd in list(self._fds.items()):
-            node = self.tree.nodes.get(ino)
-            if node is None or node.nlink > 0:  # an unlinked file's is its only way back
-                del self._fds[ino]
-                os.close(fd)
-                if len(self._fds) < MAX_UPPER_FDS:
-                    return
+        def open_(flags: int) -> int:
+            if held is not None:
+                return Upper.reopen(held, flags)
+            assert path is not None
+            return upper.open(path, flags)
+
+        denied: OSError | None = None
+        for flags, serves in _OPENINGS:
+            if serves & need != need:
+                continue
+            try:
+                return self._opening(functools.partial(open_, flags)), serves
+            except PermissionError as e:
+                denied = e
+        assert denied is not None  # O_RDWR serves every need
+        raise denied
+
+    def _opening(self, open_: Callable[[], int]) -> int:
+        """``open_()``; at the descriptor limit (EMFILE, ENFILE), once more after closing
+        kept descriptors that can be opened again."""
+        try:
+            return open_()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._trim_fds(shed=True):
+                raise
+        return open_()
+
+    def _trim_fds(self, *, shed: bool = False) -> bool:
+        """Close kept descriptors, least recently used first, until fewer than MAX_UPPER_FDS
+        are kept (``shed``: half of those that can be closed); whether any was closed."""
+        if not shed and len(self._fds) < MAX_UPPER_FDS:
+            return False
+        closable = [
+            ino
+            for ino in self._fds
+            # an unlinked file's descriptor is its only way back
+            if (node := self.tree.nodes.get(ino)) is None or node.nlink > 0
+        ]
+        n = max(1, len(closable) // 2) if shed else len(self._fds) - MAX_UPPER_FDS + 1
+        for ino in closable[: max(n, 0)]:
+            self._drop_fd(ino)
+        return bool(closable) and n > 0
 
     def _drop_fd(self, ino: int) -> None:
-        fd = self._fds.pop(ino, None)
-        if fd is not None:
-            os.close(fd)
+        kept = self._fds.pop(ino, None)
+        if kept is not None:
+            os.close(kept[0])
 
     def _pin(self, node: Node, path: tuple[str, ...]) -> None:
         """Before the last name of an upper file goes: the kernel may hold it open, and POSIX
         keeps an unlinked open file readable and writable, so keep a descriptor until the
-        kernel forgets the inode (afterwards the path leads nowhere, or to another file)."""
+        kernel forgets the inode (afterwards the path leads nowhere, or to another file).
+        Whatever the mode allows, an O_PATH handle at least: reopened through it, by /proc,
+        once a chmod allows more."""
         if node.lookups > 0 and node.ino not in self._fds:
             st = self._need_upper().lstat(path)
             if st is not None and stat.S_ISREG(st.st_mode):  # the kernel serves the others
                 try:
-                    self._fds[node.ino] = self._open_upper(path)
+                    self._fds[node.ino] = self._open_upper(0, path=path)
                 except OSError as e:  # the unlink still happens; a reader left sees ENOENT
                     log.warning("%s: no descriptor kept at unlink: %s", "/".join(path), e)
 
     def _upper_stat(self, node: Node) -> os.stat_result:
-        fd = self._fds.get(node.ino) if node.nlink <= 0 else None
-        if fd is not None:
-            return os.fstat(fd)
+        kept = self._fds.get(node.ino) if node.nlink <= 0 else None
+        if kept is not None:
+            return os.fstat(kept[0])
         assert self.upper is not None
         st = self.upper.lstat(self._path(node))
         if st is None:
@@ -430,7 +502,8 @@ class Operations(_Guarded):
                 # Unlinked while open: a copy no name leads to, kept by descriptor.
                 length = e.size if content else 0
                 tmp = (Upper.temp_name(node.ino),)
-                self._fds[node.ino] = await self.copy.unlinked(tmp, node.layer, e, length)
+                fd = await self.copy.unlinked(tmp, node.layer, e, length)
+                self._fds[node.ino] = (fd, _READ | _WRITE | _OPENED)
             elif e.type == "reg":
                 path = self._path(node)
                 await self.copy.regular(
@@ -504,9 +577,8 @@ class Operations(_Guarded):
         return fh if node.upper else fh | CACHE_DIR_FH
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        self.readdir_requests += 1
         for i, (name, node) in enumerate(self._listing(fh, start_id), start_id):
-            if node.ino not in self.tree.nodes:
+            if node is None or node.ino not in self.tree.nodes:
                 continue
             try:
                 attrs = self._attrs(node)
@@ -516,16 +588,17 @@ class Operations(_Guarded):
                 return
             node.lookups += 1  # readdirplus hands the kernel a reference
 
-    def _listing(self, fh: int, start: int) -> Iterable[tuple[bytes, Node]]:
+    def _listing(self, fh: int, start: int) -> Iterable[tuple[bytes, Node | None]]:
         """The listing from offset ``start`` on (skipped in C: a big directory is read in
-        hundreds of readdir calls, each starting further in)."""
+        hundreds of readdir calls, each starting further in); None for an entry gone since,
+        in its place so that the offsets stay."""
         if fh & C_DIR_FH:  # opened in C: unchanged since, or the listing it had then
             ino = fh & ~C_DIR_FH
-            withdrawn = self._withdrawn.get(ino)
-            if withdrawn is not None:
-                return islice(withdrawn, start, None)
             node = self.tree.nodes.get(ino)
             children = node.children if node is not None else None
+            withdrawn = self._withdrawn.get(ino)
+            if withdrawn is not None:
+                return self._still_listed(children or {}, islice(withdrawn, start, None))
             return ((os.fsencode(n), c) for n, c in islice((children or {}).items(), start, None))
         listing = self._dirs.get(fh & ~CACHE_DIR_FH)  # an unpatched pyfuse3 hands the bit back
         if listing is None:
@@ -536,6 +609,16 @@ class Operations(_Guarded):
             listing = [(os.fsencode(n), c) for n, c in children.items()]
             self._dirs[fh & ~CACHE_DIR_FH] = listing
         return islice(listing, start, None)
+
+    @staticmethod
+    def _still_listed(
+        children: dict[str, Node], listing: Iterable[tuple[bytes, int]]
+    ) -> Iterator[tuple[bytes, Node | None]]:
+        """A withdrawn listing's entries as the directory has them now: a name removed since
+        (POSIX lets a listing in progress skip it) or now another file's is None."""
+        for name, ino in listing:
+            child = children.get(os.fsdecode(name))
+            yield name, child if child is not None and child.ino == ino else None
 
     def listed_dir(self, fh: int) -> Node | None:
         """The directory ``fh`` lists, until its first readdir takes the listing."""
@@ -555,8 +638,9 @@ class Operations(_Guarded):
         node = self._node(inode)
         if node.children is not None:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & os.O_TRUNC and flags & _WRITE_FLAGS:
-            # Only from an unpatched pyfuse3 (atomic O_TRUNC): else a SETATTR follows.
+        if flags & os.O_TRUNC:
+            # Only from an unpatched pyfuse3 (atomic O_TRUNC): else a SETATTR follows.  Also
+            # with O_RDONLY: Linux truncates then too (see WRITE_FLAGS).
             await self._truncate(node)
         if not node.upper and self.listener is not None and node.entry is not None:
             self.listener.opened(node.ino, node.entry, node.layer, node.path)
@@ -570,7 +654,7 @@ class Operations(_Guarded):
         if node.nlink > 0:
             self._need_upper().truncate(self._path(node), 0)
         else:
-            os.ftruncate(self._upper_fd(node), 0)
+            os.ftruncate(self._upper_fd(node, _WRITE), 0)
 
     def _file(self, fh: int) -> Node:
         node = self.tree.nodes.get(fh & ~INO_FH) if fh & INO_FH else None
@@ -581,7 +665,7 @@ class Operations(_Guarded):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._file(fh)
         if node.upper:
-            return os.pread(self._upper_fd(node), size, off)
+            return os.pread(self._upper_fd(node, _READ), size, off)
         entry = node.entry
         assert entry is not None
         try:
@@ -598,7 +682,7 @@ class Operations(_Guarded):
         node = self._file(fh)
         if not node.upper:
             await self._promote(node)  # the first write copies up
-        return os.pwrite(self._upper_fd(node), buf, off)
+        return os.pwrite(self._upper_fd(node, _WRITE), buf, off)
 
     async def flush(self, fh: int) -> None:
         # Nothing to do: writes go straight to the upper file and there are no locks.
@@ -610,7 +694,7 @@ class Operations(_Guarded):
         node = self._file(fh)
         if node.upper:
             # A copy: the kept one may be closed (trimmed) while the thread syncs.
-            fd = os.dup(self._upper_fd(node))
+            fd = os.dup(self._upper_fd(node, _OPENED))
             try:
                 await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
             finally:
@@ -688,23 +772,25 @@ class Operations(_Guarded):
         node = self._node(inode)
         await self._promote(node, content=not (fields.update_size and attr.st_size == 0))
         upper = self._need_upper()
-        # An unlinked file is only reachable by descriptor; fh does not matter (see INO_FH).
-        fd = self._fds.get(node.ino) if node.nlink <= 0 else None
         uid = attr.st_uid if fields.update_uid else -1
         gid = attr.st_gid if fields.update_gid else -1
         atime = attr.st_atime_ns if fields.update_atime else None
         mtime = attr.st_mtime_ns if fields.update_mtime else None
         try:
-            if fd is not None:
+            if node.nlink <= 0:
+                # Only reachable by descriptor; fh does not matter (see INO_FH).
                 if fields.update_size:
-                    os.ftruncate(fd, attr.st_size)
+                    os.ftruncate(self._upper_fd(node, _WRITE), attr.st_size)
+                # By /proc: the kept one may be an O_PATH handle (a mode that let the daemon
+                # open nothing), and the magic link reaches the inode itself.
+                fd = self._upper_fd(node, 0)
                 if fields.update_uid or fields.update_gid:
-                    os.fchown(fd, uid, gid)
+                    os.chown(_proc_fd(fd), uid, gid)
                 if fields.update_mode:
-                    os.fchmod(fd, stat.S_IMODE(attr.st_mode))
+                    os.chmod(_proc_fd(fd), stat.S_IMODE(attr.st_mode))
                 if atime is not None or mtime is not None:
                     st = os.fstat(fd)
-                    os.utime(fd, ns=(atime or st.st_atime_ns, mtime or st.st_mtime_ns))
+                    os.utime(_proc_fd(fd), ns=(atime or st.st_atime_ns, mtime or st.st_mtime_ns))
             else:
                 path = self._path(node)
                 if fields.update_size:
@@ -762,7 +848,9 @@ class Operations(_Guarded):
         try:
             # Read-write whatever the caller asked: the kernel enforces its access mode,
             # and this descriptor serves every later open of the file.
-            fd = upper.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
+            fd = self._opening(
+                lambda: upper.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
+            )
             self._own(path, ctx)
         except OSError as e:
             if fd is not None:  # created but not ours: take it back
@@ -772,8 +860,8 @@ class Operations(_Guarded):
                 upper.whiteout(path)
             raise _errno(e) from e
         node = self._attach(parent, sname)
-        self._fds[node.ino] = fd
         self._trim_fds()
+        self._fds[node.ino] = (fd, _READ | _WRITE | _OPENED)
         # The kernel RELEASEs a created file's handle even under no_open; release ignores it.
         info = pyfuse3.FileInfo(fh=INO_FH | node.ino, keep_cache=True)
         return info, self._looked_up(node)

@@ -35,7 +35,7 @@ from typing import Any
 import pyfuse3
 
 from lazyfs.errors import LazyfsError
-from lazyfs.fs.ops import HANDLERS, Operations
+from lazyfs.fs.ops import HANDLERS, WRITE_FLAGS, Operations
 from lazyfs.fs.tree import ROOT_INO, Node
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 _AT_ONCE = frozenset({"statfs", "forget"})
 # Handlers that only use a handle an early answer gave (or answer nothing of the tree).
 _HANDLE_ONLY = frozenset({"read", "release", "releasedir", "flush", "fsync", "access"})
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
 class PendingOperations(pyfuse3.Operations):
@@ -122,7 +121,7 @@ class PendingOperations(pyfuse3.Operations):
             return True  # provisionally if need be: see _provisional_root
         if name in ("getattr", "readlink", "getxattr", "listxattr", "opendir", "open"):
             node = tree.nodes.get(args[0])
-            if name == "open" and args[1] & _WRITE_FLAGS:
+            if name == "open" and args[1] & WRITE_FLAGS:
                 return False  # a copy-up: changes wait
             return node is not None and tree.known(node)
         if name == "lookup":

@@ -78,13 +78,14 @@ def is_whiteout_at(pin: int) -> bool:
     st = os.fstat(pin)
     if not (stat.S_ISREG(st.st_mode) and st.st_size == 0 and stat.S_IMODE(st.st_mode) == 0):
         return False
+    # Listed, not read: reading a user.* xattr needs read permission, which mode 0 denies a
+    # daemon without CAP_DAC_OVERRIDE; listing needs none (and the value is empty anyway).
     try:
-        os.getxattr(_proc_fd(pin), WHITEOUT_XATTR)
+        return WHITEOUT_XATTR in os.listxattr(_proc_fd(pin))
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+        if e.errno == errno.EOPNOTSUPP:
             return False
         raise
-    return True
 
 
 def _xattr_name(name: str) -> str:
@@ -333,6 +334,12 @@ class Upper:
         return fd
 
     @staticmethod
+    def reopen(fd: int, flags: int) -> int:
+        """A new descriptor of the file ``fd`` holds, an unlinked one too, opened with
+        ``flags`` and checked against the file's mode as open(2) checks it."""
+        return Upper._reopen(fd, "", flags | os.O_CLOEXEC)
+
+    @staticmethod
     def _reopen(pin: int, name: str, flags: int) -> int:
         st = os.fstat(pin)
         if stat.S_ISLNK(st.st_mode):
@@ -520,10 +527,12 @@ class Upper:
         comps = _components(path)
         with self._at(comps, user=False) as (dfd, name):
             tmp = self.temp_name(0)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _PIN_CREATE, 0, dir_fd=dfd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _PIN_CREATE, 0o600, dir_fd=dfd)
             try:
-                os.fchmod(fd, 0)
+                # The xattr before mode 0: setting a user.* xattr needs write permission, which
+                # mode 0 denies a daemon without CAP_DAC_OVERRIDE.
                 os.setxattr(fd, WHITEOUT_XATTR, b"")
+                os.fchmod(fd, 0)
                 os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             except BaseException:
                 with contextlib.suppress(OSError):

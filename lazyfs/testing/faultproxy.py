@@ -68,12 +68,17 @@ class FaultProxy(ThreadedHTTPServer):
         self.url = f"http://{self.host}"
 
     def reset(self) -> None:
-        old = getattr(self, "_release", None)
-        if old is not None:
-            old.set()  # stalled responses end now
+        for old in (getattr(self, "_release", None), getattr(self, "_unhold", None)):
+            if old is not None:
+                old.set()  # stalled and held responses end now
         with self.lock:
             self._stall = 0
             self._release = threading.Event()
+            self._hold = 0
+            self._hold_at = 0
+            self._unhold = threading.Event()
+            #: set once a held answer has sent its first part and waits (see hold_next)
+            self.holding = threading.Event()
             self.requests = 0  # all requests seen
             self.blob_bytes = 0  # body bytes of the matching GETs answered (bytes pulled)
             #: of those, blob bytes: the parts of multipart answers without their headers
@@ -125,6 +130,17 @@ class FaultProxy(ThreadedHTTPServer):
         with self.lock:
             self._stall += n
 
+    def hold_next(self, n: int, at: int) -> None:
+        """Send the first ``at`` body bytes, then wait for :meth:`unhold` (at most 60 s) and
+        send the rest on the same connection: a transfer a test can keep half-way for as long
+        as it needs, whatever the load, without the client seeing a stall it would cut."""
+        with self.lock:
+            self._hold += n
+            self._hold_at = at
+
+    def unhold(self) -> None:
+        self._unhold.set()
+
     def flip_next(self, n: int) -> None:
         with self.lock:
             self._flip += n
@@ -145,7 +161,9 @@ class FaultProxy(ThreadedHTTPServer):
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-            def _reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+            def _reply(
+                self, status: int, headers: dict[str, str], body: bytes, hold: bool = False
+            ) -> None:
                 with proxy.lock:
                     proxy.events.append(("out", self.path, time.monotonic()))
                 self.send_response(status)
@@ -159,6 +177,13 @@ class FaultProxy(ThreadedHTTPServer):
                 self.end_headers()
                 if self.command != "HEAD":
                     try:
+                        if hold:
+                            unhold = proxy._unhold
+                            self._body(body[: proxy._hold_at])
+                            self.wfile.flush()
+                            proxy.holding.set()
+                            unhold.wait(60)
+                            body = body[proxy._hold_at :]
                         self._body(body)
                     except (BrokenPipeError, ConnectionResetError):
                         # A client that stops reading a whole blob after its headers (it
@@ -264,6 +289,8 @@ class FaultProxy(ThreadedHTTPServer):
                         body = body[: len(body) // 2]
                     if proxy._take("_flip"):
                         body = bytes([body[0] ^ 0x01]) + body[1:]
+                hold = (matched and self.command == "GET" and status < 300 and len(body) > 0
+                        and proxy._take("_hold"))  # fmt: skip
                 if matched and self.command == "GET":
                     payload = len(body)
                     kind = out.get("Content-Type", "")
@@ -275,10 +302,11 @@ class FaultProxy(ThreadedHTTPServer):
                         proxy.blob_bytes += len(body)
                         proxy.payload_bytes += payload
                         proxy.served.append((self.path, len(body)))
-                self._reply(status, out, body)
+                self._reply(status, out, body, hold)
 
         return Handler
 
     def close(self) -> None:
         self._release.set()
+        self._unhold.set()
         super().close()

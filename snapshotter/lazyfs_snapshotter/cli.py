@@ -136,45 +136,53 @@ def serve(
         layers = LazyLayers(root, config, hosts_dir) if lazy else None
         snapshotter = Snapshotter(root, layers)
     except MetadataError as e:
+        lock.close()
         raise StartError(str(e)) from None
     metrics = Metrics(snapshotter.store)
-    if config.metrics_address:
-        host, port = host_port(config.metrics_address, "metrics address")
-        try:
-            metrics.serve(host, port)
-        except OSError as e:
-            raise StartError(f"metrics address {config.metrics_address}: {e.strerror}") from None
-        log.info("metrics on http://%s/metrics", config.metrics_address)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS),
-                         interceptors=[metrics.interceptor])
-    add_to_server(SnapshotsService(snapshotter), server)
-    if server.add_insecure_port(f"unix:{address}") == 0:
-        raise StartError(f"cannot listen on {address}")
+    server: grpc.Server | None = None
     stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    os.chmod(address, 0o600)
-    log.info("listening on %s, root %s, cache %s, hosts %s", address, root,
-             config.cache_path(root), hosts_dir)
-    sd_notify("READY=1")
     try:
+        if config.metrics_address:
+            host, port = host_port(config.metrics_address, "metrics address")
+            try:
+                port = metrics.serve(host, port)
+            except OSError as e:
+                raise StartError(
+                    f"metrics address {config.metrics_address}: {e.strerror}") from None
+            # The port it got: tests (and users) may ask for port 0.
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS),
+                             interceptors=[metrics.interceptor])
+        add_to_server(SnapshotsService(snapshotter), server)
+        if server.add_insecure_port(f"unix:{address}") == 0:
+            raise StartError(f"cannot listen on {address}")
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        server.start()
+        os.chmod(address, 0o600)
+        log.info("listening on %s, root %s, cache %s, hosts %s", address, root,
+                 config.cache_path(root), hosts_dir)
+        sd_notify("READY=1")
         while not stop.wait(CHECK_INTERVAL):
             try:
                 snapshotter.check()
             except Exception:  # a check that fails is retried; serving goes on
                 log.exception("checking the lazy-layer daemons failed")
     finally:
-        sd_notify("STOPPING=1")
-        log.info("stopping%s", " and unmounting lazy layers" if unmount_on_exit else "")
-        # In-flight calls get a moment; each is one transaction, so cutting one is safe.
-        server.stop(5).wait()
+        # Also when start-up fails after the store opened: the fork server goes now (by
+        # PID), not when it next notices its parent gone; the daemons stay unless asked.
+        if stop.is_set():
+            sd_notify("STOPPING=1")
+            log.info("stopping%s", " and unmounting lazy layers" if unmount_on_exit else "")
+        if server is not None:
+            # In-flight calls get a moment; each is one transaction, so cutting one is safe.
+            server.stop(5).wait()
         metrics.close()
-        snapshotter.close(unmount=unmount_on_exit)
+        snapshotter.close(unmount=unmount_on_exit and stop.is_set())
         with contextlib.suppress(FileNotFoundError):
             os.unlink(address)
         lock.close()

@@ -65,9 +65,9 @@ def parse_size(value: object, what: str) -> int:
 
 
 def host_port(address: str, what: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) split and checked."""
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) split and checked; port 0: any free one."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{what}: expected HOST:PORT, got {address!r}")
     return host.removeprefix("[").removesuffix("]"), int(port)
 

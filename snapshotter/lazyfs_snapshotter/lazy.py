@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgspec
@@ -44,7 +44,7 @@ from lazyfs.store.tocs import load_layer
 
 from .config import Config
 from .errors import FailedPrecondition
-from .metadata import DaemonRow, MetadataStore, RemoteLayerRow
+from .metadata import DaemonRow, MetadataStore, PendingRef, RemoteLayerRow
 from .remote import Chain, Readiness, RemoteSource, by_digest
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,13 @@ class LazyLayers:
             descriptor=msgspec.json.encode(desc).decode(),
         )
 
-    def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
+    def _looked_up(self, chain: Chain, pending: PendingRef) -> str | None:
+        """``pending``'s image by digest, once its registry confirms it holds the chain's top
+        layer at the chain's depth (recorded in remote_refs); None when it cannot say so."""
+        source = RemoteSource(chain.chain_id, pending.image_ref, pending.layer_digest, (),
+                              pending.manifest_digest or None, "pending")  # fmt: skip
+        depth = chain.top.layer_index + 1
+
         async def by_digest() -> str:
             with trio.fail_after(PREPARE_TIMEOUT):
                 async with self._source(source) as (src, tag):
@@ -213,11 +219,14 @@ class LazyLayers:
 
         try:
             ref = trio.run(by_digest)
-            with self.store.transaction() as tx:
-                tx.add_remote_ref(snap_id, ref)
-        except Exception as e:  # it only loses a way to mount the chain, never the pull
-            log.info("layer %s of %s: not kept as a way to mount its chain: %s",
-                     source.layer_digest, source.image_ref, _one_line(e))
+        except Exception as e:  # the next way to mount the chain is tried
+            log.warning("cannot mount chain %s from %s: %s", chain.chain_id,
+                        pending.image_ref, _one_line(e))  # fmt: skip
+            return None
+        with self.store.transaction() as tx:
+            tx.add_remote_ref(chain.snap_id, ref)
+            tx.drop_pending_ref(chain.snap_id, pending)
+        return ref
 
     # -- mounts ----------------------------------------------------------------------
     def _mountpoint(self, chain_id: str) -> Path:
@@ -274,10 +283,10 @@ class LazyLayers:
         mnt.mkdir(mode=0o755, exist_ok=True)
         t0 = time.monotonic()
         # The image that committed the chain first; another that shares it when that one
-        # cannot be mounted (deleted from its registry, say).
+        # cannot be mounted (deleted from its registry, say), looked up now if need be.
         refs = chain.refs or (chain.top.image_ref,)
         first: LazyfsError | None = None
-        for image_ref in refs:
+        for image_ref in self._ways_to_mount(chain, refs):
             try:
                 daemon = spawn(image_ref, mnt, self._options(chain, image_ref),
                                log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT,
@@ -301,6 +310,14 @@ class LazyLayers:
         log.info("daemon pid %d mounted %s (%d layers) on %s in %.2fs", daemon.pid,
                  image_ref, chain.top.layer_index + 1, mnt, time.monotonic() - t0)
         return daemon_id, mnt
+
+    def _ways_to_mount(self, chain: Chain, refs: tuple[str, ...]) -> Iterator[str]:
+        """``refs``, then the pending images as each is confirmed (only as far as asked)."""
+        yield from refs
+        for pending in chain.pending:
+            ref = self._looked_up(chain, pending)
+            if ref is not None and ref not in refs:
+                yield ref
 
     def release(self, daemon_id: int) -> None:
         with self._lock:

@@ -11,8 +11,12 @@ the next Prepare/Mounts that needs the chain starts a new one in the same row.  
 what mounting it needs later without any tag lookup: the image by digest, the layer's index in
 that manifest and its descriptor.  ``remote_refs`` adds the other images (``HOST/REPO@DIGEST``)
 whose layers named the same snapshot since, in the order they came: a chain shared by two
-images can still be mounted when the first image is deleted from its registry.  It is created
-where missing, so a metadata file of an older snapshotter just gains it (same schema version).
+images can still be mounted when the first image is deleted from its registry.
+``pending_refs`` holds the images that named such a snapshot as their labels gave them (a tag,
+perhaps), not yet checked: a Prepare of a layer held already asks no registry, so the image
+is looked up (and moved to ``remote_refs``) only if the chain ever has to be mounted from it.
+Both are created where missing, so a metadata file of an older snapshotter just gains them
+(same schema version).
 
 Namespaces: containerd 1.6 sends no ``containerd-namespace`` to proxy snapshotters (its keys
 are already ``NS/ID/KEY``), and its garbage collector may call without one.  A call without a
@@ -72,6 +76,13 @@ CREATE TABLE IF NOT EXISTS remote_refs (
     image_ref TEXT NOT NULL,
     PRIMARY KEY (snapshot_id, image_ref)
 );
+CREATE TABLE IF NOT EXISTS pending_refs (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    image_ref TEXT NOT NULL,
+    manifest_digest TEXT NOT NULL,
+    layer_digest TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, image_ref, manifest_digest)
+);
 """
 
 
@@ -96,6 +107,16 @@ class RemoteLayerRow:
     manifest_digest: str
     layer_index: int
     descriptor: str  # the OCI descriptor as JSON (digest, size, mediaType, annotations)
+
+
+@dataclass(frozen=True)
+class PendingRef:
+    """An image whose layer ``layer_digest`` named a remote snapshot, as its Prepare's labels
+    gave it: ``image_ref`` maybe by tag, ``manifest_digest`` "" when they gave none."""
+
+    image_ref: str
+    manifest_digest: str
+    layer_digest: str
 
 
 @dataclass(frozen=True)
@@ -285,6 +306,26 @@ class Tx:
         rest = [str(r[0]) for r in cur.fetchall()]
         first = [] if rl is None else [rl.image_ref]
         return first + [r for r in rest if r not in first]
+
+    def add_pending_ref(self, snap_id: int, ref: PendingRef) -> None:
+        """Another image named the remote snapshot; it is checked only when needed."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO pending_refs (snapshot_id, image_ref, manifest_digest,"
+            " layer_digest) VALUES (?, ?, ?, ?)",
+            (snap_id, ref.image_ref, ref.manifest_digest, ref.layer_digest),
+        )
+
+    def pending_refs(self, snap_id: int) -> list[PendingRef]:
+        cur = self.conn.execute(
+            "SELECT image_ref, manifest_digest, layer_digest FROM pending_refs"
+            " WHERE snapshot_id = ? ORDER BY rowid", (snap_id,))
+        return [PendingRef(str(r[0]), str(r[1]), str(r[2])) for r in cur.fetchall()]
+
+    def drop_pending_ref(self, snap_id: int, ref: PendingRef) -> None:
+        """``ref`` was looked up: added to remote_refs by digest, or found unusable."""
+        self.conn.execute(
+            "DELETE FROM pending_refs WHERE snapshot_id = ? AND image_ref = ?"
+            " AND manifest_digest = ?", (snap_id, ref.image_ref, ref.manifest_digest))
 
     def set_daemon_id(self, snap_id: int, daemon_id: int | None) -> None:
         self.conn.execute("UPDATE snapshots SET daemon_id = ? WHERE id = ?", (daemon_id, snap_id))

@@ -176,9 +176,11 @@ class Metrics:
         self.registry.register(self.collector)
         self._server: WSGIServer | None = None
 
-    def serve(self, host: str, port: int) -> None:
-        """Serve ``/metrics`` on HOST:PORT from a thread; OSError if it cannot listen."""
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on HOST:PORT from a thread; the port it listens on (port 0: one
+        the kernel chose).  OSError if it cannot listen."""
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_port)
 
     def close(self) -> None:
         if self._server is not None:

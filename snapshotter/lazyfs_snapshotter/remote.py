@@ -19,7 +19,7 @@ from typing import Protocol
 from lazyfs.errors import LazyfsError
 from lazyfs.remote.reference import parse_reference
 
-from .metadata import MetadataStore, RemoteLayerRow
+from .metadata import MetadataStore, PendingRef, RemoteLayerRow
 
 TARGET_LABEL = "containerd.io/snapshot.ref"
 # Set on a snapshot committed by a LayerFS instead of unpacked; its value names the LayerFS.
@@ -51,7 +51,11 @@ class RemoteSource:
     # so possibly incomplete): a hint for prefetching, never needed to read this layer.
     image_layers: tuple[str, ...]
     manifest_digest: str | None
-    label_set: str  # "stargz" or "cri"
+    label_set: str  # "stargz" or "cri" ("pending": an image looked up only at a mount)
+
+    def pending(self) -> PendingRef:
+        """This image as a way to mount the snapshot its layer names, not yet checked."""
+        return PendingRef(self.image_ref, self.manifest_digest or "", self.layer_digest)
 
     def known_ref(self) -> str | None:
         """The image as ``HOST/REPO@DIGEST`` when the labels or the reference pin its
@@ -134,11 +138,15 @@ class Chain:
     """The lazy layers under a snapshot: the remote snapshots from the bottom up to the one
     keyed ``chain_id`` (whose ``top`` record names the image and its depth).  ``refs``: every
     image (``HOST/REPO@DIGEST``) that named that snapshot, ``top``'s first; each has the chain
-    as its lowest ``top.layer_index + 1`` layers, so any of them can mount it."""
+    as its lowest ``top.layer_index + 1`` layers, so any of them can mount it; so may the
+    ``pending`` ones, once the registry confirms the layer's place in them."""
 
     chain_id: str
     top: RemoteLayerRow
     refs: tuple[str, ...] = ()
+    # Images that named the top snapshot since, not yet looked up: tried after ``refs``.
+    pending: tuple[PendingRef, ...] = ()
+    snap_id: int = 0  # the top snapshot's row
 
 
 class LayerFS(Protocol):
@@ -162,11 +170,6 @@ class LayerFS(Protocol):
 
     def mount(self, chain: Chain) -> tuple[int, Path]:
         """The chain's mount (starting its daemon if none is alive): (daemon id, directory)."""
-        ...
-
-    def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
-        """Another image's layer names the remote snapshot ``snap_id`` (the ``depth``-th of
-        its chain): remember that image as a way to mount the chain.  Never raises."""
         ...
 
     def release(self, daemon_id: int) -> None:
@@ -195,9 +198,6 @@ class PlainLayers:
 
     def mount(self, chain: Chain) -> tuple[int, Path]:
         raise RuntimeError("plain layers have no remote snapshots to mount")
-
-    def also_named(self, source: RemoteSource, snap_id: int, depth: int) -> None:
-        return None
 
     def release(self, daemon_id: int) -> None:
         return None

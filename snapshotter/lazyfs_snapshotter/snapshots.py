@@ -19,11 +19,13 @@ import contextlib
 import functools
 import logging
 import os
+import select
 import shutil
+import signal
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +43,6 @@ from .remote import (
     Chain,
     LayerFS,
     PlainLayers,
-    RemoteSource,
     SourceError,
     parse_source,
 )
@@ -119,10 +120,6 @@ class Snapshotter:
         self._chains = threading.RLock()
         self._pause = os.environ.get(PAUSE_ENV, "")
         self._index_off = _overlay_index_off()
-        # (remote snapshot id, image reference as the labels give it) of this process's
-        # Prepares that found or made that snapshot: a tag is looked up once, not every pull.
-        self._named: set[tuple[int, str]] = set()
-        self._named_lock = threading.Lock()
         # Temporary directories belong to Prepare calls that died with the last process.
         for entry in self.dir.iterdir():
             if entry.name.startswith(_TMP_PREFIX):
@@ -157,7 +154,8 @@ class Snapshotter:
                 record = tx.remote(p.id)
                 if record is None:
                     raise FailedPrecondition(f"remote snapshot {p.key!r} has no layer record")
-                return Chain(p.key, record, tuple(tx.remote_refs(p.id)))
+                return Chain(p.key, record, tuple(tx.remote_refs(p.id)),
+                             tuple(tx.pending_refs(p.id)), p.id)
         return None
 
     def _mount_chain(self, ns: str, parent: str) -> tuple[int, Path] | None:
@@ -224,13 +222,13 @@ class Snapshotter:
             if existing is None:
                 prow = tx.get(ns, parent) if parent else None
                 below = [prow, *tx.chain(prow)] if prow is not None else []
-            elif REMOTE_LABEL in existing.labels:
-                depth = len(tx.chain(existing)) + 1
-                refs = tx.remote_refs(existing.id)
+            elif (REMOTE_LABEL in existing.labels
+                  and source.known_ref() not in tx.remote_refs(existing.id)):  # fmt: skip
+                # This image can mount the chain too.  Checking that costs a registry round
+                # trip, which a Prepare of a layer held already (every layer of a re-pull,
+                # every shared base) must not wait on: it is done if the chain ever needs it.
+                tx.add_pending_ref(existing.id, source.pending())
         if existing is not None:
-            # This image can mount the chain too: remember it, unless that is known already.
-            if REMOTE_LABEL in existing.labels and self._new_name(source, existing.id, refs):
-                self.layers.also_named(source, existing.id, depth)
             raise AlreadyExists(f"target snapshot {source.target!r} already exists")
         plain = next((p.key for p in below if REMOTE_LABEL not in p.labels), None)
         if plain is not None:
@@ -260,26 +258,7 @@ class Snapshotter:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._named_before(source, snap_id)  # the record holds this image now
         raise AlreadyExists(f"target snapshot {source.target!r} already exists (remote)")
-
-    def _new_name(self, source: RemoteSource, snap_id: int, refs: Sequence[str]) -> bool:
-        """Whether ``source``'s image may be a way to mount remote snapshot ``snap_id`` that
-        ``refs`` lack: asking means a registry lookup, which a Prepare that finds its layer
-        already there (every layer of a re-pull, every shared base) must not wait on.  A tag
-        is looked up once a process: if it moves later, the image it named is still held."""
-        known = source.known_ref()
-        if known is not None:
-            return known not in refs
-        return not self._named_before(source, snap_id)
-
-    def _named_before(self, source: RemoteSource, snap_id: int) -> bool:
-        """Whether a Prepare of this process named ``snap_id`` by ``source``'s reference
-        before (it has now)."""
-        with self._named_lock:
-            seen = (snap_id, source.image_ref) in self._named
-            self._named.add((snap_id, source.image_ref))
-        return seen
 
     def _parent_id(self, tx: Tx, ns: str, parent: str) -> int | None:
         if not parent:
@@ -500,37 +479,79 @@ class Snapshotter:
         with self._chains:
             for daemon_id in unused:
                 self.layers.release(daemon_id)
-            # Under the chains lock: no daemon is being started (mounted, not yet recorded).
-            self._sweep_mounts()
+        self._sweep_mounts()
+
+    def _owned(self) -> tuple[set[Path], Callable[[Path], bool]]:
+        """The mount points the daemon rows own, as given; and whether a mount (as mountinfo
+        has it: symlinks resolved) is one of them or under one."""
+        with self.store.transaction() as tx:
+            owned = {Path(d.mountpoint) for d in tx.daemons()}
+        real = {Path(canonical(o)) for o in owned}
+        return owned, lambda mp: mp in real or any(o in mp.parents for o in real)
 
     def _sweep_mounts(self) -> None:
         """Stop daemons, unmount and remove what is under ROOT/mnt that no daemon row owns:
         left by a crash between a daemon's start and its record (or before its directory
-        went).  A mount's daemon is found by its control socket and stopped by that PID."""
+        went).  A mount's daemon is found by its control socket and stopped by that PID.
+
+        Only the quick steps hold the chains lock (no daemon is being started then, mounted
+        but not yet recorded): detaching a stray mount and removing stray entries.  Asking a
+        daemon its PID and waiting for it to exit (seconds, when it has files open or hangs)
+        happen outside, through a pidfd: every other call goes on meanwhile, and a PID that
+        is reused meanwhile is never signalled."""
         mnt_dir = self.root / MOUNTS_DIR
         if not mnt_dir.is_dir():
             return
-        with self.store.transaction() as tx:
-            owned = {Path(d.mountpoint) for d in tx.daemons()}
-        # mountinfo has the parents' symlinks resolved; the rows have ROOT as given.
-        owned_real = {Path(canonical(o)) for o in owned}
+        _, is_owned = self._owned()
+        found: dict[Path, tuple[int, int] | None] = {}  # stray mount -> (pid, pidfd)
         for mp in map(Path, mounts_under(str(mnt_dir))):
-            if mp in owned_real or any(o in mp.parents for o in owned_real):
+            if is_owned(mp):
                 continue
             try:
-                daemon = attach(mp, timeout=2.0)
+                pid = attach(mp, timeout=2.0).pid
+                found[mp] = (pid, os.pidfd_open(pid))
             except (LazyfsError, OSError):
-                log.info("cleanup: detaching stray mount %s (no daemon answers)", mp)
-                clear_mountpoint(mp)
-                continue
-            log.info("cleanup: stopping stray daemon pid %d on %s", daemon.pid, mp)
-            daemon.stop(STRAY_STOP_TIMEOUT)
-        for entry in mnt_dir.iterdir():
-            if entry.with_suffix("") in owned or entry in owned:
-                continue
-            log.info("cleanup: removing stray %s", entry)
-            if entry.is_dir() and not entry.is_symlink():
-                with contextlib.suppress(OSError):  # never rmtree: it might be mounted again
-                    os.rmdir(entry)
-            else:
-                entry.unlink(missing_ok=True)
+                found[mp] = None  # no daemon answers (or it just went): detached below
+        stopping: list[tuple[Path, int, int]] = []
+        try:
+            with self._chains:
+                _, is_owned = self._owned()  # again: a Prepare may have started it since
+                for mp, daemon in found.items():
+                    if is_owned(mp):
+                        continue  # a new daemon's; the stray it replaced was detached then
+                    if daemon is None:
+                        log.info("cleanup: detaching stray mount %s (no daemon answers)", mp)
+                    else:
+                        log.info("cleanup: stopping stray daemon pid %d on %s", daemon[0], mp)
+                        stopping.append((mp, *daemon))
+                    clear_mountpoint(mp)  # a detached daemon exits once its files close
+            for mp, pid, pidfd in stopping:
+                _end_detached(mp, pid, pidfd)
+        finally:
+            for daemon in found.values():
+                if daemon is not None:
+                    os.close(daemon[1])
+        with self._chains:
+            owned, _ = self._owned()
+            for entry in mnt_dir.iterdir():
+                if entry.with_suffix("") in owned or entry in owned:
+                    continue
+                log.info("cleanup: removing stray %s", entry)
+                if entry.is_dir() and not entry.is_symlink():
+                    with contextlib.suppress(OSError):  # never rmtree: it might be mounted again
+                        os.rmdir(entry)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
+def _end_detached(mp: Path, pid: int, pidfd: int) -> None:
+    """Wait for a daemon whose mount was detached to exit; SIGTERM, then SIGKILL it if it
+    lingers (a file still open in it, or a hang).  Signals go through its pidfd."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            log.info("cleanup: stray daemon pid %d of %s still runs: %s", pid, mp, sig.name)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+        if select.select([pidfd], [], [], STRAY_STOP_TIMEOUT)[0]:
+            return
+    log.warning("cleanup: stray daemon pid %d of %s did not exit", pid, mp)

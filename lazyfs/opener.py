@@ -33,6 +33,7 @@ from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
 from lazyfs.store.tocs import LayerInfo, load_tocs
 from lazyfs.store.wholelayer import PendingIndex, WholeFetch, WholeLayers
+from lazyfs.trace.stored import StoredGroups
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,7 @@ class OpenedImage:
     store: LayerStore
     whole: WholeLayers  # the layers without a TOC, and their downloads
     indexing: LayerIndexing
+    groups: StoredGroups | None = None  # with ``stored_groups``: the prefetch group, or its lookup
 
     @property
     def manifest(self) -> str:
@@ -178,6 +180,8 @@ async def open_image(
     layer_count: int | None = None,
     progress: Callable[[WholeFetch], None] | None = None,
     background: bool = False,
+    stored_groups: bool = False,
+    group: str | None = None,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
@@ -185,7 +189,9 @@ async def open_image(
     a fetch may take).  ``layer_count``: open only the lowest N layers (``layers`` then holds
     N; ``resolved`` is still the whole image), which is how the snapshotter mounts a chain of
     lazy layers.  ``progress`` hears of each whole-layer download as it starts and ends.
-    ``background``: do not wait for those downloads (see :class:`LayerIndexing`)."""
+    ``background``: do not wait for those downloads (see :class:`LayerIndexing`).
+    ``stored_groups``: find the prefetch group ``group`` stored beside the image (kept from an
+    earlier open, else looked up while the TOCs load; see :class:`StoredGroups`)."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -203,27 +209,66 @@ async def open_image(
         # Layers without a TOC are fetched whole and indexed once; their chunks are read
         # through a source of their own (the local tar).
         whole = WholeLayers(source, cache, progress, background=background)
+        groups = StoredGroups(source, cache.documents_dir, group) if stored_groups else None
         try:
-            tocs = await load_tocs(
-                source,
-                ref,
-                platform=platform,
-                toc_dir=cache.tocs_dir,
-                whole=whole,
-                layer_count=layer_count,
-            )
-            store = LayerStore(cache)
-            try:
-                indexing = LayerIndexing(tocs.layers, whole, store, source)
-                yield OpenedImage(
-                    image, tocs.resolved, indexing.layers, source, cache, store, whole, indexing
+            async with _side_tasks() as side:
+                t0 = trio.current_time()
+                tocs = await load_tocs(
+                    source,
+                    ref,
+                    platform=platform,
+                    toc_dir=cache.tocs_dir,
+                    whole=whole,
+                    layer_count=layer_count,
+                    on_resolved=_begin(groups, side, t0),
                 )
-            finally:
-                with trio.CancelScope(shield=True):
-                    await store.aclose()  # readiness maps: the next open starts warm
+                store = LayerStore(cache)
+                try:
+                    indexing = LayerIndexing(tocs.layers, whole, store, source)
+                    yield OpenedImage(
+                        image,
+                        tocs.resolved,
+                        indexing.layers,
+                        source,
+                        cache,
+                        store,
+                        whole,
+                        indexing,
+                        groups,
+                    )
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await store.aclose()  # readiness maps: the next open starts warm
         finally:
             with trio.CancelScope(shield=True):
                 await whole.aclose()  # the local tars; their chunks stay in the cache
     finally:
         with trio.CancelScope(shield=True):
             await source.aclose()
+
+
+def _begin(
+    groups: StoredGroups | None, nursery: trio.Nursery, t0: float
+) -> Callable[[str], None] | None:
+    """``load_tocs``'s hook: the groups lookup starts with the manifest (whose fetch, since
+    ``t0``, tells what a request costs)."""
+    if groups is None:
+        return None
+    return lambda digest: groups.begin(nursery, digest, trio.current_time() - t0)
+
+
+@asynccontextmanager
+async def _side_tasks() -> AsyncIterator[trio.Nursery]:
+    """A nursery for lookups that live as long as the image (they handle their own errors and
+    are cancelled at its close); the body's own error comes out as itself, not wrapped in an
+    exception group, so callers catch LazyfsError as before."""
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                yield nursery
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

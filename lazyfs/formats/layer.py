@@ -61,6 +61,29 @@ def tail_start_hint(annotations: dict[str, str] | None, blob_size: int, guess: i
     return max(0, blob_size - guess)
 
 
+def toc_by_annotations(annotations: dict[str, str] | None, blob_size: int) -> TocLocation | None:
+    """The zstd:chunked TOC's range from the manifest alone, when it gives both the TOC's
+    position and its digest (the digest vouches for the bytes, so no footer is needed), else
+    None.  Reading just that range leaves out the tar-split and footer after it, which a mount
+    never uses."""
+    ann = annotations or {}
+    position = ann.get(oci.ANN_ZSTD_POSITION) or ann.get(oci.ANN_ZSTD_POSITION_OLD)
+    checksum = expected_toc_digest(ann, "zstd:chunked")
+    if not position or not checksum:
+        return None
+    try:
+        p = zstdchunked.parse_position(position)
+        if p.manifest_type != zstdchunked.MANIFEST_TYPE_TOC or p.offset < 8:
+            return None
+        loc = TocLocation(
+            "zstd:chunked", p.offset, p.offset + p.length, p.offset - 8, checksum,
+            p.length_uncompressed,
+        )  # fmt: skip
+        return _checked(loc, blob_size)
+    except FormatError:
+        return None  # the footer decides
+
+
 def locate_toc(tail: bytes, blob_size: int, annotations: dict[str, str] | None) -> TocLocation:
     """Identify the format from the footer; raise FormatError if the blob is not lazy."""
     ann = annotations or {}

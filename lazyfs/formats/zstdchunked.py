@@ -42,7 +42,10 @@ FOOTER_SIZE = 64
 FOOTER_SIZE_OLD = 40
 MANIFEST_TYPE_TOC = 1
 SKIPPABLE_MAGIC = 0x184D2A50
-LEVEL = 3
+# zstd level 6, not the library's default 3: 4% smaller layers (the Debian image: 68.6 MB
+# against 71.6; a start-up's prefetch moves that much less), conversion time about the same
+# (it is bound by decompressing the source and hashing, not by this level).
+LEVEL = 6
 
 
 class Footer(msgspec.Struct, frozen=True):

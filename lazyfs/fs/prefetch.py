@@ -39,6 +39,10 @@ BATCH_BYTES = 16 * 1024 * 1024
 # (the groups may still be looked up in the registry) before it asks for its chunks itself.
 GATE_WAIT = 1.0
 
+# The least a reader waits for a lookup of stored groups still under way (a request's time
+# measured on a loaded machine can be a few milliseconds, less than a lookup's on loopback).
+LOOKUP_WAIT_MIN = 0.05
+
 # Set in the prefetch's task (its children inherit it): the gate lets its calls through.
 _PREFETCHING: ContextVar[bool] = ContextVar("lazyfs_prefetching", default=False)
 
@@ -47,16 +51,41 @@ class PrefetchGate:
     """The store's chunk provider from readiness until the prefetch's first requests are
     under way: an on-demand miss waits (until ``wait`` seconds after the first miss) so that,
     when the group covers its chunks, it joins the group's request instead of sending its own.
-    ``inner`` (binary deltas, or None) is asked as before."""
+    While what to prefetch is still being looked up (``known`` not set), the miss waits for
+    that only ``lookup_wait`` seconds (about what its own request costs): a slow lookup must
+    not hold a reader that could have had its bytes meanwhile.  ``inner`` (binary deltas, or
+    None) is asked as before."""
 
-    def __init__(self, inner: ChunkProvider | None, wait: float = GATE_WAIT) -> None:
+    def __init__(
+        self,
+        inner: ChunkProvider | None,
+        wait: float = GATE_WAIT,
+        *,
+        known: trio.Event | None = None,
+        lookup_wait: float = GATE_WAIT,
+    ) -> None:
         self.inner = inner
         self.wait = wait
         self.opened = trio.Event()
+        self.known = known
+        self.lookup_wait = lookup_wait
         self._deadline: float | None = None  # one wait for all readers, not one each
 
     def open(self) -> None:
         self.opened.set()
+
+    async def _hold(self) -> None:
+        now = trio.current_time()
+        if self._deadline is None:
+            self._deadline = now + self.wait
+            if self.known is not None and not self.known.is_set():
+                with trio.move_on_after(self.lookup_wait):
+                    await self.known.wait()
+                if not self.known.is_set():
+                    self.open()  # the lookup is slower than a request: nobody waits for it
+                    return
+        with trio.move_on_at(self._deadline):
+            await self.opened.wait()
 
     async def provide(
         self,
@@ -66,10 +95,7 @@ class PrefetchGate:
     ) -> dict[str, bytes]:
         prefetching = _PREFETCHING.get()
         if not prefetching and not self.opened.is_set():
-            if self._deadline is None:
-                self._deadline = trio.current_time() + self.wait
-            with trio.move_on_at(self._deadline):
-                await self.opened.wait()
+            await self._hold()
         got = await self.inner.provide(layer, chunks, slot) if self.inner is not None else {}
         if prefetching and not got:
             # The store registers this batch's chunks as in flight before its next

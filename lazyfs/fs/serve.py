@@ -37,7 +37,13 @@ from lazyfs.fs.control import (
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.ops import Operations, c_reader_counts, start_c_reader
 from lazyfs.fs.pending import PendingOperations
-from lazyfs.fs.prefetch import Prefetcher, PrefetchGate, landmark_group, load_group
+from lazyfs.fs.prefetch import (
+    LOOKUP_WAIT_MIN,
+    Prefetcher,
+    PrefetchGate,
+    landmark_group,
+    load_group,
+)
 from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import ROOT_INO, Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, unmount
@@ -51,7 +57,6 @@ from lazyfs.store.stats import LayerStats
 from lazyfs.store.wholelayer import WholeFetch
 from lazyfs.trace.recorder import Recorder
 from lazyfs.trace.schema import Group, encode
-from lazyfs.trace.stored import cached_group, find_group
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +205,13 @@ class _Mount:
         wait (briefly) for its first requests, whose chunks they then join."""
         if self.prefetcher is None and self.group is None and not self.opts.auto_prefetch:
             return
-        self.gate = PrefetchGate(deltas)
+        groups = self.image.groups
+        if groups is not None and self.prefetcher is None and self.group is None:
+            # Still looking for stored groups: a reader waits for that about one request.
+            wait = max(groups.request_time, LOOKUP_WAIT_MIN)
+            self.gate = PrefetchGate(deltas, known=groups.done, lookup_wait=wait)
+        else:
+            self.gate = PrefetchGate(deltas)
         self.image.store.provider = self.gate
 
     async def fetch_ahead(self, deltas: PendingDeltas | None) -> None:
@@ -240,20 +251,23 @@ class _Mount:
             if deltas is not None:
                 nursery.start_soon(deltas.look)
             if self.prefetcher is not None:
-                nursery.start_soon(self.prefetcher.run)
+                nursery.start_soon(self._prefetch, self.prefetcher)
             elif self.opts.auto_prefetch:
                 nursery.start_soon(self.auto_prefetch)
+
+    async def _prefetch(self, prefetcher: Prefetcher) -> None:
+        await prefetcher.run()
+        if self.image.groups is not None:
+            await self.image.groups.refresh()  # the kept groups, once old: off the start-up
 
     async def auto_prefetch(self) -> None:
         """Without a groups document: the group stored beside the image, else the layers'
         landmarks (``prefetch_from`` "auto"; "groups" or "landmark": only that one).  Runs
-        after readiness: looking in the registry costs a round trip or two."""
+        after readiness; the stored groups were looked up beside the TOC fetch."""
         image, layers, source = self.image, self.image.store_layers(), self.opts.prefetch_from
         group = None
-        if source in ("auto", "groups"):
-            group = await find_group(
-                image.source, image.manifest, self.opts.group, image.cache.documents_dir
-            )
+        if source in ("auto", "groups") and image.groups is not None:
+            group = await image.groups.wait()  # looked up since the manifest came
         if group is None and source in ("auto", "landmark"):
             group = landmark_group(layers)
         if group is None:
@@ -387,6 +401,10 @@ async def serve(
         retry=RetryPolicy.within(opts.read_timeout),
         progress=progress,
         background=True,
+        stored_groups=groups is None
+        and opts.auto_prefetch
+        and opts.prefetch_from in ("auto", "groups"),
+        group=opts.group,
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:
@@ -401,10 +419,10 @@ async def serve(
             doc, group = groups
             if doc.manifest and doc.manifest != image.manifest:
                 log.info("prefetch groups were made for %s; matching by layer", doc.manifest)
-        elif opts.auto_prefetch and opts.prefetch_from in ("auto", "groups"):
-            # Groups an earlier mount found beside the image: the prefetch starts with the
-            # mount instead of after a lookup in the registry.
-            group = cached_group(image.cache.documents_dir, image.manifest, opts.group)
+        elif image.groups is not None and image.groups.done.is_set():
+            # Groups an earlier mount found beside the image, or the lookup begun with the
+            # manifest already answered: the prefetch starts with the mount.
+            group = image.groups.group
         if group is not None and image.is_complete:
             prefetcher = Prefetcher(image.store, image.store_layers(), group)
         mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher)

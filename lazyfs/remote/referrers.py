@@ -23,9 +23,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
+import trio
 
 from lazyfs import oci
-from lazyfs.errors import FormatError, IntegrityError, NotFoundError
+from lazyfs.errors import FormatError, IntegrityError, LazyfsError, NotFoundError
 from lazyfs.remote.base import Source
 from lazyfs.remote.push import push_blob, push_manifest
 from lazyfs.remote.registry import RegistrySource
@@ -199,14 +200,38 @@ async def find_artifact(
     )
     for d in candidates:
         try:
-            data, _, _ = await source.get_manifest(d.digest)
-            m = oci.decode_manifest(data)
+            # The index names the document's digest (our pushes do): fetched beside the
+            # artifact manifest, a round trip sooner; the manifest must then name it too.
+            promised = (d.annotations or {}).get(ANN_CONTENT_DIGEST)
+            early: dict[str, bytes] = {}
+            got: list[bytes | LazyfsError] = []
+            async with trio.open_nursery() as nursery:
+                if promised:
+                    nursery.start_soon(_get_blob_into, source, promised, early)
+                nursery.start_soon(_get_manifest_into, source, d.digest, got)
+            if isinstance(got[0], LazyfsError):
+                raise got[0]
+            m = oci.decode_manifest(got[0])
             if m.subject is None or m.subject.digest != manifest_digest or not m.layers:
                 raise FormatError(f"not an {artifact_type} artifact of this image")
-            blob = await source.get_blob(m.layers[0].digest)
+            blob = early.get(m.layers[0].digest) or await source.get_blob(m.layers[0].digest)
             if check is not None:
                 check(blob)
             return blob
         except (FormatError, IntegrityError, NotFoundError) as e:
             log.warning("%s: skipping artifact %s: %s", source.name, d.digest, e)
     return None
+
+
+async def _get_manifest_into(source: Source, digest: str, out: list[bytes | LazyfsError]) -> None:
+    try:
+        out.append((await source.get_manifest(digest))[0])
+    except LazyfsError as e:  # raised by the caller, outside the nursery (no group)
+        out.append(e)
+
+
+async def _get_blob_into(source: Source, digest: str, out: dict[str, bytes]) -> None:
+    try:
+        out[digest] = await source.get_blob(digest)
+    except LazyfsError as e:  # the manifest decides what to fetch then
+        log.info("%s: document %s not fetched early: %s", source.name, digest, e)

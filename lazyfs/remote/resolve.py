@@ -25,8 +25,34 @@ class ResolvedImage(msgspec.Struct):
     index_digest: str | None = None
 
 
+class ResolvedManifest(msgspec.Struct):
+    digest: str
+    manifest: oci.Manifest
+    data: bytes
+    index_digest: str | None = None
+
+    def with_config(self, config_bytes: bytes) -> ResolvedImage:
+        return ResolvedImage(
+            manifest_digest=self.digest,
+            manifest=self.manifest,
+            manifest_bytes=self.data,
+            config_bytes=config_bytes,
+            config=oci.decode_config(config_bytes),
+            layers=list(self.manifest.layers),
+            index_digest=self.index_digest,
+        )
+
+
 async def resolve_image(source: Source, ref: str, platform: str = "linux/amd64") -> ResolvedImage:
     """Fetch ``ref``; if it is an index / manifest list, pick the ``platform`` entry."""
+    m = await resolve_manifest(source, ref, platform)
+    return m.with_config(await source.get_blob(m.manifest.config.digest))
+
+
+async def resolve_manifest(
+    source: Source, ref: str, platform: str = "linux/amd64"
+) -> ResolvedManifest:
+    """:func:`resolve_image` without the config (whose fetch a caller may overlap)."""
     data, media_type, digest = await source.get_manifest(ref)
     index_digest = None
     if media_type in oci.INDEX_TYPES:
@@ -48,17 +74,7 @@ async def resolve_image(source: Source, ref: str, platform: str = "linux/amd64")
         data, media_type, digest = await source.get_manifest(candidates[0].digest)
     if media_type not in oci.MANIFEST_TYPES:
         raise FormatError(f"{source.name} {ref}: unsupported manifest type {media_type}")
-    manifest = oci.decode_manifest(data)
-    config_bytes = await source.get_blob(manifest.config.digest)
-    return ResolvedImage(
-        manifest_digest=digest,
-        manifest=manifest,
-        manifest_bytes=data,
-        config_bytes=config_bytes,
-        config=oci.decode_config(config_bytes),
-        layers=list(manifest.layers),
-        index_digest=index_digest,
-    )
+    return ResolvedManifest(digest, oci.decode_manifest(data), data, index_digest)
 
 
 def open_source(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -27,10 +28,11 @@ from lazyfs.formats.layer import (
     expected_toc_digest,
     locate_toc,
     tail_start_hint,
+    toc_by_annotations,
 )
 from lazyfs.formats.toc import TOC, TocBudget, pack_toc, unpack_toc
 from lazyfs.remote.base import Source
-from lazyfs.remote.resolve import ResolvedImage, resolve_image
+from lazyfs.remote.resolve import ResolvedImage, resolve_manifest
 from lazyfs.store.wholelayer import WholeLayers
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,17 @@ async def load_layer(
     where = f"layer {desc.digest}"
     if desc.size < TAIL_SIZE or oci.LAYER_TYPES.get(desc.mediaType) == "tar":
         raise NotLazyError(f"{where} ({desc.mediaType}) is not lazy: it has no TOC")
+    loc = toc_by_annotations(desc.annotations, desc.size)
+    if loc is not None:
+        # Just the TOC: the tar-split after it (as large as the TOC) is no use to a mount.
+        try:
+            toc = await _fetch_toc(source, desc.digest, loc, None, budget, tries=1)
+        except (FormatError, IntegrityError) as e:
+            log.info("%s: no TOC where the manifest says (%s); reading the footer", where, e)
+        else:
+            if cached is not None:
+                await _store(cached, loc, toc)
+            return LayerInfo(desc, loc, toc)
     # One request for the footer and, usually, the TOC before it: a round trip saved per
     # layer on a slow link.
     tail_start = min(
@@ -141,18 +154,29 @@ async def load_layer(
     return LayerInfo(desc, loc, toc)
 
 
+def _promises_toc(desc: oci.Descriptor) -> bool:
+    """The manifest promises a TOC digest for the layer (so it is lazy, or the image bad)."""
+    ann = desc.annotations
+    return bool(expected_toc_digest(ann, "zstd:chunked") or expected_toc_digest(ann, "estargz"))
+
+
 async def _fetch_toc(
-    source: Source, digest: str, loc: TocLocation, first: bytes | None, budget: TocBudget | None
+    source: Source,
+    digest: str,
+    loc: TocLocation,
+    first: bytes | None,
+    budget: TocBudget | None,
+    tries: int = TOC_FETCH_TRIES,
 ) -> TOC:
     """The decoded TOC, from its bytes (``first`` if already read).  Bytes that fail
     their digest are most likely damaged in transit: fetched again, as chunks are."""
-    for attempt in range(TOC_FETCH_TRIES):
+    for attempt in range(tries):
         raw = first if first is not None else await source.read_range(digest, loc.start, loc.end)
         first = None
         try:
             return await trio.to_thread.run_sync(decode_layer_toc, loc, raw, budget)
         except IntegrityError as e:
-            if attempt + 1 == TOC_FETCH_TRIES:
+            if attempt + 1 == tries:
                 raise
             log.warning("TOC of %s: %s; fetching it again", digest, e)
     raise AssertionError("unreachable")
@@ -166,13 +190,18 @@ async def load_tocs(
     toc_dir: Path | None = None,
     layer_count: int | None = None,
     whole: WholeLayers | None = None,
+    on_resolved: Callable[[str], None] | None = None,
 ) -> Image:
     """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
     ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
     layer without a TOC is an error (NotLazyError), unless ``whole`` is given: then it is
-    fetched whole and indexed."""
-    resolved = await resolve_image(source, ref, platform)
-    descriptors = resolved.layers
+    fetched whole and indexed.  ``on_resolved`` hears of the manifest digest before the
+    config and TOCs are read (what else needs it can start beside them)."""
+    found_manifest = await resolve_manifest(source, ref, platform)
+    if on_resolved is not None:
+        on_resolved(found_manifest.digest)
+    descriptors = list(found_manifest.manifest.layers)
+    n_layers = len(descriptors)
     if layer_count is not None:
         if not 0 < layer_count <= len(descriptors):
             raise FormatError(
@@ -181,27 +210,57 @@ async def load_tocs(
         descriptors = descriptors[:layer_count]
     layers: list[LayerInfo | None] = [None] * len(descriptors)
     budget = TocBudget()  # bounds the whole image, not each layer
-    diff_ids = resolved.config.rootfs.diff_ids
-    if whole is not None and len(diff_ids) != len(resolved.layers):
-        raise FormatError(
-            f"{ref}: the config lists {len(diff_ids)} diff_ids for {len(resolved.layers)} layers"
-        )
+    # The config (diff_ids) is fetched beside the TOCs: only layers fetched whole need it.
+    config: list[ResolvedImage] = []
+    config_error: list[LazyfsError] = []
+    have_config = trio.Event()
+
+    async def get_config() -> None:
+        try:
+            blob = await source.get_blob(found_manifest.manifest.config.digest)
+            resolved = found_manifest.with_config(blob)
+            diff_ids = resolved.config.rootfs.diff_ids
+            if whole is not None and len(diff_ids) != n_layers:
+                raise FormatError(
+                    f"{ref}: the config lists {len(diff_ids)} diff_ids for {n_layers} layers"
+                )
+            config.append(resolved)
+        except LazyfsError as e:
+            config_error.append(e)  # raised after the nursery: as itself, not in a group
+        finally:
+            have_config.set()
 
     async def one(i: int, desc: oci.Descriptor) -> None:
-        if whole is None:
-            layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
-            return
-        found = whole.cached(desc, diff_ids[i])
-        if found is None:
+        tried = False
+        if whole is None or _promises_toc(desc):
             try:
                 layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
                 return
             except NotLazyError as e:
+                if whole is None:
+                    raise
                 log.info("%s", e)
-            found = await whole.index(desc, diff_ids[i])
+            tried = True
+        await have_config.wait()
+        if not config:
+            return
+        diff_id = config[0].config.rootfs.diff_ids[i]
+        found = whole.cached(desc, diff_id)
+        if found is None:
+            if not tried:
+                try:
+                    layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
+                    return
+                except NotLazyError as e:
+                    log.info("%s", e)
+            found = await whole.index(desc, diff_id)
         layers[i] = LayerInfo(desc, *found)
 
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(get_config)
         for i, desc in enumerate(descriptors):
             nursery.start_soon(one, i, desc)
+    if config_error:
+        raise config_error[0]
+    resolved = config[0]
     return Image(ref, resolved, [li for li in layers if li is not None])

@@ -102,6 +102,14 @@ class FaultProxy(ThreadedHTTPServer):
             self.redirect_to: str | None = None
             #: add this Authorization upstream (a "presigned" storage stand-in)
             self.upstream_auth: str | None = None
+            #: seconds every request waits before it is forwarded (a round trip), None: none
+            self.delay: float | None = None
+            #: only requests whose path holds this are delayed (None: all)
+            self.delay_match: str | None = None
+            #: ("in" | "out", path, time.monotonic()) of every request as it arrives and as its
+            #: answer is sent: which requests were in flight together (tests assert on the
+            #: order, benchmarks read the times)
+            self.events: list[tuple[str, str, float]] = []
 
     def fail_next(self, n: int, status: int = 503, retry_after: str | None = None) -> None:
         with self.lock:
@@ -156,6 +164,8 @@ class FaultProxy(ThreadedHTTPServer):
             def _reply(
                 self, status: int, headers: dict[str, str], body: bytes, hold: bool = False
             ) -> None:
+                with proxy.lock:
+                    proxy.events.append(("out", self.path, time.monotonic()))
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -201,7 +211,13 @@ class FaultProxy(ThreadedHTTPServer):
                     proxy.paths.append(self.path)
                     proxy.ranges.append(self.headers.get("Range"))
                     proxy.authorization.append(self.headers.get("Authorization"))
+                    proxy.events.append(("in", self.path, time.monotonic()))
                     fail = proxy._fail.pop(0) if matched and proxy._fail else None
+                    delay = proxy.delay
+                    if proxy.delay_match is not None and proxy.delay_match not in self.path:
+                        delay = None
+                if delay:
+                    time.sleep(delay)
                 if fail is not None:
                     status, retry_after = fail
                     extra = {"Retry-After": retry_after} if retry_after else {}

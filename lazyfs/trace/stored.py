@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import trio
@@ -19,6 +21,10 @@ log = logging.getLogger(__name__)
 
 #: How long a mount looks for stored groups before prefetching by landmarks instead.
 STORED_GROUPS_TIMEOUT = 10.0
+
+#: A kept copy of the stored groups older than this is looked up again after a mount used it,
+#: so groups pushed later for the same image reach the mount after next.
+GROUPS_REFRESH_AGE = 3600.0
 
 
 async def push_groups(
@@ -95,3 +101,59 @@ async def find_group(
     except LazyfsError as e:
         log.info("no usable prefetch groups in the registry: %s", e)
     return None
+
+
+class StoredGroups:
+    """The group ``name`` stored beside an image: the copy an earlier mount kept in
+    ``cache_dir``, at once, else looked up in the registry from the moment the manifest digest
+    is known (:meth:`begin`, beside the TOC fetch: the lookup's round trips overlap it instead
+    of following the mount's readiness)."""
+
+    def __init__(self, source: Source, cache_dir: Path, name: str | None) -> None:
+        self.source = source
+        self.cache_dir = cache_dir
+        self.name = name
+        self.manifest = ""
+        self.kept = False  # the group came from the kept copy
+        self.group: Group | None = None
+        self.done = trio.Event()
+        #: what one request to the registry took (the manifest's): how long a reader may
+        #: wait for the lookup rather than ask for its own bytes
+        self.request_time = 0.0
+
+    def begin(self, nursery: trio.Nursery, manifest_digest: str, request_time: float) -> None:
+        self.manifest = manifest_digest
+        self.request_time = request_time
+        self.group = cached_group(self.cache_dir, manifest_digest, self.name)
+        if self.group is not None:
+            self.kept = True
+            self.done.set()
+        else:
+            nursery.start_soon(self._lookup)
+
+    async def _lookup(self) -> None:
+        try:
+            self.group = await find_group(self.source, self.manifest, self.name, self.cache_dir)
+        finally:
+            self.done.set()
+
+    async def wait(self) -> Group | None:
+        """The group, once known (None: none stored, or not usable)."""
+        await self.done.wait()
+        return self.group
+
+    async def refresh(self, max_age: float = GROUPS_REFRESH_AGE) -> None:
+        """After the kept copy was used: look in the registry again when it is older than
+        ``max_age`` (a newer document replaces it); the copy's age starts again either way,
+        so an image without new groups costs one lookup per ``max_age``, off the start-up."""
+        if not self.kept:
+            return
+        path = _cached_path(self.cache_dir, self.manifest)
+        try:
+            if time.time() - path.stat().st_mtime < max_age:
+                return
+            os.utime(path)
+        except OSError:
+            return
+        log.info("looking for newer prefetch groups beside %s", self.manifest)
+        await find_group(self.source, self.manifest, self.name, self.cache_dir)

@@ -205,6 +205,27 @@ def prefetch_contenders(ctx: Ctx, img: Image) -> list[Contender]:
             lambda: _lazy_start(ctx, img, "lazyfs zstd:chunked + prefetch", "zstd", *args),
         )
     ]
+    # The same groups stored beside the image (referrers): what a plain mount finds by
+    # itself, with the lookup's round trips on the link.  The other zstd contenders do not
+    # look (--no-prefetch, or --prefetch FILE).
+    res = subprocess.run(
+        [sys.executable, "-m", "lazyfs.cli", "optimize", "--out", str(pdir / "pushed.json"),
+         str(trace), "--push", ctx.ref(img, "zstd"), "--plain-http"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if res.returncode != 0:
+        ctx.notes.append(f"startup: no stored-groups contender: {res.stderr.strip()[-300:]}")
+    else:
+        ctx.notes.append(
+            "startup: stored groups = the same groups pushed beside the zstd:chunked image "
+            "(`lazyfs optimize --push`); a plain mount (no --prefetch) finds them"
+        )
+        out.append(
+            (
+                "lazy+stored groups",
+                lambda: _lazy_start(ctx, img, "lazyfs zstd:chunked + stored groups", "zstd"),
+            )
+        )
     _, convert_help = lazyfs_help("convert")
     if "--prefetch" not in convert_help:
         ctx.notes.append("startup: no re-laid-out+prefetch (no `lazyfs convert --prefetch`)")

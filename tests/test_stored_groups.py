@@ -1,0 +1,160 @@
+"""Prefetch groups stored beside the image, on the real registry: a mount looks them up while
+its TOC loads (not after readiness), reads just the TOC (no tar-split), and a copy kept from an
+earlier mount is refreshed in the background once old."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import trio
+from lazyfs_tools.convert import convert
+
+from lazyfs import oci
+from lazyfs.ocilayout import Layout
+from lazyfs.remote.referrers import subject_descriptor
+from lazyfs.remote.registry import RegistrySource
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import mounted, startup_groups, wait_prefetched
+from lazyfs.trace.stored import push_groups
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+
+FILES = {f"app/f{i}.bin": seeded_bytes(150_000, 70 + i) for i in range(6)}
+USED = ["app/f4.bin", "app/f1.bin"]
+
+
+def _push(registry: RegistryInstance, d: Path, repo: str) -> dict:
+    items = [Item("app", "dir", mode=0o755), *(Item(n, data=b) for n, b in FILES.items())]
+    make_layout(d / "src", [make_tar(items)], tag="v1")
+    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    push_oci_layout(d / "lazy", f"{registry.host}/{repo}:v1", tag="v1")
+    manifest = Layout(d / "lazy").manifest("v1")
+    return {
+        "manifest": Layout(d / "lazy").find("v1").digest,
+        "layer": manifest.layers[0],
+        "repo": repo,
+    }
+
+
+def _store(registry: RegistryInstance, img: dict, group_name: str, created: str) -> None:
+    doc = json.loads(startup_groups(img["repo"], img["manifest"], img["layer"].digest, FILES, USED))
+    doc["groups"][0]["name"] = group_name
+
+    async def go() -> None:
+        src = RegistrySource(registry.host, img["repo"], plain_http=True)
+        try:
+            subject = await subject_descriptor(src, img["manifest"])
+            await push_groups(src, subject, json.dumps(doc).encode(), created=created)
+        finally:
+            await src.aclose()
+
+    trio.run(go)
+
+
+def test_groups_lookup_beside_the_toc_fetch(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    img = _push(registry, tmp_path, "stored/overlap")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    fault_proxy.match = "/v2/"  # documents too
+    fault_proxy.delay = 0.2  # every request in flight long enough to see what overlaps
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(f"{fault_proxy.host}/{img['repo']}:v1", tmp_path / "mnt", *args) as m:
+        pf = wait_prefetched(m.mountpoint)["prefetch"]
+        assert pf["group"] == "startup" and not pf["error"]
+        for name in USED:
+            assert (m.mountpoint / name).read_bytes() == FILES[name]
+    # The i-th "in" event is the i-th request (paths and ranges are recorded with it).
+    ins = [i for i, ev in enumerate(fault_proxy.events) if ev[0] == "in"]
+    at = {n: ins[n] for n in range(len(ins))}
+    paths, ranges, events = fault_proxy.paths, fault_proxy.ranges, fault_proxy.events
+
+    def out_of(n: int) -> int:
+        return next(i for i, ev in enumerate(events) if ev[0] == "out" and ev[1] == paths[n])
+
+    toc = next(n for n, r in enumerate(ranges) if r is not None)
+    # Just the TOC's bytes: the tar-split after it is not fetched.
+    ann = img["layer"].annotations or {}
+    start, length = (int(x) for x in ann[oci.ANN_ZSTD_POSITION].split(":")[:2])
+    assert ranges[toc] == f"bytes={start}-{start + length - 1}"
+    # The groups lookup (the referrers tag schema: docker-registry has no referrers API) was
+    # sent before the TOC's answer came back: it does not wait for the mount to be ready.
+    lookup = next(n for n, p in enumerate(paths) if "/manifests/sha256-" in p)
+    assert at[lookup] < out_of(toc)
+    # The groups document is asked for beside the artifact manifest, not after it.
+    artifact = next(n for n in range(lookup + 1, len(paths)) if "/manifests/sha256:" in paths[n])
+    document = next(
+        n for n in range(lookup + 1, len(paths)) if "/blobs/" in paths[n] and ranges[n] is None
+    )
+    assert at[document] < out_of(artifact)
+
+
+def test_a_slow_lookup_does_not_hold_readers(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    img = _push(registry, tmp_path, "stored/slow")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay, fault_proxy.delay_match = 0.9, "/manifests/sha256-"  # < GATE_WAIT
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(f"{fault_proxy.host}/{img['repo']}:v1", tmp_path / "mnt", *args) as m:
+        name = USED[0]
+        assert (m.mountpoint / name).read_bytes() == FILES[name]
+        read_done = len(fault_proxy.events)
+        # The lookup still goes on, and its group is prefetched when it comes.
+        assert wait_prefetched(m.mountpoint)["prefetch"]["group"] == "startup"
+    events, paths = fault_proxy.events, fault_proxy.paths
+    lookup = next(n for n, p in enumerate(paths) if "/manifests/sha256-" in p)
+    answered = next(i for i, ev in enumerate(events) if ev[0] == "out" and ev[1] == paths[lookup])
+    assert answered >= read_done  # the reader had its bytes before the lookup's answer
+
+
+def _kept(cache: Path) -> Path:
+    (kept,) = (cache / "documents").glob("groups-of-*")
+    return kept
+
+
+def _kept_name(cache: Path) -> str:
+    name: str = json.loads(_kept(cache).read_bytes())["groups"][0]["name"]
+    return name
+
+
+def test_kept_groups_are_refreshed_once_old(registry: RegistryInstance, tmp_path: Path) -> None:
+    img = _push(registry, tmp_path, "stored/refresh")
+    _store(registry, img, "first", "2026-11-30T10:00:00Z")
+    ref, cache, mnt = f"{registry.host}/{img['repo']}:v1", tmp_path / "c", tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(cache))
+    with mounted(ref, mnt, *args):
+        assert wait_prefetched(mnt)["prefetch"]["group"] == "first"
+    assert _kept_name(cache) == "first"
+    _store(registry, img, "second", "2026-11-30T11:00:00Z")
+    # A young kept copy is used as it is and not looked up again.
+    mtime = _kept(cache).stat().st_mtime
+    with mounted(ref, mnt, *args):
+        assert wait_prefetched(mnt)["prefetch"]["group"] == "first"
+    assert _kept_name(cache) == "first" and _kept(cache).stat().st_mtime == mtime
+    # An old one is still used at once (no lookup on the start-up path), then refreshed.
+    old = time.time() - 2 * 3600
+    os.utime(_kept(cache), (old, old))
+    with mounted(ref, mnt, *args):
+        assert wait_prefetched(mnt)["prefetch"]["group"] == "first"
+        deadline = time.monotonic() + 20
+        while _kept_name(cache) != "second":
+            assert time.monotonic() < deadline, "the kept groups were not refreshed"
+            time.sleep(0.05)
+    with mounted(ref, mnt, *args):
+        assert wait_prefetched(mnt)["prefetch"]["group"] == "second"
+
+
+def test_no_stored_groups(registry: RegistryInstance, tmp_path: Path) -> None:
+    img = _push(registry, tmp_path, "stored/none")
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(f"{registry.host}/{img['repo']}:v1", tmp_path / "mnt", *args) as m:
+        for name in USED:
+            assert (m.mountpoint / name).read_bytes() == FILES[name]
+    assert not list((tmp_path / "c" / "documents").glob("groups-of-*"))

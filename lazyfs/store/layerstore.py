@@ -15,12 +15,13 @@ alone, decoded straight into the cache (``store.bigchunk``), and its waiters rea
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import NoReturn
 
 import trio
@@ -175,6 +176,7 @@ class LayerStore:
         concurrency: int = 8,
         readahead: int = 512 * 1024,
         amplify: int = 512 * 1024,
+        behind: int = 0,
         pipeline: int = 8 * 1024 * 1024,
         hot_bytes: int = DEFAULT_HOT_BYTES,
     ) -> None:
@@ -183,6 +185,7 @@ class LayerStore:
         self.max_request = max_request
         self.readahead = readahead
         self.amplify = amplify
+        self.behind = behind
         self.pipeline = pipeline
         self._hot = HotChunks(hot_bytes)
         self._nursery: trio.Nursery | None = None
@@ -191,6 +194,9 @@ class LayerStore:
         self._slots = PrioritySlots(concurrency, reserved)
         self._layers: dict[str, Layer] = {}
         self._inflight: dict[str, _Flight] = {}
+        # Per layer, on-demand requests planned but not yet sent (waiting for a slot): misses
+        # that come meanwhile join them in one multi-range request.
+        self._unsent: dict[str, list[_Group]] = {}
         self._dirty: set[Layer] = set()
         self._last_ondemand = -math.inf
         self._bg_scope: trio.CancelScope | None = None
@@ -268,7 +274,9 @@ class LayerStore:
         extra: list[Chunk] = []
         if prev is None or prev == offset:  # a first or sequential read, not random access
             extra = plan.readahead(entry, chunks, prev is None, self.readahead)
-            extra += plan.amplify(layer, [*chunks, *extra], self.amplify, self._is_local(layer))
+            extra += plan.amplify(
+                layer, [*chunks, *extra], self.amplify, self._is_local(layer), self.behind
+            )
             if prev == offset or offset == 0:
                 self._read_ahead_of(layer, entry, [*chunks, *extra])
         parts, waited = await self._obtain(layer, needs, extra)
@@ -393,15 +401,16 @@ class LayerStore:
                             far.append(c)
                 if far:
                     await self._overtake(layer, far)
-                if groups and self._nursery is not None:
+                senders = self._senders(layer, groups)
+                if senders and self._nursery is not None:
                     # Readers wait for their chunks' flights, which resolve when the chunks
                     # are decoded; writing them to the cache happens behind their backs.
-                    for g in groups:
-                        self._nursery.start_soon(self._run_group, layer, g, None)
-                elif groups:
+                    for send in senders:
+                        self._nursery.start_soon(send)
+                elif senders:
                     async with trio.open_nursery() as nursery:
-                        for g in groups:
-                            nursery.start_soon(self._run_group, layer, g, None)
+                        for send in senders:
+                            nursery.start_soon(send)
                 for f in flights.values():
                     await f.event.wait()
                 for i in pending:
@@ -466,6 +475,76 @@ class LayerStore:
                 continue  # readahead alone never costs a request
             g = _Group(runs[0][0], runs[-1][1], chunks, [(s, e) for s, e, _ in runs])
             out.append(self._register(g, priority))
+        return out
+
+    def _senders(self, layer: Layer, groups: list[_Group]) -> list[Callable[[], Awaitable[None]]]:
+        """What sends a reader's planned requests.  From a source that sends several ranges
+        in one request, they join the layer's requests not yet sent, if any (then the reader
+        sends nothing itself), or become them; a big chunk goes alone, as does everything
+        from any other source."""
+        alone = [g for g in groups if is_big(g.chunks[0])]
+        joining = [g for g in groups if not is_big(g.chunks[0])]
+        out: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(self._run_group, layer, g, None) for g in alone
+        ]
+        if not joining:
+            return out
+        if not layer.source.multirange(layer.blob_digest):
+            return out + [functools.partial(self._run_group, layer, g, None) for g in joining]
+        unsent = self._unsent.get(layer.blob_digest)
+        if unsent is not None:
+            unsent.extend(joining)
+            return out
+        self._unsent[layer.blob_digest] = joining
+        return [*out, functools.partial(self._send_misses, layer, joining)]
+
+    async def _send_misses(self, layer: Layer, unsent: list[_Group]) -> None:
+        """Wait for a slot, then send every miss of the layer gathered meanwhile (``unsent``
+        grows while this waits) in as few multi-range requests as the bundle caps allow.  Each
+        reader still gets its chunks as soon as they are verified: the stream resolves them
+        as its bytes come."""
+        ticket = Ticket(ONDEMAND)
+        try:
+            await self._slots.acquire(ticket)  # checkpoints: misses dispatched now join
+        finally:
+            if self._unsent.get(layer.blob_digest) is unsent:
+                del self._unsent[layer.blob_digest]  # from here, misses start anew
+        try:
+            merged = self._merge(unsent)
+            merged[0].ticket = ticket  # the slot already held
+            for g in merged:
+                for f in g.flights.values():
+                    f.group, f.ticket = g, g.ticket
+            layer.stats.batched_misses += len(unsent) - len(merged)
+            async with trio.open_nursery() as nursery:
+                for g in merged:
+                    nursery.start_soon(self._run_group, layer, g, None)
+        finally:
+            self._slots.release(ticket)  # a no-op once its request released it
+            for g in unsent:  # a cancelled send: waiters fetch their chunks afresh
+                for d, f in g.flights.items():
+                    if not f.event.is_set():
+                        self._fail(d, f, _Abandoned())
+
+    def _merge(self, groups: list[_Group]) -> list[_Group]:
+        """One-range requests of one layer gathered into multi-range requests (their ranges
+        never overlap: a plan does not cross a chunk in flight)."""
+        if len(groups) == 1:
+            return groups
+        groups = sorted(groups, key=lambda g: g.start)
+        out: list[_Group] = []
+        for bundle in plan.bundle([(g.start, g.end, g.chunks) for g in groups], self.max_request):
+            taken, groups = groups[: len(bundle)], groups[len(bundle) :]
+            runs: list[tuple[int, int]] = []
+            for g in taken:
+                if runs and runs[-1][1] == g.start:
+                    runs[-1] = (runs[-1][0], g.end)  # adjacent: one range
+                else:
+                    runs.append((g.start, g.end))
+            merged = _Group(runs[0][0], runs[-1][1], [c for g in taken for c in g.chunks], runs)
+            merged.ticket = Ticket(ONDEMAND)
+            merged.flights = {d: f for g in taken for d, f in g.flights.items()}
+            out.append(merged)
         return out
 
     def _here(self, c: Chunk) -> bool:
@@ -593,7 +672,7 @@ class LayerStore:
             layer.stats.bytes_fetched += len(piece)
             await sink(at, piece)
 
-        async with self._slots.hold(g.ticket):
+        async with self._slot(g.ticket):
             g.sent_at = trio.current_time()
             layer.stats.requests += 1
             layer.stats.multirange_requests += len(g.runs) > 1
@@ -607,6 +686,17 @@ class LayerStore:
                 f"{getattr(layer.source, 'name', 'source')}: asked for {want} bytes in "
                 f"{len(g.runs)} ranges from {g.start} of {layer.blob_digest}, got {g.got}"
             )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, t: Ticket) -> AsyncIterator[None]:
+        """Hold a request slot for ``t``; one granted already (a batch of misses waited for
+        it) is only released at the end."""
+        if not t.granted:
+            await self._slots.acquire(t)
+        try:
+            yield
+        finally:
+            self._slots.release(t)
 
     async def _run_group(
         self, layer: Layer, g: _Group, done: Callable[[], None] | None = None

@@ -60,6 +60,13 @@ OVERTAKE_BYTES = 1024 * 1024
 OVERTAKE_MIN_WAIT = 0.02
 MAP_FLUSH_CHANGES = 256
 MAP_FLUSH_SECONDS = 2.0
+# A miss's request grows by the chunks that follow it in the blob, from the base ``amplify``
+# up to this while the previous miss's were read (a cold start without prefetch groups on the
+# sample image: 51 misses with 512 KiB, 8 with 4 MiB and AMPLIFY_BEHIND; BENCHMARKS.md,
+# issue 13), and by this much of what comes before it: a package's files are read in another
+# order than the path order the layer is laid out in.
+AMPLIFY_MAX = 4 * 1024 * 1024
+AMPLIFY_BEHIND = 256 * 1024
 # The background fill only issues a request after on-demand reads were quiet this long.
 BACKGROUND_IDLE_SECONDS = 0.25
 
@@ -144,6 +151,27 @@ class _Group:
         return sum(max(0, min(end, offset) - max(start, self.pos)) for start, end in self.runs)
 
 
+class _Window:
+    """A layer's amplify budget (:func:`plan.amplify`): doubled, up to a cap, at each miss
+    whose previous miss's neighbours were read meanwhile (a start-up walking a directory laid
+    out by path), back to the base at one whose were not (random access)."""
+
+    __slots__ = ("brought", "size", "used")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.brought: set[str] = set()  # what the last miss's request took beyond its reads
+        self.used = False  # a read wanted one of those since
+
+    def budget(self, asked: list[Chunk], base: int, cap: int) -> int:
+        """The budget for a read of ``asked``, should it miss."""
+        self.used = self.used or any(c.digest in self.brought for c in asked)
+        return min(self.size * 2, cap) if self.used else base
+
+    def missed(self, brought: set[str], budget: int) -> None:
+        self.size, self.brought, self.used = budget, brought, False
+
+
 def _reraise(error: BaseException) -> NoReturn:
     # Each waiter raises its own copy: one shared exception object would pile up the
     # tracebacks of every task that raised it.
@@ -163,8 +191,10 @@ class LayerStore:
     much fetches the whole file in the same request; a read that continues where the previous
     read of the file ended also takes the file's next chunks up to this much.  ``amplify``
     (compressed bytes, 0 to disable): such a first or sequential read also takes the chunks
-    that follow in the blob, as Nydus' amplify_io does.  Readahead only rides along in a request
-    that is made anyway; it never causes a request of its own.
+    that follow in the blob, as Nydus' amplify_io does, and ``behind`` bytes of those before
+    it; the budget doubles up to ``amplify_max`` while what it brought gets read (:class:`_Window`).
+    Readahead only rides along in a request that is made anyway; it never causes a request of
+    its own.
     """
 
     def __init__(
@@ -176,7 +206,8 @@ class LayerStore:
         concurrency: int = 8,
         readahead: int = 512 * 1024,
         amplify: int = 512 * 1024,
-        behind: int = 0,
+        amplify_max: int = AMPLIFY_MAX,
+        behind: int = AMPLIFY_BEHIND,
         pipeline: int = 8 * 1024 * 1024,
         hot_bytes: int = DEFAULT_HOT_BYTES,
     ) -> None:
@@ -185,7 +216,9 @@ class LayerStore:
         self.max_request = max_request
         self.readahead = readahead
         self.amplify = amplify
+        self.amplify_max = amplify_max
         self.behind = behind
+        self._windows: dict[str, _Window] = {}
         self.pipeline = pipeline
         self._hot = HotChunks(hot_bytes)
         self._nursery: trio.Nursery | None = None
@@ -272,17 +305,25 @@ class LayerStore:
         ]
         prev = layer.note_read(entry.name, end)
         extra: list[Chunk] = []
+        budget = 0
         if prev is None or prev == offset:  # a first or sequential read, not random access
             extra = plan.readahead(entry, chunks, prev is None, self.readahead)
+            budget = self._window(layer).budget(chunks, self.amplify, self.amplify_max)
             extra += plan.amplify(
-                layer, [*chunks, *extra], self.amplify, self._is_local(layer), self.behind
+                layer, [*chunks, *extra], budget, self._is_local(layer), self.behind
             )
             if prev == offset or offset == 0:
                 self._read_ahead_of(layer, entry, [*chunks, *extra])
-        parts, waited = await self._obtain(layer, needs, extra)
+        parts, waited = await self._obtain(layer, needs, extra, budget)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), ns if waited else 0
+
+    def _window(self, layer: Layer) -> _Window:
+        w = self._windows.get(layer.blob_digest)
+        if w is None:
+            w = self._windows[layer.blob_digest] = _Window(self.amplify)
+        return w
 
     def _is_local(self, layer: Layer) -> plan.IsLocal:
         return lambda c: c.digest in self._inflight or self._maybe_cached(layer, c)
@@ -314,10 +355,11 @@ class LayerStore:
         return [self.cache.read(c.digest, c.size, lo, hi) for c, lo, hi in needs]
 
     async def _obtain(
-        self, layer: Layer, needs: list[tuple[Chunk, int, int]], extra: list[Chunk]
+        self, layer: Layer, needs: list[tuple[Chunk, int, int]], extra: list[Chunk], budget: int
     ) -> tuple[list[bytes], bool]:
         """The ``[lo, hi)`` slices of the needed chunks, and whether the network was waited
-        for.  Pins the chunks meanwhile so a concurrent put cannot evict them."""
+        for.  Pins the chunks meanwhile so a concurrent put cannot evict them.  ``budget``:
+        the amplify budget ``extra`` was planned with, kept as the layer's if it misses."""
         parts: list[bytes | None] = [None] * len(needs)
         for i, (c, lo, hi) in enumerate(needs):
             if c.zeros:
@@ -386,6 +428,9 @@ class LayerStore:
                 waited = True
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
                 mine = {d for g in groups for d in g.flights}
+                if budget and groups:
+                    asked = {needs[i][0].digest for i in pending}
+                    self._window(layer).missed(mine - asked, budget)
                 extra = []  # readahead is attempted once
                 flights: dict[str, _Flight] = {}
                 far: list[Chunk] = []

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import NoReturn
 
 import trio
@@ -163,7 +163,7 @@ class _Window:
         self.brought: set[str] = set()  # what the last miss's request took beyond its reads
         self.used = False  # a read wanted one of those since
 
-    def budget(self, asked: list[Chunk], base: int, cap: int) -> int:
+    def budget(self, asked: Sequence[Chunk], base: int, cap: int) -> int:
         """The budget for a read of ``asked``, should it miss."""
         self.used = self.used or any(c.digest in self.brought for c in asked)
         return min(self.size * 2, cap) if self.used else base

@@ -60,9 +60,9 @@ OVERTAKE_BYTES = 1024 * 1024
 OVERTAKE_MIN_WAIT = 0.02
 MAP_FLUSH_CHANGES = 256
 MAP_FLUSH_SECONDS = 2.0
-# A miss's request grows by the chunks that follow it in the blob, from the base ``amplify``
-# up to this while the previous miss's were read (a cold start without prefetch groups on the
-# sample image: 51 misses with 512 KiB, 8 with 4 MiB and AMPLIFY_BEHIND; BENCHMARKS.md,
+# A miss's request grows by the chunks that follow it in the blob, this much while the
+# previous miss's were read (a cold start without prefetch groups on the sample image: 51
+# misses with 512 KiB, 9 with 4 MiB and AMPLIFY_BEHIND, 23 doubling from 512 KiB; BENCHMARKS.md,
 # issue 13), and by this much of what comes before it: a package's files are read in another
 # order than the path order the layer is laid out in.
 AMPLIFY_MAX = 4 * 1024 * 1024
@@ -152,9 +152,9 @@ class _Group:
 
 
 class _Window:
-    """A layer's amplify budget (:func:`plan.amplify`): doubled, up to a cap, at each miss
-    whose previous miss's neighbours were read meanwhile (a start-up walking a directory laid
-    out by path), back to the base at one whose were not (random access)."""
+    """A layer's amplify budget (:func:`plan.amplify`): the cap at a miss whose previous
+    miss's neighbours were read meanwhile (a start-up walking directories laid out by path),
+    halved down to the base at one whose were not (first reads all over the layer)."""
 
     __slots__ = ("brought", "size", "used")
 
@@ -166,7 +166,7 @@ class _Window:
     def budget(self, asked: Sequence[Chunk], base: int, cap: int) -> int:
         """The budget for a read of ``asked``, should it miss."""
         self.used = self.used or any(c.digest in self.brought for c in asked)
-        return min(self.size * 2, cap) if self.used else base
+        return cap if self.used else max(self.size // 2, base)
 
     def missed(self, brought: set[str], budget: int) -> None:
         self.size, self.brought, self.used = budget, brought, False
@@ -192,7 +192,7 @@ class LayerStore:
     read of the file ended also takes the file's next chunks up to this much.  ``amplify``
     (compressed bytes, 0 to disable): such a first or sequential read also takes the chunks
     that follow in the blob, as Nydus' amplify_io does, and ``behind`` bytes of those before
-    it; the budget doubles up to ``amplify_max`` while what it brought gets read (:class:`_Window`).
+    it; the budget is ``amplify_max`` while what it brought gets read (:class:`_Window`).
     Readahead only rides along in a request that is made anyway; it never causes a request of
     its own.
     """

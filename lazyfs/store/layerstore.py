@@ -60,12 +60,14 @@ OVERTAKE_BYTES = 1024 * 1024
 OVERTAKE_MIN_WAIT = 0.02
 MAP_FLUSH_CHANGES = 256
 MAP_FLUSH_SECONDS = 2.0
-# A miss's request grows by the chunks that follow it in the blob, this much while the
-# previous miss's were read (a cold start without prefetch groups on the sample image: 51
-# misses with 512 KiB, 9 with 4 MiB and AMPLIFY_BEHIND, 23 doubling from 512 KiB; BENCHMARKS.md,
-# issue 13), and by this much of what comes before it: a package's files are read in another
-# order than the path order the layer is laid out in.
-AMPLIFY_MAX = 4 * 1024 * 1024
+# A miss's request also takes this much of what lies before it in the blob: a package's
+# files are not read in the path order the layer is laid out in (no-groups cold start: Debian
+# 39 -> 28 requests for 18.0 -> 20.2 MiB, the sample 54 -> 28 for 16.4 -> 17.2 MiB).  The
+# amplify window may grow to AMPLIFY_MAX while its read-ahead gets read; by default it does
+# not: on Debian a 4 MiB cap took 22 requests and 26.6 MiB and no measurable time off a
+# loaded 2-CPU machine, where decoding and caching every extra byte costs the daemon CPU
+# (BENCHMARKS.md, issue 13, "cold start without prefetch groups").
+AMPLIFY_MAX = 512 * 1024
 AMPLIFY_BEHIND = 256 * 1024
 # The background fill only issues a request after on-demand reads were quiet this long.
 BACKGROUND_IDLE_SECONDS = 0.25

@@ -389,6 +389,8 @@ def bench_cold(
             "lazyfs + groups": lazyfs_start("groups"),
             "lazyfs, re-laid out (landmark)": lazyfs_start("relaid"),
             "lazyfs + groups, daemon a new process": lazyfs_start("groups", forked=False),
+            # as the "before" contenders start theirs
+            "lazyfs, no groups, daemon a new process": lazyfs_start("lazy", forked=False),
         }
         if before is not None:
             for repo, name in (("lazy", "no groups"), ("groups", "+ groups")):

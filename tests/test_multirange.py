@@ -6,6 +6,7 @@ never serve a wrong byte; the multipart parser itself without a network."""
 # ruff: noqa: F811
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import random
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from lazyfs.remote.multipart import (
 )
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.store import plan
+from lazyfs.store.slots import PrioritySlots
 from lazyfs.testing.dockerregistry import RegistryInstance, push_one_layer
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
@@ -363,3 +365,107 @@ def test_a_big_batch_goes_as_requests_cut_by_rank() -> None:
     assert by_rank(items[:1]) == [{b: items[0][1]}]  # a small batch stays one request
     in_order = items[::-1]  # ranked as the blob lies (re-laid out): one request
     assert len(by_rank(in_order)) == 1
+
+
+# ------------------------------------------------------------------------------- batched misses
+
+
+# Paced answers take about a second: a cut one is still retried.
+PACED = RetryPolicy(base_delay=0.01, max_delay=0.05, stall_timeout=1.0, deadline=5.0)
+
+
+async def _read_while_busy(
+    proxy: FaultProxy, tmp: Path, first: str, names: list[str], meanwhile: Callable[[], None]
+) -> tuple[list[str | None], dict[str, object]]:
+    """Read ``first`` from a cold store with a single request slot; while its request streams
+    (the proxy paces it), call ``meanwhile`` and read ``names`` at once, each checked byte for
+    byte.  Returns the layer's Range headers after the first and the layer's stats."""
+    ref = f"{proxy.host}/{REPO}:v1"
+    async with open_image(ref, cache_dir=tmp, plain_http=True) as img:
+        src = img.source.inner  # type: ignore[attr-defined]
+        assert isinstance(src, RegistrySource)
+        src.retry = PACED
+        store, layer = img.store, img.layers[0].layer
+        store.amplify = store.readahead = 0  # each reader asks for its own file's chunks only
+        store._slots = PrioritySlots(1, 0)  # the others wait for the first's slot
+        byname = layer.toc.by_name()
+        before = len(proxy.ranges)
+
+        async def read(name: str) -> None:
+            e = byname[name]
+            assert await store.read(layer, e, 0, e.size) == FILES[name]
+
+        async with store.running(), trio.open_nursery() as nursery:
+            nursery.start_soon(read, first)
+            while not any(s.received for s in layer.stats.streams):  # the first is answered
+                await trio.sleep(0.001)
+            meanwhile()
+            for name in names:
+                nursery.start_soon(read, name)
+        asked = _layer_requests(proxy, layer.blob_digest, before)
+        return asked[1:], msgspec.to_builtins(layer.stats)
+
+
+def _busy_reads(
+    proxy: FaultProxy, tmp: Path, meanwhile: Callable[[], None] = lambda: None
+) -> tuple[list[str | None], dict[str, object]]:
+    proxy.rate = 1e6  # the first file's 100 kB take ~0.1 s
+    try:
+        return trio.run(_read_while_busy, proxy, tmp, SCATTERED[0], SCATTERED[1:], meanwhile)
+    finally:
+        proxy.reset()
+
+
+def test_misses_waiting_for_a_request_go_together(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    asked, stats = _busy_reads(fault_proxy, tmp_path)
+    # Twelve readers missed while the first's request streamed: one request for all of them.
+    assert len(asked) == 1 and asked[0] is not None
+    assert asked[0].count(",") == len(SCATTERED) - 2, asked
+    assert (stats["requests"], stats["multirange_requests"]) == (2, 1)
+    assert stats["batched_misses"] == len(SCATTERED) - 2
+
+
+def test_a_cut_batch_of_misses_resumes(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    asked, stats = _busy_reads(fault_proxy, tmp_path, lambda: fault_proxy.drop_next(1))
+    assert len(asked) == 2, asked  # the batch, cut half-way, then what it had not brought
+    first, second = (r.removeprefix("bytes=").split(",") for r in asked if r is not None)
+    assert len(first) == len(SCATTERED) - 1 and 1 <= len(second) < len(first)
+    assert stats["integrity_errors"] == 0
+
+
+@pytest.mark.parametrize("mode", ["whole", "first", "416"])
+def test_batched_misses_from_a_host_without_multirange(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path, mode: str
+) -> None:
+    asked, stats = _busy_reads(
+        fault_proxy, tmp_path, lambda: setattr(fault_proxy, "multirange", mode)
+    )
+    first, rest = asked[0], asked[1:]
+    assert first is not None and "," in first  # tried once...
+    assert rest and all(r is not None and "," not in r for r in rest)  # ...then one at a time
+    assert stats["integrity_errors"] == 0
+
+
+def test_concurrent_readers_on_a_cold_mount_share_requests(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    names = list(FILES)
+    args = ("--plain-http", "--read-only", "--cache", str(tmp_path / "c"))
+    fault_proxy.rate = 16e6  # requests stay in flight a little while others miss
+    try:
+        with mounted(f"{fault_proxy.host}/{REPO}:v1", mnt, *args):
+            before = len(fault_proxy.ranges)
+            with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+                got = list(pool.map(lambda n: (mnt / n).read_bytes(), names))
+            stats = mount_stats(mnt)["layers"][0]["stats"]
+        asked = _layer_requests(fault_proxy, pushed["digest"], before)
+    finally:
+        fault_proxy.reset()
+    assert got == [FILES[n] for n in names]
+    assert len(asked) < len(names), asked  # joined flights, read-ahead, batched misses
+    assert stats["integrity_errors"] == 0

@@ -317,7 +317,7 @@ def test_dedup_across_layers(tmp_path: Path) -> None:
     blob1, toc1 = build_layer({"x": rand(1000, 1), "shared": shared})
     blob2, toc2 = build_layer({"shared": shared, "y": rand(500, 2)})
     src = MemSource({BLOB: blob1, BLOB2: blob2})
-    store = LayerStore(ChunkCache(tmp_path / "cache", 1 << 30))
+    store = LayerStore(ChunkCache(tmp_path / "cache", 1 << 30), behind=0)  # x stays remote
     l1 = store.add_layer(BLOB, src, toc1)
     l2 = store.add_layer(BLOB2, src, toc2)
 
@@ -679,6 +679,48 @@ def test_amplify_takes_following_files_in_blob_order(tmp_path: Path) -> None:
         assert len(src.requests) <= 40 * 3000 // 20_000 + 1
         # a random (non-sequential) read of a file takes no neighbours
         await store.read(layer, by["f5"], 1000, 10)
+
+    run(main)
+
+
+def test_amplify_also_takes_the_files_just_before(tmp_path: Path) -> None:
+    # A start-up often reads a file's neighbour before it in the layer next (a package's
+    # __init__ after the module it imported): those come with the same request.
+    files: dict[str, bytes | list[bytes | int]] = {f"f{i}": rand(3000, 100 + i) for i in range(40)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=9000, behind=9000)
+    by = toc.by_name()
+
+    async def main() -> None:
+        assert await store.read(layer, by["f20"], 0, 3000) == content_of(toc, blob, "f20")
+        ((_, start, end),) = src.requests
+        assert by["f17"].chunks[0].offset <= start <= by["f18"].chunks[0].offset
+        assert by["f22"].chunks[-1].end <= end <= by["f23"].chunks[-1].end
+        for name in ("f18", "f19", "f21", "f22"):  # the neighbours are local now
+            assert await store.read(layer, by[name], 0, 3000) == content_of(toc, blob, name)
+        assert len(src.requests) == 1
+
+    run(main)
+
+
+def test_amplify_takes_more_while_what_it_brought_is_read(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {f"f{i}": rand(3000, 100 + i) for i in range(150)}
+    store, layer, src, toc, blob = make(
+        tmp_path, files, readahead=0, amplify=5000, amplify_max=40_000, behind=0
+    )
+    by = toc.by_name()
+
+    async def main() -> None:
+        for i in range(60):  # a walk in blob order: the second miss's request takes the cap
+            name = f"f{i}"
+            assert await store.read(layer, by[name], 0, 3000) == content_of(toc, blob, name)
+        sizes = [end - start for _, start, end in src.requests]
+        assert sizes[0] < 10_000 and sizes[1] > 35_000, sizes
+        assert len(src.requests) <= 6, sizes  # 30 with the base budget alone
+        # Reads elsewhere: once a request's neighbours went unread, the budget halves.
+        for name in ("f100", "f120", "f140"):
+            assert await store.read(layer, by[name], 0, 3000) == content_of(toc, blob, name)
+        sizes = [end - start for _, start, end in src.requests[-3:]]
+        assert sizes[0] > 35_000 and 15_000 < sizes[1] < 25_000 and sizes[2] < 15_000, sizes
 
     run(main)
 

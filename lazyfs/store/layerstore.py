@@ -15,12 +15,13 @@ alone, decoded straight into the cache (``store.bigchunk``), and its waiters rea
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import NoReturn
 
 import trio
@@ -59,6 +60,15 @@ OVERTAKE_BYTES = 1024 * 1024
 OVERTAKE_MIN_WAIT = 0.02
 MAP_FLUSH_CHANGES = 256
 MAP_FLUSH_SECONDS = 2.0
+# A miss's request also takes this much of what lies before it in the blob: a package's
+# files are not read in the path order the layer is laid out in (no-groups cold start: Debian
+# 39 -> 28 requests for 18.0 -> 20.2 MiB, the sample 54 -> 28 for 16.4 -> 17.2 MiB).  The
+# amplify window may grow to AMPLIFY_MAX while its read-ahead gets read; by default it does
+# not: on Debian a 4 MiB cap took 22 requests and 26.6 MiB and no measurable time off a
+# loaded 2-CPU machine, where decoding and caching every extra byte costs the daemon CPU
+# (BENCHMARKS.md, issue 13, "cold start without prefetch groups").
+AMPLIFY_MAX = 512 * 1024
+AMPLIFY_BEHIND = 256 * 1024
 # The background fill only issues a request after on-demand reads were quiet this long.
 BACKGROUND_IDLE_SECONDS = 0.25
 
@@ -143,6 +153,27 @@ class _Group:
         return sum(max(0, min(end, offset) - max(start, self.pos)) for start, end in self.runs)
 
 
+class _Window:
+    """A layer's amplify budget (:func:`plan.amplify`): the cap at a miss whose previous
+    miss's neighbours were read meanwhile (a start-up walking directories laid out by path),
+    halved down to the base at one whose were not (first reads all over the layer)."""
+
+    __slots__ = ("brought", "size", "used")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.brought: set[str] = set()  # what the last miss's request took beyond its reads
+        self.used = False  # a read wanted one of those since
+
+    def budget(self, asked: Sequence[Chunk], base: int, cap: int) -> int:
+        """The budget for a read of ``asked``, should it miss."""
+        self.used = self.used or any(c.digest in self.brought for c in asked)
+        return cap if self.used else max(self.size // 2, base)
+
+    def missed(self, brought: set[str], budget: int) -> None:
+        self.size, self.brought, self.used = budget, brought, False
+
+
 def _reraise(error: BaseException) -> NoReturn:
     # Each waiter raises its own copy: one shared exception object would pile up the
     # tracebacks of every task that raised it.
@@ -162,8 +193,10 @@ class LayerStore:
     much fetches the whole file in the same request; a read that continues where the previous
     read of the file ended also takes the file's next chunks up to this much.  ``amplify``
     (compressed bytes, 0 to disable): such a first or sequential read also takes the chunks
-    that follow in the blob, as Nydus' amplify_io does.  Readahead only rides along in a request
-    that is made anyway; it never causes a request of its own.
+    that follow in the blob, as Nydus' amplify_io does, and ``behind`` bytes of those before
+    it; the budget is ``amplify_max`` while what it brought gets read (:class:`_Window`).
+    Readahead only rides along in a request that is made anyway; it never causes a request of
+    its own.
     """
 
     def __init__(
@@ -175,6 +208,8 @@ class LayerStore:
         concurrency: int = 8,
         readahead: int = 512 * 1024,
         amplify: int = 512 * 1024,
+        amplify_max: int = AMPLIFY_MAX,
+        behind: int = AMPLIFY_BEHIND,
         pipeline: int = 8 * 1024 * 1024,
         hot_bytes: int = DEFAULT_HOT_BYTES,
     ) -> None:
@@ -183,6 +218,9 @@ class LayerStore:
         self.max_request = max_request
         self.readahead = readahead
         self.amplify = amplify
+        self.amplify_max = amplify_max
+        self.behind = behind
+        self._windows: dict[str, _Window] = {}
         self.pipeline = pipeline
         self._hot = HotChunks(hot_bytes)
         self._nursery: trio.Nursery | None = None
@@ -191,6 +229,9 @@ class LayerStore:
         self._slots = PrioritySlots(concurrency, reserved)
         self._layers: dict[str, Layer] = {}
         self._inflight: dict[str, _Flight] = {}
+        # Per layer, on-demand requests planned but not yet sent (waiting for a slot): misses
+        # that come meanwhile join them in one multi-range request.
+        self._unsent: dict[str, list[_Group]] = {}
         self._dirty: set[Layer] = set()
         self._last_ondemand = -math.inf
         self._bg_scope: trio.CancelScope | None = None
@@ -266,15 +307,25 @@ class LayerStore:
         ]
         prev = layer.note_read(entry.name, end)
         extra: list[Chunk] = []
+        budget = 0
         if prev is None or prev == offset:  # a first or sequential read, not random access
             extra = plan.readahead(entry, chunks, prev is None, self.readahead)
-            extra += plan.amplify(layer, [*chunks, *extra], self.amplify, self._is_local(layer))
+            budget = self._window(layer).budget(chunks, self.amplify, self.amplify_max)
+            extra += plan.amplify(
+                layer, [*chunks, *extra], budget, self._is_local(layer), self.behind
+            )
             if prev == offset or offset == 0:
                 self._read_ahead_of(layer, entry, [*chunks, *extra])
-        parts, waited = await self._obtain(layer, needs, extra)
+        parts, waited = await self._obtain(layer, needs, extra, budget)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), ns if waited else 0
+
+    def _window(self, layer: Layer) -> _Window:
+        w = self._windows.get(layer.blob_digest)
+        if w is None:
+            w = self._windows[layer.blob_digest] = _Window(self.amplify)
+        return w
 
     def _is_local(self, layer: Layer) -> plan.IsLocal:
         return lambda c: c.digest in self._inflight or self._maybe_cached(layer, c)
@@ -306,10 +357,11 @@ class LayerStore:
         return [self.cache.read(c.digest, c.size, lo, hi) for c, lo, hi in needs]
 
     async def _obtain(
-        self, layer: Layer, needs: list[tuple[Chunk, int, int]], extra: list[Chunk]
+        self, layer: Layer, needs: list[tuple[Chunk, int, int]], extra: list[Chunk], budget: int
     ) -> tuple[list[bytes], bool]:
         """The ``[lo, hi)`` slices of the needed chunks, and whether the network was waited
-        for.  Pins the chunks meanwhile so a concurrent put cannot evict them."""
+        for.  Pins the chunks meanwhile so a concurrent put cannot evict them.  ``budget``:
+        the amplify budget ``extra`` was planned with, kept as the layer's if it misses."""
         parts: list[bytes | None] = [None] * len(needs)
         for i, (c, lo, hi) in enumerate(needs):
             if c.zeros:
@@ -378,6 +430,9 @@ class LayerStore:
                 waited = True
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
                 mine = {d for g in groups for d in g.flights}
+                if budget and groups:
+                    asked = {needs[i][0].digest for i in pending}
+                    self._window(layer).missed(mine - asked, budget)
                 extra = []  # readahead is attempted once
                 flights: dict[str, _Flight] = {}
                 far: list[Chunk] = []
@@ -393,15 +448,16 @@ class LayerStore:
                             far.append(c)
                 if far:
                     await self._overtake(layer, far)
-                if groups and self._nursery is not None:
+                senders = self._senders(layer, groups)
+                if senders and self._nursery is not None:
                     # Readers wait for their chunks' flights, which resolve when the chunks
                     # are decoded; writing them to the cache happens behind their backs.
-                    for g in groups:
-                        self._nursery.start_soon(self._run_group, layer, g, None)
-                elif groups:
+                    for send in senders:
+                        self._nursery.start_soon(send)
+                elif senders:
                     async with trio.open_nursery() as nursery:
-                        for g in groups:
-                            nursery.start_soon(self._run_group, layer, g, None)
+                        for send in senders:
+                            nursery.start_soon(send)
                 for f in flights.values():
                     await f.event.wait()
                 for i in pending:
@@ -466,6 +522,76 @@ class LayerStore:
                 continue  # readahead alone never costs a request
             g = _Group(runs[0][0], runs[-1][1], chunks, [(s, e) for s, e, _ in runs])
             out.append(self._register(g, priority))
+        return out
+
+    def _senders(self, layer: Layer, groups: list[_Group]) -> list[Callable[[], Awaitable[None]]]:
+        """What sends a reader's planned requests.  From a source that sends several ranges
+        in one request, they join the layer's requests not yet sent, if any (then the reader
+        sends nothing itself), or become them; a big chunk goes alone, as does everything
+        from any other source."""
+        alone = [g for g in groups if is_big(g.chunks[0])]
+        joining = [g for g in groups if not is_big(g.chunks[0])]
+        out: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(self._run_group, layer, g, None) for g in alone
+        ]
+        if not joining:
+            return out
+        if not layer.source.multirange(layer.blob_digest):
+            return out + [functools.partial(self._run_group, layer, g, None) for g in joining]
+        unsent = self._unsent.get(layer.blob_digest)
+        if unsent is not None:
+            unsent.extend(joining)
+            return out
+        self._unsent[layer.blob_digest] = joining
+        return [*out, functools.partial(self._send_misses, layer, joining)]
+
+    async def _send_misses(self, layer: Layer, unsent: list[_Group]) -> None:
+        """Wait for a slot, then send every miss of the layer gathered meanwhile (``unsent``
+        grows while this waits) in as few multi-range requests as the bundle caps allow.  Each
+        reader still gets its chunks as soon as they are verified: the stream resolves them
+        as its bytes come."""
+        ticket = Ticket(ONDEMAND)
+        try:
+            await self._slots.acquire(ticket)  # checkpoints: misses dispatched now join
+        finally:
+            if self._unsent.get(layer.blob_digest) is unsent:
+                del self._unsent[layer.blob_digest]  # from here, misses start anew
+        try:
+            merged = self._merge(unsent)
+            merged[0].ticket = ticket  # the slot already held
+            for g in merged:
+                for f in g.flights.values():
+                    f.group, f.ticket = g, g.ticket
+            layer.stats.batched_misses += len(unsent) - len(merged)
+            async with trio.open_nursery() as nursery:
+                for g in merged:
+                    nursery.start_soon(self._run_group, layer, g, None)
+        finally:
+            self._slots.release(ticket)  # a no-op once its request released it
+            for g in unsent:  # a cancelled send: waiters fetch their chunks afresh
+                for d, f in g.flights.items():
+                    if not f.event.is_set():
+                        self._fail(d, f, _Abandoned())
+
+    def _merge(self, groups: list[_Group]) -> list[_Group]:
+        """One-range requests of one layer gathered into multi-range requests (their ranges
+        never overlap: a plan does not cross a chunk in flight)."""
+        if len(groups) == 1:
+            return groups
+        groups = sorted(groups, key=lambda g: g.start)
+        out: list[_Group] = []
+        for bundle in plan.bundle([(g.start, g.end, g.chunks) for g in groups], self.max_request):
+            taken, groups = groups[: len(bundle)], groups[len(bundle) :]
+            runs: list[tuple[int, int]] = []
+            for g in taken:
+                if runs and runs[-1][1] == g.start:
+                    runs[-1] = (runs[-1][0], g.end)  # adjacent: one range
+                else:
+                    runs.append((g.start, g.end))
+            merged = _Group(runs[0][0], runs[-1][1], [c for g in taken for c in g.chunks], runs)
+            merged.ticket = Ticket(ONDEMAND)
+            merged.flights = {d: f for g in taken for d, f in g.flights.items()}
+            out.append(merged)
         return out
 
     def _here(self, c: Chunk) -> bool:
@@ -593,7 +719,7 @@ class LayerStore:
             layer.stats.bytes_fetched += len(piece)
             await sink(at, piece)
 
-        async with self._slots.hold(g.ticket):
+        async with self._slot(g.ticket):
             g.sent_at = trio.current_time()
             layer.stats.requests += 1
             layer.stats.multirange_requests += len(g.runs) > 1
@@ -607,6 +733,17 @@ class LayerStore:
                 f"{getattr(layer.source, 'name', 'source')}: asked for {want} bytes in "
                 f"{len(g.runs)} ranges from {g.start} of {layer.blob_digest}, got {g.got}"
             )
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, t: Ticket) -> AsyncIterator[None]:
+        """Hold a request slot for ``t``; one granted already (a batch of misses waited for
+        it) is only released at the end."""
+        if not t.granted:
+            await self._slots.acquire(t)
+        try:
+            yield
+        finally:
+            self._slots.release(t)
 
     async def _run_group(
         self, layer: Layer, g: _Group, done: Callable[[], None] | None = None

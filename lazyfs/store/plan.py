@@ -46,12 +46,14 @@ def readahead(entry: Entry, asked: Sequence[Chunk], first: bool, budget: int) ->
     return out
 
 
-def amplify(layer: Layer, chunks: Sequence[Chunk], budget: int, is_local: IsLocal) -> list[Chunk]:
+def amplify(
+    layer: Layer, chunks: Sequence[Chunk], budget: int, is_local: IsLocal, behind: int = 0
+) -> list[Chunk]:
     """The chunks that follow in blob order, growing the request by at most ``budget`` bytes
-    (gaps included), stopping at the first one already here.  A layer is laid out by path (or
-    by prefetch rank), so the files a start-up reads next are mostly the neighbours of the one
-    it reads now: one larger request saves round trips, which dominate on a real network (as
-    Nydus' amplify_io)."""
+    (gaps included), and those just before it up to ``behind`` bytes, each side stopping at
+    the first one already here.  A layer is laid out by path (or by prefetch rank), so the
+    files a start-up reads next are mostly the neighbours of the one it reads now: one larger
+    request saves round trips, which dominate on a real network (as Nydus' amplify_io)."""
     stored = [c for c in chunks if not c.zeros]
     if budget <= 0 or not stored:
         return []
@@ -61,6 +63,16 @@ def amplify(layer: Layer, chunks: Sequence[Chunk], budget: int, is_local: IsLoca
         if c.zeros:
             continue
         if c.end - anchor > budget or is_local(c):
+            break
+        out.append(c)
+    first = min(c.offset for c in stored)
+    i = bisect.bisect_left(layer.offsets, first)
+    while behind > 0 and i > 0:
+        i -= 1
+        c = layer.by_offset[i]
+        if c.zeros:
+            continue
+        if first - c.offset > behind or is_local(c):
             break
         out.append(c)
     return out

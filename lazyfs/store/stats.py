@@ -50,6 +50,7 @@ class LayerStats(msgspec.Struct, kw_only=True):
     requests: int = 0
     multirange_requests: int = 0  # of those, requests for several ranges at once
     overtakes: int = 0  # requests of readers that would wait too long behind a stream
+    batched_misses: int = 0  # readers' requests that went in another reader's request
     bytes_fetched: int = 0  # compressed bytes received, merge gaps included
     retries: int = 0  # chunk re-fetches after a failed verification
     integrity_errors: int = 0  # chunks that failed verification (before and after retry)

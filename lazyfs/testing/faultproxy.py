@@ -142,6 +142,7 @@ class FaultProxy(ThreadedHTTPServer):
         self._unhold.set()
 
     def flip_next(self, n: int) -> None:
+        """Flip a bit in every 4 KiB of the next ``n`` matching bodies."""
         with self.lock:
             self._flip += n
 
@@ -288,7 +289,12 @@ class FaultProxy(ThreadedHTTPServer):
                     if proxy._take("_truncate"):
                         body = body[: len(body) // 2]
                     if proxy._take("_flip"):
-                        body = bytes([body[0] ^ 0x01]) + body[1:]
+                        # A bit of every 4 KiB: a request takes neighbours of what a
+                        # reader asked for, and each of its chunks must arrive damaged.
+                        flipped = bytearray(body)
+                        for at in range(0, len(flipped), 4096):
+                            flipped[at] ^= 0x01
+                        body = bytes(flipped)
                 hold = (matched and self.command == "GET" and status < 300 and len(body) > 0
                         and proxy._take("_hold"))  # fmt: skip
                 if matched and self.command == "GET":

@@ -390,16 +390,21 @@ def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -
     # Kept as the labels gave them, in order, each once; looked up only to mount from them.
     assert layers.mounted.pending == (PendingRef("b/c:d", "", D2), PendingRef("e/f:g", "", D2))
     sn.close()
-    # A metadata file of a snapshotter without ``remote_refs`` gains it on open.
+    # A metadata file of a snapshotter without ``remote_refs`` and ``pending_refs`` gains
+    # them on open, its snapshots and their records kept.
     db = tmp_path / "r" / "metadata.db"
     with sqlite3.connect(db) as conn:
         conn.execute("DROP TABLE remote_refs")
+        conn.execute("DROP TABLE pending_refs")
     store = MetadataStore(db)
     with store.transaction() as tx:
         (row,) = [r for r in tx.all("ns") if r.key == "L12"]
         assert tx.remote_refs(row.id) == ["h.io/r/x@" + D1]
         tx.add_remote_ref(row.id, "h/r@" + D2)
         assert tx.remote_refs(row.id) == ["h.io/r/x@" + D1, "h/r@" + D2]
+        assert tx.pending_refs(row.id) == []
+        tx.add_pending_ref(row.id, PendingRef("b/c:d", "", D2))
+        assert tx.pending_refs(row.id) == [PendingRef("b/c:d", "", D2)]
     store.close()
 
 

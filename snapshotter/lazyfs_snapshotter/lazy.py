@@ -45,7 +45,7 @@ from lazyfs.store.tocs import load_layer
 from .config import Config
 from .errors import FailedPrecondition
 from .metadata import DaemonRow, MetadataStore, PendingRef, RemoteLayerRow
-from .remote import Chain, Readiness, RemoteSource, by_digest
+from .remote import Chain, Readiness, RemoteSource, by_digest, chain_id
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,10 @@ class LazyLayers:
             with trio.fail_after(PREPARE_TIMEOUT):
                 async with self._source(source) as (src, tag):
                     resolved, _ = await self._resolve(src, tag, source, depth)
+            # The same top layer is not enough: a tag looked up this late may name a rebuild
+            # over another base, whose files the chain's name must not serve.
+            if chain_id(resolved.config.rootfs.diff_ids[:depth]) != chain.chain_id:
+                raise LazyfsError(f"its lowest {depth} layers are not the chain's")
             return self._by_digest(source, resolved)
 
         try:

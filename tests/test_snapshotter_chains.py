@@ -26,7 +26,7 @@ from lazyfs_snapshotter.api import snapshots_pb2
 from lazyfs_snapshotter.config import Config, RegistryConfig
 from lazyfs_snapshotter.errors import AlreadyExists
 from lazyfs_snapshotter.lazy import LazyLayers
-from lazyfs_snapshotter.metadata import MetadataStore, PendingRef, RemoteLayerRow
+from lazyfs_snapshotter.metadata import Kind, MetadataStore, PendingRef, RemoteLayerRow
 from lazyfs_snapshotter.remote import Chain
 from lazyfs_snapshotter.snapshots import Snapshotter
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
@@ -245,7 +245,12 @@ def test_a_pending_tag_that_moved_to_other_lower_layers_is_no_way_to_mount(
     try:
         top_row = RemoteLayerRow(f"{registry.host}/a/app@{a.manifest}", a.manifest, 1, "{}")
         pending = PendingRef(a.ref, "", a.layers[1])
-        assert layers._looked_up(Chain(chain, top_row, (), (pending,), 1), pending) is None
+        with store.transaction() as tx:
+            snap = tx.insert("ns", "top", None, Kind.COMMITTED, {})
+            tx.add_pending_ref(snap, pending)
+        assert layers._looked_up(Chain(chain, top_row, (), (pending,), snap), pending) is None
+        with store.transaction() as tx:  # the registry's answer is final: not asked again
+            assert tx.pending_refs(snap) == []
     finally:
         store.close()
 

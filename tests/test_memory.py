@@ -13,6 +13,7 @@ from pathlib import Path
 from lazyfs_tools.convert import convert
 
 from lazyfs.process import rss_bytes
+from lazyfs.store.hot import DEFAULT_HOT_BYTES, ENTRY_OVERHEAD, HotChunks
 from lazyfs.testing.layers import Item, make_layout, make_tar
 from lazyfs.testing.mounts import mounted, walk_lstat
 
@@ -40,3 +41,15 @@ def test_daemon_rss_per_file_is_bounded(tmp_path: Path) -> None:
             rss[n] = resident // 1024
     per_file = (rss[FILES] - rss[1]) / FILES
     assert per_file <= MAX_KIB_PER_FILE, f"{per_file:.2f} KiB a file ({rss})"
+
+
+def test_hot_chunks_bound_counts_each_entry() -> None:
+    """A read soak of small files puts one tiny chunk after another into the hot set: its
+    bound must count what each entry costs beyond its data, or 100k entries of 16 B sit under
+    a 1 MiB "bound" at ~25 MiB (issue 13, RSS under a read soak)."""
+    hot = HotChunks(1 << 20)
+    for i in range(100_000):
+        hot.put(f"sha256:{i:064x}", b"x" * 16)
+    assert 0 < len(hot) <= (1 << 20) // (16 + ENTRY_OVERHEAD)
+    assert hot.get(f"sha256:{99_999:064x}") == b"x" * 16  # the newest stay
+    assert DEFAULT_HOT_BYTES <= 16 * 1024 * 1024

@@ -81,7 +81,7 @@ def test_chunk_cache_index_cost_per_chunk(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     # 294 B with an object per entry (the interned table's growth is not seen here: pytest
-    # has grown it already), 242 B as one packed int.
+    # has grown it already), 222 B as one packed int in a plain dict.
     assert per_chunk < 270, f"{per_chunk:.0f} B per cached chunk"
     # A key that pathlib interned stays in the interpreter's table as long as the entry lives.
     interned = [k for k in cache._index if sys.intern(k[:32] + k[32:]) is k]

@@ -19,7 +19,6 @@ import os
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -144,7 +143,9 @@ class ChunkCache:
         self.verify_first_read = verify_first_read
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, int] = OrderedDict()  # hex -> _pack(...), oldest first
+        # hex -> _pack(...), least recently used first.  A plain dict (ordered; a use pops and
+        # re-inserts): an OrderedDict adds a linked-list node to each of its many entries.
+        self._index: dict[str, int] = {}
         self._bytes = 0
         self._pins: dict[str, int] = {}
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
@@ -283,12 +284,10 @@ class ChunkCache:
         now = time.time_ns()
         touch = False
         with self._lock:
-            item = self._index.get(hx)
+            item = self._index.pop(hx, None)
             if item is None:  # adopted from another process, or raced with an eviction
                 item = _pack(size, st.st_mtime_ns, False)
                 self._bytes += size
-            else:
-                self._index.move_to_end(hx)
             mtime = _mtime_ns(item)
             if now - mtime > TOUCH_INTERVAL_NS:
                 mtime = now
@@ -312,7 +311,7 @@ class ChunkCache:
             check_chunk(data, digest)
         with self._lock:
             if hx in self._index:
-                self._index.move_to_end(hx)
+                self._index[hx] = self._index.pop(hx)  # now the most recently used
                 return []
         path = self._file(hx)
         with contextlib.suppress(FileExistsError):
@@ -366,7 +365,7 @@ class ChunkCache:
                 self._index[hx] = _pack(size, time.time_ns(), True)
                 self._bytes += size
             else:
-                self._index.move_to_end(hx)
+                self._index[hx] = self._index.pop(hx)
             return self._evict_locked(self.max_bytes)
 
     def _drop(self, hx: str, *, unlink: bool) -> None:

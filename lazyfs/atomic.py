@@ -12,13 +12,13 @@ from pathlib import Path
 TMP_PREFIX = ".tmp-"
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+def atomic_write(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` so readers see either the old file or all of the new one.
 
     The temp file lives in the same directory so the rename cannot cross filesystems; fsync
     before the rename stops a power loss from leaving a correctly named file with no data.
     """
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -1,7 +1,8 @@
 # ruff: noqa: RUF001, RUF003  (×, – in Markdown output are intended)
 """Daemon memory at N files (issue 13): a heap breakdown by allocation site, and the mount
 daemon's RSS after an lstat walk and after a cold read soak (every file read once, fresh
-chunk cache), for this tree and optionally a baseline tree in the same run.
+chunk cache), for this tree and optionally a baseline tree in the same run; with
+``--big-mib N`` also after a cold read of one N MiB file (its own image, fresh cache).
 
 ``--baseline DIR``: a directory holding another ``lazyfs`` package (for instance
 ``git archive main lazyfs | tar -x -C DIR``); its daemon runs with DIR as working directory.
@@ -34,6 +35,11 @@ def _benchlib() -> ModuleType:
 def files(n: int) -> list[Any]:
     bl = _benchlib()
     return [bl.FileSpec(f"d{i // 100:04d}/f{i:06d}", i % 1024, seed=i) for i in range(n)]
+
+
+def big_file(mib: int) -> list[Any]:
+    bl = _benchlib()
+    return [bl.FileSpec("big/file.bin", mib * bl.MiB, seed=7, kind="random")]
 
 
 def _status(pid: int) -> dict[str, float]:
@@ -134,6 +140,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--baseline", type=Path, help="a directory holding another lazyfs package")
     p.add_argument("--no-soak", action="store_true")
+    p.add_argument("--big-mib", type=int, default=0, help="also read one file of this size")
     p.add_argument("--no-markdown", action="store_true")
     p.add_argument(
         "--_breakdown", nargs=3, metavar=("SRC", "IMAGE", "CACHE"), help=argparse.SUPPRESS
@@ -147,6 +154,8 @@ def main() -> int:
     bl.sigterm_as_interrupt()
     n = args.files
     image = bl.lazy_image(f"tree-{n}", lambda: files(n))
+    big_mib = args.big_mib
+    big = bl.lazy_image(f"big-{big_mib}m", lambda: big_file(big_mib)) if big_mib else None
     trees = {"this tree": bl.ROOT} | ({"baseline": args.baseline} if args.baseline else {})
     results: dict[str, dict[str, list[float]]] = {k: {} for k in trees}
     heaps: dict[str, str] = {}
@@ -166,6 +175,11 @@ def main() -> int:
                 bl.log(f"rep {rep + 1}: {name}")
                 for k, v in daemon_run(image, src.resolve(), work, not args.no_soak).items():
                     results[name].setdefault(k, []).append(v)
+                if big is not None:  # its "soak" is the one read of the big file
+                    for k, v in daemon_run(big, src.resolve(), work, True).items():
+                        if "soak" in k:
+                            k = k.replace("soak", f"reading one {big_mib} MiB file")
+                            results[name].setdefault(k, []).append(v)
     body = [f"### Daemon memory at {n:,} files\n"]
     keys = list(next(iter(results.values())).keys())
     header = ["what", *(f"{name} (median, min–max)" for name in trees)]

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +281,21 @@ def bench_rss(n: int, reps: int, work: Path) -> dict[str, bl.Summary]:
     }
 
 
+def trace_groups(ref: str, startup: Sequence[str], work: Path) -> Path:
+    """Trace ``startup`` on a mount of ``ref``, rank it into groups and push them beside the
+    image (as a user would); the groups document's path."""
+    from lazyfs.testing.mounts import lazyfs_cmd
+
+    trace, groups = work / "trace.json", work / "groups.json"
+    for argv in (
+        lazyfs_cmd("trace", "run", ref, "--group", "startup", "--out", str(trace),
+                   "--plain-http", "--", *startup),
+        lazyfs_cmd("optimize", str(trace), "--out", str(groups), "--push", ref, "--plain-http"),
+    ):  # fmt: skip
+        subprocess.run(argv, check=True, capture_output=True)
+    return groups
+
+
 def cold_image(name: str, work: Path) -> tuple[Path, Path, str, tuple[str, ...], str]:
     """The cold rows' image: gzip layout, zstd:chunked layout, their tag, the start-up run
     chrooted in it and what it prints.  ``sample``: the demo's (this machine's python3);
@@ -319,7 +334,6 @@ def bench_cold(
     from lazyfs.ocilayout import Layout
     from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
     from lazyfs.testing.faultproxy import FaultProxy
-    from lazyfs.testing.mounts import lazyfs_cmd
 
     src, lazy, tag, startup, says = cold_image(image, work)
 
@@ -335,14 +349,7 @@ def bench_cold(
         for layout, repo in ((src, "gzip"), (lazy, "lazy"), (lazy, "groups")):
             push_oci_layout(layout, f"{reg.host}/cold/{repo}:{tag}", tag=tag)
         ref = f"{reg.host}/cold/groups:{tag}"
-        trace, groups = work / "trace.json", work / "groups.json"
-        for argv in (
-            lazyfs_cmd("trace", "run", ref, "--group", "startup", "--out", str(trace),
-                       "--plain-http", "--", *startup),
-            lazyfs_cmd("optimize", str(trace), "--out", str(groups), "--push", ref,
-                       "--plain-http"),
-        ):  # fmt: skip
-            subprocess.run(argv, check=True, capture_output=True)
+        groups = trace_groups(ref, startup, work)
         # Re-laid out: the group first in the layer, up to a landmark a mount prefetches.
         relaid = work / "cold-relaid"
         convert(f"oci:{src}:{tag}", f"oci:{relaid}:{tag}", prefetch=str(groups))

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import benchlib as bl
-from bench_speed import cold_image
+from bench_speed import cold_image, trace_groups
 
 from lazyfs.fs.daemon import spawn
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.mounts import lazyfs_cmd
 
 
 def _what(path: str, rng: str | None) -> str:
@@ -49,14 +48,7 @@ def main() -> int:
         with RegistryInstance(work / "registry") as reg, FaultProxy(reg.url) as proxy:
             push_oci_layout(lazy, f"{reg.host}/cold/groups:{tag}", tag=tag)
             ref = f"{reg.host}/cold/groups:{tag}"
-            trace, groups = work / "trace.json", work / "groups.json"
-            for argv in (
-                lazyfs_cmd("trace", "run", ref, "--group", "startup", "--out", str(trace),
-                           "--plain-http", "--", *startup),
-                lazyfs_cmd("optimize", str(trace), "--out", str(groups), "--push", ref,
-                           "--plain-http"),
-            ):  # fmt: skip
-                subprocess.run(argv, check=True, capture_output=True)
+            trace_groups(ref, startup, work)
             mnt = work / "mnt"
             mnt.mkdir()
             for i in range(args.reps):

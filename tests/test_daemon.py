@@ -61,3 +61,24 @@ def test_spawn_reports_the_daemons_error(tmp_path: Path) -> None:
     with pytest.raises(LazyfsError, match="not an OCI image layout"):
         spawn(f"oci:{tmp_path / 'nothing'}", mnt, ["--read-only"], timeout=60)
     assert not is_mounted(os.fspath(mnt))
+
+
+def test_readiness_is_read_from_a_descriptor_above_1024() -> None:
+    """select() refuses descriptors past FD_SETSIZE; a snapshotter with many files open hands
+    read_ready such a pipe."""
+    import fcntl
+    import resource
+
+    from lazyfs.fs.daemon import read_ready
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    r, w = os.pipe()
+    high = fcntl.fcntl(r, fcntl.F_DUPFD, 2000)
+    try:
+        os.write(w, b"ready\n")
+        assert read_ready(high, timeout=5.0) is not None
+    finally:
+        for fd in (r, w, high):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -12,7 +12,9 @@ import gzip
 import io
 import json
 import os
+import socket
 import tarfile
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -27,8 +29,10 @@ from lazyfs.remote.local import BlobFileSource, OCILayoutSource
 from lazyfs.remote.reference import Reference, parse_reference
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import open_source, resolve_image
+from lazyfs.testing import dockerregistry
 from lazyfs.testing.dockerregistry import RegistryInstance, free_port, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.server import listening_port
 from lazyfs.testing.tokenserver import TokenServer
 from tests.support.fixtures import (  # noqa: F401
     HTPASSWD_USER,
@@ -281,6 +285,24 @@ def test_open_source_registry(pushed: tuple[RegistryInstance, oci.Descriptor]) -
         await src.aclose()
 
     run(main)
+
+
+def test_registry_port_cannot_be_taken_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding the port a chooser would pick does not stop a registry: it
+    listens where the kernel puts it and reports that port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # What choosing, releasing and binding later can meet: the chosen port taken.
+        monkeypatch.setattr(dockerregistry, "free_port", lambda: port)
+        with RegistryInstance(tmp_path) as reg:
+            assert reg.port not in (0, port) and reg.pid is not None
+            assert listening_port(reg.pid) == reg.port
+            with urllib.request.urlopen(f"{reg.url}/v2/", timeout=5) as resp:
+                assert resp.status == 200
 
 
 def test_platform_selection(registry: RegistryInstance, tmp_path: Path) -> None:

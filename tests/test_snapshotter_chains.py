@@ -23,7 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 from lazyfs_snapshotter.api import snapshots_pb2
+from lazyfs_snapshotter.config import Config, RegistryConfig
 from lazyfs_snapshotter.errors import AlreadyExists
+from lazyfs_snapshotter.lazy import LazyLayers
+from lazyfs_snapshotter.metadata import Kind, MetadataStore, PendingRef, RemoteLayerRow
+from lazyfs_snapshotter.remote import Chain
 from lazyfs_snapshotter.snapshots import Snapshotter
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 
@@ -217,6 +221,38 @@ def test_preparing_layers_found_there_asks_the_registry_nothing_again(
         assert pending == [(a.chains[0], b.ref, b.manifest), (a.chains[0], b.ref, ""),
                            (a.chains[0], a.ref, ""), (a.chains[1], a.ref, ""),
                            (b.chains[1], b.ref, "")]  # fmt: skip
+
+
+def test_a_pending_tag_that_moved_to_other_lower_layers_is_no_way_to_mount(
+    registry: RegistryInstance,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # A pending image named by tag alone (stargz's labels) is looked up only when the chain
+    # is mounted, maybe long after: by then the tag may name a rebuild with the same top
+    # layer over another base.  Mounting the chain from it would serve that base's files
+    # under the chain's name; its diff_ids must give the chain's ID.
+    top = make_tar(TOP_A)
+    tars = [make_tar(BASE), top]
+    a = _push(tmp_path, registry, registry.host, "a", tars)
+    chain = _chain_ids(tars)[1]
+    other = [make_tar([*BASE, Item("etc/rebuilt", data=b"another base\n")]), top]
+    moved = _push(tmp_path, registry, registry.host, "moved", other)
+    assert moved.layers[1] == a.layers[1]  # the same top layer blob
+    push_oci_layout(tmp_path / "moved", f"{registry.host}/a/app:v1", tag="v1")  # a:v1 moves
+    config = Config(registry=RegistryConfig(plain_http=(registry.host,)))
+    layers = LazyLayers(tmp_path / "root", config, None)
+    store = layers._store = MetadataStore(tmp_path / "metadata.db")  # start() forks: not here
+    try:
+        top_row = RemoteLayerRow(f"{registry.host}/a/app@{a.manifest}", a.manifest, 1, "{}")
+        pending = PendingRef(a.ref, "", a.layers[1])
+        with store.transaction() as tx:
+            snap = tx.insert("ns", "top", None, Kind.COMMITTED, {})
+            tx.add_pending_ref(snap, pending)
+        assert layers._looked_up(Chain(chain, top_row, (), (pending,), snap), pending) is None
+        with store.transaction() as tx:  # the registry's answer is final: not asked again
+            assert tx.pending_refs(snap) == []
+    finally:
+        store.close()
 
 
 def test_a_slow_stray_daemon_holds_no_other_call(base_dir: Path, tmp_path: Path) -> None:  # noqa: F811

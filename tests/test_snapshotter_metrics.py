@@ -178,8 +178,12 @@ def test_metrics_address_flag_and_its_errors(base_dir: Path) -> None:
 
 
 def test_families_parse_with_the_prometheus_parser(base_dir: Path) -> None:
-    with SnapshotterProcess(base_dir, args=("--metrics-address", "127.0.0.1:0")) as sp:
-        text, _ = scrape(metrics_port(sp))
+    # On IPv6 loopback: the logged address is a URL that works (the host in brackets).
+    with SnapshotterProcess(base_dir, args=("--metrics-address", "[::1]:0")) as sp:
+        m = re.search(r"metrics on (http://\[::1\]:\d+/metrics)", sp.this_run_log())
+        assert m is not None, sp.this_run_log()
+        with urllib.request.urlopen(m.group(1), timeout=30) as r:
+            text = r.read().decode()
     kinds = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert kinds["lazyfs_snapshotter_grpc_calls"] == "counter"
     assert kinds["lazyfs_layer_read_latency_seconds"] == "histogram"

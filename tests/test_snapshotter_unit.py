@@ -3,6 +3,9 @@ semantics over a real sqlite store and real directories."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +38,7 @@ from lazyfs_snapshotter.remote import (
     SourceError,
     parse_source,
 )
-from lazyfs_snapshotter.snapshots import Snapshotter
+from lazyfs_snapshotter.snapshots import Snapshotter, _end_detached
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -390,16 +393,21 @@ def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -
     # Kept as the labels gave them, in order, each once; looked up only to mount from them.
     assert layers.mounted.pending == (PendingRef("b/c:d", "", D2), PendingRef("e/f:g", "", D2))
     sn.close()
-    # A metadata file of a snapshotter without ``remote_refs`` gains it on open.
+    # A metadata file of a snapshotter without ``remote_refs`` and ``pending_refs`` gains
+    # them on open, its snapshots and their records kept.
     db = tmp_path / "r" / "metadata.db"
     with sqlite3.connect(db) as conn:
         conn.execute("DROP TABLE remote_refs")
+        conn.execute("DROP TABLE pending_refs")
     store = MetadataStore(db)
     with store.transaction() as tx:
         (row,) = [r for r in tx.all("ns") if r.key == "L12"]
         assert tx.remote_refs(row.id) == ["h.io/r/x@" + D1]
         tx.add_remote_ref(row.id, "h/r@" + D2)
         assert tx.remote_refs(row.id) == ["h.io/r/x@" + D1, "h/r@" + D2]
+        assert tx.pending_refs(row.id) == []
+        tx.add_pending_ref(row.id, PendingRef("b/c:d", "", D2))
+        assert tx.pending_refs(row.id) == [PendingRef("b/c:d", "", D2)]
     store.close()
 
 
@@ -479,3 +487,25 @@ def test_generated_service_has_containerds_wire_names() -> None:
         "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage",
         "Cleanup"}
     assert mount_pb2.Mount.DESCRIPTOR.full_name == "containerd.types.Mount"
+
+
+def test_a_stray_daemon_is_waited_for_whatever_its_pidfd_number(tmp_path: Path) -> None:
+    """Cleanup waits for a detached stray through its pidfd; a snapshotter with many files
+    open (a raised descriptor limit) gets one past 1024, which select() cannot watch."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    high = -1
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+        high = fcntl.fcntl(pidfd, fcntl.F_DUPFD_CLOEXEC, 2000)
+        os.close(pidfd)
+        _end_detached(tmp_path / "mnt", proc.pid, high)  # returns once it exits on its own
+        assert proc.wait(5) == 0  # not signalled
+    finally:
+        if high >= 0:
+            os.close(high)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

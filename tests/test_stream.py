@@ -6,9 +6,12 @@ stall timing out, and planned ranges that never fetch again what is already here
 from __future__ import annotations
 
 import math
+import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import msgspec
@@ -25,6 +28,7 @@ from lazyfs.testing.dockerregistry import RegistryInstance, push_one_layer
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mount_stats, mounted, startup_groups, wait_prefetched
+from lazyfs.testing.server import ThreadedHTTPServer
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 # 40 incompressible files of 100 kB (two 64 KiB chunks each): 4 MB in one layer; then five
@@ -162,6 +166,41 @@ def test_a_reader_overtakes_a_prefetch_stream(
             assert layer.stats.chunks_ready == chunks
 
     trio.run(main)
+
+
+def test_a_held_answer_released_by_a_reset_is_whole() -> None:
+    """FaultProxy.hold_next: the rest of a held answer starts where its first part ended, even
+    when a reset (which releases it) or another hold_next moved the proxy's hold point."""
+    blob = seeded_bytes(200_000, 77)
+
+    class Upstream(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob)
+
+    upstream = ThreadedHTTPServer()
+    port = upstream.serve(Upstream)
+    got: list[bytes] = []
+
+    def fetch(url: str) -> None:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            got.append(resp.read())
+
+    with upstream, FaultProxy(f"http://127.0.0.1:{port}") as proxy:
+        proxy.hold_next(1, at=50_000)
+        client = threading.Thread(target=fetch, args=(f"{proxy.url}/v2/r/blobs/x",))
+        client.start()
+        assert proxy.holding.wait(30)
+        proxy.reset()  # releases it; the proxy's hold point is 0 again
+        client.join(30)
+    assert not client.is_alive() and got == [blob]
 
 
 def test_a_grouped_cold_start_takes_a_few_requests(

@@ -278,8 +278,10 @@ def read_ready(
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise LazyfsError(f"the mount was not ready after {timeout:.0f}s")
-        readable, _, _ = select.select([fd], [], [], 1.0 if left is None else min(left, 1.0))
-        if readable:
+        # poll, not select: a snapshotter with over 1024 files open hands this a larger fd.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if poller.poll(1000 * (1.0 if left is None else min(left, 1.0))):
             data = os.read(fd, 4096)
             if not data:
                 if buf.strip():

@@ -19,7 +19,6 @@ import os
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -86,14 +85,26 @@ class PruneResult(msgspec.Struct, kw_only=True):
     bytes: int  # what remains
 
 
-class _Item:
-    __slots__ = ("mtime_ns", "size", "verified")
+# An index entry is one int, not an object: (mtime_ns, size, verified) packed.  The index holds
+# every cached chunk, and a slotted object with its two ints cost ~100 B more per chunk
+# (issue 13: RSS under a read soak of small files).
+_SIZE_BITS = 40
 
-    def __init__(self, size: int, mtime_ns: int, verified: bool) -> None:
-        self.size = size
-        self.mtime_ns = mtime_ns
-        # False for files found by the start-up scan: they are hashed once on first read.
-        self.verified = verified
+
+def _pack(size: int, mtime_ns: int, verified: bool) -> int:
+    return (mtime_ns << (_SIZE_BITS + 1)) | (size << 1) | verified
+
+
+def _size(item: int) -> int:
+    return (item >> 1) & ((1 << _SIZE_BITS) - 1)
+
+
+def _mtime_ns(item: int) -> int:
+    return item >> (_SIZE_BITS + 1)
+
+
+def _verified(item: int) -> bool:
+    return bool(item & 1)
 
 
 class ChunkCache:
@@ -127,11 +138,14 @@ class ChunkCache:
         self.tocs_dir = self.dir / "tocs"
         self.documents_dir = self.dir / "documents"
         self.blobs_dir = self.dir / "blobs"
+        self._chunks = os.fspath(self.chunks_dir)
         self.max_bytes = max_bytes
         self.verify_first_read = verify_first_read
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, _Item] = OrderedDict()  # hex -> item, oldest first
+        # hex -> _pack(...), least recently used first.  A plain dict (ordered; a use pops and
+        # re-inserts): an OrderedDict adds a linked-list node to each of its many entries.
+        self._index: dict[str, int] = {}
         self._bytes = 0
         self._pins: dict[str, int] = {}
         self.chunks_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +184,7 @@ class ChunkCache:
                 found.append((st.st_mtime_ns, f.name, st.st_size))
         found.sort()
         for mtime, hx, size in found:
-            self._index[hx] = _Item(size, mtime, verified=False)
+            self._index[hx] = _pack(size, mtime, False)
             self._bytes += size
         if removed:
             log.info("removed %d partial files from %s", removed, self.dir)
@@ -182,7 +196,13 @@ class ChunkCache:
         hx = _hex_of(digest)
         if hx is None:
             raise ValueError(f"not a sha256 digest: {digest!r}")
-        return self.chunks_dir / hx[:2] / hx
+        return Path(self._file(hx))
+
+    def _file(self, hx: str) -> str:
+        # A str, not a Path: pathlib interns every part, and a chunk's hex (often the very
+        # string keying the index) in the interpreter's interned table cost ~100 B a cached
+        # chunk that nothing gave back (issue 13: RSS under a read soak).
+        return os.path.join(self._chunks, hx[:2], hx)
 
     def layer_map_path(self, blob_digest: str) -> Path:
         return self.layers_dir / f"{blob_digest.partition(':')[2] or blob_digest}.map"
@@ -201,14 +221,14 @@ class ChunkCache:
         if hx in self._index:
             return True
         try:
-            st = os.stat(self.chunks_dir / hx[:2] / hx)
+            st = os.stat(self._file(hx))
         except FileNotFoundError:
             return False
         if st.st_size == 0:
             return False
         with self._lock:
             if hx not in self._index:
-                self._index[hx] = _Item(st.st_size, st.st_mtime_ns, verified=False)
+                self._index[hx] = _pack(st.st_size, st.st_mtime_ns, False)
                 self._bytes += st.st_size
         return True
 
@@ -217,7 +237,7 @@ class ChunkCache:
         hx = _hex_of(digest)
         with self._lock:
             item = self._index.get(hx) if hx is not None else None
-            return item is not None and (item.verified or not self.verify_first_read)
+            return item is not None and (_verified(item) or not self.verify_first_read)
 
     def read(self, digest: str, size: int, lo: int = 0, hi: int | None = None) -> bytes | None:
         """Bytes ``[lo, hi)`` of a cached chunk of ``size`` bytes, or None if it is not (or no
@@ -228,9 +248,9 @@ class ChunkCache:
         hi = size if hi is None else hi
         with self._lock:
             item = self._index.get(hx)
-            verify = self.verify_first_read and (item is None or not item.verified)
+            verify = self.verify_first_read and (item is None or not _verified(item))
         verified_now = verify
-        path = self.chunks_dir / hx[:2] / hx
+        path = self._file(hx)
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
         except FileNotFoundError:
@@ -264,16 +284,15 @@ class ChunkCache:
         now = time.time_ns()
         touch = False
         with self._lock:
-            item = self._index.get(hx)
+            item = self._index.pop(hx, None)
             if item is None:  # adopted from another process, or raced with an eviction
-                item = self._index[hx] = _Item(size, st.st_mtime_ns, verified=False)
+                item = _pack(size, st.st_mtime_ns, False)
                 self._bytes += size
-            else:
-                self._index.move_to_end(hx)
-            item.verified = item.verified or verified_now
-            if now - item.mtime_ns > TOUCH_INTERVAL_NS:
-                item.mtime_ns = now
+            mtime = _mtime_ns(item)
+            if now - mtime > TOUCH_INTERVAL_NS:
+                mtime = now
                 touch = True
+            self._index[hx] = _pack(_size(item), mtime, _verified(item) or verified_now)
         if touch:
             with contextlib.suppress(OSError):
                 os.utime(path)
@@ -292,14 +311,15 @@ class ChunkCache:
             check_chunk(data, digest)
         with self._lock:
             if hx in self._index:
-                self._index.move_to_end(hx)
+                self._index[hx] = self._index.pop(hx)  # now the most recently used
                 return []
-        path = self.chunks_dir / hx[:2] / hx
-        path.parent.mkdir(exist_ok=True)
+        path = self._file(hx)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(os.path.dirname(path))
         atomic_write(path, data, fsync=self.fsync)
         with self._lock:
             if hx not in self._index:
-                self._index[hx] = _Item(len(data), time.time_ns(), verified=True)
+                self._index[hx] = _pack(len(data), time.time_ns(), True)
                 self._bytes += len(data)
             return self._evict_locked(self.max_bytes)
 
@@ -339,23 +359,23 @@ class ChunkCache:
         if self.fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, self.chunks_dir / hx[:2] / hx)
+        os.replace(tmp, self._file(hx))
         with self._lock:
             if hx not in self._index:
-                self._index[hx] = _Item(size, time.time_ns(), verified=True)
+                self._index[hx] = _pack(size, time.time_ns(), True)
                 self._bytes += size
             else:
-                self._index.move_to_end(hx)
+                self._index[hx] = self._index.pop(hx)
             return self._evict_locked(self.max_bytes)
 
     def _drop(self, hx: str, *, unlink: bool) -> None:
         with self._lock:
             item = self._index.pop(hx, None)
             if item is not None:
-                self._bytes -= item.size
+                self._bytes -= _size(item)
         if unlink:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.chunks_dir / hx[:2] / hx)
+                os.unlink(self._file(hx))
 
     def _evict_locked(self, target: int) -> list[str]:
         """Drop least recently used unpinned chunks until at most ``target`` bytes remain."""
@@ -369,11 +389,11 @@ class ChunkCache:
             if hx in self._pins:
                 continue
             victims.append(hx)
-            excess -= item.size
+            excess -= _size(item)
         for hx in victims:
-            self._bytes -= self._index.pop(hx).size
+            self._bytes -= _size(self._index.pop(hx))
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.chunks_dir / hx[:2] / hx)
+                os.unlink(self._file(hx))
         return ["sha256:" + hx for hx in victims]
 
     # ----------------------------------------------------------------------------- pins

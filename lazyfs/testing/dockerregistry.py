@@ -1,8 +1,9 @@
 """A private Docker distribution registry (Debian's ``docker-registry``) on 127.0.0.1.
 
-Each :class:`RegistryInstance` gets a free port, its own YAML config and storage directory
-under ``workdir``, optional htpasswd or token auth, and is stopped by PID (SIGTERM, wait,
-SIGKILL) whatever happens inside the ``with``::
+Each :class:`RegistryInstance` listens on a port the kernel picks (port 0, read back once
+bound: no other process can take it between a choice and the bind), has its own YAML config
+and storage directory under ``workdir``, optional htpasswd or token auth, and is stopped by
+PID (SIGTERM, wait, SIGKILL) whatever happens inside the ``with``::
 
     with RegistryInstance(tmp_path) as reg:
         push_oci_layout(layout_dir, f"{reg.host}/app:v1")
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from lazyfs.ocilayout import Layout
-from lazyfs.testing.server import ServerProcess
+from lazyfs.testing.server import ServerProcess, listening_port
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
 
 def free_port() -> int:
+    """A port nothing listens on just now: for an address meant to refuse connections."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -59,9 +61,7 @@ class RegistryInstance(ServerProcess):
         self.proxy = proxy
         self.htpasswd = htpasswd
         self.token = token
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.port = 0  # until start() finds what the kernel bound
         self.log_path = self.workdir / "registry.log"
 
     def _config(self) -> str:
@@ -88,9 +88,19 @@ class RegistryInstance(ServerProcess):
             "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
             "  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+            "http:\n  addr: 127.0.0.1:0\n"
             f"{auth}" + (f"proxy:\n  remoteurl: {self.proxy}\n" if self.proxy else "")
         )
+
+    @property
+    def host(self) -> str:
+        if not self.port:
+            raise RuntimeError(f"{self.name} not started: no port yet")
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
 
     def start(self) -> RegistryInstance:
         if not Path(REGISTRY_BIN).exists():
@@ -98,10 +108,16 @@ class RegistryInstance(ServerProcess):
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "config.yml"
         cfg.write_text(self._config())
+        self.port = 0
         self.spawn([REGISTRY_BIN, "serve", str(cfg)], self.log_path)
         return self
 
     def ready(self) -> bool:
+        if not self.port:
+            assert self.proc is not None
+            self.port = listening_port(self.proc.pid) or 0
+            if not self.port:
+                return False
         try:
             with urllib.request.urlopen(f"{self.url}/v2/", timeout=1):
                 return True

@@ -179,12 +179,14 @@ class FaultProxy(ThreadedHTTPServer):
                 if self.command != "HEAD":
                     try:
                         if hold:
-                            unhold = proxy._unhold
-                            self._body(body[: proxy._hold_at])
+                            # This answer's: a reset() or hold_next() meanwhile changes the
+                            # proxy's, and the rest must start where the first part ended.
+                            at, unhold, holding = proxy._hold_at, proxy._unhold, proxy.holding
+                            self._body(body[:at])
                             self.wfile.flush()
-                            proxy.holding.set()
+                            holding.set()
                             unhold.wait(60)
-                            body = body[proxy._hold_at :]
+                            body = body[at:]
                         self._body(body)
                     except (BrokenPipeError, ConnectionResetError):
                         # A client that stops reading a whole blob after its headers (it

@@ -9,6 +9,7 @@ to start it (:meth:`ServerProcess.start` calls :meth:`ServerProcess.spawn`) and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -34,6 +35,30 @@ def unix_socket_accepts(path: str | os.PathLike[str]) -> bool:
         except OSError:
             return False
     return True
+
+
+def listening_port(pid: int) -> int | None:
+    """The TCP port process ``pid`` listens on over IPv4 (None while it has none yet): what
+    the kernel bound for a server told to listen on port 0.  Its sockets are matched by inode
+    in its network namespace's table; more than one listening is an error (which one?)."""
+    inodes = set()
+    with os.scandir(f"/proc/{pid}/fd") as fds:
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed since the listing
+                target = os.readlink(fd.path)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    with open(f"/proc/{pid}/net/tcp") as table:
+        next(table)  # the header
+        for row in table:
+            # sl local_address rem_address st ... inode (the 10th field); 0A is LISTEN
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rpartition(":")[2], 16))
+    if len(ports) > 1:
+        raise RuntimeError(f"process {pid} listens on several ports: {sorted(ports)}")
+    return ports.pop() if ports else None
 
 
 class Server:

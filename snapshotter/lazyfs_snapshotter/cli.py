@@ -150,7 +150,9 @@ def serve(
                 raise StartError(
                     f"metrics address {config.metrics_address}: {e.strerror}") from None
             # The port it got: tests (and users) may ask for port 0.
-            log.info("metrics on http://%s:%d/metrics", host, port)
+            # An IPv6 host in brackets, or the URL would not parse.
+            log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
+                     port)  # fmt: skip
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS),
                              interceptors=[metrics.interceptor])
         add_to_server(SnapshotsService(snapshotter), server)

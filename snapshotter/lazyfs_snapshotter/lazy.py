@@ -45,7 +45,7 @@ from lazyfs.store.tocs import load_layer
 from .config import Config
 from .errors import FailedPrecondition
 from .metadata import DaemonRow, MetadataStore, PendingRef, RemoteLayerRow
-from .remote import Chain, Readiness, RemoteSource, by_digest
+from .remote import Chain, Readiness, RemoteSource, by_digest, chain_id
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, LazyfsError):
         return text[0] if text else type(e).__name__
     return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+class NotThisChain(LazyfsError):
+    """The image the registry answered with does not hold the chain's layers where it must."""
 
 
 class LazyLayers:
@@ -168,11 +172,11 @@ class LazyLayers:
         resolved = await resolve_image(src, source.manifest_digest or tag)
         digests = [d.digest for d in resolved.layers]
         if source.layer_digest not in digests:
-            raise LazyfsError(f"layer {source.layer_digest} is not in "
+            raise NotThisChain(f"layer {source.layer_digest} is not in "
                               f"{source.image_ref} ({resolved.manifest_digest})")
         index = digests.index(source.layer_digest)
         if index + 1 != depth:
-            raise LazyfsError(f"layer {index + 1} of the image is layer {depth} of "
+            raise NotThisChain(f"layer {index + 1} of the image is layer {depth} of "
                               "its snapshot chain")
         return resolved, index
 
@@ -215,6 +219,10 @@ class LazyLayers:
             with trio.fail_after(PREPARE_TIMEOUT):
                 async with self._source(source) as (src, tag):
                     resolved, _ = await self._resolve(src, tag, source, depth)
+            # The same top layer is not enough: a tag looked up this late may name a rebuild
+            # over another base, whose files the chain's name must not serve.
+            if chain_id(resolved.config.rootfs.diff_ids[:depth]) != chain.chain_id:
+                raise NotThisChain(f"its lowest {depth} layers are not the chain's")
             return self._by_digest(source, resolved)
 
         try:
@@ -222,6 +230,9 @@ class LazyLayers:
         except Exception as e:  # the next way to mount the chain is tried
             log.warning("cannot mount chain %s from %s: %s", chain.chain_id,
                         pending.image_ref, _one_line(e))  # fmt: skip
+            if isinstance(e, NotThisChain):  # the registry said so: not worth asking again
+                with self.store.transaction() as tx:
+                    tx.drop_pending_ref(chain.snap_id, pending)
             return None
         with self.store.transaction() as tx:
             tx.add_remote_ref(chain.snap_id, ref)

@@ -11,7 +11,9 @@ lazy": containerd downloads and unpacks it through Prepare/Commit) is the one wi
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,6 +68,16 @@ class RemoteSource:
             return None
         digest = self.manifest_digest or ref.digest
         return None if digest is None else by_digest(self.image_ref, digest)
+
+
+def chain_id(diff_ids: Sequence[str]) -> str:
+    """containerd's chain ID of a stack of layers, bottom first: the key of the snapshot that
+    holds them (``sha256(parent's chain ID + " " + diff_id)``, the first layer's diff_id)."""
+    chain = ""
+    for diff_id in diff_ids:
+        chain = diff_id if not chain else "sha256:" + hashlib.sha256(
+            f"{chain} {diff_id}".encode()).hexdigest()  # fmt: skip
+    return chain
 
 
 def by_digest(image_ref: str, manifest_digest: str) -> str:

@@ -547,11 +547,15 @@ class Snapshotter:
 def _end_detached(mp: Path, pid: int, pidfd: int) -> None:
     """Wait for a daemon whose mount was detached to exit; SIGTERM, then SIGKILL it if it
     lingers (a file still open in it, or a hang).  Signals go through its pidfd."""
+    # poll, not select: a snapshotter with a raised descriptor limit may get a pidfd past
+    # select's 1024, and select then raises ValueError (out of the Cleanup call).
+    exited = select.poll()
+    exited.register(pidfd, select.POLLIN)
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
             log.info("cleanup: stray daemon pid %d of %s still runs: %s", pid, mp, sig.name)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, sig)
-        if select.select([pidfd], [], [], STRAY_STOP_TIMEOUT)[0]:
+        if exited.poll(STRAY_STOP_TIMEOUT * 1000):
             return
     log.warning("cleanup: stray daemon pid %d of %s did not exit", pid, mp)

@@ -3,12 +3,14 @@ hour: what it shows must still follow every change the upper layer makes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lazyfs_tools.convert import convert
@@ -35,6 +37,16 @@ def image(tmp: Path) -> str:
     convert(f"oci:{tmp / 'src'}:v1", f"oci:{tmp / 'img'}:v1")
     return f"oci:{tmp / 'img'}:v1"
 
+
+
+@contextlib.contextmanager
+def mount_lower(tmp: Path, lower: list[Item]) -> Iterator[Mount]:
+    """``lower`` as a one-layer lazy image, mounted at tmp/mnt with its upper at tmp/upper."""
+    make_layout(tmp / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp / 'src'}:v1", f"oci:{tmp / 'img'}:v1")
+    args = ("--upper", str(tmp / "upper"), "--cache", str(tmp / "c"), "--no-prefetch")
+    with mounted(f"oci:{tmp / 'img'}:v1", tmp / "mnt", *args) as m:
+        yield m
 
 def readdirs(mnt: Path) -> int:
     """Listings the kernel asked for (not served from its cache)."""
@@ -159,10 +171,7 @@ def test_a_listing_in_progress_survives_the_first_change(tmp_path: Path) -> None
     ]
     lower = [Item("big", "dir", mode=0o755), *(Item(f"big/{n}", data=b"x") for n in names)]
     lower += [Item("small", "dir", mode=0o755), *(Item(f"small/{n}", data=b"y") for n in names[:5])]
-    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
-    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
-    args = ("--upper", str(tmp_path / "upper"), "--cache", str(tmp_path / "c"), "--no-prefetch")
-    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+    with mount_lower(tmp_path, lower) as m:
         mnt = m.mountpoint
         seen = []
         with os.scandir(mnt / "big") as it:
@@ -202,10 +211,7 @@ def test_a_changed_listing_is_kept_only_while_a_listing_may_need_it(tmp_path: Pa
         Item("d/a", data=b"a"),
         Item("d/b", data=b"b"),
     ]
-    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
-    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
-    args = ("--upper", str(tmp_path / "upper"), "--cache", str(tmp_path / "c"), "--no-prefetch")
-    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+    with mount_lower(tmp_path, lower) as m:
         mnt = m.mountpoint
         seen = []
         with os.scandir(mnt) as it:
@@ -253,11 +259,8 @@ def test_files_are_read_and_written_without_open_requests(tmp_path: Path) -> Non
         *(Item(f"f/{n}", data=f"lower {n}".encode()) for n in names),
         Item("f/big", data=BIG),
     ]
-    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
-    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
     upper = tmp_path / "upper"
-    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"), "--no-prefetch")
-    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+    with mount_lower(tmp_path, lower) as m:
         f = m.mountpoint / "f"
 
         # a reader keeps its descriptor while another one writes (and so copies up)
@@ -352,11 +355,8 @@ def test_cached_pages_and_sizes_follow_writes_without_open_requests(tmp_path: Pa
         Item("f/config", data=b"old config"),
         Item("f/shrunk", data=BIG),
     ]
-    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
-    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
     upper = tmp_path / "upper"
-    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"), "--no-prefetch")
-    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+    with mount_lower(tmp_path, lower) as m:
         f = m.mountpoint / "f"
         want = bytearray(BIG)
         r = os.open(f / "big", os.O_RDONLY)
@@ -415,12 +415,9 @@ def test_cached_lower_attributes_follow_every_change(tmp_path: Path) -> None:
         Item("d/one", data=b"linked"),
         Item("d/two", "hardlink", link="d/one"),
     ]
-    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
-    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
     upper = tmp_path / "upper"
-    args = ("--upper", str(upper), "--cache", str(tmp_path / "c"), "--no-prefetch")
     fields = ("st_mode", "st_nlink", "st_size", "st_mtime_ns", "st_ctime_ns")
-    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+    with mount_lower(tmp_path, lower) as m:
         d = m.mountpoint / "d"
         before = {n: os.stat(d / n) for n in ("", "moved", "sub", "one", "two")}
         assert before["one"].st_nlink == 2 and before[""].st_nlink == 3

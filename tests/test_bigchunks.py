@@ -212,3 +212,47 @@ def test_a_reader_cancelled_mid_decode_leaves_no_temp_file_and_the_next_read_wor
         await store.aclose()
 
     trio.run(main)
+
+
+def test_a_cold_sequential_read_of_many_big_chunks_keeps_their_decodes_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cold `cat` of a 512 MiB file (128 big chunks) used to hang: every small read pushed
+    # the read-ahead one chunk further, each big chunk held one of trio's 40 worker threads
+    # while it waited for its windows, and the windows' reads (a local source reads in a
+    # worker thread) then waited for a thread forever.
+    data = rand(60 * 70_000, 12)
+    store, layer, src, toc, _ = make(tmp_path, {"big": data}, chunk_size=70_000, concurrency=8)
+    e = toc.by_name()["big"]
+    assert len(e.chunks) == 60 and all(bigchunk.is_big(c) for c in e.chunks)
+    mem_read = src.read_range
+
+    async def read_in_a_thread(digest: str, start: int, end: int) -> bytes:
+        data = await mem_read(digest, start, end)
+        return await trio.to_thread.run_sync(bytes, data)  # as a local source does
+
+    monkeypatch.setattr(src, "read_range", read_in_a_thread)
+    live = peak = 0
+    decode = bigchunk.decode_to_cache
+
+    async def counted(*args: object) -> list[str]:
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        try:
+            return await decode(*args)  # type: ignore[arg-type]
+        finally:
+            live -= 1
+
+    monkeypatch.setattr("lazyfs.store.layerstore.decode_to_cache", counted)
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with store.running():
+                got = bytearray()
+                while len(got) < len(data):
+                    got += await store.read(layer, e, len(got), 4096)
+        assert got == data
+
+    trio.run(main)
+    assert 1 <= peak <= 8  # at most one per request slot

@@ -743,6 +743,30 @@ def test_a_failed_chunk_is_fetched_afresh_by_the_next_reader(tmp_path: Path) -> 
     run(main)
 
 
+def test_reads_within_one_chunk_do_not_push_the_read_ahead_further(tmp_path: Path) -> None:
+    files: dict[str, bytes | list[bytes | int]] = {"big": rand(20_000, 8)}
+    store, layer, src, toc, blob = make(
+        tmp_path, files, chunk_size=1000, readahead=0, amplify=0, merge_gap=-1, pipeline=3000
+    )
+    e = toc.by_name()["big"]
+    gate = trio.Event()
+    for c in e.chunks[1:]:
+        src.gates[c.offset] = gate  # read-ahead stays in flight while the reader reads on
+
+    async def main() -> None:
+        async with store.running():
+            for off in range(0, 1000, 100):  # ten sequential reads of chunk 0
+                assert await store.read(layer, e, off, 100) == content_of(toc, blob, "big")[
+                    off : off + 100
+                ]
+                await trio.testing.wait_all_tasks_blocked()
+            ahead = {s for _, s, _ in src.requests} - {e.chunks[0].offset}
+            assert ahead == {c.offset for c in e.chunks[1:3]}  # 3000 bytes ahead, no more
+            gate.set()
+
+    run(main)
+
+
 def test_sequential_reader_has_the_next_chunks_fetched_ahead(tmp_path: Path) -> None:
     files: dict[str, bytes | list[bytes | int]] = {"big": rand(20_000, 7)}
     store, layer, src, toc, blob = make(

@@ -62,7 +62,8 @@ async def decode_to_cache(
 ) -> list[str]:
     """Fetch, decode and verify ``chunk`` into the cache; returns the digests evicted to
     make room.  Raises IntegrityError when it does not verify (nothing is cached then),
-    LazyfsError when it cannot fit in the cache, and whatever ``fetch`` raises."""
+    LazyfsError when it cannot fit in the cache, and whatever ``fetch`` raises.  Each call
+    holds a worker thread and a few windows until it ends: callers bound how many run."""
     evicted = await trio.to_thread.run_sync(cache.reserve, chunk.size)
     out, tmp = await trio.to_thread.run_sync(cache.temp_file, chunk.digest)
     send, receive = trio.open_memory_channel[bytes](1)
@@ -85,7 +86,9 @@ async def decode_to_cache(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
             try:
-                await trio.to_thread.run_sync(decode)
+                # Not from trio's shared thread limiter: the decoder waits on the fetch, whose
+                # reads may need a thread from it.  Callers bound how many run at once.
+                await trio.to_thread.run_sync(decode, limiter=trio.CapacityLimiter(1))
             except Exception as e:
                 decode_error.append(e)
             # The decoder stops at the chunk's declared size: windows still coming are spare.

@@ -337,7 +337,13 @@ class LayerStore:
         when it gets there."""
         if self._nursery is None:
             return
-        nxt = plan.ahead_in_file(entry, asked, self.pipeline, self._is_local(layer))
+        nxt = plan.ahead_in_file(
+            entry,
+            asked,
+            self.pipeline,
+            lambda c: self._maybe_cached(layer, c),
+            lambda c: c.digest in self._inflight,
+        )
         if nxt:
             self._nursery.start_soon(self._quiet_prefetch, layer, nxt)
 
@@ -652,10 +658,12 @@ class LayerStore:
 
     # ------------------------------------------------------------------------------- fetching
 
-    async def _fetch(self, layer: Layer, start: int, end: int, ticket: Ticket) -> bytes:
+    async def _fetch(self, layer: Layer, start: int, end: int, ticket: Ticket | None) -> bytes:
+        """The bytes ``start:end`` of the layer's blob, in a request slot of ``ticket``'s
+        priority; ``None``: the caller holds a slot already."""
         if layer.size and not layer.source.ranges_supported():
             return await self._from_whole_blob(layer, start, end, ticket)
-        async with self._slots.hold(ticket):
+        async with self._held_or(ticket):
             raw = await layer.source.read_range(layer.blob_digest, start, end)
         layer.stats.requests += 1
         layer.stats.bytes_fetched += len(raw)
@@ -666,7 +674,9 @@ class LayerStore:
             )
         return raw
 
-    async def _from_whole_blob(self, layer: Layer, start: int, end: int, ticket: Ticket) -> bytes:
+    async def _from_whole_blob(
+        self, layer: Layer, start: int, end: int, ticket: Ticket | None
+    ) -> bytes:
         """A registry that ignores Range sends the whole blob for every read: fetch it once
         (single flight), verified against the layer digest, and serve ranges from the copy."""
         whole = layer.whole
@@ -678,7 +688,7 @@ class LayerStore:
             tmp = whole.path.with_name(whole.path.name + ".partial")
             try:
                 whole.path.parent.mkdir(parents=True, exist_ok=True)
-                async with self._slots.hold(ticket):
+                async with self._held_or(ticket):
                     with open(tmp, "wb") as f:
                         await layer.source.download(layer.blob_digest, layer.size, f)
                 tmp.replace(whole.path)
@@ -733,6 +743,10 @@ class LayerStore:
                 f"{getattr(layer.source, 'name', 'source')}: asked for {want} bytes in "
                 f"{len(g.runs)} ranges from {g.start} of {layer.blob_digest}, got {g.got}"
             )
+
+    def _held_or(self, t: Ticket | None) -> contextlib.AbstractAsyncContextManager[None]:
+        """A slot held for ``t``, or nothing when the caller holds one (``t`` is None)."""
+        return contextlib.nullcontext() if t is None else self._slots.hold(t)
 
     @contextlib.asynccontextmanager
     async def _slot(self, t: Ticket) -> AsyncIterator[None]:
@@ -828,13 +842,20 @@ class LayerStore:
         f = g.flights[c.digest]
 
         async def fetch(start: int, end: int) -> bytes:
-            f.ticket = Ticket(f.ticket.priority)  # one per request; keeps a reader's boost
-            return await self._fetch(layer, start, end, f.ticket)
+            return await self._fetch(layer, start, end, None)
 
         try:
             for attempt in (1, 2):
                 try:
-                    evicted = await decode_to_cache(self.cache, layer.toc.compression, c, fetch)
+                    # One slot for the whole chunk, windows and decoding: it bounds how many
+                    # big chunks hold a decoder thread and their windows at once.  (Unbounded,
+                    # a cold read of a 512 MiB file started 40 of them, every thread trio
+                    # lends, and their windows' reads then waited for a thread forever.)
+                    f.ticket = Ticket(f.ticket.priority)  # one per attempt; keeps a boost
+                    async with self._slots.hold(f.ticket):
+                        evicted = await decode_to_cache(
+                            self.cache, layer.toc.compression, c, fetch
+                        )
                 except IntegrityError as e:
                     layer.stats.integrity_errors += 1
                     if attempt == 2:

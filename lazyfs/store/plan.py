@@ -79,20 +79,25 @@ def amplify(
 
 
 def ahead_in_file(
-    entry: Entry, asked: Sequence[Chunk], budget: int, is_local: IsLocal
+    entry: Entry, asked: Sequence[Chunk], budget: int, is_cached: IsLocal, in_flight: IsLocal
 ) -> list[Chunk]:
-    """For a sequential reader: the file's next chunks not yet here, up to ``budget``
-    compressed bytes (at least one), to fetch in the background while it reads."""
+    """For a sequential reader: the file's next chunks to fetch in the background while it
+    reads, keeping at most ``budget`` compressed bytes (at least one chunk) ahead of it that
+    are not cached yet.  Chunks already on their way count against the budget, so reads
+    that stay within one chunk do not push the window further out at every call."""
     if budget <= 0 or not asked:
         return []
     out: list[Chunk] = []
+    ahead = 0
     for c in _after(entry, max(c.file_offset for c in asked)):
-        if c.zeros or is_local(c):
+        if c.zeros or is_cached(c):
             continue
         budget -= c.end - c.offset
-        if budget < 0 and out:
+        if budget < 0 and ahead:
             break
-        out.append(c)
+        ahead += 1
+        if not in_flight(c):
+            out.append(c)
     return out
 
 

@@ -22,7 +22,7 @@ from lazyfs.fs.runtime import log_path
 from lazyfs.fs.unmount import is_mounted
 from lazyfs.ocilayout import Layout
 from lazyfs.remote.registry import RegistrySource, transport_cause
-from lazyfs.testing.dockerregistry import RegistryInstance, free_port, push_oci_layout
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import (
     Item,
@@ -33,6 +33,7 @@ from lazyfs.testing.layers import (
     seeded_bytes,
 )
 from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.testing.server import refusing_port
 from tests.support.fixtures import htpasswd_registry, registry  # noqa: F401
 
 
@@ -101,7 +102,8 @@ def test_https_to_a_plain_http_registry_says_so_at_once(pushed: str) -> None:
 
 
 def test_connection_refused_is_named(tmp_path: Path) -> None:
-    line = _fails("inspect", f"127.0.0.1:{free_port()}/eco/app:v1", "--plain-http")
+    with refusing_port() as port:
+        line = _fails("inspect", f"127.0.0.1:{port}/eco/app:v1", "--plain-http")
     assert "connection refused" in line
 
 
@@ -305,11 +307,12 @@ def test_mount_goes_to_the_mirror_and_falls_back_when_it_is_down(
         assert _whole_gets(mirror, layer) <= 1
         assert any(p.endswith(layer) for p in mirror.paths)
         # The mirror down (nothing listens there): the upstream serves, no error.
-        dead = f"http://127.0.0.1:{free_port()}"
-        hosts = _hosts(tmp_path / "hosts2", registry.host, upstream.url, dead)
-        args = ("--read-only", "--hosts-dir", str(hosts), "--no-prefetch")
-        with mounted(ref, tmp_path / "m2", *args, "--cache", str(tmp_path / "c2")) as m:
-            assert (m.mountpoint / "big.bin").read_bytes() == BIG
+        with refusing_port() as port:
+            dead = f"http://127.0.0.1:{port}"
+            hosts = _hosts(tmp_path / "hosts2", registry.host, upstream.url, dead)
+            args = ("--read-only", "--hosts-dir", str(hosts), "--no-prefetch")
+            with mounted(ref, tmp_path / "m2", *args, "--cache", str(tmp_path / "c2")) as m:
+                assert (m.mountpoint / "big.bin").read_bytes() == BIG
         assert any(p.endswith(layer) for p in upstream.paths)
 
 

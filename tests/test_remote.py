@@ -29,10 +29,9 @@ from lazyfs.remote.local import BlobFileSource, OCILayoutSource
 from lazyfs.remote.reference import Reference, parse_reference
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import open_source, resolve_image
-from lazyfs.testing import dockerregistry
-from lazyfs.testing.dockerregistry import RegistryInstance, free_port, push_oci_layout
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
-from lazyfs.testing.server import listening_port
+from lazyfs.testing.server import listening_port, refusing_port
 from lazyfs.testing.tokenserver import TokenServer
 from tests.support.fixtures import (  # noqa: F401
     HTPASSWD_USER,
@@ -287,17 +286,13 @@ def test_open_source_registry(pushed: tuple[RegistryInstance, oci.Descriptor]) -
     run(main)
 
 
-def test_registry_port_cannot_be_taken_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_registry_port_cannot_be_taken_first(tmp_path: Path) -> None:
     """Another process holding the port a chooser would pick does not stop a registry: it
     listens where the kernel puts it and reports that port."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        # What choosing, releasing and binding later can meet: the chosen port taken.
-        monkeypatch.setattr(dockerregistry, "free_port", lambda: port)
         with RegistryInstance(tmp_path) as reg:
             assert reg.port not in (0, port) and reg.pid is not None
             assert listening_port(reg.pid) == reg.port
@@ -425,7 +420,11 @@ def test_hosts_toml_mirror_down_falls_back(
     pushed: tuple[RegistryInstance, oci.Descriptor], tmp_path: Path
 ) -> None:
     reg, _ = pushed
-    dead = f"127.0.0.1:{free_port()}"
+    with refusing_port() as port:
+        _mirror_down_falls_back(reg, f"127.0.0.1:{port}", tmp_path)
+
+
+def _mirror_down_falls_back(reg: RegistryInstance, dead: str, tmp_path: Path) -> None:
     (tmp_path / reg.host).mkdir()
     (tmp_path / reg.host / "hosts.toml").write_text(
         f'server = "http://{reg.host}"\n\n'

@@ -14,7 +14,6 @@ Fixtures wrapping it live in :mod:`tests.support.fixtures`.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -26,13 +25,6 @@ from lazyfs.ocilayout import Layout
 from lazyfs.testing.server import ServerProcess, listening_port
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
-
-
-def free_port() -> int:
-    """A port nothing listens on just now: for an address meant to refuse connections."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

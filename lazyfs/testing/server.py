@@ -15,7 +15,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +35,16 @@ def unix_socket_accepts(path: str | os.PathLike[str]) -> bool:
         except OSError:
             return False
     return True
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block lasts: bound but not
+    listening, so the kernel answers a SYN with a reset and no one else can take the port
+    (a port merely found free may be someone's listener by the time it is dialled)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 def listening_port(pid: int) -> int | None:

@@ -147,7 +147,13 @@ def machine_info() -> dict[str, Any]:
 
 
 def command_line() -> str:
-    return ".venv/bin/python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    """This run's command, as one would type it in the repository; an absolute path in an
+    argument (a before/baseline checkout, a scratch directory) is written as its last part
+    only: results name no path of the machine they ran on."""
+    args = [
+        f".../{os.path.basename(a.rstrip('/'))}" if os.path.isabs(a) else a for a in sys.argv[1:]
+    ]
+    return ".venv/bin/python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *args])
 
 
 # ----------------------------------------------------------------------------- output

@@ -5,6 +5,7 @@ request with EBADF or a handler error."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -145,6 +146,16 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def holds(pid: int, path: Path) -> bool:
+    """Whether the process has a descriptor open on ``path``."""
+    fds = Path(f"/proc/{pid}/fd")
+    targets = set()
+    for fd in os.listdir(fds):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            targets.add(os.readlink(fds / fd))
+    return str(path) in targets
+
+
 def test_descriptors_at_the_lru_and_the_descriptor_limit(tmp_path: Path) -> None:
     many = MAX_UPPER_FDS + 40
     # Left by an earlier mount: upper files with no descriptor kept yet.
@@ -174,6 +185,7 @@ def test_descriptors_at_the_lru_and_the_descriptor_limit(tmp_path: Path) -> None
 
         (d / "held").write_bytes(b"held")
         held = os.open(d / "held", os.O_RDWR)
+        assert holds(m.pid, tmp_path / "upper" / "d" / "held")
         (d / "unlinked").write_bytes(b"unlinked")
         gone = os.open(d / "unlinked", os.O_RDWR)
         try:
@@ -181,6 +193,7 @@ def test_descriptors_at_the_lru_and_the_descriptor_limit(tmp_path: Path) -> None
             for i in range(many):  # each create keeps a descriptor: the LRU closes the oldest
                 (d / f"n{i}").write_bytes(b"%d" % i)
             assert open_fds(m.pid) < MAX_UPPER_FDS + 64
+            assert not holds(m.pid, tmp_path / "upper" / "d" / "held")
             # the LRU closed "held"'s descriptor under its reader: reopened by path
             assert os.pread(uncached(held), 64, 0) == b"held"
             assert os.pwrite(held, b"H", 0) == 1

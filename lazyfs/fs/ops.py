@@ -5,6 +5,8 @@ An entry is promoted (copied up, :mod:`lazyfs.fs.copyup`) on its first write or 
 change, parents first.  Files have no per-open state: the daemon answers ENOSYS to the first
 OPEN (the kernel's no_open; a ``--trace`` mount keeps OPEN so that the trace sees opens), so
 the kernel opens and closes files without asking, and reads and writes arrive by inode.
+Nor have directories: the first OPENDIR is answered ENOSYS too (no_opendir), the kernel caches
+every listing, and readdir arrives by inode with offsets that survive changes (_HASH_BITS).
 Deleting a lower entry leaves a whiteout in the upper directory.  The in-memory
 :class:`~lazyfs.fs.tree.Tree` is the truth for names; the upper directory mirrors it so a
 remount shows the same tree.

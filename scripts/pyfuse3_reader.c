@@ -9,9 +9,6 @@
 #include <signal.h>
 #include <sys/eventfd.h>
 
-extern unsigned char *lazyfs_cached_dirs;
-extern unsigned long lazyfs_cached_dirs_len;
-
 /* The kernel's request header (linux/fuse.h), spelled out: that header clashes with libfuse's. */
 struct lazyfs_in_header {
   uint32_t len, opcode;
@@ -19,7 +16,7 @@ struct lazyfs_in_header {
   uint32_t uid, gid, pid;
   uint16_t total_extlen, padding;
 };
-enum { LAZYFS_OPENDIR = 27, LAZYFS_RELEASEDIR = 29, LAZYFS_IOCTL = 39 };
+enum { LAZYFS_IOCTL = 39 };
 
 struct lazyfs_queued {
   struct lazyfs_queued *next;
@@ -27,8 +24,6 @@ struct lazyfs_queued {
   size_t size;
 };
 
-/* Set in the reader: its OPENDIR was found in the C table and is answered in C. */
-static __thread int lazyfs_in_reader;
 static pthread_t lazyfs_reader;
 static int lazyfs_reader_running;  /* started, not yet joined */
 static int lazyfs_reader_used;     /* the workers take requests from the queue */
@@ -58,18 +53,10 @@ static void lazyfs_finish(int result) {
 
 static int lazyfs_answer_in_c(const char *mem, size_t size) {
   const struct lazyfs_in_header *h = (const struct lazyfs_in_header *)mem;
-  uint64_t fh;
-  switch (h->opcode) {
-  case LAZYFS_IOCTL:  /* pyfuse3 has no ioctl handler: libfuse answers ENOSYS */
-    return 1;
-  case LAZYFS_OPENDIR:
-    return h->nodeid < lazyfs_cached_dirs_len && lazyfs_cached_dirs[h->nodeid];
-  case LAZYFS_RELEASEDIR:  /* fuse_release_in starts with fh */
-    if (size < sizeof *h + sizeof fh) return 0;
-    memcpy(&fh, mem + sizeof *h, sizeof fh);
-    return (fh >> 62) & 1;
-  }
-  return 0;
+  (void)size;
+  /* pyfuse3 has no ioctl handler: libfuse answers ENOSYS.  (OPENDIR and OPEN come once each:
+     lazyfs answers ENOSYS, and the kernel sends neither again.) */
+  return h->opcode == LAZYFS_IOCTL;
 }
 
 static void *lazyfs_reader_main(void *arg) {
@@ -105,9 +92,7 @@ static void *lazyfs_reader_main(void *arg) {
       fb.size = (size_t)n;
       fb.mem = buf;
       fb.fd = -1;
-      lazyfs_in_reader = 1;
       fuse_session_process_buf(se, &fb);
-      lazyfs_in_reader = 0;
       __atomic_add_fetch(&lazyfs_reader_answered, 1, __ATOMIC_RELAXED);
       continue;
     }

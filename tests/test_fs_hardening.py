@@ -92,8 +92,6 @@ def test_an_exception_in_any_handler_is_eio_and_the_mount_stays(tmp_path: Path) 
     flag = tmp_path / "flag"
     with faulty_mount(image, tmp_path, flag) as m:
         mnt = m.mountpoint
-        # Created, so that its close still sends RELEASE (a created file's handle is released
-        # even after open() answered ENOSYS, the kernel's no_open).
         rfd = os.open(mnt / "f", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
         os.write(rfd, b"data")
         (mnt / "d").mkdir()
@@ -101,7 +99,6 @@ def test_an_exception_in_any_handler_is_eio_and_the_mount_stays(tmp_path: Path) 
         (mnt / "victim").write_bytes(b"v")
         os.symlink("f", mnt / "s")
         os.setxattr(mnt / "f", "user.a", b"1")
-        dfd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
         tried: set[str] = set()
 
         def fails(name: str, op: Callable[[], object], *, sleep: float = 0.0) -> None:
@@ -119,6 +116,9 @@ def test_an_exception_in_any_handler_is_eio_and_the_mount_stays(tmp_path: Path) 
         # First: only the first OPEN reaches the daemon (which then answers ENOSYS), and an
         # EIO does not end that.
         fails("open", lambda: os.open(mnt / "f", os.O_RDONLY))
+        # Likewise only the first OPENDIR (then no RELEASEDIR ever: the kernel's no_opendir).
+        fails("opendir", lambda: os.listdir(mnt / "d"))
+        dfd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
         fails("lookup", lambda: os.stat(mnt / "never-looked-up"))
         fails("getattr", lambda: os.fstat(rfd), sleep=1.2)
         fails("setattr", lambda: os.chmod(mnt / "f", 0o600))
@@ -137,7 +137,6 @@ def test_an_exception_in_any_handler_is_eio_and_the_mount_stays(tmp_path: Path) 
         os.close(fresh)
         fails("write", lambda: os.pwrite(rfd, b"DATA", 0))
         fails("fsync", lambda: os.fsync(rfd))
-        fails("opendir", lambda: os.listdir(mnt / "d"))
         fails("readdir", lambda: os.listdir(dfd))
         fails("fsyncdir", lambda: os.fsync(dfd))
         fails("statfs", lambda: os.statvfs(mnt))
@@ -145,13 +144,11 @@ def test_an_exception_in_any_handler_is_eio_and_the_mount_stays(tmp_path: Path) 
         fails("listxattr", lambda: os.listxattr(mnt / "f"))
         fails("setxattr", lambda: os.setxattr(mnt / "f", "user.b", b"2"))
         fails("removexattr", lambda: os.removexattr(mnt / "f", "user.a"))
-        # release, releasedir and forget have no reply to fail: the mount just stays up.  Nor
+        # forget has no reply to fail: the mount just stays up.  Nor
         # is flush asked for again (answered ENOSYS at the first close): close just works.
         (mnt / "forgotten").write_bytes(b"x")
         for name, op in (
             ("flush", lambda: os.close(os.open(mnt / "f", os.O_RDONLY))),
-            ("release", lambda: os.close(rfd)),
-            ("releasedir", lambda: os.close(dfd)),
             # Its last link gone, the kernel evicts the inode and sends FORGET at once: no
             # machine-wide drop_caches needed.
             ("forget", lambda: os.unlink(mnt / "forgotten")),
@@ -161,12 +158,15 @@ def test_an_exception_in_any_handler_is_eio_and_the_mount_stays(tmp_path: Path) 
             time.sleep(0.3)
             flag.write_text("")
             tried.add(name)
-        # access is never sent (default_permissions: the kernel checks modes itself)
-        assert tried | {"access"} == HANDLERS
+        os.close(dfd)
+        os.close(rfd)
+        # access is never sent (default_permissions: the kernel checks modes itself), nor
+        # releasedir (no_opendir), nor release once OPEN answered ENOSYS (no_open), even for a
+        # file created before that (this kernel, 6.18, sends none for it either)
+        assert tried | {"access", "releasedir", "release"} == HANDLERS
         assert (mnt / "f").read_bytes() == b"data"
         assert sorted(os.listdir(mnt)) == ["d", "d2", "etc", "f", "s", "victim"]
-        for name in ("release", "releasedir", "forget"):  # each really reached its handler
-            assert f"injected into {name}" in m.log_text(), name
+        assert "injected into forget\n" in m.log_text()  # it really reached its handler
         errors = stats(mnt)["handler_errors"]
         assert isinstance(errors, int) and errors >= 25
         assert m.proc.poll() is None

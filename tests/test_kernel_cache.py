@@ -4,12 +4,13 @@ hour: what it shows must still follow every change the upper layer makes."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
 import subprocess
 import sys
-import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +39,6 @@ def image(tmp: Path) -> str:
     return f"oci:{tmp / 'img'}:v1"
 
 
-
 @contextlib.contextmanager
 def mount_lower(tmp: Path, lower: list[Item]) -> Iterator[Mount]:
     """``lower`` as a one-layer lazy image, mounted at tmp/mnt with its upper at tmp/upper."""
@@ -47,6 +47,7 @@ def mount_lower(tmp: Path, lower: list[Item]) -> Iterator[Mount]:
     args = ("--upper", str(tmp / "upper"), "--cache", str(tmp / "c"), "--no-prefetch")
     with mounted(f"oci:{tmp / 'img'}:v1", tmp / "mnt", *args) as m:
         yield m
+
 
 def readdirs(mnt: Path) -> int:
     """Listings the kernel asked for (not served from its cache)."""
@@ -193,56 +194,161 @@ def test_a_listing_in_progress_survives_the_first_change(tmp_path: Path) -> None
         assert sorted(os.listdir(mnt / "small")) == sorted([*names[1:5], "new"])
 
 
-def withdrawn(m: Mount) -> int:
-    """Changed directories' listings the daemon keeps for listings opened before the change."""
-    n: int = m.stats()["withdrawn_listings"]
-    return n
+class Dirents:
+    """A directory read with getdents64 in small parts (a few entries each), as a program
+    with a small buffer does: a listing the kernel resumes at the offset of its last entry,
+    between changes."""
+
+    def __init__(self, path: Path, bufsize: int = 256) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        self.buf = ctypes.create_string_buffer(bufsize)
+
+    def read(self) -> list[str] | None:
+        """The next part; None at the end."""
+        n = _libc.syscall(_SYS_GETDENTS64, self.fd, self.buf, len(self.buf))
+        if n < 0:
+            raise OSError(ctypes.get_errno(), "getdents64")
+        if n == 0:
+            return None
+        names, raw, at = [], self.buf.raw, 0
+        while at < n:  # struct linux_dirent64: ino, off, reclen, type, name
+            reclen = int.from_bytes(raw[at + 16 : at + 18], "little")
+            names.append(os.fsdecode(raw[at + 19 : at + reclen].split(b"\0", 1)[0]))
+            at += reclen
+        return names
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def test_a_changed_listing_is_kept_only_while_a_listing_may_need_it(tmp_path: Path) -> None:
-    """A lower directory opened in C before its first change lists what it had then, and
-    the daemon keeps that listing only until the kernel forgets the directory.  The root is
-    never forgotten, so it keeps none: a root changing while listed (``rm -rf /*``) neither
-    skips nor repeats an entry all the same."""
-    names = [f"root-entry-with-a-long-name-{i:05d}" for i in range(600)]
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_SYS_GETDENTS64 = 217  # x86_64
+
+
+def test_a_directory_changed_while_read_in_parts_lists_each_unchanged_entry_once(
+    tmp_path: Path,
+) -> None:
+    """The kernel sends no OPENDIR (no_opendir): a listing has no snapshot of its own, and
+    the kernel resumes it at the offset it was given, from its cache or, once a change
+    dropped that, from the daemon.  Names created, removed (whiteouts too), renamed in, out
+    and within, and the directory promoted, between the parts of a listing: every name left
+    alone comes exactly once, a removed one never comes back to life."""
+    names = [f"lower-entry-{i:04d}" for i in range(300)]
     lower = [
-        *(Item(n, data=b"x") for n in names),
         Item("d", "dir", mode=0o755),
-        Item("d/a", data=b"a"),
-        Item("d/b", data=b"b"),
+        *(Item(f"d/{n}", data=b"x") for n in names),
+        Item("other", "dir", mode=0o755),
+        *(Item(f"other/in-{i}", data=b"o") for i in range(10)),
     ]
     with mount_lower(tmp_path, lower) as m:
-        mnt = m.mountpoint
-        seen = []
-        with os.scandir(mnt) as it:
-            for entry in it:
-                seen.append(entry.name)
-                if entry.name != "d":
-                    os.unlink(entry.path)
-        assert sorted(seen) == sorted([*names, "d"])
-        assert os.listdir(mnt) == ["d"]
-        (mnt / "new").write_bytes(b"n")
-        assert sorted(os.listdir(mnt)) == ["d", "new"]
-        assert withdrawn(m) == 0
-
-        fd = os.open(mnt / "d", os.O_RDONLY | os.O_DIRECTORY)  # opened in C
-        try:
-            os.unlink(mnt / "d" / "a")  # its first change
-            (mnt / "d" / "c").write_bytes(b"c")
-            assert withdrawn(m) == 1
-            listed = os.listdir(fd)
-        finally:
-            os.close(fd)
-        assert "b" in listed and set(listed) <= {"a", "b", "c"}
-        assert sorted(os.listdir(mnt / "d")) == ["b", "c"]
-        os.unlink(mnt / "d" / "b")
-        os.unlink(mnt / "d" / "c")
-        os.rmdir(mnt / "d")  # the kernel forgets it once nothing holds it
-        deadline = time.monotonic() + 10
-        while withdrawn(m) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert withdrawn(m) == 0
+        mnt, d = m.mountpoint, m.mountpoint / "d"
+        for cached in (True, False):  # read from the kernel's cached listing, or not yet cached
+            start = set(os.listdir(d))  # into the kernel's cache
+            if not cached:  # a change drops it
+                (d / "uncached").write_bytes(b"u")
+                start.add("uncached")
+            touched: set[str] = set()  # changed since the listing began
+            seen: list[str] = []
+            lister = Dirents(d)
+            step = 0
+            try:
+                while (part := lister.read()) is not None:
+                    seen += part
+                    step += 1
+                    left = sorted(set(os.listdir(d)) - set(seen) - touched)
+                    unseen = [n for n in left if n.startswith("lower-")]
+                    seen_still = [n for n in seen if n.startswith("lower-") and n not in touched]
+                    k = f"{int(cached)}-{step}"
+                    if step % 7 == 1 and unseen:  # a whiteout ahead of the listing
+                        os.unlink(d / unseen[-1])
+                        touched.add(unseen[-1])
+                    if step % 7 == 2 and seen_still:  # and behind it
+                        os.unlink(d / seen_still[0])
+                        touched.add(seen_still[0])
+                    if step % 7 == 3:
+                        (d / f"new-{k}").write_bytes(b"n")
+                        os.mkdir(d / f"newdir-{k}")
+                        touched |= {f"new-{k}", f"newdir-{k}"}
+                    if step % 7 == 4 and unseen:  # renamed within and out
+                        os.rename(d / unseen[0], d / f"renamed-{k}")
+                        os.rename(d / unseen[-1], mnt / "other" / f"out-{k}")
+                        touched |= {unseen[0], unseen[-1], f"renamed-{k}"}
+                    if step % 7 == 5:  # renamed in
+                        ins = [n for n in os.listdir(mnt / "other") if n.startswith("in-")]
+                        if ins:
+                            os.rename(mnt / "other" / ins[0], d / f"moved-in-{k}")
+                            touched.add(f"moved-in-{k}")
+                    if step % 7 == 6 and unseen:  # a copy-up of an entry (and so of d)
+                        os.chmod(d / unseen[len(unseen) // 2], 0o600)
+            finally:
+                lister.close()
+            now = set(os.listdir(d))
+            left_alone = (start & now) - touched
+            counts = Counter(seen)
+            assert [n for n, c in counts.items() if c > 1] == [], "listed twice"
+            assert left_alone - counts.keys() == set(), "an unchanged entry was skipped"
+            assert counts.keys() <= start | touched, "a name that never was"
+            for gone in touched - now:  # no dentry left for a removed name
+                assert not os.path.lexists(d / gone), gone
+            assert step > 20, "the listing took too few parts to test much"
         assert m.stats()["handler_errors"] == 0
+
+
+def test_a_listing_half_read_does_not_outlive_a_change(tmp_path: Path) -> None:
+    """The daemon keeps a directory's sorted listing while the kernel reads it in parts; a
+    change in between, and a new listing from the start is taken afresh, not from it."""
+    names = [f"lower-entry-{i:04d}" for i in range(300)]
+    lower = [Item("d", "dir", mode=0o755), *(Item(f"d/{n}", data=b"x") for n in names)]
+    with mount_lower(tmp_path, lower) as m:
+        d = m.mountpoint / "d"
+        want = set(names)
+        for i in range(5):
+            (d / f"first-{i}").write_bytes(b"f")  # the kernel's cached listing, if any, goes
+            want.add(f"first-{i}")
+            lister = Dirents(d)
+            try:
+                part = lister.read()  # the daemon lists from the start, the kernel takes a part
+                assert part
+                gone = sorted(want - set(part))[i]
+                os.unlink(d / gone)
+                (d / f"later-{i}").write_bytes(b"l")
+                want = (want - {gone}) | {f"later-{i}"}
+                assert set(os.listdir(d)) == want
+                assert not os.path.lexists(d / gone)
+            finally:
+                lister.close()
+
+
+def test_every_listing_is_cached_and_follows_changes_made_while_cached(tmp_path: Path) -> None:
+    """Upper directories' listings are cached too (the kernel opens every directory with
+    FOPEN_CACHE_DIR once OPENDIR answered ENOSYS): a listing asks the daemon once, and a
+    change shows in the next one."""
+    lower = [Item("d", "dir", mode=0o755), *(Item(f"d/f{i}", data=b"x") for i in range(20))]
+    with mount_lower(tmp_path, lower) as m:
+        mnt = m.mountpoint
+        os.mkdir(mnt / "up")
+        for i in range(20):
+            (mnt / "up" / f"u{i}").write_bytes(b"u")
+        os.chmod(mnt / "d" / "f0", 0o600)  # d promoted: an upper directory with lower entries
+        for rel, want in (
+            ("up", {f"u{i}" for i in range(20)}),
+            ("d", {f"f{i}" for i in range(20)}),
+        ):
+            pin = os.open(mnt / rel, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                assert set(os.listdir(mnt / rel)) == want
+                before = readdirs(mnt)
+                for _ in range(10):
+                    assert set(os.listdir(mnt / rel)) == want
+                assert readdirs(mnt) - before < 3, f"{rel}: not cached"
+                (mnt / rel / "later").write_bytes(b"l")
+                os.unlink(mnt / rel / sorted(want)[0])
+                want = (want - {sorted(want)[0]}) | {"later"}
+                assert set(os.listdir(mnt / rel)) == want
+            finally:
+                os.close(pin)
+        assert sum(requests(mnt).get(name, 0) for name in ("opendir", "releasedir")) <= 1
 
 
 BIG = seeded_bytes(300_000, 7)

@@ -88,8 +88,6 @@ class StatsReport(msgspec.Struct):
     rss_bytes: int = 0
     cache: CacheUsage | None = None
     requests: dict[str, int] = {}  # per handler, the FUSE requests that reached Python
-    # Changed directories' listings kept for listings opened before the change (ops._withdrawn)
-    withdrawn_listings: int = 0
     # The patched pyfuse3's reader thread: requests it answered in C, and handed to Python.
     c_requests: dict[str, int] = {}
     # While layers without a TOC were pending: requests answered from the layers above them,

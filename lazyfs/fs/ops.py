@@ -5,6 +5,8 @@ An entry is promoted (copied up, :mod:`lazyfs.fs.copyup`) on its first write or 
 change, parents first.  Files have no per-open state: the daemon answers ENOSYS to the first
 OPEN (the kernel's no_open; a ``--trace`` mount keeps OPEN so that the trace sees opens), so
 the kernel opens and closes files without asking, and reads and writes arrive by inode.
+Nor have directories: the first OPENDIR is answered ENOSYS too (no_opendir), the kernel caches
+every listing, and readdir arrives by inode with offsets that survive changes (_HASH_BITS).
 Deleting a lower entry leaves a whiteout in the upper directory.  The in-memory
 :class:`~lazyfs.fs.tree.Tree` is the truth for names; the upper directory mirrors it so a
 remount shows the same tree.
@@ -16,6 +18,7 @@ logged with its traceback, counted in ``handler_errors`` and answers EIO.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -24,8 +27,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import pyfuse3
@@ -45,20 +47,22 @@ log = logging.getLogger(__name__)
 # kernel may cache names and attributes for long.
 LOWER_TIMEOUT = 3600.0
 UPPER_TIMEOUT = 1.0
-# Set in opendir's file handle, this bit asks the kernel to cache the directory's listing
-# (FOPEN_CACHE_DIR; scripts/pyfuse3_cache_dir.py teaches pyfuse3 to pass it on).  Only for
-# directories no upper change has touched: every later change to one goes through the kernel
-# (create, unlink, rename), which drops its cached listing itself, and promotes it first.
-CACHE_DIR_FH = 1 << 63
-# The patched pyfuse3 answers OPENDIR of the directories in its table itself (no round trip
-# through trio), with this bit and the inode as ``fh`` and the listing cached, and their
-# RELEASEDIR too; readdir then gets that ``fh`` (see CDirs).
-C_DIR_FH = 1 << 62
-# Files have no handles of their own: what a read, write or fsync needs is the inode.  Every
-# open and create answers this bit with the inode as ``fh``; once open() has answered ENOSYS
-# (the kernel's no_open: no OPEN and no RELEASE from then on), the kernel sends ``fh`` 0,
-# which the patched pyfuse3 turns into the same.
+# Files and directories have no handles of their own: what a read, write, fsync or readdir
+# needs is the inode.  Every open, create and opendir answers this bit with the inode as
+# ``fh``; once open() or opendir() has answered ENOSYS (the kernel's no_open, no_opendir: no
+# OPEN, OPENDIR, RELEASE or RELEASEDIR from then on), the kernel sends ``fh`` 0, which the
+# patched pyfuse3 turns into the same.
 INO_FH = 1 << 61
+# A listing's offsets (d_off cookies) do not depend on the position of a name: the kernel
+# resumes a listing it read in part, or served from its cache before a change, at the offset
+# it was given.  A name sits at a 24-bit hash of it, shifted to leave room for names whose
+# hashes collide (by name within the directory); an entry's offset is the position after it,
+# and a listing resumed at offset C returns the names at positions >= C as the directory is
+# now: one neither added nor removed since comes exactly once (as POSIX asks; a collision's
+# companion added or removed mid-listing may shift the others by one place).  Offsets stay
+# below 2**31, as ext4 keeps them for 32-bit callers: a 32-bit program in an old image that
+# reads directories without large-file support would get EOVERFLOW from a larger one.
+_HASH_BITS, _GROUP_BITS = 24, 6
 # Upper files' descriptors kept open (by inode) for reads and writes; an unlinked file's
 # descriptor is kept beyond this until the kernel forgets the inode (no RELEASE comes).
 MAX_UPPER_FDS = 256
@@ -82,11 +86,12 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 @functools.cache
 def patched_pyfuse3() -> ctypes.CDLL | None:
     """The installed pyfuse3's extension if scripts/pyfuse3_cache_dir.py patched it (every
-    patch of it, checked by one symbol of the last), else None: lazyfs then does without."""
+    patch of it: readdir's ``fh`` 0 is the inode too), else None: lazyfs then does without."""
     try:
         lib = ctypes.CDLL(pyfuse3.__file__)
-        lib.lazyfs_reader_start  # noqa: B018 (the lookup is the check)
-    except (OSError, AttributeError):
+        if ctypes.c_int.in_dll(lib, "lazyfs_ino_fh").value < 2:
+            return None  # an older patch, without readdir: setup.sh rebuilds it
+    except (OSError, ValueError):
         return None
     return lib
 
@@ -138,45 +143,6 @@ class AccessListener(Protocol):
         size: int,
         wait_ns: int,
     ) -> None: ...
-
-
-class CDirs:
-    """The patched pyfuse3's table of directories whose OPENDIR and RELEASEDIR it answers in C
-    (in its reader thread, see start_c_reader): a byte per inode.  An unpatched pyfuse3 has
-    none, and then this does nothing."""
-
-    # Every table the C side pointed at, kept alive for as long as the process may serve: the
-    # reader thread may still look at a former one while a new one is published.
-    _published: list[ctypes.Array[ctypes.c_ubyte]] = []
-
-    def __init__(self) -> None:
-        self._table: ctypes.Array[ctypes.c_ubyte] | None = None
-        lib = patched_pyfuse3()
-        self._ptr: ctypes.c_void_p | None = None
-        if lib is not None:
-            self._ptr = ctypes.c_void_p.in_dll(lib, "lazyfs_cached_dirs")
-            self._len = ctypes.c_ulong.in_dll(lib, "lazyfs_cached_dirs_len")
-
-    def publish(self, inodes: Sequence[int], size: int) -> None:
-        """Answer OPENDIR of ``inodes`` (all below ``size``) in C from now on."""
-        if self._ptr is None:
-            return
-        table = (ctypes.c_ubyte * size)()
-        for ino in inodes:
-            table[ino] = 1
-        self._len.value = 0  # never a length longer than the table it goes with
-        self._ptr.value = ctypes.addressof(table)
-        self._len.value = size
-        self._table = table
-        CDirs._published.append(table)
-
-    def withdraw(self, ino: int) -> bool:
-        """OPENDIR of ``ino`` goes to Python from now on; whether it was answered in C."""
-        table = self._table
-        if table is None or ino >= len(table) or not table[ino]:
-            return False
-        table[ino] = 0
-        return True
 
 
 def _name(raw: bytes) -> str:
@@ -271,44 +237,19 @@ class Operations(_Guarded):
         self._fds: dict[int, tuple[int, int]] = {}
         # A trace must see every open: then open() answers, else ENOSYS (the kernel's no_open).
         self.no_open = listener is None and patched_pyfuse3() is not None
-        # opendir's node until the first readdir, then that listing's snapshot
-        self._dirs: dict[int, Node | list[tuple[bytes, Node]]] = {}
-        self._next_fh = 1
+        # Likewise for OPENDIR: then every directory's listing is cached by the kernel, which
+        # drops it at every change made through it (create, unlink, rename...).
+        self.no_opendir = patched_pyfuse3() is not None
         self._promoting: dict[int, trio.Event] = {}
-        self._cdirs = CDirs()
-        # A directory opened in C has no snapshot of its own: the listing it had when it was
-        # withdrawn from the C table (before its first change) stands in, so that the offsets
-        # of a listing in progress stay valid.  Names and inode numbers (never reused), not
-        # nodes: a removed subtree is not kept alive by it.  Dropped when the kernel forgets the
-        # inode: no descriptor, so no listing, is open on it then.  The root is never
-        # forgotten, so it is not opened in C (see init).
-        self._withdrawn: dict[int, list[tuple[bytes, int]]] = {}
+        # Directories' listings in hash order (see _HASH_BITS) while the kernel reads them in
+        # parts: inode -> (self._changes when taken, positions, names and nodes).
+        self._sorted: dict[int, tuple[int, list[int], list[tuple[bytes, Node]]]] = {}
+        self._changes = 0  # names added or removed anywhere (what makes a sorted listing stale)
 
     def init(self) -> None:
-        """Called by pyfuse3 before the first request: unchanged lower directories are
-        opened in C from now on."""
-        try:
-            dirs: list[int] = []
-            stack = [self.tree.root]
-            while stack:  # every directory; an upper one may hold unchanged lower ones
-                node = stack.pop()
-                # Not the root: its withdrawn listing would last as long as the mount (see
-                # _withdrawn), and its opendirs are few.
-                if not node.upper and node is not self.tree.root:
-                    dirs.append(node.ino)
-                stack.extend(c for c in (node.children or {}).values() if c.children is not None)
-            self._cdirs.publish(dirs, max(dirs, default=0) + 1)
-        except Exception:  # pyfuse3 would end the mount: opendir in Python is slower, not wrong
-            log.exception("could not hand lower directories to the C opendir")
-
-    @property
-    def withdrawn_listings(self) -> int:
-        return len(self._withdrawn)
-
-    def _withdraw(self, node: Node) -> None:
-        """Before ``node``'s first change: new opendirs of it go to Python."""
-        if node.children is not None and self._cdirs.withdraw(node.ino):
-            self._withdrawn[node.ino] = [(os.fsencode(n), c.ino) for n, c in node.children.items()]
+        """Called by pyfuse3 before the first request, and again once layers without a TOC
+        were added beneath the tree (lazyfs.fs.serve): listings taken before are stale."""
+        self._changes += 1
 
     # ------------------------------------------------------------------ helpers: nodes, attrs
 
@@ -522,7 +463,6 @@ class Operations(_Guarded):
         self._need_upper()
         assert self.copy is not None
         done = self._promoting[node.ino] = trio.Event()
-        self._withdraw(node)
         try:
             e = node.entry
             assert e is not None
@@ -596,69 +536,61 @@ class Operations(_Guarded):
         return os.fsencode(node.entry.link_name)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.no_opendir:
+            # Once: the kernel then opens every directory itself, with its listing cached, and
+            # sends neither OPENDIR nor RELEASEDIR, two round trips less per directory walked.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._node(inode)
         if node.children is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        fh = self._next_fh
-        self._next_fh += 1
-        # The listing is taken at the first readdir, not here: a directory the kernel has
-        # cached is opened without ever being read.
-        self._dirs[fh] = node
-        return fh if node.upper else fh | CACHE_DIR_FH
+        return INO_FH | node.ino
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for i, (name, node) in enumerate(self._listing(fh, start_id), start_id):
-            if node is None or node.ino not in self.tree.nodes:
-                continue
+        node = self.listed_dir(fh)
+        if node is None:
+            return
+        positions, entries = self._listing(node)
+        for i in range(bisect.bisect_left(positions, start_id), len(entries)):
+            name, child = entries[i]
             try:
-                attrs = self._attrs(node)
+                attrs = self._attrs(child)
             except pyfuse3.FUSEError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+            if not pyfuse3.readdir_reply(token, name, attrs, positions[i] + 1):
                 return
-            node.lookups += 1  # readdirplus hands the kernel a reference
+            child.lookups += 1  # readdirplus hands the kernel a reference
+        self._sorted.pop(node.ino, None)  # read to the end: the kernel caches it
 
-    def _listing(self, fh: int, start: int) -> Iterable[tuple[bytes, Node | None]]:
-        """The listing from offset ``start`` on (skipped in C: a big directory is read in
-        hundreds of readdir calls, each starting further in); None for an entry gone since,
-        in its place so that the offsets stay."""
-        if fh & C_DIR_FH:  # opened in C: unchanged since, or the listing it had then
-            ino = fh & ~C_DIR_FH
-            node = self.tree.nodes.get(ino)
-            children = node.children if node is not None else None
-            withdrawn = self._withdrawn.get(ino)
-            if withdrawn is not None:
-                return self._still_listed(children or {}, islice(withdrawn, start, None))
-            return ((os.fsencode(n), c) for n, c in islice((children or {}).items(), start, None))
-        listing = self._dirs.get(fh & ~CACHE_DIR_FH)  # an unpatched pyfuse3 hands the bit back
-        if listing is None:
-            return ()
-        if isinstance(listing, Node):
-            # A snapshot: entries added or removed while listing do not shift the offsets.
-            children = listing.children or {}
-            listing = [(os.fsencode(n), c) for n, c in children.items()]
-            self._dirs[fh & ~CACHE_DIR_FH] = listing
-        return islice(listing, start, None)
-
-    @staticmethod
-    def _still_listed(
-        children: dict[str, Node], listing: Iterable[tuple[bytes, int]]
-    ) -> Iterator[tuple[bytes, Node | None]]:
-        """A withdrawn listing's entries as the directory has them now: a name removed since
-        (POSIX lets a listing in progress skip it) or now another file's is None."""
-        for name, ino in listing:
-            child = children.get(os.fsdecode(name))
-            yield name, child if child is not None and child.ino == ino else None
+    def _listing(self, node: Node) -> tuple[list[int], list[tuple[bytes, Node]]]:
+        """``node``'s listing in position order (see _HASH_BITS) and the positions: taken
+        again after any change, kept for the next readdir (a big directory is read in
+        hundreds of parts)."""
+        kept = self._sorted.get(node.ino)
+        if kept is not None and kept[0] == self._changes:
+            return kept[1], kept[2]
+        mask = (1 << _HASH_BITS) - 1
+        # str's hash: cached in the name, and the same for as long as this process serves.
+        by_hash = sorted((hash(n) & mask, n, c) for n, c in (node.children or {}).items())
+        positions: list[int] = []
+        entries: list[tuple[bytes, Node]] = []
+        last, group = -1, 0
+        for h, name, child in by_hash:
+            group = group + 1 if h == last else 0
+            last = h
+            positions.append(h << _GROUP_BITS | min(group, (1 << _GROUP_BITS) - 1))
+            entries.append((os.fsencode(name), child))
+        while len(self._sorted) >= 64:  # listings read in parts at the same time: few
+            del self._sorted[next(iter(self._sorted))]
+        self._sorted[node.ino] = (self._changes, positions, entries)
+        return positions, entries
 
     def listed_dir(self, fh: int) -> Node | None:
-        """The directory ``fh`` lists, until its first readdir takes the listing."""
-        if fh & C_DIR_FH:
-            return self.tree.nodes.get(fh & ~C_DIR_FH)
-        listing = self._dirs.get(fh & ~CACHE_DIR_FH)
-        return listing if isinstance(listing, Node) else None
+        """The directory ``fh`` lists."""
+        node = self.tree.nodes.get(fh & ~INO_FH) if fh & INO_FH else None
+        return node if node is not None and node.children is not None else None
 
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh & ~CACHE_DIR_FH, None)
+        pass  # directories have no handles of their own
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if self.no_open:
@@ -863,6 +795,7 @@ class Operations(_Guarded):
         node.upper = True
         assert parent.children is not None
         parent.children[name] = node
+        self._changes += 1
         return node
 
     def _own(self, path: tuple[str, ...], ctx: pyfuse3.RequestContext) -> None:
@@ -956,6 +889,7 @@ class Operations(_Guarded):
         except OSError as e:
             raise _errno(e) from e
         self.tree.add_link(node, parent, sname)
+        self._changes += 1
         return self._looked_up(node)
 
     # ------------------------------------------------------------------ removing and renaming
@@ -979,6 +913,7 @@ class Operations(_Guarded):
             upper.whiteout(path)
         assert parent.children is not None
         del parent.children[name]
+        self._changes += 1
         self.tree.unlink_name(node, parent, name)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -1062,6 +997,7 @@ class Operations(_Guarded):
         assert old_parent.children is not None and new_parent.children is not None
         del old_parent.children[old]
         new_parent.children[new] = node
+        self._changes += 1
         if node.parent is old_parent and node.name == old:
             node.parent, node.name = new_parent, new
         elif node.links:
@@ -1129,8 +1065,7 @@ class Operations(_Guarded):
             node = self.tree.nodes.get(ino)
             if node is not None and ino != ROOT_INO:
                 self.tree.forget(node, n)
-                if node.lookups <= 0:  # no descriptor can be open on it: no listing either
-                    self._withdrawn.pop(ino, None)
+                if node.lookups <= 0:  # no descriptor can be open on it
                     self._drop_fd(ino)
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

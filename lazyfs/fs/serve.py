@@ -316,7 +316,6 @@ class _Mount:
                 rss_bytes=rss_bytes(os.getpid()) or 0,
                 cache=image.cache.du(),
                 requests=dict(self.ops.requests) if self.ops is not None else {},
-                withdrawn_listings=self.ops.withdrawn_listings if self.ops is not None else 0,
                 c_requests=c_reader_counts(),
                 answered_early=self.pending.answered_early if self.pending is not None else 0,
                 waited_for_layers=self.pending.waited if self.pending is not None else 0,

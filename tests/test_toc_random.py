@@ -9,6 +9,7 @@ import random
 import sys
 from typing import Literal
 
+import msgspec
 import pytest
 
 from lazyfs.errors import FormatError
@@ -172,11 +173,20 @@ def test_entries_without_xattrs_share_one_empty_dict() -> None:
 
 
 @pytest.mark.parametrize("flavour", ["estargz", "zstd:chunked"])
-@pytest.mark.parametrize("seed", range(4))
-def test_an_entry_table_makes_the_unpacked_entries_on_demand(flavour: Flavour, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "odd_digest"), [(0, ""), (1, ""), (2, "sha512:"), (3, "zero")])
+def test_an_entry_table_makes_the_unpacked_entries_on_demand(
+    flavour: Flavour, seed: int, odd_digest: str
+) -> None:
     """Every entry made from the columns equals the unpacked one, each time it is asked for,
-    from either end; whiteouts, opaque markers and hardlinks among them."""
+    from either end; whiteouts, opaque markers and hardlinks among them; digests kept as bytes
+    or, when one is not a sha256 the bytes can spell, as strings."""
     entries, data_end = random_entries(seed, 300, flavour)
+    if odd_digest:
+        i = next(i for i, e in enumerate(entries) if len(e.chunks) == 1 and e.digest)
+        e = entries[i]
+        digest = "sha512:" + "ab" * 64 if odd_digest == "sha512:" else "sha256:" + "0" * 64
+        chunk = msgspec.structs.replace(e.chunks[0], digest=digest)
+        entries[i] = msgspec.structs.replace(e, digest=digest, chunks=(chunk,))
     target = next(e.name for e in reversed(entries) if e.type == "reg")
     entries += [
         Entry(name="lib0/.wh.gone", type="reg", mode=0o644),

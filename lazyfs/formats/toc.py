@@ -660,21 +660,21 @@ def unpack_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
 
 
 class EntryTable(Sequence[Entry]):
-    """A layer's entries kept as :func:`pack_toc`'s columns, each :class:`Entry` made when
-    asked for (equal each time, not the same object).  Names and digests are one string each
-    with the ends of their pieces.  At 100k one-chunk files: 21 MiB, where the entries
-    :func:`unpack_toc` makes (with their names, digests, chunks, the chunks' ints and tuples)
-    hold 49 MiB; ~5 µs an entry made.  Give it only what :func:`unpack_toc` accepted: the
-    column lengths are checked here, the values only there."""
+    """A layer's entries kept as columns, each :class:`Entry` made when asked for (equal each
+    time, not the same object).  Names are one string with the end of each; sha256 digests 32
+    bytes each; numbers in the narrowest array that holds them; chunk columns that are all 0
+    (file offsets of one-chunk files, inner offsets, holes) not kept.  At 100k one-chunk files:
+    12 MiB, where the entries :func:`unpack_toc` makes (with their names, digests, chunks, the
+    chunks' ints and tuples) hold 49 MiB; a few µs an entry made.  Give it only what
+    :func:`unpack_toc` accepted: the columns' lengths are checked here, their values there."""
 
     __slots__ = (
         "_chunk_at",
         "_chunk_digests",
+        "_chunks",
         "_count",
         "_devices",
-        "_digest_ends",
         "_digests",
-        "_flat",
         "_kinds",
         "_links",
         "_name_ends",
@@ -689,20 +689,29 @@ class EntryTable(Sequence[Entry]):
     def __init__(self, data: bytes) -> None:
         cols = _columns(data)
         p = cols.packed
-        self._count = len(p.names)
-        self._names, self._name_ends = _joined(p.names)
-        self._digests, self._digest_ends = _joined(p.digests)
+        self._count = count = len(p.names)
+        self._digests: _Digests = _RawDigests(p.digests) if _all_sha256(p.digests) else p.digests
         self._kinds = p.kinds
-        self._numbers = cols.numbers
         self._owners = [sys.intern(o) for o in p.owners]
-        self._owner_of = cols.owner_of
         self._times = p.times
         self._links, self._devices, self._xattrs = p.links, p.devices, p.xattrs
-        # Where each entry's chunks start in the chunk columns, and where the last ends.
-        chunk_at = array("Q", [0])
-        chunk_at.extend(itertools.accumulate(cols.counts))
-        self._chunk_at = chunk_at
-        self._flat = cols.flat
+        try:
+            self._names, self._name_ends = "".join(p.names), _ends(p.names)
+            # Where each entry's chunks start in the chunk columns (and the last one's end).
+            self._chunk_at = _ends(cols.counts)
+            # mode, uid, gid, size, mtime index: each in the narrowest array that holds it
+            self._numbers = tuple(
+                _narrow(cols.numbers[k * count : (k + 1) * count]) for k in range(5)
+            )
+            self._owner_of = _narrow(cols.owner_of)
+            total = len(p.chunk_digests)
+            # file offset, size, offset, end, inner, zeros; None: all 0
+            self._chunks = tuple(
+                _narrow(col) if any(col) else None
+                for col in (cols.flat[k * total : (k + 1) * total] for k in range(6))
+            )
+        except OverflowError as e:
+            raise FormatError(f"packed TOC is damaged: {e}") from None
         self._chunk_digests = p.chunk_digests
 
     def __len__(self) -> int:
@@ -715,25 +724,22 @@ class EntryTable(Sequence[Entry]):
     def __getitem__(self, i: int | slice) -> Entry | Sequence[Entry]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._count))]
-        count = self._count
         if i < 0:
-            i += count
-        if not 0 <= i < count:
+            i += self._count
+        if not 0 <= i < self._count:
             raise IndexError("entry index out of range")
-        numbers = self._numbers
-        name = self._names[self._name_ends[i] : self._name_ends[i + 1]]
-        digest = self._digests[self._digest_ends[i] : self._digest_ends[i + 1]]
-        size = numbers[3 * count + i]
+        mode, uid, gid, size, mtime = self._numbers
+        digest = self._digests[i]
         e = Entry(
-            name=name,
+            name=self._names[self._name_ends[i] : self._name_ends[i + 1]],
             type=_KINDS[self._kinds[i]],
-            mode=numbers[i],
-            uid=numbers[count + i],
-            gid=numbers[2 * count + i],
+            mode=mode[i],
+            uid=uid[i],
+            gid=gid[i],
             uname=self._owners[self._owner_of[i]],
-            gname=self._owners[self._owner_of[count + i]],
-            size=size,
-            mtime_ns=self._times[numbers[4 * count + i]],
+            gname=self._owners[self._owner_of[self._count + i]],
+            size=size[i],
+            mtime_ns=self._times[mtime[i]],
             link_name=self._links.get(i, ""),
             xattrs=self._xattrs.get(i, _NO_XATTRS),
             digest=digest,
@@ -742,17 +748,18 @@ class EntryTable(Sequence[Entry]):
             e.dev_major, e.dev_minor = self._devices[i]
         first, last = self._chunk_at[i], self._chunk_at[i + 1]
         if first < last:
-            flat, total, digests = self._flat, len(self._chunk_digests), self._chunk_digests
+            file_offset, c_size, offset, end, inner, zeros = self._chunks
+            digests = self._chunk_digests
             e.chunks = tuple(
                 [
                     Chunk(
-                        flat[m],
-                        size if last - first == 1 else flat[total + m],
-                        flat[2 * total + m],
-                        flat[3 * total + m],
+                        file_offset[m] if file_offset else 0,
+                        e.size if last - first == 1 or not c_size else c_size[m],
+                        offset[m] if offset else 0,
+                        end[m] if end else 0,
                         digest if digests[m] is None else digests[m],  # type: ignore[arg-type]
-                        flat[4 * total + m],
-                        bool(flat[5 * total + m]),
+                        inner[m] if inner else 0,
+                        bool(zeros[m]) if zeros else False,
                     )
                     for m in range(first, last)
                 ]
@@ -760,11 +767,46 @@ class EntryTable(Sequence[Entry]):
         return e
 
 
-def _joined(parts: list[str]) -> tuple[str, array[int]]:
-    """``parts`` as one string and the end of each piece (after a leading 0)."""
-    ends = array("Q", [0])
-    ends.extend(itertools.accumulate(map(len, parts)))
-    return "".join(parts), ends
+class _RawDigests:
+    """ "sha256:<hex>" digests (or none, "") as 32 bytes each, where the strings take 120."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, digests: list[str]) -> None:
+        self._raw = b"".join(bytes.fromhex(d[7:]) if d else _NO_DIGEST for d in digests)
+
+    def __getitem__(self, i: int) -> str:
+        raw = self._raw[32 * i : 32 * i + 32]
+        return "" if raw == _NO_DIGEST else "sha256:" + raw.hex()
+
+
+_Digests = _RawDigests | list[str]
+# What stands for "no digest": no sha256 is all zeros (a collision as hard as any other).
+_NO_DIGEST = bytes(32)
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _all_sha256(digests: list[str]) -> bool:
+    zero = "sha256:" + _NO_DIGEST.hex()  # spelt out in a TOC, it keeps the strings
+    return all(_SHA256.fullmatch(d) and d != zero for d in digests if d)
+
+
+def _ends(parts: Sequence[str] | array[int]) -> array[int]:
+    """The end of each piece of ``parts`` put end to end (lengths, or strings), after a 0."""
+    ends = array("I", [0])
+    ends.extend(itertools.accumulate(parts if isinstance(parts, array) else map(len, parts)))
+    return ends
+
+
+def _narrow(numbers: array[int]) -> array[int]:
+    """``numbers`` in the narrowest array type that holds them all."""
+    if not numbers:
+        return numbers
+    low, high = min(numbers), max(numbers)
+    for code in ("B", "H", "I") if low >= 0 else ():
+        if high < 1 << (8 * array(code).itemsize):
+            return array(code, numbers)
+    return numbers
 
 
 def _unpack_entries(

@@ -2,8 +2,8 @@
 """What entries made on demand would take off a mount's heap (issue 13, daemon RSS at 100k
 files): ``EntryTable`` against the entries ``unpack_toc`` makes, and the mount's state now
 (tree + entries + the store's chunk list) against the state with entries on demand (nodes
-keep an entry index, the layer keeps the table, the store no chunk objects), built in this
-process from the bench_memory image's cached TOC and measured with tracemalloc.
+keep an entry index, the layer keeps the table; the store keeping its chunk objects, or not),
+built in this process from the bench_memory image's cached TOC and measured with tracemalloc.
 
 Run from the repo root: ``.venv/bin/python scripts/bench_entrytable.py [--files N] [--reps N]``.
 """
@@ -55,8 +55,10 @@ def heap_of(build: object) -> tuple[float, object]:
     return size / 2**20, kept
 
 
-def mount_state(packed: bytes, on_demand: bool) -> object:
-    """What a mount keeps of one layer: its tree, entries, the store's chunks and index."""
+def mount_state(packed: bytes, on_demand: str) -> object:
+    """What a mount keeps of one layer: its tree, entries, the store's chunks and index.
+    ``on_demand``: "" (as now), "tree" (nodes keep an index; the store its chunk objects),
+    "all" (the store no chunk objects either)."""
     toc = unpack_toc(packed)
     tree = Tree.from_layers([toc])
     chunks = layer_chunks(toc)
@@ -70,6 +72,8 @@ def mount_state(packed: bytes, on_demand: bool) -> object:
         if e is not None and e is not IMPLICIT_DIR:
             i = pos[id(e)]
             node[1].entry = i + 0 if i > 256 else i  # type: ignore[assignment]  # its index
+    if on_demand == "tree":
+        return tree, table, chunks, index
     # The store would read its chunks from the table's columns: no list of chunk objects.
     index._chunks = ()  # type: ignore[assignment]
     return tree, table, index._hashes, index._pos
@@ -90,8 +94,9 @@ def main() -> int:
         for what, build in (
             ("unpack_toc's entries", lambda: unpack_toc(packed)),
             ("EntryTable", lambda: EntryTable(packed)),
-            ("mount state now", lambda: mount_state(packed, False)),
-            ("mount state, entries on demand", lambda: mount_state(packed, True)),
+            ("mount state now", lambda: mount_state(packed, "")),
+            ("mount state, tree's entries on demand", lambda: mount_state(packed, "tree")),
+            ("mount state, entries and chunks on demand", lambda: mount_state(packed, "all")),
         ):
             mib, kept = heap_of(build)
             rows.setdefault(f"{what}: live heap MiB", []).append(mib)

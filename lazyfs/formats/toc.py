@@ -664,7 +664,7 @@ class EntryTable(Sequence[Entry]):
     time, not the same object).  Names are one string with the end of each; sha256 digests 32
     bytes each; numbers in the narrowest array that holds them; chunk columns that are all 0
     (file offsets of one-chunk files, inner offsets, holes) not kept.  At 100k one-chunk files:
-    12 MiB, where the entries :func:`unpack_toc` makes (with their names, digests, chunks, the
+    8 MiB, where the entries :func:`unpack_toc` makes (with their names, digests, chunks, the
     chunks' ints and tuples) hold 49 MiB; a few µs an entry made.  Give it only what
     :func:`unpack_toc` accepted: the columns' lengths are checked here, their values there."""
 
@@ -768,7 +768,7 @@ class EntryTable(Sequence[Entry]):
 
 
 class _RawDigests:
-    """ "sha256:<hex>" digests (or none, "") as 32 bytes each, where the strings take 120."""
+    """Digests spelt ``sha256:<hex>`` (or none) as 32 bytes each, where the strings take 120."""
 
     __slots__ = ("_raw",)
 

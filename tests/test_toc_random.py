@@ -9,6 +9,7 @@ import random
 import sys
 from typing import Literal
 
+import msgspec
 import pytest
 
 from lazyfs.errors import FormatError
@@ -16,6 +17,7 @@ from lazyfs.formats.toc import (
     Chunk,
     Compression,
     Entry,
+    EntryTable,
     TocBudget,
     decode_toc,
     encode_toc,
@@ -168,3 +170,52 @@ def test_entries_without_xattrs_share_one_empty_dict() -> None:
     for t in (toc, unpack_toc(pack_toc(toc))):
         empty = {id(e.xattrs) for e in t.entries if not e.xattrs}
         assert len(empty) == 1
+
+
+@pytest.mark.parametrize("flavour", ["estargz", "zstd:chunked"])
+@pytest.mark.parametrize(("seed", "odd_digest"), [(0, ""), (1, ""), (2, "sha512:"), (3, "zero")])
+def test_an_entry_table_makes_the_unpacked_entries_on_demand(
+    flavour: Flavour, seed: int, odd_digest: str
+) -> None:
+    """Every entry made from the columns equals the unpacked one, each time it is asked for,
+    from either end; whiteouts, opaque markers and hardlinks among them; digests kept as bytes
+    or, when one is not a sha256 the bytes can spell, as strings."""
+    entries, data_end = random_entries(seed, 300, flavour)
+    if odd_digest:
+        i = next(i for i, e in enumerate(entries) if len(e.chunks) == 1 and e.digest)
+        e = entries[i]
+        digest = "sha512:" + "ab" * 64 if odd_digest == "sha512:" else "sha256:" + "0" * 64
+        chunk = msgspec.structs.replace(e.chunks[0], digest=digest)
+        entries[i] = msgspec.structs.replace(e, digest=digest, chunks=(chunk,))
+    target = next(e.name for e in reversed(entries) if e.type == "reg")
+    entries += [
+        Entry(name="lib0/.wh.gone", type="reg", mode=0o644),
+        Entry(name="lib0/.wh..wh..opq", type="reg", mode=0o644),
+        Entry(name="lib0/again", type="hardlink", link_name=target),
+    ]
+    compression: Compression = "zstd" if flavour == "zstd:chunked" else "gzip"
+    raw = encode_toc(entries, flavour=flavour)
+    toc = decode_toc(raw, compression=compression, blob_size=data_end + 10, data_end=data_end)
+    packed = pack_toc(toc)
+    table = EntryTable(packed)
+    assert len(table) == len(toc.entries)
+    assert list(table) == toc.entries == unpack_toc(packed).entries
+    for i in random.Random(seed).sample(range(len(table)), 50):
+        assert table[i] == table[i] == toc.entries[i]
+        assert table[i] is not table[i]  # made on demand, not kept
+        assert table[i - len(table)] == toc.entries[i]
+    assert table[-3:] == toc.entries[-3:]
+    with pytest.raises(IndexError):
+        table[len(table)]
+
+
+def test_an_entry_table_of_a_damaged_packed_toc_is_a_format_error() -> None:
+    entries, data_end = random_entries(1, 50, "zstd:chunked")
+    packed = pack_toc(
+        decode_toc(
+            encode_toc(entries, flavour="zstd:chunked"), compression="zstd", blob_size=data_end
+        )
+    )
+    for cut in (0, 1, len(packed) // 2, len(packed) - 1):
+        with pytest.raises(FormatError, match="damaged"):
+            EntryTable(packed[:cut])

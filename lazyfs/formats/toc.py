@@ -12,13 +12,14 @@ import base64
 import bisect
 import datetime as _dt
 import functools
+import itertools
 import posixpath
 import re
 import sys
 import threading
 from array import array
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Literal, overload
 
 import msgspec
 
@@ -591,9 +592,18 @@ def pack_toc(toc: TOC) -> bytes:
 _packed_decoder = msgspec.msgpack.Decoder(_Packed)
 
 
-def unpack_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
-    """The TOC :func:`pack_toc` packed, the same values shared as :func:`decode_toc` shares
-    them, validated again; charging ``budget``."""
+class _Columns(msgspec.Struct):
+    """A packed TOC's number columns, checked against one another."""
+
+    packed: _Packed
+    numbers: array[int]
+    owner_of: array[int]
+    counts: array[int]
+    flat: array[int]
+
+
+def _columns(data: bytes) -> _Columns:
+    """``data`` (:func:`pack_toc`) decoded, its columns' lengths checked (not its values)."""
     if len(data) > MAX_TOC_BYTES:
         raise FormatError(f"packed TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
     try:
@@ -620,13 +630,22 @@ def unpack_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
         and len(flat) == 6 * chunk_total == 6 * len(p.chunk_digests)
     ):
         raise FormatError("packed TOC is damaged: its columns differ in length")
+    return _Columns(p, numbers, owner_of, counts, flat)
+
+
+def unpack_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
+    """The TOC :func:`pack_toc` packed, the same values shared as :func:`decode_toc` shares
+    them, validated again; charging ``budget``."""
+    cols = _columns(data)
+    p = cols.packed
+    count = len(p.names)
     if budget is None:
         budget = TocBudget(max_bytes=MAX_TOC_BYTES)
     budget.charge(len(data), count)
     try:
         toc = TOC(
             compression=p.compression,
-            entries=_unpack_entries(p, numbers, owner_of, counts, flat),
+            entries=_unpack_entries(p, cols.numbers, cols.owner_of, cols.counts, cols.flat),
             data_end=p.data_end,
             prefetch_end=p.prefetch_end,
         )
@@ -638,6 +657,156 @@ def unpack_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
         budget.refund(count)
         raise
     return toc
+
+
+class EntryTable(Sequence[Entry]):
+    """A layer's entries kept as columns, each :class:`Entry` made when asked for (equal each
+    time, not the same object).  Names are one string with the end of each; sha256 digests 32
+    bytes each; numbers in the narrowest array that holds them; chunk columns that are all 0
+    (file offsets of one-chunk files, inner offsets, holes) not kept.  At 100k one-chunk files:
+    8 MiB, where the entries :func:`unpack_toc` makes (with their names, digests, chunks, the
+    chunks' ints and tuples) hold 49 MiB; a few µs an entry made.  Give it only what
+    :func:`unpack_toc` accepted: the columns' lengths are checked here, their values there."""
+
+    __slots__ = (
+        "_chunk_at",
+        "_chunk_digests",
+        "_chunks",
+        "_count",
+        "_devices",
+        "_digests",
+        "_kinds",
+        "_links",
+        "_name_ends",
+        "_names",
+        "_numbers",
+        "_owner_of",
+        "_owners",
+        "_times",
+        "_xattrs",
+    )
+
+    def __init__(self, data: bytes) -> None:
+        cols = _columns(data)
+        p = cols.packed
+        self._count = count = len(p.names)
+        self._digests: _Digests = _RawDigests(p.digests) if _all_sha256(p.digests) else p.digests
+        self._kinds = p.kinds
+        self._owners = [sys.intern(o) for o in p.owners]
+        self._times = p.times
+        self._links, self._devices, self._xattrs = p.links, p.devices, p.xattrs
+        try:
+            self._names, self._name_ends = "".join(p.names), _ends(p.names)
+            # Where each entry's chunks start in the chunk columns (and the last one's end).
+            self._chunk_at = _ends(cols.counts)
+            # mode, uid, gid, size, mtime index: each in the narrowest array that holds it
+            self._numbers = tuple(
+                _narrow(cols.numbers[k * count : (k + 1) * count]) for k in range(5)
+            )
+            self._owner_of = _narrow(cols.owner_of)
+            total = len(p.chunk_digests)
+            # file offset, size, offset, end, inner, zeros; None: all 0
+            self._chunks = tuple(
+                _narrow(col) if any(col) else None
+                for col in (cols.flat[k * total : (k + 1) * total] for k in range(6))
+            )
+        except OverflowError as e:
+            raise FormatError(f"packed TOC is damaged: {e}") from None
+        self._chunk_digests = p.chunk_digests
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> Entry: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Entry]: ...
+    def __getitem__(self, i: int | slice) -> Entry | Sequence[Entry]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._count))]
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError("entry index out of range")
+        mode, uid, gid, size, mtime = self._numbers
+        digest = self._digests[i]
+        e = Entry(
+            name=self._names[self._name_ends[i] : self._name_ends[i + 1]],
+            type=_KINDS[self._kinds[i]],
+            mode=mode[i],
+            uid=uid[i],
+            gid=gid[i],
+            uname=self._owners[self._owner_of[i]],
+            gname=self._owners[self._owner_of[self._count + i]],
+            size=size[i],
+            mtime_ns=self._times[mtime[i]],
+            link_name=self._links.get(i, ""),
+            xattrs=self._xattrs.get(i, _NO_XATTRS),
+            digest=digest,
+        )
+        if i in self._devices:
+            e.dev_major, e.dev_minor = self._devices[i]
+        first, last = self._chunk_at[i], self._chunk_at[i + 1]
+        if first < last:
+            file_offset, c_size, offset, end, inner, zeros = self._chunks
+            digests = self._chunk_digests
+            e.chunks = tuple(
+                [
+                    Chunk(
+                        file_offset[m] if file_offset else 0,
+                        e.size if last - first == 1 or not c_size else c_size[m],
+                        offset[m] if offset else 0,
+                        end[m] if end else 0,
+                        digest if digests[m] is None else digests[m],  # type: ignore[arg-type]
+                        inner[m] if inner else 0,
+                        bool(zeros[m]) if zeros else False,
+                    )
+                    for m in range(first, last)
+                ]
+            )
+        return e
+
+
+class _RawDigests:
+    """Digests spelt ``sha256:<hex>`` (or none) as 32 bytes each, where the strings take 120."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, digests: list[str]) -> None:
+        self._raw = b"".join(bytes.fromhex(d[7:]) if d else _NO_DIGEST for d in digests)
+
+    def __getitem__(self, i: int) -> str:
+        raw = self._raw[32 * i : 32 * i + 32]
+        return "" if raw == _NO_DIGEST else "sha256:" + raw.hex()
+
+
+_Digests = _RawDigests | list[str]
+# What stands for "no digest": no sha256 is all zeros (a collision as hard as any other).
+_NO_DIGEST = bytes(32)
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _all_sha256(digests: list[str]) -> bool:
+    zero = "sha256:" + _NO_DIGEST.hex()  # spelt out in a TOC, it keeps the strings
+    return all(_SHA256.fullmatch(d) and d != zero for d in digests if d)
+
+
+def _ends(parts: Sequence[str] | array[int]) -> array[int]:
+    """The end of each piece of ``parts`` put end to end (lengths, or strings), after a 0."""
+    ends = array("I", [0])
+    ends.extend(itertools.accumulate(parts if isinstance(parts, array) else map(len, parts)))
+    return ends
+
+
+def _narrow(numbers: array[int]) -> array[int]:
+    """``numbers`` in the narrowest array type that holds them all."""
+    if not numbers:
+        return numbers
+    low, high = min(numbers), max(numbers)
+    for code in ("B", "H", "I") if low >= 0 else ():
+        if high < 1 << (8 * array(code).itemsize):
+            return array(code, numbers)
+    return numbers
 
 
 def _unpack_entries(

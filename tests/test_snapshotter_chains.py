@@ -216,10 +216,11 @@ def test_preparing_layers_found_there_asks_the_registry_nothing_again(
                 "SELECT s.key, p.image_ref, p.manifest_digest FROM pending_refs p"
                 " JOIN snapshots s ON s.id = p.snapshot_id ORDER BY p.rowid").fetchall()
         assert refs == []
-        # The base: b by manifest (CRI's labels), then by tag (stargz's); then the image's
-        # own tag (stargz's labels give no digest) for each top.
-        assert pending == [(a.chains[0], b.ref, b.manifest), (a.chains[0], b.ref, ""),
-                           (a.chains[0], a.ref, ""), (a.chains[1], a.ref, ""),
+        # Each once, in the order last named (the loop's last round: a's, then b's): the
+        # image's own tag (stargz's labels give no digest) for its base and top; for the
+        # base, b by manifest (CRI's labels), then by tag (stargz's).
+        assert pending == [(a.chains[0], a.ref, ""), (a.chains[1], a.ref, ""),
+                           (a.chains[0], b.ref, b.manifest), (a.chains[0], b.ref, ""),
                            (b.chains[1], b.ref, "")]  # fmt: skip
 
 

@@ -27,7 +27,14 @@ from lazyfs_snapshotter.config import Config, RegistryConfig
 from lazyfs_snapshotter.errors import AlreadyExists
 from lazyfs_snapshotter.lazy import LazyLayers
 from lazyfs_snapshotter.metadata import Kind, MetadataStore, PendingRef, RemoteLayerRow
-from lazyfs_snapshotter.remote import Chain
+from lazyfs_snapshotter.remote import (
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    TARGET_LABEL,
+    Chain,
+)
+from lazyfs_snapshotter.snapshots import Mount as SnapshotMount
 from lazyfs_snapshotter.snapshots import Snapshotter
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 
@@ -41,6 +48,7 @@ from lazyfs.testing.mounts import Mount, start_mount
 from tests.support.fixtures import registry  # noqa: F401 - fixture
 from tests.test_snapshotter_lazy import (  # noqa: F401 - fixture
     base_dir,
+    daemons,
     mount_container,
     prepare_layers,
     stop_daemons,
@@ -291,3 +299,73 @@ def test_a_slow_stray_daemon_holds_no_other_call(base_dir: Path, tmp_path: Path)
         if stray is not None:
             stray.stop()
         sn.close()
+
+
+def _prepare_in(sn: Snapshotter, img: _Image) -> None:
+    """Prepare each of ``img``'s layers as containerd's unpacker does (CRI's labels):
+    each is committed as a remote snapshot."""
+    parent = ""
+    for digest, chain in zip(img.layers, img.chains, strict=True):
+        labels = {TARGET_LABEL: chain, CRI_IMAGE_REF: img.ref, CRI_LAYER_DIGEST: digest,
+                  CRI_MANIFEST_DIGEST: img.manifest}  # fmt: skip
+        with pytest.raises(AlreadyExists):
+            sn.prepare("ns", f"extract-{chain}", parent, labels)
+        parent = chain
+
+
+def _lowest(mounts: list[SnapshotMount]) -> Path:
+    (m,) = mounts
+    lowers = next(o for o in m.options if o.startswith("lowerdir="))
+    return Path(lowers.removeprefix("lowerdir=").split(":")[-1])
+
+
+def test_a_slow_daemon_stop_holds_up_only_its_own_chain(
+    registry: RegistryInstance,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # A file held open in a chain's mount: its daemon, released, exits only once that file
+    # closes (a busy container's, a hung FUSE).  Meanwhile another chain starts and stops
+    # (a registry lookup and a spawn, a stop: none waits on the slow one), and the same
+    # chain used again waits for its old daemon to end, then gets a new one.  In-process.
+    a = _push(tmp_path, registry, registry.host, "a", [make_tar(BASE), make_tar(TOP_A)])
+    o = _push(tmp_path, registry, registry.host, "o", [make_tar(TOP_B)])
+    config = Config(registry=RegistryConfig(plain_http=(registry.host,)), fork_server=False)
+    root = base_dir / "root"
+    with ExitStack() as stack:
+        stack.callback(stop_daemons, root)
+        sn = Snapshotter(root, LazyLayers(root, config, None))
+        stack.callback(sn.close, unmount=True)
+        threads: list[threading.Thread] = []
+        stack.callback(lambda: [t.join(60) for t in threads])
+        _prepare_in(sn, a)
+        _prepare_in(sn, o)
+        mnt = _lowest(sn.prepare("ns", "ctr-a", a.chains[1], {}))
+        (old_pid, _, _), = [d for d in daemons(root) if d[2] == a.chains[1]]
+        again: list[Path] = []
+        with open(mnt / "etc/a", "rb") as held:
+            threads.append(threading.Thread(target=sn.remove, args=("ns", "ctr-a")))
+            threads[0].start()
+            while str(mnt) in mounts_under(str(root / "mnt")):  # busy: detached, then waits
+                time.sleep(0.02)
+            assert threads[0].is_alive() and not wait_pid(old_pid, 0)
+            other = _lowest(sn.prepare("ns", "ctr-o", o.chains[0], {}))  # a new daemon
+            assert (other / "etc/b").read_bytes() == b"image b\n"
+            sn.remove("ns", "ctr-o")  # and its stop
+            assert not os.path.exists(other)
+            assert threads[0].is_alive(), "the other chain's calls waited for the slow stop"
+            threads.append(threading.Thread(target=lambda: again.append(
+                _lowest(sn.prepare("ns", "ctr-a2", a.chains[1], {})))))
+            threads[1].start()
+            threads[1].join(0.5)
+            assert threads[1].is_alive() and not again  # the same chain waits
+            assert held.read() == b"image a\n"  # the detached daemon still serves its file
+        threads[0].join(30)
+        threads[1].join(60)
+        assert not threads[0].is_alive() and not threads[1].is_alive() and again == [mnt]
+        assert wait_pid(old_pid, 0)
+        (new_pid, _, _), = [d for d in daemons(root) if d[2] == a.chains[1]]
+        assert new_pid != old_pid and not wait_pid(new_pid, 0)
+        assert (mnt / "etc/a").read_bytes() == b"image a\n"
+        sn.remove("ns", "ctr-a2")
+        assert wait_pid(new_pid, 10) and daemons(root) == []

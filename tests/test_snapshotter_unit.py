@@ -21,6 +21,7 @@ from lazyfs_snapshotter.errors import (
     NotFound,
 )
 from lazyfs_snapshotter.filters import match_any, parse_filters
+from lazyfs_snapshotter.locks import ChainLocks
 from lazyfs_snapshotter.metadata import (
     MAX_REFS,
     Kind,
@@ -313,7 +314,7 @@ class _LazyEverything:
         self.released: list[int] = []
         self.plain: set[str] = set()  # layer digests that are "not lazy"
 
-    def start(self, store: MetadataStore) -> None:
+    def start(self, store: MetadataStore, chains: ChainLocks) -> None:
         self.store = store
 
     def prepare(self, source: RemoteSource, depth: int) -> Readiness:

@@ -31,6 +31,8 @@ from lazyfs_snapshotter.remote import (
     CRI_IMAGE_REF,
     CRI_LAYER_DIGEST,
     CRI_MANIFEST_DIGEST,
+    STARGZ_DIGEST,
+    STARGZ_REF,
     TARGET_LABEL,
     Chain,
 )
@@ -369,3 +371,49 @@ def test_a_slow_daemon_stop_holds_up_only_its_own_chain(
         assert (mnt / "etc/a").read_bytes() == b"image a\n"
         sn.remove("ns", "ctr-a2")
         assert wait_pid(new_pid, 10) and daemons(root) == []
+
+
+def test_a_registry_lookup_at_a_mount_holds_up_only_its_own_chain(
+    registry: RegistryInstance,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # The shared base's first image is deleted: mounting the base looks b's tag up (slow
+    # here: a round trip of seconds).  Meanwhile another chain's container starts and goes.
+    root = base_dir / "root"
+    with FaultProxy(registry.url) as proxy, ExitStack() as stack:
+        shared = make_tar(BASE)
+        a = _push(tmp_path, registry, proxy.host, "a", [shared, make_tar(TOP_A)])
+        b = _push(tmp_path, registry, proxy.host, "b", [shared, make_tar(TOP_B)])
+        o = _push(tmp_path, registry, proxy.host, "o", [make_tar([
+            Item("etc", "dir", mode=0o755), Item("etc/o", data=b"image o\n")])])
+        config = Config(registry=RegistryConfig(plain_http=(proxy.host,)), fork_server=False)
+        stack.callback(stop_daemons, root)
+        sn = Snapshotter(root, LazyLayers(root, config, None))
+        stack.callback(sn.close, unmount=True)
+        _prepare_in(sn, a)
+        _prepare_in(sn, o)
+        with pytest.raises(AlreadyExists):  # b names the base by tag: checked only if need be
+            sn.prepare("ns", "x", "", {TARGET_LABEL: b.chains[0], STARGZ_REF: b.ref,
+                                       STARGZ_DIGEST: b.layers[0]})  # fmt: skip
+        res = httpx.delete(f"http://{registry.host}/v2/a/app/manifests/{a.manifest}")
+        assert res.status_code == 202, res.text
+        (cached,) = (root / "cache" / "documents").glob(f"*{a.manifest.split(':')[1]}*")
+        cached.unlink()
+        proxy.delay, proxy.delay_match = 3.0, "/b/app/manifests/v1"
+        base: list[Path] = []
+        lookup = threading.Thread(target=lambda: base.append(
+            _lowest(sn.prepare("ns", "ctr-base", a.chains[0], {}))))
+        lookup.start()
+        stack.callback(lookup.join, 60)
+        while not any(p.endswith(proxy.delay_match) for p in proxy.paths):
+            assert lookup.is_alive()
+            time.sleep(0.02)
+        other = _lowest(sn.prepare("ns", "ctr-o", o.chains[0], {}))  # lookup, TOCs, daemon
+        assert (other / "etc/o").read_bytes() == b"image o\n"
+        sn.remove("ns", "ctr-o")
+        assert lookup.is_alive(), "the other chain's calls waited for the lookup"
+        lookup.join(60)
+        assert base and sorted(os.listdir(base[0] / "etc")) == ["base", "gone-in-b"]
+        assert _daemon_rows(root)[a.chains[0]][2] == f"{proxy.host}/b/app@{b.manifest}"
+        sn.remove("ns", "ctr-base")

@@ -9,6 +9,7 @@ import resource
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -556,3 +557,31 @@ def test_a_stray_daemon_is_waited_for_whatever_its_pidfd_number(tmp_path: Path) 
             proc.kill()
             proc.wait()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_chain_locks_are_per_chain_reentrant_and_dropped_when_free() -> None:
+    locks = ChainLocks()
+    entered = threading.Event()
+    leave = threading.Event()
+
+    def slow() -> None:
+        with locks.hold("x"):
+            entered.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    try:
+        assert entered.wait(10)
+        with locks.hold("y"), locks.hold("y"):  # another chain: at once; re-entrant
+            assert len(locks) == 2
+        with locks.hold_if_free("x") as held:
+            assert not held  # a check looks at x next time
+        with locks.hold_if_free("y") as held:
+            assert held
+    finally:
+        leave.set()
+        t.join(10)
+    with locks.hold_if_free("x") as held:
+        assert held
+    assert len(locks) == 0  # nothing kept for chains nobody holds

@@ -403,7 +403,11 @@ class LazyLayers:
         with self.store.transaction() as tx:
             rows = tx.daemons()
         for listed in rows:
-            with self.chains.hold(listed.chain_id):
+            # A chain being started or stopped now is looked at next time: the periodic check
+            # (and the snapshotter's signal handling after it) never waits for a slow one.
+            with self.chains.hold_if_free(listed.chain_id) as held:
+                if not held:
+                    continue
                 with self.store.transaction() as tx:  # as it is now its chain is held
                     row = tx.daemon_by_id(listed.id)
                     unused = row is not None and tx.daemon_users(row.id) == 0

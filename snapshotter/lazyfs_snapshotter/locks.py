@@ -25,12 +25,27 @@ class ChainLocks:
 
     @contextlib.contextmanager
     def hold(self, chain_id: str) -> Iterator[None]:
+        with self._holding(chain_id, blocking=True):
+            yield
+
+    @contextlib.contextmanager
+    def hold_if_free(self, chain_id: str) -> Iterator[bool]:
+        """Hold the chain's lock if nobody else does (True), or go on without it (False)."""
+        with self._holding(chain_id, blocking=False) as held:
+            yield held
+
+    @contextlib.contextmanager
+    def _holding(self, chain_id: str, *, blocking: bool) -> Iterator[bool]:
         with self._guard:
             lock, users = self._locks.get(chain_id) or (threading.RLock(), 0)
             self._locks[chain_id] = (lock, users + 1)
         try:
-            with lock:
-                yield
+            held = lock.acquire(blocking)
+            try:
+                yield held
+            finally:
+                if held:
+                    lock.release()
         finally:
             with self._guard:
                 lock, users = self._locks[chain_id]

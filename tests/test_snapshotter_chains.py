@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from lazyfs_snapshotter import lazy
 from lazyfs_snapshotter.api import snapshots_pb2
 from lazyfs_snapshotter.config import Config, RegistryConfig
 from lazyfs_snapshotter.errors import AlreadyExists
@@ -325,6 +326,7 @@ def test_a_slow_daemon_stop_holds_up_only_its_own_chain(
     registry: RegistryInstance,  # noqa: F811
     base_dir: Path,  # noqa: F811
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A file held open in a chain's mount: its daemon, released, exits only once that file
     # closes (a busy container's, a hung FUSE).  Meanwhile another chain starts and stops
@@ -334,6 +336,7 @@ def test_a_slow_daemon_stop_holds_up_only_its_own_chain(
     o = _push(tmp_path, registry, registry.host, "o", [make_tar(TOP_B)])
     config = Config(registry=RegistryConfig(plain_http=(registry.host,)), fork_server=False)
     root = base_dir / "root"
+    monkeypatch.setattr(lazy, "STOP_TIMEOUT", 60.0)  # however loaded, the file closes first
     with ExitStack() as stack:
         stack.callback(stop_daemons, root)
         sn = Snapshotter(root, LazyLayers(root, config, None))
@@ -378,10 +381,10 @@ def test_a_registry_lookup_at_a_mount_holds_up_only_its_own_chain(
     base_dir: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    # The shared base's first image is deleted: mounting the base looks b's tag up (slow
-    # here: a round trip of seconds).  Meanwhile another chain's container starts and goes.
+    # The shared base's first image is deleted: mounting the base looks b's tag up, whose
+    # answer the proxy holds half-sent.  Meanwhile another chain's container starts and goes.
     root = base_dir / "root"
-    with FaultProxy(registry.url) as proxy, ExitStack() as stack:
+    with FaultProxy(registry.url, match="/b/app/manifests/v1") as proxy, ExitStack() as stack:
         shared = make_tar(BASE)
         a = _push(tmp_path, registry, proxy.host, "a", [shared, make_tar(TOP_A)])
         b = _push(tmp_path, registry, proxy.host, "b", [shared, make_tar(TOP_B)])
@@ -400,19 +403,19 @@ def test_a_registry_lookup_at_a_mount_holds_up_only_its_own_chain(
         assert res.status_code == 202, res.text
         (cached,) = (root / "cache" / "documents").glob(f"*{a.manifest.split(':')[1]}*")
         cached.unlink()
-        proxy.delay, proxy.delay_match = 3.0, "/b/app/manifests/v1"
+        proxy.hold_next(1, at=1)
         base: list[Path] = []
         lookup = threading.Thread(target=lambda: base.append(
             _lowest(sn.prepare("ns", "ctr-base", a.chains[0], {}))))
         lookup.start()
         stack.callback(lookup.join, 60)
-        while not any(p.endswith(proxy.delay_match) for p in proxy.paths):
-            assert lookup.is_alive()
-            time.sleep(0.02)
+        stack.callback(proxy.unhold)
+        assert proxy.holding.wait(30)
         other = _lowest(sn.prepare("ns", "ctr-o", o.chains[0], {}))  # lookup, TOCs, daemon
         assert (other / "etc/o").read_bytes() == b"image o\n"
         sn.remove("ns", "ctr-o")
         assert lookup.is_alive(), "the other chain's calls waited for the lookup"
+        proxy.unhold()
         lookup.join(60)
         assert base and sorted(os.listdir(base[0] / "etc")) == ["base", "gone-in-b"]
         assert _daemon_rows(root)[a.chains[0]][2] == f"{proxy.host}/b/app@{b.manifest}"

@@ -8,12 +8,14 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lazyfs_tools.convert import convert
 
+from lazyfs.cli.forks import _comm
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.daemon import Daemon, attach, clear_mountpoint, lazyfs_argv, spawn
 from lazyfs.fs.forkserver import SOCKET_ENV, ForkServer, request_fork
@@ -65,14 +67,15 @@ def test_the_fork_server_spawns_a_working_mount(
                   log=tmp_path / "log", timeout=60, forkserver=server.socket)  # fmt: skip
         daemons.append(d)
         assert d.proc is None  # forked by the server, not a child of this process
-        # ps shows what it is, as for a daemon started anew, not the server's command line.
+        # ps shows what it is, as for a daemon started anew, not the server's command line:
+        # all of it, however much longer than the server's own it is.
         assert Path(f"/proc/{d.pid}/comm").read_text() == "lazyfs-mount\n"
-        shown = Path(f"/proc/{d.pid}/cmdline").read_bytes().rstrip(b"\0").decode()
+        shown = Path(f"/proc/{d.pid}/cmdline").read_bytes().split(b"\0")
         argv = lazyfs_argv("-v", "mount", image, os.fspath(mnt), "--read-only", "--cache",
                            str(tmp_path / "c"), "--ready-fd")  # fmt: skip
-        full = " ".join(argv)  # as much of it as the server's own command line had room for
-        assert shown.startswith(" ".join(argv[:5])), shown
-        assert shown[: len(full)] == full[: len(shown)], shown
+        assert [a.decode() for a in shown[:-2]] == argv and shown[-2].isdigit(), shown
+        room = len(Path(f"/proc/{server.pid}/cmdline").read_bytes())
+        assert shown[-1] == b"" and len(b" ".join(shown)) > room  # more than the server's
         assert (mnt / "f").read_bytes() == DATA
         info = attach(mnt, expect_pid=d.pid).info()
         assert info["pid"] == d.pid
@@ -80,6 +83,30 @@ def test_the_fork_server_spawns_a_working_mount(
         d.stop()
         assert not d.alive() and not is_mounted(os.fspath(mnt))
     assert server.alive()
+
+
+def test_a_forked_process_is_named_for_its_subcommand() -> None:
+    assert _comm(["-v", "-v", "mount", "a", "b"]) == "lazyfs-mount"
+    assert _comm(["-vv", "mount", "a", "b", "--read-only"]) == "lazyfs-mount"
+    assert _comm(["--verbose", "cache", "du"]) == "lazyfs-cache"
+    # No subcommand lazyfs's parser would run: no name made up from the words.
+    for argv in (["--log", "x", "mount", "a", "b"], ["-v"], ["--help"], ["nosuch"]):
+        assert _comm(argv) == "lazyfs", argv
+
+
+def test_a_command_line_without_room_is_cut_visibly() -> None:
+    """Where the kernel refuses to move the command line, it is written over the old one,
+    and what does not fit is marked cut, never silently dropped."""
+    code = (
+        "from pathlib import Path\n"
+        "from lazyfs.cli.forks import _memory_map, _overwrite_cmdline\n"
+        "m = _memory_map()\n"
+        "_overwrite_cmdline(b'lazyfs mount ' + b'x' * 5000, (m['arg_start'], m['arg_end']))\n"
+        "print(Path('/proc/self/cmdline').read_bytes().decode())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=30).stdout  # fmt: skip
+    assert out.startswith("lazyfs mount xxx") and out.endswith("x...\0\n"), out
 
 
 def test_the_childs_error_comes_back_as_one_line(server: ForkServer, tmp_path: Path) -> None:

@@ -22,12 +22,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from lazyfs_snapshotter import lazy
 from lazyfs_snapshotter.api import snapshots_pb2
 from lazyfs_snapshotter.config import Config, RegistryConfig
 from lazyfs_snapshotter.errors import AlreadyExists
 from lazyfs_snapshotter.lazy import LazyLayers
 from lazyfs_snapshotter.metadata import Kind, MetadataStore, PendingRef, RemoteLayerRow
-from lazyfs_snapshotter.remote import Chain
+from lazyfs_snapshotter.remote import (
+    CRI_IMAGE_REF,
+    CRI_LAYER_DIGEST,
+    CRI_MANIFEST_DIGEST,
+    STARGZ_DIGEST,
+    STARGZ_REF,
+    TARGET_LABEL,
+    Chain,
+)
+from lazyfs_snapshotter.snapshots import Mount as SnapshotMount
 from lazyfs_snapshotter.snapshots import Snapshotter
 from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 
@@ -41,6 +51,7 @@ from lazyfs.testing.mounts import Mount, start_mount
 from tests.support.fixtures import registry  # noqa: F401 - fixture
 from tests.test_snapshotter_lazy import (  # noqa: F401 - fixture
     base_dir,
+    daemons,
     mount_container,
     prepare_layers,
     stop_daemons,
@@ -216,10 +227,11 @@ def test_preparing_layers_found_there_asks_the_registry_nothing_again(
                 "SELECT s.key, p.image_ref, p.manifest_digest FROM pending_refs p"
                 " JOIN snapshots s ON s.id = p.snapshot_id ORDER BY p.rowid").fetchall()
         assert refs == []
-        # The base: b by manifest (CRI's labels), then by tag (stargz's); then the image's
-        # own tag (stargz's labels give no digest) for each top.
-        assert pending == [(a.chains[0], b.ref, b.manifest), (a.chains[0], b.ref, ""),
-                           (a.chains[0], a.ref, ""), (a.chains[1], a.ref, ""),
+        # Each once, in the order last named (the loop's last round: a's, then b's): the
+        # image's own tag (stargz's labels give no digest) for its base and top; for the
+        # base, b by manifest (CRI's labels), then by tag (stargz's).
+        assert pending == [(a.chains[0], a.ref, ""), (a.chains[1], a.ref, ""),
+                           (a.chains[0], b.ref, b.manifest), (a.chains[0], b.ref, ""),
                            (b.chains[1], b.ref, "")]  # fmt: skip
 
 
@@ -290,3 +302,121 @@ def test_a_slow_stray_daemon_holds_no_other_call(base_dir: Path, tmp_path: Path)
         if stray is not None:
             stray.stop()
         sn.close()
+
+
+def _prepare_in(sn: Snapshotter, img: _Image) -> None:
+    """Prepare each of ``img``'s layers as containerd's unpacker does (CRI's labels):
+    each is committed as a remote snapshot."""
+    parent = ""
+    for digest, chain in zip(img.layers, img.chains, strict=True):
+        labels = {TARGET_LABEL: chain, CRI_IMAGE_REF: img.ref, CRI_LAYER_DIGEST: digest,
+                  CRI_MANIFEST_DIGEST: img.manifest}  # fmt: skip
+        with pytest.raises(AlreadyExists):
+            sn.prepare("ns", f"extract-{chain}", parent, labels)
+        parent = chain
+
+
+def _lowest(mounts: list[SnapshotMount]) -> Path:
+    (m,) = mounts
+    lowers = next(o for o in m.options if o.startswith("lowerdir="))
+    return Path(lowers.removeprefix("lowerdir=").split(":")[-1])
+
+
+def test_a_slow_daemon_stop_holds_up_only_its_own_chain(
+    registry: RegistryInstance,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A file held open in a chain's mount: its daemon, released, exits only once that file
+    # closes (a busy container's, a hung FUSE).  Meanwhile another chain starts and stops
+    # (a registry lookup and a spawn, a stop: none waits on the slow one), and the same
+    # chain used again waits for its old daemon to end, then gets a new one.  In-process.
+    a = _push(tmp_path, registry, registry.host, "a", [make_tar(BASE), make_tar(TOP_A)])
+    o = _push(tmp_path, registry, registry.host, "o", [make_tar(TOP_B)])
+    config = Config(registry=RegistryConfig(plain_http=(registry.host,)), fork_server=False)
+    root = base_dir / "root"
+    monkeypatch.setattr(lazy, "STOP_TIMEOUT", 60.0)  # however loaded, the file closes first
+    with ExitStack() as stack:
+        stack.callback(stop_daemons, root)
+        sn = Snapshotter(root, LazyLayers(root, config, None))
+        stack.callback(sn.close, unmount=True)
+        threads: list[threading.Thread] = []
+        stack.callback(lambda: [t.join(60) for t in threads])
+        _prepare_in(sn, a)
+        _prepare_in(sn, o)
+        mnt = _lowest(sn.prepare("ns", "ctr-a", a.chains[1], {}))
+        (old_pid, _, _), = [d for d in daemons(root) if d[2] == a.chains[1]]
+        again: list[Path] = []
+        with open(mnt / "etc/a", "rb") as held:
+            threads.append(threading.Thread(target=sn.remove, args=("ns", "ctr-a")))
+            threads[0].start()
+            while str(mnt) in mounts_under(str(root / "mnt")):  # busy: detached, then waits
+                time.sleep(0.02)
+            assert threads[0].is_alive() and not wait_pid(old_pid, 0)
+            other = _lowest(sn.prepare("ns", "ctr-o", o.chains[0], {}))  # a new daemon
+            assert (other / "etc/b").read_bytes() == b"image b\n"
+            sn.remove("ns", "ctr-o")  # and its stop
+            assert not os.path.exists(other)
+            assert threads[0].is_alive(), "the other chain's calls waited for the slow stop"
+            threads.append(threading.Thread(target=lambda: again.append(
+                _lowest(sn.prepare("ns", "ctr-a2", a.chains[1], {})))))
+            threads[1].start()
+            threads[1].join(0.5)
+            assert threads[1].is_alive() and not again  # the same chain waits
+            assert held.read() == b"image a\n"  # the detached daemon still serves its file
+        threads[0].join(30)
+        threads[1].join(60)
+        assert not threads[0].is_alive() and not threads[1].is_alive() and again == [mnt]
+        assert wait_pid(old_pid, 0)
+        (new_pid, _, _), = [d for d in daemons(root) if d[2] == a.chains[1]]
+        assert new_pid != old_pid and not wait_pid(new_pid, 0)
+        assert (mnt / "etc/a").read_bytes() == b"image a\n"
+        sn.remove("ns", "ctr-a2")
+        assert wait_pid(new_pid, 10) and daemons(root) == []
+
+
+def test_a_registry_lookup_at_a_mount_holds_up_only_its_own_chain(
+    registry: RegistryInstance,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # The shared base's first image is deleted: mounting the base looks b's tag up, whose
+    # answer the proxy holds half-sent.  Meanwhile another chain's container starts and goes.
+    root = base_dir / "root"
+    with FaultProxy(registry.url, match="/b/app/manifests/v1") as proxy, ExitStack() as stack:
+        shared = make_tar(BASE)
+        a = _push(tmp_path, registry, proxy.host, "a", [shared, make_tar(TOP_A)])
+        b = _push(tmp_path, registry, proxy.host, "b", [shared, make_tar(TOP_B)])
+        o = _push(tmp_path, registry, proxy.host, "o", [make_tar([
+            Item("etc", "dir", mode=0o755), Item("etc/o", data=b"image o\n")])])
+        config = Config(registry=RegistryConfig(plain_http=(proxy.host,)), fork_server=False)
+        stack.callback(stop_daemons, root)
+        sn = Snapshotter(root, LazyLayers(root, config, None))
+        stack.callback(sn.close, unmount=True)
+        _prepare_in(sn, a)
+        _prepare_in(sn, o)
+        with pytest.raises(AlreadyExists):  # b names the base by tag: checked only if need be
+            sn.prepare("ns", "x", "", {TARGET_LABEL: b.chains[0], STARGZ_REF: b.ref,
+                                       STARGZ_DIGEST: b.layers[0]})  # fmt: skip
+        res = httpx.delete(f"http://{registry.host}/v2/a/app/manifests/{a.manifest}")
+        assert res.status_code == 202, res.text
+        (cached,) = (root / "cache" / "documents").glob(f"*{a.manifest.split(':')[1]}*")
+        cached.unlink()
+        proxy.hold_next(1, at=1)
+        base: list[Path] = []
+        lookup = threading.Thread(target=lambda: base.append(
+            _lowest(sn.prepare("ns", "ctr-base", a.chains[0], {}))))
+        lookup.start()
+        stack.callback(lookup.join, 60)
+        stack.callback(proxy.unhold)
+        assert proxy.holding.wait(30)
+        other = _lowest(sn.prepare("ns", "ctr-o", o.chains[0], {}))  # lookup, TOCs, daemon
+        assert (other / "etc/o").read_bytes() == b"image o\n"
+        sn.remove("ns", "ctr-o")
+        assert lookup.is_alive(), "the other chain's calls waited for the lookup"
+        proxy.unhold()
+        lookup.join(60)
+        assert base and sorted(os.listdir(base[0] / "etc")) == ["base", "gone-in-b"]
+        assert _daemon_rows(root)[a.chains[0]][2] == f"{proxy.host}/b/app@{b.manifest}"
+        sn.remove("ns", "ctr-base")

@@ -167,9 +167,13 @@ def run(ctrd: ContainerdInstance, ref: str, name: str, *cmd: str) -> str:
 
 def remove_container(ctrd: ContainerdInstance, name: str) -> None:
     ctrd.ctr("task", "kill", "-s", "SIGKILL", name, check=False, capture=True)
-    for _ in range(50):
-        if ctrd.ctr("task", "rm", name, check=False, capture=True).returncode != 0:
-            break  # gone (or never started)
+    # A task still stopping refuses its removal: what the list says ends the wait, not that
+    # (under load, the container and its snapshot were left behind).
+    for _ in range(100):
+        ctrd.ctr("task", "rm", name, check=False, capture=True)
+        listed = ctrd.ctr("task", "ls", "-q", check=False, capture=True).stdout.split()
+        if name not in listed:
+            break
         time.sleep(0.1)
     ctrd.ctr("containers", "rm", name, check=False, capture=True)
 

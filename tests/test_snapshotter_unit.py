@@ -9,6 +9,7 @@ import resource
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from lazyfs_snapshotter.errors import (
     NotFound,
 )
 from lazyfs_snapshotter.filters import match_any, parse_filters
-from lazyfs_snapshotter.metadata import Kind, MetadataStore, PendingRef, RemoteLayerRow
+from lazyfs_snapshotter.locks import ChainLocks
+from lazyfs_snapshotter.metadata import (
+    MAX_REFS,
+    Kind,
+    MetadataStore,
+    PendingRef,
+    RemoteLayerRow,
+)
 from lazyfs_snapshotter.remote import (
     CRI_IMAGE_LAYERS,
     CRI_IMAGE_REF,
@@ -307,7 +315,7 @@ class _LazyEverything:
         self.released: list[int] = []
         self.plain: set[str] = set()  # layer digests that are "not lazy"
 
-    def start(self, store: MetadataStore) -> None:
+    def start(self, store: MetadataStore, chains: ChainLocks) -> None:
         self.store = store
 
     def prepare(self, source: RemoteSource, depth: int) -> Readiness:
@@ -390,8 +398,9 @@ def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -
     assert [d for _, d in layers.prepared] == [1, 2]  # the LayerFS was asked nothing more
     sn.prepare("ns", "ctr", "L12", {})
     assert layers.mounted.refs == ("h.io/r/x@" + D1,)
-    # Kept as the labels gave them, in order, each once; looked up only to mount from them.
-    assert layers.mounted.pending == (PendingRef("b/c:d", "", D2), PendingRef("e/f:g", "", D2))
+    # Kept as the labels gave them, each once, the most recently named last; looked up only
+    # to mount from them.
+    assert layers.mounted.pending == (PendingRef("e/f:g", "", D2), PendingRef("b/c:d", "", D2))
     sn.close()
     # A metadata file of a snapshotter without ``remote_refs`` and ``pending_refs`` gains
     # them on open, its snapshots and their records kept.
@@ -439,9 +448,48 @@ def test_a_layer_found_there_asks_nothing_and_keeps_each_new_image_once(
     assert len(layers.prepared) == 1
     sn.prepare("ns", "ctr", "L1", {})
     assert layers.mounted.refs == ("h.io/r/x@" + D1,)
-    assert layers.mounted.pending == (
-        PendingRef("h.io/e/f:g", D2, D1), PendingRef("h.io/e/f@" + D2, "", D1),
-        PendingRef("h.io/e/f:g", D3, D1), PendingRef("a/b:c", "", D1))  # fmt: skip
+    assert layers.mounted.pending == (  # cri(D2), named again last, is the newest
+        PendingRef("h.io/e/f@" + D2, "", D1), PendingRef("h.io/e/f:g", D3, D1),
+        PendingRef("a/b:c", "", D1), PendingRef("h.io/e/f:g", D2, D1))  # fmt: skip
+    sn.close()
+
+
+def test_images_kept_per_snapshot_stay_bounded_over_many_prepare_remove_cycles(
+    tmp_path: Path,
+) -> None:
+    """A base layer that lives for weeks is named by every new build over it: only the
+    MAX_REFS most recently named images are kept, and they go with the snapshot."""
+    layers = _LazyEverything(tmp_path)
+    sn = Snapshotter(tmp_path / "r", layers)
+
+    def counts() -> tuple[int, int]:
+        with sn.store.transaction() as tx:
+            return tuple(tx.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                         for t in ("pending_refs", "remote_refs"))  # type: ignore[return-value]
+
+    for cycle in range(3):
+        with pytest.raises(AlreadyExists):
+            sn.prepare("ns", "x", "", _layer_labels("L1", D1))
+        for n in range(3 * MAX_REFS):  # every build is a new tag over the same base
+            labels = {TARGET_LABEL: "L1", STARGZ_REF: f"h.io/app:{cycle}.{n}", STARGZ_DIGEST: D1}
+            with pytest.raises(AlreadyExists):
+                sn.prepare("ns", "x", "", labels)
+        with sn.store.transaction() as tx:
+            (row,) = tx.all("ns")
+            for n in range(3 * MAX_REFS):  # as lookups confirm them
+                tx.add_remote_ref(row.id, f"h.io/app@sha256:{n:064x}")
+            tx.add_remote_ref(row.id, f"h.io/app@sha256:{0:064x}")  # named again: newest
+            pending = tx.pending_refs(row.id)
+            refs = tx.remote_refs(row.id)
+        assert counts() == (MAX_REFS, MAX_REFS)
+        assert [p.image_ref for p in pending] == [
+            f"h.io/app:{cycle}.{n}" for n in range(2 * MAX_REFS, 3 * MAX_REFS)]
+        assert refs[0] == "h.io/r/x@" + D1  # the record's own image is always first
+        assert refs[-1] == f"h.io/app@sha256:{0:064x}" and len(refs) == MAX_REFS + 1
+        sn.prepare("ns", "ctr", "L1", {})
+        sn.remove("ns", "ctr")
+        sn.remove("ns", "L1")
+        assert counts() == (0, 0)  # gone with their snapshot
     sn.close()
 
 
@@ -509,3 +557,31 @@ def test_a_stray_daemon_is_waited_for_whatever_its_pidfd_number(tmp_path: Path) 
             proc.kill()
             proc.wait()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_chain_locks_are_per_chain_reentrant_and_dropped_when_free() -> None:
+    locks = ChainLocks()
+    entered = threading.Event()
+    leave = threading.Event()
+
+    def slow() -> None:
+        with locks.hold("x"):
+            entered.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=slow)
+    t.start()
+    try:
+        assert entered.wait(10)
+        with locks.hold("y"), locks.hold("y"):  # another chain: at once; re-entrant
+            assert len(locks) == 2
+        with locks.hold_if_free("x") as held:
+            assert not held  # a check looks at x next time
+        with locks.hold_if_free("y") as held:
+            assert held
+    finally:
+        leave.set()
+        t.join(10)
+    with locks.hold_if_free("x") as held:
+        assert held
+    assert len(locks) == 0  # nothing kept for chains nobody holds

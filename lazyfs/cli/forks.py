@@ -12,6 +12,7 @@ import array
 import contextlib
 import ctypes
 import gc
+import io
 import logging
 import os
 import select
@@ -54,34 +55,91 @@ PARENT_POLL = 1.0
 
 
 PR_SET_NAME = 15  # prctl(2): the calling thread's name (comm, 15 bytes)
-# The fields of /proc/PID/stat (1-based, as proc(5) numbers them) that bound the command line.
-_STAT_ARG_START, _STAT_ARG_END = 48, 49
+# prctl(2) PR_SET_MM, PR_SET_MM_MAP: a process's own memory map, its command line's bounds
+# among it (no capability needed when the executable stays the same).
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+CUT = b"..."  # ends a command line that had to be cut to fit
+# The buffer /proc/PID/cmdline is read from once moved: it must live as long as the process.
+_cmdline: list[ctypes.Array[ctypes.c_char]] = []
+
+
+class _MmMap(ctypes.Structure):
+    """struct prctl_mm_map (linux/prctl.h)."""
+
+    _fields_ = [
+        *((name, ctypes.c_uint64) for name in (
+            "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+            "start_stack", "arg_start", "arg_end", "env_start", "env_end", "auxv")),
+        ("auxv_size", ctypes.c_uint32),
+        ("exe_fd", ctypes.c_uint32),
+    ]  # fmt: skip
+
+
+# Fields of /proc/PID/stat (1-based, as proc(5) numbers them) that PR_SET_MM_MAP restates.
+_STAT_FIELDS = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45,
+                "end_data": 46, "start_brk": 47, "arg_start": 48, "arg_end": 49,
+                "env_start": 50, "env_end": 51}  # fmt: skip
 
 
 def name_process(comm: str, argv: Sequence[str]) -> None:
     """Show this process as what it runs, not as the server it was forked from: ``comm``
-    (what ``ps -o comm``, ``top`` and ``pkill`` see) and ``argv``, space-separated, over the
-    command line the server was started with, as far as that room goes (/proc/PID/cmdline,
-    ``ps -f``).  Only those bytes are written: the environment after them stays untouched,
-    and Python keeps its own copies of both.  For people only: lazyfs finds its daemons by
+    (what ``ps -o comm``, ``top`` and ``pkill`` see) and ``argv`` as its command line
+    (/proc/PID/cmdline, ``ps -f``).  The kernel is pointed at a copy of ``argv``, whole; if
+    it refuses, ``argv`` is written over the server's own command line, space-separated and
+    marked ``...`` where that room cuts it.  For people only: lazyfs finds its daemons by
     control socket and PID, never by name."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong,
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                            ctypes.c_ulong]  # fmt: skip
-    libc.prctl(PR_SET_NAME, os.fsencode(comm)[:15], 0, 0, 0)
+    name = ctypes.create_string_buffer(os.fsencode(comm)[:15])
+    libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)
+    args = [os.fsencode(a) for a in argv]
+    stat = _memory_map()
+    if stat is None or _move_cmdline(libc, b"\0".join(args) + b"\0", stat):
+        return
+    _overwrite_cmdline(b" ".join(args), (stat["arg_start"], stat["arg_end"]))
+
+
+def _memory_map() -> dict[str, int] | None:
+    """This process's memory map as /proc/self/stat gives it (the fields of _STAT_FIELDS)."""
     try:
         with open("/proc/self/stat", "rb") as f:
             fields = f.read().rpartition(b")")[2].split()  # fields[0] is field 3
-        start, end = (int(fields[n - 3]) for n in (_STAT_ARG_START, _STAT_ARG_END))
+        return {name: int(fields[n - 3]) for name, n in _STAT_FIELDS.items()}
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def _move_cmdline(libc: ctypes.CDLL, text: bytes, stat: dict[str, int]) -> bool:
+    """Point the kernel's command line at a copy of ``text`` (NUL-separated arguments);
+    False, nothing changed, when it refuses."""
+    buf = ctypes.create_string_buffer(text, len(text))
+    libc.sbrk.restype = ctypes.c_void_p
+    libc.sbrk.argtypes = [ctypes.c_long]
+    brk = libc.sbrk(0)  # the heap's end: not in /proc/PID/stat, and the map restates it
+    if not brk:
+        return False
+    start = ctypes.addressof(buf)
+    mm = _MmMap(**{**stat, "arg_start": start, "arg_end": start + len(text)},
+                brk=brk, auxv=0, auxv_size=0, exe_fd=0xFFFFFFFF)  # fmt: skip
+    if libc.prctl(PR_SET_MM, PR_SET_MM_MAP, ctypes.addressof(mm), ctypes.sizeof(mm), 0) != 0:
+        return False
+    _cmdline.append(buf)
+    return True
+
+
+def _overwrite_cmdline(text: bytes, area: tuple[int, int]) -> None:
+    """Write ``text`` over the command line in place, as far as its room goes (the
+    environment after it stays untouched; Python keeps its own copies of both)."""
+    room = area[1] - area[0]
+    if room < len(CUT) + 2:
         return
-    room = end - start
-    if room < 2:
-        return
-    text = b" ".join(os.fsencode(a) for a in argv)[: room - 1] + b"\0"
+    if len(text) > room - 1:
+        text = text[: room - 1 - len(CUT)] + CUT
+    text += b"\0"
     # The kernel shows up to the first NUL when the area's last byte is not one (what
     # setproctitle(3) does), the whole area when it is: either way, the text alone.
-    ctypes.memmove(start, text + b" " * (room - len(text)), room)
+    ctypes.memmove(area[0], text + b" " * (room - len(text)), room)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -283,9 +341,17 @@ def _start(request: ForkRequest, go_read: int) -> bool:
 
 
 def _comm(argv: Sequence[str]) -> str:
-    """``lazyfs-COMMAND``: the first word of a lazyfs command line that is not an option."""
-    words = [a for a in argv if not a.startswith("-")]
-    return f"lazyfs-{words[0]}" if words else "lazyfs"
+    """``lazyfs-COMMAND``, COMMAND being the subcommand lazyfs's own parser finds in ``argv``
+    (options before it and their values skipped as it skips them); ``lazyfs`` when it finds
+    none: the command's run reports why."""
+    from lazyfs.cli import build_parser
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            command = build_parser().parse_args(list(argv)).command
+        except SystemExit:  # a bad command line, or --help
+            command = None
+    return f"lazyfs-{command}" if isinstance(command, str) and command else "lazyfs"
 
 
 def _daemon(request: ForkRequest, ready_fd: int, go_read: int) -> int:

@@ -80,6 +80,12 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> None:
         raise LazyfsError(f"cannot unmount {mountpoint}: {e.strerror}") from None
 
 
+def detach(mountpoint: str) -> None:
+    """Detach a mount (MNT_DETACH) without looking at it first: a stat of a hung daemon's
+    mount would hang.  Raises OSError (EINVAL: nothing mounted there)."""
+    _umount2(mountpoint, MNT_DETACH)
+
+
 def abort_connection(mountpoint: str) -> None:
     """Abort the FUSE connection behind ``mountpoint`` (found by its device number), so a
     hung daemon's readers get ENOTCONN instead of waiting forever."""

@@ -14,6 +14,12 @@ and recorded in the ``daemons`` table; after a snapshotter restart they are foun
 :func:`lazyfs.fs.daemon.attach` (``expect_pid``: never another process).  A daemon that dies
 is noticed (on use and by :meth:`LazyLayers.check`), its stale mount detached, and the next
 user gets a new daemon on the same mount point.
+
+Locks: a chain's start (registry lookups included) and stop run under that chain's own lock
+(:class:`~lazyfs_snapshotter.locks.ChainLocks`, shared with the snapshotter), never under one
+that other chains need; the metadata store's lock is held only for its quick transactions.
+A chain used again while its old daemon is still stopping waits for that daemon to end and
+then gets a new one: both on one mount point (and one control socket) would not do.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from lazyfs.store.tocs import load_layer
 
 from .config import Config
 from .errors import FailedPrecondition
+from .locks import ChainLocks
 from .metadata import DaemonRow, MetadataStore, PendingRef, RemoteLayerRow
 from .remote import Chain, Readiness, RemoteSource, by_digest, chain_id
 
@@ -81,10 +88,11 @@ class LazyLayers:
         self.cache_dir = config.cache_path(root)
         self._store: MetadataStore | None = None
         self._live: dict[int, Daemon] = {}  # daemon row id → its live daemon
-        # One start or stop at a time: two containers of one image must share one daemon.
-        self._lock = threading.RLock()
+        # One start or stop of a chain at a time: two containers of one image must share one
+        # daemon.  Replaced by the snapshotter's at start(), which it holds around its calls.
+        self.chains = ChainLocks()
         self._cache: ChunkCache | None = None
-        self._cache_lock = threading.Lock()  # not _lock: a Prepare never waits for a spawn
+        self._cache_lock = threading.Lock()  # a Prepare never waits for a spawn
         self._forks: ForkServer | None = None  # daemons are forked from it when it runs
 
     # -- set-up ----------------------------------------------------------------------
@@ -94,8 +102,9 @@ class LazyLayers:
             raise RuntimeError("LazyLayers.start() was not called")
         return self._store
 
-    def start(self, store: MetadataStore) -> None:
+    def start(self, store: MetadataStore, chains: ChainLocks | None = None) -> None:
         self._store = store
+        self.chains = chains or self.chains
         # Mount points are reachable by root only: ROOT is 0700, and so is this.
         self.mnt_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.mnt_dir, 0o700)
@@ -250,7 +259,7 @@ class LazyLayers:
         return daemon.alive()
 
     def mount(self, chain: Chain) -> tuple[int, Path]:
-        with self._lock:
+        with self.chains.hold(chain.chain_id):
             with self.store.transaction() as tx:
                 row = tx.daemon(chain.chain_id)
             if row is not None and self._alive(row):
@@ -258,7 +267,7 @@ class LazyLayers:
             if row is not None and row.pid != 0:
                 log.warning("daemon of chain %s (pid %d) died; starting a new one",
                             chain.chain_id, row.pid)
-            return self._start(chain)
+            return self._start(chain, row)
 
     def _options(self, chain: Chain, image_ref: str = "") -> list[str]:
         """The daemon's flags to mount ``image_ref`` (``chain.top``'s by default)."""
@@ -288,28 +297,27 @@ class LazyLayers:
             opts.append("--no-deltas")
         return opts
 
-    def _start(self, chain: Chain) -> tuple[int, Path]:
+    def _start(self, chain: Chain, row: DaemonRow | None) -> tuple[int, Path]:
+        """Start the chain's daemon (its lock held); ``row``: the chain's row, a dead one."""
         mnt = self._mountpoint(chain.chain_id)
-        clear_mountpoint(mnt)  # a dead daemon's stale mount: its users see ENOTCONN anyway
-        mnt.mkdir(mode=0o755, exist_ok=True)
-        t0 = time.monotonic()
-        # The image that committed the chain first; another that shares it when that one
-        # cannot be mounted (deleted from its registry, say), looked up now if need be.
+        # The refs to mount from: the image that committed the chain first; another that
+        # shares it when that one cannot be mounted (deleted from its registry, say), looked
+        # up now if need be.
         refs = chain.refs or (chain.top.image_ref,)
-        first: LazyfsError | None = None
-        for image_ref in self._ways_to_mount(chain, refs):
-            try:
-                daemon = spawn(image_ref, mnt, self._options(chain, image_ref),
-                               log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT,
-                               forkserver=self._forks.socket if self._forks else None)
-                break
-            except LazyfsError as e:  # the daemon's own one line
-                log.warning("cannot mount chain %s from %s: %s", chain.chain_id, image_ref, e)
-                first = first or e
-                clear_mountpoint(mnt)
-        else:
-            raise FailedPrecondition(
-                f"cannot mount the lazy layers of {refs[0]}: {first}") from None
+        # The row (pid 0 until the daemon is ready) owns the mount point before anything is
+        # mounted there: Cleanup's sweep never takes a daemon being started for a stray.
+        with self.store.transaction() as tx:
+            daemon_id = tx.put_daemon(0, str(mnt), str(control_path(mnt)), refs[0],
+                                      chain.chain_id)  # fmt: skip
+        self._live.pop(daemon_id, None)
+        try:
+            daemon, image_ref = self._spawn(chain, refs, mnt)
+        except BaseException:
+            if row is None:  # a row made for this start only
+                with self.store.transaction() as tx:
+                    if tx.daemon_users(daemon_id) == 0:
+                        tx.delete_daemon(daemon_id)
+            raise
         try:
             with self.store.transaction() as tx:
                 daemon_id = tx.put_daemon(daemon.pid, str(mnt), str(control_path(mnt)),
@@ -318,9 +326,28 @@ class LazyLayers:
             daemon.stop(STOP_TIMEOUT)
             raise
         self._live[daemon_id] = daemon
-        log.info("daemon pid %d mounted %s (%d layers) on %s in %.2fs", daemon.pid,
-                 image_ref, chain.top.layer_index + 1, mnt, time.monotonic() - t0)
         return daemon_id, mnt
+
+    def _spawn(self, chain: Chain, refs: tuple[str, ...], mnt: Path) -> tuple[Daemon, str]:
+        """The chain's daemon on ``mnt``, from the first of its images that mounts."""
+        clear_mountpoint(mnt)  # a dead daemon's stale mount: its users see ENOTCONN anyway
+        mnt.mkdir(mode=0o755, exist_ok=True)
+        t0 = time.monotonic()
+        first: LazyfsError | None = None
+        for image_ref in self._ways_to_mount(chain, refs):
+            try:
+                daemon = spawn(image_ref, mnt, self._options(chain, image_ref),
+                               log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT,
+                               forkserver=self._forks.socket if self._forks else None)
+            except LazyfsError as e:  # the daemon's own one line
+                log.warning("cannot mount chain %s from %s: %s", chain.chain_id, image_ref, e)
+                first = first or e
+                clear_mountpoint(mnt)
+                continue
+            log.info("daemon pid %d mounted %s (%d layers) on %s in %.2fs", daemon.pid,
+                     image_ref, chain.top.layer_index + 1, mnt, time.monotonic() - t0)
+            return daemon, image_ref
+        raise FailedPrecondition(f"cannot mount the lazy layers of {refs[0]}: {first}")
 
     def _ways_to_mount(self, chain: Chain, refs: tuple[str, ...]) -> Iterator[str]:
         """``refs``, then the pending images as each is confirmed (only as far as asked)."""
@@ -331,13 +358,18 @@ class LazyLayers:
                 yield ref
 
     def release(self, daemon_id: int) -> None:
-        with self._lock:
+        with self.store.transaction() as tx:
+            row = tx.daemon_by_id(daemon_id)
+        if row is None:
+            return
+        # The stop (seconds, for a busy or hung mount) holds up only this chain's users.
+        with self.chains.hold(row.chain_id):
             with self.store.transaction() as tx:
                 row = tx.daemon_by_id(daemon_id)
                 if row is None or tx.daemon_users(daemon_id) > 0:
                     return
             self._stop(row)
-            with self.store.transaction() as tx:
+            with self.store.transaction() as tx:  # new users wait for the chain's lock
                 if tx.daemon_users(daemon_id) == 0:
                     tx.delete_daemon(daemon_id)
 
@@ -368,19 +400,25 @@ class LazyLayers:
             log.warning("the fork server (pid %d) exited; starting another", self._forks.pid)
             self._forks = None
             self._start_fork_server()
-        with self._lock:
-            with self.store.transaction() as tx:
-                rows = tx.daemons()
-            for row in rows:
+        with self.store.transaction() as tx:
+            rows = tx.daemons()
+        for listed in rows:
+            # A chain being started or stopped now is looked at next time: the periodic check
+            # (and the snapshotter's signal handling after it) never waits for a slow one.
+            with self.chains.hold_if_free(listed.chain_id) as held:
+                if not held:
+                    continue
+                with self.store.transaction() as tx:  # as it is now its chain is held
+                    row = tx.daemon_by_id(listed.id)
+                    unused = row is not None and tx.daemon_users(row.id) == 0
+                if row is None:
+                    continue
                 if row.pid != 0 and not self._alive(row):
                     log.warning("daemon of chain %s (pid %d) died; its mount is cleaned and "
                                 "new containers get a new daemon", row.chain_id, row.pid)
                     self._forget(row)
-                elif row.pid == 0:
-                    with self.store.transaction() as tx:
-                        unused = tx.daemon_users(row.id) == 0
-                    if unused:
-                        self.release(row.id)
+                elif row.pid == 0 and unused:
+                    self.release(row.id)
 
     def close(self, unmount: bool) -> None:
         if self._forks is not None:
@@ -388,9 +426,10 @@ class LazyLayers:
             self._forks = None
         if not unmount:
             return  # running containers keep reading through them
-        with self._lock, self.store.transaction() as tx:
+        with self.store.transaction() as tx:
             rows = tx.daemons()
         for row in rows:
-            self._stop(row)
-            with self.store.transaction() as tx:
-                tx.set_daemon_pid(row.id, 0)
+            with self.chains.hold(row.chain_id):
+                self._stop(row)
+                with self.store.transaction() as tx:
+                    tx.set_daemon_pid(row.id, 0)

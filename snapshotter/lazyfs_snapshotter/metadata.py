@@ -16,7 +16,9 @@ images can still be mounted when the first image is deleted from its registry.
 perhaps), not yet checked: a Prepare of a layer held already asks no registry, so the image
 is looked up (and moved to ``remote_refs``) only if the chain ever has to be mounted from it.
 Both are created where missing, so a metadata file of an older snapshotter just gains them
-(same schema version).
+(same schema version).  Both go with their snapshot (ON DELETE CASCADE); while it lives (a
+shared base layer, for weeks) each keeps only its :data:`MAX_REFS` most recently named
+images, so a stream of new builds over that base cannot grow them without end.
 
 Namespaces: containerd 1.6 sends no ``containerd-namespace`` to proxy snapshotters (its keys
 are already ``NS/ID/KEY``), and its garbage collector may call without one.  A call without a
@@ -37,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+# Images kept per remote snapshot in each of remote_refs and pending_refs, the most recently
+# named ones (an old image is the likeliest to have been deleted from its registry).
+MAX_REFS = 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS daemons (
@@ -291,10 +296,21 @@ class Tx:
         return None if r is None else RemoteLayerRow(str(r[0]), str(r[1]), int(r[2]), str(r[3]))
 
     def add_remote_ref(self, snap_id: int, image_ref: str) -> None:
-        """Another image (``HOST/REPO@DIGEST``) names the remote snapshot at the same depth."""
+        """Another image (``HOST/REPO@DIGEST``) names the remote snapshot at the same depth
+        (named again: it becomes the newest, the last to be dropped)."""
         self.conn.execute(
-            "INSERT OR IGNORE INTO remote_refs (snapshot_id, image_ref) VALUES (?, ?)",
+            "INSERT OR REPLACE INTO remote_refs (snapshot_id, image_ref) VALUES (?, ?)",
             (snap_id, image_ref),
+        )
+        self._keep_newest("remote_refs", snap_id)
+
+    def _keep_newest(self, table: str, snap_id: int) -> None:
+        """Drop all but the snapshot's MAX_REFS newest rows of ``table`` (rowid order: a row
+        replaced on a repeat gets a new, higher rowid)."""
+        self.conn.execute(
+            f"DELETE FROM {table} WHERE snapshot_id = ? AND rowid NOT IN"
+            f" (SELECT rowid FROM {table} WHERE snapshot_id = ? ORDER BY rowid DESC LIMIT ?)",
+            (snap_id, snap_id, MAX_REFS),
         )
 
     def remote_refs(self, snap_id: int) -> list[str]:
@@ -308,12 +324,14 @@ class Tx:
         return first + [r for r in rest if r not in first]
 
     def add_pending_ref(self, snap_id: int, ref: PendingRef) -> None:
-        """Another image named the remote snapshot; it is checked only when needed."""
+        """Another image named the remote snapshot; it is checked only when needed (named
+        again: it becomes the newest)."""
         self.conn.execute(
-            "INSERT OR IGNORE INTO pending_refs (snapshot_id, image_ref, manifest_digest,"
+            "INSERT OR REPLACE INTO pending_refs (snapshot_id, image_ref, manifest_digest,"
             " layer_digest) VALUES (?, ?, ?, ?)",
             (snap_id, ref.image_ref, ref.manifest_digest, ref.layer_digest),
         )
+        self._keep_newest("pending_refs", snap_id)
 
     def pending_refs(self, snap_id: int) -> list[PendingRef]:
         cur = self.conn.execute(

@@ -21,6 +21,7 @@ from typing import Protocol
 from lazyfs.errors import LazyfsError
 from lazyfs.remote.reference import parse_reference
 
+from .locks import ChainLocks
 from .metadata import MetadataStore, PendingRef, RemoteLayerRow
 
 TARGET_LABEL = "containerd.io/snapshot.ref"
@@ -171,8 +172,10 @@ class LayerFS(Protocol):
 
     name: str
 
-    def start(self, store: MetadataStore) -> None:
-        """Find the daemons an earlier process left running (called once, at start)."""
+    def start(self, store: MetadataStore, chains: ChainLocks) -> None:
+        """Find the daemons an earlier process left running (called once, at start).
+        ``chains``: the snapshotter's locks, held around mount() to recording its user; a
+        chain's start and stop must hold its lock too (and nothing else slow)."""
         ...
 
     def prepare(self, source: RemoteSource, depth: int) -> Readiness:
@@ -202,7 +205,7 @@ class PlainLayers:
 
     name = "plain"
 
-    def start(self, store: MetadataStore) -> None:
+    def start(self, store: MetadataStore, chains: ChainLocks) -> None:
         return None
 
     def prepare(self, source: RemoteSource, depth: int) -> Readiness:

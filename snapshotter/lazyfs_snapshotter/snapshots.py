@@ -10,7 +10,9 @@ Lazy layers (a :class:`LayerFS`) are committed as remote snapshots at Prepare an
 the bottom of a chain: a layer above a plain one is pulled normally.  So an active snapshot's
 lowerdirs are its plain parents' ``fs`` directories, then ONE directory for all its lazy
 parents, the chain mount the LayerFS serves.  Snapshots whose mounts use a chain mount point
-at its daemon (``daemon_id``); when the last one goes, the daemon is stopped.
+at its daemon (``daemon_id``); when the last one goes, the daemon is stopped.  Each chain has
+its own lock (:class:`~lazyfs_snapshotter.locks.ChainLocks`): a chain's slow start or stop
+holds up only the calls that need that chain.
 """
 
 from __future__ import annotations
@@ -23,19 +25,19 @@ import select
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lazyfs.errors import LazyfsError
-from lazyfs.fs.daemon import attach, clear_mountpoint
+from lazyfs.fs.daemon import attach
 from lazyfs.fs.runtime import canonical
-from lazyfs.fs.unmount import mounts_under
+from lazyfs.fs.unmount import detach, mounts_under
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import match_any, parse_filters
+from .locks import ChainLocks
 from .metadata import Kind, MetadataStore, SnapshotRow, Tx
 from .remote import (
     REMOTE_LABEL,
@@ -115,27 +117,25 @@ class Snapshotter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store = MetadataStore(root / "metadata.db")
         self.layers: LayerFS = layers if layers is not None else PlainLayers()
-        # Held from starting a chain's daemon to recording its user, and from removing a user
-        # to stopping the daemon, so a daemon is never stopped under a new container.
-        self._chains = threading.RLock()
+        # A chain's, held from starting its daemon to recording its user (and by the LayerFS
+        # from finding the daemon unused to forgetting it): never stopped under a new user.
+        self.chains = ChainLocks()
         self._pause = os.environ.get(PAUSE_ENV, "")
         self._index_off = _overlay_index_off()
         # Temporary directories belong to Prepare calls that died with the last process.
         for entry in self.dir.iterdir():
             if entry.name.startswith(_TMP_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
-        self.layers.start(self.store)
+        self.layers.start(self.store, self.chains)
 
     def close(self, *, unmount: bool = False) -> None:
         """Stop serving; chain mounts stay for running containers unless ``unmount``."""
-        with self._chains:
-            self.layers.close(unmount)
+        self.layers.close(unmount)
         self.store.close()
 
     def check(self) -> None:
         """Notice chain daemons that died (called periodically)."""
-        with self._chains:
-            self.layers.check()
+        self.layers.check()
 
     def _hook(self, step: str) -> None:
         if self._pause == step:
@@ -158,16 +158,18 @@ class Snapshotter:
                              tuple(tx.pending_refs(p.id)), p.id)
         return None
 
-    def _mount_chain(self, ns: str, parent: str) -> tuple[int, Path] | None:
-        """The chain mount under a new snapshot on *parent* (None: no lazy layers)."""
+    def _chain_under(self, ns: str, parent: str) -> Chain | None:
+        """The lazy layers under a new snapshot on *parent* (None: none)."""
         if not parent:
             return None
         with self.store.transaction() as tx:
             prow = tx.get(ns, parent)
             if prow is None:
                 return None  # the create's own transaction says NOT_FOUND
-            lazy = self._lazy_chain(tx, [prow, *tx.chain(prow)])
-        return None if lazy is None else self.layers.mount(lazy)
+            return self._lazy_chain(tx, [prow, *tx.chain(prow)])
+
+    def _holding(self, lazy: Chain | None) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if lazy is None else self.chains.hold(lazy.chain_id)
 
     def _mounts(self, tx: Tx, row: SnapshotRow, lazy: Path | None) -> list[Mount]:
         chain = tx.chain(row)
@@ -282,8 +284,9 @@ class Snapshotter:
     ) -> list[Mount]:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
-        with self._chains:
-            mounted = self._mount_chain(ns, parent)
+        lazy = self._chain_under(ns, parent)
+        with self._holding(lazy):
+            mounted = None if lazy is None else self.layers.mount(lazy)
             try:
                 return self._create_row(ns, key, parent, labels, kind, mounted)
             except BaseException:
@@ -333,12 +336,12 @@ class Snapshotter:
         return mounts
 
     def mounts(self, ns: str, key: str) -> list[Mount]:
-        with self._chains:
-            with self.store.transaction() as tx:
-                row = self._need(tx, ns, key)
-                if row.kind == Kind.COMMITTED:
-                    raise FailedPrecondition(f"snapshot {key!r} is committed and has no mounts")
-                lazy = self._lazy_chain(tx, tx.chain(row))
+        with self.store.transaction() as tx:
+            row = self._need(tx, ns, key)
+            if row.kind == Kind.COMMITTED:
+                raise FailedPrecondition(f"snapshot {key!r} is committed and has no mounts")
+            lazy = self._lazy_chain(tx, tx.chain(row))
+        with self._holding(lazy):
             # A dead daemon is noticed here and replaced: a (re)started container gets a mount.
             mounted = self.layers.mount(lazy) if lazy is not None else None
             with self.store.transaction() as tx:
@@ -361,8 +364,7 @@ class Snapshotter:
             tx.commit_active(row.id, name, labels, size, inodes)
             self._hook("commit")
         if row.daemon_id is not None:
-            with self._chains:
-                self.layers.release(row.daemon_id)
+            self.layers.release(row.daemon_id)
         # The work dir is only overlay's scratch space; a committed layer needs none.
         shutil.rmtree(self._path(row.id) / "work", ignore_errors=True)
 
@@ -386,18 +388,16 @@ class Snapshotter:
 
     def _release(self, row: SnapshotRow) -> None:
         """Stop the chain daemon *row* used or was the top of, if nothing else uses it."""
-        with self._chains:
-            daemon_ids = [row.daemon_id] if row.daemon_id is not None else []
-            if REMOTE_LABEL in row.labels:
-                with self.store.transaction() as tx:
-                    d = tx.daemon(row.key)
-                daemon_ids += [d.id] if d is not None else []
-            for daemon_id in daemon_ids:
-                try:
-                    self.layers.release(daemon_id)
-                except Exception:
-                    log.exception("remove %s: stopping its daemon failed; cleanup retries",
-                                  row.key)
+        daemon_ids = [row.daemon_id] if row.daemon_id is not None else []
+        if REMOTE_LABEL in row.labels:
+            with self.store.transaction() as tx:
+                d = tx.daemon(row.key)
+            daemon_ids += [d.id] if d is not None else []
+        for daemon_id in daemon_ids:
+            try:
+                self.layers.release(daemon_id)
+            except Exception:
+                log.exception("remove %s: stopping its daemon failed; cleanup retries", row.key)
 
     def stat(self, ns: str, key: str) -> Info:
         with self.store.transaction() as tx:
@@ -476,16 +476,15 @@ class Snapshotter:
                 shutil.rmtree(orphan, ignore_errors=True)
             unused = [d.id for d in tx.daemons() if tx.daemon_users(d.id) == 0]
         # Daemons nothing uses (a Remove that failed half-way, or their chain is gone).
-        with self._chains:
-            for daemon_id in unused:
-                self.layers.release(daemon_id)
+        for daemon_id in unused:
+            self.layers.release(daemon_id)
         self._sweep_mounts()
 
-    def _owned(self) -> tuple[set[Path], Callable[[Path], bool]]:
+    @staticmethod
+    def _owned(tx: Tx) -> tuple[set[Path], Callable[[Path], bool]]:
         """The mount points the daemon rows own, as given; and whether a mount (as mountinfo
         has it: symlinks resolved) is one of them or under one."""
-        with self.store.transaction() as tx:
-            owned = {Path(d.mountpoint) for d in tx.daemons()}
+        owned = {Path(d.mountpoint) for d in tx.daemons()}
         real = {Path(canonical(o)) for o in owned}
         return owned, lambda mp: mp in real or any(o in mp.parents for o in real)
 
@@ -494,15 +493,18 @@ class Snapshotter:
         left by a crash between a daemon's start and its record (or before its directory
         went).  A mount's daemon is found by its control socket and stopped by that PID.
 
-        Only the quick steps hold the chains lock (no daemon is being started then, mounted
-        but not yet recorded): detaching a stray mount and removing stray entries.  Asking a
-        daemon its PID and waiting for it to exit (seconds, when it has files open or hangs)
-        happen outside, through a pidfd: every other call goes on meanwhile, and a PID that
-        is reused meanwhile is never signalled."""
+        A LayerFS records a daemon's row before it mounts anything and deletes it only after
+        the daemon is gone, so what no row owns inside one transaction is no starting or
+        stopping daemon's: only those quick steps (detaching a stray mount without a look at
+        it, removing stray entries) hold the store.  Asking a daemon its PID and waiting for
+        it to exit (seconds, when it has files open or hangs) happen outside, through a
+        pidfd: every other call goes on meanwhile, and a PID that is reused meanwhile is
+        never signalled."""
         mnt_dir = self.root / MOUNTS_DIR
         if not mnt_dir.is_dir():
             return
-        _, is_owned = self._owned()
+        with self.store.transaction() as tx:
+            _, is_owned = self._owned(tx)
         found: dict[Path, tuple[int, int] | None] = {}  # stray mount -> (pid, pidfd)
         for mp in map(Path, mounts_under(str(mnt_dir))):
             if is_owned(mp):
@@ -514,8 +516,8 @@ class Snapshotter:
                 found[mp] = None  # no daemon answers (or it just went): detached below
         stopping: list[tuple[Path, int, int]] = []
         try:
-            with self._chains:
-                _, is_owned = self._owned()  # again: a Prepare may have started it since
+            with self.store.transaction() as tx:
+                _, is_owned = self._owned(tx)  # again: a Prepare may have started it since
                 for mp, daemon in found.items():
                     if is_owned(mp):
                         continue  # a new daemon's; the stray it replaced was detached then
@@ -524,15 +526,16 @@ class Snapshotter:
                     else:
                         log.info("cleanup: stopping stray daemon pid %d on %s", daemon[0], mp)
                         stopping.append((mp, *daemon))
-                    clear_mountpoint(mp)  # a detached daemon exits once its files close
+                    with contextlib.suppress(OSError):  # gone already
+                        detach(str(mp))  # a detached daemon exits once its files close
             for mp, pid, pidfd in stopping:
                 _end_detached(mp, pid, pidfd)
         finally:
             for daemon in found.values():
                 if daemon is not None:
                     os.close(daemon[1])
-        with self._chains:
-            owned, _ = self._owned()
+        with self.store.transaction() as tx:
+            owned, _ = self._owned(tx)
             for entry in mnt_dir.iterdir():
                 if entry.with_suffix("") in owned or entry in owned:
                     continue

@@ -745,6 +745,34 @@ def test_a_waited_small_chunk_is_decoded_at_once_on_the_trio_thread(
     assert others and not any(others)
 
 
+def test_a_waited_large_chunk_is_decoded_before_the_neighbours_that_came_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Too large to decode on the trio thread, it goes to a worker thread alone instead of
+    # waiting in a batch with the neighbours its request brought before it.
+    files: dict[str, bytes | list[bytes | int]] = {f"f{i}": rand(3000, 100 + i) for i in range(9)}
+    files["big"] = [rand(100_000, 7)]  # one chunk, > 64 KiB compressed (random bytes)
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=1000, behind=9000)
+    by = toc.by_name()
+    order: list[str] = []
+    real = layerstore.decode_chunk
+
+    def recording(comp: Compression, raw: bytes, c: Chunk) -> bytes:
+        order.append(c.digest)
+        return real(comp, raw, c)
+
+    monkeypatch.setattr(layerstore, "decode_chunk", recording)
+
+    async def main() -> None:
+        assert await store.read(layer, by["big"], 0, 10) == content_of(toc, blob, "big")[:10]
+        for name in ("f7", "f8"):  # brought before it by the same request
+            assert await store.read(layer, by[name], 0, 3000) == content_of(toc, blob, name)
+        assert len(src.requests) == 1
+
+    run(main)
+    assert order[0] == by["big"].chunks[0].digest and len(order) >= 3
+
+
 def test_amplify_takes_more_while_what_it_brought_is_read(tmp_path: Path) -> None:
     files: dict[str, bytes | list[bytes | int]] = {f"f{i}": rand(3000, 100 + i) for i in range(150)}
     store, layer, src, toc, blob = make(

@@ -55,10 +55,11 @@ DECODE_TASKS = 2
 # A chunk a reader waits for, up to this size compressed and plain, is decoded on the trio
 # thread as soon as its bytes are in, alone: a miss waited ~13 ms for a worker thread to
 # decode the ~256 KiB batch around its chunk (GIL and cores shared with the stream and the
-# cache writes), where its own chunk takes tens of microseconds (BENCHMARKS.md, issue 13,
-# "the cost of each miss").
+# cache writes), where its own chunk takes tens of microseconds, at most ~1 ms (BENCHMARKS.md,
+# issue 13, "the cost of each miss").  A larger one goes to a worker thread alone, ahead of
+# its neighbours' batch.
 INLINE_DECODE_BYTES = 64 * 1024
-INLINE_DECODE_PLAIN = 256 * 1024
+INLINE_DECODE_PLAIN = 1024 * 1024
 # A reader waiting on a chunk this far ahead in a stream that has no measured speed yet
 # fetches it itself (the old prefetch request size: what a reader used to wait behind).
 OVERTAKE_BYTES = 1024 * 1024
@@ -786,7 +787,9 @@ class LayerStore:
         nxt = 0  # the first chunk not yet complete
         ready: list[tuple[Chunk, bytes]] = []
         ready_bytes = 0
-        waited: list[tuple[Chunk, bytes]] = []  # small chunks readers wait for: decoded first
+        # Chunks readers wait for, decoded first: small ones here, larger ones each alone.
+        waited: list[tuple[Chunk, bytes]] = []
+        alone: list[tuple[Chunk, bytes]] = []
         decoders = trio.Semaphore(DECODE_TASKS)
         error: Exception | None = None
         try:
@@ -812,7 +815,6 @@ class LayerStore:
                         g.pos = buf_start = at
                     buf.extend(piece)
                     g.pos += len(piece)
-                    urgent = False
                     while nxt < len(chunks) and chunks[nxt].end <= g.pos:
                         c = chunks[nxt]
                         nxt += 1
@@ -820,20 +822,25 @@ class LayerStore:
                         if f is None or f.event.is_set():
                             continue  # overtaken
                         raw = bytes(buf[c.offset - buf_start : c.end - buf_start])
-                        if f.waiting and _inline(c):
-                            waited.append((c, raw))
-                        else:
+                        if not f.waiting:
                             ready.append((c, raw))
                             ready_bytes += c.end - c.offset
-                            urgent = urgent or f.waiting
+                        elif _inline(c):
+                            waited.append((c, raw))
+                        else:
+                            alone.append((c, raw))
                     if waited:
                         nursery.start_soon(self._decode_batch, layer, g, waited[:], None, done)
                         waited.clear()
+                    for one in alone:
+                        await decoders.acquire()
+                        nursery.start_soon(self._decode_batch, layer, g, [one], decoders, done)
+                    alone.clear()
                     keep = chunks[nxt].offset if nxt < len(chunks) else g.pos
                     if keep > buf_start:
                         del buf[: min(keep, g.pos) - buf_start]
                         buf_start = min(keep, g.pos)
-                    if urgent or ready_bytes >= STREAM_BATCH:
+                    if ready_bytes >= STREAM_BATCH:
                         await flush()
 
                 try:

@@ -829,6 +829,7 @@ class LayerStore:
                             waited.append((c, raw))
                         else:
                             alone.append((c, raw))
+                    urgent = bool(waited or alone)  # their neighbours go now too, after them
                     if waited:
                         nursery.start_soon(self._decode_batch, layer, g, waited[:], None, done)
                         waited.clear()
@@ -840,7 +841,7 @@ class LayerStore:
                     if keep > buf_start:
                         del buf[: min(keep, g.pos) - buf_start]
                         buf_start = min(keep, g.pos)
-                    if ready_bytes >= STREAM_BATCH:
+                    if urgent or ready_bytes >= STREAM_BATCH:
                         await flush()
 
                 try:

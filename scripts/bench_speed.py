@@ -384,8 +384,8 @@ def bench_cold(
                 ready_s.append(time.perf_counter() - t0)
                 try:
                     run_startup(mnt)
-                    # The start-up is done here; the daemon's stop (which writes what it
-                    # holds to the cache) is no part of it.
+                    # The start-up is done here; the daemon's stop (unmount, exit) is no
+                    # part of it, as the full pull's time has none.
                     ended.append(time.perf_counter())
                     counts.append((len(proxy.served), proxy.blob_bytes))
                 finally:

@@ -11,8 +11,9 @@ import os
 import random
 import shutil
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -748,20 +749,20 @@ def test_a_waited_small_chunk_is_decoded_at_once_on_the_trio_thread(
 def test_a_waited_large_chunk_is_decoded_before_the_neighbours_that_came_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Too large to decode on the trio thread, it goes to a worker thread alone instead of
-    # waiting in a batch with the neighbours its request brought before it.
+    # Too large to decode on the trio thread, it goes to a worker thread alone, ahead of the
+    # neighbours its request brought before it, instead of in one batch with them.
     files: dict[str, bytes | list[bytes | int]] = {f"f{i}": rand(3000, 100 + i) for i in range(9)}
     files["big"] = [rand(100_000, 7)]  # one chunk, > 64 KiB compressed (random bytes)
     store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=1000, behind=9000)
     by = toc.by_name()
-    order: list[str] = []
-    real = layerstore.decode_chunk
+    batches: list[list[str]] = []
+    real = LayerStore._decode_batch
 
-    def recording(comp: Compression, raw: bytes, c: Chunk) -> bytes:
-        order.append(c.digest)
-        return real(comp, raw, c)
+    def recording(self: LayerStore, *args: Any) -> Coroutine[Any, Any, None]:
+        batches.append([c.digest for c, _ in args[2]])  # in the order the tasks are started
+        return real(self, *args)
 
-    monkeypatch.setattr(layerstore, "decode_chunk", recording)
+    monkeypatch.setattr(LayerStore, "_decode_batch", recording)
 
     async def main() -> None:
         assert await store.read(layer, by["big"], 0, 10) == content_of(toc, blob, "big")[:10]
@@ -770,7 +771,8 @@ def test_a_waited_large_chunk_is_decoded_before_the_neighbours_that_came_first(
         assert len(src.requests) == 1
 
     run(main)
-    assert order[0] == by["big"].chunks[0].digest and len(order) >= 3
+    assert batches[0] == [by["big"].chunks[0].digest]
+    assert by["f8"].chunks[0].digest in [d for b in batches[1:] for d in b]
 
 
 def test_amplify_takes_more_while_what_it_brought_is_read(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 import msgspec
 import pyfuse3
 import trio
-import trio.testing
 
 from lazyfs.atomic import atomic_write
 from lazyfs.delta.provider import PendingDeltas, pending_deltas
@@ -497,7 +496,9 @@ async def _until_sent(gate: PrefetchGate | None) -> None:
     with trio.move_on_after(EARLY_SEND_WAIT):
         if gate is not None:
             await gate.opened.wait()
-        await trio.testing.wait_all_tasks_blocked()
+        # Until no other task can run (trio.testing's wait for that imports pytest).
+        while trio.lowlevel.current_statistics().tasks_runnable:
+            await trio.sleep(0)
 
 
 def _lock_upper(upper: Upper, path: str | None) -> None:

@@ -70,7 +70,8 @@ def main() -> int:
                     d.stop()
                 print(f"--- rep {i + 1}: rtt {args.rtt * 1000:.0f} ms, ready {ready:.3f} s, "
                       f"start-up done {done:.3f} s, {len(proxy.paths)} requests, "
-                      f"{proxy.blob_bytes / 2**20:.2f} MiB")  # fmt: skip
+                      f"{proxy.blob_bytes / 2**20:.2f} MiB, of them multipart part headers "
+                      f"{(proxy.blob_bytes - proxy.payload_bytes) / 1024:.1f} KiB")  # fmt: skip
                 ins = iter(proxy.ranges)  # "in" events and ranges are appended together
                 outs = iter(proxy.served)  # as are "out" events of answered blob requests
                 for kind, path, t in proxy.events:

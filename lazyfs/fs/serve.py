@@ -433,6 +433,17 @@ async def serve(
             # Groups an earlier mount found beside the image, or the lookup begun with the
             # manifest already answered: the prefetch starts with the mount.
             group = image.groups.group
+        if (
+            group is None
+            and groups is None
+            and image.is_complete
+            and opts.auto_prefetch
+            and opts.prefetch_from in ("auto", "landmark")
+            and (image.groups is None or image.groups.done.is_set())
+        ):
+            # Nothing stored beside the image (its lookup has answered): a re-laid-out
+            # layer's landmark, known from its TOC, is prefetched from the start as well.
+            group = landmark_group(image.store_layers())
         if group is not None and image.is_complete:
             prefetcher = Prefetcher(image.store, image.store_layers(), group)
         # The group known, and every layer's TOC: the prefetch's requests go out before the

@@ -83,6 +83,32 @@ async def _store(cached: Path, loc: TocLocation, toc: TOC) -> None:
     await trio.to_thread.run_sync(atomic_write, cached, data)
 
 
+#: a fetched TOC not written to the TOC cache yet: where it goes, and what
+Unsaved = tuple[Path, TocLocation, TOC]
+
+
+async def save_tocs(unsaved: list[Unsaved]) -> None:
+    """Write the TOCs ``load_layer`` left in ``unsaved`` to the TOC cache (for the next
+    mount; a failure costs that mount a fetch, so it is logged, not raised)."""
+    while unsaved:
+        cached, loc, toc = unsaved.pop()
+        try:
+            await _store(cached, loc, toc)
+        except OSError as e:
+            log.warning("could not keep the TOC at %s: %s", cached, e)
+
+
+async def _keep(
+    cached: Path | None, loc: TocLocation, toc: TOC, unsaved: list[Unsaved] | None
+) -> None:
+    if cached is None:
+        return
+    if unsaved is not None:
+        unsaved.append((cached, loc, toc))
+    else:
+        await _store(cached, loc, toc)
+
+
 async def load_layer(
     source: Source,
     desc: oci.Descriptor,
@@ -90,10 +116,13 @@ async def load_layer(
     *,
     verify: bool = True,
     budget: TocBudget | None = None,
+    unsaved: list[Unsaved] | None = None,
 ) -> LayerInfo:
     """Read (or take from ``toc_dir``) a layer's TOC, charging ``budget`` (the image's).
     ``verify``: refuse a TOC the manifest gives no digest for, since every chunk digest comes
-    from it (only ``lazyfs inspect`` of a bare blob file passes False)."""
+    from it (only ``lazyfs inspect`` of a bare blob file passes False).  ``unsaved``: a
+    fetched TOC is put there instead of written to ``toc_dir`` now (packing it is tens of
+    milliseconds of CPU a mount need not spend before it is ready: :func:`save_tocs`)."""
     hexpart = oci.check_digest(desc.digest)
     cached = toc_dir / hexpart if toc_dir is not None else None
     if cached is not None and cached.exists():
@@ -124,8 +153,7 @@ async def load_layer(
         except (FormatError, IntegrityError) as e:
             log.info("%s: no TOC where the manifest says (%s); reading the footer", where, e)
         else:
-            if cached is not None:
-                await _store(cached, loc, toc)
+            await _keep(cached, loc, toc, unsaved)
             return LayerInfo(desc, loc, toc)
     # One request for the footer and, usually, the TOC before it: a round trip saved per
     # layer on a slow link.
@@ -149,8 +177,7 @@ async def load_layer(
         toc = await _fetch_toc(source, desc.digest, loc, first, budget)
     except LazyfsError as e:
         raise type(e)(f"{where}: {e}") from None
-    if cached is not None:
-        await _store(cached, loc, toc)
+    await _keep(cached, loc, toc, unsaved)
     return LayerInfo(desc, loc, toc)
 
 
@@ -191,12 +218,14 @@ async def load_tocs(
     layer_count: int | None = None,
     whole: WholeLayers | None = None,
     on_resolved: Callable[[str], None] | None = None,
+    unsaved: list[Unsaved] | None = None,
 ) -> Image:
     """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
     ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
     layer without a TOC is an error (NotLazyError), unless ``whole`` is given: then it is
     fetched whole and indexed.  ``on_resolved`` hears of the manifest digest before the
-    config and TOCs are read (what else needs it can start beside them)."""
+    config and TOCs are read (what else needs it can start beside them).  ``unsaved``: see
+    :func:`load_layer`."""
     found_manifest = await resolve_manifest(source, ref, platform)
     if on_resolved is not None:
         on_resolved(found_manifest.digest)
@@ -234,7 +263,7 @@ async def load_tocs(
         tried = False
         if whole is None or _promises_toc(desc):
             try:
-                layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
+                layers[i] = await load_layer(source, desc, toc_dir, budget=budget, unsaved=unsaved)
                 return
             except NotLazyError as e:
                 if whole is None:
@@ -249,7 +278,9 @@ async def load_tocs(
         if found is None:
             if not tried:
                 try:
-                    layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
+                    layers[i] = await load_layer(
+                        source, desc, toc_dir, budget=budget, unsaved=unsaved
+                    )
                     return
                 except NotLazyError as e:
                     log.info("%s", e)

@@ -104,7 +104,8 @@ class LazyLayers:
 
     def start(self, store: MetadataStore, chains: ChainLocks | None = None) -> None:
         self._store = store
-        self.chains = chains or self.chains
+        # Not ``chains or``: a ChainLocks holding nothing is falsy (its __len__).
+        self.chains = chains if chains is not None else self.chains
         # Mount points are reachable by root only: ROOT is 0700, and so is this.
         self.mnt_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.mnt_dir, 0o700)

@@ -168,3 +168,38 @@ def test_the_layers_share_the_snapshotters_chain_locks(tmp_path: Path) -> None:
     sn = Snapshotter(tmp_path / "r", layers)
     assert layers.chains is sn.chains
     sn.close()
+
+
+def test_a_start_while_the_fork_server_is_replaced_spawns_anyway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check() replaces a dead fork server (``_forks`` None, then the new one) without a
+    chain's lock: a start in another thread at that moment spawns, with or without it."""
+    world = _World()
+    layers = _Lazy(tmp_path / "r", Config(fork_server=False), None)
+    got: list[Any] = []
+
+    def spawn(image_ref: str, mnt: Path, args: Any, **kw: Any) -> _FakeDaemon:
+        got.append(kw["forkserver"])
+        return _FakeDaemon(world, mnt)
+
+    class Replaced:
+        """The server check() finds dead: it is dropped just after a start looked at it."""
+
+        socket = tmp_path / "forks.sock"
+
+        def __bool__(self) -> bool:
+            layers._forks = None
+            return True
+
+    monkeypatch.setattr(lazy, "spawn", spawn)
+    monkeypatch.setattr(lazy, "clear_mountpoint", lambda mnt: None)
+    sn = Snapshotter(tmp_path / "r", layers)
+    world.store = sn.store
+    labels = {TARGET_LABEL: "chain-A", STARGZ_REF: "h.io/r/x:v", STARGZ_DIGEST: CHAINS["chain-A"]}
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns", "extract", "", labels)
+    layers._forks = Replaced()  # type: ignore[assignment]
+    sn.prepare("ns", "ctr", "chain-A", {})
+    assert got == [tmp_path / "forks.sock"]
+    sn.close()

@@ -346,6 +346,46 @@ def test_groups_of_another_image_of_the_same_files_still_match(
     trio.run(main)
 
 
+def test_the_prefetch_says_when_its_requests_are_sent(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # A mount builds its tree (a stretch of CPU) once its early prefetch's requests have
+    # left: the prefetcher says so as their headers are written, long before the answers.
+    from lazyfs.fs.prefetch import Prefetcher
+
+    def ranked(name: str) -> RankedEntry:
+        digest = "sha256:" + hashlib.sha256(FILES[name]).hexdigest()
+        return RankedEntry(layer="sha256:" + "e" * 64, path=name, digest=digest, size=100_000)
+
+    entries = [ranked(n) for n in SCATTERED]
+    group = Group(name="startup", runs=1, tiers=[Tier(name="always", entries=entries)])
+
+    async def main() -> None:
+        async with open_image(
+            f"{fault_proxy.host}/{REPO}:v1", cache_dir=tmp_path, plain_http=True
+        ) as img:
+            since = len(fault_proxy.paths)
+            fault_proxy.delay, fault_proxy.delay_match = 1.0, "/blobs/"  # every answer late
+            p = Prefetcher(img.store, img.store_layers(), group)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(p.run)
+                with trio.fail_after(0.7):
+                    await p.sent.wait()
+                    assert not p.stats.prefetch_done
+                    while not any(fault_proxy.ranges[since:]):
+                        await trio.sleep(0.01)  # the proxy's thread notes it
+            assert p.stats.prefetch_done and not p.stats.error
+            fault_proxy.delay = None
+            # Nothing left to send (all cached): said at once, with no request.
+            since = len(fault_proxy.paths)
+            again = Prefetcher(img.store, img.store_layers(), group)
+            with trio.fail_after(5):
+                await again.run()
+            assert again.sent.is_set() and len(fault_proxy.paths) == since
+
+    trio.run(main)
+
+
 def test_a_big_batch_goes_as_requests_cut_by_rank() -> None:
     from lazyfs.formats.toc import Chunk
     from lazyfs.fs.prefetch import by_rank

@@ -11,6 +11,7 @@ they always overtake.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -23,6 +24,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.fs.control import PrefetchStats
+from lazyfs.remote.base import REQUEST_SENT
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 from lazyfs.store.provider import ChunkProvider
@@ -209,6 +211,9 @@ class Prefetcher:
         self.store = store
         self.batch_bytes = batch_bytes
         self.stats = PrefetchStats(group=group.name)
+        # Set once each task of the first batch has sent a request (its headers are
+        # written) or ended: what a mount waits for before a stretch of CPU.
+        self.sent = trio.Event()
         # Resolve every entry now (cheap, in memory) so stats show the plan from the start.
         by_digest = {layer.blob_digest: layer for layer in layers}
         names: dict[str, dict[str, Entry]] = {}
@@ -266,13 +271,15 @@ class Prefetcher:
         token = _PREFETCHING.set(True)  # the tasks started below inherit it
         t0 = trio.current_time()
         try:
-            for requests in self._batches():
+            for n, requests in enumerate(self._batches()):
+                tasks = [item for request in requests for item in request.items()]
+                marks = _all_called(len(tasks), self.sent) if n == 0 else [None] * len(tasks)
                 async with trio.open_nursery() as nursery:
-                    for request in requests:
-                        for layer, chunks in request.items():
-                            nursery.start_soon(self._one, layer, chunks)
+                    for (layer, chunks), sent in zip(tasks, marks, strict=True):
+                        nursery.start_soon(self._one, layer, chunks, sent)
         finally:
             _PREFETCHING.reset(token)
+            self.sent.set()
         self.stats.prefetch_done = True
         self.stats.elapsed_ns = int((trio.current_time() - t0) * 1e9)
         log.info(
@@ -283,11 +290,31 @@ class Prefetcher:
             self.stats.elapsed_ns / 1e9,
         )
 
-    async def _one(self, layer: Layer, chunks: list[Chunk]) -> None:
+    async def _one(
+        self, layer: Layer, chunks: list[Chunk], sent: Callable[[], None] | None
+    ) -> None:
+        # The first request this task's fetch sends counts it as sent; ending (everything
+        # cached, provided, or failed) does too.
+        REQUEST_SENT.set(sent)
         try:
             await self.store.prefetch(layer, chunks)
         except (LazyfsError, OSError) as e:
             log.warning("prefetch from %s: %s", layer.blob_digest, e)
             if not self.stats.error:
                 self.stats.error = str(e)
+        finally:
+            if sent is not None:
+                sent()
         self.stats.prefetch_bytes += sum(c.size for c in chunks)
+
+
+def _all_called(n: int, event: trio.Event) -> list[Callable[[], None]]:
+    """``n`` callables; ``event`` is set once each of them has been called (at least once)."""
+    left = set(range(n))
+
+    def called(i: int) -> None:
+        left.discard(i)
+        if not left:
+            event.set()
+
+    return [functools.partial(called, i) for i in range(n)]

@@ -462,7 +462,8 @@ async def serve(
                     await mount.fetch_ahead(deltas)
 
             image.side.start_soon(fetch_early)
-            await _until_sent(mount.gate)
+            assert prefetcher is not None
+            await _until_sent(prefetcher)
             await mount.operations()  # the tree, built while those requests travel
         # Resolve the control socket path now: after init, touching the mount point from this
         # process would wait for a FUSE reply only this process can give (canonical() does
@@ -499,16 +500,12 @@ async def serve(
                 upper.close()
 
 
-async def _until_sent(gate: PrefetchGate | None) -> None:
-    """Return once the prefetch's first requests are sent (the gate opens as they are made,
-    and their tasks then block on the network), or after EARLY_SEND_WAIT: the deltas lookup it
-    waits for, or a busy loop, must not delay the mount."""
+async def _until_sent(prefetcher: Prefetcher) -> None:
+    """Return once the prefetch's first requests are on their way (their headers written),
+    or after EARLY_SEND_WAIT: the deltas lookup it waits for, or a slow connection, must not
+    delay the mount."""
     with trio.move_on_after(EARLY_SEND_WAIT):
-        if gate is not None:
-            await gate.opened.wait()
-        # Until no other task can run (trio.testing's wait for that imports pytest).
-        while trio.lowlevel.current_statistics().tasks_runnable:
-            await trio.sleep(0)
+        await prefetcher.sent.wait()
 
 
 def _lock_upper(upper: Upper, path: str | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import BinaryIO
 
 from lazyfs.errors import IntegrityError
@@ -18,6 +19,13 @@ STREAM_PIECE = 256 * 1024
 Sink = Callable[[bytes], Awaitable[None]]
 #: receives several ranges' bytes in blob order: ``(blob offset of the piece, the piece)``
 RangesSink = Callable[[int, bytes], Awaitable[None]]
+
+#: Set by a task that must know when its requests have left (a mount builds its tree, a
+#: stretch of CPU, once its early prefetch travels): a network source calls it as each
+#: request's headers are written.  Tasks started from that task inherit it.
+REQUEST_SENT: ContextVar[Callable[[], None] | None] = ContextVar(
+    "lazyfs_request_sent", default=None
+)
 
 
 def check_ranges(ranges: Sequence[tuple[int, int]]) -> None:

@@ -29,7 +29,14 @@ import trio
 from lazyfs import oci
 from lazyfs.errors import IntegrityError, LazyfsError, NotFoundError, RemoteError
 from lazyfs.remote.auth import Authenticator, Credentials, load_docker_credentials
-from lazyfs.remote.base import STREAM_PIECE, RangesSink, Sink, Source, check_ranges
+from lazyfs.remote.base import (
+    REQUEST_SENT,
+    STREAM_PIECE,
+    RangesSink,
+    Sink,
+    Source,
+    check_ranges,
+)
 from lazyfs.remote.hosts import Endpoint, load_endpoints
 from lazyfs.remote.multipart import ByteRanges, Malformed, boundary_of, range_spec, split_ranges
 
@@ -208,6 +215,17 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _on_headers_sent(sent: Callable[[], None]) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """An httpcore ``trace`` callback that calls ``sent`` once a request's headers are
+    written (see :data:`~lazyfs.remote.base.REQUEST_SENT`)."""
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith("send_request_headers.complete"):
+            sent()
+
+    return trace
 
 
 class DefaultTLS(ssl.SSLContext):
@@ -430,6 +448,8 @@ class RegistrySource(Source):
         method: str = "GET",
         body: bytes | None = None,
     ) -> T:
+        sent = REQUEST_SENT.get()
+        extensions = {"trace": _on_headers_sent(sent)} if sent is not None else None
         for _ in range(MAX_REDIRECTS + 1):
             target = httpx.URL(url)
             h = headers
@@ -437,7 +457,9 @@ class RegistrySource(Source):
                 # Storage backends get presigned URLs; our registry credentials stay home.
                 h = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             try:
-                async with client.stream(method, target, headers=h, content=body) as resp:
+                async with client.stream(
+                    method, target, headers=h, content=body, extensions=extensions
+                ) as resp:
                     self.stats.requests += 1
                     status = resp.status_code
                     if status in (301, 302, 303, 307, 308):

@@ -245,7 +245,7 @@ def test_a_directory_changed_while_read_in_parts_lists_each_unchanged_entry_once
     with mount_lower(tmp_path, lower) as m:
         mnt, d = m.mountpoint, m.mountpoint / "d"
         for cached in (True, False):  # read from the kernel's cached listing, or not yet cached
-            start = set(os.listdir(d))  # into the kernel's cache
+            start = {".", "..", *os.listdir(d)}  # into the kernel's cache
             if not cached:  # a change drops it
                 (d / "uncached").write_bytes(b"u")
                 start.add("uncached")
@@ -284,7 +284,7 @@ def test_a_directory_changed_while_read_in_parts_lists_each_unchanged_entry_once
                         os.chmod(d / unseen[len(unseen) // 2], 0o600)
             finally:
                 lister.close()
-            now = set(os.listdir(d))
+            now = {".", "..", *os.listdir(d)}
             left_alone = (start & now) - touched
             counts = Counter(seen)
             assert [n for n, c in counts.items() if c > 1] == [], "listed twice"
@@ -605,6 +605,10 @@ def test_upper_names_and_attributes_are_cached_and_follow_every_change(tmp_path:
         (d / "up" / "missing").write_bytes(b"m")  # a cached negative entry gives way
         same("up/missing")
         assert sorted(os.listdir(d / "up")) == ["a", "missing", "s", "sub"]
+        # "." and ".." first, in an upper, a lower and the root directory alike (ls -f: unsorted)
+        for where, names in ((d / "up", 4), (d / "up" / "sub", 0), (m.mountpoint, 1)):
+            got = run("ls", "-f", str(where)).stdout.split()
+            assert got[:2] == [".", ".."] and len(got) == 2 + names, got
         assert m.stats()["handler_errors"] == 0
 
 

@@ -65,7 +65,10 @@ INO_FH = 1 << 61
 # companion added or removed mid-listing may shift the others by one place).  Offsets stay
 # below 2**31, as ext4 keeps them for 32-bit callers: a 32-bit program in an old image that
 # reads directories without large-file support would get EOVERFLOW from a larger one.
+# "." and ".." come first, at offsets 1 and 2 (_DOTS), as every local filesystem lists them:
+# a name's offset is its position + 1 + _DOTS.
 _HASH_BITS, _GROUP_BITS = 24, 6
+_DOTS = 2
 # Upper files' descriptors kept open (by inode) for reads and writes; an unlinked file's
 # descriptor is kept beyond this until the kernel forgets the inode (no RELEASE comes).
 MAX_UPPER_FDS = 256
@@ -559,14 +562,21 @@ class Operations(_Guarded):
         node = self.listed_dir(fh)
         if node is None:
             return
+        dots = ((b".", node), (b"..", node.parent or node))
+        for offset in range(start_id, _DOTS):
+            # The kernel makes no dentry of these and takes no reference: no lookup counted.
+            name, which = dots[offset]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(which), offset + 1):
+                return
         positions, entries = self._listing(node)
-        for i in range(bisect.bisect_left(positions, start_id), len(entries)):
+        start = max(start_id - _DOTS, 0)
+        for i in range(bisect.bisect_left(positions, start), len(entries)):
             name, child = entries[i]
             try:
                 attrs = self._attrs(child)
             except pyfuse3.FUSEError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, attrs, positions[i] + 1):
+            if not pyfuse3.readdir_reply(token, name, attrs, positions[i] + 1 + _DOTS):
                 return
             child.lookups += 1  # readdirplus hands the kernel a reference
         self._sorted.pop(node.ino, None)  # read to the end: the kernel caches it

@@ -121,3 +121,35 @@ def test_changes_elsewhere_keep_a_listing_in_progress(tmp_path: Path) -> None:
         assert o._listing(d)[0] is kept
         trio.run(changes, d)
         assert o._listing(d)[0] is not kept
+
+
+def test_every_listing_starts_with_dot_and_dotdot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"." (the directory) and ".." (its parent) come first, at offsets of their own below every
+    name's, in parts of any size; the kernel takes no reference for them (no lookup counted)."""
+    names = [f"n{i}" for i in range(30)]
+    o, d = directory(names)
+    monkeypatch.setattr(o, "_attrs", lambda node: types.SimpleNamespace(st_ino=node.ino))
+    part: list[tuple[str, int, int]] = []
+    room = [0]
+
+    def reply(token: object, name: bytes, attrs: types.SimpleNamespace, off: int) -> bool:
+        if len(part) == room[0]:  # the kernel's buffer is full
+            return False
+        part.append((name.decode(), attrs.st_ino, off))
+        return True
+
+    monkeypatch.setattr(ops.pyfuse3, "readdir_reply", reply)
+    for size in (1, 2, 3, 100):
+        room[0] = size
+        got: list[tuple[str, int, int]] = []
+        while True:
+            part.clear()
+            trio.run(o.readdir, ops.INO_FH | d.ino, got[-1][2] if got else 0, None)
+            if not part:
+                break
+            got += part
+        assert [(n, ino) for n, ino, _ in got[:2]] == [(".", d.ino), ("..", o.tree.root.ino)]
+        assert sorted(n for n, _, _ in got[2:]) == sorted(names), size
+        offsets = [off for _, _, off in got]
+        assert all(a < b for a, b in itertools.pairwise(offsets)) and offsets[-1] < 2**31
+    assert o.tree.root.lookups == d.lookups == 0

@@ -10,6 +10,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,7 +245,7 @@ def test_a_directory_changed_while_read_in_parts_lists_each_unchanged_entry_once
     with mount_lower(tmp_path, lower) as m:
         mnt, d = m.mountpoint, m.mountpoint / "d"
         for cached in (True, False):  # read from the kernel's cached listing, or not yet cached
-            start = set(os.listdir(d))  # into the kernel's cache
+            start = {".", "..", *os.listdir(d)}  # into the kernel's cache
             if not cached:  # a change drops it
                 (d / "uncached").write_bytes(b"u")
                 start.add("uncached")
@@ -283,7 +284,7 @@ def test_a_directory_changed_while_read_in_parts_lists_each_unchanged_entry_once
                         os.chmod(d / unseen[len(unseen) // 2], 0o600)
             finally:
                 lister.close()
-            now = set(os.listdir(d))
+            now = {".", "..", *os.listdir(d)}
             left_alone = (start & now) - touched
             counts = Counter(seen)
             assert [n for n, c in counts.items() if c > 1] == [], "listed twice"
@@ -547,6 +548,67 @@ def test_cached_lower_attributes_follow_every_change(tmp_path: Path) -> None:
         got, truth = os.stat(d), os.stat(upper / "d")
         assert (got.st_mtime_ns, got.st_ctime_ns) == (truth.st_mtime_ns, truth.st_ctime_ns)
         assert sorted(os.listdir(d)) == ["renamed", "sub", "two"]
+        assert m.stats()["handler_errors"] == 0
+
+
+def test_upper_names_and_attributes_are_cached_and_follow_every_change(tmp_path: Path) -> None:
+    """Upper entries are cached as long as lower ones (a warm program start re-reads its byte
+    code in upper __pycache__ directories): looked at again past the old 1 s timeout they cost
+    no request, and after every kind of change each shows the upper directory's attributes."""
+    upper = tmp_path / "upper"
+    fields = ("st_mode", "st_nlink", "st_size", "st_mtime_ns", "st_ctime_ns")
+    with mount_lower(tmp_path, [Item("d", "dir", mode=0o755)]) as m:
+        d = m.mountpoint / "d"
+        (d / "up").mkdir()
+        (d / "up" / "a").write_bytes(b"a" * 100)
+        os.symlink("a", d / "up" / "s")
+        names = ("up", "up/a", "up/s", "up/missing")
+
+        def look() -> None:
+            for n in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.lstat(d / n)
+            assert (d / "up" / "a").read_bytes() == b"a" * 100  # read past the end too
+
+        look()
+        look()  # the first read from the daemon dropped the kernel's atime: asked for again
+        asked = requests(m.mountpoint)
+        time.sleep(1.1)
+        look()
+        now = requests(m.mountpoint)
+        assert [now.get(k, 0) - asked.get(k, 0) for k in ("lookup", "getattr")] == [0, 0], now
+
+        def same(name: str) -> None:
+            got, truth = os.lstat(d / name), os.lstat(upper / "d" / name)
+            assert [getattr(got, k) for k in fields] == [getattr(truth, k) for k in fields], name
+
+        with open(d / "up" / "a", "ab") as f:  # another descriptor's write
+            f.write(b"b")
+        same("up/a")
+        os.chmod(d / "up" / "a", 0o600)
+        same("up/a")
+        os.link(d / "up" / "a", d / "up" / "b")
+        same("up/a")
+        same("up/b")
+        os.rename(d / "up" / "b", d / "up" / "c")
+        same("up/c")
+        os.unlink(d / "up" / "c")
+        same("up/a")
+        os.mkdir(d / "up" / "sub")
+        same("up")
+        os.utime(d / "up" / "a", ns=(1, 2))
+        same("up/a")
+        os.setxattr(d / "up" / "a", "user.k", b"v")
+        same("up/a")
+        (d / "up" / "a").write_bytes(b"x")  # O_TRUNC: a SETATTR, then a write
+        same("up/a")
+        (d / "up" / "missing").write_bytes(b"m")  # a cached negative entry gives way
+        same("up/missing")
+        assert sorted(os.listdir(d / "up")) == ["a", "missing", "s", "sub"]
+        # "." and ".." first, in an upper, a lower and the root directory alike (ls -f: unsorted)
+        for where, names in ((d / "up", 4), (d / "up" / "sub", 0), (m.mountpoint, 1)):
+            got = run("ls", "-f", str(where)).stdout.split()
+            assert got[:2] == [".", ".."] and len(got) == 2 + names, got
         assert m.stats()["handler_errors"] == 0
 
 

@@ -398,9 +398,9 @@ def test_every_image_naming_a_remote_snapshot_is_kept_in_order(tmp_path: Path) -
     assert [d for _, d in layers.prepared] == [1, 2]  # the LayerFS was asked nothing more
     sn.prepare("ns", "ctr", "L12", {})
     assert layers.mounted.refs == ("h.io/r/x@" + D1,)
-    # Kept as the labels gave them, each once, the most recently named last; looked up only
+    # Kept as the labels gave them, each once, the most recently named first; looked up only
     # to mount from them.
-    assert layers.mounted.pending == (PendingRef("e/f:g", "", D2), PendingRef("b/c:d", "", D2))
+    assert layers.mounted.pending == (PendingRef("b/c:d", "", D2), PendingRef("e/f:g", "", D2))
     sn.close()
     # A metadata file of a snapshotter without ``remote_refs`` and ``pending_refs`` gains
     # them on open, its snapshots and their records kept.
@@ -448,9 +448,9 @@ def test_a_layer_found_there_asks_nothing_and_keeps_each_new_image_once(
     assert len(layers.prepared) == 1
     sn.prepare("ns", "ctr", "L1", {})
     assert layers.mounted.refs == ("h.io/r/x@" + D1,)
-    assert layers.mounted.pending == (  # cri(D2), named again last, is the newest
-        PendingRef("h.io/e/f@" + D2, "", D1), PendingRef("h.io/e/f:g", D3, D1),
-        PendingRef("a/b:c", "", D1), PendingRef("h.io/e/f:g", D2, D1))  # fmt: skip
+    assert layers.mounted.pending == (  # cri(D2), named again last, is the newest: tried first
+        PendingRef("h.io/e/f:g", D2, D1), PendingRef("a/b:c", "", D1),
+        PendingRef("h.io/e/f:g", D3, D1), PendingRef("h.io/e/f@" + D2, "", D1))  # fmt: skip
     sn.close()
 
 
@@ -482,8 +482,8 @@ def test_images_kept_per_snapshot_stay_bounded_over_many_prepare_remove_cycles(
             pending = tx.pending_refs(row.id)
             refs = tx.remote_refs(row.id)
         assert counts() == (MAX_REFS, MAX_REFS)
-        assert [p.image_ref for p in pending] == [
-            f"h.io/app:{cycle}.{n}" for n in range(2 * MAX_REFS, 3 * MAX_REFS)]
+        assert [p.image_ref for p in pending] == [  # newest first
+            f"h.io/app:{cycle}.{n}" for n in reversed(range(2 * MAX_REFS, 3 * MAX_REFS))]
         assert refs[0] == "h.io/r/x@" + D1  # the record's own image is always first
         assert refs[-1] == f"h.io/app@sha256:{0:064x}" and len(refs) == MAX_REFS + 1
         sn.prepare("ns", "ctr", "L1", {})

@@ -43,10 +43,13 @@ from lazyfs.store.layerstore import LayerStore
 
 log = logging.getLogger(__name__)
 
-# Lower entries never change behind our back and every change goes through this process, so the
-# kernel may cache names and attributes for long.
-LOWER_TIMEOUT = 3600.0
-UPPER_TIMEOUT = 1.0
+# How long the kernel may keep names and attributes, lower and upper alike: nothing changes
+# either behind its back.  Every change reaches the upper directory through a request of this
+# mount, after which the kernel drops what it held of what changed (the parent of a new or
+# removed name, a written or renamed inode); what the daemon changes of its own accord (a
+# copy-up's attributes) it invalidates itself.  A 1 s upper timeout cost a warm Python start
+# ~115 LOOKUP, GETATTR and READDIRPLUS round trips (its byte code is upper), 19 ms of 98.
+TIMEOUT = 3600.0
 # Files and directories have no handles of their own: what a read, write, fsync or readdir
 # needs is the inode.  Every open, create and opendir answers this bit with the inode as
 # ``fh``; once open() or opendir() has answered ENOSYS (the kernel's no_open, no_opendir: no
@@ -62,7 +65,10 @@ INO_FH = 1 << 61
 # companion added or removed mid-listing may shift the others by one place).  Offsets stay
 # below 2**31, as ext4 keeps them for 32-bit callers: a 32-bit program in an old image that
 # reads directories without large-file support would get EOVERFLOW from a larger one.
+# "." and ".." come first, at offsets 1 and 2 (_DOTS), as every local filesystem lists them:
+# a name's offset is its position + 1 + _DOTS.
 _HASH_BITS, _GROUP_BITS = 24, 6
+_DOTS = 2
 # Upper files' descriptors kept open (by inode) for reads and writes; an unlinked file's
 # descriptor is kept beyond this until the kernel forgets the inode (no RELEASE comes).
 MAX_UPPER_FDS = 256
@@ -403,7 +409,6 @@ class Operations(_Guarded):
                 st.st_mtime_ns,
                 st.st_ctime_ns,
             )
-            a.entry_timeout = a.attr_timeout = UPPER_TIMEOUT
         else:
             e = node.entry
             assert e is not None
@@ -419,13 +424,13 @@ class Operations(_Guarded):
                 a.st_size = e.size
             a.st_blocks = (a.st_size + 511) // 512
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
-            a.entry_timeout = a.attr_timeout = LOWER_TIMEOUT
         if node.children is not None:
             # Directory link count: ".", the name in the parent, and each subdirectory's "..".
             a.st_nlink = 2 + sum(1 for c in node.children.values() if c.children is not None)
             if node.upper:
                 a.st_size = 4096
         a.st_blksize = 4096
+        a.entry_timeout = a.attr_timeout = TIMEOUT
         return a
 
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -498,7 +503,7 @@ class Operations(_Guarded):
                 self.copy.special(self._path(node), e)
             node.upper = True
             node.entry = None
-            # The kernel may hold the lower attributes for LOWER_TIMEOUT; the upper copy's
+            # The kernel may hold the lower attributes for TIMEOUT; the upper copy's
             # differ (ctime, blocks; a directory's times once a copy-up wrote in it).
             # Attributes only: no page lock is taken, so this is safe inside a handler.
             with contextlib.suppress(OSError):
@@ -525,7 +530,7 @@ class Operations(_Guarded):
             # not exist): every name created later goes through the kernel, which replaces it.
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
-            a.entry_timeout = UPPER_TIMEOUT if parent.upper else LOWER_TIMEOUT
+            a.entry_timeout = TIMEOUT
             return a
         return self._looked_up(self._child(parent, sname))
 
@@ -557,14 +562,21 @@ class Operations(_Guarded):
         node = self.listed_dir(fh)
         if node is None:
             return
+        dots = ((b".", node), (b"..", node.parent or node))
+        for offset in range(start_id, _DOTS):
+            # The kernel makes no dentry of these and takes no reference: no lookup counted.
+            name, which = dots[offset]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(which), offset + 1):
+                return
         positions, entries = self._listing(node)
-        for i in range(bisect.bisect_left(positions, start_id), len(entries)):
+        start = max(start_id - _DOTS, 0)
+        for i in range(bisect.bisect_left(positions, start), len(entries)):
             name, child = entries[i]
             try:
                 attrs = self._attrs(child)
             except pyfuse3.FUSEError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, attrs, positions[i] + 1):
+            if not pyfuse3.readdir_reply(token, name, attrs, positions[i] + 1 + _DOTS):
                 return
             child.lookups += 1  # readdirplus hands the kernel a reference
         self._sorted.pop(node.ino, None)  # read to the end: the kernel caches it

@@ -14,7 +14,8 @@ whose layers named the same snapshot since, in the order they came: a chain shar
 images can still be mounted when the first image is deleted from its registry.
 ``pending_refs`` holds the images that named such a snapshot as their labels gave them (a tag,
 perhaps), not yet checked: a Prepare of a layer held already asks no registry, so the image
-is looked up (and moved to ``remote_refs``) only if the chain ever has to be mounted from it.
+is looked up (and moved to ``remote_refs``) only if the chain ever has to be mounted from it,
+the most recently named first.
 Both are created where missing, so a metadata file of an older snapshotter just gains them
 (same schema version).  Both go with their snapshot (ON DELETE CASCADE); while it lives (a
 shared base layer, for weeks) each keeps only its :data:`MAX_REFS` most recently named
@@ -334,9 +335,11 @@ class Tx:
         self._keep_newest("pending_refs", snap_id)
 
     def pending_refs(self, snap_id: int) -> list[PendingRef]:
+        """The images not yet looked up, the most recently named first: the likeliest to
+        still be in its registry, and so to mount from at the first try."""
         cur = self.conn.execute(
             "SELECT image_ref, manifest_digest, layer_digest FROM pending_refs"
-            " WHERE snapshot_id = ? ORDER BY rowid", (snap_id,))
+            " WHERE snapshot_id = ? ORDER BY rowid DESC", (snap_id,))
         return [PendingRef(str(r[0]), str(r[1]), str(r[2])) for r in cur.fetchall()]
 
     def drop_pending_ref(self, snap_id: int, ref: PendingRef) -> None:

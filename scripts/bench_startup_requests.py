@@ -1,0 +1,180 @@
+"""Where a warm Python start-up's time goes on each FUSE tree: what it asks the daemon (requests
+by opcode and their summed latency, from the kernel's own ``fuse_request_send`` /
+``fuse_request_end`` tracepoints, so every contender is counted alike, C or Python) and what it
+costs the process (wall, user and system time from ``wait4``), against the native disk: native,
+lazyfs, fuse-overlayfs and (``--before DIR``) the lazyfs of another checkout, every contender in
+turn, round after round, medians.  Issue 13's python row.  "CPU + waited" leaves out the time
+the process sat runnable while other work had the CPUs, which dominates wall time under load.
+Needs root and tracefs (mounted at /sys/kernel/tracing for the run if it is not; unmounted
+after).  Run from the repo root:
+``.venv/bin/python scripts/bench_startup_requests.py [--reps N] [--before DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import bench_speed as bs
+import benchlib as bl
+
+from lazyfs.testing.sample import PYTHON
+
+TRACEFS = Path("/sys/kernel/tracing")
+EVENT = re.compile(r"\s(\d+\.\d+): fuse_request_(send|end): connection (\d+) req (\d+) (.*)")
+
+
+@contextmanager
+def fuse_events() -> Iterator[Path]:
+    """A tracing instance of our own (no other user's buffer touched) with the fuse events."""
+    mounted = not (TRACEFS / "instances").is_dir()
+    if mounted:
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
+    inst = TRACEFS / "instances" / f"lazyfs-bench-{os.getpid()}"
+    inst.mkdir()
+    try:
+        (inst / "buffer_size_kb").write_text("8192")
+        yield inst
+    finally:
+        (inst / "events/fuse/enable").write_text("0")
+        inst.rmdir()
+        if mounted:
+            subprocess.run(["umount", str(TRACEFS)], check=False)
+
+
+def connection(mnt: Path) -> int:
+    """The FUSE connection's number in the tracepoints: the mount's device, as the kernel
+    encodes it."""
+    dev = os.stat(mnt).st_dev
+    return os.major(dev) << 20 | os.minor(dev)
+
+
+class Run:
+    def __init__(self, wall: float, user: float, system: float) -> None:
+        self.wall, self.user, self.system = wall, user, system
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.latency = 0.0  # summed over requests: the time the process waited for daemons
+
+    @property
+    def needed(self) -> float:
+        """What the start-up itself took: its CPU time and its waits for the daemon, without
+        the time it sat runnable behind other work (on a loaded machine half the wall time,
+        and unfair: a task that never sleeps, as on the native disk, waits longest)."""
+        return self.user + self.system + self.latency
+
+
+def start_up(root: Path, inst: Path | None, conn: int) -> Run:
+    if inst is not None:
+        (inst / "trace").write_text("")
+        (inst / "events/fuse/enable").write_text("1")
+    argv = ["chroot", str(root), PYTHON, "-c", bs.IMPORTS]
+    t0 = time.perf_counter()
+    pid = os.posix_spawnp("chroot", argv, os.environ)
+    _, status, usage = os.wait4(pid, 0)
+    run = Run(time.perf_counter() - t0, usage.ru_utime, usage.ru_stime)
+    if status != 0:
+        raise SystemExit(f"the start-up failed in {root}: status {status}")
+    if inst is None:
+        return run
+    (inst / "events/fuse/enable").write_text("0")
+    sent: dict[int, tuple[float, str]] = {}
+    for line in (inst / "trace").read_text().splitlines():
+        m = EVENT.search(line)
+        if m is None or int(m.group(3)) != conn:
+            continue  # another mount's (the machine is shared)
+        at, req = float(m.group(1)), int(m.group(4))
+        if m.group(2) == "send":
+            op = re.search(r"\(FUSE_(\w+)\)", m.group(5))
+            sent[req] = (at, op.group(1) if op else "?")
+        elif req in sent:
+            t, op = sent.pop(req)
+            run.ops[op] += 1
+            run.latency += at - t
+    for _, op in sent.values():
+        run.ops[op] += 1  # no answer (FORGET), or its end fell outside the run
+    return run
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=21)
+    p.add_argument("--files", type=int, default=6000, help="as bench_speed.py's --files")
+    p.add_argument("--before", type=Path, metavar="DIR", help="also the lazyfs of this checkout")
+    args = p.parse_args()
+    bl.sigterm_as_interrupt()
+    bl.byte_compiled()  # also lets the chrooted Python rewrite its byte code, as it would
+    lazy = bs._sample_with_tree(args.files)
+    native = bl.extract_tar(lazy.parent / "layer.tar", lazy.parent / "rootfs")
+    work = bl.BENCH_DIR / f"work-startup-{os.getpid()}"  # fresh every run
+    work.mkdir(parents=True)
+    load0 = os.getloadavg()[0]
+    try:
+        with ExitStack() as stack:
+            roots = {"native disk": native}
+            m = stack.enter_context(
+                bl.lazyfs_mount(f"oci:{lazy}", work / "mnt", work / "cache", upper=work / "up")
+            )
+            roots["lazyfs"] = m.mountpoint
+            if args.before is not None:
+                from lazyfs.fs.daemon import spawn
+
+                mnt = work / "mnt-before"
+                mnt.mkdir()
+                opts = ["--upper", str(work / "up-before"), "--cache", str(work / "c-before")]
+                d = spawn(f"oci:{lazy}", mnt, opts, log=work / "before.log", timeout=120,
+                          cwd=args.before)  # fmt: skip
+                stack.callback(d.stop)
+                roots["before: lazyfs"] = mnt
+            o = stack.enter_context(bl.overlay_mount(native, work / "ovl", work / "o"))
+            roots["fuse-overlayfs"] = o.mountpoint
+            inst = stack.enter_context(fuse_events())
+            # Warm: the first start rewrites the byte code (the tar's mtimes), the second
+            # reads it from the daemon once, the third refreshes the atimes that read dropped.
+            for root in roots.values():
+                for _ in range(3):
+                    start_up(root, None, 0)
+            runs: dict[str, list[Run]] = {k: [] for k in roots}
+            for _ in range(args.reps):
+                for name, root in roots.items():
+                    fuse = name != "native disk"
+                    runs[name].append(start_up(root, inst if fuse else None, connection(root)))
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    base = statistics.median(r.wall for r in runs["native disk"])
+    base_needed = statistics.median(r.needed for r in runs["native disk"])
+    rows = []
+    for name, rs in runs.items():
+        wall = statistics.median(r.wall for r in rs)
+        needed = statistics.median(r.needed for r in rs)
+        ops: collections.Counter[str] = sum((r.ops for r in rs), collections.Counter())
+        rows.append([
+            name, f"{wall * 1e3:.1f}", bl.ratio(wall, base),
+            f"{statistics.median(r.user for r in rs) * 1e3:.1f}",
+            f"{statistics.median(r.system for r in rs) * 1e3:.1f}",
+            f"{statistics.median(sum(r.ops.values()) for r in rs):.0f}",
+            f"{statistics.median(r.latency for r in rs) * 1e3:.2f}",
+            f"{needed * 1e3:.1f}", bl.ratio(needed, base_needed),
+            ", ".join(f"{op} {n / len(rs):.1f}" for op, n in ops.most_common()) or "—",
+        ])  # fmt: skip
+    print(
+        f"`chroot ROOT python3 -c '{bs.IMPORTS}'`, warm, {args.reps} rounds, medians; "
+        f"1-min load {load0:.1f} → {os.getloadavg()[0]:.1f} (2 CPUs, shared); "
+        "cache and uppers under .bench\n"
+    )
+    head = ["tree", "wall ms", "vs native", "user ms", "sys ms", "requests", "waited ms",
+            "CPU + waited ms", "vs native", "requests a start-up, by opcode (mean)"]  # fmt: skip
+    print(bl.md_table(head, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -207,6 +207,11 @@ def test_an_entry_table_makes_the_unpacked_entries_on_demand(
     assert table[-3:] == toc.entries[-3:]
     with pytest.raises(IndexError):
         table[len(table)]
+    # What a tree and a chunk list read without making the entries.
+    assert list(table.rows()) == [(e.name, e.type) for e in toc.entries]
+    assert [table.link_name(i) for i in range(len(table))] == [e.link_name for e in toc.entries]
+    assert list(table.chunks()) == [c for e in toc.entries for c in e.chunks]
+    assert table.mentions(".wh.") and not table.mentions("/nowhere/")
 
 
 def test_an_entry_table_of_a_damaged_packed_toc_is_a_format_error() -> None:

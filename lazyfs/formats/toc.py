@@ -18,7 +18,7 @@ import re
 import sys
 import threading
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Literal, overload
 
 import msgspec
@@ -132,7 +132,7 @@ class Entry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 class TOC(msgspec.Struct, kw_only=True):
     compression: Compression
-    entries: list[Entry]
+    entries: Sequence[Entry]  # a list, or an EntryTable (entries made when asked for)
     # End of the file-content region: no chunk may reach past it (the TOC itself starts here).
     data_end: int
     # Where a prefetch landmark starts, or 0: the chunks before it are the layer's prefetch
@@ -659,6 +659,28 @@ def unpack_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
     return toc
 
 
+def table_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
+    """The TOC :func:`pack_toc` packed, its entries an :class:`EntryTable` (made on demand);
+    charging ``budget``.  Not validated again: only for bytes packed from a TOC that was (the
+    TOC cache, checked against its sha256), since validating makes every entry."""
+    cols = _columns(data)
+    p = cols.packed
+    if budget is None:
+        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
+    budget.charge(len(data), len(p.names))
+    try:
+        table = EntryTable(cols)
+    except FormatError:
+        budget.refund(len(p.names))
+        raise
+    return TOC(
+        compression=p.compression,
+        entries=table,
+        data_end=p.data_end,
+        prefetch_end=p.prefetch_end,
+    )
+
+
 class EntryTable(Sequence[Entry]):
     """A layer's entries kept as columns, each :class:`Entry` made when asked for (equal each
     time, not the same object).  Names are one string with the end of each; sha256 digests 32
@@ -686,8 +708,8 @@ class EntryTable(Sequence[Entry]):
         "_xattrs",
     )
 
-    def __init__(self, data: bytes) -> None:
-        cols = _columns(data)
+    def __init__(self, data: bytes | _Columns) -> None:
+        cols = _columns(data) if isinstance(data, bytes) else data
         p = cols.packed
         self._count = count = len(p.names)
         self._digests: _Digests = _RawDigests(p.digests) if _all_sha256(p.digests) else p.digests
@@ -716,6 +738,47 @@ class EntryTable(Sequence[Entry]):
 
     def __len__(self) -> int:
         return self._count
+
+    def rows(self) -> Iterator[tuple[str, EntryType]]:
+        """Each entry's name and type, in order, without making its :class:`Entry` (what a
+        tree is built from)."""
+        names, ends, kinds = self._names, self._name_ends, _KINDS
+        for i, code in enumerate(self._kinds):
+            yield names[ends[i] : ends[i + 1]], kinds[code]
+
+    def mentions(self, text: str) -> bool:
+        """Whether some entry's name holds ``text`` (a layer without whiteouts has no ``.wh.``)."""
+        return text in self._names
+
+    def kind_mode(self, i: int) -> tuple[EntryType, int]:
+        """Entry ``i``'s type and mode, without making it."""
+        return _KINDS[self._kinds[i]], self._numbers[0][i]
+
+    def link_name(self, i: int) -> str:
+        return self._links.get(i, "")
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Every entry's chunks in order, as ``entry.chunks`` would give them, without making
+        the entries (a layer's chunk list at mount)."""
+        file_offset, c_size, offset, end, inner, zeros = self._chunks
+        digests, at, sizes = self._chunk_digests, self._chunk_at, self._numbers[3]
+        for i in range(self._count):
+            first, last = at[i], at[i + 1]
+            if first == last:
+                continue
+            # One chunk, or sizes all 0 (not kept): the file's size
+            whole = None if last - first == 1 else c_size
+            for m in range(first, last):
+                d = digests[m]
+                yield Chunk(
+                    file_offset[m] if file_offset else 0,
+                    sizes[i] if whole is None else whole[m],
+                    offset[m] if offset else 0,
+                    end[m] if end else 0,
+                    self._digests[i] if d is None else d,
+                    inner[m] if inner else 0,
+                    bool(zeros[m]) if zeros else False,
+                )
 
     @overload
     def __getitem__(self, i: int) -> Entry: ...

@@ -30,7 +30,7 @@ from lazyfs.formats.layer import (
     tail_start_hint,
     toc_by_annotations,
 )
-from lazyfs.formats.toc import TOC, TocBudget, pack_toc, unpack_toc
+from lazyfs.formats.toc import TOC, TocBudget, pack_toc, table_toc, unpack_toc
 from lazyfs.remote.base import Source
 from lazyfs.remote.resolve import ResolvedImage, resolve_manifest
 from lazyfs.store.wholelayer import WholeLayers
@@ -64,23 +64,32 @@ class _CachedTOC(msgspec.Struct):
     packed_sha256: bytes = b""
 
 
-def _unpack_cached(entry: _CachedTOC, budget: TocBudget | None) -> TOC:
+def _unpack_cached(entry: _CachedTOC, budget: TocBudget | None, tables: bool) -> TOC:
     if not entry.packed:  # an older cache's JSON
         return decode_layer_toc(entry.location, entry.raw, budget)
     if hashlib.sha256(entry.packed).digest() != entry.packed_sha256:
         raise FormatError("the cached TOC does not match its digest")
+    if tables:
+        return table_toc(entry.packed, budget=budget)
     return unpack_toc(entry.packed, budget=budget)
 
 
-async def _store(cached: Path, loc: TocLocation, toc: TOC) -> None:
+async def _store(cached: Path | None, loc: TocLocation, toc: TOC, tables: bool) -> TOC:
+    """Write ``toc`` to the cache (when there is one); the TOC to use: with ``tables``, its
+    entries as an EntryTable of what was written."""
+    if cached is None and not tables:
+        return toc
     # Packed on this thread: packing in a worker left ~30 MiB at 100k entries in that
     # thread's malloc arena for good (measured); only the write goes to a worker.
     packed = pack_toc(toc)
-    entry = _CachedTOC(loc, packed=packed, packed_sha256=hashlib.sha256(packed).digest())
-    data = msgspec.msgpack.encode(entry)
-    del packed, entry
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    await trio.to_thread.run_sync(atomic_write, cached, data)
+    if cached is not None:
+        entry = _CachedTOC(loc, packed=packed, packed_sha256=hashlib.sha256(packed).digest())
+        data = msgspec.msgpack.encode(entry)
+        del entry
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        await trio.to_thread.run_sync(atomic_write, cached, data)
+    # Not charged again: the decoded TOC was.
+    return table_toc(packed, budget=TocBudget()) if tables else toc
 
 
 async def load_layer(
@@ -90,10 +99,12 @@ async def load_layer(
     *,
     verify: bool = True,
     budget: TocBudget | None = None,
+    tables: bool = False,
 ) -> LayerInfo:
     """Read (or take from ``toc_dir``) a layer's TOC, charging ``budget`` (the image's).
     ``verify``: refuse a TOC the manifest gives no digest for, since every chunk digest comes
-    from it (only ``lazyfs inspect`` of a bare blob file passes False)."""
+    from it (only ``lazyfs inspect`` of a bare blob file passes False).  ``tables``: the
+    TOC's entries as an :class:`EntryTable`, made when asked for (what a mount keeps)."""
     hexpart = oci.check_digest(desc.digest)
     cached = toc_dir / hexpart if toc_dir is not None else None
     if cached is not None and cached.exists():
@@ -103,10 +114,10 @@ async def load_layer(
             want = expected_toc_digest(desc.annotations, entry.location.format)
             if want is None or want != entry.location.expected_digest:
                 raise FormatError("the manifest promises another TOC digest")
-            toc = await trio.to_thread.run_sync(_unpack_cached, entry, budget)
+            toc = await trio.to_thread.run_sync(_unpack_cached, entry, budget, tables)
             if not entry.packed:  # an older cache: rewritten in the form loaded faster
                 try:
-                    await _store(cached, entry.location, toc)
+                    toc = await _store(cached, entry.location, toc, tables)
                 except OSError as e:
                     log.info("could not rewrite the cached TOC of %s: %s", desc.digest, e)
             return LayerInfo(desc, entry.location, toc)
@@ -124,9 +135,7 @@ async def load_layer(
         except (FormatError, IntegrityError) as e:
             log.info("%s: no TOC where the manifest says (%s); reading the footer", where, e)
         else:
-            if cached is not None:
-                await _store(cached, loc, toc)
-            return LayerInfo(desc, loc, toc)
+            return LayerInfo(desc, loc, await _store(cached, loc, toc, tables))
     # One request for the footer and, usually, the TOC before it: a round trip saved per
     # layer on a slow link.
     tail_start = min(
@@ -149,9 +158,7 @@ async def load_layer(
         toc = await _fetch_toc(source, desc.digest, loc, first, budget)
     except LazyfsError as e:
         raise type(e)(f"{where}: {e}") from None
-    if cached is not None:
-        await _store(cached, loc, toc)
-    return LayerInfo(desc, loc, toc)
+    return LayerInfo(desc, loc, await _store(cached, loc, toc, tables))
 
 
 def _promises_toc(desc: oci.Descriptor) -> bool:
@@ -191,12 +198,14 @@ async def load_tocs(
     layer_count: int | None = None,
     whole: WholeLayers | None = None,
     on_resolved: Callable[[str], None] | None = None,
+    tables: bool = False,
 ) -> Image:
     """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
     ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
     layer without a TOC is an error (NotLazyError), unless ``whole`` is given: then it is
     fetched whole and indexed.  ``on_resolved`` hears of the manifest digest before the
-    config and TOCs are read (what else needs it can start beside them)."""
+    config and TOCs are read (what else needs it can start beside them).  ``tables``: see
+    :func:`load_layer`."""
     found_manifest = await resolve_manifest(source, ref, platform)
     if on_resolved is not None:
         on_resolved(found_manifest.digest)
@@ -234,7 +243,7 @@ async def load_tocs(
         tried = False
         if whole is None or _promises_toc(desc):
             try:
-                layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
+                layers[i] = await load_layer(source, desc, toc_dir, budget=budget, tables=tables)
                 return
             except NotLazyError as e:
                 if whole is None:
@@ -249,7 +258,9 @@ async def load_tocs(
         if found is None:
             if not tried:
                 try:
-                    layers[i] = await load_layer(source, desc, toc_dir, budget=budget)
+                    layers[i] = await load_layer(
+                        source, desc, toc_dir, budget=budget, tables=tables
+                    )
                     return
                 except NotLazyError as e:
                     log.info("%s", e)

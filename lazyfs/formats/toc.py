@@ -18,7 +18,7 @@ import re
 import sys
 import threading
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Annotated, Literal, overload
 
 import msgspec
@@ -759,26 +759,41 @@ class EntryTable(Sequence[Entry]):
 
     def chunks(self) -> Iterator[Chunk]:
         """Every entry's chunks in order, as ``entry.chunks`` would give them, without making
-        the entries (a layer's chunk list at mount)."""
+        the entries (a layer's chunk list at mount): column by column, then one ``map``."""
         file_offset, c_size, offset, end, inner, zeros = self._chunks
-        digests, at, sizes = self._chunk_digests, self._chunk_at, self._numbers[3]
-        for i in range(self._count):
-            first, last = at[i], at[i + 1]
-            if first == last:
-                continue
-            # One chunk, or sizes all 0 (not kept): the file's size
-            whole = None if last - first == 1 else c_size
-            for m in range(first, last):
-                d = digests[m]
-                yield Chunk(
-                    file_offset[m] if file_offset else 0,
-                    sizes[i] if whole is None else whole[m],
-                    offset[m] if offset else 0,
-                    end[m] if end else 0,
-                    self._digests[i] if d is None else d,
-                    inner[m] if inner else 0,
-                    bool(zeros[m]) if zeros else False,
-                )
+        total = len(self._chunk_digests)
+        counts = [b - a for a, b in itertools.pairwise(self._chunk_at)]
+        # The entry of each chunk.
+        owner = list(
+            itertools.chain.from_iterable(map(itertools.repeat, range(self._count), counts))
+        )
+        sizes = self._numbers[3]
+        if c_size is None:  # every chunk is its whole file
+            size: Iterable[int] = [sizes[o] for o in owner]
+        else:
+            size = [sizes[o] if counts[o] == 1 else c for o, c in zip(owner, c_size, strict=True)]
+        fd = self._digests
+        digests = [
+            fd[o] if d is None else d for o, d in zip(owner, self._chunk_digests, strict=True)
+        ]
+
+        def column(col: array[int] | None) -> Iterable[int]:
+            return col if col else itertools.repeat(0, total)
+
+        # A chunk's end is the next one's offset: one int object for both, as unpack_toc.
+        offsets = offset.tolist() if offset else [0] * total
+        ints = dict(zip(offsets, offsets, strict=True))
+        ends = [ints.get(x, x) for x in end] if end else itertools.repeat(0, total)
+        return map(
+            Chunk,
+            column(file_offset),
+            size,
+            offsets,
+            ends,
+            digests,
+            column(inner),
+            map(bool, zeros) if zeros else itertools.repeat(False, total),
+        )
 
     @overload
     def __getitem__(self, i: int) -> Entry: ...

@@ -22,6 +22,8 @@ from lazyfs.formats.toc import (
     decode_toc,
     encode_toc,
     pack_toc,
+    pack_toc_table,
+    table_toc,
     unpack_toc,
 )
 
@@ -212,6 +214,11 @@ def test_an_entry_table_makes_the_unpacked_entries_on_demand(
     assert [table.link_name(i) for i in range(len(table))] == [e.link_name for e in toc.entries]
     assert list(table.chunks()) == [c for e in toc.entries for c in e.chunks]
     assert table.mentions(".wh.") and not table.mentions("/nowhere/")
+    # What a first mount keeps: the table of the columns it packed, and the TOC cache's.
+    data, tabled = pack_toc_table(toc)
+    assert data == packed and isinstance(tabled.entries, EntryTable)
+    assert list(tabled.entries) == toc.entries == list(table_toc(packed).entries)
+    assert (tabled.compression, tabled.data_end) == (toc.compression, toc.data_end)
 
 
 def test_an_entry_table_of_a_damaged_packed_toc_is_a_format_error() -> None:

@@ -531,6 +531,21 @@ class _Packed(msgspec.Struct, array_like=True):
 def pack_toc(toc: TOC) -> bytes:
     """``toc`` as columns (msgpack), for :func:`unpack_toc`.  Column by column, so that the
     only temporaries are a few large lists (a mount packs a fetched TOC before its tree)."""
+    return msgspec.msgpack.encode(_pack(toc))
+
+
+def pack_toc_table(toc: TOC) -> tuple[bytes, TOC]:
+    """:func:`pack_toc`'s bytes, and ``toc`` with its entries as an :class:`EntryTable` of
+    those columns (not decoded again: the names and digests are not made twice)."""
+    p = _pack(toc)
+    data = msgspec.msgpack.encode(p)
+    table = EntryTable(_checked(p))
+    return data, TOC(
+        compression=p.compression, entries=table, data_end=p.data_end, prefetch_end=p.prefetch_end
+    )
+
+
+def _pack(toc: TOC) -> _Packed:
     entries = toc.entries
     owners: dict[str, int] = {}
     times: dict[int, int] = {}
@@ -566,26 +581,24 @@ def pack_toc(toc: TOC) -> bytes:
         for e in entries
         for c in e.chunks
     ]
-    return msgspec.msgpack.encode(
-        _Packed(
-            version=_PACK_VERSION,
-            compression=toc.compression,
-            data_end=toc.data_end,
-            prefetch_end=toc.prefetch_end,
-            names=[e.name for e in entries],
-            kinds=bytes([_KIND_CODES[e.type] for e in entries]),
-            numbers=numbers.tobytes(),
-            owners=list(owners),
-            owner_of=owner_of.tobytes(),
-            times=list(times),
-            digests=[e.digest for e in entries],
-            links=links,
-            devices=devices,
-            xattrs=xattrs,
-            chunk_counts=array("I", [len(e.chunks) for e in entries]).tobytes(),
-            chunks=chunks.tobytes(),
-            chunk_digests=chunk_digests,
-        )
+    return _Packed(
+        version=_PACK_VERSION,
+        compression=toc.compression,
+        data_end=toc.data_end,
+        prefetch_end=toc.prefetch_end,
+        names=[e.name for e in entries],
+        kinds=bytes([_KIND_CODES[e.type] for e in entries]),
+        numbers=numbers.tobytes(),
+        owners=list(owners),
+        owner_of=owner_of.tobytes(),
+        times=list(times),
+        digests=[e.digest for e in entries],
+        links=links,
+        devices=devices,
+        xattrs=xattrs,
+        chunk_counts=array("I", [len(e.chunks) for e in entries]).tobytes(),
+        chunks=chunks.tobytes(),
+        chunk_digests=chunk_digests,
     )
 
 
@@ -610,6 +623,10 @@ def _columns(data: bytes) -> _Columns:
         p = _packed_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise FormatError(f"packed TOC is damaged: {e}") from e
+    return _checked(p)
+
+
+def _checked(p: _Packed) -> _Columns:
     if p.version != _PACK_VERSION:
         raise FormatError(f"packed TOC of version {p.version}, not {_PACK_VERSION}")
     count = len(p.names)

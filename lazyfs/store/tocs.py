@@ -30,7 +30,7 @@ from lazyfs.formats.layer import (
     tail_start_hint,
     toc_by_annotations,
 )
-from lazyfs.formats.toc import TOC, TocBudget, pack_toc, table_toc, unpack_toc
+from lazyfs.formats.toc import TOC, TocBudget, pack_toc, pack_toc_table, table_toc, unpack_toc
 from lazyfs.remote.base import Source
 from lazyfs.remote.resolve import ResolvedImage, resolve_manifest
 from lazyfs.store.wholelayer import WholeLayers
@@ -81,15 +81,14 @@ async def _store(cached: Path | None, loc: TocLocation, toc: TOC, tables: bool) 
         return toc
     # Packed on this thread: packing in a worker left ~30 MiB at 100k entries in that
     # thread's malloc arena for good (measured); only the write goes to a worker.
-    packed = pack_toc(toc)
+    packed, tabled = pack_toc_table(toc) if tables else (pack_toc(toc), toc)
     if cached is not None:
         entry = _CachedTOC(loc, packed=packed, packed_sha256=hashlib.sha256(packed).digest())
         data = msgspec.msgpack.encode(entry)
         del entry
         cached.parent.mkdir(parents=True, exist_ok=True)
         await trio.to_thread.run_sync(atomic_write, cached, data)
-    # Not charged again: the decoded TOC was.
-    return table_toc(packed, budget=TocBudget()) if tables else toc
+    return tabled
 
 
 async def load_layer(

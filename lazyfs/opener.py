@@ -15,6 +15,7 @@ mount answers from them what no pending layer can change.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,7 +32,7 @@ from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
-from lazyfs.store.tocs import LayerInfo, load_tocs
+from lazyfs.store.tocs import LayerInfo, Unsaved, load_tocs, save_tocs
 from lazyfs.store.wholelayer import PendingIndex, WholeFetch, WholeLayers
 from lazyfs.trace.stored import StoredGroups
 
@@ -122,6 +123,11 @@ class OpenedImage:
     whole: WholeLayers  # the layers without a TOC, and their downloads
     indexing: LayerIndexing
     groups: StoredGroups | None = None  # with ``stored_groups``: the prefetch group, or its lookup
+    #: tasks that live as long as the image (cancelled as it closes): the lookups, and work a
+    #: caller starts before it has a nursery of its own
+    side: trio.Nursery | None = None
+    #: TOCs fetched but not yet in the TOC cache: written by ``save_tocs``, or at close
+    unsaved: list[Unsaved] = dataclasses.field(default_factory=list)
 
     @property
     def manifest(self) -> str:
@@ -148,6 +154,10 @@ class OpenedImage:
     def layers_above_pending(self) -> list[OpenedLayer]:
         """While layers are pending: those above the topmost of them (see LayerIndexing)."""
         return self.indexing.above_pending()
+
+    async def save_tocs(self) -> None:
+        """Write the fetched TOCs to the TOC cache (a mount does once its start is over)."""
+        await save_tocs(self.unsaved)
 
     def plain_descriptors(self) -> list[oci.Descriptor]:
         """The layers without a TOC (fetched whole), in manifest order."""
@@ -214,6 +224,7 @@ async def open_image(
         whole = WholeLayers(source, cache, progress, background=background)
         groups = StoredGroups(source, cache.documents_dir, group) if stored_groups else None
         try:
+            unsaved: list[Unsaved] = []
             async with _side_tasks() as side:
                 t0 = trio.current_time()
                 tocs = await load_tocs(
@@ -224,6 +235,7 @@ async def open_image(
                     whole=whole,
                     layer_count=layer_count,
                     on_resolved=_begin(groups, side, t0),
+                    unsaved=unsaved,
                     tables=entry_tables,
                 )
                 store = LayerStore(cache)
@@ -239,9 +251,12 @@ async def open_image(
                         whole,
                         indexing,
                         groups,
+                        side,
+                        unsaved,
                     )
                 finally:
                     with trio.CancelScope(shield=True):
+                        await save_tocs(unsaved)  # those the caller did not save yet
                         await store.aclose()  # readiness maps: the next open starts warm
         finally:
             with trio.CancelScope(shield=True):

@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Awaitable, Callable
+import shutil
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -19,7 +22,7 @@ import trio.testing
 import zstandard
 
 from lazyfs.errors import IntegrityError
-from lazyfs.formats.toc import TOC, Chunk, Entry, validate
+from lazyfs.formats.toc import TOC, Chunk, Compression, Entry, validate
 from lazyfs.remote.base import Source
 from lazyfs.store import (
     PREFETCH,
@@ -29,6 +32,7 @@ from lazyfs.store import (
     LayerStats,
     LayerStore,
     default_cache_dir,
+    layerstore,
 )
 from lazyfs.store.chunkmap import DigestIndex
 from lazyfs.store.layerstate import READ_POS_MAX
@@ -379,6 +383,16 @@ def test_put_refuses_bad_data_and_prune(tmp_path: Path) -> None:
     assert chunk_files(tmp_path / "c") == []
 
 
+def test_put_makes_a_fan_out_directory_removed_beneath_it(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c")
+    first = rand(100, 1)
+    cache.put(digest_of(first), first)
+    shutil.rmtree(cache.path_of(digest_of(first)).parent)  # someone cleaned up by hand
+    again = rand(100, 1) + b"again"
+    cache.put(digest_of(again), again)
+    assert cache.path_of(digest_of(again)).read_bytes() == again
+
+
 def test_lru_order_survives_restart(tmp_path: Path) -> None:
     cache = ChunkCache(tmp_path / "c")
     pieces = [rand(100, i) for i in range(3)]
@@ -700,6 +714,65 @@ def test_amplify_also_takes_the_files_just_before(tmp_path: Path) -> None:
         assert len(src.requests) == 1
 
     run(main)
+
+
+def test_a_waited_small_chunk_is_decoded_at_once_on_the_trio_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chunk a reader waits for is decoded alone as soon as its bytes are in, with no
+    # worker thread; the neighbours its request brought go to worker threads in batches.
+    files: dict[str, bytes | list[bytes | int]] = {f"f{i}": rand(3000, 100 + i) for i in range(40)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=9000, behind=9000)
+    by = toc.by_name()
+    decoded_on: dict[str, bool] = {}
+    real = layerstore.decode_chunk
+
+    def recording(comp: Compression, raw: bytes, c: Chunk) -> bytes:
+        decoded_on[c.digest] = threading.current_thread() is threading.main_thread()
+        return real(comp, raw, c)
+
+    monkeypatch.setattr(layerstore, "decode_chunk", recording)
+
+    async def main() -> None:
+        assert await store.read(layer, by["f20"], 0, 3000) == content_of(toc, blob, "f20")
+        for name in ("f19", "f21"):  # brought by the same request, decoded meanwhile
+            assert await store.read(layer, by[name], 0, 3000) == content_of(toc, blob, name)
+        assert len(src.requests) == 1
+
+    run(main)
+    mine = {c.digest for c in by["f20"].chunks}
+    assert all(decoded_on[d] for d in mine)
+    others = [on_trio for d, on_trio in decoded_on.items() if d not in mine]
+    assert others and not any(others)
+
+
+def test_a_waited_large_chunk_is_decoded_before_the_neighbours_that_came_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Too large to decode on the trio thread, it goes to a worker thread alone, ahead of the
+    # neighbours its request brought before it, instead of in one batch with them.
+    files: dict[str, bytes | list[bytes | int]] = {f"f{i}": rand(3000, 100 + i) for i in range(9)}
+    files["big"] = [rand(100_000, 7)]  # one chunk, > 64 KiB compressed (random bytes)
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=1000, behind=9000)
+    by = toc.by_name()
+    batches: list[list[str]] = []
+    real = LayerStore._decode_batch
+
+    def recording(self: LayerStore, *args: Any) -> Coroutine[Any, Any, None]:
+        batches.append([c.digest for c, _ in args[2]])  # in the order the tasks are started
+        return real(self, *args)
+
+    monkeypatch.setattr(LayerStore, "_decode_batch", recording)
+
+    async def main() -> None:
+        assert await store.read(layer, by["big"], 0, 10) == content_of(toc, blob, "big")[:10]
+        for name in ("f7", "f8"):  # brought before it by the same request
+            assert await store.read(layer, by[name], 0, 3000) == content_of(toc, blob, name)
+        assert len(src.requests) == 1
+
+    run(main)
+    assert batches[0] == [by["big"].chunks[0].digest]
+    assert by["f8"].chunks[0].digest in [d for b in batches[1:] for d in b]
 
 
 def test_amplify_takes_more_while_what_it_brought_is_read(tmp_path: Path) -> None:

@@ -158,3 +158,33 @@ def test_no_stored_groups(registry: RegistryInstance, tmp_path: Path) -> None:
         for name in USED:
             assert (m.mountpoint / name).read_bytes() == FILES[name]
     assert not list((tmp_path / "c" / "documents").glob("groups-of-*"))
+
+
+def test_one_listing_and_the_prefetch_before_readiness(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    img = _push(registry, tmp_path, "stored/early")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    fault_proxy.match = "/v2/"
+    # The layer's bytes (TOC, then chunks) come slowly: the groups are known before the TOC.
+    fault_proxy.delay, fault_proxy.delay_match = 0.3, img["layer"].digest
+    cache = tmp_path / "c"
+    args = ("--plain-http", "--read-only", "--cache", str(cache))  # deltas looked up too
+    with mounted(f"{fault_proxy.host}/{img['repo']}:v1", tmp_path / "mnt", *args) as m:
+        at_ready = len(fault_proxy.paths)
+        pf = wait_prefetched(m.mountpoint)["prefetch"]
+        assert pf["group"] == "startup" and not pf["error"]
+        for name in USED:
+            assert (m.mountpoint / name).read_bytes() == FILES[name]
+        # The TOC goes to the TOC cache once the prefetch is done, not on the way to readiness.
+        deadline = time.monotonic() + 10
+        while not list((cache / "tocs").iterdir()):
+            assert time.monotonic() < deadline, "the TOC was not kept"
+            time.sleep(0.05)
+    paths, ranges = fault_proxy.paths, fault_proxy.ranges
+    # One listing of the image's referrers serves the groups lookup and the deltas lookup.
+    assert sum("/manifests/sha256-" in p for p in paths) == 1
+    # The group was known before the TOC came: the prefetch's first request went out before
+    # the mount was ready (the tree is built while it travels).
+    layer = [n for n, p in enumerate(paths) if img["layer"].digest in p and ranges[n]]
+    assert len(layer) >= 2 and layer[1] < at_ready

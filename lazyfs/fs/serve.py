@@ -60,6 +60,10 @@ from lazyfs.trace.schema import Group, encode
 
 log = logging.getLogger(__name__)
 
+# The longest a mount whose prefetch group is known at open waits for the prefetch's first
+# requests to be sent before it builds its tree (a synchronous stretch of CPU).
+EARLY_SEND_WAIT = 0.05
+
 
 class MountOptions(msgspec.Struct, kw_only=True):
     image: str
@@ -106,6 +110,8 @@ class _Mount:
         upper: Upper | None,
         recorder: Recorder | None,
         prefetcher: Prefetcher | None,
+        *,
+        build: bool = True,
     ) -> None:
         self.opts = opts
         self.mountpoint = mountpoint
@@ -123,10 +129,10 @@ class _Mount:
         self._broken: LazyfsError | None = None
         # The layers the tree holds are those from this index up (the rest come beneath).
         self._first = len(image.descriptors)
-        if image.is_complete:
-            self._build()
-        else:
+        if not image.is_complete:
             self._build_early()
+        elif build:
+            self._build()
 
     def _operations(self, layers: list[Layer]) -> Operations:
         return Operations(
@@ -215,10 +221,11 @@ class _Mount:
         self.image.store.provider = self.gate
 
     async def fetch_ahead(self, deltas: PendingDeltas | None) -> None:
-        """After readiness: look for binary deltas beside the image (readers that miss the
-        cache meanwhile wait for the answer) and, at the same time, for what to prefetch;
-        prefetch, using the deltas.  Readers wait for the prefetch's first requests (at most
-        :data:`~lazyfs.fs.prefetch.GATE_WAIT`)."""
+        """After readiness (or, when the group is known at open, before the tree is built):
+        look for binary deltas beside the image (readers that miss the cache meanwhile wait
+        for the answer) and, at the same time, for what to prefetch; prefetch, using the
+        deltas.  Readers wait for the prefetch's first requests (at most
+        :data:`~lazyfs.fs.prefetch.GATE_WAIT`).  Then keep the fetched TOCs."""
         self.deltas = deltas
         try:
             await self._fetch_ahead()
@@ -231,6 +238,9 @@ class _Mount:
                     self.image.store.provider = gate.inner
                     if deltas is not None and deltas.done.is_set():
                         self.image.store.provider = deltas.provider
+        # Off the start's path (the prefetch is done, or there was none): the fetched TOCs
+        # into the TOC cache, for the next mount.
+        await self.image.save_tocs()
 
     async def _fetch_ahead(self) -> None:
         deltas = self.deltas
@@ -423,10 +433,38 @@ async def serve(
             # Groups an earlier mount found beside the image, or the lookup begun with the
             # manifest already answered: the prefetch starts with the mount.
             group = image.groups.group
+        if (
+            group is None
+            and groups is None
+            and image.is_complete
+            and opts.auto_prefetch
+            and opts.prefetch_from in ("auto", "landmark")
+            and (image.groups is None or image.groups.done.is_set())
+        ):
+            # Nothing stored beside the image (its lookup has answered): a re-laid-out
+            # layer's landmark, known from its TOC, is prefetched from the start as well.
+            group = landmark_group(image.store_layers())
         if group is not None and image.is_complete:
             prefetcher = Prefetcher(image.store, image.store_layers(), group)
-        mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher)
+        # The group known, and every layer's TOC: the prefetch's requests go out before the
+        # tree is built, and travel while it is (on a slow link the transfer is most of a
+        # cold start; the tree takes tens of milliseconds of CPU).
+        early = prefetcher is not None and image.side is not None
+        mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher, build=not early)
         mount.group = group if prefetcher is None else None
+        deltas = pending_deltas(image) if opts.deltas else None
+        early_scope = trio.CancelScope()
+        if early:
+            assert image.side is not None
+            mount.hold_readers(deltas)
+
+            async def fetch_early() -> None:
+                with early_scope:  # ends with the mount, as the nursery's tasks below do
+                    await mount.fetch_ahead(deltas)
+
+            image.side.start_soon(fetch_early)
+            await _until_sent(mount.gate)
+            await mount.operations()  # the tree, built while those requests travel
         # Resolve the control socket path now: after init, touching the mount point from this
         # process would wait for a FUSE reply only this process can give (canonical() does
         # not touch it either, but the order keeps that property obvious).
@@ -445,20 +483,33 @@ async def serve(
                 image.start_background(nursery)  # layers without a TOC: fetched from now on
                 if recorder is not None:
                     recorder.start()
-                deltas = pending_deltas(image) if opts.deltas else None
-                mount.hold_readers(deltas)
-                nursery.start_soon(mount.fetch_ahead, deltas)
+                if not early:
+                    mount.hold_readers(deltas)
+                    nursery.start_soon(mount.fetch_ahead, deltas)
                 if ready is not None:
                     plain = [d.mediaType for d in image.plain_descriptors()]
                     ready(ReadyReport(len(image.descriptors), plain))
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
                 nursery.cancel_scope.cancel()
         finally:
+            early_scope.cancel()
             pyfuse3.close(unmount=True)
             if trace_path is not None:
                 mount.write_trace(trace_path)
             if upper is not None:
                 upper.close()
+
+
+async def _until_sent(gate: PrefetchGate | None) -> None:
+    """Return once the prefetch's first requests are sent (the gate opens as they are made,
+    and their tasks then block on the network), or after EARLY_SEND_WAIT: the deltas lookup it
+    waits for, or a busy loop, must not delay the mount."""
+    with trio.move_on_after(EARLY_SEND_WAIT):
+        if gate is not None:
+            await gate.opened.wait()
+        # Until no other task can run (trio.testing's wait for that imports pytest).
+        while trio.lowlevel.current_statistics().tasks_runnable:
+            await trio.sleep(0)
 
 
 def _lock_upper(upper: Upper, path: str | None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,11 @@ from lazyfs.remote.push import push_blob, push_manifest
 from lazyfs.remote.registry import RegistrySource
 
 log = logging.getLogger(__name__)
+
+#: How long a listing of an image's referrers is handed to the next lookup instead of asked
+#: for again: a mount looks for prefetch groups and for deltas beside the image within
+#: moments of each other, and each lookup would otherwise cost a round trip in series.
+LISTING_REUSE = 30.0
 
 MT_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY = b"{}"
@@ -111,6 +117,43 @@ async def list_referrers(source: Source, digest: str) -> tuple[list[oci.Descript
     return oci.decode_index(data).manifests, False
 
 
+class _Listing:
+    """One image's referrers as one lookup fetched them (or is fetching them)."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.refs: list[oci.Descriptor] | None = None  # None: not (yet) fetched
+        self.at = 0.0
+
+
+_listings: weakref.WeakKeyDictionary[Source, dict[str, _Listing]] = weakref.WeakKeyDictionary()
+
+
+async def shared_referrers(source: Source, digest: str) -> list[oci.Descriptor]:
+    """:func:`list_referrers`, once for lookups in quick succession (within LISTING_REUSE)
+    through the same source: a lookup that comes while another's request is on its way
+    waits for that answer.  A failed or cancelled fetch is not shared: the next lookup asks
+    itself.  Pushes read the listing fresh (``list_referrers``), never this one."""
+    memo = _listings.setdefault(source, {})
+    while True:
+        entry = memo.get(digest)
+        if entry is None or (entry.done.is_set() and time.monotonic() - entry.at > LISTING_REUSE):
+            break
+        await entry.done.wait()
+        if entry.refs is not None:
+            return entry.refs
+        # the fetching lookup failed or was cancelled: ask again, as one of the waiters
+    entry = memo[digest] = _Listing()
+    try:
+        entry.refs = (await list_referrers(source, digest))[0]
+        return entry.refs
+    finally:
+        entry.at = time.monotonic()
+        if entry.refs is None and memo.get(digest) is entry:
+            del memo[digest]
+        entry.done.set()
+
+
 async def _fallback_index(source: Source, digest: str) -> dict[str, Any]:
     """The raw tag-schema index (unknown fields kept), or a new empty one."""
     try:
@@ -137,6 +180,7 @@ async def push_artifact(
     name any ``blobs`` by digest).  ``blobs`` and ``annotations``: see artifact_manifest."""
     subject = image_manifest_desc
     content_digest = oci.sha256_digest(data)
+    _listings.get(source, {}).pop(subject.digest, None)  # this source's next lookup sees it
     existing, api = await list_referrers(source, subject.digest)
     for d in existing:
         if (
@@ -192,7 +236,7 @@ async def find_artifact(
     """The newest ``artifact_type`` document stored for ``manifest_digest``, or None.  Tries
     the referrers API, then the tag schema; skips artifacts that do not check out (``check``
     raises FormatError for a document the caller cannot use)."""
-    refs, _ = await list_referrers(source, manifest_digest)
+    refs = await shared_referrers(source, manifest_digest)
     candidates = sorted(
         (d for d in refs if d.artifactType == artifact_type),
         key=lambda d: ((d.annotations or {}).get(ANN_CREATED, ""), d.digest),

@@ -52,6 +52,14 @@ INLINE_READ_BYTES = 256 * 1024
 # than decoding a small one), at most DECODE_TASKS batches at once: the stream waits beyond.
 STREAM_BATCH = 256 * 1024
 DECODE_TASKS = 2
+# A chunk a reader waits for, up to this size compressed and plain, is decoded on the trio
+# thread as soon as its bytes are in, alone: a miss waited ~13 ms for a worker thread to
+# decode the ~256 KiB batch around its chunk (GIL and cores shared with the stream and the
+# cache writes), where its own chunk takes tens of microseconds, at most ~1 ms (BENCHMARKS.md,
+# issue 13, "the cost of each miss").  A larger one goes to a worker thread alone, ahead of
+# its neighbours' batch.
+INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_PLAIN = 1024 * 1024
 # A reader waiting on a chunk this far ahead in a stream that has no measured speed yet
 # fetches it itself (the old prefetch request size: what a reader used to wait behind).
 OVERTAKE_BYTES = 1024 * 1024
@@ -172,6 +180,11 @@ class _Window:
 
     def missed(self, brought: set[str], budget: int) -> None:
         self.size, self.brought, self.used = budget, brought, False
+
+
+def _inline(c: Chunk) -> bool:
+    """Whether ``c`` is small enough to decode on the trio thread."""
+    return c.end - c.offset <= INLINE_DECODE_BYTES and c.size <= INLINE_DECODE_PLAIN
 
 
 def _reraise(error: BaseException) -> NoReturn:
@@ -774,6 +787,9 @@ class LayerStore:
         nxt = 0  # the first chunk not yet complete
         ready: list[tuple[Chunk, bytes]] = []
         ready_bytes = 0
+        # Chunks readers wait for, decoded first: small ones here, larger ones each alone.
+        waited: list[tuple[Chunk, bytes]] = []
+        alone: list[tuple[Chunk, bytes]] = []
         decoders = trio.Semaphore(DECODE_TASKS)
         error: Exception | None = None
         try:
@@ -799,15 +815,28 @@ class LayerStore:
                         g.pos = buf_start = at
                     buf.extend(piece)
                     g.pos += len(piece)
-                    urgent = False
                     while nxt < len(chunks) and chunks[nxt].end <= g.pos:
                         c = chunks[nxt]
                         nxt += 1
                         f = g.flights.get(c.digest)
-                        if f is not None and not f.event.is_set():  # else overtaken
-                            ready.append((c, bytes(buf[c.offset - buf_start : c.end - buf_start])))
+                        if f is None or f.event.is_set():
+                            continue  # overtaken
+                        raw = bytes(buf[c.offset - buf_start : c.end - buf_start])
+                        if not f.waiting:
+                            ready.append((c, raw))
                             ready_bytes += c.end - c.offset
-                            urgent = urgent or f.waiting
+                        elif _inline(c):
+                            waited.append((c, raw))
+                        else:
+                            alone.append((c, raw))
+                    urgent = bool(waited or alone)  # their neighbours go now too, after them
+                    if waited:
+                        nursery.start_soon(self._decode_batch, layer, g, waited[:], None, done)
+                        waited.clear()
+                    for one in alone:
+                        await decoders.acquire()
+                        nursery.start_soon(self._decode_batch, layer, g, [one], decoders, done)
+                    alone.clear()
                     keep = chunks[nxt].offset if nxt < len(chunks) else g.pos
                     if keep > buf_start:
                         del buf[: min(keep, g.pos) - buf_start]
@@ -888,12 +917,14 @@ class LayerStore:
         layer: Layer,
         g: _Group,
         batch: list[tuple[Chunk, bytes]],
-        decoders: trio.Semaphore,
+        decoders: trio.Semaphore | None,
         done: Callable[[], None] | None,
     ) -> None:
         """Decode and verify complete chunks of a stream, resolve their flights and cache
         them, then let go of them (their waiters hold the data they need).  ``done`` hears
-        of each batch: a pull's progress moves while a large request streams."""
+        of each batch: a pull's progress moves while a large request streams.  ``decoders``:
+        the semaphore the caller acquired for a worker thread; None decodes here, on the
+        trio thread (small chunks a reader waits for)."""
         comp = layer.toc.compression
         chunks = [c for c, _ in batch]
 
@@ -908,7 +939,10 @@ class LayerStore:
 
         stored: list[tuple[str, bytes]] = []
         try:
-            results = await trio.to_thread.run_sync(decode_all)
+            if decoders is None:
+                results = decode_all()
+            else:
+                results = await trio.to_thread.run_sync(decode_all)
             batch.clear()  # the compressed bytes are spent
             for c, result in zip(chunks, results, strict=True):
                 f = g.flights[c.digest]
@@ -922,7 +956,8 @@ class LayerStore:
                     self._succeed(c, f, result, stored)
             del results
         finally:
-            decoders.release()
+            if decoders is not None:
+                decoders.release()
         await self._cache_stored(layer, stored)
         for d, _ in stored:
             f = g.flights.pop(d)

@@ -74,21 +74,53 @@ def _unpack_cached(entry: _CachedTOC, budget: TocBudget | None, tables: bool) ->
     return unpack_toc(entry.packed, budget=budget)
 
 
-async def _store(cached: Path | None, loc: TocLocation, toc: TOC, tables: bool) -> TOC:
-    """Write ``toc`` to the cache (when there is one); the TOC to use: with ``tables``, its
-    entries as an EntryTable of what was written."""
-    if cached is None and not tables:
-        return toc
+async def _store(cached: Path, loc: TocLocation, toc: TOC | bytes) -> None:
+    """Write ``toc`` (or its :func:`pack_toc` bytes) to the TOC cache."""
     # Packed on this thread: packing in a worker left ~30 MiB at 100k entries in that
     # thread's malloc arena for good (measured); only the write goes to a worker.
-    packed, tabled = pack_toc_table(toc) if tables else (pack_toc(toc), toc)
-    if cached is not None:
-        entry = _CachedTOC(loc, packed=packed, packed_sha256=hashlib.sha256(packed).digest())
-        data = msgspec.msgpack.encode(entry)
-        del entry
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        await trio.to_thread.run_sync(atomic_write, cached, data)
-    return tabled
+    packed = toc if isinstance(toc, bytes) else pack_toc(toc)
+    entry = _CachedTOC(loc, packed=packed, packed_sha256=hashlib.sha256(packed).digest())
+    data = msgspec.msgpack.encode(entry)
+    del packed, entry
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    await trio.to_thread.run_sync(atomic_write, cached, data)
+
+
+#: a fetched TOC not written to the TOC cache yet: where it goes, and what (or its packed
+#: bytes, when the mount keeps its entries as a table of them)
+Unsaved = tuple[Path, TocLocation, TOC | bytes]
+
+
+async def save_tocs(unsaved: list[Unsaved]) -> None:
+    """Write the TOCs ``load_layer`` left in ``unsaved`` to the TOC cache (for the next
+    mount; a failure costs that mount a fetch, so it is logged, not raised)."""
+    while unsaved:
+        cached, loc, toc = unsaved.pop()
+        try:
+            await _store(cached, loc, toc)
+        except OSError as e:
+            log.warning("could not keep the TOC at %s: %s", cached, e)
+
+
+async def _keep(
+    cached: Path | None,
+    loc: TocLocation,
+    toc: TOC,
+    unsaved: list[Unsaved] | None,
+    tables: bool = False,
+) -> TOC:
+    """Write (or leave in ``unsaved``) a fetched TOC; the TOC to use.  With ``tables``, its
+    entries as an EntryTable of its packed columns (packed now: the tree is built from them)."""
+    kept: TOC | bytes = toc
+    if tables:
+        kept, toc = pack_toc_table(toc)
+    if cached is None:
+        return toc
+    if unsaved is not None:
+        unsaved.append((cached, loc, kept))
+    else:
+        await _store(cached, loc, kept)
+    return toc
 
 
 async def load_layer(
@@ -98,12 +130,16 @@ async def load_layer(
     *,
     verify: bool = True,
     budget: TocBudget | None = None,
+    unsaved: list[Unsaved] | None = None,
     tables: bool = False,
 ) -> LayerInfo:
     """Read (or take from ``toc_dir``) a layer's TOC, charging ``budget`` (the image's).
     ``verify``: refuse a TOC the manifest gives no digest for, since every chunk digest comes
-    from it (only ``lazyfs inspect`` of a bare blob file passes False).  ``tables``: the
-    TOC's entries as an :class:`EntryTable`, made when asked for (what a mount keeps)."""
+    from it (only ``lazyfs inspect`` of a bare blob file passes False).  ``unsaved``: a
+    fetched TOC is put there instead of written to ``toc_dir`` now (packing it is tens of
+    milliseconds of CPU a mount need not spend before it is ready: :func:`save_tocs`).
+    ``tables``: the TOC's entries as an :class:`EntryTable`, made when asked for (what a
+    mount keeps)."""
     hexpart = oci.check_digest(desc.digest)
     cached = toc_dir / hexpart if toc_dir is not None else None
     if cached is not None and cached.exists():
@@ -116,7 +152,7 @@ async def load_layer(
             toc = await trio.to_thread.run_sync(_unpack_cached, entry, budget, tables)
             if not entry.packed:  # an older cache: rewritten in the form loaded faster
                 try:
-                    toc = await _store(cached, entry.location, toc, tables)
+                    toc = await _keep(cached, entry.location, toc, None, tables)
                 except OSError as e:
                     log.info("could not rewrite the cached TOC of %s: %s", desc.digest, e)
             return LayerInfo(desc, entry.location, toc)
@@ -134,7 +170,7 @@ async def load_layer(
         except (FormatError, IntegrityError) as e:
             log.info("%s: no TOC where the manifest says (%s); reading the footer", where, e)
         else:
-            return LayerInfo(desc, loc, await _store(cached, loc, toc, tables))
+            return LayerInfo(desc, loc, await _keep(cached, loc, toc, unsaved, tables))
     # One request for the footer and, usually, the TOC before it: a round trip saved per
     # layer on a slow link.
     tail_start = min(
@@ -157,7 +193,7 @@ async def load_layer(
         toc = await _fetch_toc(source, desc.digest, loc, first, budget)
     except LazyfsError as e:
         raise type(e)(f"{where}: {e}") from None
-    return LayerInfo(desc, loc, await _store(cached, loc, toc, tables))
+    return LayerInfo(desc, loc, await _keep(cached, loc, toc, unsaved, tables))
 
 
 def _promises_toc(desc: oci.Descriptor) -> bool:
@@ -197,14 +233,15 @@ async def load_tocs(
     layer_count: int | None = None,
     whole: WholeLayers | None = None,
     on_resolved: Callable[[str], None] | None = None,
+    unsaved: list[Unsaved] | None = None,
     tables: bool = False,
 ) -> Image:
     """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
     ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
     layer without a TOC is an error (NotLazyError), unless ``whole`` is given: then it is
     fetched whole and indexed.  ``on_resolved`` hears of the manifest digest before the
-    config and TOCs are read (what else needs it can start beside them).  ``tables``: see
-    :func:`load_layer`."""
+    config and TOCs are read (what else needs it can start beside them).  ``unsaved``,
+    ``tables``: see :func:`load_layer`."""
     found_manifest = await resolve_manifest(source, ref, platform)
     if on_resolved is not None:
         on_resolved(found_manifest.digest)
@@ -242,7 +279,9 @@ async def load_tocs(
         tried = False
         if whole is None or _promises_toc(desc):
             try:
-                layers[i] = await load_layer(source, desc, toc_dir, budget=budget, tables=tables)
+                layers[i] = await load_layer(
+                    source, desc, toc_dir, budget=budget, unsaved=unsaved, tables=tables
+                )
                 return
             except NotLazyError as e:
                 if whole is None:
@@ -258,7 +297,7 @@ async def load_tocs(
             if not tried:
                 try:
                     layers[i] = await load_layer(
-                        source, desc, toc_dir, budget=budget, tables=tables
+                        source, desc, toc_dir, budget=budget, unsaved=unsaved, tables=tables
                     )
                     return
                 except NotLazyError as e:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import os
+import types
+from pathlib import Path
 
 import pytest
 import trio
 
 from lazyfs.fs import ops
 from lazyfs.fs.tree import Node, Tree
+from lazyfs.fs.upper import Upper
 
 
 def directory(names: list[str]) -> tuple[ops.Operations, Node]:
@@ -70,7 +74,7 @@ def test_a_change_between_parts_takes_the_listing_afresh() -> None:
     assert d.children is not None
     gone = entries[50][0].decode()
     del d.children[gone]
-    o._changes += 1  # what every handler that adds or removes a name does
+    o._changed(d)  # what every handler that adds or removes a name does
     again, _ = o._listing(d)
     assert len(again) == 99 and positions[50] not in again
 
@@ -83,3 +87,37 @@ def test_without_the_patch_opendir_answers_the_inode(monkeypatch: pytest.MonkeyP
     assert not o.no_opendir
     fh = trio.run(o.opendir, d.ino, None)
     assert fh == ops.INO_FH | d.ino and o.listed_dir(fh) is d
+
+
+def test_changes_elsewhere_keep_a_listing_in_progress(tmp_path: Path) -> None:
+    """Names created, renamed and removed in another directory between two parts of a
+    listing do not make it sorted again (once per part: quadratic in a big directory read
+    while anything anywhere changes); a change of the directory itself does, through the
+    same handlers."""
+    names = [f"n{i}" for i in range(100)]
+    o, d = directory(names)
+    tree = o.tree
+    other = tree.new_node(tree.root, "other", None, -1)
+    other.children = {}
+    assert tree.root.children is not None
+    tree.root.children["other"] = other
+    for node in (tree.root, d, other):
+        node.upper = True
+    (tmp_path / "upper" / "d").mkdir(parents=True)
+    (tmp_path / "upper" / "other").mkdir()
+    ctx = types.SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o22)
+
+    async def changes(parent: Node) -> None:
+        await o.mkdir(parent.ino, b"sub", 0o755, ctx)  # type: ignore[arg-type]
+        await o.symlink(parent.ino, b"ln", b"sub", ctx)  # type: ignore[arg-type]
+        await o.rename(parent.ino, b"ln", parent.ino, b"ln2", 0, ctx)  # type: ignore[arg-type]
+        await o.unlink(parent.ino, b"ln2", ctx)  # type: ignore[arg-type]
+        await o.rmdir(parent.ino, b"sub", ctx)  # type: ignore[arg-type]
+
+    with Upper(tmp_path / "upper") as upper:
+        o.upper = upper
+        kept, _ = o._listing(d)
+        trio.run(changes, other)
+        assert o._listing(d)[0] is kept
+        trio.run(changes, d)
+        assert o._listing(d)[0] is not kept

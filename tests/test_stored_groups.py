@@ -185,6 +185,10 @@ def test_one_listing_and_the_prefetch_before_readiness(
     # One listing of the image's referrers serves the groups lookup and the deltas lookup.
     assert sum("/manifests/sha256-" in p for p in paths) == 1
     # The group was known before the TOC came: the prefetch's first request went out before
-    # the mount was ready (the tree is built while it travels).
+    # the mount was ready (the tree is built while it travels).  The proxy's thread may note
+    # it just after the test saw readiness (a tiny image's tree takes a millisecond), so what
+    # is checked is that nothing but chunks was asked after readiness and that the prefetch's
+    # first request came no later than the first request after it.
     layer = [n for n, p in enumerate(paths) if img["layer"].digest in p and ranges[n]]
-    assert len(layer) >= 2 and layer[1] < at_ready
+    assert len(layer) >= 2 and layer[1] <= at_ready
+    assert all(img["layer"].digest in p and ranges[n] for n, p in enumerate(paths) if n >= at_ready)

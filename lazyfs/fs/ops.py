@@ -242,14 +242,22 @@ class Operations(_Guarded):
         self.no_opendir = patched_pyfuse3() is not None
         self._promoting: dict[int, trio.Event] = {}
         # Directories' listings in hash order (see _HASH_BITS) while the kernel reads them in
-        # parts: inode -> (self._changes when taken, positions, names and nodes).
+        # parts: inode -> (self._changes when taken, positions, names and nodes).  Dropped by
+        # a change of that directory only (_changed): a listing of 100k names read in hundreds
+        # of parts is sorted once, not again per part while names change elsewhere.
         self._sorted: dict[int, tuple[int, list[int], list[tuple[bytes, Node]]]] = {}
-        self._changes = 0  # names added or removed anywhere (what makes a sorted listing stale)
+        self._changes = 0  # the whole tree changed (layers added beneath it): every listing stale
 
     def init(self) -> None:
         """Called by pyfuse3 before the first request, and again once layers without a TOC
         were added beneath the tree (lazyfs.fs.serve): listings taken before are stale."""
         self._changes += 1
+
+    def _changed(self, *dirs: Node) -> None:
+        """Names were added to or removed from ``dirs``: their sorted listings are stale (the
+        kernel drops its cached ones itself: every such change comes through it)."""
+        for d in dirs:
+            self._sorted.pop(d.ino, None)
 
     # ------------------------------------------------------------------ helpers: nodes, attrs
 
@@ -795,7 +803,7 @@ class Operations(_Guarded):
         node.upper = True
         assert parent.children is not None
         parent.children[name] = node
-        self._changes += 1
+        self._changed(parent)
         return node
 
     def _own(self, path: tuple[str, ...], ctx: pyfuse3.RequestContext) -> None:
@@ -889,7 +897,7 @@ class Operations(_Guarded):
         except OSError as e:
             raise _errno(e) from e
         self.tree.add_link(node, parent, sname)
-        self._changes += 1
+        self._changed(parent)
         return self._looked_up(node)
 
     # ------------------------------------------------------------------ removing and renaming
@@ -913,7 +921,7 @@ class Operations(_Guarded):
             upper.whiteout(path)
         assert parent.children is not None
         del parent.children[name]
-        self._changes += 1
+        self._changed(parent)
         self.tree.unlink_name(node, parent, name)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -984,6 +992,7 @@ class Operations(_Guarded):
                         upper.unlink(new_path)
                 assert new_parent.children is not None
                 del new_parent.children[new]
+                self._changed(new_parent)  # even if the rename below fails
                 self.tree.unlink_name(target, new_parent, new)
             elif upper.has_whiteout(new_path):
                 upper.remove_whiteout(new_path)
@@ -997,7 +1006,7 @@ class Operations(_Guarded):
         assert old_parent.children is not None and new_parent.children is not None
         del old_parent.children[old]
         new_parent.children[new] = node
-        self._changes += 1
+        self._changed(old_parent, new_parent)
         if node.parent is old_parent and node.name == old:
             node.parent, node.name = new_parent, new
         elif node.links:

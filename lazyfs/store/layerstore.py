@@ -787,9 +787,6 @@ class LayerStore:
         nxt = 0  # the first chunk not yet complete
         ready: list[tuple[Chunk, bytes]] = []
         ready_bytes = 0
-        # Chunks readers wait for, decoded first: small ones here, larger ones each alone.
-        waited: list[tuple[Chunk, bytes]] = []
-        alone: list[tuple[Chunk, bytes]] = []
         decoders = trio.Semaphore(DECODE_TASKS)
         error: Exception | None = None
         try:
@@ -815,6 +812,10 @@ class LayerStore:
                         g.pos = buf_start = at
                     buf.extend(piece)
                     g.pos += len(piece)
+                    # Chunks readers wait for, decoded first: small ones here, larger ones
+                    # each alone.
+                    waited: list[tuple[Chunk, bytes]] = []
+                    alone: list[tuple[Chunk, bytes]] = []
                     while nxt < len(chunks) and chunks[nxt].end <= g.pos:
                         c = chunks[nxt]
                         nxt += 1
@@ -831,12 +832,10 @@ class LayerStore:
                             alone.append((c, raw))
                     urgent = bool(waited or alone)  # their neighbours go now too, after them
                     if waited:
-                        nursery.start_soon(self._decode_batch, layer, g, waited[:], None, done)
-                        waited.clear()
+                        nursery.start_soon(self._decode_batch, layer, g, waited, None, done)
                     for one in alone:
                         await decoders.acquire()
                         nursery.start_soon(self._decode_batch, layer, g, [one], decoders, done)
-                    alone.clear()
                     keep = chunks[nxt].offset if nxt < len(chunks) else g.pos
                     if keep > buf_start:
                         del buf[: min(keep, g.pos) - buf_start]

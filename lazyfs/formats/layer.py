@@ -160,7 +160,8 @@ def toc_json(loc: TocLocation, raw: bytes) -> bytes:
 
 
 def decode_layer_toc(loc: TocLocation, raw: bytes, budget: TocBudget | None = None) -> TOC:
-    return decode_toc(toc_json(loc, raw), **_decode_options(loc), budget=budget)
+    # In a list: freed in the decode (see decode_toc).
+    return decode_toc([toc_json(loc, raw)], **_decode_options(loc), budget=budget)
 
 
 def decode_layer_table(
@@ -168,7 +169,7 @@ def decode_layer_table(
 ) -> tuple[bytes, TOC]:
     """:func:`decode_layer_toc` with its entries an EntryTable, and their packed bytes (what
     a mount keeps, and keeps in its TOC cache): see :func:`decode_toc_table`."""
-    return decode_toc_table(toc_json(loc, raw), **_decode_options(loc), budget=budget)
+    return decode_toc_table([toc_json(loc, raw)], **_decode_options(loc), budget=budget)
 
 
 class _DecodeOptions(TypedDict):

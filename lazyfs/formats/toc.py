@@ -455,7 +455,7 @@ _packed_decoder = msgspec.msgpack.Decoder(_Packed)
 
 
 def decode_toc(
-    data: bytes,
+    data: bytes | list[bytes],
     *,
     compression: Compression,
     blob_size: int,
@@ -466,8 +466,10 @@ def decode_toc(
 ) -> TOC:
     """Decode and validate a TOC JSON document from either format, charging ``budget``.
     ``reserved``: names of the writers' own files, checked and then left out; the offset of
-    ``landmark``'s first chunk is the TOC's ``prefetch_end``."""
-    held = [data]  # the JSON is freed in the decode, before the columns are built
+    ``landmark``'s first chunk is the TOC's ``prefetch_end``.  ``data`` in a list: the list
+    is emptied, so that the JSON is freed once decoded, before the columns are built (an
+    argument stays referenced by the caller until the call returns)."""
+    held = data if isinstance(data, list) else [data]
     del data
     packed = msgspec.msgpack.encode(
         _decode_packed(held, compression, blob_size, data_end, budget, reserved, landmark)
@@ -486,7 +488,7 @@ def decode_toc(
 
 
 def decode_toc_table(
-    data: bytes,
+    data: bytes | list[bytes],
     *,
     compression: Compression,
     blob_size: int,
@@ -499,8 +501,9 @@ def decode_toc_table(
     made, and the table's packed bytes (:func:`pack_toc`'s, for the TOC cache).  The wire
     entries are decoded straight into columns; the table is made from their packed bytes
     once the wire structs are freed, so none of its objects sits among them (a few small
-    survivors in the interpreter's pools keep whole freed arenas resident)."""
-    held = [data]
+    survivors in the interpreter's pools keep whole freed arenas resident).  ``data``: as
+    :func:`decode_toc` takes it."""
+    held = data if isinstance(data, list) else [data]
     del data
     p = _decode_packed(held, compression, blob_size, data_end, budget, reserved, landmark)
     rows, end, prefetch_end = len(p.names), p.data_end, p.prefetch_end

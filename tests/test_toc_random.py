@@ -8,6 +8,7 @@ import contextlib
 import json
 import random
 import sys
+from array import array
 from typing import Literal
 
 import msgspec
@@ -359,3 +360,43 @@ def test_times_parse_as_the_general_parser_does() -> None:
         except FormatError as e:
             got = str(e)
         assert got == want, s
+
+
+def test_columns_narrow_to_the_smallest_type_that_holds_them() -> None:
+    rnd = random.Random(3)
+    edges = [0, 1, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32, 2**62, -1, -(2**40)]
+    for _ in range(200):
+        values = [rnd.choice(edges) for _ in range(rnd.randint(0, 6))]
+        values += [rnd.randint(0, rnd.choice([255, 65_535, 2**32 - 1])) for _ in range(5)]
+        for code in ("q", "I"):
+            if code == "I" and (min(values) < 0 or max(values) >= 2**32):
+                continue
+            got = toc_module._narrow(array(code, values))
+            assert got.tolist() == values
+            fits = [
+                c for c in "BHI" if min(values) >= 0 and max(values) < 1 << (8 * array(c).itemsize)
+            ]
+            want = fits[0] if fits and array(fits[0]).itemsize < array(code).itemsize else code
+            assert got.typecode == want, values
+
+
+def test_sha256_digests_pack_only_when_each_is_one() -> None:
+    rnd = random.Random(4)
+    good = ["sha256:" + rnd.randbytes(32).hex() for _ in range(5)]
+    raw = toc_module._raw_sha256(["", *good, ""])
+    assert raw is not None
+    table = toc_module._RawDigests(raw)
+    assert [table[i] for i in range(7)] == ["", *good, ""]
+    assert toc_module._raw_sha256([]) == b""
+    for bad in (
+        "sha256:" + "0" * 64,  # no digest spelt out
+        good[0].upper(),
+        good[0][:-1],
+        good[0] + "0",
+        "sha512:" + good[0][7:],
+        good[0][:20] + " " + good[0][21:],
+        good[0][:20] + "é" + good[0][21:],
+        "sha256:" + good[0][7:64] + "sha256:",  # a prefix inside the hex
+        good[0][:-6] + "sha256",  # with the next one's ":" + 64 hex, the prefix lines up
+    ):
+        assert toc_module._raw_sha256([good[1], bad, ":" + good[2][7:]]) is None, bad

@@ -1020,7 +1020,8 @@ class EntryTable(Sequence[Entry]):
         cols = _columns(data) if isinstance(data, bytes) else data
         p = cols.packed
         self._count = count = len(p.names)
-        self._digests: _Digests = _RawDigests(p.digests) if _all_sha256(p.digests) else p.digests
+        raw = _raw_sha256(p.digests)
+        self._digests: _Digests = p.digests if raw is None else _RawDigests(raw)
         self._kinds = p.kinds
         self._owners = [sys.intern(o) for o in p.owners]
         self._times = p.times
@@ -1037,7 +1038,7 @@ class EntryTable(Sequence[Entry]):
             total = len(p.chunk_digests)
             # file offset, size, offset, end, inner, zeros; None: all 0
             self._chunks = tuple(
-                _narrow(col) if any(col) else None
+                _narrow(col) if col.tobytes().strip(b"\0") else None
                 for col in (cols.flat[k * total : (k + 1) * total] for k in range(6))
             )
         except OverflowError as e:
@@ -1158,9 +1159,8 @@ class _RawDigests:
 
     __slots__ = ("_raw",)
 
-    def __init__(self, digests: list[str]) -> None:
-        zero = _NO_DIGEST.hex()
-        self._raw = bytes.fromhex("".join(d[7:] if d else zero for d in digests))
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw  # what _raw_sha256 made
 
     def __getitem__(self, i: int) -> str:
         raw = self._raw[32 * i : 32 * i + 32]
@@ -1172,18 +1172,28 @@ _Digests = _RawDigests | list[str]
 _NO_DIGEST = bytes(32)
 
 
-def _all_sha256(digests: list[str]) -> bool:
-    """Whether every digest given is ``sha256:`` and 64 lower-case hex digits, not all 0 (in
-    C, not a regex match per digest: a mount of 100k files waits for this)."""
-    zero = "sha256:" + _NO_DIGEST.hex()  # spelt out in a TOC, it keeps the strings
-    given = [d for d in digests if d]
-    if zero in given or not all(len(d) == 71 and d.startswith("sha256:") for d in given):
-        return False
-    hexes = "".join(d[7:] for d in given)
+def _raw_sha256(digests: list[str]) -> bytes | None:
+    """Every digest as 32 bytes (none as all 0) when each one given is ``sha256:`` and 64
+    lower-case hex digits, not all 0; else None.  In C, over the digests joined (a mount of
+    100k files waits for this): each is 71 characters, the prefix is where every 71st
+    character starts, and the rest is hex that spells itself again."""
+    prefix = "sha256:"
+    zero = prefix + _NO_DIGEST.hex()  # spelt out in a TOC, it keeps the strings
+    if zero in digests:
+        return None
+    spelt = [d or zero for d in digests]
+    if spelt and set(map(len, spelt)) != {71}:
+        return None
+    joined, n = "".join(spelt), len(spelt)
+    if any(joined[j::71] != c * n for j, c in enumerate(prefix)):
+        return None
+    hexes = joined.replace(prefix, "")
     try:
-        return bytes.fromhex(hexes).hex() == hexes  # also refuses upper case and blanks
+        raw = bytes.fromhex(hexes)
     except ValueError:
-        return False
+        return None
+    # Also refuses upper case and blanks, and a prefix inside the hex (the length is short).
+    return raw if len(raw) == 32 * n and raw.hex() == hexes else None
 
 
 def _ends(parts: Sequence[str] | array[int]) -> array[int]:
@@ -1194,13 +1204,24 @@ def _ends(parts: Sequence[str] | array[int]) -> array[int]:
 
 
 def _narrow(numbers: array[int]) -> array[int]:
-    """``numbers`` in the narrowest array type that holds them all."""
-    if not numbers:
+    """``numbers`` in the narrowest array type that holds them all: how many low bytes any
+    of them uses read from the bytes of the array (in C), not number by number.  A negative
+    number uses its top byte: such a column stays as it is."""
+    size, count = numbers.itemsize, len(numbers)
+    if not count or sys.byteorder != "little":
         return numbers
-    low, high = min(numbers), max(numbers)
-    for code in ("B", "H", "I") if low >= 0 else ():
-        if high < 1 << (8 * array(code).itemsize):
-            return array(code, numbers)
+    raw = numbers.tobytes()
+    unused = bytes(count)
+    used = size
+    while used > 1 and raw[used - 1 :: size] == unused:
+        used -= 1
+    for code in ("B", "H", "I"):
+        width = array(code).itemsize
+        if used <= width < size:
+            low = bytearray(width * count)
+            for j in range(width):
+                low[j::width] = raw[j::size]
+            return array(code, bytes(low))
     return numbers
 
 

@@ -192,6 +192,7 @@ async def open_image(
     background: bool = False,
     stored_groups: bool = False,
     group: str | None = None,
+    entry_tables: bool = False,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
@@ -201,7 +202,9 @@ async def open_image(
     lazy layers.  ``progress`` hears of each whole-layer download as it starts and ends.
     ``background``: do not wait for those downloads (see :class:`LayerIndexing`).
     ``stored_groups``: find the prefetch group ``group`` stored beside the image (kept from an
-    earlier open, else looked up while the TOCs load; see :class:`StoredGroups`)."""
+    earlier open, else looked up while the TOCs load; see :class:`StoredGroups`).
+    ``entry_tables``: keep the TOCs' entries as columns, each made when asked for (a mount's
+    memory; not for what relies on one object per entry)."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -233,6 +236,7 @@ async def open_image(
                     layer_count=layer_count,
                     on_resolved=_begin(groups, side, t0),
                     unsaved=unsaved,
+                    tables=entry_tables,
                 )
                 store = LayerStore(cache)
                 try:

@@ -99,6 +99,7 @@ def breakdown(image: Path, cache: Path, top: int) -> str:
     """In this process: open the image (TOC cached by a first open) and build the tree,
     then the live heap by allocation site, largest first."""
     import tracemalloc
+    from inspect import signature
 
     import trio
 
@@ -111,7 +112,9 @@ def breakdown(image: Path, cache: Path, top: int) -> str:
         async with open_image(f"oci:{image}", cache_dir=cache):
             pass  # fills the TOC cache: the measured open below reads it as a remount does
         tracemalloc.start()
-        async with open_image(f"oci:{image}", cache_dir=cache) as img:
+        # As the mount daemon opens it (a baseline's open_image may not know the option).
+        opts = {"entry_tables": True} if "entry_tables" in signature(open_image).parameters else {}
+        async with open_image(f"oci:{image}", cache_dir=cache, **opts) as img:
             opened = tracemalloc.take_snapshot()
             tree = Tree.from_layers([ol.toc for ol in img.layers])
             built = tracemalloc.take_snapshot()

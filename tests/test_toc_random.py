@@ -5,14 +5,17 @@ file, one int for a chunk's end and the next chunk's offset) shared."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import sys
+from array import array
 from typing import Literal
 
 import msgspec
 import pytest
 
 from lazyfs.errors import FormatError
+from lazyfs.formats import toc as toc_module
 from lazyfs.formats.toc import (
     Chunk,
     Compression,
@@ -20,8 +23,10 @@ from lazyfs.formats.toc import (
     EntryTable,
     TocBudget,
     decode_toc,
+    decode_toc_table,
     encode_toc,
     pack_toc,
+    table_toc,
     unpack_toc,
 )
 
@@ -207,6 +212,18 @@ def test_an_entry_table_makes_the_unpacked_entries_on_demand(
     assert table[-3:] == toc.entries[-3:]
     with pytest.raises(IndexError):
         table[len(table)]
+    # What a tree and a chunk list read without making the entries.
+    assert list(table.rows()) == [(e.name, e.type) for e in toc.entries]
+    assert [table.link_name(i) for i in range(len(table))] == [e.link_name for e in toc.entries]
+    assert list(table.chunks()) == [c for e in toc.entries for c in e.chunks]
+    assert table.mentions(".wh.") and not table.mentions("/nowhere/")
+    # What a first mount keeps: the table decoded straight from the JSON, and the TOC cache's.
+    data, tabled = decode_toc_table(
+        raw, compression=compression, blob_size=data_end + 10, data_end=data_end
+    )
+    assert data == packed and isinstance(tabled.entries, EntryTable)
+    assert list(tabled.entries) == toc.entries == list(table_toc(packed).entries)
+    assert (tabled.compression, tabled.data_end) == (toc.compression, toc.data_end)
 
 
 def test_an_entry_table_of_a_damaged_packed_toc_is_a_format_error() -> None:
@@ -219,3 +236,167 @@ def test_an_entry_table_of_a_damaged_packed_toc_is_a_format_error() -> None:
     for cut in (0, 1, len(packed) // 2, len(packed) - 1):
         with pytest.raises(FormatError, match="damaged"):
             EntryTable(packed[:cut])
+
+
+# Hostile values for a wire entry's fields: each alone is refused (or accepted) by the decode.
+_BAD_FIELDS: dict[str, list[object]] = {
+    "name": [
+        "",
+        "/",
+        "./",
+        "a//b",
+        "../x",
+        "a/./b",
+        "a/..",
+        "x\x00y",
+        "é/" * 200,
+        "a" * 300,
+        "...",
+    ],
+    "type": ["chunk", "bogus", "dir", "hardlink", "symlink", "char"],
+    "size": [0, 1, 10**7, 2**62],
+    "chunkSize": [1, 3, 10**9],
+    "chunkOffset": [1, 7],
+    "offset": [0, 10**6, 2**40],
+    "endOffset": [1, 2**40],
+    "innerOffset": [1, 2**33],
+    "chunkDigest": ["", "md5:x"],
+    "digest": ["", "sha256:" + "a" * 64],
+    "linkName": ["", "/", "../a", "a" * 300, "x\x00"],
+    "modtime": [
+        "garbage",
+        "9999-12-31T23:59:59Z",
+        "2020-13-01T00:00:00Z",
+        "2020-01-01T02:00:00+02:00",
+    ],
+    "xattrs": [{"": "AA=="}, {"user.a": "!!"}, {"user.b": "AAAA"}],
+    "chunkType": ["zeros"],
+    "devMajor": [1, 4095],
+}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_table_decodes_as_the_entries_do_whatever_the_toc_holds(seed: int) -> None:
+    """A hostile field (or a stray chunk entry) in a random TOC: the table a mount decodes
+    holds the entries the list decode gives, or both refuse the TOC with the same error; the
+    budget is charged for what is kept and refunded for what is refused."""
+    rnd = random.Random(seed)
+    flavour: Flavour = rnd.choice(["estargz", "zstd:chunked"])
+    entries, data_end = random_entries(seed, rnd.randint(5, 40), flavour)
+    doc = json.loads(encode_toc(entries, flavour=flavour))
+    for _ in range(12):
+        wire = rnd.choice(doc["entries"])
+        field = rnd.choice(list(_BAD_FIELDS))
+        wire[field] = rnd.choice(_BAD_FIELDS[field])
+        if rnd.random() < 0.2:
+            at = rnd.randrange(len(doc["entries"]) + 1)
+            doc["entries"].insert(at, {"type": "chunk", "name": "x", "chunkDigest": "sha256:"})
+        raw = json.dumps(doc).encode()
+        kw = {"compression": "zstd", "blob_size": data_end + 10, "data_end": data_end}
+        budgets = TocBudget(), TocBudget()
+        try:
+            toc = decode_toc(raw, budget=budgets[0], **kw)  # type: ignore[arg-type]
+        except FormatError as e:
+            with pytest.raises(FormatError) as refused:
+                decode_toc_table(raw, budget=budgets[1], **kw)  # type: ignore[arg-type]
+            assert str(refused.value) == str(e)
+            assert budgets[0].entries == budgets[1].entries == 0
+            doc = json.loads(encode_toc(entries, flavour=flavour))  # start again from a good one
+            continue
+        packed, tabled = decode_toc_table(raw, budget=budgets[1], **kw)  # type: ignore[arg-type]
+        assert list(tabled.entries) == toc.entries
+        assert packed == pack_toc(toc)
+        assert budgets[0].entries == budgets[1].entries > 0
+
+
+def test_a_table_is_decoded_without_making_an_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    entries, data_end = random_entries(5, 300, "estargz")
+    entries.append(Entry(name="stargz.index.json", type="reg"))  # the writer's own: left out
+    raw = encode_toc(entries, flavour="estargz")
+
+    def no_entry(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an Entry was made")
+
+    monkeypatch.setattr(toc_module, "Entry", no_entry)
+    _, tabled = decode_toc_table(
+        raw, compression="gzip", blob_size=data_end, reserved={"stargz.index.json"}
+    )
+    monkeypatch.undo()
+    assert list(tabled.entries) == entries[:-1]
+
+
+def test_times_parse_as_the_general_parser_does() -> None:
+    rnd = random.Random(7)
+    times = [
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59.999999999Z",
+        "2020-02-29T12:00:00Z",
+        "2021-02-29T12:00:00Z",
+        "2020-01-01T24:00:00Z",
+        "2020-01-01T23:60:00Z",
+        "2016-12-31T23:59:60Z",
+        "2020-01-01T00:00:00.5Z",
+        "2020-01-01T00:00:00.0123456789Z",
+        "2020-01-01T00:00:00z",
+        "2020-01-01T02:00:00+02:00",
+        "1969-12-31T23:59:59.9Z",
+        "",
+        None,
+    ]
+    for _ in range(300):
+        frac = "." + str(rnd.randint(0, 10**9 - 1)).zfill(9)[: rnd.randint(1, 9)]
+        times.append(
+            f"{rnd.randint(1, 9999):04d}-{rnd.randint(1, 12):02d}-{rnd.randint(1, 28):02d}T"
+            f"{rnd.randint(0, 23):02d}:{rnd.randint(0, 59):02d}:{rnd.randint(0, 59):02d}"
+            f"{frac if rnd.random() < 0.5 else ''}Z"
+        )
+    for s in times:
+        try:
+            want: int | str = toc_module._parse_time(s)
+        except FormatError as e:
+            want = str(e)
+        try:
+            got: int | str = toc_module._parse_times([s])[s]
+        except FormatError as e:
+            got = str(e)
+        assert got == want, s
+
+
+def test_columns_narrow_to_the_smallest_type_that_holds_them() -> None:
+    rnd = random.Random(3)
+    edges = [0, 1, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32, 2**62, -1, -(2**40)]
+    for _ in range(200):
+        values = [rnd.choice(edges) for _ in range(rnd.randint(0, 6))]
+        values += [rnd.randint(0, rnd.choice([255, 65_535, 2**32 - 1])) for _ in range(5)]
+        for code in ("q", "I"):
+            if code == "I" and (min(values) < 0 or max(values) >= 2**32):
+                continue
+            got = toc_module._narrow(array(code, values))
+            assert got.tolist() == values
+            fits = [
+                c for c in "BHI" if min(values) >= 0 and max(values) < 1 << (8 * array(c).itemsize)
+            ]
+            want = fits[0] if fits and array(fits[0]).itemsize < array(code).itemsize else code
+            assert got.typecode == want, values
+
+
+def test_sha256_digests_pack_only_when_each_is_one() -> None:
+    rnd = random.Random(4)
+    good = ["sha256:" + rnd.randbytes(32).hex() for _ in range(5)]
+    raw = toc_module._raw_sha256(["", *good, ""])
+    assert raw is not None
+    table = toc_module._RawDigests(raw)
+    assert [table[i] for i in range(7)] == ["", *good, ""]
+    assert toc_module._raw_sha256([]) == b""
+    for bad in (
+        "sha256:" + "0" * 64,  # no digest spelt out
+        good[0].upper(),
+        good[0][:-1],
+        good[0] + "0",
+        "sha512:" + good[0][7:],
+        good[0][:20] + " " + good[0][21:],
+        good[0][:20] + "é" + good[0][21:],
+        "sha256:" + good[0][7:64] + "sha256:",  # a prefix inside the hex
+        good[0][:-6] + "sha256",  # with the next one's ":" + 64 hex, the prefix lines up
+    ):
+        assert toc_module._raw_sha256([good[1], bad, ":" + good[2][7:]]) is None, bad

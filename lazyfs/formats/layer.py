@@ -11,7 +11,8 @@ No I/O here: the caller fetches the two ranges through whatever source it has.
 from __future__ import annotations
 
 import gzip
-from typing import BinaryIO, Literal
+from collections.abc import Collection
+from typing import BinaryIO, Literal, TypedDict
 
 import msgspec
 import zstandard
@@ -20,7 +21,14 @@ from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.chunkio import inflate_whole
-from lazyfs.formats.toc import MAX_TOC_BYTES, TOC, TocBudget, decode_toc
+from lazyfs.formats.toc import (
+    MAX_TOC_BYTES,
+    TOC,
+    Compression,
+    TocBudget,
+    decode_toc,
+    decode_toc_table,
+)
 
 TAIL_SIZE = 64  # the largest footer of any supported format
 
@@ -152,20 +160,36 @@ def toc_json(loc: TocLocation, raw: bytes) -> bytes:
 
 
 def decode_layer_toc(loc: TocLocation, raw: bytes, budget: TocBudget | None = None) -> TOC:
-    toc = decode_toc(
-        toc_json(loc, raw),
+    # In a list: freed in the decode (see decode_toc).
+    return decode_toc([toc_json(loc, raw)], **_decode_options(loc), budget=budget)
+
+
+def decode_layer_table(
+    loc: TocLocation, raw: bytes, budget: TocBudget | None = None
+) -> tuple[bytes, TOC]:
+    """:func:`decode_layer_toc` with its entries an EntryTable, and their packed bytes (what
+    a mount keeps, and keeps in its TOC cache): see :func:`decode_toc_table`."""
+    return decode_toc_table([toc_json(loc, raw)], **_decode_options(loc), budget=budget)
+
+
+class _DecodeOptions(TypedDict):
+    compression: Compression
+    blob_size: int
+    data_end: int
+    reserved: Collection[str]
+    landmark: str
+
+
+def _decode_options(loc: TocLocation) -> _DecodeOptions:
+    # The writers' own files (eStargz's TOC entry, the prefetch landmarks that ctr-remote adds
+    # to both formats) are not part of the image's tree; a landmark's position is kept.
+    return _DecodeOptions(
         compression="zstd" if loc.format == "zstd:chunked" else "gzip",
         blob_size=loc.end,
         data_end=loc.data_end,
-        budget=budget,
+        reserved=estargz.RESERVED_NAMES,
+        landmark=estargz.PREFETCH_LANDMARK,
     )
-    # The writers' own files (eStargz's TOC entry, the prefetch landmarks that ctr-remote adds
-    # to both formats) are not part of the image's tree; a landmark's position is kept.
-    for e in toc.entries:
-        if e.name == estargz.PREFETCH_LANDMARK and e.chunks:
-            toc.prefetch_end = e.chunks[0].offset
-    toc.entries = [e for e in toc.entries if e.name not in estargz.RESERVED_NAMES]
-    return toc
 
 
 def _verify(data: bytes, digest: str) -> None:

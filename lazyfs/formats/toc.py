@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import base64
 import bisect
+import contextlib
 import datetime as _dt
-import functools
 import itertools
+import operator
 import posixpath
 import re
 import sys
 import threading
 from array import array
-from collections.abc import Sequence
-from typing import Annotated, Literal, overload
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, cast, overload
 
 import msgspec
 
@@ -66,15 +67,8 @@ _NO_XATTRS: dict[str, bytes] = {}
 _MODES: dict[int, int] = {}
 
 
-def _own_str(s: str) -> str:
-    """A copy of ``s`` made now.  Values that outlive the wire structs are copied after the
-    decode, so the interpreter's memory pools the decode filled hold only dead objects and are
-    released whole, instead of each staying resident for a few surviving names."""
-    return s.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass") if s else ""
-
-
 def _own_int(n: int) -> int:
-    return n + 0 if n > 256 else n  # a new object above the small-int cache (see _own_str)
+    return n + 0 if n > 256 else n  # a new object above the small-int cache
 
 
 # Values below this (sizes of small files, ids) repeat across a layer's entries: one object
@@ -132,7 +126,7 @@ class Entry(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 class TOC(msgspec.Struct, kw_only=True):
     compression: Compression
-    entries: list[Entry]
+    entries: Sequence[Entry]  # a list, or an EntryTable (entries made when asked for)
     # End of the file-content region: no chunk may reach past it (the TOC itself starts here).
     data_end: int
     # Where a prefetch landmark starts, or 0: the chunks before it are the layer's prefetch
@@ -216,9 +210,7 @@ class _WireTOC(msgspec.Struct):
 _wire_decoder = msgspec.json.Decoder(_WireTOC)
 
 
-@functools.lru_cache(maxsize=4096)
 def _parse_time(s: str | None) -> int:
-    # Cached: a layer's files mostly share a handful of timestamps.
     if not s:
         return 0
     try:
@@ -243,6 +235,36 @@ def _parse_time(s: str | None) -> int:
         return int(t.timestamp()) * 1_000_000_000 + ns
     except ValueError as e:
         raise FormatError(f"bad modtime {s!r}") from e
+
+
+# How Go writes a UTC time: parsed without datetime (a TOC holds thousands of distinct ones).
+_UTC_TIME = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z"
+)
+_EPOCH_DAY = _dt.date(1970, 1, 1).toordinal()
+
+
+def _parse_times(times: Iterable[str | None]) -> dict[str | None, int]:
+    """Each of ``times`` (distinct) in nanoseconds, as :func:`_parse_time` reads it."""
+    days: dict[str, int] = {}  # a layer's times fall on a few days
+    out: dict[str | None, int] = {}
+    for s in times:
+        m = _UTC_TIME.fullmatch(s) if s else None
+        if m is None:
+            out[s] = _parse_time(s)
+            continue
+        date, hour, minute, second, frac = m.groups()
+        h, mi, sec = int(hour), int(minute), int(second)
+        day = days.get(date)
+        if day is None and h < 24 and mi < 60 and sec < 60:
+            with contextlib.suppress(ValueError):  # not a date: refused below
+                day = days[date] = _dt.date.fromisoformat(date).toordinal() - _EPOCH_DAY
+        if day is None or not (h < 24 and mi < 60 and sec < 60):
+            out[s] = _parse_time(s)  # refused, in its words
+            continue
+        ns = int((frac + "00000000")[:9]) if frac else 0
+        out[s] = ((day * 24 + h) * 60 + mi) * 60_000_000_000 + sec * 1_000_000_000 + ns
+    return out
 
 
 def format_time(ns: int) -> str:
@@ -300,90 +322,6 @@ class TocBudget:
             self.entries -= entries
 
 
-def decode_toc(
-    data: bytes,
-    *,
-    compression: Compression,
-    blob_size: int,
-    data_end: int | None = None,
-    budget: TocBudget | None = None,
-) -> TOC:
-    """Decode and validate a TOC JSON document from either format, charging ``budget``."""
-    if len(data) > MAX_TOC_BYTES:
-        raise FormatError(f"TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
-    # Every entry is a JSON object, so the count of "{" bounds the entries from above before
-    # decoding spends memory on them; the exact count replaces it afterwards.
-    guess = data.count(b"{")
-    if budget is None:
-        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
-    budget.charge(len(data), guess)
-    with budget.decoding:
-        try:
-            wire = _wire_decoder.decode(data)
-        except msgspec.ValidationError as e:
-            raise FormatError(f"TOC does not match the schema: {e}") from e
-        except msgspec.DecodeError as e:
-            raise FormatError(f"TOC is not valid JSON: {e}") from e
-        finally:
-            budget.refund(guess)
-        # The JSON is freed before the entries are built (callers pass it without keeping
-        # it): not alive beside them at the mount's peak.
-        del data
-        rows = len(wire.entries)
-        budget.charge(0, rows)
-        try:
-            end = blob_size if data_end is None else data_end
-            toc = TOC(compression=compression, entries=_normalise(wire.entries, end), data_end=end)
-            del wire
-            validate(toc)
-        except FormatError:
-            budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
-            raise
-    return toc
-
-
-def _normalise(wire: list[_WireEntry], data_end: int) -> list[Entry]:
-    """The wire entries as :class:`Entry` objects, each file's chunk entries folded into it.
-    Every mount decodes its cached TOCs again, so start-up waits on this loop: the common
-    entry (plain name, no xattrs, no link, one chunk) takes the shortest path."""
-    entries: list[Entry] = []
-    # Values shared across the layer (see _shared_int); a chunk's end and the offset of the
-    # chunk after it share one object through it too.
-    ints: dict[int, int] = {}
-    # Compressed ends are implicit in eStargz, and in zstd:chunked for all but a file's last
-    # chunk: a chunk ends where the next distinct content offset begins (or where the TOC
-    # begins).  Collected once, when a chunk first needs one.
-    starts: list[int] = []
-    count = len(wire)
-    i = 0
-    while i < count:
-        w = wire[i]
-        i += 1
-        kind = _TYPES.get(w.type)
-        if kind is None:
-            if w.type == "chunk":
-                raise FormatError(f"chunk entry for {w.name!r} does not follow its file")
-            raise FormatError(f"unknown entry type {w.type!r} for {w.name!r}")
-        entry = _to_entry(w, kind, ints)
-        if kind == "reg" and w.size:
-            j = i
-            while j < count and wire[j].type == "chunk":
-                j += 1
-            parts = [w, *wire[i:j]]
-            i = j
-            if not starts and (len(parts) > 1 or not w.endOffset):
-                starts = sorted(
-                    {c.offset for c in wire if (c.type == "reg" and c.size) or c.type == "chunk"}
-                    | {data_end}
-                )
-            last = len(parts) - 1
-            entry.chunks = tuple(
-                [_to_chunk(w, entry, p, starts, ints, last=n == last) for n, p in enumerate(parts)]
-            )
-        entries.append(entry)
-    return entries
-
-
 def _short(name: str) -> str:
     # Hostile names can be megabytes long: error messages stay one short line.
     return repr(name) if len(name) <= 80 else repr(name[:60]) + f"… ({len(name)} characters)"
@@ -403,45 +341,6 @@ def check_path(name: str, what: str = "entry name", *, components: bool = True) 
         raise FormatError(f"{what} {_short(name)} is {len(raw)} bytes, over PATH_MAX")
 
 
-def _to_entry(w: _WireEntry, kind: EntryType, ints: dict[int, int]) -> Entry:
-    xattrs: dict[str, bytes] = _NO_XATTRS
-    if w.xattrs or w.lazyfsXattrs:
-        xattrs = _xattrs(w)
-    link = w.linkName
-    if link:
-        if kind == "hardlink":
-            link = normalize_name(link)
-        check_path(link, "link target", components=kind == "hardlink")
-    name = w.name
-    if not (name and _PLAIN_NAME.fullmatch(name)):
-        name = normalize_name(name)
-    if len(name) > NAME_MAX or not name.isascii():
-        check_path(name)  # a shorter ASCII name fits in NAME_MAX and PATH_MAX as it is
-    mtime_ns = _parse_time(w.modtime)
-    if not -(2**63) <= mtime_ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
-        raise FormatError(f"modtime {w.modtime!r} of {_short(name)} is out of range")
-    mode = w.mode & 0o7777
-    uid, gid = w.uid, w.gid
-    device = kind in _DEVICES
-    return Entry(
-        name=_own_str(name),
-        type=kind,  # one string per kind, not the wire's per entry
-        mode=_MODES.setdefault(mode, mode),
-        uid=uid if uid <= 256 else _shared_int(uid, ints),
-        gid=gid if gid <= 256 else _shared_int(gid, ints),
-        uname=sys.intern(w.userName),  # a few distinct names shared by 100k entries
-        gname=sys.intern(w.groupName),
-        size=_shared_int(w.size, ints) if kind == "reg" else 0,
-        mtime_ns=mtime_ns,
-        link_name=_own_str(link),
-        # A header may carry device numbers on any type (the TOC keeps them as spelt).
-        dev_major=w.devMajor if device else 0,
-        dev_minor=w.devMinor if device else 0,
-        xattrs=xattrs,
-        digest=_own_str(w.digest),
-    )
-
-
 def _xattrs(w: _WireEntry) -> dict[str, bytes]:
     wire_xattrs = w.xattrs or {}
     if w.lazyfsXattrs:
@@ -457,45 +356,6 @@ def _xattrs(w: _WireEntry) -> dict[str, bytes]:
         if len(xattrs[k]) > XATTR_SIZE_MAX:
             raise FormatError(f"xattr {_short(k)} of {_short(w.name)} is over {XATTR_SIZE_MAX}")
     return xattrs
-
-
-def _to_chunk(
-    head: _WireEntry,
-    entry: Entry,
-    w: _WireEntry,
-    starts: list[int],
-    ints: dict[int, int],
-    *,
-    last: bool,
-) -> Chunk:
-    size = w.chunkSize or (head.size - w.chunkOffset)
-    size = entry.size if size == entry.size else _shared_int(size, ints)
-    zeros = w.chunkType == "zeros"
-    digest = w.chunkDigest or (head.digest if size == head.size else "")
-    # One string object for a one-chunk file, not two (and not the wire's: see _own_str).
-    digest = entry.digest if digest == head.digest else _own_str(digest)
-    if not digest and not zeros:
-        raise FormatError(f"chunk at {w.chunkOffset} of {head.name!r} has no digest")
-    # zstd:chunked gives ``endOffset`` once, on the file entry: the end of its last chunk.
-    # Every other end is the next distinct content offset (eStargz never gives one).
-    end = head.endOffset if last else 0
-    if end:
-        # Shared with the next chunk's offset (see below) when that is where this one ends.
-        end = ints.get(end) or ints.setdefault(end, _own_int(end))
-    elif not zeros:
-        i = bisect.bisect_right(starts, w.offset)
-        if i < len(starts):
-            # The next chunk's offset: the two share one object through ``ints``.
-            end = ints.get(starts[i]) or ints.setdefault(starts[i], _own_int(starts[i]))
-    return Chunk(
-        file_offset=_own_int(w.chunkOffset),
-        size=size,
-        offset=ints.get(w.offset) or _own_int(w.offset),
-        end=end,
-        digest=digest,
-        inner=_shared_int(w.innerOffset, ints),
-        zeros=zeros,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,6 +391,10 @@ class _Packed(msgspec.Struct, array_like=True):
 def pack_toc(toc: TOC) -> bytes:
     """``toc`` as columns (msgpack), for :func:`unpack_toc`.  Column by column, so that the
     only temporaries are a few large lists (a mount packs a fetched TOC before its tree)."""
+    return msgspec.msgpack.encode(_pack(toc))
+
+
+def _pack(toc: TOC) -> _Packed:
     entries = toc.entries
     owners: dict[str, int] = {}
     times: dict[int, int] = {}
@@ -566,30 +430,470 @@ def pack_toc(toc: TOC) -> bytes:
         for e in entries
         for c in e.chunks
     ]
-    return msgspec.msgpack.encode(
-        _Packed(
-            version=_PACK_VERSION,
-            compression=toc.compression,
-            data_end=toc.data_end,
-            prefetch_end=toc.prefetch_end,
-            names=[e.name for e in entries],
-            kinds=bytes([_KIND_CODES[e.type] for e in entries]),
-            numbers=numbers.tobytes(),
-            owners=list(owners),
-            owner_of=owner_of.tobytes(),
-            times=list(times),
-            digests=[e.digest for e in entries],
-            links=links,
-            devices=devices,
-            xattrs=xattrs,
-            chunk_counts=array("I", [len(e.chunks) for e in entries]).tobytes(),
-            chunks=chunks.tobytes(),
-            chunk_digests=chunk_digests,
-        )
+    return _Packed(
+        version=_PACK_VERSION,
+        compression=toc.compression,
+        data_end=toc.data_end,
+        prefetch_end=toc.prefetch_end,
+        names=[e.name for e in entries],
+        kinds=bytes([_KIND_CODES[e.type] for e in entries]),
+        numbers=numbers.tobytes(),
+        owners=list(owners),
+        owner_of=owner_of.tobytes(),
+        times=list(times),
+        digests=[e.digest for e in entries],
+        links=links,
+        devices=devices,
+        xattrs=xattrs,
+        chunk_counts=array("I", [len(e.chunks) for e in entries]).tobytes(),
+        chunks=chunks.tobytes(),
+        chunk_digests=chunk_digests,
     )
 
 
 _packed_decoder = msgspec.msgpack.Decoder(_Packed)
+
+
+def decode_toc(
+    data: bytes | list[bytes],
+    *,
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None = None,
+    budget: TocBudget | None = None,
+    reserved: Collection[str] = (),
+    landmark: str = "",
+) -> TOC:
+    """Decode and validate a TOC JSON document from either format, charging ``budget``.
+    ``reserved``: names of the writers' own files, checked and then left out; the offset of
+    ``landmark``'s first chunk is the TOC's ``prefetch_end``.  ``data`` in a list: the list
+    is emptied, so that the JSON is freed once decoded, before the columns are built (an
+    argument stays referenced by the caller until the call returns)."""
+    held = data if isinstance(data, list) else [data]
+    del data
+    packed = msgspec.msgpack.encode(
+        _decode_packed(held, compression, blob_size, data_end, budget, reserved, landmark)
+    )
+    # The entries made from the packed bytes: nothing they keep was allocated among the wire
+    # structs (see decode_toc_table).
+    cols = _columns(packed)
+    p = cols.packed
+    entries = _unpack_entries(p, cols.numbers, cols.owner_of, cols.counts, cols.flat)
+    return TOC(
+        compression=p.compression,
+        entries=entries,
+        data_end=p.data_end,
+        prefetch_end=p.prefetch_end,
+    )
+
+
+def decode_toc_table(
+    data: bytes | list[bytes],
+    *,
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None = None,
+    budget: TocBudget | None = None,
+    reserved: Collection[str] = (),
+    landmark: str = "",
+) -> tuple[bytes, TOC]:
+    """:func:`decode_toc`'s TOC with its entries an :class:`EntryTable`, no :class:`Entry`
+    made, and the table's packed bytes (:func:`pack_toc`'s, for the TOC cache).  The wire
+    entries are decoded straight into columns; the table is made from their packed bytes
+    once the wire structs are freed, so none of its objects sits among them (a few small
+    survivors in the interpreter's pools keep whole freed arenas resident).  ``data``: as
+    :func:`decode_toc` takes it."""
+    held = data if isinstance(data, list) else [data]
+    del data
+    p = _decode_packed(held, compression, blob_size, data_end, budget, reserved, landmark)
+    rows, end, prefetch_end = len(p.names), p.data_end, p.prefetch_end
+    packed = msgspec.msgpack.encode(p)
+    del p
+    try:
+        table = EntryTable(packed)
+    except FormatError:
+        if budget is not None:
+            budget.refund(rows)
+        raise
+    return packed, TOC(
+        compression=compression,
+        entries=table,
+        data_end=end,
+        prefetch_end=prefetch_end,
+    )
+
+
+def _decode_packed(
+    held: list[bytes],
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None,
+    budget: TocBudget | None,
+    reserved: Collection[str],
+    landmark: str,
+) -> _Packed:
+    data = held.pop()
+    if len(data) > MAX_TOC_BYTES:
+        raise FormatError(f"TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
+    # Every entry is a JSON object, so the count of "{" bounds the entries from above before
+    # decoding spends memory on them; the exact count replaces it afterwards.
+    guess = data.count(b"{")
+    if budget is None:
+        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
+    budget.charge(len(data), guess)
+    with budget.decoding:
+        try:
+            wire = _wire_decoder.decode(data)
+        except msgspec.ValidationError as e:
+            raise FormatError(f"TOC does not match the schema: {e}") from e
+        except msgspec.DecodeError as e:
+            raise FormatError(f"TOC is not valid JSON: {e}") from e
+        finally:
+            budget.refund(guess)
+        # The JSON is freed before the columns are built: not alive beside them at the peak.
+        del data
+        rows = len(wire.entries)
+        budget.charge(0, rows)
+        try:
+            end = blob_size if data_end is None else data_end
+            return _wire_columns(wire.entries, compression, end, reserved, landmark)
+        except FormatError:
+            budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
+            raise
+
+
+# A wire entry's type as a kind code; "chunk" (a file's later chunk) only exists on the wire.
+_CHUNK_CODE = len(_KINDS)
+_WIRE_CODES: dict[str, int] = {k: i for i, k in enumerate((*_KINDS, "chunk"))}
+_REG, _DIR, _HARDLINK = (_WIRE_CODES[k] for k in ("reg", "dir", "hardlink"))
+_DEVICE_CODES = frozenset(_WIRE_CODES[k] for k in _DEVICES)
+
+
+def _wire_columns(
+    wire: list[_WireEntry],
+    compression: Compression,
+    data_end: int,
+    reserved: Collection[str],
+    landmark: str,
+) -> _Packed:
+    """The wire entries as :class:`_Packed` columns, each file's chunk entries folded into it,
+    checked as :func:`validate` checks entries, without making one :class:`Entry`.  Column by
+    column (comprehensions, C scans); only the rare entries (links, xattrs, odd names, files
+    of several chunks) take a Python step each."""
+    codes = [_WIRE_CODES.get(w.type) for w in wire]
+    if None in codes:
+        w = wire[codes.index(None)]
+        raise FormatError(f"unknown entry type {w.type!r} for {w.name!r}")
+    kinds = cast(list[int], codes)
+    heads = _heads(wire, kinds) if _CHUNK_CODE in kinds else None
+    es = wire if heads is None else [wire[i] for i in heads]
+    if heads is not None:
+        kinds = [kinds[i] for i in heads]
+    count = len(es)
+    names = _normal_names([w.name for w in es])
+
+    # Chunks: a file's wire entry is its first chunk; its "chunk" entries follow it.
+    sizes = [w.size if c == _REG else 0 for c, w in zip(kinds, es, strict=True)]
+    files = list(itertools.compress(range(count), sizes))
+    if heads is None:
+        owner, parts, last = files, [es[k] for k in files], None
+    else:
+        owner, parts, last = [], [], list[bool]()
+        for k in files:
+            first, after = heads[k], heads[k + 1] if k + 1 < count else len(wire)
+            owner.extend(itertools.repeat(k, after - first))
+            parts.extend(wire[first:after])
+            last.extend(itertools.repeat(False, after - first - 1))
+            last.append(True)
+    head = parts if heads is None else [es[o] for o in owner]
+    c_fo = [w.chunkOffset for w in parts]
+    c_size = [w.chunkSize or (h.size - w.chunkOffset) for w, h in zip(parts, head, strict=True)]
+    c_zeros = [w.chunkType == "zeros" for w in parts]
+    c_digest = [
+        w.chunkDigest or (h.digest if s == h.size else "")
+        for w, h, s in zip(parts, head, c_size, strict=True)
+    ]
+    if "" in c_digest:
+        for w, h, d, z in zip(parts, head, c_digest, c_zeros, strict=True):
+            if not d and not z:
+                raise FormatError(f"chunk at {w.chunkOffset} of {h.name!r} has no digest")
+    c_offset = [w.offset for w in parts]
+    c_inner = [w.innerOffset for w in parts]
+    # zstd:chunked gives ``endOffset`` once, on the file entry: the end of its last chunk.
+    # Every other end is the next distinct content offset, or where the TOC begins.
+    if last is None:
+        c_end = [h.endOffset for h in head]
+    else:
+        c_end = [h.endOffset if t else 0 for h, t in zip(head, last, strict=True)]
+    if 0 in c_end:
+        starts = sorted({*c_offset, data_end})
+        for m, (e, z) in enumerate(zip(c_end, c_zeros, strict=True)):
+            if not e and not z:
+                i = bisect.bisect_right(starts, c_offset[m])
+                if i < len(starts):
+                    c_end[m] = starts[i]
+    if heads is None:  # one chunk per file
+        counts = array("I", map(bool, sizes))
+    else:
+        counts = array("I", bytes(4 * count))
+        for o in owner:
+            counts[o] += 1
+    c_digests: list[str | None] = [
+        None if counts[o] == 1 and d == h.digest else d
+        for o, d, h in zip(owner, c_digest, head, strict=True)
+    ]
+
+    # The entries' own columns.
+    modes = [w.mode & 0o7777 for w in es]
+    uids = [w.uid for w in es]
+    gids = [w.gid for w in es]
+    modtimes = [w.modtime for w in es]
+    times: dict[int, int] = {}
+    time_of: dict[str | None, int] = {}
+    for s, ns in _parse_times(dict.fromkeys(modtimes)).items():
+        if not -(2**63) <= ns < 2**63:  # stat's nanoseconds are a signed 64-bit number
+            name = names[modtimes.index(s)]
+            raise FormatError(f"modtime {s!r} of {_short(name)} is out of range")
+        time_of[s] = times.setdefault(ns, len(times))
+    owners: dict[str, int] = {}
+    unames = [owners.setdefault(w.userName, len(owners)) for w in es]
+    gnames = [owners.setdefault(w.groupName, len(owners)) for w in es]
+    links: dict[int, str] = {}
+    for k in [k for k, w in enumerate(es) if w.linkName]:
+        link, hard = es[k].linkName, kinds[k] == _HARDLINK
+        if hard:
+            link = normalize_name(link)
+        check_path(link, "link target", components=hard)
+        links[k] = link
+    devices = (
+        {
+            k: (w.devMajor, w.devMinor)
+            for k, (c, w) in enumerate(zip(kinds, es, strict=True))
+            if c in _DEVICE_CODES and (w.devMajor or w.devMinor)
+        }
+        if _DEVICE_CODES.intersection(kinds)
+        else {}
+    )
+    xattrs = {k: _xattrs(w) for k, w in enumerate(es) if w.xattrs or w.lazyfsXattrs}
+    digests = [w.digest for w in es]
+    columns = _Wire(
+        names, kinds, sizes, links, owner, counts, c_fo, c_size, c_offset, c_end, c_inner, c_zeros
+    )
+    if not _valid(columns, data_end):
+        # Something is wrong (or this check cannot tell): the entries say what, as validate
+        # words it.  Only a bad (or unusual) TOC makes them.
+        validate(TOC(compression=compression, entries=_wire_entries(columns), data_end=data_end))
+
+    prefetch_end = 0
+    drop = [k for k, n in enumerate(names) if n in reserved] if reserved else []
+    if drop:
+        chunk_at = _ends(counts)
+        for k in drop:
+            if names[k] == landmark and counts[k]:
+                prefetch_end = c_offset[chunk_at[k]]
+        entry_columns: list[list[Any]] = [
+            names,
+            kinds,
+            modes,
+            uids,
+            gids,
+            sizes,
+            modtimes,
+            unames,
+            gnames,
+            digests,
+        ]
+        chunk_columns: list[list[Any]] = [
+            c_fo,
+            c_size,
+            c_offset,
+            c_end,
+            c_inner,
+            c_zeros,
+            c_digests,
+        ]
+        for k in reversed(drop):
+            for col in entry_columns:
+                del col[k]
+            for col in chunk_columns:
+                del col[chunk_at[k] : chunk_at[k + 1]]
+            del counts[k]
+        links, devices, xattrs = _shift(links, drop), _shift(devices, drop), _shift(xattrs, drop)
+    numbers = array("q")
+    for column in (modes, uids, gids, sizes, [time_of[s] for s in modtimes]):
+        numbers.extend(column)
+    owner_of = array("I", unames)
+    owner_of.extend(gnames)
+    flat = array("q")
+    for chunk_column in (c_fo, c_size, c_offset, c_end, c_inner, c_zeros):
+        flat.extend(chunk_column)
+    return _Packed(
+        version=_PACK_VERSION,
+        compression=compression,
+        data_end=data_end,
+        prefetch_end=prefetch_end,
+        names=names,
+        kinds=bytes(kinds),
+        numbers=numbers.tobytes(),
+        owners=list(owners),
+        owner_of=owner_of.tobytes(),
+        times=list(times),
+        digests=digests,
+        links=links,
+        devices=devices,
+        xattrs=xattrs,
+        chunk_counts=counts.tobytes(),
+        chunks=flat.tobytes(),
+        chunk_digests=c_digests,
+    )
+
+
+def _heads(wire: list[_WireEntry], codes: list[int]) -> list[int]:
+    """Where each entry starts in ``wire``; a "chunk" entry must follow a file with content
+    (or another of its chunks)."""
+    heads: list[int] = []
+    has_content = False
+    for i, c in enumerate(codes):
+        if c != _CHUNK_CODE:
+            heads.append(i)
+            has_content = c == _REG and bool(wire[i].size)
+        elif not has_content:
+            raise FormatError(f"chunk entry for {wire[i].name!r} does not follow its file")
+    return heads
+
+
+def _normal_names(names: list[str]) -> list[str]:
+    """``names`` normalised (in place) and checked as :func:`normalize_name` and
+    :func:`check_path` do, a Python step only for a name that needs one."""
+    joined = "\x00" + "\x00".join(names) + "\x00"
+    if joined.count("\x00") != len(names) + 1:
+        odd: Iterable[int] = range(len(names))  # a name holds NUL: normalize_name says which
+        slashed: set[int] = set()
+    else:
+        # Where the name around each position starts (after its NUL), and the names with
+        # something to normalise: found by C scans of the joined names, not a match per name.
+        seps = list(itertools.accumulate((len(n) + 1 for n in names), initial=0))
+        slashed = {bisect.bisect_right(seps, at) - 1 for at in _finds(joined, "/\x00")}
+        odd = sorted(
+            {bisect.bisect_right(seps, at) - 1 for s in _ODD_PARTS for at in _finds(joined, s)}
+            | {bisect.bisect_right(seps, at) - 1 for at in _dot_components(joined)}
+        )
+        slashed.difference_update(odd)
+    for k in slashed:
+        names[k] = names[k][:-1]  # a directory's trailing slash and nothing else to do
+    for k in odd:
+        names[k] = normalize_name(names[k])
+    if not joined.isascii() or max(map(len, names), default=0) > NAME_MAX:
+        for name in names:
+            if len(name) > NAME_MAX or not name.isascii():
+                check_path(name)  # a shorter ASCII name fits in NAME_MAX and PATH_MAX as it is
+    return names
+
+
+# In names joined with a NUL before each and after the last, what shows a name that is not
+# normal: empty, absolute, "//" (a trailing slash: ``_normal_names``; dots: below).
+_ODD_PARTS = ("\x00\x00", "\x00/", "//")
+
+
+def _dot_components(joined: str) -> Iterator[int]:
+    """Where a "." or ".." component is in the joined names: a component ending in a dot
+    is rare, so each one found is looked at."""
+    for part in (".\x00", "./"):
+        for at in _finds(joined, part):
+            if joined[at - 1] in "\x00/" or (joined[at - 1] == "." and joined[at - 2] in "\x00/"):
+                yield at
+
+
+def _finds(text: str, part: str) -> Iterator[int]:
+    """Where ``part`` occurs in ``text``, overlaps included."""
+    at = text.find(part)
+    while at >= 0:
+        yield at
+        at = text.find(part, at + 1)
+
+
+class _Wire(NamedTuple):
+    """What :func:`validate` looks at, as the columns :func:`_wire_columns` builds."""
+
+    names: list[str]
+    kinds: list[int]
+    sizes: list[int]
+    links: dict[int, str]
+    owner: list[int]  # the entry of each chunk
+    counts: array[int]
+    c_fo: list[int]
+    c_size: list[int]
+    c_offset: list[int]
+    c_end: list[int]
+    c_inner: list[int]
+    c_zeros: list[bool]
+
+
+def _valid(w: _Wire, data_end: int) -> bool:
+    """Whether the columns hold what :func:`validate` accepts.  False when they may not: a
+    hardlink whose target's name repeats is left to it."""
+    if "" in w.names and any(not n and c != _DIR for n, c in zip(w.names, w.kinds, strict=True)):
+        return False
+    if w.c_size and min(w.c_size) <= 0:
+        return False
+    if len(w.owner) == len(set(w.owner)):  # each file one chunk: it starts at 0, holds it all
+        if any(w.c_fo) or w.c_size != list(map(w.sizes.__getitem__, w.owner)):
+            return False
+    else:
+        pos: dict[int, int] = {}  # per file: where its next chunk starts
+        for o, fo, size in zip(w.owner, w.c_fo, w.c_size, strict=True):
+            if pos.get(o, 0) != fo:
+                return False
+            pos[o] = fo + size
+        if any(pos[o] != w.sizes[o] for o in pos):
+            return False
+    if True in w.c_zeros:
+        if not all(
+            z or (o < e <= data_end and i + s <= MAX_CHUNK_SIZE)
+            for z, o, e, i, s in zip(
+                w.c_zeros, w.c_offset, w.c_end, w.c_inner, w.c_size, strict=True
+            )
+        ):
+            return False
+    elif w.c_end and not (
+        all(map(operator.lt, w.c_offset, w.c_end))
+        and max(w.c_end) <= data_end
+        and max(map(operator.add, w.c_inner, w.c_size)) <= MAX_CHUNK_SIZE
+    ):
+        return False  # offsets and inner offsets are >= 0 (the wire schema's bounds)
+    if _HARDLINK in w.kinds:
+        latest = {n: k for k, n in enumerate(w.names)}
+        for k, c in enumerate(w.kinds):
+            if c == _HARDLINK:
+                target = latest.get(w.links.get(k, ""))
+                # Not an earlier entry's name, or the latest of several: left to validate.
+                if target is not None and (target >= k or w.kinds[target] == _DIR):
+                    return False
+    return True
+
+
+def _wire_entries(w: _Wire) -> list[Entry]:
+    """The columns as the entries :func:`validate` checks (only what it looks at)."""
+    entries: list[Entry] = []
+    at = _ends(w.counts)
+    for k, name in enumerate(w.names):
+        chunks = (
+            Chunk(w.c_fo[m], w.c_size[m], w.c_offset[m], w.c_end[m], "", w.c_inner[m], w.c_zeros[m])
+            for m in range(at[k], at[k + 1])
+        )
+        e = Entry(name=name, type=_KINDS[w.kinds[k]], size=w.sizes[k], chunks=tuple(chunks))
+        e.link_name = w.links.get(k, "")
+        entries.append(e)
+    return entries
+
+
+_V = TypeVar("_V")
+
+
+def _shift(by_index: dict[int, _V], dropped: list[int]) -> dict[int, _V]:
+    """``by_index`` (keyed by entry index) once the ``dropped`` entries are gone."""
+    gone = set(dropped)
+    return {k - bisect.bisect_left(dropped, k): v for k, v in by_index.items() if k not in gone}
 
 
 class _Columns(msgspec.Struct):
@@ -610,6 +914,10 @@ def _columns(data: bytes) -> _Columns:
         p = _packed_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise FormatError(f"packed TOC is damaged: {e}") from e
+    return _checked(p)
+
+
+def _checked(p: _Packed) -> _Columns:
     if p.version != _PACK_VERSION:
         raise FormatError(f"packed TOC of version {p.version}, not {_PACK_VERSION}")
     count = len(p.names)
@@ -659,6 +967,28 @@ def unpack_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
     return toc
 
 
+def table_toc(data: bytes, *, budget: TocBudget | None = None) -> TOC:
+    """The TOC :func:`pack_toc` packed, its entries an :class:`EntryTable` (made on demand);
+    charging ``budget``.  Not validated again: only for bytes packed from a TOC that was (the
+    TOC cache, checked against its sha256), since validating makes every entry."""
+    cols = _columns(data)
+    p = cols.packed
+    if budget is None:
+        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
+    budget.charge(len(data), len(p.names))
+    try:
+        table = EntryTable(cols)
+    except FormatError:
+        budget.refund(len(p.names))
+        raise
+    return TOC(
+        compression=p.compression,
+        entries=table,
+        data_end=p.data_end,
+        prefetch_end=p.prefetch_end,
+    )
+
+
 class EntryTable(Sequence[Entry]):
     """A layer's entries kept as columns, each :class:`Entry` made when asked for (equal each
     time, not the same object).  Names are one string with the end of each; sha256 digests 32
@@ -686,11 +1016,12 @@ class EntryTable(Sequence[Entry]):
         "_xattrs",
     )
 
-    def __init__(self, data: bytes) -> None:
-        cols = _columns(data)
+    def __init__(self, data: bytes | _Columns) -> None:
+        cols = _columns(data) if isinstance(data, bytes) else data
         p = cols.packed
         self._count = count = len(p.names)
-        self._digests: _Digests = _RawDigests(p.digests) if _all_sha256(p.digests) else p.digests
+        raw = _raw_sha256(p.digests)
+        self._digests: _Digests = p.digests if raw is None else _RawDigests(raw)
         self._kinds = p.kinds
         self._owners = [sys.intern(o) for o in p.owners]
         self._times = p.times
@@ -707,7 +1038,7 @@ class EntryTable(Sequence[Entry]):
             total = len(p.chunk_digests)
             # file offset, size, offset, end, inner, zeros; None: all 0
             self._chunks = tuple(
-                _narrow(col) if any(col) else None
+                _narrow(col) if col.tobytes().strip(b"\0") else None
                 for col in (cols.flat[k * total : (k + 1) * total] for k in range(6))
             )
         except OverflowError as e:
@@ -716,6 +1047,62 @@ class EntryTable(Sequence[Entry]):
 
     def __len__(self) -> int:
         return self._count
+
+    def rows(self) -> Iterator[tuple[str, EntryType]]:
+        """Each entry's name and type, in order, without making its :class:`Entry` (what a
+        tree is built from)."""
+        names, ends, kinds = self._names, self._name_ends, _KINDS
+        for i, code in enumerate(self._kinds):
+            yield names[ends[i] : ends[i + 1]], kinds[code]
+
+    def mentions(self, text: str) -> bool:
+        """Whether some entry's name holds ``text`` (a layer without whiteouts has no ``.wh.``)."""
+        return text in self._names
+
+    def kind_mode(self, i: int) -> tuple[EntryType, int]:
+        """Entry ``i``'s type and mode, without making it."""
+        return _KINDS[self._kinds[i]], self._numbers[0][i]
+
+    def link_name(self, i: int) -> str:
+        return self._links.get(i, "")
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Every entry's chunks in order, as ``entry.chunks`` would give them, without making
+        the entries (a layer's chunk list at mount): column by column, then one ``map``."""
+        file_offset, c_size, offset, end, inner, zeros = self._chunks
+        total = len(self._chunk_digests)
+        counts = [b - a for a, b in itertools.pairwise(self._chunk_at)]
+        # The entry of each chunk.
+        owner = list(
+            itertools.chain.from_iterable(map(itertools.repeat, range(self._count), counts))
+        )
+        sizes = self._numbers[3]
+        if c_size is None:  # every chunk is its whole file
+            size: Iterable[int] = [sizes[o] for o in owner]
+        else:
+            size = [sizes[o] if counts[o] == 1 else c for o, c in zip(owner, c_size, strict=True)]
+        fd = self._digests
+        digests = [
+            fd[o] if d is None else d for o, d in zip(owner, self._chunk_digests, strict=True)
+        ]
+
+        def column(col: array[int] | None) -> Iterable[int]:
+            return col if col else itertools.repeat(0, total)
+
+        # A chunk's end is the next one's offset: one int object for both, as unpack_toc.
+        offsets = offset.tolist() if offset else [0] * total
+        ints = dict(zip(offsets, offsets, strict=True))
+        ends = [ints.get(x, x) for x in end] if end else itertools.repeat(0, total)
+        return map(
+            Chunk,
+            column(file_offset),
+            size,
+            offsets,
+            ends,
+            digests,
+            column(inner),
+            map(bool, zeros) if zeros else itertools.repeat(False, total),
+        )
 
     @overload
     def __getitem__(self, i: int) -> Entry: ...
@@ -772,8 +1159,8 @@ class _RawDigests:
 
     __slots__ = ("_raw",)
 
-    def __init__(self, digests: list[str]) -> None:
-        self._raw = b"".join(bytes.fromhex(d[7:]) if d else _NO_DIGEST for d in digests)
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw  # what _raw_sha256 made
 
     def __getitem__(self, i: int) -> str:
         raw = self._raw[32 * i : 32 * i + 32]
@@ -783,12 +1170,30 @@ class _RawDigests:
 _Digests = _RawDigests | list[str]
 # What stands for "no digest": no sha256 is all zeros (a collision as hard as any other).
 _NO_DIGEST = bytes(32)
-_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
-def _all_sha256(digests: list[str]) -> bool:
-    zero = "sha256:" + _NO_DIGEST.hex()  # spelt out in a TOC, it keeps the strings
-    return all(_SHA256.fullmatch(d) and d != zero for d in digests if d)
+def _raw_sha256(digests: list[str]) -> bytes | None:
+    """Every digest as 32 bytes (none as all 0) when each one given is ``sha256:`` and 64
+    lower-case hex digits, not all 0; else None.  In C, over the digests joined (a mount of
+    100k files waits for this): each is 71 characters, the prefix is where every 71st
+    character starts, and the rest is hex that spells itself again."""
+    prefix = "sha256:"
+    zero = prefix + _NO_DIGEST.hex()  # spelt out in a TOC, it keeps the strings
+    if zero in digests:
+        return None
+    spelt = [d or zero for d in digests]
+    if spelt and set(map(len, spelt)) != {71}:
+        return None
+    joined, n = "".join(spelt), len(spelt)
+    if any(joined[j::71] != c * n for j, c in enumerate(prefix)):
+        return None
+    hexes = joined.replace(prefix, "")
+    try:
+        raw = bytes.fromhex(hexes)
+    except ValueError:
+        return None
+    # Also refuses upper case and blanks, and a prefix inside the hex (the length is short).
+    return raw if len(raw) == 32 * n and raw.hex() == hexes else None
 
 
 def _ends(parts: Sequence[str] | array[int]) -> array[int]:
@@ -799,13 +1204,24 @@ def _ends(parts: Sequence[str] | array[int]) -> array[int]:
 
 
 def _narrow(numbers: array[int]) -> array[int]:
-    """``numbers`` in the narrowest array type that holds them all."""
-    if not numbers:
+    """``numbers`` in the narrowest array type that holds them all: how many low bytes any
+    of them uses read from the bytes of the array (in C), not number by number.  A negative
+    number uses its top byte: such a column stays as it is."""
+    size, count = numbers.itemsize, len(numbers)
+    if not count or sys.byteorder != "little":
         return numbers
-    low, high = min(numbers), max(numbers)
-    for code in ("B", "H", "I") if low >= 0 else ():
-        if high < 1 << (8 * array(code).itemsize):
-            return array(code, numbers)
+    raw = numbers.tobytes()
+    unused = bytes(count)
+    used = size
+    while used > 1 and raw[used - 1 :: size] == unused:
+        used -= 1
+    for code in ("B", "H", "I"):
+        width = array(code).itemsize
+        if used <= width < size:
+            low = bytearray(width * count)
+            for j in range(width):
+                low[j::width] = raw[j::size]
+            return array(code, bytes(low))
     return numbers
 
 

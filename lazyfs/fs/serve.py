@@ -408,6 +408,7 @@ async def serve(
         docker_config=opts.docker_config,
         layer_count=opts.layer_count,
         retry=RetryPolicy.within(opts.read_timeout),
+        entry_tables=True,  # the tree keeps entry indices, not 100k entries
         progress=progress,
         background=True,
         stored_groups=groups is None

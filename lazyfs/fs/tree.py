@@ -14,7 +14,8 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from lazyfs.errors import FormatError
-from lazyfs.formats.toc import TOC, Entry
+from lazyfs.formats.toc import TOC, Entry, EntryTable, EntryType
+from lazyfs.heap import trim_heap
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -33,11 +34,13 @@ _FMT = {
 class Node:
     """One inode.  ``entry``/``layer`` describe the lower content it shows until promoted;
     ``upper`` is True once it exists in the upper directory (then the upper copy is the
-    truth).  ``__slots__`` keeps a 100k-file image small."""
+    truth).  ``__slots__`` keeps a 100k-file image small.  A lower entry is kept as its
+    index in its layer's :class:`EntryTable` and made when asked for (equal each time, not
+    the same object): the entries of a large image are most of its memory."""
 
     __slots__ = (
+        "_entry",
         "children",
-        "entry",
         "ino",
         "layer",
         "links",
@@ -45,6 +48,7 @@ class Node:
         "name",
         "nlink",
         "parent",
+        "table",
         "upper",
     )
 
@@ -53,19 +57,46 @@ class Node:
         ino: int,
         parent: Node | None,
         name: str,
-        entry: Entry | None,
+        entry: Entry | int | None,
         layer: int,
+        table: EntryTable | None = None,
+        is_dir: bool | None = None,
     ) -> None:
         self.ino = ino
         self.parent = parent
         self.name = name
-        self.entry = entry
+        self._entry = entry
+        self.table = table  # what an int ``_entry`` indexes
         self.layer = layer
         self.upper = False
         self.nlink = 1
         self.lookups = 0
         self.links: list[tuple[Node, str]] | None = None  # extra names of a hardlinked file
-        self.children: dict[str, Node] | None = {} if entry is None or entry.type == "dir" else None
+        if is_dir is None:
+            is_dir = entry is None or (not isinstance(entry, int) and entry.type == "dir")
+        self.children: dict[str, Node] | None = {} if is_dir else None
+
+    @property
+    def entry(self) -> Entry | None:
+        e = self._entry
+        if type(e) is int:
+            assert self.table is not None
+            return self.table[e]
+        return e  # type: ignore[return-value]
+
+    @entry.setter
+    def entry(self, e: Entry | None) -> None:
+        self._entry = e
+        self.table = None
+
+    def set_row(self, i: int, table: EntryTable) -> None:
+        """Show entry ``i`` of ``table``."""
+        self._entry = i
+        self.table = table
+
+    def implicit(self) -> bool:
+        """Whether no layer has given this directory its entry (yet)."""
+        return self._entry is IMPLICIT_DIR
 
     @property
     def is_dir(self) -> bool:
@@ -81,6 +112,12 @@ class Node:
 
     def mode(self) -> int:
         """st_mode of the lower entry (callers use lstat for upper nodes)."""
+        if type(self._entry) is int:
+            assert self.table is not None
+            kind, mode = self.table.kind_mode(self._entry)
+            if kind == "symlink":
+                return stat.S_IFLNK | 0o777
+            return _FMT.get(kind, stat.S_IFREG) | mode
         e = self.entry
         if e is None:
             return stat.S_IFDIR | 0o755
@@ -127,17 +164,6 @@ class Inodes:
 
 # A tree this large was built from TOCs whose decode freed several times its size.
 TRIM_AFTER_NODES = 10_000
-
-
-def _trim_heap() -> None:
-    """Hand the free memory the TOC decode and the build left in the C heap back to the
-    system: glibc keeps freed blocks mapped (~7 MiB of RSS at 100k files) until asked.
-    Without glibc (no ``malloc_trim``) nothing is done."""
-    import ctypes  # only for large trees: a mount's start-up pays the import once
-
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 # The entry of a directory no layer has an entry for (yet): one shared object, so that "is it
@@ -227,38 +253,54 @@ class Tree:
         self.final = True
         self.lower_paths = array("q", sorted(self._path_hashes()))
         if len(self.nodes) >= TRIM_AFTER_NODES:
-            _trim_heap()
+            trim_heap()  # what the TOC decode and the build freed
 
     @property
     def next_ino(self) -> int:
         """The number the next node gets (every node so far has a smaller one)."""
         return self._next_ino
 
-    def new_node(self, parent: Node, name: str, entry: Entry | None, layer: int) -> Node:
-        node = Node(self._next_ino, parent, name, entry, layer)
+    def new_node(
+        self,
+        parent: Node,
+        name: str,
+        entry: Entry | int | None,
+        layer: int,
+        table: EntryTable | None = None,
+        is_dir: bool | None = None,
+    ) -> Node:
+        node = Node(self._next_ino, parent, name, entry, layer, table, is_dir)
         self._next_ino += 1
         self.nodes.add(node)
         return node
 
-    def _add_layer(self, layer: int, entries: list[Entry]) -> None:
+    def _add_layer(self, layer: int, entries: Sequence[Entry]) -> None:
         """One layer beneath the tree.  The nodes numbered from ``start`` on are this layer's
         own: a later entry of the layer replaces them, as a tar extractor would; everything
-        older belongs to a layer above and wins."""
+        older belongs to a layer above and wins.  An :class:`EntryTable` is read by its
+        columns (names, types): its nodes keep entry indices, and an entry is made only for
+        the few a hardlink needs."""
         start = self._next_ino
         hidden: set[str] = set()  # what this layer hides from the layers beneath it
         opaque: set[str] = set()
-        content: list[Entry] = []
-        for e in entries:
-            dirname, _, base = e.name.rpartition("/")
+        table = entries if isinstance(entries, EntryTable) else None
+
+        def rows() -> Iterator[tuple[str, EntryType]]:
+            if table is not None:
+                return table.rows()
+            return ((e.name, e.type) for e in entries)
+
+        # Whiteouts act before the layer's content, so they go first.
+        for full, _ in rows() if table is None or table.mentions(WHITEOUT) else ():
+            dirname, _, base = full.rpartition("/")
             if not base.startswith(WHITEOUT):
-                content.append(e)
                 continue
             where = self._place_dir(dirname, layer, start, hidden)
             if where is None:
                 continue  # hidden by a layer above: it has nothing to hide
             assert where.children is not None
-            # Whiteouts act before the layer's content: only directories an earlier
-            # whiteout of this layer implied are this layer's to remove.
+            # Only directories an earlier whiteout of this layer implied are this layer's
+            # to remove.
             if base == OPAQUE:
                 opaque.add(dirname)
                 gone = list(where.children)
@@ -285,50 +327,57 @@ class Tree:
         parent: Node | None = self.root
         # One string per distinct base name (__init__.py, README...), not one per node.
         names: dict[str, str] = {}
-        for e in content:
-            if e.name == "":
+        for i, (full, kind) in enumerate(rows()):
+            if full == "":
                 root = self.root
-                if root.entry is IMPLICIT_DIR or root.layer == layer:
-                    self._set_entry(root, e, layer)
+                if root.implicit() or root.layer == layer:
+                    self._set_row(root, entries, i, layer)
                 continue
-            dirname, _, name = e.name.rpartition("/")
+            dirname, _, name = full.rpartition("/")
+            if name.startswith(WHITEOUT):
+                continue
             name = names.setdefault(name, name)
             if dirname != last_dir or (
                 parent is not None and (parent.children is None or parent.nlink <= 0)
             ):
                 parent = self._place_dir(dirname, layer, start, hidden)
                 last_dir = dirname
-            if parent is None or (marked and e.name in self._whiteouts):
-                if e.type != "dir":  # hidden from above: only a hardlink may still need it
-                    skipped[e.name] = self._shadowed(e, start, skipped)
+            if parent is None or (marked and full in self._whiteouts):
+                if kind != "dir":  # hidden from above: only a hardlink may still need it
+                    skipped[full] = self._shadowed(entries[i], start, skipped)
                 continue
             assert parent.children is not None
             old = parent.children.get(name)
             if old is not None and old.is_dir:
                 last_dir = None  # it may be dropped below, and the cached parent with it
             if old is not None and old.ino < start:  # a layer above has this name
-                if e.type == "dir":
-                    if old.is_dir and (old.entry is IMPLICIT_DIR or old.layer == layer):
-                        self._set_entry(old, e, layer)  # the directory above merges
+                if kind == "dir":
+                    if old.is_dir and (old.implicit() or old.layer == layer):
+                        self._set_row(old, entries, i, layer)  # the directory above merges
                     continue
                 if old.is_dir:
                     # This non-directory replaced what this layer and those beneath had
                     # there so far; a directory above replaced it in turn.
-                    hidden.add(e.name)
+                    hidden.add(full)
                     self._drop_own(old, layer, start)
-                skipped[e.name] = self._shadowed(e, start, skipped)
+                skipped[full] = self._shadowed(entries[i], start, skipped)
                 continue
-            if e.type == "hardlink":
+            if kind == "hardlink":
+                e = entries[i]
                 self._add_link(e, parent, name, old, layer, start, skipped, links, orphans)
                 continue
-            if old is not None and old.is_dir and e.type == "dir":
-                self._set_entry(old, e, layer)  # the same directory again: the last one wins
+            if old is not None and old.is_dir and kind == "dir":
+                self._set_row(old, entries, i, layer)  # the same directory again: the last wins
                 continue
             if old is not None:
-                if e.type == "dir":
-                    hidden.add(e.name)  # this layer's own non-directory hid what is beneath
+                if kind == "dir":
+                    hidden.add(full)  # this layer's own non-directory hid what is beneath
                 self._drop(parent, name)
-            parent.children[name] = self.new_node(parent, name, e, layer)
+            if table is not None:
+                node = self.new_node(parent, name, i, layer, table, kind == "dir")
+            else:
+                node = self.new_node(parent, name, entries[i], layer)
+            parent.children[name] = node
         # Hardlinks of the layers above whose target is beneath them: this layer's word on
         # the target, if it has one.
         for target in list(self._wanted):
@@ -457,8 +506,12 @@ class Tree:
             else:
                 self._link_orphan(got, parent, name, layer, orphans)
 
-    def _set_entry(self, node: Node, e: Entry, layer: int) -> None:
-        node.entry = e
+    def _set_row(self, node: Node, entries: Sequence[Entry], i: int, layer: int) -> None:
+        """Give ``node`` entry ``i`` of ``entries``, this layer's."""
+        if isinstance(entries, EntryTable):
+            node.set_row(i, entries)
+        else:
+            node.entry = entries[i]
         node.layer = layer
 
     def _place_dir(self, path: str, layer: int, start: int, hidden: set[str]) -> Node | None:
@@ -505,8 +558,10 @@ class Tree:
         """Whether ``node``'s name and attributes are final: no layer beneath can change
         them.  Not an implicit directory (a lower layer may have its entry) nor a hardlink
         whose target is beneath."""
+        if self.final or node.implicit():
+            return self.final
         e = node.entry
-        return self.final or e is None or (e is not IMPLICIT_DIR and e.type != "hardlink")
+        return e is None or e.type != "hardlink"
 
     def listing_known(self, node: Node) -> bool:
         """Whether no layer beneath can add names to the directory ``node``."""

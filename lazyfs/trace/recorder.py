@@ -115,7 +115,8 @@ class Recorder:
         self, ino: int, entry: Entry, layer: int, path: Callable[[], Sequence[str]], now: int
     ) -> _File:
         f = self._files.get(ino)
-        if f is None or f.entry is not entry:
+        # Equal, not only identical: a mount's tree makes its lower entries on demand.
+        if f is None or (f.entry is not entry and f.entry != entry):
             # First access (or the inode now shows other content): the path is taken now,
             # once, since walking to the root costs the tree's depth.
             f = _File("/".join(path()), entry, self.layer_digests[layer])

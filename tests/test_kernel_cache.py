@@ -612,6 +612,52 @@ def test_upper_names_and_attributes_are_cached_and_follow_every_change(tmp_path:
         assert m.stats()["handler_errors"] == 0
 
 
+def test_a_copy_up_drops_the_attributes_of_the_directories_it_wrote_in(tmp_path: Path) -> None:
+    """A copy-up (a promote) makes a name in its upper parent directories, changing their
+    times without a request of the kernel's for them: the kernel, which keeps an upper
+    directory's attributes as long as a lower one's, must ask again."""
+    upper = tmp_path / "upper"
+    lower = [
+        Item("d", "dir", mode=0o755),
+        Item("d/f", data=b"f"),
+        Item("h", "dir", mode=0o755),
+        Item("h/one", data=b"1"),
+        Item("k", "dir", mode=0o755),
+        Item("k/two", "hardlink", link="h/one"),
+        Item("a", "dir", mode=0o755),
+        Item("a/x", data=b"x"),
+    ]
+
+    def same(got: Path, truth: Path) -> None:
+        a, b = os.lstat(got), os.lstat(truth)
+        assert (a.st_mtime_ns, a.st_ctime_ns) == (b.st_mtime_ns, b.st_ctime_ns), got
+
+    with mount_lower(tmp_path, lower) as m:
+        mnt = m.mountpoint
+        for dirname in ("d", "h", "k"):
+            (mnt / dirname / "new").write_bytes(b"n")  # the directory is upper now
+        for p in (mnt, mnt / "d", mnt / "h", mnt / "k", mnt / "a"):
+            os.lstat(p)  # into the kernel's cache
+        time.sleep(0.02)  # the copy-ups' times differ from those cached
+        os.chmod(mnt / "d" / "f", 0o600)  # copied up into upper d
+        same(mnt / "d", upper / "d")
+        os.chmod(mnt / "h" / "one", 0o600)  # and linked into upper k as well
+        same(mnt / "h", upper / "h")
+        same(mnt / "k", upper / "k")
+        (mnt / "a" / "y").write_bytes(b"y")  # a promoted: made in the upper root
+        same(mnt, upper)
+        fd = os.open(mnt / "a" / "x", os.O_RDONLY)
+        try:
+            os.unlink(mnt / "a" / "x")
+            os.lstat(mnt)
+            time.sleep(0.02)
+            os.fchmod(fd, 0o600)  # an unlinked file's copy: a temporary name in the root
+            same(mnt, upper)
+        finally:
+            os.close(fd)
+        assert m.stats()["handler_errors"] == 0
+
+
 def test_a_trace_still_sees_every_open(tmp_path: Path) -> None:
     """A ``--trace`` mount keeps OPEN (the trace records opens), with files still served by
     inode."""

@@ -504,10 +504,17 @@ class Operations(_Guarded):
             node.upper = True
             node.entry = None
             # The kernel may hold the lower attributes for TIMEOUT; the upper copy's
-            # differ (ctime, blocks; a directory's times once a copy-up wrote in it).
+            # differ (ctime, blocks; a directory's times once a copy-up wrote in it).  So
+            # do those of every upper directory the copy was made in (its names' parents;
+            # the root for an unlinked file's temporary name): their times changed, and no
+            # request of the kernel's touched them.
             # Attributes only: no page lock is taken, so this is safe inside a handler.
-            with contextlib.suppress(OSError):
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+            wrote_in = [p for p, _ in self.tree.names(node)] if node.nlink > 0 else []
+            if e.type == "reg" and node.nlink <= 0:
+                wrote_in.append(self.tree.root)
+            for changed in (node, *wrote_in):
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(changed.ino, attr_only=True)
         except OSError as err:
             raise _errno(err) from err
         finally:

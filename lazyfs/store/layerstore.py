@@ -890,10 +890,10 @@ class LayerStore:
                     if not f.event.is_set():
                         self._fail(d, f, error)
         finally:
-            for d, f in g.flights.items():
+            for f in g.flights.values():
                 f.fail(_Abandoned())  # no-op for resolved flights
-                if self._inflight.get(d) is f:
-                    del self._inflight[d]
+            # Resolved ones left here were cut off before their write (cancelled): forgotten.
+            self._written(g.flights.items())
         if done is not None:
             done()
         await self._flush_due()

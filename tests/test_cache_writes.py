@@ -139,6 +139,29 @@ def test_held_bytes_stay_under_the_bound(tmp_path: Path, monkeypatch: pytest.Mon
     run(main)
 
 
+def test_a_large_chunk_is_written_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file's creation costs about the same whatever its size: only small chunks wait.
+    monkeypatch.setattr(layerstore, "WRITE_HOLD_CHUNK", 2000)
+    monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 60.0)  # no pause in this test
+    files: Files = {"small": rand(1000, 500), "big": [rand(5000, 501)], "after": rand(1000, 502)}
+    store, layer, _, toc, blob = make(tmp_path, files, readahead=0, amplify=9000)
+    by = toc.by_name()
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, by["big"], 0, 5000) == content_of(toc, blob, "big")
+            with trio.fail_after(10):  # "small" and "after" held, "big" written
+                while not (
+                    by["big"].chunks[0].digest in store.cache
+                    and layer.stats.bytes_unwritten == 2000
+                ):
+                    await trio.sleep(0.01)
+            assert len(chunk_files(tmp_path / "cache")) == 1
+        assert len(chunk_files(tmp_path / "cache")) == 3
+
+    run(main)
+
+
 # ------------------------------------------------------------------- a daemon, stopped or killed
 
 N_FILES = 40

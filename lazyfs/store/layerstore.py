@@ -894,10 +894,11 @@ class LayerStore:
                     if not f.event.is_set():
                         self._fail(d, f, error)
         finally:
-            for f in g.flights.values():
+            # Resolved ones left here are an overtaking reader's: it writes them (_overtake).
+            for d, f in g.flights.items():
                 f.fail(_Abandoned())  # no-op for resolved flights
-            # Resolved ones left here were cut off before their write (cancelled): forgotten.
-            self._written(g.flights.items())
+                if self._inflight.get(d) is f:
+                    del self._inflight[d]
         if done is not None:
             done()
         await self._flush_due()
@@ -993,6 +994,10 @@ class LayerStore:
                 else:
                     self._succeed(c, f, result, stored)
             del results
+        except BaseException:
+            # Cut off (cancelled) before their write: forgotten, their write's waiters go on.
+            self._written([(d, g.flights.pop(d)) for d, _ in stored])
+            raise
         finally:
             if decoders is not None:
                 decoders.release()
@@ -1106,25 +1111,25 @@ class LayerStore:
         keeps waiting for the stream."""
         stored: list[tuple[str, bytes]] = []
         flights: list[tuple[str, _Flight]] = []
-        for start, end, cs in plan.plan_requests(
-            layer, chunks, self.merge_gap, self.max_request, lambda c: True, blocked=self._here
-        ):
-            try:
-                layer.stats.overtakes += 1
-                raw = await self._fetch(layer, start, end, Ticket(ONDEMAND))
-                for c in cs:
-                    f = self._inflight.get(c.digest)
-                    if f is None or f.event.is_set():
-                        continue
-                    piece = raw[c.offset - start : c.end - start]
-                    comp = layer.toc.compression
-                    data = await trio.to_thread.run_sync(decode_chunk, comp, piece, c)
-                    if not f.event.is_set():
-                        self._succeed(c, f, data, stored)
-                        flights.append((c.digest, f))
-            except (LazyfsError, OSError) as e:
-                log.debug("overtaking a stream of %s: %s", layer.blob_digest, e)
         try:
+            for start, end, cs in plan.plan_requests(
+                layer, chunks, self.merge_gap, self.max_request, lambda c: True, blocked=self._here
+            ):
+                try:
+                    layer.stats.overtakes += 1
+                    raw = await self._fetch(layer, start, end, Ticket(ONDEMAND))
+                    for c in cs:
+                        f = self._inflight.get(c.digest)
+                        if f is None or f.event.is_set():
+                            continue
+                        piece = raw[c.offset - start : c.end - start]
+                        comp = layer.toc.compression
+                        data = await trio.to_thread.run_sync(decode_chunk, comp, piece, c)
+                        if not f.event.is_set():
+                            self._succeed(c, f, data, stored)
+                            flights.append((c.digest, f))
+                except (LazyfsError, OSError) as e:
+                    log.debug("overtaking a stream of %s: %s", layer.blob_digest, e)
             await self._cache_stored(layer, stored)
         finally:
             self._written(flights)  # the stream skips them

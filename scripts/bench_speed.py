@@ -319,14 +319,19 @@ def cold_image(name: str, work: Path) -> tuple[Path, Path, str, tuple[str, ...],
 
 
 def bench_cold(
-    reps: int, work: Path, before: Path | None, image: str = "sample"
+    reps: int,
+    work: Path,
+    before: Path | None,
+    image: str = "sample",
+    keep: Sequence[str] = (),
 ) -> tuple[dict[str, dict[str, bl.Summary]], int]:
     """Cold starts from a loopback registry: per contender, seconds, blob requests and bytes
     (counted at the proxy from the start until the start-up has printed), alternating
     contenders, each repetition with a fresh cache or directory.  ``before``: a checkout of
     an older lazyfs whose daemon runs the lazyfs contenders again, in the same run.  The
     lazyfs contenders start their daemon as the snapshotter does (``spawn``), forked by a
-    fork server (``lazyfs serve-forks``) and, for groups, also as a new process."""
+    fork server (``lazyfs serve-forks``) and, for groups, also as a new process.  ``keep``:
+    only the contenders whose names contain one of these (and the full pull, the yardstick)."""
     import httpx
     from lazyfs_tools.convert import convert
 
@@ -406,6 +411,12 @@ def bench_cold(
             for repo, name in (("lazy", "no groups"), ("groups", "+ groups")):
                 contenders[f"before: lazyfs {name}"] = lazyfs_start(repo, before)
             contenders["before: lazyfs, re-laid out"] = lazyfs_start("relaid", before)
+        if keep:
+            contenders = {
+                k: fn
+                for k, fn in contenders.items()
+                if k.startswith("full pull") or any(w in k for w in keep)
+            }
         times: dict[str, list[float]] = {k: [] for k in contenders}
         ready: dict[str, list[float]] = {k: [] for k in contenders}
         reqs: dict[str, list[float]] = {k: [] for k in contenders}
@@ -466,6 +477,19 @@ def main() -> int:
         help="cold: the demo's sample, or the WAN harness's Debian image (built once from the "
         "apt mirror by scripts/benchwan/images.py)",
     )
+    p.add_argument(
+        "--contenders",
+        action="append",
+        metavar="WORDS",
+        help="cold: only the contenders whose names contain WORDS (repeatable), and the full pull",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the run's files live (caches, mounts), default .bench; file creation under "
+        "the repository costs 0.7-1 ms a file on some machines (BENCHMARKS.md, H42)",
+    )
     p.add_argument("--label", default="", help="a word for the section title (before/after)")
     p.add_argument("--no-markdown", action="store_true")
     args = p.parse_args()
@@ -474,7 +498,8 @@ def main() -> int:
     bl.byte_compiled()
     machine = bl.machine_info()
     load0 = os.getloadavg()[0]
-    work = bl.BENCH_DIR / f"work-speed-{os.getpid()}"  # fresh every run: see the docstring
+    # fresh every run: see the docstring
+    work = (args.work_dir or bl.BENCH_DIR) / f"work-speed-{os.getpid()}"
     work.mkdir(parents=True)
     lazy = _sample_with_tree(args.files)
     native = bl.extract_tar(lazy.parent / "layer.tar", lazy.parent / "rootfs")
@@ -549,7 +574,9 @@ def main() -> int:
             )
         if "cold" in only:
             bl.log("cold")
-            cold, n_group = bench_cold(args.reps, work, args.before, args.image)
+            cold, n_group = bench_cold(
+                args.reps, work, args.before, args.image, args.contenders or ()
+            )
             result["cold"] = {k: {m: v.as_dict() for m, v in d.items()} for k, d in cold.items()}
             base = cold["full pull + extract + start-up"]["seconds"].median
             rows = [

@@ -21,7 +21,7 @@ from lazyfs.fs.prometheus import DaemonStats, daemon_families, exposition, laten
 from lazyfs.store.chunkcache import CacheUsage
 from lazyfs.store.stats import LATENCY_BUCKETS, LayerStats
 from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import lazyfs_cmd, mounted, run
+from lazyfs.testing.mounts import lazyfs_cmd, mounted, run, wait_written
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -152,6 +152,7 @@ def test_stats_prometheus_equals_the_json_stats(image: str, tmp_path: Path) -> N
         assert (mnt / "a").read_bytes() == DATA
         with open(mnt / "b", "rb") as f:
             assert f.read(1000) == DATA[::-1][:1000]
+        wait_written(mnt)  # what the reads fetched is cached when they pause: then it is quiet
         res = run(*lazyfs_cmd("stats", str(mnt), "--prometheus"))
         assert res.returncode == 0, res.stderr
         js = json.loads(run(*lazyfs_cmd("stats", str(mnt), "--json"), check=True).stdout)

@@ -23,7 +23,7 @@ from lazyfs_snapshotter.testing import Client, SnapshotterProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import Mount, mounted
+from lazyfs.testing.mounts import Mount, mounted, wait_written
 from tests.test_metrics import Samples, samples, value
 
 DATA = seeded_bytes(200_000, 33)
@@ -102,6 +102,7 @@ def test_endpoint_from_config_counts_calls_snapshots_and_daemons(
         with mounted(image, mnt, "--read-only", "--no-prefetch",
                      "--cache", str(base_dir / "cache")) as m:  # fmt: skip
             assert (mnt / "f").read_bytes() == DATA
+            wait_written(mnt)  # the chunks a read fetched are cached once reads pause
             record(sp, m, image)
             store = MetadataStore(sp.root / "metadata.db")
             try:

@@ -79,6 +79,21 @@ AMPLIFY_MAX = 512 * 1024
 AMPLIFY_BEHIND = 256 * 1024
 # The background fill only issues a request after on-demand reads were quiet this long.
 BACKGROUND_IDLE_SECONDS = 0.25
+# What readers' requests bring is written to the cache once on-demand reads have been quiet
+# as long (readers are served from memory meanwhile; see _hold), WRITE_DEFER_SECONDS after it
+# came at the latest, and at the store's close: a no-groups cold start writes ~2,200 chunk
+# files, whose creation took the CPUs and GIL the start-up waited for (BENCHMARKS.md, issue
+# 13, "the cost of each miss").  At most WRITE_HOLD_BYTES (decoded) wait; a reader's chunks
+# beyond that are written at once, as before, and so is one over WRITE_HOLD_CHUNK: creating a
+# file costs about the same whatever its size, and of that Debian start-up's 2,203 chunks
+# (47 MiB decoded) 2,082 are at most 64 KiB (15.7 MiB), the other 121 hold 31.6 MiB.
+# WRITE_BATCH chunks go to a thread at a time, so a read that comes meanwhile waits for one
+# batch at most before the writes pause again.
+WRITE_IDLE_SECONDS = BACKGROUND_IDLE_SECONDS
+WRITE_DEFER_SECONDS = 5.0
+WRITE_HOLD_BYTES = 16 * 1024 * 1024
+WRITE_HOLD_CHUNK = 64 * 1024
+WRITE_BATCH = 32
 
 ProgressCallback = Callable[[LayerStats], None]
 
@@ -90,7 +105,7 @@ class _Abandoned(Exception):
 class _Flight:
     """One chunk being fetched; every task that needs it waits on the same event."""
 
-    __slots__ = ("data", "error", "event", "group", "in_cache", "ticket", "waiting")
+    __slots__ = ("data", "error", "event", "group", "in_cache", "ticket", "waiting", "written")
 
     def __init__(self, ticket: Ticket, group: _Group) -> None:
         self.data = b""
@@ -100,6 +115,9 @@ class _Flight:
         self.ticket = ticket  # boosted when an on-demand reader starts waiting
         self.group = group  # the request bringing it: where its stream is
         self.waiting = False  # an on-demand reader waits: decode it without delay
+        # Made when the chunk is handed over (in memory), set once its cache write is done
+        # or given up: LayerStore.prefetch waits for it.  None: failed, or a big chunk.
+        self.written: trio.Event | None = None
 
     def succeed(self, data: bytes) -> None:
         self.data = data
@@ -117,6 +135,7 @@ class _Group:
 
     __slots__ = (
         "chunks",
+        "deferred",
         "end",
         "first_at",
         "flights",
@@ -143,6 +162,7 @@ class _Group:
         self.pos = start
         self.sent_at: float | None = None
         self.first_at: float | None = None
+        self.deferred = False  # a reader's: its chunks' cache writes wait (LayerStore._hold)
 
     def far(self, c: Chunk, now: float) -> bool:
         """Whether a reader of ``c`` should ask for it alone rather than wait for the bytes
@@ -247,6 +267,12 @@ class LayerStore:
         self._unsent: dict[str, list[_Group]] = {}
         self._dirty: set[Layer] = set()
         self._last_ondemand = -math.inf
+        # Verified chunks whose cache write waits (_hold), oldest first, with when they came;
+        # their flights stay in _inflight, resolved: readers take them from there (a hit) and
+        # nobody fetches them again.
+        self._held: dict[str, tuple[Layer, _Flight, float]] = {}
+        self._held_bytes = 0
+        self._writer_wake = trio.Event()
         self._bg_scope: trio.CancelScope | None = None
         self._layer_added = trio.Event()
         #: tried before the network for missing chunks (see lazyfs.store.provider)
@@ -334,6 +360,14 @@ class LayerStore:
         layer.stats.record_read(ns, waited=waited)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), ns if waited else 0
 
+    def _resolved(self, digest: str) -> bytes | None:
+        """A chunk verified and handed over but not cached yet (held for a deferred write, or
+        being written): a hit, not a network wait."""
+        f = self._inflight.get(digest)
+        if f is None or not f.event.is_set() or f.error is not None or f.in_cache:
+            return None
+        return f.data
+
     def _window(self, layer: Layer) -> _Window:
         w = self._windows.get(layer.blob_digest)
         if w is None:
@@ -399,6 +433,8 @@ class LayerStore:
                 for i in pending:
                     c, lo, hi = needs[i]
                     hot = self._hot.get(c.digest)
+                    if hot is None:
+                        hot = self._resolved(c.digest)
                     if hot is not None:
                         parts[i] = hot if (lo, hi) == (0, c.size) else hot[lo:hi]
                         layer.stats.cache_hits += 1
@@ -448,6 +484,8 @@ class LayerStore:
                 missed.update(pending)
                 waited = True
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
+                for g in groups:
+                    g.deferred = self._nursery is not None  # else the reader waits for it
                 mine = {d for g in groups for d in g.flights}
                 if budget and groups:
                     asked = {needs[i][0].digest for i in pending}
@@ -609,6 +647,7 @@ class LayerStore:
                     runs.append((g.start, g.end))
             merged = _Group(runs[0][0], runs[-1][1], [c for g in taken for c in g.chunks], runs)
             merged.ticket = Ticket(ONDEMAND)
+            merged.deferred = all(g.deferred for g in taken)
             merged.flights = {d: f for g in taken for d, f in g.flights.items()}
             out.append(merged)
         return out
@@ -855,6 +894,7 @@ class LayerStore:
                     if not f.event.is_set():
                         self._fail(d, f, error)
         finally:
+            # Resolved ones left here are an overtaking reader's: it writes them (_overtake).
             for d, f in g.flights.items():
                 f.fail(_Abandoned())  # no-op for resolved flights
                 if self._inflight.get(d) is f:
@@ -954,16 +994,104 @@ class LayerStore:
                 else:
                     self._succeed(c, f, result, stored)
             del results
+        except BaseException:
+            # Cut off (cancelled) before their write: forgotten, their write's waiters go on.
+            self._written([(d, g.flights.pop(d)) for d, _ in stored])
+            raise
         finally:
             if decoders is not None:
                 decoders.release()
-        await self._cache_stored(layer, stored)
-        for d, _ in stored:
-            f = g.flights.pop(d)
-            if self._inflight.get(d) is f:
-                del self._inflight[d]  # cached: later readers find it there
+        # Out of the group now: its end forgets its flights, these stay until written.
+        flights = [(d, g.flights.pop(d)) for d, _ in stored]
+        hold = g.deferred and self._nursery is not None
+        now: list[tuple[str, bytes]] = []
+        now_flights: list[tuple[str, _Flight]] = []
+        for (d, data), (_, f) in zip(stored, flights, strict=True):
+            if hold and len(data) <= WRITE_HOLD_CHUNK and self._held_bytes < WRITE_HOLD_BYTES:
+                self._hold(layer, d, f, len(data))
+            else:
+                now.append((d, data))
+                now_flights.append((d, f))
+        if now:
+            try:
+                await self._cache_stored(layer, now)
+            finally:
+                self._written(now_flights)
         if done is not None:
             done()
+
+    # ------------------------------------------------------------------------------- held writes
+
+    def _written(self, flights: Iterable[tuple[str, _Flight]]) -> None:
+        """Handed-over chunks are cached now (or their write failed): later readers look in
+        the cache, and those waiting for the write go on."""
+        for d, f in flights:
+            if self._inflight.get(d) is f:
+                del self._inflight[d]
+            if f.written is not None:
+                f.written.set()
+
+    def _hold(self, layer: Layer, digest: str, f: _Flight, size: int) -> None:
+        """Keep a reader's verified chunk in memory (its flight stays in ``_inflight``) until
+        the writer task caches it (WRITE_IDLE_SECONDS)."""
+        if self._inflight.get(digest) is not f or digest in self._held:
+            self._written([(digest, f)])  # forgotten meanwhile: nothing else can find it
+            return
+        if not self._held:
+            self._writer_wake.set()
+        self._held[digest] = (layer, f, trio.current_time())
+        self._held_bytes += size
+        layer.stats.bytes_unwritten += size
+
+    async def _writer(self) -> None:
+        """Write held chunks once on-demand reads pause, a batch at a time; when the store
+        stops running (``_nursery`` None), write them all and return."""
+        while self._held or self._nursery is not None:
+            if not self._held:
+                self._writer_wake = trio.Event()
+                await self._writer_wake.wait()
+                continue
+            if self._nursery is not None:
+                due = next(iter(self._held.values()))[2] + WRITE_DEFER_SECONDS
+                wake = min(self._last_ondemand + WRITE_IDLE_SECONDS, due)
+                if wake > trio.current_time():
+                    self._writer_wake = trio.Event()
+                    with trio.move_on_at(wake):
+                        await self._writer_wake.wait()
+                    continue
+            batch = itertools.islice(self._held.items(), WRITE_BATCH)
+            await self._write_held([(d, f) for d, (_, f, _) in batch])
+
+    async def _write_held(self, flights: Iterable[tuple[str, _Flight]]) -> None:
+        """Write those of these handed-over chunks that are held to the cache now, and wait
+        for the others' writes.  A write that fails (or is cancelled) loses only the copy: the
+        flight is forgotten, and a later reader fetches the chunk again."""
+        mine: list[tuple[str, Layer, _Flight]] = []
+        theirs: list[trio.Event] = []
+        for d, f in flights:
+            held = self._held.get(d)
+            if held is not None and held[1] is f:
+                del self._held[d]
+                mine.append((d, held[0], f))
+            elif f.written is not None and not f.written.is_set():
+                theirs.append(f.written)
+        if mine:
+            stored = [(d, f.data) for d, _, f in mine]
+            try:
+                evicted = await trio.to_thread.run_sync(self._put_many, stored)
+            except OSError as e:
+                log.warning("could not cache chunks of %s: %s", mine[0][1].blob_digest, e)
+            else:
+                for d, _ in stored:
+                    self._mark_ready(d)
+                self._evicted(evicted)
+            finally:
+                for _, layer, f in mine:
+                    self._held_bytes -= len(f.data)
+                    layer.stats.bytes_unwritten -= len(f.data)
+                self._written((d, f) for d, _, f in mine)
+        for written in theirs:
+            await written.wait()
 
     async def _cache_stored(self, layer: Layer, stored: list[tuple[str, bytes]]) -> None:
         if not stored:
@@ -982,28 +1110,29 @@ class LayerStore:
         resolves their flights (the stream then skips them).  Failure is quiet: the reader
         keeps waiting for the stream."""
         stored: list[tuple[str, bytes]] = []
-        for start, end, cs in plan.plan_requests(
-            layer, chunks, self.merge_gap, self.max_request, lambda c: True, blocked=self._here
-        ):
-            try:
-                layer.stats.overtakes += 1
-                raw = await self._fetch(layer, start, end, Ticket(ONDEMAND))
-                for c in cs:
-                    f = self._inflight.get(c.digest)
-                    if f is None or f.event.is_set():
-                        continue
-                    piece = raw[c.offset - start : c.end - start]
-                    comp = layer.toc.compression
-                    data = await trio.to_thread.run_sync(decode_chunk, comp, piece, c)
-                    if not f.event.is_set():
-                        self._succeed(c, f, data, stored)
-            except (LazyfsError, OSError) as e:
-                log.debug("overtaking a stream of %s: %s", layer.blob_digest, e)
-        await self._cache_stored(layer, stored)
-        for d, _ in stored:
-            f = self._inflight.get(d)
-            if f is not None and f.event.is_set():
-                del self._inflight[d]  # cached: the stream skips it
+        flights: list[tuple[str, _Flight]] = []
+        try:
+            for start, end, cs in plan.plan_requests(
+                layer, chunks, self.merge_gap, self.max_request, lambda c: True, blocked=self._here
+            ):
+                try:
+                    layer.stats.overtakes += 1
+                    raw = await self._fetch(layer, start, end, Ticket(ONDEMAND))
+                    for c in cs:
+                        f = self._inflight.get(c.digest)
+                        if f is None or f.event.is_set():
+                            continue
+                        piece = raw[c.offset - start : c.end - start]
+                        comp = layer.toc.compression
+                        data = await trio.to_thread.run_sync(decode_chunk, comp, piece, c)
+                        if not f.event.is_set():
+                            self._succeed(c, f, data, stored)
+                            flights.append((c.digest, f))
+                except (LazyfsError, OSError) as e:
+                    log.debug("overtaking a stream of %s: %s", layer.blob_digest, e)
+            await self._cache_stored(layer, stored)
+        finally:
+            self._written(flights)  # the stream skips them
 
     def _fail(self, digest: str, f: _Flight, error: BaseException) -> None:
         """Fail a flight and forget it at once: a reader that comes later must try afresh,
@@ -1013,6 +1142,7 @@ class LayerStore:
             del self._inflight[digest]
 
     def _succeed(self, c: Chunk, f: _Flight, data: bytes, stored: list[tuple[str, bytes]]) -> None:
+        f.written = trio.Event()  # the caller writes ``stored``, then sets it (_written)
         f.succeed(data)
         stored.append((c.digest, data))
         self._hot.put(c.digest, data)
@@ -1150,6 +1280,9 @@ class LayerStore:
                         nursery.start_soon(self._run_group, layer, g, done)
             for f in flights.values():
                 await f.event.wait()
+            # A reader's chunks it joined may wait for their cache write: the caller wants
+            # them in the cache (copy-up reads them there), so they are written now.
+            await self._write_held((d, f) for d, f in flights.items() if f.written is not None)
             again: list[Chunk] = []
             for c in todo:
                 f = flights.get(c.digest)
@@ -1167,14 +1300,17 @@ class LayerStore:
     async def running(self) -> AsyncIterator[None]:
         """Within this block, fetches started by readers (and their read-ahead) run in a
         nursery of the store's own, so a reader returns as soon as its chunks are verified
-        instead of also waiting for them to be written to disk.  Leaving the block waits for
-        those fetches to finish, so a clean unmount keeps everything it fetched."""
+        instead of also waiting for them to be written to disk, and those writes wait for a
+        pause in on-demand reads (``_hold``).  Leaving the block waits for those fetches and
+        writes to finish, so a clean unmount keeps everything it fetched."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._writer)
             try:
                 yield
             finally:
                 self._nursery = None
+                self._writer_wake.set()  # held chunks are written now, all of them
 
     def background(self, nursery: trio.Nursery) -> None:
         """Fill the cache with every layer's remaining chunks at the lowest priority, one

@@ -99,6 +99,20 @@ def wait_prefetched(mnt: Path, timeout: float = 20.0) -> dict[str, Any]:
         time.sleep(0.05)
 
 
+def wait_written(mnt: Path, timeout: float = 20.0) -> dict[str, Any]:
+    """The mount's stats once no chunk a read fetched waits for its cache write (they are
+    written when reads pause: lazyfs.store.layerstore.WRITE_IDLE_SECONDS); AssertionError
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = mount_stats(mnt)
+        if not any(layer["stats"].get("bytes_unwritten") for layer in stats["layers"]):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"chunks still wait for their cache write: {stats}")
+        time.sleep(0.05)
+
+
 def startup_groups(
     image: str, manifest: str, layer: str, files: Mapping[str, bytes], names: Sequence[str]
 ) -> bytes:

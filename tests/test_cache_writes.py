@@ -1,0 +1,243 @@
+"""A reader's fetched chunks are written to the cache when on-demand reads pause
+(lazyfs.store.layerstore: ``_hold`` and the writer task): readers are served from memory
+meanwhile, ``prefetch`` still returns with its chunks in the cache, the bytes held are
+bounded, and a daemon stopped while chunks wait writes them all, one killed leaves no chunk
+file that is wrong or cut short."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from lazyfs.atomic import TMP_PREFIX
+from lazyfs.store import ChunkCache, layerstore
+from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import mounted
+from tests.test_store import chunk_files, content_of, make, rand, run
+
+Files = dict[str, bytes | list[bytes | int]]
+
+
+def test_a_readers_chunks_are_cached_once_reads_pause_or_the_store_stops(tmp_path: Path) -> None:
+    files: Files = {f"f{i}": rand(3000, 100 + i) for i in range(9)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=6000, hot_bytes=0)
+    by = toc.by_name()
+    cache_dir = tmp_path / "cache"
+
+    def brought() -> int:  # chunks inside the ranges asked for so far
+        return sum(
+            any(s <= c.offset and c.end <= e for _, s, e in src.requests) for c in layer.by_offset
+        )
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, by["f0"], 0, 3000) == content_of(toc, blob, "f0")
+            await trio.testing.wait_all_tasks_blocked()
+            assert chunk_files(cache_dir) == []  # held while reads go on
+            assert layer.stats.bytes_unwritten >= 3000  # f0, at least (neighbours may decode)
+            misses = []
+            for _ in range(2):  # f1 came with f0's request
+                assert await store.read(layer, by["f1"], 0, 3000) == content_of(toc, blob, "f1")
+                misses.append(layer.stats.cache_misses)
+            # From memory: no request, and a hit, not a network wait.
+            assert len(src.requests) == 1 and misses[0] == misses[1]
+            await trio.sleep(layerstore.WRITE_IDLE_SECONDS * 2)
+            assert len(chunk_files(cache_dir)) == brought() >= 6
+            assert layer.stats.bytes_unwritten == 0
+            assert await store.read(layer, by["f6"], 0, 3000) == content_of(toc, blob, "f6")
+            assert len(src.requests) == 2
+        assert len(chunk_files(cache_dir)) == brought() >= 9  # written on the way out
+        assert layer.stats.bytes_unwritten == 0
+
+    run(main)
+
+
+def test_prefetch_returns_with_held_chunks_in_the_cache(tmp_path: Path) -> None:
+    # Copy-up prefetches a file's chunks, then reads them from the cache: chunks a reader
+    # fetched that wait for their write are written by the prefetch, at once, not fetched.
+    files: Files = {f"f{i}": rand(3000, 200 + i) for i in range(6)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=20_000)
+    by = toc.by_name()
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, by["f0"], 0, 3000) == content_of(toc, blob, "f0")
+            await trio.testing.wait_all_tasks_blocked()
+            assert layer.stats.bytes_unwritten > 0 and chunk_files(tmp_path / "cache") == []
+            await store.prefetch(layer, [by["f3"]], priority=layerstore.ONDEMAND)
+            assert len(src.requests) == 1
+            for c in by["f3"].chunks:
+                assert store.cache.read(c.digest, c.size) == content_of(toc, blob, "f3")[
+                    c.file_offset : c.file_offset + c.size
+                ]
+            assert layer.stats.bytes_unwritten == 3000 * 5  # the rest still waits
+
+    run(main)
+
+
+def test_prefetch_joining_a_readers_stream_returns_with_the_chunks_in_the_cache(
+    tmp_path: Path,
+) -> None:
+    # The prefetch joins flights a reader's request is still bringing: they are held when
+    # they resolve, and the prefetch writes them before it returns.
+    files: Files = {f"f{i}": rand(3000, 300 + i) for i in range(6)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=20_000)
+    by = toc.by_name()
+    src.gate_all = trio.Event()
+
+    async def main() -> None:
+        async with store.running(), trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                assert await store.read(layer, by["f0"], 0, 3000) == content_of(toc, blob, "f0")
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            prefetched = trio.Event()
+
+            async def prefetch() -> None:
+                await store.prefetch(layer, [by["f4"]])
+                prefetched.set()
+
+            nursery.start_soon(prefetch)
+            await trio.testing.wait_all_tasks_blocked()
+            src.gate_all.set()
+            await prefetched.wait()
+            assert len(src.requests) == 1
+            for c in by["f4"].chunks:
+                assert c.digest in store.cache
+
+    run(main)
+
+
+def test_held_bytes_stay_under_the_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reads that never pause: beyond the bound a reader's chunks are written at once.
+    monkeypatch.setattr(layerstore, "WRITE_HOLD_BYTES", 10_000)
+    files: Files = {f"f{i}": rand(3000, 400 + i) for i in range(30)}
+    store, layer, _, toc, blob = make(tmp_path, files, readahead=0, amplify=0)
+    by = toc.by_name()
+    most = 0
+
+    async def main() -> None:
+        nonlocal most
+        async with store.running():
+            for i in range(30):
+                name = f"f{i}"
+                assert await store.read(layer, by[name], 0, 3000) == content_of(toc, blob, name)
+                await trio.testing.wait_all_tasks_blocked()
+                most = max(most, layer.stats.bytes_unwritten)
+            # One request's chunks (3000 B) may go over the bound, no more.
+            assert 10_000 <= most < 10_000 + 3000
+        assert len(chunk_files(tmp_path / "cache")) == 90
+
+    run(main)
+
+
+def test_a_large_chunk_is_written_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file's creation costs about the same whatever its size: only small chunks wait.
+    monkeypatch.setattr(layerstore, "WRITE_HOLD_CHUNK", 2000)
+    monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 60.0)  # no pause in this test
+    files: Files = {"small": rand(1000, 500), "big": [rand(5000, 501)], "after": rand(1000, 502)}
+    store, layer, _, toc, blob = make(tmp_path, files, readahead=0, amplify=9000)
+    by = toc.by_name()
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, by["big"], 0, 5000) == content_of(toc, blob, "big")
+            with trio.fail_after(10):  # "small" and "after" held, "big" written
+                while not (
+                    by["big"].chunks[0].digest in store.cache
+                    and layer.stats.bytes_unwritten == 2000
+                ):
+                    await trio.sleep(0.01)
+            assert len(chunk_files(tmp_path / "cache")) == 1
+        assert len(chunk_files(tmp_path / "cache")) == 3
+
+    run(main)
+
+
+# ------------------------------------------------------------------- a daemon, stopped or killed
+
+N_FILES = 40
+SIZE = 20_000
+
+
+def file_data(i: int) -> bytes:
+    return seeded_bytes(SIZE, 1000 + i)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("writes-image")
+    items = [Item(f"f{i:02}", data=file_data(i)) for i in range(N_FILES)]
+    make_lazy_layout(d / "lazy", [make_tar(items)], chunk_size=4096)
+    return f"oci:{d / 'lazy'}:v1"
+
+
+def cache_is_sound(cache: Path) -> int:
+    """Every chunk file under its final name holds the bytes its name says; the number of
+    them.  (A crash may leave ``TMP_PREFIX`` files, which the next start removes.)"""
+    n = 0
+    for p in chunk_files(cache):
+        if p.name.startswith(TMP_PREFIX):
+            continue
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name, p
+        n += 1
+    return n
+
+
+def read_all(mnt: Path) -> None:
+    for i in range(N_FILES):
+        assert (mnt / f"f{i:02}").read_bytes() == file_data(i)
+
+
+def test_a_daemon_stopped_while_chunks_wait_writes_them_all(image: str, tmp_path: Path) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "c"
+    opts = ("--read-only", "--no-prefetch", "--cache", str(cache))
+    with mounted(image, mnt, *opts) as m:
+        read_all(mnt)
+        # Reads going on (page cache dropped, so they reach the daemon) keep the writes
+        # waiting; the stop comes while they wait.
+        fd = os.open(mnt / "f00", os.O_RDONLY)
+        try:
+            deadline = time.monotonic() + 2.0
+            while True:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(fd, 100, 0) == file_data(0)[:100]
+                held = sum(la["stats"]["bytes_unwritten"] for la in m.stats()["layers"])
+                if held or time.monotonic() > deadline:
+                    break
+            assert held > 0
+        finally:
+            os.close(fd)
+    written = cache_is_sound(cache)
+    assert written > 0
+    with mounted(image, mnt, *opts) as m:
+        read_all(mnt)
+        stats = m.stats()["layers"]
+        assert sum(la["stats"]["requests"] for la in stats) == 0  # all from the cache
+    assert cache_is_sound(cache) == written
+
+
+def test_a_daemon_killed_while_chunks_wait_leaves_no_wrong_chunk(
+    image: str, tmp_path: Path
+) -> None:
+    mnt, cache = tmp_path / "mnt", tmp_path / "c"
+    opts = ("--read-only", "--no-prefetch", "--cache", str(cache))
+    for delay in (0.0, layerstore.WRITE_IDLE_SECONDS):  # before the writes, about as they go
+        with mounted(image, mnt, *opts) as m:
+            read_all(mnt)
+            time.sleep(delay)
+            m.kill()
+        cache_is_sound(cache)
+    ChunkCache(cache)  # a start removes crash leftovers
+    assert not [p for p in chunk_files(cache) if p.name.startswith(TMP_PREFIX)]
+    with mounted(image, mnt, *opts):
+        read_all(mnt)
+    cache_is_sound(cache)

@@ -173,6 +173,7 @@ def test_stats_prometheus_equals_the_json_stats(image: str, tmp_path: Path) -> N
             assert value(ss, "lazyfs_layer_cache_hits_total", **lv) == s["cache_hits"]
             assert value(ss, "lazyfs_layer_cache_misses_total", **lv) == s["cache_misses"]
             assert value(ss, "lazyfs_layer_ready_bytes", **lv) == s["bytes_ready"]
+            assert value(ss, "lazyfs_layer_unwritten_bytes", **lv) == s["bytes_unwritten"] == 0
             assert value(ss, "lazyfs_layer_read_wait_seconds_total", **lv) == pytest.approx(
                 s["wait_ns"] / 1e9
             )

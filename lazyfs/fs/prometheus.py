@@ -54,6 +54,8 @@ _LAYER_GAUGES = (
     ("lazyfs_layer_chunks", "chunks_total", "Chunks of the layer"),
     ("lazyfs_layer_ready_chunks", "chunks_ready", "Of those, chunks in the local cache"),
     ("lazyfs_layer_held_bytes", "bytes_held", "Compressed bytes cached when the image opened"),
+    ("lazyfs_layer_unwritten_bytes", "bytes_unwritten",
+     "Fetched bytes served from memory that wait for their cache write"),
 )
 # Prefetch progress (lazyfs.fs.prefetch.PrefetchStats), labelled by group.
 _PREFETCH_GAUGES = (

@@ -237,6 +237,8 @@ async def open_image(
                     unsaved=unsaved,
                     tables=entry_tables,
                 )
+                if groups is not None:
+                    await groups.settle()  # a document on its way: the mount starts with it
                 store = LayerStore(cache)
                 try:
                     indexing = LayerIndexing(tocs.layers, whole, store, source)

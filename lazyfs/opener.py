@@ -226,7 +226,6 @@ async def open_image(
         try:
             unsaved: list[Unsaved] = []
             async with _side_tasks() as side:
-                t0 = trio.current_time()
                 tocs = await load_tocs(
                     source,
                     ref,
@@ -234,10 +233,12 @@ async def open_image(
                     toc_dir=cache.tocs_dir,
                     whole=whole,
                     layer_count=layer_count,
-                    on_resolved=_begin(groups, side, t0),
+                    on_resolved=_begin(groups, side),
                     unsaved=unsaved,
                     tables=entry_tables,
                 )
+                if groups is not None:
+                    await groups.settle()  # a document on its way: the mount starts with it
                 store = LayerStore(cache)
                 try:
                     indexing = LayerIndexing(tocs.layers, whole, store, source)
@@ -267,13 +268,13 @@ async def open_image(
 
 
 def _begin(
-    groups: StoredGroups | None, nursery: trio.Nursery, t0: float
-) -> Callable[[str], None] | None:
-    """``load_tocs``'s hook: the groups lookup starts with the manifest (whose fetch, since
-    ``t0``, tells what a request costs)."""
+    groups: StoredGroups | None, nursery: trio.Nursery
+) -> Callable[[str, float], None] | None:
+    """``load_tocs``'s hook: the groups lookup starts with the TOCs' fetch (the manifest's
+    tells what a request costs)."""
     if groups is None:
         return None
-    return lambda digest: groups.begin(nursery, digest, trio.current_time() - t0)
+    return lambda digest, request_time: groups.begin(nursery, digest, request_time)
 
 
 @asynccontextmanager

@@ -232,10 +232,12 @@ async def find_artifact(
     manifest_digest: str,
     artifact_type: str,
     check: Callable[[bytes], None] | None = None,
+    asking: Callable[[], None] | None = None,
 ) -> bytes | None:
     """The newest ``artifact_type`` document stored for ``manifest_digest``, or None.  Tries
     the referrers API, then the tag schema; skips artifacts that do not check out (``check``
-    raises FormatError for a document the caller cannot use)."""
+    raises FormatError for a document the caller cannot use).  ``asking`` hears when one is
+    about to be fetched (its answer is then a round trip away)."""
     refs = await shared_referrers(source, manifest_digest)
     candidates = sorted(
         (d for d in refs if d.artifactType == artifact_type),
@@ -243,6 +245,8 @@ async def find_artifact(
         reverse=True,
     )
     for d in candidates:
+        if asking is not None:
+            asking()
         try:
             # The index names the document's digest (our pushes do): fetched beside the
             # artifact manifest, a round trip sooner; the manifest must then name it too.

@@ -33,7 +33,7 @@ from lazyfs.formats.layer import (
 )
 from lazyfs.formats.toc import TOC, TocBudget, pack_toc, table_toc, unpack_toc
 from lazyfs.heap import trim_heap
-from lazyfs.remote.base import Source
+from lazyfs.remote.base import REQUEST_SENT, Source
 from lazyfs.remote.resolve import ResolvedImage, resolve_manifest
 from lazyfs.store.wholelayer import WholeLayers
 
@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 
 TAIL_GUESS = 64 * 1024
 TOC_FETCH_TRIES = 3
+
+#: How long the image's other first requests (config, what ``on_resolved`` starts) wait for
+#: the TOCs' requests to be sent: the TOC is the long pole of a cold start (its bytes, then
+#: its decode), so its request takes the connection the manifest came on rather than racing
+#: the others for it and, losing, paying a new connection's round trip.
+TOC_FIRST_WAIT = 0.05
 
 
 class NotLazyError(FormatError):
@@ -240,6 +246,30 @@ async def _fetch_toc(
     raise AssertionError("unreachable")
 
 
+class _Countdown:
+    """``done`` is set once each of ``n`` parties has called its :meth:`once` callable (at
+    least once: a party may call it again, as each retried request does)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.done = trio.Event()
+        if n == 0:
+            self.done.set()
+
+    def once(self) -> Callable[[], None]:
+        called = False
+
+        def call() -> None:
+            nonlocal called
+            if not called:
+                called = True
+                self.left -= 1
+                if self.left == 0:
+                    self.done.set()
+
+        return call
+
+
 async def load_tocs(
     source: Source,
     ref: str,
@@ -248,19 +278,20 @@ async def load_tocs(
     toc_dir: Path | None = None,
     layer_count: int | None = None,
     whole: WholeLayers | None = None,
-    on_resolved: Callable[[str], None] | None = None,
+    on_resolved: Callable[[str, float], None] | None = None,
     unsaved: list[Unsaved] | None = None,
     tables: bool = False,
 ) -> Image:
     """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
     ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
     layer without a TOC is an error (NotLazyError), unless ``whole`` is given: then it is
-    fetched whole and indexed.  ``on_resolved`` hears of the manifest digest before the
-    config and TOCs are read (what else needs it can start beside them).  ``unsaved``,
+    fetched whole and indexed.  ``on_resolved`` hears of the manifest digest, and what
+    resolving it took (s), once the TOCs' requests are sent (:data:`TOC_FIRST_WAIT`): what
+    else needs the digest starts beside them, as the config's fetch does.  ``unsaved``,
     ``tables``: see :func:`load_layer`."""
+    t0 = trio.current_time()
     found_manifest = await resolve_manifest(source, ref, platform)
-    if on_resolved is not None:
-        on_resolved(found_manifest.digest)
+    resolve_time = trio.current_time() - t0
     descriptors = list(found_manifest.manifest.layers)
     n_layers = len(descriptors)
     if layer_count is not None:
@@ -291,9 +322,16 @@ async def load_tocs(
         finally:
             have_config.set()
 
+    tocs_sent = _Countdown(len(descriptors))
+
     async def one(i: int, desc: oci.Descriptor) -> None:
         tried = False
         if whole is None or _promises_toc(desc):
+            sent = tocs_sent.once()
+            if toc_dir is None or not (toc_dir / oci.check_digest(desc.digest)).exists():
+                REQUEST_SENT.set(sent)  # the source calls it as the TOC's request leaves
+            else:
+                sent()  # a cached TOC: no request
             try:
                 layers[i] = await load_layer(
                     source, desc, toc_dir, budget=budget, unsaved=unsaved, tables=tables
@@ -303,7 +341,12 @@ async def load_tocs(
                 if whole is None:
                     raise
                 log.info("%s", e)
+            finally:
+                sent()
+                REQUEST_SENT.set(None)
             tried = True
+        else:
+            tocs_sent.once()()  # fetched whole: after the config
         await have_config.wait()
         if not config:
             return
@@ -321,10 +364,17 @@ async def load_tocs(
             found = await whole.index(desc, diff_id)
         layers[i] = LayerInfo(desc, *found)
 
+    async def after_tocs_sent() -> None:
+        with trio.move_on_after(TOC_FIRST_WAIT):
+            await tocs_sent.done.wait()
+        if on_resolved is not None:
+            on_resolved(found_manifest.digest, resolve_time)
+        await get_config()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(get_config)
         for i, desc in enumerate(descriptors):
             nursery.start_soon(one, i, desc)
+        nursery.start_soon(after_tocs_sent)
     if config_error:
         raise config_error[0]
     resolved = config[0]

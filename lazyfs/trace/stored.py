@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -26,6 +27,14 @@ STORED_GROUPS_TIMEOUT = 10.0
 #: so groups pushed later for the same image reach the mount after next.
 GROUPS_REFRESH_AGE = 3600.0
 
+#: The least an opened image waits for a groups document already asked for (more when the
+#: manifest's request took longer): the answer may be in while the lookup's task has not run
+#: (the TOC's decode held the interpreter), and a mount that knows its group at open sends
+#: the prefetch before it builds its tree.
+ASKED_WAIT_MIN = 0.05
+#: ... and the most (a slow manifest, e.g. one behind a token request, says little).
+ASKED_WAIT_MAX = 0.5
+
 
 async def push_groups(
     source: RegistrySource,
@@ -41,15 +50,17 @@ async def push_groups(
     )
 
 
-async def find_groups(source: Source, manifest_digest: str) -> bytes | None:
+async def find_groups(
+    source: Source, manifest_digest: str, asking: Callable[[], None] | None = None
+) -> bytes | None:
     """The newest prefetch groups stored for ``manifest_digest`` that decode and are made for
-    that manifest, or None."""
+    that manifest, or None.  ``asking``: see :func:`find_artifact`."""
 
     def check(data: bytes) -> None:
         if decode_groups(data, "stored prefetch groups").manifest != manifest_digest:
             raise FormatError("groups are for another manifest")
 
-    return await find_artifact(source, manifest_digest, GROUPS_ARTIFACT_TYPE, check)
+    return await find_artifact(source, manifest_digest, GROUPS_ARTIFACT_TYPE, check, asking)
 
 
 def _cached_path(cache_dir: Path, manifest_digest: str) -> Path:
@@ -81,14 +92,19 @@ def cached_group(cache_dir: Path, manifest_digest: str, name: str | None) -> Gro
 
 
 async def find_group(
-    source: Source, manifest_digest: str, name: str | None, cache_dir: Path | None = None
+    source: Source,
+    manifest_digest: str,
+    name: str | None,
+    cache_dir: Path | None = None,
+    asking: Callable[[], None] | None = None,
 ) -> Group | None:
     """The group ``name`` (default: the first) of the groups stored beside the image, or None
     when there are none, they are unusable, or the registry takes too long to say.  Found
-    groups are kept in ``cache_dir`` for :func:`cached_group`."""
+    groups are kept in ``cache_dir`` for :func:`cached_group`.  ``asking``: see
+    :func:`find_artifact`."""
     try:
         with trio.move_on_after(STORED_GROUPS_TIMEOUT):
-            data = await find_groups(source, manifest_digest)
+            data = await find_groups(source, manifest_digest, asking)
             if data is not None:
                 doc = decode_groups(data, "prefetch groups stored with the image")
                 log.info("prefetching with the groups stored beside %s", manifest_digest)
@@ -117,6 +133,8 @@ class StoredGroups:
         self.kept = False  # the group came from the kept copy
         self.group: Group | None = None
         self.done = trio.Event()
+        #: a document was asked for: the lookup's answer is a request away
+        self.asked = trio.Event()
         #: what one request to the registry took (the manifest's): how long a reader may
         #: wait for the lookup rather than ask for its own bytes
         self.request_time = 0.0
@@ -133,9 +151,20 @@ class StoredGroups:
 
     async def _lookup(self) -> None:
         try:
-            self.group = await find_group(self.source, self.manifest, self.name, self.cache_dir)
+            self.group = await find_group(
+                self.source, self.manifest, self.name, self.cache_dir, self.asked.set
+            )
         finally:
             self.done.set()
+
+    async def settle(self) -> None:
+        """Once the TOCs are in: when a document was asked for, wait for the lookup (about
+        one request's time, within :data:`ASKED_WAIT_MIN`-:data:`ASKED_WAIT_MAX`), so an
+        answer already in is taken; else (nothing asked yet, or nothing stored) return."""
+        if self.done.is_set() or not self.asked.is_set():
+            return
+        with trio.move_on_after(min(max(self.request_time, ASKED_WAIT_MIN), ASKED_WAIT_MAX)):
+            await self.done.wait()
 
     async def wait(self) -> Group | None:
         """The group, once known (None: none stored, or not usable)."""

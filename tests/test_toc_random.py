@@ -325,6 +325,30 @@ def test_a_table_is_decoded_without_making_an_entry(monkeypatch: pytest.MonkeyPa
     assert list(tabled.entries) == entries[:-1]
 
 
+def test_a_tables_entries_by_name_are_made_only_when_looked_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A prefetch resolves a few hundred paths of a layer of thousands of entries.
+    entries, data_end = random_entries(11, 300, "estargz")
+    raw = encode_toc(entries, flavour="estargz")
+    _, tabled = decode_toc_table(raw, compression="gzip", blob_size=data_end)
+    made: list[object] = []
+    real = toc_module.Entry
+
+    def counted(*args: object, **kwargs: object) -> Entry:
+        made.append(kwargs.get("name"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(toc_module, "Entry", counted)
+    names = tabled.by_name()
+    assert made == [] and len(names) == len({e.name for e in entries})
+    last = {e.name: e for e in entries}
+    some = entries[len(entries) // 2].name
+    assert names[some] == last[some] and made == [some]
+    assert "no/such/name" not in names and names.get("no/such/name") is None
+    assert dict(names) == last
+
+
 def test_times_parse_as_the_general_parser_does() -> None:
     rnd = random.Random(7)
     times = [

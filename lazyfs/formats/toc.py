@@ -19,7 +19,7 @@ import re
 import sys
 import threading
 from array import array
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar, cast, overload
 
 import msgspec
@@ -133,7 +133,12 @@ class TOC(msgspec.Struct, kw_only=True):
     # set, laid out first in rank order by ``lazyfs convert --prefetch`` (or ctr-remote).
     prefetch_end: int = 0
 
-    def by_name(self) -> dict[str, Entry]:
+    def by_name(self) -> Mapping[str, Entry]:
+        """Entries by name (the last of a repeated name, as a tar reader keeps it).  For an
+        :class:`EntryTable` only the names are indexed and an entry is made when looked up:
+        a prefetch resolving a few hundred paths must not make all of a layer's entries."""
+        if isinstance(self.entries, EntryTable):
+            return _EntriesByName(self.entries)
         return {e.name: e for e in self.entries}
 
 
@@ -1059,6 +1064,10 @@ class EntryTable(Sequence[Entry]):
         """Whether some entry's name holds ``text`` (a layer without whiteouts has no ``.wh.``)."""
         return text in self._names
 
+    def name_index(self) -> dict[str, int]:
+        """Each name's row (the last row of a repeated name), without making entries."""
+        return {name: i for i, (name, _) in enumerate(self.rows())}
+
     def kind_mode(self, i: int) -> tuple[EntryType, int]:
         """Entry ``i``'s type and mode, without making it."""
         return _KINDS[self._kinds[i]], self._numbers[0][i]
@@ -1152,6 +1161,23 @@ class EntryTable(Sequence[Entry]):
                 ]
             )
         return e
+
+
+class _EntriesByName(Mapping[str, Entry]):
+    """A table's entries by name, each made when looked up."""
+
+    def __init__(self, table: EntryTable) -> None:
+        self._table = table
+        self._rows = table.name_index()
+
+    def __getitem__(self, name: str) -> Entry:
+        return self._table[self._rows[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
 
 
 class _RawDigests:

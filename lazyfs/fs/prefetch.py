@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from pathlib import Path
@@ -186,7 +186,7 @@ def _entry_chunks(entry: Entry, ranked: RankedEntry) -> list[Chunk]:
 
 def _same_file(
     layers: Sequence[Layer],
-    files: Callable[[Layer], dict[str, Entry]],
+    files: Callable[[Layer], Mapping[str, Entry]],
     path: str,
     digest: str,
 ) -> tuple[Layer | None, Entry | None]:
@@ -216,11 +216,11 @@ class Prefetcher:
         self.sent = trio.Event()
         # Resolve every entry now (cheap, in memory) so stats show the plan from the start.
         by_digest = {layer.blob_digest: layer for layer in layers}
-        names: dict[str, dict[str, Entry]] = {}
+        names: dict[str, Mapping[str, Entry]] = {}
         seen: set[str] = set()
         # tiers -> ordered (layer, chunks of one entry)
         self._plan: list[list[tuple[Layer, list[Chunk]]]] = []
-        def files(layer: Layer) -> dict[str, Entry]:
+        def files(layer: Layer) -> Mapping[str, Entry]:
             if layer.blob_digest not in names:
                 names[layer.blob_digest] = layer.toc.by_name()
             return names[layer.blob_digest]

@@ -17,6 +17,7 @@ import pytest
 from lazyfs.errors import FormatError
 from lazyfs.formats import toc as toc_module
 from lazyfs.formats.toc import (
+    TOC,
     Chunk,
     Compression,
     Entry,
@@ -347,6 +348,17 @@ def test_a_tables_entries_by_name_are_made_only_when_looked_up(
     assert names[some] == last[some] and made == [some]
     assert "no/such/name" not in names and names.get("no/such/name") is None
     assert dict(names) == last
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_tables_files_before_an_offset_are_the_entries_files(seed: int) -> None:
+    # A re-laid-out layer's prefetch set, found from the columns (only those entries made).
+    entries, data_end = random_entries(seed, 200, "estargz")
+    raw = encode_toc(entries, flavour="estargz")
+    _, tabled = decode_toc_table(raw, compression="gzip", blob_size=data_end)
+    listed = TOC(compression="gzip", entries=list(tabled.entries), data_end=tabled.data_end)
+    for end in (0, 1, data_end // 3, data_end // 2, data_end + 1):
+        assert tabled.files_before(end) == listed.files_before(end)
 
 
 def test_times_parse_as_the_general_parser_does() -> None:

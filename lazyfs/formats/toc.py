@@ -141,6 +141,16 @@ class TOC(msgspec.Struct, kw_only=True):
             return _EntriesByName(self.entries)
         return {e.name: e for e in self.entries}
 
+    def files_before(self, end: int) -> list[Entry]:
+        """The regular files whose first chunk starts before blob offset ``end``, in blob
+        order: a re-laid-out layer's prefetch set.  A table makes only those entries."""
+        if isinstance(self.entries, EntryTable):
+            return [self.entries[i] for i in self.entries.files_starting_before(end)]
+        files = [e for e in self.entries if e.type == "reg" and e.chunks]
+        files = [e for e in files if e.chunks[0].offset < end]
+        files.sort(key=lambda e: e.chunks[0].offset)
+        return files
+
 
 class TarHeader(msgspec.Struct, kw_only=True, gc=False):
     """A member's header as Go's archive/tar reads it, unnormalised: what containers/storage
@@ -1067,6 +1077,19 @@ class EntryTable(Sequence[Entry]):
     def name_index(self) -> dict[str, int]:
         """Each name's row (the last row of a repeated name), without making entries."""
         return {name: i for i, (name, _) in enumerate(self.rows())}
+
+    def files_starting_before(self, end: int) -> list[int]:
+        """Rows of the regular files with chunks whose first chunk starts before ``end``, in
+        blob order (TOC order among equals), without making their entries."""
+        reg, kinds, at = _KIND_CODES["reg"], self._kinds, self._chunk_at
+        offset = self._chunks[2]
+        first = [
+            (offset[at[i]] if offset else 0, i)
+            for i in range(self._count)
+            if kinds[i] == reg and at[i + 1] > at[i]
+        ]
+        first.sort()
+        return [i for start, i in first if start < end]
 
     def kind_mode(self, i: int) -> tuple[EntryType, int]:
         """Entry ``i``'s type and mode, without making it."""

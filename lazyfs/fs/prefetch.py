@@ -163,12 +163,9 @@ def landmark_group(layers: Sequence[Layer]) -> Group | None:
         end = layer.toc.prefetch_end
         if not end:
             continue
-        files = [e for e in layer.toc.entries if e.type == "reg" and e.chunks]
-        files = [e for e in files if e.chunks[0].offset < end]
-        files.sort(key=lambda e: e.chunks[0].offset)
         entries += [
             RankedEntry(layer=layer.blob_digest, path=e.name, digest=e.digest, size=e.size)
-            for e in files
+            for e in layer.toc.files_before(end)
         ]
     if not entries:
         return None

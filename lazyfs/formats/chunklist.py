@@ -1,0 +1,280 @@
+"""Chunks kept as columns: each :class:`Chunk` made when asked for.
+
+A layer of 100k one-chunk files held its chunk list as ``Chunk`` objects with their digest
+strings and offset ints: ~24 MiB resident for the mount's life (BENCHMARKS.md, issue 13).
+Here the numbers are arrays in the narrowest type that holds them, a column of zeros is not
+kept, and ``sha256:`` digests are 32 bytes each in one ``bytes``: ~4 MiB.  Code that walks
+many chunks reads the columns (``offsets``, ``ends``, ``sizes``, :meth:`ChunkList.digest`);
+a read or a prefetch gets ``Chunk`` objects, equal to the ones the TOC's entries hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from typing import overload
+
+from lazyfs.formats.toc import _NO_DIGEST, Chunk, _all_sha256, _narrow
+
+_PREFIX = "sha256:"
+_HEX_BATCH = 4096  # digests turned into strings at once by ChunkList.digests()
+
+
+def narrow(numbers: Iterable[int]) -> array[int]:
+    """``numbers`` in the narrowest array type that holds them."""
+    return _narrow(numbers if isinstance(numbers, array) else array("q", numbers))
+
+
+def raw_digests(digests: list[str]) -> bytes | None:
+    """``digests`` (``sha256:`` and 64 lower-case hex digits, or ``""``) as 32 bytes each, or
+    None when one is spelt otherwise (upper case, another algorithm, all zeros spelt out):
+    such a list keeps its strings."""
+    if not _all_sha256(digests):
+        return None
+    return bytes.fromhex("".join(d[7:] if d else _NO_DIGEST.hex() for d in digests))
+
+
+class ChunkList(Sequence[Chunk]):
+    """Chunks as columns, in the order given; ``self[i]`` makes chunk ``i`` (equal each time,
+    not the same object).  ``offsets``, ``ends``, ``sizes``: arrays to read (``bisect``
+    works on ``offsets`` when the list is in blob order); never change them."""
+
+    __slots__ = (
+        "_count",
+        "_file_offsets",
+        "_inners",
+        "_raw",
+        "_strs",
+        "_zeros",
+        "ends",
+        "offsets",
+        "sizes",
+    )
+
+    def __init__(
+        self,
+        *,
+        file_offsets: array[int] | None,
+        sizes: array[int],
+        offsets: array[int],
+        ends: array[int],
+        inners: array[int] | None,
+        zeros: array[int] | None,
+        digests: bytes | list[str],
+    ) -> None:
+        """Columns of one length; None for a column of zeros; ``digests`` as
+        :func:`raw_digests` packs them, or the strings."""
+        self._count = n = len(offsets)
+        self._raw: bytes = digests if isinstance(digests, bytes) else b""
+        self._strs: list[str] | None = None if isinstance(digests, bytes) else digests
+        length = len(digests) // 32 if isinstance(digests, bytes) else len(digests)
+        columns = (file_offsets, sizes, ends, inners, zeros)
+        if length != n or any(c is not None and len(c) != n for c in columns):
+            raise ValueError("chunk columns differ in length")
+        self._file_offsets = file_offsets if file_offsets and any(file_offsets) else None
+        self._inners = inners if inners and any(inners) else None
+        self._zeros = zeros if zeros and any(zeros) else None
+        self.sizes, self.offsets, self.ends = sizes, offsets, ends
+
+    @classmethod
+    def of(cls, chunks: Iterable[Chunk]) -> ChunkList:
+        """The columns of ``chunks``."""
+        every = chunks if isinstance(chunks, Sequence) else list(chunks)
+        strs = [c.digest for c in every]
+        return cls(
+            file_offsets=narrow(c.file_offset for c in every),
+            sizes=narrow(c.size for c in every),
+            offsets=narrow(c.offset for c in every),
+            ends=narrow(c.end for c in every),
+            inners=narrow(c.inner for c in every),
+            zeros=array("B", [c.zeros for c in every]),
+            digests=raw_digests(strs) or strs,
+        )
+
+    def select(self, rows: Iterable[int]) -> ChunkList:
+        """The chunks at ``rows``, in that order, as a list of their own."""
+        rows = rows if isinstance(rows, array | list | range) else list(rows)
+
+        def pick(col: array[int] | None) -> array[int] | None:
+            return None if col is None else array(col.typecode, map(col.__getitem__, rows))
+
+        digests: bytes | list[str]
+        if self._strs is not None:
+            digests = list(map(self._strs.__getitem__, rows))
+        else:
+            raw = memoryview(self._raw)
+            digests = b"".join([raw[32 * i : 32 * i + 32] for i in rows])
+        return ChunkList(
+            file_offsets=pick(self._file_offsets),
+            sizes=pick(self.sizes),  # type: ignore[arg-type]  # not None in, not None out
+            offsets=pick(self.offsets),  # type: ignore[arg-type]
+            ends=pick(self.ends),  # type: ignore[arg-type]
+            inners=pick(self._inners),
+            zeros=pick(self._zeros),
+            digests=digests,
+        )
+
+    def without(self, rows: Sequence[int]) -> ChunkList:
+        """The chunks but those at ``rows`` (ascending), as a list of their own: copies of the
+        columns with a few rows cut out, quicker than :meth:`select` picking the rest."""
+
+        def cut(col: array[int] | None) -> array[int] | None:
+            if col is None:
+                return None
+            out = array(col.typecode, col)
+            for i in reversed(rows):
+                del out[i]
+            return out
+
+        digests: bytes | list[str]
+        if self._strs is not None:
+            digests = list(self._strs)
+            for i in reversed(rows):
+                del digests[i]
+        else:
+            raw = bytearray(self._raw)
+            for i in reversed(rows):
+                del raw[32 * i : 32 * i + 32]
+            digests = bytes(raw)
+        return ChunkList(
+            file_offsets=cut(self._file_offsets),
+            sizes=cut(self.sizes),  # type: ignore[arg-type]  # not None in, not None out
+            offsets=cut(self.offsets),  # type: ignore[arg-type]
+            ends=cut(self.ends),  # type: ignore[arg-type]
+            inners=cut(self._inners),
+            zeros=cut(self._zeros),
+            digests=digests,
+        )
+
+    def __len__(self) -> int:
+        return self._count
+
+    def digest(self, i: int) -> str:
+        """Chunk ``i``'s digest, without making the chunk."""
+        if self._strs is not None:
+            return self._strs[i]
+        raw = self._raw[32 * i : 32 * i + 32]
+        return "" if raw == _NO_DIGEST else _PREFIX + raw.hex()
+
+    def digests(self) -> Iterator[str]:
+        """Every digest in order (made a batch at a time: one ``hex`` call per batch)."""
+        if self._strs is not None:
+            yield from self._strs
+            return
+        raw = self._raw
+        for start in range(0, self._count, _HEX_BATCH):
+            hx = raw[32 * start : 32 * (start + _HEX_BATCH)].hex()
+            for k in range(0, len(hx), 64):
+                h = hx[k : k + 64]
+                yield "" if h == _NO_DIGEST.hex() else _PREFIX + h
+
+    @property
+    def digest_view(self) -> Sequence[str]:
+        """The digests as a sequence of strings, each made when asked for."""
+        return _DigestView(self)
+
+    @property
+    def has_holes(self) -> bool:
+        return self._zeros is not None
+
+    def is_hole(self, i: int) -> bool:
+        return bool(self._zeros and self._zeros[i])
+
+    def keys(self) -> array[int]:
+        """A number for each digest, equal for equal digests (the first 8 bytes of a sha256,
+        else the string's hash), for an index sorted by them: see :meth:`key_of`."""
+        if self._strs is not None:
+            return array("q", map(hash, self._strs))
+        words = array("q")
+        words.frombytes(self._raw)
+        return words[::4]
+
+    def key_of(self, digest: str) -> tuple[int, bytes | str] | None:
+        """``digest``'s key (as :meth:`keys`) and what :meth:`ident` gives for it, or None if
+        no chunk here can have it."""
+        if self._strs is not None:
+            return hash(digest), digest
+        if not digest:
+            return int.from_bytes(_NO_DIGEST[:8], sys.byteorder, signed=True), _NO_DIGEST
+        if len(digest) != 71 or not digest.startswith(_PREFIX):
+            return None
+        try:
+            raw = bytes.fromhex(digest[7:])
+        except ValueError:
+            return None
+        if raw.hex() != digest[7:] or raw == _NO_DIGEST:
+            return None  # spelt in a way no digest here is spelt
+        return int.from_bytes(raw[:8], sys.byteorder, signed=True), raw
+
+    def ident(self, i: int) -> bytes | str:
+        """Chunk ``i``'s digest as :meth:`key_of` gives it, to compare."""
+        if self._strs is not None:
+            return self._strs[i]
+        return self._raw[32 * i : 32 * i + 32]
+
+    def _column(self, col: array[int] | None) -> Iterable[int]:
+        return itertools.repeat(0, self._count) if col is None else col
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return map(
+            Chunk,
+            self._column(self._file_offsets),
+            self.sizes,
+            self.offsets,
+            self.ends,
+            self.digests(),
+            self._column(self._inners),
+            map(bool, self._column(self._zeros)),
+        )
+
+    @overload
+    def __getitem__(self, i: int) -> Chunk: ...
+    @overload
+    def __getitem__(self, i: slice) -> ChunkList: ...
+    def __getitem__(self, i: int | slice) -> Chunk | ChunkList:
+        if isinstance(i, slice):
+            return self.select(range(*i.indices(self._count)))
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError("chunk index out of range")
+        return Chunk(
+            self._file_offsets[i] if self._file_offsets else 0,
+            self.sizes[i],
+            self.offsets[i],
+            self.ends[i],
+            self.digest(i),
+            self._inners[i] if self._inners else 0,
+            bool(self._zeros and self._zeros[i]),
+        )
+
+    def __repr__(self) -> str:
+        return f"<ChunkList of {self._count}>"
+
+
+class _DigestView(Sequence[str]):
+    __slots__ = ("_chunks",)
+
+    def __init__(self, chunks: ChunkList) -> None:
+        self._chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._chunks.digests()
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[str]: ...
+    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("chunk index out of range")
+        return self._chunks.digest(i)

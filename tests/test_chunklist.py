@@ -94,6 +94,11 @@ def test_layer_chunks_are_the_first_of_each_digest_without_holes() -> None:
     want = [a, Chunk(0, 10, 10, 20, b.digest), c]
     assert list(layer_chunks(toc)) == want
     assert list(layer_chunks(pack_toc_table(toc)[1])) == want
+    # One chunk a file: the table's file digests are shared, not copied.
+    toc = TOC(compression="zstd", entries=_entries([[a], [b], [a], [c]]), data_end=100)
+    table = pack_toc_table(toc)[1]
+    assert list(layer_chunks(table)) == [a, b, c] == list(layer_chunks(toc))
+    assert DigestIndex(layer_chunks(table))[c.digest] == 2
     # Many repeats: the rows kept are picked rather than the others cut.
     many = [[Chunk(0, 1, i % 3, i % 3 + 1, _sha(i % 3))] for i in range(600)]
     toc = TOC(compression="zstd", entries=_entries(many), data_end=10)

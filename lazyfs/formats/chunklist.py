@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import overload
 
 from lazyfs.formats.toc import _NO_DIGEST, Chunk, _all_sha256, _narrow
@@ -46,6 +46,7 @@ class ChunkList(Sequence[Chunk]):
         "_file_offsets",
         "_inners",
         "_raw",
+        "_slots",
         "_strs",
         "_zeros",
         "ends",
@@ -63,13 +64,22 @@ class ChunkList(Sequence[Chunk]):
         inners: array[int] | None,
         zeros: array[int] | None,
         digests: bytes | list[str],
+        slots: array[int] | None = None,
     ) -> None:
         """Columns of one length; None for a column of zeros; ``digests`` as
-        :func:`raw_digests` packs them, or the strings."""
+        :func:`raw_digests` packs them, or the strings.  ``slots``: which of the 32-byte
+        digests each chunk has (None: the i-th), so a list can share another's bytes (a
+        table's file digests: a one-chunk file's chunk has its file's)."""
         self._count = n = len(offsets)
         self._raw: bytes = digests if isinstance(digests, bytes) else b""
         self._strs: list[str] | None = None if isinstance(digests, bytes) else digests
-        length = len(digests) // 32 if isinstance(digests, bytes) else len(digests)
+        self._slots = slots if isinstance(digests, bytes) else None
+        if self._slots is not None:
+            length = len(self._slots)
+            if self._slots and max(self._slots) >= len(digests) // 32:
+                raise ValueError("a chunk's digest slot is out of range")
+        else:
+            length = len(digests) // 32 if isinstance(digests, bytes) else len(digests)
         columns = (file_offsets, sizes, ends, inners, zeros)
         if length != n or any(c is not None and len(c) != n for c in columns):
             raise ValueError("chunk columns differ in length")
@@ -94,27 +104,14 @@ class ChunkList(Sequence[Chunk]):
         )
 
     def select(self, rows: Iterable[int]) -> ChunkList:
-        """The chunks at ``rows``, in that order, as a list of their own."""
+        """The chunks at ``rows``, in that order, as a list of their own (sharing the digest
+        bytes)."""
         rows = rows if isinstance(rows, array | list | range) else list(rows)
 
         def pick(col: array[int] | None) -> array[int] | None:
             return None if col is None else array(col.typecode, map(col.__getitem__, rows))
 
-        digests: bytes | list[str]
-        if self._strs is not None:
-            digests = list(map(self._strs.__getitem__, rows))
-        else:
-            raw = memoryview(self._raw)
-            digests = b"".join([raw[32 * i : 32 * i + 32] for i in rows])
-        return ChunkList(
-            file_offsets=pick(self._file_offsets),
-            sizes=pick(self.sizes),  # type: ignore[arg-type]  # not None in, not None out
-            offsets=pick(self.offsets),  # type: ignore[arg-type]
-            ends=pick(self.ends),  # type: ignore[arg-type]
-            inners=pick(self._inners),
-            zeros=pick(self._zeros),
-            digests=digests,
-        )
+        return self._like(pick)
 
     def without(self, rows: Sequence[int]) -> ChunkList:
         """The chunks but those at ``rows`` (ascending), as a list of their own: copies of the
@@ -128,34 +125,42 @@ class ChunkList(Sequence[Chunk]):
                 del out[i]
             return out
 
+        return self._like(cut)
+
+    def _like(self, change: Callable[[array[int] | None], array[int] | None]) -> ChunkList:
+        """A list of these chunks' columns, each changed alike (rows picked or cut)."""
         digests: bytes | list[str]
+        slots = None
         if self._strs is not None:
-            digests = list(self._strs)
-            for i in reversed(rows):
-                del digests[i]
+            rows = change(array("I", range(self._count)))
+            assert rows is not None
+            digests = [self._strs[i] for i in rows]
         else:
-            raw = bytearray(self._raw)
-            for i in reversed(rows):
-                del raw[32 * i : 32 * i + 32]
-            digests = bytes(raw)
+            digests = self._raw
+            slots = change(self._slots if self._slots is not None else narrow(range(self._count)))
         return ChunkList(
-            file_offsets=cut(self._file_offsets),
-            sizes=cut(self.sizes),  # type: ignore[arg-type]  # not None in, not None out
-            offsets=cut(self.offsets),  # type: ignore[arg-type]
-            ends=cut(self.ends),  # type: ignore[arg-type]
-            inners=cut(self._inners),
-            zeros=cut(self._zeros),
+            file_offsets=change(self._file_offsets),
+            sizes=change(self.sizes),  # type: ignore[arg-type]  # not None in, not None out
+            offsets=change(self.offsets),  # type: ignore[arg-type]
+            ends=change(self.ends),  # type: ignore[arg-type]
+            inners=change(self._inners),
+            zeros=change(self._zeros),
             digests=digests,
+            slots=slots,
         )
 
     def __len__(self) -> int:
         return self._count
 
+    def _slot(self, i: int) -> int:
+        return i if self._slots is None else self._slots[i]
+
     def digest(self, i: int) -> str:
         """Chunk ``i``'s digest, without making the chunk."""
         if self._strs is not None:
             return self._strs[i]
-        raw = self._raw[32 * i : 32 * i + 32]
+        at = 32 * self._slot(i)
+        raw = self._raw[at : at + 32]
         return "" if raw == _NO_DIGEST else _PREFIX + raw.hex()
 
     def digests(self) -> Iterator[str]:
@@ -163,12 +168,15 @@ class ChunkList(Sequence[Chunk]):
         if self._strs is not None:
             yield from self._strs
             return
-        raw = self._raw
+        if self._slots is not None:
+            yield from map(self.digest, range(self._count))
+            return
+        raw, empty = self._raw, _NO_DIGEST.hex()
         for start in range(0, self._count, _HEX_BATCH):
             hx = raw[32 * start : 32 * (start + _HEX_BATCH)].hex()
             for k in range(0, len(hx), 64):
                 h = hx[k : k + 64]
-                yield "" if h == _NO_DIGEST.hex() else _PREFIX + h
+                yield "" if h == empty else _PREFIX + h
 
     @property
     def digest_view(self) -> Sequence[str]:
@@ -189,7 +197,8 @@ class ChunkList(Sequence[Chunk]):
             return array("q", map(hash, self._strs))
         words = array("q")
         words.frombytes(self._raw)
-        return words[::4]
+        first = words[::4]
+        return first if self._slots is None else array("q", map(first.__getitem__, self._slots))
 
     def key_of(self, digest: str) -> tuple[int, bytes | str] | None:
         """``digest``'s key (as :meth:`keys`) and what :meth:`ident` gives for it, or None if
@@ -212,7 +221,8 @@ class ChunkList(Sequence[Chunk]):
         """Chunk ``i``'s digest as :meth:`key_of` gives it, to compare."""
         if self._strs is not None:
             return self._strs[i]
-        return self._raw[32 * i : 32 * i + 32]
+        at = 32 * self._slot(i)
+        return self._raw[at : at + 32]
 
     def _column(self, col: array[int] | None) -> Iterable[int]:
         return itertools.repeat(0, self._count) if col is None else col

@@ -802,11 +802,9 @@ class EntryTable(Sequence[Entry]):
         named = [d for d in given if d is not None]  # chunks not spelt as their file's digest
         raw = raw_digests(named) if isinstance(fd, _RawDigests) else None
         digests: bytes | list[str]
-        if raw is not None and single and not named:  # each file's digest, if it has a chunk
-            words = array("q")  # 4 a digest
-            words.frombytes(fd._raw)  # type: ignore[union-attr]
-            four = b"".join(map((bytes(4), b"\1\1\1\1").__getitem__, counts))
-            digests = array("q", itertools.compress(words, four)).tobytes()
+        slots = None
+        if raw is not None and not named:  # each chunk has its file's digest: shared
+            digests, slots = fd._raw, owner  # type: ignore[union-attr]
         elif raw is not None:
             whole, own = memoryview(fd._raw), memoryview(raw)  # type: ignore[union-attr]
             n = itertools.count(0, 32)
@@ -827,6 +825,7 @@ class EntryTable(Sequence[Entry]):
             inners=inner,
             zeros=zeros,
             digests=digests,
+            slots=slots,
         )
 
     @overload

@@ -168,12 +168,13 @@ class ChunkList(Sequence[Chunk]):
         if self._strs is not None:
             yield from self._strs
             return
-        if self._slots is not None:
-            yield from map(self.digest, range(self._count))
-            return
-        raw, empty = self._raw, _NO_DIGEST.hex()
+        raw, slots, empty = memoryview(self._raw), self._slots, _NO_DIGEST.hex()
         for start in range(0, self._count, _HEX_BATCH):
-            hx = raw[32 * start : 32 * (start + _HEX_BATCH)].hex()
+            if slots is None:
+                hx = raw[32 * start : 32 * (start + _HEX_BATCH)].hex()
+            else:
+                part = slots[start : start + _HEX_BATCH]
+                hx = b"".join([raw[32 * i : 32 * i + 32] for i in part]).hex()
             for k in range(0, len(hx), 64):
                 h = hx[k : k + 64]
                 yield "" if h == empty else _PREFIX + h

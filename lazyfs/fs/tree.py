@@ -44,7 +44,9 @@ class _Rows:
     def add(self, ino: int, row: int) -> None:
         """Node ``ino`` (the newest) shows entry ``row``; nodes in between show none."""
         rows = self.rows
-        rows.frombytes(bytes((ino - self.first - len(rows)) * rows.itemsize))
+        gap = ino - self.first - len(rows)
+        if gap:
+            rows.frombytes(bytes(gap * rows.itemsize))
         rows.append(row)
 
 

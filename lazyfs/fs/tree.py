@@ -41,13 +41,9 @@ class _Rows:
         self.first = first  # the inode number of rows[0]
         self.rows = array("I")
 
-    def add(self, ino: int, row: int) -> None:
-        """Node ``ino`` (the newest) shows entry ``row``; nodes in between show none."""
-        rows = self.rows
-        gap = ino - self.first - len(rows)
-        if gap:
-            rows.frombytes(bytes(gap * rows.itemsize))
-        rows.append(row)
+    def pad(self, ino: int) -> None:
+        """Nodes made since the last row, up to ``ino``, show no row of this table."""
+        self.rows.frombytes(bytes((ino - self.first - len(self.rows)) * self.rows.itemsize))
 
 
 class Node:
@@ -325,6 +321,7 @@ class Tree:
         opaque: set[str] = set()
         table = entries if isinstance(entries, EntryTable) else None
         made = _Rows(table, start) if table is not None else None  # the rows of its nodes
+        made_rows = made.rows if made is not None else array("I")
 
         def rows() -> Iterator[tuple[str, EntryType]]:
             if table is not None:
@@ -415,7 +412,9 @@ class Tree:
                     hidden.add(full)  # this layer's own non-directory hid what is beneath
                 self._drop(parent, name)
             if made is not None:
-                made.add(self._next_ino, i)
+                if self._next_ino - start != len(made_rows):
+                    made.pad(self._next_ino)  # implicit directories, links made meanwhile
+                made_rows.append(i)
                 node = self.new_node(parent, name, made, layer, None, kind == "dir")
             else:
                 node = self.new_node(parent, name, entries[i], layer)

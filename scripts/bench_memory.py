@@ -58,8 +58,11 @@ def _soak(root: Path) -> int:
         return sum(pool.map(bl.read_file, map(Path, paths), chunksize=256))
 
 
-def daemon_run(image: Path, src: Path, work: Path, soak: bool) -> dict[str, float]:
-    """One fresh mount (fresh cache) of ``image`` by the lazyfs in ``src``."""
+def daemon_run(
+    image: Path, src: Path, work: Path, soak: bool, remount: bool = False
+) -> dict[str, float]:
+    """One fresh mount (fresh cache) of ``image`` by the lazyfs in ``src``; with ``remount``,
+    then a second mount that finds the TOCs in the cache (what a restart pays)."""
     from lazyfs.fs.daemon import spawn
 
     bl = _benchlib()
@@ -89,10 +92,29 @@ def daemon_run(image: Path, src: Path, work: Path, soak: bool) -> dict[str, floa
                 "RSS after soak MiB": s["VmRSS"],
                 "peak after soak MiB": s["VmHWM"],
             }
-        return out
     finally:
         d.stop()
-        shutil.rmtree(cache, ignore_errors=True)
+        if not remount:
+            shutil.rmtree(cache, ignore_errors=True)
+    if remount:
+        t0 = time.perf_counter()
+        d = spawn(
+            f"oci:{image}",
+            mnt,
+            ["--read-only", "--cache", str(cache)],
+            log=work / "mnt.log",
+            timeout=300,
+            cwd=src,
+        )
+        try:
+            out["remount s"] = time.perf_counter() - t0
+            bl.walk_lstat(mnt)
+            s = _status(d.pid)
+            out |= {"remount: RSS after walk MiB": s["VmRSS"], "remount: peak MiB": s["VmHWM"]}
+        finally:
+            d.stop()
+            shutil.rmtree(cache, ignore_errors=True)
+    return out
 
 
 def breakdown(image: Path, cache: Path, top: int) -> str:
@@ -145,6 +167,7 @@ def main() -> int:
     p.add_argument("--no-soak", action="store_true")
     p.add_argument("--big-mib", type=int, default=0, help="also read one file of this size")
     p.add_argument("--no-markdown", action="store_true")
+    p.add_argument("--remount", action="store_true", help="also a remount (TOCs cached)")
     p.add_argument(
         "--_breakdown", nargs=3, metavar=("SRC", "IMAGE", "CACHE"), help=argparse.SUPPRESS
     )
@@ -176,7 +199,9 @@ def main() -> int:
         for rep in range(args.reps):  # alternate the trees: load drifts, both see it
             for name, src in trees.items():
                 bl.log(f"rep {rep + 1}: {name}")
-                for k, v in daemon_run(image, src.resolve(), work, not args.no_soak).items():
+                for k, v in daemon_run(
+                    image, src.resolve(), work, not args.no_soak, args.remount
+                ).items():
                     results[name].setdefault(k, []).append(v)
                 if big is not None:  # its "soak" is the one read of the big file
                     for k, v in daemon_run(big, src.resolve(), work, True).items():

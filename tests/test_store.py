@@ -22,6 +22,7 @@ import trio.testing
 import zstandard
 
 from lazyfs.errors import IntegrityError
+from lazyfs.formats.chunklist import ChunkList
 from lazyfs.formats.toc import TOC, Chunk, Compression, Entry, validate
 from lazyfs.remote.base import Source
 from lazyfs.store import (
@@ -635,14 +636,14 @@ def test_chunk_map_roundtrip_and_bad_files(tmp_path: Path) -> None:
 
 def test_digest_index_answers_as_a_dict() -> None:
     chunks = [Chunk(0, 1, i, i + 1, digest_of(str(i).encode())) for i in range(500)]
-    index = DigestIndex(chunks)
+    index = DigestIndex(ChunkList.of(chunks))
     assert len(index) == 500
     assert all(index[c.digest] == i and c.digest in index for i, c in enumerate(chunks))
     missing = digest_of(b"missing")
     assert index.get(missing) is None and missing not in index
     with pytest.raises(KeyError):
         index[missing]
-    assert DigestIndex([]).get(missing) is None
+    assert DigestIndex(ChunkList.of([])).get(missing) is None
 
 
 def test_read_positions_are_bounded(tmp_path: Path) -> None:

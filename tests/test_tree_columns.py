@@ -46,7 +46,7 @@ def test_a_tree_of_tables_is_the_tree_of_their_entries(split: int) -> None:
     tree = _built(tables, split)
     assert _shape(tree) == _shape(_built([_as_list(t) for t in _LAYERS], split))
     node = tree.find("etc/c")
-    assert node is not None and isinstance(node._entry, int)  # an index, not an Entry
+    assert node is not None and node._row() is not None  # a table row, not an Entry
     assert node.entry is not node.entry and node.entry == node.entry
 
 
@@ -74,6 +74,6 @@ def test_random_stacks_of_tables_build_the_trees_of_their_entries() -> None:
 def test_an_upper_edit_replaces_a_table_entry() -> None:
     tree = Tree.from_layers([_as_table(t) for t in _LAYERS])
     node = tree.find("etc/d")
-    assert node is not None and node.entry is not None and node.table is not None
+    assert node is not None and node.entry is not None and node._row() is not None
     node.entry = None  # promoted: the upper copy is the truth
-    assert node.entry is None and node.table is None
+    assert node.entry is None and node._row() is None

@@ -20,11 +20,14 @@ import sys
 import threading
 from array import array
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, TypeVar, cast, overload
 
 import msgspec
 
 from lazyfs.errors import FormatError
+
+if TYPE_CHECKING:
+    from lazyfs.formats.chunklist import ChunkList
 
 # Entry kinds shared by both formats ("chunk" only exists on the wire).
 EntryType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo"]
@@ -1098,42 +1101,55 @@ class EntryTable(Sequence[Entry]):
     def link_name(self, i: int) -> str:
         return self._links.get(i, "")
 
-    def chunks(self) -> Iterator[Chunk]:
-        """Every entry's chunks in order, as ``entry.chunks`` would give them, without making
-        the entries (a layer's chunk list at mount): column by column, then one ``map``."""
+    def chunks(self) -> ChunkList:
+        """Every entry's chunks in order, as ``entry.chunks`` would give them, as columns (a
+        layer's chunk list at mount), sharing this table's columns where it can: neither the
+        entries nor their chunks are made."""
+        from lazyfs.formats.chunklist import ChunkList, narrow, raw_digests  # imports this
+
         file_offset, c_size, offset, end, inner, zeros = self._chunks
         total = len(self._chunk_digests)
         counts = [b - a for a, b in itertools.pairwise(self._chunk_at)]
         # The entry of each chunk.
-        owner = list(
-            itertools.chain.from_iterable(map(itertools.repeat, range(self._count), counts))
+        owner = array(
+            "I", itertools.chain.from_iterable(map(itertools.repeat, range(self._count), counts))
         )
         sizes = self._numbers[3]
-        if c_size is None:  # every chunk is its whole file
-            size: Iterable[int] = [sizes[o] for o in owner]
+        single = max(counts, default=0) <= 1
+        if c_size is None or single:  # every chunk is its whole file
+            size = narrow(map(sizes.__getitem__, owner))
         else:
-            size = [sizes[o] if counts[o] == 1 else c for o, c in zip(owner, c_size, strict=True)]
-        fd = self._digests
-        digests = [
-            fd[o] if d is None else d for o, d in zip(owner, self._chunk_digests, strict=True)
-        ]
-
-        def column(col: array[int] | None) -> Iterable[int]:
-            return col if col else itertools.repeat(0, total)
-
-        # A chunk's end is the next one's offset: one int object for both, as unpack_toc.
-        offsets = offset.tolist() if offset else [0] * total
-        ints = dict(zip(offsets, offsets, strict=True))
-        ends = [ints.get(x, x) for x in end] if end else itertools.repeat(0, total)
-        return map(
-            Chunk,
-            column(file_offset),
-            size,
-            offsets,
-            ends,
-            digests,
-            column(inner),
-            map(bool, zeros) if zeros else itertools.repeat(False, total),
+            size = narrow(
+                [sizes[o] if counts[o] == 1 else c for o, c in zip(owner, c_size, strict=True)]
+            )
+        fd, given = self._digests, self._chunk_digests
+        named = [d for d in given if d is not None]  # chunks not spelt as their file's digest
+        raw = raw_digests(named) if isinstance(fd, _RawDigests) else None
+        digests: bytes | list[str]
+        slots = None
+        if raw is not None and not named:  # each chunk has its file's digest: shared
+            digests, slots = fd._raw, owner  # type: ignore[union-attr]
+        elif raw is not None:
+            whole, own = memoryview(fd._raw), memoryview(raw)  # type: ignore[union-attr]
+            n = itertools.count(0, 32)
+            digests = b"".join(
+                [
+                    whole[32 * o : 32 * o + 32] if d is None else own[(k := next(n)) : k + 32]
+                    for o, d in zip(owner, given, strict=True)
+                ]
+            )
+        else:
+            digests = [fd[o] if d is None else d for o, d in zip(owner, given, strict=True)]
+        none = array("B", bytes(total))
+        return ChunkList(
+            file_offsets=file_offset,
+            sizes=size,
+            offsets=offset if offset is not None else none,
+            ends=end if end is not None else none,
+            inners=inner,
+            zeros=zeros,
+            digests=digests,
+            slots=slots,
         )
 
     @overload

@@ -31,12 +31,30 @@ _FMT = {
 }
 
 
+class _Rows:
+    """The entry rows of the nodes one layer's build made from its :class:`EntryTable`, by
+    inode number: 4 bytes a node, where an int in each node took 28 (and its table 8)."""
+
+    __slots__ = ("first", "rows", "table")
+
+    def __init__(self, table: EntryTable, first: int) -> None:
+        self.table = table
+        self.first = first  # the inode number of rows[0]
+        self.rows = array("I")
+
+    def pad(self, ino: int) -> None:
+        """Nodes made since the last row, up to ``ino``, show no row of this table."""
+        self.rows.frombytes(bytes((ino - self.first - len(self.rows)) * self.rows.itemsize))
+
+
 class Node:
     """One inode.  ``entry``/``layer`` describe the lower content it shows until promoted;
     ``upper`` is True once it exists in the upper directory (then the upper copy is the
     truth).  ``__slots__`` keeps a 100k-file image small.  A lower entry is kept as its
-    index in its layer's :class:`EntryTable` and made when asked for (equal each time, not
-    the same object): the entries of a large image are most of its memory."""
+    row in its layer's :class:`EntryTable` (in the layer's :class:`_Rows`, or a
+    ``(row, table)`` pair for a node an entry of a lower layer was given later) and made
+    when asked for (equal each time, not the same object): the entries of a large image are
+    most of its memory."""
 
     __slots__ = (
         "_entry",
@@ -48,7 +66,6 @@ class Node:
         "name",
         "nlink",
         "parent",
-        "table",
         "upper",
     )
 
@@ -57,42 +74,51 @@ class Node:
         ino: int,
         parent: Node | None,
         name: str,
-        entry: Entry | int | None,
+        entry: Entry | int | _Rows | None,
         layer: int,
         table: EntryTable | None = None,
         is_dir: bool | None = None,
     ) -> None:
+        """``entry``: an int is a row of ``table``."""
         self.ino = ino
         self.parent = parent
         self.name = name
-        self._entry = entry
-        self.table = table  # what an int ``_entry`` indexes
+        self._entry: Entry | _Rows | tuple[int, EntryTable] | None = entry  # type: ignore[assignment]
+        if type(entry) is int:
+            assert table is not None
+            self._entry = (entry, table)
         self.layer = layer
         self.upper = False
         self.nlink = 1
         self.lookups = 0
         self.links: list[tuple[Node, str]] | None = None  # extra names of a hardlinked file
         if is_dir is None:
-            is_dir = entry is None or (not isinstance(entry, int) and entry.type == "dir")
+            is_dir = entry is None or (isinstance(entry, Entry) and entry.type == "dir")
         self.children: dict[str, Node] | None = {} if is_dir else None
+
+    def _row(self) -> tuple[int, EntryTable] | None:
+        """The table row this node shows, if it shows one."""
+        e = self._entry
+        if type(e) is _Rows:
+            return e.rows[self.ino - e.first], e.table
+        if type(e) is tuple:
+            return e
+        return None
 
     @property
     def entry(self) -> Entry | None:
-        e = self._entry
-        if type(e) is int:
-            assert self.table is not None
-            return self.table[e]
-        return e  # type: ignore[return-value]
+        row = self._row()
+        if row is not None:
+            return row[1][row[0]]
+        return self._entry  # type: ignore[return-value]
 
     @entry.setter
     def entry(self, e: Entry | None) -> None:
         self._entry = e
-        self.table = None
 
     def set_row(self, i: int, table: EntryTable) -> None:
         """Show entry ``i`` of ``table``."""
-        self._entry = i
-        self.table = table
+        self._entry = (i, table)
 
     def implicit(self) -> bool:
         """Whether no layer has given this directory its entry (yet)."""
@@ -112,9 +138,9 @@ class Node:
 
     def mode(self) -> int:
         """st_mode of the lower entry (callers use lstat for upper nodes)."""
-        if type(self._entry) is int:
-            assert self.table is not None
-            kind, mode = self.table.kind_mode(self._entry)
+        row = self._row()
+        if row is not None:
+            kind, mode = row[1].kind_mode(row[0])
             if kind == "symlink":
                 return stat.S_IFLNK | 0o777
             return _FMT.get(kind, stat.S_IFREG) | mode
@@ -264,7 +290,7 @@ class Tree:
         self,
         parent: Node,
         name: str,
-        entry: Entry | int | None,
+        entry: Entry | int | _Rows | None,
         layer: int,
         table: EntryTable | None = None,
         is_dir: bool | None = None,
@@ -284,6 +310,8 @@ class Tree:
         hidden: set[str] = set()  # what this layer hides from the layers beneath it
         opaque: set[str] = set()
         table = entries if isinstance(entries, EntryTable) else None
+        made = _Rows(table, start) if table is not None else None  # the rows of its nodes
+        made_rows = made.rows if made is not None else array("I")
 
         def rows() -> Iterator[tuple[str, EntryType]]:
             if table is not None:
@@ -373,8 +401,11 @@ class Tree:
                 if kind == "dir":
                     hidden.add(full)  # this layer's own non-directory hid what is beneath
                 self._drop(parent, name)
-            if table is not None:
-                node = self.new_node(parent, name, i, layer, table, kind == "dir")
+            if made is not None:
+                if self._next_ino - start != len(made_rows):
+                    made.pad(self._next_ino)  # implicit directories, links made meanwhile
+                made_rows.append(i)
+                node = self.new_node(parent, name, made, layer, None, kind == "dir")
             else:
                 node = self.new_node(parent, name, entries[i], layer)
             parent.children[name] = node

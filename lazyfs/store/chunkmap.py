@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
+import operator
 import time
 from array import array
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import msgspec
 
-from lazyfs.formats.toc import TOC, Chunk, EntryTable
+from lazyfs.formats.chunklist import ChunkList
+from lazyfs.formats.toc import TOC, EntryTable
 
 MAP_VERSION = 1
 
@@ -41,48 +44,93 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(MapFile)
 
 
-def layer_chunks(toc: TOC) -> list[Chunk]:
+def layer_chunks(toc: TOC) -> ChunkList:
     """The layer's unique non-hole chunks in TOC order: the map's bit order."""
-    seen: set[str] = set()
-    out: list[Chunk] = []
+    return indexed_chunks(toc)[0]
+
+
+def indexed_chunks(toc: TOC) -> tuple[ChunkList, DigestIndex]:
+    """:func:`layer_chunks` and their index (most layers repeat no chunk: then the index that
+    found no repeat is the one kept, not built again)."""
     entries = toc.entries
-    # A table gives its chunks without making its entries (a mount of 100k files waits here).
-    chunks = (
+    # A table gives its chunks as columns, without making its entries (a mount of 100k files
+    # waits here) or chunks (the store keeps the columns for the mount's life).
+    every = (
         entries.chunks()
         if isinstance(entries, EntryTable)
-        else (c for e in entries for c in e.chunks)
+        else ChunkList.of([c for e in entries for c in e.chunks])
     )
-    for c in chunks:
-        if not c.zeros and c.digest not in seen:
-            seen.add(c.digest)
-            out.append(c)
-    return out
+    index = DigestIndex(every)
+    drop = set(index.repeats())
+    if every.has_holes:
+        drop.update(i for i in range(len(every)) if every.is_hole(i))
+    if not drop:
+        return every, index  # sharing the table's columns
+    if len(drop) <= _CUT_MAX:
+        kept = every.without(sorted(drop))
+    else:
+        kept = every.select([i for i in range(len(every)) if i not in drop])
+    return kept, DigestIndex(kept)
+
+
+# Up to this many rows are cut out of copies of the columns (each cut moves the rest of a
+# column); more, and the rows kept are picked one by one.
+_CUT_MAX = 256
 
 
 class DigestIndex:
     """Chunk digest -> its position in ``chunks`` (the map's bit order), as a dict would
-    answer, in 12 bytes a chunk instead of ~70: the digests' hashes sorted beside their
-    positions.  Every hit is checked against the chunk's own digest, so a hash collision can
-    only cost a comparison, never a wrong answer."""
+    answer, in 8 bytes a chunk instead of ~70 and without a string per digest: each digest's
+    key (:meth:`ChunkList.keys`) with its low bits replaced by the chunk's row, sorted (plain
+    ints sort fast).  Every hit is checked against the chunk's own digest, so digests with
+    one key can only cost a comparison, never a wrong answer."""
 
-    __slots__ = ("_chunks", "_hashes", "_pos")
+    __slots__ = ("_chunks", "_shift", "_sorted")
 
-    def __init__(self, chunks: Sequence[Chunk]) -> None:
-        hashes = [hash(c.digest) for c in chunks]  # each digest hashed once, not per compare
-        order = sorted(range(len(chunks)), key=hashes.__getitem__)
+    def __init__(self, chunks: ChunkList) -> None:
+        n = len(chunks)
+        shift = max(n - 1, 0).bit_length()
+        tops = map(operator.rshift, chunks.keys(), itertools.repeat(shift))
+        rows = map(operator.or_, map(operator.lshift, tops, itertools.repeat(shift)), range(n))
         self._chunks = chunks
-        self._hashes = array("q", [hashes[i] for i in order])
-        self._pos = array("I", order)
+        self._shift = shift
+        self._sorted: array[int] = array("q", sorted(rows))
 
     def get(self, digest: str) -> int | None:
-        h, hashes = hash(digest), self._hashes
-        j = bisect_left(hashes, h)
-        while j < len(hashes) and hashes[j] == h:
-            i = self._pos[j]
-            if self._chunks[i].digest == digest:
+        probe = self._chunks.key_of(digest)
+        if probe is None:
+            return None
+        key, ident = probe
+        shift, found = self._shift, self._sorted
+        top, mask = key >> shift, (1 << shift) - 1
+        j = bisect_left(found, top << shift)
+        while j < len(found) and found[j] >> shift == top:
+            i = found[j] & mask
+            if self._chunks.ident(i) == ident:
                 return i
             j += 1
         return None
+
+    def repeats(self) -> list[int]:
+        """The rows whose digest a row before them holds (not a hole: a hole's digest leaves
+        the chunk that really holds it its place)."""
+        chunks, shift, found = self._chunks, self._shift, self._sorted
+        mask = (1 << shift) - 1
+        tops = array("q", map(operator.rshift, found, itertools.repeat(shift)))
+        out: list[int] = []
+        # Equal keys are next to one another, rows in order: compare only within such runs.
+        for j in itertools.compress(
+            range(1, len(tops)), map(operator.eq, tops, itertools.islice(tops, 1, None))
+        ):
+            i, ident = found[j] & mask, chunks.ident(found[j] & mask)
+            k = j - 1
+            while k >= 0 and tops[k] == tops[j]:
+                before = found[k] & mask
+                if not chunks.is_hole(before) and chunks.ident(before) == ident:
+                    out.append(i)
+                    break
+                k -= 1
+        return out
 
     def __contains__(self, digest: str) -> bool:
         return self.get(digest) is not None
@@ -94,13 +142,20 @@ class DigestIndex:
         return i
 
     def __len__(self) -> int:
-        return len(self._pos)
+        return len(self._sorted)
 
 
-def fingerprint(digests: Sequence[str]) -> str:
-    """sha256 over the digests, each followed by a newline (one hash call, not two each)."""
-    text = "\n".join(digests) + "\n" if digests else ""
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+_FINGERPRINT_BATCH = 4096
+
+
+def fingerprint(digests: Iterable[str]) -> str:
+    """sha256 over the digests, each followed by a newline (fed in batches: the digests may be
+    made one by one from a chunk list's bytes, and need not all exist at once)."""
+    h = hashlib.sha256()
+    it = iter(digests)
+    while batch := list(itertools.islice(it, _FINGERPRINT_BATCH)):
+        h.update(("\n".join(batch) + "\n").encode())
+    return h.hexdigest()[:32]
 
 
 class ChunkMap:

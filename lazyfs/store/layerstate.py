@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 
 from lazyfs.errors import RemoteError
-from lazyfs.formats.toc import TOC, Chunk
+from lazyfs.formats.chunklist import ChunkList
+from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
-from lazyfs.store.chunkmap import ChunkMap, DigestIndex, layer_chunks
+from lazyfs.store.chunkmap import ChunkMap, DigestIndex, indexed_chunks
 from lazyfs.store.stats import LayerStats
 
 READ_POS_MAX = 4096  # files whose read position a layer remembers
@@ -37,20 +37,16 @@ def read_span(path: Path, start: int, end: int) -> bytes:
     return data
 
 
-class ChunkOffsets:
-    """The offsets of chunks sorted by offset, for bisect, read from the chunks themselves
-    rather than kept in a list of their own (8 bytes a chunk)."""
-
-    __slots__ = ("_chunks",)
-
-    def __init__(self, chunks: Sequence[Chunk]) -> None:
-        self._chunks = chunks
-
-    def __getitem__(self, i: int) -> int:
-        return self._chunks[i].offset
-
-    def __len__(self) -> int:
-        return len(self._chunks)
+def _in_blob_order(chunks: ChunkList) -> bool:
+    """Whether ``chunks`` are sorted by (offset, end), read from the columns."""
+    offsets, ends = chunks.offsets, chunks.ends
+    nxt = itertools.islice(offsets, 1, None)
+    if not all(map(operator.le, offsets, nxt)):
+        return False
+    ties = itertools.compress(
+        range(1, len(offsets)), map(operator.eq, offsets, itertools.islice(offsets, 1, None))
+    )
+    return all(ends[i - 1] <= ends[i] for i in ties)
 
 
 class Layer:
@@ -62,29 +58,32 @@ class Layer:
         source: Source,
         toc: TOC,
         cmap: ChunkMap,
-        chunks: list[Chunk] | None = None,
+        chunks: tuple[ChunkList, DigestIndex] | None = None,
     ) -> None:
-        """``chunks``: ``layer_chunks(toc)`` when the caller has them already."""
+        """``chunks``: ``indexed_chunks(toc)`` when the caller has them already."""
         self.blob_digest = blob_digest
         self.source = source
         self.toc = toc
         self.map = cmap
-        self.chunks = layer_chunks(toc) if chunks is None else chunks  # the map's bit order
-        self.index = DigestIndex(self.chunks)
+        # The map's bit order, as columns: a chunk is made when a read or prefetch needs it.
+        self.chunks, self.index = indexed_chunks(toc) if chunks is None else chunks
         # A TOC lists its chunks in blob order as a rule: then one list serves both orders.
-        keys = [(c.offset, c.end) for c in self.chunks]
-        in_order = all(map(operator.le, keys, itertools.islice(keys, 1, None)))
-        self.by_offset = (
-            self.chunks if in_order else sorted(self.chunks, key=lambda c: (c.offset, c.end))
-        )
-        self.offsets = ChunkOffsets(self.by_offset)
+        if _in_blob_order(self.chunks):
+            self.by_offset = self.chunks
+        else:
+            offsets, ends = self.chunks.offsets, self.chunks.ends
+            self.by_offset = self.chunks.select(
+                sorted(range(len(offsets)), key=lambda i: (offsets[i], ends[i]))
+            )
+        self.offsets = self.by_offset.offsets  # for bisect
+        sizes = self.chunks.sizes
         self.stats = LayerStats(
             blob=blob_digest,
             source=getattr(source, "name", ""),
             chunks_total=len(self.chunks),
             chunks_ready=cmap.ready,
-            bytes_total=sum(c.size for c in self.chunks),
-            bytes_ready=sum(c.size for c in itertools.compress(self.chunks, cmap.flags())),
+            bytes_total=sum(sizes),
+            bytes_ready=sum(itertools.compress(sizes, cmap.flags())),
         )
         # Entry name -> where its last read ended: a read starting there is sequential.  The
         # most recent READ_POS_MAX files only, so a soak that reads every file stays bounded.
@@ -105,14 +104,14 @@ class Layer:
         if not self.map.set(i):
             return False
         self.stats.chunks_ready += 1
-        self.stats.bytes_ready += self.chunks[i].size
+        self.stats.bytes_ready += self.chunks.sizes[i]
         return True
 
     def clear_ready(self, i: int) -> bool:
         if not self.map.clear(i):
             return False
         self.stats.chunks_ready -= 1
-        self.stats.bytes_ready -= self.chunks[i].size
+        self.stats.bytes_ready -= self.chunks.sizes[i]
         return True
 
     def __repr__(self) -> str:

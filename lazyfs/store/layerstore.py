@@ -19,6 +19,7 @@ import functools
 import itertools
 import logging
 import math
+import operator
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -34,7 +35,7 @@ from lazyfs.remote.base import RangesSink, Source
 from lazyfs.store import plan
 from lazyfs.store.bigchunk import decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
-from lazyfs.store.chunkmap import ChunkMap, layer_chunks
+from lazyfs.store.chunkmap import ChunkMap, indexed_chunks
 from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
 from lazyfs.store.layerstate import Layer, WholeBlob, read_span
 from lazyfs.store.provider import ChunkProvider
@@ -291,24 +292,26 @@ class LayerStore:
         layer = self._layers.get(blob_digest)
         if layer is not None:
             return layer
-        chunks = layer_chunks(toc)
+        chunks, index = indexed_chunks(toc)
         path = self.cache.layer_map_path(blob_digest)
-        cmap = ChunkMap.load(path, blob_digest, [c.digest for c in chunks])
+        cmap = ChunkMap.load(path, blob_digest, chunks.digest_view)
         # Reconciled before the layer exists, so its stats start right; one pass over flags
         # rather than a set/clear call per chunk (a mount waits for this).
         cache, was = self.cache, cmap.flags()
         now = bytearray(len(chunks))
-        for i, c in enumerate(chunks):
+        for i, d in enumerate(chunks.digests()):
             # A set bit the index does not know costs one stat (another process may have
             # written the chunk); unset bits cost only a dict lookup.
-            if c.digest in cache or (was[i] and cache.probe(c.digest)):
+            if d in cache or (was[i] and cache.probe(d)):
                 now[i] = 1
         cmap.set_flags(now)
-        layer = Layer(blob_digest, source, toc, cmap, chunks)
+        layer = Layer(blob_digest, source, toc, cmap, (chunks, index))
         layer.size = size  # known from the manifest; lets a Range-less registry be handled
         if cmap.changes:
             self._dirty.add(layer)
-        layer.stats.bytes_held = sum(c.end - c.offset for c in itertools.compress(chunks, now))
+        layer.stats.bytes_held = sum(
+            itertools.compress(map(operator.sub, chunks.ends, chunks.offsets), now)
+        )
         self._layers[blob_digest] = layer
         self._layer_added.set()
         return layer
@@ -1329,9 +1332,10 @@ class LayerStore:
     async def _fill(self, layer: Layer) -> None:
         batch: list[Chunk] = []
         span = 0
-        for c in layer.by_offset:
-            if c.digest in self.cache:
+        for i, d in enumerate(layer.by_offset.digests()):
+            if d in self.cache:
                 continue
+            c = layer.by_offset[i]
             batch.append(c)
             span += c.end - c.offset
             if span >= self.max_request:

@@ -59,20 +59,27 @@ def amplify(
         return []
     anchor = max(c.end for c in stored)
     out: list[Chunk] = []
-    for c in layer.by_offset[bisect.bisect_left(layer.offsets, anchor) :]:
+    chunks_by_offset, ends = layer.by_offset, layer.by_offset.ends
+    # Chunks are made from the columns one at a time, only as far as the walk goes.
+    for i in range(bisect.bisect_left(layer.offsets, anchor), len(chunks_by_offset)):
+        if ends[i] - anchor > budget:
+            break
+        c = chunks_by_offset[i]
         if c.zeros:
             continue
-        if c.end - anchor > budget or is_local(c):
+        if is_local(c):
             break
         out.append(c)
     first = min(c.offset for c in stored)
     i = bisect.bisect_left(layer.offsets, first)
     while behind > 0 and i > 0:
         i -= 1
-        c = layer.by_offset[i]
+        if first - layer.offsets[i] > behind:
+            break
+        c = chunks_by_offset[i]
         if c.zeros:
             continue
-        if first - c.offset > behind or is_local(c):
+        if is_local(c):
             break
         out.append(c)
     return out
@@ -124,8 +131,9 @@ MAX_REQUEST_PLAIN = 32 * 1024 * 1024
 
 def _gap_blocked(layer: Layer, start: int, end: int, blocked: IsLocal) -> bool:
     """Whether a chunk in the blob's bytes ``[start, end)`` must not be fetched again."""
-    i = bisect.bisect_left(layer.offsets, start)
-    while i < len(layer.by_offset) and layer.by_offset[i].offset < end:
+    offsets = layer.offsets
+    i = bisect.bisect_left(offsets, start)
+    while i < len(offsets) and offsets[i] < end:
         c = layer.by_offset[i]
         if not c.zeros and blocked(c):
             return True
@@ -170,11 +178,14 @@ def plan_requests(
         plain.append(c.size)
     for (start, end, chunks), total in zip(plans, plain, strict=True):
         have = {c.digest for c in chunks}
-        i = bisect.bisect_left(layer.offsets, start)
-        while i < len(layer.by_offset) and layer.by_offset[i].offset < end:
-            c = layer.by_offset[i]
+        offsets, ends = layer.offsets, layer.by_offset.ends
+        i = bisect.bisect_left(offsets, start)
+        while i < len(offsets) and offsets[i] < end:
             i += 1
-            if c.end <= end and c.digest not in have and not is_local(c):
+            if ends[i - 1] > end:
+                continue
+            c = layer.by_offset[i - 1]
+            if c.digest not in have and not is_local(c):
                 if total + c.size > max_plain:
                     break
                 total += c.size

@@ -31,6 +31,7 @@ from lazyfs.atomic import atomic_write
 from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
 from lazyfs.formats.chunkio import check_chunk, chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
+from lazyfs.heap import trim_heap
 from lazyfs.remote.base import RangesSink, Source
 from lazyfs.store import plan
 from lazyfs.store.bigchunk import decode_to_cache, is_big
@@ -1064,6 +1065,9 @@ class LayerStore:
                     continue
             batch = itertools.islice(self._held.items(), WRITE_BATCH)
             await self._write_held([(d, f) for d, (_, f, _) in batch])
+            if not self._held:
+                # The held chunks' bytes are freed; glibc keeps their blocks mapped until asked.
+                await trio.to_thread.run_sync(trim_heap)
 
     async def _write_held(self, flights: Iterable[tuple[str, _Flight]]) -> None:
         """Write those of these handed-over chunks that are held to the cache now, and wait

@@ -363,14 +363,10 @@ def is_mounted(path: Path) -> bool:
 
 @dataclass
 class Daemon:
-    proc: subprocess.Popen[bytes]
+    pid: int  # a new process or a fork server's child: either way not waited on here
     mountpoint: Path
     started: float  # perf_counter at spawn
     ready_s: float  # spawn → mounted
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     def rss_kib(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -390,10 +386,12 @@ def lazyfs_mount(
     *extra: str,
     timeout: float = 120.0,
     upper: Path | None = None,
+    forkserver: Path | None = None,
 ) -> Iterator[Daemon]:
     """``lazyfs mount IMAGE MNT --read-only --cache DIR`` (``--upper DIR`` instead of
     ``--read-only`` when given), spawned through the project's one daemon module and ready when
-    it says so; unmounted and stopped by PID on exit."""
+    it says so; unmounted and stopped by PID on exit.  ``forkserver``: a ``lazyfs serve-forks``
+    socket to fork the daemon from, as the snapshotter does."""
     from lazyfs.errors import LazyfsError
     from lazyfs.fs.daemon import spawn
 
@@ -413,12 +411,12 @@ def lazyfs_mount(
             log=log_path,
             timeout=timeout,
             cwd=ROOT,
+            forkserver=forkserver,
         )
     except LazyfsError as e:
         text = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
         raise RuntimeError(f"mount at {mnt} did not come up: {e}\n{text}") from None
-    assert lazy.proc is not None
-    d = Daemon(lazy.proc, mnt, t0, time.perf_counter() - t0)
+    d = Daemon(lazy.pid, mnt, t0, time.perf_counter() - t0)
     try:
         yield d
     finally:
@@ -452,7 +450,7 @@ def overlay_mount(lower: Path, work: Path, mnt: Path) -> Iterator[Daemon]:
             stderr=out,
             stdin=subprocess.DEVNULL,
         )
-    d = Daemon(proc, mnt, t0, 0.0)
+    d = Daemon(proc.pid, mnt, t0, 0.0)
     try:
         _wait_mounted(proc, mnt, log_path, 30)
         d.ready_s = time.perf_counter() - t0

@@ -136,11 +136,15 @@ def _pull_extract(ctx: Ctx, img: Image) -> Rows:
     return {"pull+extract (gzip)": {"seconds": secs, "veth_bytes": nbytes, "connections": conns}}
 
 
-def _lazy_start(ctx: Ctx, img: Image, label: str, fmt_dir: str, *extra: str) -> Rows:
+def _lazy_start(
+    ctx: Ctx, img: Image, label: str, fmt_dir: str, *extra: str, forks: Path | None = None
+) -> Rows:
     cache, mnt = ctx.fresh("cache"), ctx.work / "mnt"
     c0 = netns.connections_opened()
     b0, t0 = netns.veth_bytes(), time.perf_counter()
-    with lazyfs_mount(ctx.ref(img, fmt_dir), mnt, cache, "--plain-http", *extra) as d:
+    with lazyfs_mount(
+        ctx.ref(img, fmt_dir), mnt, cache, "--plain-http", *extra, forkserver=forks
+    ) as d:
         mounted = time.perf_counter() - t0
         run_workload(img.workload(mnt))
         secs, nbytes = time.perf_counter() - t0, netns.veth_bytes() - b0
@@ -158,7 +162,7 @@ def _lazy_start(ctx: Ctx, img: Image, label: str, fmt_dir: str, *extra: str) -> 
     return {label: {**row, **st}}
 
 
-def prefetch_contenders(ctx: Ctx, img: Image) -> list[Contender]:
+def prefetch_contenders(ctx: Ctx, img: Image, forks: Path | None = None) -> list[Contender]:
     """``lazyfs mount --prefetch GROUPS.json`` contenders, when this lazyfs has them.
 
     Set-up (untimed, once per run): mount the zstd:chunked image with ``--trace`` and a fresh
@@ -166,7 +170,9 @@ def prefetch_contenders(ctx: Ctx, img: Image) -> list[Contender]:
     groups.  "lazy+prefetch" then mounts with ``--prefetch GROUPS --group startup`` and is
     timed exactly like the other lazy contenders.  "re-laid-out+prefetch" does the same on the
     image rewritten by ``lazyfs convert --prefetch GROUPS`` (group files first), pushed as
-    ``:relaid``.  Each is skipped, with a note, when this lazyfs lacks the option.
+    ``:relaid``.  Each is skipped, with a note, when this lazyfs lacks the option.  ``forks``:
+    a fork server's socket; both also run with their daemon forked from it (no interpreter
+    start, no imports: how the snapshotter starts its daemons).
     """
     top, mount_help = lazyfs_help()
     if "--prefetch" not in mount_help or "optimize" not in top:
@@ -205,6 +211,12 @@ def prefetch_contenders(ctx: Ctx, img: Image) -> list[Contender]:
             lambda: _lazy_start(ctx, img, "lazyfs zstd:chunked + prefetch", "zstd", *args),
         )
     ]
+    if forks is not None:
+        out.append((
+            "lazy+prefetch, forked",
+            lambda: _lazy_start(ctx, img, "lazyfs zstd:chunked + prefetch, daemon forked",
+                                "zstd", *args, forks=forks),
+        ))  # fmt: skip
     # The same groups stored beside the image (referrers): what a plain mount finds by
     # itself, with the lookup's round trips on the link.  The other zstd contenders do not
     # look (--no-prefetch, or --prefetch FILE).
@@ -250,10 +262,18 @@ def prefetch_contenders(ctx: Ctx, img: Image) -> list[Contender]:
             lambda: _lazy_start(ctx, img, "lazyfs re-laid-out + prefetch", "relaid", *args),
         )
     )
+    if forks is not None:
+        out.append((
+            "re-laid-out+prefetch, forked",
+            lambda: _lazy_start(ctx, img, "lazyfs re-laid-out + prefetch, daemon forked",
+                                "relaid", *args, forks=forks),
+        ))  # fmt: skip
     return out
 
 
 def startup(ctx: Ctx, image: str) -> dict[str, Any]:
+    from lazyfs.fs.forkserver import ForkServer
+
     img = ctx.images[image]
     contenders: list[Contender] = [("pull+extract", lambda: _pull_extract(ctx, img))]
     pure = no_prefetch_args()
@@ -264,8 +284,11 @@ def startup(ctx: Ctx, image: str) -> dict[str, Any]:
                 lambda label=label, f=fmt_dir: _lazy_start(ctx, img, f"lazyfs {label}", f, *pure),
             )
         )
-    contenders += prefetch_contenders(ctx, img)
-    raw = alternate(contenders, ctx.reps)
+    forks_dir = ctx.fresh("forks")
+    forks_dir.mkdir(parents=True)
+    with ForkServer.start(forks_dir / "forks.sock", log=forks_dir / "forks.log") as forks:
+        contenders += prefetch_contenders(ctx, img, forks.socket)
+        raw = alternate(contenders, ctx.reps)
     return {
         "scenario": "startup",
         "image": image,

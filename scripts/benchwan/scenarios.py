@@ -205,18 +205,16 @@ def prefetch_contenders(ctx: Ctx, img: Image, forks: Path | None = None) -> list
         "workload (`lazyfs mount --trace` then `lazyfs optimize`), made before the timed runs"
     )
     args = ("--prefetch", str(groups), "--group", "startup")
-    out: list[Contender] = [
-        (
-            "lazy+prefetch",
-            lambda: _lazy_start(ctx, img, "lazyfs zstd:chunked + prefetch", "zstd", *args),
-        )
-    ]
-    if forks is not None:
-        out.append((
-            "lazy+prefetch, forked",
-            lambda: _lazy_start(ctx, img, "lazyfs zstd:chunked + prefetch, daemon forked",
-                                "zstd", *args, forks=forks),
-        ))  # fmt: skip
+
+    def with_groups(name: str, label: str, fmt_dir: str) -> list[Contender]:
+        """The contender, and the same with its daemon forked when there is a fork server."""
+        both: list[Contender] = [(name, lambda: _lazy_start(ctx, img, label, fmt_dir, *args))]
+        if forks is not None:
+            both.append((f"{name}, forked", lambda: _lazy_start(
+                ctx, img, f"{label}, daemon forked", fmt_dir, *args, forks=forks)))  # fmt: skip
+        return both
+
+    out = with_groups("lazy+prefetch", "lazyfs zstd:chunked + prefetch", "zstd")
     # The same groups stored beside the image (referrers): what a plain mount finds by
     # itself, with the lookup's round trips on the link.  The other zstd contenders do not
     # look (--no-prefetch, or --prefetch FILE).
@@ -256,18 +254,7 @@ def prefetch_contenders(ctx: Ctx, img: Image, forks: Path | None = None) -> list
         "startup: re-laid-out = `lazyfs convert --prefetch GROUPS --group startup` of the gzip "
         "image (group files first, then a landmark), zstd:chunked"
     )
-    out.append(
-        (
-            "re-laid-out+prefetch",
-            lambda: _lazy_start(ctx, img, "lazyfs re-laid-out + prefetch", "relaid", *args),
-        )
-    )
-    if forks is not None:
-        out.append((
-            "re-laid-out+prefetch, forked",
-            lambda: _lazy_start(ctx, img, "lazyfs re-laid-out + prefetch, daemon forked",
-                                "relaid", *args, forks=forks),
-        ))  # fmt: skip
+    out += with_groups("re-laid-out+prefetch", "lazyfs re-laid-out + prefetch", "relaid")
     return out
 
 

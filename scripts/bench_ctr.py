@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import re
@@ -73,15 +72,6 @@ RESIDENT = (
 LATE_READ = (PYTHON, "-c", "import pydoc, ftplib, tarfile, smtplib; print('late ok')")
 
 
-_stacks = itertools.count()
-RUNC_STATE = "/run/containerd/runc"  # where containerd's runc shim keeps container state
-
-
-def _rmdir_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
-
-
 def rss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -125,16 +115,11 @@ class CtrStack(contextlib.AbstractContextManager["CtrStack"]):
         self._stack.callback(self.stop_daemons)
         self._stack.callback(self.sp.stop)
         self.sp.start()
-        namespace = f"lazyfs-ctr-{os.getpid()}-{next(_stacks)}"
-        # runc's per-namespace state directory outlives containerd; once empty, it goes too.
-        self._stack.callback(_rmdir_quietly, Path(RUNC_STATE) / namespace)
         self.ctrd = self._stack.enter_context(
             ContainerdInstance(
                 self.base / "ctrd",
+                # In a namespace of its own (its runc state and cgroups removed at its stop).
                 proxy_snapshotters={SN: self.sp.address},
-                # runc keeps container state per namespace in one place for every containerd
-                # on the machine: a namespace of our own keeps our names out of others' way.
-                namespace=namespace,
             )
         )
         self._stack.callback(self.remove_containers)

@@ -307,7 +307,7 @@ def test_layers_held_already_are_prepared_without_the_registry(
         mine.reset()
         # The same layers under another name, in another namespace: containerd asks for
         # every layer again, and each is found held: no manifest, no tag, no TOC is asked for.
-        ctrd.namespace = "other"
+        ctrd.namespace = f"{ctrd.namespace}-other"
         rpull(ctrd, env.mirror)
         assert mine.requests == 0, mine.paths
         # containerd did ask about both layers: each snapshot keeps the mirror, to be looked

@@ -95,6 +95,9 @@ class StatsReport(msgspec.Struct):
     answered_early: int = 0
     waited_for_layers: int = 0
     log: str | None = None  # the daemon's log file
+    # Start-up's background work is over (deltas and prefetch looked for, the prefetch run,
+    # fetched TOCs kept and the heap trimmed): a resident size measured now is steady.
+    settled: bool = False
 
 
 def _answer(handler: Callable[[dict[str, object]], object], line: bytes) -> bytes:

@@ -122,6 +122,7 @@ class _Mount:
         self.group: Group | None = None  # the prefetch group, while layers are pending
         self.gate: PrefetchGate | None = None  # holds readers until the prefetch is sent
         self.deltas: PendingDeltas | None = None  # binary deltas being looked up, if any
+        self.settled = False  # fetch_ahead is over: what start-up left behind is freed
         self.tree = Tree()
         self.ops: Operations | None = None  # early ones (over part of the tree) until built
         self.pending: PendingOperations | None = None
@@ -241,6 +242,7 @@ class _Mount:
         # Off the start's path (the prefetch is done, or there was none): the fetched TOCs
         # into the TOC cache, for the next mount.
         await self.image.save_tocs()
+        self.settled = True
 
     async def _fetch_ahead(self) -> None:
         deltas = self.deltas
@@ -329,6 +331,7 @@ class _Mount:
                 c_requests=c_reader_counts(),
                 answered_early=self.pending.answered_early if self.pending is not None else 0,
                 waited_for_layers=self.pending.waited if self.pending is not None else 0,
+                settled=self.settled,
                 log=opts.log,
             )
         if request.get("cmd") == "trace":

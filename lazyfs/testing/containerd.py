@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +33,11 @@ from typing import Any
 from lazyfs.testing.server import ServerProcess, unix_socket_accepts
 
 DEFAULT_NAMESPACE = "lazyfs-test"
+# What containerd's runc shim and ctr keep per namespace, shared by every containerd on the
+# machine: runc's container state (RUNC_STATE/NAMESPACE/ID) and the containers' cgroups
+# (/NAMESPACE/ID under each hierarchy).
+RUNC_STATE = Path("/run/containerd/runc")
+CGROUPS = Path("/sys/fs/cgroup")
 
 # Plugins we never want in a test daemon: CRI (pulls images, opens ports, wants
 # CNI), snapshotters needing special filesystems, the default /opt installer and
@@ -57,6 +63,14 @@ def containerd_binary() -> str | None:
 
 def ctr_binary() -> str | None:
     return shutil.which("ctr")
+
+
+def private_namespace() -> str:
+    """A namespace no other containerd on the machine uses.  Two test containerds (two test
+    runs at once) creating one container name in one namespace share runc's state: the
+    second's create fails ("container with given ID already exists") and its clean-up kills
+    the first's container ("cannot exec in a stopped state")."""
+    return f"{DEFAULT_NAMESPACE}-{secrets.token_hex(4)}"
 
 
 def _toml_str(value: str) -> str:
@@ -108,7 +122,10 @@ class ContainerdInstance(ServerProcess):
     """One private containerd daemon; use as a context manager.
 
     *base_dir*: where config/root/state/socket go.  When None a fresh temp dir
-    is created (and removed on exit unless *keep* is true).
+    is created (and removed on exit unless *keep* is true).  *namespace*: a private one
+    (:func:`private_namespace`) unless given.  At the stop, tasks still running in any
+    namespace ``ctr`` was used with are killed and removed, and runc's and the cgroups'
+    directories of those namespaces go once empty.
     """
 
     name = "containerd"
@@ -119,7 +136,7 @@ class ContainerdInstance(ServerProcess):
         self,
         base_dir: str | os.PathLike[str] | None = None,
         *,
-        namespace: str = DEFAULT_NAMESPACE,
+        namespace: str | None = None,
         start_timeout: float = 20.0,
         stop_timeout: float = 10.0,
         keep: bool = False,
@@ -127,7 +144,8 @@ class ContainerdInstance(ServerProcess):
         proxy_snapshotters: Mapping[str, str] | None = None,
     ) -> None:
         self._given_base = Path(base_dir) if base_dir is not None else None
-        self.namespace = namespace
+        self.namespace = namespace or private_namespace()
+        self._namespaces: set[str] = set()  # those ctr was used with: cleaned at the stop
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.keep = keep
@@ -201,15 +219,39 @@ class ContainerdInstance(ServerProcess):
 
     def stop(self) -> int | None:
         """Stop the daemon by PID (SIGTERM, wait, SIGKILL), drop a base we made; idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._remove_tasks()
         rc = super().stop()
+        for namespace in self._namespaces:
+            # Left by runc and ctr after the last container: a run's namespaces, one each.
+            for d in (RUNC_STATE / namespace, CGROUPS / namespace,
+                      *CGROUPS.glob(f"*/{namespace}")):  # fmt: skip
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        self._namespaces.clear()
         if self.base is not None and self._made_base and not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
         return rc
 
+    def _remove_tasks(self) -> None:
+        """Kill and remove the tasks still running (a test that failed before its clean-up):
+        their shims and processes would outlive containerd."""
+        for namespace in sorted(self._namespaces):
+            with contextlib.suppress(subprocess.TimeoutExpired, ContainerdError):
+                ls = run_ctr(self.ctr_argv("task", "ls", "-q", namespace=namespace),
+                             capture=True, timeout=30)  # fmt: skip
+                for task in ls.stdout.split():
+                    run_ctr(self.ctr_argv("task", "rm", "-f", task, namespace=namespace),
+                            check=False, capture=True, timeout=30)  # fmt: skip
+
     # -- ctr -------------------------------------------------------------------
-    def ctr_argv(self, *args: str, binary: str = "ctr") -> list[str]:
-        """argv for *binary* (``ctr`` or ``ctr-remote``) aimed at this daemon."""
-        return [binary, "--address", self.address, "--namespace", self.namespace, *args]
+    def ctr_argv(self, *args: str, binary: str = "ctr", namespace: str | None = None
+                 ) -> list[str]:
+        """argv for *binary* (``ctr`` or ``ctr-remote``) aimed at this daemon, in
+        ``namespace`` (this instance's current one by default)."""
+        namespace = namespace or self.namespace
+        self._namespaces.add(namespace)
+        return [binary, "--address", self.address, "--namespace", namespace, *args]
 
     def ctr(
         self,

@@ -99,6 +99,19 @@ def wait_prefetched(mnt: Path, timeout: float = 20.0) -> dict[str, Any]:
         time.sleep(0.05)
 
 
+def wait_settled(mnt: Path, timeout: float = 20.0) -> dict[str, Any]:
+    """The mount's stats once its start-up work is over (``settled``: see
+    lazyfs.fs.control.StatsReport); AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = mount_stats(mnt)
+        if stats["settled"]:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the mount's start-up work did not end: {stats}")
+        time.sleep(0.05)
+
+
 def wait_written(mnt: Path, timeout: float = 20.0) -> dict[str, Any]:
     """The mount's stats once no chunk a read fetched waits for its cache write (they are
     written when reads pause: lazyfs.store.layerstore.WRITE_IDLE_SECONDS); AssertionError

@@ -47,6 +47,7 @@ class Phase:
         self.reply_bytes: collections.Counter[str] = collections.Counter()
         self.busy = 0.0  # seconds with at least one request outstanding
         self.reads: list[float] = []  # each READ's latency, seconds
+        self.timeline: list[tuple[float, float, str, int]] = []  # sent, latency, op, reply
 
 
 def _events(inst: Path, conn: int, phase: Phase) -> None:
@@ -68,6 +69,7 @@ def _events(inst: Path, conn: int, phase: Phase) -> None:
             phase.reply_bytes[op] += int(n.group(1)) if n else 0
             if op == "READ":
                 phase.reads.append(at - t)
+            phase.timeline.append((t, at - t, op, int(n.group(1)) if n else 0))
             spans.append((t, at))
     for _, op in sent.values():
         phase.count[op] += 1
@@ -78,12 +80,74 @@ def _events(inst: Path, conn: int, phase: Phase) -> None:
             end = b
 
 
+def big_reads(lazy: Path, tag: str, native: Path, work: Path, reps: int) -> list[list[object]]:
+    """The image's three largest files read whole (128 KiB reads) on a fresh mount over a
+    warm chunk cache, the mount's read-ahead set to the kernel's 128 KiB default or to
+    lazyfs's READ_AHEAD_KB (written to its bdi after the mount, alternating): what the wider
+    window does where it should, sequential reads."""
+    from lazyfs.fs.daemon import spawn
+    from lazyfs.fs.serve import READ_AHEAD_KB
+    from lazyfs.testing.mounts import mount_stats
+
+    files = sorted(
+        (p for p in native.rglob("*") if p.is_file() and not p.is_symlink()),
+        key=lambda p: p.stat().st_size,
+    )[-3:]
+    total = sum(p.stat().st_size for p in files)
+    cache, mnt = work / "cache-big", work / "mnt-big"
+    mnt.mkdir()
+    got: dict[int, list[tuple[float, int]]] = {128: [], READ_AHEAD_KB: []}
+
+    def once(kb: int) -> tuple[float, int]:
+        opts = ["--read-only", "--no-prefetch", "--cache", str(cache)]
+        d = spawn(f"oci:{lazy}:{tag}", mnt, opts, log=work / "big.log", timeout=120)
+        try:
+            dev = os.stat(mnt).st_dev
+            Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(
+                str(kb)
+            )
+            for f in files:
+                os.stat(mnt / f.relative_to(native))
+            t0 = time.perf_counter()
+            for f in files:
+                with open(mnt / f.relative_to(native), "rb", buffering=0) as fh:
+                    while fh.read(128 * 1024):
+                        pass
+            return time.perf_counter() - t0, mount_stats(mnt)["requests"].get("read", 0)
+        finally:
+            d.stop()
+
+    once(128)  # fills the cache
+    for _ in range(reps):
+        for kb, runs in got.items():
+            runs.append(once(kb))
+    return [
+        [
+            f"{kb} KiB",
+            f"{statistics.median(t for t, _ in runs) * 1e3:.0f} "
+            f"({min(t for t, _ in runs) * 1e3:.0f}–{max(t for t, _ in runs) * 1e3:.0f})",
+            f"{total / statistics.median(t for t, _ in runs) / 1e6:.0f}",
+            f"{statistics.median(n for _, n in runs):.0f}",
+        ]
+        for kb, runs in got.items()
+    ]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--before", type=Path, metavar="DIR", help="also the lazyfs of this checkout")
     p.add_argument("--work-dir", type=Path, metavar="DIR", help="default .bench")
     p.add_argument("--pyspy", type=Path, metavar="DIR", help="profile the daemon into DIR")
+    p.add_argument("--big-reps", type=int, default=8, help="sequential-read rounds (0: none)")
+    p.add_argument(
+        "--forked",
+        action="store_true",
+        help="this tree's daemon forked by a fork server (else a new process, as --before's)",
+    )
+    p.add_argument(
+        "--timeline", type=Path, metavar="FILE", help="every request of every run, as TSV"
+    )
     args = p.parse_args()
     bl.sigterm_as_interrupt()
     bl.byte_compiled()
@@ -122,17 +186,18 @@ def main() -> int:
                     mnt.mkdir(exist_ok=True)
                     opts = ["--read-only", "--plain-http", "--cache", str(cache)]
                     d = spawn(image, mnt, opts, log=work / "mnt.log", timeout=120, cwd=root,
-                              forkserver=forks.socket if root == bl.ROOT else None)  # fmt: skip
+                              forkserver=forks.socket if root == bl.ROOT and args.forked
+                              else None)  # fmt: skip
                     spy = None
                     try:
                         if profile is not None:
                             spy = subprocess.Popen(
                                 [str(Path(sys.executable).parent / "py-spy"), "record",
                                  "--pid", str(d.pid), "--rate", "1000", "--threads",
-                                 "--format", "speedscope", "-o", str(profile)],
+                                 "--format", "chrometrace", "--idle", "-o", str(profile)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             )  # fmt: skip
-                            time.sleep(0.5)  # py-spy attaches
+                            time.sleep(0.05)  # py-spy attaches (it misses the first moments)
                         (inst / "trace").write_text("")
                         (inst / "events/fuse/enable").write_text("1")
                         t0 = time.perf_counter()
@@ -170,8 +235,16 @@ def main() -> int:
                     shutil.rmtree(cache)
                 if prof is None:
                     native_start()
+        big = big_reads(lazy, tag, native, work, args.big_reps) if args.big_reps else []
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+    if args.timeline is not None:
+        with args.timeline.open("w") as f:
+            for name, ps in phases.items():
+                for i, q in enumerate(ps):
+                    t0 = q.timeline[0][0] if q.timeline else 0.0
+                    for t, lat, op, n in sorted(q.timeline):
+                        f.write(f"{name}\t{i}\t{(t - t0) * 1e3:.2f}\t{lat * 1e3:.3f}\t{op}\t{n}\n")
     print(f"1-min load {load0:.1f} → {os.getloadavg()[0]:.1f} (2 CPUs, shared); "
           f"work dir {args.work_dir or '.bench'}\n")  # fmt: skip
     rows = []
@@ -199,6 +272,10 @@ def main() -> int:
     print(bl.md_table(["setting", "start-up s", "requests", "busy ms",
                        f"READ median ms; ms in READs over {WAITED * 1e3:.0f} ms",
                        "by opcode (mean count, summed latency)"], rows))  # fmt: skip
+    if big:
+        print(f"\nThe image's three largest files read whole, fresh mount over a warm cache "
+              f"({args.big_reps} rounds, alternating):\n")  # fmt: skip
+        print(bl.md_table(["read-ahead", "ms", "MB/s", "READ requests"], big))
     return 0
 
 

@@ -46,7 +46,7 @@ from lazyfs.fs.prefetch import (
 )
 from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import ROOT_INO, Tree
-from lazyfs.fs.unmount import is_mounted, is_stale, unmount
+from lazyfs.fs.unmount import is_mounted, is_stale, mount_device, unmount
 from lazyfs.fs.upper import Upper
 from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
@@ -376,6 +376,44 @@ def _fuse_options(opts: MountOptions) -> set[str]:
     return options
 
 
+# The kernel reads ahead of a FUSE file at most what the mount's bdi allows, 128 KiB unless
+# raised: an interpreter's or a library's pages then arrive in 128 KiB requests, each a round
+# trip through the daemon.  A request can carry 1 MiB (libfuse's max_pages), so a window of
+# that size costs one.
+READ_AHEAD_KB = 1024
+
+
+def _after_init(ops: Operations | PendingOperations, then: Callable[[], None]) -> None:
+    """Call ``then`` once the kernel has taken the daemon's answer to its INIT request, before
+    any other request is served: ``ops.init`` runs just before that answer is written (the
+    kernel applies it in that write), and ``then`` runs as soon as the handler yields."""
+    first = ops.init
+    done = False
+
+    def init() -> None:
+        nonlocal done
+        first()
+        if not done:
+            done = True
+            trio.lowlevel.current_trio_token().run_sync_soon(then)
+
+    ops.init = init  # type: ignore[method-assign]
+
+
+def _widen_read_ahead(mountpoint: str) -> None:
+    """Let the kernel read ahead READ_AHEAD_KB on this mount.  After INIT: the kernel lowers
+    the window to the daemon's max_readahead there, which libfuse caps at what the kernel
+    offered, 128 KiB.  Needs root; without it, the default."""
+    device = mount_device(mountpoint)
+    if device is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{device[0]}:{device[1]}/read_ahead_kb", "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as e:
+        log.debug("read-ahead left at the kernel's default: %s", e)
+
+
 async def serve(
     opts: MountOptions,
     ready: Callable[[ReadyReport], None] | None = None,
@@ -473,7 +511,9 @@ async def serve(
         # process would wait for a FUSE reply only this process can give (canonical() does
         # not touch it either, but the order keeps that property obvious).
         control = control_path(mountpoint)
-        pyfuse3.init(mount.fuse_operations(), mountpoint, _fuse_options(opts))
+        fuse_ops = mount.fuse_operations()
+        _after_init(fuse_ops, lambda: _widen_read_ahead(mountpoint))
+        pyfuse3.init(fuse_ops, mountpoint, _fuse_options(opts))
         try:
             start_c_reader()
             # Fetches started by readers live in their own nursery: at unmount the control

@@ -89,14 +89,25 @@ def detach(mountpoint: str) -> None:
 def abort_connection(mountpoint: str) -> None:
     """Abort the FUSE connection behind ``mountpoint`` (found by its device number), so a
     hung daemon's readers get ENOTCONN instead of waiting forever."""
-    real = canonical(mountpoint)  # not realpath(): a stat of a hung mount would hang too
+    device = mount_device(mountpoint)
+    if device is not None:
+        with (
+            contextlib.suppress(OSError),
+            open(f"/sys/fs/fuse/connections/{device[1]}/abort", "w") as a,
+        ):
+            a.write("1")
+
+
+def mount_device(mountpoint: str) -> tuple[int, int] | None:
+    """The device number (major, minor) of the mount at ``mountpoint`` (the topmost), from
+    /proc/self/mountinfo: without a stat, which a hung daemon's mount, or its own daemon
+    before it serves, would never answer."""
+    real = canonical(mountpoint)  # not realpath(): it stats
+    found = None
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         for line in f:
             fields = line.split()
             if len(fields) > 4 and _unescape(fields[4]) == real:
-                minor = fields[2].split(":")[1]
-                with (
-                    contextlib.suppress(OSError),
-                    open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as a,
-                ):
-                    a.write("1")
+                major, minor = fields[2].split(":")
+                found = int(major), int(minor)
+    return found

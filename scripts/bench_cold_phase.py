@@ -1,0 +1,283 @@
+# ruff: noqa: RUF001, RUF003  (×, – and µ in Markdown output are intended)
+"""Where a cold start's time after readiness goes (issue 13's cold rows): the start-up chrooted
+in a fresh mount of the Debian image with groups stored beside it, from Debian's
+docker-registry on 127.0.0.1, in three settings, alternating, medians:
+
+- ``cold``: a fresh chunk cache (as bench_speed.py's "lazyfs + groups");
+- ``cache warm``: a fresh mount over the cache the cold run filled: the kernel knows nothing,
+  the chunks are on disk (the FUSE path's own cost, no network);
+- ``native``: the extracted tree after ``echo 2 > /proc/sys/vm/drop_caches`` (dentries and
+  inodes cold, file pages warm, as the warm chunk cache's are): the floor.
+
+For each: the start-up's seconds from ready to done, and what it asked the daemon by opcode
+(count, summed latency, from the kernel's fuse tracepoints, see bench_startup_requests.py),
+plus the time at least one request was outstanding.  ``--pyspy DIR``: also one more round of
+each lazyfs setting with py-spy recording the daemon (speedscope files in DIR).  Run from the
+repo root: ``.venv/bin/python scripts/bench_cold_phase.py [--reps N] [--before DIR]
+[--work-dir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import bench_speed as bs
+import benchlib as bl
+from bench_startup_requests import EVENT, connection, fuse_events
+
+WAITED = 0.005  # a READ this slow waited for something (a fetch, a queue), not only its copy
+
+
+class Phase:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.count: collections.Counter[str] = collections.Counter()
+        self.latency: collections.Counter[str] = collections.Counter()  # seconds, summed
+        self.reply_bytes: collections.Counter[str] = collections.Counter()
+        self.busy = 0.0  # seconds with at least one request outstanding
+        self.reads: list[float] = []  # each READ's latency, seconds
+        self.timeline: list[tuple[float, float, str, int]] = []  # sent, latency, op, reply
+
+
+def _events(inst: Path, conn: int, phase: Phase) -> None:
+    sent: dict[int, tuple[float, str]] = {}
+    spans: list[tuple[float, float]] = []
+    for line in (inst / "trace").read_text().splitlines():
+        m = EVENT.search(line)
+        if m is None or int(m.group(3)) != conn:
+            continue
+        at, req = float(m.group(1)), int(m.group(4))
+        if m.group(2) == "send":
+            op = re.search(r"\(FUSE_(\w+)\)", m.group(5))
+            sent[req] = (at, op.group(1) if op else "?")
+        elif req in sent:
+            t, op = sent.pop(req)
+            phase.count[op] += 1
+            phase.latency[op] += at - t
+            n = re.search(r"len (\d+)", m.group(5))
+            phase.reply_bytes[op] += int(n.group(1)) if n else 0
+            if op == "READ":
+                phase.reads.append(at - t)
+            phase.timeline.append((t, at - t, op, int(n.group(1)) if n else 0))
+            spans.append((t, at))
+    for _, op in sent.values():
+        phase.count[op] += 1
+    end = -1.0
+    for a, b in sorted(spans):
+        if b > end:
+            phase.busy += b - max(a, end)
+            end = b
+
+
+def big_reads(lazy: Path, tag: str, native: Path, work: Path, reps: int) -> list[list[object]]:
+    """The image's three largest files read whole (128 KiB reads) on a fresh mount over a
+    warm chunk cache, the mount's read-ahead set to the kernel's 128 KiB default or to
+    lazyfs's READ_AHEAD_KB (written to its bdi after the mount, alternating): what the wider
+    window does where it should, sequential reads."""
+    from lazyfs.fs.daemon import spawn
+    from lazyfs.fs.serve import READ_AHEAD_KB
+    from lazyfs.testing.mounts import mount_stats
+
+    files = sorted(
+        (p for p in native.rglob("*") if p.is_file() and not p.is_symlink()),
+        key=lambda p: p.stat().st_size,
+    )[-3:]
+    total = sum(p.stat().st_size for p in files)
+    cache, mnt = work / "cache-big", work / "mnt-big"
+    mnt.mkdir()
+    got: dict[int, list[tuple[float, int]]] = {128: [], READ_AHEAD_KB: []}
+
+    def once(kb: int) -> tuple[float, int]:
+        opts = ["--read-only", "--no-prefetch", "--cache", str(cache)]
+        d = spawn(f"oci:{lazy}:{tag}", mnt, opts, log=work / "big.log", timeout=120)
+        try:
+            dev = os.stat(mnt).st_dev
+            Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(
+                str(kb)
+            )
+            for f in files:
+                os.stat(mnt / f.relative_to(native))
+            t0 = time.perf_counter()
+            for f in files:
+                with open(mnt / f.relative_to(native), "rb", buffering=0) as fh:
+                    while fh.read(128 * 1024):
+                        pass
+            return time.perf_counter() - t0, mount_stats(mnt)["requests"].get("read", 0)
+        finally:
+            d.stop()
+
+    once(128)  # fills the cache
+    for _ in range(reps):
+        for kb, runs in got.items():
+            runs.append(once(kb))
+    return [
+        [
+            f"{kb} KiB",
+            f"{statistics.median(t for t, _ in runs) * 1e3:.0f} "
+            f"({min(t for t, _ in runs) * 1e3:.0f}–{max(t for t, _ in runs) * 1e3:.0f})",
+            f"{total / statistics.median(t for t, _ in runs) / 1e6:.0f}",
+            f"{statistics.median(n for _, n in runs):.0f}",
+        ]
+        for kb, runs in got.items()
+    ]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--before", type=Path, metavar="DIR", help="also the lazyfs of this checkout")
+    p.add_argument("--work-dir", type=Path, metavar="DIR", help="default .bench")
+    p.add_argument("--pyspy", type=Path, metavar="DIR", help="profile the daemon into DIR")
+    p.add_argument("--big-reps", type=int, default=8, help="sequential-read rounds (0: none)")
+    p.add_argument(
+        "--forked",
+        action="store_true",
+        help="this tree's daemon forked by a fork server (else a new process, as --before's)",
+    )
+    p.add_argument(
+        "--timeline", type=Path, metavar="FILE", help="every request of every run, as TSV"
+    )
+    args = p.parse_args()
+    bl.sigterm_as_interrupt()
+    bl.byte_compiled()
+    from lazyfs.fs.daemon import spawn
+    from lazyfs.fs.forkserver import ForkServer
+    from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+
+    work = (args.work_dir or bl.BENCH_DIR) / f"work-coldphase-{os.getpid()}"
+    work.mkdir(parents=True)
+    if args.pyspy is not None:
+        args.pyspy.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()[0]
+    phases: dict[str, list[Phase]] = collections.defaultdict(list)
+    try:
+        src, lazy, tag, startup, says = bs.cold_image("debian", work)
+        native = src.parent / "rootfs"
+
+        def run_startup(root: Path) -> None:
+            out = subprocess.run(["chroot", str(root), *startup], check=True,
+                                 capture_output=True, text=True)  # fmt: skip
+            if says not in out.stdout:
+                raise RuntimeError(f"the start-up did not start: {out.stdout} {out.stderr}")
+
+        with ForkServer.start(work / "forks.sock", log=work / "forks.log") as forks, \
+                RegistryInstance(work / "registry") as reg, fuse_events() as inst:  # fmt: skip
+            push_oci_layout(lazy, f"{reg.host}/cold/groups:{tag}", tag=tag)
+            image = f"{reg.host}/cold/groups:{tag}"
+            bs.trace_groups(image, startup, work)
+
+            def mounted(
+                name: str, cache: Path, root: Path, profile: Path | None
+            ) -> Callable[[], None]:
+                def once() -> None:
+                    cache.mkdir(exist_ok=True)
+                    mnt = work / "mnt"
+                    mnt.mkdir(exist_ok=True)
+                    opts = ["--read-only", "--plain-http", "--cache", str(cache)]
+                    d = spawn(image, mnt, opts, log=work / "mnt.log", timeout=120, cwd=root,
+                              forkserver=forks.socket if root == bl.ROOT and args.forked
+                              else None)  # fmt: skip
+                    spy = None
+                    try:
+                        if profile is not None:
+                            spy = subprocess.Popen(
+                                [str(Path(sys.executable).parent / "py-spy"), "record",
+                                 "--pid", str(d.pid), "--rate", "1000", "--threads",
+                                 "--format", "chrometrace", "--idle", "-o", str(profile)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            )  # fmt: skip
+                            time.sleep(0.05)  # py-spy attaches (it misses the first moments)
+                        (inst / "trace").write_text("")
+                        (inst / "events/fuse/enable").write_text("1")
+                        t0 = time.perf_counter()
+                        run_startup(mnt)
+                        phase = Phase(time.perf_counter() - t0)
+                        (inst / "events/fuse/enable").write_text("0")
+                        _events(inst, connection(mnt), phase)
+                        if profile is None:
+                            phases[name].append(phase)
+                    finally:
+                        if spy is not None:
+                            spy.send_signal(signal.SIGINT)
+                            spy.wait(30)
+                        d.stop()
+
+                return once
+
+            def native_start() -> None:
+                Path("/proc/sys/vm/drop_caches").write_text("2")
+                t0 = time.perf_counter()
+                run_startup(native)
+                phases["native, dentries cold"].append(Phase(time.perf_counter() - t0))
+
+            trees = {"": bl.ROOT}
+            if args.before is not None:
+                trees["before: "] = args.before
+            for i in range(args.reps + (1 if args.pyspy else 0)):
+                prof = args.pyspy if i == args.reps else None
+                for label, root in trees.items():
+                    cache = work / f"cache-{label[:1]}{i}"
+                    for name in ("cold", "cache warm"):
+                        out = prof / f"{label[:-2] or 'after'}-{name.replace(' ', '-')}.json" \
+                            if prof else None  # fmt: skip
+                        mounted(label + name, cache, root, out)()
+                    shutil.rmtree(cache)
+                if prof is None:
+                    native_start()
+        big = big_reads(lazy, tag, native, work, args.big_reps) if args.big_reps else []
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    if args.timeline is not None:
+        with args.timeline.open("w") as f:
+            for name, ps in phases.items():
+                for i, q in enumerate(ps):
+                    t0 = q.timeline[0][0] if q.timeline else 0.0
+                    for t, lat, op, n in sorted(q.timeline):
+                        f.write(f"{name}\t{i}\t{(t - t0) * 1e3:.2f}\t{lat * 1e3:.3f}\t{op}\t{n}\n")
+    print(f"1-min load {load0:.1f} → {os.getloadavg()[0]:.1f} (2 CPUs, shared); "
+          f"work dir {args.work_dir or '.bench'}\n")  # fmt: skip
+    rows = []
+    for name, ps in phases.items():
+        ops: collections.Counter[str] = sum((q.count for q in ps), collections.Counter())
+        lat: collections.Counter[str] = sum((q.latency for q in ps), collections.Counter())
+        rb: collections.Counter[str] = sum((q.reply_bytes for q in ps), collections.Counter())
+        n = len(ps)
+        rows.append([
+            name,
+            f"{statistics.median(q.seconds for q in ps):.3f} "
+            f"({min(q.seconds for q in ps):.3f}–{max(q.seconds for q in ps):.3f})",
+            f"{statistics.median(sum(q.count.values()) for q in ps):.0f}" if ops else "",
+            f"{statistics.median(q.busy for q in ps) * 1e3:.0f}" if ops else "",
+            f"{statistics.median(statistics.median(q.reads) for q in ps) * 1e3:.2f}; "
+            f"{statistics.median(sum(r for r in q.reads if r > WAITED) for q in ps) * 1e3:.0f}"
+            if ops else "",
+            "; ".join(
+                f"{op} {c / n:.0f} ({lat[op] / n * 1e3:.0f} ms"
+                + (f", {rb[op] / c / 1024:.0f} KiB avg" if op == "READ" else "")
+                + ")"
+                for op, c in ops.most_common()
+            ),
+        ])  # fmt: skip
+    print(bl.md_table(["setting", "start-up s", "requests", "busy ms",
+                       f"READ median ms; ms in READs over {WAITED * 1e3:.0f} ms",
+                       "by opcode (mean count, summed latency)"], rows))  # fmt: skip
+    if big:
+        print(f"\nThe image's three largest files read whole, fresh mount over a warm cache "
+              f"({args.big_reps} rounds, alternating):\n")  # fmt: skip
+        print(bl.md_table(["read-ahead", "ms", "MB/s", "READ requests"], big))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

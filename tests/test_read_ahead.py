@@ -1,0 +1,44 @@
+"""The mount widens the kernel's read-ahead (lazyfs.fs.serve.READ_AHEAD_KB): a file read
+cold through it comes in requests of up to 1 MiB, not 128 KiB, and byte for byte."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+from lazyfs_tools.convert import convert
+
+from lazyfs.fs.serve import READ_AHEAD_KB
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import mount_stats, mounted
+
+MIB = 1 << 20
+
+
+def test_a_cold_file_is_read_in_large_requests(tmp_path: Path) -> None:
+    big, mapped = seeded_bytes(4 * MIB, 1), seeded_bytes(3 * MIB, 2)
+    lower = [Item("big", data=big), Item("mapped", data=mapped)]
+    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    args = ("--read-only", "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+        dev = os.stat(m.mountpoint).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert int(bdi.read_text()) == READ_AHEAD_KB
+        got = bytearray()
+        with open(m.mountpoint / "big", "rb", buffering=0) as f:
+            while piece := f.read(64 * 1024):  # what a small-buffered reader asks
+                got += piece
+        assert got == big
+        reads = mount_stats(m.mountpoint)["requests"]["read"]
+        # 128 KiB windows would take 32 requests; 1 MiB windows ramp up to it: about 6.
+        assert reads <= 10, reads
+        # Page faults of a mapping read ahead (around the fault) as widely.
+        with open(m.mountpoint / "mapped", "rb") as f, \
+                mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:  # fmt: skip
+            assert all(
+                mm[i : i + 4096] == mapped[i : i + 4096] for i in range(0, len(mapped), 4096)
+            )
+        faulted = mount_stats(m.mountpoint)["requests"]["read"] - reads
+        assert faulted <= 8, faulted

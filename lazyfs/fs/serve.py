@@ -404,13 +404,14 @@ def _widen_read_ahead(mountpoint: str) -> None:
     """Let the kernel read ahead READ_AHEAD_KB on this mount.  After INIT: the kernel lowers
     the window to the daemon's max_readahead there, which libfuse caps at what the kernel
     offered, 128 KiB.  Needs root; without it, the default."""
-    device = mount_device(mountpoint)
-    if device is None:
-        return
+    # A run_sync_soon callback that raises would take the whole loop down: nothing escapes.
     try:
+        device = mount_device(mountpoint)
+        if device is None:
+            return
         with open(f"/sys/class/bdi/{device[0]}:{device[1]}/read_ahead_kb", "w") as f:
             f.write(str(READ_AHEAD_KB))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         log.debug("read-ahead left at the kernel's default: %s", e)
 
 

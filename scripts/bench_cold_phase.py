@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import bench_speed as bs
 import benchlib as bl
-from bench_startup_requests import EVENT, connection, fuse_events
+from bench_startup_requests import connection, fuse_events, fuse_requests
 
 WAITED = 0.005  # a READ this slow waited for something (a fetch, a queue), not only its copy
 
@@ -51,28 +50,17 @@ class Phase:
 
 
 def _events(inst: Path, conn: int, phase: Phase) -> None:
-    sent: dict[int, tuple[float, str]] = {}
     spans: list[tuple[float, float]] = []
-    for line in (inst / "trace").read_text().splitlines():
-        m = EVENT.search(line)
-        if m is None or int(m.group(3)) != conn:
+    for r in fuse_requests((inst / "trace").read_text(), conn):
+        phase.count[r.op] += 1
+        if r.took is None:
             continue
-        at, req = float(m.group(1)), int(m.group(4))
-        if m.group(2) == "send":
-            op = re.search(r"\(FUSE_(\w+)\)", m.group(5))
-            sent[req] = (at, op.group(1) if op else "?")
-        elif req in sent:
-            t, op = sent.pop(req)
-            phase.count[op] += 1
-            phase.latency[op] += at - t
-            n = re.search(r"len (\d+)", m.group(5))
-            phase.reply_bytes[op] += int(n.group(1)) if n else 0
-            if op == "READ":
-                phase.reads.append(at - t)
-            phase.timeline.append((t, at - t, op, int(n.group(1)) if n else 0))
-            spans.append((t, at))
-    for _, op in sent.values():
-        phase.count[op] += 1
+        phase.latency[r.op] += r.took
+        phase.reply_bytes[r.op] += r.reply_bytes
+        if r.op == "READ":
+            phase.reads.append(r.took)
+        phase.timeline.append((r.sent, r.took, r.op, r.reply_bytes))
+        spans.append((r.sent, r.sent + r.took))
     end = -1.0
     for a, b in sorted(spans):
         if b > end:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import bench_speed as bs
 import benchlib as bl
@@ -86,22 +87,37 @@ def start_up(root: Path, inst: Path | None, conn: int) -> Run:
     if inst is None:
         return run
     (inst / "events/fuse/enable").write_text("0")
+    for r in fuse_requests((inst / "trace").read_text(), conn):
+        run.ops[r.op] += 1
+        run.latency += r.took or 0.0
+    return run
+
+
+class Request(NamedTuple):
+    sent: float  # the trace's clock, seconds
+    took: float | None  # None: no answer (FORGET), or its end fell outside the trace
+    op: str  # "READ", "LOOKUP", ...
+    reply_bytes: int  # what the answer carried (its "len"), 0 without one
+
+
+def fuse_requests(trace: str, conn: int) -> Iterator[Request]:
+    """Each request of FUSE connection ``conn`` in a trace's text (another mount's are left
+    out: the machine is shared): the answered ones as their ends come, then the others."""
     sent: dict[int, tuple[float, str]] = {}
-    for line in (inst / "trace").read_text().splitlines():
+    for line in trace.splitlines():
         m = EVENT.search(line)
         if m is None or int(m.group(3)) != conn:
-            continue  # another mount's (the machine is shared)
+            continue
         at, req = float(m.group(1)), int(m.group(4))
         if m.group(2) == "send":
             op = re.search(r"\(FUSE_(\w+)\)", m.group(5))
             sent[req] = (at, op.group(1) if op else "?")
         elif req in sent:
             t, op = sent.pop(req)
-            run.ops[op] += 1
-            run.latency += at - t
-    for _, op in sent.values():
-        run.ops[op] += 1  # no answer (FORGET), or its end fell outside the run
-    return run
+            n = re.search(r"len (\d+)", m.group(5))
+            yield Request(t, at - t, op, int(n.group(1)) if n else 0)
+    for t, op in sent.values():
+        yield Request(t, None, op, 0)
 
 
 def main() -> int:

@@ -125,3 +125,28 @@ def _check_quick_startup(tmp_path: Path, run: str) -> None:
     assert not _pids_running(str(ROOT / "scripts" / "benchwan" / "relay.py"))
     assert not _pids_running(str(RUN_DIR / "registry.yml"))
     assert not _pids_running(str(RUN_DIR / "mnt"))
+
+
+def test_fuse_trace_requests_pair_each_send_with_its_end() -> None:
+    """bench_startup_requests and bench_cold_phase read a trace's FUSE requests alike: one
+    reader pairs each send with its end, on one connection."""
+    from bench_startup_requests import fuse_requests
+
+    head = "  python3-77 [001] ..... "
+    trace = "\n".join([
+        f"{head}10.000100: fuse_request_send: connection 52 req 2 opcode 1 (FUSE_LOOKUP) len 45",
+        f"{head}10.000200: fuse_request_send: connection 53 req 2 opcode 15 (FUSE_READ) len 80",
+        f"{head}10.000300: fuse_request_send: connection 52 req 4 opcode 15 (FUSE_READ) len 80",
+        f"{head}10.000400: fuse_request_send: connection 52 req 6 opcode 2 (FUSE_FORGET) len 48",
+        f"{head}10.000900: fuse_request_end: connection 52 req 4 len 131088 error 0",
+        f"{head}10.001100: fuse_request_end: connection 52 req 2 len 144 error 0",
+        f"{head}10.001200: fuse_request_end: connection 52 req 8 len 16 error 0",  # sent before
+        "# a comment line",
+    ])  # fmt: skip
+    got = [(r.op, round(r.sent, 6), r.took and round(r.took, 6), r.reply_bytes)
+           for r in fuse_requests(trace, 52)]  # fmt: skip
+    assert got == [
+        ("READ", 10.0003, 0.0006, 131088),
+        ("LOOKUP", 10.0001, 0.001, 144),
+        ("FORGET", 10.0004, None, 0),
+    ]

@@ -7,6 +7,8 @@ import io
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from lazyfs.process import wait_pid
 from lazyfs.testing.containerd import CGROUPS, RUNC_STATE, ContainerdInstance
 from lazyfs.testing.layers import make_tar
@@ -47,3 +49,16 @@ def test_two_containerds_run_one_container_name_apart_and_leave_nothing(tmp_path
         assert _left(b.namespace) == []
         assert _task_pid(a, "same") == pid_a
     assert wait_pid(pid_a, 10) and _left(a.namespace) == []
+
+
+def test_a_namespace_not_spelt_as_containerd_spells_one_is_refused() -> None:
+    """A namespace becomes paths (and a glob) under runc's state and every cgroup hierarchy
+    at the stop: "*" would remove every empty cgroup at their top, ".." their parents."""
+    ctrd = ContainerdInstance()
+    for bad in ("*", "..", ".", "a/b", "../../x", "a*", "-a", "a.", "é", "a" * 77):
+        with pytest.raises(ValueError, match="not a containerd namespace"):
+            ctrd.ctr_argv("task", "ls", namespace=bad)
+    ctrd.namespace = "*"
+    with pytest.raises(ValueError):
+        ctrd.ctr_argv("task", "ls")
+    assert ctrd._namespaces == set()  # nothing for the stop to remove

@@ -6,6 +6,7 @@ import io
 import random
 import subprocess
 import tarfile
+from typing import Any
 
 import msgspec
 import pytest
@@ -14,7 +15,17 @@ from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
 from lazyfs.formats.layer import TAIL_SIZE, decode_layer_toc, locate_toc
-from lazyfs.formats.toc import TOC, Chunk, Entry, decode_toc, encode_toc, validate
+from lazyfs.formats.toc import (
+    MAX_OFFSET,
+    TOC,
+    Chunk,
+    Entry,
+    TocBudget,
+    decode_toc,
+    decode_toc_table,
+    encode_toc,
+    validate,
+)
 from lazyfs.testing.layers import Item, make_tar, sample_items, seeded_bytes
 
 WRITERS = {"zstd:chunked": zstdchunked.write_layer, "estargz": estargz.write_layer}
@@ -238,6 +249,23 @@ def test_toc_size_cap_and_garbage() -> None:
     with pytest.raises(FormatError, match="schema"):
         decode_toc(b'{"version":1,"entries":[{"name":1}]}', compression="zstd", blob_size=10)
 
+
+
+@pytest.mark.parametrize("decode", [decode_toc, decode_toc_table])
+def test_a_data_end_past_any_blob_offset_is_refused(decode: Any) -> None:
+    """A zstd:chunked footer's TOC offset is a uint64: as a file's last chunk's end (none
+    given) it did not fit the packed columns' int64, and OverflowError escaped the decode."""
+    doc = {"version": 1, "entries": [
+        {"type": "dir", "name": ""},
+        {"type": "reg", "name": "f", "size": 10, "offset": 100, "digest": "sha256:" + "a" * 64},
+    ]}  # fmt: skip
+    raw = msgspec.json.encode(doc)
+    budget = TocBudget()
+    for end in (2**63 + 5, 2**64 - 9, MAX_OFFSET + 1):
+        with pytest.raises(FormatError, match="data ends at"):
+            decode(raw, compression="zstd", blob_size=2**64 - 1, data_end=end, budget=budget)
+    assert budget.entries == 0
+    decode(raw, compression="zstd", blob_size=2**64 - 1, data_end=MAX_OFFSET)
 
 def test_encode_decode_round_trip() -> None:
     blob, res = convert(make_tar(sample_items()), "zstd:chunked")

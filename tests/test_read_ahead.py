@@ -10,6 +10,7 @@ from pathlib import Path
 from lazyfs_tools.convert import convert
 
 from lazyfs.fs.serve import READ_AHEAD_KB
+from lazyfs.fs.unmount import fuse_device
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mount_stats, mounted
 
@@ -42,3 +43,18 @@ def test_a_cold_file_is_read_in_large_requests(tmp_path: Path) -> None:
             )
         faulted = mount_stats(m.mountpoint)["requests"]["read"] - reads
         assert faulted <= 8, faulted
+
+
+def test_only_a_fuse_mount_on_top_gives_the_device_written_to() -> None:
+    """The read-ahead (and a hung daemon's abort) is written by device number: the topmost
+    mount at the path, and only when it is FUSE (a disk's 8:16 is not FUSE connection 16)."""
+    fuse = "40 30 0:52 / /m\\040x rw,nosuid shared:7 - fuse.lazyfs lazyfs rw,user_id=0\n"
+    plain = "41 30 0:53 / /m\\040x rw - fuse lazyfs rw\n"
+    disk = "42 40 8:16 / /m\\040x rw master:1 - ext4 /dev/sdb rw\n"
+    other = "43 30 0:54 / /n rw - fuse.lazyfs lazyfs rw\n"
+    assert fuse_device([fuse, other], "/m x") == (0, 52)
+    assert fuse_device([fuse, plain], "/m x") == (0, 53)  # the topmost of two
+    assert fuse_device([fuse, disk], "/m x") is None  # mounted over it: not ours to widen
+    assert fuse_device([disk], "/m x") is None
+    assert fuse_device([disk, fuse], "/m x") == (0, 52)
+    assert fuse_device([other], "/m x") is None

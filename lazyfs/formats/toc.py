@@ -591,6 +591,11 @@ def _decode_packed(
     data = held.pop()
     if len(data) > MAX_TOC_BYTES:
         raise FormatError(f"TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
+    end = blob_size if data_end is None else data_end
+    # A chunk's end not given is this one's (a footer's offset: up to 2**64): held in the
+    # packed columns' signed 64 bits only when it is a blob offset the wire schema allows.
+    if not 0 <= end <= MAX_OFFSET:
+        raise FormatError(f"the layer's data ends at {end}, past {MAX_OFFSET}")
     # Every entry is a JSON object, so the count of "{" bounds the entries from above before
     # decoding spends memory on them; the exact count replaces it afterwards.
     guess = data.count(b"{")
@@ -611,7 +616,6 @@ def _decode_packed(
         rows = len(wire.entries)
         budget.charge(0, rows)
         try:
-            end = blob_size if data_end is None else data_end
             return _wire_columns(wire.entries, compression, end, reserved, landmark)
         except FormatError:
             budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing

@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Iterable
 
 from lazyfs.errors import LazyfsError
 from lazyfs.fs.runtime import canonical
@@ -99,15 +100,26 @@ def abort_connection(mountpoint: str) -> None:
 
 
 def mount_device(mountpoint: str) -> tuple[int, int] | None:
-    """The device number (major, minor) of the mount at ``mountpoint`` (the topmost), from
-    /proc/self/mountinfo: without a stat, which a hung daemon's mount, or its own daemon
-    before it serves, would never answer."""
+    """The device number (major, minor) of the FUSE mount at ``mountpoint`` (the topmost;
+    None when the topmost is not FUSE), from /proc/self/mountinfo: without a stat, which a
+    hung daemon's mount, or its own daemon before it serves, would never answer."""
     real = canonical(mountpoint)  # not realpath(): it stats
-    found = None
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == real:
-                major, minor = fields[2].split(":")
-                found = int(major), int(minor)
+        return fuse_device(f, real)
+
+
+def fuse_device(mountinfo: Iterable[str], real: str) -> tuple[int, int] | None:
+    """In ``mountinfo``'s lines, the device of the topmost mount at ``real`` if it is a FUSE
+    mount.  Its callers write to what the number names (a FUSE connection's abort file, a
+    bdi's read-ahead): a disk mounted over the path, or found there once the FUSE mount is
+    gone, may have a FUSE connection's minor number, and its bdi is the machine's."""
+    found = None
+    for line in mountinfo:
+        fields = line.split()
+        if len(fields) > 4 and _unescape(fields[4]) == real:
+            # After the optional fields, "-" and the filesystem type.
+            kind = fields[fields.index("-", 5) + 1] if "-" in fields[5:-1] else ""
+            major, minor = fields[2].split(":")
+            fuse = kind == "fuse" or kind.startswith("fuse.")
+            found = (int(major), int(minor)) if fuse else None
     return found

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -38,6 +39,9 @@ DEFAULT_NAMESPACE = "lazyfs-test"
 # (/NAMESPACE/ID under each hierarchy).
 RUNC_STATE = Path("/run/containerd/runc")
 CGROUPS = Path("/sys/fs/cgroup")
+# containerd's own rule for a namespace's name: the name becomes a path (and a glob) at the
+# stop, so nothing else (no "..", "*", "/") may reach it.
+_NAMESPACE = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 
 # Plugins we never want in a test daemon: CRI (pulls images, opens ports, wants
 # CNI), snapshotters needing special filesystems, the default /opt installer and
@@ -250,6 +254,8 @@ class ContainerdInstance(ServerProcess):
         """argv for *binary* (``ctr`` or ``ctr-remote``) aimed at this daemon, in
         ``namespace`` (this instance's current one by default)."""
         namespace = namespace or self.namespace
+        if len(namespace) > 76 or not _NAMESPACE.fullmatch(namespace):
+            raise ValueError(f"not a containerd namespace: {namespace!r}")
         self._namespaces.add(namespace)
         return [binary, "--address", self.address, "--namespace", namespace, *args]
 

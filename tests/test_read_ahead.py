@@ -3,14 +3,17 @@ cold through it comes in requests of up to 1 MiB, not 128 KiB, and byte for byte
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 from lazyfs_tools.convert import convert
 
 from lazyfs.fs.serve import READ_AHEAD_KB
-from lazyfs.fs.unmount import fuse_device
+from lazyfs.fs.unmount import abort_connection, fuse_device, is_mounted, mount_device
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mount_stats, mounted
 
@@ -58,3 +61,35 @@ def test_only_a_fuse_mount_on_top_gives_the_device_written_to() -> None:
     assert fuse_device([disk], "/m x") is None
     assert fuse_device([disk, fuse], "/m x") == (0, 52)
     assert fuse_device([other], "/m x") is None
+
+
+def test_a_hung_daemon_under_another_mount_is_cut_by_its_own_device(tmp_path: Path) -> None:
+    """A spawned daemon keeps its connection's number: at stop, the path's topmost mount may
+    be another (here a tmpfs over it), and only the recorded number reaches the hung one."""
+    make_layout(tmp_path / "src", [make_tar([Item("f", data=b"x")])], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    args = ("--read-only", "--cache", str(tmp_path / "c"), "--no-prefetch")
+    connections = "/sys/fs/fuse/connections"
+    own_fusectl = not os.listdir(connections) and not is_mounted(connections)
+    if own_fusectl:  # where the abort files live; systemd mounts it, a bare machine may not
+        subprocess.run(["mount", "-t", "fusectl", "none", connections], check=True)
+    with contextlib.ExitStack() as stack:
+        if own_fusectl:
+            stack.callback(subprocess.run, ["umount", connections], check=True)
+        m = stack.enter_context(mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args))
+        mnt = os.fspath(m.mountpoint)
+        assert m.device is not None and m.device == mount_device(mnt)
+        subprocess.run(["mount", "-t", "tmpfs", "none", mnt], check=True)
+        try:
+            assert mount_device(mnt) is None  # the path's top is not FUSE now
+            os.kill(m.pid, signal.SIGSTOP)  # hung: nothing it serves would be answered
+            abort_connection(mnt, m.device)
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+            os.kill(m.pid, signal.SIGCONT)
+        try:
+            os.stat(mnt)
+            raise AssertionError("the connection was not aborted")
+        except OSError as e:
+            assert e.errno == 107, e  # ENOTCONN: cut, so no reader waits on the hung daemon
+        assert is_mounted(mnt)  # stale until the stop clears it

@@ -27,7 +27,7 @@ from lazyfs.errors import LazyfsError
 from lazyfs.fs.control import ReadyReport, control_request
 from lazyfs.fs.forkserver import LOST, ForkServerError, request_fork
 from lazyfs.fs.runtime import control_path
-from lazyfs.fs.unmount import abort_connection, is_mounted, is_stale, unmount
+from lazyfs.fs.unmount import abort_connection, is_mounted, is_stale, mount_device, unmount
 from lazyfs.process import stop_process, wait_pid
 from lazyfs.store.wholelayer import WholeFetch
 
@@ -57,6 +57,12 @@ class Daemon:
         self.proc = proc
         self.log = log
         self.ready = ready or ReadyReport()  # what it said when ready (spawned ones only)
+        # A spawned daemon's connection, taken while its mount is surely the one on top: at
+        # stop, another mount may sit at the path (stacked, or one mounted once ours left).
+        self.device: tuple[int, int] | None = None
+        if ready is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.device = mount_device(os.fspath(self.mountpoint))
 
     def __repr__(self) -> str:
         return f"<Daemon pid {self.pid} on {self.mountpoint}>"
@@ -110,7 +116,7 @@ class Daemon:
                 with contextlib.suppress(LazyfsError, OSError):
                     unmount(mnt, lazy=True)  # busy: detach; the daemon then exits
         if not self.wait(timeout):
-            abort_connection(mnt)  # a hung daemon: cut only its own connection
+            abort_connection(mnt, self.device)  # a hung daemon: cut only its own connection
             stop_process(self.proc if self.proc is not None else self.pid)
         clear_mountpoint(self.mountpoint)
 

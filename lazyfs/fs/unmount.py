@@ -87,10 +87,12 @@ def detach(mountpoint: str) -> None:
     _umount2(mountpoint, MNT_DETACH)
 
 
-def abort_connection(mountpoint: str) -> None:
-    """Abort the FUSE connection behind ``mountpoint`` (found by its device number), so a
-    hung daemon's readers get ENOTCONN instead of waiting forever."""
-    device = mount_device(mountpoint)
+def abort_connection(mountpoint: str, device: tuple[int, int] | None = None) -> None:
+    """Abort the FUSE connection behind ``mountpoint`` (``device``, the number it had when
+    mounted, or else the topmost FUSE mount's there now), so a hung daemon's readers get
+    ENOTCONN instead of waiting forever."""
+    if device is None:
+        device = mount_device(mountpoint)
     if device is not None:
         with (
             contextlib.suppress(OSError),

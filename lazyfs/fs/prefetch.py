@@ -25,6 +25,7 @@ from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import Chunk, Entry
 from lazyfs.fs.control import PrefetchStats
 from lazyfs.remote.base import REQUEST_SENT
+from lazyfs.store import plan
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 from lazyfs.store.provider import ChunkProvider
@@ -157,7 +158,8 @@ def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:
 
 def landmark_group(layers: Sequence[Layer]) -> Group | None:
     """The prefetch set that re-laid-out layers carry in themselves: every file before a
-    ``.prefetch.landmark``, in blob order (which is rank order).  None if no layer has one."""
+    ``.prefetch.landmark``, in blob order (which is rank order).  Without one, the files any
+    dynamically linked start-up reads first (:func:`startup_group`); None if neither."""
     entries: list[RankedEntry] = []
     for layer in layers:
         end = layer.toc.prefetch_end
@@ -168,8 +170,103 @@ def landmark_group(layers: Sequence[Layer]) -> Group | None:
             for e in layer.toc.files_before(end)
         ]
     if not entries:
-        return None
+        return startup_group(layers)
     return Group(name="landmark", runs=0, tiers=[Tier(name="always", entries=entries)])
+
+
+# Without groups a start-up's first misses come one after another: the program, then the ELF
+# interpreter the kernel loads, the loader's cache, libc, libm, then the locale and iconv
+# files glibc reads when a program sets its locale (Debian's Python start-up: 9 requests in
+# series before the first module import; BENCHMARKS.md, issue 13, "fewer serial misses").
+# Every glibc program needs the first of these, and the paths are the ones the loader and
+# glibc open, so they are known before anything runs (stargz's "landmark" idea, without a
+# re-laid-out layer): fetched at the mount, low priority, readers overtake them.
+STARTUP_GROUP = "startup"
+STARTUP_INTERPRETERS = (
+    "lib64/ld-linux-x86-64.so.2",
+    "lib/ld-linux-aarch64.so.1",
+    "lib/ld-musl-x86_64.so.1",
+    "lib/ld-musl-aarch64.so.1",
+)
+STARTUP_LIB_DIRS = ("lib/x86_64-linux-gnu", "lib64", "lib/aarch64-linux-gnu")
+STARTUP_LIBS = ("libc.so.6", "libm.so.6", "gconv/gconv-modules.cache")
+STARTUP_FILES = ("etc/ld.so.cache", "usr/lib/locale/C.utf8/LC_CTYPE")
+# A file larger than this is no start-up landmark (a locale archive is 200+ MiB).
+STARTUP_FILE_MAX = 8 * 1024 * 1024
+_MAX_LINKS = 16
+
+
+def _resolve(
+    layers: Sequence[Layer], files: Callable[[Layer], Mapping[str, Entry]], path: str
+) -> tuple[Layer, Entry] | None:
+    """The regular file ``path`` names in the merged layers (top-most layer first), its
+    symbolic links followed, or None."""
+    parts = [p for p in path.split("/") if p]
+    done: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part in (".", ".."):
+            if part == ".." and done:
+                done.pop()
+            continue
+        name = "/".join([*done, part])
+        found = next(
+            ((layer, e) for layer in reversed(layers) if (e := files(layer).get(name))), None
+        )
+        if found is None:
+            return None
+        layer, entry = found
+        if entry.type == "symlink":
+            links += 1
+            if links > _MAX_LINKS:
+                return None
+            target = entry.link_name
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                done = []
+            continue
+        if entry.type == "hardlink" and not parts:
+            entry = files(layer).get(entry.link_name.strip("/"))  # type: ignore[assignment]
+            return (layer, entry) if entry is not None and entry.type == "reg" else None
+        if parts and entry.type != "dir":
+            return None
+        if not parts:
+            return (layer, entry) if entry.type == "reg" else None
+        done.append(name.rsplit("/", 1)[-1])
+    return None
+
+
+def startup_group(layers: Sequence[Layer]) -> Group | None:
+    """The start-up landmarks present in ``layers`` (see STARTUP_INTERPRETERS), as a group;
+    None if there are none (not a glibc or musl image)."""
+    names: dict[str, Mapping[str, Entry]] = {}
+
+    def files(layer: Layer) -> Mapping[str, Entry]:
+        if layer.blob_digest not in names:
+            names[layer.blob_digest] = layer.toc.by_name()
+        return names[layer.blob_digest]
+
+    wanted = [*STARTUP_INTERPRETERS, STARTUP_FILES[0]]
+    for lib in STARTUP_LIBS:
+        wanted += [f"{d}/{lib}" for d in STARTUP_LIB_DIRS]
+    wanted += STARTUP_FILES[1:]
+    entries: list[RankedEntry] = []
+    seen: set[tuple[str, str]] = set()
+    for path in wanted:
+        found = _resolve(layers, files, path)
+        if found is None:
+            continue
+        layer, e = found
+        if (layer.blob_digest, e.name) in seen or not 0 < e.size <= STARTUP_FILE_MAX:
+            continue
+        seen.add((layer.blob_digest, e.name))
+        entries.append(
+            RankedEntry(layer=layer.blob_digest, path=e.name, digest=e.digest, size=e.size)
+        )
+    if not any(e.path.rsplit("/", 1)[-1].startswith("ld-") for e in entries):
+        return None  # no ELF interpreter: nothing here is known to be read first
+    return Group(name=STARTUP_GROUP, runs=0, tiers=[Tier(name="always", entries=entries)])
 
 
 def _entry_chunks(entry: Entry, ranked: RankedEntry) -> list[Chunk]:
@@ -240,6 +337,14 @@ class Prefetcher:
                 layer = found
                 chunks = [c for c in _entry_chunks(entry, ranked) if c.digest not in seen]
                 seen.update(c.digest for c in chunks)
+                if group.name == STARTUP_GROUP and chunks:
+                    # What a miss of the landmark would have brought: its neighbours in the
+                    # blob (a package's other files; BENCHMARKS.md, "fewer serial misses").
+                    near = plan.amplify(
+                        layer, chunks, store.amplify, lambda c: c.digest in seen, store.behind
+                    )
+                    chunks += near
+                    seen.update(c.digest for c in near)
                 self.stats.entries += 1
                 self.stats.prefetch_total += sum(c.size for c in chunks)
                 if chunks:

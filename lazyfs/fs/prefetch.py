@@ -181,7 +181,7 @@ def landmark_group(layers: Sequence[Layer]) -> Group | None:
 # Every glibc program needs the first of these, and the paths are the ones the loader and
 # glibc open, so they are known before anything runs (stargz's "landmark" idea, without a
 # re-laid-out layer): fetched at the mount, low priority, readers overtake them.
-STARTUP_GROUP = "startup"
+STARTUP_GROUP = "startup-landmarks"
 STARTUP_INTERPRETERS = (
     "lib64/ld-linux-x86-64.so.2",
     "lib/ld-linux-aarch64.so.1",
@@ -194,6 +194,11 @@ STARTUP_FILES = ("etc/ld.so.cache", "usr/lib/locale/C.utf8/LC_CTYPE")
 # A file larger than this is no start-up landmark (a locale archive is 200+ MiB).
 STARTUP_FILE_MAX = 8 * 1024 * 1024
 _MAX_LINKS = 16
+
+
+class StartupGroup(Group):
+    """The start-up landmarks' group: each file is prefetched with the neighbours a miss of it
+    would have brought (a traced group, whatever its name, takes only its files)."""
 
 
 def _resolve(
@@ -266,7 +271,7 @@ def startup_group(layers: Sequence[Layer]) -> Group | None:
         )
     if not any(e.path.rsplit("/", 1)[-1].startswith("ld-") for e in entries):
         return None  # no ELF interpreter: nothing here is known to be read first
-    return Group(name=STARTUP_GROUP, runs=0, tiers=[Tier(name="always", entries=entries)])
+    return StartupGroup(name=STARTUP_GROUP, runs=0, tiers=[Tier(name="always", entries=entries)])
 
 
 def _entry_chunks(entry: Entry, ranked: RankedEntry) -> list[Chunk]:
@@ -337,7 +342,7 @@ class Prefetcher:
                 layer = found
                 chunks = [c for c in _entry_chunks(entry, ranked) if c.digest not in seen]
                 seen.update(c.digest for c in chunks)
-                if group.name == STARTUP_GROUP and chunks:
+                if isinstance(group, StartupGroup) and chunks:
                     # What a miss of the landmark would have brought: its neighbours in the
                     # blob (a package's other files; BENCHMARKS.md, "fewer serial misses").
                     near = plan.amplify(

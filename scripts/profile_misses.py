@@ -2,12 +2,15 @@
 "fewer serial misses"): which file's read sent each, where its range lies in the blob, how
 far it is from the previous one, and how much of what it brought the start-up read.
 
-``.venv/bin/python scripts/profile_misses.py [--runs N] [--work-dir DIR] [--lazyfs DIR] [--keep]``
+``.venv/bin/python scripts/profile_misses.py [--runs N] [--work-dir DIR] [--lazyfs DIR]...``
 
 The Debian image of the WAN harness (built once, as ``bench_speed.py --image debian`` does) is
 pushed to a loopback ``docker-registry`` behind the fault proxy, which records every range
 asked for; a daemon (a new process, ``--trace``) serves a fresh cache; the start-up runs
-chrooted in the mount.  ``--lazyfs DIR``: run the daemon of another checkout (e.g. main).
+chrooted in the mount.  ``--lazyfs DIR`` (repeatable): the checkouts whose daemons run,
+alternating in each of the N runs (e.g. this one and main, archived); the first run of each
+prints its requests and waits; medians of start-up, readiness, requests and MiB follow.
+``--delay-ms MS``: the proxy answers every request that much later (a round trip's stand-in).
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ def load_toc(layout: Path, work: Path) -> TOC:
     return trio.run(go)
 
 
-def one_run(layout: Path, work: Path, root: Path, toc_pieces: list[Piece], show: bool) -> dict:
+def one_run(
+    layout: Path, work: Path, root: Path, toc_pieces: list[Piece], show: bool, delay: float
+) -> dict:
     from lazyfs.fs.daemon import spawn
     from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
     from lazyfs.testing.faultproxy import FaultProxy
@@ -88,6 +93,7 @@ def one_run(layout: Path, work: Path, root: Path, toc_pieces: list[Piece], show:
         mnt.mkdir(exist_ok=True)
         trace = work / "trace.json"
         proxy.reset()
+        proxy.delay = delay or None  # each request's answer this much later: a round trip
         t0 = time.monotonic()
         d = spawn(f"{proxy.host}/cold/lazy:{images.TAG}", mnt,
                   ["--read-only", "--plain-http", "--cache", str(cache), "--trace", str(trace)],
@@ -146,16 +152,26 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--work-dir", type=Path)
-    ap.add_argument("--lazyfs", type=Path, default=bl.ROOT)
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="added to every request")
+    ap.add_argument(
+        "--lazyfs", type=Path, action="append", help="checkouts whose daemons alternate (repeat)"
+    )
     args = ap.parse_args()
     img = images.build_all(["debian"], State())["debian"]
     layout = img.layout("zstd")
     work = Path(tempfile.mkdtemp(dir=args.work_dir, prefix="misses-"))
     try:
         toc_pieces = pieces(load_toc(layout, work))
-        out = [one_run(layout, work, args.lazyfs, toc_pieces, i == 0) for i in range(args.runs)]
-        for k in out[0]:
-            print(f"{k}: median {statistics.median(o[k] for o in out):.3f}")
+        roots = args.lazyfs or [bl.ROOT]
+        out: dict[Path, list[dict]] = {r: [] for r in roots}
+        for i in range(args.runs):
+            for r in roots:
+                if i == 0:
+                    print(f"\n## {r}")
+                out[r].append(one_run(layout, work, r, toc_pieces, i == 0, args.delay_ms / 1e3))
+        for r, runs in out.items():
+            print(f"\n{r}, medians of {len(runs)}: " + ", ".join(
+                f"{k} {statistics.median(o[k] for o in runs):.3f}" for k in runs[0]))  # fmt: skip
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
     return 0

@@ -22,10 +22,9 @@ import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.formats.chunkio import chunks_for_range
-from lazyfs.formats.toc import Chunk, Entry
+from lazyfs.formats.toc import TOC, Chunk, Entry, EntryTable
 from lazyfs.fs.control import PrefetchStats
 from lazyfs.remote.base import REQUEST_SENT
-from lazyfs.store import plan
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
 from lazyfs.store.provider import ChunkProvider
@@ -156,10 +155,11 @@ def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:
     return doc, doc.group(name)
 
 
-def landmark_group(layers: Sequence[Layer]) -> Group | None:
+def landmark_group(layers: Sequence[Layer], *, startup: bool = True) -> Group | None:
     """The prefetch set that re-laid-out layers carry in themselves: every file before a
-    ``.prefetch.landmark``, in blob order (which is rank order).  Without one, the files any
-    dynamically linked start-up reads first (:func:`startup_group`); None if neither."""
+    ``.prefetch.landmark``, in blob order (which is rank order).  Without one, and with
+    ``startup``, the files any dynamically linked start-up reads first
+    (:func:`startup_group`); None if neither."""
     entries: list[RankedEntry] = []
     for layer in layers:
         end = layer.toc.prefetch_end
@@ -170,7 +170,7 @@ def landmark_group(layers: Sequence[Layer]) -> Group | None:
             for e in layer.toc.files_before(end)
         ]
     if not entries:
-        return startup_group(layers)
+        return startup_group(layers) if startup else None
     return Group(name="landmark", runs=0, tiers=[Tier(name="always", entries=entries)])
 
 
@@ -180,7 +180,11 @@ def landmark_group(layers: Sequence[Layer]) -> Group | None:
 # series before the first module import; BENCHMARKS.md, issue 13, "fewer serial misses").
 # Every glibc program needs the first of these, and the paths are the ones the loader and
 # glibc open, so they are known before anything runs (stargz's "landmark" idea, without a
-# re-laid-out layer): fetched at the mount, low priority, readers overtake them.
+# re-laid-out layer): fetched once the mount is ready (not before: their decoding delayed
+# the tree), low priority, readers overtake them.  Only the files themselves: taking what a
+# miss of each would have brought too (512 KiB of neighbours) cost 6 MiB more to decode and
+# cache beside the program's own first chunks, and the start-up was slower for it
+# (BENCHMARKS.md, issue 13, "fewer serial misses").
 STARTUP_GROUP = "startup-landmarks"
 STARTUP_INTERPRETERS = (
     "lib64/ld-linux-x86-64.so.2",
@@ -196,9 +200,21 @@ STARTUP_FILE_MAX = 8 * 1024 * 1024
 _MAX_LINKS = 16
 
 
-class StartupGroup(Group):
-    """The start-up landmarks' group: each file is prefetched with the neighbours a miss of it
-    would have brought (a traced group, whatever its name, takes only its files)."""
+def _mentions(toc: TOC, text: str) -> bool:
+    """Whether some name of ``toc`` may hold ``text`` (a table answers without a scan)."""
+    if isinstance(toc.entries, EntryTable):
+        return toc.entries.mentions(text)
+    return True
+
+
+def _named(toc: TOC, keep: Callable[[str], bool]) -> dict[str, Entry]:
+    """The entries whose names ``keep`` takes, by name (the last of a repeated name): one
+    scan of the names, where ``TOC.by_name`` indexes all of them (100,000 names: MiBs)."""
+    entries = toc.entries
+    if isinstance(entries, EntryTable):
+        rows = {name: i for i, (name, _) in enumerate(entries.rows()) if keep(name)}
+        return {name: entries[i] for name, i in rows.items()}
+    return {e.name: e for e in entries if keep(e.name)}
 
 
 def _resolve(
@@ -245,17 +261,27 @@ def _resolve(
 def startup_group(layers: Sequence[Layer]) -> Group | None:
     """The start-up landmarks present in ``layers`` (see STARTUP_INTERPRETERS), as a group;
     None if there are none (not a glibc or musl image)."""
-    names: dict[str, Mapping[str, Entry]] = {}
-
-    def files(layer: Layer) -> Mapping[str, Entry]:
-        if layer.blob_digest not in names:
-            names[layer.blob_digest] = layer.toc.by_name()
-        return names[layer.blob_digest]
-
     wanted = [*STARTUP_INTERPRETERS, STARTUP_FILES[0]]
     for lib in STARTUP_LIBS:
         wanted += [f"{d}/{lib}" for d in STARTUP_LIB_DIRS]
     wanted += STARTUP_FILES[1:]
+    # Only the names a resolution can pass through are indexed: a layer of 100,000 files
+    # without them costs one scan of its names, not an index of all of them.
+    parts = {p for path in wanted for p in path.split("/")} | {"usr"}
+    if not any(_mentions(x.toc, "ld-linux") or _mentions(x.toc, "ld-musl") for x in layers):
+        return None
+
+    def keep(name: str) -> bool:
+        base = name.rsplit("/", 1)[-1]
+        return base in parts or base.startswith(("ld-", "libc-", "libm-"))
+
+    names: dict[str, Mapping[str, Entry]] = {}
+
+    def files(layer: Layer) -> Mapping[str, Entry]:
+        if layer.blob_digest not in names:
+            names[layer.blob_digest] = _named(layer.toc, keep)
+        return names[layer.blob_digest]
+
     entries: list[RankedEntry] = []
     seen: set[tuple[str, str]] = set()
     for path in wanted:
@@ -271,7 +297,7 @@ def startup_group(layers: Sequence[Layer]) -> Group | None:
         )
     if not any(e.path.rsplit("/", 1)[-1].startswith("ld-") for e in entries):
         return None  # no ELF interpreter: nothing here is known to be read first
-    return StartupGroup(name=STARTUP_GROUP, runs=0, tiers=[Tier(name="always", entries=entries)])
+    return Group(name=STARTUP_GROUP, runs=0, tiers=[Tier(name="always", entries=entries)])
 
 
 def _entry_chunks(entry: Entry, ranked: RankedEntry) -> list[Chunk]:
@@ -319,9 +345,11 @@ class Prefetcher:
         seen: set[str] = set()
         # tiers -> ordered (layer, chunks of one entry)
         self._plan: list[list[tuple[Layer, list[Chunk]]]] = []
+        paths = {r.path.strip("/") for tier in group.tiers for r in tier.entries}
+
         def files(layer: Layer) -> Mapping[str, Entry]:
             if layer.blob_digest not in names:
-                names[layer.blob_digest] = layer.toc.by_name()
+                names[layer.blob_digest] = _named(layer.toc, paths.__contains__)
             return names[layer.blob_digest]
 
         for tier in group.tiers:
@@ -342,14 +370,6 @@ class Prefetcher:
                 layer = found
                 chunks = [c for c in _entry_chunks(entry, ranked) if c.digest not in seen]
                 seen.update(c.digest for c in chunks)
-                if isinstance(group, StartupGroup) and chunks:
-                    # What a miss of the landmark would have brought: its neighbours in the
-                    # blob (a package's other files; BENCHMARKS.md, "fewer serial misses").
-                    near = plan.amplify(
-                        layer, chunks, store.amplify, lambda c: c.digest in seen, store.behind
-                    )
-                    chunks += near
-                    seen.update(c.digest for c in near)
                 self.stats.entries += 1
                 self.stats.prefetch_total += sum(c.size for c in chunks)
                 if chunks:

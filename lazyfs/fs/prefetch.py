@@ -22,7 +22,7 @@ import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.formats.chunkio import chunks_for_range
-from lazyfs.formats.toc import Chunk, Entry
+from lazyfs.formats.toc import TOC, Chunk, Entry, EntryTable
 from lazyfs.fs.control import PrefetchStats
 from lazyfs.remote.base import REQUEST_SENT
 from lazyfs.store.layerstate import Layer
@@ -155,9 +155,11 @@ def load_group(path: str, name: str | None) -> tuple[PrefetchGroups, Group]:
     return doc, doc.group(name)
 
 
-def landmark_group(layers: Sequence[Layer]) -> Group | None:
+def landmark_group(layers: Sequence[Layer], *, startup: bool = True) -> Group | None:
     """The prefetch set that re-laid-out layers carry in themselves: every file before a
-    ``.prefetch.landmark``, in blob order (which is rank order).  None if no layer has one."""
+    ``.prefetch.landmark``, in blob order (which is rank order).  Without one, and with
+    ``startup``, the files any dynamically linked start-up reads first
+    (:func:`startup_group`); None if neither."""
     entries: list[RankedEntry] = []
     for layer in layers:
         end = layer.toc.prefetch_end
@@ -168,8 +170,134 @@ def landmark_group(layers: Sequence[Layer]) -> Group | None:
             for e in layer.toc.files_before(end)
         ]
     if not entries:
-        return None
+        return startup_group(layers) if startup else None
     return Group(name="landmark", runs=0, tiers=[Tier(name="always", entries=entries)])
+
+
+# Without groups a start-up's first misses come one after another: the program, then the ELF
+# interpreter the kernel loads, the loader's cache, libc, libm, then the locale and iconv
+# files glibc reads when a program sets its locale (Debian's Python start-up: 9 requests in
+# series before the first module import; BENCHMARKS.md, issue 13, "fewer serial misses").
+# Every glibc program needs the first of these, and the paths are the ones the loader and
+# glibc open, so they are known before anything runs (stargz's "landmark" idea, without a
+# re-laid-out layer): fetched once the mount is ready (not before: their decoding delayed
+# the tree), low priority, readers overtake them.  Only the files themselves: taking what a
+# miss of each would have brought too (512 KiB of neighbours) cost 6 MiB more to decode and
+# cache beside the program's own first chunks, and the start-up was slower for it
+# (BENCHMARKS.md, issue 13, "fewer serial misses").
+STARTUP_GROUP = "startup-landmarks"
+STARTUP_INTERPRETERS = (
+    "lib64/ld-linux-x86-64.so.2",
+    "lib/ld-linux-aarch64.so.1",
+    "lib/ld-musl-x86_64.so.1",
+    "lib/ld-musl-aarch64.so.1",
+)
+STARTUP_LIB_DIRS = ("lib/x86_64-linux-gnu", "lib64", "lib/aarch64-linux-gnu")
+STARTUP_LIBS = ("libc.so.6", "libm.so.6", "gconv/gconv-modules.cache")
+STARTUP_FILES = ("etc/ld.so.cache", "usr/lib/locale/C.utf8/LC_CTYPE")
+# A file larger than this is no start-up landmark (a locale archive is 200+ MiB).
+STARTUP_FILE_MAX = 8 * 1024 * 1024
+_MAX_LINKS = 16
+
+
+def _mentions(toc: TOC, text: str) -> bool:
+    """Whether some name of ``toc`` may hold ``text`` (a table answers without a scan)."""
+    if isinstance(toc.entries, EntryTable):
+        return toc.entries.mentions(text)
+    return True
+
+
+def _named(toc: TOC, keep: Callable[[str], bool]) -> dict[str, Entry]:
+    """The entries whose names ``keep`` takes, by name (the last of a repeated name): one
+    scan of the names, where ``TOC.by_name`` indexes all of them (100,000 names: MiBs)."""
+    entries = toc.entries
+    if isinstance(entries, EntryTable):
+        rows = {name: i for i, (name, _) in enumerate(entries.rows()) if keep(name)}
+        return {name: entries[i] for name, i in rows.items()}
+    return {e.name: e for e in entries if keep(e.name)}
+
+
+def _resolve(
+    layers: Sequence[Layer], files: Callable[[Layer], Mapping[str, Entry]], path: str
+) -> tuple[Layer, Entry] | None:
+    """The regular file ``path`` names in the merged layers (top-most layer first), its
+    symbolic links followed, or None."""
+    parts = [p for p in path.split("/") if p]
+    done: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part in (".", ".."):
+            if part == ".." and done:
+                done.pop()
+            continue
+        name = "/".join([*done, part])
+        found = next(
+            ((layer, e) for layer in reversed(layers) if (e := files(layer).get(name))), None
+        )
+        if found is None:
+            return None
+        layer, entry = found
+        if entry.type == "symlink":
+            links += 1
+            if links > _MAX_LINKS:
+                return None
+            target = entry.link_name
+            parts = [p for p in target.split("/") if p] + parts
+            if target.startswith("/"):
+                done = []
+            continue
+        if entry.type == "hardlink" and not parts:
+            entry = files(layer).get(entry.link_name.strip("/"))  # type: ignore[assignment]
+            return (layer, entry) if entry is not None and entry.type == "reg" else None
+        if parts and entry.type != "dir":
+            return None
+        if not parts:
+            return (layer, entry) if entry.type == "reg" else None
+        done.append(name.rsplit("/", 1)[-1])
+    return None
+
+
+def startup_group(layers: Sequence[Layer]) -> Group | None:
+    """The start-up landmarks present in ``layers`` (see STARTUP_INTERPRETERS), as a group;
+    None if there are none (not a glibc or musl image)."""
+    wanted = [*STARTUP_INTERPRETERS, STARTUP_FILES[0]]
+    for lib in STARTUP_LIBS:
+        wanted += [f"{d}/{lib}" for d in STARTUP_LIB_DIRS]
+    wanted += STARTUP_FILES[1:]
+    # Only the names a resolution can pass through are indexed: a layer of 100,000 files
+    # without them costs one scan of its names, not an index of all of them.
+    parts = {p for path in wanted for p in path.split("/")} | {"usr"}
+    if not any(_mentions(x.toc, "ld-linux") or _mentions(x.toc, "ld-musl") for x in layers):
+        return None
+
+    def keep(name: str) -> bool:
+        base = name.rsplit("/", 1)[-1]
+        return base in parts or base.startswith(("ld-", "libc-", "libm-"))
+
+    names: dict[str, Mapping[str, Entry]] = {}
+
+    def files(layer: Layer) -> Mapping[str, Entry]:
+        if layer.blob_digest not in names:
+            names[layer.blob_digest] = _named(layer.toc, keep)
+        return names[layer.blob_digest]
+
+    entries: list[RankedEntry] = []
+    seen: set[tuple[str, str]] = set()
+    for path in wanted:
+        found = _resolve(layers, files, path)
+        if found is None:
+            continue
+        layer, e = found
+        if (layer.blob_digest, e.name) in seen or not 0 < e.size <= STARTUP_FILE_MAX:
+            continue
+        seen.add((layer.blob_digest, e.name))
+        entries.append(
+            RankedEntry(layer=layer.blob_digest, path=e.name, digest=e.digest, size=e.size)
+        )
+    if not any(e.path.rsplit("/", 1)[-1].startswith("ld-") for e in entries):
+        return None  # no ELF interpreter: nothing here is known to be read first
+    return Group(name=STARTUP_GROUP, runs=0, tiers=[Tier(name="always", entries=entries)])
 
 
 def _entry_chunks(entry: Entry, ranked: RankedEntry) -> list[Chunk]:
@@ -217,9 +345,11 @@ class Prefetcher:
         seen: set[str] = set()
         # tiers -> ordered (layer, chunks of one entry)
         self._plan: list[list[tuple[Layer, list[Chunk]]]] = []
+        paths = {r.path.strip("/") for tier in group.tiers for r in tier.entries}
+
         def files(layer: Layer) -> Mapping[str, Entry]:
             if layer.blob_digest not in names:
-                names[layer.blob_digest] = layer.toc.by_name()
+                names[layer.blob_digest] = _named(layer.toc, paths.__contains__)
             return names[layer.blob_digest]
 
         for tier in group.tiers:

@@ -448,6 +448,41 @@ def test_corrupt_cache_file_is_verified_on_first_read(tmp_path: Path) -> None:
     assert path.read_bytes() == content_of(toc, blob, "a")
 
 
+def test_a_small_chunks_first_read_after_a_restart_is_hashed_without_a_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh daemon over a warm cache verifies each chunk on its first read: a small one on
+    the trio thread (a worker thread's hop cost more than the hash, on every file's first read
+    of a second container's start-up)."""
+    store, layer, _src, toc, blob = make(tmp_path, {"a": rand(1000, 1)})
+    e = toc.by_name()["a"]
+
+    async def first() -> None:
+        await store.fetch_all(layer)
+        await store.aclose()
+
+    run(first)
+    store2 = LayerStore(ChunkCache(tmp_path / "cache"))
+    src2 = MemSource({BLOB: blob})
+    layer2 = store2.add_layer(BLOB, src2, toc)
+    assert not store2.cache.is_verified(e.chunks[0].digest)
+    hops: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kw: Any) -> Any:
+        hops.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+
+    async def second() -> None:
+        assert await store2.read(layer2, e, 0, 1000) == content_of(toc, blob, "a")
+
+    run(second)
+    assert hops == [] and src2.requests == []
+    assert store2.cache.is_verified(e.chunks[0].digest)
+
+
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert default_cache_dir() == Path("/var/lib/lazyfs/cache")

@@ -45,10 +45,11 @@ from lazyfs.store.stats import LayerStats, StreamStats
 
 log = logging.getLogger(__name__)
 
-# Readiness maps are written after this many changed bits or this many seconds, whichever
-# comes first, and on close: a crash loses at most a few hints, never data.
 # Cache reads up to this size run on the trio thread: from the page cache they take
-# microseconds, less than handing them to a worker thread.
+# microseconds, less than handing them to a worker thread.  A chunk not yet verified in this
+# process is read and hashed whole, so it counts at its whole size (hashing 256 KiB takes
+# ~0.2 ms; the hop cost a fresh mount over a warm cache 0.3-0.5 ms on every file's first
+# read: BENCHMARKS.md, issue 13, "the cold start's own time after readiness").
 INLINE_READ_BYTES = 256 * 1024
 # Decoded in batches of about this many compressed bytes (a thread hop per chunk costs more
 # than decoding a small one), at most DECODE_TASKS batches at once: the stream waits beyond.
@@ -451,12 +452,12 @@ class LayerStore:
                 ]
                 if local:
                     todo = [needs[i] for i in local]
-                    if sum(hi - lo for _, lo, hi in todo) <= INLINE_READ_BYTES and all(
-                        self.cache.is_verified(c.digest) for c, _, _ in todo
-                    ):
-                        # Small reads of page-cached, already verified files are quicker
-                        # than a thread hop (a first read after a restart hashes the whole
-                        # chunk: that goes to a worker thread).
+                    inline = sum(
+                        hi - lo if self.cache.is_verified(c.digest) else c.size
+                        for c, lo, hi in todo
+                    )
+                    if inline <= INLINE_READ_BYTES:
+                        # Small reads of page-cached files are quicker than a thread hop.
                         await trio.lowlevel.checkpoint()
                         got = self._read_local(todo)
                     else:

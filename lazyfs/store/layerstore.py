@@ -275,6 +275,10 @@ class LayerStore:
         self._held: dict[str, tuple[Layer, _Flight, float]] = {}
         self._held_bytes = 0
         self._writer_wake = trio.Event()
+        # One thread writes chunks to the cache at a time: each write is a file's creation,
+        # Python-heavy (mkstemp) and holding the GIL between its syscalls, and a thread per
+        # decoded batch starved the event loop, and so every FUSE request, in a cold start.
+        self._write_threads = trio.CapacityLimiter(1)
         self._bg_scope: trio.CancelScope | None = None
         self._layer_added = trio.Event()
         #: tried before the network for missing chunks (see lazyfs.store.provider)
@@ -1085,7 +1089,9 @@ class LayerStore:
         if mine:
             stored = [(d, f.data) for d, _, f in mine]
             try:
-                evicted = await trio.to_thread.run_sync(self._put_many, stored)
+                evicted = await trio.to_thread.run_sync(
+                    self._put_many, stored, limiter=self._write_threads
+                )
             except OSError as e:
                 log.warning("could not cache chunks of %s: %s", mine[0][1].blob_digest, e)
             else:
@@ -1104,7 +1110,9 @@ class LayerStore:
         if not stored:
             return
         try:
-            evicted = await trio.to_thread.run_sync(self._put_many, stored)
+            evicted = await trio.to_thread.run_sync(
+                self._put_many, stored, limiter=self._write_threads
+            )
         except OSError as e:
             log.warning("could not cache chunks of %s: %s", layer.blob_digest, e)
         else:

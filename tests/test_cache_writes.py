@@ -243,12 +243,12 @@ def test_a_daemon_killed_while_chunks_wait_leaves_no_wrong_chunk(
     cache_is_sound(cache)
 
 
-def test_one_thread_writes_the_cache_at_a_time(
+def test_cache_writes_take_turns_in_few_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A prefetch's decoded batches are written as they come; their writes (a file's creation
-    # per chunk, Python between the syscalls) take turns in one thread rather than a thread
-    # per batch contending with the event loop for the GIL and the CPUs.
+    # per chunk, Python between the syscalls) take turns in WRITE_THREADS threads rather than
+    # a thread per batch contending with the event loop for the GIL and the CPUs.
     monkeypatch.setattr(layerstore, "STREAM_BATCH", 1)  # a batch per file
     files: Files = {f"f{i}": rand(3000, 600 + i) for i in range(24)}
     store, layer, _, toc, blob = make(tmp_path, files, readahead=0, merge_gap=-1)
@@ -278,7 +278,7 @@ def test_one_thread_writes_the_cache_at_a_time(
             await store.prefetch(layer, toc.by_name().values())
 
     run(main)
-    assert batches > 4 and most == 1
+    assert batches > 4 and most <= layerstore.WRITE_THREADS  # main: 11 at once
     assert len(chunk_files(tmp_path / "cache")) == 72
     for name in files:
         for c in toc.by_name()[name].chunks:

@@ -241,3 +241,46 @@ def test_a_daemon_killed_while_chunks_wait_leaves_no_wrong_chunk(
     with mounted(image, mnt, *opts):
         read_all(mnt)
     cache_is_sound(cache)
+
+
+def test_cache_writes_take_turns_in_few_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A prefetch's decoded batches are written as they come; their writes (a file's creation
+    # per chunk, Python between the syscalls) take turns in WRITE_THREADS threads rather than
+    # a thread per batch contending with the event loop for the GIL and the CPUs.
+    monkeypatch.setattr(layerstore, "STREAM_BATCH", 1)  # a batch per file
+    files: Files = {f"f{i}": rand(3000, 600 + i) for i in range(24)}
+    store, layer, _, toc, blob = make(tmp_path, files, readahead=0, merge_gap=-1)
+    put, put_many = store.cache.put, store._put_many
+    now = most = batches = 0
+
+    def slow_put(digest: str, data: bytes, *, verified: bool = False) -> list[str]:
+        nonlocal now, most
+        now += 1
+        most = max(most, now)
+        time.sleep(0.002)  # long enough for another batch's write to start meanwhile
+        try:
+            return put(digest, data, verified=verified)
+        finally:
+            now -= 1
+
+    def counted(stored: list[tuple[str, bytes]]) -> list[str]:
+        nonlocal batches
+        batches += 1
+        return put_many(stored)
+
+    store.cache.put = slow_put  # type: ignore[method-assign]
+    store._put_many = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with store.running():
+            await store.prefetch(layer, toc.by_name().values())
+
+    run(main)
+    assert batches > 4 and most <= layerstore.WRITE_THREADS  # main: 11 at once
+    assert len(chunk_files(tmp_path / "cache")) == 72
+    for name in files:
+        for c in toc.by_name()[name].chunks:
+            got = store.cache.read(c.digest, c.size)
+            assert got == content_of(toc, blob, name)[c.file_offset : c.file_offset + c.size]

@@ -81,54 +81,57 @@ class ByteRanges:
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         buf = self._buf + data if self._buf else data
-        while buf and not self.done:
+        # Each step moves ``at`` along buf: slicing off what was read instead copied the
+        # rest of the buffer at every step, four times a part (quadratic in small parts).
+        at, end = 0, len(buf)
+        while at < end and not self.done:
             if self._state == "body":
-                n = min(self._left, len(buf))
-                out.append((self._at, buf[:n]))
+                n = min(self._left, end - at)
+                out.append((self._at, buf[at : at + n]))
                 self._at += n
                 self._left -= n
-                buf = buf[n:]
+                at += n
                 if not self._left:
                     self._state = "separator"
                 continue
-            step = getattr(self, "_" + self._state)(buf)
+            step = getattr(self, "_" + self._state)(buf, at)
             if step is None:
                 break  # needs more bytes
-            buf = step
-        self._buf = b"" if self.done else bytes(buf)
+            at = step
+        self._buf = b"" if self.done else bytes(buf[at:])
         return out
 
-    def _preamble(self, buf: bytes) -> bytes | None:
-        i = buf.find(self._delim)
+    def _preamble(self, buf: bytes, at: int) -> int | None:
+        i = buf.find(self._delim, at)
         if i < 0:
-            if len(buf) > _MAX_PREAMBLE:
+            if len(buf) - at > _MAX_PREAMBLE:
                 raise Malformed("no boundary where the first part should start")
             return None
         self._state = "after_delim"
-        return buf[i + len(self._delim) :]
+        return i + len(self._delim)
 
-    def _after_delim(self, buf: bytes) -> bytes | None:
-        if len(buf) < 2:
+    def _after_delim(self, buf: bytes, at: int) -> int | None:
+        if len(buf) - at < 2:
             return None
-        if buf[:2] == b"--":
+        if buf[at : at + 2] == b"--":
             self.done = True
-            return b""
-        i = buf.find(b"\r\n")
-        if i < 0 or buf[:i].strip(b" \t"):
-            if i >= 0 or len(buf) > _MAX_PREAMBLE:
+            return len(buf)
+        i = buf.find(b"\r\n", at)
+        if i < 0 or buf[at:i].strip(b" \t"):
+            if i >= 0 or len(buf) - at > _MAX_PREAMBLE:
                 raise Malformed("garbage after a boundary")
             return None
         self._state = "headers"
-        return buf[i + 2 :]
+        return i + 2
 
-    def _headers(self, buf: bytes) -> bytes | None:
-        i = buf.find(b"\r\n\r\n")
+    def _headers(self, buf: bytes, at: int) -> int | None:
+        i = buf.find(b"\r\n\r\n", at)
         if i < 0:
-            if len(buf) > _MAX_PART_HEADERS:
+            if len(buf) - at > _MAX_PART_HEADERS:
                 raise Malformed("a part's headers never end")
             return None
         found: tuple[int, int] | None = None
-        for line in buf[:i].split(b"\r\n"):
+        for line in buf[at:i].split(b"\r\n"):
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-range":
                 m = _CONTENT_RANGE.fullmatch(value.strip())
@@ -142,18 +145,18 @@ class ByteRanges:
             raise Malformed(f"a part with Content-Range {first}-{last}")
         self._at, self._left = first, last - first + 1
         self._state = "body"
-        return buf[i + 4 :]
+        return i + 4
 
-    def _separator(self, buf: bytes) -> bytes | None:
+    def _separator(self, buf: bytes, at: int) -> int | None:
         want = b"\r\n" + self._delim
-        if len(buf) < len(want):
-            if not want.startswith(buf):
+        if len(buf) - at < len(want):
+            if not want.startswith(buf[at:]):
                 raise Malformed("a part longer than its Content-Range")
             return None
-        if not buf.startswith(want):
+        if not buf.startswith(want, at):
             raise Malformed("a part longer than its Content-Range")
         self._state = "after_delim"
-        return buf[len(want) :]
+        return at + len(want)
 
 
 def encode(parts: Sequence[tuple[int, bytes]], size: int, boundary: bytes) -> bytes:

@@ -97,11 +97,6 @@ WRITE_DEFER_SECONDS = 5.0
 WRITE_HOLD_BYTES = 16 * 1024 * 1024
 WRITE_HOLD_CHUNK = 64 * 1024
 WRITE_BATCH = 32
-# Threads writing chunks to the cache at once.  Each write is a file's creation, Python
-# between its syscalls: a thread per decoded batch (11 at once in a test, 6 in a profiled cold
-# start) starved the event loop, and so every FUSE request, of the GIL and the CPUs; one
-# thread made a fetch of many small chunks 1.8x slower, two cost it ~7 % (H59, BENCHMARKS).
-WRITE_THREADS = 2
 
 ProgressCallback = Callable[[LayerStats], None]
 
@@ -281,7 +276,6 @@ class LayerStore:
         self._held: dict[str, tuple[Layer, _Flight, float]] = {}
         self._held_bytes = 0
         self._writer_wake = trio.Event()
-        self._write_threads = trio.CapacityLimiter(WRITE_THREADS)
         self._bg_scope: trio.CancelScope | None = None
         self._layer_added = trio.Event()
         #: tried before the network for missing chunks (see lazyfs.store.provider)
@@ -1092,9 +1086,7 @@ class LayerStore:
         if mine:
             stored = [(d, f.data) for d, _, f in mine]
             try:
-                evicted = await trio.to_thread.run_sync(
-                    self._put_many, stored, limiter=self._write_threads
-                )
+                evicted = await trio.to_thread.run_sync(self._put_many, stored)
             except OSError as e:
                 log.warning("could not cache chunks of %s: %s", mine[0][1].blob_digest, e)
             else:
@@ -1113,9 +1105,7 @@ class LayerStore:
         if not stored:
             return
         try:
-            evicted = await trio.to_thread.run_sync(
-                self._put_many, stored, limiter=self._write_threads
-            )
+            evicted = await trio.to_thread.run_sync(self._put_many, stored)
         except OSError as e:
             log.warning("could not cache chunks of %s: %s", layer.blob_digest, e)
         else:

@@ -423,15 +423,21 @@ def test_temp_files_cleaned_on_start(tmp_path: Path) -> None:
     assert again.read(digest_of(p), 100) == p
 
 
-def test_corrupt_cache_file_is_verified_on_first_read(tmp_path: Path) -> None:
+def _cache_filled_and_closed(tmp_path: Path) -> tuple[TOC, bytes, Entry]:
+    """One file's chunks fetched into the cache under ``tmp_path`` by a store then closed (as
+    a daemon's stop leaves them): the TOC, the blob and the file's entry."""
     store, layer, _src, toc, blob = make(tmp_path, {"a": rand(1000, 1)})
-    e = toc.by_name()["a"]
 
     async def first() -> None:
         await store.fetch_all(layer)
         await store.aclose()
 
     run(first)
+    return toc, blob, toc.by_name()["a"]
+
+
+def test_corrupt_cache_file_is_verified_on_first_read(tmp_path: Path) -> None:
+    toc, blob, e = _cache_filled_and_closed(tmp_path)
     path = ChunkCache(tmp_path / "cache").path_of(e.chunks[0].digest)
     data = bytearray(path.read_bytes())
     data[10] ^= 1
@@ -454,14 +460,7 @@ def test_a_small_chunks_first_read_after_a_restart_is_hashed_without_a_thread_ho
     """A fresh daemon over a warm cache verifies each chunk on its first read: a small one on
     the trio thread (a worker thread's hop cost more than the hash, on every file's first read
     of a second container's start-up)."""
-    store, layer, _src, toc, blob = make(tmp_path, {"a": rand(1000, 1)})
-    e = toc.by_name()["a"]
-
-    async def first() -> None:
-        await store.fetch_all(layer)
-        await store.aclose()
-
-    run(first)
+    toc, blob, e = _cache_filled_and_closed(tmp_path)
     store2 = LayerStore(ChunkCache(tmp_path / "cache"))
     src2 = MemSource({BLOB: blob})
     layer2 = store2.add_layer(BLOB, src2, toc)

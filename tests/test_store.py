@@ -6,6 +6,7 @@ in-memory Source that records requests and can delay, gate or corrupt them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -423,10 +424,12 @@ def test_temp_files_cleaned_on_start(tmp_path: Path) -> None:
     assert again.read(digest_of(p), 100) == p
 
 
-def _cache_filled_and_closed(tmp_path: Path) -> tuple[TOC, bytes, Entry]:
+def _cache_filled_and_closed(
+    tmp_path: Path, data: bytes = rand(1000, 1), chunk_size: int = 1000
+) -> tuple[TOC, bytes, Entry]:
     """One file's chunks fetched into the cache under ``tmp_path`` by a store then closed (as
     a daemon's stop leaves them): the TOC, the blob and the file's entry."""
-    store, layer, _src, toc, blob = make(tmp_path, {"a": rand(1000, 1)})
+    store, layer, _src, toc, blob = make(tmp_path, {"a": data}, chunk_size=chunk_size)
 
     async def first() -> None:
         await store.fetch_all(layer)
@@ -480,6 +483,96 @@ def test_a_small_chunks_first_read_after_a_restart_is_hashed_without_a_thread_ho
     run(second)
     assert hops == [] and src2.requests == []
     assert store2.cache.is_verified(e.chunks[0].digest)
+
+
+def _thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The functions run in worker threads from now on (trio.to_thread.run_sync counted)."""
+    hops: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kw: Any) -> Any:
+        hops.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return hops
+
+
+BIG_READ = 2 * layerstore.INLINE_READ_BYTES
+
+
+def _verified_in_cache(tmp_path: Path, data: bytes) -> tuple[LayerStore, Layer, MemSource, Entry]:
+    """A fresh store over a cache holding ``data`` as one chunk, verified in this process
+    (and not in memory: a store's own fetches stay there a while)."""
+    toc, blob, e = _cache_filled_and_closed(tmp_path, data, chunk_size=len(data))
+    store = LayerStore(ChunkCache(tmp_path / "cache"))
+    src = MemSource({BLOB: blob})
+    layer = store.add_layer(BLOB, src, toc)
+    assert store.cache.read(e.chunks[0].digest, len(data), 0, 0) == b""
+    assert store.cache.is_verified(e.chunks[0].digest)
+    return store, layer, src, e
+
+
+def test_a_large_read_of_a_page_cached_verified_chunk_takes_no_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = rand(3 * BIG_READ, 3)
+    store, layer, src, e = _verified_in_cache(tmp_path, data)
+    hops = _thread_hops(monkeypatch)
+
+    async def main() -> None:
+        assert await store.read(layer, e, 100, BIG_READ) == data[100 : 100 + BIG_READ]
+
+    run(main)
+    assert hops == [] and src.requests == []
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_a_large_read_the_disk_must_bring_goes_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short: bool
+) -> None:
+    """Not (all) in the page cache: RWF_NOWAIT says so (EAGAIN, or fewer bytes) and the read
+    is done again in a worker thread, whole and right."""
+    data = rand(3 * BIG_READ, 4)
+    store, layer, _src, e = _verified_in_cache(tmp_path, data)
+    hops = _thread_hops(monkeypatch)
+    real = os.preadv
+
+    def partly_cached(fd: int, buffers: list[bytearray], at: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT and threading.current_thread() is threading.main_thread():
+            if not short:
+                raise BlockingIOError(11, "not cached")
+            return real(fd, [memoryview(buffers[0])[:4096]], at, flags)
+        return real(fd, buffers, at, flags)
+
+    monkeypatch.setattr(os, "preadv", partly_cached)
+
+    async def main() -> None:
+        assert await store.read(layer, e, 7, BIG_READ) == data[7 : 7 + BIG_READ]
+
+    run(main)
+    assert len(hops) == 1
+
+
+def test_a_filesystem_without_rwf_nowait_reads_large_chunks_in_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = rand(3 * BIG_READ, 5)
+    store, layer, _src, e = _verified_in_cache(tmp_path, data)
+
+    def unsupported(fd: int, buffers: list[bytearray], at: int, flags: int = 0) -> int:
+        raise OSError(errno.EOPNOTSUPP, "no RWF_NOWAIT here")
+
+    monkeypatch.setattr(os, "preadv", unsupported)
+    hops = _thread_hops(monkeypatch)
+
+    async def main() -> None:
+        for at in (0, 1000):
+            assert await store.read(layer, e, at, BIG_READ) == data[at : at + BIG_READ]
+
+    run(main)
+    assert not store.cache.nowait_reads
+    assert len(hops) == 1  # the first read found out inline; the second went to a thread
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:

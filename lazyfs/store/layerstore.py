@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 # microseconds, less than handing them to a worker thread.  A chunk not yet verified in this
 # process is read and hashed whole, so it counts at its whole size (hashing 256 KiB takes
 # ~0.2 ms; the hop cost a fresh mount over a warm cache 0.3-0.5 ms on every file's first
-# read: BENCHMARKS.md, issue 13, "the cold start's own time after readiness").
+# read: BENCHMARKS.md, issue 13, "the cold start's own time after readiness").  Larger reads
+# of verified chunks run there too when their bytes are all in the page cache (a 1 MiB copy
+# takes ~0.1 ms, a hop 0.1-0.5 ms on a loaded machine).
 INLINE_READ_BYTES = 256 * 1024
 # Decoded in batches of about this many compressed bytes (a thread hop per chunk costs more
 # than decoding a small one), at most DECODE_TASKS batches at once: the stream waits beyond.
@@ -414,6 +416,38 @@ class LayerStore:
     def _read_local(self, needs: list[tuple[Chunk, int, int]]) -> list[bytes | None]:
         return [self.cache.read(c.digest, c.size, lo, hi) for c, lo, hi in needs]
 
+    async def _read_cached(self, todo: list[tuple[Chunk, int, int]]) -> list[bytes | None]:
+        """Slices of cached chunks (None: not validly cached).  Read on the trio thread when
+        that is quicker than a worker thread's hop: small reads, and larger ones of verified
+        chunks whose bytes are all in the page cache (RWF_NOWAIT says so without waiting).
+        A worker thread reads what must be hashed first beyond INLINE_READ_BYTES, and what
+        the disk must bring."""
+        cache = self.cache
+        hashed = total = 0
+        for c, lo, hi in todo:
+            if cache.is_verified(c.digest):
+                total += hi - lo
+            else:
+                hashed += c.size
+        total += hashed
+        if hashed > INLINE_READ_BYTES or (total > INLINE_READ_BYTES and not cache.nowait_reads):
+            return await trio.to_thread.run_sync(self._read_local, todo)
+        await trio.lowlevel.checkpoint()
+        nowait = total > INLINE_READ_BYTES
+        got: list[bytes | None] = []
+        later: list[int] = []
+        for c, lo, hi in todo:
+            try:
+                got.append(cache.read(c.digest, c.size, lo, hi, nowait=nowait))
+            except BlockingIOError:
+                later.append(len(got))
+                got.append(None)
+        if later:
+            rest = await trio.to_thread.run_sync(self._read_local, [todo[j] for j in later])
+            for j, data in zip(later, rest, strict=True):
+                got[j] = data
+        return got
+
     async def _obtain(
         self, layer: Layer, needs: list[tuple[Chunk, int, int]], extra: list[Chunk], budget: int
     ) -> tuple[list[bytes], bool]:
@@ -451,17 +485,7 @@ class LayerStore:
                     and self._maybe_cached(layer, needs[i][0])
                 ]
                 if local:
-                    todo = [needs[i] for i in local]
-                    inline = sum(
-                        hi - lo if self.cache.is_verified(c.digest) else c.size
-                        for c, lo, hi in todo
-                    )
-                    if inline <= INLINE_READ_BYTES:
-                        # Small reads of page-cached files are quicker than a thread hop.
-                        await trio.lowlevel.checkpoint()
-                        got = self._read_local(todo)
-                    else:
-                        got = await trio.to_thread.run_sync(self._read_local, todo)
+                    got = await self._read_cached([needs[i] for i in local])
                     for i, data in zip(local, got, strict=True):
                         digest = needs[i][0].digest
                         if data is None:

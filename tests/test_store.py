@@ -575,6 +575,53 @@ def test_a_filesystem_without_rwf_nowait_reads_large_chunks_in_threads(
     assert len(hops) == 1  # the first read found out inline; the second went to a thread
 
 
+def test_a_prefetch_over_a_warm_cache_verifies_its_chunks_for_their_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh store over a warm cache: the prefetch fetches nothing but hashes the cached
+    chunks (in a worker thread), so the reads that follow do not."""
+    data = rand(3 * BIG_READ, 6)
+    toc, blob, e = _cache_filled_and_closed(tmp_path, data, chunk_size=len(data) // 2)
+    store2 = LayerStore(ChunkCache(tmp_path / "cache"))
+    src2 = MemSource({BLOB: blob})
+    layer2 = store2.add_layer(BLOB, src2, toc)
+    assert not any(store2.cache.is_verified(c.digest) for c in e.chunks)
+
+    async def prefetched() -> None:
+        await store2.prefetch(layer2, [e])
+
+    run(prefetched)
+    assert all(store2.cache.is_verified(c.digest) for c in e.chunks)
+    hops = _thread_hops(monkeypatch)
+
+    async def read() -> None:
+        assert await store2.read(layer2, e, 0, len(data)) == data
+
+    run(read)
+    assert hops == [] and src2.requests == []
+
+
+def test_a_prefetch_over_a_warm_cache_fetches_a_corrupt_chunk_again(tmp_path: Path) -> None:
+    data = rand(3000, 7)
+    toc, blob, e = _cache_filled_and_closed(tmp_path, data)
+    path = ChunkCache(tmp_path / "cache").path_of(e.chunks[1].digest)
+    bad = bytearray(path.read_bytes())
+    bad[5] ^= 1
+    path.write_bytes(bytes(bad))  # same size: only the hash can tell
+    store2 = LayerStore(ChunkCache(tmp_path / "cache"))
+    src2 = MemSource({BLOB: blob})
+    layer2 = store2.add_layer(BLOB, src2, toc)
+
+    async def main() -> None:
+        await store2.prefetch(layer2, [e])
+        assert await store2.read(layer2, e, 0, len(data)) == data
+
+    run(main)
+    assert len(src2.requests) == 1
+    assert path.read_bytes() == data[1000:2000]
+    assert all(store2.cache.is_verified(c.digest) for c in e.chunks)
+
+
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert default_cache_dir() == Path("/var/lib/lazyfs/cache")

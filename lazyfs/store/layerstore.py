@@ -357,15 +357,18 @@ class LayerStore:
         prev = layer.note_read(entry.name, end)
         extra: list[Chunk] = []
         budget = 0
+        amplified: Callable[[], list[Chunk]] | None = None
         if prev is None or prev == offset:  # a first or sequential read, not random access
             extra = plan.readahead(entry, chunks, prev is None, self.readahead)
             budget = self._window(layer).budget(chunks, self.amplify, self.amplify_max)
-            extra += plan.amplify(
-                layer, [*chunks, *extra], budget, self._is_local(layer), self.behind
+            asked = [*chunks, *extra]
+            # Planned only if the read misses: a read served here does not need it.
+            amplified = functools.partial(
+                plan.amplify, layer, asked, budget, self._is_local(layer), self.behind
             )
             if prev == offset or offset == 0:
-                self._read_ahead_of(layer, entry, [*chunks, *extra])
-        parts, waited = await self._obtain(layer, needs, extra, budget)
+                self._read_ahead_of(layer, entry, asked)
+        parts, waited = await self._obtain(layer, needs, extra, budget, amplified)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), ns if waited else 0
@@ -440,7 +443,8 @@ class LayerStore:
         total += hashed
         if hashed > INLINE_READ_BYTES or (total > INLINE_READ_BYTES and not cache.nowait_reads):
             return await trio.to_thread.run_sync(self._read_local, todo)
-        await trio.lowlevel.checkpoint()
+        # No checkpoint: a READ served from memory or the page cache is answered at once; a
+        # trip through the run queue waited behind the prefetch's stream and decode tasks.
         nowait = total > INLINE_READ_BYTES
         got: list[bytes | None] = []
         later: list[int] = []
@@ -457,11 +461,17 @@ class LayerStore:
         return got
 
     async def _obtain(
-        self, layer: Layer, needs: list[tuple[Chunk, int, int]], extra: list[Chunk], budget: int
+        self,
+        layer: Layer,
+        needs: list[tuple[Chunk, int, int]],
+        extra: list[Chunk],
+        budget: int,
+        amplified: Callable[[], list[Chunk]] | None = None,
     ) -> tuple[list[bytes], bool]:
         """The ``[lo, hi)`` slices of the needed chunks, and whether the network was waited
         for.  Pins the chunks meanwhile so a concurrent put cannot evict them.  ``budget``:
-        the amplify budget ``extra`` was planned with, kept as the layer's if it misses."""
+        the amplify budget ``extra`` was planned with, kept as the layer's if it misses;
+        ``amplified()`` plans the rest of ``extra`` then."""
         parts: list[bytes | None] = [None] * len(needs)
         for i, (c, lo, hi) in enumerate(needs):
             if c.zeros:
@@ -520,6 +530,8 @@ class LayerStore:
                 layer.stats.cache_misses += len(set(pending) - missed)
                 missed.update(pending)
                 waited = True
+                if amplified is not None:
+                    extra, amplified = [*extra, *amplified()], None
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
                 for g in groups:
                     g.deferred = self._nursery is not None  # else the reader waits for it

@@ -25,7 +25,7 @@ import zstandard
 from lazyfs.errors import IntegrityError
 from lazyfs.formats.chunklist import ChunkList
 from lazyfs.formats.toc import TOC, Chunk, Compression, Entry, validate
-from lazyfs.remote.base import Source
+from lazyfs.remote.base import REQUEST_SENT, Source
 from lazyfs.store import (
     PREFETCH,
     ChunkCache,
@@ -527,6 +527,21 @@ def test_a_large_read_of_a_page_cached_verified_chunk_takes_no_thread_hop(
     assert hops == [] and src.requests == []
 
 
+def test_a_read_from_the_cache_is_answered_without_a_checkpoint(tmp_path: Path) -> None:
+    """A trip through trio's run queue put a cached READ behind every runnable task (a cold
+    start's stream and decodes); one served from memory never took it either."""
+    data = rand(3 * BIG_READ, 9)
+    store, layer, _src, e = _verified_in_cache(tmp_path, data)
+
+    async def main() -> None:
+        for at, n in ((0, 1000), (5, BIG_READ)):  # small, and large from the page cache
+            with trio.testing.assert_no_checkpoints():
+                got = await store.read(layer, e, at, n)
+            assert got == data[at : at + n]
+
+    run(main)
+
+
 @pytest.mark.parametrize("short", [False, True])
 def test_a_large_read_the_disk_must_bring_goes_to_a_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short: bool
@@ -599,6 +614,34 @@ def test_a_prefetch_over_a_warm_cache_verifies_its_chunks_for_their_readers(
 
     run(read)
     assert hops == [] and src2.requests == []
+
+
+def test_a_prefetch_over_a_warm_cache_counts_as_sent_before_it_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount waits for its early prefetch's requests to leave (REQUEST_SENT) before it
+    builds its tree: over a warm cache none will, and the hashing must not hold it up."""
+    data = rand(3000, 8)
+    toc, blob, e = _cache_filled_and_closed(tmp_path, data)
+    store2 = LayerStore(ChunkCache(tmp_path / "cache"))
+    layer2 = store2.add_layer(BLOB, MemSource({BLOB: blob}), toc)
+    sent = threading.Event()
+    hashed_after_sent: list[bool] = []
+    real = store2._hashed
+
+    def hashed(chunks: list[Chunk]) -> list[bool]:
+        hashed_after_sent.append(sent.wait(5))
+        return real(chunks)
+
+    monkeypatch.setattr(store2, "_hashed", hashed)
+
+    async def main() -> None:
+        REQUEST_SENT.set(sent.set)
+        await store2.prefetch(layer2, [e])
+
+    run(main)
+    assert hashed_after_sent == [True]
+    assert all(store2.cache.is_verified(c.digest) for c in e.chunks)
 
 
 def test_a_prefetch_over_a_warm_cache_fetches_a_corrupt_chunk_again(tmp_path: Path) -> None:

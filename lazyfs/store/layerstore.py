@@ -32,7 +32,7 @@ from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
 from lazyfs.formats.chunkio import check_chunk, chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.heap import trim_heap
-from lazyfs.remote.base import RangesSink, Source
+from lazyfs.remote.base import REQUEST_SENT, RangesSink, Source
 from lazyfs.store import plan
 from lazyfs.store.bigchunk import decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
@@ -1302,6 +1302,12 @@ class LayerStore:
         if not unverified:
             await self._ensure(layer, chunks, priority)
             return
+        if all(c.zeros or c.digest in cache for c in chunks):
+            # No request will leave: one waiting for this prefetch's requests to be sent (a
+            # mount, before its tree's stretch of CPU) need not wait for the hashing.
+            sent = REQUEST_SENT.get()
+            if sent is not None:
+                sent()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._verify, layer, unverified, priority)
             await self._ensure(layer, chunks, priority)

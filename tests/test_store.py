@@ -6,6 +6,7 @@ in-memory Source that records requests and can delay, gate or corrupt them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -24,7 +25,7 @@ import zstandard
 from lazyfs.errors import IntegrityError
 from lazyfs.formats.chunklist import ChunkList
 from lazyfs.formats.toc import TOC, Chunk, Compression, Entry, validate
-from lazyfs.remote.base import Source
+from lazyfs.remote.base import REQUEST_SENT, Source
 from lazyfs.store import (
     PREFETCH,
     ChunkCache,
@@ -423,10 +424,12 @@ def test_temp_files_cleaned_on_start(tmp_path: Path) -> None:
     assert again.read(digest_of(p), 100) == p
 
 
-def _cache_filled_and_closed(tmp_path: Path) -> tuple[TOC, bytes, Entry]:
+def _cache_filled_and_closed(
+    tmp_path: Path, data: bytes = rand(1000, 1), chunk_size: int = 1000
+) -> tuple[TOC, bytes, Entry]:
     """One file's chunks fetched into the cache under ``tmp_path`` by a store then closed (as
     a daemon's stop leaves them): the TOC, the blob and the file's entry."""
-    store, layer, _src, toc, blob = make(tmp_path, {"a": rand(1000, 1)})
+    store, layer, _src, toc, blob = make(tmp_path, {"a": data}, chunk_size=chunk_size)
 
     async def first() -> None:
         await store.fetch_all(layer)
@@ -480,6 +483,186 @@ def test_a_small_chunks_first_read_after_a_restart_is_hashed_without_a_thread_ho
     run(second)
     assert hops == [] and src2.requests == []
     assert store2.cache.is_verified(e.chunks[0].digest)
+
+
+def _thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The functions run in worker threads from now on (trio.to_thread.run_sync counted)."""
+    hops: list[object] = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kw: Any) -> Any:
+        hops.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return hops
+
+
+BIG_READ = 2 * layerstore.INLINE_READ_BYTES
+
+
+def _verified_in_cache(tmp_path: Path, data: bytes) -> tuple[LayerStore, Layer, MemSource, Entry]:
+    """A fresh store over a cache holding ``data`` as one chunk, verified in this process
+    (and not in memory: a store's own fetches stay there a while)."""
+    toc, blob, e = _cache_filled_and_closed(tmp_path, data, chunk_size=len(data))
+    store = LayerStore(ChunkCache(tmp_path / "cache"))
+    src = MemSource({BLOB: blob})
+    layer = store.add_layer(BLOB, src, toc)
+    assert store.cache.read(e.chunks[0].digest, len(data), 0, 0) == b""
+    assert store.cache.is_verified(e.chunks[0].digest)
+    return store, layer, src, e
+
+
+def test_a_large_read_of_a_page_cached_verified_chunk_takes_no_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = rand(3 * BIG_READ, 3)
+    store, layer, src, e = _verified_in_cache(tmp_path, data)
+    hops = _thread_hops(monkeypatch)
+
+    async def main() -> None:
+        assert await store.read(layer, e, 100, BIG_READ) == data[100 : 100 + BIG_READ]
+
+    run(main)
+    assert hops == [] and src.requests == []
+
+
+def test_a_read_from_the_cache_is_answered_without_a_checkpoint(tmp_path: Path) -> None:
+    """A trip through trio's run queue put a cached READ behind every runnable task (a cold
+    start's stream and decodes); one served from memory never took it either."""
+    data = rand(3 * BIG_READ, 9)
+    store, layer, _src, e = _verified_in_cache(tmp_path, data)
+
+    async def main() -> None:
+        for at, n in ((0, 1000), (5, BIG_READ)):  # small, and large from the page cache
+            with trio.testing.assert_no_checkpoints():
+                got = await store.read(layer, e, at, n)
+            assert got == data[at : at + n]
+
+    run(main)
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_a_large_read_the_disk_must_bring_goes_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, short: bool
+) -> None:
+    """Not (all) in the page cache: RWF_NOWAIT says so (EAGAIN, or fewer bytes) and the read
+    is done again in a worker thread, whole and right."""
+    data = rand(3 * BIG_READ, 4)
+    store, layer, _src, e = _verified_in_cache(tmp_path, data)
+    hops = _thread_hops(monkeypatch)
+    real = os.preadv
+
+    def partly_cached(fd: int, buffers: list[bytearray], at: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT and threading.current_thread() is threading.main_thread():
+            if not short:
+                raise BlockingIOError(11, "not cached")
+            return real(fd, [memoryview(buffers[0])[:4096]], at, flags)
+        return real(fd, buffers, at, flags)
+
+    monkeypatch.setattr(os, "preadv", partly_cached)
+
+    async def main() -> None:
+        assert await store.read(layer, e, 7, BIG_READ) == data[7 : 7 + BIG_READ]
+
+    run(main)
+    assert len(hops) == 1
+
+
+def test_a_filesystem_without_rwf_nowait_reads_large_chunks_in_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = rand(3 * BIG_READ, 5)
+    store, layer, _src, e = _verified_in_cache(tmp_path, data)
+
+    def unsupported(fd: int, buffers: list[bytearray], at: int, flags: int = 0) -> int:
+        raise OSError(errno.EOPNOTSUPP, "no RWF_NOWAIT here")
+
+    monkeypatch.setattr(os, "preadv", unsupported)
+    hops = _thread_hops(monkeypatch)
+
+    async def main() -> None:
+        for at in (0, 1000):
+            assert await store.read(layer, e, at, BIG_READ) == data[at : at + BIG_READ]
+
+    run(main)
+    assert not store.cache.nowait_reads
+    assert len(hops) == 1  # the first read found out inline; the second went to a thread
+
+
+def test_a_prefetch_over_a_warm_cache_verifies_its_chunks_for_their_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh store over a warm cache: the prefetch fetches nothing but hashes the cached
+    chunks (in a worker thread), so the reads that follow do not."""
+    data = rand(3 * BIG_READ, 6)
+    toc, blob, e = _cache_filled_and_closed(tmp_path, data, chunk_size=len(data) // 2)
+    store2 = LayerStore(ChunkCache(tmp_path / "cache"))
+    src2 = MemSource({BLOB: blob})
+    layer2 = store2.add_layer(BLOB, src2, toc)
+    assert not any(store2.cache.is_verified(c.digest) for c in e.chunks)
+
+    async def prefetched() -> None:
+        await store2.prefetch(layer2, [e])
+
+    run(prefetched)
+    assert all(store2.cache.is_verified(c.digest) for c in e.chunks)
+    hops = _thread_hops(monkeypatch)
+
+    async def read() -> None:
+        assert await store2.read(layer2, e, 0, len(data)) == data
+
+    run(read)
+    assert hops == [] and src2.requests == []
+
+
+def test_a_prefetch_over_a_warm_cache_counts_as_sent_before_it_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount waits for its early prefetch's requests to leave (REQUEST_SENT) before it
+    builds its tree: over a warm cache none will, and the hashing must not hold it up."""
+    data = rand(3000, 8)
+    toc, blob, e = _cache_filled_and_closed(tmp_path, data)
+    store2 = LayerStore(ChunkCache(tmp_path / "cache"))
+    layer2 = store2.add_layer(BLOB, MemSource({BLOB: blob}), toc)
+    sent = threading.Event()
+    hashed_after_sent: list[bool] = []
+    real = store2._hashed
+
+    def hashed(chunks: list[Chunk]) -> list[bool]:
+        hashed_after_sent.append(sent.wait(5))
+        return real(chunks)
+
+    monkeypatch.setattr(store2, "_hashed", hashed)
+
+    async def main() -> None:
+        REQUEST_SENT.set(sent.set)
+        await store2.prefetch(layer2, [e])
+
+    run(main)
+    assert hashed_after_sent == [True]
+    assert all(store2.cache.is_verified(c.digest) for c in e.chunks)
+
+
+def test_a_prefetch_over_a_warm_cache_fetches_a_corrupt_chunk_again(tmp_path: Path) -> None:
+    data = rand(3000, 7)
+    toc, blob, e = _cache_filled_and_closed(tmp_path, data)
+    path = ChunkCache(tmp_path / "cache").path_of(e.chunks[1].digest)
+    bad = bytearray(path.read_bytes())
+    bad[5] ^= 1
+    path.write_bytes(bytes(bad))  # same size: only the hash can tell
+    store2 = LayerStore(ChunkCache(tmp_path / "cache"))
+    src2 = MemSource({BLOB: blob})
+    layer2 = store2.add_layer(BLOB, src2, toc)
+
+    async def main() -> None:
+        await store2.prefetch(layer2, [e])
+        assert await store2.read(layer2, e, 0, len(data)) == data
+
+    run(main)
+    assert len(src2.requests) == 1
+    assert path.read_bytes() == data[1000:2000]
+    assert all(store2.cache.is_verified(c.digest) for c in e.chunks)
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ directly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -142,6 +143,9 @@ class ChunkCache:
         self.max_bytes = max_bytes
         self.verify_first_read = verify_first_read
         self.fsync = fsync
+        #: whether reads can ask for page-cached bytes only (RWF_NOWAIT); found out at the
+        #: first such read on a filesystem that cannot
+        self.nowait_reads = hasattr(os, "RWF_NOWAIT")
         self._lock = threading.Lock()
         # hex -> _pack(...), least recently used first.  A plain dict (ordered; a use pops and
         # re-inserts): an OrderedDict adds a linked-list node to each of its many entries.
@@ -239,9 +243,13 @@ class ChunkCache:
             item = self._index.get(hx) if hx is not None else None
             return item is not None and (_verified(item) or not self.verify_first_read)
 
-    def read(self, digest: str, size: int, lo: int = 0, hi: int | None = None) -> bytes | None:
+    def read(
+        self, digest: str, size: int, lo: int = 0, hi: int | None = None, *, nowait: bool = False
+    ) -> bytes | None:
         """Bytes ``[lo, hi)`` of a cached chunk of ``size`` bytes, or None if it is not (or no
-        longer validly) cached; a wrong-sized or corrupt file is deleted."""
+        longer validly) cached; a wrong-sized or corrupt file is deleted.  ``nowait``: raise
+        BlockingIOError instead of waiting for the disk (bytes not all in the page cache, or
+        an unverified chunk too big to hash whole); the caller tries again in a thread."""
         hx = _hex_of(digest)
         if hx is None:
             return None
@@ -249,44 +257,89 @@ class ChunkCache:
         with self._lock:
             item = self._index.get(hx)
             verify = self.verify_first_read and (item is None or not _verified(item))
-        verified_now = verify
+        if verify and nowait and size > VERIFY_WHOLE_BYTES:
+            raise BlockingIOError(errno.EAGAIN, "a big unverified chunk is hashed in a thread")
         path = self._file(hx)
+        # os.open and friends, not a file object: a first read per file of a start-up, where
+        # the object's Python steps cost more than the syscalls.
         try:
-            f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self._drop(hx, unlink=False)
             return None
-        with f:
-            st = os.fstat(f.fileno())
-            if st.st_size != size:
-                log.warning("cached chunk %s has %d bytes, not %d: dropped", hx, st.st_size, size)
-                self._drop(hx, unlink=True)
+        try:
+            mtime_ns = self._check_size(fd, hx, size)
+            if mtime_ns is None:
                 return None
-            if verify and size > VERIFY_WHOLE_BYTES:
-                # A big chunk is hashed in pieces: a 4 KiB read must not cost its size in RAM.
-                if not _hashes_to(f.fileno(), hx):
-                    log.warning("cached chunk %s failed verification: dropped", hx)
-                    self._drop(hx, unlink=True)
-                    return None
-                verify = False
             if verify:
-                data = f.read()
-                if len(data) != size or hashlib.sha256(data).hexdigest() != hx:
-                    log.warning("cached chunk %s failed verification: dropped", hx)
-                    self._drop(hx, unlink=True)
-                    return None
-                out = data if (lo, hi) == (0, size) else data[lo:hi]
+                out = self._verified_read(fd, hx, size, lo, hi, nowait)
             else:
-                out = os.pread(f.fileno(), hi - lo, lo)
+                out = self._pread(fd, hi - lo, lo, nowait)
                 if len(out) != hi - lo:
                     self._drop(hx, unlink=True)
                     return None
+        finally:
+            os.close(fd)
+        if out is None:
+            return None
+        self._used(hx, size, mtime_ns, verify, path)
+        return out
+
+    def _check_size(self, fd: int, hx: str, size: int) -> int | None:
+        """The file's mtime, or None (and the file dropped) when its size is not ``size``."""
+        st = os.fstat(fd)
+        if st.st_size != size:
+            log.warning("cached chunk %s has %d bytes, not %d: dropped", hx, st.st_size, size)
+            self._drop(hx, unlink=True)
+            return None
+        return st.st_mtime_ns
+
+    def _verified_read(
+        self, fd: int, hx: str, size: int, lo: int, hi: int, nowait: bool
+    ) -> bytes | None:
+        """``[lo, hi)`` of a chunk read for the first time in this process, after hashing it
+        whole; None (and the file dropped) when it does not hash to its name."""
+        if size > VERIFY_WHOLE_BYTES:
+            # A big chunk is hashed in pieces: a 4 KiB read must not cost its size in RAM.
+            ok = _hashes_to(fd, hx)
+            data = os.pread(fd, hi - lo, lo) if ok else b""
+            ok = ok and len(data) == hi - lo
+        else:
+            data = self._pread(fd, size, 0, nowait)
+            ok = len(data) == size and hashlib.sha256(data).hexdigest() == hx
+            if ok and (lo, hi) != (0, size):
+                data = data[lo:hi]
+        if not ok:
+            log.warning("cached chunk %s failed verification: dropped", hx)
+            self._drop(hx, unlink=True)
+            return None
+        return data
+
+    def _pread(self, fd: int, n: int, at: int, nowait: bool) -> bytes:
+        """``os.pread``; with ``nowait``, only from the page cache (RWF_NOWAIT, which also
+        starts the read-ahead a caller in a thread then finds) or BlockingIOError."""
+        if not nowait or not self.nowait_reads:
+            return os.pread(fd, n, at)
+        buf = bytearray(n)
+        try:
+            got = os.preadv(fd, [buf], at, os.RWF_NOWAIT)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self.nowait_reads = False  # this filesystem cannot say; reads may wait, as before
+            return os.pread(fd, n, at)
+        if got != n:  # only part of it is in the page cache (or the file shrank: a thread sees)
+            raise BlockingIOError(errno.EAGAIN, "part of the chunk is not in the page cache")
+        return bytes(buf)
+
+    def _used(self, hx: str, size: int, mtime_ns: int, verified_now: bool, path: str) -> None:
+        """A read of a chunk: now the most recently used, and verified if it was hashed."""
         now = time.time_ns()
         touch = False
         with self._lock:
             item = self._index.pop(hx, None)
             if item is None:  # adopted from another process, or raced with an eviction
-                item = _pack(size, st.st_mtime_ns, False)
+                item = _pack(size, mtime_ns, False)
                 self._bytes += size
             mtime = _mtime_ns(item)
             if now - mtime > TOUCH_INTERVAL_NS:
@@ -296,7 +349,6 @@ class ChunkCache:
         if touch:
             with contextlib.suppress(OSError):
                 os.utime(path)
-        return out
 
     # ----------------------------------------------------------------------------- writes
 

@@ -32,7 +32,7 @@ from lazyfs.errors import IntegrityError, LazyfsError, RemoteError
 from lazyfs.formats.chunkio import check_chunk, chunks_for_range, decode_chunk
 from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.heap import trim_heap
-from lazyfs.remote.base import RangesSink, Source
+from lazyfs.remote.base import REQUEST_SENT, RangesSink, Source
 from lazyfs.store import plan
 from lazyfs.store.bigchunk import decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
@@ -49,8 +49,13 @@ log = logging.getLogger(__name__)
 # microseconds, less than handing them to a worker thread.  A chunk not yet verified in this
 # process is read and hashed whole, so it counts at its whole size (hashing 256 KiB takes
 # ~0.2 ms; the hop cost a fresh mount over a warm cache 0.3-0.5 ms on every file's first
-# read: BENCHMARKS.md, issue 13, "the cold start's own time after readiness").
+# read: BENCHMARKS.md, issue 13, "the cold start's own time after readiness").  Larger reads
+# of verified chunks run there too when their bytes are all in the page cache (a 1 MiB copy
+# takes ~0.1 ms, a hop 0.1-0.5 ms on a loaded machine).
 INLINE_READ_BYTES = 256 * 1024
+# A prefetch hashes the cached chunks it is given about this many bytes at a time per worker
+# thread (see _verify): few hops, and an unmount waits for one batch at most (~6 ms).
+VERIFY_BATCH = 4 * 1024 * 1024
 # Decoded in batches of about this many compressed bytes (a thread hop per chunk costs more
 # than decoding a small one), at most DECODE_TASKS batches at once: the stream waits beyond.
 STREAM_BATCH = 256 * 1024
@@ -352,15 +357,18 @@ class LayerStore:
         prev = layer.note_read(entry.name, end)
         extra: list[Chunk] = []
         budget = 0
+        amplified: Callable[[], list[Chunk]] | None = None
         if prev is None or prev == offset:  # a first or sequential read, not random access
             extra = plan.readahead(entry, chunks, prev is None, self.readahead)
             budget = self._window(layer).budget(chunks, self.amplify, self.amplify_max)
-            extra += plan.amplify(
-                layer, [*chunks, *extra], budget, self._is_local(layer), self.behind
+            asked = [*chunks, *extra]
+            # Planned only if the read misses: a read served here does not need it.
+            amplified = functools.partial(
+                plan.amplify, layer, asked, budget, self._is_local(layer), self.behind
             )
             if prev == offset or offset == 0:
-                self._read_ahead_of(layer, entry, [*chunks, *extra])
-        parts, waited = await self._obtain(layer, needs, extra, budget)
+                self._read_ahead_of(layer, entry, asked)
+        parts, waited = await self._obtain(layer, needs, extra, budget, amplified)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), ns if waited else 0
@@ -411,15 +419,59 @@ class LayerStore:
         i = layer.index.get(c.digest)
         return i is not None and layer.map[i]
 
+    def _hashed(self, chunks: list[Chunk]) -> list[bool]:
+        """Whether each cached chunk is valid, hashing the ones not verified yet (a read of
+        no bytes verifies the whole chunk; one that fails is deleted)."""
+        return [self.cache.read(c.digest, c.size, 0, 0) is not None for c in chunks]
+
     def _read_local(self, needs: list[tuple[Chunk, int, int]]) -> list[bytes | None]:
         return [self.cache.read(c.digest, c.size, lo, hi) for c, lo, hi in needs]
 
+    async def _read_cached(self, todo: list[tuple[Chunk, int, int]]) -> list[bytes | None]:
+        """Slices of cached chunks (None: not validly cached).  Read on the trio thread when
+        that is quicker than a worker thread's hop: small reads, and larger ones of verified
+        chunks whose bytes are all in the page cache (RWF_NOWAIT says so without waiting).
+        A worker thread reads what must be hashed first beyond INLINE_READ_BYTES, and what
+        the disk must bring."""
+        cache = self.cache
+        hashed = total = 0
+        for c, lo, hi in todo:
+            if cache.is_verified(c.digest):
+                total += hi - lo
+            else:
+                hashed += c.size
+        total += hashed
+        if hashed > INLINE_READ_BYTES or (total > INLINE_READ_BYTES and not cache.nowait_reads):
+            return await trio.to_thread.run_sync(self._read_local, todo)
+        # No checkpoint: a READ served from memory or the page cache is answered at once; a
+        # trip through the run queue waited behind the prefetch's stream and decode tasks.
+        nowait = total > INLINE_READ_BYTES
+        got: list[bytes | None] = []
+        later: list[int] = []
+        for c, lo, hi in todo:
+            try:
+                got.append(cache.read(c.digest, c.size, lo, hi, nowait=nowait))
+            except BlockingIOError:
+                later.append(len(got))
+                got.append(None)
+        if later:
+            rest = await trio.to_thread.run_sync(self._read_local, [todo[j] for j in later])
+            for j, data in zip(later, rest, strict=True):
+                got[j] = data
+        return got
+
     async def _obtain(
-        self, layer: Layer, needs: list[tuple[Chunk, int, int]], extra: list[Chunk], budget: int
+        self,
+        layer: Layer,
+        needs: list[tuple[Chunk, int, int]],
+        extra: list[Chunk],
+        budget: int,
+        amplified: Callable[[], list[Chunk]] | None = None,
     ) -> tuple[list[bytes], bool]:
         """The ``[lo, hi)`` slices of the needed chunks, and whether the network was waited
         for.  Pins the chunks meanwhile so a concurrent put cannot evict them.  ``budget``:
-        the amplify budget ``extra`` was planned with, kept as the layer's if it misses."""
+        the amplify budget ``extra`` was planned with, kept as the layer's if it misses;
+        ``amplified()`` plans the rest of ``extra`` then."""
         parts: list[bytes | None] = [None] * len(needs)
         for i, (c, lo, hi) in enumerate(needs):
             if c.zeros:
@@ -451,17 +503,7 @@ class LayerStore:
                     and self._maybe_cached(layer, needs[i][0])
                 ]
                 if local:
-                    todo = [needs[i] for i in local]
-                    inline = sum(
-                        hi - lo if self.cache.is_verified(c.digest) else c.size
-                        for c, lo, hi in todo
-                    )
-                    if inline <= INLINE_READ_BYTES:
-                        # Small reads of page-cached files are quicker than a thread hop.
-                        await trio.lowlevel.checkpoint()
-                        got = self._read_local(todo)
-                    else:
-                        got = await trio.to_thread.run_sync(self._read_local, todo)
+                    got = await self._read_cached([needs[i] for i in local])
                     for i, data in zip(local, got, strict=True):
                         digest = needs[i][0].digest
                         if data is None:
@@ -488,6 +530,8 @@ class LayerStore:
                 layer.stats.cache_misses += len(set(pending) - missed)
                 missed.update(pending)
                 waited = True
+                if amplified is not None:
+                    extra, amplified = [*extra, *amplified()], None
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
                 for g in groups:
                     g.deferred = self._nursery is not None  # else the reader waits for it
@@ -1249,7 +1293,46 @@ class LayerStore:
                 chunks.extend(item.chunks)
             else:
                 chunks.append(item)
-        await self._ensure(layer, chunks, priority)
+        cache = self.cache
+        unverified = [
+            c
+            for c in chunks
+            if not c.zeros and c.digest in cache and not cache.is_verified(c.digest)
+        ]
+        if not unverified:
+            await self._ensure(layer, chunks, priority)
+            return
+        if all(c.zeros or c.digest in cache for c in chunks):
+            # No request will leave: one waiting for this prefetch's requests to be sent (a
+            # mount, before its tree's stretch of CPU) need not wait for the hashing.
+            sent = REQUEST_SENT.get()
+            if sent is not None:
+                sent()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._verify, layer, unverified, priority)
+            await self._ensure(layer, chunks, priority)
+
+    async def _verify(self, layer: Layer, chunks: list[Chunk], priority: int) -> None:
+        """Hash cached chunks not yet verified in this process, in a worker thread, in the
+        order given, so their readers need not: over a warm cache a prefetch group's chunks
+        are all there, and each reader's first read of one hashed it on the way (4 MiB:
+        ~3 ms; a third of the Debian start-up's READ time in the store).  A chunk that fails
+        is fetched again."""
+        bad: list[Chunk] = []
+        batch: list[Chunk] = []
+        size = 0
+        for n, c in enumerate(chunks, 1):
+            batch.append(c)
+            size += c.size
+            if size < VERIFY_BATCH and n < len(chunks):
+                continue
+            ok = await trio.to_thread.run_sync(self._hashed, batch)
+            bad += itertools.compress(batch, (not good for good in ok))
+            batch, size = [], 0
+        for c in bad:
+            self._forget(c.digest)
+        if bad:
+            await self._ensure(layer, bad, priority)
 
     async def fetch_all(self, layer: Layer, progress_cb: ProgressCallback | None = None) -> None:
         """``lazyfs pull``: every chunk of the layer into the cache; ``progress_cb(stats)`` is

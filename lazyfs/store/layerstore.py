@@ -926,9 +926,7 @@ class LayerStore:
                     # lends, and their windows' reads then waited for a thread forever.)
                     f.ticket = Ticket(f.ticket.priority)  # one per attempt; keeps a boost
                     async with self._slots.hold(f.ticket):
-                        evicted = await decode_to_cache(
-                            self.cache, layer.toc.compression, c, fetch
-                        )
+                        evicted = await decode_to_cache(self.cache, layer.toc.compression, c, fetch)
                 except IntegrityError as e:
                     layer.stats.integrity_errors += 1
                     if attempt == 2:
@@ -1250,6 +1248,24 @@ class LayerStore:
             else:
                 chunks.append(item)
         await self._ensure(layer, chunks, priority)
+
+    async def peek(self, layer: Layer, entry: Entry, offset: int, size: int) -> bytes:
+        """The bytes ``[offset, offset + size)`` of ``entry`` for the mount's own look (an
+        ELF file's dynamic section): fetched at PREFETCH priority if missing, and, unlike
+        :meth:`read`, no read-ahead and no reader's position noted."""
+        end = min(offset + size, entry.size)
+        if offset < 0 or offset >= end:
+            await trio.lowlevel.checkpoint()
+            return b""
+        chunks = chunks_for_range(entry, offset, end - offset)
+        await self.prefetch(layer, [c for c in chunks if not c.zeros])
+        needs = [
+            (c, max(offset, c.file_offset) - c.file_offset, min(end, c.file_offset + c.size))
+            for c in chunks
+        ]
+        needs = [(c, lo, hi - c.file_offset) for c, lo, hi in needs]
+        parts, _ = await self._obtain(layer, needs, [], 0)
+        return b"".join(parts)
 
     async def fetch_all(self, layer: Layer, progress_cb: ProgressCallback | None = None) -> None:
         """``lazyfs pull``: every chunk of the layer into the cache; ``progress_cb(stats)`` is

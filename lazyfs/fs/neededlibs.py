@@ -189,14 +189,23 @@ class NeededLibs:
         return None
 
     async def _fetch(self, libs: list[Node]) -> None:
-        """``libs`` whole, one prefetch per layer (merged into few requests), at once."""
-        by_layer: dict[int, list[Entry]] = {}
+        """``libs`` whole, at once: in one request while the loader's order (DT_NEEDED's) is
+        the blob's, else one each.  A request's stream comes in blob order, so the loader,
+        which wants them in its order, would wait behind a later library's bytes (libssl
+        behind libcrypto's 1.8 MB), or overtake with a request of its own."""
+        runs: list[tuple[Layer, list[Entry]]] = []
+        last = (-1, -1)  # the previous library's layer and blob offset
         for lib in libs:
             w = self._where(lib)
-            if w is not None:
-                by_layer.setdefault(lib.layer, []).append(w[1])
-        if not by_layer:
-            return
+            if w is None:
+                continue
+            layer, entry = w
+            at = (lib.layer, entry.chunks[0].offset if entry.chunks else 0)
+            if at[0] == last[0] and at[1] > last[1]:
+                runs[-1][1].append(entry)
+            else:
+                runs.append((layer, [entry]))
+            last = at
 
         async def one(layer: Layer, entries: list[Entry]) -> None:
             try:
@@ -209,5 +218,5 @@ class NeededLibs:
             self.stats.bytes += sum(e.size for e in entries)
 
         async with trio.open_nursery() as nursery:
-            for i, entries in by_layer.items():
-                nursery.start_soon(one, self.layers[i], entries)
+            for layer, entries in runs:
+                nursery.start_soon(one, layer, entries)

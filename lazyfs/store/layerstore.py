@@ -1258,7 +1258,7 @@ class LayerStore:
             await trio.lowlevel.checkpoint()
             return b""
         chunks = chunks_for_range(entry, offset, end - offset)
-        await self.prefetch(layer, [c for c in chunks if not c.zeros])
+        await self.prefetch(layer, chunks)
         needs = [
             (c, max(offset, c.file_offset) - c.file_offset, min(end, c.file_offset + c.size))
             for c in chunks

@@ -926,7 +926,9 @@ class LayerStore:
                     # lends, and their windows' reads then waited for a thread forever.)
                     f.ticket = Ticket(f.ticket.priority)  # one per attempt; keeps a boost
                     async with self._slots.hold(f.ticket):
-                        evicted = await decode_to_cache(self.cache, layer.toc.compression, c, fetch)
+                        evicted = await decode_to_cache(
+                            self.cache, layer.toc.compression, c, fetch
+                        )
                 except IntegrityError as e:
                     layer.stats.integrity_errors += 1
                     if attempt == 2:
@@ -1260,10 +1262,8 @@ class LayerStore:
         chunks = chunks_for_range(entry, offset, end - offset)
         await self.prefetch(layer, chunks)
         needs = [
-            (c, max(offset, c.file_offset) - c.file_offset, min(end, c.file_offset + c.size))
-            for c in chunks
+            (c, max(offset - c.file_offset, 0), min(end - c.file_offset, c.size)) for c in chunks
         ]
-        needs = [(c, lo, hi - c.file_offset) for c, lo, hi in needs]
         parts, _ = await self._obtain(layer, needs, [], 0)
         return b"".join(parts)
 

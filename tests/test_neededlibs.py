@@ -5,6 +5,7 @@ has read the file's start, before anything reads them; ``--no-prefetch`` fetches
 # ruff: noqa: F811
 from __future__ import annotations
 
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,24 @@ LIBS = {
     f"{LIBDIR}/libB.so.2": seeded_bytes(80_000, 3),  # no ELF: nothing further
     "usr/private/libC.so": seeded_bytes(30_000, 4),
 }
+
+
+def _hostile() -> dict[str, bytes]:
+    """ELF files whose headers lie: the follow-ups fetch nothing for them and fail nothing."""
+    far = bytearray(make_elf(["libC.so"]))
+    struct.pack_into("<Q", far, 64 + 56 + 8, 2**40)  # PT_DYNAMIC's offset: past the file
+    strtab = bytearray(make_elf(["libC.so"]))
+    dyn_at = len(strtab) - 3 * 16
+    struct.pack_into("<qQ", strtab, dyn_at, 5, 2**50)  # DT_STRTAB mapped nowhere
+    return {
+        "usr/bin/far": bytes(far),
+        "usr/bin/strtab": bytes(strtab),
+        "usr/bin/path": make_elf(["../private/libC.so", "/usr/private/libC.so"]),
+        "usr/bin/short": make_elf(["libC.so"])[:100],
+    }
+
+
+HOSTILE = _hostile()
 FAR = "opt/data.bin"
 FAR_BYTES = seeded_bytes(3_000_000, 5)
 
@@ -42,6 +61,7 @@ def _items() -> list[Item]:
         Item("usr", "dir", mode=0o755),
         Item("usr/bin", "dir", mode=0o755),
         Item("usr/bin/prog", data=PROG, mode=0o755),
+        *(Item(name, data=data, mode=0o755) for name, data in HOSTILE.items()),
         # Between the program and its libraries in the blob: a miss of the program brings
         # neighbours (amplify), not them.
         Item("opt", "dir", mode=0o755),
@@ -105,6 +125,22 @@ def test_the_libraries_an_elf_file_names_are_fetched_before_they_are_read(
         # Any other file is fetched when read.
         assert (mnt / FAR).read_bytes() == FAR_BYTES
         assert len(fault_proxy.served) > before
+
+
+def test_elf_files_whose_headers_lie_fetch_nothing_and_break_nothing(
+    image: str, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+        for name, data in HOSTILE.items():
+            assert (mnt / name).read_bytes() == data
+        deadline = time.monotonic() + 10
+        while (stats := mount_stats(mnt))["needed"]["busy"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stats["needed"]["libraries"] == 0 and not stats["needed"]["error"], stats
+        assert stats["handler_errors"] == 0
+        assert (mnt / "usr/private/libC.so").read_bytes() == LIBS["usr/private/libC.so"]
 
 
 def test_no_prefetch_follows_nothing(image: str, fault_proxy: FaultProxy, tmp_path: Path) -> None:

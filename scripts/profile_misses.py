@@ -144,6 +144,7 @@ def one_run(
     total = sum(b - a for _, a, b, *_ in rows)
     used = sum(r[5] for r in rows)
     return {"startup": done - ready, "ready": ready - t0, "requests": len(reqs),
+            "waited": sum(f.wait_ns for f in got.files) / 1e9,
             "MiB": total / 2**20, "used MiB": used / 2**20,
             "read files": len(read)}  # fmt: skip
 
@@ -170,7 +171,9 @@ def main() -> int:
                     print(f"\n## {r}")
                 out[r].append(one_run(layout, work, r, toc_pieces, i == 0, args.delay_ms / 1e3))
         for r, runs in out.items():
-            print(f"\n{r}, medians of {len(runs)}: " + ", ".join(
+            print(f"\n{r}, each run's start-up and wait: " + ", ".join(
+                f"{o['startup']:.3f}/{o['waited']:.3f}" for o in runs))
+            print(f"{r}, medians of {len(runs)}: " + ", ".join(
                 f"{k} {statistics.median(o[k] for o in runs):.3f}" for k in runs[0]))  # fmt: skip
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)

@@ -26,6 +26,7 @@ LANDMARKS = {
     f"{LIBDIR}/ld-linux-x86-64.so.2": seeded_bytes(150_000, 1),
     f"{LIBDIR}/libc.so.6": seeded_bytes(300_000, 2),
     "etc/ld.so.cache": seeded_bytes(5_000, 3),
+    "usr/share/zoneinfo/Etc/UTC": seeded_bytes(118, 6),  # etc/localtime's target
 }
 NEIGHBOUR = f"{LIBDIR}/libd.so.1"  # right after libc in the blob: not a landmark
 FAR = "opt/data.bin"  # no landmark, not near one
@@ -37,6 +38,7 @@ def _items() -> list[Item]:
     return [
         Item("etc", "dir", mode=0o755),
         Item("etc/ld.so.cache", data=LANDMARKS["etc/ld.so.cache"]),
+        Item("etc/localtime", "symlink", link="/usr/share/zoneinfo/Etc/UTC"),
         Item("lib", "symlink", link="usr/lib"),
         Item("lib64", "symlink", link="usr/lib64"),
         Item("opt", "dir", mode=0o755),
@@ -48,6 +50,10 @@ def _items() -> list[Item]:
         Item(f"{LIBDIR}/libc.so.6", data=LANDMARKS[f"{LIBDIR}/libc.so.6"]),
         Item(NEIGHBOUR, data=seeded_bytes(20_000, 4)),
         Item("usr/lib64", "dir", mode=0o755),
+        Item("usr/share", "dir", mode=0o755),
+        Item("usr/share/zoneinfo", "dir", mode=0o755),
+        Item("usr/share/zoneinfo/Etc", "dir", mode=0o755),
+        Item("usr/share/zoneinfo/Etc/UTC", data=LANDMARKS["usr/share/zoneinfo/Etc/UTC"]),
         Item(
             "usr/lib64/ld-linux-x86-64.so.2",
             "symlink",

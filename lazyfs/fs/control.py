@@ -41,6 +41,16 @@ class PrefetchStats(msgspec.Struct, kw_only=True):
     error: str = ""  # the first fetch error, if any (prefetch is best effort)
 
 
+class NeededStats(msgspec.Struct, kw_only=True):
+    """The libraries fetched because an ELF file read names them (``needed`` field)."""
+
+    elf_files: int = 0  # ELF files whose dynamic section was looked at
+    libraries: int = 0  # libraries they name that were fetched before being read
+    bytes: int = 0  # those libraries' content bytes
+    busy: int = 0  # look-ups and fetches under way
+    error: str = ""  # the first error (follow-ups are best effort)
+
+
 class MountInfo(msgspec.Struct):
     pid: int
     image: str
@@ -81,6 +91,7 @@ class StatsReport(msgspec.Struct):
     files: int
     layers: list[LayerReport]
     prefetch: PrefetchStats | None = None
+    needed: NeededStats | None = None  # libraries named by the ELF files read (no groups)
     handler_errors: int = 0  # FUSE requests that failed unexpectedly (logged; answered EIO)
     # For metrics: the daemon's own PID and resident memory, and its view of the chunk cache
     # (its start-up scan plus its own writes: daemons sharing a cache do not see each other's).

@@ -36,6 +36,7 @@ import trio
 from lazyfs.errors import LazyfsError
 from lazyfs.formats.toc import Entry
 from lazyfs.fs.copyup import CopyUp
+from lazyfs.fs.neededlibs import NeededLibs
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
 from lazyfs.fs.upper import NAME_MAX, Upper, _proc_fd, reserved_xattr
 from lazyfs.store.layerstate import Layer
@@ -235,6 +236,9 @@ class Operations(_Guarded):
         self.layers = list(layers)
         self.upper = upper
         self.listener = listener
+        # Told of each lower read (fs/neededlibs.py): a mount without groups fetches the
+        # libraries an ELF file names before its loader asks.
+        self.needed: NeededLibs | None = None
         self.copy = (
             CopyUp(store, layers, upper, max_bytes=copy_up_max) if upper is not None else None
         )
@@ -665,6 +669,8 @@ class Operations(_Guarded):
             raise pyfuse3.FUSEError(errno.EIO) from None
         if self.listener is not None:
             self.listener.read(node.ino, entry, node.layer, node.path, off, len(data), wait_ns)
+        if self.needed is not None:
+            self.needed.noticed(node, entry, off, data)
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -194,7 +194,12 @@ STARTUP_INTERPRETERS = (
 )
 STARTUP_LIB_DIRS = ("lib/x86_64-linux-gnu", "lib64", "lib/aarch64-linux-gnu")
 STARTUP_LIBS = ("libc.so.6", "libm.so.6", "gconv/gconv-modules.cache")
-STARTUP_FILES = ("etc/ld.so.cache", "usr/lib/locale/C.utf8/LC_CTYPE")
+# etc/localtime: glibc's tzset reads it (Python's time module at every start-up; any
+# localtime()): a miss of its own in series otherwise, 750 KiB of zoneinfo neighbours read
+# for a 118-byte file (BENCHMARKS.md, issue 13, H64).
+STARTUP_FILES = ("etc/ld.so.cache", "usr/lib/locale/C.utf8/LC_CTYPE", "etc/localtime")
+# Where etc/localtime's link leads: the resolution's names are indexed under it.
+ZONEINFO = "usr/share/zoneinfo/"
 # A file larger than this is no start-up landmark (a locale archive is 200+ MiB).
 STARTUP_FILE_MAX = 8 * 1024 * 1024
 _MAX_LINKS = 16
@@ -267,13 +272,15 @@ def startup_group(layers: Sequence[Layer]) -> Group | None:
     wanted += STARTUP_FILES[1:]
     # Only the names a resolution can pass through are indexed: a layer of 100,000 files
     # without them costs one scan of its names, not an index of all of them.
-    parts = {p for path in wanted for p in path.split("/")} | {"usr"}
+    parts = {p for path in [*wanted, ZONEINFO] for p in path.split("/")} | {"usr"}
     if not any(_mentions(x.toc, "ld-linux") or _mentions(x.toc, "ld-musl") for x in layers):
         return None
 
     def keep(name: str) -> bool:
         base = name.rsplit("/", 1)[-1]
-        return base in parts or base.startswith(("ld-", "libc-", "libm-"))
+        return (
+            base in parts or base.startswith(("ld-", "libc-", "libm-")) or name.startswith(ZONEINFO)
+        )
 
     names: dict[str, Mapping[str, Entry]] = {}
 

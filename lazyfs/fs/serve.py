@@ -35,10 +35,12 @@ from lazyfs.fs.control import (
     control_server,
 )
 from lazyfs.fs.merge import apply_upper
+from lazyfs.fs.neededlibs import NeededLibs
 from lazyfs.fs.ops import Operations, c_reader_counts, start_c_reader
 from lazyfs.fs.pending import PendingOperations
 from lazyfs.fs.prefetch import (
     LOOKUP_WAIT_MIN,
+    STARTUP_GROUP,
     Prefetcher,
     PrefetchGate,
     landmark_group,
@@ -112,6 +114,7 @@ class _Mount:
         prefetcher: Prefetcher | None,
         *,
         build: bool = True,
+        follow: bool = False,
     ) -> None:
         self.opts = opts
         self.mountpoint = mountpoint
@@ -124,6 +127,8 @@ class _Mount:
         self.deltas: PendingDeltas | None = None  # binary deltas being looked up, if any
         self.settled = False  # fetch_ahead is over: what start-up left behind is freed
         self.tree = Tree()
+        # The libraries an ELF file read names, fetched before the loader asks (no groups).
+        self.needed = NeededLibs(image.store, self.tree, []) if follow else None
         self.ops: Operations | None = None  # early ones (over part of the tree) until built
         self.pending: PendingOperations | None = None
         self._built = False
@@ -136,7 +141,7 @@ class _Mount:
             self._build()
 
     def _operations(self, layers: list[Layer]) -> Operations:
-        return Operations(
+        ops = Operations(
             self.tree,
             self.image.store,
             layers,
@@ -144,6 +149,10 @@ class _Mount:
             listener=self.recorder,
             copy_up_max=self.opts.copy_up_max,
         )
+        if self.needed is not None:
+            self.needed.layers = ops.layers  # the same list: _build updates it in place
+            ops.needed = self.needed
+        return ops
 
     def _build_early(self) -> None:
         """The tree of the layers above the topmost pending one, and operations over it
@@ -282,6 +291,8 @@ class _Mount:
             group = await image.groups.wait()  # looked up since the manifest came
         if group is None and source in ("auto", "landmark"):
             group = landmark_group(layers)
+        if self.needed is not None and group is not None and group.name != STARTUP_GROUP:
+            self.needed.stop()  # the group covers the start-up
         if group is None:
             if self.gate is not None:
                 self.gate.open()  # nothing to wait for
@@ -323,6 +334,7 @@ class _Mount:
                 files=len(self.tree.nodes),
                 layers=reports,
                 prefetch=self.prefetcher.stats if self.prefetcher is not None else None,
+                needed=self.needed.stats if self.needed is not None else None,
                 handler_errors=self.ops.handler_errors if self.ops is not None else 0,
                 pid=os.getpid(),
                 rss_bytes=rss_bytes(os.getpid()) or 0,
@@ -495,7 +507,15 @@ async def serve(
         # tree is built, and travel while it is (on a slow link the transfer is most of a
         # cold start; the tree takes tens of milliseconds of CPU).
         early = prefetcher is not None and image.side is not None
-        mount = _Mount(opts, mountpoint, image, upper, recorder, prefetcher, build=not early)
+        follow = (
+            group is None
+            and groups is None
+            and opts.auto_prefetch
+            and opts.prefetch_from in ("auto", "landmark")
+        )
+        mount = _Mount(
+            opts, mountpoint, image, upper, recorder, prefetcher, build=not early, follow=follow
+        )
         mount.group = group if prefetcher is None else None
         deltas = pending_deltas(image) if opts.deltas else None
         early_scope = trio.CancelScope()
@@ -531,6 +551,8 @@ async def serve(
                 image.start_background(nursery)  # layers without a TOC: fetched from now on
                 if recorder is not None:
                     recorder.start()
+                if mount.needed is not None:
+                    nursery.start_soon(mount.needed.run)
                 if not early:
                     mount.hold_readers(deltas)
                     nursery.start_soon(mount.fetch_ahead, deltas)

@@ -1334,6 +1334,22 @@ class LayerStore:
         if bad:
             await self._ensure(layer, bad, priority)
 
+    async def peek(self, layer: Layer, entry: Entry, offset: int, size: int) -> bytes:
+        """The bytes ``[offset, offset + size)`` of ``entry`` for the mount's own look (an
+        ELF file's dynamic section): fetched at PREFETCH priority if missing, and, unlike
+        :meth:`read`, no read-ahead and no reader's position noted."""
+        end = min(offset + size, entry.size)
+        if offset < 0 or offset >= end:
+            await trio.lowlevel.checkpoint()
+            return b""
+        chunks = chunks_for_range(entry, offset, end - offset)
+        await self.prefetch(layer, chunks)
+        needs = [
+            (c, max(offset - c.file_offset, 0), min(end - c.file_offset, c.size)) for c in chunks
+        ]
+        parts, _ = await self._obtain(layer, needs, [], 0)
+        return b"".join(parts)
+
     async def fetch_all(self, layer: Layer, progress_cb: ProgressCallback | None = None) -> None:
         """``lazyfs pull``: every chunk of the layer into the cache; ``progress_cb(stats)`` is
         called after each request completes."""

@@ -1,0 +1,222 @@
+"""Without groups, fetch the libraries an ELF file names as soon as it is read.
+
+A dynamically linked program's loader opens the libraries of its ``DT_NEEDED`` entries one
+after another, and each one a cold mount has not fetched is a miss in series (Debian's
+python3.11: libz, libexpat; the ``_ssl`` module: libssl, then libcrypto; BENCHMARKS.md,
+issue 13, "cold start without groups").  Once a reader has read an ELF file's first bytes,
+its dynamic section and string table name them all: they are looked up here the way the
+loader would (the file's DT_RUNPATH, else DT_RPATH, then the default directories of its
+machine, symbolic links followed in the mount's tree) and fetched together at PREFETCH
+priority (a reader that gets there first joins and boosts the flight), then followed the
+same way themselves, to FOLLOW_DEPTH.  Each file at most once per mount; small files only
+(FILE_MAX), at most MOUNT_BYTES in all: every prefetched byte's decode and cache write
+competes with the start-up for the CPU.  Best effort: errors are logged and counted."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from lazyfs.errors import LazyfsError
+from lazyfs.formats import elf
+from lazyfs.formats.toc import Entry
+from lazyfs.fs.control import NeededStats
+from lazyfs.fs.tree import Node, Tree
+from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore
+
+log = logging.getLogger(__name__)
+
+# The program (0), its libraries (1), theirs (2): Debian's deepest start-up chain is
+# _ssl -> libssl -> libcrypto, and libcrypto is named by _ssl itself too.
+FOLLOW_DEPTH = 3
+# A library larger than this is left to its reader (it is mapped, and only touched pages are
+# read); a loader's libraries are mostly read whole (libcrypto: 4.5 MiB, all of it).
+FILE_MAX = 8 * 1024 * 1024
+MOUNT_BYTES = 64 * 1024 * 1024
+HEAD = 4096  # the bytes of a file's start kept to parse its headers
+PHDRS_MAX = 64 * 1024  # program headers further in than this: not worth a read
+STRINGS_MAX = 1024 * 1024  # the part of a string table read for the names
+QUEUE = 64  # ELF files waiting to be looked at; more are dropped (the loader reads them)
+_MAX_LINKS = 16
+
+
+def lower_file(tree: Tree, path: str) -> Node | None:
+    """The lower regular file ``path`` names in the mount's tree (relative to its root),
+    symbolic links followed as the kernel would; None for anything else (a file of the
+    upper directory: no fetch needed)."""
+    parts = [p for p in path.split("/") if p]
+    node = tree.root
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        children = node.children
+        if children is None:
+            return None
+        if part == ".":
+            continue
+        if part == "..":
+            node = node.parent or node
+            continue
+        child = children.get(part)
+        if child is None or child.upper:
+            return None
+        entry = child.entry
+        if entry is not None and entry.type == "symlink":
+            links += 1
+            if links > _MAX_LINKS:
+                return None
+            if entry.link_name.startswith("/"):
+                node = tree.root
+            parts = [p for p in entry.link_name.split("/") if p] + parts
+            continue
+        node = child
+    entry = node.entry
+    if node.children is not None or entry is None or entry.type != "reg":
+        return None
+    return node
+
+
+class NeededLibs:
+    """Noticed by the read path (:meth:`noticed`: O(1), no I/O); the work runs in
+    :meth:`run`'s nursery.  ``layers`` is the operations' list (the same object)."""
+
+    def __init__(self, store: LayerStore, tree: Tree, layers: list[Layer]) -> None:
+        self.store = store
+        self.tree = tree
+        self.layers = layers
+        self.stats = NeededStats()
+        self.active = True
+        self._seen: set[int] = set()  # inodes looked at or fetched
+        self._left = MOUNT_BYTES
+        self._send, self._recv = trio.open_memory_channel[tuple[Node, bytes]](QUEUE)
+
+    def stop(self) -> None:
+        """Nothing more is followed (a group covers the start-up)."""
+        self.active = False
+
+    def noticed(self, node: Node, entry: Entry, offset: int, data: bytes) -> None:
+        """A reader got ``data`` at ``offset`` of the lower file ``node``."""
+        if offset or not self.active or data[:4] != elf.MAGIC or node.ino in self._seen:
+            return
+        try:
+            self._send.send_nowait((node, data[:HEAD]))
+        except trio.WouldBlock:
+            return  # busy: the loader reads it itself
+        self._seen.add(node.ino)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async for node, head in self._recv:
+                nursery.start_soon(self._guarded, node, head, 0)
+
+    async def _guarded(self, node: Node, head: bytes | None, depth: int) -> None:
+        self.stats.busy += 1
+        try:
+            await self._follow(node, head, depth)
+        except Exception as e:  # best effort: a follow-up never ends the mount
+            log.warning("libraries of %s: %s", "/".join(node.path()), e)
+            self.stats.error = self.stats.error or str(e) or type(e).__name__
+        finally:
+            self.stats.busy -= 1
+
+    def _where(self, node: Node) -> tuple[Layer, Entry] | None:
+        entry = node.entry
+        if node.upper or entry is None or not 0 <= node.layer < len(self.layers):
+            return None
+        return self.layers[node.layer], entry
+
+    async def _follow(self, node: Node, head: bytes | None, depth: int) -> None:
+        """Fetch the libraries ``node`` (an ELF file, ``head`` its first bytes) names."""
+        where = self._where(node)
+        if where is None or not self.active:
+            return
+        layer, entry = where
+        if head is None:
+            head = await self.store.peek(layer, entry, 0, HEAD)
+        h = elf.parse_header(head)
+        if h is None or h.phdrs_end > PHDRS_MAX:
+            return
+        if h.phdrs_end > len(head):
+            head = await self.store.peek(layer, entry, 0, h.phdrs_end)
+        layout = elf.parse_layout(h, head)
+        if layout is None or layout.dynamic is None:
+            return  # static, or not an executable or library
+        self.stats.elf_files += 1
+        dynamic = elf.parse_dynamic(h, await self.store.peek(layer, entry, *layout.dynamic))
+        span = dynamic.string_span()
+        if span is None or dynamic.strtab is None:
+            return
+        at = layout.file_offset(dynamic.strtab + span[0])
+        if at is None:
+            return
+        table = await self.store.peek(layer, entry, at, min(span[1] - span[0], STRINGS_MAX))
+
+        def string(offset: int | None) -> str | None:
+            return None if offset is None else elf.string_at(table, offset - span[0])
+
+        origin = "/".join(node.path()[:-1])
+        runpath = string(dynamic.runpath)
+        dirs = elf.search_dirs(runpath if runpath else string(dynamic.rpath), origin)
+        dirs += elf.default_dirs(h)
+        found: list[Node] = []
+        for name in map(string, dynamic.needed):
+            lib = self._find(name, dirs)
+            if lib is not None:
+                found.append(lib)
+        await self._fetch(found)
+        if depth + 1 < FOLLOW_DEPTH:
+            async with trio.open_nursery() as nursery:
+                for lib in found:
+                    nursery.start_soon(self._guarded, lib, None, depth + 1)
+
+    def _find(self, name: str | None, dirs: list[str]) -> Node | None:
+        """The library the loader would open for ``name``, if not looked at yet and small."""
+        if not name or "/" in name:
+            return None  # a path: the loader opens it as given, relative to the process
+        for d in dirs:
+            lib = lower_file(self.tree, f"{d}/{name}")
+            if lib is None:
+                continue
+            entry = lib.entry
+            assert entry is not None
+            if lib.ino in self._seen or not 0 < entry.size <= min(FILE_MAX, self._left):
+                return None
+            self._seen.add(lib.ino)
+            self._left -= entry.size
+            return lib
+        return None
+
+    async def _fetch(self, libs: list[Node]) -> None:
+        """``libs`` whole, at once: in one request while the loader's order (DT_NEEDED's) is
+        the blob's, else one each.  A request's stream comes in blob order, so the loader,
+        which wants them in its order, would wait behind a later library's bytes (libssl
+        behind libcrypto's 1.8 MB), or overtake with a request of its own."""
+        runs: list[tuple[Layer, list[Entry]]] = []
+        last = (-1, -1)  # the previous library's layer and blob offset
+        for lib in libs:
+            w = self._where(lib)
+            if w is None:
+                continue
+            layer, entry = w
+            at = (lib.layer, entry.chunks[0].offset if entry.chunks else 0)
+            if at[0] == last[0] and at[1] > last[1]:
+                runs[-1][1].append(entry)
+            else:
+                runs.append((layer, [entry]))
+            last = at
+
+        async def one(layer: Layer, entries: list[Entry]) -> None:
+            try:
+                await self.store.prefetch(layer, entries)
+            except (LazyfsError, OSError) as e:
+                log.warning("libraries from %s: %s", layer.blob_digest, e)
+                self.stats.error = self.stats.error or str(e)
+                return
+            self.stats.libraries += len(entries)
+            self.stats.bytes += sum(e.size for e in entries)
+
+        async with trio.open_nursery() as nursery:
+            for layer, entries in runs:
+                nursery.start_soon(one, layer, entries)

@@ -1,0 +1,176 @@
+"""A mount without groups fetches the libraries an ELF file names (DT_NEEDED, found as the
+loader would: DT_RUNPATH with $ORIGIN, the default directories, links followed) once a reader
+has read the file's start, before anything reads them; ``--no-prefetch`` fetches none."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lazyfs_tools.convert import convert
+
+from lazyfs.formats.toc import Entry
+from lazyfs.fs.neededlibs import lower_file
+from lazyfs.fs.tree import Tree
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.elffile import make_elf
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import mount_stats, mounted
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+
+LIBDIR = "usr/lib/x86_64-linux-gnu"
+PROG = make_elf(["libA.so.1", "libB.so.2"], pad=seeded_bytes(200_000, 1))
+LIBS = {
+    # libA names libC through its RUNPATH: followed one level down.
+    f"{LIBDIR}/libA.so.1.0.0": make_elf(
+        ["libC.so"], runpath="$ORIGIN/../../private", pad=seeded_bytes(50_000, 2)
+    ),
+    f"{LIBDIR}/libB.so.2": seeded_bytes(80_000, 3),  # no ELF: nothing further
+    "usr/private/libC.so": seeded_bytes(30_000, 4),
+}
+
+
+def _hostile() -> dict[str, bytes]:
+    """ELF files whose headers lie: the follow-ups fetch nothing for them and fail nothing."""
+    far = bytearray(make_elf(["libC.so"]))
+    struct.pack_into("<Q", far, 64 + 56 + 8, 2**40)  # PT_DYNAMIC's offset: past the file
+    strtab = bytearray(make_elf(["libC.so"]))
+    dyn_at = len(strtab) - 3 * 16
+    struct.pack_into("<qQ", strtab, dyn_at, 5, 2**50)  # DT_STRTAB mapped nowhere
+    return {
+        "usr/bin/far": bytes(far),
+        "usr/bin/strtab": bytes(strtab),
+        "usr/bin/path": make_elf(["../private/libC.so", "/usr/private/libC.so"]),
+        "usr/bin/short": make_elf(["libC.so"])[:100],
+    }
+
+
+HOSTILE = _hostile()
+FAR = "opt/data.bin"
+FAR_BYTES = seeded_bytes(3_000_000, 5)
+
+
+def _items() -> list[Item]:
+    return [
+        Item("lib", "symlink", link="usr/lib"),
+        Item("usr", "dir", mode=0o755),
+        Item("usr/bin", "dir", mode=0o755),
+        Item("usr/bin/prog", data=PROG, mode=0o755),
+        *(Item(name, data=data, mode=0o755) for name, data in HOSTILE.items()),
+        # Between the program and its libraries in the blob: a miss of the program brings
+        # neighbours (amplify), not them.
+        Item("opt", "dir", mode=0o755),
+        Item(FAR, data=FAR_BYTES),
+        Item("usr/lib", "dir", mode=0o755),
+        Item(LIBDIR, "dir", mode=0o755),
+        Item(f"{LIBDIR}/libA.so.1", "symlink", link="libA.so.1.0.0"),
+        *(Item(name, data=data) for name, data in LIBS.items() if name.startswith(LIBDIR)),
+        Item(f"{LIBDIR}/libunused.so.1", data=seeded_bytes(40_000, 6)),
+        Item("usr/private", "dir", mode=0o755),
+        Item("usr/private/libC.so", data=LIBS["usr/private/libC.so"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def image(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("needed")
+    make_layout(d / "src", [make_tar(_items())], tag="v1")
+    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    push_oci_layout(d / "lazy", f"{registry.host}/needed/app:v1", tag="v1")
+    return "needed/app:v1"
+
+
+def _read_head(path: Path) -> bytes:
+    """What the kernel reads of a program it executes first (the loader: the same)."""
+    with path.open("rb") as f:
+        return f.read(4096)
+
+
+def _followed(mnt: Path, libraries: int, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        needed = mount_stats(mnt)["needed"]
+        if needed["libraries"] >= libraries and not needed["busy"]:
+            return needed  # type: ignore[no-any-return]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"libraries not fetched: {needed}")
+        time.sleep(0.05)
+
+
+def test_the_libraries_an_elf_file_names_are_fetched_before_they_are_read(
+    image: str, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+        assert _read_head(mnt / "usr/bin/prog") == PROG[:4096]
+        needed = _followed(mnt, len(LIBS))
+        assert needed["libraries"] == len(LIBS) and not needed["error"], needed
+        assert needed["elf_files"] == 2  # prog and libA (libB is no ELF file)
+        before = len(fault_proxy.served)
+        # Bounded: the program's miss (with its neighbours, up to 768 KiB), its libraries,
+        # the TOC; not the 3 MB file.
+        assert fault_proxy.payload_bytes < 1_500_000
+        assert (mnt / "lib/x86_64-linux-gnu/libA.so.1").read_bytes() == LIBS[
+            f"{LIBDIR}/libA.so.1.0.0"
+        ]
+        for name, data in LIBS.items():
+            assert (mnt / name).read_bytes() == data
+        assert len(fault_proxy.served) == before
+        # Any other file is fetched when read.
+        assert (mnt / FAR).read_bytes() == FAR_BYTES
+        assert len(fault_proxy.served) > before
+
+
+def test_elf_files_whose_headers_lie_fetch_nothing_and_break_nothing(
+    image: str, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+        for name, data in HOSTILE.items():
+            assert (mnt / name).read_bytes() == data
+        deadline = time.monotonic() + 10
+        while (stats := mount_stats(mnt))["needed"]["busy"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stats["needed"]["libraries"] == 0 and not stats["needed"]["error"], stats
+        assert stats["handler_errors"] == 0
+        assert (mnt / "usr/private/libC.so").read_bytes() == LIBS["usr/private/libC.so"]
+
+
+def test_no_prefetch_follows_nothing(image: str, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c"))
+    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+        assert _read_head(mnt / "usr/bin/prog") == PROG[:4096]
+        time.sleep(0.3)
+        assert mount_stats(mnt).get("needed") is None
+        before = len(fault_proxy.served)
+        assert (mnt / "usr/private/libC.so").read_bytes() == LIBS["usr/private/libC.so"]
+        assert len(fault_proxy.served) > before
+
+
+def test_lower_file_follows_links_as_the_kernel_does() -> None:
+    entries = [
+        Entry(name="lib", type="symlink", link_name="usr/lib"),
+        Entry(name="loop", type="symlink", link_name="loop/x"),
+        Entry(name="usr", type="dir"),
+        Entry(name="usr/lib", type="dir"),
+        Entry(name="usr/lib/abs", type="symlink", link_name="/usr/lib/libz.so"),
+        Entry(name="usr/lib/libz.so", type="reg", size=3, digest="sha256:" + "1" * 64),
+    ]
+    from lazyfs.formats.toc import TOC
+
+    tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
+    found = lower_file(tree, "/lib/abs")
+    assert found is not None and found.path() == ("usr", "lib", "libz.so")
+    assert lower_file(tree, "lib/../lib/./libz.so") is found
+    assert lower_file(tree, "/loop") is None
+    assert lower_file(tree, "/usr/lib") is None  # a directory
+    assert lower_file(tree, "/usr/lib/libz.so/x") is None
+    assert lower_file(tree, "/nowhere/libz.so") is None

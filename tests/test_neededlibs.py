@@ -8,14 +8,19 @@ from __future__ import annotations
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import trio
+import trio.testing
 from lazyfs_tools.convert import convert
 
-from lazyfs.formats.toc import Entry
-from lazyfs.fs.neededlibs import lower_file
+from lazyfs.formats.toc import TOC, Entry
+from lazyfs.fs import neededlibs
+from lazyfs.fs.neededlibs import NeededLibs, lower_file
 from lazyfs.fs.tree import Tree
+from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.elffile import make_elf
 from lazyfs.testing.faultproxy import FaultProxy
@@ -164,8 +169,6 @@ def test_lower_file_follows_links_as_the_kernel_does() -> None:
         Entry(name="usr/lib/abs", type="symlink", link_name="/usr/lib/libz.so"),
         Entry(name="usr/lib/libz.so", type="reg", size=3, digest="sha256:" + "1" * 64),
     ]
-    from lazyfs.formats.toc import TOC
-
     tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
     found = lower_file(tree, "/lib/abs")
     assert found is not None and found.path() == ("usr", "lib", "libz.so")
@@ -174,3 +177,38 @@ def test_lower_file_follows_links_as_the_kernel_does() -> None:
     assert lower_file(tree, "/usr/lib") is None  # a directory
     assert lower_file(tree, "/usr/lib/libz.so/x") is None
     assert lower_file(tree, "/nowhere/libz.so") is None
+
+
+def test_elf_files_read_one_after_another_are_looked_at_a_few_at_a_time() -> None:
+    """A scan reading the start of every ELF file (``file``, ``ldconfig``) starts no more
+    look-ups at once than WORKERS; beyond QUEUE more waiting, the rest is left to the loader."""
+    files = 200
+    entries = [
+        Entry(name=f"f{i}", type="reg", size=len(PROG), digest=f"sha256:{i:064x}")
+        for i in range(files)
+    ]
+    tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
+
+    class Stalled:  # the network never answers: every look-up stays under way
+        peeks = 0
+
+        async def peek(self, *_: Any) -> bytes:
+            self.peeks += 1
+            await trio.sleep_forever()
+            raise AssertionError
+
+    store = Stalled()
+    needed = NeededLibs(cast(LayerStore, store), tree, [cast(Layer, None)])
+
+    async def scan() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(needed.run)
+            for i in range(files):
+                node = tree.root.children[f"f{i}"]  # type: ignore[index]
+                needed.noticed(node, entries[i], 0, PROG[:4096])
+                await trio.testing.wait_all_tasks_blocked()
+            assert needed.stats.busy == store.peeks == neededlibs.WORKERS
+            assert len(needed._seen) == neededlibs.WORKERS + neededlibs.QUEUE
+            nursery.cancel_scope.cancel()
+
+    trio.run(scan)

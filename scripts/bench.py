@@ -40,6 +40,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mount-images", help="comma-separated (default syn1k,syn10k,syn100k)")
     ap.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     ap.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
+    ap.add_argument("--contenders", help="startup: run only the contenders whose name has one "
+                    "of these comma-separated words (the baseline always runs)")
+    ap.add_argument("--before", type=Path, metavar="DIR", help="startup: the prefetch "
+                    "contenders again with the lazyfs of checkout DIR (byte-compile it first)")
     ap.add_argument("--cleanup", action="store_true", help="tear down a previous run and exit")
     return ap.parse_args(argv)
 
@@ -119,7 +123,12 @@ def locked_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"new connection + GET {link['new_connection_get_ms']:.1f} ms, "
             f"curl {link['curl_blob_bytes'] / 2**20:.1f} MiB at {link['curl_mbit_s']:.1f} Mbit/s"
         )
-        ctx = scenarios.Ctx(services.host, imgs, reps, RUN_DIR, services.push)
+        ctx = scenarios.Ctx(
+            services.host, imgs, reps, RUN_DIR, services.push,
+            relay_events=services.relay_events,
+            only=args.contenders.split(",") if args.contenders else [],
+            before=args.before.resolve() if args.before else None,
+        )  # fmt: skip
         for sc in chosen:
             log(f"scenario {sc}")
             if sc == "startup":
@@ -145,6 +154,8 @@ def locked_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     result["charts"] = report.charts(result, args.results_dir, stamp) if result["scenarios"] else []
     path = report.write_json(result, args.results_dir, stamp)
     log(f"results: {path}")
+    if (RUN_DIR / "rtts.md").exists():
+        log(f"each lazy run's requests: {RUN_DIR / 'rtts.md'}")
     print(report.markdown(result))
     if not args.no_markdown:
         report.append(result)

@@ -34,6 +34,7 @@ class NsServices:
         self.relay: subprocess.Popen[bytes] | None = None
         self.registry_host = f"{netns.NS_ADDR}:{REGISTRY_PORT}"  # unshaped latency: push only
         self.host = f"{netns.NS_ADDR}:{RELAY_PORT}"  # what every client uses
+        self.relay_events = workdir / "relay-events.jsonl"  # for .rtts
 
     def _spawn(self, argv: list[str], log_name: str, label: str) -> subprocess.Popen[bytes]:
         with open(self.workdir / log_name, "ab") as out:
@@ -71,6 +72,8 @@ class NsServices:
                 self.registry_host,
                 "--rtt-ms",
                 str(rtt_ms),
+                "--log",
+                str(self.relay_events),
             ],
             "relay.log",
             "relay",

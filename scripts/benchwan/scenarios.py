@@ -149,13 +149,22 @@ def _lazy_start(
     forks: Path | None = None,
     tree: Path | None = None,
 ) -> Rows:
+    from unittest import mock
+
+    from lazyfs.fs import forkserver
+
     cache, mnt = ctx.fresh("cache"), ctx.work / "mnt"
     c0 = netns.connections_opened()
     b0, t0, m0 = netns.veth_bytes(), time.perf_counter(), time.monotonic()
-    with lazyfs_mount(
-        ctx.ref(img, fmt_dir), mnt, cache, "--plain-http", *extra, forkserver=forks,
-        **({"tree": tree} if tree is not None else {}),
-    ) as d:  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        if tree is not None and forks is not None:
+            # The fork server refuses a client of other code: this one asks as the tree's.
+            stack.enter_context(mock.patch.object(
+                forkserver, "origin", lambda: f"{sys.executable} {tree / 'lazyfs'}"))  # fmt: skip
+        d = stack.enter_context(lazyfs_mount(
+            ctx.ref(img, fmt_dir), mnt, cache, "--plain-http", *extra, forkserver=forks,
+            **({"tree": tree} if tree is not None else {}),
+        ))  # fmt: skip
         mounted = time.perf_counter() - t0
         run_workload(img.workload(mnt))
         secs, nbytes = time.perf_counter() - t0, netns.veth_bytes() - b0

@@ -300,6 +300,13 @@ def test_the_deltas_listing_travels_with_the_toc(
     listings = [n for n, p in enumerate(paths) if "/manifests/sha256-" in p]
     # One listing (the deltas lookup took it), asked for before the TOC's answer came back.
     assert len(listings) == 1 and ins[listings[0]] < toc_out
+    # The referrers API (docker-registry has none: 404) asked beside the tag, not before it.
+    (api,) = [n for n, p in enumerate(paths) if "/referrers/" in p]
+    tag_out = next(
+        i for i, ev in enumerate(events) if ev[0] == "out" and ev[1] == paths[listings[0]]
+    )
+    api_out = next(i for i, ev in enumerate(events) if ev[0] == "out" and ev[1] == paths[api])
+    assert ins[api] < tag_out and ins[listings[0]] < api_out
     # Without deltas nobody needs the listing: none is asked for.
     fault_proxy.reset()
     fault_proxy.match = "/v2/"

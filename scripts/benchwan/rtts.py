@@ -10,6 +10,7 @@ the serial chain a cold start pays in round trips.
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,4 +96,45 @@ def table(reqs: list[Request]) -> str:
             f"| {i + 1} | {conn} | {r.sent * 1000:.0f} | {first} | {last} | {r.method} | "
             f"{r.path} | {ranges} | {r.nbytes} | {d} |"
         )
+    return "\n".join(out)
+
+
+def landmarks(reqs: list[Request]) -> dict[str, float]:
+    """A run's moments (s): the manifest's request, the data phase's first request (the
+    first ranged request after the first one, the TOC's) and its serial depth, the last
+    byte of any answer; and the connections the run opened."""
+    out: dict[str, float] = {"requests": len(reqs), "connections": sum(r.new_conn for r in reqs)}
+    if reqs:
+        out["manifest_sent"] = reqs[0].sent
+        out["last_byte"] = max((r.last for r in reqs if r.last is not None), default=0.0)
+    ranged = [i for i, r in enumerate(reqs) if r.range]
+    if len(ranged) > 1:
+        depth = serial_depth(reqs)
+        out["data_sent"] = reqs[ranged[1]].sent
+        out["data_depth"] = depth[ranged[1]]
+    return out
+
+
+def medians(runs: dict[str, list[dict[str, float]]]) -> str:
+    """A Markdown table of each label's median landmarks (ms), with the runs' range."""
+    cols = [
+        ("manifest_sent", "manifest sent ms", 1000),
+        ("data_sent", "data phase's first request ms", 1000),
+        ("data_depth", "answers it waited for in series", 1),
+        ("last_byte", "last byte ms", 1000),
+        ("requests", "requests", 1),
+        ("connections", "connections opened", 1),
+    ]
+    out = ["| contender | runs | " + " | ".join(c[1] for c in cols) + " |"]
+    out.append("|---|---|" + "---|" * len(cols))
+    for label, lms in runs.items():
+        cells = []
+        for key, _, scale in cols:
+            vals = sorted(lm[key] * scale for lm in lms if key in lm)
+            if not vals:
+                cells.append("-")
+                continue
+            spread = f"{vals[0]:.0f}–{vals[-1]:.0f}"  # noqa: RUF001 (Markdown)
+            cells.append(f"{statistics.median(vals):.0f} ({spread})")
+        out.append(f"| {label} | {len(lms)} | " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -49,6 +49,7 @@ class Ctx:
     relay_events: Path | None = None  # the relay's event log: each lazy run's requests tabled
     only: list[str] = field(default_factory=list)  # run the contenders naming one of these
     before: Path | None = None  # a checkout whose lazyfs runs as "before:" twins
+    landmarks: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # per label
 
     def ref(self, img: Image, fmt_dir: str) -> str:
         return f"{self.host}/bench/{img.name}:{fmt_dir}"
@@ -189,6 +190,7 @@ def _table_requests(ctx: Ctx, label: str, m0: float, mounted: float, secs: float
         return
     time.sleep(0.05)  # the relay's last lines
     reqs = rtts.requests_between(ctx.relay_events, m0, m0 + secs)
+    ctx.landmarks.setdefault(label, []).append(rtts.landmarks(reqs))
     with open(ctx.work / "rtts.md", "a") as out:
         out.write(
             f"\n### {label}: mount {mounted * 1000:.0f} ms, done {secs * 1000:.0f} ms "
@@ -348,6 +350,9 @@ def startup(ctx: Ctx, image: str) -> dict[str, Any]:
                 if c[0] == "pull+extract" or any(o in c[0] for o in ctx.only)
             ]  # fmt: skip
         raw = alternate(contenders, ctx.reps)
+    if ctx.landmarks:
+        with open(ctx.work / "rtts.md", "a") as out:
+            out.write(f"\n### medians over the runs\n\n{rtts.medians(ctx.landmarks)}\n")
     return {
         "scenario": "startup",
         "image": image,

@@ -60,7 +60,7 @@ class NsServices:
         _wait_http(self.registry_host, self.registry)
         log(f"docker-registry in {netns.NETNS} on {self.registry_host}")
 
-    def start_relay(self, rtt_ms: float) -> None:
+    def start_relay(self, rtt_ms: float, slow_start: bool = False) -> None:
         self.stop_relay()
         self.relay = self._spawn(
             [
@@ -74,12 +74,14 @@ class NsServices:
                 str(rtt_ms),
                 "--log",
                 str(self.relay_events),
+                *(["--slow-start"] if slow_start else []),
             ],
             "relay.log",
             "relay",
         )
         _wait_http(self.host, self.relay)
-        log(f"relay on {self.host} -> {self.registry_host}, RTT {rtt_ms} ms")
+        ss = ", slow start modelled" if slow_start else ""
+        log(f"relay on {self.host} -> {self.registry_host}, RTT {rtt_ms} ms{ss}")
 
     def stop_relay(self) -> None:
         if self.relay is not None:

@@ -68,6 +68,46 @@ def _addr(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class SlowStart:
+    """A sender's congestion window on a path of ``rtt`` seconds, for ``--slow-start``: the
+    relay's own TCP ends see a sub-millisecond RTT, so their windows open at once and a fresh
+    connection runs at the link's rate from its first byte, which a real 40 ms path does not.
+    At most ``cwnd`` bytes a round trip, from 10 segments, doubled after each round that used
+    it all, and back to 10 segments after an idle RTO (Linux's default,
+    tcp_slow_start_after_idle)."""
+
+    IW = 10 * 1448
+
+    def __init__(self, rtt: float) -> None:
+        self.rtt = rtt
+        self.rto = 0.2 + rtt  # Linux's 200 ms floor plus about the smoothed RTT
+        self.cwnd = self.IW
+        self.round_end = 0.0
+        self.left = 0
+        self.last = float("-inf")
+
+    def send(self, dst: socket.socket, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            now = time.monotonic()
+            if now - self.last > self.rto:
+                self.cwnd = self.left = self.IW
+                self.round_end = now + self.rtt
+            elif now >= self.round_end:
+                if self.left == 0:  # the window was used up: it grows
+                    self.cwnd *= 2
+                self.left = self.cwnd
+                self.round_end = now + self.rtt
+            if self.left == 0:
+                time.sleep(self.round_end - now)
+                continue
+            n = min(len(view), self.left)
+            dst.sendall(view[:n])
+            self.left -= n
+            view = view[n:]
+            self.last = time.monotonic()
+
+
 def _pump(
     src: socket.socket,
     dst: socket.socket,
@@ -76,6 +116,7 @@ def _pump(
     note: EventLog,
     conn: int,
     upstream: bool,
+    window: SlowStart | None = None,
 ) -> None:
     q: queue.Queue[tuple[float, bytes]] = queue.Queue(MAX_QUEUED_CHUNKS)
     stop = threading.Event()
@@ -112,7 +153,10 @@ def _pump(
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
                 return
-            dst.sendall(data)
+            if window is not None:
+                window.send(dst, data)
+            else:
+                dst.sendall(data)
             if not upstream:
                 note(ev="data", conn=conn, n=len(data))
     except OSError:
@@ -125,7 +169,12 @@ def _pump(
 
 
 def _serve_one(
-    client: socket.socket, upstream: tuple[str, int], half: float, note: EventLog, conn: int
+    client: socket.socket,
+    upstream: tuple[str, int],
+    half: float,
+    note: EventLog,
+    conn: int,
+    slow_start: bool,
 ) -> None:
     note(ev="open", conn=conn)
     try:
@@ -140,7 +189,8 @@ def _serve_one(
         target=_pump, args=(client, server, half, 2 * half, note, conn, True), daemon=True
     )
     up.start()
-    _pump(server, client, half, 0.0, note, conn, False)
+    window = SlowStart(2 * half) if slow_start else None
+    _pump(server, client, half, 0.0, note, conn, False, window)
     up.join()
     client.close()
     server.close()
@@ -153,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upstream", required=True, type=_addr)
     ap.add_argument("--rtt-ms", required=True, type=float)
     ap.add_argument("--log", help="JSON lines: connections, requests, answers' chunks")
+    ap.add_argument("--slow-start", action="store_true", help="answers sent as a sender's "
+                    "congestion window on a path of --rtt-ms allows (see SlowStart)")
     args = ap.parse_args(argv)
     half = args.rtt_ms / 2000.0
     lsock = socket.create_server(args.listen, backlog=256, reuse_port=False)
@@ -163,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         client, _ = lsock.accept()
         conn += 1
         threading.Thread(
-            target=_serve_one, args=(client, args.upstream, half, note, conn), daemon=True
+            target=_serve_one,
+            args=(client, args.upstream, half, note, conn, args.slow_start),
+            daemon=True,
         ).start()
 
 

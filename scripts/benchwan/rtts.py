@@ -73,7 +73,8 @@ def serial_depth(reqs: list[Request]) -> list[int]:
     whose answer was complete before it was sent (0 waited for nothing)."""
     depth: list[int] = []
     for i, r in enumerate(reqs):
-        before = [depth[j] for j in range(i) if reqs[j].last is not None and reqs[j].last < r.sent]
+        ends = [(j, q.last) for j, q in enumerate(reqs[:i]) if q.last is not None]
+        before = [depth[j] for j, last in ends if last < r.sent]
         depth.append(1 + max(before) if before else 0)
     return depth
 

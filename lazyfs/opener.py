@@ -16,6 +16,7 @@ mount answers from them what no pending layer can change.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs import oci
+from lazyfs.errors import LazyfsError
 from lazyfs.formats.layer import TocLocation
 from lazyfs.formats.toc import TOC
 from lazyfs.remote.base import Source
+from lazyfs.remote.referrers import shared_referrers
 from lazyfs.remote.registry import RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
@@ -35,6 +38,12 @@ from lazyfs.store.documents import CachingSource
 from lazyfs.store.tocs import LayerInfo, Unsaved, load_tocs, save_tocs
 from lazyfs.store.wholelayer import PendingIndex, WholeFetch, WholeLayers
 from lazyfs.trace.stored import StoredGroups
+
+log = logging.getLogger(__name__)
+
+#: How long the referrers listing begun with a cold open may take (its users wait their own
+#: bounded times for it: the deltas lookup, the stored groups' lookup).
+REFERRERS_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +202,7 @@ async def open_image(
     stored_groups: bool = False,
     group: str | None = None,
     entry_tables: bool = False,
+    referrers: bool = False,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
@@ -204,7 +214,10 @@ async def open_image(
     ``stored_groups``: find the prefetch group ``group`` stored beside the image (kept from an
     earlier open, else looked up while the TOCs load; see :class:`StoredGroups`).
     ``entry_tables``: keep the TOCs' entries as columns, each made when asked for (a mount's
-    memory; not for what relies on one object per entry)."""
+    memory; not for what relies on one object per entry).  ``referrers``: when a TOC is
+    fetched (a cold open), list the image's referrers beside it, for a deltas lookup after
+    the open (it then takes the listing instead of a round trip of its own, which the
+    prefetch would wait for)."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -233,7 +246,7 @@ async def open_image(
                     toc_dir=cache.tocs_dir,
                     whole=whole,
                     layer_count=layer_count,
-                    on_resolved=_begin(groups, side),
+                    on_resolved=_begin(groups, side, source if referrers else None),
                     unsaved=unsaved,
                     tables=entry_tables,
                 )
@@ -268,13 +281,33 @@ async def open_image(
 
 
 def _begin(
-    groups: StoredGroups | None, nursery: trio.Nursery
-) -> Callable[[str, float], None] | None:
+    groups: StoredGroups | None, nursery: trio.Nursery, referrers: Source | None
+) -> Callable[[str, float, bool], None] | None:
     """``load_tocs``'s hook: the groups lookup starts with the TOCs' fetch (the manifest's
-    tells what a request costs)."""
-    if groups is None:
+    tells what a request costs), and so does, on a cold open, the listing of the image's
+    referrers through ``referrers`` (a source)."""
+    if groups is None and referrers is None:
         return None
-    return lambda digest, request_time: groups.begin(nursery, digest, request_time)
+
+    def begin(digest: str, request_time: float, cold: bool) -> None:
+        if groups is not None:
+            groups.begin(nursery, digest, request_time)
+        if referrers is not None and cold:
+            nursery.start_soon(_list_referrers, referrers, digest)
+
+    return begin
+
+
+async def _list_referrers(source: Source, digest: str) -> None:
+    """Fetch the referrers listing that later lookups share (``shared_referrers``); a failure
+    is theirs to meet again (a failed listing is not shared), never the open's."""
+    try:
+        with trio.move_on_after(REFERRERS_TIMEOUT):
+            await shared_referrers(source, digest)
+    except LazyfsError as e:
+        log.info("listing the referrers of %s: %s", digest, e)
+    except Exception as e:  # a bonus: nothing here may take a mount down
+        log.warning("listing the referrers of %s failed: %s", digest, e)
 
 
 @asynccontextmanager

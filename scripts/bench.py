@@ -40,6 +40,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mount-images", help="comma-separated (default syn1k,syn10k,syn100k)")
     ap.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     ap.add_argument("--no-markdown", action="store_true", help="do not append to BENCHMARKS.md")
+    ap.add_argument("--contenders", help="startup: run only the contenders whose name has one "
+                    "of these comma-separated words (the baseline always runs)")
+    ap.add_argument("--before", type=Path, metavar="DIR", help="startup: the prefetch "
+                    "contenders again with the lazyfs of checkout DIR (byte-compile it first)")
+    ap.add_argument("--slow-start", action="store_true", help="the relay models a sender's "
+                    "slow start on the profile's RTT (its own TCP ends ramp at once)")
     ap.add_argument("--cleanup", action="store_true", help="tear down a previous run and exit")
     return ap.parse_args(argv)
 
@@ -88,6 +94,7 @@ def locked_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             "name": profile.name,
             "rate_mbit": profile.rate_mbit,
             "rtt_ms": profile.rtt_ms,
+            "slow_start": args.slow_start,
             "tbf": profile.tbf_args(),
         },
         "reps": reps,
@@ -103,7 +110,7 @@ def locked_main(args: argparse.Namespace, argv: list[str] | None) -> int:
                 services.push(img.layout(fmt), f"bench/{img.name}", fmt)
         log(f"pushed {len(imgs)} images x 3 formats")
         netns.shape(profile)
-        services.start_relay(profile.rtt_ms)
+        services.start_relay(profile.rtt_ms, args.slow_start)
         big = max(
             ((i, b) for i in imgs.values() for b in i.meta["blobs"]["gzip"]),
             key=lambda ib: ib[1]["size"],
@@ -119,7 +126,12 @@ def locked_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             f"new connection + GET {link['new_connection_get_ms']:.1f} ms, "
             f"curl {link['curl_blob_bytes'] / 2**20:.1f} MiB at {link['curl_mbit_s']:.1f} Mbit/s"
         )
-        ctx = scenarios.Ctx(services.host, imgs, reps, RUN_DIR, services.push)
+        ctx = scenarios.Ctx(
+            services.host, imgs, reps, RUN_DIR, services.push,
+            relay_events=services.relay_events,
+            only=args.contenders.split(",") if args.contenders else [],
+            before=args.before.resolve() if args.before else None,
+        )  # fmt: skip
         for sc in chosen:
             log(f"scenario {sc}")
             if sc == "startup":
@@ -136,6 +148,9 @@ def locked_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             "the relay delays data by RTT/2 each way and a new connection's first bytes by one "
             "more RTT (the handshake a real link would cost); skopeo's https attempt before "
             "falling back to http (--src-tls-verify=false) costs the baseline 1 or 2 RTTs",
+            *(["--slow-start: the relay sends each answer as a sender's congestion window on "
+               "the profile's RTT allows (10 segments, doubling a round trip, reset after an "
+               "idle RTO); its own TCP ends would ramp at once"] if args.slow_start else []),
         ]
     finally:
         services.stop()
@@ -145,6 +160,8 @@ def locked_main(args: argparse.Namespace, argv: list[str] | None) -> int:
     result["charts"] = report.charts(result, args.results_dir, stamp) if result["scenarios"] else []
     path = report.write_json(result, args.results_dir, stamp)
     log(f"results: {path}")
+    if (RUN_DIR / "rtts.md").exists():
+        log(f"each lazy run's requests: {RUN_DIR / 'rtts.md'}")
     print(report.markdown(result))
     if not args.no_markdown:
         report.append(result)

@@ -387,11 +387,13 @@ def lazyfs_mount(
     timeout: float = 120.0,
     upper: Path | None = None,
     forkserver: Path | None = None,
+    tree: Path = ROOT,
 ) -> Iterator[Daemon]:
     """``lazyfs mount IMAGE MNT --read-only --cache DIR`` (``--upper DIR`` instead of
     ``--read-only`` when given), spawned through the project's one daemon module and ready when
     it says so; unmounted and stopped by PID on exit.  ``forkserver``: a ``lazyfs serve-forks``
-    socket to fork the daemon from, as the snapshotter does."""
+    socket to fork the daemon from, as the snapshotter does.  ``tree``: the checkout whose
+    lazyfs runs (``python -m`` there imports its own; a ``--before`` tree)."""
     from lazyfs.errors import LazyfsError
     from lazyfs.fs.daemon import spawn
 
@@ -410,7 +412,7 @@ def lazyfs_mount(
             ],
             log=log_path,
             timeout=timeout,
-            cwd=ROOT,
+            cwd=tree,
             forkserver=forkserver,
         )
     except LazyfsError as e:

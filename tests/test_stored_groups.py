@@ -271,3 +271,46 @@ def test_a_document_on_its_way_is_waited_for(
     fault_proxy.match = "/v2/"
     known, took = _open(fault_proxy, bare, tmp_path / "c2")
     assert not known and took < 1.5
+
+
+def test_the_deltas_listing_travels_with_the_toc(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A mount prefetching from a groups file: the image's referrers (where deltas would be)
+    are listed beside the TOC's fetch, not after the TOC is decoded, where the prefetch
+    waited a round trip for them (on the WAN harness: 47-112 ms)."""
+    img = _push(registry, tmp_path, "stored/deltas-early")
+    groups = tmp_path / "groups.json"
+    groups.write_bytes(
+        startup_groups(img["repo"], img["manifest"], img["layer"].digest, FILES, USED)
+    )
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay = 0.2  # every request in flight long enough to see what overlaps
+    ref = f"{fault_proxy.host}/{img['repo']}:v1"
+    args = ("--plain-http", "--read-only", "--prefetch", str(groups))
+    with mounted(ref, tmp_path / "mnt", *args, "--cache", str(tmp_path / "c")) as m:
+        pf = wait_prefetched(m.mountpoint)["prefetch"]
+        assert pf["group"] and not pf["error"]
+        for name in USED:
+            assert (m.mountpoint / name).read_bytes() == FILES[name]
+    paths, ranges, events = fault_proxy.paths, fault_proxy.ranges, fault_proxy.events
+    ins = [i for i, ev in enumerate(events) if ev[0] == "in"]
+    toc = next(n for n, r in enumerate(ranges) if r is not None)
+    toc_out = next(i for i, ev in enumerate(events) if ev[0] == "out" and ev[1] == paths[toc])
+    listings = [n for n, p in enumerate(paths) if "/manifests/sha256-" in p]
+    # One listing (the deltas lookup took it), asked for before the TOC's answer came back.
+    assert len(listings) == 1 and ins[listings[0]] < toc_out
+    # The referrers API (docker-registry has none: 404) asked beside the tag, not before it.
+    (api,) = [n for n, p in enumerate(paths) if "/referrers/" in p]
+    tag_out = next(
+        i for i, ev in enumerate(events) if ev[0] == "out" and ev[1] == paths[listings[0]]
+    )
+    api_out = next(i for i, ev in enumerate(events) if ev[0] == "out" and ev[1] == paths[api])
+    assert ins[api] < tag_out and ins[listings[0]] < api_out
+    # Without deltas nobody needs the listing: none is asked for.
+    fault_proxy.reset()
+    fault_proxy.match = "/v2/"
+    no_deltas = (*args, "--no-deltas", "--cache", str(tmp_path / "c2"))
+    with mounted(ref, tmp_path / "mnt", *no_deltas) as m:
+        assert wait_prefetched(m.mountpoint)["prefetch"]["group"]
+    assert not any("/manifests/sha256-" in p for p in fault_proxy.paths)

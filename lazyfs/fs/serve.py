@@ -469,6 +469,7 @@ async def serve(
         and opts.auto_prefetch
         and opts.prefetch_from in ("auto", "groups"),
         group=opts.group,
+        referrers=opts.deltas,  # the deltas lookup's listing, beside the TOC's fetch
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:

@@ -47,6 +47,11 @@ class Source(abc.ABC):
     #: a short label for logs and stats, e.g. ``127.0.0.1:5000/app`` or ``oci:/path``
     name: str
 
+    def underlying(self) -> Source:
+        """The source beneath wrappers such as the document cache: what speaks a registry's
+        own APIs (referrers), which a wrapper does not pass on."""
+        return self
+
     @abc.abstractmethod
     async def get_manifest(self, ref: str) -> tuple[bytes, str, str]:
         """Fetch a manifest or index by tag or digest: ``(raw bytes, media type, digest)``.

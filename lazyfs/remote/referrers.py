@@ -93,28 +93,61 @@ def artifact_manifest(
 
 async def list_referrers(source: Source, digest: str) -> tuple[list[oci.Descriptor], bool]:
     """``(descriptors, True)`` from the referrers API, else ``(descriptors, False)`` from the
-    tag schema (empty when the tag does not exist)."""
+    tag schema (empty when the tag does not exist).  Both are asked at once: a registry
+    without the API answers 404, and asking for the tag only then would put a round trip in
+    series on a cold mount's way; the tag's request is cancelled once the API answers.  An
+    API that answers anything but an index (404 is the spec's "none", some registries say
+    400 or 405) leaves the tag schema's answer, whose error is raised."""
     oci.check_digest(digest)
-    if isinstance(source, RegistrySource):
+    registry = source.underlying()  # the document cache passes no referrers request on
+    api: list[list[oci.Descriptor]] = []
+    tag: list[list[oci.Descriptor] | LazyfsError] = []
+
+    async def ask_api(registry: RegistrySource, cancel: trio.CancelScope) -> None:
         try:
-            _, _, body = await source.request(
+            _, _, body = await registry.request(
                 "GET",
                 f"referrers/{digest}",
                 headers={"Accept": oci.MT_OCI_INDEX},
                 capability="pull",
                 what=f"referrers of {digest}",
             )
+            api.append(oci.decode_index(body).manifests)
         except NotFoundError:
-            pass  # no referrers API: the spec's signal to use the tag schema
-        else:
-            return oci.decode_index(body).manifests, True
+            return  # no referrers API: the spec's signal to use the tag schema
+        except LazyfsError as e:
+            log.info("%s: the referrers API said %s; using the tag schema", source.name, e)
+            return
+        cancel.cancel()
+
+    async def ask_tag() -> None:
+        try:
+            tag.append(await _tag_listing(source, digest))
+        except LazyfsError as e:  # raised below, outside the nursery (no group)
+            tag.append(e)
+
+    if isinstance(registry, RegistrySource):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_api, registry, nursery.cancel_scope)
+            nursery.start_soon(ask_tag)
+    else:
+        await ask_tag()
+    if api:
+        return api[0], True
+    if isinstance(tag[0], LazyfsError):
+        raise tag[0]
+    return tag[0], False
+
+
+async def _tag_listing(source: Source, digest: str) -> list[oci.Descriptor]:
+    """The referrers the tag schema lists (none when the tag does not exist)."""
     try:
         data, media_type, _ = await source.get_manifest(referrers_tag(digest))
     except NotFoundError:
-        return [], False
+        return []
     if media_type != oci.MT_OCI_INDEX:
         raise FormatError(f"{source.name}: tag {referrers_tag(digest)} is not an OCI index")
-    return oci.decode_index(data).manifests, False
+    return oci.decode_index(data).manifests
 
 
 class _Listing:

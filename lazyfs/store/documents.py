@@ -24,6 +24,9 @@ class CachingSource(Source):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
 
+    def underlying(self) -> Source:
+        return self.inner.underlying()
+
     def _load(self, digest: str) -> bytes | None:
         path = self.dir / oci.check_digest(digest)
         try:

@@ -278,16 +278,17 @@ async def load_tocs(
     toc_dir: Path | None = None,
     layer_count: int | None = None,
     whole: WholeLayers | None = None,
-    on_resolved: Callable[[str, float], None] | None = None,
+    on_resolved: Callable[[str, float, bool], None] | None = None,
     unsaved: list[Unsaved] | None = None,
     tables: bool = False,
 ) -> Image:
     """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
     ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
     layer without a TOC is an error (NotLazyError), unless ``whole`` is given: then it is
-    fetched whole and indexed.  ``on_resolved`` hears of the manifest digest, and what
-    resolving it took (s), once the TOCs' requests are sent (:data:`TOC_FIRST_WAIT`): what
-    else needs the digest starts beside them, as the config's fetch does.  ``unsaved``,
+    fetched whole and indexed.  ``on_resolved`` hears of the manifest digest, what resolving
+    it took (s) and whether a TOC is fetched (a cold open), once the TOCs' requests are sent
+    (:data:`TOC_FIRST_WAIT`): what else needs the digest starts beside them, as the config's
+    fetch does.  ``unsaved``,
     ``tables``: see :func:`load_layer`."""
     t0 = trio.current_time()
     found_manifest = await resolve_manifest(source, ref, platform)
@@ -323,6 +324,9 @@ async def load_tocs(
             have_config.set()
 
     tocs_sent = _Countdown(len(descriptors))
+    cold = toc_dir is None or not all(
+        (toc_dir / oci.check_digest(d.digest)).exists() for d in descriptors
+    )
 
     async def one(i: int, desc: oci.Descriptor) -> None:
         tried = False
@@ -368,7 +372,7 @@ async def load_tocs(
         with trio.move_on_after(TOC_FIRST_WAIT):
             await tocs_sent.done.wait()
         if on_resolved is not None:
-            on_resolved(found_manifest.digest, resolve_time)
+            on_resolved(found_manifest.digest, resolve_time, cold)
         await get_config()
 
     async with trio.open_nursery() as nursery:

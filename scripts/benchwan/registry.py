@@ -34,6 +34,7 @@ class NsServices:
         self.relay: subprocess.Popen[bytes] | None = None
         self.registry_host = f"{netns.NS_ADDR}:{REGISTRY_PORT}"  # unshaped latency: push only
         self.host = f"{netns.NS_ADDR}:{RELAY_PORT}"  # what every client uses
+        self.relay_events = workdir / "relay-events.jsonl"  # for .rtts
 
     def _spawn(self, argv: list[str], log_name: str, label: str) -> subprocess.Popen[bytes]:
         with open(self.workdir / log_name, "ab") as out:
@@ -59,7 +60,7 @@ class NsServices:
         _wait_http(self.registry_host, self.registry)
         log(f"docker-registry in {netns.NETNS} on {self.registry_host}")
 
-    def start_relay(self, rtt_ms: float) -> None:
+    def start_relay(self, rtt_ms: float, slow_start: bool = False) -> None:
         self.stop_relay()
         self.relay = self._spawn(
             [
@@ -71,12 +72,16 @@ class NsServices:
                 self.registry_host,
                 "--rtt-ms",
                 str(rtt_ms),
+                "--log",
+                str(self.relay_events),
+                *(["--slow-start"] if slow_start else []),
             ],
             "relay.log",
             "relay",
         )
         _wait_http(self.host, self.relay)
-        log(f"relay on {self.host} -> {self.registry_host}, RTT {rtt_ms} ms")
+        ss = ", slow start modelled" if slow_start else ""
+        log(f"relay on {self.host} -> {self.registry_host}, RTT {rtt_ms} ms{ss}")
 
     def stop_relay(self) -> None:
         if self.relay is not None:

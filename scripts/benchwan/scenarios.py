@@ -7,6 +7,7 @@ function may yield several rows, e.g. a cold and then a warm read on the same ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from benchlib import (
     walk_lstat,
 )
 
-from . import netns
+from . import netns, rtts
 from .images import BIGFILE, BIGFILE_SIZE, Image
 
 Rows = dict[str, dict[str, float]]
@@ -45,6 +46,10 @@ class Ctx:
     work: Path
     push: Callable[[Path, str, str], None]  # (layout, repo, tag) straight to the registry
     notes: list[str] = field(default_factory=list)
+    relay_events: Path | None = None  # the relay's event log: each lazy run's requests tabled
+    only: list[str] = field(default_factory=list)  # run the contenders naming one of these
+    before: Path | None = None  # a checkout whose lazyfs runs as "before:" twins
+    landmarks: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # per label
 
     def ref(self, img: Image, fmt_dir: str) -> str:
         return f"{self.host}/bench/{img.name}:{fmt_dir}"
@@ -137,17 +142,34 @@ def _pull_extract(ctx: Ctx, img: Image) -> Rows:
 
 
 def _lazy_start(
-    ctx: Ctx, img: Image, label: str, fmt_dir: str, *extra: str, forks: Path | None = None
+    ctx: Ctx,
+    img: Image,
+    label: str,
+    fmt_dir: str,
+    *extra: str,
+    forks: Path | None = None,
+    tree: Path | None = None,
 ) -> Rows:
+    from unittest import mock
+
+    from lazyfs.fs import forkserver
+
     cache, mnt = ctx.fresh("cache"), ctx.work / "mnt"
     c0 = netns.connections_opened()
-    b0, t0 = netns.veth_bytes(), time.perf_counter()
-    with lazyfs_mount(
-        ctx.ref(img, fmt_dir), mnt, cache, "--plain-http", *extra, forkserver=forks
-    ) as d:
+    b0, t0, m0 = netns.veth_bytes(), time.perf_counter(), time.monotonic()
+    with contextlib.ExitStack() as stack:
+        if tree is not None and forks is not None:
+            # The fork server refuses a client of other code: this one asks as the tree's.
+            stack.enter_context(mock.patch.object(
+                forkserver, "origin", lambda: f"{sys.executable} {tree / 'lazyfs'}"))  # fmt: skip
+        d = stack.enter_context(lazyfs_mount(
+            ctx.ref(img, fmt_dir), mnt, cache, "--plain-http", *extra, forkserver=forks,
+            **({"tree": tree} if tree is not None else {}),
+        ))  # fmt: skip
         mounted = time.perf_counter() - t0
         run_workload(img.workload(mnt))
         secs, nbytes = time.perf_counter() - t0, netns.veth_bytes() - b0
+        _table_requests(ctx, label, m0, mounted, secs)
         conns = netns.connections_opened() - c0
         st = lazy_stats(mnt)
         rss = d.rss_kib().get("VmHWM", 0)
@@ -162,7 +184,23 @@ def _lazy_start(
     return {label: {**row, **st}}
 
 
-def prefetch_contenders(ctx: Ctx, img: Image, forks: Path | None = None) -> list[Contender]:
+def _table_requests(ctx: Ctx, label: str, m0: float, mounted: float, secs: float) -> None:
+    """The run's requests as the relay saw them, in ``ctx.work/rtts.md`` (appended)."""
+    if ctx.relay_events is None or not ctx.relay_events.exists():
+        return
+    time.sleep(0.05)  # the relay's last lines
+    reqs = rtts.requests_between(ctx.relay_events, m0, m0 + secs)
+    ctx.landmarks.setdefault(label, []).append(rtts.landmarks(reqs))
+    with open(ctx.work / "rtts.md", "a") as out:
+        out.write(
+            f"\n### {label}: mount {mounted * 1000:.0f} ms, done {secs * 1000:.0f} ms "
+            f"(ms after the mount command)\n\n{rtts.table(reqs)}\n"
+        )
+
+
+def prefetch_contenders(
+    ctx: Ctx, img: Image, forks: Path | None = None, before_forks: Path | None = None
+) -> list[Contender]:
     """``lazyfs mount --prefetch GROUPS.json`` contenders, when this lazyfs has them.
 
     Set-up (untimed, once per run): mount the zstd:chunked image with ``--trace`` and a fresh
@@ -207,11 +245,19 @@ def prefetch_contenders(ctx: Ctx, img: Image, forks: Path | None = None) -> list
     args = ("--prefetch", str(groups), "--group", "startup")
 
     def with_groups(name: str, label: str, fmt_dir: str) -> list[Contender]:
-        """The contender, and the same with its daemon forked when there is a fork server."""
+        """The contender, and the same with its daemon forked when there is a fork server
+        (and each again with the ``--before`` tree's lazyfs)."""
         both: list[Contender] = [(name, lambda: _lazy_start(ctx, img, label, fmt_dir, *args))]
         if forks is not None:
             both.append((f"{name}, forked", lambda: _lazy_start(
                 ctx, img, f"{label}, daemon forked", fmt_dir, *args, forks=forks)))  # fmt: skip
+        if ctx.before is not None:
+            both.append((f"before: {name}", lambda: _lazy_start(
+                ctx, img, f"before: {label}", fmt_dir, *args, tree=ctx.before)))  # fmt: skip
+        if ctx.before is not None and before_forks is not None:
+            both.append((f"before: {name}, forked", lambda: _lazy_start(
+                ctx, img, f"before: {label}, daemon forked", fmt_dir, *args,
+                forks=before_forks, tree=ctx.before)))  # fmt: skip
         return both
 
     out = with_groups("lazy+prefetch", "lazyfs zstd:chunked + prefetch", "zstd")
@@ -236,6 +282,12 @@ def prefetch_contenders(ctx: Ctx, img: Image, forks: Path | None = None) -> list
                 lambda: _lazy_start(ctx, img, "lazyfs zstd:chunked + stored groups", "zstd"),
             )
         )
+        if ctx.before is not None:
+            out.append((
+                "before: lazy+stored groups",
+                lambda: _lazy_start(ctx, img, "before: lazyfs zstd:chunked + stored groups",
+                                    "zstd", tree=ctx.before),
+            ))  # fmt: skip
     _, convert_help = lazyfs_help("convert")
     if "--prefetch" not in convert_help:
         ctx.notes.append("startup: no re-laid-out+prefetch (no `lazyfs convert --prefetch`)")
@@ -273,9 +325,34 @@ def startup(ctx: Ctx, image: str) -> dict[str, Any]:
         )
     forks_dir = ctx.fresh("forks")
     forks_dir.mkdir(parents=True)
-    with ForkServer.start(forks_dir / "forks.sock", log=forks_dir / "forks.log") as forks:
-        contenders += prefetch_contenders(ctx, img, forks.socket)
+    with contextlib.ExitStack() as stack:
+        forks = stack.enter_context(
+            ForkServer.start(forks_dir / "forks.sock", log=forks_dir / "forks.log")
+        )
+        before_forks = None
+        if ctx.before is not None:
+            # The server runs ``python -m lazyfs.cli`` in the current directory: the before
+            # tree's lazyfs, and the daemons it forks.
+            here = os.getcwd()
+            os.chdir(ctx.before)
+            try:
+                before_forks = stack.enter_context(
+                    ForkServer.start(forks_dir / "before.sock", log=forks_dir / "before.log")
+                )
+            finally:
+                os.chdir(here)
+        contenders += prefetch_contenders(
+            ctx, img, forks.socket, before_forks.socket if before_forks else None
+        )
+        if ctx.only:  # the baseline always runs: every ratio is against it
+            contenders = [
+                c for c in contenders
+                if c[0] == "pull+extract" or any(o in c[0] for o in ctx.only)
+            ]  # fmt: skip
         raw = alternate(contenders, ctx.reps)
+    if ctx.landmarks:
+        with open(ctx.work / "rtts.md", "a") as out:
+            out.write(f"\n### medians over the runs\n\n{rtts.medians(ctx.landmarks)}\n")
     return {
         "scenario": "startup",
         "image": image,

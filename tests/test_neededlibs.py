@@ -96,14 +96,23 @@ def _read_head(path: Path) -> bytes:
         return f.read(4096)
 
 
-def _followed(mnt: Path, libraries: int, timeout: float = 20.0) -> dict[str, Any]:
+def _followed(
+    mnt: Path, *, libraries: int = 0, elf_files: int = 0, timeout: float = 20.0
+) -> dict[str, Any]:
+    """The mount's stats once nothing is busy and at least ``elf_files`` ELF files were
+    looked at and ``libraries`` fetched: "none fetched" means something only then."""
     deadline = time.monotonic() + timeout
     while True:
-        needed = mount_stats(mnt)["needed"]
-        if needed["libraries"] >= libraries and not needed["busy"]:
-            return needed  # type: ignore[no-any-return]
+        stats = mount_stats(mnt)
+        needed = stats["needed"]
+        if (
+            needed["libraries"] >= libraries
+            and needed["elf_files"] >= elf_files
+            and not needed["busy"]
+        ):
+            return stats
         if time.monotonic() > deadline:
-            raise AssertionError(f"libraries not fetched: {needed}")
+            raise AssertionError(f"follow-ups not over: {needed}")
         time.sleep(0.05)
 
 
@@ -114,7 +123,7 @@ def test_the_libraries_an_elf_file_names_are_fetched_before_they_are_read(
     args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
     with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
         assert _read_head(mnt / "usr/bin/prog") == PROG[:4096]
-        needed = _followed(mnt, len(LIBS))
+        needed = _followed(mnt, libraries=len(LIBS))["needed"]
         assert needed["libraries"] == len(LIBS) and not needed["error"], needed
         assert needed["elf_files"] == 2  # prog and libA (libB is no ELF file)
         before = len(fault_proxy.served)
@@ -141,14 +150,8 @@ def test_elf_files_whose_headers_lie_fetch_nothing_and_break_nothing(
         for name, data in HOSTILE.items():
             assert (mnt / name).read_bytes() == data
         # Looked at (not merely not yet): all but the truncated one have a dynamic section.
-        looked_at = len(HOSTILE) - 1
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            stats = mount_stats(mnt)
-            if not stats["needed"]["busy"] and stats["needed"]["elf_files"] == looked_at:
-                break
-            time.sleep(0.05)
-        assert stats["needed"]["elf_files"] == looked_at, stats
+        stats = _followed(mnt, elf_files=len(HOSTILE) - 1)
+        assert stats["needed"]["elf_files"] == len(HOSTILE) - 1, stats
         assert stats["needed"]["libraries"] == 0 and not stats["needed"]["error"], stats
         assert stats["handler_errors"] == 0
         assert (mnt / "usr/private/libC.so").read_bytes() == LIBS["usr/private/libC.so"]

@@ -182,6 +182,8 @@ def test_lower_file_follows_links_as_the_kernel_does() -> None:
     found = lower_file(tree, "/lib/abs")
     assert found is not None and found.path() == ("usr", "lib", "libz.so")
     assert lower_file(tree, "lib/../lib/./libz.so") is found
+    # "$ORIGIN/../../.." past the root stays in the image, as ".." at "/" does.
+    assert lower_file(tree, "/usr/../../../../lib/abs") is found
     assert lower_file(tree, "/loop") is None
     assert lower_file(tree, "/usr/lib") is None  # a directory
     assert lower_file(tree, "/usr/lib/libz.so/x") is None

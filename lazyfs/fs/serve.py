@@ -470,6 +470,8 @@ async def serve(
         and opts.prefetch_from in ("auto", "groups"),
         group=opts.group,
         referrers=opts.deltas,  # the deltas lookup's listing, beside the TOC's fetch
+        # A re-laid-out layer's start-up bytes, beside its TOC (prefetched unless told not).
+        early_ranges=opts.auto_prefetch,
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:
@@ -531,6 +533,8 @@ async def serve(
             image.side.start_soon(fetch_early)
             assert prefetcher is not None
             await _until_sent(prefetcher)
+            if prefetcher.sent.is_set() and mount.gate is not None:
+                mount.gate.open()  # on their way, perhaps adopted early: readers join them
             await mount.operations()  # the tree, built while those requests travel
         # Resolve the control socket path now: after init, touching the mount point from this
         # process would wait for a FUSE reply only this process can give (canonical() does

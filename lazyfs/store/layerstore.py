@@ -14,6 +14,7 @@ alone, decoded straight into the cache (``store.bigchunk``), and its waiters rea
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import itertools
@@ -37,6 +38,7 @@ from lazyfs.store import plan
 from lazyfs.store.bigchunk import decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, indexed_chunks
+from lazyfs.store.earlyrange import EarlyRange
 from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
 from lazyfs.store.layerstate import Layer, WholeBlob, read_span
 from lazyfs.store.provider import ChunkProvider
@@ -861,7 +863,11 @@ class LayerStore:
             self._slots.release(t)
 
     async def _run_group(
-        self, layer: Layer, g: _Group, done: Callable[[], None] | None = None
+        self,
+        layer: Layer,
+        g: _Group,
+        done: Callable[[], None] | None = None,
+        stream: Callable[[Layer, _Group, RangesSink], Awaitable[None]] | None = None,
     ) -> None:
         """Stream one request; as each chunk's bytes are in, decode and verify it (in
         batches, in worker threads), resolve its flight and cache it.  Never raises (except
@@ -932,7 +938,7 @@ class LayerStore:
                         await flush()
 
                 try:
-                    await self._stream(layer, g, sink)
+                    await (stream or self._stream)(layer, g, sink)
                 except Exception as e:
                     error = e
                 await flush()  # complete chunks are used even when the rest failed
@@ -970,9 +976,7 @@ class LayerStore:
                     # lends, and their windows' reads then waited for a thread forever.)
                     f.ticket = Ticket(f.ticket.priority)  # one per attempt; keeps a boost
                     async with self._slots.hold(f.ticket):
-                        evicted = await decode_to_cache(
-                            self.cache, layer.toc.compression, c, fetch
-                        )
+                        evicted = await decode_to_cache(self.cache, layer.toc.compression, c, fetch)
                 except IntegrityError as e:
                     layer.stats.integrity_errors += 1
                     if attempt == 2:
@@ -1312,6 +1316,53 @@ class LayerStore:
             nursery.start_soon(self._verify, layer, unverified, priority)
             await self._ensure(layer, chunks, priority)
 
+    def adopt(self, layer: Layer, early: EarlyRange) -> Callable[[], Awaitable[None]] | None:
+        """Take ``early`` (a range requested before the layer's TOC was known) as a request
+        of the store's: the chunks wholly inside it that nobody has or fetches are in flight
+        from now on (a prefetch or reader joins them), and the returned task streams them
+        from it, verified as any request's.  None (and ``early`` dropped) if it brings none."""
+        lo = bisect.bisect_left(layer.offsets, early.start)
+        hi = bisect.bisect_left(layer.offsets, early.end)
+        chunks = [
+            c
+            for c in layer.by_offset[lo:hi]
+            if c.end <= early.end
+            and not c.zeros
+            and not is_big(c)
+            and c.digest not in self._inflight
+            and c.digest not in self.cache
+        ]
+        unique: dict[str, Chunk] = {}
+        for c in chunks:
+            unique.setdefault(c.digest, c)  # the first copy: blob order stays
+        if not unique:
+            early.drop()
+            return None
+        mine = list(unique.values())
+        g = self._register(_Group(mine[0].offset, mine[-1].end, mine), PREFETCH)
+        g.deferred = True
+
+        async def stream(layer: Layer, g: _Group, sink: RangesSink) -> None:
+            g.sent_at = trio.current_time()
+            layer.stats.requests += 1
+
+            async def counted(at: int, piece: bytes) -> None:
+                if g.first_at is None:
+                    g.first_at = trio.current_time()
+                g.got += len(piece)
+                await sink(at, piece)
+
+            try:
+                await early.feed(g.start, g.end, counted)
+            except Exception as e:
+                # Cut short or failed: its waiters fetch the chunks themselves, not fail.
+                log.info("%s", e)
+                raise _Abandoned() from e
+            finally:
+                layer.stats.bytes_fetched += early.end - early.start
+
+        return functools.partial(self._run_group, layer, g, None, stream)
+
     async def _verify(self, layer: Layer, chunks: list[Chunk], priority: int) -> None:
         """Hash cached chunks not yet verified in this process, in a worker thread, in the
         order given, so their readers need not: over a warm cache a prefetch group's chunks
@@ -1375,6 +1426,12 @@ class LayerStore:
         while todo:
             todo = [c for c in todo if c.digest not in self.cache]
             groups = self._start(layer, todo, [], priority)
+            if not groups:
+                # Nothing to send (on its way already, e.g. an adopted early range): one
+                # waiting for this task's requests to leave need not wait for the bytes.
+                sent = REQUEST_SENT.get()
+                if sent is not None:
+                    sent()
             flights: dict[str, _Flight] = {}
             for c in todo:
                 f = self._inflight.get(c.digest)

@@ -64,9 +64,10 @@ class EarlyRange:
         self.digest = digest
         self.start = start
         self.end = end
-        self.requests = 0
+        self.sent_at: float | None = None  # trio time the request was made
+        self.first_at: float | None = None  # and its first byte came
+        self.received = 0  # bytes, from start
         self._pieces: deque[bytes] = deque()
-        self._got = 0  # bytes received, from start
         self._done = False
         self._error: BaseException | None = None
         self._changed = trio.Event()
@@ -77,7 +78,7 @@ class EarlyRange:
         REQUEST_SENT.set(None)  # inherited from the TOC's task: that one is the TOC's own
         try:
             with self._scope:
-                self.requests += 1
+                self.sent_at = trio.current_time()
                 await source.stream_range(self.digest, self.start, self.end, self._put)
         except Exception as e:
             log.info("early range of %s: %s", self.digest, e)
@@ -89,8 +90,10 @@ class EarlyRange:
     async def _put(self, piece: bytes) -> None:
         if self._scope.cancel_called:
             return  # dropped: nobody will take these bytes
+        if self.first_at is None:
+            self.first_at = trio.current_time()
         self._pieces.append(piece)
-        self._got += len(piece)
+        self.received += len(piece)
         self._wake()
         await trio.lowlevel.checkpoint()
 

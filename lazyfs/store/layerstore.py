@@ -1343,12 +1343,14 @@ class LayerStore:
         g.deferred = True
 
         async def stream(layer: Layer, g: _Group, sink: RangesSink) -> None:
-            g.sent_at = trio.current_time()
+            # Its times are the request's (a reader deciding whether to overtake it uses
+            # them), not the feed's, which starts with what came while the TOC decoded.
+            g.sent_at = early.sent_at or trio.current_time()
             layer.stats.requests += 1
 
             async def counted(at: int, piece: bytes) -> None:
                 if g.first_at is None:
-                    g.first_at = trio.current_time()
+                    g.first_at = early.first_at or trio.current_time()
                 g.got += len(piece)
                 await sink(at, piece)
 
@@ -1359,7 +1361,7 @@ class LayerStore:
                 log.info("%s", e)
                 raise _Abandoned() from e
             finally:
-                layer.stats.bytes_fetched += early.end - early.start
+                layer.stats.bytes_fetched += early.received
 
         return functools.partial(self._run_group, layer, g, None, stream)
 

@@ -144,6 +144,7 @@ class _Group:
     brings."""
 
     __slots__ = (
+        "arrived",
         "chunks",
         "deferred",
         "end",
@@ -173,10 +174,15 @@ class _Group:
         self.sent_at: float | None = None
         self.first_at: float | None = None
         self.deferred = False  # a reader's: its chunks' cache writes wait (LayerStore._hold)
+        # An adopted early range: the blob offset its bytes have come up to (ahead of ``pos``
+        # while the TOC decoded); None for a request of the store's own.
+        self.arrived: Callable[[], int] | None = None
 
     def far(self, c: Chunk, now: float) -> bool:
         """Whether a reader of ``c`` should ask for it alone rather than wait for the bytes
         before it in this stream (its own bytes it waits for either way)."""
+        if self.arrived is not None and c.end <= self.arrived():
+            return False  # here already, waiting to be handed over: no request is sooner
         ahead = self._ahead(c.offset)
         if self.first_at is None or self.sent_at is None or now <= self.first_at:
             return ahead > OVERTAKE_BYTES
@@ -1341,6 +1347,7 @@ class LayerStore:
         mine = list(unique.values())
         g = self._register(_Group(mine[0].offset, mine[-1].end, mine), PREFETCH)
         g.deferred = True
+        g.arrived = lambda: early.start + early.received
 
         async def stream(layer: Layer, g: _Group, sink: RangesSink) -> None:
             # Its times are the request's (a reader deciding whether to overtake it uses

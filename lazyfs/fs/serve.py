@@ -277,7 +277,7 @@ class _Mount:
                 nursery.start_soon(self.auto_prefetch)
 
     async def _prefetch(self, prefetcher: Prefetcher) -> None:
-        await prefetcher.run()
+        await self._run(prefetcher)
         if self.image.groups is not None:
             await self.image.groups.refresh()  # the kept groups, once old: off the start-up
 
@@ -298,7 +298,16 @@ class _Mount:
                 self.gate.open()  # nothing to wait for
             return
         self.prefetcher = Prefetcher(image.store, layers, group)
-        await self.prefetcher.run()
+        await self._run(self.prefetcher)
+
+    async def _run(self, prefetcher: Prefetcher) -> None:
+        """Run the prefetch; readers the gate holds go once its first requests are on their
+        way (chunks an adopted early range brings never ask the gate, which would open it)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prefetcher.run)
+            await prefetcher.sent.wait()
+            if self.gate is not None:
+                self.gate.open()
 
     def handle(self, request: dict[str, object]) -> object:
         """One control request (see :mod:`lazyfs.fs.control`)."""
@@ -533,8 +542,6 @@ async def serve(
             image.side.start_soon(fetch_early)
             assert prefetcher is not None
             await _until_sent(prefetcher)
-            if prefetcher.sent.is_set() and mount.gate is not None:
-                mount.gate.open()  # on their way, perhaps adopted early: readers join them
             await mount.operations()  # the tree, built while those requests travel
         # Resolve the control socket path now: after init, touching the mount point from this
         # process would wait for a FUSE reply only this process can give (canonical() does

@@ -982,7 +982,9 @@ class LayerStore:
                     # lends, and their windows' reads then waited for a thread forever.)
                     f.ticket = Ticket(f.ticket.priority)  # one per attempt; keeps a boost
                     async with self._slots.hold(f.ticket):
-                        evicted = await decode_to_cache(self.cache, layer.toc.compression, c, fetch)
+                        evicted = await decode_to_cache(
+                            self.cache, layer.toc.compression, c, fetch
+                        )
                 except IntegrityError as e:
                     layer.stats.integrity_errors += 1
                     if attempt == 2:

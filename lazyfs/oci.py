@@ -45,6 +45,9 @@ ANN_ZSTD_TARSPLIT_POSITION = "io.github.containers.zstd-chunked.tarsplit-positio
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 # lazyfs' own: sha256 of the uncompressed tar stream, so a reader can check diff_ids cheaply.
 ANN_LAZYFS_FORMAT = "dev.lazyfs.layer.format"
+# lazyfs convert --prefetch: ``OFFSET:LENGTH`` of a re-laid-out layer's prefetched files (they
+# come first), so a cold open can request them beside the TOC (lazyfs.store.earlyrange).
+ANN_LAZYFS_PREFETCH_RANGE = "dev.lazyfs.prefetch-range"
 
 
 class Platform(msgspec.Struct, omit_defaults=True):

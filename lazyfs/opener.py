@@ -35,6 +35,7 @@ from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
+from lazyfs.store.earlyrange import EarlyRange, early_range
 from lazyfs.store.tocs import LayerInfo, Unsaved, load_tocs, save_tocs
 from lazyfs.store.wholelayer import PendingIndex, WholeFetch, WholeLayers
 from lazyfs.trace.stored import StoredGroups
@@ -203,6 +204,7 @@ async def open_image(
     group: str | None = None,
     entry_tables: bool = False,
     referrers: bool = False,
+    early_ranges: bool = False,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
@@ -217,7 +219,9 @@ async def open_image(
     memory; not for what relies on one object per entry).  ``referrers``: when a TOC is
     fetched (a cold open), list the image's referrers beside it, for a deltas lookup after
     the open (it then takes the listing instead of a round trip of its own, which the
-    prefetch would wait for)."""
+    prefetch would wait for).  ``early_ranges``: when a TOC is fetched, request the layer's
+    start-up range (a re-laid-out layer's annotation) beside it, adopted by the store as a
+    request of its own once the TOC is in (:mod:`lazyfs.store.earlyrange`)."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -238,6 +242,7 @@ async def open_image(
         groups = StoredGroups(source, cache.documents_dir, group) if stored_groups else None
         try:
             unsaved: list[Unsaved] = []
+            early: dict[str, EarlyRange] = {}
             async with _side_tasks() as side:
                 tocs = await load_tocs(
                     source,
@@ -249,12 +254,14 @@ async def open_image(
                     on_resolved=_begin(groups, side, source if referrers else None),
                     unsaved=unsaved,
                     tables=entry_tables,
+                    toc_sent=_request_early(early, side, source) if early_ranges else None,
                 )
                 if groups is not None:
                     await groups.settle()  # a document on its way: the mount starts with it
                 store = LayerStore(cache)
                 try:
                     indexing = LayerIndexing(tocs.layers, whole, store, source)
+                    _adopt_early(early, indexing, store, side)
                     yield OpenedImage(
                         image,
                         tocs.resolved,
@@ -296,6 +303,37 @@ def _begin(
             nursery.start_soon(_list_referrers, referrers, digest)
 
     return begin
+
+
+def _request_early(
+    early: dict[str, EarlyRange], nursery: trio.Nursery, source: Source
+) -> Callable[[oci.Descriptor], None]:
+    """``load_tocs``'s ``toc_sent``: a layer's early range, if it names one, requested as
+    its TOC's request has left (on another connection: the TOC keeps the manifest's)."""
+
+    def request(desc: oci.Descriptor) -> None:
+        span = early_range(desc)
+        if span is not None and desc.digest not in early:
+            e = early[desc.digest] = EarlyRange(desc.digest, *span)
+            nursery.start_soon(e.fetch, source)
+
+    return request
+
+
+def _adopt_early(
+    early: dict[str, EarlyRange], indexing: LayerIndexing, store: LayerStore, nursery: trio.Nursery
+) -> None:
+    """Hand each early range to the store's layer, whose chunks it covers are in flight from
+    now on; one whose layer is not open (TOC failed, layers still indexed) is dropped."""
+    layers = {ol.layer.blob_digest: ol.layer for ol in indexing.layers}
+    for digest, e in early.items():
+        layer = layers.get(digest)
+        task = store.adopt(layer, e) if layer is not None else None
+        if task is None:
+            e.drop()
+        else:
+            nursery.start_soon(task)
+    early.clear()
 
 
 async def _list_referrers(source: Source, digest: str) -> None:

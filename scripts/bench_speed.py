@@ -403,6 +403,8 @@ def bench_cold(
             "lazyfs, no groups": lazyfs_start("lazy"),
             "lazyfs + groups": lazyfs_start("groups"),
             "lazyfs, re-laid out (landmark)": lazyfs_start("relaid"),
+            # as "before: lazyfs, re-laid out" starts its daemon
+            "lazyfs, re-laid out, daemon a new process": lazyfs_start("relaid", forked=False),
             "lazyfs + groups, daemon a new process": lazyfs_start("groups", forked=False),
             # as the "before" contenders start theirs
             "lazyfs, no groups, daemon a new process": lazyfs_start("lazy", forked=False),

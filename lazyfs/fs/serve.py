@@ -277,7 +277,7 @@ class _Mount:
                 nursery.start_soon(self.auto_prefetch)
 
     async def _prefetch(self, prefetcher: Prefetcher) -> None:
-        await prefetcher.run()
+        await self._run(prefetcher)
         if self.image.groups is not None:
             await self.image.groups.refresh()  # the kept groups, once old: off the start-up
 
@@ -298,7 +298,16 @@ class _Mount:
                 self.gate.open()  # nothing to wait for
             return
         self.prefetcher = Prefetcher(image.store, layers, group)
-        await self.prefetcher.run()
+        await self._run(self.prefetcher)
+
+    async def _run(self, prefetcher: Prefetcher) -> None:
+        """Run the prefetch; readers the gate holds go once its first requests are on their
+        way (chunks an adopted early range brings never ask the gate, which would open it)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prefetcher.run)
+            await prefetcher.sent.wait()
+            if self.gate is not None:
+                self.gate.open()
 
     def handle(self, request: dict[str, object]) -> object:
         """One control request (see :mod:`lazyfs.fs.control`)."""
@@ -470,6 +479,8 @@ async def serve(
         and opts.prefetch_from in ("auto", "groups"),
         group=opts.group,
         referrers=opts.deltas,  # the deltas lookup's listing, beside the TOC's fetch
+        # A re-laid-out layer's start-up bytes, beside its TOC (prefetched unless told not).
+        early_ranges=opts.auto_prefetch,
     ) as image:
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:

@@ -14,6 +14,7 @@ alone, decoded straight into the cache (``store.bigchunk``), and its waiters rea
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import itertools
@@ -37,6 +38,7 @@ from lazyfs.store import plan
 from lazyfs.store.bigchunk import decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, indexed_chunks
+from lazyfs.store.earlyrange import EarlyRange
 from lazyfs.store.hot import DEFAULT_HOT_BYTES, HotChunks
 from lazyfs.store.layerstate import Layer, WholeBlob, read_span
 from lazyfs.store.provider import ChunkProvider
@@ -142,6 +144,7 @@ class _Group:
     brings."""
 
     __slots__ = (
+        "arrived",
         "chunks",
         "deferred",
         "end",
@@ -171,10 +174,15 @@ class _Group:
         self.sent_at: float | None = None
         self.first_at: float | None = None
         self.deferred = False  # a reader's: its chunks' cache writes wait (LayerStore._hold)
+        # An adopted early range: the blob offset its bytes have come up to (ahead of ``pos``
+        # while the TOC decoded); None for a request of the store's own.
+        self.arrived: Callable[[], int] | None = None
 
     def far(self, c: Chunk, now: float) -> bool:
         """Whether a reader of ``c`` should ask for it alone rather than wait for the bytes
         before it in this stream (its own bytes it waits for either way)."""
+        if self.arrived is not None and c.end <= self.arrived():
+            return False  # here already, waiting to be handed over: no request is sooner
         ahead = self._ahead(c.offset)
         if self.first_at is None or self.sent_at is None or now <= self.first_at:
             return ahead > OVERTAKE_BYTES
@@ -861,7 +869,11 @@ class LayerStore:
             self._slots.release(t)
 
     async def _run_group(
-        self, layer: Layer, g: _Group, done: Callable[[], None] | None = None
+        self,
+        layer: Layer,
+        g: _Group,
+        done: Callable[[], None] | None = None,
+        stream: Callable[[Layer, _Group, RangesSink], Awaitable[None]] | None = None,
     ) -> None:
         """Stream one request; as each chunk's bytes are in, decode and verify it (in
         batches, in worker threads), resolve its flight and cache it.  Never raises (except
@@ -932,7 +944,7 @@ class LayerStore:
                         await flush()
 
                 try:
-                    await self._stream(layer, g, sink)
+                    await (stream or self._stream)(layer, g, sink)
                 except Exception as e:
                     error = e
                 await flush()  # complete chunks are used even when the rest failed
@@ -1312,6 +1324,56 @@ class LayerStore:
             nursery.start_soon(self._verify, layer, unverified, priority)
             await self._ensure(layer, chunks, priority)
 
+    def adopt(self, layer: Layer, early: EarlyRange) -> Callable[[], Awaitable[None]] | None:
+        """Take ``early`` (a range requested before the layer's TOC was known) as a request
+        of the store's: the chunks wholly inside it that nobody has or fetches are in flight
+        from now on (a prefetch or reader joins them), and the returned task streams them
+        from it, verified as any request's.  None (and ``early`` dropped) if it brings none."""
+        lo = bisect.bisect_left(layer.offsets, early.start)
+        hi = bisect.bisect_left(layer.offsets, early.end)
+        chunks = [
+            c
+            for c in layer.by_offset[lo:hi]
+            if c.end <= early.end
+            and not c.zeros
+            and not is_big(c)
+            and c.digest not in self._inflight
+            and c.digest not in self.cache
+        ]
+        unique: dict[str, Chunk] = {}
+        for c in chunks:
+            unique.setdefault(c.digest, c)  # the first copy: blob order stays
+        if not unique:
+            early.drop()
+            return None
+        mine = list(unique.values())
+        g = self._register(_Group(mine[0].offset, mine[-1].end, mine), PREFETCH)
+        g.deferred = True
+        g.arrived = lambda: early.start + early.received
+
+        async def stream(layer: Layer, g: _Group, sink: RangesSink) -> None:
+            # Its times are the request's (a reader deciding whether to overtake it uses
+            # them), not the feed's, which starts with what came while the TOC decoded.
+            g.sent_at = early.sent_at or trio.current_time()
+            layer.stats.requests += 1
+
+            async def counted(at: int, piece: bytes) -> None:
+                if g.first_at is None:
+                    g.first_at = early.first_at or trio.current_time()
+                g.got += len(piece)
+                await sink(at, piece)
+
+            try:
+                await early.feed(g.start, g.end, counted)
+            except Exception as e:
+                # Cut short or failed: its waiters fetch the chunks themselves, not fail.
+                log.info("%s", e)
+                raise _Abandoned() from e
+            finally:
+                layer.stats.bytes_fetched += early.received
+
+        return functools.partial(self._run_group, layer, g, None, stream)
+
     async def _verify(self, layer: Layer, chunks: list[Chunk], priority: int) -> None:
         """Hash cached chunks not yet verified in this process, in a worker thread, in the
         order given, so their readers need not: over a warm cache a prefetch group's chunks
@@ -1375,6 +1437,12 @@ class LayerStore:
         while todo:
             todo = [c for c in todo if c.digest not in self.cache]
             groups = self._start(layer, todo, [], priority)
+            if not groups:
+                # Nothing to send (on its way already, e.g. an adopted early range): one
+                # waiting for this task's requests to leave need not wait for the bytes.
+                sent = REQUEST_SENT.get()
+                if sent is not None:
+                    sent()
             flights: dict[str, _Flight] = {}
             for c in todo:
                 f = self._inflight.get(c.digest)

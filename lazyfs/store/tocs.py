@@ -10,6 +10,7 @@ and checking the JSON again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -246,6 +247,20 @@ async def _fetch_toc(
     raise AssertionError("unreachable")
 
 
+def _then(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    """``first``, then, on the first call only, ``then``."""
+    called = False
+
+    def call() -> None:
+        nonlocal called
+        first()
+        if not called:
+            called = True
+            then()
+
+    return call
+
+
 class _Countdown:
     """``done`` is set once each of ``n`` parties has called its :meth:`once` callable (at
     least once: a party may call it again, as each retried request does)."""
@@ -281,6 +296,7 @@ async def load_tocs(
     on_resolved: Callable[[str, float, bool], None] | None = None,
     unsaved: list[Unsaved] | None = None,
     tables: bool = False,
+    toc_sent: Callable[[oci.Descriptor], None] | None = None,
 ) -> Image:
     """Resolve ``ref`` and load the layer TOCs concurrently: all of them, or the lowest
     ``layer_count`` (a prefix of the image, as containerd's snapshotter mounts a chain).  A
@@ -289,7 +305,8 @@ async def load_tocs(
     it took (s) and whether a TOC is fetched (a cold open), once the TOCs' requests are sent
     (:data:`TOC_FIRST_WAIT`): what else needs the digest starts beside them, as the config's
     fetch does.  ``unsaved``,
-    ``tables``: see :func:`load_layer`."""
+    ``tables``: see :func:`load_layer`.  ``toc_sent`` hears of each layer whose TOC is
+    fetched, once that request has left (what goes beside it: an early range)."""
     t0 = trio.current_time()
     found_manifest = await resolve_manifest(source, ref, platform)
     resolve_time = trio.current_time() - t0
@@ -335,6 +352,8 @@ async def load_tocs(
         if whole is None or _promises_toc(desc):
             sent = tocs_sent.once()
             if not kept[i]:
+                if toc_sent is not None:
+                    sent = _then(sent, functools.partial(toc_sent, desc))
                 REQUEST_SENT.set(sent)  # the source calls it as the TOC's request leaves
             else:
                 sent()  # a cached TOC: no request

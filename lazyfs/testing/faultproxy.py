@@ -92,6 +92,8 @@ class FaultProxy(ThreadedHTTPServer):
             self._drop = 0
             self._truncate = 0
             self._flip = 0
+            #: flip bits (as flip_next) in every answer to a request with this Range header
+            self.flip_range: str | None = None
             self.ignore_range = False
             #: answers to multi-range requests: one of MULTIRANGE_MODES
             self.multirange: str | None = None
@@ -290,7 +292,10 @@ class FaultProxy(ThreadedHTTPServer):
                         return
                     if proxy._take("_truncate"):
                         body = body[: len(body) // 2]
-                    if proxy._take("_flip"):
+                    flip_range = proxy.flip_range is not None and proxy.flip_range == (
+                        self.headers.get("Range")
+                    )
+                    if proxy._take("_flip") or flip_range:
                         # A bit of every 4 KiB: a request takes neighbours of what a
                         # reader asked for, and each of its chunks must arrive damaged.
                         flipped = bytearray(body)

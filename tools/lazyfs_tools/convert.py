@@ -26,7 +26,13 @@ from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, LayerResult
-from lazyfs.formats.layer import decompressing
+from lazyfs.formats.layer import (
+    TAIL_SIZE,
+    decode_layer_toc,
+    decompressing,
+    locate_toc,
+    toc_by_annotations,
+)
 from lazyfs.formats.tarstream import BLOCK, TarReader
 from lazyfs.ocilayout import HashingReader, Layout
 from lazyfs.remote.reference import parse_oci_ref, parse_reference
@@ -47,6 +53,7 @@ _STALE = {
     oci.ANN_ZSTD_CHECKSUM_OLD,
     oci.ANN_ZSTD_POSITION_OLD,
     oci.ANN_ZSTD_TARSPLIT_POSITION,
+    oci.ANN_LAZYFS_PREFETCH_RANGE,
     "io.github.containers.zstd-chunked.tarsplit-checksum",  # older containers/storage
 }
 
@@ -180,6 +187,19 @@ def reorder(
     return pieces(), prefetched
 
 
+def prefetch_end(blob: Path, res: LayerResult) -> int:
+    """Where the written layer's prefetched files end (its landmark's first byte), read
+    back from its TOC: the range a cold open requests beside the TOC."""
+    with open(blob, "rb") as f:
+        loc = toc_by_annotations(res.annotations, res.size)
+        if loc is None:
+            f.seek(res.size - TAIL_SIZE)
+            loc = locate_toc(f.read(TAIL_SIZE), res.size, res.annotations)
+        f.seek(loc.start)
+        raw = f.read(loc.end - loc.start)
+    return decode_layer_toc(loc, raw).prefetch_end
+
+
 def _copy(spool: BinaryIO, m: _Member) -> Iterator[bytes]:
     spool.seek(m.start)
     left = m.end - m.start
@@ -290,6 +310,10 @@ class Converter:
             pieces, moved = reorder(spool, members, trailer, wanted)  # type: ignore[arg-type]
             res = self._write(_PieceReader(pieces), out, where, landmarks=True)  # type: ignore[arg-type]
             out.commit(res.digest)
+        if moved:
+            end = prefetch_end(self.dst.blob_path(res.digest), res)
+            if end:
+                res.annotations[oci.ANN_LAZYFS_PREFETCH_RANGE] = f"0:{end}"
         return res, source_diff, moved
 
     def _note(self, res: LayerResult, source: str) -> None:

@@ -1,0 +1,128 @@
+"""A re-laid-out layer's start-up bytes, requested beside its TOC (before the TOC is known).
+
+``lazyfs convert --prefetch`` puts a group's files first in a layer and writes where they end
+as the layer annotation :data:`~lazyfs.oci.ANN_LAZYFS_PREFETCH_RANGE` (``OFFSET:LENGTH``).  On
+a cold open that range is requested as soon as the TOC's request has left, instead of one
+round trip plus the TOC's transfer and decode later.  Its bytes are held (at most
+:data:`MAX_EARLY_BYTES`) until the TOC is decoded; then the store adopts the range as a
+request of its own (``LayerStore.adopt``): every chunk lying wholly inside it is decoded and
+verified against the TOC's digest as a streamed request's would be, and one that fails is
+fetched again.  The annotation is a hint: one that is malformed, too large or past the blob
+is ignored with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import trio
+
+from lazyfs import oci
+from lazyfs.errors import LazyfsError
+from lazyfs.remote.base import REQUEST_SENT, RangesSink, Source
+
+log = logging.getLogger(__name__)
+
+#: A range larger than this is ignored: its bytes wait in memory until the TOC is decoded.
+MAX_EARLY_BYTES = 64 * 1024 * 1024
+
+
+class EarlyRangeError(LazyfsError):
+    """The early range did not bring every byte asked for (its chunks are fetched again)."""
+
+
+def early_range(desc: oci.Descriptor) -> tuple[int, int] | None:
+    """The ``[start, end)`` the layer's annotation names, or None (none, or one to ignore)."""
+    value = (desc.annotations or {}).get(oci.ANN_LAZYFS_PREFETCH_RANGE)
+    if value is None:
+        return None
+    offset, sep, length = value.partition(":")
+    try:
+        start, size = int(offset), int(length)
+    except ValueError:
+        start = size = -1
+    if not sep or start < 0 or size <= 0:
+        log.info("layer %s: ignoring prefetch range %r: not OFFSET:LENGTH", desc.digest, value)
+        return None
+    if size > MAX_EARLY_BYTES or start + size > desc.size:
+        log.info(
+            "layer %s: ignoring prefetch range %r: %s",
+            desc.digest,
+            value,
+            "too large" if size > MAX_EARLY_BYTES else f"past the blob's {desc.size} bytes",
+        )
+        return None
+    return start, start + size
+
+
+class EarlyRange:
+    """One layer's range in transit: its pieces are kept, in order, until :meth:`feed` hands
+    them over (then let go), or :meth:`drop`."""
+
+    def __init__(self, digest: str, start: int, end: int) -> None:
+        self.digest = digest
+        self.start = start
+        self.end = end
+        self.sent_at: float | None = None  # trio time the request was made
+        self.first_at: float | None = None  # and its first byte came
+        self.received = 0  # bytes, from start
+        self._pieces: deque[bytes] = deque()
+        self._done = False
+        self._error: BaseException | None = None
+        self._changed = trio.Event()
+        self._scope = trio.CancelScope()
+
+    async def fetch(self, source: Source) -> None:
+        """Request the range; never raises (a failure shows as :meth:`feed` ending short)."""
+        REQUEST_SENT.set(None)  # inherited from the TOC's task: that one is the TOC's own
+        try:
+            with self._scope:
+                self.sent_at = trio.current_time()
+                await source.stream_range(self.digest, self.start, self.end, self._put)
+        except Exception as e:
+            log.info("early range of %s: %s", self.digest, e)
+            self._error = e
+        finally:
+            self._done = True
+            self._wake()
+
+    async def _put(self, piece: bytes) -> None:
+        if self._scope.cancel_called:
+            return  # dropped: nobody will take these bytes
+        if self.first_at is None:
+            self.first_at = trio.current_time()
+        self._pieces.append(piece)
+        self.received += len(piece)
+        self._wake()
+        await trio.lowlevel.checkpoint()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def drop(self) -> None:
+        """Nothing to adopt (the chunks are cached, or the TOC failed): stop the transfer
+        and let its bytes go."""
+        self._scope.cancel()
+        self._pieces.clear()
+
+    async def feed(self, lo: int, hi: int, sink: RangesSink) -> None:
+        """Hand ``sink`` the bytes ``[lo, hi)`` (within the range) in order, as a streamed
+        request would, waiting for those not in yet; raises :class:`EarlyRangeError` if the
+        transfer ended before ``hi``."""
+        pos = self.start  # blob offset of the first piece kept
+        while pos < hi:
+            if not self._pieces:
+                if self._done:
+                    why = f": {self._error}" if self._error is not None else ""
+                    raise EarlyRangeError(f"early range of {self.digest} ended at {pos}{why}")
+                await self._changed.wait()
+                continue
+            piece = self._pieces.popleft()
+            at, pos = pos, pos + len(piece)
+            if pos <= lo:
+                continue
+            a, b = max(lo, at), min(hi, pos)
+            await sink(a, piece[a - at : b - at] if (a, b) != (at, pos) else piece)
+        self.drop()  # what is left past ``hi`` is nobody's

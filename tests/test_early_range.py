@@ -1,0 +1,157 @@
+"""A re-laid-out layer's start-up range (``lazyfs convert --prefetch``'s annotation) requested
+beside its TOC on a cold mount, its chunks verified against the TOC once it is decoded."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lazyfs_tools.convert import convert
+
+from lazyfs import oci
+from lazyfs.ocilayout import Layout
+from lazyfs.store.earlyrange import MAX_EARLY_BYTES, early_range
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import mount_stats, mounted, startup_groups, wait_prefetched
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+
+FILES = {f"app/f{i:02d}.bin": seeded_bytes(150_000, 700 + i) for i in range(12)}
+USED = ["app/f09.bin", "app/f02.bin", "app/f05.bin"]
+KEY = oci.ANN_LAZYFS_PREFETCH_RANGE
+
+
+@pytest.fixture(scope="module")
+def relaid(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("early")
+    items = [Item("app", "dir", mode=0o755), *(Item(n, data=b) for n, b in FILES.items())]
+    make_layout(d / "src", [make_tar(items)], tag="v1")
+    src = Layout(d / "src")
+    groups = d / "groups.json"
+    groups.write_bytes(
+        startup_groups(
+            "early/app", src.find("v1").digest, src.manifest("v1").layers[0].digest, FILES, USED
+        )
+    )
+    convert(
+        f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024, prefetch=str(groups)
+    )
+    layer = Layout(d / "lazy").manifest("v1").layers[0]
+    push_oci_layout(d / "lazy", f"{registry.host}/early/app:v1", tag="v1")
+    return {"dir": d / "lazy", "layer": layer, "repo": "early/app"}
+
+
+def _blob_requests(proxy: FaultProxy, digest: str) -> list[tuple[int, str | None]]:
+    """(index among the proxy's requests, Range) of each request for the layer's blob."""
+    pairs = enumerate(zip(proxy.paths, proxy.ranges, strict=True))
+    return [(n, r) for n, (p, r) in pairs if digest in p]
+
+
+def _before_first_answer(proxy: FaultProxy, digest: str) -> list[str | None]:
+    """The Range headers of the layer's requests that arrived before its first answer left."""
+    ins = [i for i, ev in enumerate(proxy.events) if ev[0] == "in"]
+    out = next(i for i, ev in enumerate(proxy.events) if ev[0] == "out" and digest in ev[1])
+    return [r for n, r in _blob_requests(proxy, digest) if ins[n] < out]
+
+
+def _read_used(mnt: Path) -> dict:
+    for name in USED:
+        assert (mnt / name).read_bytes() == FILES[name]
+    stats: dict = mount_stats(mnt)["layers"][0]["stats"]
+    return stats
+
+
+def test_convert_writes_the_range_and_a_cold_mount_asks_for_it_beside_the_toc(
+    relaid: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    layer = relaid["layer"]
+    offset, length = map(int, layer.annotations[KEY].split(":"))
+    # The group's three files (450 kB) first, then the landmark: the range covers them.
+    assert offset == 0 and 450_000 // 2 < length < layer.size
+    early = f"bytes=0-{length - 1}"
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay = 0.2  # every answer held: what overlaps the TOC's transfer shows
+    ref = f"{fault_proxy.host}/{relaid['repo']}:v1"
+    args = ("--plain-http", "--read-only", "--cache", str(tmp_path / "c"))
+    with mounted(ref, tmp_path / "mnt", *args) as m:
+        pf = wait_prefetched(m.mountpoint)["prefetch"]
+        assert not pf["error"]
+        stats = _read_used(m.mountpoint)
+        assert stats["cache_misses"] == 0 and stats["integrity_errors"] == 0
+    # Asked for before the TOC's answer came back; nothing else of the blob after it.
+    before = _before_first_answer(fault_proxy, layer.digest)
+    assert early in before and len(before) == 2, before
+    assert len(_blob_requests(fault_proxy, layer.digest)) == 2, fault_proxy.ranges
+
+
+def test_range_bytes_that_do_not_verify_are_fetched_again(
+    relaid: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    layer = relaid["layer"]
+    length = int(layer.annotations[KEY].split(":")[1])
+    fault_proxy.flip_range = f"bytes=0-{length - 1}"  # the early range's answer is damaged
+    ref = f"{fault_proxy.host}/{relaid['repo']}:v1"
+    args = ("--plain-http", "--read-only", "--cache", str(tmp_path / "c"))
+    with mounted(ref, tmp_path / "mnt", *args) as m:
+        wait_prefetched(m.mountpoint)
+        stats = _read_used(m.mountpoint)
+        assert stats["integrity_errors"] > 0 and stats["retries"] > 0
+    # Each damaged chunk fetched once more, alone.
+    assert len(_blob_requests(fault_proxy, layer.digest)) > 3
+
+
+def _retag(layout: Path, tag: str, value: str | None) -> None:
+    """``v1`` again as ``tag``, its layer's range annotation ``value`` (None: none)."""
+    lay = Layout(layout)
+    doc = json.loads(lay.read_blob(lay.find("v1").digest))
+    ann = doc["layers"][0]["annotations"]
+    ann.pop(KEY)
+    if value is not None:
+        ann[KEY] = value
+    new = lay.write_blob(json.dumps(doc).encode())
+    tops = json.loads((layout / "index.json").read_text())["manifests"]
+    top = {"mediaType": oci.MT_OCI_MANIFEST, "digest": new.digest, "size": new.size}
+    lay.write_top([*tops, {**top, "annotations": {oci.ANN_REF_NAME: tag}}])
+
+
+def test_hostile_or_missing_annotations_are_ignored(
+    relaid: dict, registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    layer = relaid["layer"]
+    cases = {
+        "none": None,
+        "garbage": "soon:please",
+        "past": f"0:{layer.size + 1}",
+        "huge": f"0:{MAX_EARLY_BYTES + 1}",
+    }
+    for tag, value in cases.items():
+        _retag(relaid["dir"], tag, value)
+        push_oci_layout(relaid["dir"], f"{registry.host}/{relaid['repo']}:{tag}", tag=tag)
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay = 0.1
+    for tag in cases:
+        fault_proxy.reset()
+        fault_proxy.match = "/v2/"
+        fault_proxy.delay = 0.1
+        ref = f"{fault_proxy.host}/{relaid['repo']}:{tag}"
+        args = ("--plain-http", "--read-only", "--cache", str(tmp_path / f"c-{tag}"))
+        with mounted(ref, tmp_path / "mnt", *args) as m:
+            wait_prefetched(m.mountpoint)
+            _read_used(m.mountpoint)
+        # As before: only the TOC's request until it is answered.
+        assert len(_before_first_answer(fault_proxy, layer.digest)) == 1, tag
+
+
+def test_early_range_parses_only_a_range_inside_the_blob() -> None:
+    def desc(value: str | None, size: int = 1000) -> oci.Descriptor:
+        ann = {KEY: value} if value is not None else None
+        return oci.Descriptor(mediaType="", digest="sha256:" + "0" * 64, size=size, annotations=ann)
+
+    assert early_range(desc("0:600")) == (0, 600)
+    assert early_range(desc("100:900")) == (100, 1000)
+    for bad in (None, "", "600", "a:b", "-1:10", "0:0", "0:-5", "0:1001", "500:501", "1:2:3"):
+        assert early_range(desc(bad)) is None, bad
+    assert early_range(desc(f"0:{MAX_EARLY_BYTES + 1}", size=2 * MAX_EARLY_BYTES)) is None

@@ -35,7 +35,7 @@ from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
-from lazyfs.store.earlyrange import EarlyRange, early_range
+from lazyfs.store.earlyrange import MAX_EARLY_BYTES, EarlyRange, early_range
 from lazyfs.store.tocs import LayerInfo, Unsaved, load_tocs, save_tocs
 from lazyfs.store.wholelayer import PendingIndex, WholeFetch, WholeLayers
 from lazyfs.trace.stored import StoredGroups
@@ -313,9 +313,16 @@ def _request_early(
 
     def request(desc: oci.Descriptor) -> None:
         span = early_range(desc)
-        if span is not None and desc.digest not in early:
-            e = early[desc.digest] = EarlyRange(desc.digest, *span)
-            nursery.start_soon(e.fetch, source)
+        if span is None or desc.digest in early:
+            return
+        # The image's, not only each layer's: every range's bytes wait in memory until the
+        # TOCs are decoded, and a manifest can annotate many layers.
+        held = sum(e.end - e.start for e in early.values())
+        if held + span[1] - span[0] > MAX_EARLY_BYTES:
+            log.info("layer %s: prefetch range left out: the image's are too large", desc.digest)
+            return
+        e = early[desc.digest] = EarlyRange(desc.digest, *span)
+        nursery.start_soon(e.fetch, source)
 
     return request
 

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+import trio
+import trio.testing
 from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.ocilayout import Layout
-from lazyfs.store.earlyrange import MAX_EARLY_BYTES, early_range
+from lazyfs.opener import _request_early
+from lazyfs.remote.base import Source
+from lazyfs.store.earlyrange import MAX_EARLY_BYTES, EarlyRange, early_range
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
@@ -155,3 +160,40 @@ def test_early_range_parses_only_a_range_inside_the_blob() -> None:
     for bad in (None, "", "600", "a:b", "-1:10", "0:0", "0:-5", "0:1001", "500:501", "1:2:3"):
         assert early_range(desc(bad)) is None, bad
     assert early_range(desc(f"0:{MAX_EARLY_BYTES + 1}", size=2 * MAX_EARLY_BYTES)) is None
+
+
+def test_the_ranges_an_image_holds_at_once_are_bounded_together() -> None:
+    """Each layer's range is held in memory until the TOCs are decoded: a manifest annotating
+    many layers with a range each just under the bound must not add up to gigabytes."""
+    asked: list[str] = []
+
+    class Stalled:  # the registry never answers: every range asked for stays held
+        name = "stalled"
+
+        async def stream_range(self, digest: str, *_: Any) -> None:
+            asked.append(digest)
+            await trio.sleep_forever()
+
+    size = MAX_EARLY_BYTES // 2
+    layers = [
+        oci.Descriptor(
+            mediaType=oci.MT_LAYER_ZSTD,
+            digest=f"sha256:{i:064x}",
+            size=2 * size,
+            annotations={oci.ANN_LAZYFS_PREFETCH_RANGE: f"0:{size}"},
+        )
+        for i in range(5)
+    ]
+    early: dict[str, EarlyRange] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            request = _request_early(early, nursery, cast(Source, Stalled()))
+            for desc in layers:
+                request(desc)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert sum(e.end - e.start for e in early.values()) <= MAX_EARLY_BYTES
+    assert sorted(asked) == [d.digest for d in layers[:2]]  # tasks start in any order

@@ -98,6 +98,15 @@ def test_hostile_counts_and_offsets() -> None:
     assert elf.string_at(b"\0abc\0", 1) == "abc"
 
 
+def test_a_runpath_of_many_directories_is_cut_short() -> None:
+    # Every directory costs a look-up per DT_NEEDED name on the mount's event loop: 4 KiB
+    # of "/a/./:/a/././:..." (distinct, all absolute) would be ~200 of them.
+    many = ":".join("/a" + "/." * i for i in range(200))
+    dirs = elf.search_dirs(many + ":/a/./", "o")
+    assert dirs == ["/a" + "/." * i for i in range(elf.MAX_SEARCH_DIRS)]
+    assert elf.search_dirs("/x:/y:/x:$ORIGIN", "o") == ["/x", "/y", "/o"]
+
+
 def test_random_mutations_never_raise() -> None:
     rng = random.Random(64)
     import _ssl

@@ -8,14 +8,19 @@ from __future__ import annotations
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import trio
+import trio.testing
 from lazyfs_tools.convert import convert
 
-from lazyfs.formats.toc import Entry
-from lazyfs.fs.neededlibs import lower_file
+from lazyfs.formats.toc import TOC, Entry
+from lazyfs.fs import neededlibs
+from lazyfs.fs.neededlibs import NeededLibs, lower_file
 from lazyfs.fs.tree import Tree
+from lazyfs.store.layerstate import Layer
+from lazyfs.store.layerstore import LayerStore
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.elffile import make_elf
 from lazyfs.testing.faultproxy import FaultProxy
@@ -91,14 +96,23 @@ def _read_head(path: Path) -> bytes:
         return f.read(4096)
 
 
-def _followed(mnt: Path, libraries: int, timeout: float = 20.0) -> dict[str, Any]:
+def _followed(
+    mnt: Path, *, libraries: int = 0, elf_files: int = 0, timeout: float = 20.0
+) -> dict[str, Any]:
+    """The mount's stats once nothing is busy and at least ``elf_files`` ELF files were
+    looked at and ``libraries`` fetched: "none fetched" means something only then."""
     deadline = time.monotonic() + timeout
     while True:
-        needed = mount_stats(mnt)["needed"]
-        if needed["libraries"] >= libraries and not needed["busy"]:
-            return needed  # type: ignore[no-any-return]
+        stats = mount_stats(mnt)
+        needed = stats["needed"]
+        if (
+            needed["libraries"] >= libraries
+            and needed["elf_files"] >= elf_files
+            and not needed["busy"]
+        ):
+            return stats
         if time.monotonic() > deadline:
-            raise AssertionError(f"libraries not fetched: {needed}")
+            raise AssertionError(f"follow-ups not over: {needed}")
         time.sleep(0.05)
 
 
@@ -109,7 +123,7 @@ def test_the_libraries_an_elf_file_names_are_fetched_before_they_are_read(
     args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
     with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
         assert _read_head(mnt / "usr/bin/prog") == PROG[:4096]
-        needed = _followed(mnt, len(LIBS))
+        needed = _followed(mnt, libraries=len(LIBS))["needed"]
         assert needed["libraries"] == len(LIBS) and not needed["error"], needed
         assert needed["elf_files"] == 2  # prog and libA (libB is no ELF file)
         before = len(fault_proxy.served)
@@ -135,9 +149,9 @@ def test_elf_files_whose_headers_lie_fetch_nothing_and_break_nothing(
     with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
         for name, data in HOSTILE.items():
             assert (mnt / name).read_bytes() == data
-        deadline = time.monotonic() + 10
-        while (stats := mount_stats(mnt))["needed"]["busy"] and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Looked at (not merely not yet): all but the truncated one have a dynamic section.
+        stats = _followed(mnt, elf_files=len(HOSTILE) - 1)
+        assert stats["needed"]["elf_files"] == len(HOSTILE) - 1, stats
         assert stats["needed"]["libraries"] == 0 and not stats["needed"]["error"], stats
         assert stats["handler_errors"] == 0
         assert (mnt / "usr/private/libC.so").read_bytes() == LIBS["usr/private/libC.so"]
@@ -164,13 +178,48 @@ def test_lower_file_follows_links_as_the_kernel_does() -> None:
         Entry(name="usr/lib/abs", type="symlink", link_name="/usr/lib/libz.so"),
         Entry(name="usr/lib/libz.so", type="reg", size=3, digest="sha256:" + "1" * 64),
     ]
-    from lazyfs.formats.toc import TOC
-
     tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
     found = lower_file(tree, "/lib/abs")
     assert found is not None and found.path() == ("usr", "lib", "libz.so")
     assert lower_file(tree, "lib/../lib/./libz.so") is found
+    # "$ORIGIN/../../.." past the root stays in the image, as ".." at "/" does.
+    assert lower_file(tree, "/usr/../../../../lib/abs") is found
     assert lower_file(tree, "/loop") is None
     assert lower_file(tree, "/usr/lib") is None  # a directory
     assert lower_file(tree, "/usr/lib/libz.so/x") is None
     assert lower_file(tree, "/nowhere/libz.so") is None
+
+
+def test_elf_files_read_one_after_another_are_looked_at_a_few_at_a_time() -> None:
+    """A scan reading the start of every ELF file (``file``, ``ldconfig``) starts no more
+    look-ups at once than WORKERS; beyond QUEUE more waiting, the rest is left to the loader."""
+    files = 200
+    entries = [
+        Entry(name=f"f{i}", type="reg", size=len(PROG), digest=f"sha256:{i:064x}")
+        for i in range(files)
+    ]
+    tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
+
+    class Stalled:  # the network never answers: every look-up stays under way
+        peeks = 0
+
+        async def peek(self, *_: Any) -> bytes:
+            self.peeks += 1
+            await trio.sleep_forever()
+            raise AssertionError
+
+    store = Stalled()
+    needed = NeededLibs(cast(LayerStore, store), tree, [cast(Layer, None)])
+
+    async def scan() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(needed.run)
+            for i in range(files):
+                node = tree.root.children[f"f{i}"]  # type: ignore[index]
+                needed.noticed(node, entries[i], 0, PROG[:4096])
+                await trio.testing.wait_all_tasks_blocked()
+            assert needed.stats.busy == store.peeks == neededlibs.WORKERS
+            assert len(needed._seen) == neededlibs.WORKERS + neededlibs.QUEUE
+            nursery.cancel_scope.cancel()
+
+    trio.run(scan)

@@ -468,14 +468,7 @@ def test_a_small_chunks_first_read_after_a_restart_is_hashed_without_a_thread_ho
     src2 = MemSource({BLOB: blob})
     layer2 = store2.add_layer(BLOB, src2, toc)
     assert not store2.cache.is_verified(e.chunks[0].digest)
-    hops: list[object] = []
-    real = trio.to_thread.run_sync
-
-    async def counted(fn: Any, *args: Any, **kw: Any) -> Any:
-        hops.append(fn)
-        return await real(fn, *args, **kw)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    hops = _thread_hops(monkeypatch)
 
     async def second() -> None:
         assert await store2.read(layer2, e, 0, 1000) == content_of(toc, blob, "a")

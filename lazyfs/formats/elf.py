@@ -29,6 +29,10 @@ MAX_PHNUM = 512
 MAX_DYNAMIC = 64 * 1024  # bytes of dynamic section read
 MAX_NEEDED = 128
 MAX_NAME = 4096  # a string's bytes (PATH_MAX)
+# Search directories kept of a DT_RUNPATH/DT_RPATH (real ones name one to three): each is
+# looked up for every DT_NEEDED name, and 4 KiB of "/a/:/a/./:..." made ~340 of them, a
+# second of look-ups per file.
+MAX_SEARCH_DIRS = 16
 
 
 @dataclass(frozen=True)
@@ -179,12 +183,14 @@ def search_dirs(value: str | None, origin: str) -> list[str]:
     """A DT_RUNPATH/DT_RPATH value as directories (relative to the image root), ``$ORIGIN``
     replaced by ``origin`` (the object's directory); entries with other tokens ($LIB,
     $PLATFORM: they depend on the machine) or relative ones (the process's directory) are
-    left out."""
+    left out; at most MAX_SEARCH_DIRS, each once."""
     out: list[str] = []
     for d in (value or "").split(":"):
         d = d.replace("${ORIGIN}", "/" + origin).replace("$ORIGIN", "/" + origin)
-        if d.startswith("/") and "$" not in d:
+        if d.startswith("/") and "$" not in d and d not in out:
             out.append(d)
+            if len(out) == MAX_SEARCH_DIRS:
+                break
     return out
 
 

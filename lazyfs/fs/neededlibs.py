@@ -39,6 +39,9 @@ HEAD = 4096  # the bytes of a file's start kept to parse its headers
 PHDRS_MAX = 64 * 1024  # program headers further in than this: not worth a read
 STRINGS_MAX = 1024 * 1024  # the part of a string table read for the names
 QUEUE = 64  # ELF files waiting to be looked at; more are dropped (the loader reads them)
+# ELF files looked at at once: a task each would let a scan of /usr/lib (every file's start
+# read) start thousands of look-ups and their fetches, all competing with the start-up.
+WORKERS = 4
 _MAX_LINKS = 16
 
 
@@ -108,8 +111,12 @@ class NeededLibs:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            async for node, head in self._recv:
-                nursery.start_soon(self._guarded, node, head, 0)
+            for _ in range(WORKERS):
+                nursery.start_soon(self._work)
+
+    async def _work(self) -> None:
+        async for node, head in self._recv:
+            await self._guarded(node, head, 0)
 
     async def _guarded(self, node: Node, head: bytes | None, depth: int) -> None:
         self.stats.busy += 1
@@ -162,6 +169,8 @@ class NeededLibs:
         dirs += elf.default_dirs(h)
         found: list[Node] = []
         for name in map(string, dynamic.needed):
+            # Up to ~30 look-ups a name: let the FUSE requests waiting meanwhile in between.
+            await trio.lowlevel.checkpoint()
             lib = self._find(name, dirs)
             if lib is not None:
                 found.append(lib)

@@ -24,7 +24,8 @@ from lazyfs.remote.base import REQUEST_SENT, RangesSink, Source
 
 log = logging.getLogger(__name__)
 
-#: A range larger than this is ignored: its bytes wait in memory until the TOC is decoded.
+#: A range larger than this is ignored, and so is one beyond it with the image's others (the
+#: opener): its bytes wait in memory until the TOC is decoded.
 MAX_EARLY_BYTES = 64 * 1024 * 1024
 
 

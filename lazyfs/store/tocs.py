@@ -341,15 +341,17 @@ async def load_tocs(
             have_config.set()
 
     tocs_sent = _Countdown(len(descriptors))
-    cold = toc_dir is None or not all(
-        (toc_dir / oci.check_digest(d.digest)).exists() for d in descriptors
-    )
+    # Which layers' TOCs are kept from an earlier open: no request for those.
+    kept = [
+        toc_dir is not None and (toc_dir / oci.check_digest(d.digest)).exists() for d in descriptors
+    ]
+    cold = not all(kept)
 
     async def one(i: int, desc: oci.Descriptor) -> None:
         tried = False
         if whole is None or _promises_toc(desc):
             sent = tocs_sent.once()
-            if toc_dir is None or not (toc_dir / oci.check_digest(desc.digest)).exists():
+            if not kept[i]:
                 if toc_sent is not None:
                     sent = _then(sent, functools.partial(toc_sent, desc))
                 REQUEST_SENT.set(sent)  # the source calls it as the TOC's request leaves

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from lazyfs_tools.convert import convert
 
-from lazyfs.formats.toc import TOC, Entry
+from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.fs import neededlibs
 from lazyfs.fs.neededlibs import NeededLibs, lower_file
 from lazyfs.fs.tree import Tree
@@ -223,3 +223,49 @@ def test_elf_files_read_one_after_another_are_looked_at_a_few_at_a_time() -> Non
             nursery.cancel_scope.cancel()
 
     trio.run(scan)
+
+
+def test_the_look_ups_own_reads_are_charged_to_the_mount_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reader of many ELF files' starts (``file /usr/lib/*``) makes the follow-ups read each
+    file's dynamic section: those reads count against MOUNT_BYTES like the libraries do, so
+    once it is spent no more chunks are fetched for a look."""
+    files = 10
+    size = len(PROG)
+    chunk = Chunk(file_offset=0, size=size, offset=0, end=1, digest="sha256:" + "0" * 64)
+    entries = [
+        Entry(name=f"f{i}", type="reg", size=size, digest=f"sha256:{i:064x}", chunks=[chunk])
+        for i in range(files)
+    ]
+    tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
+    monkeypatch.setattr(neededlibs, "MOUNT_BYTES", 3 * size)
+
+    class Answering:  # every look gets its bytes at once, and is counted
+        peeks = 0
+
+        async def peek(self, _layer: Any, _entry: Any, offset: int, n: int) -> bytes:
+            self.peeks += 1
+            await trio.lowlevel.checkpoint()
+            return PROG[offset : offset + n]
+
+        async def prefetch(self, *_: Any) -> None:
+            await trio.lowlevel.checkpoint()
+
+    store = Answering()
+    needed = NeededLibs(cast(LayerStore, store), tree, [cast(Layer, None)])
+
+    async def scan() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(needed.run)
+            for i in range(files):
+                node = tree.root.children[f"f{i}"]  # type: ignore[index]
+                needed.noticed(node, entries[i], 0, PROG[:4096])
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+
+    trio.run(scan)
+    # Each look reads the dynamic section and the string table (one chunk each): three
+    # chunks' worth of budget allows three reads, then nothing more is read for any file.
+    assert store.peeks == 3
+    assert needed.stats.elf_files == files

@@ -20,6 +20,7 @@ import trio
 
 from lazyfs.errors import LazyfsError
 from lazyfs.formats import elf
+from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import Entry
 from lazyfs.fs.control import NeededStats
 from lazyfs.fs.tree import Node, Tree
@@ -141,24 +142,24 @@ class NeededLibs:
             return
         layer, entry = where
         if head is None:
-            head = await self.store.peek(layer, entry, 0, HEAD)
+            head = await self._peek(layer, entry, 0, HEAD)
         h = elf.parse_header(head)
         if h is None or h.phdrs_end > PHDRS_MAX:
             return
         if h.phdrs_end > len(head):
-            head = await self.store.peek(layer, entry, 0, h.phdrs_end)
+            head = await self._peek(layer, entry, 0, h.phdrs_end)
         layout = elf.parse_layout(h, head)
         if layout is None or layout.dynamic is None:
             return  # static, or not an executable or library
         self.stats.elf_files += 1
-        dynamic = elf.parse_dynamic(h, await self.store.peek(layer, entry, *layout.dynamic))
+        dynamic = elf.parse_dynamic(h, await self._peek(layer, entry, *layout.dynamic))
         span = dynamic.string_span()
         if span is None or dynamic.strtab is None:
             return
         at = layout.file_offset(dynamic.strtab + span[0])
         if at is None:
             return
-        table = await self.store.peek(layer, entry, at, min(span[1] - span[0], STRINGS_MAX))
+        table = await self._peek(layer, entry, at, min(span[1] - span[0], STRINGS_MAX))
 
         def string(offset: int | None) -> str | None:
             return None if offset is None else elf.string_at(table, offset - span[0])
@@ -179,6 +180,16 @@ class NeededLibs:
             async with trio.open_nursery() as nursery:
                 for lib in found:
                     nursery.start_soon(self._guarded, lib, None, depth + 1)
+
+    async def _peek(self, layer: Layer, entry: Entry, offset: int, size: int) -> bytes:
+        """``store.peek``, its chunks charged to the mount's budget (whether cached or not: a
+        reader of many ELF files' starts, ``file /usr/lib/*``, must not fetch without bound);
+        no bytes once the budget is spent."""
+        cost = sum(c.size for c in chunks_for_range(entry, offset, max(size, 0)))
+        if cost > self._left:
+            return b""
+        self._left -= cost
+        return await self.store.peek(layer, entry, offset, size)
 
     def _find(self, name: str | None, dirs: list[str]) -> Node | None:
         """The library the loader would open for ``name``, if not looked at yet and small."""

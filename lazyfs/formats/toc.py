@@ -9,6 +9,7 @@ invariants :func:`validate` checks, so no other module re-checks names, sizes or
 from __future__ import annotations
 
 import base64
+import binascii
 import bisect
 import contextlib
 import datetime as _dt
@@ -16,6 +17,7 @@ import itertools
 import operator
 import posixpath
 import re
+import struct
 import sys
 import threading
 from array import array
@@ -262,8 +264,42 @@ _UTC_TIME = re.compile(
 _EPOCH_DAY = _dt.date(1970, 1, 1).toordinal()
 
 
-def _parse_times(times: Iterable[str | None]) -> dict[str | None, int]:
-    """Each of ``times`` (distinct) in nanoseconds, as :func:`_parse_time` reads it."""
+# Many such times, each on its own line, hours, minutes and seconds in range: one match
+# checks them all.
+_UTC_TIMES = re.compile(
+    r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(?:\.[0-9]{1,9})?Z\n)*"
+)
+
+
+def _parse_times(times: Collection[str | None]) -> dict[str | None, int]:
+    """Each of ``times`` (distinct) in nanoseconds, as :func:`_parse_time` reads it: column
+    by column when each is a UTC time as Go writes it, else one by one."""
+    given = [s for s in times if s]
+    lines = "\n".join(given) + "\n"
+    if lines.count("\n") == len(given) and _UTC_TIMES.fullmatch(lines):
+        try:
+            days = {
+                d: _dt.date.fromisoformat(d).toordinal() - _EPOCH_DAY
+                for d in dict.fromkeys([s[:10] for s in given])
+            }
+        except ValueError:
+            return _parse_times_each(times)  # not a date: refused in _parse_time's words
+        # "YYYY-MM-DDTHH:MM:SS" is 19 characters; a fraction follows its dot.
+        seconds = [
+            days[s[:10]] * 86400 + int(s[11:13]) * 3600 + int(s[14:16]) * 60 + int(s[17:19])
+            for s in given
+        ]
+        fractions = [int(s[20:-1].ljust(9, "0")) if len(s) > 20 else 0 for s in given]
+        out: dict[str | None, int] = dict.fromkeys([s for s in times if not s], 0)
+        out.update(
+            (s, t * 1_000_000_000 + f) for s, t, f in zip(given, seconds, fractions, strict=True)
+        )
+        return out
+    return _parse_times_each(times)
+
+
+def _parse_times_each(times: Iterable[str | None]) -> dict[str | None, int]:
     days: dict[str, int] = {}  # a layer's times fall on a few days
     out: dict[str | None, int] = {}
     for s in times:
@@ -589,6 +625,11 @@ _CHUNK_CODE = len(_KINDS)
 _WIRE_CODES: dict[str, int] = {k: i for i, k in enumerate((*_KINDS, "chunk"))}
 _REG, _DIR, _HARDLINK = (_WIRE_CODES[k] for k in ("reg", "dir", "hardlink"))
 _DEVICE_CODES = frozenset(_WIRE_CODES[k] for k in _DEVICES)
+# Up to this many rare cases (chunk ends to find, hardlinks to check) take a Python step
+# each; more, a pass over a whole column.
+_FEW = 64
+# Kind codes as bytes, translated: 0 for a "chunk" entry, 1 for any other.
+_NOT_CHUNK = bytes(int(c != _CHUNK_CODE) for c in range(256))
 
 
 def _wire_columns(
@@ -607,27 +648,32 @@ def _wire_columns(
         w = wire[codes.index(None)]
         raise FormatError(f"unknown entry type {w.type!r} for {w.name!r}")
     kinds = cast(list[int], codes)
-    heads = _heads(wire, kinds) if _CHUNK_CODE in kinds else None
-    es = wire if heads is None else [wire[i] for i in heads]
-    if heads is not None:
-        kinds = [kinds[i] for i in heads]
+    # A file's "chunk" entries (its later chunks) follow its wire entry: where they are.
+    later = _chunk_entries(wire, kinds) if _CHUNK_CODE in kinds else []
+    if later:
+        kept = bytes(kinds).translate(_NOT_CHUNK)
+        es = list(itertools.compress(wire, kept))
+        kinds = list(itertools.compress(kinds, kept))
+    else:
+        es = wire
     count = len(es)
     names = _normal_names([w.name for w in es])
 
     # Chunks: a file's wire entry is its first chunk; its "chunk" entries follow it.
     sizes = [w.size if c == _REG else 0 for c, w in zip(kinds, es, strict=True)]
     files = list(itertools.compress(range(count), sizes))
-    if heads is None:
+    if not later:
         owner, parts, last = files, [es[k] for k in files], None
     else:
-        owner, parts, last = [], [], list[bool]()
-        for k in files:
-            first, after = heads[k], heads[k + 1] if k + 1 < count else len(wire)
-            owner.extend(itertools.repeat(k, after - first))
-            parts.extend(wire[first:after])
-            last.extend(itertools.repeat(False, after - first - 1))
-            last.append(True)
-    head = parts if heads is None else [es[o] for o in owner]
+        # The entry a chunk entry belongs to: the last entry before it (k chunk entries
+        # come before the k-th, so its file is entry i - k - 1).
+        more = [i - k - 1 for k, i in enumerate(later)]
+        # Sorted merges of two sorted runs (C): each file's entry, then its chunk entries.
+        owner = sorted(files + more)
+        heads = list(itertools.compress(range(len(wire)), kept))
+        parts = list(map(wire.__getitem__, sorted([heads[k] for k in files] + later)))
+        last = list(map(operator.ne, owner, [*owner[1:], -1]))
+    head = parts if not later else [es[o] for o in owner]
     c_fo = [w.chunkOffset for w in parts]
     c_size = [w.chunkSize or (h.size - w.chunkOffset) for w, h in zip(parts, head, strict=True)]
     c_zeros = [w.chunkType == "zeros" for w in parts]
@@ -647,18 +693,29 @@ def _wire_columns(
         c_end = [h.endOffset for h in head]
     else:
         c_end = [h.endOffset if t else 0 for h, t in zip(head, last, strict=True)]
-    if 0 in c_end:
-        starts = sorted({*c_offset, data_end})
-        for m, (e, z) in enumerate(zip(c_end, c_zeros, strict=True)):
-            if not e and not z:
-                i = bisect.bisect_right(starts, c_offset[m])
-                if i < len(starts):
-                    c_end[m] = starts[i]
-    if heads is None:  # one chunk per file
-        counts = array("I", map(bool, sizes))
-    else:
-        counts = array("I", bytes(4 * count))
-        for o in owner:
+    unknown = c_end.count(0)
+    if unknown:
+        if unknown > _FEW:  # eStargz (no end given anywhere): every chunk at once
+            starts = sorted({*c_offset, data_end})
+            after = dict(itertools.pairwise(starts))  # none after the last: its end stays 0
+            c_end = [
+                e or (0 if z else after.get(o, 0))
+                for e, z, o in zip(c_end, c_zeros, c_offset, strict=True)
+            ]
+        else:  # a few chunk entries: each found by a C scan
+            # In blob order already, mostly: sorting is a C pass.  With repeats, bisect_right
+            # still finds the next distinct start.
+            starts = sorted([*c_offset, data_end])
+            m = -1
+            for _ in range(unknown):
+                m = c_end.index(0, m + 1)
+                if not c_zeros[m]:
+                    i = bisect.bisect_right(starts, c_offset[m])
+                    if i < len(starts):
+                        c_end[m] = starts[i]
+    counts = array("I", map(bool, sizes))  # one chunk per file with content
+    if later:
+        for o in more:
             counts[o] += 1
     c_digests: list[str | None] = [
         None if counts[o] == 1 and d == h.digest else d
@@ -741,14 +798,9 @@ def _wire_columns(
                 del col[chunk_at[k] : chunk_at[k + 1]]
             del counts[k]
         links, devices, xattrs = _shift(links, drop), _shift(devices, drop), _shift(xattrs, drop)
-    numbers = array("q")
-    for column in (modes, uids, gids, sizes, [time_of[s] for s in modtimes]):
-        numbers.extend(column)
-    owner_of = array("I", unames)
-    owner_of.extend(gnames)
-    flat = array("q")
-    for chunk_column in (c_fo, c_size, c_offset, c_end, c_inner, c_zeros):
-        flat.extend(chunk_column)
+    numbers = _int_bytes("q", modes, uids, gids, sizes, [time_of[s] for s in modtimes])
+    owner_of = _int_bytes("I", unames, gnames)
+    flat = _int_bytes("q", c_fo, c_size, c_offset, c_end, c_inner, c_zeros)
     return _Packed(
         version=_PACK_VERSION,
         compression=compression,
@@ -756,53 +808,76 @@ def _wire_columns(
         prefetch_end=prefetch_end,
         names=names,
         kinds=bytes(kinds),
-        numbers=numbers.tobytes(),
+        numbers=numbers,
         owners=list(owners),
-        owner_of=owner_of.tobytes(),
+        owner_of=owner_of,
         times=list(times),
         digests=digests,
         links=links,
         devices=devices,
         xattrs=xattrs,
         chunk_counts=counts.tobytes(),
-        chunks=flat.tobytes(),
+        chunks=flat,
         chunk_digests=c_digests,
     )
 
 
-def _heads(wire: list[_WireEntry], codes: list[int]) -> list[int]:
-    """Where each entry starts in ``wire``; a "chunk" entry must follow a file with content
-    (or another of its chunks)."""
-    heads: list[int] = []
-    has_content = False
-    for i, c in enumerate(codes):
-        if c != _CHUNK_CODE:
-            heads.append(i)
-            has_content = c == _REG and bool(wire[i].size)
-        elif not has_content:
-            raise FormatError(f"chunk entry for {wire[i].name!r} does not follow its file")
-    return heads
+def _int_bytes(code: str, *columns: Sequence[int]) -> bytes:
+    """``columns`` one after another as an array of ``code`` would hold them (struct packs
+    a list in C: ``array.extend`` converts number by number through the argument parser)."""
+    values = list(itertools.chain(*columns)) if len(columns) > 1 else columns[0]
+    try:
+        return struct.pack(f"{len(values)}{code}", *values)
+    except struct.error as e:  # as array's own conversion refuses a number out of range
+        raise OverflowError(str(e)) from None
+
+
+def _chunk_entries(wire: list[_WireEntry], codes: list[int]) -> list[int]:
+    """Where the "chunk" entries are in ``wire``; each must follow a file with content (or
+    another of its chunks).  A step per chunk entry, none per other entry."""
+    found: list[int] = []
+    at = codes.index(_CHUNK_CODE)
+    while at >= 0:
+        before = at - 1
+        if not (found and found[-1] == before) and (
+            before < 0 or codes[before] != _REG or not wire[before].size
+        ):
+            raise FormatError(f"chunk entry for {wire[at].name!r} does not follow its file")
+        found.append(at)
+        try:
+            at = codes.index(_CHUNK_CODE, at + 1)
+        except ValueError:
+            at = -1
+    return found
 
 
 def _normal_names(names: list[str]) -> list[str]:
-    """``names`` normalised (in place) and checked as :func:`normalize_name` and
+    """``names`` normalised and checked as :func:`normalize_name` and
     :func:`check_path` do, a Python step only for a name that needs one."""
     joined = "\x00" + "\x00".join(names) + "\x00"
-    if joined.count("\x00") != len(names) + 1:
-        odd: Iterable[int] = range(len(names))  # a name holds NUL: normalize_name says which
-        slashed: set[int] = set()
+    # Every trailing slash (a directory's) dropped in one C pass; an odd name is normalised
+    # below from its own spelling.
+    stripped = joined.replace("/\x00", "\x00")
+    parts = stripped[1:-1].split("\x00")
+    odd: Sequence[int] = []
+    if len(parts) != len(names):
+        odd = range(len(names))  # a name holds NUL: normalize_name says which
     else:
-        # Where the name around each position starts (after its NUL), and the names with
-        # something to normalise: found by C scans of the joined names, not a match per name.
-        seps = list(itertools.accumulate((len(n) + 1 for n in names), initial=0))
-        slashed = {bisect.bisect_right(seps, at) - 1 for at in _finds(joined, "/\x00")}
-        odd = sorted(
-            {bisect.bisect_right(seps, at) - 1 for s in _ODD_PARTS for at in _finds(joined, s)}
-            | {bisect.bisect_right(seps, at) - 1 for at in _dot_components(joined)}
-        )
-        slashed.difference_update(odd)
-    for k in slashed:
-        names[k] = names[k][:-1]  # a directory's trailing slash and nothing else to do
+        # The names with something to normalise, found by C scans of them joined (a scan for
+        # one character is the quickest): an empty component ("", "/a", "a//b", "a//") or a
+        # component ending in a dot ("." or ".." if the character before it says so).
+        flat = stripped.replace("/", "\x00")
+        found = list(_finds(flat, "\x00\x00"))
+        for at in _finds(flat, ".\x00"):
+            if flat[at - 1] == "\x00" or (flat[at - 1] == "." and flat[at - 2] == "\x00"):
+                found.append(at)
+        if found:
+            seps = list(itertools.accumulate((len(n) + 1 for n in parts), initial=0))
+            odd = sorted({bisect.bisect_right(seps, at) - 1 for at in found})
+        given = [names[k] for k in odd]
+        names = parts
+        for k, name in zip(odd, given, strict=True):
+            names[k] = name
     for k in odd:
         names[k] = normalize_name(names[k])
     if not joined.isascii() or max(map(len, names), default=0) > NAME_MAX:
@@ -812,21 +887,10 @@ def _normal_names(names: list[str]) -> list[str]:
     return names
 
 
-# In names joined with a NUL before each and after the last, what shows a name that is not
-# normal: empty, absolute, "//" (a trailing slash: ``_normal_names``; dots: below).
-_ODD_PARTS = ("\x00\x00", "\x00/", "//")
+_Text = TypeVar("_Text", str, bytes)
 
 
-def _dot_components(joined: str) -> Iterator[int]:
-    """Where a "." or ".." component is in the joined names: a component ending in a dot
-    is rare, so each one found is looked at."""
-    for part in (".\x00", "./"):
-        for at in _finds(joined, part):
-            if joined[at - 1] in "\x00/" or (joined[at - 1] == "." and joined[at - 2] in "\x00/"):
-                yield at
-
-
-def _finds(text: str, part: str) -> Iterator[int]:
+def _finds(text: _Text, part: _Text) -> Iterator[int]:
     """Where ``part`` occurs in ``text``, overlaps included."""
     at = text.find(part)
     while at >= 0:
@@ -862,12 +926,15 @@ def _valid(w: _Wire, data_end: int) -> bool:
         if any(w.c_fo) or w.c_size != list(map(w.sizes.__getitem__, w.owner)):
             return False
     else:
-        pos: dict[int, int] = {}  # per file: where its next chunk starts
-        for o, fo, size in zip(w.owner, w.c_fo, w.c_size, strict=True):
-            if pos.get(o, 0) != fo:
-                return False
-            pos[o] = fo + size
-        if any(pos[o] != w.sizes[o] for o in pos):
+        # A file's chunks are together, in order: each starts where the one before it in the
+        # same file ends (a file's first at 0), and its last ends at the file's size.
+        first = list(map(operator.ne, w.owner, [-1, *w.owner[:-1]]))
+        ends = list(map(operator.add, w.c_fo, w.c_size))
+        if w.c_fo != [0 if f else e for f, e in zip(first, [0, *ends[:-1]], strict=True)]:
+            return False
+        last = [*first[1:], True]
+        files = itertools.compress(w.owner, last)
+        if list(itertools.compress(ends, last)) != list(map(w.sizes.__getitem__, files)):
             return False
     if True in w.c_zeros:
         if not all(
@@ -880,18 +947,34 @@ def _valid(w: _Wire, data_end: int) -> bool:
     elif w.c_end and not (
         all(map(operator.lt, w.c_offset, w.c_end))
         and max(w.c_end) <= data_end
-        and max(map(operator.add, w.c_inner, w.c_size)) <= MAX_CHUNK_SIZE
+        and max(map(operator.add, w.c_inner, w.c_size) if any(w.c_inner) else w.c_size)
+        <= MAX_CHUNK_SIZE
     ):
         return False  # offsets and inner offsets are >= 0 (the wire schema's bounds)
     if _HARDLINK in w.kinds:
-        latest = {n: k for k, n in enumerate(w.names)}
-        for k, c in enumerate(w.kinds):
-            if c == _HARDLINK:
-                target = latest.get(w.links.get(k, ""))
-                # Not an earlier entry's name, or the latest of several: left to validate.
-                if target is not None and (target >= k or w.kinds[target] == _DIR):
-                    return False
+        hardlinks = list(_finds(bytes(w.kinds), bytes([_HARDLINK])))
+        latest = _latest(w.names, {w.links.get(k, "") for k in hardlinks})
+        for k in hardlinks:
+            target = latest.get(w.links.get(k, ""))
+            # Not an earlier entry's name, or the latest of several: left to validate.
+            if target is not None and (target >= k or w.kinds[target] == _DIR):
+                return False
     return True
+
+
+def _latest(names: list[str], wanted: set[str]) -> dict[str, int]:
+    """Where each of ``wanted`` is last in ``names`` (if anywhere)."""
+    if len(wanted) > _FEW:
+        return {n: k for n, k in zip(names, range(len(names)), strict=True) if n in wanted}
+    latest = {}
+    for name in wanted:  # each a C scan
+        k = -1
+        with contextlib.suppress(ValueError):
+            while True:
+                k = names.index(name, k + 1)
+        if k >= 0:
+            latest[name] = k
+    return latest
 
 
 def _wire_entries(w: _Wire) -> list[Entry]:
@@ -1256,20 +1339,24 @@ def _raw_sha256(digests: list[str]) -> bytes | None:
     joined, n = "".join(spelt), len(spelt)
     if any(joined[j::71] != c * n for j, c in enumerate(prefix)):
         return None
-    hexes = joined.replace(prefix, "")
     try:
-        raw = bytes.fromhex(hexes)
-    except ValueError:
+        text = bytearray(joined.encode("ascii"))
+    except UnicodeEncodeError:
         return None
-    # Also refuses upper case and blanks, and a prefix inside the hex (the length is short).
-    return raw if len(raw) == 32 * n and raw.hex() == hexes else None
+    # The prefix cut out of each digest, a column at a time from its last character (C).
+    for j in reversed(range(len(prefix))):
+        del text[j :: 65 + j]
+    try:
+        raw = binascii.unhexlify(text)
+    except binascii.Error:
+        return None
+    return raw if binascii.hexlify(raw) == text else None  # also refuses upper case
 
 
 def _ends(parts: Sequence[str] | array[int]) -> array[int]:
     """The end of each piece of ``parts`` put end to end (lengths, or strings), after a 0."""
-    ends = array("I", [0])
-    ends.extend(itertools.accumulate(parts if isinstance(parts, array) else map(len, parts)))
-    return ends
+    lengths = parts if isinstance(parts, array) else map(len, parts)
+    return array("I", _int_bytes("I", list(itertools.accumulate(lengths, initial=0))))
 
 
 def _narrow(numbers: array[int]) -> array[int]:

@@ -16,6 +16,7 @@ import pytest
 
 from lazyfs.errors import FormatError
 from lazyfs.formats import toc as toc_module
+from lazyfs.formats.columns import RawDigests, narrow, raw_sha256
 from lazyfs.formats.toc import (
     TOC,
     Chunk,
@@ -407,7 +408,7 @@ def test_columns_narrow_to_the_smallest_type_that_holds_them() -> None:
         for code in ("q", "I"):
             if code == "I" and (min(values) < 0 or max(values) >= 2**32):
                 continue
-            got = toc_module._narrow(array(code, values))
+            got = narrow(array(code, values))
             assert got.tolist() == values
             fits = [
                 c for c in "BHI" if min(values) >= 0 and max(values) < 1 << (8 * array(c).itemsize)
@@ -419,14 +420,15 @@ def test_columns_narrow_to_the_smallest_type_that_holds_them() -> None:
 def test_sha256_digests_pack_only_when_each_is_one() -> None:
     rnd = random.Random(4)
     good = ["sha256:" + rnd.randbytes(32).hex() for _ in range(5)]
-    raw = toc_module._raw_sha256(["", *good, ""])
+    raw = raw_sha256(["", *good, ""])
     assert raw is not None
-    table = toc_module._RawDigests(raw)
+    table = RawDigests(raw)
     assert [table[i] for i in range(7)] == ["", *good, ""]
-    assert toc_module._raw_sha256([]) == b""
+    assert raw_sha256([]) == b""
     for bad in (
         "sha256:" + "0" * 64,  # no digest spelt out
         good[0].upper(),
+        "sha256:" + good[0][7:].upper(),  # the prefix as it should be, the hex not
         good[0][:-1],
         good[0] + "0",
         "sha512:" + good[0][7:],
@@ -435,4 +437,4 @@ def test_sha256_digests_pack_only_when_each_is_one() -> None:
         "sha256:" + good[0][7:64] + "sha256:",  # a prefix inside the hex
         good[0][:-6] + "sha256",  # with the next one's ":" + 64 hex, the prefix lines up
     ):
-        assert toc_module._raw_sha256([good[1], bad, ":" + good[2][7:]]) is None, bad
+        assert raw_sha256([good[1], bad, ":" + good[2][7:]]) is None, bad

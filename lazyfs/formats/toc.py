@@ -9,7 +9,6 @@ invariants :func:`validate` checks, so no other module re-checks names, sizes or
 from __future__ import annotations
 
 import base64
-import binascii
 import bisect
 import contextlib
 import datetime as _dt
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, TypeVar, 
 import msgspec
 
 from lazyfs.errors import FormatError
+from lazyfs.formats.columns import RawDigests, narrow, raw_sha256
 
 if TYPE_CHECKING:
     from lazyfs.formats.chunklist import ChunkList
@@ -1125,8 +1125,8 @@ class EntryTable(Sequence[Entry]):
         cols = _columns(data) if isinstance(data, bytes) else data
         p = cols.packed
         self._count = count = len(p.names)
-        raw = _raw_sha256(p.digests)
-        self._digests: _Digests = p.digests if raw is None else _RawDigests(raw)
+        raw = raw_sha256(p.digests)
+        self._digests: _Digests = p.digests if raw is None else RawDigests(raw)
         self._kinds = p.kinds
         self._owners = [sys.intern(o) for o in p.owners]
         self._times = p.times
@@ -1137,13 +1137,13 @@ class EntryTable(Sequence[Entry]):
             self._chunk_at = _ends(cols.counts)
             # mode, uid, gid, size, mtime index: each in the narrowest array that holds it
             self._numbers = tuple(
-                _narrow(cols.numbers[k * count : (k + 1) * count]) for k in range(5)
+                narrow(cols.numbers[k * count : (k + 1) * count]) for k in range(5)
             )
-            self._owner_of = _narrow(cols.owner_of)
+            self._owner_of = narrow(cols.owner_of)
             total = len(p.chunk_digests)
             # file offset, size, offset, end, inner, zeros; None: all 0
             self._chunks = tuple(
-                _narrow(col) if col.tobytes().strip(b"\0") else None
+                narrow(col) if col.tobytes().strip(b"\0") else None
                 for col in (cols.flat[k * total : (k + 1) * total] for k in range(6))
             )
         except OverflowError as e:
@@ -1192,7 +1192,7 @@ class EntryTable(Sequence[Entry]):
         """Every entry's chunks in order, as ``entry.chunks`` would give them, as columns (a
         layer's chunk list at mount), sharing this table's columns where it can: neither the
         entries nor their chunks are made."""
-        from lazyfs.formats.chunklist import ChunkList, narrow, raw_digests  # imports this
+        from lazyfs.formats.chunklist import ChunkList  # imports this
 
         file_offset, c_size, offset, end, inner, zeros = self._chunks
         total = len(self._chunk_digests)
@@ -1211,13 +1211,13 @@ class EntryTable(Sequence[Entry]):
             )
         fd, given = self._digests, self._chunk_digests
         named = [d for d in given if d is not None]  # chunks not spelt as their file's digest
-        raw = raw_digests(named) if isinstance(fd, _RawDigests) else None
+        raw = raw_sha256(named) if isinstance(fd, RawDigests) else None
         digests: bytes | list[str]
         slots = None
         if raw is not None and not named:  # each chunk has its file's digest: shared
-            digests, slots = fd._raw, owner  # type: ignore[union-attr]
+            digests, slots = fd.raw, owner  # type: ignore[union-attr]
         elif raw is not None:
-            whole, own = memoryview(fd._raw), memoryview(raw)  # type: ignore[union-attr]
+            whole, own = memoryview(fd.raw), memoryview(raw)  # type: ignore[union-attr]
             n = itertools.count(0, 32)
             digests = b"".join(
                 [
@@ -1306,79 +1306,13 @@ class _EntriesByName(Mapping[str, Entry]):
         return len(self._rows)
 
 
-class _RawDigests:
-    """Digests spelt ``sha256:<hex>`` (or none) as 32 bytes each, where the strings take 120."""
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: bytes) -> None:
-        self._raw = raw  # what _raw_sha256 made
-
-    def __getitem__(self, i: int) -> str:
-        raw = self._raw[32 * i : 32 * i + 32]
-        return "" if raw == _NO_DIGEST else "sha256:" + raw.hex()
-
-
-_Digests = _RawDigests | list[str]
-# What stands for "no digest": no sha256 is all zeros (a collision as hard as any other).
-_NO_DIGEST = bytes(32)
-
-
-def _raw_sha256(digests: list[str]) -> bytes | None:
-    """Every digest as 32 bytes (none as all 0) when each one given is ``sha256:`` and 64
-    lower-case hex digits, not all 0; else None.  In C, over the digests joined (a mount of
-    100k files waits for this): each is 71 characters, the prefix is where every 71st
-    character starts, and the rest is hex that spells itself again."""
-    prefix = "sha256:"
-    zero = prefix + _NO_DIGEST.hex()  # spelt out in a TOC, it keeps the strings
-    if zero in digests:
-        return None
-    spelt = [d or zero for d in digests]
-    if spelt and set(map(len, spelt)) != {71}:
-        return None
-    joined, n = "".join(spelt), len(spelt)
-    if any(joined[j::71] != c * n for j, c in enumerate(prefix)):
-        return None
-    try:
-        text = bytearray(joined.encode("ascii"))
-    except UnicodeEncodeError:
-        return None
-    # The prefix cut out of each digest, a column at a time from its last character (C).
-    for j in reversed(range(len(prefix))):
-        del text[j :: 65 + j]
-    try:
-        raw = binascii.unhexlify(text)
-    except binascii.Error:
-        return None
-    return raw if binascii.hexlify(raw) == text else None  # also refuses upper case
+_Digests = RawDigests | list[str]
 
 
 def _ends(parts: Sequence[str] | array[int]) -> array[int]:
     """The end of each piece of ``parts`` put end to end (lengths, or strings), after a 0."""
     lengths = parts if isinstance(parts, array) else map(len, parts)
     return array("I", _int_bytes("I", list(itertools.accumulate(lengths, initial=0))))
-
-
-def _narrow(numbers: array[int]) -> array[int]:
-    """``numbers`` in the narrowest array type that holds them all: how many low bytes any
-    of them uses read from the bytes of the array (in C), not number by number.  A negative
-    number uses its top byte: such a column stays as it is."""
-    size, count = numbers.itemsize, len(numbers)
-    if not count or sys.byteorder != "little":
-        return numbers
-    raw = numbers.tobytes()
-    unused = bytes(count)
-    used = size
-    while used > 1 and raw[used - 1 :: size] == unused:
-        used -= 1
-    for code in ("B", "H", "I"):
-        width = array(code).itemsize
-        if used <= width < size:
-            low = bytearray(width * count)
-            for j in range(width):
-                low[j::width] = raw[j::size]
-            return array(code, bytes(low))
-    return numbers
 
 
 def _unpack_entries(

@@ -766,7 +766,7 @@ def _wire_columns(
         validate(TOC(compression=compression, entries=_wire_entries(columns), data_end=data_end))
 
     prefetch_end = 0
-    drop = [k for k, n in enumerate(names) if n in reserved] if reserved else []
+    drop = sorted(k for name in reserved for k in _rows_named(names, name))
     if drop:
         chunk_at = _ends(counts)
         for k in drop:
@@ -969,14 +969,19 @@ def _latest(names: list[str], wanted: set[str]) -> dict[str, int]:
     if len(wanted) > _FEW:
         return {n: k for n, k in zip(names, range(len(names)), strict=True) if n in wanted}
     latest = {}
-    for name in wanted:  # each a C scan
-        k = -1
-        with contextlib.suppress(ValueError):
-            while True:
-                k = names.index(name, k + 1)
-        if k >= 0:
+    for name in wanted:
+        for k in _rows_named(names, name):
             latest[name] = k
     return latest
+
+
+def _rows_named(names: list[str], name: str) -> Iterator[int]:
+    """Where ``name`` is in ``names``, in order: each found by a C scan."""
+    k = -1
+    with contextlib.suppress(ValueError):
+        while True:
+            k = names.index(name, k + 1)
+            yield k
 
 
 def _wire_entries(w: _Wire) -> list[Entry]:

@@ -27,9 +27,9 @@ def one_arena() -> bool:
     cannot hand back (glibc's malloc_trim trims only the main arena's top), and glibc keeps
     up to twice its mmap threshold there, a threshold that rises to the largest mapped block
     freed (up to 32 MiB): a TOC decode of 100k entries in a worker left 17 MiB more RSS after
-    a mount (BENCHMARKS "H61").  Pinning the thresholds instead kept large buffers mapped and
-    faulted in afresh: a cold read of a 512 MiB file 1.2-1.8x slower.  Python allocates under
-    its GIL, so the threads hardly contend for the one arena."""
+    a mount (BENCHMARKS "H61").  Pinning the thresholds instead kept more buffers mapped and
+    faulted in afresh: a cold read of a 512 MiB file 1.16x (8 MiB) to 1.8x (128 KiB) slower.
+    Python allocates under its GIL, so the threads hardly contend for the one arena."""
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return False

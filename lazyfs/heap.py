@@ -29,7 +29,8 @@ def one_arena() -> bool:
     freed (up to 32 MiB): a TOC decode of 100k entries in a worker left 17 MiB more RSS after
     a mount (BENCHMARKS "H61").  Pinning the thresholds instead kept more buffers mapped and
     faulted in afresh: a cold read of a 512 MiB file 1.16x (8 MiB) to 1.8x (128 KiB) slower.
-    Python allocates under its GIL, so the threads hardly contend for the one arena."""
+    The cost measured instead: a read soak of 100k small files 1.15x slower (threads waiting
+    for the one arena's lock, probably; not profiled), for 50 MiB less RSS after it."""
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return False

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-# glibc's mallopt parameter for the most arenas its threads may use (malloc.h).
-_M_ARENA_MAX = -8
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# glibc's start values, and the most its own raise reaches (64-bit: 32 MiB, trim twice that).
+_START = (128 * 1024, 128 * 1024)
+_RAISED = (32 * 1024 * 1024, 64 * 1024 * 1024)
 
 
 def trim_heap() -> None:
@@ -19,18 +23,26 @@ def trim_heap() -> None:
         trim(0)
 
 
-def one_arena() -> bool:
-    """Have every thread allocate from glibc's main arena; whether it was set (glibc only).
-    Call before any thread allocates.
+def start_up_thresholds() -> bool:
+    """Hold glibc's mmap and trim thresholds at their start values until
+    :func:`serving_thresholds`; whether they were set (glibc only).
 
-    A worker thread otherwise gets an arena of its own, whose free top :func:`trim_heap`
-    cannot hand back (glibc's malloc_trim trims only the main arena's top), and glibc keeps
-    up to twice its mmap threshold there, a threshold that rises to the largest mapped block
-    freed (up to 32 MiB): a TOC decode of 100k entries in a worker left 17 MiB more RSS after
-    a mount (BENCHMARKS "H61").  Pinning the thresholds instead kept more buffers mapped and
-    faulted in afresh: a cold read of a 512 MiB file 1.16x (8 MiB) to 1.8x (128 KiB) slower.
-    The cost measured instead: a read soak of 100k small files 1.15x slower (threads waiting
-    for the one arena's lock, probably; not profiled), for 50 MiB less RSS after it."""
+    glibc raises both each time a larger mapped block is freed, and keeps a worker thread
+    arena's free top up to the trim threshold: ``malloc_trim`` trims only the main arena's
+    top.  Raised by the multi-MiB temporaries of a TOC decode of 100k entries, that left the
+    decoding thread's arena 17 MiB fuller after a mount (BENCHMARKS "H61").  Held low, a
+    large block is mapped on its own and a thread's arena is trimmed as it is freed."""
+    return _mallopt(*_START)
+
+
+def serving_thresholds() -> bool:
+    """Once start-up's TOCs are decoded: the thresholds glibc's own raise would reach, held,
+    so reads keep their buffers in the heap as they did (held at the start values, a cold
+    read of a 512 MiB file was 1.8x slower: every buffer mapped and faulted in afresh)."""
+    return _mallopt(*_RAISED)
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return False
@@ -39,4 +51,8 @@ def one_arena() -> bool:
     import ctypes
 
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    return mallopt is not None and mallopt(_M_ARENA_MAX, 1) == 1
+    return (
+        mallopt is not None
+        and mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+        and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    )

@@ -4,7 +4,7 @@ wall and CPU time; this tree and optionally another (``--before DIR``, a directo
 another ``lazyfs`` package) alternating in the same run.  What is timed is what the tree's
 ``load_layer`` does with a fetched TOC before the tree is built: ``decode_layer_table`` where
 it exists, else ``decode_layer_toc`` (and ``pack_toc_table`` where that exists), after the
-tree's ``one_arena`` where that exists, as the daemon pays it.  ``--stages``:
+tree's ``start_up_thresholds`` where that exists, as the daemon pays it.  ``--stages``:
 this tree's decode step by step (medians of in-process repeats).
 
 Run from the repo root: ``.venv/bin/python scripts/bench_toc_decode.py [--layout DIR]``
@@ -49,7 +49,7 @@ def child(src: Path, layout: Path) -> dict[str, Any]:
     from lazyfs import heap
     from lazyfs.formats import layer, toc
 
-    pin = getattr(heap, "one_arena", None)
+    pin = getattr(heap, "start_up_thresholds", None)
     if pin is not None:  # as the mount daemon does before its first decode (H61)
         pin()
     tocs = _tocs(layout)

@@ -16,6 +16,7 @@ import pytest
 
 from lazyfs.errors import FormatError
 from lazyfs.formats import toc as toc_module
+from lazyfs.formats.columns import RawDigests, narrow, raw_sha256
 from lazyfs.formats.toc import (
     TOC,
     Chunk,
@@ -310,6 +311,33 @@ def test_a_table_decodes_as_the_entries_do_whatever_the_toc_holds(seed: int) -> 
         assert budgets[0].entries == budgets[1].entries > 0
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_rare_cases_decode_alike_one_by_one_and_by_column(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunk ends to find and hardlinks to check take a step each when few, a column pass
+    when many: a hostile TOC decodes to the same bytes, or the same error, either way."""
+    rnd = random.Random(seed)
+    flavour: Flavour = rnd.choice(["estargz", "zstd:chunked"])
+    entries, data_end = random_entries(seed, 80, flavour)
+    doc = json.loads(encode_toc(entries, flavour=flavour))
+    for _ in range(4):
+        wire = rnd.choice(doc["entries"])
+        field = rnd.choice(["offset", "endOffset", "chunkOffset", "linkName", "type", "name"])
+        wire[field] = rnd.choice(_BAD_FIELDS[field])
+        raw = json.dumps(doc).encode()
+        results: list[bytes | str] = []
+        for few in (0, 10**9):
+            monkeypatch.setattr(toc_module, "_FEW", few)
+            try:
+                results.append(
+                    decode_toc_table(raw, compression="zstd", blob_size=data_end + 10)[0]
+                )
+            except FormatError as e:
+                results.append(str(e))
+        assert results[0] == results[1]
+
+
 def test_a_table_is_decoded_without_making_an_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     entries, data_end = random_entries(5, 300, "estargz")
     entries.append(Entry(name="stargz.index.json", type="reg"))  # the writer's own: left out
@@ -407,7 +435,7 @@ def test_columns_narrow_to_the_smallest_type_that_holds_them() -> None:
         for code in ("q", "I"):
             if code == "I" and (min(values) < 0 or max(values) >= 2**32):
                 continue
-            got = toc_module._narrow(array(code, values))
+            got = narrow(array(code, values))
             assert got.tolist() == values
             fits = [
                 c for c in "BHI" if min(values) >= 0 and max(values) < 1 << (8 * array(c).itemsize)
@@ -419,14 +447,15 @@ def test_columns_narrow_to_the_smallest_type_that_holds_them() -> None:
 def test_sha256_digests_pack_only_when_each_is_one() -> None:
     rnd = random.Random(4)
     good = ["sha256:" + rnd.randbytes(32).hex() for _ in range(5)]
-    raw = toc_module._raw_sha256(["", *good, ""])
+    raw = raw_sha256(["", *good, ""])
     assert raw is not None
-    table = toc_module._RawDigests(raw)
+    table = RawDigests(raw)
     assert [table[i] for i in range(7)] == ["", *good, ""]
-    assert toc_module._raw_sha256([]) == b""
+    assert raw_sha256([]) == b""
     for bad in (
         "sha256:" + "0" * 64,  # no digest spelt out
         good[0].upper(),
+        "sha256:" + good[0][7:].upper(),  # the prefix as it should be, the hex not
         good[0][:-1],
         good[0] + "0",
         "sha512:" + good[0][7:],
@@ -435,4 +464,4 @@ def test_sha256_digests_pack_only_when_each_is_one() -> None:
         "sha256:" + good[0][7:64] + "sha256:",  # a prefix inside the hex
         good[0][:-6] + "sha256",  # with the next one's ":" + 64 hex, the prefix lines up
     ):
-        assert toc_module._raw_sha256([good[1], bad, ":" + good[2][7:]]) is None, bad
+        assert raw_sha256([good[1], bad, ":" + good[2][7:]]) is None, bad

@@ -16,22 +16,10 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import overload
 
-from lazyfs.formats.toc import _NO_DIGEST, Chunk, _narrow, _raw_sha256
+from lazyfs.formats.columns import NO_DIGEST, SHA256_PREFIX, narrow, raw_sha256, sha256_text
+from lazyfs.formats.toc import Chunk
 
-_PREFIX = "sha256:"
 _HEX_BATCH = 4096  # digests turned into strings at once by ChunkList.digests()
-
-
-def narrow(numbers: Iterable[int]) -> array[int]:
-    """``numbers`` in the narrowest array type that holds them."""
-    return _narrow(numbers if isinstance(numbers, array) else array("q", numbers))
-
-
-def raw_digests(digests: list[str]) -> bytes | None:
-    """``digests`` (``sha256:`` and 64 lower-case hex digits, or ``""``) as 32 bytes each, or
-    None when one is spelt otherwise (upper case, another algorithm, all zeros spelt out):
-    such a list keeps its strings."""
-    return _raw_sha256(digests)
 
 
 class ChunkList(Sequence[Chunk]):
@@ -65,9 +53,9 @@ class ChunkList(Sequence[Chunk]):
         slots: array[int] | None = None,
     ) -> None:
         """Columns of one length; None for a column of zeros; ``digests`` as
-        :func:`raw_digests` packs them, or the strings.  ``slots``: which of the 32-byte
-        digests each chunk has (None: the i-th), so a list can share another's bytes (a
-        table's file digests: a one-chunk file's chunk has its file's)."""
+        :func:`~lazyfs.formats.columns.raw_sha256` packs them, or the strings.  ``slots``:
+        which of the 32-byte digests each chunk has (None: the i-th), so a list can share
+        another's bytes (a table's file digests: a one-chunk file's chunk has its file's)."""
         self._count = n = len(offsets)
         self._raw: bytes = digests if isinstance(digests, bytes) else b""
         self._strs: list[str] | None = None if isinstance(digests, bytes) else digests
@@ -98,7 +86,7 @@ class ChunkList(Sequence[Chunk]):
             ends=narrow(c.end for c in every),
             inners=narrow(c.inner for c in every),
             zeros=array("B", [c.zeros for c in every]),
-            digests=raw_digests(strs) or strs,
+            digests=raw_sha256(strs) or strs,
         )
 
     def select(self, rows: Iterable[int]) -> ChunkList:
@@ -158,15 +146,14 @@ class ChunkList(Sequence[Chunk]):
         if self._strs is not None:
             return self._strs[i]
         at = 32 * self._slot(i)
-        raw = self._raw[at : at + 32]
-        return "" if raw == _NO_DIGEST else _PREFIX + raw.hex()
+        return sha256_text(self._raw[at : at + 32])
 
     def digests(self) -> Iterator[str]:
         """Every digest in order (made a batch at a time: one ``hex`` call per batch)."""
         if self._strs is not None:
             yield from self._strs
             return
-        raw, slots, empty = memoryview(self._raw), self._slots, _NO_DIGEST.hex()
+        raw, slots, empty = memoryview(self._raw), self._slots, NO_DIGEST.hex()
         for start in range(0, self._count, _HEX_BATCH):
             if slots is None:
                 hx = raw[32 * start : 32 * (start + _HEX_BATCH)].hex()
@@ -175,7 +162,7 @@ class ChunkList(Sequence[Chunk]):
                 hx = b"".join([raw[32 * i : 32 * i + 32] for i in part]).hex()
             for k in range(0, len(hx), 64):
                 h = hx[k : k + 64]
-                yield "" if h == empty else _PREFIX + h
+                yield "" if h == empty else SHA256_PREFIX + h
 
     @property
     def digest_view(self) -> Sequence[str]:
@@ -205,14 +192,14 @@ class ChunkList(Sequence[Chunk]):
         if self._strs is not None:
             return hash(digest), digest
         if not digest:
-            return int.from_bytes(_NO_DIGEST[:8], sys.byteorder, signed=True), _NO_DIGEST
-        if len(digest) != 71 or not digest.startswith(_PREFIX):
+            return int.from_bytes(NO_DIGEST[:8], sys.byteorder, signed=True), NO_DIGEST
+        if len(digest) != 71 or not digest.startswith(SHA256_PREFIX):
             return None
         try:
             raw = bytes.fromhex(digest[7:])
         except ValueError:
             return None
-        if raw.hex() != digest[7:] or raw == _NO_DIGEST:
+        if raw.hex() != digest[7:] or raw == NO_DIGEST:
             return None  # spelt in a way no digest here is spelt
         return int.from_bytes(raw[:8], sys.byteorder, signed=True), raw
 

@@ -16,6 +16,7 @@ import itertools
 import operator
 import posixpath
 import re
+import struct
 import sys
 import threading
 from array import array
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, TypeVar, 
 import msgspec
 
 from lazyfs.errors import FormatError
+from lazyfs.formats.columns import RawDigests, narrow, raw_sha256
 
 if TYPE_CHECKING:
     from lazyfs.formats.chunklist import ChunkList
@@ -262,8 +264,44 @@ _UTC_TIME = re.compile(
 _EPOCH_DAY = _dt.date(1970, 1, 1).toordinal()
 
 
-def _parse_times(times: Iterable[str | None]) -> dict[str | None, int]:
-    """Each of ``times`` (distinct) in nanoseconds, as :func:`_parse_time` reads it."""
+# Many such times, each on its own line, hours, minutes and seconds in range: one match
+# checks them all.
+_UTC_TIMES = re.compile(
+    r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(?:\.[0-9]{1,9})?Z\n)*"
+)
+
+
+def _parse_times(times: Collection[str | None]) -> dict[str | None, int]:
+    """Each of ``times`` (distinct) in nanoseconds, as :func:`_parse_time` reads it: column
+    by column when each is a UTC time as Go writes it, else one by one."""
+    given = [s for s in times if s]
+    lines = "\n".join(given) + "\n"
+    if lines.count("\n") == len(given) and _UTC_TIMES.fullmatch(lines):
+        try:
+            days = {
+                d: _dt.date.fromisoformat(d).toordinal() - _EPOCH_DAY
+                for d in dict.fromkeys([s[:10] for s in given])
+            }
+        except ValueError:
+            return _parse_times_each(times)  # not a date: refused in _parse_time's words
+        # "YYYY-MM-DDTHH:MM:SS" is 19 characters; a fraction follows its dot.  One int per
+        # time of day (HHMMSS: an int() is the cost), made seconds by arithmetic.
+        hms = [int(s[11:13] + s[14:16] + s[17:19]) for s in given]
+        seconds = [
+            days[s[:10]] * 86400 + t - t // 10000 * 6400 - t // 100 % 100 * 40
+            for s, t in zip(given, hms, strict=True)
+        ]
+        fractions = [int(s[20:-1].ljust(9, "0")) if len(s) > 20 else 0 for s in given]
+        out: dict[str | None, int] = dict.fromkeys([s for s in times if not s], 0)
+        out.update(
+            (s, t * 1_000_000_000 + f) for s, t, f in zip(given, seconds, fractions, strict=True)
+        )
+        return out
+    return _parse_times_each(times)
+
+
+def _parse_times_each(times: Iterable[str | None]) -> dict[str | None, int]:
     days: dict[str, int] = {}  # a layer's times fall on a few days
     out: dict[str | None, int] = {}
     for s in times:
@@ -589,6 +627,11 @@ _CHUNK_CODE = len(_KINDS)
 _WIRE_CODES: dict[str, int] = {k: i for i, k in enumerate((*_KINDS, "chunk"))}
 _REG, _DIR, _HARDLINK = (_WIRE_CODES[k] for k in ("reg", "dir", "hardlink"))
 _DEVICE_CODES = frozenset(_WIRE_CODES[k] for k in _DEVICES)
+# Up to this many rare cases (chunk ends to find, hardlinks to check) take a Python step
+# each; more, a pass over a whole column.
+_FEW = 64
+# Kind codes as bytes, translated: 0 for a "chunk" entry, 1 for any other.
+_NOT_CHUNK = bytes(int(c != _CHUNK_CODE) for c in range(256))
 
 
 def _wire_columns(
@@ -607,27 +650,32 @@ def _wire_columns(
         w = wire[codes.index(None)]
         raise FormatError(f"unknown entry type {w.type!r} for {w.name!r}")
     kinds = cast(list[int], codes)
-    heads = _heads(wire, kinds) if _CHUNK_CODE in kinds else None
-    es = wire if heads is None else [wire[i] for i in heads]
-    if heads is not None:
-        kinds = [kinds[i] for i in heads]
+    # A file's "chunk" entries (its later chunks) follow its wire entry: where they are.
+    later = _chunk_entries(wire, kinds) if _CHUNK_CODE in kinds else []
+    if later:
+        kept = bytes(kinds).translate(_NOT_CHUNK)
+        es = list(itertools.compress(wire, kept))
+        kinds = list(itertools.compress(kinds, kept))
+    else:
+        es = wire
     count = len(es)
     names = _normal_names([w.name for w in es])
 
     # Chunks: a file's wire entry is its first chunk; its "chunk" entries follow it.
     sizes = [w.size if c == _REG else 0 for c, w in zip(kinds, es, strict=True)]
     files = list(itertools.compress(range(count), sizes))
-    if heads is None:
+    if not later:
         owner, parts, last = files, [es[k] for k in files], None
     else:
-        owner, parts, last = [], [], list[bool]()
-        for k in files:
-            first, after = heads[k], heads[k + 1] if k + 1 < count else len(wire)
-            owner.extend(itertools.repeat(k, after - first))
-            parts.extend(wire[first:after])
-            last.extend(itertools.repeat(False, after - first - 1))
-            last.append(True)
-    head = parts if heads is None else [es[o] for o in owner]
+        # The entry a chunk entry belongs to: the last entry before it (k chunk entries
+        # come before the k-th, so its file is entry i - k - 1).
+        more = [i - k - 1 for k, i in enumerate(later)]
+        # Sorted merges of two sorted runs (C): each file's entry, then its chunk entries.
+        owner = sorted(files + more)
+        heads = list(itertools.compress(range(len(wire)), kept))
+        parts = list(map(wire.__getitem__, sorted([heads[k] for k in files] + later)))
+        last = list(map(operator.ne, owner, [*owner[1:], -1]))
+    head = parts if not later else [es[o] for o in owner]
     c_fo = [w.chunkOffset for w in parts]
     c_size = [w.chunkSize or (h.size - w.chunkOffset) for w, h in zip(parts, head, strict=True)]
     c_zeros = [w.chunkType == "zeros" for w in parts]
@@ -647,18 +695,29 @@ def _wire_columns(
         c_end = [h.endOffset for h in head]
     else:
         c_end = [h.endOffset if t else 0 for h, t in zip(head, last, strict=True)]
-    if 0 in c_end:
-        starts = sorted({*c_offset, data_end})
-        for m, (e, z) in enumerate(zip(c_end, c_zeros, strict=True)):
-            if not e and not z:
-                i = bisect.bisect_right(starts, c_offset[m])
-                if i < len(starts):
-                    c_end[m] = starts[i]
-    if heads is None:  # one chunk per file
-        counts = array("I", map(bool, sizes))
-    else:
-        counts = array("I", bytes(4 * count))
-        for o in owner:
+    unknown = c_end.count(0)
+    if unknown:
+        if unknown > _FEW:  # eStargz (no end given anywhere): every chunk at once
+            starts = sorted({*c_offset, data_end})
+            after = dict(itertools.pairwise(starts))  # none after the last: its end stays 0
+            c_end = [
+                e or (0 if z else after.get(o, 0))
+                for e, z, o in zip(c_end, c_zeros, c_offset, strict=True)
+            ]
+        else:  # a few chunk entries: each found by a C scan
+            # In blob order already, mostly: sorting is a C pass.  With repeats, bisect_right
+            # still finds the next distinct start.
+            starts = sorted([*c_offset, data_end])
+            m = -1
+            for _ in range(unknown):
+                m = c_end.index(0, m + 1)
+                if not c_zeros[m]:
+                    i = bisect.bisect_right(starts, c_offset[m])
+                    if i < len(starts):
+                        c_end[m] = starts[i]
+    counts = array("I", map(bool, sizes))  # one chunk per file with content
+    if later:
+        for o in more:
             counts[o] += 1
     c_digests: list[str | None] = [
         None if counts[o] == 1 and d == h.digest else d
@@ -707,7 +766,7 @@ def _wire_columns(
         validate(TOC(compression=compression, entries=_wire_entries(columns), data_end=data_end))
 
     prefetch_end = 0
-    drop = [k for k, n in enumerate(names) if n in reserved] if reserved else []
+    drop = sorted(k for name in reserved for k in _rows_named(names, name))
     if drop:
         chunk_at = _ends(counts)
         for k in drop:
@@ -741,14 +800,9 @@ def _wire_columns(
                 del col[chunk_at[k] : chunk_at[k + 1]]
             del counts[k]
         links, devices, xattrs = _shift(links, drop), _shift(devices, drop), _shift(xattrs, drop)
-    numbers = array("q")
-    for column in (modes, uids, gids, sizes, [time_of[s] for s in modtimes]):
-        numbers.extend(column)
-    owner_of = array("I", unames)
-    owner_of.extend(gnames)
-    flat = array("q")
-    for chunk_column in (c_fo, c_size, c_offset, c_end, c_inner, c_zeros):
-        flat.extend(chunk_column)
+    numbers = _int_bytes("q", modes, uids, gids, sizes, [time_of[s] for s in modtimes])
+    owner_of = _int_bytes("I", unames, gnames)
+    flat = _int_bytes("q", c_fo, c_size, c_offset, c_end, c_inner, c_zeros)
     return _Packed(
         version=_PACK_VERSION,
         compression=compression,
@@ -756,53 +810,76 @@ def _wire_columns(
         prefetch_end=prefetch_end,
         names=names,
         kinds=bytes(kinds),
-        numbers=numbers.tobytes(),
+        numbers=numbers,
         owners=list(owners),
-        owner_of=owner_of.tobytes(),
+        owner_of=owner_of,
         times=list(times),
         digests=digests,
         links=links,
         devices=devices,
         xattrs=xattrs,
         chunk_counts=counts.tobytes(),
-        chunks=flat.tobytes(),
+        chunks=flat,
         chunk_digests=c_digests,
     )
 
 
-def _heads(wire: list[_WireEntry], codes: list[int]) -> list[int]:
-    """Where each entry starts in ``wire``; a "chunk" entry must follow a file with content
-    (or another of its chunks)."""
-    heads: list[int] = []
-    has_content = False
-    for i, c in enumerate(codes):
-        if c != _CHUNK_CODE:
-            heads.append(i)
-            has_content = c == _REG and bool(wire[i].size)
-        elif not has_content:
-            raise FormatError(f"chunk entry for {wire[i].name!r} does not follow its file")
-    return heads
+def _int_bytes(code: str, *columns: Sequence[int]) -> bytes:
+    """``columns`` one after another as an array of ``code`` would hold them (struct packs
+    a list in C: ``array.extend`` converts number by number through the argument parser)."""
+    values = list(itertools.chain(*columns)) if len(columns) > 1 else columns[0]
+    try:
+        return struct.pack(f"{len(values)}{code}", *values)
+    except struct.error as e:  # as array's own conversion refuses a number out of range
+        raise OverflowError(str(e)) from None
+
+
+def _chunk_entries(wire: list[_WireEntry], codes: list[int]) -> list[int]:
+    """Where the "chunk" entries are in ``wire``; each must follow a file with content (or
+    another of its chunks).  A step per chunk entry, none per other entry."""
+    found: list[int] = []
+    at = codes.index(_CHUNK_CODE)
+    while at >= 0:
+        before = at - 1
+        if not (found and found[-1] == before) and (
+            before < 0 or codes[before] != _REG or not wire[before].size
+        ):
+            raise FormatError(f"chunk entry for {wire[at].name!r} does not follow its file")
+        found.append(at)
+        try:
+            at = codes.index(_CHUNK_CODE, at + 1)
+        except ValueError:
+            at = -1
+    return found
 
 
 def _normal_names(names: list[str]) -> list[str]:
-    """``names`` normalised (in place) and checked as :func:`normalize_name` and
+    """``names`` normalised and checked as :func:`normalize_name` and
     :func:`check_path` do, a Python step only for a name that needs one."""
     joined = "\x00" + "\x00".join(names) + "\x00"
-    if joined.count("\x00") != len(names) + 1:
-        odd: Iterable[int] = range(len(names))  # a name holds NUL: normalize_name says which
-        slashed: set[int] = set()
+    # Every trailing slash (a directory's) dropped in one C pass; an odd name is normalised
+    # below from its own spelling.
+    stripped = joined.replace("/\x00", "\x00")
+    parts = stripped[1:-1].split("\x00")
+    odd: Sequence[int] = []
+    if len(parts) != len(names):
+        odd = range(len(names))  # a name holds NUL: normalize_name says which
     else:
-        # Where the name around each position starts (after its NUL), and the names with
-        # something to normalise: found by C scans of the joined names, not a match per name.
-        seps = list(itertools.accumulate((len(n) + 1 for n in names), initial=0))
-        slashed = {bisect.bisect_right(seps, at) - 1 for at in _finds(joined, "/\x00")}
-        odd = sorted(
-            {bisect.bisect_right(seps, at) - 1 for s in _ODD_PARTS for at in _finds(joined, s)}
-            | {bisect.bisect_right(seps, at) - 1 for at in _dot_components(joined)}
-        )
-        slashed.difference_update(odd)
-    for k in slashed:
-        names[k] = names[k][:-1]  # a directory's trailing slash and nothing else to do
+        # The names with something to normalise, found by C scans of them joined (a scan for
+        # one character is the quickest): an empty component ("", "/a", "a//b", "a//") or a
+        # component ending in a dot ("." or ".." if the character before it says so).
+        flat = stripped.replace("/", "\x00")
+        found = list(_finds(flat, "\x00\x00"))
+        for at in _finds(flat, ".\x00"):
+            if flat[at - 1] == "\x00" or (flat[at - 1] == "." and flat[at - 2] == "\x00"):
+                found.append(at)
+        if found:
+            seps = list(itertools.accumulate((len(n) + 1 for n in parts), initial=0))
+            odd = sorted({bisect.bisect_right(seps, at) - 1 for at in found})
+        given = [names[k] for k in odd]
+        names = parts
+        for k, name in zip(odd, given, strict=True):
+            names[k] = name
     for k in odd:
         names[k] = normalize_name(names[k])
     if not joined.isascii() or max(map(len, names), default=0) > NAME_MAX:
@@ -812,21 +889,10 @@ def _normal_names(names: list[str]) -> list[str]:
     return names
 
 
-# In names joined with a NUL before each and after the last, what shows a name that is not
-# normal: empty, absolute, "//" (a trailing slash: ``_normal_names``; dots: below).
-_ODD_PARTS = ("\x00\x00", "\x00/", "//")
+_Text = TypeVar("_Text", str, bytes)
 
 
-def _dot_components(joined: str) -> Iterator[int]:
-    """Where a "." or ".." component is in the joined names: a component ending in a dot
-    is rare, so each one found is looked at."""
-    for part in (".\x00", "./"):
-        for at in _finds(joined, part):
-            if joined[at - 1] in "\x00/" or (joined[at - 1] == "." and joined[at - 2] in "\x00/"):
-                yield at
-
-
-def _finds(text: str, part: str) -> Iterator[int]:
+def _finds(text: _Text, part: _Text) -> Iterator[int]:
     """Where ``part`` occurs in ``text``, overlaps included."""
     at = text.find(part)
     while at >= 0:
@@ -862,12 +928,15 @@ def _valid(w: _Wire, data_end: int) -> bool:
         if any(w.c_fo) or w.c_size != list(map(w.sizes.__getitem__, w.owner)):
             return False
     else:
-        pos: dict[int, int] = {}  # per file: where its next chunk starts
-        for o, fo, size in zip(w.owner, w.c_fo, w.c_size, strict=True):
-            if pos.get(o, 0) != fo:
-                return False
-            pos[o] = fo + size
-        if any(pos[o] != w.sizes[o] for o in pos):
+        # A file's chunks are together, in order: each starts where the one before it in the
+        # same file ends (a file's first at 0), and its last ends at the file's size.
+        first = list(map(operator.ne, w.owner, [-1, *w.owner[:-1]]))
+        ends = list(map(operator.add, w.c_fo, w.c_size))
+        if w.c_fo != [0 if f else e for f, e in zip(first, [0, *ends[:-1]], strict=True)]:
+            return False
+        last = [*first[1:], True]
+        files = itertools.compress(w.owner, last)
+        if list(itertools.compress(ends, last)) != list(map(w.sizes.__getitem__, files)):
             return False
     if True in w.c_zeros:
         if not all(
@@ -880,18 +949,39 @@ def _valid(w: _Wire, data_end: int) -> bool:
     elif w.c_end and not (
         all(map(operator.lt, w.c_offset, w.c_end))
         and max(w.c_end) <= data_end
-        and max(map(operator.add, w.c_inner, w.c_size)) <= MAX_CHUNK_SIZE
+        and max(map(operator.add, w.c_inner, w.c_size) if any(w.c_inner) else w.c_size)
+        <= MAX_CHUNK_SIZE
     ):
         return False  # offsets and inner offsets are >= 0 (the wire schema's bounds)
     if _HARDLINK in w.kinds:
-        latest = {n: k for k, n in enumerate(w.names)}
-        for k, c in enumerate(w.kinds):
-            if c == _HARDLINK:
-                target = latest.get(w.links.get(k, ""))
-                # Not an earlier entry's name, or the latest of several: left to validate.
-                if target is not None and (target >= k or w.kinds[target] == _DIR):
-                    return False
+        hardlinks = list(_finds(bytes(w.kinds), bytes([_HARDLINK])))
+        latest = _latest(w.names, {w.links.get(k, "") for k in hardlinks})
+        for k in hardlinks:
+            target = latest.get(w.links.get(k, ""))
+            # Not an earlier entry's name, or the latest of several: left to validate.
+            if target is not None and (target >= k or w.kinds[target] == _DIR):
+                return False
     return True
+
+
+def _latest(names: list[str], wanted: set[str]) -> dict[str, int]:
+    """Where each of ``wanted`` is last in ``names`` (if anywhere)."""
+    if len(wanted) > _FEW:
+        return {n: k for n, k in zip(names, range(len(names)), strict=True) if n in wanted}
+    latest = {}
+    for name in wanted:
+        for k in _rows_named(names, name):
+            latest[name] = k
+    return latest
+
+
+def _rows_named(names: list[str], name: str) -> Iterator[int]:
+    """Where ``name`` is in ``names``, in order: each found by a C scan."""
+    k = -1
+    with contextlib.suppress(ValueError):
+        while True:
+            k = names.index(name, k + 1)
+            yield k
 
 
 def _wire_entries(w: _Wire) -> list[Entry]:
@@ -1042,8 +1132,8 @@ class EntryTable(Sequence[Entry]):
         cols = _columns(data) if isinstance(data, bytes) else data
         p = cols.packed
         self._count = count = len(p.names)
-        raw = _raw_sha256(p.digests)
-        self._digests: _Digests = p.digests if raw is None else _RawDigests(raw)
+        raw = raw_sha256(p.digests)
+        self._digests: _Digests = p.digests if raw is None else RawDigests(raw)
         self._kinds = p.kinds
         self._owners = [sys.intern(o) for o in p.owners]
         self._times = p.times
@@ -1054,13 +1144,13 @@ class EntryTable(Sequence[Entry]):
             self._chunk_at = _ends(cols.counts)
             # mode, uid, gid, size, mtime index: each in the narrowest array that holds it
             self._numbers = tuple(
-                _narrow(cols.numbers[k * count : (k + 1) * count]) for k in range(5)
+                narrow(cols.numbers[k * count : (k + 1) * count]) for k in range(5)
             )
-            self._owner_of = _narrow(cols.owner_of)
+            self._owner_of = narrow(cols.owner_of)
             total = len(p.chunk_digests)
             # file offset, size, offset, end, inner, zeros; None: all 0
             self._chunks = tuple(
-                _narrow(col) if col.tobytes().strip(b"\0") else None
+                narrow(col) if col.tobytes().strip(b"\0") else None
                 for col in (cols.flat[k * total : (k + 1) * total] for k in range(6))
             )
         except OverflowError as e:
@@ -1109,7 +1199,7 @@ class EntryTable(Sequence[Entry]):
         """Every entry's chunks in order, as ``entry.chunks`` would give them, as columns (a
         layer's chunk list at mount), sharing this table's columns where it can: neither the
         entries nor their chunks are made."""
-        from lazyfs.formats.chunklist import ChunkList, narrow, raw_digests  # imports this
+        from lazyfs.formats.chunklist import ChunkList  # imports this
 
         file_offset, c_size, offset, end, inner, zeros = self._chunks
         total = len(self._chunk_digests)
@@ -1128,13 +1218,13 @@ class EntryTable(Sequence[Entry]):
             )
         fd, given = self._digests, self._chunk_digests
         named = [d for d in given if d is not None]  # chunks not spelt as their file's digest
-        raw = raw_digests(named) if isinstance(fd, _RawDigests) else None
+        raw = raw_sha256(named) if isinstance(fd, RawDigests) else None
         digests: bytes | list[str]
         slots = None
         if raw is not None and not named:  # each chunk has its file's digest: shared
-            digests, slots = fd._raw, owner  # type: ignore[union-attr]
+            digests, slots = fd.raw, owner  # type: ignore[union-attr]
         elif raw is not None:
-            whole, own = memoryview(fd._raw), memoryview(raw)  # type: ignore[union-attr]
+            whole, own = memoryview(fd.raw), memoryview(raw)  # type: ignore[union-attr]
             n = itertools.count(0, 32)
             digests = b"".join(
                 [
@@ -1223,75 +1313,13 @@ class _EntriesByName(Mapping[str, Entry]):
         return len(self._rows)
 
 
-class _RawDigests:
-    """Digests spelt ``sha256:<hex>`` (or none) as 32 bytes each, where the strings take 120."""
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: bytes) -> None:
-        self._raw = raw  # what _raw_sha256 made
-
-    def __getitem__(self, i: int) -> str:
-        raw = self._raw[32 * i : 32 * i + 32]
-        return "" if raw == _NO_DIGEST else "sha256:" + raw.hex()
-
-
-_Digests = _RawDigests | list[str]
-# What stands for "no digest": no sha256 is all zeros (a collision as hard as any other).
-_NO_DIGEST = bytes(32)
-
-
-def _raw_sha256(digests: list[str]) -> bytes | None:
-    """Every digest as 32 bytes (none as all 0) when each one given is ``sha256:`` and 64
-    lower-case hex digits, not all 0; else None.  In C, over the digests joined (a mount of
-    100k files waits for this): each is 71 characters, the prefix is where every 71st
-    character starts, and the rest is hex that spells itself again."""
-    prefix = "sha256:"
-    zero = prefix + _NO_DIGEST.hex()  # spelt out in a TOC, it keeps the strings
-    if zero in digests:
-        return None
-    spelt = [d or zero for d in digests]
-    if spelt and set(map(len, spelt)) != {71}:
-        return None
-    joined, n = "".join(spelt), len(spelt)
-    if any(joined[j::71] != c * n for j, c in enumerate(prefix)):
-        return None
-    hexes = joined.replace(prefix, "")
-    try:
-        raw = bytes.fromhex(hexes)
-    except ValueError:
-        return None
-    # Also refuses upper case and blanks, and a prefix inside the hex (the length is short).
-    return raw if len(raw) == 32 * n and raw.hex() == hexes else None
+_Digests = RawDigests | list[str]
 
 
 def _ends(parts: Sequence[str] | array[int]) -> array[int]:
     """The end of each piece of ``parts`` put end to end (lengths, or strings), after a 0."""
-    ends = array("I", [0])
-    ends.extend(itertools.accumulate(parts if isinstance(parts, array) else map(len, parts)))
-    return ends
-
-
-def _narrow(numbers: array[int]) -> array[int]:
-    """``numbers`` in the narrowest array type that holds them all: how many low bytes any
-    of them uses read from the bytes of the array (in C), not number by number.  A negative
-    number uses its top byte: such a column stays as it is."""
-    size, count = numbers.itemsize, len(numbers)
-    if not count or sys.byteorder != "little":
-        return numbers
-    raw = numbers.tobytes()
-    unused = bytes(count)
-    used = size
-    while used > 1 and raw[used - 1 :: size] == unused:
-        used -= 1
-    for code in ("B", "H", "I"):
-        width = array(code).itemsize
-        if used <= width < size:
-            low = bytearray(width * count)
-            for j in range(width):
-                low[j::width] = raw[j::size]
-            return array(code, bytes(low))
-    return numbers
+    lengths = parts if isinstance(parts, array) else map(len, parts)
+    return array("I", _int_bytes("I", list(itertools.accumulate(lengths, initial=0))))
 
 
 def _unpack_entries(

@@ -50,6 +50,7 @@ from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import ROOT_INO, Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, mount_device, unmount
 from lazyfs.fs.upper import Upper
+from lazyfs.heap import serving_thresholds, start_up_thresholds
 from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
 from lazyfs.remote.registry import RetryPolicy
@@ -443,6 +444,8 @@ async def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled.  Raises LazyfsError before ``ready``.
     ``progress`` hears of the whole-layer downloads made before it."""
+    # Until the TOCs are decoded (see start_up_thresholds).
+    start_up_thresholds()
     mountpoint = os.path.abspath(opts.mountpoint)
     if is_stale(mountpoint):
         log.warning("cleaning a stale mount at %s", mountpoint)
@@ -482,6 +485,7 @@ async def serve(
         # A re-laid-out layer's start-up bytes, beside its TOC (prefetched unless told not).
         early_ranges=opts.auto_prefetch,
     ) as image:
+        serving_thresholds()
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:
             _lock_upper(upper, opts.upper)

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 #: bounded times for it: the deltas lookup, the stored groups' lookup).
 REFERRERS_TIMEOUT = 10.0
 
+#: Connections a cold open warms while its manifest travels: the early range's and the
+#: config's, sent together beside the TOC's (which keeps the manifest's).
+WARM_CONNECTIONS = 2
+
 
 @dataclass(frozen=True, slots=True)
 class OpenedLayer:
@@ -226,7 +230,8 @@ async def open_image(
     start-up range (a re-laid-out layer's annotation) beside it, adopted by the store as a
     request of its own once the TOC is in (:mod:`lazyfs.store.earlyrange`).  A registry
     image whose manifest is not in the document cache (a cold open) has a second connection
-    opened beside the manifest's request, for the requests that go beside the TOC's."""
+    and a third opened beside the manifest's request, for the requests that go beside the
+    TOC's."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -252,7 +257,9 @@ async def open_image(
                 remote = source.underlying()
                 registry = isinstance(remote, RegistrySource)
                 if isinstance(remote, RegistrySource) and not _known(cache.documents_dir, image):
-                    side.start_soon(remote.preconnect)  # beside the manifest's request
+                    # Beside the manifest's request: the early range's and the config's,
+                    # which go out together beside the TOC's once the manifest is in.
+                    side.start_soon(remote.preconnect, WARM_CONNECTIONS)
                 tocs = await load_tocs(
                     source,
                     ref,

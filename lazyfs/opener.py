@@ -49,9 +49,13 @@ log = logging.getLogger(__name__)
 #: bounded times for it: the deltas lookup, the stored groups' lookup).
 REFERRERS_TIMEOUT = 10.0
 
-#: Connections a cold open warms while its manifest travels: the early range's and the
-#: config's, sent together beside the TOC's (which keeps the manifest's).
-WARM_CONNECTIONS = 2
+
+def warm_connections(*, early_ranges: bool, referrers: bool) -> int:
+    """How many connections a cold open warms while its manifest travels: one for each
+    request sent together with the TOC's, which race for idle connections (a range left
+    without one pays a handshake in series): the config's, an early range's, the referrers
+    listing and its tag fallback (``referrers`` asked at once, as a registry may lack the API)."""
+    return 1 + int(early_ranges) + 2 * int(referrers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,9 +233,8 @@ async def open_image(
     prefetch would wait for).  ``early_ranges``: when a TOC is fetched, request the layer's
     start-up range (a re-laid-out layer's annotation) beside it, adopted by the store as a
     request of its own once the TOC is in (:mod:`lazyfs.store.earlyrange`).  A registry
-    image whose manifest is not in the document cache (a cold open) has a second connection
-    and a third opened beside the manifest's request, for the requests that go beside the
-    TOC's."""
+    image whose manifest is not in the document cache (a cold open) has connections opened
+    beside the manifest's request for those that go beside the TOC's (:func:`warm_connections`)."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -257,9 +260,10 @@ async def open_image(
                 remote = source.underlying()
                 registry = isinstance(remote, RegistrySource)
                 if isinstance(remote, RegistrySource) and not _known(cache.documents_dir, image):
-                    # Beside the manifest's request: the early range's and the config's,
-                    # which go out together beside the TOC's once the manifest is in.
-                    side.start_soon(remote.preconnect, WARM_CONNECTIONS)
+                    # Beside the manifest's request, one for each request that goes out
+                    # together with the TOC's (which keeps the manifest's connection).
+                    warm = warm_connections(early_ranges=early_ranges, referrers=referrers)
+                    side.start_soon(remote.preconnect, warm)
                 tocs = await load_tocs(
                     source,
                     ref,

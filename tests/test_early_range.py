@@ -15,7 +15,7 @@ from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.ocilayout import Layout
-from lazyfs.opener import WARM_CONNECTIONS, _request_early
+from lazyfs.opener import _request_early, warm_connections
 from lazyfs.remote.base import Source
 from lazyfs.remote.registry import RegistrySource
 from lazyfs.store.earlyrange import MAX_EARLY_BYTES, EarlyRange, early_range
@@ -217,7 +217,8 @@ def test_a_cold_mount_warms_a_second_connection_while_the_manifest_travels(
     args = ("--plain-http", "--read-only", "--cache", str(tmp_path / "c"))
     with mounted(ref, tmp_path / "mnt", *args) as m:
         _read_used(m.mountpoint)
-    assert fault_proxy.paths.count("/v2/") == WARM_CONNECTIONS, fault_proxy.paths
+    warm = warm_connections(early_ranges=True, referrers=True)  # a mount's defaults
+    assert fault_proxy.paths.count("/v2/") == warm, fault_proxy.paths
     assert _manifest_answered_after_v2_asked(fault_proxy), fault_proxy.events
     # Warm: the manifest is known, its TOC kept: nothing goes beside it, nothing is warmed.
     fault_proxy.reset()

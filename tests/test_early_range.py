@@ -208,7 +208,7 @@ def _manifest_answered_after_v2_asked(proxy: FaultProxy) -> bool:
     return v2 < out
 
 
-def test_a_cold_mount_warms_a_second_connection_while_the_manifest_travels(
+def test_a_cold_mount_warms_connections_while_the_manifest_travels(
     relaid: dict, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     fault_proxy.match = "/v2/"

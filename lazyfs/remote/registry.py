@@ -366,6 +366,8 @@ class RegistrySource(Source):
                             pass
             except httpx.HTTPError as e:
                 log.info("%s: warming a connection failed: %s", ep.netloc, e)
+            except Exception as e:  # a bonus: nothing here may take an open down
+                log.warning("%s: warming a connection failed: %r", ep.netloc, e)
 
         async with trio.open_nursery() as nursery:
             for _ in range(n):

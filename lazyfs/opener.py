@@ -16,15 +16,18 @@ mount answers from them what no pending layer can change.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from lazyfs import oci
+from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
 from lazyfs.formats.layer import TocLocation
 from lazyfs.formats.toc import TOC
@@ -45,6 +48,14 @@ log = logging.getLogger(__name__)
 #: How long the referrers listing begun with a cold open may take (its users wait their own
 #: bounded times for it: the deltas lookup, the stored groups' lookup).
 REFERRERS_TIMEOUT = 10.0
+
+
+def warm_connections(*, early_ranges: bool, referrers: bool) -> int:
+    """How many connections a cold open warms while its manifest travels: one for each
+    request sent together with the TOC's, which race for idle connections (a range left
+    without one pays a handshake in series): the config's, an early range's, the referrers
+    listing and its tag fallback (``referrers`` asked at once, as a registry may lack the API)."""
+    return 1 + int(early_ranges) + 2 * int(referrers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +232,9 @@ async def open_image(
     the open (it then takes the listing instead of a round trip of its own, which the
     prefetch would wait for).  ``early_ranges``: when a TOC is fetched, request the layer's
     start-up range (a re-laid-out layer's annotation) beside it, adopted by the store as a
-    request of its own once the TOC is in (:mod:`lazyfs.store.earlyrange`)."""
+    request of its own once the TOC is in (:mod:`lazyfs.store.earlyrange`).  A registry
+    image whose manifest is not in the document cache (a cold open) has connections opened
+    beside the manifest's request for those that go beside the TOC's (:func:`warm_connections`)."""
     source, ref = open_source(
         image,
         plain_http=plain_http,
@@ -244,6 +257,13 @@ async def open_image(
             unsaved: list[Unsaved] = []
             early: dict[str, EarlyRange] = {}
             async with _side_tasks() as side:
+                remote = source.underlying()
+                registry = isinstance(remote, RegistrySource)
+                if isinstance(remote, RegistrySource) and not _known(cache.documents_dir, image):
+                    # Beside the manifest's request, one for each request that goes out
+                    # together with the TOC's (which keeps the manifest's connection).
+                    warm = warm_connections(early_ranges=early_ranges, referrers=referrers)
+                    side.start_soon(remote.preconnect, warm)
                 tocs = await load_tocs(
                     source,
                     ref,
@@ -256,6 +276,8 @@ async def open_image(
                     tables=entry_tables,
                     toc_sent=_request_early(early, side, source) if early_ranges else None,
                 )
+                if registry:
+                    _remember(cache.documents_dir, image, tocs.resolved)
                 if groups is not None:
                     await groups.settle()  # a document on its way: the mount starts with it
                 store = LayerStore(cache)
@@ -285,6 +307,39 @@ async def open_image(
     finally:
         with trio.CancelScope(shield=True):
             await source.aclose()
+
+
+def _tag_file(documents: Path, image: str) -> Path:
+    """Where the digest ``image`` last resolved to is kept (a tag's, beside its documents)."""
+    return documents / f"tag-{hashlib.sha256(image.encode()).hexdigest()}"
+
+
+def _known(documents: Path, image: str) -> bool:
+    """Whether ``image``'s manifest (or index) is likely in the document cache: a warm open,
+    whose requests after the manifest's are few enough for the manifest's connection alone.
+    A tag is judged by the digest it resolved to last time (it may have moved since: then
+    the open is cold and only goes without a warmed connection)."""
+    digest = image.rsplit("@", 1)[1] if "@" in image else None
+    if digest is None:
+        try:
+            digest = _tag_file(documents, image).read_text()
+        except OSError:
+            return False
+    try:
+        return (documents / oci.check_digest(digest)).is_file()  # named as store.documents does
+    except LazyfsError:
+        return False  # not a digest: a damaged hint
+
+
+def _remember(documents: Path, image: str, resolved: ResolvedImage) -> None:
+    """Keep the digest ``image`` resolved to, for the next open's :func:`_known`."""
+    digest = resolved.index_digest or resolved.manifest_digest
+    path = _tag_file(documents, image)
+    try:
+        if not path.is_file() or path.read_text() != digest:
+            atomic_write(path, digest.encode(), fsync=False)
+    except OSError as e:  # a hint only: the next open warms a connection it may not need
+        log.info("keeping the digest of %s: %s", image, e)
 
 
 def _begin(

@@ -15,13 +15,15 @@ from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.ocilayout import Layout
-from lazyfs.opener import _request_early
+from lazyfs.opener import _request_early, warm_connections
 from lazyfs.remote.base import Source
+from lazyfs.remote.registry import RegistrySource
 from lazyfs.store.earlyrange import MAX_EARLY_BYTES, EarlyRange, early_range
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mount_stats, mounted, startup_groups, wait_prefetched
+from lazyfs.testing.server import refusing_port
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 FILES = {f"app/f{i:02d}.bin": seeded_bytes(150_000, 700 + i) for i in range(12)}
@@ -197,3 +199,41 @@ def test_the_ranges_an_image_holds_at_once_are_bounded_together() -> None:
     trio.run(main)
     assert sum(e.end - e.start for e in early.values()) <= MAX_EARLY_BYTES
     assert sorted(asked) == [d.digest for d in layers[:2]]  # tasks start in any order
+
+
+def _manifest_answered_after_v2_asked(proxy: FaultProxy) -> bool:
+    """Whether ``GET /v2/`` (the connection warmed) arrived before the manifest's answer left."""
+    v2 = next(i for i, ev in enumerate(proxy.events) if ev[:2] == ("in", "/v2/"))
+    out = next(i for i, ev in enumerate(proxy.events) if ev[0] == "out" and "/manifests/" in ev[1])
+    return v2 < out
+
+
+def test_a_cold_mount_warms_connections_while_the_manifest_travels(
+    relaid: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay = 0.2  # the manifest's answer held: the warming overlaps it
+    ref = f"{fault_proxy.host}/{relaid['repo']}:v1"
+    args = ("--plain-http", "--read-only", "--cache", str(tmp_path / "c"))
+    with mounted(ref, tmp_path / "mnt", *args) as m:
+        _read_used(m.mountpoint)
+    warm = warm_connections(early_ranges=True, referrers=True)  # a mount's defaults
+    assert fault_proxy.paths.count("/v2/") == warm, fault_proxy.paths
+    assert _manifest_answered_after_v2_asked(fault_proxy), fault_proxy.events
+    # Warm: the manifest is known, its TOC kept: nothing goes beside it, nothing is warmed.
+    fault_proxy.reset()
+    with mounted(ref, tmp_path / "mnt", *args) as m:
+        _read_used(m.mountpoint)
+    assert "/v2/" not in fault_proxy.paths and fault_proxy.paths, fault_proxy.paths
+
+
+def test_warming_a_connection_that_fails_is_only_logged() -> None:
+    async def main(port: int) -> None:
+        source = RegistrySource(f"127.0.0.1:{port}", "nobody/here", plain_http=True)
+        try:
+            await source.preconnect()  # refused: logged, not raised
+        finally:
+            await source.aclose()
+
+    with refusing_port() as port:
+        trio.run(main, port)

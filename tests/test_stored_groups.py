@@ -230,7 +230,10 @@ def test_the_toc_is_asked_for_first(
         fault_proxy.reset()
         fault_proxy.match = "/v2/"
         _open(fault_proxy, img, tmp_path / f"c{i}")
-        paths, ranges = fault_proxy.paths, fault_proxy.ranges
+        # Without the connections a cold open warms beside the manifest (GET /v2/).
+        asked = list(zip(fault_proxy.paths, fault_proxy.ranges, strict=True))
+        paths = [p for p, _ in asked if p != "/v2/"]
+        ranges = [r for p, r in asked if p != "/v2/"]
         assert "/manifests/v1" in paths[0]
         assert any("/manifests/sha256-" in p for p in paths[2:])
         first += img["layer"].digest in paths[1] and ranges[1] is not None

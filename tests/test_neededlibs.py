@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -194,11 +195,7 @@ def test_elf_files_read_one_after_another_are_looked_at_a_few_at_a_time() -> Non
     """A scan reading the start of every ELF file (``file``, ``ldconfig``) starts no more
     look-ups at once than WORKERS; beyond QUEUE more waiting, the rest is left to the loader."""
     files = 200
-    entries = [
-        Entry(name=f"f{i}", type="reg", size=len(PROG), digest=f"sha256:{i:064x}")
-        for i in range(files)
-    ]
-    tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
+    tree, entries = _elf_files(files)
 
     class Stalled:  # the network never answers: every look-up stays under way
         peeks = 0
@@ -211,15 +208,36 @@ def test_elf_files_read_one_after_another_are_looked_at_a_few_at_a_time() -> Non
     store = Stalled()
     needed = NeededLibs(cast(LayerStore, store), tree, [cast(Layer, None)])
 
+    def check() -> None:
+        assert needed.stats.busy == store.peeks == neededlibs.WORKERS
+        assert len(needed._seen) == neededlibs.WORKERS + neededlibs.QUEUE
+
+    _read_starts(needed, tree, entries, check)
+
+
+def _elf_files(files: int, chunks: tuple[Chunk, ...] = ()) -> tuple[Tree, list[Entry]]:
+    """A tree of ``files`` ELF files f0, f1, … (PROG's size), in one layer."""
+    entries = [
+        Entry(name=f"f{i}", type="reg", size=len(PROG), digest=f"sha256:{i:064x}", chunks=chunks)
+        for i in range(files)
+    ]
+    return Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)]), entries
+
+
+def _read_starts(
+    needed: NeededLibs, tree: Tree, entries: list[Entry], check: Callable[[], None] = lambda: None
+) -> None:
+    """Each file's start read in turn, the follow-ups left to run after each; ``check`` then
+    runs before the follow-ups are stopped."""
+
     async def scan() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(needed.run)
-            for i in range(files):
+            for i, entry in enumerate(entries):
                 node = tree.root.children[f"f{i}"]  # type: ignore[index]
-                needed.noticed(node, entries[i], 0, PROG[:4096])
+                needed.noticed(node, entry, 0, PROG[:4096])
                 await trio.testing.wait_all_tasks_blocked()
-            assert needed.stats.busy == store.peeks == neededlibs.WORKERS
-            assert len(needed._seen) == neededlibs.WORKERS + neededlibs.QUEUE
+            check()
             nursery.cancel_scope.cancel()
 
     trio.run(scan)
@@ -234,11 +252,7 @@ def test_the_look_ups_own_reads_are_charged_to_the_mount_budget(
     files = 10
     size = len(PROG)
     chunk = Chunk(file_offset=0, size=size, offset=0, end=1, digest="sha256:" + "0" * 64)
-    entries = [
-        Entry(name=f"f{i}", type="reg", size=size, digest=f"sha256:{i:064x}", chunks=[chunk])
-        for i in range(files)
-    ]
-    tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
+    tree, entries = _elf_files(files, (chunk,))
     monkeypatch.setattr(neededlibs, "MOUNT_BYTES", 3 * size)
 
     class Answering:  # every look gets its bytes at once, and is counted
@@ -255,16 +269,7 @@ def test_the_look_ups_own_reads_are_charged_to_the_mount_budget(
     store = Answering()
     needed = NeededLibs(cast(LayerStore, store), tree, [cast(Layer, None)])
 
-    async def scan() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(needed.run)
-            for i in range(files):
-                node = tree.root.children[f"f{i}"]  # type: ignore[index]
-                needed.noticed(node, entries[i], 0, PROG[:4096])
-                await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
-
-    trio.run(scan)
+    _read_starts(needed, tree, entries)
     # Each look reads the dynamic section and the string table (one chunk each): three
     # chunks' worth of budget allows three reads, then nothing more is read for any file.
     assert store.peeks == 3

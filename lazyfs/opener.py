@@ -322,7 +322,8 @@ def _known(documents: Path, image: str) -> bool:
     digest = image.rsplit("@", 1)[1] if "@" in image else None
     if digest is None:
         try:
-            digest = _tag_file(documents, image).read_text()
+            # Bytes, decoded leniently: a damaged hint is no digest, never an error.
+            digest = _tag_file(documents, image).read_bytes().decode("ascii", "replace")
         except OSError:
             return False
     try:
@@ -336,7 +337,7 @@ def _remember(documents: Path, image: str, resolved: ResolvedImage) -> None:
     digest = resolved.index_digest or resolved.manifest_digest
     path = _tag_file(documents, image)
     try:
-        if not path.is_file() or path.read_text() != digest:
+        if not path.is_file() or path.read_bytes() != digest.encode():
             atomic_write(path, digest.encode(), fsync=False)
     except OSError as e:  # a hint only: the next open warms a connection it may not need
         log.info("keeping the digest of %s: %s", image, e)

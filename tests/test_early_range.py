@@ -15,7 +15,7 @@ from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.ocilayout import Layout
-from lazyfs.opener import _request_early, warm_connections
+from lazyfs.opener import _known, _remember, _request_early, _tag_file, warm_connections
 from lazyfs.remote.base import Source
 from lazyfs.remote.registry import RegistrySource
 from lazyfs.store.earlyrange import MAX_EARLY_BYTES, EarlyRange, early_range
@@ -237,3 +237,15 @@ def test_warming_a_connection_that_fails_is_only_logged() -> None:
 
     with refusing_port() as port:
         trio.run(main, port)
+
+
+def test_a_damaged_tag_file_makes_a_cold_open_and_is_written_again(tmp_path: Path) -> None:
+    """The tag's last digest is a hint kept in the cache: bytes that are no text (a torn or
+    overwritten file) must not end the open; the next ``_remember`` writes it again."""
+    image, digest = "127.0.0.1:5000/some/repo:v1", "sha256:" + "ab" * 32
+    (tmp_path / oci.check_digest(digest)).write_bytes(b"{}")  # the manifest is cached
+    _tag_file(tmp_path, image).write_bytes(b"\xff\xfe not utf-8")
+    assert not _known(tmp_path, image)
+    resolved = cast(Any, type("Resolved", (), {"index_digest": None, "manifest_digest": digest}))
+    _remember(tmp_path, image, resolved)
+    assert _known(tmp_path, image)

@@ -7,6 +7,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from lazyfs import heap
+
 # In a fresh process (the settings are for good): whether glibc maps a 12 MiB block on its
 # own after a 24 MiB mapped block was freed.
 _PROBE = """
@@ -44,3 +48,15 @@ def test_thresholds_held_low_then_raised() -> None:
     assert _mapped() == 0  # glibc's default: the freed 24 MiB block raised the threshold
     assert _mapped("start_up_thresholds") == 1  # held: not raised
     assert _mapped("start_up_thresholds", "serving_thresholds") == 0
+
+
+def test_without_glibc_the_thresholds_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """musl has no CS_GNU_LIBC_VERSION (Python: ValueError), a libc may leave it undefined
+    (None): neither calls mallopt, whose parameter numbers are glibc's own."""
+
+    def no_name(name: str) -> str:
+        raise ValueError("unrecognized configuration name")
+
+    for confstr in (no_name, lambda name: None):
+        monkeypatch.setattr(heap.os, "confstr", confstr)
+        assert not heap.start_up_thresholds() and not heap.serving_thresholds()

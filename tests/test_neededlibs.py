@@ -270,7 +270,9 @@ def test_the_look_ups_own_reads_are_charged_to_the_mount_budget(
     needed = NeededLibs(cast(LayerStore, store), tree, [cast(Layer, None)])
 
     _read_starts(needed, tree, entries)
-    # Each look reads the dynamic section and the string table (one chunk each): three
-    # chunks' worth of budget allows three reads, then nothing more is read for any file.
-    assert store.peeks == 3
+    # Each look reads the dynamic section and the string table, both in the file's one
+    # chunk, charged once: three chunks' worth of budget allows three files' looks (two
+    # reads each), then nothing more is read for any file.
+    assert store.peeks == 3 * 2
+    assert needed._left == 0
     assert needed.stats.elf_files == files

@@ -141,25 +141,32 @@ class NeededLibs:
         if where is None or not self.active:
             return
         layer, entry = where
+        # The chunks this look has charged (each once: its later reads find it cached); a
+        # library (depth > 0) was charged whole when found, so its look is paid for.
+        charged: set[int] | None = set() if depth == 0 else None
+
+        async def peek(offset: int, size: int) -> bytes:
+            return await self._peek(layer, entry, offset, size, charged)
+
         if head is None:
-            head = await self._peek(layer, entry, 0, HEAD)
+            head = await peek(0, HEAD)
         h = elf.parse_header(head)
         if h is None or h.phdrs_end > PHDRS_MAX:
             return
         if h.phdrs_end > len(head):
-            head = await self._peek(layer, entry, 0, h.phdrs_end)
+            head = await peek(0, h.phdrs_end)
         layout = elf.parse_layout(h, head)
         if layout is None or layout.dynamic is None:
             return  # static, or not an executable or library
         self.stats.elf_files += 1
-        dynamic = elf.parse_dynamic(h, await self._peek(layer, entry, *layout.dynamic))
+        dynamic = elf.parse_dynamic(h, await peek(*layout.dynamic))
         span = dynamic.string_span()
         if span is None or dynamic.strtab is None:
             return
         at = layout.file_offset(dynamic.strtab + span[0])
         if at is None:
             return
-        table = await self._peek(layer, entry, at, min(span[1] - span[0], STRINGS_MAX))
+        table = await peek(at, min(span[1] - span[0], STRINGS_MAX))
 
         def string(offset: int | None) -> str | None:
             return None if offset is None else elf.string_at(table, offset - span[0])
@@ -181,14 +188,24 @@ class NeededLibs:
                 for lib in found:
                     nursery.start_soon(self._guarded, lib, None, depth + 1)
 
-    async def _peek(self, layer: Layer, entry: Entry, offset: int, size: int) -> bytes:
-        """``store.peek``, its chunks charged to the mount's budget (whether cached or not: a
-        reader of many ELF files' starts, ``file /usr/lib/*``, must not fetch without bound);
-        no bytes once the budget is spent."""
-        cost = sum(c.size for c in chunks_for_range(entry, offset, max(size, 0)))
-        if cost > self._left:
-            return b""
-        self._left -= cost
+    async def _peek(
+        self, layer: Layer, entry: Entry, offset: int, size: int, charged: set[int] | None
+    ) -> bytes:
+        """``store.peek``, its chunks not in ``charged`` (file offsets; None: all paid for)
+        charged to the mount's budget (whether cached or not: a reader of many ELF files'
+        starts, ``file /usr/lib/*``, must not fetch without bound); no bytes once the budget
+        is spent."""
+        if charged is not None:
+            new = [
+                c
+                for c in chunks_for_range(entry, offset, max(size, 0))
+                if c.file_offset not in charged
+            ]
+            cost = sum(c.size for c in new)
+            if cost > self._left:
+                return b""
+            self._left -= cost
+            charged.update(c.file_offset for c in new)
         return await self.store.peek(layer, entry, offset, size)
 
     def _find(self, name: str | None, dirs: list[str]) -> Node | None:

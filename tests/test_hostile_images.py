@@ -92,6 +92,7 @@ def _one_line(e: pytest.ExceptionInfo[BaseException]) -> str:
         ({"type": "reg", "name": "/".join(["d" * 200] * 25)}, "PATH_MAX"),
         ({"type": "reg", "name": "x" * 1_000_000}, "component over 255"),
         ({"type": "symlink", "name": "l", "linkName": "t" * 5000}, "PATH_MAX"),
+        ({"type": "symlink", "name": "l", "linkName": "a\x00b"}, "NUL"),
         ({"type": "dir", "name": "m", "mode": -1}, "mode"),
         ({"type": "dir", "name": "t", "modtime": "9999-12-31T00:00:00Z"}, "modtime"),
         ({"type": "dir", "name": "t", "modtime": "0001-01-01T00:00:00Z"}, "modtime"),

@@ -386,7 +386,9 @@ def _short(name: str) -> str:
 def check_path(name: str, what: str = "entry name", *, components: bool = True) -> None:
     """Refuse a path no kernel can show: a component over NAME_MAX bytes (unless
     ``components`` is False: a symlink's target is only a string), a path over PATH_MAX, or
-    characters that do not encode."""
+    characters that do not encode, or a NUL (the kernel would cut a link's target there)."""
+    if "\x00" in name:
+        raise FormatError(f"{what} {_short(name)} contains a NUL")
     try:
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:

@@ -265,3 +265,16 @@ def test_convert_command_warns_of_layers_without_tar_split(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("warning: no tar-split for ")
     assert "appears twice" in err[0]
+
+
+def test_a_link_target_with_a_nul_is_refused_in_one_line() -> None:
+    # A pax linkpath may hold any byte; the kernel would cut the link's target at a NUL.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("l")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "a\x00b" + "c" * 200  # long: tarfile keeps it in a pax record
+        tf.addfile(info)
+    with pytest.raises(FormatError) as e:
+        list(TarReader(io.BytesIO(buf.getvalue())))
+    assert "NUL" in str(e.value) and "\n" not in str(e.value)

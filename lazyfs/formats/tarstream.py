@@ -22,6 +22,7 @@ from lazyfs.formats.toc import (
     Entry,
     EntryType,
     TarHeader,
+    check_path,
     normalize_name,
 )
 
@@ -348,6 +349,8 @@ def _entry(h: TarHeader, kind: EntryType, info: tarfile.TarInfo, pax: dict[str, 
             xattrs[k[len(SCHILY) :]] = v.encode("utf-8", "surrogateescape")
         elif k.startswith(LIBARCHIVE):
             xattrs[k[len(LIBARCHIVE) :]] = base64.b64decode(v + "==")
+    if kind == "symlink":
+        check_path(h.link_name, "link target", components=False)  # as a TOC's are checked
     return Entry(
         name=normalize_name(h.name),
         type=kind,

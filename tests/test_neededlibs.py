@@ -26,7 +26,7 @@ from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.elffile import make_elf
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import mount_stats, mounted
+from lazyfs.testing.mounts import mount_stats, mounted_read_only
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 LIBDIR = "usr/lib/x86_64-linux-gnu"
@@ -120,9 +120,7 @@ def _followed(
 def test_the_libraries_an_elf_file_names_are_fetched_before_they_are_read(
     image: str, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    mnt = tmp_path / "mnt"
-    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
-    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-deltas") as mnt:
         assert _read_head(mnt / "usr/bin/prog") == PROG[:4096]
         needed = _followed(mnt, libraries=len(LIBS))["needed"]
         assert needed["libraries"] == len(LIBS) and not needed["error"], needed
@@ -145,9 +143,7 @@ def test_the_libraries_an_elf_file_names_are_fetched_before_they_are_read(
 def test_elf_files_whose_headers_lie_fetch_nothing_and_break_nothing(
     image: str, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    mnt = tmp_path / "mnt"
-    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
-    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-deltas") as mnt:
         for name, data in HOSTILE.items():
             assert (mnt / name).read_bytes() == data
         # Looked at (not merely not yet): all but the truncated one have a dynamic section.
@@ -159,9 +155,7 @@ def test_elf_files_whose_headers_lie_fetch_nothing_and_break_nothing(
 
 
 def test_no_prefetch_follows_nothing(image: str, fault_proxy: FaultProxy, tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    args = ("--plain-http", "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c"))
-    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-prefetch") as mnt:
         assert _read_head(mnt / "usr/bin/prog") == PROG[:4096]
         time.sleep(0.3)
         assert mount_stats(mnt).get("needed") is None

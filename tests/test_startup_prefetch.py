@@ -18,7 +18,7 @@ from lazyfs.store.layerstate import Layer
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import mount_stats, mounted, wait_prefetched
+from lazyfs.testing.mounts import mount_stats, mounted_read_only, wait_prefetched
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 LIBDIR = "usr/lib/x86_64-linux-gnu"
@@ -74,9 +74,7 @@ def image(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) 
 def test_a_mount_without_groups_prefetches_the_start_up_landmarks(
     image: str, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    mnt = tmp_path / "mnt"
-    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
-    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-deltas") as mnt:
         pf = wait_prefetched(mnt)["prefetch"]
         assert pf["group"] == STARTUP_GROUP and pf["entries"] == len(LANDMARKS), pf
         assert not pf["error"]
@@ -102,9 +100,7 @@ def test_a_mount_without_groups_prefetches_the_start_up_landmarks(
 def test_no_prefetch_fetches_no_landmarks(
     image: str, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    mnt = tmp_path / "mnt"
-    args = ("--plain-http", "--read-only", "--no-prefetch", "--cache", str(tmp_path / "c"))
-    with mounted(f"{fault_proxy.host}/{image}", mnt, *args):
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-prefetch") as mnt:
         assert mount_stats(mnt).get("prefetch") is None
         libc = f"{LIBDIR}/libc.so.6"
         assert (mnt / libc).read_bytes() == LANDMARKS[libc]

@@ -61,6 +61,15 @@ def mounted(image: str, mountpoint: Path, *args: str, **kw: Any) -> Iterator[Mou
         m.stop()
 
 
+@contextlib.contextmanager
+def mounted_read_only(image: str, work: Path, *args: str) -> Iterator[Path]:
+    """``image`` from a plain-HTTP registry mounted read-only at ``work/mnt``, its chunk
+    cache in ``work/c``, with ``args`` besides: yields the mount point."""
+    mnt = work / "mnt"
+    with mounted(image, mnt, "--plain-http", "--read-only", "--cache", str(work / "c"), *args):
+        yield mnt
+
+
 def run(*argv: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, **kw)
 

@@ -14,7 +14,7 @@ For each: the start-up's seconds from ready to done, and what it asked the daemo
 plus the time at least one request was outstanding.  ``--pyspy DIR``: also one more round of
 each lazyfs setting with py-spy recording the daemon (speedscope files in DIR).  Run from the
 repo root: ``.venv/bin/python scripts/bench_cold_phase.py [--reps N] [--before DIR]
-[--work-dir DIR]``.
+[--work-dir DIR] [--chunking SIZE|HEAD+SIZE]``.
 """
 
 from __future__ import annotations
@@ -136,6 +136,12 @@ def main() -> int:
     p.add_argument(
         "--timeline", type=Path, metavar="FILE", help="every request of every run, as TSV"
     )
+    p.add_argument(
+        "--chunking",
+        type=bs.parse_chunking,
+        metavar="SIZE|HEAD+SIZE",
+        help="the image converted with files cut so (bench_speed.py --chunking), cached",
+    )
     args = p.parse_args()
     bl.sigterm_as_interrupt()
     bl.byte_compiled()
@@ -151,6 +157,8 @@ def main() -> int:
     phases: dict[str, list[Phase]] = collections.defaultdict(list)
     try:
         src, lazy, tag, startup, says = bs.cold_image("debian", work)
+        if args.chunking is not None:
+            lazy = bs.chunked_image(src, lazy, tag, args.chunking)
         native = src.parent / "rootfs"
 
         def run_startup(root: Path) -> None:

@@ -363,6 +363,7 @@ def bench_cold(
     image: str = "sample",
     keep: Sequence[str] = (),
     chunkings: Sequence[Chunking] = (),
+    link: tuple[float, float] | None = None,
 ) -> tuple[dict[str, dict[str, bl.Summary]], int]:
     """Cold starts from a loopback registry: per contender, seconds, blob requests and bytes
     (counted at the proxy from the start until the start-up has printed), alternating
@@ -372,7 +373,9 @@ def bench_cold(
     fork server (``lazyfs serve-forks``) and, for groups, also as a new process.  ``keep``:
     only the contenders whose names contain one of these (and the full pull, the yardstick).
     ``chunkings``: every lazyfs contender once per way of cutting files (its name ends in
-    ``[that cut]``), on an image converted so; none: the image as it is."""
+    ``[that cut]``), on an image converted so; none: the image as it is.  ``link``: (Mbit/s,
+    ms) the proxy answers each request at, after that delay (a crude WAN: per request, not a
+    shared link; scripts/benchwan emulates a real one)."""
     import httpx
     from lazyfs_tools.convert import convert
 
@@ -483,6 +486,8 @@ def bench_cold(
         for i in range(reps):
             for name, fn in contenders.items():
                 proxy.reset()
+                if link is not None:
+                    proxy.rate, proxy.delay = link[0] * 1e6 / 8, link[1] / 1e3
                 counts: list[tuple[int, int]] = []
                 ready_s: list[float] = []
                 ended: list[float] = []
@@ -551,6 +556,12 @@ def main() -> int:
         metavar="SIZE|HEAD+SIZE",
         help="cold: the lazyfs contenders once per way of cutting files into chunks (e.g. 4m "
         "1m 256k+4m: a 256 KiB head, then 4 MiB chunks), on images converted so (cached)",
+    )
+    p.add_argument(
+        "--link",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        metavar="MBIT,MS",
+        help="cold: every blob request answered at MBIT Mbit/s after MS ms (per request)",
     )
     p.add_argument(
         "--work-dir",
@@ -646,6 +657,7 @@ def main() -> int:
             cold, n_group = bench_cold(
                 args.reps, work, args.before, args.image, args.contenders or (),
                 args.chunking or (),
+                args.link,
             )
             result["cold"] = {k: {m: v.as_dict() for m, v in d.items()} for k, d in cold.items()}
             base = cold["full pull + extract + start-up"]["seconds"].median

@@ -45,8 +45,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=parse_size,
         default=DEFAULT_HEAD_SIZE,
         metavar="N",
-        help="cut a larger file's first N bytes into a chunk of their own, served before the "
-        "rest is in (default %(default)s: off; k/m suffixes)",
+        help="cut a larger file's first N bytes into a chunk of their own: a read there waits "
+        "for that chunk only (default %(default)s: off; k/m suffixes)",
     )
     p.add_argument(
         "--prefetch",

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 from lazyfs_tools.convert import convert
 
@@ -21,6 +20,7 @@ from lazyfs.ocilayout import Layout
 from lazyfs.opener import open_image
 from lazyfs.remote.referrers import subject_descriptor
 from lazyfs.remote.registry import RegistrySource
+from lazyfs.store import tocs
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
@@ -216,29 +216,34 @@ def _open(proxy: FaultProxy, img: dict, cache: Path) -> tuple[bool, float]:
     return trio.run(go)
 
 
-def test_the_toc_is_asked_for_first(
+def test_the_toc_rides_a_connection_already_open(
     registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path, monkeypatch: Any
 ) -> None:
+    """The TOC is the long pole of a cold open: its request must not pay a new connection's
+    round trip while the config's and the groups lookup's requests take the open ones, even
+    when the client is slow to send it (a token to fetch first, a loaded CPU)."""
     img = _push(registry, tmp_path, "stored/order")
     _store(registry, img, "startup", "2026-11-30T10:00:00Z")
-    # The order the client sends its requests in, noted as httpx is handed each: the proxy's
-    # threads note concurrent requests on the connections a cold open warms in any order.
-    sent: list[tuple[str, str | None]] = []
-    send = httpx.AsyncClient.send
+    load_layer = tocs.load_layer
 
-    async def noting(client: httpx.AsyncClient, request: httpx.Request, **kw: Any) -> Any:
-        sent.append((request.url.path, request.headers.get("range")))
-        return await send(client, request, **kw)
+    async def slow_to_send(*args: Any, **kw: Any) -> Any:
+        await trio.sleep(0.01)
+        return await load_layer(*args, **kw)
 
-    monkeypatch.setattr(httpx.AsyncClient, "send", noting)
+    monkeypatch.setattr(tocs, "load_layer", slow_to_send)
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay = 0.02  # a round trip: the requests beside the TOC overlap it
     for i in range(10):
-        sent.clear()
+        fault_proxy.reset()
+        fault_proxy.match, fault_proxy.delay = "/v2/", 0.02
         _open(fault_proxy, img, tmp_path / f"c{i}")
-        # Without the connections a cold open warms beside the manifest (GET /v2/).
-        asked = [(p, r) for p, r in sent if p != "/v2/"]
-        assert "/manifests/v1" in asked[0][0]
-        assert any("/manifests/sha256-" in p for p, _ in asked[2:])
-        assert img["layer"].digest in asked[1][0] and asked[1][1] is not None, asked
+        asked = list(zip(fault_proxy.paths, fault_proxy.ranges, fault_proxy.ports, strict=True))
+        toc = [n for n, (p, r, _) in enumerate(asked) if img["layer"].digest in p and r]
+        assert len(toc) == 1, asked
+        port = asked[toc[0]][2]
+        # An earlier request came on the TOC's connection: it was open already.
+        assert any(q == port for _, _, q in asked[: toc[0]]), asked
+        assert any("/manifests/sha256-" in p for p, _, _ in asked), asked
 
 
 def test_a_document_on_its_way_is_waited_for(

@@ -85,6 +85,8 @@ class FaultProxy(ThreadedHTTPServer):
             self.payload_bytes = 0
             self.paths: list[str] = []
             self.ranges: list[str | None] = []  # each request's Range header
+            #: each request's client port: requests with the same one shared a connection
+            self.ports: list[int] = []
             self.authorization: list[str | None] = []
             #: (path, body bytes sent) of every answered matching request
             self.served: list[tuple[str, int]] = []
@@ -215,6 +217,7 @@ class FaultProxy(ThreadedHTTPServer):
                     proxy.requests += 1
                     proxy.paths.append(self.path)
                     proxy.ranges.append(self.headers.get("Range"))
+                    proxy.ports.append(self.client_address[1])
                     proxy.authorization.append(self.headers.get("Authorization"))
                     proxy.events.append(("in", self.path, time.monotonic()))
                     fail = proxy._fail.pop(0) if matched and proxy._fail else None

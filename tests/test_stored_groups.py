@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 from lazyfs_tools.convert import convert
 
 from lazyfs import oci
@@ -26,8 +27,10 @@ from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mounted, startup_groups, wait_prefetched
 from lazyfs.trace import stored
+from lazyfs.trace.schema import Group
 from lazyfs.trace.stored import push_groups
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+from tests.test_store import MemSource
 
 FILES = {f"app/f{i}.bin": seeded_bytes(150_000, 70 + i) for i in range(6)}
 USED = ["app/f4.bin", "app/f1.bin"]
@@ -323,3 +326,31 @@ def test_the_deltas_listing_travels_with_the_toc(
     with mounted(ref, tmp_path / "mnt", *no_deltas) as m:
         assert wait_prefetched(m.mountpoint)["prefetch"]["group"]
     assert not any("/manifests/sha256-" in p for p in fault_proxy.paths)
+
+
+def test_settle_lets_a_woken_lookup_ask_first(tmp_path: Path) -> None:
+    """The listing came in while the TOC decoded: the lookup's task is woken but has not run
+    when the opener settles.  Given its turns it asks for the document, which is then waited
+    for (the prefetch leaves before the tree), instead of found only after readiness."""
+
+    async def main() -> None:
+        groups = stored.StoredGroups(MemSource({}), tmp_path, None)
+        listed = trio.Event()
+        group = Group(name="startup", runs=1, tiers=[])
+
+        async def lookup() -> None:
+            await listed.wait()
+            await trio.lowlevel.checkpoint()  # the listing's own step (shared_referrers)
+            groups.asked.set()
+            await trio.sleep(0.01)  # the document's request
+            groups.group = group
+            groups.done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookup)
+            await trio.testing.wait_all_tasks_blocked()
+            listed.set()  # woken, not yet run
+            await groups.settle()
+            assert groups.group is group
+
+    trio.run(main)

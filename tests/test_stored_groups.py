@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
+import trio.testing
 from lazyfs_tools.convert import convert
 
 from lazyfs import oci
@@ -21,13 +21,16 @@ from lazyfs.ocilayout import Layout
 from lazyfs.opener import open_image
 from lazyfs.remote.referrers import subject_descriptor
 from lazyfs.remote.registry import RegistrySource
+from lazyfs.store import tocs
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mounted, startup_groups, wait_prefetched
 from lazyfs.trace import stored
+from lazyfs.trace.schema import Group
 from lazyfs.trace.stored import push_groups
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+from tests.test_store import MemSource
 
 FILES = {f"app/f{i}.bin": seeded_bytes(150_000, 70 + i) for i in range(6)}
 USED = ["app/f4.bin", "app/f1.bin"]
@@ -216,29 +219,34 @@ def _open(proxy: FaultProxy, img: dict, cache: Path) -> tuple[bool, float]:
     return trio.run(go)
 
 
-def test_the_toc_is_asked_for_first(
+def test_the_toc_rides_a_connection_already_open(
     registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path, monkeypatch: Any
 ) -> None:
+    """The TOC is the long pole of a cold open: its request must not pay a new connection's
+    round trip while the config's and the groups lookup's requests take the open ones, even
+    when the client is slow to send it (a token to fetch first, a loaded CPU)."""
     img = _push(registry, tmp_path, "stored/order")
     _store(registry, img, "startup", "2026-11-30T10:00:00Z")
-    # The order the client sends its requests in, noted as httpx is handed each: the proxy's
-    # threads note concurrent requests on the connections a cold open warms in any order.
-    sent: list[tuple[str, str | None]] = []
-    send = httpx.AsyncClient.send
+    load_layer = tocs.load_layer
 
-    async def noting(client: httpx.AsyncClient, request: httpx.Request, **kw: Any) -> Any:
-        sent.append((request.url.path, request.headers.get("range")))
-        return await send(client, request, **kw)
+    async def slow_to_send(*args: Any, **kw: Any) -> Any:
+        await trio.sleep(0.01)
+        return await load_layer(*args, **kw)
 
-    monkeypatch.setattr(httpx.AsyncClient, "send", noting)
+    monkeypatch.setattr(tocs, "load_layer", slow_to_send)
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay = 0.02  # a round trip: the requests beside the TOC overlap it
     for i in range(10):
-        sent.clear()
+        fault_proxy.reset()
+        fault_proxy.match, fault_proxy.delay = "/v2/", 0.02
         _open(fault_proxy, img, tmp_path / f"c{i}")
-        # Without the connections a cold open warms beside the manifest (GET /v2/).
-        asked = [(p, r) for p, r in sent if p != "/v2/"]
-        assert "/manifests/v1" in asked[0][0]
-        assert any("/manifests/sha256-" in p for p, _ in asked[2:])
-        assert img["layer"].digest in asked[1][0] and asked[1][1] is not None, asked
+        asked = list(zip(fault_proxy.paths, fault_proxy.ranges, fault_proxy.ports, strict=True))
+        toc = [n for n, (p, r, _) in enumerate(asked) if img["layer"].digest in p and r]
+        assert len(toc) == 1, asked
+        port = asked[toc[0]][2]
+        # An earlier request came on the TOC's connection: it was open already.
+        assert any(q == port for _, _, q in asked[: toc[0]]), asked
+        assert any("/manifests/sha256-" in p for p, _, _ in asked), asked
 
 
 def test_a_document_on_its_way_is_waited_for(
@@ -318,3 +326,31 @@ def test_the_deltas_listing_travels_with_the_toc(
     with mounted(ref, tmp_path / "mnt", *no_deltas) as m:
         assert wait_prefetched(m.mountpoint)["prefetch"]["group"]
     assert not any("/manifests/sha256-" in p for p in fault_proxy.paths)
+
+
+def test_settle_lets_a_woken_lookup_ask_first(tmp_path: Path) -> None:
+    """The listing came in while the TOC decoded: the lookup's task is woken but has not run
+    when the opener settles.  Given its turns it asks for the document, which is then waited
+    for (the prefetch leaves before the tree), instead of found only after readiness."""
+
+    async def main() -> None:
+        groups = stored.StoredGroups(MemSource({}), tmp_path, None)
+        listed = trio.Event()
+        group = Group(name="startup", runs=1, tiers=[])
+
+        async def lookup() -> None:
+            await listed.wait()
+            await trio.lowlevel.checkpoint()  # the listing's own step (shared_referrers)
+            groups.asked.set()
+            await trio.sleep(0.01)  # the document's request
+            groups.group = group
+            groups.done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookup)
+            await trio.testing.wait_all_tasks_blocked()
+            listed.set()  # woken, not yet run
+            await groups.settle()
+            assert groups.group is group
+
+    trio.run(main)

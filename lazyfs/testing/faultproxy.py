@@ -85,6 +85,8 @@ class FaultProxy(ThreadedHTTPServer):
             self.payload_bytes = 0
             self.paths: list[str] = []
             self.ranges: list[str | None] = []  # each request's Range header
+            #: each request's client port: requests with the same one shared a connection
+            self.ports: list[int] = []
             self.authorization: list[str | None] = []
             #: (path, body bytes sent) of every answered matching request
             self.served: list[tuple[str, int]] = []
@@ -160,6 +162,10 @@ class FaultProxy(ThreadedHTTPServer):
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # An answer leaves in two writes (headers, then body): with Nagle's algorithm the
+            # body waited for the client's delayed ACK of the headers, 40-50 ms on a kept-alive
+            # connection (traced), which a registry (Go sets TCP_NODELAY) never costs.
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -215,6 +221,7 @@ class FaultProxy(ThreadedHTTPServer):
                     proxy.requests += 1
                     proxy.paths.append(self.path)
                     proxy.ranges.append(self.headers.get("Range"))
+                    proxy.ports.append(self.client_address[1])
                     proxy.authorization.append(self.headers.get("Authorization"))
                     proxy.events.append(("in", self.path, time.monotonic()))
                     fail = proxy._fail.pop(0) if matched and proxy._fail else None

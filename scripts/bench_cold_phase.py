@@ -14,13 +14,14 @@ For each: the start-up's seconds from ready to done, and what it asked the daemo
 plus the time at least one request was outstanding.  ``--pyspy DIR``: also one more round of
 each lazyfs setting with py-spy recording the daemon (speedscope files in DIR).  Run from the
 repo root: ``.venv/bin/python scripts/bench_cold_phase.py [--reps N] [--before DIR]
-[--work-dir DIR]``.
+[--work-dir DIR] [--chunking SIZE|HEAD+SIZE]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import shutil
 import signal
@@ -68,11 +69,15 @@ def _events(inst: Path, conn: int, phase: Phase) -> None:
             end = b
 
 
-def big_reads(lazy: Path, tag: str, native: Path, work: Path, reps: int) -> list[list[object]]:
+def big_reads(
+    lazies: dict[str, Path], tag: str, native: Path, work: Path, reps: int
+) -> list[list[object]]:
     """The image's three largest files read whole (128 KiB reads) on a fresh mount over a
     warm chunk cache, the mount's read-ahead set to the kernel's 128 KiB default or to
     lazyfs's READ_AHEAD_KB (written to its bdi after the mount, alternating): what the wider
-    window does where it should, sequential reads."""
+    window does where it should, sequential reads; and at READ_AHEAD_KB over a fresh cache
+    (fetched from the local layout: the chunks' fetch, decode and write).  ``lazies``: the
+    image's layouts by label (e.g. cut into chunks differently), alternating too."""
     from lazyfs.fs.daemon import spawn
     from lazyfs.fs.serve import READ_AHEAD_KB
     from lazyfs.testing.mounts import mount_stats
@@ -82,11 +87,15 @@ def big_reads(lazy: Path, tag: str, native: Path, work: Path, reps: int) -> list
         key=lambda p: p.stat().st_size,
     )[-3:]
     total = sum(p.stat().st_size for p in files)
-    cache, mnt = work / "cache-big", work / "mnt-big"
-    mnt.mkdir()
-    got: dict[int, list[tuple[float, int]]] = {128: [], READ_AHEAD_KB: []}
+    mnt = work / "mnt-big"
+    mnt.mkdir(exist_ok=True)
+    settings = {"128 KiB": (128, False), f"{READ_AHEAD_KB} KiB": (READ_AHEAD_KB, False),
+                f"{READ_AHEAD_KB} KiB, cold cache": (READ_AHEAD_KB, True)}  # fmt: skip
+    got: dict[str, list[tuple[float, int]]] = {
+        cut + name: [] for cut in lazies for name in settings
+    }
 
-    def once(kb: int) -> tuple[float, int]:
+    def once(lazy: Path, cache: Path, kb: int) -> tuple[float, int]:
         opts = ["--read-only", "--no-prefetch", "--cache", str(cache)]
         d = spawn(f"oci:{lazy}:{tag}", mnt, opts, log=work / "big.log", timeout=120)
         try:
@@ -105,19 +114,25 @@ def big_reads(lazy: Path, tag: str, native: Path, work: Path, reps: int) -> list
         finally:
             d.stop()
 
-    once(128)  # fills the cache
-    for _ in range(reps):
-        for kb, runs in got.items():
-            runs.append(once(kb))
+    caches = {cut: work / f"cache-big-{n}" for n, cut in enumerate(lazies)}
+    for cut, lazy in lazies.items():
+        once(lazy, caches[cut], 128)  # fills the cache
+    for i in range(reps):
+        for cut, lazy in lazies.items():
+            for name, (kb, cold) in settings.items():
+                cache = work / f"cache-big-cold-{i}" if cold else caches[cut]
+                got[cut + name].append(once(lazy, cache, kb))
+                if cold:
+                    shutil.rmtree(cache)
     return [
         [
-            f"{kb} KiB",
+            name,
             f"{statistics.median(t for t, _ in runs) * 1e3:.0f} "
             f"({min(t for t, _ in runs) * 1e3:.0f}–{max(t for t, _ in runs) * 1e3:.0f})",
             f"{total / statistics.median(t for t, _ in runs) / 1e6:.0f}",
             f"{statistics.median(n for _, n in runs):.0f}",
         ]
-        for kb, runs in got.items()
+        for name, runs in got.items()
     ]
 
 
@@ -136,6 +151,14 @@ def main() -> int:
     p.add_argument(
         "--timeline", type=Path, metavar="FILE", help="every request of every run, as TSV"
     )
+    p.add_argument(
+        "--chunking",
+        nargs="+",
+        type=bs.parse_chunking,
+        metavar="SIZE|HEAD+SIZE",
+        help="the lazyfs settings once per way of cutting files into chunks, alternating, each "
+        "on the image converted so (bench_speed.py --chunking), cached",
+    )
     args = p.parse_args()
     bl.sigterm_as_interrupt()
     bl.byte_compiled()
@@ -151,6 +174,8 @@ def main() -> int:
     phases: dict[str, list[Phase]] = collections.defaultdict(list)
     try:
         src, lazy, tag, startup, says = bs.cold_image("debian", work)
+        lazies = {f"[{bs.chunking_name(c)}] ": bs.chunked_image(src, lazy, tag, c)
+                  for c in args.chunking or ()} or {"": lazy}  # fmt: skip
         native = src.parent / "rootfs"
 
         def run_startup(root: Path) -> None:
@@ -161,12 +186,14 @@ def main() -> int:
 
         with ForkServer.start(work / "forks.sock", log=work / "forks.log") as forks, \
                 RegistryInstance(work / "registry") as reg, fuse_events() as inst:  # fmt: skip
-            push_oci_layout(lazy, f"{reg.host}/cold/groups:{tag}", tag=tag)
-            image = f"{reg.host}/cold/groups:{tag}"
-            bs.trace_groups(image, startup, work)
+            images = {}
+            for n, (cut, layout) in enumerate(lazies.items()):
+                images[cut] = f"{reg.host}/cold/groups{n}:{tag}"
+                push_oci_layout(layout, images[cut], tag=tag)
+                bs.trace_groups(images[cut], startup, work)
 
             def mounted(
-                name: str, cache: Path, root: Path, profile: Path | None
+                name: str, cache: Path, root: Path, profile: Path | None, image: str
             ) -> Callable[[], None]:
                 def once() -> None:
                     cache.mkdir(exist_ok=True)
@@ -214,16 +241,18 @@ def main() -> int:
                 trees["before: "] = args.before
             for i in range(args.reps + (1 if args.pyspy else 0)):
                 prof = args.pyspy if i == args.reps else None
-                for label, root in trees.items():
+                for (cut, image), (label, root) in itertools.product(
+                    images.items(), trees.items()
+                ):
                     cache = work / f"cache-{label[:1]}{i}"
                     for name in ("cold", "cache warm"):
                         out = prof / f"{label[:-2] or 'after'}-{name.replace(' ', '-')}.json" \
                             if prof else None  # fmt: skip
-                        mounted(label + name, cache, root, out)()
+                        mounted(cut + label + name, cache, root, out, image)()
                     shutil.rmtree(cache)
                 if prof is None:
                     native_start()
-        big = big_reads(lazy, tag, native, work, args.big_reps) if args.big_reps else []
+        big = big_reads(lazies, tag, native, work, args.big_reps) if args.big_reps else []
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
     if args.timeline is not None:
@@ -261,8 +290,8 @@ def main() -> int:
                        f"READ median ms; ms in READs over {WAITED * 1e3:.0f} ms",
                        "by opcode (mean count, summed latency)"], rows))  # fmt: skip
     if big:
-        print(f"\nThe image's three largest files read whole, fresh mount over a warm cache "
-              f"({args.big_reps} rounds, alternating):\n")  # fmt: skip
+        print(f"\nThe image's three largest files read whole, fresh mount ({args.big_reps} "
+              f"rounds, alternating):\n")  # fmt: skip
         print(bl.md_table(["read-ahead", "ms", "MB/s", "READ requests"], big))
     return 0
 

@@ -14,12 +14,14 @@
     groups traced from that start-up and stored beside the image, lazyfs on the image re-laid
     out by those groups (``convert --prefetch``: prefetch up to the landmark), and the
     yardstick, a full pull of the gzip layer + extract + the same start-up: seconds, blob
-    requests and bytes; ``--image debian``: the same on the WAN harness's Debian image.
+    requests and bytes; ``--image debian``: the same on the WAN harness's Debian image;
+    ``--chunking 1m 256k+4m ...``: the lazyfs contenders once per way of cutting files into
+    chunks (each its own converted image, cached beside the image), in the same run.
 
 Every run uses fresh directories (on ext4 a large ``rm -rf`` slows file creation for seconds
 afterwards) and deletes them at the end.  Run from the repo root:
 ``.venv/bin/python scripts/bench_speed.py [--reps N] [--only walk|python|mount|ready|rss|cold]
-[--image sample|debian]``.
+[--image sample|debian] [--chunking SIZE|HEAD+SIZE ...]``.
 """
 
 from __future__ import annotations
@@ -296,6 +298,42 @@ def trace_groups(ref: str, startup: Sequence[str], work: Path) -> Path:
     return groups
 
 
+#: How a writer cuts files: (chunk size, head chunk size), framing.chunk_cuts.
+Chunking = tuple[int, int]
+
+
+def parse_chunking(text: str) -> Chunking:
+    """``1m`` → 1 MiB chunks; ``256k+4m`` → a 256 KiB head, then 4 MiB chunks."""
+    from lazyfs.cli.common import parse_size
+
+    head, _, size = text.rpartition("+")
+    return parse_size(size), parse_size(head) if head else 0
+
+
+def chunking_name(c: Chunking) -> str:
+    def size(n: int) -> str:
+        return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n >> 10} KiB"
+
+    return f"{size(c[1])} head + {size(c[0])}" if c[1] else size(c[0])
+
+
+def chunked_image(src: Path, lazy: Path, tag: str, chunking: Chunking) -> Path:
+    """``lazy`` (the default cut) or ``src`` converted with ``chunking``, cached beside
+    ``lazy``'s directory."""
+    from lazyfs_tools.convert import convert
+
+    from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, DEFAULT_HEAD_SIZE
+
+    if chunking == (DEFAULT_CHUNK_SIZE, DEFAULT_HEAD_SIZE):
+        return lazy
+    out = lazy.parent / f"{lazy.name}-chunks-{chunking[1]}-{chunking[0]}"
+    if not (out / "index.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        convert(f"oci:{src}:{tag}", f"oci:{out}:{tag}", chunk_size=chunking[0],
+                head_size=chunking[1])  # fmt: skip
+    return out
+
+
 def cold_image(name: str, work: Path) -> tuple[Path, Path, str, tuple[str, ...], str]:
     """The cold rows' image: gzip layout, zstd:chunked layout, their tag, the start-up run
     chrooted in it and what it prints.  ``sample``: the demo's (this machine's python3);
@@ -324,6 +362,8 @@ def bench_cold(
     before: Path | None,
     image: str = "sample",
     keep: Sequence[str] = (),
+    chunkings: Sequence[Chunking] = (),
+    link: tuple[float, float] | None = None,
 ) -> tuple[dict[str, dict[str, bl.Summary]], int]:
     """Cold starts from a loopback registry: per contender, seconds, blob requests and bytes
     (counted at the proxy from the start until the start-up has printed), alternating
@@ -331,7 +371,11 @@ def bench_cold(
     an older lazyfs whose daemon runs the lazyfs contenders again, in the same run.  The
     lazyfs contenders start their daemon as the snapshotter does (``spawn``), forked by a
     fork server (``lazyfs serve-forks``) and, for groups, also as a new process.  ``keep``:
-    only the contenders whose names contain one of these (and the full pull, the yardstick)."""
+    only the contenders whose names contain one of these (and the full pull, the yardstick).
+    ``chunkings``: every lazyfs contender once per way of cutting files (its name ends in
+    ``[that cut]``), on an image converted so; none: the image as it is.  ``link``: (Mbit/s,
+    ms) the proxy answers each request at, after that delay (a crude WAN: per request, not a
+    shared link; scripts/benchwan emulates a real one)."""
     import httpx
     from lazyfs_tools.convert import convert
 
@@ -349,16 +393,22 @@ def bench_cold(
             raise RuntimeError(f"the start-up did not start: {out.stdout} {out.stderr}")
 
     gz = Layout(src).manifest(tag).layers[0]
+    cuts: dict[str, Chunking | None] = (
+        {f" [{chunking_name(c)}]": c for c in chunkings} if chunkings else {"": None}
+    )
     with ForkServer.start(work / "forks.sock", log=work / "forks.log") as forks, \
             RegistryInstance(work / "registry") as reg, FaultProxy(reg.url) as proxy:
-        for layout, repo in ((src, "gzip"), (lazy, "lazy"), (lazy, "groups")):
-            push_oci_layout(layout, f"{reg.host}/cold/{repo}:{tag}", tag=tag)
-        ref = f"{reg.host}/cold/groups:{tag}"
-        groups = trace_groups(ref, startup, work)
-        # Re-laid out: the group first in the layer, up to a landmark a mount prefetches.
-        relaid = work / "cold-relaid"
-        convert(f"oci:{src}:{tag}", f"oci:{relaid}:{tag}", prefetch=str(groups))
-        push_oci_layout(relaid, f"{reg.host}/cold/relaid:{tag}", tag=tag)
+        push_oci_layout(src, f"{reg.host}/cold/gzip:{tag}", tag=tag)
+        for i, cut in enumerate(cuts.values()):
+            mine = lazy if cut is None else chunked_image(src, lazy, tag, cut)
+            for repo in ("lazy", "groups"):
+                push_oci_layout(mine, f"{reg.host}/cold/{repo}{i}:{tag}", tag=tag)
+            groups = trace_groups(f"{reg.host}/cold/groups{i}:{tag}", startup, work)
+            # Re-laid out: the group first in the layer, up to a landmark a mount prefetches.
+            relaid = work / f"cold-relaid{i}"
+            more = {} if cut is None else {"chunk_size": cut[0], "head_size": cut[1]}
+            convert(f"oci:{src}:{tag}", f"oci:{relaid}:{tag}", prefetch=str(groups), **more)
+            push_oci_layout(relaid, f"{reg.host}/cold/relaid{i}:{tag}", tag=tag)
 
         def pull_extract(i: int) -> None:
             root = work / f"cold-root-{i}"
@@ -400,19 +450,28 @@ def bench_cold(
 
         contenders: dict[str, Callable[[int], None]] = {
             "full pull + extract + start-up": pull_extract,
-            "lazyfs, no groups": lazyfs_start("lazy"),
-            "lazyfs + groups": lazyfs_start("groups"),
-            "lazyfs, re-laid out (landmark)": lazyfs_start("relaid"),
-            # as "before: lazyfs, re-laid out" starts its daemon
-            "lazyfs, re-laid out, daemon a new process": lazyfs_start("relaid", forked=False),
-            "lazyfs + groups, daemon a new process": lazyfs_start("groups", forked=False),
-            # as the "before" contenders start theirs
-            "lazyfs, no groups, daemon a new process": lazyfs_start("lazy", forked=False),
         }
-        if before is not None:
-            for repo, name in (("lazy", "no groups"), ("groups", "+ groups")):
-                contenders[f"before: lazyfs {name}"] = lazyfs_start(repo, before)
-            contenders["before: lazyfs, re-laid out"] = lazyfs_start("relaid", before)
+        for i, sfx in enumerate(cuts):
+            contenders |= {
+                f"lazyfs, no groups{sfx}": lazyfs_start(f"lazy{i}"),
+                f"lazyfs + groups{sfx}": lazyfs_start(f"groups{i}"),
+                f"lazyfs, re-laid out (landmark){sfx}": lazyfs_start(f"relaid{i}"),
+                # as "before: lazyfs, re-laid out" starts its daemon
+                f"lazyfs, re-laid out, daemon a new process{sfx}": lazyfs_start(
+                    f"relaid{i}", forked=False
+                ),
+                f"lazyfs + groups, daemon a new process{sfx}": lazyfs_start(
+                    f"groups{i}", forked=False
+                ),
+                # as the "before" contenders start theirs
+                f"lazyfs, no groups, daemon a new process{sfx}": lazyfs_start(
+                    f"lazy{i}", forked=False
+                ),
+            }
+            if before is not None:
+                for repo, name in (("lazy", "no groups"), ("groups", "+ groups")):
+                    contenders[f"before: lazyfs {name}{sfx}"] = lazyfs_start(f"{repo}{i}", before)
+                contenders[f"before: lazyfs, re-laid out{sfx}"] = lazyfs_start(f"relaid{i}", before)
         if keep:
             contenders = {
                 k: fn
@@ -421,11 +480,14 @@ def bench_cold(
             }
         times: dict[str, list[float]] = {k: [] for k in contenders}
         ready: dict[str, list[float]] = {k: [] for k in contenders}
+        after: dict[str, list[float]] = {k: [] for k in contenders}  # the start-up once ready
         reqs: dict[str, list[float]] = {k: [] for k in contenders}
         mib: dict[str, list[float]] = {k: [] for k in contenders}
         for i in range(reps):
             for name, fn in contenders.items():
                 proxy.reset()
+                if link is not None:
+                    proxy.rate, proxy.delay = link[0] * 1e6 / 8, link[1] / 1e3
                 counts: list[tuple[int, int]] = []
                 ready_s: list[float] = []
                 ended: list[float] = []
@@ -433,6 +495,7 @@ def bench_cold(
                 fn(i)
                 times[name].append((ended[0] if ended else time.perf_counter()) - t0)
                 ready[name].extend(ready_s)
+                after[name].extend(times[name][-1] - r for r in ready_s)
                 n, b = counts[0] if counts else (len(proxy.served), proxy.blob_bytes)
                 reqs[name].append(n)
                 mib[name].append(b / 2**20)
@@ -443,6 +506,7 @@ def bench_cold(
             "requests": bl.summarize(reqs[k]),
             "MiB": bl.summarize(mib[k]),
             **({"mount ready": bl.summarize(ready[k])} if ready[k] else {}),
+            **({"after ready": bl.summarize(after[k])} if after[k] else {}),
         }
         for k in contenders
     }, entries
@@ -484,6 +548,20 @@ def main() -> int:
         action="append",
         metavar="WORDS",
         help="cold: only the contenders whose names contain WORDS (repeatable), and the full pull",
+    )
+    p.add_argument(
+        "--chunking",
+        nargs="+",
+        type=parse_chunking,
+        metavar="SIZE|HEAD+SIZE",
+        help="cold: the lazyfs contenders once per way of cutting files into chunks (e.g. 4m "
+        "1m 256k+4m: a 256 KiB head, then 4 MiB chunks), on images converted so (cached)",
+    )
+    p.add_argument(
+        "--link",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        metavar="MBIT,MS",
+        help="cold: every blob request answered at MBIT Mbit/s after MS ms (per request)",
     )
     p.add_argument(
         "--work-dir",
@@ -577,7 +655,9 @@ def main() -> int:
         if "cold" in only:
             bl.log("cold")
             cold, n_group = bench_cold(
-                args.reps, work, args.before, args.image, args.contenders or ()
+                args.reps, work, args.before, args.image, args.contenders or (),
+                args.chunking or (),
+                args.link,
             )
             result["cold"] = {k: {m: v.as_dict() for m, v in d.items()} for k, d in cold.items()}
             base = cold["full pull + extract + start-up"]["seconds"].median
@@ -590,6 +670,8 @@ def main() -> int:
                     f"{d['MiB'].median:.1f}",
                     f"{d['mount ready'].median:.3f} ({d['mount ready'].min:.3f}–"
                     f"{d['mount ready'].max:.3f})" if "mount ready" in d else "",
+                    f"{d['after ready'].median:.3f} ({d['after ready'].min:.3f}–"
+                    f"{d['after ready'].max:.3f})" if "after ready" in d else "",
                 ]
                 for k, d in cold.items()
             ]
@@ -597,7 +679,15 @@ def main() -> int:
                 f"### Cold start from a loopback registry, {args.image} image ({args.reps} "
                 f"runs; groups: {n_group} files traced from the start-up)\n\n"
                 + bl.md_table(
-                    ["contender", "seconds", "vs full pull", "blob requests", "MiB", "mount ready"],
+                    [
+                        "contender",
+                        "seconds",
+                        "vs full pull",
+                        "blob requests",
+                        "MiB",
+                        "mount ready",
+                        "start-up once ready",
+                    ],
                     rows,
                 )
             )

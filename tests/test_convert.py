@@ -188,3 +188,21 @@ def test_convert_adds_a_tag_to_an_existing_layout(tmp_path: Path) -> None:
         )
         assert res.returncode == 0, res.stderr
     assert not list(dst.parent.glob(".dst.partial-*"))
+
+
+def test_cli_head_chunk_size(tmp_path: Path, capsys) -> None:
+    """``--head-chunk-size``: a big file's first chunk is cut small; under 4 KiB is refused."""
+    from lazyfs.formats.layer import TAIL_SIZE, decode_layer_toc, locate_toc
+
+    data = seeded_bytes(300_000, 5)
+    make_layout(tmp_path / "src", [make_tar([Item("big", data=data)])])
+    argv = ["convert", f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}", "--chunk-size"]
+    assert main([*argv, "128k", "--head-chunk-size", "16k"]) == 0
+    (layer,) = top_manifest(tmp_path / "dst")["layers"]
+    blob = blobs(tmp_path / "dst")[layer["digest"].split(":")[1]]
+    loc = locate_toc(blob[-TAIL_SIZE:], len(blob), layer["annotations"])
+    (big,) = [e for e in decode_layer_toc(loc, blob[loc.start : loc.end]).entries if e.chunks]
+    assert [c.size for c in big.chunks] == [16 << 10, 128 << 10, 128 << 10, 300_000 - (272 << 10)]
+    capsys.readouterr()
+    assert main([*argv, "128k", "--head-chunk-size", "100"]) == 1
+    assert "head chunk size 100 is below the 4096-byte minimum" in capsys.readouterr().err

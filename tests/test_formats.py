@@ -14,6 +14,7 @@ import pytest
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.formats import estargz, zstdchunked
 from lazyfs.formats.chunkio import chunks_for_range, decode_chunk
+from lazyfs.formats.framing import chunk_cuts
 from lazyfs.formats.layer import TAIL_SIZE, decode_layer_toc, locate_toc
 from lazyfs.formats.toc import (
     MAX_OFFSET,
@@ -31,9 +32,9 @@ from lazyfs.testing.layers import Item, make_tar, sample_items, seeded_bytes
 WRITERS = {"zstd:chunked": zstdchunked.write_layer, "estargz": estargz.write_layer}
 
 
-def convert(tar: bytes, fmt: str, chunk_size: int = 64 * 1024):
+def convert(tar: bytes, fmt: str, chunk_size: int = 64 * 1024, head_size: int = 0):
     out = io.BytesIO()
-    res = WRITERS[fmt](io.BytesIO(tar), out, chunk_size=chunk_size)
+    res = WRITERS[fmt](io.BytesIO(tar), out, chunk_size=chunk_size, head_size=head_size)
     return out.getvalue(), res
 
 
@@ -126,6 +127,46 @@ def test_random_ranges_need_only_overlapping_chunks(fmt: str) -> None:
         cs = chunks_for_range(e, off, n)
         assert len(cs) <= n // 50_000 + 2
         assert read_file(blob, toc, e, off, n) == data[off : off + n]
+
+
+@pytest.mark.parametrize(
+    ("size", "chunk", "head", "cuts"),
+    [
+        (0, 100, 0, []),
+        (250, 100, 0, [100, 100, 50]),
+        (250, 100, 30, [30, 100, 100, 20]),
+        (30, 100, 30, [30]),  # no larger than the head: one chunk
+        (31, 100, 30, [30, 1]),
+        (250, 100, 100, [100, 100, 50]),  # a head no smaller than a chunk is no head
+        (250, 100, 400, [100, 100, 50]),
+    ],
+)
+def test_chunk_cuts(size: int, chunk: int, head: int, cuts: list[int]) -> None:
+    assert chunk_cuts(size, chunk, head) == cuts
+
+
+@pytest.mark.parametrize(("chunk", "head"), [(0, 0), (-1, 0), (100, -1)])
+def test_chunk_cuts_refuses_bad_sizes(chunk: int, head: int) -> None:
+    with pytest.raises(FormatError, match="bad chunk sizes"):
+        chunk_cuts(10, chunk, head)
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_a_small_head_chunk_round_trips(fmt: str) -> None:
+    """A big file's first chunk cut small (a header read first is served sooner): the TOC
+    records the cuts, and every range reads back, across the head's end too."""
+    data = seeded_bytes(300_007, 3)
+    small = b"tiny"
+    tar = make_tar([Item("big", data=data), Item("small", data=small)])
+    blob, res = convert(tar, fmt, chunk_size=100_000, head_size=4096)
+    toc = load(blob, res.annotations)
+    big, tiny = toc.by_name()["big"], toc.by_name()["small"]
+    assert [c.size for c in big.chunks] == chunk_cuts(len(data), 100_000, 4096)
+    assert [c.file_offset for c in big.chunks] == [0, 4096, 104_096, 204_096]
+    assert len(tiny.chunks) == 1
+    for off, n in ((0, 10), (4000, 200), (4096, 1), (0, len(data)), (250_000, 60_000)):
+        assert read_file(blob, toc, big, off, n) == data[off : off + n]
+    assert read_file(blob, toc, tiny, 0, 4) == small
 
 
 def test_output_is_deterministic() -> None:

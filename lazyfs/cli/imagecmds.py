@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE
+from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, DEFAULT_HEAD_SIZE
 
 if TYPE_CHECKING:
     from lazyfs.formats.toc import Entry
@@ -39,6 +39,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=DEFAULT_CHUNK_SIZE,
         metavar="N",
         help="split files larger than N bytes (default 4MiB; k/m suffixes)",
+    )
+    p.add_argument(
+        "--head-chunk-size",
+        type=parse_size,
+        default=DEFAULT_HEAD_SIZE,
+        metavar="N",
+        help="cut a larger file's first N bytes into a chunk of their own: a read there waits "
+        "for that chunk only (default %(default)s: off; k/m suffixes)",
     )
     p.add_argument(
         "--prefetch",
@@ -73,6 +81,7 @@ def convert_cmd(args: argparse.Namespace) -> int:
         args.dst,
         fmt=args.format,
         chunk_size=args.chunk_size,
+        head_size=args.head_chunk_size,
         prefetch=args.prefetch,
         group=args.group,
         platform=args.platform,

@@ -23,7 +23,13 @@ from typing import BinaryIO
 from lazyfs import oci
 from lazyfs.errors import FormatError
 from lazyfs.formats.chunkio import inflate_whole
-from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, FrameWriter, LayerResult, frame_tar
+from lazyfs.formats.framing import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_HEAD_SIZE,
+    FrameWriter,
+    LayerResult,
+    frame_tar,
+)
 from lazyfs.formats.tarstream import BLOCK, Member, TarReader
 from lazyfs.formats.toc import MAX_TOC_BYTES, encode_toc
 
@@ -98,6 +104,7 @@ def write_layer(
     dst: BinaryIO,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    head_size: int = DEFAULT_HEAD_SIZE,
     where: str = "layer",
     landmarks: bool = False,
 ) -> LayerResult:
@@ -105,6 +112,7 @@ def write_layer(
 
     The tar stream changes (the TOC becomes its last member), so the diff_id is recomputed.
     ``landmarks``: ``src`` was reordered for prefetch and carries a (no-)prefetch landmark.
+    ``chunk_size``, ``head_size``: how files are cut (framing.chunk_cuts).
     """
 
     def check(member: Member) -> None:
@@ -114,7 +122,9 @@ def write_layer(
 
     out = FrameWriter(dst, _gzip_member)
     reader = TarReader(src, where=where)
-    entries = frame_tar(reader, out, chunk_size, keep_trailer=False, check=check)
+    entries = frame_tar(
+        reader, out, chunk_size, keep_trailer=False, head_size=head_size, check=check
+    )
 
     toc_json = encode_toc(entries, flavour="estargz")
     info = tarfile.TarInfo(TOC_NAME)

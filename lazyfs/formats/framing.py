@@ -1,8 +1,9 @@
 """What both lazy writers share: cutting a tar stream into independently compressed frames.
 
 Tar headers (and the padding before them) gather into one metadata frame; each regular file's
-content is cut into ``chunk_size`` pieces, each its own frame, recorded as a :class:`Chunk`
-with its compressed range and sha256.  The formats differ only in how a frame is compressed
+content is cut into ``chunk_size`` pieces (the first one ``head_size`` when that is set:
+see :func:`chunk_cuts`), each its own frame, recorded as a :class:`Chunk` with its compressed
+range and sha256.  The formats differ only in how a frame is compressed
 (zstd frames or gzip members) and in what follows the last member, so each supplies a
 :class:`FrameWriter` and finishes the blob itself.
 """
@@ -21,6 +22,24 @@ from lazyfs.formats.tarstream import Member, TarReader
 from lazyfs.formats.toc import Chunk, Entry
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+#: 0: a file's first chunk is as large as the others.
+DEFAULT_HEAD_SIZE = 0
+
+
+def chunk_cuts(size: int, chunk_size: int, head_size: int = 0) -> list[int]:
+    """The sizes of the chunks a ``size``-byte file is cut into: ``chunk_size`` pieces, the
+    first of them ``head_size`` when that is set and smaller.  A chunk is verified whole, so a
+    reader waits for all of the chunk its read falls in: a small head lets the first read of
+    a big file (an ELF or pyc header, read before anything else) be served sooner."""
+    if chunk_size <= 0 or head_size < 0:
+        raise FormatError(f"bad chunk sizes {chunk_size} (head {head_size}): must be positive")
+    cuts: list[int] = []
+    pos = 0
+    while pos < size:
+        step = head_size if pos == 0 and 0 < head_size < chunk_size else chunk_size
+        cuts.append(min(step, size - pos))
+        pos += cuts[-1]
+    return cuts
 
 
 class LayerResult(msgspec.Struct):
@@ -77,15 +96,16 @@ def frame_tar(
     chunk_size: int,
     *,
     keep_trailer: bool,
+    head_size: int = DEFAULT_HEAD_SIZE,
     check: Callable[[Member], None] | None = None,
     split: TarSplitWriter | None = None,
 ) -> list[Entry]:
     """Frame every member of ``reader`` onto ``out``; return the TOC entries (content chunks
     filled in).  ``keep_trailer``: also emit the end-of-archive blocks (zstd:chunked keeps the
     exact source tar; eStargz appends its TOC member and its own end instead).  ``split``
-    records the tar-split entries of the stream as it goes (zstd:chunked)."""
-    if chunk_size <= 0:
-        raise FormatError("chunk size must be positive")
+    records the tar-split entries of the stream as it goes (zstd:chunked).  ``head_size``:
+    see :func:`chunk_cuts`."""
+    chunk_cuts(0, chunk_size, head_size)  # checks the sizes before anything is written
     entries: list[Entry] = []
     meta = bytearray()  # headers and padding waiting for the next metadata frame
 
@@ -106,8 +126,8 @@ def frame_tar(
             chunks: list[Chunk] = []
             file_sha = hashlib.sha256()
             pos = 0
-            while pos < member.size:
-                data = reader.read(min(chunk_size, member.size - pos))
+            for cut in chunk_cuts(member.size, chunk_size, head_size):
+                data = reader.read(cut)
                 file_sha.update(data)
                 if split is not None:
                     split.content(data)

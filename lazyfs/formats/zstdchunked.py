@@ -31,7 +31,13 @@ import zstandard
 
 from lazyfs import oci
 from lazyfs.errors import FormatError
-from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, FrameWriter, LayerResult, frame_tar
+from lazyfs.formats.framing import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_HEAD_SIZE,
+    FrameWriter,
+    LayerResult,
+    frame_tar,
+)
 from lazyfs.formats.tarsplit import TarSplitWriter
 from lazyfs.formats.tarstream import TarReader
 from lazyfs.formats.toc import encode_toc
@@ -108,11 +114,13 @@ def write_layer(
     dst: BinaryIO,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    head_size: int = DEFAULT_HEAD_SIZE,
     where: str = "layer",
 ) -> LayerResult:
     """Recompress the uncompressed tar stream ``src`` into zstd:chunked on ``dst``.
 
     Memory is bounded by ``chunk_size`` plus the TOC: file content is streamed chunk by chunk.
+    ``chunk_size``, ``head_size``: how files are cut (framing.chunk_cuts).
     """
     # One multi-threaded compressor for big chunks (both cores) and a plain one for the rest;
     # zstd's multi-threaded output does not depend on the worker count, so digests are stable.
@@ -125,7 +133,9 @@ def write_layer(
     out = FrameWriter(dst, compress)
     split = TarSplitWriter(LEVEL)
     reader = TarReader(src, where=where)
-    entries = frame_tar(reader, out, chunk_size, keep_trailer=True, split=split)
+    entries = frame_tar(
+        reader, out, chunk_size, keep_trailer=True, head_size=head_size, split=split
+    )
     tar_split = None if split.refused else split.finish(reader.trailer)
 
     toc_json = encode_toc(

@@ -25,7 +25,7 @@ import zstandard
 from lazyfs import oci
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.formats import estargz, zstdchunked
-from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, LayerResult
+from lazyfs.formats.framing import DEFAULT_CHUNK_SIZE, DEFAULT_HEAD_SIZE, LayerResult
 from lazyfs.formats.layer import (
     TAIL_SIZE,
     decode_layer_toc,
@@ -250,10 +250,12 @@ class Converter:
         fmt: LazyFormat,
         chunk_size: int,
         prefetch: Prefetch | None = None,
+        head_size: int = DEFAULT_HEAD_SIZE,
     ) -> None:
         if fmt not in WRITERS:
             raise FormatError(f"unknown format {fmt!r} (zstd:chunked or estargz)")
-        self.src, self.dst, self.fmt, self.chunk_size = src, dst, fmt, chunk_size
+        self.src, self.dst, self.fmt = src, dst, fmt
+        self.cuts = {"chunk_size": chunk_size, "head_size": head_size}  # the writers' keywords
         self.report = ConvertReport(digest="")
         self._layers: dict[str, tuple[LayerResult, str]] = {}
         self.prefetch = prefetch
@@ -281,10 +283,8 @@ class Converter:
 
     def _write(self, plain: BinaryIO, out: Any, where: str, landmarks: bool) -> LayerResult:
         if self.fmt == "estargz":
-            return estargz.write_layer(
-                plain, out, chunk_size=self.chunk_size, where=where, landmarks=landmarks
-            )
-        return WRITERS[self.fmt](plain, out, chunk_size=self.chunk_size, where=where)
+            return estargz.write_layer(plain, out, **self.cuts, where=where, landmarks=landmarks)
+        return WRITERS[self.fmt](plain, out, **self.cuts, where=where)
 
     def _reordered_layer(
         self, desc: oci.Descriptor, wanted: list[tuple[str, int]]
@@ -340,7 +340,7 @@ class Converter:
             hashed = HashingReader(raw)
             plain = _Counting(decompressing(hashed, desc.mediaType))  # type: ignore[arg-type]
             try:
-                res = WRITERS[self.fmt](plain, out, chunk_size=self.chunk_size, where=where)
+                res = WRITERS[self.fmt](plain, out, **self.cuts, where=where)
                 hashed.drain()  # a blob with trailing garbage still has to match its digest
             except (EOFError, OSError, zlib.error, zstandard.ZstdError) as e:
                 raise FormatError(f"{where}: corrupt or truncated: {e}") from e
@@ -460,6 +460,7 @@ def convert(
     *,
     fmt: LazyFormat = "zstd:chunked",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    head_size: int = DEFAULT_HEAD_SIZE,
     prefetch: str | os.PathLike[str] | None = None,
     group: str | None = None,
     plain_http: bool = False,
@@ -470,14 +471,19 @@ def convert(
     """Convert ``src_ref`` into ``dst_ref``: each ``oci:DIR[:TAG]`` or a registry reference
     (``docker://`` prefix optional, as skopeo users type it).  ``prefetch``: a prefetch-groups
     file; each layer's entries of ``group`` (default: the first) go first, in rank order, then a
-    landmark.  ``platform``: convert only that image of a multi-platform index (default: all).
+    landmark.  ``chunk_size``, ``head_size``: how files are cut (framing.chunk_cuts).
+    ``platform``: convert only that image of a multi-platform index (default: all).
     ``hosts_dir``: registry mirrors (containerd's hosts.toml directory), as every command reads
     them."""
     if chunk_size < 4096:
         raise FormatError(f"chunk size {chunk_size} is below the 4096-byte minimum")
+    if 0 < head_size < 4096:
+        raise FormatError(f"head chunk size {head_size} is below the 4096-byte minimum")
     src_remote, dst_remote = is_registry_ref(src_ref), is_registry_ref(dst_ref)
     if not (src_remote or dst_remote):
-        return _convert_layouts(src_ref, dst_ref, fmt, chunk_size, prefetch, group, platform)
+        return _convert_layouts(
+            src_ref, dst_ref, fmt, (chunk_size, head_size), prefetch, group, platform
+        )
     net = {"plain_http": plain_http, "insecure": insecure, "hosts_dir": hosts_dir}
     with tempfile.TemporaryDirectory(prefix="lazyfs-convert-") as tmp:
         src_local, dst_local = src_ref, dst_ref
@@ -489,7 +495,9 @@ def convert(
                 dst_local = f"{dst_ref}:{tag}"  # the tag the image had, as skopeo keeps it
         if dst_remote:
             dst_local = f"oci:{Path(tmp, 'dst')}"
-        report = _convert_layouts(src_local, dst_local, fmt, chunk_size, prefetch, group, platform)
+        report = _convert_layouts(
+            src_local, dst_local, fmt, (chunk_size, head_size), prefetch, group, platform
+        )
         if dst_remote:
             out = Layout(Path(tmp, "dst"))
             top = out.find(None)
@@ -501,7 +509,7 @@ def _convert_layouts(
     src_ref: str,
     dst_ref: str,
     fmt: LazyFormat,
-    chunk_size: int,
+    cuts: tuple[int, int],
     prefetch: str | os.PathLike[str] | None,
     group: str | None,
     platform: str | None,
@@ -526,7 +534,7 @@ def _convert_layouts(
         shutil.rmtree(staging, ignore_errors=True)
     try:
         dst.init()
-        conv = Converter(src, dst, fmt, chunk_size, plan)
+        conv = Converter(src, dst, fmt, cuts[0], plan, head_size=cuts[1])
         new = conv.any(top)
         if plan is not None and not conv.matched:
             raise FormatError(

@@ -168,6 +168,34 @@ def test_a_reader_overtakes_a_prefetch_stream(
     trio.run(main)
 
 
+def test_a_reader_of_a_chunk_the_stream_brought_does_not_wait_for_its_batch(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # The proxy holds the prefetch stream once the first file's first chunk is in: that chunk
+    # waits for a batch's worth of neighbours (STREAM_BATCH) before it is decoded.  A reader
+    # who comes for it then must have it at once, not when the held stream goes on (never,
+    # here, until the reader is done: a read that waited would hit fail_after).
+    async def main() -> None:
+        async with _opened(fault_proxy, tmp_path / "c") as (store, layer, names):
+            files = [names[n] for n in FILES]
+            first = files[0]
+            c = first.chunks[0]
+            fault_proxy.reset()
+            fault_proxy.hold_next(1, at=c.end - c.offset + 4096)  # into the second chunk
+            async with store.running(), trio.open_nursery() as nursery:
+                nursery.start_soon(store.prefetch, layer, files)
+                assert await trio.to_thread.run_sync(fault_proxy.holding.wait, 60)
+                await trio.sleep(0.2)  # the held part is in, and nobody waits for it yet
+                assert layer.stats.chunks_ready == 0
+                with trio.fail_after(10):
+                    got = await store.read(layer, first, 0, 1000)
+                assert got == FILES[first.name][:1000]
+                assert len(fault_proxy.served) == 1, fault_proxy.ranges  # no request of its own
+                fault_proxy.unhold()
+
+    trio.run(main)
+
+
 def test_a_held_answer_released_by_a_reset_is_whole() -> None:
     """FaultProxy.hold_next: the rest of a held answer starts where its first part ended, even
     when a reset (which releases it) or another hold_next moved the proxy's hold point."""

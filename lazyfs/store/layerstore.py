@@ -151,6 +151,7 @@ class _Group:
         "first_at",
         "flights",
         "got",
+        "hurry",
         "pos",
         "runs",
         "sent_at",
@@ -177,6 +178,9 @@ class _Group:
         # An adopted early range: the blob offset its bytes have come up to (ahead of ``pos``
         # while the TOC decoded); None for a request of the store's own.
         self.arrived: Callable[[], int] | None = None
+        # While the stream runs: hand the complete chunks it keeps for a batch to a decoder
+        # now (a reader began to wait for one of them after its bytes came).
+        self.hurry: Callable[[], None] | None = None
 
     def far(self, c: Chunk, now: float) -> bool:
         """Whether a reader of ``c`` should ask for it alone rather than wait for the bytes
@@ -558,6 +562,8 @@ class LayerStore:
                         flights[c.digest] = f
                         f.waiting = True
                         self._slots.boost(f.ticket, ONDEMAND)  # never wait behind prefetch
+                        if f.group.hurry is not None:
+                            f.group.hurry()
                         if c.digest not in mine and not is_big(c) and f.group.far(c, now):
                             far.append(c)
                 if far:
@@ -899,6 +905,12 @@ class LayerStore:
                         await decoders.acquire()
                         nursery.start_soon(self._decode_batch, layer, g, batch, decoders, done)
 
+                def hurry() -> None:
+                    if ready:
+                        nursery.start_soon(flush)
+
+                g.hurry = hurry
+
                 async def sink(at: int, piece: bytes) -> None:
                     nonlocal buf_start, nxt, ready_bytes
                     if at != g.pos:
@@ -947,6 +959,7 @@ class LayerStore:
                     await (stream or self._stream)(layer, g, sink)
                 except Exception as e:
                     error = e
+                g.hurry = None
                 await flush()  # complete chunks are used even when the rest failed
             if error is None and nxt < len(chunks):
                 error = RemoteError(f"{layer.blob_digest}: stream ended at {g.pos} of {g.end}")
@@ -955,6 +968,7 @@ class LayerStore:
                     if not f.event.is_set():
                         self._fail(d, f, error)
         finally:
+            g.hurry = None  # its nursery is gone
             # Resolved ones left here are an overtaking reader's: it writes them (_overtake).
             for d, f in g.flights.items():
                 f.fail(_Abandoned())  # no-op for resolved flights

@@ -417,7 +417,7 @@ class LayerStore:
 
     async def _quiet_prefetch(self, layer: Layer, chunks: list[Chunk]) -> None:
         try:
-            await self.prefetch(layer, chunks)
+            await self.prefetch(layer, chunks, hold=True)
         except (LazyfsError, OSError) as e:
             log.debug("read-ahead of %s failed: %s", layer.blob_digest, e)  # the reader retries
 
@@ -1295,10 +1295,18 @@ class LayerStore:
     # ------------------------------------------------------------------------------- bulk
 
     async def prefetch(
-        self, layer: Layer, entries_or_chunks: Iterable[Entry | Chunk], priority: int = PREFETCH
+        self,
+        layer: Layer,
+        entries_or_chunks: Iterable[Entry | Chunk],
+        priority: int = PREFETCH,
+        *,
+        hold: bool = False,
     ) -> None:
         """Bring the given files' or chunks' content into the cache at ``priority``.  Raises
-        the first error after trying everything."""
+        the first error after trying everything.  ``hold``: return once the chunks are
+        verified; while the store runs, their cache writes may wait in memory for a pause in
+        on-demand reads, as a reader's do (``_hold``), and readers are served from there.
+        A caller that reads the chunks from the cache itself (copy-up) leaves it off."""
         chunks: list[Chunk] = []
         for item in entries_or_chunks:
             if isinstance(item, Entry):
@@ -1312,7 +1320,7 @@ class LayerStore:
             if not c.zeros and c.digest in cache and not cache.is_verified(c.digest)
         ]
         if not unverified:
-            await self._ensure(layer, chunks, priority)
+            await self._ensure(layer, chunks, priority, hold=hold)
             return
         if all(c.zeros or c.digest in cache for c in chunks):
             # No request will leave: one waiting for this prefetch's requests to be sent (a
@@ -1322,7 +1330,7 @@ class LayerStore:
                 sent()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._verify, layer, unverified, priority)
-            await self._ensure(layer, chunks, priority)
+            await self._ensure(layer, chunks, priority, hold=hold)
 
     def adopt(self, layer: Layer, early: EarlyRange) -> Callable[[], Awaitable[None]] | None:
         """Take ``early`` (a range requested before the layer's TOC was known) as a request
@@ -1405,7 +1413,7 @@ class LayerStore:
             await trio.lowlevel.checkpoint()
             return b""
         chunks = chunks_for_range(entry, offset, end - offset)
-        await self.prefetch(layer, chunks)
+        await self.prefetch(layer, chunks, hold=True)  # _obtain takes held chunks from memory
         needs = [
             (c, max(offset - c.file_offset, 0), min(end - c.file_offset, c.size)) for c in chunks
         ]
@@ -1425,6 +1433,8 @@ class LayerStore:
         chunks: Iterable[Chunk],
         priority: int,
         done: Callable[[], None] | None = None,
+        *,
+        hold: bool = False,
     ) -> None:
         todo = [c for c in chunks if not c.zeros]
         error: BaseException | None = None
@@ -1452,12 +1462,18 @@ class LayerStore:
             if groups:
                 async with trio.open_nursery() as nursery:
                     for g in groups:
+                        # A start-up's prefetch decodes while readers wait for the CPU: its
+                        # many small files' creation waits for a pause, as a reader's.
+                        g.deferred = hold
                         nursery.start_soon(self._run_group, layer, g, done)
             for f in flights.values():
                 await f.event.wait()
-            # A reader's chunks it joined may wait for their cache write: the caller wants
-            # them in the cache (copy-up reads them there), so they are written now.
-            await self._write_held((d, f) for d, f in flights.items() if f.written is not None)
+            if not hold:
+                # A reader's chunks it joined may wait for their cache write: the caller
+                # wants them in the cache (copy-up reads them there), so they go there now.
+                await self._write_held(
+                    (d, f) for d, f in flights.items() if f.written is not None
+                )
             again: list[Chunk] = []
             for c in todo:
                 f = flights.get(c.digest)

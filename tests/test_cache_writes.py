@@ -169,10 +169,21 @@ def test_a_held_prefetchs_chunks_wait_for_a_pause_in_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A start-up's prefetch (hold=True) returns once its chunks are verified; their files
-    # are made when reads pause, as a reader's are, and readers get them from memory.
+    # are made when reads pause, as a reader's are, and readers get them from memory.  Its
+    # larger chunks wait too (a reader's over WRITE_HOLD_CHUNK are written at once).
     monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 0.5)
+    monkeypatch.setattr(layerstore, "WRITE_HOLD_CHUNK", 500)
+    monkeypatch.setattr(layerstore, "WRITE_BATCH_BYTES", 2000)
     files: Files = {f"f{i}": rand(3000, 600 + i) for i in range(6)}
     store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=0, hot_bytes=0)
+    batches: list[int] = []
+    put_many = store._put_many
+
+    def counted(stored: list[tuple[str, bytes]]) -> list[str]:
+        batches.append(len(stored))
+        return put_many(stored)
+
+    monkeypatch.setattr(store, "_put_many", counted)
     by = toc.by_name()
     cache_dir = tmp_path / "cache"
     later = [by[f"f{i}"] for i in range(1, 6)]
@@ -181,8 +192,9 @@ def test_a_held_prefetchs_chunks_wait_for_a_pause_in_reads(
         async with store.running():
             assert await store.read(layer, by["f0"], 0, 3000) == content_of(toc, blob, "f0")
             await store.prefetch(layer, later, hold=True)  # reads were busy just now
-            assert len(src.requests) == 2 and chunk_files(cache_dir) == []
-            assert layer.stats.bytes_unwritten == 3000 * 6
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(src.requests) == 2 and len(chunk_files(cache_dir)) == 3  # f0's
+            assert layer.stats.bytes_unwritten == 3000 * 5
             hits = layer.stats.cache_hits
             for e in later:
                 assert await store.read(layer, e, 0, 3000) == content_of(toc, blob, e.name)
@@ -192,6 +204,7 @@ def test_a_held_prefetchs_chunks_wait_for_a_pause_in_reads(
                     await trio.sleep(0.05)
             assert cache_is_sound(cache_dir) == 18 == len(chunk_files(cache_dir))
             assert store.cache.bytes == 3000 * 6
+            assert batches[1:] == [2] * 7 + [1]  # f0's, then ~2000 B a turn
 
     run(main)
 

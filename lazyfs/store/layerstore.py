@@ -35,7 +35,7 @@ from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.heap import trim_heap
 from lazyfs.remote.base import REQUEST_SENT, RangesSink, Source
 from lazyfs.store import plan
-from lazyfs.store.bigchunk import decode_to_cache, is_big
+from lazyfs.store.bigchunk import BIG_CHUNK_BYTES, decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, indexed_chunks
 from lazyfs.store.earlyrange import EarlyRange
@@ -97,13 +97,20 @@ BACKGROUND_IDLE_SECONDS = 0.25
 # beyond that are written at once, as before, and so is one over WRITE_HOLD_CHUNK: creating a
 # file costs about the same whatever its size, and of that Debian start-up's 2,203 chunks
 # (47 MiB decoded) 2,082 are at most 64 KiB (15.7 MiB), the other 121 hold 31.6 MiB.
-# WRITE_BATCH chunks go to a thread at a time, so a read that comes meanwhile waits for one
-# batch at most before the writes pause again.
+# A start-up's prefetch (``prefetch(hold=True)``: groups, the libraries an ELF file needs,
+# an early range) is held the same way, in the same WRITE_HOLD_BYTES, and so are its chunks
+# of any size held in memory: the Debian start-up's group brings 167 chunks (21.4 MiB), 38 of
+# them over 64 KiB with 19.3 MiB, and a file's bytes cost the CPU too (on this machine's
+# ext4 a put takes 0.4 ms of CPU at 16 KiB, 8 at 1 MiB, 32 at 4 MiB; BENCHMARKS.md, H69).
+# WRITE_BATCH chunks (at most WRITE_BATCH_BYTES) go to a thread at a time, so a read that
+# comes meanwhile shares the CPUs with one batch at most before the writes pause again.
 WRITE_IDLE_SECONDS = BACKGROUND_IDLE_SECONDS
 WRITE_DEFER_SECONDS = 5.0
 WRITE_HOLD_BYTES = 16 * 1024 * 1024
 WRITE_HOLD_CHUNK = 64 * 1024
+WRITE_HOLD_PREFETCH_CHUNK = BIG_CHUNK_BYTES
 WRITE_BATCH = 32
+WRITE_BATCH_BYTES = 1024 * 1024
 
 ProgressCallback = Callable[[LayerStats], None]
 
@@ -146,11 +153,11 @@ class _Group:
     __slots__ = (
         "arrived",
         "chunks",
-        "deferred",
         "end",
         "first_at",
         "flights",
         "got",
+        "hold_up_to",
         "pos",
         "runs",
         "sent_at",
@@ -173,7 +180,8 @@ class _Group:
         self.pos = start
         self.sent_at: float | None = None
         self.first_at: float | None = None
-        self.deferred = False  # a reader's: its chunks' cache writes wait (LayerStore._hold)
+        # The largest of its chunks whose cache write may wait (LayerStore._hold); 0: none.
+        self.hold_up_to = 0
         # An adopted early range: the blob offset its bytes have come up to (ahead of ``pos``
         # while the TOC decoded); None for a request of the store's own.
         self.arrived: Callable[[], int] | None = None
@@ -542,7 +550,7 @@ class LayerStore:
                     extra, amplified = [*extra, *amplified()], None
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
                 for g in groups:
-                    g.deferred = self._nursery is not None  # else the reader waits for it
+                    g.hold_up_to = WRITE_HOLD_CHUNK  # (with no store nursery, none wait)
                 mine = {d for g in groups for d in g.flights}
                 if budget and groups:
                     asked = {needs[i][0].digest for i in pending}
@@ -704,7 +712,7 @@ class LayerStore:
                     runs.append((g.start, g.end))
             merged = _Group(runs[0][0], runs[-1][1], [c for g in taken for c in g.chunks], runs)
             merged.ticket = Ticket(ONDEMAND)
-            merged.deferred = all(g.deferred for g in taken)
+            merged.hold_up_to = min(g.hold_up_to for g in taken)
             merged.flights = {d: f for g in taken for d, f in g.flights.items()}
             out.append(merged)
         return out
@@ -1064,11 +1072,11 @@ class LayerStore:
                 decoders.release()
         # Out of the group now: its end forgets its flights, these stay until written.
         flights = [(d, g.flights.pop(d)) for d, _ in stored]
-        hold = g.deferred and self._nursery is not None
+        hold = g.hold_up_to if self._nursery is not None else 0  # else the caller waits
         now: list[tuple[str, bytes]] = []
         now_flights: list[tuple[str, _Flight]] = []
         for (d, data), (_, f) in zip(stored, flights, strict=True):
-            if hold and len(data) <= WRITE_HOLD_CHUNK and self._held_bytes < WRITE_HOLD_BYTES:
+            if len(data) <= hold and self._held_bytes < WRITE_HOLD_BYTES:
                 self._hold(layer, d, f, len(data))
             else:
                 now.append((d, data))
@@ -1093,8 +1101,8 @@ class LayerStore:
                 f.written.set()
 
     def _hold(self, layer: Layer, digest: str, f: _Flight, size: int) -> None:
-        """Keep a reader's verified chunk in memory (its flight stays in ``_inflight``) until
-        the writer task caches it (WRITE_IDLE_SECONDS)."""
+        """Keep a reader's (or a held prefetch's) verified chunk in memory (its flight stays
+        in ``_inflight``) until the writer task caches it (WRITE_IDLE_SECONDS)."""
         if self._inflight.get(digest) is not f or digest in self._held:
             self._written([(digest, f)])  # forgotten meanwhile: nothing else can find it
             return
@@ -1120,8 +1128,14 @@ class LayerStore:
                     with trio.move_on_at(wake):
                         await self._writer_wake.wait()
                     continue
-            batch = itertools.islice(self._held.items(), WRITE_BATCH)
-            await self._write_held([(d, f) for d, (_, f, _) in batch])
+            batch: list[tuple[str, _Flight]] = []
+            size = 0
+            for d, (_, f, _) in self._held.items():
+                batch.append((d, f))
+                size += len(f.data)
+                if len(batch) == WRITE_BATCH or size >= WRITE_BATCH_BYTES:
+                    break
+            await self._write_held(batch)
             if not self._held:
                 # The held chunks' bytes are freed; glibc keeps their blocks mapped until asked.
                 await trio.to_thread.run_sync(trim_heap)
@@ -1356,7 +1370,7 @@ class LayerStore:
             return None
         mine = list(unique.values())
         g = self._register(_Group(mine[0].offset, mine[-1].end, mine), PREFETCH)
-        g.deferred = True
+        g.hold_up_to = WRITE_HOLD_PREFETCH_CHUNK
         g.arrived = lambda: early.start + early.received
 
         async def stream(layer: Layer, g: _Group, sink: RangesSink) -> None:
@@ -1464,7 +1478,7 @@ class LayerStore:
                     for g in groups:
                         # A start-up's prefetch decodes while readers wait for the CPU: its
                         # many small files' creation waits for a pause, as a reader's.
-                        g.deferred = hold
+                        g.hold_up_to = WRITE_HOLD_PREFETCH_CHUNK if hold else 0
                         nursery.start_soon(self._run_group, layer, g, done)
             for f in flights.values():
                 await f.event.wait()

@@ -192,8 +192,10 @@ def test_a_held_prefetchs_chunks_wait_for_a_pause_in_reads(
         async with store.running():
             assert await store.read(layer, by["f0"], 0, 3000) == content_of(toc, blob, "f0")
             await store.prefetch(layer, later, hold=True)  # reads were busy just now
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(src.requests) == 2 and len(chunk_files(cache_dir)) == 3  # f0's
+            with trio.fail_after(5):
+                while len(chunk_files(cache_dir)) < 3:  # f0's, written in a thread
+                    await trio.sleep(0.01)
+            assert len(src.requests) == 2 and len(chunk_files(cache_dir)) == 3
             assert layer.stats.bytes_unwritten == 3000 * 5
             hits = layer.stats.cache_hits
             for e in later:
@@ -228,6 +230,36 @@ def test_a_held_prefetchs_chunks_are_written_at_the_stores_close(
             assert len(chunk_files(tmp_path / "cache")) == 3 and len(src.requests) == 2
         assert cache_is_sound(tmp_path / "cache") == 3 * 3
         assert layer.stats.bytes_unwritten == 0 and store.cache.bytes == 3000 * 3
+
+    run(main)
+
+
+def test_a_prefetch_held_before_the_store_runs_waits_for_a_pause_after_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mount's early prefetch decodes before the mount serves: its chunks wait until reads
+    # pause once it does (its first readers come at once), or for the store's close.
+    monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 0.3)
+    files: Files = {f"f{i}": rand(3000, 650 + i) for i in range(4)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=0)
+    by = toc.by_name()
+    cache_dir = tmp_path / "cache"
+
+    async def main() -> None:
+        await store.prefetch(layer, [by["f0"], by["f1"]], hold=True)
+        assert chunk_files(cache_dir) == [] and layer.stats.bytes_unwritten == 6000
+        async with store.running():
+            await trio.sleep(0.1)
+            assert chunk_files(cache_dir) == []
+            assert await store.read(layer, by["f1"], 0, 3000) == content_of(toc, blob, "f1")
+            with trio.fail_after(10):
+                while layer.stats.bytes_unwritten:
+                    await trio.sleep(0.05)
+            assert cache_is_sound(cache_dir) == 6 and len(src.requests) == 1
+        await store.prefetch(layer, [by["f2"]], hold=True)  # the store no longer runs
+        assert layer.stats.bytes_unwritten == 3000
+        await store.aclose()
+        assert cache_is_sound(cache_dir) == 9 and layer.stats.bytes_unwritten == 0
 
     run(main)
 

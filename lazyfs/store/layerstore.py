@@ -550,7 +550,8 @@ class LayerStore:
                     extra, amplified = [*extra, *amplified()], None
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
                 for g in groups:
-                    g.hold_up_to = WRITE_HOLD_CHUNK  # (with no store nursery, none wait)
+                    # Without the store's nursery the reader waits for the write itself.
+                    g.hold_up_to = WRITE_HOLD_CHUNK if self._nursery is not None else 0
                 mine = {d for g in groups for d in g.flights}
                 if budget and groups:
                     asked = {needs[i][0].digest for i in pending}
@@ -1072,7 +1073,9 @@ class LayerStore:
                 decoders.release()
         # Out of the group now: its end forgets its flights, these stay until written.
         flights = [(d, g.flights.pop(d)) for d, _ in stored]
-        hold = g.hold_up_to if self._nursery is not None else 0  # else the caller waits
+        # A held prefetch's chunks may come before the store runs (a mount's early prefetch):
+        # the writer writes them once it does, after a pause in reads, or aclose does.
+        hold = g.hold_up_to
         now: list[tuple[str, bytes]] = []
         now_flights: list[tuple[str, _Flight]] = []
         for (d, data), (_, f) in zip(stored, flights, strict=True):
@@ -1318,8 +1321,8 @@ class LayerStore:
     ) -> None:
         """Bring the given files' or chunks' content into the cache at ``priority``.  Raises
         the first error after trying everything.  ``hold``: return once the chunks are
-        verified; while the store runs, their cache writes may wait in memory for a pause in
-        on-demand reads, as a reader's do (``_hold``), and readers are served from there.
+        verified; their cache writes may wait in memory, served to readers from there, for
+        a pause in on-demand reads while the store runs (``_hold``), else for ``aclose``.
         A caller that reads the chunks from the cache itself (copy-up) leaves it off."""
         chunks: list[Chunk] = []
         for item in entries_or_chunks:
@@ -1510,6 +1513,9 @@ class LayerStore:
         writes to finish, so a clean unmount keeps everything it fetched."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            # A mount's first reads come as it starts serving: what a prefetch brought
+            # before waits for a pause, as if a read had just come.
+            self._last_ondemand = max(self._last_ondemand, trio.current_time())
             nursery.start_soon(self._writer)
             try:
                 yield
@@ -1555,9 +1561,12 @@ class LayerStore:
             log.warning("background fetch for %s: %s", layer.blob_digest, e)
 
     async def aclose(self) -> None:
-        """Stop the background fill and write every changed readiness map."""
+        """Stop the background fill, write the chunks still held (a prefetch's, when the
+        store never ran) and every changed readiness map."""
         if self._bg_scope is not None:
             self._bg_scope.cancel()
+        if self._held:
+            await self._write_held([(d, f) for d, (_, f, _) in self._held.items()])
         for layer in self._layers.values():
             if layer.whole is not None:  # its chunks are cached by now; the copy is spare
                 layer.whole.path.unlink(missing_ok=True)

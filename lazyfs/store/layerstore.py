@@ -98,10 +98,11 @@ BACKGROUND_IDLE_SECONDS = 0.25
 # file costs about the same whatever its size, and of that Debian start-up's 2,203 chunks
 # (47 MiB decoded) 2,082 are at most 64 KiB (15.7 MiB), the other 121 hold 31.6 MiB.
 # A start-up's prefetch (``prefetch(hold=True)``: groups, the libraries an ELF file needs,
-# an early range) is held the same way, in the same WRITE_HOLD_BYTES, and so are its chunks
-# of any size held in memory: the Debian start-up's group brings 167 chunks (21.4 MiB), 38 of
-# them over 64 KiB with 19.3 MiB, and a file's bytes cost the CPU too (on this machine's
-# ext4 a put takes 0.4 ms of CPU at 16 KiB, 8 at 1 MiB, 32 at 4 MiB; BENCHMARKS.md, H69).
+# an early range; not a reader's read-ahead) is held the same way, in the same
+# WRITE_HOLD_BYTES, and so are its chunks of any size held in memory: the Debian start-up's
+# group brings 167 chunks (21.4 MiB), 38 of them over 64 KiB with 19.3 MiB, and a file's
+# bytes cost CPU too (this machine's ext4: a put takes 0.4 ms of CPU at 16 KiB, 8 ms at
+# 1 MiB, 32 ms at 4 MiB; BENCHMARKS.md, H69).
 # WRITE_BATCH chunks (at most WRITE_BATCH_BYTES) go to a thread at a time, so a read that
 # comes meanwhile shares the CPUs with one batch at most before the writes pause again.
 WRITE_IDLE_SECONDS = BACKGROUND_IDLE_SECONDS
@@ -425,7 +426,9 @@ class LayerStore:
 
     async def _quiet_prefetch(self, layer: Layer, chunks: list[Chunk]) -> None:
         try:
-            await self.prefetch(layer, chunks, hold=True)
+            # Not held: a long sequential read's read-ahead would keep WRITE_HOLD_BYTES of
+            # large chunks in memory while it lasts.
+            await self.prefetch(layer, chunks)
         except (LazyfsError, OSError) as e:
             log.debug("read-ahead of %s failed: %s", layer.blob_digest, e)  # the reader retries
 
@@ -1480,7 +1483,7 @@ class LayerStore:
                 async with trio.open_nursery() as nursery:
                     for g in groups:
                         # A start-up's prefetch decodes while readers wait for the CPU: its
-                        # many small files' creation waits for a pause, as a reader's.
+                        # chunk files' creation waits for a pause, as a reader's.
                         g.hold_up_to = WRITE_HOLD_PREFETCH_CHUNK if hold else 0
                         nursery.start_soon(self._run_group, layer, g, done)
             for f in flights.values():

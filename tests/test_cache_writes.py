@@ -6,7 +6,9 @@ file that is wrong or cut short."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import os
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 
+from lazyfs import atomic
 from lazyfs.atomic import TMP_PREFIX
 from lazyfs.store import ChunkCache, layerstore
 from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
@@ -160,6 +163,151 @@ def test_a_large_chunk_is_written_at_once(tmp_path: Path, monkeypatch: pytest.Mo
         assert len(chunk_files(tmp_path / "cache")) == 3
 
     run(main)
+
+
+def test_a_held_prefetchs_chunks_wait_for_a_pause_in_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start-up's prefetch (hold=True) returns once its chunks are verified; their files
+    # are made when reads pause, as a reader's are, and readers get them from memory.  Its
+    # larger chunks wait too (a reader's over WRITE_HOLD_CHUNK are written at once).
+    monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 0.5)
+    monkeypatch.setattr(layerstore, "WRITE_HOLD_CHUNK", 500)
+    monkeypatch.setattr(layerstore, "WRITE_BATCH_BYTES", 2000)
+    files: Files = {f"f{i}": rand(3000, 600 + i) for i in range(6)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=0, hot_bytes=0)
+    batches: list[int] = []
+    put_many = store._put_many
+
+    def counted(stored: list[tuple[str, bytes]]) -> list[str]:
+        batches.append(len(stored))
+        return put_many(stored)
+
+    monkeypatch.setattr(store, "_put_many", counted)
+    by = toc.by_name()
+    cache_dir = tmp_path / "cache"
+    later = [by[f"f{i}"] for i in range(1, 6)]
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, by["f0"], 0, 3000) == content_of(toc, blob, "f0")
+            await store.prefetch(layer, later, hold=True)  # reads were busy just now
+            with trio.fail_after(5):
+                while len(chunk_files(cache_dir)) < 3:  # f0's, written in a thread
+                    await trio.sleep(0.01)
+            assert len(src.requests) == 2 and len(chunk_files(cache_dir)) == 3
+            assert layer.stats.bytes_unwritten == 3000 * 5
+            hits = layer.stats.cache_hits
+            for e in later:
+                assert await store.read(layer, e, 0, 3000) == content_of(toc, blob, e.name)
+            assert len(src.requests) == 2 and layer.stats.cache_hits == hits + 3 * 5
+            with trio.fail_after(10):
+                while layer.stats.bytes_unwritten:
+                    await trio.sleep(0.05)
+            assert cache_is_sound(cache_dir) == 18 == len(chunk_files(cache_dir))
+            assert store.cache.bytes == 3000 * 6
+            assert batches[1:] == [2] * 7 + [1]  # f0's, then ~2000 B a turn
+
+    run(main)
+
+
+def test_a_held_prefetchs_chunks_are_written_at_the_stores_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 60.0)  # reads never pause
+    files: Files = {f"f{i}": rand(3000, 700 + i) for i in range(4)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=0)
+    by = toc.by_name()
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, by["f0"], 0, 3000) == content_of(toc, blob, "f0")
+            await store.prefetch(layer, [by["f2"], by["f3"]], hold=True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert chunk_files(tmp_path / "cache") == []
+            # Copy-up's prefetch (hold off) still returns with its chunks in the cache.
+            await store.prefetch(layer, [by["f2"]], priority=layerstore.ONDEMAND)
+            assert len(chunk_files(tmp_path / "cache")) == 3 and len(src.requests) == 2
+        assert cache_is_sound(tmp_path / "cache") == 3 * 3
+        assert layer.stats.bytes_unwritten == 0 and store.cache.bytes == 3000 * 3
+
+    run(main)
+
+
+def test_a_prefetch_held_before_the_store_runs_waits_for_a_pause_after_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mount's early prefetch decodes before the mount serves: its chunks wait until reads
+    # pause once it does (its first readers come at once), or for the store's close.
+    monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 0.3)
+    files: Files = {f"f{i}": rand(3000, 650 + i) for i in range(4)}
+    store, layer, src, toc, blob = make(tmp_path, files, readahead=0, amplify=0)
+    by = toc.by_name()
+    cache_dir = tmp_path / "cache"
+
+    async def main() -> None:
+        await store.prefetch(layer, [by["f0"], by["f1"]], hold=True)
+        assert chunk_files(cache_dir) == [] and layer.stats.bytes_unwritten == 6000
+        async with store.running():
+            await trio.sleep(0.1)
+            assert chunk_files(cache_dir) == []
+            assert await store.read(layer, by["f1"], 0, 3000) == content_of(toc, blob, "f1")
+            with trio.fail_after(10):
+                while layer.stats.bytes_unwritten:
+                    await trio.sleep(0.05)
+            assert cache_is_sound(cache_dir) == 6 and len(src.requests) == 1
+        await store.prefetch(layer, [by["f2"]], hold=True)  # the store no longer runs
+        assert layer.stats.bytes_unwritten == 3000
+        await store.aclose()
+        assert cache_is_sound(cache_dir) == 9 and layer.stats.bytes_unwritten == 0
+
+    run(main)
+
+
+def test_a_chunk_files_creation_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = ChunkCache(tmp_path / "c")
+    datas = [rand(1000 + i, 800 + i) for i in range(50)]
+    for d in datas:
+        cache.put("sha256:" + hashlib.sha256(d).hexdigest(), d)
+    assert cache_is_sound(tmp_path / "c") == 50 == len(chunk_files(tmp_path / "c"))
+    # A crash's leftover under the name the next write would take is passed over.
+    monkeypatch.setattr(atomic, "_serial", itertools.count(7))
+    data = rand(3000, 900)
+    hx = hashlib.sha256(data).hexdigest()
+    (tmp_path / "c" / "chunks" / hx[:2]).mkdir(exist_ok=True)
+    stale = tmp_path / "c" / "chunks" / hx[:2] / f"{TMP_PREFIX}{os.getpid()}-7"
+    stale.write_bytes(b"left by a crash")
+    cache.put("sha256:" + hx, data)
+    assert cache.read("sha256:" + hx, 3000) == data
+    assert stale.read_bytes() == b"left by a crash"  # the next start removes it
+    assert ChunkCache(tmp_path / "c").temp_files_removed == 1
+
+
+def test_a_chunk_write_cut_short_is_never_seen_under_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = ChunkCache(tmp_path / "c")
+    data = rand(20_000, 901)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    writes: list[int] = []
+
+    def short_then_full(fd: int, b: bytes | memoryview) -> int:
+        writes.append(len(b))
+        if len(writes) == 1:
+            return real_write(fd, bytes(b)[:5000])  # a short write: the rest follows
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_write = os.write
+    monkeypatch.setattr(atomic.os, "write", short_then_full)
+    with pytest.raises(OSError):
+        cache.put(digest, data)
+    monkeypatch.undo()
+    assert writes == [20_000, 15_000]
+    assert digest not in cache and chunk_files(tmp_path / "c") == []  # nor a temporary file
+    cache.put(digest, data)
+    assert cache.read(digest, 20_000) == data
 
 
 # ------------------------------------------------------------------- a daemon, stopped or killed

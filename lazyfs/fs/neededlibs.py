@@ -246,7 +246,7 @@ class NeededLibs:
 
         async def one(layer: Layer, entries: list[Entry]) -> None:
             try:
-                await self.store.prefetch(layer, entries)
+                await self.store.prefetch(layer, entries, hold=True)
             except (LazyfsError, OSError) as e:
                 log.warning("libraries from %s: %s", layer.blob_digest, e)
                 self.stats.error = self.stats.error or str(e)

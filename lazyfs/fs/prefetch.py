@@ -431,7 +431,7 @@ class Prefetcher:
         # cached, provided, or failed) does too.
         REQUEST_SENT.set(sent)
         try:
-            await self.store.prefetch(layer, chunks)
+            await self.store.prefetch(layer, chunks, hold=True)  # readers take them from memory
         except (LazyfsError, OSError) as e:
             log.warning("prefetch from %s: %s", layer.blob_digest, e)
             if not self.stats.error:

@@ -35,7 +35,7 @@ from lazyfs.formats.toc import TOC, Chunk, Entry
 from lazyfs.heap import trim_heap
 from lazyfs.remote.base import REQUEST_SENT, RangesSink, Source
 from lazyfs.store import plan
-from lazyfs.store.bigchunk import decode_to_cache, is_big
+from lazyfs.store.bigchunk import BIG_CHUNK_BYTES, decode_to_cache, is_big
 from lazyfs.store.chunkcache import ChunkCache
 from lazyfs.store.chunkmap import ChunkMap, indexed_chunks
 from lazyfs.store.earlyrange import EarlyRange
@@ -97,13 +97,21 @@ BACKGROUND_IDLE_SECONDS = 0.25
 # beyond that are written at once, as before, and so is one over WRITE_HOLD_CHUNK: creating a
 # file costs about the same whatever its size, and of that Debian start-up's 2,203 chunks
 # (47 MiB decoded) 2,082 are at most 64 KiB (15.7 MiB), the other 121 hold 31.6 MiB.
-# WRITE_BATCH chunks go to a thread at a time, so a read that comes meanwhile waits for one
-# batch at most before the writes pause again.
+# A start-up's prefetch (``prefetch(hold=True)``: groups, the libraries an ELF file needs,
+# an early range; not a reader's read-ahead) is held the same way, in the same
+# WRITE_HOLD_BYTES, and so are its chunks of any size held in memory: the Debian start-up's
+# group brings 167 chunks (21.4 MiB), 38 of them over 64 KiB with 19.3 MiB, and a file's
+# bytes cost CPU too (this machine's ext4: a put takes 0.4 ms of CPU at 16 KiB, 8 ms at
+# 1 MiB, 32 ms at 4 MiB; BENCHMARKS.md, H69).
+# WRITE_BATCH chunks (at most WRITE_BATCH_BYTES) go to a thread at a time, so a read that
+# comes meanwhile shares the CPUs with one batch at most before the writes pause again.
 WRITE_IDLE_SECONDS = BACKGROUND_IDLE_SECONDS
 WRITE_DEFER_SECONDS = 5.0
 WRITE_HOLD_BYTES = 16 * 1024 * 1024
 WRITE_HOLD_CHUNK = 64 * 1024
+WRITE_HOLD_PREFETCH_CHUNK = BIG_CHUNK_BYTES
 WRITE_BATCH = 32
+WRITE_BATCH_BYTES = 1024 * 1024
 
 ProgressCallback = Callable[[LayerStats], None]
 
@@ -146,11 +154,11 @@ class _Group:
     __slots__ = (
         "arrived",
         "chunks",
-        "deferred",
         "end",
         "first_at",
         "flights",
         "got",
+        "hold_up_to",
         "hurry",
         "pos",
         "runs",
@@ -174,7 +182,8 @@ class _Group:
         self.pos = start
         self.sent_at: float | None = None
         self.first_at: float | None = None
-        self.deferred = False  # a reader's: its chunks' cache writes wait (LayerStore._hold)
+        # The largest of its chunks whose cache write may wait (LayerStore._hold); 0: none.
+        self.hold_up_to = 0
         # An adopted early range: the blob offset its bytes have come up to (ahead of ``pos``
         # while the TOC decoded); None for a request of the store's own.
         self.arrived: Callable[[], int] | None = None
@@ -421,6 +430,8 @@ class LayerStore:
 
     async def _quiet_prefetch(self, layer: Layer, chunks: list[Chunk]) -> None:
         try:
+            # Not held: a long sequential read's read-ahead would keep WRITE_HOLD_BYTES of
+            # large chunks in memory while it lasts.
             await self.prefetch(layer, chunks)
         except (LazyfsError, OSError) as e:
             log.debug("read-ahead of %s failed: %s", layer.blob_digest, e)  # the reader retries
@@ -546,7 +557,8 @@ class LayerStore:
                     extra, amplified = [*extra, *amplified()], None
                 groups = self._start(layer, [needs[i][0] for i in pending], extra, ONDEMAND)
                 for g in groups:
-                    g.deferred = self._nursery is not None  # else the reader waits for it
+                    # Without the store's nursery the reader waits for the write itself.
+                    g.hold_up_to = WRITE_HOLD_CHUNK if self._nursery is not None else 0
                 mine = {d for g in groups for d in g.flights}
                 if budget and groups:
                     asked = {needs[i][0].digest for i in pending}
@@ -710,7 +722,7 @@ class LayerStore:
                     runs.append((g.start, g.end))
             merged = _Group(runs[0][0], runs[-1][1], [c for g in taken for c in g.chunks], runs)
             merged.ticket = Ticket(ONDEMAND)
-            merged.deferred = all(g.deferred for g in taken)
+            merged.hold_up_to = min(g.hold_up_to for g in taken)
             merged.flights = {d: f for g in taken for d, f in g.flights.items()}
             out.append(merged)
         return out
@@ -1078,11 +1090,13 @@ class LayerStore:
                 decoders.release()
         # Out of the group now: its end forgets its flights, these stay until written.
         flights = [(d, g.flights.pop(d)) for d, _ in stored]
-        hold = g.deferred and self._nursery is not None
+        # A held prefetch's chunks may come before the store runs (a mount's early prefetch):
+        # the writer writes them once it does, after a pause in reads, or aclose does.
+        hold = g.hold_up_to
         now: list[tuple[str, bytes]] = []
         now_flights: list[tuple[str, _Flight]] = []
         for (d, data), (_, f) in zip(stored, flights, strict=True):
-            if hold and len(data) <= WRITE_HOLD_CHUNK and self._held_bytes < WRITE_HOLD_BYTES:
+            if len(data) <= hold and self._held_bytes < WRITE_HOLD_BYTES:
                 self._hold(layer, d, f, len(data))
             else:
                 now.append((d, data))
@@ -1107,8 +1121,8 @@ class LayerStore:
                 f.written.set()
 
     def _hold(self, layer: Layer, digest: str, f: _Flight, size: int) -> None:
-        """Keep a reader's verified chunk in memory (its flight stays in ``_inflight``) until
-        the writer task caches it (WRITE_IDLE_SECONDS)."""
+        """Keep a reader's (or a held prefetch's) verified chunk in memory (its flight stays
+        in ``_inflight``) until the writer task caches it (WRITE_IDLE_SECONDS)."""
         if self._inflight.get(digest) is not f or digest in self._held:
             self._written([(digest, f)])  # forgotten meanwhile: nothing else can find it
             return
@@ -1134,8 +1148,14 @@ class LayerStore:
                     with trio.move_on_at(wake):
                         await self._writer_wake.wait()
                     continue
-            batch = itertools.islice(self._held.items(), WRITE_BATCH)
-            await self._write_held([(d, f) for d, (_, f, _) in batch])
+            batch: list[tuple[str, _Flight]] = []
+            size = 0
+            for d, (_, f, _) in self._held.items():
+                batch.append((d, f))
+                size += len(f.data)
+                if len(batch) == WRITE_BATCH or size >= WRITE_BATCH_BYTES:
+                    break
+            await self._write_held(batch)
             if not self._held:
                 # The held chunks' bytes are freed; glibc keeps their blocks mapped until asked.
                 await trio.to_thread.run_sync(trim_heap)
@@ -1309,10 +1329,18 @@ class LayerStore:
     # ------------------------------------------------------------------------------- bulk
 
     async def prefetch(
-        self, layer: Layer, entries_or_chunks: Iterable[Entry | Chunk], priority: int = PREFETCH
+        self,
+        layer: Layer,
+        entries_or_chunks: Iterable[Entry | Chunk],
+        priority: int = PREFETCH,
+        *,
+        hold: bool = False,
     ) -> None:
         """Bring the given files' or chunks' content into the cache at ``priority``.  Raises
-        the first error after trying everything."""
+        the first error after trying everything.  ``hold``: return once the chunks are
+        verified; their cache writes may wait in memory, served to readers from there, for
+        a pause in on-demand reads while the store runs (``_hold``), else for ``aclose``.
+        A caller that reads the chunks from the cache itself (copy-up) leaves it off."""
         chunks: list[Chunk] = []
         for item in entries_or_chunks:
             if isinstance(item, Entry):
@@ -1326,7 +1354,7 @@ class LayerStore:
             if not c.zeros and c.digest in cache and not cache.is_verified(c.digest)
         ]
         if not unverified:
-            await self._ensure(layer, chunks, priority)
+            await self._ensure(layer, chunks, priority, hold=hold)
             return
         if all(c.zeros or c.digest in cache for c in chunks):
             # No request will leave: one waiting for this prefetch's requests to be sent (a
@@ -1336,7 +1364,7 @@ class LayerStore:
                 sent()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._verify, layer, unverified, priority)
-            await self._ensure(layer, chunks, priority)
+            await self._ensure(layer, chunks, priority, hold=hold)
 
     def adopt(self, layer: Layer, early: EarlyRange) -> Callable[[], Awaitable[None]] | None:
         """Take ``early`` (a range requested before the layer's TOC was known) as a request
@@ -1362,7 +1390,7 @@ class LayerStore:
             return None
         mine = list(unique.values())
         g = self._register(_Group(mine[0].offset, mine[-1].end, mine), PREFETCH)
-        g.deferred = True
+        g.hold_up_to = WRITE_HOLD_PREFETCH_CHUNK
         g.arrived = lambda: early.start + early.received
 
         async def stream(layer: Layer, g: _Group, sink: RangesSink) -> None:
@@ -1419,7 +1447,7 @@ class LayerStore:
             await trio.lowlevel.checkpoint()
             return b""
         chunks = chunks_for_range(entry, offset, end - offset)
-        await self.prefetch(layer, chunks)
+        await self.prefetch(layer, chunks, hold=True)  # _obtain takes held chunks from memory
         needs = [
             (c, max(offset - c.file_offset, 0), min(end - c.file_offset, c.size)) for c in chunks
         ]
@@ -1439,6 +1467,8 @@ class LayerStore:
         chunks: Iterable[Chunk],
         priority: int,
         done: Callable[[], None] | None = None,
+        *,
+        hold: bool = False,
     ) -> None:
         todo = [c for c in chunks if not c.zeros]
         error: BaseException | None = None
@@ -1466,12 +1496,18 @@ class LayerStore:
             if groups:
                 async with trio.open_nursery() as nursery:
                     for g in groups:
+                        # A start-up's prefetch decodes while readers wait for the CPU: its
+                        # chunk files' creation waits for a pause, as a reader's.
+                        g.hold_up_to = WRITE_HOLD_PREFETCH_CHUNK if hold else 0
                         nursery.start_soon(self._run_group, layer, g, done)
             for f in flights.values():
                 await f.event.wait()
-            # A reader's chunks it joined may wait for their cache write: the caller wants
-            # them in the cache (copy-up reads them there), so they are written now.
-            await self._write_held((d, f) for d, f in flights.items() if f.written is not None)
+            if not hold:
+                # A reader's chunks it joined may wait for their cache write: the caller
+                # wants them in the cache (copy-up reads them there), so they go there now.
+                await self._write_held(
+                    (d, f) for d, f in flights.items() if f.written is not None
+                )
             again: list[Chunk] = []
             for c in todo:
                 f = flights.get(c.digest)
@@ -1494,6 +1530,9 @@ class LayerStore:
         writes to finish, so a clean unmount keeps everything it fetched."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            # A mount's first reads come as it starts serving: what a prefetch brought
+            # before waits for a pause, as if a read had just come.
+            self._last_ondemand = max(self._last_ondemand, trio.current_time())
             nursery.start_soon(self._writer)
             try:
                 yield
@@ -1539,9 +1578,12 @@ class LayerStore:
             log.warning("background fetch for %s: %s", layer.blob_digest, e)
 
     async def aclose(self) -> None:
-        """Stop the background fill and write every changed readiness map."""
+        """Stop the background fill, write the chunks still held (a prefetch's, when the
+        store never ran) and every changed readiness map."""
         if self._bg_scope is not None:
             self._bg_scope.cancel()
+        if self._held:
+            await self._write_held([(d, f) for d, (_, f, _) in self._held.items()])
         for layer in self._layers.values():
             if layer.whole is not None:  # its chunks are cached by now; the copy is spare
                 layer.whole.path.unlink(missing_ok=True)

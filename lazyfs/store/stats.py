@@ -57,8 +57,8 @@ class LayerStats(msgspec.Struct, kw_only=True):
     # Chunks already cached when the layer was opened (held from other images or layers):
     # the compressed bytes this mount or pull did not have to fetch.
     bytes_held: int = 0
-    # Decoded bytes readers fetched that wait in memory for their cache write (written when
-    # reads pause): 0 once the daemon is quiet.
+    # Decoded bytes readers (or a start-up's prefetch) fetched that wait in memory for their
+    # cache write (written when reads pause): 0 once the daemon is quiet.
     bytes_unwritten: int = 0
     # The chunk provider (binary deltas): chunks it made, chunks it made wrong (refused and
     # fetched instead), compressed patch bytes it fetched, files it fell back to chunks for.

@@ -489,6 +489,8 @@ async def serve(
         referrers=opts.deltas,  # the deltas lookup's listing, beside the TOC's fetch
         # A re-laid-out layer's start-up bytes, beside its TOC (prefetched unless told not).
         early_ranges=opts.auto_prefetch,
+        # A groups document given: its group's byte ranges go beside the TOCs too.
+        group_ranges=groups[1] if groups is not None else None,
     ) as image:
         serving_thresholds()
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None

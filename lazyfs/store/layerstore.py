@@ -1329,27 +1329,28 @@ class LayerStore:
         of the store's: the chunks wholly inside it that nobody has or fetches are in flight
         from now on (a prefetch or reader joins them), and the returned task streams them
         from it, verified as any request's.  None (and ``early`` dropped) if it brings none."""
-        lo = bisect.bisect_left(layer.offsets, early.start)
-        hi = bisect.bisect_left(layer.offsets, early.end)
-        chunks = [
-            c
-            for c in layer.by_offset[lo:hi]
-            if c.end <= early.end
-            and not c.zeros
-            and not is_big(c)
-            and c.digest not in self._inflight
-            and c.digest not in self.cache
-        ]
         unique: dict[str, Chunk] = {}
-        for c in chunks:
-            unique.setdefault(c.digest, c)  # the first copy: blob order stays
+        for start, end in early.runs:
+            lo = bisect.bisect_left(layer.offsets, start)
+            hi = bisect.bisect_left(layer.offsets, end)
+            for c in layer.by_offset[lo:hi]:
+                if (
+                    c.end <= end
+                    and not c.zeros
+                    and not is_big(c)
+                    and c.digest not in self._inflight
+                    and c.digest not in self.cache
+                ):
+                    unique.setdefault(c.digest, c)  # the first copy: blob order stays
         if not unique:
             early.drop()
             return None
         mine = list(unique.values())
-        g = self._register(_Group(mine[0].offset, mine[-1].end, mine), PREFETCH)
+        lo, hi = mine[0].offset, mine[-1].end
+        runs = [(max(s, lo), min(e, hi)) for s, e in early.runs if lo < e and s < hi]
+        g = self._register(_Group(lo, hi, mine, runs), PREFETCH)
         g.deferred = True
-        g.arrived = lambda: early.start + early.received
+        g.arrived = lambda: early.reached
 
         async def stream(layer: Layer, g: _Group, sink: RangesSink) -> None:
             # Its times are the request's (a reader deciding whether to overtake it uses

@@ -61,8 +61,8 @@ def warm_connections(*, early_ranges: bool, referrers: bool, groups: bool = Fals
     request sent together with the TOC's, which race for idle connections (a range left
     without one pays a handshake in series): the config's, an early range's, the referrers
     listing and its tag fallback (``referrers`` asked at once, as a registry may lack the API).
-    With ``groups`` (a group given or looked up), early ranges are a group's first requests:
-    :data:`GROUP_EARLY_REQUESTS`."""
+    With ``groups`` (a group with byte ranges given at open), early ranges are a group's
+    first requests: :data:`GROUP_EARLY_REQUESTS`."""
     early = (GROUP_EARLY_REQUESTS if groups else 1) if early_ranges else 0
     return 1 + early + 2 * int(referrers)
 
@@ -279,7 +279,9 @@ async def open_image(
                     warm = warm_connections(
                         early_ranges=early_ranges,
                         referrers=referrers,
-                        groups=groups is not None or group_ranges is not None,
+                        # A stored group's come after the lookup's round trips, whose
+                        # connections are idle by then.
+                        groups=group_ranges is not None and bool(group_ranges.requests),
                     )
                     side.start_soon(remote.preconnect, warm)
                 tocs = await load_tocs(

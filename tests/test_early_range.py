@@ -218,7 +218,7 @@ def test_a_cold_mount_warms_connections_while_the_manifest_travels(
     args = ("--plain-http", "--read-only", "--cache", str(tmp_path / "c"))
     with mounted(ref, tmp_path / "mnt", *args) as m:
         _read_used(m.mountpoint)
-    warm = warm_connections(early_ranges=True, referrers=True, groups=True)  # a mount's defaults
+    warm = warm_connections(early_ranges=True, referrers=True)  # a mount's defaults
     assert fault_proxy.paths.count("/v2/") == warm, fault_proxy.paths
     assert _manifest_answered_after_v2_asked(fault_proxy), fault_proxy.events
     # Warm: the manifest is known, its TOC kept: nothing goes beside it, nothing is warmed.

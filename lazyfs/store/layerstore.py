@@ -1325,7 +1325,7 @@ class LayerStore:
             await self._ensure(layer, chunks, priority)
 
     def adopt(self, layer: Layer, early: EarlyRange) -> Callable[[], Awaitable[None]] | None:
-        """Take ``early`` (a range requested before the layer's TOC was known) as a request
+        """Take ``early`` (ranges requested before the layer's TOC was known) as a request
         of the store's: the chunks wholly inside it that nobody has or fetches are in flight
         from now on (a prefetch or reader joins them), and the returned task streams them
         from it, verified as any request's.  None (and ``early`` dropped) if it brings none."""
@@ -1357,6 +1357,7 @@ class LayerStore:
             # them), not the feed's, which starts with what came while the TOC decoded.
             g.sent_at = early.sent_at or trio.current_time()
             layer.stats.requests += 1
+            layer.stats.multirange_requests += len(early.runs) > 1
 
             async def counted(at: int, piece: bytes) -> None:
                 if g.first_at is None:

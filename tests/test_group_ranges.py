@@ -9,23 +9,32 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any, cast
 
 import msgspec
 import pytest
 import trio
+import trio.testing
 from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.cli.optimizecmd import add_requests
 from lazyfs.ocilayout import Layout
+from lazyfs.opener import _Early
+from lazyfs.remote.base import Source
 from lazyfs.remote.referrers import subject_descriptor
 from lazyfs.remote.registry import RegistrySource
-from lazyfs.store.earlyrange import MAX_EARLY_REQUESTS, MAX_EARLY_RUNS, group_requests
+from lazyfs.store.earlyrange import (
+    MAX_EARLY_BYTES,
+    MAX_EARLY_REQUESTS,
+    MAX_EARLY_RUNS,
+    group_requests,
+)
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
 from lazyfs.testing.mounts import mount_stats, mounted, startup_groups, wait_prefetched
-from lazyfs.trace.schema import PrefetchGroups, decode_groups, encode
+from lazyfs.trace.schema import Group, PrefetchGroups, decode_groups, encode
 from lazyfs.trace.stored import push_groups
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
@@ -193,3 +202,50 @@ def test_group_requests_are_checked_against_the_blob() -> None:
         [[(i, i + 1) for i in range(0, 2 * MAX_EARLY_RUNS + 2, 2)]],
     ):
         assert group_requests(desc, bad) == [], bad
+
+
+def test_a_groups_early_requests_are_bounded_and_late_groups_wait_for_nothing() -> None:
+    """Every early request's bytes wait in memory for the TOCs: a group's count against the
+    image's bound with the annotations'; a group known after the TOCs are in sends none."""
+    asked: list[list[tuple[int, int]]] = []
+
+    class Stalled:  # the registry never answers: every range asked for stays held
+        name = "stalled"
+
+        async def stream_ranges(self, digest: str, runs: list[tuple[int, int]], _: Any) -> None:
+            asked.append(list(runs))
+            await trio.sleep_forever()
+
+    third = MAX_EARLY_BYTES // 3
+    layers = [
+        oci.Descriptor(mediaType=oci.MT_LAYER_ZSTD, digest=f"sha256:{i:064x}", size=4 * third)
+        for i in range(3)
+    ]
+    group = Group(
+        name="g",
+        runs=1,
+        tiers=[],
+        requests={d.digest: [[(0, 10), (20, third)], [(third, 2 * third)]] for d in layers},
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            early = _Early(nursery, cast(Source, Stalled()), None)
+            early.toc_sent(layers[0])
+            early.group_known(group)  # the stored group came while the TOC travels
+            early.toc_sent(layers[1])
+            await trio.testing.wait_all_tasks_blocked()
+            held = sum(e.size for es in early.ranges.values() for e in es)
+            assert held <= MAX_EARLY_BYTES
+            early.adopted = True  # as ``adopt`` leaves it
+            late = _Early(nursery, cast(Source, Stalled()), None)
+            late.toc_sent(layers[2])
+            late.adopted = True
+            late.group_known(group)
+            assert not late.ranges
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    # The first layer's two requests, then the second's first: the third would pass the bound.
+    first, second = [(0, 10), (20, third)], [(third, 2 * third)]
+    assert sorted(asked) == sorted([first, second, first])

@@ -74,8 +74,8 @@ def early_range(desc: oci.Descriptor) -> tuple[int, int] | None:
 
 def group_requests(desc: oci.Descriptor, requests: Sequence[Sequence[Run]]) -> list[list[Run]]:
     """The requests a groups document names for the layer ``desc``, checked: runs past the
-    blob are clipped (a document made for another build of the layer), and requests that are
-    not ascending, disjoint runs, or too many, refuse the layer's (a log line each)."""
+    blob are clipped (a damaged document: the digest fixes the blob's size), and requests
+    that are not ascending, disjoint runs, or too many, refuse the layer's (a log line)."""
     out: list[list[Run]] = []
     clipped = 0
     if len(requests) > MAX_EARLY_REQUESTS or sum(map(len, requests)) > MAX_EARLY_RUNS:

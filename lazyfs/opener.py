@@ -226,6 +226,7 @@ async def open_image(
     referrers: bool = False,
     early_ranges: bool = False,
     group_ranges: Group | None = None,
+    hold_early: trio.Event | None = None,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
@@ -244,7 +245,8 @@ async def open_image(
     start-up range (a re-laid-out layer's annotation) beside it, adopted by the store as a
     request of its own once the TOC is in (:mod:`lazyfs.store.earlyrange`); with
     ``stored_groups``, the stored group's byte ranges too, once it is known, and
-    ``group_ranges``' (a group given at open).  A registry
+    ``group_ranges``' (a group given at open).  ``hold_early``: adopted early ranges
+    hand their bytes over (to be decoded) only once it is set.  A registry
     image whose manifest is not in the document cache (a cold open) has connections opened
     beside the manifest's request for those that go beside the TOC's (:func:`warm_connections`)."""
     source, ref = open_source(
@@ -268,7 +270,7 @@ async def open_image(
         try:
             unsaved: list[Unsaved] = []
             async with _side_tasks() as side:
-                early = _Early(side, source, group_ranges)
+                early = _Early(side, source, group_ranges, hold_early)
                 if groups is not None and early_ranges:
                     side.start_soon(_when_known, groups, early)
                 remote = source.underlying()
@@ -387,10 +389,17 @@ class _Early:
     group's byte ranges (``Group.requests``) once the group is known; adopted by the store
     once the TOCs are in."""
 
-    def __init__(self, nursery: trio.Nursery, source: Source, group: Group | None) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        source: Source,
+        group: Group | None,
+        hold: trio.Event | None = None,
+    ) -> None:
         self.nursery = nursery
         self.source = source
         self.group = group
+        self.hold = hold
         self.ranges: dict[str, list[EarlyRange]] = {}
         self.sent: dict[str, oci.Descriptor] = {}  # layers whose TOC's request has left
         self.adopted = False
@@ -431,6 +440,7 @@ class _Early:
                 log.info("layer %s: early range left out: the image's are too large", desc.digest)
                 return
             e = EarlyRange(desc.digest, runs[0][0], runs[-1][1], runs)
+            e.hold = self.hold
             self.ranges.setdefault(desc.digest, []).append(e)
             self.nursery.start_soon(e.fetch, self.source)
 

@@ -129,6 +129,9 @@ class EarlyRange:
         self._error: BaseException | None = None
         self._changed = trio.Event()
         self._scope = trio.CancelScope()
+        #: once adopted, its bytes are handed over only after this is set (the opener's
+        #: caller has built what it needs first); None: at once
+        self.hold: trio.Event | None = None
 
     async def fetch(self, source: Source) -> None:
         """Request the range; never raises (a failure shows as :meth:`feed` ending short)."""
@@ -173,6 +176,8 @@ class EarlyRange:
         """Hand ``sink`` the bytes of the runs within ``[lo, hi)`` in order, as a streamed
         request would, waiting for those not in yet; raises :class:`EarlyRangeError` if the
         transfer ended before ``hi``."""
+        if self.hold is not None:
+            await self.hold.wait()
         pos = self.start  # blob offset past the last piece handed over
         while pos < hi:
             if not self._pieces:

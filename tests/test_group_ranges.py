@@ -28,6 +28,7 @@ from lazyfs.store.earlyrange import (
     MAX_EARLY_BYTES,
     MAX_EARLY_REQUESTS,
     MAX_EARLY_RUNS,
+    EarlyRange,
     group_requests,
 )
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
@@ -249,3 +250,25 @@ def test_a_groups_early_requests_are_bounded_and_late_groups_wait_for_nothing() 
     # The first layer's two requests, then the second's first: the third would pass the bound.
     first, second = [(0, 10), (20, third)], [(third, 2 * third)]
     assert sorted(asked) == sorted([first, second, first])
+
+
+def test_an_adopted_range_hands_its_bytes_over_once_released() -> None:
+    """The mount releases early ranges' bytes once its tree is built (``hold_early``)."""
+    got: list[tuple[int, bytes]] = []
+
+    async def sink(at: int, piece: bytes) -> None:
+        got.append((at, piece))
+
+    async def main() -> None:
+        e = EarlyRange("sha256:" + "0" * 64, 0, 30, [(0, 10), (20, 30)])
+        e.hold = trio.Event()
+        await e._put(0, b"a" * 10)
+        await e._put(20, b"b" * 10)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(e.feed, 0, 30, sink)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not got
+            e.hold.set()
+        assert got == [(0, b"a" * 10), (20, b"b" * 10)] and e.reached == 30
+
+    trio.run(main)

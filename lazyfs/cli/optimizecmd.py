@@ -63,7 +63,10 @@ def optimize_cmd(args: argparse.Namespace) -> int:
     if ranges_from and ranges_from != "none":
         import trio
 
-        trio.run(functools.partial(add_requests, groups, ranges_from, **registry_options(args)))
+        try:
+            trio.run(functools.partial(add_requests, groups, ranges_from, **registry_options(args)))
+        except LazyfsError as e:  # a hint for cold mounts: the groups are whole without it
+            print(f"{ranges_from}: no byte ranges written: {e}", file=sys.stderr)
     data = encode(groups)
     out = Path(args.out)
     try:

@@ -38,9 +38,10 @@ from lazyfs.remote.resolve import ResolvedImage, open_source
 from lazyfs.store import ChunkCache, Layer, LayerStore
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.documents import CachingSource
-from lazyfs.store.earlyrange import MAX_EARLY_BYTES, EarlyRange, early_range
+from lazyfs.store.earlyrange import MAX_EARLY_BYTES, EarlyRange, early_range, group_requests
 from lazyfs.store.tocs import LayerInfo, Unsaved, load_tocs, save_tocs
 from lazyfs.store.wholelayer import PendingIndex, WholeFetch, WholeLayers
+from lazyfs.trace.schema import Group
 from lazyfs.trace.stored import StoredGroups
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,20 @@ log = logging.getLogger(__name__)
 REFERRERS_TIMEOUT = 10.0
 
 
-def warm_connections(*, early_ranges: bool, referrers: bool) -> int:
+#: The requests a group's first batch sends per layer: one per rank share of a layer laid out
+#: by path (``fs.prefetch.RANK_SHARES``), sent at once.
+GROUP_EARLY_REQUESTS = 3
+
+
+def warm_connections(*, early_ranges: bool, referrers: bool, groups: bool = False) -> int:
     """How many connections a cold open warms while its manifest travels: one for each
     request sent together with the TOC's, which race for idle connections (a range left
     without one pays a handshake in series): the config's, an early range's, the referrers
-    listing and its tag fallback (``referrers`` asked at once, as a registry may lack the API)."""
-    return 1 + int(early_ranges) + 2 * int(referrers)
+    listing and its tag fallback (``referrers`` asked at once, as a registry may lack the API).
+    With ``groups`` (a group with byte ranges given at open), early ranges are a group's
+    first requests: :data:`GROUP_EARLY_REQUESTS`."""
+    early = (GROUP_EARLY_REQUESTS if groups else 1) if early_ranges else 0
+    return 1 + early + 2 * int(referrers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +225,8 @@ async def open_image(
     entry_tables: bool = False,
     referrers: bool = False,
     early_ranges: bool = False,
+    group_ranges: Group | None = None,
+    hold_early: trio.Event | None = None,
 ) -> AsyncIterator[OpenedImage]:
     """Resolve ``image`` (a registry reference or ``oci:DIR[:TAG]``) and read every layer's
     TOC; on exit write the readiness maps and close the source.  ``hosts_dir``,
@@ -232,7 +243,10 @@ async def open_image(
     the open (it then takes the listing instead of a round trip of its own, which the
     prefetch would wait for).  ``early_ranges``: when a TOC is fetched, request the layer's
     start-up range (a re-laid-out layer's annotation) beside it, adopted by the store as a
-    request of its own once the TOC is in (:mod:`lazyfs.store.earlyrange`).  A registry
+    request of its own once the TOC is in (:mod:`lazyfs.store.earlyrange`); with
+    ``stored_groups``, the stored group's byte ranges too, once it is known, and
+    ``group_ranges``' (a group given at open).  ``hold_early``: adopted early ranges
+    hand their bytes over (to be decoded) only once it is set.  A registry
     image whose manifest is not in the document cache (a cold open) has connections opened
     beside the manifest's request for those that go beside the TOC's (:func:`warm_connections`)."""
     source, ref = open_source(
@@ -255,14 +269,22 @@ async def open_image(
         groups = StoredGroups(source, cache.documents_dir, group) if stored_groups else None
         try:
             unsaved: list[Unsaved] = []
-            early: dict[str, EarlyRange] = {}
             async with _side_tasks() as side:
+                early = _Early(side, source, group_ranges, hold_early)
+                if groups is not None and early_ranges:
+                    side.start_soon(_when_known, groups, early)
                 remote = source.underlying()
                 registry = isinstance(remote, RegistrySource)
                 if isinstance(remote, RegistrySource) and not _known(cache.documents_dir, image):
                     # Beside the manifest's request, one for each request that goes out
                     # together with the TOC's (which keeps the manifest's connection).
-                    warm = warm_connections(early_ranges=early_ranges, referrers=referrers)
+                    warm = warm_connections(
+                        early_ranges=early_ranges,
+                        referrers=referrers,
+                        # A stored group's come after the lookup's round trips, whose
+                        # connections are idle by then.
+                        groups=group_ranges is not None and bool(group_ranges.requests),
+                    )
                     side.start_soon(remote.preconnect, warm)
                 tocs = await load_tocs(
                     source,
@@ -274,7 +296,7 @@ async def open_image(
                     on_resolved=_begin(groups, side, source if referrers else None),
                     unsaved=unsaved,
                     tables=entry_tables,
-                    toc_sent=_request_early(early, side, source) if early_ranges else None,
+                    toc_sent=early.toc_sent if early_ranges else None,
                 )
                 if registry:
                     _remember(cache.documents_dir, image, tocs.resolved)
@@ -283,7 +305,7 @@ async def open_image(
                 store = LayerStore(cache)
                 try:
                     indexing = LayerIndexing(tocs.layers, whole, store, source)
-                    _adopt_early(early, indexing, store, side)
+                    early.adopt(indexing, store)
                     yield OpenedImage(
                         image,
                         tocs.resolved,
@@ -361,42 +383,89 @@ def _begin(
     return begin
 
 
-def _request_early(
-    early: dict[str, EarlyRange], nursery: trio.Nursery, source: Source
-) -> Callable[[oci.Descriptor], None]:
-    """``load_tocs``'s ``toc_sent``: a layer's early range, if it names one, requested as
-    its TOC's request has left (on another connection: the TOC keeps the manifest's)."""
+class _Early:
+    """An open's early ranges: a layer's, requested as its TOC's request has left (on
+    another connection: the TOC keeps the manifest's), from its annotation or from the
+    group's byte ranges (``Group.requests``) once the group is known; adopted by the store
+    once the TOCs are in."""
 
-    def request(desc: oci.Descriptor) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        source: Source,
+        group: Group | None,
+        hold: trio.Event | None = None,
+    ) -> None:
+        self.nursery = nursery
+        self.source = source
+        self.group = group
+        self.hold = hold
+        self.ranges: dict[str, list[EarlyRange]] = {}
+        self.sent: dict[str, oci.Descriptor] = {}  # layers whose TOC's request has left
+        self.adopted = False
+
+    def toc_sent(self, desc: oci.Descriptor) -> None:
+        """``load_tocs``'s ``toc_sent``."""
+        if desc.digest in self.sent:
+            return
+        self.sent[desc.digest] = desc
         span = early_range(desc)
-        if span is None or desc.digest in early:
+        if span is not None:
+            self._request(desc, [[span]])
+        self._from_group(desc)
+
+    def group_known(self, group: Group) -> None:
+        """The group came (stored beside the image): its ranges of layers whose TOC is on
+        its way go now, unless the TOCs are in already (the prefetch sends them itself)."""
+        if self.group is None and not self.adopted:
+            self.group = group
+            for desc in self.sent.values():
+                self._from_group(desc)
+
+    def _from_group(self, desc: oci.Descriptor) -> None:
+        # A layer with an annotated range is re-laid out: that range is the group's files.
+        if self.group is None or desc.digest in self.ranges:
             return
-        # The image's, not only each layer's: every range's bytes wait in memory until the
-        # TOCs are decoded, and a manifest can annotate many layers.
-        held = sum(e.end - e.start for e in early.values())
-        if held + span[1] - span[0] > MAX_EARLY_BYTES:
-            log.info("layer %s: prefetch range left out: the image's are too large", desc.digest)
-            return
-        e = early[desc.digest] = EarlyRange(desc.digest, *span)
-        nursery.start_soon(e.fetch, source)
+        requests = self.group.requests.get(desc.digest)
+        if requests:
+            self._request(desc, group_requests(desc, requests))
 
-    return request
+    def _request(self, desc: oci.Descriptor, requests: list[list[tuple[int, int]]]) -> None:
+        for runs in requests:
+            # The image's, not only each layer's: every range's bytes wait in memory until
+            # the TOCs are decoded, and a manifest can annotate many layers.
+            held = sum(e.size for es in self.ranges.values() for e in es)
+            size = sum(end - start for start, end in runs)
+            if size > MAX_EARLY_BYTES or held + size > MAX_EARLY_BYTES:
+                log.info("layer %s: early range left out: the image's are too large", desc.digest)
+                return
+            e = EarlyRange(desc.digest, runs[0][0], runs[-1][1], runs)
+            e.hold = self.hold
+            self.ranges.setdefault(desc.digest, []).append(e)
+            self.nursery.start_soon(e.fetch, self.source)
+
+    def adopt(self, indexing: LayerIndexing, store: LayerStore) -> None:
+        """Hand each early range to the store's layer, whose chunks it covers are in flight
+        from now on; one whose layer is not open (TOC failed, layers still indexed) is
+        dropped."""
+        self.adopted = True
+        layers = {ol.layer.blob_digest: ol.layer for ol in indexing.layers}
+        for digest, es in self.ranges.items():
+            layer = layers.get(digest)
+            for e in es:
+                task = store.adopt(layer, e) if layer is not None else None
+                if task is None:
+                    e.drop()
+                else:
+                    self.nursery.start_soon(task)
+        self.ranges.clear()
 
 
-def _adopt_early(
-    early: dict[str, EarlyRange], indexing: LayerIndexing, store: LayerStore, nursery: trio.Nursery
-) -> None:
-    """Hand each early range to the store's layer, whose chunks it covers are in flight from
-    now on; one whose layer is not open (TOC failed, layers still indexed) is dropped."""
-    layers = {ol.layer.blob_digest: ol.layer for ol in indexing.layers}
-    for digest, e in early.items():
-        layer = layers.get(digest)
-        task = store.adopt(layer, e) if layer is not None else None
-        if task is None:
-            e.drop()
-        else:
-            nursery.start_soon(task)
-    early.clear()
+async def _when_known(groups: StoredGroups, early: _Early) -> None:
+    """Hand ``early`` the stored group once its lookup has found it."""
+    group = await groups.wait()
+    if group is not None:
+        early.group_known(group)
 
 
 async def _list_referrers(source: Source, digest: str) -> None:

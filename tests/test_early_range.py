@@ -15,7 +15,7 @@ from lazyfs_tools.convert import convert
 
 from lazyfs import oci
 from lazyfs.ocilayout import Layout
-from lazyfs.opener import _known, _remember, _request_early, _tag_file, warm_connections
+from lazyfs.opener import _Early, _known, _remember, _tag_file, warm_connections
 from lazyfs.remote.base import Source
 from lazyfs.remote.registry import RegistrySource
 from lazyfs.store.earlyrange import MAX_EARLY_BYTES, EarlyRange, early_range
@@ -172,7 +172,7 @@ def test_the_ranges_an_image_holds_at_once_are_bounded_together() -> None:
     class Stalled:  # the registry never answers: every range asked for stays held
         name = "stalled"
 
-        async def stream_range(self, digest: str, *_: Any) -> None:
+        async def stream_ranges(self, digest: str, *_: Any) -> None:
             asked.append(digest)
             await trio.sleep_forever()
 
@@ -186,18 +186,19 @@ def test_the_ranges_an_image_holds_at_once_are_bounded_together() -> None:
         )
         for i in range(5)
     ]
-    early: dict[str, EarlyRange] = {}
+    held: list[EarlyRange] = []
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            request = _request_early(early, nursery, cast(Source, Stalled()))
+            early = _Early(nursery, cast(Source, Stalled()), None)
             for desc in layers:
-                request(desc)
+                early.toc_sent(desc)
+            held.extend(e for es in early.ranges.values() for e in es)
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    assert sum(e.end - e.start for e in early.values()) <= MAX_EARLY_BYTES
+    assert sum(e.end - e.start for e in held) <= MAX_EARLY_BYTES
     assert sorted(asked) == [d.digest for d in layers[:2]]  # tasks start in any order
 
 

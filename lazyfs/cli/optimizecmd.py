@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lazyfs.atomic import atomic_write
 from lazyfs.errors import LazyfsError
 
 from .common import add_registry_args, registry_options
+
+if TYPE_CHECKING:
+    from lazyfs.trace.schema import PrefetchGroups
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,6 +33,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--push",
         metavar="IMAGE",
         help="also store the groups in IMAGE's repository as an OCI artifact referring to it",
+    )
+    p.add_argument(
+        "--ranges",
+        metavar="IMAGE",
+        help="write each group's first byte ranges per layer, from IMAGE's TOCs, so a cold "
+        "mount requests them beside the TOCs (default: the --push image; 'none': not)",
     )
     add_registry_args(p, platform=False)
     p.set_defaults(handler=optimize_cmd)
@@ -47,6 +59,14 @@ def optimize_cmd(args: argparse.Namespace) -> int:
         raise LazyfsError("--window must not be negative")
     traces = [decode_trace(_read(p), what=p) for p in args.traces]
     groups = optimize(traces, window_ns=int(args.window * 1e9))
+    ranges_from = args.ranges or args.push
+    if ranges_from and ranges_from != "none":
+        import trio
+
+        try:
+            trio.run(functools.partial(add_requests, groups, ranges_from, **registry_options(args)))
+        except LazyfsError as e:  # a hint for cold mounts: the groups are whole without it
+            print(f"{ranges_from}: no byte ranges written: {e}", file=sys.stderr)
     data = encode(groups)
     out = Path(args.out)
     try:
@@ -98,3 +118,27 @@ def push_to(
     digest = trio.run(run)
     sys.stdout.flush()
     return digest
+
+
+async def add_requests(groups: PrefetchGroups, image: str, **registry: Any) -> None:
+    """Give each group the requests its prefetch sends first (``Group.requests``), planned on
+    ``image``'s TOCs (the image the traces were recorded on, by its manifest digest)."""
+    from lazyfs.fs.prefetch import Prefetcher
+    from lazyfs.opener import open_image
+
+    with tempfile.TemporaryDirectory(prefix="lazyfs-optimize-") as cache:
+        async with open_image(image, cache_dir=cache, background=True, **registry) as opened:
+            if opened.manifest != groups.manifest:
+                # A tag moved since the traces: their groups still match by path and digest
+                # (the prefetch's fallback), but these blobs' ranges would be another's.
+                print(
+                    f"{image} is now {opened.manifest}, not the traced {groups.manifest}: "
+                    "no byte ranges written",
+                    file=sys.stderr,
+                )
+                return
+            layers = opened.store_layers()
+            store = opened.store
+            for group in groups.groups:
+                prefetcher = Prefetcher(store, layers, group)
+                group.requests = prefetcher.first_requests(store.merge_gap, store.max_request)

@@ -25,10 +25,19 @@ from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import TOC, Chunk, Entry, EntryTable
 from lazyfs.fs.control import PrefetchStats
 from lazyfs.remote.base import REQUEST_SENT
+from lazyfs.store.bigchunk import is_big
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
+from lazyfs.store.plan import bundle, plan_fetch
 from lazyfs.store.provider import ChunkProvider
-from lazyfs.trace.schema import Group, PrefetchGroups, RankedEntry, Tier, decode_groups
+from lazyfs.trace.schema import (
+    Group,
+    PrefetchGroups,
+    Range,
+    RankedEntry,
+    Tier,
+    decode_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -398,6 +407,24 @@ class Prefetcher:
                     batch, span = [], 0
             if batch:
                 out.append(by_rank(batch))
+        return out
+
+    def first_requests(self, merge_gap: int, max_request: int) -> dict[str, list[list[Range]]]:
+        """The requests (blob ranges per layer) this prefetch's first batch sends on a cold
+        cache from a source that sends several ranges in one request, planned as the store
+        plans a stream (``merge_gap``, ``max_request``: the store's): what a groups document
+        carries (``Group.requests``).  Big chunks are left out (each is fetched alone)."""
+        out: dict[str, list[list[Range]]] = {}
+        batches = self._batches()
+        for part in batches[0] if batches else []:
+            for layer, chunks in part.items():
+                want = [c for c in chunks if not c.zeros and not is_big(c)]
+                planned = plan_fetch(
+                    layer, want, merge_gap, max_request, is_big, streamed=True, multirange=True
+                )
+                for request in bundle(planned):
+                    runs = [(start, end) for start, end, _ in request]
+                    out.setdefault(layer.blob_digest, []).append(runs)
         return out
 
     async def run(self) -> None:

@@ -468,6 +468,7 @@ async def serve(
         raise LazyfsError("a writable mount needs --upper DIR (or use --read-only)")
     if opts.read_only and opts.upper is not None:
         raise LazyfsError("--upper and --read-only contradict each other: give one of them")
+    tree_built = trio.Event()
     async with open_image(
         opts.image,
         cache_dir=opts.cache,
@@ -489,6 +490,11 @@ async def serve(
         referrers=opts.deltas,  # the deltas lookup's listing, beside the TOC's fetch
         # A re-laid-out layer's start-up bytes, beside its TOC (prefetched unless told not).
         early_ranges=opts.auto_prefetch,
+        # A groups document given: its group's byte ranges go beside the TOCs too.
+        group_ranges=groups[1] if groups is not None else None,
+        # What early ranges brought while the TOCs came is decoded once the tree is built:
+        # no reader can ask for it sooner, and the two competed for the CPU (ready later).
+        hold_early=tree_built,
     ) as image:
         serving_thresholds()
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
@@ -558,6 +564,7 @@ async def serve(
         control = control_path(mountpoint)
         fuse_ops = mount.fuse_operations()
         _after_init(fuse_ops, lambda: _widen_read_ahead(mountpoint))
+        tree_built.set()
         pyfuse3.init(fuse_ops, mountpoint, _fuse_options(opts))
         try:
             start_c_reader()

@@ -9,12 +9,20 @@ request of its own (``LayerStore.adopt``): every chunk lying wholly inside it is
 verified against the TOC's digest as a streamed request's would be, and one that fails is
 fetched again.  The annotation is a hint: one that is malformed, too large or past the blob
 is ignored with a log line.
+
+A prefetch-groups document may carry the same for a layer laid out by path: per layer, the
+multi-range requests the mount's prefetch of a group would send first (``Group.requests``).
+Once the group is known (given at open, or stored beside the image) and the layer's TOC is
+on its way, each goes out as an early range of several runs (:func:`group_requests` checks
+them: the document is a hint too).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
+from collections.abc import Sequence
 
 import trio
 
@@ -27,6 +35,13 @@ log = logging.getLogger(__name__)
 #: A range larger than this is ignored, and so is one beyond it with the image's others (the
 #: opener): its bytes wait in memory until the TOC is decoded.
 MAX_EARLY_BYTES = 64 * 1024 * 1024
+#: A layer's early requests from a groups document beyond these are refused (a document
+#: naming more is not what ``lazyfs optimize`` writes): each run costs a part header, and the
+#: requests a connection each.
+MAX_EARLY_RUNS = 4096
+MAX_EARLY_REQUESTS = 8
+
+Run = tuple[int, int]  # [start, end) in bytes of the blob
 
 
 class EarlyRangeError(LazyfsError):
@@ -57,22 +72,66 @@ def early_range(desc: oci.Descriptor) -> tuple[int, int] | None:
     return start, start + size
 
 
-class EarlyRange:
-    """One layer's range in transit: its pieces are kept, in order, until :meth:`feed` hands
-    them over (then let go), or :meth:`drop`."""
+def group_requests(desc: oci.Descriptor, requests: Sequence[Sequence[Run]]) -> list[list[Run]]:
+    """The requests a groups document names for the layer ``desc``, checked: runs past the
+    blob are clipped (a damaged document: the digest fixes the blob's size), and requests
+    that are not ascending, disjoint runs, or too many, refuse the layer's (a log line)."""
+    out: list[list[Run]] = []
+    clipped = 0
+    if len(requests) > MAX_EARLY_REQUESTS or sum(map(len, requests)) > MAX_EARLY_RUNS:
+        log.info("layer %s: ignoring the groups' byte ranges: too many", desc.digest)
+        return []
+    for runs in requests:
+        kept: list[Run] = []
+        for start, end in runs:
+            if start < 0 or end <= start or (kept and start < kept[-1][1]):
+                log.info(
+                    "layer %s: ignoring the groups' byte ranges: not ascending, disjoint "
+                    "ranges (%d, %d)",
+                    desc.digest,
+                    start,
+                    end,
+                )
+                return []
+            if end > desc.size:
+                clipped += 1
+                if start >= desc.size:
+                    continue
+                end = desc.size
+            kept.append((start, end))
+        if kept:
+            out.append(kept)
+    every = sorted(r for runs in out for r in runs)
+    if any(a[1] > b[0] for a, b in itertools.pairwise(every)):
+        log.info("layer %s: ignoring the groups' byte ranges: requests overlap", desc.digest)
+        return []
+    if clipped:
+        log.info("layer %s: %d groups' byte ranges clipped to the blob", desc.digest, clipped)
+    return out
 
-    def __init__(self, digest: str, start: int, end: int) -> None:
+
+class EarlyRange:
+    """One layer's request in transit, of one range or several (``runs``, ascending): its
+    pieces are kept, in order, until :meth:`feed` hands them over (then let go), or
+    :meth:`drop`."""
+
+    def __init__(self, digest: str, start: int, end: int, runs: list[Run] | None = None) -> None:
         self.digest = digest
-        self.start = start
-        self.end = end
+        self.runs = runs or [(start, end)]
+        self.start = self.runs[0][0]
+        self.end = self.runs[-1][1]
         self.sent_at: float | None = None  # trio time the request was made
         self.first_at: float | None = None  # and its first byte came
-        self.received = 0  # bytes, from start
-        self._pieces: deque[bytes] = deque()
+        self.received = 0  # bytes
+        self.reached = self.start  # the blob offset the bytes received come up to
+        self._pieces: deque[tuple[int, bytes]] = deque()
         self._done = False
         self._error: BaseException | None = None
         self._changed = trio.Event()
         self._scope = trio.CancelScope()
+        #: once adopted, its bytes are handed over only after this is set (the opener's
+        #: caller has built what it needs first); None: at once
+        self.hold: trio.Event | None = None
 
     async def fetch(self, source: Source) -> None:
         """Request the range; never raises (a failure shows as :meth:`feed` ending short)."""
@@ -80,7 +139,7 @@ class EarlyRange:
         try:
             with self._scope:
                 self.sent_at = trio.current_time()
-                await source.stream_range(self.digest, self.start, self.end, self._put)
+                await source.stream_ranges(self.digest, self.runs, self._put)
         except Exception as e:
             log.info("early range of %s: %s", self.digest, e)
             self._error = e
@@ -88,13 +147,18 @@ class EarlyRange:
             self._done = True
             self._wake()
 
-    async def _put(self, piece: bytes) -> None:
+    @property
+    def size(self) -> int:
+        return sum(end - start for start, end in self.runs)
+
+    async def _put(self, at: int, piece: bytes) -> None:
         if self._scope.cancel_called:
             return  # dropped: nobody will take these bytes
         if self.first_at is None:
             self.first_at = trio.current_time()
-        self._pieces.append(piece)
+        self._pieces.append((at, piece))
         self.received += len(piece)
+        self.reached = at + len(piece)
         self._wake()
         await trio.lowlevel.checkpoint()
 
@@ -109,10 +173,12 @@ class EarlyRange:
         self._pieces.clear()
 
     async def feed(self, lo: int, hi: int, sink: RangesSink) -> None:
-        """Hand ``sink`` the bytes ``[lo, hi)`` (within the range) in order, as a streamed
+        """Hand ``sink`` the bytes of the runs within ``[lo, hi)`` in order, as a streamed
         request would, waiting for those not in yet; raises :class:`EarlyRangeError` if the
         transfer ended before ``hi``."""
-        pos = self.start  # blob offset of the first piece kept
+        if self.hold is not None:
+            await self.hold.wait()
+        pos = self.start  # blob offset past the last piece handed over
         while pos < hi:
             if not self._pieces:
                 if self._done:
@@ -120,8 +186,10 @@ class EarlyRange:
                     raise EarlyRangeError(f"early range of {self.digest} ended at {pos}{why}")
                 await self._changed.wait()
                 continue
-            piece = self._pieces.popleft()
-            at, pos = pos, pos + len(piece)
+            at, piece = self._pieces.popleft()
+            if at >= hi:
+                break  # the next run lies past ``hi``: everything asked for came
+            pos = at + len(piece)
             if pos <= lo:
                 continue
             a, b = max(lo, at), min(hi, pos)

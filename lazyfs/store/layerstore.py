@@ -1367,37 +1367,39 @@ class LayerStore:
             await self._ensure(layer, chunks, priority, hold=hold)
 
     def adopt(self, layer: Layer, early: EarlyRange) -> Callable[[], Awaitable[None]] | None:
-        """Take ``early`` (a range requested before the layer's TOC was known) as a request
+        """Take ``early`` (ranges requested before the layer's TOC was known) as a request
         of the store's: the chunks wholly inside it that nobody has or fetches are in flight
         from now on (a prefetch or reader joins them), and the returned task streams them
         from it, verified as any request's.  None (and ``early`` dropped) if it brings none."""
-        lo = bisect.bisect_left(layer.offsets, early.start)
-        hi = bisect.bisect_left(layer.offsets, early.end)
-        chunks = [
-            c
-            for c in layer.by_offset[lo:hi]
-            if c.end <= early.end
-            and not c.zeros
-            and not is_big(c)
-            and c.digest not in self._inflight
-            and c.digest not in self.cache
-        ]
         unique: dict[str, Chunk] = {}
-        for c in chunks:
-            unique.setdefault(c.digest, c)  # the first copy: blob order stays
+        for start, end in early.runs:
+            lo = bisect.bisect_left(layer.offsets, start)
+            hi = bisect.bisect_left(layer.offsets, end)
+            for c in layer.by_offset[lo:hi]:
+                if (
+                    c.end <= end
+                    and not c.zeros
+                    and not is_big(c)
+                    and c.digest not in self._inflight
+                    and c.digest not in self.cache
+                ):
+                    unique.setdefault(c.digest, c)  # the first copy: blob order stays
         if not unique:
             early.drop()
             return None
         mine = list(unique.values())
-        g = self._register(_Group(mine[0].offset, mine[-1].end, mine), PREFETCH)
+        lo, hi = mine[0].offset, mine[-1].end
+        runs = [(max(s, lo), min(e, hi)) for s, e in early.runs if lo < e and s < hi]
+        g = self._register(_Group(lo, hi, mine, runs), PREFETCH)
         g.hold_up_to = WRITE_HOLD_PREFETCH_CHUNK
-        g.arrived = lambda: early.start + early.received
+        g.arrived = lambda: early.reached
 
         async def stream(layer: Layer, g: _Group, sink: RangesSink) -> None:
             # Its times are the request's (a reader deciding whether to overtake it uses
             # them), not the feed's, which starts with what came while the TOC decoded.
             g.sent_at = early.sent_at or trio.current_time()
             layer.stats.requests += 1
+            layer.stats.multirange_requests += len(early.runs) > 1
 
             async def counted(at: int, piece: bytes) -> None:
                 if g.first_at is None:

@@ -65,10 +65,15 @@ class Tier(msgspec.Struct, kw_only=True):
     entries: list[RankedEntry]
 
 
-class Group(msgspec.Struct, kw_only=True):
+class Group(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str
     runs: int  # traces merged into this group
     tiers: list[Tier]
+    # Per layer blob digest: the multi-range requests (each ascending [start, end) blob
+    # ranges) the mount's prefetch of this group sends first, so a cold mount can send them
+    # beside the layer's TOC instead of after its decode (lazyfs.store.earlyrange).  A hint:
+    # checked against the blob, and every chunk is verified against the TOC.
+    requests: dict[str, list[list[Range]]] = {}
 
 
 class PrefetchGroups(msgspec.Struct, kw_only=True):

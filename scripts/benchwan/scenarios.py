@@ -228,8 +228,13 @@ def prefetch_contenders(
             "--trace", str(trace), "--group", "startup",
         ):  # fmt: skip
             run_workload(img.workload(ctx.work / "mnt"))
+        # The group's byte ranges too, from the image's TOCs, when this lazyfs writes them
+        # (a cold mount then sends them beside the TOC); a --before tree ignores them.
+        _, optimize_help = lazyfs_help("optimize")
+        ranges = ("--ranges", ctx.ref(img, "zstd"), "--plain-http")
         res = subprocess.run(
-            [sys.executable, "-m", "lazyfs.cli", "optimize", "--out", str(groups), str(trace)],
+            [sys.executable, "-m", "lazyfs.cli", "optimize", "--out", str(groups), str(trace),
+             *(ranges if "--ranges" in optimize_help else ())],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         if res.returncode != 0:

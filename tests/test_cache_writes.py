@@ -389,3 +389,37 @@ def test_a_daemon_killed_while_chunks_wait_leaves_no_wrong_chunk(
     with mounted(image, mnt, *opts):
         read_all(mnt)
     cache_is_sound(cache)
+
+
+def test_a_readers_read_ahead_is_written_at_once_not_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long sequential read's read-ahead brings large chunks ahead of it for as long as it
+    # lasts: held, they would keep WRITE_HOLD_BYTES in memory throughout (the 512 MiB file's
+    # RSS row).  Only a start-up's prefetch (hold=True) waits for a pause in reads.
+    monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 60.0)  # reads never pause
+    monkeypatch.setattr(layerstore, "WRITE_HOLD_CHUNK", 0)  # the reader's own: at once too
+    files: Files = {"big": rand(20_000, 950)}
+    store, layer, src, toc, blob = make(
+        tmp_path, files, chunk_size=1000, readahead=0, amplify=0, merge_gap=-1, pipeline=3000
+    )
+    e = toc.by_name()["big"]
+
+    def brought() -> int:  # chunks inside the ranges asked for so far
+        return sum(
+            any(lo <= c.offset and c.end <= hi for _, lo, hi in src.requests)
+            for c in layer.by_offset
+        )
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, e, 0, 1000) == content_of(toc, blob, "big")[:1000]
+            with trio.fail_after(10):  # every chunk brought: written or held
+                while len(src.requests) < 2 or (
+                    layer.stats.chunks_ready + len(store._held) < brought()
+                ):
+                    await trio.sleep(0.01)
+            assert layer.stats.bytes_unwritten == 0 and not store._held
+            assert len(chunk_files(tmp_path / "cache")) == brought() >= 2
+
+    run(main)

@@ -6,6 +6,7 @@ import io
 import random
 import subprocess
 import tarfile
+import tracemalloc
 from typing import Any
 
 import msgspec
@@ -149,6 +150,25 @@ def test_chunk_cuts(size: int, chunk: int, head: int, cuts: list[int]) -> None:
 def test_chunk_cuts_refuses_bad_sizes(chunk: int, head: int) -> None:
     with pytest.raises(FormatError, match="bad chunk sizes"):
         chunk_cuts(10, chunk, head)
+
+
+@pytest.mark.parametrize("fmt", sorted(WRITERS))
+def test_a_member_claiming_more_than_the_stream_holds_fails_where_it_ends(fmt: str) -> None:
+    """A member's size is the input's word (PAX allows any): the writer cuts it as it reads
+    and fails where the stream ends, not after listing every cut of the size claimed (a
+    claim of 10**18 bytes was 2.4e11 cuts of 4 MiB: no error, memory until none is left;
+    here 4e6 cuts of 1 byte, 32 MB of list)."""
+    info = tarfile.TarInfo("liar")
+    info.size = 4_000_000
+    tar = info.tobuf(format=tarfile.USTAR_FORMAT) + b"x" * 512
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="truncated tar stream"):
+            convert(tar, fmt, chunk_size=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, peak
 
 
 @pytest.mark.parametrize("fmt", sorted(WRITERS))

@@ -1073,3 +1073,54 @@ def test_sequential_reader_has_the_next_chunks_fetched_ahead(tmp_path: Path) -> 
         assert len(src.requests) == before + 1
 
     run(main)
+
+
+def test_a_reader_that_hurries_a_stream_being_cut_off_starts_nothing_in_its_closed_nursery(
+    tmp_path: Path,
+) -> None:
+    # A stream keeps a complete chunk nobody waits for until a batch's worth is in; a reader
+    # who starts to wait for it hurries the stream (``_obtain``: ``f.group.hurry()``).  When
+    # the stream is cut off (a prefetch cancelled at unmount), its nursery closes, with one
+    # scheduler turn before its task forgets ``hurry``: a reader woken in that turn started a
+    # task in the closed nursery, RuntimeError out of its READ.  Trio orders a turn's tasks at
+    # random, so the cut is made many times (before the fix: about half of them raised).
+    store, layer, _src, _toc, blob = make(tmp_path, {"f0": rand(3000, 31)}, readahead=0)
+    chunks = list(layer.by_offset)
+
+    async def one() -> None:
+        g = store._register(layerstore._Group(chunks[0].offset, chunks[-1].end, chunks), PREFETCH)
+        cut = trio.Event()
+
+        async def stream(layer: Layer, g: Any, sink: Any) -> None:
+            c = chunks[0]
+            await sink(c.offset, blob[c.offset : c.end])  # kept for a batch: nobody waits
+            try:
+                await trio.sleep_forever()
+            finally:
+                cut.set()
+
+        async def reader() -> None:
+            await cut.wait()
+            hurry = g.flights[chunks[0].digest].group.hurry
+            if hurry is not None:
+                hurry()
+
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def fetch() -> None:
+                with scope:
+                    await store._run_group(layer, g, None, stream)
+
+            nursery.start_soon(fetch)
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert layer.stats.chunks_ready == 0  # the chunk waits for its batch
+            scope.cancel()
+        assert not store._inflight  # the cut-off flights are forgotten
+
+    async def main() -> None:
+        for _ in range(40):
+            await one()
+
+    run(main)

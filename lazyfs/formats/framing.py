@@ -11,7 +11,7 @@ range and sha256.  The formats differ only in how a frame is compressed
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import msgspec
@@ -33,13 +33,18 @@ def chunk_cuts(size: int, chunk_size: int, head_size: int = 0) -> list[int]:
     a big file (an ELF or pyc header, read before anything else) be served sooner."""
     if chunk_size <= 0 or head_size < 0:
         raise FormatError(f"bad chunk sizes {chunk_size} (head {head_size}): must be positive")
-    cuts: list[int] = []
+    return list(_cuts(size, chunk_size, head_size))
+
+
+def _cuts(size: int, chunk_size: int, head_size: int) -> Iterator[int]:
+    """:func:`chunk_cuts`, one at a time: a member's size is its header's word, and a tar
+    claiming more than it holds must fail at its end, not list the cuts of the claim first."""
     pos = 0
     while pos < size:
         step = head_size if pos == 0 and 0 < head_size < chunk_size else chunk_size
-        cuts.append(min(step, size - pos))
-        pos += cuts[-1]
-    return cuts
+        cut = min(step, size - pos)
+        yield cut
+        pos += cut
 
 
 class LayerResult(msgspec.Struct):
@@ -126,7 +131,7 @@ def frame_tar(
             chunks: list[Chunk] = []
             file_sha = hashlib.sha256()
             pos = 0
-            for cut in chunk_cuts(member.size, chunk_size, head_size):
+            for cut in _cuts(member.size, chunk_size, head_size):  # checked above
                 data = reader.read(cut)
                 file_sha.update(data)
                 if split is not None:

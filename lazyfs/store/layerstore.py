@@ -971,7 +971,10 @@ class LayerStore:
                     await (stream or self._stream)(layer, g, sink)
                 except Exception as e:
                     error = e
-                g.hurry = None
+                finally:
+                    # Before the body is left, cut off too: the nursery closes with a turn
+                    # to spare, and a reader's hurry then could not start its flush.
+                    g.hurry = None
                 await flush()  # complete chunks are used even when the rest failed
             if error is None and nxt < len(chunks):
                 error = RemoteError(f"{layer.blob_digest}: stream ended at {g.pos} of {g.end}")
@@ -980,7 +983,6 @@ class LayerStore:
                     if not f.event.is_set():
                         self._fail(d, f, error)
         finally:
-            g.hurry = None  # its nursery is gone
             # Resolved ones left here are an overtaking reader's: it writes them (_overtake).
             for d, f in g.flights.items():
                 f.fail(_Abandoned())  # no-op for resolved flights

@@ -267,8 +267,12 @@ async def open_image(
         # through a source of their own (the local tar).
         whole = WholeLayers(source, cache, progress, background=background)
         groups = StoredGroups(source, cache.documents_dir, group) if stored_groups else None
+        unsaved: list[Unsaved] = []
+        store: LayerStore | None = None
         try:
-            unsaved: list[Unsaved] = []
+            # The store closes after the side tasks end (cancelled): an early range or early
+            # prefetch still verifying chunks then has handed them over, and the close writes
+            # them with the rest held.
             async with _side_tasks() as side:
                 early = _Early(side, source, group_ranges, hold_early)
                 if groups is not None and early_ranges:
@@ -303,29 +307,29 @@ async def open_image(
                 if groups is not None:
                     await groups.settle()  # a document on its way: the mount starts with it
                 store = LayerStore(cache)
-                try:
-                    indexing = LayerIndexing(tocs.layers, whole, store, source)
-                    early.adopt(indexing, store)
-                    yield OpenedImage(
-                        image,
-                        tocs.resolved,
-                        indexing.layers,
-                        source,
-                        cache,
-                        store,
-                        whole,
-                        indexing,
-                        groups,
-                        side,
-                        unsaved,
-                    )
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await save_tocs(unsaved)  # those the caller did not save yet
-                        await store.aclose()  # readiness maps: the next open starts warm
+                indexing = LayerIndexing(tocs.layers, whole, store, source)
+                early.adopt(indexing, store)
+                yield OpenedImage(
+                    image,
+                    tocs.resolved,
+                    indexing.layers,
+                    source,
+                    cache,
+                    store,
+                    whole,
+                    indexing,
+                    groups,
+                    side,
+                    unsaved,
+                )
         finally:
             with trio.CancelScope(shield=True):
-                await whole.aclose()  # the local tars; their chunks stay in the cache
+                try:
+                    await save_tocs(unsaved)  # those the caller did not save yet
+                    if store is not None:
+                        await store.aclose()  # readiness maps: the next open starts warm
+                finally:
+                    await whole.aclose()  # the local tars; their chunks stay in the cache
     finally:
         with trio.CancelScope(shield=True):
             await source.aclose()

@@ -51,19 +51,6 @@ def relaid(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory)
     return {"dir": d / "lazy", "layer": layer, "repo": "early/app"}
 
 
-def _blob_requests(proxy: FaultProxy, digest: str) -> list[tuple[int, str | None]]:
-    """(index among the proxy's requests, Range) of each request for the layer's blob."""
-    pairs = enumerate(zip(proxy.paths, proxy.ranges, strict=True))
-    return [(n, r) for n, (p, r) in pairs if digest in p]
-
-
-def _before_first_answer(proxy: FaultProxy, digest: str) -> list[str | None]:
-    """The Range headers of the layer's requests that arrived before its first answer left."""
-    ins = [i for i, ev in enumerate(proxy.events) if ev[0] == "in"]
-    out = next(i for i, ev in enumerate(proxy.events) if ev[0] == "out" and digest in ev[1])
-    return [r for n, r in _blob_requests(proxy, digest) if ins[n] < out]
-
-
 def _read_used(mnt: Path) -> dict:
     for name in USED:
         assert (mnt / name).read_bytes() == FILES[name]
@@ -89,9 +76,9 @@ def test_convert_writes_the_range_and_a_cold_mount_asks_for_it_beside_the_toc(
         stats = _read_used(m.mountpoint)
         assert stats["cache_misses"] == 0 and stats["integrity_errors"] == 0
     # Asked for before the TOC's answer came back; nothing else of the blob after it.
-    before = _before_first_answer(fault_proxy, layer.digest)
+    before = fault_proxy.ranges_before_first_answer(layer.digest)
     assert early in before and len(before) == 2, before
-    assert len(_blob_requests(fault_proxy, layer.digest)) == 2, fault_proxy.ranges
+    assert len(fault_proxy.blob_requests(layer.digest)) == 2, fault_proxy.ranges
 
 
 def test_range_bytes_that_do_not_verify_are_fetched_again(
@@ -107,7 +94,7 @@ def test_range_bytes_that_do_not_verify_are_fetched_again(
         stats = _read_used(m.mountpoint)
         assert stats["integrity_errors"] > 0 and stats["retries"] > 0
     # Each damaged chunk fetched once more, alone.
-    assert len(_blob_requests(fault_proxy, layer.digest)) > 3
+    assert len(fault_proxy.blob_requests(layer.digest)) > 3
 
 
 def _retag(layout: Path, tag: str, value: str | None) -> None:
@@ -149,7 +136,7 @@ def test_hostile_or_missing_annotations_are_ignored(
             wait_prefetched(m.mountpoint)
             _read_used(m.mountpoint)
         # As before: only the TOC's request until it is answered.
-        assert len(_before_first_answer(fault_proxy, layer.digest)) == 1, tag
+        assert len(fault_proxy.ranges_before_first_answer(layer.digest)) == 1, tag
 
 
 def test_early_range_parses_only_a_range_inside_the_blob() -> None:

@@ -66,19 +66,6 @@ def _header(runs: list[tuple[int, int]]) -> str:
     return "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in runs)
 
 
-def _blob_requests(proxy: FaultProxy, digest: str) -> list[tuple[int, str | None]]:
-    pairs = enumerate(zip(proxy.paths, proxy.ranges, strict=True))
-    return [(n, r) for n, (p, r) in pairs if digest in p]
-
-
-def _before_toc_answer(proxy: FaultProxy, digest: str) -> list[str | None]:
-    """The Range headers of the layer's requests that arrived before its first answer (the
-    TOC's) left."""
-    ins = [i for i, ev in enumerate(proxy.events) if ev[0] == "in"]
-    out = next(i for i, ev in enumerate(proxy.events) if ev[0] == "out" and digest in ev[1])
-    return [r for n, r in _blob_requests(proxy, digest) if ins[n] < out]
-
-
 def _read_used(mnt: Path) -> dict:
     for name in USED:
         assert (mnt / name).read_bytes() == FILES[name]
@@ -116,10 +103,10 @@ def test_given_groups_ranges_leave_beside_the_toc_and_are_not_fetched_twice(
         assert not wait_prefetched(m.mountpoint)["prefetch"]["error"]
         stats = _read_used(m.mountpoint)
         assert stats["cache_misses"] == 0
-    before = _before_toc_answer(fault_proxy, layer.digest)
+    before = fault_proxy.ranges_before_first_answer(layer.digest)
     assert len(before) == 2 and _header(runs) in before, before
     # The prefetch found the adopted chunks on their way: nothing of the blob went twice.
-    assert len(_blob_requests(fault_proxy, layer.digest)) == 2, fault_proxy.ranges
+    assert len(fault_proxy.blob_requests(layer.digest)) == 2, fault_proxy.ranges
 
 
 def test_stored_groups_ranges_leave_while_the_toc_travels(
@@ -145,9 +132,9 @@ def test_stored_groups_ranges_leave_while_the_toc_travels(
         pf = wait_prefetched(m.mountpoint)["prefetch"]
         assert pf["group"] == "startup" and not pf["error"]
         assert _read_used(m.mountpoint)["cache_misses"] == 0
-    before = _before_toc_answer(fault_proxy, layer.digest)
+    before = fault_proxy.ranges_before_first_answer(layer.digest)
     assert len(before) == 2 and _header(runs) in before, before
-    assert len(_blob_requests(fault_proxy, layer.digest)) == 2, fault_proxy.ranges
+    assert len(fault_proxy.blob_requests(layer.digest)) == 2, fault_proxy.ranges
 
 
 def test_hostile_or_missing_ranges_mount_and_serve_right(
@@ -179,7 +166,7 @@ def test_hostile_or_missing_ranges_mount_and_serve_right(
         ) as m:
             assert not wait_prefetched(m.mountpoint)["prefetch"]["error"], name
             _read_used(m.mountpoint)
-        assert len(_before_toc_answer(fault_proxy, layer.digest)) == early, name
+        assert len(fault_proxy.ranges_before_first_answer(layer.digest)) == early, name
 
 
 def test_group_requests_are_checked_against_the_blob() -> None:

@@ -115,6 +115,21 @@ class FaultProxy(ThreadedHTTPServer):
             #: order, benchmarks read the times)
             self.events: list[tuple[str, str, float]] = []
 
+    def blob_requests(self, digest: str) -> list[tuple[int, str | None]]:
+        """(index among the requests seen, Range) of each request naming ``digest``."""
+        with self.lock:
+            pairs = list(enumerate(zip(self.paths, self.ranges, strict=True)))
+        return [(n, r) for n, (p, r) in pairs if digest in p]
+
+    def ranges_before_first_answer(self, digest: str) -> list[str | None]:
+        """The Range headers of the requests naming ``digest`` that arrived before the first
+        answer to one of them left: what a client sent beside its first request."""
+        with self.lock:
+            events = list(self.events)
+        ins = [i for i, ev in enumerate(events) if ev[0] == "in"]
+        out = next(i for i, ev in enumerate(events) if ev[0] == "out" and digest in ev[1])
+        return [r for n, r in self.blob_requests(digest) if ins[n] < out]
+
     def fail_next(self, n: int, status: int = 503, retry_after: str | None = None) -> None:
         with self.lock:
             self._fail += [(status, retry_after)] * n

@@ -440,7 +440,7 @@ class _Early:
             # the TOCs are decoded, and a manifest can annotate many layers.
             held = sum(e.size for es in self.ranges.values() for e in es)
             size = sum(end - start for start, end in runs)
-            if size > MAX_EARLY_BYTES or held + size > MAX_EARLY_BYTES:
+            if held + size > MAX_EARLY_BYTES:
                 log.info("layer %s: early range left out: the image's are too large", desc.digest)
                 return
             e = EarlyRange(desc.digest, runs[0][0], runs[-1][1], runs)

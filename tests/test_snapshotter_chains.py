@@ -330,13 +330,15 @@ def test_a_slow_daemon_stop_holds_up_only_its_own_chain(
 ) -> None:
     # A file held open in a chain's mount: its daemon, released, exits only once that file
     # closes (a busy container's, a hung FUSE).  Meanwhile another chain starts and stops
-    # (a registry lookup and a spawn, a stop: none waits on the slow one), and the same
-    # chain used again waits for its old daemon to end, then gets a new one.  In-process.
+    # (a registry lookup and a spawn, a stop: its start waits STOP_WAIT for the slow stop,
+    # no longer), and the same chain used again waits for its old daemon to end, then gets
+    # a new one.  In-process.
     a = _push(tmp_path, registry, registry.host, "a", [make_tar(BASE), make_tar(TOP_A)])
     o = _push(tmp_path, registry, registry.host, "o", [make_tar(TOP_B)])
     config = Config(registry=RegistryConfig(plain_http=(registry.host,)), fork_server=False)
     root = base_dir / "root"
     monkeypatch.setattr(lazy, "STOP_TIMEOUT", 60.0)  # however loaded, the file closes first
+    monkeypatch.setattr(lazy, "STOP_WAIT", 0.2)
     with ExitStack() as stack:
         stack.callback(stop_daemons, root)
         sn = Snapshotter(root, LazyLayers(root, config, None))
@@ -374,6 +376,46 @@ def test_a_slow_daemon_stop_holds_up_only_its_own_chain(
         assert (mnt / "etc/a").read_bytes() == b"image a\n"
         sn.remove("ns", "ctr-a2")
         assert wait_pid(new_pid, 10) and daemons(root) == []
+
+
+def test_a_start_waits_for_a_daemon_being_stopped(
+    registry: RegistryInstance,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A daemon writes the chunks it holds in memory to the shared cache as it stops; a
+    # daemon of another chain over the same base, started meanwhile, would fetch them again.
+    # Here the old daemon's stop lasts as long as a file stays open in its mount: the other
+    # chain's daemon starts only once the old one is gone.  In-process.
+    a = _push(tmp_path, registry, registry.host, "a", [make_tar(BASE), make_tar(TOP_A)])
+    o = _push(tmp_path, registry, registry.host, "o", [make_tar(BASE), make_tar(TOP_B)])
+    config = Config(registry=RegistryConfig(plain_http=(registry.host,)), fork_server=False)
+    root = base_dir / "root"
+    monkeypatch.setattr(lazy, "STOP_TIMEOUT", 60.0)
+    monkeypatch.setattr(lazy, "STOP_WAIT", 60.0)
+    with ExitStack() as stack:
+        stack.callback(stop_daemons, root)
+        sn = Snapshotter(root, LazyLayers(root, config, None))
+        stack.callback(sn.close, unmount=True)
+        threads: list[threading.Thread] = []
+        stack.callback(lambda: [t.join(60) for t in threads])
+        _prepare_in(sn, a)
+        _prepare_in(sn, o)
+        mnt = _lowest(sn.prepare("ns", "ctr-a", a.chains[1], {}))
+        (old_pid, _, _), = [d for d in daemons(root) if d[2] == a.chains[1]]
+        held = stack.enter_context(open(mnt / "etc/a", "rb"))
+        threads.append(threading.Thread(target=sn.remove, args=("ns", "ctr-a")))
+        threads[0].start()
+        while str(mnt) in mounts_under(str(root / "mnt")):  # detached: now it waits for exit
+            time.sleep(0.02)
+        closer = threading.Timer(3.0, held.close)  # longer than a spawn takes, however loaded
+        threads.append(closer)
+        closer.start()
+        other = _lowest(sn.prepare("ns", "ctr-o", o.chains[1], {}))
+        assert wait_pid(old_pid, 0), "the new daemon started while the old one still stopped"
+        assert (other / "etc/b").read_bytes() == b"image b\n"
+        sn.remove("ns", "ctr-o")
 
 
 def test_a_registry_lookup_at_a_mount_holds_up_only_its_own_chain(

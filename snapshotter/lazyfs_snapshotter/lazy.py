@@ -19,7 +19,9 @@ Locks: a chain's start (registry lookups included) and stop run under that chain
 (:class:`~lazyfs_snapshotter.locks.ChainLocks`, shared with the snapshotter), never under one
 that other chains need; the metadata store's lock is held only for its quick transactions.
 A chain used again while its old daemon is still stopping waits for that daemon to end and
-then gets a new one: both on one mount point (and one control socket) would not do.
+then gets a new one: both on one mount point (and one control socket) would not do.  Any
+chain's start waits (STOP_WAIT at most) for the daemons being stopped: they write what they
+hold in memory to the shared cache as they go.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ PREPARE_TIMEOUT = 60.0
 # A daemon is ready once it has read its (cached) TOCs; this bounds a hung start.
 SPAWN_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+# A daemon writes the chunks it still holds in memory (a start-up prefetch's wait for a pause in
+# reads: lazyfs.store.layerstore.WRITE_IDLE_SECONDS) to the shared cache as it stops.  A daemon
+# started meanwhile would fetch them again: v2 of an image started as v1's container ends found
+# neither v1's libraries nor the basis of its binary deltas.  So a start waits for the stops
+# under way, this long at most: a hung one holds other chains up no longer.
+STOP_WAIT = 2.0
 
 
 def _one_line(e: BaseException) -> str:
@@ -94,6 +102,8 @@ class LazyLayers:
         self._cache: ChunkCache | None = None
         self._cache_lock = threading.Lock()  # a Prepare never waits for a spawn
         self._forks: ForkServer | None = None  # daemons are forked from it when it runs
+        self._stops: set[threading.Event] = set()  # one per daemon being stopped, set once gone
+        self._stops_lock = threading.Lock()
 
     # -- set-up ----------------------------------------------------------------------
     @property
@@ -311,6 +321,7 @@ class LazyLayers:
             daemon_id = tx.put_daemon(0, str(mnt), str(control_path(mnt)), refs[0],
                                       chain.chain_id)  # fmt: skip
         self._live.pop(daemon_id, None)
+        self._await_stops(chain)
         try:
             daemon, image_ref = self._spawn(chain, refs, mnt)
         except BaseException:
@@ -328,6 +339,16 @@ class LazyLayers:
             raise
         self._live[daemon_id] = daemon
         return daemon_id, mnt
+
+    def _await_stops(self, chain: Chain) -> None:
+        """Wait (STOP_WAIT at most) for the daemons being stopped now to be gone."""
+        with self._stops_lock:
+            stops = list(self._stops)
+        deadline = time.monotonic() + STOP_WAIT
+        for gone in stops:
+            if not gone.wait(max(0.0, deadline - time.monotonic())):
+                log.info("starting chain %s while another daemon still stops", chain.chain_id)
+                return
 
     def _spawn(self, chain: Chain, refs: tuple[str, ...], mnt: Path) -> tuple[Daemon, str]:
         """The chain's daemon on ``mnt``, from the first of its images that mounts."""
@@ -383,7 +404,15 @@ class LazyLayers:
                 daemon = attach(row.mountpoint, expect_pid=row.pid)
         if daemon is not None:
             log.info("stopping daemon pid %d of chain %s", daemon.pid, row.chain_id)
-            daemon.stop(STOP_TIMEOUT)
+            gone = threading.Event()
+            with self._stops_lock:
+                self._stops.add(gone)
+            try:
+                daemon.stop(STOP_TIMEOUT)
+            finally:
+                gone.set()
+                with self._stops_lock:
+                    self._stops.discard(gone)
         clear_mountpoint(row.mountpoint)
         with contextlib.suppress(OSError):
             os.rmdir(row.mountpoint)

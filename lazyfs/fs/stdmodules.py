@@ -44,7 +44,7 @@ INTERPRETER = re.compile(r"python(\d)\.(\d{1,3})")
 # compressed), where the start-up above reads 3.7 MiB of them.
 MODULE_BYTES = 24 * 1024 * 1024
 # Top-level directories of the library no start-up imports from (tests, IDLE, Tk and its
-# demos, 2to3, pip's wheels, pydoc's topics, the build's config) or whose packages are
+# demos, 2to3, pip's wheels, pydoc's topics) or whose packages are
 # third-party, of any size.
 SKIP = frozenset(
     {

@@ -11,6 +11,7 @@ chrooted in the mount.  ``--lazyfs DIR`` (repeatable): the checkouts whose daemo
 alternating in each of the N runs (e.g. this one and main, archived); the first run of each
 prints its requests and waits; medians of start-up, readiness, requests and MiB follow.
 ``--delay-ms MS``: the proxy answers every request that much later (a round trip's stand-in).
+``--keep-trace FILE``: the first run's trace (files read, when, how long each waited).
 """
 
 from __future__ import annotations
@@ -79,7 +80,13 @@ def load_toc(layout: Path, work: Path) -> TOC:
 
 
 def one_run(
-    layout: Path, work: Path, root: Path, toc_pieces: list[Piece], show: bool, delay: float
+    layout: Path,
+    work: Path,
+    root: Path,
+    toc_pieces: list[Piece],
+    show: bool,
+    delay: float,
+    keep_trace: Path | None = None,
 ) -> dict:
     from lazyfs.fs.daemon import spawn
     from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
@@ -105,6 +112,8 @@ def one_run(
         finally:
             d.stop()
         got = msgspec.json.decode(trace.read_bytes(), type=Trace)
+        if keep_trace is not None:
+            keep_trace.write_bytes(trace.read_bytes())
         subprocess.run(["rm", "-rf", str(cache)], check=True)
         ins = [(path, t) for kind, path, t in proxy.events if kind == "in"]
         reqs = [
@@ -145,6 +154,9 @@ def one_run(
     used = sum(r[5] for r in rows)
     return {"startup": done - ready, "ready": ready - t0, "requests": len(reqs),
             "waited": sum(f.wait_ns for f in got.files) / 1e9,
+            # the first file waited for: the program itself, its first chunk (the exec)
+            "first wait": min(((f.first_read_ns, f.wait_ns) for f in got.files if f.wait_ns),
+                              default=(0, 0))[1] / 1e9,
             "MiB": total / 2**20, "used MiB": used / 2**20,
             "read files": len(read)}  # fmt: skip
 
@@ -154,6 +166,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--work-dir", type=Path)
     ap.add_argument("--delay-ms", type=float, default=0.0, help="added to every request")
+    ap.add_argument("--keep-trace", type=Path, help="the first run's trace, written here")
     ap.add_argument(
         "--lazyfs", type=Path, action="append", help="checkouts whose daemons alternate (repeat)"
     )
@@ -169,7 +182,10 @@ def main() -> int:
             for r in roots:
                 if i == 0:
                     print(f"\n## {r}")
-                out[r].append(one_run(layout, work, r, toc_pieces, i == 0, args.delay_ms / 1e3))
+                keep = args.keep_trace if i == 0 and r == roots[0] else None
+                out[r].append(
+                    one_run(layout, work, r, toc_pieces, i == 0, args.delay_ms / 1e3, keep)
+                )
         for r, runs in out.items():
             print(f"\n{r}, each run's start-up and wait: " + ", ".join(
                 f"{o['startup']:.3f}/{o['waited']:.3f}" for o in runs))

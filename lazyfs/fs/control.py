@@ -42,11 +42,14 @@ class PrefetchStats(msgspec.Struct, kw_only=True):
 
 
 class NeededStats(msgspec.Struct, kw_only=True):
-    """The libraries fetched because an ELF file read names them (``needed`` field)."""
+    """The libraries fetched because an ELF file read names them, and the modules because
+    it is a Python (``needed`` field)."""
 
     elf_files: int = 0  # ELF files whose dynamic section was looked at
     libraries: int = 0  # libraries they name that were fetched before being read
     bytes: int = 0  # those libraries' content bytes
+    modules: int = 0  # an interpreter's standard modules fetched at its exec (stdmodules)
+    module_bytes: int = 0  # their content bytes
     busy: int = 0  # look-ups and fetches under way
     error: str = ""  # the first error (follow-ups are best effort)
 

@@ -10,7 +10,9 @@ machine, symbolic links followed in the mount's tree) and fetched together at PR
 priority (a reader that gets there first joins and boosts the flight), then followed the
 same way themselves, to FOLLOW_DEPTH.  Each file at most once per mount; small files only
 (FILE_MAX), at most MOUNT_BYTES in all: every prefetched byte's decode and cache write
-competes with the start-up for the CPU.  Best effort: errors are logged and counted."""
+competes with the start-up for the CPU.  Best effort: errors are logged and counted.
+An ELF file that is a Python interpreter also has its standard modules fetched
+(:mod:`lazyfs.fs.stdmodules`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from lazyfs.formats import elf
 from lazyfs.formats.chunkio import chunks_for_range
 from lazyfs.formats.toc import Entry
 from lazyfs.fs.control import NeededStats
+from lazyfs.fs.stdmodules import INTERPRETER, StdModules
 from lazyfs.fs.tree import Node, Tree
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.layerstore import LayerStore
@@ -95,6 +98,9 @@ class NeededLibs:
         self._seen: set[int] = set()  # inodes looked at or fetched
         self._left = MOUNT_BYTES
         self._send, self._recv = trio.open_memory_channel[tuple[Node, bytes]](QUEUE)
+        # A Python's standard modules, fetched once the interpreter's start is read.
+        self.modules = StdModules(store, self.stats)
+        self._nursery: trio.Nursery | None = None
 
     def stop(self) -> None:
         """Nothing more is followed (a group covers the start-up)."""
@@ -104,6 +110,8 @@ class NeededLibs:
         """A reader got ``data`` at ``offset`` of the lower file ``node``."""
         if offset or not self.active or data[:4] != elf.MAGIC or node.ino in self._seen:
             return
+        if self._nursery is not None and INTERPRETER.fullmatch(node.name):
+            self._nursery.start_soon(self._modules, node)
         try:
             self._send.send_nowait((node, data[:HEAD]))
         except trio.WouldBlock:
@@ -112,8 +120,19 @@ class NeededLibs:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for _ in range(WORKERS):
                 nursery.start_soon(self._work)
+
+    async def _modules(self, program: Node) -> None:
+        self.stats.busy += 1
+        try:
+            await self.modules.fetch(program, self.layers)
+        except Exception as e:  # best effort: a follow-up never ends the mount
+            log.warning("modules of %s: %s", "/".join(program.path()), e)
+            self.stats.error = self.stats.error or str(e) or type(e).__name__
+        finally:
+            self.stats.busy -= 1
 
     async def _work(self) -> None:
         async for node, head in self._recv:

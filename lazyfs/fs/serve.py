@@ -184,7 +184,7 @@ class _Mount:
             early = self.tree.next_ino if self.ops is not None else 0
             try:
                 self.tree.add_beneath([ol.toc for ol in image.layers[: self._first]], 0)
-                self.tree.finish()
+                self.tree.finish(lower_paths=self.upper is not None)
             except LazyfsError as e:
                 # A lower layer's TOC is bad (a hardlink to nowhere): the tree is half built,
                 # so nothing is answered from it any more, early or not.

@@ -33,6 +33,7 @@ from lazyfs.fs.control import (
     MountInfo,
     ReadyReport,
     StatsReport,
+    control_listener,
     control_server,
 )
 from lazyfs.fs.merge import apply_upper
@@ -572,7 +573,11 @@ async def serve(
             # socket and background fill are cancelled, but chunks already on their way are
             # still verified and written to the cache.
             async with image.store.running(), trio.open_nursery() as nursery:
-                await nursery.start(control_server, control, mount.handle)
+                # Bound here, served by a task: ready is said without a checkpoint between
+                # (one lets every task run first: the prefetch's streams, the early ranges'
+                # decodes), and a client's first request waits in the socket's backlog.
+                listener = control_listener(control)
+                nursery.start_soon(control_server, listener, control, mount.handle)
                 if opts.background_fetch:
                     image.store.background(nursery)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)

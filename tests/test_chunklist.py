@@ -137,3 +137,53 @@ def test_a_layer_out_of_blob_order_plans_from_sorted_columns(tmp_path: Path) -> 
     assert after == chunks[11:14]
     behind = plan.amplify(layer, [chunks[10]], 1, lambda c: False, chunks[10].offset)
     assert behind == chunks[9::-1]
+
+
+def test_a_chunk_lists_digest_lines_are_what_the_fingerprint_hashes() -> None:
+    """The fingerprint of a chunk list's view (its text made at once) is the one fed digest
+    by digest, for digests as bytes, picked by slot (a table's), spelt otherwise, or with a
+    hole's empty digest among them."""
+    chunks = _chunks(300)
+    cl = ChunkList.of(chunks)
+    hole = ChunkList.of([*chunks[:5], Chunk(0, 4096, 0, 0, "", zeros=True)])
+    other = ChunkList.of([*chunks[:5], Chunk(0, 1, 5, 6, "sha512:" + "ab" * 64)])
+    picked = cl.select([4, 4, 0, 299, 7])  # shares the digests' bytes, picked by slot
+    for view in (cl, hole, other, picked, cl.without([0, 299]), ChunkList.of([])):
+        text = "".join(d + "\n" for d in view.digests())
+        assert view.digest_lines() == text
+        assert fingerprint(view.digest_view) == fingerprint(iter(list(view.digests())))
+        assert fingerprint(view.digest_view) == hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class _Counted(list[str]):
+    """Digests that count how often they are walked."""
+
+    walks = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.walks += 1
+        return super().__iter__()
+
+
+def test_a_map_not_kept_does_not_walk_the_digests(tmp_path: Path) -> None:
+    """A cold mount loads a map that does not exist: its fingerprint (a pass over every
+    digest) waits until the map is written, and is the same then."""
+    digests = _Counted(_sha(i) for i in range(50))
+    m = ChunkMap.load(tmp_path / "m", "x", digests)
+    assert digests.walks == 0 and m.count == 50
+    m.set(3)
+    (tmp_path / "m").write_bytes(m.snapshot())
+    assert digests.walks == 1 and m.fingerprint == fingerprint(list(digests))
+    again = ChunkMap.load(tmp_path / "m", "x", _Counted(digests))
+    assert again[3] and again.ready == 1
+
+
+def test_an_index_without_some_rows_is_the_index_made_afresh() -> None:
+    """``DigestIndex.without``: the repeats' rows dropped from an index (what a layer's map
+    keeps) give the index a fresh sort would, whether or not the rows' bits shrink."""
+    for n, rows in ((300, [0, 5, 6, 299]), (257, [3]), (5, [0, 1, 2, 3, 4]), (40, [])):
+        cl = ChunkList.of(_chunks(n))
+        kept = cl.without(rows)
+        got = DigestIndex(cl).without(rows, kept)
+        assert list(got._sorted) == list(DigestIndex(kept)._sorted)
+        assert all(got[kept.digest(i)] == i for i in range(len(kept)))

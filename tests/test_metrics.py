@@ -216,3 +216,36 @@ def test_a_client_that_gives_up_or_talks_nonsense_never_ends_the_mount(
             s.sendall(b'{"cmd": "stats"}\n')  # and hang up before the answer
         assert m.stats()["pid"] == m.pid and m.alive()
         assert (mnt / "a").read_bytes() == DATA
+
+
+def test_the_control_socket_listens_before_its_task_runs(tmp_path: Path) -> None:
+    """The daemon binds its control socket without a checkpoint (it says it is ready at once,
+    not after a pass of every other task): a client that connects before the server task
+    has run waits in the backlog and is answered once it does; the socket goes with it."""
+    import trio
+
+    from lazyfs.fs.control import control_listener, control_server
+
+    path = tmp_path / "run" / "ctl.sock"
+    asked: list[dict[str, object]] = []
+
+    def handler(request: dict[str, object]) -> object:
+        asked.append(request)
+        return {"pid": 7}
+
+    async def main() -> None:
+        listener = control_listener(path)  # no await: nothing else has run
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))  # accepted into the backlog already
+        client.sendall(b'{"cmd": "stats"}\n')
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(control_server, listener, path, handler)
+            reply = await trio.to_thread.run_sync(client.makefile("rb").readline)
+            client.close()
+            nursery.cancel_scope.cancel()
+        assert json.loads(reply) == {"ok": True, "result": {"pid": 7}}
+        assert asked == [{"cmd": "stats"}]
+
+    trio.run(main)
+    assert not path.exists()

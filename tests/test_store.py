@@ -288,6 +288,31 @@ def test_restart_fetches_nothing(tmp_path: Path) -> None:
     assert layer2.stats.cache_hits == 10 and layer2.stats.cache_misses == 0
 
 
+def test_a_fresh_cache_is_not_asked_for_each_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold mount (no chunk cached, no map kept) adds its layer without a lookup per chunk;
+    with one chunk cached (another layer's), the lookups find it."""
+    blob, toc = build_layer({"a": rand(3000, 1), "b": rand(2000, 2)})
+    asked: list[str] = []
+    contains = ChunkCache.__contains__
+
+    def counted(self: ChunkCache, digest: str) -> bool:
+        asked.append(digest)
+        return contains(self, digest)
+
+    monkeypatch.setattr(ChunkCache, "__contains__", counted)
+    cache = ChunkCache(tmp_path / "cache")
+    layer = LayerStore(cache).add_layer(BLOB, MemSource({BLOB: blob}), toc)
+    assert asked == [] and layer.stats.chunks_ready == 0 and layer.stats.bytes_held == 0
+    piece = rand(3000, 1)[:1000]
+    cache.put(digest_of(piece), piece)
+    layer = LayerStore(cache).add_layer(BLOB, MemSource({BLOB: blob}), toc)
+    assert len(asked) == 5 and layer.stats.chunks_ready == 1
+    first = toc.by_name()["a"].chunks[0]
+    assert layer.stats.bytes_held == first.end - first.offset
+
+
 def test_map_bit_for_missing_chunk_is_refetched(tmp_path: Path) -> None:
     store, layer, _src, toc, blob = make(tmp_path, {"a": rand(3000, 1)}, readahead=0)
     e = toc.by_name()["a"]

@@ -77,3 +77,18 @@ def test_an_upper_edit_replaces_a_table_entry() -> None:
     assert node is not None and node.entry is not None and node._row() is not None
     node.entry = None  # promoted: the upper copy is the truth
     assert node.entry is None and node._row() is None
+
+
+def test_a_read_only_tree_keeps_no_lower_paths() -> None:
+    """Only removing or renaming a name asks which paths the lower layers have: a tree
+    finished without them (a read-only mount) does not walk itself to hash every path."""
+    tables = [_as_table(t) for t in _LAYERS]
+    kept, bare = Tree(), Tree()
+    for tree in (kept, bare):
+        tree.add_beneath(tables, 0)
+    kept.finish()
+    bare.finish(lower_paths=False)
+    assert len(bare.lower_paths) == 0 and bare.final
+    paths = [tuple(path.split("/")) for path, _ in kept.walk() if path]
+    assert paths and all(map(kept.lower_has, paths))
+    assert _shape(bare) == _shape(kept)

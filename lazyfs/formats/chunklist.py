@@ -164,10 +164,27 @@ class ChunkList(Sequence[Chunk]):
                 h = hx[k : k + 64]
                 yield "" if h == empty else SHA256_PREFIX + h
 
+    def digest_lines(self) -> str:
+        """Every digest followed by a newline, as one string (what a readiness map's
+        fingerprint hashes), made in a few C passes over the bytes: no string per digest."""
+        if self._strs is not None:
+            return "".join(d + "\n" for d in self._strs)
+        if not self._count:
+            return ""
+        hx = self._raw.hex("\n", -32)  # a newline after each 32 bytes but the last
+        if NO_DIGEST.hex() in hx:  # a hole's digest, spelt "": rare, so each line is made
+            return "".join(d + "\n" for d in self.digests())
+        sep = "\n" + SHA256_PREFIX
+        if self._slots is not None:  # each chunk's line picked from the digests' (in C)
+            hx = sep.join(map(hx.split("\n").__getitem__, self._slots))
+        else:
+            hx = hx.replace("\n", sep)
+        return SHA256_PREFIX + hx + "\n"
+
     @property
-    def digest_view(self) -> Sequence[str]:
+    def digest_view(self) -> DigestView:
         """The digests as a sequence of strings, each made when asked for."""
-        return _DigestView(self)
+        return DigestView(self)
 
     @property
     def has_holes(self) -> bool:
@@ -250,7 +267,9 @@ class ChunkList(Sequence[Chunk]):
         return f"<ChunkList of {self._count}>"
 
 
-class _DigestView(Sequence[str]):
+class DigestView(Sequence[str]):
+    """A chunk list's digests (:attr:`ChunkList.digest_view`)."""
+
     __slots__ = ("_chunks",)
 
     def __init__(self, chunks: ChunkList) -> None:
@@ -261,6 +280,10 @@ class _DigestView(Sequence[str]):
 
     def __iter__(self) -> Iterator[str]:
         return self._chunks.digests()
+
+    def lines(self) -> str:
+        """:meth:`ChunkList.digest_lines`."""
+        return self._chunks.digest_lines()
 
     @overload
     def __getitem__(self, i: int) -> str: ...

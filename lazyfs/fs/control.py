@@ -128,19 +128,32 @@ def _answer(handler: Callable[[dict[str, object]], object], line: bytes) -> byte
     return msgspec.json.encode({"ok": False, "error": error}) + b"\n"
 
 
-async def control_server(
-    path: Path, handler: Callable[[dict[str, object]], object], task_status: trio.TaskStatus
-) -> None:
+def control_listener(path: Path) -> trio.SocketListener:
+    """The control socket at ``path``, bound and listening: made without a checkpoint, so a
+    mount says it is ready without first letting every other task run (a client connecting
+    meanwhile waits in the backlog until :func:`control_server` serves it)."""
     import trio  # here: the client side (every CLI command) should not pay for it
 
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(os.fspath(path))
-    os.chmod(path, 0o600)
-    sock.listen(16)
-    listener = trio.SocketListener(sock)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+async def control_server(
+    listener: trio.SocketListener, path: Path, handler: Callable[[dict[str, object]], object]
+) -> None:
+    """Answer the requests ``listener`` (:func:`control_listener`'s, at ``path``) accepts,
+    until cancelled; then remove the socket."""
+    import trio
 
     async def serve_one(stream: trio.SocketStream) -> None:
         # Whatever a client sends, or however early it hangs up (a scraper's timeout), the
@@ -159,7 +172,6 @@ async def control_server(
             pass  # the client went away: nobody is left to answer
 
     try:
-        task_status.started()
         await trio.serve_listeners(serve_one, [listener])
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -33,6 +33,7 @@ from lazyfs.fs.control import (
     MountInfo,
     ReadyReport,
     StatsReport,
+    control_listener,
     control_server,
 )
 from lazyfs.fs.merge import apply_upper
@@ -184,7 +185,7 @@ class _Mount:
             early = self.tree.next_ino if self.ops is not None else 0
             try:
                 self.tree.add_beneath([ol.toc for ol in image.layers[: self._first]], 0)
-                self.tree.finish()
+                self.tree.finish(lower_paths=self.upper is not None)
             except LazyfsError as e:
                 # A lower layer's TOC is bad (a hardlink to nowhere): the tree is half built,
                 # so nothing is answered from it any more, early or not.
@@ -572,7 +573,11 @@ async def serve(
             # socket and background fill are cancelled, but chunks already on their way are
             # still verified and written to the cache.
             async with image.store.running(), trio.open_nursery() as nursery:
-                await nursery.start(control_server, control, mount.handle)
+                # Bound here, served by a task: ready is said without a checkpoint between
+                # (one lets every task run first: the prefetch's streams, the early ranges'
+                # decodes), and a client's first request waits in the socket's backlog.
+                listener = control_listener(control)
+                nursery.start_soon(control_server, listener, control, mount.handle)
                 if opts.background_fetch:
                     image.store.background(nursery)
                 nursery.start_soon(_on_signals, nursery.cancel_scope)

@@ -271,13 +271,17 @@ class Tree:
         for index in range(len(tocs) - 1, -1, -1):
             self._add_layer(first + index, tocs[index].entries)
 
-    def finish(self) -> None:
-        """After the last (lowest) layer: every hardlink must have found its target."""
+    def finish(self, *, lower_paths: bool = True) -> None:
+        """After the last (lowest) layer: every hardlink must have found its target.
+        ``lower_paths``: keep every path (:meth:`lower_has`), which only removing or renaming
+        a name asks, so a read-only mount does without (a walk of the whole tree before it is
+        ready)."""
         for target, waiting in self._wanted.items():
             raise _missing(waiting[0], target)
         self._whiteouts, self._opaque = set(), set()
         self.final = True
-        self.lower_paths = array("q", sorted(self._path_hashes()))
+        if lower_paths:
+            self.lower_paths = array("q", sorted(self._path_hashes()))
         if len(self.nodes) >= TRIM_AFTER_NODES:
             trim_heap()  # what the TOC decode and the build freed
 

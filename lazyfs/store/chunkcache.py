@@ -216,6 +216,10 @@ class ChunkCache:
         # every chunk of every layer before it is ready).
         return digest.startswith("sha256:") and digest[7:] in self._index
 
+    def holds_chunks(self) -> bool:
+        """Whether the index knows any chunk (a fresh cache's does not)."""
+        return bool(self._index)
+
     def probe(self, digest: str) -> bool:
         """Whether the chunk is on disk, adopting a file the index does not know (written by
         another process sharing the directory).  One stat at most."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 
-from lazyfs.formats.chunklist import ChunkList
+from lazyfs.formats.chunklist import ChunkList, DigestView
 from lazyfs.formats.toc import TOC, EntryTable
 
 MAP_VERSION = 1
@@ -66,11 +66,12 @@ def indexed_chunks(toc: TOC) -> tuple[ChunkList, DigestIndex]:
         drop.update(i for i in range(len(every)) if every.is_hole(i))
     if not drop:
         return every, index  # sharing the table's columns
+    rows = sorted(drop)
     if len(drop) <= _CUT_MAX:
-        kept = every.without(sorted(drop))
+        kept = every.without(rows)
     else:
         kept = every.select([i for i in range(len(every)) if i not in drop])
-    return kept, DigestIndex(kept)
+    return kept, index.without(rows, kept)
 
 
 # Up to this many rows are cut out of copies of the columns (each cut moves the rest of a
@@ -95,6 +96,25 @@ class DigestIndex:
         self._chunks = chunks
         self._shift = shift
         self._sorted: array[int] = array("q", sorted(rows))
+
+    def without(self, rows: Sequence[int], kept: ChunkList) -> DigestIndex:
+        """The index of ``kept``: these chunks but those at ``rows`` (ascending), in order.
+        Taken from this one (the keys stay in order when rows are renumbered alike), not
+        sorted again, unless the rows' bits shrink."""
+        n = len(kept)
+        shift = max(n - 1, 0).bit_length()
+        if shift != self._shift or n + len(rows) != len(self._sorted):
+            return DigestIndex(kept)
+        mask = (1 << shift) - 1
+        gone = bytearray(len(self._sorted))
+        for r in rows:
+            gone[r] = 1
+        # How much each row's number drops: the rows before it that are gone.
+        less = list(itertools.accumulate(gone))
+        index = DigestIndex.__new__(DigestIndex)
+        index._chunks, index._shift = kept, shift
+        index._sorted = array("q", [v - less[v & mask] for v in self._sorted if not gone[v & mask]])
+        return index
 
     def get(self, digest: str) -> int | None:
         probe = self._chunks.key_of(digest)
@@ -150,7 +170,10 @@ _FINGERPRINT_BATCH = 4096
 
 def fingerprint(digests: Iterable[str]) -> str:
     """sha256 over the digests, each followed by a newline (fed in batches: the digests may be
-    made one by one from a chunk list's bytes, and need not all exist at once)."""
+    made one by one from a chunk list's bytes, and need not all exist at once; a chunk list's
+    view gives its text at once, made in C)."""
+    if isinstance(digests, DigestView):
+        return hashlib.sha256(digests.lines().encode()).hexdigest()[:32]
     h = hashlib.sha256()
     it = iter(digests)
     while batch := list(itertools.islice(it, _FINGERPRINT_BATCH)):
@@ -165,12 +188,25 @@ class ChunkMap:
         self.path = path
         self.blob = blob
         self.count = len(digests)
-        self.fingerprint = fingerprint(digests)
+        # Made when first asked for: a layer no map was kept for needs it only when its map
+        # is written, and a mount waits for what add_layer does.
+        self._digests: Sequence[str] | None = digests
+        self._fingerprint = ""
         self.bits = bytearray((self.count + 7) // 8)
         self.ready = 0
         self.changes = 0  # changes since the last snapshot
         self.last_flush = time.monotonic()
         self.flushing = False
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`fingerprint` of the map's digests (safe from any thread: the digests do not
+        change, and a race only computes it twice)."""
+        digests = self._digests
+        if digests is not None:
+            self._fingerprint = fingerprint(digests)
+            self._digests = None
+        return self._fingerprint
 
     @classmethod
     def load(cls, path: Path, blob: str, digests: Sequence[str]) -> ChunkMap:

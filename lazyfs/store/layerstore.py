@@ -325,21 +325,25 @@ class LayerStore:
         cmap = ChunkMap.load(path, blob_digest, chunks.digest_view)
         # Reconciled before the layer exists, so its stats start right; one pass over flags
         # rather than a set/clear call per chunk (a mount waits for this).
-        cache, was = self.cache, cmap.flags()
+        cache = self.cache
         now = bytearray(len(chunks))
-        for i, d in enumerate(chunks.digests()):
-            # A set bit the index does not know costs one stat (another process may have
-            # written the chunk); unset bits cost only a dict lookup.
-            if d in cache or (was[i] and cache.probe(d)):
-                now[i] = 1
+        # A fresh cache and no kept map (a cold mount): no chunk to look for.
+        if cmap.ready or cache.holds_chunks():
+            was = cmap.flags()
+            for i, d in enumerate(chunks.digests()):
+                # A set bit the index does not know costs one stat (another process may have
+                # written the chunk); unset bits cost only a dict lookup.
+                if d in cache or (was[i] and cache.probe(d)):
+                    now[i] = 1
         cmap.set_flags(now)
         layer = Layer(blob_digest, source, toc, cmap, (chunks, index))
         layer.size = size  # known from the manifest; lets a Range-less registry be handled
         if cmap.changes:
             self._dirty.add(layer)
-        layer.stats.bytes_held = sum(
-            itertools.compress(map(operator.sub, chunks.ends, chunks.offsets), now)
-        )
+        if cmap.ready:
+            layer.stats.bytes_held = sum(
+                itertools.compress(map(operator.sub, chunks.ends, chunks.offsets), now)
+            )
         self._layers[blob_digest] = layer
         self._layer_added.set()
         return layer

@@ -16,7 +16,7 @@ from lazyfs_tools.convert import convert
 
 from lazyfs.formats.toc import TOC, Entry
 from lazyfs.fs.control import NeededStats
-from lazyfs.fs.stdmodules import StdModules, library_dir, modules
+from lazyfs.fs.stdmodules import MODULE_FILES, StdModules, library_dir, modules
 from lazyfs.fs.tree import Node, Tree
 from lazyfs.remote.base import REQUEST_SENT
 from lazyfs.store.layerstate import Layer
@@ -215,3 +215,23 @@ def test_the_start_up_modules_are_asked_for_before_the_rest() -> None:
     assert stats.modules == 5 and stats.module_bytes == 50
     trio.run(mods.fetch, program, [cast(Layer, None)])  # once per library directory
     assert len(calls) == 4
+
+
+def test_a_library_of_too_many_modules_plans_a_bounded_number() -> None:
+    """A hostile (or odd) TOC with a huge ``__pycache__`` of tiny files, far under
+    MODULE_BYTES: the walk runs in the event loop and each module costs an Entry, so it
+    stops at MODULE_FILES (900k of them held every FUSE request up for 9 s)."""
+    lib = "usr/lib/python3.11"
+    many = [f"{lib}/__pycache__/m{i}.{CACHE}.pyc" for i in range(MODULE_FILES + 300)]
+    tree = _tree(["usr/", "usr/bin/", "usr/bin/python3.11", "usr/lib/", f"{lib}/",
+                  f"{lib}/__pycache__/", *many])  # fmt: skip
+    planned: list[int] = []
+
+    class Counting:
+        async def prefetch(self, _layer: Any, entries: list[Entry], *, hold: bool) -> None:
+            planned.append(len(entries))
+
+    stats = NeededStats()
+    mods = StdModules(cast(LayerStore, Counting()), stats)
+    trio.run(mods.fetch, _node(tree, "usr/bin/python3.11"), [cast(Layer, None)])
+    assert sum(planned) == MODULE_FILES == stats.modules

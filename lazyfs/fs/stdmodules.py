@@ -18,8 +18,8 @@ Not at the exec's first READ but once it is served: the program's own first chun
 python3.11's ~1.9 MiB compressed) then has the network and the CPUs to itself, and the
 modules still come before the first import asks (started at the READ, that chunk's wait
 was 1.7x as long and the start-up no faster).  Left out: test suites, tools no program
-imports at start-up, third-party ``site-packages``, anything past MODULE_BYTES (decoded), a
-library directory of the upper layer; each library directory once per mount."""
+imports at start-up, third-party ``site-packages``, anything past MODULE_BYTES (decoded) or
+MODULE_FILES, a library directory of the upper layer; each library directory once per mount."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ INTERPRETER = re.compile(r"python(\d)\.(\d{1,3})")
 # Debian's 3.11: 10.0 MiB of compiled modules and 3.0 MiB of extension modules (5.1 MiB
 # compressed); BENCHMARKS' start-up reads 4.5 MiB of them.
 MODULE_BYTES = 24 * 1024 * 1024
+# And at most this many files (Debian's 3.11: 544 compiled modules).  The walk runs in one
+# go in the event loop, and each module found costs an Entry (~10 us, ~0.5 KiB): a TOC of
+# 900k one-byte ``.pyc`` files (under MODULE_BYTES) held every FUSE request up for 9 s.
+MODULE_FILES = 4096
 # Top-level directories of the library no start-up imports from (tests, IDLE, Tk and its
 # demos, 2to3, pip's wheels, pydoc's topics) or whose packages are
 # third-party, of any size.
@@ -152,13 +156,16 @@ class StdModules:
         self._seen.add(library.ino)
         first: dict[int, list[Entry]] = {}
         rest: dict[int, list[Entry]] = {}
-        left = MODULE_BYTES
+        left, files = MODULE_BYTES, MODULE_FILES
         for module, node in modules(library, f"cpython-{m.group(1)}{m.group(2)}"):
             entry = node.entry
             if entry is None or not 0 <= node.layer < len(layers) or entry.size > left:
                 continue
             left -= entry.size
+            files -= 1
             (first if module in FIRST else rest).setdefault(node.layer, []).append(entry)
+            if not files:
+                break
         async with trio.open_nursery() as nursery:
             for part in (first, rest):
                 sent = []

@@ -103,6 +103,22 @@ def patched_pyfuse3() -> ctypes.CDLL | None:
     return lib
 
 
+def cache_symlinks() -> bool:
+    """Before ``pyfuse3.init``: ask the kernel to keep symlinks' targets in their page cache
+    (FUSE_CAP_CACHE_SYMLINKS), so that a path walked through a symlink again costs no READLINK.
+    A symlink's target never changes: a name given a new target leads to a new inode (lower
+    and upper inode numbers are never reused), and a copy-up keeps the target.  Whether the
+    installed pyfuse3 can (scripts/pyfuse3_cache_dir.py)."""
+    lib = patched_pyfuse3()
+    if lib is None:
+        return False
+    try:
+        ctypes.c_int.in_dll(lib, "lazyfs_cache_symlinks").value = 1
+    except ValueError:
+        return False  # patched before this flag: setup.sh rebuilds it
+    return True
+
+
 def start_c_reader() -> bool:
     """After ``pyfuse3.init``, before ``pyfuse3.main``: requests that need no Python are
     answered by the patched pyfuse3's reader thread from now on (``pyfuse3.close`` stops it).

@@ -37,7 +37,7 @@ from lazyfs.fs.control import (
 )
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.neededlibs import NeededLibs
-from lazyfs.fs.ops import Operations, c_reader_counts, start_c_reader
+from lazyfs.fs.ops import Operations, c_reader_counts, cache_symlinks, start_c_reader
 from lazyfs.fs.pending import PendingOperations
 from lazyfs.fs.prefetch import (
     LOOKUP_WAIT_MIN,
@@ -565,6 +565,7 @@ async def serve(
         fuse_ops = mount.fuse_operations()
         _after_init(fuse_ops, lambda: _widen_read_ahead(mountpoint))
         tree_built.set()
+        cache_symlinks()
         pyfuse3.init(fuse_ops, mountpoint, _fuse_options(opts))
         try:
             start_c_reader()

@@ -1197,6 +1197,13 @@ class EntryTable(Sequence[Entry]):
     def link_name(self, i: int) -> str:
         return self._links.get(i, "")
 
+    def stat_fields(self, i: int) -> tuple[EntryType, int, int, int, int, int, int]:
+        """Entry ``i``'s type, uid, gid, size, mtime_ns and device numbers, without making it
+        (with its chunks): a LOOKUP's or a listing's attributes need only these."""
+        _, uid, gid, size, mtime = self._numbers
+        major, minor = self._devices.get(i, (0, 0))
+        return _KINDS[self._kinds[i]], uid[i], gid[i], size[i], self._times[mtime[i]], major, minor
+
     def chunks(self) -> ChunkList:
         """Every entry's chunks in order, as ``entry.chunks`` would give them, as columns (a
         layer's chunk list at mount), sharing this table's columns where it can: neither the

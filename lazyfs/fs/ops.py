@@ -430,20 +430,19 @@ class Operations(_Guarded):
                 st.st_ctime_ns,
             )
         else:
-            e = node.entry
-            assert e is not None
+            kind, uid, gid, size, mtime_ns, major, minor, link = node.stat_fields()
             a.st_mode = node.mode()
             a.st_nlink = node.nlink
-            a.st_uid, a.st_gid = e.uid, e.gid
-            a.st_rdev = os.makedev(e.dev_major, e.dev_minor)
-            if e.type == "symlink":
-                a.st_size = len(os.fsencode(e.link_name))
-            elif e.type == "dir":
+            a.st_uid, a.st_gid = uid, gid
+            a.st_rdev = os.makedev(major, minor)
+            if kind == "symlink":
+                a.st_size = len(os.fsencode(link))
+            elif kind == "dir":
                 a.st_size = 4096
             else:
-                a.st_size = e.size
+                a.st_size = size
             a.st_blocks = (a.st_size + 511) // 512
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
         if node.children is not None:
             # Directory link count: ".", the name in the parent, and each subdirectory's "..".
             a.st_nlink = 2 + sum(1 for c in node.children.values() if c.children is not None)

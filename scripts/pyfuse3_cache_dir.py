@@ -22,7 +22,8 @@ file), and queues every other request for pyfuse3's workers, which then wait on 
 instead of /dev/fuse.  Without it each of those requests woke the trio loop (about 0.1 ms
 each).  ``close()`` stops and joins the thread before it unmounts; an unmount or abort (ENODEV)
 ends it and, through the queue, the workers; the exported counters say how many requests each
-side took.
+side took.  While lazyfs says no file can have one (``lazyfs_no_capability``), it also answers
+GETXATTR of security.capability (ENODATA), which the kernel asks before every write(2).
 
 A fourth lets lazyfs ask the kernel to keep symlinks' targets in their page cache
 (FUSE_CAP_CACHE_SYMLINKS, when the exported ``lazyfs_cache_symlinks`` is set before
@@ -64,9 +65,10 @@ INO_FH = "(((uint64_t)1) << 61)"
 FH_CALLBACKS = ("readdirplus", "read", "write", "write_buf", "flush", "release", "fsync")
 READER_MARK = "/* lazyfs: reader thread */"
 SYMLINKS_MARK = "/* lazyfs: cache_symlinks flag */"
+CAPABILITY_MARK = "/* lazyfs: no capability */"  # in READER_C
 # Marks of patches this script no longer makes: a C file with one is re-patched from the original.
 OLD_MARKS = ("/* lazyfs: cache_readdir, keep_cache */", "/* lazyfs: opendir in C */")
-MARKS = (NOFLUSH_MARK, INO_FH_MARK, READER_MARK, SYMLINKS_MARK)
+MARKS = (NOFLUSH_MARK, INO_FH_MARK, READER_MARK, SYMLINKS_MARK, CAPABILITY_MARK)
 # Where the exported globals and the reader thread's C go: before the first callback.
 GLOBALS_AT = "static void __pyx_f_7pyfuse3_fuse_opendir(fuse_req_t __pyx_v_req, fuse_ino_t __pyx_v_ino, struct fuse_file_info *__pyx_v_fi) {\n"  # noqa: E501
 RECEIVE = "fuse_session_receive_buf(__pyx_v_7pyfuse3_session, "

@@ -34,7 +34,7 @@ import pyfuse3
 import trio
 
 from lazyfs.errors import LazyfsError
-from lazyfs.formats.toc import Entry
+from lazyfs.formats.toc import Entry, has_xattr
 from lazyfs.fs.copyup import CopyUp
 from lazyfs.fs.neededlibs import NeededLibs
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
@@ -114,6 +114,23 @@ def cache_symlinks() -> bool:
         return False
     try:
         ctypes.c_int.in_dll(lib, "lazyfs_cache_symlinks").value = 1
+    except ValueError:
+        return False  # patched before this flag: setup.sh rebuilds it
+    return True
+
+
+CAPABILITY = "security.capability"
+
+
+def answer_no_capability(on: bool) -> bool:
+    """Whether the C reader thread answers GETXATTR of security.capability with ENODATA itself
+    (the kernel asks before every write(2) to a file: a round trip per write): only while no
+    file of the mount can have one.  Whether the installed pyfuse3 can."""
+    lib = patched_pyfuse3()
+    if lib is None:
+        return False
+    try:
+        ctypes.c_int.in_dll(lib, "lazyfs_no_capability").value = int(on)
     except ValueError:
         return False  # patched before this flag: setup.sh rebuilds it
     return True
@@ -258,6 +275,9 @@ class Operations(_Guarded):
         self.copy = (
             CopyUp(store, layers, upper, max_bytes=copy_up_max) if upper is not None else None
         )
+        # Set while the C reader answers that no file has a security.capability xattr (see
+        # no_capability): cleared before one is set.
+        self.capability_free = False
         # inode -> an upper fd and what it serves (_READ...), least recently used first (see
         # MAX_UPPER_FDS)
         self._fds: dict[int, tuple[int, int]] = {}
@@ -456,6 +476,15 @@ class Operations(_Guarded):
         attrs = self._attrs(node)
         node.lookups += 1
         return attrs
+
+    def no_capability(self, upper_empty: bool) -> bool:
+        """Let the C reader answer GETXATTR of security.capability (ENODATA) while no file
+        can have one: no lower entry has one, and the upper directory was empty at mount (or
+        there is none); setxattr clears it before making one.  Whether it now does."""
+        if not upper_empty or any(has_xattr(la.toc.entries, CAPABILITY) for la in self.layers):
+            return False
+        self.capability_free = answer_no_capability(True)
+        return self.capability_free
 
     def _need_upper(self) -> Upper:
         if self.upper is None:
@@ -750,6 +779,10 @@ class Operations(_Guarded):
     ) -> None:
         node = self._node(inode)
         key = os.fsdecode(name)
+        if key == CAPABILITY and self.capability_free:
+            # Before the xattr exists: from now on every such GETXATTR comes here.
+            answer_no_capability(False)
+            self.capability_free = False
         if reserved_xattr(key):
             raise pyfuse3.FUSEError(errno.EPERM)  # marks whiteouts in the upper directory
         await self._promote(node)

@@ -566,6 +566,8 @@ async def serve(
         _after_init(fuse_ops, lambda: _widen_read_ahead(mountpoint))
         tree_built.set()
         cache_symlinks()
+        if isinstance(fuse_ops, Operations):  # every layer in: what their files hold is known
+            fuse_ops.no_capability(upper is None or not upper.listdir(()))
         pyfuse3.init(fuse_ops, mountpoint, _fuse_options(opts))
         try:
             start_c_reader()

@@ -22,7 +22,14 @@ file), and queues every other request for pyfuse3's workers, which then wait on 
 instead of /dev/fuse.  Without it each of those requests woke the trio loop (about 0.1 ms
 each).  ``close()`` stops and joins the thread before it unmounts; an unmount or abort (ENODEV)
 ends it and, through the queue, the workers; the exported counters say how many requests each
-side took.
+side took.  While lazyfs says no file can have one (``lazyfs_no_capability``), it also answers
+GETXATTR of security.capability (ENODATA), which the kernel asks before every write(2).
+
+A fourth lets lazyfs ask the kernel to keep symlinks' targets in their page cache
+(FUSE_CAP_CACHE_SYMLINKS, when the exported ``lazyfs_cache_symlinks`` is set before
+``pyfuse3.init``): without it every path walk through a symlink is a READLINK round trip (a
+Debian start-up walks ``/lib`` ten times).  A symlink's target never changes: a new target is
+a new inode.
 
 It patches the C that Cython generated for the installed pyfuse3 (its wheel ships it), kept
 unpatched beside it (``PRISTINE``) so that a newer set of patches starts from the original,
@@ -57,9 +64,11 @@ INO_FH = "(((uint64_t)1) << 61)"
 # The callbacks whose Python handler gets an fh and no inode.
 FH_CALLBACKS = ("readdirplus", "read", "write", "write_buf", "flush", "release", "fsync")
 READER_MARK = "/* lazyfs: reader thread */"
+SYMLINKS_MARK = "/* lazyfs: cache_symlinks flag */"
+CAPABILITY_MARK = "/* lazyfs: no capability */"  # in READER_C
 # Marks of patches this script no longer makes: a C file with one is re-patched from the original.
 OLD_MARKS = ("/* lazyfs: cache_readdir, keep_cache */", "/* lazyfs: opendir in C */")
-MARKS = (NOFLUSH_MARK, INO_FH_MARK, READER_MARK)
+MARKS = (NOFLUSH_MARK, INO_FH_MARK, READER_MARK, SYMLINKS_MARK, CAPABILITY_MARK)
 # Where the exported globals and the reader thread's C go: before the first callback.
 GLOBALS_AT = "static void __pyx_f_7pyfuse3_fuse_opendir(fuse_req_t __pyx_v_req, fuse_ino_t __pyx_v_ino, struct fuse_file_info *__pyx_v_fi) {\n"  # noqa: E501
 RECEIVE = "fuse_session_receive_buf(__pyx_v_7pyfuse3_session, "
@@ -70,6 +79,8 @@ READER_C = Path(__file__).with_name("pyfuse3_reader.c")
 ATOMIC_O_TRUNC = (
     "  __pyx_v_conn->want = (__pyx_v_conn->want & (~((unsigned int)FUSE_CAP_READDIRPLUS_AUTO)));\n"
 )
+# Where fuse_init is defined (what it reads goes before it).
+INIT_AT = "static void __pyx_f_7pyfuse3_fuse_init(CYTHON_UNUSED void *__pyx_v_userdata, struct fuse_conn_info *__pyx_v_conn) {\n"  # noqa: E501
 # The generated C as the wheel shipped it, kept beside the patched one.
 PRISTINE = "lazyfs-pristine.c"
 
@@ -85,7 +96,24 @@ def package_dir() -> Path:
 
 def patch_source(text: str) -> str:
     """The generated C with every patch (each applied once)."""
-    return _patch_reader(_patch_ino_fh(_patch_noflush(text)))
+    return _patch_symlinks(_patch_reader(_patch_ino_fh(_patch_noflush(text))))
+
+
+def _patch_symlinks(text: str) -> str:
+    if SYMLINKS_MARK in text:
+        return text
+    if text.count(ATOMIC_O_TRUNC) != 1 or text.count(INIT_AT) != 1:
+        raise SystemExit("pyfuse3_cache_dir: fuse_init is not the expected one")
+    want = (
+        f"  {SYMLINKS_MARK}\n"
+        "  if (lazyfs_cache_symlinks && (__pyx_v_conn->capable & FUSE_CAP_CACHE_SYMLINKS))\n"
+        "    __pyx_v_conn->want |= FUSE_CAP_CACHE_SYMLINKS;\n"
+    )
+    # Exported for ctypes, off until lazyfs sets it (lazyfs.fs.ops.cache_symlinks): a lazyfs
+    # that does not know it keeps the kernel's default, so an older tree measures as it was.
+    flag = f"{SYMLINKS_MARK}\nint lazyfs_cache_symlinks = 0;\n\n"
+    text = text.replace(INIT_AT, flag + INIT_AT)
+    return text.replace(ATOMIC_O_TRUNC, ATOMIC_O_TRUNC + want)
 
 
 def _patch_reader(text: str) -> str:
@@ -200,7 +228,10 @@ def main() -> int:
         build(src, built)
         os.replace(built, so)
     stamp.write_text(str(so.stat().st_mtime_ns))
-    print(f"pyfuse3_cache_dir: rebuilt {so.name} with no_opendir/no_open, noflush, reader thread")
+    print(
+        f"pyfuse3_cache_dir: rebuilt {so.name} with no_opendir/no_open, noflush, reader thread, "
+        "cached symlinks"
+    )
     return 0
 
 

@@ -16,7 +16,20 @@ struct lazyfs_in_header {
   uint32_t uid, gid, pid;
   uint16_t total_extlen, padding;
 };
-enum { LAZYFS_IOCTL = 39 };
+enum { LAZYFS_IOCTL = 39, LAZYFS_GETXATTR = 22 };
+/* The reply header (linux/fuse.h's fuse_out_header). */
+struct lazyfs_out_header {
+  uint32_t len;
+  int32_t error;
+  uint64_t unique;
+};
+
+/* lazyfs: no capability */
+/* Set by lazyfs (ctypes) while no file of the mount can have a security.capability xattr: the
+   kernel asks for it before every write(2) to a file (file_remove_privs), and the reader then
+   answers ENODATA here, without Python.  lazyfs clears it before any such xattr is set. */
+int lazyfs_no_capability = 0;
+static const char lazyfs_capability[] = "security.capability";
 
 struct lazyfs_queued {
   struct lazyfs_queued *next;
@@ -59,6 +72,17 @@ static int lazyfs_answer_in_c(const char *mem, size_t size) {
   return h->opcode == LAZYFS_IOCTL;
 }
 
+/* A GETXATTR of security.capability while lazyfs_no_capability is set: the name follows the
+   header and fuse_getxattr_in (size, padding). */
+static int lazyfs_no_such_capability(const char *mem, size_t size) {
+  const struct lazyfs_in_header *h = (const struct lazyfs_in_header *)mem;
+  size_t at = sizeof *h + 8;
+  if (h->opcode != LAZYFS_GETXATTR || !__atomic_load_n(&lazyfs_no_capability, __ATOMIC_ACQUIRE))
+    return 0;
+  return size >= at + sizeof lazyfs_capability
+         && memcmp(mem + at, lazyfs_capability, sizeof lazyfs_capability) == 0;
+}
+
 static void *lazyfs_reader_main(void *arg) {
   struct fuse_session *se = (struct fuse_session *)arg;
   int fd = fuse_session_fd(se);
@@ -87,6 +111,15 @@ static void *lazyfs_reader_main(void *arg) {
       break;
     }
     if ((size_t)n < sizeof(struct lazyfs_in_header)) { lazyfs_finish(-EIO); break; }
+    if (lazyfs_no_such_capability(buf, (size_t)n)) {
+      struct lazyfs_out_header out = {sizeof out, -ENODATA,
+                                       ((const struct lazyfs_in_header *)buf)->unique};
+      /* A failure means the request was interrupted or the mount is going: nothing to do. */
+      ssize_t ignored = write(fd, &out, sizeof out);
+      (void)ignored;
+      __atomic_add_fetch(&lazyfs_reader_answered, 1, __ATOMIC_RELAXED);
+      continue;
+    }
     if (lazyfs_answer_in_c(buf, (size_t)n)) {
       struct fuse_buf fb = {0};
       fb.size = (size_t)n;

@@ -117,6 +117,50 @@ def _abort(m: Mount) -> None:
             subprocess.run(["umount", str(FUSECTL)], check=True)
 
 
+# A version-2 file capability (cap_net_raw permitted): the kernel checks the format.
+CAP = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)
+
+
+def test_a_write_asks_no_capability_while_no_file_has_one(tmp_path: Path) -> None:
+    """The kernel asks for security.capability before every write(2) (file_remove_privs): the
+    reader answers ENODATA in C while no file can have one, and hands the question to Python
+    again once one is set (or when a lower file has one, or an earlier upper is there)."""
+    lower = [
+        Item("d", "dir", mode=0o755),
+        Item("d/f", data=b"lower file"),
+        Item("d/ping", data=b"ping", xattrs={"security.capability": CAP.decode()}),
+    ]
+
+    def writes(m: Mount, path: Path, n: int) -> int:
+        """GETXATTRs that reached Python for ``n`` writes to ``path``."""
+        before = mount_stats(m.mountpoint)["requests"].get("getxattr", 0)
+        with open(path, "r+b", buffering=0) as f:
+            for _ in range(n):
+                f.write(b"w")
+        return int(mount_stats(m.mountpoint)["requests"].get("getxattr", 0) - before)
+
+    for case, items in (("plain", lower[:2]), ("capable", lower)):
+        make_layout(tmp_path / case / "src", [make_tar(items)], tag="v1")
+        convert(f"oci:{tmp_path / case / 'src'}:v1", f"oci:{tmp_path / case / 'img'}:v1")
+    args = ("--cache", str(tmp_path / "c"), "--no-prefetch")
+    plain, capable = (f"oci:{tmp_path / c / 'img'}:v1" for c in ("plain", "capable"))
+    mnt = tmp_path / "mnt"
+    with mounted(plain, mnt, "--upper", str(tmp_path / "up"), *args) as m:
+        assert writes(m, mnt / "d" / "f", 50) == 0
+        with pytest.raises(OSError) as e:
+            os.getxattr(mnt / "d" / "f", "security.capability")
+        assert e.value.errno == errno.ENODATA
+        os.setxattr(mnt / "d" / "f", "security.capability", CAP)  # from now on Python answers
+        assert os.getxattr(mnt / "d" / "f", "security.capability") == CAP
+        assert writes(m, mnt / "d" / "f", 5) >= 5
+        assert m.stats()["handler_errors"] == 0
+    with mounted(plain, mnt, "--upper", str(tmp_path / "up"), *args) as m:  # an earlier upper
+        assert writes(m, mnt / "d" / "f", 5) >= 5
+    with mounted(capable, mnt, "--upper", str(tmp_path / "up2"), *args) as m:
+        assert os.getxattr(mnt / "d" / "ping", "security.capability") == CAP
+        assert writes(m, mnt / "d" / "f", 5) >= 5
+
+
 @pytest.mark.parametrize("end", [_umount, _sigterm, _abort], ids=["umount", "sigterm", "abort"])
 def test_the_daemon_ends_however_the_mount_does(
     tmp_path: Path, end: Callable[[Mount], None]

@@ -675,3 +675,42 @@ def test_a_trace_still_sees_every_open(tmp_path: Path) -> None:
         got = requests(m.mountpoint)
         assert got.get("open", 0) >= 7 and got.get("flush", 0) == 0, got
         assert m.stats()["handler_errors"] == 0
+
+
+def test_symlink_targets_are_cached_and_follow_every_change(tmp_path: Path) -> None:
+    """The kernel keeps a symlink's target (FUSE_CAP_CACHE_SYMLINKS): a path walked through one
+    again and again asks the daemon once (a Debian start-up walked ``/lib`` ten times), and a
+    name that leads to a new symlink shows the new target."""
+    lower = [
+        Item("usr", "dir", mode=0o755),
+        Item("usr/lib", "dir", mode=0o755),
+        Item("usr/lib/f", data=b"lower f"),
+        Item("usr/lib/g", data=b"lower g"),
+        Item("lib", "symlink", link="usr/lib", mode=0o777),
+        Item("s", "symlink", link="lib/f", mode=0o777),
+    ]
+    with mount_lower(tmp_path, lower) as m:
+        mnt = m.mountpoint
+        before = requests(mnt).get("readlink", 0)
+        for _ in range(20):
+            assert (mnt / "lib" / "f").read_bytes() == b"lower f"
+            assert (mnt / "s").read_bytes() == b"lower f"
+            assert os.readlink(mnt / "s") == "lib/f"
+        asked = requests(mnt).get("readlink", 0) - before
+        assert asked <= 2, f"symlink targets were not cached: {asked} READLINKs for 2 symlinks"
+
+        os.unlink(mnt / "s")  # a whiteout, then an upper symlink by the same name
+        os.symlink("lib/g", mnt / "s")
+        assert os.readlink(mnt / "s") == "lib/g"
+        assert (mnt / "s").read_bytes() == b"lower g"
+        os.symlink("usr/lib/f", mnt / "t")
+        os.rename(mnt / "t", mnt / "s")  # renamed over it
+        assert os.readlink(mnt / "s") == "usr/lib/f"
+        assert (mnt / "s").read_bytes() == b"lower f"
+        os.chown(mnt / "lib", 1234, 1234, follow_symlinks=False)  # a lower symlink copied up
+        assert os.readlink(mnt / "lib") == "usr/lib"
+        assert (mnt / "lib" / "g").read_bytes() == b"lower g"
+        assert m.stats()["handler_errors"] == 0
+    with mount_lower(tmp_path, lower) as m:  # remounted over the same upper
+        assert os.readlink(m.mountpoint / "s") == "usr/lib/f"
+        assert os.lstat(m.mountpoint / "lib").st_uid == 1234

@@ -27,6 +27,7 @@ from lazyfs.formats.toc import (
     decode_toc,
     decode_toc_table,
     encode_toc,
+    has_xattr,
     pack_toc,
     table_toc,
     unpack_toc,
@@ -217,6 +218,12 @@ def test_an_entry_table_makes_the_unpacked_entries_on_demand(
     # What a tree and a chunk list read without making the entries.
     assert list(table.rows()) == [(e.name, e.type) for e in toc.entries]
     assert [table.link_name(i) for i in range(len(table))] == [e.link_name for e in toc.entries]
+    for key in ("user.k", "security.capability"):
+        want = any(key in e.xattrs for e in toc.entries)
+        assert has_xattr(table, key) == has_xattr(toc.entries, key) == want
+    assert [table.stat_fields(i) for i in range(len(table))] == [
+        (e.type, e.uid, e.gid, e.size, e.mtime_ns, e.dev_major, e.dev_minor) for e in toc.entries
+    ]
     assert list(table.chunks()) == [c for e in toc.entries for c in e.chunks]
     assert table.mentions(".wh.") and not table.mentions("/nowhere/")
     # What a first mount keeps: the table decoded straight from the JSON, and the TOC cache's.

@@ -28,7 +28,15 @@ def _shape(tree: Tree) -> dict[str, tuple[object, ...]]:
     out = {}
     for path, node in tree.walk():
         groups.setdefault(node.ino, path)
-        out[path] = (node.is_dir, node.entry, node.mode(), node.nlink, groups[node.ino], node.ino)
+        out[path] = (
+            node.is_dir,
+            node.entry,
+            node.mode(),
+            node.stat_fields() if node.entry is not None else None,
+            node.nlink,
+            groups[node.ino],
+            node.ino,
+        )
     return out
 
 
@@ -92,3 +100,22 @@ def test_a_read_only_tree_keeps_no_lower_paths() -> None:
     paths = [tuple(path.split("/")) for path, _ in kept.walk() if path]
     assert paths and all(map(kept.lower_has, paths))
     assert _shape(bare) == _shape(kept)
+
+
+def test_a_table_nodes_attributes_are_read_without_making_its_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A LOOKUP's or a listing's attributes come from the row's columns: making the entry (its
+    chunks and all) for five numbers cost most of a LOOKUP's Python time."""
+    tree = Tree.from_layers([_as_table(t) for t in _LAYERS])
+    want = {path: node.stat_fields() for path, node in tree.walk() if node._row() is not None}
+    assert len(want) > 5
+
+    def made(self: EntryTable, i: int) -> None:
+        raise AssertionError("an entry was made")
+
+    monkeypatch.setattr(EntryTable, "__getitem__", made)
+    for path, node in tree.walk():
+        if node._row() is not None:
+            assert node.stat_fields() == want[path]
+            node.mode()

@@ -1197,6 +1197,17 @@ class EntryTable(Sequence[Entry]):
     def link_name(self, i: int) -> str:
         return self._links.get(i, "")
 
+    def has_xattr(self, key: str) -> bool:
+        """Whether any entry has the xattr ``key``."""
+        return any(key in x for x in self._xattrs.values())
+
+    def stat_fields(self, i: int) -> tuple[EntryType, int, int, int, int, int, int]:
+        """Entry ``i``'s type, uid, gid, size, mtime_ns and device numbers, without making it
+        (with its chunks): a LOOKUP's or a listing's attributes need only these."""
+        _, uid, gid, size, mtime = self._numbers
+        major, minor = self._devices.get(i, (0, 0))
+        return _KINDS[self._kinds[i]], uid[i], gid[i], size[i], self._times[mtime[i]], major, minor
+
     def chunks(self) -> ChunkList:
         """Every entry's chunks in order, as ``entry.chunks`` would give them, as columns (a
         layer's chunk list at mount), sharing this table's columns where it can: neither the
@@ -1313,6 +1324,13 @@ class _EntriesByName(Mapping[str, Entry]):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+def has_xattr(entries: Sequence[Entry], key: str) -> bool:
+    """Whether any of a TOC's entries has the xattr ``key`` (a table's without making them)."""
+    if isinstance(entries, EntryTable):
+        return entries.has_xattr(key)
+    return any(key in e.xattrs for e in entries)
 
 
 _Digests = RawDigests | list[str]

@@ -34,7 +34,7 @@ import pyfuse3
 import trio
 
 from lazyfs.errors import LazyfsError
-from lazyfs.formats.toc import Entry
+from lazyfs.formats.toc import Entry, has_xattr
 from lazyfs.fs.copyup import CopyUp
 from lazyfs.fs.neededlibs import NeededLibs
 from lazyfs.fs.tree import ROOT_INO, Node, Tree
@@ -101,6 +101,39 @@ def patched_pyfuse3() -> ctypes.CDLL | None:
     except (OSError, ValueError):
         return None
     return lib
+
+
+def cache_symlinks() -> bool:
+    """Before ``pyfuse3.init``: ask the kernel to keep symlinks' targets in their page cache
+    (FUSE_CAP_CACHE_SYMLINKS), so that a path walked through a symlink again costs no READLINK.
+    A symlink's target never changes: a name given a new target leads to a new inode (lower
+    and upper inode numbers are never reused), and a copy-up keeps the target.  Whether the
+    installed pyfuse3 can (scripts/pyfuse3_cache_dir.py)."""
+    lib = patched_pyfuse3()
+    if lib is None:
+        return False
+    try:
+        ctypes.c_int.in_dll(lib, "lazyfs_cache_symlinks").value = 1
+    except ValueError:
+        return False  # patched before this flag: setup.sh rebuilds it
+    return True
+
+
+CAPABILITY = "security.capability"
+
+
+def answer_no_capability(on: bool) -> bool:
+    """Whether the C reader thread answers GETXATTR of security.capability with ENODATA itself
+    (the kernel asks before every write(2) to a file: a round trip per write): only while no
+    file of the mount can have one.  Whether the installed pyfuse3 can."""
+    lib = patched_pyfuse3()
+    if lib is None:
+        return False
+    try:
+        ctypes.c_int.in_dll(lib, "lazyfs_no_capability").value = int(on)
+    except ValueError:
+        return False  # patched before this flag: setup.sh rebuilds it
+    return True
 
 
 def start_c_reader() -> bool:
@@ -242,6 +275,9 @@ class Operations(_Guarded):
         self.copy = (
             CopyUp(store, layers, upper, max_bytes=copy_up_max) if upper is not None else None
         )
+        # Set while the C reader answers that no file has a security.capability xattr (see
+        # no_capability): cleared before one is set.
+        self.capability_free = False
         # inode -> an upper fd and what it serves (_READ...), least recently used first (see
         # MAX_UPPER_FDS)
         self._fds: dict[int, tuple[int, int]] = {}
@@ -414,20 +450,19 @@ class Operations(_Guarded):
                 st.st_ctime_ns,
             )
         else:
-            e = node.entry
-            assert e is not None
+            kind, uid, gid, size, mtime_ns, major, minor, link = node.stat_fields()
             a.st_mode = node.mode()
             a.st_nlink = node.nlink
-            a.st_uid, a.st_gid = e.uid, e.gid
-            a.st_rdev = os.makedev(e.dev_major, e.dev_minor)
-            if e.type == "symlink":
-                a.st_size = len(os.fsencode(e.link_name))
-            elif e.type == "dir":
+            a.st_uid, a.st_gid = uid, gid
+            a.st_rdev = os.makedev(major, minor)
+            if kind == "symlink":
+                a.st_size = len(os.fsencode(link))
+            elif kind == "dir":
                 a.st_size = 4096
             else:
-                a.st_size = e.size
+                a.st_size = size
             a.st_blocks = (a.st_size + 511) // 512
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
         if node.children is not None:
             # Directory link count: ".", the name in the parent, and each subdirectory's "..".
             a.st_nlink = 2 + sum(1 for c in node.children.values() if c.children is not None)
@@ -441,6 +476,15 @@ class Operations(_Guarded):
         attrs = self._attrs(node)
         node.lookups += 1
         return attrs
+
+    def no_capability(self, upper_empty: bool) -> bool:
+        """Let the C reader answer GETXATTR of security.capability (ENODATA) while no file
+        can have one: no lower entry has one, and the upper directory was empty at mount (or
+        there is none); setxattr clears it before making one.  Whether it now does."""
+        if not upper_empty or any(has_xattr(la.toc.entries, CAPABILITY) for la in self.layers):
+            return False
+        self.capability_free = answer_no_capability(True)
+        return self.capability_free
 
     def _need_upper(self) -> Upper:
         if self.upper is None:
@@ -735,6 +779,10 @@ class Operations(_Guarded):
     ) -> None:
         node = self._node(inode)
         key = os.fsdecode(name)
+        if key == CAPABILITY and self.capability_free:
+            # Before the xattr exists: from now on every such GETXATTR comes here.
+            answer_no_capability(False)
+            self.capability_free = False
         if reserved_xattr(key):
             raise pyfuse3.FUSEError(errno.EPERM)  # marks whiteouts in the upper directory
         await self._promote(node)

@@ -38,7 +38,7 @@ from lazyfs.fs.control import (
 )
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.neededlibs import NeededLibs
-from lazyfs.fs.ops import Operations, c_reader_counts, start_c_reader
+from lazyfs.fs.ops import Operations, c_reader_counts, cache_symlinks, start_c_reader
 from lazyfs.fs.pending import PendingOperations
 from lazyfs.fs.prefetch import (
     LOOKUP_WAIT_MIN,
@@ -566,6 +566,9 @@ async def serve(
         fuse_ops = mount.fuse_operations()
         _after_init(fuse_ops, lambda: _widen_read_ahead(mountpoint))
         tree_built.set()
+        cache_symlinks()
+        if isinstance(fuse_ops, Operations):  # every layer in: what their files hold is known
+            fuse_ops.no_capability(upper is None or not upper.listdir(()))
         pyfuse3.init(fuse_ops, mountpoint, _fuse_options(opts))
         try:
             start_c_reader()

@@ -136,6 +136,19 @@ class Node:
             node = node.parent
         return tuple(reversed(parts))
 
+    def stat_fields(self) -> tuple[EntryType, int, int, int, int, int, int, str]:
+        """The lower entry's type, uid, gid, size, mtime_ns, device numbers and link target,
+        from its table row without making the entry where it has one (a LOOKUP's attributes
+        made a file's whole entry, chunks and all, to read five numbers of it)."""
+        row = self._row()
+        if row is not None:
+            i, table = row
+            kind, uid, gid, size, mtime, major, minor = table.stat_fields(i)
+            return kind, uid, gid, size, mtime, major, minor, table.link_name(i)
+        e = self.entry
+        assert e is not None
+        return e.type, e.uid, e.gid, e.size, e.mtime_ns, e.dev_major, e.dev_minor, e.link_name
+
     def mode(self) -> int:
         """st_mode of the lower entry (callers use lstat for upper nodes)."""
         row = self._row()

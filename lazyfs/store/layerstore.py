@@ -58,6 +58,11 @@ INLINE_READ_BYTES = 256 * 1024
 # A prefetch hashes the cached chunks it is given about this many bytes at a time per worker
 # thread (see _verify): few hops, and an unmount waits for one batch at most (~6 ms).
 VERIFY_BATCH = 4 * 1024 * 1024
+# ... and keeps the bytes of those up to this size in memory (``_hot``, bounded), as if just
+# fetched: their first READ then opens, stats and reads no cache file (~90 of its ~150 us on
+# a fresh mount over a warm cache: BENCHMARKS.md, issue 13, H75).  The Debian group's 129
+# chunks up to 64 KiB hold 2.1 MiB; its 38 larger ones (19.3 MiB) are read in slices.
+KEEP_VERIFIED_BYTES = 64 * 1024
 # Decoded in batches of about this many compressed bytes (a thread hop per chunk costs more
 # than decoding a small one), at most DECODE_TASKS batches at once: the stream waits beyond.
 STREAM_BATCH = 256 * 1024
@@ -446,10 +451,14 @@ class LayerStore:
         i = layer.index.get(c.digest)
         return i is not None and layer.map[i]
 
-    def _hashed(self, chunks: list[Chunk]) -> list[bool]:
-        """Whether each cached chunk is valid, hashing the ones not verified yet (a read of
-        no bytes verifies the whole chunk; one that fails is deleted)."""
-        return [self.cache.read(c.digest, c.size, 0, 0) is not None for c in chunks]
+    def _hashed(self, chunks: list[Chunk]) -> list[bytes | None]:
+        """Each cached chunk hashed if not verified yet: None if it is not valid (it is
+        deleted), its bytes if it is at most KEEP_VERIFIED_BYTES (read whole to be hashed
+        anyway), else b"" (a read of no bytes verifies the whole chunk)."""
+        return [
+            self.cache.read(c.digest, c.size, 0, c.size if c.size <= KEEP_VERIFIED_BYTES else 0)
+            for c in chunks
+        ]
 
     def _read_local(self, needs: list[tuple[Chunk, int, int]]) -> list[bytes | None]:
         return [self.cache.read(c.digest, c.size, lo, hi) for c, lo, hi in needs]
@@ -1428,8 +1437,9 @@ class LayerStore:
         """Hash cached chunks not yet verified in this process, in a worker thread, in the
         order given, so their readers need not: over a warm cache a prefetch group's chunks
         are all there, and each reader's first read of one hashed it on the way (4 MiB:
-        ~3 ms; a third of the Debian start-up's READ time in the store).  A chunk that fails
-        is fetched again."""
+        ~3 ms; a third of the Debian start-up's READ time in the store).  The small ones,
+        read whole to be hashed, stay in memory (``_hot``, bounded) for their readers.  A
+        chunk that fails is fetched again."""
         bad: list[Chunk] = []
         batch: list[Chunk] = []
         size = 0
@@ -1438,8 +1448,12 @@ class LayerStore:
             size += c.size
             if size < VERIFY_BATCH and n < len(chunks):
                 continue
-            ok = await trio.to_thread.run_sync(self._hashed, batch)
-            bad += itertools.compress(batch, (not good for good in ok))
+            got = await trio.to_thread.run_sync(self._hashed, batch)
+            for c, data in zip(batch, got, strict=True):
+                if data is None:
+                    bad.append(c)
+                elif data:
+                    self._hot.put(c.digest, data)  # its reader needs no file read
             batch, size = [], 0
         for c in bad:
             self._forget(c.digest)

@@ -227,7 +227,7 @@ def test_the_start_up_modules_are_asked_for_before_the_rest() -> None:
 def test_a_library_of_too_many_modules_plans_a_bounded_number() -> None:
     """A hostile (or odd) TOC with a huge ``__pycache__`` of tiny files, far under
     MODULE_BYTES: the walk runs in the event loop and each module costs an Entry, so it
-    stops at MODULE_FILES (900k of them held every FUSE request up for 9 s)."""
+    stops at MODULE_FILES (900k of them took the event loop for 5-9 s)."""
     lib = "usr/lib/python3.11"
     many = [f"{lib}/__pycache__/m{i}.{CACHE}.pyc" for i in range(MODULE_FILES + 300)]
     tree = _tree(["usr/", "usr/bin/", "usr/bin/python3.11", "usr/lib/", f"{lib}/",

@@ -46,7 +46,7 @@ INTERPRETER = re.compile(r"python(\d)\.(\d{1,3})")
 MODULE_BYTES = 24 * 1024 * 1024
 # And at most this many files (Debian's 3.11: 544 compiled modules).  The walk runs in one
 # go in the event loop, and each module found costs an Entry (~10 us, ~0.5 KiB): a TOC of
-# 900k one-byte ``.pyc`` files (under MODULE_BYTES) held every FUSE request up for 9 s.
+# 900k one-byte ``.pyc`` files (under MODULE_BYTES) took the event loop for 5-9 s (H78).
 MODULE_FILES = 4096
 # And at most this much (decoded) in all per mount: each library directory is planned once,
 # but an image may hold many (conda environments, one per Python), and whatever reads the

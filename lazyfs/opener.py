@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-import trio.testing
 
 from lazyfs import oci
 from lazyfs.atomic import atomic_write
@@ -51,10 +50,6 @@ log = logging.getLogger(__name__)
 #: bounded times for it: the deltas lookup, the stored groups' lookup).
 REFERRERS_TIMEOUT = 10.0
 
-
-#: The most a cold open waits for its connections' warming to begin before it asks for the
-#: manifest (the warming requests' CPU, a few ms on a loaded machine).
-PRECONNECT_WAIT = 0.01
 
 #: The requests a group's first batch sends per layer: one per rank share of a layer laid out
 #: by path (``fs.prefetch.RANK_SHARES``), sent at once.
@@ -289,21 +284,12 @@ async def open_image(
                     # together with the TOC's (which keeps the manifest's connection).
                     warm = warm_connections(
                         early_ranges=early_ranges,
-                        # The stored groups' lookup lists the referrers too.
-                        referrers=referrers or stored_groups,
-                        # A stored group's come after the lookup's round trip, whose
+                        referrers=referrers,
+                        # A stored group's come after the lookup's round trips, whose
                         # connections are idle by then.
                         groups=group_ranges is not None and bool(group_ranges.requests),
                     )
                     side.start_soon(remote.preconnect, warm)
-                    # Their requests go before the manifest's, so their answers come before
-                    # its answer: sent after it, they came 5-10 ms after it on a loaded
-                    # machine, and the config's and the listing's requests, sent beside the
-                    # TOC's, found no idle connection and opened their own (a round trip
-                    # more each, in 2 of 4 WAN runs traced).  Until every task waits: the
-                    # warming requests' connects have begun.
-                    with trio.move_on_after(PRECONNECT_WAIT):
-                        await trio.testing.wait_all_tasks_blocked()
                 tocs = await load_tocs(
                     source,
                     ref,

@@ -266,24 +266,6 @@ def test_the_toc_rides_a_connection_already_open(
         assert any("/manifests/sha256-" in p for p, _, _ in asked), asked
 
 
-def test_connections_warm_before_the_manifest_is_asked_for(
-    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
-) -> None:
-    """A cold open's warming requests (one per request that goes beside the TOC's: the
-    config's, the listing's two) reach the registry before the manifest's, so their
-    connections are idle when those go: warmed after it, they were late on a loaded
-    machine and the requests beside the TOC opened connections of their own."""
-    img = _push(registry, tmp_path, "stored/warm-first")
-    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
-    for i in range(5):
-        fault_proxy.reset()
-        fault_proxy.match = "/v2/"
-        _open(fault_proxy, img, tmp_path / f"c{i}")
-        paths = fault_proxy.paths
-        manifest = paths.index(f"/v2/{img['repo']}/manifests/v1")
-        assert paths[:manifest] == ["/v2/"] * 3, paths
-
-
 def test_a_document_on_its_way_is_waited_for(
     registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path, monkeypatch: Any
 ) -> None:

@@ -266,6 +266,19 @@ def test_the_toc_rides_a_connection_already_open(
         assert any("/manifests/sha256-" in p for p, _, _ in asked), asked
 
 
+def test_the_listing_has_warm_connections_without_deltas(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A cold open looking for stored groups but not for deltas warms a connection for each
+    request beside the TOC's: the config's and the listing's two (the referrers API and its
+    tag), which otherwise paid a handshake each in series."""
+    img = _push(registry, tmp_path, "stored/warm")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    fault_proxy.match = "/v2/"
+    _open(fault_proxy, img, tmp_path / "c")  # stored groups, no referrers (deltas) listing
+    assert fault_proxy.paths.count("/v2/") == 3, fault_proxy.paths
+
+
 def test_a_document_on_its_way_is_waited_for(
     registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path, monkeypatch: Any
 ) -> None:

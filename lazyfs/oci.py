@@ -6,6 +6,8 @@ bytes of every document are what gets hashed and stored, so nothing is lost on r
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 
 import msgspec
@@ -75,6 +77,9 @@ class Descriptor(msgspec.Struct, omit_defaults=True):
     platform: Platform | None = None
     urls: list[str] | None = None
     artifactType: str | None = None
+    #: the content itself, base64 (image-spec: an embedding a reader may use instead of
+    #: fetching it, once checked against ``digest`` and ``size``); see :func:`embedded`
+    data: str | None = None
 
 
 class Manifest(msgspec.Struct, omit_defaults=True):
@@ -125,6 +130,31 @@ def verify(data: bytes, digest: str, what: str = "blob") -> bytes:
     if got != digest:
         raise IntegrityError(f"{what} {digest} has digest {got}")
     return data
+
+
+def embedded(desc: Descriptor, limit: int) -> bytes | None:
+    """The content ``desc`` embeds (its ``data``), or None when it embeds none.  Checked as
+    fetched content is: a size above ``limit`` or other than ``desc.size``, bad base64 or a
+    digest that is not ``desc.digest`` raise (FormatError, IntegrityError), and the caller
+    fetches the content instead."""
+    if desc.data is None:
+        return None
+    if not 0 <= desc.size <= limit:
+        raise FormatError(f"embedded {desc.digest}: {desc.size} bytes, more than {limit}")
+    if len(desc.data) != 4 * ((desc.size + 2) // 3):  # before decoding: a bound, not a hope
+        raise FormatError(f"embedded {desc.digest}: not {desc.size} bytes of base64")
+    try:
+        data = base64.b64decode(desc.data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise FormatError(f"embedded {desc.digest}: bad base64: {e}") from None
+    if len(data) != desc.size:
+        raise FormatError(f"embedded {desc.digest}: {len(data)} bytes, not {desc.size}")
+    return verify(data, desc.digest, "embedded content")
+
+
+def embed(data: bytes) -> str:
+    """``data`` as a descriptor's ``data`` field."""
+    return base64.b64encode(data).decode("ascii")
 
 
 def decode_manifest(data: bytes) -> Manifest:

@@ -284,8 +284,10 @@ async def open_image(
                     # together with the TOC's (which keeps the manifest's connection).
                     warm = warm_connections(
                         early_ranges=early_ranges,
-                        referrers=referrers,
-                        # A stored group's come after the lookup's round trips, whose
+                        # The stored groups' lookup lists the referrers too (a mount
+                        # without deltas).
+                        referrers=referrers or stored_groups,
+                        # A stored group's come after the lookup's round trip, whose
                         # connections are idle by then.
                         groups=group_ranges is not None and bool(group_ranges.requests),
                     )

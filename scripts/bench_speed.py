@@ -27,6 +27,7 @@ afterwards) and deletes them at the end.  Run from the repo root:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -376,9 +377,12 @@ def bench_cold(
     ``[that cut]``), on an image converted so; none: the image as it is.  ``link``: (Mbit/s,
     ms) the proxy answers each request at, after that delay (a crude WAN: per request, not a
     shared link; scripts/benchwan emulates a real one)."""
+    from unittest import mock
+
     import httpx
     from lazyfs_tools.convert import convert
 
+    from lazyfs.fs import forkserver
     from lazyfs.fs.forkserver import ForkServer
     from lazyfs.ocilayout import Layout
     from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
@@ -396,8 +400,13 @@ def bench_cold(
     cuts: dict[str, Chunking | None] = (
         {f" [{chunking_name(c)}]": c for c in chunkings} if chunkings else {"": None}
     )
-    with ForkServer.start(work / "forks.sock", log=work / "forks.log") as forks, \
-            RegistryInstance(work / "registry") as reg, FaultProxy(reg.url) as proxy:
+    with contextlib.ExitStack() as stack:
+        forks = stack.enter_context(ForkServer.start(work / "forks.sock", log=work / "forks.log"))
+        # The before checkout's own fork server: its daemons forked as this tree's are.
+        before_forks = None if before is None else stack.enter_context(
+            ForkServer.start(work / "forks-before.sock", log=work / "forks-before.log", cwd=before))
+        reg = stack.enter_context(RegistryInstance(work / "registry"))
+        proxy = stack.enter_context(FaultProxy(reg.url))
         push_oci_layout(src, f"{reg.host}/cold/gzip:{tag}", tag=tag)
         for i, cut in enumerate(cuts.values()):
             mine = lazy if cut is None else chunked_image(src, lazy, tag, cut)
@@ -434,8 +443,18 @@ def bench_cold(
                 mnt.mkdir(exist_ok=True)
                 # ``python -m lazyfs.cli`` run in ``root`` imports that checkout's lazyfs.
                 args = ["--read-only", "--plain-http", "--cache", str(cache)]
-                d = spawn(image, mnt, args, log=work / "mnt.log", timeout=120, cwd=root,
-                          forkserver=forks.socket if forked and root == bl.ROOT else None)
+                server = forks if root == bl.ROOT else before_forks
+                # The before checkout's fork server forks only for a client of its own code
+                # (forkserver.origin): this process asks as that checkout would.
+                mine = f"{sys.executable} {os.path.abspath(root / 'lazyfs')}"
+                asks_as = (
+                    mock.patch.object(forkserver, "origin", lambda: mine)
+                    if server is before_forks
+                    else contextlib.nullcontext()
+                )
+                with asks_as:
+                    d = spawn(image, mnt, args, log=work / "mnt.log", timeout=120, cwd=root,
+                              forkserver=server.socket if forked and server else None)
                 ready_s.append(time.perf_counter() - t0)
                 try:
                     run_startup(mnt)
@@ -470,8 +489,15 @@ def bench_cold(
             }
             if before is not None:
                 for repo, name in (("lazy", "no groups"), ("groups", "+ groups")):
-                    contenders[f"before: lazyfs {name}{sfx}"] = lazyfs_start(f"{repo}{i}", before)
-                contenders[f"before: lazyfs, re-laid out{sfx}"] = lazyfs_start(f"relaid{i}", before)
+                    contenders[f"before: lazyfs {name}{sfx}"] = lazyfs_start(
+                        f"{repo}{i}", before, forked=False
+                    )
+                    contenders[f"before: lazyfs {name}, forked{sfx}"] = lazyfs_start(
+                        f"{repo}{i}", before
+                    )
+                contenders[f"before: lazyfs, re-laid out{sfx}"] = lazyfs_start(
+                    f"relaid{i}", before, forked=False
+                )
         if keep:
             contenders = {
                 k: fn

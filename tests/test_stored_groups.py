@@ -5,21 +5,28 @@ earlier mount is refreshed in the background once old."""
 # ruff: noqa: F811
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import msgspec
+import pytest
 import trio
 import trio.testing
 from lazyfs_tools.convert import convert
 
 from lazyfs import oci
+from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.ocilayout import Layout
 from lazyfs.opener import open_image
-from lazyfs.remote.referrers import subject_descriptor
+from lazyfs.remote import referrers
+from lazyfs.remote.push import push_manifest
+from lazyfs.remote.referrers import MAX_EMBEDDED, referrers_tag, subject_descriptor
 from lazyfs.remote.registry import RegistrySource
 from lazyfs.store import tocs
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
@@ -45,15 +52,23 @@ def _push(registry: RegistryInstance, d: Path, repo: str) -> dict:
     return {
         "manifest": Layout(d / "lazy").find("v1").digest,
         "layer": manifest.layers[0],
+        "config": manifest.config.digest,
         "repo": repo,
     }
 
 
-def _store(registry: RegistryInstance, img: dict, group_name: str, created: str) -> bytes:
-    """Store a groups document for ``img``; its bytes."""
+def _doc(img: dict, group_name: str) -> bytes:
     doc = json.loads(startup_groups(img["repo"], img["manifest"], img["layer"].digest, FILES, USED))
     doc["groups"][0]["name"] = group_name
-    data = json.dumps(doc).encode()
+    return json.dumps(doc).encode()
+
+
+def _store(
+    registry: RegistryInstance, img: dict, group_name: str, created: str, embed: bool = True
+) -> bytes:
+    """Store a groups document for ``img``; its bytes.  ``embed=False``: as lazyfs pushed
+    before embedding (the listing names the artifact, which names the document)."""
+    data = _doc(img, group_name)
 
     async def go() -> None:
         src = RegistrySource(registry.host, img["repo"], plain_http=True)
@@ -63,15 +78,17 @@ def _store(registry: RegistryInstance, img: dict, group_name: str, created: str)
         finally:
             await src.aclose()
 
-    trio.run(go)
+    with mock.patch.object(referrers, "MAX_EMBEDDED", MAX_EMBEDDED if embed else -1):
+        trio.run(go)
     return data
 
 
 def test_groups_lookup_beside_the_toc_fetch(
     registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
+    """Groups pushed before embedding: the artifact manifest and the document are fetched."""
     img = _push(registry, tmp_path, "stored/overlap")
-    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z", embed=False)
     fault_proxy.match = "/v2/"  # documents too
     fault_proxy.delay = 0.2  # every request in flight long enough to see what overlaps
     args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
@@ -249,11 +266,24 @@ def test_the_toc_rides_a_connection_already_open(
         assert any("/manifests/sha256-" in p for p, _, _ in asked), asked
 
 
+def test_the_listing_has_warm_connections_without_deltas(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A cold open looking for stored groups but not for deltas warms a connection for each
+    request beside the TOC's: the config's and the listing's two (the referrers API and its
+    tag), which otherwise paid a handshake each in series."""
+    img = _push(registry, tmp_path, "stored/warm")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    fault_proxy.match = "/v2/"
+    _open(fault_proxy, img, tmp_path / "c")  # stored groups, no referrers (deltas) listing
+    assert fault_proxy.paths.count("/v2/") == 3, fault_proxy.paths
+
+
 def test_a_document_on_its_way_is_waited_for(
     registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path, monkeypatch: Any
 ) -> None:
     img = _push(registry, tmp_path, "stored/settle")
-    data = _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    data = _store(registry, img, "startup", "2026-11-30T10:00:00Z", embed=False)
 
     # Blobs (the TOC's, the config's, the groups document's) wait 0.3 s, documents by tag or
     # digest not at all, and the groups document's answer is then held: it is asked for
@@ -354,3 +384,144 @@ def test_settle_lets_a_woken_lookup_ask_first(tmp_path: Path) -> None:
             assert groups.group is group
 
     trio.run(main)
+
+
+def _listing(registry: RegistryInstance, img: dict) -> dict:
+    """The tag schema's index of ``img``'s referrers, as stored."""
+
+    async def go() -> bytes:
+        src = RegistrySource(registry.host, img["repo"], plain_http=True)
+        try:
+            return (await src.get_manifest(referrers_tag(img["manifest"])))[0]
+        finally:
+            await src.aclose()
+
+    listing: dict = json.loads(trio.run(go))
+    return listing
+
+
+def _put(
+    registry: RegistryInstance, img: dict, ref: str, data: bytes, mt: str = oci.MT_OCI_INDEX
+) -> None:
+    async def go() -> None:
+        src = RegistrySource(registry.host, img["repo"], plain_http=True)
+        try:
+            await push_manifest(src, ref, data, mt)
+        finally:
+            await src.aclose()
+
+    trio.run(go)
+
+
+def _lookup_requests(proxy: FaultProxy, img: dict) -> list[str]:
+    """The requests a cold mount sent for anything but the image itself (its manifest by
+    tag, config, layer) and the registry's ping."""
+    mine = ("/manifests/v1", img["config"], img["layer"].digest)
+    return [p for p in proxy.paths if p.rstrip("/") != "/v2" and not any(x in p for x in mine)]
+
+
+def test_embedded_groups_come_with_the_listing(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The listing embeds the artifact manifest, which embeds the document: the lookup sends
+    nothing after the listing (two requests: the referrers API and its tag fallback, at
+    once).  (Its byte ranges then leave while the TOC travels: test_group_ranges.)"""
+    img = _push(registry, tmp_path, "stored/embedded")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+    (entry,) = _listing(registry, img)["manifests"]
+    assert entry["data"]  # the push embedded the artifact manifest
+    fault_proxy.match = "/v2/"
+    fault_proxy.delay, fault_proxy.delay_match = 0.6, img["layer"].digest  # a long TOC
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(f"{fault_proxy.host}/{img['repo']}:v1", tmp_path / "mnt", *args) as m:
+        pf = wait_prefetched(m.mountpoint)["prefetch"]
+        assert pf["group"] == "startup" and not pf["error"]
+        for name in USED:
+            assert (m.mountpoint / name).read_bytes() == FILES[name]
+    lookup = _lookup_requests(fault_proxy, img)
+    assert sorted(p.split("/")[-2] for p in lookup) == ["manifests", "referrers"], lookup
+    assert "/manifests/sha256-" in " ".join(lookup)
+
+
+def _tampered(registry: RegistryInstance, img: dict, how: str) -> None:
+    """Rewrite the listing's entry: ``manifest``: the embedded artifact manifest names
+    another document (the entry's digest unchanged: the bytes do not match it);
+    ``document``: a manifest of its own (the entry names it, digest and size right) whose
+    embedded document is another than the one its layer's digest names."""
+    listing = _listing(registry, img)
+    (entry,) = listing["manifests"]
+    manifest = json.loads(base64.b64decode(entry["data"]))
+    evil = _doc(img, "evil")
+    layer = manifest["layers"][0]
+    if how == "manifest":
+        layer.update(digest=oci.sha256_digest(evil), size=len(evil), data=oci.embed(evil))
+        entry["data"] = oci.embed(json.dumps(manifest).encode())
+    else:
+        layer["data"] = oci.embed(evil[: layer["size"]].ljust(layer["size"]))
+        raw = json.dumps(manifest).encode()
+        entry.update(digest=oci.sha256_digest(raw), size=len(raw), data=oci.embed(raw))
+        _put(registry, img, entry["digest"], raw, oci.MT_OCI_MANIFEST)  # the index names it
+    _put(registry, img, referrers_tag(img["manifest"]), json.dumps(listing).encode())
+
+
+def test_tampered_embedded_content_is_refused(
+    registry: RegistryInstance, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Embedded bytes that are not what their descriptor names are refused, with a line in
+    the log, and fetched instead: the mount prefetches the stored group, not the other."""
+    for how, fetched in (("manifest", "/manifests/sha256:"), ("document", "/blobs/sha256:")):
+        img = _push(registry, tmp_path / how, f"stored/tampered-{how}")
+        _store(registry, img, "startup", "2026-11-30T10:00:00Z")
+        _tampered(registry, img, how)
+        fault_proxy.reset()
+        fault_proxy.match = "/v2/"
+        cache, log = tmp_path / how / "c", tmp_path / how / "log"
+        args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(cache))
+        with mounted(
+            f"{fault_proxy.host}/{img['repo']}:v1", tmp_path / "mnt", *args, "--log", str(log)
+        ) as m:
+            pf = wait_prefetched(m.mountpoint)["prefetch"]
+            assert pf["group"] == "startup" and not pf["error"], how
+            for name in USED:
+                assert (m.mountpoint / name).read_bytes() == FILES[name]
+        assert any(fetched in p for p in _lookup_requests(fault_proxy, img)), how
+        refused = [line for line in log.read_text().splitlines() if "refused" in line]
+        assert len(refused) == 1, (how, refused)
+        assert _kept_name(cache) == "startup"
+
+
+def test_a_groups_push_embeds_what_an_old_push_did_not(
+    registry: RegistryInstance, tmp_path: Path
+) -> None:
+    """The same document pushed again where an older lazyfs stored it without embedding:
+    the listing's entry is replaced by an embedded one (a re-push of an embedded one is a
+    no-op, as before)."""
+    img = _push(registry, tmp_path, "stored/re-push")
+    _store(registry, img, "startup", "2026-11-30T10:00:00Z", embed=False)
+    (old,) = _listing(registry, img)["manifests"]
+    assert "data" not in old
+    _store(registry, img, "startup", "2026-11-30T11:00:00Z")
+    (new,) = _listing(registry, img)["manifests"]
+    assert new["data"] and new["digest"] != old["digest"]
+    _store(registry, img, "startup", "2026-11-30T12:00:00Z")
+    assert _listing(registry, img)["manifests"] == [new]
+
+
+def test_embedded_content_is_checked() -> None:
+    data = b'{"a": 1}'
+    good = oci.Descriptor(
+        mediaType="x/y", digest=oci.sha256_digest(data), size=len(data), data=oci.embed(data)
+    )
+    assert oci.embedded(good, 100) == data
+    assert oci.embedded(msgspec.structs.replace(good, data=None), 100) is None
+    for bad, error in (
+        (msgspec.structs.replace(good, data=oci.embed(b'{"a": 2}')), IntegrityError),
+        (msgspec.structs.replace(good, size=len(data) + 1), FormatError),
+        (msgspec.structs.replace(good, data=oci.embed(data)[:-4]), FormatError),
+        (msgspec.structs.replace(good, data="!" * len(oci.embed(data))), FormatError),
+        (msgspec.structs.replace(good, data="\u00e9" * 3), FormatError),
+    ):
+        with pytest.raises(error):
+            oci.embedded(bad, 100)
+    with pytest.raises(FormatError):
+        oci.embedded(good, len(data) - 1)  # more than the reader takes

@@ -198,12 +198,18 @@ class ForkServer:
 
     @classmethod
     def start(
-        cls, socket_path: StrPath, *, log: StrPath = os.devnull, exit_with_parent: bool = True
+        cls,
+        socket_path: StrPath,
+        *,
+        log: StrPath = os.devnull,
+        exit_with_parent: bool = True,
+        cwd: StrPath | None = None,
     ) -> ForkServer:
         """Start a server on ``socket_path`` and return once it listens.  It imports the
         daemon's modules after that, so a request sent meanwhile waits for them, not for a
         timeout.  ``exit_with_parent``: it exits once this process is gone (a snapshotter
-        killed outright leaves no server behind; its daemons stay)."""
+        killed outright leaves no server behind; its daemons stay).  ``cwd``: where it runs
+        (a benchmark's checkout of another lazyfs, which ``python -m`` then imports)."""
         import subprocess
 
         from lazyfs.fs.daemon import DaemonFailed, lazyfs_argv, read_ready
@@ -223,6 +229,7 @@ class ForkServer:
                     stderr=out,
                     pass_fds=(write_fd,),
                     start_new_session=True,  # a ^C meant for the caller is not for it
+                    cwd=cwd,
                 )
         finally:
             os.close(write_fd)

@@ -10,6 +10,14 @@ API answers 404, and then the *referrers tag schema* applies: tag ``sha256-<hex>
 index listing the subject's referrers, which the pusher updates read-modify-write.  Debian's
 docker-registry 2.8 has no referrers API, so it exercises the fallback.
 
+Round trips: a pushed artifact's listing entry embeds the artifact manifest, and that manifest
+embeds the document (image-spec's descriptor ``data``), both when small (:data:`MAX_EMBEDDED`),
+so the listing alone brings the document: a cold mount has its prefetch groups one round trip
+after the image's manifest, beside the TOC.  Embedded bytes are checked against their
+descriptor exactly as fetched bytes are; what does not check out is fetched instead.  A
+registry with the referrers API builds the listing itself (no ``data``): the artifact
+manifest is fetched, the document beside it.
+
 Re-pushing an identical document is a no-op.  A new one of the same type for the same image
 replaces earlier ones in the fallback index (other referrers, e.g. signatures, are kept); with
 the referrers API the newest (``org.opencontainers.image.created``) wins.
@@ -38,6 +46,13 @@ log = logging.getLogger(__name__)
 #: for again: a mount looks for prefetch groups and for deltas beside the image within
 #: moments of each other, and each lookup would otherwise cost a round trip in series.
 LISTING_REUSE = 30.0
+
+#: The most a push embeds in a descriptor (the document in its artifact manifest, that
+#: manifest in the fallback index's entry): a listing is fetched whole by every lookup, and
+#: base64 in base64 carries 1.8 bytes a byte, so a large document is cheaper fetched.
+MAX_EMBEDDED = 128 << 10
+#: The most a reader takes embedded (a manifest may not be larger either).
+MAX_EMBEDDED_READ = 4 << 20
 
 MT_EMPTY = "application/vnd.oci.empty.v1+json"
 EMPTY = b"{}"
@@ -78,6 +93,7 @@ def artifact_manifest(
                 "mediaType": artifact_type,
                 "digest": oci.sha256_digest(data),
                 "size": len(data),
+                **({"data": oci.embed(data)} if len(data) <= MAX_EMBEDDED else {}),
             },
             *({"mediaType": mt, "digest": oci.sha256_digest(b), "size": len(b)} for b, mt in blobs),
         ],
@@ -219,6 +235,8 @@ async def push_artifact(
         if (
             d.artifactType == artifact_type
             and (d.annotations or {}).get(ANN_CONTENT_DIGEST) == content_digest
+            # An entry of the tag schema pushed before embedding is pushed again, embedded.
+            and (api or d.data is not None or len(data) > MAX_EMBEDDED)
         ):
             return d.digest
     await push_blob(source, EMPTY, MT_EMPTY)
@@ -244,6 +262,7 @@ async def push_artifact(
             "mediaType": oci.MT_OCI_MANIFEST,
             "digest": digest,
             "size": len(manifest),
+            **({"data": oci.embed(manifest)} if len(manifest) <= MAX_EMBEDDED else {}),
             "artifactType": artifact_type,
             "annotations": {
                 **(annotations or {}),
@@ -281,27 +300,50 @@ async def find_artifact(
         if asking is not None:
             asking()
         try:
-            # The index names the document's digest (our pushes do): fetched beside the
-            # artifact manifest, a round trip sooner; the manifest must then name it too.
-            promised = (d.annotations or {}).get(ANN_CONTENT_DIGEST)
             early: dict[str, bytes] = {}
-            got: list[bytes | LazyfsError] = []
-            async with trio.open_nursery() as nursery:
-                if promised:
-                    nursery.start_soon(_get_blob_into, source, promised, early)
-                nursery.start_soon(_get_manifest_into, source, d.digest, got)
-            if isinstance(got[0], LazyfsError):
-                raise got[0]
-            m = oci.decode_manifest(got[0])
+            manifest = _embedded(source, d, "artifact manifest")
+            if manifest is None:
+                manifest = await _fetch_manifest(source, d, early)
+            m = oci.decode_manifest(manifest)
             if m.subject is None or m.subject.digest != manifest_digest or not m.layers:
                 raise FormatError(f"not an {artifact_type} artifact of this image")
-            blob = early.get(m.layers[0].digest) or await source.get_blob(m.layers[0].digest)
+            layer = m.layers[0]
+            blob = (
+                _embedded(source, layer, "document")
+                or early.get(layer.digest)
+                or await source.get_blob(layer.digest)
+            )
             if check is not None:
                 check(blob)
             return blob
         except (FormatError, IntegrityError, NotFoundError) as e:
             log.warning("%s: skipping artifact %s: %s", source.name, d.digest, e)
     return None
+
+
+def _embedded(source: Source, desc: oci.Descriptor, what: str) -> bytes | None:
+    """What ``desc`` embeds, checked; None (fetch it) when it embeds nothing or what does
+    not check out (a log line: the fetched copy is checked in its turn)."""
+    try:
+        return oci.embedded(desc, MAX_EMBEDDED_READ)
+    except (FormatError, IntegrityError) as e:
+        log.warning("%s: embedded %s refused, fetching it: %s", source.name, what, e)
+        return None
+
+
+async def _fetch_manifest(source: Source, d: oci.Descriptor, early: dict[str, bytes]) -> bytes:
+    """The artifact manifest ``d`` names, fetched; the document beside it into ``early``
+    when the listing names its digest (our pushes do), a round trip sooner than after the
+    manifest (which must then name it too)."""
+    promised = (d.annotations or {}).get(ANN_CONTENT_DIGEST)
+    got: list[bytes | LazyfsError] = []
+    async with trio.open_nursery() as nursery:
+        if promised:
+            nursery.start_soon(_get_blob_into, source, promised, early)
+        nursery.start_soon(_get_manifest_into, source, d.digest, got)
+    if isinstance(got[0], LazyfsError):
+        raise got[0]
+    return got[0]
 
 
 async def _get_manifest_into(source: Source, digest: str, out: list[bytes | LazyfsError]) -> None:

@@ -281,17 +281,25 @@ def prefetch_contenders(
             "startup: stored groups = the same groups pushed beside the zstd:chunked image "
             "(`lazyfs optimize --push`); a plain mount (no --prefetch) finds them"
         )
-        out.append(
-            (
-                "lazy+stored groups",
-                lambda: _lazy_start(ctx, img, "lazyfs zstd:chunked + stored groups", "zstd"),
-            )
-        )
+        # No --prefetch: each twin finds the pushed groups by itself.  Forked too: the
+        # snapshotter's daemons are forked, and stored groups are what it gets.
+        stored = "lazyfs zstd:chunked + stored groups"
+        out.append(("lazy+stored groups", lambda: _lazy_start(ctx, img, stored, "zstd")))
+        if forks is not None:
+            out.append((
+                "lazy+stored groups, forked",
+                lambda: _lazy_start(ctx, img, f"{stored}, daemon forked", "zstd", forks=forks),
+            ))  # fmt: skip
         if ctx.before is not None:
             out.append((
                 "before: lazy+stored groups",
-                lambda: _lazy_start(ctx, img, "before: lazyfs zstd:chunked + stored groups",
-                                    "zstd", tree=ctx.before),
+                lambda: _lazy_start(ctx, img, f"before: {stored}", "zstd", tree=ctx.before),
+            ))  # fmt: skip
+        if ctx.before is not None and before_forks is not None:
+            out.append((
+                "before: lazy+stored groups, forked",
+                lambda: _lazy_start(ctx, img, f"before: {stored}, daemon forked", "zstd",
+                                    forks=before_forks, tree=ctx.before),
             ))  # fmt: skip
     _, convert_help = lazyfs_help("convert")
     if "--prefetch" not in convert_help:

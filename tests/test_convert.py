@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
@@ -206,3 +207,42 @@ def test_cli_head_chunk_size(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main([*argv, "128k", "--head-chunk-size", "100"]) == 1
     assert "head chunk size 100 is below the 4096-byte minimum" in capsys.readouterr().err
+
+
+def test_rewritten_descriptors_embed_no_stale_content(tmp_path: Path) -> None:
+    """A descriptor may embed its content (``data``, base64): an index its manifests, a
+    manifest its config or a small layer.  The conversion rewrites those, so a copied
+    embedding would be the old content beside the new digest (a reader that takes embedded
+    bytes, as image-spec allows, would refuse the image or use the old bytes)."""
+    from lazyfs.ocilayout import Layout
+
+    src = tmp_path / "src"
+    make_layout(src, [make_tar([Item("a", data=b"x")])], platforms=("amd64", "arm64"))
+    layout = Layout(src)
+
+    def embedding(desc: dict) -> dict:
+        data = base64.b64encode(layout.read_blob(desc["digest"])).decode()
+        return {**desc, "data": data}
+
+    top = layout.find(None)
+    index = json.loads(layout.read_blob(top.digest))
+    for child in index["manifests"]:
+        m = json.loads(layout.read_blob(child["digest"]))
+        m["config"] = embedding(m["config"])
+        m["layers"] = [embedding(d) for d in m["layers"]]
+        child["digest"], child["size"] = layout.put_json(m)
+    index["manifests"] = [embedding(c) for c in index["manifests"]]
+    d, n = layout.put_json(index)
+    layout.write_top([{"mediaType": oci.MT_OCI_INDEX, "digest": d, "size": n,
+                       "annotations": {oci.ANN_REF_NAME: "latest"}}])  # fmt: skip
+    convert(f"oci:{src}", f"oci:{tmp_path / 'dst'}")
+    out = Layout(tmp_path / "dst")
+    descs = []
+    for child in json.loads(out.read_blob(out.find(None).digest))["manifests"]:
+        m = json.loads(out.read_blob(child["digest"]))
+        descs += [child, m["config"], *m["layers"]]
+    assert len(descs) == 6
+    for desc in descs:
+        # None left, or one that checks out.
+        if "data" in desc:
+            assert oci.sha256_digest(base64.b64decode(desc["data"])) == desc["digest"], desc

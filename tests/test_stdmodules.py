@@ -16,7 +16,14 @@ from lazyfs_tools.convert import convert
 
 from lazyfs.formats.toc import TOC, Entry
 from lazyfs.fs.control import NeededStats
-from lazyfs.fs.stdmodules import StdModules, library_dir, modules
+from lazyfs.fs.stdmodules import (
+    MODULE_BYTES,
+    MODULE_FILES,
+    MOUNT_MODULE_BYTES,
+    StdModules,
+    library_dir,
+    modules,
+)
 from lazyfs.fs.tree import Node, Tree
 from lazyfs.remote.base import REQUEST_SENT
 from lazyfs.store.layerstate import Layer
@@ -215,3 +222,50 @@ def test_the_start_up_modules_are_asked_for_before_the_rest() -> None:
     assert stats.modules == 5 and stats.module_bytes == 50
     trio.run(mods.fetch, program, [cast(Layer, None)])  # once per library directory
     assert len(calls) == 4
+
+
+def test_a_library_of_too_many_modules_plans_a_bounded_number() -> None:
+    """A hostile (or odd) TOC with a huge ``__pycache__`` of tiny files, far under
+    MODULE_BYTES: the walk runs in the event loop and each module costs an Entry, so it
+    stops at MODULE_FILES (900k of them took the event loop for 5-9 s)."""
+    lib = "usr/lib/python3.11"
+    many = [f"{lib}/__pycache__/m{i}.{CACHE}.pyc" for i in range(MODULE_FILES + 300)]
+    tree = _tree(["usr/", "usr/bin/", "usr/bin/python3.11", "usr/lib/", f"{lib}/",
+                  f"{lib}/__pycache__/", *many])  # fmt: skip
+    planned: list[int] = []
+
+    class Counting:
+        async def prefetch(self, _layer: Any, entries: list[Entry], *, hold: bool) -> None:
+            planned.append(len(entries))
+
+    stats = NeededStats()
+    mods = StdModules(cast(LayerStore, Counting()), stats)
+    trio.run(mods.fetch, _node(tree, "usr/bin/python3.11"), [cast(Layer, None)])
+    assert sum(planned) == MODULE_FILES == stats.modules
+
+
+def test_the_modules_of_many_pythons_are_fetched_within_a_mounts_budget() -> None:
+    """Each library directory is planned once, but an image may hold many Pythons (conda
+    environments), and a reader of every ELF header would start each's fetch: at most
+    MOUNT_MODULE_BYTES in all."""
+    big = MODULE_BYTES // 2  # two modules fill a library's share
+    entries = []
+    for env in range(4):
+        lib = f"env{env}/lib/python3.11"
+        for d in (f"env{env}", f"env{env}/bin", f"env{env}/lib", lib, f"{lib}/__pycache__"):
+            entries.append(Entry(name=d, type="dir"))
+        entries.append(Entry(name=f"env{env}/bin/python3.11", type="reg", size=10))
+        for i in range(2):
+            name = f"{lib}/__pycache__/m{i}.{CACHE}.pyc"
+            entries.append(Entry(name=name, type="reg", size=big, digest=f"sha256:{env}{i:063x}"))
+    tree = Tree.from_layers([TOC(compression="zstd", entries=entries, data_end=0)])
+    planned: list[int] = []
+
+    class Counting:
+        async def prefetch(self, _layer: Any, entries: list[Entry], *, hold: bool) -> None:
+            planned.extend(e.size for e in entries)
+
+    mods = StdModules(cast(LayerStore, Counting()), NeededStats())
+    for env in range(4):
+        trio.run(mods.fetch, _node(tree, f"env{env}/bin/python3.11"), [cast(Layer, None)])
+    assert planned and sum(planned) == MOUNT_MODULE_BYTES < 4 * MODULE_BYTES

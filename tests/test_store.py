@@ -1187,3 +1187,28 @@ def test_a_reader_that_hurries_a_stream_being_cut_off_starts_nothing_in_its_clos
             await one()
 
     run(main)
+
+
+def test_a_chunk_another_process_cached_after_the_start_is_read_not_fetched(
+    tmp_path: Path,
+) -> None:
+    """Daemons share one cache (the snapshotter's chains): a chunk another one writes after
+    this store's start is not in this store's index, nor in its map, yet it is on disk.  A
+    reader that needs it finds it there (checked on that first read) instead of fetching it
+    again; the neighbours the read would have amplified to stay unfetched too."""
+    files: dict[str, bytes | list[bytes | int]] = {"a": rand(3000, 1), "b": rand(2000, 2)}
+    mine, layer, src, toc, blob = make(tmp_path, files, readahead=0)
+    theirs_src = MemSource({BLOB: blob})
+    theirs = LayerStore(ChunkCache(tmp_path / "cache", 1 << 30))  # another process's view
+    their_layer = theirs.add_layer(BLOB, theirs_src, toc)
+    a = toc.by_name()["a"]
+
+    async def main() -> None:
+        assert await theirs.read(their_layer, a, 0, a.size) == files["a"]
+        await theirs.aclose()
+        assert theirs_src.requests  # fetched there, written to the shared directory
+        assert await mine.read(layer, a, 0, a.size) == files["a"]
+        assert src.requests == []
+        await mine.aclose()
+
+    run(main)

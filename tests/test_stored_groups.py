@@ -525,3 +525,34 @@ def test_embedded_content_is_checked() -> None:
             oci.embedded(bad, 100)
     with pytest.raises(FormatError):
         oci.embedded(good, len(data) - 1)  # more than the reader takes
+
+
+def test_a_document_whose_manifest_is_too_big_to_embed_is_pushed_once(
+    registry: RegistryInstance, tmp_path: Path
+) -> None:
+    """A document that its artifact manifest embeds (at most MAX_EMBEDDED) but whose manifest,
+    base64 and all, is then too big for the listing to embed: the same document pushed again
+    is a no-op (an entry that could not embed is not an old push's), not a new artifact that
+    replaces the last at every push."""
+    img = _push(registry, tmp_path, "stored/big-doc")
+    data = json.dumps({"pad": "x" * (MAX_EMBEDDED - 1000)}).encode()
+    assert len(data) <= MAX_EMBEDDED < len(oci.embed(data))
+
+    def push(created: str) -> str:
+        async def go() -> str:
+            src = RegistrySource(registry.host, img["repo"], plain_http=True)
+            try:
+                subject = await subject_descriptor(src, img["manifest"])
+                return await referrers.push_artifact(
+                    src, subject, data, "application/x-test", created=created
+                )
+            finally:
+                await src.aclose()
+
+        return trio.run(go)
+
+    first = push("2026-11-30T10:00:00Z")
+    (entry,) = _listing(registry, img)["manifests"]
+    assert entry["digest"] == first and "data" not in entry
+    assert push("2026-11-30T11:00:00Z") == first
+    assert _listing(registry, img)["manifests"] == [entry]

@@ -18,8 +18,9 @@ Not at the exec's first READ but once it is served: the program's own first chun
 python3.11's ~1.9 MiB compressed) then has the network and the CPUs to itself, and the
 modules still come before the first import asks (started at the READ, that chunk's wait
 was 1.7x as long and the start-up no faster).  Left out: test suites, tools no program
-imports at start-up, third-party ``site-packages``, anything past MODULE_BYTES (decoded), a
-library directory of the upper layer; each library directory once per mount."""
+imports at start-up, third-party ``site-packages``, anything past MODULE_BYTES (decoded) or
+MODULE_FILES (MOUNT_MODULE_BYTES in all), a library directory of the upper layer; each library
+directory once per mount."""
 
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ INTERPRETER = re.compile(r"python(\d)\.(\d{1,3})")
 # Debian's 3.11: 10.0 MiB of compiled modules and 3.0 MiB of extension modules (5.1 MiB
 # compressed); BENCHMARKS' start-up reads 4.5 MiB of them.
 MODULE_BYTES = 24 * 1024 * 1024
+# And at most this many files (Debian's 3.11: 544 compiled modules).  The walk runs in one
+# go in the event loop, and each module found costs an Entry (~10 us, ~0.5 KiB): a TOC of
+# 900k one-byte ``.pyc`` files (under MODULE_BYTES) took the event loop for 5-9 s (H78).
+MODULE_FILES = 4096
+# And at most this much (decoded) in all per mount: each library directory is planned once,
+# but an image may hold many (conda environments, one per Python), and whatever reads the
+# start of each interpreter (a scanner reading every ELF header) would fetch each's modules.
+MOUNT_MODULE_BYTES = 2 * MODULE_BYTES
 # Top-level directories of the library no start-up imports from (tests, IDLE, Tk and its
 # demos, 2to3, pip's wheels, pydoc's topics) or whose packages are
 # third-party, of any size.
@@ -141,24 +150,30 @@ class StdModules:
         self.store = store
         self.stats = stats
         self._seen: set[int] = set()  # library directories planned
+        self._left = MOUNT_MODULE_BYTES
 
     async def fetch(self, program: Node, layers: list[Layer]) -> None:
         """Fetch the modules of ``program`` if it is a Python whose library directory this
         mount has not planned yet; ``layers``: the mount's, by the tree's layer index."""
         m = INTERPRETER.fullmatch(program.name)
         library = library_dir(program) if m is not None else None
-        if m is None or library is None or library.ino in self._seen:
+        if m is None or library is None or library.ino in self._seen or self._left <= 0:
             return
         self._seen.add(library.ino)
         first: dict[int, list[Entry]] = {}
         rest: dict[int, list[Entry]] = {}
-        left = MODULE_BYTES
+        planned = left = min(MODULE_BYTES, self._left)
+        files = MODULE_FILES
         for module, node in modules(library, f"cpython-{m.group(1)}{m.group(2)}"):
             entry = node.entry
             if entry is None or not 0 <= node.layer < len(layers) or entry.size > left:
                 continue
             left -= entry.size
+            files -= 1
             (first if module in FIRST else rest).setdefault(node.layer, []).append(entry)
+            if not files:
+                break
+        self._left -= planned - left
         async with trio.open_nursery() as nursery:
             for part in (first, rest):
                 sent = []

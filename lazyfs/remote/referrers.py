@@ -235,8 +235,9 @@ async def push_artifact(
         if (
             d.artifactType == artifact_type
             and (d.annotations or {}).get(ANN_CONTENT_DIGEST) == content_digest
-            # An entry of the tag schema pushed before embedding is pushed again, embedded.
-            and (api or d.data is not None or len(data) > MAX_EMBEDDED)
+            # An entry of the tag schema pushed before embedding is pushed again, embedded;
+            # not one whose manifest is too big to embed (as its size says): it never would.
+            and (api or d.data is not None or d.size > MAX_EMBEDDED)
         ):
             return d.digest
     await push_blob(source, EMPTY, MT_EMPTY)

@@ -536,7 +536,12 @@ class LayerStore:
                     i
                     for i in pending
                     if needs[i][0].digest not in self._inflight
-                    and self._maybe_cached(layer, needs[i][0])
+                    and (
+                        self._maybe_cached(layer, needs[i][0])
+                        # Before a miss, one stat: another daemon sharing the cache (the
+                        # snapshotter's chains) may have written it since this one started.
+                        or (not missed and self.cache.probe(needs[i][0].digest))
+                    )
                 ]
                 if local:
                     got = await self._read_cached([needs[i] for i in local])

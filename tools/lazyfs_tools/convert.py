@@ -13,7 +13,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +242,13 @@ class _Counting:
         return data
 
 
+def _unembedded(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """A descriptor of the input whose content the conversion rewrites, without the content
+    it may embed (image-spec's ``data``): kept beside the new digest, it would be the old
+    content, which a reader that takes embedded bytes refuses or, worse, uses."""
+    return {k: v for k, v in desc.items() if k != "data"}
+
+
 class Converter:
     def __init__(
         self,
@@ -387,7 +394,7 @@ class Converter:
             ann.update(res.annotations)
             new_layers.append(
                 {
-                    **old,
+                    **_unembedded(old),
                     "mediaType": res.media_type,
                     "digest": res.digest,
                     "size": res.size,
@@ -398,7 +405,7 @@ class Converter:
         config_doc: dict[str, Any] = msgspec.json.decode(config_raw)
         config_doc["rootfs"]["diff_ids"] = diff_ids
         cdesc = self.dst.write_blob(msgspec.json.encode(config_doc))
-        doc["config"] = {**doc["config"], "digest": cdesc.digest, "size": cdesc.size}
+        doc["config"] = {**_unembedded(doc["config"]), "digest": cdesc.digest, "size": cdesc.size}
         doc["layers"] = new_layers
         if (
             doc.get("mediaType") == oci.MT_DOCKER_MANIFEST
@@ -431,7 +438,12 @@ class Converter:
             cd = msgspec.convert(child, oci.Descriptor)
             new = self.any(cd)
             children.append(
-                {**child, "mediaType": new.mediaType, "digest": new.digest, "size": new.size}
+                {
+                    **_unembedded(child),
+                    "mediaType": new.mediaType,
+                    "digest": new.digest,
+                    "size": new.size,
+                }
             )
         doc["manifests"] = children
         if doc.get("mediaType") == oci.MT_DOCKER_LIST:

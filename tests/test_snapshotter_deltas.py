@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,14 +22,16 @@ from lazyfs_snapshotter.metadata import RemoteLayerRow
 from lazyfs_snapshotter.remote import Chain
 from lazyfs_snapshotter.testing import SnapshotterProcess
 
+from lazyfs.process import wait_pid
 from lazyfs.testing.containerd import ContainerdInstance
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_lazy_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import mount_stats
 from lazyfs.testing.rootfs import PROGRAMS, host_rootfs_items
 from tests.support.fixtures import registry  # noqa: F401 - fixture
 from tests.test_delta import edited
-from tests.test_snapshotter_lazy import SN, rpull, run, stop_daemons
+from tests.test_snapshotter_lazy import SN, daemons, rpull, run, stop_daemons
 
 REPO = Path(__file__).resolve().parent.parent
 OLD = seeded_bytes(400_000, 21)
@@ -75,13 +78,35 @@ def test_a_node_holding_v1_runs_v2_from_patches(
         sha = ("/usr/bin/sha256sum", "/data/app.bin")
         rpull(ctrd, v1)
         assert run(ctrd, v1, "c1", *sha).split()[0] == hashlib.sha256(OLD).hexdigest()
+        # A node that ran v1 holds its chunks: v1's daemon keeps what it prefetched (its
+        # libraries) in memory until reads pause, or until it stops (containerd removes the
+        # container's snapshot in its own time), and v2's would fetch them again meanwhile.
+        wait_cached(sp.root)
 
         proxy.reset()
         rpull(ctrd, v2)
         assert run(ctrd, v2, "c2", *sha).split()[0] == hashlib.sha256(NEW).hexdigest()
         # v2's TOC, the delta index and one patch: a fraction of the file's new chunks.
-        assert proxy.blob_bytes < len(NEW) // 4, proxy.blob_bytes
+        assert proxy.blob_bytes < len(NEW) // 4, (proxy.blob_bytes, proxy.served, proxy.ranges)
         assert "Traceback" not in sp.log_text()
+
+
+def wait_cached(root: Path, timeout: float = 20.0) -> None:
+    """Return once every chain daemon of the snapshotter at ``root`` has written the chunks
+    it holds in memory to the shared cache, or has exited."""
+    deadline = time.monotonic() + timeout
+    for pid, mnt, _ in daemons(root):
+        while pid and not wait_pid(pid, 0):
+            try:
+                stats = mount_stats(Path(mnt))
+            except subprocess.CalledProcessError:  # unmounted: it writes them as it exits
+                stats = None
+            if stats is not None and not any(
+                layer["stats"].get("bytes_unwritten") for layer in stats["layers"]
+            ):
+                break
+            assert time.monotonic() < deadline, f"daemon {pid} still holds chunks: {stats}"
+            time.sleep(0.05)
 
 
 def test_config_turns_deltas_off_for_chain_daemons(tmp_path: Path) -> None:

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,18 +95,10 @@ def main() -> int:
     if not (args.layout / "index.json").exists():
         raise SystemExit(f"no OCI layout at {args.layout} (run bench_speed.py --image debian)")
     trees = {"this tree": ROOT} | ({"before": args.before.resolve()} if args.before else {})
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+    import benchlib as bl  # the parent only: it imports this checkout's lazyfs
+
     load0 = os.getloadavg()[0]
-    for _ in range(args.reps):  # alternating: the load drifts, both see it
-        for name, src in trees.items():
-            out = subprocess.run(
-                [sys.executable, __file__, "--_child", str(src), str(args.layout.resolve())],
-                check=True,
-                capture_output=True,
-                text=True,
-                cwd=src,
-            ).stdout
-            runs[name].append(json.loads(out))
+    runs = bl.alternate_children(__file__, trees, [str(args.layout.resolve())], args.reps)
     print(f"{args.reps} fresh processes each, alternating; 1-min load {load0:.1f} -> "
           f"{os.getloadavg()[0]:.1f}; CPU ms, median (min-max)")  # fmt: skip
     names = list(trees)

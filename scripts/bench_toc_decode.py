@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,17 +126,9 @@ def main() -> int:
     if args.stages:
         print(stages(args.layout, args.reps))
     trees = {"this tree": ROOT} | ({"before": args.before.resolve()} if args.before else {})
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
-    for _ in range(args.reps):  # alternating: the load drifts, both see it
-        for name, src in trees.items():
-            out = subprocess.run(
-                [sys.executable, __file__, "--_child", str(src), str(args.layout)],
-                check=True,
-                capture_output=True,
-                text=True,
-                cwd=src,
-            ).stdout
-            runs[name].append(json.loads(out))
+    import benchlib as bl  # the parent only: it imports this checkout's lazyfs
+
+    runs = bl.alternate_children(__file__, trees, [str(args.layout)], args.reps)
     for name, rs in runs.items():
         wall = sorted(r["wall"] * 1e3 for r in rs)
         cpu = sorted(r["cpu"] * 1e3 for r in rs)

@@ -80,6 +80,26 @@ class Summary:
         return {"median": self.median, "min": self.min, "max": self.max, "runs": self.runs}
 
 
+def alternate_children(
+    script: str, trees: dict[str, Path], child_args: Sequence[str], reps: int
+) -> dict[str, list[dict[str, Any]]]:
+    """``reps`` rounds of ``python SCRIPT --_child TREE *CHILD_ARGS`` run in each of ``trees``
+    in turn (so ``python -m``-style imports take that checkout's lazyfs), each child printing
+    one JSON object: alternating, the load drifts and every tree sees it."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for _ in range(reps):
+        for name, src in trees.items():
+            out = subprocess.run(
+                [sys.executable, script, "--_child", str(src), *child_args],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=src,
+            ).stdout
+            runs[name].append(json.loads(out))
+    return runs
+
+
 def summarize(values: Sequence[float]) -> Summary:
     vals = list(values)
     return Summary(statistics.median(vals), min(vals), max(vals), vals)

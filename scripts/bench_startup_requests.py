@@ -96,18 +96,24 @@ def build_no_isatty(work: Path) -> Path:
     return lib
 
 
-def task_cpu(pid: int | None) -> float:
-    """Seconds the process's live threads have run (schedstat: nanoseconds, unlike the
-    clock ticks of /proc/PID/stat); 0 without a process."""
+def task_cpu(pid: int | None) -> dict[str, int]:
+    """Nanoseconds each live thread of the process has run (schedstat: not the clock ticks of
+    /proc/PID/stat); empty without a process."""
     if pid is None:
-        return 0.0
-    total = 0
+        return {}
+    out: dict[str, int] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            total += int((task / "schedstat").read_text().split()[0])
+            out[task.name] = int((task / "schedstat").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             continue  # the thread ended meanwhile
-    return total / 1e9
+    return out
+
+
+def cpu_between(before: dict[str, int], after: dict[str, int]) -> float:
+    """Seconds the threads ran between two ``task_cpu`` readings (a thread that ended
+    meanwhile is left out: an idle worker's exit must not count as negative time)."""
+    return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
 
 
 def start_up(
@@ -124,7 +130,7 @@ def start_up(
     pid = os.posix_spawnp("chroot", argv, os.environ)
     _, status, usage = os.wait4(pid, 0)
     run = Run(time.perf_counter() - t0, usage.ru_utime, usage.ru_stime)
-    run.daemon_cpu = task_cpu(daemon) - cpu0
+    run.daemon_cpu = cpu_between(cpu0, task_cpu(daemon))
     run.switches, run.faults = usage.ru_nvcsw, usage.ru_minflt
     if status != 0:
         raise SystemExit(f"the start-up failed in {root}: status {status}")

@@ -99,21 +99,21 @@ BACKGROUND_IDLE_SECONDS = 0.25
 # came at the latest, and at the store's close: a no-groups cold start writes ~2,200 chunk
 # files, whose creation took the CPUs and GIL the start-up waited for (BENCHMARKS.md, issue
 # 13, "the cost of each miss").  At most WRITE_HOLD_BYTES (decoded) wait; a reader's chunks
-# beyond that are written at once, as before, and so is one over WRITE_HOLD_CHUNK: creating a
-# file costs about the same whatever its size, and of that Debian start-up's 2,203 chunks
-# (47 MiB decoded) 2,082 are at most 64 KiB (15.7 MiB), the other 121 hold 31.6 MiB.
-# A start-up's prefetch (``prefetch(hold=True)``: groups, the libraries an ELF file needs,
-# an early range; not a reader's read-ahead) is held the same way, in the same
-# WRITE_HOLD_BYTES, and so are its chunks of any size held in memory: the Debian start-up's
-# group brings 167 chunks (21.4 MiB), 38 of them over 64 KiB with 19.3 MiB, and a file's
-# bytes cost CPU too (this machine's ext4: a put takes 0.4 ms of CPU at 16 KiB, 8 ms at
-# 1 MiB, 32 ms at 4 MiB; BENCHMARKS.md, H69).
+# beyond that are written at once, as before.  A start-up's prefetch (``prefetch(hold=True)``:
+# groups, the libraries an ELF file needs, a Python's modules, an early range; not a reader's
+# read-ahead) is held the same way, in the same WRITE_HOLD_BYTES.  Chunks of any size held in
+# memory wait, a reader's as a prefetch's: a file's bytes cost CPU too (this machine's ext4: a
+# put takes 0.4 ms of CPU at 16 KiB, 8 ms at 1 MiB, 32 ms at 4 MiB; BENCHMARKS.md, H69).  The
+# Debian start-up without groups holds ~30 MiB: the landmarks 4.5, the program's first chunk
+# 4, its modules 12, the extension modules' libraries 7; with 16 MiB and a reader's chunks
+# over 64 KiB written at once, 14 MiB were written during it, ~75 ms of the daemon's CPU in
+# that time (BENCHMARKS.md, issue 13, H80).  The Debian group brings 21.4 MiB.
 # WRITE_BATCH chunks (at most WRITE_BATCH_BYTES) go to a thread at a time, so a read that
 # comes meanwhile shares the CPUs with one batch at most before the writes pause again.
 WRITE_IDLE_SECONDS = BACKGROUND_IDLE_SECONDS
 WRITE_DEFER_SECONDS = 5.0
-WRITE_HOLD_BYTES = 16 * 1024 * 1024
-WRITE_HOLD_CHUNK = 64 * 1024
+WRITE_HOLD_BYTES = 32 * 1024 * 1024
+WRITE_HOLD_CHUNK = BIG_CHUNK_BYTES
 WRITE_HOLD_PREFETCH_CHUNK = BIG_CHUNK_BYTES
 WRITE_BATCH = 32
 WRITE_BATCH_BYTES = 1024 * 1024

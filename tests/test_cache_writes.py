@@ -444,7 +444,9 @@ def test_a_readers_read_ahead_is_written_at_once_not_held(
 ) -> None:
     # A long sequential read's read-ahead brings large chunks ahead of it for as long as it
     # lasts: held, they would keep WRITE_HOLD_BYTES in memory throughout (the 512 MiB file's
-    # RSS row).  Only a start-up's prefetch (hold=True) waits for a pause in reads.
+    # RSS row).  Only a start-up's prefetch (hold=True) waits for a pause in reads, and the
+    # read-ahead of a file's first read (an exec's: the rest of the program), ``pipeline``
+    # bytes at most.
     monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 60.0)  # reads never pause
     monkeypatch.setattr(layerstore, "WRITE_HOLD_CHUNK", 0)  # the reader's own: at once too
     files: Files = {"big": rand(20_000, 950)}
@@ -461,13 +463,24 @@ def test_a_readers_read_ahead_is_written_at_once_not_held(
 
     async def main() -> None:
         async with store.running():
-            assert await store.read(layer, e, 0, 1000) == content_of(toc, blob, "big")[:1000]
-            with trio.fail_after(10):  # every chunk brought: written or held
-                while len(src.requests) < 2 or (
-                    layer.stats.chunks_ready + len(store._held) < brought()
-                ):
-                    await trio.sleep(0.01)
-            assert layer.stats.bytes_unwritten == 0 and not store._held
-            assert len(chunk_files(tmp_path / "cache")) == brought() >= 2
+            want = content_of(toc, blob, "big")
+
+            async def settled(requests: int) -> None:
+                with trio.fail_after(10):  # every chunk brought: written or held
+                    while len(src.requests) < requests or (
+                        layer.stats.chunks_ready + len(store._held) < brought()
+                    ):
+                        await trio.sleep(0.01)
+
+            assert await store.read(layer, e, 0, 1000) == want[:1000]
+            await settled(2)
+            first = set(store._held)  # the first read's read-ahead
+            assert first and 0 < layer.stats.bytes_unwritten <= 3000
+            assert len(chunk_files(tmp_path / "cache")) == 1  # the reader's own
+            for off in range(1000, 12_000, 1000):
+                assert await store.read(layer, e, off, 1000) == want[off : off + 1000]
+            await settled(3)
+            assert set(store._held) == first  # the later read-aheads: written at once
+            assert len(chunk_files(tmp_path / "cache")) == brought() - len(first) >= 10
 
     run(main)

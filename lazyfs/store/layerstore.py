@@ -397,7 +397,7 @@ class LayerStore:
                 plan.amplify, layer, asked, budget, self._is_local(layer), self.behind
             )
             if prev == offset or offset == 0:
-                self._read_ahead_of(layer, entry, asked)
+                self._read_ahead_of(layer, entry, asked, first=prev is None)
         parts, waited = await self._obtain(layer, needs, extra, budget, amplified)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
@@ -420,11 +420,14 @@ class LayerStore:
     def _is_local(self, layer: Layer) -> plan.IsLocal:
         return lambda c: c.digest in self._inflight or self._maybe_cached(layer, c)
 
-    def _read_ahead_of(self, layer: Layer, entry: Entry, asked: list[Chunk]) -> None:
+    def _read_ahead_of(
+        self, layer: Layer, entry: Entry, asked: list[Chunk], *, first: bool = False
+    ) -> None:
         """A sequential reader of a big file will want the next chunks soon: start fetching
         them now, in the background, so a ``cat`` overlaps its network with its reads instead
         of waiting for one chunk after another.  The reader joins (and boosts) these flights
-        when it gets there."""
+        when it gets there.  ``first``: the file's first read (an exec's: the rest of the
+        program, which its loader maps at once)."""
         if self._nursery is None:
             return
         nxt = plan.ahead_in_file(
@@ -435,13 +438,15 @@ class LayerStore:
             lambda c: c.digest in self._inflight,
         )
         if nxt:
-            self._nursery.start_soon(self._quiet_prefetch, layer, nxt)
+            self._nursery.start_soon(self._quiet_prefetch, layer, nxt, first)
 
-    async def _quiet_prefetch(self, layer: Layer, chunks: list[Chunk]) -> None:
+    async def _quiet_prefetch(self, layer: Layer, chunks: list[Chunk], hold: bool) -> None:
         try:
-            # Not held: a long sequential read's read-ahead would keep WRITE_HOLD_BYTES of
-            # large chunks in memory while it lasts.
-            await self.prefetch(layer, chunks)
+            # Held only after a file's first read (at most ``pipeline`` bytes: python3.11's
+            # second chunk, 2.6 MiB, cost ~20 ms of CPU as the loader started): a long
+            # sequential read's read-ahead would keep WRITE_HOLD_BYTES of large chunks in
+            # memory while it lasts.
+            await self.prefetch(layer, chunks, hold=hold)
         except (LazyfsError, OSError) as e:
             log.debug("read-ahead of %s failed: %s", layer.blob_digest, e)  # the reader retries
 

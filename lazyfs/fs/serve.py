@@ -36,6 +36,7 @@ from lazyfs.fs.control import (
     control_listener,
     control_server,
 )
+from lazyfs.fs.fastpath import fast_path
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.neededlibs import NeededLibs
 from lazyfs.fs.ops import Operations, c_reader_counts, cache_symlinks, start_c_reader
@@ -596,7 +597,8 @@ async def serve(
                 if ready is not None:
                     plain = [d.mediaType for d in image.plain_descriptors()]
                     ready(ReadyReport(len(image.descriptors), plain))
-                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                with fast_path(fuse_ops):
+                    await pyfuse3.main(min_tasks=4, max_tasks=64)
                 nursery.cancel_scope.cancel()
         finally:
             early_scope.cancel()

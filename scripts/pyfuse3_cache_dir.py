@@ -26,8 +26,9 @@ side took.  While lazyfs says no file can have one (``lazyfs_no_capability``), i
 GETXATTR of security.capability (ENODATA), which the kernel asks before every write(2).
 And while lazyfs has set a fast function (``lazyfs_set_fast``) and trio's thread waits for
 events (it holds ``lazyfs_trio_lock`` otherwise, lazyfs.fs.fastpath), the reader calls that
-function itself, under the GIL, for LOOKUP, GETATTR, READLINK and READ, and writes its reply:
-no wake-up of the trio thread, no trip through trio's scheduler (a fallback queues as before).
+function itself, under the GIL, for LOOKUP, GETATTR, READLINK, READ and READDIRPLUS, and writes
+its reply: no wake-up of the trio thread, no trip through trio's scheduler (a fallback queues
+as before).
 
 A fourth lets lazyfs ask the kernel to keep symlinks' targets in their page cache
 (FUSE_CAP_CACHE_SYMLINKS, when the exported ``lazyfs_cache_symlinks`` is set before

@@ -18,7 +18,7 @@ struct lazyfs_in_header {
   uint16_t total_extlen, padding;
 };
 enum { LAZYFS_LOOKUP = 1, LAZYFS_GETATTR = 3, LAZYFS_READLINK = 5, LAZYFS_READ = 15,
-       LAZYFS_GETXATTR = 22, LAZYFS_IOCTL = 39 };
+       LAZYFS_GETXATTR = 22, LAZYFS_IOCTL = 39, LAZYFS_READDIRPLUS = 44 };
 /* The reply header (linux/fuse.h's fuse_out_header). */
 struct lazyfs_out_header {
   uint32_t len;
@@ -34,14 +34,14 @@ int lazyfs_no_capability = 0;
 static const char lazyfs_capability[] = "security.capability";
 
 /* lazyfs: fast path */
-/* LOOKUP, GETATTR, READLINK and READ answered by a Python function called here, in the reader
-   thread, instead of queued for a trio worker: no eventfd wake-up of the trio thread, no trip
-   through trio's scheduler and pyfuse3's worker (~70 us of a LOOKUP's ~90).  Only while trio's
-   thread waits for events: it holds lazyfs_trio_lock whenever it runs tasks (trio
-   instruments in lazyfs.fs.fastpath take it after and give it back before each wait for I/O),
-   and the reader serves a request only if it gets the lock at once, so the function runs as
-   if it were one more task between two of trio's steps: no task is ever seen half-way
-   between two awaits.  The function answers bytes (the reply), an int (an errno) or None
+/* LOOKUP, GETATTR, READLINK, READ and READDIRPLUS answered by a Python function called here,
+   in the reader thread, instead of queued for a trio worker: no eventfd wake-up of the trio
+   thread, no trip through trio's scheduler and pyfuse3's worker (~70 us of a LOOKUP's ~90).
+   Only while trio's thread waits for events: it holds lazyfs_trio_lock whenever it runs tasks
+   (a trio instrument in lazyfs.fs.fastpath takes it after and gives it back before each wait
+   for I/O), and the reader serves a request only if it gets the lock at once, so the function
+   runs as if it were one more task between two of trio's steps: no task is ever seen
+   half-way between two awaits.  The function answers bytes (the reply), an int (an errno) or None
    (queue it after all: it needs trio).  Set and cleared under the lock. */
 static pthread_mutex_t lazyfs_trio_lock = PTHREAD_MUTEX_INITIALIZER;
 static int lazyfs_trio_wants;       /* the trio thread waits for the lock: leave it alone */
@@ -78,7 +78,7 @@ void lazyfs_set_fast(PyObject *fn) {
 
 static int lazyfs_fast_op(uint32_t op) {
   return op == LAZYFS_LOOKUP || op == LAZYFS_GETATTR || op == LAZYFS_READLINK
-         || op == LAZYFS_READ;
+         || op == LAZYFS_READ || op == LAZYFS_READDIRPLUS;
 }
 
 /* 1 if the request was answered here. */

@@ -84,6 +84,50 @@ def test_lookups_attributes_links_and_reads_from_memory_are_answered_in_the_read
     assert m.proc.returncode == 0, m.log_text()
 
 
+def test_listings_are_answered_in_the_reader(tmp_path: Path) -> None:
+    """READDIRPLUS packed in Python as libfuse packs it: every name once (a big directory in
+    many replies), each entry's attributes and type right, and its dentry made (no LOOKUP
+    after it), its lookup counted."""
+    big = 3000
+    lower = [
+        Item("d", "dir", mode=0o755),
+        Item("d/sub", "dir", mode=0o700),
+        Item("d/link", "symlink", link="f1", mode=0o777),
+        *(Item(f"d/f{i}", data=b"x" * i, mode=0o640) for i in range(N)),
+        Item("big", "dir", mode=0o755),
+        *(Item(f"big/a-rather-long-name-{i:05}", data=b"") for i in range(big)),
+    ]
+    make_layout(tmp_path / "src", [make_tar(lower)], tag="v1")
+    convert(f"oci:{tmp_path / 'src'}:v1", f"oci:{tmp_path / 'img'}:v1")
+    args = ("--read-only", "--cache", str(tmp_path / "c"), "--no-prefetch")
+    with mounted(f"oci:{tmp_path / 'img'}:v1", tmp_path / "mnt", *args) as m:
+        d = m.mountpoint / "d"
+        d.stat()
+        time.sleep(0.2)
+        before = mount_stats(m.mountpoint)
+        with os.scandir(d) as it:
+            entries = {e.name: (e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it}
+        assert entries == {
+            "sub": (True, False),
+            "link": (False, True),
+            **{f"f{i}": (False, False) for i in range(N)},
+        }
+        for i in range(N):
+            st = os.lstat(d / f"f{i}")
+            assert (st.st_size, st.st_mode & 0o777) == (i, 0o640)
+        assert os.lstat(d / "sub").st_mode & 0o777 == 0o700
+        assert os.readlink(d / "link") == "f1"
+        names = os.listdir(m.mountpoint / "big")
+        assert sorted(names) == [f"a-rather-long-name-{i:05}" for i in range(big)]
+        after = mount_stats(m.mountpoint)
+        # the listing made every dentry: no name was looked up
+        assert after["requests"].get("lookup", 0) == before["requests"].get("lookup", 0) + 1
+        assert after["requests"]["readdir"] - before["requests"].get("readdir", 0) >= 3
+        assert after["c_requests"]["fast"] - before["c_requests"]["fast"] >= 3
+        assert after["handler_errors"] == 0
+    assert m.proc.returncode == 0, m.log_text()
+
+
 def test_reads_of_cached_chunks_are_answered_in_the_reader(tmp_path: Path) -> None:
     """Over a warm chunk cache (a new mount: nothing in memory), small chunks are read from
     their cache files in the reader, hashed at their first read as the trio thread would."""

@@ -1,4 +1,4 @@
-"""LOOKUP, GETATTR, READLINK and READ answered in the C reader thread, without trio.
+"""LOOKUP, GETATTR, READLINK, READDIRPLUS and READ answered in the C reader thread, without trio.
 
 A request that reaches Python through the patched pyfuse3's queue (scripts/pyfuse3_reader.c)
 costs two thread wake-ups (the reader, then the trio thread through an eventfd) and a trip
@@ -31,11 +31,12 @@ import pyfuse3
 import trio
 
 from lazyfs.fs.ops import INO_FH, TIMEOUT, AttrFields, Operations, patched_pyfuse3
+from lazyfs.fs.tree import Node
 
 log = logging.getLogger(__name__)
 
-LOOKUP, GETATTR, READLINK, READ = 1, 3, 5, 15
-# struct fuse_read_in: fh, offset, size (then read_flags, lock_owner, flags, padding).
+LOOKUP, GETATTR, READLINK, READ, READDIRPLUS = 1, 3, 5, 15, 44
+# struct fuse_read_in (READ and READDIRPLUS): fh, offset, size (then flags...).
 _READ_IN = struct.Struct("<QQI")
 # struct fuse_attr (linux/fuse.h, 7.9 on): ino, size, blocks, atime, mtime, ctime, their
 # nanoseconds, mode, nlink, uid, gid, rdev, blksize, flags.
@@ -48,6 +49,9 @@ _VALID = int(TIMEOUT)
 # A negative entry: no inode, kept for TIMEOUT (as the queued lookup answers it).
 _NEGATIVE = _ENTRY.pack(0, 0, _VALID, 0, 0, 0, *([0] * 16))
 _NS = 1_000_000_000
+# struct fuse_dirent, after a direntplus's fuse_entry_out: ino, off, namelen, type; the name
+# follows, the record padded to 8 bytes.
+_DIRENT = struct.Struct("<QQII")
 
 Fast = Callable[[int, int, bytes], "bytes | int | None"]
 
@@ -83,6 +87,10 @@ def fast_function(ops: Operations, clock: trio.abc.Clock) -> Fast:
             if op == READLINK:
                 requests["readlink"] += 1
                 return ops.readlink_now(ino)
+            if op == READDIRPLUS:
+                requests["readdir"] += 1
+                fh, off, size = _READ_IN.unpack_from(body)
+                return _listing(ops, fh or INO_FH | ino, off, size)
             if op == READ:
                 fh, off, size = _READ_IN.unpack_from(body)
                 # The patched pyfuse3 turns the fh 0 of no_open into this (INO_FH).
@@ -101,6 +109,30 @@ def fast_function(ops: Operations, clock: trio.abc.Clock) -> Fast:
             return errno.EIO
 
     return fast
+
+
+def _listing(ops: Operations, fh: int, start: int, size: int) -> bytes:
+    """A READDIRPLUS reply of at most ``size`` bytes, as libfuse's fuse_add_direntplus lays
+    out each entry for pyfuse3's readdir_reply."""
+    out: list[bytes] = []
+    room = size
+
+    def add(name: bytes, node: Node, off: int) -> bool:
+        nonlocal room
+        fields = ops.attr_fields(node)
+        length = _ENTRY.size + _DIRENT.size + len(name)
+        padded = (length + 7) & ~7
+        if padded > room:
+            return False
+        room -= padded
+        ino, mode = fields[0], fields[6]
+        out.append(_ENTRY.pack(ino, 0, _VALID, _VALID, 0, 0, *_attr(fields)))
+        out.append(_DIRENT.pack(ino, off, len(name), (mode & 0o170000) >> 12))
+        out.append(name + bytes(padded - length))
+        return True
+
+    ops.readdir_now(fh, start, add)
+    return b"".join(out)
 
 
 class _TrioLock(trio.abc.Instrument):
@@ -127,9 +159,9 @@ class _TrioLock(trio.abc.Instrument):
 @contextlib.contextmanager
 def fast_path(ops: object) -> Iterator[bool]:
     """Within a trio task, around ``pyfuse3.main``: the reader answers LOOKUP, GETATTR,
-    READLINK and (what it can of) READ through ``ops`` while trio waits for I/O.  Yields
-    whether it does (the installed pyfuse3 can, and ``ops`` is the tree's operations, not a
-    stand-in)."""
+    READLINK, READDIRPLUS and (what it can of) READ through ``ops`` while trio waits for
+    I/O.  Yields whether it does (the installed pyfuse3 can, and ``ops`` is the tree's
+    operations, not a stand-in)."""
     lib = patched_pyfuse3()
     if lib is None or type(ops) is not Operations:
         yield False

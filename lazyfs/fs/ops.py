@@ -644,7 +644,10 @@ class Operations(_Guarded):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return INO_FH | node.ino
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    def readdir_now(self, fh: int, start_id: int, add: Callable[[bytes, Node, int], bool]) -> None:
+        """The listing from ``start_id`` on, handed to ``add(name, node, next offset)`` (False:
+        the reply is full) until it is full; readdir and the fast path pack the replies.  A
+        child whose attributes ``add`` cannot make (FUSEError) is left out."""
         node = self.listed_dir(fh)
         if node is None:
             return
@@ -652,20 +655,25 @@ class Operations(_Guarded):
         for offset in range(start_id, _DOTS):
             # The kernel makes no dentry of these and takes no reference: no lookup counted.
             name, which = dots[offset]
-            if not pyfuse3.readdir_reply(token, name, self._attrs(which), offset + 1):
+            if not add(name, which, offset + 1):
                 return
         positions, entries = self._listing(node)
         start = max(start_id - _DOTS, 0)
         for i in range(bisect.bisect_left(positions, start), len(entries)):
             name, child = entries[i]
             try:
-                attrs = self._attrs(child)
+                if not add(name, child, positions[i] + 1 + _DOTS):
+                    return
             except pyfuse3.FUSEError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, attrs, positions[i] + 1 + _DOTS):
-                return
             child.lookups += 1  # readdirplus hands the kernel a reference
         self._sorted.pop(node.ino, None)  # read to the end: the kernel caches it
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        def add(name: bytes, node: Node, off: int) -> bool:
+            return bool(pyfuse3.readdir_reply(token, name, self._attrs(node), off))
+
+        self.readdir_now(fh, start_id, add)
 
     def _listing(self, node: Node) -> tuple[list[int], list[tuple[bytes, Node]]]:
         """``node``'s listing in position order (see _HASH_BITS) and the positions: taken

@@ -11,8 +11,10 @@ docker-registry on 127.0.0.1, in three settings, alternating, medians:
 
 For each: the start-up's seconds from ready to done, and what it asked the daemon by opcode
 (count, summed latency, from the kernel's fuse tracepoints, see bench_startup_requests.py),
-plus the time at least one request was outstanding.  ``--pyspy DIR``: also one more round of
-each lazyfs setting with py-spy recording the daemon (speedscope files in DIR).  Run from the
+plus the time at least one request was outstanding, the daemon's CPU over the start-up (its
+threads' schedstat) and how many requests the C reader answered through the fast path.
+``--pyspy DIR``: also one more round of each lazyfs setting with py-spy recording the daemon
+(speedscope files in DIR).  Run from the
 repo root: ``.venv/bin/python scripts/bench_cold_phase.py [--reps N] [--before DIR]
 [--work-dir DIR] [--chunking SIZE|HEAD+SIZE]``.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
 import os
 import shutil
@@ -46,8 +49,20 @@ class Phase:
         self.latency: collections.Counter[str] = collections.Counter()  # seconds, summed
         self.reply_bytes: collections.Counter[str] = collections.Counter()
         self.busy = 0.0  # seconds with at least one request outstanding
+        self.cpu = 0.0  # the daemon's CPU seconds (all threads) over the start-up
+        self.fast: int | None = None  # requests the C reader answered through the fast path
         self.reads: list[float] = []  # each READ's latency, seconds
         self.timeline: list[tuple[float, float, str, int]] = []  # sent, latency, op, reply
+
+
+def _cpu(pid: int) -> float:
+    """A process's CPU seconds so far, summed over its threads now alive (schedstat: ns, not
+    the 10 ms ticks of /proc/PID/stat; trio's worker threads live on for seconds idle)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def _events(inst: Path, conn: int, phase: Phase) -> None:
@@ -165,6 +180,7 @@ def main() -> int:
     from lazyfs.fs.daemon import spawn
     from lazyfs.fs.forkserver import ForkServer
     from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+    from lazyfs.testing.mounts import mount_stats
 
     work = (args.work_dir or bl.BENCH_DIR) / f"work-coldphase-{os.getpid()}"
     work.mkdir(parents=True)
@@ -215,11 +231,14 @@ def main() -> int:
                             time.sleep(0.05)  # py-spy attaches (it misses the first moments)
                         (inst / "trace").write_text("")
                         (inst / "events/fuse/enable").write_text("1")
+                        cpu0 = _cpu(d.pid)
                         t0 = time.perf_counter()
                         run_startup(mnt)
                         phase = Phase(time.perf_counter() - t0)
+                        phase.cpu = _cpu(d.pid) - cpu0
                         (inst / "events/fuse/enable").write_text("0")
                         _events(inst, connection(mnt), phase)
+                        phase.fast = mount_stats(mnt).get("c_requests", {}).get("fast")
                         if profile is None:
                             phases[name].append(phase)
                     finally:
@@ -276,6 +295,9 @@ def main() -> int:
             f"({min(q.seconds for q in ps):.3f}–{max(q.seconds for q in ps):.3f})",
             f"{statistics.median(sum(q.count.values()) for q in ps):.0f}" if ops else "",
             f"{statistics.median(q.busy for q in ps) * 1e3:.0f}" if ops else "",
+            f"{statistics.median(q.cpu for q in ps) * 1e3:.0f}" if ops else "",
+            f"{statistics.median(q.fast for q in ps if q.fast is not None):.0f}"
+            if any(q.fast is not None for q in ps) else "",
             f"{statistics.median(statistics.median(q.reads) for q in ps) * 1e3:.2f}; "
             f"{statistics.median(sum(r for r in q.reads if r > WAITED) for q in ps) * 1e3:.0f}"
             if ops else "",
@@ -286,7 +308,7 @@ def main() -> int:
                 for op, c in ops.most_common()
             ),
         ])  # fmt: skip
-    print(bl.md_table(["setting", "start-up s", "requests", "busy ms",
+    print(bl.md_table(["setting", "start-up s", "requests", "busy ms", "daemon CPU ms", "fast",
                        f"READ median ms; ms in READs over {WAITED * 1e3:.0f} ms",
                        "by opcode (mean count, summed latency)"], rows))  # fmt: skip
     if big:

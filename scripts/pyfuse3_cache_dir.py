@@ -24,6 +24,11 @@ each).  ``close()`` stops and joins the thread before it unmounts; an unmount or
 ends it and, through the queue, the workers; the exported counters say how many requests each
 side took.  While lazyfs says no file can have one (``lazyfs_no_capability``), it also answers
 GETXATTR of security.capability (ENODATA), which the kernel asks before every write(2).
+And while lazyfs has set a fast function (``lazyfs_set_fast``) and trio's thread waits for
+events (it holds ``lazyfs_trio_lock`` otherwise, lazyfs.fs.fastpath), the reader calls that
+function itself, under the GIL, for LOOKUP, GETATTR, READLINK, READ and READDIRPLUS, and writes
+its reply: no wake-up of the trio thread, no trip through trio's scheduler (a fallback queues
+as before).
 
 A fourth lets lazyfs ask the kernel to keep symlinks' targets in their page cache
 (FUSE_CAP_CACHE_SYMLINKS, when the exported ``lazyfs_cache_symlinks`` is set before
@@ -66,9 +71,10 @@ FH_CALLBACKS = ("readdirplus", "read", "write", "write_buf", "flush", "release",
 READER_MARK = "/* lazyfs: reader thread */"
 SYMLINKS_MARK = "/* lazyfs: cache_symlinks flag */"
 CAPABILITY_MARK = "/* lazyfs: no capability */"  # in READER_C
+FAST_MARK = "/* lazyfs: fast path */"  # in READER_C
 # Marks of patches this script no longer makes: a C file with one is re-patched from the original.
 OLD_MARKS = ("/* lazyfs: cache_readdir, keep_cache */", "/* lazyfs: opendir in C */")
-MARKS = (NOFLUSH_MARK, INO_FH_MARK, READER_MARK, SYMLINKS_MARK, CAPABILITY_MARK)
+MARKS = (NOFLUSH_MARK, INO_FH_MARK, READER_MARK, SYMLINKS_MARK, CAPABILITY_MARK, FAST_MARK)
 # Where the exported globals and the reader thread's C go: before the first callback.
 GLOBALS_AT = "static void __pyx_f_7pyfuse3_fuse_opendir(fuse_req_t __pyx_v_req, fuse_ino_t __pyx_v_ino, struct fuse_file_info *__pyx_v_fi) {\n"  # noqa: E501
 RECEIVE = "fuse_session_receive_buf(__pyx_v_7pyfuse3_session, "
@@ -108,10 +114,12 @@ def _patch_symlinks(text: str) -> str:
         f"  {SYMLINKS_MARK}\n"
         "  if (lazyfs_cache_symlinks && (__pyx_v_conn->capable & FUSE_CAP_CACHE_SYMLINKS))\n"
         "    __pyx_v_conn->want |= FUSE_CAP_CACHE_SYMLINKS;\n"
+        # The fast path's replies are laid out for the kernel's protocol (READER_C).
+        "  lazyfs_proto_minor = __pyx_v_conn->proto_minor;\n"
     )
     # Exported for ctypes, off until lazyfs sets it (lazyfs.fs.ops.cache_symlinks): a lazyfs
     # that does not know it keeps the kernel's default, so an older tree measures as it was.
-    flag = f"{SYMLINKS_MARK}\nint lazyfs_cache_symlinks = 0;\n\n"
+    flag = f"{SYMLINKS_MARK}\nint lazyfs_cache_symlinks = 0;\nint lazyfs_proto_minor = 0;\n\n"
     text = text.replace(INIT_AT, flag + INIT_AT)
     return text.replace(ATOMIC_O_TRUNC, ATOMIC_O_TRUNC + want)
 

@@ -88,6 +88,10 @@ _OPENINGS = (
 # O_RDONLY (open(2) then needs write permission and truncates).  O_APPEND alone changes
 # nothing: without write access nothing can be appended.
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+BLKSIZE = 4096
+# An inode's attributes: st_ino, size, blocks, atime, mtime and ctime (ns), mode, nlink, uid,
+# gid, rdev.
+AttrFields = tuple[int, int, int, int, int, int, int, int, int, int, int]
 
 
 @functools.cache
@@ -152,14 +156,16 @@ def start_c_reader() -> bool:
 
 
 def c_reader_counts() -> dict[str, int]:
-    """Requests the reader thread answered in C and handed to Python (empty without it)."""
+    """Requests the reader thread answered in C, answered through the fast function
+    (lazyfs.fs.fastpath) and handed to Python (empty without it)."""
     lib = patched_pyfuse3()
     if lib is None:
         return {}
-    return {
-        name: ctypes.c_ulong.in_dll(lib, f"lazyfs_reader_{name}").value
-        for name in ("answered", "handed")
-    }
+    counts = {}
+    for name in ("answered", "fast", "handed"):
+        with contextlib.suppress(ValueError):  # "fast": a build from before it
+            counts[name] = ctypes.c_ulong.in_dll(lib, f"lazyfs_reader_{name}").value
+    return counts
 
 
 class AccessListener(Protocol):
@@ -432,43 +438,46 @@ class Operations(_Guarded):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return st
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.generation = 0
+    def attr_fields(self, node: Node) -> AttrFields:
+        """``node``'s attributes, as :meth:`_attrs` answers them (the fast path packs these)."""
         if node.upper:
             st = self._upper_stat(node)
-            a.st_mode = st.st_mode
-            a.st_nlink = st.st_nlink
-            a.st_uid, a.st_gid = st.st_uid, st.st_gid
-            a.st_rdev = st.st_rdev
-            a.st_size = st.st_size
-            a.st_blocks = st.st_blocks
-            a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = (
-                st.st_atime_ns,
-                st.st_mtime_ns,
-                st.st_ctime_ns,
-            )
+            mode, nlink, size = st.st_mode, st.st_nlink, st.st_size
+            uid, gid, rdev, blocks = st.st_uid, st.st_gid, st.st_rdev, st.st_blocks
+            atime, mtime, ctime = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
         else:
-            kind, uid, gid, size, mtime_ns, major, minor, link = node.stat_fields()
-            a.st_mode = node.mode()
-            a.st_nlink = node.nlink
-            a.st_uid, a.st_gid = uid, gid
-            a.st_rdev = os.makedev(major, minor)
+            kind, uid, gid, size, mtime, major, minor, link = node.stat_fields()
+            mode = node.mode()
+            nlink = node.nlink
+            rdev = os.makedev(major, minor)
             if kind == "symlink":
-                a.st_size = len(os.fsencode(link))
+                size = len(os.fsencode(link))
             elif kind == "dir":
-                a.st_size = 4096
-            else:
-                a.st_size = size
-            a.st_blocks = (a.st_size + 511) // 512
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime_ns
+                size = 4096
+            blocks = (size + 511) // 512
+            atime = ctime = mtime
         if node.children is not None:
             # Directory link count: ".", the name in the parent, and each subdirectory's "..".
-            a.st_nlink = 2 + sum(1 for c in node.children.values() if c.children is not None)
+            nlink = 2 + sum(1 for c in node.children.values() if c.children is not None)
             if node.upper:
-                a.st_size = 4096
-        a.st_blksize = 4096
+                size = 4096
+        return node.ino, size, blocks, atime, mtime, ctime, mode, nlink, uid, gid, rdev
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        ino, size, blocks, atime, mtime, ctime, mode, nlink, uid, gid, rdev = self.attr_fields(
+            node
+        )
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.st_mode = mode
+        a.st_nlink = nlink
+        a.st_uid, a.st_gid = uid, gid
+        a.st_rdev = rdev
+        a.st_size = size
+        a.st_blocks = blocks
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = atime, mtime, ctime
+        a.st_blksize = BLKSIZE
         a.entry_timeout = a.attr_timeout = TIMEOUT
         return a
 
@@ -476,6 +485,13 @@ class Operations(_Guarded):
         attrs = self._attrs(node)
         node.lookups += 1
         return attrs
+
+    def looked_up_fields(self, node: Node) -> AttrFields:
+        """:meth:`_looked_up` for the fast path: counted once the attributes are known (a
+        failure hands the kernel no reference)."""
+        fields = self.attr_fields(node)
+        node.lookups += 1
+        return fields
 
     def no_capability(self, upper_empty: bool) -> bool:
         """Let the C reader answer GETXATTR of security.capability (ENODATA) while no file
@@ -571,28 +587,40 @@ class Operations(_Guarded):
 
     # ------------------------------------------------------------------ lookups and reading
 
+    def lookup_now(self, parent_inode: int, name: bytes) -> Node | None:
+        """The node lookup answers, with nothing awaited (the fast path calls it too), or None
+        for a name that does not exist.  Its lookup is not counted yet (:meth:`_looked_up`,
+        :meth:`looked_up_fields`: once its attributes are)."""
+        parent = self._node(parent_inode)
+        if name == b".":
+            return parent
+        if name == b"..":
+            return parent.parent or parent
+        sname = _name(name)
+        if parent.children is not None and sname not in parent.children:
+            return None
+        return self._child(parent, sname)
+
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent = self._node(parent_inode)
-        if name == b".":
-            return self._looked_up(parent)
-        if name == b"..":
-            return self._looked_up(parent.parent or parent)
-        sname = _name(name)
-        if parent.children is not None and sname not in parent.children:
+        node = self.lookup_now(parent_inode, name)
+        if node is None:
             # A negative entry the kernel may keep (a program start probes many paths that do
             # not exist): every name created later goes through the kernel, which replaces it.
             a = pyfuse3.EntryAttributes()
             a.st_ino = 0
             a.entry_timeout = TIMEOUT
             return a
-        return self._looked_up(self._child(parent, sname))
+        return self._looked_up(node)
+
+    def getattr_now(self, inode: int) -> AttrFields:
+        return self.attr_fields(self._node(inode))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
 
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    def readlink_now(self, inode: int) -> bytes:
         node = self._node(inode)
         if node.upper:
             try:
@@ -602,6 +630,9 @@ class Operations(_Guarded):
         if node.entry is None or node.entry.type != "symlink":
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.entry.link_name)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.readlink_now(inode)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if self.no_opendir:
@@ -613,7 +644,10 @@ class Operations(_Guarded):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return INO_FH | node.ino
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    def readdir_now(self, fh: int, start_id: int, add: Callable[[bytes, Node, int], bool]) -> None:
+        """The listing from ``start_id`` on, handed to ``add(name, node, next offset)`` (False:
+        the reply is full) until it is full; readdir and the fast path pack the replies.  A
+        child whose attributes ``add`` cannot make (FUSEError) is left out."""
         node = self.listed_dir(fh)
         if node is None:
             return
@@ -621,20 +655,25 @@ class Operations(_Guarded):
         for offset in range(start_id, _DOTS):
             # The kernel makes no dentry of these and takes no reference: no lookup counted.
             name, which = dots[offset]
-            if not pyfuse3.readdir_reply(token, name, self._attrs(which), offset + 1):
+            if not add(name, which, offset + 1):
                 return
         positions, entries = self._listing(node)
         start = max(start_id - _DOTS, 0)
         for i in range(bisect.bisect_left(positions, start), len(entries)):
             name, child = entries[i]
             try:
-                attrs = self._attrs(child)
+                if not add(name, child, positions[i] + 1 + _DOTS):
+                    return
             except pyfuse3.FUSEError:
                 continue
-            if not pyfuse3.readdir_reply(token, name, attrs, positions[i] + 1 + _DOTS):
-                return
             child.lookups += 1  # readdirplus hands the kernel a reference
         self._sorted.pop(node.ino, None)  # read to the end: the kernel caches it
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        def add(name: bytes, node: Node, off: int) -> bool:
+            return bool(pyfuse3.readdir_reply(token, name, self._attrs(node), off))
+
+        self.readdir_now(fh, start_id, add)
 
     def _listing(self, node: Node) -> tuple[list[int], list[tuple[bytes, Node]]]:
         """``node``'s listing in position order (see _HASH_BITS) and the positions: taken
@@ -698,6 +737,23 @@ class Operations(_Guarded):
         if node is None or node.children is not None:
             raise pyfuse3.FUSEError(errno.EBADF)
         return node
+
+    def read_now(self, fh: int, off: int, size: int, now: float) -> bytes | None:
+        """What read answers, with nothing awaited (the fast path): an upper file's bytes, or
+        a lower file's when the store has them in memory; else None (read must run).  ``now``:
+        trio's clock."""
+        node = self._file(fh)
+        if node.upper:
+            return os.pread(self._upper_fd(node, _READ), size, off)
+        if self.listener is not None or self.needed is not None:
+            return None  # they may start tasks
+        entry = node.entry
+        assert entry is not None
+        try:
+            return self.store.read_now(self.layers[node.layer], entry, off, size, now)
+        except (LazyfsError, OSError) as err:  # as read() answers it
+            log.error("read of %s at %d failed: %s", "/".join(node.path()), off, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._file(fh)

@@ -36,6 +36,7 @@ from lazyfs.fs.control import (
     control_listener,
     control_server,
 )
+from lazyfs.fs.fastpath import FastPath
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.neededlibs import NeededLibs
 from lazyfs.fs.ops import Operations, c_reader_counts, cache_symlinks, start_c_reader
@@ -568,7 +569,13 @@ async def serve(
         # not touch it either, but the order keeps that property obvious).
         control = control_path(mountpoint)
         fuse_ops = mount.fuse_operations()
-        _after_init(fuse_ops, lambda: _widen_read_ahead(mountpoint))
+        fast = FastPath(fuse_ops)
+
+        def after_init() -> None:
+            _widen_read_ahead(mountpoint)
+            fast.enable()  # after: no request is answered before the read-ahead is widened
+
+        _after_init(fuse_ops, after_init)
         tree_built.set()
         cache_symlinks()
         if isinstance(fuse_ops, Operations):  # every layer in: what their files hold is known
@@ -600,7 +607,8 @@ async def serve(
                 if ready is not None:
                     plain = [d.mediaType for d in image.plain_descriptors()]
                     ready(ReadyReport(len(image.descriptors), plain))
-                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                with fast.serving():
+                    await pyfuse3.main(min_tasks=4, max_tasks=64)
                 # Unmounted: what is on its way lands in the cache for the next mount.
                 await image.store.drain(UNMOUNT_DRAIN)
                 nursery.cancel_scope.cancel()

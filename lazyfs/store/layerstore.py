@@ -404,6 +404,89 @@ class LayerStore:
         layer.stats.record_read(ns, waited=waited)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), ns if waited else 0
 
+    def read_now(
+        self, layer: Layer, entry: Entry, offset: int, size: int, now: float
+    ) -> bytes | None:
+        """:meth:`read`'s answer without awaiting, when every chunk it needs is in memory
+        (kept hot, or fetched and not yet written) or cached and readable on this thread as
+        :meth:`_read_cached` would, and it would start no read-ahead: what :meth:`read_waited`
+        would do then, done here; else None, and nothing changed (but the hot set's order and
+        the cache's recency).  For a caller outside trio's run (lazyfs.fs.fastpath), between
+        two of its steps: ``now`` is trio's clock."""
+        if offset < 0 or size < 0:
+            return None
+        end = min(offset + size, entry.size)
+        if offset >= end:
+            return b""
+        t0 = time.perf_counter_ns()
+        chunks = chunks_for_range(entry, offset, end - offset)
+        parts: list[bytes | None] = []
+        local: list[tuple[Chunk, int, int]] = []
+        for c in chunks:
+            lo = max(offset, c.file_offset) - c.file_offset
+            hi = min(end, c.file_offset + c.size) - c.file_offset
+            if c.zeros:
+                parts.append(bytes(hi - lo))
+                continue
+            data = self._hot.get(c.digest)
+            if data is None:
+                data = self._resolved(c.digest)
+            if data is not None:
+                parts.append(data if (lo, hi) == (0, c.size) else data[lo:hi])
+            elif c.digest not in self._inflight and self._maybe_cached(layer, c):
+                parts.append(None)
+                local.append((c, lo, hi))
+            else:
+                return None  # to fetch, or on its way
+        prev = layer.read_pos.get(entry.name)
+        if (prev == offset or (prev is None and offset == 0)) and self._nursery is not None:
+            extra = plan.readahead(entry, chunks, prev is None, self.readahead)
+            ahead = plan.ahead_in_file(
+                entry,
+                [*chunks, *extra],
+                self.pipeline,
+                lambda c: self._maybe_cached(layer, c),
+                lambda c: c.digest in self._inflight,
+            )
+            if ahead:
+                return None  # read-ahead to start: a task's work (as in read_waited)
+        if local:
+            got = self._read_inline(local)
+            if got is None:
+                return None
+            it = iter(got)
+            parts = [next(it) if p is None else p for p in parts]
+            for c, _, _ in local:
+                self._mark_ready(c.digest)
+        if prev is None or prev == offset:
+            self._window(layer).budget(chunks, self.amplify, self.amplify_max)
+        layer.note_read(entry.name, end)
+        self._last_ondemand = now
+        layer.stats.cache_hits += sum(1 for c in chunks if not c.zeros)
+        layer.stats.record_read(time.perf_counter_ns() - t0, waited=False)
+        return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[arg-type]
+
+    def _read_inline(self, todo: list[tuple[Chunk, int, int]]) -> list[bytes] | None:
+        """Slices of cached chunks read on this thread, where :meth:`_read_cached` would
+        read them inline; None if one needs a worker thread, or is not validly cached."""
+        nowait = self._inline(todo)
+        if nowait is None:
+            return None
+        digests = [c.digest for c, _, _ in todo]
+        self.cache.pin(digests)
+        try:
+            got: list[bytes] = []
+            for c, lo, hi in todo:
+                data = self.cache.read(c.digest, c.size, lo, hi, nowait=nowait)
+                if data is None:
+                    return None  # read again by read(), which forgets it
+                got.append(data)
+            return got
+        except BlockingIOError:
+            return None
+        finally:
+            self._evicted(self.cache.unpin(digests))
+
     def _resolved(self, digest: str) -> bytes | None:
         """A chunk verified and handed over but not cached yet (held for a deferred write, or
         being written): a hit, not a network wait."""
@@ -469,6 +552,22 @@ class LayerStore:
     def _read_local(self, needs: list[tuple[Chunk, int, int]]) -> list[bytes | None]:
         return [self.cache.read(c.digest, c.size, lo, hi) for c, lo, hi in needs]
 
+    def _inline(self, todo: list[tuple[Chunk, int, int]]) -> bool | None:
+        """Whether these cached slices are read on the calling thread (see _read_cached):
+        None if a worker thread reads them, else whether only from the page cache (nowait)."""
+        hashed = total = 0
+        for c, lo, hi in todo:
+            if self.cache.is_verified(c.digest):
+                total += hi - lo
+            else:
+                hashed += c.size
+        total += hashed
+        if hashed > INLINE_READ_BYTES or (
+            total > INLINE_READ_BYTES and not self.cache.nowait_reads
+        ):
+            return None
+        return total > INLINE_READ_BYTES
+
     async def _read_cached(self, todo: list[tuple[Chunk, int, int]]) -> list[bytes | None]:
         """Slices of cached chunks (None: not validly cached).  Read on the trio thread when
         that is quicker than a worker thread's hop: small reads, and larger ones of verified
@@ -476,18 +575,11 @@ class LayerStore:
         A worker thread reads what must be hashed first beyond INLINE_READ_BYTES, and what
         the disk must bring."""
         cache = self.cache
-        hashed = total = 0
-        for c, lo, hi in todo:
-            if cache.is_verified(c.digest):
-                total += hi - lo
-            else:
-                hashed += c.size
-        total += hashed
-        if hashed > INLINE_READ_BYTES or (total > INLINE_READ_BYTES and not cache.nowait_reads):
+        nowait = self._inline(todo)
+        if nowait is None:
             return await trio.to_thread.run_sync(self._read_local, todo)
         # No checkpoint: a READ served from memory or the page cache is answered at once; a
         # trip through the run queue waited behind the prefetch's stream and decode tasks.
-        nowait = total > INLINE_READ_BYTES
         got: list[bytes | None] = []
         later: list[int] = []
         for c, lo, hi in todo:

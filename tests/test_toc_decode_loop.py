@@ -4,6 +4,7 @@ ready later), a large one, or one while a worker decodes another layer, in a wor
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -58,19 +59,20 @@ def _load(
     budget: TocBudget,
     unsaved: list[Unsaved] | None = None,
     during: Callable[[], Any] | None = None,
-) -> tuple[LayerInfo, int]:
-    """The layer loaded as a mount loads it (tables), and how often another task ran meanwhile."""
+    ticks: list[int] | None = None,
+) -> LayerInfo:
+    """The layer loaded as a mount loads it (tables); ``ticks[0]`` counts the turns another
+    task took meanwhile."""
+    ticks = [0] if ticks is None else ticks
 
-    async def main() -> tuple[LayerInfo, int]:
+    async def main() -> LayerInfo:
         src = OCILayoutSource(str(layout))
         desc = (await resolve_image(src, "v1")).layers[0]
-        ticks = 0
         done = False
 
         async def ticker() -> None:
-            nonlocal ticks
             while not done:
-                ticks += 1
+                ticks[0] += 1
                 await trio.lowlevel.checkpoint()
 
         async with trio.open_nursery() as nursery:
@@ -79,7 +81,7 @@ def _load(
                 nursery.start_soon(during)
             info = await load_layer(src, desc, toc_dir, budget=budget, unsaved=unsaved, tables=True)
             done = True
-        return info, ticks
+        return info
 
     return trio.run(main)
 
@@ -88,23 +90,38 @@ def test_a_small_fetched_toc_decodes_on_the_loop_in_steps(
     layout: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent = _workers(monkeypatch, allowed=False)
+    ticks = [0]
+    seen: list[int] = []  # the other task's turns so far, as each step starts
+    real = decode_layer_table_steps
+
+    def steps(*args: Any) -> Any:
+        inner = real(*args)
+        while True:
+            seen.append(ticks[0])
+            try:
+                next(inner)
+            except StopIteration as done:
+                return done.value
+            yield
+
+    monkeypatch.setattr(tocs, "decode_layer_table_steps", steps)
     unsaved: list[Unsaved] = []
-    info, ticks = _load(layout, layout.parent / "tocs", TocBudget(), unsaved)
+    info = _load(layout, layout.parent / "tocs", TocBudget(), unsaved, ticks=ticks)
     assert not sent
-    assert ticks > 1  # the decode let the loop run between its steps
+    assert len(seen) >= 4
+    # Between two steps the loop turns a few times: a lookup reading its listing (a step a
+    # turn) gets on, not just one step further per step of the decode.
+    assert all(b - a >= 2 for a, b in itertools.pairwise(seen)), seen
     raw = _raw(layout, info)
     packed, table = decode_layer_table(info.location, raw)
-    assert (
-        list(info.toc.entries)
-        == list(table.entries)
-        == decode_layer_toc(info.location, raw).entries
-    )
+    assert list(info.toc.entries) == list(table.entries)
+    assert list(table.entries) == decode_layer_toc(info.location, raw).entries
     ((_, _, kept),) = unsaved
     assert kept == packed  # what the TOC cache gets
 
 
 def test_the_steps_are_the_whole_decode(layout: Path) -> None:
-    info, _ = _load(layout, None, TocBudget())
+    info = _load(layout, None, TocBudget())
     raw = _raw(layout, info)
     steps = decode_layer_table_steps(info.location, raw, TocBudget())
     whole = decode_layer_table(info.location, raw)
@@ -124,7 +141,7 @@ def test_the_steps_are_the_whole_decode(layout: Path) -> None:
 def test_a_large_toc_decodes_in_a_worker(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tocs, "DECODE_ON_LOOP_BYTES", 100)
     sent = _workers(monkeypatch, allowed=True)
-    info, _ = _load(layout, None, TocBudget())
+    info = _load(layout, None, TocBudget())
     assert [fn.__name__ for fn in sent] == ["_decode_sync"]
     assert list(info.toc.entries) == decode_layer_toc(info.location, _raw(layout, info)).entries
 
@@ -152,7 +169,7 @@ def test_the_loop_does_not_wait_for_a_worker_decoding_another_layer(
         release.set()
 
     try:
-        info, _ = _load(layout, None, budget, during=let_go)
+        info = _load(layout, None, budget, during=let_go)
     finally:
         release.set()
         holder.join()
@@ -163,10 +180,10 @@ def test_the_loop_does_not_wait_for_a_worker_decoding_another_layer(
 def test_a_cached_toc_loads_on_the_loop(
     layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fetched, _ = _load(layout, tmp_path, TocBudget())  # written at once (no unsaved list)
+    fetched = _load(layout, tmp_path, TocBudget())  # written at once (no unsaved list)
     (cached,) = tmp_path.iterdir()
     assert msgspec.msgpack.decode(cached.read_bytes(), type=tocs._CachedTOC).packed
     sent = _workers(monkeypatch, allowed=False)
-    again, _ = _load(layout, tmp_path, TocBudget())
+    again = _load(layout, tmp_path, TocBudget())
     assert [fn.__name__ for fn in sent] == []
     assert list(again.toc.entries) == list(fetched.toc.entries)

@@ -678,7 +678,7 @@ def _packed_steps(
     budget.charge(0, rows)
     try:
         yield
-        return _wire_columns(wire.entries, compression, end, reserved, landmark)
+        return (yield from _wire_column_steps(wire.entries, compression, end, reserved, landmark))
     except FormatError:
         budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
         raise
@@ -707,6 +707,17 @@ def _wire_columns(
     checked as :func:`validate` checks entries, without making one :class:`Entry`.  Column by
     column (comprehensions, C scans); only the rare entries (links, xattrs, odd names, files
     of several chunks) take a Python step each."""
+    return run_steps(_wire_column_steps(wire, compression, data_end, reserved, landmark))
+
+
+def _wire_column_steps(
+    wire: list[_WireEntry],
+    compression: Compression,
+    data_end: int,
+    reserved: Collection[str],
+    landmark: str,
+) -> Steps[_Packed]:
+    """:func:`_wire_columns` in two steps: names and chunks, then the rest."""
     codes = [_WIRE_CODES.get(w.type) for w in wire]
     if None in codes:
         w = wire[codes.index(None)]
@@ -786,6 +797,7 @@ def _wire_columns(
         for o, d, h in zip(owner, c_digest, head, strict=True)
     ]
 
+    yield
     # The entries' own columns.
     modes = [w.mode & 0o7777 for w in es]
     uids = [w.uid for w in es]

@@ -78,13 +78,15 @@ class _CachedTOC(msgspec.Struct):
 Decoded = tuple[TOC, bytes | None]
 
 
-#: A fetched TOC up to this many bytes is decoded on the event loop's thread, in steps
-#: (other tasks run between them: the stored groups' lookup, the early ranges' reads), not
-#: in a worker: the Debian image's (394 kB, 8,218 entries, ~45 ms of CPU) took 90-220 ms of
-#: wall time in a worker while the loop read the group's early ranges, the two threads
-#: handing the GIL to and fro (BENCHMARKS "H82").  A larger one (over ~20k entries) would
-#: hold the loop for steps of over 50 ms: it still goes to a worker.
+#: A fetched TOC up to this many bytes is decoded on the event loop's thread, in steps (of
+#: up to ~15 ms at ~10k entries; other tasks run between them: the stored groups' lookup,
+#: the early ranges' reads), not in a worker: the Debian image's (394 kB, 8,218 entries,
+#: ~45 ms of CPU) took 90-220 ms of wall time in a worker while the loop read the group's
+#: early ranges, the two threads handing the GIL to and fro (BENCHMARKS "H82").  A larger
+#: one (over ~20k entries) would hold the loop for steps of over 30 ms: still a worker's.
 DECODE_ON_LOOP_BYTES = 1 << 20
+#: Scheduler turns between two steps of a decode on the loop.
+STEP_TURNS = 4
 #: The same for a cached TOC's packed bytes (loaded in one step, ten times cheaper per byte:
 #: the Debian image's, 1.6 MB, in 4 ms).
 UNPACK_ON_LOOP_BYTES = 16 << 20
@@ -105,7 +107,11 @@ async def _decode(loc: TocLocation, raw: bytes, budget: TocBudget | None, tables
                     except StopIteration as done:
                         packed, toc = done.value
                         return toc, packed
-                    await trio.lowlevel.checkpoint()
+                    # A few scheduler turns: a task waiting on a socket (the stored groups'
+                    # lookup reading its listing) takes one step per turn, and one turn a
+                    # step left the early ranges asked for only after the decode.
+                    for _ in range(STEP_TURNS):
+                        await trio.lowlevel.checkpoint()
             finally:
                 budget.decoding.release()
     return await trio.to_thread.run_sync(_decode_sync, loc, raw, budget, tables)

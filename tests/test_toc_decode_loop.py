@@ -53,6 +53,18 @@ def _workers(monkeypatch: pytest.MonkeyPatch, *, allowed: bool) -> list[Callable
     return sent
 
 
+def _pins(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How often glibc's thresholds are held at their start values from now on."""
+    pins: list[int] = []
+
+    def pin() -> bool:
+        pins.append(1)
+        return True
+
+    monkeypatch.setattr(tocs, "start_up_thresholds", pin)
+    return pins
+
+
 def _load(
     layout: Path,
     toc_dir: Path | None,
@@ -90,6 +102,7 @@ def test_a_small_fetched_toc_decodes_on_the_loop_in_steps(
     layout: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent = _workers(monkeypatch, allowed=False)
+    pins = _pins(monkeypatch)
     ticks = [0]
     seen: list[int] = []  # the other task's turns so far, as each step starts
     real = decode_layer_table_steps
@@ -107,7 +120,7 @@ def test_a_small_fetched_toc_decodes_on_the_loop_in_steps(
     monkeypatch.setattr(tocs, "decode_layer_table_steps", steps)
     unsaved: list[Unsaved] = []
     info = _load(layout, layout.parent / "tocs", TocBudget(), unsaved, ticks=ticks)
-    assert not sent
+    assert not sent and not pins  # the main arena: trimmed after the start-up
     assert len(seen) >= 4
     # Between two steps the loop turns a few times: a lookup reading its listing (a step a
     # turn) gets on, not just one step further per step of the decode.
@@ -141,8 +154,10 @@ def test_the_steps_are_the_whole_decode(layout: Path) -> None:
 def test_a_large_toc_decodes_in_a_worker(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tocs, "DECODE_ON_LOOP_BYTES", 100)
     sent = _workers(monkeypatch, allowed=True)
+    pins = _pins(monkeypatch)
     info = _load(layout, None, TocBudget())
     assert [fn.__name__ for fn in sent] == ["_decode_sync"]
+    assert pins == [1]  # glibc's thresholds held low: the worker's arena gives back
     assert list(info.toc.entries) == decode_layer_toc(info.location, _raw(layout, info)).entries
 
 

@@ -122,9 +122,10 @@ def test_a_small_fetched_toc_decodes_on_the_loop_in_steps(
     info = _load(layout, layout.parent / "tocs", TocBudget(), unsaved, ticks=ticks)
     assert not sent and not pins  # the main arena: trimmed after the start-up
     assert len(seen) >= 4
-    # Between two steps the loop turns a few times: a lookup reading its listing (a step a
-    # turn) gets on, not just one step further per step of the decode.
-    assert all(b - a >= 2 for a, b in itertools.pairwise(seen)), seen
+    # Between two steps the loop turns many times: a lookup reading its listing and the
+    # early ranges reading their bytes (a read a turn) get on while the TOC decodes.
+    gaps = [b - a for a, b in itertools.pairwise(seen)]
+    assert all(g >= 15 for g in gaps), gaps  # 16 turns, give or take the batch order
     raw = _raw(layout, info)
     packed, table = decode_layer_table(info.location, raw)
     assert list(info.toc.entries) == list(table.entries)

@@ -85,8 +85,8 @@ Decoded = tuple[TOC, bytes | None]
 #: early ranges, the two threads handing the GIL to and fro (BENCHMARKS "H82").  A larger
 #: one (over ~20k entries) would hold the loop for steps of over 30 ms: still a worker's.
 DECODE_ON_LOOP_BYTES = 1 << 20
-#: Scheduler turns between two steps of a decode on the loop.
-STEP_TURNS = 4
+#: Scheduler turns between two steps of a decode on the loop (see _others_turns).
+STEP_TURNS = 16
 #: The same for a cached TOC's packed bytes (loaded in one step, ten times cheaper per byte:
 #: the Debian image's, 1.6 MB, in 4 ms).
 UNPACK_ON_LOOP_BYTES = 16 << 20
@@ -107,11 +107,7 @@ async def _decode(loc: TocLocation, raw: bytes, budget: TocBudget | None, tables
                     except StopIteration as done:
                         packed, toc = done.value
                         return toc, packed
-                    # A few scheduler turns: a task waiting on a socket (the stored groups'
-                    # lookup reading its listing) takes one step per turn, and one turn a
-                    # step left the early ranges asked for only after the decode.
-                    for _ in range(STEP_TURNS):
-                        await trio.lowlevel.checkpoint()
+                    await _others_turns()
             finally:
                 budget.decoding.release()
     if tables:
@@ -127,6 +123,17 @@ def _worker_thresholds() -> None:
     and held low, every large block of the decode was mapped and faulted in afresh (the
     Debian TOC's decode: 52 ms of CPU against 43, fresh processes, BENCHMARKS "H82")."""
     start_up_thresholds()
+
+
+async def _others_turns() -> None:
+    """Between two steps of a decode on the loop: :data:`STEP_TURNS` scheduler turns.  A task
+    reading a socket takes one read a turn: with one turn a step the stored groups' lookup
+    asked for the early ranges only after the decode, and with few the early ranges' bytes
+    (the group's 8.9 MiB on the Debian image, in 64 KiB reads) waited in the kernel, the
+    sender stalled, until the decode was over.  A turn with nothing else to run costs tens
+    of microseconds."""
+    for _ in range(STEP_TURNS):
+        await trio.lowlevel.checkpoint()
 
 
 def _decode_sync(loc: TocLocation, raw: bytes, budget: TocBudget | None, tables: bool) -> Decoded:

@@ -53,7 +53,7 @@ from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import ROOT_INO, Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, mount_device, unmount
 from lazyfs.fs.upper import Upper
-from lazyfs.heap import serving_thresholds, start_up_thresholds
+from lazyfs.heap import serving_thresholds
 from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
 from lazyfs.remote.registry import RetryPolicy
@@ -454,8 +454,6 @@ async def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled.  Raises LazyfsError before ``ready``.
     ``progress`` hears of the whole-layer downloads made before it."""
-    # Until the TOCs are decoded (see start_up_thresholds).
-    start_up_thresholds()
     thresholds = _no_full_collections()
     mountpoint = os.path.abspath(opts.mountpoint)
     if is_stale(mountpoint):

@@ -5,9 +5,15 @@ costs the process (wall, user and system time from ``wait4``), against the nativ
 lazyfs, fuse-overlayfs and (``--before DIR``) the lazyfs of another checkout, every contender in
 turn, round after round, medians.  Issue 13's python row.  "CPU + waited" leaves out the time
 the process sat runnable while other work had the CPUs, which dominates wall time under load.
-Needs root and tracefs (mounted at /sys/kernel/tracing for the run if it is not; unmounted
-after).  Run from the repo root:
-``.venv/bin/python scripts/bench_startup_requests.py [--reps N] [--before DIR]``.
+Also per start-up: its voluntary context switches (one per request it waited for) and minor
+page faults (``wait4``), and the CPU each FUSE daemon spent meanwhile (its threads' schedstat).
+``--no-isatty``: every tree once more with ``isatty()`` answered in the start-up itself (a
+one-line shim, built with ``cc`` and preloaded by the tree's ``env``), so that the kernel sends
+no FUSE_IOCTL: what the rest of FUSE costs.  ``env`` and the shim cost every tree the same few
+ms, so those rows are compared with the native disk's row run the same way.  Needs root and
+tracefs (mounted at /sys/kernel/tracing for the run if it is not; unmounted after).  Run from
+the repo root:
+``.venv/bin/python scripts/bench_startup_requests.py [--reps N] [--before DIR] [--no-isatty]``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import collections
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +71,9 @@ class Run:
         self.wall, self.user, self.system = wall, user, system
         self.ops: collections.Counter[str] = collections.Counter()
         self.latency = 0.0  # summed over requests: the time the process waited for daemons
+        self.switches = 0  # voluntary context switches of the start-up (its sleeps)
+        self.faults = 0  # its minor page faults
+        self.daemon_cpu = 0.0  # seconds the tree's FUSE daemon ran meanwhile
 
     @property
     def needed(self) -> float:
@@ -73,15 +83,55 @@ class Run:
         return self.user + self.system + self.latency
 
 
-def start_up(root: Path, inst: Path | None, conn: int) -> Run:
+# Preloaded by --no-isatty: Python 3.11's open() asks isatty() of every file it opens (3.14
+# no longer does for regular files); answered here, the kernel sends no FUSE_IOCTL.
+NO_ISATTY_C = "#include <errno.h>\nint isatty(int fd) { (void)fd; errno = ENOTTY; return 0; }\n"
+NO_ISATTY = "/.lazyfs-bench-no-isatty.so"  # in each tree's root, removed after the run
+
+
+def build_no_isatty(work: Path) -> Path:
+    src, lib = work / "no_isatty.c", work / "no_isatty.so"
+    src.write_text(NO_ISATTY_C)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(src)], check=True)
+    return lib
+
+
+def task_cpu(pid: int | None) -> dict[str, int]:
+    """Nanoseconds each live thread of the process has run (schedstat: not the clock ticks of
+    /proc/PID/stat); empty without a process."""
+    if pid is None:
+        return {}
+    out: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[task.name] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return out
+
+
+def cpu_between(before: dict[str, int], after: dict[str, int]) -> float:
+    """Seconds the threads ran between two ``task_cpu`` readings (a thread that ended
+    meanwhile is left out: an idle worker's exit must not count as negative time)."""
+    return sum(ns - before.get(tid, 0) for tid, ns in after.items()) / 1e9
+
+
+def start_up(
+    root: Path, inst: Path | None, conn: int, daemon: int | None = None, shim: bool = False
+) -> Run:
     if inst is not None:
         (inst / "trace").write_text("")
         (inst / "events/fuse/enable").write_text("1")
-    argv = ["chroot", str(root), PYTHON, "-c", bs.IMPORTS]
+    # The shim is preloaded by env(1) in the tree: chroot(8) itself runs outside it.
+    preload = ["/usr/bin/env", f"LD_PRELOAD={NO_ISATTY}"] if shim else []
+    argv = ["chroot", str(root), *preload, PYTHON, "-c", bs.IMPORTS]
+    cpu0 = task_cpu(daemon)
     t0 = time.perf_counter()
     pid = os.posix_spawnp("chroot", argv, os.environ)
     _, status, usage = os.wait4(pid, 0)
     run = Run(time.perf_counter() - t0, usage.ru_utime, usage.ru_stime)
+    run.daemon_cpu = cpu_between(cpu0, task_cpu(daemon))
+    run.switches, run.faults = usage.ru_nvcsw, usage.ru_minflt
     if status != 0:
         raise SystemExit(f"the start-up failed in {root}: status {status}")
     if inst is None:
@@ -120,11 +170,22 @@ def fuse_requests(trace: str, conn: int) -> Iterator[Request]:
         yield Request(t, None, op, 0)
 
 
+SHIM_LABEL = ", isatty() answered in the process"
+
+
+def label(name: str, shim: bool) -> str:
+    return name + SHIM_LABEL if shim else name
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--files", type=int, default=6000, help="as bench_speed.py's --files")
     p.add_argument("--before", type=Path, metavar="DIR", help="also the lazyfs of this checkout")
+    p.add_argument(
+        "--no-isatty", action="store_true",
+        help="every tree also with isatty() answered in the start-up (no FUSE_IOCTL)",
+    )  # fmt: skip
     args = p.parse_args()
     bl.sigterm_as_interrupt()
     bl.byte_compiled()  # also lets the chrooted Python rewrite its byte code, as it would
@@ -133,13 +194,14 @@ def main() -> int:
     work = bl.BENCH_DIR / f"work-startup-{os.getpid()}"  # fresh every run
     work.mkdir(parents=True)
     load0 = os.getloadavg()[0]
+    roots: dict[str, Path] = {"native disk": native}
+    daemons: dict[str, int] = {}
     try:
         with ExitStack() as stack:
-            roots = {"native disk": native}
             m = stack.enter_context(
                 bl.lazyfs_mount(f"oci:{lazy}", work / "mnt", work / "cache", upper=work / "up")
             )
-            roots["lazyfs"] = m.mountpoint
+            roots["lazyfs"], daemons["lazyfs"] = m.mountpoint, m.pid
             if args.before is not None:
                 from lazyfs.fs.daemon import spawn
 
@@ -149,26 +211,37 @@ def main() -> int:
                 d = spawn(f"oci:{lazy}", mnt, opts, log=work / "before.log", timeout=120,
                           cwd=args.before)  # fmt: skip
                 stack.callback(d.stop)
-                roots["before: lazyfs"] = mnt
+                roots["before: lazyfs"], daemons["before: lazyfs"] = mnt, d.pid
             o = stack.enter_context(bl.overlay_mount(native, work / "ovl", work / "o"))
-            roots["fuse-overlayfs"] = o.mountpoint
+            roots["fuse-overlayfs"], daemons["fuse-overlayfs"] = o.mountpoint, o.pid
+            if args.no_isatty:
+                lib = build_no_isatty(work)
+                for root in roots.values():
+                    # The native tree is the cached extraction: the shim leaves it after the run.
+                    stack.callback((root / NO_ISATTY.lstrip("/")).unlink, missing_ok=True)
+                    shutil.copy(lib, root / NO_ISATTY.lstrip("/"))
             inst = stack.enter_context(fuse_events())
+            contenders = [(name, False) for name in roots]
+            contenders += [(name, True) for name in roots] if args.no_isatty else []
             # Warm: the first start rewrites the byte code (the tar's mtimes), the second
             # reads it from the daemon once, the third refreshes the atimes that read dropped.
-            for root in roots.values():
+            for name, shim in contenders:
                 for _ in range(3):
-                    start_up(root, None, 0)
-            runs: dict[str, list[Run]] = {k: [] for k in roots}
+                    start_up(roots[name], None, 0, shim=shim)
+            runs: dict[str, list[Run]] = {label(n, s): [] for n, s in contenders}
             for _ in range(args.reps):
-                for name, root in roots.items():
-                    fuse = name != "native disk"
-                    runs[name].append(start_up(root, inst if fuse else None, connection(root)))
+                for name, shim in contenders:
+                    root, daemon = roots[name], daemons.get(name)
+                    run = start_up(root, inst if daemon else None, connection(root), daemon, shim)
+                    runs[label(name, shim)].append(run)
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
-    base = statistics.median(r.wall for r in runs["native disk"])
-    base_needed = statistics.median(r.needed for r in runs["native disk"])
     rows = []
     for name, rs in runs.items():
+        # Against the native disk run the same way (with or without the shim).
+        native_runs = runs[label("native disk", name.endswith(SHIM_LABEL))]
+        base = statistics.median(r.wall for r in native_runs)
+        base_needed = statistics.median(r.needed for r in native_runs)
         wall = statistics.median(r.wall for r in rs)
         needed = statistics.median(r.needed for r in rs)
         ops: collections.Counter[str] = sum((r.ops for r in rs), collections.Counter())
@@ -179,6 +252,9 @@ def main() -> int:
             f"{statistics.median(sum(r.ops.values()) for r in rs):.0f}",
             f"{statistics.median(r.latency for r in rs) * 1e3:.2f}",
             f"{needed * 1e3:.1f}", bl.ratio(needed, base_needed),
+            f"{statistics.median(r.switches for r in rs):.0f}",
+            f"{statistics.median(r.faults for r in rs):.0f}",
+            f"{sum(r.daemon_cpu for r in rs) / len(rs) * 1e3:.2f}",
             ", ".join(f"{op} {n / len(rs):.1f}" for op, n in ops.most_common()) or "—",
         ])  # fmt: skip
     print(
@@ -187,7 +263,8 @@ def main() -> int:
         "cache and uppers under .bench\n"
     )
     head = ["tree", "wall ms", "vs native", "user ms", "sys ms", "requests", "waited ms",
-            "CPU + waited ms", "vs native", "requests a start-up, by opcode (mean)"]  # fmt: skip
+            "CPU + waited ms", "vs native", "switches", "minor faults", "daemon CPU ms (mean)",
+            "requests a start-up, by opcode (mean)"]  # fmt: skip
     print(bl.md_table(head, rows))
     return 0
 

@@ -150,3 +150,22 @@ def test_fuse_trace_requests_pair_each_send_with_its_end() -> None:
         ("LOOKUP", 10.0001, 0.001, 144),
         ("FORGET", 10.0004, None, 0),
     ]
+
+
+def test_no_isatty_shim_keeps_isatty_out_of_the_kernel(tmp_path: Path) -> None:
+    """bench_startup_requests --no-isatty: its preloaded shim answers isatty() in the process
+    (False, even for a terminal), so no ioctl reaches the kernel; and a FUSE daemon's CPU is
+    read from its threads' schedstat, a thread that ended between two readings left out."""
+    from bench_startup_requests import build_no_isatty, cpu_between, task_cpu
+
+    lib = build_no_isatty(tmp_path)
+    probe = "import os, pty; m, s = pty.openpty(); print(os.isatty(s))"
+    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    shimmed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True,
+        env={**os.environ, "LD_PRELOAD": str(lib)},
+    )  # fmt: skip
+    assert (plain.stdout.strip(), shimmed.stdout.strip()) == ("True", "False"), shimmed.stderr
+    mine = task_cpu(os.getpid())
+    assert sum(mine.values()) > 0 and task_cpu(None) == {}
+    assert cpu_between({"1": 5, "2": 9}, {"1": 2_000_000_005, "3": 1_000_000_000}) == 3.0

@@ -15,7 +15,15 @@ from lazyfs.ocilayout import Layout
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import lazyfs_cmd, mount_stats, mounted, run, wait_prefetched
+from lazyfs.testing.mounts import (
+    lazyfs_cmd,
+    mount_stats,
+    mounted,
+    run,
+    start_mount,
+    startup_groups,
+    wait_prefetched,
+)
 from lazyfs.testing.rootfs import host_rootfs_items
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
@@ -157,3 +165,71 @@ def _check_source(image: str, source: str, group: str | None, mnt: Path, tmp: Pa
             assert mount_stats(mnt).get("prefetch") is None
         else:
             assert wait_prefetched(mnt)["prefetch"]["group"] == group, (image, source)
+
+
+def test_an_unmount_lets_the_prefetch_on_its_way_land(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A daemon unmounted while its prefetch's request streams keeps what that request
+    brings (it lands within serve.UNMOUNT_DRAIN): the next mount of the cache fetches none
+    of it.  Cancelled at once, the request's rest was fetched again by that next mount."""
+    layout = Layout(pushed["dir"] / "lazy")
+    layer = layout.manifest("v1").layers[0].digest
+    groups = tmp_path / "groups.json"
+    groups.write_bytes(startup_groups("pipe/app", layout.find("v1").digest, layer, FILES, USED))
+    ref = pushed["ref"].replace(pushed["ref"].split("/")[0], fault_proxy.host, 1)
+    cache, mnt = tmp_path / "c", tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(cache))
+    with mounted(ref, mnt, *args, "--no-prefetch"):
+        pass  # the TOC is cached: below, the prefetch's is the layer's only request
+    fault_proxy.reset()
+    fault_proxy.match = layer
+    fault_proxy.hold_next(1, at=50_000)  # a third of the first file's chunks
+    m = start_mount(ref, mnt, *args, "--prefetch", str(groups))
+    try:
+        assert fault_proxy.holding.wait(10), fault_proxy.paths
+        res = run("fusermount3", "-u", str(mnt))
+        assert res.returncode == 0, res.stderr
+        time.sleep(0.2)  # the daemon sees the unmount while the answer is held
+        fault_proxy.unhold()
+        assert m.wait(10)
+    finally:
+        fault_proxy.unhold()
+        m.stop()
+    assert len(fault_proxy.served) == 1, fault_proxy.ranges
+    fault_proxy.reset()
+    fault_proxy.match = layer
+    with mounted(ref, mnt, *args, "--no-prefetch"):
+        stats = _read_used(mnt)
+    assert fault_proxy.served == [] and stats["cache_misses"] == 0, fault_proxy.ranges
+
+
+def test_an_unmount_waits_for_a_stalled_prefetch_only_so_long(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """The drain is bounded: a daemon whose prefetch's answer stalls exits within about
+    UNMOUNT_DRAIN of its unmount, not after the read timeout (30 s)."""
+    layout = Layout(pushed["dir"] / "lazy")
+    layer = layout.manifest("v1").layers[0].digest
+    groups = tmp_path / "groups.json"
+    groups.write_bytes(startup_groups("pipe/app", layout.find("v1").digest, layer, FILES, USED))
+    ref = pushed["ref"].replace(pushed["ref"].split("/")[0], fault_proxy.host, 1)
+    mnt = tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(ref, mnt, *args, "--no-prefetch"):
+        pass  # the TOC is cached: below, the prefetch's is the layer's only request
+    fault_proxy.reset()
+    fault_proxy.match = layer
+    fault_proxy.stall_next(1)
+    m = start_mount(ref, mnt, *args, "--prefetch", str(groups))
+    try:
+        deadline = time.monotonic() + 10
+        while layer not in "".join(fault_proxy.paths) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # its first half sent, the rest stalled
+        t0 = time.monotonic()
+        assert run("fusermount3", "-u", str(mnt)).returncode == 0
+        assert m.wait(10)
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        m.stop()

@@ -70,6 +70,10 @@ log = logging.getLogger(__name__)
 # requests to be sent before it builds its tree (a synchronous stretch of CPU).
 EARLY_SEND_WAIT = 0.05
 
+# How long an unmounted daemon lets requests already on their way land (LayerStore.drain):
+# below the snapshotter's STOP_WAIT, which a chain's start gives daemons being stopped.
+UNMOUNT_DRAIN = 1.0
+
 # How long after readiness the collector's full passes stay off (see _no_full_collections).
 GC_HOLD = 10.0
 
@@ -599,6 +603,8 @@ async def serve(
                     ready(ReadyReport(len(image.descriptors), plain))
                 with fast_path(fuse_ops):
                     await pyfuse3.main(min_tasks=4, max_tasks=64)
+                # Unmounted: what is on its way lands in the cache for the next mount.
+                await image.store.drain(UNMOUNT_DRAIN)
                 nursery.cancel_scope.cancel()
         finally:
             early_scope.cancel()

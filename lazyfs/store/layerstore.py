@@ -308,6 +308,7 @@ class LayerStore:
         self._held_bytes = 0
         self._writer_wake = trio.Event()
         self._bg_scope: trio.CancelScope | None = None
+        self._draining = False  # see drain: no new request leaves
         self._layer_added = trio.Event()
         #: tried before the network for missing chunks (see lazyfs.store.provider)
         self.provider: ChunkProvider | None = None
@@ -728,6 +729,8 @@ class LayerStore:
     ) -> list[_Group]:
         """Plan requests for the chunks nobody is fetching yet and register their flights.
         Runs without a checkpoint, so no other task can register the same chunk meanwhile."""
+        if self._draining:
+            return []  # the mount is gone: nothing new is fetched (drain)
         seen: set[str] = set()
         want: list[Chunk] = []
         needed = {c.digest for c in chunks}
@@ -1592,7 +1595,7 @@ class LayerStore:
         todo = [c for c in chunks if not c.zeros]
         error: BaseException | None = None
         await trio.lowlevel.checkpoint()
-        if self.provider is not None and todo:
+        if self.provider is not None and todo and not self._draining:
             made = await self._provided(
                 layer, [c for c in todo if c.digest not in self.cache], priority
             )
@@ -1695,6 +1698,22 @@ class LayerStore:
             await self._ensure(layer, batch, BACKGROUND)
         except (LazyfsError, OSError) as e:
             log.warning("background fetch for %s: %s", layer.blob_digest, e)
+
+    async def drain(self, timeout: float) -> None:
+        """From now on start no request (nor the background fill), and wait up to ``timeout``
+        seconds for the chunks on their way to arrive, verified as ever, before the caller
+        cancels what is left.  An unmounted daemon calls it: a start-up's prefetch cut off
+        half-way would otherwise be fetched again, whole, by the next mount of the cache
+        (a snapshotter stops a daemon as soon as containerd removes its snapshot)."""
+        self._draining = True
+        if self._bg_scope is not None:
+            self._bg_scope.cancel()
+        with trio.move_on_after(timeout):
+            while True:
+                on_way = next((f for f in self._inflight.values() if not f.event.is_set()), None)
+                if on_way is None:
+                    return
+                await on_way.event.wait()
 
     async def aclose(self) -> None:
         """Stop the background fill, write the chunks still held (a prefetch's, when the

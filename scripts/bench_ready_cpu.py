@@ -31,6 +31,14 @@ DEFAULT_LAYOUT = ROOT / ".bench" / "images" / "debian" / "zstd"
 STEPS = ("TOC decode", "layers added to the store", "tree built", "tree finished", "total")
 
 
+def _in_worker(raws: list[bytes]) -> bool:
+    """Whether the imported lazyfs's daemon decodes one of these TOCs in a worker thread."""
+    from lazyfs.store import tocs
+
+    on_loop = getattr(tocs, "DECODE_ON_LOOP_BYTES", None)
+    return on_loop is None or any(len(raw) > on_loop for raw in raws)
+
+
 def child(src: Path, layout: Path) -> dict[str, float]:
     """In a fresh process importing ``src``'s lazyfs: each step once, CPU ms."""
     sys.path.insert(0, str(src))
@@ -48,9 +56,10 @@ def child(src: Path, layout: Path) -> dict[str, float]:
             data[-TAIL_SIZE:], d.size, d.annotations
         )
         tocs.append((d, loc, data[loc.start : loc.end]))
-    # As the daemon runs its start: malloc thresholds held low (H61), no full gc pass (H70).
+    # As the daemon runs its start: malloc thresholds held low (H61) where its TOCs decode
+    # in a worker (since H82 only a large TOC's), no full gc pass (H70).
     pin = getattr(heap, "start_up_thresholds", None)
-    if pin is not None:
+    if pin is not None and _in_worker([raw for _, _, raw in tocs]):
         pin()
     gc.set_threshold(*gc.get_threshold()[:2], 1 << 30)
     # A read-only mount's tree keeps no lower paths where the tree can leave them out.

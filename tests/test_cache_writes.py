@@ -142,8 +142,56 @@ def test_held_bytes_stay_under_the_bound(tmp_path: Path, monkeypatch: pytest.Mon
     run(main)
 
 
+def test_a_readers_large_chunk_waits_for_a_pause_too(tmp_path: Path) -> None:
+    # An exec's first chunk (4 MiB): its file costs more CPU than a small one's (32 ms against
+    # 0.4 on ext4), spent while the program starts, where a pause costs none.
+    files: Files = {"program": [rand(1 << 20, 520)], "other": rand(1000, 521)}
+    store, layer, _, toc, blob = make(tmp_path, files, chunk_size=1 << 20, readahead=0, amplify=0)
+    e = toc.by_name()["program"]
+
+    async def main() -> None:
+        async with store.running():
+            assert await store.read(layer, e, 0, 4096) == content_of(toc, blob, "program")[:4096]
+            await trio.testing.wait_all_tasks_blocked()
+            assert chunk_files(tmp_path / "cache") == []
+            assert layer.stats.bytes_unwritten == 1 << 20
+            with trio.fail_after(10):
+                while layer.stats.bytes_unwritten:
+                    await trio.sleep(0.05)
+            assert len(chunk_files(tmp_path / "cache")) == 1
+
+    run(main)
+
+
+def test_a_start_ups_prefetch_and_first_chunks_all_wait_for_a_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Debian start-up without groups holds ~30 MiB (landmarks, the program's first chunk,
+    # its modules, the extension modules' libraries): none of it is written while it runs.
+    monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 60.0)  # reads never pause
+    mib = 1 << 20
+    # Random bytes do not compress: 3 MiB chunks stay under a big chunk's 4 MiB.
+    files: Files = {f"lib{i}": [rand(3 * mib, 530 + i)] for i in range(7)}
+    files["program"] = [rand(3 * mib, 540)]
+    store, layer, _, toc, blob = make(tmp_path, files, chunk_size=3 * mib, readahead=0, amplify=0)
+    by = toc.by_name()
+
+    async def main() -> None:
+        async with store.running():
+            await store.prefetch(layer, [by[f"lib{i}"] for i in range(7)], hold=True)
+            want = content_of(toc, blob, "program")[:4096]
+            assert await store.read(layer, by["program"], 0, 4096) == want
+            await trio.testing.wait_all_tasks_blocked()
+            assert chunk_files(tmp_path / "cache") == []
+            assert layer.stats.bytes_unwritten == 24 * mib
+        assert len(chunk_files(tmp_path / "cache")) == 8  # written on the way out
+
+    run(main)
+
+
 def test_a_large_chunk_is_written_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A file's creation costs about the same whatever its size: only small chunks wait.
+    # A reader's chunk over WRITE_HOLD_CHUNK is written at once (by default every chunk held
+    # in memory may wait).
     monkeypatch.setattr(layerstore, "WRITE_HOLD_CHUNK", 2000)
     monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 60.0)  # no pause in this test
     files: Files = {"small": rand(1000, 500), "big": [rand(5000, 501)], "after": rand(1000, 502)}
@@ -396,7 +444,9 @@ def test_a_readers_read_ahead_is_written_at_once_not_held(
 ) -> None:
     # A long sequential read's read-ahead brings large chunks ahead of it for as long as it
     # lasts: held, they would keep WRITE_HOLD_BYTES in memory throughout (the 512 MiB file's
-    # RSS row).  Only a start-up's prefetch (hold=True) waits for a pause in reads.
+    # RSS row).  Only a start-up's prefetch (hold=True) waits for a pause in reads, and the
+    # read-ahead of a file's first read (an exec's: the rest of the program), ``pipeline``
+    # bytes at most.
     monkeypatch.setattr(layerstore, "WRITE_IDLE_SECONDS", 60.0)  # reads never pause
     monkeypatch.setattr(layerstore, "WRITE_HOLD_CHUNK", 0)  # the reader's own: at once too
     files: Files = {"big": rand(20_000, 950)}
@@ -413,13 +463,24 @@ def test_a_readers_read_ahead_is_written_at_once_not_held(
 
     async def main() -> None:
         async with store.running():
-            assert await store.read(layer, e, 0, 1000) == content_of(toc, blob, "big")[:1000]
-            with trio.fail_after(10):  # every chunk brought: written or held
-                while len(src.requests) < 2 or (
-                    layer.stats.chunks_ready + len(store._held) < brought()
-                ):
-                    await trio.sleep(0.01)
-            assert layer.stats.bytes_unwritten == 0 and not store._held
-            assert len(chunk_files(tmp_path / "cache")) == brought() >= 2
+            want = content_of(toc, blob, "big")
+
+            async def settled(requests: int) -> None:
+                with trio.fail_after(10):  # every chunk brought: written or held
+                    while len(src.requests) < requests or (
+                        layer.stats.chunks_ready + len(store._held) < brought()
+                    ):
+                        await trio.sleep(0.01)
+
+            assert await store.read(layer, e, 0, 1000) == want[:1000]
+            await settled(2)
+            first = set(store._held)  # the first read's read-ahead
+            assert first and 0 < layer.stats.bytes_unwritten <= 3000
+            assert len(chunk_files(tmp_path / "cache")) == 1  # the reader's own
+            for off in range(1000, 12_000, 1000):
+                assert await store.read(layer, e, off, 1000) == want[off : off + 1000]
+            await settled(3)
+            assert set(store._held) == first  # the later read-aheads: written at once
+            assert len(chunk_files(tmp_path / "cache")) == brought() - len(first) >= 10
 
     run(main)

@@ -25,9 +25,11 @@ from lazyfs.formats.toc import (
     MAX_TOC_BYTES,
     TOC,
     Compression,
+    Steps,
     TocBudget,
     decode_toc,
     decode_toc_table,
+    decode_toc_table_steps,
 )
 
 TAIL_SIZE = 64  # the largest footer of any supported format
@@ -170,6 +172,18 @@ def decode_layer_table(
     """:func:`decode_layer_toc` with its entries an EntryTable, and their packed bytes (what
     a mount keeps, and keeps in its TOC cache): see :func:`decode_toc_table`."""
     return decode_toc_table([toc_json(loc, raw)], **_decode_options(loc), budget=budget)
+
+
+def decode_layer_table_steps(
+    loc: TocLocation, raw: bytes, budget: TocBudget
+) -> Steps[tuple[bytes, TOC]]:
+    """:func:`decode_layer_table` in steps (see :func:`~lazyfs.formats.toc.run_steps`): the
+    TOC checked and inflated, then :func:`~lazyfs.formats.toc.decode_toc_table_steps`; the
+    caller holds ``budget.decoding`` throughout."""
+    json = toc_json(loc, raw)
+    del raw
+    yield
+    return (yield from decode_toc_table_steps([json], **_decode_options(loc), budget=budget))
 
 
 class _DecodeOptions(TypedDict):

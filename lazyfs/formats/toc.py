@@ -20,7 +20,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, TypeVar, cast, overload
 
 import msgspec
@@ -347,8 +347,8 @@ def normalize_name(name: str) -> str:
 
 class TocBudget:
     """What the TOCs of one image may hold together, charged layer by layer (layers decode
-    in worker threads, hence the lock).  Bounds a mount's memory for any image, however its
-    entries are spread over layers."""
+    in worker threads, or in steps on an event loop's, hence the lock).  Bounds a mount's memory for
+    any image, however its entries are spread over layers."""
 
     def __init__(self, max_entries: int | None = None, max_bytes: int | None = None) -> None:
         self.max_entries = MAX_IMAGE_ENTRIES if max_entries is None else max_entries
@@ -561,17 +561,61 @@ def decode_toc_table(
     once the wire structs are freed, so none of its objects sits among them (a few small
     survivors in the interpreter's pools keep whole freed arenas resident).  ``data``: as
     :func:`decode_toc` takes it."""
+    budget = TocBudget(max_bytes=MAX_TOC_BYTES) if budget is None else budget
+    steps = decode_toc_table_steps(
+        data,
+        compression=compression,
+        blob_size=blob_size,
+        data_end=data_end,
+        budget=budget,
+        reserved=reserved,
+        landmark=landmark,
+    )
+    del data
+    with budget.decoding:
+        return run_steps(steps)
+
+
+_T = TypeVar("_T")
+
+#: A decode cut into steps: it yields between them (each a few tens of milliseconds of CPU
+#: at most for a TOC of ~10k entries), and returns its result.
+Steps = Generator[None, None, _T]
+
+
+def run_steps(steps: Steps[_T]) -> _T:
+    """The result of ``steps``, run through without a pause."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(_T, done.value)
+
+
+def decode_toc_table_steps(
+    data: bytes | list[bytes],
+    *,
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None = None,
+    budget: TocBudget,
+    reserved: Collection[str] = (),
+    landmark: str = "",
+) -> Steps[tuple[bytes, TOC]]:
+    """:func:`decode_toc_table` in steps, for a caller that lets other work run between
+    them (an event loop reading its sockets); the caller holds ``budget.decoding`` (which
+    the steps do not take) from the first step to the last."""
     held = data if isinstance(data, list) else [data]
     del data
-    p = _decode_packed(held, compression, blob_size, data_end, budget, reserved, landmark)
+    p = yield from _packed_steps(held, compression, blob_size, data_end, budget, reserved, landmark)
+    yield
     rows, end, prefetch_end = len(p.names), p.data_end, p.prefetch_end
     packed = msgspec.msgpack.encode(p)
     del p
     try:
         table = EntryTable(packed)
     except FormatError:
-        if budget is not None:
-            budget.refund(rows)
+        budget.refund(rows)
         raise
     return packed, TOC(
         compression=compression,
@@ -590,6 +634,24 @@ def _decode_packed(
     reserved: Collection[str],
     landmark: str,
 ) -> _Packed:
+    if budget is None:
+        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
+    steps = _packed_steps(held, compression, blob_size, data_end, budget, reserved, landmark)
+    with budget.decoding:
+        return run_steps(steps)
+
+
+def _packed_steps(
+    held: list[bytes],
+    compression: Compression,
+    blob_size: int,
+    data_end: int | None,
+    budget: TocBudget,
+    reserved: Collection[str],
+    landmark: str,
+) -> Steps[_Packed]:
+    """The JSON in ``held`` (emptied) as checked columns: its decode into wire structs,
+    then (a step later) the columns; the caller holds ``budget.decoding``."""
     data = held.pop()
     if len(data) > MAX_TOC_BYTES:
         raise FormatError(f"TOC is {len(data)} bytes, over the {MAX_TOC_BYTES}-byte cap")
@@ -601,27 +663,25 @@ def _decode_packed(
     # Every entry is a JSON object, so the count of "{" bounds the entries from above before
     # decoding spends memory on them; the exact count replaces it afterwards.
     guess = data.count(b"{")
-    if budget is None:
-        budget = TocBudget(max_bytes=MAX_TOC_BYTES)
     budget.charge(len(data), guess)
-    with budget.decoding:
-        try:
-            wire = _wire_decoder.decode(data)
-        except msgspec.ValidationError as e:
-            raise FormatError(f"TOC does not match the schema: {e}") from e
-        except msgspec.DecodeError as e:
-            raise FormatError(f"TOC is not valid JSON: {e}") from e
-        finally:
-            budget.refund(guess)
-        # The JSON is freed before the columns are built: not alive beside them at the peak.
-        del data
-        rows = len(wire.entries)
-        budget.charge(0, rows)
-        try:
-            return _wire_columns(wire.entries, compression, end, reserved, landmark)
-        except FormatError:
-            budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
-            raise
+    try:
+        wire = _wire_decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise FormatError(f"TOC does not match the schema: {e}") from e
+    except msgspec.DecodeError as e:
+        raise FormatError(f"TOC is not valid JSON: {e}") from e
+    finally:
+        budget.refund(guess)
+    # The JSON is freed before the columns are built: not alive beside them at the peak.
+    del data
+    rows = len(wire.entries)
+    budget.charge(0, rows)
+    try:
+        yield
+        return (yield from _wire_column_steps(wire.entries, compression, end, reserved, landmark))
+    except FormatError:
+        budget.refund(rows)  # a refused layer (a bad cached copy, say) holds nothing
+        raise
 
 
 # A wire entry's type as a kind code; "chunk" (a file's later chunk) only exists on the wire.
@@ -647,6 +707,17 @@ def _wire_columns(
     checked as :func:`validate` checks entries, without making one :class:`Entry`.  Column by
     column (comprehensions, C scans); only the rare entries (links, xattrs, odd names, files
     of several chunks) take a Python step each."""
+    return run_steps(_wire_column_steps(wire, compression, data_end, reserved, landmark))
+
+
+def _wire_column_steps(
+    wire: list[_WireEntry],
+    compression: Compression,
+    data_end: int,
+    reserved: Collection[str],
+    landmark: str,
+) -> Steps[_Packed]:
+    """:func:`_wire_columns` in two steps: names and chunks, then the rest."""
     codes = [_WIRE_CODES.get(w.type) for w in wire]
     if None in codes:
         w = wire[codes.index(None)]
@@ -726,6 +797,7 @@ def _wire_columns(
         for o, d, h in zip(owner, c_digest, head, strict=True)
     ]
 
+    yield
     # The entries' own columns.
     modes = [w.mode & 0o7777 for w in es]
     uids = [w.uid for w in es]

@@ -156,45 +156,58 @@ class _TrioLock(trio.abc.Instrument):
         self.enter()
 
 
-@contextlib.contextmanager
-def fast_path(ops: object) -> Iterator[bool]:
-    """Within a trio task, around ``pyfuse3.main``: the reader answers LOOKUP, GETATTR,
-    READLINK, READDIRPLUS and (what it can of) READ through ``ops`` while trio waits for
-    I/O.  Yields whether it does (the installed pyfuse3 can, and ``ops`` is the tree's
-    operations, not a stand-in)."""
-    lib = patched_pyfuse3()
-    if lib is None or type(ops) is not Operations:
-        yield False
-        return
-    try:
-        pylib = ctypes.PyDLL(lib._name)
-        set_fast = pylib.lazyfs_set_fast
-    except (OSError, AttributeError):
-        yield False  # patched before the fast path: setup.sh rebuilds it
-        return
-    set_fast.argtypes = [ctypes.py_object]
-    set_fast.restype = None
-    lock = _TrioLock(lib, pylib)
-    lock.enter()
-    try:
-        set_fast(fast_function(ops, trio.lowlevel.current_clock()))
-        trio.lowlevel.add_instrument(lock)
+class FastPath:
+    """The reader's fast function for ``ops``: :meth:`serving` around ``pyfuse3.main`` (in a
+    trio task) holds the lock while trio runs tasks, and :meth:`enable`, called on trio's
+    thread once the mount is set up (after INIT: the read-ahead widened before any request is
+    answered, as when trio answered every one), lets the reader answer LOOKUP, GETATTR,
+    READLINK, READDIRPLUS and (what it can of) READ.  Nothing without the patched pyfuse3, or
+    for a stand-in of the tree's operations."""
+
+    def __init__(self, ops: object) -> None:
+        self._ops = ops if type(ops) is Operations else None
+        self._lock: _TrioLock | None = None
+        self._set: Callable[[object], None] | None = None
+        self.enabled = False
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        lib = patched_pyfuse3()
+        if lib is None or self._ops is None:
+            yield
+            return
         try:
-            yield True
+            pylib = ctypes.PyDLL(lib._name)
+            set_fast = pylib.lazyfs_set_fast
+        except (OSError, AttributeError):
+            yield  # patched before the fast path: setup.sh rebuilds it
+            return
+        set_fast.argtypes = [ctypes.py_object]
+        set_fast.restype = None
+        lock = _TrioLock(lib, pylib)
+        lock.enter()
+        try:
+            trio.lowlevel.add_instrument(lock)
+            self._lock, self._set = lock, set_fast
+            try:
+                yield
+            finally:
+                self._lock = self._set = None
+                self.enabled = False
+                set_fast(None)  # still holding the lock: the reader is not in it
+                with contextlib.suppress(KeyError):  # trio drops an instrument that raised
+                    trio.lowlevel.remove_instrument(lock)
         finally:
-            set_fast(None)  # still holding the lock: the reader is not in it
-            with contextlib.suppress(KeyError):  # trio drops an instrument that raised
-                trio.lowlevel.remove_instrument(lock)
-    finally:
-        lock._leave()
+            lock._leave()
 
-
-def fast_count() -> int:
-    """Requests the reader answered through the fast function (0 without it)."""
-    lib = patched_pyfuse3()
-    if lib is None:
-        return 0
-    try:
-        return ctypes.c_ulong.in_dll(lib, "lazyfs_reader_fast").value
-    except ValueError:
-        return 0
+    def enable(self) -> None:
+        """On trio's thread, within :meth:`serving` (the lock is held: a task or a callback
+        runs): from now on the reader answers what it can."""
+        if self._set is None or self._ops is None or self.enabled:
+            return
+        try:  # a run_sync_soon callback: nothing may escape (it would end trio's loop)
+            self._set(fast_function(self._ops, trio.lowlevel.current_clock()))
+        except Exception:
+            log.exception("FUSE fast path not enabled: every request goes through trio")
+            return
+        self.enabled = True

@@ -749,7 +749,11 @@ class Operations(_Guarded):
             return None  # they may start tasks
         entry = node.entry
         assert entry is not None
-        return self.store.read_now(self.layers[node.layer], entry, off, size, now)
+        try:
+            return self.store.read_now(self.layers[node.layer], entry, off, size, now)
+        except (LazyfsError, OSError) as err:  # as read() answers it
+            log.error("read of %s at %d failed: %s", "/".join(node.path()), off, err)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._file(fh)

@@ -36,7 +36,7 @@ from lazyfs.fs.control import (
     control_listener,
     control_server,
 )
-from lazyfs.fs.fastpath import fast_path
+from lazyfs.fs.fastpath import FastPath
 from lazyfs.fs.merge import apply_upper
 from lazyfs.fs.neededlibs import NeededLibs
 from lazyfs.fs.ops import Operations, c_reader_counts, cache_symlinks, start_c_reader
@@ -53,7 +53,7 @@ from lazyfs.fs.runtime import control_path
 from lazyfs.fs.tree import ROOT_INO, Tree
 from lazyfs.fs.unmount import is_mounted, is_stale, mount_device, unmount
 from lazyfs.fs.upper import Upper
-from lazyfs.heap import serving_thresholds, start_up_thresholds
+from lazyfs.heap import serving_thresholds
 from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
 from lazyfs.remote.registry import RetryPolicy
@@ -454,8 +454,6 @@ async def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled.  Raises LazyfsError before ``ready``.
     ``progress`` hears of the whole-layer downloads made before it."""
-    # Until the TOCs are decoded (see start_up_thresholds).
-    start_up_thresholds()
     thresholds = _no_full_collections()
     mountpoint = os.path.abspath(opts.mountpoint)
     if is_stale(mountpoint):
@@ -569,7 +567,13 @@ async def serve(
         # not touch it either, but the order keeps that property obvious).
         control = control_path(mountpoint)
         fuse_ops = mount.fuse_operations()
-        _after_init(fuse_ops, lambda: _widen_read_ahead(mountpoint))
+        fast = FastPath(fuse_ops)
+
+        def after_init() -> None:
+            _widen_read_ahead(mountpoint)
+            fast.enable()  # after: no request is answered before the read-ahead is widened
+
+        _after_init(fuse_ops, after_init)
         tree_built.set()
         cache_symlinks()
         if isinstance(fuse_ops, Operations):  # every layer in: what their files hold is known
@@ -601,7 +605,7 @@ async def serve(
                 if ready is not None:
                     plain = [d.mediaType for d in image.plain_descriptors()]
                     ready(ReadyReport(len(image.descriptors), plain))
-                with fast_path(fuse_ops):
+                with fast.serving():
                     await pyfuse3.main(min_tasks=4, max_tasks=64)
                 # Unmounted: what is on its way lands in the cache for the next mount.
                 await image.store.drain(UNMOUNT_DRAIN)

@@ -99,21 +99,21 @@ BACKGROUND_IDLE_SECONDS = 0.25
 # came at the latest, and at the store's close: a no-groups cold start writes ~2,200 chunk
 # files, whose creation took the CPUs and GIL the start-up waited for (BENCHMARKS.md, issue
 # 13, "the cost of each miss").  At most WRITE_HOLD_BYTES (decoded) wait; a reader's chunks
-# beyond that are written at once, as before, and so is one over WRITE_HOLD_CHUNK: creating a
-# file costs about the same whatever its size, and of that Debian start-up's 2,203 chunks
-# (47 MiB decoded) 2,082 are at most 64 KiB (15.7 MiB), the other 121 hold 31.6 MiB.
-# A start-up's prefetch (``prefetch(hold=True)``: groups, the libraries an ELF file needs,
-# an early range; not a reader's read-ahead) is held the same way, in the same
-# WRITE_HOLD_BYTES, and so are its chunks of any size held in memory: the Debian start-up's
-# group brings 167 chunks (21.4 MiB), 38 of them over 64 KiB with 19.3 MiB, and a file's
-# bytes cost CPU too (this machine's ext4: a put takes 0.4 ms of CPU at 16 KiB, 8 ms at
-# 1 MiB, 32 ms at 4 MiB; BENCHMARKS.md, H69).
+# beyond that are written at once, as before.  A start-up's prefetch (``prefetch(hold=True)``:
+# groups, the libraries an ELF file needs, a Python's modules, an early range; not a reader's
+# read-ahead) is held the same way, in the same WRITE_HOLD_BYTES.  Chunks of any size held in
+# memory wait, a reader's as a prefetch's: a file's bytes cost CPU too (this machine's ext4: a
+# put takes 0.4 ms of CPU at 16 KiB, 8 ms at 1 MiB, 32 ms at 4 MiB; BENCHMARKS.md, H69).  The
+# Debian start-up without groups holds ~30 MiB: the landmarks 4.5, the program's first chunk
+# 4, its modules 12, the extension modules' libraries 7; with 16 MiB and a reader's chunks
+# over 64 KiB written at once, 14 MiB were written during it, ~75 ms of the daemon's CPU in
+# that time (BENCHMARKS.md, issue 13, H80).  The Debian group brings 21.4 MiB.
 # WRITE_BATCH chunks (at most WRITE_BATCH_BYTES) go to a thread at a time, so a read that
 # comes meanwhile shares the CPUs with one batch at most before the writes pause again.
 WRITE_IDLE_SECONDS = BACKGROUND_IDLE_SECONDS
 WRITE_DEFER_SECONDS = 5.0
-WRITE_HOLD_BYTES = 16 * 1024 * 1024
-WRITE_HOLD_CHUNK = 64 * 1024
+WRITE_HOLD_BYTES = 32 * 1024 * 1024
+WRITE_HOLD_CHUNK = BIG_CHUNK_BYTES
 WRITE_HOLD_PREFETCH_CHUNK = BIG_CHUNK_BYTES
 WRITE_BATCH = 32
 WRITE_BATCH_BYTES = 1024 * 1024
@@ -398,7 +398,7 @@ class LayerStore:
                 plan.amplify, layer, asked, budget, self._is_local(layer), self.behind
             )
             if prev == offset or offset == 0:
-                self._read_ahead_of(layer, entry, asked)
+                self._read_ahead_of(layer, entry, asked, first=prev is None)
         parts, waited = await self._obtain(layer, needs, extra, budget, amplified)
         ns = time.perf_counter_ns() - t0
         layer.stats.record_read(ns, waited=waited)
@@ -504,11 +504,14 @@ class LayerStore:
     def _is_local(self, layer: Layer) -> plan.IsLocal:
         return lambda c: c.digest in self._inflight or self._maybe_cached(layer, c)
 
-    def _read_ahead_of(self, layer: Layer, entry: Entry, asked: list[Chunk]) -> None:
+    def _read_ahead_of(
+        self, layer: Layer, entry: Entry, asked: list[Chunk], *, first: bool = False
+    ) -> None:
         """A sequential reader of a big file will want the next chunks soon: start fetching
         them now, in the background, so a ``cat`` overlaps its network with its reads instead
         of waiting for one chunk after another.  The reader joins (and boosts) these flights
-        when it gets there."""
+        when it gets there.  ``first``: the file's first read (an exec's: the rest of the
+        program, which its loader maps at once)."""
         if self._nursery is None:
             return
         nxt = plan.ahead_in_file(
@@ -519,13 +522,15 @@ class LayerStore:
             lambda c: c.digest in self._inflight,
         )
         if nxt:
-            self._nursery.start_soon(self._quiet_prefetch, layer, nxt)
+            self._nursery.start_soon(self._quiet_prefetch, layer, nxt, first)
 
-    async def _quiet_prefetch(self, layer: Layer, chunks: list[Chunk]) -> None:
+    async def _quiet_prefetch(self, layer: Layer, chunks: list[Chunk], hold: bool) -> None:
         try:
-            # Not held: a long sequential read's read-ahead would keep WRITE_HOLD_BYTES of
-            # large chunks in memory while it lasts.
-            await self.prefetch(layer, chunks)
+            # Held only after a file's first read (at most ``pipeline`` bytes: python3.11's
+            # second chunk, 2.6 MiB, cost ~20 ms of CPU as the loader started): a long
+            # sequential read's read-ahead would keep WRITE_HOLD_BYTES of large chunks in
+            # memory while it lasts.
+            await self.prefetch(layer, chunks, hold=hold)
         except (LazyfsError, OSError) as e:
             log.debug("read-ahead of %s failed: %s", layer.blob_digest, e)  # the reader retries
 

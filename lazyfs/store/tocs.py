@@ -26,14 +26,15 @@ from lazyfs.formats.layer import (
     TAIL_SIZE,
     TocLocation,
     decode_layer_table,
+    decode_layer_table_steps,
     decode_layer_toc,
     expected_toc_digest,
     locate_toc,
     tail_start_hint,
     toc_by_annotations,
 )
-from lazyfs.formats.toc import TOC, TocBudget, pack_toc, table_toc, unpack_toc
-from lazyfs.heap import trim_heap
+from lazyfs.formats.toc import MAX_TOC_BYTES, TOC, TocBudget, pack_toc, table_toc, unpack_toc
+from lazyfs.heap import start_up_thresholds, trim_heap
 from lazyfs.remote.base import REQUEST_SENT, Source
 from lazyfs.remote.resolve import ResolvedImage, resolve_manifest
 from lazyfs.store.wholelayer import WholeLayers
@@ -77,9 +78,65 @@ class _CachedTOC(msgspec.Struct):
 Decoded = tuple[TOC, bytes | None]
 
 
-def _decode(loc: TocLocation, raw: bytes, budget: TocBudget | None, tables: bool) -> Decoded:
+#: A fetched TOC up to this many bytes is decoded on the event loop's thread, in steps (of
+#: up to ~15 ms at ~10k entries; other tasks run between them: the stored groups' lookup,
+#: the early ranges' reads), not in a worker: the Debian image's (394 kB, 8,218 entries,
+#: ~45 ms of CPU) took 90-220 ms of wall time in a worker while the loop read the group's
+#: early ranges, the two threads handing the GIL to and fro (BENCHMARKS "H82").  A larger
+#: one (over ~20k entries) would hold the loop for steps of over 30 ms: still a worker's.
+DECODE_ON_LOOP_BYTES = 1 << 20
+#: Scheduler turns between two steps of a decode on the loop (see _others_turns).
+STEP_TURNS = 16
+#: The same for a cached TOC's packed bytes (loaded in one step, ten times cheaper per byte:
+#: the Debian image's, 1.6 MB, in 4 ms).
+UNPACK_ON_LOOP_BYTES = 16 << 20
+
+
+async def _decode(loc: TocLocation, raw: bytes, budget: TocBudget | None, tables: bool) -> Decoded:
     """A fetched TOC's bytes decoded; with ``tables``, straight into an EntryTable's columns
-    (no entry made) and packed."""
+    (no entry made) and packed: on the loop when small enough and no worker is decoding
+    another of the image's layers (its lock is not waited for here), else in a worker."""
+    if tables and len(raw) <= DECODE_ON_LOOP_BYTES:
+        budget = TocBudget(max_bytes=MAX_TOC_BYTES) if budget is None else budget
+        if budget.decoding.acquire(blocking=False):
+            try:
+                steps = decode_layer_table_steps(loc, raw, budget)
+                while True:
+                    try:
+                        next(steps)
+                    except StopIteration as done:
+                        packed, toc = done.value
+                        return toc, packed
+                    await _others_turns()
+            finally:
+                budget.decoding.release()
+    if tables:
+        _worker_thresholds()
+    return await trio.to_thread.run_sync(_decode_sync, loc, raw, budget, tables)
+
+
+def _worker_thresholds() -> None:
+    """Before a mount's TOC decodes in a worker: glibc's thresholds held at their start
+    values (:func:`~lazyfs.heap.start_up_thresholds`; the mount raises them once its TOCs
+    are in), else the worker's arena keeps the decode's temporaries (17 MiB at 100k
+    entries).  Not for a decode on the loop: the main arena is trimmed after the start-up,
+    and held low, every large block of the decode was mapped and faulted in afresh (the
+    Debian TOC's decode: 52 ms of CPU against 43, fresh processes, BENCHMARKS "H82")."""
+    start_up_thresholds()
+
+
+async def _others_turns() -> None:
+    """Between two steps of a decode on the loop: :data:`STEP_TURNS` scheduler turns.  A task
+    reading a socket takes one read a turn: with one turn a step the stored groups' lookup
+    asked for the early ranges only after the decode, and with few the early ranges' bytes
+    (the group's 8.9 MiB on the Debian image, in 64 KiB reads) waited in the kernel, the
+    sender stalled, until the decode was over.  A turn with nothing else to run costs tens
+    of microseconds."""
+    for _ in range(STEP_TURNS):
+        await trio.lowlevel.checkpoint()
+
+
+def _decode_sync(loc: TocLocation, raw: bytes, budget: TocBudget | None, tables: bool) -> Decoded:
     if tables:
         packed, toc = decode_layer_table(loc, raw, budget)
         return toc, packed
@@ -88,7 +145,7 @@ def _decode(loc: TocLocation, raw: bytes, budget: TocBudget | None, tables: bool
 
 def _unpack_cached(entry: _CachedTOC, budget: TocBudget | None, tables: bool) -> Decoded:
     if not entry.packed:  # an older cache's JSON
-        return _decode(entry.location, entry.raw, budget, tables)
+        return _decode_sync(entry.location, entry.raw, budget, tables)
     if hashlib.sha256(entry.packed).digest() != entry.packed_sha256:
         raise FormatError("the cached TOC does not match its digest")
     if tables:
@@ -161,7 +218,8 @@ async def load_layer(
     fetched TOC is put there instead of written to ``toc_dir`` now (packing it is tens of
     milliseconds of CPU a mount need not spend before it is ready: :func:`save_tocs`).
     ``tables``: the TOC's entries as an :class:`EntryTable`, made when asked for (what a
-    mount keeps)."""
+    mount keeps; a small TOC is then decoded on the loop, a large one in a worker under
+    :func:`_worker_thresholds`)."""
     hexpart = oci.check_digest(desc.digest)
     cached = toc_dir / hexpart if toc_dir is not None else None
     if cached is not None and cached.exists():
@@ -171,7 +229,12 @@ async def load_layer(
             want = expected_toc_digest(desc.annotations, entry.location.format)
             if want is None or want != entry.location.expected_digest:
                 raise FormatError("the manifest promises another TOC digest")
-            decoded = await trio.to_thread.run_sync(_unpack_cached, entry, budget, tables)
+            if tables and entry.packed and len(entry.packed) <= UNPACK_ON_LOOP_BYTES:
+                decoded = _unpack_cached(entry, budget, tables)  # one short step, on the loop
+            else:
+                if tables:
+                    _worker_thresholds()
+                decoded = await trio.to_thread.run_sync(_unpack_cached, entry, budget, tables)
             if not entry.packed:  # an older cache: rewritten in the form loaded faster
                 try:
                     await _keep(cached, entry.location, decoded, None)
@@ -239,7 +302,7 @@ async def _fetch_toc(
         raw = first if first is not None else await source.read_range(digest, loc.start, loc.end)
         first = None
         try:
-            return await trio.to_thread.run_sync(_decode, loc, raw, budget, tables)
+            return await _decode(loc, raw, budget, tables)
         except IntegrityError as e:
             if attempt + 1 == tries:
                 raise

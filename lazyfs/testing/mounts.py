@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,11 +55,22 @@ def start_mount(
 
 @contextlib.contextmanager
 def mounted(image: str, mountpoint: Path, *args: str, **kw: Any) -> Iterator[Mount]:
+    """A mount for the block; afterwards the daemon must have exited cleanly: one that
+    crashed on its way out lost the chunks it held, and no other check would notice."""
     m = start_mount(image, mountpoint, *args, **kw)
     try:
         yield m
     finally:
         m.stop()
+    check_exit(m)
+
+
+def check_exit(m: Mount) -> None:
+    """AssertionError (with the log's end) unless the stopped daemon exited with status 0
+    or was SIGKILLed (by the test, as a crash would be)."""
+    code = m.proc.returncode
+    if code not in (0, -signal.SIGKILL):
+        raise AssertionError(f"the daemon exited with {code}:\n{m.log_text()[-4000:]}")
 
 
 @contextlib.contextmanager

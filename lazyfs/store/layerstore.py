@@ -1655,12 +1655,13 @@ class LayerStore:
         instead of also waiting for them to be written to disk, and those writes wait for a
         pause in on-demand reads (``_hold``).  Leaving the block waits for those fetches and
         writes to finish, so a clean unmount keeps everything it fetched."""
-        async with trio.open_nursery() as nursery:
+        # The writer apart from the fetches: drain may cut those off, never a write.
+        async with trio.open_nursery() as writing, trio.open_nursery() as nursery:
             self._nursery = nursery
             # A mount's first reads come as it starts serving: what a prefetch brought
             # before waits for a pause, as if a read had just come.
             self._last_ondemand = max(self._last_ondemand, trio.current_time())
-            nursery.start_soon(self._writer)
+            writing.start_soon(self._writer)
             try:
                 yield
             finally:
@@ -1719,6 +1720,11 @@ class LayerStore:
                 if on_way is None:
                     return
                 await on_way.event.wait()
+        # What readers started (their misses, their read-ahead) runs in the store's own
+        # nursery, which the caller's cancel does not reach: cut off too, or a slow one would
+        # keep the daemon past the bound (and the snapshotter's STOP_WAIT).
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def aclose(self) -> None:
         """Stop the background fill, write the chunks still held (a prefetch's, when the

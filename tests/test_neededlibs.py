@@ -5,6 +5,7 @@ has read the file's start, before anything reads them; ``--no-prefetch`` fetches
 # ruff: noqa: F811
 from __future__ import annotations
 
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -138,6 +139,31 @@ def test_the_libraries_an_elf_file_names_are_fetched_before_they_are_read(
         # Any other file is fetched when read.
         assert (mnt / FAR).read_bytes() == FAR_BYTES
         assert len(fault_proxy.served) > before
+
+
+def test_a_following_mount_reads_from_memory_in_the_fuse_reader(
+    image: str, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Following ELF files does not take the mount's reads off the fast path: the libraries
+    the follow-up fetched (in memory) are read in the C reader thread (they were all queued
+    for trio's thread while libraries were followed)."""
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-deltas") as mnt:
+        assert _read_head(mnt / "usr/bin/prog") == PROG[:4096]
+        _followed(mnt, libraries=len(LIBS))
+        for name in LIBS:
+            (mnt / name).stat()  # looked up now: below, only READs
+        time.sleep(0.2)  # trio idle: the reader may take its lock
+        before = mount_stats(mnt)["c_requests"]["fast"]
+        for name, data in LIBS.items():
+            fd = os.open(mnt / name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(fd, len(data) + 1, 0) == data
+            finally:
+                os.close(fd)
+        stats = mount_stats(mnt)
+        assert stats["c_requests"]["fast"] > before, stats["c_requests"]
+        assert stats["handler_errors"] == 0
 
 
 def test_elf_files_whose_headers_lie_fetch_nothing_and_break_nothing(

@@ -16,6 +16,7 @@ An ELF file that is a Python interpreter also has its standard modules fetched
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import trio
@@ -101,14 +102,36 @@ class NeededLibs:
         # A Python's standard modules, fetched once the interpreter's start is read.
         self.modules = StdModules(store, self.stats)
         self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None  # set by run: see notice_soon
 
     def stop(self) -> None:
         """Nothing more is followed (a group covers the start-up)."""
         self.active = False
 
+    def wants(self, node: Node, offset: int, data: bytes) -> bool:
+        """Whether :meth:`noticed` would act on this read (reads only: any thread may ask)."""
+        return not offset and self.active and data[:4] == elf.MAGIC and node.ino not in self._seen
+
+    def can_notice_soon(self) -> bool:
+        return self._token is not None
+
+    def notice_soon(self, node: Node, entry: Entry, offset: int, data: bytes) -> None:
+        """:meth:`noticed`, asked from another thread (the FUSE fast path's reader): it runs in
+        trio's thread, soon, where it may start tasks.  Never raises."""
+
+        def notice() -> None:
+            try:
+                self.noticed(node, entry, offset, data)
+            except Exception:  # run_sync_soon would end trio's run with it
+                log.exception("following %s", "/".join(node.path()))
+
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(notice)
+
     def noticed(self, node: Node, entry: Entry, offset: int, data: bytes) -> None:
         """A reader got ``data`` at ``offset`` of the lower file ``node``."""
-        if offset or not self.active or data[:4] != elf.MAGIC or node.ino in self._seen:
+        if not self.wants(node, offset, data):
             return
         if self._nursery is not None and INTERPRETER.fullmatch(node.name):
             self._nursery.start_soon(self._modules, node)
@@ -119,6 +142,7 @@ class NeededLibs:
         self._seen.add(node.ino)
 
     async def run(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for _ in range(WORKERS):

@@ -745,15 +745,19 @@ class Operations(_Guarded):
         node = self._file(fh)
         if node.upper:
             return os.pread(self._upper_fd(node, _READ), size, off)
-        if self.listener is not None or self.needed is not None:
-            return None  # they may start tasks
+        needed = self.needed
+        if self.listener is not None or (needed is not None and not needed.can_notice_soon()):
+            return None  # the trace's hooks run in trio's thread
         entry = node.entry
         assert entry is not None
         try:
-            return self.store.read_now(self.layers[node.layer], entry, off, size, now)
+            data = self.store.read_now(self.layers[node.layer], entry, off, size, now)
         except (LazyfsError, OSError) as err:  # as read() answers it
             log.error("read of %s at %d failed: %s", "/".join(node.path()), off, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        if data is not None and needed is not None and needed.wants(node, off, data):
+            needed.notice_soon(node, entry, off, data)  # an ELF file's start: followed in trio
+        return data
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._file(fh)

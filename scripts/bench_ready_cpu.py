@@ -31,35 +31,21 @@ DEFAULT_LAYOUT = ROOT / ".bench" / "images" / "debian" / "zstd"
 STEPS = ("TOC decode", "layers added to the store", "tree built", "tree finished", "total")
 
 
-def _in_worker(raws: list[bytes]) -> bool:
-    """Whether the imported lazyfs's daemon decodes one of these TOCs in a worker thread."""
-    from lazyfs.store import tocs
-
-    on_loop = getattr(tocs, "DECODE_ON_LOOP_BYTES", None)
-    return on_loop is None or any(len(raw) > on_loop for raw in raws)
-
-
 def child(src: Path, layout: Path) -> dict[str, float]:
     """In a fresh process importing ``src``'s lazyfs: each step once, CPU ms."""
     sys.path.insert(0, str(src))
+    from bench_toc_decode import decodes_in_worker, layer_tocs  # no lazyfs import of its own
+
     from lazyfs import heap
-    from lazyfs.formats.layer import TAIL_SIZE, decode_layer_table, locate_toc, toc_by_annotations
+    from lazyfs.formats.layer import decode_layer_table
     from lazyfs.fs.tree import Tree
-    from lazyfs.ocilayout import Layout
     from lazyfs.store import ChunkCache, LayerStore
 
-    lay = Layout(layout)
-    tocs = []
-    for d in lay.manifest().layers:
-        data = lay.read_blob(d.digest)
-        loc = toc_by_annotations(d.annotations, d.size) or locate_toc(
-            data[-TAIL_SIZE:], d.size, d.annotations
-        )
-        tocs.append((d, loc, data[loc.start : loc.end]))
+    tocs = layer_tocs(layout)
     # As the daemon runs its start: malloc thresholds held low (H61) where its TOCs decode
     # in a worker (since H82 only a large TOC's), no full gc pass (H70).
     pin = getattr(heap, "start_up_thresholds", None)
-    if pin is not None and _in_worker([raw for _, _, raw in tocs]):
+    if pin is not None and decodes_in_worker([raw for _, _, raw in tocs]):
         pin()
     gc.set_threshold(*gc.get_threshold()[:2], 1 << 30)
     # A read-only mount's tree keeps no lower paths where the tree can leave them out.

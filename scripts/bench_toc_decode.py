@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LAYOUT = ROOT / ".bench" / "images" / "debian" / "zstd"
 
 
-def _tocs(layout: Path) -> list[tuple[Any, bytes]]:
-    """Each layer's TOC location and bytes (as a fetch reads them)."""
+def layer_tocs(layout: Path) -> list[tuple[Any, Any, bytes]]:
+    """Each layer's descriptor, TOC location and TOC bytes (as a fetch reads them), with the
+    lazyfs imported (bench_ready_cpu's children use it too)."""
     from lazyfs.formats.layer import TAIL_SIZE, locate_toc, toc_by_annotations
     from lazyfs.ocilayout import Layout
 
@@ -39,11 +40,11 @@ def _tocs(layout: Path) -> list[tuple[Any, bytes]]:
         loc = toc_by_annotations(d.annotations, d.size) or locate_toc(
             data[-TAIL_SIZE:], d.size, d.annotations
         )
-        out.append((loc, data[loc.start : loc.end]))
+        out.append((d, loc, data[loc.start : loc.end]))
     return out
 
 
-def _in_worker(raws: list[bytes]) -> bool:
+def decodes_in_worker(raws: list[bytes]) -> bool:
     """Whether the imported lazyfs's daemon decodes one of these TOCs in a worker thread."""
     from lazyfs.store import tocs
 
@@ -57,16 +58,16 @@ def child(src: Path, layout: Path) -> dict[str, Any]:
     from lazyfs import heap
     from lazyfs.formats import layer, toc
 
-    tocs = _tocs(layout)
+    tocs = layer_tocs(layout)
     pin = getattr(heap, "start_up_thresholds", None)
     # As the mount daemon does before a decode in a worker (H61; since H82 a large TOC's).
-    if pin is not None and _in_worker([raw for _, raw in tocs]):
+    if pin is not None and decodes_in_worker([raw for _, _, raw in tocs]):
         pin()
     table = getattr(layer, "decode_layer_table", None)
     pack_table = getattr(toc, "pack_toc_table", None)
     wall = cpu = 0.0
     entries = 0
-    for loc, raw in tocs:
+    for _, loc, raw in tocs:
         w0, c0 = time.perf_counter(), time.thread_time()
         if table is not None:
             _, got = table(loc, raw)
@@ -89,7 +90,7 @@ def stages(layout: Path, reps: int) -> str:
     from lazyfs.formats.layer import toc_json
 
     lines = []
-    for loc, raw in _tocs(layout):
+    for _, loc, raw in layer_tocs(layout):
         times: dict[str, list[float]] = {}
 
         def timed(name: str, fn: Any, *args: Any, times: dict[str, list[float]] = times) -> Any:

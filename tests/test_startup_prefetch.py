@@ -7,11 +7,12 @@ their own, and nothing else is fetched before it is read."""
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from lazyfs_tools.convert import convert
 
-from lazyfs.formats.toc import TOC, Entry
+from lazyfs.formats.toc import TOC, Entry, EntryTable, pack_toc, table_toc
 from lazyfs.fs.prefetch import STARTUP_GROUP, startup_group
 from lazyfs.store.chunkmap import ChunkMap
 from lazyfs.store.layerstate import Layer
@@ -139,3 +140,45 @@ def test_links_that_loop_or_lead_nowhere_are_no_landmarks(tmp_path: Path) -> Non
         Entry(name="etc/ld.so.cache", type="reg", size=5, digest="sha256:" + "2" * 64),
     ]
     assert startup_group([_layer(tmp_path, entries)]) is None
+
+
+def test_a_tables_start_up_group_makes_only_the_entries_it_resolves(tmp_path: Path) -> None:
+    """A mount keeps its TOCs as tables: the start-up group (computed just after readiness)
+    finds what the table version of the list gives, and makes an entry only for the names
+    its resolution looks up, not for every name it may pass through (a Debian image's 1,300
+    zoneinfo files)."""
+    ld, utc = "sha256:" + "3" * 64, "sha256:" + "4" * 64
+    zones = [Entry(name=f"usr/share/zoneinfo/Z{k}", type="reg", size=1, digest=utc)
+             for k in range(200)]  # fmt: skip
+    entries = [
+        Entry(name="etc", type="dir"),
+        Entry(name="etc/localtime", type="symlink", link_name="/usr/share/zoneinfo/Z7"),
+        Entry(name="lib64", type="symlink", link_name="usr/lib64"),
+        Entry(name="usr", type="dir"),
+        Entry(name="usr/lib64", type="dir"),
+        Entry(name="usr/lib64/ld-linux-x86-64.so.2", type="reg", size=9, digest="x"),
+        Entry(name="usr/lib64/ld-linux-x86-64.so.2", type="reg", size=9, digest=ld),  # again
+        Entry(name="usr/share", type="dir"),
+        Entry(name="usr/share/zoneinfo", type="dir"),
+        *zones,
+    ]
+    listed = startup_group([_layer(tmp_path, entries)])
+    table = table_toc(pack_toc(TOC(compression="zstd", entries=entries, data_end=0)))
+    digest = "sha256:" + "0" * 64
+    layer = Layer(digest, None, table, ChunkMap(tmp_path / "t.map", digest, []))  # type: ignore[arg-type]
+    made: list[int] = []
+    getitem = type(table.entries).__getitem__
+
+    def counting(self: EntryTable, i: int) -> Entry:
+        made.append(i)
+        return getitem(self, i)
+
+    with mock.patch.object(EntryTable, "__getitem__", counting):
+        group = startup_group([layer])
+    assert group is not None and listed is not None
+    assert group.tiers[0].entries == listed.tiers[0].entries
+    assert {e.path: e.digest for e in group.tiers[0].entries} == {
+        "usr/lib64/ld-linux-x86-64.so.2": ld,  # the last of a repeated name
+        "usr/share/zoneinfo/Z7": utc,
+    }
+    assert 0 < len(made) < 30, len(made)

@@ -212,19 +212,26 @@ def _preload() -> None:
     # lazyfs.fs.serve: trio, pyfuse3, httpx, msgspec, store, opener.  httpx imports its
     # transport (httpcore) only when the first client is made, and httpcore its trio backend
     # at the first connection: every daemon would import them after the fork.
+    # encodings.idna: a daemon's first connection imports it (getaddrinfo encodes the host);
+    # lazyfs.fs.daemon: what each child calls to name itself.
+    import encodings.idna  # noqa: F401
+
     import certifi
     import httpcore._backends.auto
     import httpcore._backends.trio  # noqa: F401
 
+    import lazyfs.fs.daemon
     import lazyfs.fs.serve  # noqa: F401
-    from lazyfs.cli import build_parser
+    from lazyfs.cli import keep_parser
 
     certifi.where()  # imports importlib.resources' readers (the CA bundle's path)
     from lazyfs.remote.registry import default_tls
 
     default_tls().load()  # the CA bundle parsed once here, not in every https daemon
 
-    build_parser()  # imports every subcommand's module, as each child's parsing would
+    # Imports every subcommand's module, as each child's parsing would, and keeps the parser
+    # for the children (lazyfs.cli.parser).
+    keep_parser()
 
     gc.collect()
     gc.freeze()
@@ -344,11 +351,11 @@ def _comm(argv: Sequence[str]) -> str:
     """``lazyfs-COMMAND``, COMMAND being the subcommand lazyfs's own parser finds in ``argv``
     (options before it and their values skipped as it skips them); ``lazyfs`` when it finds
     none: the command's run reports why."""
-    from lazyfs.cli import build_parser
+    from lazyfs.cli import parser
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            command = build_parser().parse_args(list(argv)).command
+            command = parser().parse_args(list(argv)).command
         except SystemExit:  # a bad command line, or --help
             command = None
     return f"lazyfs-{command}" if isinstance(command, str) and command else "lazyfs"

@@ -20,7 +20,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Collection, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, TypeVar, cast, overload
 
 import msgspec
@@ -1240,6 +1240,16 @@ class EntryTable(Sequence[Entry]):
         names, ends, kinds = self._names, self._name_ends, _KINDS
         for i, code in enumerate(self._kinds):
             yield names[ends[i] : ends[i + 1]], kinds[code]
+
+    def rows_named(self, keep: Callable[[str], bool]) -> dict[str, int]:
+        """The rows of the names ``keep`` takes, by name (the last row of a repeated name):
+        one pass over the names, no entry made and no kind looked up."""
+        names, ends = self._names, self._name_ends
+        return {
+            name: i
+            for i, name in enumerate(map(names.__getitem__, map(slice, ends, ends[1:])))
+            if keep(name)
+        }
 
     def mentions(self, text: str) -> bool:
         """Whether some entry's name holds ``text`` (a layer without whiteouts has no ``.wh.``)."""

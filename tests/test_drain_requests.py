@@ -1,11 +1,16 @@
 """Once the store drains (an unmounted daemon, LayerStore.drain), no request starts: what is on
 its way lands, but neither the next range of a group from a source that sends one range per
-request nor a group that gets its slot only now is sent."""
+request nor a group that gets its slot only now is sent.  And a daemon stopped by a signal
+takes its mount down before it drains, so the mount's requests fail at once, not after it."""
 
 # ruff: noqa: F811
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +19,13 @@ from lazyfs_tools.convert import convert
 
 from lazyfs.errors import RemoteError
 from lazyfs.formats.toc import Entry
+from lazyfs.ocilayout import Layout
 from lazyfs.opener import open_image
 from lazyfs.remote.registry import RegistrySource
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import mounted, start_mount, startup_groups
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 # 24 incompressible files of 100 kB (two 64 KiB chunks each), laid out by path.
@@ -116,3 +123,42 @@ def test_a_miss_while_draining_fails(pushed: dict, fault_proxy: FaultProxy, tmp_
     t.start()
     t.join(20)
     assert got and isinstance(got[0], RemoteError), got
+
+
+def test_a_signalled_daemon_takes_its_mount_down_before_it_drains(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """SIGTERM while the prefetch's answer is held (the drain then waits its full bound): a
+    program with a directory of the mount open fails at once (ENOTCONN), not once the drain is
+    over (before: 0.8 s, then ECONNABORTED)."""
+    layout = Layout(pushed["dir"] / "lazy")
+    layer = layout.manifest("v1").layers[0].digest
+    names = list(FILES)[:3]
+    groups = tmp_path / "groups.json"
+    groups.write_bytes(startup_groups(REPO, layout.find("v1").digest, layer, FILES, names))
+    ref = f"{fault_proxy.host}/{REPO}:v1"
+    cache, mnt = tmp_path / "c", tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(cache))
+    with mounted(ref, mnt, *args, "--no-prefetch"):
+        pass  # the TOC is cached: below, the prefetch's is the layer's only request
+    fault_proxy.reset()
+    fault_proxy.match = layer
+    fault_proxy.hold_next(1, at=10_000)
+    m = start_mount(ref, mnt, *args, "--prefetch", str(groups))
+    fd = -1
+    try:
+        assert fault_proxy.holding.wait(10), fault_proxy.paths
+        fd = os.open(mnt / "app", os.O_RDONLY | os.O_DIRECTORY)
+        os.kill(m.pid, signal.SIGTERM)
+        time.sleep(0.2)  # the daemon is draining now (the held answer keeps it there)
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            os.stat("f20", dir_fd=fd)  # not looked up before: a request to the daemon
+        took = time.monotonic() - t0
+        assert took < 0.3, (took, e.value)
+        assert e.value.errno == errno.ENOTCONN, e.value
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        fault_proxy.unhold()
+        m.stop()

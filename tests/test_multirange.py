@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from lazyfs.remote.multipart import (
     range_spec,
     split_ranges,
 )
-from lazyfs.remote.registry import RegistrySource, RetryPolicy
+from lazyfs.remote.registry import RECV_BYTES, RegistrySource, RetryPolicy
 from lazyfs.store import plan
 from lazyfs.store.slots import PrioritySlots
 from lazyfs.testing.dockerregistry import RegistryInstance, push_one_layer
@@ -509,3 +510,53 @@ def test_concurrent_readers_on_a_cold_mount_share_requests(
     assert got == [FILES[n] for n in names]
     assert len(asked) < len(names), asked  # joined flights, read-ahead, batched misses
     assert stats["integrity_errors"] == 0
+
+
+async def _pieces_after_a_pause(host: str, digest: str, size: int) -> tuple[list[int], bytes]:
+    sizes: list[int] = []
+    got = bytearray()
+
+    async def sink(at: int, data: bytes) -> None:
+        if not sizes:
+            time.sleep(0.3)  # busy (blocking): the answer's next bytes wait in the socket
+        sizes.append(len(data))
+        got.extend(data)
+
+    src = RegistrySource(host, REPO, plain_http=True)
+    try:
+        await src.stream_ranges(digest, [(0, size)], sink)
+    finally:
+        await src.aclose()
+    return sizes, bytes(got)
+
+
+def test_an_answer_is_read_as_far_as_the_socket_holds(
+    pushed: dict, registry: RegistryInstance
+) -> None:
+    """What came while the reader was busy is taken in one step, not 64 KiB at a time
+    (httpx's default; registry.RECV_BYTES): each step costs the event loop more than its copy.
+    (Before: no piece above 64 KiB.)"""
+    blob = pushed["blob"]
+    sizes, got = trio.run(_pieces_after_a_pause, registry.host, pushed["digest"], len(blob))
+    assert got == blob
+    assert max(sizes) > 64 * 1024, sizes
+
+
+async def _first_bytes_ignoring_range(proxy: FaultProxy, digest: str) -> tuple[bytes, int]:
+    src = RegistrySource(proxy.host, REPO, plain_http=True)
+    try:
+        got = await src.read_range(digest, 0, 100)
+        return got, src.stats.bytes_received
+    finally:
+        await src.aclose()
+
+
+def test_a_whole_blob_answer_is_not_read_through(pushed: dict, fault_proxy: FaultProxy) -> None:
+    """A host that ignores Range sends the whole blob for 100 bytes: the source reads what
+    the socket holds (up to registry.RECV_BYTES) and closes, not the whole 4 MB."""
+    fault_proxy.ignore_range = True
+    blob = pushed["blob"]
+    assert len(blob) > 2 * RECV_BYTES
+    got, received = trio.run(_first_bytes_ignoring_range, fault_proxy, pushed["digest"])
+    assert got == blob[:100]
+    assert received <= 2 * RECV_BYTES, received

@@ -27,7 +27,7 @@ from lazyfs.errors import FormatError, IntegrityError, NotFoundError, RemoteErro
 from lazyfs.remote.auth import Credentials, load_docker_credentials, parse_challenge
 from lazyfs.remote.local import BlobFileSource, OCILayoutSource
 from lazyfs.remote.reference import Reference, parse_reference
-from lazyfs.remote.registry import RegistrySource, RetryPolicy
+from lazyfs.remote.registry import RECV_BYTES, RegistrySource, RetryPolicy
 from lazyfs.remote.resolve import open_source, resolve_image
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
@@ -488,10 +488,12 @@ def test_fault_recovery(
         assert await src.get_blob(layer.digest) == reference  # whole blobs are verified
         if fault == "ignore_range":
             assert src.range_ignored and not src.ranges_supported()
-            # The whole blob came back, but only what was needed was read before closing.
+            # The whole blob came back, but only what was needed was read before closing:
+            # one read of what the socket held, at most RECV_BYTES (this blob is smaller; a larger
+            # one: test_multirange.test_a_whole_blob_answer_is_not_read_through).
             before = src.stats.bytes_received
             assert await src.read_range(layer.digest, 0, 100) == reference[:100]
-            assert src.stats.bytes_received - before < layer.size // 2
+            assert src.stats.bytes_received - before <= max(100, RECV_BYTES)
         await src.aclose()
 
     run(main)

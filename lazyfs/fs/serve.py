@@ -581,6 +581,7 @@ async def serve(
         if isinstance(fuse_ops, Operations):  # every layer in: what their files hold is known
             fuse_ops.no_capability(upper is None or not upper.listdir(()))
         pyfuse3.init(fuse_ops, mountpoint, _fuse_options(opts))
+        closed = False
         try:
             start_c_reader()
             # Fetches started by readers live in their own nursery: at unmount the control
@@ -609,12 +610,19 @@ async def serve(
                     ready(ReadyReport(len(image.descriptors), plain))
                 with fast.serving():
                     await pyfuse3.main(min_tasks=4, max_tasks=64)
+                # The mount goes before the drain: after a signal it was still up, and its
+                # requests (a container's, say) waited through the drain for nothing, then
+                # failed anyway.  Closing the FUSE device aborts the connection: they fail at
+                # once (ENOTCONN), as they would have after an unmount.
+                closed = True
+                pyfuse3.close(unmount=True)
                 # Unmounted: what is on its way lands in the cache for the next mount.
                 await image.store.drain(UNMOUNT_DRAIN)
                 nursery.cancel_scope.cancel()
         finally:
             early_scope.cancel()
-            pyfuse3.close(unmount=True)
+            if not closed:
+                pyfuse3.close(unmount=True)
             if trace_path is not None:
                 mount.write_trace(trace_path)
             if upper is not None:

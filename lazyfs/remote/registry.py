@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+import httpcore
 import httpx
 import msgspec
 import trio
@@ -42,6 +43,14 @@ from lazyfs.remote.multipart import ByteRanges, Malformed, boundary_of, range_sp
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+# httpx reads an answer 64 KiB at a time (httpcore's READ_NUM_BYTES), a step of the event
+# loop each, and each step's Python (h11, the multipart parser, the store's sink) costs more
+# than its copy.  A start-up's prefetch (9 MiB on the Debian image, half of it arriving while
+# the program starts) came in 216 pieces; what the socket holds by a step is taken whole now,
+# up to this much.  (Every HTTP/1.1 connection of the process: all of them are ours.)
+RECV_BYTES = 1 << 20
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECV_BYTES
 
 MANIFEST_ACCEPT = ", ".join(
     (oci.MT_OCI_INDEX, oci.MT_OCI_MANIFEST, oci.MT_DOCKER_LIST, oci.MT_DOCKER_MANIFEST)

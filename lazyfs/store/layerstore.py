@@ -696,6 +696,10 @@ class LayerStore:
                             far.append(c)
                 if far:
                     await self._overtake(layer, far)
+                if not flights and self._draining:
+                    # Nothing on its way for them and nothing may be sent (drain): without
+                    # this the loop would go round for ever without a checkpoint.
+                    raise RemoteError(f"{layer.blob_digest}: not fetched, the mount is going")
                 senders = self._senders(layer, groups)
                 if senders and self._nursery is not None:
                     # Readers wait for their chunks' flights, which resolve when the chunks
@@ -909,6 +913,8 @@ class LayerStore:
         if layer.size and not layer.source.ranges_supported():
             return await self._from_whole_blob(layer, start, end, ticket)
         async with self._held_or(ticket):
+            if self._draining:
+                raise _Abandoned()  # unmounted: no request starts (drain)
             raw = await layer.source.read_range(layer.blob_digest, start, end)
         layer.stats.requests += 1
         layer.stats.bytes_fetched += len(raw)
@@ -963,6 +969,10 @@ class LayerStore:
             priority=g.ticket.priority, start=g.start, end=g.end, ranges=len(g.runs), bytes=want
         )
 
+        # Where a range ends and another follows: a source that sends one range per request
+        # asks for the next one there.
+        follows = {end for _, end in g.runs[:-1]}
+
         async def counted(at: int, piece: bytes) -> None:
             now = trio.current_time()
             if g.first_at is None:
@@ -973,8 +983,18 @@ class LayerStore:
                 report.bytes_per_s = int(g.got / (now - g.first_at))
             layer.stats.bytes_fetched += len(piece)
             await sink(at, piece)
+            if (
+                self._draining
+                and at + len(piece) in follows
+                and not layer.source.multirange(layer.blob_digest)
+            ):
+                # Unmounted: the next range would be a new request (drain).  What came is
+                # used; the rest is abandoned, as a group that never got its slot.
+                raise _Abandoned()
 
         async with self._slot(g.ticket):
+            if self._draining:
+                raise _Abandoned()  # its slot came after the unmount: not sent (drain)
             g.sent_at = trio.current_time()
             layer.stats.requests += 1
             layer.stats.multirange_requests += len(g.runs) > 1

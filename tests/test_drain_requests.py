@@ -1,0 +1,164 @@
+"""Once the store drains (an unmounted daemon, LayerStore.drain), no request starts: what is on
+its way lands, but neither the next range of a group from a source that sends one range per
+request nor a group that gets its slot only now is sent.  And a daemon stopped by a signal
+takes its mount down before it drains, so the mount's requests fail at once, not after it."""
+
+# ruff: noqa: F811
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from lazyfs_tools.convert import convert
+
+from lazyfs.errors import RemoteError
+from lazyfs.formats.toc import Entry
+from lazyfs.ocilayout import Layout
+from lazyfs.opener import open_image
+from lazyfs.remote.registry import RegistrySource
+from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
+from lazyfs.testing.faultproxy import FaultProxy
+from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
+from lazyfs.testing.mounts import mounted, start_mount, startup_groups
+from tests.support.fixtures import fault_proxy, registry  # noqa: F401
+
+# 24 incompressible files of 100 kB (two 64 KiB chunks each), laid out by path.
+FILES = {f"app/f{i:02d}": seeded_bytes(100_000, 870 + i) for i in range(24)}
+REPO = "drainreq/app"
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: RegistryInstance, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("drainreq")
+    items = [Item("app", "dir", mode=0o755)] + [Item(n, data=b) for n, b in FILES.items()]
+    make_layout(d / "src", [make_tar(items)], tag="v1")
+    convert(f"oci:{d / 'src'}:v1", f"oci:{d / 'lazy'}:v1", chunk_size=64 * 1024)
+    push_oci_layout(d / "lazy", f"{registry.host}/{REPO}:v1", tag="v1")
+    return {"dir": d}
+
+
+def _blob_requests(proxy: FaultProxy, digest: str) -> int:
+    return sum(p.endswith(digest) for p in proxy.paths)
+
+
+async def _wait_for(what: object, timeout: float = 10.0) -> None:
+    deadline = trio.current_time() + timeout
+    while not what():  # type: ignore[operator]
+        assert trio.current_time() < deadline
+        await trio.sleep(0.01)
+
+
+async def _drain_while_held(
+    proxy: FaultProxy, tmp: Path, prefetches: list[list[str]], held: int
+) -> int:
+    """Prefetch each list of names at once, hold the first ``held`` requests half-way, drain,
+    let them go; the layer's requests in all."""
+    async with open_image(f"{proxy.host}/{REPO}:v1", cache_dir=tmp, plain_http=True) as img:
+        src = img.source.inner  # type: ignore[attr-defined]  # CachingSource over the registry
+        assert isinstance(src, RegistrySource)
+        store, layer = img.store, img.layers[0].layer
+        byname = layer.toc.by_name()
+        todo: list[list[Entry]] = [[byname[n] for n in names] for names in prefetches]
+        proxy.match = layer.blob_digest
+        proxy.hold_next(held, at=10_000)
+        toc = _blob_requests(proxy, layer.blob_digest)  # the TOC's
+        async with trio.open_nursery() as nursery:
+            for entries in todo:
+                nursery.start_soon(store.prefetch, layer, entries)
+            await _wait_for(lambda: _blob_requests(proxy, layer.blob_digest) == toc + held)
+            await trio.sleep(0.2)  # the others queued for a slot, if any
+            nursery.start_soon(store.drain, 10.0)
+            await trio.sleep(0.1)
+            proxy.unhold()
+        return _blob_requests(proxy, layer.blob_digest) - toc
+
+
+def test_no_next_range_is_asked_for_once_draining(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """One prefetch of scattered files is one request of several ranges; a host that answers
+    only the first gets the others one at a time, each a request of its own: none of those
+    once the store drains.  (Before: one per range left, 7 in all.)"""
+    fault_proxy.multirange = "first"
+    scattered = list(FILES)[::3]
+    got = trio.run(_drain_while_held, fault_proxy, tmp_path, [scattered], 1)
+    assert got == 1, fault_proxy.ranges
+
+
+def test_a_group_that_gets_its_slot_while_draining_is_not_sent(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Seven prefetches of one file each: six take the prefetch share of the slots, the
+    seventh waits, and its slot comes only after the drain began: it is not sent."""
+    names = list(FILES)[::3][:7]
+    got = trio.run(_drain_while_held, fault_proxy, tmp_path, [[n] for n in names], 6)
+    assert got == 6, fault_proxy.ranges
+
+
+async def _read_after_drain(proxy: FaultProxy, tmp: Path) -> BaseException | None:
+    async with open_image(f"{proxy.host}/{REPO}:v1", cache_dir=tmp, plain_http=True) as img:
+        store, layer = img.store, img.layers[0].layer
+        await store.drain(1.0)  # nothing on its way: at once
+        try:
+            await store.read(layer, layer.toc.by_name()["app/f05"], 0, 100)
+        except RemoteError as e:
+            return e
+        return None
+
+
+def test_a_miss_while_draining_fails(pushed: dict, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+    """A read that misses once nothing may be sent fails (EIO to a reader).  (Before: it went
+    round for ever without a checkpoint, and the whole daemon with it.)"""
+    got: list[BaseException | None] = []
+    t = threading.Thread(
+        target=lambda: got.append(trio.run(_read_after_drain, fault_proxy, tmp_path)),
+        daemon=True,  # before the fix it never ends
+    )
+    t.start()
+    t.join(20)
+    assert got and isinstance(got[0], RemoteError), got
+
+
+def test_a_signalled_daemon_takes_its_mount_down_before_it_drains(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """SIGTERM while the prefetch's answer is held (the drain then waits its full bound): a
+    program with a directory of the mount open fails at once (ENOTCONN), not once the drain is
+    over (before: 0.8 s, then ECONNABORTED)."""
+    layout = Layout(pushed["dir"] / "lazy")
+    layer = layout.manifest("v1").layers[0].digest
+    names = list(FILES)[:3]
+    groups = tmp_path / "groups.json"
+    groups.write_bytes(startup_groups(REPO, layout.find("v1").digest, layer, FILES, names))
+    ref = f"{fault_proxy.host}/{REPO}:v1"
+    cache, mnt = tmp_path / "c", tmp_path / "mnt"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(cache))
+    with mounted(ref, mnt, *args, "--no-prefetch"):
+        pass  # the TOC is cached: below, the prefetch's is the layer's only request
+    fault_proxy.reset()
+    fault_proxy.match = layer
+    fault_proxy.hold_next(1, at=10_000)
+    m = start_mount(ref, mnt, *args, "--prefetch", str(groups))
+    fd = -1
+    try:
+        assert fault_proxy.holding.wait(10), fault_proxy.paths
+        fd = os.open(mnt / "app", os.O_RDONLY | os.O_DIRECTORY)
+        os.kill(m.pid, signal.SIGTERM)
+        time.sleep(0.2)  # the daemon is draining now (the held answer keeps it there)
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            os.stat("f20", dir_fd=fd)  # not looked up before: a request to the daemon
+        took = time.monotonic() - t0
+        assert took < 0.3, (took, e.value)
+        assert e.value.errno == errno.ENOTCONN, e.value
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        fault_proxy.unhold()
+        m.stop()

@@ -259,3 +259,50 @@ def test_an_adopted_range_hands_its_bytes_over_once_released() -> None:
         assert got == [(0, b"a" * 10), (20, b"b" * 10)] and e.reached == 30
 
     trio.run(main)
+
+
+def test_a_range_handed_over_whole_leaves_its_connection_open(
+    image: dict, fault_proxy: FaultProxy
+) -> None:
+    """Once every byte an early range asked for is handed over, the rest of its answer (a
+    multipart body's closing boundary) is read, not cut off: the next request goes on the
+    same connection instead of paying a new one's handshake (a round trip or two)."""
+    layer = image["layer"]
+    [runs] = image["doc"].groups[0].requests[layer.digest]
+    assert len(runs) > 1  # a multipart answer
+    size = sum(end - start for start, end in runs)
+
+    async def main(boundary_held: bool) -> None:
+        got: list[tuple[int, bytes]] = []
+
+        async def sink(at: int, piece: bytes) -> None:
+            got.append((at, piece))
+
+        src = RegistrySource(fault_proxy.host, REPO, plain_http=True)
+        try:
+            e = EarlyRange(layer.digest, runs[0][0], runs[-1][1], runs)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(e.fetch, src)
+                await e.feed(runs[0][0], runs[-1][1], sink)
+                assert sum(len(p) for _, p in got) == size
+                if boundary_held:
+                    await trio.to_thread.run_sync(fault_proxy.holding.wait, 10)
+                    fault_proxy.unhold()
+            await src.read_range(layer.digest, 0, 10)
+        finally:
+            await src.aclose()
+
+    fault_proxy.match = "/blobs/"
+    trio.run(main, False)
+    assert len(fault_proxy.ports) == 2 and fault_proxy.ports[0] == fault_proxy.ports[1], (
+        fault_proxy.ports
+    )
+    # The closing boundary held back until every range's bytes were handed over.
+    body = fault_proxy.served[0][1]
+    fault_proxy.reset()
+    fault_proxy.match = "/blobs/"
+    fault_proxy.hold_next(1, body - 20)
+    trio.run(main, True)
+    assert len(fault_proxy.ports) == 2 and fault_proxy.ports[0] == fault_proxy.ports[1], (
+        fault_proxy.ports
+    )

@@ -51,8 +51,10 @@ log = logging.getLogger(__name__)
 REFERRERS_TIMEOUT = 10.0
 
 
-#: The requests a group's first batch sends per layer: one per rank share of a layer laid out
-#: by path (``fs.prefetch.RANK_SHARES``), sent at once.
+#: The connections warmed for a group's first requests per layer (one per rank share of a
+#: layer laid out by path, ``fs.prefetch.EARLY_RANK_SHARES``): they go one after another,
+#: each as those before are nearly in, so two or three are on their way at a time (and a
+#: multipart answer read to its end leaves its connection for the next).
 GROUP_EARLY_REQUESTS = 3
 
 
@@ -437,6 +439,8 @@ class _Early:
             self._request(desc, group_requests(desc, requests))
 
     def _request(self, desc: oci.Descriptor, requests: list[list[tuple[int, int]]]) -> None:
+        # In the order given (a group's: rank order), each once those before are nearly in.
+        before: list[EarlyRange] = []
         for runs in requests:
             # The image's, not only each layer's: every range's bytes wait in memory until
             # the TOCs are decoded, and a manifest can annotate many layers.
@@ -448,7 +452,8 @@ class _Early:
             e = EarlyRange(desc.digest, runs[0][0], runs[-1][1], runs)
             e.hold = self.hold
             self.ranges.setdefault(desc.digest, []).append(e)
-            self.nursery.start_soon(e.fetch, self.source)
+            self.nursery.start_soon(e.fetch_after, self.source, tuple(before))
+            before.append(e)
 
     def adopt(self, indexing: LayerIndexing, store: LayerStore) -> None:
         """Hand each early range to the store's layer, whose chunks it covers are in flight

@@ -29,6 +29,7 @@ from lazyfs.store.earlyrange import (
     MAX_EARLY_REQUESTS,
     MAX_EARLY_RUNS,
     EarlyRange,
+    Run,
     group_requests,
 )
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
@@ -235,8 +236,76 @@ def test_a_groups_early_requests_are_bounded_and_late_groups_wait_for_nothing() 
 
     trio.run(main)
     # The first layer's two requests, then the second's first: the third would pass the bound.
-    first, second = [(0, 10), (20, third)], [(third, 2 * third)]
-    assert sorted(asked) == sorted([first, second, first])
+    # Each layer's second waits for its first (rank order), which never answers here.
+    first = [(0, 10), (20, third)]
+    assert sorted(asked) == sorted([first, first])
+
+
+def test_a_groups_requests_go_one_after_another_each_as_the_one_before_ends() -> None:
+    """A layer's early requests (rank order) leave one at a time: the next once those before
+    it have about LEAD_RTTS round trips' worth of bytes left (their measured rate and
+    latency), so the first-ranked bytes have the link to themselves and the link never
+    idles; on a link that brings them faster, at once; a reader waiting for a later one's
+    bytes sends it at once, and so does the end (or drop) of those before."""
+    mb = 1_000_000
+    desc = oci.Descriptor(mediaType=oci.MT_LAYER_ZSTD, digest="sha256:" + "1" * 64, size=10 * mb)
+    requests = [[(0, mb)], [(2 * mb, 3 * mb)], [(4 * mb, 5 * mb)], [(6 * mb, 6 * mb + 10)]]
+    group = Group(name="g", runs=1, tiers=[], requests={desc.digest: requests})
+    latency, piece = 0.05, 1000
+
+    def run(per_piece: float, body: Any) -> dict[int, float]:
+        sent: dict[int, float] = {}
+
+        class Paced:
+            name = "paced"
+
+            async def stream_ranges(self, digest: str, runs: list[Run], put: Any) -> None:
+                sent[runs[0][0]] = trio.current_time()
+                await trio.sleep(latency)
+                for start, end in runs:
+                    for at in range(start, end, piece):
+                        await put(at, b"x" * min(piece, end - at))
+                        if per_piece:
+                            await trio.sleep(per_piece)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                early = _Early(nursery, cast(Source, Paced()), group)
+                early.toc_sent(desc)
+                await body(sent, *early.ranges[desc.digest])
+                nursery.cancel_scope.cancel()
+
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        return sent
+
+    async def slow(sent: dict[int, float], e1: Any, e2: Any, e3: Any, e4: Any) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        assert list(sent) == [0]  # the first alone
+        # The second once the first has 2 round trips' worth (100 kB at 1 MB/s) left: ~0.95 s.
+        await trio.sleep(0.85)
+        assert list(sent) == [0]
+        await trio.sleep(0.15)
+        assert list(sent) == [0, 2 * mb]
+        assert 0.9 <= sent[2 * mb] - sent[0] <= 1.0
+        # A reader waits for the third's bytes: it goes now, not after the second.
+        e3.want()
+        await trio.testing.wait_all_tasks_blocked()
+        assert 4 * mb in sent and e2.received < mb
+        # The fourth waits for the second and third; both dropped: it goes.
+        assert 6 * mb not in sent
+        e2.drop()
+        e3.drop()
+        await trio.testing.wait_all_tasks_blocked()
+        assert 6 * mb in sent
+
+    run(0.001, slow)  # 1 MB/s
+
+    async def fast(sent: dict[int, float], *_: Any) -> None:
+        await trio.sleep(1)
+
+    sent = run(0, fast)  # each request's bytes all at once: the rest go as the first ends
+    assert sorted(sent) == [0, 2 * mb, 4 * mb, 6 * mb]
+    assert max(sent.values()) - sent[0] <= latency + 0.001, sent
 
 
 def test_an_adopted_range_hands_its_bytes_over_once_released() -> None:
@@ -259,3 +328,50 @@ def test_an_adopted_range_hands_its_bytes_over_once_released() -> None:
         assert got == [(0, b"a" * 10), (20, b"b" * 10)] and e.reached == 30
 
     trio.run(main)
+
+
+def test_a_range_handed_over_whole_leaves_its_connection_open(
+    image: dict, fault_proxy: FaultProxy
+) -> None:
+    """Once every byte an early range asked for is handed over, the rest of its answer (a
+    multipart body's closing boundary) is read, not cut off: the next request goes on the
+    same connection instead of paying a new one's handshake (a round trip or two)."""
+    layer = image["layer"]
+    [runs] = image["doc"].groups[0].requests[layer.digest]
+    assert len(runs) > 1  # a multipart answer
+    size = sum(end - start for start, end in runs)
+
+    async def main(boundary_held: bool) -> None:
+        got: list[tuple[int, bytes]] = []
+
+        async def sink(at: int, piece: bytes) -> None:
+            got.append((at, piece))
+
+        src = RegistrySource(fault_proxy.host, REPO, plain_http=True)
+        try:
+            e = EarlyRange(layer.digest, runs[0][0], runs[-1][1], runs)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(e.fetch, src)
+                await e.feed(runs[0][0], runs[-1][1], sink)
+                assert sum(len(p) for _, p in got) == size
+                if boundary_held:
+                    await trio.to_thread.run_sync(fault_proxy.holding.wait, 10)
+                    fault_proxy.unhold()
+            await src.read_range(layer.digest, 0, 10)
+        finally:
+            await src.aclose()
+
+    fault_proxy.match = "/blobs/"
+    trio.run(main, False)
+    assert len(fault_proxy.ports) == 2 and fault_proxy.ports[0] == fault_proxy.ports[1], (
+        fault_proxy.ports
+    )
+    # The closing boundary held back until every range's bytes were handed over.
+    body = fault_proxy.served[0][1]
+    fault_proxy.reset()
+    fault_proxy.match = "/blobs/"
+    fault_proxy.hold_next(1, body - 20)
+    trio.run(main, True)
+    assert len(fault_proxy.ports) == 2 and fault_proxy.ports[0] == fault_proxy.ports[1], (
+        fault_proxy.ports
+    )

@@ -408,6 +408,22 @@ def test_a_big_batch_goes_as_requests_cut_by_rank() -> None:
     assert len(by_rank(in_order)) == 1
 
 
+def test_a_groups_document_cuts_its_first_requests_finer() -> None:
+    """The requests a groups document carries go one after another (rank order, each at
+    the link's whole rate): finer parts than the prefetch's own, which go at once."""
+    from lazyfs.formats.toc import Chunk
+    from lazyfs.fs.prefetch import EARLY_RANK_SHARES, by_rank
+    from lazyfs.store.earlyrange import MAX_EARLY_REQUESTS
+
+    a = object()
+    mib = 1024 * 1024
+    items = [(a, [Chunk(0, mib, (20 - i) * mib, (21 - i) * mib, f"d{i}")]) for i in range(12)]
+    parts = by_rank(items, shares=EARLY_RANK_SHARES)
+    ranks = [sorted(int(c.digest[1:]) for cs in p.values() for c in cs) for p in parts]
+    assert ranks == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert len(EARLY_RANK_SHARES) <= MAX_EARLY_REQUESTS
+
+
 # ------------------------------------------------------------------------------- batched misses
 
 

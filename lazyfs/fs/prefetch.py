@@ -121,10 +121,17 @@ class PrefetchGate:
 # them in the blob (or overtake the stream with a request of its own).
 RANK_SHARES = (1, 2, 4)
 RANK_SPLIT_BYTES = 4 * 1024 * 1024
+#: The same for the requests a groups document carries (``first_requests``): a cold mount
+#: sends them one after another in rank order (:mod:`lazyfs.store.earlyrange`), each at the
+#: link's whole rate, so more parts cost no rate, and each part's blob order delays a
+#: reader of its first-ranked file by less (at most MAX_EARLY_REQUESTS per layer).
+EARLY_RANK_SHARES = (1, 1, 1, 1, 1, 1)
 
 
 def by_rank(
-    items: Sequence[tuple[Layer, list[Chunk]]], min_bytes: int = RANK_SPLIT_BYTES
+    items: Sequence[tuple[Layer, list[Chunk]]],
+    min_bytes: int = RANK_SPLIT_BYTES,
+    shares: Sequence[int] = RANK_SHARES,
 ) -> list[dict[Layer, list[Chunk]]]:
     """``items`` (rank order) cut into consecutive parts of about ``RANK_SHARES`` of their
     compressed bytes, each part's chunks by layer; one part below ``min_bytes`` or when each
@@ -140,9 +147,9 @@ def by_rank(
     cuts: list[float] = []
     if total >= min_bytes and not in_order:
         acc = 0
-        for share in RANK_SHARES[:-1]:
+        for share in shares[:-1]:
             acc += share
-            cuts.append(total * acc / sum(RANK_SHARES))
+            cuts.append(total * acc / sum(shares))
     out: list[dict[Layer, list[Chunk]]] = [{}]
     done = 0
     for (layer, chunks), span in zip(items, spans, strict=True):
@@ -411,7 +418,7 @@ class Prefetcher:
                     items.append((layer, chunks))
             self._plan.append(items)
 
-    def _batches(self) -> list[list[dict[Layer, list[Chunk]]]]:
+    def _batches(self, shares: Sequence[int] = RANK_SHARES) -> list[list[dict[Layer, list[Chunk]]]]:
         """Cut each tier, in rank order, into batches (tiers never share one); each batch is
         a few requests per layer, sent at once (see :func:`by_rank`)."""
         out: list[list[dict[Layer, list[Chunk]]]] = []
@@ -422,10 +429,10 @@ class Prefetcher:
                 batch.append((layer, chunks))
                 span += sum(c.end - c.offset for c in chunks)
                 if span >= self.batch_bytes:
-                    out.append(by_rank(batch))
+                    out.append(by_rank(batch, shares=shares))
                     batch, span = [], 0
             if batch:
-                out.append(by_rank(batch))
+                out.append(by_rank(batch, shares=shares))
         return out
 
     def first_requests(self, merge_gap: int, max_request: int) -> dict[str, list[list[Range]]]:
@@ -434,7 +441,7 @@ class Prefetcher:
         plans a stream (``merge_gap``, ``max_request``: the store's): what a groups document
         carries (``Group.requests``).  Big chunks are left out (each is fetched alone)."""
         out: dict[str, list[list[Range]]] = {}
-        batches = self._batches()
+        batches = self._batches(EARLY_RANK_SHARES)
         for part in batches[0] if batches else []:
             for layer, chunks in part.items():
                 want = [c for c in chunks if not c.zeros and not is_big(c)]

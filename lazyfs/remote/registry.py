@@ -762,9 +762,13 @@ class RegistrySource(Source):
                         self.stats.bytes_received += len(chunk)
                         if idx == len(ranges):
                             extra += len(chunk)
-                        for at, piece in parts.feed(chunk):
-                            await deliver(at, piece)
-                        if parts.done or extra > _MAX_EPILOGUE:
+                        if not parts.done:
+                            for at, piece in parts.feed(chunk):
+                                await deliver(at, piece)
+                        # Past the closing boundary the body is read to its end (an
+                        # epilogue, usually nothing): left early, the connection closes and
+                        # the next request pays a new one's handshake.
+                        if extra > _MAX_EPILOGUE:
                             break
                     parts.finish()
                 if idx < len(ranges):

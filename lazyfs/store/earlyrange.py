@@ -14,7 +14,9 @@ A prefetch-groups document may carry the same for a layer laid out by path: per 
 multi-range requests the mount's prefetch of a group would send first (``Group.requests``).
 Once the group is known (given at open, or stored beside the image) and the layer's TOC is
 on its way, each goes out as an early range of several runs (:func:`group_requests` checks
-them: the document is a hint too).
+them: the document is a hint too), one after another in the document's order (rank order):
+the next once those before have about :data:`LEAD_RTTS` round trips' worth of bytes left,
+or at once when a reader waits for its bytes (:meth:`EarlyRange.fetch_after`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ MAX_EARLY_BYTES = 64 * 1024 * 1024
 #: requests a connection each.
 MAX_EARLY_RUNS = 4096
 MAX_EARLY_REQUESTS = 8
+#: A group's requests for a layer go one after another, in rank order: the next once the
+#: one before has at most this many round trips' worth of bytes left to come (its rate and
+#: latency as measured so far), so its first bytes come as the other's last do and the link
+#: never idles.  Sent at once instead, they shared the link: the first-ranked files (the
+#: Debian start-up's python3.11, 2.5 MB) came at a third of its rate, and the start-up
+#: waited for them (BENCHMARKS "H86").
+LEAD_RTTS = 2.0
+#: ... measured over at least this long (the first pieces come in a burst).
+MIN_RATE_SAMPLE = 0.01
 
 Run = tuple[int, int]  # [start, end) in bytes of the blob
 
@@ -132,6 +143,50 @@ class EarlyRange:
         #: once adopted, its bytes are handed over only after this is set (the opener's
         #: caller has built what it needs first); None: at once
         self.hold: trio.Event | None = None
+        #: the requests ranked before this one, while it waits for them (``fetch_after``)
+        self._before: Sequence[EarlyRange] = ()
+        self._followers: list[EarlyRange] = []  # those waiting for this one
+        self._let_go = False  # handed over: the rest of the answer is read and dropped
+        self._wanted = False
+
+    async def fetch_after(self, source: Source, before: Sequence[EarlyRange]) -> None:
+        """:meth:`fetch` once the requests ranked before it have at most :data:`LEAD_RTTS`
+        round trips' worth of bytes left to come, at the rate they came at so far (on a
+        fast link: at once), or have ended, or a reader waits for this one's bytes
+        (:meth:`want`)."""
+        self._before = before
+        for e in before:
+            e._followers.append(self)
+        try:
+            while not (self._wanted or self._ahead_is_short()):
+                # Woken by every piece that comes to one of them, their ends and drops.
+                await self._changed.wait()
+        finally:
+            for e in before:
+                e._followers.remove(self)
+            self._before = ()
+        await self.fetch(source)
+
+    def want(self) -> None:
+        """A reader waits for bytes of this request: if it waits for others, it goes now."""
+        self._wanted = True
+        self._wake()
+
+    def _ahead_is_short(self) -> bool:
+        ahead = [e for e in self._before if not e._done and not e._scope.cancel_called]
+        if not ahead:
+            return True
+        came = [e for e in self._before if e.first_at is not None and e.sent_at is not None]
+        if not came:
+            return False  # no byte yet: neither rate nor latency known
+        elapsed = trio.current_time() - min(e.first_at or 0.0 for e in came)
+        if elapsed < MIN_RATE_SAMPLE and all(e in ahead for e in came):
+            return False  # the first pieces come in a burst: no rate yet
+        # At least this rate (one that ended within the sample's time came faster).
+        rate = sum(e.received for e in came) / max(elapsed, MIN_RATE_SAMPLE)
+        latency = min((e.first_at or 0.0) - (e.sent_at or 0.0) for e in came)
+        left = sum(e.size - e.received for e in ahead)
+        return left <= rate * latency * LEAD_RTTS
 
     async def fetch(self, source: Source) -> None:
         """Request the range; never raises (a failure shows as :meth:`feed` ending short)."""
@@ -152,7 +207,7 @@ class EarlyRange:
         return sum(end - start for start, end in self.runs)
 
     async def _put(self, at: int, piece: bytes) -> None:
-        if self._scope.cancel_called:
+        if self._scope.cancel_called or self._let_go:
             return  # dropped: nobody will take these bytes
         if self.first_at is None:
             self.first_at = trio.current_time()
@@ -165,12 +220,15 @@ class EarlyRange:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        for e in self._followers:
+            e._wake()
 
     def drop(self) -> None:
         """Nothing to adopt (the chunks are cached, or the TOC failed): stop the transfer
         and let its bytes go."""
         self._scope.cancel()
         self._pieces.clear()
+        self._wake()  # a request waiting to follow this one goes
 
     async def feed(self, lo: int, hi: int, sink: RangesSink) -> None:
         """Hand ``sink`` the bytes of the runs within ``[lo, hi)`` in order, as a streamed
@@ -194,4 +252,11 @@ class EarlyRange:
                 continue
             a, b = max(lo, at), min(hi, pos)
             await sink(a, piece[a - at : b - at] if (a, b) != (at, pos) else piece)
-        self.drop()  # what is left past ``hi`` is nobody's
+        if self.reached < self.end:
+            self.drop()  # what is left past ``hi`` is nobody's
+        else:
+            # Every byte asked for came: the answer's end (a multipart body's closing
+            # boundary) is read, not cut off, or its connection closes and the next request
+            # pays a new one's handshake (a round trip or two, traced on the WAN harness).
+            self._let_go = True
+            self._pieces.clear()

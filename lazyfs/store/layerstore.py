@@ -1544,9 +1544,19 @@ class LayerStore:
             async def counted(at: int, piece: bytes) -> None:
                 if g.first_at is None:
                     g.first_at = early.first_at or trio.current_time()
+                    # One that waited for the request ranked before it left after adoption.
+                    g.sent_at = early.sent_at or g.sent_at
                 g.got += len(piece)
                 await sink(at, piece)
 
+            hurry = g.hurry  # _run_group's: a reader waits for one of its chunks
+
+            def wanted() -> None:
+                early.want()  # a request still waiting for the one ranked before goes now
+                if hurry is not None:
+                    hurry()
+
+            g.hurry = wanted
             try:
                 await early.feed(g.start, g.end, counted)
             except Exception as e:

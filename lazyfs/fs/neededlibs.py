@@ -151,7 +151,7 @@ class NeededLibs:
     async def _modules(self, program: Node) -> None:
         self.stats.busy += 1
         try:
-            await self.modules.fetch(program, self.layers)
+            await self.modules.fetch(program, self.layers, self.extensions)
         except Exception as e:  # best effort: a follow-up never ends the mount
             log.warning("modules of %s: %s", "/".join(program.path()), e)
             self.stats.error = self.stats.error or str(e) or type(e).__name__
@@ -180,9 +180,25 @@ class NeededLibs:
 
     async def _follow(self, node: Node, head: bytes | None, depth: int) -> None:
         """Fetch the libraries ``node`` (an ELF file, ``head`` its first bytes) names."""
+        found = await self._libraries(node, head, depth)
+        if not found:
+            return
+        await self._fetch(found)
+        await self._deeper(found, depth)
+
+    async def _deeper(self, found: list[Node], depth: int) -> None:
+        """Follow the libraries ``found`` at ``depth`` (fetched) one level down."""
+        if depth + 1 < FOLLOW_DEPTH:
+            async with trio.open_nursery() as nursery:
+                for lib in found:
+                    nursery.start_soon(self._guarded, lib, None, depth + 1)
+
+    async def _libraries(self, node: Node, head: bytes | None, depth: int) -> list[Node]:
+        """The libraries ``node`` (an ELF file, ``head`` its first bytes or None) names that
+        this mount has not looked at yet, found as the loader would (and now seen)."""
         where = self._where(node)
         if where is None or not self.active:
-            return
+            return []
         layer, entry = where
         # The chunks this look has charged (each once: its later reads find it cached); a
         # library (depth > 0) was charged whole when found, so its look is paid for.
@@ -195,20 +211,20 @@ class NeededLibs:
             head = await peek(0, HEAD)
         h = elf.parse_header(head)
         if h is None or h.phdrs_end > PHDRS_MAX:
-            return
+            return []
         if h.phdrs_end > len(head):
             head = await peek(0, h.phdrs_end)
         layout = elf.parse_layout(h, head)
         if layout is None or layout.dynamic is None:
-            return  # static, or not an executable or library
+            return []  # static, or not an executable or library
         self.stats.elf_files += 1
         dynamic = elf.parse_dynamic(h, await peek(*layout.dynamic))
         span = dynamic.string_span()
         if span is None or dynamic.strtab is None:
-            return
+            return []
         at = layout.file_offset(dynamic.strtab + span[0])
         if at is None:
-            return
+            return []
         table = await peek(at, min(span[1] - span[0], STRINGS_MAX))
 
         def string(offset: int | None) -> str | None:
@@ -225,11 +241,51 @@ class NeededLibs:
             lib = self._find(name, dirs)
             if lib is not None:
                 found.append(lib)
-        await self._fetch(found)
-        if depth + 1 < FOLLOW_DEPTH:
+        return found
+
+    def extensions(self, nodes: list[Node]) -> None:
+        """A Python's extension modules, whose fetch is on its way (:class:`StdModules`):
+        their libraries are looked up as their bytes land and fetched together, before the
+        interpreter imports any of them (else each waits at its module's first read, in
+        series: libssl and libcrypto behind ``_ssl``, libsqlite3 behind ``_sqlite3``)."""
+        if self._nursery is not None and self.active:
+            self._nursery.start_soon(self._extensions, nodes)
+
+    async def _extensions(self, nodes: list[Node]) -> None:
+        self.stats.busy += 1
+        try:
+            found: list[Node] = []
+            limit = trio.CapacityLimiter(WORKERS)
+
+            async def look(node: Node) -> None:
+                async with limit:
+                    if node.ino in self._seen or not self.active:
+                        return
+                    self._seen.add(node.ino)
+                    try:
+                        found.extend(await self._libraries(node, None, 0))
+                    except Exception as e:  # best effort, as _guarded
+                        log.warning("libraries of %s: %s", "/".join(node.path()), e)
+                        self.stats.error = self.stats.error or str(e) or type(e).__name__
+
             async with trio.open_nursery() as nursery:
-                for lib in found:
-                    nursery.start_soon(self._guarded, lib, None, depth + 1)
+                for node in nodes:
+                    nursery.start_soon(look, node)
+            # In blob order: one request per layer (no reader waits for them yet).
+            found.sort(key=self._position)
+            await self._fetch(found)
+            # Their own libraries too (libssl's libcrypto), but no further: one module a
+            # start-up seldom imports (nis) would bring a chain (libtirpc's Kerberos).
+            await self._deeper(found, FOLLOW_DEPTH - 2)
+        except Exception as e:  # best effort: a follow-up never ends the mount
+            log.warning("libraries of extension modules: %s", e)
+            self.stats.error = self.stats.error or str(e) or type(e).__name__
+        finally:
+            self.stats.busy -= 1
+
+    def _position(self, node: Node) -> tuple[int, int]:
+        entry = node.entry
+        return node.layer, entry.chunks[0].offset if entry is not None and entry.chunks else 0
 
     async def _peek(
         self, layer: Layer, entry: Entry, offset: int, size: int, charged: set[int] | None

@@ -1,7 +1,7 @@
 # ruff: noqa: RUF001, RUF003  (×, – and µ in Markdown output are intended)
 """Where a cold start's time after readiness goes (issue 13's cold rows): the start-up chrooted
-in a fresh mount of the Debian image with groups stored beside it, from Debian's
-docker-registry on 127.0.0.1, in three settings, alternating, medians:
+in a fresh mount of the Debian image with groups stored beside it (``--no-groups``: none), from
+Debian's docker-registry on 127.0.0.1, in three settings, alternating, medians:
 
 - ``cold``: a fresh chunk cache (as bench_speed.py's "lazyfs + groups");
 - ``cache warm``: a fresh mount over the cache the cold run filled: the kernel knows nothing,
@@ -164,6 +164,11 @@ def main() -> int:
         help="this tree's daemon forked by a fork server (else a new process, as --before's)",
     )
     p.add_argument(
+        "--no-groups",
+        action="store_true",
+        help="no groups stored beside the image (bench_speed.py's \"no groups\" contenders)",
+    )
+    p.add_argument(
         "--timeline", type=Path, metavar="FILE", help="every request of every run, as TSV"
     )
     p.add_argument(
@@ -206,7 +211,8 @@ def main() -> int:
             for n, (cut, layout) in enumerate(lazies.items()):
                 images[cut] = f"{reg.host}/cold/groups{n}:{tag}"
                 push_oci_layout(layout, images[cut], tag=tag)
-                bs.trace_groups(images[cut], startup, work)
+                if not args.no_groups:
+                    bs.trace_groups(images[cut], startup, work)
 
             def mounted(
                 name: str, cache: Path, root: Path, profile: Path | None, image: str

@@ -45,8 +45,12 @@ MODULES = {
     f"{LIB}/__pycache__/zipfile.{CACHE}.pyc": seeded_bytes(90_000, 3),
     f"{LIB}/encodings/__pycache__/__init__.{CACHE}.pyc": seeded_bytes(6_000, 4),
     f"{LIB}/json/__pycache__/decoder.{CACHE}.pyc": seeded_bytes(15_000, 5),
-    f"{LIB}/lib-dynload/_json.{SO}": seeded_bytes(40_000, 6),
+    # An extension module naming a library (as _ssl names libssl and libcrypto).
+    f"{LIB}/lib-dynload/_json.{SO}": make_elf(["libjson.so.1"], pad=seeded_bytes(40_000, 6)),
 }
+# What that module's import loads: fetched once the module's bytes are in, not at its read.
+EXT_LIB = "usr/lib/x86_64-linux-gnu/libjson.so.1"
+EXT_LIB_BYTES = seeded_bytes(60_000, 13)
 # What it does not: read later, each costs a request.
 OTHERS = {
     f"{LIB}/os.py": seeded_bytes(200_000, 7),
@@ -59,7 +63,7 @@ FAR = "opt/data.bin"  # between the program and its library in the blob: no neig
 
 
 def _items() -> list[Item]:
-    dirs = sorted({p.rsplit("/", 1)[0] for p in [*MODULES, *OTHERS]} | {"usr/lib"})
+    dirs = sorted({p.rsplit("/", 1)[0] for p in [*MODULES, *OTHERS, EXT_LIB]} | {"usr/lib"})
     return [
         Item("usr", "dir", mode=0o755),
         Item("usr/bin", "dir", mode=0o755),
@@ -68,7 +72,10 @@ def _items() -> list[Item]:
         Item("opt", "dir", mode=0o755),
         Item(FAR, data=seeded_bytes(3_000_000, 12)),
         *(Item(d, "dir", mode=0o755) for d in dirs),
-        *(Item(p, data=data) for p, data in sorted({**MODULES, **OTHERS}.items())),
+        *(
+            Item(p, data=data)
+            for p, data in sorted({**MODULES, **OTHERS, EXT_LIB: EXT_LIB_BYTES}.items())
+        ),
     ]
 
 
@@ -108,6 +115,49 @@ def test_a_python_exec_fetches_its_standard_modules_before_they_are_imported(
         for path, data in OTHERS.items():
             assert (mnt / path).read_bytes() == data
         assert len(fault_proxy.served) > before
+
+
+def test_the_extension_modules_libraries_are_fetched_before_any_import(
+    image: str, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """An extension module's libraries are fetched once the module's own bytes are in, not
+    at its first read (then each waits, in series: libssl and libcrypto behind ``_ssl``)."""
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-deltas") as mnt:
+        with (mnt / "usr/bin/python3").open("rb") as f:
+            assert f.read(4096) == PYTHON[:4096]
+        needed = _fetched(mnt, len(MODULES))
+        assert needed["libraries"] == 1 and not needed["error"], needed
+        assert needed["bytes"] == len(EXT_LIB_BYTES)
+        before = len(fault_proxy.served)
+        assert (mnt / EXT_LIB).read_bytes() == EXT_LIB_BYTES  # no module read: a hit
+        assert (mnt / f"{LIB}/lib-dynload/_json.{SO}").read_bytes() == MODULES[
+            f"{LIB}/lib-dynload/_json.{SO}"
+        ]
+        assert len(fault_proxy.served) == before
+
+
+def test_a_warm_mount_leaves_the_extension_modules_to_their_reads(
+    image: str, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Extension modules the cache held before the mount are not looked at (their libraries
+    came with them); they are followed at their first read, as any ELF file."""
+    so = f"{LIB}/lib-dynload/_json.{SO}"
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-deltas") as mnt:
+        _read_head(mnt / "usr/bin/python3")
+        assert _fetched(mnt, len(MODULES))["elf_files"] == 2  # python3.11 and _json
+    with mounted_read_only(f"{fault_proxy.host}/{image}", tmp_path, "--no-deltas") as mnt:
+        _read_head(mnt / "usr/bin/python3")
+        assert _fetched(mnt, len(MODULES))["elf_files"] == 1  # python3.11 only
+        assert _read_head(mnt / so) == MODULES[so][:4096]
+        deadline = time.monotonic() + 20
+        while mount_stats(mnt)["needed"]["elf_files"] < 2:  # followed at its read
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def _read_head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(4096)
 
 
 def test_no_prefetch_fetches_no_modules(

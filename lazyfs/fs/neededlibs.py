@@ -41,6 +41,7 @@ FOLLOW_DEPTH = 3
 FILE_MAX = 8 * 1024 * 1024
 MOUNT_BYTES = 64 * 1024 * 1024
 HEAD = 4096  # the bytes of a file's start kept to parse its headers
+LOOK_WHOLE = 1024 * 1024  # a file up to this size in one chunk is read whole to be looked at
 PHDRS_MAX = 64 * 1024  # program headers further in than this: not worth a read
 STRINGS_MAX = 1024 * 1024  # the part of a string table read for the names
 QUEUE = 64  # ELF files waiting to be looked at; more are dropped (the loader reads them)
@@ -151,7 +152,7 @@ class NeededLibs:
     async def _modules(self, program: Node) -> None:
         self.stats.busy += 1
         try:
-            await self.modules.fetch(program, self.layers)
+            await self.modules.fetch(program, self.layers, self.extensions)
         except Exception as e:  # best effort: a follow-up never ends the mount
             log.warning("modules of %s: %s", "/".join(program.path()), e)
             self.stats.error = self.stats.error or str(e) or type(e).__name__
@@ -180,35 +181,62 @@ class NeededLibs:
 
     async def _follow(self, node: Node, head: bytes | None, depth: int) -> None:
         """Fetch the libraries ``node`` (an ELF file, ``head`` its first bytes) names."""
+        found = await self._libraries(node, head, depth)
+        if not found:
+            return
+        await self._fetch(found)
+        await self._deeper(found, depth)
+
+    async def _deeper(self, found: list[Node], depth: int) -> None:
+        """Follow the libraries ``found`` at ``depth`` (fetched) one level down."""
+        if depth + 1 < FOLLOW_DEPTH:
+            async with trio.open_nursery() as nursery:
+                for lib in found:
+                    nursery.start_soon(self._guarded, lib, None, depth + 1)
+
+    async def _libraries(self, node: Node, head: bytes | None, depth: int) -> list[Node]:
+        """The libraries ``node`` (an ELF file, ``head`` its first bytes or None) names that
+        this mount has not looked at yet, found as the loader would (and now seen)."""
         where = self._where(node)
         if where is None or not self.active:
-            return
+            return []
         layer, entry = where
         # The chunks this look has charged (each once: its later reads find it cached); a
         # library (depth > 0) was charged whole when found, so its look is paid for.
         charged: set[int] | None = set() if depth == 0 else None
 
-        async def peek(offset: int, size: int) -> bytes:
+        async def look(offset: int, size: int) -> bytes:
             return await self._peek(layer, entry, offset, size, charged)
+
+        # A small file in one chunk is looked at once (headers, dynamic section, strings), not
+        # three times through the store: an extension module's is in memory already.
+        whole = b""
+        if head is None and 0 < entry.size <= LOOK_WHOLE and len(entry.chunks) == 1:
+            whole = await look(0, entry.size)
+
+        async def peek(offset: int, size: int) -> bytes:
+            if not whole:
+                return await look(offset, size)
+            return whole[offset : offset + size] if offset >= 0 and size > 0 else b""
 
         if head is None:
             head = await peek(0, HEAD)
         h = elf.parse_header(head)
         if h is None or h.phdrs_end > PHDRS_MAX:
-            return
+            return []
         if h.phdrs_end > len(head):
             head = await peek(0, h.phdrs_end)
         layout = elf.parse_layout(h, head)
         if layout is None or layout.dynamic is None:
-            return  # static, or not an executable or library
+            return []  # static, or not an executable or library
         self.stats.elf_files += 1
         dynamic = elf.parse_dynamic(h, await peek(*layout.dynamic))
         span = dynamic.string_span()
         if span is None or dynamic.strtab is None:
-            return
+            return []
         at = layout.file_offset(dynamic.strtab + span[0])
         if at is None:
-            return
+            return []
         table = await peek(at, min(span[1] - span[0], STRINGS_MAX))
 
         def string(offset: int | None) -> str | None:
@@ -225,11 +253,60 @@ class NeededLibs:
             lib = self._find(name, dirs)
             if lib is not None:
                 found.append(lib)
-        await self._fetch(found)
-        if depth + 1 < FOLLOW_DEPTH:
+        return found
+
+    def extensions(self, nodes: list[Node]) -> None:
+        """A Python's extension modules, whose fetch is on its way (:class:`StdModules`):
+        their libraries are looked up as their bytes land and fetched together, before the
+        interpreter imports any of them (else each waits at its module's first read, in
+        series: libssl and libcrypto behind ``_ssl``, libsqlite3 behind ``_sqlite3``)."""
+        if self._nursery is not None and self.active:
+            self.stats.busy += 1  # now: busy never reads 0 between the modules and this
+            self._nursery.start_soon(self._extensions, nodes)
+
+    async def _extensions(self, nodes: list[Node]) -> None:
+        try:
+            found: list[Node] = []
+            limit = trio.CapacityLimiter(WORKERS)
+
+            async def look(node: Node) -> None:
+                async with limit:
+                    if node.ino in self._seen or not self.active or self._held(node):
+                        return
+                    self._seen.add(node.ino)
+                    try:
+                        found.extend(await self._libraries(node, None, 0))
+                    except Exception as e:  # best effort, as _guarded
+                        log.warning("libraries of %s: %s", "/".join(node.path()), e)
+                        self.stats.error = self.stats.error or str(e) or type(e).__name__
+
             async with trio.open_nursery() as nursery:
-                for lib in found:
-                    nursery.start_soon(self._guarded, lib, None, depth + 1)
+                for node in nodes:
+                    nursery.start_soon(look, node)
+            # In blob order: one request per layer (no reader waits for them yet).
+            found.sort(key=self._position)
+            await self._fetch(found)
+            # Their own libraries too (libssl's libcrypto), but no further: one module a
+            # start-up seldom imports (nis) would bring a chain (libtirpc's Kerberos).
+            await self._deeper(found, FOLLOW_DEPTH - 2)
+        except Exception as e:  # best effort: a follow-up never ends the mount
+            log.warning("libraries of extension modules: %s", e)
+            self.stats.error = self.stats.error or str(e) or type(e).__name__
+        finally:
+            self.stats.busy -= 1
+
+    def _held(self, node: Node) -> bool:
+        """Whether the cache held all of ``node`` before this mount (fetched now, it is only
+        in memory): a mount before fetched it, and what it needs then too, most likely.  Not
+        looked at, it is followed at its first read as any ELF file (a warm start-up's look
+        at every extension module cost the daemon ~20 ms of CPU for nothing)."""
+        entry = node.entry
+        cache = self.store.cache
+        return entry is not None and all(c.digest in cache for c in entry.chunks if not c.zeros)
+
+    def _position(self, node: Node) -> tuple[int, int]:
+        entry = node.entry
+        return node.layer, entry.chunks[0].offset if entry is not None and entry.chunks else 0
 
     async def _peek(
         self, layer: Layer, entry: Entry, offset: int, size: int, charged: set[int] | None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -152,9 +152,16 @@ class StdModules:
         self._seen: set[int] = set()  # library directories planned
         self._left = MOUNT_MODULE_BYTES
 
-    async def fetch(self, program: Node, layers: list[Layer]) -> None:
+    async def fetch(
+        self,
+        program: Node,
+        layers: list[Layer],
+        extensions: Callable[[list[Node]], None] | None = None,
+    ) -> None:
         """Fetch the modules of ``program`` if it is a Python whose library directory this
-        mount has not planned yet; ``layers``: the mount's, by the tree's layer index."""
+        mount has not planned yet; ``layers``: the mount's, by the tree's layer index.
+        ``extensions`` is told of the extension modules planned once every request is on its
+        way (their libraries can then be looked up as their bytes land)."""
         m = INTERPRETER.fullmatch(program.name)
         library = library_dir(program) if m is not None else None
         if m is None or library is None or library.ino in self._seen or self._left <= 0:
@@ -162,20 +169,26 @@ class StdModules:
         self._seen.add(library.ino)
         first: dict[int, list[Entry]] = {}
         rest: dict[int, list[Entry]] = {}
+        exts: dict[int, list[Entry]] = {}
         planned = left = min(MODULE_BYTES, self._left)
         files = MODULE_FILES
+        dynload: list[Node] = []
         for module, node in modules(library, f"cpython-{m.group(1)}{m.group(2)}"):
             entry = node.entry
             if entry is None or not 0 <= node.layer < len(layers) or entry.size > left:
                 continue
             left -= entry.size
             files -= 1
-            (first if module in FIRST else rest).setdefault(node.layer, []).append(entry)
+            part = first if module in FIRST else rest
+            if module.startswith("lib-dynload/"):
+                part = exts
+                dynload.append(node)
+            part.setdefault(node.layer, []).append(entry)
             if not files:
                 break
         self._left -= planned - left
         async with trio.open_nursery() as nursery:
-            for part in (first, rest):
+            for part in (first, exts, rest):
                 sent = []
                 for i, entries in part.items():
                     sent.append(trio.Event())
@@ -184,6 +197,8 @@ class StdModules:
                 # take FIRST's chunks into its ranges where they lie amid its own.
                 for event in sent:
                     await event.wait()
+                if part is exts and extensions is not None and dynload:
+                    extensions(dynload)
 
     async def _fetch(self, layer: Layer, entries: list[Entry], sent: trio.Event) -> None:
         REQUEST_SENT.set(sent.set)  # the source calls it as the request leaves

@@ -595,7 +595,7 @@ async def serve(
                 nursery.start_soon(control_server, listener, control, mount.handle)
                 if opts.background_fetch:
                     image.store.background(nursery)
-                nursery.start_soon(_on_signals, nursery.cancel_scope)
+                nursery.start_soon(_on_signals, lambda: not closed)
                 image.start_background(nursery)  # layers without a TOC: fetched from now on
                 if recorder is not None:
                     recorder.start()
@@ -681,9 +681,15 @@ def _lock_upper(upper: Upper, path: str | None) -> None:
         raise LazyfsError(f"upper directory {path} is in use by another mount") from None
 
 
-async def _on_signals(scope: trio.CancelScope) -> None:
+async def _on_signals(session_open: Callable[[], bool]) -> None:
+    """The first signal ends the FUSE main loop.  One that comes once the session is closed
+    (an unmounted daemon draining) is let be: the drain ends within its bound, and
+    ``pyfuse3.terminate`` on a closed session dereferences its NULL session (SIGSEGV)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for _ in signals:
+            if not session_open():
+                log.info("signal received: unmounted already, the drain ends soon")
+                return
             log.info("signal received: unmounting")
             pyfuse3.terminate()
             return

@@ -1366,8 +1366,9 @@ class LayerStore:
                         if not f.event.is_set():
                             self._succeed(c, f, data, stored)
                             flights.append((c.digest, f))
-                except (LazyfsError, OSError) as e:
-                    log.debug("overtaking a stream of %s: %s", layer.blob_digest, e)
+                except (LazyfsError, OSError, _Abandoned) as e:
+                    # _Abandoned: the store drains and sends nothing new; the stream comes.
+                    log.debug("overtaking a stream of %s: %r", layer.blob_digest, e)
             await self._cache_stored(layer, stored)
         finally:
             self._written(flights)  # the stream skips them

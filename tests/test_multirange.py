@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpcore
 import msgspec
 import pytest
 import trio
@@ -29,7 +30,7 @@ from lazyfs.remote.multipart import (
     range_spec,
     split_ranges,
 )
-from lazyfs.remote.registry import RECV_BYTES, RegistrySource, RetryPolicy
+from lazyfs.remote.registry import RECV_BYTES, RegistrySource, RetryPolicy, receive_wide
 from lazyfs.store import plan
 from lazyfs.store.slots import PrioritySlots
 from lazyfs.testing.dockerregistry import RegistryInstance, push_one_layer
@@ -550,10 +551,14 @@ def test_an_answer_is_read_as_far_as_the_socket_holds(
     pushed: dict, registry: RegistryInstance
 ) -> None:
     """What came while the reader was busy is taken in one step, not 64 KiB at a time
-    (httpx's default; registry.RECV_BYTES): each step costs the event loop more than its copy.
-    (Before: no piece above 64 KiB.)"""
+    (httpx's default; up to registry.RECV_BYTES once ``receive_wide``, as a mount daemon):
+    each step costs the event loop more than its copy.  (Before: no piece above 64 KiB.)"""
     blob = pushed["blob"]
-    sizes, got = trio.run(_pieces_after_a_pause, registry.host, pushed["digest"], len(blob))
+    receive_wide()  # as a mount daemon does once glibc's thresholds are raised
+    try:
+        sizes, got = trio.run(_pieces_after_a_pause, registry.host, pushed["digest"], len(blob))
+    finally:
+        receive_wide(False)
     assert got == blob
     assert max(sizes) > 64 * 1024, sizes
 
@@ -576,3 +581,15 @@ def test_a_whole_blob_answer_is_not_read_through(pushed: dict, fault_proxy: Faul
     got, received = trio.run(_first_bytes_ignoring_range, fault_proxy, pushed["digest"])
     assert got == blob[:100]
     assert received <= 2 * RECV_BYTES, received
+
+
+def test_reads_are_wide_only_once_asked() -> None:
+    """``lazyfs pull`` and the snapshotter keep httpcore's 64 KiB reads: under glibc's start
+    thresholds a 1 MiB buffer is mapped and unmapped per read (BENCHMARKS "H88")."""
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == 64 * 1024
+    receive_wide()
+    try:
+        assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == RECV_BYTES
+    finally:
+        receive_wide(False)
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == 64 * 1024

@@ -56,7 +56,7 @@ from lazyfs.fs.upper import Upper
 from lazyfs.heap import serving_thresholds
 from lazyfs.opener import OpenedImage, open_image
 from lazyfs.process import rss_bytes
-from lazyfs.remote.registry import RetryPolicy
+from lazyfs.remote.registry import RetryPolicy, receive_wide
 from lazyfs.store.chunkcache import DEFAULT_MAX_BYTES
 from lazyfs.store.layerstate import Layer
 from lazyfs.store.stats import LayerStats
@@ -500,7 +500,8 @@ async def serve(
         # no reader can ask for it sooner, and the two competed for the CPU (ready later).
         hold_early=tree_built,
     ) as image:
-        serving_thresholds()
+        if serving_thresholds():
+            receive_wide()  # its large reads' buffers now stay in the heap
         upper = Upper(opts.upper) if not opts.read_only and opts.upper is not None else None
         if upper is not None:
             _lock_upper(upper, opts.upper)

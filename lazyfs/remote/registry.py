@@ -47,10 +47,20 @@ log = logging.getLogger(__name__)
 # httpx reads an answer 64 KiB at a time (httpcore's READ_NUM_BYTES), a step of the event
 # loop each, and each step's Python (h11, the multipart parser, the store's sink) costs more
 # than its copy.  A start-up's prefetch (9 MiB on the Debian image, half of it arriving while
-# the program starts) came in 216 pieces; what the socket holds by a step is taken whole now,
-# up to this much.  (Every HTTP/1.1 connection of the process: all of them are ours.)
+# the program starts) came in 216 pieces; a mount daemon takes what the socket holds by a
+# step, up to this much (:func:`receive_wide`).
 RECV_BYTES = 1 << 20
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECV_BYTES
+_HTTPCORE_READ = httpcore.AsyncHTTP11Connection.READ_NUM_BYTES
+
+
+def receive_wide(on: bool = True) -> None:
+    """Have every HTTP/1.1 connection of this process read up to RECV_BYTES a step (``on``),
+    or httpcore's own 64 KiB.  Only where glibc's thresholds are raised
+    (``heap.serving_thresholds``): at its start values each 1 MiB buffer is mapped and
+    unmapped per read, 7x the CPU of a read, and a TLS read brings one 16 KiB record whatever
+    its size (BENCHMARKS "H88"): ``lazyfs pull`` and the snapshotter keep 64 KiB."""
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RECV_BYTES if on else _HTTPCORE_READ
+
 
 MANIFEST_ACCEPT = ", ".join(
     (oci.MT_OCI_INDEX, oci.MT_OCI_MANIFEST, oci.MT_DOCKER_LIST, oci.MT_DOCKER_MANIFEST)

@@ -421,7 +421,7 @@ def test_a_groups_document_cuts_its_first_requests_finer() -> None:
     items = [(a, [Chunk(0, mib, (20 - i) * mib, (21 - i) * mib, f"d{i}")]) for i in range(12)]
     parts = by_rank(items, shares=EARLY_RANK_SHARES)
     ranks = [sorted(int(c.digest[1:]) for cs in p.values() for c in cs) for p in parts]
-    assert ranks == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert ranks == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     assert len(EARLY_RANK_SHARES) <= MAX_EARLY_REQUESTS
 
 

@@ -26,7 +26,7 @@ from lazyfs.remote.registry import RegistrySource
 from lazyfs.testing.dockerregistry import RegistryInstance, push_oci_layout
 from lazyfs.testing.faultproxy import FaultProxy
 from lazyfs.testing.layers import Item, make_layout, make_tar, seeded_bytes
-from lazyfs.testing.mounts import mounted, start_mount, startup_groups
+from lazyfs.testing.mounts import Mount, mounted, start_mount, startup_groups
 from tests.support.fixtures import fault_proxy, registry  # noqa: F401
 
 # 24 incompressible files of 100 kB (two 64 KiB chunks each), laid out by path.
@@ -126,26 +126,35 @@ def test_a_miss_while_draining_fails(pushed: dict, fault_proxy: FaultProxy, tmp_
     assert got and isinstance(got[0], RemoteError), got
 
 
+def _mount_with_its_prefetch_held(
+    pushed: dict, fault_proxy: FaultProxy, tmp_path: Path, mnt: Path
+) -> Mount:
+    """A mount at ``mnt`` (its TOC cached by a mount before) whose groups' prefetch, the
+    layer's only request, the proxy holds: its drain then waits its full bound."""
+    layout = Layout(pushed["dir"] / "lazy")
+    layer = layout.manifest("v1").layers[0].digest
+    groups = tmp_path / "groups.json"
+    groups.write_bytes(
+        startup_groups(REPO, layout.find("v1").digest, layer, FILES, list(FILES)[:3])
+    )
+    ref = f"{fault_proxy.host}/{REPO}:v1"
+    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(tmp_path / "c"))
+    with mounted(ref, mnt, *args, "--no-prefetch"):
+        pass
+    fault_proxy.reset()
+    fault_proxy.match = layer
+    fault_proxy.hold_next(1, at=10_000)
+    return start_mount(ref, mnt, *args, "--prefetch", str(groups))
+
+
 def test_a_signalled_daemon_takes_its_mount_down_before_it_drains(
     pushed: dict, fault_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     """SIGTERM while the prefetch's answer is held (the drain then waits its full bound): a
     program with a directory of the mount open fails at once (ENOTCONN), not once the drain is
     over (before: 0.8 s, then ECONNABORTED)."""
-    layout = Layout(pushed["dir"] / "lazy")
-    layer = layout.manifest("v1").layers[0].digest
-    names = list(FILES)[:3]
-    groups = tmp_path / "groups.json"
-    groups.write_bytes(startup_groups(REPO, layout.find("v1").digest, layer, FILES, names))
-    ref = f"{fault_proxy.host}/{REPO}:v1"
-    cache, mnt = tmp_path / "c", tmp_path / "mnt"
-    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(cache))
-    with mounted(ref, mnt, *args, "--no-prefetch"):
-        pass  # the TOC is cached: below, the prefetch's is the layer's only request
-    fault_proxy.reset()
-    fault_proxy.match = layer
-    fault_proxy.hold_next(1, at=10_000)
-    m = start_mount(ref, mnt, *args, "--prefetch", str(groups))
+    mnt = tmp_path / "mnt"
+    m = _mount_with_its_prefetch_held(pushed, fault_proxy, tmp_path, mnt)
     fd = -1
     try:
         assert fault_proxy.holding.wait(10), fault_proxy.paths
@@ -172,20 +181,8 @@ def test_a_signal_while_an_unmounted_daemon_drains_is_harmless(
     session and drains; a SIGTERM then (a service manager's stop) must not ask the closed
     session to end (pyfuse3.terminate on it: a NULL session, SIGSEGV, the held chunks lost).
     The drain ends within its bound and the daemon exits cleanly."""
-    layout = Layout(pushed["dir"] / "lazy")
-    layer = layout.manifest("v1").layers[0].digest
-    names = list(FILES)[:3]
-    groups = tmp_path / "groups.json"
-    groups.write_bytes(startup_groups(REPO, layout.find("v1").digest, layer, FILES, names))
-    ref = f"{fault_proxy.host}/{REPO}:v1"
-    cache, mnt = tmp_path / "c", tmp_path / "mnt"
-    args = ("--plain-http", "--read-only", "--no-deltas", "--cache", str(cache))
-    with mounted(ref, mnt, *args, "--no-prefetch"):
-        pass  # the TOC is cached: below, the prefetch's is the layer's only request
-    fault_proxy.reset()
-    fault_proxy.match = layer
-    fault_proxy.hold_next(1, at=10_000)
-    m = start_mount(ref, mnt, *args, "--prefetch", str(groups))
+    mnt = tmp_path / "mnt"
+    m = _mount_with_its_prefetch_held(pushed, fault_proxy, tmp_path, mnt)
     try:
         assert fault_proxy.holding.wait(10), fault_proxy.paths
         unmount(os.fspath(mnt))

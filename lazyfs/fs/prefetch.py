@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from pathlib import Path
@@ -230,33 +230,11 @@ def _mentions(toc: TOC, text: str) -> bool:
     return True
 
 
-class _Rows(Mapping[str, Entry]):
-    """A table's entries by name, each made when looked up: a resolution looks up a few
-    dozen of the names kept (the zoneinfo directory's 1,300 among them on Debian: making
-    them all took a third of the start-up group's CPU, just after readiness)."""
-
-    def __init__(self, table: EntryTable, rows: dict[str, int]) -> None:
-        self._table = table
-        self._rows = rows
-
-    def __getitem__(self, name: str) -> Entry:
-        return self._table[self._rows[name]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._rows)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-
 def _named(toc: TOC, keep: Callable[[str], bool]) -> Mapping[str, Entry]:
     """The entries whose names ``keep`` takes, by name (the last of a repeated name): one
-    scan of the names, where ``TOC.by_name`` indexes all of them (100,000 names: MiBs); a
-    table's made when looked up (:class:`_Rows`)."""
-    entries = toc.entries
-    if isinstance(entries, EntryTable):
-        return _Rows(entries, entries.rows_named(keep))
-    return {e.name: e for e in entries if keep(e.name)}
+    scan of the names, where ``TOC.by_name()`` indexes all of them (100,000 names: MiBs),
+    each entry made when looked up."""
+    return toc.by_name(keep)
 
 
 def _resolve(

@@ -145,8 +145,7 @@ class TOC(msgspec.Struct, kw_only=True):
         not make all of a layer's entries (nor all 1,300 of Debian's zoneinfo it keeps)."""
         entries = self.entries
         if isinstance(entries, EntryTable):
-            rows = entries.name_index() if keep is None else entries.rows_named(keep)
-            return _EntriesByName(entries, rows)
+            return _EntriesByName(entries, entries.rows_named(keep))
         return {e.name: e for e in entries if keep is None or keep(e.name)}
 
     def files_before(self, end: int) -> list[Entry]:
@@ -1244,23 +1243,18 @@ class EntryTable(Sequence[Entry]):
         for i, code in enumerate(self._kinds):
             yield names[ends[i] : ends[i + 1]], kinds[code]
 
-    def rows_named(self, keep: Callable[[str], bool]) -> dict[str, int]:
-        """The rows of the names ``keep`` takes, by name (the last row of a repeated name):
-        one pass over the names, no entry made and no kind looked up."""
+    def rows_named(self, keep: Callable[[str], bool] | None = None) -> dict[str, int]:
+        """The rows of the names ``keep`` takes (all without it), by name (the last row of a
+        repeated name): one pass over the names, no entry made and no kind looked up."""
         names, ends = self._names, self._name_ends
-        return {
-            name: i
-            for i, name in enumerate(map(names.__getitem__, map(slice, ends, ends[1:])))
-            if keep(name)
-        }
+        named = map(names.__getitem__, map(slice, ends, ends[1:]))
+        if keep is None:
+            return {name: i for i, name in enumerate(named)}
+        return {name: i for i, name in enumerate(named) if keep(name)}
 
     def mentions(self, text: str) -> bool:
         """Whether some entry's name holds ``text`` (a layer without whiteouts has no ``.wh.``)."""
         return text in self._names
-
-    def name_index(self) -> dict[str, int]:
-        """Each name's row (the last row of a repeated name), without making entries."""
-        return {name: i for i, (name, _) in enumerate(self.rows())}
 
     def files_starting_before(self, end: int) -> list[int]:
         """Rows of the regular files with chunks whose first chunk starts before ``end``, in

@@ -230,13 +230,6 @@ def _mentions(toc: TOC, text: str) -> bool:
     return True
 
 
-def _named(toc: TOC, keep: Callable[[str], bool]) -> Mapping[str, Entry]:
-    """The entries whose names ``keep`` takes, by name (the last of a repeated name): one
-    scan of the names, where ``TOC.by_name()`` indexes all of them (100,000 names: MiBs),
-    each entry made when looked up."""
-    return toc.by_name(keep)
-
-
 def _resolve(
     layers: Sequence[Layer], files: Callable[[Layer], Mapping[str, Entry]], path: str
 ) -> tuple[Layer, Entry] | None:
@@ -301,7 +294,7 @@ def startup_group(layers: Sequence[Layer]) -> Group | None:
 
     def files(layer: Layer) -> Mapping[str, Entry]:
         if layer.blob_digest not in names:
-            names[layer.blob_digest] = _named(layer.toc, keep)
+            names[layer.blob_digest] = layer.toc.by_name(keep)
         return names[layer.blob_digest]
 
     entries: list[RankedEntry] = []
@@ -371,7 +364,7 @@ class Prefetcher:
 
         def files(layer: Layer) -> Mapping[str, Entry]:
             if layer.blob_digest not in names:
-                names[layer.blob_digest] = _named(layer.toc, paths.__contains__)
+                names[layer.blob_digest] = layer.toc.by_name(paths.__contains__)
             return names[layer.blob_digest]
 
         for tier in group.tiers:

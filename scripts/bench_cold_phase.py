@@ -1,13 +1,17 @@
 # ruff: noqa: RUF001, RUF003  (×, – and µ in Markdown output are intended)
 """Where a cold start's time after readiness goes (issue 13's cold rows): the start-up chrooted
 in a fresh mount of the Debian image with groups stored beside it (``--no-groups``: none), from
-Debian's docker-registry on 127.0.0.1, in three settings, alternating, medians:
+Debian's docker-registry on 127.0.0.1, in four settings, alternating, medians:
 
 - ``cold``: a fresh chunk cache (as bench_speed.py's "lazyfs + groups");
 - ``cache warm``: a fresh mount over the cache the cold run filled: the kernel knows nothing,
   the chunks are on disk (the FUSE path's own cost, no network);
 - ``native``: the extracted tree after ``echo 2 > /proc/sys/vm/drop_caches`` (dentries and
-  inodes cold, file pages warm, as the warm chunk cache's are): the floor.
+  inodes cold, file pages warm, as the warm chunk cache's are): the floor;
+- ``fuse-overlayfs, fresh mount``: a kernel-backed C FUSE filesystem freshly mounted over that
+  tree just after the native run (the kernel knows nothing of the mount, the lower tree's
+  dentries and pages are warm): what any FUSE filesystem pays for this start-up, against which
+  lazyfs's "cache warm" is its own FUSE path's cost.
 
 For each: the start-up's seconds from ready to done, and what it asked the daemon by opcode
 (count, summed latency, from the kernel's fuse tracepoints, see bench_startup_requests.py),
@@ -39,6 +43,7 @@ import bench_speed as bs
 import benchlib as bl
 from bench_startup_requests import connection, fuse_events, fuse_requests
 
+OVERLAY = "fuse-overlayfs, fresh mount"
 WAITED = 0.005  # a READ this slow waited for something (a fetch, a queue), not only its copy
 
 
@@ -214,6 +219,20 @@ def main() -> int:
                 if not args.no_groups:
                     bs.trace_groups(images[cut], startup, work)
 
+            def traced(pid: int, mnt: Path) -> Phase:
+                """The start-up chrooted in ``mnt``, its FUSE requests traced, the CPU of
+                daemon ``pid`` over it."""
+                (inst / "trace").write_text("")
+                (inst / "events/fuse/enable").write_text("1")
+                cpu0 = _cpu(pid)
+                t0 = time.perf_counter()
+                run_startup(mnt)
+                phase = Phase(time.perf_counter() - t0)
+                phase.cpu = _cpu(pid) - cpu0
+                (inst / "events/fuse/enable").write_text("0")
+                _events(inst, connection(mnt), phase)
+                return phase
+
             def mounted(
                 name: str, cache: Path, root: Path, profile: Path | None, image: str
             ) -> Callable[[], None]:
@@ -235,15 +254,7 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             )  # fmt: skip
                             time.sleep(0.05)  # py-spy attaches (it misses the first moments)
-                        (inst / "trace").write_text("")
-                        (inst / "events/fuse/enable").write_text("1")
-                        cpu0 = _cpu(d.pid)
-                        t0 = time.perf_counter()
-                        run_startup(mnt)
-                        phase = Phase(time.perf_counter() - t0)
-                        phase.cpu = _cpu(d.pid) - cpu0
-                        (inst / "events/fuse/enable").write_text("0")
-                        _events(inst, connection(mnt), phase)
+                        phase = traced(d.pid, mnt)
                         phase.fast = mount_stats(mnt).get("c_requests", {}).get("fast")
                         if profile is None:
                             phases[name].append(phase)
@@ -261,6 +272,12 @@ def main() -> int:
                 run_startup(native)
                 phases["native, dentries cold"].append(Phase(time.perf_counter() - t0))
 
+            def overlay_start() -> None:
+                # Just after native_start: the lower tree's dentries and pages are as warm as
+                # that run left them; the fresh FUSE mount's are cold, as lazyfs's are.
+                with bl.overlay_mount(native, work / "ovl", work / "mnt-ovl") as o:
+                    phases[OVERLAY].append(traced(o.pid, o.mountpoint))
+
             trees = {"": bl.ROOT}
             if args.before is not None:
                 trees["before: "] = args.before
@@ -277,6 +294,7 @@ def main() -> int:
                     shutil.rmtree(cache)
                 if prof is None:
                     native_start()
+                    overlay_start()
         big = big_reads(lazies, tag, native, work, args.big_reps) if args.big_reps else []
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)

@@ -15,7 +15,8 @@ Debian's docker-registry on 127.0.0.1, in four settings, alternating, medians:
 
 For each: the start-up's seconds from ready to done, and what it asked the daemon by opcode
 (count, summed latency, from the kernel's fuse tracepoints, see bench_startup_requests.py),
-plus the time at least one request was outstanding, the daemon's CPU over the start-up (its
+plus the start-up's own CPU time and page faults (its rusage), the time at least one request
+was outstanding, the daemon's CPU over the start-up (its
 threads' schedstat) and how many requests the C reader answered through the fast path.
 ``--pyspy DIR``: also one more round of each lazyfs setting with py-spy recording the daemon
 (speedscope files in DIR).  Run from the
@@ -30,6 +31,7 @@ import collections
 import contextlib
 import itertools
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -58,6 +60,8 @@ class Phase:
         self.fast: int | None = None  # requests the C reader answered through the fast path
         self.reads: list[float] = []  # each READ's latency, seconds
         self.timeline: list[tuple[float, float, str, int]] = []  # sent, latency, op, reply
+        self.program_cpu = 0.0  # the start-up's own CPU seconds (user + system)
+        self.faults = 0  # its page faults (minor: each a page mapped, from the page cache)
 
 
 def _cpu(pid: int) -> float:
@@ -204,11 +208,21 @@ def main() -> int:
                   for c in args.chunking or ()} or {"": lazy}  # fmt: skip
         native = src.parent / "rootfs"
 
-        def run_startup(root: Path) -> None:
+        def run_startup(root: Path) -> Phase:
+            """The start-up chrooted in ``root``: its seconds, CPU and page faults."""
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
             out = subprocess.run(["chroot", str(root), *startup], check=True,
                                  capture_output=True, text=True)  # fmt: skip
+            phase = Phase(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if says not in out.stdout:
                 raise RuntimeError(f"the start-up did not start: {out.stdout} {out.stderr}")
+            phase.program_cpu = (after.ru_utime + after.ru_stime
+                                 - before.ru_utime - before.ru_stime)  # fmt: skip
+            phase.faults = (after.ru_minflt + after.ru_majflt
+                            - before.ru_minflt - before.ru_majflt)  # fmt: skip
+            return phase
 
         with ForkServer.start(work / "forks.sock", log=work / "forks.log") as forks, \
                 RegistryInstance(work / "registry") as reg, fuse_events() as inst:  # fmt: skip
@@ -225,9 +239,7 @@ def main() -> int:
                 (inst / "trace").write_text("")
                 (inst / "events/fuse/enable").write_text("1")
                 cpu0 = _cpu(pid)
-                t0 = time.perf_counter()
-                run_startup(mnt)
-                phase = Phase(time.perf_counter() - t0)
+                phase = run_startup(mnt)
                 phase.cpu = _cpu(pid) - cpu0
                 (inst / "events/fuse/enable").write_text("0")
                 _events(inst, connection(mnt), phase)
@@ -268,9 +280,7 @@ def main() -> int:
 
             def native_start() -> None:
                 Path("/proc/sys/vm/drop_caches").write_text("2")
-                t0 = time.perf_counter()
-                run_startup(native)
-                phases["native, dentries cold"].append(Phase(time.perf_counter() - t0))
+                phases["native, dentries cold"].append(run_startup(native))
 
             def overlay_start() -> None:
                 # Just after native_start: the lower tree's dentries and pages are as warm as
@@ -317,6 +327,8 @@ def main() -> int:
             name,
             f"{statistics.median(q.seconds for q in ps):.3f} "
             f"({min(q.seconds for q in ps):.3f}–{max(q.seconds for q in ps):.3f})",
+            f"{statistics.median(q.program_cpu for q in ps) * 1e3:.0f}; "
+            f"{statistics.median(q.faults for q in ps):.0f}",
             f"{statistics.median(sum(q.count.values()) for q in ps):.0f}" if ops else "",
             f"{statistics.median(q.busy for q in ps) * 1e3:.0f}" if ops else "",
             f"{statistics.median(q.cpu for q in ps) * 1e3:.0f}" if ops else "",
@@ -332,7 +344,8 @@ def main() -> int:
                 for op, c in ops.most_common()
             ),
         ])  # fmt: skip
-    print(bl.md_table(["setting", "start-up s", "requests", "busy ms", "daemon CPU ms", "fast",
+    print(bl.md_table(["setting", "start-up s", "its CPU ms; page faults", "requests", "busy ms",
+                       "daemon CPU ms", "fast",
                        f"READ median ms; ms in READs over {WAITED * 1e3:.0f} ms",
                        "by opcode (mean count, summed latency)"], rows))  # fmt: skip
     if big:

@@ -1,17 +1,22 @@
 # ruff: noqa: RUF001, RUF003  (×, – and µ in Markdown output are intended)
 """Where a cold start's time after readiness goes (issue 13's cold rows): the start-up chrooted
 in a fresh mount of the Debian image with groups stored beside it (``--no-groups``: none), from
-Debian's docker-registry on 127.0.0.1, in three settings, alternating, medians:
+Debian's docker-registry on 127.0.0.1, in four settings, alternating, medians:
 
 - ``cold``: a fresh chunk cache (as bench_speed.py's "lazyfs + groups");
 - ``cache warm``: a fresh mount over the cache the cold run filled: the kernel knows nothing,
   the chunks are on disk (the FUSE path's own cost, no network);
 - ``native``: the extracted tree after ``echo 2 > /proc/sys/vm/drop_caches`` (dentries and
-  inodes cold, file pages warm, as the warm chunk cache's are): the floor.
+  inodes cold, file pages warm, as the warm chunk cache's are): the floor;
+- ``fuse-overlayfs, fresh mount``: a kernel-backed C FUSE filesystem freshly mounted over that
+  tree just after the native run (the kernel knows nothing of the mount, the lower tree's
+  dentries and pages are warm): what any FUSE filesystem pays for this start-up, against which
+  lazyfs's "cache warm" is its own FUSE path's cost.
 
 For each: the start-up's seconds from ready to done, and what it asked the daemon by opcode
 (count, summed latency, from the kernel's fuse tracepoints, see bench_startup_requests.py),
-plus the time at least one request was outstanding, the daemon's CPU over the start-up (its
+plus the start-up's own CPU time and page faults (its rusage), the time at least one request
+was outstanding, the daemon's CPU over the start-up (its
 threads' schedstat) and how many requests the C reader answered through the fast path.
 ``--pyspy DIR``: also one more round of each lazyfs setting with py-spy recording the daemon
 (speedscope files in DIR).  Run from the
@@ -26,6 +31,7 @@ import collections
 import contextlib
 import itertools
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -39,6 +45,7 @@ import bench_speed as bs
 import benchlib as bl
 from bench_startup_requests import connection, fuse_events, fuse_requests
 
+OVERLAY = "fuse-overlayfs, fresh mount"
 WAITED = 0.005  # a READ this slow waited for something (a fetch, a queue), not only its copy
 
 
@@ -53,6 +60,8 @@ class Phase:
         self.fast: int | None = None  # requests the C reader answered through the fast path
         self.reads: list[float] = []  # each READ's latency, seconds
         self.timeline: list[tuple[float, float, str, int]] = []  # sent, latency, op, reply
+        self.program_cpu = 0.0  # the start-up's own CPU seconds (user + system)
+        self.faults = 0  # its page faults (minor: each a page mapped, from the page cache)
 
 
 def _cpu(pid: int) -> float:
@@ -199,11 +208,21 @@ def main() -> int:
                   for c in args.chunking or ()} or {"": lazy}  # fmt: skip
         native = src.parent / "rootfs"
 
-        def run_startup(root: Path) -> None:
+        def run_startup(root: Path) -> Phase:
+            """The start-up chrooted in ``root``: its seconds, CPU and page faults."""
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
             out = subprocess.run(["chroot", str(root), *startup], check=True,
                                  capture_output=True, text=True)  # fmt: skip
+            phase = Phase(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if says not in out.stdout:
                 raise RuntimeError(f"the start-up did not start: {out.stdout} {out.stderr}")
+            phase.program_cpu = (after.ru_utime + after.ru_stime
+                                 - before.ru_utime - before.ru_stime)  # fmt: skip
+            phase.faults = (after.ru_minflt + after.ru_majflt
+                            - before.ru_minflt - before.ru_majflt)  # fmt: skip
+            return phase
 
         with ForkServer.start(work / "forks.sock", log=work / "forks.log") as forks, \
                 RegistryInstance(work / "registry") as reg, fuse_events() as inst:  # fmt: skip
@@ -213,6 +232,18 @@ def main() -> int:
                 push_oci_layout(layout, images[cut], tag=tag)
                 if not args.no_groups:
                     bs.trace_groups(images[cut], startup, work)
+
+            def traced(pid: int, mnt: Path) -> Phase:
+                """The start-up chrooted in ``mnt``, its FUSE requests traced, the CPU of
+                daemon ``pid`` over it."""
+                (inst / "trace").write_text("")
+                (inst / "events/fuse/enable").write_text("1")
+                cpu0 = _cpu(pid)
+                phase = run_startup(mnt)
+                phase.cpu = _cpu(pid) - cpu0
+                (inst / "events/fuse/enable").write_text("0")
+                _events(inst, connection(mnt), phase)
+                return phase
 
             def mounted(
                 name: str, cache: Path, root: Path, profile: Path | None, image: str
@@ -235,15 +266,7 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             )  # fmt: skip
                             time.sleep(0.05)  # py-spy attaches (it misses the first moments)
-                        (inst / "trace").write_text("")
-                        (inst / "events/fuse/enable").write_text("1")
-                        cpu0 = _cpu(d.pid)
-                        t0 = time.perf_counter()
-                        run_startup(mnt)
-                        phase = Phase(time.perf_counter() - t0)
-                        phase.cpu = _cpu(d.pid) - cpu0
-                        (inst / "events/fuse/enable").write_text("0")
-                        _events(inst, connection(mnt), phase)
+                        phase = traced(d.pid, mnt)
                         phase.fast = mount_stats(mnt).get("c_requests", {}).get("fast")
                         if profile is None:
                             phases[name].append(phase)
@@ -257,9 +280,13 @@ def main() -> int:
 
             def native_start() -> None:
                 Path("/proc/sys/vm/drop_caches").write_text("2")
-                t0 = time.perf_counter()
-                run_startup(native)
-                phases["native, dentries cold"].append(Phase(time.perf_counter() - t0))
+                phases["native, dentries cold"].append(run_startup(native))
+
+            def overlay_start() -> None:
+                # Just after native_start: the lower tree's dentries and pages are as warm as
+                # that run left them; the fresh FUSE mount's are cold, as lazyfs's are.
+                with bl.overlay_mount(native, work / "ovl", work / "mnt-ovl") as o:
+                    phases[OVERLAY].append(traced(o.pid, o.mountpoint))
 
             trees = {"": bl.ROOT}
             if args.before is not None:
@@ -277,6 +304,7 @@ def main() -> int:
                     shutil.rmtree(cache)
                 if prof is None:
                     native_start()
+                    overlay_start()
         big = big_reads(lazies, tag, native, work, args.big_reps) if args.big_reps else []
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
@@ -299,6 +327,8 @@ def main() -> int:
             name,
             f"{statistics.median(q.seconds for q in ps):.3f} "
             f"({min(q.seconds for q in ps):.3f}–{max(q.seconds for q in ps):.3f})",
+            f"{statistics.median(q.program_cpu for q in ps) * 1e3:.0f}; "
+            f"{statistics.median(q.faults for q in ps):.0f}",
             f"{statistics.median(sum(q.count.values()) for q in ps):.0f}" if ops else "",
             f"{statistics.median(q.busy for q in ps) * 1e3:.0f}" if ops else "",
             f"{statistics.median(q.cpu for q in ps) * 1e3:.0f}" if ops else "",
@@ -314,7 +344,8 @@ def main() -> int:
                 for op, c in ops.most_common()
             ),
         ])  # fmt: skip
-    print(bl.md_table(["setting", "start-up s", "requests", "busy ms", "daemon CPU ms", "fast",
+    print(bl.md_table(["setting", "start-up s", "its CPU ms; page faults", "requests", "busy ms",
+                       "daemon CPU ms", "fast",
                        f"READ median ms; ms in READs over {WAITED * 1e3:.0f} ms",
                        "by opcode (mean count, summed latency)"], rows))  # fmt: skip
     if big:

@@ -16,8 +16,10 @@ Debian's docker-registry on 127.0.0.1, in four settings, alternating, medians:
 For each: the start-up's seconds from ready to done, and what it asked the daemon by opcode
 (count, summed latency, from the kernel's fuse tracepoints, see bench_startup_requests.py),
 plus the start-up's own CPU time and page faults (its rusage), the time at least one request
-was outstanding, the daemon's CPU over the start-up (its
-threads' schedstat) and how many requests the C reader answered through the fast path.
+was outstanding, the daemon's CPU over the start-up (its threads' schedstat), its event loop's
+thread's own CPU and the time that thread was runnable but waited for a CPU (its schedstat: on
+a shared 2-CPU machine a cold start-up's loop waited 80-190 ms so, a warm one's 15-40;
+BENCHMARKS.md, issue 13, H91) and how many requests the C reader answered through the fast path.
 ``--pyspy DIR``: also one more round of each lazyfs setting with py-spy recording the daemon
 (speedscope files in DIR).  Run from the
 repo root: ``.venv/bin/python scripts/bench_cold_phase.py [--reps N] [--before DIR]
@@ -57,6 +59,10 @@ class Phase:
         self.reply_bytes: collections.Counter[str] = collections.Counter()
         self.busy = 0.0  # seconds with at least one request outstanding
         self.cpu = 0.0  # the daemon's CPU seconds (all threads) over the start-up
+        # Its main thread's (the event loop's): seconds on a CPU, and seconds it could have
+        # run but waited for one (the scheduler's run queue), over the start-up.
+        self.loop_cpu = 0.0
+        self.loop_queued = 0.0
         self.fast: int | None = None  # requests the C reader answered through the fast path
         self.reads: list[float] = []  # each READ's latency, seconds
         self.timeline: list[tuple[float, float, str, int]] = []  # sent, latency, op, reply
@@ -72,6 +78,13 @@ def _cpu(pid: int) -> float:
         with contextlib.suppress(OSError):
             total += int((task / "schedstat").read_text().split()[0])
     return total / 1e9
+
+
+def thread_sched(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """Seconds thread ``tid`` of process ``pid`` (its main thread by default) has run on a CPU,
+    and seconds it was runnable but waited for one: the first two fields of its schedstat."""
+    fields = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
 
 
 def _events(inst: Path, conn: int, phase: Phase) -> None:
@@ -239,8 +252,11 @@ def main() -> int:
                 (inst / "trace").write_text("")
                 (inst / "events/fuse/enable").write_text("1")
                 cpu0 = _cpu(pid)
+                loop0 = thread_sched(pid)
                 phase = run_startup(mnt)
                 phase.cpu = _cpu(pid) - cpu0
+                loop = thread_sched(pid)
+                phase.loop_cpu, phase.loop_queued = loop[0] - loop0[0], loop[1] - loop0[1]
                 (inst / "events/fuse/enable").write_text("0")
                 _events(inst, connection(mnt), phase)
                 return phase
@@ -332,6 +348,8 @@ def main() -> int:
             f"{statistics.median(sum(q.count.values()) for q in ps):.0f}" if ops else "",
             f"{statistics.median(q.busy for q in ps) * 1e3:.0f}" if ops else "",
             f"{statistics.median(q.cpu for q in ps) * 1e3:.0f}" if ops else "",
+            f"{statistics.median(q.loop_cpu for q in ps) * 1e3:.0f}; "
+            f"{statistics.median(q.loop_queued for q in ps) * 1e3:.0f}" if ops else "",
             f"{statistics.median(q.fast for q in ps if q.fast is not None):.0f}"
             if any(q.fast is not None for q in ps) else "",
             f"{statistics.median(statistics.median(q.reads) for q in ps) * 1e3:.2f}; "
@@ -345,7 +363,7 @@ def main() -> int:
             ),
         ])  # fmt: skip
     print(bl.md_table(["setting", "start-up s", "its CPU ms; page faults", "requests", "busy ms",
-                       "daemon CPU ms", "fast",
+                       "daemon CPU ms", "event loop's thread: CPU; waited for a CPU, ms", "fast",
                        f"READ median ms; ms in READs over {WAITED * 1e3:.0f} ms",
                        "by opcode (mean count, summed latency)"], rows))  # fmt: skip
     if big:

@@ -169,3 +169,14 @@ def test_no_isatty_shim_keeps_isatty_out_of_the_kernel(tmp_path: Path) -> None:
     mine = task_cpu(os.getpid())
     assert sum(mine.values()) > 0 and task_cpu(None) == {}
     assert cpu_between({"1": 5, "2": 9}, {"1": 2_000_000_005, "3": 1_000_000_000}) == 3.0
+
+
+def test_thread_sched_counts_the_main_threads_cpu() -> None:
+    """bench_cold_phase's event-loop columns: a thread's run time grows while it works, and
+    its wait for a CPU is read beside it (never negative)."""
+    from bench_cold_phase import thread_sched
+
+    cpu0, queued0 = thread_sched(os.getpid())
+    sum(i * i for i in range(300_000))  # some CPU on this (the main) thread
+    cpu1, queued1 = thread_sched(os.getpid())
+    assert cpu1 > cpu0 and queued1 >= queued0 >= 0

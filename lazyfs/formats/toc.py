@@ -1239,9 +1239,10 @@ class EntryTable(Sequence[Entry]):
     def rows(self) -> Iterator[tuple[str, EntryType]]:
         """Each entry's name and type, in order, without making its :class:`Entry` (what a
         tree is built from)."""
-        names, ends, kinds = self._names, self._name_ends, _KINDS
-        for i, code in enumerate(self._kinds):
-            yield names[ends[i] : ends[i + 1]], kinds[code]
+        names, ends = self._names, self._name_ends
+        # Iterators in C (a slice per name, a kind per code): no Python step per row.
+        named = map(names.__getitem__, map(slice, ends, itertools.islice(ends, 1, None)))
+        return zip(named, map(_KINDS.__getitem__, self._kinds), strict=True)
 
     def rows_named(self, keep: Callable[[str], bool] | None = None) -> dict[str, int]:
         """The rows of the names ``keep`` takes (all without it), by name (the last row of a

@@ -1324,6 +1324,15 @@ class EntryTable(Sequence[Entry]):
         slots = None
         if raw is not None and not named:  # each chunk has its file's digest: shared
             digests, slots = fd.raw, owner  # type: ignore[union-attr]
+        elif raw is not None and len(named) * 8 <= total:
+            # A few chunks of their own (files of several chunks): the files' digests and
+            # theirs after them, each chunk's slot its file's but for those few.  Joining a
+            # slice a chunk took ~1.1 ms at 6.6k chunks (4 of them named), a mount waiting.
+            digests, slots = fd.raw + raw, owner  # type: ignore[union-attr]
+            theirs = map(operator.is_not, given, itertools.repeat(None))
+            mine = itertools.compress(range(total), theirs)
+            for k, m in enumerate(mine, len(fd.raw) // 32):  # type: ignore[union-attr]
+                slots[m] = k
         elif raw is not None:
             whole, own = memoryview(fd.raw), memoryview(raw)  # type: ignore[union-attr]
             n = itertools.count(0, 32)

@@ -374,6 +374,7 @@ class Tree:
         parent: Node | None = self.root
         # One string per distinct base name (__init__.py, README...), not one per node.
         names: dict[str, str] = {}
+        placed: dict[str, Node] = {}
         add_node = self.nodes.add
         for i, (full, kind) in enumerate(rows()):
             if full == "":
@@ -388,7 +389,13 @@ class Tree:
             if dirname != last_dir or (
                 parent is not None and (parent.children is None or parent.nlink <= 0)
             ):
-                parent = self._place_dir(dirname, layer, start, hidden)
+                # A directory's entries resume after each of its subdirectories': the
+                # directories placed so far by path (a node dropped since has no link left).
+                parent = placed.get(dirname)
+                if parent is None or parent.children is None or parent.nlink <= 0:
+                    parent = self._place_dir(dirname, layer, start, hidden)
+                    if parent is not None:
+                        placed[dirname] = parent
                 last_dir = dirname
             if parent is None or (marked and full in self._whiteouts):
                 if kind != "dir":  # hidden from above: only a hardlink may still need it

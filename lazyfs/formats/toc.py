@@ -1305,19 +1305,22 @@ class EntryTable(Sequence[Entry]):
 
         file_offset, c_size, offset, end, inner, zeros = self._chunks
         total = len(self._chunk_digests)
-        counts = [b - a for a, b in itertools.pairwise(self._chunk_at)]
-        # The entry of each chunk.
-        owner = array(
-            "I", itertools.chain.from_iterable(map(itertools.repeat, range(self._count), counts))
-        )
-        sizes = self._numbers[3]
-        single = max(counts, default=0) <= 1
-        if c_size is None or single:  # every chunk is its whole file
-            size = narrow(map(sizes.__getitem__, owner))
-        else:
-            size = narrow(
-                [sizes[o] if counts[o] == 1 else c for o, c in zip(owner, c_size, strict=True)]
-            )
+        at = self._chunk_at
+        counts = list(map(operator.sub, itertools.islice(at, 1, None), at))
+        # The entry of each chunk: each file with chunks, and a file of several again for
+        # each chunk after its first (few: merged in, a sort of two sorted runs in C).
+        rows = range(self._count)
+        several = list(itertools.compress(rows, map(operator.gt, counts, itertools.repeat(1))))
+        owners = list(itertools.compress(rows, counts))
+        if several:
+            owners = sorted(owners + [i for i in several for _ in range(counts[i] - 1)])
+        # A chunk's size is its file's, but for the chunks of files of several.
+        size_of = list(map(self._numbers[3].__getitem__, owners))
+        if c_size is not None:
+            for i in several:
+                size_of[at[i] : at[i + 1]] = c_size[at[i] : at[i + 1]]
+        size = narrow(size_of)
+        owner = array("I", owners)
         fd, given = self._digests, self._chunk_digests
         named = [d for d in given if d is not None]  # chunks not spelt as their file's digest
         raw = raw_sha256(named) if isinstance(fd, RawDigests) else None

@@ -105,6 +105,25 @@ def test_layer_chunks_are_the_first_of_each_digest_without_holes() -> None:
     assert [x.digest for x in layer_chunks(table_toc(pack_toc(toc)))] == [_sha(i) for i in range(3)]
 
 
+def test_a_tables_few_chunks_of_their_own_take_slots_after_the_files_digests() -> None:
+    """A table whose files have one chunk each but for one file of several (chunks with
+    digests of their own): its chunk list keeps the files' digests and those few after them,
+    each chunk's slot its file's, not a copy of a digest per chunk; the same chunks, digest
+    lines, index and map order as the entries give."""
+    ones = [[Chunk(0, 10, 10 * i, 10 * i + 10, _sha(i))] for i in range(40)]
+    several = [Chunk(0, 4, 400, 404, _sha(100)), Chunk(4, 6, 404, 410, _sha(101))]
+    toc = TOC(compression="zstd", entries=_entries([*ones[:20], several, *ones[20:]]), data_end=500)
+    table = table_toc(pack_toc(toc))
+    cl = table.entries.chunks()  # type: ignore[attr-defined]
+    want = [c for e in toc.entries for c in e.chunks]
+    assert list(cl) == want and list(cl.digests()) == [c.digest for c in want]
+    assert cl._slots is not None and len(cl._raw) == 32 * (len(toc.entries) + 2)
+    assert fingerprint(cl.digest_view) == fingerprint([c.digest for c in want])
+    index = DigestIndex(cl)
+    assert all(index[c.digest] == i for i, c in enumerate(want))
+    assert list(layer_chunks(table)) == want
+
+
 def test_the_fingerprint_is_the_one_maps_were_written_with() -> None:
     """Fed in batches, the map's fingerprint is still sha256 over the digests, each followed
     by a newline: maps persisted before stay valid."""

@@ -304,6 +304,19 @@ def test_toc_validation(entries: list[dict[str, object]], message: str) -> None:
         decode_toc(doc, compression="zstd", blob_size=1000)
 
 
+def test_wire_entry_types_are_decoded_as_the_kinds_themselves() -> None:
+    """The wire's types are the decoder's own strings (none made per entry), and every kind
+    is one of them; an unknown one is still refused with its entry named (above)."""
+    import typing
+
+    from lazyfs.formats import toc as toc_module
+
+    doc = b'{"version":1,"entries":[{"type":"reg","name":"a"},{"type":"reg","name":"b"}]}'
+    first, second = toc_module._wire_decoder.decode(doc).entries
+    assert first.type is second.type
+    assert set(typing.get_args(toc_module._WireType)) == set(toc_module._WIRE_CODES)
+
+
 def test_toc_size_cap_and_garbage() -> None:
     with pytest.raises(FormatError, match="not valid JSON"):
         decode_toc(b"{nope", compression="zstd", blob_size=10)

@@ -134,6 +134,18 @@ def test_image_budget_spans_layers() -> None:
     assert "bytes" in _one_line(e)
 
 
+def test_budget_bound_before_decoding_is_the_brace_count_when_needed() -> None:
+    """Before decoding, the entries are bounded by the JSON's length (an entry takes at least
+    21 bytes); a layer of long names over that bound but within the budget by its count of
+    "{" is still accepted, as it was when every layer's braces were counted."""
+    deep = "a" * 200 + "/" + "b" * 200
+    layer = _toc({"type": "dir", "name": "a" * 200}, {"type": "dir", "name": deep})
+    assert len(layer) // 21 > 10 > layer.count(b"{")
+    budget = TocBudget(max_entries=10)
+    _decode(layer, budget)
+    assert budget.entries == 3  # the root, as _toc gives it, and the two
+
+
 # -- bombs, decoded under a memory limit ------------------------------------------------------
 
 LIMIT = 768 << 20  # address space for the child: ample for the new code, not for the old

@@ -106,10 +106,14 @@ class ChunkList(Sequence[Chunk]):
         def cut(col: array[int] | None) -> array[int] | None:
             if col is None:
                 return None
-            out = array(col.typecode, col)
-            for i in reversed(rows):
-                del out[i]
+            # The runs between the rows copied one after another: a del per row moved the
+            # rest of the column each time (Debian's 144 repeats: ~1 ms of a mount's set-up).
+            out = array(col.typecode)
+            for start, stop in runs:
+                out += col[start:stop]
             return out
+
+        runs = list(zip([0, *(i + 1 for i in rows)], [*rows, None], strict=True))
 
         return self._like(cut)
 

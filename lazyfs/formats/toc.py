@@ -197,8 +197,13 @@ _Major = Annotated[int, msgspec.Meta(ge=0, le=MAX_DEV_MAJOR)]
 _Minor = Annotated[int, msgspec.Meta(ge=0, le=MAX_DEV_MINOR)]
 
 
+#: The entry types on the wire: decoded as these very strings, none made per entry (~0.5 ms
+#: of the Debian TOC's decode); a TOC with another is decoded again as _LooseWireEntry.
+_WireType = Literal["dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"]
+
+
 class _WireEntry(msgspec.Struct, kw_only=True, gc=False):
-    type: str
+    type: _WireType
     name: str
     size: _Offset = 0
     modtime: str | None = None
@@ -229,7 +234,21 @@ class _WireTOC(msgspec.Struct):
     entries: list[_WireEntry]
 
 
+class _LooseWireEntry(_WireEntry, kw_only=True, gc=False):
+    """A wire entry of any type: what refuses an unknown one names its entry."""
+
+    type: str  # type: ignore[assignment]
+
+
+class _LooseWireTOC(msgspec.Struct):
+    version: int
+    entries: list[_LooseWireEntry]
+
+
 _wire_decoder = msgspec.json.Decoder(_WireTOC)
+_loose_wire_decoder = msgspec.json.Decoder(_LooseWireTOC)
+#: The shortest wire entry: ``{"type":"","name":""}`` (both keys required).
+_MIN_ENTRY_BYTES = 21
 
 
 def _parse_time(s: str | None) -> int:
@@ -662,12 +681,23 @@ def _packed_steps(
     # packed columns' signed 64 bits only when it is a blob offset the wire schema allows.
     if not 0 <= end <= MAX_OFFSET:
         raise FormatError(f"the layer's data ends at {end}, past {MAX_OFFSET}")
-    # Every entry is a JSON object, so the count of "{" bounds the entries from above before
-    # decoding spends memory on them; the exact count replaces it afterwards.
-    guess = data.count(b"{")
-    budget.charge(len(data), guess)
+    # The entries are bounded from above before decoding spends memory on them; the exact
+    # count replaces the bound afterwards.  An entry is a JSON object of at least
+    # _MIN_ENTRY_BYTES; only where that bound does not fit the budget is each "{" counted
+    # (a C pass over the JSON, ~1 ms of a mount's readiness at 3 MB).
+    guess = len(data) // _MIN_ENTRY_BYTES
     try:
-        wire = _wire_decoder.decode(data)
+        budget.charge(len(data), guess)
+    except FormatError:
+        guess = data.count(b"{")
+        budget.charge(len(data), guess)
+    try:
+        try:
+            wire = _wire_decoder.decode(data)
+        except msgspec.ValidationError:
+            # An entry type not known, say: decoded again with any type, so that it is
+            # refused below with its entry named (other errors are the same again).
+            wire = cast(_WireTOC, _loose_wire_decoder.decode(data))
     except msgspec.ValidationError as e:
         raise FormatError(f"TOC does not match the schema: {e}") from e
     except msgspec.DecodeError as e:
@@ -902,10 +932,11 @@ def _wire_column_steps(
 
 def _int_bytes(code: str, *columns: Sequence[int]) -> bytes:
     """``columns`` one after another as an array of ``code`` would hold them (struct packs
-    a list in C: ``array.extend`` converts number by number through the argument parser)."""
-    values = list(itertools.chain(*columns)) if len(columns) > 1 else columns[0]
+    a list in C: ``array.extend`` converts number by number through the argument parser),
+    each column on its own: the five of a TOC of 8.2k entries chained into one list first
+    took 0.3 ms more."""
     try:
-        return struct.pack(f"{len(values)}{code}", *values)
+        return b"".join([struct.pack(f"{len(c)}{code}", *c) for c in columns])
     except struct.error as e:  # as array's own conversion refuses a number out of range
         raise OverflowError(str(e)) from None
 
@@ -1239,9 +1270,10 @@ class EntryTable(Sequence[Entry]):
     def rows(self) -> Iterator[tuple[str, EntryType]]:
         """Each entry's name and type, in order, without making its :class:`Entry` (what a
         tree is built from)."""
-        names, ends, kinds = self._names, self._name_ends, _KINDS
-        for i, code in enumerate(self._kinds):
-            yield names[ends[i] : ends[i + 1]], kinds[code]
+        names, ends = self._names, self._name_ends
+        # Iterators in C (a slice per name, a kind per code): no Python step per row.
+        named = map(names.__getitem__, map(slice, ends, itertools.islice(ends, 1, None)))
+        return zip(named, map(_KINDS.__getitem__, self._kinds), strict=True)
 
     def rows_named(self, keep: Callable[[str], bool] | None = None) -> dict[str, int]:
         """The rows of the names ``keep`` takes (all without it), by name (the last row of a
@@ -1295,19 +1327,22 @@ class EntryTable(Sequence[Entry]):
 
         file_offset, c_size, offset, end, inner, zeros = self._chunks
         total = len(self._chunk_digests)
-        counts = [b - a for a, b in itertools.pairwise(self._chunk_at)]
-        # The entry of each chunk.
-        owner = array(
-            "I", itertools.chain.from_iterable(map(itertools.repeat, range(self._count), counts))
-        )
-        sizes = self._numbers[3]
-        single = max(counts, default=0) <= 1
-        if c_size is None or single:  # every chunk is its whole file
-            size = narrow(map(sizes.__getitem__, owner))
-        else:
-            size = narrow(
-                [sizes[o] if counts[o] == 1 else c for o, c in zip(owner, c_size, strict=True)]
-            )
+        at = self._chunk_at
+        counts = list(map(operator.sub, itertools.islice(at, 1, None), at))
+        # The entry of each chunk: each file with chunks, and a file of several again for
+        # each chunk after its first (few: merged in, a sort of two sorted runs in C).
+        rows = range(self._count)
+        several = list(itertools.compress(rows, map(operator.gt, counts, itertools.repeat(1))))
+        owners = list(itertools.compress(rows, counts))
+        if several:
+            owners = sorted(owners + [i for i in several for _ in range(counts[i] - 1)])
+        # A chunk's size is its file's, but for the chunks of files of several.
+        size_of = list(map(self._numbers[3].__getitem__, owners))
+        if c_size is not None:
+            for i in several:
+                size_of[at[i] : at[i + 1]] = c_size[at[i] : at[i + 1]]
+        size = narrow(size_of)
+        owner = array("I", owners)
         fd, given = self._digests, self._chunk_digests
         named = [d for d in given if d is not None]  # chunks not spelt as their file's digest
         raw = raw_sha256(named) if isinstance(fd, RawDigests) else None
@@ -1315,6 +1350,15 @@ class EntryTable(Sequence[Entry]):
         slots = None
         if raw is not None and not named:  # each chunk has its file's digest: shared
             digests, slots = fd.raw, owner  # type: ignore[union-attr]
+        elif raw is not None and len(named) * 8 <= total:
+            # A few chunks of their own (files of several chunks): the files' digests and
+            # theirs after them, each chunk's slot its file's but for those few.  Joining a
+            # slice a chunk took ~1.1 ms at 6.6k chunks (4 of them named), a mount waiting.
+            digests, slots = fd.raw + raw, owner  # type: ignore[union-attr]
+            theirs = map(operator.is_not, given, itertools.repeat(None))
+            mine = itertools.compress(range(total), theirs)
+            for k, m in enumerate(mine, len(fd.raw) // 32):  # type: ignore[union-attr]
+                slots[m] = k
         elif raw is not None:
             whole, own = memoryview(fd.raw), memoryview(raw)  # type: ignore[union-attr]
             n = itertools.count(0, 32)

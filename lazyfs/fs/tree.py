@@ -335,8 +335,10 @@ class Tree:
                 return table.rows()
             return ((e.name, e.type) for e in entries)
 
+        # A table without ".wh." in any name has no whiteout to act on or skip.
+        whiteouts = table is None or table.mentions(WHITEOUT)
         # Whiteouts act before the layer's content, so they go first.
-        for full, _ in rows() if table is None or table.mentions(WHITEOUT) else ():
+        for full, _ in rows() if whiteouts else ():
             dirname, _, base = full.rpartition("/")
             if not base.startswith(WHITEOUT):
                 continue
@@ -372,6 +374,8 @@ class Tree:
         parent: Node | None = self.root
         # One string per distinct base name (__init__.py, README...), not one per node.
         names: dict[str, str] = {}
+        placed: dict[str, Node] = {}
+        add_node = self.nodes.add
         for i, (full, kind) in enumerate(rows()):
             if full == "":
                 root = self.root
@@ -379,13 +383,19 @@ class Tree:
                     self._set_row(root, entries, i, layer)
                 continue
             dirname, _, name = full.rpartition("/")
-            if name.startswith(WHITEOUT):
+            if whiteouts and name.startswith(WHITEOUT):
                 continue
             name = names.setdefault(name, name)
             if dirname != last_dir or (
                 parent is not None and (parent.children is None or parent.nlink <= 0)
             ):
-                parent = self._place_dir(dirname, layer, start, hidden)
+                # A directory's entries resume after each of its subdirectories': the
+                # directories placed so far by path (a node dropped since has no link left).
+                parent = placed.get(dirname)
+                if parent is None or parent.children is None or parent.nlink <= 0:
+                    parent = self._place_dir(dirname, layer, start, hidden)
+                    if parent is not None:
+                        placed[dirname] = parent
                 last_dir = dirname
             if parent is None or (marked and full in self._whiteouts):
                 if kind != "dir":  # hidden from above: only a hardlink may still need it
@@ -419,10 +429,14 @@ class Tree:
                     hidden.add(full)  # this layer's own non-directory hid what is beneath
                 self._drop(parent, name)
             if made is not None:
-                if self._next_ino - start != len(made_rows):
-                    made.pad(self._next_ino)  # implicit directories, links made meanwhile
+                # new_node's work inlined: a call less per node of the mount's largest loop.
+                ino = self._next_ino
+                if ino - start != len(made_rows):
+                    made.pad(ino)  # implicit directories, links made meanwhile
                 made_rows.append(i)
-                node = self.new_node(parent, name, made, layer, None, kind == "dir")
+                node = Node(ino, parent, name, made, layer, None, kind == "dir")
+                self._next_ino = ino + 1
+                add_node(node)
             else:
                 node = self.new_node(parent, name, entries[i], layer)
             parent.children[name] = node

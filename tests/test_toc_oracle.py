@@ -571,7 +571,7 @@ def random_toc(
     """A wire TOC: files of zero, one or several chunks (some holes, some own digests),
     directories, links, devices, names repeated and out of order."""
     entries: list[dict[str, Any]] = []
-    cursor = 0
+    cursor = rnd.choice([0, 0, 2**32 - 300, 2**40])  # blob offsets of every array width
     paths: list[str] = []
     files: list[str] = []
     now: dict[str, str] = {}  # each name's latest type

@@ -134,16 +134,30 @@ def test_image_budget_spans_layers() -> None:
     assert "bytes" in _one_line(e)
 
 
-def test_budget_bound_before_decoding_is_the_brace_count_when_needed() -> None:
-    """Before decoding, the entries are bounded by the JSON's length (an entry takes at least
-    21 bytes); a layer of long names over that bound but within the budget by its count of
-    "{" is still accepted, as it was when every layer's braces were counted."""
-    deep = "a" * 200 + "/" + "b" * 200
-    layer = _toc({"type": "dir", "name": "a" * 200}, {"type": "dir", "name": deep})
-    assert len(layer) // 21 > 10 > layer.count(b"{")
-    budget = TocBudget(max_entries=10)
-    _decode(layer, budget)
-    assert budget.entries == 3  # the root, as _toc gives it, and the two
+class _ChargedMeanwhile(TocBudget):
+    """Charges another layer's 900 entries just after a layer's first charge, as the event
+    loop may (a cached TOC unpacked) while a worker decodes that layer's JSON."""
+
+    other = ""
+
+    def charge(self, json_bytes: int, entries: int) -> None:
+        super().charge(json_bytes, entries)
+        if not self.other:
+            try:
+                super().charge(0, 900)
+                self.other = "charged"
+            except FormatError as e:
+                self.other = str(e)
+
+
+def test_a_layer_charged_while_another_decodes_fits_when_the_image_does() -> None:
+    """What a layer holds of the image's budget while it decodes is a close bound on its
+    entries, not one that refuses another layer the image has room for (H92)."""
+    entries = [{"type": "reg", "name": f"dir/file-{i:04d}.py", "mode": 420} for i in range(50)]
+    budget = _ChargedMeanwhile(max_entries=1000)  # 900 + 50: they fit
+    _decode(json.dumps({"version": 1, "entries": entries}).encode(), budget)
+    assert budget.other == "charged"
+    assert budget.entries == 950
 
 
 # -- bombs, decoded under a memory limit ------------------------------------------------------

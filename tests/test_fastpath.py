@@ -121,8 +121,12 @@ def test_listings_are_answered_in_the_reader(tmp_path: Path) -> None:
         names = os.listdir(m.mountpoint / "big")
         assert sorted(names) == [f"a-rather-long-name-{i:05}" for i in range(big)]
         after = mount_stats(m.mountpoint)
-        # the listing made every dentry: no name was looked up
-        assert after["requests"].get("lookup", 0) == before["requests"].get("lookup", 0) + 1
+        # The listing made every dentry: no name was looked up but "big" (without the
+        # dentries, each of the N + 2 lstats above would be a LOOKUP).  A kernel short of
+        # memory may reclaim an unused dentry meanwhile, so a stray one or two are let by (one
+        # full-suite run under heavy load saw one).
+        looked_up = after["requests"].get("lookup", 0) - before["requests"].get("lookup", 0)
+        assert 1 <= looked_up <= 3
         assert after["requests"]["readdir"] - before["requests"].get("readdir", 0) >= 3
         assert after["c_requests"]["fast"] - before["c_requests"]["fast"] >= 1  # (loaded: fewer)
         assert after["handler_errors"] == 0
